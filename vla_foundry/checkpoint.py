@@ -1,0 +1,289 @@
+"""Reading and writing VLA Foundry experiment directories (format spec §1–§2).
+
+``load_model(path)`` picks the checkpoint (latest by natural sort, EMA when the run used
+it), reads it without unpickling anything but tensors, strips wrapper prefixes, loads it
+strictly into a model built from ``config_model.yaml`` through the registry, and only
+then moves it to the device and dtype asked for. ``save_experiment`` writes the same
+layout (the demo pack and the tests use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+
+from vla_foundry.config_files import read_model_config, read_training_config
+from vla_foundry.errors import CheckpointError
+from vla_foundry.params import ModelParams, parse_params
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP
+CHECKPOINT_SUFFIXES = (".pt", ".safetensors")
+BF16_PRECISIONS = ("amp_bf16", "amp_bfloat16", "pure_bf16")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    experiment_dir: Path
+    file: Path
+    checkpoint_num: Optional[int]
+    step: Optional[int]  # optimizer steps (global_step) when recorded
+    ema: bool
+    precision: Optional[str]  # hparams.precision of the training run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.experiment_dir), "file": self.file.name, "step": self.step,
+                "checkpoint_num": self.checkpoint_num, "ema": self.ema}
+
+
+def natural_sort_key(path: Union[str, Path]) -> list:
+    """``checkpoint_11`` > ``checkpoint_10`` > ``checkpoint_9`` (spec §1.1)."""
+    parts = re.split(r"(\d+)", str(path).lower())
+    return [int(p) if p.isdigit() else p for p in parts]
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _checkpoints_dir(path: Path) -> Path:
+    return path if path.name == "checkpoints" else path / "checkpoints"
+
+
+def find_checkpoint(experiment_dir: Union[str, Path], checkpoint: Union[None, int, str, Path] = None,
+                    use_ema: Optional[bool] = None, training_config: Optional[dict] = None) -> tuple[Path, bool]:
+    """The weights file to load and whether it holds EMA weights.
+
+    ``checkpoint``: None ⇒ the latest ``checkpoint_<N>``; an int N; or a file name (inside
+    ``checkpoints/``) or path. ``use_ema``: None ⇒ ``config.yaml``'s ``ema.enabled``.
+    """
+    experiment_dir = Path(experiment_dir)
+    ckpt_dir = _checkpoints_dir(experiment_dir)
+    if training_config is None:
+        training_config = read_training_config(experiment_dir)
+    if use_ema is None:
+        use_ema = bool((training_config.get("ema") or {}).get("enabled", False))
+
+    if checkpoint is None:
+        candidates = [p for p in ckpt_dir.glob("checkpoint_*") if p.suffix in CHECKPOINT_SUFFIXES]
+        if not candidates:
+            raise CheckpointError(
+                f"no checkpoint_<N>.pt (or .safetensors) in {ckpt_dir}. Point the deployment at a VLA Foundry "
+                "experiment directory that holds checkpoints/, or name the file with `checkpoint_file`.")
+        chosen = max(candidates, key=natural_sort_key)
+    elif isinstance(checkpoint, int):
+        chosen = ckpt_dir / f"checkpoint_{checkpoint}.pt"
+        if not chosen.is_file() and chosen.with_suffix(".safetensors").is_file():
+            chosen = chosen.with_suffix(".safetensors")
+    else:
+        chosen = Path(checkpoint)
+        if not chosen.is_absolute() and not chosen.is_file():
+            chosen = ckpt_dir / chosen
+    if not chosen.is_file():
+        available = sorted((p.name for p in ckpt_dir.glob("*") if p.suffix in CHECKPOINT_SUFFIXES),
+                           key=natural_sort_key)
+        raise CheckpointError(f"checkpoint file {chosen} does not exist. Available in {ckpt_dir}: "
+                              f"{', '.join(available) or '(none)'}")
+
+    is_ema = chosen.name.startswith("ema_")
+    if use_ema and not is_ema:
+        ema_file = chosen.with_name("ema_" + chosen.name[len("checkpoint_"):])
+        if not ema_file.is_file():
+            raise CheckpointError(
+                f"this experiment was trained with EMA enabled but {ema_file.name} is missing next to "
+                f"{chosen.name}. Publish the EMA file, or load the raw weights with use_ema=False.")
+        chosen, is_ema = ema_file, True
+    return chosen, is_ema
+
+
+def read_checkpoint_file(path: Union[str, Path]) -> dict[str, Any]:
+    """A checkpoint file's payload. Only tensors and plain containers are ever deserialised."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as e:  # a truncated or foreign file
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+        key = "ema_state_dict" if path.name.startswith("ema_") else "state_dict"
+        payload: dict[str, Any] = {key: tensors}
+        for name in ("checkpoint_num", "global_step"):
+            if metadata.get(name, "").isdigit():
+                payload[name] = int(metadata[name])
+        return payload
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled Python objects, not only tensors, and unpickling "
+                "can run arbitrary code. Re-save it as {'state_dict': model.state_dict(), ...} or as "
+                ".safetensors.") from e
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}; expected a dict with 'state_dict'")
+    return payload
+
+
+def state_dict_from_payload(payload: dict[str, Any], path: Path, ema: bool) -> dict[str, torch.Tensor]:
+    key = "ema_state_dict" if ema else "state_dict"
+    if key in payload:
+        state_dict = payload[key]
+    elif all(isinstance(v, torch.Tensor) for v in payload.values()) and payload:
+        state_dict = payload  # a bare state dict (torch.save(model.state_dict()))
+    else:
+        raise CheckpointError(f"{path} has no {key!r}; its keys are {sorted(payload)[:10]}")
+    return strip_wrapper_prefixes(state_dict)
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``_orig_mod.`` / ``module.`` while the first key carries one (spec §2.3)."""
+    while state_dict:
+        first = next(iter(state_dict))
+        prefix = next((p for p in WRAPPER_PREFIXES if first.startswith(p)), None)
+        if prefix is None:
+            break
+        state_dict = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load whose error lists missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mis_shaped:
+        def listing(name, keys):
+            more = f" (+{len(keys) - 12} more)" if len(keys) > 12 else ""
+            return f"{name} ({len(keys)}): {', '.join(keys[:12])}{more}"
+
+        parts = [listing(n, k) for n, k in (("missing", missing), ("unexpected", unexpected),
+                                            ("shape mismatch", mis_shaped)) if k]
+        raise CheckpointError(f"{source} does not match the model built from its config; " + "; ".join(parts)
+                              + ". Check that config_model.yaml belongs to these weights.")
+    # load_state_dict copies into the fp32 parameters, so bf16 weights are upcast exactly (spec §2.4).
+    model.load_state_dict(state_dict, strict=True)
+
+
+def resolve_local_paths(params: ModelParams, base_dir: Path) -> None:
+    """Point relative ``hf_pretrained`` paths at the experiment directory when they exist there (spec §1.2)."""
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if isinstance(value, ModelParams):
+            resolve_local_paths(value, base_dir)
+        elif f.name in ("hf_pretrained", "pretrained") and isinstance(value, str) and value:
+            candidate = base_dir / value
+            if not Path(value).is_absolute() and candidate.exists():
+                setattr(params, f.name, str(candidate.resolve()))
+
+
+def load_params(experiment_dir: Union[str, Path], training_config: Optional[dict] = None) -> ModelParams:
+    experiment_dir = Path(experiment_dir)
+    params = parse_params(read_model_config(experiment_dir, training_config))
+    resolve_local_paths(params, experiment_dir)
+    return params
+
+
+def load_model(path: Union[str, Path], checkpoint: Union[None, int, str, Path] = None,
+               use_ema: Optional[bool] = None, device: Union[str, torch.device] = "cpu",
+               dtype: Union[None, str, torch.dtype] = None) -> torch.nn.Module:
+    """Load a VLA Foundry experiment directory; the model comes back in eval mode.
+
+    ``model.params`` holds its params and ``model.checkpoint`` a :class:`CheckpointInfo`.
+    The model is built and loaded on CPU in float32, then moved to ``device``/``dtype`` once.
+    """
+    from vla_foundry.models import create_model  # registers every type
+
+    experiment_dir = Path(path)
+    if experiment_dir.is_file():  # a weights file inside <experiment>/checkpoints/
+        checkpoint, experiment_dir = experiment_dir, experiment_dir.parent.parent
+    elif experiment_dir.name == "checkpoints":
+        experiment_dir = experiment_dir.parent
+    if not experiment_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {experiment_dir} does not exist")
+    torch_dtype = resolve_dtype(dtype)
+    training_config = read_training_config(experiment_dir)
+    params = load_params(experiment_dir, training_config)
+    file, is_ema = find_checkpoint(experiment_dir, checkpoint, use_ema, training_config)
+    payload = read_checkpoint_file(file)
+    state_dict = state_dict_from_payload(payload, file, is_ema)
+
+    model = create_model(params, load_pretrained=False)
+    load_state_dict_strict(model, state_dict, str(file))
+    model.params = params
+    model.checkpoint = CheckpointInfo(
+        experiment_dir=experiment_dir.resolve(), file=file.resolve(),
+        checkpoint_num=payload.get("checkpoint_num"),
+        step=payload.get("global_step", payload.get("ema_optimization_step")), ema=is_ema,
+        precision=(training_config.get("hparams") or {}).get("precision"))
+    model.to(device=device, dtype=torch_dtype)
+    model.eval()
+    logger.info("loaded %s (%s) from %s on %s", params.type, "EMA" if is_ema else "raw", file, device)
+    return model
+
+
+def save_experiment(model: torch.nn.Module, experiment_dir: Union[str, Path], *, checkpoint_num: int = 1,
+                    global_step: int = 0, ema_state_dict: Optional[dict] = None, precision: str = "fp32",
+                    training_config: Optional[dict] = None, tokenizer: Any = None,
+                    fmt: str = "pt") -> Path:
+    """Write ``model`` as a VLA Foundry experiment directory; returns the weights file.
+
+    ``training_config`` adds blocks to ``config.yaml`` (e.g. ``data``); the ``model``,
+    ``ema`` and ``hparams.precision`` blocks are written from the arguments.
+    """
+    experiment_dir = Path(experiment_dir)
+    ckpt_dir = experiment_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    model_config = model.params.to_dict()
+    config = dict(training_config or {})
+    config["model"] = model_config
+    config["ema"] = {**config.get("ema", {}), "enabled": ema_state_dict is not None}
+    config["hparams"] = {**config.get("hparams", {}), "precision": precision}
+    (experiment_dir / "config_model.yaml").write_text(yaml.safe_dump(model_config, sort_keys=True))
+    (experiment_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"checkpoint_num": str(checkpoint_num), "global_step": str(global_step)}
+        # safetensors refuses shared storage (tied weights): store independent copies.
+        file = ckpt_dir / f"checkpoint_{checkpoint_num}.safetensors"
+        save_file({k: v.clone() for k, v in state_dict.items()}, str(file), metadata=meta)
+        if ema_state_dict is not None:
+            save_file({k: v.detach().cpu().clone() for k, v in ema_state_dict.items()},
+                      str(ckpt_dir / f"ema_{checkpoint_num}.safetensors"), metadata=meta)
+    elif fmt == "pt":
+        file = ckpt_dir / f"checkpoint_{checkpoint_num}.pt"
+        torch.save({"checkpoint_num": checkpoint_num, "state_dict": state_dict, "global_step": global_step,
+                    "samples_seen": 0}, file)
+        if ema_state_dict is not None:
+            torch.save({"checkpoint_num": checkpoint_num, "ema_state_dict": ema_state_dict,
+                        "ema_optimization_step": 0}, ckpt_dir / f"ema_{checkpoint_num}.pt")
+    else:
+        raise ValueError(f"fmt must be 'pt' or 'safetensors'; got {fmt!r}")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(experiment_dir / "tokenizer"))
+    return file
+

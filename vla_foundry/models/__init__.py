@@ -1,0 +1,21 @@
+"""Importing this package registers every model type and batch handler."""
+
+from vla_foundry.models.registry import (
+    create_batch_handler,
+    create_model,
+    get_model_class,
+    is_model_registered,
+    list_registered_batch_handlers,
+    list_registered_models,
+    model_modality,
+    register_batch_handler,
+    register_model,
+)
+from vla_foundry.models import transformer  # noqa: F401  (registers "transformer")
+from vla_foundry.models import batch_handlers  # noqa: F401  (registers the handlers)
+
+__all__ = [
+    "create_batch_handler", "create_model", "get_model_class", "is_model_registered",
+    "list_registered_batch_handlers", "list_registered_models", "model_modality",
+    "register_batch_handler", "register_model",
+]

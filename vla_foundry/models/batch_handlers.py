@@ -1,0 +1,69 @@
+"""Batch handlers: a batch in, the training/evaluation loss of a model type out.
+
+A handler is the one place that knows how a type's batch becomes model inputs and
+targets, so training (the demo pack) and online evaluation (``/evaluate/{type}``) give
+the same number for the same batch and seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.losses import IGNORE_INDEX, cross_entropy_loss
+from vla_foundry.models.registry import register_batch_handler
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable when computed with grad
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": float(self.loss.detach()), "num_samples": self.num_samples, **self.metrics}
+
+
+class BatchHandler:
+    """Base: ``compute_loss(model, batch, generator=None) -> LossOutput``.
+
+    ``batch`` maps names to tensors on any device; the handler moves them to the model's.
+    ``generator`` drives every random draw the loss needs (timesteps, noise), so the same
+    seed gives the same loss in process and over HTTP.
+    """
+
+    def compute_loss(self, model, batch: dict[str, torch.Tensor], generator: Optional[torch.Generator] = None) -> LossOutput:
+        raise NotImplementedError
+
+    @staticmethod
+    def model_device(model) -> torch.device:
+        return next(model.parameters()).device
+
+
+@register_batch_handler("transformer")
+class LanguageModelBatchHandler(BatchHandler):
+    """Next-token cross-entropy (+ z-loss): targets are the inputs shifted by one; padding is ignored.
+
+    batch: ``input_ids`` (B, T) and optional ``attention_mask`` (B, T), right-padded.
+    """
+
+    def __init__(self, z_loss_coefficient: float = 0.0):
+        self.z_loss_coefficient = z_loss_coefficient
+
+    def compute_loss(self, model, batch, generator=None) -> LossOutput:
+        device = self.model_device(model)
+        input_ids = batch["input_ids"].to(device)  # (B, T)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            raise InvalidInputError(f"input_ids must be (batch, length >= 2); got {tuple(input_ids.shape)}",
+                                    field="input_ids")
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T-1)
+        logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)
+        loss = cross_entropy_loss(logits, targets, z_loss_coefficient=self.z_loss_coefficient)
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+        return LossOutput(loss, num_samples=input_ids.shape[0],
+                          metrics={"num_tokens": num_tokens, "perplexity": float(torch.exp(loss.detach().float()))})

@@ -1,0 +1,271 @@
+"""``transformer``: VLA Foundry's GPT-style decoder, state-dict compatible (format spec §4).
+
+Reads top to bottom: rotary tables, attention masks, attention, feed-forward, block,
+then the model with ``forward`` and ``generate``. Shapes: B batch, T query length,
+Tk key length (cache + new), H hidden, nh heads, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vla_foundry.models.norms import build_norm
+from vla_foundry.models.registry import register_model
+from vla_foundry.params.transformer import TransformerParams
+from vla_foundry.sampling import select_next_token
+
+KVCache = list  # per layer: [K, V], each (B, Tk, nh, hd), keys after rotary
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rotary_inv_freq(head_dim: int) -> torch.Tensor:
+    """``1 / 10000^(2j/hd)``, float32 (spec §4.3)."""
+    return 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds ``inv_freq`` only so checkpoints load strictly.
+
+    The loaded value is never used: VLA Foundry builds its tables from the formula, and a
+    bf16 checkpoint's rounded buffer would give different outputs (spec §2.4, bug B4).
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim))
+
+
+def rotary_tables(offset: int, length: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for absolute positions offset … offset+length−1, each (length, hd), float32."""
+    positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, rotary_inv_freq(head_dim).to(device))  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)  half-split, not interleaved
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """u (B, T, nh, hd) rotated GPT-NeoX style; cos/sin (T, hd)."""
+    half = u.shape[-1] // 2
+    rotated = torch.cat([-u[..., half:], u[..., :half]], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (u.float() * cos + rotated.float() * sin).to(u.dtype)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def attention_bias(q_len: int, k_len: int, causal: bool, attention_mask: Optional[torch.Tensor],
+                   dtype: torch.dtype, device: torch.device) -> tuple[Optional[torch.Tensor], bool]:
+    """The additive mask for SDPA (B or 1, 1, T, Tk) or None, and whether SDPA should apply ``is_causal``.
+
+    Follows the reference exactly (spec §4.3 cases A–C), including its quirk that a query
+    row whose keys are all masked attends to every key.
+    """
+    if attention_mask is None:
+        if q_len == 1 or not causal:
+            return None, False
+        if k_len == q_len:
+            return None, True
+    neg = torch.finfo(dtype).min
+    bias = torch.zeros(q_len, k_len, dtype=dtype, device=device)
+    if causal:
+        # Bottom-right aligned: query q sees keys k <= q + (Tk − Tq).
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1 + k_len - q_len)
+        bias = bias.masked_fill(future, neg)
+    bias = bias[None, None]  # (1, 1, T, Tk)
+    if attention_mask is not None:
+        padded = (attention_mask[:, None, None, -k_len:] == 0)  # (B, 1, 1, Tk)
+        bias = bias.masked_fill(padded, neg)
+        all_masked = (bias == neg).all(dim=-1, keepdim=True)  # (B, 1, T, 1)
+        bias = bias.masked_fill(all_masked, 0.0)
+    return bias, False
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Attention(nn.Module):
+    def __init__(self, p: TransformerParams):
+        super().__init__()
+        if p.hidden_dim % p.n_heads:
+            raise ValueError(f"hidden_dim ({p.hidden_dim}) must be divisible by n_heads ({p.n_heads})")
+        self.n_heads = p.n_heads
+        self.head_dim = p.hidden_dim // p.n_heads
+        self.in_proj = nn.Linear(p.hidden_dim, 3 * p.hidden_dim, bias=False)
+        self.out_proj = nn.Linear(p.hidden_dim, p.hidden_dim, bias=False)
+        if p.positional_embedding_type in ("rotary", "rotary_float32"):
+            if self.head_dim % 2:
+                raise ValueError(f"rotary embeddings need an even head dim; got {self.head_dim}")
+            self.pos_embed = RotaryEmbedding(self.head_dim)
+        elif p.positional_embedding_type != "none":
+            raise ValueError("positional_embedding_type must be one of rotary, rotary_float32, none; "
+                             f"got {p.positional_embedding_type!r}")
+        if p.qk_norm:
+            self.q_norm = build_norm(p.norm_type, p.hidden_dim, p.norm_eps)
+            self.k_norm = build_norm(p.norm_type, p.hidden_dim, p.norm_eps)
+        self.qk_norm = p.qk_norm
+
+    def forward(self, x, rope, bias, sdpa_causal, past):
+        B, T, H = x.shape
+        q, k, v = self.in_proj(x).split(H, dim=-1)  # each (B, T, H)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # over the full width, before splitting heads
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_heads, self.head_dim)
+        v = v.view(B, T, self.n_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=1)  # (B, Tk, nh, hd)
+            v = torch.cat([past[1], v], dim=1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, is_causal=sdpa_causal
+        )  # (B, nh, T, hd)
+        o = o.transpose(1, 2).reshape(B, T, H)
+        return self.out_proj(o), [k, v]
+
+
+def swiglu_width(hidden_dim: int) -> int:
+    return 256 * math.ceil((8 * hidden_dim // 3) / 256)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        width = swiglu_width(hidden_dim)
+        self.w12 = nn.Linear(hidden_dim, 2 * width, bias=False)
+        self.w3 = nn.Linear(width, hidden_dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w12(x).chunk(2, dim=-1)  # first half is the gate
+        return self.w3(F.silu(gate) * up)
+
+
+def build_feed_forward(p: TransformerParams) -> nn.Module:
+    if p.ffn_type == "swiglu":
+        return SwiGLU(p.hidden_dim)
+    if p.ffn_type == "gelu":  # keys feed_forward.0 / feed_forward.2
+        return nn.Sequential(nn.Linear(p.hidden_dim, 4 * p.hidden_dim, bias=False), nn.GELU(),
+                             nn.Linear(4 * p.hidden_dim, p.hidden_dim, bias=False))
+    raise ValueError(f"ffn_type must be 'swiglu' or 'gelu'; got {p.ffn_type!r}")
+
+
+class Block(nn.Module):
+    def __init__(self, p: TransformerParams):
+        super().__init__()
+        self.attention_norm = build_norm(p.norm_type, p.hidden_dim, p.norm_eps)
+        self.attention = Attention(p)
+        self.ffn_norm = build_norm(p.norm_type, p.hidden_dim, p.norm_eps)
+        self.feed_forward = build_feed_forward(p)
+
+    def forward(self, x, rope, bias, sdpa_causal, past):
+        a, present = self.attention(self.attention_norm(x), rope, bias, sdpa_causal, past)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), present
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor  # (B, T, V)
+    past_key_values: Optional[KVCache] = None
+    hidden_states: Optional[tuple] = None  # per block, (B, T, H), before the final norm
+
+
+@register_model("transformer")
+class Transformer(nn.Module):
+    modality = "text"
+
+    def __init__(self, params: TransformerParams, load_pretrained: bool = True):
+        super().__init__()
+        self.params = params
+        p = params
+        self.embeddings = nn.Embedding(p.vocab_size, p.hidden_dim)
+        if p.post_embed_norm:
+            self.post_embed_norm = build_norm(p.norm_type, p.hidden_dim, p.norm_eps)
+        self.layers = nn.ModuleList(Block(p) for _ in range(p.n_layers))
+        self.norm = build_norm(p.norm_type, p.hidden_dim, p.norm_eps)
+        self.output = nn.Linear(p.hidden_dim, p.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if p.weight_tying:
+            self.output.weight = self.embeddings.weight
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.params.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.params.max_seq_len
+
+    def forward(self, input_ids=None, past_key_values=None, use_cache=False, attention_mask=None,
+                output_hidden_states=False, is_causal=None, inputs_embeds=None) -> TransformerOutput:
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+        if self.params.post_embed_norm:
+            x = self.post_embed_norm(x)
+        causal = bool(is_causal) or self.params.is_causal  # a call never makes a causal model bidirectional
+        if causal and not use_cache:
+            attention_mask = None  # the reference ignores padding here (right padding assumed; bug B3)
+        B, T, _ = x.shape
+        offset = past_key_values[0][0].shape[1] if past_key_values else 0
+        bias, sdpa_causal = attention_bias(T, offset + T, causal, attention_mask, x.dtype, x.device)
+        rope = None
+        if self.params.positional_embedding_type != "none":
+            rope = rotary_tables(offset, T, self.params.hidden_dim // self.params.n_heads, x.device)
+        presents, hidden = [], []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, rope, bias, sdpa_causal, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+            if output_hidden_states:
+                hidden.append(x)
+        logits = self.output(self.norm(x))  # (B, T, V)
+        if self.params.cast_output_to_float32:
+            logits = logits.float()
+        return TransformerOutput(logits, presents if use_cache else None,
+                                 tuple(hidden) if output_hidden_states else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50,
+                 eos_token_id=None, use_cache=True, *, generator: Optional[torch.Generator] = None,
+                 stopping: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """Prompt + new ids, (B, T + n). Sampling as VLA Foundry does it (spec §4.4).
+
+        ``generator`` makes sampling reproducible. ``stopping(new_ids (B, n)) -> (B,) bool``
+        marks rows that are done; generation ends once every row is done (the reference
+        only stops when all rows emit ``eos_token_id`` at the same step, which still holds).
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            attention_mask = attention_mask[None] if attention_mask is not None else None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generated, mask, past = input_ids, attention_mask, None
+        prompt_len = input_ids.shape[1]
+        for _ in range(max_new_tokens):
+            step_ids = generated[:, -1:] if (use_cache and past is not None) else generated
+            out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=use_cache)
+            if use_cache:
+                past = out.past_key_values
+            next_ids = select_next_token(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            generated = torch.cat([generated, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
+            if eos_token_id is not None and bool((next_ids == eos_token_id).all()):
+                break
+            if stopping is not None and bool(stopping(generated[:, prompt_len:]).all()):
+                break
+        return generated

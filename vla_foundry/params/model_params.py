@@ -1,0 +1,151 @@
+"""Model params: one dataclass per config ``type``, parsed from VLA Foundry's YAML dumps.
+
+Parsing follows the reference (format spec §1.2): the block's ``type`` picks the class,
+nested blocks pick theirs by their own ``type`` (with the spec's fallbacks when it is
+absent), missing keys take the defaults, and unknown keys are ignored with a single
+warning that names all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from vla_foundry.errors import unknown_key_error
+
+logger = logging.getLogger(__name__)
+
+_PARAMS: dict[str, type["ModelParams"]] = {}
+
+
+def register_model_params(model_type: str):
+    """Class decorator keying a params class by the config ``type`` it parses."""
+
+    def decorator(cls):
+        if model_type in _PARAMS:
+            raise ValueError(f"params for type {model_type!r} are already registered by {_PARAMS[model_type].__qualname__}")
+        cls.type_key = model_type
+        _PARAMS[model_type] = cls
+        return cls
+
+    return decorator
+
+
+def get_params_class(model_type: str) -> type["ModelParams"]:
+    if model_type not in _PARAMS:
+        raise unknown_key_error("params type", model_type, list(_PARAMS),
+                                "Check the config's `type:` value.")
+    return _PARAMS[model_type]
+
+
+def list_registered_params() -> list[str]:
+    return sorted(_PARAMS)
+
+
+@dataclass(frozen=True)
+class NestedBlock:
+    """How a nested block picks its params class when its ``type`` is absent."""
+
+    default_type: str
+    hf_type: Optional[str] = None  # chosen instead when the block has ``hf_pretrained``
+
+    def type_for(self, block: dict) -> str:
+        if block.get("type"):
+            return block["type"]
+        if self.hf_type and block.get("hf_pretrained"):
+            return self.hf_type
+        return self.default_type
+
+
+def nested(default_type: str, *, hf_type: Optional[str] = None, default_block: Optional[dict] = None,
+           required: bool = False):
+    """A field holding nested params. Absent ⇒ ``default_block`` (parsed), or None."""
+    spec = NestedBlock(default_type, hf_type)
+    meta = {"nested": spec, "required": required}
+    if default_block is None:
+        return field(default=None, metadata=meta)
+    return field(default_factory=lambda: parse_params(dict(default_block), _default_type=default_type),
+                 metadata=meta)
+
+
+@dataclass
+class ModelParams:
+    """Fields every model block carries; none of them affects inference."""
+
+    type_key: ClassVar[str] = ""
+
+    type: str = ""
+    resume_from_checkpoint: Optional[str] = None
+    resume_weights_only: bool = False
+    freeze: bool = False
+
+    def __post_init__(self):
+        if not self.type:
+            self.type = self.type_key
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config block as VLA Foundry dumps it (nested params as dicts, tuples as lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ModelParams):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return dict(sorted(out.items()))
+
+
+def _coerce(value: Any, annotation: Any, default: Any) -> Any:
+    """Light coercion of YAML scalars: PyYAML reads ``1e-5`` (no dot) as a string."""
+    if value is None:
+        return None
+    want = default if default is not dataclasses.MISSING and default is not None else None
+    hint = str(annotation)
+    if isinstance(want, bool) or hint in ("bool", "Optional[bool]"):
+        return value
+    if (isinstance(want, float) or "float" in hint) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_params(config: dict, *, _default_type: Optional[str] = None, _path: str = "",
+                 _unknown: Optional[list[str]] = None) -> ModelParams:
+    """Build the params for one model block (a mapping with a ``type``)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"model config{(' at ' + _path) if _path else ''} must be a mapping; got {type(config).__name__}")
+    top = _unknown is None
+    unknown: list[str] = [] if top else _unknown
+    model_type = config.get("type") or _default_type
+    if not model_type:
+        raise ValueError("model config has no `type:`; add the registry key of the model "
+                         f"(one of: {', '.join(list_registered_params())})")
+    cls = get_params_class(model_type)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in config.items():
+        where = f"{_path}.{key}" if _path else key
+        f = fields.get(key)
+        if f is None:
+            unknown.append(where)
+            continue
+        spec = f.metadata.get("nested")
+        if spec is not None and isinstance(value, dict):
+            kwargs[key] = parse_params(value, _default_type=spec.type_for(value), _path=where, _unknown=unknown)
+        else:
+            kwargs[key] = _coerce(value, hints.get(key), f.default)
+    kwargs["type"] = model_type
+    params = cls(**kwargs)
+    for f in fields.values():
+        if f.metadata.get("required") and getattr(params, f.name) is None:
+            raise ValueError(f"{model_type} config needs a `{f.name}:` block; none was given")
+    if top and unknown:
+        logger.warning("ignoring config keys unknown to VLA Foundry Serve: %s", ", ".join(unknown))
+    return params

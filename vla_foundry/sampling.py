@@ -1,0 +1,51 @@
+"""Next-token selection: temperature, top-k, top-p and an explicit ``torch.Generator``.
+
+Shared by every text-producing model so that sampling settings mean the same thing
+everywhere. The order and edge cases follow VLA Foundry (format spec §4.4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 20
+    temperature: float = 1.0  # 0 ⇒ greedy
+    top_k: int = 50  # 0 ⇒ off
+    top_p: float = 0.9  # 1 ⇒ off
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Scale by temperature and mask out (−inf) what top-k and top-p remove. ``logits``: (B, V)."""
+    logits = logits.clone()
+    if temperature != 0:
+        logits = logits / temperature
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1, None]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative > top_p
+        # Shift right by one so the token that crosses top_p stays (the first is always kept).
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        remove = remove.scatter(-1, sorted_idx, remove)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def select_next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, V) logits → (B,) token ids: argmax at temperature 0, else a draw from ``generator``."""
+    logits = filter_logits(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
