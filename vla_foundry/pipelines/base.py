@@ -1,0 +1,57 @@
+"""Pipelines: what a served model of one modality does beyond ``forward``.
+
+One pipeline class per modality (text, caption, image, action), keyed like the model
+registry; every model type declares its modality, so a new model of an existing
+modality is served with no new code here or in the service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from vla_foundry.errors import unknown_key_error
+
+_PIPELINES: dict[str, type["Pipeline"]] = {}
+
+
+def register_pipeline(modality: str):
+    def decorator(cls):
+        if modality in _PIPELINES:
+            raise ValueError(f"a pipeline for modality {modality!r} is already registered")
+        cls.modality = modality
+        _PIPELINES[modality] = cls
+        return cls
+
+    return decorator
+
+
+def get_pipeline_class(modality: str) -> type["Pipeline"]:
+    if modality not in _PIPELINES:
+        raise unknown_key_error("modality", modality, list(_PIPELINES))
+    return _PIPELINES[modality]
+
+
+class Pipeline:
+    modality: str = ""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @classmethod
+    def from_experiment(cls, model, experiment_dir: Path, *, training_config: Optional[dict] = None,
+                        **options: Any) -> "Pipeline":
+        return cls(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def io(self) -> dict[str, Any]:
+        """What a client needs to build a request (shown in ``GET /models``)."""
+        return {}
+
+    def warmup(self) -> None:
+        """One small call so the first request does not pay for lazy initialisation."""

@@ -1,0 +1,53 @@
+"""Finding the tokenizer of a text checkpoint.
+
+In order: the deployment's override, the experiment's ``tokenizer/`` folder (HF tokenizer
+files), then ``config.yaml``'s ``data.tokenizer`` (a path relative to the experiment or
+absolute, or a hub id that is already in the local HF cache). No network is ever used.
+A checkpoint without any tokenizer still serves token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from vla_foundry.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def _from_pretrained(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+def load_tokenizer(experiment_dir: Union[str, Path], override: Optional[str] = None,
+                   training_config: Optional[dict] = None) -> tuple[Any, Optional[str]]:
+    """(tokenizer or None, where it came from). An explicit ``override`` that fails is an error."""
+    experiment_dir = Path(experiment_dir)
+    if override:
+        path = Path(override)
+        if not path.is_absolute() and (experiment_dir / path).exists():
+            path = experiment_dir / path
+        source = str(path) if path.exists() else override
+        try:
+            return _from_pretrained(source), source
+        except Exception as e:
+            raise CheckpointError(
+                f"tokenizer {override!r} could not be loaded ({type(e).__name__}: {e}). Give a directory with HF "
+                "tokenizer files, or a hub id present in the local HF cache.") from e
+    bundled = experiment_dir / "tokenizer"
+    if bundled.is_dir():
+        return _from_pretrained(str(bundled)), str(bundled)
+    name = ((training_config or {}).get("data") or {}).get("tokenizer")
+    if isinstance(name, str) and name:
+        local = experiment_dir / name
+        source = str(local) if local.exists() else name
+        try:
+            return _from_pretrained(source), source
+        except Exception as e:  # e.g. "debug", or a hub id that is not cached here
+            logger.warning("config names tokenizer %r, which is not available offline (%s); serving token ids only",
+                           name, type(e).__name__)
+    return None, None
