@@ -105,12 +105,12 @@ class TextPipeline(Pipeline):
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidInputError(f"give exactly one of `{prompt_field}` or `{ids_field}`", field=prompt_field)
         if prompts is not None:
+            if len(prompts) == 0:
+                raise InvalidInputError(f"`{prompt_field}` is an empty list; send at least one prompt", field=prompt_field)
             if self.tokenizer is None:
                 raise InvalidInputError(
                     f"this deployment has no tokenizer, so it takes token ids only: send `{ids_field}` "
                     f"(ints in [0, {self.model.vocab_size})) instead of `{prompt_field}`", field=prompt_field)
-            if len(prompts) == 0:
-                raise InvalidInputError(f"`{prompt_field}` is an empty list; send at least one prompt", field=prompt_field)
             ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
             field_name = prompt_field
         else:

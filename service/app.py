@@ -1,0 +1,43 @@
+"""The FastAPI application: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI
+
+from service.deployments import DeploymentManager
+from service.errors import install_error_handlers
+from service.middleware import BodyCodecMiddleware
+from service.routes import health, models
+from service.routes.inference import add_inference_routes
+from service.settings import Settings
+
+logger = logging.getLogger("service")
+
+
+def create_app(settings: Optional[Settings] = None) -> FastAPI:
+    """The app for ``settings``; deployments start loading (each on its own thread) at startup."""
+    settings = settings or Settings.load()
+    manager = DeploymentManager(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        try:
+            yield
+        finally:
+            manager.shutdown()
+
+    app = FastAPI(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan,
+                  description="Serves VLA Foundry checkpoints: text, captions, images and robot actions.")
+    app.state.settings = settings
+    app.state.manager = manager
+    app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    add_inference_routes(app, settings)
+    return app

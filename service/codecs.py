@@ -1,0 +1,140 @@
+"""Wire formats: JSON by default, msgpack on request (DESIGN §6).
+
+Arrays travel as ``{"dtype", "shape", "data"}``: in JSON ``data`` is base64, in msgpack it
+is raw bytes under the ``__ndarray__`` key convention robot clients already use. Incoming
+msgpack is turned into the JSON form before validation, so one schema serves both.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Optional
+
+import msgpack
+import numpy as np
+from starlette.responses import Response
+
+MSGPACK = "application/msgpack"
+MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
+REFUSED_DTYPE_KINDS = {"O": "object", "V": "void", "c": "complex"}
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def wants_msgpack(accept: str) -> bool:
+    return any(t in (accept or "") for t in MSGPACK_TYPES)
+
+
+def is_msgpack(content_type: str) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() in MSGPACK_TYPES
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+def array_dtype(name: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(str(name))
+    except TypeError as e:
+        raise DecodeError(f"unknown array dtype {name!r}") from e
+    if dtype.kind in REFUSED_DTYPE_KINDS:
+        raise DecodeError(f"{REFUSED_DTYPE_KINDS[dtype.kind]} arrays are refused (dtype {name!r}); send numeric arrays")
+    return dtype
+
+
+def decode_array(obj: dict) -> np.ndarray:
+    """An array in the wire convention → numpy (validated: dtype, shape, byte count)."""
+    dtype = array_dtype(obj.get("dtype"))
+    shape = obj.get("shape")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DecodeError(f"array shape must be a list of non-negative ints; got {shape!r}")
+    data = obj.get("data")
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except ValueError as e:
+            raise DecodeError("array data is not valid base64") from e
+    if not isinstance(data, (bytes, bytearray)):
+        raise DecodeError("array data must be bytes (msgpack) or base64 (JSON)")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise DecodeError(f"array data has {len(data)} bytes; dtype {dtype.str} and shape {list(shape)} need {expected}")
+    return np.frombuffer(bytes(data), dtype=dtype).reshape(shape)
+
+
+def encode_array(array: np.ndarray, *, binary: bool) -> dict[str, Any]:
+    array = np.ascontiguousarray(array)
+    data = array.tobytes()
+    if binary:
+        return {"__ndarray__": True, "data": data, "dtype": array.dtype.str, "shape": list(array.shape)}
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": base64.b64encode(data).decode()}
+
+
+def is_array_dict(value: Any) -> bool:
+    return isinstance(value, dict) and {"dtype", "shape", "data"} <= set(value)
+
+
+# ----------------------------------------------------------------------------- msgpack → JSON
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            value = {k: v for k, v in value.items() if k != "__ndarray__"}
+            array_dtype(value.get("dtype"))  # refuse object/void/complex before anything else
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode()  # arrays' data, encoded images
+    return value
+
+
+def msgpack_to_json(body: bytes) -> bytes:
+    try:
+        value = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"the body is not valid msgpack ({type(e).__name__})") from e
+    return json.dumps(_jsonable(value), allow_nan=False).encode()
+
+
+def _refuse_ext(code: int, data: bytes):
+    raise DecodeError(f"msgpack extension type {code} is not accepted; send plain maps, lists, numbers, str and bytes")
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def _binary_arrays(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return encode_array(value, binary=True)
+    if isinstance(value, dict):
+        return {k: _binary_arrays(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_binary_arrays(v) for v in value]
+    return value
+
+
+def _json_arrays(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return encode_array(value, binary=False)
+    if isinstance(value, dict):
+        return {k: _json_arrays(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_arrays(v) for v in value]
+    return value
+
+
+def encode_response(payload: Any, accept: str, status_code: int = 200,
+                    headers: Optional[dict[str, str]] = None) -> Response:
+    """msgpack when the client accepts it, else JSON. numpy arrays use the wire convention."""
+    if wants_msgpack(accept):
+        body = msgpack.packb(_binary_arrays(payload), use_bin_type=True)
+        return Response(body, status_code=status_code, media_type=MSGPACK, headers=headers)
+    body = json.dumps(_json_arrays(payload), allow_nan=False, separators=(",", ":")).encode()
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)

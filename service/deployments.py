@@ -1,0 +1,174 @@
+"""Deployments: the checkpoints this server serves, their status, and how a request finds one.
+
+Each deployment is loaded on its own executor thread, so a slow or broken checkpoint
+never blocks the others: a load failure marks only that deployment ``failed`` with the
+reason, and the rest serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from service.errors import ApiError
+from service.executor import ModelExecutor, QueueFull
+from service.settings import DeploymentSpec, Settings
+from vla_foundry.config_files import read_model_config, read_training_config
+from vla_foundry.devices import resolve_device, resolve_model_dtype
+from vla_foundry.models.registry import model_modality
+from vla_foundry.pipelines import Pipeline, load_pipeline
+
+logger = logging.getLogger(__name__)
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class Deployment:
+    def __init__(self, spec: DeploymentSpec, settings: Settings, prepare: Optional[callable] = None):
+        self.spec = spec
+        self.name = spec.resolved_name
+        self.settings = settings
+        self.status = LOADING
+        self.error: Optional[str] = None
+        self.pipeline: Optional[Pipeline] = None
+        self.model_type: Optional[str] = None
+        self.modality: Optional[str] = None
+        self.device: Optional[str] = None
+        self.dtype: Optional[str] = None
+        self.executor = ModelExecutor(self.name, settings.max_queue)
+        self._prepare = prepare  # e.g. build the demo pack before the first load
+
+    # ------------------------------------------------------------------ loading (on the executor thread)
+
+    def start_loading(self) -> None:
+        self.executor.submit(self._load)
+
+    def _load(self) -> None:
+        try:
+            if self._prepare is not None:
+                self._prepare()
+            path = Path(self.spec.checkpoint)
+            if not path.is_dir():
+                raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+            training_config = read_training_config(path)
+            self.model_type = read_model_config(path, training_config).get("type")
+            self.modality = model_modality(self.model_type)  # an unknown type fails here, naming the closest
+            device = resolve_device(self.spec.device or self.settings.device)
+            precision = (training_config.get("hparams") or {}).get("precision")
+            dtype = resolve_model_dtype(self.spec.dtype or self.settings.dtype, device, precision)
+            options = {"tokenizer": self.spec.tokenizer} if self.spec.tokenizer else {}
+            pipeline = load_pipeline(path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema,
+                                     device=device, dtype=dtype, **options)
+            if self.settings.warmup:
+                pipeline.warmup()
+            self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
+            self.pipeline = pipeline
+            self.status = READY
+            logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
+        except Exception as e:  # the reason goes to /models; the others keep serving
+            self.status, self.error = FAILED, f"{type(e).__name__}: {e}"
+            logger.error("deployment %s failed to load: %s", self.name, self.error)
+
+    # ------------------------------------------------------------------ requests
+
+    async def run(self, fn, *args, **kwargs):
+        """Run ``fn(pipeline, ...)`` on this deployment's thread; returns an executor ``Timed``."""
+        if self.status == LOADING:
+            raise ApiError(503, f"deployment {self.name!r} is still loading; retry shortly", retry_after=5)
+        if self.status == FAILED:
+            raise ApiError(503, f"deployment {self.name!r} failed to load: {self.error}")
+        try:
+            return await self.executor.run(fn, self.pipeline, *args, **kwargs)
+        except QueueFull as e:
+            raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
+
+    def info(self) -> dict[str, Any]:
+        checkpoint: dict[str, Any] = {"path": self.spec.checkpoint, "file": None, "step": None}
+        io: dict[str, Any] = {}
+        if self.pipeline is not None:
+            checkpoint = self.pipeline.model.checkpoint.to_dict()
+            io = self.pipeline.io()
+        info = {
+            "name": self.name, "type": self.model_type, "modality": self.modality, "status": self.status,
+            "error": self.error, "device": self.device, "dtype": self.dtype, "checkpoint": checkpoint,
+            "endpoints": ({"predict": f"/predict/{self.model_type}", "evaluate": f"/evaluate/{self.model_type}"}
+                          if self.model_type else {}),
+            "io": io,
+        }
+        card = Path(self.spec.checkpoint) / "demo.json"
+        if card.is_file():  # the demo pack says what each member is (trained or random weights)
+            info["demo"] = json.loads(card.read_text())
+        return info
+
+
+class DeploymentManager:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        specs = list(settings.deployments)
+        prepare = None
+        if not specs:
+            from vla_foundry.demo import DEMO_MEMBERS, ensure_demo_pack
+
+            lock = threading.Lock()
+
+            def prepare() -> None:
+                with lock:
+                    ensure_demo_pack(settings.demo_dir)
+
+            specs = [DeploymentSpec(name=m, checkpoint=str(Path(settings.demo_dir) / m)) for m in DEMO_MEMBERS]
+        names = [s.resolved_name for s in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"deployment names must be unique; repeated: {', '.join(duplicates)}. "
+                             "Give each a `name:` (or --checkpoint DIR=NAME)")
+        self.deployments = {s.resolved_name: Deployment(s, settings, prepare) for s in specs}
+
+    def start(self) -> None:
+        for deployment in self.deployments.values():
+            deployment.start_loading()
+
+    def shutdown(self) -> None:
+        for deployment in self.deployments.values():
+            deployment.executor.shutdown()
+
+    def get(self, name: str) -> Deployment:
+        if name not in self.deployments:
+            raise ApiError(404, f"no deployment named {name!r}; deployed: {', '.join(self.deployments) or '(none)'}",
+                           field="model")
+        return self.deployments[name]
+
+    def resolve(self, model_type: str, name: Optional[str]) -> Deployment:
+        """The deployment a ``/predict/{type}`` or ``/evaluate/{type}`` request means."""
+        if name is not None:
+            deployment = self.get(name)
+            if deployment.model_type not in (None, model_type):
+                raise ApiError(404, f"deployment {name!r} serves type {deployment.model_type!r}, not {model_type!r}; "
+                                    f"POST to /predict/{deployment.model_type}", field="model")
+            return deployment
+        of_type = [d for d in self.deployments.values() if d.model_type == model_type]
+        if not of_type:
+            loading = [d.name for d in self.deployments.values() if d.status == LOADING]
+            if loading:
+                raise ApiError(503, f"no {model_type!r} deployment is ready yet ({', '.join(loading)} still loading)",
+                               retry_after=5)
+            served = sorted({d.model_type for d in self.deployments.values() if d.model_type})
+            raise ApiError(404, f"no deployment of type {model_type!r} is served here; served types: "
+                                f"{', '.join(served) or '(none)'}")
+        if len(of_type) > 1:
+            raise ApiError(422, f"several {model_type!r} deployments are served ({', '.join(d.name for d in of_type)}); "
+                                "name one in `model`", field="model")
+        return of_type[0]
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        statuses = {d.name: d.status for d in self.deployments.values()}
+        failed = {d.name: d.error for d in self.deployments.values() if d.status == FAILED}
+        loading = [n for n, s in statuses.items() if s == LOADING]
+        ready = not loading and len(failed) < len(statuses)
+        return ready, {"status": "ready" if ready else ("loading" if loading else "failed"),
+                       "deployments": statuses, "failed": failed}

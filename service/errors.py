@@ -1,0 +1,105 @@
+"""One error shape over HTTP: ``{"error": {"type", "message", "field"?}}``.
+
+No traceback or file path ever reaches a client; the server log has the details.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.codecs import encode_response
+from vla_foundry.errors import InvalidInputError
+
+logger = logging.getLogger("service")
+
+ERROR_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+               413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_value",
+               503: "unavailable", 500: "internal_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: Optional[str] = None, *, retry_after: Optional[int] = None,
+                 type: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+        self.retry_after = retry_after
+        self.type = type or ERROR_TYPES.get(status, "error")
+
+
+def error_body(status: int, message: str, field: Optional[str] = None, type: Optional[str] = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": type or ERROR_TYPES.get(status, "error"), "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error}
+
+
+def error_response(request: Optional[Request], status: int, message: str, field: Optional[str] = None, *,
+                   type: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> Response:
+    accept = request.headers.get("accept", "") if request is not None else ""
+    return encode_response(error_body(status, message, field, type), accept, status_code=status, headers=headers)
+
+
+def _field_of(loc: tuple) -> Optional[str]:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    # Drop pydantic's union-branch labels (e.g. "list[int]") so the field reads like the request.
+    parts = [p for p in parts if "[" not in p and "function-" not in p]
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict) -> str:
+    field = _field_of(tuple(err.get("loc", ())))
+    if err.get("type") == "missing":
+        return f"{field} is required"
+    message = f"{field}: {err.get('msg', 'invalid value')}" if field else err.get("msg", "invalid value")
+    shown = repr(err.get("input"))
+    return message + (f"; got {shown}" if "input" in err and len(shown) <= 80 else "")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return error_response(request, exc.status, exc.message, exc.field, type=exc.type, headers=headers)
+
+    @app.exception_handler(InvalidInputError)
+    async def _invalid_input(request: Request, exc: InvalidInputError):
+        return error_response(request, 422, str(exc), exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            detail = next(e for e in errors if e.get("type") == "json_invalid")
+            reason = (detail.get("ctx") or {}).get("error", "")
+            return error_response(request, 400, f"the body is not valid JSON ({reason}); send a JSON object, or "
+                                                f"msgpack with Content-Type: application/msgpack")
+        if any(e.get("loc") == ("body",) and e.get("type") in ("model_attributes_type", "dict_type", "model_type")
+               for e in errors):
+            return error_response(request, 400, "the body must be a JSON (or msgpack) object")
+        first = errors[0]
+        original = (first.get("ctx") or {}).get("error")
+        if isinstance(original, InvalidInputError):  # cross-field checks name their field themselves
+            message, field = str(original), original.field
+        else:
+            message, field = _validation_message(first), _field_of(tuple(first.get("loc", ())))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return error_response(request, 422, message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}; see GET /docs for the routes"
+        return error_response(request, exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, f"internal error ({type(exc).__name__}); the server log has details")

@@ -1,0 +1,97 @@
+"""ASGI middleware: body size cap, msgpack bodies, and one log line per request.
+
+It runs before routing, so an oversized or undecodable body is refused before any
+model work is queued, and every route validates one (JSON) form of the body.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.codecs import DecodeError, encode_response, is_msgpack, msgpack_to_json
+from service.errors import error_body
+
+logger = logging.getLogger("service.access")
+
+
+class BodyCodecMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                await self._with_decoded_body(scope, receive, send_logged)
+            else:
+                await self.app(scope, receive, send_logged)
+        finally:
+            logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"],
+                        (time.perf_counter() - started) * 1000)
+
+    async def _with_decoded_body(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or [])
+        accept = headers.get(b"accept", b"").decode("latin-1")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._refuse(scope, receive, send, accept, 413, self._too_large(int(declared)))
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._refuse(scope, receive, send, accept, 413, self._too_large(size))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        if is_msgpack(content_type):
+            try:
+                body = msgpack_to_json(body)
+            except DecodeError as e:
+                await self._refuse(scope, receive, send, accept, 400 if "valid msgpack" in str(e) else 422, str(e))
+                return
+            content_type = "application/json"
+        elif not content_type or content_type.startswith(("text/plain", "application/x-www-form-urlencoded")):
+            content_type = "application/json"  # JSON is the default body format (curl -d sends form-encoded)
+        new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+        new_headers += [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
+        scope = {**scope, "headers": new_headers}
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int) -> str:
+        return (f"request body is {size} bytes; this server accepts at most {self.max_body_bytes} "
+                f"(setting VLA_MAX_BODY_BYTES)")
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, accept: str, status: int, message: str) -> None:
+        await encode_response(error_body(status, message), accept, status_code=status)(scope, receive, send)

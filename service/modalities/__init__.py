@@ -1,0 +1,6 @@
+"""Modality adapters by modality name; a model type reaches one through its registered modality."""
+
+from service.modalities import text
+from service.modalities.base import ModalityAdapter
+
+ADAPTERS: dict[str, ModalityAdapter] = {"text": text.ADAPTER}

@@ -1,0 +1,133 @@
+"""The ``text`` modality: completions and language-model loss."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
+
+from service.codecs import DecodeError, decode_array, is_array_dict
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.sampling import SamplingParams
+
+_DEFAULTS = SamplingParams()
+
+
+def _token_array(value: Any) -> Any:
+    """Token ids may come as a typed integer array (msgpack clients) as well as lists."""
+    if not is_array_dict(value):
+        return value
+    try:
+        array = decode_array(value)
+    except DecodeError as e:
+        raise ValueError(str(e)) from e
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"token id arrays must have an integer dtype; got {array.dtype.str}")
+    if array.ndim not in (1, 2):
+        raise ValueError(f"token id arrays must be 1-D or 2-D; got shape {list(array.shape)}")
+    return array.tolist()
+
+
+TokenIds = Annotated[Union[list[list[int]], list[int]], BeforeValidator(_token_array)]
+
+
+def _rows(value):
+    """A single prompt (str or list of ints) → a list of one."""
+    if value is None:
+        return None
+    if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
+        return [value]
+    return value
+
+
+class TextPredictRequest(RequestBase):
+    prompt: Optional[Union[str, list[str]]] = Field(None, description="One prompt or a list (needs a tokenizer).")
+    prompt_token_ids: Optional[TokenIds] = Field(None, description="Token ids: one list, a list of lists, or an "
+                                                                   "integer array.")
+    max_new_tokens: int = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
+    temperature: float = Field(_DEFAULTS.temperature, ge=0, description="0 = greedy.")
+    top_k: int = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
+    top_p: float = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")
+    stop: Optional[Union[str, list[str]]] = Field(None, description="Stop strings (not included in the text).")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Same seed, same request ⇒ same tokens.")
+    use_cache: bool = Field(True, description="Use the KV cache (identical tokens, faster).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise InvalidInputError("give exactly one of `prompt` or `prompt_token_ids`", field="prompt")
+        if self.max_new_tokens > self.cap_max_new_tokens:
+            raise InvalidInputError(f"max_new_tokens must be <= {self.cap_max_new_tokens}; got {self.max_new_tokens}",
+                                    field="max_new_tokens")
+        count = len(_rows(self.prompt) or _rows(self.prompt_token_ids) or [])
+        if count > self.cap_batch:
+            raise InvalidInputError(f"at most {self.cap_batch} prompts per request; got {count}", field="prompt")
+        return self
+
+
+class CompletionOut(BaseModel):
+    text: Optional[str] = Field(None, description="None when the deployment has no tokenizer.")
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TextPredictResponse(ResponseBase):
+    completions: list[CompletionOut]
+    usage: Usage
+    seed: int
+
+
+def predict(pipeline, request: TextPredictRequest) -> dict:
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    result = pipeline.complete(
+        _rows(request.prompt), _rows(request.prompt_token_ids),
+        sampling=SamplingParams(request.max_new_tokens, request.temperature, request.top_k, request.top_p),
+        stop=stop, seed=request.seed, use_cache=request.use_cache)
+    return {
+        "completions": [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                        for c in result.completions],
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                  "total_tokens": result.prompt_tokens + result.completion_tokens},
+        "seed": result.seed,
+    }
+
+
+class TextEvaluateRequest(RequestBase):
+    input_ids: Optional[TokenIds] = Field(None, description="Sequences to score (rows may differ in length).")
+    attention_mask: Optional[TokenIds] = Field(None, description="1 = token, 0 = padding; same shape as input_ids.")
+    texts: Optional[list[str]] = Field(None, description="Texts to score (needs a tokenizer).")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.input_ids is None) == (self.texts is None):
+            raise InvalidInputError("give exactly one of `input_ids` or `texts`", field="input_ids")
+        count = len(_rows(self.input_ids) or self.texts or [])
+        if count == 0:
+            raise InvalidInputError("the batch is empty; send at least one sequence", field="input_ids")
+        if count > self.cap_batch:
+            raise InvalidInputError(f"at most {self.cap_batch} sequences per request; got {count}", field="input_ids")
+        return self
+
+
+class TextEvaluateResponse(ResponseBase):
+    loss: float
+    num_samples: int
+    num_tokens: int
+    perplexity: float
+    seed: int
+
+
+def evaluate(pipeline, request: TextEvaluateRequest) -> dict:
+    return pipeline.evaluate(_rows(request.input_ids), _rows(request.attention_mask), request.texts, request.seed)
+
+
+ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, predict,
+                          TextEvaluateRequest, TextEvaluateResponse, evaluate)

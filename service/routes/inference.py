@@ -1,0 +1,68 @@
+"""``POST /predict/{type}`` and ``POST /evaluate/{type}`` for every registered type.
+
+Routes are generated from the registry: each type gets its modality's schemas under its
+own name (so /docs shows one request schema per type), and a new model type of an
+existing modality is served without touching this package.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the generated request classes
+# from the endpoint's real annotations.
+
+import time
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Request
+
+from service.codecs import encode_response
+from service.dependencies import get_manager
+from service.deployments import DeploymentManager
+from service.errors import ApiError
+from service.modalities import ADAPTERS
+from service.settings import Settings
+from vla_foundry.errors import unknown_key_error
+from vla_foundry.models.registry import is_model_registered, list_registered_models, model_modality
+
+KINDS = ("predict", "evaluate")
+
+
+def _camel(model_type: str) -> str:
+    return "".join(part.capitalize() for part in model_type.split("_"))
+
+
+def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict]):
+    async def endpoint(body: request_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
+        started = time.perf_counter()
+        deployment = manager.resolve(model_type, body.model)
+        timed = await deployment.run(run, body)
+        total = (time.perf_counter() - started) * 1000
+        payload = {"model": deployment.name, **timed.value,
+                   "timing_ms": {"queue": round(timed.queue_ms, 3), "infer": round(timed.run_ms, 3),
+                                 "total": round(total, 3)}}
+        return encode_response(payload, request.headers.get("accept", ""))
+
+    return endpoint
+
+
+def add_inference_routes(app: FastAPI, settings: Settings) -> None:
+    for model_type in list_registered_models():
+        adapter = ADAPTERS.get(model_modality(model_type))
+        if adapter is None:
+            continue
+        parts = {"predict": (adapter.predict_request, adapter.predict_response, adapter.predict),
+                 "evaluate": (adapter.evaluate_request, adapter.evaluate_response, adapter.evaluate)}
+        for kind, (base, response, run) in parts.items():
+            request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
+                "__module__": __name__, "cap_max_new_tokens": settings.max_new_tokens,
+                "cap_batch": settings.max_batch})
+            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run), methods=["POST"],
+                              response_model=response, tags=[kind], name=f"{kind}_{model_type}",
+                              summary=f"{kind.capitalize()} with a {model_type} deployment")
+
+    async def unknown_type(model_type: str):
+        if not is_model_registered(model_type):
+            raise ApiError(404, str(unknown_key_error("model type", model_type, list_registered_models())))
+        raise ApiError(404, f"type {model_type!r} is registered, but this server has no endpoints for its "
+                            f"modality ({model_modality(model_type)!r})")
+
+    for kind in KINDS:  # after the typed routes, so only unknown types land here
+        app.add_api_route(f"/{kind}/{{model_type}}", unknown_type, methods=["POST"], include_in_schema=False)

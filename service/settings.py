@@ -1,0 +1,103 @@
+"""Service settings: the deployment YAML, ``VLA_*`` environment variables and CLI flags.
+
+Precedence, highest first: CLI flags, the deployment YAML (``--config``/``VLA_CONFIG``),
+``VLA_*`` variables, defaults. With no deployment anywhere the service serves the demo pack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DEMO_DIR = Path.home() / ".cache" / "vla_foundry" / "demo"
+
+
+class DeploymentSpec(BaseModel):
+    """One checkpoint to serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[str] = Field(None, description="Unique name; defaults to the checkpoint directory's name.")
+    checkpoint: str = Field(..., description="A VLA Foundry experiment directory.")
+    checkpoint_file: Optional[str] = Field(None, description="A weights file in checkpoints/; default: the latest "
+                                                             "(its ema_N.pt when the run used EMA).")
+    use_ema: Optional[bool] = Field(None, description="Force EMA weights on or off; default: config.yaml ema.enabled.")
+    device: Optional[str] = Field(None, description="Overrides the top-level device.")
+    dtype: Optional[str] = Field(None, description="Overrides the top-level dtype.")
+    tokenizer: Optional[str] = Field(None, description="Text models: a tokenizer directory or cached hub id that "
+                                                       "replaces the checkpoint's.")
+
+    @property
+    def resolved_name(self) -> str:
+        return self.name or Path(self.checkpoint.rstrip("/")).name
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLA_", extra="forbid")
+
+    config: Optional[Path] = Field(None, description="Deployment YAML file (device, dtype, deployments).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto = cuda:0 when present).")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 (auto = float32 on CPU; on CUDA "
+                                           "bfloat16 for checkpoints trained in bf16).")
+    deployments: list[DeploymentSpec] = Field(default_factory=list)
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535)
+    demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo pack is built and served from.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request bodies above this get 413.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting per deployment before 503 (overloaded).")
+    max_new_tokens: int = Field(1024, ge=1, description="Cap on max_new_tokens per request.")
+    max_batch: int = Field(64, ge=1, description="Cap on prompts (or sequences) per request.")
+    warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
+    log_level: str = Field("info")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {v!r}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {v!r}")
+        return v
+
+    @classmethod
+    def load(cls, config: Optional[Path] = None, **overrides: Any) -> "Settings":
+        """Settings from the environment, the deployment YAML and explicit ``overrides``."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        path = config or cls().config
+        values: dict[str, Any] = {}
+        if path is not None:
+            values = read_deployment_file(Path(path))
+            values["config"] = Path(path)
+        extra = overrides.pop("deployments", [])
+        values.update(overrides)
+        values["deployments"] = list(values.get("deployments") or []) + list(extra)
+        return cls(**values)
+
+
+def read_deployment_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"deployment file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"deployment file {path} must hold a mapping with `deployments:`")
+    base = path.parent
+    for spec in data.get("deployments") or []:
+        # Relative checkpoint paths are relative to the deployment file.
+        if isinstance(spec, dict) and spec.get("checkpoint") and not Path(spec["checkpoint"]).is_absolute():
+            spec["checkpoint"] = str((base / spec["checkpoint"]).resolve())
+    return data
+
+
+def parse_checkpoint_arg(value: str) -> DeploymentSpec:
+    """``DIR`` or ``DIR=NAME`` (the CLI's ``--checkpoint``)."""
+    path, _, name = value.partition("=")
+    return DeploymentSpec(checkpoint=str(Path(path).resolve()), name=name or None)

@@ -1,0 +1,37 @@
+"""Device and dtype decisions, made once at the edge (load time), never inside models."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vla_foundry.checkpoint import BF16_PRECISIONS, resolve_dtype
+
+
+def resolve_device(device: Optional[str] = "auto") -> torch.device:
+    """``auto`` ⇒ ``cuda:0`` when CUDA is present, else ``cpu``; ``cuda`` ⇒ ``cuda:0``."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from e
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this host has no CUDA device; use cpu or auto")
+        if resolved.index is None:
+            resolved = torch.device("cuda:0")
+        if resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: this host has {torch.cuda.device_count()} CUDA devices")
+    return resolved
+
+
+def resolve_model_dtype(dtype: Optional[str], device: torch.device, precision: Optional[str]) -> torch.dtype:
+    """``auto`` ⇒ float32 on CPU; on CUDA bfloat16 when the run trained in bf16, else float32."""
+    explicit = resolve_dtype(dtype)
+    if explicit is not None:
+        return explicit
+    if device.type == "cuda" and precision in BF16_PRECISIONS:
+        return torch.bfloat16
+    return torch.float32
