@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_DEMO_DIR = Path.home() / ".cache" / "vla_foundry" / "demo"
+from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
 
 
 class DeploymentSpec(BaseModel):

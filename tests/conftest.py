@@ -1,0 +1,56 @@
+"""Shared test fixtures: the VLA Foundry conformance fixtures and tiny local checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tests.factories import build_checkpoint, build_tiny_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("VLA_FIXTURES_DIR") or REPO.parent / "shared" / "fixtures" / "vla_foundry")
+
+
+def pytest_configure(config):
+    if not FIXTURES.is_dir():
+        raise pytest.UsageError(f"VLA Foundry fixtures not found at {FIXTURES}; set VLA_FIXTURES_DIR")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def transformer_fixture() -> Path:
+    return FIXTURES / "transformer_basic"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """One tiny checkpoint (with a tokenizer where the type takes text) per registered type."""
+    from vla_foundry.models import list_registered_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {t: build_checkpoint(t, root / f"tiny-{t}", tokenizer=tiny_tokenizer) for t in list_registered_models()}

@@ -1,0 +1,65 @@
+"""Tiny models and checkpoints built on the spot (no downloads), one builder per registered type.
+
+Every registered type must have a builder here: the parametrized service tests fail for
+a type without one, so a new model cannot land untested.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from vla_foundry.checkpoint import save_experiment
+from vla_foundry.models.registry import create_model
+from vla_foundry.params.transformer import TransformerParams
+
+TOKENIZER_TEXT = [
+    "the quick brown fox jumps over the lazy dog",
+    "a robot picks up the red block and places it in the bin",
+    "shall i compare thee to a summer's day",
+    "thou art more lovely and more temperate",
+] * 4
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE with 300 tokens and an eos, trained in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_transformer_params(**overrides: Any) -> TransformerParams:
+    values = dict(hidden_dim=32, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=64)
+    values.update(overrides)
+    return TransformerParams(**values)
+
+
+def tiny_model(params, seed: int = 0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_model(params, load_pretrained=False).eval()
+
+
+def _transformer(path: Path, tokenizer) -> Path:
+    save_experiment(tiny_model(tiny_transformer_params(vocab_size=len(tokenizer))), path, tokenizer=tokenizer)
+    return path
+
+
+BUILDERS: dict[str, Callable[[Path, Any], Path]] = {
+    "transformer": _transformer,
+}
+
+
+def build_checkpoint(model_type: str, path: Path, tokenizer: Optional[Any] = None) -> Path:
+    if model_type not in BUILDERS:
+        raise AssertionError(f"tests/factories.py has no tiny-checkpoint builder for registered type {model_type!r}")
+    return BUILDERS[model_type](path, tokenizer)

@@ -1,0 +1,5 @@
+import sys
+
+from vla_foundry.cli import main
+
+sys.exit(main())

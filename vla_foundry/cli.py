@@ -1,0 +1,95 @@
+"""``vla-foundry`` (also ``python -m vla_foundry``): serve, build the demo pack, list types.
+
+``serve`` is the one command that needs the ``service`` package (installed with the
+``serve`` extra); it is imported only there, so the model package stands alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import Settings, parse_checkpoint_arg
+    except ImportError as e:
+        print(f"vla-foundry serve needs the serving extra: pip install 'vla-foundry-serve[serve]' ({e})",
+              file=sys.stderr)
+        return 2
+    try:
+        settings = Settings.load(
+            args.config, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+            demo_dir=args.demo_dir, deployments=[parse_checkpoint_arg(c) for c in args.checkpoint or []] or None)
+    except ValueError as e:
+        print(f"vla-foundry serve: {e}", file=sys.stderr)
+        return 2
+    if not settings.deployments:
+        from vla_foundry.demo import ensure_demo_pack
+
+        print(f"No deployment given: serving the demo pack from {settings.demo_dir}", file=sys.stderr)
+        ensure_demo_pack(settings.demo_dir, progress=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vla_foundry.demo import DEMO_MEMBERS, ensure_demo_pack
+
+    demo_dir = ensure_demo_pack(args.dir, progress=True, rebuild=args.rebuild)
+    for member in DEMO_MEMBERS:
+        print(demo_dir / member)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from vla_foundry.models import list_registered_batch_handlers, list_registered_models, model_modality
+
+    print("registered models:")
+    for key in list_registered_models():
+        print(f"  {key:<20} {model_modality(key)}")
+    print("registered batch handlers:")
+    for key in list_registered_batch_handlers():
+        print(f"  {key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
+
+    parser = argparse.ArgumentParser(prog="vla-foundry", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve checkpoints over HTTP (the demo pack when none is given)")
+    serve.add_argument("--config", type=Path, help="deployment YAML (device, dtype, deployments)")
+    serve.add_argument("--checkpoint", action="append", metavar="DIR[=NAME]",
+                       help="a VLA Foundry experiment directory to serve; repeatable")
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    serve.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto)")
+    serve.add_argument("--demo-dir", type=Path, default=None, help=f"demo pack location (default {DEFAULT_DEMO_DIR})")
+    serve.set_defaults(func=_serve)
+    demo = sub.add_parser("demo", help="build the demo pack")
+    demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR, help=f"where to build it (default {DEFAULT_DEMO_DIR})")
+    demo.add_argument("--rebuild", action="store_true", help="rebuild members that already exist")
+    demo.set_defaults(func=_demo)
+    models = sub.add_parser("models", help="list registered model types and batch handlers")
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

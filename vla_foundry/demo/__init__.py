@@ -1,0 +1,49 @@
+"""The demo pack: one small checkpoint per servable type, built offline by the project.
+
+``vla-foundry serve`` with no deployment serves it, building it first when needed.
+Members are written as VLA Foundry experiment directories, so they load through exactly
+the code path real checkpoints take.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+from vla_foundry.demo import transformer as transformer_demo
+
+logger = logging.getLogger(__name__)
+
+# member name → builder(experiment_dir, progress)
+BUILDERS: dict[str, Callable[[Path, bool], None]] = {
+    "demo-transformer": transformer_demo.build,
+}
+DEMO_MEMBERS = tuple(BUILDERS)
+
+
+def is_built(member_dir: Path) -> bool:
+    return (member_dir / "config_model.yaml").is_file() and any((member_dir / "checkpoints").glob("checkpoint_*"))
+
+
+def ensure_demo_pack(demo_dir: Union[str, Path], progress: bool = True, rebuild: bool = False) -> Path:
+    """Build every missing member of the pack under ``demo_dir``; returns ``demo_dir``.
+
+    Each member is built in a temporary folder and moved into place when complete, so an
+    interrupted build never leaves a half-written checkpoint to be served.
+    """
+    demo_dir = Path(demo_dir)
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    for name, build in BUILDERS.items():
+        target = demo_dir / name
+        if is_built(target) and not rebuild:
+            continue
+        logger.info("building demo member %s in %s", name, target)
+        with tempfile.TemporaryDirectory(dir=demo_dir, prefix=f".{name}-") as tmp:
+            build(Path(tmp) / name, progress)
+            if target.exists():
+                shutil.rmtree(target)
+            (Path(tmp) / name).rename(target)
+    return demo_dir
