@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -26,11 +27,15 @@ BATCH = 16
 SEED = 0
 
 
+# A work starts at its title line: "<title>, by <author> (<year>)" or "<title>, traditional nursery rhyme".
+TITLE = re.compile(r"^(.+\(.*\d{4}.*\)|.+, traditional nursery rhyme)$", re.MULTILINE)
+
+
 def corpus_documents() -> list[str]:
-    """The corpus split into works (each starts after a blank line and a title line)."""
-    text = CORPUS.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if not line.startswith("#")]
-    return [doc.strip() for doc in "\n".join(lines).split("\n\n\n") if doc.strip()] or [text]
+    """The corpus split into works (each starting with its title line)."""
+    text = "\n".join(line for line in CORPUS.read_text(encoding="utf-8").splitlines() if not line.startswith("#"))
+    starts = [m.start() for m in TITLE.finditer(text)] + [len(text)]
+    return [text[a:b].strip() for a, b in zip(starts, starts[1:]) if text[a:b].strip()]
 
 
 def train_tokenizer(documents: list[str]):

@@ -1,0 +1,124 @@
+import pytest
+import torch
+import yaml
+
+from vla_foundry import load_model, save_experiment
+from vla_foundry.errors import CheckpointError, InvalidInputError
+from vla_foundry.pipelines import load_pipeline
+from vla_foundry.sampling import SamplingParams
+from vla_foundry.tokenizer import load_tokenizer
+from tests.factories import tiny_model, tiny_transformer_params
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoints):
+    return load_pipeline(tiny_checkpoints["transformer"])
+
+
+def test_padded_batch_decodes_like_single_prompts(pipeline):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    together = pipeline.complete(prompt_token_ids=prompts, sampling=GREEDY, seed=0).completions
+    for prompt, completion in zip(prompts, together):
+        alone = pipeline.complete(prompt_token_ids=[prompt], sampling=GREEDY, seed=0).completions[0]
+        assert completion.token_ids == alone.token_ids
+
+
+def test_cache_and_no_cache_agree_for_one_prompt(pipeline):
+    a = pipeline.complete(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY, use_cache=True)
+    b = pipeline.complete(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY, use_cache=False)
+    assert a.completions[0].token_ids == b.completions[0].token_ids
+
+
+def test_text_prompts_seeds_and_usage(pipeline):
+    sampling = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0)
+    a = pipeline.complete(["the quick brown", "a robot"], sampling=sampling, seed=11)
+    b = pipeline.complete(["the quick brown", "a robot"], sampling=sampling, seed=11)
+    assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+    assert all(isinstance(c.text, str) for c in a.completions)
+    assert a.prompt_tokens == sum(len(r) for r in a.prompt_token_ids)
+    assert a.completion_tokens == sum(len(c.token_ids) for c in a.completions)
+    assert pipeline.complete(["the quick brown"], sampling=sampling).seed != pipeline.complete(["the quick brown"], sampling=sampling).seed
+
+
+def test_eos_finishes_a_row_and_is_not_returned(pipeline):
+    prompt = [[5, 6, 7]]
+    greedy = pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0].token_ids
+    pipeline.eos_token_id, saved = greedy[2], pipeline.eos_token_id
+    try:
+        c = pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0]
+    finally:
+        pipeline.eos_token_id = saved
+    assert c.token_ids == greedy[:2] and c.finish_reason == "stop"
+
+
+def test_stop_strings_cut_the_text(pipeline):
+    full = pipeline.complete(["the quick"], sampling=SamplingParams(max_new_tokens=10, temperature=0.0)).completions[0]
+    assert full.finish_reason == "length"
+    stop = full.text[3:5]
+    cut = pipeline.complete(["the quick"], sampling=SamplingParams(max_new_tokens=10, temperature=0.0),
+                            stop=[stop]).completions[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    assert len(cut.token_ids) < len(full.token_ids)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(prompt_token_ids=[[1, 300]]), "prompt_token_ids"),
+    (dict(prompt_token_ids=[[]]), "prompt_token_ids"),
+    (dict(prompts=[]), "prompt"),
+    (dict(prompts=["a"], prompt_token_ids=[[1]]), "prompt"),
+    (dict(prompt_token_ids=[[1] * 60], sampling=SamplingParams(max_new_tokens=10)), "max_new_tokens"),
+])
+def test_bad_inputs_name_their_field(pipeline, kwargs, field):
+    with pytest.raises(InvalidInputError) as err:
+        pipeline.complete(**kwargs)
+    assert err.value.field == field
+
+
+def test_evaluate_matches_the_batch_handler(pipeline):
+    ids = [[5, 6, 7, 8], [9, 10]]
+    out = pipeline.evaluate(input_ids=ids, seed=3)
+    padded = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    direct = pipeline.batch_handler.compute_loss(pipeline.model, {"input_ids": padded, "attention_mask": mask})
+    assert out["loss"] == pytest.approx(direct.loss.item(), abs=1e-6)
+    assert out["num_tokens"] == 4 and out["num_samples"] == 2 and out["seed"] == 3
+    texts = pipeline.evaluate(texts=["the quick brown fox"], seed=0)
+    assert texts["num_samples"] == 1 and texts["loss"] > 0
+    with pytest.raises(InvalidInputError, match="at least 2 tokens"):
+        pipeline.evaluate(input_ids=[[5]])
+
+
+def test_no_tokenizer_means_token_ids_only(transformer_fixture):
+    p = load_pipeline(transformer_fixture)
+    assert p.tokenizer is None and p.io()["accepts"] == ["prompt_token_ids"]
+    with pytest.raises(InvalidInputError, match="no tokenizer.*prompt_token_ids"):
+        p.complete(["hello"])
+    assert len(p.complete(prompt_token_ids=[[1, 2]], sampling=GREEDY).completions[0].token_ids) == 6
+
+
+def test_tokenizer_sources(tmp_path, tiny_tokenizer):
+    model = tiny_model(tiny_transformer_params(vocab_size=len(tiny_tokenizer)))
+    save_experiment(model, tmp_path / "bundled", tokenizer=tiny_tokenizer)
+    tok, source = load_tokenizer(tmp_path / "bundled")
+    assert source.endswith("tokenizer") and tok.encode("the fox") == tiny_tokenizer.encode("the fox")
+
+    # config.yaml data.tokenizer: a path relative to the experiment
+    save_experiment(model, tmp_path / "named")
+    tiny_tokenizer.save_pretrained(str(tmp_path / "named" / "my_tok"))
+    config = yaml.safe_load((tmp_path / "named" / "config.yaml").read_text())
+    config["data"] = {"tokenizer": "my_tok"}
+    (tmp_path / "named" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_pipeline(tmp_path / "named").tokenizer_source.endswith("my_tok")
+
+    # a name that is neither a path nor cached: token ids only, with a warning
+    config["data"] = {"tokenizer": "debug"}
+    (tmp_path / "named" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_pipeline(tmp_path / "named").tokenizer is None
+
+    # a deployment override wins, and a bad override is an error
+    p = load_pipeline(tmp_path / "named", tokenizer=str(tmp_path / "bundled" / "tokenizer"))
+    assert p.tokenizer is not None
+    with pytest.raises(CheckpointError, match="could not be loaded"):
+        load_pipeline(tmp_path / "named", tokenizer=str(tmp_path / "nowhere"))
