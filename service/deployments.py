@@ -160,10 +160,11 @@ class DeploymentManager:
             served = sorted({d.model_type for d in self.deployments.values() if d.model_type})
             raise ApiError(404, f"no deployment of type {model_type!r} is served here; served types: "
                                 f"{', '.join(served) or '(none)'}")
-        if len(of_type) > 1:
-            raise ApiError(422, f"several {model_type!r} deployments are served ({', '.join(d.name for d in of_type)}); "
+        usable = [d for d in of_type if d.status != FAILED] or of_type  # all failed ⇒ that deployment's 503
+        if len(usable) > 1:
+            raise ApiError(422, f"several {model_type!r} deployments are served ({', '.join(d.name for d in usable)}); "
                                 "name one in `model`", field="model")
-        return of_type[0]
+        return usable[0]
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         statuses = {d.name: d.status for d in self.deployments.values()}

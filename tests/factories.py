@@ -63,3 +63,12 @@ def build_checkpoint(model_type: str, path: Path, tokenizer: Optional[Any] = Non
     if model_type not in BUILDERS:
         raise AssertionError(f"tests/factories.py has no tiny-checkpoint builder for registered type {model_type!r}")
     return BUILDERS[model_type](path, tokenizer)
+
+
+# Example requests per type: the parametrized service tests send these to every type.
+PREDICT_REQUESTS: dict[str, dict] = {
+    "transformer": {"prompt": ["the quick brown", "a robot"], "max_new_tokens": 5, "temperature": 0.7, "seed": 1},
+}
+EVALUATE_REQUESTS: dict[str, dict] = {
+    "transformer": {"texts": ["the quick brown fox jumps", "shall i compare thee"], "seed": 1},
+}

@@ -1,0 +1,124 @@
+"""The app in process (TestClient runs the lifespan): every registered type, discovery, codecs."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from service import DeploymentSpec
+from service.codecs import encode_array
+from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS
+from tests.service.conftest import serving, wait_ready
+from vla_foundry.models import list_registered_batch_handlers, list_registered_models
+from vla_foundry.pipelines import load_pipeline
+
+TYPES = list_registered_models()
+
+
+def test_models_lists_registry_and_deployments(client):
+    body = client.get("/models").json()
+    assert body["registered_models"] == list_registered_models()
+    assert body["registered_batch_handlers"] == list_registered_batch_handlers()
+    names = {d["name"]: d for d in body["deployments"]}
+    for model_type in TYPES:
+        info = names[f"tiny-{model_type}"]
+        assert info["status"] == "ready" and info["type"] == model_type and info["error"] is None
+        assert info["device"] == "cpu" and info["dtype"] == "float32"
+        assert info["checkpoint"]["file"].startswith("checkpoint_") and info["checkpoint"]["step"] == 0
+        assert info["endpoints"] == {"predict": f"/predict/{model_type}", "evaluate": f"/evaluate/{model_type}"}
+        assert info["io"], "io tells a client how to build a request"
+    assert client.get("/models/tiny-transformer").json()["io"]["vocab_size"] == 300
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_predict_every_type(client, model_type):
+    body = PREDICT_REQUESTS[model_type]
+    first = client.post(f"/predict/{model_type}", json=body)
+    assert first.status_code == 200, first.text
+    payload = first.json()
+    assert payload["model"] == f"tiny-{model_type}"
+    assert set(payload["timing_ms"]) == {"queue", "infer", "total"}
+    again = client.post(f"/predict/{model_type}", json=body).json()
+    payload.pop("timing_ms"), again.pop("timing_ms")
+    assert payload == again, "same request and seed, same answer"
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_evaluate_every_type_matches_in_process(client, tiny_checkpoints, model_type):
+    body = EVALUATE_REQUESTS[model_type]
+    response = client.post(f"/evaluate/{model_type}", json=body)
+    assert response.status_code == 200, response.text
+    remote = response.json()
+    local = load_pipeline(tiny_checkpoints[model_type]).evaluate(**{k: v for k, v in body.items()})
+    assert remote["loss"] == pytest.approx(local["loss"], abs=1e-6)
+    assert remote["num_samples"] == local["num_samples"] and remote["seed"] == body["seed"]
+
+
+def test_text_completion_shape(client):
+    payload = client.post("/predict/transformer", json={"prompt": "the quick", "max_new_tokens": 4,
+                                                        "temperature": 0}).json()
+    (completion,) = payload["completions"]
+    assert isinstance(completion["text"], str) and len(completion["token_ids"]) <= 4
+    assert completion["finish_reason"] in ("stop", "length")
+    usage = payload["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] == len(completion["token_ids"])
+
+
+def test_msgpack_in_and_out_with_typed_arrays(client):
+    ids = np.array([[5, 6, 7], [8, 9, 10]], dtype=np.int32)
+    request = {"prompt_token_ids": encode_array(ids, binary=True), "max_new_tokens": 3, "temperature": 0}
+    response = client.post("/predict/transformer", content=msgpack.packb(request, use_bin_type=True),
+                           headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/msgpack"
+    reply = msgpack.unpackb(response.content)
+    as_json = client.post("/predict/transformer", json={"prompt_token_ids": ids.tolist(), "max_new_tokens": 3,
+                                                        "temperature": 0}).json()
+    assert [c["token_ids"] for c in reply["completions"]] == [c["token_ids"] for c in as_json["completions"]]
+    # JSON arrays use base64 data in the same convention
+    response = client.post("/predict/transformer", json={"prompt_token_ids": encode_array(ids, binary=False),
+                                                         "max_new_tokens": 3, "temperature": 0})
+    assert [c["token_ids"] for c in response.json()["completions"]] == [c["token_ids"] for c in as_json["completions"]]
+
+
+def test_health(client):
+    assert client.get("/health/live").json() == {"status": "live"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert client.get("/healthz").json() == ready.json()
+
+
+def test_openapi_has_a_request_schema_per_type(client):
+    spec = client.get("/openapi.json").json()
+    for model_type in TYPES:
+        camel = "".join(p.capitalize() for p in model_type.split("_"))
+        for kind in ("predict", "evaluate"):
+            operation = spec["paths"][f"/{kind}/{model_type}"]["post"]
+            ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.endswith(f"{camel}{kind.capitalize()}Request")
+    assert client.get("/docs").status_code == 200
+
+
+def test_failed_deployment_does_not_stop_the_others(tiny_checkpoints, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "checkpoints").mkdir(parents=True)
+    (broken / "config_model.yaml").write_text("type: transformer\nhidden_dim: 32\n")
+    (broken / "checkpoints" / "checkpoint_1.pt").write_bytes(b"truncated")
+    good = DeploymentSpec(name="good", checkpoint=str(tiny_checkpoints["transformer"]))
+    with serving(good, DeploymentSpec(name="broken", checkpoint=str(broken))) as client:
+        ready = wait_ready(client).json()
+        assert ready["status"] == "ready" and "broken" in ready["failed"]
+        assert "not a readable torch checkpoint" in ready["failed"]["broken"]
+        info = client.get("/models/broken").json()
+        assert info["status"] == "failed" and "CheckpointError" in info["error"]
+        assert client.post("/predict/transformer", json={"model": "good", "prompt": "the", "max_new_tokens": 2}).status_code == 200
+        refused = client.post("/predict/transformer", json={"model": "broken", "prompt": "the"})
+        assert refused.status_code == 503 and "failed to load" in refused.json()["error"]["message"]
+
+
+def test_several_deployments_of_a_type_need_a_name(tiny_checkpoints):
+    path = str(tiny_checkpoints["transformer"])
+    with serving(DeploymentSpec(name="a", checkpoint=path), DeploymentSpec(name="b", checkpoint=path)) as client:
+        response = client.post("/predict/transformer", json={"prompt": "the"})
+        assert response.status_code == 422 and response.json()["error"]["field"] == "model"
+        assert "a, b" in response.json()["error"]["message"]
+        assert client.post("/predict/transformer", json={"prompt": "the", "model": "b"}).json()["model"] == "b"

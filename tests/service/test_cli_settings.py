@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from service.settings import Settings, parse_checkpoint_arg
+
+
+def test_models_command_lists_types():
+    out = subprocess.run([sys.executable, "-m", "vla_foundry", "models"], capture_output=True, text=True, check=True)
+    assert "transformer" in out.stdout and "text" in out.stdout and "batch handlers" in out.stdout
+
+
+def test_deployment_yaml_env_and_overrides(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump({"device": "cpu", "dtype": "float32", "deployments": [
+        {"name": "lm", "checkpoint": "ckpt", "dtype": "bfloat16", "tokenizer": "/tok"}]}))
+    monkeypatch.setenv("VLA_MAX_QUEUE", "7")
+    monkeypatch.setenv("VLA_DEVICE", "cuda")
+    settings = Settings.load(config, port=9001, deployments=[parse_checkpoint_arg(f"{tmp_path}/other=second")])
+    assert settings.max_queue == 7 and settings.port == 9001
+    assert settings.device == "cpu", "the deployment file beats the environment"
+    assert [d.resolved_name for d in settings.deployments] == ["lm", "second"]
+    assert settings.deployments[0].checkpoint == str((tmp_path / "ckpt").resolve()), "relative to the file"
+    assert settings.deployments[0].dtype == "bfloat16"
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="device must be"):
+        Settings(device="tpu")
+    with pytest.raises(ValueError, match="does not exist"):
+        Settings.load(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"deployments": [{"checkpoint": "x", "chekpoint_file": "y"}]}))
+    with pytest.raises(ValueError, match="chekpoint_file"):
+        Settings.load(tmp_path / "bad.yaml")
+
+
+def test_duplicate_deployment_names_are_refused(tmp_path):
+    from service import DeploymentSpec, create_app
+
+    spec = DeploymentSpec(checkpoint=str(tmp_path / "same"))
+    with pytest.raises(ValueError, match="unique; repeated: same"):
+        create_app(Settings(deployments=[spec, spec]))

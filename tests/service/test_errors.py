@@ -1,0 +1,164 @@
+"""Bad input gets one clear error shape and changes nothing for anyone else."""
+
+import asyncio
+import threading
+
+import msgpack
+import pytest
+
+from service import DeploymentSpec, Settings
+from service.deployments import Deployment
+from service.errors import ApiError
+from service.executor import ModelExecutor, QueueFull
+from tests.service.conftest import serving
+
+SEEDED = {"prompt": ["the quick", "a robot"], "max_new_tokens": 6, "temperature": 1.0, "seed": 5}
+
+BAD_PREDICT = [
+    ({"prompt": "the", "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"prompt": "the", "max_new_tokens": 65}, 422, "max_new_tokens"),
+    ({"prompt": "the", "temperature": -0.5}, 422, "temperature"),
+    ({"prompt": "the", "top_p": 0}, 422, "top_p"),
+    ({"prompt": []}, 422, "prompt"),
+    ({"prompt_token_ids": [[1, 2], []]}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": [1, 300]}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": [-1]}, 422, "prompt_token_ids"),
+    ({"prompt": ["a"] * 5}, 422, "prompt"),
+    ({"prompt": "the", "prompt_token_ids": [1]}, 422, "prompt"),
+    ({}, 422, "prompt"),
+    ({"prompt": "the", "max_tokens": 3}, 422, "max_tokens"),
+    ({"prompt": "the", "seed": -1}, 422, "seed"),
+    ({"prompt_token_ids": {"dtype": "float32", "shape": [2], "data": "AAAAAAAAAAA="}}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": {"dtype": "int32", "shape": [3], "data": "AAAAAAAAAAA="}}, 422, "prompt_token_ids"),
+    ({"prompt": "the", "model": "nope"}, 404, "model"),
+]
+
+
+def assert_error(response, status, field=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) <= {"type", "message", "field"} and error["message"]
+    assert "Traceback" not in error["message"] and "/site-packages/" not in error["message"]
+    if field:
+        assert error.get("field") == field, error
+
+
+def test_bad_predict_inputs_are_refused_and_change_nothing(client):
+    before = client.post("/predict/transformer", json=SEEDED).json()
+    for body, status, field in BAD_PREDICT:
+        assert_error(client.post("/predict/transformer", json=body), status, field)
+    after = client.post("/predict/transformer", json=SEEDED).json()
+    assert before["completions"] == after["completions"]
+
+
+def test_messages_say_what_is_allowed(client):
+    error = client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 65}).json()["error"]
+    assert error["message"] == "max_new_tokens must be <= 64; got 65"
+    error = client.post("/predict/transformer", json={"prompt_token_ids": [1, 300]}).json()["error"]
+    assert "outside [0, 300)" in error["message"]
+
+
+@pytest.mark.parametrize("body", [{"input_ids": [[1]]}, {"input_ids": []}, {"texts": ["a"], "input_ids": [[1, 2]]},
+                                  {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]},
+                                  {"input_ids": [[1, 2, 999]]}])
+def test_bad_evaluate_inputs(client, body):
+    assert_error(client.post("/evaluate/transformer", json=body), 422)
+
+
+def test_malformed_bodies_are_400(client):
+    assert_error(client.post("/predict/transformer", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert_error(client.post("/predict/transformer", json=[1, 2]), 400)
+    assert_error(client.post("/predict/transformer", content=b"\xc1\xc1", headers={"content-type": "application/msgpack"}), 400)
+    refused = client.post("/predict/transformer",
+                          content=msgpack.packb({"prompt_token_ids": {"__ndarray__": True, "data": b"", "dtype": "O", "shape": [0]}}),
+                          headers={"content-type": "application/msgpack"})
+    assert_error(refused, 422)
+    assert "object arrays are refused" in refused.json()["error"]["message"]
+
+
+def test_body_over_the_cap_is_413(client):
+    big = {"prompt": "x" * (70 * 1024)}
+    assert_error(client.post("/predict/transformer", json=big), 413)
+
+
+def test_unknown_type_route_and_deployment_are_404(client):
+    response = client.post("/predict/transformr", json={"prompt": "a"})
+    assert_error(response, 404)
+    assert "closest is 'transformer'" in response.json()["error"]["message"]
+    assert_error(client.post("/evaluate/unknown", json={}), 404)
+    assert_error(client.get("/models/nope"), 404, "model")
+    assert_error(client.get("/nowhere"), 404)
+
+
+def test_errors_follow_accept_msgpack(client):
+    response = client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 0},
+                           headers={"accept": "application/msgpack"})
+    assert response.status_code == 422
+    assert msgpack.unpackb(response.content)["error"]["field"] == "max_new_tokens"
+
+
+def test_loading_deployment_is_503_with_retry_after(tiny_checkpoints):
+    release = threading.Event()
+    deployment = Deployment(DeploymentSpec(checkpoint=str(tiny_checkpoints["transformer"])), Settings(),
+                            prepare=release.wait)
+    deployment.start_loading()
+    try:
+        with pytest.raises(ApiError) as err:
+            asyncio.run(deployment.run(lambda p: None))
+        assert err.value.status == 503 and err.value.retry_after
+    finally:
+        release.set()
+        deployment.executor.shutdown()
+
+
+def test_full_queue_is_refused_not_buffered():
+    gate = threading.Event()
+    executor = ModelExecutor("tiny", max_queue=1)
+    try:
+        running = executor.submit(gate.wait)
+        while not running.running():
+            pass
+        executor.submit(lambda: 1)
+        with pytest.raises(QueueFull, match="1 requests waiting"):
+            executor.submit(lambda: 2)
+    finally:
+        gate.set()
+        executor.shutdown()
+
+
+def test_executor_serializes_work_on_one_thread():
+    executor = ModelExecutor("serial", max_queue=16)
+    seen, active = [], []
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            active.append(i)
+            assert len(active) == 1
+        seen.append((i, threading.current_thread().name))
+        with lock:
+            active.remove(i)
+        return i
+
+    futures = [executor.submit(job, i) for i in range(10)]
+    assert [f.result(timeout=5).value for f in futures] == list(range(10))
+    assert {name for _, name in seen} == {"model-serial"}
+    executor.shutdown()
+
+
+def test_overloaded_deployment_answers_503(tiny_checkpoints):
+    spec = DeploymentSpec(name="busy", checkpoint=str(tiny_checkpoints["transformer"]))
+    with serving(spec, max_queue=1) as client:
+        deployment = client.app.state.manager.get("busy")
+        gate = threading.Event()
+        running = deployment.executor.submit(gate.wait)
+        while not running.running():
+            pass
+        deployment.executor.submit(lambda: None)
+        try:
+            response = client.post("/predict/transformer", json={"prompt": "a"})
+            assert_error(response, 503)
+            assert response.headers["retry-after"] == "1" and response.json()["error"]["type"] == "overloaded"
+        finally:
+            gate.set()
+        assert client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 2}).status_code == 200
