@@ -44,8 +44,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 def select_next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, V) logits → (B,) token ids: argmax at temperature 0, else a draw from ``generator``."""
-    logits = filter_logits(logits, temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1)  # top-k and top-p always keep the best token
+    if 0 < top_k < logits.shape[-1]:
+        # Sample among the k best only: same distribution, and top-p then sorts k values, not V.
+        values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted
+        choice = select_next_token(values, temperature, 0, top_p, generator)  # (B,)
+        return indices.gather(-1, choice[:, None]).squeeze(-1)
+    logits = filter_logits(logits, temperature, 0, top_p)
     probs = torch.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,61 @@
+"""The GPU path (skipped without CUDA): device auto, one move of the weights, fp32/bf16/fp16."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vla_foundry import load_model
+from vla_foundry.devices import resolve_device, resolve_model_dtype
+from vla_foundry.pipelines import load_pipeline
+from vla_foundry.sampling import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def test_auto_picks_cuda0():
+    assert resolve_device("auto") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda:0")
+    assert resolve_model_dtype("auto", torch.device("cuda:0"), "amp_bfloat16") == torch.bfloat16
+    assert resolve_model_dtype("auto", torch.device("cuda:0"), "fp32") == torch.float32
+
+
+def test_fixture_on_cuda_fp32_matches(transformer_fixture):
+    model = load_model(transformer_fixture, device="cuda")
+    assert all(t.device.type == "cuda" for t in list(model.parameters()) + list(model.buffers()))
+    e = load_file(transformer_fixture / "expected" / "forward.safetensors")
+    logits = model(input_ids=e["input.input_ids"].cuda()).logits.cpu()
+    assert torch.allclose(logits, e["output.logits"], atol=1e-4)
+    for case in ("generate", "generate_padded"):
+        g = load_file(transformer_fixture / "expected" / f"{case}.safetensors")
+        for use_cache in (True, False):
+            out = model.generate(g["input.input_ids"].cuda(), g["input.attention_mask"].cuda(), max_new_tokens=8,
+                                 temperature=0.0, use_cache=use_cache).cpu()
+            assert torch.equal(out, g["output.tokens_use_cache" if use_cache else "output.tokens_no_cache"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_generation(tiny_checkpoints, dtype):
+    reference = load_model(tiny_checkpoints["transformer"], device="cuda")
+    model = load_model(tiny_checkpoints["transformer"], device="cuda", dtype=dtype)
+    assert all(p.dtype == getattr(torch, dtype) and p.is_cuda for p in model.parameters())
+    ids = torch.tensor([[5, 6, 7, 8, 9]], device="cuda")
+    assert torch.allclose(model(ids).logits.float(), reference(ids).logits, atol=5e-2)
+    pipeline = load_pipeline(tiny_checkpoints["transformer"], device="cuda", dtype=dtype)
+    sampling = SamplingParams(max_new_tokens=16, temperature=0.8)
+    a = pipeline.complete(["the quick brown", "a robot"], sampling=sampling, seed=4)
+    b = pipeline.complete(["the quick brown", "a robot"], sampling=sampling, seed=4)
+    assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+    assert all(len(c.token_ids) > 0 for c in a.completions)
+
+
+def test_service_serves_on_cuda_in_bf16(tiny_checkpoints):
+    from service import DeploymentSpec
+    from tests.service.conftest import serving
+
+    spec = DeploymentSpec(name="gpu", checkpoint=str(tiny_checkpoints["transformer"]), dtype="bfloat16")
+    with serving(spec, device="auto") as client:
+        info = client.get("/models/gpu").json()
+        assert (info["device"], info["dtype"], info["status"]) == ("cuda:0", "bfloat16", "ready")
+        response = client.post("/predict/transformer", json={"prompt": "the quick", "max_new_tokens": 8, "seed": 1})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["completions"][0]["token_ids"]) > 0
