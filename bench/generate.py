@@ -2,8 +2,8 @@
 
     python bench/generate.py [--device cpu|cuda] [--dtype float32|bfloat16] [--new-tokens 256]
 
-A 4-layer, width-256 `transformer` (random weights; speed does not depend on them)
-generates --new-tokens tokens greedily from a 16-token prompt, once with the KV cache
+A 4-layer, width-256 `transformer` by default (random weights; speed does not depend on
+them; --layers/--width/--vocab change it) generates --new-tokens tokens greedily from a 16-token prompt, once with the KV cache
 and once without; the goal is a cache speed-up of at least 3x.
 """
 
@@ -40,14 +40,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192)
     args = parser.parse_args()
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    params = TransformerParams(hidden_dim=256, n_layers=4, n_heads=4, vocab_size=8192, max_seq_len=512)
+    params = TransformerParams(hidden_dim=args.width, n_layers=args.layers, n_heads=max(1, args.width // 64),
+                               vocab_size=args.vocab, max_seq_len=max(512, 16 + args.new_tokens))
     torch.manual_seed(0)
     model = create_model(params, load_pretrained=False).eval().to(device=device, dtype=dtype)
     prompt = torch.randint(0, params.vocab_size, (args.batch, 16), device=device)
-    print(f"model: 4 layers, width 256, vocab 8192 | device {device} {dtype} | batch {args.batch}, "
+    print(f"model: {args.layers} layers, width {args.width}, vocab {args.vocab} | device {device} {dtype} | batch {args.batch}, "
           f"prompt 16, new tokens {args.new_tokens}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     with torch.inference_mode():
         timed_generate(model, prompt, 8, True, device)  # warm-up

@@ -21,6 +21,7 @@ def wait_ready(client: TestClient, timeout: float = 60.0):
 
 @contextmanager
 def serving(*specs: DeploymentSpec, **settings):
+    settings.setdefault("device", "cpu")  # CPU tests stay on the CPU where a GPU is present
     app = create_app(Settings(deployments=list(specs), **settings))
     with TestClient(app) as client:
         wait_ready(client)

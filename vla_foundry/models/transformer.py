@@ -196,9 +196,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(p) for _ in range(p.n_layers))
         self.norm = build_norm(p.norm_type, p.hidden_dim, p.norm_eps)
         self.output = nn.Linear(p.hidden_dim, p.vocab_size, bias=False)
+        self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.apply(self._init_weights)
         if p.weight_tying:
             self.output.weight = self.embeddings.weight
+
+    def _rotary(self, offset: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for positions offset … offset+length−1, from tables kept per device.
+
+        Built once from the formula (never from the loaded ``inv_freq``, spec §2.4) instead of
+        on every forward: a decode step then launches no table kernels and copies nothing.
+        """
+        needed = offset + length
+        if self._rope_cache is None or self._rope_cache[0].device != device or self._rope_cache[0].shape[0] < needed:
+            size = max(needed, self.params.max_seq_len)
+            with torch.inference_mode(False):  # plain tensors, usable by a later training step too
+                self._rope_cache = rotary_tables(0, size, self.params.hidden_dim // self.params.n_heads, device)
+        cos, sin = self._rope_cache
+        return cos[offset:needed], sin[offset:needed]
 
     @staticmethod
     def _init_weights(module):
@@ -224,9 +239,7 @@ class Transformer(nn.Module):
         B, T, _ = x.shape
         offset = past_key_values[0][0].shape[1] if past_key_values else 0
         bias, sdpa_causal = attention_bias(T, offset + T, causal, attention_mask, x.dtype, x.device)
-        rope = None
-        if self.params.positional_embedding_type != "none":
-            rope = rotary_tables(offset, T, self.params.hidden_dim // self.params.n_heads, x.device)
+        rope = self._rotary(offset, T, x.device) if self.params.positional_embedding_type != "none" else None
         presents, hidden = [], []
         for i, layer in enumerate(self.layers):
             x, present = layer(x, rope, bias, sdpa_causal, past_key_values[i] if past_key_values else None)
