@@ -110,23 +110,13 @@ def _refuse_ext(code: int, data: bytes):
 # ----------------------------------------------------------------------------- responses
 
 
-def _binary_arrays(value: Any) -> Any:
+def _encode_arrays(value: Any, binary: bool) -> Any:
     if isinstance(value, np.ndarray):
-        return encode_array(value, binary=True)
+        return encode_array(value, binary=binary)
     if isinstance(value, dict):
-        return {k: _binary_arrays(v) for k, v in value.items()}
+        return {k: _encode_arrays(v, binary) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_binary_arrays(v) for v in value]
-    return value
-
-
-def _json_arrays(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return encode_array(value, binary=False)
-    if isinstance(value, dict):
-        return {k: _json_arrays(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_arrays(v) for v in value]
+        return [_encode_arrays(v, binary) for v in value]
     return value
 
 
@@ -134,7 +124,7 @@ def encode_response(payload: Any, accept: str, status_code: int = 200,
                     headers: Optional[dict[str, str]] = None) -> Response:
     """msgpack when the client accepts it, else JSON. numpy arrays use the wire convention."""
     if wants_msgpack(accept):
-        body = msgpack.packb(_binary_arrays(payload), use_bin_type=True)
+        body = msgpack.packb(_encode_arrays(payload, True), use_bin_type=True)
         return Response(body, status_code=status_code, media_type=MSGPACK, headers=headers)
-    body = json.dumps(_json_arrays(payload), allow_nan=False, separators=(",", ":")).encode()
+    body = json.dumps(_encode_arrays(payload, False), allow_nan=False, separators=(",", ":")).encode()
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)

@@ -121,7 +121,7 @@ class TextEvaluateResponse(ResponseBase):
     loss: float
     num_samples: int
     num_tokens: int
-    perplexity: float
+    perplexity: Optional[float] = Field(None, description="exp(loss); null when it overflows.")
     seed: int
 
 

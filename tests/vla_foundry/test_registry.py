@@ -16,8 +16,8 @@ from tests.factories import tiny_transformer_params
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """Register test-only keys without leaking them into other tests."""
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
-    monkeypatch.setattr(registry, "_BATCH_HANDLERS", dict(registry._BATCH_HANDLERS))
+    monkeypatch.setattr(registry.MODELS, "_table", dict(registry.MODELS._table))
+    monkeypatch.setattr(registry.BATCH_HANDLERS, "_table", dict(registry.BATCH_HANDLERS._table))
 
 
 def test_transformer_is_registered_with_its_batch_handler():

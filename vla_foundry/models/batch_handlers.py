@@ -7,6 +7,7 @@ the same number for the same batch and seed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,10 +22,10 @@ from vla_foundry.models.registry import register_batch_handler
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable when computed with grad
     num_samples: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": float(self.loss.detach()), "num_samples": self.num_samples, **self.metrics}
+        return {"loss": self.loss.item(), "num_samples": self.num_samples, **self.metrics}
 
 
 class BatchHandler:
@@ -65,5 +66,7 @@ class LanguageModelBatchHandler(BatchHandler):
         logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)
         loss = cross_entropy_loss(logits, targets, z_loss_coefficient=self.z_loss_coefficient)
         num_tokens = int((targets != IGNORE_INDEX).sum())
+        value = loss.item()
+        perplexity = math.exp(value) if value < 700 else None  # None rather than an overflow
         return LossOutput(loss, num_samples=input_ids.shape[0],
-                          metrics={"num_tokens": num_tokens, "perplexity": float(torch.exp(loss.detach().float()))})
+                          metrics={"num_tokens": num_tokens, "perplexity": perplexity})

@@ -14,35 +14,29 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from vla_foundry.errors import unknown_key_error
+from vla_foundry.keyed_registry import KeyedRegistry
 
 logger = logging.getLogger(__name__)
 
-_PARAMS: dict[str, type["ModelParams"]] = {}
+PARAMS: KeyedRegistry[type] = KeyedRegistry("params type", "Check the config's `type:` value.")
 
 
 def register_model_params(model_type: str):
     """Class decorator keying a params class by the config ``type`` it parses."""
 
     def decorator(cls):
-        if model_type in _PARAMS:
-            raise ValueError(f"params for type {model_type!r} are already registered by {_PARAMS[model_type].__qualname__}")
         cls.type_key = model_type
-        _PARAMS[model_type] = cls
-        return cls
+        return PARAMS.register(model_type)(cls)
 
     return decorator
 
 
 def get_params_class(model_type: str) -> type["ModelParams"]:
-    if model_type not in _PARAMS:
-        raise unknown_key_error("params type", model_type, list(_PARAMS),
-                                "Check the config's `type:` value.")
-    return _PARAMS[model_type]
+    return PARAMS.get(model_type)
 
 
 def list_registered_params() -> list[str]:
-    return sorted(_PARAMS)
+    return PARAMS.keys()
 
 
 @dataclass(frozen=True)

@@ -12,26 +12,21 @@ from typing import Any, Optional
 
 import torch
 
-from vla_foundry.errors import unknown_key_error
+from vla_foundry.keyed_registry import KeyedRegistry
 
-_PIPELINES: dict[str, type["Pipeline"]] = {}
+PIPELINES: KeyedRegistry[type] = KeyedRegistry("modality")
 
 
 def register_pipeline(modality: str):
     def decorator(cls):
-        if modality in _PIPELINES:
-            raise ValueError(f"a pipeline for modality {modality!r} is already registered")
         cls.modality = modality
-        _PIPELINES[modality] = cls
-        return cls
+        return PIPELINES.register(modality)(cls)
 
     return decorator
 
 
 def get_pipeline_class(modality: str) -> type["Pipeline"]:
-    if modality not in _PIPELINES:
-        raise unknown_key_error("modality", modality, list(_PIPELINES))
-    return _PIPELINES[modality]
+    return PIPELINES.get(modality)
 
 
 class Pipeline:
