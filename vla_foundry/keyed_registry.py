@@ -14,9 +14,10 @@ C = TypeVar("C")
 
 
 class KeyedRegistry(Generic[C]):
-    def __init__(self, kind: str, fix: str = ""):
+    def __init__(self, kind: str, fix: str = "", key_attribute: str = ""):
         self.kind = kind
         self.fix = fix
+        self.key_attribute = key_attribute  # set on each registered class to its key
         self._table: dict[str, C] = {}
 
     def register(self, key: str) -> Callable[[C], C]:
@@ -28,6 +29,8 @@ class KeyedRegistry(Generic[C]):
                 owner = self._table[key]
                 raise ValueError(f"{self.kind} {key!r} is already registered (by {owner.__module__}."
                                  f"{owner.__qualname__}); each key may be registered once")
+            if self.key_attribute:
+                setattr(cls, self.key_attribute, key)
             self._table[key] = cls
             return cls
 

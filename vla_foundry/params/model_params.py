@@ -18,17 +18,13 @@ from vla_foundry.keyed_registry import KeyedRegistry
 
 logger = logging.getLogger(__name__)
 
-PARAMS: KeyedRegistry[type] = KeyedRegistry("params type", "Check the config's `type:` value.")
+PARAMS: KeyedRegistry[type] = KeyedRegistry("params type", "Check the config's `type:` value.",
+                                             key_attribute="type_key")
 
 
 def register_model_params(model_type: str):
     """Class decorator keying a params class by the config ``type`` it parses."""
-
-    def decorator(cls):
-        cls.type_key = model_type
-        return PARAMS.register(model_type)(cls)
-
-    return decorator
+    return PARAMS.register(model_type)
 
 
 def get_params_class(model_type: str) -> type["ModelParams"]:

@@ -14,15 +14,11 @@ import torch
 
 from vla_foundry.keyed_registry import KeyedRegistry
 
-PIPELINES: KeyedRegistry[type] = KeyedRegistry("modality")
+PIPELINES: KeyedRegistry[type] = KeyedRegistry("modality", key_attribute="modality")
 
 
 def register_pipeline(modality: str):
-    def decorator(cls):
-        cls.modality = modality
-        return PIPELINES.register(modality)(cls)
-
-    return decorator
+    return PIPELINES.register(modality)
 
 
 def get_pipeline_class(modality: str) -> type["Pipeline"]:
