@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any, Optional
 
 import msgpack
@@ -49,7 +50,7 @@ def decode_array(obj: dict) -> np.ndarray:
     """An array in the wire convention → numpy (validated: dtype, shape, byte count)."""
     dtype = array_dtype(obj.get("dtype"))
     shape = obj.get("shape")
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
         raise DecodeError(f"array shape must be a list of non-negative ints; got {shape!r}")
     data = obj.get("data")
     if isinstance(data, str):
@@ -59,7 +60,7 @@ def decode_array(obj: dict) -> np.ndarray:
             raise DecodeError("array data is not valid base64") from e
     if not isinstance(data, (bytes, bytearray)):
         raise DecodeError("array data must be bytes (msgpack) or base64 (JSON)")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on absurd shapes
     if len(data) != expected:
         raise DecodeError(f"array data has {len(data)} bytes; dtype {dtype.str} and shape {list(shape)} need {expected}")
     return np.frombuffer(bytes(data), dtype=dtype).reshape(shape)
@@ -90,7 +91,12 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(bytes(value)).decode()  # arrays' data, encoded images
-    return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DecodeError(f"non-finite number {value!r} in the body; send finite numbers")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise DecodeError(f"msgpack value of type {type(value).__name__} is not accepted; send maps, lists, numbers, "
+                      "str and bytes")
 
 
 def msgpack_to_json(body: bytes) -> bytes:
@@ -100,7 +106,7 @@ def msgpack_to_json(body: bytes) -> bytes:
         raise
     except Exception as e:
         raise DecodeError(f"the body is not valid msgpack ({type(e).__name__})") from e
-    return json.dumps(_jsonable(value), allow_nan=False).encode()
+    return json.dumps(_jsonable(value)).encode()
 
 
 def _refuse_ext(code: int, data: bytes):

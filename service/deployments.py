@@ -82,7 +82,7 @@ class Deployment:
         if self.status == LOADING:
             raise ApiError(503, f"deployment {self.name!r} is still loading; retry shortly", retry_after=5)
         if self.status == FAILED:
-            raise ApiError(503, f"deployment {self.name!r} failed to load: {self.error}")
+            raise ApiError(503, f"deployment {self.name!r} failed to load; GET /models/{self.name} has the reason")
         try:
             return await self.executor.run(fn, self.pipeline, *args, **kwargs)
         except QueueFull as e:

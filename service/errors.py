@@ -56,7 +56,8 @@ def _validation_message(err: dict) -> str:
     field = _field_of(tuple(err.get("loc", ())))
     if err.get("type") == "missing":
         return f"{field} is required"
-    message = f"{field}: {err.get('msg', 'invalid value')}" if field else err.get("msg", "invalid value")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    message = f"{field}: {msg}" if field else msg
     shown = repr(err.get("input"))
     return message + (f"; got {shown}" if "input" in err and len(shown) <= 80 else "")
 

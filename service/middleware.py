@@ -17,6 +17,11 @@ from service.errors import error_body
 logger = logging.getLogger("service.access")
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 class BodyCodecMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int):
         self.app = app
@@ -74,6 +79,11 @@ class BodyCodecMiddleware:
             content_type = "application/json"
         elif not content_type or content_type.startswith(("text/plain", "application/x-www-form-urlencoded")):
             content_type = "application/json"  # JSON is the default body format (curl -d sends form-encoded)
+        elif not _is_json(content_type):
+            await self._refuse(scope, receive, send, accept, 415,
+                               f"Content-Type {content_type.split(';')[0]!r} is not accepted; send application/json "
+                               "or application/msgpack")
+            return
         new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         new_headers += [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
         scope = {**scope, "headers": new_headers}

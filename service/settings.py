@@ -77,9 +77,10 @@ class Settings(BaseSettings):
         if path is not None:
             values = read_deployment_file(Path(path))
             values["config"] = Path(path)
-        extra = overrides.pop("deployments", [])
+        extra = overrides.pop("deployments", None) or []
         values.update(overrides)
-        values["deployments"] = list(values.get("deployments") or []) + list(extra)
+        if values.get("deployments") or extra:  # else VLA_DEPLOYMENTS (or the demo pack) applies
+            values["deployments"] = list(values.get("deployments") or []) + list(extra)
         return cls(**values)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -131,15 +132,20 @@ def read_checkpoint_file(path: Union[str, Path]) -> dict[str, Any]:
             if metadata.get(name, "").isdigit():
                 payload[name] = int(metadata[name])
         return payload
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a torch zip checkpoint (a raw pickle, a legacy torch file, or a damaged one). Only "
+            "torch.save zip files (read weights-only) and .safetensors are loaded; nothing else is unpickled.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "Unsupported global" in str(e):  # a class or function reference: real pickle, never run
+        if type(e).__name__ == "UnpicklingError":  # the weights-only unpickler refused a Python object
+            # Not torch's text: it suggests weights_only=False, which this server never does.
             raise CheckpointError(
-                f"refusing to load {path}: it holds pickled Python objects, not only tensors, and unpickling "
-                "can run arbitrary code. Re-save it as {'state_dict': model.state_dict(), ...} or as "
-                ".safetensors.") from e
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+                f"refusing to load {path}: it holds pickled Python objects, not only tensors, and unpickling can "
+                "run arbitrary code. Re-save it as {'state_dict': model.state_dict(), ...} or as .safetensors."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}; expected a dict with 'state_dict'")
     return payload

@@ -21,8 +21,13 @@ class SamplingParams:
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Scale by temperature and mask out (−inf) what top-k and top-p remove. ``logits``: (B, V)."""
-    logits = logits.clone()
+    """Scale by temperature and mask out (−inf) what top-k and top-p remove. ``logits``: (B, V), float32 out.
+
+    The row maximum is subtracted first (softmax, top-k and top-p do not change), so a tiny
+    temperature or a half-precision model cannot overflow into inf/NaN.
+    """
+    logits = logits.float()
+    logits = logits - logits.max(dim=-1, keepdim=True).values
     if temperature != 0:
         logits = logits / temperature
     if top_k > 0:

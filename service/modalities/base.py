@@ -21,7 +21,7 @@ class Limits:
 
 
 class RequestBase(BaseModel, Limits):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: Optional[str] = Field(None, description="Deployment name; required when several of this type are served.")
 

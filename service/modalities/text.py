@@ -14,36 +14,41 @@ from vla_foundry.sampling import SamplingParams
 _DEFAULTS = SamplingParams()
 
 
-def _token_array(value: Any) -> Any:
-    """Token ids may come as a typed integer array (msgpack clients) as well as lists."""
-    if not is_array_dict(value):
+def _token_rows(value: Any) -> Any:
+    """Token ids as rows: one list of ints, a list of such lists, or a typed integer array (1-D or 2-D).
+
+    Strict: "1", 1.0 and true are not token ids.
+    """
+    if value is None:
+        return None
+    if is_array_dict(value):
+        try:
+            array = decode_array(value)
+        except DecodeError as e:
+            raise ValueError(str(e)) from e
+        if array.dtype.kind not in "iu":
+            raise ValueError(f"token id arrays must have an integer dtype; got {array.dtype.str}")
+        if array.ndim not in (1, 2):
+            raise ValueError(f"token id arrays must be 1-D or 2-D; got shape {list(array.shape)}")
+        value = array.tolist()
+    if isinstance(value, list) and all(type(t) is int for t in value) and value:
+        return [value]
+    if isinstance(value, list) and all(isinstance(r, list) and all(type(t) is int for t in r) for r in value):
         return value
-    try:
-        array = decode_array(value)
-    except DecodeError as e:
-        raise ValueError(str(e)) from e
-    if array.dtype.kind not in "iu":
-        raise ValueError(f"token id arrays must have an integer dtype; got {array.dtype.str}")
-    if array.ndim not in (1, 2):
-        raise ValueError(f"token id arrays must be 1-D or 2-D; got shape {list(array.shape)}")
-    return array.tolist()
+    raise ValueError("must be token ids: a list of ints, a list of such lists, or an integer array")
 
 
-TokenIds = Annotated[Union[list[list[int]], list[int]], BeforeValidator(_token_array)]
+TokenRows = Annotated[list[list[int]], BeforeValidator(_token_rows)]
 
 
 def _rows(value):
-    """A single prompt (str or list of ints) → a list of one."""
-    if value is None:
-        return None
-    if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
-        return [value]
-    return value
+    """A single prompt string → a list of one."""
+    return [value] if isinstance(value, str) else value
 
 
 class TextPredictRequest(RequestBase):
     prompt: Optional[Union[str, list[str]]] = Field(None, description="One prompt or a list (needs a tokenizer).")
-    prompt_token_ids: Optional[TokenIds] = Field(None, description="Token ids: one list, a list of lists, or an "
+    prompt_token_ids: Optional[TokenRows] = Field(None, description="Token ids: one list, a list of lists, or an "
                                                                    "integer array.")
     max_new_tokens: int = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
     temperature: float = Field(_DEFAULTS.temperature, ge=0, description="0 = greedy.")
@@ -60,7 +65,7 @@ class TextPredictRequest(RequestBase):
         if self.max_new_tokens > self.cap_max_new_tokens:
             raise InvalidInputError(f"max_new_tokens must be <= {self.cap_max_new_tokens}; got {self.max_new_tokens}",
                                     field="max_new_tokens")
-        count = len(_rows(self.prompt) or _rows(self.prompt_token_ids) or [])
+        count = len(_rows(self.prompt) or self.prompt_token_ids or [])
         if count > self.cap_batch:
             raise InvalidInputError(f"at most {self.cap_batch} prompts per request; got {count}", field="prompt")
         return self
@@ -87,7 +92,7 @@ class TextPredictResponse(ResponseBase):
 def predict(pipeline, request: TextPredictRequest) -> dict:
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     result = pipeline.complete(
-        _rows(request.prompt), _rows(request.prompt_token_ids),
+        _rows(request.prompt), request.prompt_token_ids,
         sampling=SamplingParams(request.max_new_tokens, request.temperature, request.top_k, request.top_p),
         stop=stop, seed=request.seed, use_cache=request.use_cache)
     return {
@@ -100,8 +105,8 @@ def predict(pipeline, request: TextPredictRequest) -> dict:
 
 
 class TextEvaluateRequest(RequestBase):
-    input_ids: Optional[TokenIds] = Field(None, description="Sequences to score (rows may differ in length).")
-    attention_mask: Optional[TokenIds] = Field(None, description="1 = token, 0 = padding; same shape as input_ids.")
+    input_ids: Optional[TokenRows] = Field(None, description="Sequences to score (rows may differ in length).")
+    attention_mask: Optional[TokenRows] = Field(None, description="1 = token, 0 = padding; same shape as input_ids.")
     texts: Optional[list[str]] = Field(None, description="Texts to score (needs a tokenizer).")
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
 
@@ -109,7 +114,7 @@ class TextEvaluateRequest(RequestBase):
     def _check(self):
         if (self.input_ids is None) == (self.texts is None):
             raise InvalidInputError("give exactly one of `input_ids` or `texts`", field="input_ids")
-        count = len(_rows(self.input_ids) or self.texts or [])
+        count = len(self.input_ids or self.texts or [])
         if count == 0:
             raise InvalidInputError("the batch is empty; send at least one sequence", field="input_ids")
         if count > self.cap_batch:
@@ -126,7 +131,7 @@ class TextEvaluateResponse(ResponseBase):
 
 
 def evaluate(pipeline, request: TextEvaluateRequest) -> dict:
-    return pipeline.evaluate(_rows(request.input_ids), _rows(request.attention_mask), request.texts, request.seed)
+    return pipeline.evaluate(request.input_ids, request.attention_mask, request.texts, request.seed)
 
 
 ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, predict,

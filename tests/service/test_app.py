@@ -107,7 +107,7 @@ def test_failed_deployment_does_not_stop_the_others(tiny_checkpoints, tmp_path):
     with serving(good, DeploymentSpec(name="broken", checkpoint=str(broken))) as client:
         ready = wait_ready(client).json()
         assert ready["status"] == "ready" and "broken" in ready["failed"]
-        assert "not a readable torch checkpoint" in ready["failed"]["broken"]
+        assert "not a torch zip checkpoint" in ready["failed"]["broken"]
         info = client.get("/models/broken").json()
         assert info["status"] == "failed" and "CheckpointError" in info["error"]
         assert client.post("/predict/transformer", json={"model": "good", "prompt": "the", "max_new_tokens": 2}).status_code == 200

@@ -43,3 +43,10 @@ def test_duplicate_deployment_names_are_refused(tmp_path):
     spec = DeploymentSpec(checkpoint=str(tmp_path / "same"))
     with pytest.raises(ValueError, match="unique; repeated: same"):
         create_app(Settings(deployments=[spec, spec]))
+
+
+def test_deployments_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLA_DEPLOYMENTS", f'[{{"name": "env-lm", "checkpoint": "{tmp_path}"}}]')
+    assert [d.name for d in Settings.load().deployments] == ["env-lm"]
+    cli = Settings.load(deployments=[parse_checkpoint_arg(f"{tmp_path}=cli-lm")])
+    assert [d.name for d in cli.deployments] == ["cli-lm"], "CLI flags beat the environment"

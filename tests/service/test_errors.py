@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import msgpack
 import pytest
@@ -31,7 +32,23 @@ BAD_PREDICT = [
     ({"prompt_token_ids": {"dtype": "float32", "shape": [2], "data": "AAAAAAAAAAA="}}, 422, "prompt_token_ids"),
     ({"prompt_token_ids": {"dtype": "int32", "shape": [3], "data": "AAAAAAAAAAA="}}, 422, "prompt_token_ids"),
     ({"prompt": "the", "model": "nope"}, 404, "model"),
+    ({"prompt": "the", "temperature": float("inf")}, 422, "temperature"),
+    ({"prompt": "the", "top_p": float("nan")}, 422, "top_p"),
+    ({"prompt_token_ids": ["1", "2"]}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": [True, False]}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": [1.0]}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": {"dtype": "int64", "shape": [True], "data": "AAAAAAAAAAA="}}, 422, "prompt_token_ids"),
+    ({"prompt_token_ids": {"dtype": "int64", "shape": [2**62, 4], "data": ""}}, 422, "prompt_token_ids"),
+    ({"prompt": "the", "stop": ""}, 422, "stop"),
+    ({"prompt": "bad \ud800"}, 422, "prompt"),
 ]
+
+
+def post_json(client, path, body):
+    """Send the body as Python's json does, NaN and Infinity included (httpx refuses them)."""
+    import json
+
+    return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
 
 
 def assert_error(response, status, field=None):
@@ -46,7 +63,7 @@ def assert_error(response, status, field=None):
 def test_bad_predict_inputs_are_refused_and_change_nothing(client):
     before = client.post("/predict/transformer", json=SEEDED).json()
     for body, status, field in BAD_PREDICT:
-        assert_error(client.post("/predict/transformer", json=body), status, field)
+        assert_error(post_json(client, "/predict/transformer", body), status, field)
     after = client.post("/predict/transformer", json=SEEDED).json()
     assert before["completions"] == after["completions"]
 
@@ -60,7 +77,8 @@ def test_messages_say_what_is_allowed(client):
 
 @pytest.mark.parametrize("body", [{"input_ids": [[1]]}, {"input_ids": []}, {"texts": ["a"], "input_ids": [[1, 2]]},
                                   {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]},
-                                  {"input_ids": [[1, 2, 999]]}])
+                                  {"input_ids": [[1, 2, 999]]}, {"input_ids": [[1, 2, 3]], "attention_mask": [[0, 0, 0]]},
+                                  {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 5, 1]]}])
 def test_bad_evaluate_inputs(client, body):
     assert_error(client.post("/evaluate/transformer", json=body), 422)
 
@@ -74,6 +92,12 @@ def test_malformed_bodies_are_400(client):
                           headers={"content-type": "application/msgpack"})
     assert_error(refused, 422)
     assert "object arrays are refused" in refused.json()["error"]["message"]
+    for body in (msgpack.packb({"prompt": "a", "temperature": float("nan")}),
+                 msgpack.packb({"prompt": "a", "when": msgpack.Timestamp(1)}, datetime=False),
+                 msgpack.packb({"prompt": "a", "x": msgpack.ExtType(5, b"zz")})):
+        assert_error(client.post("/predict/transformer", content=body, headers={"content-type": "application/msgpack"}), 422)
+    response = client.post("/predict/transformer", content=b"<prompt/>", headers={"content-type": "application/xml"})
+    assert_error(response, 415)
 
 
 def test_body_over_the_cap_is_413(client):
@@ -131,10 +155,13 @@ def test_executor_serializes_work_on_one_thread():
     seen, active = [], []
     lock = threading.Lock()
 
+    overlaps = []
+
     def job(i):
         with lock:
             active.append(i)
-            assert len(active) == 1
+            overlaps.append(len(active))
+        time.sleep(0.005)  # long enough that a second worker would overlap
         seen.append((i, threading.current_thread().name))
         with lock:
             active.remove(i)
@@ -143,6 +170,7 @@ def test_executor_serializes_work_on_one_thread():
     futures = [executor.submit(job, i) for i in range(10)]
     assert [f.result(timeout=5).value for f in futures] == list(range(10))
     assert {name for _, name in seen} == {"model-serial"}
+    assert max(overlaps) == 1
     executor.shutdown()
 
 

@@ -91,20 +91,43 @@ def test_load_to_dtype(experiment):
         load_model(path, dtype="float8")
 
 
-def test_pickle_payload_is_refused(experiment):
+class Exploit:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_payloads_are_refused_and_never_run(experiment, tmp_path):
     path, _ = experiment
     file = path / "checkpoints" / "checkpoint_1.pt"
+    marker = tmp_path / "exploited"
     payload = torch.load(file, weights_only=True)
-    payload["optimizer_factory"] = pickle.Pickler  # an arbitrary Python object
+    payload["optimizer_factory"] = pickle.Pickler  # a class reference
     torch.save(payload, file)
-    with pytest.raises(CheckpointError, match="refusing to load .*pickled Python objects"):
+    with pytest.raises(CheckpointError, match="refusing to load .*pickled Python objects") as err:
         load_model(path)
+    assert "weights_only=False" not in str(err.value)
+    payload["optimizer_factory"] = Exploit(marker)  # a call to os.system inside a torch zip
+    torch.save(payload, file)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(path)
+    with open(file, "wb") as f:  # a raw pickle, not a torch zip at all
+        pickle.dump({"state_dict": {}, "x": Exploit(marker)}, f)
+    with pytest.raises(CheckpointError, match="not a torch zip checkpoint.*nothing else is unpickled"):
+        load_model(path)
+    assert not marker.exists()
 
 
 def test_garbage_file_is_a_clear_error(experiment):
     path, _ = experiment
     (path / "checkpoints" / "checkpoint_1.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a torch zip checkpoint"):
         load_model(path)
 
 

@@ -25,10 +25,22 @@ def test_padded_batch_decodes_like_single_prompts(pipeline):
         assert completion.token_ids == alone.token_ids
 
 
-def test_cache_and_no_cache_agree_for_one_prompt(pipeline):
-    a = pipeline.complete(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY, use_cache=True)
-    b = pipeline.complete(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY, use_cache=False)
-    assert a.completions[0].token_ids == b.completions[0].token_ids
+@pytest.mark.parametrize("prompts", [[[5, 6, 7]], [[5, 6, 7, 8, 9, 10, 11], [12], [14, 15, 16]]])
+def test_cache_and_no_cache_agree(pipeline, prompts):
+    a = pipeline.complete(prompt_token_ids=prompts, sampling=GREEDY, use_cache=True).completions
+    b = pipeline.complete(prompt_token_ids=prompts, sampling=GREEDY, use_cache=False).completions
+    alone = [pipeline.complete(prompt_token_ids=[p], sampling=GREEDY).completions[0] for p in prompts]
+    assert [c.token_ids for c in a] == [c.token_ids for c in b] == [c.token_ids for c in alone]
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-6, 1e6])
+def test_extreme_temperatures_sample_finite_tokens(pipeline, temperature):
+    result = pipeline.complete(prompt_token_ids=[[5, 6, 7]], seed=0,
+                               sampling=SamplingParams(max_new_tokens=4, temperature=temperature))
+    assert all(0 <= t < 300 for t in result.completions[0].token_ids)
+    if temperature < 1e-3:  # vanishing temperature is greedy
+        greedy = pipeline.complete(prompt_token_ids=[[5, 6, 7]], sampling=SamplingParams(max_new_tokens=4, temperature=0))
+        assert result.completions[0].token_ids == greedy.completions[0].token_ids
 
 
 def test_text_prompts_seeds_and_usage(pipeline):
@@ -69,6 +81,8 @@ def test_stop_strings_cut_the_text(pipeline):
     (dict(prompts=[]), "prompt"),
     (dict(prompts=["a"], prompt_token_ids=[[1]]), "prompt"),
     (dict(prompt_token_ids=[[1] * 60], sampling=SamplingParams(max_new_tokens=10)), "max_new_tokens"),
+    (dict(prompts=["bad \ud800 surrogate"]), "prompt"),
+    (dict(prompts=["the"], stop=[""]), "stop"),
 ])
 def test_bad_inputs_name_their_field(pipeline, kwargs, field):
     with pytest.raises(InvalidInputError) as err:
@@ -88,6 +102,10 @@ def test_evaluate_matches_the_batch_handler(pipeline):
     assert texts["num_samples"] == 1 and texts["loss"] > 0
     with pytest.raises(InvalidInputError, match="at least 2 tokens"):
         pipeline.evaluate(input_ids=[[5]])
+    with pytest.raises(InvalidInputError, match="no token to predict"):
+        pipeline.evaluate(input_ids=[[5, 6, 7]], attention_mask=[[1, 0, 0]])
+    with pytest.raises(InvalidInputError, match="0 or 1"):
+        pipeline.evaluate(input_ids=[[5, 6, 7]], attention_mask=[[1, 2, 1]])
 
 
 def test_no_tokenizer_means_token_ids_only(transformer_fixture):

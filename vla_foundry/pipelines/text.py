@@ -111,6 +111,12 @@ class TextPipeline(Pipeline):
                 raise InvalidInputError(
                     f"this deployment has no tokenizer, so it takes token ids only: send `{ids_field}` "
                     f"(ints in [0, {self.model.vocab_size})) instead of `{prompt_field}`", field=prompt_field)
+            for i, p in enumerate(prompts):
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise InvalidInputError(f"{prompt_field}[{i}] is not valid Unicode text ({e.reason} at "
+                                            f"position {e.start})", field=prompt_field) from None
             ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
             field_name = prompt_field
         else:
@@ -147,9 +153,38 @@ class TextPipeline(Pipeline):
                 field="max_new_tokens")
         if stop and self.tokenizer is None:
             raise InvalidInputError("stop strings need a tokenizer; this deployment has none", field="stop")
+        if any(not s for s in stop):
+            raise InvalidInputError("stop strings must be non-empty", field="stop")
         seed = new_seed() if seed is None else seed
+        generator = make_generator(self.device, seed)
+        if use_cache or len({len(r) for r in ids}) == 1:
+            rows = self._generate(ids, sampling, stop, use_cache, generator)
+        else:
+            # Without the cache a causal model ignores the padding mask (VLA Foundry's B3), so
+            # prompts of different lengths are generated one at a time to stay correct.
+            rows = [row for prompt in ids for row in self._generate([prompt], sampling, stop, False, generator)]
+        completions = []
+        for tokens, kept in rows:
+            finished = kept is not None
+            tokens = tokens[:kept] if finished else tokens
+            if finished and self.eos_token_id is not None and tokens and tokens[-1] == self.eos_token_id:
+                tokens = tokens[:-1]
+            text = None
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                for s in stop:
+                    if s in text:
+                        text = text[:text.index(s)]
+            completions.append(Completion(text, tokens, "stop" if finished else "length"))
+        return CompletionResult(completions, prompt_tokens=sum(len(r) for r in ids),
+                                completion_tokens=sum(len(c.token_ids) for c in completions), seed=seed,
+                                prompt_token_ids=ids)
+
+    def _generate(self, ids: list[list[int]], sampling: SamplingParams, stop: Sequence[str], use_cache: bool,
+                  generator: torch.Generator) -> list[tuple[list[int], Optional[int]]]:
+        """Per row: the new tokens, and how many to keep when the row finished (eos or a stop string)."""
         input_ids, mask = (t.to(self.device) for t in pad_rows(ids, self.pad_token_id, left=True))
-        stop_at = [None] * len(ids)  # per row: number of new tokens kept, once finished
+        stop_at: list[Optional[int]] = [None] * len(ids)
 
         def stopping(new_ids: torch.Tensor) -> torch.Tensor:
             n = new_ids.shape[1]
@@ -165,24 +200,8 @@ class TextPipeline(Pipeline):
         generated = self.model.generate(
             input_ids, mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k, eos_token_id=None, use_cache=use_cache,
-            generator=make_generator(self.device, seed), stopping=stopping)
-        new_tokens = generated[:, input_ids.shape[1]:].tolist()
-        completions = []
-        for row, tokens in enumerate(new_tokens):
-            finished = stop_at[row] is not None
-            tokens = tokens[:stop_at[row]] if finished else tokens
-            if finished and self.eos_token_id is not None and tokens and tokens[-1] == self.eos_token_id:
-                tokens = tokens[:-1]
-            text = None
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                for s in stop:
-                    if s in text:
-                        text = text[:text.index(s)]
-            completions.append(Completion(text, tokens, "stop" if finished else "length"))
-        return CompletionResult(completions, prompt_tokens=sum(len(r) for r in ids),
-                                completion_tokens=sum(len(c.token_ids) for c in completions), seed=seed,
-                                prompt_token_ids=ids)
+            generator=generator, stopping=stopping)
+        return list(zip(generated[:, input_ids.shape[1]:].tolist(), stop_at))
 
     # ------------------------------------------------------------------ evaluate
 
@@ -206,7 +225,12 @@ class TextPipeline(Pipeline):
             rows = [[int(v) for v in r] for r in attention_mask]
             if [len(r) for r in rows] != [len(r) for r in ids]:
                 raise InvalidInputError("attention_mask must have the same shape as input_ids", field="attention_mask")
+            if any(v not in (0, 1) for r in rows for v in r):
+                raise InvalidInputError("attention_mask values must be 0 or 1", field="attention_mask")
             mask = pad_rows(rows, 0)[0]
+            if not bool(mask[:, 1:].any()):
+                raise InvalidInputError("attention_mask leaves no token to predict (positions after the first "
+                                        "must include at least one 1)", field="attention_mask")
         seed = new_seed() if seed is None else seed
         out = self.batch_handler.compute_loss(self.model, {"input_ids": batch_ids, "attention_mask": mask},
                                               generator=make_generator(self.device, seed))
