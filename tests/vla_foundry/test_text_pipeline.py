@@ -140,3 +140,16 @@ def test_tokenizer_sources(tmp_path, tiny_tokenizer):
     assert p.tokenizer is not None
     with pytest.raises(CheckpointError, match="could not be loaded"):
         load_pipeline(tmp_path / "named", tokenizer=str(tmp_path / "nowhere"))
+
+
+def test_evaluation_uses_the_runs_z_loss(tmp_path):
+    model = tiny_model(tiny_transformer_params())
+    save_experiment(model, tmp_path / "plain")
+    save_experiment(model, tmp_path / "zloss", training_config={"hparams": {"z_loss_coefficient": 0.5}})
+    ids = [[5, 6, 7, 8]]
+    plain = load_pipeline(tmp_path / "plain").evaluate(input_ids=ids)["loss"]
+    with_z = load_pipeline(tmp_path / "zloss")
+    assert with_z.batch_handler.z_loss_coefficient == 0.5
+    logits = model(torch.tensor([[5, 6, 7]])).logits[0]
+    z = torch.logsumexp(logits, -1).pow(2).mean().item()
+    assert with_z.evaluate(input_ids=ids)["loss"] == pytest.approx(plain + 0.5 * z, rel=1e-5)

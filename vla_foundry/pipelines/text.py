@@ -65,11 +65,12 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
 
 @register_pipeline("text")
 class TextPipeline(Pipeline):
-    def __init__(self, model, tokenizer: Any = None, tokenizer_source: Optional[str] = None):
+    def __init__(self, model, tokenizer: Any = None, tokenizer_source: Optional[str] = None,
+                 z_loss_coefficient: float = 0.0):
         super().__init__(model)
         self.tokenizer = tokenizer
         self.tokenizer_source = tokenizer_source
-        self.batch_handler = create_batch_handler(model.params.type)
+        self.batch_handler = create_batch_handler(model.params.type, z_loss_coefficient=z_loss_coefficient)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_token_id: Optional[int] = eos
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
@@ -79,7 +80,9 @@ class TextPipeline(Pipeline):
     def from_experiment(cls, model, experiment_dir: Path, *, tokenizer: Optional[str] = None,
                         training_config: Optional[dict] = None, **_: Any) -> "TextPipeline":
         tok, source = load_tokenizer(experiment_dir, tokenizer, training_config)
-        return cls(model, tok, source)
+        # Evaluate with the loss the run trained on (hparams.z_loss_coefficient).
+        z_loss = float(((training_config or {}).get("hparams") or {}).get("z_loss_coefficient") or 0.0)
+        return cls(model, tok, source, z_loss_coefficient=z_loss)
 
     # ------------------------------------------------------------------ discovery
 
