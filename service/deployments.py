@@ -62,7 +62,9 @@ class Deployment:
             device = resolve_device(self.spec.device or self.settings.device)
             precision = (training_config.get("hparams") or {}).get("precision")
             dtype = resolve_model_dtype(self.spec.dtype or self.settings.dtype, device, precision)
-            options = {"tokenizer": self.spec.tokenizer} if self.spec.tokenizer else {}
+            options = {"cuda_graphs": self.settings.cuda_graphs}
+            if self.spec.tokenizer:
+                options["tokenizer"] = self.spec.tokenizer
             pipeline = load_pipeline(path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema,
                                      device=device, dtype=dtype, **options)
             if self.settings.warmup:

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, ge=1, description="Cap on max_new_tokens per request.")
     max_batch: int = Field(64, ge=1, description="Cap on prompts (or sequences) per request.")
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
+    cuda_graphs: bool = Field(True, description="On CUDA, decode text from captured CUDA graphs.")
     log_level: str = Field("info")
 
     @field_validator("device")

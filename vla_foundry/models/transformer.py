@@ -185,6 +185,7 @@ class TransformerOutput:
 @register_model("transformer")
 class Transformer(nn.Module):
     modality = "text"
+    supports_cuda_graph = True  # generate(..., cuda_graph=True); see cuda_graph_decode.py
 
     def __init__(self, params: TransformerParams, load_pretrained: bool = True):
         super().__init__()
@@ -255,26 +256,39 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50,
                  eos_token_id=None, use_cache=True, *, generator: Optional[torch.Generator] = None,
-                 stopping: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                 stopping: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 cuda_graph: bool = False) -> torch.Tensor:
         """Prompt + new ids, (B, T + n). Sampling as VLA Foundry does it (spec §4.4).
 
         ``generator`` makes sampling reproducible. ``stopping(new_ids (B, n)) -> (B,) bool``
         marks rows that are done; generation ends once every row is done (the reference
         only stops when all rows emit ``eos_token_id`` at the same step, which still holds).
+        ``cuda_graph`` (CUDA, with the cache) replays decode steps from a captured graph.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
             attention_mask = attention_mask[None] if attention_mask is not None else None
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the unmasked paths give the same result, faster
+        decoder = None
+        if cuda_graph and use_cache and input_ids.is_cuda:
+            from vla_foundry.models.cuda_graph_decode import graph_decoder
+
+            decoder = graph_decoder(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         generated, mask, past = input_ids, attention_mask, None
         prompt_len = input_ids.shape[1]
         for _ in range(max_new_tokens):
-            step_ids = generated[:, -1:] if (use_cache and past is not None) else generated
-            out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=use_cache)
-            if use_cache:
-                past = out.past_key_values
-            next_ids = select_next_token(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            if decoder is not None and past is not None:
+                logits = decoder.step(generated[:, -1:], position=generated.shape[1] - 1)  # (B, V)
+            else:
+                step_ids = generated[:, -1:] if (use_cache and past is not None) else generated
+                out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=use_cache)
+                logits = out.logits[:, -1]  # (B, V)
+                if use_cache:
+                    past = out.past_key_values
+                    if decoder is not None:
+                        decoder.prefill(past, mask)
+            next_ids = select_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             generated = torch.cat([generated, next_ids[:, None]], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)

@@ -66,8 +66,10 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
 @register_pipeline("text")
 class TextPipeline(Pipeline):
     def __init__(self, model, tokenizer: Any = None, tokenizer_source: Optional[str] = None,
-                 z_loss_coefficient: float = 0.0):
+                 z_loss_coefficient: float = 0.0, cuda_graphs: bool = True):
         super().__init__(model)
+        # Decode from captured CUDA graphs on GPUs, where the model supports it.
+        self.cuda_graphs = cuda_graphs and getattr(model, "supports_cuda_graph", False)
         self.tokenizer = tokenizer
         self.tokenizer_source = tokenizer_source
         self.batch_handler = create_batch_handler(model.params.type, z_loss_coefficient=z_loss_coefficient)
@@ -78,11 +80,12 @@ class TextPipeline(Pipeline):
 
     @classmethod
     def from_experiment(cls, model, experiment_dir: Path, *, tokenizer: Optional[str] = None,
-                        training_config: Optional[dict] = None, **_: Any) -> "TextPipeline":
+                        training_config: Optional[dict] = None, cuda_graphs: bool = True,
+                        **_: Any) -> "TextPipeline":
         tok, source = load_tokenizer(experiment_dir, tokenizer, training_config)
         # Evaluate with the loss the run trained on (hparams.z_loss_coefficient).
         z_loss = float(((training_config or {}).get("hparams") or {}).get("z_loss_coefficient") or 0.0)
-        return cls(model, tok, source, z_loss_coefficient=z_loss)
+        return cls(model, tok, source, z_loss_coefficient=z_loss, cuda_graphs=cuda_graphs)
 
     # ------------------------------------------------------------------ discovery
 
@@ -203,7 +206,8 @@ class TextPipeline(Pipeline):
         generated = self.model.generate(
             input_ids, mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k, eos_token_id=None, use_cache=use_cache,
-            generator=generator, stopping=stopping)
+            generator=generator, stopping=stopping,
+            **({"cuda_graph": True} if self.cuda_graphs and self.device.type == "cuda" else {}))
         return list(zip(generated[:, input_ids.shape[1]:].tolist(), stop_at))
 
     # ------------------------------------------------------------------ evaluate

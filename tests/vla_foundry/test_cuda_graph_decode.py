@@ -1,0 +1,42 @@
+"""The static-cache decode step behind CUDA-graph decoding, checked eagerly on the CPU.
+
+On CUDA the same step is captured and replayed (tests/test_gpu.py); here it must equal the
+eager decode step of ``Transformer.forward``.
+"""
+
+import pytest
+import torch
+
+from vla_foundry.models.cuda_graph_decode import GraphDecoder, graph_decoder, length_bucket
+from tests.factories import tiny_model, tiny_transformer_params
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "norm_type": "rms_norm"},
+                                     {"positional_embedding_type": "none", "post_embed_norm": True}])
+def test_static_cache_step_equals_eager_decode(variant):
+    model = tiny_model(tiny_transformer_params(**variant))
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.inference_mode():
+        out = model(prompt, attention_mask=mask, use_cache=True)
+        decoder = GraphDecoder(model, batch_size=2, cache_len=16)
+        decoder.prefill(out.past_key_values, mask)
+        past, full_mask = out.past_key_values, mask
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for position in range(5, 12):
+            static = decoder.step(token, position)
+            full_mask = torch.cat([full_mask, torch.ones_like(token)], 1)
+            eager = model(token, attention_mask=full_mask, past_key_values=past, use_cache=True)
+            past = eager.past_key_values
+            assert torch.allclose(static, eager.logits[:, -1], atol=1e-5)
+            token = static.argmax(-1, keepdim=True)
+        with pytest.raises(ValueError, match="past this decoder's cache"):
+            decoder.step(token, 16)
+
+
+def test_decoders_are_reused_by_shape_bucket():
+    model = tiny_model(tiny_transformer_params())
+    assert graph_decoder(model, 1, 20) is graph_decoder(model, 1, 60)  # both fit the 64 bucket
+    assert graph_decoder(model, 2, 20) is not graph_decoder(model, 1, 20)
+    assert [length_bucket(n, 64) for n in (1, 64, 65)] == [64, 64, 65]
+    assert length_bucket(100, 2048) == 128
