@@ -40,3 +40,12 @@ def test_decoders_are_reused_by_shape_bucket():
     assert graph_decoder(model, 2, 20) is not graph_decoder(model, 1, 20)
     assert [length_bucket(n, 64) for n in (1, 64, 65)] == [64, 64, 65]
     assert length_bucket(100, 2048) == 128
+
+
+def test_oversized_static_caches_fall_back_to_eager(monkeypatch):
+    from vla_foundry.models import cuda_graph_decode
+
+    model = tiny_model(tiny_transformer_params())
+    assert cuda_graph_decode.static_cache_bytes(model, 2, 64) == 2 * 2 * 2 * 64 * 32 * 4
+    monkeypatch.setattr(cuda_graph_decode, "MAX_STATIC_CACHE_BYTES", 1024)
+    assert graph_decoder(model, 2, 20) is None

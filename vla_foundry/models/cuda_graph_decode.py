@@ -11,6 +11,7 @@ floating-point summation order. Prefill stays eager (``Transformer.forward``).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from vla_foundry.models.transformer import KVCache, apply_rotary
 
 MAX_DECODERS_PER_MODEL = 4  # (batch, length) shapes kept captured per model; least recently used goes
+MAX_STATIC_CACHE_BYTES = 1 << 30  # a larger static KV cache is not worth holding: decode eagerly instead
 
 
 def length_bucket(length: int, max_seq_len: int) -> int:
@@ -112,10 +114,21 @@ class GraphDecoder:
         return self.logits
 
 
-def graph_decoder(model, batch_size: int, total_len: int) -> GraphDecoder:
-    """A captured decoder for this batch size and length, reused across calls (LRU per model)."""
-    decoders: OrderedDict = model.__dict__.setdefault("_graph_decoders", OrderedDict())
+def static_cache_bytes(model, batch_size: int, cache_len: int) -> int:
+    weight = model.embeddings.weight
+    return 2 * len(model.layers) * batch_size * cache_len * model.params.hidden_dim * weight.element_size()
+
+
+def graph_decoder(model, batch_size: int, total_len: int) -> Optional[GraphDecoder]:
+    """A captured decoder for this batch size and length, reused across calls (LRU per model).
+
+    None when its static KV cache would exceed ``MAX_STATIC_CACHE_BYTES``: the caller then
+    decodes eagerly, whose cache grows only as long as the generation.
+    """
     key = (batch_size, length_bucket(total_len, model.params.max_seq_len))
+    if static_cache_bytes(model, *key) > MAX_STATIC_CACHE_BYTES:
+        return None
+    decoders: OrderedDict = model.__dict__.setdefault("_graph_decoders", OrderedDict())
     if key in decoders:
         decoders.move_to_end(key)
         return decoders[key]
