@@ -41,6 +41,7 @@ class Deployment:
         self.modality: Optional[str] = None
         self.device: Optional[str] = None
         self.dtype: Optional[str] = None
+        self.demo_card: Optional[dict] = None
         self.executor = ModelExecutor(self.name, settings.max_queue)
         self._prepare = prepare  # e.g. build the demo pack before the first load
 
@@ -56,6 +57,8 @@ class Deployment:
             path = Path(self.spec.checkpoint)
             if not path.is_dir():
                 raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+            card = path / "demo.json"  # the demo pack says what each member is (trained or random weights)
+            self.demo_card = json.loads(card.read_text()) if card.is_file() else None
             training_config = read_training_config(path)
             self.model_type = read_model_config(path, training_config).get("type")
             self.modality = model_modality(self.model_type)  # an unknown type fails here, naming the closest
@@ -103,9 +106,8 @@ class Deployment:
                           if self.model_type else {}),
             "io": io,
         }
-        card = Path(self.spec.checkpoint) / "demo.json"
-        if card.is_file():  # the demo pack says what each member is (trained or random weights)
-            info["demo"] = json.loads(card.read_text())
+        if self.demo_card is not None:
+            info["demo"] = self.demo_card
         return info
 
 

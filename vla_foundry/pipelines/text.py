@@ -194,10 +194,11 @@ class TextPipeline(Pipeline):
 
         def stopping(new_ids: torch.Tensor) -> torch.Tensor:
             n = new_ids.shape[1]
+            last = new_ids[:, -1].tolist()  # one device sync per step, not one per row
             for row in range(len(ids)):
                 if stop_at[row] is not None:
                     continue
-                if self.eos_token_id is not None and int(new_ids[row, -1]) == self.eos_token_id:
+                if last[row] == self.eos_token_id:
                     stop_at[row] = n
                 elif stop and any(s in self.tokenizer.decode(new_ids[row].tolist()) for s in stop):
                     stop_at[row] = n
@@ -206,7 +207,7 @@ class TextPipeline(Pipeline):
         generated = self.model.generate(
             input_ids, mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k, eos_token_id=None, use_cache=use_cache,
-            generator=generator, stopping=stopping,
+            generator=generator, stopping=stopping if (self.eos_token_id is not None or stop) else None,
             **({"cuda_graph": True} if self.cuda_graphs and self.device.type == "cuda" else {}))
         return list(zip(generated[:, input_ids.shape[1]:].tolist(), stop_at))
 
