@@ -122,3 +122,22 @@ def test_several_deployments_of_a_type_need_a_name(tiny_checkpoints):
         assert response.status_code == 422 and response.json()["error"]["field"] == "model"
         assert "a, b" in response.json()["error"]["message"]
         assert client.post("/predict/transformer", json={"prompt": "the", "model": "b"}).json()["model"] == "b"
+
+
+@pytest.mark.slow
+def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypatch):
+    import vla_foundry.demo as demo
+    from vla_foundry.demo import transformer as transformer_demo
+
+    # The real member trains for 300 steps; 10 show the same path in seconds.
+    monkeypatch.setitem(demo.BUILDERS, "demo-transformer",
+                        lambda path, progress: transformer_demo.build(path, progress, steps=10))
+    with serving(demo_dir=tmp_path / "demo") as client:
+        (info,) = client.get("/models").json()["deployments"]
+        assert info["name"] == "demo-transformer" and info["status"] == "ready"
+        assert info["demo"]["random_weights"] is False and info["demo"]["train_steps"] == 10
+        assert info["io"]["accepts"] == ["prompt", "prompt_token_ids"]
+        completion = client.post("/predict/transformer", json={"prompt": "Shall I", "max_new_tokens": 5,
+                                                               "temperature": 0}).json()["completions"][0]
+        assert isinstance(completion["text"], str) and completion["token_ids"]
+    assert demo.is_built(tmp_path / "demo" / "demo-transformer")

@@ -49,3 +49,11 @@ def test_oversized_static_caches_fall_back_to_eager(monkeypatch):
     assert cuda_graph_decode.static_cache_bytes(model, 2, 64) == 2 * 2 * 2 * 64 * 32 * 4
     monkeypatch.setattr(cuda_graph_decode, "MAX_STATIC_CACHE_BYTES", 1024)
     assert graph_decoder(model, 2, 20) is None
+
+
+def test_moving_the_model_drops_captured_decoders():
+    model = tiny_model(tiny_transformer_params())
+    first = graph_decoder(model, 1, 20)
+    model.to(torch.float64)
+    second = graph_decoder(model, 1, 20)
+    assert second is not first and second.keys[0].dtype == torch.float64

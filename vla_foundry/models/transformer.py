@@ -216,6 +216,12 @@ class Transformer(nn.Module):
         cos, sin = self._rope_cache
         return cos[offset:needed], sin[offset:needed]
 
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the weights invalidates derived tables and captured decode graphs.
+        self._rope_cache = None
+        self.__dict__.pop("_graph_decoders", None)
+        return super()._apply(fn, *args, **kwargs)
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
