@@ -69,7 +69,7 @@ class BodyCodecMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        content_type = headers.get(b"content-type", b"").decode("latin-1").strip().lower()
         if is_msgpack(content_type):
             try:
                 body = msgpack_to_json(body)

@@ -12,10 +12,14 @@ from typing import Optional
 import torch
 
 
+# Below this a temperature is greedy: dividing float32 logits by it would overflow or give 0/0.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 20
-    temperature: float = 1.0  # 0 ⇒ greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) ⇒ greedy
     top_k: int = 50  # 0 ⇒ off
     top_p: float = 0.9  # 1 ⇒ off
 
@@ -49,7 +53,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 def select_next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, V) logits → (B,) token ids: argmax at temperature 0, else a draw from ``generator``."""
-    if temperature == 0:
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)  # top-k and top-p always keep the best token
     if 0 < top_k < logits.shape[-1]:
         # Sample among the k best only: same distribution, and top-p then sorts k values, not V.

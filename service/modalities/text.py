@@ -51,12 +51,13 @@ class TextPredictRequest(RequestBase):
     prompt_token_ids: Optional[TokenRows] = Field(None, description="Token ids: one list, a list of lists, or an "
                                                                    "integer array.")
     max_new_tokens: int = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
-    temperature: float = Field(_DEFAULTS.temperature, ge=0, description="0 = greedy.")
+    temperature: float = Field(_DEFAULTS.temperature, ge=0, description="0 (or below 1e-5) = greedy.")
     top_k: int = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
     top_p: float = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")
     stop: Optional[Union[str, list[str]]] = Field(None, description="Stop strings (not included in the text).")
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Same seed, same request ⇒ same tokens.")
-    use_cache: bool = Field(True, description="Use the KV cache (identical tokens, faster).")
+    use_cache: bool = Field(True, description="Use the KV cache: faster; the same tokens when greedy (sampled "
+                                              "tokens may differ, as prompts of different lengths then run apart).")
 
     @model_validator(mode="after")
     def _check(self):

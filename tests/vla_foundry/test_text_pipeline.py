@@ -33,7 +33,7 @@ def test_cache_and_no_cache_agree(pipeline, prompts):
     assert [c.token_ids for c in a] == [c.token_ids for c in b] == [c.token_ids for c in alone]
 
 
-@pytest.mark.parametrize("temperature", [1e-30, 1e-6, 1e6])
+@pytest.mark.parametrize("temperature", [1e-320, 1e-30, 1e-6, 2e-5, 1e6])
 def test_extreme_temperatures_sample_finite_tokens(pipeline, temperature):
     result = pipeline.complete(prompt_token_ids=[[5, 6, 7]], seed=0,
                                sampling=SamplingParams(max_new_tokens=4, temperature=temperature))

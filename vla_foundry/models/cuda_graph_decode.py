@@ -40,6 +40,13 @@ class GraphDecoder:
         device, dtype = weight.device, weight.dtype
         self.n_heads, self.head_dim, self.hidden = p.n_heads, p.hidden_dim // p.n_heads, p.hidden_dim
         self.cache_len = cache_len
+        # Plain tensors (not inference tensors), so a decoder made under inference_mode also
+        # serves a later call under no_grad; no autograd is ever recorded.
+        with torch.inference_mode(False), torch.no_grad():
+            self._allocate_and_capture(model, batch_size, cache_len, device, dtype)
+
+    def _allocate_and_capture(self, model, batch_size, cache_len, device, dtype) -> None:
+        p = model.params
         shape = (batch_size, self.n_heads, cache_len, self.head_dim)  # (B, nh, L, hd)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.layers]
@@ -96,6 +103,11 @@ class GraphDecoder:
         for (k, v), k_cache, v_cache in zip(past, self.keys, self.values):
             k_cache[:, :, :length].copy_(k.transpose(1, 2))
             v_cache[:, :, :length].copy_(v.transpose(1, 2))
+        # Rows left by an earlier, longer call are masked, but a non-finite leftover would still
+        # poison the attention (0 × NaN = NaN): clear them.
+        for k_cache, v_cache in zip(self.keys, self.values):
+            k_cache[:, :, length:].zero_()
+            v_cache[:, :, length:].zero_()
         self.valid.zero_()
         if attention_mask is None:
             self.valid[:, :length] = True

@@ -277,7 +277,7 @@ class Transformer(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the unmasked paths give the same result, faster
         decoder = None
-        if cuda_graph and use_cache and input_ids.is_cuda:
+        if cuda_graph and use_cache and input_ids.is_cuda and max_new_tokens > 1:  # else nothing to replay
             from vla_foundry.models.cuda_graph_decode import graph_decoder
 
             decoder = graph_decoder(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
