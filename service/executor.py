@@ -48,10 +48,6 @@ class ModelExecutor:
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Timed:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
-
     def _work(self) -> None:
         while True:
             item = self._queue.get()

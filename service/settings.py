@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vla_foundry.checkpoint import resolve_dtype
 from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
 
 
@@ -65,8 +66,7 @@ class Settings(BaseSettings):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {v!r}")
+        resolve_dtype(v)  # the loader's own check: raises naming the allowed values
         return v
 
     @classmethod
