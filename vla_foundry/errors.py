@@ -17,6 +17,10 @@ class InvalidInputError(ValueError):
         self.field = field
 
 
+class InputTooLargeError(InvalidInputError):
+    """A request value over a size limit (image pixels, encoded bytes); HTTP 413."""
+
+
 def unknown_key_error(kind: str, key: object, known: list[str], fix: str = "") -> ValueError:
     """The one error for a key that is not registered: the key, the closest match, every key."""
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.0)

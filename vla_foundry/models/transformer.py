@@ -18,7 +18,7 @@ from torch import nn
 from vla_foundry.models.norms import build_norm
 from vla_foundry.models.registry import register_model
 from vla_foundry.params.transformer import TransformerParams
-from vla_foundry.sampling import select_next_token
+from vla_foundry.generation import batch_prompt, sample_loop
 
 KVCache = list  # per layer: [K, V], each (B, Tk, nh, hd), keys after rotary
 
@@ -232,6 +232,13 @@ class Transformer(nn.Module):
         return self.params.vocab_size
 
     @property
+    def hidden_size(self) -> int:
+        return self.params.hidden_dim
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)  # (B, T, H)
+
+    @property
     def max_seq_len(self) -> int:
         return self.params.max_seq_len
 
@@ -271,35 +278,26 @@ class Transformer(nn.Module):
         only stops when all rows emit ``eos_token_id`` at the same step, which still holds).
         ``cuda_graph`` (CUDA, with the cache) replays decode steps from a captured graph.
         """
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-            attention_mask = attention_mask[None] if attention_mask is not None else None
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: the unmasked paths give the same result, faster
+        input_ids, attention_mask = batch_prompt(input_ids, attention_mask)
         decoder = None
         if cuda_graph and use_cache and input_ids.is_cuda and max_new_tokens > 1:  # else nothing to replay
             from vla_foundry.models.cuda_graph_decode import graph_decoder
 
             decoder = graph_decoder(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        generated, mask, past = input_ids, attention_mask, None
-        prompt_len = input_ids.shape[1]
-        for _ in range(max_new_tokens):
+        past = None
+
+        def step(generated, mask):
+            nonlocal past
             if decoder is not None and past is not None:
-                logits = decoder.step(generated[:, -1:], position=generated.shape[1] - 1)  # (B, V)
-            else:
-                step_ids = generated[:, -1:] if (use_cache and past is not None) else generated
-                out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=use_cache)
-                logits = out.logits[:, -1]  # (B, V)
-                if use_cache:
-                    past = out.past_key_values
-                    if decoder is not None:
-                        decoder.prefill(past, mask)
-            next_ids = select_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            generated = torch.cat([generated, next_ids[:, None]], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
-            if eos_token_id is not None and bool((next_ids == eos_token_id).all()):
-                break
-            if stopping is not None and bool(stopping(generated[:, prompt_len:]).all()):
-                break
-        return generated
+                return decoder.step(generated[:, -1:], position=generated.shape[1] - 1)  # (B, V)
+            step_ids = generated[:, -1:] if (use_cache and past is not None) else generated
+            out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=use_cache)
+            if use_cache:
+                past = out.past_key_values
+                if decoder is not None:
+                    decoder.prefill(past, mask)
+            return out.logits[:, -1]  # (B, V)
+
+        return sample_loop(step, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+                           stopping=stopping)
