@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.codecs import encode_response
-from vla_foundry.errors import InvalidInputError
+from vla_foundry.errors import InputTooLargeError, InvalidInputError
 
 logger = logging.getLogger("service")
 
@@ -62,6 +62,11 @@ def _validation_message(err: dict) -> str:
     return message + (f"; got {shown}" if "input" in err and len(shown) <= 80 else "")
 
 
+def _input_status(exc: InvalidInputError) -> int:
+    # A value over a size limit is "too large" (413), not "malformed" (422): the fix is to send less.
+    return 413 if isinstance(exc, InputTooLargeError) else 422
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -70,7 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidInputError)
     async def _invalid_input(request: Request, exc: InvalidInputError):
-        return error_response(request, 422, str(exc), exc.field)
+        return error_response(request, _input_status(exc), str(exc), exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -85,13 +90,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(request, 400, "the body must be a JSON (or msgpack) object")
         first = errors[0]
         original = (first.get("ctx") or {}).get("error")
+        status = 422
         if isinstance(original, InvalidInputError):  # cross-field checks name their field themselves
-            message, field = str(original), original.field
+            message, field, status = str(original), original.field, _input_status(original)
         else:
             message, field = _validation_message(first), _field_of(tuple(first.get("loc", ())))
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return error_response(request, 422, message, field)
+        return error_response(request, status, message, field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import torch
 import yaml
 
-from vla_foundry.config_files import read_model_config, read_training_config
+from vla_foundry.config_files import is_bare_hf_directory, read_model_config, read_training_config
 from vla_foundry.errors import CheckpointError
 from vla_foundry.params import ModelParams, parse_params
 
@@ -232,12 +232,19 @@ def load_model(path: Union[str, Path], checkpoint: Union[None, int, str, Path] =
     torch_dtype = resolve_dtype(dtype)
     training_config = read_training_config(experiment_dir)
     params = load_params(experiment_dir, training_config)
-    file, is_ema = find_checkpoint(experiment_dir, checkpoint, use_ema, training_config)
-    payload = read_checkpoint_file(file)
-    state_dict = state_dict_from_payload(payload, file, is_ema)
-
-    model = create_model(params, load_pretrained=False)
-    load_state_dict_strict(model, state_dict, str(file))
+    if is_bare_hf_directory(experiment_dir):  # the HF directory's own weights are the checkpoint
+        if checkpoint is not None:
+            raise CheckpointError(f"{experiment_dir} is a Hugging Face model directory with one set of weights; "
+                                  f"drop the checkpoint file choice ({checkpoint!r})")
+        model = create_model(params, load_pretrained=True)
+        file = next(iter(sorted(experiment_dir.glob("*.safetensors"))), experiment_dir / "config.json")
+        payload, is_ema = {}, False
+    else:
+        file, is_ema = find_checkpoint(experiment_dir, checkpoint, use_ema, training_config)
+        payload = read_checkpoint_file(file)
+        state_dict = state_dict_from_payload(payload, file, is_ema)
+        model = create_model(params, load_pretrained=False)
+        load_state_dict_strict(model, state_dict, str(file))
     model.params = params
     model.checkpoint = CheckpointInfo(
         experiment_dir=experiment_dir.resolve(), file=file.resolve(),

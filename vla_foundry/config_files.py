@@ -8,6 +8,7 @@ training-time paths that do not exist here do no harm. Hand-written configs may 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,6 +63,25 @@ def read_training_config(experiment_dir: str | Path) -> dict:
     return config
 
 
+def is_bare_hf_directory(path: str | Path) -> bool:
+    """A Hugging Face model directory (``config.json``) that is not a VLA Foundry experiment."""
+    path = Path(path)
+    return ((path / "config.json").is_file() and not (path / "config_model.yaml").is_file()
+            and not (path / "checkpoints").is_dir())
+
+
+def bare_hf_model_config(path: str | Path) -> dict:
+    """The model block a bare HF directory stands for: ``vlm_hf`` when it has a vision tower, else
+    ``transformer_hf``; its own weights are the checkpoint."""
+    path = Path(path)
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is not readable JSON ({e})") from e
+    model_type = "vlm_hf" if isinstance(hf_config, dict) and "vision_config" in hf_config else "transformer_hf"
+    return {"type": model_type, "hf_pretrained": str(path.resolve())}
+
+
 def read_model_config(experiment_dir: str | Path, training_config: Optional[dict] = None) -> dict:
     """The model block: ``config_model.yaml``, else ``config.yaml``'s ``model:``."""
     experiment_dir = Path(experiment_dir)
@@ -73,6 +93,8 @@ def read_model_config(experiment_dir: str | Path, training_config: Optional[dict
         training_config = read_training_config(experiment_dir) if training_config is None else training_config
         config = training_config.get("model")
         source = f"{experiment_dir / 'config.yaml'} (model:)"
+        if config is None and is_bare_hf_directory(experiment_dir):
+            return bare_hf_model_config(experiment_dir)
         if config is None:
             raise CheckpointError(
                 f"{experiment_dir} has no model config: expected config_model.yaml, or config.yaml with a "

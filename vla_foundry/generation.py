@@ -58,3 +58,21 @@ def batch_prompt(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     return input_ids, attention_mask
+
+
+class LanguageModelStep:
+    """The step of a plain language model: the whole prompt first, then (with the cache) one new token at a
+    time; without the cache every step re-runs the whole sequence. ``past`` is the cache so far.
+
+    ``lm(ids, attention_mask=, past_key_values=, use_cache=)`` returns ``.logits`` (B, T, V) and
+    ``.past_key_values``.
+    """
+
+    def __init__(self, lm: Callable, use_cache: bool):
+        self.lm, self.use_cache, self.past = lm, use_cache, None
+
+    def __call__(self, generated: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        step_ids = generated[:, -1:] if (self.use_cache and self.past is not None) else generated
+        out = self.lm(step_ids, attention_mask=mask, past_key_values=self.past, use_cache=self.use_cache)
+        self.past = out.past_key_values if self.use_cache else None
+        return out.logits[:, -1]  # (B, V)

@@ -24,8 +24,12 @@ def _from_pretrained(source: str) -> Any:
 
 
 def load_tokenizer(experiment_dir: Union[str, Path], override: Optional[str] = None,
-                   training_config: Optional[dict] = None) -> tuple[Any, Optional[str]]:
-    """(tokenizer or None, where it came from). An explicit ``override`` that fails is an error."""
+                   training_config: Optional[dict] = None,
+                   model_default: Optional[str] = None) -> tuple[Any, Optional[str]]:
+    """(tokenizer or None, where it came from). An explicit ``override`` that fails is an error.
+
+    ``model_default`` is the model's own last resort (an HF wrapper's directory).
+    """
     experiment_dir = Path(experiment_dir)
     if override:
         path = Path(override)
@@ -48,6 +52,11 @@ def load_tokenizer(experiment_dir: Union[str, Path], override: Optional[str] = N
         try:
             return _from_pretrained(source), source
         except Exception as e:  # e.g. "debug", or a hub id that is not cached here
-            logger.warning("config names tokenizer %r, which is not available offline (%s); serving token ids only",
-                           name, type(e).__name__)
+            logger.warning("config names tokenizer %r, which is not available offline (%s)", name, type(e).__name__)
+    if model_default:
+        try:
+            return _from_pretrained(model_default), model_default
+        except Exception as e:
+            logger.warning("no tokenizer in %s (%s)", model_default, type(e).__name__)
+    logger.warning("no tokenizer found for %s; serving token ids only", experiment_dir)
     return None, None

@@ -12,6 +12,7 @@ from vla_foundry.models.registry import (
     register_model,
 )
 from vla_foundry.models import transformer  # noqa: F401  (registers "transformer")
+from vla_foundry.models import transformer_hf  # noqa: F401  (registers "transformer_hf")
 from vla_foundry.models import vlm  # noqa: F401  (registers "vlm")
 from vla_foundry.models import batch_handlers  # noqa: F401  (registers the handlers)
 

@@ -44,7 +44,17 @@ class BatchHandler:
         return next(model.parameters()).device
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_coefficient: float) -> LossOutput:
+    """Cross-entropy (+ z-loss) of (B, T, V) logits against (B, T) targets, with token count and perplexity."""
+    loss = cross_entropy_loss(logits, targets, z_loss_coefficient=z_loss_coefficient)
+    value = loss.item()
+    return LossOutput(loss, num_samples=targets.shape[0],
+                      metrics={"num_tokens": int((targets != IGNORE_INDEX).sum()),
+                               "perplexity": math.exp(value) if value < 700 else None})  # None, not an overflow
+
+
 @register_batch_handler("transformer")
+@register_batch_handler("transformer_hf")
 class LanguageModelBatchHandler(BatchHandler):
     """Next-token cross-entropy (+ z-loss): targets are the inputs shifted by one; padding is ignored.
 
@@ -64,9 +74,36 @@ class LanguageModelBatchHandler(BatchHandler):
         mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T-1)
         logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)
-        loss = cross_entropy_loss(logits, targets, z_loss_coefficient=self.z_loss_coefficient)
-        num_tokens = int((targets != IGNORE_INDEX).sum())
-        value = loss.item()
-        perplexity = math.exp(value) if value < 700 else None  # None rather than an overflow
-        return LossOutput(loss, num_samples=input_ids.shape[0],
-                          metrics={"num_tokens": num_tokens, "perplexity": perplexity})
+        return next_token_loss(logits, targets, self.z_loss_coefficient)
+
+
+@register_batch_handler("vlm")
+@register_batch_handler("vlm_hf")
+class CaptionBatchHandler(BatchHandler):
+    """Next-token cross-entropy over caption batches: targets are the inputs shifted by one, with padding and
+    image placeholders ignored (an image embedding is an input, never a target).
+
+    batch: ``input_ids`` (B, T) with the image placeholders in place, ``attention_mask`` (B, T), right-padded,
+    and the image inputs the model takes (``pixel_values`` and, for HF models, e.g. ``pixel_attention_mask``).
+    """
+
+    def __init__(self, z_loss_coefficient: float = 0.0):
+        self.z_loss_coefficient = z_loss_coefficient
+
+    def compute_loss(self, model, batch, generator=None) -> LossOutput:
+        device = self.model_device(model)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        input_ids = batch.pop("input_ids")  # (B, T)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            raise InvalidInputError(f"input_ids must be (batch, length >= 2); got {tuple(input_ids.shape)}",
+                                    field="input_ids")
+        mask = batch.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        ignored = (mask[:, 1:] == 0) | (input_ids[:, 1:] == model.image_token_id)
+        targets = input_ids[:, 1:].masked_fill(ignored, IGNORE_INDEX)  # (B, T-1)
+        if not bool((targets != IGNORE_INDEX).any()):
+            raise InvalidInputError("the batch has no text token to predict (only padding and image placeholders)",
+                                    field="input_ids")
+        # The full sequence goes in (every placeholder must meet its image); the last logit predicts nothing.
+        logits = model(input_ids, attention_mask=mask, **batch).logits[:, :-1]  # (B, T-1, V)
+        return next_token_loss(logits, targets, self.z_loss_coefficient)

@@ -18,7 +18,7 @@ from torch import nn
 from vla_foundry.models.norms import build_norm
 from vla_foundry.models.registry import register_model
 from vla_foundry.params.transformer import TransformerParams
-from vla_foundry.generation import batch_prompt, sample_loop
+from vla_foundry.generation import LanguageModelStep, batch_prompt, sample_loop
 
 KVCache = list  # per layer: [K, V], each (B, Tk, nh, hd), keys after rotary
 
@@ -284,19 +284,16 @@ class Transformer(nn.Module):
             from vla_foundry.models.cuda_graph_decode import graph_decoder
 
             decoder = graph_decoder(self, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        past = None
+        step = LanguageModelStep(self, use_cache)
+        if decoder is not None:
+            lm_step = step
 
-        def step(generated, mask):
-            nonlocal past
-            if decoder is not None and past is not None:
+            def step(generated, mask):
+                if lm_step.past is None:  # prefill eagerly, then hand the cache to the graph
+                    logits = lm_step(generated, mask)
+                    decoder.prefill(lm_step.past, mask)
+                    return logits
                 return decoder.step(generated[:, -1:], position=generated.shape[1] - 1)  # (B, V)
-            step_ids = generated[:, -1:] if (use_cache and past is not None) else generated
-            out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=use_cache)
-            if use_cache:
-                past = out.past_key_values
-                if decoder is not None:
-                    decoder.prefill(past, mask)
-            return out.logits[:, -1]  # (B, V)
 
         return sample_loop(step, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,

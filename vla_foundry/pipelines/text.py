@@ -82,7 +82,8 @@ class TextPipeline(Pipeline):
     def from_experiment(cls, model, experiment_dir: Path, *, tokenizer: Optional[str] = None,
                         training_config: Optional[dict] = None, cuda_graphs: bool = True,
                         **_: Any) -> "TextPipeline":
-        tok, source = load_tokenizer(experiment_dir, tokenizer, training_config)
+        tok, source = load_tokenizer(experiment_dir, tokenizer, training_config,
+                                     model_default=getattr(model, "tokenizer_source", None))
         # Evaluate with the loss the run trained on (hparams.z_loss_coefficient).
         z_loss = float(((training_config or {}).get("hparams") or {}).get("z_loss_coefficient") or 0.0)
         return cls(model, tok, source, z_loss_coefficient=z_loss, cuda_graphs=cuda_graphs)

@@ -1,0 +1,283 @@
+"""Tiny Hugging Face models with random weights, built offline and saved in HF format.
+
+The demo pack and the tests need directories that ``AutoModelForCausalLM`` /
+``AutoModelForImageTextToText`` and ``AutoTokenizer`` / ``AutoProcessor`` load exactly as
+they load a downloaded checkpoint, without any network access. Each builder here makes a
+model a few hundred kilobytes in size from a config (weights seeded, so the same seed gives
+the same files), pairs it with a copy of the given tokenizer, and ``save_pretrained``s both.
+
+Families: causal LMs (Llama, GPT-2) and image-text-to-text models (Idefics3, the
+SmolVLM architecture; LLaVA with a CLIP vision tower and a Llama text model).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+PathLike = Union[str, Path]
+
+# Text model size shared by every family: big enough to exercise attention with several
+# heads and layers, small enough that a checkpoint stays well under a megabyte.
+TEXT_HIDDEN_SIZE = 32
+TEXT_INTERMEDIATE_SIZE = 64
+TEXT_LAYERS = 2
+TEXT_HEADS = 2
+MAX_POSITION_EMBEDDINGS = 128
+
+# Vision towers see 32 px images in 8 px patches: a 4 x 4 patch grid.
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+VISION_HIDDEN_SIZE = 32
+VISION_INTERMEDIATE_SIZE = 64
+VISION_LAYERS = 2
+VISION_HEADS = 2
+
+# Idefics3 merges scale_factor x scale_factor patches into one token (pixel shuffle).
+IDEFICS3_SCALE_FACTOR = 2
+IDEFICS3_IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // IDEFICS3_SCALE_FACTOR**2
+IDEFICS3_SPECIAL_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
+
+# LLaVA keeps one token per patch (the CLS token is dropped by the "default" strategy).
+LLAVA_IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2
+LLAVA_IMAGE_TOKEN = "<image>"
+
+CAUSAL_LM_FAMILIES = ("llama", "gpt2")
+
+# Message content may be a plain string or a list of {"type": "text", "text": ...} parts.
+CAUSAL_LM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+# SmolVLM's layout: "User:<image>text<end_of_utterance>\nAssistant:".
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ ' ' + message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# llava-1.5's layout: "USER: <image>\ntext ASSISTANT:".
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | upper }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def hf_image_token_id(model_config: Any) -> int:
+    """The id of the image placeholder token that a multimodal config's model fills with image features.
+
+    Idefics3 (and most newer families) keep it in ``image_token_id``; LLaVA stores
+    ``image_token_index`` (exposed as ``image_token_id`` through its attribute map).
+    """
+    for attribute in ("image_token_id", "image_token_index"):
+        value = getattr(model_config, attribute, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(model_config).__name__} has no image_token_id or image_token_index")
+
+
+def _copy_tokenizer(tokenizer: Any, chat_template: str) -> Any:
+    """A deep copy (the caller's tokenizer stays untouched) with a pad token and a chat template."""
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _token_ids(tokenizer: Any) -> dict[str, int]:
+    return {
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _tiny_llama_config(vocab_size: int, token_ids: dict[str, int]):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=TEXT_INTERMEDIATE_SIZE,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_HEADS,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        tie_word_embeddings=False,
+        **token_ids,
+    )
+
+
+def _seeded_model(model_class: Any, config: Any, seed: int) -> Any:
+    """The model with weights drawn from ``seed`` without disturbing the caller's RNG state."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.eval()
+
+
+def _save(model: Any, token_ids: dict[str, int], out_dir: PathLike, *artifacts: Any) -> Path:
+    """Saves the model with a generation config that stops at eos, then the tokenizer/processor."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config.eos_token_id = token_ids["eos_token_id"]
+    model.generation_config.pad_token_id = token_ids["pad_token_id"]
+    model.generation_config.bos_token_id = token_ids["bos_token_id"]
+    model.save_pretrained(out_dir)
+    for artifact in artifacts:
+        artifact.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_causal_lm(out_dir: PathLike, tokenizer: Any, *, seed: int = 0, family: str = "llama") -> Path:
+    """A random-weight causal LM (``family`` "llama" or "gpt2") saved with a copy of ``tokenizer``.
+
+    Loads back with ``AutoModelForCausalLM`` and ``AutoTokenizer``; the tokenizer gets a chat
+    template and, when it has none, eos as its pad token.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    tokenizer = _copy_tokenizer(tokenizer, CAUSAL_LM_CHAT_TEMPLATE)
+    token_ids = _token_ids(tokenizer)
+    if family == "llama":
+        model = _seeded_model(LlamaForCausalLM, _tiny_llama_config(len(tokenizer), token_ids), seed)
+    elif family == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=TEXT_HIDDEN_SIZE,
+            n_inner=TEXT_INTERMEDIATE_SIZE,
+            n_layer=TEXT_LAYERS,
+            n_head=TEXT_HEADS,
+            n_positions=MAX_POSITION_EMBEDDINGS,
+            **token_ids,
+        )
+        model = _seeded_model(GPT2LMHeadModel, config, seed)
+    else:
+        raise ValueError(f"unknown causal LM family {family!r}; expected one of {CAUSAL_LM_FAMILIES}")
+    return _save(model, token_ids, out_dir, tokenizer)
+
+
+def build_tiny_idefics3(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> Path:
+    """A random-weight Idefics3 (SmolVLM architecture) with its processor.
+
+    Images are squared to 32 px without splitting, so each image becomes
+    ``<fake_token_around_image><global-img>`` + 4 x ``<image>`` + ``<fake_token_around_image>``.
+    The tokenizer copy gains Idefics3's special tokens and the text vocab is sized to it.
+    """
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    tokenizer = _copy_tokenizer(tokenizer, IDEFICS3_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
+    token_ids = _token_ids(tokenizer)
+    vision_config = Idefics3VisionConfig(
+        hidden_size=VISION_HIDDEN_SIZE,
+        intermediate_size=VISION_INTERMEDIATE_SIZE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = Idefics3Config(
+        vision_config=vision_config.to_dict(),
+        text_config=_tiny_llama_config(len(tokenizer), token_ids).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=IDEFICS3_SCALE_FACTOR,
+        pad_token_id=token_ids["pad_token_id"],
+    )
+    model = _seeded_model(Idefics3ForConditionalGeneration, config, seed)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False,
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    return _save(model, token_ids, out_dir, processor)
+
+
+def build_tiny_llava(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> Path:
+    """A random-weight LLaVA (CLIP vision tower, Llama text model) with its processor.
+
+    Images are resized and center-cropped to 32 px; each becomes 16 ``<image>`` tokens (one
+    per 8 px patch, CLS dropped). The tokenizer copy gains ``<image>`` as a special token.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = _copy_tokenizer(tokenizer, LLAVA_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    token_ids = _token_ids(tokenizer)
+    vision_config = CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN_SIZE,
+        intermediate_size=VISION_INTERMEDIATE_SIZE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=VISION_HIDDEN_SIZE,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=_tiny_llama_config(len(tokenizer), token_ids).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+        image_seq_length=LLAVA_IMAGE_SEQ_LEN,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = _seeded_model(LlavaForConditionalGeneration, config, seed)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops
+        image_token=LLAVA_IMAGE_TOKEN,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return _save(model, token_ids, out_dir, processor)

@@ -1,0 +1,57 @@
+"""What the Hugging Face wrappers (``transformer_hf``, ``vlm_hf``) share: building the HF model and positions.
+
+A wrapper keeps the HF model as ``self.model``, so VLA Foundry's state-dict keys are
+``model.<HF keys>`` (format spec §1.3) and a checkpoint loads straight into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def build_hf_model(auto_class: type, source: Optional[str], load_pretrained: bool, kind: str) -> nn.Module:
+    """``auto_class`` from ``source``: with its weights, or (``load_pretrained=False``) randomly initialised
+    from its config because a VLA Foundry checkpoint will overwrite every weight. Always float32 on CPU
+    (device and dtype are chosen later, once)."""
+    from transformers import AutoConfig
+
+    if not source:
+        raise ValueError(f"{kind} needs `hf_pretrained`: a Hugging Face model directory (or a hub id in the local "
+                         "HF cache)")
+    try:
+        if load_pretrained:
+            return auto_class.from_pretrained(source, dtype=torch.float32)
+        return auto_class.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{kind}: could not load {source!r} with {auto_class.__name__} ({e}). Give a local "
+                         "Hugging Face directory (config.json + weights) of the right kind") from e
+
+
+def positions_from_mask(attention_mask: Optional[torch.Tensor], new_tokens: int) -> Optional[torch.Tensor]:
+    """Position ids of the last ``new_tokens`` columns for left-padded rows: (B, new_tokens), or None.
+
+    HF models number positions 0, 1, … from the first column; with left padding a row's
+    first real token must be position 0 instead, or a padded row decodes differently from
+    the same prompt alone (HF's own ``generate`` does the same).
+    """
+    if attention_mask is None:
+        return None
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, Tk)
+    return positions[:, -new_tokens:]
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` from transformers 5.2x on, ``past_key_values`` before
+    (the old name still works there but logs a deprecation on every step)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of an HF model output, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
