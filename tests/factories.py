@@ -54,8 +54,48 @@ def _transformer(path: Path, tokenizer) -> Path:
     return path
 
 
+def tiny_vlm_params(vocab_size: int, **overrides: Any):
+    """A ViT (32 px, 8 px patches, shuffle 2 ⇒ 4 tokens per image) + transformer; the last id is the image
+    placeholder."""
+    from vla_foundry.params.vision import ViTParams, VLMParams
+
+    vit = ViTParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2,
+                    projector_pixel_shuffle_factor=2)
+    values = dict(vit=vit, transformer=tiny_transformer_params(vocab_size=vocab_size + 1),
+                  image_token_id=vocab_size)
+    values.update(overrides)
+    return VLMParams(**values)
+
+
+def _transformer_hf(path: Path, tokenizer) -> Path:
+    """An experiment whose ``hf_pretrained`` is a tiny Llama saved beside it; the tokenizer comes from there."""
+    from vla_foundry.demo.hf_models import build_tiny_causal_lm
+    from vla_foundry.params.transformer import TransformerHFParams
+
+    hf_dir = build_tiny_causal_lm(path / "hf_model", tokenizer)
+    model = create_model(TransformerHFParams(hf_pretrained=str(hf_dir)), load_pretrained=True).eval()
+    model.params = TransformerHFParams(hf_pretrained=str(hf_dir))
+    save_experiment(model, path)
+    return path
+
+
+def _vlm(path: Path, tokenizer) -> Path:
+    save_experiment(tiny_model(tiny_vlm_params(len(tokenizer))), path, tokenizer=tokenizer)
+    return path
+
+
+def _vlm_hf(path: Path, tokenizer) -> Path:
+    """A bare HF directory (Idefics3, SmolVLM-style) served as is: its own weights are the checkpoint."""
+    from vla_foundry.demo.hf_models import build_tiny_idefics3
+
+    return build_tiny_idefics3(path, tokenizer)
+
+
 BUILDERS: dict[str, Callable[[Path, Any], Path]] = {
     "transformer": _transformer,
+    "transformer_hf": _transformer_hf,
+    "vlm": _vlm,
+    "vlm_hf": _vlm_hf,
 }
 
 

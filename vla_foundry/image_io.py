@@ -92,9 +92,10 @@ def decode_image_bytes(data: bytes, *, max_pixels: int, field: str = "image") ->
         raise InvalidInputError(f"{field}: the image is empty (0 bytes); send a {_accepted_formats()} file", field)
     reader = _reader_for(data)
     if reader is None:
+        also = " (WebP is accepted too)" if webp_supported() else ""
         raise InvalidInputError(
-            f"{field}: the {len(data)} bytes are not a PNG or JPEG image{' (WebP is accepted too)' if webp_supported() else ''}"
-            f"; they start with {data[:8]!r}. Send the image file's bytes unchanged, or a typed uint8 array", field)
+            f"{field}: the {len(data)} bytes are not a PNG or JPEG image{also}; they start with {data[:8]!r}. "
+            "Send the image file's bytes unchanged, or a typed uint8 array", field)
     kind, reader_class = reader
     try:
         # Reads the header only; pixel data is decoded by load() below.

@@ -14,6 +14,7 @@ from vla_foundry.models.registry import (
 from vla_foundry.models import transformer  # noqa: F401  (registers "transformer")
 from vla_foundry.models import transformer_hf  # noqa: F401  (registers "transformer_hf")
 from vla_foundry.models import vlm  # noqa: F401  (registers "vlm")
+from vla_foundry.models import vlm_hf  # noqa: F401  (registers "vlm_hf")
 from vla_foundry.models import batch_handlers  # noqa: F401  (registers the handlers)
 
 __all__ = [

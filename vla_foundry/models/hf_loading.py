@@ -55,3 +55,16 @@ def output_cache(output: Any) -> Any:
     """The KV cache of an HF model output, under either name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def hf_image_token_id(model_config: Any) -> int:
+    """The id of the image placeholder token that a multimodal config's model fills with image features.
+
+    Idefics3 (and most newer families) keep it in ``image_token_id``; LLaVA stores
+    ``image_token_index`` (exposed as ``image_token_id`` through its attribute map).
+    """
+    for attribute in ("image_token_id", "image_token_index"):
+        value = getattr(model_config, attribute, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(model_config).__name__} has no image_token_id or image_token_index")

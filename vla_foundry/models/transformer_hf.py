@@ -30,6 +30,7 @@ def hf_max_positions(config, default: int = 2048) -> int:
 @register_model("transformer_hf")
 class TransformerHF(nn.Module):
     modality = "text"
+    masks_padding_without_cache = True  # HF applies the mask on every path, so padded rows batch without the cache
 
     def __init__(self, params: TransformerHFParams, load_pretrained: bool = True):
         super().__init__()

@@ -12,6 +12,7 @@ from vla_foundry.config_files import read_training_config
 from vla_foundry.models.registry import model_modality
 from vla_foundry.pipelines.base import Pipeline, get_pipeline_class, register_pipeline
 from vla_foundry.pipelines import text  # noqa: F401  (registers "text")
+from vla_foundry.pipelines import caption  # noqa: F401  (registers "caption")
 
 
 def load_pipeline(path: Union[str, Path], *, checkpoint: Union[None, int, str] = None, use_ema: Optional[bool] = None,

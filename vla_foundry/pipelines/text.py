@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -61,6 +61,93 @@ def new_seed() -> int:
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+# on_text(row, text_delta (None without a tokenizer), token_ids_delta, finish_reason or None)
+OnText = Callable[[int, Optional[str], list[int], Optional[str]], None]
+
+
+class CompletionTracker:
+    """Per row of a batch: when it finished (eos or a stop string), its final completion, and — when
+    streaming — what has been sent so far.
+
+    ``update`` is the ``stopping`` callback of ``generate``: it runs once per step with the new ids of
+    its rows. Only text that can no longer change is streamed: an incomplete UTF-8 sequence at the end
+    (decoded as U+FFFD) and any tail that could still grow into a stop string are held back.
+    """
+
+    def __init__(self, n_rows: int, tokenizer: Any, eos_token_id: Optional[int], stop: Sequence[str],
+                 on_text: Optional[OnText]):
+        self.tokenizer, self.eos_token_id, self.stop, self.on_text = tokenizer, eos_token_id, list(stop), on_text
+        self.kept: list[Optional[int]] = [None] * n_rows  # tokens to keep once finished (eos included)
+        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        self.sent_text = [0] * n_rows
+        self.sent_tokens = [0] * n_rows
+
+    def _text(self, tokens: list[int]) -> tuple[str, bool]:
+        """The visible text of ``tokens`` (eos dropped, cut at the first stop string) and whether it was cut."""
+        if tokens and tokens[-1] == self.eos_token_id:
+            tokens = tokens[:-1]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cuts = [text.index(s) for s in self.stop if s in text]
+        return (text[:min(cuts)], True) if cuts else (text, False)
+
+    def update(self, rows: range, new_ids: torch.Tensor) -> torch.Tensor:
+        n = new_ids.shape[1]
+        last = new_ids[:, -1].tolist()  # one device sync per step, not one per row
+        rows_tokens = new_ids.tolist() if (self.stop or self.on_text) else None
+        for i, row in enumerate(rows):
+            if self.kept[row] is not None:
+                continue
+            if last[i] == self.eos_token_id:
+                self.kept[row] = n
+            if rows_tokens is None:
+                continue
+            tokens = rows_tokens[i]
+            if self.tokenizer is not None and (self.stop or self.on_text):
+                text, cut = self._text(tokens)
+                if cut:
+                    self.kept[row] = n
+            if self.on_text is not None and self.kept[row] is None:
+                self._send(row, tokens, text if self.tokenizer is not None else None, final=False)
+        return torch.tensor([self.kept[row] is not None for row in rows])
+
+    def _send(self, row: int, tokens: list[int], text: Optional[str], final: bool,
+              finish_reason: Optional[str] = None) -> None:
+        safe = len(text) if text is not None else 0
+        if text is not None and not final:
+            if text.endswith("\ufffd"):
+                safe = len(text.rstrip("\ufffd"))
+            for s in self.stop:  # the longest tail that is a prefix of a stop string stays back
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        visible = tokens if final else (tokens[:-1] if tokens and tokens[-1] == self.eos_token_id else tokens)
+        token_delta = visible[self.sent_tokens[row]:]
+        text_delta = text[self.sent_text[row]:safe] if text is not None else None
+        if token_delta or text_delta or finish_reason:
+            self.on_text(row, text_delta, token_delta, finish_reason)
+        self.sent_tokens[row] += len(token_delta)
+        self.sent_text[row] = max(self.sent_text[row], safe)
+
+    def set_tokens(self, row: int, tokens: list[int]) -> None:
+        self.tokens[row] = tokens
+
+    def finish(self) -> list[Completion]:
+        """The completions (stop strings cut, eos dropped); streams each row's remainder and finish reason."""
+        completions = []
+        for row, tokens in enumerate(self.tokens):
+            finished = self.kept[row] is not None
+            tokens = tokens[:self.kept[row]] if finished else tokens
+            if finished and self.eos_token_id is not None and tokens and tokens[-1] == self.eos_token_id:
+                tokens = tokens[:-1]
+            text = self._text(tokens)[0] if self.tokenizer is not None else None
+            completion = Completion(text, tokens, "stop" if finished else "length")
+            if self.on_text is not None:
+                self._send(row, tokens, text, final=True, finish_reason=completion.finish_reason)
+            completions.append(completion)
+        return completions
 
 
 @register_pipeline("text")
@@ -147,8 +234,18 @@ class TextPipeline(Pipeline):
     @torch.inference_mode()
     def complete(self, prompts: Optional[Sequence[str]] = None, prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
                  *, sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (), seed: Optional[int] = None,
-                 use_cache: bool = True) -> CompletionResult:
+                 use_cache: bool = True, on_text: Optional[OnText] = None) -> CompletionResult:
+        """Complete each prompt. ``on_text(row, text_delta, token_ids_delta, finish_reason)`` streams the
+        completions as they grow (text that could still become a stop string is held back)."""
         ids = self.encode_prompts(prompts, prompt_token_ids)
+        return self.generate_completions(ids, {}, sampling=sampling, stop=stop, seed=seed, use_cache=use_cache,
+                                         on_text=on_text)
+
+    def generate_completions(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], *,
+                             sampling: SamplingParams, stop: Sequence[str], seed: Optional[int], use_cache: bool,
+                             on_text: Optional[OnText] = None) -> CompletionResult:
+        """Generate from token-id prompts; ``model_inputs`` (batch-first tensors, e.g. images) go to
+        ``generate`` alongside."""
         if sampling.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1; got {sampling.max_new_tokens}",
                                     field="max_new_tokens")
@@ -164,53 +261,32 @@ class TextPipeline(Pipeline):
             raise InvalidInputError("stop strings must be non-empty", field="stop")
         seed = new_seed() if seed is None else seed
         generator = make_generator(self.device, seed)
-        if use_cache or len({len(r) for r in ids}) == 1:
-            rows = self._generate(ids, sampling, stop, use_cache, generator)
+        tracker = CompletionTracker(len(ids), self.tokenizer, self.eos_token_id, stop, on_text)
+        if use_cache or len({len(r) for r in ids}) == 1 or getattr(self.model, "masks_padding_without_cache", False):
+            self._generate(ids, model_inputs, range(len(ids)), sampling, use_cache, generator, tracker)
         else:
-            # Without the cache a causal model ignores the padding mask (VLA Foundry's B3), so
+            # Without the cache our causal transformer ignores the padding mask (VLA Foundry's B3), so
             # prompts of different lengths are generated one at a time to stay correct.
-            rows = [row for prompt in ids for row in self._generate([prompt], sampling, stop, False, generator)]
-        completions = []
-        for tokens, kept in rows:
-            finished = kept is not None
-            tokens = tokens[:kept] if finished else tokens
-            if finished and self.eos_token_id is not None and tokens and tokens[-1] == self.eos_token_id:
-                tokens = tokens[:-1]
-            text = None
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                for s in stop:
-                    if s in text:
-                        text = text[:text.index(s)]
-            completions.append(Completion(text, tokens, "stop" if finished else "length"))
+            for i, prompt in enumerate(ids):
+                row_inputs = {k: v[i:i + 1] for k, v in model_inputs.items()}
+                self._generate([prompt], row_inputs, range(i, i + 1), sampling, False, generator, tracker)
+        completions = tracker.finish()
         return CompletionResult(completions, prompt_tokens=sum(len(r) for r in ids),
                                 completion_tokens=sum(len(c.token_ids) for c in completions), seed=seed,
                                 prompt_token_ids=ids)
 
-    def _generate(self, ids: list[list[int]], sampling: SamplingParams, stop: Sequence[str], use_cache: bool,
-                  generator: torch.Generator) -> list[tuple[list[int], Optional[int]]]:
-        """Per row: the new tokens, and how many to keep when the row finished (eos or a stop string)."""
+    def _generate(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], rows: range,
+                  sampling: SamplingParams, use_cache: bool, generator: torch.Generator,
+                  tracker: "CompletionTracker") -> None:
         input_ids, mask = (t.to(self.device) for t in pad_rows(ids, self.pad_token_id, left=True))
-        stop_at: list[Optional[int]] = [None] * len(ids)
-
-        def stopping(new_ids: torch.Tensor) -> torch.Tensor:
-            n = new_ids.shape[1]
-            last = new_ids[:, -1].tolist()  # one device sync per step, not one per row
-            for row in range(len(ids)):
-                if stop_at[row] is not None:
-                    continue
-                if last[row] == self.eos_token_id:
-                    stop_at[row] = n
-                elif stop and any(s in self.tokenizer.decode(new_ids[row].tolist()) for s in stop):
-                    stop_at[row] = n
-            return torch.tensor([s is not None for s in stop_at])
-
+        model_inputs = {k: v.to(self.device) for k, v in model_inputs.items()}
         generated = self.model.generate(
-            input_ids, mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, top_k=sampling.top_k, eos_token_id=None, use_cache=use_cache,
-            generator=generator, stopping=stopping if (self.eos_token_id is not None or stop) else None,
-            **({"cuda_graph": True} if self.cuda_graphs and self.device.type == "cuda" else {}))
-        return list(zip(generated[:, input_ids.shape[1]:].tolist(), stop_at))
+            input_ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, eos_token_id=None,
+            use_cache=use_cache, generator=generator, stopping=lambda new_ids: tracker.update(rows, new_ids),
+            **model_inputs, **({"cuda_graph": True} if self.cuda_graphs and self.device.type == "cuda" else {}))
+        for row, tokens in zip(rows, generated[:, input_ids.shape[1]:].tolist()):
+            tracker.set_tokens(row, tokens)
 
     # ------------------------------------------------------------------ evaluate
 

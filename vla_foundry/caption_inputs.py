@@ -1,0 +1,242 @@
+"""Prompts and images → a caption model's inputs. One processor per caption model type (same key).
+
+``vlm`` (ours) resizes and normalizes images itself and puts exactly ``tokens_per_image``
+placeholders per image before the prompt; ``vlm_hf`` hands text and images to the model's
+own HF processor (chat template, image tokens, resizing). Both return the same thing: one
+unpadded id row per caption, placeholders in place, and batch-first image tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.keyed_registry import KeyedRegistry
+from vla_foundry.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CAPTION_PROCESSORS: KeyedRegistry[type] = KeyedRegistry("caption processor")
+Images = Sequence[Sequence[np.ndarray]]  # per caption, its images as (H, W, 3) uint8
+
+# SigLIP's normalization ((x - 0.5) / 0.5), used by VLA Foundry's ViT when no processor config says otherwise.
+DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class CaptionInputs:
+    ids: list[list[int]]  # per caption, unpadded, image placeholders in place
+    image_inputs: dict[str, torch.Tensor]  # batch-first tensors the model's forward takes
+
+
+class CaptionProcessor:
+    tokenizer: Any = None
+    tokenizer_source: Optional[str] = None
+    accepts_token_ids = True  # prompts may come as token ids (else text only)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def image_inputs(self, images: Images) -> dict[str, torch.Tensor]:
+        """The pixel inputs alone, for sequences whose placeholders are already in place."""
+        raise NotImplementedError
+
+    def encode(self, prompts: Optional[Sequence[str]], prompt_token_ids: Optional[Sequence[Sequence[int]]],
+               images: Images, *, rendered: bool = False, append_eos: bool = False) -> CaptionInputs:
+        """``rendered``: the prompts already went through the chat template. ``append_eos``: end each row
+        with eos (a caption to score rather than a prompt to continue)."""
+        raise NotImplementedError
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """A conversation (content parts ``{"type": "image"}`` / ``{"type": "text"}``) as prompt text."""
+        raise NotImplementedError
+
+    def io(self) -> dict[str, Any]:
+        return {}
+
+
+def _image_stats(experiment_dir: Path, processor_name: Optional[str]) -> tuple[tuple, tuple, str]:
+    """Normalization from the training processor's config when it is here, else SigLIP's defaults."""
+    candidates = [experiment_dir / "processor" / "preprocessor_config.json",
+                  experiment_dir / "preprocessor_config.json"]
+    for path in candidates:
+        if path.is_file():
+            config = json.loads(path.read_text())
+            return tuple(config["image_mean"]), tuple(config["image_std"]), str(path)
+    if processor_name and processor_name not in ("debug", "none"):
+        try:
+            from transformers import AutoImageProcessor
+
+            image_processor = AutoImageProcessor.from_pretrained(processor_name)
+            return tuple(image_processor.image_mean), tuple(image_processor.image_std), processor_name
+        except Exception as e:  # not cached here: the defaults below are SigLIP's, which VLA Foundry uses
+            logger.warning("image processor %r is not available offline (%s); normalizing with mean/std 0.5",
+                           processor_name, type(e).__name__)
+    return DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD, "default (SigLIP: mean 0.5, std 0.5)"
+
+
+def _rows_of_images(images: Images) -> int:
+    counts = {len(row) for row in images}
+    if len(counts) > 1:
+        raise InvalidInputError(f"every caption in one request needs the same number of images for this model; got "
+                                f"{sorted(counts)}", field="images")
+    return counts.pop()
+
+
+@CAPTION_PROCESSORS.register("vlm")
+class VLMCaptionProcessor(CaptionProcessor):
+    """Row = [bos] + ``tokens_per_image`` placeholders per image + prompt ids. Images are resized to the
+    ViT's size (bicubic) and normalized; several images per caption are the model's cameras."""
+
+    def __init__(self, model, tokenizer: Any = None, tokenizer_source: Optional[str] = None,
+                 image_mean=DEFAULT_IMAGE_MEAN, image_std=DEFAULT_IMAGE_STD, normalization_source: str = "default"):
+        self.model, self.tokenizer, self.tokenizer_source = model, tokenizer, tokenizer_source
+        self.mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.normalization_source = normalization_source
+
+    @classmethod
+    def from_experiment(cls, model, experiment_dir: Path, training_config: dict,
+                        tokenizer: Optional[str] = None) -> "VLMCaptionProcessor":
+        tok, source = load_tokenizer(experiment_dir, tokenizer, training_config)
+        mean, std, stats_source = _image_stats(experiment_dir, model.params.processor)
+        return cls(model, tok, source, mean, std, stats_source)
+
+    def pixels(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 → (3, S, S) float32, resized and normalized."""
+        from PIL import Image
+
+        size = self.model.image_size
+        if image.shape[:2] != (size, size):
+            image = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, S, S)
+        return (x - self.mean) / self.std
+
+    def encode(self, prompts, prompt_token_ids, images, *, rendered=False, append_eos=False) -> CaptionInputs:
+        n_images = _rows_of_images(images)
+        if n_images == 0:
+            raise InvalidInputError("a caption needs at least one image", field="images")
+        if prompt_token_ids is None:
+            if self.tokenizer is None and any(prompts):
+                raise InvalidInputError("this deployment has no tokenizer, so prompts must be token ids "
+                                        "(`prompt_token_ids`)", field="prompt")
+            prompt_token_ids = [self.tokenizer.encode(p, add_special_tokens=False) if p else [] for p in prompts]
+        image_token = self.model.image_token_id
+        for i, row in enumerate(prompt_token_ids):
+            if image_token in row:
+                raise InvalidInputError(f"prompt_token_ids[{i}] contains the image placeholder id {image_token}; "
+                                        "placeholders are added for the images, send the text part only",
+                                        field="prompt_token_ids")
+        bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        placeholders = [image_token] * (self.model.tokens_per_image * n_images)
+        ids = [([bos] if bos is not None else []) + placeholders + list(row)
+               + ([eos] if append_eos and eos is not None else []) for row in prompt_token_ids]
+        return CaptionInputs(ids, self.image_inputs(images))
+
+    def image_inputs(self, images):
+        n_images = _rows_of_images(images)
+        pixels = torch.stack([torch.stack([self.pixels(im) for im in row]) for row in images])  # (B, N, 3, S, S)
+        if n_images == 1:
+            pixels = pixels[:, 0]  # (B, 3, S, S): the single-camera layout the model trained with
+        return {"pixel_values": pixels}
+
+    def render_chat(self, messages):
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        if not template:
+            raise InvalidInputError("this deployment's tokenizer has no chat template; use /v1/completions (or "
+                                    "/predict/vlm) with a plain prompt", field="messages")
+        # Images are placed before the text by encode(); the template sees the text parts only.
+        text_only = [{**m, "content": "".join(p.get("text", "") for p in m["content"])
+                      if isinstance(m["content"], list) else m["content"]} for m in messages]
+        return self.tokenizer.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
+
+    def io(self):
+        return {"image_size": self.model.image_size, "tokens_per_image": self.model.tokens_per_image,
+                "image_token_id": self.model.image_token_id,
+                "image_mean": self.mean.flatten().tolist(), "image_std": self.std.flatten().tolist(),
+                "normalization": self.normalization_source}
+
+
+@CAPTION_PROCESSORS.register("vlm_hf")
+class HFCaptionProcessor(CaptionProcessor):
+    """The model's own HF processor: prompts go through its chat template (when it has one) with one image
+    part per image, and the processor expands the image tokens and prepares the pixels."""
+
+    accepts_token_ids = False
+
+    def __init__(self, model, processor: Any, source: str):
+        self.model, self.processor, self.tokenizer_source = model, processor, source
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # ids are re-padded by the pipeline; left keeps rows aligned
+
+    @classmethod
+    def from_experiment(cls, model, experiment_dir: Path, training_config: dict,
+                        tokenizer: Optional[str] = None) -> "HFCaptionProcessor":
+        from transformers import AutoProcessor
+
+        source = tokenizer or model.processor_source
+        return cls(model, AutoProcessor.from_pretrained(source), source)
+
+    def _render(self, prompt: str, n_images: int) -> str:
+        content = [{"type": "image"}] * n_images + ([{"type": "text", "text": prompt}] if prompt else [])
+        if self.has_chat_template:
+            return self.render_chat([{"role": "user", "content": content}])
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        return image_token * n_images + prompt
+
+    def encode(self, prompts, prompt_token_ids, images, *, rendered=False, append_eos=False) -> CaptionInputs:
+        from PIL import Image
+
+        if prompt_token_ids is not None:
+            raise InvalidInputError("vlm_hf deployments take text prompts (their processor places the image "
+                                    "tokens); send `prompt` instead of `prompt_token_ids`", field="prompt_token_ids")
+        texts = [p if rendered else self._render(p, len(row)) for p, row in zip(prompts, images)]
+        if append_eos and self.tokenizer.eos_token:
+            texts = [t + self.tokenizer.eos_token for t in texts]
+        pil = [[Image.fromarray(im) for im in row] for row in images]
+        try:
+            out = self.processor(text=texts, images=pil if any(pil) else None, return_tensors="pt", padding=True)
+        except ValueError as e:  # e.g. image tokens in the text that do not match the images
+            raise InvalidInputError(f"the model's processor refused the input: {e}", field="images") from e
+        mask = out.pop("attention_mask")
+        input_ids = out.pop("input_ids")
+        ids = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+        image_inputs = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "token_type_ids"}
+        return CaptionInputs(ids, image_inputs)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.processor, "chat_template", None))
+
+    def image_inputs(self, images):
+        from PIL import Image
+
+        out = self.processor.image_processor([[Image.fromarray(im) for im in row] for row in images],
+                                             return_tensors="pt")
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+    def render_chat(self, messages):
+        try:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template error is the caller's conversation, not a server fault
+            raise InvalidInputError(f"the model's chat template could not render these messages ({e})",
+                                    field="messages") from e
+
+    def io(self):
+        image_processor = getattr(self.processor, "image_processor", None)
+        size = getattr(image_processor, "size", None)  # a dict or an HF SizeDict, e.g. {"longest_edge": 512}
+        if size is not None and not isinstance(size, int):
+            size = {k: v for k, v in (size.items() if isinstance(size, dict) else vars(size).items())
+                    if isinstance(v, int)}
+        return {"processor": self.tokenizer_source, "image_token_id": self.model.image_token_id,
+                "image_size": size}

@@ -1,0 +1,123 @@
+"""Captions (text from images and an optional prompt) and caption evaluation for the ``caption`` modality.
+
+Everything after the inputs is the text pipeline's: batching with left padding, sampling,
+stop strings, streaming, finish reasons and usage. What differs per model type — placing
+image tokens, preprocessing pixels — is its caption processor's (``caption_inputs.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vla_foundry.caption_inputs import CAPTION_PROCESSORS, CaptionProcessor, Images
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.base import register_pipeline
+from vla_foundry.pipelines.text import CompletionResult, OnText, TextPipeline, make_generator, new_seed, pad_rows
+from vla_foundry.sampling import SamplingParams
+
+
+def broadcast_rows(prompts: Optional[Sequence[Any]], images: Images, prompt_field: str = "prompt"):
+    """Pair prompts with image lists: one of either side serves every row of the other; else counts match."""
+    prompts = list(prompts) if prompts is not None else [None]
+    images = list(images)
+    if len(prompts) == 1 and len(images) > 1:
+        prompts = prompts * len(images)
+    elif len(images) == 1 and len(prompts) > 1:
+        images = images * len(prompts)
+    if len(prompts) != len(images):
+        raise InvalidInputError(f"{len(prompts)} prompts and {len(images)} image lists: send one prompt for all "
+                                "image lists, one image list for all prompts, or as many of each", field=prompt_field)
+    return prompts, images
+
+
+@register_pipeline("caption")
+class CaptionPipeline(TextPipeline):
+    def __init__(self, model, processor: CaptionProcessor, z_loss_coefficient: float = 0.0):
+        super().__init__(model, processor.tokenizer, processor.tokenizer_source,
+                         z_loss_coefficient=z_loss_coefficient, cuda_graphs=False)
+        self.processor = processor
+
+    @classmethod
+    def from_experiment(cls, model, experiment_dir: Path, *, tokenizer: Optional[str] = None,
+                        training_config: Optional[dict] = None, **_: Any) -> "CaptionPipeline":
+        training_config = training_config or {}
+        processor = CAPTION_PROCESSORS.get(model.params.type).from_experiment(model, experiment_dir,
+                                                                               training_config, tokenizer)
+        z_loss = float((training_config.get("hparams") or {}).get("z_loss_coefficient") or 0.0)
+        return cls(model, processor, z_loss_coefficient=z_loss)
+
+    def io(self) -> dict[str, Any]:
+        io = super().io()
+        io["accepts"] = ["images", "prompt"] + (["prompt_token_ids"] if self.processor.accepts_token_ids else [])
+        io["chat"] = self.processor.has_chat_template
+        return {**io, **self.processor.io()}
+
+    def warmup(self) -> None:
+        gray = np.full((32, 32, 3), 128, dtype=np.uint8)
+        self.caption([[gray]], [""], sampling=SamplingParams(max_new_tokens=2, temperature=0.0), seed=0)
+
+    @torch.inference_mode()
+    def caption(self, images: Images, prompts: Optional[Sequence[str]] = None,
+                prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
+                sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (), seed: Optional[int] = None,
+                use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
+        """One caption per (prompt, image list) row; see ``broadcast_rows``. ``images`` are (H, W, 3) uint8."""
+        if prompt_token_ids is not None:
+            prompt_token_ids, images = broadcast_rows(prompt_token_ids, images, "prompt_token_ids")
+            prompts = None
+        else:
+            prompts, images = broadcast_rows(prompts, images)
+            prompts = [p or "" for p in prompts]
+        inputs = self.processor.encode(prompts, prompt_token_ids, images, rendered=rendered)
+        self._check_ids(inputs.ids, "prompt" if prompt_token_ids is None else "prompt_token_ids")
+        return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
+                                         use_cache=use_cache, on_text=on_text)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.processor.render_chat(messages)
+
+    def _check_ids(self, ids: list[list[int]], field: str) -> None:
+        vocab = self.model.vocab_size
+        for i, row in enumerate(ids):
+            bad = [t for t in row if not 0 <= t < vocab]
+            if bad:
+                raise InvalidInputError(f"{field}[{i}] has token ids outside [0, {vocab}): {bad[:5]}", field=field)
+
+    @torch.inference_mode()
+    def evaluate(self, images: Images, texts: Optional[Sequence[str]] = None,
+                 input_ids: Optional[Sequence[Sequence[int]]] = None, seed: Optional[int] = None) -> dict[str, Any]:
+        """The batch handler's loss for captions: ``texts`` (each becomes images + text + eos) or ``input_ids``
+        that already hold the image placeholders, with one image list per row (or one for all)."""
+        if (texts is None) == (input_ids is None):
+            raise InvalidInputError("give exactly one of `texts` or `input_ids`", field="texts")
+        if texts is not None:
+            texts, images = broadcast_rows(texts, images, "texts")
+            inputs = self.processor.encode(list(texts), None, images, append_eos=True)
+            ids, image_inputs = inputs.ids, inputs.image_inputs
+        else:
+            input_ids, images = broadcast_rows(input_ids, images, "input_ids")
+            ids = [list(map(int, r)) for r in input_ids]
+            # Placeholders come from the client here; the processor only prepares the pixels.
+            image_inputs = self.processor.image_inputs(images)
+        field = "texts" if texts is not None else "input_ids"
+        self._check_ids(ids, field)
+        if any(len(r) < 2 for r in ids):
+            raise InvalidInputError("every sequence needs at least 2 tokens to score a next-token loss", field=field)
+        if max(len(r) for r in ids) > self.model.max_seq_len:
+            raise InvalidInputError(f"sequences are limited to max_seq_len = {self.model.max_seq_len} tokens; got "
+                                    f"{max(len(r) for r in ids)}", field=field)
+        batch_ids, mask = pad_rows(ids, self.pad_token_id)
+        seed = new_seed() if seed is None else seed
+        try:
+            out = self.batch_handler.compute_loss(self.model, {"input_ids": batch_ids, "attention_mask": mask,
+                                                               **image_inputs},
+                                                  generator=make_generator(self.device, seed))
+        except ValueError as e:  # placeholders that do not match the images
+            if isinstance(e, InvalidInputError):
+                raise
+            raise InvalidInputError(str(e), field=field) from e
+        return {**out.to_dict(), "seed": seed}
