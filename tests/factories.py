@@ -106,9 +106,35 @@ def build_checkpoint(model_type: str, path: Path, tokenizer: Optional[Any] = Non
 
 
 # Example requests per type: the parametrized service tests send these to every type.
+def png_data_url(seed: int = 0, size: tuple[int, int] = (24, 40)) -> str:
+    """A small random RGB PNG as a data: URL."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+_TEXT_PREDICT = {"prompt": ["the quick brown", "a robot"], "max_new_tokens": 5, "temperature": 0.7, "seed": 1}
+_TEXT_EVALUATE = {"texts": ["the quick brown fox jumps", "shall i compare thee"], "seed": 1}
+_CAPTION_PREDICT = {"images": [[png_data_url(0)], [png_data_url(1)]], "prompt": ["what is this", "a"],
+                    "max_new_tokens": 5, "temperature": 0.7, "seed": 1}
+_CAPTION_EVALUATE = {"images": [[png_data_url(0)], [png_data_url(1)]], "texts": ["a red block", "the quick fox"],
+                     "seed": 1}
 PREDICT_REQUESTS: dict[str, dict] = {
-    "transformer": {"prompt": ["the quick brown", "a robot"], "max_new_tokens": 5, "temperature": 0.7, "seed": 1},
+    "transformer": _TEXT_PREDICT,
+    "transformer_hf": _TEXT_PREDICT,
+    "vlm": _CAPTION_PREDICT,
+    "vlm_hf": _CAPTION_PREDICT,
 }
 EVALUATE_REQUESTS: dict[str, dict] = {
-    "transformer": {"texts": ["the quick brown fox jumps", "shall i compare thee"], "seed": 1},
+    "transformer": _TEXT_EVALUATE,
+    "transformer_hf": _TEXT_EVALUATE,
+    "vlm": _CAPTION_EVALUATE,
+    "vlm_hf": _CAPTION_EVALUATE,
 }

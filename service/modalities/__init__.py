@@ -1,6 +1,6 @@
 """Modality adapters by modality name; a model type reaches one through its registered modality."""
 
-from service.modalities import text
+from service.modalities import caption, text
 from service.modalities.base import ModalityAdapter
 
-ADAPTERS: dict[str, ModalityAdapter] = {"text": text.ADAPTER}
+ADAPTERS: dict[str, ModalityAdapter] = {"text": text.ADAPTER, "caption": caption.ADAPTER}

@@ -18,6 +18,16 @@ class Limits:
 
     cap_max_new_tokens: ClassVar[int] = 1024
     cap_batch: ClassVar[int] = 64
+    cap_images: ClassVar[int] = 16
+    cap_image_pixels: ClassVar[int] = 4096 * 4096
+    cap_image_bytes: ClassVar[int] = 16 * 1024 * 1024
+
+    @classmethod
+    def limits_from(cls, settings) -> dict[str, int]:
+        """The caps of one app, for the per-type request subclasses the routes create."""
+        return {"cap_max_new_tokens": settings.max_new_tokens, "cap_batch": settings.max_batch,
+                "cap_images": settings.max_images, "cap_image_pixels": settings.max_image_pixels,
+                "cap_image_bytes": settings.max_body_bytes}
 
 
 class RequestBase(BaseModel, Limits):

@@ -46,10 +46,9 @@ def _rows(value):
     return [value] if isinstance(value, str) else value
 
 
-class TextPredictRequest(RequestBase):
-    prompt: Optional[Union[str, list[str]]] = Field(None, description="One prompt or a list (needs a tokenizer).")
-    prompt_token_ids: Optional[TokenRows] = Field(None, description="Token ids: one list, a list of lists, or an "
-                                                                   "integer array.")
+class SamplingFields(RequestBase):
+    """The generation settings every text-producing request shares."""
+
     max_new_tokens: int = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
     temperature: float = Field(_DEFAULTS.temperature, ge=0, description="0 (or below 1e-5) = greedy.")
     top_k: int = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
@@ -60,12 +59,28 @@ class TextPredictRequest(RequestBase):
                                               "tokens may differ, as prompts of different lengths then run apart).")
 
     @model_validator(mode="after")
-    def _check(self):
-        if (self.prompt is None) == (self.prompt_token_ids is None):
-            raise InvalidInputError("give exactly one of `prompt` or `prompt_token_ids`", field="prompt")
+    def _check_sampling(self):
         if self.max_new_tokens > self.cap_max_new_tokens:
             raise InvalidInputError(f"max_new_tokens must be <= {self.cap_max_new_tokens}; got {self.max_new_tokens}",
                                     field="max_new_tokens")
+        return self
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class TextPredictRequest(SamplingFields):
+    prompt: Optional[Union[str, list[str]]] = Field(None, description="One prompt or a list (needs a tokenizer).")
+    prompt_token_ids: Optional[TokenRows] = Field(None, description="Token ids: one list, a list of lists, or an "
+                                                                   "integer array.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise InvalidInputError("give exactly one of `prompt` or `prompt_token_ids`", field="prompt")
         count = len(_rows(self.prompt) or self.prompt_token_ids or [])
         if count > self.cap_batch:
             raise InvalidInputError(f"at most {self.cap_batch} prompts per request; got {count}", field="prompt")
@@ -90,19 +105,21 @@ class TextPredictResponse(ResponseBase):
     seed: int
 
 
-def predict(pipeline, request: TextPredictRequest) -> dict:
-    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    result = pipeline.complete(
-        _rows(request.prompt), request.prompt_token_ids,
-        sampling=SamplingParams(request.max_new_tokens, request.temperature, request.top_k, request.top_p),
-        stop=stop, seed=request.seed, use_cache=request.use_cache)
+def completion_payload(result, key: str = "completions") -> dict:
+    """A pipeline's ``CompletionResult`` as the response body."""
     return {
-        "completions": [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
-                        for c in result.completions],
+        key: [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+              for c in result.completions],
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                   "total_tokens": result.prompt_tokens + result.completion_tokens},
         "seed": result.seed,
     }
+
+
+def predict(pipeline, request: TextPredictRequest) -> dict:
+    result = pipeline.complete(_rows(request.prompt), request.prompt_token_ids, sampling=request.sampling(),
+                               stop=request.stop_strings(), seed=request.seed, use_cache=request.use_cache)
+    return completion_payload(result)
 
 
 class TextEvaluateRequest(RequestBase):

@@ -52,8 +52,7 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
                  "evaluate": (adapter.evaluate_request, adapter.evaluate_response, adapter.evaluate)}
         for kind, (base, response, run) in parts.items():
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
-                "__module__": __name__, "cap_max_new_tokens": settings.max_new_tokens,
-                "cap_batch": settings.max_batch})
+                "__module__": __name__, **base.limits_from(settings)})
             app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run), methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
                               summary=f"{kind.capitalize()} with a {model_type} deployment")

@@ -123,7 +123,7 @@ class VLM(nn.Module):
     # ------------------------------------------------------------------ generate
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9,
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9,
                  top_k=50, eos_token_id=None, use_cache=True, *, generator: Optional[torch.Generator] = None,
                  stopping: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """Prompt + new ids, (B, T + n). The first step is the multimodal forward (spec §6).

@@ -1,0 +1,114 @@
+"""The ``caption`` modality: captions from images (+ an optional prompt) and caption loss.
+
+Images are checked for count and structure when the request is validated, and decoded
+(with their pixel limits) on the deployment's thread, so large images never block the
+event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import Field, model_validator
+
+from service.images import decode_image_list, decode_image_value
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from service.modalities.text import (CompletionOut, SamplingFields, TextEvaluateResponse, TokenRows, Usage, _rows,
+                                     completion_payload)
+from vla_foundry.errors import InvalidInputError
+
+IMAGE_FORMS = ("a base64 PNG/JPEG string, a data: URL, or a typed array {dtype, shape, data} of (H, W, 3) uint8 "
+               "(or floats in [0, 1])")
+
+
+class ImageFields(RequestBase):
+    image: Optional[Any] = Field(None, description=f"One image: {IMAGE_FORMS}.")
+    images: Optional[list[Any]] = Field(None, description="Several images for one caption (a flat list; a model "
+                                                          "with several cameras takes one per camera), or one list "
+                                                          "per prompt (a list of lists).")
+
+    @model_validator(mode="after")
+    def _check_images(self):
+        if (self.image is None) == (self.images is None):
+            raise InvalidInputError("give exactly one of `image` or `images`", field="images")
+        if self.images is not None:
+            if not self.images:
+                raise InvalidInputError("`images` is empty; send at least one image", field="images")
+            nested = [isinstance(v, list) for v in self.images]
+            if any(nested) and not all(nested):
+                raise InvalidInputError("`images` must be a flat list of images or a list of lists (one per prompt), "
+                                        "not a mix", field="images")
+            if all(nested) and len(self.images) > self.cap_batch:
+                raise InvalidInputError(f"at most {self.cap_batch} image lists per request; got {len(self.images)}",
+                                        field="images")
+            total = sum(len(v) if isinstance(v, list) else 1 for v in self.images)
+            if total > self.cap_images:
+                raise InvalidInputError(f"{total} images, over this server's limit of {self.cap_images} per request "
+                                        "(VLA_MAX_IMAGES); send fewer", field="images")
+        return self
+
+    def decoded_images(self) -> list[list]:
+        """The images as (H, W, 3) uint8 arrays, grouped per caption; errors name e.g. ``images[1][0]``."""
+        limits = dict(max_pixels=self.cap_image_pixels, max_bytes=self.cap_image_bytes)
+        if self.image is not None:
+            return [[decode_image_value(self.image, field="image", **limits)]]
+        if all(isinstance(v, list) for v in self.images):
+            return [decode_image_list(row, max_images=self.cap_images, field=f"images[{i}]", **limits)
+                    for i, row in enumerate(self.images)]
+        return [decode_image_list(self.images, max_images=self.cap_images, field="images", **limits)]
+
+
+class CaptionPredictRequest(SamplingFields, ImageFields):
+    prompt: Optional[Union[str, list[str]]] = Field(None, description="Optional prompt (or one per image list).")
+    prompt_token_ids: Optional[TokenRows] = Field(None, description="The prompt as token ids (without image "
+                                                                   "placeholders; not for vlm_hf).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.prompt is not None and self.prompt_token_ids is not None:
+            raise InvalidInputError("give at most one of `prompt` or `prompt_token_ids`", field="prompt")
+        count = len(_rows(self.prompt) or self.prompt_token_ids or [])
+        if count > self.cap_batch:
+            raise InvalidInputError(f"at most {self.cap_batch} prompts per request; got {count}", field="prompt")
+        return self
+
+
+class CaptionPredictResponse(ResponseBase):
+    captions: list[CompletionOut]
+    usage: Usage
+    seed: int
+
+
+def predict(pipeline, request: CaptionPredictRequest) -> dict:
+    result = pipeline.caption(request.decoded_images(), _rows(request.prompt), request.prompt_token_ids,
+                              sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed,
+                              use_cache=request.use_cache)
+    return completion_payload(result, key="captions")
+
+
+class CaptionEvaluateRequest(ImageFields):
+    texts: Optional[list[str]] = Field(None, description="Captions to score, one per image list (or one list "
+                                                         "for all).")
+    input_ids: Optional[TokenRows] = Field(None, description="Sequences to score with the image placeholders in "
+                                                             "place (see io.image_token_id, io.tokens_per_image).")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.input_ids is None) == (self.texts is None):
+            raise InvalidInputError("give exactly one of `texts` or `input_ids`", field="texts")
+        count = len(self.input_ids or self.texts or [])
+        if count == 0:
+            raise InvalidInputError("the batch is empty; send at least one sequence", field="texts")
+        if count > self.cap_batch:
+            raise InvalidInputError(f"at most {self.cap_batch} sequences per request; got {count}", field="texts")
+        return self
+
+
+def evaluate(pipeline, request: CaptionEvaluateRequest) -> dict:
+    return pipeline.evaluate(request.decoded_images(), texts=request.texts, input_ids=request.input_ids,
+                             seed=request.seed)
+
+
+ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, predict,
+                          CaptionEvaluateRequest, TextEvaluateResponse, evaluate)
