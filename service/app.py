@@ -13,6 +13,7 @@ from service.errors import install_error_handlers
 from service.middleware import BodyCodecMiddleware
 from service.routes import health, models
 from service.routes.inference import add_inference_routes
+from service.routes.openai import add_openai_routes
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -40,4 +41,5 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     add_inference_routes(app, settings)
+    add_openai_routes(app, settings)
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +43,7 @@ class Deployment:
         self.device: Optional[str] = None
         self.dtype: Optional[str] = None
         self.demo_card: Optional[dict] = None
+        self.created = int(time.time())  # OpenAI's model "created" (when this server took the deployment on)
         self.executor = ModelExecutor(self.name, settings.max_queue)
         self._prepare = prepare  # e.g. build the demo pack before the first load
 

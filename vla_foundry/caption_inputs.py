@@ -19,7 +19,7 @@ import torch
 
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.keyed_registry import KeyedRegistry
-from vla_foundry.tokenizer import load_tokenizer
+from vla_foundry.tokenizer import load_tokenizer, render_with_template
 
 logger = logging.getLogger(__name__)
 
@@ -151,14 +151,10 @@ class VLMCaptionProcessor(CaptionProcessor):
         return {"pixel_values": pixels}
 
     def render_chat(self, messages):
-        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
-        if not template:
-            raise InvalidInputError("this deployment's tokenizer has no chat template; use /v1/completions (or "
-                                    "/predict/vlm) with a plain prompt", field="messages")
         # Images are placed before the text by encode(); the template sees the text parts only.
         text_only = [{**m, "content": "".join(p.get("text", "") for p in m["content"])
                       if isinstance(m["content"], list) else m["content"]} for m in messages]
-        return self.tokenizer.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
+        return render_with_template(self.tokenizer, text_only)
 
     def io(self):
         return {"image_size": self.model.image_size, "tokens_per_image": self.model.tokens_per_image,
@@ -226,11 +222,7 @@ class HFCaptionProcessor(CaptionProcessor):
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def render_chat(self, messages):
-        try:
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # a template error is the caller's conversation, not a server fault
-            raise InvalidInputError(f"the model's chat template could not render these messages ({e})",
-                                    field="messages") from e
+        return render_with_template(self.processor, messages)
 
     def io(self):
         image_processor = getattr(self.processor, "image_processor", None)

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from vla_foundry.errors import CheckpointError
+from vla_foundry.errors import CheckpointError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +60,15 @@ def load_tokenizer(experiment_dir: Union[str, Path], override: Optional[str] = N
             logger.warning("no tokenizer in %s (%s)", model_default, type(e).__name__)
     logger.warning("no tokenizer found for %s; serving token ids only", experiment_dir)
     return None, None
+
+
+def render_with_template(owner: Any, messages: list[dict]) -> str:
+    """``messages`` through ``owner``'s chat template (a tokenizer's or an HF processor's), generation
+    prompt added. No template, or one that refuses the conversation, is the caller's error (422)."""
+    if owner is None or not getattr(owner, "chat_template", None):
+        raise InvalidInputError("this deployment has no chat template; use /v1/completions with a plain prompt",
+                                field="messages")
+    try:
+        return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # e.g. the template's own raise_exception for a role order it does not take
+        raise InvalidInputError(f"the chat template could not render these messages ({e})", field="messages") from e

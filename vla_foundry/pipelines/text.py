@@ -19,7 +19,7 @@ from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
 from vla_foundry.sampling import SamplingParams
-from vla_foundry.tokenizer import load_tokenizer
+from vla_foundry.tokenizer import load_tokenizer, render_with_template
 
 
 @dataclass
@@ -230,6 +230,10 @@ class TextPipeline(Pipeline):
         return ids
 
     # ------------------------------------------------------------------ predict
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """A conversation as prompt text, through the tokenizer's chat template (generation prompt added)."""
+        return render_with_template(self.tokenizer, messages)
 
     @torch.inference_mode()
     def complete(self, prompts: Optional[Sequence[str]] = None, prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,

@@ -1,0 +1,345 @@
+"""OpenAI-compatible text API for every text and caption deployment: ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions`` (with ``stream: true`` as server-sent events).
+
+The official ``openai`` client works unchanged: ``base_url="http://host:8000/v1"`` and the
+deployment name as ``model``. Defaults follow OpenAI's (temperature 1, top_p 1, no top-k,
+16 tokens for completions); ``top_k`` is accepted as an extension. Chat uses the
+tokenizer's (or HF processor's) chat template; caption deployments take ``image_url``
+content parts with ``data:`` URLs. Parameters this server cannot honour (logprobs, echo,
+penalties, tools, …) are refused by name rather than silently ignored.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the per-app request classes from the real annotations.
+
+import secrets
+import time
+from typing import Any, ClassVar, Literal, Optional, Union
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.codecs import encode_response
+from service.dependencies import get_manager
+from service.deployments import Deployment, DeploymentManager
+from service.errors import ApiError
+from service.images import decode_image_value
+from service.streaming import SSE_DONE, DeltaStream, GenerationCancelled, sse, sse_error
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.sampling import SamplingParams
+
+TEXT_MODALITIES = ("text", "caption")
+OWNER = "vla-foundry"
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class OpenAIRequest(BaseModel):
+    # Unknown fields are refused by name (a typo must not silently change nothing).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    cap_max_new_tokens: ClassVar[int] = 1024  # set per app (see add_openai_routes)
+    cap_batch: ClassVar[int] = 64
+    # Parameters this server cannot honour, with the values that mean "off" (accepted, since clients send them).
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"logprobs": (None, False), "presence_penalty": (None, 0),
+                                               "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+
+    model: Optional[str] = Field(None, description="Deployment name (GET /v1/models); optional when one text or "
+                                                   "caption deployment is served.")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="Extension: 0 = off.")
+    n: int = Field(1, ge=1, description="Choices per prompt.")
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    user: Optional[str] = None
+    # Accepted only at values that change nothing:
+    logprobs: Optional[Union[bool, int]] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+
+    @model_validator(mode="after")
+    def _check_common(self):
+        for name, off in self.UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value not in off:
+                raise InvalidInputError(f"`{name}` is not supported by this server; drop it (got {value!r})",
+                                        field=name)
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stop) > 4:
+            raise InvalidInputError(f"at most 4 stop sequences; got {len(stop)}", field="stop")
+        if self.max_new_tokens > self.cap_max_new_tokens:
+            raise InvalidInputError(f"max_tokens must be <= {self.cap_max_new_tokens}; got {self.max_new_tokens}",
+                                    field="max_tokens")
+        return self
+
+    @property
+    def max_new_tokens(self) -> int:
+        raise NotImplementedError
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**OpenAIRequest.UNSUPPORTED, "echo": (False,), "best_of": (None, 1),
+                                               "suffix": (None,)}
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_tokens or 16
+
+    @model_validator(mode="after")
+    def _check(self):
+        rows = len(self.prompt_rows()[0] or self.prompt_rows()[1] or [])
+        if rows == 0:
+            raise InvalidInputError("`prompt` is empty; send at least one prompt", field="prompt")
+        if rows * self.n > self.cap_batch:
+            raise InvalidInputError(f"prompts × n must be <= {self.cap_batch}; got {rows} × {self.n}", field="n")
+        return self
+
+    def prompt_rows(self) -> tuple[Optional[list[str]], Optional[list[list[int]]]]:
+        """(texts, token id rows): exactly one is set."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p], None
+        if p and all(isinstance(x, int) for x in p):
+            return None, [p]
+        if p and all(isinstance(x, list) for x in p):
+            return None, p
+        return p, None
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: Optional[str] = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "image_url"]
+    text: Optional[str] = None
+    image_url: Optional[Union[ImageURL, str]] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**OpenAIRequest.UNSUPPORTED, "top_logprobs": (None, 0),
+                                               "tools": (None, []), "tool_choice": (None, "none")}
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 256
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.response_format not in (None, {"type": "text"}):
+            raise InvalidInputError("only response_format {\"type\": \"text\"} is supported", field="response_format")
+        if self.n > self.cap_batch:
+            raise InvalidInputError(f"n must be <= {self.cap_batch}; got {self.n}", field="n")
+        return self
+
+    def conversation(self) -> tuple[list[dict], list[Any]]:
+        """Messages for a chat template (image parts become ``{"type": "image"}``) and the image values in order."""
+        messages, images = [], []
+        for i, m in enumerate(self.messages):
+            if m.content is None or isinstance(m.content, str):
+                messages.append({"role": m.role, "content": m.content or ""})
+                continue
+            parts = []
+            for j, part in enumerate(m.content):
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text or ""})
+                else:
+                    url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                    if not url:
+                        raise InvalidInputError("an image_url part needs image_url.url",
+                                                field=f"messages[{i}].content[{j}]")
+                    images.append((url, f"messages[{i}].content[{j}].image_url"))
+                    parts.append({"type": "image"})
+            messages.append({"role": m.role, "content": parts})
+        return messages, images
+
+
+# ----------------------------------------------------------------------------- work on the deployment's thread
+
+
+def run_completion(pipeline, request: CompletionRequest, on_text=None):
+    texts, ids = request.prompt_rows()
+    n = request.n
+    return pipeline.complete([t for t in texts for _ in range(n)] if texts is not None else None,
+                             [r for r in ids for _ in range(n)] if ids is not None else None,
+                             sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed,
+                             on_text=on_text)
+
+
+def run_chat(pipeline, request: ChatRequest, image_limits: dict, on_text=None):
+    messages, image_values = request.conversation()
+    images = [decode_image_value(value, field=field, **image_limits) for value, field in image_values]
+    prompt = pipeline.render_chat(messages)
+    n = request.n
+    common = dict(sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text)
+    if images:
+        return pipeline.caption([images] * n, [prompt] * n, rendered=True, **common)
+    return pipeline.complete([prompt] * n, **common)
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+def _deployment(manager: DeploymentManager, name: Optional[str]) -> Deployment:
+    if name is None:
+        served = [d for d in manager.deployments.values() if d.modality in TEXT_MODALITIES]
+        if len(served) != 1:
+            raise ApiError(422, "name the deployment in `model`; text and caption deployments: "
+                                f"{', '.join(d.name for d in served) or '(none)'}", field="model")
+        return served[0]
+    deployment = manager.get(name)
+    if deployment.modality is not None and deployment.modality not in TEXT_MODALITIES:
+        raise ApiError(404, f"deployment {name!r} serves {deployment.modality!r}, not text; the /v1 API serves text "
+                            f"and caption deployments (POST /predict/{deployment.model_type} for this one)",
+                       field="model")
+    return deployment
+
+
+def _check_tokenizer(deployment: Deployment) -> None:
+    pipeline = deployment.pipeline
+    if pipeline is not None and pipeline.tokenizer is None:
+        raise ApiError(422, f"deployment {deployment.name!r} has no tokenizer, so it cannot return text; use "
+                            f"POST /predict/{deployment.model_type} with token ids", field="model")
+
+
+def _usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def add_openai_routes(app: FastAPI, settings) -> None:
+    router = APIRouter(prefix="/v1", tags=["openai"])
+    caps = {"cap_max_new_tokens": settings.max_new_tokens, "cap_batch": settings.max_batch}
+    image_limits = {"max_pixels": settings.max_image_pixels, "max_bytes": settings.max_body_bytes}
+    completion_cls = type("CompletionRequest", (CompletionRequest,), {"__module__": __name__, **caps})
+    chat_cls = type("ChatCompletionRequest", (ChatRequest,), {"__module__": __name__, **caps})
+
+    @router.get("/models", summary="Text and caption deployments, OpenAI style")
+    async def list_models(manager: DeploymentManager = Depends(get_manager)):
+        data = [{"id": d.name, "object": "model", "created": d.created, "owned_by": OWNER, "type": d.model_type,
+                 "status": d.status}
+                for d in manager.deployments.values() if d.modality in TEXT_MODALITIES]
+        return {"object": "list", "data": data}
+
+    @router.get("/models/{name}", summary="One text or caption deployment, OpenAI style")
+    async def get_model(name: str, manager: DeploymentManager = Depends(get_manager)):
+        d = _deployment(manager, name)
+        return {"id": d.name, "object": "model", "created": d.created, "owned_by": OWNER, "type": d.model_type,
+                "status": d.status}
+
+    @router.post("/completions", summary="Text completions (OpenAI legacy completions)")
+    async def completions(body: completion_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
+        deployment = _deployment(manager, body.model)
+        _check_tokenizer(deployment)
+        return await _respond(deployment, body, request, "text_completion", "cmpl",
+                              lambda p, on_text=None: run_completion(p, body, on_text))
+
+    @router.post("/chat/completions", summary="Chat completions (images as image_url parts for caption models)")
+    async def chat_completions(body: chat_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
+        deployment = _deployment(manager, body.model)
+        _check_tokenizer(deployment)
+        if deployment.modality == "text" and any(
+                isinstance(m.content, list) and any(p.type == "image_url" for p in m.content) for m in body.messages):
+            raise ApiError(422, f"deployment {deployment.name!r} is a text model; image_url parts need a caption "
+                                "deployment", field="messages")
+        return await _respond(deployment, body, request, "chat.completion", "chatcmpl",
+                              lambda p, on_text=None: run_chat(p, body, image_limits, on_text))
+
+    app.include_router(router)
+
+
+async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request, kind: str, id_prefix: str, work):
+    response_id = f"{id_prefix}-{secrets.token_hex(12)}"
+    created = int(time.time())
+    chat = kind == "chat.completion"
+    if not body.stream:
+        started = time.perf_counter()
+        timed = await deployment.run(work)
+        result = timed.value
+        choices = [({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                     "logprobs": None} if chat else
+                    {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
+                   for i, c in enumerate(result.completions)]
+        payload = {"id": response_id, "object": kind, "created": created, "model": deployment.name,
+                   "choices": choices, "usage": _usage(result), "system_fingerprint": f"seed-{result.seed}",
+                   "timing_ms": {"queue": round(timed.queue_ms, 3), "infer": round(timed.run_ms, 3),
+                                 "total": round((time.perf_counter() - started) * 1000, 3)}}
+        return encode_response(payload, request.headers.get("accept", ""))
+
+    stream = DeltaStream()
+    await stream.start(deployment.run(work, on_text=stream.on_text))
+    chunk_kind = kind + ".chunk" if chat else kind
+
+    def chunk(choices: list, **extra) -> str:
+        return sse({"id": response_id, "object": chunk_kind, "created": created, "model": deployment.name,
+                    "choices": choices, **extra})
+
+    async def events():
+        started = set()
+        try:
+            async for row, text, _, finish in stream.deltas():
+                if not text and finish is None and (row in started or not chat):
+                    continue  # tokens that do not show as text yet (a partial character, a possible stop string)
+                if chat:
+                    delta: dict = {}
+                    if row not in started:
+                        started.add(row)
+                        delta["role"] = "assistant"
+                    if text:
+                        delta["content"] = text
+                    yield chunk([{"index": row, "delta": delta, "finish_reason": finish, "logprobs": None}])
+                else:
+                    yield chunk([{"index": row, "text": text or "", "finish_reason": finish, "logprobs": None}])
+            if body.include_usage:
+                yield chunk([], usage=_usage(stream.result().value))
+        except GenerationCancelled:
+            return
+        except InvalidInputError as e:
+            yield sse_error(422, str(e))
+        except Exception as e:  # the stream has started: the error goes in-band, without internals
+            yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details")
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
