@@ -1,8 +1,8 @@
 """Deployments: the checkpoints this server serves, their status, and how a request finds one.
 
-Each deployment is loaded on its own executor thread, so a slow or broken checkpoint
-never blocks the others: a load failure marks only that deployment ``failed`` with the
-reason, and the rest serve.
+Each deployment is loaded on its own executor thread (building the models one at a time),
+and a load failure marks only that deployment ``failed`` with the reason while the rest
+serve.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from vla_foundry.pipelines import Pipeline, load_pipeline
 logger = logging.getLogger(__name__)
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+# Checkpoints are built one at a time: transformers' lazy imports are not safe when two threads
+# import the same modules at once (one sees a half-initialised module). Warmups still run in parallel.
+_LOAD_LOCK = threading.Lock()
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -70,8 +73,9 @@ class Deployment:
             options = {"cuda_graphs": self.settings.cuda_graphs}
             if self.spec.tokenizer:
                 options["tokenizer"] = self.spec.tokenizer
-            pipeline = load_pipeline(path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema,
-                                     device=device, dtype=dtype, **options)
+            with _LOAD_LOCK:
+                pipeline = load_pipeline(path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema,
+                                         device=device, dtype=dtype, **options)
             if self.settings.warmup:
                 pipeline.warmup()
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))

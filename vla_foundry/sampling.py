@@ -22,6 +22,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) ⇒ greedy
     top_k: int = 50  # 0 ⇒ off
     top_p: float = 0.9  # 1 ⇒ off
+    # True: max_new_tokens is an upper bound, lowered to what fits in the model's context (for clients that
+    # give no length, like OpenAI chat); False: a prompt + max_new_tokens over the context is an error.
+    fit_context: bool = False
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

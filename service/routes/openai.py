@@ -163,7 +163,12 @@ class ChatRequest(OpenAIRequest):
 
     @property
     def max_new_tokens(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 256
+        return self.max_completion_tokens or self.max_tokens or self.cap_max_new_tokens
+
+    def sampling(self) -> SamplingParams:
+        # No length given: generate until eos, the server's cap or the end of the model's context.
+        unbounded = self.max_completion_tokens is None and self.max_tokens is None
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, fit_context=unbounded)
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,62 +1,20 @@
 """The real server: `vla-foundry serve` in a subprocess on a free loopback port, over httpx."""
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 import pytest
 from safetensors.torch import load_file
 
+from tests.service.live_server import live_server
 from vla_foundry.pipelines import load_pipeline
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli() -> list[str]:
-    script = Path(sys.executable).parent / "vla-foundry"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vla_foundry"]
 
 
 @pytest.fixture(scope="module")
 def server(transformer_fixture, tmp_path_factory):
     broken = tmp_path_factory.mktemp("broken")
     (broken / "config_model.yaml").write_text("type: transformer\n")  # no checkpoints at all
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(tmp_path_factory.mktemp("nodemo"))}
-    proc = subprocess.Popen(cli() + ["serve", "--checkpoint", str(transformer_fixture), "--checkpoint", f"{broken}=broken",
-                                     "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, proc.stdout.read()
-                try:
-                    if client.get("/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server did not become ready"
-                time.sleep(0.2)
-            yield client
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    args = ["--checkpoint", str(transformer_fixture), "--checkpoint", f"{broken}=broken"]
+    with live_server(args, tmp_path_factory.mktemp("nodemo")) as base, httpx.Client(base_url=base, timeout=30) as c:
+        yield c
 
 
 def test_models_and_readiness(server):

@@ -8,6 +8,7 @@ lengths, stop strings, finish reasons, usage counts, seeds and input validation.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +255,9 @@ class TextPipeline(Pipeline):
             raise InvalidInputError(f"max_new_tokens must be >= 1; got {sampling.max_new_tokens}",
                                     field="max_new_tokens")
         longest = max(len(r) for r in ids)
+        if sampling.fit_context and longest < self.model.max_seq_len:
+            sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
+                                                                         self.model.max_seq_len - longest))
         if longest + sampling.max_new_tokens > self.model.max_seq_len:
             raise InvalidInputError(
                 f"prompt length ({longest}) + max_new_tokens ({sampling.max_new_tokens}) exceeds this model's "

@@ -1,0 +1,57 @@
+"""Start `vla-foundry serve` in a subprocess on a free loopback port and wait until it is ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli() -> list[str]:
+    script = Path(sys.executable).parent / "vla-foundry"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vla_foundry"]
+
+
+@contextmanager
+def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120) -> Iterator[str]:
+    """Yields the base URL once ``/health/ready`` says 200; stops the server with SIGINT after."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir)}
+    proc = subprocess.Popen(cli() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port),
+                                     "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            deadline = time.monotonic() + timeout
+            while True:
+                assert proc.poll() is None, proc.stdout.read()
+                try:
+                    if client.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server did not become ready"
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,197 @@
+"""The OpenAI-compatible API: the official ``openai`` client against the real server, plus in-process checks."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import httpx
+import openai
+import pytest
+
+from service import DeploymentSpec
+from tests.factories import build_checkpoint, png_data_url, tiny_model, tiny_transformer_params
+from tests.service.conftest import serving
+from tests.service.live_server import live_server
+from vla_foundry.checkpoint import save_experiment
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A text model with a chat template and room for long streams (max_seq_len 1024)."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("chat") / "chat"
+    params = tiny_transformer_params(vocab_size=len(tokenizer), max_seq_len=1024, hidden_dim=64, n_layers=4)
+    save_experiment(tiny_model(params), path, tokenizer=tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(chat_checkpoint, tiny_checkpoints, tmp_path_factory):
+    args = ["--checkpoint", f"{chat_checkpoint}=chat", "--checkpoint", f"{tiny_checkpoints['vlm_hf']}=captioner"]
+    with live_server(args, tmp_path_factory.mktemp("nodemo")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=f"{live}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_list(client):
+    ids = {m.id for m in client.models.list()}
+    assert {"chat", "captioner"} <= ids
+
+
+def test_completion_equals_predict(client, live):
+    completion = client.completions.create(model="chat", prompt="the quick", max_tokens=8, temperature=0)
+    (choice,) = completion.choices
+    assert completion.model == "chat" and choice.finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= 8
+    predicted = httpx.post(f"{live}/predict/transformer", json={"model": "chat", "prompt": "the quick",
+                                                                "max_new_tokens": 8, "temperature": 0}).json()
+    assert choice.text == predicted["completions"][0]["text"]
+    assert completion.usage.completion_tokens == len(predicted["completions"][0]["token_ids"])
+
+
+def test_chat_is_seeded_and_counts_usage(client):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a robot picks up"}]
+    a = client.chat.completions.create(model="chat", messages=messages, max_tokens=12, seed=7, n=2)
+    b = client.chat.completions.create(model="chat", messages=messages, max_tokens=12, seed=7, n=2)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert [c.index for c in a.choices] == [0, 1] and all(c.message.role == "assistant" for c in a.choices)
+    assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens > 0
+
+
+def test_chat_stream_arrives_before_the_end(client):
+    messages = [{"role": "user", "content": "shall i compare thee"}]
+    whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=900, temperature=0)
+    started = time.monotonic()
+    arrivals, pieces, finish, usage = [], [], None, None
+    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=900, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            arrivals.append(time.monotonic() - started)
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.usage.completion_tokens > 100, "a long generation, so streaming shows in the arrival times"
+    assert len(arrivals) > 20
+    # Chunks are sent as tokens are generated, not buffered to the end.
+    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
+
+
+def test_chat_with_an_image_on_a_caption_model(client):
+    content = [{"type": "image_url", "image_url": {"url": png_data_url(3)}}, {"type": "text", "text": "what is it"}]
+    a = client.chat.completions.create(model="captioner", messages=[{"role": "user", "content": content}],
+                                       max_tokens=6, seed=1)
+    b = client.chat.completions.create(model="captioner", messages=[{"role": "user", "content": content}],
+                                       max_tokens=6, seed=1)
+    assert isinstance(a.choices[0].message.content, str)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_errors_reach_the_client(client):
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="no-such-model", prompt="hi")
+    assert "no-such-model" in missing.value.message and "chat" in missing.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as bad:
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], temperature=5)
+    assert bad.value.body["field"] == "temperature"
+    with pytest.raises(openai.UnprocessableEntityError) as unsupported:
+        client.completions.create(model="chat", prompt="hi", logprobs=2)
+    assert "logprobs" in unsupported.value.message
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+@pytest.fixture(scope="module")
+def app_client(chat_checkpoint, tiny_checkpoints, fixtures_dir):
+    specs = [DeploymentSpec(name="chat", checkpoint=str(chat_checkpoint)),
+             DeploymentSpec(name="vlm", checkpoint=str(tiny_checkpoints["vlm"])),
+             DeploymentSpec(name="ids-only", checkpoint=str(fixtures_dir / "transformer_basic"))]
+    with serving(*specs, max_new_tokens=64, max_batch=4) as c:
+        yield c
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_v1_models_lists_text_and_caption_only(app_client):
+    body = app_client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert {m["id"]: m["type"] for m in body["data"]} == {"chat": "transformer", "vlm": "vlm",
+                                                          "ids-only": "transformer"}
+    assert app_client.get("/v1/models/chat").json()["id"] == "chat"
+
+
+def test_completion_prompt_forms_and_n(app_client):
+    body = app_client.post("/v1/completions", json={"model": "chat", "prompt": ["the quick", "a robot"], "n": 2,
+                                                    "max_tokens": 3, "seed": 1}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    ids = app_client.post("/v1/completions", json={"model": "chat", "prompt": [5, 6, 7], "max_tokens": 3,
+                                                   "temperature": 0}).json()
+    assert ids["usage"]["prompt_tokens"] == 3 and isinstance(ids["choices"][0]["text"], str)
+
+
+def test_stop_string_cuts_and_streams_without_it(app_client):
+    request = {"model": "chat", "prompt": "the quick", "max_tokens": 20, "temperature": 0}
+    full = app_client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = app_client.post("/v1/completions", json={**request, "stop": stop}).json()["choices"][0]
+    assert cut["text"] == full[:full.index(stop)] and cut["finish_reason"] == "stop"
+    with app_client.stream("POST", "/v1/completions", json={**request, "stop": stop, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_v1_refusals(app_client):
+    image_part = {"type": "image_url", "image_url": {"url": png_data_url(0)}}
+    e = error_of(app_client.post("/v1/chat/completions", json={
+        "model": "chat", "messages": [{"role": "user", "content": [image_part]}]}), 422)
+    assert "text model" in e["message"]
+    e = error_of(app_client.post("/v1/completions", json={"model": "ids-only", "prompt": "hi"}), 422)
+    assert "no tokenizer" in e["message"]
+    e = error_of(app_client.post("/v1/chat/completions", json={
+        "model": "vlm", "messages": [{"role": "user", "content": "hi"}]}), 422)
+    assert "chat template" in e["message"]
+    e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x", "echo": True}), 422)
+    assert e["field"] == "echo"
+    e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x", "max_tokens": 65}), 422)
+    assert e["field"] == "max_tokens" and "64" in e["message"]
+    e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x", "bogus": 1}), 422)
+    assert "bogus" in e["message"]
+    e = error_of(app_client.post("/v1/chat/completions", json={"model": "vlm", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}), 422)
+    assert "remote image URLs are not fetched" in e["message"]
+    e = error_of(app_client.post("/v1/completions", json={"prompt": "x"}), 422)
+    assert e["field"] == "model" and "chat" in e["message"]
+
+
+def test_caption_model_completes_text_and_chats_with_images(app_client):
+    text_only = app_client.post("/v1/completions", json={"model": "vlm", "prompt": "the quick", "max_tokens": 3})
+    assert text_only.status_code == 200, text_only.text
+    part = {"type": "image_url", "image_url": {"url": png_data_url(1)}}
+    e = error_of(app_client.post("/v1/chat/completions", json={
+        "model": "vlm", "messages": [{"role": "user", "content": [part]}]}), 422)
+    assert "chat template" in e["message"]  # the tiny vlm's tokenizer has none
+
