@@ -136,16 +136,29 @@ def test_several_deployments_of_a_type_need_a_name(tiny_checkpoints):
 def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypatch):
     import vla_foundry.demo as demo
     from vla_foundry.demo import transformer as transformer_demo
+    from vla_foundry.demo import vlm as vlm_demo
 
-    # The real member trains for 300 steps; 10 show the same path in seconds.
+    # The real members train for hundreds of steps; 10 show the same path in seconds.
     monkeypatch.setitem(demo.BUILDERS, "demo-transformer",
                         lambda path, progress: transformer_demo.build(path, progress, steps=10))
+    monkeypatch.setitem(demo.BUILDERS, "demo-vlm", lambda path, progress: vlm_demo.build(path, progress, steps=10))
     with serving(demo_dir=tmp_path / "demo") as client:
-        (info,) = client.get("/models").json()["deployments"]
-        assert info["name"] == "demo-transformer" and info["status"] == "ready"
+        infos = {d["name"]: d for d in client.get("/models").json()["deployments"]}
+        assert set(infos) == set(demo.DEMO_MEMBERS)
+        assert all(info["status"] == "ready" for info in infos.values()), infos
+        info = infos["demo-transformer"]
         assert info["demo"]["random_weights"] is False and info["demo"]["train_steps"] == 10
         assert info["io"]["accepts"] == ["prompt", "prompt_token_ids"]
+        assert infos["demo-transformer_hf"]["demo"]["random_weights"] is True
+        assert infos["demo-vlm_hf"]["demo"]["random_weights"] is True
         completion = client.post("/predict/transformer", json={"prompt": "Shall I", "max_new_tokens": 5,
                                                                "temperature": 0}).json()["completions"][0]
         assert isinstance(completion["text"], str) and completion["token_ids"]
-    assert demo.is_built(tmp_path / "demo" / "demo-transformer")
+        image = vlm_demo.sample(__import__("random").Random(0))[0]
+        caption = client.post("/predict/vlm", json={"image": encode_array(image, binary=False),
+                                                    "max_new_tokens": 6, "temperature": 0})
+        assert caption.status_code == 200, caption.text
+        chat = client.post("/v1/chat/completions", json={"model": "demo-transformer_hf", "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "hello"}]})
+        assert chat.status_code == 200, chat.text
+    assert all(demo.is_built(tmp_path / "demo" / m) for m in demo.DEMO_MEMBERS)

@@ -26,3 +26,38 @@ def test_corpus_is_public_domain_text():
     docs = transformer_demo.corpus_documents()
     assert len(docs) > 20
     assert any("Four score and seven years ago" in d for d in docs)
+
+
+@pytest.mark.slow
+def test_demo_vlm_learns_to_name_colours(tmp_path):
+    import random
+
+    from vla_foundry.demo import vlm as vlm_demo
+
+    target = tmp_path / "demo-vlm"
+    vlm_demo.build(target, progress=False, steps=120)
+    card = json.loads((target / "demo.json").read_text())
+    assert card["random_weights"] is False and card["final_train_loss"] < 1.5  # from ln(321) ≈ 5.8
+    pipeline = load_pipeline(target)
+    rng = random.Random(7)
+    samples = [vlm_demo.sample(rng) for _ in range(12)]
+    result = pipeline.caption([[image] for image, _ in samples], sampling=SamplingParams(max_new_tokens=8,
+                                                                                         temperature=0.0))
+    colours = [caption.split()[1] for _, caption in samples]
+    named = sum(c.text.split()[1:2] == [colour] for c, colour in zip(result.completions, colours))
+    assert named >= 6, [c.text for c in result.completions]
+
+
+@pytest.mark.parametrize("member", ["demo-transformer_hf", "demo-vlm_hf"])
+def test_demo_hf_members_are_random_and_movable(tmp_path, member):
+    import shutil
+
+    from vla_foundry.demo import BUILDERS
+
+    BUILDERS[member](tmp_path / "built" / member, False)
+    moved = tmp_path / "moved" / member
+    shutil.copytree(tmp_path / "built" / member, moved)
+    shutil.rmtree(tmp_path / "built")  # the member must not point back at where it was built
+    assert is_built(moved) and json.loads((moved / "demo.json").read_text())["random_weights"] is True
+    pipeline = load_pipeline(moved)
+    assert pipeline.tokenizer is not None and str(moved) in pipeline.tokenizer_source

@@ -13,13 +13,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
+from vla_foundry.demo import hf as hf_demo
 from vla_foundry.demo import transformer as transformer_demo
+from vla_foundry.demo import vlm as vlm_demo
 
 logger = logging.getLogger(__name__)
 
 # member name → builder(experiment_dir, progress)
 BUILDERS: dict[str, Callable[[Path, bool], None]] = {
     "demo-transformer": transformer_demo.build,
+    "demo-transformer_hf": hf_demo.build_transformer_hf,
+    "demo-vlm": vlm_demo.build,
+    "demo-vlm_hf": hf_demo.build_vlm_hf,
 }
 DEMO_MEMBERS = tuple(BUILDERS)
 

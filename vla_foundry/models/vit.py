@@ -21,7 +21,8 @@ class PatchEmbedding(nn.Module):
         self.cls_flag = p.cls_flag
         if p.cls_flag:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, p.hidden_dim))
-        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches + int(p.cls_flag), p.hidden_dim))
+        # Random, not zero, so training from scratch can tell patches apart (checkpoints overwrite it).
+        self.position_embedding = nn.Parameter(0.02 * torch.randn(1, num_patches + int(p.cls_flag), p.hidden_dim))
 
     def forward(self, x):  # (B, 3, H, W)
         x = self.conv(x).flatten(2).transpose(1, 2)  # (B, P, D), row-major patches
