@@ -1,6 +1,8 @@
 """The caption pipeline on our ``vlm`` (placeholders, broadcasting, images, batching) and streaming
 (``on_text``) for captions and text completions."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,9 @@ def test_caption_broadcasts_prompts_and_images(pipeline):
     with pytest.raises(InvalidInputError) as err:
         pipeline.caption(imgs, prompts, sampling=GREEDY)
     assert err.value.field == "prompt"
+    no_prompt = pipeline.caption(imgs[:2], sampling=GREEDY)  # image-only captions
+    assert no_prompt.prompt_token_ids == [[pipeline.model.image_token_id] * pipeline.model.tokens_per_image] * 2
+    assert tokens(no_prompt) == tokens(pipeline.caption(imgs[:2], ["", ""], sampling=GREEDY))
     with pytest.raises(InvalidInputError) as err:
         pipeline.caption(imgs, prompt_token_ids=[[5], [6]], sampling=GREEDY)
     assert err.value.field == "prompt_token_ids"
@@ -240,3 +245,20 @@ def test_text_streaming_finishes_at_eos(text_pipeline):
     completion = result.completions[0]
     assert completion.token_ids == greedy[:greedy.index(greedy[3])] and completion.finish_reason == "stop"
     rec.check(result)
+
+
+def test_stop_string_matches_only_text_that_stays(tiny_tokenizer):
+    """A character split over two byte-level tokens decodes as U+FFFD until its second token arrives; a stop
+    string must not match that transient text (the final text never contains it)."""
+    from vla_foundry.pipelines.text import CompletionTracker
+
+    ids = tiny_tokenizer.encode("\u05e2", add_special_tokens=False)  # 'ע': UTF-8 D7 A2, one token per byte
+    assert len(ids) == 2 and tiny_tokenizer.decode(ids[:1]) == "\ufffd"
+    rec = Recorder()
+    tracker = CompletionTracker(1, tiny_tokenizer, tiny_tokenizer.eos_token_id, ["\ufffd"], rec)
+    for n in range(1, len(ids) + 1):
+        tracker.update(range(1), torch.tensor([ids[:n]]))
+    tracker.set_tokens(0, ids)
+    completion = tracker.finish()[0]
+    assert (completion.text, completion.token_ids, completion.finish_reason) == ("\u05e2", ids, "length")
+    rec.check(SimpleNamespace(completions=[completion]), stop=["\ufffd"])
