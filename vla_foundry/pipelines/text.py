@@ -85,11 +85,17 @@ class CompletionTracker:
         self.sent_text = [0] * n_rows
         self.sent_tokens = [0] * n_rows
 
-    def _text(self, tokens: list[int]) -> tuple[str, bool]:
-        """The visible text of ``tokens`` (eos dropped, cut at the first stop string) and whether it was cut."""
+    def _text(self, tokens: list[int], settled_only: bool = False) -> tuple[str, bool]:
+        """The visible text of ``tokens`` (eos dropped, cut at the first stop string) and whether it was cut.
+
+        ``settled_only``: leave out a trailing incomplete character (U+FFFD until its next token
+        arrives), so a stop string never matches text that is about to change.
+        """
         if tokens and tokens[-1] == self.eos_token_id:
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if settled_only:
+            text = text.rstrip("\ufffd")
         cuts = [text.index(s) for s in self.stop if s in text]
         return (text[:min(cuts)], True) if cuts else (text, False)
 
@@ -106,7 +112,7 @@ class CompletionTracker:
                 continue
             tokens = rows_tokens[i]
             if self.tokenizer is not None and (self.stop or self.on_text):
-                text, cut = self._text(tokens)
+                text, cut = self._text(tokens, settled_only=True)
                 if cut:
                     self.kept[row] = n
             if self.on_text is not None and self.kept[row] is None:
@@ -116,9 +122,7 @@ class CompletionTracker:
     def _send(self, row: int, tokens: list[int], text: Optional[str], final: bool,
               finish_reason: Optional[str] = None) -> None:
         safe = len(text) if text is not None else 0
-        if text is not None and not final:
-            if text.endswith("\ufffd"):
-                safe = len(text.rstrip("\ufffd"))
+        if text is not None and not final:  # (a trailing incomplete character is already left out)
             for s in self.stop:  # the longest tail that is a prefix of a stop string stays back
                 for k in range(min(len(s) - 1, safe), 0, -1):
                     if text[:safe].endswith(s[:k]):
