@@ -84,3 +84,40 @@ def test_cuda_graph_decode_matches_eager(tiny_checkpoints, dtype):
                              past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
         tolerance = 1e-4 if dtype == "float32" else 5e-2
         assert torch.allclose(graph_logits.float(), eager_logits.float(), atol=tolerance)
+
+
+def test_vlm_fixture_on_cuda_fp32_matches(fixtures_dir):
+    path = fixtures_dir / "vlm_basic"
+    model = load_model(path, device="cuda")
+    e = load_file(path / "expected" / "forward.safetensors")
+    logits = model(e["input.input_ids"].cuda(), e["input.pixel_values"].cuda()).logits.cpu()
+    assert torch.allclose(logits, e["output.logits"], atol=1e-4)
+    g = load_file(path / "expected" / "generate.safetensors")
+    for use_cache in (True, False):
+        out = model.generate(g["input.input_ids"].cuda(), g["input.pixel_values"].cuda(),
+                             g["input.attention_mask"].cuda(), max_new_tokens=6, temperature=0.0,
+                             use_cache=use_cache).cpu()
+        assert torch.equal(out, g["output.tokens_use_cache" if use_cache else "output.tokens_no_cache"])
+
+
+@pytest.mark.parametrize("model_type", ["transformer_hf", "vlm", "vlm_hf"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_new_types_on_cuda(tiny_checkpoints, model_type, dtype):
+    """Greedy with the cache equals greedy without it on CUDA, and seeded sampling repeats."""
+    import numpy as np
+
+    pipeline = load_pipeline(tiny_checkpoints[model_type], device="cuda", dtype=dtype)
+    assert all(p.is_cuda and p.dtype == getattr(torch, dtype) for p in pipeline.model.parameters())
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    def run(**kwargs):
+        if pipeline.modality == "caption":
+            return pipeline.caption([[image], [image]], ["the quick brown", "a"], **kwargs).completions
+        return pipeline.complete(["the quick brown", "a"], **kwargs).completions
+
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    cached, uncached = run(sampling=greedy), run(sampling=greedy, use_cache=False)
+    if dtype == "float32":
+        assert [c.token_ids for c in cached] == [c.token_ids for c in uncached]
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0)
+    assert [c.token_ids for c in run(sampling=sampled, seed=3)] == [c.token_ids for c in run(sampling=sampled, seed=3)]

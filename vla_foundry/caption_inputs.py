@@ -51,9 +51,10 @@ class CaptionProcessor:
         raise NotImplementedError
 
     def encode(self, prompts: Optional[Sequence[str]], prompt_token_ids: Optional[Sequence[Sequence[int]]],
-               images: Images, *, rendered: bool = False, append_eos: bool = False) -> CaptionInputs:
-        """``rendered``: the prompts already went through the chat template. ``append_eos``: end each row
-        with eos (a caption to score rather than a prompt to continue)."""
+               images: Images, *, rendered: bool = False, answers: bool = False) -> CaptionInputs:
+        """``rendered``: the prompts already went through the chat template. ``answers``: the texts are
+        captions to score, not prompts to continue: each row is what a caption request would send (images,
+        and a chat model's generation prompt) followed by the text and eos."""
         raise NotImplementedError
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -121,7 +122,7 @@ class VLMCaptionProcessor(CaptionProcessor):
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, S, S)
         return (x - self.mean) / self.std
 
-    def encode(self, prompts, prompt_token_ids, images, *, rendered=False, append_eos=False) -> CaptionInputs:
+    def encode(self, prompts, prompt_token_ids, images, *, rendered=False, answers=False) -> CaptionInputs:
         n_images = _rows_of_images(images)
         if n_images == 0:
             raise InvalidInputError("a caption needs at least one image", field="images")
@@ -140,7 +141,7 @@ class VLMCaptionProcessor(CaptionProcessor):
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         placeholders = [image_token] * (self.model.tokens_per_image * n_images)
         ids = [([bos] if bos is not None else []) + placeholders + list(row)
-               + ([eos] if append_eos and eos is not None else []) for row in prompt_token_ids]
+               + ([eos] if answers and eos is not None else []) for row in prompt_token_ids]
         return CaptionInputs(ids, self.image_inputs(images))
 
     def image_inputs(self, images):
@@ -190,15 +191,17 @@ class HFCaptionProcessor(CaptionProcessor):
         image_token = getattr(self.processor, "image_token", None) or "<image>"
         return image_token * n_images + prompt
 
-    def encode(self, prompts, prompt_token_ids, images, *, rendered=False, append_eos=False) -> CaptionInputs:
+    def encode(self, prompts, prompt_token_ids, images, *, rendered=False, answers=False) -> CaptionInputs:
         from PIL import Image
 
         if prompt_token_ids is not None:
             raise InvalidInputError("vlm_hf deployments take text prompts (their processor places the image "
                                     "tokens); send `prompt` instead of `prompt_token_ids`", field="prompt_token_ids")
-        texts = [p if rendered else self._render(p, len(row)) for p, row in zip(prompts, images)]
-        if append_eos and self.tokenizer.eos_token:
-            texts = [t + self.tokenizer.eos_token for t in texts]
+        if answers:  # the caption is the assistant's turn after an image-only request
+            eos = self.tokenizer.eos_token or ""
+            texts = [self._render("", len(row)) + p + eos for p, row in zip(prompts, images)]
+        else:
+            texts = [p if rendered else self._render(p, len(row)) for p, row in zip(prompts, images)]
         pil = [[Image.fromarray(im) for im in row] for row in images]
         try:
             out = self.processor(text=texts, images=pil if any(pil) else None, return_tensors="pt", padding=True)

@@ -262,3 +262,15 @@ def test_stop_string_matches_only_text_that_stays(tiny_tokenizer):
     completion = tracker.finish()[0]
     assert (completion.text, completion.token_ids, completion.finish_reason) == ("\u05e2", ids, "length")
     rec.check(SimpleNamespace(completions=[completion]), stop=["\ufffd"])
+
+
+@pytest.mark.parametrize("model_type", ["vlm", "vlm_hf"])
+def test_bfloat16_captioner_takes_float32_pixels(tiny_checkpoints, model_type):
+    """Pixels are prepared in float32 and cast to the model's dtype on the way in (predict and evaluate)."""
+    pipeline = load_pipeline(tiny_checkpoints[model_type], dtype="bfloat16")
+    assert next(pipeline.model.parameters()).dtype == torch.bfloat16
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    result = pipeline.caption([[image]], ["the"], sampling=SamplingParams(max_new_tokens=3, temperature=0.0))
+    assert len(result.completions[0].token_ids) == 3
+    loss = pipeline.evaluate([[image]], texts=["a red block"], seed=0)["loss"]
+    assert np.isfinite(loss)

@@ -145,6 +145,6 @@ def test_evaluate_texts(family, pipelines):
     assert math.isfinite(out["loss"]) and out["loss"] > 0
     assert out["num_samples"] == 2 and out["seed"] == 1
     # image placeholders and padding are never targets
-    ids = pipeline.processor.encode(texts, None, imgs, append_eos=True).ids
+    ids = pipeline.processor.encode(texts, None, imgs, answers=True).ids
     at_most = sum(sum(1 for t in row[1:] if t != pipeline.model.image_token_id) for row in ids)
     assert 0 < out["num_tokens"] <= at_most

@@ -100,7 +100,7 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
     loss_value = float("nan")
     for _ in bar:
         images, captions = zip(*(sample(rng) for _ in range(BATCH)))
-        inputs = processor.encode(list(captions), None, [[im] for im in images], append_eos=True)
+        inputs = processor.encode(list(captions), None, [[im] for im in images], answers=True)
         input_ids, mask = pad_rows(inputs.ids, tokenizer.pad_token_id)
         loss = handler.compute_loss(model, {"input_ids": input_ids, "attention_mask": mask, **inputs.image_inputs},
                                     generator=generator).loss

@@ -43,6 +43,12 @@ class BatchHandler:
     def model_device(model) -> torch.device:
         return next(model.parameters()).device
 
+    @staticmethod
+    def to_model(model, tensor: torch.Tensor) -> torch.Tensor:
+        """On the model's device; floating inputs (pixels) also in its dtype (a bf16 model takes bf16 pixels)."""
+        weight = next(model.parameters())
+        return tensor.to(weight.device, dtype=weight.dtype if tensor.is_floating_point() else None)
+
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_coefficient: float) -> LossOutput:
     """Cross-entropy (+ z-loss) of (B, T, V) logits against (B, T) targets, with token count and perplexity."""
@@ -91,8 +97,7 @@ class CaptionBatchHandler(BatchHandler):
         self.z_loss_coefficient = z_loss_coefficient
 
     def compute_loss(self, model, batch, generator=None) -> LossOutput:
-        device = self.model_device(model)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: self.to_model(model, v) for k, v in batch.items()}
         input_ids = batch.pop("input_ids")  # (B, T)
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise InvalidInputError(f"input_ids must be (batch, length >= 2); got {tuple(input_ids.shape)}",

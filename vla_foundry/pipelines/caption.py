@@ -90,13 +90,14 @@ class CaptionPipeline(TextPipeline):
     @torch.inference_mode()
     def evaluate(self, images: Images, texts: Optional[Sequence[str]] = None,
                  input_ids: Optional[Sequence[Sequence[int]]] = None, seed: Optional[int] = None) -> dict[str, Any]:
-        """The batch handler's loss for captions: ``texts`` (each becomes images + text + eos) or ``input_ids``
-        that already hold the image placeholders, with one image list per row (or one for all)."""
+        """The batch handler's loss for captions: ``texts`` (each scored as the answer to an image-only caption
+        request: images, a chat model's generation prompt, the text, eos) or ``input_ids`` that already hold
+        the image placeholders, with one image list per row (or one for all)."""
         if (texts is None) == (input_ids is None):
             raise InvalidInputError("give exactly one of `texts` or `input_ids`", field="texts")
         if texts is not None:
             texts, images = broadcast_rows(texts, images, "texts")
-            inputs = self.processor.encode(list(texts), None, images, append_eos=True)
+            inputs = self.processor.encode(list(texts), None, images, answers=True)
             ids, image_inputs = inputs.ids, inputs.image_inputs
         else:
             input_ids, images = broadcast_rows(input_ids, images, "input_ids")

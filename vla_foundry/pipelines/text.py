@@ -291,7 +291,7 @@ class TextPipeline(Pipeline):
                   sampling: SamplingParams, use_cache: bool, generator: torch.Generator,
                   tracker: "CompletionTracker") -> None:
         input_ids, mask = (t.to(self.device) for t in pad_rows(ids, self.pad_token_id, left=True))
-        model_inputs = {k: v.to(self.device) for k, v in model_inputs.items()}
+        model_inputs = {k: self.batch_handler.to_model(self.model, v) for k, v in model_inputs.items()}
         generated = self.model.generate(
             input_ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, eos_token_id=None,
