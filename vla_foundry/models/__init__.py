@@ -15,6 +15,8 @@ from vla_foundry.models import transformer  # noqa: F401  (registers "transforme
 from vla_foundry.models import transformer_hf  # noqa: F401  (registers "transformer_hf")
 from vla_foundry.models import vlm  # noqa: F401  (registers "vlm")
 from vla_foundry.models import vlm_hf  # noqa: F401  (registers "vlm_hf")
+from vla_foundry.models import clip_hf  # noqa: F401  (registers "clip_hf")
+from vla_foundry.models import stable_diffusion  # noqa: F401  (registers "stable_diffusion")
 from vla_foundry.models import batch_handlers  # noqa: F401  (registers the handlers)
 
 __all__ = [

@@ -1,0 +1,91 @@
+"""``clip_hf``: a ``transformers.CLIPModel`` wrapper (format spec §7), keys ``model.<CLIPModel keys>``.
+
+Used as the text encoder of ``stable_diffusion`` (§11.3: the text tower's
+``last_hidden_state``, on ids padded to a fixed length, no attention mask) and as a
+contrastive encoder (``forward``: normalized, projected text and image embeddings).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.models.registry import register_model
+from vla_foundry.params.clip import ClipHFParams
+
+
+def l2normalize(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@register_model("clip_hf")
+class ClipHF(nn.Module):
+    modality = "encoder"
+
+    def __init__(self, params: ClipHFParams, load_pretrained: bool = True):
+        super().__init__()
+        from transformers import CLIPConfig, CLIPModel
+
+        if not params.hf_pretrained:
+            raise ValueError("clip_hf needs `hf_pretrained`: a local CLIP directory (config.json, tokenizer)")
+        self.params = params
+        if load_pretrained:
+            self.model = CLIPModel.from_pretrained(params.hf_pretrained, dtype=torch.float32)
+        else:  # random init: the checkpoint holds every weight (spec §7)
+            self.model = CLIPModel(CLIPConfig.from_pretrained(params.hf_pretrained))
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self):
+        """The CLIP tokenizer of ``hf_pretrained`` (loaded on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.params.hf_pretrained)
+        return self._tokenizer
+
+    @property
+    def max_text_length(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    def tokenize(self, texts: list[str], max_length: int, field: str = "prompt") -> torch.Tensor:
+        """Ids padded to ``max_length`` (B, max_length). Longer texts are refused, not silently truncated."""
+        max_length = min(max_length, self.max_text_length)
+        ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        for i, row in enumerate(ids):
+            if len(row) > max_length:
+                name = field if len(texts) == 1 else f"{field}[{i}]"
+                raise InvalidInputError(f"{name} is {len(row)} tokens long (with start/end tokens); this model's text "
+                                        f"encoder takes at most {max_length}; shorten it", field=field)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return torch.tensor([row + [pad] * (max_length - len(row)) for row in ids], dtype=torch.long)
+
+    def text_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text tower's ``last_hidden_state`` (B, S, Ht), no attention mask (spec §11.3)."""
+        return self.model.text_model(input_ids=input_ids.to(self.model.device)).last_hidden_state
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, attention_mask_images=None):
+        """Spec §7: text_embeds = text_projection(l2normalize(pooled)); image_embeds = l2normalize(projection)."""
+        out = {}
+        if input_ids is not None:
+            if input_ids.shape[1] > self.max_text_length:
+                raise ValueError(f"text length {input_ids.shape[1]} > max_position_embeddings {self.max_text_length}")
+            pooled = self.model.text_model(input_ids=input_ids).pooler_output  # no attention mask (B14)
+            out["text_embeds"] = self.model.text_projection(l2normalize(pooled))
+        if pixel_values is not None:
+            if pixel_values.dim() != 4:
+                raise ValueError(f"pixel_values must be 4-D (B·N, 3, h, w); got {tuple(pixel_values.shape)}")
+            B = input_ids.shape[0] if input_ids is not None else pixel_values.shape[0]
+            pooled = self.model.vision_model(pixel_values=pixel_values).pooler_output
+            image = l2normalize(self.model.visual_projection(pooled).view(B, -1, self.model.config.projection_dim))
+            if attention_mask_images is not None:
+                image = image * attention_mask_images[..., None].to(image.dtype)
+            out["image_embeds"] = image
+        return out

@@ -1,0 +1,152 @@
+"""``stable_diffusion``: pixel-space UNet + noise scheduler (+ CLIP text encoder), format spec §10–§11.
+
+The model holds the UNet, its training scheduler and (when configured) the ``clip_hf`` text
+encoder; ``generate`` is the sampling loop. The scheduler math lives in ``schedulers.py``.
+Shapes: B images, C channels, S×S pixels, T training timesteps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from vla_foundry.models.registry import create_model, register_model
+from vla_foundry.models.unet import DiffusersUNet, UNet
+from vla_foundry.params.diffusion import StableDiffusionParams
+from vla_foundry.schedulers import (FAST_SCHEDULERS, FlowMatchingScheduler, Generators, build_training_scheduler,
+                                    fast_scheduler, flow_euler_scheduler, randn_like)
+
+TRAINING = "training"  # the scheduler the model trained with, over all its steps (t = T−1 … 1)
+
+
+@dataclass
+class DiffusionOutput:
+    images: torch.Tensor  # (B, S, S, C) uint8
+    sample: torch.Tensor  # (B, C, S, S) the last scheduler output, in [-1, 1] units
+
+
+def to_uint8(sample: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, S) in [-1, 1] → (B, S, S, C) uint8, as VLA Foundry maps its samples."""
+    return torch.round((sample.float() / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@register_model("stable_diffusion")
+class StableDiffusion(nn.Module):
+    modality = "image"
+
+    def __init__(self, params: StableDiffusionParams, load_pretrained: bool = True):
+        super().__init__()
+        self.params = params
+        self.unet = DiffusersUNet(params.unet) if params.use_diffusers_unet else UNet(params.unet)
+        self.scheduler = build_training_scheduler(params.noise_scheduler,
+                                                  flow_matching=params.use_flow_matching_scheduler,
+                                                  diffusers=params.use_diffusers_scheduler)
+        clip = params.clip
+        if clip is not None and getattr(clip, "hf_pretrained", None):
+            self.clip = create_model(clip, load_pretrained=load_pretrained)
+            if not params.use_diffusers_unet and params.unet.text_emb_dim != self.clip.text_hidden_size:
+                raise ValueError(f"unet.text_emb_dim ({params.unet.text_emb_dim}) must equal the CLIP text hidden "
+                                 f"size ({self.clip.text_hidden_size})")
+
+    # ------------------------------------------------------------------ what a client needs
+
+    @property
+    def has_text(self) -> bool:
+        return hasattr(self, "clip")
+
+    @property
+    def image_size(self) -> int:
+        return self.params.unet.image_size
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.scheduler.num_timesteps
+
+    @property
+    def is_flow_matching(self) -> bool:
+        return isinstance(self.scheduler, FlowMatchingScheduler)
+
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        return (TRAINING, "flow_euler") if self.is_flow_matching else (TRAINING, *FAST_SCHEDULERS)
+
+    @property
+    def default_scheduler(self) -> str:
+        return "flow_euler" if self.is_flow_matching else "dpmsolver++"
+
+    # ------------------------------------------------------------------ text
+
+    def encode_text(self, prompts: Sequence[str], max_text_seq_len: int = 64, field: str = "prompt") -> torch.Tensor:
+        """CLIP text ``last_hidden_state`` (B, max_len, Ht) on ids padded to ``max_text_seq_len`` (spec §11.3)."""
+        ids = self.clip.tokenize(list(prompts), max_text_seq_len, field=field)
+        return self.clip.text_hidden_states(ids)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _denoise(self, x, t, context, guidance_scale: Optional[float]) -> torch.Tensor:
+        """The UNet's prediction at timestep ``t``; with guidance, uncond + g·(cond − uncond)."""
+        B = x.shape[0]
+        timesteps = torch.full((B,), float(t), device=x.device) if not isinstance(t, int) else \
+            torch.full((B,), t, dtype=torch.long, device=x.device)
+        if context is None or guidance_scale is None:
+            return self.unet(x, timesteps, context)
+        out_u, out_c = self.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), context).chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    @torch.no_grad()
+    def generate(self, batch_size: int, device: Union[str, torch.device] = "cpu", prompt: Union[None, str, Sequence[str]] = None,
+                 uncond_prompt: Union[str, Sequence[str]] = "", max_text_seq_len: int = 64, *,
+                 guidance_scale: Optional[float] = None, generator: Generators = None,
+                 initial_noise: Optional[torch.Tensor] = None, step_noises: Optional[torch.Tensor] = None,
+                 scheduler: str = TRAINING, num_inference_steps: Optional[int] = None) -> DiffusionOutput:
+        """Sample ``batch_size`` images (spec §11.3).
+
+        ``generator``: one, or one per image (then each image depends on its own seed only).
+        ``initial_noise`` (B, C, S, S) and ``step_noises`` (T−1, B, C, S, S) replace the draws (the
+        fixtures record them). ``guidance_scale``: None ⇒ the config's when it enables classifier-free
+        guidance, else none. ``scheduler``: ``training`` (T−1 steps, as VLA Foundry samples) or a fast
+        one (``dpmsolver++``, ``ddim``, ``euler``; ``flow_euler`` for flow matching) with
+        ``num_inference_steps``.
+        """
+        device = torch.device(device)
+        dtype = next(self.unet.parameters()).dtype
+        shape = (batch_size, self.params.unet.in_channels, self.image_size, self.image_size)
+        if initial_noise is not None:
+            x = initial_noise.to(device=device, dtype=dtype)
+        else:
+            x = randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
+        context = None
+        if prompt is not None and self.has_text:
+            prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+            context = self.encode_text(prompts, max_text_seq_len).to(dtype)
+            if guidance_scale is None and self.params.do_classifier_free_guidance:
+                guidance_scale = self.params.guidance_scale
+            if guidance_scale is not None:
+                uncond = [uncond_prompt] * batch_size if isinstance(uncond_prompt, str) else list(uncond_prompt)
+                context = torch.cat([self.encode_text(uncond, max_text_seq_len, "negative_prompt").to(dtype), context])
+        elif prompt is not None:
+            raise ValueError("this model has no text encoder (unconditional); generate without a prompt")
+        if scheduler == TRAINING:
+            if num_inference_steps not in (None, self.num_timesteps - 1):
+                raise ValueError(f"the training scheduler runs all {self.num_timesteps - 1} steps; got "
+                                 f"num_inference_steps={num_inference_steps}")
+            for i, t in enumerate(range(self.num_timesteps - 1, 0, -1)):  # t = 0 is never run (B13)
+                out = self._denoise(x, t, context, guidance_scale)
+                noise = step_noises[i].to(device=device, dtype=dtype) if step_noises is not None else None
+                x = self.scheduler.step(out, t, x, noise=noise, generator=generator)
+            return DiffusionOutput(to_uint8(x), x)
+        if scheduler not in self.schedulers:
+            raise ValueError(f"unknown scheduler {scheduler!r} for this model; choose one of "
+                             f"{', '.join(self.schedulers)}")
+        sampler = flow_euler_scheduler(self.scheduler) if scheduler == "flow_euler" else \
+            fast_scheduler(scheduler, self.scheduler)
+        sampler.set_timesteps(num_inference_steps or 20, device=device)
+        x = x * sampler.init_noise_sigma
+        diffusers_generator = list(generator) if isinstance(generator, (list, tuple)) else generator
+        for t in sampler.timesteps:
+            out = self._denoise(sampler.scale_model_input(x, t), t.item(), context, guidance_scale)
+            x = sampler.step(out, t, x, generator=diffusers_generator).prev_sample
+        return DiffusionOutput(to_uint8(x), x)
