@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Requests waiting per deployment before 503 (overloaded).")
     max_new_tokens: int = Field(1024, ge=1, description="Cap on max_new_tokens per request.")
     max_batch: int = Field(64, ge=1, description="Cap on prompts (or sequences) per request.")
-    max_images: int = Field(16, ge=1, description="Cap on images per request (more get 422).")
+    max_images: int = Field(16, ge=1, description="Cap on images per request, sent or asked for (more get 422).")
+    max_inference_steps: int = Field(1000, ge=1, description="Cap on num_inference_steps of image requests.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Cap on width x height of one image, checked "
                                                                   "from its header before decoding (more get 413).")
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")

@@ -91,11 +91,42 @@ def _vlm_hf(path: Path, tokenizer) -> Path:
     return build_tiny_idefics3(path, tokenizer)
 
 
+def tiny_stable_diffusion_params(clip_dir: Optional[Path] = None, **overrides: Any):
+    """A 16 px, 3-level UNet over 10 DDPM steps; text-conditioned through ``clip_dir`` when given."""
+    from vla_foundry.params.clip import ClipHFParams
+    from vla_foundry.params.diffusion import NoiseSchedulerParams, StableDiffusionParams, UNetParams
+
+    unet = UNetParams(channels=[8, 16, 16], time_emb_dim=16, text_emb_dim=32 if clip_dir else 0, image_size=16)
+    values = dict(unet=unet, noise_scheduler=NoiseSchedulerParams(num_timesteps=10),
+                  clip=ClipHFParams(hf_pretrained=str(clip_dir) if clip_dir else None))
+    values.update(overrides)
+    return StableDiffusionParams(**values)
+
+
+def _stable_diffusion(path: Path, tokenizer) -> Path:
+    from vla_foundry.demo.hf_models import build_tiny_clip
+
+    clip_dir = build_tiny_clip(path / "clip", tokenizer)
+    save_experiment(tiny_model(tiny_stable_diffusion_params(clip_dir)), path)
+    return path
+
+
+def _clip_hf(path: Path, tokenizer) -> Path:
+    from vla_foundry.demo.hf_models import build_tiny_clip
+    from vla_foundry.params.clip import ClipHFParams
+
+    clip_dir = build_tiny_clip(path / "clip", tokenizer)
+    save_experiment(tiny_model(ClipHFParams(hf_pretrained=str(clip_dir))), path)
+    return path
+
+
 BUILDERS: dict[str, Callable[[Path, Any], Path]] = {
     "transformer": _transformer,
     "transformer_hf": _transformer_hf,
     "vlm": _vlm,
     "vlm_hf": _vlm_hf,
+    "stable_diffusion": _stable_diffusion,
+    "clip_hf": _clip_hf,
 }
 
 
@@ -126,13 +157,20 @@ _CAPTION_PREDICT = {"images": [[png_data_url(0)], [png_data_url(1)]], "prompt": 
                     "max_new_tokens": 5, "temperature": 0.7, "seed": 1}
 _CAPTION_EVALUATE = {"images": [[png_data_url(0)], [png_data_url(1)]], "texts": ["a red block", "the quick fox"],
                      "seed": 1}
+_IMAGE_PREDICT = {"prompt": "a red circle", "num_images": 2, "num_inference_steps": 3, "seed": 1}
+_IMAGE_EVALUATE = {"images": [png_data_url(0), png_data_url(1)], "texts": ["a red circle", "a blue square"],
+                   "seed": 1}
 PREDICT_REQUESTS: dict[str, dict] = {
+    "clip_hf": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0)]},
+    "stable_diffusion": _IMAGE_PREDICT,
     "transformer": _TEXT_PREDICT,
     "transformer_hf": _TEXT_PREDICT,
     "vlm": _CAPTION_PREDICT,
     "vlm_hf": _CAPTION_PREDICT,
 }
 EVALUATE_REQUESTS: dict[str, dict] = {
+    "clip_hf": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0), png_data_url(1)], "seed": 1},
+    "stable_diffusion": _IMAGE_EVALUATE,
     "transformer": _TEXT_EVALUATE,
     "transformer_hf": _TEXT_EVALUATE,
     "vlm": _CAPTION_EVALUATE,

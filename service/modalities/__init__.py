@@ -1,6 +1,7 @@
 """Modality adapters by modality name; a model type reaches one through its registered modality."""
 
-from service.modalities import caption, text
+from service.modalities import caption, encoder, image, text
 from service.modalities.base import ModalityAdapter
 
-ADAPTERS: dict[str, ModalityAdapter] = {"text": text.ADAPTER, "caption": caption.ADAPTER}
+ADAPTERS: dict[str, ModalityAdapter] = {"text": text.ADAPTER, "caption": caption.ADAPTER, "image": image.ADAPTER,
+                                       "encoder": encoder.ADAPTER}

@@ -21,13 +21,14 @@ class Limits:
     cap_images: ClassVar[int] = 16
     cap_image_pixels: ClassVar[int] = 4096 * 4096
     cap_image_bytes: ClassVar[int] = 16 * 1024 * 1024
+    cap_inference_steps: ClassVar[int] = 1000
 
     @classmethod
     def limits_from(cls, settings) -> dict[str, int]:
         """The caps of one app, for the per-type request subclasses the routes create."""
         return {"cap_max_new_tokens": settings.max_new_tokens, "cap_batch": settings.max_batch,
                 "cap_images": settings.max_images, "cap_image_pixels": settings.max_image_pixels,
-                "cap_image_bytes": settings.max_body_bytes}
+                "cap_image_bytes": settings.max_body_bytes, "cap_inference_steps": settings.max_inference_steps}
 
 
 class RequestBase(BaseModel, Limits):
@@ -55,4 +56,6 @@ class ModalityAdapter:
     evaluate_request: type[RequestBase]
     evaluate_response: type[BaseModel]
     evaluate: Callable[[Any, Any], dict]
+    # Optional: a non-JSON reply for the payload when the client's Accept asks for one (e.g. image/png).
+    reply: Optional[Callable[[dict, str], Any]] = None
 

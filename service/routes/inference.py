@@ -29,7 +29,7 @@ def _camel(model_type: str) -> str:
     return "".join(part.capitalize() for part in model_type.split("_"))
 
 
-def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict]):
+def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None):
     async def endpoint(body: request_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         started = time.perf_counter()
         deployment = manager.resolve(model_type, body.model)
@@ -38,7 +38,9 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
         payload = {"model": deployment.name, **timed.value,
                    "timing_ms": {"queue": round(timed.queue_ms, 3), "infer": round(timed.run_ms, 3),
                                  "total": round(total, 3)}}
-        return encode_response(payload, request.headers.get("accept", ""))
+        accept = request.headers.get("accept", "")
+        special = reply(payload, accept) if reply is not None else None
+        return special if special is not None else encode_response(payload, accept)
 
     return endpoint
 
@@ -48,12 +50,12 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
         adapter = ADAPTERS.get(model_modality(model_type))
         if adapter is None:
             continue
-        parts = {"predict": (adapter.predict_request, adapter.predict_response, adapter.predict),
-                 "evaluate": (adapter.evaluate_request, adapter.evaluate_response, adapter.evaluate)}
-        for kind, (base, response, run) in parts.items():
+        parts = {"predict": (adapter.predict_request, adapter.predict_response, adapter.predict, adapter.reply),
+                 "evaluate": (adapter.evaluate_request, adapter.evaluate_response, adapter.evaluate, None)}
+        for kind, (base, response, run, reply) in parts.items():
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
                 "__module__": __name__, **base.limits_from(settings)})
-            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run), methods=["POST"],
+            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run, reply), methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
                               summary=f"{kind.capitalize()} with a {model_type} deployment")
 

@@ -53,9 +53,9 @@ def test_evaluate_every_type_matches_in_process(client, tiny_checkpoints, model_
     assert response.status_code == 200, response.text
     remote = response.json()
     local_args = dict(body)
-    if "images" in body:  # the pipeline takes decoded pixels
-        local_args["images"] = [[decode_image_value(im, max_pixels=10**6, field="images") for im in row]
-                                for row in body["images"]]
+    if "images" in body:  # the pipeline takes decoded pixels (one list per caption, or a flat list)
+        decode = lambda im: decode_image_value(im, max_pixels=10**6, field="images")  # noqa: E731
+        local_args["images"] = [[decode(im) for im in v] if isinstance(v, list) else decode(v) for v in body["images"]]
     local = load_pipeline(tiny_checkpoints[model_type]).evaluate(**local_args)
     assert remote["loss"] == pytest.approx(local["loss"], abs=1e-6)
     assert remote["num_samples"] == local["num_samples"] and remote["seed"] == body["seed"]

@@ -268,3 +268,40 @@ def build_tiny_llava(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> Pat
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return _save(model, token_ids, out_dir, processor)
+
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def build_tiny_clip(out_dir: PathLike, tokenizer: Any, *, seed: int = 0, text_hidden_size: int = TEXT_HIDDEN_SIZE,
+                    max_text_length: int = 32) -> Path:
+    """A random-weight ``CLIPModel`` (text and vision towers) with a tokenizer that frames every text as
+    ``<|startoftext|> … <|endoftext|>`` like CLIP's, saved for ``CLIPModel`` / ``AutoTokenizer``.
+
+    The text config's eos id is the tokenizer's ``<|endoftext|>``, so pooling picks the first eos
+    (not the legacy argmax rule, which needs eos id 2).
+    """
+    from tokenizers.processors import TemplateProcessing
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS})
+    bos, eos = tokenizer.convert_tokens_to_ids(CLIP_BOS), tokenizer.convert_tokens_to_ids(CLIP_EOS)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{CLIP_BOS} $A {CLIP_EOS}", special_tokens=[(CLIP_BOS, bos), (CLIP_EOS, eos)])
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_hidden_size,
+                          intermediate_size=2 * text_hidden_size, num_hidden_layers=TEXT_LAYERS,
+                          num_attention_heads=TEXT_HEADS, max_position_embeddings=max_text_length,
+                          bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    vision = CLIPVisionConfig(hidden_size=VISION_HIDDEN_SIZE, intermediate_size=VISION_INTERMEDIATE_SIZE,
+                              num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
+                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=TEXT_HIDDEN_SIZE)
+    model = _seeded_model(CLIPModel, config, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+                       ).save_pretrained(out_dir)
+    return out_dir

@@ -112,3 +112,64 @@ class CaptionBatchHandler(BatchHandler):
         # The full sequence goes in (every placeholder must meet its image); the last logit predicts nothing.
         logits = model(input_ids, attention_mask=mask, **batch).logits[:, :-1]  # (B, T-1, V)
         return next_token_loss(logits, targets, self.z_loss_coefficient)
+
+
+@register_batch_handler("stable_diffusion")
+class DenoisingBatchHandler(BatchHandler):
+    """The denoising loss: MSE between the UNet's prediction at a random timestep and the scheduler's target
+    (ε for DDPM, ε − x0 for flow matching).
+
+    batch: ``pixel_values`` (B, C, S, S) in [-1, 1] and, for text-conditioned models, ``input_ids`` (B, L)
+    CLIP ids (with ``uncond_input_ids`` (1, L), the empty prompt, for caption dropout while training).
+    Timesteps and noise come from ``generator``, so a seed fixes the loss.
+    """
+
+    def __init__(self, dropout_percent: float = 0.0):
+        self.dropout_percent = dropout_percent
+
+    def compute_loss(self, model, batch, generator=None) -> LossOutput:
+        x0 = self.to_model(model, batch["pixel_values"])  # (B, C, S, S)
+        B, device = x0.shape[0], x0.device
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, model.num_timesteps, (B,), generator=generator, device=gen_device).to(device)
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
+        x_t = model.scheduler.add_noise(x0, noise, t)
+        context = None
+        if model.has_text and batch.get("input_ids") is not None:
+            context = model.clip.text_hidden_states(batch["input_ids"].to(device)).to(x0.dtype)  # (B, L, Ht)
+            if model.training and self.dropout_percent > 0 and batch.get("uncond_input_ids") is not None:
+                # Classifier-free guidance needs the model to also learn the empty prompt.
+                drop = torch.rand(B, generator=generator, device=gen_device).to(device) < self.dropout_percent
+                uncond = model.clip.text_hidden_states(batch["uncond_input_ids"].to(device)).to(x0.dtype)
+                context = torch.where(drop[:, None, None], uncond.expand_as(context), context)
+        prediction = model.unet(x_t, t, context)
+        target = model.scheduler.training_target(x0, noise)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        return LossOutput(loss, num_samples=B, metrics={"timesteps": t.tolist()})
+
+
+@register_batch_handler("clip_hf")
+class ContrastiveBatchHandler(BatchHandler):
+    """CLIP's symmetric contrastive loss over matching (text, image) pairs: row i's text belongs to row i's
+    image. Embeddings are unit length and the logits are scaled by the model's ``logit_scale``.
+
+    batch: ``input_ids`` (B, L) padded text ids and ``pixel_values`` (B, 3, h, w).
+    """
+
+    def compute_loss(self, model, batch, generator=None) -> LossOutput:
+        from vla_foundry.models.clip_hf import l2normalize
+
+        input_ids = self.to_model(model, batch["input_ids"])
+        pixel_values = self.to_model(model, batch["pixel_values"])
+        B = input_ids.shape[0]
+        if pixel_values.shape[0] != B or B < 2:
+            raise InvalidInputError(f"the contrastive loss needs matching pairs, at least 2; got {B} texts and "
+                                    f"{pixel_values.shape[0]} images", field="texts")
+        out = model(input_ids=input_ids, pixel_values=pixel_values)
+        text, image = l2normalize(out["text_embeds"]), out["image_embeds"][:, 0]  # (B, Pd) each
+        logits = model.model.logit_scale.exp() * text @ image.T  # (B, B): text i vs image j
+        labels = torch.arange(B, device=logits.device)
+        loss = (torch.nn.functional.cross_entropy(logits.float(), labels)
+                + torch.nn.functional.cross_entropy(logits.T.float(), labels)) / 2
+        accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+        return LossOutput(loss, num_samples=B, metrics={"text_to_image_accuracy": accuracy})

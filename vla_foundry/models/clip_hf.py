@@ -67,6 +67,37 @@ class ClipHF(nn.Module):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return torch.tensor([row + [pad] * (max_length - len(row)) for row in ids], dtype=torch.long)
 
+    @property
+    def image_processor(self):
+        """The CLIP image processor of ``hf_pretrained`` (resize, crop, normalize; loaded on first use)."""
+        if getattr(self, "_image_processor", None) is None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(self.params.hf_pretrained)
+        return self._image_processor
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit-length text embeddings (B, Pd) through §7's forward (pooled at each text's first eos, so the
+        padding after it changes nothing)."""
+        return l2normalize(self.text_embeddings(self.tokenize(list(texts), self.max_text_length, field="texts")))
+
+    def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self(input_ids=input_ids.to(self.model.device))["text_embeds"]
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """(H, W, 3) uint8 arrays → (B, 3, h, w) as the CLIP image processor prepares them."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def embed_images(self, images: list) -> torch.Tensor:
+        """Unit-length image embeddings (B, Pd)."""
+        weight = next(self.parameters())
+        pixels = self.pixel_values(images).to(weight.device, weight.dtype)
+        return self(pixel_values=pixels)["image_embeds"][:, 0]
+
     def text_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The text tower's ``last_hidden_state`` (B, S, Ht), no attention mask (spec §11.3)."""
         return self.model.text_model(input_ids=input_ids.to(self.model.device)).last_hidden_state

@@ -13,6 +13,8 @@ from vla_foundry.models.registry import model_modality
 from vla_foundry.pipelines.base import Pipeline, get_pipeline_class, register_pipeline
 from vla_foundry.pipelines import text  # noqa: F401  (registers "text")
 from vla_foundry.pipelines import caption  # noqa: F401  (registers "caption")
+from vla_foundry.pipelines import encoder  # noqa: F401  (registers "encoder")
+from vla_foundry.pipelines import image  # noqa: F401  (registers "image")
 
 
 def load_pipeline(path: Union[str, Path], *, checkpoint: Union[None, int, str] = None, use_ema: Optional[bool] = None,

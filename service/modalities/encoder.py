@@ -1,0 +1,66 @@
+"""The ``encoder`` modality: text and image embeddings, and the contrastive loss."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import Field, model_validator
+
+from service.codecs import encode_array
+from service.images import decode_image_list
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from vla_foundry.errors import InvalidInputError
+
+
+class EncoderPredictRequest(RequestBase):
+    texts: Optional[list[str]] = Field(None, description="Texts to embed.")
+    images: Optional[list[Any]] = Field(None, description="Images to embed (base64 PNG/JPEG, data: URLs or typed "
+                                                          "arrays).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.texts and not self.images:
+            raise InvalidInputError("send `texts`, `images` or both", field="texts")
+        if len(self.texts or []) > self.cap_batch:
+            raise InvalidInputError(f"at most {self.cap_batch} texts per request; got {len(self.texts)}",
+                                    field="texts")
+        if len(self.images or []) > self.cap_images:
+            raise InvalidInputError(f"{len(self.images)} images, over this server's limit of {self.cap_images} "
+                                    "(VLA_MAX_IMAGES)", field="images")
+        return self
+
+    def decoded_images(self):
+        if not self.images:
+            return None
+        return decode_image_list(self.images, max_images=self.cap_images, max_pixels=self.cap_image_pixels,
+                                 max_bytes=self.cap_image_bytes)
+
+
+class EncoderPredictResponse(ResponseBase):
+    text_embeds: Optional[dict] = Field(None, description="(texts, D) float32 array, unit length.")
+    image_embeds: Optional[dict] = Field(None, description="(images, D) float32 array, unit length.")
+    similarity: Optional[dict] = Field(None, description="(texts, images) cosine similarities.")
+
+
+def predict(pipeline, request: EncoderPredictRequest) -> dict:
+    out = pipeline.embed(request.texts, request.decoded_images())
+    return {k: encode_array(v, binary=False) for k, v in out.items()}
+
+
+class EncoderEvaluateRequest(EncoderPredictRequest):
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+
+
+class EncoderEvaluateResponse(ResponseBase):
+    loss: float
+    num_samples: int
+    text_to_image_accuracy: float
+    seed: int
+
+
+def evaluate(pipeline, request: EncoderEvaluateRequest) -> dict:
+    return pipeline.evaluate(request.texts or [], request.decoded_images() or [], request.seed)
+
+
+ADAPTER = ModalityAdapter(EncoderPredictRequest, EncoderPredictResponse, predict,
+                          EncoderEvaluateRequest, EncoderEvaluateResponse, evaluate)

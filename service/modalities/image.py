@@ -1,0 +1,121 @@
+"""The ``image`` modality: images from prompts (PNG) and the denoising loss.
+
+``Accept: image/png`` on a one-image request returns the PNG itself (the seed in the
+``X-Seed`` header); otherwise images come back as base64 PNGs (in JSON or msgpack).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
+from starlette.responses import Response
+
+from service.images import decode_image_list
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from service.modalities.text import TextEvaluateResponse
+from vla_foundry.errors import InvalidInputError
+
+PNG = "image/png"
+
+
+class ImagePredictRequest(RequestBase):
+    prompt: Optional[str] = Field(None, description="What to draw (text-conditioned models); omit for an "
+                                                    "unconditional sample.")
+    negative_prompt: Optional[str] = Field(None, description="What to steer away from (through guidance).")
+    num_images: int = Field(1, ge=1, description="Images to generate (capped by VLA_MAX_IMAGES).")
+    num_inference_steps: Optional[int] = Field(None, ge=1, description="Sampler steps; default: 20 for the fast "
+                                                                       "schedulers, all for `training`.")
+    guidance_scale: Optional[float] = Field(None, description="Classifier-free guidance (>= 0; 1 = none); "
+                                                              "default: the model's.")
+    scheduler: Optional[str] = Field(None, description="dpmsolver++ (default), ddim, euler, or training (the "
+                                                       "model's own, all steps); flow models: flow_euler, training.")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same bytes.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_images > self.cap_images:
+            raise InvalidInputError(f"num_images must be <= {self.cap_images} (VLA_MAX_IMAGES); got "
+                                    f"{self.num_images}", field="num_images")
+        if self.num_inference_steps is not None and self.num_inference_steps > self.cap_inference_steps:
+            raise InvalidInputError(f"num_inference_steps must be <= {self.cap_inference_steps} "
+                                    f"(VLA_MAX_INFERENCE_STEPS); got {self.num_inference_steps}",
+                                    field="num_inference_steps")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise InvalidInputError(f"guidance_scale must be >= 0; got {self.guidance_scale}", field="guidance_scale")
+        return self
+
+
+class ImageOut(BaseModel):
+    format: str = "png"
+    data: str = Field(..., description="base64 PNG")
+    seed: int
+
+
+class ImagePredictResponse(ResponseBase):
+    images: list[ImageOut]
+    seed: int
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: Optional[float]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")  # deterministic: same pixels, same bytes
+    return buffer.getvalue()
+
+
+def predict(pipeline, request: ImagePredictRequest) -> dict:
+    result = pipeline.generate(request.prompt, request.negative_prompt, request.num_images,
+                               request.num_inference_steps, request.guidance_scale, request.scheduler, request.seed)
+    return {"images": [{"format": "png", "data": base64.b64encode(png_bytes(im)).decode(), "seed": s}
+                       for im, s in zip(result.images, result.seeds)],
+            "seed": result.seeds[0], "scheduler": result.scheduler,
+            "num_inference_steps": result.num_inference_steps, "guidance_scale": result.guidance_scale}
+
+
+def png_reply(payload: dict, accept: str) -> Optional[Response]:
+    """The raw PNG when the client accepts ``image/png`` and asked for one image."""
+    if PNG not in (accept or "").lower() or len(payload["images"]) != 1:
+        return None
+    image = payload["images"][0]
+    return Response(base64.b64decode(image["data"]), media_type=PNG,
+                    headers={"X-Seed": str(image["seed"]), "X-Model": payload["model"],
+                             "X-Timing-Ms": str(payload["timing_ms"]["total"])})
+
+
+class ImageEvaluateRequest(RequestBase):
+    images: list[Any] = Field(..., description="Images to score (base64 PNG/JPEG, data: URLs or typed arrays).")
+    texts: Optional[list[str]] = Field(None, description="One caption per image (text-conditioned models).")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Fixes the timesteps and noise.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.images:
+            raise InvalidInputError("send at least one image", field="images")
+        if len(self.images) > self.cap_images:
+            raise InvalidInputError(f"{len(self.images)} images, over this server's limit of {self.cap_images} "
+                                    "(VLA_MAX_IMAGES)", field="images")
+        return self
+
+
+class ImageEvaluateResponse(ResponseBase):
+    loss: float
+    num_samples: int
+    seed: int
+
+
+def evaluate(pipeline, request: ImageEvaluateRequest) -> dict:
+    images = decode_image_list(request.images, max_images=request.cap_images, max_pixels=request.cap_image_pixels,
+                               max_bytes=request.cap_image_bytes)
+    return pipeline.evaluate(images, request.texts, request.seed)
+
+
+ADAPTER = ModalityAdapter(ImagePredictRequest, ImagePredictResponse, predict,
+                          ImageEvaluateRequest, ImageEvaluateResponse, evaluate, reply=png_reply)

@@ -1,0 +1,57 @@
+"""Embeddings (and the contrastive loss) for the ``encoder`` modality: ``clip_hf``.
+
+An encoder model provides ``embed_texts(texts)`` and ``embed_images(images)`` (unit-length
+(B, D) embeddings; images as (H, W, 3) uint8 arrays), ``tokenize`` and ``pixel_values``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.models.registry import create_batch_handler
+from vla_foundry.pipelines.base import Pipeline, register_pipeline
+from vla_foundry.pipelines.text import make_generator, new_seed
+
+
+@register_pipeline("encoder")
+class EncoderPipeline(Pipeline):
+    def __init__(self, model):
+        super().__init__(model)
+        self.batch_handler = create_batch_handler(model.params.type)
+
+    def io(self) -> dict[str, Any]:
+        return {"embedding_dim": self.model.embedding_dim, "max_text_tokens": self.model.max_text_length,
+                "accepts": ["texts", "images"]}
+
+    def warmup(self) -> None:
+        self.embed(texts=["a photo"], images=[np.zeros((32, 32, 3), dtype=np.uint8)])
+
+    @torch.inference_mode()
+    def embed(self, texts: Optional[Sequence[str]] = None, images: Optional[Sequence[np.ndarray]] = None
+              ) -> dict[str, Any]:
+        """Unit-length embeddings of ``texts`` and/or ``images``; with both, their cosine similarities too."""
+        if not texts and not images:
+            raise InvalidInputError("send `texts`, `images` or both", field="texts")
+        out: dict[str, Any] = {}
+        if texts:
+            out["text_embeds"] = self.model.embed_texts(list(texts)).float().cpu()
+        if images:
+            out["image_embeds"] = self.model.embed_images(list(images)).float().cpu()
+        if texts and images:
+            out["similarity"] = out["text_embeds"] @ out["image_embeds"].T  # (texts, images)
+        return {k: v.numpy() for k, v in out.items()}
+
+    @torch.inference_mode()
+    def evaluate(self, texts: Sequence[str], images: Sequence[np.ndarray], seed: Optional[int] = None) -> dict:
+        if len(texts) != len(images):
+            raise InvalidInputError(f"send one text per image; got {len(texts)} texts and {len(images)} images",
+                                    field="texts")
+        batch = {"input_ids": self.model.tokenize(list(texts), self.model.max_text_length, field="texts"),
+                 "pixel_values": self.model.pixel_values(list(images))}
+        seed = new_seed() if seed is None else seed
+        out = self.batch_handler.compute_loss(self.model, batch, generator=make_generator(self.device, seed))
+        return {**out.to_dict(), "seed": seed}

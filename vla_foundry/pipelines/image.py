@@ -1,0 +1,136 @@
+"""Images from prompts, and the denoising loss, for the ``image`` modality (``stable_diffusion``).
+
+Each image gets its own generator (``seed + i``), so an image depends on its seed alone —
+not on how many images share its request or which requests ran before it. Every call
+builds its own sampler, so concurrent requests never share scheduler state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.models.registry import create_batch_handler
+from vla_foundry.models.stable_diffusion import TRAINING
+from vla_foundry.pipelines.base import Pipeline, register_pipeline
+from vla_foundry.pipelines.text import make_generator, new_seed
+
+SEED_SPACE = 2**63
+DEFAULT_FAST_STEPS = 20
+
+
+@dataclass
+class ImageResult:
+    images: list[np.ndarray]  # (S, S, C) uint8 each
+    seeds: list[int]  # the seed of each image
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: Optional[float]
+
+
+@register_pipeline("image")
+class ImagePipeline(Pipeline):
+    def __init__(self, model, max_text_seq_len: int = 64):
+        super().__init__(model)
+        self.max_text_seq_len = max_text_seq_len
+        self.batch_handler = create_batch_handler(model.params.type, dropout_percent=model.params.dropout_percent)
+
+    @classmethod
+    def from_experiment(cls, model, experiment_dir: Path, *, training_config: Optional[dict] = None,
+                        **_: Any) -> "ImagePipeline":
+        data = (training_config or {}).get("data") or {}
+        return cls(model, max_text_seq_len=int(data.get("max_text_seq_len") or 64))
+
+    @property
+    def max_prompt_tokens(self) -> Optional[int]:
+        return min(self.max_text_seq_len, self.model.clip.max_text_length) if self.model.has_text else None
+
+    def default_steps(self, scheduler: str) -> int:
+        return self.model.num_timesteps - 1 if scheduler == TRAINING else min(DEFAULT_FAST_STEPS,
+                                                                                self.model.num_timesteps)
+
+    def io(self) -> dict[str, Any]:
+        p = self.model.params
+        return {
+            "image_size": self.model.image_size, "channels": p.unet.out_channels,
+            "text": self.model.has_text, "max_prompt_tokens": self.max_prompt_tokens,
+            "num_train_timesteps": self.model.num_timesteps,
+            "schedulers": list(self.model.schedulers), "default_scheduler": self.model.default_scheduler,
+            "defaults": {"num_inference_steps": self.default_steps(self.model.default_scheduler),
+                         "guidance_scale": p.guidance_scale if p.do_classifier_free_guidance else None},
+            "training_steps": self.model.num_timesteps - 1,
+        }
+
+    def warmup(self) -> None:
+        self.generate(num_images=1, num_inference_steps=2, seed=0)
+
+    # ------------------------------------------------------------------ generate
+
+    @torch.inference_mode()
+    def generate(self, prompt: Optional[str] = None, negative_prompt: Optional[str] = None, num_images: int = 1,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 scheduler: Optional[str] = None, seed: Optional[int] = None) -> ImageResult:
+        model = self.model
+        if prompt is not None and not model.has_text:
+            raise InvalidInputError("this model is unconditional (no text encoder); omit `prompt`", field="prompt")
+        if prompt is not None and not prompt.strip():
+            raise InvalidInputError("`prompt` is empty; give some text, or omit it for an unconditional sample",
+                                    field="prompt")
+        if negative_prompt is not None and prompt is None:
+            raise InvalidInputError("`negative_prompt` needs a `prompt`", field="negative_prompt")
+        if guidance_scale is not None and guidance_scale < 0:
+            raise InvalidInputError(f"guidance_scale must be >= 0; got {guidance_scale}", field="guidance_scale")
+        if negative_prompt is not None and guidance_scale is None and not model.params.do_classifier_free_guidance:
+            guidance_scale = model.params.guidance_scale  # a negative prompt only acts through guidance
+        scheduler = scheduler or model.default_scheduler
+        if scheduler not in model.schedulers:
+            raise InvalidInputError(f"unknown scheduler {scheduler!r}; this model takes "
+                                    f"{', '.join(model.schedulers)}", field="scheduler")
+        steps = num_inference_steps or self.default_steps(scheduler)
+        if scheduler == TRAINING and steps != model.num_timesteps - 1:
+            raise InvalidInputError(f"the training scheduler runs all {model.num_timesteps - 1} steps; omit "
+                                    f"num_inference_steps or pick a fast scheduler", field="num_inference_steps")
+        if scheduler != TRAINING and not 1 <= steps <= model.num_timesteps:
+            raise InvalidInputError(f"num_inference_steps must be in [1, {model.num_timesteps}] (the training "
+                                    f"timesteps); got {steps}", field="num_inference_steps")
+        seed = new_seed() if seed is None else seed
+        seeds = [(seed + i) % SEED_SPACE for i in range(num_images)]
+        generators = [make_generator(self.device, s) for s in seeds]
+        out = model.generate(num_images, self.device, prompt=prompt, uncond_prompt=negative_prompt or "",
+                             max_text_seq_len=self.max_text_seq_len, guidance_scale=guidance_scale,
+                             generator=generators, scheduler=scheduler, num_inference_steps=steps)
+        return ImageResult([im for im in out.images.cpu().numpy()], seeds, scheduler, steps, guidance_scale)
+
+    # ------------------------------------------------------------------ evaluate
+
+    def pixels(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 → (3, S, S) in [-1, 1], resized (bicubic) to the model's size."""
+        from PIL import Image
+
+        size = self.model.image_size
+        if image.shape[:2] != (size, size):
+            image = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+    @torch.inference_mode()
+    def evaluate(self, images: Sequence[np.ndarray], texts: Optional[Sequence[str]] = None,
+                 seed: Optional[int] = None) -> dict[str, Any]:
+        """The denoising loss of ``images`` (with their captions for text models) at seeded timesteps."""
+        if not images:
+            raise InvalidInputError("send at least one image", field="images")
+        batch: dict[str, torch.Tensor] = {"pixel_values": torch.stack([self.pixels(im) for im in images])}
+        if self.model.has_text:
+            if texts is None or len(texts) != len(images):
+                raise InvalidInputError(f"a text-conditioned model scores images with their captions: send "
+                                        f"`texts`, one per image ({len(images)})", field="texts")
+            batch["input_ids"] = self.model.clip.tokenize(list(texts), self.max_text_seq_len, field="texts")
+        elif texts is not None:
+            raise InvalidInputError("this model is unconditional; omit `texts`", field="texts")
+        seed = new_seed() if seed is None else seed
+        out = self.batch_handler.compute_loss(self.model, batch, generator=make_generator(self.device, seed))
+        return {"loss": out.loss.item(), "num_samples": out.num_samples, "seed": seed}
