@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from vla_foundry.models.precision import Float32Buffers
 from vla_foundry.params.diffusion import NoiseSchedulerParams
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -42,8 +43,8 @@ def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> to
     return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
-class NoiseSchedulerDDPM(nn.Module):
-    """VLA Foundry's DDPM (§10.1). The tables are buffers and the loaded values are used as they are."""
+class NoiseSchedulerDDPM(Float32Buffers):
+    """VLA Foundry's DDPM (§10.1). The tables are float32 buffers and the loaded values are used as they are."""
 
     def __init__(self, params: NoiseSchedulerParams):
         super().__init__()
@@ -57,15 +58,6 @@ class NoiseSchedulerDDPM(nn.Module):
                             "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
                             "posterior_variance": betas * (1 - ac_prev) / (1 - ac)}.items():
             self.register_buffer(name, value)
-
-    def _apply(self, fn, *args, **kwargs):
-        # The tables stay float32 when the model is cast to half precision (bf16 cannot hold them to the
-        # precision sampling needs); they do follow device moves.
-        saved = dict(self._buffers)
-        super()._apply(fn, *args, **kwargs)
-        for name, table in saved.items():
-            self._buffers[name] = table.to(self._buffers[name].device)
-        return self
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:

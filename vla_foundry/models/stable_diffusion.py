@@ -144,9 +144,11 @@ class StableDiffusion(nn.Module):
         sampler = flow_euler_scheduler(self.scheduler) if scheduler == "flow_euler" else \
             fast_scheduler(scheduler, self.scheduler)
         sampler.set_timesteps(num_inference_steps or 20, device=device)
-        x = x * sampler.init_noise_sigma
+        # Flow-matching schedulers have no input scaling (their noise is unit variance).
+        x = x * getattr(sampler, "init_noise_sigma", 1.0)
+        scale_input = getattr(sampler, "scale_model_input", lambda sample, t: sample)
         diffusers_generator = list(generator) if isinstance(generator, (list, tuple)) else generator
         for t in sampler.timesteps:
-            out = self._denoise(sampler.scale_model_input(x, t), t.item(), context, guidance_scale)
+            out = self._denoise(scale_input(x, t), t.item(), context, guidance_scale)
             x = sampler.step(out, t, x, generator=diffusers_generator).prev_sample
         return DiffusionOutput(to_uint8(x), x)

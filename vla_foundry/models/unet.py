@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vla_foundry.models.precision import Float32Buffers
 from vla_foundry.params.diffusion import UNetParams
 
 GROUPS = 8
 
 
-class SinusoidalEmbedding(nn.Module):
+class SinusoidalEmbedding(Float32Buffers):
     """t (B,) → (B, dim): concat(sin(t·f), cos(t·f)), f_j = exp(−j·ln(10000)/(half − 1)); ``emb`` is used as loaded."""
 
     def __init__(self, dim: int):
@@ -152,7 +153,8 @@ class UNet(nn.Module):
             timesteps = torch.full((B,), timesteps, dtype=torch.long, device=x.device)
         elif timesteps.dim() == 0:
             timesteps = timesteps.expand(B)
-        temb = self.time_mlp(timesteps.to(x.device)).to(x.dtype)  # (B, E)
+        emb = self.time_mlp[0](timesteps.to(x.device))  # (B, d) float32, from float32 frequencies
+        temb = self.time_mlp[1:](emb.to(self.time_mlp[1].weight.dtype)).to(x.dtype)  # (B, E)
         context = text_embeddings.to(x.dtype) if text_embeddings is not None else None
         pooled = context.max(dim=1).values if context is not None else None  # (B, Dt)
         x = self.init_conv(x)

@@ -91,7 +91,7 @@ class ImagePipeline(Pipeline):
         if scheduler not in model.schedulers:
             raise InvalidInputError(f"unknown scheduler {scheduler!r}; this model takes "
                                     f"{', '.join(model.schedulers)}", field="scheduler")
-        steps = num_inference_steps or self.default_steps(scheduler)
+        steps = num_inference_steps if num_inference_steps is not None else self.default_steps(scheduler)
         if scheduler == TRAINING and steps != model.num_timesteps - 1:
             raise InvalidInputError(f"the training scheduler runs all {model.num_timesteps - 1} steps; omit "
                                     f"num_inference_steps or pick a fast scheduler", field="num_inference_steps")
