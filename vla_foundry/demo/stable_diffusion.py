@@ -26,7 +26,7 @@ from vla_foundry.params.clip import ClipHFParams
 from vla_foundry.params.diffusion import NoiseSchedulerParams, StableDiffusionParams, UNetParams
 
 CLIP_DIR = "clip"  # relative to the experiment, so the member can be moved
-STEPS = 1500
+STEPS = 1200
 BATCH = 32
 TEXT_WIDTH = 64
 SEED = 0
@@ -38,7 +38,7 @@ def draw(color: str, shape: str, rng: random.Random) -> np.ndarray:
 
 
 def demo_params(clip_dir: str) -> StableDiffusionParams:
-    unet = UNetParams(channels=[32, 64, 64], time_emb_dim=32, text_emb_dim=TEXT_WIDTH, image_size=shapes.IMAGE_SIZE)
+    unet = UNetParams(channels=[16, 32, 32], time_emb_dim=32, text_emb_dim=TEXT_WIDTH, image_size=shapes.IMAGE_SIZE)
     return StableDiffusionParams(unet=unet, noise_scheduler=NoiseSchedulerParams(num_timesteps=1000),
                                  clip=ClipHFParams(hf_pretrained=clip_dir), do_classifier_free_guidance=True,
                                  guidance_scale=3.0, dropout_percent=0.1)
@@ -53,7 +53,7 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
         torch.manual_seed(SEED)
         model = create_model(params, load_pretrained=True)
     handler = create_batch_handler("stable_diffusion", dropout_percent=params.dropout_percent)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng = random.Random(SEED)

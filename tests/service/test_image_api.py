@@ -1,0 +1,137 @@
+"""``/predict/stable_diffusion`` and ``/evaluate/stable_diffusion`` over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import DeploymentSpec
+from tests.factories import png_data_url
+from tests.service.conftest import serving
+from tests.service.live_server import live_server
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoints):
+    spec = DeploymentSpec(name="sd", checkpoint=str(tiny_checkpoints["stable_diffusion"]))
+    with serving(spec, max_images=4, max_inference_steps=50) as c:
+        yield c
+
+
+def draw(client, **body):
+    return client.post("/predict/stable_diffusion", json={"num_inference_steps": 4, **body})
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_pngs_with_a_seed_each_and_identical_bytes_for_the_same_seed(client):
+    first = draw(client, prompt="a red circle", num_images=2, seed=11).json()
+    again = draw(client, prompt="a red circle", num_images=2, seed=11).json()
+    assert [im["seed"] for im in first["images"]] == [11, 12] and first["seed"] == 11
+    assert [im["data"] for im in first["images"]] == [im["data"] for im in again["images"]]
+    assert pixels(first["images"][0]["data"]).shape == (16, 16, 3)
+    # image i of a request is the image of seed + i alone
+    alone = draw(client, prompt="a red circle", seed=12).json()
+    assert alone["images"][0]["data"] == first["images"][1]["data"]
+    assert first["scheduler"] == "dpmsolver++" and first["num_inference_steps"] == 4
+
+
+def test_accept_png_returns_the_image_itself(client):
+    response = client.post("/predict/stable_diffusion", json={"prompt": "a blue square", "seed": 5,
+                                                               "num_inference_steps": 4},
+                           headers={"accept": "image/png"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["x-seed"] == "5"
+    assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
+    as_json = draw(client, prompt="a blue square", seed=5).json()
+    assert base64.b64decode(as_json["images"][0]["data"]) == response.content
+    several = client.post("/predict/stable_diffusion", json={"prompt": "x", "num_images": 2, "num_inference_steps": 2},
+                          headers={"accept": "image/png"})
+    assert several.headers["content-type"].startswith("application/json")  # one PNG per reply only
+
+
+@pytest.mark.parametrize("scheduler", ["training", "ddim", "euler", "dpmsolver++"])
+def test_every_scheduler(client, scheduler):
+    body = {"prompt": "a red circle", "scheduler": scheduler, "seed": 1}
+    if scheduler == "training":
+        body["num_inference_steps"] = None
+    response = draw(client, **body)
+    assert response.status_code == 200, response.text
+    assert response.json()["scheduler"] == scheduler
+
+
+def test_guidance_and_negative_prompt(client):
+    plain = draw(client, prompt="a red circle", seed=3).json()["images"][0]["data"]
+    guided = draw(client, prompt="a red circle", seed=3, guidance_scale=4.0).json()["images"][0]["data"]
+    negative = draw(client, prompt="a red circle", seed=3, guidance_scale=4.0,
+                    negative_prompt="a blue square").json()["images"][0]["data"]
+    assert len({plain, guided, negative}) == 3
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": "word " * 80}, 422, "prompt"),
+    ({"prompt": "x", "num_images": 5}, 422, "num_images"),
+    ({"prompt": "x", "num_inference_steps": 51}, 422, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
+    ({"prompt": "x", "scheduler": "pndm"}, 422, "scheduler"),
+    ({"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
+    ({"prompt": "x", "scheduler": "training", "num_inference_steps": 3}, 422, "num_inference_steps"),
+    ({"negative_prompt": "x"}, 422, "negative_prompt"),
+    ({"prompt": "x", "seed": -1}, 422, "seed"),
+])
+def test_bad_requests_name_the_field(client, body, status, field):
+    e = error_of(draw(client, **body), status)
+    assert e["field"] == field, e
+
+
+def test_over_long_prompt_names_the_limit(client):
+    e = error_of(draw(client, prompt="word " * 80), 422)
+    assert "at most" in e["message"] and "tokens" in e["message"]
+
+
+def test_evaluate_is_seeded(client):
+    body = {"images": [png_data_url(0), png_data_url(1)], "texts": ["a red circle", "a blue square"], "seed": 4}
+    a = client.post("/evaluate/stable_diffusion", json=body).json()
+    b = client.post("/evaluate/stable_diffusion", json=body).json()
+    assert a["loss"] == b["loss"] > 0 and a["num_samples"] == 2
+    e = error_of(client.post("/evaluate/stable_diffusion", json={"images": [png_data_url(0)], "seed": 1}), 422)
+    assert e["field"] == "texts"
+
+
+def test_models_describe_image_generation(client):
+    io_info = client.get("/models/sd").json()["io"]
+    assert io_info["image_size"] == 16 and io_info["text"] is True
+    assert io_info["default_scheduler"] == "dpmsolver++" and "training" in io_info["schedulers"]
+
+
+def test_concurrent_requests_equal_sequential_ones(tiny_checkpoints, tmp_path):
+    """8 requests in flight at once give exactly the images the same requests give one at a time."""
+    args = ["--checkpoint", f"{tiny_checkpoints['stable_diffusion']}=sd"]
+    bodies = [{"prompt": ["a red circle", "a blue square"][i % 2], "seed": 100 + i, "num_inference_steps": 4}
+              for i in range(8)]
+    with live_server(args, tmp_path / "nodemo") as base:
+        async def together():
+            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                return await asyncio.gather(*(c.post("/predict/stable_diffusion", json=b) for b in bodies))
+
+        concurrent = asyncio.run(together())
+        with httpx.Client(base_url=base, timeout=60) as c:
+            sequential = [c.post("/predict/stable_diffusion", json=b) for b in bodies]
+    assert all(r.status_code == 200 for r in concurrent + sequential)
+    got = [r.json()["images"][0]["data"] for r in concurrent]
+    assert got == [r.json()["images"][0]["data"] for r in sequential]
+    assert len(set(got)) == 8
