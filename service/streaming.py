@@ -50,6 +50,7 @@ class DeltaStream:
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Every delta in order; the generation's error (if any) is raised after the last one."""
+        getter: Optional[asyncio.Future] = None
         try:
             if self._first is not None:
                 yield self._first
@@ -65,6 +66,8 @@ class DeltaStream:
                 self.task.result()
                 return
         finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
             if not self.task.done():  # the client went away mid-stream
                 self.cancelled.set()
                 self.task.add_done_callback(lambda t: t.cancelled() or t.exception())

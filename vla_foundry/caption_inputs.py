@@ -174,7 +174,6 @@ class HFCaptionProcessor(CaptionProcessor):
     def __init__(self, model, processor: Any, source: str):
         self.model, self.processor, self.tokenizer_source = model, processor, source
         self.tokenizer = processor.tokenizer
-        self.tokenizer.padding_side = "left"  # ids are re-padded by the pipeline; left keeps rows aligned
 
     @classmethod
     def from_experiment(cls, model, experiment_dir: Path, training_config: dict,

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from service.images import decode_image_list
 
 
 class Limits:
@@ -37,6 +39,19 @@ class RequestBase(BaseModel, Limits):
     model: Optional[str] = Field(None, description="Deployment name; required when several of this type are served.")
 
 
+class ImageListRequest(RequestBase):
+    """A request with a flat ``images`` list; ``decoded_images()`` decodes it once, with this app's limits
+    (the adapter's ``prepare`` calls it off the event loop, before the request queues)."""
+
+    _decoded: Optional[list] = PrivateAttr(None)
+
+    def decoded_images(self) -> Optional[list]:
+        if self.images and self._decoded is None:
+            self._decoded = decode_image_list(self.images, max_images=self.cap_images,
+                                              max_pixels=self.cap_image_pixels, max_bytes=self.cap_image_bytes)
+        return self._decoded
+
+
 class Timing(BaseModel):
     queue: float
     infer: float
@@ -58,4 +73,7 @@ class ModalityAdapter:
     evaluate: Callable[[Any, Any], dict]
     # Optional: a non-JSON reply for the payload when the client's Accept asks for one (e.g. image/png).
     reply: Optional[Callable[[dict, str], Any]] = None
+    # Optional: work on a validated request before it queues (decoding images), run in a thread pool so a
+    # bad image is refused at once and the model's thread only runs the model.
+    prepare: Optional[Callable[[Any], Any]] = None
 

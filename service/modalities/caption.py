@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from service.images import decode_image_list, decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
@@ -47,15 +47,22 @@ class ImageFields(RequestBase):
                                         "(VLA_MAX_IMAGES); send fewer", field="images")
         return self
 
+    _decoded: Optional[list] = PrivateAttr(None)
+
     def decoded_images(self) -> list[list]:
-        """The images as (H, W, 3) uint8 arrays, grouped per caption; errors name e.g. ``images[1][0]``."""
-        limits = dict(max_pixels=self.cap_image_pixels, max_bytes=self.cap_image_bytes)
-        if self.image is not None:
-            return [[decode_image_value(self.image, field="image", **limits)]]
-        if all(isinstance(v, list) for v in self.images):
-            return [decode_image_list(row, max_images=self.cap_images, field=f"images[{i}]", **limits)
-                    for i, row in enumerate(self.images)]
-        return [decode_image_list(self.images, max_images=self.cap_images, field="images", **limits)]
+        """The images as (H, W, 3) uint8 arrays, grouped per caption; errors name e.g. ``images[1][0]``.
+        Decoded once (``prepare`` does it off the event loop, before the request queues)."""
+        if self._decoded is None:
+            limits = dict(max_pixels=self.cap_image_pixels, max_bytes=self.cap_image_bytes)
+            if self.image is not None:
+                self._decoded = [[decode_image_value(self.image, field="image", **limits)]]
+            elif all(isinstance(v, list) for v in self.images):
+                self._decoded = [decode_image_list(row, max_images=self.cap_images, field=f"images[{i}]", **limits)
+                                 for i, row in enumerate(self.images)]
+            else:
+                self._decoded = [decode_image_list(self.images, max_images=self.cap_images, field="images",
+                                                   **limits)]
+        return self._decoded
 
 
 class CaptionPredictRequest(SamplingFields, ImageFields):
@@ -111,4 +118,5 @@ def evaluate(pipeline, request: CaptionEvaluateRequest) -> dict:
 
 
 ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, predict,
-                          CaptionEvaluateRequest, TextEvaluateResponse, evaluate)
+                          CaptionEvaluateRequest, TextEvaluateResponse, evaluate,
+                          prepare=lambda request: request.decoded_images())

@@ -7,12 +7,11 @@ from typing import Any, Optional
 from pydantic import Field, model_validator
 
 from service.codecs import encode_array
-from service.images import decode_image_list
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase
 from vla_foundry.errors import InvalidInputError
 
 
-class EncoderPredictRequest(RequestBase):
+class EncoderPredictRequest(ImageListRequest):
     texts: Optional[list[str]] = Field(None, description="Texts to embed.")
     images: Optional[list[Any]] = Field(None, description="Images to embed (base64 PNG/JPEG, data: URLs or typed "
                                                           "arrays).")
@@ -28,12 +27,6 @@ class EncoderPredictRequest(RequestBase):
             raise InvalidInputError(f"{len(self.images)} images, over this server's limit of {self.cap_images} "
                                     "(VLA_MAX_IMAGES)", field="images")
         return self
-
-    def decoded_images(self):
-        if not self.images:
-            return None
-        return decode_image_list(self.images, max_images=self.cap_images, max_pixels=self.cap_image_pixels,
-                                 max_bytes=self.cap_image_bytes)
 
 
 class EncoderPredictResponse(ResponseBase):
@@ -63,4 +56,5 @@ def evaluate(pipeline, request: EncoderEvaluateRequest) -> dict:
 
 
 ADAPTER = ModalityAdapter(EncoderPredictRequest, EncoderPredictResponse, predict,
-                          EncoderEvaluateRequest, EncoderEvaluateResponse, evaluate)
+                          EncoderEvaluateRequest, EncoderEvaluateResponse, evaluate,
+                          prepare=lambda request: request.decoded_images())

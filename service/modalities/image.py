@@ -14,9 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 from starlette.responses import Response
 
-from service.images import decode_image_list
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
-from service.modalities.text import TextEvaluateResponse
+from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase
 from vla_foundry.errors import InvalidInputError
 
 PNG = "image/png"
@@ -90,7 +88,7 @@ def png_reply(payload: dict, accept: str) -> Optional[Response]:
                              "X-Timing-Ms": str(payload["timing_ms"]["total"])})
 
 
-class ImageEvaluateRequest(RequestBase):
+class ImageEvaluateRequest(ImageListRequest):
     images: list[Any] = Field(..., description="Images to score (base64 PNG/JPEG, data: URLs or typed arrays).")
     texts: Optional[list[str]] = Field(None, description="One caption per image (text-conditioned models).")
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Fixes the timesteps and noise.")
@@ -112,10 +110,13 @@ class ImageEvaluateResponse(ResponseBase):
 
 
 def evaluate(pipeline, request: ImageEvaluateRequest) -> dict:
-    images = decode_image_list(request.images, max_images=request.cap_images, max_pixels=request.cap_image_pixels,
-                               max_bytes=request.cap_image_bytes)
-    return pipeline.evaluate(images, request.texts, request.seed)
+    return pipeline.evaluate(request.decoded_images(), request.texts, request.seed)
+
+
+def prepare(request) -> None:
+    if isinstance(request, ImageEvaluateRequest):
+        request.decoded_images()
 
 
 ADAPTER = ModalityAdapter(ImagePredictRequest, ImagePredictResponse, predict,
-                          ImageEvaluateRequest, ImageEvaluateResponse, evaluate, reply=png_reply)
+                          ImageEvaluateRequest, ImageEvaluateResponse, evaluate, reply=png_reply, prepare=prepare)

@@ -41,6 +41,15 @@ def _token_rows(value: Any) -> Any:
 TokenRows = Annotated[list[list[int]], BeforeValidator(_token_rows)]
 
 
+def stop_list(stop: Union[None, str, list[str]]) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+def usage_of(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
 def _rows(value):
     """A single prompt string → a list of one."""
     return [value] if isinstance(value, str) else value
@@ -69,7 +78,7 @@ class SamplingFields(RequestBase):
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
     def stop_strings(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return stop_list(self.stop)
 
 
 class TextPredictRequest(SamplingFields):
@@ -110,8 +119,7 @@ def completion_payload(result, key: str = "completions") -> dict:
     return {
         key: [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
               for c in result.completions],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                  "total_tokens": result.prompt_tokens + result.completion_tokens},
+        "usage": usage_of(result),
         "seed": result.seed,
     }
 

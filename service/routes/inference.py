@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 
 from service.codecs import encode_response
 from service.dependencies import get_manager
@@ -29,10 +30,12 @@ def _camel(model_type: str) -> str:
     return "".join(part.capitalize() for part in model_type.split("_"))
 
 
-def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None):
+def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None, prepare=None):
     async def endpoint(body: request_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         started = time.perf_counter()
         deployment = manager.resolve(model_type, body.model)
+        if prepare is not None:
+            await run_in_threadpool(prepare, body)
         timed = await deployment.run(run, body)
         total = (time.perf_counter() - started) * 1000
         payload = {"model": deployment.name, **timed.value,
@@ -55,7 +58,8 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
         for kind, (base, response, run, reply) in parts.items():
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
                 "__module__": __name__, **base.limits_from(settings)})
-            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run, reply), methods=["POST"],
+            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run, reply, adapter.prepare),
+                              methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
                               summary=f"{kind.capitalize()} with a {model_type} deployment")
 

@@ -11,11 +11,13 @@ penalties, tools, …) are refused by name rather than silently ignored.
 
 # No `from __future__ import annotations`: FastAPI reads the per-app request classes from the real annotations.
 
+import logging
 import secrets
 import time
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,9 +26,12 @@ from service.dependencies import get_manager
 from service.deployments import Deployment, DeploymentManager
 from service.errors import ApiError
 from service.images import decode_image_value
-from service.streaming import SSE_DONE, DeltaStream, GenerationCancelled, sse, sse_error
+from service.modalities.text import stop_list, usage_of
+from service.streaming import SSE_DONE, DeltaStream, sse, sse_error
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.sampling import SamplingParams
+
+logger = logging.getLogger("service")
 
 TEXT_MODALITIES = ("text", "caption")
 OWNER = "vla-foundry"
@@ -41,6 +46,7 @@ class OpenAIRequest(BaseModel):
 
     cap_max_new_tokens: ClassVar[int] = 1024  # set per app (see add_openai_routes)
     cap_batch: ClassVar[int] = 64
+    cap_images: ClassVar[int] = 16
     # Parameters this server cannot honour, with the values that mean "off" (accepted, since clients send them).
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {"logprobs": (None, False), "presence_penalty": (None, 0),
                                                "frequency_penalty": (None, 0), "logit_bias": (None, {})}
@@ -69,7 +75,7 @@ class OpenAIRequest(BaseModel):
             if value not in off:
                 raise InvalidInputError(f"`{name}` is not supported by this server; drop it (got {value!r})",
                                         field=name)
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        stop = stop_list(self.stop)
         if len(stop) > 4:
             raise InvalidInputError(f"at most 4 stop sequences; got {len(stop)}", field="stop")
         if self.max_new_tokens > self.cap_max_new_tokens:
@@ -85,7 +91,7 @@ class OpenAIRequest(BaseModel):
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
     def stop_strings(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return stop_list(self.stop)
 
     @property
     def include_usage(self) -> bool:
@@ -176,10 +182,21 @@ class ChatRequest(OpenAIRequest):
             raise InvalidInputError("only response_format {\"type\": \"text\"} is supported", field="response_format")
         if self.n > self.cap_batch:
             raise InvalidInputError(f"n must be <= {self.cap_batch}; got {self.n}", field="n")
+        images = sum(1 for m in self.messages if isinstance(m.content, list) for p in m.content
+                     if p.type == "image_url")
+        if images > self.cap_images:
+            raise InvalidInputError(f"{images} images, over this server's limit of {self.cap_images} per request "
+                                    "(VLA_MAX_IMAGES); send fewer", field="messages")
         return self
 
     def conversation(self) -> tuple[list[dict], list[Any]]:
-        """Messages for a chat template (image parts become ``{"type": "image"}``) and the image values in order."""
+        """Messages for a chat template and the image values in order. With images, content stays a list of
+        parts (image parts become ``{"type": "image"}``, as HF processors' templates expect); without, every
+        content is plain text, which any template takes."""
+        if not any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content)
+                   for m in self.messages):
+            return [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                     "".join(p.text or "" for p in (m.content or []))} for m in self.messages], []
         messages, images = [], []
         for i, m in enumerate(self.messages):
             if m.content is None or isinstance(m.content, str):
@@ -203,6 +220,17 @@ class ChatRequest(OpenAIRequest):
 # ----------------------------------------------------------------------------- work on the deployment's thread
 
 
+# Pipeline errors name the /predict fields; a /v1 client sent these instead.
+V1_FIELDS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
+
+
+def _v1_names(error: InvalidInputError) -> InvalidInputError:
+    message = str(error)
+    for ours, theirs in V1_FIELDS.items():
+        message = message.replace(ours, theirs)
+    return InvalidInputError(message, field=V1_FIELDS.get(error.field, error.field))
+
+
 def run_completion(pipeline, request: CompletionRequest, on_text=None):
     texts, ids = request.prompt_rows()
     n = request.n
@@ -212,14 +240,20 @@ def run_completion(pipeline, request: CompletionRequest, on_text=None):
                              on_text=on_text)
 
 
-def run_chat(pipeline, request: ChatRequest, image_limits: dict, on_text=None):
+def decode_chat_images(request: ChatRequest, image_limits: dict) -> tuple[list[dict], list]:
+    """The conversation and its decoded images (run off the event loop, before the request queues)."""
     messages, image_values = request.conversation()
-    images = [decode_image_value(value, field=field, **image_limits) for value, field in image_values]
+    return messages, [decode_image_value(value, field=field, **image_limits) for value, field in image_values]
+
+
+def run_chat(pipeline, request: ChatRequest, conversation: tuple[list[dict], list], on_text=None):
+    messages, images = conversation
     prompt = pipeline.render_chat(messages)
     n = request.n
-    common = dict(sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text)
+    common = dict(sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text,
+                  rendered=True)
     if images:
-        return pipeline.caption([images] * n, [prompt] * n, rendered=True, **common)
+        return pipeline.caption([images] * n, [prompt] * n, **common)
     return pipeline.complete([prompt] * n, **common)
 
 
@@ -228,6 +262,10 @@ def run_chat(pipeline, request: ChatRequest, image_limits: dict, on_text=None):
 
 def _deployment(manager: DeploymentManager, name: Optional[str]) -> Deployment:
     if name is None:
+        loading = [d.name for d in manager.deployments.values() if d.modality is None and d.status == "loading"]
+        if loading:  # their type is not known yet
+            raise ApiError(503, f"deployments are still loading ({', '.join(loading)}); retry shortly, or name "
+                                "one in `model`", retry_after=5)
         served = [d for d in manager.deployments.values() if d.modality in TEXT_MODALITIES]
         if len(served) != 1:
             raise ApiError(422, "name the deployment in `model`; text and caption deployments: "
@@ -248,14 +286,10 @@ def _check_tokenizer(deployment: Deployment) -> None:
                             f"POST /predict/{deployment.model_type} with token ids", field="model")
 
 
-def _usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
-
-
 def add_openai_routes(app: FastAPI, settings) -> None:
     router = APIRouter(prefix="/v1", tags=["openai"])
-    caps = {"cap_max_new_tokens": settings.max_new_tokens, "cap_batch": settings.max_batch}
+    caps = {"cap_max_new_tokens": settings.max_new_tokens, "cap_batch": settings.max_batch,
+            "cap_images": settings.max_images}
     image_limits = {"max_pixels": settings.max_image_pixels, "max_bytes": settings.max_body_bytes}
     completion_cls = type("CompletionRequest", (CompletionRequest,), {"__module__": __name__, **caps})
     chat_cls = type("ChatCompletionRequest", (ChatRequest,), {"__module__": __name__, **caps})
@@ -288,8 +322,9 @@ def add_openai_routes(app: FastAPI, settings) -> None:
                 isinstance(m.content, list) and any(p.type == "image_url" for p in m.content) for m in body.messages):
             raise ApiError(422, f"deployment {deployment.name!r} is a text model; image_url parts need a caption "
                                 "deployment", field="messages")
+        conversation = await run_in_threadpool(decode_chat_images, body, image_limits)
         return await _respond(deployment, body, request, "chat.completion", "chatcmpl",
-                              lambda p, on_text=None: run_chat(p, body, image_limits, on_text))
+                              lambda p, on_text=None: run_chat(p, body, conversation, on_text))
 
     app.include_router(router)
 
@@ -298,22 +333,28 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     response_id = f"{id_prefix}-{secrets.token_hex(12)}"
     created = int(time.time())
     chat = kind == "chat.completion"
+    def v1_work(pipeline, on_text=None):
+        try:
+            return work(pipeline, on_text)
+        except InvalidInputError as e:
+            raise _v1_names(e) from e
+
     if not body.stream:
         started = time.perf_counter()
-        timed = await deployment.run(work)
+        timed = await deployment.run(v1_work)
         result = timed.value
         choices = [({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                      "logprobs": None} if chat else
                     {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
                    for i, c in enumerate(result.completions)]
         payload = {"id": response_id, "object": kind, "created": created, "model": deployment.name,
-                   "choices": choices, "usage": _usage(result), "system_fingerprint": f"seed-{result.seed}",
+                   "choices": choices, "usage": usage_of(result), "system_fingerprint": f"seed-{result.seed}",
                    "timing_ms": {"queue": round(timed.queue_ms, 3), "infer": round(timed.run_ms, 3),
                                  "total": round((time.perf_counter() - started) * 1000, 3)}}
         return encode_response(payload, request.headers.get("accept", ""))
 
     stream = DeltaStream()
-    await stream.start(deployment.run(work, on_text=stream.on_text))
+    await stream.start(deployment.run(v1_work, on_text=stream.on_text))
     chunk_kind = kind + ".chunk" if chat else kind
 
     def chunk(choices: list, **extra) -> str:
@@ -337,12 +378,11 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
                 else:
                     yield chunk([{"index": row, "text": text or "", "finish_reason": finish, "logprobs": None}])
             if body.include_usage:
-                yield chunk([], usage=_usage(stream.result().value))
-        except GenerationCancelled:
-            return
+                yield chunk([], usage=usage_of(stream.result().value))
         except InvalidInputError as e:
             yield sse_error(422, str(e))
         except Exception as e:  # the stream has started: the error goes in-band, without internals
+            logger.exception("streamed generation on %s failed", deployment.name)
             yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details")
         yield SSE_DONE
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,15 +32,19 @@ def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120) -> 
     """Yields the base URL once ``/health/ready`` says 200; stops the server with SIGINT after."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir)}
+    # The log goes to a file: a pipe nobody reads would block the server once it fills.
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cli() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port),
                                      "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
             deadline = time.monotonic() + timeout
             while True:
-                assert proc.poll() is None, proc.stdout.read()
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f"the server exited: {log.read()[-4000:]}")
                 try:
                     if client.get("/health/ready").status_code == 200:
                         break
@@ -55,3 +60,4 @@ def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()

@@ -195,3 +195,27 @@ def test_caption_model_completes_text_and_chats_with_images(app_client):
         "model": "vlm", "messages": [{"role": "user", "content": [part]}]}), 422)
     assert "chat template" in e["message"]  # the tiny vlm's tokenizer has none
 
+
+
+def test_chat_content_parts_on_a_text_model_are_joined(app_client):
+    as_parts = app_client.post("/v1/chat/completions", json={
+        "model": "chat", "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}]})
+    as_text = app_client.post("/v1/chat/completions", json={
+        "model": "chat", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "hello there"}]})
+    assert as_parts.status_code == 200, as_parts.text
+    assert as_parts.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]
+    assert as_parts.json()["usage"] == as_text.json()["usage"]
+
+
+def test_chat_images_are_capped(app_client):
+    part = {"type": "image_url", "image_url": {"url": png_data_url(0)}}
+    e = error_of(app_client.post("/v1/chat/completions", json={
+        "model": "vlm", "messages": [{"role": "user", "content": [part] * 17}]}), 422)
+    assert e["field"] == "messages" and "limit of 16" in e["message"]
+
+
+def test_v1_errors_use_v1_field_names(app_client):
+    e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x" * 3000, "max_tokens": 64}),
+                 422)
+    assert e["field"] == "max_tokens" and "max_new_tokens" not in e["message"]

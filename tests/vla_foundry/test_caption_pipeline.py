@@ -236,12 +236,12 @@ def test_text_completion_streaming(text_pipeline):
 def test_text_streaming_finishes_at_eos(text_pipeline):
     prompt = [[5, 6, 7]]
     greedy = text_pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0].token_ids
-    saved, text_pipeline.eos_token_id = text_pipeline.eos_token_id, greedy[3]
+    saved, text_pipeline.end_ids = text_pipeline.end_ids, frozenset({greedy[3]})
     try:
         rec = Recorder()
         result = text_pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY, on_text=rec)
     finally:
-        text_pipeline.eos_token_id = saved
+        text_pipeline.end_ids = saved
     completion = result.completions[0]
     assert completion.token_ids == greedy[:greedy.index(greedy[3])] and completion.finish_reason == "stop"
     rec.check(result)
@@ -255,7 +255,7 @@ def test_stop_string_matches_only_text_that_stays(tiny_tokenizer):
     ids = tiny_tokenizer.encode("\u05e2", add_special_tokens=False)  # 'ע': UTF-8 D7 A2, one token per byte
     assert len(ids) == 2 and tiny_tokenizer.decode(ids[:1]) == "\ufffd"
     rec = Recorder()
-    tracker = CompletionTracker(1, tiny_tokenizer, tiny_tokenizer.eos_token_id, ["\ufffd"], rec)
+    tracker = CompletionTracker(1, tiny_tokenizer, frozenset({tiny_tokenizer.eos_token_id}), ["\ufffd"], rec)
     for n in range(1, len(ids) + 1):
         tracker.update(range(1), torch.tensor([ids[:n]]))
     tracker.set_tokens(0, ids)

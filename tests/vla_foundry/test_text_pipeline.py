@@ -57,11 +57,11 @@ def test_text_prompts_seeds_and_usage(pipeline):
 def test_eos_finishes_a_row_and_is_not_returned(pipeline):
     prompt = [[5, 6, 7]]
     greedy = pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0].token_ids
-    pipeline.eos_token_id, saved = greedy[2], pipeline.eos_token_id
+    pipeline.end_ids, saved = frozenset({greedy[2]}), pipeline.end_ids
     try:
         c = pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0]
     finally:
-        pipeline.eos_token_id = saved
+        pipeline.end_ids = saved
     assert c.token_ids == greedy[:2] and c.finish_reason == "stop"
 
 
@@ -153,3 +153,17 @@ def test_evaluation_uses_the_runs_z_loss(tmp_path):
     logits = model(torch.tensor([[5, 6, 7]])).logits[0]
     z = torch.logsumexp(logits, -1).pow(2).mean().item()
     assert with_z.evaluate(input_ids=ids)["loss"] == pytest.approx(plain + 0.5 * z, rel=1e-5)
+
+
+def test_hf_end_of_turn_ids_end_generation(tiny_checkpoints):
+    """An HF model's generation_config.eos_token_id (e.g. an end-of-turn token) ends a completion too."""
+    from vla_foundry.pipelines.text import TextPipeline
+
+    loaded = load_pipeline(tiny_checkpoints["transformer_hf"])
+    prompt = [[5, 6, 7]]
+    greedy = loaded.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0].token_ids
+    loaded.model.model.generation_config.eos_token_id = [loaded.eos_token_id, greedy[1]]  # as a chat model's
+    pipeline = TextPipeline(loaded.model, loaded.tokenizer)
+    assert pipeline.end_ids == {loaded.eos_token_id, greedy[1]} and greedy[1] in pipeline.io()["end_token_ids"]
+    c = pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0]
+    assert c.token_ids == greedy[:1] and c.finish_reason == "stop"

@@ -39,7 +39,8 @@ def draw(color: str, shape: str, rng: random.Random) -> np.ndarray:
 
 def demo_params(clip_dir: str) -> StableDiffusionParams:
     unet = UNetParams(channels=[16, 32, 32], time_emb_dim=32, text_emb_dim=TEXT_WIDTH, image_size=shapes.IMAGE_SIZE)
-    return StableDiffusionParams(unet=unet, noise_scheduler=NoiseSchedulerParams(num_timesteps=1000),
+    # No clamp on x_t: the fast samplers start from (and step through) unclamped Gaussian noise.
+    return StableDiffusionParams(unet=unet, noise_scheduler=NoiseSchedulerParams(num_timesteps=1000, clamp_range=None),
                                  clip=ClipHFParams(hf_pretrained=clip_dir), do_classifier_free_guidance=True,
                                  guidance_scale=3.0, dropout_percent=0.1)
 

@@ -68,3 +68,11 @@ def hf_image_token_id(model_config: Any) -> int:
         if value is not None:
             return int(value)
     raise ValueError(f"{type(model_config).__name__} has no image_token_id or image_token_index")
+
+
+def end_token_ids(model: nn.Module) -> list[int]:
+    """``generation_config.eos_token_id`` as a list (HF allows an int or a list)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]

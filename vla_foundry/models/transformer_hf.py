@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from vla_foundry.generation import LanguageModelStep, batch_prompt, sample_loop
-from vla_foundry.models.hf_loading import build_hf_model, cache_keyword, output_cache, positions_from_mask
+from vla_foundry.models.hf_loading import (build_hf_model, cache_keyword, end_token_ids, output_cache,
+                                           positions_from_mask)
 from vla_foundry.models.registry import register_model
 from vla_foundry.models.transformer import TransformerOutput
 from vla_foundry.params.transformer import TransformerHFParams
@@ -44,6 +45,11 @@ class TransformerHF(nn.Module):
     def tokenizer_source(self) -> Optional[str]:
         """Where the tokenizer lives when the experiment brings none: the HF directory itself."""
         return self.params.hf_pretrained
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """The ids that end a generation per the model's generation config (e.g. an end-of-turn token)."""
+        return end_token_ids(self.model)
 
     @property
     def vocab_size(self) -> int:

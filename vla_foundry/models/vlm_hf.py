@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vla_foundry.generation import batch_prompt, sample_loop
-from vla_foundry.models.hf_loading import build_hf_model, cache_keyword, hf_image_token_id, output_cache
+from vla_foundry.models.hf_loading import build_hf_model, cache_keyword, end_token_ids, hf_image_token_id, output_cache
 from vla_foundry.models.registry import register_model
 from vla_foundry.models.transformer import TransformerOutput
 from vla_foundry.models.transformer_hf import hf_max_positions
@@ -41,6 +41,11 @@ class VLMHF(nn.Module):
     @property
     def image_token_id(self) -> int:
         return hf_image_token_id(self.model.config)
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """The ids that end a generation per the model's generation config (e.g. an end-of-turn token)."""
+        return end_token_ids(self.model)
 
     @property
     def vocab_size(self) -> int:

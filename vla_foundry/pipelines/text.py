@@ -77,9 +77,10 @@ class CompletionTracker:
     (decoded as U+FFFD) and any tail that could still grow into a stop string are held back.
     """
 
-    def __init__(self, n_rows: int, tokenizer: Any, eos_token_id: Optional[int], stop: Sequence[str],
+    def __init__(self, n_rows: int, tokenizer: Any, end_ids: frozenset, stop: Sequence[str],
                  on_text: Optional[OnText]):
-        self.tokenizer, self.eos_token_id, self.stop, self.on_text = tokenizer, eos_token_id, list(stop), on_text
+        # end_ids: every id that ends a completion (eos, and an HF model's end-of-turn ids); never shown.
+        self.tokenizer, self.end_ids, self.stop, self.on_text = tokenizer, end_ids, list(stop), on_text
         self.kept: list[Optional[int]] = [None] * n_rows  # tokens to keep once finished (eos included)
         self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
         self.sent_text = [0] * n_rows
@@ -91,7 +92,7 @@ class CompletionTracker:
         ``settled_only``: leave out a trailing incomplete character (U+FFFD until its next token
         arrives), so a stop string never matches text that is about to change.
         """
-        if tokens and tokens[-1] == self.eos_token_id:
+        if tokens and tokens[-1] in self.end_ids:
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if settled_only:
@@ -106,7 +107,7 @@ class CompletionTracker:
         for i, row in enumerate(rows):
             if self.kept[row] is not None:
                 continue
-            if last[i] == self.eos_token_id:
+            if last[i] in self.end_ids:
                 self.kept[row] = n
             if rows_tokens is None:
                 continue
@@ -128,7 +129,7 @@ class CompletionTracker:
                     if text[:safe].endswith(s[:k]):
                         safe -= k
                         break
-        visible = tokens if final else (tokens[:-1] if tokens and tokens[-1] == self.eos_token_id else tokens)
+        visible = tokens if final else (tokens[:-1] if tokens and tokens[-1] in self.end_ids else tokens)
         token_delta = visible[self.sent_tokens[row]:]
         text_delta = text[self.sent_text[row]:safe] if text is not None else None
         if token_delta or text_delta or finish_reason:
@@ -145,7 +146,7 @@ class CompletionTracker:
         for row, tokens in enumerate(self.tokens):
             finished = self.kept[row] is not None
             tokens = tokens[:self.kept[row]] if finished else tokens
-            if finished and self.eos_token_id is not None and tokens and tokens[-1] == self.eos_token_id:
+            if finished and tokens and tokens[-1] in self.end_ids:
                 tokens = tokens[:-1]
             text = self._text(tokens)[0] if self.tokenizer is not None else None
             completion = Completion(text, tokens, "stop" if finished else "length")
@@ -167,6 +168,9 @@ class TextPipeline(Pipeline):
         self.batch_handler = create_batch_handler(model.params.type, z_loss_coefficient=z_loss_coefficient)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_token_id: Optional[int] = eos
+        # HF chat models often end a turn with their own token (<end_of_turn>, <|eot_id|>, ...): the model's
+        # generation config names them.
+        self.end_ids = frozenset({eos} | set(getattr(model, "end_token_ids", ())) - {None})
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_token_id: int = pad if pad is not None else (eos if eos is not None else 0)
 
@@ -189,7 +193,7 @@ class TextPipeline(Pipeline):
             "max_seq_len": self.model.max_seq_len,
             "tokenizer": self.tokenizer_source,
             "accepts": ["prompt", "prompt_token_ids"] if self.tokenizer is not None else ["prompt_token_ids"],
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": self.eos_token_id, "end_token_ids": sorted(self.end_ids),
             "defaults": {"max_new_tokens": defaults.max_new_tokens, "temperature": defaults.temperature,
                          "top_k": defaults.top_k, "top_p": defaults.top_p},
         }
@@ -200,7 +204,10 @@ class TextPipeline(Pipeline):
     # ------------------------------------------------------------------ inputs
 
     def encode_prompts(self, prompts: Optional[Sequence[str]], prompt_token_ids: Optional[Sequence[Sequence[int]]],
-                       *, prompt_field: str = "prompt", ids_field: str = "prompt_token_ids") -> list[list[int]]:
+                       *, prompt_field: str = "prompt", ids_field: str = "prompt_token_ids",
+                       rendered: bool = False) -> list[list[int]]:
+        """Token id rows. Plain text gets the tokenizer's special tokens (e.g. a Llama's bos), as HF models
+        expect; ``rendered`` text (through a chat template, which writes them itself) gets none."""
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidInputError(f"give exactly one of `{prompt_field}` or `{ids_field}`", field=prompt_field)
         if prompts is not None:
@@ -216,7 +223,7 @@ class TextPipeline(Pipeline):
                 except UnicodeEncodeError as e:
                     raise InvalidInputError(f"{prompt_field}[{i}] is not valid Unicode text ({e.reason} at "
                                             f"position {e.start})", field=prompt_field) from None
-            ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+            ids = [self.tokenizer.encode(p, add_special_tokens=not rendered) for p in prompts]
             field_name = prompt_field
         else:
             ids = [list(map(int, row)) for row in prompt_token_ids]
@@ -243,10 +250,11 @@ class TextPipeline(Pipeline):
     @torch.inference_mode()
     def complete(self, prompts: Optional[Sequence[str]] = None, prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
                  *, sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (), seed: Optional[int] = None,
-                 use_cache: bool = True, on_text: Optional[OnText] = None) -> CompletionResult:
+                 use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
         """Complete each prompt. ``on_text(row, text_delta, token_ids_delta, finish_reason)`` streams the
-        completions as they grow (text that could still become a stop string is held back)."""
-        ids = self.encode_prompts(prompts, prompt_token_ids)
+        completions as they grow (text that could still become a stop string is held back). ``rendered``:
+        the prompts come from ``render_chat``."""
+        ids = self.encode_prompts(prompts, prompt_token_ids, rendered=rendered)
         return self.generate_completions(ids, {}, sampling=sampling, stop=stop, seed=seed, use_cache=use_cache,
                                          on_text=on_text)
 
@@ -273,7 +281,7 @@ class TextPipeline(Pipeline):
             raise InvalidInputError("stop strings must be non-empty", field="stop")
         seed = new_seed() if seed is None else seed
         generator = make_generator(self.device, seed)
-        tracker = CompletionTracker(len(ids), self.tokenizer, self.eos_token_id, stop, on_text)
+        tracker = CompletionTracker(len(ids), self.tokenizer, self.end_ids, stop, on_text)
         if use_cache or len({len(r) for r in ids}) == 1 or getattr(self.model, "masks_padding_without_cache", False):
             self._generate(ids, model_inputs, range(len(ids)), sampling, use_cache, generator, tracker)
         else:
