@@ -40,14 +40,16 @@ class StableDiffusion(nn.Module):
     def __init__(self, params: StableDiffusionParams, load_pretrained: bool = True):
         super().__init__()
         self.params = params
-        self.unet = DiffusersUNet(params.unet) if params.use_diffusers_unet else UNet(params.unet)
         self.scheduler = build_training_scheduler(params.noise_scheduler,
                                                   flow_matching=params.use_flow_matching_scheduler,
                                                   diffusers=params.use_diffusers_scheduler)
         clip = params.clip
         if clip is not None and getattr(clip, "hf_pretrained", None):
             self.clip = create_model(clip, load_pretrained=load_pretrained)
-            if not params.use_diffusers_unet and params.unet.text_emb_dim != self.clip.text_hidden_size:
+        text_dim = self.clip.text_hidden_size if hasattr(self, "clip") else 0
+        self.unet = DiffusersUNet(params.unet, text_dim) if params.use_diffusers_unet else UNet(params.unet)
+        if hasattr(self, "clip"):
+            if not params.use_diffusers_unet and params.unet.text_emb_dim != text_dim:
                 raise ValueError(f"unet.text_emb_dim ({params.unet.text_emb_dim}) must equal the CLIP text hidden "
                                  f"size ({self.clip.text_hidden_size})")
 
