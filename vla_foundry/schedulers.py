@@ -76,11 +76,12 @@ class NoiseSchedulerDDPM(Float32Buffers):
         from ``generator``."""
         t = int(t)
         ac, ac_prev = self.alphas_cumprod[t], self.alphas_cumprod_prev[t]
-        x0_hat = (sample - (1 - ac).sqrt() * model_output) / ac.sqrt()
-        mean = (ac_prev.sqrt() * self.betas[t] / (1 - ac)) * x0_hat + (self.alphas[t].sqrt() * (1 - ac_prev) / (1 - ac)) * sample
+        x, eps = sample.float(), model_output.float()  # the step in float32 whatever the model's dtype
+        x0_hat = (x - (1 - ac).sqrt() * eps) / ac.sqrt()
+        mean = (ac_prev.sqrt() * self.betas[t] / (1 - ac)) * x0_hat + (self.alphas[t].sqrt() * (1 - ac_prev) / (1 - ac)) * x
         if t > 0:
             z = noise if noise is not None else randn_like(sample, generator)
-            mean = mean + self.posterior_variance[t].sqrt() * z
+            mean = mean + self.posterior_variance[t].sqrt() * z.float()
         return _clamp(mean.to(sample.dtype), self.clamp_range)
 
 
@@ -173,7 +174,9 @@ def fast_scheduler(name: str, training: nn.Module):
         raise ValueError(f"scheduler {name!r} samples ε-prediction (DDPM-trained) models; this model was trained "
                          "with flow matching: use 'flow_euler'")
     if isinstance(training, NoiseSchedulerDDPM):
-        betas = dict(trained_betas=training.betas.detach().float().cpu().numpy())
+        # Betas that reproduce the loaded alphas_cumprod exactly (the table the model trained with).
+        ac = training.alphas_cumprod.detach().double().cpu()
+        betas = dict(trained_betas=(1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).tolist())
     else:
         betas = {}  # diffusers DDPM defaults (linear 1e-4 … 0.02)
     common = dict(num_train_timesteps=training.num_timesteps, prediction_type="epsilon",

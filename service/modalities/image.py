@@ -27,8 +27,8 @@ class ImagePredictRequest(RequestBase):
     num_images: int = Field(1, ge=1, description="Images to generate (capped by VLA_MAX_IMAGES).")
     num_inference_steps: Optional[int] = Field(None, ge=1, description="Sampler steps; default: 20 for the fast "
                                                                        "schedulers, all for `training`.")
-    guidance_scale: Optional[float] = Field(None, description="Classifier-free guidance (>= 0; 1 = none); "
-                                                              "default: the model's.")
+    guidance_scale: Optional[float] = Field(None, le=100, description="Classifier-free guidance (0 … 100; 1 = "
+                                                                      "none); default: the model's.")
     scheduler: Optional[str] = Field(None, description="dpmsolver++ (default), ddim, euler, or training (the "
                                                        "model's own, all steps); flow models: flow_euler, training.")
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same bytes.")
@@ -65,13 +65,15 @@ def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")  # deterministic: same pixels, same bytes
+    gray_or_rgb = image[..., 0] if image.shape[-1] == 1 else image
+    Image.fromarray(gray_or_rgb).save(buffer, format="PNG")  # PNG encoding is deterministic: same pixels, same bytes
     return buffer.getvalue()
 
 
 def predict(pipeline, request: ImagePredictRequest) -> dict:
     result = pipeline.generate(request.prompt, request.negative_prompt, request.num_images,
-                               request.num_inference_steps, request.guidance_scale, request.scheduler, request.seed)
+                               request.num_inference_steps, request.guidance_scale, request.scheduler, request.seed,
+                               max_inference_steps=request.cap_inference_steps)
     return {"images": [{"format": "png", "data": base64.b64encode(png_bytes(im)).decode(), "seed": s}
                        for im, s in zip(result.images, result.seeds)],
             "seed": result.seeds[0], "scheduler": result.scheduler,

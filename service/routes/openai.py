@@ -225,10 +225,9 @@ V1_FIELDS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
 
 
 def _v1_names(error: InvalidInputError) -> InvalidInputError:
-    message = str(error)
-    for ours, theirs in V1_FIELDS.items():
-        message = message.replace(ours, theirs)
-    return InvalidInputError(message, field=V1_FIELDS.get(error.field, error.field))
+    """The same error (same class, so the same status) in the /v1 client's field names."""
+    message = str(error).replace("max_new_tokens", "max_tokens")
+    return type(error)(message, field=V1_FIELDS.get(error.field, error.field))
 
 
 def run_completion(pipeline, request: CompletionRequest, on_text=None):

@@ -135,3 +135,22 @@ def test_concurrent_requests_equal_sequential_ones(tiny_checkpoints, tmp_path):
     got = [r.json()["images"][0]["data"] for r in concurrent]
     assert got == [r.json()["images"][0]["data"] for r in sequential]
     assert len(set(got)) == 8
+
+
+def test_steps_that_would_run_are_capped(tiny_checkpoints):
+    """The cap applies to the steps that run: the training scheduler's T−1 and the default count too."""
+    spec = DeploymentSpec(name="sd", checkpoint=str(tiny_checkpoints["stable_diffusion"]))
+    with serving(spec, max_inference_steps=5) as c:
+        e = error_of(c.post("/predict/stable_diffusion", json={"prompt": "x", "scheduler": "training"}), 422)
+        assert e["field"] == "scheduler" and "9 sampler steps" in e["message"] and "limit of 5" in e["message"]
+        e = error_of(c.post("/predict/stable_diffusion", json={"prompt": "x"}), 422)  # default: min(20, T) = 10
+        assert e["field"] == "num_inference_steps"
+        assert c.post("/predict/stable_diffusion", json={"prompt": "x", "num_inference_steps": 5}).status_code == 200
+
+
+def test_guidance_is_reported_only_when_applied(client):
+    unconditional = draw(client, guidance_scale=3.0, seed=1).json()
+    assert unconditional["guidance_scale"] is None
+    assert draw(client, prompt="a red circle", guidance_scale=3.0, seed=1).json()["guidance_scale"] == 3.0
+    e = error_of(draw(client, prompt="x", guidance_scale=1e30), 422)
+    assert e["field"] == "guidance_scale"

@@ -36,15 +36,20 @@ class ClipHF(nn.Module):
             self.model = CLIPModel.from_pretrained(params.hf_pretrained, dtype=torch.float32)
         else:  # random init: the checkpoint holds every weight (spec §7)
             self.model = CLIPModel(CLIPConfig.from_pretrained(params.hf_pretrained))
-        self._tokenizer: Any = None
+        # Loaded now, while the server builds models one at a time (transformers' lazy imports race).
+        self._tokenizer: Any = self._load_tokenizer()
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.params.hf_pretrained)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"clip_hf: no tokenizer in {self.params.hf_pretrained!r} ({e})") from e
 
     @property
     def tokenizer(self):
-        """The CLIP tokenizer of ``hf_pretrained`` (loaded on first use)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.params.hf_pretrained)
+        """The CLIP tokenizer of ``hf_pretrained``."""
         return self._tokenizer
 
     @property

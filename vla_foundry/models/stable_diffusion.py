@@ -121,6 +121,7 @@ class StableDiffusion(nn.Module):
         else:
             x = randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
         context = None
+        prompt = prompt or None  # an empty prompt samples unconditionally, as in VLA Foundry (`if prompt`)
         if prompt is not None and self.has_text:
             prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
             context = self.encode_text(prompts, max_text_seq_len).to(dtype)

@@ -74,7 +74,10 @@ class ImagePipeline(Pipeline):
     @torch.inference_mode()
     def generate(self, prompt: Optional[str] = None, negative_prompt: Optional[str] = None, num_images: int = 1,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 scheduler: Optional[str] = None, seed: Optional[int] = None) -> ImageResult:
+                 scheduler: Optional[str] = None, seed: Optional[int] = None,
+                 max_inference_steps: Optional[int] = None) -> ImageResult:
+        """``max_inference_steps``: the server's cap on the sampler steps that will actually run (the
+        training scheduler's T−1 and the default count included)."""
         model = self.model
         if prompt is not None and not model.has_text:
             raise InvalidInputError("this model is unconditional (no text encoder); omit `prompt`", field="prompt")
@@ -95,6 +98,12 @@ class ImagePipeline(Pipeline):
         if scheduler == TRAINING and steps != model.num_timesteps - 1:
             raise InvalidInputError(f"the training scheduler runs all {model.num_timesteps - 1} steps; omit "
                                     f"num_inference_steps or pick a fast scheduler", field="num_inference_steps")
+        if max_inference_steps is not None and steps > max_inference_steps:
+            raise InvalidInputError(
+                f"this request would run {steps} sampler steps, over this server's limit of {max_inference_steps} "
+                "(VLA_MAX_INFERENCE_STEPS); " + ("pick a fast scheduler" if scheduler == TRAINING else
+                                                 "ask for fewer num_inference_steps"),
+                field="scheduler" if scheduler == TRAINING else "num_inference_steps")
         if scheduler != TRAINING and not 1 <= steps <= model.num_timesteps:
             raise InvalidInputError(f"num_inference_steps must be in [1, {model.num_timesteps}] (the training "
                                     f"timesteps); got {steps}", field="num_inference_steps")
@@ -104,7 +113,8 @@ class ImagePipeline(Pipeline):
         out = model.generate(num_images, self.device, prompt=prompt, uncond_prompt=negative_prompt or "",
                              max_text_seq_len=self.max_text_seq_len, guidance_scale=guidance_scale,
                              generator=generators, scheduler=scheduler, num_inference_steps=steps)
-        return ImageResult([im for im in out.images.cpu().numpy()], seeds, scheduler, steps, guidance_scale)
+        applied = guidance_scale if (prompt is not None and model.has_text) else None
+        return ImageResult([im for im in out.images.cpu().numpy()], seeds, scheduler, steps, applied)
 
     # ------------------------------------------------------------------ evaluate
 

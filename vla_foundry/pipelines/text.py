@@ -170,7 +170,7 @@ class TextPipeline(Pipeline):
         self.eos_token_id: Optional[int] = eos
         # HF chat models often end a turn with their own token (<end_of_turn>, <|eot_id|>, ...): the model's
         # generation config names them.
-        self.end_ids = frozenset({eos} | set(getattr(model, "end_token_ids", ())) - {None})
+        self.end_ids = frozenset(({eos} | set(getattr(model, "end_token_ids", ()))) - {None})
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_token_id: int = pad if pad is not None else (eos if eos is not None else 0)
 
