@@ -136,12 +136,15 @@ def test_several_deployments_of_a_type_need_a_name(tiny_checkpoints):
 def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypatch):
     import vla_foundry.demo as demo
     from vla_foundry.demo import transformer as transformer_demo
+    from vla_foundry.demo import stable_diffusion as sd_demo
     from vla_foundry.demo import vlm as vlm_demo
 
     # The real members train for hundreds of steps; 10 show the same path in seconds.
     monkeypatch.setitem(demo.BUILDERS, "demo-transformer",
                         lambda path, progress: transformer_demo.build(path, progress, steps=10))
     monkeypatch.setitem(demo.BUILDERS, "demo-vlm", lambda path, progress: vlm_demo.build(path, progress, steps=10))
+    monkeypatch.setitem(demo.BUILDERS, "demo-stable_diffusion",
+                        lambda path, progress: sd_demo.build(path, progress, steps=5))
     with serving(demo_dir=tmp_path / "demo") as client:
         infos = {d["name"]: d for d in client.get("/models").json()["deployments"]}
         assert set(infos) == set(demo.DEMO_MEMBERS)
@@ -158,6 +161,9 @@ def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypa
         caption = client.post("/predict/vlm", json={"image": encode_array(image, binary=False),
                                                     "max_new_tokens": 6, "temperature": 0})
         assert caption.status_code == 200, caption.text
+        png = client.post("/predict/stable_diffusion", json={"prompt": "a red circle", "num_inference_steps": 4},
+                          headers={"accept": "image/png"})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         chat = client.post("/v1/chat/completions", json={"model": "demo-transformer_hf", "max_tokens": 4,
                                                          "messages": [{"role": "user", "content": "hello"}]})
         assert chat.status_code == 200, chat.text

@@ -95,3 +95,30 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
                        "square', 'a yellow triangle' (colours: " + ", ".join(shapes.COLORS) + ").",
         "random_weights": False, "train_steps": steps, "final_train_loss": round(loss_value, 4),
     }, indent=2))
+
+
+SHEET_PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a green circle", "a white square",
+                 "a purple triangle")
+
+
+def contact_sheet(experiment_dir: Path, out_file: Path, prompts=SHEET_PROMPTS, per_prompt: int = 4,
+                  seed: int = 0, scale: int = 6) -> Path:
+    """A PNG grid of samples, one row per prompt with the prompt written beside it (the README's picture)."""
+    from PIL import Image, ImageDraw
+
+    from vla_foundry.pipelines import load_pipeline
+
+    pipeline = load_pipeline(experiment_dir)
+    cell, label_width = IMAGE_SIZE * scale, 150
+    sheet = Image.new("RGB", (label_width + per_prompt * (cell + 4), len(prompts) * (cell + 4)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for row, prompt in enumerate(prompts):
+        result = pipeline.generate(prompt, num_images=per_prompt, seed=seed)
+        y = row * (cell + 4)
+        pen.text((6, y + cell // 2 - 6), prompt, fill="black")
+        for col, image in enumerate(result.images):
+            tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
+            sheet.paste(tile, (label_width + col * (cell + 4), y))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_file)
+    return out_file
