@@ -121,3 +121,19 @@ def test_new_types_on_cuda(tiny_checkpoints, model_type, dtype):
         assert [c.token_ids for c in cached] == [c.token_ids for c in uncached]
     sampled = SamplingParams(max_new_tokens=8, temperature=1.0)
     assert [c.token_ids for c in run(sampling=sampled, seed=3)] == [c.token_ids for c in run(sampling=sampled, seed=3)]
+
+
+def test_stable_diffusion_fixture_and_sampling_on_cuda(fixtures_dir, tiny_checkpoints):
+    path = fixtures_dir / "stable_diffusion_basic"
+    model = load_model(path, device="cuda")
+    e = load_file(path / "expected" / "generate.safetensors")
+    out = model.generate(2, "cuda", initial_noise=e["input.initial_noise"].cuda(),
+                         step_noises=e["input.step_noises"].cuda())
+    assert torch.allclose(out.sample.cpu(), e["output.final_sample"], atol=1e-4)
+    pipeline = load_pipeline(tiny_checkpoints["stable_diffusion"], device="cuda", dtype="bfloat16")
+    assert pipeline.model.scheduler.betas.dtype == torch.float32 and pipeline.model.scheduler.betas.is_cuda
+    for scheduler in ("training", "dpmsolver++", "ddim", "euler"):
+        a = pipeline.generate("a red circle", num_images=2, seed=3, scheduler=scheduler)
+        b = pipeline.generate("a red circle", num_images=2, seed=3, scheduler=scheduler)
+        assert all(x.shape == (16, 16, 3) for x in a.images)
+        assert all((x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(a.images, b.images))
