@@ -9,18 +9,17 @@ classifier-free guidance works.
 from __future__ import annotations
 
 import json
-import math
 import random
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vla_foundry.checkpoint import save_experiment
 from vla_foundry.demo import vlm as shapes
 from vla_foundry.demo.hf_models import build_tiny_clip
+from vla_foundry.demo.training import train
 from vla_foundry.models.registry import create_batch_handler, create_model
 from vla_foundry.params.clip import ClipHFParams
 from vla_foundry.params.diffusion import NoiseSchedulerParams, StableDiffusionParams, UNetParams
@@ -61,30 +60,18 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
         torch.manual_seed(SEED)
         model = create_model(params, load_pretrained=True)
     handler = create_batch_handler("stable_diffusion", dropout_percent=params.dropout_percent)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng = random.Random(SEED)
-    generator = torch.Generator().manual_seed(SEED)
     uncond_ids = model.clip.tokenize([""], 16)
-    model.train()
-    bar = tqdm(range(steps), desc="demo-stable_diffusion", disable=not progress, unit="step", mininterval=1.0)
-    loss_value = float("nan")
-    for _ in bar:
+
+    def batch() -> dict:
         picks = [(rng.choice(list(shapes.COLORS)), rng.choice(shapes.SHAPES)) for _ in range(BATCH)]
         pixels = torch.stack([torch.from_numpy(draw(c, s, rng)).permute(2, 0, 1).float() / 127.5 - 1
                               for c, s in picks])  # (B, 3, 16, 16) in [-1, 1]
         ids = model.clip.tokenize([f"a {c} {s}" for c, s in picks], 16)
-        loss = handler.compute_loss(model, {"pixel_values": pixels, "input_ids": ids, "uncond_input_ids": uncond_ids},
-                                    generator=generator).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-    model.eval()
+        return {"pixel_values": pixels, "input_ids": ids, "uncond_input_ids": uncond_ids}
+
+    loss_value = train(model, handler, batch, steps=steps, lr=1e-3, warmup=50, desc="demo-stable_diffusion",
+                       progress=progress, generator=torch.Generator().manual_seed(SEED))
     model.clip.model.save_pretrained(experiment_dir / CLIP_DIR)  # the trained text tower, for reference
     model.params = demo_params(CLIP_DIR)
     save_experiment(model, experiment_dir, checkpoint_num=1, global_step=steps,

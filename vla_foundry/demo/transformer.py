@@ -7,14 +7,13 @@ The tokenizer is a byte-level BPE trained offline with ``tokenizers`` on the sam
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vla_foundry.checkpoint import save_experiment
+from vla_foundry.demo.training import train
 from vla_foundry.models.registry import create_batch_handler, create_model
 from vla_foundry.params.transformer import TransformerParams
 
@@ -67,24 +66,13 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
         torch.manual_seed(SEED)
         model = create_model(params, load_pretrained=False)
     handler = create_batch_handler("transformer")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    bar = tqdm(range(steps), desc="demo-transformer", disable=not progress, unit="step", mininterval=1.0)
-    loss_value = float("nan")
-    for _ in bar:
+
+    def batch() -> dict:
         starts = torch.randint(0, len(data) - SEQ_LEN - 1, (BATCH,), generator=generator)
-        batch = torch.stack([data[s:s + SEQ_LEN + 1] for s in starts.tolist()])  # (B, SEQ_LEN + 1)
-        loss = handler.compute_loss(model, {"input_ids": batch}, generator=generator).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-    model.eval()
+        return {"input_ids": torch.stack([data[s:s + SEQ_LEN + 1] for s in starts.tolist()])}  # (B, SEQ_LEN + 1)
+
+    loss_value = train(model, handler, batch, steps=steps, lr=3e-3, betas=(0.9, 0.95), warmup=30,
+                       desc="demo-transformer", progress=progress, generator=generator)
     save_experiment(model, experiment_dir, checkpoint_num=1, global_step=steps, tokenizer=tokenizer,
                     training_config={"name": "demo-transformer", "data": {"seq_len": SEQ_LEN}})
     (experiment_dir / "demo.json").write_text(json.dumps({

@@ -8,16 +8,15 @@ own batch handler on the same inputs the server builds (``caption_inputs.VLMCapt
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vla_foundry.caption_inputs import VLMCaptionProcessor
 from vla_foundry.checkpoint import save_experiment
+from vla_foundry.demo.training import train
 from vla_foundry.models.registry import create_batch_handler, create_model
 from vla_foundry.params.transformer import TransformerParams
 from vla_foundry.params.vision import ViTParams, VLMParams
@@ -90,28 +89,16 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
     model.params = params
     processor = VLMCaptionProcessor(model, tokenizer)
     handler = create_batch_handler("vlm")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng = random.Random(SEED)
-    generator = torch.Generator().manual_seed(SEED)
-    model.train()
-    bar = tqdm(range(steps), desc="demo-vlm", disable=not progress, unit="step", mininterval=1.0)
-    loss_value = float("nan")
-    for _ in bar:
+
+    def batch() -> dict:
         images, captions = zip(*(sample(rng) for _ in range(BATCH)))
         inputs = processor.encode(list(captions), None, [[im] for im in images], answers=True)
         input_ids, mask = pad_rows(inputs.ids, tokenizer.pad_token_id)
-        loss = handler.compute_loss(model, {"input_ids": input_ids, "attention_mask": mask, **inputs.image_inputs},
-                                    generator=generator).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-    model.eval()
+        return {"input_ids": input_ids, "attention_mask": mask, **inputs.image_inputs}
+
+    loss_value = train(model, handler, batch, steps=steps, lr=3e-3, betas=(0.9, 0.95), warmup=30, desc="demo-vlm",
+                       progress=progress, generator=torch.Generator().manual_seed(SEED))
     save_experiment(model, experiment_dir, checkpoint_num=1, global_step=steps, tokenizer=tokenizer,
                     training_config={"name": "demo-vlm", "data": {"image_size": IMAGE_SIZE}})
     (experiment_dir / "demo.json").write_text(json.dumps({
