@@ -1,9 +1,9 @@
-"""Finding the tokenizer of a text checkpoint.
+"""Finding the tokenizer of a text checkpoint, and rendering chat through a chat template.
 
 In order: the deployment's override, the experiment's ``tokenizer/`` folder (HF tokenizer
-files), then ``config.yaml``'s ``data.tokenizer`` (a path relative to the experiment or
-absolute, or a hub id that is already in the local HF cache). No network is ever used.
-A checkpoint without any tokenizer still serves token ids.
+files), ``config.yaml``'s ``data.tokenizer`` (a path relative to the experiment or absolute,
+or a hub id that is already in the local HF cache), then the model's own default (an HF
+wrapper's directory). A checkpoint without any tokenizer still serves token ids.
 """
 
 from __future__ import annotations
