@@ -120,6 +120,24 @@ def _clip_hf(path: Path, tokenizer) -> Path:
     return path
 
 
+# A tiny OpenCLIP architecture (open_clip takes model configs as JSON files).
+TINY_OPENCLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def _clip_openclip(path: Path, tokenizer) -> Path:
+    import json
+
+    from vla_foundry.params.clip import ClipOpenClipParams
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tiny-openclip.json").write_text(json.dumps(TINY_OPENCLIP))
+    model = tiny_model(ClipOpenClipParams(architecture=str(path / "tiny-openclip.json")))
+    model.params = ClipOpenClipParams(architecture="tiny-openclip.json")  # relative to the experiment
+    save_experiment(model, path)
+    return path
+
+
 BUILDERS: dict[str, Callable[[Path, Any], Path]] = {
     "transformer": _transformer,
     "transformer_hf": _transformer_hf,
@@ -127,6 +145,7 @@ BUILDERS: dict[str, Callable[[Path, Any], Path]] = {
     "vlm_hf": _vlm_hf,
     "stable_diffusion": _stable_diffusion,
     "clip_hf": _clip_hf,
+    "clip_openclip": _clip_openclip,
 }
 
 
@@ -162,6 +181,7 @@ _IMAGE_EVALUATE = {"images": [png_data_url(0), png_data_url(1)], "texts": ["a re
                    "seed": 1}
 PREDICT_REQUESTS: dict[str, dict] = {
     "clip_hf": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0)]},
+    "clip_openclip": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0)]},
     "stable_diffusion": _IMAGE_PREDICT,
     "transformer": _TEXT_PREDICT,
     "transformer_hf": _TEXT_PREDICT,
@@ -170,6 +190,8 @@ PREDICT_REQUESTS: dict[str, dict] = {
 }
 EVALUATE_REQUESTS: dict[str, dict] = {
     "clip_hf": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0), png_data_url(1)], "seed": 1},
+    "clip_openclip": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0), png_data_url(1)],
+                      "seed": 1},
     "stable_diffusion": _IMAGE_EVALUATE,
     "transformer": _TEXT_EVALUATE,
     "transformer_hf": _TEXT_EVALUATE,

@@ -199,7 +199,7 @@ def resolve_local_paths(params: ModelParams, base_dir: Path) -> None:
         value = getattr(params, f.name)
         if isinstance(value, ModelParams):
             resolve_local_paths(value, base_dir)
-        elif f.name in ("hf_pretrained", "pretrained") and isinstance(value, str) and value:
+        elif f.name in ("hf_pretrained", "pretrained", "architecture") and isinstance(value, str) and value:
             candidate = base_dir / value
             if not Path(value).is_absolute() and candidate.exists():
                 setattr(params, f.name, str(candidate.resolve()))

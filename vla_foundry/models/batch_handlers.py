@@ -149,6 +149,7 @@ class DenoisingBatchHandler(BatchHandler):
 
 
 @register_batch_handler("clip_hf")
+@register_batch_handler("clip_openclip")
 class ContrastiveBatchHandler(BatchHandler):
     """CLIP's symmetric contrastive loss over matching (text, image) pairs: row i's text belongs to row i's
     image. Embeddings are unit length and the logits are scaled by the model's ``logit_scale``.

@@ -18,7 +18,7 @@ class ClipHFParams(ModelParams):
 @register_model_params("clip_openclip")
 @dataclass
 class ClipOpenClipParams(ModelParams):
-    architecture: str = "ViT-B-32"
+    architecture: str = "ViT-B-32"  # an open_clip model name, or a JSON model config file
     pretrained: Optional[str] = None  # a local weights file, or None for random weights
 
 
