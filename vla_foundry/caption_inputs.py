@@ -203,7 +203,9 @@ class HFCaptionProcessor(CaptionProcessor):
             texts = [p if rendered else self._render(p, len(row)) for p, row in zip(prompts, images)]
         pil = [[Image.fromarray(im) for im in row] for row in images]
         try:
-            out = self.processor(text=texts, images=pil if any(pil) else None, return_tensors="pt", padding=True)
+            # Chat-rendered text already holds the template's special tokens (bos included): add none twice.
+            out = self.processor(text=texts, images=pil if any(pil) else None, return_tensors="pt", padding=True,
+                                 add_special_tokens=not (rendered or self.has_chat_template))
         except ValueError as e:  # e.g. image tokens in the text that do not match the images
             raise InvalidInputError(f"the model's processor refused the input: {e}", field="images") from e
         mask = out.pop("attention_mask")

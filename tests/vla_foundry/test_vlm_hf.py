@@ -148,3 +148,19 @@ def test_evaluate_texts(family, pipelines):
     ids = pipeline.processor.encode(texts, None, imgs, answers=True).ids
     at_most = sum(sum(1 for t in row[1:] if t != pipeline.model.image_token_id) for row in ids)
     assert 0 < out["num_tokens"] <= at_most
+
+
+def test_chat_templated_text_gets_no_second_set_of_special_tokens(family, pipelines, monkeypatch):
+    """The template writes bos & co. itself; the processor must not add them again (it would for a Llama)."""
+    processor = pipelines[family].processor
+    seen = []
+    real = type(processor.processor).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("add_special_tokens"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(processor.processor), "__call__", spy)
+    processor.encode(["what is it"], None, images()[:1])  # rendered through the chat template
+    processor.encode([processor.render_chat([{"role": "user", "content": "hi"}])], None, [[]], rendered=True)
+    assert processor.has_chat_template and seen == [False, False]
