@@ -11,6 +11,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from vla_foundry.models.transformer import TransformerOutput
+
 
 def build_hf_model(auto_class: type, source: Optional[str], load_pretrained: bool, kind: str) -> nn.Module:
     """``auto_class`` from ``source``: with its weights, or (``load_pretrained=False``) randomly initialised
@@ -76,3 +78,37 @@ def end_token_ids(model: nn.Module) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+class HFWrapper(nn.Module):
+    """Base of the HF wrappers: the HF model as ``self.model`` (so keys are ``model.<HF keys>``), built from
+    ``params.hf_pretrained`` with ``AUTO_CLASS``, and one call that runs it with a KV cache under either
+    transformers' keyword."""
+
+    AUTO_CLASS = ""  # the transformers auto class, e.g. "AutoModelForCausalLM"
+    masks_padding_without_cache = True  # HF applies the mask on every path, so padded rows batch without the cache
+
+    def __init__(self, params, load_pretrained: bool = True):
+        super().__init__()
+        import transformers
+
+        self.params = params
+        self.model = build_hf_model(getattr(transformers, self.AUTO_CLASS), params.hf_pretrained, load_pretrained,
+                                    params.type)
+        self._cache_keyword = cache_keyword(self.model)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().out_features
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """The ids that end a generation per the model's generation config (e.g. an end-of-turn token)."""
+        return end_token_ids(self.model)
+
+    def run_hf(self, past_key_values=None, use_cache: bool = False, output_hidden_states: bool = False, **inputs):
+        """The HF model on ``inputs`` → a ``TransformerOutput`` (logits, cache when asked, hidden states)."""
+        out = self.model(use_cache=use_cache, output_hidden_states=output_hidden_states, **inputs,
+                         **{self._cache_keyword: past_key_values})
+        return TransformerOutput(out.logits, output_cache(out) if use_cache else None,
+                                 out.hidden_states if output_hidden_states else None)

@@ -10,11 +10,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from vla_foundry.generation import LanguageModelStep, batch_prompt, sample_loop
-from vla_foundry.models.hf_loading import (build_hf_model, cache_keyword, end_token_ids, output_cache,
-                                           positions_from_mask)
+from vla_foundry.models.hf_loading import HFWrapper, positions_from_mask
 from vla_foundry.models.registry import register_model
 from vla_foundry.models.transformer import TransformerOutput
 from vla_foundry.params.transformer import TransformerHFParams
@@ -29,31 +27,15 @@ def hf_max_positions(config, default: int = 2048) -> int:
 
 
 @register_model("transformer_hf")
-class TransformerHF(nn.Module):
+class TransformerHF(HFWrapper):
     modality = "text"
-    masks_padding_without_cache = True  # HF applies the mask on every path, so padded rows batch without the cache
-
-    def __init__(self, params: TransformerHFParams, load_pretrained: bool = True):
-        super().__init__()
-        from transformers import AutoModelForCausalLM
-
-        self.params = params
-        self.model = build_hf_model(AutoModelForCausalLM, params.hf_pretrained, load_pretrained, "transformer_hf")
-        self._cache_keyword = cache_keyword(self.model)
+    AUTO_CLASS = "AutoModelForCausalLM"
+    params: TransformerHFParams
 
     @property
     def tokenizer_source(self) -> Optional[str]:
         """Where the tokenizer lives when the experiment brings none: the HF directory itself."""
         return self.params.hf_pretrained
-
-    @property
-    def end_token_ids(self) -> list[int]:
-        """The ids that end a generation per the model's generation config (e.g. an end-of-turn token)."""
-        return end_token_ids(self.model)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().out_features
 
     @property
     def hidden_size(self) -> int:
@@ -71,12 +53,9 @@ class TransformerHF(nn.Module):
         """The ``transformer`` call signature over the HF model. HF applies ``attention_mask`` with and
         without the cache (no B3 quirk), and positions follow the mask."""
         new_tokens = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
-        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask, new_tokens),
-                         use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         **{self._cache_keyword: past_key_values})
-        return TransformerOutput(out.logits, output_cache(out) if use_cache else None,
-                                 out.hidden_states if output_hidden_states else None)
+        return self.run_hf(past_key_values, use_cache, output_hidden_states, input_ids=input_ids,
+                           inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           position_ids=positions_from_mask(attention_mask, new_tokens))
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50,

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from vla_foundry.generation import batch_prompt, sample_loop
-from vla_foundry.models.hf_loading import build_hf_model, cache_keyword, end_token_ids, hf_image_token_id, output_cache
+from vla_foundry.models.hf_loading import HFWrapper, hf_image_token_id
 from vla_foundry.models.registry import register_model
 from vla_foundry.models.transformer import TransformerOutput
 from vla_foundry.models.transformer_hf import hf_max_positions
@@ -21,17 +20,10 @@ from vla_foundry.params.vision import VLMHFParams
 
 
 @register_model("vlm_hf")
-class VLMHF(nn.Module):
+class VLMHF(HFWrapper):
     modality = "caption"
-    masks_padding_without_cache = True  # HF applies the mask on every path, so padded rows batch without the cache
-
-    def __init__(self, params: VLMHFParams, load_pretrained: bool = True):
-        super().__init__()
-        from transformers import AutoModelForImageTextToText
-
-        self.params = params
-        self.model = build_hf_model(AutoModelForImageTextToText, params.hf_pretrained, load_pretrained, "vlm_hf")
-        self._cache_keyword = cache_keyword(self.model)
+    AUTO_CLASS = "AutoModelForImageTextToText"
+    params: VLMHFParams
 
     @property
     def processor_source(self) -> Optional[str]:
@@ -43,15 +35,6 @@ class VLMHF(nn.Module):
         return hf_image_token_id(self.model.config)
 
     @property
-    def end_token_ids(self) -> list[int]:
-        """The ids that end a generation per the model's generation config (e.g. an end-of-turn token)."""
-        return end_token_ids(self.model)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().out_features
-
-    @property
     def max_seq_len(self) -> int:
         return hf_max_positions(getattr(self.model.config, "text_config", None) or self.model.config)
 
@@ -59,11 +42,8 @@ class VLMHF(nn.Module):
                 output_hidden_states=False, **image_inputs) -> TransformerOutput:
         """``image_inputs``: what the model's processor made of the images (``pixel_values``, and per family
         e.g. ``pixel_attention_mask`` or ``image_sizes``); none on cached decode steps."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, **image_inputs,
-                         **{self._cache_keyword: past_key_values})
-        return TransformerOutput(out.logits, output_cache(out) if use_cache else None,
-                                 out.hidden_states if output_hidden_states else None)
+        return self.run_hf(past_key_values, use_cache, output_hidden_states, input_ids=input_ids,
+                           attention_mask=attention_mask, **image_inputs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50,
