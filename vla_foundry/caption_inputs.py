@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -37,7 +38,9 @@ class CaptionInputs:
     image_inputs: dict[str, torch.Tensor]  # batch-first tensors the model's forward takes
 
 
-class CaptionProcessor:
+class CaptionProcessor(ABC):
+    """The interface every caption type's processor implements (``vlm``, ``vlm_hf`` below)."""
+
     tokenizer: Any = None
     tokenizer_source: Optional[str] = None
     accepts_token_ids = True  # prompts may come as token ids (else text only)
@@ -46,20 +49,20 @@ class CaptionProcessor:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @abstractmethod
     def image_inputs(self, images: Images) -> dict[str, torch.Tensor]:
         """The pixel inputs alone, for sequences whose placeholders are already in place."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, prompts: Optional[Sequence[str]], prompt_token_ids: Optional[Sequence[Sequence[int]]],
                images: Images, *, rendered: bool = False, answers: bool = False) -> CaptionInputs:
         """``rendered``: the prompts already went through the chat template. ``answers``: the texts are
         captions to score, not prompts to continue: each row is what a caption request would send (images,
         and a chat model's generation prompt) followed by the text and eos."""
-        raise NotImplementedError
 
+    @abstractmethod
     def render_chat(self, messages: list[dict]) -> str:
         """A conversation (content parts ``{"type": "image"}`` / ``{"type": "text"}``) as prompt text."""
-        raise NotImplementedError
 
     def io(self) -> dict[str, Any]:
         return {}

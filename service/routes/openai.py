@@ -61,6 +61,7 @@ class OpenAIRequest(BaseModel):
     stream_options: Optional[dict[str, Any]] = None
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    max_tokens: Optional[int] = Field(None, ge=1)
     user: Optional[str] = None
     # Accepted only at values that change nothing:
     logprobs: Optional[Union[bool, int]] = None
@@ -85,7 +86,8 @@ class OpenAIRequest(BaseModel):
 
     @property
     def max_new_tokens(self) -> int:
-        raise NotImplementedError
+        """The length asked for; without one, the server's cap (chat: also ``max_completion_tokens``)."""
+        return self.max_tokens or self.cap_max_new_tokens
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
@@ -107,10 +109,6 @@ class CompletionRequest(OpenAIRequest):
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {**OpenAIRequest.UNSUPPORTED, "echo": (False,), "best_of": (None, 1),
                                                "suffix": (None,)}
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.max_tokens or 16
 
     @model_validator(mode="after")
     def _check(self):
@@ -156,7 +154,6 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     top_logprobs: Optional[int] = None
     response_format: Optional[dict[str, Any]] = None
@@ -169,7 +166,7 @@ class ChatRequest(OpenAIRequest):
 
     @property
     def max_new_tokens(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or self.cap_max_new_tokens
+        return self.max_completion_tokens or super().max_new_tokens
 
     def sampling(self) -> SamplingParams:
         # No length given: generate until eos, the server's cap or the end of the model's context.

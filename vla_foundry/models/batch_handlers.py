@@ -8,6 +8,7 @@ the same number for the same batch and seed.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ class LossOutput:
         return {"loss": self.loss.item(), "num_samples": self.num_samples, **self.metrics}
 
 
-class BatchHandler:
+class BatchHandler(ABC):
     """Base: ``compute_loss(model, batch, generator=None) -> LossOutput``.
 
     ``batch`` maps names to tensors on any device; the handler moves them to the model's.
@@ -36,8 +37,9 @@ class BatchHandler:
     seed gives the same loss in process and over HTTP.
     """
 
+    @abstractmethod
     def compute_loss(self, model, batch: dict[str, torch.Tensor], generator: Optional[torch.Generator] = None) -> LossOutput:
-        raise NotImplementedError
+        """The loss of ``batch`` for ``model``."""
 
     @staticmethod
     def model_device(model) -> torch.device:
