@@ -73,6 +73,9 @@ class Deployment:
             options = {"cuda_graphs": self.settings.cuda_graphs}
             if self.spec.tokenizer:
                 options["tokenizer"] = self.spec.tokenizer
+            for name in ("num_inference_steps", "n_action_steps"):  # policies
+                if getattr(self.spec, name) is not None:
+                    options[name] = getattr(self.spec, name)
             with _LOAD_LOCK:
                 pipeline = load_pipeline(path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema,
                                          device=device, dtype=dtype, **options)

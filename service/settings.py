@@ -31,6 +31,11 @@ class DeploymentSpec(BaseModel):
     dtype: Optional[str] = Field(None, description="Overrides the top-level dtype.")
     tokenizer: Optional[str] = Field(None, description="Text models: a tokenizer directory or cached hub id that "
                                                        "replaces the checkpoint's.")
+    num_inference_steps: Optional[int] = Field(None, ge=1, description="Policies: default denoising steps "
+                                                                       "(default 10, at most the model's T).")
+    n_action_steps: Optional[int] = Field(None, ge=1, description="Policies: actions a robot should execute "
+                                                                  "before asking again (default: half the chunk "
+                                                                  "from the current step).")
 
     @property
     def resolved_name(self) -> str:

@@ -124,6 +124,10 @@ class DiffusersDDPM(nn.Module):
                            clip_sample_range=high if high is not None else 1.0)
         self._math = DDPMScheduler(**self.config)  # add_noise is stateless
 
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._math.alphas_cumprod
+
     def add_noise(self, x0, noise, timesteps, mask=None):
         y = self._math.add_noise(x0, noise, timesteps.long().cpu()).to(x0.dtype)
         if mask is not None:

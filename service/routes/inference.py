@@ -34,13 +34,19 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
     async def endpoint(body: request_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         started = time.perf_counter()
         deployment = manager.resolve(model_type, body.model)
+        prepare_ms = 0.0
         if prepare is not None:
             await run_in_threadpool(prepare, body)
+            prepare_ms = (time.perf_counter() - started) * 1000
         timed = await deployment.run(run, body)
         total = (time.perf_counter() - started) * 1000
-        payload = {"model": deployment.name, **timed.value,
-                   "timing_ms": {"queue": round(timed.queue_ms, 3), "infer": round(timed.run_ms, 3),
-                                 "total": round(total, 3)}}
+        value = dict(timed.value)
+        # A pipeline may split its run time (e.g. preprocess / infer); decoding before the queue is preprocess.
+        timing = {"queue": timed.queue_ms, "infer": timed.run_ms, **value.pop("timing_ms", {})}
+        if "preprocess" in timing:
+            timing["preprocess"] += prepare_ms
+        payload = {"model": deployment.name, **value,
+                   "timing_ms": {**{k: round(v, 3) for k, v in timing.items()}, "total": round(total, 3)}}
         accept = request.headers.get("accept", "")
         special = reply(payload, accept) if reply is not None else None
         return special if special is not None else encode_response(payload, accept)

@@ -176,3 +176,36 @@ class ContrastiveBatchHandler(BatchHandler):
                 + torch.nn.functional.cross_entropy(logits.T.float(), labels)) / 2
         accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
         return LossOutput(loss, num_samples=B, metrics={"text_to_image_accuracy": accuracy})
+
+
+@register_batch_handler("diffusion_policy")
+class PolicyBatchHandler(BatchHandler):
+    """The policy's masked velocity loss (spec §9.5): MSE between the predicted and the true ε − x0 over the
+    action rows the model must generate (``future_mask``); past rows enter clean and are not scored.
+
+    batch: the model inputs ``input_ids``, ``attention_mask``, ``pixel_values`` (B·N, 3, h, w),
+    ``attention_mask_images`` (B, N), ``actions`` (B, Ta, A) normalized, ``past_mask`` (B, Ta) and
+    ``proprioception`` (B, P+1, Dp); optional ``future_mask`` (default: not past). The noise is drawn from
+    ``generator`` first, then the timesteps (inside the model's forward), so a seed fixes the loss.
+    """
+
+    def compute_loss(self, model, batch, generator=None) -> LossOutput:
+        batch = {k: (self.to_model(model, v) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        actions = batch["actions"]  # (B, Ta, A)
+        past_mask = batch["past_mask"].bool()
+        future_mask = batch.get("future_mask")
+        future_mask = ~past_mask if future_mask is None else future_mask.bool()
+        if not bool(future_mask.any()):
+            raise InvalidInputError("the batch has no action row to predict (every row is marked past)",
+                                    field="actions")
+        gen_device = generator.device if generator is not None else actions.device
+        noise = torch.randn(actions.shape, generator=generator, device=gen_device,
+                            dtype=actions.dtype).to(actions.device)
+        out = model(batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"),
+                    batch.get("attention_mask_images"), actions, noise, past_mask, future_mask,
+                    batch.get("proprioception"), generator=generator)
+        scored = future_mask[..., None].expand_as(out.velocity)  # (B, Ta, A)
+        error = (out.velocity.float() - out.target.float()) ** 2
+        loss = error[scored].mean()
+        return LossOutput(loss, num_samples=actions.shape[0],
+                          metrics={"timesteps": out.timesteps.tolist(), "num_action_rows": int(future_mask.sum())})

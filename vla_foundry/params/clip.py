@@ -45,3 +45,11 @@ class VLMBackboneParams(ModelParams):
 @dataclass
 class VLMFoundryBackboneParams(VLMBackboneParams):
     pass
+
+
+@register_model_params("openclip_backbone")
+@dataclass
+class OpenClipBackboneParams(ClipOpenClipParams):
+    """Beyond VLA Foundry: an OpenCLIP model (e.g. ``ViT-B-32``) conditioning a policy like ``clip_backbone``."""
+
+    disable_text: bool = False

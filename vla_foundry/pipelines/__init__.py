@@ -15,6 +15,7 @@ from vla_foundry.pipelines import text  # noqa: F401  (registers "text")
 from vla_foundry.pipelines import caption  # noqa: F401  (registers "caption")
 from vla_foundry.pipelines import encoder  # noqa: F401  (registers "encoder")
 from vla_foundry.pipelines import image  # noqa: F401  (registers "image")
+from vla_foundry.pipelines import action  # noqa: F401  (registers "action")
 
 
 def load_pipeline(path: Union[str, Path], *, checkpoint: Union[None, int, str] = None, use_ema: Optional[bool] = None,

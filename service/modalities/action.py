@@ -1,0 +1,199 @@
+"""The ``action`` modality: robot observations in, denormalized action chunks out.
+
+Images arrive per camera (one frame, or a list with one frame per image index, oldest
+first) in any of the image forms (base64 PNG/JPEG, data: URLs, typed uint8 arrays) and are
+decoded in the thread pool before the request queues; lowdim values are nested number
+lists or typed arrays. Everything the policy checks (cameras, frame counts, field widths,
+finite values) is checked by ``vla_foundry.robotics.observations`` with the field named.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from service.codecs import DecodeError, decode_array, is_array_dict
+from service.images import decode_image_value
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.robotics.observations import parse_action_window, parse_observation
+
+
+def decode_numbers(value: Any, field: str) -> Any:
+    """A typed array → numpy; nested lists pass through (the policy checks their shape and values)."""
+    if isinstance(value, dict):
+        if not is_array_dict(value):
+            raise InvalidInputError(f"{field}: expected a nested list of numbers or a typed array "
+                                    f"{{dtype, shape, data}}; got keys {sorted(map(str, value))}", field)
+        try:
+            return decode_array(value)
+        except DecodeError as e:
+            raise InvalidInputError(f"{field}: {e}", field) from e
+    return value
+
+
+class Observation(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    images: dict[str, Any] = Field(..., description="Camera name → one image, or a list with one image per "
+                                                    "image index, oldest first (GET /models: io.cameras, "
+                                                    "io.image_indices).")
+    lowdim: dict[str, Any] = Field(default_factory=dict, description="Proprioception field → [P+1][d] raw "
+                                                                     "values, oldest first.")
+    language_instruction: Optional[str] = Field(None, description="What to do; required when io.uses_language.")
+
+    _frames: Optional[dict] = PrivateAttr(None)
+
+    def decoded_frames(self, request: RequestBase, prefix: str) -> dict[str, list[np.ndarray]]:
+        """Camera → decoded (h, w, 3) uint8 frames, within the app's image limits."""
+        if self._frames is None:
+            total = sum(len(v) if isinstance(v, list) else 1 for v in self.images.values())
+            if total > request.cap_images:
+                raise InvalidInputError(f"{prefix}.images: {total} frames, over this server's limit of "
+                                        f"{request.cap_images} per observation (VLA_MAX_IMAGES)", f"{prefix}.images")
+            frames = {}
+            for camera, value in self.images.items():
+                values = value if isinstance(value, list) else [value]
+                frames[camera] = [decode_image_value(v, max_pixels=request.cap_image_pixels,
+                                                     max_bytes=request.cap_image_bytes,
+                                                     field=f"{prefix}.images.{camera}"
+                                                     + (f"[{i}]" if isinstance(value, list) else ""))
+                                  for i, v in enumerate(values)]
+            self._frames = frames
+        return self._frames
+
+    def parse(self, pipeline, request: RequestBase, prefix: str, past_actions: Optional[dict] = None):
+        lowdim = {k: decode_numbers(v, f"{prefix}.lowdim.{k}") for k, v in self.lowdim.items()}
+        past = None if past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
+                                                  for k, v in past_actions.items()}
+        return parse_observation(self.decoded_frames(request, prefix), lowdim, self.language_instruction, past,
+                                 pipeline.robot_io, pipeline.uses_language, prefix=prefix)
+
+
+class ActionPredictRequest(RequestBase):
+    observation: Observation
+    past_actions: Optional[dict[str, Any]] = Field(None, description="Action field → [P][d] raw actions the robot "
+                                                                     "executed, oldest first; they condition the "
+                                                                     "chunk and come back unchanged in its first P "
+                                                                     "rows.")
+    num_inference_steps: Optional[int] = Field(None, ge=1, description="Denoising steps; default: the deployment's "
+                                                                       "(GET /models io.default_inference_steps).")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Same seed, same actions.")
+    noise: Optional[Any] = Field(None, description="Initial noise [P+1+F][A] (rows with past actions ignore it); "
+                                                   "overrides the seed.")
+    session_id: Optional[str] = Field(None, max_length=128, description="Echoed back (robot bookkeeping).")
+    timestamp: Optional[float] = Field(None, description="The observation's time; echoed back.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_inference_steps is not None and self.num_inference_steps > self.cap_inference_steps:
+            raise InvalidInputError(f"num_inference_steps must be <= {self.cap_inference_steps} "
+                                    f"(VLA_MAX_INFERENCE_STEPS); got {self.num_inference_steps}",
+                                    field="num_inference_steps")
+        return self
+
+
+class ActionTiming(BaseModel):
+    queue: float
+    preprocess: float
+    infer: float
+    total: float
+
+
+class ActionPredictResponse(ResponseBase):
+    timing_ms: ActionTiming
+    actions: dict[str, list] = Field(..., description="Action field → [P+1+F][d] denormalized actions.")
+    action_chunk: list = Field(..., description="[P+1+F][A]: the fields concatenated in io.actions order.")
+    first_action_index: int = Field(..., description="P: row of the action to execute now (rows before it are "
+                                                     "the past).")
+    n_action_steps: int = Field(..., description="Actions to execute from first_action_index before asking again.")
+    action_fields: list[str]
+    num_inference_steps: int
+    checkpoint_step: Optional[int]
+    seed: int
+    session_id: Optional[str] = None
+    timestamp: Optional[float] = None
+
+
+def _noise(value: Any) -> Optional[np.ndarray]:
+    if value is None:
+        return None
+    value = decode_numbers(value, "noise")
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidInputError("noise must be a [P+1+F][A] array of numbers", field="noise") from None
+    if array.ndim != 2 or not np.isfinite(array).all():
+        raise InvalidInputError(f"noise must be a finite [P+1+F][A] array; got shape {list(array.shape)}",
+                                field="noise")
+    return array
+
+
+def predict(pipeline, request: ActionPredictRequest) -> dict:
+    sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
+    out = pipeline.predict([sample], num_inference_steps=request.num_inference_steps, seed=request.seed,
+                           noise=_noise(request.noise))
+    return {"actions": {k: v[0].tolist() for k, v in out["actions"].items()},
+            "action_chunk": out["action_chunk"][0].tolist(), "first_action_index": out["first_action_index"],
+            "n_action_steps": out["n_action_steps"], "action_fields": out["action_fields"],
+            "num_inference_steps": out["num_inference_steps"], "checkpoint_step": pipeline.model.checkpoint.step,
+            "seed": out["seed"], "session_id": request.session_id, "timestamp": request.timestamp,
+            "timing_ms": out["timing_ms"]}
+
+
+class PolicySample(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    observation: Observation
+    actions: dict[str, Any] = Field(..., description="Action field → [P+1+F][d] raw actions around the "
+                                                     "observation (P executed, then the current and F future).")
+
+
+class ActionEvaluateRequest(RequestBase):
+    samples: list[PolicySample] = Field(..., min_length=1)
+    condition_on_past: bool = Field(True, description="Feed the P past rows clean, as at inference (they are "
+                                                      "not scored); false scores every row.")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Fixes the noise and timesteps.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.samples) > self.cap_batch:
+            raise InvalidInputError(f"at most {self.cap_batch} samples per request (VLA_MAX_BATCH); got "
+                                    f"{len(self.samples)}", field="samples")
+        return self
+
+
+class ActionEvaluateResponse(ResponseBase):
+    loss: float
+    num_samples: int
+    num_action_rows: int
+    timesteps: list[int]
+    seed: int
+
+
+def evaluate(pipeline, request: ActionEvaluateRequest) -> dict:
+    samples, windows = [], []
+    for i, s in enumerate(request.samples):
+        samples.append(s.observation.parse(pipeline, request, f"samples[{i}].observation"))
+        raw = {k: decode_numbers(v, f"samples[{i}].actions.{k}") for k, v in s.actions.items()}
+        windows.append(parse_action_window(raw, pipeline.robot_io, f"samples[{i}].actions"))
+    return pipeline.evaluate(samples, windows, seed=request.seed, condition_on_past=request.condition_on_past)
+
+
+def _prepare_predict(request: ActionPredictRequest) -> None:
+    request.observation.decoded_frames(request, "observation")
+
+
+def _prepare_evaluate(request: ActionEvaluateRequest) -> None:
+    for i, s in enumerate(request.samples):
+        s.observation.decoded_frames(request, f"samples[{i}].observation")
+
+
+def _prepare(request) -> None:
+    (_prepare_predict if isinstance(request, ActionPredictRequest) else _prepare_evaluate)(request)
+
+
+ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
+                          ActionEvaluateRequest, ActionEvaluateResponse, evaluate, prepare=_prepare)

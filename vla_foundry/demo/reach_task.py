@@ -1,0 +1,278 @@
+"""A tiny synthetic reaching task for training and testing a small diffusion policy.
+
+The world is the square [-1, 1]^2. It holds one coloured target per entry of ``COLORS`` and a
+point agent. An episode's language instruction names one colour ("move to the red target");
+the agent must move to that target by emitting 2-D position deltas, at most ``MAX_STEP`` per
+axis per control step. The episode succeeds once the agent comes within ``SUCCESS_RADIUS`` of
+the named target.
+
+The policy observes a ``IMAGE_SIZE`` x ``IMAGE_SIZE`` camera image (``CAMERA``) that shows the
+targets and the agent, the agent's past positions (``PROPRIO_FIELD``) and the instruction. The
+image and instruction hold everything needed: ``expert_policy`` solves the task from them alone.
+The instruction is the only thing saying which target is the goal: a policy that ignores it and
+heads for one target succeeds about half the time (but see ``rollout``: since reaching the goal at
+any step counts, one that tours both targets within the episode can succeed without it).
+
+``training_windows`` turns scripted expert episodes into training samples laid out the way VLA
+Foundry's robotics batches are (current frame, a proprio history, an action window reaching
+``past`` steps back and ``future`` steps ahead), and ``compute_stats`` writes the statistics in
+VLA Foundry's ``stats.json`` format, used to normalise the low-dimensional fields.
+
+Only numpy is used, so the task can be generated and evaluated without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+IMAGE_SIZE = 32  # rendered camera height and width, pixels
+CAMERA = "scene"
+PROPRIO_FIELD = "agent__xy"
+ACTION_FIELD = "agent__delta_xy"
+COLORS = {"red": (230, 40, 40), "blue": (40, 90, 230)}  # one target per colour
+MAX_STEP = 0.25  # largest |delta| per axis per control step, world units
+SUCCESS_RADIUS = 0.2
+EPISODE_STEPS = 16
+
+BACKGROUND = 30
+AGENT_COLOR = (255, 255, 255)
+TARGET_RADIUS_PX = 3.5
+AGENT_RADIUS_PX = 2.0
+TARGET_RANGE = 0.8  # targets lie in [-TARGET_RANGE, TARGET_RANGE]^2
+AGENT_RANGE = 0.9
+MIN_TARGET_SEPARATION = 0.6  # keeps the target discs apart in the image
+MIN_AGENT_TARGET_DISTANCE = 0.5  # no episode starts already solved or with the agent hiding a target
+
+PERCENTILES = (1, 2, 5, 95, 98, 99)
+
+# An observation is {"images": {CAMERA: (H, W, 3) uint8}, "agent_xy_history": [(2,), ...],
+# "instruction": str}; a policy maps it to a (K, 2) chunk of deltas to execute from now on.
+Policy = Callable[[dict], np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
+class ReachState:
+    agent: np.ndarray  # (2,) float32 world position
+    targets: dict[str, np.ndarray]  # colour name -> (2,) float32 world position
+    goal: str  # colour name of the target to reach
+
+
+def instruction(goal: str) -> str:
+    return f"move to the {goal} target"
+
+
+def goal_from_instruction(text: str) -> str:
+    """The colour named in an instruction made by ``instruction``."""
+    named = [color for color in COLORS if color in text.split()]
+    if len(named) != 1:
+        raise ValueError(f"instruction {text!r} names {len(named)} known colours, expected exactly one")
+    return named[0]
+
+
+def _uniform_point(rng: np.random.Generator, half_width: float) -> np.ndarray:
+    return rng.uniform(-half_width, half_width, size=2).astype(np.float32)
+
+
+def sample_state(rng: np.random.Generator) -> ReachState:
+    """A random start: well-separated targets, the agent away from all of them, a random goal."""
+    # Rejection sampling: with two targets each draw is accepted most of the time.
+    targets: dict[str, np.ndarray] = {}
+    for color in COLORS:
+        while True:
+            point = _uniform_point(rng, TARGET_RANGE)
+            if all(np.linalg.norm(point - other) >= MIN_TARGET_SEPARATION for other in targets.values()):
+                targets[color] = point
+                break
+    while True:
+        agent = _uniform_point(rng, AGENT_RANGE)
+        if all(np.linalg.norm(agent - target) >= MIN_AGENT_TARGET_DISTANCE for target in targets.values()):
+            break
+    goal = list(COLORS)[rng.integers(len(COLORS))]
+    return ReachState(agent=agent, targets=targets, goal=goal)
+
+
+# Pixel (row, col) covers [row, row + 1) x [col, col + 1) in pixel coordinates; its centre is at +0.5.
+# World x grows with the column, world y grows upwards (y = +1 is the top row).
+def _world_to_pixel(xy: np.ndarray) -> tuple[float, float]:
+    """(row, col) continuous pixel coordinates of a world point."""
+    return (1.0 - float(xy[1])) / 2.0 * IMAGE_SIZE, (float(xy[0]) + 1.0) / 2.0 * IMAGE_SIZE
+
+
+def _pixel_to_world(row: float, col: float) -> np.ndarray:
+    return np.array([col / IMAGE_SIZE * 2.0 - 1.0, 1.0 - row / IMAGE_SIZE * 2.0], dtype=np.float32)
+
+
+_PIXEL_ROWS, _PIXEL_COLS = np.meshgrid(np.arange(IMAGE_SIZE) + 0.5, np.arange(IMAGE_SIZE) + 0.5, indexing="ij")
+
+
+def _disc_mask(center_xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """(H, W) bool: the pixels whose centres lie within ``radius_px`` of the world point."""
+    row, col = _world_to_pixel(center_xy)
+    return (_PIXEL_ROWS - row) ** 2 + (_PIXEL_COLS - col) ** 2 <= radius_px ** 2
+
+
+def render(state: ReachState) -> np.ndarray:
+    """(IMAGE_SIZE, IMAGE_SIZE, 3) uint8 camera image: target discs, with the agent drawn on top."""
+    image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), BACKGROUND, dtype=np.uint8)
+    for color, position in state.targets.items():
+        image[_disc_mask(position, TARGET_RADIUS_PX)] = COLORS[color]
+    # Drawn last so the agent stays visible when it sits on a target (it is smaller than a target,
+    # so a target is never fully hidden either).
+    image[_disc_mask(state.agent, AGENT_RADIUS_PX)] = AGENT_COLOR
+    return image
+
+
+def locate(image: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
+    """(2,) float32 world position of the centroid of the pixels with exactly colour ``rgb``."""
+    rows, cols = np.nonzero(np.all(image == np.asarray(rgb, dtype=image.dtype), axis=-1))
+    if rows.size == 0:
+        raise ValueError(f"no pixel of colour {tuple(rgb)} in the image")
+    return _pixel_to_world(rows.mean() + 0.5, cols.mean() + 0.5)
+
+
+def expert_action(state: ReachState) -> np.ndarray:
+    """(2,) float32 delta straight toward the goal, clipped per axis; about zero once arrived."""
+    delta = state.targets[state.goal] - state.agent
+    return np.clip(delta, -MAX_STEP, MAX_STEP).astype(np.float32)
+
+
+def step(state: ReachState, action: np.ndarray) -> ReachState:
+    """The state after applying ``action`` (clipped to the step limit; the agent stays in the world)."""
+    delta = np.clip(np.asarray(action, dtype=np.float32), -MAX_STEP, MAX_STEP)
+    return replace(state, agent=np.clip(state.agent + delta, -1.0, 1.0).astype(np.float32))
+
+
+def success(state: ReachState) -> bool:
+    return bool(np.linalg.norm(state.agent - state.targets[state.goal]) < SUCCESS_RADIUS)
+
+
+def expert_episode(state: ReachState, steps: int) -> tuple[list[ReachState], np.ndarray]:
+    """Roll the expert: ``steps + 1`` states and the (steps, 2) actions, action k taken from state k."""
+    states, actions = [state], []
+    for _ in range(steps):
+        actions.append(expert_action(states[-1]))
+        states.append(step(states[-1], actions[-1]))
+    return states, np.stack(actions).reshape(steps, 2).astype(np.float32)
+
+
+def training_windows(num_episodes: int, past: int, future: int, rng: np.random.Generator) -> list[dict]:
+    """One training sample per step of ``num_episodes`` expert episodes of ``EPISODE_STEPS`` steps.
+
+    Each sample is ``{"images": {CAMERA: (H, W, 3) uint8 current frame}, "lowdim": {PROPRIO_FIELD:
+    (past + 1, 2) agent positions at t - past .. t, ACTION_FIELD: (past + 1 + future, 2) expert actions
+    at t - past .. t + future}, "instruction": str}``, so row ``past`` of the actions is the action to
+    take now. Positions before the episode repeat the first one (the agent stood still); actions
+    outside the episode are zero (nothing moved before it, and the expert has arrived after it).
+    """
+    windows = []
+    for _ in range(num_episodes):
+        states, actions = expert_episode(sample_state(rng), EPISODE_STEPS)
+        positions = np.stack([s.agent for s in states[:EPISODE_STEPS]])  # (EPISODE_STEPS, 2)
+        padded_positions = np.concatenate([np.repeat(positions[:1], past, axis=0), positions])
+        zeros = np.zeros((1, 2), dtype=np.float32)
+        padded_actions = np.concatenate([np.repeat(zeros, past, axis=0), actions, np.repeat(zeros, future, axis=0)])
+        text = instruction(states[0].goal)
+        for t in range(EPISODE_STEPS):
+            # Index t of the episode is index t + past of the padded arrays.
+            windows.append({
+                "images": {CAMERA: render(states[t])},
+                "lowdim": {
+                    PROPRIO_FIELD: padded_positions[t:t + past + 1].astype(np.float32),
+                    ACTION_FIELD: padded_actions[t:t + past + 1 + future].astype(np.float32),
+                },
+                "instruction": text,
+            })
+    return windows
+
+
+def _summaries(x: np.ndarray, axis) -> dict[str, np.ndarray]:
+    """The stats.json summaries of ``x`` reduced over ``axis``."""
+    summary = {"mean": x.mean(axis=axis), "std": x.std(axis=axis), "min": x.min(axis=axis), "max": x.max(axis=axis)}
+    for q in PERCENTILES:
+        summary[f"percentile_{q}"] = np.percentile(x, q, axis=axis)
+    return summary
+
+
+def compute_stats(windows: list[dict], past: int) -> dict[str, dict]:
+    """Statistics of every lowdim field over ``windows``, in VLA Foundry's ``stats.json`` format.
+
+    For a field stacked as X (N, Ts, d): each summary over all N * Ts rows (a list of d floats), its
+    ``_per_timestep`` variant over the N windows at each timestep (Ts lists of d floats), and ``count``
+    = N. Ts is the field's own window length. ``past`` is used to check every field reaches back that far.
+    """
+    stats = {}
+    for field in windows[0]["lowdim"]:
+        x = np.stack([w["lowdim"][field] for w in windows]).astype(np.float64)  # (N, Ts, d)
+        if x.ndim != 3 or x.shape[1] < past + 1:
+            raise ValueError(f"field {field!r} has windows of shape {x.shape[1:]}, expected (>= {past + 1}, d)")
+        field_stats: dict = {}
+        for name, value in _summaries(x.reshape(-1, x.shape[-1]), axis=0).items():
+            field_stats[name] = [float(v) for v in value]
+        for name, value in _summaries(x, axis=0).items():
+            field_stats[f"{name}_per_timestep"] = [[float(v) for v in row] for row in value]
+        field_stats["count"] = int(x.shape[0])
+        stats[field] = field_stats
+    return stats
+
+
+def observe(state: ReachState, history: list[np.ndarray]) -> dict:
+    """What a policy sees: the camera image, the agent positions so far (oldest first), the instruction."""
+    return {
+        "images": {CAMERA: render(state)},
+        "agent_xy_history": [p.copy() for p in history],
+        "instruction": instruction(state.goal),
+    }
+
+
+def rollout(policy: Policy, rng: np.random.Generator, episodes: int, steps: int = EPISODE_STEPS,
+            execute: int = 4) -> float:
+    """Fraction of ``episodes`` random episodes in which ``policy`` reaches the goal.
+
+    The policy is queried for a (K, 2) chunk of deltas, the first ``min(K, execute)`` are executed, and
+    it is queried again until ``steps`` actions have run. An episode counts as a success when the agent
+    is within ``SUCCESS_RADIUS`` of the goal after any of its steps, not only the last (reaching is the
+    task; a policy that drifts away afterwards still reached the target).
+    """
+    successes = 0
+    for _ in range(episodes):
+        state = sample_state(rng)
+        history = [state.agent]
+        reached, executed = False, 0
+        while executed < steps and not reached:
+            chunk = np.asarray(policy(observe(state, history)), dtype=np.float32)
+            if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != 2:
+                raise ValueError(f"a policy must return a (K, 2) chunk with K >= 1, got shape {chunk.shape}")
+            for action in chunk[:min(execute, steps - executed)]:
+                state = step(state, action)
+                history.append(state.agent)
+                executed += 1
+                if success(state):
+                    reached = True
+                    break
+        successes += reached
+    return successes / episodes
+
+
+def random_policy(rng: np.random.Generator, chunk: int = 4) -> Policy:
+    """A baseline that ignores its observation: uniform deltas in [-MAX_STEP, MAX_STEP], shape (chunk, 2)."""
+    def policy(observation: dict) -> np.ndarray:
+        return rng.uniform(-MAX_STEP, MAX_STEP, size=(chunk, 2)).astype(np.float32)
+    return policy
+
+
+def expert_policy(chunk: int = 4) -> Policy:
+    """The expert acting from pixels and the instruction only, showing the image holds all it needs.
+
+    Positions come from ``locate`` on the image (colour centroids), then the expert is rolled ``chunk``
+    steps ahead on that reconstructed state, so the chunk stops at the target instead of overshooting.
+    """
+    def policy(observation: dict) -> np.ndarray:
+        image = observation["images"][CAMERA]
+        seen = ReachState(agent=locate(image, AGENT_COLOR),
+                          targets={color: locate(image, rgb) for color, rgb in COLORS.items()},
+                          goal=goal_from_instruction(observation["instruction"]))
+        return expert_episode(seen, chunk)[1]
+    return policy

@@ -1,0 +1,179 @@
+"""Robot actions for the ``action`` modality: ``diffusion_policy``.
+
+``ActionPipeline.from_experiment`` reads the robotics side files (``stats.json``, the
+normalizer, processor and preprocessing configs); ``predict`` takes checked raw
+observations and returns denormalized action chunks; ``evaluate`` the policy's loss on
+observations paired with raw action windows. ``io()`` is the robot's contract, shown in
+``GET /models``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.models.registry import create_batch_handler
+from vla_foundry.pipelines.base import Pipeline, register_pipeline
+from vla_foundry.pipelines.text import make_generator, new_seed
+from vla_foundry.robotics.normalizer import RoboticsNormalizer
+from vla_foundry.robotics.observations import (PolicyInputs, RawObservation, build_inputs, normalize_fields,
+                                               split_actions)
+from vla_foundry.robotics.processor import InputProcessor, check_prompt_length, prompt_for
+from vla_foundry.robotics.robot_io import RobotIO
+from vla_foundry.schedulers import FlowMatchingScheduler
+
+DEFAULT_INFERENCE_STEPS = 10  # flow matching is accurate in few steps; a deployment may choose others
+
+
+def resolve_processor(processor: Optional[str], experiment_dir: Path) -> Optional[str]:
+    """A processor directory named relative to the experiment (as the fixtures do) resolves there."""
+    if processor and processor != "none" and not Path(processor).is_absolute():
+        candidate = experiment_dir / processor
+        if candidate.exists():
+            return str(candidate.resolve())
+    return processor
+
+
+@register_pipeline("action")
+class ActionPipeline(Pipeline):
+    def __init__(self, model, robot_io: RobotIO, normalizer: RoboticsNormalizer, processor: InputProcessor, *,
+                 num_inference_steps: Optional[int] = None, n_action_steps: Optional[int] = None):
+        super().__init__(model)
+        self.robot_io = robot_io
+        self.normalizer = normalizer
+        self.processor = processor
+        self.batch_handler = create_batch_handler(model.params.type)
+        if robot_io.action_dim != model.params.action_dim:
+            raise ValueError(f"the action fields {robot_io.action_fields} add up to {robot_io.action_dim} values, but "
+                             f"the model's action_dim is {model.params.action_dim}; the side files do not belong "
+                             "to this checkpoint")
+        if robot_io.proprioception_fields and robot_io.proprioception_dim != (model.params.proprioception_dim or 0):
+            raise ValueError(f"the proprioception fields add up to {robot_io.proprioception_dim} values, but the "
+                             f"model's proprioception_dim is {model.params.proprioception_dim}")
+        self.num_inference_steps = num_inference_steps or min(DEFAULT_INFERENCE_STEPS, model.num_timesteps)
+        # What a robot should execute before asking again: half the chunk from now on, by default.
+        self.n_action_steps = n_action_steps or max(1, (robot_io.future_steps + 1) // 2)
+        if not 1 <= self.n_action_steps <= robot_io.future_steps + 1:
+            raise ValueError(f"n_action_steps must be 1…{robot_io.future_steps + 1} (the current and future steps); "
+                             f"got {self.n_action_steps}")
+
+    @classmethod
+    def from_experiment(cls, model, experiment_dir: Path, *, training_config: Optional[dict] = None,
+                        num_inference_steps: Optional[int] = None, n_action_steps: Optional[int] = None,
+                        **_: Any) -> "ActionPipeline":
+        normalizer = RoboticsNormalizer.from_experiment(experiment_dir)
+        robot_io = RobotIO.from_experiment(experiment_dir, normalizer.stats)
+        backbone = model.vision_language_backbone
+        processor = backbone.input_processor(resolve_processor(robot_io.processor, Path(experiment_dir)),
+                                             robot_io.image_size, robot_io.processor_kwargs)
+        return cls(model, robot_io, normalizer, processor, num_inference_steps=num_inference_steps,
+                   n_action_steps=n_action_steps)
+
+    @property
+    def uses_language(self) -> bool:
+        return bool(self.model.vision_language_backbone.uses_language)
+
+    # ------------------------------------------------------------------ discovery
+
+    def io(self) -> dict[str, Any]:
+        r = self.robot_io
+        return {
+            "cameras": r.camera_names, "image_indices": r.image_indices, "image_names": r.image_names,
+            "frames_per_camera": len(r.image_indices),
+            "image": {"resize_to": r.resize_images_size, "resize_method": r.image_resizing_method,
+                      "crop": r.crop_shape, "model_size": r.image_size, "format": "uint8 HxWx3 RGB, any size"},
+            "proprioception": [{"field": f, "dim": r.field_dims[f], "steps": r.past_steps + 1}
+                               for f in r.proprioception_fields],
+            "actions": [{"field": f, "dim": r.field_dims[f]} for f in r.action_fields],
+            "action_dim": r.action_dim, "past_steps": r.past_steps, "future_steps": r.future_steps,
+            "action_steps": r.action_steps, "first_action_index": r.past_steps,
+            "num_timesteps": self.model.num_timesteps, "default_inference_steps": self.num_inference_steps,
+            "n_action_steps": self.n_action_steps, "uses_language": self.uses_language,
+            "max_instruction_tokens": r.max_text_seq_len if self.uses_language else None,
+            "sampler": "flow_matching" if isinstance(self.model.scheduler, FlowMatchingScheduler) else "ddpm",
+        }
+
+    def warmup(self) -> None:
+        r = self.robot_io
+        size = r.resize_images_size or [r.image_size or 32] * 2
+        frame = np.zeros((*size, 3), dtype=np.uint8)
+        sample = RawObservation({n: frame for n in r.image_names},
+                                {f: np.zeros((r.past_steps + 1, r.field_dims[f]), np.float32)
+                                 for f in r.proprioception_fields}, "warm up")
+        self.predict([sample], num_inference_steps=1, seed=0)
+
+    # ------------------------------------------------------------------ inference
+
+    def prepare(self, samples: Sequence[RawObservation]) -> PolicyInputs:
+        if self.uses_language:
+            prompts = [prompt_for(s.instruction, len(self.robot_io.image_names)) for s in samples]
+            check_prompt_length(self.processor, prompts, self.robot_io.max_text_seq_len)
+        inputs = build_inputs(list(samples), self.robot_io, self.normalizer, self.processor, self.uses_language)
+        weight = next(self.model.parameters())
+        return inputs.to(weight.device, weight.dtype)
+
+    @torch.inference_mode()
+    def predict(self, samples: Sequence[RawObservation], *, num_inference_steps: Optional[int] = None,
+                seed: Optional[int] = None, noise: Optional[np.ndarray] = None) -> dict[str, Any]:
+        """Denormalized action chunks for checked observations.
+
+        ``noise``: the initial noise (B, Ta, A) or (Ta, A), used where no past action is given;
+        else it is drawn from ``seed`` (one generator for the call), so the same seed gives
+        the same actions.
+        """
+        started = time.perf_counter()
+        r = self.robot_io
+        inputs = self.prepare(samples)
+        prepared = time.perf_counter()
+        steps = num_inference_steps or self.num_inference_steps
+        seed = new_seed() if seed is None else seed
+        initial_noise = None
+        if noise is not None:
+            initial_noise = torch.as_tensor(np.asarray(noise, dtype=np.float32))
+            if initial_noise.dim() == 2:
+                initial_noise = initial_noise[None].expand(len(samples), -1, -1)
+            if tuple(initial_noise.shape) != tuple(inputs.actions.shape):
+                raise InvalidInputError(f"noise must be [{r.action_steps}][{r.action_dim}] (P+1+F steps × action "
+                                        f"dim); got {list(initial_noise.shape[1:])}", field="noise")
+            initial_noise = initial_noise.to(inputs.actions)
+        generator = make_generator(self.device, seed)
+        normalized = self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps,
+                                                 generator=generator, initial_noise=initial_noise)
+        per_field = split_actions(normalized.float().cpu(), r, self.normalizer)
+        done = time.perf_counter()
+        return {
+            "actions": {name: values.numpy() for name, values in per_field.items()},  # (B, Ta, d)
+            "action_chunk": torch.cat(list(per_field.values()), dim=-1).numpy(),  # (B, Ta, A)
+            "normalized_actions": normalized.float().cpu().numpy(),
+            "first_action_index": r.past_steps, "n_action_steps": self.n_action_steps,
+            "action_fields": list(r.action_fields), "num_inference_steps": steps, "seed": seed,
+            "timing_ms": {"preprocess": (prepared - started) * 1000, "infer": (done - prepared) * 1000},
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def loss_batch(self, samples: Sequence[RawObservation], action_windows: Sequence[dict[str, np.ndarray]],
+                   condition_on_past: bool = True) -> dict[str, torch.Tensor]:
+        """Model-level batch for the batch handler: observations + raw action windows (Ta, d) per field."""
+        r = self.robot_io
+        inputs = build_inputs(list(samples), r, self.normalizer, self.processor, self.uses_language)
+        actions = normalize_fields(list(action_windows), r.action_fields, self.normalizer, r.past_steps)
+        past_mask = torch.zeros(actions.shape[:2], dtype=torch.bool)
+        if condition_on_past:
+            past_mask[:, :r.past_steps] = True
+        return {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask,
+                "pixel_values": inputs.pixel_values, "attention_mask_images": inputs.attention_mask_images,
+                "actions": actions, "past_mask": past_mask, "proprioception": inputs.proprioception}
+
+    @torch.inference_mode()
+    def evaluate(self, samples: Sequence[RawObservation], action_windows: Sequence[dict[str, np.ndarray]], *,
+                 seed: Optional[int] = None, condition_on_past: bool = True) -> dict[str, Any]:
+        batch = self.loss_batch(samples, action_windows, condition_on_past)
+        seed = new_seed() if seed is None else seed
+        out = self.batch_handler.compute_loss(self.model, batch, generator=make_generator(self.device, seed))
+        return {**out.to_dict(), "seed": seed}

@@ -1,0 +1,152 @@
+"""Raw observations → policy inputs (format spec §8.3, §12.3).
+
+Camera frames are first brought to the training data's size (``resize_images_size`` with
+``image_resizing_method``), then through the checkpoint's processor: an HF processor
+directory (resize, crop, normalize; its tokenizer for the prompt), open_clip's transforms,
+or ``"none"`` (raw pixels as float 0…255 resized to ``image_size``). The prompt of a
+processor without a chat template is one ``<image>`` per image, then the instruction.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vla_foundry.errors import InvalidInputError
+
+RESIZE_METHODS = ("center_crop", "resize_no_crop", "resize_fit")
+IMAGE_TOKEN = "<image>"
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def resize_image(image: np.ndarray, size: Optional[Sequence[int]], method: str = "center_crop") -> np.ndarray:
+    """(h, w, 3) uint8 → (H, W, 3) uint8; ``size`` is (H, W), None or the image's own size leaves it as is.
+
+    ``center_crop``: scale to cover (H, W) keeping the aspect ratio, then crop the centre.
+    ``resize_no_crop``: scale each side to (H, W) (the aspect ratio may change).
+    ``resize_fit``: scale to fit inside (H, W) keeping the aspect ratio, then pad with black, centred.
+    """
+    if size is None:
+        return image
+    H, W = int(size[0]), int(size[1])
+    h, w = image.shape[:2]
+    if (h, w) == (H, W):
+        return image
+    if method == "resize_no_crop":
+        return _pil_resize(image, H, W)
+    if method == "center_crop":
+        scale = max(H / h, W / w)
+        nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
+        resized = _pil_resize(image, nh, nw)
+        top, left = (nh - H) // 2, (nw - W) // 2
+        return resized[top:top + H, left:left + W]
+    if method == "resize_fit":
+        scale = min(H / h, W / w)
+        nh, nw = max(1, min(H, round(h * scale))), max(1, min(W, round(w * scale)))
+        out = np.zeros((H, W, 3), dtype=np.uint8)
+        top, left = (H - nh) // 2, (W - nw) // 2
+        out[top:top + nh, left:left + nw] = _pil_resize(image, nh, nw)
+        return out
+    raise ValueError(f"image_resizing_method {method!r} is unknown; one of {', '.join(RESIZE_METHODS)}")
+
+
+def center_crop(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    H, W = int(shape[0]), int(shape[1])
+    h, w = image.shape[:2]
+    if H > h or W > w:
+        return image
+    top, left = (h - H) // 2, (w - W) // 2
+    return image[top:top + H, left:left + W]
+
+
+def prompt_for(instruction: str, num_images: int) -> str:
+    """``"<image> " · N + instruction`` (processors without a chat template, e.g. CLIP)."""
+    return f"{IMAGE_TOKEN} " * num_images + instruction
+
+
+class InputProcessor:
+    """Images (H, W, 3) uint8 → pixel values; prompts → (input_ids, attention_mask).
+
+    ``image_fn`` maps a flat list of frames to (n, 3, h, w); ``text_fn`` maps prompts to
+    ids and mask, or is None for a backbone that ignores text (it still needs the batch
+    size, so it gets one placeholder id per row).
+    """
+
+    def __init__(self, image_fn: Callable[[list], torch.Tensor],
+                 text_fn: Optional[Callable[[list[str], Optional[int]], tuple[torch.Tensor, torch.Tensor]]]):
+        self.image_fn = image_fn
+        self.text_fn = text_fn
+
+    @property
+    def uses_text(self) -> bool:
+        return self.text_fn is not None
+
+    def pixel_values(self, frames: list[np.ndarray]) -> torch.Tensor:
+        return self.image_fn(frames)
+
+    def text(self, prompts: list[str], max_length: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_fn is None:
+            ids = torch.zeros(len(prompts), 1, dtype=torch.long)
+            return ids, torch.ones_like(ids)
+        return self.text_fn(prompts, max_length)
+
+
+def raw_pixels(image_size: Optional[int]) -> Callable[[list], torch.Tensor]:
+    """Processor ``"none"``: float 0…255 pixels, (n, 3, S, S) resized to ``image_size``."""
+
+    def image_fn(frames: list[np.ndarray]) -> torch.Tensor:
+        size = (image_size, image_size) if image_size else None
+        arrays = [resize_image(f, size, "resize_no_crop") for f in frames]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+
+    return image_fn
+
+
+def hf_tokenizer_text(tokenizer) -> Callable:
+    """Prompts → ids and mask as the reference calls the HF processor: padded to the longest, cut at
+    ``max_length`` when one is set."""
+
+    def text_fn(prompts: list[str], max_length: Optional[int]):
+        enc = tokenizer(list(prompts), padding=True, truncation=max_length is not None, max_length=max_length,
+                        return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    return text_fn
+
+
+def hf_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputProcessor:
+    """An HF processor directory (e.g. a CLIPProcessor): its image processor and tokenizer."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the policy's processor {path!r} cannot be loaded ({e}); the experiment directory should "
+                         "hold it (config_processor.yaml `processor:`)") from e
+    kwargs = dict(processor_kwargs or {})
+    image_processor = getattr(processor, "image_processor", processor)
+    tokenizer = getattr(processor, "tokenizer", None)
+
+    def image_fn(frames: list[np.ndarray]) -> torch.Tensor:
+        return image_processor(images=list(frames), return_tensors="pt", **kwargs)["pixel_values"]
+
+    return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None)
+
+
+def check_prompt_length(processor: InputProcessor, prompts: list[str], max_length: Optional[int]) -> None:
+    """Refuse an instruction the tokenizer would cut (the reference truncates silently)."""
+    if max_length is None or processor.text_fn is None:
+        return
+    ids, mask = processor.text_fn(prompts, None)
+    lengths = mask.sum(dim=1).tolist()
+    for i, n in enumerate(lengths):
+        if n > max_length:
+            raise InvalidInputError(f"language_instruction is {n} tokens with its image placeholders; this policy "
+                                    f"takes at most {max_length}; shorten it", field="observation.language_instruction")
