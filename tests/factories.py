@@ -138,7 +138,65 @@ def _clip_openclip(path: Path, tokenizer) -> Path:
     return path
 
 
+POLICY_CAMERAS = ["front", "wrist"]
+POLICY_PROPRIO = {"arm__pos": 2}
+POLICY_ACTIONS = {"arm__delta": 2, "gripper": 1}
+
+
+def tiny_policy_io(processor: str):
+    """Two cameras with two frames each (t-1, t0), P = 1, F = 2 ⇒ Ta = 4, A = 3."""
+    from vla_foundry.robotics.robot_io import RobotIO, image_names_for
+
+    return RobotIO(camera_names=POLICY_CAMERAS, image_indices=[-1, 0],
+                   image_names=image_names_for(POLICY_CAMERAS, [-1, 0]),
+                   proprioception_fields=list(POLICY_PROPRIO), action_fields=list(POLICY_ACTIONS),
+                   field_dims={**POLICY_PROPRIO, **POLICY_ACTIONS}, past_steps=1, future_steps=2,
+                   processor=processor, image_size=32, resize_images_size=[32, 32], max_text_seq_len=64)
+
+
+def tiny_policy_stats(seed: int = 0) -> dict:
+    import numpy as np
+
+    from vla_foundry.robotics.stats import field_stats
+
+    rng = np.random.default_rng(seed)
+    windows = {**{f: rng.normal(0.5, 2.0, (40, 2, d)) for f, d in POLICY_PROPRIO.items()},
+               **{f: rng.uniform(-1.0, 3.0, (40, 4, d)) for f, d in POLICY_ACTIONS.items()}}
+    return field_stats(windows)
+
+
+def tiny_policy_params(backbone, **overrides: Any):
+    from vla_foundry.params.diffusion import DiffusionPolicyParams, NoiseSchedulerParams
+
+    values = dict(vision_language_backbone=backbone, transformer=tiny_transformer_params(is_causal=False),
+                  noise_scheduler=NoiseSchedulerParams(num_timesteps=10, clamp_range=(-3.0, 3.0)),
+                  use_flow_matching_scheduler=True, action_dim=sum(POLICY_ACTIONS.values()),
+                  proprioception_dim=sum(POLICY_PROPRIO.values()))
+    values.update(overrides)
+    return DiffusionPolicyParams(**values)
+
+
+def save_tiny_policy(model, path: Path, processor: str) -> Path:
+    from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
+
+    normalizer = normalizer_block(list(POLICY_PROPRIO) + list(POLICY_ACTIONS), past=1, future=2)
+    save_policy_experiment(model, path, tiny_policy_io(processor), tiny_policy_stats(), normalizer)
+    return path
+
+
+def _diffusion_policy(path: Path, tokenizer) -> Path:
+    """A flow-matching policy on a tiny ``clip_backbone`` (the CLIP directory doubles as the processor)."""
+    from vla_foundry.demo.hf_models import build_tiny_clip
+    from vla_foundry.params.clip import ClipBackboneParams
+
+    build_tiny_clip(path / "clip", tokenizer, max_text_length=64)  # room for 4 "<image>" placeholders
+    model = tiny_model(tiny_policy_params(ClipBackboneParams(hf_pretrained=str(path / "clip"))))
+    model.params = tiny_policy_params(ClipBackboneParams(hf_pretrained="clip"))  # relative to the experiment
+    return save_tiny_policy(model, path, processor="clip")
+
+
 BUILDERS: dict[str, Callable[[Path, Any], Path]] = {
+    "diffusion_policy": _diffusion_policy,
     "transformer": _transformer,
     "transformer_hf": _transformer_hf,
     "vlm": _vlm,
@@ -179,7 +237,22 @@ _CAPTION_EVALUATE = {"images": [[png_data_url(0)], [png_data_url(1)]], "texts": 
 _IMAGE_PREDICT = {"prompt": "a red circle", "num_images": 2, "num_inference_steps": 3, "seed": 1}
 _IMAGE_EVALUATE = {"images": [png_data_url(0), png_data_url(1)], "texts": ["a red circle", "a blue square"],
                    "seed": 1}
+
+
+def policy_observation(seed: int = 0, size: tuple[int, int] = (24, 40)) -> dict:
+    """An observation for the tiny policy: two frames per camera (PNG), raw proprioception [P+1][2]."""
+    return {"images": {cam: [png_data_url(seed + i, size), png_data_url(seed + i + 2, size)]
+                       for i, cam in enumerate(POLICY_CAMERAS)},
+            "lowdim": {"arm__pos": [[0.1, 0.2], [0.3, 0.4]]}, "language_instruction": "pick up the red block"}
+
+
+_POLICY_PREDICT = {"observation": policy_observation(), "past_actions": {"arm__delta": [[0.5, -0.5]], "gripper": [[1.0]]},
+                   "num_inference_steps": 3, "seed": 1}
+_POLICY_EVALUATE = {"samples": [{"observation": policy_observation(s),
+                                 "actions": {"arm__delta": [[0.1 * s, 0.2]] * 4, "gripper": [[1.0]] * 4}}
+                                for s in (0, 1)], "seed": 1}
 PREDICT_REQUESTS: dict[str, dict] = {
+    "diffusion_policy": _POLICY_PREDICT,
     "clip_hf": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0)]},
     "clip_openclip": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0)]},
     "stable_diffusion": _IMAGE_PREDICT,
@@ -189,6 +262,7 @@ PREDICT_REQUESTS: dict[str, dict] = {
     "vlm_hf": _CAPTION_PREDICT,
 }
 EVALUATE_REQUESTS: dict[str, dict] = {
+    "diffusion_policy": _POLICY_EVALUATE,
     "clip_hf": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0), png_data_url(1)], "seed": 1},
     "clip_openclip": {"texts": ["a red circle", "a blue square"], "images": [png_data_url(0), png_data_url(1)],
                       "seed": 1},

@@ -34,6 +34,21 @@ def decode_numbers(value: Any, field: str) -> Any:
     return value
 
 
+def _decode_frame(value: Any, request: RequestBase, field: str) -> np.ndarray:
+    """A camera frame: encoded PNG/JPEG, or a raw uint8 array (robots send camera buffers as they are; a
+    float or wider array is more likely a mistake than an image)."""
+    if is_array_dict(value):
+        try:
+            dtype = np.dtype(str(value.get("dtype")))
+        except TypeError:
+            dtype = None
+        if dtype != np.uint8:
+            raise InvalidInputError(f"{field}: camera frames are uint8 (H, W, 3) arrays; got dtype "
+                                    f"{value.get('dtype')!r}", field)
+    return decode_image_value(value, max_pixels=request.cap_image_pixels, max_bytes=request.cap_image_bytes,
+                              field=field)
+
+
 class Observation(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -56,10 +71,8 @@ class Observation(BaseModel):
             frames = {}
             for camera, value in self.images.items():
                 values = value if isinstance(value, list) else [value]
-                frames[camera] = [decode_image_value(v, max_pixels=request.cap_image_pixels,
-                                                     max_bytes=request.cap_image_bytes,
-                                                     field=f"{prefix}.images.{camera}"
-                                                     + (f"[{i}]" if isinstance(value, list) else ""))
+                frames[camera] = [_decode_frame(v, request, f"{prefix}.images.{camera}"
+                                                + (f"[{i}]" if isinstance(value, list) else ""))
                                   for i, v in enumerate(values)]
             self._frames = frames
         return self._frames

@@ -61,11 +61,12 @@ def test_step_clips_the_action_and_the_world():
 
 
 def test_rollout_separates_the_expert_from_random_actions():
-    # Measured over 500 episodes (3 seeds): expert 1.00, random 0.07-0.12.
+    # Success is judged at the end of the episode. Measured over 300 episodes (3 seeds): expert 1.00,
+    # random 0.00-0.02.
     expert = rt.rollout(rt.expert_policy(), np.random.default_rng(0), episodes=100)
     random = rt.rollout(rt.random_policy(np.random.default_rng(1)), np.random.default_rng(0), episodes=100)
     assert expert >= 0.95
-    assert random <= 0.3
+    assert random <= 0.1
 
 
 def test_rollout_hands_the_policy_its_observation_and_executes_part_of_each_chunk():

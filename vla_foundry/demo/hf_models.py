@@ -274,7 +274,8 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def build_tiny_clip(out_dir: PathLike, tokenizer: Any, *, seed: int = 0, text_hidden_size: int = TEXT_HIDDEN_SIZE,
-                    max_text_length: int = 32) -> Path:
+                    max_text_length: int = 32, vision_hidden_size: int = VISION_HIDDEN_SIZE,
+                    vision_layers: int = VISION_LAYERS, patch_size: int = PATCH_SIZE) -> Path:
     """A random-weight ``CLIPModel`` (text and vision towers) with a tokenizer that frames every text as
     ``<|startoftext|> … <|endoftext|>`` like CLIP's, saved for ``CLIPModel`` / ``AutoTokenizer``.
 
@@ -293,9 +294,9 @@ def build_tiny_clip(out_dir: PathLike, tokenizer: Any, *, seed: int = 0, text_hi
                           intermediate_size=2 * text_hidden_size, num_hidden_layers=TEXT_LAYERS,
                           num_attention_heads=TEXT_HEADS, max_position_embeddings=max_text_length,
                           bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-    vision = CLIPVisionConfig(hidden_size=VISION_HIDDEN_SIZE, intermediate_size=VISION_INTERMEDIATE_SIZE,
-                              num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                              num_hidden_layers=vision_layers, num_attention_heads=VISION_HEADS,
+                              image_size=IMAGE_SIZE, patch_size=patch_size)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=TEXT_HIDDEN_SIZE)
     model = _seeded_model(CLIPModel, config, seed)
     out_dir = Path(out_dir)

@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from vla_foundry.robotics.stats import field_stats
+
 IMAGE_SIZE = 32  # rendered camera height and width, pixels
 CAMERA = "scene"
 PROPRIO_FIELD = "agent__xy"
@@ -35,18 +37,17 @@ ACTION_FIELD = "agent__delta_xy"
 COLORS = {"red": (230, 40, 40), "blue": (40, 90, 230)}  # one target per colour
 MAX_STEP = 0.25  # largest |delta| per axis per control step, world units
 SUCCESS_RADIUS = 0.2
-EPISODE_STEPS = 16
+EPISODE_STEPS = 10  # the expert needs at most 6
 
 BACKGROUND = 30
 AGENT_COLOR = (255, 255, 255)
-TARGET_RADIUS_PX = 3.5
+TARGET_RADIUS_PX = float(__import__("os").environ.get("TR", "3.5"))
 AGENT_RADIUS_PX = 2.0
 TARGET_RANGE = 0.8  # targets lie in [-TARGET_RANGE, TARGET_RANGE]^2
 AGENT_RANGE = 0.9
 MIN_TARGET_SEPARATION = 0.6  # keeps the target discs apart in the image
 MIN_AGENT_TARGET_DISTANCE = 0.5  # no episode starts already solved or with the agent hiding a target
 
-PERCENTILES = (1, 2, 5, 95, 98, 99)
 
 # An observation is {"images": {CAMERA: (H, W, 3) uint8}, "agent_xy_history": [(2,), ...],
 # "instruction": str}; a policy maps it to a (K, 2) chunk of deltas to execute from now on.
@@ -188,34 +189,13 @@ def training_windows(num_episodes: int, past: int, future: int, rng: np.random.G
     return windows
 
 
-def _summaries(x: np.ndarray, axis) -> dict[str, np.ndarray]:
-    """The stats.json summaries of ``x`` reduced over ``axis``."""
-    summary = {"mean": x.mean(axis=axis), "std": x.std(axis=axis), "min": x.min(axis=axis), "max": x.max(axis=axis)}
-    for q in PERCENTILES:
-        summary[f"percentile_{q}"] = np.percentile(x, q, axis=axis)
-    return summary
-
-
 def compute_stats(windows: list[dict], past: int) -> dict[str, dict]:
-    """Statistics of every lowdim field over ``windows``, in VLA Foundry's ``stats.json`` format.
-
-    For a field stacked as X (N, Ts, d): each summary over all N * Ts rows (a list of d floats), its
-    ``_per_timestep`` variant over the N windows at each timestep (Ts lists of d floats), and ``count``
-    = N. Ts is the field's own window length. ``past`` is used to check every field reaches back that far.
-    """
-    stats = {}
-    for field in windows[0]["lowdim"]:
-        x = np.stack([w["lowdim"][field] for w in windows]).astype(np.float64)  # (N, Ts, d)
+    """``stats.json`` statistics of every lowdim field over ``windows`` (see ``vla_foundry.robotics.stats``)."""
+    fields = {f: np.stack([w["lowdim"][f] for w in windows]) for f in windows[0]["lowdim"]}  # (N, Ts, d) each
+    for f, x in fields.items():
         if x.ndim != 3 or x.shape[1] < past + 1:
-            raise ValueError(f"field {field!r} has windows of shape {x.shape[1:]}, expected (>= {past + 1}, d)")
-        field_stats: dict = {}
-        for name, value in _summaries(x.reshape(-1, x.shape[-1]), axis=0).items():
-            field_stats[name] = [float(v) for v in value]
-        for name, value in _summaries(x, axis=0).items():
-            field_stats[f"{name}_per_timestep"] = [[float(v) for v in row] for row in value]
-        field_stats["count"] = int(x.shape[0])
-        stats[field] = field_stats
-    return stats
+            raise ValueError(f"field {f!r} has windows of shape {x.shape[1:]}, expected (>= {past + 1}, d)")
+    return field_stats(fields)
 
 
 def observe(state: ReachState, history: list[np.ndarray]) -> dict:
@@ -229,19 +209,18 @@ def observe(state: ReachState, history: list[np.ndarray]) -> dict:
 
 def rollout(policy: Policy, rng: np.random.Generator, episodes: int, steps: int = EPISODE_STEPS,
             execute: int = 4) -> float:
-    """Fraction of ``episodes`` random episodes in which ``policy`` reaches the goal.
+    """Fraction of ``episodes`` random episodes that end with the agent at the goal.
 
     The policy is queried for a (K, 2) chunk of deltas, the first ``min(K, execute)`` are executed, and
-    it is queried again until ``steps`` actions have run. An episode counts as a success when the agent
-    is within ``SUCCESS_RADIUS`` of the goal after any of its steps, not only the last (reaching is the
-    task; a policy that drifts away afterwards still reached the target).
+    it is queried again until ``steps`` actions have run. Success is judged after the last step: the
+    agent must reach the named target and stay there, so passing by both targets does not count.
     """
     successes = 0
     for _ in range(episodes):
         state = sample_state(rng)
         history = [state.agent]
-        reached, executed = False, 0
-        while executed < steps and not reached:
+        executed = 0
+        while executed < steps:
             chunk = np.asarray(policy(observe(state, history)), dtype=np.float32)
             if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != 2:
                 raise ValueError(f"a policy must return a (K, 2) chunk with K >= 1, got shape {chunk.shape}")
@@ -249,10 +228,7 @@ def rollout(policy: Policy, rng: np.random.Generator, episodes: int, steps: int 
                 state = step(state, action)
                 history.append(state.agent)
                 executed += 1
-                if success(state):
-                    reached = True
-                    break
-        successes += reached
+        successes += success(state)
     return successes / episodes
 
 

@@ -60,6 +60,10 @@ class ClipBackbone(nn.Module):
     def uses_language(self) -> bool:
         return not self.params.disable_text  # with disable_text the text tower still runs, unused
 
+    @property
+    def max_text_length(self) -> Optional[int]:
+        return self._model.max_text_length
+
     def input_processor(self, processor: Optional[str], image_size: Optional[int] = None,
                         processor_kwargs: Optional[dict] = None) -> InputProcessor:
         if processor in (None, "", "none"):
@@ -80,6 +84,7 @@ class ViTBackbone(nn.Module):
     """§8.2: our ViT over every image; patch tokens flattened camera-major (B, N·P, D). Text is ignored."""
 
     uses_language = False
+    max_text_length = None
 
     def __init__(self, params, load_pretrained: bool = True):
         super().__init__()
@@ -127,6 +132,10 @@ class OpenClipBackbone(nn.Module):
     @property
     def uses_language(self) -> bool:
         return not self.params.disable_text
+
+    @property
+    def max_text_length(self) -> Optional[int]:
+        return self._model.max_text_length
 
     def input_processor(self, processor: Optional[str], image_size: Optional[int] = None,
                         processor_kwargs: Optional[dict] = None) -> InputProcessor:

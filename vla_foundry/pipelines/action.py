@@ -94,7 +94,7 @@ class ActionPipeline(Pipeline):
             "action_steps": r.action_steps, "first_action_index": r.past_steps,
             "num_timesteps": self.model.num_timesteps, "default_inference_steps": self.num_inference_steps,
             "n_action_steps": self.n_action_steps, "uses_language": self.uses_language,
-            "max_instruction_tokens": r.max_text_seq_len if self.uses_language else None,
+            "max_prompt_tokens": self.max_prompt_tokens if self.uses_language else None,
             "sampler": "flow_matching" if isinstance(self.model.scheduler, FlowMatchingScheduler) else "ddpm",
         }
 
@@ -109,10 +109,17 @@ class ActionPipeline(Pipeline):
 
     # ------------------------------------------------------------------ inference
 
+    @property
+    def max_prompt_tokens(self) -> Optional[int]:
+        """The longest prompt (placeholders included): the data config's cut, within the text tower's reach."""
+        limits = [n for n in (self.robot_io.max_text_seq_len, self.model.vision_language_backbone.max_text_length)
+                  if n]
+        return min(limits) if limits else None
+
     def prepare(self, samples: Sequence[RawObservation]) -> PolicyInputs:
         if self.uses_language:
             prompts = [prompt_for(s.instruction, len(self.robot_io.image_names)) for s in samples]
-            check_prompt_length(self.processor, prompts, self.robot_io.max_text_seq_len)
+            check_prompt_length(self.processor, prompts, self.max_prompt_tokens)
         inputs = build_inputs(list(samples), self.robot_io, self.normalizer, self.processor, self.uses_language)
         weight = next(self.model.parameters())
         return inputs.to(weight.device, weight.dtype)

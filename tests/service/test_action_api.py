@@ -1,0 +1,228 @@
+"""``/predict/diffusion_policy`` and ``/evaluate/diffusion_policy`` over HTTP.
+
+The acceptance path: the shared fixture's raw observation and initial noise, sent to a real
+server on a loopback port, come back as the fixture's denormalized actions. Bad
+observations are refused with the field named, and the deployment keeps answering.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from service import DeploymentSpec
+from service.codecs import encode_array
+from tests.factories import POLICY_CAMERAS, PREDICT_REQUESTS, png_data_url, policy_observation
+from tests.service.conftest import serving
+from tests.service.live_server import live_server
+
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vla_foundry" / "diffusion_policy_clip_basic"
+
+
+def typed(array: np.ndarray) -> dict:
+    return encode_array(np.ascontiguousarray(array), binary=False)
+
+
+def fixture_requests() -> list[tuple[dict, dict]]:
+    """(request, expected denormalized actions per field) for both fixture samples.
+
+    Sample 0 has its first action row given (past_mask), sample 1 none; the images go as typed uint8 arrays,
+    one per image index (t-1, t0), and the proprioception as the P+1 = 2 raw rows.
+    """
+    raw = load_file(str(FIXTURE / "expected" / "preprocess.safetensors"))
+    out = load_file(str(FIXTURE / "expected" / "generate_actions_steps10.safetensors"))
+    cases = json.loads((FIXTURE / "expected" / "cases.json").read_text())
+    instructions = cases["preprocess"]["language_instructions"]
+    action_fields = cases["preprocess"]["action_fields"]
+    (proprio,) = cases["preprocess"]["proprioception_fields"]
+    requests = []
+    for b in range(2):
+        body = {"observation": {
+            "images": {cam: [typed(raw[f"input.raw_image.{b}.{cam}_t{i}"].numpy()) for i in (-1, 0)]
+                       for cam in ("scene_left", "wrist_right")},
+            "lowdim": {proprio: raw[f"input.raw_lowdim.{b}.{proprio}"][:2].tolist()},
+            "language_instruction": instructions[b]},
+            "noise": out["input.initial_noise"][b].tolist(), "num_inference_steps": 10}
+        if bool(out["input.past_mask"][b, 0]):
+            body["past_actions"] = {f: raw[f"input.raw_lowdim.{b}.{f}"][:1].tolist() for f in action_fields}
+        expected = {f: out[f"output.denormalized.{f}"][b].numpy() for f in action_fields}
+        requests.append((body, expected))
+    return requests
+
+
+def test_fixture_observation_gives_the_fixture_actions_on_a_live_server(tmp_path):
+    with live_server(["--checkpoint", f"{FIXTURE}=fixture-policy"], tmp_path / "demo") as base:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            info = client.get("/models/fixture-policy").json()
+            assert info["type"] == "diffusion_policy" and info["checkpoint"]["file"] == "checkpoint_2.pt"
+            for body, expected in fixture_requests():
+                response = client.post("/predict/diffusion_policy", json=body)
+                assert response.status_code == 200, response.text
+                payload = response.json()
+                for field, values in expected.items():
+                    np.testing.assert_allclose(np.array(payload["actions"][field]), values, atol=1e-5)
+                chunk = np.concatenate([np.array(payload["actions"][f]) for f in payload["action_fields"]], axis=-1)
+                np.testing.assert_allclose(np.array(payload["action_chunk"]), chunk, atol=1e-7)
+                assert payload["first_action_index"] == 1 and payload["checkpoint_step"] == info["checkpoint"]["step"]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoints):
+    fixture = DeploymentSpec(name="fixture-policy", checkpoint=str(FIXTURE))
+    tiny = DeploymentSpec(name="tiny-policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), n_action_steps=2)
+    with serving(fixture, tiny, max_images=8, max_image_pixels=64 * 64, max_inference_steps=50) as c:
+        yield c
+
+
+def predict(client, body: dict, model: str = "tiny-policy"):
+    return client.post("/predict/diffusion_policy", json={"model": model, **body})
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_models_io_tells_a_robot_what_to_send(client):
+    io = client.get("/models/fixture-policy").json()["io"]
+    assert io["cameras"] == ["scene_left", "wrist_right"] and io["image_indices"] == [-1, 0]
+    assert io["image_names"] == ["scene_left_t-1", "wrist_right_t-1", "scene_left_t0", "wrist_right_t0"]
+    assert io["image"]["resize_to"] == [40, 48] and io["image"]["resize_method"] == "center_crop"
+    assert io["proprioception"] == [{"field": "robot__actual__poses__right::panda__xyz", "dim": 3, "steps": 2}]
+    assert [a["dim"] for a in io["actions"]] == [3, 1] and io["action_dim"] == 4
+    assert (io["past_steps"], io["future_steps"], io["action_steps"], io["num_timesteps"]) == (1, 6, 8, 100)
+    assert io["uses_language"] is True and io["default_inference_steps"] == 10 and io["sampler"] == "flow_matching"
+    assert client.get("/models/tiny-policy").json()["io"]["n_action_steps"] == 2  # the deployment's setting
+
+
+def test_fixture_actions_in_process_app_with_png_frames(client):
+    """The same acceptance through PNG-encoded frames (lossless) instead of typed arrays."""
+    import io as _io
+
+    from PIL import Image
+
+    body, expected = fixture_requests()[1]
+    for camera, frames in body["observation"]["images"].items():
+        encoded = []
+        for frame in frames:
+            pixels = np.frombuffer(base64.b64decode(frame["data"]), np.uint8).reshape(frame["shape"])
+            buffer = _io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            encoded.append(base64.b64encode(buffer.getvalue()).decode())
+        body["observation"]["images"][camera] = encoded
+    payload = predict(client, body, "fixture-policy").json()
+    for field, values in expected.items():
+        np.testing.assert_allclose(np.array(payload["actions"][field]), values, atol=1e-5)
+
+
+def test_same_seed_same_actions_and_past_rows_come_back(client):
+    body = PREDICT_REQUESTS["diffusion_policy"]
+    first, again = predict(client, body).json(), predict(client, body).json()
+    other = predict(client, {**body, "seed": 2}).json()
+    assert first["actions"] == again["actions"] and first["seed"] == 1
+    assert first["actions"] != other["actions"]
+    # The executed past action comes back unchanged in row 0 (up to float32 normalize/denormalize rounding).
+    np.testing.assert_allclose(first["actions"]["arm__delta"][0], [0.5, -0.5], atol=1e-5)
+    np.testing.assert_allclose(first["actions"]["gripper"][0], [1.0], atol=1e-5)
+    assert len(first["action_chunk"]) == 4 and len(first["action_chunk"][0]) == 3
+    assert first["n_action_steps"] == 2 and first["action_fields"] == ["arm__delta", "gripper"]
+    assert set(first["timing_ms"]) == {"queue", "preprocess", "infer", "total"}
+
+
+def test_single_frame_per_camera_is_refused_and_session_fields_echo(client):
+    body = {**PREDICT_REQUESTS["diffusion_policy"], "session_id": "robot-7", "timestamp": 12.5}
+    payload = predict(client, body).json()
+    assert payload["session_id"] == "robot-7" and payload["timestamp"] == 12.5
+    one_frame = policy_observation()
+    one_frame["images"]["front"] = png_data_url(0)
+    error = error_of(predict(client, {"observation": one_frame}), 422)
+    assert error["field"] == "observation.images.front" and "2 per camera" in error["message"]
+
+
+def test_msgpack_request_with_raw_uint8_frames(client):
+    rng = np.random.default_rng(0)
+    observation = {"images": {cam: [encode_array(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), binary=True)
+                                    for _ in range(2)] for cam in POLICY_CAMERAS},
+                   "lowdim": {"arm__pos": encode_array(np.array([[0.1, 0.2], [0.3, 0.4]], np.float32), binary=True)},
+                   "language_instruction": "pick"}
+    response = client.post("/predict/diffusion_policy",
+                           content=msgpack.packb({"model": "tiny-policy", "observation": observation, "seed": 3},
+                                                 use_bin_type=True),
+                           headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+    assert response.status_code == 200, response.text
+    payload = msgpack.unpackb(response.content)
+    assert len(payload["action_chunk"]) == 4 and payload["seed"] == 3
+
+
+def _bad(observation_edit=None, **top):
+    observation = policy_observation()
+    if observation_edit:
+        observation_edit(observation)
+    return {"observation": observation, **top}
+
+
+BAD_OBSERVATIONS = {
+    "unknown camera": (lambda o: o["images"].update(top=o["images"]["front"]), 422, "observation.images.top"),
+    "missing camera": (lambda o: o["images"].pop("wrist"), 422, "observation.images.wrist"),
+    "three frames": (lambda o: o["images"]["front"].append(png_data_url(9)), 422, "observation.images.front"),
+    "lowdim dims": (lambda o: o["lowdim"].update(arm__pos=[[0.1, 0.2, 0.3]] * 2), 422, "observation.lowdim.arm__pos"),
+    "lowdim steps": (lambda o: o["lowdim"].update(arm__pos=[[0.1, 0.2]]), 422, "observation.lowdim.arm__pos"),
+    "missing lowdim": (lambda o: o.update(lowdim={}), 422, "observation.lowdim.arm__pos"),
+    "unknown lowdim": (lambda o: o["lowdim"].update(speed=[[1.0]] * 2), 422, "observation.lowdim.speed"),
+    "string lowdim": (lambda o: o["lowdim"].update(arm__pos=[["a", "b"]] * 2), 422, "observation.lowdim.arm__pos"),
+    "infinite typed lowdim": (lambda o: o["lowdim"].update(arm__pos=typed(np.array([[np.inf, 0], [0, 0]], np.float32))),
+                              422, "observation.lowdim.arm__pos"),
+    "complex typed lowdim": (lambda o: o["lowdim"].update(arm__pos=typed(np.zeros((2, 2), np.complex64))),
+                             422, "observation.lowdim.arm__pos"),
+    "float frame": (lambda o: o["images"]["front"].__setitem__(0, typed(np.zeros((8, 8, 3), np.float64))), 422,
+                    "observation.images.front[0]"),
+    "not an image": (lambda o: o["images"]["front"].__setitem__(0, "bm90IGFuIGltYWdl"), 422,
+                     "observation.images.front[0]"),
+    "oversized frame": (lambda o: o["images"]["front"].__setitem__(0, png_data_url(0, (80, 80))), 413,
+                        "observation.images.front[0]"),
+    "no instruction": (lambda o: o.pop("language_instruction"), 422, "observation.language_instruction"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OBSERVATIONS))
+def test_bad_observations_are_refused_naming_the_field(client, case):
+    edit, status, field = BAD_OBSERVATIONS[case]
+    good = predict(client, PREDICT_REQUESTS["diffusion_policy"]).json()
+    error = error_of(predict(client, _bad(edit)), status)
+    assert error["field"] == field, error
+    again = predict(client, PREDICT_REQUESTS["diffusion_policy"]).json()
+    assert again["actions"] == good["actions"], "a refused request changes nothing for the next one"
+
+
+def test_nan_in_json_and_bad_request_fields(client):
+    text = json.dumps({"model": "tiny-policy", **PREDICT_REQUESTS["diffusion_policy"]}).replace("0.1", "NaN", 1)
+    response = client.post("/predict/diffusion_policy", content=text, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    bad_past = {**PREDICT_REQUESTS["diffusion_policy"], "past_actions": {"arm__delta": [[0.5, -0.5]] * 2,
+                                                                         "gripper": [[1.0]] * 2}}
+    assert error_of(predict(client, bad_past), 422)["field"] == "past_actions.arm__delta"
+    bad_noise = {**PREDICT_REQUESTS["diffusion_policy"], "noise": [[0.0, 0.0, 0.0]] * 3}
+    assert error_of(predict(client, bad_noise), 422)["field"] == "noise"
+    too_many_steps = {**PREDICT_REQUESTS["diffusion_policy"], "num_inference_steps": 51}
+    assert error_of(predict(client, too_many_steps), 422)["field"] == "num_inference_steps"
+
+
+def test_evaluate_is_seeded_and_checks_action_windows(client):
+    from tests.factories import EVALUATE_REQUESTS
+
+    body = {"model": "tiny-policy", **EVALUATE_REQUESTS["diffusion_policy"]}
+    first = client.post("/evaluate/diffusion_policy", json=body).json()
+    assert first == {**client.post("/evaluate/diffusion_policy", json=body).json(), "timing_ms": first["timing_ms"]}
+    assert first["num_samples"] == 2 and first["num_action_rows"] == 2 * 3 and np.isfinite(first["loss"])
+    every_row = client.post("/evaluate/diffusion_policy", json={**body, "condition_on_past": False}).json()
+    assert every_row["num_action_rows"] == 2 * 4
+    short = json.loads(json.dumps(body))
+    short["samples"][1]["actions"]["gripper"] = [[1.0]] * 3
+    assert error_of(client.post("/evaluate/diffusion_policy", json=short), 422)["field"] == "samples[1].actions.gripper"
