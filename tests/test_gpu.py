@@ -137,3 +137,30 @@ def test_stable_diffusion_fixture_and_sampling_on_cuda(fixtures_dir, tiny_checkp
         b = pipeline.generate("a red circle", num_images=2, seed=3, scheduler=scheduler)
         assert all(x.shape == (16, 16, 3) for x in a.images)
         assert all((x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(a.images, b.images))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_diffusion_policy_fixture_and_serving_on_cuda(fixtures_dir, dtype):
+    """The fixture's sampling on CUDA (fp32 matches; bf16 runs, seeded chunks repeat)."""
+    import numpy as np
+
+    from vla_foundry.robotics.observations import RawObservation
+
+    path = fixtures_dir / "diffusion_policy_clip_basic"
+    e = load_file(path / "expected" / "generate_actions_steps10.safetensors")
+    model = load_model(path, device="cuda", dtype=dtype)
+    inputs = {k[len("input."):]: v.cuda() for k, v in e.items() if k.startswith("input.")}
+    if dtype == "bfloat16":
+        inputs = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in inputs.items()}
+    noise = inputs.pop("initial_noise")
+    out = model.generate_actions(**inputs, num_inference_steps=10, initial_noise=noise).float().cpu()
+    tolerance = 1e-4 if dtype == "float32" else 0.1
+    assert torch.allclose(out, e["output.actions"], atol=tolerance)
+    pipeline = load_pipeline(path, device="cuda", dtype=dtype)
+    frame = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    r = pipeline.robot_io
+    sample = RawObservation({n: frame for n in r.image_names},
+                            {f: np.zeros((r.past_steps + 1, r.field_dims[f]), np.float32)
+                             for f in r.proprioception_fields}, "open the drawer")
+    a, b = (pipeline.predict([sample], seed=4)["action_chunk"] for _ in range(2))
+    assert np.isfinite(a).all() and np.array_equal(a, b)

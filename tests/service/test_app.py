@@ -143,6 +143,7 @@ def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypa
     import vla_foundry.demo as demo
     from vla_foundry.demo import transformer as transformer_demo
     from vla_foundry.demo import stable_diffusion as sd_demo
+    from vla_foundry.demo import policy as policy_demo
     from vla_foundry.demo import vlm as vlm_demo
 
     # The real members train for hundreds of steps; 10 show the same path in seconds.
@@ -151,6 +152,8 @@ def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypa
     monkeypatch.setitem(demo.BUILDERS, "demo-vlm", lambda path, progress: vlm_demo.build(path, progress, steps=10))
     monkeypatch.setitem(demo.BUILDERS, "demo-stable_diffusion",
                         lambda path, progress: sd_demo.build(path, progress, steps=5))
+    monkeypatch.setitem(demo.BUILDERS, "demo-diffusion_policy",
+                        lambda path, progress: policy_demo.build(path, progress, steps=5))
     with serving(demo_dir=tmp_path / "demo") as client:
         infos = {d["name"]: d for d in client.get("/models").json()["deployments"]}
         assert set(infos) == set(demo.DEMO_MEMBERS)
@@ -170,6 +173,16 @@ def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypa
         png = client.post("/predict/stable_diffusion", json={"prompt": "a red circle", "num_inference_steps": 4},
                           headers={"accept": "image/png"})
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert infos["demo-diffusion_policy"]["io"]["cameras"] == ["scene"]
+        from vla_foundry.demo import reach_task
+
+        state = reach_task.sample_state(np.random.default_rng(0))
+        frame = reach_task.render(state)
+        chunk = client.post("/predict/diffusion_policy", json={"observation": {
+            "images": {"scene": encode_array(frame, binary=False)},
+            "lowdim": {"agent__xy": [state.agent.tolist()] * 2},
+            "language_instruction": reach_task.instruction(state.goal)}, "seed": 0})
+        assert chunk.status_code == 200 and len(chunk.json()["actions"]["agent__delta_xy"]) == 5, chunk.text
         chat = client.post("/v1/chat/completions", json={"model": "demo-transformer_hf", "max_tokens": 4,
                                                          "messages": [{"role": "user", "content": "hello"}]})
         assert chat.status_code == 200, chat.text

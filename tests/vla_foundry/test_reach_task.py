@@ -14,8 +14,12 @@ def test_render_places_every_object_where_the_world_says():
         image = rt.render(state)
         assert image.shape == (rt.IMAGE_SIZE, rt.IMAGE_SIZE, 3) and image.dtype == np.uint8
         assert np.abs(rt.locate(image, rt.AGENT_COLOR) - state.agent).max() < 1.5 * PIXEL
-        for color, rgb in rt.COLORS.items():
-            assert np.abs(rt.locate(image, rgb) - state.targets[color]).max() < 1.5 * PIXEL
+        assert len(state.targets) == rt.NUM_TARGETS and state.goal in state.targets
+        for color, xy in state.targets.items():
+            assert np.abs(rt.locate(image, rt.COLORS[color]) - xy).max() < 1.5 * PIXEL
+        for absent in set(rt.COLORS) - set(state.targets):
+            with pytest.raises(ValueError, match="no pixel"):
+                rt.locate(image, rt.COLORS[absent])
 
 
 def test_render_orientation_and_locate_without_the_colour():
@@ -33,8 +37,8 @@ def test_render_orientation_and_locate_without_the_colour():
 def test_sample_state_respects_its_constraints():
     for seed in range(100):
         state = rt.sample_state(np.random.default_rng(seed))
-        red, blue = state.targets["red"], state.targets["blue"]
-        assert np.linalg.norm(red - blue) >= 0.6
+        points = list(state.targets.values())
+        assert all(np.linalg.norm(a - b) >= 0.6 for i, a in enumerate(points) for b in points[i + 1:])
         assert all(np.abs(t).max() <= 0.8 for t in state.targets.values())
         assert np.abs(state.agent).max() <= 0.9 and state.agent.dtype == np.float32
         assert min(np.linalg.norm(state.agent - t) for t in state.targets.values()) >= 0.5

@@ -315,7 +315,7 @@ def test_fixture_preprocess(policy_fixture, cases, normalizer, fixture_io):
     assert torch.allclose(actions, e["output.actions"], atol=1e-5)
 
 
-def test_build_inputs_places_normalized_past_actions(policy_fixture, cases, normalizer, fixture_io):
+def test_build_inputs_places_normalized_past_actions(policy_fixture, normalizer, fixture_io):
     e = expected(policy_fixture, "preprocess")
     io = fixture_io
     P = io.past_steps

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from vla_foundry.demo import hf as hf_demo
+from vla_foundry.demo import policy as policy_demo
 from vla_foundry.demo import stable_diffusion as stable_diffusion_demo
 from vla_foundry.demo import transformer as transformer_demo
 from vla_foundry.demo import vlm as vlm_demo
@@ -27,6 +28,7 @@ BUILDERS: dict[str, Callable[[Path, bool], None]] = {
     "demo-vlm": vlm_demo.build,
     "demo-vlm_hf": hf_demo.build_vlm_hf,
     "demo-stable_diffusion": stable_diffusion_demo.build,
+    "demo-diffusion_policy": policy_demo.build,
 }
 DEMO_MEMBERS = tuple(BUILDERS)
 

@@ -9,6 +9,7 @@ handler on expert demonstrations — about two minutes on a 2-core CPU.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,9 +31,10 @@ from vla_foundry.robotics.robot_io import RobotIO
 
 CLIP_DIR = "clip"  # relative to the experiment, so the member can be moved
 PAST, FUTURE = 1, 3  # one executed action as context; the current and 3 future actions
-EPISODES = 600
-STEPS = 1500
+EPISODES = 800
+STEPS = 6000
 BATCH = 64
+LR = 1e-3
 
 
 def robot_io(processor: str) -> RobotIO:
@@ -83,6 +85,9 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
     clip_dir = build_tiny_clip(experiment_dir / CLIP_DIR, shapes.train_tokenizer())
     windows = task.training_windows(EPISODES, PAST, FUTURE, rng)
     stats = task.compute_stats(windows, PAST)
+    # Most windows of an episode come after the expert has arrived (all-zero actions); keep a third of those,
+    # so training time goes to the windows where the image decides the action.
+    windows = [w for w in windows if np.abs(w["lowdim"][task.ACTION_FIELD][PAST:]).max() > 1e-3 or rng.random() < 1 / 3]
     normalizer = normalizer_block([task.PROPRIO_FIELD, task.ACTION_FIELD], past=PAST, future=FUTURE)
     io = robot_io(processor=str(clip_dir))
     model = create_model(demo_params(str(clip_dir)), load_pretrained=True)
@@ -107,8 +112,15 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
                 "pixel_values": inputs.pixel_values[rows], "attention_mask_images": inputs.attention_mask_images[rows],
                 "actions": actions[rows], "past_mask": past_mask, "proprioception": inputs.proprioception[rows]}
 
-    train(model, handler, batch, steps=steps, lr=2e-3, warmup=100, desc="demo-diffusion_policy",
-          progress=progress, generator=generator)
+    loss = train(model, handler, batch, steps=steps, lr=LR, warmup=100, desc="demo-diffusion_policy",
+                 progress=progress, generator=generator)
     model.params = demo_params(CLIP_DIR)  # relative, so the member can be moved
     save_policy_experiment(model, experiment_dir, robot_io(processor=CLIP_DIR), stats, normalizer,
-                           global_step=steps)
+                           global_step=steps, training_config={"name": "demo-diffusion_policy"})
+    (experiment_dir / "demo.json").write_text(json.dumps({
+        "description": "A diffusion policy (tiny CLIP backbone + 3-layer denoiser, flow matching) trained on CPU "
+                       "on a synthetic reach task: the 32 px 'scene' camera shows two coloured targets and a "
+                       "white agent; 'move to the <colour> target' names the goal; proprioception is the agent's "
+                       "xy, actions are xy deltas. vla_foundry/demo/reach_task.py generates and scores it.",
+        "random_weights": False, "train_steps": steps, "final_train_loss": round(loss, 4),
+    }, indent=2))

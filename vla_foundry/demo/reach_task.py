@@ -1,17 +1,17 @@
 """A tiny synthetic reaching task for training and testing a small diffusion policy.
 
-The world is the square [-1, 1]^2. It holds one coloured target per entry of ``COLORS`` and a
-point agent. An episode's language instruction names one colour ("move to the red target");
-the agent must move to that target by emitting 2-D position deltas, at most ``MAX_STEP`` per
-axis per control step. The episode succeeds once the agent comes within ``SUCCESS_RADIUS`` of
-the named target.
+The world is the square [-1, 1]^2. It holds ``NUM_TARGETS`` targets, each of a different colour
+drawn from ``COLORS``, and a point agent. An episode's language instruction names one of them
+("move to the red target"); the agent must move to that target by emitting 2-D position deltas,
+at most ``MAX_STEP`` per axis per control step. The episode succeeds when, after its last step,
+the agent is within ``SUCCESS_RADIUS`` of the named target (touching it), so passing by does not
+count and neither does the other target.
 
 The policy observes a ``IMAGE_SIZE`` x ``IMAGE_SIZE`` camera image (``CAMERA``) that shows the
 targets and the agent, the agent's past positions (``PROPRIO_FIELD``) and the instruction. The
 image and instruction hold everything needed: ``expert_policy`` solves the task from them alone.
 The instruction is the only thing saying which target is the goal: a policy that ignores it and
-heads for one target succeeds about half the time (but see ``rollout``: since reaching the goal at
-any step counts, one that tours both targets within the episode can succeed without it).
+heads for one target succeeds about half the time with two targets.
 
 ``training_windows`` turns scripted expert episodes into training samples laid out the way VLA
 Foundry's robotics batches are (current frame, a proprio history, an action window reaching
@@ -34,16 +34,22 @@ IMAGE_SIZE = 32  # rendered camera height and width, pixels
 CAMERA = "scene"
 PROPRIO_FIELD = "agent__xy"
 ACTION_FIELD = "agent__delta_xy"
-COLORS = {"red": (230, 40, 40), "blue": (40, 90, 230)}  # one target per colour
+COLORS = {"red": (230, 40, 40), "blue": (40, 90, 230), "green": (40, 200, 60), "yellow": (230, 210, 40)}
+COLORS = dict(list(COLORS.items())[:int(__import__("os").environ.get("NC", "4"))])
+NUM_TARGETS = int(__import__("os").environ.get("NT", "2"))  # targets drawn per episode, each a different colour
 MAX_STEP = 0.25  # largest |delta| per axis per control step, world units
-SUCCESS_RADIUS = 0.2
+SUCCESS_RADIUS = 0.3  # the agent's disc touches the target's ((3.5 + 2) px ≈ 0.34)
 EPISODE_STEPS = 10  # the expert needs at most 6
 
 BACKGROUND = 30
 AGENT_COLOR = (255, 255, 255)
-TARGET_RADIUS_PX = float(__import__("os").environ.get("TR", "3.5"))
+TARGET_RADIUS_PX = 3.5
 AGENT_RADIUS_PX = 2.0
-TARGET_RANGE = 0.8  # targets lie in [-TARGET_RANGE, TARGET_RANGE]^2
+# Targets sit near the corners of the scene (one per corner at most, jittered): the camera must show
+# which colour is where, and the instruction which colour to reach.
+TARGET_SPOTS = ((-0.6, -0.6), (-0.6, 0.6), (0.6, -0.6), (0.6, 0.6))
+TARGET_JITTER = 0.1
+TARGET_RANGE = 0.7  # so targets lie in [-TARGET_RANGE, TARGET_RANGE]^2
 AGENT_RANGE = 0.9
 MIN_TARGET_SEPARATION = 0.6  # keeps the target discs apart in the image
 MIN_AGENT_TARGET_DISTANCE = 0.5  # no episode starts already solved or with the agent hiding a target
@@ -77,21 +83,18 @@ def _uniform_point(rng: np.random.Generator, half_width: float) -> np.ndarray:
     return rng.uniform(-half_width, half_width, size=2).astype(np.float32)
 
 
-def sample_state(rng: np.random.Generator) -> ReachState:
-    """A random start: well-separated targets, the agent away from all of them, a random goal."""
-    # Rejection sampling: with two targets each draw is accepted most of the time.
-    targets: dict[str, np.ndarray] = {}
-    for color in COLORS:
-        while True:
-            point = _uniform_point(rng, TARGET_RANGE)
-            if all(np.linalg.norm(point - other) >= MIN_TARGET_SEPARATION for other in targets.values()):
-                targets[color] = point
-                break
+def sample_state(rng: np.random.Generator, num_targets: int = NUM_TARGETS) -> ReachState:
+    """A random start: ``num_targets`` targets of distinct random colours near distinct corners, the agent away
+    from all of them, the goal one of them."""
+    colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:num_targets]]
+    spots = rng.permutation(len(TARGET_SPOTS))[:num_targets]
+    targets = {color: (np.asarray(TARGET_SPOTS[spot], np.float32) + _uniform_point(rng, TARGET_JITTER))
+               for color, spot in zip(colors, spots)}
     while True:
         agent = _uniform_point(rng, AGENT_RANGE)
         if all(np.linalg.norm(agent - target) >= MIN_AGENT_TARGET_DISTANCE for target in targets.values()):
             break
-    goal = list(COLORS)[rng.integers(len(COLORS))]
+    goal = colors[rng.integers(len(colors))]
     return ReachState(agent=agent, targets=targets, goal=goal)
 
 
@@ -247,8 +250,7 @@ def expert_policy(chunk: int = 4) -> Policy:
     """
     def policy(observation: dict) -> np.ndarray:
         image = observation["images"][CAMERA]
-        seen = ReachState(agent=locate(image, AGENT_COLOR),
-                          targets={color: locate(image, rgb) for color, rgb in COLORS.items()},
-                          goal=goal_from_instruction(observation["instruction"]))
+        goal = goal_from_instruction(observation["instruction"])
+        seen = ReachState(agent=locate(image, AGENT_COLOR), targets={goal: locate(image, COLORS[goal])}, goal=goal)
         return expert_episode(seen, chunk)[1]
     return policy

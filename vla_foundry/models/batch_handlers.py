@@ -187,6 +187,9 @@ class PolicyBatchHandler(BatchHandler):
     ``attention_mask_images`` (B, N), ``actions`` (B, Ta, A) normalized, ``past_mask`` (B, Ta) and
     ``proprioception`` (B, P+1, Dp); optional ``future_mask`` (default: not past). The noise is drawn from
     ``generator`` first, then the timesteps (inside the model's forward), so a seed fixes the loss.
+
+    With ``num_action_head_repeats`` R > 1 (spec §9.5) each observation's action side is tiled R times
+    (repeat_interleave), so one backbone pass is scored under R noise draws and timesteps.
     """
 
     def compute_loss(self, model, batch, generator=None) -> LossOutput:
@@ -195,6 +198,13 @@ class PolicyBatchHandler(BatchHandler):
         past_mask = batch["past_mask"].bool()
         future_mask = batch.get("future_mask")
         future_mask = ~past_mask if future_mask is None else future_mask.bool()
+        repeats = model.params.num_action_head_repeats or 1
+        proprioception = batch.get("proprioception")
+        if repeats > 1:
+            actions, past_mask, future_mask = (t.repeat_interleave(repeats, dim=0)
+                                               for t in (actions, past_mask, future_mask))
+            if proprioception is not None:
+                proprioception = proprioception.repeat_interleave(repeats, dim=0)
         if not bool(future_mask.any()):
             raise InvalidInputError("the batch has no action row to predict (every row is marked past)",
                                     field="actions")
@@ -203,9 +213,9 @@ class PolicyBatchHandler(BatchHandler):
                             dtype=actions.dtype).to(actions.device)
         out = model(batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"),
                     batch.get("attention_mask_images"), actions, noise, past_mask, future_mask,
-                    batch.get("proprioception"), generator=generator)
+                    proprioception, generator=generator)
         scored = future_mask[..., None].expand_as(out.velocity)  # (B, Ta, A)
         error = (out.velocity.float() - out.target.float()) ** 2
         loss = error[scored].mean()
-        return LossOutput(loss, num_samples=actions.shape[0],
+        return LossOutput(loss, num_samples=actions.shape[0] // repeats,
                           metrics={"timesteps": out.timesteps.tolist(), "num_action_rows": int(future_mask.sum())})

@@ -140,15 +140,16 @@ class DiffusionPolicy(nn.Module):
 
         With x_t = a·x0 + b·ε (a = √ᾱ_t, b = √(1−ᾱ_t)) and v = ε − x0: x0 = (x_t − b·v)/(a + b),
         ε = v + x0. Consecutive steps take the model's own DDPM step (posterior noise from
-        ``generator``); strided ones the deterministic DDIM update to ᾱ at ``t_next``
-        (the last one lands on the clean sample).
+        ``generator``); strided ones the deterministic DDIM update to ᾱ at ``t_next``. The
+        sampling loop never visits t = 0 (§9.4), so the last step (``t_next`` = 0) lands on the
+        clean estimate x0 either way.
         """
         ac = self.scheduler.alphas_cumprod.to(x.device, torch.float32)
         a, b = ac[t].sqrt(), (1 - ac[t]).sqrt()
         v, xf = velocity.float(), x.float()
         x0 = (xf - b * v) / (a + b)
         eps = v + x0
-        if t - t_next == 1:
+        if t - t_next == 1 and t_next > 0:
             return self.scheduler.step(eps.to(x.dtype), t, x, generator=generator)
         ac_next = ac[t_next] if t_next > 0 else ac.new_tensor(1.0)
         out = ac_next.sqrt() * x0 + (1 - ac_next).sqrt() * eps

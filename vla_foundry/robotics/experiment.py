@@ -45,7 +45,8 @@ def save_policy_experiment(model, experiment_dir: Union[str, Path], robot_io: Ro
     preprocessing = {"camera_names": r.camera_names, "image_indices": r.image_indices,
                      "past_lowdim_steps": past, "future_lowdim_steps": future,
                      "resize_images_size": r.resize_images_size, "image_resizing_method": r.image_resizing_method}
-    file = save_experiment(model, experiment_dir, training_config={"data": data}, **save_kwargs)
+    training_config = {**(save_kwargs.pop("training_config", None) or {}), "data": data}
+    file = save_experiment(model, experiment_dir, training_config=training_config, **save_kwargs)
     (experiment_dir / "config_processor.yaml").write_text(yaml.safe_dump(data, sort_keys=True))
     (experiment_dir / "preprocessing_config.yaml").write_text(yaml.safe_dump(preprocessing, sort_keys=True))
     (experiment_dir / "config_normalizer.yaml").write_text(yaml.safe_dump(normalizer, sort_keys=True))
