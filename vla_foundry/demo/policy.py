@@ -1,10 +1,10 @@
 """``demo-diffusion_policy``: a policy trained on the synthetic reach task (``reach_task``).
 
-The camera shows a red and a blue target and the agent; the instruction names the target;
-proprioception is the agent's position; actions are position deltas. The policy is a
-``diffusion_policy`` with a tiny ``clip_backbone`` (text and image towers trained with it)
-and a bidirectional transformer denoiser, trained with flow matching through its own batch
-handler on expert demonstrations — about two minutes on a 2-core CPU.
+The camera shows a coloured target near one corner and the agent; the instruction names the
+target's colour; proprioception is the agent's position; actions are position deltas. The
+policy is a ``diffusion_policy`` with a tiny ``clip_backbone`` (text and image towers trained
+with it) and a bidirectional transformer denoiser, trained with flow matching through its own
+batch handler on expert demonstrations: about four minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
     norm = RoboticsNormalizer(stats, NormalizerConfig.from_dict(normalizer))
     processor = model.vision_language_backbone.input_processor(str(clip_dir), io.image_size)
 
+    generator = torch.Generator().manual_seed(0)
+
     # Every window through the same processing the server applies, once.
     samples = [RawObservation({f"{task.CAMERA}_t0": w["images"][task.CAMERA]},
                               {task.PROPRIO_FIELD: w["lowdim"][task.PROPRIO_FIELD]}, w["instruction"])
@@ -101,7 +103,6 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
     inputs = build_inputs(samples, io, norm, processor, uses_language=True)
     actions = normalize_fields([w["lowdim"] for w in windows], [task.ACTION_FIELD], norm, PAST)  # (N, Ta, 2)
     handler = create_batch_handler("diffusion_policy")
-    generator = torch.Generator().manual_seed(0)
 
     def batch() -> dict:
         rows = torch.randint(0, len(samples), (BATCH,), generator=generator)
@@ -119,8 +120,8 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
                            global_step=steps, training_config={"name": "demo-diffusion_policy"})
     (experiment_dir / "demo.json").write_text(json.dumps({
         "description": "A diffusion policy (tiny CLIP backbone + 3-layer denoiser, flow matching) trained on CPU "
-                       "on a synthetic reach task: the 32 px 'scene' camera shows two coloured targets and a "
-                       "white agent; 'move to the <colour> target' names the goal; proprioception is the agent's "
-                       "xy, actions are xy deltas. vla_foundry/demo/reach_task.py generates and scores it.",
+                       "on a synthetic reach task: the 32 px 'scene' camera shows a coloured target near a corner "
+                       "and the white agent; 'move to the <colour> target' names it; proprioception is the "
+                       "agent's xy, actions are xy deltas. vla_foundry/demo/reach_task.py generates and scores it.",
         "random_weights": False, "train_steps": steps, "final_train_loss": round(loss, 4),
     }, indent=2))
