@@ -14,6 +14,9 @@ from service.middleware import BodyCodecMiddleware
 from service.routes import health, models
 from service.routes.inference import add_inference_routes
 from service.routes.openai import add_openai_routes
+from service.routes.robot_ws import add_robot_websocket
+from service.routes.sessions import add_session_routes
+from service.sessions import SessionStore
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -36,10 +39,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                   description="Serves VLA Foundry checkpoints: text, captions, images and robot actions.")
     app.state.settings = settings
     app.state.manager = manager
+    app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)
     add_inference_routes(app, settings)
     add_openai_routes(app, settings)
+    add_session_routes(app, settings)
+    add_robot_websocket(app, settings)
     return app

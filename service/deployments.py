@@ -73,7 +73,8 @@ class Deployment:
             options = {"cuda_graphs": self.settings.cuda_graphs}
             if self.spec.tokenizer:
                 options["tokenizer"] = self.spec.tokenizer
-            for name in ("num_inference_steps", "n_action_steps"):  # policies
+            for name in ("num_inference_steps", "n_action_steps", "open_loop_steps", "control_period_s",
+                         "max_observation_age_s"):  # policies
                 if getattr(self.spec, name) is not None:
                     options[name] = getattr(self.spec, name)
             with _LOAD_LOCK:

@@ -36,6 +36,14 @@ class DeploymentSpec(BaseModel):
     n_action_steps: Optional[int] = Field(None, ge=1, description="Policies: actions a robot should execute "
                                                                   "before asking again (default: half the chunk "
                                                                   "from the current step).")
+    open_loop_steps: Optional[int] = Field(None, ge=1, description="Policies, step mode: actions handed out "
+                                                                   "from one plan before replanning (default: "
+                                                                   "n_action_steps).")
+    control_period_s: float = Field(0.1, gt=0, description="Policies: the robot's control period; a chunk is valid "
+                                                           "until its timestamp + n_action_steps periods.")
+    max_observation_age_s: Optional[float] = Field(None, gt=0, description="Policies: observations whose timestamp "
+                                                                           "is older than this (server clock) are "
+                                                                           "refused with 409; none: no limit.")
 
     @property
     def resolved_name(self) -> str:
@@ -61,6 +69,11 @@ class Settings(BaseSettings):
     max_inference_steps: int = Field(1000, ge=1, description="Cap on num_inference_steps of image requests.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Cap on width x height of one image, checked "
                                                                   "from its header before decoding (more get 413).")
+    max_ws_frame_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest websocket frame; a larger one "
+                                                                         "closes the connection with 1009.")
+    max_sessions: int = Field(256, ge=1, description="Robot sessions kept at once; the least recently used idle "
+                                                      "one is evicted for a new one.")
+    session_idle_timeout_s: float = Field(300.0, gt=0, description="Robot sessions idle longer than this expire.")
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     cuda_graphs: bool = Field(True, description="On CUDA, decode text from captured CUDA graphs.")
     log_level: str = Field("info")

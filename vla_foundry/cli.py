@@ -35,8 +35,11 @@ def _serve(args: argparse.Namespace) -> int:
 
         print(f"No deployment given: serving the demo pack from {settings.demo_dir}", file=sys.stderr)
         ensure_demo_pack(settings.demo_dir, progress=True)
+    # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
+    # a connection whose frame exceeds the cap with 1009.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+                access_log=False, ws="websockets", ws_per_message_deflate=False,
+                ws_max_size=settings.max_ws_frame_bytes)
     return 0
 
 

@@ -9,12 +9,14 @@ finite values) is checked by ``vla_foundry.robotics.observations`` with the fiel
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from service.codecs import DecodeError, decode_array, is_array_dict
+from service.errors import ApiError
 from service.images import decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
 from vla_foundry.errors import InvalidInputError
@@ -77,8 +79,11 @@ class Observation(BaseModel):
             self._frames = frames
         return self._frames
 
+    def decoded_lowdim(self, prefix: str) -> dict[str, Any]:
+        return {k: decode_numbers(v, f"{prefix}.lowdim.{k}") for k, v in self.lowdim.items()}
+
     def parse(self, pipeline, request: RequestBase, prefix: str, past_actions: Optional[dict] = None):
-        lowdim = {k: decode_numbers(v, f"{prefix}.lowdim.{k}") for k, v in self.lowdim.items()}
+        lowdim = self.decoded_lowdim(prefix)
         past = None if past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
                                                   for k, v in past_actions.items()}
         return parse_observation(self.decoded_frames(request, prefix), lowdim, self.language_instruction, past,
@@ -96,8 +101,13 @@ class ActionPredictRequest(RequestBase):
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Same seed, same actions.")
     noise: Optional[Any] = Field(None, description="Initial noise [P+1+F][A] (rows with past actions ignore it); "
                                                    "overrides the seed.")
-    session_id: Optional[str] = Field(None, max_length=128, description="Echoed back (robot bookkeeping).")
-    timestamp: Optional[float] = Field(None, description="The observation's time; echoed back.")
+    session_id: Optional[str] = Field(None, max_length=128, description="Keep this robot's history on the server: "
+                                                                       "then the current step alone is enough (one "
+                                                                       "frame per camera, the current [d] row).")
+    timestamp: Optional[float] = Field(None, description="The observation's time (Unix seconds, server clock): "
+                                                         "anchors the chunk; too old ⇒ 409.")
+    step: Optional[int] = Field(None, ge=0, description="The robot's control step index; echoed. In a session, "
+                                                        "default: the last step + n_action_steps.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -128,6 +138,9 @@ class ActionPredictResponse(ResponseBase):
     seed: int
     session_id: Optional[str] = None
     timestamp: Optional[float] = None
+    step: Optional[int] = None
+    valid_until: float = Field(..., description="Until when the chunk may be executed: its timestamp (or the "
+                                                "server's receive time) + n_action_steps control periods.")
 
 
 def _noise(value: Any) -> Optional[np.ndarray]:
@@ -144,16 +157,50 @@ def _noise(value: Any) -> Optional[np.ndarray]:
     return array
 
 
-def predict(pipeline, request: ActionPredictRequest) -> dict:
-    sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
-    out = pipeline.predict([sample], num_inference_steps=request.num_inference_steps, seed=request.seed,
-                           noise=_noise(request.noise))
+def observation_anchor(pipeline, timestamp: Optional[float]) -> float:
+    """The time a chunk is anchored at: the observation's timestamp, else now (server clock). An observation
+    older than the deployment's ``max_observation_age_s`` is refused (409), not acted on."""
+    now = time.time()
+    if timestamp is None:
+        return now
+    limit = pipeline.max_observation_age_s
+    if limit is not None and now - timestamp > limit:
+        raise ApiError(409, f"the observation (timestamp {timestamp:.3f}) is {now - timestamp:.3f} s old, over this "
+                            f"deployment's freshness limit of {limit:g} s (max_observation_age_s); acting on it "
+                            "would be unsafe: send a fresh observation (timestamps are read on the server's clock)",
+                       field="timestamp", type="stale_observation")
+    return timestamp
+
+
+def _chunk_reply(pipeline, request, out: dict, anchor: float, step: Optional[int]) -> dict:
     return {"actions": {k: v[0].tolist() for k, v in out["actions"].items()},
             "action_chunk": out["action_chunk"][0].tolist(), "first_action_index": out["first_action_index"],
             "n_action_steps": out["n_action_steps"], "action_fields": out["action_fields"],
             "num_inference_steps": out["num_inference_steps"], "checkpoint_step": pipeline.model.checkpoint.step,
-            "seed": out["seed"], "session_id": request.session_id, "timestamp": request.timestamp,
+            "seed": out["seed"], "session_id": request.session_id, "timestamp": request.timestamp, "step": step,
+            "valid_until": anchor + out["n_action_steps"] * pipeline.control_period_s,
             "timing_ms": out["timing_ms"]}
+
+
+def predict(pipeline, request: ActionPredictRequest) -> dict:
+    anchor = observation_anchor(pipeline, request.timestamp)
+    sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
+    out = pipeline.predict([sample], num_inference_steps=request.num_inference_steps, seed=request.seed,
+                           noise=_noise(request.noise))
+    return _chunk_reply(pipeline, request, out, anchor, request.step)
+
+
+def session_predict(pipeline, request: ActionPredictRequest, session) -> dict:
+    """Chunk mode of a session: the robot may send only the current step; the session fills in the rest."""
+    anchor = observation_anchor(pipeline, request.timestamp)
+    observation = request.observation
+    past = None if request.past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
+                                                      for k, v in request.past_actions.items()}
+    out = session.chunk(observation.decoded_frames(request, "observation"), observation.decoded_lowdim("observation"),
+                        observation.language_instruction or "", step=request.step, past_actions=past,
+                        num_inference_steps=request.num_inference_steps, seed=request.seed,
+                        noise=_noise(request.noise))
+    return _chunk_reply(pipeline, request, out, anchor, out["step"])
 
 
 class PolicySample(BaseModel):
@@ -209,4 +256,5 @@ def _prepare(request) -> None:
 
 
 ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
-                          ActionEvaluateRequest, ActionEvaluateResponse, evaluate, prepare=_prepare)
+                          ActionEvaluateRequest, ActionEvaluateResponse, evaluate, prepare=_prepare,
+                          session_predict=session_predict)

@@ -30,7 +30,8 @@ def _camel(model_type: str) -> str:
     return "".join(part.capitalize() for part in model_type.split("_"))
 
 
-def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None, prepare=None):
+def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None, prepare=None,
+              session_run=None):
     async def endpoint(body: request_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         started = time.perf_counter()
         deployment = manager.resolve(model_type, body.model)
@@ -38,7 +39,13 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
         if prepare is not None:
             await run_in_threadpool(prepare, body)
             prepare_ms = (time.perf_counter() - started) * 1000
-        timed = await deployment.run(run, body)
+        session_id = getattr(body, "session_id", None)
+        if session_run is not None and session_id is not None:
+            entry = request.app.state.sessions.acquire(session_id, deployment)
+            async with entry.lock:  # one request of a session at a time, in arrival order
+                timed = await deployment.run(session_run, body, entry.policy)
+        else:
+            timed = await deployment.run(run, body)
         total = (time.perf_counter() - started) * 1000
         value = dict(timed.value)
         # A pipeline may split its run time (e.g. preprocess / infer); decoding before the queue is preprocess.
@@ -64,7 +71,9 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
         for kind, (base, response, run, reply) in parts.items():
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
                 "__module__": __name__, **base.limits_from(settings)})
-            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run, reply, adapter.prepare),
+            session_run = adapter.session_predict if kind == "predict" else None
+            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run, reply, adapter.prepare,
+                                                                 session_run),
                               methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
                               summary=f"{kind.capitalize()} with a {model_type} deployment")

@@ -42,7 +42,9 @@ def resolve_processor(processor: Optional[str], experiment_dir: Path) -> Optiona
 @register_pipeline("action")
 class ActionPipeline(Pipeline):
     def __init__(self, model, robot_io: RobotIO, normalizer: RoboticsNormalizer, processor: InputProcessor, *,
-                 num_inference_steps: Optional[int] = None, n_action_steps: Optional[int] = None):
+                 num_inference_steps: Optional[int] = None, n_action_steps: Optional[int] = None,
+                 open_loop_steps: Optional[int] = None, control_period_s: float = 0.1,
+                 max_observation_age_s: Optional[float] = None):
         super().__init__(model)
         self.robot_io = robot_io
         self.normalizer = normalizer
@@ -58,21 +60,28 @@ class ActionPipeline(Pipeline):
         self.num_inference_steps = num_inference_steps or min(DEFAULT_INFERENCE_STEPS, model.num_timesteps)
         # What a robot should execute before asking again: half the chunk from now on, by default.
         self.n_action_steps = n_action_steps or max(1, (robot_io.future_steps + 1) // 2)
-        if not 1 <= self.n_action_steps <= robot_io.future_steps + 1:
-            raise ValueError(f"n_action_steps must be 1…{robot_io.future_steps + 1} (the current and future steps); "
-                             f"got {self.n_action_steps}")
+        self.open_loop_steps = open_loop_steps or self.n_action_steps
+        for name in ("n_action_steps", "open_loop_steps"):
+            if not 1 <= getattr(self, name) <= robot_io.future_steps + 1:
+                raise ValueError(f"{name} must be 1…{robot_io.future_steps + 1} (the current and future steps); "
+                                 f"got {getattr(self, name)}")
+        # Serving settings a robot must know (the server checks and echoes them; the model ignores them).
+        self.control_period_s = control_period_s
+        self.max_observation_age_s = max_observation_age_s
 
     @classmethod
     def from_experiment(cls, model, experiment_dir: Path, *, training_config: Optional[dict] = None,
                         num_inference_steps: Optional[int] = None, n_action_steps: Optional[int] = None,
-                        **_: Any) -> "ActionPipeline":
+                        open_loop_steps: Optional[int] = None, control_period_s: float = 0.1,
+                        max_observation_age_s: Optional[float] = None, **_: Any) -> "ActionPipeline":
         normalizer = RoboticsNormalizer.from_experiment(experiment_dir)
         robot_io = RobotIO.from_experiment(experiment_dir, normalizer.stats)
         backbone = model.vision_language_backbone
         processor = backbone.input_processor(resolve_processor(robot_io.processor, Path(experiment_dir)),
                                              robot_io.image_size, robot_io.processor_kwargs)
         return cls(model, robot_io, normalizer, processor, num_inference_steps=num_inference_steps,
-                   n_action_steps=n_action_steps)
+                   n_action_steps=n_action_steps, open_loop_steps=open_loop_steps, control_period_s=control_period_s,
+                   max_observation_age_s=max_observation_age_s)
 
     @property
     def uses_language(self) -> bool:
@@ -93,7 +102,9 @@ class ActionPipeline(Pipeline):
             "action_dim": r.action_dim, "past_steps": r.past_steps, "future_steps": r.future_steps,
             "action_steps": r.action_steps, "first_action_index": r.past_steps,
             "num_timesteps": self.model.num_timesteps, "default_inference_steps": self.num_inference_steps,
-            "n_action_steps": self.n_action_steps, "uses_language": self.uses_language,
+            "n_action_steps": self.n_action_steps, "open_loop_steps": self.open_loop_steps,
+            "control_period_s": self.control_period_s, "max_observation_age_s": self.max_observation_age_s,
+            "action_horizon": r.future_steps + 1, "uses_language": self.uses_language,
             "max_prompt_tokens": self.max_prompt_tokens if self.uses_language else None,
             "sampler": "flow_matching" if isinstance(self.model.scheduler, FlowMatchingScheduler) else "ddpm",
         }

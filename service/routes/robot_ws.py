@@ -1,0 +1,187 @@
+"""``/ws/{policy type}``: the openpi robot wire protocol over a websocket.
+
+An openpi-style robot client connects unchanged:
+
+1. on connect the server sends one binary msgpack frame: the deployment's metadata (the
+   ``GET /models`` io, plus ``action_horizon``, ``model`` and ``session_id``);
+2. each binary msgpack frame from the client is an observation map, answered by a binary
+   msgpack map ``{"actions": float32 [action_horizon, A], "server_timing": {"infer_ms",
+   "prev_total_ms" (from the second request on)}}`` plus the HTTP reply's bookkeeping
+   (``step``, ``seed``, ``valid_until``, ``n_action_steps``);
+3. ``{"endpoint": "reset"}`` resets the session (answered ``{"reset": true}``).
+
+Observations are the HTTP body (``{"observation": {...}, "seed": …}``) or openpi's flat keys:
+``observation/<camera>`` images, ``observation/state`` (the proprioception fields
+concatenated) or ``observation/<field>``, ``prompt``. Arrays use the ``__ndarray__``
+convention. The connection is a session (``?session_id=`` names it, else one per
+connection), so a robot may send only the current step. Errors: a text frame with the
+message, then close 1008 (bad input) or 1011 (server fault); never a traceback.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint's real annotations.
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Optional
+
+import msgpack
+import numpy as np
+from fastapi import FastAPI, WebSocket
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from service.codecs import DecodeError, msgpack_to_json
+from service.errors import ApiError
+from service.modalities.action import ActionPredictRequest, session_predict
+from service.modalities.base import RequestBase
+from service.settings import Settings
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.models.registry import list_registered_models, model_modality
+
+logger = logging.getLogger(__name__)
+
+POLICY_VIOLATION, TOO_BIG, INTERNAL_ERROR, TRY_AGAIN_LATER = 1008, 1009, 1011, 1013
+TOP_LEVEL = {"seed", "num_inference_steps", "noise", "timestamp", "step", "past_actions"}
+
+
+def nested_observation(obj: dict, robot_io) -> dict:
+    """openpi's flat keys (``observation/<camera>``, ``observation/state``, ``prompt``) → the HTTP body form."""
+    if "observation" in obj and isinstance(obj["observation"], dict):
+        return obj
+    observation: dict[str, Any] = {"images": {}, "lowdim": {}}
+    body: dict[str, Any] = {"observation": observation}
+    for key, value in obj.items():
+        name = key[len("observation/"):] if key.startswith("observation/") else None
+        if key in ("prompt", "language_instruction"):
+            observation["language_instruction"] = value
+        elif key in TOP_LEVEL:
+            body[key] = value
+        elif name in robot_io.camera_names:
+            observation["images"][name] = value
+        elif name == "state":
+            observation["lowdim"].update(_split_state(value, robot_io))
+        elif name is not None:
+            observation["lowdim"][name] = value
+        else:
+            raise InvalidInputError(f"unknown observation key {key!r}; send observation/<camera> "
+                                    f"({', '.join(robot_io.camera_names)}), observation/state or "
+                                    f"observation/<field>, prompt", field=key)
+    return body
+
+
+def _split_state(value: Any, robot_io) -> dict[str, Any]:
+    """``observation/state`` = the proprioception fields concatenated ([Dp] or [P+1][Dp])."""
+    from service.modalities.action import decode_numbers
+
+    array = np.asarray(decode_numbers(value, "observation/state"), dtype=np.float64)
+    total = robot_io.proprioception_dim
+    if array.ndim not in (1, 2) or array.shape[-1] != total:
+        raise InvalidInputError(f"observation/state must be [{total}] (or [P+1][{total}]): the fields "
+                                f"{robot_io.proprioception_fields} concatenated; got shape {list(array.shape)}",
+                                field="observation/state")
+    out, start = {}, 0
+    for field in robot_io.proprioception_fields:
+        d = robot_io.field_dims[field]
+        out[field] = array[..., start:start + d].tolist()
+        start += d
+    return out
+
+
+def add_robot_websocket(app: FastAPI, settings: Settings) -> None:
+    for model_type in list_registered_models():
+        if model_modality(model_type) != "action":
+            continue
+        request_cls = type(f"{model_type}WsRequest", (ActionPredictRequest,),
+                           {"__module__": __name__, **RequestBase.limits_from(settings)})
+        app.add_api_websocket_route(f"/ws/{model_type}", _endpoint(model_type, request_cls, settings))
+
+
+def _endpoint(model_type: str, request_cls: type, settings: Settings):
+    async def endpoint(websocket: WebSocket, model: Optional[str] = None, session_id: Optional[str] = None):
+        manager, sessions = websocket.app.state.manager, websocket.app.state.sessions
+        await websocket.accept()
+        try:
+            deployment = manager.resolve(model_type, model)
+            entry = sessions.acquire(session_id or f"ws-{uuid.uuid4().hex[:16]}", deployment)
+        except ApiError as e:
+            await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
+            return
+        pipeline = deployment.pipeline
+        metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
+        await websocket.send_bytes(msgpack.packb(metadata, use_bin_type=True))
+        previous_total: Optional[float] = None
+        while True:
+            try:
+                message = await websocket.receive()
+            except WebSocketDisconnect:
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            started = time.perf_counter()
+            try:
+                data = message.get("bytes")
+                if data is None:
+                    raise InvalidInputError("send binary msgpack frames (an observation map), not text")
+                if len(data) > settings.max_ws_frame_bytes:
+                    await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
+                                            f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
+                    return
+                obj = json.loads(msgpack_to_json(data))
+                if not isinstance(obj, dict):
+                    raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
+                if obj.get("endpoint") == "reset":
+                    async with entry.lock:
+                        entry.policy.reset(obj.get("seed"))
+                    await websocket.send_bytes(msgpack.packb({"reset": True, "session_id": entry.id}))
+                    continue
+                body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
+                await run_in_threadpool(body.observation.decoded_frames, body, "observation")
+                entry.touch()
+                async with entry.lock:
+                    timed = await deployment.run(session_predict, body, entry.policy)
+            except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
+                await _close(websocket, _message(e), POLICY_VIOLATION)
+                return
+            except ApiError as e:
+                await _close(websocket, e.message, POLICY_VIOLATION if e.status < 500 else INTERNAL_ERROR)
+                return
+            except Exception:  # logged here; the client gets no traceback
+                logger.exception("websocket %s: inference failed", entry.id)
+                await _close(websocket, "internal error while computing actions", INTERNAL_ERROR)
+                return
+            reply = timed.value
+            first = reply["first_action_index"]
+            timing = {"infer_ms": timed.run_ms, "queue_ms": timed.queue_ms}
+            if previous_total is not None:
+                timing["prev_total_ms"] = previous_total
+            out = {"actions": _ndarray(np.asarray(reply["action_chunk"], np.float32)[first:]),
+                   "server_timing": timing,
+                   **{k: reply[k] for k in ("step", "seed", "valid_until", "n_action_steps", "action_fields")}}
+            await websocket.send_bytes(msgpack.packb(out, use_bin_type=True))
+            previous_total = (time.perf_counter() - started) * 1000
+
+    return endpoint
+
+
+def _ndarray(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array)
+    return {"__ndarray__": True, "data": array.tobytes(), "dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return str(error)
+
+
+async def _close(websocket: WebSocket, message: str, code: int) -> None:
+    try:
+        await websocket.send_text(message)
+        await websocket.close(code)
+    except Exception:  # the client is already gone
+        pass

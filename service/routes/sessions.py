@@ -1,0 +1,120 @@
+"""Robot sessions: ``POST /sessions/{id}/step`` (one action per control step), ``POST
+/sessions/{id}/reset``, ``GET /sessions``, ``DELETE /sessions/{id}``.
+
+Chunk mode needs no route of its own: ``/predict/{policy type}`` with a ``session_id``.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the request classes from the real annotations.
+
+import time
+from typing import Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.codecs import encode_response
+from service.dependencies import get_manager
+from service.deployments import DeploymentManager
+from service.errors import ApiError
+from service.modalities.action import Observation, observation_anchor
+from service.modalities.base import RequestBase, ResponseBase
+from service.settings import Settings
+
+
+class SessionStepRequest(RequestBase):
+    observation: Observation = Field(..., description="The current step: one frame per camera, the current "
+                                                      "[d] proprioception row per field, the instruction.")
+    step: Optional[int] = Field(None, ge=0, description="The robot's control step; default: the last one + 1.")
+    timestamp: Optional[float] = Field(None, description="The observation's time (Unix seconds, server clock).")
+    num_inference_steps: Optional[int] = Field(None, ge=1, description="Denoising steps when this step replans.")
+
+
+class SessionStepResponse(ResponseBase):
+    session_id: str
+    step: int
+    actions: dict[str, list] = Field(..., description="Action field → [d]: what to execute at this step.")
+    action: list = Field(..., description="[A]: the fields concatenated in io.actions order.")
+    replanned: bool = Field(..., description="Whether this step ran the policy (else the action comes from the "
+                                             "plan made at plan_step).")
+    plan_step: int
+    timestamp: Optional[float] = None
+    valid_until: float = Field(..., description="The step's timestamp (or receive time) + one control period.")
+
+
+class SessionResetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: Optional[int] = Field(None, ge=0, lt=2**62, description="Seeds the session's plans (plan k uses seed + k).")
+
+
+def _policy_deployment(manager: DeploymentManager, name: Optional[str]):
+    if name is not None:
+        return manager.get(name)
+    policies = [d for d in manager.deployments.values() if d.modality == "action"]
+    if len(policies) != 1:
+        names = ", ".join(d.name for d in policies) or "(none)"
+        raise ApiError(422 if policies else 404, f"name the policy deployment in `model` (policies served: {names})",
+                       field="model")
+    return policies[0]
+
+
+def _step(pipeline, body: SessionStepRequest, session) -> dict:
+    anchor = observation_anchor(pipeline, body.timestamp)
+    observation = body.observation
+    out = session.step(observation.decoded_frames(body, "observation"), observation.decoded_lowdim("observation"),
+                       observation.language_instruction or "", step=body.step,
+                       num_inference_steps=body.num_inference_steps)
+    return {"step": out["step"], "actions": out["actions"], "action": out["action"].tolist(),
+            "replanned": out["replanned"], "plan_step": out["plan_step"], "timestamp": body.timestamp,
+            "valid_until": anchor + pipeline.control_period_s,
+            **({"timing_ms": out["timing_ms"]} if "timing_ms" in out else {})}
+
+
+def add_session_routes(app: FastAPI, settings: Settings) -> None:
+    step_request = type("SessionStepRequest", (SessionStepRequest,), {"__module__": __name__,
+                                                                     **RequestBase.limits_from(settings)})
+
+    async def step(session_id: str, body: step_request, request: Request,
+                   manager: DeploymentManager = Depends(get_manager)):
+        started = time.perf_counter()
+        sessions = request.app.state.sessions
+        try:
+            deployment = sessions.get(session_id).deployment if body.model is None else manager.get(body.model)
+        except ApiError:
+            deployment = _policy_deployment(manager, body.model)
+        await run_in_threadpool(body.observation.decoded_frames, body, "observation")
+        prepared = time.perf_counter()
+        entry = sessions.acquire(session_id, deployment)
+        async with entry.lock:
+            timed = await deployment.run(_step, body, entry.policy)
+        value = dict(timed.value)
+        timing = {"queue": timed.queue_ms, "preprocess": (prepared - started) * 1000, "infer": timed.run_ms,
+                  **{k: v for k, v in value.pop("timing_ms", {}).items() if k != "preprocess"}}
+        timing["total"] = (time.perf_counter() - started) * 1000
+        payload = {"model": deployment.name, "session_id": session_id, **value,
+                   "timing_ms": {k: round(v, 3) for k, v in timing.items()}}
+        return encode_response(payload, request.headers.get("accept", ""))
+
+    async def reset(session_id: str, request: Request, body: Optional[SessionResetRequest] = None):
+        entry = request.app.state.sessions.get(session_id)
+        async with entry.lock:
+            entry.policy.reset(body.seed if body else None)
+        return encode_response({"session_id": session_id, "model": entry.deployment.name, "reset": True,
+                                "seed": entry.policy.seed}, request.headers.get("accept", ""))
+
+    async def list_sessions(request: Request):
+        store = request.app.state.sessions
+        return encode_response({"sessions": store.infos(), "max_sessions": store.max_sessions,
+                                "idle_timeout_s": store.idle_timeout_s}, request.headers.get("accept", ""))
+
+    async def delete(session_id: str, request: Request):
+        request.app.state.sessions.remove(session_id)
+        return encode_response({"session_id": session_id, "deleted": True}, request.headers.get("accept", ""))
+
+    app.add_api_route("/sessions/{session_id}/step", step, methods=["POST"], tags=["sessions"],
+                      response_model=SessionStepResponse, summary="One action for the robot's current step")
+    app.add_api_route("/sessions/{session_id}/reset", reset, methods=["POST"], tags=["sessions"],
+                      summary="Forget the session's history (a new episode), optionally with a new seed")
+    app.add_api_route("/sessions", list_sessions, methods=["GET"], tags=["sessions"], summary="Live robot sessions")
+    app.add_api_route("/sessions/{session_id}", delete, methods=["DELETE"], tags=["sessions"], summary="End a session")
