@@ -1,0 +1,361 @@
+"""Robot round-trip latency: one policy request over JSON HTTP, msgpack HTTP and the websocket vs the direct call.
+
+    python bench/robot_latency.py [--cameras 1,3] [--size 224] [--requests 200] [--warmup 20] [--steps 5]
+
+For each camera count a tiny random-weight `diffusion_policy` (ViT backbone, 32 px, processor
+"none"; transformer width 64; P = 1, F = 7; one proprioception field and one action field of
+7 values; flow matching) is saved in a temporary directory, served by `vla-foundry serve` on
+a loopback port (CPU, warm-up on), and asked for one action chunk per request with one
+--size × --size uint8 frame per camera, the [P+1][7] proprioception rows, --steps denoising
+steps and the same seed every time, four ways:
+- `direct`: `ActionPipeline.predict([RawObservation(...)])` in this process (same checkpoint);
+- `JSON HTTP`: `POST /predict/diffusion_policy`, frames as typed arrays with base64 data;
+- `msgpack HTTP`: the same route with msgpack body and reply (raw bytes under `__ndarray__`);
+- `websocket`: `/ws/diffusion_policy`, openpi's flat keys (`observation/<camera>`,
+  `observation/state`) in binary msgpack frames over one connection.
+The HTTP transports reuse one keep-alive `httpx.Client`; the websocket one connection. A
+round trip is timed with `time.perf_counter()` from the raw arrays to the decoded action
+chunk, so the client's encoding and decoding count (a robot pays them every step). Each
+transport is warmed up with --warmup requests, then the --requests timed requests are
+interleaved (direct, JSON, msgpack, websocket, direct, …) so drift on a shared CPU hits all
+alike. Printed: p50/p99 per transport, the overhead over the direct call (p50 − direct
+p50), the client's encode+decode median, and the server-reported timing medians (HTTP
+`timing_ms`: queue/preprocess/infer/total; websocket `server_timing`: queue/infer/previous
+frame's total). The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a
+2-core CPU host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import msgpack
+import numpy as np
+import torch
+
+from vla_foundry.models import create_model
+from vla_foundry.params.clip import ViTBackboneParams
+from vla_foundry.params.diffusion import DiffusionPolicyParams, NoiseSchedulerParams
+from vla_foundry.params.transformer import TransformerParams
+from vla_foundry.pipelines import load_pipeline
+from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
+from vla_foundry.robotics.observations import RawObservation
+from vla_foundry.robotics.robot_io import RobotIO, image_names_for
+from vla_foundry.robotics.stats import field_stats
+
+PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
+PAST, FUTURE = 1, 7
+SEED = 0
+TRANSPORTS = ("direct", "JSON HTTP", "msgpack HTTP", "websocket")
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def build_policy(path: Path, cameras: list[str], size: int) -> Path:
+    """A random-weight ViT-backbone policy with the robotics side files, saved under ``path``."""
+    robot_io = RobotIO(camera_names=cameras, image_indices=[0], image_names=image_names_for(cameras, [0]),
+                       proprioception_fields=[PROPRIO], action_fields=[ACTION], field_dims={PROPRIO: DIM, ACTION: DIM},
+                       past_steps=PAST, future_steps=FUTURE, processor="none", image_size=32,
+                       resize_images_size=[size, size], max_text_seq_len=64)
+    rng = np.random.default_rng(0)
+    window = PAST + 1 + FUTURE
+    stats = field_stats({PROPRIO: rng.normal(0.5, 2.0, (64, window, DIM)),
+                         ACTION: rng.uniform(-1.0, 1.0, (64, window, DIM))})
+    vit = ViTBackboneParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2)
+    transformer = TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=256,
+                                    is_causal=False)
+    params = DiffusionPolicyParams(vision_language_backbone=vit, transformer=transformer,
+                                   noise_scheduler=NoiseSchedulerParams(num_timesteps=10, clamp_range=(-3.0, 3.0)),
+                                   use_flow_matching_scheduler=True, action_dim=DIM, proprioception_dim=DIM)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model(params, load_pretrained=False).eval()
+    save_policy_experiment(model, path, robot_io, stats,
+                           normalizer_block([PROPRIO, ACTION], past=PAST, future=FUTURE))
+    return path
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli() -> list[str]:
+    script = Path(sys.executable).parent / "vla-foundry"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vla_foundry"]
+
+
+@contextmanager
+def serve(checkpoint: Path, timeout: float = 180) -> Iterator[str]:
+    """``vla-foundry serve`` on a free loopback port; yields the base URL once ``/health/ready`` is 200."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_WARMUP": "true"}
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block the server once full
+    proc = subprocess.Popen(cli() + ["serve", "--checkpoint", f"{checkpoint}=bench-policy", "--host", "127.0.0.1",
+                                     "--port", str(port), "--device", "cpu"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=base, timeout=10) as client:
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"the server exited:\n{log.read()[-4000:]}")
+                try:
+                    if client.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+# ----------------------------------------------------------------------------- wire forms
+
+
+def typed_json(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array)
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+
+
+def typed_msgpack(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array)
+    return {"__ndarray__": True, "data": array.tobytes(), "dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def from_msgpack(obj: dict) -> np.ndarray:
+    return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+
+
+class Transport:
+    """One way of asking for a chunk: ``call()`` times it; client codec time and server timings are kept."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.total_ms: list[float] = []
+        self.client_ms: list[float] = []  # encode + decode on this side
+        self.server: dict[str, list[float]] = {}
+        self.last_chunk: np.ndarray | None = None
+
+    def call(self, record: bool) -> None:
+        start = time.perf_counter()
+        chunk, client_ms, server = self.request()
+        elapsed = (time.perf_counter() - start) * 1000
+        self.last_chunk = chunk
+        if record:
+            self.total_ms.append(elapsed)
+            self.client_ms.append(client_ms)
+            for key, value in server.items():
+                self.server.setdefault(key, []).append(value)
+
+    def request(self) -> tuple[np.ndarray, float, dict[str, float]]:
+        raise NotImplementedError
+
+
+class Direct(Transport):
+    def __init__(self, pipeline, frames: dict[str, np.ndarray], proprio: np.ndarray, steps: int):
+        super().__init__("direct")
+        names = dict(zip(pipeline.robot_io.camera_names, pipeline.robot_io.image_names))
+        self.pipeline, self.steps = pipeline, steps
+        self.frames = {names[cam]: frame for cam, frame in frames.items()}
+        self.proprio = proprio
+
+    def request(self):
+        sample = RawObservation(dict(self.frames), {PROPRIO: self.proprio}, "")
+        out = self.pipeline.predict([sample], num_inference_steps=self.steps, seed=SEED)
+        timing = out["timing_ms"]
+        return out["action_chunk"][0], 0.0, {"preprocess": timing["preprocess"], "infer": timing["infer"]}
+
+
+class JsonHttp(Transport):
+    def __init__(self, client: httpx.Client, frames, proprio, steps):
+        super().__init__("JSON HTTP")
+        self.client, self.frames, self.proprio, self.steps = client, frames, proprio, steps
+
+    def request(self):
+        t0 = time.perf_counter()
+        body = {"observation": {"images": {cam: typed_json(f) for cam, f in self.frames.items()},
+                                "lowdim": {PROPRIO: typed_json(self.proprio)}},
+                "num_inference_steps": self.steps, "seed": SEED}
+        content = json.dumps(body).encode()
+        t1 = time.perf_counter()
+        response = self.client.post("/predict/diffusion_policy", content=content,
+                                    headers={"content-type": "application/json"})
+        t2 = time.perf_counter()
+        if response.status_code != 200:
+            raise SystemExit(f"JSON HTTP: {response.status_code} {response.text[:500]}")
+        payload = response.json()
+        chunk = np.asarray(payload["action_chunk"], dtype=np.float32)
+        t3 = time.perf_counter()
+        return chunk, ((t1 - t0) + (t3 - t2)) * 1000, payload["timing_ms"]
+
+
+class MsgpackHttp(Transport):
+    def __init__(self, client: httpx.Client, frames, proprio, steps):
+        super().__init__("msgpack HTTP")
+        self.client, self.frames, self.proprio, self.steps = client, frames, proprio, steps
+
+    def request(self):
+        t0 = time.perf_counter()
+        body = {"observation": {"images": {cam: typed_msgpack(f) for cam, f in self.frames.items()},
+                                "lowdim": {PROPRIO: typed_msgpack(self.proprio)}},
+                "num_inference_steps": self.steps, "seed": SEED}
+        content = msgpack.packb(body, use_bin_type=True)
+        t1 = time.perf_counter()
+        response = self.client.post("/predict/diffusion_policy", content=content,
+                                    headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+        t2 = time.perf_counter()
+        if response.status_code != 200:
+            raise SystemExit(f"msgpack HTTP: {response.status_code} {response.content[:500]!r}")
+        payload = msgpack.unpackb(response.content)
+        chunk = np.asarray(payload["action_chunk"], dtype=np.float32)
+        t3 = time.perf_counter()
+        return chunk, ((t1 - t0) + (t3 - t2)) * 1000, payload["timing_ms"]
+
+
+class Websocket(Transport):
+    def __init__(self, connection, frames, proprio, steps):
+        super().__init__("websocket")
+        self.connection, self.frames, self.proprio, self.steps = connection, frames, proprio, steps
+
+    def request(self):
+        t0 = time.perf_counter()
+        obs = {f"observation/{cam}": typed_msgpack(f) for cam, f in self.frames.items()}
+        frame = msgpack.packb({**obs, "observation/state": typed_msgpack(self.proprio),
+                               "num_inference_steps": self.steps, "seed": SEED}, use_bin_type=True)
+        t1 = time.perf_counter()
+        self.connection.send(frame)
+        reply = self.connection.recv()
+        t2 = time.perf_counter()
+        if isinstance(reply, str):
+            raise SystemExit(f"websocket: {reply}")
+        payload = msgpack.unpackb(reply)
+        chunk = from_msgpack(payload["actions"])  # from the current step: (F+1, A)
+        t3 = time.perf_counter()
+        timing = payload["server_timing"]
+        server = {"queue": timing["queue_ms"], "infer": timing["infer_ms"]}
+        if "prev_total_ms" in timing:
+            server["prev total"] = timing["prev_total_ms"]
+        return chunk, ((t1 - t0) + (t3 - t2)) * 1000, server
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def bench(n_cameras: int, args, workdir: Path) -> dict[str, Transport]:
+    from websockets.sync.client import connect
+
+    cameras = [f"cam{i}" for i in range(n_cameras)]
+    checkpoint = build_policy(workdir / f"policy-{n_cameras}cam", cameras, args.size)
+    rng = np.random.default_rng(n_cameras)
+    frames = {cam: rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for cam in cameras}
+    proprio = rng.normal(0.5, 1.0, (PAST + 1, DIM)).astype(np.float32)
+    pipeline = load_pipeline(checkpoint, device="cpu")
+    pipeline.warmup()
+    with serve(checkpoint) as base, httpx.Client(base_url=base, timeout=60) as client, \
+            connect(base.replace("http://", "ws://") + "/ws/diffusion_policy", compression=None,
+                    max_size=None) as connection:
+        metadata = msgpack.unpackb(connection.recv())  # openpi: the metadata frame comes first
+        assert metadata["cameras"] == cameras, metadata
+        transports = [Direct(pipeline, frames, proprio, args.steps), JsonHttp(client, frames, proprio, args.steps),
+                      MsgpackHttp(client, frames, proprio, args.steps),
+                      Websocket(connection, frames, proprio, args.steps)]
+        for transport in transports:
+            for _ in range(args.warmup):
+                transport.call(record=False)
+        # Same checkpoint, seed and inputs ⇒ the same chunk over HTTP as in process (the websocket's session
+        # conditions on its previous plan, so its chunk differs after the first request).
+        direct = transports[0].last_chunk
+        for transport in transports[1:3]:
+            if not np.allclose(transport.last_chunk, direct, atol=1e-4):
+                print(f"  warning: {transport.name} actions differ from the direct call's")
+        for _ in range(args.requests):
+            for transport in transports:
+                transport.call(record=True)
+    return {t.name: t for t in transports}
+
+
+def report(n_cameras: int, args, results: dict[str, Transport]) -> None:
+    payload_kib = n_cameras * args.size * args.size * 3 / 1024
+    print(f"\n{n_cameras} camera{'s' if n_cameras > 1 else ''} ({args.size}x{args.size} uint8, {payload_kib:.0f} KiB "
+          f"raw), {args.steps} steps, {args.requests} requests each")
+    direct_p50 = statistics.median(results["direct"].total_ms)
+    print(f"  {'transport':<13} {'p50 ms':>8} {'p99 ms':>8} {'overhead p50':>13} {'client codec':>13}  goal")
+    for name in TRANSPORTS:
+        t = results[name]
+        p50, p99 = statistics.median(t.total_ms), percentile(t.total_ms, 99)
+        overhead = "" if name == "direct" else f"{p50 - direct_p50:+10.2f} ms"
+        codec = "" if name == "direct" else f"{statistics.median(t.client_ms):10.2f} ms"
+        goal = ""
+        if name in ("msgpack HTTP", "websocket"):
+            goal = "met" if p50 - direct_p50 <= 1.0 else "NOT met"
+        print(f"  {name:<13} {p50:8.2f} {p99:8.2f} {overhead:>13} {codec:>13}  {goal}")
+    print("  server-reported medians (ms):")
+    for name in TRANSPORTS:
+        t = results[name]
+        parts = ", ".join(f"{key} {statistics.median(values):.2f}" for key, values in t.server.items())
+        extra = ""
+        if "total" in t.server:  # HTTP: round trip minus the handler's own total = middleware, parse, encode, I/O
+            outside = [a - b for a, b in zip(t.total_ms, t.server["total"])]
+            extra = f" | round trip − server total {statistics.median(outside):.2f}"
+        elif "prev total" in t.server:  # websocket: the previous frame's receive-to-send time
+            n = len(t.server["prev total"])
+            outside = [a - b for a, b in zip(t.total_ms[:n], t.server["prev total"])]
+            extra = f" | round trip − server frame total {statistics.median(outside):.2f}"
+        print(f"    {name:<13} {parts}{extra}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cameras", default="1,3", help="camera counts, comma-separated")
+    parser.add_argument("--size", type=int, default=224, help="frame height and width (pixels)")
+    parser.add_argument("--requests", type=int, default=200, help="timed requests per transport")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed requests per transport first")
+    parser.add_argument("--steps", type=int, default=5, help="denoising steps per request")
+    args = parser.parse_args()
+
+    counts = [int(c) for c in args.cameras.split(",")]
+    print(f"diffusion_policy, ViT 32 px + transformer width 64, P={PAST} F={FUTURE}, proprio/action dim {DIM} | "
+          f"cpu, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()} | loopback, "
+          "keep-alive")
+    with tempfile.TemporaryDirectory() as workdir:
+        for n in counts:
+            report(n, args, bench(n, args, Path(workdir)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""``/ws/diffusion_policy``: the openpi robot protocol, with a plain ``websockets`` client on a live server."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from tests.factories import POLICY_CAMERAS
+from tests.service.live_server import live_server
+
+FRAME_LIMIT = 200_000
+
+
+def nd(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array)
+    return {"__ndarray__": True, "data": array.tobytes(), "dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def unpack_array(obj: dict) -> np.ndarray:
+    return np.frombuffer(obj["data"], dtype=obj["dtype"]).reshape(obj["shape"])
+
+
+def flat_observation(seed: int = 0) -> dict:
+    """openpi's flat keys: the current frame per camera, the state vector, the prompt."""
+    rng = np.random.default_rng(seed)
+    obs = {f"observation/{cam}": nd(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for cam in POLICY_CAMERAS}
+    return {**obs, "observation/state": nd(np.array([0.1, 0.2], np.float32)), "prompt": "pick up the red block"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    import os
+
+    os.environ["VLA_MAX_WS_FRAME_BYTES"] = str(FRAME_LIMIT)
+    try:
+        with live_server(["--checkpoint", f"{tiny_checkpoints['diffusion_policy']}=policy"],
+                         tmp_path_factory.mktemp("demo")) as base:
+            yield base.replace("http://", "ws://") + "/ws/diffusion_policy"
+    finally:
+        os.environ.pop("VLA_MAX_WS_FRAME_BYTES", None)
+
+
+def open_ws(url: str):
+    return connect(url, compression=None, max_size=None, open_timeout=30)
+
+
+def infer(ws, observation: dict) -> dict:
+    ws.send(msgpack.packb(observation, use_bin_type=True))
+    return msgpack.unpackb(ws.recv(timeout=30))
+
+
+def closed_with(ws, code: int) -> str:
+    """The error text frame, then the close code."""
+    text = ws.recv(timeout=30)
+    assert isinstance(text, str) and "Traceback" not in text
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=30)
+    assert closed.value.rcvd.code == code, closed.value
+    return text
+
+
+def test_openpi_exchange_metadata_actions_and_reset(server):
+    with open_ws(server + "?session_id=arm-1") as ws:
+        metadata = msgpack.unpackb(ws.recv(timeout=30))
+        assert metadata["action_horizon"] == 3 and metadata["cameras"] == POLICY_CAMERAS
+        assert metadata["session_id"] == "arm-1" and metadata["model"] == "policy"
+        first = infer(ws, {**flat_observation(0), "seed": 3})
+        actions = unpack_array(first["actions"])
+        assert actions.dtype == np.float32 and actions.shape == (3, 3)
+        assert set(first["server_timing"]) >= {"infer_ms"} and "prev_total_ms" not in first["server_timing"]
+        second = infer(ws, flat_observation(1))
+        assert "prev_total_ms" in second["server_timing"] and second["step"] > first["step"]
+        assert msgpack.unpackb(ws.send(msgpack.packb({"endpoint": "reset"})) or ws.recv(timeout=30))["reset"]
+        again = infer(ws, {**flat_observation(0), "seed": 3})
+        assert again["step"] == 0 and np.array_equal(unpack_array(again["actions"]), actions)
+        nested = infer(ws, {"observation": {"images": {cam: nd(np.zeros((8, 8, 3), np.uint8)) for cam in POLICY_CAMERAS},
+                                            "lowdim": {"arm__pos": nd(np.zeros(2, np.float32))},
+                                            "language_instruction": "pick"}})
+        assert unpack_array(nested["actions"]).shape == (3, 3)
+
+
+BAD_FRAMES = {
+    "text frame": ("a text frame", 1008),
+    "not msgpack": (b"\xc1\xc1\xc1 definitely not msgpack", 1008),
+    "ext type": (msgpack.packb(msgpack.ExtType(5, b"xyz")), 1008),
+    "object dtype": (msgpack.packb({**flat_observation(), "observation/state": {"__ndarray__": True, "data": b"",
+                                                                              "dtype": "|O", "shape": [0]}}), 1008),
+    "complex dtype": (msgpack.packb({**flat_observation(), "observation/state": nd(np.zeros(2, np.complex64))}), 1008),
+    "shape mismatch": (msgpack.packb({**flat_observation(), "observation/front": {
+        "__ndarray__": True, "data": b"\x00" * 10, "dtype": "|u1", "shape": [24, 40, 3]}}), 1008),
+    "missing camera": (msgpack.packb({k: v for k, v in flat_observation().items() if k != "observation/wrist"}), 1008),
+    "a list": (msgpack.packb([1, 2, 3]), 1008),
+    "over the limit": (b"\x00" * (FRAME_LIMIT + 1), 1009),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FRAMES))
+def test_bad_frames_close_that_connection_only(server, case):
+    frame, code = BAD_FRAMES[case]
+    with open_ws(server + "?session_id=bystander") as other:
+        msgpack.unpackb(other.recv(timeout=30))
+        before = infer(other, {**flat_observation(5), "seed": 1})
+        with open_ws(server) as ws:
+            msgpack.unpackb(ws.recv(timeout=30))
+            ws.send(frame)
+            if code == 1009:  # the server closes before reading the frame: no text frame
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=30)
+                assert closed.value.rcvd.code == 1009
+            else:
+                message = closed_with(ws, code)
+                assert message
+        after = infer(other, {**flat_observation(6), "seed": 1})  # the other session carries on
+        assert after["step"] > before["step"]
+
+
+def test_unknown_deployment_is_refused(server):
+    with open_ws(server + "?model=nope") as ws:
+        assert "nope" in closed_with(ws, 1008)

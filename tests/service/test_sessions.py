@@ -1,0 +1,191 @@
+"""Robot sessions: history stacking, reset, idle expiry, the cap, serialization, step mode, freshness."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service import DeploymentSpec
+from tests.factories import POLICY_CAMERAS, png_data_url
+from tests.service.conftest import serving
+
+
+def current(i: int) -> dict:
+    """Step i as a robot sends it in a session: one frame per camera, the current [d] row."""
+    return {"images": {cam: png_data_url(10 * i + k) for k, cam in enumerate(POLICY_CAMERAS)},
+            "lowdim": {"arm__pos": [0.1 * i, -0.2 * i]}, "language_instruction": "pick up the red block"}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoints):
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), n_action_steps=2,
+                          open_loop_steps=2, control_period_s=0.05, max_observation_age_s=2.0)
+    with serving(spec, max_sessions=3, session_idle_timeout_s=60) as c:
+        yield c
+
+
+def chunk(client, session_id, i, **fields):
+    response = client.post("/predict/diffusion_policy", json={"observation": current(i), "session_id": session_id,
+                                                              **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_history_is_stacked_as_the_model_expects(client):
+    """Sending one step at a time through a session gives exactly the actions of a stateless request carrying
+    the full window: frames t-1 and t0, proprioception rows P+1, and the executed action as past_actions.
+
+    The robot executes two actions per chunk, so step 1 was never sent: its frame and row are those of step 0,
+    the nearest earlier step (copy padding), and its action the one planned for it."""
+    first = chunk(client, "stack", 0, seed=11, step=0)
+    second = chunk(client, "stack", 2, seed=12, step=2)
+    executed = np.array(first["action_chunk"])[first["first_action_index"] + 1]  # planned for step 1
+    full = {"images": {cam: [current(0)["images"][cam], current(2)["images"][cam]] for cam in POLICY_CAMERAS},
+            "lowdim": {"arm__pos": [current(0)["lowdim"]["arm__pos"], current(2)["lowdim"]["arm__pos"]]},
+            "language_instruction": "pick up the red block"}
+    stateless = client.post("/predict/diffusion_policy", json={
+        "observation": full, "seed": 12, "past_actions": {"arm__delta": [executed[:2].tolist()],
+                                                          "gripper": [executed[2:].tolist()]}}).json()
+    np.testing.assert_allclose(second["action_chunk"], stateless["action_chunk"], atol=1e-6)
+    assert second["step"] == 2
+    # Every step sent: the window holds step 1's own frame and row.
+    chunk(client, "dense", 0, seed=11, step=0)
+    chunk(client, "dense", 1, seed=0, step=1)
+    dense = chunk(client, "dense", 2, seed=12, step=2)
+    full["images"] = {cam: [current(1)["images"][cam], current(2)["images"][cam]] for cam in POLICY_CAMERAS}
+    full["lowdim"] = {"arm__pos": [current(1)["lowdim"]["arm__pos"], current(2)["lowdim"]["arm__pos"]]}
+    assert not np.allclose(dense["action_chunk"], stateless["action_chunk"], atol=1e-6)
+
+
+def test_first_step_pads_by_copying_and_default_steps_advance(client):
+    first = chunk(client, "pad", 0, seed=5)
+    copy = {"images": {cam: [current(0)["images"][cam]] * 2 for cam in POLICY_CAMERAS},
+            "lowdim": {"arm__pos": [current(0)["lowdim"]["arm__pos"]] * 2},
+            "language_instruction": "pick up the red block"}
+    stateless = client.post("/predict/diffusion_policy", json={"observation": copy, "seed": 5}).json()
+    np.testing.assert_allclose(first["action_chunk"], stateless["action_chunk"], atol=1e-5)
+    assert chunk(client, "pad", 1, seed=6)["step"] == 2  # no step given: last step + n_action_steps
+
+
+def test_reset_restarts_the_episode_and_its_seeds(client):
+    a = chunk(client, "replay", 0)
+    chunk(client, "replay", 1)
+    seed = client.post("/sessions/replay/reset", json={"seed": 77}).json()["seed"]
+    assert seed == 77
+    b = chunk(client, "replay", 0)
+    assert b["step"] == 0 and b["seed"] == 77  # plan k uses seed + k
+    again = client.post("/sessions/replay/reset", json={"seed": 77})
+    assert again.status_code == 200 and chunk(client, "replay", 0)["action_chunk"] == b["action_chunk"]
+    assert a["seed"] != 77 or a["action_chunk"] == b["action_chunk"]
+
+
+def test_step_mode_replans_every_open_loop_steps(client):
+    client.post("/sessions/stepper/reset", json={})
+    replanned, plan_steps = [], []
+    for i in range(6):
+        body = client.post("/sessions/stepper/step", json={"observation": current(i), "step": i}).json()
+        assert body["step"] == i and len(body["action"]) == 3 and set(body["actions"]) == {"arm__delta", "gripper"}
+        replanned.append(body["replanned"])
+        plan_steps.append(body["plan_step"])
+    assert replanned == [True, False, True, False, True, False]
+    assert plan_steps == [0, 0, 2, 2, 4, 4]
+    sessions = {s["session_id"]: s for s in client.get("/sessions").json()["sessions"]}
+    assert sessions["stepper"]["plans"] == 3 and sessions["stepper"]["last_step"] == 5
+
+
+def test_step_mode_hands_out_the_plan_in_between(client):
+    first = client.post("/sessions/plan/step", json={"observation": current(0), "step": 0}).json()
+    second = client.post("/sessions/plan/step", json={"observation": current(1), "step": 1}).json()
+    chunk_now = chunk(client, "plan-check", 0, seed=first["seed"]) if "seed" in first else None
+    assert second["replanned"] is False and second["plan_step"] == 0
+    if chunk_now is not None:  # the same observation and seed give the plan the step mode is handing out
+        rows = np.array(chunk_now["action_chunk"])
+        np.testing.assert_allclose(first["action"], rows[chunk_now["first_action_index"]], atol=1e-5)
+
+
+def test_time_anchoring_and_freshness(client):
+    now = time.time()
+    body = chunk(client, "clock", 0, timestamp=now, step=0)
+    assert body["timestamp"] == now and body["step"] == 0
+    assert body["valid_until"] == pytest.approx(now + 2 * 0.05)
+    stale = client.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "clock",
+                                                           "timestamp": now - 10})
+    assert stale.status_code == 409
+    error = stale.json()["error"]
+    assert error["field"] == "timestamp" and error["type"] == "stale_observation" and "2 s" in error["message"]
+    step = client.post("/sessions/clock/step", json={"observation": current(2), "timestamp": now}).json()
+    assert step["valid_until"] == pytest.approx(now + 0.05)
+
+
+def test_going_back_in_time_and_unknown_sessions_are_refused(client):
+    chunk(client, "order", 0, step=5)
+    back = client.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "order", "step": 2})
+    assert back.status_code == 422 and back.json()["error"]["field"] == "step"
+    assert client.post("/sessions/nobody/reset", json={}).status_code == 404
+    bad = client.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "a b"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "session_id"
+    wrong = dict(current(0))
+    wrong["lowdim"] = {"arm__pos": [0.1, 0.2, 0.3]}
+    refused = client.post("/sessions/order/step", json={"observation": wrong, "step": 9})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "observation.lowdim.arm__pos"
+
+
+def test_the_cap_evicts_the_least_recently_used_session(client):
+    for sid in [s["session_id"] for s in client.get("/sessions").json()["sessions"]]:
+        client.delete(f"/sessions/{sid}")
+    for sid in ("one", "two", "three"):
+        chunk(client, sid, 0)
+    chunk(client, "one", 1)  # "two" is now the least recently used
+    chunk(client, "four", 0)
+    live = {s["session_id"] for s in client.get("/sessions").json()["sessions"]}
+    assert live == {"one", "three", "four"}
+
+
+def test_concurrent_requests_on_one_session_are_serialized(client):
+    client.post("/sessions/race/reset", json={})
+    results, errors = [], []
+
+    def send(i):
+        try:
+            results.append(chunk(client, "race", i)["step"])
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # Each request advanced the session's own step counter once: never two at the same step.
+    assert sorted(results) == [0, 2, 4, 6]
+
+
+def test_idle_sessions_expire(tiny_checkpoints):
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    with serving(spec, session_idle_timeout_s=0.3) as c:
+        c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "sleepy"})
+        assert [s["session_id"] for s in c.get("/sessions").json()["sessions"]] == ["sleepy"]
+        time.sleep(0.5)
+        assert c.get("/sessions").json()["sessions"] == []
+        assert c.post("/sessions/sleepy/reset", json={}).status_code == 404
+
+
+def test_msgpack_session_step(client):
+    import msgpack
+
+    from service.codecs import encode_array
+
+    rng = np.random.default_rng(0)
+    observation = {"images": {cam: encode_array(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8), binary=True)
+                              for cam in POLICY_CAMERAS},
+                   "lowdim": {"arm__pos": encode_array(np.array([0.5, 0.5], np.float32), binary=True)},
+                   "language_instruction": "pick"}
+    response = client.post("/sessions/packed/step", content=msgpack.packb({"observation": observation}),
+                           headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+    assert response.status_code == 200, response.text
+    body = msgpack.unpackb(response.content)
+    assert body["step"] == 0 and len(body["action"]) == 3

@@ -1,0 +1,99 @@
+"""numpy arrays on the wire, in the two conventions the server reads and writes.
+
+- msgpack: ``{"__ndarray__": True, "data": <raw bytes>, "dtype": "<f4", "shape": [2, 3]}``
+  (the openpi convention robot clients already use);
+- JSON: ``{"dtype": "<f4", "shape": [2, 3], "data": "<base64>"}``.
+
+``pack`` and ``unpack`` walk dicts and lists, so a whole request or reply converts in one call.
+Object, void and complex arrays are refused both ways: the server refuses them too, and an
+object array would pickle arbitrary Python objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any
+
+import numpy as np
+
+REFUSED_DTYPE_KINDS = {"O": "object", "V": "void", "c": "complex"}
+
+
+def checked_dtype(name: Any) -> np.dtype:
+    """``name`` as a numpy dtype, refusing object, void and complex dtypes."""
+    try:
+        dtype = np.dtype(name if isinstance(name, np.dtype) else str(name))
+    except TypeError as e:
+        raise ValueError(f"unknown array dtype {name!r}") from e
+    if dtype.kind in REFUSED_DTYPE_KINDS:
+        raise ValueError(f"{REFUSED_DTYPE_KINDS[dtype.kind]} arrays cannot travel (dtype {dtype.str!r}); "
+                         "send numeric arrays")
+    return dtype
+
+
+def pack_array(array: np.ndarray, *, binary: bool) -> dict[str, Any]:
+    """One array in the msgpack (``binary``) or JSON convention."""
+    checked_dtype(array.dtype)
+    array = np.ascontiguousarray(array)
+    data = array.tobytes()
+    if binary:
+        return {"__ndarray__": True, "data": data, "dtype": array.dtype.str, "shape": list(array.shape)}
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": base64.b64encode(data).decode()}
+
+
+def is_packed_array(value: Any) -> bool:
+    """A dict in either array convention (the JSON one is recognized by exactly its three keys)."""
+    if not isinstance(value, dict):
+        return False
+    keys = set(value)
+    return keys == {"__ndarray__", "dtype", "shape", "data"} or keys == {"dtype", "shape", "data"}
+
+
+def unpack_array(obj: dict[str, Any]) -> np.ndarray:
+    """An array in either convention → a writable numpy array (checked: dtype, shape, byte count)."""
+    dtype = checked_dtype(obj.get("dtype"))
+    shape = obj.get("shape")
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"array shape must be a list of non-negative ints; got {shape!r}")
+    data = obj.get("data")
+    if isinstance(data, str):
+        data = base64.b64decode(data, validate=True)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"array data must be bytes or base64; got {type(data).__name__}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"array data has {len(data)} bytes; dtype {dtype.str} and shape {list(shape)} need {expected}")
+    # A copy: np.frombuffer over bytes is read-only, and callers expect to modify what they get.
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def pack(value: Any, *, binary: bool) -> Any:
+    """``value`` with every numpy array packed (and numpy scalars made plain Python numbers).
+
+    For JSON (``binary=False``) bytes become base64 strings, which is how the server reads encoded
+    PNG/JPEG images; msgpack carries bytes as they are.
+    """
+    if isinstance(value, np.ndarray):
+        return pack_array(value, binary=binary)
+    if isinstance(value, np.generic):
+        checked_dtype(value.dtype)
+        return value.item()
+    if isinstance(value, dict):
+        return {key: pack(item, binary=binary) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [pack(item, binary=binary) for item in value]
+    if isinstance(value, (bytes, bytearray, memoryview)) and not binary:
+        return base64.b64encode(bytes(value)).decode()
+    return value
+
+
+def unpack(value: Any) -> Any:
+    """``value`` with every packed array (either convention) turned into numpy."""
+    if is_packed_array(value):
+        return unpack_array(value)
+    if isinstance(value, dict):
+        return {key: unpack(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [unpack(item) for item in value]
+    return value
