@@ -21,8 +21,9 @@ interleaved (direct, JSON, msgpack, websocket, direct, …) so drift on a shared
 alike. Printed: p50/p99 per transport, the overhead over the direct call (p50 − direct
 p50), the client's encode+decode median, and the server-reported timing medians (HTTP
 `timing_ms`: queue/preprocess/infer/total; websocket `server_timing`: queue/infer/previous
-frame's total). The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a
-2-core CPU host.
+frame's total, and what is left outside the handler), then the server's own decoding steps
+for the same bodies timed in this process (`service.codecs`, pydantic, frame decoding).
+The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a 2-core CPU host.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def bench(n_cameras: int, args, workdir: Path) -> dict[str, Transport]:
+def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
     from websockets.sync.client import connect
 
     cameras = [f"cam{i}" for i in range(n_cameras)]
@@ -306,10 +307,56 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Transport]:
         for _ in range(args.requests):
             for transport in transports:
                 transport.call(record=True)
-    return {t.name: t for t in transports}
+    results: dict[str, Any] = {t.name: t for t in transports}
+    results["codec"] = codec_steps(pipeline.robot_io, frames, proprio, args.steps, repeats=max(20, args.requests // 2))
+    return results
 
 
-def report(n_cameras: int, args, results: dict[str, Transport]) -> None:
+def codec_steps(robot_io, frames: dict[str, np.ndarray], proprio: np.ndarray, steps: int,
+                repeats: int) -> list[tuple[str, float]]:
+    """Medians (ms) of the server's own decoding steps for these bodies, run in this process."""
+    from service.codecs import msgpack_to_json
+    from service.modalities.action import ActionPredictRequest
+    from service.routes.robot_ws import nested_observation
+
+    tail = {"num_inference_steps": steps, "seed": SEED}
+    json_body = json.dumps({"observation": {"images": {c: typed_json(f) for c, f in frames.items()},
+                                            "lowdim": {PROPRIO: typed_json(proprio)}}, **tail}).encode()
+    msgpack_body = msgpack.packb({"observation": {"images": {c: typed_msgpack(f) for c, f in frames.items()},
+                                                  "lowdim": {PROPRIO: typed_msgpack(proprio)}}, **tail},
+                                 use_bin_type=True)
+    ws_frame = msgpack.packb({**{f"observation/{c}": typed_msgpack(f) for c, f in frames.items()},
+                              "observation/state": typed_msgpack(proprio), **tail}, use_bin_type=True)
+    as_json = msgpack_to_json(msgpack_body)
+    obj = json.loads(json_body)
+
+    def decode_frames():
+        request = ActionPredictRequest.model_validate(obj)
+        start = time.perf_counter()
+        request.observation.decoded_frames(request, "observation")
+        return time.perf_counter() - start
+
+    def median_ms(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn()
+            times.append(out if isinstance(out, float) else time.perf_counter() - start)
+        return statistics.median(times) * 1000
+
+    return [
+        (f"JSON body ({len(json_body) / 1024:.0f} KiB) → dict: json.loads", median_ms(lambda: json.loads(json_body))),
+        (f"msgpack body ({len(msgpack_body) / 1024:.0f} KiB) → JSON bytes ({len(as_json) / 1024:.0f} KiB): "
+         "codecs.msgpack_to_json", median_ms(lambda: msgpack_to_json(msgpack_body))),
+        ("  … then → dict: json.loads", median_ms(lambda: json.loads(as_json))),
+        ("websocket frame → dict: msgpack_to_json + json.loads + nested_observation",
+         median_ms(lambda: nested_observation(json.loads(msgpack_to_json(ws_frame)), robot_io))),
+        ("dict → ActionPredictRequest (pydantic)", median_ms(lambda: ActionPredictRequest.model_validate(obj))),
+        ("frames: base64 decode + decode_array + image_from_array", median_ms(decode_frames)),
+    ]
+
+
+def report(n_cameras: int, args, results: dict[str, Any]) -> None:
     payload_kib = n_cameras * args.size * args.size * 3 / 1024
     print(f"\n{n_cameras} camera{'s' if n_cameras > 1 else ''} ({args.size}x{args.size} uint8, {payload_kib:.0f} KiB "
           f"raw), {args.steps} steps, {args.requests} requests each")
@@ -329,14 +376,19 @@ def report(n_cameras: int, args, results: dict[str, Transport]) -> None:
         t = results[name]
         parts = ", ".join(f"{key} {statistics.median(values):.2f}" for key, values in t.server.items())
         extra = ""
-        if "total" in t.server:  # HTTP: round trip minus the handler's own total = middleware, parse, encode, I/O
-            outside = [a - b for a, b in zip(t.total_ms, t.server["total"])]
-            extra = f" | round trip − server total {statistics.median(outside):.2f}"
-        elif "prev total" in t.server:  # websocket: the previous frame's receive-to-send time
-            n = len(t.server["prev total"])
-            outside = [a - b for a, b in zip(t.total_ms[:n], t.server["prev total"])]
-            extra = f" | round trip − server frame total {statistics.median(outside):.2f}"
+        # Round trip − client codec − the server's own total: the HTTP stack, middleware (msgpack → JSON), body
+        # parsing and validation, reply encoding and the loopback hops (HTTP); framing and the hops (websocket,
+        # whose reply k carries frame k−1's receive-to-send time).
+        if "total" in t.server:
+            outside = [a - c - b for a, c, b in zip(t.total_ms, t.client_ms, t.server["total"])]
+            extra = f" | outside the handler {statistics.median(outside):.2f}"
+        elif "prev total" in t.server:
+            outside = [a - c - b for a, c, b in zip(t.total_ms[:-1], t.client_ms[:-1], t.server["prev total"][1:])]
+            extra = f" | outside the frame handler {statistics.median(outside):.2f}"
         print(f"    {name:<13} {parts}{extra}")
+    print("  server-side decoding steps, run in this process (medians, ms):")
+    for label, ms in results["codec"]:
+        print(f"    {ms:7.3f}  {label}")
 
 
 def main() -> None:

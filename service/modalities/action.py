@@ -23,6 +23,9 @@ from vla_foundry.errors import InvalidInputError
 from vla_foundry.robotics.observations import parse_action_window, parse_observation
 
 
+MAX_ASPECT_RATIO = 16
+
+
 def decode_numbers(value: Any, field: str) -> Any:
     """A typed array → numpy; nested lists pass through (the policy checks their shape and values)."""
     if isinstance(value, dict):
@@ -47,8 +50,13 @@ def _decode_frame(value: Any, request: RequestBase, field: str) -> np.ndarray:
         if dtype != np.uint8:
             raise InvalidInputError(f"{field}: camera frames are uint8 (H, W, 3) arrays; got dtype "
                                     f"{value.get('dtype')!r}", field)
-    return decode_image_value(value, max_pixels=request.cap_image_pixels, max_bytes=request.cap_image_bytes,
-                              field=field)
+    frame = decode_image_value(value, max_pixels=request.cap_image_pixels, max_bytes=request.cap_image_bytes,
+                               field=field)
+    h, w = frame.shape[:2]
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):  # resizing such a strip to a camera frame would blow it up
+        raise InvalidInputError(f"{field}: a {h}x{w} frame is not a camera image (aspect ratio over "
+                                f"{MAX_ASPECT_RATIO}:1); send the camera's frame", field)
+    return frame
 
 
 class Observation(BaseModel):
@@ -63,10 +71,13 @@ class Observation(BaseModel):
 
     _frames: Optional[dict] = PrivateAttr(None)
 
+    def frame_count(self) -> int:
+        return sum(len(v) if isinstance(v, list) else 1 for v in self.images.values())
+
     def decoded_frames(self, request: RequestBase, prefix: str) -> dict[str, list[np.ndarray]]:
         """Camera → decoded (h, w, 3) uint8 frames, within the app's image limits."""
         if self._frames is None:
-            total = sum(len(v) if isinstance(v, list) else 1 for v in self.images.values())
+            total = self.frame_count()
             if total > request.cap_images:
                 raise InvalidInputError(f"{prefix}.images: {total} frames, over this server's limit of "
                                         f"{request.cap_images} per observation (VLA_MAX_IMAGES)", f"{prefix}.images")
@@ -148,9 +159,12 @@ def _noise(value: Any) -> Optional[np.ndarray]:
         return None
     value = decode_numbers(value, "noise")
     try:
-        array = np.asarray(value, dtype=np.float32)
+        array = np.asarray(value)
     except (TypeError, ValueError):
         raise InvalidInputError("noise must be a [P+1+F][A] array of numbers", field="noise") from None
+    if array.dtype.kind not in "fiu":
+        raise InvalidInputError(f"noise must hold real numbers; got {array.dtype}", field="noise")
+    array = array.astype(np.float32)
     if array.ndim != 2 or not np.isfinite(array).all():
         raise InvalidInputError(f"noise must be a finite [P+1+F][A] array; got shape {list(array.shape)}",
                                 field="noise")
@@ -247,6 +261,10 @@ def _prepare_predict(request: ActionPredictRequest) -> None:
 
 
 def _prepare_evaluate(request: ActionEvaluateRequest) -> None:
+    total = sum(s.observation.frame_count() for s in request.samples)
+    if total > request.cap_images:  # the cap is per request, whatever the number of samples
+        raise InvalidInputError(f"samples: {total} frames in all, over this server's limit of {request.cap_images} "
+                                "per request (VLA_MAX_IMAGES); send fewer samples", "samples")
     for i, s in enumerate(request.samples):
         s.observation.decoded_frames(request, f"samples[{i}].observation")
 

@@ -188,6 +188,10 @@ BAD_OBSERVATIONS = {
     "oversized frame": (lambda o: o["images"]["front"].__setitem__(0, png_data_url(0, (80, 80))), 413,
                         "observation.images.front[0]"),
     "no instruction": (lambda o: o.pop("language_instruction"), 422, "observation.language_instruction"),
+    "long instruction": (lambda o: o.update(language_instruction="pick up " * 40), 422,
+                         "observation.language_instruction"),
+    "thin frame": (lambda o: o["images"]["front"].__setitem__(1, typed(np.zeros((1, 60, 3), np.uint8))), 422,
+                   "observation.images.front[1]"),
 }
 
 
@@ -212,6 +216,9 @@ def test_nan_in_json_and_bad_request_fields(client):
     assert error_of(predict(client, bad_noise), 422)["field"] == "noise"
     too_many_steps = {**PREDICT_REQUESTS["diffusion_policy"], "num_inference_steps": 51}
     assert error_of(predict(client, too_many_steps), 422)["field"] == "num_inference_steps"
+    over_t = {**PREDICT_REQUESTS["diffusion_policy"], "num_inference_steps": 11}  # the tiny policy's T is 10
+    error = error_of(predict(client, over_t), 422)
+    assert error["field"] == "num_inference_steps" and "10" in error["message"]
 
 
 def test_evaluate_is_seeded_and_checks_action_windows(client):
@@ -226,3 +233,26 @@ def test_evaluate_is_seeded_and_checks_action_windows(client):
     short = json.loads(json.dumps(body))
     short["samples"][1]["actions"]["gripper"] = [[1.0]] * 3
     assert error_of(client.post("/evaluate/diffusion_policy", json=short), 422)["field"] == "samples[1].actions.gripper"
+    wordy = json.loads(json.dumps(body))
+    wordy["samples"][1]["observation"]["language_instruction"] = "pick up " * 40
+    error = error_of(client.post("/evaluate/diffusion_policy", json=wordy), 422)
+    assert error["field"] == "samples[1].observation.language_instruction"
+    many = {**body, "samples": body["samples"] * 3}  # 6 samples × 4 frames, over the cap of 8 per request
+    assert error_of(client.post("/evaluate/diffusion_policy", json=many), 422)["field"] == "samples"
+
+
+def test_bfloat16_keeps_the_action_state_in_float32(tiny_checkpoints):
+    """A bf16 policy still returns the executed past actions exactly: only the layers run in bf16."""
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.robotics.observations import RawObservation
+
+    pipeline = load_pipeline(tiny_checkpoints["diffusion_policy"], dtype="bfloat16")
+    r = pipeline.robot_io
+    frame = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    past = {"arm__delta": np.array([[0.0123, -0.0456]], np.float32), "gripper": np.array([[0.0789]], np.float32)}
+    sample = RawObservation({n: frame for n in r.image_names}, {"arm__pos": np.zeros((2, 2), np.float32)},
+                            "pick", past)
+    out = pipeline.predict([sample], seed=0)
+    np.testing.assert_allclose(out["actions"]["arm__delta"][0, 0], past["arm__delta"][0], atol=1e-6)
+    np.testing.assert_allclose(out["actions"]["gripper"][0, 0], past["gripper"][0], atol=1e-6)
+    assert out["action_chunk"].dtype == np.float32

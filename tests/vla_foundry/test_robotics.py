@@ -553,3 +553,37 @@ def test_field_stats_feed_the_normalizer():
     extremes = torch.tensor(np.stack([x.min(0), x.max(0)]), dtype=torch.float32)  # (2, Ts, D)
     out = n.normalize(extremes, "f", anchor_timestep=1)
     assert torch.allclose(out[0], -torch.ones(3, 2), atol=1e-5) and torch.allclose(out[1], torch.ones(3, 2), atol=1e-5)
+
+
+def test_windows_as_long_as_the_stats_are_normalized_whole():
+    """Stats window Ps = 2, Ts = 8 and a model window P = 1, F = 6 (also 8 rows): VLA Foundry normalizes the
+    whole window with the stats rows as they are, then cuts it; past actions and proprioception rows must use
+    the same rows, so a past action comes back unchanged."""
+    import numpy as np
+    import torch
+
+    from vla_foundry.robotics.normalizer import NormalizerConfig, RoboticsNormalizer
+    from vla_foundry.robotics.observations import RawObservation, build_inputs, split_actions
+    from vla_foundry.robotics.processor import InputProcessor
+    from vla_foundry.robotics.robot_io import RobotIO
+    from vla_foundry.robotics.stats import field_stats
+
+    rng = np.random.default_rng(0)
+    stats = field_stats({"act": rng.normal(np.arange(8)[None, :, None], 1.0 + np.arange(8)[None, :, None],
+                                           (50, 8, 2)),
+                         "pos": rng.normal(0, 1 + np.arange(8)[None, :, None], (50, 8, 2))})
+    config = NormalizerConfig.from_dict({"method": "std", "scope": "per_timestep", "include_fields": ["act", "pos"],
+                                         "lowdim_past_timesteps": 2, "lowdim_future_timesteps": 5})
+    normalizer = RoboticsNormalizer(stats, config)
+    io = RobotIO(camera_names=["cam"], image_indices=[0], image_names=["cam_t0"], proprioception_fields=["pos"],
+                 action_fields=["act"], field_dims={"act": 2, "pos": 2}, past_steps=1, future_steps=6)
+    processor = InputProcessor(lambda frames: torch.zeros(len(frames), 3, 4, 4), None)  # pixels do not matter here
+    past = {"act": np.array([[0.3, -0.2]], np.float32)}
+    sample = RawObservation({"cam_t0": np.zeros((4, 4, 3), np.uint8)}, {"pos": np.ones((2, 2), np.float32)},
+                            "", past)
+    inputs = build_inputs([sample], io, normalizer, processor, uses_language=False)
+    np.testing.assert_allclose(split_actions(inputs.actions, io, normalizer)["act"][0, 0].numpy(), [0.3, -0.2],
+                               atol=1e-5)
+    entry = stats["pos"]  # rows 0 and 1 of the stats, as the whole 8-row window uses them
+    expected = (np.ones((2, 2)) - np.array(entry["mean_per_timestep"][:2])) / np.array(entry["std_per_timestep"][:2])
+    np.testing.assert_allclose(inputs.proprioception[0].numpy(), expected, atol=1e-5)

@@ -81,6 +81,7 @@ class DiffusionPolicy(nn.Module):
     def denoise(self, condition: torch.Tensor, timesteps: torch.Tensor, noisy_actions: torch.Tensor,
                 proprioception: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Velocity (B, Ta, A) for tokens (B, C, Dc), integer timesteps (B,) and actions (B, Ta, A)."""
+        dtype = self.action_encode.weight.dtype  # the action state stays float32; only the layers run in dtype
         te = self.time_encoding(timesteps.long())[:, None, :]  # (B, 1, Dc)
         if self.params.diffusion_step_conditioning == "concat":
             cond = self.condition_encode(torch.cat([te, condition], dim=1))  # (B, 1+C, H), time token first
@@ -88,11 +89,12 @@ class DiffusionPolicy(nn.Module):
             cond = self.condition_encode(condition + te)  # (B, C, H)
         parts = [cond]
         if proprioception is not None and hasattr(self, "proprioception_encode"):
-            parts.append(self.proprioception_encode(proprioception))  # (B, Tp, H)
-        parts.append(self.action_encode(noisy_actions))  # (B, Ta, H)
-        seq = torch.cat(parts, dim=1)
+            parts.append(self.proprioception_encode(proprioception.to(dtype)))  # (B, Tp, H)
+        parts.append(self.action_encode(noisy_actions.to(dtype)))  # (B, Ta, H)
+        seq = torch.cat([p.to(dtype) for p in parts], dim=1)
         hidden = self.transformer(inputs_embeds=seq, use_cache=False, output_hidden_states=True).hidden_states[-1]
-        return self.output_layer(hidden[:, -noisy_actions.shape[1]:])  # (B, Ta, A)
+        velocity = self.output_layer(hidden[:, -noisy_actions.shape[1]:])  # (B, Ta, A)
+        return velocity.to(noisy_actions.dtype)
 
     # ------------------------------------------------------------------ sampling (§9.4)
 

@@ -57,6 +57,9 @@ class ActionPipeline(Pipeline):
         if robot_io.proprioception_fields and robot_io.proprioception_dim != (model.params.proprioception_dim or 0):
             raise ValueError(f"the proprioception fields add up to {robot_io.proprioception_dim} values, but the "
                              f"model's proprioception_dim is {model.params.proprioception_dim}")
+        if num_inference_steps is not None and not 1 <= num_inference_steps <= model.num_timesteps:
+            raise ValueError(f"num_inference_steps must be 1…{model.num_timesteps} (the model's T); got "
+                             f"{num_inference_steps}")
         self.num_inference_steps = num_inference_steps or min(DEFAULT_INFERENCE_STEPS, model.num_timesteps)
         # What a robot should execute before asking again: half the chunk from now on, by default.
         self.n_action_steps = n_action_steps or max(1, (robot_io.future_steps + 1) // 2)
@@ -127,10 +130,15 @@ class ActionPipeline(Pipeline):
                   if n]
         return min(limits) if limits else None
 
-    def prepare(self, samples: Sequence[RawObservation]) -> PolicyInputs:
+    def check_instructions(self, samples: Sequence[RawObservation], fields: Optional[Sequence[str]] = None) -> None:
+        """Refuse an instruction the tokenizer would cut (the reference truncates silently)."""
         if self.uses_language:
             prompts = [prompt_for(s.instruction, len(self.robot_io.image_names)) for s in samples]
-            check_prompt_length(self.processor, prompts, self.max_prompt_tokens)
+            fields = fields or ["observation.language_instruction"] * len(prompts)
+            check_prompt_length(self.processor, prompts, self.max_prompt_tokens, fields)
+
+    def prepare(self, samples: Sequence[RawObservation]) -> PolicyInputs:
+        self.check_instructions(samples)
         inputs = build_inputs(list(samples), self.robot_io, self.normalizer, self.processor, self.uses_language)
         weight = next(self.model.parameters())
         return inputs.to(weight.device, weight.dtype)
@@ -149,6 +157,9 @@ class ActionPipeline(Pipeline):
         inputs = self.prepare(samples)
         prepared = time.perf_counter()
         steps = num_inference_steps or self.num_inference_steps
+        if steps > self.model.num_timesteps:
+            raise InvalidInputError(f"num_inference_steps must be <= {self.model.num_timesteps}, this policy's "
+                                    f"diffusion steps T; got {steps}", field="num_inference_steps")
         seed = new_seed() if seed is None else seed
         initial_noise = None
         if noise is not None:
@@ -179,6 +190,7 @@ class ActionPipeline(Pipeline):
                    condition_on_past: bool = True) -> dict[str, torch.Tensor]:
         """Model-level batch for the batch handler: observations + raw action windows (Ta, d) per field."""
         r = self.robot_io
+        self.check_instructions(samples, [f"samples[{i}].observation.language_instruction" for i in range(len(samples))])
         inputs = build_inputs(list(samples), r, self.normalizer, self.processor, self.uses_language)
         actions = normalize_fields(list(action_windows), r.action_fields, self.normalizer, r.past_steps)
         past_mask = torch.zeros(actions.shape[:2], dtype=torch.bool)

@@ -59,6 +59,8 @@ class NormalizerConfig:
         raw = dict(raw or {})
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         config = cls(**known)
+        config.include_fields = list(config.include_fields or [])  # a block left empty in YAML reads as null
+        config.field_configs = dict(config.field_configs or {})
         config.epsilon = float(config.epsilon)
         FieldConfig(config.method, config.scope, config.epsilon)  # validates the defaults
         if config.method == "std":
@@ -102,10 +104,10 @@ class RoboticsNormalizer:
             raw = ((read_training_config(experiment_dir).get("data") or {}).get("normalization"))
         return cls(stats, NormalizerConfig.from_dict(raw))
 
-    def field_dim(self, name: str) -> Optional[int]:
-        """D of a field, from its stats (None when it has none)."""
-        entry = self.stats.get(name)
-        return len(entry["mean"]) if entry and "mean" in entry else None
+    def timesteps(self, name: str) -> Optional[int]:
+        """Ts of a field's per-timestep statistics; None for global ones or an unnormalized field."""
+        table = self._table(name)
+        return None if table is None or table[2].scope != "per_timestep" else table[0].shape[0]
 
     def applies_to(self, name: str) -> bool:
         return self._table(name) is not None

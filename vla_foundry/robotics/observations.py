@@ -10,7 +10,7 @@ mask (spec §8.3, §12.2: anchor timestep P).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -39,17 +39,15 @@ class PolicyInputs:
     actions: torch.Tensor  # (B, Ta, A) normalized; zeros where unknown
     past_mask: torch.Tensor  # (B, Ta) bool: rows given by the robot
     proprioception: Optional[torch.Tensor] = None  # (B, P+1, Dp) normalized
-    extra: dict = field(default_factory=dict)
 
     def to(self, device, dtype=None) -> "PolicyInputs":
-        def move(t):
-            if t is None:
-                return None
-            return t.to(device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
-
-        return PolicyInputs(move(self.input_ids), move(self.attention_mask), move(self.pixel_values),
+        """On ``device``; pixels in the model's ``dtype``. Actions and proprioception stay float32: the
+        sampling state and the past rows must not be rounded to bf16 (the model casts at its layers)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        pixels = self.pixel_values.to(device, dtype=dtype) if dtype is not None else move(self.pixel_values)
+        return PolicyInputs(move(self.input_ids), move(self.attention_mask), pixels,
                             move(self.attention_mask_images), move(self.actions), move(self.past_mask),
-                            move(self.proprioception), self.extra)
+                            move(self.proprioception))
 
     def model_kwargs(self) -> dict:
         return dict(input_ids=self.input_ids, pixel_values=self.pixel_values, actions=self.actions,
@@ -65,12 +63,20 @@ def prepare_frame(image: np.ndarray, io: RobotIO) -> np.ndarray:
 
 
 def normalize_fields(values: list[dict[str, np.ndarray]], fields: list[str], normalizer: RoboticsNormalizer,
-                     anchor: int) -> torch.Tensor:
-    """Per-field raw windows of each sample → (B, T, Σd) normalized, fields concatenated in order."""
+                     anchor: int, window: Optional[int] = None) -> torch.Tensor:
+    """Per-field raw windows of each sample → (B, T, Σd) normalized, fields concatenated in order.
+
+    ``window``: the full window length (P+1+F) the first T rows belong to. VLA Foundry normalizes whole
+    windows before cutting them; a window as long as the statistics takes their rows as they are, not
+    anchored (spec §12.2), so such rows are normalized inside a padded full window.
+    """
     columns = []
     for name in fields:
-        raw = torch.from_numpy(np.stack([np.asarray(v[name], dtype=np.float32) for v in values]))  # (B, T, d)
-        columns.append(normalizer.normalize(raw, name, anchor_timestep=anchor))
+        raw = np.stack([np.asarray(v[name], dtype=np.float32) for v in values])  # (B, T, d)
+        T = raw.shape[1]
+        if window is not None and window > T and normalizer.timesteps(name) == window:
+            raw = np.concatenate([raw, np.zeros((raw.shape[0], window - T, raw.shape[2]), np.float32)], axis=1)
+        columns.append(normalizer.normalize(torch.from_numpy(raw), name, anchor_timestep=anchor)[:, :T])
     return torch.cat(columns, dim=-1)
 
 
@@ -83,14 +89,14 @@ def build_inputs(samples: list[RawObservation], io: RobotIO, normalizer: Robotic
     input_ids, attention_mask = processor.text(prompts, io.max_text_seq_len)
     proprio = None
     if io.proprioception_fields:
-        proprio = normalize_fields([s.lowdim for s in samples], io.proprioception_fields, normalizer, P)[:, :P + 1]
+        proprio = normalize_fields([s.lowdim for s in samples], io.proprioception_fields, normalizer, P, Ta)[:, :P + 1]
     actions = torch.zeros(B, Ta, io.action_dim)
     past_mask = torch.zeros(B, Ta, dtype=torch.bool)
     given = [s.past_actions is not None for s in samples]
     if P > 0 and any(given):
         # The P past rows with anchor P take the stats rows of steps −P…−1, as inside the full window.
         windows = [s.past_actions for s in samples if s.past_actions is not None]
-        normalized = normalize_fields(windows, io.action_fields, normalizer, P)
+        normalized = normalize_fields(windows, io.action_fields, normalizer, P, Ta)
         rows = torch.tensor(given)
         actions[rows, :P] = normalized[:, :P]
         past_mask[rows, :P] = True

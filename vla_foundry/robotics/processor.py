@@ -42,11 +42,15 @@ def resize_image(image: np.ndarray, size: Optional[Sequence[int]], method: str =
     if method == "resize_no_crop":
         return _pil_resize(image, H, W)
     if method == "center_crop":
+        # The centred box of the target's aspect ratio, in source pixels, resized once: never an upscaled
+        # copy of the whole frame (a thin frame would make that huge).
         scale = max(H / h, W / w)
-        nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
-        resized = _pil_resize(image, nh, nw)
-        top, left = (nh - H) // 2, (nw - W) // 2
-        return resized[top:top + H, left:left + W]
+        bh, bw = min(h, H / scale), min(w, W / scale)
+        top, left = (h - bh) / 2, (w - bw) / 2
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR,
+                                                        box=(left, top, left + bw, top + bh)))
     if method == "resize_fit":
         scale = min(H / h, W / w)
         nh, nw = max(1, min(H, round(h * scale))), max(1, min(W, round(w * scale)))
@@ -83,10 +87,6 @@ class InputProcessor:
                  text_fn: Optional[Callable[[list[str], Optional[int]], tuple[torch.Tensor, torch.Tensor]]]):
         self.image_fn = image_fn
         self.text_fn = text_fn
-
-    @property
-    def uses_text(self) -> bool:
-        return self.text_fn is not None
 
     def pixel_values(self, frames: list[np.ndarray]) -> torch.Tensor:
         return self.image_fn(frames)
@@ -140,13 +140,13 @@ def hf_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputPro
     return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None)
 
 
-def check_prompt_length(processor: InputProcessor, prompts: list[str], max_length: Optional[int]) -> None:
-    """Refuse an instruction the tokenizer would cut (the reference truncates silently)."""
+def check_prompt_length(processor: InputProcessor, prompts: list[str], max_length: Optional[int],
+                        fields: list[str]) -> None:
+    """Refuse an instruction the tokenizer would cut (the reference truncates silently); ``fields`` name each."""
     if max_length is None or processor.text_fn is None:
         return
     ids, mask = processor.text_fn(prompts, None)
-    lengths = mask.sum(dim=1).tolist()
-    for i, n in enumerate(lengths):
+    for n, field in zip(mask.sum(dim=1).tolist(), fields):
         if n > max_length:
-            raise InvalidInputError(f"language_instruction is {n} tokens with its image placeholders; this policy "
-                                    f"takes at most {max_length}; shorten it", field="observation.language_instruction")
+            raise InvalidInputError(f"{field} is {n} tokens with its image placeholders; this policy takes at most "
+                                    f"{max_length}; shorten it", field=field)

@@ -7,9 +7,9 @@ from ``stats.json`` (``action_dim`` = Σ widths of the action fields).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from vla_foundry.config_files import read_training_config, read_yaml
 from vla_foundry.errors import CheckpointError
@@ -54,9 +54,6 @@ class RobotIO:
     def proprioception_dim(self) -> int:
         return sum(self.field_dims[f] for f in self.proprioception_fields)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_experiment(cls, experiment_dir: Union[str, Path], stats: dict) -> "RobotIO":
         experiment_dir = Path(experiment_dir)
@@ -84,9 +81,14 @@ class RobotIO:
             if "mean" not in entry:
                 raise CheckpointError(f"stats.json has no statistics for {name!r}; its width cannot be known")
             dims[name] = len(entry["mean"])
-        crop = ((data.get("augmentation") or {}).get("image") or {}).get("crop") or {}
-        if "random_crop" in ((data.get("augmentation") or {}).get("image") or {}):  # old name (spec §1.2)
-            crop = data["augmentation"]["image"]["random_crop"] or {}
+        augmentation = data.get("augmentation") or {}
+        image_aug = augmentation.get("image") or {}
+        crop = (image_aug.get("crop") or image_aug.get("random_crop") or {}  # random_crop: the old name (§1.2)
+                if augmentation.get("enabled", True) else {})
+        expected_names = set(image_names_for(cameras, indices))
+        if set(names) != expected_names or len(names) != len(expected_names):
+            raise CheckpointError(f"{path}: image_names {names} do not match <camera>_t<index> for cameras {cameras} "
+                                  f"and image indices {indices}")
         method = prep.get("image_resizing_method", "center_crop")
         if method not in RESIZE_METHODS:
             raise CheckpointError(f"{prep_path}: image_resizing_method {method!r} is unknown; one of "

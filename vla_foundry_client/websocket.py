@@ -1,0 +1,111 @@
+"""``WebsocketPolicyClient``: a policy deployment over the openpi websocket protocol.
+
+One connection is one robot session: the server keeps its history, so each observation needs
+only the current step (one frame per camera, the current proprioception row). Frames are
+binary msgpack, arrays in the ``__ndarray__`` convention.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgpack
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from vla_foundry_client.arrays import pack, unpack
+from vla_foundry_client.errors import WEBSOCKET_CLOSE_TYPES, PolicyServerError
+
+MiB = 1024 * 1024
+
+
+def websocket_url(url: str, policy_type: str, model: Optional[str], session_id: Optional[str]) -> str:
+    """``url`` as the policy's websocket endpoint: http(s) becomes ws(s), a bare host gets
+    ``/ws/{policy_type}``, and ``model`` / ``session_id`` go in the query."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path if parts.path.strip("/") else f"/ws/{policy_type}"
+    query = dict(parse_qsl(parts.query))
+    query.update({k: v for k, v in (("model", model), ("session_id", session_id)) if v is not None})
+    return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
+
+
+class WebsocketPolicyClient:
+    """Connects to ``url`` (``ws://host:port`` or ``ws://host:port/ws/diffusion_policy``) and reads
+    the deployment's metadata, which the server sends first.
+
+    ``model`` names the deployment (default: the one policy served); ``session_id`` names the
+    session (default: one per connection, named by the server); ``max_size`` caps a reply frame.
+    """
+
+    def __init__(self, url: str, *, model: Optional[str] = None, session_id: Optional[str] = None,
+                 max_size: int = 32 * MiB, open_timeout: float = 10.0, policy_type: str = "diffusion_policy"):
+        self.url = websocket_url(url, policy_type, model, session_id)
+        # No per-message compression: deflating camera frames costs milliseconds and saves little.
+        try:
+            self._ws = connect(self.url, compression=None, max_size=max_size, open_timeout=open_timeout)
+        except InvalidStatus as e:  # refused before the upgrade: a wrong path, say
+            status = e.response.status_code
+            body = e.response.body.decode("utf-8", "replace")[:500] if e.response.body else ""
+            raise PolicyServerError(status, "error", body or f"websocket upgrade refused with HTTP {status}") from e
+        try:
+            self.metadata: dict[str, Any] = self._receive()
+        except BaseException:
+            self._ws.close()
+            raise
+        self.session_id: str = self.metadata["session_id"]
+
+    def infer(self, observation: dict[str, Any], **request_fields: Any) -> dict[str, Any]:
+        """An action chunk for ``observation``.
+
+        ``observation`` is the nested HTTP form (``images``, ``lowdim``, ``language_instruction``)
+        or openpi's flat keys (``observation/<camera>``, ``observation/state``, ``prompt``).
+        ``request_fields``: ``seed``, ``step``, ``timestamp``, ``num_inference_steps``, ``noise``,
+        ``past_actions``. The reply's ``actions`` is a float32 [horizon, A] array whose row 0 is the
+        action to execute now; ``server_timing`` has ``infer_ms`` (and ``prev_total_ms``).
+        """
+        nested = "images" in observation or "lowdim" in observation
+        body = {"observation": observation, **request_fields} if nested else {**observation, **request_fields}
+        return self._exchange(body)
+
+    def reset(self, seed: Optional[int] = None) -> dict[str, Any]:
+        """Start a new episode: the session forgets its history (``seed`` seeds its next plans)."""
+        return self._exchange({"endpoint": "reset", **({} if seed is None else {"seed": seed})})
+
+    def close(self) -> None:
+        self._ws.close()
+
+    def __enter__(self) -> "WebsocketPolicyClient":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self._ws.send(msgpack.packb(pack(message, binary=True), use_bin_type=True))
+        except ConnectionClosed as e:
+            raise _closed_error(e, "the connection is closed") from e
+        return self._receive()
+
+    def _receive(self) -> dict[str, Any]:
+        """The next binary frame, decoded; the server's error (a text frame, then the close) raised."""
+        try:
+            frame = self._ws.recv()
+        except ConnectionClosed as e:
+            raise _closed_error(e, "the server closed the connection") from e
+        if isinstance(frame, str):  # an error message; the close frame with its code follows
+            try:
+                self._ws.recv()
+            except ConnectionClosed as e:
+                raise _closed_error(e, frame) from None
+            raise PolicyServerError(1008, "invalid_value", frame)
+        return unpack(msgpack.unpackb(frame, raw=False))
+
+
+def _closed_error(closed: ConnectionClosed, message: str) -> PolicyServerError:
+    code = closed.rcvd.code if closed.rcvd is not None else 1006  # 1006: closed without a close frame
+    reason = closed.rcvd.reason if closed.rcvd is not None and closed.rcvd.reason else ""
+    return PolicyServerError(code, WEBSOCKET_CLOSE_TYPES.get(code, "connection_closed"),
+                             message + (f" ({reason})" if reason and reason not in message else ""))
