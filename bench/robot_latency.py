@@ -1,6 +1,7 @@
 """Robot round-trip latency: one policy request over JSON HTTP, msgpack HTTP and the websocket vs the direct call.
 
     python bench/robot_latency.py [--cameras 1,3] [--size 224] [--requests 200] [--warmup 20] [--steps 5]
+                                  [--threads N]
 
 For each camera count a tiny random-weight `diffusion_policy` (ViT backbone, 32 px, processor
 "none"; transformer width 64; P = 1, F = 7; one proprioception field and one action field of
@@ -106,10 +107,12 @@ def cli() -> list[str]:
 
 
 @contextmanager
-def serve(checkpoint: Path, timeout: float = 180) -> Iterator[str]:
+def serve(checkpoint: Path, threads: int | None, timeout: float = 180) -> Iterator[str]:
     """``vla-foundry serve`` on a free loopback port; yields the base URL once ``/health/ready`` is 200."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_WARMUP": "true"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block the server once full
     proc = subprocess.Popen(cli() + ["serve", "--checkpoint", f"{checkpoint}=bench-policy", "--host", "127.0.0.1",
                                      "--port", str(port), "--device", "cpu"],
@@ -287,7 +290,7 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
     proprio = rng.normal(0.5, 1.0, (PAST + 1, DIM)).astype(np.float32)
     pipeline = load_pipeline(checkpoint, device="cpu")
     pipeline.warmup()
-    with serve(checkpoint) as base, httpx.Client(base_url=base, timeout=60) as client, \
+    with serve(checkpoint, args.threads) as base, httpx.Client(base_url=base, timeout=60) as client, \
             connect(base.replace("http://", "ws://") + "/ws/diffusion_policy", compression=None,
                     max_size=None) as connection:
         metadata = msgpack.unpackb(connection.recv())  # openpi: the metadata frame comes first
@@ -398,7 +401,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="timed requests per transport")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests per transport first")
     parser.add_argument("--steps", type=int, default=5, help="denoising steps per request")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads here and in the server (OMP_NUM_THREADS); default: torch's own. On a "
+                             "CPU shared with other jobs, 1 keeps OpenMP from thrashing")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     counts = [int(c) for c in args.cameras.split(",")]
     print(f"diffusion_policy, ViT 32 px + transformer width 64, P={PAST} F={FUTURE}, proprio/action dim {DIM} | "

@@ -93,6 +93,9 @@ class SessionStore:
         entry.touch()
         return entry
 
+    def discard(self, session_id: str) -> None:
+        self._entries.pop(session_id, None)
+
     def remove(self, session_id: str) -> None:
         self.get(session_id)
         del self._entries[session_id]

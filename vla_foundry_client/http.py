@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Optional
+from urllib.parse import quote
 
 import httpx
 import msgpack
@@ -49,7 +50,7 @@ class HttpPolicyClient:
         """The deployment's ``io`` (cameras, image indices, proprioception and action fields, horizon,
         ``n_action_steps``, …) plus its ``model`` name, as the websocket's first frame has them."""
         if self.model is not None:
-            deployment = self._call("GET", f"/models/{self.model}")
+            deployment = self._call("GET", f"/models/{quote(self.model, safe='')}")
         else:
             served = self._call("GET", "/models")["deployments"]
             policies = [d for d in served if d.get("type") == self.policy_type and d.get("status") != "failed"]
@@ -89,7 +90,7 @@ class HttpPolicyClient:
         try:
             return self._call("POST", f"/sessions/{self._session()}/reset", body)
         except PolicyServerError as e:
-            if e.status != 404 or seed is not None:
+            if e.status != 404 or e.field != "session_id" or seed is not None:
                 raise
             return {"session_id": self.session_id, "reset": False}
 

@@ -36,15 +36,16 @@ class WebsocketPolicyClient:
     the deployment's metadata, which the server sends first.
 
     ``model`` names the deployment (default: the one policy served); ``session_id`` names the
-    session (default: one per connection, named by the server); ``max_size`` caps a reply frame.
+    session (default: one per connection, named by the server); ``max_size`` caps a reply frame;
+    ``timeout`` is how long to wait for a reply (None: forever).
     """
 
     def __init__(self, url: str, *, model: Optional[str] = None, session_id: Optional[str] = None,
-                 max_size: int = 32 * MiB, open_timeout: float = 10.0, policy_type: str = "diffusion_policy"):
-        self.url = websocket_url(url, policy_type, model, session_id)
+                 max_size: int = 32 * MiB, timeout: Optional[float] = 10.0, policy_type: str = "diffusion_policy"):
+        self.url, self.timeout = websocket_url(url, policy_type, model, session_id), timeout
         # No per-message compression: deflating camera frames costs milliseconds and saves little.
         try:
-            self._ws = connect(self.url, compression=None, max_size=max_size, open_timeout=open_timeout)
+            self._ws = connect(self.url, compression=None, max_size=max_size, open_timeout=timeout)
         except InvalidStatus as e:  # refused before the upgrade: a wrong path, say
             status = e.response.status_code
             body = e.response.body.decode("utf-8", "replace")[:500] if e.response.body else ""
@@ -92,14 +93,21 @@ class WebsocketPolicyClient:
     def _receive(self) -> dict[str, Any]:
         """The next binary frame, decoded; the server's error (a text frame, then the close) raised."""
         try:
-            frame = self._ws.recv()
+            frame = self._ws.recv(timeout=self.timeout)
         except ConnectionClosed as e:
             raise _closed_error(e, "the server closed the connection") from e
+        except TimeoutError:
+            # A late reply would be taken for the answer to the next request: this connection is done.
+            self._ws.close()
+            raise TimeoutError(f"no reply from {self.url} within {self.timeout} s; the connection is closed") from None
         if isinstance(frame, str):  # an error message; the close frame with its code follows
             try:
-                self._ws.recv()
+                self._ws.recv(timeout=self.timeout)
             except ConnectionClosed as e:
                 raise _closed_error(e, frame) from None
+            except TimeoutError:
+                pass
+            self._ws.close()
             raise PolicyServerError(1008, "invalid_value", frame)
         return unpack(msgpack.unpackb(frame, raw=False))
 

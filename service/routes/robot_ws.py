@@ -109,61 +109,73 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         except ApiError as e:
             await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
             return
-        pipeline = deployment.pipeline
-        metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
-        await websocket.send_bytes(msgpack.packb(metadata, use_bin_type=True))
-        previous_total: Optional[float] = None
-        while True:
-            try:
-                message = await websocket.receive()
-            except WebSocketDisconnect:
-                return
-            if message["type"] == "websocket.disconnect":
-                return
-            started = time.perf_counter()
-            try:
-                data = message.get("bytes")
-                if data is None:
-                    raise InvalidInputError("send binary msgpack frames (an observation map), not text")
-                if len(data) > settings.max_ws_frame_bytes:
-                    await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
-                                            f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
-                    return
-                obj = json.loads(msgpack_to_json(data))
-                if not isinstance(obj, dict):
-                    raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
-                if obj.get("endpoint") == "reset":
-                    async with entry.lock:
-                        entry.policy.reset(obj.get("seed"))
-                    await websocket.send_bytes(msgpack.packb({"reset": True, "session_id": entry.id}))
-                    continue
-                body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
-                await run_in_threadpool(body.observation.decoded_frames, body, "observation")
-                entry.touch()
-                async with entry.lock:
-                    timed = await deployment.run(session_predict, body, entry.policy)
-            except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
-                await _close(websocket, _message(e), POLICY_VIOLATION)
-                return
-            except ApiError as e:
-                await _close(websocket, e.message, POLICY_VIOLATION if e.status < 500 else INTERNAL_ERROR)
-                return
-            except Exception:  # logged here; the client gets no traceback
-                logger.exception("websocket %s: inference failed", entry.id)
-                await _close(websocket, "internal error while computing actions", INTERNAL_ERROR)
-                return
-            reply = timed.value
-            first = reply["first_action_index"]
-            timing = {"infer_ms": timed.run_ms, "queue_ms": timed.queue_ms}
-            if previous_total is not None:
-                timing["prev_total_ms"] = previous_total
-            out = {"actions": _ndarray(np.asarray(reply["action_chunk"], np.float32)[first:]),
-                   "server_timing": timing,
-                   **{k: reply[k] for k in ("step", "seed", "valid_until", "n_action_steps", "action_fields")}}
-            await websocket.send_bytes(msgpack.packb(out, use_bin_type=True))
-            previous_total = (time.perf_counter() - started) * 1000
+        try:
+            await _serve(websocket, deployment, entry, request_cls, settings)
+        finally:
+            if session_id is None:  # this connection's own session ends with it
+                sessions.discard(entry.id)
 
     return endpoint
+
+
+async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, settings: Settings) -> None:
+    """The protocol on an accepted connection: the metadata frame, then one reply per observation frame."""
+    pipeline = deployment.pipeline
+    metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
+    await websocket.send_bytes(msgpack.packb(metadata, use_bin_type=True))
+    previous_total: Optional[float] = None
+    while True:
+        try:
+            message = await websocket.receive()
+        except WebSocketDisconnect:
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        started = time.perf_counter()
+        try:
+            data = message.get("bytes")
+            if data is None:
+                raise InvalidInputError("send binary msgpack frames (an observation map), not text")
+            if len(data) > settings.max_ws_frame_bytes:
+                await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
+                                        f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
+                return
+            obj = json.loads(msgpack_to_json(data))
+            if not isinstance(obj, dict):
+                raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
+            if obj.get("endpoint") == "reset":
+                seed = obj.get("seed")
+                if seed is not None and (type(seed) is not int or not 0 <= seed < 2**62):
+                    raise InvalidInputError(f"seed: a reset seed is an integer in [0, 2**62); got {seed!r}")
+                async with entry.lock:
+                    entry.policy.reset(seed)
+                await websocket.send_bytes(msgpack.packb({"reset": True, "session_id": entry.id}))
+                continue
+            body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
+            await run_in_threadpool(body.observation.decoded_frames, body, "observation")
+            entry.touch()
+            async with entry.lock:
+                timed = await deployment.run(session_predict, body, entry.policy)
+        except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
+            await _close(websocket, _message(e), POLICY_VIOLATION)
+            return
+        except ApiError as e:
+            await _close(websocket, e.message, POLICY_VIOLATION if e.status < 500 else INTERNAL_ERROR)
+            return
+        except Exception:  # logged here; the client gets no traceback
+            logger.exception("websocket %s: inference failed", entry.id)
+            await _close(websocket, "internal error while computing actions", INTERNAL_ERROR)
+            return
+        reply = timed.value
+        first = reply["first_action_index"]
+        timing = {"infer_ms": timed.run_ms, "queue_ms": timed.queue_ms}
+        if previous_total is not None:
+            timing["prev_total_ms"] = previous_total
+        out = {"actions": _ndarray(np.asarray(reply["action_chunk"], np.float32)[first:]),
+               "server_timing": timing,
+               **{k: reply[k] for k in ("step", "seed", "valid_until", "n_action_steps", "action_fields")}}
+        await websocket.send_bytes(msgpack.packb(out, use_bin_type=True))
+        previous_total = (time.perf_counter() - started) * 1000
 
 
 def _ndarray(array: np.ndarray) -> dict:

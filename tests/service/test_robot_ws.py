@@ -120,3 +120,15 @@ def test_bad_frames_close_that_connection_only(server, case):
 def test_unknown_deployment_is_refused(server):
     with open_ws(server + "?model=nope") as ws:
         assert "nope" in closed_with(ws, 1008)
+
+
+def test_reset_seed_is_checked_and_connection_sessions_end_with_it(server):
+    import httpx
+
+    with open_ws(server) as ws:
+        session_id = msgpack.unpackb(ws.recv(timeout=30))["session_id"]
+        ws.send(msgpack.packb({"endpoint": "reset", "seed": "x"}))
+        assert "seed" in closed_with(ws, 1008)
+    base = server.replace("ws://", "http://").rsplit("/ws/", 1)[0]
+    live = {s["session_id"] for s in httpx.get(base + "/sessions").json()["sessions"]}
+    assert session_id not in live  # an unnamed connection's session is dropped when it closes
