@@ -30,6 +30,7 @@ The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a 2-core
 from __future__ import annotations
 
 import argparse
+from abc import ABC, abstractmethod
 import base64
 import json
 import os
@@ -161,7 +162,7 @@ def from_msgpack(obj: dict) -> np.ndarray:
     return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
 
 
-class Transport:
+class Transport(ABC):
     """One way of asking for a chunk: ``call()`` times it; client codec time and server timings are kept."""
 
     def __init__(self, name: str):
@@ -182,8 +183,9 @@ class Transport:
             for key, value in server.items():
                 self.server.setdefault(key, []).append(value)
 
+    @abstractmethod
     def request(self) -> tuple[np.ndarray, float, dict[str, float]]:
-        raise NotImplementedError
+        """One round trip: the decoded chunk, the client's encode+decode ms, the server's timings."""
 
 
 class Direct(Transport):

@@ -164,25 +164,24 @@ class RoboticsNormalizer:
                 field=name)
         return table[index.clamp(0, Ts - 1)]  # denormalize: steps past the stats reuse the edge row
 
-    def normalize(self, x: torch.Tensor, name: str, anchor_timestep: Optional[int] = None) -> torch.Tensor:
+    def _statistics(self, x: torch.Tensor, name: str, anchor: Optional[int], clip: bool):
+        """(center, scale) broadcasting against ``x``, or None where the field is not normalized."""
         table = self._table(name)
-        x = x.float()
         if table is None:
-            return x
+            return None
         center, scale, fc = table
-        c = self._rows(center, fc, x, anchor_timestep, name, clip=False).to(x.device)
-        s = self._rows(scale, fc, x, anchor_timestep, name, clip=False).to(x.device)
-        return (x - c) / s
+        return (self._rows(center, fc, x, anchor, name, clip).to(x.device),
+                self._rows(scale, fc, x, anchor, name, clip).to(x.device))
+
+    def normalize(self, x: torch.Tensor, name: str, anchor_timestep: Optional[int] = None) -> torch.Tensor:
+        x = x.float()
+        stats = self._statistics(x, name, anchor_timestep, clip=False)
+        return x if stats is None else (x - stats[0]) / stats[1]
 
     def denormalize(self, y: torch.Tensor, name: str, anchor_timestep: Optional[int] = None) -> torch.Tensor:
-        table = self._table(name)
         y = y.float()
-        if table is None:
-            return y
-        center, scale, fc = table
-        c = self._rows(center, fc, y, anchor_timestep, name, clip=True).to(y.device)
-        s = self._rows(scale, fc, y, anchor_timestep, name, clip=True).to(y.device)
-        return y * s + c
+        stats = self._statistics(y, name, anchor_timestep, clip=True)
+        return y if stats is None else y * stats[1] + stats[0]
 
     # Spec names, so the fixture's recorded calls run as written.
     normalize_tensor = normalize
