@@ -50,10 +50,8 @@ AGENT_RADIUS_PX = 2.0
 # Targets sit near the corners of the scene (one per corner at most, jittered): the camera must show
 # which colour is where, and the instruction which colour to reach.
 TARGET_SPOTS = ((-0.6, -0.6), (-0.6, 0.6), (0.6, -0.6), (0.6, 0.6))
-TARGET_JITTER = 0.1
-TARGET_RANGE = 0.7  # so targets lie in [-TARGET_RANGE, TARGET_RANGE]^2
+TARGET_JITTER = 0.1  # targets lie in [-0.7, 0.7]^2, at least 1.0 apart
 AGENT_RANGE = 0.9
-MIN_TARGET_SEPARATION = 0.6  # keeps the target discs apart in the image
 MIN_AGENT_TARGET_DISTANCE = 0.5  # no episode starts already solved or with the agent hiding a target
 
 
