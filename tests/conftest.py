@@ -43,6 +43,19 @@ def transformer_fixture() -> Path:
 
 
 @pytest.fixture(scope="session")
+def policy_fixture() -> Path:
+    return FIXTURES / "diffusion_policy_clip_basic"
+
+
+@pytest.fixture(scope="session")
+def cases(policy_fixture) -> dict:
+    """The policy fixture's ``expected/cases.json``."""
+    import json
+
+    return json.loads((policy_fixture / "expected" / "cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()
 

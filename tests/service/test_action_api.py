@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import httpx
 import msgpack
@@ -19,11 +18,12 @@ from safetensors.torch import load_file
 
 from service import DeploymentSpec
 from service.codecs import encode_array
+from tests.conftest import FIXTURES
 from tests.factories import POLICY_CAMERAS, PREDICT_REQUESTS, png_data_url, policy_observation
 from tests.service.conftest import serving
 from tests.service.live_server import live_server
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vla_foundry" / "diffusion_policy_clip_basic"
+FIXTURE = FIXTURES / "diffusion_policy_clip_basic"  # also outside fixtures: built into the request bodies
 
 
 def typed(array: np.ndarray) -> dict:

@@ -36,16 +36,6 @@ TINY_VIT = dict(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=
 
 
 @pytest.fixture(scope="module")
-def policy_fixture(fixtures_dir):
-    return fixtures_dir / "diffusion_policy_clip_basic"
-
-
-@pytest.fixture(scope="module")
-def cases(policy_fixture):
-    return json.loads((policy_fixture / "expected" / "cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
 def model(policy_fixture, cases):
     """The fixture's CLIP-backbone flow-matching policy (T = 100, clamp ±3), loaded once."""
     weights = {c["weights"] for c in cases.values() if "weights" in c}

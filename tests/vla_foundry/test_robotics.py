@@ -26,16 +26,6 @@ FIELDS = ["robot__action__grippers__right::panda_hand", "robot__action__poses__r
 
 
 @pytest.fixture(scope="module")
-def policy_fixture(fixtures_dir):
-    return fixtures_dir / "diffusion_policy_clip_basic"
-
-
-@pytest.fixture(scope="module")
-def cases(policy_fixture):
-    return json.loads((policy_fixture / "expected" / "cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
 def normalizer(policy_fixture):
     return RoboticsNormalizer.from_experiment(policy_fixture)
 
