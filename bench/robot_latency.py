@@ -14,7 +14,8 @@ steps and the same seed every time, four ways:
 - `msgpack HTTP`: the same route with msgpack body and reply (raw bytes under `__ndarray__`);
 - `websocket`: `/ws/diffusion_policy`, openpi's flat keys (`observation/<camera>`,
   `observation/state`) in binary msgpack frames over one connection.
-The HTTP transports reuse one keep-alive `httpx.Client`; the websocket one connection. A
+The HTTP transports reuse one keep-alive connection (`vla_foundry_client.connection`, the
+robot client's); the websocket one connection. A
 round trip is timed with `time.perf_counter()` from the raw arrays to the decoded action
 chunk, so the client's encoding and decoding count (a robot pays them every step). Each
 transport is warmed up with --warmup requests, then the --requests timed requests are
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -58,6 +59,7 @@ from vla_foundry.pipelines import load_pipeline
 from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
 from vla_foundry.robotics.observations import RawObservation
 from vla_foundry.robotics.robot_io import RobotIO, image_names_for
+from vla_foundry_client.connection import KeepAliveConnection
 from vla_foundry.robotics.stats import field_stats
 
 PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
@@ -204,7 +206,7 @@ class Direct(Transport):
 
 
 class JsonHttp(Transport):
-    def __init__(self, client: httpx.Client, frames, proprio, steps):
+    def __init__(self, client: KeepAliveConnection, frames, proprio, steps):
         super().__init__("JSON HTTP")
         self.client, self.frames, self.proprio, self.steps = client, frames, proprio, steps
 
@@ -215,19 +217,19 @@ class JsonHttp(Transport):
                 "num_inference_steps": self.steps, "seed": SEED}
         content = json.dumps(body).encode()
         t1 = time.perf_counter()
-        response = self.client.post("/predict/diffusion_policy", content=content,
-                                    headers={"content-type": "application/json"})
+        response = self.client.request("POST", "/predict/diffusion_policy", content,
+                                       {"content-type": "application/json"})
         t2 = time.perf_counter()
-        if response.status_code != 200:
-            raise SystemExit(f"JSON HTTP: {response.status_code} {response.text[:500]}")
-        payload = response.json()
+        if response.status != 200:
+            raise SystemExit(f"JSON HTTP: {response.status} {response.text[:500]}")
+        payload = json.loads(response.content)
         chunk = np.asarray(payload["action_chunk"], dtype=np.float32)
         t3 = time.perf_counter()
         return chunk, ((t1 - t0) + (t3 - t2)) * 1000, payload["timing_ms"]
 
 
 class MsgpackHttp(Transport):
-    def __init__(self, client: httpx.Client, frames, proprio, steps):
+    def __init__(self, client: KeepAliveConnection, frames, proprio, steps):
         super().__init__("msgpack HTTP")
         self.client, self.frames, self.proprio, self.steps = client, frames, proprio, steps
 
@@ -238,11 +240,11 @@ class MsgpackHttp(Transport):
                 "num_inference_steps": self.steps, "seed": SEED}
         content = msgpack.packb(body, use_bin_type=True)
         t1 = time.perf_counter()
-        response = self.client.post("/predict/diffusion_policy", content=content,
-                                    headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+        response = self.client.request("POST", "/predict/diffusion_policy", content,
+                                       {"content-type": "application/msgpack", "accept": "application/msgpack"})
         t2 = time.perf_counter()
-        if response.status_code != 200:
-            raise SystemExit(f"msgpack HTTP: {response.status_code} {response.content[:500]!r}")
+        if response.status != 200:
+            raise SystemExit(f"msgpack HTTP: {response.status} {response.content[:500]!r}")
         payload = msgpack.unpackb(response.content)
         chunk = np.asarray(payload["action_chunk"], dtype=np.float32)
         t3 = time.perf_counter()
@@ -292,7 +294,7 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
     proprio = rng.normal(0.5, 1.0, (PAST + 1, DIM)).astype(np.float32)
     pipeline = load_pipeline(checkpoint, device="cpu")
     pipeline.warmup()
-    with serve(checkpoint, args.threads) as base, httpx.Client(base_url=base, timeout=60) as client, \
+    with serve(checkpoint, args.threads) as base, closing(KeepAliveConnection(base, timeout=60)) as client, \
             connect(base.replace("http://", "ws://") + "/ws/diffusion_policy", compression=None,
                     max_size=None) as connection:
         metadata = msgpack.unpackb(connection.recv())  # openpi: the metadata frame comes first
@@ -320,7 +322,7 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
 def codec_steps(robot_io, frames: dict[str, np.ndarray], proprio: np.ndarray, steps: int,
                 repeats: int) -> list[tuple[str, float]]:
     """Medians (ms) of the server's own decoding steps for these bodies, run in this process."""
-    from service.codecs import msgpack_to_json
+    from service.codecs import unpack_msgpack
     from service.modalities.action import ActionPredictRequest
     from service.routes.robot_ws import nested_observation
 
@@ -332,14 +334,16 @@ def codec_steps(robot_io, frames: dict[str, np.ndarray], proprio: np.ndarray, st
                                  use_bin_type=True)
     ws_frame = msgpack.packb({**{f"observation/{c}": typed_msgpack(f) for c, f in frames.items()},
                               "observation/state": typed_msgpack(proprio), **tail}, use_bin_type=True)
-    as_json = msgpack_to_json(msgpack_body)
     obj = json.loads(json_body)
+    unpacked = unpack_msgpack(msgpack_body)
 
-    def decode_frames():
-        request = ActionPredictRequest.model_validate(obj)
-        start = time.perf_counter()
-        request.observation.decoded_frames(request, "observation")
-        return time.perf_counter() - start
+    def decode_frames(body: dict) -> Callable[[], float]:
+        def run() -> float:
+            request = ActionPredictRequest.model_validate(body)
+            start = time.perf_counter()
+            request.observation.decoded_frames(request, "observation")
+            return time.perf_counter() - start
+        return run
 
     def median_ms(fn: Callable[[], Any]) -> float:
         times = []
@@ -351,13 +355,13 @@ def codec_steps(robot_io, frames: dict[str, np.ndarray], proprio: np.ndarray, st
 
     return [
         (f"JSON body ({len(json_body) / 1024:.0f} KiB) → dict: json.loads", median_ms(lambda: json.loads(json_body))),
-        (f"msgpack body ({len(msgpack_body) / 1024:.0f} KiB) → JSON bytes ({len(as_json) / 1024:.0f} KiB): "
-         "codecs.msgpack_to_json", median_ms(lambda: msgpack_to_json(msgpack_body))),
-        ("  … then → dict: json.loads", median_ms(lambda: json.loads(as_json))),
-        ("websocket frame → dict: msgpack_to_json + json.loads + nested_observation",
-         median_ms(lambda: nested_observation(json.loads(msgpack_to_json(ws_frame)), robot_io))),
+        (f"msgpack body ({len(msgpack_body) / 1024:.0f} KiB) → dict, bytes kept: codecs.unpack_msgpack",
+         median_ms(lambda: unpack_msgpack(msgpack_body))),
+        ("websocket frame → dict: unpack_msgpack + nested_observation",
+         median_ms(lambda: nested_observation(unpack_msgpack(ws_frame), robot_io))),
         ("dict → ActionPredictRequest (pydantic)", median_ms(lambda: ActionPredictRequest.model_validate(obj))),
-        ("frames: base64 decode + decode_array + image_from_array", median_ms(decode_frames)),
+        ("frames (JSON): base64 decode + decode_array + image_from_array", median_ms(decode_frames(obj))),
+        ("frames (msgpack): decode_array + image_from_array", median_ms(decode_frames(unpacked))),
     ]
 
 
@@ -381,7 +385,7 @@ def report(n_cameras: int, args, results: dict[str, Any]) -> None:
         t = results[name]
         parts = ", ".join(f"{key} {statistics.median(values):.2f}" for key, values in t.server.items())
         extra = ""
-        # Round trip − client codec − the server's own total: the HTTP stack, middleware (msgpack → JSON), body
+        # Round trip − client codec − the server's own total: the HTTP stack, middleware (msgpack unpacking), body
         # parsing and validation, reply encoding and the loopback hops (HTTP); framing and the hops (websocket,
         # whose reply k carries frame k−1's receive-to-send time).
         if "total" in t.server:

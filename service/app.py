@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from service.deployments import DeploymentManager
 from service.errors import install_error_handlers
-from service.middleware import BodyCodecMiddleware
+from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
 from service.routes import health, models
 from service.routes.inference import add_inference_routes
 from service.routes.openai import add_openai_routes
@@ -37,6 +37,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     app = FastAPI(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan,
                   description="Serves VLA Foundry checkpoints: text, captions, images and robot actions.")
+    app.router.route_class = DecodedBodyRoute  # routes validate the middleware's unpacked msgpack bodies
     app.state.settings = settings
     app.state.manager = manager
     app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)

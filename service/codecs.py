@@ -2,7 +2,9 @@
 
 Arrays travel as ``{"dtype", "shape", "data"}``: in JSON ``data`` is base64, in msgpack it
 is raw bytes under the ``__ndarray__`` key convention robot clients already use. Incoming
-msgpack is turned into the JSON form before validation, so one schema serves both.
+msgpack is unpacked into the same Python values JSON gives, except that bytes stay bytes
+(array data, encoded images): one schema serves both, and a camera frame is never
+base64-encoded only to be decoded again.
 """
 
 from __future__ import annotations
@@ -78,35 +80,40 @@ def is_array_dict(value: Any) -> bool:
     return isinstance(value, dict) and {"dtype", "shape", "data"} <= set(value)
 
 
-# ----------------------------------------------------------------------------- msgpack → JSON
+# ----------------------------------------------------------------------------- msgpack → values
 
 
-def _jsonable(value: Any) -> Any:
+def _checked(value: Any) -> Any:
+    """A value unpacked from msgpack, checked as JSON would be (finite numbers, string keys); bytes are kept."""
     if isinstance(value, dict):
         if "__ndarray__" in value:
             value = {k: v for k, v in value.items() if k != "__ndarray__"}
             array_dtype(value.get("dtype"))  # refuse object/void/complex before anything else
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(bytes(value)).decode()  # arrays' data, encoded images
+        return {k if type(k) is str else str(k): _checked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_checked(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         raise DecodeError(f"non-finite number {value!r} in the body; send finite numbers")
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if value is None or isinstance(value, (str, int, float, bool, bytes)):
         return value
     raise DecodeError(f"msgpack value of type {type(value).__name__} is not accepted; send maps, lists, numbers, "
                       "str and bytes")
 
 
-def msgpack_to_json(body: bytes) -> bytes:
+def unpack_msgpack(body: bytes) -> Any:
+    """A msgpack body or websocket frame → checked Python values (maps, lists, str, bytes, finite numbers).
+
+    ``__ndarray__`` markers are dropped once their dtype is checked (the array dict itself
+    is the convention); extension types, non-finite floats and object/complex dtypes are
+    refused with ``DecodeError``. Bytes are returned as the unpacker made them: no copy.
+    """
     try:
         value = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
     except DecodeError:
         raise
     except Exception as e:
         raise DecodeError(f"the body is not valid msgpack ({type(e).__name__})") from e
-    return json.dumps(_jsonable(value)).encode()
+    return _checked(value)
 
 
 def _refuse_ext(code: int, data: bytes):

@@ -45,10 +45,13 @@ def error_response(request: Optional[Request], status: int, message: str, field:
     return encode_response(error_body(status, message, field, type), accept, status_code=status, headers=headers)
 
 
+_PLAIN_TYPE_LABELS = {"str", "int", "float", "bool", "bytes", "none", "dict", "list"}  # no request field has these names
+
+
 def _field_of(loc: tuple) -> Optional[str]:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    # Drop pydantic's union-branch labels (e.g. "list[int]") so the field reads like the request.
-    parts = [p for p in parts if "[" not in p and "function-" not in p]
+    # Drop pydantic's union-branch labels (e.g. "list[int]", "str") so the field reads like the request.
+    parts = [p for p in parts if "[" not in p and "function-" not in p and p not in _PLAIN_TYPE_LABELS]
     return ".".join(parts) or None
 
 

@@ -3,7 +3,7 @@
 The wire forms are the service's business (DESIGN: "images may be base64 PNG/JPEG strings
 or ``data:`` URLs" or ``{"dtype", "shape", "data"}`` arrays); the pixels are the model
 package's, so the decoding and its limits live in ``vla_foundry.image_io``. msgpack
-bodies reach here already in the JSON form (``service.codecs.msgpack_to_json``).
+bodies reach here unpacked, with encoded images and array data as bytes (``service.codecs.unpack_msgpack``).
 
 Remote URLs and file paths are never fetched or read: a server that fetches on a
 client's behalf can be pointed at its own network or disk.

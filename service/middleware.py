@@ -1,7 +1,10 @@
 """ASGI middleware: body size cap, msgpack bodies, and one log line per request.
 
 It runs before routing, so an oversized or undecodable body is refused before any
-model work is queued, and every route validates one (JSON) form of the body.
+model work is queued. A msgpack body is unpacked here into the values JSON would give
+(bytes kept as bytes) and handed to the route through the ASGI scope; ``DecodedBodyRoute``
+makes FastAPI validate those values instead of parsing the body again, so every route
+validates one form of the body whatever the wire format.
 """
 
 from __future__ import annotations
@@ -9,12 +12,39 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import Any, Callable, Coroutine
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.codecs import DecodeError, encode_response, is_msgpack, msgpack_to_json
+from service.codecs import DecodeError, encode_response, is_msgpack, unpack_msgpack
 from service.errors import error_body
 
 logger = logging.getLogger("service.access")
+
+DECODED_BODY = "vla.decoded_body"  # scope key: the body's values, already unpacked by the middleware
+
+
+class DecodedBodyRequest(Request):
+    """A request whose ``json()`` is the middleware's unpacked msgpack body when there is one."""
+
+    async def json(self) -> Any:
+        if DECODED_BODY in self.scope:
+            return self.scope[DECODED_BODY]
+        return await super().json()
+
+
+class DecodedBodyRoute(APIRoute):
+    """The route class of every API route: FastAPI reads the body through ``DecodedBodyRequest``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            return await handler(DecodedBodyRequest(request.scope, request.receive))
+
+        return route_handler
 
 
 def _is_json(content_type: str) -> bool:
@@ -70,13 +100,14 @@ class BodyCodecMiddleware:
                 break
         body = b"".join(chunks)
         content_type = headers.get(b"content-type", b"").decode("latin-1").strip().lower()
+        decoded: dict[str, Any] = {}
         if is_msgpack(content_type):
             try:
-                body = msgpack_to_json(body)
+                decoded[DECODED_BODY] = unpack_msgpack(body)
             except DecodeError as e:
                 await self._refuse(scope, receive, send, accept, 400 if "valid msgpack" in str(e) else 422, str(e))
                 return
-            content_type = "application/json"
+            content_type = "application/json"  # FastAPI reads a JSON-typed body through request.json()
         elif not content_type or content_type.startswith(("text/plain", "application/x-www-form-urlencoded")):
             content_type = "application/json"  # JSON is the default body format (curl -d sends form-encoded)
         elif not _is_json(content_type):
@@ -86,7 +117,7 @@ class BodyCodecMiddleware:
             return
         new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         new_headers += [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
-        scope = {**scope, "headers": new_headers}
+        scope = {**scope, "headers": new_headers, **decoded}
         sent = False
 
         async def replay() -> Message:

@@ -1,4 +1,6 @@
-"""``HttpPolicyClient``: a policy deployment over HTTP, on one keep-alive connection.
+"""``HttpPolicyClient``: a policy deployment over HTTP, on one keep-alive connection
+(``vla_foundry_client.connection``: the standard library's ``http.client``, the cheapest
+round trip for one robot asking one server; one client per thread).
 
 Observations are the server's nested form::
 
@@ -16,11 +18,11 @@ import json
 from typing import Any, Optional
 from urllib.parse import quote
 
-import httpx
 import msgpack
 import numpy as np
 
 from vla_foundry_client.arrays import pack, unpack
+from vla_foundry_client.connection import HttpReply, KeepAliveConnection
 from vla_foundry_client.errors import PolicyServerError
 
 MSGPACK = "application/msgpack"
@@ -41,8 +43,8 @@ class HttpPolicyClient:
         if format not in ("msgpack", "json"):
             raise ValueError(f"format must be 'msgpack' or 'json'; got {format!r}")
         self.model, self.session_id, self.format, self.policy_type = model, session_id, format, policy_type
-        # One client: the connection stays open between control steps (no TCP handshake per request).
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        # The connection stays open between control steps (no TCP handshake per request).
+        self._http = KeepAliveConnection(base_url, timeout=timeout)
 
     # ------------------------------------------------------------------ the calls
 
@@ -125,31 +127,30 @@ class HttpPolicyClient:
             headers["content-type"] = MSGPACK if binary else "application/json"
             packed = pack(body, binary=binary)
             content = msgpack.packb(packed, use_bin_type=True) if binary else json.dumps(packed).encode()
-        response = self._http.request(method, path, content=content, headers=headers)
-        payload = _decode(response)
-        if response.status_code >= 400:
-            raise _server_error(response, payload)
+        reply = self._http.request(method, path, content, headers)
+        payload = _decode(reply)
+        if reply.status >= 400:
+            raise _server_error(reply, payload)
         return payload
 
 
-def _decode(response: httpx.Response) -> Any:
+def _decode(reply: HttpReply) -> Any:
     """The reply body (msgpack or JSON, by its content type), arrays unpacked; None if undecodable."""
     try:
-        if response.headers.get("content-type", "").split(";")[0].strip() == MSGPACK:
-            return unpack(msgpack.unpackb(response.content, raw=False))
-        return unpack(response.json())
+        if reply.content_type == MSGPACK:
+            return unpack(msgpack.unpackb(reply.content, raw=False))
+        return unpack(json.loads(reply.content))
     except ValueError:  # not JSON / msgpack (a proxy's HTML error page, say)
         return None
 
 
-def _server_error(response: httpx.Response, payload: Any) -> PolicyServerError:
+def _server_error(reply: HttpReply, payload: Any) -> PolicyServerError:
     error = payload.get("error") if isinstance(payload, dict) else None
-    retry_after = response.headers.get("retry-after")
+    retry_after = reply.headers.get("retry-after")
     retry_after = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
     if not isinstance(error, dict):
-        return PolicyServerError(response.status_code, "error", response.text[:500] or response.reason_phrase,
-                                 retry_after=retry_after)
-    return PolicyServerError(response.status_code, error.get("type", "error"), error.get("message", ""),
+        return PolicyServerError(reply.status, "error", reply.text[:500] or reply.reason, retry_after=retry_after)
+    return PolicyServerError(reply.status, error.get("type", "error"), error.get("message", ""),
                              error.get("field"), retry_after)
 
 

@@ -76,6 +76,9 @@ class ModalityAdapter:
     # Optional: work on a validated request before it queues (decoding images), run in a thread pool so a
     # bad image is refused at once and the model's thread only runs the model.
     prepare: Optional[Callable[[Any], Any]] = None
+    # Optional: whether ``prepare`` is cheap enough for this request to run on the event loop (microseconds:
+    # cheaper than the hop to the thread pool), e.g. raw frames that decode to a view and one copy.
+    prepare_on_loop: Optional[Callable[[Any], bool]] = None
     # Optional: ``predict`` for a request with a ``session_id``: (pipeline, request, session) with the session's
     # state (robot sessions; the route serializes the requests of one session).
     session_predict: Optional[Callable[[Any, Any, Any], dict]] = None

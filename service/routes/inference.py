@@ -31,13 +31,16 @@ def _camel(model_type: str) -> str:
 
 
 def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None, prepare=None,
-              session_run=None):
+              prepare_on_loop=None, session_run=None):
     async def endpoint(body: request_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         started = time.perf_counter()
         deployment = manager.resolve(model_type, body.model)
         prepare_ms = 0.0
         if prepare is not None:
-            await run_in_threadpool(prepare, body)
+            if prepare_on_loop is not None and prepare_on_loop(body):
+                prepare(body)
+            else:
+                await run_in_threadpool(prepare, body)
             prepare_ms = (time.perf_counter() - started) * 1000
         session_id = getattr(body, "session_id", None)
         if session_run is not None and session_id is not None:
@@ -73,7 +76,7 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
                 "__module__": __name__, **base.limits_from(settings)})
             session_run = adapter.session_predict if kind == "predict" else None
             app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run, reply, adapter.prepare,
-                                                                 session_run),
+                                                                 adapter.prepare_on_loop, session_run),
                               methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
                               summary=f"{kind.capitalize()} with a {model_type} deployment")

@@ -26,6 +26,7 @@ from service.dependencies import get_manager
 from service.deployments import Deployment, DeploymentManager
 from service.errors import ApiError
 from service.images import decode_image_value
+from service.middleware import DecodedBodyRoute
 from service.modalities.text import stop_list, usage_of
 from service.streaming import SSE_DONE, DeltaStream, sse, sse_error
 from vla_foundry.errors import InvalidInputError
@@ -283,7 +284,7 @@ def _check_tokenizer(deployment: Deployment) -> None:
 
 
 def add_openai_routes(app: FastAPI, settings) -> None:
-    router = APIRouter(prefix="/v1", tags=["openai"])
+    router = APIRouter(prefix="/v1", tags=["openai"], route_class=DecodedBodyRoute)
     caps = {"cap_max_new_tokens": settings.max_new_tokens, "cap_batch": settings.max_batch,
             "cap_images": settings.max_images}
     image_limits = {"max_pixels": settings.max_image_pixels, "max_bytes": settings.max_body_bytes}

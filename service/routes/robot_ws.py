@@ -20,7 +20,6 @@ message, then close 1008 (bad input) or 1011 (server fault); never a traceback.
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint's real annotations.
 
-import json
 import logging
 import time
 import uuid
@@ -29,13 +28,12 @@ from typing import Any, Optional
 import msgpack
 import numpy as np
 from fastapi import FastAPI, WebSocket
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from service.codecs import DecodeError, msgpack_to_json
+from service.codecs import DecodeError, unpack_msgpack
 from service.errors import ApiError
-from service.modalities.action import ActionPredictRequest, session_predict
+from service.modalities.action import ActionPredictRequest, decode_observation_frames, session_predict
 from service.modalities.base import RequestBase
 from service.settings import Settings
 from vla_foundry.errors import InvalidInputError
@@ -140,7 +138,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
                                         f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
                 return
-            obj = json.loads(msgpack_to_json(data))
+            obj = unpack_msgpack(data)
             if not isinstance(obj, dict):
                 raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
             if obj.get("endpoint") == "reset":
@@ -152,7 +150,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 await websocket.send_bytes(msgpack.packb({"reset": True, "session_id": entry.id}))
                 continue
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
-            await run_in_threadpool(body.observation.decoded_frames, body, "observation")
+            await decode_observation_frames(body)
             entry.touch()
             async with entry.lock:
                 timed = await deployment.run(session_predict, body, entry.policy)

@@ -10,14 +10,13 @@ import time
 from typing import Optional
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.codecs import encode_response
 from service.dependencies import get_manager
 from service.deployments import DeploymentManager
 from service.errors import ApiError
-from service.modalities.action import Observation, observation_anchor
+from service.modalities.action import Observation, decode_observation_frames, observation_anchor
 from service.modalities.base import RequestBase, ResponseBase
 from service.settings import Settings
 
@@ -83,7 +82,7 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
             deployment = sessions.get(session_id).deployment if body.model is None else manager.get(body.model)
         except ApiError:
             deployment = _policy_deployment(manager, body.model)
-        await run_in_threadpool(body.observation.decoded_frames, body, "observation")
+        await decode_observation_frames(body)
         prepared = time.perf_counter()
         entry = sessions.acquire(session_id, deployment)
         async with entry.lock:

@@ -8,16 +8,19 @@ observations are refused with the field named, and the deployment keeps answerin
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from service import DeploymentSpec
 from service.codecs import encode_array
+from service.modalities.action import Observation
 from tests.conftest import FIXTURES
 from tests.factories import POLICY_CAMERAS, PREDICT_REQUESTS, png_data_url, policy_observation
 from tests.service.conftest import serving
@@ -159,6 +162,44 @@ def test_msgpack_request_with_raw_uint8_frames(client):
     assert response.status_code == 200, response.text
     payload = msgpack.unpackb(response.content)
     assert len(payload["action_chunk"]) == 4 and payload["seed"] == 3
+
+
+def test_msgpack_bytes_and_json_base64_give_the_same_actions(client):
+    """Frames as raw bytes or PNG bytes in msgpack, and as base64 typed arrays or data: URLs in JSON: the same
+    observation, the same actions (msgpack bytes are never re-encoded on the way to the model)."""
+    rng = np.random.default_rng(4)
+    raw = {cam: [rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) for _ in range(2)] for cam in POLICY_CAMERAS}
+    png = [_png_bytes(frame) for frame in raw["wrist"]]
+    lowdim = np.array([[0.1, 0.2], [0.3, 0.4]], np.float32)
+
+    def body(binary: bool) -> dict:
+        wrist = png if binary else ["data:image/png;base64," + base64.b64encode(b).decode() for b in png]
+        images = {"front": [encode_array(f, binary=binary) for f in raw["front"]], "wrist": wrist}
+        return {"model": "tiny-policy", "seed": 11, "observation": {
+            "images": images, "lowdim": {"arm__pos": encode_array(lowdim, binary=binary)},
+            "language_instruction": "pick"}}
+
+    packed = client.post("/predict/diffusion_policy", content=msgpack.packb(body(True), use_bin_type=True),
+                         headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+    as_json = client.post("/predict/diffusion_policy", json=body(False))
+    assert packed.status_code == 200 and as_json.status_code == 200, (packed.content[:300], as_json.text[:300])
+    np.testing.assert_allclose(msgpack.unpackb(packed.content)["action_chunk"], as_json.json()["action_chunk"],
+                               atol=1e-6)
+
+
+def test_only_raw_frames_within_the_cap_decode_on_the_event_loop():
+    frame = encode_array(np.zeros((4, 6, 3), np.uint8), binary=True)
+    assert Observation(images={"front": [frame, frame]}).raw_frames_only()
+    assert not Observation(images={"front": [frame, frame]}).raw_frames_only(max_bytes=100)
+    assert not Observation(images={"front": encode_array(np.zeros((4, 6, 3), np.uint8), binary=False)}
+                           ).raw_frames_only()  # base64: decoding it is real work
+    assert not Observation(images={"front": _png_bytes(np.zeros((4, 6, 3), np.uint8))}).raw_frames_only()
+
+
+def _png_bytes(frame: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _bad(observation_edit=None, **top):

@@ -6,11 +6,13 @@ import time
 
 import msgpack
 import pytest
+from fastapi.routing import APIRoute
 
 from service import DeploymentSpec, Settings
 from service.deployments import Deployment
 from service.errors import ApiError
 from service.executor import ModelExecutor, QueueFull
+from service.middleware import DecodedBodyRoute
 from tests.service.conftest import serving
 
 SEEDED = {"prompt": ["the quick", "a robot"], "max_new_tokens": 6, "temperature": 1.0, "seed": 5}
@@ -98,6 +100,19 @@ def test_malformed_bodies_are_400(client):
         assert_error(client.post("/predict/transformer", content=body, headers={"content-type": "application/msgpack"}), 422)
     response = client.post("/predict/transformer", content=b"<prompt/>", headers={"content-type": "application/xml"})
     assert_error(response, 415)
+    # msgpack keeps bytes as bytes: where a string belongs, undecodable bytes are a named 422, not a crash.
+    response = client.post("/predict/transformer", content=msgpack.packb({"prompt": b"\xff\xfe"}, use_bin_type=True),
+                           headers={"content-type": "application/msgpack"})
+    assert_error(response, 422, "prompt")
+
+
+def test_every_body_route_reads_the_unpacked_msgpack_body(client):
+    """The middleware hands msgpack bodies to routes through the scope; a route of another class would try to
+    parse msgpack as JSON."""
+    body_routes = [r for r in client.app.routes if isinstance(r, APIRoute) and r.body_field is not None]
+    assert len(body_routes) > 10
+    assert all(isinstance(r, DecodedBodyRoute) for r in body_routes), \
+        [r.path for r in body_routes if not isinstance(r, DecodedBodyRoute)]
 
 
 def test_body_over_the_cap_is_413(client):

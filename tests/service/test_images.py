@@ -2,7 +2,6 @@
 
 import base64
 import io
-import json
 import struct
 import zlib
 
@@ -14,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import BaseModel, field_validator
 
-from service.codecs import encode_array, msgpack_to_json
+from service.codecs import encode_array, unpack_msgpack
 from service.errors import install_error_handlers
 from service.images import decode_image_list, decode_image_value
 from vla_foundry.errors import InputTooLargeError, InvalidInputError
@@ -102,11 +101,13 @@ def test_typed_float_array_in_unit_range_decodes():
     assert decode(encode_array(values, binary=False)).tolist() == [[[0, 128, 255]]]
 
 
-def test_msgpack_array_reaches_the_same_result_after_conversion(pixels):
-    body = msgpack.packb({"images": [encode_array(pixels, binary=True)]}, use_bin_type=True)
-    converted = json.loads(msgpack_to_json(body))
-    out = decode_image_list(converted["images"], max_images=4, max_pixels=LIMIT)
+def test_msgpack_array_and_encoded_bytes_reach_the_same_result_after_unpacking(pixels, png):
+    body = msgpack.packb({"images": [encode_array(pixels, binary=True), png]}, use_bin_type=True)
+    unpacked = unpack_msgpack(body)
+    assert isinstance(unpacked["images"][0]["data"], bytes) and "__ndarray__" not in unpacked["images"][0]
+    out = decode_image_list(unpacked["images"], max_images=4, max_pixels=LIMIT)
     np.testing.assert_array_equal(out[0], pixels)
+    np.testing.assert_array_equal(out[1], pixels)
 
 
 def test_raw_bytes_are_accepted_for_callers_that_hold_them(png, pixels):
