@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 from abc import ABC, abstractmethod
-import base64
 import json
 import os
 import signal
@@ -59,6 +58,7 @@ from vla_foundry.pipelines import load_pipeline
 from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
 from vla_foundry.robotics.observations import RawObservation
 from vla_foundry.robotics.robot_io import RobotIO, image_names_for
+from vla_foundry_client.arrays import MessagePacker, pack_array, unpack_array
 from vla_foundry_client.connection import KeepAliveConnection
 from vla_foundry.robotics.stats import field_stats
 
@@ -150,18 +150,13 @@ def serve(checkpoint: Path, threads: int | None, timeout: float = 180) -> Iterat
 # ----------------------------------------------------------------------------- wire forms
 
 
+# The robot client's array conventions: the bench's requests are packed as a robot's would be.
 def typed_json(array: np.ndarray) -> dict:
-    array = np.ascontiguousarray(array)
-    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+    return pack_array(array, binary=False)
 
 
 def typed_msgpack(array: np.ndarray) -> dict:
-    array = np.ascontiguousarray(array)
-    return {"__ndarray__": True, "data": array.tobytes(), "dtype": array.dtype.str, "shape": list(array.shape)}
-
-
-def from_msgpack(obj: dict) -> np.ndarray:
-    return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+    return pack_array(array, binary=True)
 
 
 class Transport(ABC):
@@ -232,13 +227,14 @@ class MsgpackHttp(Transport):
     def __init__(self, client: KeepAliveConnection, frames, proprio, steps):
         super().__init__("msgpack HTTP")
         self.client, self.frames, self.proprio, self.steps = client, frames, proprio, steps
+        self.packer = MessagePacker()  # as the robot client packs: one buffer reused
 
     def request(self):
         t0 = time.perf_counter()
         body = {"observation": {"images": {cam: typed_msgpack(f) for cam, f in self.frames.items()},
                                 "lowdim": {PROPRIO: typed_msgpack(self.proprio)}},
                 "num_inference_steps": self.steps, "seed": SEED}
-        content = msgpack.packb(body, use_bin_type=True)
+        content = self.packer.pack(body)
         t1 = time.perf_counter()
         response = self.client.request("POST", "/predict/diffusion_policy", content,
                                        {"content-type": "application/msgpack", "accept": "application/msgpack"})
@@ -255,12 +251,13 @@ class Websocket(Transport):
     def __init__(self, connection, frames, proprio, steps):
         super().__init__("websocket")
         self.connection, self.frames, self.proprio, self.steps = connection, frames, proprio, steps
+        self.packer = MessagePacker()
 
     def request(self):
         t0 = time.perf_counter()
         obs = {f"observation/{cam}": typed_msgpack(f) for cam, f in self.frames.items()}
-        frame = msgpack.packb({**obs, "observation/state": typed_msgpack(self.proprio),
-                               "num_inference_steps": self.steps, "seed": SEED}, use_bin_type=True)
+        frame = self.packer.pack({**obs, "observation/state": typed_msgpack(self.proprio),
+                                  "num_inference_steps": self.steps, "seed": SEED})
         t1 = time.perf_counter()
         self.connection.send(frame)
         reply = self.connection.recv()
@@ -268,7 +265,7 @@ class Websocket(Transport):
         if isinstance(reply, str):
             raise SystemExit(f"websocket: {reply}")
         payload = msgpack.unpackb(reply)
-        chunk = from_msgpack(payload["actions"])  # from the current step: (F+1, A)
+        chunk = unpack_array(payload["actions"])  # from the current step: (F+1, A)
         t3 = time.perf_counter()
         timing = payload["server_timing"]
         server = {"queue": timing["queue_ms"], "infer": timing["infer_ms"]}

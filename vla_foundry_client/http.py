@@ -21,7 +21,7 @@ from urllib.parse import quote
 import msgpack
 import numpy as np
 
-from vla_foundry_client.arrays import pack, unpack
+from vla_foundry_client.arrays import MessagePacker, pack, unpack
 from vla_foundry_client.connection import HttpReply, KeepAliveConnection
 from vla_foundry_client.errors import PolicyServerError
 
@@ -45,6 +45,7 @@ class HttpPolicyClient:
         self.model, self.session_id, self.format, self.policy_type = model, session_id, format, policy_type
         # The connection stays open between control steps (no TCP handshake per request).
         self._http = KeepAliveConnection(base_url, timeout=timeout)
+        self._packer = MessagePacker()
 
     # ------------------------------------------------------------------ the calls
 
@@ -126,7 +127,7 @@ class HttpPolicyClient:
         if body is not None:
             headers["content-type"] = MSGPACK if binary else "application/json"
             packed = pack(body, binary=binary)
-            content = msgpack.packb(packed, use_bin_type=True) if binary else json.dumps(packed).encode()
+            content = self._packer.pack(packed) if binary else json.dumps(packed).encode()
         reply = self._http.request(method, path, content, headers)
         payload = _decode(reply)
         if reply.status >= 400:

@@ -14,7 +14,7 @@ import msgpack
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from vla_foundry_client.arrays import pack, unpack
+from vla_foundry_client.arrays import MessagePacker, pack, unpack
 from vla_foundry_client.errors import WEBSOCKET_CLOSE_TYPES, PolicyServerError
 
 MiB = 1024 * 1024
@@ -43,6 +43,7 @@ class WebsocketPolicyClient:
     def __init__(self, url: str, *, model: Optional[str] = None, session_id: Optional[str] = None,
                  max_size: int = 32 * MiB, timeout: Optional[float] = 10.0, policy_type: str = "diffusion_policy"):
         self.url, self.timeout = websocket_url(url, policy_type, model, session_id), timeout
+        self._packer = MessagePacker()
         # No per-message compression: deflating camera frames costs milliseconds and saves little.
         try:
             self._ws = connect(self.url, compression=None, max_size=max_size, open_timeout=timeout)
@@ -85,7 +86,7 @@ class WebsocketPolicyClient:
 
     def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
-            self._ws.send(msgpack.packb(pack(message, binary=True), use_bin_type=True))
+            self._ws.send(self._packer.pack(pack(message, binary=True)))
         except ConnectionClosed as e:
             raise _closed_error(e, "the connection is closed") from e
         return self._receive()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import yaml
@@ -79,9 +80,12 @@ def test_arrays_round_trip_in_both_conventions_and_odd_dtypes_are_refused():
     value = {"image": frame(0), "rows": [np.arange(6, dtype=">f8").reshape(2, 3)[:, ::2], np.int16(3)],
              "png": b"\x89PNG"}
     binary, text = pack(value, binary=True), pack(value, binary=False)
-    assert binary["image"]["__ndarray__"] is True and isinstance(binary["image"]["data"], bytes)
+    # msgpack data is a byte view of the array (packed straight into the message, no intermediate copy).
+    assert binary["image"]["__ndarray__"] is True and bytes(binary["image"]["data"]) == value["image"].tobytes()
     assert isinstance(text["image"]["data"], str) and text["png"] == "iVBORw==" and text["rows"][1] == 3
-    for packed in (binary, text):
+    over_the_wire = msgpack.unpackb(msgpack.packb(binary, use_bin_type=True))
+    assert isinstance(over_the_wire["image"]["data"], bytes)
+    for packed in (binary, over_the_wire, text):
         out = unpack(packed)
         np.testing.assert_array_equal(out["image"], value["image"])
         np.testing.assert_array_equal(out["rows"][0], value["rows"][0])
