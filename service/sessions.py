@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 from service.errors import ApiError
 from vla_foundry.robotics.session import PolicySession

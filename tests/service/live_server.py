@@ -29,14 +29,23 @@ def cli() -> list[str]:
 
 @contextmanager
 def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120) -> Iterator[str]:
-    """Yields the base URL once ``/health/ready`` says 200; stops the server with SIGINT after."""
+    """`vla-foundry serve` on a free loopback port: yields the base URL once ``/health/ready`` says 200;
+    stops the server with SIGINT after."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir)}
+    command = cli() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with server_process(command, env, port, timeout) as (base, _):
+        yield base
+
+
+@contextmanager
+def server_process(command: list[str], env: dict[str, str], port: int,
+                   timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Runs ``command`` (a server for 127.0.0.1:``port``); yields (base URL, process) once ``/health/ready``
+    says 200, then stops it with SIGINT (SIGKILL after 20 s)."""
     # The log goes to a file: a pipe nobody reads would block the server once it fills.
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cli() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port),
-                                     "--device", "cpu"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
@@ -50,9 +59,11 @@ def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120) -> 
                         break
                 except httpx.TransportError:
                     pass
-                assert time.monotonic() < deadline, "server did not become ready"
+                if time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"not ready after {timeout:.0f} s: {log.read()[-4000:]}")
                 time.sleep(0.2)
-        yield base
+        yield base, proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:
