@@ -29,14 +29,6 @@ from service.settings import DeploymentSpec, Settings
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 GENERATOR = "python -m service.config_reference --write"
 
-# Fields that have no description in the settings model yet.
-_FALLBACK_DESCRIPTIONS = {
-    (Settings, "deployments"): "Checkpoints to serve: the deployment YAML's `deployments:` list (entries below); "
-                               "as a variable, JSON. None anywhere: the demo pack.",
-    (Settings, "port"): "Port to bind.",
-    (Settings, "log_level"): "uvicorn log level (critical, error, warning, info, debug, trace).",
-}
-
 
 def _env_free_demo_dir() -> Path:
     """vla_foundry.demo_paths' default as it is without ``VLA_DEMO_DIR`` (which it reads at import)."""
@@ -131,7 +123,7 @@ def _serve_flags() -> dict[str, str]:
 
 
 def _description(model: type[BaseModel], name: str, field: FieldInfo) -> str:
-    return field.description or _FALLBACK_DESCRIPTIONS.get((model, name), "")
+    return field.description or ""
 
 
 def settings_rows() -> list[dict[str, str]]:

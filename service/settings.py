@@ -57,9 +57,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto = cuda:0 when present).")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 (auto = float32 on CPU; on CUDA "
                                            "bfloat16 for checkpoints trained in bf16).")
-    deployments: list[DeploymentSpec] = Field(default_factory=list)
+    deployments: list[DeploymentSpec] = Field(default_factory=list, description=(
+        "Checkpoints to serve: the deployment YAML's `deployments:` list (entries below); as a variable, JSON. "
+        "None anywhere: the demo pack."))
     host: str = Field("127.0.0.1", description="Address to bind.")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo pack is built and served from.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request bodies above this get 413.")
     max_queue: int = Field(64, ge=1, description="Requests waiting per deployment before 503 (overloaded).")
@@ -76,7 +78,8 @@ class Settings(BaseSettings):
     session_idle_timeout_s: float = Field(300.0, gt=0, description="Robot sessions idle longer than this expire.")
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     cuda_graphs: bool = Field(True, description="On CUDA, decode text from captured CUDA graphs.")
-    log_level: str = Field("info")
+    log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "
+                                                "trace).")
 
     @field_validator("device")
     @classmethod
