@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 from vla_foundry.demo import hf as hf_demo
 from vla_foundry.demo import policy as policy_demo
@@ -41,18 +42,37 @@ def ensure_demo_pack(demo_dir: Union[str, Path], progress: bool = True, rebuild:
     """Build every missing member of the pack under ``demo_dir``; returns ``demo_dir``.
 
     Each member is built in a temporary folder and moved into place when complete, so an
-    interrupted build never leaves a half-written checkpoint to be served.
+    interrupted build never leaves a half-written checkpoint to be served. Processes sharing
+    ``demo_dir`` (replicas on one host, two servers) take turns on a file lock: one builds,
+    the others then find the members built.
     """
     demo_dir = Path(demo_dir)
     demo_dir.mkdir(parents=True, exist_ok=True)
-    for name, build in BUILDERS.items():
-        target = demo_dir / name
-        if is_built(target) and not rebuild:
-            continue
-        logger.info("building demo member %s in %s", name, target)
-        with tempfile.TemporaryDirectory(dir=demo_dir, prefix=f".{name}-") as tmp:
-            build(Path(tmp) / name, progress)
-            if target.exists():
-                shutil.rmtree(target)
-            (Path(tmp) / name).rename(target)
+    with _exclusive(demo_dir / ".build.lock"):
+        for name, build in BUILDERS.items():
+            target = demo_dir / name
+            if is_built(target) and not rebuild:
+                continue
+            logger.info("building demo member %s in %s", name, target)
+            with tempfile.TemporaryDirectory(dir=demo_dir, prefix=f".{name}-") as tmp:
+                build(Path(tmp) / name, progress)
+                if target.exists():
+                    shutil.rmtree(target)
+                (Path(tmp) / name).rename(target)
     return demo_dir
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` across processes (flock; released when the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
