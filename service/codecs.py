@@ -123,21 +123,28 @@ def _refuse_ext(code: int, data: bytes):
 # ----------------------------------------------------------------------------- responses
 
 
-def _encode_arrays(value: Any, binary: bool) -> Any:
-    if isinstance(value, np.ndarray):
-        return encode_array(value, binary=binary)
-    if isinstance(value, dict):
-        return {k: _encode_arrays(v, binary) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode_arrays(v, binary) for v in value]
-    return value
+def _array_default(binary: bool):
+    """The serializers' hook for what they do not know: numpy arrays in the wire convention, numpy scalars
+    as numbers. Called only for such values, so a reply is never walked in Python beforehand."""
+
+    def default(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return encode_array(value, binary=binary)
+        if isinstance(value, np.generic):
+            return value.item()
+        raise TypeError(f"a reply value of type {type(value).__name__} cannot be serialized")
+
+    return default
+
+
+_MSGPACK_DEFAULT, _JSON_DEFAULT = _array_default(True), _array_default(False)
 
 
 def encode_response(payload: Any, accept: str, status_code: int = 200,
                     headers: Optional[dict[str, str]] = None) -> Response:
     """msgpack when the client accepts it, else JSON. numpy arrays use the wire convention."""
     if wants_msgpack(accept):
-        body = msgpack.packb(_encode_arrays(payload, True), use_bin_type=True)
+        body = msgpack.packb(payload, use_bin_type=True, default=_MSGPACK_DEFAULT)
         return Response(body, status_code=status_code, media_type=MSGPACK, headers=headers)
-    body = json.dumps(_encode_arrays(payload, False), allow_nan=False, separators=(",", ":")).encode()
+    body = json.dumps(payload, allow_nan=False, separators=(",", ":"), default=_JSON_DEFAULT).encode()
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)

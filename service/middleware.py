@@ -23,11 +23,18 @@ from service.errors import error_body
 
 logger = logging.getLogger("service.access")
 
+BODY = "vla.body"  # scope key: the whole body, as the middleware read it
 DECODED_BODY = "vla.decoded_body"  # scope key: the body's values, already unpacked by the middleware
 
 
 class DecodedBodyRequest(Request):
-    """A request whose ``json()`` is the middleware's unpacked msgpack body when there is one."""
+    """A request whose body is the one the middleware read (not streamed and joined again: a copy of
+    every camera frame) and whose ``json()`` is the middleware's unpacked msgpack body when there is one."""
+
+    def __init__(self, scope: Scope, receive: Receive):
+        super().__init__(scope, receive)
+        if BODY in scope:
+            self._body = scope[BODY]
 
     async def json(self) -> Any:
         if DECODED_BODY in self.scope:
@@ -100,7 +107,7 @@ class BodyCodecMiddleware:
                 break
         body = b"".join(chunks)
         content_type = headers.get(b"content-type", b"").decode("latin-1").strip().lower()
-        decoded: dict[str, Any] = {}
+        decoded: dict[str, Any] = {BODY: body}
         if is_msgpack(content_type):
             try:
                 decoded[DECODED_BODY] = unpack_msgpack(body)

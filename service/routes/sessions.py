@@ -9,11 +9,10 @@ Chunk mode needs no route of its own: ``/predict/{policy type}`` with a ``sessio
 import time
 from typing import Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.codecs import encode_response
-from service.dependencies import get_manager
 from service.deployments import DeploymentManager
 from service.errors import ApiError
 from service.modalities.action import Observation, decode_observation_frames, observation_anchor
@@ -74,9 +73,9 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
     step_request = type("SessionStepRequest", (SessionStepRequest,), {"__module__": __name__,
                                                                      **RequestBase.limits_from(settings)})
 
-    async def step(session_id: str, body: step_request, request: Request,
-                   manager: DeploymentManager = Depends(get_manager)):
+    async def step(session_id: str, body: step_request, request: Request):
         started = time.perf_counter()
+        manager: DeploymentManager = request.app.state.manager  # not Depends: see routes/inference.py
         sessions = request.app.state.sessions
         try:
             deployment = sessions.get(session_id).deployment if body.model is None else manager.get(body.model)
