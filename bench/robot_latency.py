@@ -25,7 +25,7 @@ p50), the client's encode+decode median, and the server-reported timing medians 
 `timing_ms`: queue/preprocess/infer/total; websocket `server_timing`: queue/infer/previous
 frame's total, and what is left outside the handler), then the server's own decoding steps
 for the same bodies timed in this process (`service.codecs`, pydantic, frame decoding).
-The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a 2-core CPU host.
+The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a 2-core CPU host (README: Latency).
 """
 
 from __future__ import annotations
