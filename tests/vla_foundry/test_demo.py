@@ -81,3 +81,34 @@ def test_demo_stable_diffusion_trains_and_draws(tmp_path):
     assert [im.shape for im in result.images] == [(16, 16, 3)] * 2 and result.scheduler == "dpmsolver++"
     sheet = sd_demo.contact_sheet(target, tmp_path / "sheet.png", prompts=("a red circle",), per_prompt=2)
     assert sheet.stat().st_size > 0
+
+
+def test_concurrent_builds_of_one_pack_build_each_member_once(tmp_path, monkeypatch):
+    """Two builders sharing a folder (replicas on one host) take turns: the second finds the members
+    built. A pack already built is returned without a lock file (its folder may be read-only)."""
+    import threading
+    import time
+
+    import vla_foundry.demo as demo
+
+    calls = []
+
+    def slow_build(path, progress):
+        calls.append(path.name)
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one builds
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "config_model.yaml").write_text("type: transformer\n")
+        (path / "checkpoints" / "checkpoint_1.pt").write_bytes(b"")
+
+    monkeypatch.setattr(demo, "BUILDERS", {"member-a": slow_build, "member-b": slow_build})
+    threads = [threading.Thread(target=demo.ensure_demo_pack, args=(tmp_path,), kwargs={"progress": False})
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(calls) == ["member-a", "member-b"]
+    assert all(demo.is_built(tmp_path / name) for name in ("member-a", "member-b"))
+    (tmp_path / ".build.lock").unlink()
+    demo.ensure_demo_pack(tmp_path, progress=False)
+    assert not (tmp_path / ".build.lock").exists() and len(calls) == 2

@@ -47,6 +47,8 @@ def ensure_demo_pack(demo_dir: Union[str, Path], progress: bool = True, rebuild:
     the others then find the members built.
     """
     demo_dir = Path(demo_dir)
+    if not rebuild and all(is_built(demo_dir / name) for name in BUILDERS):
+        return demo_dir  # nothing to build: no lock (the folder may be read-only, e.g. baked into an image)
     demo_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(demo_dir / ".build.lock"):
         for name, build in BUILDERS.items():
