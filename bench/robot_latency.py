@@ -200,48 +200,30 @@ class Direct(Transport):
         return out["action_chunk"][0], 0.0, {"preprocess": timing["preprocess"], "infer": timing["infer"]}
 
 
-class JsonHttp(Transport):
-    def __init__(self, client: KeepAliveConnection, frames, proprio, steps):
-        super().__init__("JSON HTTP")
-        self.client, self.frames, self.proprio, self.steps = client, frames, proprio, steps
+class Http(Transport):
+    """``POST /predict/diffusion_policy`` on one keep-alive connection: JSON (base64 arrays) or msgpack (raw
+    bytes, packed into one reused buffer as the robot client packs)."""
+
+    def __init__(self, client: KeepAliveConnection, frames, proprio, steps, *, binary: bool):
+        super().__init__("msgpack HTTP" if binary else "JSON HTTP")
+        self.client, self.frames, self.proprio, self.steps, self.binary = client, frames, proprio, steps, binary
+        self.packer = MessagePacker()
+        media = "application/msgpack" if binary else "application/json"
+        self.headers = {"content-type": media, "accept": media}
 
     def request(self):
         t0 = time.perf_counter()
-        body = {"observation": {"images": {cam: typed_json(f) for cam, f in self.frames.items()},
-                                "lowdim": {PROPRIO: typed_json(self.proprio)}},
+        typed = typed_msgpack if self.binary else typed_json
+        body = {"observation": {"images": {cam: typed(f) for cam, f in self.frames.items()},
+                                "lowdim": {PROPRIO: typed(self.proprio)}},
                 "num_inference_steps": self.steps, "seed": SEED}
-        content = json.dumps(body).encode()
+        content = self.packer.pack(body) if self.binary else json.dumps(body).encode()
         t1 = time.perf_counter()
-        response = self.client.request("POST", "/predict/diffusion_policy", content,
-                                       {"content-type": "application/json"})
+        response = self.client.request("POST", "/predict/diffusion_policy", content, self.headers)
         t2 = time.perf_counter()
         if response.status != 200:
-            raise SystemExit(f"JSON HTTP: {response.status} {response.text[:500]}")
-        payload = json.loads(response.content)
-        chunk = np.asarray(payload["action_chunk"], dtype=np.float32)
-        t3 = time.perf_counter()
-        return chunk, ((t1 - t0) + (t3 - t2)) * 1000, payload["timing_ms"]
-
-
-class MsgpackHttp(Transport):
-    def __init__(self, client: KeepAliveConnection, frames, proprio, steps):
-        super().__init__("msgpack HTTP")
-        self.client, self.frames, self.proprio, self.steps = client, frames, proprio, steps
-        self.packer = MessagePacker()  # as the robot client packs: one buffer reused
-
-    def request(self):
-        t0 = time.perf_counter()
-        body = {"observation": {"images": {cam: typed_msgpack(f) for cam, f in self.frames.items()},
-                                "lowdim": {PROPRIO: typed_msgpack(self.proprio)}},
-                "num_inference_steps": self.steps, "seed": SEED}
-        content = self.packer.pack(body)
-        t1 = time.perf_counter()
-        response = self.client.request("POST", "/predict/diffusion_policy", content,
-                                       {"content-type": "application/msgpack", "accept": "application/msgpack"})
-        t2 = time.perf_counter()
-        if response.status != 200:
-            raise SystemExit(f"msgpack HTTP: {response.status} {response.content[:500]!r}")
-        payload = msgpack.unpackb(response.content)
+            raise SystemExit(f"{self.name}: {response.status} {response.content[:500]!r}")
+        payload = msgpack.unpackb(response.content) if self.binary else json.loads(response.content)
         chunk = np.asarray(payload["action_chunk"], dtype=np.float32)
         t3 = time.perf_counter()
         return chunk, ((t1 - t0) + (t3 - t2)) * 1000, payload["timing_ms"]
@@ -296,8 +278,9 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
                     max_size=None) as connection:
         metadata = msgpack.unpackb(connection.recv())  # openpi: the metadata frame comes first
         assert metadata["cameras"] == cameras, metadata
-        transports = [Direct(pipeline, frames, proprio, args.steps), JsonHttp(client, frames, proprio, args.steps),
-                      MsgpackHttp(client, frames, proprio, args.steps),
+        transports = [Direct(pipeline, frames, proprio, args.steps),
+                      Http(client, frames, proprio, args.steps, binary=False),
+                      Http(client, frames, proprio, args.steps, binary=True),
                       Websocket(connection, frames, proprio, args.steps)]
         for transport in transports:
             for _ in range(args.warmup):

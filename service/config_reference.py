@@ -122,8 +122,9 @@ def _serve_flags() -> dict[str, str]:
     return flags
 
 
-def _description(model: type[BaseModel], name: str, field: FieldInfo) -> str:
-    return field.description or ""
+def _type_cell(field: FieldInfo) -> str:
+    kind, bounds = _type_name(field.annotation), _constraints(field)
+    return f"{kind} ({bounds})" if bounds else kind
 
 
 def settings_rows() -> list[dict[str, str]]:
@@ -131,15 +132,13 @@ def settings_rows() -> list[dict[str, str]]:
     flags = _serve_flags()
     rows = []
     for name, field in Settings.model_fields.items():
-        kind = _type_name(field.annotation)
-        bounds = _constraints(field)
         rows.append({
             "variable": f"`{prefix}{name.upper()}`",
             "yaml": "" if name == "config" else f"`{name}`",  # the YAML itself
-            "type": f"{kind} ({bounds})" if bounds else kind,
+            "type": _type_cell(field),
             "default": _default(name, field),
             "flag": flags.get(name, ""),
-            "description": _description(Settings, name, field),
+            "description": field.description or "",
         })
     return rows
 
@@ -147,13 +146,11 @@ def settings_rows() -> list[dict[str, str]]:
 def deployment_rows() -> list[dict[str, str]]:
     rows = []
     for name, field in DeploymentSpec.model_fields.items():
-        kind = _type_name(field.annotation)
-        bounds = _constraints(field)
         rows.append({
             "key": f"`{name}`",
-            "type": f"{kind} ({bounds})" if bounds else kind,
+            "type": _type_cell(field),
             "default": _default(name, field),
-            "description": _description(DeploymentSpec, name, field),
+            "description": field.description or "",
         })
     return rows
 
