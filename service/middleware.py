@@ -18,7 +18,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.codecs import DecodeError, encode_response, is_msgpack, unpack_msgpack
+from service.codecs import DecodeError, encode_response, is_msgpack, unpack_msgpack_off_loop
 from service.errors import error_body
 
 logger = logging.getLogger("service.access")
@@ -110,7 +110,7 @@ class BodyCodecMiddleware:
         decoded: dict[str, Any] = {BODY: body}
         if is_msgpack(content_type):
             try:
-                decoded[DECODED_BODY] = unpack_msgpack(body)
+                decoded[DECODED_BODY] = await unpack_msgpack_off_loop(body)
             except DecodeError as e:
                 await self._refuse(scope, receive, send, accept, 400 if "valid msgpack" in str(e) else 422, str(e))
                 return

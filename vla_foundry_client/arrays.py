@@ -5,8 +5,8 @@
 - JSON: ``{"dtype": "<f4", "shape": [2, 3], "data": "<base64>"}``.
 
 ``pack`` and ``unpack`` walk dicts and lists, so a whole request or reply converts in one call.
-Object, void and complex arrays are refused both ways: the server refuses them too, and an
-object array would pickle arbitrary Python objects.
+Only bool, integer and float arrays travel, both ways: the server refuses the others too
+(an object array would pickle arbitrary Python objects).
 """
 
 from __future__ import annotations
@@ -22,19 +22,23 @@ REFUSED_DTYPE_KINDS = {"O": "object", "V": "void", "c": "complex"}
 
 
 def checked_dtype(name: Any) -> np.dtype:
-    """``name`` as a numpy dtype, refusing object, void and complex dtypes."""
+    """``name`` as a numpy dtype; only bool, integer and float dtypes travel (as the server accepts)."""
     try:
         dtype = np.dtype(name if isinstance(name, np.dtype) else str(name))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"unknown array dtype {name!r}") from e
-    if dtype.kind in REFUSED_DTYPE_KINDS:
-        raise ValueError(f"{REFUSED_DTYPE_KINDS[dtype.kind]} arrays cannot travel (dtype {dtype.str!r}); "
-                         "send numeric arrays")
+    if dtype.kind not in "biuf" or dtype.itemsize == 0:
+        kind = REFUSED_DTYPE_KINDS.get(dtype.kind, dtype.name)
+        raise ValueError(f"{kind} arrays cannot travel (dtype {dtype.str!r}); send numeric arrays (bool, int, "
+                         "uint or float)")
     return dtype
 
 
 def pack_array(array: np.ndarray, *, binary: bool) -> dict[str, Any]:
-    """One array in the msgpack (``binary``) or JSON convention."""
+    """One array in the msgpack (``binary``) or JSON convention.
+
+    The msgpack form's ``data`` is a view of ``array`` (no copy): pack the message before the array
+    changes (the clients pack and send at once)."""
     checked_dtype(array.dtype)
     array = np.ascontiguousarray(array)
     # A byte view, not a copy: msgpack copies it once into the message. (tobytes() first costs a fresh

@@ -1,6 +1,6 @@
 """``HttpPolicyClient``: a policy deployment over HTTP, on one keep-alive connection
 (``vla_foundry_client.connection``: the standard library's ``http.client``, the cheapest
-round trip for one robot asking one server; one client per thread).
+round trip for one robot asking one server; threads sharing a client take turns).
 
 Observations are the server's nested form::
 
@@ -15,6 +15,7 @@ with their action arrays as float32 numpy arrays.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -46,6 +47,7 @@ class HttpPolicyClient:
         # The connection stays open between control steps (no TCP handshake per request).
         self._http = KeepAliveConnection(base_url, timeout=timeout)
         self._packer = MessagePacker()
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ the calls
 
@@ -123,12 +125,13 @@ class HttpPolicyClient:
     def _call(self, method: str, path: str, body: Optional[dict] = None) -> dict[str, Any]:
         binary = self.format == "msgpack"
         headers = {"accept": MSGPACK if binary else "application/json"}
-        content = None
-        if body is not None:
-            headers["content-type"] = MSGPACK if binary else "application/json"
-            packed = pack(body, binary=binary)
-            content = self._packer.pack(packed) if binary else json.dumps(packed).encode()
-        reply = self._http.request(method, path, content, headers)
+        with self._lock:  # one exchange at a time: the packed buffer is reused by the next one
+            content = None
+            if body is not None:
+                headers["content-type"] = MSGPACK if binary else "application/json"
+                packed = pack(body, binary=binary)
+                content = self._packer.pack(packed) if binary else json.dumps(packed).encode()
+            reply = self._http.request(method, path, content, headers)
         payload = _decode(reply)
         if reply.status >= 400:
             raise _server_error(reply, payload)

@@ -7,6 +7,7 @@ binary msgpack, arrays in the ``__ndarray__`` convention.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -44,6 +45,7 @@ class WebsocketPolicyClient:
                  max_size: int = 32 * MiB, timeout: Optional[float] = 10.0, policy_type: str = "diffusion_policy"):
         self.url, self.timeout = websocket_url(url, policy_type, model, session_id), timeout
         self._packer = MessagePacker()
+        self._lock = threading.Lock()
         # No per-message compression: deflating camera frames costs milliseconds and saves little.
         try:
             self._ws = connect(self.url, compression=None, max_size=max_size, open_timeout=timeout)
@@ -85,11 +87,12 @@ class WebsocketPolicyClient:
         self.close()
 
     def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
-        try:
-            self._ws.send(self._packer.pack(pack(message, binary=True)))
-        except ConnectionClosed as e:
-            raise _closed_error(e, "the connection is closed") from e
-        return self._receive()
+        with self._lock:  # a reply belongs to the request before it: one exchange at a time
+            try:
+                self._ws.send(self._packer.pack(pack(message, binary=True)))
+            except ConnectionClosed as e:
+                raise _closed_error(e, "the connection is closed") from e
+            return self._receive()
 
     def _receive(self) -> dict[str, Any]:
         """The next binary frame, decoded; the server's error (a text frame, then the close) raised."""

@@ -31,7 +31,7 @@ from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from service.codecs import DecodeError, unpack_msgpack
+from service.codecs import DecodeError, unpack_msgpack_off_loop
 from service.errors import ApiError
 from service.modalities.action import ActionPredictRequest, decode_observation_frames, session_predict
 from service.modalities.base import RequestBase
@@ -138,7 +138,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
                                         f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
                 return
-            obj = unpack_msgpack(data)
+            obj = await unpack_msgpack_off_loop(data)
             if not isinstance(obj, dict):
                 raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
             if obj.get("endpoint") == "reset":

@@ -1,6 +1,7 @@
 """Bad input gets one clear error shape and changes nothing for anyone else."""
 
 import asyncio
+import base64
 import threading
 import time
 
@@ -104,6 +105,37 @@ def test_malformed_bodies_are_400(client):
     response = client.post("/predict/transformer", content=msgpack.packb({"prompt": b"\xff\xfe"}, use_bin_type=True),
                            headers={"content-type": "application/msgpack"})
     assert_error(response, 422, "prompt")
+
+
+CRAFTED_ARRAYS = {  # each once got a 500 from numpy's own errors
+    "subarray dtype": {"dtype": "(99999999999,)u1", "shape": [1], "data": b"\0"},
+    "zero-size dtype": {"dtype": "U", "shape": [1], "data": b""},
+    "unindexable zero-size shape": {"dtype": "|u1", "shape": [0, 2**63], "data": b""},
+    "too many dimensions": {"dtype": "|u1", "shape": [1] * 40, "data": b"\0"},
+    "datetime dtype": {"dtype": "<M8[s]", "shape": [1], "data": b"\0" * 8},
+}
+
+
+@pytest.mark.parametrize("wire", ["json", "msgpack"])
+@pytest.mark.parametrize("array", list(CRAFTED_ARRAYS.values()), ids=list(CRAFTED_ARRAYS))
+def test_crafted_arrays_are_refused_not_crashed_on(client, array, wire):
+    if wire == "msgpack":
+        body = {"prompt_token_ids": {"__ndarray__": True, **array}}
+        response = client.post("/predict/transformer", content=msgpack.packb(body, use_bin_type=True),
+                               headers={"content-type": "application/msgpack"})
+    else:
+        body = {"prompt_token_ids": {**array, "data": base64.b64encode(array["data"]).decode()}}
+        response = client.post("/predict/transformer", json=body)
+    assert_error(response, 422)
+
+
+@pytest.mark.parametrize("depth", [100, 990])  # 990: about Python's recursion limit (msgpack unpacks it)
+def test_deeply_nested_msgpack_is_refused_not_crashed_on(client, depth):
+    body = b"\x82\xa6prompt\xa1a\xa1x" + b"\x91" * depth + b"\x01"  # {"prompt": "a", "x": [[...[1]...]]}
+    assert msgpack.unpackb(body)["prompt"] == "a"
+    response = client.post("/predict/transformer", content=body, headers={"content-type": "application/msgpack"})
+    assert_error(response, 422)
+    assert "deep" in response.json()["error"]["message"]
 
 
 def test_every_body_route_reads_the_unpacked_msgpack_body(client):

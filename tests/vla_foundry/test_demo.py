@@ -91,22 +91,30 @@ def test_concurrent_builds_of_one_pack_build_each_member_once(tmp_path, monkeypa
 
     import vla_foundry.demo as demo
 
-    calls = []
+    calls, second_started = [], threading.Event()
 
-    def slow_build(path, progress):
+    def build(path, progress):
         calls.append(path.name)
-        time.sleep(0.3)  # long enough for the other thread to arrive while this one builds
+        second_started.wait(10)  # the second builder is on its way while this one builds
+        time.sleep(0.1)
         (path / "checkpoints").mkdir(parents=True)
         (path / "config_model.yaml").write_text("type: transformer\n")
         (path / "checkpoints" / "checkpoint_1.pt").write_bytes(b"")
 
-    monkeypatch.setattr(demo, "BUILDERS", {"member-a": slow_build, "member-b": slow_build})
-    threads = [threading.Thread(target=demo.ensure_demo_pack, args=(tmp_path,), kwargs={"progress": False})
-               for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    def second():
+        second_started.set()
+        demo.ensure_demo_pack(tmp_path, progress=False)
+
+    monkeypatch.setattr(demo, "BUILDERS", {"member-a": build, "member-b": build})
+    first = threading.Thread(target=demo.ensure_demo_pack, args=(tmp_path,), kwargs={"progress": False})
+    first.start()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:  # the first builder is inside member-a
+        time.sleep(0.01)
+    other = threading.Thread(target=second)
+    other.start()
+    first.join()
+    other.join()
     assert sorted(calls) == ["member-a", "member-b"]
     assert all(demo.is_built(tmp_path / name) for name in ("member-a", "member-b"))
     (tmp_path / ".build.lock").unlink()
