@@ -48,7 +48,8 @@ def error_response(request: Optional[Request], status: int, message: str, field:
 _PLAIN_TYPE_LABELS = {"str", "int", "float", "bool", "bytes", "none", "dict", "list"}  # no request field has these names
 
 
-def _field_of(loc: tuple) -> Optional[str]:
+def field_of_loc(loc: tuple) -> Optional[str]:
+    """A pydantic error location → the request field it names (``observation.images.front``)."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     # Drop pydantic's union-branch labels (e.g. "list[int]", "str") so the field reads like the request.
     parts = [p for p in parts if "[" not in p and "function-" not in p and p not in _PLAIN_TYPE_LABELS]
@@ -56,7 +57,7 @@ def _field_of(loc: tuple) -> Optional[str]:
 
 
 def _validation_message(err: dict) -> str:
-    field = _field_of(tuple(err.get("loc", ())))
+    field = field_of_loc(tuple(err.get("loc", ())))
     if err.get("type") == "missing":
         return f"{field} is required"
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
@@ -97,7 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(original, InvalidInputError):  # cross-field checks name their field themselves
             message, field, status = str(original), original.field, _input_status(original)
         else:
-            message, field = _validation_message(first), _field_of(tuple(first.get("loc", ())))
+            message, field = _validation_message(first), field_of_loc(tuple(first.get("loc", ())))
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return error_response(request, status, message, field)

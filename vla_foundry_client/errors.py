@@ -15,7 +15,7 @@ class PolicyServerError(Exception):
     ``status`` is the HTTP status (422, 409, 503, …) or, over the websocket, the close code (1008 bad
     input, 1009 frame too big, 1011 server fault, 1013 try again later). ``type`` is the server's
     error type (``invalid_value``, ``stale_observation``, ``unavailable``, …), ``field`` the request
-    field at fault when the server names one (HTTP only: websocket errors carry a message alone),
+    field at fault when the server names one (over the websocket, in the close frame's reason),
     ``retry_after`` the seconds a 503 asks to wait.
     """
 

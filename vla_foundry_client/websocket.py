@@ -119,5 +119,8 @@ class WebsocketPolicyClient:
 def _closed_error(closed: ConnectionClosed, message: str) -> PolicyServerError:
     code = closed.rcvd.code if closed.rcvd is not None else 1006  # 1006: closed without a close frame
     reason = closed.rcvd.reason if closed.rcvd is not None and closed.rcvd.reason else ""
+    field = None
+    if reason.startswith("field="):  # the server names the field at fault in the close reason
+        field, reason = reason[len("field="):], ""
     return PolicyServerError(code, WEBSOCKET_CLOSE_TYPES.get(code, "connection_closed"),
-                             message + (f" ({reason})" if reason and reason not in message else ""))
+                             message + (f" ({reason})" if reason and reason not in message else ""), field)

@@ -15,7 +15,8 @@ Observations are the HTTP body (``{"observation": {...}, "seed": …}``) or open
 concatenated) or ``observation/<field>``, ``prompt``. Arrays use the ``__ndarray__``
 convention. The connection is a session (``?session_id=`` names it, else one per
 connection), so a robot may send only the current step. Errors: a text frame with the
-message, then close 1008 (bad input) or 1011 (server fault); never a traceback.
+message, then close 1008 (bad input) or 1011 (server fault), whose reason is
+``field=<the field at fault>`` when there is one; never a traceback.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint's real annotations.
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from service.codecs import DecodeError, unpack_msgpack_off_loop
-from service.errors import ApiError
+from service.errors import ApiError, field_of_loc
 from service.modalities.action import ActionPredictRequest, decode_observation_frames, session_predict
 from service.modalities.base import RequestBase
 from service.settings import Settings
@@ -42,6 +43,7 @@ from vla_foundry.models.registry import list_registered_models, model_modality
 logger = logging.getLogger(__name__)
 
 POLICY_VIOLATION, TOO_BIG, INTERNAL_ERROR, TRY_AGAIN_LATER = 1008, 1009, 1011, 1013
+MAX_CLOSE_REASON = 123  # bytes a close frame's reason may hold; fields are ASCII
 TOP_LEVEL = {"seed", "num_inference_steps", "noise", "timestamp", "step", "past_actions"}
 
 
@@ -155,10 +157,10 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             async with entry.lock:
                 timed = await deployment.run(session_predict, body, entry.policy)
         except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
-            await _close(websocket, _message(e), POLICY_VIOLATION)
+            await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))
             return
         except ApiError as e:
-            await _close(websocket, e.message, POLICY_VIOLATION if e.status < 500 else INTERNAL_ERROR)
+            await _close(websocket, e.message, POLICY_VIOLATION if e.status < 500 else INTERNAL_ERROR, e.field)
             return
         except Exception:  # logged here; the client gets no traceback
             logger.exception("websocket %s: inference failed", entry.id)
@@ -189,9 +191,22 @@ def _message(error: Exception) -> str:
     return str(error)
 
 
-async def _close(websocket: WebSocket, message: str, code: int) -> None:
+def _field(error: Exception) -> Optional[str]:
+    """The request field an error names, as the HTTP error body's ``field`` has it."""
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        original = (first.get("ctx") or {}).get("error")
+        if isinstance(original, InvalidInputError):  # raised by a model validator: it names its field itself
+            return original.field
+        return field_of_loc(tuple(first.get("loc", ())))
+    return getattr(error, "field", None)
+
+
+async def _close(websocket: WebSocket, message: str, code: int, field: Optional[str] = None) -> None:
+    """The error as a text frame, then the close; the close reason carries the field (at most 123 bytes)."""
+    reason = f"field={field}"[:MAX_CLOSE_REASON] if field else None
     try:
         await websocket.send_text(message)
-        await websocket.close(code)
+        await websocket.close(code, reason)
     except Exception:  # the client is already gone
         pass

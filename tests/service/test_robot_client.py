@@ -230,7 +230,7 @@ def test_websocket_refusal_closes_with_the_message(server):
         with pytest.raises(PolicyServerError) as refused:
             ws.infer(observation)
         assert refused.value.status == 1008 and refused.value.type == "invalid_value"
-        assert "wrist" in refused.value.message
+        assert "wrist" in refused.value.message and refused.value.field == "observation.images.wrist"
         with pytest.raises(PolicyServerError):  # the server closed the connection
             ws.infer(current_step())
     with pytest.raises(PolicyServerError, match="no-such-policy") as unknown:

@@ -52,13 +52,15 @@ def infer(ws, observation: dict) -> dict:
     return msgpack.unpackb(ws.recv(timeout=30))
 
 
-def closed_with(ws, code: int) -> str:
-    """The error text frame, then the close code."""
+def closed_with(ws, code: int, reason: str = "") -> str:
+    """The error text frame, then the close code (and reason: ``field=<field>`` when the server names one)."""
     text = ws.recv(timeout=30)
     assert isinstance(text, str) and "Traceback" not in text
     with pytest.raises(ConnectionClosed) as closed:
         ws.recv(timeout=30)
     assert closed.value.rcvd.code == code, closed.value
+    if reason:
+        assert closed.value.rcvd.reason == reason
     return text
 
 
@@ -111,8 +113,8 @@ def test_bad_frames_close_that_connection_only(server, case):
                     ws.recv(timeout=30)
                 assert closed.value.rcvd.code == 1009
             else:
-                message = closed_with(ws, code)
-                assert message
+                reason = "field=observation.images.wrist" if case == "missing camera" else ""
+                assert closed_with(ws, code, reason)
         after = infer(other, {**flat_observation(6), "seed": 1})  # the other session carries on
         assert after["step"] > before["step"]
 
