@@ -11,7 +11,7 @@ position and the instruction. The server's session keeps the history the policy 
 ``ActionChunkBroker`` asks for a new chunk every ``n_action_steps`` steps. The robot is
 ``vla_foundry.demo.reach_task`` (numpy only): move the agent onto the target the instruction names.
 
-The client (``vla_foundry_client``) needs only numpy, httpx, msgpack and websockets; the simulated
+The client (``vla_foundry_client``) needs only numpy, msgpack and websockets; the simulated
 robot comes from the ``vla_foundry`` package, so this example runs where that is installed.
 """
 
