@@ -110,6 +110,10 @@ class KeepAliveConnection:
         if sock is None:
             return False
         try:
+            if hasattr(select, "poll"):  # poll, not select: select refuses descriptors above 1023
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                return bool(poller.poll(0))
             return bool(select.select([sock], [], [], 0)[0])
         except (OSError, ValueError):  # already closed
             return True
