@@ -65,7 +65,7 @@ from vla_foundry.robotics.stats import field_stats
 PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
 PAST, FUTURE = 1, 7
 SEED = 0
-TRANSPORTS = ("direct", "JSON HTTP", "msgpack HTTP", "websocket")
+TRANSPORTS = ("direct", "raw TCP floor", "JSON HTTP", "msgpack HTTP", "websocket")
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -147,6 +147,72 @@ def serve(checkpoint: Path, threads: int | None, timeout: float = 180) -> Iterat
         log.close()
 
 
+def serve_floor(port: int, checkpoint: Path, cameras: list[str], size: int) -> None:
+    """The floor server: the same pipeline behind the least a server can be here (an event loop, one model
+    thread, a TCP socket, no HTTP and no parsing). A request is an 8-byte length, then the frames' raw bytes
+    (cameras in order) and the [P+1][7] float32 proprioception; the reply an 8-byte length, then the chunk's
+    float32 bytes."""
+    import asyncio
+    import concurrent.futures
+
+    pipeline = load_pipeline(checkpoint, device="cpu")
+    pipeline.warmup()
+    names = dict(zip(pipeline.robot_io.camera_names, pipeline.robot_io.image_names))
+    frame_bytes = size * size * 3
+    model_thread = concurrent.futures.ThreadPoolExecutor(1)
+
+    def predict(payload: bytes) -> bytes:
+        frames = {names[cam]: np.frombuffer(payload, np.uint8, frame_bytes, i * frame_bytes).reshape(size, size, 3)
+                  for i, cam in enumerate(cameras)}
+        proprio = np.frombuffer(payload, np.float32, offset=len(cameras) * frame_bytes).reshape(PAST + 1, DIM)
+        out = pipeline.predict([RawObservation(frames, {PROPRIO: proprio}, "")], num_inference_steps=steps,
+                               seed=SEED)
+        return out["action_chunk"][0].astype(np.float32).tobytes()
+
+    class Floor(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buffer = transport, bytearray()
+
+        def data_received(self, data):
+            self.buffer += data
+            if len(self.buffer) >= 8 and len(self.buffer) >= 8 + int.from_bytes(self.buffer[:8], "little"):
+                payload, self.buffer = bytes(self.buffer[8:]), bytearray()
+                asyncio.ensure_future(self.answer(payload))
+
+        async def answer(self, payload):
+            reply = await asyncio.get_running_loop().run_in_executor(model_thread, predict, payload)
+            self.transport.write(len(reply).to_bytes(8, "little") + reply)
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Floor, "127.0.0.1", port)
+        print("ready", flush=True)
+        await server.serve_forever()
+
+    steps = int(os.environ["FLOOR_STEPS"])
+    try:
+        import uvloop  # what uvicorn runs on, where installed
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+@contextmanager
+def floor_server(checkpoint: Path, cameras: list[str], size: int, steps: int, threads: int | None) -> Iterator[int]:
+    port = free_port()
+    env = {**os.environ, "FLOOR_STEPS": str(steps)}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-serve", str(port), str(checkpoint), ",".join(cameras),
+                             str(size)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("the floor server did not start")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 # ----------------------------------------------------------------------------- wire forms
 
 
@@ -198,6 +264,34 @@ class Direct(Transport):
         out = self.pipeline.predict([sample], num_inference_steps=self.steps, seed=SEED)
         timing = out["timing_ms"]
         return out["action_chunk"][0], 0.0, {"preprocess": timing["preprocess"], "infer": timing["infer"]}
+
+
+class Floor(Transport):
+    """The floor server's raw TCP protocol: one sendmsg of the frames' and proprioception's own buffers."""
+
+    def __init__(self, port: int, frames, proprio):
+        super().__init__("raw TCP floor")
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.frames, self.proprio = list(frames.values()), proprio
+
+    def request(self):
+        parts = [memoryview(np.ascontiguousarray(f)).cast("B") for f in self.frames] + \
+                [memoryview(np.ascontiguousarray(self.proprio, dtype=np.float32)).cast("B")]
+        parts.insert(0, memoryview(sum(len(p) for p in parts).to_bytes(8, "little")))
+        while parts:
+            sent = self.sock.sendmsg(parts)
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts.pop(0))
+            if parts:
+                parts[0] = parts[0][sent:]
+        reply = b""
+        while len(reply) < 8 or len(reply) < 8 + int.from_bytes(reply[:8], "little"):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise SystemExit("the floor server closed the connection")
+            reply += chunk
+        return np.frombuffer(reply, np.float32, offset=8).reshape(PAST + 1 + FUTURE, DIM), 0.0, {}
 
 
 class Http(Transport):
@@ -275,10 +369,12 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
     pipeline.warmup()
     with serve(checkpoint, args.threads) as base, closing(KeepAliveConnection(base, timeout=60)) as client, \
             connect(base.replace("http://", "ws://") + "/ws/diffusion_policy", compression=None,
-                    max_size=None) as connection:
+                    max_size=None) as connection, \
+            floor_server(checkpoint, cameras, args.size, args.steps, args.threads) as floor_port:
         metadata = msgpack.unpackb(connection.recv())  # openpi: the metadata frame comes first
         assert metadata["cameras"] == cameras, metadata
         transports = [Direct(pipeline, frames, proprio, args.steps),
+                      Floor(floor_port, frames, proprio),
                       Http(client, frames, proprio, args.steps, binary=False),
                       Http(client, frames, proprio, args.steps, binary=True),
                       Websocket(connection, frames, proprio, args.steps)]
@@ -288,7 +384,7 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
         # Same checkpoint, seed and inputs ⇒ the same chunk over HTTP as in process (the websocket's session
         # conditions on its previous plan, so its chunk differs after the first request).
         direct = transports[0].last_chunk
-        for transport in transports[1:3]:
+        for transport in transports[1:4]:
             if not np.allclose(transport.last_chunk, direct, atol=1e-4):
                 print(f"  warning: {transport.name} actions differ from the direct call's")
         for _ in range(args.requests):
@@ -350,19 +446,24 @@ def report(n_cameras: int, args, results: dict[str, Any]) -> None:
     print(f"\n{n_cameras} camera{'s' if n_cameras > 1 else ''} ({args.size}x{args.size} uint8, {payload_kib:.0f} KiB "
           f"raw), {args.steps} steps, {args.requests} requests each")
     direct_p50 = statistics.median(results["direct"].total_ms)
-    print(f"  {'transport':<13} {'p50 ms':>8} {'p99 ms':>8} {'overhead p50':>13} {'client codec':>13}  goal")
+    floor_p50 = statistics.median(results["raw TCP floor"].total_ms)
+    print(f"  {'transport':<13} {'p50 ms':>8} {'p99 ms':>8} {'overhead p50':>13} {'over floor':>11} "
+          f"{'client codec':>13}  goal")
     for name in TRANSPORTS:
         t = results[name]
         p50, p99 = statistics.median(t.total_ms), percentile(t.total_ms, 99)
         overhead = "" if name == "direct" else f"{p50 - direct_p50:+10.2f} ms"
-        codec = "" if name == "direct" else f"{statistics.median(t.client_ms):10.2f} ms"
+        over_floor = "" if name in ("direct", "raw TCP floor") else f"{p50 - floor_p50:+8.2f} ms"
+        codec = "" if name in ("direct", "raw TCP floor") else f"{statistics.median(t.client_ms):10.2f} ms"
         goal = ""
         if name in ("msgpack HTTP", "websocket"):
             goal = "met" if p50 - direct_p50 <= 1.0 else "NOT met"
-        print(f"  {name:<13} {p50:8.2f} {p99:8.2f} {overhead:>13} {codec:>13}  {goal}")
+        print(f"  {name:<13} {p50:8.2f} {p99:8.2f} {overhead:>13} {over_floor:>11} {codec:>13}  {goal}")
     print("  server-reported medians (ms):")
     for name in TRANSPORTS:
         t = results[name]
+        if not t.server:
+            continue
         parts = ", ".join(f"{key} {statistics.median(values):.2f}" for key, values in t.server.items())
         extra = ""
         # Round trip − client codec − the server's own total: the HTTP stack, middleware (msgpack unpacking), body
@@ -387,12 +488,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="timed requests per transport")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests per transport first")
     parser.add_argument("--steps", type=int, default=5, help="denoising steps per request")
+    parser.add_argument("--floor-serve", nargs=4, metavar=("PORT", "CHECKPOINT", "CAMERAS", "SIZE"),
+                        help=argparse.SUPPRESS)  # the floor server's process
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads here and in the server (OMP_NUM_THREADS); default: torch's own. On a "
                              "CPU shared with other jobs, 1 keeps OpenMP from thrashing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.floor_serve:
+        port, checkpoint, cameras, size = args.floor_serve
+        serve_floor(int(port), Path(checkpoint), cameras.split(","), int(size))
+        return
 
     counts = [int(c) for c in args.cameras.split(",")]
     print(f"diffusion_policy, ViT 32 px + transformer width 64, P={PAST} F={FUTURE}, proprio/action dim {DIM} | "

@@ -26,13 +26,18 @@ class ScriptedServer:
     - "reply-then-close": a keep-alive reply, then the socket is closed (as an idle timeout does);
     - "drop": the socket is closed on the first request, without a reply;
     - "reply-then-partial": a keep-alive reply to the first request; to the second on the same connection,
-      half a reply, then a reset.
+      half a reply, then a reset;
+    - "raw": each request gets the next of ``replies`` as it is (the connection is closed after the last one);
+      the requests are kept in ``received``.
     """
 
-    def __init__(self, script: str):
+    def __init__(self, script: str, replies: tuple[bytes, ...] = ()):
         self.script = script
+        self.replies = list(replies)
+        self.received: list[bytes] = []
         self.requests = 0
         self.connections = 0
+        self.closed = threading.Semaphore(0)  # released each time the server has closed a connection
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -46,10 +51,15 @@ class ScriptedServer:
                 return
             self.connections += 1
             with conn:
-                for index in range(2):
-                    if not _read_request(conn):
+                for index in range(2 if self.script != "raw" else len(self.replies)):
+                    request = _read_request(conn)
+                    if not request:
                         break
                     self.requests += 1
+                    self.received.append(request)
+                    if self.script == "raw":
+                        conn.sendall(self.replies[index])
+                        continue
                     if self.script == "drop":
                         break
                     if self.script == "reply-then-partial" and index == 1:
@@ -59,6 +69,7 @@ class ScriptedServer:
                     conn.sendall(REPLY)  # keep-alive (no "connection: close")
                     if self.script == "reply-then-close":
                         break
+            self.closed.release()
 
     def close(self) -> None:
         self._sock.close()
@@ -76,7 +87,7 @@ def _read_request(conn: socket.socket) -> bytes:
     length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
     while len(body) < length:
         body += conn.recv(65536)
-    return request
+    return head + b"\r\n\r\n" + body
 
 
 def test_a_connection_closed_while_idle_is_reopened_and_the_request_sent_again():
@@ -86,6 +97,7 @@ def test_a_connection_closed_while_idle_is_reopened_and_the_request_sent_again()
         for _ in range(3):
             reply = connection.request("POST", "/predict/diffusion_policy", b"{}", {"content-type": "application/json"})
             assert (reply.status, reply.content, reply.content_type) == (200, b"{}", "application/json")
+            assert server.closed.acquire(timeout=5)  # the idle connection is closed before the next request
     finally:
         connection.close()
         server.close()
@@ -127,3 +139,58 @@ def test_a_refused_connection_raises_and_a_bad_url_is_named():
         KeepAliveConnection(f"http://127.0.0.1:{port}", timeout=5).request("GET", "/models")
     with pytest.raises(ValueError, match="ftp://robot"):
         KeepAliveConnection("ftp://robot")
+
+
+def _exchange(replies: tuple[bytes, ...], requests: int = 1, body: bytes = b"{}"):
+    server = ScriptedServer("raw", replies)
+    connection = KeepAliveConnection(server.url + "/prefix", timeout=5)
+    try:
+        got = [connection.request("POST", "/predict/x", body, {"content-type": "application/msgpack"})
+               for _ in range(requests)]
+    finally:
+        connection.close()
+        server.close()
+    return got, server
+
+
+def test_the_request_head_and_a_large_body_arrive_whole():
+    body = bytes(range(256)) * (20 * 1024)  # 5 MiB: more than one sendmsg takes
+    (reply,), server = _exchange((REPLY,), body=body)
+    head, _, received_body = server.received[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /prefix/predict/x HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.url.rsplit(':', 1)[1]}".encode() in lines
+    assert f"Content-Length: {len(body)}".encode() in lines and b"content-type: application/msgpack" in lines
+    assert received_body == body and reply.status == 200
+
+
+def test_chunked_close_delimited_and_interim_replies_are_read():
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Part: a\r\nx-part: b\r\n\r\n"
+               b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: t\r\n\r\n")
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" + REPLY
+    to_the_end = b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 2\r\n\r\nbusy, then closed"
+    (first, second, third), server = _exchange((chunked, interim, to_the_end), requests=3)
+    assert (first.status, first.content, first.headers.get("X-PART")) == (200, b"hello world", "a, b")
+    assert (second.status, second.content, second.content_type) == (200, b"{}", "application/json")
+    assert (third.status, third.reason, third.content) == (503, "Service Unavailable", b"busy, then closed")
+    assert third.headers["retry-after"] == "2" and "Retry-After" in third.headers
+    assert server.connections == 1  # chunked and Content-Length replies keep the connection
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+                                   b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nz\r\n",
+                                   b"HTTP/1.1 200 OK\r\ncontent-length: ten\r\n\r\n",
+                                   b"ICY 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"],
+                         ids=["truncated", "bad-chunk-size", "bad-length", "bad-status-line", "bad-header"])
+def test_a_malformed_or_truncated_reply_raises(reply):
+    with pytest.raises(http.client.HTTPException):
+        _exchange((reply,))
+
+
+@pytest.mark.parametrize("method,path,headers", [
+    ("POST", "/x", {"x-robot": "1\r\nX-Injected: yes"}), ("POST", "/x", {"bad name": "1"}),
+    ("POST", "/x y", {}), ("GET\r\n", "/x", {}), ("POST", "x", {})])
+def test_a_request_that_would_smuggle_a_header_or_line_is_refused(method, path, headers):
+    connection = KeepAliveConnection("http://127.0.0.1:1", timeout=5)
+    with pytest.raises(ValueError):
+        connection.request(method, path, b"{}", headers)

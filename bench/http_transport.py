@@ -1,0 +1,152 @@
+"""HTTP transport alone: a request body's round trip through uvicorn, per server protocol and client.
+
+    python bench/http_transport.py [--sizes 1,150,450] [--requests 400] [--delay-ms 0]
+
+Two uvicorn servers run a bare ASGI app that reads the whole body and answers 1.4 KB (as a
+policy reply is), on loopback: one with uvicorn's httptools protocol as shipped (it stops
+reading a body at 64 KiB unread), one with ``service.protocols.WholeBodyHttpToolsProtocol``
+(what ``vla-foundry serve`` runs). Each is asked by the standard library's ``http.client``
+and by ``vla_foundry_client.connection.KeepAliveConnection`` (the robot client's), each on
+one keep-alive connection. The four pairs are interleaved request by request, so drift on
+a shared CPU hits all alike; --delay-ms makes the app wait before answering (as a model
+runs) and --pause-ms makes the client wait between requests (as a robot's control loop
+does), which let both processes' CPUs go idle as they do in a real round trip.
+Printed: p50 and p99 round trip per body size and pair, and each pair's p50 over the
+shipped-protocol, ``http.client`` pair's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from vla_foundry_client.connection import KeepAliveConnection  # noqa: E402
+
+REPLY = b"x" * 1400
+
+
+def serve(port: int, protocol: str, delay_ms: float) -> None:
+    """The server process: ``protocol`` is "shipped" or "whole-body"."""
+    import uvicorn
+
+    from service.protocols import http_protocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False)
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream"),
+                                (b"content-length", str(len(REPLY)).encode())]})
+        await send({"type": "http.response.body", "body": REPLY})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off",
+                http="httptools" if protocol == "shipped" else http_protocol())
+
+
+class StdlibClient:
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def post(self, body: bytes) -> bytes:
+        try:
+            self.conn.request("POST", "/", body, {"content-type": "application/octet-stream"})
+            return self.conn.getresponse().read()
+        except BaseException:
+            self.conn.close()  # http.client cannot send on a connection left mid-request
+            raise
+
+
+class OurClient:
+    def __init__(self, port: int):
+        self.conn = KeepAliveConnection(f"http://127.0.0.1:{port}", timeout=30)
+
+    def post(self, body: bytes) -> bytes:
+        return self.conn.request("POST", "/", body, {"content-type": "application/octet-stream"}).content
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(client) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.post(b"")
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("a server did not start within 60 s")
+            time.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,150,450", help="body sizes in KiB, comma-separated")
+    parser.add_argument("--requests", type=int, default=400, help="timed requests per pair and size")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="the app waits this long before answering")
+    parser.add_argument("--pause-ms", type=float, default=1.0, help="the client pauses this long between requests")
+    parser.add_argument("--serve", nargs=2, metavar=("PORT", "PROTOCOL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(int(args.serve[0]), args.serve[1], args.delay_ms)
+        return
+
+    servers, pairs = [], {}
+    try:
+        for protocol in ("shipped", "whole-body"):
+            port = free_port()
+            servers.append(subprocess.Popen([sys.executable, __file__, "--serve", str(port), protocol,
+                                             "--delay-ms", str(args.delay_ms)]))
+            for name, cls in (("http.client", StdlibClient), ("KeepAliveConnection", OurClient)):
+                client = cls(port)
+                wait_up(client)
+                pairs[f"{protocol} protocol + {name}"] = client
+        print(f"uvicorn bare app, loopback, {os.cpu_count()} cores, reply {len(REPLY)} B, app delay {args.delay_ms} ms, "
+          f"client pause {args.pause_ms} ms")
+        for kib in (float(s) for s in args.sizes.split(",")):
+            body = np.random.default_rng(0).integers(0, 256, int(kib * 1024), dtype=np.uint8).tobytes()
+            times: dict[str, list[float]] = {name: [] for name in pairs}
+            for i in range(args.warmup + args.requests):
+                for name, client in pairs.items():
+                    start = time.perf_counter()
+                    assert client.post(body) == REPLY
+                    if i >= args.warmup:
+                        times[name].append((time.perf_counter() - start) * 1000)
+                    time.sleep(args.pause_ms / 1000)
+            base = statistics.median(times["shipped protocol + http.client"])
+            print(f"\nbody {kib:g} KiB, {args.requests} requests each")
+            print(f"  {'pair':<44} {'p50 ms':>8} {'p99 ms':>8} {'p50 / first':>12}")
+            for name, values in times.items():
+                p50 = statistics.median(values)
+                print(f"  {name:<44} {p50:8.3f} {np.percentile(values, 99):8.3f} {p50 / base:12.2f}")
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
