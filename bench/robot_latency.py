@@ -8,23 +8,29 @@ For each camera count a tiny random-weight `diffusion_policy` (ViT backbone, 32 
 7 values; flow matching) is saved in a temporary directory, served by `vla-foundry serve` on
 a loopback port (CPU, warm-up on), and asked for one action chunk per request with one
 --size × --size uint8 frame per camera, the [P+1][7] proprioception rows, --steps denoising
-steps and the same seed every time, four ways:
+steps and the same seed every time, five ways:
 - `direct`: `ActionPipeline.predict([RawObservation(...)])` in this process (same checkpoint);
+- `raw TCP floor`: the same pipeline in a second process behind the least a server can be
+  here: an event loop (uvloop, as uvicorn runs), one model thread, a length-prefixed TCP
+  message of the raw frames and rows, no HTTP, no parsing, no validation. Its overhead is
+  what the process boundary and the thread handoffs cost on this host, which no protocol
+  can go below; `over floor` is what the real server adds on top;
 - `JSON HTTP`: `POST /predict/diffusion_policy`, frames as typed arrays with base64 data;
 - `msgpack HTTP`: the same route with msgpack body and reply (raw bytes under `__ndarray__`);
 - `websocket`: `/ws/diffusion_policy`, openpi's flat keys (`observation/<camera>`,
   `observation/state`) in binary msgpack frames over one connection.
-The HTTP transports reuse one keep-alive connection (`vla_foundry_client.connection`, the
-robot client's); the websocket one connection. A
-round trip is timed with `time.perf_counter()` from the raw arrays to the decoded action
+The HTTP transports reuse one keep-alive connection and the websocket one connection, both
+the robot client's (`vla_foundry_client.connection`, `vla_foundry_client.websocket_connection`).
+A round trip is timed with `time.perf_counter()` from the raw arrays to the decoded action
 chunk, so the client's encoding and decoding count (a robot pays them every step). Each
 transport is warmed up with --warmup requests, then the --requests timed requests are
-interleaved (direct, JSON, msgpack, websocket, direct, …) so drift on a shared CPU hits all
-alike. Printed: p50/p99 per transport, the overhead over the direct call (p50 − direct
-p50), the client's encode+decode median, and the server-reported timing medians (HTTP
-`timing_ms`: queue/preprocess/infer/total; websocket `server_timing`: queue/infer/previous
-frame's total, and what is left outside the handler), then the server's own decoding steps
-for the same bodies timed in this process (`service.codecs`, pydantic, frame decoding).
+interleaved (direct, floor, JSON, msgpack, websocket, direct, …) so drift on a shared CPU
+hits all alike. Printed: p50/p99 per transport, the overhead over the direct call (p50 −
+direct p50) and over the floor, the client's encode+decode median, and the server-reported
+timing medians (HTTP `timing_ms`: queue/preprocess/infer/total; websocket `server_timing`:
+queue/infer (the model thread's whole run, preprocessing included)/previous frame's total,
+and what is left outside the handler), then the server's own decoding steps for the same
+bodies timed in this process (`service.codecs`, pydantic, frame decoding).
 The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a 2-core CPU host (README: Latency).
 """
 
@@ -60,6 +66,7 @@ from vla_foundry.robotics.observations import RawObservation
 from vla_foundry.robotics.robot_io import RobotIO, image_names_for
 from vla_foundry_client.arrays import MessagePacker, pack_array, unpack_array
 from vla_foundry_client.connection import KeepAliveConnection
+from vla_foundry_client.websocket_connection import WebsocketConnection
 from vla_foundry.robotics.stats import field_stats
 
 PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
@@ -358,8 +365,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
-    from websockets.sync.client import connect
-
     cameras = [f"cam{i}" for i in range(n_cameras)]
     checkpoint = build_policy(workdir / f"policy-{n_cameras}cam", cameras, args.size)
     rng = np.random.default_rng(n_cameras)
@@ -368,8 +373,8 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
     pipeline = load_pipeline(checkpoint, device="cpu")
     pipeline.warmup()
     with serve(checkpoint, args.threads) as base, closing(KeepAliveConnection(base, timeout=60)) as client, \
-            connect(base.replace("http://", "ws://") + "/ws/diffusion_policy", compression=None,
-                    max_size=None) as connection, \
+            closing(WebsocketConnection(base.replace("http://", "ws://") + "/ws/diffusion_policy",
+                                        max_size=None)) as connection, \
             floor_server(checkpoint, cameras, args.size, args.steps, args.threads) as floor_port:
         metadata = msgpack.unpackb(connection.recv())  # openpi: the metadata frame comes first
         assert metadata["cameras"] == cameras, metadata

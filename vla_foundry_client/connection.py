@@ -292,10 +292,17 @@ class KeepAliveConnection:
         if self._buffer:
             return True
         try:
-            if hasattr(select, "poll"):  # poll, not select: select refuses descriptors above 1023
-                poller = select.poll()
-                poller.register(self._sock, select.POLLIN)
-                return bool(poller.poll(0))
-            return bool(select.select([self._sock], [], [], 0)[0])
+            return readable(self._sock)
         except (OSError, ValueError):  # already closed
             return True
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether reading ``sock`` would not block (data, or the connection's end, has arrived)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    if hasattr(select, "poll"):  # poll, not select: select refuses descriptors above 1023
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])

@@ -13,9 +13,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgpack
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import connect
 
 from vla_foundry_client.arrays import MessagePacker, pack, unpack
+from vla_foundry_client.websocket_connection import WebsocketConnection
 from vla_foundry_client.errors import WEBSOCKET_CLOSE_TYPES, PolicyServerError
 
 MiB = 1024 * 1024
@@ -46,9 +46,10 @@ class WebsocketPolicyClient:
         self.url, self.timeout = websocket_url(url, policy_type, model, session_id), timeout
         self._packer = MessagePacker()
         self._lock = threading.Lock()
-        # No per-message compression: deflating camera frames costs milliseconds and saves little.
+        # One connection read in this thread (no reader thread to hand replies over), without per-message
+        # compression (deflating camera frames costs milliseconds and saves little).
         try:
-            self._ws = connect(self.url, compression=None, max_size=max_size, open_timeout=timeout)
+            self._ws = WebsocketConnection(self.url, max_size=max_size, open_timeout=timeout)
         except InvalidStatus as e:  # refused before the upgrade: a wrong path, say
             status = e.response.status_code
             body = e.response.body.decode("utf-8", "replace")[:500] if e.response.body else ""
