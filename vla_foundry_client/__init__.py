@@ -1,5 +1,5 @@
-"""A robot's client for VLA Foundry Serve policies: numpy, msgpack and websockets only (HTTP from the
-standard library).
+"""A robot's client for VLA Foundry Serve policies: numpy, msgpack and websockets only (HTTP on the
+standard library's sockets).
 
 The robot loop, with the server keeping the history (so each step sends only the current
 frame and proprioception row)::

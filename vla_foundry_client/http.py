@@ -1,6 +1,6 @@
 """``HttpPolicyClient``: a policy deployment over HTTP, on one keep-alive connection
-(``vla_foundry_client.connection``: the standard library's ``http.client``, the cheapest
-round trip for one robot asking one server; threads sharing a client take turns).
+(``vla_foundry_client.connection``: HTTP/1.1 on a plain socket, the cheapest round trip for
+one robot asking one server; threads sharing a client take turns).
 
 Observations are the server's nested form::
 
