@@ -40,6 +40,7 @@ _SEND_FAILED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _MAX_HEAD_BYTES = 64 * 1024  # a reply head longer than this is refused (as http.client does, per line)
 _READ_BYTES = 256 * 1024
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP method or header name (RFC 9110 token)
+_UNSAFE_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")  # controls and spaces would end or split the request line
 _STATUS_LINE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
 
 
@@ -135,9 +136,11 @@ class KeepAliveConnection:
         target = self._prefix + path
         if not _TOKEN.match(method.encode("latin-1", errors="replace")):
             raise ValueError(f"invalid HTTP method {method!r}")
-        if not target.startswith("/") or any(c in target for c in " \r\n\t\x00"):
-            raise ValueError(f"invalid request path {target!r}: it must start with '/' and hold no spaces or "
-                             "control characters (quote them)")
+        if body is not None and not memoryview(body).c_contiguous:
+            raise ValueError("the request body must be contiguous bytes")
+        if not target.startswith("/") or not target.isascii() or _UNSAFE_IN_TARGET.search(target):
+            raise ValueError(f"invalid request path {target!r}: it must start with '/' and hold only printable "
+                             "ASCII without spaces (quote the rest)")
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}"]
         given = {name.lower() for name in headers}
         for name, value in headers.items():
@@ -154,13 +157,14 @@ class KeepAliveConnection:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _send(self, sock: socket.socket, head: bytes, body: Optional[Body]) -> None:
-        if body is None or len(body) == 0:
+        data = None if body is None else memoryview(body).cast("B")
+        if data is None or data.nbytes == 0:
             sock.sendall(head)
         elif isinstance(sock, ssl.SSLSocket):  # TLS sockets have no sendmsg
             sock.sendall(head)
-            sock.sendall(body)
+            sock.sendall(data)
         else:
-            parts = [memoryview(head), memoryview(body).cast("B")]
+            parts = [memoryview(head), data]
             while parts:  # sendmsg may take only part of them: send the rest
                 sent = sock.sendmsg(parts)
                 while parts and sent >= len(parts[0]):

@@ -48,6 +48,7 @@ class WebsocketConnection:
         self._fragments: list[bytes] = []
         self._fragment_opcode: Optional[Opcode] = None
         self._lock = threading.Lock()  # one reader or writer at a time: an exchange or the keepalive thread
+        self._send_timeout = open_timeout
         sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -66,11 +67,18 @@ class WebsocketConnection:
     # ------------------------------------------------------------------ the public calls
 
     def send(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        """Send one binary message. Raises ``ConnectionClosed`` when the connection is closed."""
+        """Send one binary message. Raises ``ConnectionClosed`` when the connection is closed, or breaks (or
+        takes longer than ``open_timeout`` to take the message) while sending."""
         with self._lock:
             self._check_open()
             self._protocol.send_binary(data)
-            self._flush()
+            self._sock.settimeout(self._send_timeout)
+            try:
+                self._flush()
+            except OSError as e:  # part of a frame may have gone out: the connection cannot carry another
+                self._sock.close()
+                self._protocol.receive_eof()
+                raise self._protocol.close_exc from e
 
     def recv(self, timeout: Optional[float] = None) -> Union[bytes, str]:
         """The next message: bytes (binary) or str (text). Raises ``TimeoutError`` after ``timeout`` seconds

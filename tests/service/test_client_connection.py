@@ -189,7 +189,7 @@ def test_a_malformed_or_truncated_reply_raises(reply):
 
 @pytest.mark.parametrize("method,path,headers", [
     ("POST", "/x", {"x-robot": "1\r\nX-Injected: yes"}), ("POST", "/x", {"bad name": "1"}),
-    ("POST", "/x y", {}), ("GET\r\n", "/x", {}), ("POST", "x", {})])
+    ("POST", "/x y", {}), ("POST", "/x\x7f", {}), ("POST", "/café", {}), ("GET\r\n", "/x", {}), ("POST", "x", {})])
 def test_a_request_that_would_smuggle_a_header_or_line_is_refused(method, path, headers):
     connection = KeepAliveConnection("http://127.0.0.1:1", timeout=5)
     with pytest.raises(ValueError):

@@ -8,6 +8,8 @@ implementation.
 from __future__ import annotations
 
 import queue
+import socket
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -148,4 +150,21 @@ def test_a_message_over_max_size_closes_with_1009():
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=5)
         assert info.value.sent.code == 1009
+        ws.close()
+
+
+def test_a_connection_that_breaks_while_sending_raises_connection_closed():
+    def handler(connection: ServerConnection) -> None:
+        connection.recv()
+        connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.socket.close()  # gone without a close frame: the client's next writes meet a reset
+
+    with ws_server(handler) as (url, _):
+        ws = WebsocketConnection(url)
+        ws.send(b"first")
+        time.sleep(0.2)
+        with pytest.raises(ConnectionClosed) as info:
+            for _ in range(20):
+                ws.send(b"x" * (1 << 20))
+        assert info.value.rcvd is None  # no close frame came: the caller sees code 1006
         ws.close()
