@@ -8,6 +8,7 @@ from typing import Optional
 
 from fastapi import FastAPI
 
+from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
 from service.errors import install_error_handlers
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
@@ -42,6 +43,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.manager = manager
     app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes)
+    api_keys = settings.api_key_list()
+    if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
+        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys))
+    elif settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s without API keys: anyone who reaches this address can use every "
+                       "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE", settings.host)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

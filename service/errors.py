@@ -18,7 +18,7 @@ from vla_foundry.errors import InputTooLargeError, InvalidInputError
 
 logger = logging.getLogger("service")
 
-ERROR_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
                413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_value",
                503: "unavailable", 500: "internal_error"}
 

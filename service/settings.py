@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vla_foundry.checkpoint import resolve_dtype
@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="On CUDA, decode text from captured CUDA graphs.")
     log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "
                                                 "trace).")
+    api_keys: Optional[SecretStr] = Field(None, description=(
+        "API keys, comma-separated. With a key here or in api_keys_file, every request but /health/* and the "
+        "docs needs `Authorization: Api-Key <key>` or `Bearer <key>` (401 without); none: no authentication."))
+    api_keys_file: Optional[Path] = Field(None, description="A file of API keys, one per line (blank lines and # "
+                                                            "comments skipped): a Docker or Kubernetes secret.")
 
     @field_validator("device")
     @classmethod
@@ -93,6 +98,16 @@ class Settings(BaseSettings):
     def _dtype(cls, v: str) -> str:
         resolve_dtype(v)  # the loader's own check: raises naming the allowed values
         return v
+
+    @model_validator(mode="after")
+    def _api_keys(self) -> "Settings":
+        self.api_key_list()  # a missing file or a malformed key is refused at start-up, naming the setting
+        return self
+
+    def api_key_list(self) -> list[str]:
+        from service.auth import read_keys
+
+        return read_keys(self.api_keys.get_secret_value() if self.api_keys else None, self.api_keys_file)
 
     @classmethod
     def load(cls, config: Optional[Path] = None, **overrides: Any) -> "Settings":

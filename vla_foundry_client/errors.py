@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Any, Optional
 
 # Websocket close codes the server uses, and the HTTP error type each one corresponds to.
 WEBSOCKET_CLOSE_TYPES = {1008: "invalid_value", 1009: "payload_too_large", 1011: "internal_error",
@@ -24,3 +25,21 @@ class PolicyServerError(Exception):
         super().__init__(f"{status} {type}: {message}" + (f" (field {field})" if field else ""))
         self.status, self.type, self.message, self.field = status, type, message, field
         self.retry_after = retry_after
+
+
+def server_error(status: int, payload: Any, text: str, retry_after: Optional[float] = None) -> PolicyServerError:
+    """The server's error shape (``{"error": {"type", "message", "field"?}}``) as a ``PolicyServerError``; any
+    other body (a proxy's HTML page, say) becomes its ``text``."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return PolicyServerError(status, "error", text, retry_after=retry_after)
+    return PolicyServerError(status, error.get("type", "error"), error.get("message", ""), error.get("field"),
+                             retry_after)
+
+
+def auth_headers(api_key: Optional[str]) -> dict[str, str]:
+    """``Authorization: Api-Key <key>`` for ``api_key``, else for ``$VLA_API_KEY``; none: no header."""
+    key = api_key if api_key is not None else os.environ.get("VLA_API_KEY")
+    if key and (not key.isprintable() or any(c.isspace() for c in key)):
+        raise ValueError("the API key holds whitespace or a control character; pass the key alone")
+    return {"Authorization": f"Api-Key {key}"} if key else {}

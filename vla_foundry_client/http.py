@@ -24,7 +24,7 @@ import numpy as np
 
 from vla_foundry_client.arrays import MessagePacker, pack, unpack
 from vla_foundry_client.connection import HttpReply, KeepAliveConnection
-from vla_foundry_client.errors import PolicyServerError
+from vla_foundry_client.errors import PolicyServerError, auth_headers, server_error
 
 MSGPACK = "application/msgpack"
 ACTION_ARRAYS = ("action_chunk", "action")  # reply keys holding [T][A] or [A] numbers
@@ -36,14 +36,18 @@ class HttpPolicyClient:
     ``model`` names the deployment (default: the one policy of ``policy_type`` served there);
     ``session_id`` keeps this robot's history on the server, so each request needs only the
     current step; ``format`` is the wire format of requests and replies (msgpack is smaller and
-    faster for camera frames; JSON is easier to read in logs).
+    faster for camera frames; JSON is easier to read in logs); ``api_key`` is sent as
+    ``Authorization: Api-Key <key>`` (default: the ``VLA_API_KEY`` environment variable; none:
+    no header, for a server without keys).
     """
 
     def __init__(self, base_url: str, *, model: Optional[str] = None, session_id: Optional[str] = None,
-                 format: str = "msgpack", timeout: float = 10.0, policy_type: str = "diffusion_policy"):
+                 format: str = "msgpack", timeout: float = 10.0, policy_type: str = "diffusion_policy",
+                 api_key: Optional[str] = None):
         if format not in ("msgpack", "json"):
             raise ValueError(f"format must be 'msgpack' or 'json'; got {format!r}")
         self.model, self.session_id, self.format, self.policy_type = model, session_id, format, policy_type
+        self._auth = auth_headers(api_key)
         # The connection stays open between control steps (no TCP handshake per request).
         self._http = KeepAliveConnection(base_url, timeout=timeout)
         self._packer = MessagePacker()
@@ -124,7 +128,7 @@ class HttpPolicyClient:
 
     def _call(self, method: str, path: str, body: Optional[dict] = None) -> dict[str, Any]:
         binary = self.format == "msgpack"
-        headers = {"accept": MSGPACK if binary else "application/json"}
+        headers = {"accept": MSGPACK if binary else "application/json", **self._auth}
         with self._lock:  # one exchange at a time: the packed buffer is reused by the next one
             content = None
             if body is not None:
@@ -149,13 +153,9 @@ def _decode(reply: HttpReply) -> Any:
 
 
 def _server_error(reply: HttpReply, payload: Any) -> PolicyServerError:
-    error = payload.get("error") if isinstance(payload, dict) else None
     retry_after = reply.headers.get("retry-after")
     retry_after = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-    if not isinstance(error, dict):
-        return PolicyServerError(reply.status, "error", reply.text[:500] or reply.reason, retry_after=retry_after)
-    return PolicyServerError(reply.status, error.get("type", "error"), error.get("message", ""),
-                             error.get("field"), retry_after)
+    return server_error(reply.status, payload, reply.text[:500] or reply.reason, retry_after)
 
 
 def _with_action_arrays(payload: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ binary msgpack, arrays in the ``__ndarray__`` convention.
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -16,7 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from vla_foundry_client.arrays import MessagePacker, pack, unpack
 from vla_foundry_client.websocket_connection import WebsocketConnection
-from vla_foundry_client.errors import WEBSOCKET_CLOSE_TYPES, PolicyServerError
+from vla_foundry_client.errors import WEBSOCKET_CLOSE_TYPES, PolicyServerError, auth_headers, server_error
 
 MiB = 1024 * 1024
 
@@ -38,22 +39,29 @@ class WebsocketPolicyClient:
 
     ``model`` names the deployment (default: the one policy served); ``session_id`` names the
     session (default: one per connection, named by the server); ``max_size`` caps a reply frame;
-    ``timeout`` is how long to wait for a reply (None: forever).
+    ``timeout`` is how long to wait for a reply (None: forever); ``api_key`` goes in the upgrade
+    request as ``Authorization: Api-Key <key>`` (default: ``$VLA_API_KEY``; none: no header).
     """
 
     def __init__(self, url: str, *, model: Optional[str] = None, session_id: Optional[str] = None,
-                 max_size: int = 32 * MiB, timeout: Optional[float] = 10.0, policy_type: str = "diffusion_policy"):
+                 max_size: int = 32 * MiB, timeout: Optional[float] = 10.0, policy_type: str = "diffusion_policy",
+                 api_key: Optional[str] = None):
         self.url, self.timeout = websocket_url(url, policy_type, model, session_id), timeout
         self._packer = MessagePacker()
         self._lock = threading.Lock()
         # One connection read in this thread (no reader thread to hand replies over), without per-message
         # compression (deflating camera frames costs milliseconds and saves little).
         try:
-            self._ws = WebsocketConnection(self.url, max_size=max_size, open_timeout=timeout)
-        except InvalidStatus as e:  # refused before the upgrade: a wrong path, say
+            self._ws = WebsocketConnection(self.url, max_size=max_size, open_timeout=timeout,
+                                           headers=auth_headers(api_key))
+        except InvalidStatus as e:  # refused before the upgrade: a wrong path or API key, say
             status = e.response.status_code
             body = e.response.body.decode("utf-8", "replace")[:500] if e.response.body else ""
-            raise PolicyServerError(status, "error", body or f"websocket upgrade refused with HTTP {status}") from e
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+            raise server_error(status, payload, body or f"websocket upgrade refused with HTTP {status}") from e
         try:
             self.metadata: dict[str, Any] = self._receive()
         except BaseException:

@@ -37,11 +37,11 @@ _CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the server's side of the cl
 
 class WebsocketConnection:
     """One websocket to ``url`` (``ws://…`` or ``wss://…``); ``max_size`` caps an incoming message (None: no
-    cap). Raises ``websockets.exceptions.InvalidStatus`` when the server refuses the upgrade (it carries the
+    cap); ``headers`` go in the upgrade request. Raises ``websockets.exceptions.InvalidStatus`` when the server refuses the upgrade (it carries the
     HTTP response), ``OSError``/``TimeoutError`` when the connection cannot be made in ``open_timeout``."""
 
     def __init__(self, url: str, *, max_size: Optional[int] = None, open_timeout: Optional[float] = 10.0,
-                 keepalive_s: Optional[float] = 5.0):
+                 keepalive_s: Optional[float] = 5.0, headers: Optional[dict[str, str]] = None):
         uri = parse_uri(url)
         self._protocol = ClientProtocol(uri, max_size=max_size)
         self._messages: deque[Union[bytes, str]] = deque()
@@ -55,7 +55,7 @@ class WebsocketConnection:
             if uri.secure:
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
             self._sock = sock
-            self._handshake(open_timeout)
+            self._handshake(open_timeout, headers or {})
         except BaseException:
             sock.close()
             raise
@@ -119,8 +119,11 @@ class WebsocketConnection:
 
     # ------------------------------------------------------------------ the socket
 
-    def _handshake(self, timeout: Optional[float]) -> None:
-        self._protocol.send_request(self._protocol.connect())
+    def _handshake(self, timeout: Optional[float], headers: dict[str, str]) -> None:
+        request = self._protocol.connect()
+        for name, value in headers.items():  # e.g. Authorization (websockets checks names and values)
+            request.headers[name] = value
+        self._protocol.send_request(request)
         self._flush()
         self._sock.settimeout(timeout)
         while self._protocol.state is State.CONNECTING:

@@ -1,0 +1,107 @@
+"""API keys: with keys configured, every request needs one, except the health probes and the API docs.
+
+A client sends ``Authorization: Api-Key <key>`` (openpi's robot clients) or
+``Authorization: Bearer <key>`` (OpenAI clients and most HTTP tools); the websocket takes
+the same header on its upgrade request. Keys come from ``VLA_API_KEYS`` (comma-separated)
+and ``VLA_API_KEYS_FILE`` (one per line, for Docker and Kubernetes secrets); none: no
+authentication, as on a loopback-only dev server.
+
+The check is an outermost ASGI middleware, so a request without a valid key is answered
+before its body is read or decoded. Keys are compared as SHA-256 digests with
+``hmac.compare_digest`` (no timing hint about a key's bytes or length), never logged, and
+never echoed in an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.codecs import encode_response
+from service.errors import error_body
+
+logger = logging.getLogger("service.auth")
+
+SCHEMES = ("api-key", "bearer")  # case-insensitive, as HTTP auth schemes are
+# Liveness/readiness probes (Docker's HEALTHCHECK, Kubernetes) and the API docs, which describe this
+# software, not a deployment, and a browser cannot send a header to.
+PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/openapi.json"})
+
+
+def read_keys(keys: Optional[str], keys_file: Optional[Path]) -> list[str]:
+    """The configured keys: ``keys`` split on commas, then ``keys_file``'s lines (blank lines and ``#``
+    comments skipped), whitespace stripped."""
+    found = [k.strip() for k in (keys or "").split(",") if k.strip()]
+    if keys_file is not None:
+        try:
+            lines = Path(keys_file).read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"api_keys_file {keys_file}: {e.strerror or e}; give a readable file with one key "
+                             "per line") from None
+        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for key in found:
+        if any(c.isspace() for c in key) or not key.isprintable():
+            raise ValueError("an API key holds whitespace or a control character; keys are single printable tokens "
+                             "(check VLA_API_KEYS and VLA_API_KEYS_FILE)")
+    return found
+
+
+class ApiKeys:
+    def __init__(self, keys: Iterable[str]):
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        if not self._digests:
+            raise ValueError("ApiKeys needs at least one key")
+
+    def refusal(self, authorization: Optional[str]) -> Optional[str]:
+        """None when ``authorization`` (the header's value) carries a configured key; else why not."""
+        if not authorization:
+            return ("this server requires an API key: send the header 'Authorization: Api-Key <key>' or "
+                    "'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() not in SCHEMES or not key.strip():
+            return (f"unsupported Authorization scheme {scheme[:20]!r}; send 'Api-Key <key>' or 'Bearer <key>'")
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        matched = False
+        for known in self._digests:  # every key compared, so the time does not say which one matched
+            matched |= hmac.compare_digest(digest, known)
+        return None if matched else "the API key is not valid for this server"
+
+
+class ApiKeyMiddleware:
+    """Refuses HTTP requests (401, the one error shape, ``WWW-Authenticate``) and websocket upgrades (an HTTP
+    401 where the server supports ASGI's websocket HTTP response, else a 403) that carry no valid key."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys):
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        refusal = self.keys.refusal(authorization)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        client = (scope.get("client") or ("?",))[0]
+        logger.warning("401 %s %s from %s: %s", scope.get("method", "WEBSOCKET"), scope["path"], client,
+                       "no key" if not authorization else "wrong key or scheme")
+        response = encode_response(error_body(401, refusal), headers.get(b"accept", b"").decode("latin-1"),
+                                   status_code=401, headers={"WWW-Authenticate": 'Bearer realm="vla-foundry"'})
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+            return
+        await receive()  # websocket.connect: the upgrade request, answered here instead of accepted
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send({"type": "websocket.http.response.start", "status": 401, "headers": response.raw_headers})
+            await send({"type": "websocket.http.response.body", "body": response.body})
+        else:  # the server cannot answer an upgrade with a body: it turns a close before accept into 403
+            await send({"type": "websocket.close", "code": 1008})
