@@ -46,9 +46,9 @@ def read_keys(keys: Optional[str], keys_file: Optional[Path]) -> list[str]:
                              "per line") from None
         found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     for key in found:
-        if any(c.isspace() for c in key) or not key.isprintable():
-            raise ValueError("an API key holds whitespace or a control character; keys are single printable tokens "
-                             "(check VLA_API_KEYS and VLA_API_KEYS_FILE)")
+        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+            raise ValueError("an API key holds whitespace, a control or a non-ASCII character; keys are single "
+                             "printable ASCII tokens (check VLA_API_KEYS and VLA_API_KEYS_FILE)")
     return found
 
 
@@ -64,13 +64,20 @@ class ApiKeys:
             return ("this server requires an API key: send the header 'Authorization: Api-Key <key>' or "
                     "'Authorization: Bearer <key>'")
         scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() not in SCHEMES or not key.strip():
-            return (f"unsupported Authorization scheme {scheme[:20]!r}; send 'Api-Key <key>' or 'Bearer <key>'")
+        if scheme.lower() not in SCHEMES or not key.strip():  # the header is not quoted: it may be a bare key
+            return "unsupported Authorization header; send 'Authorization: Api-Key <key>' or 'Bearer <key>'"
         digest = hashlib.sha256(key.strip().encode()).digest()
         matched = False
         for known in self._digests:  # every key compared, so the time does not say which one matched
             matched |= hmac.compare_digest(digest, known)
         return None if matched else "the API key is not valid for this server"
+
+
+def _app_path(scope: Scope) -> str:
+    """The path as the app's routes see it: without the ``root_path`` a proxy or Ray's ``route_prefix`` put
+    in front (Starlette routes on the path with it stripped)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 class ApiKeyMiddleware:
@@ -82,7 +89,7 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] not in ("http", "websocket") or _app_path(scope) in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

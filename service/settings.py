@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "
                                                 "trace).")
     api_keys: Optional[SecretStr] = Field(None, description=(
-        "API keys, comma-separated. With a key here or in api_keys_file, every request but /health/* and the "
+        "API keys, comma-separated (in the YAML also a list). With a key here or in api_keys_file, every request but /health/* and the "
         "docs needs `Authorization: Api-Key <key>` or `Bearer <key>` (401 without); none: no authentication."))
     api_keys_file: Optional[Path] = Field(None, description="A file of API keys, one per line (blank lines and # "
                                                             "comments skipped): a Docker or Kubernetes secret.")
@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     def _dtype(cls, v: str) -> str:
         resolve_dtype(v)  # the loader's own check: raises naming the allowed values
         return v
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_key_list(cls, v: Any) -> Any:
+        return ",".join(str(k) for k in v) if isinstance(v, (list, tuple)) else v  # a YAML list of keys
 
     @model_validator(mode="after")
     def _api_keys(self) -> "Settings":

@@ -40,6 +40,8 @@ _SEND_FAILED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _MAX_HEAD_BYTES = 64 * 1024  # a reply head longer than this is refused (as http.client does, per line)
 _READ_BYTES = 256 * 1024
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP method or header name (RFC 9110 token)
+_DIGITS = re.compile(r"[0-9]{1,18}")  # a Content-Length ("²".isdigit() is true; int() refuses it)
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")  # a chunk size
 _UNSAFE_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")  # controls and spaces would end or split the request line
 _STATUS_LINE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: (.*))?$")
 
@@ -106,25 +108,30 @@ class KeepAliveConnection:
                 try:
                     self._send(sock, head, body)
                 except _SEND_FAILED:
-                    self.close()
+                    self._close()
                     if reused and attempt == 0:
                         continue  # closed while idle, and the request never got through: send it again
                     raise
                 except BaseException:
-                    self.close()
+                    self._close()
                     raise
                 self._used = True
                 try:  # sent: from here on a failure is raised, never retried (the server may have acted)
                     reply, keep_alive = self._read_reply(sock, method)
                 except BaseException:
-                    self.close()  # a half-read reply must not be mistaken for the next one
+                    self._close()  # a half-read reply must not be mistaken for the next one
                     raise
                 if not keep_alive:
-                    self.close()
+                    self._close()
                 return reply
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Close the connection (after the request in flight, if another thread has one)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock, self._used = None, False
@@ -182,14 +189,14 @@ class KeepAliveConnection:
                 continue  # 100 Continue and other interim replies come before the real one
             break
         connection = (headers.get("connection") or "").lower()
-        keep_alive = "close" not in connection and (version == 1 or "keep-alive" in connection)
-        if method == "HEAD" or status in (101, 204, 304):
+        keep_alive = "close" not in connection and (version == 1 or "keep-alive" in connection) and status != 101
+        if method == "HEAD" or status in (101, 204, 304):  # 101: the connection now speaks another protocol
             content = b""
         elif "chunked" in (headers.get("transfer-encoding") or "").lower():
             content = self._read_chunked(sock)
         elif headers.get("content-length") is not None:
             length = headers["content-length"].strip()
-            if not length.isdigit():
+            if not _DIGITS.fullmatch(length):
                 raise http.client.HTTPException(f"invalid Content-Length {length!r} in the reply")
             content = self._read_exactly(sock, int(length))
         else:  # framed by the end of the connection
@@ -242,10 +249,9 @@ class KeepAliveConnection:
         parts = []
         while True:
             size_text = self._read_line(sock).split(b";")[0].strip()  # a chunk extension is ignored
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise http.client.HTTPException(f"invalid chunk size {size_text[:20]!r} in the reply") from None
+            if not _HEX.fullmatch(size_text):  # int(…, 16) alone would take "-1", "0x5", "+5" and "5_0"
+                raise http.client.HTTPException(f"invalid chunk size {size_text[:20]!r} in the reply")
+            size = int(size_text, 16)
             if size == 0:
                 while self._read_line(sock):  # trailers, up to the empty line
                     pass
@@ -276,7 +282,7 @@ class KeepAliveConnection:
 
     def _connection(self) -> socket.socket:
         if self._sock is not None and self._closed_by_server():
-            self.close()
+            self._close()
         if self._sock is None:
             sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
             try:

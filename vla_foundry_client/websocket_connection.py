@@ -19,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Optional, Union
 
@@ -37,8 +38,9 @@ _CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the server's side of the cl
 
 class WebsocketConnection:
     """One websocket to ``url`` (``ws://…`` or ``wss://…``); ``max_size`` caps an incoming message (None: no
-    cap); ``headers`` go in the upgrade request. Raises ``websockets.exceptions.InvalidStatus`` when the server refuses the upgrade (it carries the
-    HTTP response), ``OSError``/``TimeoutError`` when the connection cannot be made in ``open_timeout``."""
+    cap); ``headers`` go in the upgrade request. Raises ``websockets.exceptions.InvalidStatus`` when the
+    server refuses the upgrade (it carries the HTTP response), ``OSError``/``TimeoutError`` when the
+    connection cannot be made in ``open_timeout``."""
 
     def __init__(self, url: str, *, max_size: Optional[int] = None, open_timeout: Optional[float] = 10.0,
                  keepalive_s: Optional[float] = 5.0, headers: Optional[dict[str, str]] = None):
@@ -61,8 +63,8 @@ class WebsocketConnection:
             raise
         self._closed = threading.Event()
         if keepalive_s:
-            threading.Thread(target=self._keepalive, args=(keepalive_s,), name="websocket-keepalive",
-                             daemon=True).start()
+            threading.Thread(target=_keepalive, args=(weakref.ref(self), self._closed, keepalive_s),
+                             name="websocket-keepalive", daemon=True).start()
 
     # ------------------------------------------------------------------ the public calls
 
@@ -99,11 +101,18 @@ class WebsocketConnection:
             return self._messages.popleft()
 
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
-        """The close handshake (waiting at most 2 s for the server's side), then the socket is closed."""
+        """The close handshake (waiting at most 2 s for the server's side), then the socket is closed. A
+        ``recv`` blocked in another thread is woken (it raises ``ConnectionClosed``) instead of waited for."""
         if self._closed.is_set():
             return
         self._closed.set()  # stops the keepalive thread
-        with self._lock:
+        if not self._lock.acquire(timeout=0.05):  # a recv is waiting: end the connection under it
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._lock.acquire()
+        try:
             try:
                 if self._protocol.state is State.OPEN:
                     self._protocol.send_close(code, reason)
@@ -116,6 +125,8 @@ class WebsocketConnection:
                 pass  # the connection is going away either way
             finally:
                 self._sock.close()
+        finally:
+            self._lock.release()
 
     # ------------------------------------------------------------------ the socket
 
@@ -151,7 +162,11 @@ class WebsocketConnection:
         else:
             self._protocol.receive_eof()
         self._take(self._protocol.events_received())
-        self._flush()  # pongs, and our side of a close handshake
+        try:
+            self._flush()  # pongs, and our side of a close handshake
+        except OSError:  # the connection broke under us: what was read stays queued, then ConnectionClosed
+            self._sock.close()
+            self._protocol.receive_eof()
 
     def _take(self, events: list) -> None:
         """Whole messages into the queue (fragments joined); control frames are the protocol's business."""
@@ -186,18 +201,30 @@ class WebsocketConnection:
         if self._protocol.state is not State.OPEN:
             raise ConnectionClosedError(self._protocol.close_rcvd, self._protocol.close_sent)
 
-    def _keepalive(self, period_s: float) -> None:
-        """Between exchanges: read what has arrived (pings are answered by the protocol as they are read)."""
-        while not self._closed.wait(period_s):
-            if not self._lock.acquire(blocking=False):
-                continue  # an exchange is reading: it answers pings itself
-            try:
-                while self._protocol.state is State.OPEN and readable(self._sock):
-                    self._sock.settimeout(1.0)
+    def _answer_pings(self) -> bool:
+        """Read what has arrived, if no exchange is under way (the protocol answers pings as they are read);
+        False once the connection is over."""
+        if not self._lock.acquire(blocking=False):
+            return True  # an exchange is reading: it answers pings itself
+        try:
+            while self._protocol.state is State.OPEN and readable(self._sock):
+                self._sock.settimeout(1.0)
+                try:
                     self._read()
-                if self._protocol.state is not State.OPEN:
-                    return
-            except OSError:  # the next exchange meets the closed connection and says so
-                return
-            finally:
-                self._lock.release()
+                except TimeoutError:  # readable, yet no whole record came (TLS): try again next period
+                    break
+            return self._protocol.state is State.OPEN
+        except OSError:  # the next exchange meets the closed connection and says so
+            return False
+        finally:
+            self._lock.release()
+
+
+def _keepalive(connection: "weakref.ref[WebsocketConnection]", closed: threading.Event, period_s: float) -> None:
+    """The keepalive thread. It holds the connection weakly, so a connection nobody closed can still be
+    collected (its socket closes with it) and the thread then ends."""
+    while not closed.wait(period_s):
+        live = connection()
+        if live is None or not live._answer_pings():
+            return
+        del live

@@ -81,15 +81,16 @@ def test_either_scheme_with_a_configured_key_is_let_through(client, header):
 
 
 @pytest.mark.parametrize("header,message", [
-    (None, "requires an API key"), ("Api-Key wrong", "not valid"), ("Bearer key-one-and-more", "not valid"),
-    ("Basic a2V5LW9uZQ==", "unsupported Authorization scheme"), ("Api-Key", "unsupported Authorization scheme"),
-    ("key-one", "unsupported Authorization scheme")])
+    (None, "requires an API key"), ("Api-Key wrong-key", "not valid"), ("Bearer key-one-and-more", "not valid"),
+    ("Basic a2V5LW9uZQ==", "unsupported Authorization header"), ("Api-Key", "unsupported Authorization header"),
+    ("key-one", "unsupported Authorization header"), ("sk-bare-key x", "unsupported Authorization header")])
 def test_a_missing_or_wrong_key_is_refused_without_echoing_it(client, header, message):
     headers = {} if header is None else {"Authorization": header}
     response = client.get("/models", headers=headers)
     assert response.status_code == 401
     assert message in response.json()["error"]["message"]
-    assert "wrong" not in response.text and "a2V5LW9uZQ" not in response.text
+    for secret in ("wrong-key", "key-one", "a2V5LW9uZQ", "sk-bare-key"):  # a bare key is not quoted back either
+        assert secret not in response.text
 
 
 def test_the_refusal_comes_before_the_body_is_read(client):
@@ -115,9 +116,40 @@ def test_keys_from_the_variable_and_a_secrets_file(tmp_path, monkeypatch):
 def test_a_missing_file_or_a_malformed_key_stops_the_start(tmp_path):
     with pytest.raises(ValueError, match="api_keys_file .*: No such file"):
         Settings(api_keys_file=tmp_path / "missing")
-    with pytest.raises(ValueError, match="whitespace or a control character"):
-        read_keys("good,bad\tkey", None)
+    for bad in ("good,bad\tkey", "clé"):  # a header is latin-1 on the wire: keys are ASCII tokens
+        with pytest.raises(ValueError, match="whitespace, a control or a non-ASCII character"):
+            read_keys(bad, None)
     assert read_keys(None, None) == []  # no keys: no authentication
+    assert Settings(api_keys=["yaml-1", "yaml-2"]).api_key_list() == ["yaml-1", "yaml-2"]  # a YAML list
+
+
+def test_the_open_paths_stay_open_under_a_root_path():
+    """Behind a proxy or Ray's route_prefix the scope's path carries the prefix; the probes stay open, and
+    a route that merely ends like one does not."""
+    import asyncio
+
+    from service.auth import ApiKeyMiddleware
+
+    async def call(path: str, root_path: str) -> int:
+        statuses = []
+
+        async def app(scope, receive, send):
+            statuses.append(200)
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": root_path, "headers": []}
+        await ApiKeyMiddleware(app, ApiKeys(["k"]))(scope, receive, send)
+        return statuses[0]
+
+    assert asyncio.run(call("/api/health/live", "/api")) == 200
+    assert asyncio.run(call("/api/models", "/api")) == 401
+    assert asyncio.run(call("/x/health/live", "/api")) == 401
 
 
 def test_the_robot_clients_send_their_key(tiny_checkpoints, tmp_path):

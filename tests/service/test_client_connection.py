@@ -72,6 +72,10 @@ class ScriptedServer:
             self.closed.release()
 
     def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close() alone would leave blocked
+        except OSError:
+            pass
         self._sock.close()
 
 
@@ -179,9 +183,13 @@ def test_chunked_close_delimited_and_interim_replies_are_read():
 
 @pytest.mark.parametrize("reply", [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
                                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nz\r\n",
+                                   b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-1\r\nab\r\n",
+                                   b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0x2\r\nab\r\n",
                                    b"HTTP/1.1 200 OK\r\ncontent-length: ten\r\n\r\n",
+                                   "HTTP/1.1 200 OK\r\ncontent-length: \u00b2\r\n\r\n".encode("latin-1"),
                                    b"ICY 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"],
-                         ids=["truncated", "bad-chunk-size", "bad-length", "bad-status-line", "bad-header"])
+                         ids=["truncated", "bad-chunk-size", "negative-chunk-size", "0x-chunk-size", "bad-length",
+                              "superscript-length", "bad-status-line", "bad-header"])
 def test_a_malformed_or_truncated_reply_raises(reply):
     with pytest.raises(http.client.HTTPException):
         _exchange((reply,))
@@ -194,3 +202,16 @@ def test_a_request_that_would_smuggle_a_header_or_line_is_refused(method, path, 
     connection = KeepAliveConnection("http://127.0.0.1:1", timeout=5)
     with pytest.raises(ValueError):
         connection.request(method, path, b"{}", headers)
+
+
+def test_a_switching_protocols_reply_ends_the_connection():
+    """After 101 the connection speaks another protocol: the next request goes on a new one."""
+    switched = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+    server = ScriptedServer("raw", (switched,))
+    connection = KeepAliveConnection(server.url, timeout=5)
+    try:
+        assert connection.request("POST", "/x", b"{}").status == 101
+        assert connection._sock is None
+    finally:
+        connection.close()
+        server.close()

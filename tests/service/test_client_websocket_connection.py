@@ -168,3 +168,61 @@ def test_a_connection_that_breaks_while_sending_raises_connection_closed():
                 ws.send(b"x" * (1 << 20))
         assert info.value.rcvd is None  # no close frame came: the caller sees code 1006
         ws.close()
+
+
+def test_a_reset_while_answering_a_ping_raises_connection_closed():
+    """The server pings, then resets: the client's pong meets the reset while it reads; recv raises
+    ConnectionClosed (a robot's PolicyServerError 1006), not a bare socket error."""
+    def handler(connection: ServerConnection) -> None:
+        connection.recv()
+        connection.ping()
+        connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.socket.close()
+
+    with ws_server(handler, ping_interval=None) as (url, _):
+        ws = WebsocketConnection(url, keepalive_s=None)
+        ws.send(b"go")
+        with pytest.raises(ConnectionClosed):
+            for _ in range(3):
+                ws.recv(timeout=5)
+        ws.close()
+
+
+def test_close_wakes_a_recv_waiting_in_another_thread():
+    def handler(connection: ServerConnection) -> None:
+        connection.recv()
+        time.sleep(5)
+
+    with ws_server(handler) as (url, _):
+        ws = WebsocketConnection(url)
+        ws.send(b"go")
+        raised: queue.Queue = queue.Queue()
+
+        def wait() -> None:
+            try:
+                ws.recv()  # no timeout: only the close can end it
+            except BaseException as e:
+                raised.put(e)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        ws.close()
+        waiter.join(5)
+        assert isinstance(raised.get(timeout=1), ConnectionClosed)
+        assert time.monotonic() - started < 2
+
+
+def test_a_connection_nobody_closed_is_collected_with_its_keepalive_thread():
+    import gc
+    import weakref
+
+    with ws_server(echo) as (url, _):
+        ws = WebsocketConnection(url, keepalive_s=0.05)
+        ref = weakref.ref(ws)
+        del ws
+        gc.collect()
+        assert ref() is None
+        time.sleep(0.3)
+        assert not any(t.name == "websocket-keepalive" and t.is_alive() for t in threading.enumerate())

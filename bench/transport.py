@@ -1,18 +1,24 @@
-"""HTTP transport alone: a request body's round trip through uvicorn, per server protocol and client.
+"""Transport alone: a request body's round trip through uvicorn, per server protocol and robot client.
 
-    python bench/http_transport.py [--sizes 1,150,450] [--requests 400] [--delay-ms 0]
+    python bench/transport.py [--sizes 1,150,450] [--requests 400] [--delay-ms 0] [--pause-ms 1]
 
-Two uvicorn servers run a bare ASGI app that reads the whole body and answers 1.4 KB (as a
-policy reply is), on loopback: one with uvicorn's httptools protocol as shipped (it stops
-reading a body at 64 KiB unread), one with ``service.protocols.WholeBodyHttpToolsProtocol``
-(what ``vla-foundry serve`` runs). Each is asked by the standard library's ``http.client``
-and by ``vla_foundry_client.connection.KeepAliveConnection`` (the robot client's), each on
-one keep-alive connection. The four pairs are interleaved request by request, so drift on
-a shared CPU hits all alike; --delay-ms makes the app wait before answering (as a model
-runs) and --pause-ms makes the client wait between requests (as a robot's control loop
-does), which let both processes' CPUs go idle as they do in a real round trip.
-Printed: p50 and p99 round trip per body size and pair, and each pair's p50 over the
-shipped-protocol, ``http.client`` pair's.
+Two uvicorn servers run a bare ASGI app that reads the whole body (or websocket message) and
+answers 1.4 KB (as a policy reply is), on loopback: one with uvicorn's httptools protocol as
+shipped (it stops reading a body at 64 KiB unread), one with
+``service.protocols.WholeBodyHttpToolsProtocol`` (what ``vla-foundry serve`` runs); both
+with uvicorn's ``websockets`` implementation, uncompressed, as the server runs it. Pairs:
+- HTTP: each server asked by the standard library's ``http.client`` and by
+  ``vla_foundry_client.connection.KeepAliveConnection`` (the robot client's), each on one
+  keep-alive connection;
+- websocket: the second server asked by ``websockets.sync.client`` (a reader thread hands each
+  message over) and by ``vla_foundry_client.websocket_connection.WebsocketConnection`` (the
+  robot client's, read in the caller's thread).
+All pairs are interleaved request by request, so drift on a shared CPU hits all alike;
+--delay-ms makes the app wait before answering (as a model runs) and --pause-ms makes the
+client wait between requests (as a robot's control loop does), which let both processes'
+CPUs go idle as they do in a real round trip. Printed: p50 and p99 round trip per body size
+and pair, and each pair's p50 over the first pair of its kind (uvicorn's protocol with
+``http.client``; ``websockets.sync.client``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vla_foundry_client.connection import KeepAliveConnection  # noqa: E402
+from vla_foundry_client.websocket_connection import WebsocketConnection  # noqa: E402
 
 REPLY = b"x" * 1400
 
@@ -43,6 +50,14 @@ def serve(port: int, protocol: str, delay_ms: float) -> None:
     from service.protocols import http_protocol
 
     async def app(scope, receive, send):
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            while (await receive())["type"] == "websocket.receive":
+                if delay_ms:
+                    await asyncio.sleep(delay_ms / 1000)
+                await send({"type": "websocket.send", "bytes": REPLY})
+            return
         if scope["type"] != "http":
             return
         more = True
@@ -57,7 +72,8 @@ def serve(port: int, protocol: str, delay_ms: float) -> None:
         await send({"type": "http.response.body", "body": REPLY})
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off",
-                http="httptools" if protocol == "shipped" else http_protocol())
+                http="httptools" if protocol == "shipped" else http_protocol(), ws="websockets",
+                ws_per_message_deflate=False, ws_max_size=64 * 1024 * 1024)
 
 
 class StdlibClient:
@@ -79,6 +95,26 @@ class OurClient:
 
     def post(self, body: bytes) -> bytes:
         return self.conn.request("POST", "/", body, {"content-type": "application/octet-stream"}).content
+
+
+class SyncWebsocketClient:
+    def __init__(self, port: int):
+        from websockets.sync.client import connect
+
+        self.ws = connect(f"ws://127.0.0.1:{port}/", compression=None, max_size=None)
+
+    def post(self, body: bytes) -> bytes:
+        self.ws.send(body)
+        return self.ws.recv()
+
+
+class OurWebsocketClient:
+    def __init__(self, port: int):
+        self.ws = WebsocketConnection(f"ws://127.0.0.1:{port}/", max_size=None)
+
+    def post(self, body: bytes) -> bytes:
+        self.ws.send(body)
+        return self.ws.recv(timeout=30)
 
 
 def free_port() -> int:
@@ -123,9 +159,11 @@ def main() -> None:
             for name, cls in (("http.client", StdlibClient), ("KeepAliveConnection", OurClient)):
                 client = cls(port)
                 wait_up(client)
-                pairs[f"{protocol} protocol + {name}"] = client
+                pairs[f"HTTP, {protocol} protocol + {name}"] = client
+        pairs["websocket, websockets.sync.client"] = SyncWebsocketClient(port)
+        pairs["websocket, WebsocketConnection"] = OurWebsocketClient(port)
         print(f"uvicorn bare app, loopback, {os.cpu_count()} cores, reply {len(REPLY)} B, app delay {args.delay_ms} ms, "
-          f"client pause {args.pause_ms} ms")
+              f"client pause {args.pause_ms} ms")
         for kib in (float(s) for s in args.sizes.split(",")):
             body = np.random.default_rng(0).integers(0, 256, int(kib * 1024), dtype=np.uint8).tobytes()
             times: dict[str, list[float]] = {name: [] for name in pairs}
@@ -136,12 +174,14 @@ def main() -> None:
                     if i >= args.warmup:
                         times[name].append((time.perf_counter() - start) * 1000)
                     time.sleep(args.pause_ms / 1000)
-            base = statistics.median(times["shipped protocol + http.client"])
+            bases = {"HTTP": statistics.median(times["HTTP, shipped protocol + http.client"]),
+                     "websocket": statistics.median(times["websocket, websockets.sync.client"])}
             print(f"\nbody {kib:g} KiB, {args.requests} requests each")
-            print(f"  {'pair':<44} {'p50 ms':>8} {'p99 ms':>8} {'p50 / first':>12}")
+            print(f"  {'pair':<50} {'p50 ms':>8} {'p99 ms':>8} {'p50 / first':>12}")
             for name, values in times.items():
                 p50 = statistics.median(values)
-                print(f"  {name:<44} {p50:8.3f} {np.percentile(values, 99):8.3f} {p50 / base:12.2f}")
+                base = bases[name.split(",")[0]]
+                print(f"  {name:<50} {p50:8.3f} {np.percentile(values, 99):8.3f} {p50 / base:12.2f}")
     finally:
         for server in servers:
             server.terminate()
