@@ -1,24 +1,21 @@
-"""Transport alone: a request body's round trip through uvicorn, per server protocol and robot client.
+"""Transport alone: a request body's round trip through uvicorn, per robot client.
 
     python bench/transport.py [--sizes 1,150,450] [--requests 400] [--delay-ms 0] [--pause-ms 1]
 
-Two uvicorn servers run a bare ASGI app that reads the whole body (or websocket message) and
-answers 1.4 KB (as a policy reply is), on loopback: one with uvicorn's httptools protocol as
-shipped (it stops reading a body at 64 KiB unread), one with
-``service.protocols.WholeBodyHttpToolsProtocol`` (what ``vla-foundry serve`` runs); both
-with uvicorn's ``websockets`` implementation, uncompressed, as the server runs it. Pairs:
-- HTTP: each server asked by the standard library's ``http.client`` and by
+A uvicorn server runs a bare ASGI app that reads the whole body (or websocket message) and
+answers 1.4 KB (as a policy reply is), on loopback, with httptools, uvloop and uvicorn's
+``websockets`` implementation, uncompressed, as ``vla-foundry serve`` runs. Pairs:
+- HTTP: the standard library's ``http.client`` and
   ``vla_foundry_client.connection.KeepAliveConnection`` (the robot client's), each on one
   keep-alive connection;
-- websocket: the second server asked by ``websockets.sync.client`` (a reader thread hands each
-  message over) and by ``vla_foundry_client.websocket_connection.WebsocketConnection`` (the
-  robot client's, read in the caller's thread).
+- websocket: ``websockets.sync.client`` (a reader thread hands each message over) and
+  ``vla_foundry_client.websocket_connection.WebsocketConnection`` (the robot client's, read
+  in the caller's thread).
 All pairs are interleaved request by request, so drift on a shared CPU hits all alike;
 --delay-ms makes the app wait before answering (as a model runs) and --pause-ms makes the
 client wait between requests (as a robot's control loop does), which let both processes'
 CPUs go idle as they do in a real round trip. Printed: p50 and p99 round trip per body size
-and pair, and each pair's p50 over the first pair of its kind (uvicorn's protocol with
-``http.client``; ``websockets.sync.client``).
+and pair, and each pair's p50 over the first pair of its kind.
 """
 
 from __future__ import annotations
@@ -43,11 +40,9 @@ from vla_foundry_client.websocket_connection import WebsocketConnection  # noqa:
 REPLY = b"x" * 1400
 
 
-def serve(port: int, protocol: str, delay_ms: float) -> None:
-    """The server process: ``protocol`` is "shipped" or "whole-body"."""
+def serve(port: int, delay_ms: float) -> None:
+    """The server process."""
     import uvicorn
-
-    from service.protocols import http_protocol
 
     async def app(scope, receive, send):
         if scope["type"] == "websocket":
@@ -72,7 +67,7 @@ def serve(port: int, protocol: str, delay_ms: float) -> None:
         await send({"type": "http.response.body", "body": REPLY})
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off",
-                http="httptools" if protocol == "shipped" else http_protocol(), ws="websockets",
+                http="httptools", ws="websockets",
                 ws_per_message_deflate=False, ws_max_size=64 * 1024 * 1024)
 
 
@@ -101,7 +96,7 @@ class SyncWebsocketClient:
     def __init__(self, port: int):
         from websockets.sync.client import connect
 
-        self.ws = connect(f"ws://127.0.0.1:{port}/", compression=None, max_size=None)
+        self.ws = connect(f"ws://127.0.0.1:{port}/", compression=None, max_size=None).__enter__()  # open till exit
 
     def post(self, body: bytes) -> bytes:
         self.ws.send(body)
@@ -144,22 +139,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="the app waits this long before answering")
     parser.add_argument("--pause-ms", type=float, default=1.0, help="the client pauses this long between requests")
-    parser.add_argument("--serve", nargs=2, metavar=("PORT", "PROTOCOL"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(int(args.serve[0]), args.serve[1], args.delay_ms)
+        serve(args.serve, args.delay_ms)
         return
 
-    servers, pairs = [], {}
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--delay-ms", str(args.delay_ms)])
+    pairs = {}
     try:
-        for protocol in ("shipped", "whole-body"):
-            port = free_port()
-            servers.append(subprocess.Popen([sys.executable, __file__, "--serve", str(port), protocol,
-                                             "--delay-ms", str(args.delay_ms)]))
-            for name, cls in (("http.client", StdlibClient), ("KeepAliveConnection", OurClient)):
-                client = cls(port)
-                wait_up(client)
-                pairs[f"HTTP, {protocol} protocol + {name}"] = client
+        for name, cls in (("http.client", StdlibClient), ("KeepAliveConnection", OurClient)):
+            client = cls(port)
+            wait_up(client)
+            pairs[f"HTTP, {name}"] = client
         pairs["websocket, websockets.sync.client"] = SyncWebsocketClient(port)
         pairs["websocket, WebsocketConnection"] = OurWebsocketClient(port)
         print(f"uvicorn bare app, loopback, {os.cpu_count()} cores, reply {len(REPLY)} B, app delay {args.delay_ms} ms, "
@@ -174,18 +167,17 @@ def main() -> None:
                     if i >= args.warmup:
                         times[name].append((time.perf_counter() - start) * 1000)
                     time.sleep(args.pause_ms / 1000)
-            bases = {"HTTP": statistics.median(times["HTTP, shipped protocol + http.client"]),
+            bases = {"HTTP": statistics.median(times["HTTP, http.client"]),
                      "websocket": statistics.median(times["websocket, websockets.sync.client"])}
             print(f"\nbody {kib:g} KiB, {args.requests} requests each")
-            print(f"  {'pair':<50} {'p50 ms':>8} {'p99 ms':>8} {'p50 / first':>12}")
+            print(f"  {'pair':<36} {'p50 ms':>8} {'p99 ms':>8} {'p50 / first':>12}")
             for name, values in times.items():
                 p50 = statistics.median(values)
                 base = bases[name.split(",")[0]]
-                print(f"  {name:<50} {p50:8.3f} {np.percentile(values, 99):8.3f} {p50 / base:12.2f}")
+                print(f"  {name:<36} {p50:8.3f} {np.percentile(values, 99):8.3f} {p50 / base:12.2f}")
     finally:
-        for server in servers:
-            server.terminate()
-            server.wait()
+        server.terminate()
+        server.wait()
 
 
 if __name__ == "__main__":

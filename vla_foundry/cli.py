@@ -18,7 +18,6 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from service.app import create_app
-        from service.protocols import http_protocol
         from service.settings import Settings, parse_checkpoint_arg
     except ImportError as e:
         print(f"vla-foundry serve needs the serving extra: pip install 'vla-foundry-serve[serve]' ({e})",
@@ -36,10 +35,10 @@ def _serve(args: argparse.Namespace) -> int:
 
         print(f"No deployment given: serving the demo pack from {settings.demo_dir}", file=sys.stderr)
         ensure_demo_pack(settings.demo_dir, progress=True)
-    # Request bodies read whole (service.protocols). Websocket frames: no per-message compression (it costs
-    # milliseconds per camera frame), and uvicorn closes a connection whose frame exceeds the cap with 1009.
+    # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
+    # a connection whose frame exceeds the cap with 1009.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, http=http_protocol(), ws="websockets", ws_per_message_deflate=False,
+                access_log=False, ws="websockets", ws_per_message_deflate=False,
                 ws_max_size=settings.max_ws_frame_bytes)
     return 0
 

@@ -5,9 +5,10 @@ one persistent connection and no more of HTTP/1.1 than a request with a
 ``Content-Length`` body and a reply framed by ``Content-Length``, chunked, or the
 connection's end. That much is written here on a plain socket: the request head and
 body leave in one ``sendmsg`` (no copy of the camera frames), and the reply head is split
-on CRLF, where ``http.client`` runs every header through the ``email`` parser. On a
-2-core host over loopback this took about 0.1 ms off every round trip (1 KiB: 0.11–0.17
-ms against 0.25–0.32 ms with ``http.client``; ``bench/robot_latency.py`` uses this class).
+on CRLF, where ``http.client`` runs every header through the ``email`` parser.
+``bench/transport.py`` on the 2-core dev VM, side by side against ``http.client`` on
+loopback: 0.23–0.35 ms less per round trip (1 KiB to 450 KiB bodies, the app answering at
+once or after 5 ms). ``bench/robot_latency.py`` uses this class.
 Threads sharing one connection take turns.
 
 A keep-alive connection the server has closed while the robot was idle (uvicorn closes
