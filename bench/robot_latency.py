@@ -30,7 +30,8 @@ direct p50) and over the floor, the client's encode+decode median, and the serve
 timing medians (HTTP `timing_ms`: queue/preprocess/infer/total; websocket `server_timing`:
 queue/infer (the model thread's whole run, preprocessing included)/previous frame's total,
 and what is left outside the handler), then the server's own decoding steps for the same
-bodies timed in this process (`service.codecs`, pydantic, frame decoding).
+bodies timed in this process (`service.codecs`, pydantic, frame decoding) and the whole app
+for the msgpack body as an ASGI call with the model call stubbed.
 The goal (issue 6): msgpack HTTP and websocket ≤ 1 ms p50 overhead on a 2-core CPU host (README: Latency).
 """
 
@@ -396,12 +397,76 @@ def bench(n_cameras: int, args, workdir: Path) -> dict[str, Any]:
             for transport in transports:
                 transport.call(record=True)
     results: dict[str, Any] = {t.name: t for t in transports}
-    results["codec"] = codec_steps(pipeline.robot_io, frames, proprio, args.steps, repeats=max(20, args.requests // 2))
+    results["codec"] = codec_steps(pipeline.robot_io, frames, proprio, args.steps, repeats=max(20, args.requests // 2),
+                                   checkpoint=checkpoint)
     return results
 
 
+def app_without_model(checkpoint: Path, body: bytes, repeats: int) -> float:
+    """Median ms of one msgpack ``POST /predict/diffusion_policy`` through the whole app (middleware, FastAPI,
+    validation, frame decoding, the reply) as an ASGI call in this process, the model call stubbed: what the
+    server's Python costs per request, apart from the HTTP server and the model."""
+    import asyncio
+
+    from service import DeploymentSpec, Settings, create_app
+    from service.executor import Timed
+
+    app = create_app(Settings(deployments=[DeploymentSpec(name="bench-policy", checkpoint=str(checkpoint))],
+                              device="cpu", warmup=False))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict/diffusion_policy", "raw_path": b"/predict/diffusion_policy", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+             "headers": [(b"host", b"bench"), (b"content-type", b"application/msgpack"),
+                         (b"accept", b"application/msgpack"), (b"content-length", str(len(body)).encode())]}
+
+    async def run() -> float:
+        manager = app.state.manager
+        manager.start()
+        try:
+            deployment = manager.resolve("diffusion_policy", "bench-policy")
+            while deployment.pipeline is None:
+                await asyncio.sleep(0.05)
+            real_run, first = deployment.run, {}
+
+            async def stubbed(fn, *args, **kwargs):  # the first call runs the model; later ones reuse its reply
+                if "value" not in first:
+                    first["value"] = (await real_run(fn, *args, **kwargs)).value
+                return Timed(first["value"], 0.0, 0.0)
+
+            deployment.run = stubbed
+
+            async def once() -> None:
+                sent, delivered = [], False
+
+                async def receive():
+                    nonlocal delivered
+                    if delivered:
+                        await asyncio.sleep(3600)  # as a client that keeps the connection open
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                async def send(message):
+                    sent.append(message)
+
+                await app(dict(scope), receive, send)
+                if sent[0]["status"] != 200:
+                    raise SystemExit(f"the stubbed app answered {sent[0]['status']}: {sent[1].get('body', b'')[:300]}")
+
+            times = []
+            for i in range(20 + repeats):
+                start = time.perf_counter()
+                await once()
+                if i >= 20:
+                    times.append(time.perf_counter() - start)
+            return statistics.median(times) * 1000
+        finally:
+            manager.shutdown()
+
+    return asyncio.run(run())
+
+
 def codec_steps(robot_io, frames: dict[str, np.ndarray], proprio: np.ndarray, steps: int,
-                repeats: int) -> list[tuple[str, float]]:
+                repeats: int, checkpoint: Path) -> list[tuple[str, float]]:
     """Medians (ms) of the server's own decoding steps for these bodies, run in this process."""
     from service.codecs import unpack_msgpack
     from service.modalities.action import ActionPredictRequest
@@ -443,6 +508,8 @@ def codec_steps(robot_io, frames: dict[str, np.ndarray], proprio: np.ndarray, st
         ("dict → ActionPredictRequest (pydantic)", median_ms(lambda: ActionPredictRequest.model_validate(obj))),
         ("frames (JSON): base64 decode + decode_array + image_from_array", median_ms(decode_frames(obj))),
         ("frames (msgpack): decode_array + image_from_array", median_ms(decode_frames(unpacked))),
+        ("the whole app for the msgpack body (an ASGI call, model call stubbed)",
+         app_without_model(checkpoint, msgpack_body, repeats)),
     ]
 
 
