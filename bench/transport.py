@@ -155,8 +155,8 @@ def main() -> None:
             pairs[f"HTTP, {name}"] = client
         pairs["websocket, websockets.sync.client"] = SyncWebsocketClient(port)
         pairs["websocket, WebsocketConnection"] = OurWebsocketClient(port)
-        print(f"uvicorn bare app, loopback, {os.cpu_count()} cores, reply {len(REPLY)} B, app delay {args.delay_ms} ms, "
-              f"client pause {args.pause_ms} ms")
+        print(f"uvicorn bare app, loopback, {os.cpu_count()} cores, reply {len(REPLY)} B, "
+              f"app delay {args.delay_ms} ms, client pause {args.pause_ms} ms")
         for kib in (float(s) for s in args.sizes.split(",")):
             body = np.random.default_rng(0).integers(0, 256, int(kib * 1024), dtype=np.uint8).tobytes()
             times: dict[str, list[float]] = {name: [] for name in pairs}

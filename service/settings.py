@@ -81,8 +81,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "
                                                 "trace).")
     api_keys: Optional[SecretStr] = Field(None, description=(
-        "API keys, comma-separated (in the YAML also a list). With a key here or in api_keys_file, every request but /health/* and the "
-        "docs needs `Authorization: Api-Key <key>` or `Bearer <key>` (401 without); none: no authentication."))
+        "API keys, comma-separated (in the YAML also a list). With a key here or in api_keys_file, every request "
+        "but /health/* and the docs needs `Authorization: Api-Key <key>` or `Bearer <key>` (401 without); none: "
+        "no authentication."))
     api_keys_file: Optional[Path] = Field(None, description="A file of API keys, one per line (blank lines and # "
                                                             "comments skipped): a Docker or Kubernetes secret.")
 

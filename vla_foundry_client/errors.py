@@ -40,6 +40,6 @@ def server_error(status: int, payload: Any, text: str, retry_after: Optional[flo
 def auth_headers(api_key: Optional[str]) -> dict[str, str]:
     """``Authorization: Api-Key <key>`` for ``api_key``, else for ``$VLA_API_KEY``; none: no header."""
     key = api_key if api_key is not None else os.environ.get("VLA_API_KEY")
-    if key and (not key.isprintable() or any(c.isspace() for c in key)):
-        raise ValueError("the API key holds whitespace or a control character; pass the key alone")
+    if key and (not key.isascii() or not key.isprintable() or any(c.isspace() for c in key)):
+        raise ValueError("the API key holds whitespace, a control or a non-ASCII character; pass the key alone")
     return {"Authorization": f"Api-Key {key}"} if key else {}

@@ -16,8 +16,8 @@ import msgpack
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from vla_foundry_client.arrays import MessagePacker, pack, unpack
-from vla_foundry_client.websocket_connection import WebsocketConnection
 from vla_foundry_client.errors import WEBSOCKET_CLOSE_TYPES, PolicyServerError, auth_headers, server_error
+from vla_foundry_client.websocket_connection import WebsocketConnection
 
 MiB = 1024 * 1024
 

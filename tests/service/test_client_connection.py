@@ -88,7 +88,8 @@ def _read_request(conn: socket.socket) -> bytes:
             return b""
         request += chunk
     head, _, body = request.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length")), 0)
     while len(body) < length:
         body += conn.recv(65536)
     return head + b"\r\n\r\n" + body
