@@ -66,7 +66,7 @@ from vla_foundry.robotics.experiment import normalizer_block, save_policy_experi
 from vla_foundry.robotics.observations import RawObservation
 from vla_foundry.robotics.robot_io import RobotIO, image_names_for
 from vla_foundry_client.arrays import MessagePacker, pack_array, unpack_array
-from vla_foundry_client.connection import KeepAliveConnection
+from vla_foundry_client.connection import KeepAliveConnection, send_all
 from vla_foundry_client.websocket_connection import WebsocketConnection
 from vla_foundry.robotics.stats import field_stats
 
@@ -287,12 +287,7 @@ class Floor(Transport):
         parts = [memoryview(np.ascontiguousarray(f)).cast("B") for f in self.frames] + \
                 [memoryview(np.ascontiguousarray(self.proprio, dtype=np.float32)).cast("B")]
         parts.insert(0, memoryview(sum(len(p) for p in parts).to_bytes(8, "little")))
-        while parts:
-            sent = self.sock.sendmsg(parts)
-            while parts and sent >= len(parts[0]):
-                sent -= len(parts.pop(0))
-            if parts:
-                parts[0] = parts[0][sent:]
+        send_all(self.sock, parts)
         reply = b""
         while len(reply) < 8 or len(reply) < 8 + int.from_bytes(reply[:8], "little"):
             chunk = self.sock.recv(65536)

@@ -172,14 +172,7 @@ class KeepAliveConnection:
             sock.sendall(head)
             sock.sendall(data)
         else:
-            parts = [memoryview(head), data]
-            while parts:  # sendmsg may take only part of them: send the rest
-                sent = sock.sendmsg(parts)
-                while parts and sent >= len(parts[0]):
-                    sent -= len(parts[0])
-                    parts.pop(0)
-                if parts:
-                    parts[0] = parts[0][sent:]
+            send_all(sock, [memoryview(head), data])
 
     # ------------------------------------------------------------------ the reply
 
@@ -306,6 +299,17 @@ class KeepAliveConnection:
             return readable(self._sock)
         except (OSError, ValueError):  # already closed
             return True
+
+
+def send_all(sock: socket.socket, parts: list[memoryview]) -> None:
+    """``sendall`` for several buffers: ``sendmsg`` (no joined copy), again with the rest while it takes only
+    part of them. ``parts`` are 1-D byte views; the list is consumed."""
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][sent:]
 
 
 def readable(sock: socket.socket) -> bool:
