@@ -1,10 +1,12 @@
 # The quick-start commands: `make serve` and `make test`. Each installs what it needs into .venv
 # (`make test` adds the dev extra and Ray, whose Serve scale-out it tests; `make serve` needs neither).
+# `make test` also builds .venv-openpi: the real openpi-client (it pins numpy < 2), which a test drives
+# against a live server.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench
+.PHONY: serve test bench openpi-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +18,14 @@ $(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e '.[serve,dev,ray]'
 	touch $@
 
+# Rebuilt when its pins change; exits 0 without it when the registry is unreachable (the test then skips).
+openpi-venv: $(BIN)/.installed
+	$(BIN)/python tests/openpi/make_venv.py
+
 serve: $(BIN)/.installed
 	$(BIN)/vla-foundry serve $(ARGS)
 
-test: $(BIN)/.installed-test
+test: $(BIN)/.installed-test openpi-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
 bench: $(BIN)/.installed

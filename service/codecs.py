@@ -5,6 +5,12 @@ is raw bytes under the ``__ndarray__`` key convention robot clients already use.
 msgpack is unpacked into the same Python values JSON gives, except that bytes stay bytes
 (array data, encoded images): one schema serves both, and a camera frame is never
 base64-encoded only to be decoded again.
+
+msgpack arrays come in two spellings, both accepted: str keys (``"__ndarray__"``, ``"data"``,
+``"dtype"``, ``"shape"``) and openpi's ``msgpack_numpy`` spelling, the same keys as msgpack
+*bytes* (``b"__ndarray__"``, ...), with numpy scalars as ``{b"__npgeneric__", b"data",
+b"dtype"}``. Both unpack to the same values. openpi's unpacker recognizes arrays only by the
+bytes keys, so replies to such a peer are packed in its spelling (``bytes_keys=True``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import msgpack
@@ -47,9 +54,11 @@ def is_msgpack(content_type: str) -> bool:
 
 def array_dtype(name: Any) -> np.dtype:
     """A wire dtype name → numpy dtype; only bool, integer and float dtypes are accepted."""
+    if not isinstance(name, str):
+        raise DecodeError(f"array dtype must be a string such as '<f4' or '|u1'; got {type(name).__name__}")
     try:
-        dtype = np.dtype(str(name))
-    except (TypeError, ValueError) as e:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError, SyntaxError) as e:  # numpy parses some strings (",") as Python: SyntaxError
         raise DecodeError(f"unknown array dtype {name!r}; send a numeric dtype such as '<f4' or '|u1'") from e
     if dtype.kind not in ACCEPTED_DTYPE_KINDS or dtype.itemsize == 0:
         kind = REFUSED_DTYPE_KINDS.get(dtype.kind, dtype.name)
@@ -83,9 +92,13 @@ def decode_array(obj: dict) -> np.ndarray:
         raise DecodeError(f"array shape {list(shape)} is not a valid shape ({e})") from e
 
 
-def encode_array(array: np.ndarray, *, binary: bool) -> dict[str, Any]:
+def encode_array(array: np.ndarray, *, binary: bool, bytes_keys: bool = False) -> dict[str, Any]:
+    """An array in the wire convention: base64 ``data`` for JSON, raw bytes for msgpack (``binary``), with
+    openpi's bytes keys when ``bytes_keys``."""
     array = np.ascontiguousarray(array)
     data = array.tobytes()
+    if bytes_keys:
+        return {b"__ndarray__": True, b"data": data, b"dtype": array.dtype.str, b"shape": list(array.shape)}
     if binary:
         return {"__ndarray__": True, "data": data, "dtype": array.dtype.str, "shape": list(array.shape)}
     return {"dtype": array.dtype.str, "shape": list(array.shape), "data": base64.b64encode(data).decode()}
@@ -98,31 +111,80 @@ def is_array_dict(value: Any) -> bool:
 # ----------------------------------------------------------------------------- msgpack → values
 
 
-def _checked(value: Any, depth: int = 0) -> Any:
-    """A value unpacked from msgpack, checked as JSON would be (finite numbers, string keys); bytes are kept."""
-    if isinstance(value, (dict, list)) and depth >= MAX_NESTING:
-        raise DecodeError(f"the body nests maps and lists more than {MAX_NESTING} deep; send a flatter body")
-    if isinstance(value, dict):
-        if "__ndarray__" in value:
-            value = {k: v for k, v in value.items() if k != "__ndarray__"}
-            array_dtype(value.get("dtype"))  # refuse object/void/complex before anything else
-        return {k if type(k) is str else str(k): _checked(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_checked(v, depth + 1) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        raise DecodeError(f"non-finite number {value!r} in the body; send finite numbers")
-    if value is None or isinstance(value, (str, int, float, bool, bytes)):
-        return value
-    raise DecodeError(f"msgpack value of type {type(value).__name__} is not accepted; send maps, lists, numbers, "
-                      "str and bytes")
+ARRAY_MARKER, SCALAR_MARKER = "__ndarray__", "__npgeneric__"
+# openpi's msgpack_numpy spelling of the typed-value keys → ours.
+_OPENPI_KEYS = {b"__ndarray__": ARRAY_MARKER, b"__npgeneric__": SCALAR_MARKER, b"data": "data", b"dtype": "dtype",
+                b"shape": "shape"}
 
 
-def unpack_msgpack(body: bytes) -> Any:
-    """A msgpack body or websocket frame → checked Python values (maps, lists, str, bytes, finite numbers).
+@dataclass(frozen=True)
+class Unpacked:
+    value: Any
+    bytes_keys: bool  # an array or scalar came in openpi's bytes-key spelling: answer in it
+
+
+class _Checker:
+    """Walks a value unpacked from msgpack and checks it as JSON would be (finite numbers, string keys);
+    bytes are kept. Typed arrays and scalars in either key spelling come out in one form: an array as
+    ``{"dtype", "shape", "data"}`` (its dtype checked at once), a scalar as its plain value."""
+
+    def __init__(self) -> None:
+        self.bytes_keys = False
+
+    def check(self, value: Any, depth: int = 0) -> Any:
+        if isinstance(value, (dict, list)) and depth >= MAX_NESTING:
+            raise DecodeError(f"the body nests maps and lists more than {MAX_NESTING} deep; send a flatter body")
+        if isinstance(value, dict):
+            value = self._typed_value(value)
+            if not isinstance(value, dict):  # a numpy scalar, now its plain value
+                return self.check(value, depth)
+            return {k if type(k) is str else str(k): self.check(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.check(v, depth + 1) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DecodeError(f"non-finite number {value!r} in the body; send finite numbers")
+        if value is None or isinstance(value, (str, int, float, bool, bytes)):
+            return value
+        raise DecodeError(f"msgpack value of type {type(value).__name__} is not accepted; send maps, lists, "
+                          "numbers, str and bytes")
+
+    def _typed_value(self, value: dict) -> Any:
+        """A map marked ``__ndarray__`` or ``__npgeneric__`` (str or bytes keys) → the array map without its
+        marker, or the scalar's value; any other map unchanged."""
+        if not any(k in _OPENPI_KEYS or k in (ARRAY_MARKER, SCALAR_MARKER) for k in value):
+            return value
+        fields: dict[Any, Any] = {}
+        for key, item in value.items():
+            name = _OPENPI_KEYS.get(key, key) if type(key) is bytes else key
+            if name in fields:
+                raise DecodeError(f"a typed value has the key {name!r} twice (as str and as bytes); send one")
+            fields[name] = item
+        if ARRAY_MARKER in fields and SCALAR_MARKER in fields:
+            raise DecodeError(f"a map marked both {ARRAY_MARKER} and {SCALAR_MARKER}; send one")
+        if ARRAY_MARKER not in fields and SCALAR_MARKER not in fields:
+            return value  # bytes keys such as b"data" without a marker: not a typed value
+        self.bytes_keys = self.bytes_keys or any(type(k) is bytes for k in value)
+        dtype = array_dtype(fields.get("dtype"))  # refuse object/void/complex before anything else
+        if ARRAY_MARKER in fields:
+            del fields[ARRAY_MARKER]
+            return fields
+        scalar = fields.get("data")
+        if type(scalar) not in (bool, int, float) or set(fields) - {SCALAR_MARKER, "data", "dtype"}:
+            raise DecodeError(f"a {SCALAR_MARKER} scalar is {{dtype, data}} with a number as data; got "
+                              f"{type(scalar).__name__} data")
+        if (dtype.kind == "b") != (type(scalar) is bool):
+            raise DecodeError(f"a {SCALAR_MARKER} scalar of dtype {dtype.str!r} cannot hold {scalar!r}")
+        return scalar
+
+
+def unpack_message(body: bytes) -> Unpacked:
+    """A msgpack body or websocket frame → checked Python values (maps, lists, str, bytes, finite numbers),
+    and whether its typed values used openpi's bytes keys.
 
     ``__ndarray__`` markers are dropped once their dtype is checked (the array dict itself
-    is the convention); extension types, non-finite floats and object/complex dtypes are
-    refused with ``DecodeError``. Bytes are returned as the unpacker made them: no copy.
+    is the convention); numpy scalars become plain numbers; extension types, non-finite floats
+    and object/complex dtypes are refused with ``DecodeError``. Bytes are returned as the
+    unpacker made them: no copy.
     """
     try:
         value = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
@@ -130,14 +192,20 @@ def unpack_msgpack(body: bytes) -> Any:
         raise
     except Exception as e:
         raise DecodeError(f"the body is not valid msgpack ({type(e).__name__})") from e
-    return _checked(value)
+    checker = _Checker()
+    return Unpacked(checker.check(value), checker.bytes_keys)
 
 
-async def unpack_msgpack_off_loop(body: bytes) -> Any:
-    """``unpack_msgpack`` on the event loop for bodies up to ``UNPACK_ON_LOOP_BYTES``, else in the thread pool."""
+def unpack_msgpack(body: bytes) -> Any:
+    """``unpack_message``'s values alone."""
+    return unpack_message(body).value
+
+
+async def unpack_message_off_loop(body: bytes) -> Unpacked:
+    """``unpack_message`` on the event loop for bodies up to ``UNPACK_ON_LOOP_BYTES``, else in the thread pool."""
     if len(body) <= UNPACK_ON_LOOP_BYTES:
-        return unpack_msgpack(body)
-    return await run_in_threadpool(unpack_msgpack, body)
+        return unpack_message(body)
+    return await run_in_threadpool(unpack_message, body)
 
 
 def _refuse_ext(code: int, data: bytes):
@@ -147,13 +215,13 @@ def _refuse_ext(code: int, data: bytes):
 # ----------------------------------------------------------------------------- responses
 
 
-def _array_default(binary: bool):
+def _array_default(binary: bool, bytes_keys: bool = False):
     """The serializers' hook for what they do not know: numpy arrays in the wire convention, numpy scalars
     as numbers. Called only for such values, so a reply is never walked in Python beforehand."""
 
     def default(value: Any) -> Any:
         if isinstance(value, np.ndarray):
-            return encode_array(value, binary=binary)
+            return encode_array(value, binary=binary, bytes_keys=bytes_keys)
         if isinstance(value, np.generic):
             return value.item()
         raise TypeError(f"a reply value of type {type(value).__name__} cannot be serialized")
@@ -161,14 +229,21 @@ def _array_default(binary: bool):
     return default
 
 
-_MSGPACK_DEFAULT, _JSON_DEFAULT = _array_default(True), _array_default(False)
+_JSON_DEFAULT = _array_default(False)
+_MSGPACK_DEFAULTS = {False: _array_default(True), True: _array_default(True, bytes_keys=True)}
+
+
+def pack_msgpack(payload: Any, *, bytes_keys: bool = False) -> bytes:
+    """A reply as msgpack; numpy arrays as typed arrays, with openpi's bytes keys when ``bytes_keys``."""
+    return msgpack.packb(payload, use_bin_type=True, default=_MSGPACK_DEFAULTS[bytes_keys])
 
 
 def encode_response(payload: Any, accept: str, status_code: int = 200,
-                    headers: Optional[dict[str, str]] = None) -> Response:
-    """msgpack when the client accepts it, else JSON. numpy arrays use the wire convention."""
+                    headers: Optional[dict[str, str]] = None, *, bytes_keys: bool = False) -> Response:
+    """msgpack when the client accepts it, else JSON. numpy arrays use the wire convention; in msgpack with
+    openpi's bytes keys when ``bytes_keys`` (the request used them)."""
     if wants_msgpack(accept):
-        body = msgpack.packb(payload, use_bin_type=True, default=_MSGPACK_DEFAULT)
+        body = pack_msgpack(payload, bytes_keys=bytes_keys)
         return Response(body, status_code=status_code, media_type=MSGPACK, headers=headers)
     body = json.dumps(payload, allow_nan=False, separators=(",", ":"), default=_JSON_DEFAULT).encode()
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)

@@ -17,13 +17,20 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.codecs import DecodeError, encode_response, is_msgpack, unpack_msgpack_off_loop
+from service.codecs import DecodeError, encode_response, is_msgpack, unpack_message_off_loop
 from service.errors import error_body
 
 logger = logging.getLogger("service.access")
 
 BODY = "vla.body"  # scope key: the whole body, as the middleware read it
 DECODED_BODY = "vla.decoded_body"  # scope key: the body's values, already unpacked by the middleware
+BYTES_KEYS = "vla.bytes_keys"  # scope key: the msgpack body's arrays used openpi's bytes keys
+
+
+def reply_in_bytes_keys(request: Request) -> bool:
+    """Whether a reply's msgpack arrays take openpi's bytes keys: when the request's arrays did (an openpi
+    ``msgpack_numpy`` peer recognizes no other spelling); str keys otherwise."""
+    return request.scope.get(BYTES_KEYS, False)
 
 
 class DecodedBodyRequest(Request):
@@ -109,7 +116,8 @@ class BodyCodecMiddleware:
         decoded: dict[str, Any] = {BODY: body}
         if is_msgpack(content_type):
             try:
-                decoded[DECODED_BODY] = await unpack_msgpack_off_loop(body)
+                unpacked = await unpack_message_off_loop(body)
+                decoded[DECODED_BODY], decoded[BYTES_KEYS] = unpacked.value, unpacked.bytes_keys
             except DecodeError as e:
                 await self._refuse(scope, receive, send, accept, 400 if "valid msgpack" in str(e) else 422, str(e))
                 return

@@ -162,21 +162,28 @@ def build_training_scheduler(params: NoiseSchedulerParams, *, flow_matching: boo
 
 # ----------------------------------------------------------------------------- fast sampling
 
-FAST_SCHEDULERS = ("ddim", "dpmsolver++", "euler")
+# Fast samplers by request name, per way of training. diffusers implements each; the names mean the same
+# method in both families where it exists in both (``dpmsolver++``: DPM-Solver++ 2M, ``unipc``: UniPC-BH2).
+FAST_SCHEDULERS = ("ddim", "dpmsolver++", "euler", "unipc")  # ε-prediction (DDPM-trained) models
+FLOW_SCHEDULERS = ("flow_euler", "dpmsolver++", "unipc", "heun")  # flow-matching (velocity) models
+# diffusers' flow samplers lay their σ grid out in steps of 1/num_train_timesteps (the last σ before 0, the
+# first σ of DPM-Solver++, the integer timesteps they index by). They get this fixed resolution rather than
+# the model's T (often 100, or 10 in tests): the model is called at σ·T whatever the grid (``model_timesteps``).
+FLOW_SIGMA_RESOLUTION = 1000
 
 
 def fast_scheduler(name: str, training: nn.Module):
-    """A new diffusers scheduler named ``name`` over ``training``'s noise schedule (ε-prediction models).
+    """A new diffusers scheduler named ``name`` that samples a model trained with ``training``.
 
-    The betas are the trained ones (the loaded ``betas`` table for VLA Foundry's DDPM), so the
-    fast sampler walks the same noise levels the model learned. Trailing timestep spacing
-    reaches the noisiest trained level even with few steps.
+    ε-prediction models (``FAST_SCHEDULERS``): the betas are the trained ones (the loaded
+    ``betas`` table for VLA Foundry's DDPM), so the fast sampler walks the same noise levels
+    the model learned; trailing timestep spacing reaches the noisiest trained level even with
+    few steps. Flow-matching models: ``FLOW_SCHEDULERS``, see ``_flow_scheduler``.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
     if isinstance(training, FlowMatchingScheduler):
-        raise ValueError(f"scheduler {name!r} samples ε-prediction (DDPM-trained) models; this model was trained "
-                         "with flow matching: use 'flow_euler'")
+        return _flow_scheduler(name, training)
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
     if isinstance(training, NoiseSchedulerDDPM):
         # Betas that reproduce the loaded alphas_cumprod exactly (the table the model trained with).
         ac = training.alphas_cumprod.detach().double().cpu()
@@ -191,11 +198,48 @@ def fast_scheduler(name: str, training: nn.Module):
         return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
     if name == "euler":
         return EulerDiscreteScheduler(**common)
-    raise ValueError(f"unknown fast scheduler {name!r}; choose one of {', '.join(FAST_SCHEDULERS)}")
+    if name == "unipc":
+        return UniPCMultistepScheduler(solver_order=2, **common)
+    hint = "; 'flow_euler' and 'heun' sample flow-matching models" if name in FLOW_SCHEDULERS else ""
+    raise ValueError(f"unknown fast scheduler {name!r} for an ε-prediction (DDPM-trained) model; choose one of "
+                     f"{', '.join(FAST_SCHEDULERS)}{hint}")
 
 
-def flow_euler_scheduler(training: FlowMatchingScheduler):
-    """diffusers' flow-matching Euler over VLA Foundry's convention (σ = t/T, velocity ε − x0)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def _flow_scheduler(name: str, training: FlowMatchingScheduler):
+    """diffusers' flow samplers over VLA Foundry's convention: x_σ = x0 + σ·(ε − x0) with σ = t/T, and the
+    model predicts the velocity ε − x0 — diffusers' ``flow_prediction`` with unshifted flow sigmas
+    (``shift``/``flow_shift`` 1), walking σ from 1 to 0.
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=training.num_timesteps, shift=1.0)
+    ``flow_euler`` and ``heun`` start at σ = 1, UniPC at 1 − 1e-6 and DPM-Solver++ at 1 − 1/1000: the
+    last two work in log-SNR, which is infinite at σ = 1 (diffusers' own choice).
+    """
+    from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                           FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler)
+
+    T = FLOW_SIGMA_RESOLUTION
+    flow = dict(num_train_timesteps=T, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                final_sigmas_type="zero")
+    if name == "flow_euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+    if name == "heun":  # second order, two model calls per step but the last
+        return FlowMatchHeunDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **flow)
+    if name == "unipc":
+        return UniPCMultistepScheduler(solver_order=2, **flow)
+    hint = "; 'ddim' and 'euler' sample ε-prediction (DDPM-trained) models" if name in FAST_SCHEDULERS else ""
+    raise ValueError(f"unknown fast scheduler {name!r} for a flow-matching model; choose one of "
+                     f"{', '.join(FLOW_SCHEDULERS)}{hint}")
+
+
+def model_timesteps(sampler, training: nn.Module) -> list:
+    """The timestep to call the model with at each of ``sampler.timesteps`` (after ``set_timesteps``).
+
+    ε-prediction samplers step through the trained timesteps themselves. A flow sampler's step ``i``
+    is at ``sampler.sigmas[i]`` (its timesteps are σ on its own grid, integer-rounded by some): the
+    model, trained at t = σ·T, is called at exactly that σ.
+    """
+    if isinstance(training, FlowMatchingScheduler):
+        steps = len(sampler.timesteps)
+        return (sampler.sigmas[:steps].double() * training.num_timesteps).tolist()
+    return [t.item() for t in sampler.timesteps]

@@ -1,7 +1,9 @@
 """numpy arrays on the wire, in the two conventions the server reads and writes.
 
 - msgpack: ``{"__ndarray__": True, "data": <raw bytes>, "dtype": "<f4", "shape": [2, 3]}``
-  (the openpi convention robot clients already use);
+  (the openpi convention robot clients already use); replies may spell these keys as msgpack
+  bytes, as openpi's ``msgpack_numpy`` does (``b"__ndarray__"``, ...; numpy scalars as
+  ``b"__npgeneric__"``), and ``unpack`` reads both;
 - JSON: ``{"dtype": "<f4", "shape": [2, 3], "data": "<base64>"}``.
 
 ``pack`` and ``unpack`` walk dicts and lists, so a whole request or reply converts in one call.
@@ -49,16 +51,32 @@ def pack_array(array: np.ndarray, *, binary: bool) -> dict[str, Any]:
     return {"dtype": array.dtype.str, "shape": list(array.shape), "data": base64.b64encode(data).decode()}
 
 
+_BYTES_KEYS = {b"__ndarray__": "__ndarray__", b"__npgeneric__": "__npgeneric__", b"data": "data",
+               b"dtype": "dtype", b"shape": "shape"}
+
+
+def _str_keys(value: dict) -> dict:
+    """openpi's bytes keys (``b"__ndarray__"``, ``b"data"``, ...) spelled as str; other keys as they are."""
+    return {_BYTES_KEYS.get(k, k) if type(k) is bytes else k: v for k, v in value.items()}
+
+
 def is_packed_array(value: Any) -> bool:
-    """A dict in either array convention (the JSON one is recognized by exactly its three keys)."""
+    """A dict in either array convention, with str or bytes keys (the JSON one is recognized by exactly its
+    three keys)."""
     if not isinstance(value, dict):
         return False
-    keys = set(value)
+    keys = set(_str_keys(value))
     return keys == {"__ndarray__", "dtype", "shape", "data"} or keys == {"dtype", "shape", "data"}
 
 
-def unpack_array(obj: dict[str, Any]) -> np.ndarray:
+def is_packed_scalar(value: Any) -> bool:
+    """openpi's numpy scalar: ``{"__npgeneric__": True, "data": <number>, "dtype": ...}`` (str or bytes keys)."""
+    return isinstance(value, dict) and set(_str_keys(value)) == {"__npgeneric__", "data", "dtype"}
+
+
+def unpack_array(obj: dict[Any, Any]) -> np.ndarray:
     """An array in either convention → a writable numpy array (checked: dtype, shape, byte count)."""
+    obj = _str_keys(obj)
     dtype = checked_dtype(obj.get("dtype"))
     shape = obj.get("shape")
     if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
@@ -95,10 +113,19 @@ def pack(value: Any, *, binary: bool) -> Any:
     return value
 
 
+def unpack_scalar(obj: dict[Any, Any]) -> np.generic:
+    """openpi's numpy scalar → that numpy scalar (checked dtype)."""
+    obj = _str_keys(obj)
+    return checked_dtype(obj["dtype"]).type(obj["data"])
+
+
 def unpack(value: Any) -> Any:
-    """``value`` with every packed array (either convention) turned into numpy."""
+    """``value`` with every packed array (either convention, str or bytes keys) turned into numpy, and every
+    packed numpy scalar into that scalar."""
     if is_packed_array(value):
         return unpack_array(value)
+    if is_packed_scalar(value):
+        return unpack_scalar(value)
     if isinstance(value, dict):
         return {key: unpack(item) for key, item in value.items()}
     if isinstance(value, list):

@@ -16,7 +16,7 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from service.codecs import DecodeError, decode_array, is_array_dict
+from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
 from service.errors import ApiError
 from service.images import decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
@@ -48,9 +48,9 @@ def _decode_frame(value: Any, request: RequestBase, field: str) -> np.ndarray:
     float or wider array is more likely a mistake than an image)."""
     if is_array_dict(value):
         try:
-            dtype = np.dtype(str(value.get("dtype")))
-        except TypeError:
-            dtype = None
+            dtype = array_dtype(value.get("dtype"))
+        except DecodeError as e:
+            raise InvalidInputError(f"{field}: {e}", field) from e
         if dtype != np.uint8:
             raise InvalidInputError(f"{field}: camera frames are uint8 (H, W, 3) arrays; got dtype "
                                     f"{value.get('dtype')!r}", field)

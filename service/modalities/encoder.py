@@ -6,7 +6,6 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
-from service.codecs import encode_array
 from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase
 from vla_foundry.errors import InvalidInputError
 
@@ -36,8 +35,8 @@ class EncoderPredictResponse(ResponseBase):
 
 
 def predict(pipeline, request: EncoderPredictRequest) -> dict:
-    out = pipeline.embed(request.texts, request.decoded_images())
-    return {k: encode_array(v, binary=False) for k, v in out.items()}
+    # numpy arrays: the reply's serializer writes them as typed arrays (base64 in JSON, raw bytes in msgpack).
+    return dict(pipeline.embed(request.texts, request.decoded_images()))
 
 
 class EncoderEvaluateRequest(EncoderPredictRequest):

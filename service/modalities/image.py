@@ -29,8 +29,10 @@ class ImagePredictRequest(RequestBase):
                                                                        "schedulers, all for `training`.")
     guidance_scale: Optional[float] = Field(None, le=100, description="Classifier-free guidance (0 … 100; 1 = "
                                                                       "none); default: the model's.")
-    scheduler: Optional[str] = Field(None, description="dpmsolver++ (default), ddim, euler, or training (the "
-                                                       "model's own, all steps); flow models: flow_euler, training.")
+    scheduler: Optional[str] = Field(None, description="dpmsolver++ (default), ddim, euler, unipc, or training "
+                                                       "(the model's own, all steps); flow-matching models: "
+                                                       "flow_euler (default), dpmsolver++, unipc, heun, training. "
+                                                       "GET /models: io.schedulers.")
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same bytes.")
 
     @model_validator(mode="after")

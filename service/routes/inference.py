@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from service.codecs import encode_response
 from service.deployments import DeploymentManager
 from service.errors import ApiError
+from service.middleware import reply_in_bytes_keys
 from service.modalities import ADAPTERS
 from service.settings import Settings
 from vla_foundry.errors import unknown_key_error
@@ -61,7 +62,9 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
                    "timing_ms": {**{k: round(v, 3) for k, v in timing.items()}, "total": round(total, 3)}}
         accept = request.headers.get("accept", "")
         special = reply(payload, accept) if reply is not None else None
-        return special if special is not None else encode_response(payload, accept)
+        if special is not None:
+            return special
+        return encode_response(payload, accept, bytes_keys=reply_in_bytes_keys(request))
 
     return endpoint
 

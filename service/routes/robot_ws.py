@@ -13,7 +13,9 @@ An openpi-style robot client connects unchanged:
 Observations are the HTTP body (``{"observation": {...}, "seed": …}``) or openpi's flat keys:
 ``observation/<camera>`` images, ``observation/state`` (the proprioception fields
 concatenated) or ``observation/<field>``, ``prompt``. Arrays use the ``__ndarray__``
-convention. The connection is a session (``?session_id=`` names it, else one per
+convention with str or bytes keys; every frame the server sends packs its arrays with
+openpi's bytes keys, the only spelling ``openpi_client.msgpack_numpy`` turns back into
+``np.ndarray``s. The connection is a session (``?session_id=`` names it, else one per
 connection), so a robot may send only the current step. Errors: a text frame with the
 message, then close 1008 (bad input) or 1011 (server fault), whose reason is
 ``field=<the field at fault>`` when there is one; never a traceback.
@@ -26,13 +28,12 @@ import time
 import uuid
 from typing import Any, Optional
 
-import msgpack
 import numpy as np
 from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from service.codecs import DecodeError, unpack_msgpack_off_loop
+from service.codecs import DecodeError, pack_msgpack, unpack_message_off_loop
 from service.errors import ApiError, field_of_loc
 from service.modalities.action import ActionPredictRequest, decode_observation_frames, session_predict
 from service.modalities.base import RequestBase
@@ -122,7 +123,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
     """The protocol on an accepted connection: the metadata frame, then one reply per observation frame."""
     pipeline = deployment.pipeline
     metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
-    await websocket.send_bytes(msgpack.packb(metadata, use_bin_type=True))
+    await websocket.send_bytes(pack_msgpack(metadata, bytes_keys=True))
     previous_total: Optional[float] = None
     while True:
         try:
@@ -140,7 +141,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
                                         f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
                 return
-            obj = await unpack_msgpack_off_loop(data)
+            obj = (await unpack_message_off_loop(data)).value
             if not isinstance(obj, dict):
                 raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
             if obj.get("endpoint") == "reset":
@@ -149,7 +150,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                     raise InvalidInputError(f"seed: a reset seed is an integer in [0, 2**62); got {seed!r}")
                 async with entry.lock:
                     entry.policy.reset(seed)
-                await websocket.send_bytes(msgpack.packb({"reset": True, "session_id": entry.id}))
+                await websocket.send_bytes(pack_msgpack({"reset": True, "session_id": entry.id}, bytes_keys=True))
                 continue
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
             await decode_observation_frames(body)
@@ -171,16 +172,11 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         timing = {"infer_ms": timed.run_ms, "queue_ms": timed.queue_ms}
         if previous_total is not None:
             timing["prev_total_ms"] = previous_total
-        out = {"actions": _ndarray(np.asarray(reply["action_chunk"], np.float32)[first:]),
+        out = {"actions": np.asarray(reply["action_chunk"], np.float32)[first:],
                "server_timing": timing,
                **{k: reply[k] for k in ("step", "seed", "valid_until", "n_action_steps", "action_fields")}}
-        await websocket.send_bytes(msgpack.packb(out, use_bin_type=True))
+        await websocket.send_bytes(pack_msgpack(out, bytes_keys=True))
         previous_total = (time.perf_counter() - started) * 1000
-
-
-def _ndarray(array: np.ndarray) -> dict:
-    array = np.ascontiguousarray(array)
-    return {"__ndarray__": True, "data": array.tobytes(), "dtype": array.dtype.str, "shape": list(array.shape)}
 
 
 def _message(error: Exception) -> str:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.codecs import encode_response
 from service.deployments import DeploymentManager
 from service.errors import ApiError
+from service.middleware import reply_in_bytes_keys
 from service.modalities.action import Observation, decode_observation_frames, observation_anchor
 from service.modalities.base import RequestBase, ResponseBase
 from service.settings import Settings
@@ -92,7 +93,7 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         timing["total"] = (time.perf_counter() - started) * 1000
         payload = {"model": deployment.name, "session_id": session_id, **value,
                    "timing_ms": {k: round(v, 3) for k, v in timing.items()}}
-        return encode_response(payload, request.headers.get("accept", ""))
+        return encode_response(payload, request.headers.get("accept", ""), bytes_keys=reply_in_bytes_keys(request))
 
     async def reset(session_id: str, request: Request, body: Optional[SessionResetRequest] = None):
         entry = request.app.state.sessions.get(session_id)

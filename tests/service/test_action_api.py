@@ -22,6 +22,7 @@ from service import DeploymentSpec
 from service.codecs import encode_array
 from service.modalities.action import Observation
 from tests.conftest import FIXTURES
+from tests.openpi.msgpack_numpy import openpi_pack_array, openpi_unpack_array
 from tests.factories import POLICY_CAMERAS, PREDICT_REQUESTS, png_data_url, policy_observation
 from tests.service.conftest import serving
 from tests.service.live_server import live_server
@@ -185,6 +186,66 @@ def test_msgpack_bytes_and_json_base64_give_the_same_actions(client):
     assert packed.status_code == 200 and as_json.status_code == 200, (packed.content[:300], as_json.text[:300])
     np.testing.assert_allclose(msgpack.unpackb(packed.content)["action_chunk"], as_json.json()["action_chunk"],
                                atol=1e-6)
+
+
+def openpi_body(body: dict) -> dict:
+    """A JSON request body as an openpi robot builds it: every typed array as a numpy array."""
+    if isinstance(body, dict):
+        if set(body) == {"dtype", "shape", "data"}:
+            return np.frombuffer(base64.b64decode(body["data"]), body["dtype"]).reshape(body["shape"])
+        return {k: openpi_body(v) for k, v in body.items()}
+    if isinstance(body, list):
+        return [openpi_body(v) for v in body]
+    return body
+
+
+def post_openpi(client, body: dict):
+    """POST ``body`` packed with openpi's ``msgpack_numpy`` (bytes keys), the reply unpacked the same way."""
+    return client.post("/predict/diffusion_policy",
+                       content=msgpack.packb(body, default=openpi_pack_array, use_bin_type=True),
+                       headers={"content-type": "application/msgpack", "accept": "application/msgpack"})
+
+
+def test_openpi_msgpack_bodies_give_the_fixture_actions(client):
+    """openpi's packer (bytes-keyed arrays, numpy arrays for the lowdim, noise and past rows too)."""
+    for body, expected in fixture_requests():
+        body = {"model": "fixture-policy", **openpi_body(body)}
+        body["observation"]["lowdim"] = {k: np.array(v, np.float32) for k, v in body["observation"]["lowdim"].items()}
+        body["noise"] = np.array(body["noise"], np.float32)
+        body["num_inference_steps"] = np.int64(10)  # openpi packs numpy scalars as __npgeneric__ maps
+        response = post_openpi(client, body)
+        assert response.status_code == 200, response.content[:300]
+        payload = msgpack.unpackb(response.content, object_hook=openpi_unpack_array)
+        for field, values in expected.items():
+            np.testing.assert_allclose(np.array(payload["actions"][field]), values, atol=1e-5)
+
+
+BAD_ARRAYS = {
+    "object dtype": ({"__ndarray__": True, "data": b"", "dtype": "|O", "shape": [0]}, 422),
+    "malformed dtype": ({"__ndarray__": True, "data": b"", "dtype": ",", "shape": [0]}, 422),
+    "complex dtype": ({"__ndarray__": True, "data": b"\0" * 16, "dtype": "<c8", "shape": [2]}, 422),
+    "wrong byte count": ({"__ndarray__": True, "data": b"\0" * 5, "dtype": "<f4", "shape": [2]}, 422),
+    "float camera frame": ({"__ndarray__": True, "data": b"\0" * 4 * 48, "dtype": "<f4", "shape": [4, 4, 3]}, 422),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARRAYS))
+def test_bad_arrays_are_refused_alike_with_str_and_bytes_keys(client, case):
+    value, status = BAD_ARRAYS[case]
+    errors = []
+    for bytes_keys in (False, True):
+        array = {k.encode(): v for k, v in value.items()} if bytes_keys else value
+        observation = {"images": {cam: [encode_array(np.zeros((4, 4, 3), np.uint8), binary=True)] * 2
+                                  for cam in POLICY_CAMERAS},
+                       "lowdim": {"arm__pos": array}, "language_instruction": "pick"}
+        if case == "float camera frame":
+            observation["lowdim"]["arm__pos"] = [[0.1, 0.2], [0.3, 0.4]]
+            observation["images"]["front"] = [array, array]
+        response = client.post("/predict/diffusion_policy", content=msgpack.packb(
+            {"model": "tiny-policy", "observation": observation}, use_bin_type=True),
+            headers={"content-type": "application/msgpack"})
+        errors.append(error_of(response, status))
+    assert errors[0] == errors[1]
 
 
 def test_only_raw_frames_within_the_cap_decode_on_the_event_loop():

@@ -8,6 +8,7 @@ from service import DeploymentSpec
 from service.codecs import encode_array
 from service.images import decode_image_value
 from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS
+from tests.openpi.msgpack_numpy import openpi_pack_array, openpi_unpack_array
 from tests.service.conftest import serving, wait_ready
 from vla_foundry.models import list_registered_batch_handlers, list_registered_models
 from vla_foundry.pipelines import load_pipeline
@@ -188,3 +189,26 @@ def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypa
                                                          "messages": [{"role": "user", "content": "hello"}]})
         assert chat.status_code == 200, chat.text
     assert all(demo.is_built(tmp_path / "demo" / m) for m in demo.DEMO_MEMBERS)
+
+
+def test_msgpack_replies_spell_arrays_as_the_request_did(client):
+    """An openpi peer (bytes-keyed arrays in) gets bytes-keyed arrays back, which its unpacker makes numpy;
+    str keys in (or no arrays at all) get str keys; JSON gets base64 typed arrays."""
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    headers = {"content-type": "application/msgpack", "accept": "application/msgpack"}
+    body = {"texts": ["a red circle"], "images": [image]}
+    openpi = client.post("/predict/clip_hf", headers=headers,
+                         content=msgpack.packb(body, default=openpi_pack_array, use_bin_type=True))
+    assert openpi.status_code == 200, openpi.content[:300]
+    reply = msgpack.unpackb(openpi.content, object_hook=openpi_unpack_array)
+    embeds = reply["image_embeds"]
+    assert isinstance(embeds, np.ndarray) and embeds.dtype == np.float32 and embeds.shape[0] == 1
+    assert reply["similarity"].shape == (1, 1)
+    ours = client.post("/predict/clip_hf", headers=headers, content=msgpack.packb(
+        {"texts": ["a red circle"], "images": [encode_array(image, binary=True)]}, use_bin_type=True))
+    mine = msgpack.unpackb(ours.content)["image_embeds"]
+    assert set(mine) == {"__ndarray__", "data", "dtype", "shape"}
+    np.testing.assert_array_equal(np.frombuffer(mine["data"], mine["dtype"]).reshape(mine["shape"]), embeds)
+    as_json = client.post("/predict/clip_hf", json={"texts": ["a red circle"],
+                                                    "images": [encode_array(image, binary=False)]}).json()
+    assert set(as_json["image_embeds"]) == {"dtype", "shape", "data"}

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from service import DeploymentSpec
-from tests.factories import png_data_url
+from tests.factories import png_data_url, tiny_model, tiny_stable_diffusion_params
+from vla_foundry.checkpoint import save_experiment
+from vla_foundry.schedulers import FAST_SCHEDULERS, FLOW_SCHEDULERS
 from tests.service.conftest import serving
 from tests.service.live_server import live_server
 
@@ -63,7 +65,7 @@ def test_accept_png_returns_the_image_itself(client):
     assert several.headers["content-type"].startswith("application/json")  # one PNG per reply only
 
 
-@pytest.mark.parametrize("scheduler", ["training", "ddim", "euler", "dpmsolver++"])
+@pytest.mark.parametrize("scheduler", ["training", *FAST_SCHEDULERS])
 def test_every_scheduler(client, scheduler):
     body = {"prompt": "a red circle", "scheduler": scheduler, "seed": 1}
     if scheduler == "training":
@@ -116,6 +118,33 @@ def test_models_describe_image_generation(client):
     io_info = client.get("/models/sd").json()["io"]
     assert io_info["image_size"] == 16 and io_info["text"] is True
     assert io_info["default_scheduler"] == "dpmsolver++" and "training" in io_info["schedulers"]
+
+
+@pytest.fixture(scope="module")
+def flow_client(tmp_path_factory):
+    """A tiny unconditional model trained (here: built) with VLA Foundry's flow-matching scheduler."""
+    path = tmp_path_factory.mktemp("flow-sd")
+    save_experiment(tiny_model(tiny_stable_diffusion_params(use_flow_matching_scheduler=True)), path)
+    with serving(DeploymentSpec(name="flow-sd", checkpoint=str(path)), max_inference_steps=50) as c:
+        yield c
+
+
+@pytest.mark.parametrize("scheduler", FLOW_SCHEDULERS)
+def test_flow_models_take_the_flow_samplers_seeded_and_reproducible(flow_client, scheduler):
+    first = draw(flow_client, scheduler=scheduler, seed=7, num_images=2)
+    assert first.status_code == 200, first.text
+    again = draw(flow_client, scheduler=scheduler, seed=7, num_images=2).json()
+    assert first.json()["scheduler"] == scheduler and first.json()["images"] == again["images"]
+    assert pixels(again["images"][0]["data"]).shape == (16, 16, 3)
+    other_seed = draw(flow_client, scheduler=scheduler, seed=8).json()["images"][0]["data"]
+    assert other_seed != again["images"][0]["data"]
+
+
+def test_flow_models_list_their_samplers_and_refuse_ddpm_only_ones(flow_client):
+    io_info = flow_client.get("/models/flow-sd").json()["io"]
+    assert io_info["schedulers"] == ["training", *FLOW_SCHEDULERS] and io_info["default_scheduler"] == "flow_euler"
+    e = error_of(draw(flow_client, scheduler="ddim"), 422)
+    assert e["field"] == "scheduler" and "flow_euler, dpmsolver++, unipc, heun" in e["message"]
 
 
 def test_concurrent_requests_equal_sequential_ones(tiny_checkpoints, tmp_path):

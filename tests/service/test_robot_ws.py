@@ -14,20 +14,30 @@ from tests.service.live_server import live_server
 FRAME_LIMIT = 200_000
 
 
-def nd(array: np.ndarray) -> dict:
+def nd(array: np.ndarray, bytes_keys: bool = False) -> dict:
+    """An array as str-keyed msgpack, or with openpi's bytes keys (``openpi_client.msgpack_numpy``'s form)."""
     array = np.ascontiguousarray(array)
-    return {"__ndarray__": True, "data": array.tobytes(), "dtype": array.dtype.str, "shape": list(array.shape)}
+    return typed({"__ndarray__": True, "data": array.tobytes(), "dtype": array.dtype.str,
+                  "shape": list(array.shape)}, bytes_keys)
+
+
+def typed(value: dict, bytes_keys: bool) -> dict:
+    return {k.encode(): v for k, v in value.items()} if bytes_keys else value
 
 
 def unpack_array(obj: dict) -> np.ndarray:
-    return np.frombuffer(obj["data"], dtype=obj["dtype"]).reshape(obj["shape"])
+    """A reply's array: always openpi's exact form, so openpi's unpacker turns it into numpy."""
+    assert set(obj) == {b"__ndarray__", b"data", b"dtype", b"shape"}, obj
+    return np.frombuffer(obj[b"data"], dtype=obj[b"dtype"]).reshape(obj[b"shape"])
 
 
-def flat_observation(seed: int = 0) -> dict:
+def flat_observation(seed: int = 0, bytes_keys: bool = False) -> dict:
     """openpi's flat keys: the current frame per camera, the state vector, the prompt."""
     rng = np.random.default_rng(seed)
-    obs = {f"observation/{cam}": nd(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for cam in POLICY_CAMERAS}
-    return {**obs, "observation/state": nd(np.array([0.1, 0.2], np.float32)), "prompt": "pick up the red block"}
+    obs = {f"observation/{cam}": nd(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8), bytes_keys)
+           for cam in POLICY_CAMERAS}
+    return {**obs, "observation/state": nd(np.array([0.1, 0.2], np.float32), bytes_keys),
+            "prompt": "pick up the red block"}
 
 
 @pytest.fixture(scope="module")
@@ -78,25 +88,44 @@ def test_openpi_exchange_metadata_actions_and_reset(server):
         assert msgpack.unpackb(ws.send(msgpack.packb({"endpoint": "reset"})) or ws.recv(timeout=30))["reset"]
         again = infer(ws, {**flat_observation(0), "seed": 3})
         assert again["step"] == 0 and np.array_equal(unpack_array(again["actions"]), actions)
+        infer(ws, {"endpoint": "reset"})
+        openpi = infer(ws, {**flat_observation(0, bytes_keys=True), "seed": 3})  # the same frames, bytes keys
+        assert np.array_equal(unpack_array(openpi["actions"]), actions)
         nested = infer(ws, {"observation": {"images": {cam: nd(np.zeros((8, 8, 3), np.uint8)) for cam in POLICY_CAMERAS},
                                             "lowdim": {"arm__pos": nd(np.zeros(2, np.float32))},
                                             "language_instruction": "pick"}})
         assert unpack_array(nested["actions"]).shape == (3, 3)
 
 
-BAD_FRAMES = {
-    "text frame": ("a text frame", 1008),
-    "not msgpack": (b"\xc1\xc1\xc1 definitely not msgpack", 1008),
-    "ext type": (msgpack.packb(msgpack.ExtType(5, b"xyz")), 1008),
-    "object dtype": (msgpack.packb({**flat_observation(), "observation/state": {"__ndarray__": True, "data": b"",
-                                                                              "dtype": "|O", "shape": [0]}}), 1008),
-    "complex dtype": (msgpack.packb({**flat_observation(), "observation/state": nd(np.zeros(2, np.complex64))}), 1008),
-    "shape mismatch": (msgpack.packb({**flat_observation(), "observation/front": {
-        "__ndarray__": True, "data": b"\x00" * 10, "dtype": "|u1", "shape": [24, 40, 3]}}), 1008),
-    "missing camera": (msgpack.packb({k: v for k, v in flat_observation().items() if k != "observation/wrist"}), 1008),
-    "a list": (msgpack.packb([1, 2, 3]), 1008),
-    "over the limit": (b"\x00" * (FRAME_LIMIT + 1), 1009),
-}
+def bad_frames(bytes_keys: bool) -> dict:
+    """Frames each closed with 1008 (or 1009); the typed arrays in the spelling given."""
+    def with_state(value):
+        return msgpack.packb({**flat_observation(bytes_keys=bytes_keys), "observation/state": value})
+
+    return {
+        "text frame": ("a text frame", 1008),
+        "not msgpack": (b"\xc1\xc1\xc1 definitely not msgpack", 1008),
+        "ext type": (msgpack.packb(msgpack.ExtType(5, b"xyz")), 1008),
+        "object dtype": (with_state(typed({"__ndarray__": True, "data": b"", "dtype": "|O", "shape": [0]},
+                                          bytes_keys)), 1008),
+        "malformed dtype": (with_state(typed({"__ndarray__": True, "data": b"", "dtype": ",", "shape": [0]},
+                                             bytes_keys)), 1008),
+        "complex dtype": (with_state(nd(np.zeros(2, np.complex64), bytes_keys)), 1008),
+        "complex scalar": (with_state(typed({"__npgeneric__": True, "data": 1.0, "dtype": "<c8"}, bytes_keys)), 1008),
+        "shape mismatch": (msgpack.packb({**flat_observation(bytes_keys=bytes_keys), "observation/front": typed({
+            "__ndarray__": True, "data": b"\x00" * 10, "dtype": "|u1", "shape": [24, 40, 3]}, bytes_keys)}), 1008),
+        "float frame": (msgpack.packb({**flat_observation(bytes_keys=bytes_keys),
+                                       "observation/front": nd(np.zeros((24, 40, 3), np.float32), bytes_keys)}), 1008),
+        "missing camera": (msgpack.packb({k: v for k, v in flat_observation(bytes_keys=bytes_keys).items()
+                                          if k != "observation/wrist"}), 1008),
+        "a list": (msgpack.packb([1, 2, 3]), 1008),
+        "over the limit": (b"\x00" * (FRAME_LIMIT + 1), 1009),
+    }
+
+
+ARRAY_CASES = ("object dtype", "malformed dtype", "complex dtype", "complex scalar", "shape mismatch", "float frame",
+               "missing camera")
+BAD_FRAMES = {**bad_frames(False), **{f"{case} (bytes keys)": bad_frames(True)[case] for case in ARRAY_CASES}}
 
 
 @pytest.mark.parametrize("case", list(BAD_FRAMES))
@@ -113,7 +142,7 @@ def test_bad_frames_close_that_connection_only(server, case):
                     ws.recv(timeout=30)
                 assert closed.value.rcvd.code == 1009
             else:
-                reason = "field=observation.images.wrist" if case == "missing camera" else ""
+                reason = "field=observation.images.wrist" if case.startswith("missing camera") else ""
                 assert closed_with(ws, code, reason)
         after = infer(other, {**flat_observation(6), "seed": 1})  # the other session carries on
         assert after["step"] > before["step"]

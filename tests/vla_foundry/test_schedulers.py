@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from vla_foundry.params.diffusion import NoiseSchedulerParams
-from vla_foundry.schedulers import (DiffusersDDPM, FlowMatchingScheduler, NoiseSchedulerDDPM, fast_scheduler,
-                                    randn_like)
+from vla_foundry.schedulers import (FLOW_SCHEDULERS, FLOW_SIGMA_RESOLUTION, DiffusersDDPM, FlowMatchingScheduler,
+                                    NoiseSchedulerDDPM, fast_scheduler, model_timesteps, randn_like)
 
 T = 50
 
@@ -202,7 +202,22 @@ def test_fast_scheduler_uses_the_trained_noise_levels(ddpm):
     s = fast_scheduler("ddim", ddpm)
     assert torch.allclose(s.alphas_cumprod.float(), ddpm.alphas_cumprod, rtol=1e-5, atol=1e-7)
     assert torch.allclose(s.betas.float(), ddpm.betas, rtol=1e-2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="choose one of ddim, dpmsolver\\+\\+, euler, unipc"):
         fast_scheduler("plms", ddpm)
-    with pytest.raises(ValueError):
-        fast_scheduler("ddim", FlowMatchingScheduler(NoiseSchedulerParams(num_timesteps=10)))
+    with pytest.raises(ValueError, match="'flow_euler' and 'heun' sample flow-matching models"):
+        fast_scheduler("heun", ddpm)
+    flow = FlowMatchingScheduler(NoiseSchedulerParams(num_timesteps=10))
+    with pytest.raises(ValueError, match="'ddim' and 'euler' sample ε-prediction"):
+        fast_scheduler("ddim", flow)
+
+
+def test_flow_samplers_are_new_instances_on_one_sigma_grid():
+    """Each call builds its own scheduler (diffusers' keep step state); the model is called at σ·T."""
+    flow = FlowMatchingScheduler(NoiseSchedulerParams(num_timesteps=10))
+    for name in FLOW_SCHEDULERS:
+        a, b = fast_scheduler(name, flow), fast_scheduler(name, flow)
+        assert a is not b and a.config.num_train_timesteps == FLOW_SIGMA_RESOLUTION
+        a.set_timesteps(5)
+        t = model_timesteps(a, flow)
+        assert len(t) == len(a.timesteps) and 9.9 < t[0] <= 10 and all(x > y for x, y in zip(t, t[1:]) if x != y)
+        assert a.sigmas[-1] == 0  # every flow sampler ends at σ = 0

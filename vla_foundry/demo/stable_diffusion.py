@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +40,23 @@ def draw(color: str, shape: str, rng: random.Random) -> np.ndarray:
     return np.array(Image.fromarray(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX))
 
 
-def demo_params(clip_dir: str) -> StableDiffusionParams:
+def demo_params(clip_dir: str, flow_matching: bool = False) -> StableDiffusionParams:
+    """The demo member's config; ``flow_matching`` trains the same model with VLA Foundry's flow-matching
+    scheduler instead (``bench/flow_samplers.py`` compares the flow samplers on it)."""
     unet = UNetParams(channels=[32, 64, 64], time_emb_dim=32, text_emb_dim=TEXT_WIDTH, image_size=IMAGE_SIZE)
     # Betas ×10 the usual linear 1e-4…0.02 (which is meant for T = 1000): over 100 steps they still end in pure
     # noise, where every sampler starts. No clamp: the fast samplers walk unclamped Gaussian noise.
     noise = NoiseSchedulerParams(num_timesteps=TIMESTEPS, beta_start=1e-3, beta_end=0.2, clamp_range=None)
-    return StableDiffusionParams(unet=unet, noise_scheduler=noise,
+    return StableDiffusionParams(unet=unet, noise_scheduler=noise, use_flow_matching_scheduler=flow_matching,
                                  clip=ClipHFParams(hf_pretrained=clip_dir), do_classifier_free_guidance=True,
                                  guidance_scale=3.0, dropout_percent=0.1)
 
 
-def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> None:
+def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS, flow_matching: bool = False) -> None:
     experiment_dir.mkdir(parents=True, exist_ok=True)
     clip_dir = build_tiny_clip(experiment_dir / CLIP_DIR, shapes.train_tokenizer(), text_hidden_size=TEXT_WIDTH,
                                max_text_length=16, seed=SEED)
-    params = demo_params(str(clip_dir))
+    params = demo_params(str(clip_dir), flow_matching)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
         model = create_model(params, load_pretrained=True)
@@ -73,7 +74,7 @@ def build(experiment_dir: Path, progress: bool = True, steps: int = STEPS) -> No
     loss_value = train(model, handler, batch, steps=steps, lr=1e-3, warmup=50, desc="demo-stable_diffusion",
                        progress=progress, generator=torch.Generator().manual_seed(SEED))
     model.clip.model.save_pretrained(experiment_dir / CLIP_DIR)  # the trained text tower, for reference
-    model.params = demo_params(CLIP_DIR)
+    model.params = demo_params(CLIP_DIR, flow_matching)
     save_experiment(model, experiment_dir, checkpoint_num=1, global_step=steps,
                     training_config={"name": "demo-stable_diffusion", "data": {"max_text_seq_len": 16}})
     (experiment_dir / "demo.json").write_text(json.dumps({

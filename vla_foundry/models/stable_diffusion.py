@@ -7,6 +7,7 @@ Shapes: B images, C channels, S×S pixels, T training timesteps.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -16,8 +17,8 @@ from torch import nn
 from vla_foundry.models.registry import create_model, register_model
 from vla_foundry.models.unet import DiffusersUNet, UNet
 from vla_foundry.params.diffusion import StableDiffusionParams
-from vla_foundry.schedulers import (FAST_SCHEDULERS, FlowMatchingScheduler, Generators, build_training_scheduler,
-                                    fast_scheduler, flow_euler_scheduler, randn_like)
+from vla_foundry.schedulers import (FAST_SCHEDULERS, FLOW_SCHEDULERS, FlowMatchingScheduler, Generators,
+                                    build_training_scheduler, fast_scheduler, model_timesteps, randn_like)
 
 TRAINING = "training"  # the scheduler the model trained with, over all its steps (t = T−1 … 1)
 
@@ -73,7 +74,7 @@ class StableDiffusion(nn.Module):
 
     @property
     def schedulers(self) -> tuple[str, ...]:
-        return (TRAINING, "flow_euler") if self.is_flow_matching else (TRAINING, *FAST_SCHEDULERS)
+        return (TRAINING, *FLOW_SCHEDULERS) if self.is_flow_matching else (TRAINING, *FAST_SCHEDULERS)
 
     @property
     def default_scheduler(self) -> str:
@@ -110,8 +111,9 @@ class StableDiffusion(nn.Module):
         ``initial_noise`` (B, C, S, S) and ``step_noises`` (T−1, B, C, S, S) replace the draws (the
         fixtures record them). ``guidance_scale``: None ⇒ the config's when it enables classifier-free
         guidance, else none. ``scheduler``: ``training`` (T−1 steps, as VLA Foundry samples) or a fast
-        one (``dpmsolver++``, ``ddim``, ``euler``; ``flow_euler`` for flow matching) with
-        ``num_inference_steps``.
+        one (``dpmsolver++``, ``ddim``, ``euler``, ``unipc``; for flow matching ``flow_euler``,
+        ``dpmsolver++``, ``unipc``, ``heun``) with ``num_inference_steps`` solver steps (Heun calls the
+        model twice per step but the last).
         """
         device = torch.device(device)
         dtype = next(self.unet.parameters()).dtype
@@ -144,14 +146,16 @@ class StableDiffusion(nn.Module):
         if scheduler not in self.schedulers:
             raise ValueError(f"unknown scheduler {scheduler!r} for this model; choose one of "
                              f"{', '.join(self.schedulers)}")
-        sampler = flow_euler_scheduler(self.scheduler) if scheduler == "flow_euler" else \
-            fast_scheduler(scheduler, self.scheduler)
+        sampler = fast_scheduler(scheduler, self.scheduler)  # a new one per call: diffusers' keep step state
         sampler.set_timesteps(num_inference_steps or 20, device=device)
         # Flow-matching schedulers have no input scaling (their noise is unit variance).
         x = x * getattr(sampler, "init_noise_sigma", 1.0)
         scale_input = getattr(sampler, "scale_model_input", lambda sample, t: sample)
-        diffusers_generator = list(generator) if isinstance(generator, (list, tuple)) else generator
-        for t in sampler.timesteps:
-            out = self._denoise(scale_input(x, t), t.item(), context, guidance_scale)
-            x = sampler.step(out, t, x, generator=diffusers_generator).prev_sample
+        # Stochastic steps draw from the request's generators; deterministic samplers (UniPC) take none.
+        step_kwargs = {}
+        if "generator" in inspect.signature(sampler.step).parameters:
+            step_kwargs["generator"] = list(generator) if isinstance(generator, (list, tuple)) else generator
+        for t, model_t in zip(sampler.timesteps, model_timesteps(sampler, self.scheduler)):
+            out = self._denoise(scale_input(x, t), model_t, context, guidance_scale)
+            x = sampler.step(out, t, x, **step_kwargs).prev_sample
         return DiffusionOutput(to_uint8(x), x)

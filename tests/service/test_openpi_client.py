@@ -1,0 +1,43 @@
+"""The real ``openpi-client`` (from PyPI, in a side environment) against a live server.
+
+openpi-client pins numpy below 2, so it lives in its own venv (``tests/openpi/make_venv.py``,
+run by ``make test`` and again here if needed); ``tests/openpi/peer.py`` runs there, importing
+nothing of ours. The test skips only when that venv could not be built because the package
+registry was unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.openpi import make_venv
+from tests.service.live_server import live_server
+
+PEER = make_venv.HERE / "peer.py"
+
+
+@pytest.fixture(scope="module")
+def openpi_python() -> str:
+    if make_venv.ensure() != 0:
+        pytest.fail("the openpi-client side environment could not be built (see the pip output above)")
+    reason = make_venv.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return str(make_venv.python_of(make_venv.DEFAULT_DIR))
+
+
+@pytest.mark.slow
+def test_real_openpi_client_over_websocket_and_http(openpi_python, policy_fixture, tmp_path):
+    with live_server(["--checkpoint", f"{policy_fixture}=fixture-policy"], tmp_path / "demo") as base:
+        run = subprocess.run([openpi_python, str(PEER), base], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["actions_dtype"] == "float32" and seen["actions_shape"] == [seen["action_horizon"], seen["action_dim"]]
+    assert {"cameras", "action_horizon", "session_id", "model"} <= set(seen["metadata_keys"])
+    assert {"infer_ms", "prev_total_ms"} <= set(seen["server_timing"]) and seen["reset_step"] == 0
+    assert seen["broker_rows"] == seen["action_horizon"] + 1 and seen["http_session"] == "openpi-http"
+    np.testing.assert_allclose(seen["http_actions"], seen["ws_actions"], atol=1e-6)
