@@ -47,8 +47,13 @@ class Deployment:
         self.dtype: Optional[str] = None
         self.demo_card: Optional[dict] = None
         self.created = int(time.time())  # OpenAI's model "created" (when this server took the deployment on)
-        self.executor = ModelExecutor(self.name, settings.max_queue)
+        self.executor = ModelExecutor(self.name, settings.max_queue, batch_wait_ms=self.batch_wait_ms)
         self._prepare = prepare  # e.g. build the demo pack before the first load
+        self._batch_runners: dict[Any, Any] = {}
+
+    @property
+    def batch_wait_ms(self) -> float:
+        return self.spec.batch_wait_ms if self.spec.batch_wait_ms is not None else self.settings.batch_wait_ms
 
     # ------------------------------------------------------------------ loading (on the executor thread)
 
@@ -83,6 +88,8 @@ class Deployment:
             if self.settings.warmup:
                 pipeline.warmup()
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
+            self.executor.max_batch_size = (self.spec.max_batch_size or self.settings.max_batch_size
+                                            or (32 if device.type == "cuda" else 8))
             self.pipeline = pipeline
             self.status = READY
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
@@ -92,14 +99,29 @@ class Deployment:
 
     # ------------------------------------------------------------------ requests
 
-    async def run(self, fn, *args, **kwargs):
-        """Run ``fn(pipeline, ...)`` on this deployment's thread; returns an executor ``Timed``."""
+    def _check_serving(self) -> None:
         if self.status == LOADING:
             raise ApiError(503, f"deployment {self.name!r} is still loading; retry shortly", retry_after=5)
         if self.status == FAILED:
             raise ApiError(503, f"deployment {self.name!r} failed to load; GET /models/{self.name} has the reason")
+
+    async def run(self, fn, *args, **kwargs):
+        """Run ``fn(pipeline, ...)`` on this deployment's thread; returns an executor ``Timed``."""
+        self._check_serving()
         try:
             return await self.executor.run(fn, self.pipeline, *args, **kwargs)
+        except QueueFull as e:
+            raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
+
+    async def run_batched(self, fn, key, item):
+        """``fn(pipeline, items) -> results`` on this deployment's thread, ``item`` batched with the queued
+        items of the same ``fn`` and ``key`` (executor.py); returns this item's ``Timed``."""
+        self._check_serving()
+        runner = self._batch_runners.get(fn)
+        if runner is None:  # one callable per fn: the executor batches jobs whose callable is the same
+            runner = self._batch_runners.setdefault(fn, lambda items: fn(self.pipeline, items))
+        try:
+            return await self.executor.run_batched(runner, key, item)
         except QueueFull as e:
             raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
 
@@ -115,6 +137,7 @@ class Deployment:
             "endpoints": ({"predict": f"/predict/{self.model_type}", "evaluate": f"/evaluate/{self.model_type}"}
                           if self.model_type else {}),
             "io": io,
+            "batching": {"max_batch_size": self.executor.max_batch_size, "batch_wait_ms": self.batch_wait_ms},
         }
         if self.demo_card is not None:
             info["demo"] = self.demo_card

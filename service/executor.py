@@ -1,19 +1,29 @@
 """One executor per deployment: a worker thread fed by a bounded queue (DESIGN §7).
 
-Requests to one model are serialized on its device, other models keep serving, and the
-event loop never runs model code. A full queue is refused at once (503), not buffered.
+Requests to one model run on its thread, other models keep serving, and the event loop
+never runs model code. A full queue is refused at once (503), not buffered.
+
+Dynamic batching: a request submitted with ``submit_batched(fn, key, item)`` may share one
+call ``fn(items)`` with the other queued requests of the same ``fn`` and ``key`` (the things
+a batch must agree on, e.g. a policy's step count). When the thread is free it takes the
+oldest request, then every compatible one already queued, up to ``max_batch_size``; with
+``batch_wait_ms`` > 0 it waits that long for more before running a batch that is not full
+(0, the default, never delays a lone request). Incompatible requests keep their place for
+the next turn. ``fn`` returns one result per item, in order; if it raises, each item is run
+alone, so one bad item fails only itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -27,52 +37,143 @@ class Timed:
     value: Any
     queue_ms: float
     run_ms: float
+    batch_size: int = 1
+
+
+@dataclass
+class _Job:
+    future: concurrent.futures.Future
+    queued_at: float
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: Optional[dict] = None
+    batch_key: Optional[Hashable] = None  # set for batchable jobs: fn(items) → results, args = (item,)
+
+    @property
+    def batchable(self) -> bool:
+        return self.batch_key is not None
 
 
 class ModelExecutor:
-    def __init__(self, name: str, max_queue: int):
+    def __init__(self, name: str, max_queue: int, max_batch_size: int = 1, batch_wait_ms: float = 0.0):
         self.name = name
+        self.max_batch_size = max_batch_size
+        self.batch_wait_ms = batch_wait_ms
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet batched
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Queue ``fn(*args, **kwargs)``; the future's result is a :class:`Timed`. Raises QueueFull."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, args, kwargs))
+
+    def submit_batched(self, fn: Callable[[list], list], key: Hashable, item: Any) -> concurrent.futures.Future:
+        """Queue ``item`` for ``fn(items) -> results`` with the compatible queued items (same ``fn``, same
+        ``key``); the future's result is a :class:`Timed` of this item's result. Raises QueueFull."""
+        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, (item,), None, ("batch", key)))
+
+    def _put(self, job: _Job) -> concurrent.futures.Future:
         try:
-            self._queue.put_nowait((fn, args, kwargs, future, time.perf_counter()))
+            self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"deployment {self.name!r} has {self._queue.maxsize} requests waiting") from None
-        return future
+        return job.future
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Timed:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
+    async def run_batched(self, fn: Callable[[list], list], key: Hashable, item: Any) -> Timed:
+        return await asyncio.wrap_future(self.submit_batched(fn, key, item))
+
+    # ------------------------------------------------------------------ the model thread
+
+    def _next(self, timeout: Optional[float] = None) -> Optional[_Job]:
+        """The oldest job not yet taken (held ones first); None at shutdown. Raises queue.Empty on timeout."""
+        if self._held:
+            return self._held.popleft()
+        return self._queue.get(timeout=timeout) if timeout is not None else self._queue.get()
+
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            job = self._next()
+            if job is None:
                 return
-            fn, args, kwargs, future, queued_at = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            started = time.perf_counter()
-            try:
-                value = fn(*args, **kwargs)
-            except BaseException as e:  # handed to the awaiting request
-                future.set_exception(e)
+            if job.batchable and self.max_batch_size > 1:
+                self._run_batch(self._gather(job))
             else:
-                done = time.perf_counter()
-                future.set_result(Timed(value, (started - queued_at) * 1000, (done - started) * 1000))
+                self._run_one(job)
+
+    def _gather(self, first: _Job) -> list[_Job]:
+        """``first`` and the queued jobs that may share its call, oldest first; others are held in order."""
+        batch, skipped = [first], []
+        deadline = time.perf_counter() + self.batch_wait_ms / 1000
+        while len(batch) < self.max_batch_size:
+            wait = deadline - time.perf_counter()
+            try:
+                job = self._held.popleft() if self._held else (
+                    self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait))
+            except queue.Empty:
+                break
+            if job is None:  # shutdown: run this batch, then stop
+                skipped.append(job)
+                break
+            if job.fn is first.fn and job.batch_key == first.batch_key:
+                batch.append(job)
+            else:
+                skipped.append(job)
+        self._held.extendleft(reversed(skipped))
+        return batch
+
+    def _run_one(self, job: _Job) -> None:
+        if job.future.set_running_or_notify_cancel():
+            self._call(job)
+
+    def _call(self, job: _Job) -> None:
+        """Run one job by itself (its future already running): a plain call, or a batch of one."""
+        started = time.perf_counter()
+        try:
+            value = job.fn([job.args[0]])[0] if job.batchable else job.fn(*job.args, **(job.kwargs or {}))
+        except BaseException as e:  # handed to the awaiting request
+            job.future.set_exception(e)
+        else:
+            job.future.set_result(Timed(value, (started - job.queued_at) * 1000,
+                                        (time.perf_counter() - started) * 1000))
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
+        if not batch:
+            return
+        started = time.perf_counter()
+        try:
+            values = batch[0].fn([job.args[0] for job in batch])
+            if len(values) != len(batch):
+                raise RuntimeError(f"a batched call returned {len(values)} results for {len(batch)} items")
+        except BaseException as e:
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+                return
+            logger.info("deployment %s: a batch of %d failed (%s: %s); running its items one by one", self.name,
+                        len(batch), type(e).__name__, e)
+            for job in batch:
+                self._call(job)
+            return
+        done = time.perf_counter()
+        for job, value in zip(batch, values):
+            job.future.set_result(Timed(value, (started - job.queued_at) * 1000, (done - started) * 1000,
+                                        len(batch)))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Finish what is running, then stop; requests still queued are cancelled."""
         while True:
             try:
-                item = self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
-                item[3].cancel()
+            if job is not None:
+                job.future.cancel()
+        for job in list(self._held):
+            if job is not None:
+                job.future.cancel()
         self._queue.put(None)
         self._thread.join(timeout)

@@ -44,6 +44,9 @@ class DeploymentSpec(BaseModel):
     max_observation_age_s: Optional[float] = Field(None, gt=0, description="Policies: observations whose timestamp "
                                                                            "is older than this (server clock) are "
                                                                            "refused with 409; none: no limit.")
+    max_batch_size: Optional[int] = Field(None, ge=1, description="Overrides the top-level max_batch_size.")
+    batch_wait_ms: Optional[float] = Field(None, ge=0, le=1000, description="Overrides the top-level "
+                                                                           "batch_wait_ms.")
 
     @property
     def resolved_name(self) -> str:
@@ -76,6 +79,12 @@ class Settings(BaseSettings):
     max_sessions: int = Field(256, ge=1, description="Robot sessions kept at once; the least recently used idle "
                                                       "one is evicted for a new one.")
     session_idle_timeout_s: float = Field(300.0, gt=0, description="Robot sessions idle longer than this expire.")
+    max_batch_size: Optional[int] = Field(None, ge=1, description=(
+        "Queued requests of one deployment that may share one model call (policy predictions); default 32 on "
+        "CUDA, 8 on the CPU; 1 turns batching off."))
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
+        "How long a free model thread waits for more requests before running a batch that is not full; 0 never "
+        "delays a lone request."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     cuda_graphs: bool = Field(True, description="On CUDA, decode text from captured CUDA graphs.")
     log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "

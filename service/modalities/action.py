@@ -21,6 +21,7 @@ from service.errors import ApiError
 from service.images import decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.action import PolicyRequest
 from vla_foundry.robotics.observations import parse_action_window, parse_observation
 
 
@@ -150,6 +151,7 @@ class ActionTiming(BaseModel):
     preprocess: float
     infer: float
     total: float
+    batch_size: int = Field(1, description="Requests that shared this model call (dynamic batching).")
 
 
 class ActionPredictResponse(ResponseBase):
@@ -212,12 +214,23 @@ def _chunk_reply(pipeline, request, out: dict, anchor: float, step: Optional[int
             "timing_ms": out["timing_ms"]}
 
 
+def predict_batch(pipeline, requests: list[ActionPredictRequest]) -> list[dict]:
+    """Several robots' predictions in one model call (they share ``batch_key``); each reply equals the one the
+    request gets alone: its own seed or noise, its own past actions."""
+    anchors = [observation_anchor(pipeline, request.timestamp) for request in requests]
+    batch = [PolicyRequest(request.observation.parse(pipeline, request, "observation", request.past_actions),
+                           request.seed, _noise(request.noise)) for request in requests]
+    outs = pipeline.predict_each(batch, num_inference_steps=requests[0].num_inference_steps)
+    return [_chunk_reply(pipeline, request, out, anchor, request.step)
+            for request, out, anchor in zip(requests, outs, anchors)]
+
+
+def batch_key(request: ActionPredictRequest) -> Optional[int]:
+    return request.num_inference_steps  # one sampling loop per call
+
+
 def predict(pipeline, request: ActionPredictRequest) -> dict:
-    anchor = observation_anchor(pipeline, request.timestamp)
-    sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
-    out = pipeline.predict([sample], num_inference_steps=request.num_inference_steps, seed=request.seed,
-                           noise=_noise(request.noise))
-    return _chunk_reply(pipeline, request, out, anchor, request.step)
+    return predict_batch(pipeline, [request])[0]
 
 
 def session_predict(pipeline, request: ActionPredictRequest, session) -> dict:
@@ -305,4 +318,5 @@ async def decode_observation_frames(request: RequestBase) -> None:
 
 ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
                           ActionEvaluateRequest, ActionEvaluateResponse, evaluate, prepare=_prepare,
-                          prepare_on_loop=_prepare_on_loop, session_predict=session_predict)
+                          prepare_on_loop=_prepare_on_loop, session_predict=session_predict,
+                          predict_batch=predict_batch, batch_key=batch_key)

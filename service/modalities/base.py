@@ -82,4 +82,8 @@ class ModalityAdapter:
     # Optional: ``predict`` for a request with a ``session_id``: (pipeline, request, session) with the session's
     # state (robot sessions; the route serializes the requests of one session).
     session_predict: Optional[Callable[[Any, Any, Any], dict]] = None
+    # Optional: ``predict`` for several requests in one model call, (pipeline, requests) → one reply each,
+    # each equal to what the request gets alone; requests share a call only when their ``batch_key`` is equal.
+    predict_batch: Optional[Callable[[Any, list], list[dict]]] = None
+    batch_key: Optional[Callable[[Any], Any]] = None
 

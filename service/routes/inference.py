@@ -31,7 +31,7 @@ def _camel(model_type: str) -> str:
 
 
 def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None, prepare=None,
-              prepare_on_loop=None, session_run=None):
+              prepare_on_loop=None, session_run=None, batch_run=None, batch_key=None):
     async def endpoint(body: request_cls, request: Request):
         started = time.perf_counter()
         # The manager straight from the app state, not Depends(get_manager): solving a sub-dependency costs
@@ -50,12 +50,16 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
             entry = request.app.state.sessions.acquire(session_id, deployment)
             async with entry.lock:  # one request of a session at a time, in arrival order
                 timed = await deployment.run(session_run, body, entry.policy)
+        elif batch_run is not None:
+            timed = await deployment.run_batched(batch_run, batch_key(body), body)
         else:
             timed = await deployment.run(run, body)
         total = (time.perf_counter() - started) * 1000
         value = dict(timed.value)
         # A pipeline may split its run time (e.g. preprocess / infer); decoding before the queue is preprocess.
         timing = {"queue": timed.queue_ms, "infer": timed.run_ms, **value.pop("timing_ms", {})}
+        if batch_run is not None:
+            timing["batch_size"] = timed.batch_size
         if "preprocess" in timing:
             timing["preprocess"] += prepare_ms
         payload = {"model": deployment.name, **value,
@@ -80,8 +84,10 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
                 "__module__": __name__, **base.limits_from(settings)})
             session_run = adapter.session_predict if kind == "predict" else None
-            app.add_api_route(f"/{kind}/{model_type}", _endpoint(model_type, request_cls, run, reply, adapter.prepare,
-                                                                 adapter.prepare_on_loop, session_run),
+            batch_run = adapter.predict_batch if kind == "predict" else None
+            endpoint = _endpoint(model_type, request_cls, run, reply, adapter.prepare, adapter.prepare_on_loop,
+                                 session_run, batch_run, adapter.batch_key)
+            app.add_api_route(f"/{kind}/{model_type}", endpoint,
                               methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
                               summary=f"{kind.capitalize()} with a {model_type} deployment")

@@ -137,7 +137,8 @@ def test_same_seed_same_actions_and_past_rows_come_back(client):
     np.testing.assert_allclose(first["actions"]["gripper"][0], [1.0], atol=1e-5)
     assert len(first["action_chunk"]) == 4 and len(first["action_chunk"][0]) == 3
     assert first["n_action_steps"] == 2 and first["action_fields"] == ["arm__delta", "gripper"]
-    assert set(first["timing_ms"]) == {"queue", "preprocess", "infer", "total"}
+    assert set(first["timing_ms"]) == {"queue", "preprocess", "infer", "total", "batch_size"}
+    assert first["timing_ms"]["batch_size"] == 1
 
 
 def test_single_frame_per_camera_is_refused_and_session_fields_echo(client):
@@ -358,3 +359,31 @@ def test_bfloat16_keeps_the_action_state_in_float32(tiny_checkpoints):
     np.testing.assert_allclose(out["actions"]["arm__delta"][0, 0], past["arm__delta"][0], atol=1e-6)
     np.testing.assert_allclose(out["actions"]["gripper"][0, 0], past["gripper"][0], atol=1e-6)
     assert out["action_chunk"].dtype == np.float32
+
+
+def test_64_concurrent_robots_are_batched_and_each_gets_its_own_chunk(tiny_checkpoints, tmp_path):
+    """64 robots at once on a live server: calls are shared (timing_ms.batch_size > 1), and every robot's
+    chunk equals the one the same request gets alone (its own seed, its own observation)."""
+    import asyncio
+
+    bodies = [{"observation": policy_observation(seed=i % 7), "seed": 1000 + i, "num_inference_steps": 3}
+              for i in range(64)]
+    with live_server(["--checkpoint", f"{tiny_checkpoints['diffusion_policy']}=policy"], tmp_path / "demo") as base:
+        async def all_at_once() -> list[dict]:
+            async with httpx.AsyncClient(base_url=base, timeout=120,
+                                         limits=httpx.Limits(max_connections=64)) as client:
+                replies = await asyncio.gather(*[client.post("/predict/diffusion_policy", json=b) for b in bodies])
+            assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:1]
+            return [r.json() for r in replies]
+
+        together = asyncio.run(all_at_once())
+        info = httpx.get(base + "/models/policy").json()
+        with httpx.Client(base_url=base, timeout=60) as client:
+            alone = [client.post("/predict/diffusion_policy", json=b).json() for b in bodies]
+    assert info["batching"] == {"max_batch_size": 8, "batch_wait_ms": 0.0}  # the CPU default
+    sizes = [r["timing_ms"]["batch_size"] for r in together]
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes
+    assert all(r["timing_ms"]["batch_size"] == 1 for r in alone)
+    for mine, solo, body in zip(together, alone, bodies):
+        assert mine["seed"] == solo["seed"] == body["seed"]
+        np.testing.assert_allclose(mine["action_chunk"], solo["action_chunk"], atol=1e-5)

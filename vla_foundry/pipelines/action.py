@@ -10,6 +10,7 @@ observations paired with raw action windows. ``io()`` is the robot's contract, s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,9 +26,18 @@ from vla_foundry.robotics.observations import (PolicyInputs, RawObservation, bui
                                                split_actions)
 from vla_foundry.robotics.processor import InputProcessor, check_prompt_length, prompt_for
 from vla_foundry.robotics.robot_io import RobotIO
-from vla_foundry.schedulers import FlowMatchingScheduler
+from vla_foundry.schedulers import FlowMatchingScheduler, randn_like
 
 DEFAULT_INFERENCE_STEPS = 10  # flow matching is accurate in few steps; a deployment may choose others
+
+
+@dataclass
+class PolicyRequest:
+    """One robot's request in a batched ``predict_each`` call."""
+
+    sample: RawObservation
+    seed: Optional[int] = None  # None: a fresh one (reported back)
+    noise: Optional[np.ndarray] = None  # (Ta, A) initial noise; overrides the seed's draw
 
 
 def resolve_processor(processor: Optional[str], experiment_dir: Path) -> Optional[str]:
@@ -143,36 +153,27 @@ class ActionPipeline(Pipeline):
         weight = next(self.model.parameters())
         return inputs.to(weight.device, weight.dtype)
 
-    @torch.inference_mode()
-    def predict(self, samples: Sequence[RawObservation], *, num_inference_steps: Optional[int] = None,
-                seed: Optional[int] = None, noise: Optional[np.ndarray] = None) -> dict[str, Any]:
-        """Denormalized action chunks for checked observations.
-
-        ``noise``: the initial noise (B, Ta, A) or (Ta, A), used where no past action is given;
-        else it is drawn from ``seed`` (one generator for the call), so the same seed gives
-        the same actions.
-        """
-        started = time.perf_counter()
-        r = self.robot_io
-        inputs = self.prepare(samples)
-        prepared = time.perf_counter()
+    def _steps(self, num_inference_steps: Optional[int]) -> int:
         steps = num_inference_steps or self.num_inference_steps
         if steps > self.model.num_timesteps:
             raise InvalidInputError(f"num_inference_steps must be <= {self.model.num_timesteps}, this policy's "
                                     f"diffusion steps T; got {steps}", field="num_inference_steps")
-        seed = new_seed() if seed is None else seed
-        initial_noise = None
-        if noise is not None:
-            initial_noise = torch.as_tensor(np.asarray(noise, dtype=np.float32))
-            if initial_noise.dim() == 2:
-                initial_noise = initial_noise[None].expand(len(samples), -1, -1)
-            if tuple(initial_noise.shape) != tuple(inputs.actions.shape):
-                raise InvalidInputError(f"noise must be [{r.action_steps}][{r.action_dim}] (P+1+F steps × action "
-                                        f"dim); got {list(initial_noise.shape[1:])}", field="noise")
-            initial_noise = initial_noise.to(inputs.actions)
-        generator = make_generator(self.device, seed)
-        normalized = self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps,
-                                                 generator=generator, initial_noise=initial_noise)
+        return steps
+
+    def _initial_noise(self, noise: np.ndarray, actions: torch.Tensor) -> torch.Tensor:
+        """A request's noise, (Ta, A) or (B, Ta, A), checked against ``actions`` (B, Ta, A)."""
+        r = self.robot_io
+        initial_noise = torch.as_tensor(np.asarray(noise, dtype=np.float32))
+        if initial_noise.dim() == 2:
+            initial_noise = initial_noise[None].expand(actions.shape[0], -1, -1)
+        if tuple(initial_noise.shape) != tuple(actions.shape):
+            raise InvalidInputError(f"noise must be [{r.action_steps}][{r.action_dim}] (P+1+F steps × action "
+                                    f"dim); got {list(initial_noise.shape[1:])}", field="noise")
+        return initial_noise.to(actions)
+
+    def _chunks(self, normalized: torch.Tensor, steps: int, seed: Any, started: float, prepared: float
+                ) -> dict[str, Any]:
+        r = self.robot_io
         per_field = split_actions(normalized.float().cpu(), r, self.normalizer)
         done = time.perf_counter()
         return {
@@ -183,6 +184,54 @@ class ActionPipeline(Pipeline):
             "action_fields": list(r.action_fields), "num_inference_steps": steps, "seed": seed,
             "timing_ms": {"preprocess": (prepared - started) * 1000, "infer": (done - prepared) * 1000},
         }
+
+    @torch.inference_mode()
+    def predict(self, samples: Sequence[RawObservation], *, num_inference_steps: Optional[int] = None,
+                seed: Optional[int] = None, noise: Optional[np.ndarray] = None) -> dict[str, Any]:
+        """Denormalized action chunks for checked observations.
+
+        ``noise``: the initial noise (B, Ta, A) or (Ta, A), used where no past action is given;
+        else it is drawn from ``seed`` (one generator for the call), so the same seed gives
+        the same actions.
+        """
+        started = time.perf_counter()
+        inputs = self.prepare(samples)
+        prepared = time.perf_counter()
+        steps = self._steps(num_inference_steps)
+        seed = new_seed() if seed is None else seed
+        initial_noise = None if noise is None else self._initial_noise(noise, inputs.actions)
+        normalized = self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps,
+                                                 generator=make_generator(self.device, seed),
+                                                 initial_noise=initial_noise)
+        return self._chunks(normalized, steps, seed, started, prepared)
+
+    @torch.inference_mode()
+    def predict_each(self, requests: Sequence[PolicyRequest], *, num_inference_steps: Optional[int] = None
+                     ) -> list[dict[str, Any]]:
+        """Several robots' requests in one batched model call; each gets exactly what ``predict([sample],
+        seed=…, noise=…)`` gives it alone (up to float rounding of the batched kernels).
+
+        Each request draws from its own generator (its initial noise, and a DDPM policy's step
+        noise), so its actions do not depend on which other requests share the batch.
+        """
+        started = time.perf_counter()
+        inputs = self.prepare([request.sample for request in requests])
+        prepared = time.perf_counter()
+        steps = self._steps(num_inference_steps)
+        seeds = [new_seed() if request.seed is None else request.seed for request in requests]
+        generators = [make_generator(self.device, seed) for seed in seeds]
+        # Row i's noise: its own, else drawn from its generator as a batch of one would draw it.
+        initial_noise = torch.stack([
+            self._initial_noise(request.noise, inputs.actions[i:i + 1])[0] if request.noise is not None
+            else randn_like(inputs.actions[i], generator) for i, (request, generator) in
+            enumerate(zip(requests, generators))])
+        normalized = self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps,
+                                                 generator=generators, initial_noise=initial_noise)
+        batch = self._chunks(normalized, steps, None, started, prepared)
+        return [{**batch, "actions": {k: v[i:i + 1] for k, v in batch["actions"].items()},
+                 "action_chunk": batch["action_chunk"][i:i + 1],
+                 "normalized_actions": batch["normalized_actions"][i:i + 1], "seed": seed}
+                for i, seed in enumerate(seeds)]
 
     # ------------------------------------------------------------------ evaluation
 

@@ -1,0 +1,113 @@
+"""The deployment executor's dynamic batching: which queued requests share a call, in what order, and what
+happens when a batched call fails."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from service.executor import ModelExecutor
+
+
+class Recorder:
+    """A batched function that records each call's items; items named "bad" make the call raise."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+
+    def __call__(self, items: list) -> list:
+        self.calls.append(list(items))
+        if "bad" in items:
+            raise ValueError("a bad item")
+        return [f"done {item}" for item in items]
+
+
+def blocked(executor: ModelExecutor) -> threading.Event:
+    """Occupies the model thread until the returned event is set (so the next submissions queue up)."""
+    release, started = threading.Event(), threading.Event()
+    executor.submit(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+    return release
+
+
+@pytest.fixture
+def executor():
+    executor = ModelExecutor("test", max_queue=64, max_batch_size=3)
+    yield executor
+    executor.shutdown()
+
+
+def test_queued_compatible_items_share_calls_fifo_up_to_the_batch_size(executor):
+    fn = Recorder()
+    release = blocked(executor)
+    futures = [executor.submit_batched(fn, key, item) for key, item in
+               [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("a", 5), ("b", 6)]]
+    release.set()
+    results = [f.result(10) for f in futures]
+    assert fn.calls == [[1, 3, 4], [2, 6], [5]]  # oldest first; a held item keeps its turn
+    assert [r.value for r in results] == [f"done {i}" for i in range(1, 7)]
+    assert [r.batch_size for r in results] == [3, 2, 3, 3, 1, 2]
+
+
+def test_different_functions_never_share_a_call(executor):
+    first, second = Recorder(), Recorder()
+    release = blocked(executor)
+    futures = [executor.submit_batched(first, "k", 1), executor.submit_batched(second, "k", 2),
+               executor.submit_batched(first, "k", 3)]
+    release.set()
+    assert [f.result(10).value for f in futures] == ["done 1", "done 2", "done 3"]
+    assert first.calls == [[1, 3]] and second.calls == [[2]]
+
+
+def test_a_bad_item_fails_alone(executor):
+    fn = Recorder()
+    release = blocked(executor)
+    futures = [executor.submit_batched(fn, "k", item) for item in ("good", "bad", "fine")]
+    release.set()
+    assert futures[0].result(10).value == "done good" and futures[2].result(10).value == "done fine"
+    with pytest.raises(ValueError, match="a bad item"):
+        futures[1].result(10)
+    assert fn.calls == [["good", "bad", "fine"], ["good"], ["bad"], ["fine"]]  # the batch, then one by one
+
+
+def test_a_lone_request_is_not_delayed_without_batch_wait(executor):
+    fn = Recorder()
+    started = time.perf_counter()
+    assert executor.submit_batched(fn, "k", 1).result(10).batch_size == 1
+    assert time.perf_counter() - started < 0.5 and fn.calls == [[1]]
+
+
+def test_batch_wait_gathers_requests_that_arrive_while_waiting():
+    executor = ModelExecutor("test", max_queue=8, max_batch_size=4, batch_wait_ms=400)
+    try:
+        fn = Recorder()
+        first = executor.submit_batched(fn, "k", 1)
+        time.sleep(0.05)
+        second = executor.submit_batched(fn, "k", 2)
+        assert first.result(10).batch_size == second.result(10).batch_size == 2 and fn.calls == [[1, 2]]
+    finally:
+        executor.shutdown()
+
+
+def test_batching_off_runs_each_item_alone():
+    executor = ModelExecutor("test", max_queue=8, max_batch_size=1)
+    try:
+        fn = Recorder()
+        release = blocked(executor)
+        futures = [executor.submit_batched(fn, "k", item) for item in (1, 2)]
+        release.set()
+        assert [f.result(10).batch_size for f in futures] == [1, 1] and fn.calls == [[1], [2]]
+    finally:
+        executor.shutdown()
+
+
+def test_cancelled_requests_are_left_out_of_the_batch(executor):
+    fn = Recorder()
+    release = blocked(executor)
+    futures = [executor.submit_batched(fn, "k", item) for item in (1, 2, 3)]
+    futures[1].cancel()
+    release.set()
+    assert futures[0].result(10).value == "done 1" and futures[2].result(10).value == "done 3"
+    assert fn.calls == [[1, 3]]

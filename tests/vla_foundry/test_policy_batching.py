@@ -1,0 +1,96 @@
+"""``ActionPipeline.predict_each``: several robots' requests in one model call, each answered exactly as alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from tests.factories import POLICY_ACTIONS, tiny_model, tiny_policy_params
+from tests.vla_foundry.test_diffusion_policy import TINY_VIT, in_memory_pipeline, observation
+from vla_foundry.params.clip import ViTBackboneParams
+from vla_foundry.pipelines import load_pipeline
+from vla_foundry.pipelines.action import PolicyRequest
+from vla_foundry.robotics.observations import RawObservation
+
+ATOL = 1e-5
+
+
+def fixture_requests(policy_fixture) -> tuple[list[PolicyRequest], list[dict]]:
+    """The fixture's two recorded samples (sample 0 with its past action row) and their expected actions."""
+    raw = load_file(str(policy_fixture / "expected" / "preprocess.safetensors"))
+    out = load_file(str(policy_fixture / "expected" / "generate_actions_steps10.safetensors"))
+    cases = json.loads((policy_fixture / "expected" / "cases.json").read_text())["preprocess"]
+    requests, expected = [], []
+    for b, instruction in enumerate(cases["language_instructions"]):
+        images = {f"{cam}_t{i}": raw[f"input.raw_image.{b}.{cam}_t{i}"].numpy()
+                  for cam in ("scene_left", "wrist_right") for i in (-1, 0)}
+        proprio = {f: raw[f"input.raw_lowdim.{b}.{f}"][:2].numpy() for f in cases["proprioception_fields"]}
+        past = ({f: raw[f"input.raw_lowdim.{b}.{f}"][:1].numpy() for f in cases["action_fields"]}
+                if bool(out["input.past_mask"][b, 0]) else None)
+        requests.append(PolicyRequest(RawObservation(images, proprio, instruction, past),
+                                      noise=out["input.initial_noise"][b].numpy()))
+        expected.append({f: out[f"output.denormalized.{f}"][b].numpy() for f in cases["action_fields"]})
+    return requests, expected
+
+
+def test_the_fixture_samples_batched_give_the_fixture_actions(policy_fixture):
+    pipeline = load_pipeline(policy_fixture)
+    requests, expected = fixture_requests(policy_fixture)
+    outs = pipeline.predict_each(requests, num_inference_steps=10)
+    for out, want in zip(outs, expected):
+        for field, values in want.items():
+            np.testing.assert_allclose(out["actions"][field][0], values, atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tiny_checkpoints):
+    return load_pipeline(tiny_checkpoints["diffusion_policy"])
+
+
+def mixed_requests(io) -> list[PolicyRequest]:
+    """Different seeds, prompts, frame sizes, one with its own noise, one with a past action row."""
+    rng = np.random.default_rng(7)
+    requests = [PolicyRequest(observation(io, seed=i, instruction=["go", "pick up the red block now", "stop"][i % 3],
+                                          size=[(24, 40), (30, 30)][i % 2]), seed=100 + i) for i in range(6)]
+    requests[2].noise = rng.standard_normal((io.action_steps, io.action_dim)).astype(np.float32)
+    sample = requests[4].sample
+    requests[4].sample = RawObservation(sample.images, sample.lowdim, sample.instruction,
+                                        {f: rng.uniform(-1, 1, (io.past_steps, d)).astype(np.float32)
+                                         for f, d in POLICY_ACTIONS.items()})
+    return requests
+
+
+def test_each_batched_answer_equals_its_solo_answer(tiny_pipeline):
+    requests = mixed_requests(tiny_pipeline.robot_io)
+    batched = tiny_pipeline.predict_each(requests, num_inference_steps=5)
+    for request, out in zip(requests, batched):
+        solo = tiny_pipeline.predict([request.sample], num_inference_steps=5, seed=request.seed, noise=request.noise)
+        assert out["seed"] == request.seed
+        np.testing.assert_allclose(out["action_chunk"], solo["action_chunk"], atol=ATOL)
+    # a request's answer does not depend on its neighbours or its place in the batch
+    again = tiny_pipeline.predict_each(requests[::-1][:3], num_inference_steps=5)
+    for out, original in zip(again, batched[::-1][:3]):
+        np.testing.assert_allclose(out["action_chunk"], original["action_chunk"], atol=ATOL)
+
+
+def test_a_batch_without_seeds_reports_a_fresh_seed_each(tiny_pipeline):
+    requests = [PolicyRequest(observation(tiny_pipeline.robot_io, seed=i)) for i in range(3)]
+    outs = tiny_pipeline.predict_each(requests)
+    seeds = [out["seed"] for out in outs]
+    assert len(set(seeds)) == 3
+    replay = tiny_pipeline.predict([requests[1].sample], seed=seeds[1])
+    np.testing.assert_allclose(outs[1]["action_chunk"], replay["action_chunk"], atol=ATOL)
+
+
+def test_ddpm_policies_draw_each_requests_step_noise_from_its_own_seed():
+    """A DDPM-trained policy draws noise at every consecutive step: from each request's own generator."""
+    policy = tiny_model(tiny_policy_params(ViTBackboneParams(**TINY_VIT), use_flow_matching_scheduler=False))
+    pipeline = in_memory_pipeline(policy, "none")
+    requests = [PolicyRequest(observation(pipeline.robot_io, seed=i, instruction=""), seed=i) for i in range(3)]
+    batched = pipeline.predict_each(requests, num_inference_steps=10)  # T = 10: every step is a DDPM step
+    for request, out in zip(requests, batched):
+        solo = pipeline.predict([request.sample], num_inference_steps=10, seed=request.seed)
+        np.testing.assert_allclose(out["action_chunk"], solo["action_chunk"], atol=ATOL)
