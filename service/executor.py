@@ -9,8 +9,9 @@ a batch must agree on, e.g. a policy's step count). When the thread is free it t
 oldest request, then every compatible one already queued, up to ``max_batch_size``; with
 ``batch_wait_ms`` > 0 it waits that long for more before running a batch that is not full
 (0, the default, never delays a lone request). Incompatible requests keep their place for
-the next turn. ``fn`` returns one result per item, in order; if it raises, each item is run
-alone, so one bad item fails only itself.
+the next turn. ``fn`` returns one result per item, in order, where an exception instance is
+that item's failure; if ``fn`` itself raises, each item is run alone, so one bad item fails
+only itself.
 """
 
 from __future__ import annotations
@@ -135,10 +136,8 @@ class ModelExecutor:
         try:
             value = job.fn([job.args[0]])[0] if job.batchable else job.fn(*job.args, **(job.kwargs or {}))
         except BaseException as e:  # handed to the awaiting request
-            job.future.set_exception(e)
-        else:
-            job.future.set_result(Timed(value, (started - job.queued_at) * 1000,
-                                        (time.perf_counter() - started) * 1000))
+            value = e
+        _deliver(job, value, started, time.perf_counter(), 1)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
@@ -160,8 +159,7 @@ class ModelExecutor:
             return
         done = time.perf_counter()
         for job, value in zip(batch, values):
-            job.future.set_result(Timed(value, (started - job.queued_at) * 1000, (done - started) * 1000,
-                                        len(batch)))
+            _deliver(job, value, started, done, len(batch))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Finish what is running, then stop; requests still queued are cancelled."""
@@ -177,3 +175,11 @@ class ModelExecutor:
                 job.future.cancel()
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+def _deliver(job: _Job, value: Any, started: float, done: float, batch_size: int) -> None:
+    """A job's outcome to its future: an exception instance is the job's failure."""
+    if isinstance(value, BaseException):
+        job.future.set_exception(value)
+    else:
+        job.future.set_result(Timed(value, (started - job.queued_at) * 1000, (done - started) * 1000, batch_size))

@@ -10,7 +10,7 @@ finite values) is checked by ``vla_foundry.robotics.observations`` with the fiel
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
@@ -22,6 +22,7 @@ from service.images import decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import PolicyRequest
+from vla_foundry.robotics.session import run_plans
 from vla_foundry.robotics.observations import parse_action_window, parse_observation
 
 
@@ -233,17 +234,50 @@ def predict(pipeline, request: ActionPredictRequest) -> dict:
     return predict_batch(pipeline, [request])[0]
 
 
-def session_predict(pipeline, request: ActionPredictRequest, session) -> dict:
-    """Chunk mode of a session: the robot may send only the current step; the session fills in the rest."""
-    anchor = observation_anchor(pipeline, request.timestamp)
-    observation = request.observation
-    past = None if request.past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
-                                                      for k, v in request.past_actions.items()}
-    out = session.chunk(observation.decoded_frames(request, "observation"), observation.decoded_lowdim("observation"),
-                        observation.language_instruction or "", step=request.step, past_actions=past,
-                        num_inference_steps=request.num_inference_steps, seed=request.seed,
-                        noise=_noise(request.noise))
-    return _chunk_reply(pipeline, request, out, anchor, out["step"])
+def begin_sessions(items: list, begin: Callable[[Any, Any], Any]) -> list:
+    """``begin(request, session)`` for each (request, session) pair: its ``PendingPlan``, or the exception
+    that request alone raised (recorded nothing further; its neighbours go on)."""
+    begun = []
+    for request, session in items:
+        try:
+            begun.append(begin(request, session))
+        except Exception as e:  # this request's own refusal
+            begun.append(e)
+    return begun
+
+
+def finish_sessions(pipeline, begun: list, reply: Callable[[Any, dict], dict]) -> list:
+    """The begun plans' predictions in one batched call (``run_plans``); each reply is ``reply(index, out)``
+    or that request's exception."""
+    plans = [b for b in begun if not isinstance(b, Exception)]
+    outs = iter(run_plans(pipeline, plans))
+    results = []
+    for i, b in enumerate(begun):
+        out = b if isinstance(b, Exception) else next(outs)
+        results.append(out if isinstance(out, Exception) else reply(i, out))
+    return results
+
+
+def session_predict_batch(pipeline, items: list[tuple[ActionPredictRequest, Any]]) -> list:
+    """Chunk mode of several robots' sessions (each robot may send only its current step; its session fills in
+    the rest) in one model call; one reply per (request, session), or that request's exception."""
+    anchors: dict[int, float] = {}
+
+    def begin(request: ActionPredictRequest, session):
+        anchors[id(request)] = observation_anchor(pipeline, request.timestamp)
+        observation = request.observation
+        past = None if request.past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
+                                                          for k, v in request.past_actions.items()}
+        return session.begin_chunk(observation.decoded_frames(request, "observation"),
+                                   observation.decoded_lowdim("observation"), observation.language_instruction or "",
+                                   step=request.step, past_actions=past, num_inference_steps=request.num_inference_steps,
+                                   seed=request.seed, noise=_noise(request.noise))
+
+    def reply(i: int, out: dict) -> dict:
+        request = items[i][0]
+        return _chunk_reply(pipeline, request, out, anchors[id(request)], out["step"])
+
+    return finish_sessions(pipeline, begin_sessions(items, begin), reply)
 
 
 class PolicySample(BaseModel):
@@ -318,5 +352,5 @@ async def decode_observation_frames(request: RequestBase) -> None:
 
 ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
                           ActionEvaluateRequest, ActionEvaluateResponse, evaluate, prepare=_prepare,
-                          prepare_on_loop=_prepare_on_loop, session_predict=session_predict,
+                          prepare_on_loop=_prepare_on_loop, session_predict_batch=session_predict_batch,
                           predict_batch=predict_batch, batch_key=batch_key)

@@ -79,9 +79,9 @@ class ModalityAdapter:
     # Optional: whether ``prepare`` is cheap enough for this request to run on the event loop (microseconds:
     # cheaper than the hop to the thread pool), e.g. raw frames that decode to a view and one copy.
     prepare_on_loop: Optional[Callable[[Any], bool]] = None
-    # Optional: ``predict`` for a request with a ``session_id``: (pipeline, request, session) with the session's
-    # state (robot sessions; the route serializes the requests of one session).
-    session_predict: Optional[Callable[[Any, Any, Any], dict]] = None
+    # Optional: ``predict`` for requests with a ``session_id``: (pipeline, [(request, session), ...]) → one reply
+    # (or exception) each, in one model call (robot sessions; the route serializes the requests of one session).
+    session_predict_batch: Optional[Callable[[Any, list], list]] = None
     # Optional: ``predict`` for several requests in one model call, (pipeline, requests) → one reply each,
     # each equal to what the request gets alone; requests share a call only when their ``batch_key`` is equal.
     predict_batch: Optional[Callable[[Any, list], list[dict]]] = None

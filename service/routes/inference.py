@@ -49,7 +49,7 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
         if session_run is not None and session_id is not None:
             entry = request.app.state.sessions.acquire(session_id, deployment)
             async with entry.lock:  # one request of a session at a time, in arrival order
-                timed = await deployment.run(session_run, body, entry.policy)
+                timed = await deployment.run_batched(session_run, batch_key(body), (body, entry.policy))
         elif batch_run is not None:
             timed = await deployment.run_batched(batch_run, batch_key(body), body)
         else:
@@ -83,7 +83,7 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
         for kind, (base, response, run, reply) in parts.items():
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
                 "__module__": __name__, **base.limits_from(settings)})
-            session_run = adapter.session_predict if kind == "predict" else None
+            session_run = adapter.session_predict_batch if kind == "predict" else None
             batch_run = adapter.predict_batch if kind == "predict" else None
             endpoint = _endpoint(model_type, request_cls, run, reply, adapter.prepare, adapter.prepare_on_loop,
                                  session_run, batch_run, adapter.batch_key)

@@ -35,7 +35,8 @@ from starlette.websockets import WebSocketDisconnect
 
 from service.codecs import DecodeError, pack_msgpack, unpack_message_off_loop
 from service.errors import ApiError, field_of_loc
-from service.modalities.action import ActionPredictRequest, decode_observation_frames, session_predict
+from service.modalities.action import (ActionPredictRequest, batch_key, decode_observation_frames,
+                                       session_predict_batch)
 from service.modalities.base import RequestBase
 from service.settings import Settings
 from vla_foundry.errors import InvalidInputError
@@ -156,7 +157,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             await decode_observation_frames(body)
             entry.touch()
             async with entry.lock:
-                timed = await deployment.run(session_predict, body, entry.policy)
+                timed = await deployment.run_batched(session_predict_batch, batch_key(body), (body, entry.policy))
         except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
             await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))
             return
@@ -169,7 +170,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             return
         reply = timed.value
         first = reply["first_action_index"]
-        timing = {"infer_ms": timed.run_ms, "queue_ms": timed.queue_ms}
+        timing = {"infer_ms": timed.run_ms, "queue_ms": timed.queue_ms, "batch_size": timed.batch_size}
         if previous_total is not None:
             timing["prev_total_ms"] = previous_total
         out = {"actions": np.asarray(reply["action_chunk"], np.float32)[first:],

@@ -7,7 +7,7 @@ Chunk mode needs no route of its own: ``/predict/{policy type}`` with a ``sessio
 # No `from __future__ import annotations`: FastAPI reads the request classes from the real annotations.
 
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +16,8 @@ from service.codecs import encode_response
 from service.deployments import DeploymentManager
 from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
-from service.modalities.action import Observation, decode_observation_frames, observation_anchor
+from service.modalities.action import (Observation, begin_sessions, decode_observation_frames, finish_sessions,
+                                       observation_anchor)
 from service.modalities.base import RequestBase, ResponseBase
 from service.settings import Settings
 
@@ -58,16 +59,25 @@ def _policy_deployment(manager: DeploymentManager, name: Optional[str]):
     return policies[0]
 
 
-def _step(pipeline, body: SessionStepRequest, session) -> dict:
-    anchor = observation_anchor(pipeline, body.timestamp)
-    observation = body.observation
-    out = session.step(observation.decoded_frames(body, "observation"), observation.decoded_lowdim("observation"),
-                       observation.language_instruction or "", step=body.step,
-                       num_inference_steps=body.num_inference_steps)
-    return {"step": out["step"], "actions": out["actions"], "action": out["action"].tolist(),
-            "replanned": out["replanned"], "plan_step": out["plan_step"], "timestamp": body.timestamp,
-            "valid_until": anchor + pipeline.control_period_s,
-            **({"timing_ms": out["timing_ms"]} if "timing_ms" in out else {})}
+def _steps(pipeline, items: list[tuple[SessionStepRequest, Any]]) -> list:
+    """Step mode of several robots' sessions; the ones due a new plan share one model call."""
+    anchors: dict[int, float] = {}
+
+    def begin(body: SessionStepRequest, session):
+        anchors[id(body)] = observation_anchor(pipeline, body.timestamp)
+        observation = body.observation
+        return session.begin_step(observation.decoded_frames(body, "observation"),
+                                  observation.decoded_lowdim("observation"), observation.language_instruction or "",
+                                  step=body.step, num_inference_steps=body.num_inference_steps)
+
+    def reply(i: int, out: dict) -> dict:
+        body = items[i][0]
+        return {"step": out["step"], "actions": out["actions"], "action": out["action"].tolist(),
+                "replanned": out["replanned"], "plan_step": out["plan_step"], "timestamp": body.timestamp,
+                "valid_until": anchors[id(body)] + pipeline.control_period_s,
+                **({"timing_ms": out["timing_ms"]} if "timing_ms" in out else {})}
+
+    return finish_sessions(pipeline, begin_sessions(items, begin), reply)
 
 
 def add_session_routes(app: FastAPI, settings: Settings) -> None:
@@ -86,11 +96,12 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         prepared = time.perf_counter()
         entry = sessions.acquire(session_id, deployment)
         async with entry.lock:
-            timed = await deployment.run(_step, body, entry.policy)
+            timed = await deployment.run_batched(_steps, body.num_inference_steps, (body, entry.policy))
         value = dict(timed.value)
         timing = {"queue": timed.queue_ms, "preprocess": (prepared - started) * 1000, "infer": timed.run_ms,
                   **{k: v for k, v in value.pop("timing_ms", {}).items() if k != "preprocess"}}
         timing["total"] = (time.perf_counter() - started) * 1000
+        timing["batch_size"] = timed.batch_size
         payload = {"model": deployment.name, "session_id": session_id, **value,
                    "timing_ms": {k: round(v, 3) for k, v in timing.items()}}
         return encode_response(payload, request.headers.get("accept", ""), bytes_keys=reply_in_bytes_keys(request))

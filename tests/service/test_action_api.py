@@ -8,6 +8,7 @@ observations are refused with the field named, and the deployment keeps answerin
 from __future__ import annotations
 
 import base64
+from typing import Optional
 import io
 import json
 
@@ -387,3 +388,56 @@ def test_64_concurrent_robots_are_batched_and_each_gets_its_own_chunk(tiny_check
     for mine, solo, body in zip(together, alone, bodies):
         assert mine["seed"] == solo["seed"] == body["seed"]
         np.testing.assert_allclose(mine["action_chunk"], solo["action_chunk"], atol=1e-5)
+
+
+def test_concurrent_sessions_are_batched_and_keep_their_own_histories(tiny_checkpoints, tmp_path):
+    """12 robots on their own sessions, 3 steps each, all at once: calls are shared, one robot's bad step fails
+    alone, and every robot's chunks equal those of the same episode replayed with nobody else around."""
+    import asyncio
+
+    robots = [f"robot-{i}" for i in range(12)]
+
+    def body(robot: int, step: int) -> dict:
+        observation = policy_observation(seed=robot + step)
+        observation["images"] = {cam: frames[-1] for cam, frames in observation["images"].items()}  # current only
+        observation["lowdim"] = {"arm__pos": [0.1 * step, 0.05 * robot]}
+        return {"session_id": robots[robot], "observation": observation, "seed": 50 + robot,
+                "num_inference_steps": 3}
+
+    bad = {"session_id": "robot-bad", "observation": {"images": {"front": png_data_url(0)}, "lowdim": {}}}
+
+    async def episode(client: httpx.AsyncClient, robot: int) -> list[dict]:
+        replies = []
+        for step in range(3):
+            reply = await client.post("/predict/diffusion_policy", json=body(robot, step))
+            assert reply.status_code == 200, reply.text
+            replies.append(reply.json())
+        return replies
+
+    async def fleet(base: str, with_bad: bool) -> tuple[list, Optional[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=httpx.Limits(max_connections=32)) as client:
+            tasks = [episode(client, r) for r in range(len(robots))]
+            bad_reply = client.post("/predict/diffusion_policy", json=bad) if with_bad else asyncio.sleep(0)
+            *episodes, refused = await asyncio.gather(*tasks, bad_reply)
+            return episodes, refused
+
+    with live_server(["--checkpoint", f"{tiny_checkpoints['diffusion_policy']}=policy"], tmp_path / "demo") as base:
+        together, refused = asyncio.run(fleet(base, with_bad=True))
+        for robot in robots:
+            assert httpx.delete(f"{base}/sessions/{robot}").status_code == 200
+        alone = []
+        for r in range(len(robots)):  # the same episodes, one robot at a time
+            alone.append(asyncio.run(fleet_of_one(base, episode, r)))
+    assert refused.status_code == 422 and refused.json()["error"]["field"].startswith("observation")
+    sizes = [reply["timing_ms"]["batch_size"] for episode in together for reply in episode]
+    assert max(sizes) > 1, sizes
+    for mine, solo in zip(together, alone):
+        assert [m["step"] for m in mine] == [s["step"] for s in solo] == [0, 1, 2]  # n_action_steps 1
+        for m, s in zip(mine, solo):
+            assert m["seed"] == s["seed"]
+            np.testing.assert_allclose(m["action_chunk"], s["action_chunk"], atol=1e-5)
+
+
+async def fleet_of_one(base: str, episode, robot: int) -> list[dict]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        return await episode(client, robot)

@@ -10,12 +10,19 @@ actions the policy's window needs. Two ways to drive it:
   steps (or when the robot's step leaves the current plan) and hands out the plan in between.
 
 Seeds: a session seeded ``s`` uses ``s + k`` for its k-th plan, so an episode replays exactly.
+
+Batching: ``begin_chunk`` / ``begin_step`` record the robot's input and return a
+``PendingPlan`` (the ``PolicyRequest`` the plan needs, or no request when step mode hands out
+an action of the current plan); the caller runs the requests of many sessions in one
+``ActionPipeline.predict_each`` call and hands each output to its ``finish``. ``chunk`` and
+``step`` do both for one session.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -24,12 +31,46 @@ from vla_foundry.robotics.history import ObservationHistory
 from vla_foundry.robotics.observations import _check_keys, _numbers
 
 
+@dataclass
+class PendingPlan:
+    """A session's call half done: ``request`` for the pipeline (None: nothing to predict), then
+    ``finish(output)`` with that request's ``predict_each`` output (or None) gives the session's reply."""
+
+    request: Any  # vla_foundry.pipelines.action.PolicyRequest, or None
+    num_inference_steps: Optional[int]
+    finish: Callable[[Optional[dict]], dict]
+
+
 def _depth(value) -> int:
     """Nesting depth of a list value (0 for a scalar)."""
     depth = 0
     while isinstance(value, (list, tuple)) and value:
         value, depth = value[0], depth + 1
     return depth
+
+
+def run_plans(pipeline, pendings: list[PendingPlan]) -> list:
+    """The pending plans of several sessions (one step count), their predictions in one ``predict_each``
+    call; one reply per plan, or the exception that plan alone raised (a failing batched call is run
+    again request by request, so one bad request fails only its own plan)."""
+    wanted = [p for p in pendings if p.request is not None]
+    steps = wanted[0].num_inference_steps if wanted else None
+    try:
+        outs = pipeline.predict_each([p.request for p in wanted], num_inference_steps=steps) if wanted else []
+    except Exception:
+        outs = []
+        for p in wanted:
+            try:
+                (out,) = pipeline.predict_each([p.request], num_inference_steps=steps)
+            except Exception as e:  # this request's own failure
+                out = e
+            outs.append(out)
+    by_plan = dict(zip(map(id, wanted), outs))
+    replies = []
+    for p in pendings:
+        out = by_plan.get(id(p))
+        replies.append(out if isinstance(out, Exception) else p.finish(out))
+    return replies
 
 
 class PolicySession:
@@ -87,26 +128,29 @@ class PolicySession:
                                     "to start a new episode", field="step")
         return step
 
-    def _plan(self, step: int, instruction: str, predict_kwargs: dict) -> dict[str, Any]:
+    def _plan_request(self, step: int, instruction: str, seed: Optional[int], noise: Any):
+        from vla_foundry.pipelines.action import PolicyRequest
+
         observation = self.history.assemble(step, instruction)
         if self.pipeline.uses_language and not instruction.strip():
             raise InvalidInputError("observation.language_instruction is required: this policy is conditioned on "
                                     "language", field="observation.language_instruction")
-        seed = predict_kwargs.pop("seed", None)
-        out = self.pipeline.predict([observation], seed=self.seed + self.plans if seed is None else seed,
-                                    **predict_kwargs)
+        return PolicyRequest(observation, self.seed + self.plans if seed is None else seed, noise)
+
+    def _adopt_plan(self, step: int, out: dict[str, Any]) -> None:
         self.plans += 1
         first = out["first_action_index"]
         planned = out["action_chunk"][0, first:]  # (F+1, A): steps step … step+F
         self.history.record_plan(step, planned)
         self.plan_step, self.plan_length, self.steps_served = step, planned.shape[0], 0
-        return out
 
     # ------------------------------------------------------------------ the two modes
 
-    def chunk(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
-              past_actions: Optional[dict] = None, **predict_kwargs) -> dict[str, Any]:
-        """A whole chunk for the current step; the pipeline's ``predict`` output plus ``step``.
+    def begin_chunk(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
+                    past_actions: Optional[dict] = None, num_inference_steps: Optional[int] = None,
+                    seed: Optional[int] = None, noise: Any = None) -> PendingPlan:
+        """Chunk mode's first half: records the current step; ``finish`` returns the pipeline's output for
+        this request plus ``step``.
 
         ``past_actions`` (field → (P, d)), when the robot sends them, replace what the session
         believes it executed.
@@ -119,25 +163,52 @@ class PolicySession:
             rows = np.concatenate([_numbers(past_actions[f], (io.past_steps, io.field_dims[f]), f"past_actions.{f}")
                                    for f in io.action_fields], axis=-1)  # (P, A)
             self.history.record_plan(step - io.past_steps, rows)
-        out = self._plan(step, instruction, predict_kwargs)
-        return {**out, "step": step}
+        request = self._plan_request(step, instruction, seed, noise)
 
-    def step(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
-             **predict_kwargs) -> dict[str, Any]:
-        """The action for the current step: from the current plan, or a new plan every ``open_loop_steps``."""
+        def finish(out: Optional[dict]) -> dict[str, Any]:
+            self._adopt_plan(step, out)
+            return {**out, "step": step}
+
+        return PendingPlan(request, num_inference_steps, finish)
+
+    def begin_step(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
+                   num_inference_steps: Optional[int] = None) -> PendingPlan:
+        """Step mode's first half: records the current step; a request only when a new plan is due (every
+        ``open_loop_steps``, or when the robot's step leaves the current plan)."""
         step = self._next_step(step, 1)
         self._record(step, images, lowdim, "observation")
         in_plan = self.plan_step is not None and 0 <= step - self.plan_step < self.plan_length
         replan = not in_plan or self.steps_served >= self.open_loop_steps
-        out = self._plan(step, instruction, predict_kwargs) if replan else None
-        action = self.history.actions[step]
-        self.steps_served += 1
-        result = {"step": step, "replanned": replan, "plan_step": self.plan_step, "action": action,
-                  "actions": self._split(action)}
-        if out is not None:
-            result.update(seed=out["seed"], num_inference_steps=out["num_inference_steps"],
-                          timing_ms=out["timing_ms"])
-        return result
+        request = self._plan_request(step, instruction, None, None) if replan else None
+
+        def finish(out: Optional[dict]) -> dict[str, Any]:
+            if out is not None:
+                self._adopt_plan(step, out)
+            action = self.history.actions[step]
+            self.steps_served += 1
+            result = {"step": step, "replanned": replan, "plan_step": self.plan_step, "action": action,
+                      "actions": self._split(action)}
+            if out is not None:
+                result.update(seed=out["seed"], num_inference_steps=out["num_inference_steps"],
+                              timing_ms=out["timing_ms"])
+            return result
+
+        return PendingPlan(request, num_inference_steps, finish)
+
+    def run(self, pending: PendingPlan) -> dict[str, Any]:
+        """A pending plan of this session alone: its prediction (if any), then ``finish``."""
+        (reply,) = run_plans(self.pipeline, [pending])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def chunk(self, images: dict, lowdim: dict, instruction: str = "", **kwargs) -> dict[str, Any]:
+        """A whole chunk for the current step (``begin_chunk``'s arguments); the pipeline's output plus ``step``."""
+        return self.run(self.begin_chunk(images, lowdim, instruction, **kwargs))
+
+    def step(self, images: dict, lowdim: dict, instruction: str = "", **kwargs) -> dict[str, Any]:
+        """The action for the current step (``begin_step``'s arguments)."""
+        return self.run(self.begin_step(images, lowdim, instruction, **kwargs))
 
     def _split(self, action: np.ndarray) -> dict[str, list]:
         out, start = {}, 0
