@@ -26,6 +26,7 @@ serve: $(BIN)/.installed
 	$(BIN)/vla-foundry serve $(ARGS)
 
 test: $(BIN)/.installed-test openpi-venv
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
 bench: $(BIN)/.installed

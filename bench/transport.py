@@ -128,7 +128,7 @@ def wait_up(client) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise SystemExit("a server did not start within 60 s")
+                raise SystemExit("a server did not start within 60 s") from None
             time.sleep(0.1)
 
 

@@ -85,7 +85,8 @@ def decode_array(obj: dict) -> np.ndarray:
         raise DecodeError("array data must be bytes (msgpack) or base64 (JSON)")
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on absurd shapes
     if len(data) != expected:
-        raise DecodeError(f"array data has {len(data)} bytes; dtype {dtype.str} and shape {list(shape)} need {expected}")
+        raise DecodeError(f"array data has {len(data)} bytes; dtype {dtype.str} and shape {list(shape)} need "
+                          f"{expected}")
     try:
         return np.frombuffer(bytes(data), dtype=dtype).reshape(shape)
     except ValueError as e:  # a zero-size shape with a dimension numpy cannot index, e.g. [0, 2**63]

@@ -45,7 +45,8 @@ def error_response(request: Optional[Request], status: int, message: str, field:
     return encode_response(error_body(status, message, field, type), accept, status_code=status, headers=headers)
 
 
-_PLAIN_TYPE_LABELS = {"str", "int", "float", "bool", "bytes", "none", "dict", "list"}  # no request field has these names
+# No request field has these names.
+_PLAIN_TYPE_LABELS = {"str", "int", "float", "bool", "bytes", "none", "dict", "list"}
 
 
 def field_of_loc(loc: tuple) -> Optional[str]:

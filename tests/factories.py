@@ -121,7 +121,8 @@ def _clip_hf(path: Path, tokenizer) -> Path:
 
 
 # A tiny OpenCLIP architecture (open_clip takes model configs as JSON files).
-TINY_OPENCLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+TINY_OPENCLIP = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
@@ -246,7 +247,8 @@ def policy_observation(seed: int = 0, size: tuple[int, int] = (24, 40)) -> dict:
             "lowdim": {"arm__pos": [[0.1, 0.2], [0.3, 0.4]]}, "language_instruction": "pick up the red block"}
 
 
-_POLICY_PREDICT = {"observation": policy_observation(), "past_actions": {"arm__delta": [[0.5, -0.5]], "gripper": [[1.0]]},
+_POLICY_PREDICT = {"observation": policy_observation(),
+                   "past_actions": {"arm__delta": [[0.5, -0.5]], "gripper": [[1.0]]},
                    "num_inference_steps": 3, "seed": 1}
 _POLICY_EVALUATE = {"samples": [{"observation": policy_observation(s),
                                  "actions": {"arm__delta": [[0.1 * s, 0.2]] * 4, "gripper": [[1.0]] * 4}}

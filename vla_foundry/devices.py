@@ -23,7 +23,8 @@ def resolve_device(device: Optional[str] = "auto") -> torch.device:
         if resolved.index is None:
             resolved = torch.device("cuda:0")
         if resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist: this host has {torch.cuda.device_count()} CUDA devices")
+            raise ValueError(f"device {device!r} does not exist: this host has {torch.cuda.device_count()} CUDA "
+                             "devices")
     return resolved
 
 

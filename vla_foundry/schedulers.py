@@ -78,7 +78,8 @@ class NoiseSchedulerDDPM(Float32Buffers):
         ac, ac_prev = self.alphas_cumprod[t], self.alphas_cumprod_prev[t]
         x, eps = sample.float(), model_output.float()  # the step in float32 whatever the model's dtype
         x0_hat = (x - (1 - ac).sqrt() * eps) / ac.sqrt()
-        mean = (ac_prev.sqrt() * self.betas[t] / (1 - ac)) * x0_hat + (self.alphas[t].sqrt() * (1 - ac_prev) / (1 - ac)) * x
+        mean = ((ac_prev.sqrt() * self.betas[t] / (1 - ac)) * x0_hat
+                + (self.alphas[t].sqrt() * (1 - ac_prev) / (1 - ac)) * x)
         if t > 0:
             z = noise if noise is not None else randn_like(sample, generator)
             mean = mean + self.posterior_variance[t].sqrt() * z.float()

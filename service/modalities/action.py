@@ -270,8 +270,9 @@ def session_predict_batch(pipeline, items: list[tuple[ActionPredictRequest, Any]
                                                           for k, v in request.past_actions.items()}
         return session.begin_chunk(observation.decoded_frames(request, "observation"),
                                    observation.decoded_lowdim("observation"), observation.language_instruction or "",
-                                   step=request.step, past_actions=past, num_inference_steps=request.num_inference_steps,
-                                   seed=request.seed, noise=_noise(request.noise))
+                                   step=request.step, past_actions=past,
+                                   num_inference_steps=request.num_inference_steps, seed=request.seed,
+                                   noise=_noise(request.noise))
 
     def reply(i: int, out: dict) -> dict:
         request = items[i][0]

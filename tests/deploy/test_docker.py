@@ -595,7 +595,8 @@ def test_dockerignore_lets_in_every_copy_source():
     for src in sources:
         root = REPO / src
         assert root.exists(), src
-        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = [root] if root.is_file() else [p for p in root.rglob("*")
+                                                if p.is_file() and "__pycache__" not in p.parts]
         assert files, src
         for f in files:
             assert in_build_context(f.relative_to(REPO).as_posix(), patterns), f

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 def cli() -> list[str]:
     script = Path(sys.executable).parent / "vla-foundry"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vla_foundry"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
 
 
 @contextmanager

@@ -126,7 +126,8 @@ def test_failed_deployment_does_not_stop_the_others(tiny_checkpoints, tmp_path):
         assert "not a torch zip checkpoint" in ready["failed"]["broken"]
         info = client.get("/models/broken").json()
         assert info["status"] == "failed" and "CheckpointError" in info["error"]
-        assert client.post("/predict/transformer", json={"model": "good", "prompt": "the", "max_new_tokens": 2}).status_code == 200
+        good = client.post("/predict/transformer", json={"model": "good", "prompt": "the", "max_new_tokens": 2})
+        assert good.status_code == 200
         refused = client.post("/predict/transformer", json={"model": "broken", "prompt": "the"})
         assert refused.status_code == 503 and "failed to load" in refused.json()["error"]["message"]
 

@@ -8,8 +8,18 @@ from service.settings import Settings, parse_checkpoint_arg
 
 
 def test_models_command_lists_types():
-    out = subprocess.run([sys.executable, "-m", "vla_foundry", "models"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "service", "models"], capture_output=True, text=True, check=True)
     assert "transformer" in out.stdout and "text" in out.stdout and "batch handlers" in out.stdout
+
+
+def test_the_command_line_needs_the_web_stack_only_to_serve():
+    """``vla-foundry models`` (and ``demo``) import neither FastAPI nor uvicorn: the serve extra is optional."""
+    code = ("import sys; import service.cli as cli; code = cli.main(['models']); "
+            "assert not any(m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette') for m in sys.modules), "
+            "'the web stack was imported'; sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "diffusion_policy" in out.stdout
 
 
 def test_deployment_yaml_env_and_overrides(tmp_path, monkeypatch):

@@ -80,25 +80,27 @@ def test_messages_say_what_is_allowed(client):
 
 @pytest.mark.parametrize("body", [{"input_ids": [[1]]}, {"input_ids": []}, {"texts": ["a"], "input_ids": [[1, 2]]},
                                   {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]},
-                                  {"input_ids": [[1, 2, 999]]}, {"input_ids": [[1, 2, 3]], "attention_mask": [[0, 0, 0]]},
+                                  {"input_ids": [[1, 2, 999]]},
+                                  {"input_ids": [[1, 2, 3]], "attention_mask": [[0, 0, 0]]},
                                   {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 5, 1]]}])
 def test_bad_evaluate_inputs(client, body):
     assert_error(client.post("/evaluate/transformer", json=body), 422)
 
 
 def test_malformed_bodies_are_400(client):
-    assert_error(client.post("/predict/transformer", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    as_json, as_msgpack = {"content-type": "application/json"}, {"content-type": "application/msgpack"}
+    assert_error(client.post("/predict/transformer", content=b"{not json", headers=as_json), 400)
     assert_error(client.post("/predict/transformer", json=[1, 2]), 400)
-    assert_error(client.post("/predict/transformer", content=b"\xc1\xc1", headers={"content-type": "application/msgpack"}), 400)
-    refused = client.post("/predict/transformer",
-                          content=msgpack.packb({"prompt_token_ids": {"__ndarray__": True, "data": b"", "dtype": "O", "shape": [0]}}),
-                          headers={"content-type": "application/msgpack"})
+    assert_error(client.post("/predict/transformer", content=b"\xc1\xc1", headers=as_msgpack), 400)
+    object_array = {"__ndarray__": True, "data": b"", "dtype": "O", "shape": [0]}
+    refused = client.post("/predict/transformer", content=msgpack.packb({"prompt_token_ids": object_array}),
+                          headers=as_msgpack)
     assert_error(refused, 422)
     assert "object arrays are refused" in refused.json()["error"]["message"]
     for body in (msgpack.packb({"prompt": "a", "temperature": float("nan")}),
                  msgpack.packb({"prompt": "a", "when": msgpack.Timestamp(1)}, datetime=False),
                  msgpack.packb({"prompt": "a", "x": msgpack.ExtType(5, b"zz")})):
-        assert_error(client.post("/predict/transformer", content=body, headers={"content-type": "application/msgpack"}), 422)
+        assert_error(client.post("/predict/transformer", content=body, headers=as_msgpack), 422)
     response = client.post("/predict/transformer", content=b"<prompt/>", headers={"content-type": "application/xml"})
     assert_error(response, 415)
     # msgpack keeps bytes as bytes: where a string belongs, undecodable bytes are a named 422, not a crash.

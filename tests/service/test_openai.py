@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from service import DeploymentSpec
-from tests.factories import build_checkpoint, png_data_url, tiny_model, tiny_transformer_params
+from tests.factories import png_data_url, tiny_model, tiny_transformer_params
 from tests.service.conftest import serving
 from tests.service.live_server import live_server
 from vla_foundry.checkpoint import save_experiment
@@ -180,8 +180,9 @@ def test_v1_refusals(app_client):
     assert e["field"] == "max_tokens" and "64" in e["message"]
     e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x", "bogus": 1}), 422)
     assert "bogus" in e["message"]
-    e = error_of(app_client.post("/v1/chat/completions", json={"model": "vlm", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}), 422)
+    remote = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    e = error_of(app_client.post("/v1/chat/completions", json={
+        "model": "vlm", "messages": [{"role": "user", "content": remote}]}), 422)
     assert "remote image URLs are not fetched" in e["message"]
     e = error_of(app_client.post("/v1/completions", json={"prompt": "x"}), 422)
     assert e["field"] == "model" and "chat" in e["message"]
@@ -200,7 +201,8 @@ def test_caption_model_completes_text_and_chats_with_images(app_client):
 def test_chat_content_parts_on_a_text_model_are_joined(app_client):
     as_parts = app_client.post("/v1/chat/completions", json={
         "model": "chat", "max_tokens": 4, "temperature": 0,
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}]})
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello "},
+                                                  {"type": "text", "text": "there"}]}]})
     as_text = app_client.post("/v1/chat/completions", json={
         "model": "chat", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "hello there"}]})
     assert as_parts.status_code == 200, as_parts.text

@@ -91,7 +91,8 @@ def test_openpi_exchange_metadata_actions_and_reset(server):
         infer(ws, {"endpoint": "reset"})
         openpi = infer(ws, {**flat_observation(0, bytes_keys=True), "seed": 3})  # the same frames, bytes keys
         assert np.array_equal(unpack_array(openpi["actions"]), actions)
-        nested = infer(ws, {"observation": {"images": {cam: nd(np.zeros((8, 8, 3), np.uint8)) for cam in POLICY_CAMERAS},
+        frames = {cam: nd(np.zeros((8, 8, 3), np.uint8)) for cam in POLICY_CAMERAS}
+        nested = infer(ws, {"observation": {"images": frames,
                                             "lowdim": {"arm__pos": nd(np.zeros(2, np.float32))},
                                             "language_instruction": "pick"}})
         assert unpack_array(nested["actions"]).shape == (3, 3)

@@ -38,7 +38,8 @@ def test_natural_sort_picks_checkpoint_11_over_9(tmp_path):
     model = tiny_model(tiny_transformer_params())
     for n in (9, 10, 11):
         save_experiment(tiny_model(tiny_transformer_params(), seed=n), tmp_path, checkpoint_num=n)
-    assert sorted(["checkpoint_9.pt", "checkpoint_11.pt", "checkpoint_10.pt"], key=natural_sort_key)[-1] == "checkpoint_11.pt"
+    names = ["checkpoint_9.pt", "checkpoint_11.pt", "checkpoint_10.pt"]
+    assert sorted(names, key=natural_sort_key)[-1] == "checkpoint_11.pt"
     file, ema = find_checkpoint(tmp_path)
     assert file.name == "checkpoint_11.pt" and not ema
     assert load_model(tmp_path).checkpoint.checkpoint_num == 11
@@ -157,7 +158,8 @@ def test_shape_mismatch_is_named(experiment):
     config = yaml.safe_load((path / "config_model.yaml").read_text())
     config["vocab_size"] = 301
     (path / "config_model.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(CheckpointError, match=r"shape mismatch .*embeddings.weight: checkpoint \(300, 32\) vs model \(301, 32\)"):
+    mismatch = r"shape mismatch .*embeddings.weight: checkpoint \(300, 32\) vs model \(301, 32\)"
+    with pytest.raises(CheckpointError, match=mismatch):
         load_model(path)
 
 

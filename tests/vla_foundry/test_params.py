@@ -33,7 +33,8 @@ def _normalised(config):
 
 def test_fixture_params_select_nested_classes(fixtures_dir):
     vlm = parse_params(read_model_config(fixtures_dir / "vlm_basic"))
-    assert isinstance(vlm, VLMParams) and isinstance(vlm.vit, ViTParams) and isinstance(vlm.transformer, TransformerParams)
+    assert isinstance(vlm, VLMParams) and isinstance(vlm.vit, ViTParams)
+    assert isinstance(vlm.transformer, TransformerParams)
     assert (vlm.image_token_id, vlm.vit.projector_pixel_shuffle_factor, vlm.vit.patch_size) == (255, 2, 8)
 
     sd = parse_params(read_model_config(fixtures_dir / "stable_diffusion_basic"))
@@ -51,7 +52,8 @@ def test_fixture_params_select_nested_classes(fixtures_dir):
 def test_defaults_follow_the_format_spec():
     p = parse_params({"type": "transformer"})
     assert (p.hidden_dim, p.n_layers, p.n_heads, p.vocab_size, p.max_seq_len) == (96, 8, 4, 50432, 2048)
-    assert (p.norm_type, p.norm_eps, p.ffn_type, p.positional_embedding_type) == ("default_layer_norm", 1e-5, "swiglu", "rotary")
+    assert (p.norm_type, p.norm_eps, p.ffn_type, p.positional_embedding_type) == \
+        ("default_layer_norm", 1e-5, "swiglu", "rotary")
     assert p.is_causal and not p.weight_tying and not p.qk_norm
     v = parse_params({"type": "vit"})
     assert (v.img_size, v.patch_size, v.hidden_dim, v.inter_dim, v.ln_eps) == (384, 16, 768, 3072, 1e-6)
@@ -78,7 +80,8 @@ def test_nested_blocks_without_type_follow_the_spec():
     # vision_language_backbone: absent ⇒ clip_backbone; a block without type ⇒ vlm_backbone; else by type
     dp = parse_params({"type": "diffusion_policy", "transformer": {}})
     assert isinstance(dp.vision_language_backbone, ClipBackboneParams)
-    dp = parse_params({"type": "diffusion_policy", "transformer": {}, "vision_language_backbone": {"hf_pretrained": "x"}})
+    dp = parse_params({"type": "diffusion_policy", "transformer": {},
+                       "vision_language_backbone": {"hf_pretrained": "x"}})
     assert type(dp.vision_language_backbone) is VLMBackboneParams
     dp = parse_params({"type": "diffusion_policy", "transformer": {},
                        "vision_language_backbone": {"type": "vit_backbone", "img_size": 64}})

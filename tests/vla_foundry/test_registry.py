@@ -84,6 +84,7 @@ def test_model_package_imports_without_service():
     import subprocess
     import sys
 
-    code = ("import sys, vla_foundry, vla_foundry.models, vla_foundry.pipelines, vla_foundry.cli; "
+    code = ("import sys, vla_foundry, vla_foundry.models, vla_foundry.pipelines, vla_foundry.demo; "
             "assert not any(m == 'service' or m.startswith('service.') for m in sys.modules), 'service imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+

@@ -115,7 +115,8 @@ def test_ddpm_step_with_noise(ddpm, t):
     out = ddpm.step(eps_hat, t, x, noise=z)
     assert torch.allclose(out.double(), ddpm_step_formula(ddpm, eps_hat, t, x, z), atol=1e-5)
     # Without `noise`, z comes from the generator (never the global RNG).
-    assert torch.equal(ddpm.step(eps_hat, t, x, generator=gen(7)), ddpm.step(eps_hat, t, x, noise=randn(2, 3, 4, 4, seed=7)))
+    assert torch.equal(ddpm.step(eps_hat, t, x, generator=gen(7)),
+                       ddpm.step(eps_hat, t, x, noise=randn(2, 3, 4, 4, seed=7)))
 
 
 def test_ddpm_step_clamps_the_output_not_x0(ddpm_clamped):

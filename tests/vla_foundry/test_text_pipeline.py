@@ -2,7 +2,7 @@ import pytest
 import torch
 import yaml
 
-from vla_foundry import load_model, save_experiment
+from vla_foundry import save_experiment
 from vla_foundry.errors import CheckpointError, InvalidInputError
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.sampling import SamplingParams
@@ -39,7 +39,8 @@ def test_extreme_temperatures_sample_finite_tokens(pipeline, temperature):
                                sampling=SamplingParams(max_new_tokens=4, temperature=temperature))
     assert all(0 <= t < 300 for t in result.completions[0].token_ids)
     if temperature < 1e-3:  # vanishing temperature is greedy
-        greedy = pipeline.complete(prompt_token_ids=[[5, 6, 7]], sampling=SamplingParams(max_new_tokens=4, temperature=0))
+        greedy = pipeline.complete(prompt_token_ids=[[5, 6, 7]],
+                                   sampling=SamplingParams(max_new_tokens=4, temperature=0))
         assert result.completions[0].token_ids == greedy.completions[0].token_ids
 
 
@@ -51,7 +52,8 @@ def test_text_prompts_seeds_and_usage(pipeline):
     assert all(isinstance(c.text, str) for c in a.completions)
     assert a.prompt_tokens == sum(len(r) for r in a.prompt_token_ids)
     assert a.completion_tokens == sum(len(c.token_ids) for c in a.completions)
-    assert pipeline.complete(["the quick brown"], sampling=sampling).seed != pipeline.complete(["the quick brown"], sampling=sampling).seed
+    first, second = (pipeline.complete(["the quick brown"], sampling=sampling) for _ in range(2))
+    assert first.seed != second.seed
 
 
 def test_eos_finishes_a_row_and_is_not_returned(pipeline):

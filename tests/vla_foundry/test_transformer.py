@@ -84,7 +84,8 @@ def test_state_dict_keys_follow_the_spec():
             "layers.0.attention.pos_embed.inv_freq", "layers.0.attention.q_norm.weight",
             "layers.0.feed_forward.0.weight", "layers.0.feed_forward.2.weight", "layers.1.ffn_norm.bias"} <= keys
     assert not any(k.endswith("in_proj.bias") for k in keys)
-    none_keys = set(tiny_model(tiny_transformer_params(positional_embedding_type="none", norm_type="no_wb_layer_norm")).state_dict())
+    none_params = tiny_transformer_params(positional_embedding_type="none", norm_type="no_wb_layer_norm")
+    none_keys = set(tiny_model(none_params).state_dict())
     assert not any("inv_freq" in k or "norm" in k for k in none_keys)
     assert [swiglu_width(h) for h in (32, 64, 96, 512, 2048)] == [256, 256, 256, 1536, 5632]
 
@@ -118,7 +119,8 @@ def test_eos_and_stopping_end_generation():
     first_new = int(greedy[0, 3])
     stopped = model.generate(prompt, max_new_tokens=6, temperature=0.0, eos_token_id=first_new)
     assert stopped.shape[1] == 4
-    stopped = model.generate(prompt, max_new_tokens=6, temperature=0.0, stopping=lambda new: new.shape[1] >= torch.ones(1) * 2)
+    stopped = model.generate(prompt, max_new_tokens=6, temperature=0.0,
+                             stopping=lambda new: new.shape[1] >= torch.ones(1) * 2)
     assert stopped.shape[1] == 5
 
 

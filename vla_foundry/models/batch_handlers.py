@@ -38,7 +38,8 @@ class BatchHandler(ABC):
     """
 
     @abstractmethod
-    def compute_loss(self, model, batch: dict[str, torch.Tensor], generator: Optional[torch.Generator] = None) -> LossOutput:
+    def compute_loss(self, model, batch: dict[str, torch.Tensor],
+                     generator: Optional[torch.Generator] = None) -> LossOutput:
         """The loss of ``batch`` for ``model``."""
 
     @staticmethod

@@ -7,7 +7,7 @@ contrastive encoder (``forward``: normalized, projected text and image embedding
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from vla_foundry.models.transformer import KVCache, apply_rotary
+from vla_foundry.models.rotary import KVCache, apply_rotary
 
 MAX_DECODERS_PER_MODEL = 4  # (batch, length) shapes kept captured per model; least recently used goes
 MAX_STATIC_CACHE_BYTES = 1 << 30  # a larger static KV cache is not worth holding: decode eagerly instead

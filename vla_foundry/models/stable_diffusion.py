@@ -100,7 +100,8 @@ class StableDiffusion(nn.Module):
         return out_u + guidance_scale * (out_c - out_u)
 
     @torch.no_grad()
-    def generate(self, batch_size: int, device: Union[str, torch.device] = "cpu", prompt: Union[None, str, Sequence[str]] = None,
+    def generate(self, batch_size: int, device: Union[str, torch.device] = "cpu",
+                 prompt: Union[None, str, Sequence[str]] = None,
                  uncond_prompt: Union[str, Sequence[str]] = "", max_text_seq_len: int = 64, *,
                  guidance_scale: Optional[float] = None, generator: Generators = None,
                  initial_noise: Optional[torch.Tensor] = None, step_noises: Optional[torch.Tensor] = None,

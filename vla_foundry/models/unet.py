@@ -28,7 +28,8 @@ class SinusoidalEmbedding(Float32Buffers):
         if dim % 2 or dim < 4:
             raise ValueError(f"time_emb_dim must be even and >= 4; got {dim}")
         half = dim // 2
-        self.register_buffer("emb", torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1))))
+        frequencies = torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1))
+        self.register_buffer("emb", torch.exp(frequencies))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         e = t.float()[:, None] * self.emb.float()[None, :]  # (B, half)

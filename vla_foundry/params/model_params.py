@@ -109,7 +109,8 @@ def parse_params(config: dict, *, _default_type: Optional[str] = None, _path: st
                  _unknown: Optional[list[str]] = None) -> ModelParams:
     """Build the params for one model block (a mapping with a ``type``)."""
     if not isinstance(config, dict):
-        raise ValueError(f"model config{(' at ' + _path) if _path else ''} must be a mapping; got {type(config).__name__}")
+        where = f" at {_path}" if _path else ""
+        raise ValueError(f"model config{where} must be a mapping; got {type(config).__name__}")
     top = _unknown is None
     unknown: list[str] = [] if top else _unknown
     model_type = config.get("type") or _default_type

@@ -239,7 +239,8 @@ class ActionPipeline(Pipeline):
                    condition_on_past: bool = True) -> dict[str, torch.Tensor]:
         """Model-level batch for the batch handler: observations + raw action windows (Ta, d) per field."""
         r = self.robot_io
-        self.check_instructions(samples, [f"samples[{i}].observation.language_instruction" for i in range(len(samples))])
+        fields = [f"samples[{i}].observation.language_instruction" for i in range(len(samples))]
+        self.check_instructions(samples, fields)
         inputs = build_inputs(list(samples), r, self.normalizer, self.processor, self.uses_language)
         actions = normalize_fields(list(action_windows), r.action_fields, self.normalizer, r.past_steps)
         past_mask = torch.zeros(actions.shape[:2], dtype=torch.bool)

@@ -212,7 +212,8 @@ class TextPipeline(Pipeline):
             raise InvalidInputError(f"give exactly one of `{prompt_field}` or `{ids_field}`", field=prompt_field)
         if prompts is not None:
             if len(prompts) == 0:
-                raise InvalidInputError(f"`{prompt_field}` is an empty list; send at least one prompt", field=prompt_field)
+                raise InvalidInputError(f"`{prompt_field}` is an empty list; send at least one prompt",
+                                        field=prompt_field)
             if self.tokenizer is None:
                 raise InvalidInputError(
                     f"this deployment has no tokenizer, so it takes token ids only: send `{ids_field}` "
@@ -248,7 +249,8 @@ class TextPipeline(Pipeline):
         return render_with_template(self.tokenizer, messages)
 
     @torch.inference_mode()
-    def complete(self, prompts: Optional[Sequence[str]] = None, prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
+    def complete(self, prompts: Optional[Sequence[str]] = None,
+                 prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
                  *, sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (), seed: Optional[int] = None,
                  use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
         """Complete each prompt. ``on_text(row, text_delta, token_ids_delta, finish_reason)`` streams the

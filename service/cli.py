@@ -1,7 +1,8 @@
-"""``vla-foundry`` (also ``python -m vla_foundry``): serve, build the demo pack, list types.
+"""``vla-foundry`` (also ``python -m service``): serve, build the demo pack, list types.
 
-``serve`` is the one command that needs the ``service`` package (installed with the
-``serve`` extra); it is imported only there, so the model package stands alone.
+It lives beside the server it starts, so the model package never imports the service.
+``serve`` is the one command that needs the ``serve`` extra (FastAPI, uvicorn): those are
+imported only there, so ``demo`` and ``models`` work with the model package alone.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo-dir", type=Path, default=None, help=f"demo pack location (default {DEFAULT_DEMO_DIR})")
     serve.set_defaults(func=_serve)
     demo = sub.add_parser("demo", help="build the demo pack")
-    demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR, help=f"where to build it (default {DEFAULT_DEMO_DIR})")
+    demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR,
+                      help=f"where to build it (default {DEFAULT_DEMO_DIR})")
     demo.add_argument("--rebuild", action="store_true", help="rebuild members that already exist")
     demo.set_defaults(func=_demo)
     models = sub.add_parser("models", help="list registered model types and batch handlers")

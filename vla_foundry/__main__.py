@@ -1,5 +1,0 @@
-import sys
-
-from vla_foundry.cli import main
-
-sys.exit(main())
