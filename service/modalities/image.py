@@ -31,7 +31,7 @@ class ImagePredictRequest(RequestBase):
                                                                       "none); default: the model's.")
     scheduler: Optional[str] = Field(None, description="dpmsolver++ (default), ddim, euler, unipc, or training "
                                                        "(the model's own, all steps); flow-matching models: "
-                                                       "flow_euler (default), dpmsolver++, unipc, heun, training. "
+                                                       "dpmsolver++ (default), flow_euler, unipc, heun, training. "
                                                        "GET /models: io.schedulers.")
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same bytes.")
 

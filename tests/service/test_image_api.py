@@ -142,7 +142,7 @@ def test_flow_models_take_the_flow_samplers_seeded_and_reproducible(flow_client,
 
 def test_flow_models_list_their_samplers_and_refuse_ddpm_only_ones(flow_client):
     io_info = flow_client.get("/models/flow-sd").json()["io"]
-    assert io_info["schedulers"] == ["training", *FLOW_SCHEDULERS] and io_info["default_scheduler"] == "flow_euler"
+    assert io_info["schedulers"] == ["training", *FLOW_SCHEDULERS] and io_info["default_scheduler"] == "dpmsolver++"
     e = error_of(draw(flow_client, scheduler="ddim"), 422)
     assert e["field"] == "scheduler" and "flow_euler, dpmsolver++, unipc, heun" in e["message"]
 

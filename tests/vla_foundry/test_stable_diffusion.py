@@ -147,7 +147,7 @@ def test_fast_scheduler_matches_diffusers_with_guidance(text_model, name):
 
 @pytest.mark.parametrize("name", FLOW_SCHEDULERS)
 def test_flow_schedulers_match_diffusers(flow_model, name):
-    assert flow_model.default_scheduler == "flow_euler" and name in flow_model.schedulers
+    assert flow_model.default_scheduler == "dpmsolver++" and name in flow_model.schedulers
     x = noise(2, 3, 16, 16, seed=13)
     out = flow_model.generate(2, scheduler=name, num_inference_steps=4, initial_noise=x, generator=gens(1, 2))
     assert torch.allclose(out.sample, by_hand(flow_model, name, x, 4, [1, 2]), atol=1e-5)

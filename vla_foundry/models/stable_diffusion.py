@@ -78,7 +78,9 @@ class StableDiffusion(nn.Module):
 
     @property
     def default_scheduler(self) -> str:
-        return "flow_euler" if self.is_flow_matching else "dpmsolver++"
+        # DPM-Solver++ for both ways of training: for flow models it comes about twice as close to the exact
+        # solution as Euler at the same 10-20 model calls (README: Flow-matching samplers).
+        return "dpmsolver++"
 
     # ------------------------------------------------------------------ text
 
