@@ -106,7 +106,7 @@ def _cell(text: str) -> str:
 
 def _serve_flags() -> dict[str, str]:
     """Settings field → the `vla-foundry serve` flag that sets it."""
-    from vla_foundry.cli import build_parser
+    from service.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -1,0 +1,728 @@
+"""A fleet of robots on one policy: throughput and latency vs concurrency, our server (batching off / on) vs LitServe.
+
+    python bench/fleet.py [--checkpoint DIR | --tiny] [--concurrency 1,4,16,64] [--seconds 10] [--warmup 2]
+                          [--transport msgpack|websocket|both] [--steps N] [--batch-timeout 0.005]
+                          [--no-starvation]
+
+N simulated robots run in a closed loop (each sends a request, waits for the reply, sends the
+next), one thread and one client each, against a live server serving one `diffusion_policy`
+checkpoint (default: the demo policy, built first if missing, several minutes; --tiny: a
+random-weight ViT policy saved in a temporary directory, for checking the script). Each row
+runs --warmup seconds, then measures for --seconds: a request counts (latency, req/s, batch
+size) when its reply arrives inside that window; errors count over the whole row. Latency is
+`time.perf_counter()` around the client call, so the client's encoding and decoding count.
+Three servers, per concurrency in turn (so drift on a shared CPU hits them alike):
+- `ours, batching off`: `vla-foundry serve` with `VLA_MAX_BATCH_SIZE=1`;
+- `ours, batching on`: the same with `VLA_MAX_BATCH_SIZE` = the largest concurrency asked for
+  (one server for all rows; each model call takes every queued request, up to that many);
+- `LitServe`: the same pipeline (`load_pipeline`, `ActionPipeline.predict_each`, the call our
+  server makes) behind LitServe's own batching, `max_batch_size` = the row's concurrency,
+  `batch_timeout` --batch-timeout, one worker, CPU, on 127.0.0.1. It is installed with pip on
+  first use (it is not a dependency of the package) and started per row.
+Our server is asked through the robot client (`vla_foundry_client`): msgpack HTTP
+(`HttpPolicyClient`, one keep-alive connection per robot) or the websocket
+(`WebsocketPolicyClient`, one connection = one session per robot). LitServe gets JSON over
+HTTP (`httpx.Client` per robot, keep-alive), arrays as typed arrays with base64 data. Every
+request carries the stateless observation (one frame per camera and image index, [P+1][d]
+proprioception rows, the instruction when the policy reads one), a seed of its own
+(robot × 100000 + request) and the deployment's default step count.
+Printed: per server and concurrency req/s, p50/p99 ms, the mean batch size requests shared
+(from `timing_ms.batch_size` / `server_timing.batch_size`; LitServe does not report it),
+errors; then ratios against LitServe and the goals of the issue. Then "starvation": one
+msgpack-HTTP robot on the batching server alone, while 16 threads poll `GET /health/live` 20
+times a second each, and while 16 threads flood it; the health threads run in a second
+process, so they take no GIL time from the robot's process (only CPU, as any client would).
+Both servers use torch's default thread count (all cores); the robots' threads share the same
+2 cores, as do the LitServe processes (API server and worker) and ours (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+
+from vla_foundry_client import HttpPolicyClient, WebsocketPolicyClient
+from vla_foundry_client.arrays import pack, unpack
+
+try:  # not a dependency of the package: installed on first use (ensure_litserve)
+    import litserve
+except ImportError:
+    litserve = None
+
+HEALTH_THREADS, POLL_HZ = 16, 20
+REPLY_TIMEOUT_S = 60.0  # one request; every robot loop also ends at its row's end
+READY_TIMEOUT_S = 300.0
+GOAL_SCALING, GOAL_VS_LITSERVE, GOAL_TAIL = 3.0, 1.5, 3.0
+GOAL_HEALTH_P50, GOAL_FLOOD_RPS = 1.2, 0.5
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def build_tiny_policy(path: Path) -> Path:
+    """A random-weight ViT-backbone `diffusion_policy` (one 64 px camera, 32 px model input, P = 1, F = 7, 7-value
+    proprioception and actions, flow matching, T = 10) with its robotics side files, saved under ``path``."""
+    import torch
+
+    from vla_foundry.models import create_model
+    from vla_foundry.params.clip import ViTBackboneParams
+    from vla_foundry.params.diffusion import DiffusionPolicyParams, NoiseSchedulerParams
+    from vla_foundry.params.transformer import TransformerParams
+    from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
+    from vla_foundry.robotics.robot_io import RobotIO, image_names_for
+    from vla_foundry.robotics.stats import field_stats
+
+    proprio, action, dim, past, future = "joint_pos", "joint_delta", 7, 1, 7
+    robot_io = RobotIO(camera_names=["front"], image_indices=[0], image_names=image_names_for(["front"], [0]),
+                       proprioception_fields=[proprio], action_fields=[action], field_dims={proprio: dim, action: dim},
+                       past_steps=past, future_steps=future, processor="none", image_size=32,
+                       resize_images_size=[64, 64], max_text_seq_len=64)
+    rng = np.random.default_rng(0)
+    window = past + 1 + future
+    stats = field_stats({proprio: rng.normal(0.5, 2.0, (64, window, dim)),
+                         action: rng.uniform(-1.0, 1.0, (64, window, dim))})
+    vit = ViTBackboneParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2)
+    transformer = TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=256,
+                                    is_causal=False)
+    params = DiffusionPolicyParams(vision_language_backbone=vit, transformer=transformer,
+                                   noise_scheduler=NoiseSchedulerParams(num_timesteps=10, clamp_range=(-3.0, 3.0)),
+                                   use_flow_matching_scheduler=True, action_dim=dim, proprioception_dim=dim)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model(params, load_pretrained=False).eval()
+    save_policy_experiment(model, path, robot_io, stats, normalizer_block([proprio, action], past=past, future=future))
+    return path
+
+
+def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
+    """--tiny, else --checkpoint, else the demo policy (trained here first when its pack lacks it)."""
+    if args.tiny:
+        print("checkpoint: a tiny random-weight policy (--tiny), in a temporary directory", flush=True)
+        return build_tiny_policy(scratch / "tiny-policy")
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
+
+    path = DEFAULT_DEMO_DIR / "demo-diffusion_policy"
+    if not (path / "checkpoints").is_dir():
+        from vla_foundry.demo import policy as demo_policy
+
+        print(f"building the demo policy in {path} (training: several minutes on a 2-core CPU)", flush=True)
+        path.mkdir(parents=True, exist_ok=True)
+        demo_policy.build(path, progress=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- the servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vla_cli() -> list[str]:
+    script = Path(sys.executable).parent / "vla-foundry"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vla_foundry"]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGINT to the server's process group (LitServe forks an API server and spawns a worker), SIGKILL to what
+    is left after 20 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the group's other members may still be shutting down
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.wait()
+
+
+@contextmanager
+def server_process(command: list[str], env: dict[str, str], port: int, ready_path: str,
+                   name: str) -> Iterator[str]:
+    """Runs ``command`` (a server for 127.0.0.1:``port``) in its own process group; yields the base URL once
+    ``ready_path`` answers 200, then stops the group."""
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block the server once full
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        with httpx.Client(base_url=base, timeout=10) as client:
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"{name} exited before it was ready:\n{log.read()[-4000:]}")
+                try:
+                    if client.get(ready_path).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    log.seek(0)
+                    raise SystemExit(f"{name} was not ready within {READY_TIMEOUT_S:.0f} s:\n{log.read()[-4000:]}")
+                time.sleep(0.2)
+        yield base
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+
+
+@contextmanager
+def our_server(checkpoint: Path, max_batch_size: int) -> Iterator[str]:
+    port = free_port()
+    command = vla_cli() + ["serve", "--checkpoint", f"{checkpoint}=policy", "--host", "127.0.0.1", "--port",
+                           str(port), "--device", "cpu"]
+    env = server_env(VLA_MAX_BATCH_SIZE=str(max_batch_size))
+    with server_process(command, env, port, "/health/ready", f"our server (VLA_MAX_BATCH_SIZE={max_batch_size})") as b:
+        yield b
+
+
+@contextmanager
+def litserve_server(checkpoint: Path, max_batch_size: int, batch_timeout: float, steps: int) -> Iterator[str]:
+    """This script's --litserve-worker mode in a subprocess: LitServe on 127.0.0.1 and a free port."""
+    port = free_port()
+    command = [sys.executable, str(Path(__file__).resolve()), "--litserve-worker", "--checkpoint", str(checkpoint),
+               "--port", str(port), "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout),
+               "--steps", str(steps)]
+    with server_process(command, server_env(), port, "/health", f"LitServe (max_batch_size={max_batch_size})") as b:
+        yield b
+
+
+def ensure_litserve() -> str:
+    """LitServe's version, installed with pip first when missing."""
+    global litserve
+    if litserve is None:
+        print(f"litserve is not installed: running {sys.executable} -m pip install litserve", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "litserve"], check=True, timeout=600)
+        import importlib
+
+        importlib.invalidate_caches()  # the import system's directory listings predate the install
+        import litserve as installed
+
+        litserve = installed
+    return getattr(litserve, "__version__", "?")
+
+
+if litserve is not None:
+    # At module level so LitServe can pickle it into its spawned worker (which imports this file again).
+
+    class PolicyAPI(litserve.LitAPI):
+        """The policy pipeline behind LitServe: the same `predict_each` call our server's batches make."""
+
+        def __init__(self, checkpoint: str, steps: int, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.checkpoint, self.steps = checkpoint, steps
+
+        def setup(self, device: str) -> None:
+            from vla_foundry.pipelines import load_pipeline
+
+            self.pipeline = load_pipeline(self.checkpoint, device="cpu")
+            self.pipeline.warmup()  # as our server does before it reports ready
+
+        def decode_request(self, request: dict, **kwargs: Any) -> Any:
+            from vla_foundry.pipelines.action import PolicyRequest
+            from vla_foundry.robotics.observations import RawObservation
+            from vla_foundry.robotics.robot_io import image_names_for
+
+            observation = unpack(request["observation"])
+            indices = self.pipeline.robot_io.image_indices
+            images = {}
+            for camera, frames in observation["images"].items():  # one frame per image index, oldest first
+                frames = frames if isinstance(frames, list) else [frames]
+                images.update(zip(image_names_for([camera], indices), frames))
+            lowdim = {name: np.asarray(rows, np.float32) for name, rows in observation["lowdim"].items()}
+            sample = RawObservation(images, lowdim, observation.get("language_instruction") or "")
+            return PolicyRequest(sample, seed=request.get("seed"))
+
+        def batch(self, inputs: list) -> list:
+            return list(inputs)
+
+        def predict(self, x: Any, **kwargs: Any) -> Any:
+            # max_batch_size 1 runs LitServe's unbatched loop: one request, one output.
+            if isinstance(x, list):
+                return self.pipeline.predict_each(x, num_inference_steps=self.steps)
+            return self.pipeline.predict_each([x], num_inference_steps=self.steps)[0]
+
+        def unbatch(self, output: list) -> list:
+            return list(output)
+
+        def encode_response(self, output: dict, **kwargs: Any) -> dict:
+            return {"action_chunk": output["action_chunk"][0].tolist()}
+
+
+def litserve_worker(args: argparse.Namespace) -> None:
+    """--litserve-worker: LitServe serving the checkpoint, one worker on the CPU, bound to 127.0.0.1 only."""
+    api = PolicyAPI(args.checkpoint, args.steps, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    server = litserve.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1)
+    server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
+
+
+# ----------------------------------------------------------------------------- the robots
+
+
+def observation_for(io: dict, rng: np.random.Generator) -> dict:
+    """A stateless observation of the deployment's io: one random frame per camera and image index (the size
+    the policy resizes to), [P+1][d] proprioception rows, the instruction when the policy reads one."""
+    size = io["image"].get("resize_to") or [io["image"].get("model_size") or 32] * 2
+    frames = len(io["image_indices"])
+    observation: dict[str, Any] = {
+        "images": {cam: [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(frames)]
+                   for cam in io["cameras"]},
+        "lowdim": {p["field"]: rng.normal(0, 1, (p["steps"], p["dim"])).astype(np.float32)
+                   for p in io["proprioception"]}}
+    if io.get("uses_language"):
+        observation["language_instruction"] = "move to the red target"
+    return observation
+
+
+class HttpRobot:
+    """Our server over msgpack HTTP: `HttpPolicyClient`, one keep-alive connection."""
+
+    def __init__(self, base: str, observation: dict, steps: int):
+        self.client = HttpPolicyClient(base, format="msgpack", timeout=REPLY_TIMEOUT_S)
+        self.observation, self.steps = observation, steps
+
+    def call(self, seed: int) -> Optional[int]:
+        reply = self.client.infer(self.observation, seed=seed, num_inference_steps=self.steps)
+        return reply["timing_ms"]["batch_size"]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class WebsocketRobot:
+    """Our server over the websocket: `WebsocketPolicyClient`, one connection = one session."""
+
+    def __init__(self, base: str, observation: dict, steps: int):
+        self.client = WebsocketPolicyClient(base, timeout=REPLY_TIMEOUT_S)
+        self.observation, self.steps = observation, steps
+
+    def call(self, seed: int) -> Optional[int]:
+        reply = self.client.infer(self.observation, seed=seed, num_inference_steps=self.steps)
+        return reply["server_timing"]["batch_size"]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LitServeRobot:
+    """LitServe over JSON HTTP: `httpx.Client` (keep-alive), typed arrays with base64 data."""
+
+    def __init__(self, base: str, observation: dict, steps: int):
+        self.client = httpx.Client(base_url=base, timeout=REPLY_TIMEOUT_S)
+        self.observation = observation
+
+    def call(self, seed: int) -> Optional[int]:
+        # Packed per request, as a robot would with a fresh frame (the msgpack client packs every request too).
+        body = json.dumps({"observation": pack(self.observation, binary=False), "seed": seed})
+        reply = self.client.post("/predict", content=body, headers={"content-type": "application/json"})
+        reply.raise_for_status()
+        if not reply.json()["action_chunk"]:
+            raise ValueError("empty action_chunk")
+        return None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+ROBOTS = {"msgpack": HttpRobot, "websocket": WebsocketRobot, "litserve": LitServeRobot}
+TRANSPORT_NAMES = {"msgpack": "msgpack HTTP", "websocket": "websocket", "litserve": "JSON HTTP"}
+
+
+@dataclass
+class Row:
+    server: str
+    concurrency: int
+    rps: float
+    p50: float  # ms
+    p99: float  # ms
+    mean_batch: Optional[float]
+    errors: int
+    requests: int
+    first_error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Window:
+    """The row's clock: robots start together once all are connected; replies count inside [start, end]."""
+
+    barrier: threading.Barrier
+    go: threading.Event = field(default_factory=threading.Event)
+    start: float = 0.0
+    end: float = 0.0
+
+
+@dataclass
+class RobotLog:
+    latencies: list = field(default_factory=list)
+    batches: list = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+
+    def error(self, e: BaseException) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or f"{type(e).__name__}: {e}"[:200]
+
+
+def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: RobotLog) -> None:
+    """One robot: connect, wait for the others, then request after request until the window ends."""
+    robot = None
+    try:
+        robot = connect(index)
+    except Exception as e:
+        log.error(e)
+    try:
+        window.barrier.wait()
+    except threading.BrokenBarrierError:
+        return
+    window.go.wait(timeout=60)
+    i = 0
+    try:
+        while time.perf_counter() < window.end:
+            if robot is None:  # after a failure: a fresh client (a websocket is closed after an error)
+                try:
+                    robot = connect(index)
+                except Exception as e:
+                    log.error(e)
+                    time.sleep(0.1)
+                    continue
+            seed = index * 100000 + i
+            i += 1
+            started = time.perf_counter()
+            try:
+                batch = robot.call(seed)
+            except Exception as e:
+                log.error(e)
+                robot.close()
+                robot = None
+                time.sleep(0.1)  # no hot loop against a failing server
+                continue
+            done = time.perf_counter()
+            if window.start <= done <= window.end:
+                log.latencies.append(done - started)
+                if batch is not None:
+                    log.batches.append(batch)
+    finally:
+        if robot is not None:
+            robot.close()
+
+
+def run_fleet(server: str, robots: int, connect: Callable[[int], Any], warmup: float, seconds: float) -> Row:
+    """``robots`` closed-loop robot threads for ``warmup`` + ``seconds``; the row measured over the last part."""
+    window = Window(threading.Barrier(robots + 1, timeout=120))
+    logs = [RobotLog() for _ in range(robots)]
+    threads = [threading.Thread(target=robot_loop, args=(i, connect, window, logs[i]), daemon=True,
+                                name=f"robot-{i}") for i in range(robots)]
+    for t in threads:
+        t.start()
+    try:
+        window.barrier.wait()
+    except threading.BrokenBarrierError:
+        raise SystemExit(f"{server}: the robots did not connect within 120 s") from None
+    window.start = time.perf_counter() + warmup
+    window.end = window.start + seconds
+    window.go.set()
+    for t in threads:  # each ends after its request in flight at the window's end (at most REPLY_TIMEOUT_S)
+        t.join(timeout=max(0.0, window.end - time.perf_counter()) + REPLY_TIMEOUT_S + 5)
+    stuck = sum(t.is_alive() for t in threads)
+    latencies = [x for log in logs for x in log.latencies]
+    batches = [b for log in logs for b in log.batches]
+    errors = sum(log.errors for log in logs) + stuck
+    first_error = next((log.first_error for log in logs if log.first_error), "")
+    if stuck:
+        first_error = first_error or f"{stuck} robot threads still waiting after the row"
+    ms = np.asarray(latencies) * 1000
+    return Row(server, robots, len(latencies) / seconds,
+               float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+               float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+               statistics.fmean(batches) if batches else None, errors, len(latencies), first_error)
+
+
+def measure(server: str, transport: str, base: str, robots: int, io: dict, steps: int,
+            args: argparse.Namespace) -> Row:
+    robot_cls = ROBOTS[transport]
+    observations = [observation_for(io, np.random.default_rng(i)) for i in range(robots)]
+
+    def connect(index: int) -> Any:  # robot ``index`` keeps its observation across reconnects
+        return robot_cls(base, observations[index], steps)
+
+    row = run_fleet(server, robots, connect, args.warmup, args.seconds)
+    batch = f", mean batch {row.mean_batch:.2f}" if row.mean_batch is not None else ""
+    print(f"  {server}, {robots} robots: {row.rps:.1f} req/s, p50 {row.p50:.1f} ms, p99 {row.p99:.1f} ms{batch}, "
+          f"{row.errors} errors{(' (' + row.first_error + ')') if row.first_error else ''}", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------- starvation: /health/live load
+
+
+def health_load(url: str, mode: str, threads: int, seconds: float) -> None:
+    """--health-load: ``threads`` threads, each on its own keep-alive connection, GET /health/live for
+    ``seconds``: 20 times a second each (poll) or as fast as they can (flood). Prints a JSON summary."""
+    parts = urlsplit(url)
+    counts, errors = [0] * threads, [0] * threads
+
+    def worker(i: int, deadline: float) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        next_at = time.perf_counter()
+        while time.perf_counter() < deadline:
+            try:
+                conn.request("GET", "/health/live")
+                conn.getresponse().read()
+                counts[i] += 1
+            except (OSError, http.client.HTTPException):
+                errors[i] += 1
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+                time.sleep(0.05)
+            if mode == "poll":
+                next_at += 1 / POLL_HZ
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+        conn.close()
+
+    print("ready", flush=True)
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(i, started + seconds), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=seconds + 30)
+    elapsed = time.perf_counter() - started
+    print(json.dumps({"requests": sum(counts), "errors": sum(errors), "rps": sum(counts) / elapsed}), flush=True)
+
+
+@contextmanager
+def health_traffic(base: str, mode: Optional[str], seconds: float) -> Iterator[dict]:
+    """The /health/live load (none, poll or flood) in a second process for ``seconds``; yields a dict that
+    holds its summary afterwards."""
+    summary: dict = {}
+    if mode is None:
+        yield summary
+        return
+    command = [sys.executable, str(Path(__file__).resolve()), "--health-load", base, "--health-mode", mode,
+               "--health-seconds", str(seconds)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":  # EOF: it died; the summary below says so
+            raise SystemExit(f"the /health/live load process failed (exit {proc.wait()})")
+        yield summary
+        out, _ = proc.communicate(timeout=seconds + 60)
+        summary.update(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def starvation(base: str, io: dict, steps: int, args: argparse.Namespace) -> list[tuple[str, Row, dict]]:
+    rows = []
+    for label, mode in [("quiet", None), (f"{HEALTH_THREADS} threads polling /health/live at {POLL_HZ} Hz", "poll"),
+                        (f"{HEALTH_THREADS} threads flooding /health/live", "flood")]:
+        # The load runs a little past the robot's warm-up and window, so it covers all of both.
+        with health_traffic(base, mode, args.warmup + args.seconds + 1.0) as summary:
+            row = measure(f"starvation: {label}", "msgpack", base, 1, io, steps, args)
+        rows.append((label, row, summary))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def fmt(x: Optional[float], digits: int = 1) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or a != a or b != b or b == 0:
+        return None
+    return a / b
+
+
+def verdict(ok: Optional[bool]) -> str:
+    return "n/a" if ok is None else ("met" if ok else "not met")
+
+
+def print_table(rows: list[Row]) -> None:
+    print("| server | robots | req/s | p50 ms | p99 ms | mean batch | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.server} | {r.concurrency} | {fmt(r.rps)} | {fmt(r.p50)} | {fmt(r.p99)} | "
+              f"{fmt(r.mean_batch, 2)} | {r.errors} |")
+    for r in rows:
+        if r.first_error:
+            print(f"first error of {r.server} at {r.concurrency}: {r.first_error}")
+
+
+def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], concurrency: list[int]) -> None:
+    lit = "LitServe (JSON HTTP)"
+    for transport in transports:
+        name = TRANSPORT_NAMES[transport]
+        on, off = f"ours, batching on ({name})", f"ours, batching off ({name})"
+        print(f"\nratios, {on}:")
+        for c in concurrency:
+            r_on, r_off, r_lit = results[(on, c)], results[(off, c)], results[(lit, c)]
+            print(f"- {c} robots: req/s ÷ LitServe {fmt(ratio(r_on.rps, r_lit.rps), 2)}×, "
+                  f"p50 ÷ LitServe {fmt(ratio(r_on.p50, r_lit.p50), 2)}×, "
+                  f"req/s ÷ batching off {fmt(ratio(r_on.rps, r_off.rps), 2)}×")
+        r1, r16, l16 = results.get((on, 1)), results.get((on, 16)), results.get((lit, 16))
+        scaling = ratio(r16.rps, r1.rps) if r1 and r16 else None
+        tail = ratio(r16.p99, r16.p50) if r16 else None
+        vs_lit = ratio(r16.rps, l16.rps) if r16 and l16 else None
+        print(f"- req/s at 16 ÷ req/s at 1: {fmt(scaling, 2)}×; p99 ÷ p50 at 16: {fmt(tail, 2)}×")
+        print(f"goals ({on}):")
+        print(f"- throughput at concurrency 16 ≥ {GOAL_SCALING:g}× concurrency 1: {fmt(scaling, 2)}× — "
+              f"{verdict(None if scaling is None else scaling >= GOAL_SCALING)}")
+        p50_ok = None if not (r16 and l16) else r16.p50 <= l16.p50
+        lit_ok = None if vs_lit is None or p50_ok is None else (vs_lit >= GOAL_VS_LITSERVE and p50_ok)
+        p50s = f"p50 {fmt(r16.p50)} ms vs LitServe {fmt(l16.p50)} ms" if r16 and l16 else "p50 -"
+        print(f"- ≥ {GOAL_VS_LITSERVE:g}× LitServe's throughput at concurrency 16 with p50 no worse than "
+              f"LitServe's: {fmt(vs_lit, 2)}×, {p50s} — {verdict(lit_ok)}")
+        print(f"- p99 at concurrency 16 ≤ {GOAL_TAIL:g}× its p50: {fmt(tail, 2)}× — "
+              f"{verdict(None if tail is None else tail <= GOAL_TAIL)}")
+    if 16 not in concurrency:
+        print("(concurrency 16 was not run: the goals at 16 are n/a)")
+
+
+def print_starvation(rows: list[tuple[str, Row, dict]]) -> None:
+    print("\n## starvation (ours, batching on; one robot, msgpack HTTP)\n")
+    print("| load | robot req/s | robot p50 ms | robot p99 ms | /health/live req/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, row, summary in rows:
+        health = fmt(summary.get("rps")) if summary else "-"
+        errors = row.errors + summary.get("errors", 0)
+        print(f"| {label} | {fmt(row.rps)} | {fmt(row.p50, 2)} | {fmt(row.p99, 2)} | {health} | {errors} |")
+    quiet, poll, flood = (r for _, r, _ in rows)
+    p50_ratio, rps_ratio = ratio(poll.p50, quiet.p50), ratio(flood.rps, quiet.rps)
+    print(f"- p50 polled ÷ quiet: {fmt(p50_ratio, 2)}× (goal < {GOAL_HEALTH_P50:g}) — "
+          f"{verdict(None if p50_ratio is None else p50_ratio < GOAL_HEALTH_P50)}")
+    print(f"- req/s flooded ÷ quiet: {fmt(rps_ratio, 2)}× (goal ≥ {GOAL_FLOOD_RPS:g}) — "
+          f"{verdict(None if rps_ratio is None else rps_ratio >= GOAL_FLOOD_RPS)}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def check_same_chunk(ours: str, lit: str, io: dict, steps: int) -> str:
+    """One request to each server with the same observation and seed: the same pipeline gives the same chunk."""
+    observation = observation_for(io, np.random.default_rng(12345))
+    with HttpPolicyClient(ours, format="msgpack", timeout=REPLY_TIMEOUT_S) as client:
+        a = client.infer(observation, seed=12345, num_inference_steps=steps)["action_chunk"]
+    with httpx.Client(base_url=lit, timeout=REPLY_TIMEOUT_S) as client:
+        reply = client.post("/predict", json={"observation": pack(observation, binary=False), "seed": 12345})
+        reply.raise_for_status()
+        b = np.asarray(reply.json()["action_chunk"], np.float32)
+    return f"max |ours - LitServe| = {float(np.abs(a - b).max()):.2e} over a {list(a.shape)} chunk"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="the diffusion_policy experiment directory (default: the demo policy)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random-weight policy instead (to check the script)")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="robot counts, comma-separated")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds per row before measuring")
+    parser.add_argument("--transport", choices=["msgpack", "websocket", "both"], default="msgpack",
+                        help="how the robots talk to our server")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the deployment's)")
+    parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout, seconds")
+    parser.add_argument("--starvation", action=argparse.BooleanOptionalAction, default=True,
+                        help="the /health/live starvation section")
+    # Hidden modes: this script as the LitServe server, and as the /health/live load.
+    parser.add_argument("--litserve-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch-size", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--health-load", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--health-mode", choices=["poll", "flood"], help=argparse.SUPPRESS)
+    parser.add_argument("--health-seconds", type=float, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.litserve_worker:
+        return litserve_worker(args)
+    if args.health_load:
+        return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    transports = ["msgpack", "websocket"] if args.transport == "both" else [args.transport]
+    version = ensure_litserve()
+    batching = max(concurrency)
+    results: dict[tuple[str, int], Row] = {}
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as scratch:
+        checkpoint = resolve_checkpoint(args, Path(scratch))
+        with our_server(checkpoint, 1) as off, our_server(checkpoint, batching) as on:
+            with HttpPolicyClient(off, format="msgpack") as client:
+                io = client.metadata()
+            steps = args.steps or io["default_inference_steps"]
+            print(f"checkpoint {checkpoint} ({io['model']}): cameras {io['cameras']} × {len(io['image_indices'])} "
+                  f"frames of {io['image']['resize_to']} px, proprioception "
+                  f"{[(p['field'], p['steps'], p['dim']) for p in io['proprioception']]}, "
+                  f"language {io['uses_language']}, {steps} denoising steps")
+            print(f"ours: VLA_MAX_BATCH_SIZE=1 (off) and VLA_MAX_BATCH_SIZE={batching} (on, the largest concurrency, "
+                  f"for every row); LitServe {version}: max_batch_size = the row's concurrency, batch_timeout "
+                  f"{args.batch_timeout:g} s; torch threads: default ({os.cpu_count()} cores) in both; "
+                  f"{args.warmup:g} s warm-up + {args.seconds:g} s per row\n", flush=True)
+            for c in concurrency:
+                for label, base in (("off", off), ("on", on)):
+                    for transport in transports:
+                        server = f"ours, batching {label} ({TRANSPORT_NAMES[transport]})"
+                        rows.append(results.setdefault((server, c), measure(server, transport, base, c, io, steps,
+                                                                              args)))
+                # LitServe only now (its batching worker polls its queue even when idle).
+                with litserve_server(checkpoint, c, args.batch_timeout, steps) as lit:
+                    if c == concurrency[0]:
+                        print(f"  same pipeline check: {check_same_chunk(on, lit, io, steps)}", flush=True)
+                    server = "LitServe (JSON HTTP)"
+                    rows.append(results.setdefault((server, c), measure(server, "litserve", lit, c, io, steps, args)))
+            starved = starvation(on, io, steps, args) if args.starvation else None
+    print(f"\n## fleet: {args.seconds:g} s per row, closed-loop robots\n")
+    print_table(rows)
+    print_ratios(results, transports, concurrency)
+    if starved:
+        print_starvation(starved)
+
+
+if __name__ == "__main__":
+    main()
