@@ -1,7 +1,7 @@
 """A fleet of robots on one policy: throughput and latency vs concurrency, our server (batching off / on) vs LitServe.
 
     python bench/fleet.py [--checkpoint DIR | --tiny] [--concurrency 1,4,16,64] [--seconds 10] [--warmup 2]
-                          [--transport msgpack|websocket|both] [--steps N] [--batch-timeout 0.005]
+                          [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
                           [--no-starvation]
 
 N simulated robots run in a closed loop (each sends a request, waits for the reply, sends the
@@ -32,8 +32,13 @@ errors; then ratios against LitServe and the goals of the issue. Then "starvatio
 msgpack-HTTP robot on the batching server alone, while 16 threads poll `GET /health/live` 20
 times a second each, and while 16 threads flood it; the health threads run in a second
 process, so they take no GIL time from the robot's process (only CPU, as any client would).
-Both servers use torch's default thread count (all cores); the robots' threads share the same
-2 cores, as do the LitServe processes (API server and worker) and ours (one process).
+Torch threads: 1 in every server process by default (OMP_NUM_THREADS / MKL_NUM_THREADS, the
+same for ours and LitServe's worker); --threads 0 leaves torch's default (all cores). Why: the
+robots' threads run on the same host, so a server with 2 torch threads on a 2-core machine
+oversubscribes the cores, and the OpenMP pool then stalls whenever one of its threads is
+descheduled: measured on the 2-core dev VM with the tiny policy, 4 robots got 0.7-46 req/s at
+p50 50 ms-4 s from run to run at the default, 84-141 req/s at p50 29-45 ms with 1 thread. A
+real fleet's robots are other machines; here they take CPU from the servers, both alike.
 """
 
 from __future__ import annotations
@@ -203,8 +208,14 @@ def server_process(command: list[str], env: dict[str, str], port: int, ready_pat
         log.close()
 
 
+TORCH_THREADS: Optional[int] = 1  # --threads: the same torch thread count in every server; 0 or None: torch's default
+
+
 def server_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+    if TORCH_THREADS:  # torch reads these at start-up, in our server and in LitServe's spawned worker alike
+        env.update(OMP_NUM_THREADS=str(TORCH_THREADS), MKL_NUM_THREADS=str(TORCH_THREADS))
+    return env
 
 
 @contextmanager
@@ -665,6 +676,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--transport", choices=["msgpack", "websocket", "both"], default="msgpack",
                         help="how the robots talk to our server")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the deployment's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in every server (default 1; 0: torch's default, all cores)")
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout, seconds")
     parser.add_argument("--starvation", action=argparse.BooleanOptionalAction, default=True,
                         help="the /health/live starvation section")
@@ -684,6 +697,8 @@ def main() -> None:
         return litserve_worker(args)
     if args.health_load:
         return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
+    global TORCH_THREADS
+    TORCH_THREADS = args.threads
     concurrency = [int(c) for c in args.concurrency.split(",")]
     transports = ["msgpack", "websocket"] if args.transport == "both" else [args.transport]
     version = ensure_litserve()
@@ -700,9 +715,10 @@ def main() -> None:
                   f"frames of {io['image']['resize_to']} px, proprioception "
                   f"{[(p['field'], p['steps'], p['dim']) for p in io['proprioception']]}, "
                   f"language {io['uses_language']}, {steps} denoising steps")
+            threads = args.threads or f"torch's default ({os.cpu_count()} cores)"
             print(f"ours: VLA_MAX_BATCH_SIZE=1 (off) and VLA_MAX_BATCH_SIZE={batching} (on, the largest concurrency, "
                   f"for every row); LitServe {version}: max_batch_size = the row's concurrency, batch_timeout "
-                  f"{args.batch_timeout:g} s; torch threads: default ({os.cpu_count()} cores) in both; "
+                  f"{args.batch_timeout:g} s; torch threads: {threads} in both; "
                   f"{args.warmup:g} s warm-up + {args.seconds:g} s per row\n", flush=True)
             for c in concurrency:
                 for label, base in (("off", off), ("on", on)):

@@ -56,6 +56,7 @@ class Timing(BaseModel):
     queue: float
     infer: float
     total: float
+    batch_size: Optional[int] = Field(None, description="Requests that shared this model call (dynamic batching).")
 
 
 class ResponseBase(BaseModel):

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.image import ImageRequest
 
 PNG = "image/png"
 
@@ -72,14 +73,40 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def predict(pipeline, request: ImagePredictRequest) -> dict:
-    result = pipeline.generate(request.prompt, request.negative_prompt, request.num_images,
-                               request.num_inference_steps, request.guidance_scale, request.scheduler, request.seed,
-                               max_inference_steps=request.cap_inference_steps)
+def predict_batch(pipeline, requests: list[ImagePredictRequest]) -> list:
+    """Several requests' images in as few model calls as their samplers allow; a request whose values the
+    model refuses fails alone."""
+    plans = []
+    for request in requests:
+        try:
+            plans.append(pipeline.plan(ImageRequest(request.prompt, request.negative_prompt, request.num_images,
+                                                    request.num_inference_steps, request.guidance_scale,
+                                                    request.scheduler, request.seed),
+                                       max_inference_steps=request.cap_inference_steps))
+        except InvalidInputError as e:
+            plans.append(e)
+    results = iter(pipeline.generate_each([p for p in plans if not isinstance(p, Exception)]))
+    return [plan if isinstance(plan, Exception) else _reply(next(results)) for plan in plans]
+
+
+def batch_key(request: ImagePredictRequest) -> tuple:
+    """Requests that may share a call (the pipeline still groups by the resolved sampler)."""
+    return (request.scheduler, request.num_inference_steps, request.guidance_scale, request.prompt is None,
+            request.negative_prompt is None)
+
+
+def _reply(result) -> dict:
     return {"images": [{"format": "png", "data": base64.b64encode(png_bytes(im)).decode(), "seed": s}
                        for im, s in zip(result.images, result.seeds)],
             "seed": result.seeds[0], "scheduler": result.scheduler,
             "num_inference_steps": result.num_inference_steps, "guidance_scale": result.guidance_scale}
+
+
+def predict(pipeline, request: ImagePredictRequest) -> dict:
+    (reply,) = predict_batch(pipeline, [request])
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def png_reply(payload: dict, accept: str) -> Optional[Response]:
@@ -123,4 +150,5 @@ def prepare(request) -> None:
 
 
 ADAPTER = ModalityAdapter(ImagePredictRequest, ImagePredictResponse, predict,
-                          ImageEvaluateRequest, ImageEvaluateResponse, evaluate, reply=png_reply, prepare=prepare)
+                          ImageEvaluateRequest, ImageEvaluateResponse, evaluate, reply=png_reply, prepare=prepare,
+                          predict_batch=predict_batch, batch_key=batch_key)

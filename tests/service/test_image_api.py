@@ -148,10 +148,13 @@ def test_flow_models_list_their_samplers_and_refuse_ddpm_only_ones(flow_client):
 
 
 def test_concurrent_requests_equal_sequential_ones(tiny_checkpoints, tmp_path):
-    """8 requests in flight at once give exactly the images the same requests give one at a time."""
+    """8 requests in flight at once (batched: mixed prompts, negative prompts and image counts) give exactly the
+    PNG bytes the same requests give one at a time; a request the model refuses fails alone."""
     args = ["--checkpoint", f"{tiny_checkpoints['stable_diffusion']}=sd"]
-    bodies = [{"prompt": ["a red circle", "a blue square"][i % 2], "seed": 100 + i, "num_inference_steps": 4}
+    bodies = [{"prompt": ["a red circle", "a blue square"][i % 2], "seed": 100 + 10 * i, "num_inference_steps": 4,
+               "num_images": 1 + i % 3, "guidance_scale": 2.0, **({"negative_prompt": "green"} if i % 4 else {})}
               for i in range(8)]
+    bodies.append({"prompt": "x", "num_inference_steps": 4, "guidance_scale": 2.0, "scheduler": "nope"})
     with live_server(args, tmp_path / "nodemo") as base:
         async def together():
             async with httpx.AsyncClient(base_url=base, timeout=60) as c:
@@ -160,10 +163,13 @@ def test_concurrent_requests_equal_sequential_ones(tiny_checkpoints, tmp_path):
         concurrent = asyncio.run(together())
         with httpx.Client(base_url=base, timeout=60) as c:
             sequential = [c.post("/predict/stable_diffusion", json=b) for b in bodies]
+    assert concurrent[-1].status_code == sequential[-1].status_code == 422
+    concurrent, sequential = concurrent[:-1], sequential[:-1]
     assert all(r.status_code == 200 for r in concurrent + sequential)
-    got = [r.json()["images"][0]["data"] for r in concurrent]
-    assert got == [r.json()["images"][0]["data"] for r in sequential]
-    assert len(set(got)) == 8
+    got = [[im["data"] for im in r.json()["images"]] for r in concurrent]
+    assert got == [[im["data"] for im in r.json()["images"]] for r in sequential]
+    assert len({data for images in got for data in images}) == sum(len(images) for images in got) == 15
+    assert max(r.json()["timing_ms"]["batch_size"] for r in concurrent) > 1
 
 
 def test_steps_that_would_run_are_capped(tiny_checkpoints):

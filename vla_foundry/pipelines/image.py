@@ -25,6 +25,36 @@ DEFAULT_FAST_STEPS = 20
 
 
 @dataclass
+class ImageRequest:
+    """One request for images, as a client states it (None: the model's default)."""
+
+    prompt: Optional[str] = None
+    negative_prompt: Optional[str] = None
+    num_images: int = 1
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    scheduler: Optional[str] = None
+    seed: Optional[int] = None
+
+
+@dataclass
+class ImagePlan:
+    """A checked request: everything resolved, one seed per image."""
+
+    prompt: Optional[str]
+    negative_prompt: str
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: Optional[float]  # the guidance applied (None: none)
+    seeds: list[int]
+
+    @property
+    def sampling_key(self) -> tuple:
+        """What plans must agree on to share one model call."""
+        return (self.scheduler, self.num_inference_steps, self.guidance_scale, self.prompt is None)
+
+
+@dataclass
 class ImageResult:
     images: list[np.ndarray]  # (S, S, C) uint8 each
     seeds: list[int]  # the seed of each image
@@ -71,14 +101,13 @@ class ImagePipeline(Pipeline):
 
     # ------------------------------------------------------------------ generate
 
-    @torch.inference_mode()
-    def generate(self, prompt: Optional[str] = None, negative_prompt: Optional[str] = None, num_images: int = 1,
-                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 scheduler: Optional[str] = None, seed: Optional[int] = None,
-                 max_inference_steps: Optional[int] = None) -> ImageResult:
-        """``max_inference_steps``: the server's cap on the sampler steps that will actually run (the
+    def plan(self, request: ImageRequest, max_inference_steps: Optional[int] = None) -> ImagePlan:
+        """``request`` checked and resolved (scheduler, steps, guidance, one seed per image).
+
+        ``max_inference_steps``: the server's cap on the sampler steps that will actually run (the
         training scheduler's T−1 and the default count included)."""
         model = self.model
+        prompt, negative_prompt, guidance_scale = request.prompt, request.negative_prompt, request.guidance_scale
         if prompt is not None and not model.has_text:
             raise InvalidInputError("this model is unconditional (no text encoder); omit `prompt`", field="prompt")
         if prompt is not None and not prompt.strip():
@@ -90,11 +119,12 @@ class ImagePipeline(Pipeline):
             raise InvalidInputError(f"guidance_scale must be >= 0; got {guidance_scale}", field="guidance_scale")
         if negative_prompt is not None and guidance_scale is None and not model.params.do_classifier_free_guidance:
             guidance_scale = model.params.guidance_scale  # a negative prompt only acts through guidance
-        scheduler = scheduler or model.default_scheduler
+        scheduler = request.scheduler or model.default_scheduler
         if scheduler not in model.schedulers:
             raise InvalidInputError(f"unknown scheduler {scheduler!r}; this model takes "
                                     f"{', '.join(model.schedulers)}", field="scheduler")
-        steps = num_inference_steps if num_inference_steps is not None else self.default_steps(scheduler)
+        steps = request.num_inference_steps
+        steps = steps if steps is not None else self.default_steps(scheduler)
         if scheduler == TRAINING and steps != model.num_timesteps - 1:
             raise InvalidInputError(f"the training scheduler runs all {model.num_timesteps - 1} steps; omit "
                                     f"num_inference_steps or pick a fast scheduler", field="num_inference_steps")
@@ -107,14 +137,45 @@ class ImagePipeline(Pipeline):
         if scheduler != TRAINING and not 1 <= steps <= model.num_timesteps:
             raise InvalidInputError(f"num_inference_steps must be in [1, {model.num_timesteps}] (the training "
                                     f"timesteps); got {steps}", field="num_inference_steps")
-        seed = new_seed() if seed is None else seed
-        seeds = [(seed + i) % SEED_SPACE for i in range(num_images)]
-        generators = [make_generator(self.device, s) for s in seeds]
-        out = model.generate(num_images, self.device, prompt=prompt, uncond_prompt=negative_prompt or "",
-                             max_text_seq_len=self.max_text_seq_len, guidance_scale=guidance_scale,
-                             generator=generators, scheduler=scheduler, num_inference_steps=steps)
+        if prompt is not None and guidance_scale is None and model.params.do_classifier_free_guidance:
+            guidance_scale = model.params.guidance_scale
         applied = guidance_scale if (prompt is not None and model.has_text) else None
-        return ImageResult([im for im in out.images.cpu().numpy()], seeds, scheduler, steps, applied)
+        seed = new_seed() if request.seed is None else request.seed
+        seeds = [(seed + i) % SEED_SPACE for i in range(request.num_images)]
+        return ImagePlan(prompt, negative_prompt or "", scheduler, steps, applied, seeds)
+
+    @torch.inference_mode()
+    def generate(self, prompt: Optional[str] = None, negative_prompt: Optional[str] = None, num_images: int = 1,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 scheduler: Optional[str] = None, seed: Optional[int] = None,
+                 max_inference_steps: Optional[int] = None) -> ImageResult:
+        """Images for one request (see ``plan`` for the checks)."""
+        request = ImageRequest(prompt, negative_prompt, num_images, num_inference_steps, guidance_scale, scheduler,
+                               seed)
+        return self.generate_each([self.plan(request, max_inference_steps)])[0]
+
+    @torch.inference_mode()
+    def generate_each(self, plans: Sequence[ImagePlan]) -> list[ImageResult]:
+        """Several requests' images; plans that share a sampler, step count and guidance share one model call.
+        Every image draws from its own generator, so each request gets what it gets alone."""
+        results: list[Optional[ImageResult]] = [None] * len(plans)
+        groups: dict[tuple, list[int]] = {}
+        for i, plan in enumerate(plans):
+            groups.setdefault(plan.sampling_key, []).append(i)
+        for indices in groups.values():
+            group = [plans[i] for i in indices]
+            first = group[0]
+            images = [(plan, seed) for plan in group for seed in plan.seeds]
+            out = self.model.generate(
+                len(images), self.device, prompt=None if first.prompt is None else [p.prompt for p, _ in images],
+                uncond_prompt=[p.negative_prompt for p, _ in images], max_text_seq_len=self.max_text_seq_len,
+                guidance_scale=first.guidance_scale, generator=[make_generator(self.device, s) for _, s in images],
+                scheduler=first.scheduler, num_inference_steps=first.num_inference_steps)
+            pixels = iter(out.images.cpu().numpy())
+            for i, plan in zip(indices, group):
+                results[i] = ImageResult([next(pixels) for _ in plan.seeds], plan.seeds, plan.scheduler,
+                                         plan.num_inference_steps, plan.guidance_scale)
+        return results
 
     # ------------------------------------------------------------------ evaluate
 
