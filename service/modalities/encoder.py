@@ -34,9 +34,30 @@ class EncoderPredictResponse(ResponseBase):
     similarity: Optional[dict] = Field(None, description="(texts, images) cosine similarities.")
 
 
+def predict_batch(pipeline, requests: list[EncoderPredictRequest]) -> list:
+    """Several requests' embeddings in one call per tower; a request the encoder refuses (a text too long)
+    fails alone. numpy arrays: the reply's serializer writes them as typed arrays (base64 in JSON, raw
+    bytes in msgpack)."""
+    checked: list = []
+    for request in requests:
+        try:
+            pipeline.check(request.texts, request.decoded_images())
+            checked.append(request)
+        except InvalidInputError as e:
+            checked.append(e)
+    outs = iter(pipeline.embed_each([(r.texts, r.decoded_images()) for r in checked if not isinstance(r, Exception)]))
+    return [r if isinstance(r, Exception) else dict(next(outs)) for r in checked]
+
+
+def batch_key(request: EncoderPredictRequest) -> None:
+    return None  # any embedding requests may share a call
+
+
 def predict(pipeline, request: EncoderPredictRequest) -> dict:
-    # numpy arrays: the reply's serializer writes them as typed arrays (base64 in JSON, raw bytes in msgpack).
-    return dict(pipeline.embed(request.texts, request.decoded_images()))
+    (reply,) = predict_batch(pipeline, [request])
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 class EncoderEvaluateRequest(EncoderPredictRequest):
@@ -56,4 +77,5 @@ def evaluate(pipeline, request: EncoderEvaluateRequest) -> dict:
 
 ADAPTER = ModalityAdapter(EncoderPredictRequest, EncoderPredictResponse, predict,
                           EncoderEvaluateRequest, EncoderEvaluateResponse, evaluate,
+                          predict_batch=predict_batch, batch_key=batch_key,
                           prepare=lambda request: request.decoded_images())

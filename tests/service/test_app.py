@@ -213,3 +213,27 @@ def test_msgpack_replies_spell_arrays_as_the_request_did(client):
     as_json = client.post("/predict/clip_hf", json={"texts": ["a red circle"],
                                                     "images": [encode_array(image, binary=False)]}).json()
     assert set(as_json["image_embeds"]) == {"dtype", "shape", "data"}
+
+
+@pytest.mark.parametrize("model_type", ["clip_hf", "clip_openclip"])
+def test_encoder_requests_batched_equal_their_solo_embeddings(tiny_checkpoints, model_type):
+    """embed_each over mixed requests (texts only, images only, both) gives each what embed gives it alone; a
+    request the encoder refuses fails alone in the service's batch."""
+    from service.modalities.encoder import EncoderPredictRequest, predict_batch
+
+    pipeline = load_pipeline(tiny_checkpoints[model_type])
+    rng = np.random.default_rng(0)
+    image = lambda: rng.integers(0, 256, (20 + int(rng.integers(0, 20)), 24, 3), dtype=np.uint8)  # noqa: E731
+    requests = [(["a red circle", "a blue square"], None), (None, [image(), image()]),
+                (["a green one"], [image()])]
+    batched = pipeline.embed_each(requests)
+    for (texts, images), out in zip(requests, batched):
+        alone = pipeline.embed(texts, images)
+        assert set(out) == set(alone)
+        for key in out:
+            np.testing.assert_allclose(out[key], alone[key], atol=1e-5)
+    too_long = EncoderPredictRequest(texts=["word " * 200])
+    fine = EncoderPredictRequest(texts=["a red circle"])
+    refused, reply = predict_batch(pipeline, [too_long, fine])
+    assert getattr(refused, "field", None) == "texts"
+    np.testing.assert_allclose(reply["text_embeds"], pipeline.embed(["a red circle"])["text_embeds"], atol=1e-5)

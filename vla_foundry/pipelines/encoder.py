@@ -30,20 +30,44 @@ class EncoderPipeline(Pipeline):
     def warmup(self) -> None:
         self.embed(texts=["a photo"], images=[np.zeros((32, 32, 3), dtype=np.uint8)])
 
+    def check(self, texts: Optional[Sequence[str]] = None, images: Optional[Sequence[np.ndarray]] = None) -> None:
+        """Refuse what ``embed`` would refuse (nothing to embed, a text over the encoder's length), cheaply."""
+        if not texts and not images:
+            raise InvalidInputError("send `texts`, `images` or both", field="texts")
+        if texts:
+            self.model.tokenize(list(texts), self.model.max_text_length, field="texts")
+
     @torch.inference_mode()
     def embed(self, texts: Optional[Sequence[str]] = None, images: Optional[Sequence[np.ndarray]] = None
               ) -> dict[str, Any]:
         """Unit-length embeddings of ``texts`` and/or ``images``; with both, their cosine similarities too."""
-        if not texts and not images:
-            raise InvalidInputError("send `texts`, `images` or both", field="texts")
-        out: dict[str, Any] = {}
-        if texts:
-            out["text_embeds"] = self.model.embed_texts(list(texts)).float().cpu()
-        if images:
-            out["image_embeds"] = self.model.embed_images(list(images)).float().cpu()
-        if texts and images:
-            out["similarity"] = out["text_embeds"] @ out["image_embeds"].T  # (texts, images)
-        return {k: v.numpy() for k, v in out.items()}
+        return self.embed_each([(texts, images)])[0]
+
+    @torch.inference_mode()
+    def embed_each(self, requests: Sequence[tuple[Optional[Sequence[str]], Optional[Sequence[np.ndarray]]]]
+                   ) -> list[dict[str, Any]]:
+        """``embed`` for several (texts, images) requests: all their texts in one text-tower call, all their
+        images in one image-tower call. Texts are padded to the encoder's full length and images embedded
+        one per row, so a request's embeddings do not depend on its neighbours."""
+        for texts, images in requests:
+            self.check(texts, images)
+        all_texts = [t for texts, _ in requests for t in texts or []]
+        all_images = [im for _, images in requests for im in images or []]
+        text_embeds = self.model.embed_texts(all_texts).float().cpu() if all_texts else None
+        image_embeds = self.model.embed_images(all_images).float().cpu() if all_images else None
+        results, t0, i0 = [], 0, 0
+        for texts, images in requests:
+            out: dict[str, Any] = {}
+            if texts:
+                out["text_embeds"] = text_embeds[t0:t0 + len(texts)]
+                t0 += len(texts)
+            if images:
+                out["image_embeds"] = image_embeds[i0:i0 + len(images)]
+                i0 += len(images)
+            if texts and images:
+                out["similarity"] = out["text_embeds"] @ out["image_embeds"].T  # (texts, images)
+            results.append({k: v.numpy() for k, v in out.items()})
+        return results
 
     @torch.inference_mode()
     def evaluate(self, texts: Sequence[str], images: Sequence[np.ndarray], seed: Optional[int] = None) -> dict:
