@@ -35,10 +35,10 @@ process, so they take no GIL time from the robot's process (only CPU, as any cli
 Torch threads: 1 in every server process by default (OMP_NUM_THREADS / MKL_NUM_THREADS, the
 same for ours and LitServe's worker); --threads 0 leaves torch's default (all cores). Why: the
 robots' threads run on the same host, so a server with 2 torch threads on a 2-core machine
-oversubscribes the cores, and the OpenMP pool then stalls whenever one of its threads is
-descheduled: measured on the 2-core dev VM with the tiny policy, 4 robots got 0.7-46 req/s at
-p50 50 ms-4 s from run to run at the default, 84-141 req/s at p50 29-45 ms with 1 thread. A
-real fleet's robots are other machines; here they take CPU from the servers, both alike.
+oversubscribes the cores, and every op of the intra-op pool waits for its slowest, possibly
+descheduled, thread: on the 2-core dev VM with the tiny policy, other jobs sharing it, 4 robots
+got 0.7-46 req/s at p50 50 ms-4 s from run to run at the default, 84-141 req/s at p50 29-45 ms
+with 1 thread. A real fleet's robots are other machines; here they take CPU from the servers.
 """
 
 from __future__ import annotations
@@ -590,6 +590,10 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b
 
 
+def times(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.2f}×"
+
+
 def verdict(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("met" if ok else "not met")
 
@@ -613,23 +617,23 @@ def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], con
         print(f"\nratios, {on}:")
         for c in concurrency:
             r_on, r_off, r_lit = results[(on, c)], results[(off, c)], results[(lit, c)]
-            print(f"- {c} robots: req/s ÷ LitServe {fmt(ratio(r_on.rps, r_lit.rps), 2)}×, "
-                  f"p50 ÷ LitServe {fmt(ratio(r_on.p50, r_lit.p50), 2)}×, "
-                  f"req/s ÷ batching off {fmt(ratio(r_on.rps, r_off.rps), 2)}×")
+            print(f"- {c} robots: req/s ÷ LitServe {times(ratio(r_on.rps, r_lit.rps))}, "
+                  f"p50 ÷ LitServe {times(ratio(r_on.p50, r_lit.p50))}, "
+                  f"req/s ÷ batching off {times(ratio(r_on.rps, r_off.rps))}")
         r1, r16, l16 = results.get((on, 1)), results.get((on, 16)), results.get((lit, 16))
         scaling = ratio(r16.rps, r1.rps) if r1 and r16 else None
         tail = ratio(r16.p99, r16.p50) if r16 else None
         vs_lit = ratio(r16.rps, l16.rps) if r16 and l16 else None
-        print(f"- req/s at 16 ÷ req/s at 1: {fmt(scaling, 2)}×; p99 ÷ p50 at 16: {fmt(tail, 2)}×")
+        print(f"- req/s at 16 ÷ req/s at 1: {times(scaling)}; p99 ÷ p50 at 16: {times(tail)}")
         print(f"goals ({on}):")
-        print(f"- throughput at concurrency 16 ≥ {GOAL_SCALING:g}× concurrency 1: {fmt(scaling, 2)}× — "
+        print(f"- throughput at concurrency 16 ≥ {GOAL_SCALING:g}× concurrency 1: {times(scaling)} — "
               f"{verdict(None if scaling is None else scaling >= GOAL_SCALING)}")
         p50_ok = None if not (r16 and l16) else r16.p50 <= l16.p50
         lit_ok = None if vs_lit is None or p50_ok is None else (vs_lit >= GOAL_VS_LITSERVE and p50_ok)
         p50s = f"p50 {fmt(r16.p50)} ms vs LitServe {fmt(l16.p50)} ms" if r16 and l16 else "p50 -"
         print(f"- ≥ {GOAL_VS_LITSERVE:g}× LitServe's throughput at concurrency 16 with p50 no worse than "
-              f"LitServe's: {fmt(vs_lit, 2)}×, {p50s} — {verdict(lit_ok)}")
-        print(f"- p99 at concurrency 16 ≤ {GOAL_TAIL:g}× its p50: {fmt(tail, 2)}× — "
+              f"LitServe's: {times(vs_lit)}, {p50s} — {verdict(lit_ok)}")
+        print(f"- p99 at concurrency 16 ≤ {GOAL_TAIL:g}× its p50: {times(tail)} — "
               f"{verdict(None if tail is None else tail <= GOAL_TAIL)}")
     if 16 not in concurrency:
         print("(concurrency 16 was not run: the goals at 16 are n/a)")
@@ -645,9 +649,9 @@ def print_starvation(rows: list[tuple[str, Row, dict]]) -> None:
         print(f"| {label} | {fmt(row.rps)} | {fmt(row.p50, 2)} | {fmt(row.p99, 2)} | {health} | {errors} |")
     quiet, poll, flood = (r for _, r, _ in rows)
     p50_ratio, rps_ratio = ratio(poll.p50, quiet.p50), ratio(flood.rps, quiet.rps)
-    print(f"- p50 polled ÷ quiet: {fmt(p50_ratio, 2)}× (goal < {GOAL_HEALTH_P50:g}) — "
+    print(f"- p50 polled ÷ quiet: {times(p50_ratio)} (goal < {GOAL_HEALTH_P50:g}) — "
           f"{verdict(None if p50_ratio is None else p50_ratio < GOAL_HEALTH_P50)}")
-    print(f"- req/s flooded ÷ quiet: {fmt(rps_ratio, 2)}× (goal ≥ {GOAL_FLOOD_RPS:g}) — "
+    print(f"- req/s flooded ÷ quiet: {times(rps_ratio)} (goal ≥ {GOAL_FLOOD_RPS:g}) — "
           f"{verdict(None if rps_ratio is None else rps_ratio >= GOAL_FLOOD_RPS)}")
 
 
@@ -699,6 +703,10 @@ def main() -> None:
         return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
     global TORCH_THREADS
     TORCH_THREADS = args.threads
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background by a shell without job control: SIGINT is ignored, and the servers would
+        # inherit that, so LitServe would not stop on it (ours does: uvicorn installs its own handler).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     concurrency = [int(c) for c in args.concurrency.split(",")]
     transports = ["msgpack", "websocket"] if args.transport == "both" else [args.transport]
     version = ensure_litserve()

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.codecs import encode_response
-from vla_foundry.errors import InputTooLargeError, InvalidInputError
+from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
 
 logger = logging.getLogger("service")
 
@@ -68,8 +68,15 @@ def _validation_message(err: dict) -> str:
 
 
 def _input_status(exc: InvalidInputError) -> int:
-    # A value over a size limit is "too large" (413), not "malformed" (422): the fix is to send less.
+    # A value over a size limit is "too large" (413), not "malformed" (422): the fix is to send less. A stale
+    # observation conflicts with the present (409): the fix is a fresh one.
+    if isinstance(exc, StaleObservationError):
+        return 409
     return 413 if isinstance(exc, InputTooLargeError) else 422
+
+
+def _input_error_type(exc: InvalidInputError) -> Optional[str]:
+    return "stale_observation" if isinstance(exc, StaleObservationError) else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -80,7 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidInputError)
     async def _invalid_input(request: Request, exc: InvalidInputError):
-        return error_response(request, _input_status(exc), str(exc), exc.field)
+        return error_response(request, _input_status(exc), str(exc), exc.field, type=_input_error_type(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

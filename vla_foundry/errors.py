@@ -21,6 +21,10 @@ class InputTooLargeError(InvalidInputError):
     """A request value over a size limit (image pixels, encoded bytes); HTTP 413."""
 
 
+class StaleObservationError(InvalidInputError):
+    """An observation older than the policy's freshness limit: acting on it would be unsafe; HTTP 409."""
+
+
 def unknown_key_error(kind: str, key: object, known: list[str], fix: str = "") -> ValueError:
     """The one error for a key that is not registered: the key, the closest match, every key."""
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.0)

@@ -9,7 +9,6 @@ finite values) is checked by ``vla_foundry.robotics.observations`` with the fiel
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -17,7 +16,6 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
-from service.errors import ApiError
 from service.images import decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
 from vla_foundry.errors import InvalidInputError
@@ -190,40 +188,32 @@ def _noise(value: Any) -> Optional[np.ndarray]:
     return array
 
 
-def observation_anchor(pipeline, timestamp: Optional[float]) -> float:
-    """The time a chunk is anchored at: the observation's timestamp, else now (server clock). An observation
-    older than the deployment's ``max_observation_age_s`` is refused (409), not acted on."""
-    now = time.time()
-    if timestamp is None:
-        return now
-    limit = pipeline.max_observation_age_s
-    if limit is not None and now - timestamp > limit:
-        raise ApiError(409, f"the observation (timestamp {timestamp:.3f}) is {now - timestamp:.3f} s old, over this "
-                            f"deployment's freshness limit of {limit:g} s (max_observation_age_s); acting on it "
-                            "would be unsafe: send a fresh observation (timestamps are read on the server's clock)",
-                       field="timestamp", type="stale_observation")
-    return timestamp
-
-
 def _chunk_reply(pipeline, request, out: dict, anchor: float, step: Optional[int]) -> dict:
     return {"actions": {k: v[0].tolist() for k, v in out["actions"].items()},
             "action_chunk": out["action_chunk"][0].tolist(), "first_action_index": out["first_action_index"],
             "n_action_steps": out["n_action_steps"], "action_fields": out["action_fields"],
-            "num_inference_steps": out["num_inference_steps"], "checkpoint_step": pipeline.model.checkpoint.step,
+            "num_inference_steps": out["num_inference_steps"], "checkpoint_step": pipeline.checkpoint_step,
             "seed": out["seed"], "session_id": request.session_id, "timestamp": request.timestamp, "step": step,
-            "valid_until": anchor + out["n_action_steps"] * pipeline.control_period_s,
-            "timing_ms": out["timing_ms"]}
+            "valid_until": pipeline.valid_until(anchor, out["n_action_steps"]), "timing_ms": out["timing_ms"]}
 
 
-def predict_batch(pipeline, requests: list[ActionPredictRequest]) -> list[dict]:
+def predict_batch(pipeline, requests: list[ActionPredictRequest]) -> list:
     """Several robots' predictions in one model call (they share ``batch_key``); each reply equals the one the
-    request gets alone: its own seed or noise, its own past actions."""
-    anchors = [observation_anchor(pipeline, request.timestamp) for request in requests]
-    batch = [PolicyRequest(request.observation.parse(pipeline, request, "observation", request.past_actions),
-                           request.seed, _noise(request.noise)) for request in requests]
-    outs = pipeline.predict_each(batch, num_inference_steps=requests[0].num_inference_steps)
-    return [_chunk_reply(pipeline, request, out, anchor, request.step)
-            for request, out, anchor in zip(requests, outs, anchors)]
+    request gets alone: its own seed or noise, its own past actions. A request refused before the model runs
+    (stale, bad observation) fails alone."""
+    begun: list = []
+    for request in requests:
+        try:
+            anchor = pipeline.anchor(request.timestamp)
+            sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
+            begun.append((request, anchor, PolicyRequest(sample, request.seed, _noise(request.noise))))
+        except InvalidInputError as e:
+            begun.append(e)
+    ready = [b for b in begun if not isinstance(b, Exception)]
+    outs = iter(pipeline.predict_each([b[2] for b in ready], num_inference_steps=requests[0].num_inference_steps)
+                if ready else [])
+    return [b if isinstance(b, Exception) else _chunk_reply(pipeline, b[0], next(outs), b[1], b[0].step)
+            for b in begun]
 
 
 def batch_key(request: ActionPredictRequest) -> Optional[int]:
@@ -231,7 +221,10 @@ def batch_key(request: ActionPredictRequest) -> Optional[int]:
 
 
 def predict(pipeline, request: ActionPredictRequest) -> dict:
-    return predict_batch(pipeline, [request])[0]
+    (reply,) = predict_batch(pipeline, [request])
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def begin_sessions(items: list, begin: Callable[[Any, Any], Any]) -> list:
@@ -264,7 +257,7 @@ def session_predict_batch(pipeline, items: list[tuple[ActionPredictRequest, Any]
     anchors: dict[int, float] = {}
 
     def begin(request: ActionPredictRequest, session):
-        anchors[id(request)] = observation_anchor(pipeline, request.timestamp)
+        anchors[id(request)] = pipeline.anchor(request.timestamp)
         observation = request.observation
         past = None if request.past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
                                                           for k, v in request.past_actions.items()}

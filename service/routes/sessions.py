@@ -16,8 +16,7 @@ from service.codecs import encode_response
 from service.deployments import DeploymentManager
 from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
-from service.modalities.action import (Observation, begin_sessions, decode_observation_frames, finish_sessions,
-                                       observation_anchor)
+from service.modalities.action import Observation, begin_sessions, decode_observation_frames, finish_sessions
 from service.modalities.base import RequestBase, ResponseBase
 from service.settings import Settings
 
@@ -64,7 +63,7 @@ def _steps(pipeline, items: list[tuple[SessionStepRequest, Any]]) -> list:
     anchors: dict[int, float] = {}
 
     def begin(body: SessionStepRequest, session):
-        anchors[id(body)] = observation_anchor(pipeline, body.timestamp)
+        anchors[id(body)] = pipeline.anchor(body.timestamp)
         observation = body.observation
         return session.begin_step(observation.decoded_frames(body, "observation"),
                                   observation.decoded_lowdim("observation"), observation.language_instruction or "",
@@ -74,7 +73,7 @@ def _steps(pipeline, items: list[tuple[SessionStepRequest, Any]]) -> list:
         body = items[i][0]
         return {"step": out["step"], "actions": out["actions"], "action": out["action"].tolist(),
                 "replanned": out["replanned"], "plan_step": out["plan_step"], "timestamp": body.timestamp,
-                "valid_until": anchors[id(body)] + pipeline.control_period_s,
+                "valid_until": pipeline.valid_until(anchors[id(body)], 1),
                 **({"timing_ms": out["timing_ms"]} if "timing_ms" in out else {})}
 
     return finish_sessions(pipeline, begin_sessions(items, begin), reply)

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from vla_foundry.errors import InvalidInputError
+from vla_foundry.errors import InvalidInputError, StaleObservationError
 from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
 from vla_foundry.pipelines.text import make_generator, new_seed
@@ -121,6 +121,31 @@ class ActionPipeline(Pipeline):
             "max_prompt_tokens": self.max_prompt_tokens if self.uses_language else None,
             "sampler": "flow_matching" if isinstance(self.model.scheduler, FlowMatchingScheduler) else "ddpm",
         }
+
+    # ------------------------------------------------------------------ serving contract
+
+    @property
+    def checkpoint_step(self) -> Optional[int]:
+        """The training step of the loaded weights (echoed with every chunk)."""
+        return self.model.checkpoint.step
+
+    def anchor(self, timestamp: Optional[float], now: Optional[float] = None) -> float:
+        """The time a chunk is anchored at: the observation's timestamp, else now (Unix seconds, server clock).
+        An observation older than ``max_observation_age_s`` is refused (``StaleObservationError``), not acted on."""
+        now = time.time() if now is None else now
+        if timestamp is None:
+            return now
+        limit = self.max_observation_age_s
+        if limit is not None and now - timestamp > limit:
+            raise StaleObservationError(
+                f"the observation (timestamp {timestamp:.3f}) is {now - timestamp:.3f} s old, over this deployment's "
+                f"freshness limit of {limit:g} s (max_observation_age_s); acting on it would be unsafe: send a "
+                "fresh observation (timestamps are read on the server's clock)", field="timestamp")
+        return timestamp
+
+    def valid_until(self, anchor: float, steps: int) -> float:
+        """Until when ``steps`` actions from ``anchor`` may be executed: one control period each."""
+        return anchor + steps * self.control_period_s
 
     def warmup(self) -> None:
         r = self.robot_io
