@@ -147,7 +147,7 @@ def free_port() -> int:
 
 def vla_cli() -> list[str]:
     script = Path(sys.executable).parent / "vla-foundry"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vla_foundry"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
 
 
 def stop_group(proc: subprocess.Popen) -> None:
