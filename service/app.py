@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import asynccontextmanager
 from typing import Optional
 
@@ -30,6 +31,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.switch_interval_ms is not None:  # process-wide: the model threads and the event loop share it
+            sys.setswitchinterval(settings.switch_interval_ms / 1000)
         manager.start()
         try:
             yield

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
         "How long a free model thread waits for more requests before running a batch that is not full; 0 never "
         "delays a lone request."))
+    switch_interval_ms: Optional[float] = Field(None, gt=0, le=100, description=(
+        "The interpreter's thread switch interval (sys.setswitchinterval), in ms: how long a busy thread (the event "
+        "loop under a flood of requests) may keep the interpreter lock before a model thread that waits for it gets "
+        "it; none: Python's 5 ms."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     cuda_graphs: bool = Field(True, description="On CUDA, decode text from captured CUDA graphs.")
     log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "

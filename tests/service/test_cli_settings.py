@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from service.settings import Settings, parse_checkpoint_arg
+from service.settings import DeploymentSpec, Settings, parse_checkpoint_arg
 
 
 def test_models_command_lists_types():
@@ -60,3 +60,19 @@ def test_deployments_from_the_environment(tmp_path, monkeypatch):
     assert [d.name for d in Settings.load().deployments] == ["env-lm"]
     cli = Settings.load(deployments=[parse_checkpoint_arg(f"{tmp_path}=cli-lm")])
     assert [d.name for d in cli.deployments] == ["cli-lm"], "CLI flags beat the environment"
+
+
+def test_switch_interval_is_applied_at_startup_and_defaults_to_pythons(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    missing = [DeploymentSpec(checkpoint=str(tmp_path / "none"))]  # fails to load at once: nothing to build
+    before = sys.getswitchinterval()
+    try:
+        with TestClient(create_app(Settings(deployments=missing))):
+            assert sys.getswitchinterval() == before  # not set: Python's own
+        with TestClient(create_app(Settings(deployments=missing, switch_interval_ms=0.5))):
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
