@@ -60,7 +60,11 @@ class ModelExecutor:
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_wait_ms = batch_wait_ms
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        # Requests waiting, whether still in the queue or held back by a batch they could not join: the bound
+        # counts both, so a turn that holds back requests does not make room for more.
+        self._waiting = threading.BoundedSemaphore(max_queue)
+        self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet batched
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
         self._thread.start()
@@ -75,10 +79,9 @@ class ModelExecutor:
         return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, (item,), None, ("batch", key)))
 
     def _put(self, job: _Job) -> concurrent.futures.Future:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"deployment {self.name!r} has {self._queue.maxsize} requests waiting") from None
+        if not self._waiting.acquire(blocking=False):
+            raise QueueFull(f"deployment {self.name!r} has {self.max_queue} requests waiting")
+        self._queue.put_nowait(job)
         return job.future
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Timed:
@@ -127,6 +130,7 @@ class ModelExecutor:
         return batch
 
     def _run_one(self, job: _Job) -> None:
+        self._waiting.release()
         if job.future.set_running_or_notify_cancel():
             self._call(job)
 
@@ -140,6 +144,8 @@ class ModelExecutor:
         _deliver(job, value, started, time.perf_counter(), 1)
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        for _ in batch:
+            self._waiting.release()
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
         if not batch:
             return

@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Awaitable
 
 from service.errors import ApiError
 from vla_foundry.robotics.session import PolicySession
@@ -28,6 +28,18 @@ class SessionEntry:
         self.lock = asyncio.Lock()
         self.created = self.last_used = time.time()
         self.requests = 0
+
+    async def call(self, run: Awaitable[Any]) -> Any:
+        """``run`` (this session's model call) under the session's lock, to completion: if the request is
+        cancelled meanwhile, the lock is released only once the model thread is done with the session, so
+        its next request (or a reset) never meets a half-recorded step."""
+        async with self.lock:
+            task = asyncio.ensure_future(run)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await asyncio.wait([task])
+                raise
 
     def touch(self) -> None:
         self.last_used = time.time()

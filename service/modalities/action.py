@@ -206,7 +206,9 @@ def predict_batch(pipeline, requests: list[ActionPredictRequest]) -> list:
         try:
             anchor = pipeline.anchor(request.timestamp)
             sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
-            begun.append((request, anchor, PolicyRequest(sample, request.seed, _noise(request.noise))))
+            policy_request = PolicyRequest(sample, request.seed, _noise(request.noise))
+            pipeline.check_request(policy_request)
+            begun.append((request, anchor, policy_request))
         except InvalidInputError as e:
             begun.append(e)
     ready = [b for b in begun if not isinstance(b, Exception)]
@@ -241,13 +243,18 @@ def begin_sessions(items: list, begin: Callable[[Any, Any], Any]) -> list:
 
 def finish_sessions(pipeline, begun: list, reply: Callable[[Any, dict], dict]) -> list:
     """The begun plans' predictions in one batched call (``run_plans``); each reply is ``reply(index, out)``
-    or that request's exception."""
+    or that request's exception. Never raises (a begun session must not be begun again)."""
     plans = [b for b in begun if not isinstance(b, Exception)]
     outs = iter(run_plans(pipeline, plans))
     results = []
     for i, b in enumerate(begun):
         out = b if isinstance(b, Exception) else next(outs)
-        results.append(out if isinstance(out, Exception) else reply(i, out))
+        if not isinstance(out, Exception):
+            try:
+                out = reply(i, out)
+            except Exception as e:  # never raise: the executor would run the begun sessions again
+                out = e
+        results.append(out)
     return results
 
 

@@ -48,8 +48,8 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
         session_id = getattr(body, "session_id", None)
         if session_run is not None and session_id is not None:
             entry = request.app.state.sessions.acquire(session_id, deployment)
-            async with entry.lock:  # one request of a session at a time, in arrival order
-                timed = await deployment.run_batched(session_run, batch_key(body), (body, entry.policy))
+            # one request of a session at a time, in arrival order
+            timed = await entry.call(deployment.run_batched(session_run, batch_key(body), (body, entry.policy)))
         elif batch_run is not None:
             timed = await deployment.run_batched(batch_run, batch_key(body), body)
         else:

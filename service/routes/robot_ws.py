@@ -6,7 +6,7 @@ An openpi-style robot client connects unchanged:
    ``GET /models`` io, plus ``action_horizon``, ``model`` and ``session_id``);
 2. each binary msgpack frame from the client is an observation map, answered by a binary
    msgpack map ``{"actions": float32 [action_horizon, A], "server_timing": {"infer_ms",
-   "prev_total_ms" (from the second request on)}}`` plus the HTTP reply's bookkeeping
+   "queue_ms", "batch_size", "prev_total_ms" (from the second request on)}}`` plus the HTTP reply's bookkeeping
    (``step``, ``seed``, ``valid_until``, ``n_action_steps``);
 3. ``{"endpoint": "reset"}`` resets the session (answered ``{"reset": true}``).
 
@@ -156,8 +156,8 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
             await decode_observation_frames(body)
             entry.touch()
-            async with entry.lock:
-                timed = await deployment.run_batched(session_predict_batch, batch_key(body), (body, entry.policy))
+            timed = await entry.call(deployment.run_batched(session_predict_batch, batch_key(body),
+                                                            (body, entry.policy)))
         except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
             await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))
             return

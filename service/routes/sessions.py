@@ -94,8 +94,7 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         await decode_observation_frames(body)
         prepared = time.perf_counter()
         entry = sessions.acquire(session_id, deployment)
-        async with entry.lock:
-            timed = await deployment.run_batched(_steps, body.num_inference_steps, (body, entry.policy))
+        timed = await entry.call(deployment.run_batched(_steps, body.num_inference_steps, (body, entry.policy)))
         value = dict(timed.value)
         timing = {"queue": timed.queue_ms, "preprocess": (prepared - started) * 1000, "infer": timed.run_ms,
                   **{k: v for k, v in value.pop("timing_ms", {}).items() if k != "preprocess"}}

@@ -369,18 +369,24 @@ def test_64_concurrent_robots_are_batched_and_each_gets_its_own_chunk(tiny_check
 
     bodies = [{"observation": policy_observation(seed=i % 7), "seed": 1000 + i, "num_inference_steps": 3}
               for i in range(64)]
+    for i in (5, 20, 41):  # bad requests among them, with their batch key: each fails alone
+        bodies[i] = {**bodies[i], "noise": [[0.0] * 3] * 2} if i == 5 else \
+            {**bodies[i], "observation": {**bodies[i]["observation"], "language_instruction": "go " * 100}}
     with live_server(["--checkpoint", f"{tiny_checkpoints['diffusion_policy']}=policy"], tmp_path / "demo") as base:
         async def all_at_once() -> list[dict]:
             async with httpx.AsyncClient(base_url=base, timeout=120,
                                          limits=httpx.Limits(max_connections=64)) as client:
                 replies = await asyncio.gather(*[client.post("/predict/diffusion_policy", json=b) for b in bodies])
-            assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:1]
+            assert [i for i, r in enumerate(replies) if r.status_code != 200] == [5, 20, 41]
+            assert [replies[i].json()["error"]["field"] for i in (5, 20, 41)] == [
+                "noise", "observation.language_instruction", "observation.language_instruction"]
             return [r.json() for r in replies]
 
         together = asyncio.run(all_at_once())
         info = httpx.get(base + "/models/policy").json()
         with httpx.Client(base_url=base, timeout=60) as client:
             alone = [client.post("/predict/diffusion_policy", json=b).json() for b in bodies]
+    together, alone, bodies = ([x for i, x in enumerate(v) if i not in (5, 20, 41)] for v in (together, alone, bodies))
     assert info["batching"] == {"max_batch_size": 8, "batch_wait_ms": 0.0}  # the CPU default
     sizes = [r["timing_ms"]["batch_size"] for r in together]
     assert max(sizes) > 1 and max(sizes) <= 8, sizes
@@ -404,7 +410,8 @@ def test_concurrent_sessions_are_batched_and_keep_their_own_histories(tiny_check
         return {"session_id": robots[robot], "observation": observation, "seed": 50 + robot,
                 "num_inference_steps": 3}
 
-    bad = {"session_id": "robot-bad", "observation": {"images": {"front": png_data_url(0)}, "lowdim": {}}}
+    bad = {"session_id": "robot-bad", "observation": {"images": {"front": png_data_url(0)}, "lowdim": {}},
+           "num_inference_steps": 3}  # the robots' batch key: it may share their calls
 
     async def episode(client: httpx.AsyncClient, robot: int) -> list[dict]:
         replies = []

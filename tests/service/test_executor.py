@@ -111,3 +111,32 @@ def test_cancelled_requests_are_left_out_of_the_batch(executor):
     release.set()
     assert futures[0].result(10).value == "done 1" and futures[2].result(10).value == "done 3"
     assert fn.calls == [[1, 3]]
+
+
+def test_requests_held_back_from_a_batch_still_count_against_the_queue_bound():
+    """Requests that could not join the running batch wait outside the queue: the bound counts them, so a full
+    deployment still answers QueueFull instead of accepting more."""
+    from service.executor import QueueFull
+
+    executor = ModelExecutor("test", max_queue=3, max_batch_size=4)
+    try:
+        fn, started, gate = Recorder(), threading.Event(), threading.Event()
+
+        def slow(items):
+            started.set()
+            gate.wait(10)
+            return fn(items)
+
+        release = blocked(executor)
+        first = executor.submit_batched(slow, "a", 1)
+        held = [executor.submit_batched(fn, key, i) for i, key in ((2, "b"), (3, "c"))]
+        release.set()
+        assert started.wait(10)  # "a" runs; "b" and "c" were looked at and held back: 2 waiting
+        extra = executor.submit_batched(fn, "d", 4)  # the one free place
+        with pytest.raises(QueueFull):
+            executor.submit_batched(fn, "e", 5)
+        gate.set()
+        assert [f.result(10).value for f in (first, *held, extra)] == [f"done {i}" for i in range(1, 5)]
+        assert executor.submit_batched(fn, "e", 5).result(10).value == "done 5"  # room again
+    finally:
+        executor.shutdown()

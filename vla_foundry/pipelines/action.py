@@ -172,6 +172,17 @@ class ActionPipeline(Pipeline):
             fields = fields or ["observation.language_instruction"] * len(prompts)
             check_prompt_length(self.processor, prompts, self.max_prompt_tokens, fields)
 
+    def check_request(self, request: PolicyRequest) -> None:
+        """What ``predict_each`` would refuse in ``request`` alone (an instruction the tokenizer would cut, noise of
+        the wrong shape), checked before it joins a batch, so a bad request never fails its neighbours."""
+        self.check_instructions([request.sample])
+        if request.noise is not None:
+            r = self.robot_io
+            shape = tuple(np.shape(request.noise))
+            if shape != (r.action_steps, r.action_dim):
+                raise InvalidInputError(f"noise must be [{r.action_steps}][{r.action_dim}] (P+1+F steps × action "
+                                        f"dim); got {list(shape)}", field="noise")
+
     def prepare(self, samples: Sequence[RawObservation]) -> PolicyInputs:
         self.check_instructions(samples)
         inputs = build_inputs(list(samples), self.robot_io, self.normalizer, self.processor, self.uses_language)

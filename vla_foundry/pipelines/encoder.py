@@ -19,6 +19,7 @@ from vla_foundry.pipelines.text import make_generator, new_seed
 
 @register_pipeline("encoder")
 class EncoderPipeline(Pipeline):
+    max_rows_per_call = 64  # batched requests' texts (and images) go through their tower this many at a time
     def __init__(self, model):
         super().__init__(model)
         self.batch_handler = create_batch_handler(model.params.type)
@@ -53,8 +54,8 @@ class EncoderPipeline(Pipeline):
             self.check(texts, images)
         all_texts = [t for texts, _ in requests for t in texts or []]
         all_images = [im for _, images in requests for im in images or []]
-        text_embeds = self.model.embed_texts(all_texts).float().cpu() if all_texts else None
-        image_embeds = self.model.embed_images(all_images).float().cpu() if all_images else None
+        text_embeds = self._in_chunks(self.model.embed_texts, all_texts)
+        image_embeds = self._in_chunks(self.model.embed_images, all_images)
         results, t0, i0 = [], 0, 0
         for texts, images in requests:
             out: dict[str, Any] = {}
@@ -68,6 +69,13 @@ class EncoderPipeline(Pipeline):
                 out["similarity"] = out["text_embeds"] @ out["image_embeds"].T  # (texts, images)
             results.append({k: v.numpy() for k, v in out.items()})
         return results
+
+    def _in_chunks(self, embed, rows: list) -> Optional[torch.Tensor]:
+        """``embed(rows)`` at most ``max_rows_per_call`` rows at a time (bounded memory per model call)."""
+        if not rows:
+            return None
+        n = self.max_rows_per_call
+        return torch.cat([embed(rows[i:i + n]).float().cpu() for i in range(0, len(rows), n)])
 
     @torch.inference_mode()
     def evaluate(self, texts: Sequence[str], images: Sequence[np.ndarray], seed: Optional[int] = None) -> dict:

@@ -65,6 +65,7 @@ class ImageResult:
 
 @register_pipeline("image")
 class ImagePipeline(Pipeline):
+    max_images_per_call = 32  # batched requests' images go through the UNet this many at a time (×2 with guidance)
     def __init__(self, model, max_text_seq_len: int = 64):
         super().__init__(model)
         self.max_text_seq_len = max_text_seq_len
@@ -115,6 +116,9 @@ class ImagePipeline(Pipeline):
                                     field="prompt")
         if negative_prompt is not None and prompt is None:
             raise InvalidInputError("`negative_prompt` needs a `prompt`", field="negative_prompt")
+        for text, field in ((prompt, "prompt"), (negative_prompt, "negative_prompt")):
+            if text is not None:  # too long is refused here, before the request can join (and fail) a batch
+                model.clip.tokenize([text], self.max_text_seq_len, field=field)
         if guidance_scale is not None and guidance_scale < 0:
             raise InvalidInputError(f"guidance_scale must be >= 0; got {guidance_scale}", field="guidance_scale")
         if negative_prompt is not None and guidance_scale is None and not model.params.do_classifier_free_guidance:
@@ -166,12 +170,16 @@ class ImagePipeline(Pipeline):
             group = [plans[i] for i in indices]
             first = group[0]
             images = [(plan, seed) for plan in group for seed in plan.seeds]
-            out = self.model.generate(
-                len(images), self.device, prompt=None if first.prompt is None else [p.prompt for p, _ in images],
-                uncond_prompt=[p.negative_prompt for p, _ in images], max_text_seq_len=self.max_text_seq_len,
-                guidance_scale=first.guidance_scale, generator=[make_generator(self.device, s) for _, s in images],
-                scheduler=first.scheduler, num_inference_steps=first.num_inference_steps)
-            pixels = iter(out.images.cpu().numpy())
+            pixels = []
+            for start in range(0, len(images), self.max_images_per_call):  # bounded memory per model call
+                chunk = images[start:start + self.max_images_per_call]
+                out = self.model.generate(
+                    len(chunk), self.device, prompt=None if first.prompt is None else [p.prompt for p, _ in chunk],
+                    uncond_prompt=[p.negative_prompt for p, _ in chunk], max_text_seq_len=self.max_text_seq_len,
+                    guidance_scale=first.guidance_scale, generator=[make_generator(self.device, s) for _, s in chunk],
+                    scheduler=first.scheduler, num_inference_steps=first.num_inference_steps)
+                pixels.extend(out.images.cpu().numpy())
+            pixels = iter(pixels)
             for i, plan in zip(indices, group):
                 results[i] = ImageResult([next(pixels) for _ in plan.seeds], plan.seeds, plan.scheduler,
                                          plan.num_inference_steps, plan.guidance_scale)

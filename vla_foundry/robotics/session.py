@@ -52,7 +52,8 @@ def _depth(value) -> int:
 def run_plans(pipeline, pendings: list[PendingPlan]) -> list:
     """The pending plans of several sessions (one step count), their predictions in one ``predict_each``
     call; one reply per plan, or the exception that plan alone raised (a failing batched call is run
-    again request by request, so one bad request fails only its own plan)."""
+    again request by request, so one bad request fails only its own plan). Never raises: a begun plan
+    has changed its session, so it must not be begun again."""
     wanted = [p for p in pendings if p.request is not None]
     steps = wanted[0].num_inference_steps if wanted else None
     try:
@@ -69,7 +70,12 @@ def run_plans(pipeline, pendings: list[PendingPlan]) -> list:
     replies = []
     for p in pendings:
         out = by_plan.get(id(p))
-        replies.append(out if isinstance(out, Exception) else p.finish(out))
+        if not isinstance(out, Exception):
+            try:
+                out = p.finish(out)
+            except Exception as e:  # this plan's own failure; a caller never runs a begun plan twice
+                out = e
+        replies.append(out)
     return replies
 
 
@@ -135,7 +141,9 @@ class PolicySession:
         if self.pipeline.uses_language and not instruction.strip():
             raise InvalidInputError("observation.language_instruction is required: this policy is conditioned on "
                                     "language", field="observation.language_instruction")
-        return PolicyRequest(observation, self.seed + self.plans if seed is None else seed, noise)
+        request = PolicyRequest(observation, self.seed + self.plans if seed is None else seed, noise)
+        self.pipeline.check_request(request)  # refused here, it never joins (and fails) a batch
+        return request
 
     def _adopt_plan(self, step: int, out: dict[str, Any]) -> None:
         self.plans += 1
