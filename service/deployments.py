@@ -137,7 +137,10 @@ class Deployment:
             "endpoints": ({"predict": f"/predict/{self.model_type}", "evaluate": f"/evaluate/{self.model_type}"}
                           if self.model_type else {}),
             "io": io,
-            "batching": {"max_batch_size": self.executor.max_batch_size, "batch_wait_ms": self.batch_wait_ms},
+            # Until it has loaded, the configured size (None: by device, decided at load).
+            "batching": {"max_batch_size": self.executor.max_batch_size if self.status == READY else
+                         (self.spec.max_batch_size or self.settings.max_batch_size),
+                         "batch_wait_ms": self.batch_wait_ms},
         }
         if self.demo_card is not None:
             info["demo"] = self.demo_card
