@@ -164,3 +164,32 @@ def test_reset_seed_is_checked_and_connection_sessions_end_with_it(server):
     base = server.replace("ws://", "http://").rsplit("/ws/", 1)[0]
     live = {s["session_id"] for s in httpx.get(base + "/sessions").json()["sessions"]}
     assert session_id not in live  # an unnamed connection's session is dropped when it closes
+
+
+def test_concurrent_robots_share_calls_and_get_their_solo_actions(server):
+    """8 robots on their own connections, 3 frames each, all at once: their frames share model calls
+    (server_timing.batch_size > 1) and each robot's actions equal those of the same episode run alone."""
+    import threading
+
+    def episode(robot: int, results: dict) -> None:
+        with open_ws(f"{server}?session_id=ws-fleet-{robot}") as ws:
+            msgpack.unpackb(ws.recv(timeout=30))
+            replies = [infer(ws, {**flat_observation(10 * robot + i), "seed": 500 + robot}) for i in range(3)]
+            infer(ws, {"endpoint": "reset"})  # the session is named: leave it clean for the solo replay
+        results[robot] = replies
+
+    together: dict = {}
+    threads = [threading.Thread(target=episode, args=(r, together)) for r in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    alone: dict = {}
+    for robot in range(8):
+        episode(robot, alone)
+    sizes = [reply["server_timing"]["batch_size"] for replies in together.values() for reply in replies]
+    assert len(together) == 8 and max(sizes) > 1, sizes
+    for robot in range(8):
+        assert [r["step"] for r in together[robot]] == [r["step"] for r in alone[robot]]
+        for mine, solo in zip(together[robot], alone[robot]):
+            np.testing.assert_allclose(unpack_array(mine["actions"]), unpack_array(solo["actions"]), atol=1e-5)
