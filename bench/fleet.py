@@ -48,7 +48,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 from urllib.parse import urlsplit
@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from bench_support import build_policy, free_port, serve_command, server_process
 from vla_foundry_client import HttpPolicyClient, WebsocketPolicyClient
 from vla_foundry_client.arrays import pack, unpack
 
@@ -74,7 +75,6 @@ except ImportError:
 
 HEALTH_THREADS, POLL_HZ = 16, 20
 REPLY_TIMEOUT_S = 60.0  # one request; every robot loop also ends at its row's end
-READY_TIMEOUT_S = 300.0
 GOAL_SCALING, GOAL_VS_LITSERVE, GOAL_TAIL = 3.0, 1.5, 3.0
 GOAL_HEALTH_P50, GOAL_FLOOD_RPS = 1.2, 0.5
 
@@ -82,46 +82,11 @@ GOAL_HEALTH_P50, GOAL_FLOOD_RPS = 1.2, 0.5
 # ----------------------------------------------------------------------------- the policy
 
 
-def build_tiny_policy(path: Path) -> Path:
-    """A random-weight ViT-backbone `diffusion_policy` (one 64 px camera, 32 px model input, P = 1, F = 7, 7-value
-    proprioception and actions, flow matching, T = 10) with its robotics side files, saved under ``path``."""
-    import torch
-
-    from vla_foundry.models import create_model
-    from vla_foundry.params.clip import ViTBackboneParams
-    from vla_foundry.params.diffusion import DiffusionPolicyParams, NoiseSchedulerParams
-    from vla_foundry.params.transformer import TransformerParams
-    from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
-    from vla_foundry.robotics.robot_io import RobotIO, image_names_for
-    from vla_foundry.robotics.stats import field_stats
-
-    proprio, action, dim, past, future = "joint_pos", "joint_delta", 7, 1, 7
-    robot_io = RobotIO(camera_names=["front"], image_indices=[0], image_names=image_names_for(["front"], [0]),
-                       proprioception_fields=[proprio], action_fields=[action], field_dims={proprio: dim, action: dim},
-                       past_steps=past, future_steps=future, processor="none", image_size=32,
-                       resize_images_size=[64, 64], max_text_seq_len=64)
-    rng = np.random.default_rng(0)
-    window = past + 1 + future
-    stats = field_stats({proprio: rng.normal(0.5, 2.0, (64, window, dim)),
-                         action: rng.uniform(-1.0, 1.0, (64, window, dim))})
-    vit = ViTBackboneParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2)
-    transformer = TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=256,
-                                    is_causal=False)
-    params = DiffusionPolicyParams(vision_language_backbone=vit, transformer=transformer,
-                                   noise_scheduler=NoiseSchedulerParams(num_timesteps=10, clamp_range=(-3.0, 3.0)),
-                                   use_flow_matching_scheduler=True, action_dim=dim, proprioception_dim=dim)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = create_model(params, load_pretrained=False).eval()
-    save_policy_experiment(model, path, robot_io, stats, normalizer_block([proprio, action], past=past, future=future))
-    return path
-
-
 def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
     """--tiny, else --checkpoint, else the demo policy (trained here first when its pack lacks it)."""
     if args.tiny:
         print("checkpoint: a tiny random-weight policy (--tiny), in a temporary directory", flush=True)
-        return build_tiny_policy(scratch / "tiny-policy")
+        return build_policy(scratch / "tiny-policy", ["front"], 64)
     if args.checkpoint:
         return Path(args.checkpoint)
     from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
@@ -139,75 +104,6 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
 # ----------------------------------------------------------------------------- the servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vla_cli() -> list[str]:
-    script = Path(sys.executable).parent / "vla-foundry"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGINT to the server's process group (LitServe forks an API server and spawns a worker), SIGKILL to what
-    is left after 20 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the group's other members may still be shutting down
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if proc.poll() is None:
-        proc.wait()
-
-
-@contextmanager
-def server_process(command: list[str], env: dict[str, str], port: int, ready_path: str,
-                   name: str) -> Iterator[str]:
-    """Runs ``command`` (a server for 127.0.0.1:``port``) in its own process group; yields the base URL once
-    ``ready_path`` answers 200, then stops the group."""
-    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block the server once full
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        with httpx.Client(base_url=base, timeout=10) as client:
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(f"{name} exited before it was ready:\n{log.read()[-4000:]}")
-                try:
-                    if client.get(ready_path).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    log.seek(0)
-                    raise SystemExit(f"{name} was not ready within {READY_TIMEOUT_S:.0f} s:\n{log.read()[-4000:]}")
-                time.sleep(0.2)
-        yield base
-    finally:
-        stop_group(proc)
-        log.close()
-
-
 TORCH_THREADS: Optional[int] = 1  # --threads: the same torch thread count in every server; 0 or None: torch's default
 
 
@@ -221,7 +117,7 @@ def server_env(**extra: str) -> dict[str, str]:
 @contextmanager
 def our_server(checkpoint: Path, max_batch_size: int) -> Iterator[str]:
     port = free_port()
-    command = vla_cli() + ["serve", "--checkpoint", f"{checkpoint}=policy", "--host", "127.0.0.1", "--port",
+    command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=policy", "--host", "127.0.0.1", "--port",
                            str(port), "--device", "cpu"]
     env = server_env(VLA_MAX_BATCH_SIZE=str(max_batch_size))
     with server_process(command, env, port, "/health/ready", f"our server (VLA_MAX_BATCH_SIZE={max_batch_size})") as b:
@@ -326,31 +222,18 @@ def observation_for(io: dict, rng: np.random.Generator) -> dict:
     return observation
 
 
-class HttpRobot:
-    """Our server over msgpack HTTP: `HttpPolicyClient`, one keep-alive connection."""
+class OurRobot:
+    """Our server through the robot client: `HttpPolicyClient` (msgpack, one keep-alive connection) or
+    `WebsocketPolicyClient` (one connection = one session); the reply says how many requests shared its call."""
 
-    def __init__(self, base: str, observation: dict, steps: int):
-        self.client = HttpPolicyClient(base, format="msgpack", timeout=REPLY_TIMEOUT_S)
-        self.observation, self.steps = observation, steps
-
-    def call(self, seed: int) -> Optional[int]:
-        reply = self.client.infer(self.observation, seed=seed, num_inference_steps=self.steps)
-        return reply["timing_ms"]["batch_size"]
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class WebsocketRobot:
-    """Our server over the websocket: `WebsocketPolicyClient`, one connection = one session."""
-
-    def __init__(self, base: str, observation: dict, steps: int):
-        self.client = WebsocketPolicyClient(base, timeout=REPLY_TIMEOUT_S)
-        self.observation, self.steps = observation, steps
+    def __init__(self, base: str, observation: dict, steps: int, *, client: type, timing: str):
+        extra = {"format": "msgpack"} if client is HttpPolicyClient else {}
+        self.client = client(base, timeout=REPLY_TIMEOUT_S, **extra)
+        self.observation, self.steps, self.timing = observation, steps, timing
 
     def call(self, seed: int) -> Optional[int]:
         reply = self.client.infer(self.observation, seed=seed, num_inference_steps=self.steps)
-        return reply["server_timing"]["batch_size"]
+        return reply[self.timing]["batch_size"]
 
     def close(self) -> None:
         self.client.close()
@@ -376,7 +259,9 @@ class LitServeRobot:
         self.client.close()
 
 
-ROBOTS = {"msgpack": HttpRobot, "websocket": WebsocketRobot, "litserve": LitServeRobot}
+ROBOTS = {"msgpack": partial(OurRobot, client=HttpPolicyClient, timing="timing_ms"),
+          "websocket": partial(OurRobot, client=WebsocketPolicyClient, timing="server_timing"),
+          "litserve": LitServeRobot}
 TRANSPORT_NAMES = {"msgpack": "msgpack HTTP", "websocket": "websocket", "litserve": "JSON HTTP"}
 
 

@@ -41,7 +41,6 @@ import argparse
 from abc import ABC, abstractmethod
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -52,107 +51,34 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import httpx
 import msgpack
 import numpy as np
 import torch
 
-from vla_foundry.models import create_model
-from vla_foundry.params.clip import ViTBackboneParams
-from vla_foundry.params.diffusion import DiffusionPolicyParams, NoiseSchedulerParams
-from vla_foundry.params.transformer import TransformerParams
+from bench_support import DIM, FUTURE, PAST, PROPRIO, build_policy, free_port, serve_command, server_process
 from vla_foundry.pipelines import load_pipeline
-from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
 from vla_foundry.robotics.observations import RawObservation
-from vla_foundry.robotics.robot_io import RobotIO, image_names_for
 from vla_foundry_client.arrays import MessagePacker, pack_array, unpack_array
 from vla_foundry_client.connection import KeepAliveConnection, send_all
 from vla_foundry_client.websocket_connection import WebsocketConnection
-from vla_foundry.robotics.stats import field_stats
 
-PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
-PAST, FUTURE = 1, 7
 SEED = 0
 TRANSPORTS = ("direct", "raw TCP floor", "JSON HTTP", "msgpack HTTP", "websocket")
-
-
-# ----------------------------------------------------------------------------- the policy
-
-
-def build_policy(path: Path, cameras: list[str], size: int) -> Path:
-    """A random-weight ViT-backbone policy with the robotics side files, saved under ``path``."""
-    robot_io = RobotIO(camera_names=cameras, image_indices=[0], image_names=image_names_for(cameras, [0]),
-                       proprioception_fields=[PROPRIO], action_fields=[ACTION], field_dims={PROPRIO: DIM, ACTION: DIM},
-                       past_steps=PAST, future_steps=FUTURE, processor="none", image_size=32,
-                       resize_images_size=[size, size], max_text_seq_len=64)
-    rng = np.random.default_rng(0)
-    window = PAST + 1 + FUTURE
-    stats = field_stats({PROPRIO: rng.normal(0.5, 2.0, (64, window, DIM)),
-                         ACTION: rng.uniform(-1.0, 1.0, (64, window, DIM))})
-    vit = ViTBackboneParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2)
-    transformer = TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=256,
-                                    is_causal=False)
-    params = DiffusionPolicyParams(vision_language_backbone=vit, transformer=transformer,
-                                   noise_scheduler=NoiseSchedulerParams(num_timesteps=10, clamp_range=(-3.0, 3.0)),
-                                   use_flow_matching_scheduler=True, action_dim=DIM, proprioception_dim=DIM)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = create_model(params, load_pretrained=False).eval()
-    save_policy_experiment(model, path, robot_io, stats,
-                           normalizer_block([PROPRIO, ACTION], past=PAST, future=FUTURE))
-    return path
 
 
 # ----------------------------------------------------------------------------- the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli() -> list[str]:
-    script = Path(sys.executable).parent / "vla-foundry"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vla_foundry"]
-
-
-@contextmanager
-def serve(checkpoint: Path, threads: int | None, timeout: float = 180) -> Iterator[str]:
-    """``vla-foundry serve`` on a free loopback port; yields the base URL once ``/health/ready`` is 200."""
+def serve(checkpoint: Path, threads: int | None, timeout: float = 180):
+    """``vla-foundry serve`` on a free loopback port; a context yielding the base URL once ``/health/ready`` is
+    200."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_WARMUP": "true"}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block the server once full
-    proc = subprocess.Popen(cli() + ["serve", "--checkpoint", f"{checkpoint}=bench-policy", "--host", "127.0.0.1",
-                                     "--port", str(port), "--device", "cpu"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=base, timeout=10) as client:
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(f"the server exited:\n{log.read()[-4000:]}")
-                try:
-                    if client.get("/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
-                time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=bench-policy", "--host", "127.0.0.1",
+                                 "--port", str(port), "--device", "cpu"]
+    return server_process(command, env, port, "/health/ready", "the server", ready_timeout_s=timeout)
 
 
 def serve_floor(port: int, checkpoint: Path, cameras: list[str], size: int) -> None:
@@ -421,14 +347,14 @@ def app_without_model(checkpoint: Path, body: bytes, repeats: int) -> float:
             deployment = manager.resolve("diffusion_policy", "bench-policy")
             while deployment.pipeline is None:
                 await asyncio.sleep(0.05)
-            real_run, first = deployment.run, {}
+            real_run, first = deployment.run_batched, {}  # predictions go through the batching executor
 
-            async def stubbed(fn, *args, **kwargs):  # the first call runs the model; later ones reuse its reply
+            async def stubbed(fn, key, item):  # the first call runs the model; later ones reuse its reply
                 if "value" not in first:
-                    first["value"] = (await real_run(fn, *args, **kwargs)).value
+                    first["value"] = (await real_run(fn, key, item)).value
                 return Timed(first["value"], 0.0, 0.0)
 
-            deployment.run = stubbed
+            deployment.run_batched = stubbed
 
             async def once() -> None:
                 sent, delivered = [], False

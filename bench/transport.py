@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench_support import free_port  # noqa: E402
 from vla_foundry_client.connection import KeepAliveConnection  # noqa: E402
 from vla_foundry_client.websocket_connection import WebsocketConnection  # noqa: E402
 
@@ -110,14 +111,6 @@ class OurWebsocketClient:
     def post(self, body: bytes) -> bytes:
         self.ws.send(body)
         return self.ws.recv(timeout=30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(client) -> None:
