@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
 from service.images import decode_image_value
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, one_request
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import PolicyRequest
 from vla_foundry.robotics.session import run_plans
@@ -222,11 +222,7 @@ def batch_key(request: ActionPredictRequest) -> Optional[int]:
     return request.num_inference_steps  # one sampling loop per call
 
 
-def predict(pipeline, request: ActionPredictRequest) -> dict:
-    (reply,) = predict_batch(pipeline, [request])
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
+predict = one_request(predict_batch)
 
 
 def begin_sessions(items: list, begin: Callable[[Any, Any], Any]) -> list:

@@ -64,6 +64,18 @@ class ResponseBase(BaseModel):
     timing_ms: Timing
 
 
+def one_request(predict_batch: Callable[[Any, list], list]) -> Callable[[Any, Any], dict]:
+    """A modality's ``predict`` for one request, from its ``predict_batch``: the reply, or its refusal raised."""
+
+    def predict(pipeline, request) -> dict:
+        (reply,) = predict_batch(pipeline, [request])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    return predict
+
+
 @dataclass(frozen=True)
 class ModalityAdapter:
     predict_request: type[RequestBase]

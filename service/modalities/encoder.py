@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
-from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase
+from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase, one_request
 from vla_foundry.errors import InvalidInputError
 
 
@@ -53,11 +53,7 @@ def batch_key(request: EncoderPredictRequest) -> None:
     return None  # any embedding requests may share a call
 
 
-def predict(pipeline, request: EncoderPredictRequest) -> dict:
-    (reply,) = predict_batch(pipeline, [request])
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
+predict = one_request(predict_batch)
 
 
 class EncoderEvaluateRequest(EncoderPredictRequest):

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 from starlette.responses import Response
 
-from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase
+from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase, one_request
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.image import ImageRequest
 
@@ -102,11 +102,7 @@ def _reply(result) -> dict:
             "num_inference_steps": result.num_inference_steps, "guidance_scale": result.guidance_scale}
 
 
-def predict(pipeline, request: ImagePredictRequest) -> dict:
-    (reply,) = predict_batch(pipeline, [request])
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
+predict = one_request(predict_batch)
 
 
 def png_reply(payload: dict, accept: str) -> Optional[Response]:
