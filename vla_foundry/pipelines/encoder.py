@@ -42,6 +42,7 @@ class EncoderPipeline(Pipeline):
     def embed(self, texts: Optional[Sequence[str]] = None, images: Optional[Sequence[np.ndarray]] = None
               ) -> dict[str, Any]:
         """Unit-length embeddings of ``texts`` and/or ``images``; with both, their cosine similarities too."""
+        self.check(texts, images)
         return self.embed_each([(texts, images)])[0]
 
     @torch.inference_mode()
@@ -49,9 +50,8 @@ class EncoderPipeline(Pipeline):
                    ) -> list[dict[str, Any]]:
         """``embed`` for several (texts, images) requests: all their texts in one text-tower call, all their
         images in one image-tower call. Texts are padded to the encoder's full length and images embedded
-        one per row, so a request's embeddings do not depend on its neighbours."""
-        for texts, images in requests:
-            self.check(texts, images)
+        one per row, so a request's embeddings do not depend on its neighbours. Each request must have passed
+        ``check`` (a batch with a refused request fails as a whole)."""
         all_texts = [t for texts, _ in requests for t in texts or []]
         all_images = [im for _, images in requests for im in images or []]
         text_embeds = self._in_chunks(self.model.embed_texts, all_texts)
