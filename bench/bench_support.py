@@ -1,0 +1,131 @@
+"""What the benchmarks share: a random-weight policy to serve, a free loopback port, the command that serves,
+and a server process run until it is ready and stopped with everything it started.
+
+Imported by the scripts beside it (``python bench/<script>.py`` puts this folder on the path). Light to
+import: torch and the model package load only when a policy is built.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+import numpy as np
+
+PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
+PAST, FUTURE = 1, 7
+
+
+def build_policy(path: Path, cameras: list[str], size: int) -> Path:
+    """A random-weight ViT-backbone `diffusion_policy` (32 px model input, one frame of ``size`` px per camera, P = 1,
+    F = 7, 7-value proprioception and actions, flow matching, T = 10) with its robotics side files, under ``path``."""
+    import torch
+
+    from vla_foundry.models import create_model
+    from vla_foundry.params.clip import ViTBackboneParams
+    from vla_foundry.params.diffusion import DiffusionPolicyParams, NoiseSchedulerParams
+    from vla_foundry.params.transformer import TransformerParams
+    from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
+    from vla_foundry.robotics.robot_io import RobotIO, image_names_for
+    from vla_foundry.robotics.stats import field_stats
+
+    robot_io = RobotIO(camera_names=cameras, image_indices=[0], image_names=image_names_for(cameras, [0]),
+                       proprioception_fields=[PROPRIO], action_fields=[ACTION], field_dims={PROPRIO: DIM, ACTION: DIM},
+                       past_steps=PAST, future_steps=FUTURE, processor="none", image_size=32,
+                       resize_images_size=[size, size], max_text_seq_len=64)
+    rng = np.random.default_rng(0)
+    window = PAST + 1 + FUTURE
+    stats = field_stats({PROPRIO: rng.normal(0.5, 2.0, (64, window, DIM)),
+                         ACTION: rng.uniform(-1.0, 1.0, (64, window, DIM))})
+    vit = ViTBackboneParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2)
+    transformer = TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=256,
+                                    is_causal=False)
+    params = DiffusionPolicyParams(vision_language_backbone=vit, transformer=transformer,
+                                   noise_scheduler=NoiseSchedulerParams(num_timesteps=10, clamp_range=(-3.0, 3.0)),
+                                   use_flow_matching_scheduler=True, action_dim=DIM, proprioception_dim=DIM)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model(params, load_pretrained=False).eval()
+    save_policy_experiment(model, path, robot_io, stats,
+                           normalizer_block([PROPRIO, ACTION], past=PAST, future=FUTURE))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    """``vla-foundry`` of this interpreter's environment (``python -m service`` where the script is missing)."""
+    script = Path(sys.executable).parent / "vla-foundry"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGINT to the server's process group (LitServe forks an API server and spawns a worker), SIGKILL to what
+    is left after 20 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the group's other members may still be shutting down
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.wait()
+
+
+@contextmanager
+def server_process(command: list[str], env: dict[str, str], port: int, ready_path: str, name: str,
+                   ready_timeout_s: float = 300.0) -> Iterator[str]:
+    """Runs ``command`` (a server for 127.0.0.1:``port``) in its own process group; yields the base URL once
+    ``ready_path`` answers 200, then stops the group."""
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block the server once full
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        with httpx.Client(base_url=base, timeout=10) as client:
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"{name} exited before it was ready:\n{log.read()[-4000:]}")
+                try:
+                    if client.get(ready_path).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    log.seek(0)
+                    raise SystemExit(f"{name} was not ready within {ready_timeout_s:.0f} s:\n{log.read()[-4000:]}")
+                time.sleep(0.2)
+        yield base
+    finally:
+        stop_group(proc)
+        log.close()
