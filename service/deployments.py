@@ -75,7 +75,7 @@ class Deployment:
             device = resolve_device(self.spec.device or self.settings.device)
             precision = (training_config.get("hparams") or {}).get("precision")
             dtype = resolve_model_dtype(self.spec.dtype or self.settings.dtype, device, precision)
-            options = {"cuda_graphs": self.settings.cuda_graphs}
+            options = {"cuda_graphs": self.settings.cuda_graphs, "traced_sampling": self.settings.traced_sampling}
             if self.spec.tokenizer:
                 options["tokenizer"] = self.spec.tokenizer
             for name in ("num_inference_steps", "n_action_steps", "open_loop_steps", "control_period_s",
@@ -85,11 +85,11 @@ class Deployment:
             with _LOAD_LOCK:
                 pipeline = load_pipeline(path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema,
                                          device=device, dtype=dtype, **options)
-            if self.settings.warmup:
-                pipeline.warmup()
-            self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.executor.max_batch_size = (self.spec.max_batch_size or self.settings.max_batch_size
                                             or (32 if device.type == "cuda" else 8))
+            if self.settings.warmup:
+                pipeline.warmup(self.executor.max_batch_size)
+            self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.status = READY
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)

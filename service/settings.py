@@ -90,7 +90,13 @@ class Settings(BaseSettings):
         "loop under a flood of requests) may keep the interpreter lock before a model thread that waits for it gets "
         "it; none: Python's 5 ms."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
-    cuda_graphs: bool = Field(True, description="On CUDA, decode text from captured CUDA graphs.")
+    cuda_graphs: bool = Field(True, description=(
+        "On CUDA, replay from captured CUDA graphs: text decoding, and flow-matching policies' sampling (one graph "
+        "per batch bucket 1, 2, 4, 8, 16, 32, captured at warm-up)."))
+    traced_sampling: bool = Field(True, description=(
+        "On CPU, run a flow-matching policy's sampling from a TorchScript trace per batch size (traced on first "
+        "use, checked against eager): about 2x faster, and the model no longer waits for the interpreter lock at "
+        "every op while the server handles other traffic."))
     log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "
                                                 "trace).")
     api_keys: Optional[SecretStr] = Field(None, description=(

@@ -96,13 +96,13 @@ def action_window(seed=0):
     return {f: rng.uniform(-1, 3, (4, d)).astype(np.float32) for f, d in POLICY_ACTIONS.items()}
 
 
-def in_memory_pipeline(policy, processor):
+def in_memory_pipeline(policy, processor, **options):
     """An ActionPipeline over an unsaved model, with the tiny policy's robot I/O and statistics."""
     io = tiny_policy_io(processor)
     normalizer = RoboticsNormalizer(tiny_policy_stats(), NormalizerConfig.from_dict(
         normalizer_block(list(POLICY_PROPRIO) + list(POLICY_ACTIONS), past=1, future=2)))
     backbone = policy.vision_language_backbone
-    return ActionPipeline(policy, io, normalizer, backbone.input_processor(processor, io.image_size))
+    return ActionPipeline(policy, io, normalizer, backbone.input_processor(processor, io.image_size), **options)
 
 
 # ----------------------------------------------------------------------------- conformance fixture

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vla_foundry.errors import InvalidInputError, StaleObservationError
+from vla_foundry.models.policy_graphs import PolicyGraphs
 from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
 from vla_foundry.pipelines.text import make_generator, new_seed
@@ -54,8 +55,12 @@ class ActionPipeline(Pipeline):
     def __init__(self, model, robot_io: RobotIO, normalizer: RoboticsNormalizer, processor: InputProcessor, *,
                  num_inference_steps: Optional[int] = None, n_action_steps: Optional[int] = None,
                  open_loop_steps: Optional[int] = None, control_period_s: float = 0.1,
-                 max_observation_age_s: Optional[float] = None):
+                 max_observation_age_s: Optional[float] = None, cuda_graphs: bool = True,
+                 traced_sampling: bool = True):
         super().__init__(model)
+        # A flow-matching policy samples from captured graphs (policy_graphs.py): one call without Python
+        # between the ops, so the model does not wait for the interpreter lock at every op.
+        self.graphs = PolicyGraphs(model, cuda_graphs=cuda_graphs, trace_on_cpu=traced_sampling)
         self.robot_io = robot_io
         self.normalizer = normalizer
         self.processor = processor
@@ -86,7 +91,8 @@ class ActionPipeline(Pipeline):
     def from_experiment(cls, model, experiment_dir: Path, *, training_config: Optional[dict] = None,
                         num_inference_steps: Optional[int] = None, n_action_steps: Optional[int] = None,
                         open_loop_steps: Optional[int] = None, control_period_s: float = 0.1,
-                        max_observation_age_s: Optional[float] = None, **_: Any) -> "ActionPipeline":
+                        max_observation_age_s: Optional[float] = None, cuda_graphs: bool = True,
+                        traced_sampling: bool = True, **_: Any) -> "ActionPipeline":
         normalizer = RoboticsNormalizer.from_experiment(experiment_dir)
         robot_io = RobotIO.from_experiment(experiment_dir, normalizer.stats)
         backbone = model.vision_language_backbone
@@ -94,7 +100,8 @@ class ActionPipeline(Pipeline):
                                              robot_io.image_size, robot_io.processor_kwargs)
         return cls(model, robot_io, normalizer, processor, num_inference_steps=num_inference_steps,
                    n_action_steps=n_action_steps, open_loop_steps=open_loop_steps, control_period_s=control_period_s,
-                   max_observation_age_s=max_observation_age_s)
+                   max_observation_age_s=max_observation_age_s, cuda_graphs=cuda_graphs,
+                   traced_sampling=traced_sampling)
 
     @property
     def uses_language(self) -> bool:
@@ -120,6 +127,7 @@ class ActionPipeline(Pipeline):
             "action_horizon": r.future_steps + 1, "uses_language": self.uses_language,
             "max_prompt_tokens": self.max_prompt_tokens if self.uses_language else None,
             "sampler": "flow_matching" if isinstance(self.model.scheduler, FlowMatchingScheduler) else "ddpm",
+            "sampling_graphs": self.graphs.mode(),
         }
 
     # ------------------------------------------------------------------ serving contract
@@ -147,14 +155,20 @@ class ActionPipeline(Pipeline):
         """Until when ``steps`` actions from ``anchor`` may be executed: one control period each."""
         return anchor + steps * self.control_period_s
 
-    def warmup(self) -> None:
+    @torch.inference_mode()
+    def warmup(self, max_batch_size: int = 1) -> None:
+        """One call at the default step count; on CUDA also every graph bucket up to ``max_batch_size`` (on CPU
+        the other batch sizes are traced when they first come)."""
         r = self.robot_io
         size = r.resize_images_size or [r.image_size or 32] * 2
         frame = np.zeros((*size, 3), dtype=np.uint8)
         sample = RawObservation({n: frame for n in r.image_names},
                                 {f: np.zeros((r.past_steps + 1, r.field_dims[f]), np.float32)
                                  for f in r.proprioception_fields}, "warm up")
-        self.predict([sample], num_inference_steps=1, seed=0)
+        self.predict([sample], seed=0)
+        if self.device.type == "cuda":
+            self.graphs.capture(self.prepare([sample]).model_kwargs(), self.num_inference_steps,
+                                list(range(1, max_batch_size + 1)))
 
     # ------------------------------------------------------------------ inference
 
@@ -221,6 +235,17 @@ class ActionPipeline(Pipeline):
             "timing_ms": {"preprocess": (prepared - started) * 1000, "infer": (done - prepared) * 1000},
         }
 
+    def _sample(self, inputs: PolicyInputs, steps: int, generator, initial_noise: Optional[torch.Tensor]
+                ) -> torch.Tensor:
+        """Normalized actions (B, Ta, A): from a captured graph where one serves (the generator then only draws
+        the initial noise, as eager flow sampling uses it), else eagerly."""
+        if self.graphs.enabled:
+            if initial_noise is None:
+                initial_noise = randn_like(inputs.actions, generator)
+            return self.graphs.sample(inputs.model_kwargs(), steps, initial_noise)
+        return self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps, generator=generator,
+                                           initial_noise=initial_noise)
+
     @torch.inference_mode()
     def predict(self, samples: Sequence[RawObservation], *, num_inference_steps: Optional[int] = None,
                 seed: Optional[int] = None, noise: Optional[np.ndarray] = None) -> dict[str, Any]:
@@ -236,9 +261,7 @@ class ActionPipeline(Pipeline):
         steps = self._steps(num_inference_steps)
         seed = new_seed() if seed is None else seed
         initial_noise = None if noise is None else self._initial_noise(noise, inputs.actions)
-        normalized = self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps,
-                                                 generator=make_generator(self.device, seed),
-                                                 initial_noise=initial_noise)
+        normalized = self._sample(inputs, steps, make_generator(self.device, seed), initial_noise)
         return self._chunks(normalized, steps, seed, started, prepared)
 
     @torch.inference_mode()
@@ -261,8 +284,7 @@ class ActionPipeline(Pipeline):
             self._initial_noise(request.noise, inputs.actions[i:i + 1])[0] if request.noise is not None
             else randn_like(inputs.actions[i], generator) for i, (request, generator) in
             enumerate(zip(requests, generators))])
-        normalized = self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps,
-                                                 generator=generators, initial_noise=initial_noise)
+        normalized = self._sample(inputs, steps, generators, initial_noise)
         batch = self._chunks(normalized, steps, None, started, prepared)
         return [{**batch, "actions": {k: v[i:i + 1] for k, v in batch["actions"].items()},
                  "action_chunk": batch["action_chunk"][i:i + 1],

@@ -44,5 +44,6 @@ class Pipeline:
         """What a client needs to build a request (shown in ``GET /models``)."""
         return {}
 
-    def warmup(self) -> None:
-        """One small call so the first request does not pay for lazy initialisation."""
+    def warmup(self, max_batch_size: int = 1) -> None:
+        """One small call so the first request does not pay for lazy initialisation; a pipeline that captures
+        graphs per batch size captures them up to ``max_batch_size`` (the deployment's batching limit)."""

@@ -56,7 +56,7 @@ class CaptionPipeline(TextPipeline):
         io["chat"] = self.processor.has_chat_template
         return {**io, **self.processor.io()}
 
-    def warmup(self) -> None:
+    def warmup(self, max_batch_size: int = 1) -> None:
         gray = np.full((32, 32, 3), 128, dtype=np.uint8)
         self.caption([[gray]], [""], sampling=SamplingParams(max_new_tokens=2, temperature=0.0), seed=0)
 

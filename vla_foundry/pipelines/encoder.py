@@ -28,7 +28,7 @@ class EncoderPipeline(Pipeline):
         return {"embedding_dim": self.model.embedding_dim, "max_text_tokens": self.model.max_text_length,
                 "accepts": ["texts", "images"]}
 
-    def warmup(self) -> None:
+    def warmup(self, max_batch_size: int = 1) -> None:
         self.embed(texts=["a photo"], images=[np.zeros((32, 32, 3), dtype=np.uint8)])
 
     def check(self, texts: Optional[Sequence[str]] = None, images: Optional[Sequence[np.ndarray]] = None) -> None:

@@ -97,7 +97,7 @@ class ImagePipeline(Pipeline):
             "training_steps": self.model.num_timesteps - 1,
         }
 
-    def warmup(self) -> None:
+    def warmup(self, max_batch_size: int = 1) -> None:
         self.generate(num_images=1, num_inference_steps=2, seed=0)
 
     # ------------------------------------------------------------------ generate

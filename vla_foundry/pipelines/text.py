@@ -198,7 +198,7 @@ class TextPipeline(Pipeline):
                          "top_k": defaults.top_k, "top_p": defaults.top_p},
         }
 
-    def warmup(self) -> None:
+    def warmup(self, max_batch_size: int = 1) -> None:
         self.complete(prompt_token_ids=[[0]], sampling=SamplingParams(max_new_tokens=2, temperature=0.0), seed=0)
 
     # ------------------------------------------------------------------ inputs

@@ -1,0 +1,128 @@
+"""Policy sampling from captured graphs (``policy_graphs.py``): every answer equals eager sampling.
+
+On CPU the graphs are TorchScript traces; tests/test_gpu.py checks the CUDA graphs per bucket.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.factories import tiny_model, tiny_policy_params
+from tests.vla_foundry.test_diffusion_policy import TINY_VIT, in_memory_pipeline, observation
+from tests.vla_foundry.test_policy_batching import fixture_requests, mixed_requests
+from vla_foundry.models import policy_graphs
+from vla_foundry.params.clip import ViTBackboneParams
+from vla_foundry.params.diffusion import NoiseSchedulerParams
+from vla_foundry.pipelines import load_pipeline
+from vla_foundry.pipelines.action import PolicyRequest
+
+ATOL = 1e-5
+
+
+def assert_same_chunks(outs, expected):
+    for out, want in zip(outs, expected, strict=True):
+        np.testing.assert_allclose(out["action_chunk"], want["action_chunk"], atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def clip_pipelines(tiny_checkpoints):
+    """The tiny CLIP-backbone policy twice: sampling from graphs, and eagerly."""
+    path = tiny_checkpoints["diffusion_policy"]
+    return load_pipeline(path), load_pipeline(path, traced_sampling=False)
+
+
+def test_the_fixture_samples_through_graphs_give_the_fixture_actions(policy_fixture):
+    pipeline = load_pipeline(policy_fixture)
+    assert pipeline.io()["sampling_graphs"] == "traced"
+    requests, expected = fixture_requests(policy_fixture)
+    for _ in range(2):  # captured on the first call, replayed on the second
+        outs = pipeline.predict_each(requests, num_inference_steps=10)
+        for out, want in zip(outs, expected):
+            for field, values in want.items():
+                np.testing.assert_allclose(out["actions"][field][0], values, atol=ATOL)
+    assert len(pipeline.graphs) == 1
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_graph_sampling_equals_eager_for_mixed_batches(clip_pipelines, steps):
+    traced, eager = clip_pipelines
+    assert (traced.io()["sampling_graphs"], eager.io()["sampling_graphs"]) == ("traced", "eager")
+    requests = mixed_requests(traced.robot_io)  # prompts of several lengths, explicit noise, past action rows
+    for batch in (requests[:1], requests[:3], requests, requests[:3]):
+        assert_same_chunks(traced.predict_each(batch, num_inference_steps=steps),
+                           eager.predict_each(batch, num_inference_steps=steps))
+    single = requests[0]
+    assert_same_chunks([traced.predict([single.sample], num_inference_steps=steps, seed=3)],
+                       [eager.predict([single.sample], num_inference_steps=steps, seed=3)])
+
+
+def test_a_padded_batch_never_replays_the_graph_of_an_unpadded_one(clip_pipelines):
+    """Two prompts of one length and two of different lengths make inputs of the same shape, one padded and one
+    not: a graph captured without padding (where a library may skip the mask) must not answer a padded batch."""
+    traced, eager = clip_pipelines
+    io = traced.robot_io
+    same = [PolicyRequest(observation(io, seed=i, instruction="pick up the red block now"), seed=i) for i in range(2)]
+    mixed = [PolicyRequest(observation(io, seed=i, instruction=text), seed=i)
+             for i, text in enumerate(["go", "pick up the red block now"])]
+    assert traced.prepare([r.sample for r in same]).input_ids.shape == \
+        traced.prepare([r.sample for r in mixed]).input_ids.shape
+    for batch in (same, mixed, same):
+        assert_same_chunks(traced.predict_each(batch, num_inference_steps=3),
+                           eager.predict_each(batch, num_inference_steps=3))
+
+
+def test_a_vit_policy_samples_through_graphs():
+    model = tiny_model(tiny_policy_params(ViTBackboneParams(**TINY_VIT)))
+    traced, eager = (in_memory_pipeline(model, "none", traced_sampling=on) for on in (True, False))
+    requests = [PolicyRequest(observation(traced.robot_io, seed=i), seed=i) for i in range(3)]
+    assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
+    assert len(traced.graphs) == 1 and len(eager.graphs) == 0
+
+
+def test_a_ddpm_policy_samples_eagerly():
+    params = tiny_policy_params(ViTBackboneParams(**TINY_VIT), use_flow_matching_scheduler=False,
+                                noise_scheduler=NoiseSchedulerParams(num_timesteps=10))
+    pipeline = in_memory_pipeline(tiny_model(params), "none")
+    assert pipeline.io()["sampling_graphs"] == "eager"
+    out = pipeline.predict_each([PolicyRequest(observation(pipeline.robot_io), seed=1)], num_inference_steps=10)
+    assert out[0]["action_chunk"].shape == (1, 4, 3) and len(pipeline.graphs) == 0
+
+
+def test_a_failed_capture_samples_eagerly_and_is_not_retried(clip_pipelines, tiny_checkpoints, monkeypatch):
+    traced = load_pipeline(tiny_checkpoints["diffusion_policy"])
+    eager = clip_pipelines[1]
+    attempts = []
+
+    def broken_trace(sampler, example):
+        attempts.append(len(example))
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(policy_graphs, "_trace", broken_trace)
+    requests = [PolicyRequest(observation(traced.robot_io, seed=i), seed=i) for i in range(2)]
+    for _ in range(2):
+        assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
+    assert len(attempts) == 1 and len(traced.graphs) == 0
+
+
+def test_a_graph_that_differs_from_eager_never_serves(tiny_checkpoints, clip_pipelines, monkeypatch):
+    traced, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
+    real_trace = policy_graphs._trace
+    monkeypatch.setattr(policy_graphs, "_trace", lambda sampler, example: (
+        lambda *tensors: real_trace(sampler, example)(*tensors) + 1e-3))
+    requests = [PolicyRequest(observation(traced.robot_io), seed=5)]
+    assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
+    assert len(traced.graphs) == 0
+
+
+def test_graphs_are_bounded_least_recently_used_first(tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr(policy_graphs, "MAX_GRAPHS_PER_POLICY", 2)
+    pipeline = load_pipeline(tiny_checkpoints["diffusion_policy"])
+    for batch_size in (1, 2, 3):
+        requests = [PolicyRequest(observation(pipeline.robot_io, seed=i), seed=i) for i in range(batch_size)]
+        pipeline.predict_each(requests, num_inference_steps=2)
+    assert len(pipeline.graphs) == 2
+
+
+def test_cuda_buckets():
+    assert [policy_graphs.cuda_bucket(b) for b in (1, 2, 3, 5, 9, 17, 32, 33)] == [1, 2, 4, 8, 16, 32, 32, None]

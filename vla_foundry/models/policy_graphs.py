@@ -1,0 +1,200 @@
+"""A flow-matching policy's sampling replayed from a captured graph: the backbone once, then the S
+denoiser steps and flow updates, as one call with no Python between the ops.
+
+Why. An eager sampling call is hundreds of small ops, and every torch op hands the interpreter
+lock back and reacquires it. In a server the event loop holds that lock whenever it has work, so
+under cheap traffic (health probes, many robots' sockets) the model thread waits for the lock at
+every op: one robot's policy call went from 28 ms to 142 ms, and in another run to 2.8 s, while 16
+connections flooded ``/health/live``. A captured graph takes the lock once per call:
+- on CPU, a TorchScript trace (``torch.jit.trace``) per exact input shape; the trace runs its ops
+  in C++ with the lock released. Tracing is deprecated in favour of ``torch.compile`` and
+  ``torch.export``, but neither runs a graph without the interpreter (compiled code is still
+  driven op by op from Python, and AOTInductor needs minutes of C++ compilation per policy), so
+  it is the one tool that fits; where it is gone or fails, sampling stays eager.
+- on CUDA, a CUDA graph per batch bucket (1, 2, 4, 8, 16, 32): a batch is padded up to its bucket
+  (copies of its last row; rows never mix), its inputs are copied into the graph's static
+  buffers, and one replay launches every kernel, which also removes the launch cost that bounds
+  a small policy on a GPU.
+
+Only flow-matching policies replay: their sampling is a fixed function of the observation and
+the initial noise. A DDPM policy's steps draw fresh noise from each request's own generator,
+which a graph cannot keep per request, so it samples eagerly.
+
+A graph freezes every Python branch its capture took. Branches on shapes are safe: a graph serves
+one shape. A branch on values would be frozen too; the usual one is a library skipping an attention
+mask when nothing is padded (transformers does not skip while tracing, but other code may), so a
+graph's key also holds whether each mask input is all true, next to the shapes, dtypes and step
+count. Every graph is checked against the eager sampler on the inputs it was captured with before
+it serves (``GRAPH_TOLERANCE``); a graph that fails the check or the capture is remembered, and that
+key samples eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+
+from vla_foundry.schedulers import FlowMatchingScheduler
+
+logger = logging.getLogger(__name__)
+
+CUDA_BUCKETS = (1, 2, 4, 8, 16, 32)
+MAX_GRAPHS_PER_POLICY = 32  # (shape, steps) graphs kept per policy; the least recently used goes
+GRAPH_TOLERANCE = 1e-5  # max |graph − eager| in normalized action units (float32) for a graph to serve
+GRAPH_TOLERANCE_LOW_PRECISION = 2e-2  # the same for bf16/fp16 layers (the two runs may pick other kernels)
+# The order of the sampler's tensor inputs (``generate_actions``' names); absent ones are left out.
+INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask", "attention_mask_images", "actions", "past_mask",
+               "proprioception")
+MASK_NAMES = ("attention_mask", "attention_mask_images", "past_mask")  # whether each is all true is in the key
+
+
+def cuda_bucket(batch_size: int) -> Optional[int]:
+    """The captured batch size a batch of ``batch_size`` is padded to; None above the largest."""
+    return next((b for b in CUDA_BUCKETS if b >= batch_size), None)
+
+
+class _Sampler(torch.nn.Module):
+    """``generate_actions`` with a fixed step count and the initial noise as an input: what is traced."""
+
+    def __init__(self, model, names: tuple[str, ...], steps: int):
+        super().__init__()
+        self.model, self.names, self.steps = model, names, steps
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        *inputs, noise = tensors
+        return self.model.generate_actions(**dict(zip(self.names, inputs)), num_inference_steps=self.steps,
+                                           initial_noise=noise)
+
+
+class _CudaGraph:
+    """One captured sampling call on static buffers; ``__call__`` copies the inputs in and replays."""
+
+    def __init__(self, sampler: _Sampler, example: list[torch.Tensor]):
+        self.static = [t.clone() for t in example]
+        device = example[0].device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
+            for _ in range(2):
+                sampler(*self.static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = sampler(*self.static)
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        for buffer, tensor in zip(self.static, tensors):
+            buffer.copy_(tensor)
+        self.graph.replay()
+        return self.output.clone()
+
+
+def _trace(sampler: _Sampler, example: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A TorchScript trace of ``sampler``. The tracer warns at every Python branch on a traced size or value
+    (most are shape checks in the models and in transformers); the key and the capture check cover them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # "torch.jit.trace is deprecated" (above)
+        return torch.jit.trace(sampler, tuple(example), check_trace=False)
+
+
+class PolicyGraphs:
+    """Captured sampling graphs for one flow-matching ``DiffusionPolicy``, created on first use per shape."""
+
+    def __init__(self, model, *, cuda_graphs: bool = True, trace_on_cpu: bool = True):
+        self.model = model
+        self.cuda_graphs, self.trace_on_cpu = cuda_graphs, trace_on_cpu
+        self._graphs: OrderedDict[tuple, Callable[..., torch.Tensor]] = OrderedDict()
+        self._refused: set[tuple] = set()
+
+    def __len__(self) -> int:
+        """How many graphs are captured and serving."""
+        return len(self._graphs)
+
+    @staticmethod
+    def supports(model) -> bool:
+        return isinstance(model.scheduler, FlowMatchingScheduler)
+
+    @property
+    def enabled(self) -> bool:
+        device = next(self.model.parameters()).device
+        return self.supports(self.model) and (self.cuda_graphs if device.type == "cuda" else self.trace_on_cpu)
+
+    def mode(self) -> str:
+        """How sampling runs: ``cuda_graph``, ``traced`` or ``eager`` (shown in ``/models``)."""
+        if not self.enabled:
+            return "eager"
+        return "cuda_graph" if next(self.model.parameters()).device.type == "cuda" else "traced"
+
+    def sample(self, inputs: dict[str, Optional[torch.Tensor]], steps: int, initial_noise: torch.Tensor
+               ) -> torch.Tensor:
+        """Normalized actions (B, Ta, A), equal to ``model.generate_actions(**inputs, num_inference_steps=steps,
+        initial_noise=initial_noise)``: from a graph where one serves this shape, else eagerly."""
+        if self.enabled:
+            names = tuple(n for n in INPUT_NAMES if inputs.get(n) is not None)
+            tensors = [inputs[n] for n in names] + [initial_noise]
+            out = self._replay(names, tensors, steps)
+            if out is not None:
+                return out
+        return self.model.generate_actions(**inputs, num_inference_steps=steps, initial_noise=initial_noise)
+
+    def _replay(self, names: tuple[str, ...], tensors: list[torch.Tensor], steps: int) -> Optional[torch.Tensor]:
+        batch = tensors[0].shape[0]
+        on_cuda = tensors[0].device.type == "cuda"
+        size = cuda_bucket(batch) if on_cuda else batch
+        if size is None:
+            return None
+        if size > batch:  # pad with copies of the last row: each row's result depends on that row alone
+            tensors = [torch.cat([t, t[-1:].expand(size - batch, *t.shape[1:])]) for t in tensors]
+        masks = tuple(bool(t.all()) for n, t in zip(names, tensors) if n in MASK_NAMES)
+        key = (names, steps, tuple((tuple(t.shape), t.dtype) for t in tensors), masks)
+        if key in self._refused:
+            return None
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(key, names, tensors, steps, on_cuda)
+            if graph is None:
+                return None
+        self._graphs.move_to_end(key)
+        return graph(*tensors)[:batch]
+
+    def _capture(self, key: tuple, names, tensors: list[torch.Tensor], steps: int, on_cuda: bool):
+        sampler = _Sampler(self.model, names, steps)
+        try:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: the graph serves any later mode
+                example = [t.clone() for t in tensors]
+                graph = _CudaGraph(sampler, example) if on_cuda else _trace(sampler, example)
+                eager = sampler(*example)
+                for _ in range(2):  # TorchScript's executor optimizes after its first runs: check what serves
+                    replayed = graph(*example)
+            error = (replayed.float() - eager.float()).abs().max().item()
+            low_precision = next(self.model.parameters()).dtype != torch.float32
+            tolerance = GRAPH_TOLERANCE_LOW_PRECISION if low_precision else GRAPH_TOLERANCE
+            if not error <= tolerance:
+                raise RuntimeError(f"the graph differs from eager sampling by {error:.3g} (tolerance {tolerance:g})")
+        except Exception as e:  # noqa: BLE001 — any capture failure means eager sampling for this shape
+            self._refused.add(key)
+            logger.warning("policy sampling for batch %d, %d steps runs eagerly: %s: %s", tensors[0].shape[0],
+                           steps, type(e).__name__, e)
+            return None
+        self._graphs[key] = graph
+        while len(self._graphs) > MAX_GRAPHS_PER_POLICY:
+            self._graphs.popitem(last=False)
+        return graph
+
+    def capture(self, inputs: dict[str, Optional[torch.Tensor]], steps: int, batch_sizes: list[int]) -> None:
+        """Capture ahead of the first requests (warm-up): one graph per batch size (on CUDA, per bucket),
+        from ``inputs`` of batch 1 repeated."""
+        if not self.enabled:
+            return
+        sizes = sorted({cuda_bucket(b) or b for b in batch_sizes} if next(self.model.parameters()).device.type
+                       == "cuda" else set(batch_sizes))
+        for size in sizes:
+            batch = {n: (t.expand(size, *t.shape[1:]).contiguous() if t is not None else None)
+                     for n, t in inputs.items()}
+            noise = torch.zeros_like(batch["actions"])
+            self.sample(batch, steps, noise)
