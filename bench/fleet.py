@@ -164,7 +164,8 @@ if litserve is not None:
             from vla_foundry.pipelines import load_pipeline
 
             self.pipeline = load_pipeline(self.checkpoint, device="cpu")
-            self.pipeline.warmup()  # as our server does before it reports ready
+            # As our server does before it reports ready: the sampling graph of every batch size it may form.
+            self.pipeline.warmup(max(1, self.max_batch_size))
 
         def decode_request(self, request: dict, **kwargs: Any) -> Any:
             from vla_foundry.pipelines.action import PolicyRequest
@@ -231,9 +232,10 @@ class OurRobot:
         self.client = client(base, timeout=REPLY_TIMEOUT_S, **extra)
         self.observation, self.steps, self.timing = observation, steps, timing
 
-    def call(self, seed: int) -> Optional[int]:
+    def call(self, seed: int) -> Optional[dict]:
+        """The server's timing of the reply (batch_size, queue, infer ms)."""
         reply = self.client.infer(self.observation, seed=seed, num_inference_steps=self.steps)
-        return reply[self.timing]["batch_size"]
+        return reply[self.timing]
 
     def close(self) -> None:
         self.client.close()
@@ -246,7 +248,7 @@ class LitServeRobot:
         self.client = httpx.Client(base_url=base, timeout=REPLY_TIMEOUT_S)
         self.observation = observation
 
-    def call(self, seed: int) -> Optional[int]:
+    def call(self, seed: int) -> Optional[dict]:
         # Packed per request, as a robot would with a fresh frame (the msgpack client packs every request too).
         body = json.dumps({"observation": pack(self.observation, binary=False), "seed": seed})
         reply = self.client.post("/predict", content=body, headers={"content-type": "application/json"})
@@ -276,6 +278,7 @@ class Row:
     errors: int
     requests: int
     first_error: str = ""
+    infer_p50: Optional[float] = None  # ms: the server's own run time (model thread), where it reports one
     extra: dict = field(default_factory=dict)
 
 
@@ -293,6 +296,7 @@ class Window:
 class RobotLog:
     latencies: list = field(default_factory=list)
     batches: list = field(default_factory=list)
+    infer_ms: list = field(default_factory=list)  # the server's own run time per reply (ours only)
     errors: int = 0
     first_error: str = ""
 
@@ -327,7 +331,7 @@ def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: R
             i += 1
             started = time.perf_counter()
             try:
-                batch = robot.call(seed)
+                timing = robot.call(seed)
             except Exception as e:
                 log.error(e)
                 robot.close()
@@ -337,8 +341,9 @@ def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: R
             done = time.perf_counter()
             if window.start <= done <= window.end:
                 log.latencies.append(done - started)
-                if batch is not None:
-                    log.batches.append(batch)
+                if timing is not None:
+                    log.batches.append(timing["batch_size"])
+                    log.infer_ms.append(timing["infer"])
     finally:
         if robot is not None:
             robot.close()
@@ -364,6 +369,7 @@ def run_fleet(server: str, robots: int, connect: Callable[[int], Any], warmup: f
     stuck = sum(t.is_alive() for t in threads)
     latencies = [x for log in logs for x in log.latencies]
     batches = [b for log in logs for b in log.batches]
+    infer = [x for log in logs for x in log.infer_ms]
     errors = sum(log.errors for log in logs) + stuck
     first_error = next((log.first_error for log in logs if log.first_error), "")
     if stuck:
@@ -372,7 +378,8 @@ def run_fleet(server: str, robots: int, connect: Callable[[int], Any], warmup: f
     return Row(server, robots, len(latencies) / seconds,
                float(np.percentile(ms, 50)) if len(ms) else float("nan"),
                float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-               statistics.fmean(batches) if batches else None, errors, len(latencies), first_error)
+               statistics.fmean(batches) if batches else None, errors, len(latencies), first_error,
+               infer_p50=float(np.percentile(infer, 50)) if infer else None)
 
 
 def measure(server: str, transport: str, base: str, robots: int, io: dict, steps: int,
@@ -526,12 +533,13 @@ def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], con
 
 def print_starvation(rows: list[tuple[str, Row, dict]]) -> None:
     print("\n## starvation (ours, batching on; one robot, msgpack HTTP)\n")
-    print("| load | robot req/s | robot p50 ms | robot p99 ms | /health/live req/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| load | robot req/s | robot p50 ms | robot p99 ms | server run p50 ms | /health/live req/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, row, summary in rows:
         health = fmt(summary.get("rps")) if summary else "-"
         errors = row.errors + summary.get("errors", 0)
-        print(f"| {label} | {fmt(row.rps)} | {fmt(row.p50, 2)} | {fmt(row.p99, 2)} | {health} | {errors} |")
+        print(f"| {label} | {fmt(row.rps)} | {fmt(row.p50, 2)} | {fmt(row.p99, 2)} | {fmt(row.infer_p50, 2)} | "
+              f"{health} | {errors} |")
     quiet, poll, flood = (r for _, r, _ in rows)
     p50_ratio, rps_ratio = ratio(poll.p50, quiet.p50), ratio(flood.rps, quiet.rps)
     print(f"- p50 polled ÷ quiet: {times(p50_ratio)} (goal < {GOAL_HEALTH_P50:g}) — "

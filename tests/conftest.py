@@ -13,12 +13,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from tests.factories import build_checkpoint, build_tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("VLA_FIXTURES_DIR") or REPO.parent / "shared" / "fixtures" / "vla_foundry")
+# The conformance fixtures ship in the repository (tests/fixtures/vla_foundry/README.md says where they come
+# from); VLA_FIXTURES_DIR points the tests at another copy.
+FIXTURES = Path(os.environ.get("VLA_FIXTURES_DIR") or REPO / "tests" / "fixtures" / "vla_foundry")
 
 
 def pytest_configure(config):
     if not FIXTURES.is_dir():
-        raise pytest.UsageError(f"VLA Foundry fixtures not found at {FIXTURES}; set VLA_FIXTURES_DIR")
+        raise pytest.UsageError(f"VLA Foundry fixtures not found at {FIXTURES}: unset VLA_FIXTURES_DIR to use the "
+                                "repository's copy (tests/fixtures/vla_foundry), or point it at a fixtures directory")
 
 
 def pytest_collection_modifyitems(config, items):

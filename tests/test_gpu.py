@@ -1,5 +1,6 @@
 """The GPU path (skipped without CUDA): device auto, one move of the weights, fp32/bf16/fp16."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -164,3 +165,25 @@ def test_diffusion_policy_fixture_and_serving_on_cuda(fixtures_dir, dtype):
                              for f in r.proprioception_fields}, "open the drawer")
     a, b = (pipeline.predict([sample], seed=4)["action_chunk"] for _ in range(2))
     assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_policy_cuda_graphs_equal_eager_for_every_bucket(tiny_checkpoints, dtype):
+    """Captured at warm-up for every bucket up to 32; each batch size (padded to its bucket) answers as eager."""
+    from vla_foundry.models.policy_graphs import CUDA_BUCKETS, GRAPH_TOLERANCE_LOW_PRECISION
+    from vla_foundry.pipelines.action import PolicyRequest
+    from tests.vla_foundry.test_diffusion_policy import observation
+
+    path = tiny_checkpoints["diffusion_policy"]
+    graphs = load_pipeline(path, device="cuda", dtype=dtype)
+    eager = load_pipeline(path, device="cuda", dtype=dtype, cuda_graphs=False)
+    graphs.warmup(max_batch_size=32)
+    assert graphs.io()["sampling_graphs"] == "cuda_graph" and eager.io()["sampling_graphs"] == "eager"
+    assert len(graphs.graphs) == len(CUDA_BUCKETS)
+    atol = 1e-4 if dtype == "float32" else GRAPH_TOLERANCE_LOW_PRECISION
+    for batch_size in (1, 2, 3, 4, 7, 8, 16, 17, 32):
+        requests = [PolicyRequest(observation(graphs.robot_io, seed=i, instruction="go"), seed=i)
+                    for i in range(batch_size)]
+        for _ in range(2):  # captured, then replayed
+            for out, want in zip(graphs.predict_each(requests), eager.predict_each(requests), strict=True):
+                np.testing.assert_allclose(out["action_chunk"], want["action_chunk"], atol=atol)

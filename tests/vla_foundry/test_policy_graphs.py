@@ -126,3 +126,27 @@ def test_graphs_are_bounded_least_recently_used_first(tiny_checkpoints, monkeypa
 
 def test_cuda_buckets():
     assert [policy_graphs.cuda_bucket(b) for b in (1, 2, 3, 5, 9, 17, 32, 33)] == [1, 2, 4, 8, 16, 32, 32, None]
+
+
+def test_warmup_captures_every_batch_size_so_requests_never_wait_for_a_capture(tiny_checkpoints, clip_pipelines,
+                                                                               monkeypatch):
+    """Four camera frames per sample (pixel rows = 4 × batch): warm-up grows the sample to each batch size."""
+    pipeline, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
+    pipeline.warmup(max_batch_size=3)
+    assert len(pipeline.graphs) == 3
+    monkeypatch.setattr(policy_graphs, "_trace", lambda sampler, example: pytest.fail("captured while serving"))
+    for batch_size in (1, 2, 3):
+        requests = [PolicyRequest(observation(pipeline.robot_io, seed=i, instruction="warm up"), seed=i)
+                    for i in range(batch_size)]
+        assert_same_chunks(pipeline.predict_each(requests), eager.predict_each(requests))
+
+
+def test_a_policy_without_language_pads_and_keys_by_its_samples():
+    model = tiny_model(tiny_policy_params(ViTBackboneParams(**TINY_VIT)))
+    traced, eager = (in_memory_pipeline(model, "none", traced_sampling=on) for on in (True, False))
+    traced.warmup(max_batch_size=2)
+    assert len(traced.graphs) == 2
+    for batch_size in (1, 2, 3):
+        requests = [PolicyRequest(observation(traced.robot_io, seed=i), seed=i) for i in range(batch_size)]
+        assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
+    assert len(traced.graphs) == 3

@@ -102,6 +102,14 @@ def _trace(sampler: _Sampler, example: list[torch.Tensor]) -> Callable[..., torc
         return torch.jit.trace(sampler, tuple(example), check_trace=False)
 
 
+def _resize_batch(t: torch.Tensor, batch: int, size: int) -> torch.Tensor:
+    """``t`` of ``batch`` samples (each its dim-0 block of rows: one row, or one per camera frame for pixels)
+    grown to ``size`` samples with copies of the last sample."""
+    rows = t.shape[0] // batch
+    extra = t[-rows:].repeat(size - batch, *([1] * (t.dim() - 1)))
+    return torch.cat([t, extra])
+
+
 class PolicyGraphs:
     """Captured sampling graphs for one flow-matching ``DiffusionPolicy``, created on first use per shape."""
 
@@ -143,13 +151,13 @@ class PolicyGraphs:
         return self.model.generate_actions(**inputs, num_inference_steps=steps, initial_noise=initial_noise)
 
     def _replay(self, names: tuple[str, ...], tensors: list[torch.Tensor], steps: int) -> Optional[torch.Tensor]:
-        batch = tensors[0].shape[0]
-        on_cuda = tensors[0].device.type == "cuda"
+        batch = tensors[-1].shape[0]  # the initial noise (B, Ta, A)
+        on_cuda = tensors[-1].device.type == "cuda"
         size = cuda_bucket(batch) if on_cuda else batch
         if size is None:
             return None
-        if size > batch:  # pad with copies of the last row: each row's result depends on that row alone
-            tensors = [torch.cat([t, t[-1:].expand(size - batch, *t.shape[1:])]) for t in tensors]
+        if size > batch:  # pad with copies of the last sample: each sample's result depends on its own rows alone
+            tensors = [_resize_batch(t, batch, size) for t in tensors]
         masks = tuple(bool(t.all()) for n, t in zip(names, tensors) if n in MASK_NAMES)
         key = (names, steps, tuple((tuple(t.shape), t.dtype) for t in tensors), masks)
         if key in self._refused:
@@ -193,8 +201,7 @@ class PolicyGraphs:
             return
         sizes = sorted({cuda_bucket(b) or b for b in batch_sizes} if next(self.model.parameters()).device.type
                        == "cuda" else set(batch_sizes))
+        one = inputs["actions"].shape[0]
         for size in sizes:
-            batch = {n: (t.expand(size, *t.shape[1:]).contiguous() if t is not None else None)
-                     for n, t in inputs.items()}
-            noise = torch.zeros_like(batch["actions"])
-            self.sample(batch, steps, noise)
+            batch = {n: (_resize_batch(t, one, size) if t is not None else None) for n, t in inputs.items()}
+            self.sample(batch, steps, torch.zeros_like(batch["actions"]))

@@ -157,8 +157,10 @@ class ActionPipeline(Pipeline):
 
     @torch.inference_mode()
     def warmup(self, max_batch_size: int = 1) -> None:
-        """One call at the default step count; on CUDA also every graph bucket up to ``max_batch_size`` (on CPU
-        the other batch sizes are traced when they first come)."""
+        """One call at the default step count, then the sampling graph of every batch size up to
+        ``max_batch_size`` (on CUDA, every bucket), so no robot's request waits for a capture (about a
+        second each on CPU). Requests of other shapes (another step count, prompt length) capture theirs
+        on first use."""
         r = self.robot_io
         size = r.resize_images_size or [r.image_size or 32] * 2
         frame = np.zeros((*size, 3), dtype=np.uint8)
@@ -166,9 +168,8 @@ class ActionPipeline(Pipeline):
                                 {f: np.zeros((r.past_steps + 1, r.field_dims[f]), np.float32)
                                  for f in r.proprioception_fields}, "warm up")
         self.predict([sample], seed=0)
-        if self.device.type == "cuda":
-            self.graphs.capture(self.prepare([sample]).model_kwargs(), self.num_inference_steps,
-                                list(range(1, max_batch_size + 1)))
+        self.graphs.capture(self.prepare([sample]).model_kwargs(), self.num_inference_steps,
+                            list(range(1, max_batch_size + 1)))
 
     # ------------------------------------------------------------------ inference
 
