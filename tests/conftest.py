@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Servers under test sample policies eagerly: capturing a traced graph per batch size at every warm-up would
+# more than double the service tests' time. tests/vla_foundry/test_policy_graphs.py checks graphs == eager, and
+# one live-server test (test_action_api.py) serves the fixture policy from graphs.
+os.environ.setdefault("VLA_TRACED_SAMPLING", "false")
 
 from tests.factories import build_checkpoint, build_tiny_tokenizer  # noqa: E402
 

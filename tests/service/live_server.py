@@ -11,7 +11,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Optional, Iterator
 
 import httpx
 
@@ -28,11 +28,12 @@ def cli() -> list[str]:
 
 
 @contextmanager
-def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120) -> Iterator[str]:
+def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120,
+                env: Optional[dict[str, str]] = None) -> Iterator[str]:
     """`vla-foundry serve` on a free loopback port: yields the base URL once ``/health/ready`` says 200;
-    stops the server with SIGINT after."""
+    stops the server with SIGINT after. ``env``: settings (``VLA_*``) over this process's environment."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir), **(env or {})}
     command = cli() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     with server_process(command, env, port, timeout) as (base, _):
         yield base

@@ -63,10 +63,14 @@ def fixture_requests() -> list[tuple[dict, dict]]:
 
 
 def test_fixture_observation_gives_the_fixture_actions_on_a_live_server(tmp_path):
-    with live_server(["--checkpoint", f"{FIXTURE}=fixture-policy"], tmp_path / "demo") as base:
+    """With the production sampling path: a traced graph per batch size, captured at warm-up (the other tests
+    run with VLA_TRACED_SAMPLING=false, tests/conftest.py)."""
+    settings = {"VLA_TRACED_SAMPLING": "true", "VLA_MAX_BATCH_SIZE": "2"}
+    with live_server(["--checkpoint", f"{FIXTURE}=fixture-policy"], tmp_path / "demo", env=settings) as base:
         with httpx.Client(base_url=base, timeout=60) as client:
             info = client.get("/models/fixture-policy").json()
             assert info["type"] == "diffusion_policy" and info["checkpoint"]["file"] == "checkpoint_2.pt"
+            assert info["io"]["sampling_graphs"] == "traced"
             for body, expected in fixture_requests():
                 response = client.post("/predict/diffusion_policy", json=body)
                 assert response.status_code == 200, response.text
