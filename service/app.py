@@ -13,6 +13,7 @@ from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
 from service.errors import install_error_handlers
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
+from service.probes import LivenessProbe
 from service.routes import health, models
 from service.routes.inference import add_inference_routes
 from service.routes.openai import add_openai_routes
@@ -52,6 +53,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     elif settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without API keys: anyone who reaches this address can use every "
                        "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE", settings.host)
+    app.add_middleware(LivenessProbe)  # outermost: a probe costs the event loop almost nothing (probes.py)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

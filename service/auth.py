@@ -73,7 +73,7 @@ class ApiKeys:
         return None if matched else "the API key is not valid for this server"
 
 
-def _app_path(scope: Scope) -> str:
+def app_path(scope: Scope) -> str:
     """The path as the app's routes see it: without the ``root_path`` a proxy or Ray's ``route_prefix`` put
     in front (Starlette routes on the path with it stripped)."""
     path, root = scope["path"], scope.get("root_path", "")
@@ -89,7 +89,7 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or _app_path(scope) in PUBLIC_PATHS:
+        if scope["type"] not in ("http", "websocket") or app_path(scope) in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

@@ -129,7 +129,7 @@ class Deployment:
         checkpoint: dict[str, Any] = {"path": self.spec.checkpoint, "file": None, "step": None}
         io: dict[str, Any] = {}
         if self.pipeline is not None:
-            checkpoint = self.pipeline.model.checkpoint.to_dict()
+            checkpoint = self.pipeline.checkpoint_info()
             io = self.pipeline.io()
         info = {
             "name": self.name, "type": self.model_type, "modality": self.modality, "status": self.status,

@@ -96,7 +96,7 @@ class SessionStore:
             if deployment.pipeline is None:
                 raise ApiError(503, f"deployment {deployment.name!r} is not ready ({deployment.status}); retry "
                                     "shortly", retry_after=5)
-            if not hasattr(deployment.pipeline, "robot_io"):
+            if deployment.modality != "action":
                 raise ApiError(422, f"deployment {deployment.name!r} ({deployment.model_type}) does not take robot "
                                     "sessions; sessions are for policies", field="model")
             entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options))

@@ -40,6 +40,10 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def checkpoint_info(self) -> dict[str, Any]:
+        """Which weights are loaded (experiment path, file, training step), shown in ``GET /models``."""
+        return self.model.checkpoint.to_dict()
+
     def io(self) -> dict[str, Any]:
         """What a client needs to build a request (shown in ``GET /models``)."""
         return {}
