@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench openpi-venv
+.PHONY: serve test bench openpi-venv gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ test: $(BIN)/.installed-test openpi-venv
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/generate.py
+
+# On a GPU host: the GPU tests and the GPU rows of every bench, one summary table (bench/gpu_check.py).
+gpu-check: $(BIN)/.installed-test
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py $(ARGS)

@@ -1,6 +1,7 @@
 """A fleet of robots on one policy: throughput and latency vs concurrency, our server (batching off / on) vs LitServe.
 
-    python bench/fleet.py [--checkpoint DIR | --tiny] [--concurrency 1,4,16,64] [--seconds 10] [--warmup 2]
+    python bench/fleet.py [--checkpoint DIR | --tiny | --gpu-policy] [--device cpu|cuda] [--concurrency 1,4,16,64]
+                          [--seconds 10] [--warmup 2]
                           [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
                           [--no-starvation]
 
@@ -87,6 +88,10 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
     if args.tiny:
         print("checkpoint: a tiny random-weight policy (--tiny), in a temporary directory", flush=True)
         return build_policy(scratch / "tiny-policy", ["front"], 64)
+    if args.gpu_policy:
+        print("checkpoint: a GPU-sized random-weight policy (--gpu-policy: 3 cameras at 224 px, a ViT-B/32-sized "
+              "backbone, 10 flow steps), in a temporary directory", flush=True)
+        return build_policy(scratch / "gpu-policy", ["left", "right", "wrist"], 224, gpu_sized=True)
     if args.checkpoint:
         return Path(args.checkpoint)
     from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
@@ -104,6 +109,7 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
 # ----------------------------------------------------------------------------- the servers
 
 
+DEVICE = "cpu"  # --device: where every server runs its model
 TORCH_THREADS: Optional[int] = 1  # --threads: the same torch thread count in every server; 0 or None: torch's default
 
 
@@ -118,7 +124,7 @@ def server_env(**extra: str) -> dict[str, str]:
 def our_server(checkpoint: Path, max_batch_size: int) -> Iterator[str]:
     port = free_port()
     command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=policy", "--host", "127.0.0.1", "--port",
-                           str(port), "--device", "cpu"]
+                           str(port), "--device", DEVICE]
     env = server_env(VLA_MAX_BATCH_SIZE=str(max_batch_size))
     with server_process(command, env, port, "/health/ready", f"our server (VLA_MAX_BATCH_SIZE={max_batch_size})") as b:
         yield b
@@ -130,7 +136,7 @@ def litserve_server(checkpoint: Path, max_batch_size: int, batch_timeout: float,
     port = free_port()
     command = [sys.executable, str(Path(__file__).resolve()), "--litserve-worker", "--checkpoint", str(checkpoint),
                "--port", str(port), "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout),
-               "--steps", str(steps)]
+               "--steps", str(steps), "--device", DEVICE]
     with server_process(command, server_env(), port, "/health", f"LitServe (max_batch_size={max_batch_size})") as b:
         yield b
 
@@ -156,14 +162,14 @@ if litserve is not None:
     class PolicyAPI(litserve.LitAPI):
         """The policy pipeline behind LitServe: the same `predict_each` call our server's batches make."""
 
-        def __init__(self, checkpoint: str, steps: int, **kwargs: Any):
+        def __init__(self, checkpoint: str, steps: int, device: str = "cpu", **kwargs: Any):
             super().__init__(**kwargs)
-            self.checkpoint, self.steps = checkpoint, steps
+            self.checkpoint, self.steps, self.device_name = checkpoint, steps, device
 
         def setup(self, device: str) -> None:
             from vla_foundry.pipelines import load_pipeline
 
-            self.pipeline = load_pipeline(self.checkpoint, device="cpu")
+            self.pipeline = load_pipeline(self.checkpoint, device=self.device_name)
             # As our server does before it reports ready: the sampling graph of every batch size it may form.
             self.pipeline.warmup(max(1, self.max_batch_size))
 
@@ -199,9 +205,11 @@ if litserve is not None:
 
 
 def litserve_worker(args: argparse.Namespace) -> None:
-    """--litserve-worker: LitServe serving the checkpoint, one worker on the CPU, bound to 127.0.0.1 only."""
-    api = PolicyAPI(args.checkpoint, args.steps, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
-    server = litserve.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1)
+    """--litserve-worker: LitServe serving the checkpoint, one worker (on --device), bound to 127.0.0.1 only."""
+    api = PolicyAPI(args.checkpoint, args.steps, args.device, max_batch_size=args.max_batch_size,
+                    batch_timeout=args.batch_timeout)
+    accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
+    server = litserve.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False)
 
 
@@ -567,6 +575,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="the diffusion_policy experiment directory (default: the demo policy)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random-weight policy instead (to check the script)")
+    parser.add_argument("--gpu-policy", action="store_true",
+                        help="a GPU-sized random-weight policy (3 cameras at 224 px, ViT-B/32-sized backbone)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where both servers run the model")
     parser.add_argument("--concurrency", default="1,4,16,64", help="robot counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per row before measuring")
@@ -594,8 +605,8 @@ def main() -> None:
         return litserve_worker(args)
     if args.health_load:
         return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
-    global TORCH_THREADS
-    TORCH_THREADS = args.threads
+    global TORCH_THREADS, DEVICE
+    TORCH_THREADS, DEVICE = args.threads, args.device
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Started in the background by a shell without job control: SIGINT is ignored, and the servers would
         # inherit that, so LitServe would not stop on it (ours does: uvicorn installs its own handler).

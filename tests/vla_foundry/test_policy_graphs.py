@@ -130,13 +130,15 @@ def test_cuda_buckets():
 
 def test_warmup_captures_every_batch_size_so_requests_never_wait_for_a_capture(tiny_checkpoints, clip_pipelines,
                                                                                monkeypatch):
-    """Four camera frames per sample (pixel rows = 4 × batch): warm-up grows the sample to each batch size."""
+    """Four camera frames per sample (pixel rows = 4 × batch): warm-up grows the sample to each batch size; every
+    prompt is padded to the longest allowed, so instructions of any length replay the warm-up's graphs."""
     pipeline, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
     pipeline.warmup(max_batch_size=3)
     assert len(pipeline.graphs) == 3
     monkeypatch.setattr(policy_graphs, "_trace", lambda sampler, example: pytest.fail("captured while serving"))
     for batch_size in (1, 2, 3):
-        requests = [PolicyRequest(observation(pipeline.robot_io, seed=i, instruction="warm up"), seed=i)
+        instructions = ["go", "pick up the red block now", "warm up"]
+        requests = [PolicyRequest(observation(pipeline.robot_io, seed=i, instruction=instructions[i]), seed=i)
                     for i in range(batch_size)]
         assert_same_chunks(pipeline.predict_each(requests), eager.predict_each(requests))
 

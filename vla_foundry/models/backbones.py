@@ -16,7 +16,7 @@ from torch import nn
 from vla_foundry.keyed_registry import KeyedRegistry
 from vla_foundry.models.clip_hf import ClipHF, l2normalize
 from vla_foundry.models.vit import ViT
-from vla_foundry.robotics.processor import InputProcessor, hf_processor, hf_tokenizer_text, raw_pixels
+from vla_foundry.robotics.processor import InputProcessor, hf_processor, hf_tokenizer_text, raw_pixels, text_pad_id
 
 BACKBONES: KeyedRegistry[type] = KeyedRegistry(
     "policy backbone", "Check `vision_language_backbone.type` in config_model.yaml.")
@@ -68,7 +68,7 @@ class ClipBackbone(nn.Module):
                         processor_kwargs: Optional[dict] = None) -> InputProcessor:
         if processor in (None, "", "none"):
             text = hf_tokenizer_text(self._model.tokenizer)
-            return InputProcessor(raw_pixels(image_size), text)
+            return InputProcessor(raw_pixels(image_size), text, text_pad_id(self._model.tokenizer))
         return hf_processor(processor, processor_kwargs)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None) -> torch.Tensor:

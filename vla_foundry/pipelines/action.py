@@ -159,7 +159,7 @@ class ActionPipeline(Pipeline):
     def warmup(self, max_batch_size: int = 1) -> None:
         """One call at the default step count, then the sampling graph of every batch size up to
         ``max_batch_size`` (on CUDA, every bucket), so no robot's request waits for a capture (about a
-        second each on CPU). Requests of other shapes (another step count, prompt length) capture theirs
+        second each on CPU). Requests of other shapes (another step count, frame count) capture theirs
         on first use."""
         r = self.robot_io
         size = r.resize_images_size or [r.image_size or 32] * 2
@@ -168,7 +168,7 @@ class ActionPipeline(Pipeline):
                                 {f: np.zeros((r.past_steps + 1, r.field_dims[f]), np.float32)
                                  for f in r.proprioception_fields}, "warm up")
         self.predict([sample], seed=0)
-        self.graphs.capture(self.prepare([sample]).model_kwargs(), self.num_inference_steps,
+        self.graphs.capture(self._graph_inputs(self.prepare([sample])), self.num_inference_steps,
                             list(range(1, max_batch_size + 1)))
 
     # ------------------------------------------------------------------ inference
@@ -236,6 +236,16 @@ class ActionPipeline(Pipeline):
             "timing_ms": {"preprocess": (prepared - started) * 1000, "infer": (done - prepared) * 1000},
         }
 
+    def _graph_inputs(self, inputs: PolicyInputs) -> dict[str, Optional[torch.Tensor]]:
+        """``generate_actions``' inputs for a graph, every prompt padded to the longest allowed: one graph per
+        batch size then serves any instruction (the model reads the padding as it reads the shorter prompts of
+        a batch)."""
+        kwargs = inputs.model_kwargs()
+        if self.uses_language and self.max_prompt_tokens:
+            kwargs["input_ids"], kwargs["attention_mask"] = self.processor.pad_text(
+                kwargs["input_ids"], kwargs["attention_mask"], self.max_prompt_tokens)
+        return kwargs
+
     def _sample(self, inputs: PolicyInputs, steps: int, generator, initial_noise: Optional[torch.Tensor]
                 ) -> torch.Tensor:
         """Normalized actions (B, Ta, A): from a captured graph where one serves (the generator then only draws
@@ -243,7 +253,7 @@ class ActionPipeline(Pipeline):
         if self.graphs.enabled:
             if initial_noise is None:
                 initial_noise = randn_like(inputs.actions, generator)
-            return self.graphs.sample(inputs.model_kwargs(), steps, initial_noise)
+            return self.graphs.sample(self._graph_inputs(inputs), steps, initial_noise)
         return self.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=steps, generator=generator,
                                            initial_noise=initial_noise)
 

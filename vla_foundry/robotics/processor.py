@@ -84,9 +84,22 @@ class InputProcessor:
     """
 
     def __init__(self, image_fn: Callable[[list], torch.Tensor],
-                 text_fn: Optional[Callable[[list[str], Optional[int]], tuple[torch.Tensor, torch.Tensor]]]):
+                 text_fn: Optional[Callable[[list[str], Optional[int]], tuple[torch.Tensor, torch.Tensor]]],
+                 text_pad_id: Optional[int] = None):
         self.image_fn = image_fn
         self.text_fn = text_fn
+        self.text_pad_id = text_pad_id  # what ``text_fn`` pads shorter rows with, on the right; None: it cannot
+
+    def pad_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids and mask padded on the right to ``length`` columns, as ``text_fn`` pads the shorter prompts of a
+        batch (so the model reads them alike); unchanged when this processor does not pad or they are as long."""
+        extra = length - input_ids.shape[1]
+        if self.text_pad_id is None or extra <= 0:
+            return input_ids, attention_mask
+        ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], extra), self.text_pad_id)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_zeros((attention_mask.shape[0], extra))], dim=1)
+        return ids, mask
 
     def pixel_values(self, frames: list[np.ndarray]) -> torch.Tensor:
         return self.image_fn(frames)
@@ -137,7 +150,15 @@ def hf_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputPro
     def image_fn(frames: list[np.ndarray]) -> torch.Tensor:
         return image_processor(images=list(frames), return_tensors="pt", **kwargs)["pixel_values"]
 
-    return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None)
+    return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None,
+                          text_pad_id(tokenizer))
+
+
+def text_pad_id(tokenizer) -> Optional[int]:
+    """The id an HF tokenizer pads with, when it pads on the right (None otherwise: no padding is added)."""
+    if tokenizer is None or tokenizer.pad_token_id is None or getattr(tokenizer, "padding_side", "right") != "right":
+        return None
+    return int(tokenizer.pad_token_id)
 
 
 def check_prompt_length(processor: InputProcessor, prompts: list[str], max_length: Optional[int],
