@@ -7,11 +7,12 @@ import sys
 from contextlib import asynccontextmanager
 from typing import Optional
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
 from service.errors import install_error_handlers
+from service.metrics import Metrics, RequestMetrics
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
 from service.probes import LivenessProbe
 from service.routes import health, models
@@ -28,7 +29,8 @@ logger = logging.getLogger("service")
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     """The app for ``settings``; deployments start loading (each on its own thread) at startup."""
     settings = settings or Settings.load()
-    manager = DeploymentManager(settings)
+    metrics = Metrics()
+    manager = DeploymentManager(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -46,16 +48,21 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.settings = settings
     app.state.manager = manager
     app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
+    app.state.metrics = metrics
+    metrics.watch(manager, app.state.sessions)
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes)
     api_keys = settings.api_key_list()
     if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
-        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys))
+        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)
     elif settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without API keys: anyone who reaches this address can use every "
                        "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE", settings.host)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outside the key check: 401s are counted too
     app.add_middleware(LivenessProbe)  # outermost: a probe costs the event loop almost nothing (probes.py)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.add_api_route("/metrics", lambda: metrics.response(), methods=["GET"], tags=["operations"],
+                      summary="Prometheus metrics (text format)", response_class=Response)
     app.include_router(models.router)
     add_inference_routes(app, settings)
     add_openai_routes(app, settings)

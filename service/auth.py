@@ -84,12 +84,13 @@ class ApiKeyMiddleware:
     """Refuses HTTP requests (401, the one error shape, ``WWW-Authenticate``) and websocket upgrades (an HTTP
     401 where the server supports ASGI's websocket HTTP response, else a 403) that carry no valid key."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys):
+    def __init__(self, app: ASGIApp, keys: ApiKeys, metrics_public: bool = False):
         self.app = app
         self.keys = keys
+        self.public_paths = PUBLIC_PATHS | {"/metrics"} if metrics_public else PUBLIC_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or app_path(scope) in PUBLIC_PATHS:
+        if scope["type"] not in ("http", "websocket") or app_path(scope) in self.public_paths:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

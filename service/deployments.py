@@ -18,6 +18,7 @@ import torch
 
 from service.errors import ApiError
 from service.executor import ModelExecutor, QueueFull
+from service.metrics import Metrics
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.config_files import read_model_config, read_training_config
 from vla_foundry.devices import resolve_device, resolve_model_dtype
@@ -27,6 +28,7 @@ from vla_foundry.pipelines import Pipeline, load_pipeline
 logger = logging.getLogger(__name__)
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+STATES = (LOADING, READY, FAILED)
 # Checkpoints are built one at a time: transformers' lazy imports are not safe when two threads
 # import the same modules at once (one sees a half-initialised module). Warmups still run in parallel.
 _LOAD_LOCK = threading.Lock()
@@ -34,7 +36,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 
 class Deployment:
-    def __init__(self, spec: DeploymentSpec, settings: Settings, prepare: Optional[callable] = None):
+    def __init__(self, spec: DeploymentSpec, settings: Settings, prepare: Optional[callable] = None,
+                 metrics: Optional[Metrics] = None):
         self.spec = spec
         self.name = spec.resolved_name
         self.settings = settings
@@ -49,6 +52,8 @@ class Deployment:
         self.created = int(time.time())  # OpenAI's model "created" (when this server took the deployment on)
         self.executor = ModelExecutor(self.name, settings.max_queue, batch_wait_ms=self.batch_wait_ms)
         self._prepare = prepare  # e.g. build the demo pack before the first load
+        self.metrics = metrics
+        self.load_seconds: Optional[float] = None  # loading and warm-up, once ready
         self._batch_runners: dict[Any, Any] = {}
 
     @property
@@ -61,6 +66,7 @@ class Deployment:
         self.executor.submit(self._load)
 
     def _load(self) -> None:
+        started = time.perf_counter()
         try:
             if self._prepare is not None:
                 self._prepare()
@@ -91,6 +97,7 @@ class Deployment:
                 pipeline.warmup(self.executor.max_batch_size)
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
+            self.load_seconds = time.perf_counter() - started
             self.status = READY
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
         except Exception as e:  # the reason goes to /models; the others keep serving
@@ -109,7 +116,7 @@ class Deployment:
         """Run ``fn(pipeline, ...)`` on this deployment's thread; returns an executor ``Timed``."""
         self._check_serving()
         try:
-            return await self.executor.run(fn, self.pipeline, *args, **kwargs)
+            return self._observed(await self.executor.run(fn, self.pipeline, *args, **kwargs))
         except QueueFull as e:
             raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
 
@@ -121,9 +128,14 @@ class Deployment:
         if runner is None:  # one callable per fn: the executor batches jobs whose callable is the same
             runner = self._batch_runners.setdefault(fn, lambda items: fn(self.pipeline, items))
         try:
-            return await self.executor.run_batched(runner, key, item)
+            return self._observed(await self.executor.run_batched(runner, key, item))
         except QueueFull as e:
             raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
+
+    def _observed(self, timed):
+        if self.metrics is not None:
+            self.metrics.observe_model_call(self.name, timed.queue_ms, timed.run_ms, timed.batch_size)
+        return timed
 
     def info(self) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"path": self.spec.checkpoint, "file": None, "step": None}
@@ -148,7 +160,7 @@ class Deployment:
 
 
 class DeploymentManager:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: Optional[Metrics] = None):
         self.settings = settings
         specs = list(settings.deployments)
         prepare = None
@@ -167,7 +179,7 @@ class DeploymentManager:
         if duplicates:
             raise ValueError(f"deployment names must be unique; repeated: {', '.join(duplicates)}. "
                              "Give each a `name:` (or --checkpoint DIR=NAME)")
-        self.deployments = {s.resolved_name: Deployment(s, settings, prepare) for s in specs}
+        self.deployments = {s.resolved_name: Deployment(s, settings, prepare, metrics) for s in specs}
 
     def start(self) -> None:
         for deployment in self.deployments.values():

@@ -64,6 +64,7 @@ class ModelExecutor:
         # Requests waiting, whether still in the queue or held back by a batch they could not join: the bound
         # counts both, so a turn that holds back requests does not make room for more.
         self._waiting = threading.BoundedSemaphore(max_queue)
+        self.depth = 0  # requests waiting (queued or held back), for the metrics; the semaphore is the bound
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet batched
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
@@ -81,6 +82,7 @@ class ModelExecutor:
     def _put(self, job: _Job) -> concurrent.futures.Future:
         if not self._waiting.acquire(blocking=False):
             raise QueueFull(f"deployment {self.name!r} has {self.max_queue} requests waiting")
+        self.depth += 1
         self._queue.put_nowait(job)
         return job.future
 
@@ -130,9 +132,13 @@ class ModelExecutor:
         return batch
 
     def _run_one(self, job: _Job) -> None:
-        self._waiting.release()
+        self._release()
         if job.future.set_running_or_notify_cancel():
             self._call(job)
+
+    def _release(self) -> None:
+        self.depth -= 1
+        self._waiting.release()
 
     def _call(self, job: _Job) -> None:
         """Run one job by itself (its future already running): a plain call, or a batch of one."""
@@ -145,7 +151,7 @@ class ModelExecutor:
 
     def _run_batch(self, batch: list[_Job]) -> None:
         for _ in batch:
-            self._waiting.release()
+            self._release()
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
         if not batch:
             return

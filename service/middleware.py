@@ -131,7 +131,9 @@ class BodyCodecMiddleware:
             return
         new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         new_headers += [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
-        scope = {**scope, "headers": new_headers, **decoded}
+        # In place, not a copy: the route Starlette matches (scope["route"]) is then seen by the outer layers
+        # (the request metrics label requests by it).
+        scope.update({"headers": new_headers, **decoded})
         sent = False
 
         async def replay() -> Message:

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
         "The interpreter's thread switch interval (sys.setswitchinterval), in ms: how long a busy thread (the event "
         "loop under a flood of requests) may keep the interpreter lock before a model thread that waits for it gets "
         "it; none: Python's 5 ms."))
+    metrics_public: bool = Field(False, description=(
+        "Serve GET /metrics without an API key (for a scraper on a trusted network); by default it needs one, as "
+        "every route but the health probes and the docs."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     cuda_graphs: bool = Field(True, description=(
         "On CUDA, replay from captured CUDA graphs: text decoding, and flow-matching policies' sampling (one graph "

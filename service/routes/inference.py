@@ -64,6 +64,7 @@ def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict
             timing["preprocess"] += prepare_ms
         payload = {"model": deployment.name, **value,
                    "timing_ms": {**{k: round(v, 3) for k, v in timing.items()}, "total": round(total, 3)}}
+        request.app.state.metrics.observe_reply(deployment.name, payload)
         accept = request.headers.get("accept", "")
         special = reply(payload, accept) if reply is not None else None
         if special is not None:

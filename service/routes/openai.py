@@ -348,6 +348,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
                    "choices": choices, "usage": usage_of(result), "system_fingerprint": f"seed-{result.seed}",
                    "timing_ms": {"queue": round(timed.queue_ms, 3), "infer": round(timed.run_ms, 3),
                                  "total": round((time.perf_counter() - started) * 1000, 3)}}
+        request.app.state.metrics.observe_reply(deployment.name, payload)
         return encode_response(payload, request.headers.get("accept", ""))
 
     stream = DeltaStream()
@@ -374,8 +375,10 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
                     yield chunk([{"index": row, "delta": delta, "finish_reason": finish, "logprobs": None}])
                 else:
                     yield chunk([{"index": row, "text": text or "", "finish_reason": finish, "logprobs": None}])
+            usage = usage_of(stream.result().value)
+            request.app.state.metrics.observe_reply(deployment.name, {"usage": usage})
             if body.include_usage:
-                yield chunk([], usage=usage_of(stream.result().value))
+                yield chunk([], usage=usage)
         except InvalidInputError as e:
             yield sse_error(422, str(e))
         except Exception as e:  # the stream has started: the error goes in-band, without internals

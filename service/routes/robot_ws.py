@@ -111,9 +111,12 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         except ApiError as e:
             await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
             return
+        connections = websocket.app.state.metrics.websockets
+        connections.inc()
         try:
             await _serve(websocket, deployment, entry, request_cls, settings)
         finally:
+            connections.dec()
             if session_id is None:  # this connection's own session ends with it
                 sessions.discard(entry.id)
 

@@ -115,12 +115,13 @@ def test_a_graph_that_differs_from_eager_never_serves(tiny_checkpoints, clip_pip
     assert len(traced.graphs) == 0
 
 
-def test_graphs_are_bounded_least_recently_used_first(tiny_checkpoints, monkeypatch):
+def test_captures_are_bounded_and_later_shapes_sample_eagerly(tiny_checkpoints, clip_pipelines, monkeypatch):
     monkeypatch.setattr(policy_graphs, "MAX_GRAPHS_PER_POLICY", 2)
-    pipeline = load_pipeline(tiny_checkpoints["diffusion_policy"])
-    for batch_size in (1, 2, 3):
+    pipeline, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
+    for batch_size in (1, 2, 3, 1):
         requests = [PolicyRequest(observation(pipeline.robot_io, seed=i), seed=i) for i in range(batch_size)]
-        pipeline.predict_each(requests, num_inference_steps=2)
+        assert_same_chunks(pipeline.predict_each(requests, num_inference_steps=2),
+                           eager.predict_each(requests, num_inference_steps=2))
     assert len(pipeline.graphs) == 2
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -43,7 +42,11 @@ from vla_foundry.schedulers import FlowMatchingScheduler
 logger = logging.getLogger(__name__)
 
 CUDA_BUCKETS = (1, 2, 4, 8, 16, 32)
-MAX_GRAPHS_PER_POLICY = 32  # (shape, steps) graphs kept per policy; the least recently used goes
+# Graphs captured per policy, at most; later shapes sample eagerly. A bound on captures, not an LRU: a dropped
+# TorchScript trace does not give its memory back (its types stay in TorchScript's global compilation unit;
+# about 70 MB per graph for the demo policy on CPU, measured with /proc/self/statm), so replacing graphs would
+# grow the process without end.
+MAX_GRAPHS_PER_POLICY = 16
 GRAPH_TOLERANCE = 1e-5  # max |graph − eager| in normalized action units (float32) for a graph to serve
 GRAPH_TOLERANCE_LOW_PRECISION = 2e-2  # the same for bf16/fp16 layers (the two runs may pick other kernels)
 # The order of the sampler's tensor inputs (``generate_actions``' names); absent ones are left out.
@@ -116,7 +119,7 @@ class PolicyGraphs:
     def __init__(self, model, *, cuda_graphs: bool = True, trace_on_cpu: bool = True):
         self.model = model
         self.cuda_graphs, self.trace_on_cpu = cuda_graphs, trace_on_cpu
-        self._graphs: OrderedDict[tuple, Callable[..., torch.Tensor]] = OrderedDict()
+        self._graphs: dict[tuple, Callable[..., torch.Tensor]] = {}
         self._refused: set[tuple] = set()
 
     def __len__(self) -> int:
@@ -164,10 +167,14 @@ class PolicyGraphs:
             return None
         graph = self._graphs.get(key)
         if graph is None:
+            if len(self._graphs) >= MAX_GRAPHS_PER_POLICY:
+                self._refused.add(key)
+                logger.warning("policy sampling for batch %d, %d steps runs eagerly: this policy has captured its "
+                               "%d graphs", batch, steps, MAX_GRAPHS_PER_POLICY)
+                return None
             graph = self._capture(key, names, tensors, steps, on_cuda)
             if graph is None:
                 return None
-        self._graphs.move_to_end(key)
         return graph(*tensors)[:batch]
 
     def _capture(self, key: tuple, names, tensors: list[torch.Tensor], steps: int, on_cuda: bool):
@@ -190,8 +197,6 @@ class PolicyGraphs:
                            steps, type(e).__name__, e)
             return None
         self._graphs[key] = graph
-        while len(self._graphs) > MAX_GRAPHS_PER_POLICY:
-            self._graphs.popitem(last=False)
         return graph
 
     def capture(self, inputs: dict[str, Optional[torch.Tensor]], steps: int, batch_sizes: list[int]) -> None:

@@ -1,0 +1,149 @@
+"""Prometheus metrics at ``GET /metrics`` (prometheus-client, the text exposition format).
+
+One registry per app (tests and Ray replicas make several apps in one process). What each layer
+knows it records:
+- the ``RequestMetrics`` middleware: every HTTP request by route template and status, and its
+  latency (401s included: it sits outside the API-key check; probes answered by ``probes.py``
+  are not counted);
+- ``Deployment`` after each model call: time queued, time running, batch size;
+- the routes: tokens and images generated, websocket connections;
+- read at scrape time (``_StateCollector``): each deployment's state, load time and queue depth,
+  live robot sessions, and on CUDA the device memory in use.
+
+Names follow Prometheus conventions: ``vla_`` prefix, base units (seconds), ``_total`` counters,
+a ``deployment`` label where one applies.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from service.deployments import DeploymentManager
+    from service.sessions import SessionStore
+
+# Robot round trips are milliseconds; image generation and long completions take seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the label set bounded)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vla_http_requests", "HTTP requests by route template, method and status.",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("vla_http_request_duration_seconds", "HTTP request latency, first byte "
+                                         "received to last byte sent.", ["route"], buckets=LATENCY_BUCKETS,
+                                         registry=r)
+        self.queue_seconds = Histogram("vla_model_queue_seconds", "Time a request waited for its deployment's "
+                                       "model thread.", ["deployment"], buckets=LATENCY_BUCKETS, registry=r)
+        self.run_seconds = Histogram("vla_model_run_seconds", "Time of the model call a request ran in "
+                                     "(preprocessing, model, postprocessing).", ["deployment"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("vla_model_batch_size", "Requests that shared one model call.", ["deployment"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.tokens = Counter("vla_tokens_generated", "Tokens generated (completions, captions, chat).",
+                              ["deployment"], registry=r)
+        self.images = Counter("vla_images_generated", "Images generated.", ["deployment"], registry=r)
+        self.websockets = Gauge("vla_websocket_connections", "Open robot websocket connections.", registry=r)
+
+    def observe_model_call(self, deployment: str, queue_ms: float, run_ms: float, batch_size: int) -> None:
+        self.queue_seconds.labels(deployment).observe(queue_ms / 1000)
+        self.run_seconds.labels(deployment).observe(run_ms / 1000)
+        self.batch_size.labels(deployment).observe(batch_size)
+
+    def observe_reply(self, deployment: str, payload: dict[str, Any]) -> None:
+        """Tokens and images a reply carries (``usage.completion_tokens``, ``images``)."""
+        usage = payload.get("usage")
+        if isinstance(usage, dict) and usage.get("completion_tokens"):
+            self.tokens.labels(deployment).inc(usage["completion_tokens"])
+        images = payload.get("images")
+        if isinstance(images, list) and images:
+            self.images.labels(deployment).inc(len(images))
+
+    def watch(self, manager: "DeploymentManager", sessions: "SessionStore") -> None:
+        self.registry.register(_StateCollector(manager, sessions))
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _StateCollector:
+    """Gauges read when scraped: nothing to keep in step as deployments load, fail or queue."""
+
+    def __init__(self, manager: "DeploymentManager", sessions: "SessionStore"):
+        self.manager, self.sessions = manager, sessions
+
+    def describe(self):  # no samples at registration (deployments may still be loading)
+        return []
+
+    def collect(self):
+        from service.deployments import STATES
+
+        state = GaugeMetricFamily("vla_deployment_state", "1 for the state each deployment is in.",
+                                  labels=["deployment", "state"])
+        load = GaugeMetricFamily("vla_deployment_load_seconds", "How long loading (and warming up) took.",
+                                 labels=["deployment"])
+        depth = GaugeMetricFamily("vla_queue_depth", "Requests waiting for each deployment's model thread.",
+                                  labels=["deployment"])
+        for d in self.manager.deployments.values():
+            for s in STATES:
+                state.add_metric([d.name, s], 1.0 if d.status == s else 0.0)
+            if d.load_seconds is not None:
+                load.add_metric([d.name], d.load_seconds)
+            depth.add_metric([d.name], d.executor.depth)
+        yield from (state, load, depth)
+        yield GaugeMetricFamily("vla_robot_sessions", "Live robot sessions.", value=len(self.sessions))
+        memory = _cuda_memory()
+        if memory:
+            family = GaugeMetricFamily("vla_cuda_memory_allocated_bytes", "CUDA memory in use by tensors.",
+                                       labels=["device"])
+            for device, value in memory.items():
+                family.add_metric([device], value)
+            yield family
+
+
+def _cuda_memory() -> dict[str, float]:
+    import sys
+
+    torch = sys.modules.get("torch")  # no import here: a CPU-only scrape must not pay for it
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": float(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request by its route template (``/predict/transformer``,
+    ``/sessions/{session_id}/step``), read from the route Starlette matched."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: Optional[int] = None
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED
+            self.metrics.requests.labels(route, scope["method"], str(status or 500)).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
