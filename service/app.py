@@ -15,6 +15,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetrics
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
 from service.probes import LivenessProbe
+from service.request_ids import RequestIds
 from service.routes import health, models
 from service.routes.inference import add_inference_routes
 from service.routes.openai import add_openai_routes
@@ -58,6 +59,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         logger.warning("serving on %s without API keys: anyone who reaches this address can use every "
                        "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE", settings.host)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outside the key check: 401s are counted too
+    app.add_middleware(RequestIds)  # every request's id, in its reply, error body and log lines
     app.add_middleware(LivenessProbe)  # outermost: a probe costs the event loop almost nothing (probes.py)
     install_error_handlers(app)
     app.include_router(health.router)

@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from service.app import create_app
+        from service.request_ids import configure_logging
         from service.settings import Settings, parse_checkpoint_arg
     except ImportError as e:
         print(f"vla-foundry serve needs the serving extra: pip install 'vla-foundry-serve[serve]' ({e})",
@@ -31,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"vla-foundry serve: {e}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     if not settings.deployments:
         from vla_foundry.demo import ensure_demo_pack
 

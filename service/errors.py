@@ -1,4 +1,4 @@
-"""One error shape over HTTP: ``{"error": {"type", "message", "field"?}}``.
+"""One error shape over HTTP: ``{"error": {"type", "message", "field"?, "request_id"?}}``.
 
 No traceback or file path ever reaches a client; the server log has the details.
 """
@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.codecs import encode_response
+from service.request_ids import current_request_id
 from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
 
 logger = logging.getLogger("service")
@@ -33,9 +34,13 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, field: Optional[str] = None, type: Optional[str] = None) -> dict[str, Any]:
+    """The one error shape; ``request_id`` is the current request's (``request_ids.py``), to quote in a report."""
     error: dict[str, Any] = {"type": type or ERROR_TYPES.get(status, "error"), "message": message}
     if field:
         error["field"] = field
+    request_id = current_request_id.get()
+    if request_id is not None:
+        error["request_id"] = request_id
     return {"error": error}
 
 

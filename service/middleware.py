@@ -88,8 +88,12 @@ class BodyCodecMiddleware:
             else:
                 await self.app(scope, receive, send_logged)
         finally:
-            logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"],
-                        (time.perf_counter() - started) * 1000)
+            duration_ms = (time.perf_counter() - started) * 1000
+            route = getattr(scope.get("route"), "path", None)
+            logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"], duration_ms,
+                        extra={"method": scope["method"], "path": scope["path"], "route": route,
+                               "deployment": scope.get("path_params", {}).get("model_type"),
+                               "status": status_holder["status"], "duration_ms": round(duration_ms, 3)})
 
     async def _with_decoded_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])

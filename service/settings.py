@@ -7,7 +7,7 @@ Precedence, highest first: CLI flags, the deployment YAML (``--config``/``VLA_CO
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -100,6 +100,9 @@ class Settings(BaseSettings):
         "On CPU, run a flow-matching policy's sampling from a TorchScript trace per batch size (traced on first "
         "use, checked against eager): about 2x faster, and the model no longer waits for the interpreter lock at "
         "every op while the server handles other traffic."))
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "Log lines as text (with the request id in brackets) or one JSON object per line (time, level, logger, "
+        "message, request_id; the access line adds method, route, status, duration_ms)."))
     log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "
                                                 "trace).")
     api_keys: Optional[SecretStr] = Field(None, description=(

@@ -29,23 +29,24 @@ def cli() -> list[str]:
 
 @contextmanager
 def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120,
-                env: Optional[dict[str, str]] = None) -> Iterator[str]:
+                env: Optional[dict[str, str]] = None, log_path: Optional[Path] = None) -> Iterator[str]:
     """`vla-foundry serve` on a free loopback port: yields the base URL once ``/health/ready`` says 200;
-    stops the server with SIGINT after. ``env``: settings (``VLA_*``) over this process's environment."""
+    stops the server with SIGINT after. ``env``: settings (``VLA_*``) over this process's environment;
+    ``log_path``: where its output goes (kept; default a temporary file)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir), **(env or {})}
     command = cli() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with server_process(command, env, port, timeout) as (base, _):
+    with server_process(command, env, port, timeout, log_path) as (base, _):
         yield base
 
 
 @contextmanager
-def server_process(command: list[str], env: dict[str, str], port: int,
-                   timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+def server_process(command: list[str], env: dict[str, str], port: int, timeout: float = 120,
+                   log_path: Optional[Path] = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """Runs ``command`` (a server for 127.0.0.1:``port``); yields (base URL, process) once ``/health/ready``
     says 200, then stops it with SIGINT (SIGKILL after 20 s)."""
     # The log goes to a file: a pipe nobody reads would block the server once it fills.
-    log = tempfile.TemporaryFile(mode="w+")
+    log = open(log_path, "w+") if log_path is not None else tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

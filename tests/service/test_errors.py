@@ -57,7 +57,7 @@ def post_json(client, path, body):
 def assert_error(response, status, field=None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) <= {"type", "message", "field"} and error["message"]
+    assert set(error) <= {"type", "message", "field", "request_id"} and error["message"]
     assert "Traceback" not in error["message"] and "/site-packages/" not in error["message"]
     if field:
         assert error.get("field") == field, error

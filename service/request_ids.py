@@ -1,0 +1,96 @@
+"""Request ids: every HTTP request and websocket connection gets one, echoed and logged.
+
+The id is the client's ``X-Request-ID`` when it is sane (1-128 characters of letters, digits and
+``._:-``: it goes into headers and log lines as it is), else a new one. It is held in a context
+variable for the request's task (and the thread-pool work it starts), so that the reply's
+``X-Request-ID`` header, the error body's ``request_id`` and every log line written for the
+request carry the same id without being passed around.
+
+``JsonFormatter`` (``VLA_LOG_FORMAT=json``) writes one JSON object per log line: time, level,
+logger, message, the request id, and the fields a line adds with ``extra=`` (the access line adds
+method, route, status and duration). Bodies and API keys are never logged by this server.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Optional
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HEADER = b"x-request-id"
+_SANE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+current_request_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("request_id", default=None)
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's id when sane, else a new one."""
+    for name, value in scope.get("headers") or ():
+        if name == HEADER:
+            if _SANE.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class RequestIds:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+        token = current_request_id.set(request_id)
+        header = (HEADER, request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            current_request_id.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every record (``%(request_id)s``; ``-`` outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get() or "-"
+        return True
+
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), "request_id": getattr(record, "request_id", None)}
+        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """The root handler's format (``text``: one readable line with the request id; ``json``: ``JsonFormatter``),
+    and the request id on every record."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level)
+    for handler in root.handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+        handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))

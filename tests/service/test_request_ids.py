@@ -1,0 +1,68 @@
+"""Request ids: the client's ``X-Request-ID`` when sane, else a new one; in the reply header, the error body
+and the log lines of the request (text and JSON logs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+
+from service import DeploymentSpec
+from service.request_ids import JsonFormatter, RequestIdFilter
+from tests.factories import PREDICT_REQUESTS
+from tests.service.conftest import serving
+from tests.service.live_server import live_server
+
+
+def test_ids_are_echoed_and_in_error_bodies(tiny_checkpoints, caplog):
+    spec = DeploymentSpec(name="tiny-transformer", checkpoint=str(tiny_checkpoints["transformer"]))
+    with serving(spec, api_keys="secret") as client:
+        auth = {"authorization": "Bearer secret"}
+        ok = client.post("/predict/transformer", json=PREDICT_REQUESTS["transformer"],
+                         headers={**auth, "x-request-id": "robot-7:step.42"})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == "robot-7:step.42"
+        fresh = client.get("/models", headers=auth)
+        assert len(fresh.headers["x-request-id"]) == 32  # none given: a new one
+        assert client.get("/models", headers=auth).headers["x-request-id"] != fresh.headers["x-request-id"]
+        # an insane id (too long, or characters a log line or header must not carry) is replaced
+        for bad in ("x" * 129, "a b", "id\twith\ttabs"):
+            assert client.get("/models", headers={**auth, "x-request-id": bad}).headers["x-request-id"] != bad
+        with caplog.at_level(logging.INFO, logger="service.access"):
+            refused = client.post("/predict/transformer", json={"bogus": 1}, headers={**auth, "x-request-id": "r-422"})
+            unauthorized = client.get("/models", headers={"x-request-id": "r-401"})
+        assert refused.status_code == 422 and refused.json()["error"]["request_id"] == "r-422"
+        assert refused.headers["x-request-id"] == "r-422"
+        assert unauthorized.status_code == 401 and unauthorized.json()["error"]["request_id"] == "r-401"
+        access = [r for r in caplog.records if r.name == "service.access"]
+        assert [(r.route, r.status) for r in access] == [("/predict/transformer", 422)]  # (a 401 is refused outside)
+
+
+def test_json_log_lines_carry_the_request_id_and_the_access_fields():
+    from service.request_ids import current_request_id
+
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "%s %s", ("GET", "/models"), None)
+    record.route, record.status = "/models", 200
+    token = current_request_id.set("abc")
+    try:
+        RequestIdFilter().filter(record)
+    finally:
+        current_request_id.reset(token)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "abc" and line["message"] == "GET /models"
+    assert line["route"] == "/models" and line["status"] == 200 and line["level"] == "INFO"
+
+
+def test_a_live_server_logs_json_with_request_ids(tmp_path, tiny_checkpoints):
+    policy = tiny_checkpoints["transformer"]
+    log = tmp_path / "server.log"
+    with live_server(["--checkpoint", f"{policy}=tiny"], tmp_path / "demo",
+                     env={"VLA_LOG_FORMAT": "json", "VLA_API_KEYS": "k"}, log_path=log) as base:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            reply = client.post("/predict/transformer", json=PREDICT_REQUESTS["transformer"],
+                                headers={"authorization": "Bearer k", "x-request-id": "live-1"})
+            assert reply.status_code == 200 and reply.headers["x-request-id"] == "live-1"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    access = [entry for entry in lines if entry.get("logger") == "service.access" and entry["request_id"] == "live-1"]
+    assert access and access[0]["route"] == "/predict/transformer" and access[0]["status"] == 200
+    assert "k" not in {str(v) for entry in lines for v in entry.values()}  # the key itself is never logged
