@@ -14,6 +14,7 @@ from service.deployments import DeploymentManager
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetrics
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
+from service.deadlines import Deadlines
 from service.probes import LivenessProbe
 from service.request_ids import RequestIds
 from service.routes import health, models
@@ -58,6 +59,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     elif settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without API keys: anyone who reaches this address can use every "
                        "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE", settings.host)
+    app.add_middleware(Deadlines)  # X-Request-Timeout → the request's deadline (deadlines.py)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outside the key check: 401s are counted too
     app.add_middleware(RequestIds)  # every request's id, in its reply, error body and log lines
     app.add_middleware(LivenessProbe)  # outermost: a probe costs the event loop almost nothing (probes.py)

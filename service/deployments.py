@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any, Optional
 import torch
 
 from service.errors import ApiError
-from service.executor import ModelExecutor, QueueFull
+from service.deadlines import deadline_for
+from service.executor import DeadlineExceeded, ModelExecutor, QueueFull
 from service.metrics import Metrics
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.config_files import read_model_config, read_training_config
@@ -112,25 +114,48 @@ class Deployment:
         if self.status == FAILED:
             raise ApiError(503, f"deployment {self.name!r} failed to load; GET /models/{self.name} has the reason")
 
+    def _admit(self) -> Optional[float]:
+        """This request's deadline (deadlines.py), after refusing it (503) when the expected wait already
+        exceeds what is left of it, or this deployment's ``max_queue_ms``."""
+        self._check_serving()
+        deadline = deadline_for(self.spec.request_timeout_s)
+        wait_s = self.executor.expected_wait_s()
+        if not wait_s:
+            return deadline
+        retry_after = max(1, math.ceil(wait_s))
+        if deadline is not None and time.perf_counter() + wait_s > deadline:
+            raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms before this "
+                                f"request could run, past its deadline; retry later, or allow more time "
+                                f"(X-Request-Timeout)", retry_after=retry_after, type="overloaded")
+        if self.spec.max_queue_ms is not None and wait_s * 1000 > self.spec.max_queue_ms:
+            raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms, over its "
+                                f"max_queue_ms of {self.spec.max_queue_ms:g}; retry later", retry_after=retry_after,
+                           type="overloaded")
+        return deadline
+
     async def run(self, fn, *args, **kwargs):
         """Run ``fn(pipeline, ...)`` on this deployment's thread; returns an executor ``Timed``."""
-        self._check_serving()
+        deadline = self._admit()
         try:
-            return self._observed(await self.executor.run(fn, self.pipeline, *args, **kwargs))
+            return self._observed(await self.executor.run(fn, self.pipeline, *args, deadline=deadline, **kwargs))
         except QueueFull as e:
             raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
+        except DeadlineExceeded as e:
+            raise ApiError(504, f"{e}; it was not run", type="timeout") from None
 
     async def run_batched(self, fn, key, item):
         """``fn(pipeline, items) -> results`` on this deployment's thread, ``item`` batched with the queued
         items of the same ``fn`` and ``key`` (executor.py); returns this item's ``Timed``."""
-        self._check_serving()
+        deadline = self._admit()
         runner = self._batch_runners.get(fn)
         if runner is None:  # one callable per fn: the executor batches jobs whose callable is the same
             runner = self._batch_runners.setdefault(fn, lambda items: fn(self.pipeline, items))
         try:
-            return self._observed(await self.executor.run_batched(runner, key, item))
+            return self._observed(await self.executor.run_batched(runner, key, item, deadline))
         except QueueFull as e:
             raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
+        except DeadlineExceeded as e:
+            raise ApiError(504, f"{e}; it was not run", type="timeout") from None
 
     def _observed(self, timed):
         if self.metrics is not None:
@@ -219,9 +244,10 @@ class DeploymentManager:
         return usable[0]
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether to take traffic, and each deployment's status: all a probe needs. The probe is public, so
+        failure reasons (which name checkpoint paths and state-dict keys) stay in ``GET /models/{name}``."""
         statuses = {d.name: d.status for d in self.deployments.values()}
-        failed = {d.name: d.error for d in self.deployments.values() if d.status == FAILED}
+        failed = [n for n, s in statuses.items() if s == FAILED]
         loading = [n for n, s in statuses.items() if s == LOADING]
         ready = not loading and len(failed) < len(statuses)
-        return ready, {"status": "ready" if ready else ("loading" if loading else "failed"),
-                       "deployments": statuses, "failed": failed}
+        return ready, {"status": "ready" if ready else ("loading" if loading else "failed"), "deployments": statuses}

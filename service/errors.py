@@ -21,7 +21,7 @@ logger = logging.getLogger("service")
 
 ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
                413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_value",
-               503: "unavailable", 500: "internal_error"}
+               503: "unavailable", 504: "timeout", 500: "internal_error"}
 
 
 class ApiError(Exception):

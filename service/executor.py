@@ -33,6 +33,10 @@ class QueueFull(Exception):
     pass
 
 
+class DeadlineExceeded(Exception):
+    """A request's deadline passed while it waited: it was dropped before its model call."""
+
+
 @dataclass
 class Timed:
     value: Any
@@ -49,6 +53,10 @@ class _Job:
     args: tuple = ()
     kwargs: Optional[dict] = None
     batch_key: Optional[Hashable] = None  # set for batchable jobs: fn(items) → results, args = (item,)
+    deadline: Optional[float] = None  # time.perf_counter() after which the job is dropped unrun
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
 
     @property
     def batchable(self) -> bool:
@@ -65,19 +73,28 @@ class ModelExecutor:
         # counts both, so a turn that holds back requests does not make room for more.
         self._waiting = threading.BoundedSemaphore(max_queue)
         self.depth = 0  # requests waiting (queued or held back), for the metrics; the semaphore is the bound
+        self.seconds_per_item = 0.0  # recent model time per request (a moving average), for expected waits
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet batched
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        """Queue ``fn(*args, **kwargs)``; the future's result is a :class:`Timed`. Raises QueueFull."""
-        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, args, kwargs))
+    def submit(self, fn: Callable[..., Any], *args: Any, deadline: Optional[float] = None,
+               **kwargs: Any) -> concurrent.futures.Future:
+        """Queue ``fn(*args, **kwargs)``; the future's result is a :class:`Timed`. Raises QueueFull. A job still
+        waiting at ``deadline`` (``time.perf_counter()``) is dropped: its future raises DeadlineExceeded."""
+        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, args, kwargs, None, deadline))
 
-    def submit_batched(self, fn: Callable[[list], list], key: Hashable, item: Any) -> concurrent.futures.Future:
+    def submit_batched(self, fn: Callable[[list], list], key: Hashable, item: Any,
+                       deadline: Optional[float] = None) -> concurrent.futures.Future:
         """Queue ``item`` for ``fn(items) -> results`` with the compatible queued items (same ``fn``, same
         ``key``); the future's result is a :class:`Timed` of this item's result. Raises QueueFull."""
-        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, (item,), None, ("batch", key)))
+        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, (item,), None, ("batch", key),
+                              deadline))
+
+    def expected_wait_s(self) -> float:
+        """How long a request queued now would wait, from the requests ahead and recent model times."""
+        return self.depth * self.seconds_per_item
 
     def _put(self, job: _Job) -> concurrent.futures.Future:
         if not self._waiting.acquire(blocking=False):
@@ -86,11 +103,12 @@ class ModelExecutor:
         self._queue.put_nowait(job)
         return job.future
 
-    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Timed:
-        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+    async def run(self, fn: Callable[..., Any], *args: Any, deadline: Optional[float] = None, **kwargs: Any) -> Timed:
+        return await asyncio.wrap_future(self.submit(fn, *args, deadline=deadline, **kwargs))
 
-    async def run_batched(self, fn: Callable[[list], list], key: Hashable, item: Any) -> Timed:
-        return await asyncio.wrap_future(self.submit_batched(fn, key, item))
+    async def run_batched(self, fn: Callable[[list], list], key: Hashable, item: Any,
+                          deadline: Optional[float] = None) -> Timed:
+        return await asyncio.wrap_future(self.submit_batched(fn, key, item, deadline))
 
     # ------------------------------------------------------------------ the model thread
 
@@ -133,7 +151,7 @@ class ModelExecutor:
 
     def _run_one(self, job: _Job) -> None:
         self._release()
-        if job.future.set_running_or_notify_cancel():
+        if job.future.set_running_or_notify_cancel() and not _dropped_if_expired(job, time.perf_counter()):
             self._call(job)
 
     def _release(self) -> None:
@@ -147,12 +165,20 @@ class ModelExecutor:
             value = job.fn([job.args[0]])[0] if job.batchable else job.fn(*job.args, **(job.kwargs or {}))
         except BaseException as e:  # handed to the awaiting request
             value = e
-        _deliver(job, value, started, time.perf_counter(), 1)
+        done = time.perf_counter()
+        self._observe(done - started, 1)
+        _deliver(job, value, started, done, 1)
+
+    def _observe(self, seconds: float, items: int) -> None:
+        per_item = seconds / items
+        self.seconds_per_item = per_item if not self.seconds_per_item else 0.8 * self.seconds_per_item + 0.2 * per_item
 
     def _run_batch(self, batch: list[_Job]) -> None:
         for _ in batch:
             self._release()
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
+        now = time.perf_counter()
+        batch = [job for job in batch if not _dropped_if_expired(job, now)]
         if not batch:
             return
         started = time.perf_counter()
@@ -170,6 +196,7 @@ class ModelExecutor:
                 self._call(job)
             return
         done = time.perf_counter()
+        self._observe(done - started, len(batch))
         for job, value in zip(batch, values):
             _deliver(job, value, started, done, len(batch))
 
@@ -187,6 +214,16 @@ class ModelExecutor:
                 job.future.cancel()
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+def _dropped_if_expired(job: _Job, now: float) -> bool:
+    """Fail a running job whose deadline has passed (its model call never starts); whether it was."""
+    if not job.expired(now):
+        return False
+    late_ms = (now - job.deadline) * 1000
+    job.future.set_exception(DeadlineExceeded(f"the request's deadline passed {late_ms:.0f} ms before the model "
+                                              f"was free (it waited {(now - job.queued_at) * 1000:.0f} ms)"))
+    return True
 
 
 def _deliver(job: _Job, value: Any, started: float, done: float, batch_size: int) -> None:

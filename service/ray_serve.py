@@ -246,8 +246,9 @@ def _hold_startup_until_loaded(fastapi_app) -> None:
                     last_log = time.monotonic()
                     logger.info("still loading after %.0f s: %s", last_log - started, body["deployments"])
                 await asyncio.sleep(0.2)
-            if body["failed"]:
-                logger.warning("deployments failed to load (GET /models has the reasons): %s", body["failed"])
+            failed = [name for name, status in body["deployments"].items() if status == "failed"]
+            if failed:
+                logger.warning("deployments failed to load (GET /models has the reasons): %s", failed)
             yield state
 
     fastapi_app.router.lifespan_context = lifespan

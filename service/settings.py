@@ -47,6 +47,11 @@ class DeploymentSpec(BaseModel):
     max_batch_size: Optional[int] = Field(None, ge=1, description="Overrides the top-level max_batch_size.")
     batch_wait_ms: Optional[float] = Field(None, ge=0, le=1000, description="Overrides the top-level "
                                                                            "batch_wait_ms.")
+    request_timeout_s: Optional[float] = Field(None, gt=0, le=3600, description=(
+        "Default deadline of this deployment's requests, in seconds from arrival (a request's "
+        "X-Request-Timeout may set an earlier one): one still waiting then gets 504 and never runs."))
+    max_queue_ms: Optional[float] = Field(None, gt=0, description=(
+        "Refuse a request (503, Retry-After) when the expected wait for the model thread is longer."))
 
     @property
     def resolved_name(self) -> str:

@@ -25,7 +25,7 @@ def test_models_and_readiness(server):
     assert by_name["transformer_basic"]["checkpoint"]["file"] == "checkpoint_2.pt"
     assert by_name["broken"]["status"] == "failed" and "no checkpoint_<N>.pt" in by_name["broken"]["error"]
     ready = server.get("/health/ready").json()
-    assert ready["status"] == "ready" and "broken" in ready["failed"]
+    assert ready["status"] == "ready" and ready["deployments"]["broken"] == "failed" and "failed" not in ready
 
 
 def test_greedy_predict_equals_the_fixture(server, transformer_fixture):

@@ -1,0 +1,72 @@
+"""Request deadlines: an answer that comes too late is worse than none, for a robot most of all.
+
+A request may carry ``X-Request-Timeout: <seconds>``; a deployment may set a default
+(``request_timeout_s`` in its YAML entry). The deadline (arrival + timeout, the smaller of the
+two) is held in a context variable for the request's task, so the deployment layer sees it
+whatever the transport, and the executor drops a request whose deadline passed while it waited:
+it gets 504 and its model call never runs. Admission looks ahead too: when the deployment's
+expected wait already exceeds what is left (or its ``max_queue_ms``), the request is refused at
+once with 503 and a ``Retry-After`` from that wait.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import time
+from typing import Optional
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import error_response
+
+HEADER = b"x-request-timeout"
+MAX_TIMEOUT_S = 3600.0
+current_deadline: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("deadline", default=None)
+
+
+def parse_timeout(raw: bytes) -> float:
+    """Seconds from the header's value; ValueError with the reason when it is not a sane number."""
+    try:
+        seconds = float(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"X-Request-Timeout must be a number of seconds; got {raw[:40]!r}") from None
+    if not 0 < seconds <= MAX_TIMEOUT_S or math.isnan(seconds):
+        raise ValueError(f"X-Request-Timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds; got {seconds:g}")
+    return seconds
+
+
+def deadline_for(default_timeout_s: Optional[float]) -> Optional[float]:
+    """The current request's deadline (``time.perf_counter()`` clock), with a deployment's default timeout
+    counted from now when the request set none or a later one."""
+    deadline = current_deadline.get()
+    if default_timeout_s is not None:
+        own = time.perf_counter() + default_timeout_s
+        deadline = own if deadline is None else min(deadline, own)
+    return deadline
+
+
+class Deadlines:
+    """Reads ``X-Request-Timeout`` into the request's deadline; a malformed value is refused (400)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = next((value for name, value in scope.get("headers") or () if name == HEADER), None)
+        if raw is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            timeout = parse_timeout(raw)
+        except ValueError as e:
+            await error_response(None, 400, str(e), "X-Request-Timeout")(scope, receive, send)
+            return
+        token = current_deadline.set(time.perf_counter() + timeout)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_deadline.reset(token)

@@ -1,0 +1,122 @@
+"""Deadlines: a request still waiting at its deadline gets 504 and never runs; admission refuses (503) what
+could not start in time; a malformed X-Request-Timeout is refused."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from service import DeploymentSpec
+from service.executor import DeadlineExceeded, ModelExecutor
+from tests.factories import PREDICT_REQUESTS
+from tests.service.conftest import serving
+
+TEXT = {"model": "tiny", **PREDICT_REQUESTS["transformer"]}
+
+
+@contextmanager
+def busy(executor: ModelExecutor, queued: int = 0):
+    """The model thread held by a job until the block ends (plus ``queued`` more jobs waiting behind it)."""
+    release = threading.Event()
+    jobs = [executor.submit(release.wait) for _ in range(1 + queued)]
+    time.sleep(0.05)  # the first has started
+    try:
+        yield
+    finally:
+        release.set()
+        for job in jobs:
+            job.result(timeout=10)
+
+
+def test_the_executor_drops_expired_jobs_unrun():
+    executor = ModelExecutor("t", max_queue=8, max_batch_size=4)
+    calls = []
+    try:
+        with busy(executor):
+            late = executor.submit(calls.append, "late", deadline=time.perf_counter() + 0.01)
+            batched = [executor.submit_batched(lambda items: [calls.extend(items) or i for i in items], "k", name,
+                                               deadline=time.perf_counter() + (0.01 if name == "b-late" else 60))
+                       for name in ("b-late", "b-ok")]
+            time.sleep(0.1)
+        with pytest.raises(DeadlineExceeded, match="deadline passed"):
+            late.result(timeout=10)
+        with pytest.raises(DeadlineExceeded):
+            batched[0].result(timeout=10)
+        assert batched[1].result(timeout=10).batch_size == 1  # the expired one never joined the call
+        assert calls == ["b-ok"]
+    finally:
+        executor.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoints):
+    specs = [DeploymentSpec(name="tiny", checkpoint=str(tiny_checkpoints["transformer"])),
+             DeploymentSpec(name="tiny-default", checkpoint=str(tiny_checkpoints["transformer"]),
+                            request_timeout_s=0.05),
+             DeploymentSpec(name="tiny-capped", checkpoint=str(tiny_checkpoints["transformer"]), max_queue_ms=100)]
+    with serving(*specs) as c:
+        yield c
+
+
+def model_calls(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'vla_model_run_seconds_count{{deployment="{name}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def deployment(client, name: str):
+    return client.app.state.manager.get(name)
+
+
+def test_a_request_past_its_deadline_gets_504_and_never_runs(client):
+    before = model_calls(client, "tiny")
+    with busy(deployment(client, "tiny").executor):
+        response_box = []
+        thread = threading.Thread(target=lambda: response_box.append(client.post(
+            "/predict/transformer", json=TEXT, headers={"x-request-timeout": "0.1", "x-request-id": "late-1"})))
+        thread.start()
+        time.sleep(0.3)  # past the deadline while the model thread is still held
+    thread.join(timeout=30)
+    (response,) = response_box
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["type"] == "timeout" and "deadline" in error["message"] and error["request_id"] == "late-1"
+    assert model_calls(client, "tiny") == before
+    assert client.post("/predict/transformer", json=TEXT, headers={"x-request-timeout": "30"}).status_code == 200
+    assert model_calls(client, "tiny") == before + 1
+
+
+def test_a_deployment_default_deadline_applies(client):
+    body = {**TEXT, "model": "tiny-default"}
+    before = model_calls(client, "tiny-default")
+    with busy(deployment(client, "tiny-default").executor):
+        result = []
+        thread = threading.Thread(target=lambda: result.append(client.post("/predict/transformer", json=body)))
+        thread.start()
+        time.sleep(0.3)
+    thread.join(timeout=30)
+    assert result[0].status_code == 504 and model_calls(client, "tiny-default") == before
+    assert client.post("/predict/transformer", json=body).status_code == 200  # idle: it runs at once
+
+
+def test_admission_refuses_what_could_not_start_in_time(client):
+    for name, headers in (("tiny", {"x-request-timeout": "1"}), ("tiny-capped", {})):
+        executor = deployment(client, name).executor
+        with busy(executor, queued=1):
+            executor.seconds_per_item = 5.0  # as if each request took 5 s: one waiting ⇒ a 5 s wait
+            started = time.perf_counter()
+            response = client.post("/predict/transformer", json={**TEXT, "model": name}, headers=headers)
+            assert time.perf_counter() - started < 1.0  # refused at once, not after waiting
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5" and response.json()["error"]["type"] == "overloaded"
+        executor.seconds_per_item = 0.0
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "99999"])
+def test_a_malformed_timeout_is_refused(client, value):
+    response = client.post("/predict/transformer", json=TEXT, headers={"x-request-timeout": value})
+    assert response.status_code == 400 and response.json()["error"]["field"] == "X-Request-Timeout"
