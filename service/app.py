@@ -11,7 +11,7 @@ from fastapi import FastAPI, Response
 
 from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
-from service.errors import install_error_handlers
+from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.metrics import Metrics, RequestMetrics
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
 from service.deadlines import Deadlines
@@ -44,7 +44,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         finally:
             manager.shutdown()
 
-    app = FastAPI(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Serves VLA Foundry checkpoints: text, captions, images and robot actions.")
     app.router.route_class = DecodedBodyRoute  # routes validate the middleware's unpacked msgpack bodies
     app.state.settings = settings

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,10 +43,25 @@ def _serve(args: argparse.Namespace) -> int:
         ensure_demo_pack(settings.demo_dir, progress=True)
     # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
     # a connection whose frame exceeds the cap with 1009.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, ws="websockets", ws_per_message_deflate=False,
-                ws_max_size=settings.max_ws_frame_bytes)
-    return 0
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: exit 0 there, the drain
+    # is done (the default handler would end the process "killed by SIGTERM").
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                    access_log=False, ws="websockets", ws_per_message_deflate=False,
+                    timeout_graceful_shutdown=settings.drain_timeout_s,
+                    ws_max_size=settings.max_ws_frame_bytes)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    if any(t.name.startswith("model-") and t.is_alive() for t in threading.enumerate()):
+        # A model call outlived the drain: it cannot be interrupted, and finalizing the interpreter under it
+        # aborts the process (a C++ terminate), so leave at once.
+        logging.getLogger("service").warning("exiting with a model call still running (VLA_DRAIN_TIMEOUT_S passed)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _demo(args: argparse.Namespace) -> int:

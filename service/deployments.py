@@ -210,9 +210,13 @@ class DeploymentManager:
         for deployment in self.deployments.values():
             deployment.start_loading()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 2.0) -> None:
+        """Stop every model thread, waiting at most ``timeout`` in all for calls still running: the server has
+        drained (or given up on) its requests by now, and a model call cannot be interrupted, so the process
+        exits without it (the threads are daemons)."""
+        deadline = time.monotonic() + timeout
         for deployment in self.deployments.values():
-            deployment.executor.shutdown()
+            deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
 
     def get(self, name: str) -> Deployment:
         if name not in self.deployments:

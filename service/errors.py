@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -22,6 +23,29 @@ logger = logging.getLogger("service")
 ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
                413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_value",
                503: "unavailable", 504: "timeout", 500: "internal_error"}
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(..., description="What kind of error (invalid_value, overloaded, timeout, ...).")
+    message: str = Field(..., description="What was wrong, what is allowed, and the fix.")
+    field: Optional[str] = Field(None, description="The request field at fault, as a dotted path.")
+    request_id: Optional[str] = Field(None, description="The request's id (also in the X-Request-ID header).")
+
+
+class ErrorBody(BaseModel):
+    """The one error shape, whatever the status."""
+
+    error: ErrorDetail
+
+
+# Documented on every route (FastAPI(responses=...)), so clients generated from /openapi.json know the shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": description} for
+                                                    status, description in (
+    (400, "Malformed body or header"), (401, "Missing or unknown API key"), (404, "No such route, type or deployment"),
+    (413, "Body over VLA_MAX_BODY_BYTES"), (415, "Content-Type not JSON or msgpack"),
+    (422, "A value is invalid (the field is named)"), (500, "Internal error (the log has details)"),
+    (503, "Loading, overloaded or past admission (Retry-After says when to come back)"),
+    (504, "The request's deadline passed before it could run"))}
 
 
 class ApiError(Exception):

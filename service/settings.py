@@ -94,6 +94,10 @@ class Settings(BaseSettings):
         "The interpreter's thread switch interval (sys.setswitchinterval), in ms: how long a busy thread (the event "
         "loop under a flood of requests) may keep the interpreter lock before a model thread that waits for it gets "
         "it; none: Python's 5 ms."))
+    drain_timeout_s: float = Field(30.0, ge=0, le=3600, description=(
+        "On SIGTERM or Ctrl-C: stop accepting connections, let requests in flight finish for at most this long, "
+        "then cancel what is left and exit 0 (Docker's stop_grace_period and Ray's graceful_shutdown_timeout_s "
+        "should exceed it)."))
     metrics_public: bool = Field(False, description=(
         "Serve GET /metrics without an API key (for a scraper on a trusted network); by default it needs one, as "
         "every route but the health probes and the docs."))

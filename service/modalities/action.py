@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator, StrictInt
 
 from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
 from service.images import decode_image_value
@@ -123,9 +123,9 @@ class ActionPredictRequest(RequestBase):
                                                                      "executed, oldest first; they condition the "
                                                                      "chunk and come back unchanged in its first P "
                                                                      "rows.")
-    num_inference_steps: Optional[int] = Field(None, ge=1, description="Denoising steps; default: the deployment's "
-                                                                       "(GET /models io.default_inference_steps).")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Same seed, same actions.")
+    num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description=(
+        "Denoising steps; default: the deployment's (GET /models io.default_inference_steps)."))
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Same seed, same actions.")
     noise: Optional[Any] = Field(None, description="Initial noise [P+1+F][A] (rows with past actions ignore it); "
                                                    "overrides the seed.")
     session_id: Optional[str] = Field(None, max_length=128, description="Keep this robot's history on the server: "
@@ -133,7 +133,7 @@ class ActionPredictRequest(RequestBase):
                                                                        "frame per camera, the current [d] row).")
     timestamp: Optional[float] = Field(None, description="The observation's time (Unix seconds, server clock): "
                                                          "anchors the chunk; too old ⇒ 409.")
-    step: Optional[int] = Field(None, ge=0, description="The robot's control step index; echoed. In a session, "
+    step: Optional[StrictInt] = Field(None, ge=0, description="The robot's control step index; echoed. In a session, "
                                                         "default: the last step + n_action_steps.")
 
     @model_validator(mode="after")
@@ -289,7 +289,7 @@ class ActionEvaluateRequest(RequestBase):
     samples: list[PolicySample] = Field(..., min_length=1)
     condition_on_past: bool = Field(True, description="Feed the P past rows clean, as at inference (they are "
                                                       "not scored); false scores every row.")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Fixes the noise and timesteps.")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Fixes the noise and timesteps.")
 
     @model_validator(mode="after")
     def _check(self):

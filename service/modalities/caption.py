@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator, StrictInt
 
 from service.images import decode_image_list, decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
@@ -98,7 +98,7 @@ class CaptionEvaluateRequest(ImageFields):
                                                          "for all).")
     input_ids: Optional[TokenRows] = Field(None, description="Sequences to score with the image placeholders in "
                                                              "place (see io.image_token_id, io.tokens_per_image).")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _check(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_validator, StrictInt
 
 from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase, one_request
 from vla_foundry.errors import InvalidInputError
@@ -57,7 +57,7 @@ predict = one_request(predict_batch)
 
 
 class EncoderEvaluateRequest(EncoderPredictRequest):
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
 
 
 class EncoderEvaluateResponse(ResponseBase):

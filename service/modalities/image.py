@@ -11,7 +11,7 @@ import io
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, model_validator, StrictInt
 from starlette.responses import Response
 
 from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase, one_request
@@ -25,8 +25,8 @@ class ImagePredictRequest(RequestBase):
     prompt: Optional[str] = Field(None, description="What to draw (text-conditioned models); omit for an "
                                                     "unconditional sample.")
     negative_prompt: Optional[str] = Field(None, description="What to steer away from (through guidance).")
-    num_images: int = Field(1, ge=1, description="Images to generate (capped by VLA_MAX_IMAGES).")
-    num_inference_steps: Optional[int] = Field(None, ge=1, description="Sampler steps; default: 20 for the fast "
+    num_images: StrictInt = Field(1, ge=1, description="Images to generate (capped by VLA_MAX_IMAGES).")
+    num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description="Sampler steps; default: 20 for the fast "
                                                                        "schedulers, all for `training`.")
     guidance_scale: Optional[float] = Field(None, le=100, description="Classifier-free guidance (0 … 100; 1 = "
                                                                       "none); default: the model's.")
@@ -34,7 +34,7 @@ class ImagePredictRequest(RequestBase):
                                                        "(the model's own, all steps); flow-matching models: "
                                                        "dpmsolver++ (default), flow_euler, unipc, heun, training. "
                                                        "GET /models: io.schedulers.")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same bytes.")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same bytes.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -118,7 +118,7 @@ def png_reply(payload: dict, accept: str) -> Optional[Response]:
 class ImageEvaluateRequest(ImageListRequest):
     images: list[Any] = Field(..., description="Images to score (base64 PNG/JPEG, data: URLs or typed arrays).")
     texts: Optional[list[str]] = Field(None, description="One caption per image (text-conditioned models).")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Fixes the timesteps and noise.")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Fixes the timesteps and noise.")
 
     @model_validator(mode="after")
     def _check(self):

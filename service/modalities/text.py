@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, model_validator, StrictInt
 
 from service.codecs import DecodeError, decode_array, is_array_dict
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
@@ -58,12 +58,12 @@ def _rows(value):
 class SamplingFields(RequestBase):
     """The generation settings every text-producing request shares."""
 
-    max_new_tokens: int = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
+    max_new_tokens: StrictInt = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
     temperature: float = Field(_DEFAULTS.temperature, ge=0, description="0 (or below 1e-5) = greedy.")
-    top_k: int = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
+    top_k: StrictInt = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
     top_p: float = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")
     stop: Optional[Union[str, list[str]]] = Field(None, description="Stop strings (not included in the text).")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Same seed, same request ⇒ same tokens.")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Same seed, same request ⇒ same tokens.")
     use_cache: bool = Field(True, description="Use the KV cache: faster; the same tokens when greedy (sampled "
                                               "tokens may differ, as prompts of different lengths then run apart).")
 
@@ -134,7 +134,7 @@ class TextEvaluateRequest(RequestBase):
     input_ids: Optional[TokenRows] = Field(None, description="Sequences to score (rows may differ in length).")
     attention_mask: Optional[TokenRows] = Field(None, description="1 = token, 0 = padding; same shape as input_ids.")
     texts: Optional[list[str]] = Field(None, description="Texts to score (needs a tokenizer).")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _check(self):

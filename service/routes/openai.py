@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator, StrictInt
 
 from service.codecs import encode_response
 from service.dependencies import get_manager
@@ -56,13 +56,13 @@ class OpenAIRequest(BaseModel):
                                                    "caption deployment is served.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="Extension: 0 = off.")
-    n: int = Field(1, ge=1, description="Choices per prompt.")
+    top_k: StrictInt = Field(0, ge=0, description="Extension: 0 = off.")
+    n: StrictInt = Field(1, ge=1, description="Choices per prompt.")
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    max_tokens: Optional[int] = Field(None, ge=1)
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
     user: Optional[str] = None
     # Accepted only at values that change nothing:
     logprobs: Optional[Union[bool, int]] = None
@@ -103,7 +103,7 @@ class OpenAIRequest(BaseModel):
 
 class CompletionRequest(OpenAIRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[StrictInt] = Field(16, ge=1)
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -155,7 +155,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
     top_logprobs: Optional[int] = None
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None

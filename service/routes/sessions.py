@@ -10,7 +10,7 @@ import time
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.codecs import encode_response
 from service.deployments import DeploymentManager
@@ -24,9 +24,9 @@ from service.settings import Settings
 class SessionStepRequest(RequestBase):
     observation: Observation = Field(..., description="The current step: one frame per camera, the current "
                                                       "[d] proprioception row per field, the instruction.")
-    step: Optional[int] = Field(None, ge=0, description="The robot's control step; default: the last one + 1.")
+    step: Optional[StrictInt] = Field(None, ge=0, description="The robot's control step; default: the last one + 1.")
     timestamp: Optional[float] = Field(None, description="The observation's time (Unix seconds, server clock).")
-    num_inference_steps: Optional[int] = Field(None, ge=1, description="Denoising steps when this step replans.")
+    num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description="Denoising steps when this step replans.")
 
 
 class SessionStepResponse(ResponseBase):
@@ -44,7 +44,8 @@ class SessionStepResponse(ResponseBase):
 class SessionResetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    seed: Optional[int] = Field(None, ge=0, lt=2**62, description="Seeds the session's plans (plan k uses seed + k).")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**62,
+                                      description="Seeds the session's plans (plan k uses seed + k).")
 
 
 def _policy_deployment(manager: DeploymentManager, name: Optional[str]):

@@ -239,3 +239,15 @@ def test_encoder_requests_batched_equal_their_solo_embeddings(tiny_checkpoints, 
     refused, reply = predict_batch(pipeline, [too_long, fine])
     assert getattr(refused, "field", None) == "texts"
     np.testing.assert_allclose(reply["text_embeds"], pipeline.embed(["a red circle"])["text_embeds"], atol=1e-5)
+
+
+def test_openapi_documents_the_error_shape_on_every_route(client):
+    spec = client.get("/openapi.json").json()
+    ref = "#/components/schemas/ErrorBody"
+    for path in ("/predict/transformer", "/sessions/{session_id}/step", "/v1/chat/completions"):
+        responses = spec["paths"][path]["post"]["responses"]
+        for status in ("400", "401", "404", "413", "422", "503", "504"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"] == ref, (path, status)
+    detail = spec["components"]["schemas"]["ErrorDetail"]["properties"]
+    assert set(detail) == {"type", "message", "field", "request_id"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # 422s have our shape, not FastAPI's

@@ -44,6 +44,11 @@ BAD_PREDICT = [
     ({"prompt_token_ids": {"dtype": "int64", "shape": [2**62, 4], "data": ""}}, 422, "prompt_token_ids"),
     ({"prompt": "the", "stop": ""}, 422, "stop"),
     ({"prompt": "bad \ud800"}, 422, "prompt"),
+    # counts are integers, not booleans, strings or floats that happen to convert
+    ({"prompt": "the", "seed": True}, 422, "seed"),
+    ({"prompt": "the", "seed": 1.5}, 422, "seed"),
+    ({"prompt": "the", "max_new_tokens": "2"}, 422, "max_new_tokens"),
+    ({"prompt": "the", "max_new_tokens": 2.0}, 422, "max_new_tokens"),
 ]
 
 

@@ -1,0 +1,86 @@
+"""Graceful drain on a live server: SIGTERM lets the request in flight finish and exits 0; a request longer
+than VLA_DRAIN_TIMEOUT_S does not hold the process past it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.factories import tiny_model, tiny_stable_diffusion_params
+from tests.service.live_server import cli, free_port, server_process
+from vla_foundry.checkpoint import save_experiment
+from vla_foundry.params.diffusion import NoiseSchedulerParams
+
+SLOW = {"num_images": 4, "seed": 1}  # an unconditional tiny UNet over many DDPM steps
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    """The tiny image model with T = 1000, so a request can take seconds."""
+    path = tmp_path_factory.mktemp("slow-sd")
+    save_experiment(tiny_model(tiny_stable_diffusion_params(noise_scheduler=NoiseSchedulerParams(num_timesteps=1000))),
+                    path)
+    return path
+
+
+def serve(checkpoint, tmp_path, drain_s: float):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(tmp_path / "demo"),
+           "VLA_DRAIN_TIMEOUT_S": str(drain_s)}
+    command = cli() + ["serve", "--checkpoint", f"{checkpoint}=tiny", "--host", "127.0.0.1", "--port", str(port),
+                       "--device", "cpu"]
+    return server_process(command, env, port)
+
+
+def timed_post(base: str, steps: int, out: list) -> None:
+    started = time.perf_counter()
+    try:
+        response = httpx.post(f"{base}/predict/stable_diffusion", json={**SLOW, "num_inference_steps": steps},
+                              timeout=120)
+        out.append((response.status_code, time.perf_counter() - started))
+    except httpx.HTTPError as e:
+        out.append((type(e).__name__, time.perf_counter() - started))
+
+
+def request_in_flight(base: str, steps: int) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=timed_post, args=(base, steps, out))
+    thread.start()
+    time.sleep(0.5)  # the request is running on the model thread
+    return thread, out
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(slow_checkpoint, tmp_path):
+    with serve(slow_checkpoint, tmp_path, drain_s=120) as (base, proc):
+        alone: list = []
+        timed_post(base, 150, alone)  # how long the slow request takes here
+        assert alone[0][0] == 200, alone
+        assert alone[0][1] > 0.6  # long enough to be in flight when the signal comes
+        thread, out = request_in_flight(base, 150)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:  # no new connection is taken once draining
+            refused = httpx.get(f"{base}/health/ready", timeout=2).status_code
+        except httpx.TransportError:
+            refused = "refused"
+        thread.join(timeout=120)
+        assert out[0][0] == 200, out  # finished, not cut
+        assert proc.wait(timeout=60) == 0
+    assert refused == "refused"
+
+
+def test_a_request_longer_than_the_drain_timeout_does_not_hold_the_process(slow_checkpoint, tmp_path):
+    with serve(slow_checkpoint, tmp_path, drain_s=1) as (base, proc):
+        thread, out = request_in_flight(base, 1000)
+        signalled = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        exited_after = time.perf_counter() - signalled
+        thread.join(timeout=60)
+    assert code == 0 and exited_after < 1 + 4, exited_after  # the drain timeout, then at most the thread joins
+    assert out and out[0][0] != 200  # cut off, not answered
