@@ -65,7 +65,7 @@ class Deployment:
     # ------------------------------------------------------------------ loading (on the executor thread)
 
     def start_loading(self) -> None:
-        self.executor.submit(self._load)
+        self.executor.submit_setup(self._load)
 
     def _load(self) -> None:
         started = time.perf_counter()

@@ -54,6 +54,7 @@ class _Job:
     kwargs: Optional[dict] = None
     batch_key: Optional[Hashable] = None  # set for batchable jobs: fn(items) → results, args = (item,)
     deadline: Optional[float] = None  # time.perf_counter() after which the job is dropped unrun
+    measured: bool = True  # counts toward the model time per request (not so: loading a checkpoint)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
@@ -84,6 +85,10 @@ class ModelExecutor:
         """Queue ``fn(*args, **kwargs)``; the future's result is a :class:`Timed`. Raises QueueFull. A job still
         waiting at ``deadline`` (``time.perf_counter()``) is dropped: its future raises DeadlineExceeded."""
         return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, args, kwargs, None, deadline))
+
+    def submit_setup(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Queue ``fn()`` (e.g. loading the model) on this thread, outside the model-time statistics."""
+        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, measured=False))
 
     def submit_batched(self, fn: Callable[[list], list], key: Hashable, item: Any,
                        deadline: Optional[float] = None) -> concurrent.futures.Future:
@@ -166,7 +171,8 @@ class ModelExecutor:
         except BaseException as e:  # handed to the awaiting request
             value = e
         done = time.perf_counter()
-        self._observe(done - started, 1)
+        if job.measured:
+            self._observe(done - started, 1)
         _deliver(job, value, started, done, 1)
 
     def _observe(self, seconds: float, items: int) -> None:

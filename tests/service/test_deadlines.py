@@ -120,3 +120,14 @@ def test_admission_refuses_what_could_not_start_in_time(client):
 def test_a_malformed_timeout_is_refused(client, value):
     response = client.post("/predict/transformer", json=TEXT, headers={"x-request-timeout": value})
     assert response.status_code == 400 and response.json()["error"]["field"] == "X-Request-Timeout"
+
+
+def test_loading_does_not_count_as_model_time():
+    executor = ModelExecutor("t", max_queue=4)
+    try:
+        executor.submit_setup(lambda: time.sleep(0.2)).result(timeout=10)
+        assert executor.seconds_per_item == 0.0  # a slow load must not make admission refuse the first requests
+        executor.submit(time.sleep, 0.01).result(timeout=10)
+        assert 0 < executor.seconds_per_item < 0.2
+    finally:
+        executor.shutdown()
