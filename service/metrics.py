@@ -16,6 +16,7 @@ a ``deployment`` label where one applies.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 # Robot round trips are milliseconds; image generation and long completions take seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+access_log = logging.getLogger("service.access")
 UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the label set bounded)
 
 
@@ -122,8 +124,8 @@ def _cuda_memory() -> dict[str, float]:
 
 
 class RequestMetrics:
-    """Counts and times every HTTP request by its route template (``/predict/transformer``,
-    ``/sessions/{session_id}/step``), read from the route Starlette matched."""
+    """Counts, times and logs (one ``service.access`` line) every HTTP request, refused ones included, by its
+    route template (``/predict/transformer``, ``/sessions/{session_id}/step``): the route Starlette matched."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -144,6 +146,11 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_counted)
         finally:
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED
-            self.metrics.requests.labels(route, scope["method"], str(status or 500)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None)
+            status = status or 500
+            self.metrics.requests.labels(route or UNMATCHED, scope["method"], str(status)).inc()
+            self.metrics.request_seconds.labels(route or UNMATCHED).observe(seconds)
+            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, seconds * 1000,
+                            extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status,
+                                   "duration_ms": round(seconds * 1000, 3)})

@@ -1,4 +1,4 @@
-"""ASGI middleware: body size cap, msgpack bodies, and one log line per request.
+"""ASGI middleware: body size cap and msgpack bodies (the access log line is ``metrics.RequestMetrics``'s).
 
 It runs before routing, so an oversized or undecodable body is refused before any
 model work is queued. A msgpack body is unpacked here into the values JSON would give
@@ -9,8 +9,6 @@ validates one form of the body whatever the wire format.
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any, Callable, Coroutine
 
 from fastapi import Request, Response
@@ -19,8 +17,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.codecs import DecodeError, encode_response, is_msgpack, unpack_message_off_loop
 from service.errors import error_body
-
-logger = logging.getLogger("service.access")
 
 BODY = "vla.body"  # scope key: the whole body, as the middleware read it
 DECODED_BODY = "vla.decoded_body"  # scope key: the body's values, already unpacked by the middleware
@@ -74,26 +70,10 @@ class BodyCodecMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        status_holder = {"status": 500}
-
-        async def send_logged(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
-            await send(message)
-
-        try:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                await self._with_decoded_body(scope, receive, send_logged)
-            else:
-                await self.app(scope, receive, send_logged)
-        finally:
-            duration_ms = (time.perf_counter() - started) * 1000
-            route = getattr(scope.get("route"), "path", None)
-            logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status_holder["status"], duration_ms,
-                        extra={"method": scope["method"], "path": scope["path"], "route": route,
-                               "deployment": scope.get("path_params", {}).get("model_type"),
-                               "status": status_holder["status"], "duration_ms": round(duration_ms, 3)})
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            await self._with_decoded_body(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     async def _with_decoded_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])

@@ -35,7 +35,7 @@ def test_ids_are_echoed_and_in_error_bodies(tiny_checkpoints, caplog):
         assert refused.headers["x-request-id"] == "r-422"
         assert unauthorized.status_code == 401 and unauthorized.json()["error"]["request_id"] == "r-401"
         access = [r for r in caplog.records if r.name == "service.access"]
-        assert [(r.route, r.status) for r in access] == [("/predict/transformer", 422)]  # (a 401 is refused outside)
+        assert [(r.route, r.status) for r in access] == [("/predict/transformer", 422), (None, 401)]
 
 
 def test_json_log_lines_carry_the_request_id_and_the_access_fields():
