@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -19,8 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-
 import numpy as np
+
+from service.cli import serve_command  # noqa: F401  (the benches take it from here with the other helpers)
 
 PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
 PAST, FUTURE = 1, 7
@@ -74,12 +74,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def serve_command() -> list[str]:
-    """``vla-foundry`` of this interpreter's environment (``python -m service`` where the script is missing)."""
-    script = Path(sys.executable).parent / "vla-foundry"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
 
 
 def stop_group(proc: subprocess.Popen) -> None:

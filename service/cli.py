@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_command() -> list[str]:
+    """How to start this CLI from another process of the same environment (tests and benches start servers):
+    its ``vla-foundry`` script, else ``python -m service`` (an environment without the script installed)."""
+    script = Path(sys.executable).parent / "vla-foundry"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

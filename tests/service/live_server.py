@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -15,16 +14,13 @@ from typing import Optional, Iterator
 
 import httpx
 
+from service.cli import serve_command
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cli() -> list[str]:
-    script = Path(sys.executable).parent / "vla-foundry"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
 
 
 @contextmanager
@@ -35,7 +31,7 @@ def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120,
     ``log_path``: where its output goes (kept; default a temporary file)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir), **(env or {})}
-    command = cli() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    command = serve_command() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     with server_process(command, env, port, timeout, log_path) as (base, _):
         yield base
 

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from tests.factories import tiny_model, tiny_stable_diffusion_params
-from tests.service.live_server import cli, free_port, server_process
+from service.cli import serve_command
+from tests.service.live_server import free_port, server_process
 from vla_foundry.checkpoint import save_experiment
 from vla_foundry.params.diffusion import NoiseSchedulerParams
 
@@ -32,8 +33,8 @@ def serve(checkpoint, tmp_path, drain_s: float):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(tmp_path / "demo"),
            "VLA_DRAIN_TIMEOUT_S": str(drain_s)}
-    command = cli() + ["serve", "--checkpoint", f"{checkpoint}=tiny", "--host", "127.0.0.1", "--port", str(port),
-                       "--device", "cpu"]
+    command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=tiny", "--host", "127.0.0.1", "--port",
+                                 str(port), "--device", "cpu"]
     return server_process(command, env, port)
 
 
