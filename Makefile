@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench openpi-venv gpu-check
+.PHONY: serve test bench openpi-venv gpu-check chromium
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ openpi-venv: $(BIN)/.installed
 serve: $(BIN)/.installed
 	$(BIN)/vla-foundry serve $(ARGS)
 
-test: $(BIN)/.installed-test openpi-venv
+# The browser test's Chromium, from Debian where this user may install it; without it that test skips.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed here: the browser test will skip"
+
+test: $(BIN)/.installed-test openpi-venv chromium
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 

@@ -200,8 +200,8 @@ if litserve is not None:
         def unbatch(self, output: list) -> list:
             return list(output)
 
-        def encode_response(self, output: dict, **kwargs: Any) -> dict:
-            return {"action_chunk": output["action_chunk"][0].tolist()}
+        def encode_response(self, output: Any, **kwargs: Any) -> dict:
+            return {"action_chunk": output.action_chunk.tolist()}  # an ActionChunk
 
 
 def litserve_worker(args: argparse.Namespace) -> None:

@@ -347,14 +347,14 @@ def app_without_model(checkpoint: Path, body: bytes, repeats: int) -> float:
             deployment = manager.resolve("diffusion_policy", "bench-policy")
             while deployment.pipeline is None:
                 await asyncio.sleep(0.05)
-            real_run, first = deployment.run_batched, {}  # predictions go through the batching executor
+            real_call, first = deployment.call, {}  # every prediction goes through Deployment.call
 
-            async def stubbed(fn, key, item):  # the first call runs the model; later ones reuse its reply
+            async def stubbed(call):  # the first call runs the model; later ones reuse its result
                 if "value" not in first:
-                    first["value"] = (await real_run(fn, key, item)).value
+                    first["value"] = (await real_call(call)).value
                 return Timed(first["value"], 0.0, 0.0)
 
-            deployment.run_batched = stubbed
+            deployment.call = stubbed
 
             async def once() -> None:
                 sent, delivered = [], False

@@ -18,6 +18,8 @@ from service.deadlines import Deadlines
 from service.probes import LivenessProbe
 from service.request_ids import RequestIds
 from service.routes import health, models
+from service.routes.docs import add_docs_routes
+from service.routes.page import add_page_routes
 from service.routes.inference import add_inference_routes
 from service.routes.openai import add_openai_routes
 from service.routes.robot_ws import add_robot_websocket
@@ -45,6 +47,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             manager.shutdown()
 
     app = FastAPI(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
+                  docs_url=None, redoc_url=None,  # served without a CDN (routes/docs.py)
                   description="Serves VLA Foundry checkpoints: text, captions, images and robot actions.")
     app.router.route_class = DecodedBodyRoute  # routes validate the middleware's unpacked msgpack bodies
     app.state.settings = settings
@@ -52,7 +55,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
     app.state.metrics = metrics
     metrics.watch(manager, app.state.sessions)
-    app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_body_keys=settings.max_body_keys)
     api_keys = settings.api_key_list()
     if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)
@@ -65,6 +69,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.add_middleware(LivenessProbe)  # outermost: a probe costs the event loop almost nothing (probes.py)
     install_error_handlers(app)
     app.include_router(health.router)
+    add_docs_routes(app)
+    add_page_routes(app)
     app.add_api_route("/metrics", lambda: metrics.response(), methods=["GET"], tags=["operations"],
                       summary="Prometheus metrics (text format)", response_class=Response)
     app.include_router(models.router)

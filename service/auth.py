@@ -32,6 +32,8 @@ SCHEMES = ("api-key", "bearer")  # case-insensitive, as HTTP auth schemes are
 # software, not a deployment, and a browser cannot send a header to.
 PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc",
                           "/openapi.json"})
+PUBLIC_PATHS |= {"/"}  # the page to try the models (it sends the key its user types in)
+PUBLIC_PREFIXES = ("/docs-assets/", "/static/")  # the docs pages' and the page's scripts and styles
 
 
 def read_keys(keys: Optional[str], keys_file: Optional[Path]) -> list[str]:
@@ -89,8 +91,11 @@ class ApiKeyMiddleware:
         self.keys = keys
         self.public_paths = PUBLIC_PATHS | {"/metrics"} if metrics_public else PUBLIC_PATHS
 
+    def _public(self, path: str) -> bool:
+        return path in self.public_paths or path.startswith(PUBLIC_PREFIXES)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or app_path(scope) in self.public_paths:
+        if scope["type"] not in ("http", "websocket") or self._public(app_path(scope)):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

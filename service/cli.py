@@ -36,11 +36,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vla-foundry serve: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
-    if not settings.deployments:
-        from vla_foundry.demo import ensure_demo_pack
-
-        print(f"No deployment given: serving the demo pack from {settings.demo_dir}", file=sys.stderr)
-        ensure_demo_pack(settings.demo_dir, progress=True)
+    url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    lines = [f"VLA Foundry Serve on {url}/ (a page to try every model; the API reference at {url}/docs)",
+             f"  curl {url}/models"]
+    if not settings.deployments:  # each member is made ready on its deployment's thread; the server listens at once
+        lines[0] += f"\nServing the demo pack from {settings.demo_dir} (ready within a minute when it is shipped)"
+        lines += [f"  curl {url}/predict/transformer -H 'content-type: application/json' "
+                  """-d '{"prompt": "The robot", "max_new_tokens": 24}'""",
+                  f"  curl {url}/v1/completions -H 'content-type: application/json' "
+                  """-d '{"model": "demo-transformer", "prompt": "Once upon a time", "max_tokens": 24}'"""]
+    print("\n" + "\n".join(lines) + "\n", file=sys.stderr)
     # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
     # a connection whose frame exceeds the cap with 1009.
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: exit 0 there, the drain
@@ -65,9 +70,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vla_foundry.demo import DEMO_MEMBERS, ensure_demo_pack
+    from vla_foundry.demo import DEMO_MEMBERS, ensure_demo_pack, export_pack
 
     demo_dir = ensure_demo_pack(args.dir, progress=True, rebuild=args.rebuild)
+    if args.ship:
+        print(f"shipped pack written to {export_pack(demo_dir)}", file=sys.stderr)
     for member in DEMO_MEMBERS:
         print(demo_dir / member)
     return 0
@@ -103,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the demo pack")
     demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR,
                       help=f"where to build it (default {DEFAULT_DEMO_DIR})")
-    demo.add_argument("--rebuild", action="store_true", help="rebuild members that already exist")
+    demo.add_argument("--rebuild", action="store_true", help="retrain every member from the project's code and data "
+                                                              "(default: copy the shipped pack, train what it lacks)")
+    demo.add_argument("--ship", action="store_true", help="maintainers: write the built pack into the package "
+                                                           "(vla_foundry/demo/pack, safetensors and checksums)")
     demo.set_defaults(func=_demo)
     models = sub.add_parser("models", help="list registered model types and batch handlers")
     models.set_defaults(func=_models)

@@ -35,10 +35,43 @@ MAX_NESTING = 64  # maps and lists inside each other, in a msgpack body
 # msgpack bodies up to this size are unpacked on the event loop (three 224x224 cameras in raw bytes take
 # 0.03 ms); larger ones in the thread pool, because a body of many tiny values costs about 0.2 s per MiB.
 UNPACK_ON_LOOP_BYTES = 512 * 1024
+# Map keys in one body (JSON or msgpack) or websocket frame, in all. The request models refuse unknown keys one
+# error object each, so a body of 600k keys would hold the event loop for seconds; no request needs near this.
+MAX_BODY_KEYS = 10_000
 
 
 class DecodeError(ValueError):
     pass
+
+
+class TooManyKeys(DecodeError):
+    """A body with more map keys than its cap: refused (413) before anything validates it."""
+
+    def __init__(self, max_keys: int):
+        super().__init__(f"the body has more than {max_keys} map keys in all; send fewer fields "
+                         "(setting VLA_MAX_BODY_KEYS)")
+
+
+def loads_json(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
+    """``json.loads``, refusing a body with more than ``max_keys`` object keys in all (``TooManyKeys``) as soon
+    as it has read them."""
+    count = 0
+
+    def pairs(items: list) -> dict:
+        nonlocal count
+        count += len(items)
+        if count > max_keys:
+            raise TooManyKeys(max_keys)
+        return dict(items)
+
+    return json.loads(body, object_pairs_hook=pairs)
+
+
+async def loads_json_off_loop(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
+    """``loads_json`` on the event loop up to ``UNPACK_ON_LOOP_BYTES``, else in the thread pool."""
+    if len(body) <= UNPACK_ON_LOOP_BYTES:
+        return loads_json(body, max_keys)
+    return await run_in_threadpool(loads_json, body, max_keys)
 
 
 def wants_msgpack(accept: str) -> bool:
@@ -129,13 +162,18 @@ class _Checker:
     bytes are kept. Typed arrays and scalars in either key spelling come out in one form: an array as
     ``{"dtype", "shape", "data"}`` (its dtype checked at once), a scalar as its plain value."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_keys: int = MAX_BODY_KEYS) -> None:
         self.bytes_keys = False
+        self.keys_left = max_keys
+        self.max_keys = max_keys
 
     def check(self, value: Any, depth: int = 0) -> Any:
         if isinstance(value, (dict, list)) and depth >= MAX_NESTING:
             raise DecodeError(f"the body nests maps and lists more than {MAX_NESTING} deep; send a flatter body")
         if isinstance(value, dict):
+            self.keys_left -= len(value)
+            if self.keys_left < 0:
+                raise TooManyKeys(self.max_keys)
             value = self._typed_value(value)
             if not isinstance(value, dict):  # a numpy scalar, now its plain value
                 return self.check(value, depth)
@@ -178,7 +216,7 @@ class _Checker:
         return scalar
 
 
-def unpack_message(body: bytes) -> Unpacked:
+def unpack_message(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
     """A msgpack body or websocket frame → checked Python values (maps, lists, str, bytes, finite numbers),
     and whether its typed values used openpi's bytes keys.
 
@@ -193,7 +231,7 @@ def unpack_message(body: bytes) -> Unpacked:
         raise
     except Exception as e:
         raise DecodeError(f"the body is not valid msgpack ({type(e).__name__})") from e
-    checker = _Checker()
+    checker = _Checker(max_keys)
     return Unpacked(checker.check(value), checker.bytes_keys)
 
 
@@ -202,11 +240,11 @@ def unpack_msgpack(body: bytes) -> Any:
     return unpack_message(body).value
 
 
-async def unpack_message_off_loop(body: bytes) -> Unpacked:
+async def unpack_message_off_loop(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
     """``unpack_message`` on the event loop for bodies up to ``UNPACK_ON_LOOP_BYTES``, else in the thread pool."""
     if len(body) <= UNPACK_ON_LOOP_BYTES:
-        return unpack_message(body)
-    return await run_in_threadpool(unpack_message, body)
+        return unpack_message(body, max_keys)
+    return await run_in_threadpool(unpack_message, body, max_keys)
 
 
 def _refuse_ext(code: int, data: bytes):

@@ -7,6 +7,7 @@ serve.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,8 +20,9 @@ import torch
 
 from service.errors import ApiError
 from service.deadlines import deadline_for
-from service.executor import DeadlineExceeded, ModelExecutor, QueueFull
+from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
 from service.metrics import Metrics
+from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.config_files import read_model_config, read_training_config
 from vla_foundry.devices import resolve_device, resolve_model_dtype
@@ -37,6 +39,14 @@ _LOAD_LOCK = threading.Lock()
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _alone(runner, item):
+    """A call that shares no batch: its one result, raised when it is an exception."""
+    (result,) = runner([item])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 class Deployment:
     def __init__(self, spec: DeploymentSpec, settings: Settings, prepare: Optional[callable] = None,
                  metrics: Optional[Metrics] = None):
@@ -44,6 +54,7 @@ class Deployment:
         self.name = spec.resolved_name
         self.settings = settings
         self.status = LOADING
+        self.stage: Optional[str] = "queued"  # while loading: what it is doing now (shown in /models)
         self.error: Optional[str] = None
         self.pipeline: Optional[Pipeline] = None
         self.model_type: Optional[str] = None
@@ -56,7 +67,7 @@ class Deployment:
         self._prepare = prepare  # e.g. build the demo pack before the first load
         self.metrics = metrics
         self.load_seconds: Optional[float] = None  # loading and warm-up, once ready
-        self._batch_runners: dict[Any, Any] = {}
+        self._runners: dict[Any, Any] = {}  # ModelCall.run → the executor's callable for it
 
     @property
     def batch_wait_ms(self) -> float:
@@ -71,7 +82,9 @@ class Deployment:
         started = time.perf_counter()
         try:
             if self._prepare is not None:
+                self.stage = "preparing the checkpoint (the demo pack: copying, or training where none shipped)"
                 self._prepare()
+            self.stage = "loading the checkpoint"
             path = Path(self.spec.checkpoint)
             if not path.is_dir():
                 raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -96,19 +109,21 @@ class Deployment:
             self.executor.max_batch_size = (self.spec.max_batch_size or self.settings.max_batch_size
                                             or (32 if device.type == "cuda" else 8))
             if self.settings.warmup:
+                self.stage = f"warming up (batch sizes up to {self.executor.max_batch_size})"
                 pipeline.warmup(self.executor.max_batch_size)
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.load_seconds = time.perf_counter() - started
-            self.status = READY
+            self.status, self.stage = READY, None
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
         except Exception as e:  # the reason goes to /models; the others keep serving
-            self.status, self.error = FAILED, f"{type(e).__name__}: {e}"
+            self.status, self.stage, self.error = FAILED, None, f"{type(e).__name__}: {e}"
             logger.error("deployment %s failed to load: %s", self.name, self.error)
 
     # ------------------------------------------------------------------ requests
 
-    def _check_serving(self) -> None:
+    def check_ready(self) -> None:
+        """Refuse (503) while loading or after a failed load: before a transport decodes a request for it."""
         if self.status == LOADING:
             raise ApiError(503, f"deployment {self.name!r} is still loading; retry shortly", retry_after=5)
         if self.status == FAILED:
@@ -117,7 +132,7 @@ class Deployment:
     def _admit(self) -> Optional[float]:
         """This request's deadline (deadlines.py), after refusing it (503) when the expected wait already
         exceeds what is left of it, or this deployment's ``max_queue_ms``."""
-        self._check_serving()
+        self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
         wait_s = self.executor.expected_wait_s()
         if not wait_s:
@@ -133,29 +148,25 @@ class Deployment:
                            type="overloaded")
         return deadline
 
-    async def run(self, fn, *args, **kwargs):
-        """Run ``fn(pipeline, ...)`` on this deployment's thread; returns an executor ``Timed``."""
+    async def call(self, call: ModelCall) -> Timed:
+        """The one way into the model: ``call.run(pipeline, items)`` on this deployment's thread, with the
+        compatible queued calls (same ``run``, equal ``batch_key``; executor.py) in one model call; returns
+        an executor ``Timed`` of this call's result. Refuses with 503 when the wait is too long, 504 when the
+        deadline passes in the queue; a result that is an exception is raised here."""
         deadline = self._admit()
+        runner = self._runners.get(call.run)
+        if runner is None:  # one callable per run: the executor batches jobs whose callable is the same
+            runner = self._runners.setdefault(call.run, lambda items, run=call.run: run(self.pipeline, items))
         try:
-            return self._observed(await self.executor.run(fn, self.pipeline, *args, deadline=deadline, **kwargs))
+            if call.batch_key is None:
+                timed = await self.executor.run(_alone, runner, call.item, deadline=deadline)
+            else:
+                timed = await self.executor.run_batched(runner, call.batch_key, call.item, deadline)
         except QueueFull as e:
             raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
         except DeadlineExceeded as e:
             raise ApiError(504, f"{e}; it was not run", type="timeout") from None
-
-    async def run_batched(self, fn, key, item):
-        """``fn(pipeline, items) -> results`` on this deployment's thread, ``item`` batched with the queued
-        items of the same ``fn`` and ``key`` (executor.py); returns this item's ``Timed``."""
-        deadline = self._admit()
-        runner = self._batch_runners.get(fn)
-        if runner is None:  # one callable per fn: the executor batches jobs whose callable is the same
-            runner = self._batch_runners.setdefault(fn, lambda items: fn(self.pipeline, items))
-        try:
-            return self._observed(await self.executor.run_batched(runner, key, item, deadline))
-        except QueueFull as e:
-            raise ApiError(503, f"{e}; retry shortly", retry_after=1, type="overloaded") from None
-        except DeadlineExceeded as e:
-            raise ApiError(504, f"{e}; it was not run", type="timeout") from None
+        return self._observed(timed)
 
     def _observed(self, timed):
         if self.metrics is not None:
@@ -170,7 +181,8 @@ class Deployment:
             io = self.pipeline.io()
         info = {
             "name": self.name, "type": self.model_type, "modality": self.modality, "status": self.status,
-            "error": self.error, "device": self.device, "dtype": self.dtype, "checkpoint": checkpoint,
+            "stage": self.stage, "error": self.error, "device": self.device, "dtype": self.dtype,
+            "checkpoint": checkpoint,
             "endpoints": ({"predict": f"/predict/{self.model_type}", "evaluate": f"/evaluate/{self.model_type}"}
                           if self.model_type else {}),
             "io": io,
@@ -188,23 +200,25 @@ class DeploymentManager:
     def __init__(self, settings: Settings, metrics: Optional[Metrics] = None):
         self.settings = settings
         specs = list(settings.deployments)
-        prepare = None
-        if not specs:
+        prepares: dict[str, Any] = {}
+        if not specs:  # the demo pack: each member made ready on its own deployment's thread (the server listens)
             from vla_foundry.demo import DEMO_MEMBERS, ensure_demo_pack
 
-            lock = threading.Lock()
+            lock = threading.Lock()  # one member at a time in this process (the pack's file lock: across processes)
 
-            def prepare() -> None:
+            def prepare_member(member: str) -> None:
                 with lock:
-                    ensure_demo_pack(settings.demo_dir)
+                    ensure_demo_pack(settings.demo_dir, progress=False, members=[member])
 
             specs = [DeploymentSpec(name=m, checkpoint=str(Path(settings.demo_dir) / m)) for m in DEMO_MEMBERS]
+            prepares = {m: functools.partial(prepare_member, m) for m in DEMO_MEMBERS}
         names = [s.resolved_name for s in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"deployment names must be unique; repeated: {', '.join(duplicates)}. "
                              "Give each a `name:` (or --checkpoint DIR=NAME)")
-        self.deployments = {s.resolved_name: Deployment(s, settings, prepare, metrics) for s in specs}
+        self.deployments = {s.resolved_name: Deployment(s, settings, prepares.get(s.resolved_name), metrics)
+                            for s in specs}
 
     def start(self) -> None:
         for deployment in self.deployments.values():

@@ -57,6 +57,8 @@ class Metrics:
                               ["deployment"], registry=r)
         self.images = Counter("vla_images_generated", "Images generated.", ["deployment"], registry=r)
         self.websockets = Gauge("vla_websocket_connections", "Open robot websocket connections.", registry=r)
+        self.abandoned = Counter("vla_requests_abandoned", "Requests whose client disconnected before the reply "
+                                 "(a queued model call is then dropped unrun).", ["deployment"], registry=r)
 
     def observe_model_call(self, deployment: str, queue_ms: float, run_ms: float, batch_size: int) -> None:
         self.queue_seconds.labels(deployment).observe(queue_ms / 1000)

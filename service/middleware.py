@@ -15,7 +15,8 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.codecs import DecodeError, encode_response, is_msgpack, unpack_message_off_loop
+from service.codecs import (MAX_BODY_KEYS, DecodeError, TooManyKeys, encode_response, is_msgpack, loads_json_off_loop,
+                            unpack_message_off_loop)
 from service.errors import error_body
 
 BODY = "vla.body"  # scope key: the whole body, as the middleware read it
@@ -62,9 +63,10 @@ def _is_json(content_type: str) -> bool:
 
 
 class BodyCodecMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_body_keys: int = MAX_BODY_KEYS):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_body_keys = max_body_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,10 +102,11 @@ class BodyCodecMiddleware:
         decoded: dict[str, Any] = {BODY: body}
         if is_msgpack(content_type):
             try:
-                unpacked = await unpack_message_off_loop(body)
+                unpacked = await unpack_message_off_loop(body, self.max_body_keys)
                 decoded[DECODED_BODY], decoded[BYTES_KEYS] = unpacked.value, unpacked.bytes_keys
             except DecodeError as e:
-                await self._refuse(scope, receive, send, accept, 400 if "valid msgpack" in str(e) else 422, str(e))
+                status = 413 if isinstance(e, TooManyKeys) else 400 if "valid msgpack" in str(e) else 422
+                await self._refuse(scope, receive, send, accept, status, str(e))
                 return
             content_type = "application/json"  # FastAPI reads a JSON-typed body through request.json()
         elif not content_type or content_type.startswith(("text/plain", "application/x-www-form-urlencoded")):
@@ -113,6 +116,14 @@ class BodyCodecMiddleware:
                                f"Content-Type {content_type.split(';')[0]!r} is not accepted; send application/json "
                                "or application/msgpack")
             return
+        if DECODED_BODY not in decoded and body:  # JSON: parsed here, with its keys counted (big bodies off the loop)
+            try:
+                decoded[DECODED_BODY] = await loads_json_off_loop(body, self.max_body_keys)
+            except TooManyKeys as e:
+                await self._refuse(scope, receive, send, accept, 413, str(e))
+                return
+            except ValueError:  # not JSON: FastAPI parses it again and reports where (its usual 422)
+                pass
         new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         new_headers += [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
         # In place, not a copy: the route Starlette matches (scope["route"]) is then seen by the outer layers

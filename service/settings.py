@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo pack is built and served from.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request bodies above this get 413.")
+    max_body_keys: int = Field(10_000, ge=100, description="Request bodies and websocket frames with more map keys "
+                                                           "than this in all get 413 (1009 on a websocket), before "
+                                                           "anything validates them.")
     max_queue: int = Field(64, ge=1, description="Requests waiting per deployment before 503 (overloaded).")
     max_new_tokens: int = Field(1024, ge=1, description="Cap on max_new_tokens per request.")
     max_batch: int = Field(64, ge=1, description="Cap on prompts (or sequences) per request.")

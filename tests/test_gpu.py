@@ -186,4 +186,4 @@ def test_policy_cuda_graphs_equal_eager_for_every_bucket(tiny_checkpoints, dtype
                     for i in range(batch_size)]
         for _ in range(2):  # captured, then replayed
             for out, want in zip(graphs.predict_each(requests), eager.predict_each(requests), strict=True):
-                np.testing.assert_allclose(out["action_chunk"], want["action_chunk"], atol=atol)
+                np.testing.assert_allclose(out.action_chunk, want.action_chunk, atol=atol)

@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator,
 
 from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
 from service.images import decode_image_value
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, one_request
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, each
 from vla_foundry.errors import InvalidInputError
-from vla_foundry.pipelines.action import PolicyRequest
+from vla_foundry.pipelines.action import ActionChunk, PolicyRequest
+from vla_foundry.pipelines.interfaces import ActionServing
 from vla_foundry.robotics.session import run_plans
 from vla_foundry.robotics.observations import parse_action_window, parse_observation
 
@@ -109,7 +110,7 @@ class Observation(BaseModel):
     def decoded_lowdim(self, prefix: str) -> dict[str, Any]:
         return {k: decode_numbers(v, f"{prefix}.lowdim.{k}") for k, v in self.lowdim.items()}
 
-    def parse(self, pipeline, request: RequestBase, prefix: str, past_actions: Optional[dict] = None):
+    def parse(self, pipeline: ActionServing, request: RequestBase, prefix: str, past_actions: Optional[dict] = None):
         lowdim = self.decoded_lowdim(prefix)
         past = None if past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
                                                   for k, v in past_actions.items()}
@@ -188,41 +189,37 @@ def _noise(value: Any) -> Optional[np.ndarray]:
     return array
 
 
-def _chunk_reply(pipeline, request, out: dict, anchor: float, step: Optional[int]) -> dict:
-    return {"actions": {k: v[0].tolist() for k, v in out["actions"].items()},
-            "action_chunk": out["action_chunk"][0].tolist(), "first_action_index": out["first_action_index"],
-            "n_action_steps": out["n_action_steps"], "action_fields": out["action_fields"],
-            "num_inference_steps": out["num_inference_steps"], "checkpoint_step": pipeline.checkpoint_step,
-            "seed": out["seed"], "session_id": request.session_id, "timestamp": request.timestamp, "step": step,
-            "valid_until": pipeline.valid_until(anchor, out["n_action_steps"]), "timing_ms": out["timing_ms"]}
+def encode_chunk(request: ActionPredictRequest, chunk: ActionChunk) -> dict:
+    """An ``ActionChunk`` as the HTTP reply's fields."""
+    return {"actions": {k: v.tolist() for k, v in chunk.actions.items()}, "action_chunk": chunk.action_chunk.tolist(),
+            "first_action_index": chunk.first_action_index, "n_action_steps": chunk.n_action_steps,
+            "action_fields": chunk.action_fields, "num_inference_steps": chunk.num_inference_steps,
+            "checkpoint_step": chunk.checkpoint_step, "seed": chunk.seed, "session_id": request.session_id,
+            "timestamp": chunk.timestamp, "step": chunk.step, "valid_until": chunk.valid_until,
+            "timing_ms": chunk.timing_ms}
 
 
-def predict_batch(pipeline, requests: list[ActionPredictRequest]) -> list:
-    """Several robots' predictions in one model call (they share ``batch_key``); each reply equals the one the
-    request gets alone: its own seed or noise, its own past actions. A request refused before the model runs
-    (stale, bad observation) fails alone."""
-    begun: list = []
+def predict(pipeline: ActionServing, requests: list[ActionPredictRequest]) -> list:
+    """Several robots' chunks in one model call (they share ``batch_key``); each equals the one the request gets
+    alone: its own seed or noise, its own past actions. A request refused before the model runs (stale, bad
+    observation) fails alone."""
+    checked: list = []
     for request in requests:
         try:
-            anchor = pipeline.anchor(request.timestamp)
             sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
-            policy_request = PolicyRequest(sample, request.seed, _noise(request.noise))
+            policy_request = PolicyRequest(sample, request.seed, _noise(request.noise), request.timestamp,
+                                           request.step)
             pipeline.check_request(policy_request)
-            begun.append((request, anchor, policy_request))
+            checked.append(policy_request)
         except InvalidInputError as e:
-            begun.append(e)
-    ready = [b for b in begun if not isinstance(b, Exception)]
-    outs = iter(pipeline.predict_each([b[2] for b in ready], num_inference_steps=requests[0].num_inference_steps)
-                if ready else [])
-    return [b if isinstance(b, Exception) else _chunk_reply(pipeline, b[0], next(outs), b[1], b[0].step)
-            for b in begun]
+            checked.append(e)
+    ready = [c for c in checked if not isinstance(c, Exception)]
+    chunks = iter(pipeline.predict_each(ready, num_inference_steps=requests[0].num_inference_steps) if ready else [])
+    return [c if isinstance(c, Exception) else next(chunks) for c in checked]
 
 
-def batch_key(request: ActionPredictRequest) -> Optional[int]:
-    return request.num_inference_steps  # one sampling loop per call
-
-
-predict = one_request(predict_batch)
+def batch_key(request: ActionPredictRequest) -> tuple:
+    return ("steps", request.num_inference_steps)  # one sampling loop per call
 
 
 def begin_sessions(items: list, begin: Callable[[Any, Any], Any]) -> list:
@@ -237,30 +234,20 @@ def begin_sessions(items: list, begin: Callable[[Any, Any], Any]) -> list:
     return begun
 
 
-def finish_sessions(pipeline, begun: list, reply: Callable[[Any, dict], dict]) -> list:
-    """The begun plans' predictions in one batched call (``run_plans``); each reply is ``reply(index, out)``
-    or that request's exception. Never raises (a begun session must not be begun again)."""
+def finish_sessions(pipeline: ActionServing, begun: list) -> list:
+    """The begun plans' results (``run_plans``: their predictions in one batched call), each in place of its
+    plan; a request refused at ``begin`` keeps its exception. Never raises (a begun session must not be begun
+    again)."""
     plans = [b for b in begun if not isinstance(b, Exception)]
-    outs = iter(run_plans(pipeline, plans))
-    results = []
-    for i, b in enumerate(begun):
-        out = b if isinstance(b, Exception) else next(outs)
-        if not isinstance(out, Exception):
-            try:
-                out = reply(i, out)
-            except Exception as e:  # never raise: the executor would run the begun sessions again
-                out = e
-        results.append(out)
-    return results
+    results = iter(run_plans(pipeline, plans))
+    return [b if isinstance(b, Exception) else next(results) for b in begun]
 
 
-def session_predict_batch(pipeline, items: list[tuple[ActionPredictRequest, Any]]) -> list:
+def session_predict(pipeline: ActionServing, items: list[tuple[ActionPredictRequest, Any]]) -> list:
     """Chunk mode of several robots' sessions (each robot may send only its current step; its session fills in
-    the rest) in one model call; one reply per (request, session), or that request's exception."""
-    anchors: dict[int, float] = {}
+    the rest) in one model call; one ``ActionChunk`` per (request, session), or that request's exception."""
 
     def begin(request: ActionPredictRequest, session):
-        anchors[id(request)] = pipeline.anchor(request.timestamp)
         observation = request.observation
         past = None if request.past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
                                                           for k, v in request.past_actions.items()}
@@ -268,13 +255,9 @@ def session_predict_batch(pipeline, items: list[tuple[ActionPredictRequest, Any]
                                    observation.decoded_lowdim("observation"), observation.language_instruction or "",
                                    step=request.step, past_actions=past,
                                    num_inference_steps=request.num_inference_steps, seed=request.seed,
-                                   noise=_noise(request.noise))
+                                   noise=_noise(request.noise), timestamp=request.timestamp)
 
-    def reply(i: int, out: dict) -> dict:
-        request = items[i][0]
-        return _chunk_reply(pipeline, request, out, anchors[id(request)], out["step"])
-
-    return finish_sessions(pipeline, begin_sessions(items, begin), reply)
+    return finish_sessions(pipeline, begin_sessions(items, begin))
 
 
 class PolicySample(BaseModel):
@@ -307,7 +290,7 @@ class ActionEvaluateResponse(ResponseBase):
     seed: int
 
 
-def evaluate(pipeline, request: ActionEvaluateRequest) -> dict:
+def evaluate_one(pipeline: ActionServing, request: ActionEvaluateRequest) -> dict:
     samples, windows = [], []
     for i, s in enumerate(request.samples):
         samples.append(s.observation.parse(pipeline, request, f"samples[{i}].observation"))
@@ -347,7 +330,9 @@ async def decode_observation_frames(request: RequestBase) -> None:
         await run_in_threadpool(observation.decoded_frames, request, "observation")
 
 
+evaluate = each(evaluate_one)
+
 ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
-                          ActionEvaluateRequest, ActionEvaluateResponse, evaluate, prepare=_prepare,
-                          prepare_on_loop=_prepare_on_loop, session_predict_batch=session_predict_batch,
-                          predict_batch=predict_batch, batch_key=batch_key)
+                          ActionEvaluateRequest, ActionEvaluateResponse, evaluate, encode_predict=encode_chunk,
+                          batch_key=batch_key, prepare=_prepare, prepare_on_loop=_prepare_on_loop,
+                          session_predict=session_predict)

@@ -1,14 +1,24 @@
-"""What the service needs per modality: request/response schemas and two thin calls.
+"""The serving contract: what the service needs per modality, and the item every transport queues.
 
-``predict(pipeline, request)`` and ``evaluate(pipeline, request)`` run on the
-deployment's executor thread: they turn a validated request into one pipeline call and
-its result into a JSON-able dict. No ML logic lives here.
+A request crosses into ``vla_foundry`` in three steps, the same for every transport (``/predict``,
+robot sessions, the websocket, ``/v1``):
+
+1. **decode** (event loop or thread pool): the validated request with its images decoded, wrapped
+   in a ``ModelCall``;
+2. **run** (the deployment's model thread, through ``Deployment.call``): ``run(pipeline, items)``,
+   one pipeline call for the items of every queued call that shares ``run`` and ``batch_key``,
+   returning one typed result per item (an exception instance is that item's own failure), each
+   what the item gets alone;
+3. **encode** (back on the event loop): the result as the transport's reply.
+
+No ML logic lives here, and the service reads a pipeline only through the members its modality's
+interface declares (``vla_foundry.pipelines.interfaces``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Hashable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -64,39 +74,66 @@ class ResponseBase(BaseModel):
     timing_ms: Timing
 
 
-def one_request(predict_batch: Callable[[Any, list], list]) -> Callable[[Any, Any], dict]:
-    """A modality's ``predict`` for one request, from its ``predict_batch``: the reply, or its refusal raised."""
+@dataclass(frozen=True)
+class ModelCall:
+    """One decoded request for a deployment's model thread: what ``Deployment.call`` queues.
 
-    def predict(pipeline, request) -> dict:
-        (reply,) = predict_batch(pipeline, [request])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+    ``run`` is a module-level function ``run(pipeline, items) -> results`` (results in order, an exception
+    instance being that item's failure); calls share one model call only when their ``run`` is the same function
+    and their ``batch_key`` is equal (e.g. a policy's step count). ``batch_key`` None: the call runs alone.
+    """
 
-    return predict
+    run: Callable[[Any, list], list]
+    item: Any
+    batch_key: Optional[Hashable] = None
+
+
+def each(run_one: Callable[[Any, Any], Any]) -> Callable[[Any, list], list]:
+    """A ``run`` for calls that never share a model call (``batch_key`` None): ``run_one(pipeline, item)``
+    per item. Build it once, at module level: calls share a batch only with the same ``run`` object."""
+
+    def run(pipeline, items: list) -> list:
+        return [run_one(pipeline, item) for item in items]
+
+    run.__name__ = run.__qualname__ = getattr(run_one, "__name__", "run")
+    return run
+
+
+def as_reply(request, result: Any) -> dict:
+    """The default ``encode``: a result that already is the reply's fields (a dict)."""
+    return dict(result)
 
 
 @dataclass(frozen=True)
 class ModalityAdapter:
     predict_request: type[RequestBase]
     predict_response: type[BaseModel]
-    predict: Callable[[Any, Any], dict]
+    # run(pipeline, requests) → one result per request (see ModelCall), on the deployment's thread.
+    predict: Callable[[Any, list], list]
     evaluate_request: type[RequestBase]
     evaluate_response: type[BaseModel]
-    evaluate: Callable[[Any, Any], dict]
+    evaluate: Callable[[Any, list], list]
+    # encode(request, result) → the reply's fields (JSON-able, or numpy arrays the reply codec writes).
+    encode_predict: Callable[[Any, Any], dict] = as_reply
+    encode_evaluate: Callable[[Any, Any], dict] = as_reply
+    # Whether encoding costs enough (e.g. PNG) to run in the thread pool rather than on the event loop.
+    encode_in_pool: bool = False
+    # Predict requests with equal keys may share one model call; None (no function): each runs alone.
+    batch_key: Optional[Callable[[Any], Hashable]] = None
     # Optional: a non-JSON reply for the payload when the client's Accept asks for one (e.g. image/png).
     reply: Optional[Callable[[dict, str], Any]] = None
-    # Optional: work on a validated request before it queues (decoding images), run in a thread pool so a
-    # bad image is refused at once and the model's thread only runs the model.
+    # Optional: decoding a validated request before it queues (images), run in a thread pool so a bad image
+    # is refused at once and the model's thread only runs the model.
     prepare: Optional[Callable[[Any], Any]] = None
     # Optional: whether ``prepare`` is cheap enough for this request to run on the event loop (microseconds:
     # cheaper than the hop to the thread pool), e.g. raw frames that decode to a view and one copy.
     prepare_on_loop: Optional[Callable[[Any], bool]] = None
-    # Optional: ``predict`` for requests with a ``session_id``: (pipeline, [(request, session), ...]) → one reply
-    # (or exception) each, in one model call (robot sessions; the route serializes the requests of one session).
-    session_predict_batch: Optional[Callable[[Any, list], list]] = None
-    # Optional: ``predict`` for several requests in one model call, (pipeline, requests) → one reply each,
-    # each equal to what the request gets alone; requests share a call only when their ``batch_key`` is equal.
-    predict_batch: Optional[Callable[[Any, list], list[dict]]] = None
-    batch_key: Optional[Callable[[Any], Any]] = None
+    # Optional: ``run`` for predict requests with a ``session_id``: items are (request, session) pairs (robot
+    # sessions; the transport serializes the requests of one session).
+    session_predict: Optional[Callable[[Any, list], list]] = None
 
+    def predict_call(self, request) -> ModelCall:
+        return ModelCall(self.predict, request, self.batch_key(request) if self.batch_key else None)
+
+    def evaluate_call(self, request) -> ModelCall:
+        return ModelCall(self.evaluate, request)

@@ -12,10 +12,11 @@ from typing import Any, Optional, Union
 from pydantic import Field, PrivateAttr, model_validator, StrictInt
 
 from service.images import decode_image_list, decode_image_value
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, each
 from service.modalities.text import (CompletionOut, SamplingFields, TextEvaluateResponse, TokenRows, Usage, _rows,
                                      completion_payload)
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.interfaces import CaptionServing
 
 IMAGE_FORMS = ("a base64 PNG/JPEG string, a data: URL, or a typed array {dtype, shape, data} of (H, W, 3) uint8 "
                "(or floats in [0, 1])")
@@ -86,10 +87,13 @@ class CaptionPredictResponse(ResponseBase):
     seed: int
 
 
-def predict(pipeline, request: CaptionPredictRequest) -> dict:
-    result = pipeline.caption(request.decoded_images(), _rows(request.prompt), request.prompt_token_ids,
-                              sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed,
-                              use_cache=request.use_cache)
+def predict_one(pipeline: CaptionServing, request: CaptionPredictRequest):
+    return pipeline.caption(request.decoded_images(), _rows(request.prompt), request.prompt_token_ids,
+                            sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed,
+                            use_cache=request.use_cache)
+
+
+def encode_captions(request, result) -> dict:
     return completion_payload(result, key="captions")
 
 
@@ -112,11 +116,11 @@ class CaptionEvaluateRequest(ImageFields):
         return self
 
 
-def evaluate(pipeline, request: CaptionEvaluateRequest) -> dict:
+def evaluate_one(pipeline: CaptionServing, request: CaptionEvaluateRequest) -> dict:
     return pipeline.evaluate(request.decoded_images(), texts=request.texts, input_ids=request.input_ids,
                              seed=request.seed)
 
 
-ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, predict,
-                          CaptionEvaluateRequest, TextEvaluateResponse, evaluate,
-                          prepare=lambda request: request.decoded_images())
+ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, each(predict_one),
+                          CaptionEvaluateRequest, TextEvaluateResponse, each(evaluate_one),
+                          encode_predict=encode_captions, prepare=lambda request: request.decoded_images())

@@ -6,8 +6,9 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator, StrictInt
 
-from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase, one_request
+from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase, each
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.interfaces import EncoderServing
 
 
 class EncoderPredictRequest(ImageListRequest):
@@ -34,7 +35,7 @@ class EncoderPredictResponse(ResponseBase):
     similarity: Optional[dict] = Field(None, description="(texts, images) cosine similarities.")
 
 
-def predict_batch(pipeline, requests: list[EncoderPredictRequest]) -> list:
+def predict(pipeline: EncoderServing, requests: list[EncoderPredictRequest]) -> list:
     """Several requests' embeddings in one call per tower; a request the encoder refuses (a text too long)
     fails alone. numpy arrays: the reply's serializer writes them as typed arrays (base64 in JSON, raw
     bytes in msgpack)."""
@@ -49,11 +50,8 @@ def predict_batch(pipeline, requests: list[EncoderPredictRequest]) -> list:
     return [r if isinstance(r, Exception) else dict(next(outs)) for r in checked]
 
 
-def batch_key(request: EncoderPredictRequest) -> None:
-    return None  # any embedding requests may share a call
-
-
-predict = one_request(predict_batch)
+def batch_key(request: EncoderPredictRequest) -> tuple:
+    return ()  # any embedding requests may share a call
 
 
 class EncoderEvaluateRequest(EncoderPredictRequest):
@@ -67,11 +65,10 @@ class EncoderEvaluateResponse(ResponseBase):
     seed: int
 
 
-def evaluate(pipeline, request: EncoderEvaluateRequest) -> dict:
+def evaluate_one(pipeline: EncoderServing, request: EncoderEvaluateRequest) -> dict:
     return pipeline.evaluate(request.texts or [], request.decoded_images() or [], request.seed)
 
 
 ADAPTER = ModalityAdapter(EncoderPredictRequest, EncoderPredictResponse, predict,
-                          EncoderEvaluateRequest, EncoderEvaluateResponse, evaluate,
-                          predict_batch=predict_batch, batch_key=batch_key,
+                          EncoderEvaluateRequest, EncoderEvaluateResponse, each(evaluate_one), batch_key=batch_key,
                           prepare=lambda request: request.decoded_images())

@@ -14,9 +14,10 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator, StrictInt
 from starlette.responses import Response
 
-from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase, one_request
+from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase, each
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.image import ImageRequest
+from vla_foundry.pipelines.interfaces import ImageServing
 
 PNG = "image/png"
 
@@ -73,9 +74,9 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def predict_batch(pipeline, requests: list[ImagePredictRequest]) -> list:
-    """Several requests' images in as few model calls as their samplers allow; a request whose values the
-    model refuses fails alone."""
+def predict(pipeline: ImageServing, requests: list[ImagePredictRequest]) -> list:
+    """Several requests' images (``ImageResult``s) in as few model calls as their samplers allow; a request whose
+    values the model refuses fails alone."""
     plans = []
     for request in requests:
         try:
@@ -86,7 +87,7 @@ def predict_batch(pipeline, requests: list[ImagePredictRequest]) -> list:
         except InvalidInputError as e:
             plans.append(e)
     results = iter(pipeline.generate_each([p for p in plans if not isinstance(p, Exception)]))
-    return [plan if isinstance(plan, Exception) else _reply(next(results)) for plan in plans]
+    return [plan if isinstance(plan, Exception) else next(results) for plan in plans]
 
 
 def batch_key(request: ImagePredictRequest) -> tuple:
@@ -95,14 +96,12 @@ def batch_key(request: ImagePredictRequest) -> tuple:
             request.negative_prompt is None)
 
 
-def _reply(result) -> dict:
+def encode_images(request, result) -> dict:
+    """An ``ImageResult`` as the reply's fields: PNG-encoded (off the model thread: the adapter's encode_in_pool)."""
     return {"images": [{"format": "png", "data": base64.b64encode(png_bytes(im)).decode(), "seed": s}
                        for im, s in zip(result.images, result.seeds)],
             "seed": result.seeds[0], "scheduler": result.scheduler,
             "num_inference_steps": result.num_inference_steps, "guidance_scale": result.guidance_scale}
-
-
-predict = one_request(predict_batch)
 
 
 def png_reply(payload: dict, accept: str) -> Optional[Response]:
@@ -136,7 +135,7 @@ class ImageEvaluateResponse(ResponseBase):
     seed: int
 
 
-def evaluate(pipeline, request: ImageEvaluateRequest) -> dict:
+def evaluate_one(pipeline: ImageServing, request: ImageEvaluateRequest) -> dict:
     return pipeline.evaluate(request.decoded_images(), request.texts, request.seed)
 
 
@@ -146,5 +145,6 @@ def prepare(request) -> None:
 
 
 ADAPTER = ModalityAdapter(ImagePredictRequest, ImagePredictResponse, predict,
-                          ImageEvaluateRequest, ImageEvaluateResponse, evaluate, reply=png_reply, prepare=prepare,
-                          predict_batch=predict_batch, batch_key=batch_key)
+                          ImageEvaluateRequest, ImageEvaluateResponse, each(evaluate_one),
+                          encode_predict=encode_images, encode_in_pool=True, batch_key=batch_key, reply=png_reply,
+                          prepare=prepare)

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, Field, model_validator, StrictInt
 
 from service.codecs import DecodeError, decode_array, is_array_dict
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, each
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.interfaces import TextServing
 from vla_foundry.sampling import SamplingParams
 
 _DEFAULTS = SamplingParams()
@@ -124,9 +125,12 @@ def completion_payload(result, key: str = "completions") -> dict:
     }
 
 
-def predict(pipeline, request: TextPredictRequest) -> dict:
-    result = pipeline.complete(_rows(request.prompt), request.prompt_token_ids, sampling=request.sampling(),
-                               stop=request.stop_strings(), seed=request.seed, use_cache=request.use_cache)
+def predict_one(pipeline: TextServing, request: TextPredictRequest):
+    return pipeline.complete(_rows(request.prompt), request.prompt_token_ids, sampling=request.sampling(),
+                             stop=request.stop_strings(), seed=request.seed, use_cache=request.use_cache)
+
+
+def encode_completions(request, result) -> dict:
     return completion_payload(result)
 
 
@@ -156,9 +160,11 @@ class TextEvaluateResponse(ResponseBase):
     seed: int
 
 
-def evaluate(pipeline, request: TextEvaluateRequest) -> dict:
+def evaluate_one(pipeline: TextServing, request: TextEvaluateRequest) -> dict:
     return pipeline.evaluate(request.input_ids, request.attention_mask, request.texts, request.seed)
 
 
-ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, predict,
-                          TextEvaluateRequest, TextEvaluateResponse, evaluate)
+# One request per model call: text decodes a request's rows together (continuous batching is its own work).
+ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, each(predict_one),
+                          TextEvaluateRequest, TextEvaluateResponse, each(evaluate_one),
+                          encode_predict=encode_completions)

@@ -9,16 +9,17 @@ existing modality is served without touching this package.
 # from the endpoint's real annotations.
 
 import time
-from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.codecs import encode_response
 from service.deployments import DeploymentManager
+from service.disconnects import unless_client_leaves
 from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
 from service.modalities import ADAPTERS
+from service.modalities.base import ModalityAdapter, ModelCall
 from service.settings import Settings
 from vla_foundry.errors import unknown_key_error
 from vla_foundry.models.registry import is_model_registered, list_registered_models, model_modality
@@ -30,38 +31,46 @@ def _camel(model_type: str) -> str:
     return "".join(part.capitalize() for part in model_type.split("_"))
 
 
-def _endpoint(model_type: str, request_cls: type, run: Callable[[Any, Any], dict], reply=None, prepare=None,
-              prepare_on_loop=None, session_run=None, batch_run=None, batch_key=None):
+def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAdapter):
+    make_call = adapter.predict_call if kind == "predict" else adapter.evaluate_call
+    encode = adapter.encode_predict if kind == "predict" else adapter.encode_evaluate
+    reply = adapter.reply if kind == "predict" else None
+    session_run = adapter.session_predict if kind == "predict" else None
+
     async def endpoint(body: request_cls, request: Request):
         started = time.perf_counter()
         # The manager straight from the app state, not Depends(get_manager): solving a sub-dependency costs
         # about 0.1 ms per request here (measured in process, right after a model run has cooled the caches).
         manager: DeploymentManager = request.app.state.manager
         deployment = manager.resolve(model_type, body.model)
+        deployment.check_ready()  # before decoding: a loading deployment costs the client no image decode
+        # decode: the request's images, before it queues (on the loop when that is cheaper than the hop)
         prepare_ms = 0.0
-        if prepare is not None:
-            if prepare_on_loop is not None and prepare_on_loop(body):
-                prepare(body)
+        if adapter.prepare is not None:
+            if adapter.prepare_on_loop is not None and adapter.prepare_on_loop(body):
+                adapter.prepare(body)
             else:
-                await run_in_threadpool(prepare, body)
+                await run_in_threadpool(adapter.prepare, body)
             prepare_ms = (time.perf_counter() - started) * 1000
+        # run: one call into the deployment (a robot session's requests one at a time, in arrival order)
         session_id = getattr(body, "session_id", None)
         if session_run is not None and session_id is not None:
             entry = request.app.state.sessions.acquire(session_id, deployment)
-            # one request of a session at a time, in arrival order
-            timed = await entry.call(deployment.run_batched(session_run, batch_key(body), (body, entry.policy)))
-        elif batch_run is not None:
-            timed = await deployment.run_batched(batch_run, batch_key(body), body)
-        else:
-            timed = await deployment.run(run, body)
-        total = (time.perf_counter() - started) * 1000
-        value = dict(timed.value)
+            call = ModelCall(session_run, (body, entry.policy), adapter.batch_key(body))
+            timed = await entry.call(deployment.call(call))
+        else:  # a client that leaves while its call is queued gets it dropped (disconnects.py)
+            call = make_call(body)
+            timed = await unless_client_leaves(request, deployment.call(call), deployment.name)
+        # encode
+        value = (await run_in_threadpool(encode, body, timed.value) if adapter.encode_in_pool
+                 else encode(body, timed.value))
         # A pipeline may split its run time (e.g. preprocess / infer); decoding before the queue is preprocess.
         timing = {"queue": timed.queue_ms, "infer": timed.run_ms, **value.pop("timing_ms", {})}
-        if batch_run is not None:
+        if call.batch_key is not None:
             timing["batch_size"] = timed.batch_size
         if "preprocess" in timing:
             timing["preprocess"] += prepare_ms
+        total = (time.perf_counter() - started) * 1000
         payload = {"model": deployment.name, **value,
                    "timing_ms": {**{k: round(v, 3) for k, v in timing.items()}, "total": round(total, 3)}}
         request.app.state.metrics.observe_reply(deployment.name, payload)
@@ -79,15 +88,12 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
         adapter = ADAPTERS.get(model_modality(model_type))
         if adapter is None:
             continue
-        parts = {"predict": (adapter.predict_request, adapter.predict_response, adapter.predict, adapter.reply),
-                 "evaluate": (adapter.evaluate_request, adapter.evaluate_response, adapter.evaluate, None)}
-        for kind, (base, response, run, reply) in parts.items():
+        parts = {"predict": (adapter.predict_request, adapter.predict_response),
+                 "evaluate": (adapter.evaluate_request, adapter.evaluate_response)}
+        for kind, (base, response) in parts.items():
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
                 "__module__": __name__, **base.limits_from(settings)})
-            session_run = adapter.session_predict_batch if kind == "predict" else None
-            batch_run = adapter.predict_batch if kind == "predict" else None
-            endpoint = _endpoint(model_type, request_cls, run, reply, adapter.prepare, adapter.prepare_on_loop,
-                                 session_run, batch_run, adapter.batch_key)
+            endpoint = _endpoint(model_type, kind, request_cls, adapter)
             app.add_api_route(f"/{kind}/{model_type}", endpoint,
                               methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",

@@ -14,7 +14,8 @@ penalties, tools, …) are refused by name rather than silently ignored.
 import logging
 import secrets
 import time
-from typing import Any, ClassVar, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,12 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator, StrictInt
 from service.codecs import encode_response
 from service.dependencies import get_manager
 from service.deployments import Deployment, DeploymentManager
+from service.disconnects import unless_client_leaves
 from service.errors import ApiError
 from service.images import decode_image_value
 from service.middleware import DecodedBodyRoute
+from service.modalities.base import ModelCall, each
 from service.modalities.text import stop_list, usage_of
 from service.streaming import SSE_DONE, DeltaStream, sse, sse_error
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.interfaces import CaptionServing, TextServing
 from vla_foundry.sampling import SamplingParams
 
 logger = logging.getLogger("service")
@@ -228,7 +232,7 @@ def _v1_names(error: InvalidInputError) -> InvalidInputError:
     return type(error)(message, field=V1_FIELDS.get(error.field, error.field))
 
 
-def run_completion(pipeline, request: CompletionRequest, on_text=None):
+def run_completion(pipeline: TextServing, request: CompletionRequest, on_text=None):
     texts, ids = request.prompt_rows()
     n = request.n
     return pipeline.complete([t for t in texts for _ in range(n)] if texts is not None else None,
@@ -243,7 +247,7 @@ def decode_chat_images(request: ChatRequest, image_limits: dict) -> tuple[list[d
     return messages, [decode_image_value(value, field=field, **image_limits) for value, field in image_values]
 
 
-def run_chat(pipeline, request: ChatRequest, conversation: tuple[list[dict], list], on_text=None):
+def run_chat(pipeline: CaptionServing, request: ChatRequest, conversation: tuple[list[dict], list], on_text=None):
     messages, images = conversation
     prompt = pipeline.render_chat(messages)
     n = request.n
@@ -252,6 +256,27 @@ def run_chat(pipeline, request: ChatRequest, conversation: tuple[list[dict], lis
     if images:
         return pipeline.caption([images] * n, [prompt] * n, **common)
     return pipeline.complete([prompt] * n, **common)
+
+
+@dataclass(frozen=True)
+class V1Job:
+    """A decoded ``/v1`` request: what its ``ModelCall`` carries to the model thread."""
+
+    request: Any  # CompletionRequest or ChatRequest
+    conversation: Optional[tuple[list[dict], list]] = None  # chat: the messages and their decoded images
+    on_text: Optional[Callable] = None  # streaming: called with each row's new text as it is made
+
+
+def _run_job(pipeline: TextServing, job: V1Job):
+    try:
+        if job.conversation is None:
+            return run_completion(pipeline, job.request, job.on_text)
+        return run_chat(pipeline, job.request, job.conversation, job.on_text)
+    except InvalidInputError as e:
+        raise _v1_names(e) from e
+
+
+run_v1 = each(_run_job)  # one request per model call (continuous batching of text is its own work)
 
 
 # ----------------------------------------------------------------------------- routes
@@ -308,8 +333,7 @@ def add_openai_routes(app: FastAPI, settings) -> None:
     async def completions(body: completion_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         deployment = _deployment(manager, body.model)
         _check_tokenizer(deployment)
-        return await _respond(deployment, body, request, "text_completion", "cmpl",
-                              lambda p, on_text=None: run_completion(p, body, on_text))
+        return await _respond(deployment, body, request, "text_completion", "cmpl", None)
 
     @router.post("/chat/completions", summary="Chat completions (images as image_url parts for caption models)")
     async def chat_completions(body: chat_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
@@ -320,25 +344,20 @@ def add_openai_routes(app: FastAPI, settings) -> None:
             raise ApiError(422, f"deployment {deployment.name!r} is a text model; image_url parts need a caption "
                                 "deployment", field="messages")
         conversation = await run_in_threadpool(decode_chat_images, body, image_limits)
-        return await _respond(deployment, body, request, "chat.completion", "chatcmpl",
-                              lambda p, on_text=None: run_chat(p, body, conversation, on_text))
+        return await _respond(deployment, body, request, "chat.completion", "chatcmpl", conversation)
 
     app.include_router(router)
 
 
-async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request, kind: str, id_prefix: str, work):
+async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request, kind: str, id_prefix: str,
+                   conversation: Optional[tuple]):
     response_id = f"{id_prefix}-{secrets.token_hex(12)}"
     created = int(time.time())
     chat = kind == "chat.completion"
-    def v1_work(pipeline, on_text=None):
-        try:
-            return work(pipeline, on_text)
-        except InvalidInputError as e:
-            raise _v1_names(e) from e
-
     if not body.stream:
         started = time.perf_counter()
-        timed = await deployment.run(v1_work)
+        timed = await unless_client_leaves(request, deployment.call(ModelCall(run_v1, V1Job(body, conversation))),
+                                           deployment.name)
         result = timed.value
         choices = [({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                      "logprobs": None} if chat else
@@ -352,7 +371,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
         return encode_response(payload, request.headers.get("accept", ""))
 
     stream = DeltaStream()
-    await stream.start(deployment.run(v1_work, on_text=stream.on_text))
+    await stream.start(deployment.call(ModelCall(run_v1, V1Job(body, conversation, stream.on_text))))
     chunk_kind = kind + ".chunk" if chat else kind
 
     def chunk(choices: list, **extra) -> str:

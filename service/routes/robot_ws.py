@@ -33,14 +33,14 @@ from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from service.codecs import DecodeError, pack_msgpack, unpack_message_off_loop
+from service.codecs import DecodeError, TooManyKeys, pack_msgpack, unpack_message_off_loop
 from service.errors import ApiError, field_of_loc
-from service.modalities.action import (ActionPredictRequest, batch_key, decode_observation_frames,
-                                       session_predict_batch)
-from service.modalities.base import RequestBase
+from service.modalities.action import ActionPredictRequest, batch_key, decode_observation_frames, session_predict
+from service.modalities.base import ModelCall, RequestBase
 from service.settings import Settings
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.registry import list_registered_models, model_modality
+from vla_foundry.pipelines.action import ActionChunk
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
                                         f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
                 return
-            obj = (await unpack_message_off_loop(data)).value
+            obj = (await unpack_message_off_loop(data, settings.max_body_keys)).value
             if not isinstance(obj, dict):
                 raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
             if obj.get("endpoint") == "reset":
@@ -159,8 +159,11 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
             await decode_observation_frames(body)
             entry.touch()
-            timed = await entry.call(deployment.run_batched(session_predict_batch, batch_key(body),
-                                                            (body, entry.policy)))
+            timed = await entry.call(deployment.call(ModelCall(session_predict, (body, entry.policy),
+                                                               batch_key(body))))
+        except TooManyKeys as e:
+            await _close(websocket, str(e), TOO_BIG)
+            return
         except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
             await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))
             return
@@ -171,14 +174,13 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             logger.exception("websocket %s: inference failed", entry.id)
             await _close(websocket, "internal error while computing actions", INTERNAL_ERROR)
             return
-        reply = timed.value
-        first = reply["first_action_index"]
+        chunk: ActionChunk = timed.value
         timing = {"infer_ms": timed.run_ms, "queue_ms": timed.queue_ms, "batch_size": timed.batch_size}
         if previous_total is not None:
             timing["prev_total_ms"] = previous_total
-        out = {"actions": np.asarray(reply["action_chunk"], np.float32)[first:],
-               "server_timing": timing,
-               **{k: reply[k] for k in ("step", "seed", "valid_until", "n_action_steps", "action_fields")}}
+        out = {"actions": np.asarray(chunk.action_chunk[chunk.first_action_index:], np.float32),
+               "server_timing": timing, "step": chunk.step, "seed": chunk.seed, "valid_until": chunk.valid_until,
+               "n_action_steps": chunk.n_action_steps, "action_fields": chunk.action_fields}
         await websocket.send_bytes(pack_msgpack(out, bytes_keys=True))
         previous_total = (time.perf_counter() - started) * 1000
 

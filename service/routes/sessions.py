@@ -17,8 +17,10 @@ from service.deployments import DeploymentManager
 from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
 from service.modalities.action import Observation, begin_sessions, decode_observation_frames, finish_sessions
-from service.modalities.base import RequestBase, ResponseBase
+from service.modalities.base import ModelCall, RequestBase, ResponseBase
 from service.settings import Settings
+from vla_foundry.pipelines.interfaces import ActionServing
+from vla_foundry.robotics.session import ActionStep
 
 
 class SessionStepRequest(RequestBase):
@@ -59,25 +61,24 @@ def _policy_deployment(manager: DeploymentManager, name: Optional[str]):
     return policies[0]
 
 
-def _steps(pipeline, items: list[tuple[SessionStepRequest, Any]]) -> list:
-    """Step mode of several robots' sessions; the ones due a new plan share one model call."""
-    anchors: dict[int, float] = {}
+def _steps(pipeline: ActionServing, items: list[tuple[SessionStepRequest, Any]]) -> list:
+    """Step mode of several robots' sessions: one ``ActionStep`` each (or that step's exception); the sessions
+    due a new plan share one model call."""
 
     def begin(body: SessionStepRequest, session):
-        anchors[id(body)] = pipeline.anchor(body.timestamp)
         observation = body.observation
         return session.begin_step(observation.decoded_frames(body, "observation"),
                                   observation.decoded_lowdim("observation"), observation.language_instruction or "",
-                                  step=body.step, num_inference_steps=body.num_inference_steps)
+                                  step=body.step, num_inference_steps=body.num_inference_steps,
+                                  timestamp=body.timestamp)
 
-    def reply(i: int, out: dict) -> dict:
-        body = items[i][0]
-        return {"step": out["step"], "actions": out["actions"], "action": out["action"].tolist(),
-                "replanned": out["replanned"], "plan_step": out["plan_step"], "timestamp": body.timestamp,
-                "valid_until": pipeline.valid_until(anchors[id(body)], 1),
-                **({"timing_ms": out["timing_ms"]} if "timing_ms" in out else {})}
+    return finish_sessions(pipeline, begin_sessions(items, begin))
 
-    return finish_sessions(pipeline, begin_sessions(items, begin), reply)
+
+def _encode_step(result: ActionStep) -> dict:
+    return {"step": result.step, "actions": result.actions, "action": result.action.tolist(),
+            "replanned": result.replanned, "plan_step": result.plan_step, "timestamp": result.timestamp,
+            "valid_until": result.valid_until}
 
 
 def add_session_routes(app: FastAPI, settings: Settings) -> None:
@@ -92,16 +93,18 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
             deployment = sessions.get(session_id).deployment if body.model is None else manager.get(body.model)
         except ApiError:
             deployment = _policy_deployment(manager, body.model)
+        deployment.check_ready()
         await decode_observation_frames(body)
         prepared = time.perf_counter()
         entry = sessions.acquire(session_id, deployment)
-        timed = await entry.call(deployment.run_batched(_steps, body.num_inference_steps, (body, entry.policy)))
-        value = dict(timed.value)
+        call = ModelCall(_steps, (body, entry.policy), ("steps", body.num_inference_steps))
+        timed = await entry.call(deployment.call(call))
+        result: ActionStep = timed.value
         timing = {"queue": timed.queue_ms, "preprocess": (prepared - started) * 1000, "infer": timed.run_ms,
-                  **{k: v for k, v in value.pop("timing_ms", {}).items() if k != "preprocess"}}
+                  **{k: v for k, v in result.timing_ms.items() if k != "preprocess"}}
         timing["total"] = (time.perf_counter() - started) * 1000
         timing["batch_size"] = timed.batch_size
-        payload = {"model": deployment.name, "session_id": session_id, **value,
+        payload = {"model": deployment.name, "session_id": session_id, **_encode_step(result),
                    "timing_ms": {k: round(v, 3) for k, v in timing.items()}}
         return encode_response(payload, request.headers.get("accept", ""), bytes_keys=reply_in_bytes_keys(request))
 

@@ -1,10 +1,13 @@
 """The app in process (TestClient runs the lifespan): every registered type, discovery, codecs."""
 
+import threading
+
 import msgpack
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
-from service import DeploymentSpec
+from service import DeploymentSpec, Settings, create_app
 from service.codecs import encode_array
 from service.images import decode_image_value
 from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS
@@ -57,9 +60,9 @@ def test_evaluate_every_type_matches_in_process(client, tiny_checkpoints, model_
     remote = response.json()
     local_args = dict(body)
     if model_type == "diffusion_policy":  # observations are checked and decoded by the service's own models
-        from service.modalities.action import ActionEvaluateRequest, evaluate
+        from service.modalities.action import ActionEvaluateRequest, evaluate_one
 
-        local = evaluate(load_pipeline(tiny_checkpoints[model_type]), ActionEvaluateRequest(**body))
+        local = evaluate_one(load_pipeline(tiny_checkpoints[model_type]), ActionEvaluateRequest(**body))
         assert remote["loss"] == pytest.approx(local["loss"], abs=1e-6) and remote["seed"] == body["seed"]
         return
     if "images" in body:  # the pipeline takes decoded pixels (one list per caption, or a flat list)
@@ -144,13 +147,14 @@ def test_several_deployments_of_a_type_need_a_name(tiny_checkpoints):
 
 
 @pytest.mark.slow
-def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypatch):
+def test_no_deployment_serves_the_demo_pack_training_what_is_not_shipped(tmp_path, monkeypatch):
     import vla_foundry.demo as demo
     from vla_foundry.demo import transformer as transformer_demo
     from vla_foundry.demo import stable_diffusion as sd_demo
     from vla_foundry.demo import policy as policy_demo
     from vla_foundry.demo import vlm as vlm_demo
 
+    monkeypatch.setattr(demo, "SHIPPED_PACK", tmp_path / "nothing-shipped")  # the training path
     # The real members train for hundreds of steps; 10 show the same path in seconds.
     monkeypatch.setitem(demo.BUILDERS, "demo-transformer",
                         lambda path, progress: transformer_demo.build(path, progress, steps=10))
@@ -194,6 +198,35 @@ def test_no_deployment_serves_the_demo_pack_building_it_first(tmp_path, monkeypa
     assert all(demo.is_built(tmp_path / "demo" / m) for m in demo.DEMO_MEMBERS)
 
 
+def test_the_server_answers_while_the_demo_pack_is_prepared(tmp_path, monkeypatch):
+    """Nothing waits for the demo pack: the server answers at once, each member shows ``loading`` with what it
+    is doing until its copy (or training) is done, and then serves."""
+    import vla_foundry.demo as demo
+
+    release = threading.Event()
+    real_copy = demo.copy_shipped_member
+
+    def slow_copy(name, target, files, pack=None):
+        if name == "demo-transformer":
+            assert release.wait(60)
+        real_copy(name, target, files, pack)
+
+    monkeypatch.setattr(demo, "copy_shipped_member", slow_copy)
+    app = create_app(Settings(deployments=[], demo_dir=str(tmp_path / "demo"), device="cpu"))
+    with TestClient(app) as client:
+        assert client.get("/health/live").status_code == 200
+        info = client.get("/models/demo-transformer").json()
+        assert info["status"] == "loading" and "preparing" in info["stage"], info
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["deployments"]["demo-transformer"] == "loading"
+        release.set()
+        wait_ready(client)
+        info = client.get("/models/demo-transformer").json()
+        assert info["status"] == "ready" and info["stage"] is None and info["demo"]["random_weights"] is False
+        completion = client.post("/predict/transformer", json={"prompt": "Shall I", "max_new_tokens": 4})
+        assert completion.status_code == 200, completion.text
+
+
 def test_msgpack_replies_spell_arrays_as_the_request_did(client):
     """An openpi peer (bytes-keyed arrays in) gets bytes-keyed arrays back, which its unpacker makes numpy;
     str keys in (or no arrays at all) get str keys; JSON gets base64 typed arrays."""
@@ -221,7 +254,7 @@ def test_msgpack_replies_spell_arrays_as_the_request_did(client):
 def test_encoder_requests_batched_equal_their_solo_embeddings(tiny_checkpoints, model_type):
     """embed_each over mixed requests (texts only, images only, both) gives each what embed gives it alone; a
     request the encoder refuses fails alone in the service's batch."""
-    from service.modalities.encoder import EncoderPredictRequest, predict_batch
+    from service.modalities.encoder import EncoderPredictRequest, predict
 
     pipeline = load_pipeline(tiny_checkpoints[model_type])
     rng = np.random.default_rng(0)
@@ -236,7 +269,7 @@ def test_encoder_requests_batched_equal_their_solo_embeddings(tiny_checkpoints, 
             np.testing.assert_allclose(out[key], alone[key], atol=1e-5)
     too_long = EncoderPredictRequest(texts=["word " * 200])
     fine = EncoderPredictRequest(texts=["a red circle"])
-    refused, reply = predict_batch(pipeline, [too_long, fine])
+    refused, reply = predict(pipeline, [too_long, fine])
     assert getattr(refused, "field", None) == "texts"
     np.testing.assert_allclose(reply["text_embeds"], pipeline.embed(["a red circle"])["text_embeds"], atol=1e-5)
 

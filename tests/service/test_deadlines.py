@@ -3,6 +3,8 @@ could not start in time; a malformed X-Request-Timeout is refused."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from contextlib import contextmanager
@@ -131,3 +133,46 @@ def test_loading_does_not_count_as_model_time():
         assert 0 < executor.seconds_per_item < 0.2
     finally:
         executor.shutdown()
+
+
+def _post_then_leave(app, body: bytes, leave_after_s: float) -> list[dict]:
+    """A raw ASGI request to ``/predict/transformer`` whose client disconnects ``leave_after_s`` after sending
+    its body (what uvicorn tells the app when the TCP connection closes); the messages the app sent back."""
+    async def scenario() -> list[dict]:
+        inbox = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive():
+            if inbox:
+                return inbox.pop(0)
+            await asyncio.sleep(leave_after_s)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/predict/transformer", "raw_path": b"/predict/transformer",
+                 "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("test", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "state": {}, "app": app}
+        await app(scope, receive, send)
+        return sent
+
+    return asyncio.run(scenario())
+
+
+def test_a_queued_call_is_dropped_when_its_client_leaves(client):
+    before = model_calls(client, "tiny")
+    body = json.dumps(TEXT).encode()
+    with busy(deployment(client, "tiny").executor):
+        sent = _post_then_leave(client.app, body, leave_after_s=0.1)  # returns once the app gave up on it
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 499  # logged; the client is gone
+    time.sleep(0.2)  # the model thread is free again: a dropped job stays unrun
+    assert model_calls(client, "tiny") == before
+    metrics = client.get("/metrics").text
+    assert 'vla_requests_abandoned_total{deployment="tiny"} 1.0' in metrics
+    # a client that stays gets its answer as before
+    assert client.post("/predict/transformer", json=TEXT).status_code == 200
+    assert model_calls(client, "tiny") == before + 1

@@ -14,6 +14,7 @@ from service.deployments import Deployment
 from service.errors import ApiError
 from service.executor import ModelExecutor, QueueFull
 from service.middleware import DecodedBodyRoute
+from service.modalities.base import ModelCall, each
 from tests.service.conftest import serving
 
 SEEDED = {"prompt": ["the quick", "a robot"], "max_new_tokens": 6, "temperature": 1.0, "seed": 5}
@@ -186,7 +187,7 @@ def test_loading_deployment_is_503_with_retry_after(tiny_checkpoints):
     deployment.start_loading()
     try:
         with pytest.raises(ApiError) as err:
-            asyncio.run(deployment.run(lambda p: None))
+            asyncio.run(deployment.call(ModelCall(each(lambda pipeline, item: None), None)))
         assert err.value.status == 503 and err.value.retry_after
     finally:
         release.set()
@@ -247,4 +248,23 @@ def test_overloaded_deployment_answers_503(tiny_checkpoints):
             assert response.headers["retry-after"] == "1" and response.json()["error"]["type"] == "overloaded"
         finally:
             gate.set()
+        assert client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 2}).status_code == 200
+
+
+def test_a_body_of_too_many_keys_is_413_before_validation(tiny_checkpoints):
+    """Each unknown key would cost its own validation error on the event loop: a body over the key cap is refused
+    while it is parsed (JSON and msgpack alike, keys counted at every depth), naming the setting."""
+    spec = DeploymentSpec(checkpoint=str(tiny_checkpoints["transformer"]))
+    with serving(spec, max_body_keys=100) as client:
+        flat = {"prompt": "a", **{f"k{i}": 0 for i in range(150)}}
+        nested = {"prompt": "a", "x": [{"a": 1, "b": 2}] * 60}
+        for body in (flat, nested):
+            response = client.post("/predict/transformer", json=body)
+            assert_error(response, 413)
+            assert "VLA_MAX_BODY_KEYS" in response.json()["error"]["message"]
+        packed = client.post("/predict/transformer", content=msgpack.packb(flat),
+                             headers={"content-type": "application/msgpack"})
+        assert_error(packed, 413)
+        few = client.post("/predict/transformer", json={"prompt": "a", **{f"k{i}": 0 for i in range(20)}})
+        assert_error(few, 422)  # under the cap: validated as before, the unknown keys named
         assert client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 2}).status_code == 200

@@ -121,6 +121,8 @@ def bad_frames(bytes_keys: bool) -> dict:
                                           if k != "observation/wrist"}), 1008),
         "a list": (msgpack.packb([1, 2, 3]), 1008),
         "over the limit": (b"\x00" * (FRAME_LIMIT + 1), 1009),
+        # over VLA_MAX_BODY_KEYS (10,000 by default): refused while unpacking, with the reason in a text frame
+        "too many keys": (msgpack.packb({**flat_observation(), **{f"k{i}": 0 for i in range(10_001)}}), 1009),
     }
 
 
@@ -138,7 +140,7 @@ def test_bad_frames_close_that_connection_only(server, case):
         with open_ws(server) as ws:
             msgpack.unpackb(ws.recv(timeout=30))
             ws.send(frame)
-            if code == 1009:  # the server closes before reading the frame: no text frame
+            if case == "over the limit":  # the server closes before reading the frame: no text frame
                 with pytest.raises(ConnectionClosed) as closed:
                     ws.recv(timeout=30)
                 assert closed.value.rcvd.code == 1009

@@ -42,7 +42,7 @@ def test_the_fixture_samples_batched_give_the_fixture_actions(policy_fixture):
     outs = pipeline.predict_each(requests, num_inference_steps=10)
     for out, want in zip(outs, expected):
         for field, values in want.items():
-            np.testing.assert_allclose(out["actions"][field][0], values, atol=ATOL)
+            np.testing.assert_allclose(out.actions[field], values, atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +68,21 @@ def test_each_batched_answer_equals_its_solo_answer(tiny_pipeline):
     batched = tiny_pipeline.predict_each(requests, num_inference_steps=5)
     for request, out in zip(requests, batched):
         solo = tiny_pipeline.predict([request.sample], num_inference_steps=5, seed=request.seed, noise=request.noise)
-        assert out["seed"] == request.seed
-        np.testing.assert_allclose(out["action_chunk"], solo["action_chunk"], atol=ATOL)
+        assert out.seed == request.seed
+        np.testing.assert_allclose(out.action_chunk, solo["action_chunk"][0], atol=ATOL)
     # a request's answer does not depend on its neighbours or its place in the batch
     again = tiny_pipeline.predict_each(requests[::-1][:3], num_inference_steps=5)
     for out, original in zip(again, batched[::-1][:3]):
-        np.testing.assert_allclose(out["action_chunk"], original["action_chunk"], atol=ATOL)
+        np.testing.assert_allclose(out.action_chunk, original.action_chunk, atol=ATOL)
 
 
 def test_a_batch_without_seeds_reports_a_fresh_seed_each(tiny_pipeline):
     requests = [PolicyRequest(observation(tiny_pipeline.robot_io, seed=i)) for i in range(3)]
     outs = tiny_pipeline.predict_each(requests)
-    seeds = [out["seed"] for out in outs]
+    seeds = [out.seed for out in outs]
     assert len(set(seeds)) == 3
     replay = tiny_pipeline.predict([requests[1].sample], seed=seeds[1])
-    np.testing.assert_allclose(outs[1]["action_chunk"], replay["action_chunk"], atol=ATOL)
+    np.testing.assert_allclose(outs[1].action_chunk, replay["action_chunk"][0], atol=ATOL)
 
 
 def test_ddpm_policies_draw_each_requests_step_noise_from_its_own_seed():
@@ -93,4 +93,4 @@ def test_ddpm_policies_draw_each_requests_step_noise_from_its_own_seed():
     batched = pipeline.predict_each(requests, num_inference_steps=10)  # T = 10: every step is a DDPM step
     for request, out in zip(requests, batched):
         solo = pipeline.predict([request.sample], num_inference_steps=10, seed=request.seed)
-        np.testing.assert_allclose(out["action_chunk"], solo["action_chunk"], atol=ATOL)
+        np.testing.assert_allclose(out.action_chunk, solo["action_chunk"][0], atol=ATOL)

@@ -10,7 +10,7 @@ observations paired with raw action windows. ``io()`` is the robot's contract, s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -39,6 +39,30 @@ class PolicyRequest:
     sample: RawObservation
     seed: Optional[int] = None  # None: a fresh one (reported back)
     noise: Optional[np.ndarray] = None  # (Ta, A) initial noise; overrides the seed's draw
+    timestamp: Optional[float] = None  # the observation's time (Unix seconds, server clock); None: now
+    step: Optional[int] = None  # the robot's control step, echoed in the chunk
+
+
+@dataclass
+class ActionChunk:
+    """One robot's answer: a denormalized action chunk, and until when it may be executed.
+
+    Ta = P+1+F rows (P past, the current one, F future), A = the action fields' widths added up.
+    """
+
+    actions: dict[str, np.ndarray]  # action field → (Ta, d) denormalized
+    action_chunk: np.ndarray  # (Ta, A): the fields concatenated in ``action_fields`` order
+    normalized_actions: np.ndarray  # (Ta, A): what the model sampled
+    first_action_index: int  # P: the row to execute now (rows before it are the past)
+    n_action_steps: int  # actions to execute from ``first_action_index`` before asking again
+    action_fields: list[str]
+    num_inference_steps: int
+    seed: int
+    checkpoint_step: Optional[int]  # the training step of the weights that made it
+    valid_until: float  # the anchor (timestamp, else when sampling began) + n_action_steps control periods
+    timestamp: Optional[float] = None  # the observation's, echoed
+    step: Optional[int] = None  # the robot's control step, echoed (sessions fill it in)
+    timing_ms: dict[str, float] = field(default_factory=dict)  # preprocess, infer
 
 
 def resolve_processor(processor: Optional[str], experiment_dir: Path) -> Optional[str]:
@@ -134,8 +158,9 @@ class ActionPipeline(Pipeline):
 
     @property
     def checkpoint_step(self) -> Optional[int]:
-        """The training step of the loaded weights (echoed with every chunk)."""
-        return self.model.checkpoint.step
+        """The training step of the loaded weights (echoed with every chunk); None for a model built in memory."""
+        checkpoint = getattr(self.model, "checkpoint", None)
+        return None if checkpoint is None else checkpoint.step
 
     def anchor(self, timestamp: Optional[float], now: Optional[float] = None) -> float:
         """The time a chunk is anchored at: the observation's timestamp, else now (Unix seconds, server clock).
@@ -188,8 +213,10 @@ class ActionPipeline(Pipeline):
             check_prompt_length(self.processor, prompts, self.max_prompt_tokens, fields)
 
     def check_request(self, request: PolicyRequest) -> None:
-        """What ``predict_each`` would refuse in ``request`` alone (an instruction the tokenizer would cut, noise of
-        the wrong shape), checked before it joins a batch, so a bad request never fails its neighbours."""
+        """What ``predict_each`` would refuse in ``request`` alone (a stale observation, an instruction the tokenizer
+        would cut, noise of the wrong shape), checked before it joins a batch, so a bad request never fails its
+        neighbours."""
+        self.anchor(request.timestamp)
         self.check_instructions([request.sample])
         if request.noise is not None:
             r = self.robot_io
@@ -277,13 +304,15 @@ class ActionPipeline(Pipeline):
 
     @torch.inference_mode()
     def predict_each(self, requests: Sequence[PolicyRequest], *, num_inference_steps: Optional[int] = None
-                     ) -> list[dict[str, Any]]:
-        """Several robots' requests in one batched model call; each gets exactly what ``predict([sample],
-        seed=…, noise=…)`` gives it alone (up to float rounding of the batched kernels).
+                     ) -> list[ActionChunk]:
+        """Several robots' requests (each passed by ``check_request``) in one batched model call; each gets
+        exactly what ``predict([sample], seed=…, noise=…)`` gives it alone (up to float rounding of the batched
+        kernels), as its own ``ActionChunk``.
 
         Each request draws from its own generator (its initial noise, and a DDPM policy's step
         noise), so its actions do not depend on which other requests share the batch.
         """
+        now = time.time()
         started = time.perf_counter()
         inputs = self.prepare([request.sample for request in requests])
         prepared = time.perf_counter()
@@ -297,10 +326,15 @@ class ActionPipeline(Pipeline):
             enumerate(zip(requests, generators))])
         normalized = self._sample(inputs, steps, generators, initial_noise)
         batch = self._chunks(normalized, steps, None, started, prepared)
-        return [{**batch, "actions": {k: v[i:i + 1] for k, v in batch["actions"].items()},
-                 "action_chunk": batch["action_chunk"][i:i + 1],
-                 "normalized_actions": batch["normalized_actions"][i:i + 1], "seed": seed}
-                for i, seed in enumerate(seeds)]
+        return [ActionChunk(
+            actions={k: v[i] for k, v in batch["actions"].items()}, action_chunk=batch["action_chunk"][i],
+            normalized_actions=batch["normalized_actions"][i], first_action_index=batch["first_action_index"],
+            n_action_steps=self.n_action_steps, action_fields=batch["action_fields"], num_inference_steps=steps,
+            seed=seed, checkpoint_step=self.checkpoint_step,
+            valid_until=self.valid_until(now if request.timestamp is None else request.timestamp,
+                                         self.n_action_steps),
+            timestamp=request.timestamp, step=request.step, timing_ms=dict(batch["timing_ms"]))
+            for i, (request, seed) in enumerate(zip(requests, seeds))]
 
     # ------------------------------------------------------------------ evaluation
 

@@ -11,6 +11,10 @@ actions the policy's window needs. Two ways to drive it:
 
 Seeds: a session seeded ``s`` uses ``s + k`` for its k-th plan, so an episode replays exactly.
 
+Results are typed: chunk mode returns the pipeline's ``ActionChunk`` (with the session's
+step), step mode an ``ActionStep``; both carry ``valid_until`` from the observation's
+``timestamp`` (a stale one is refused before anything is recorded).
+
 Batching: ``begin_chunk`` / ``begin_step`` record the robot's input and return a
 ``PendingPlan`` (the ``PolicyRequest`` the plan needs, or no request when step mode hands out
 an action of the current plan); the caller runs the requests of many sessions in one
@@ -20,6 +24,7 @@ an action of the current plan); the caller runs the requests of many sessions in
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -38,7 +43,23 @@ class PendingPlan:
 
     request: Any  # vla_foundry.pipelines.action.PolicyRequest, or None
     num_inference_steps: Optional[int]
-    finish: Callable[[Optional[dict]], dict]
+    finish: Callable[[Any], Any]  # ActionChunk or None → the session's result
+
+
+@dataclass
+class ActionStep:
+    """Step mode's answer: the action to execute at ``step``."""
+
+    step: int
+    action: np.ndarray  # (A,): the action fields concatenated
+    actions: dict[str, list]  # action field → [d]
+    replanned: bool  # whether this step ran the policy (else the action comes from the plan made at plan_step)
+    plan_step: int
+    valid_until: float  # the step's timestamp (else now) + one control period
+    timestamp: Optional[float] = None  # the observation's, echoed
+    seed: Optional[int] = None  # set when the step replanned, with the plan's sampling steps and timing
+    num_inference_steps: Optional[int] = None
+    timing_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _depth(value) -> int:
@@ -134,21 +155,21 @@ class PolicySession:
                                     "to start a new episode", field="step")
         return step
 
-    def _plan_request(self, step: int, instruction: str, seed: Optional[int], noise: Any):
+    def _plan_request(self, step: int, instruction: str, seed: Optional[int], noise: Any,
+                      timestamp: Optional[float]):
         from vla_foundry.pipelines.action import PolicyRequest
 
         observation = self.history.assemble(step, instruction)
         if self.pipeline.uses_language and not instruction.strip():
             raise InvalidInputError("observation.language_instruction is required: this policy is conditioned on "
                                     "language", field="observation.language_instruction")
-        request = PolicyRequest(observation, self.seed + self.plans if seed is None else seed, noise)
+        request = PolicyRequest(observation, self.seed + self.plans if seed is None else seed, noise, timestamp, step)
         self.pipeline.check_request(request)  # refused here, it never joins (and fails) a batch
         return request
 
-    def _adopt_plan(self, step: int, out: dict[str, Any]) -> None:
+    def _adopt_plan(self, step: int, out) -> None:
         self.plans += 1
-        first = out["first_action_index"]
-        planned = out["action_chunk"][0, first:]  # (F+1, A): steps step … step+F
+        planned = out.action_chunk[out.first_action_index:]  # (F+1, A): steps step … step+F
         self.history.record_plan(step, planned)
         self.plan_step, self.plan_length, self.steps_served = step, planned.shape[0], 0
 
@@ -156,13 +177,15 @@ class PolicySession:
 
     def begin_chunk(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
                     past_actions: Optional[dict] = None, num_inference_steps: Optional[int] = None,
-                    seed: Optional[int] = None, noise: Any = None) -> PendingPlan:
-        """Chunk mode's first half: records the current step; ``finish`` returns the pipeline's output for
-        this request plus ``step``.
+                    seed: Optional[int] = None, noise: Any = None, timestamp: Optional[float] = None
+                    ) -> PendingPlan:
+        """Chunk mode's first half: records the current step; ``finish`` returns the pipeline's ``ActionChunk``
+        for this request, with ``step``.
 
         ``past_actions`` (field → (P, d)), when the robot sends them, replace what the session
         believes it executed.
         """
+        self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
         step = self._next_step(step, self.pipeline.n_action_steps)
         self._record(step, images, lowdim, "observation")
         if past_actions is not None:
@@ -171,50 +194,52 @@ class PolicySession:
             rows = np.concatenate([_numbers(past_actions[f], (io.past_steps, io.field_dims[f]), f"past_actions.{f}")
                                    for f in io.action_fields], axis=-1)  # (P, A)
             self.history.record_plan(step - io.past_steps, rows)
-        request = self._plan_request(step, instruction, seed, noise)
+        request = self._plan_request(step, instruction, seed, noise, timestamp)
 
-        def finish(out: Optional[dict]) -> dict[str, Any]:
+        def finish(out):
             self._adopt_plan(step, out)
-            return {**out, "step": step}
+            return out
 
         return PendingPlan(request, num_inference_steps, finish)
 
     def begin_step(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
-                   num_inference_steps: Optional[int] = None) -> PendingPlan:
+                   num_inference_steps: Optional[int] = None, timestamp: Optional[float] = None) -> PendingPlan:
         """Step mode's first half: records the current step; a request only when a new plan is due (every
-        ``open_loop_steps``, or when the robot's step leaves the current plan)."""
+        ``open_loop_steps``, or when the robot's step leaves the current plan). ``finish`` returns an
+        ``ActionStep``."""
+        anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
         step = self._next_step(step, 1)
         self._record(step, images, lowdim, "observation")
         in_plan = self.plan_step is not None and 0 <= step - self.plan_step < self.plan_length
         replan = not in_plan or self.steps_served >= self.open_loop_steps
-        request = self._plan_request(step, instruction, None, None) if replan else None
+        request = self._plan_request(step, instruction, None, None, timestamp) if replan else None
 
-        def finish(out: Optional[dict]) -> dict[str, Any]:
+        def finish(out) -> ActionStep:
             if out is not None:
                 self._adopt_plan(step, out)
             action = self.history.actions[step]
             self.steps_served += 1
-            result = {"step": step, "replanned": replan, "plan_step": self.plan_step, "action": action,
-                      "actions": self._split(action)}
+            result = ActionStep(step, action, self._split(action), replan, self.plan_step,
+                                self.pipeline.valid_until(anchor, 1), timestamp)
             if out is not None:
-                result.update(seed=out["seed"], num_inference_steps=out["num_inference_steps"],
-                              timing_ms=out["timing_ms"])
+                result.seed, result.num_inference_steps = out.seed, out.num_inference_steps
+                result.timing_ms = dict(out.timing_ms)
             return result
 
         return PendingPlan(request, num_inference_steps, finish)
 
-    def run(self, pending: PendingPlan) -> dict[str, Any]:
+    def run(self, pending: PendingPlan) -> Any:
         """A pending plan of this session alone: its prediction (if any), then ``finish``."""
         (reply,) = run_plans(self.pipeline, [pending])
         if isinstance(reply, Exception):
             raise reply
         return reply
 
-    def chunk(self, images: dict, lowdim: dict, instruction: str = "", **kwargs) -> dict[str, Any]:
-        """A whole chunk for the current step (``begin_chunk``'s arguments); the pipeline's output plus ``step``."""
+    def chunk(self, images: dict, lowdim: dict, instruction: str = "", **kwargs):
+        """A whole chunk for the current step (``begin_chunk``'s arguments): an ``ActionChunk``."""
         return self.run(self.begin_chunk(images, lowdim, instruction, **kwargs))
 
-    def step(self, images: dict, lowdim: dict, instruction: str = "", **kwargs) -> dict[str, Any]:
+    def step(self, images: dict, lowdim: dict, instruction: str = "", **kwargs) -> ActionStep:
         """The action for the current step (``begin_step``'s arguments)."""
         return self.run(self.begin_step(images, lowdim, instruction, **kwargs))
 

@@ -1,0 +1,86 @@
+"""What a server may call on a pipeline: one typed interface per modality.
+
+The service reads a pipeline through these members only (``tests/service/test_contract.py``
+checks every attribute it touches against them); anything else on a pipeline is its own
+business and may change without touching the service. Each modality's pipeline class
+satisfies its protocol (checked by the same test), so a new pipeline of an existing
+modality is served by implementing these members.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+
+from vla_foundry.pipelines.action import ActionChunk, PolicyRequest
+from vla_foundry.pipelines.image import ImagePlan, ImageRequest, ImageResult
+from vla_foundry.pipelines.text import CompletionResult
+from vla_foundry.robotics.observations import RawObservation
+from vla_foundry.robotics.robot_io import RobotIO
+
+
+class Served(Protocol):
+    """Every pipeline: what ``GET /models`` shows, and the warm-up before the first request."""
+
+    modality: str
+
+    def io(self) -> dict[str, Any]: ...
+
+    def checkpoint_info(self) -> dict[str, Any]: ...
+
+    def warmup(self, max_batch_size: int = 1) -> None: ...
+
+
+class TextServing(Served, Protocol):
+    tokenizer: Any  # None: token ids only (no text in, no text out)
+
+    def render_chat(self, messages: list[dict]) -> str: ...
+
+    def complete(self, prompts: Optional[Sequence[str]] = None,
+                 prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> CompletionResult: ...
+
+    def evaluate(self, input_ids=None, attention_mask=None, texts=None, seed: Optional[int] = None
+                 ) -> dict[str, Any]: ...
+
+
+class CaptionServing(TextServing, Protocol):
+    def caption(self, images, prompts: Optional[Sequence[str]] = None,
+                prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> CompletionResult: ...
+
+
+class ImageServing(Served, Protocol):
+    def plan(self, request: ImageRequest, max_inference_steps: Optional[int] = None) -> ImagePlan: ...
+
+    def generate_each(self, plans: Sequence[ImagePlan]) -> list[ImageResult]: ...
+
+    def evaluate(self, images: Sequence[np.ndarray], texts: Optional[Sequence[str]] = None,
+                 seed: Optional[int] = None) -> dict[str, Any]: ...
+
+
+class EncoderServing(Served, Protocol):
+    def check(self, texts: Optional[Sequence[str]], images: Optional[Sequence[np.ndarray]]) -> None: ...
+
+    def embed_each(self, requests: Sequence[tuple]) -> list[dict[str, Any]]: ...
+
+    def evaluate(self, texts: Sequence[str], images: Sequence[np.ndarray], seed: Optional[int] = None
+                 ) -> dict[str, Any]: ...
+
+
+class ActionServing(Served, Protocol):
+    """A policy. Robot sessions (``vla_foundry.robotics.session``) take the pipeline itself."""
+
+    robot_io: RobotIO  # cameras, fields and widths: what an observation must hold
+    uses_language: bool
+
+    def check_request(self, request: PolicyRequest) -> None: ...
+
+    def predict_each(self, requests: Sequence[PolicyRequest], *, num_inference_steps: Optional[int] = None
+                     ) -> list[ActionChunk]: ...
+
+    def evaluate(self, samples: Sequence[RawObservation], action_windows: Sequence[dict[str, np.ndarray]], *,
+                 seed: Optional[int] = None, condition_on_past: bool = True) -> dict[str, Any]: ...
+
+
+INTERFACES: dict[str, type] = {"text": TextServing, "caption": CaptionServing, "image": ImageServing,
+                               "encoder": EncoderServing, "action": ActionServing}
