@@ -32,6 +32,7 @@ SCHEMES = ("api-key", "bearer")  # case-insensitive, as HTTP auth schemes are
 # software, not a deployment, and a browser cannot send a header to.
 PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc",
                           "/openapi.json"})
+CALLER = "vla.caller"  # scope key: the id of the API key a request came with (None without keys)
 PUBLIC_PATHS |= {"/"}  # the page to try the models (it sends the key its user types in)
 PUBLIC_PREFIXES = ("/docs-assets/", "/static/")  # the docs pages' and the page's scripts and styles
 
@@ -62,17 +63,27 @@ class ApiKeys:
 
     def refusal(self, authorization: Optional[str]) -> Optional[str]:
         """None when ``authorization`` (the header's value) carries a configured key; else why not."""
+        return self.check(authorization)[0]
+
+    def check(self, authorization: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+        """(why the header is refused, or None; the caller's id when it is accepted). The id is a short hash of
+        the key: what resources made with the key (robot sessions) are bound to, never the key itself."""
         if not authorization:
             return ("this server requires an API key: send the header 'Authorization: Api-Key <key>' or "
-                    "'Authorization: Bearer <key>'")
+                    "'Authorization: Bearer <key>'"), None
         scheme, _, key = authorization.strip().partition(" ")
         if scheme.lower() not in SCHEMES or not key.strip():  # the header is not quoted: it may be a bare key
-            return "unsupported Authorization header; send 'Authorization: Api-Key <key>' or 'Bearer <key>'"
+            return "unsupported Authorization header; send 'Authorization: Api-Key <key>' or 'Bearer <key>'", None
         digest = hashlib.sha256(key.strip().encode()).digest()
         matched = False
         for known in self._digests:  # every key compared, so the time does not say which one matched
             matched |= hmac.compare_digest(digest, known)
-        return None if matched else "the API key is not valid for this server"
+        return (None, digest.hex()[:16]) if matched else ("the API key is not valid for this server", None)
+
+
+def caller_of(scope: Scope) -> Optional[str]:
+    """The id of the key a request (or websocket) came with; None when the server has no keys."""
+    return scope.get(CALLER)
 
 
 def app_path(scope: Scope) -> str:
@@ -100,8 +111,9 @@ class ApiKeyMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
-        refusal = self.keys.refusal(authorization)
+        refusal, caller = self.keys.check(authorization)
         if refusal is None:
+            scope[CALLER] = caller
             await self.app(scope, receive, send)
             return
         client = (scope.get("client") or ("?",))[0]

@@ -13,6 +13,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
+from service.auth import caller_of
 from service.codecs import encode_response
 from service.deployments import DeploymentManager
 from service.disconnects import unless_client_leaves
@@ -55,7 +56,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
         # run: one call into the deployment (a robot session's requests one at a time, in arrival order)
         session_id = getattr(body, "session_id", None)
         if session_run is not None and session_id is not None:
-            entry = request.app.state.sessions.acquire(session_id, deployment)
+            entry = request.app.state.sessions.acquire(session_id, deployment, caller_of(request.scope))
             call = ModelCall(session_run, (body, entry.policy), adapter.batch_key(body))
             timed = await entry.call(deployment.call(call))
         else:  # a client that leaves while its call is queued gets it dropped (disconnects.py)

@@ -33,6 +33,7 @@ from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
+from service.auth import caller_of
 from service.codecs import DecodeError, TooManyKeys, pack_msgpack, unpack_message_off_loop
 from service.errors import ApiError, field_of_loc
 from service.modalities.action import ActionPredictRequest, batch_key, decode_observation_frames, session_predict
@@ -107,7 +108,8 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         await websocket.accept()
         try:
             deployment = manager.resolve(model_type, model)
-            entry = sessions.acquire(session_id or f"ws-{uuid.uuid4().hex[:16]}", deployment)
+            entry = sessions.acquire(session_id or f"ws-{uuid.uuid4().hex[:16]}", deployment,
+                                     caller_of(websocket.scope))
         except ApiError as e:
             await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
             return

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from service.auth import caller_of
 from service.codecs import encode_response
 from service.deployments import DeploymentManager
 from service.errors import ApiError
@@ -89,14 +90,15 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         started = time.perf_counter()
         manager: DeploymentManager = request.app.state.manager  # not Depends: see routes/inference.py
         sessions = request.app.state.sessions
+        owner = caller_of(request.scope)
         try:
-            deployment = sessions.get(session_id).deployment if body.model is None else manager.get(body.model)
+            deployment = sessions.get(session_id, owner).deployment if body.model is None else manager.get(body.model)
         except ApiError:
             deployment = _policy_deployment(manager, body.model)
         deployment.check_ready()
         await decode_observation_frames(body)
         prepared = time.perf_counter()
-        entry = sessions.acquire(session_id, deployment)
+        entry = sessions.acquire(session_id, deployment, owner)
         call = ModelCall(_steps, (body, entry.policy), ("steps", body.num_inference_steps))
         timed = await entry.call(deployment.call(call))
         result: ActionStep = timed.value
@@ -109,7 +111,11 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         return encode_response(payload, request.headers.get("accept", ""), bytes_keys=reply_in_bytes_keys(request))
 
     async def reset(session_id: str, request: Request, body: Optional[SessionResetRequest] = None):
-        entry = request.app.state.sessions.get(session_id)
+        sessions, owner, seed = request.app.state.sessions, caller_of(request.scope), body.seed if body else None
+        if sessions.forget_gone(session_id, owner, seed):  # it expired or was evicted: the next step starts it
+            return encode_response({"session_id": session_id, "model": None, "reset": True, "seed": seed},
+                                   request.headers.get("accept", ""))
+        entry = sessions.get(session_id, owner)
         async with entry.lock:
             entry.policy.reset(body.seed if body else None)
         return encode_response({"session_id": session_id, "model": entry.deployment.name, "reset": True,
@@ -117,11 +123,11 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
 
     async def list_sessions(request: Request):
         store = request.app.state.sessions
-        return encode_response({"sessions": store.infos(), "max_sessions": store.max_sessions,
+        return encode_response({"sessions": store.infos(caller_of(request.scope)), "max_sessions": store.max_sessions,
                                 "idle_timeout_s": store.idle_timeout_s}, request.headers.get("accept", ""))
 
     async def delete(session_id: str, request: Request):
-        request.app.state.sessions.remove(session_id)
+        request.app.state.sessions.remove(session_id, caller_of(request.scope))
         return encode_response({"session_id": session_id, "deleted": True}, request.headers.get("accept", ""))
 
     app.add_api_route("/sessions/{session_id}/step", step, methods=["POST"], tags=["sessions"],

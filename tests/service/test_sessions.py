@@ -142,6 +142,9 @@ def test_the_cap_evicts_the_least_recently_used_session(client):
     chunk(client, "four", 0)
     live = {s["session_id"] for s in client.get("/sessions").json()["sessions"]}
     assert live == {"one", "three", "four"}
+    evicted = client.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "two"})
+    assert evicted.status_code == 409 and "evicted" in evicted.json()["error"]["message"]
+    assert "VLA_MAX_SESSIONS" in evicted.json()["error"]["message"]
 
 
 def test_concurrent_requests_on_one_session_are_serialized(client):
@@ -171,7 +174,15 @@ def test_idle_sessions_expire(tiny_checkpoints):
         assert [s["session_id"] for s in c.get("/sessions").json()["sessions"]] == ["sleepy"]
         time.sleep(0.5)
         assert c.get("/sessions").json()["sessions"] == []
-        assert c.post("/sessions/sleepy/reset", json={}).status_code == 404
+        # its robot is told, not silently given a new history
+        gone = c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "sleepy"})
+        assert gone.status_code == 409, gone.text
+        error = gone.json()["error"]
+        assert error["type"] == "session_gone" and "expired" in error["message"] and error["field"] == "session_id"
+        assert c.post("/sessions/sleepy/reset", json={"seed": 7}).json()["reset"] is True
+        again = c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "sleepy"})
+        assert again.status_code == 200 and again.json()["step"] == 0 and again.json()["seed"] == 7
+        assert c.post("/sessions/never-made/reset", json={}).status_code == 404
 
 
 def test_msgpack_session_step(client):
@@ -189,3 +200,26 @@ def test_msgpack_session_step(client):
     assert response.status_code == 200, response.text
     body = msgpack.unpackb(response.content)
     assert body["step"] == 0 and len(body["action"]) == 3
+
+
+def test_sessions_belong_to_the_key_that_made_them(tiny_checkpoints):
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    alice, bob = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+    with serving(spec, api_keys="alice-key,bob-key") as c:
+        made = c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "arm-1"},
+                      headers=alice)
+        assert made.status_code == 200, made.text
+        assert [s["session_id"] for s in c.get("/sessions", headers=alice).json()["sessions"]] == ["arm-1"]
+        assert c.get("/sessions", headers=bob).json()["sessions"] == []  # bob sees none of alice's
+        assert c.post("/sessions/arm-1/reset", json={}, headers=bob).status_code == 404  # as for an unknown id
+        assert c.delete("/sessions/arm-1", headers=bob).status_code == 404
+        step = c.post("/sessions/arm-1/step", json={"observation": current(1)}, headers=bob)
+        assert step.status_code == 409 and "taken" in step.json()["error"]["message"]  # an id he cannot take
+        taken = c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "arm-1"},
+                       headers=bob)
+        assert taken.status_code == 409 and taken.json()["error"]["field"] == "session_id"
+        # alice's session went on untouched: her next chunk continues it
+        after = c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "arm-1"},
+                       headers=alice)
+        assert after.status_code == 200 and after.json()["step"] > 0
+        assert c.delete("/sessions/arm-1", headers=alice).status_code == 200
