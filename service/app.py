@@ -18,6 +18,7 @@ from service.deadlines import Deadlines
 from service.probes import LivenessProbe
 from service.request_ids import RequestIds
 from service.routes import health, models
+from service.routes.admin import add_admin_routes
 from service.routes.docs import add_docs_routes
 from service.routes.page import add_page_routes
 from service.routes.inference import add_inference_routes
@@ -78,4 +79,5 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     add_openai_routes(app, settings)
     add_session_routes(app, settings)
     add_robot_websocket(app, settings)
+    add_admin_routes(app, settings)
     return app

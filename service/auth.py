@@ -34,7 +34,8 @@ PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/healthz", "/docs", 
                           "/openapi.json"})
 CALLER = "vla.caller"  # scope key: the id of the API key a request came with (None without keys)
 PUBLIC_PATHS |= {"/"}  # the page to try the models (it sends the key its user types in)
-PUBLIC_PREFIXES = ("/docs-assets/", "/static/")  # the docs pages' and the page's scripts and styles
+# The docs pages' and the page's scripts and styles; the admin API checks its own keys (routes/admin.py).
+PUBLIC_PREFIXES = ("/docs-assets/", "/static/", "/admin/")
 
 
 def read_keys(keys: Optional[str], keys_file: Optional[Path]) -> list[str]:

@@ -7,7 +7,9 @@ serve.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gc
 import json
 import logging
 import math
@@ -67,6 +69,10 @@ class Deployment:
         self._prepare = prepare  # e.g. build the demo pack before the first load
         self.metrics = metrics
         self.load_seconds: Optional[float] = None  # loading and warm-up, once ready
+        # Set when this deployment has been replaced (a reload: the new one) or unloaded (None with retired):
+        # calls that still reach it go to its successor, so a reload fails no request.
+        self.retired = False
+        self.successor: Optional["Deployment"] = None
         self._runners: dict[Any, Any] = {}  # ModelCall.run → the executor's callable for it
 
     @property
@@ -153,6 +159,10 @@ class Deployment:
         compatible queued calls (same ``run``, equal ``batch_key``; executor.py) in one model call; returns
         an executor ``Timed`` of this call's result. Refuses with 503 when the wait is too long, 504 when the
         deadline passes in the queue; a result that is an exception is raised here."""
+        if self.retired:
+            if self.successor is None:
+                raise ApiError(404, f"deployment {self.name!r} was unloaded", field="model")
+            return await self.successor.call(call)
         deadline = self._admit()
         runner = self._runners.get(call.run)
         if runner is None:  # one callable per run: the executor batches jobs whose callable is the same
@@ -199,6 +209,7 @@ class Deployment:
 class DeploymentManager:
     def __init__(self, settings: Settings, metrics: Optional[Metrics] = None):
         self.settings = settings
+        self.metrics = metrics
         specs = list(settings.deployments)
         prepares: dict[str, Any] = {}
         if not specs:  # the demo pack: each member made ready on its own deployment's thread (the server listens)
@@ -223,6 +234,55 @@ class DeploymentManager:
     def start(self) -> None:
         for deployment in self.deployments.values():
             deployment.start_loading()
+
+    # ------------------------------------------------------------------ live control (routes/admin.py)
+
+    def add(self, spec: DeploymentSpec) -> Deployment:
+        """A new deployment, loading on its own thread from now on (409 when the name is taken)."""
+        name = spec.resolved_name
+        if name in self.deployments:
+            raise ApiError(409, f"a deployment named {name!r} exists; reload it, or give another `name`", field="name")
+        deployment = Deployment(spec, self.settings, None, self.metrics)
+        self.deployments[name] = deployment
+        deployment.start_loading()
+        return deployment
+
+    async def reload(self, name: str, spec: DeploymentSpec) -> Deployment:
+        """``spec`` loaded and warmed up beside the serving deployment ``name``, then swapped in: the old one
+        serves until then, finishes what it has queued, and calls that still reach it go to the new one, so no
+        request fails. A load that fails leaves the old one serving (422 with the reason)."""
+        old = self.get(name)
+        new = Deployment(spec, self.settings, None, self.metrics)
+        await asyncio.wrap_future(new.executor.submit_setup(new._load))
+        if new.status != READY:
+            new.executor.shutdown(timeout=0)
+            raise ApiError(422, f"the new checkpoint did not load ({new.error}); {name!r} keeps serving its current "
+                                "one", field="checkpoint")
+        if self.deployments.get(name) is not old:  # unloaded or reloaded meanwhile
+            new.executor.shutdown(timeout=0)
+            raise ApiError(409, f"deployment {name!r} changed while this reload loaded; retry", field="name")
+        self.deployments[name] = new
+        self._retire(old, successor=new)
+        return new
+
+    def remove(self, name: str) -> Deployment:
+        """Unload ``name``: it leaves /models at once, finishes what it has queued, and its memory is freed."""
+        old = self.get(name)
+        del self.deployments[name]
+        self._retire(old, successor=None)
+        return old
+
+    @staticmethod
+    def _retire(old: Deployment, successor: Optional[Deployment]) -> None:
+        old.retired, old.successor = True, successor
+
+        def free(_) -> None:  # once its thread has run the last queued call
+            old.pipeline = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+        old.executor.retire().add_done_callback(free)
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Stop every model thread, waiting at most ``timeout`` in all for calls still running: the server has

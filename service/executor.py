@@ -206,6 +206,19 @@ class ModelExecutor:
         for job, value in zip(batch, values):
             _deliver(job, value, started, done, len(batch))
 
+    def retire(self) -> concurrent.futures.Future:
+        """Stop after the requests already queued (they run as usual); the future is done when the thread has
+        ended. A deployment that is reloaded or unloaded retires its executor: nothing queued is lost."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def watch() -> None:
+            self._thread.join()
+            done.set_result(None)
+
+        self._queue.put(None)
+        threading.Thread(target=watch, name=f"retire-{self.name}", daemon=True).start()
+        return done
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Finish what is running, then stop; requests still queued are cancelled."""
         while True:

@@ -161,6 +161,12 @@ class SessionStore:
                 self._seeds.pop(next(iter(self._seeds)))
         return True
 
+    def end_deployment(self, deployment, why: str) -> None:
+        """Every session of ``deployment`` ends (its robots hear ``why`` on their next request): the deployment
+        was reloaded with another checkpoint or unloaded."""
+        for sid in [s for s, e in self._entries.items() if e.deployment is deployment]:
+            self._bury(sid, why)
+
     def discard(self, session_id: str) -> None:
         self._entries.pop(session_id, None)
 

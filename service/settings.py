@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         "no authentication."))
     api_keys_file: Optional[Path] = Field(None, description="A file of API keys, one per line (blank lines and # "
                                                             "comments skipped): a Docker or Kubernetes secret.")
+    admin_keys: Optional[SecretStr] = Field(None, description=(
+        "Admin keys, comma-separated, apart from the clients' api_keys: with one set, /admin/deployments loads, "
+        "reloads and unloads deployments at run time (checkpoints under checkpoint_roots only); none: no /admin."))
+    checkpoint_roots: Optional[str] = Field(None, description=(
+        "Folders the admin API may load checkpoints from, comma-separated (in the YAML also a list); a path outside "
+        "them, a symlink out of them or a URL is refused."))
 
     @field_validator("device")
     @classmethod
@@ -137,15 +143,25 @@ class Settings(BaseSettings):
         resolve_dtype(v)  # the loader's own check: raises naming the allowed values
         return v
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "checkpoint_roots", mode="before")
     @classmethod
     def _api_key_list(cls, v: Any) -> Any:
-        return ",".join(str(k) for k in v) if isinstance(v, (list, tuple)) else v  # a YAML list of keys
+        return ",".join(str(k) for k in v) if isinstance(v, (list, tuple)) else v  # a YAML list
+
+    def checkpoint_root_list(self) -> list[Path]:
+        return [Path(p.strip()).resolve() for p in (self.checkpoint_roots or "").split(",") if p.strip()]
 
     @model_validator(mode="after")
     def _api_keys(self) -> "Settings":
         self.api_key_list()  # a missing file or a malformed key is refused at start-up, naming the setting
+        if set(self.admin_key_list()) & set(self.api_key_list()):
+            raise ValueError("an admin key is also a client key (admin_keys, api_keys); give admins keys of their own")
         return self
+
+    def admin_key_list(self) -> list[str]:
+        from service.auth import read_keys
+
+        return read_keys(self.admin_keys.get_secret_value() if self.admin_keys else None, None)
 
     def api_key_list(self) -> list[str]:
         from service.auth import read_keys

@@ -1,0 +1,91 @@
+"""Live model control, behind admin keys (``VLA_ADMIN_KEYS``, apart from the clients' keys); absent without them.
+
+- ``POST /admin/deployments`` loads a new deployment from a checkpoint under ``VLA_CHECKPOINT_ROOTS``
+  (202: it loads on its own thread; ``GET /models/{name}`` shows its progress);
+- ``POST /admin/deployments/{name}/reload`` swaps in another checkpoint: the new one loads and warms up
+  beside the serving one, which serves until then and finishes what it has queued, so no request
+  fails; replies then carry the new checkpoint's step. Its robot sessions end (their robots are told);
+- ``DELETE /admin/deployments/{name}`` unloads one and frees its memory once its queue is done.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the request classes from the real annotations.
+
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.auth import ApiKeys
+from service.codecs import encode_response
+from service.errors import ApiError
+from service.settings import DeploymentSpec, Settings
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Optional[str] = Field(None, description="The experiment directory to serve now (default: the same "
+                                                        "one, e.g. for a newer checkpoint file in it).")
+    checkpoint_file: Optional[str] = Field(None, description="A weights file in its checkpoints/ (default: the "
+                                                             "latest).")
+    use_ema: Optional[bool] = None
+
+
+def _checked_path(checkpoint: str, roots: list[Path]) -> str:
+    """``checkpoint`` resolved (symlinks followed) when it lies under an allowed root; else 422 naming them."""
+    if "://" in checkpoint:
+        raise ApiError(422, "checkpoint must be a directory on this host, not a URL", field="checkpoint")
+    path = Path(checkpoint).resolve()
+    if not any(path.is_relative_to(root) for root in roots):
+        allowed = ", ".join(map(str, roots)) or "(none: set VLA_CHECKPOINT_ROOTS)"
+        raise ApiError(422, f"checkpoint {checkpoint!r} is outside the folders the admin API may load from: "
+                            f"{allowed}", field="checkpoint")
+    return str(path)
+
+
+def add_admin_routes(app: FastAPI, settings: Settings) -> None:
+    keys = settings.admin_key_list()
+    if not keys:
+        return
+    admins, roots = ApiKeys(keys), settings.checkpoint_root_list()
+
+    def check_admin(request: Request) -> None:
+        refusal, _ = admins.check(request.headers.get("authorization"))
+        if refusal is not None:
+            raise ApiError(401, refusal.replace("API key", "admin key"))
+
+    def reply(request: Request, body: dict, status: int = 200):
+        return encode_response(body, request.headers.get("accept", ""), status_code=status)
+
+    async def load(spec: DeploymentSpec, request: Request):
+        check_admin(request)
+        spec = spec.model_copy(update={"checkpoint": _checked_path(spec.checkpoint, roots)})
+        deployment = request.app.state.manager.add(spec)
+        return reply(request, deployment.info(), 202)
+
+    async def reload(name: str, body: ReloadRequest, request: Request):
+        check_admin(request)
+        manager = request.app.state.manager
+        old = manager.get(name)
+        update = body.model_dump(exclude_none=True)
+        update["checkpoint"] = _checked_path(update.get("checkpoint", old.spec.checkpoint), roots)
+        if "checkpoint" in body.model_fields_set and "checkpoint_file" not in body.model_fields_set:
+            update["checkpoint_file"] = None  # another experiment: its own latest file
+        new = await manager.reload(name, old.spec.model_copy(update=update))
+        request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was reloaded with another "
+                                                       "checkpoint")
+        return reply(request, new.info())
+
+    async def unload(name: str, request: Request):
+        check_admin(request)
+        old = request.app.state.manager.remove(name)
+        request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was unloaded")
+        return reply(request, {"name": name, "unloaded": True})
+
+    app.add_api_route("/admin/deployments", load, methods=["POST"], tags=["admin"], status_code=202,
+                      summary="Load a deployment from a checkpoint under VLA_CHECKPOINT_ROOTS")
+    app.add_api_route("/admin/deployments/{name}/reload", reload, methods=["POST"], tags=["admin"],
+                      summary="Swap in another checkpoint with no failed request")
+    app.add_api_route("/admin/deployments/{name}", unload, methods=["DELETE"], tags=["admin"],
+                      summary="Unload a deployment and free its memory")

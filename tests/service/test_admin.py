@@ -1,0 +1,140 @@
+"""Live model control (``/admin/deployments``): load, reload under load with no failed request, unload; admin
+keys apart from the clients' keys; checkpoints only from the allowed roots."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from service import DeploymentSpec
+from tests.factories import PREDICT_REQUESTS
+from tests.service.conftest import serving, wait_ready
+from tests.service.test_sessions import current
+
+FULL = {**PREDICT_REQUESTS["diffusion_policy"], "model": "policy", "seed": 1}  # a whole observation window
+
+CLIENT, ADMIN = {"Authorization": "Bearer client-key"}, {"Authorization": "Bearer admin-key"}
+
+
+@pytest.fixture(scope="module")
+def roots(tiny_checkpoints, tmp_path_factory):
+    """An allowed root holding the tiny policy twice: ``policy-a`` as built, ``policy-b`` with a newer checkpoint
+    (step 222) beside the old one; and a text model outside the root."""
+    root = tmp_path_factory.mktemp("allowed")
+    a, b = root / "policy-a", root / "policy-b"
+    shutil.copytree(tiny_checkpoints["diffusion_policy"], a)
+    shutil.copytree(a, b)
+    payload = torch.load(b / "checkpoints" / "checkpoint_1.pt", weights_only=True)
+    torch.save({**payload, "checkpoint_num": 2, "global_step": 222}, b / "checkpoints" / "checkpoint_2.pt")
+    shutil.copytree(tiny_checkpoints["transformer"], root / "lm")
+    return root
+
+
+@pytest.fixture
+def client(roots):
+    with serving(DeploymentSpec(name="policy", checkpoint=str(roots / "policy-a")), api_keys="client-key",
+                 admin_keys="admin-key", checkpoint_roots=str(roots)) as c:
+        yield c
+
+
+def predict(client) -> dict:
+    response = client.post("/predict/diffusion_policy", json=FULL, headers=CLIENT)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_without_admin_keys_there_is_no_admin_api(tiny_checkpoints):
+    with serving(DeploymentSpec(name="lm", checkpoint=str(tiny_checkpoints["transformer"]))) as c:
+        assert c.post("/admin/deployments", json={"checkpoint": "/x"}).status_code == 404
+
+
+def test_admin_and_client_keys_are_apart(client, roots):
+    body = {"name": "lm", "checkpoint": str(roots / "lm")}
+    assert client.post("/admin/deployments", json=body, headers=CLIENT).status_code == 401
+    assert client.post("/admin/deployments", json=body).status_code == 401
+    assert client.get("/models", headers=ADMIN).status_code == 401  # an admin key is not a client key
+
+
+def test_checkpoints_only_from_the_allowed_roots(client, roots, tiny_checkpoints, tmp_path):
+    outside = client.post("/admin/deployments", json={"name": "x", "checkpoint": str(tiny_checkpoints["vlm"])},
+                          headers=ADMIN)
+    assert outside.status_code == 422 and outside.json()["error"]["field"] == "checkpoint"
+    assert str(roots) in outside.json()["error"]["message"]
+    escape = roots / "escape"  # a symlink inside the root that points out of it
+    escape.symlink_to(tiny_checkpoints["vlm"])
+    try:
+        assert client.post("/admin/deployments", json={"name": "x", "checkpoint": str(escape)},
+                           headers=ADMIN).status_code == 422
+    finally:
+        escape.unlink()
+    url = client.post("/admin/deployments", json={"name": "x", "checkpoint": "https://example.com/ckpt"},
+                      headers=ADMIN)
+    assert url.status_code == 422 and "URL" in url.json()["error"]["message"]
+
+
+def test_load_serve_and_unload(client, roots):
+    loaded = client.post("/admin/deployments", json={"name": "lm", "checkpoint": str(roots / "lm")}, headers=ADMIN)
+    assert loaded.status_code == 202 and loaded.json()["name"] == "lm"
+    assert client.post("/admin/deployments", json={"name": "lm", "checkpoint": str(roots / "lm")},
+                       headers=ADMIN).status_code == 409  # the name is taken
+    wait_ready(client)
+    text = client.post("/predict/transformer", json={"model": "lm", "prompt": "a", "max_new_tokens": 2},
+                       headers=CLIENT)
+    assert text.status_code == 200, text.text
+    assert client.delete("/admin/deployments/lm", headers=ADMIN).json() == {"name": "lm", "unloaded": True}
+    names = [d["name"] for d in client.get("/models", headers=CLIENT).json()["deployments"]]
+    assert names == ["policy"]
+    gone = client.post("/predict/transformer", json={"model": "lm", "prompt": "a"}, headers=CLIENT)
+    assert gone.status_code == 404
+    assert client.delete("/admin/deployments/lm", headers=ADMIN).status_code == 404
+
+
+def test_reload_under_load_fails_no_request(client, roots):
+    before = predict(client)
+    assert before["checkpoint_step"] != 222
+    session = client.post("/predict/diffusion_policy", json={"model": "policy", "observation": current(0),
+                                                             "session_id": "robot-1"}, headers=CLIENT)
+    assert session.status_code == 200
+    steps, failures, stop = [], [], threading.Event()
+
+    def robot_loop():
+        while not stop.is_set():
+            response = client.post("/predict/diffusion_policy", json=FULL, headers=CLIENT)
+            if response.status_code == 200:
+                steps.append(response.json()["checkpoint_step"])
+            else:
+                failures.append(response.text)
+
+    threads = [threading.Thread(target=robot_loop) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        reloaded = client.post("/admin/deployments/policy/reload", json={"checkpoint": str(roots / "policy-b")},
+                               headers=ADMIN)
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json()["checkpoint"]["step"] == 222
+        seen, deadline = len(steps), time.monotonic() + 60
+        while len(steps) < seen + 6 and time.monotonic() < deadline:  # a few requests on the new checkpoint
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert steps[0] == before["checkpoint_step"] and steps[-1] == 222
+    assert steps == sorted(steps, key=lambda s: s == 222)  # old replies, then new ones: never back
+    # the reloaded deployment's sessions ended; their robot is told so
+    gone = client.post("/predict/diffusion_policy", json={"model": "policy", "observation": current(1),
+                                                          "session_id": "robot-1"}, headers=CLIENT)
+    assert gone.status_code == 409 and "reloaded" in gone.json()["error"]["message"]
+    # a reload that cannot load leaves the serving checkpoint in place
+    broken = roots / "broken"
+    shutil.copytree(roots / "policy-a", broken, dirs_exist_ok=True)
+    (broken / "checkpoints" / "checkpoint_1.pt").write_bytes(b"not a checkpoint")
+    failed = client.post("/admin/deployments/policy/reload", json={"checkpoint": str(broken)}, headers=ADMIN)
+    assert failed.status_code == 422 and "keeps serving" in failed.json()["error"]["message"]
+    assert predict(client)["checkpoint_step"] == 222
