@@ -1,8 +1,9 @@
 """The demo policy solves its task when driven through the HTTP API.
 
 ``demo-diffusion_policy`` is trained by the project on the synthetic reach task (move the
-agent to the target the instruction names). A robot loop on a real server (loopback port)
-sends the camera frame, the position history and the executed action, executes
+agent to the target the instruction names); this is the trained one the package ships
+(``vla_foundry/demo/pack``), which ``vla-foundry demo --rebuild`` retrains. A robot loop on a
+real server (loopback port) sends the camera frame, the position history and the executed action, executes
 ``n_action_steps`` of each returned chunk, and must end at the named target far more often
 than random actions do.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.service.live_server import live_server
+from vla_foundry.demo import ensure_demo_pack
 from vla_foundry.demo import policy as demo_policy
 from vla_foundry.demo import reach_task as task
 
@@ -24,9 +26,9 @@ EPISODES = 40
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """Only the policy member, trained as the demo pack trains it."""
+    """Only the policy member, as the package ships it."""
     root = tmp_path_factory.mktemp("demo")
-    demo_policy.build(root / "demo-diffusion_policy", progress=False)
+    ensure_demo_pack(root, progress=False, members=["demo-diffusion_policy"])
     return root
 
 
