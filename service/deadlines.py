@@ -1,8 +1,9 @@
 """Request deadlines: an answer that comes too late is worse than none, for a robot most of all.
 
-A request may carry ``X-Request-Timeout: <seconds>``; a deployment may set a default
-(``request_timeout_s`` in its YAML entry). The deadline (arrival + timeout, the smaller of the
-two) is held in a context variable for the request's task, so the deployment layer sees it
+A request may carry ``X-Request-Timeout: <seconds>`` or ``timeout_s`` in its body; a deployment
+may set a default (``request_timeout_s`` in its YAML entry); a robot's observation with a
+``timestamp`` is due by the ``valid_until`` of the chunk it would get. The deadline (the
+earliest of these) is held in a context variable for the request's task, so the deployment layer sees it
 whatever the transport, and the executor drops a request whose deadline passed while it waited:
 it gets 504 and its model call never runs. Admission looks ahead too: when the deployment's
 expected wait already exceeds what is left (or its ``max_queue_ms``), the request is refused at
@@ -14,7 +15,8 @@ from __future__ import annotations
 import contextvars
 import math
 import time
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -44,6 +46,25 @@ def deadline_for(default_timeout_s: Optional[float]) -> Optional[float]:
         own = time.perf_counter() + default_timeout_s
         deadline = own if deadline is None else min(deadline, own)
     return deadline
+
+
+@contextmanager
+def tightened(timeout_s: Optional[float] = None, arrived: Optional[float] = None,
+              until_wall: Optional[float] = None) -> Iterator[None]:
+    """The current deadline, for the block, made no later than ``arrived + timeout_s`` (a body's ``timeout_s``,
+    ``time.perf_counter()`` clock) and ``until_wall`` (a Unix time, e.g. until when a robot's chunk would still
+    be valid)."""
+    candidates = [current_deadline.get()]
+    if timeout_s is not None:
+        candidates.append((time.perf_counter() if arrived is None else arrived) + timeout_s)
+    if until_wall is not None:
+        candidates.append(time.perf_counter() + (until_wall - time.time()))
+    known = [c for c in candidates if c is not None]
+    token = current_deadline.set(min(known) if known else None)
+    try:
+        yield
+    finally:
+        current_deadline.reset(token)
 
 
 class Deadlines:

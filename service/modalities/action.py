@@ -332,7 +332,12 @@ async def decode_observation_frames(request: RequestBase) -> None:
 
 evaluate = each(evaluate_one)
 
+def expires(pipeline: ActionServing, request: ActionPredictRequest) -> Optional[float]:
+    """A chunk that could only start after its own valid_until is never computed."""
+    return pipeline.chunk_expiry(request.timestamp)
+
+
 ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
                           ActionEvaluateRequest, ActionEvaluateResponse, evaluate, encode_predict=encode_chunk,
                           batch_key=batch_key, prepare=_prepare, prepare_on_loop=_prepare_on_loop,
-                          session_predict=session_predict)
+                          session_predict=session_predict, expires=expires)

@@ -47,6 +47,9 @@ class RequestBase(BaseModel, Limits):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: Optional[str] = Field(None, description="Deployment name; required when several of this type are served.")
+    timeout_s: Optional[float] = Field(None, gt=0, le=3600, description=(
+        "Seconds this request may take from its arrival, as the X-Request-Timeout header (the earlier holds): "
+        "one that is still queued then is dropped unrun (504)."))
 
 
 class ImageListRequest(RequestBase):
@@ -128,6 +131,9 @@ class ModalityAdapter:
     # Optional: whether ``prepare`` is cheap enough for this request to run on the event loop (microseconds:
     # cheaper than the hop to the thread pool), e.g. raw frames that decode to a view and one copy.
     prepare_on_loop: Optional[Callable[[Any], bool]] = None
+    # Optional: the Unix time after which a predict request's answer is of no use (a robot's chunk past its
+    # valid_until): a request still queued then is dropped unrun, as past a deadline.
+    expires: Optional[Callable[[Any, Any], Optional[float]]] = None
     # Optional: ``run`` for predict requests with a ``session_id``: items are (request, session) pairs (robot
     # sessions; the transport serializes the requests of one session).
     session_predict: Optional[Callable[[Any, list], list]] = None

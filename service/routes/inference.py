@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.auth import caller_of
 from service.codecs import encode_response
+from service.deadlines import tightened
 from service.deployments import DeploymentManager
 from service.disconnects import unless_client_leaves
 from service.errors import ApiError
@@ -55,13 +56,15 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
             prepare_ms = (time.perf_counter() - started) * 1000
         # run: one call into the deployment (a robot session's requests one at a time, in arrival order)
         session_id = getattr(body, "session_id", None)
-        if session_run is not None and session_id is not None:
-            entry = request.app.state.sessions.acquire(session_id, deployment, caller_of(request.scope))
-            call = ModelCall(session_run, (body, entry.policy), adapter.batch_key(body))
-            timed = await entry.call(deployment.call(call))
-        else:  # a client that leaves while its call is queued gets it dropped (disconnects.py)
-            call = make_call(body)
-            timed = await unless_client_leaves(request, deployment.call(call), deployment.name)
+        expires = adapter.expires(deployment.pipeline, body) if kind == "predict" and adapter.expires else None
+        with tightened(body.timeout_s, started, expires):
+            if session_run is not None and session_id is not None:
+                entry = request.app.state.sessions.acquire(session_id, deployment, caller_of(request.scope))
+                call = ModelCall(session_run, (body, entry.policy), adapter.batch_key(body))
+                timed = await entry.call(deployment.call(call))
+            else:  # a client that leaves while its call is queued gets it dropped (disconnects.py)
+                call = make_call(body)
+                timed = await unless_client_leaves(request, deployment.call(call), deployment.name)
         # encode
         value = (await run_in_threadpool(encode, body, timed.value) if adapter.encode_in_pool
                  else encode(body, timed.value))

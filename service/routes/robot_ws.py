@@ -35,6 +35,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from service.auth import caller_of
 from service.codecs import DecodeError, TooManyKeys, pack_msgpack, unpack_message_off_loop
+from service.deadlines import tightened
 from service.errors import ApiError, field_of_loc
 from service.modalities.action import ActionPredictRequest, batch_key, decode_observation_frames, session_predict
 from service.modalities.base import ModelCall, RequestBase
@@ -161,8 +162,9 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
             await decode_observation_frames(body)
             entry.touch()
-            timed = await entry.call(deployment.call(ModelCall(session_predict, (body, entry.policy),
-                                                               batch_key(body))))
+            with tightened(body.timeout_s, started, pipeline.chunk_expiry(body.timestamp)):
+                timed = await entry.call(deployment.call(ModelCall(session_predict, (body, entry.policy),
+                                                                   batch_key(body))))
         except TooManyKeys as e:
             await _close(websocket, str(e), TOO_BIG)
             return

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.auth import caller_of
 from service.codecs import encode_response
+from service.deadlines import tightened
 from service.deployments import DeploymentManager
 from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
@@ -100,7 +101,8 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         prepared = time.perf_counter()
         entry = sessions.acquire(session_id, deployment, owner)
         call = ModelCall(_steps, (body, entry.policy), ("steps", body.num_inference_steps))
-        timed = await entry.call(deployment.call(call))
+        with tightened(body.timeout_s, started):
+            timed = await entry.call(deployment.call(call))
         result: ActionStep = timed.value
         timing = {"queue": timed.queue_ms, "preprocess": (prepared - started) * 1000, "infer": timed.run_ms,
                   **{k: v for k, v in result.timing_ms.items() if k != "preprocess"}}

@@ -8,9 +8,10 @@ observations are refused with the field named, and the deployment keeps answerin
 from __future__ import annotations
 
 import base64
-from typing import Optional
 import io
 import json
+import time
+from typing import Optional
 
 import httpx
 import msgpack
@@ -147,9 +148,10 @@ def test_same_seed_same_actions_and_past_rows_come_back(client):
 
 
 def test_single_frame_per_camera_is_refused_and_session_fields_echo(client):
-    body = {**PREDICT_REQUESTS["diffusion_policy"], "session_id": "robot-7", "timestamp": 12.5}
+    now = time.time()  # an observation whose chunk is already past its valid_until would be dropped (504)
+    body = {**PREDICT_REQUESTS["diffusion_policy"], "session_id": "robot-7", "timestamp": now}
     payload = predict(client, body).json()
-    assert payload["session_id"] == "robot-7" and payload["timestamp"] == 12.5
+    assert payload["session_id"] == "robot-7" and payload["timestamp"] == now
     one_frame = policy_observation()
     one_frame["images"]["front"] = png_data_url(0)
     error = error_of(predict(client, {"observation": one_frame}), 422)

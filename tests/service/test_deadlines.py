@@ -176,3 +176,40 @@ def test_a_queued_call_is_dropped_when_its_client_leaves(client):
     # a client that stays gets its answer as before
     assert client.post("/predict/transformer", json=TEXT).status_code == 200
     assert model_calls(client, "tiny") == before + 1
+
+
+def test_a_body_timeout_is_a_deadline_too(client):
+    before = model_calls(client, "tiny")
+    with busy(deployment(client, "tiny").executor):
+        response_box = []
+        thread = threading.Thread(target=lambda: response_box.append(client.post(
+            "/predict/transformer", json={**TEXT, "timeout_s": 0.1})))
+        thread.start()
+        time.sleep(0.3)
+    thread.join(timeout=30)
+    (response,) = response_box
+    assert response.status_code == 504 and response.json()["error"]["type"] == "timeout", response.text
+    assert model_calls(client, "tiny") == before
+    bad = client.post("/predict/transformer", json={**TEXT, "timeout_s": -1})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "timeout_s"
+
+
+def test_a_robot_chunk_past_its_valid_until_is_never_computed(tiny_checkpoints):
+    """An observation whose chunk would only start after its own valid_until (timestamp + n_action_steps control
+    periods) is dropped unrun: the robot could not use it."""
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), control_period_s=0.05)
+    body = {**PREDICT_REQUESTS["diffusion_policy"], "seed": 0}
+    with serving(spec) as c:
+        n = c.get("/models/policy").json()["io"]["n_action_steps"]
+        before = model_calls(c, "policy")
+        with busy(deployment(c, "policy").executor):
+            box = []
+            thread = threading.Thread(target=lambda: box.append(c.post(
+                "/predict/diffusion_policy", json={**body, "timestamp": time.time()})))
+            thread.start()
+            time.sleep(n * 0.05 + 0.3)  # past the chunk's valid_until while the model is held
+        thread.join(timeout=30)
+        assert box[0].status_code == 504, box[0].text
+        assert model_calls(c, "policy") == before
+        fresh = c.post("/predict/diffusion_policy", json={**body, "timestamp": time.time()})
+        assert fresh.status_code == 200 and fresh.json()["valid_until"] > time.time() - 1

@@ -180,6 +180,24 @@ class ActionPipeline(Pipeline):
         """Until when ``steps`` actions from ``anchor`` may be executed: one control period each."""
         return anchor + steps * self.control_period_s
 
+    def chunk_expiry(self, timestamp: Optional[float], now: Optional[float] = None) -> Optional[float]:
+        """Until when a chunk for an observation taken at ``timestamp`` could still be executed (its
+        ``valid_until``): a server drops a request it could not start by then. None without a timestamp (the
+        chunk is anchored when it is made). An observation over ``max_observation_age_s``, or whose chunk would
+        already be past its ``valid_until``, is refused now (``StaleObservationError``)."""
+        if timestamp is None:
+            return None
+        now = time.time() if now is None else now
+        self.anchor(timestamp, now)
+        expiry = self.valid_until(timestamp, self.n_action_steps)
+        if expiry <= now:
+            raise StaleObservationError(
+                f"the observation (timestamp {timestamp:.3f}) is {now - timestamp:.3f} s old: a chunk for it would be "
+                f"valid until {expiry:.3f} ({self.n_action_steps} control periods of {self.control_period_s:g} s), "
+                "already past; send a fresh observation (timestamps are read on the server's clock)",
+                field="timestamp")
+        return expiry
+
     @torch.inference_mode()
     def warmup(self, max_batch_size: int = 1) -> None:
         """One call at the default step count, then the sampling graph of every batch size up to
