@@ -52,10 +52,12 @@ def _serve(args: argparse.Namespace) -> int:
     # is done (the default handler would end the process "killed by SIGTERM").
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                    access_log=False, ws="websockets", ws_per_message_deflate=False,
-                    timeout_graceful_shutdown=settings.drain_timeout_s,
-                    ws_max_size=settings.max_ws_frame_bytes)
+        app = create_app(settings)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                access_log=False, ws="websockets", ws_per_message_deflate=False,
+                                timeout_graceful_shutdown=settings.drain_timeout_s,
+                                ws_max_size=settings.max_ws_frame_bytes)
+        _draining_server(uvicorn, app, settings.drain_timeout_s)(config).run()
         code = 0
     except SystemExit as e:
         code = e.code or 0
@@ -67,6 +69,20 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _draining_server(uvicorn, app, drain_timeout_s: float):
+    """uvicorn's server, whose shutdown first stops listening, then closes the robot websockets with 1001 after
+    their replies in flight (uvicorn alone would cut them with 1012), then drains as uvicorn does."""
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            for server in self.servers:
+                server.close()
+            await app.state.robot_sockets.close_all(timeout=drain_timeout_s)
+            await super().shutdown(sockets)
+
+    return DrainingServer
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ message, then close 1008 (bad input) or 1011 (server fault), whose reason is
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint's real annotations.
 
+import asyncio
 import logging
 import time
 import uuid
@@ -46,7 +47,42 @@ from vla_foundry.pipelines.action import ActionChunk
 
 logger = logging.getLogger(__name__)
 
-POLICY_VIOLATION, TOO_BIG, INTERNAL_ERROR, TRY_AGAIN_LATER = 1008, 1009, 1011, 1013
+GOING_AWAY, POLICY_VIOLATION, TOO_BIG, INTERNAL_ERROR, TRY_AGAIN_LATER = 1001, 1008, 1009, 1011, 1013
+GOODBYE = "the server is shutting down; reconnect (to another replica) and reset or resume your session"
+
+
+class OpenSockets:
+    """The open robot websockets, so that a draining server says goodbye (1001) to each robot after the reply
+    it is computing, instead of cutting the connection (uvicorn's own shutdown fails it with 1012)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._idle: dict[WebSocket, asyncio.Event] = {}  # set while the connection waits for its next frame
+
+    def opened(self, websocket: WebSocket) -> asyncio.Event:
+        idle = self._idle[websocket] = asyncio.Event()
+        idle.set()
+        return idle
+
+    def closed(self, websocket: WebSocket) -> None:
+        self._idle.pop(websocket, None)
+
+    async def close_all(self, timeout: float) -> None:
+        """Close every connection with 1001 once it is idle (the reply in flight sent), within ``timeout``."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+
+        async def goodbye(websocket: WebSocket, idle: asyncio.Event) -> None:
+            try:
+                await asyncio.wait_for(idle.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+            if websocket in self._idle:
+                self.closed(websocket)
+                await _close(websocket, GOODBYE, GOING_AWAY)
+
+        await asyncio.gather(*(goodbye(w, i) for w, i in list(self._idle.items())))
+
 MAX_CLOSE_REASON = 123  # bytes a close frame's reason may hold; fields are ASCII
 TOP_LEVEL = {"seed", "num_inference_steps", "noise", "timestamp", "step", "past_actions"}
 
@@ -95,6 +131,7 @@ def _split_state(value: Any, robot_io) -> dict[str, Any]:
 
 
 def add_robot_websocket(app: FastAPI, settings: Settings) -> None:
+    app.state.robot_sockets = OpenSockets()
     for model_type in list_registered_models():
         if model_modality(model_type) != "action":
             continue
@@ -114,11 +151,16 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         except ApiError as e:
             await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
             return
-        connections = websocket.app.state.metrics.websockets
+        connections, sockets = websocket.app.state.metrics.websockets, websocket.app.state.robot_sockets
+        if sockets.draining:
+            await _close(websocket, GOODBYE, GOING_AWAY)
+            return
         connections.inc()
+        idle = sockets.opened(websocket)
         try:
-            await _serve(websocket, deployment, entry, request_cls, settings)
+            await _serve(websocket, deployment, entry, request_cls, settings, idle)
         finally:
+            sockets.closed(websocket)
             connections.dec()
             if session_id is None:  # this connection's own session ends with it
                 sessions.discard(entry.id)
@@ -126,7 +168,8 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
     return endpoint
 
 
-async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, settings: Settings) -> None:
+async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, settings: Settings,
+                 idle: asyncio.Event) -> None:
     """The protocol on an accepted connection: the metadata frame, then one reply per observation frame."""
     pipeline = deployment.pipeline
     metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
@@ -140,6 +183,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         if message["type"] == "websocket.disconnect":
             return
         started = time.perf_counter()
+        idle.clear()  # a reply is being computed: a draining server waits for it
         try:
             data = message.get("bytes")
             if data is None:
@@ -158,6 +202,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 async with entry.lock:
                     entry.policy.reset(seed)
                 await websocket.send_bytes(pack_msgpack({"reset": True, "session_id": entry.id}, bytes_keys=True))
+                idle.set()
                 continue
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
             await decode_observation_frames(body)
@@ -187,6 +232,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                "n_action_steps": chunk.n_action_steps, "action_fields": chunk.action_fields}
         await websocket.send_bytes(pack_msgpack(out, bytes_keys=True))
         previous_total = (time.perf_counter() - started) * 1000
+        idle.set()
 
 
 def _message(error: Exception) -> str:

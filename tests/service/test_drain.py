@@ -85,3 +85,25 @@ def test_a_request_longer_than_the_drain_timeout_does_not_hold_the_process(slow_
         thread.join(timeout=60)
     assert code == 0 and exited_after < 1 + 4, exited_after  # the drain timeout, then at most the thread joins
     assert out and out[0][0] != 200  # cut off, not answered
+
+
+def test_sigterm_says_goodbye_to_robot_websockets_with_1001(tiny_checkpoints, tmp_path):
+    """A robot connected over the websocket gets its reply in flight, then a close 1001 (going away) with the
+    reason, not a cut connection; the process exits 0."""
+    import msgpack
+    from websockets.exceptions import ConnectionClosed
+
+    from tests.service.test_robot_ws import flat_observation, infer, open_ws
+
+    with serve(tiny_checkpoints["diffusion_policy"], tmp_path, drain_s=30) as (base, proc):
+        url = base.replace("http://", "ws://") + "/ws/diffusion_policy"
+        with open_ws(url) as ws:
+            msgpack.unpackb(ws.recv(timeout=30))  # the metadata frame
+            assert "actions" in infer(ws, {**flat_observation(1), "seed": 1})
+            proc.send_signal(signal.SIGTERM)
+            goodbye = ws.recv(timeout=30)
+            assert "shutting down" in goodbye
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd.code == 1001
+        assert proc.wait(timeout=30) == 0
