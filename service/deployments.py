@@ -128,6 +128,16 @@ class Deployment:
 
     # ------------------------------------------------------------------ requests
 
+    def current(self) -> "Deployment":
+        """This deployment, or what replaced it when it was reloaded meanwhile (404 when it was unloaded): a
+        transport that awaited something since it found the deployment asks again before using it."""
+        deployment = self
+        while deployment.retired:
+            if deployment.successor is None:
+                raise ApiError(404, f"deployment {self.name!r} was unloaded", field="model")
+            deployment = deployment.successor
+        return deployment
+
     def check_ready(self) -> None:
         """Refuse (503) while loading or after a failed load: before a transport decodes a request for it."""
         if self.status == LOADING:
@@ -160,9 +170,7 @@ class Deployment:
         an executor ``Timed`` of this call's result. Refuses with 503 when the wait is too long, 504 when the
         deadline passes in the queue; a result that is an exception is raised here."""
         if self.retired:
-            if self.successor is None:
-                raise ApiError(404, f"deployment {self.name!r} was unloaded", field="model")
-            return await self.successor.call(call)
+            return await self.current().call(call)
         deadline = self._admit()
         runner = self._runners.get(call.run)
         if runner is None:  # one callable per run: the executor batches jobs whose callable is the same

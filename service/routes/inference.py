@@ -54,6 +54,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
             else:
                 await run_in_threadpool(adapter.prepare, body)
             prepare_ms = (time.perf_counter() - started) * 1000
+            deployment = deployment.current()  # reloaded while the images decoded: the new one
         # run: one call into the deployment (a robot session's requests one at a time, in arrival order)
         session_id = getattr(body, "session_id", None)
         expires = adapter.expires(deployment.pipeline, body) if kind == "predict" and adapter.expires else None

@@ -99,6 +99,7 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         deployment.check_ready()
         await decode_observation_frames(body)
         prepared = time.perf_counter()
+        deployment = deployment.current()  # reloaded while the frames decoded: the new one
         entry = sessions.acquire(session_id, deployment, owner)
         call = ModelCall(_steps, (body, entry.policy), ("steps", body.num_inference_steps))
         with tightened(body.timeout_s, started):
