@@ -125,6 +125,13 @@ class SessionStore:
             gone = self._gone.get(session_id)
             if gone is not None and gone[1] == owner:
                 raise self._gone_error(session_id, gone[0])
+            if deployment.pipeline is None:
+                raise ApiError(503, f"deployment {deployment.name!r} is not ready ({deployment.status}); retry "
+                                    "shortly", retry_after=5)
+            if deployment.modality != "action":
+                raise ApiError(422, f"deployment {deployment.name!r} ({deployment.model_type}) does not take robot "
+                                    "sessions; sessions are for policies", field="model")
+            # Only a session that will be made evicts another (a refused request leaves every robot's alone).
             if len(self._entries) >= self.max_sessions:
                 idle = next((sid for sid, e in self._entries.items() if not e.lock.locked()), None)
                 if idle is None:
@@ -132,12 +139,6 @@ class SessionStore:
                                         "shortly", retry_after=1, type="overloaded")
                 self._bury(idle, f"was evicted to make room for a new session (at most {self.max_sessions} are "
                                  "kept, VLA_MAX_SESSIONS; the least recently used idle one leaves)")
-            if deployment.pipeline is None:
-                raise ApiError(503, f"deployment {deployment.name!r} is not ready ({deployment.status}); retry "
-                                    "shortly", retry_after=5)
-            if deployment.modality != "action":
-                raise ApiError(422, f"deployment {deployment.name!r} ({deployment.model_type}) does not take robot "
-                                    "sessions; sessions are for policies", field="model")
             seed = self._seeds.pop(session_id, None)
             if seed is not None:
                 options.setdefault("seed", seed)

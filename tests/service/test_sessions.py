@@ -223,3 +223,14 @@ def test_sessions_belong_to_the_key_that_made_them(tiny_checkpoints):
                        headers=alice)
         assert after.status_code == 200 and after.json()["step"] > 0
         assert c.delete("/sessions/arm-1", headers=alice).status_code == 200
+
+
+def test_a_refused_new_session_evicts_nobody(tiny_checkpoints):
+    policy = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    text = DeploymentSpec(name="text", checkpoint=str(tiny_checkpoints["transformer"]))
+    with serving(policy, text, max_sessions=1) as c:
+        assert c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "kept"}
+                      ).status_code == 200
+        refused = c.post("/sessions/other/step", json={"model": "text", "observation": current(0)})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "model"
+        assert [s["session_id"] for s in c.get("/sessions").json()["sessions"]] == ["kept"]
