@@ -30,10 +30,10 @@ logger = logging.getLogger("service.auth")
 SCHEMES = ("api-key", "bearer")  # case-insensitive, as HTTP auth schemes are
 # Liveness/readiness probes (Docker's HEALTHCHECK, Kubernetes) and the API docs, which describe this
 # software, not a deployment, and a browser cannot send a header to.
+# "/" is the page to try the models: it sends the key its user types in.
 PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc",
-                          "/openapi.json"})
+                          "/openapi.json", "/"})
 CALLER = "vla.caller"  # scope key: the id of the API key a request came with (None without keys)
-PUBLIC_PATHS |= {"/"}  # the page to try the models (it sends the key its user types in)
 # The docs pages' and the page's scripts and styles; the admin API checks its own keys (routes/admin.py).
 PUBLIC_PREFIXES = ("/docs-assets/", "/static/", "/admin/")
 

@@ -19,7 +19,7 @@ import base64
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgpack
 import numpy as np
@@ -65,13 +65,6 @@ def loads_json(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
         return dict(items)
 
     return json.loads(body, object_pairs_hook=pairs)
-
-
-async def loads_json_off_loop(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
-    """``loads_json`` on the event loop up to ``UNPACK_ON_LOOP_BYTES``, else in the thread pool."""
-    if len(body) <= UNPACK_ON_LOOP_BYTES:
-        return loads_json(body, max_keys)
-    return await run_in_threadpool(loads_json, body, max_keys)
 
 
 def wants_msgpack(accept: str) -> bool:
@@ -240,11 +233,16 @@ def unpack_msgpack(body: bytes) -> Any:
     return unpack_message(body).value
 
 
-async def unpack_message_off_loop(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
-    """``unpack_message`` on the event loop for bodies up to ``UNPACK_ON_LOOP_BYTES``, else in the thread pool."""
+async def decode_off_loop(decode: Callable[[bytes, int], Any], body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
+    """``decode(body, max_keys)`` (``unpack_message``, ``loads_json``) on the event loop for bodies up to
+    ``UNPACK_ON_LOOP_BYTES``, else in the thread pool."""
     if len(body) <= UNPACK_ON_LOOP_BYTES:
-        return unpack_message(body, max_keys)
-    return await run_in_threadpool(unpack_message, body, max_keys)
+        return decode(body, max_keys)
+    return await run_in_threadpool(decode, body, max_keys)
+
+
+async def unpack_message_off_loop(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
+    return await decode_off_loop(unpack_message, body, max_keys)
 
 
 def _refuse_ext(code: int, data: bytes):

@@ -8,6 +8,7 @@ serve.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import gc
 import json
@@ -81,8 +82,9 @@ class Deployment:
 
     # ------------------------------------------------------------------ loading (on the executor thread)
 
-    def start_loading(self) -> None:
-        self.executor.submit_setup(self._load)
+    def start_loading(self) -> concurrent.futures.Future:
+        """Load (and warm up) on this deployment's thread; the future is done when it is ready or failed."""
+        return self.executor.submit_setup(self._load)
 
     def _load(self) -> None:
         started = time.perf_counter()
@@ -261,7 +263,7 @@ class DeploymentManager:
         request fails. A load that fails leaves the old one serving (422 with the reason)."""
         old = self.get(name)
         new = Deployment(spec, self.settings, None, self.metrics)
-        await asyncio.wrap_future(new.executor.submit_setup(new._load))
+        await asyncio.wrap_future(new.start_loading())
         if new.status != READY:
             new.executor.shutdown(timeout=0)
             raise ApiError(422, f"the new checkpoint did not load ({new.error}); {name!r} keeps serving its current "

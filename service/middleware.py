@@ -15,8 +15,8 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.codecs import (MAX_BODY_KEYS, DecodeError, TooManyKeys, encode_response, is_msgpack, loads_json_off_loop,
-                            unpack_message_off_loop)
+from service.codecs import (MAX_BODY_KEYS, DecodeError, TooManyKeys, decode_off_loop, encode_response, is_msgpack,
+                            loads_json, unpack_message_off_loop)
 from service.errors import error_body
 
 BODY = "vla.body"  # scope key: the whole body, as the middleware read it
@@ -118,7 +118,7 @@ class BodyCodecMiddleware:
             return
         if DECODED_BODY not in decoded and body:  # JSON: parsed here, with its keys counted (big bodies off the loop)
             try:
-                decoded[DECODED_BODY] = await loads_json_off_loop(body, self.max_body_keys)
+                decoded[DECODED_BODY] = await decode_off_loop(loads_json, body, self.max_body_keys)
             except TooManyKeys as e:
                 await self._refuse(scope, receive, send, accept, 413, str(e))
                 return

@@ -299,6 +299,9 @@ def evaluate_one(pipeline: ActionServing, request: ActionEvaluateRequest) -> dic
     return pipeline.evaluate(samples, windows, seed=request.seed, condition_on_past=request.condition_on_past)
 
 
+evaluate = each(evaluate_one)
+
+
 def _prepare_predict(request: ActionPredictRequest) -> None:
     request.observation.decoded_frames(request, "observation")
 
@@ -329,8 +332,6 @@ async def decode_observation_frames(request: RequestBase) -> None:
     else:
         await run_in_threadpool(observation.decoded_frames, request, "observation")
 
-
-evaluate = each(evaluate_one)
 
 def expires(pipeline: ActionServing, request: ActionPredictRequest) -> Optional[float]:
     """A chunk that could only start after its own valid_until is never computed."""

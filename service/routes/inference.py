@@ -38,6 +38,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
     encode = adapter.encode_predict if kind == "predict" else adapter.encode_evaluate
     reply = adapter.reply if kind == "predict" else None
     session_run = adapter.session_predict if kind == "predict" else None
+    expiry = adapter.expires if kind == "predict" else None
 
     async def endpoint(body: request_cls, request: Request):
         started = time.perf_counter()
@@ -57,8 +58,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
             deployment = deployment.current()  # reloaded while the images decoded: the new one
         # run: one call into the deployment (a robot session's requests one at a time, in arrival order)
         session_id = getattr(body, "session_id", None)
-        expires = adapter.expires(deployment.pipeline, body) if kind == "predict" and adapter.expires else None
-        with tightened(body.timeout_s, started, expires):
+        with tightened(body.timeout_s, started, expiry(deployment.pipeline, body) if expiry else None):
             if session_run is not None and session_id is not None:
                 entry = request.app.state.sessions.acquire(session_id, deployment, caller_of(request.scope))
                 call = ModelCall(session_run, (body, entry.policy), adapter.batch_key(body))

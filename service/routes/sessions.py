@@ -120,7 +120,7 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
                                    request.headers.get("accept", ""))
         entry = sessions.get(session_id, owner)
         async with entry.lock:
-            entry.policy.reset(body.seed if body else None)
+            entry.policy.reset(seed)
         return encode_response({"session_id": session_id, "model": entry.deployment.name, "reset": True,
                                 "seed": entry.policy.seed}, request.headers.get("accept", ""))
 
