@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from service.app import create_app
+        from service.read_timeouts import read_timeout_protocol
         from service.request_ids import configure_logging
         from service.settings import Settings, parse_checkpoint_arg
     except ImportError as e:
@@ -53,7 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         app = create_app(settings)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        http = read_timeout_protocol(settings.header_timeout_s, settings.body_timeout_s,
+                                     on_timeout=app.state.metrics.count_read_timeout)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
                                 access_log=False, ws="websockets", ws_per_message_deflate=False,
                                 timeout_graceful_shutdown=settings.drain_timeout_s,
                                 ws_max_size=settings.max_ws_frame_bytes)

@@ -60,6 +60,13 @@ class Metrics:
         self.abandoned = Counter("vla_requests_abandoned", "Requests whose client disconnected before the reply "
                                  "(a queued model call is then dropped unrun).", ["deployment"], registry=r)
 
+        self.read_timeouts = Counter("vla_read_timeouts", "Connections closed because a request's headers or body "
+                                     "did not arrive in time (VLA_HEADER_TIMEOUT_S, VLA_BODY_TIMEOUT_S).", ["phase"],
+                                     registry=r)
+
+    def count_read_timeout(self, phase: str) -> None:
+        self.read_timeouts.labels(phase).inc()
+
     def observe_model_call(self, deployment: str, queue_ms: float, run_ms: float, batch_size: int) -> None:
         self.queue_seconds.labels(deployment).observe(queue_ms / 1000)
         self.run_seconds.labels(deployment).observe(run_ms / 1000)

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         "On SIGTERM or Ctrl-C: stop accepting connections, let requests in flight finish for at most this long, "
         "then cancel what is left and exit 0 (Docker's stop_grace_period and Ray's graceful_shutdown_timeout_s "
         "should exceed it)."))
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description=(
+        "A connection's request headers must arrive within this long of its opening (or of the next request's "
+        "first byte); else 408 and the connection closes (silently if it sent nothing)."))
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description=(
+        "A request's whole body must arrive within this long of its headers (in all, not per chunk); else 408 "
+        "and the connection closes, and nothing runs for the request."))
     metrics_public: bool = Field(False, description=(
         "Serve GET /metrics without an API key (for a scraper on a trusted network); by default it needs one, as "
         "every route but the health probes and the docs."))

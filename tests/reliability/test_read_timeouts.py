@@ -1,0 +1,161 @@
+"""Read timeouts on a live server (``service/read_timeouts.py``): clients that send nothing, half a request
+line or a body a byte at a time are closed within VLA_HEADER_TIMEOUT_S / VLA_BODY_TIMEOUT_S, and the others
+keep being served meanwhile."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.live_server import live_server
+
+HEADER_S, BODY_S = 1.0, 1.5
+BODY = json.dumps({"prompt": "hi", "max_new_tokens": 2}).encode()
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoints, tmp_path_factory):
+    env = {"VLA_HEADER_TIMEOUT_S": str(HEADER_S), "VLA_BODY_TIMEOUT_S": str(BODY_S)}
+    with live_server(["--checkpoint", f"{tiny_checkpoints['transformer']}=tiny"], tmp_path_factory.mktemp("demo"),
+                     env=env) as url:
+        yield url
+
+
+def connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=15)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, data = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def request_head(length: int) -> bytes:
+    return (b"POST /predict/transformer HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(length).encode() + b"\r\n\r\n")
+
+
+def assert_408(reply: bytes, phase: str) -> None:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "request_timeout" and phase in error["message"], error
+
+
+def read_timeouts(base: str) -> dict[str, float]:
+    """``vla_read_timeouts_total`` by phase, and the model calls so far (under the key "model calls")."""
+    text = httpx.get(f"{base}/metrics").text
+    counts = {"model calls": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name == "vla_read_timeouts" and sample.name.endswith("_total"):
+                counts[sample.labels["phase"]] = sample.value
+            if sample.name == "vla_model_run_seconds_count":
+                counts["model calls"] += sample.value
+    return counts
+
+
+def test_a_connection_that_sends_nothing_is_closed_silently(base):
+    with connect(base) as sock:
+        reply, took = read_until_closed(sock)
+    assert reply == b"" and HEADER_S * 0.9 <= took < HEADER_S + 3
+
+
+def test_half_a_request_line_gets_408(base):
+    with connect(base) as sock:
+        sock.sendall(b"POST /predict/trans")
+        reply, took = read_until_closed(sock)
+    assert_408(reply, "headers")
+    assert took < HEADER_S + 3
+
+
+def test_headers_sent_a_byte_at_a_time_do_not_reset_the_timer(base):
+    head = request_head(len(BODY))
+    with connect(base) as sock:
+        started = time.monotonic()
+        for i in range(len(head)):  # about 20 s of trickle if nothing stopped it
+            try:
+                sock.sendall(head[i:i + 1])
+            except OSError:
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > HEADER_S + 3:
+                break
+        reply, _ = read_until_closed(sock)
+    assert_408(reply, "headers")
+    assert time.monotonic() - started < HEADER_S + 4
+
+
+def test_a_slow_body_gets_408_and_nothing_runs(base):
+    before = read_timeouts(base)
+    with connect(base) as sock:
+        sock.sendall(request_head(len(BODY)) + BODY[:5])
+        started = time.monotonic()
+        for byte in BODY[5:]:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.25)
+            if time.monotonic() - started > BODY_S + 3:
+                break
+        reply, _ = read_until_closed(sock)
+    assert_408(reply, "body")
+    assert time.monotonic() - started < BODY_S + 4
+    after = read_timeouts(base)
+    assert after.get("body", 0) == before.get("body", 0) + 1
+    assert after["model calls"] == before["model calls"]
+
+
+def test_a_request_sent_in_pieces_within_the_limits_is_served(base):
+    with connect(base) as sock:
+        head = request_head(len(BODY))
+        sock.sendall(head[:10])
+        time.sleep(HEADER_S / 3)
+        sock.sendall(head[10:] + BODY[:4])
+        time.sleep(BODY_S / 3)
+        sock.sendall(BODY[4:])
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+
+
+def test_keep_alive_requests_each_get_their_own_header_timer(base):
+    with connect(base) as sock:
+        for _ in range(2):  # two whole requests, each well within the limits, on one connection
+            sock.sendall(request_head(len(BODY)) + BODY)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(HEADER_S * 0.7)  # idle between requests: uvicorn's keep-alive timeout (5 s) governs this
+        sock.sendall(b"GET /mod")  # then half of a third one
+        reply, took = read_until_closed(sock)
+    assert_408(reply, "headers")
+    assert took < HEADER_S + 3
+
+
+def test_slow_clients_do_not_stop_the_others(base):
+    slow = [connect(base) for _ in range(32)]
+    try:
+        for i, sock in enumerate(slow):
+            sock.sendall(b"POST /predict/transformer HTTP/1.1\r\nHo" if i % 2 else request_head(len(BODY)) + b"{")
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for _ in range(5):
+                assert client.post("/predict/transformer", json={"prompt": "hi", "max_new_tokens": 2}).status_code \
+                       == 200
+        deadline = time.monotonic() + max(HEADER_S, BODY_S) + 4
+        for sock in slow:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            reply, _ = read_until_closed(sock)  # raises socket.timeout if the server kept it open
+            assert reply.startswith(b"HTTP/1.1 408 ")
+    finally:
+        for sock in slow:
+            sock.close()
