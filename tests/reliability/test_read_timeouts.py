@@ -40,6 +40,19 @@ def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
     return data, time.monotonic() - started
 
 
+def trickle(sock: socket.socket, data: bytes, give_up_s: float, every_s: float = 0.2) -> None:
+    """Sends ``data`` a byte every ``every_s`` until the server closes, all is sent, or ``give_up_s`` passed."""
+    started = time.monotonic()
+    for i in range(len(data)):
+        try:
+            sock.sendall(data[i:i + 1])
+        except OSError:
+            return
+        time.sleep(every_s)
+        if time.monotonic() - started > give_up_s:
+            return
+
+
 def request_head(length: int) -> bytes:
     return (b"POST /predict/transformer HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(length).encode() + b"\r\n\r\n")
@@ -84,14 +97,7 @@ def test_headers_sent_a_byte_at_a_time_do_not_reset_the_timer(base):
     head = request_head(len(BODY))
     with connect(base) as sock:
         started = time.monotonic()
-        for i in range(len(head)):  # about 20 s of trickle if nothing stopped it
-            try:
-                sock.sendall(head[i:i + 1])
-            except OSError:
-                break
-            time.sleep(0.2)
-            if time.monotonic() - started > HEADER_S + 3:
-                break
+        trickle(sock, head, give_up_s=HEADER_S + 3)  # about 20 s of trickle if nothing stopped it
         reply, _ = read_until_closed(sock)
     assert_408(reply, "headers")
     assert time.monotonic() - started < HEADER_S + 4
@@ -102,14 +108,7 @@ def test_a_slow_body_gets_408_and_nothing_runs(base):
     with connect(base) as sock:
         sock.sendall(request_head(len(BODY)) + BODY[:5])
         started = time.monotonic()
-        for byte in BODY[5:]:
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                break
-            time.sleep(0.25)
-            if time.monotonic() - started > BODY_S + 3:
-                break
+        trickle(sock, BODY[5:], give_up_s=BODY_S + 3)
         reply, _ = read_until_closed(sock)
     assert_408(reply, "body")
     assert time.monotonic() - started < BODY_S + 4
