@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench openpi-venv gpu-check chromium
+.PHONY: serve test bench soak openpi-venv gpu-check chromium
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: $(BIN)/.installed-test openpi-venv chromium
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/generate.py
+
+# Not in CI: the demo pack served for 5 minutes under mixed traffic; fails on RSS growth >= 5 % after warm-up or
+# any error (bench/soak.py; ARGS="--duration 60" for a shorter one). The serve extra has all it needs.
+soak: $(BIN)/.installed
+	$(BIN)/python bench/soak.py $(ARGS)
 
 # On a GPU host: the GPU tests and the GPU rows of every bench, one summary table (bench/gpu_check.py).
 gpu-check: $(BIN)/.installed-test

@@ -103,6 +103,27 @@ def stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def wait_until_ready(proc: subprocess.Popen, base: str, ready_path: str, name: str, log,
+                     timeout_s: float) -> float:
+    """Polls ``ready_path`` until it answers 200; the seconds that took. Exits with the server's log (``log``,
+    a file it writes) when it dies or is not ready within ``timeout_s``."""
+    started = time.monotonic()
+    with httpx.Client(base_url=base, timeout=10) as client:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise SystemExit(f"{name} exited before it was ready:\n{log.read()[-4000:]}")
+            try:
+                if client.get(ready_path).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            if time.monotonic() - started > timeout_s:
+                log.seek(0)
+                raise SystemExit(f"{name} was not ready within {timeout_s:.0f} s:\n{log.read()[-4000:]}")
+            time.sleep(0.2)
+
+
 @contextmanager
 def server_process(command: list[str], env: dict[str, str], port: int, ready_path: str, name: str,
                    ready_timeout_s: float = 300.0) -> Iterator[str]:
@@ -113,21 +134,7 @@ def server_process(command: list[str], env: dict[str, str], port: int, ready_pat
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        with httpx.Client(base_url=base, timeout=10) as client:
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(f"{name} exited before it was ready:\n{log.read()[-4000:]}")
-                try:
-                    if client.get(ready_path).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    log.seek(0)
-                    raise SystemExit(f"{name} was not ready within {ready_timeout_s:.0f} s:\n{log.read()[-4000:]}")
-                time.sleep(0.2)
+        wait_until_ready(proc, base, ready_path, name, log, ready_timeout_s)
         yield base
     finally:
         stop_group(proc)

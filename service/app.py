@@ -13,6 +13,8 @@ from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
 from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.metrics import Metrics, RequestMetrics
+from service.images import PixelBudget
+from service.memory import return_large_blocks_to_the_system
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
 from service.deadlines import Deadlines
 from service.probes import LivenessProbe
@@ -41,6 +43,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.switch_interval_ms is not None:  # process-wide: the model threads and the event loop share it
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
+        return_large_blocks_to_the_system()  # decoded images' memory goes back after each request (memory.py)
         manager.start()
         try:
             yield
@@ -56,8 +59,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
     app.state.metrics = metrics
     metrics.watch(manager, app.state.sessions)
+    app.state.pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
+    metrics.watch_pixels(app.state.pixels)
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
-                       max_body_keys=settings.max_body_keys)
+                       max_body_keys=settings.max_body_keys, pixels=app.state.pixels)
     api_keys = settings.api_key_list()
     if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import re
-from typing import Any, Optional
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from service.codecs import DecodeError, decode_array, is_array_dict
+from service.errors import ApiError
 from vla_foundry.errors import InputTooLargeError, InvalidInputError
 from vla_foundry.image_io import decode_image_bytes, image_from_array, webp_supported
 
@@ -29,6 +33,80 @@ _WHITESPACE = re.compile(r"\s+")
 
 SEND_INSTEAD = "send the image as a data: URL, base64 PNG/JPEG or a typed array"
 _FORMS = 'a data: URL, a base64 PNG/JPEG string or a typed array {"dtype", "shape", "data"}'
+
+
+class PixelBudget:
+    """Bounds the decoded image pixels the server holds: at most ``per_request`` for one request (more: 413),
+    at most ``in_flight`` for all the requests holding decoded images at once (more: 503 with Retry-After).
+
+    A request (an HTTP request with a body, a websocket frame) holds a ``lease`` while it is served; each of
+    its images claims its width × height from its header, before a pixel is decoded, and the claims return
+    when the request ends. Without a lease (a caller outside a request) nothing is counted. Encoded bytes
+    are bounded elsewhere (the body cap); this bounds what they decode to, which for a compressible image
+    is thousands of times more: 49 KB of PNG zeros are 50 MB of pixels.
+    """
+
+    def __init__(self, per_request: int, in_flight: int):
+        self.per_request, self.in_flight = per_request, in_flight
+        self._used = 0
+        self._lock = threading.Lock()  # claims come from the thread pool, releases from the event loop
+
+    @property
+    def used(self) -> int:
+        """Pixels claimed by the requests now in flight."""
+        return self._used
+
+    @contextmanager
+    def lease(self) -> Iterator["PixelLease"]:
+        lease = PixelLease(self)
+        token = _current_lease.set(lease)  # copied into the thread pool's context with the request's
+        try:
+            yield lease
+        finally:
+            _current_lease.reset(token)
+            lease.release()
+
+    def _take(self, pixels: int, field: str) -> None:
+        with self._lock:
+            if self._used + pixels > self.in_flight:
+                raise ApiError(503, f"{field}: the requests in flight hold {self._used} decoded image pixels, and "
+                                    f"this image's {pixels} would pass this server's limit of {self.in_flight} "
+                                    "(VLA_MAX_PIXELS_IN_FLIGHT); retry shortly", field, retry_after=1,
+                               type="overloaded")
+            self._used += pixels
+
+    def _give_back(self, pixels: int) -> None:
+        with self._lock:
+            self._used -= pixels
+
+
+class PixelLease:
+    """One request's claims on a ``PixelBudget``."""
+
+    def __init__(self, budget: PixelBudget):
+        self.budget, self.held = budget, 0
+
+    def claim(self, pixels: int, field: str) -> None:
+        total = self.held + pixels
+        if total > self.budget.per_request:
+            raise InputTooLargeError(f"{field}: the request's images come to {total} pixels, over this server's "
+                                     f"limit of {self.budget.per_request} per request (VLA_MAX_REQUEST_PIXELS); "
+                                     "send fewer or smaller images", field)
+        self.budget._take(pixels, field)
+        self.held = total
+
+    def release(self) -> None:
+        held, self.held = self.held, 0
+        self.budget._give_back(held)
+
+
+_current_lease: contextvars.ContextVar[Optional[PixelLease]] = contextvars.ContextVar("pixel_lease", default=None)
+
+
+def _claimer(field: str):
+    """The ``claim`` callback for one image: its pixels go on the current request's lease, if any."""
+    lease = _current_lease.get()
+    return None if lease is None else (lambda pixels: lease.claim(pixels, field))
 
 
 def decode_image_value(value: Any, *, max_pixels: int, max_bytes: Optional[int] = None, field: str) -> np.ndarray:
@@ -49,10 +127,10 @@ def decode_image_value(value: Any, *, max_pixels: int, max_bytes: Optional[int] 
             array = decode_array(value)
         except DecodeError as e:
             raise InvalidInputError(f"{field}: {e}", field) from e
-        return image_from_array(array, max_pixels=max_pixels, field=field)
+        return image_from_array(array, max_pixels=max_pixels, field=field, claim=_claimer(field))
     if isinstance(value, (bytes, bytearray)):  # raw file bytes, for callers that already hold them
         _check_bytes(len(value), max_bytes, field)
-        return decode_image_bytes(bytes(value), max_pixels=max_pixels, field=field)
+        return decode_image_bytes(bytes(value), max_pixels=max_pixels, field=field, claim=_claimer(field))
     if not isinstance(value, str):
         raise InvalidInputError(f"{field}: an image must be {_FORMS}; got {type(value).__name__}", field)
     text = value.strip()
@@ -69,7 +147,8 @@ def decode_image_value(value: Any, *, max_pixels: int, max_bytes: Optional[int] 
                                 f"{SEND_INSTEAD}", field)
     else:
         encoded = text
-    return decode_image_bytes(_b64decode(encoded, max_bytes, field), max_pixels=max_pixels, field=field)
+    return decode_image_bytes(_b64decode(encoded, max_bytes, field), max_pixels=max_pixels, field=field,
+                              claim=_claimer(field))
 
 
 def decode_image_list(values: Any, *, max_images: int, max_pixels: int, max_bytes: Optional[int] = None,

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from service.deployments import DeploymentManager
+    from service.images import PixelBudget
     from service.sessions import SessionStore
 
 # Robot round trips are milliseconds; image generation and long completions take seconds.
@@ -83,6 +84,10 @@ class Metrics:
 
     def watch(self, manager: "DeploymentManager", sessions: "SessionStore") -> None:
         self.registry.register(_StateCollector(manager, sessions))
+
+    def watch_pixels(self, budget: "PixelBudget") -> None:
+        Gauge("vla_image_pixels_in_flight", "Decoded image pixels held by the requests in flight "
+              "(VLA_MAX_PIXELS_IN_FLIGHT bounds it).", registry=self.registry).set_function(lambda: budget.used)
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

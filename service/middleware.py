@@ -9,7 +9,7 @@ validates one form of the body whatever the wire format.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Optional
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.codecs import (MAX_BODY_KEYS, DecodeError, TooManyKeys, decode_off_loop, encode_response, is_msgpack,
                             loads_json, unpack_message_off_loop)
 from service.errors import error_body
+from service.images import PixelBudget
 
 BODY = "vla.body"  # scope key: the whole body, as the middleware read it
 DECODED_BODY = "vla.decoded_body"  # scope key: the body's values, already unpacked by the middleware
@@ -63,10 +64,15 @@ def _is_json(content_type: str) -> bool:
 
 
 class BodyCodecMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_body_keys: int = MAX_BODY_KEYS):
+    """Also opens the request's lease on the app's decoded-pixel budget (``images.PixelBudget``): a body is
+    where images come from, and the lease ends with the reply."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_body_keys: int = MAX_BODY_KEYS,
+                 pixels: Optional[PixelBudget] = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_body_keys = max_body_keys
+        self.pixels = pixels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,7 +144,11 @@ class BodyCodecMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        if self.pixels is None:
+            await self.app(scope, replay, send)
+            return
+        with self.pixels.lease():
+            await self.app(scope, replay, send)
 
     def _too_large(self, size: int) -> str:
         return (f"request body is {size} bytes; this server accepts at most {self.max_body_bytes} "

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     max_inference_steps: int = Field(1000, ge=1, description="Cap on num_inference_steps of image requests.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Cap on width x height of one image, checked "
                                                                   "from its header before decoding (more get 413).")
+    max_request_pixels: int = Field(4 * 4096 * 4096, ge=1, description=(
+        "Cap on the decoded pixels of all the images of one request (or websocket frame), each claimed from its "
+        "header before it is decoded (more get 413)."))
+    max_pixels_in_flight: int = Field(16 * 4096 * 4096, ge=1, description=(
+        "Cap on the decoded image pixels held by all the requests in flight at once; an image that would pass it "
+        "gets 503 with Retry-After (about 3 bytes of memory per pixel)."))
     max_ws_frame_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest websocket frame; a larger one "
                                                                          "closes the connection with 1009.")
     max_sessions: int = Field(256, ge=1, description="Robot sessions kept at once; the least recently used idle "
@@ -156,6 +162,15 @@ class Settings(BaseSettings):
 
     def checkpoint_root_list(self) -> list[Path]:
         return [Path(p.strip()).resolve() for p in (self.checkpoint_roots or "").split(",") if p.strip()]
+
+    @model_validator(mode="after")
+    def _pixel_caps(self) -> "Settings":
+        # Each cap must admit what the one inside it admits, or a request within every other cap never passes.
+        if not self.max_image_pixels <= self.max_request_pixels <= self.max_pixels_in_flight:
+            raise ValueError(f"the pixel caps must nest: max_image_pixels ({self.max_image_pixels}) <= "
+                             f"max_request_pixels ({self.max_request_pixels}) <= max_pixels_in_flight "
+                             f"({self.max_pixels_in_flight})")
+        return self
 
     @model_validator(mode="after")
     def _api_keys(self) -> "Settings":

@@ -60,6 +60,12 @@ class CaptionProcessor(ABC):
         captions to score, not prompts to continue: each row is what a caption request would send (images,
         and a chat model's generation prompt) followed by the text and eos."""
 
+    def text_ids(self, prompts: Optional[Sequence[str]], prompt_token_ids: Optional[Sequence[Sequence[int]]],
+                 images: Images, *, answers: bool = False) -> Optional[list[list[int]]]:
+        """The rows' token ids as ``encode`` makes them, from the images' count alone (no pixel is read), or
+        None when this processor needs the pixels to count its image tokens."""
+        return None
+
     @abstractmethod
     def render_chat(self, messages: list[dict]) -> str:
         """A conversation (content parts ``{"type": "image"}`` / ``{"type": "text"}``) as prompt text."""
@@ -126,6 +132,10 @@ class VLMCaptionProcessor(CaptionProcessor):
         return (x - self.mean) / self.std
 
     def encode(self, prompts, prompt_token_ids, images, *, rendered=False, answers=False) -> CaptionInputs:
+        return CaptionInputs(self.text_ids(prompts, prompt_token_ids, images, answers=answers),
+                             self.image_inputs(images))
+
+    def text_ids(self, prompts, prompt_token_ids, images, *, answers=False):
         n_images = _rows_of_images(images)
         if n_images == 0:
             raise InvalidInputError("a caption needs at least one image", field="images")
@@ -143,9 +153,8 @@ class VLMCaptionProcessor(CaptionProcessor):
         bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         placeholders = [image_token] * (self.model.tokens_per_image * n_images)
-        ids = [([bos] if bos is not None else []) + placeholders + list(row)
-               + ([eos] if answers and eos is not None else []) for row in prompt_token_ids]
-        return CaptionInputs(ids, self.image_inputs(images))
+        return [([bos] if bos is not None else []) + placeholders + list(row)
+                + ([eos] if answers and eos is not None else []) for row in prompt_token_ids]
 
     def image_inputs(self, images):
         n_images = _rows_of_images(images)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, features
@@ -73,7 +74,8 @@ def _too_large(field: str, width: int, height: int, max_pixels: int, what: str) 
         f"({PIXEL_LIMIT_SETTING}); send a smaller image", field)
 
 
-def decode_image_bytes(data: bytes, *, max_pixels: int, field: str = "image") -> np.ndarray:
+def decode_image_bytes(data: bytes, *, max_pixels: int, field: str = "image",
+                       claim: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """PNG or JPEG bytes (WebP too where Pillow has it) → a new (H, W, 3) uint8 RGB array.
 
     - The header's width × height is checked against ``max_pixels`` before any pixel is
@@ -84,6 +86,8 @@ def decode_image_bytes(data: bytes, *, max_pixels: int, field: str = "image") ->
     - Gray, palette, 16-bit gray and CMYK become RGB. Alpha is dropped, not composited:
       the stored colour of each pixel is kept, as ``PIL.Image.convert("RGB")`` does.
       16-bit gray is scaled to 8 bits (value / 257, rounded), not clipped.
+    - ``claim(pixels)``, when given, is called with width × height from the header, before any pixel is
+      decoded: a caller's budget (a server's pixels per request and in flight) refuses there by raising.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidInputError(f"{field}: expected encoded image bytes; got {type(data).__name__}", field)
@@ -114,6 +118,8 @@ def decode_image_bytes(data: bytes, *, max_pixels: int, field: str = "image") ->
                                     "least one pixel", field)
         if width * height > max_pixels:
             raise _too_large(field, width, height, max_pixels, f"the {kind} header says")
+        if claim is not None:
+            claim(width * height)
         try:
             image.load()
             # ImageFile.load() raises on a short file only while LOAD_TRUNCATED_IMAGES is False; that
@@ -158,7 +164,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return array
 
 
-def image_from_array(array: np.ndarray, *, max_pixels: int, field: str = "image") -> np.ndarray:
+def image_from_array(array: np.ndarray, *, max_pixels: int, field: str = "image",
+                     claim: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """An image sent as an array → a new, C-contiguous (H, W, 3) uint8 array.
 
     Accepted: uint8 of shape (H, W, 3), (H, W, 1) or (H, W) (gray is repeated to RGB), and
@@ -187,6 +194,8 @@ def image_from_array(array: np.ndarray, *, max_pixels: int, field: str = "image"
                                 field)
     if height * width > max_pixels:
         raise _too_large(field, width, height, max_pixels, "the array is")
+    if claim is not None:  # as decode_image_bytes: before the copy below
+        claim(width * height)
     if array.ndim == 2:
         array = array[:, :, None]
     if dtype != np.uint8:

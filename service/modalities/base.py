@@ -125,6 +125,9 @@ class ModalityAdapter:
     batch_key: Optional[Callable[[Any], Hashable]] = None
     # Optional: a non-JSON reply for the payload when the client's Accept asks for one (e.g. image/png).
     reply: Optional[Callable[[dict, str], Any]] = None
+    # Optional: ``check(pipeline, request)``, what the pipeline can refuse without the request's images (a
+    # prompt too long), run before ``prepare`` so such a request costs no image decode.
+    check: Optional[Callable[[Any, Any], None]] = None
     # Optional: decoding a validated request before it queues (images), run in a thread pool so a bad image
     # is refused at once and the model's thread only runs the model.
     prepare: Optional[Callable[[Any], Any]] = None

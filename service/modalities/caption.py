@@ -48,6 +48,14 @@ class ImageFields(RequestBase):
                                         "(VLA_MAX_IMAGES); send fewer", field="images")
         return self
 
+    def image_counts(self) -> list[int]:
+        """Images per caption row, from the request alone (nothing decoded)."""
+        if self.image is not None:
+            return [1]
+        if all(isinstance(v, list) for v in self.images):
+            return [len(row) for row in self.images]
+        return [len(self.images)]
+
     _decoded: Optional[list] = PrivateAttr(None)
 
     def decoded_images(self) -> list[list]:
@@ -93,6 +101,11 @@ def predict_one(pipeline: CaptionServing, request: CaptionPredictRequest):
                             use_cache=request.use_cache)
 
 
+def check_text(pipeline: CaptionServing, request: CaptionPredictRequest) -> None:
+    pipeline.check(request.image_counts(), _rows(request.prompt), request.prompt_token_ids,
+                   sampling=request.sampling())
+
+
 def encode_captions(request, result) -> dict:
     return completion_payload(result, key="captions")
 
@@ -123,4 +136,5 @@ def evaluate_one(pipeline: CaptionServing, request: CaptionEvaluateRequest) -> d
 
 ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, each(predict_one),
                           CaptionEvaluateRequest, TextEvaluateResponse, each(evaluate_one),
-                          encode_predict=encode_captions, prepare=lambda request: request.decoded_images())
+                          encode_predict=encode_captions, check=check_text,
+                          prepare=lambda request: request.decoded_images())

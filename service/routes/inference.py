@@ -38,6 +38,13 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
     encode = adapter.encode_predict if kind == "predict" else adapter.encode_evaluate
     reply = adapter.reply if kind == "predict" else None
     session_run = adapter.session_predict if kind == "predict" else None
+    check = adapter.check if kind == "predict" else None
+
+    def check_and_prepare(pipeline, body) -> None:  # cheap refusals first: no image decode for them
+        if check is not None:
+            check(pipeline, body)
+        adapter.prepare(body)
+
     expiry = adapter.expires if kind == "predict" else None
 
     async def endpoint(body: request_cls, request: Request):
@@ -53,7 +60,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
             if adapter.prepare_on_loop is not None and adapter.prepare_on_loop(body):
                 adapter.prepare(body)
             else:
-                await run_in_threadpool(adapter.prepare, body)
+                await run_in_threadpool(check_and_prepare, deployment.pipeline, body)
             prepare_ms = (time.perf_counter() - started) * 1000
             deployment = deployment.current()  # reloaded while the images decoded: the new one
         # run: one call into the deployment (a robot session's requests one at a time, in arrival order)

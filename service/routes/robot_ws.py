@@ -205,11 +205,12 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 idle.set()
                 continue
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
-            await decode_observation_frames(body)
-            entry.touch()
-            with tightened(body.timeout_s, started, pipeline.chunk_expiry(body.timestamp)):
-                timed = await entry.call(deployment.call(ModelCall(session_predict, (body, entry.policy),
-                                                                   batch_key(body))))
+            with websocket.app.state.pixels.lease():  # the frame's decoded cameras count until its reply
+                await decode_observation_frames(body)
+                entry.touch()
+                with tightened(body.timeout_s, started, pipeline.chunk_expiry(body.timestamp)):
+                    timed = await entry.call(deployment.call(ModelCall(session_predict, (body, entry.policy),
+                                                                       batch_key(body))))
         except TooManyKeys as e:
             await _close(websocket, str(e), TOO_BIG)
             return

@@ -29,11 +29,20 @@ def live_server(serve_args: list[str], demo_dir: Path, timeout: float = 120,
     """`vla-foundry serve` on a free loopback port: yields the base URL once ``/health/ready`` says 200;
     stops the server with SIGINT after. ``env``: settings (``VLA_*``) over this process's environment;
     ``log_path``: where its output goes (kept; default a temporary file)."""
+    with live_server_process(serve_args, demo_dir, timeout, env, log_path) as (base, _):
+        yield base
+
+
+@contextmanager
+def live_server_process(serve_args: list[str], demo_dir: Path, timeout: float = 120,
+                        env: Optional[dict[str, str]] = None, log_path: Optional[Path] = None
+                        ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``live_server``, yielding the server's process too (its pid is the server's)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(demo_dir), **(env or {})}
     command = serve_command() + ["serve", *serve_args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with server_process(command, env, port, timeout, log_path) as (base, _):
-        yield base
+    with server_process(command, env, port, timeout, log_path) as served:
+        yield served
 
 
 @contextmanager

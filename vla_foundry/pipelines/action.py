@@ -9,6 +9,7 @@ observations paired with raw action windows. ``io()`` is the robot's contract, s
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,10 +272,17 @@ class ActionPipeline(Pipeline):
                 ) -> dict[str, Any]:
         r = self.robot_io
         per_field = split_actions(normalized.float().cpu(), r, self.normalizer)
+        chunk = torch.cat(list(per_field.values()), dim=-1)  # (B, Ta, A)
+        # Finite inputs far outside the statistics (3e38 for a joint position) overflow inside the model. Raised
+        # for the whole call: a batch that raises is run again one request at a time, so only the culprit fails.
+        if not (torch.isfinite(chunk).all() and torch.isfinite(normalized).all()):
+            raise InvalidInputError("the policy's actions came out NaN or infinite: the observation's numbers are "
+                                    "far outside the range the policy was trained on; send the robot's real values",
+                                    field="observation")
         done = time.perf_counter()
         return {
             "actions": {name: values.numpy() for name, values in per_field.items()},  # (B, Ta, d)
-            "action_chunk": torch.cat(list(per_field.values()), dim=-1).numpy(),  # (B, Ta, A)
+            "action_chunk": chunk.numpy(),  # (B, Ta, A)
             "normalized_actions": normalized.float().cpu().numpy(),
             "first_action_index": r.past_steps, "n_action_steps": self.n_action_steps,
             "action_fields": list(r.action_fields), "num_inference_steps": steps, "seed": seed,
@@ -377,4 +385,9 @@ class ActionPipeline(Pipeline):
         batch = self.loss_batch(samples, action_windows, condition_on_past)
         seed = new_seed() if seed is None else seed
         out = self.batch_handler.compute_loss(self.model, batch, generator=make_generator(self.device, seed))
-        return {**out.to_dict(), "seed": seed}
+        scores = out.to_dict()
+        if not all(math.isfinite(v) for v in scores.values() if isinstance(v, float)):
+            raise InvalidInputError(f"the loss came out NaN or infinite ({scores}): the samples' numbers are far "
+                                    "outside the range the policy was trained on; send the robot's real values",
+                                    field="samples")
+        return {**scores, "seed": seed}

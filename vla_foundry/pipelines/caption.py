@@ -77,6 +77,25 @@ class CaptionPipeline(TextPipeline):
         return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
                                          use_cache=use_cache, on_text=on_text)
 
+    def check(self, image_counts: Sequence[int], prompts: Optional[Sequence[str]] = None,
+              prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
+              sampling: SamplingParams = SamplingParams()) -> None:
+        """What ``caption`` would refuse that needs no pixel, from the images' count per row alone: rows that do
+        not pair, token ids out of the vocabulary, a prompt too long for ``max_new_tokens`` (where the processor
+        counts image tokens without pixels; an HF processor needs them). A server calls it before it decodes
+        the images, so a request refused for its text costs no image decode."""
+        placeholders = [[None] * n for n in image_counts]
+        if prompt_token_ids is not None:
+            prompt_token_ids, placeholders = broadcast_rows(prompt_token_ids, placeholders, "prompt_token_ids")
+            prompts = None
+        else:
+            prompts, placeholders = broadcast_rows(prompts, placeholders)
+            prompts = [p or "" for p in prompts]
+        ids = self.processor.text_ids(prompts, prompt_token_ids, placeholders)
+        if ids is not None:
+            self._check_ids(ids, "prompt" if prompt_token_ids is None else "prompt_token_ids")
+            self.fitted(ids, sampling)
+
     def render_chat(self, messages: list[dict]) -> str:
         return self.processor.render_chat(messages)
 

@@ -48,6 +48,9 @@ class CaptionServing(TextServing, Protocol):
     def caption(self, images, prompts: Optional[Sequence[str]] = None,
                 prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> CompletionResult: ...
 
+    def check(self, image_counts: Sequence[int], prompts: Optional[Sequence[str]] = None,
+              prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> None: ...
+
 
 class ImageServing(Served, Protocol):
     def plan(self, request: ImageRequest, max_inference_steps: Optional[int] = None) -> ImagePlan: ...

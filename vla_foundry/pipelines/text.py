@@ -260,14 +260,9 @@ class TextPipeline(Pipeline):
         return self.generate_completions(ids, {}, sampling=sampling, stop=stop, seed=seed, use_cache=use_cache,
                                          on_text=on_text)
 
-    def generate_completions(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], *,
-                             sampling: SamplingParams, stop: Sequence[str], seed: Optional[int], use_cache: bool,
-                             on_text: Optional[OnText] = None) -> CompletionResult:
-        """Generate from token-id prompts; ``model_inputs`` (batch-first tensors, e.g. images) go to
-        ``generate`` alongside."""
-        if sampling.max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1; got {sampling.max_new_tokens}",
-                                    field="max_new_tokens")
+    def fitted(self, ids: list[list[int]], sampling: SamplingParams) -> SamplingParams:
+        """``sampling`` for these prompts: ``max_new_tokens`` cut to the context left when ``fit_context`` asks
+        for it; a prompt that with ``max_new_tokens`` does not fit ``max_seq_len`` → ``InvalidInputError``."""
         longest = max(len(r) for r in ids)
         if sampling.fit_context and longest < self.model.max_seq_len:
             sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
@@ -277,6 +272,17 @@ class TextPipeline(Pipeline):
                 f"prompt length ({longest}) + max_new_tokens ({sampling.max_new_tokens}) exceeds this model's "
                 f"max_seq_len ({self.model.max_seq_len}); shorten the prompt or ask for fewer tokens",
                 field="max_new_tokens")
+        return sampling
+
+    def generate_completions(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], *,
+                             sampling: SamplingParams, stop: Sequence[str], seed: Optional[int], use_cache: bool,
+                             on_text: Optional[OnText] = None) -> CompletionResult:
+        """Generate from token-id prompts; ``model_inputs`` (batch-first tensors, e.g. images) go to
+        ``generate`` alongside."""
+        if sampling.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1; got {sampling.max_new_tokens}",
+                                    field="max_new_tokens")
+        sampling = self.fitted(ids, sampling)
         if stop and self.tokenizer is None:
             raise InvalidInputError("stop strings need a tokenizer; this deployment has none", field="stop")
         if any(not s for s in stop):

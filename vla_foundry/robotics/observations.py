@@ -116,7 +116,8 @@ def _numbers(value, shape: tuple, name: str) -> np.ndarray:
     if array.shape != shape:
         raise InvalidInputError(f"{name} must be a {_shape_text(shape)} array; got shape {list(array.shape)}",
                                 field=name)
-    array = array.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range becomes infinity, refused just below
+        array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise InvalidInputError(f"{name} contains NaN or infinity; send finite values", field=name)
     return array
