@@ -16,7 +16,7 @@ from service.metrics import Metrics, RequestMetrics
 from service.images import PixelBudget
 from service.memory import return_large_blocks_to_the_system
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
-from service.deadlines import Deadlines
+from service.deadlines import Deadlines, EarlyAdmission
 from service.probes import LivenessProbe
 from service.request_ids import RequestIds
 from service.routes import health, models
@@ -63,6 +63,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     metrics.watch_pixels(app.state.pixels)
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_body_keys=settings.max_body_keys, pixels=app.state.pixels)
+    app.add_middleware(EarlyAdmission, manager=manager)  # a refusal before the body is read (deadlines.py)
     api_keys = settings.api_key_list()
     if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)

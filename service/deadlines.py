@@ -18,9 +18,11 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import error_response
+from service.auth import app_path
+from service.errors import ApiError, error_response
 
 HEADER = b"x-request-timeout"
 MAX_TIMEOUT_S = 3600.0
@@ -65,6 +67,40 @@ def tightened(timeout_s: Optional[float] = None, arrived: Optional[float] = None
         yield
     finally:
         current_deadline.reset(token)
+
+
+class EarlyAdmission:
+    """Admission before the body is read: a ``POST /predict/{type}`` or ``/evaluate/{type}`` whose type has one
+    deployment here is refused (503 with ``Retry-After``, or 503 while it loads) when that deployment would
+    refuse it anyway, before its body is read, parsed or its images decoded, so that shedding load costs
+    little more than the request's headers. Requests it cannot place (several deployments of the type, an
+    unknown type) go on, and the deployment admits them after decoding."""
+
+    def __init__(self, app: ASGIApp, manager):
+        self.app = app
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            deployment = self._deployment_for(app_path(scope))
+            if deployment is not None:
+                try:
+                    deployment.admit()
+                except ApiError as e:
+                    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+                    await error_response(Request(scope), e.status, e.message, e.field, type=e.type,
+                                         headers=headers)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    def _deployment_for(self, path: str):
+        _, kind, model_type, *rest = path.split("/") + ["", ""]
+        if kind not in ("predict", "evaluate") or not model_type or any(rest):
+            return None
+        try:
+            return self.manager.resolve(model_type, None)
+        except ApiError:  # unknown type, or several deployments of it: the body's `model` decides, later
+            return None
 
 
 class Deadlines:

@@ -147,9 +147,10 @@ class Deployment:
         if self.status == FAILED:
             raise ApiError(503, f"deployment {self.name!r} failed to load; GET /models/{self.name} has the reason")
 
-    def _admit(self) -> Optional[float]:
+    def admit(self) -> Optional[float]:
         """This request's deadline (deadlines.py), after refusing it (503) when the expected wait already
-        exceeds what is left of it, or this deployment's ``max_queue_ms``."""
+        exceeds what is left of it, or this deployment's ``max_queue_ms``. ``call`` admits; transports also
+        admit before the costly parts of a request (reading its body, decoding its images)."""
         self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
         wait_s = self.executor.expected_wait_s()
@@ -173,7 +174,7 @@ class Deployment:
         deadline passes in the queue; a result that is an exception is raised here."""
         if self.retired:
             return await self.current().call(call)
-        deadline = self._admit()
+        deadline = self.admit()
         runner = self._runners.get(call.run)
         if runner is None:  # one callable per run: the executor batches jobs whose callable is the same
             runner = self._runners.setdefault(call.run, lambda items, run=call.run: run(self.pipeline, items))

@@ -53,7 +53,8 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
         # about 0.1 ms per request here (measured in process, right after a model run has cooled the caches).
         manager: DeploymentManager = request.app.state.manager
         deployment = manager.resolve(model_type, body.model)
-        deployment.check_ready()  # before decoding: a loading deployment costs the client no image decode
+        with tightened(body.timeout_s, started):  # before decoding: a refusal costs no image decode
+            deployment.admit()
         # decode: the request's images, before it queues (on the loop when that is cheaper than the hop)
         prepare_ms = 0.0
         if adapter.prepare is not None:

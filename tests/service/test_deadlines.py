@@ -213,3 +213,38 @@ def test_a_robot_chunk_past_its_valid_until_is_never_computed(tiny_checkpoints):
         assert model_calls(c, "policy") == before
         fresh = c.post("/predict/diffusion_policy", json={**body, "timestamp": time.time()})
         assert fresh.status_code == 200 and fresh.json()["valid_until"] > time.time() - 1
+
+
+def test_an_overloaded_deployment_refuses_before_the_body_is_read(tiny_checkpoints, monkeypatch):
+    """The type names one deployment: its 503 comes before the body is read (nor parsed, nor its images decoded),
+    so shedding load costs the server little more than the headers."""
+    from tests.factories import PREDICT_REQUESTS as BODIES
+
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]),
+                                max_queue_ms=50)) as client:
+        policy = deployment(client, "policy")
+        body = json.dumps(BODIES["diffusion_policy"]).encode()
+        assert client.post("/predict/diffusion_policy", content=body).status_code == 200
+        monkeypatch.setattr(policy.executor, "expected_wait_s", lambda: 2.4)  # as if 2.4 s of work were queued
+        reads: list[dict] = []
+        sent: list[dict] = []
+
+        async def receive():
+            reads.append({})
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict/diffusion_policy", "raw_path": b"",
+                 "root_path": "", "query_string": b"", "headers": [(b"content-type", b"application/json"),
+                                                                    (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http", "http_version": "1.1"}
+        asyncio.run(client.app(scope, receive, send))
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        assert start["status"] == 503 and (b"retry-after", b"3") in start["headers"]
+        reply = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+        assert reply["error"]["type"] == "overloaded" and "max_queue_ms" in reply["error"]["message"]
+        assert reads == []  # the body was never read
+        monkeypatch.undo()
+        assert client.post("/predict/diffusion_policy", content=body).status_code == 200
