@@ -49,9 +49,11 @@ def _serve(args: argparse.Namespace) -> int:
     print("\n" + "\n".join(lines) + "\n", file=sys.stderr)
     # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
     # a connection whose frame exceeds the cap with 1009.
-    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: exit 0 there, the drain
-    # is done (the default handler would end the process "killed by SIGTERM").
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # uvicorn drains on SIGTERM and Ctrl-C, then raises the signal again for the handler it found: exit 0 there,
+    # the drain is done (the default handlers would end the process "killed by SIGTERM", or with a
+    # KeyboardInterrupt traceback).
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: sys.exit(0))
     try:
         app = create_app(settings)
         http = read_timeout_protocol(settings.header_timeout_s, settings.body_timeout_s,

@@ -107,3 +107,16 @@ def test_sigterm_says_goodbye_to_robot_websockets_with_1001(tiny_checkpoints, tm
                 ws.recv(timeout=30)
             assert closed.value.rcvd.code == 1001
         assert proc.wait(timeout=30) == 0
+
+
+def test_ctrl_c_drains_and_exits_0_without_a_traceback(tiny_checkpoints, tmp_path):
+    log = tmp_path / "server.log"
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(tmp_path / "demo")}
+    command = serve_command() + ["serve", "--checkpoint", f"{tiny_checkpoints['transformer']}=tiny", "--host",
+                                 "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with server_process(command, env, port, log_path=log) as (base, proc):
+        assert httpx.post(f"{base}/predict/transformer", json={"prompt": "the", "max_new_tokens": 2}).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    assert "Traceback" not in log.read_text()
