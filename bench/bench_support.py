@@ -139,3 +139,12 @@ def server_process(command: list[str], env: dict[str, str], port: int, ready_pat
     finally:
         stop_group(proc)
         log.close()
+
+
+def demo_policy() -> Path:
+    """The demo pack's policy under the default demo directory: copied from the pack the package ships (checksums
+    verified), trained only where the package lacks it."""
+    from vla_foundry.demo import ensure_demo_pack
+    from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
+
+    return ensure_demo_pack(DEFAULT_DEMO_DIR, members=["demo-diffusion_policy"]) / "demo-diffusion_policy"

@@ -65,7 +65,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from bench_support import build_policy, free_port, serve_command, server_process
+from bench_support import build_policy, demo_policy, free_port, serve_command, server_process
 from vla_foundry_client import HttpPolicyClient, WebsocketPolicyClient
 from vla_foundry_client.arrays import pack, unpack
 
@@ -94,16 +94,7 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
         return build_policy(scratch / "gpu-policy", ["left", "right", "wrist"], 224, gpu_sized=True)
     if args.checkpoint:
         return Path(args.checkpoint)
-    from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
-
-    path = DEFAULT_DEMO_DIR / "demo-diffusion_policy"
-    if not (path / "checkpoints").is_dir():
-        from vla_foundry.demo import policy as demo_policy
-
-        print(f"building the demo policy in {path} (training: several minutes on a 2-core CPU)", flush=True)
-        path.mkdir(parents=True, exist_ok=True)
-        demo_policy.build(path, progress=True)
-    return path
+    return demo_policy()
 
 
 # ----------------------------------------------------------------------------- the servers

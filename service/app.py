@@ -63,7 +63,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     metrics.watch_pixels(app.state.pixels)
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_body_keys=settings.max_body_keys, pixels=app.state.pixels)
-    app.add_middleware(EarlyAdmission, manager=manager)  # a refusal before the body is read (deadlines.py)
+    # A refusal before the body is read (deadlines.py).
+    app.add_middleware(EarlyAdmission, manager=manager, pacing_s=settings.shed_pacing_s)
     api_keys = settings.api_key_list()
     if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)

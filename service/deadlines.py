@@ -16,13 +16,14 @@ import contextvars
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import app_path
-from service.errors import ApiError, error_response
+from service.errors import ApiError, error_response, paced
 
 HEADER = b"x-request-timeout"
 MAX_TIMEOUT_S = 3600.0
@@ -69,6 +70,11 @@ def tightened(timeout_s: Optional[float] = None, arrived: Optional[float] = None
         current_deadline.reset(token)
 
 
+@dataclass(frozen=True)
+class _RouteLabel:
+    path: str
+
+
 class EarlyAdmission:
     """Admission before the body is read: a ``POST /predict/{type}`` or ``/evaluate/{type}`` whose type has one
     deployment here is refused (503 with ``Retry-After``, or 503 while it loads) when that deployment would
@@ -76,18 +82,22 @@ class EarlyAdmission:
     little more than the request's headers. Requests it cannot place (several deployments of the type, an
     unknown type) go on, and the deployment admits them after decoding."""
 
-    def __init__(self, app: ASGIApp, manager):
+    def __init__(self, app: ASGIApp, manager, pacing_s: float = 0.0):
         self.app = app
         self.manager = manager
+        self.pacing_s = pacing_s  # overload refusals are held back this long (errors.paced)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             deployment = self._deployment_for(app_path(scope))
             if deployment is not None:
                 try:
-                    deployment.admit()
+                    deployment.admit(stage="body")
                 except ApiError as e:
-                    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+                    # Labelled as the route would be (its template is this path): the request metrics read it.
+                    scope["route"] = _RouteLabel(app_path(scope))
+                    retry_after = await paced(e, self.pacing_s)
+                    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
                     await error_response(Request(scope), e.status, e.message, e.field, type=e.type,
                                          headers=headers)(scope, receive, send)
                     return

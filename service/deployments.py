@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import gc
 import json
@@ -17,7 +18,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -147,25 +148,39 @@ class Deployment:
         if self.status == FAILED:
             raise ApiError(503, f"deployment {self.name!r} failed to load; GET /models/{self.name} has the reason")
 
-    def admit(self) -> Optional[float]:
+    @contextlib.contextmanager
+    def reserving(self, batchable: bool) -> Iterator[None]:
+        """A request admitted and being decoded (its images) counts as waiting while the block runs: admission
+        sees it, so a burst that arrives at an empty queue is not admitted whole only to wait."""
+        self.executor.pending[batchable] += 1
+        try:
+            yield
+        finally:
+            self.executor.pending[batchable] -= 1
+
+    def admit(self, batchable: bool = True, stage: str = "queue") -> Optional[float]:
         """This request's deadline (deadlines.py), after refusing it (503) when the expected wait already
-        exceeds what is left of it, or this deployment's ``max_queue_ms``. ``call`` admits; transports also
-        admit before the costly parts of a request (reading its body, decoding its images)."""
+        exceeds what is left of it, or this deployment's ``max_queue_ms``. ``call`` admits (``stage`` "queue");
+        transports also admit before the costly parts of a request ("body": before it is read, "decode": before
+        its images are decoded); ``vla_requests_shed_total`` counts refusals by stage."""
         self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
-        wait_s = self.executor.expected_wait_s()
+        wait_s = self.executor.expected_wait_s(batchable)
         if not wait_s:
             return deadline
         retry_after = max(1, math.ceil(wait_s))
+        reason = None
         if deadline is not None and time.perf_counter() + wait_s > deadline:
-            raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms before this "
-                                f"request could run, past its deadline; retry later, or allow more time "
-                                f"(X-Request-Timeout)", retry_after=retry_after, type="overloaded")
-        if self.spec.max_queue_ms is not None and wait_s * 1000 > self.spec.max_queue_ms:
-            raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms, over its "
-                                f"max_queue_ms of {self.spec.max_queue_ms:g}; retry later", retry_after=retry_after,
-                           type="overloaded")
-        return deadline
+            reason = "before this request could run, past its deadline; retry later, or allow more time " \
+                     "(X-Request-Timeout)"
+        elif self.spec.max_queue_ms is not None and wait_s * 1000 > self.spec.max_queue_ms:
+            reason = f"over its max_queue_ms of {self.spec.max_queue_ms:g}; retry later"
+        if reason is None:
+            return deadline
+        if self.metrics is not None:
+            self.metrics.shed.labels(self.name, stage).inc()
+        raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms {reason}",
+                       retry_after=retry_after, type="overloaded")
 
     async def call(self, call: ModelCall) -> Timed:
         """The one way into the model: ``call.run(pipeline, items)`` on this deployment's thread, with the
@@ -174,7 +189,7 @@ class Deployment:
         deadline passes in the queue; a result that is an exception is raised here."""
         if self.retired:
             return await self.current().call(call)
-        deadline = self.admit()
+        deadline = self.admit(call.batch_key is not None)
         runner = self._runners.get(call.run)
         if runner is None:  # one callable per run: the executor batches jobs whose callable is the same
             runner = self._runners.setdefault(call.run, lambda items, run=call.run: run(self.pipeline, items))

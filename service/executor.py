@@ -74,7 +74,14 @@ class ModelExecutor:
         # counts both, so a turn that holds back requests does not make room for more.
         self._waiting = threading.BoundedSemaphore(max_queue)
         self.depth = 0  # requests waiting (queued or held back), for the metrics; the semaphore is the bound
-        self.seconds_per_item = 0.0  # recent model time per request (a moving average), for expected waits
+        self.batched_depth = 0  # of which batchable (they wait in batches of up to max_batch_size)
+        # Requests admitted but not queued yet (decoding their images), batchable or not: counted by the
+        # expected wait, so a burst that arrives while the queue is empty is not all admitted (event loop only).
+        self.pending = {True: 0, False: 0}
+        # Recent model time of one call by its batch size (moving averages), and the call now running
+        # (started, batch size): what the expected wait of a new request is made of.
+        self.call_seconds: dict[int, float] = {}
+        self._running: Optional[tuple[float, int]] = None
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet batched
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
@@ -97,14 +104,36 @@ class ModelExecutor:
         return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, (item,), None, ("batch", key),
                               deadline))
 
-    def expected_wait_s(self) -> float:
-        """How long a request queued now would wait, from the requests ahead and recent model times."""
-        return self.depth * self.seconds_per_item
+    def expected_wait_s(self, batchable: bool = True) -> float:
+        """How long a request queued now would wait before its call starts: what is left of the running call,
+        then a call per plain request ahead, then a full batch per ``max_batch_size`` batchable ones ahead
+        (a batchable request joins the last batch that is not full). Under a flood of batchable requests
+        this is a few batch calls, not the queue's length times one call: admission keeps batches full."""
+        size = max(1, self.max_batch_size)
+        plain = self.depth - self.batched_depth + self.pending[False]
+        batched = self.batched_depth + self.pending[True]
+        batches_ahead = batched // size if batchable else -(-batched // size)  # a plain request joins no batch
+        wait = plain * self.call_s(1) + batches_ahead * self.call_s(size)
+        running = self._running
+        if running is not None:
+            wait += max(0.0, self.call_s(running[1]) - (time.perf_counter() - running[0]))
+        return wait
+
+    def call_s(self, batch_size: int) -> float:
+        """The recent time of one call of ``batch_size`` requests; from the nearest size measured when this one
+        is not (scaled up linearly, an upper bound); 0 before any call."""
+        if batch_size in self.call_seconds:
+            return self.call_seconds[batch_size]
+        if not self.call_seconds:
+            return 0.0
+        nearest = min(self.call_seconds, key=lambda n: abs(n - batch_size))
+        return self.call_seconds[nearest] * max(1.0, batch_size / nearest)
 
     def _put(self, job: _Job) -> concurrent.futures.Future:
         if not self._waiting.acquire(blocking=False):
             raise QueueFull(f"deployment {self.name!r} has {self.max_queue} requests waiting")
         self.depth += 1
+        self.batched_depth += job.batchable
         self._queue.put_nowait(job)
         return job.future
 
@@ -155,44 +184,49 @@ class ModelExecutor:
         return batch
 
     def _run_one(self, job: _Job) -> None:
-        self._release()
+        self._release(job)
         if job.future.set_running_or_notify_cancel() and not _dropped_if_expired(job, time.perf_counter()):
             self._call(job)
 
-    def _release(self) -> None:
+    def _release(self, job: _Job) -> None:
         self.depth -= 1
+        self.batched_depth -= job.batchable
         self._waiting.release()
 
     def _call(self, job: _Job) -> None:
         """Run one job by itself (its future already running): a plain call, or a batch of one."""
         started = time.perf_counter()
+        self._running = (started, 1) if job.measured else None
         try:
             value = job.fn([job.args[0]])[0] if job.batchable else job.fn(*job.args, **(job.kwargs or {}))
         except BaseException as e:  # handed to the awaiting request
             value = e
         done = time.perf_counter()
+        self._running = None
         if job.measured:
             self._observe(done - started, 1)
         _deliver(job, value, started, done, 1)
 
     def _observe(self, seconds: float, items: int) -> None:
-        per_item = seconds / items
-        self.seconds_per_item = per_item if not self.seconds_per_item else 0.8 * self.seconds_per_item + 0.2 * per_item
+        previous = self.call_seconds.get(items)
+        self.call_seconds[items] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        for _ in batch:
-            self._release()
+        for job in batch:
+            self._release(job)
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
         now = time.perf_counter()
         batch = [job for job in batch if not _dropped_if_expired(job, now)]
         if not batch:
             return
         started = time.perf_counter()
+        self._running = (started, len(batch))
         try:
             values = batch[0].fn([job.args[0] for job in batch])
             if len(values) != len(batch):
                 raise RuntimeError(f"a batched call returned {len(values)} results for {len(batch)} items")
         except BaseException as e:
+            self._running = None
             if len(batch) == 1:
                 batch[0].future.set_exception(e)
                 return
@@ -202,6 +236,7 @@ class ModelExecutor:
                 self._call(job)
             return
         done = time.perf_counter()
+        self._running = None
         self._observe(done - started, len(batch))
         for job, value in zip(batch, values):
             _deliver(job, value, started, done, len(batch))

@@ -61,6 +61,10 @@ class Metrics:
         self.abandoned = Counter("vla_requests_abandoned", "Requests whose client disconnected before the reply "
                                  "(a queued model call is then dropped unrun).", ["deployment"], registry=r)
 
+        self.shed = Counter("vla_requests_shed", "Requests refused (503 overloaded) because the deployment's "
+                            "expected wait was over their deadline or its max_queue_ms, by where: before the body "
+                            "was read (body), before its images were decoded (decode), when queueing (queue).",
+                            ["deployment", "stage"], registry=r)
         self.read_timeouts = Counter("vla_read_timeouts", "Connections closed because a request's headers or body "
                                      "did not arrive in time (VLA_HEADER_TIMEOUT_S, VLA_BODY_TIMEOUT_S).", ["phase"],
                                      registry=r)

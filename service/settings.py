@@ -107,6 +107,10 @@ class Settings(BaseSettings):
         "On SIGTERM or Ctrl-C: stop accepting connections, let requests in flight finish for at most this long, "
         "then cancel what is left and exit 0 (Docker's stop_grace_period and Ray's graceful_shutdown_timeout_s "
         "should exceed it)."))
+    shed_pacing_s: float = Field(1.0, ge=0, le=30, description=(
+        "Hold an overload refusal (503 overloaded) for between half of this and all of it before sending it "
+        "(less when the request's deadline is sooner), with Retry-After less the time held: clients that retry at "
+        "once then retry about once per period, not thousands of times a second; 0 sends it at once."))
     header_timeout_s: float = Field(10.0, gt=0, le=3600, description=(
         "A connection's request headers must arrive within this long of its opening (or of the next request's "
         "first byte); else 408 and the connection closes (silently if it sent nothing)."))

@@ -39,6 +39,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
     reply = adapter.reply if kind == "predict" else None
     session_run = adapter.session_predict if kind == "predict" else None
     check = adapter.check if kind == "predict" else None
+    batchable = kind == "predict" and adapter.batch_key is not None
 
     def check_and_prepare(pipeline, body) -> None:  # cheap refusals first: no image decode for them
         if check is not None:
@@ -54,14 +55,15 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
         manager: DeploymentManager = request.app.state.manager
         deployment = manager.resolve(model_type, body.model)
         with tightened(body.timeout_s, started):  # before decoding: a refusal costs no image decode
-            deployment.admit()
+            deployment.admit(batchable, stage="decode")
         # decode: the request's images, before it queues (on the loop when that is cheaper than the hop)
         prepare_ms = 0.0
         if adapter.prepare is not None:
             if adapter.prepare_on_loop is not None and adapter.prepare_on_loop(body):
                 adapter.prepare(body)
             else:
-                await run_in_threadpool(check_and_prepare, deployment.pipeline, body)
+                with deployment.reserving(batchable):  # admission counts it while it decodes
+                    await run_in_threadpool(check_and_prepare, deployment.pipeline, body)
             prepare_ms = (time.perf_counter() - started) * 1000
             deployment = deployment.current()  # reloaded while the images decoded: the new one
         # run: one call into the deployment (a robot session's requests one at a time, in arrival order)

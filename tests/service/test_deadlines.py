@@ -59,7 +59,7 @@ def client(tiny_checkpoints):
              DeploymentSpec(name="tiny-default", checkpoint=str(tiny_checkpoints["transformer"]),
                             request_timeout_s=0.05),
              DeploymentSpec(name="tiny-capped", checkpoint=str(tiny_checkpoints["transformer"]), max_queue_ms=100)]
-    with serving(*specs) as c:
+    with serving(*specs, shed_pacing_s=0) as c:  # refusals at once: these tests time them
         yield c
 
 
@@ -109,13 +109,14 @@ def test_admission_refuses_what_could_not_start_in_time(client):
     for name, headers in (("tiny", {"x-request-timeout": "1"}), ("tiny-capped", {})):
         executor = deployment(client, name).executor
         with busy(executor, queued=1):
-            executor.seconds_per_item = 5.0  # as if each request took 5 s: one waiting ⇒ a 5 s wait
+            measured = dict(executor.call_seconds)
+            executor.call_seconds = {1: 5.0}  # as if each call took 5 s: the running one's rest + one waiting
             started = time.perf_counter()
             response = client.post("/predict/transformer", json={**TEXT, "model": name}, headers=headers)
             assert time.perf_counter() - started < 1.0  # refused at once, not after waiting
+            executor.call_seconds = measured
         assert response.status_code == 503, response.text
-        assert response.headers["retry-after"] == "5" and response.json()["error"]["type"] == "overloaded"
-        executor.seconds_per_item = 0.0
+        assert response.headers["retry-after"] == "10" and response.json()["error"]["type"] == "overloaded"
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "99999"])
@@ -128,9 +129,9 @@ def test_loading_does_not_count_as_model_time():
     executor = ModelExecutor("t", max_queue=4)
     try:
         executor.submit_setup(lambda: time.sleep(0.2)).result(timeout=10)
-        assert executor.seconds_per_item == 0.0  # a slow load must not make admission refuse the first requests
+        assert executor.call_seconds == {}  # a slow load must not make admission refuse the first requests
         executor.submit(time.sleep, 0.01).result(timeout=10)
-        assert 0 < executor.seconds_per_item < 0.2
+        assert 0 < executor.call_seconds[1] < 0.2
     finally:
         executor.shutdown()
 
@@ -225,7 +226,7 @@ def test_an_overloaded_deployment_refuses_before_the_body_is_read(tiny_checkpoin
         policy = deployment(client, "policy")
         body = json.dumps(BODIES["diffusion_policy"]).encode()
         assert client.post("/predict/diffusion_policy", content=body).status_code == 200
-        monkeypatch.setattr(policy.executor, "expected_wait_s", lambda: 2.4)  # as if 2.4 s of work were queued
+        monkeypatch.setattr(policy.executor, "expected_wait_s", lambda batchable=True: 2.4)  # 2.4 s queued
         reads: list[dict] = []
         sent: list[dict] = []
 
@@ -246,5 +247,55 @@ def test_an_overloaded_deployment_refuses_before_the_body_is_read(tiny_checkpoin
         reply = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
         assert reply["error"]["type"] == "overloaded" and "max_queue_ms" in reply["error"]["message"]
         assert reads == []  # the body was never read
+        assert 'vla_http_requests_total{method="POST",route="/predict/diffusion_policy",status="503"} 1.0' in \
+            client.get("/metrics").text  # counted under its route, as a refusal after the body would be
         monkeypatch.undo()
         assert client.post("/predict/diffusion_policy", content=body).status_code == 200
+
+
+def test_the_expected_wait_counts_batches_not_requests():
+    """Batchable requests ahead wait in full batches: 16 queued behind a running batch of 8 with batches of 8
+    are two batch calls, and a new one joins the third; a plain request waits a call each; requests still
+    decoding (pending) count as waiting."""
+    executor = ModelExecutor("t", max_queue=64, max_batch_size=8)
+    try:
+        executor.call_seconds = {1: 0.010, 8: 0.040}
+        executor.depth, executor.batched_depth = 16, 16
+        assert executor.expected_wait_s() == pytest.approx(2 * 0.040)
+        assert executor.expected_wait_s(batchable=False) == pytest.approx(2 * 0.040)
+        executor.depth, executor.batched_depth = 18, 16  # two plain ones too
+        assert executor.expected_wait_s() == pytest.approx(2 * 0.010 + 2 * 0.040)
+        executor.pending[True] = 7  # 23 batchable: two full batches ahead, the new one joins the third
+        assert executor.expected_wait_s() == pytest.approx(2 * 0.010 + 2 * 0.040)
+        executor.pending[True] = 8
+        assert executor.expected_wait_s() == pytest.approx(2 * 0.010 + 3 * 0.040)
+        executor._running = (time.perf_counter(), 8)  # a batch of 8 just started: all of it is left
+        assert executor.expected_wait_s() == pytest.approx(2 * 0.010 + 4 * 0.040, abs=0.005)
+        assert executor.call_s(4) == 0.040 and executor.call_s(16) == pytest.approx(0.080)  # nearest, scaled up
+    finally:
+        executor.depth = executor.batched_depth = 0
+        executor.pending = {True: 0, False: 0}
+        executor._running = None
+        executor.shutdown()
+
+
+@pytest.mark.parametrize("timeout", [None, "0.15"])
+def test_an_overload_refusal_is_held_back(tiny_checkpoints, monkeypatch, timeout):
+    """With VLA_SHED_PACING_S, a 503 overloaded is sent after between half of it and all of it (a client that
+    retries at once retries about once per period), or at the request's deadline when that is sooner; its
+    Retry-After is what is left of the expected wait."""
+    pacing = 0.6
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]),
+                                max_queue_ms=50), shed_pacing_s=pacing) as client:
+        monkeypatch.setattr(deployment(client, "policy").executor, "expected_wait_s", lambda batchable=True: 2.4)
+        headers = {"x-request-timeout": timeout} if timeout else {}
+        started = time.perf_counter()
+        response = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"],
+                               headers=headers)
+        held = time.perf_counter() - started
+    assert response.status_code == 503 and response.json()["error"]["type"] == "overloaded"
+    assert response.headers["retry-after"] == "3"
+    if timeout is None:
+        assert pacing / 2 <= held
+    else:  # the refusal comes by the deadline (the 503 says the wait is past it)
+        assert 0.1 <= held < pacing / 2 + 0.5 and "deadline" in response.json()["error"]["message"]

@@ -1,0 +1,576 @@
+"""Overload: the demo policy under 4× its capacity, and under a retry storm (issue 16).
+
+    python bench/overload.py [--max-queue-ms MS] [--duration 20] [--factor 4] [--storm-clients 96]
+                             [--threads 1] [--checkpoint DIR] [--json PATH]
+
+The `diffusion_policy` member of the demo pack (built first if missing) is served by
+`vla-foundry serve --config <a temporary YAML>` on a loopback port (CPU), alone, so that
+`/predict/diffusion_policy` names one deployment and the server may refuse a request from its
+headers (early admission) before reading its body. Requests are msgpack HTTP, the robot client's
+wire format: one observation of the deployment's io (`fleet.observation_for`: one random frame
+per camera and image index, [P+1][d] proprioception rows), a seed of its own, the deployment's
+default step count; 64 bodies are packed once and sent in turn, so the client spends its CPU on
+the wire and not on packing (2 cores here are shared by the server and the clients).
+
+The client is a small HTTP/1.1 client on asyncio streams (uvloop when installed), keep-alive
+connections from a pool, one event loop in this process: it can keep hundreds of requests in
+flight and send several hundred a second on one core, where a thread per request or
+`httpx.AsyncClient` would take the server's CPU. Latency is from the request's first byte written
+to its reply's last byte read; a reply of 200 is unpacked (its `timing_ms.batch_size` kept).
+
+Phases, each a row of the table:
+1. `unloaded`: 1 closed-loop client (sends, waits for the reply, sends the next) for 1 s warm-up +
+   5 s → p50/p99 = the unloaded latency;
+2. `capacity`: 16 closed-loop clients for 2 s + 8 s → 200s per second = the capacity;
+   both on a server with no `max_queue_ms` (nothing is shed there: the policy's own capacity,
+   with the default batching, `max_batch_size` 8 on the CPU);
+3. `overload`: on a second server, the same deployment with `max_queue_ms` (--max-queue-ms; by
+   default one full batch call of phase 2, rounded up to a ms: why in the source),
+   an open loop: arrivals on a fixed schedule at --factor × capacity for --duration s, each sent
+   whether or not earlier ones were answered (at most 256 in flight: past that an arrival is
+   skipped and counted) → the statuses, whether every 503 carried `Retry-After`, p50/p99 of the
+   200s, their p99 ÷ the unloaded p50, and good throughput (200s answered per second);
+4. `retry storm`: --storm-clients closed-loop clients that send again at once on a 503 (no
+   backoff) for 2 s + --duration s → good throughput ÷ capacity; and (5) the same clients
+   honouring `Retry-After` (sleeping that long after a 503), for comparison (--no-polite skips it).
+Every row also shows the CPU seconds per second that this process (the clients) and the
+server used (from /proc), and, from the server's `/metrics` over the row, the mean batch size,
+mean queue wait and mean model time per call.
+
+Goals (issue 16): under overload only 200 and 503 come back and every 503 has `Retry-After`; the
+p99 of the 200s is ≤ 3× the unloaded p50; the retry storm's good throughput is ≥ 0.8× the
+capacity. PASS / FAIL is printed per goal; the exit status is 0 either way (a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import httpx
+import msgpack
+import numpy as np
+import yaml
+
+from bench_support import demo_policy, free_port, serve_command, server_process
+from fleet import observation_for
+from vla_foundry_client import HttpPolicyClient
+from vla_foundry_client.arrays import pack
+
+try:
+    import uvloop
+except ImportError:  # the serve extra installs it (uvicorn[standard]); plain asyncio works too, at more CPU
+    uvloop = None
+
+NAME = "diffusion_policy"  # the deployment's name, and the type in /predict/{type}
+PATH = f"/predict/{NAME}"
+BODIES = 64
+# Client times: uvloop's loop.time() has a resolution of 1 ms (libuv's uv_now), too coarse for 10 ms replies.
+clock = time.perf_counter
+IN_FLIGHT_CAP = 256
+REPLY_TIMEOUT_S = 30.0
+CAPACITY_CLIENTS = 16
+UNLOADED_S, UNLOADED_WARMUP_S = 5.0, 1.0
+CAPACITY_S, CAPACITY_WARMUP_S = 8.0, 2.0
+STORM_WARMUP_S = 2.0
+GOAL_TAIL, GOAL_STORM = 3.0, 0.8
+# max_queue_ms, by default the time of one full batch call measured in phase 2 (rounded up to a whole ms): the
+# longest expected wait a request is admitted to. The server counts the wait in whole batches (what is left of the
+# running call, then one call per max_batch_size requests ahead), so this admits a request that will run in the
+# next batch and refuses one that would wait for two: batches stay full and the queue never holds more than one
+# batch's worth. (The unloaded p50, the first default, refused most requests that could have joined the next
+# batch: the storm phase then ran batches of 5 and good throughput fell to 0.71× capacity in one run.) A fixed
+# number would be wrong on another host, hence measured; --max-queue-ms sets one.
+# The server holds each overload refusal for VLA_SHED_PACING_S (default 1 s; errors.paced), so clients that retry
+# at once retry about once a second each.
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def demo_checkpoint(given: Optional[str]) -> Path:
+    if given:
+        return Path(given)
+    return demo_policy()
+
+
+@contextmanager
+def policy_server(checkpoint: Path, scratch: Path, max_queue_ms: Optional[float], threads: int) -> Iterator[str]:
+    """``vla-foundry serve --config`` with one deployment, the policy, with ``max_queue_ms`` (none: no shedding
+    but the queue bound); the base URL once ready."""
+    entry: dict[str, Any] = {"name": NAME, "checkpoint": str(checkpoint)}
+    if max_queue_ms is not None:
+        entry["max_queue_ms"] = max_queue_ms
+    config = scratch / f"deploy-{'shed' if max_queue_ms else 'plain'}.yaml"
+    config.write_text(yaml.safe_dump({"device": "cpu", "deployments": [entry]}))
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_METRICS_PUBLIC": "true"}
+    if threads:  # as bench/fleet.py: the clients share the cores, so one torch thread (see its docstring)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = serve_command() + ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    label = f"the server (max_queue_ms {max_queue_ms:g})" if max_queue_ms else "the server (no max_queue_ms)"
+    with server_process(command, env, port, "/health/ready", label) as base:
+        yield base
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def server_cpu_s() -> float:
+    """CPU seconds (user + system) of every process this script started (the server)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def client_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def scrape(base: str) -> dict[str, float]:
+    """The deployment's model-call histograms (sums and counts, one observation per request), the HTTP requests
+    by status of the predict route, and the requests shed by stage (``vla_requests_shed_total``: "body" before
+    the body was read, "decode" before its images were decoded, "queue" when queueing)."""
+    out: dict[str, float] = {}
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        metric = name.split("{", 1)[0]
+        if metric in ("vla_model_batch_size_sum", "vla_model_batch_size_count", "vla_model_queue_seconds_sum",
+                      "vla_model_run_seconds_sum") and f'deployment="{NAME}"' in name:
+            out[metric] = float(value)
+        elif metric == "vla_requests_shed_total" and f'deployment="{NAME}"' in name:
+            stage = name.split('stage="', 1)[1].split('"', 1)[0]
+            out[f"shed {stage}"] = float(value)
+        elif metric == "vla_http_requests_total" and 'method="POST"' in name:
+            route = name.split('route="', 1)[1].split('"', 1)[0]
+            status = name.split('status="', 1)[1].split('"', 1)[0]
+            key = f"http {'predict' if route == PATH else route} {status}"
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class Reply:
+    __slots__ = ("status", "retry_after", "content")
+
+    def __init__(self, status: int, retry_after: Optional[str], content: bytes):
+        self.status, self.retry_after, self.content = status, retry_after, content
+
+
+class Pool:
+    """Keep-alive HTTP/1.1 connections to one host: a request takes an idle one or opens one, and gives it
+    back after a whole reply (closed instead when the reply says ``Connection: close``)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+
+    async def exchange(self, message: bytes) -> Reply:
+        for attempt in (0, 1):
+            reused = bool(self.idle) and attempt == 0  # once more: on a new connection (the idle may be stale too)
+            if reused:
+                reader, writer = self.idle.pop()
+            else:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                self.opened += 1
+            try:
+                writer.write(message)
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                writer.close()
+                if reused and attempt == 0 and not getattr(e, "partial", b""):
+                    continue  # an idle connection the server had closed: nothing was answered, send once more
+                raise
+            except BaseException:
+                writer.close()
+                raise
+            try:
+                lines = head.decode("latin-1").split("\r\n")
+                status = int(lines[0].split(" ", 2)[1])
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        key, value = line.split(":", 1)
+                        headers[key.strip().lower()] = value.strip()
+                content = await reader.readexactly(int(headers.get("content-length", "0")))
+            except BaseException:
+                writer.close()
+                raise
+            if headers.get("connection", "").lower() == "close":
+                writer.close()
+            else:
+                self.idle.append((reader, writer))
+            return Reply(status, headers.get("retry-after"), content)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def request_messages(base: str, io: dict, steps: int) -> list[bytes]:
+    """``BODIES`` whole requests (head and msgpack body), each its own observation and seed."""
+    host = base.split("//", 1)[1]
+    messages = []
+    for i in range(BODIES):
+        observation = observation_for(io, np.random.default_rng(i))
+        body = msgpack.packb(pack({"observation": observation, "seed": i, "num_inference_steps": steps},
+                                  binary=True), use_bin_type=True)
+        head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/msgpack\r\n"
+                f"Accept: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        messages.append(head + body)
+    return messages
+
+
+@dataclass
+class Outcome:
+    done: float  # clock() at the reply's last byte (or the failure)
+    latency: float  # seconds from the first byte sent
+    status: str  # "200", "503", … or the exception's name
+    retry_after: Optional[float] = None  # a 503's Retry-After, seconds (nan: present but not a number)
+    batch_size: Optional[int] = None
+    queue_ms: Optional[float] = None
+    lag: float = 0.0  # open loop: how late it was sent after its scheduled time
+
+
+async def one(pool: Pool, message: bytes) -> Outcome:
+    started = clock()
+    try:
+        reply = await asyncio.wait_for(pool.exchange(message), REPLY_TIMEOUT_S)
+    except Exception as e:
+        now = clock()
+        return Outcome(now, now - started, type(e).__name__)
+    now = clock()
+    outcome = Outcome(now, now - started, str(reply.status))
+    if reply.retry_after is not None:
+        try:
+            outcome.retry_after = float(reply.retry_after)
+        except ValueError:
+            outcome.retry_after = float("nan")
+    if reply.status == 200:
+        try:
+            timing = msgpack.unpackb(reply.content, raw=False)["timing_ms"]
+            outcome.batch_size, outcome.queue_ms = timing.get("batch_size"), timing.get("queue")
+        except (ValueError, KeyError, TypeError):
+            outcome.status = "200, undecodable"
+    return outcome
+
+
+@dataclass
+class Phase:
+    name: str
+    clients: str
+    seconds: float
+    outcomes: list = field(default_factory=list)  # inside the window
+    all_statuses: Counter = field(default_factory=Counter)  # every reply, warm-up and stragglers included
+    skipped: int = 0  # open loop: arrivals not sent (in-flight cap)
+    offered_rps: Optional[float] = None
+    retries: int = 0  # retry storm: 503s sent again
+    wall: float = 0.0  # s the phase ran, warm-up and stragglers included
+    client_cpu: float = 0.0  # CPU s per s
+    server_cpu: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    connections: int = 0
+
+    def ok(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "200"]
+
+    def good_rps(self) -> float:
+        return len(self.ok()) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ms = [o.latency * 1000 for o in self.ok()]
+        return float(np.percentile(ms, q)) if ms else float("nan")
+
+    def statuses(self) -> Counter:
+        return Counter(o.status for o in self.outcomes)
+
+    def mean_batch(self) -> Optional[float]:
+        sizes = [o.batch_size for o in self.ok() if o.batch_size]
+        return float(np.mean(sizes)) if sizes else None
+
+
+async def closed_loop(pool: Pool, messages: list[bytes], clients: int, warmup: float, seconds: float,
+                      phase: Phase, on_503: str = "retry") -> None:
+    """``clients`` loops, each: send, wait for the reply, send the next; after a 503 ``on_503`` = "retry" sends
+    again at once, "honour" first sleeps the reply's Retry-After. Replies count when they end in the window."""
+    start = clock() + warmup
+    end = start + seconds
+
+    async def client(index: int) -> None:
+        i = index
+        while clock() < end:
+            outcome = await one(pool, messages[i % len(messages)])
+            phase.all_statuses[outcome.status] += 1
+            if start <= outcome.done <= end:
+                phase.outcomes.append(outcome)
+            if outcome.status == "503":
+                phase.retries += 1
+                if on_503 == "honour" and outcome.retry_after == outcome.retry_after:  # not nan
+                    await asyncio.sleep(min(60.0, outcome.retry_after or 0.0))
+                continue  # the same request once more
+            if not outcome.status.startswith("200"):
+                await asyncio.sleep(0.05)  # a transport failure: no hot loop
+            i += clients
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+
+
+async def open_loop(pool: Pool, messages: list[bytes], rate: float, seconds: float, phase: Phase) -> None:
+    """Arrivals every 1/``rate`` s for ``seconds``, each sent at its time whatever is in flight (at most
+    IN_FLIGHT_CAP: beyond, the arrival is skipped); every reply counts, good throughput over the window."""
+    start = clock() + 0.05
+    tasks: set[asyncio.Task] = set()
+    total = int(rate * seconds)
+
+    async def arrival(i: int, due: float) -> None:
+        outcome = await one(pool, messages[i % len(messages)])
+        outcome.lag = max(0.0, outcome.done - outcome.latency - due)
+        phase.all_statuses[outcome.status] += 1
+        phase.outcomes.append(outcome)
+
+    for i in range(total):
+        due = start + i / rate
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(tasks) >= IN_FLIGHT_CAP:
+            phase.skipped += 1
+            continue
+        task = asyncio.ensure_future(arrival(i, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=REPLY_TIMEOUT_S + 5)
+
+
+def run_phase(base: str, phase: Phase, body) -> Phase:
+    """``body(pool)``, a coroutine, in a fresh event loop with a fresh pool; CPU and /metrics over it."""
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    before_metrics = scrape(base)
+    client0, server0, wall0 = client_cpu_s(), server_cpu_s(), time.monotonic()
+
+    async def main() -> None:
+        pool = Pool(host, int(port))
+        try:
+            await body(pool)
+        finally:
+            phase.connections = pool.opened
+            pool.close()
+
+    if uvloop is not None:
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+    wall = phase.wall = time.monotonic() - wall0
+    phase.client_cpu = (client_cpu_s() - client0) / wall
+    phase.server_cpu = (server_cpu_s() - server0) / wall
+    after = scrape(base)
+    phase.metrics = {k: after.get(k, 0.0) - before_metrics.get(k, 0.0) for k in after}
+    return phase
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def fmt(x: Optional[float], digits: int = 1) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def server_means(m: dict) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """From the metrics' deltas, per request that ran: the size of the batch it shared, its queue wait (ms) and
+    its model call's time (ms)."""
+    requests = m.get("vla_model_batch_size_count", 0.0)
+    if not requests:
+        return None, None, None
+    return (m.get("vla_model_batch_size_sum", 0.0) / requests, 1000 * m.get("vla_model_queue_seconds_sum", 0.0) /
+            requests, 1000 * m.get("vla_model_run_seconds_sum", 0.0) / requests)
+
+
+def status_text(statuses: Counter) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) or "-"
+
+
+def print_table(phases: list[Phase]) -> None:
+    print("| phase | clients | s | statuses (in window) | 200/s | p50 ms | p99 ms | mean batch | server per request: "
+          "batch, queue ms, call ms | CPU s/s client, server |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---|---|")
+    for p in phases:
+        batch, queue_ms, run_ms = server_means(p.metrics)
+        print(f"| {p.name} | {p.clients} | {p.seconds:g} | {status_text(p.statuses())} | {fmt(p.good_rps())} | "
+              f"{fmt(p.percentile(50))} | {fmt(p.percentile(99))} | {fmt(p.mean_batch(), 2)} | "
+              f"{fmt(batch, 2)}, {fmt(queue_ms)}, {fmt(run_ms)} | {fmt(p.client_cpu, 2)}, {fmt(p.server_cpu, 2)} |")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="a diffusion_policy experiment directory (default: the demo policy)")
+    parser.add_argument("--max-queue-ms", type=float,
+                        help="the shedding server's max_queue_ms (default: one full batch call of phase 2, rounded "
+                             "up to a ms; see the source)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of overload and of each retry storm")
+    parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate ÷ capacity")
+    parser.add_argument("--storm-clients", type=int, default=96, help="closed-loop clients of the retry storms")
+    parser.add_argument("--polite", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the storm's clients honouring Retry-After, for comparison")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
+    parser.add_argument("--json", metavar="PATH", help="write the figures here")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    started = time.monotonic()
+    phases: list[Phase] = []
+    with tempfile.TemporaryDirectory(prefix="overload-bench-") as scratch:
+        checkpoint = demo_checkpoint(args.checkpoint)
+        with policy_server(checkpoint, Path(scratch), None, args.threads) as base:
+            with HttpPolicyClient(base, model=NAME) as client:
+                io = client.metadata()
+            steps = io["default_inference_steps"]
+            messages = request_messages(base, io, steps)
+            print(f"checkpoint {checkpoint}: cameras {io['cameras']} × {len(io['image_indices'])} frames of "
+                  f"{io['image']['resize_to']} px, {steps} denoising steps, request body "
+                  f"{len(messages[0]) // 1024} KiB; client on {'uvloop' if uvloop else 'asyncio'}; torch threads "
+                  f"{args.threads or 'default'}; {os.cpu_count()} CPUs shared by server and clients", flush=True)
+            unloaded = Phase("1. unloaded", "1 closed loop", UNLOADED_S)
+            run_phase(base, unloaded, lambda pool: closed_loop(pool, messages, 1, UNLOADED_WARMUP_S, UNLOADED_S,
+                                                               unloaded))
+            phases.append(unloaded)
+            print(f"  unloaded: p50 {fmt(unloaded.percentile(50))} ms, p99 {fmt(unloaded.percentile(99))} ms",
+                  flush=True)
+            capacity = Phase("2. capacity", f"{CAPACITY_CLIENTS} closed loop", CAPACITY_S)
+            run_phase(base, capacity, lambda pool: closed_loop(pool, messages, CAPACITY_CLIENTS, CAPACITY_WARMUP_S,
+                                                               CAPACITY_S, capacity))
+            phases.append(capacity)
+            print(f"  capacity: {fmt(capacity.good_rps())} req/s, p50 {fmt(capacity.percentile(50))} ms, mean batch "
+                  f"{fmt(capacity.mean_batch(), 2)}", flush=True)
+        cap_rps = capacity.good_rps()
+        p50_unloaded = unloaded.percentile(50)
+        batch_call_ms = server_means(capacity.metrics)[2]
+        max_queue_ms = args.max_queue_ms or float(math.ceil(batch_call_ms or p50_unloaded))
+        print(f"  the shedding server: max_queue_ms {max_queue_ms:g}", flush=True)
+        with policy_server(checkpoint, Path(scratch), max_queue_ms, args.threads) as base:
+            messages = request_messages(base, io, steps)
+            # a short warm-up of the new server (its first calls per batch size), not measured
+            run_phase(base, Phase("warm-up", "", 2.0), lambda pool: closed_loop(
+                pool, messages, CAPACITY_CLIENTS, 0.0, 2.0, Phase("", "", 2.0), on_503="retry"))
+            rate = args.factor * cap_rps
+            overload = Phase("3. overload", f"open loop {rate:.0f}/s", args.duration, offered_rps=rate)
+            run_phase(base, overload, lambda pool: open_loop(pool, messages, rate, args.duration, overload))
+            phases.append(overload)
+            print(f"  overload: {status_text(overload.statuses())}", flush=True)
+            storm = Phase("4. retry storm", f"{args.storm_clients} closed loop, retry at once", args.duration)
+            run_phase(base, storm, lambda pool: closed_loop(pool, messages, args.storm_clients, STORM_WARMUP_S,
+                                                            args.duration, storm, on_503="retry"))
+            phases.append(storm)
+            print(f"  retry storm: {fmt(storm.good_rps())} 200/s", flush=True)
+            polite = None
+            if args.polite:
+                polite = Phase("5. honouring Retry-After", f"{args.storm_clients} closed loop, sleep Retry-After",
+                               args.duration)
+                run_phase(base, polite, lambda pool: closed_loop(pool, messages, args.storm_clients, STORM_WARMUP_S,
+                                                                 args.duration, polite, on_503="honour"))
+                phases.append(polite)
+
+    print(f"\n## overload: demo policy, max_queue_ms {max_queue_ms:g}, {args.factor:g}× capacity, "
+          f"{args.duration:g} s (wall {time.monotonic() - started:.0f} s)\n")
+    print_table(phases)
+    statuses = overload.statuses()
+    only = set(statuses) <= {"200", "503"}
+    with_header = sum(1 for o in overload.outcomes if o.status == "503" and o.retry_after is not None)
+    all_header = with_header == statuses.get("503", 0)
+    tail_ratio = overload.percentile(99) / p50_unloaded if p50_unloaded else float("nan")
+    storm_ratio = storm.good_rps() / cap_rps if cap_rps else float("nan")
+    lags = [o.lag * 1000 for o in overload.outcomes]
+    print(f"\noverload: offered {overload.offered_rps:.0f}/s ({len(overload.outcomes)} sent, {overload.skipped} "
+          f"skipped at {IN_FLIGHT_CAP} in flight), {overload.connections} connections opened, send lag p50/p99 "
+          f"{fmt(np.percentile(lags, 50) if lags else None)}/{fmt(np.percentile(lags, 99) if lags else None)} ms; "
+          f"503 with Retry-After: {with_header} of {statuses.get('503', 0)}; good throughput "
+          f"{fmt(overload.good_rps())}/s = {fmt(overload.good_rps() / cap_rps if cap_rps else None, 2)}× capacity")
+    for p in phases[2:]:
+        shed = {stage: p.metrics.get(f"shed {stage}", 0.0) for stage in ("body", "decode", "queue")}
+        answered = sum(v for k, v in p.metrics.items() if k.startswith("http "))
+        print(f"{p.name}: the server's 503s: {shed['body']:.0f} before the body was read, {shed['decode']:.0f} "
+              f"before the images were decoded, {shed['queue']:.0f} when queueing; server CPU "
+              f"{1000 * p.server_cpu * p.wall / answered if answered else float('nan'):.2f} ms per request answered")
+    print(f"retry storm: {storm.retries} 503s sent again ({storm.retries / (args.duration + STORM_WARMUP_S):.0f}/s), "
+          f"{storm.connections} connections opened")
+    if polite is not None:
+        print(f"honouring Retry-After: {fmt(polite.good_rps())} 200/s = "
+              f"{fmt(polite.good_rps() / cap_rps if cap_rps else None, 2)}× capacity, {polite.retries} 503s")
+    print("\ngoals (issue 16):")
+    print(f"- under {args.factor:g}× capacity only 200 and 503, each 503 with Retry-After: {status_text(statuses)}; "
+          f"Retry-After on {with_header}/{statuses.get('503', 0)} — {verdict(only and all_header)}")
+    print(f"- p99 of the 200s ≤ {GOAL_TAIL:g}× the unloaded p50: {fmt(overload.percentile(99))} ms ÷ "
+          f"{fmt(p50_unloaded)} ms = {fmt(tail_ratio, 2)}× — {verdict(tail_ratio <= GOAL_TAIL)}")
+    print(f"- retry storm ({args.storm_clients} clients, no backoff) keeps ≥ {GOAL_STORM:g}× capacity: "
+          f"{fmt(storm.good_rps())} ÷ {fmt(cap_rps)} = {fmt(storm_ratio, 2)}× — {verdict(storm_ratio >= GOAL_STORM)}")
+    if args.json:
+        def figures(p: Phase) -> dict:
+            batch, queue_ms, run_ms = server_means(p.metrics)
+            return {"name": p.name, "clients": p.clients, "seconds": p.seconds, "statuses": dict(p.statuses()),
+                    "all_statuses": dict(p.all_statuses), "good_rps": p.good_rps(), "p50_ms": p.percentile(50),
+                    "p99_ms": p.percentile(99), "mean_batch": p.mean_batch(), "offered_rps": p.offered_rps,
+                    "skipped": p.skipped, "retries": p.retries, "connections": p.connections,
+                    "client_cpu_per_s": p.client_cpu, "server_cpu_per_s": p.server_cpu,
+                    "server_mean_batch": batch, "server_queue_ms": queue_ms, "server_model_ms": run_ms,
+                    "metrics_delta": p.metrics}
+
+        Path(args.json).write_text(json.dumps({
+            "max_queue_ms": max_queue_ms, "factor": args.factor, "duration_s": args.duration,
+            "capacity_rps": cap_rps, "unloaded_p50_ms": p50_unloaded, "phases": [figures(p) for p in phases],
+            "goals": {"only_200_503_with_retry_after": only and all_header, "tail_ratio": tail_ratio,
+                      "tail_ok": tail_ratio <= GOAL_TAIL, "storm_ratio": storm_ratio,
+                      "storm_ok": storm_ratio >= GOAL_STORM}}, indent=2, default=float))
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
