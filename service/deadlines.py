@@ -12,8 +12,10 @@ once with 503 and a ``Retry-After`` from that wait.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import math
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import app_path
-from service.errors import ApiError, error_response, paced
+from service.errors import ApiError, error_response
+from service.images import release_pixels
 
 HEADER = b"x-request-timeout"
 MAX_TIMEOUT_S = 3600.0
@@ -70,6 +73,31 @@ def tightened(timeout_s: Optional[float] = None, arrived: Optional[float] = None
         current_deadline.reset(token)
 
 
+_pacing_jitter = random.Random()  # spreads held refusals (not a model's randomness, which is seeded per request)
+
+
+async def paced(exc: ApiError, pacing_s: float) -> Optional[int]:
+    """The ``Retry-After`` of a refusal, after holding it back when it is an overload refusal: between half of
+    ``pacing_s`` (``VLA_SHED_PACING_S``) and all of it, at random, never past the request's deadline, with
+    Retry-After less what was waited. Turning a request away costs the event loop a fraction of a millisecond;
+    clients that retry at once on a 503 would otherwise send thousands a second and take the interpreter from the
+    model they are waiting for. Held back, each such client retries about once per ``pacing_s``. The hold costs
+    a timer, not a thread; the request's image pixels are given back first, and its body is not read meanwhile
+    where the refusal came before it."""
+    if exc.type != "overloaded" or pacing_s <= 0:
+        return exc.retry_after
+    known = [d for d in (exc.deadline, current_deadline.get()) if d is not None]
+    deadline = min(known) if known else None
+    # Spread over the second half of the period: clients refused together must not all come back together
+    # (a model idle between synchronized bursts of retries serves far fewer of them).
+    pause = pacing_s * (0.5 + 0.5 * _pacing_jitter.random())
+    if deadline is not None:
+        pause = max(0.0, min(pause, deadline - time.perf_counter()))
+    release_pixels()  # the refused request's decoded images must not hold the budget while it waits
+    await asyncio.sleep(pause)
+    return max(0, (exc.retry_after or 1) - math.floor(pause))
+
+
 @dataclass(frozen=True)
 class _RouteLabel:
     path: str
@@ -97,7 +125,9 @@ class EarlyAdmission:
                     # Labelled as the route would be (its template is this path): the request metrics read it.
                     scope["route"] = _RouteLabel(app_path(scope))
                     retry_after = await paced(e, self.pacing_s)
-                    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+                    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+                    if (b"expect", b"100-continue") in scope.get("headers", ()):
+                        headers["Connection"] = "close"  # the body was never asked for: this connection ends
                     await error_response(Request(scope), e.status, e.message, e.field, type=e.type,
                                          headers=headers)(scope, receive, send)
                     return
@@ -107,6 +137,8 @@ class EarlyAdmission:
         _, kind, model_type, *rest = path.split("/") + ["", ""]
         if kind not in ("predict", "evaluate") or not model_type or any(rest):
             return None
+        if any(d.model_type is None for d in self.manager.deployments.values()):
+            return None  # one still loading may be of this type too: the body's `model` decides, later
         try:
             return self.manager.resolve(model_type, None)
         except ApiError:  # unknown type, or several deployments of it: the body's `model` decides, later

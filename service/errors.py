@@ -5,11 +5,7 @@ No traceback or file path ever reaches a client; the server log has the details.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-import random
-import time
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -55,10 +51,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody,
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, field: Optional[str] = None, *, retry_after: Optional[int] = None,
-                 type: Optional[str] = None):
+                 type: Optional[str] = None, deadline: Optional[float] = None):
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
         self.retry_after = retry_after
+        self.deadline = deadline  # the refused request's deadline (time.perf_counter()), where it had one
         self.type = type or ERROR_TYPES.get(status, "error")
 
 
@@ -113,34 +110,11 @@ def _input_error_type(exc: InvalidInputError) -> Optional[str]:
     return "stale_observation" if isinstance(exc, StaleObservationError) else None
 
 
-_pacing_jitter = random.Random()  # spreads held refusals (not a model's randomness, which is seeded per request)
-
-
-async def paced(exc: ApiError, pacing_s: float) -> Optional[int]:
-    """The ``Retry-After`` of a refusal, after holding it back when it is an overload refusal: ``pacing_s``
-    (``VLA_SHED_PACING_S``, or between half of it and all of it, at random; less when the request's deadline
-    comes sooner), with Retry-After less what was
-    waited. Turning a request away costs the event loop a fraction of a millisecond; clients that retry at once
-    on a 503 would otherwise send thousands a second and take the interpreter from the model they are waiting
-    for. Held back, each such client retries once per ``pacing_s`` at most. The hold costs a timer, not a
-    thread, and the request's body is not read meanwhile where the refusal came before it."""
-    if exc.type != "overloaded" or pacing_s <= 0:
-        return exc.retry_after
-    from service.deadlines import current_deadline  # deadlines.py imports this module
-
-    deadline = current_deadline.get()
-    # Spread over the second half of the period: clients refused together must not all come back together
-    # (a model idle between synchronized bursts of retries serves far fewer of them).
-    pause = pacing_s * (0.5 + 0.5 * _pacing_jitter.random())
-    if deadline is not None:
-        pause = max(0.0, min(pause, deadline - time.perf_counter()))
-    await asyncio.sleep(pause)
-    return max(0, (exc.retry_after or 1) - math.floor(pause))
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        from service.deadlines import paced  # deadlines.py imports this module
+
         retry_after = await paced(exc, request.app.state.settings.shed_pacing_s)
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return error_response(request, exc.status, exc.message, exc.field, type=exc.type, headers=headers)

@@ -82,6 +82,9 @@ class ModelExecutor:
         # (started, batch size): what the expected wait of a new request is made of.
         self.call_seconds: dict[int, float] = {}
         self._running: Optional[tuple[float, int]] = None
+        # depth and batched_depth change on the event loop (a request queued) and on the model thread (taken):
+        # read-modify-writes, so under a lock (an update lost would leave a phantom wait for good).
+        self._counts = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet batched
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
@@ -110,8 +113,10 @@ class ModelExecutor:
         (a batchable request joins the last batch that is not full). Under a flood of batchable requests
         this is a few batch calls, not the queue's length times one call: admission keeps batches full."""
         size = max(1, self.max_batch_size)
-        plain = self.depth - self.batched_depth + self.pending[False]
-        batched = self.batched_depth + self.pending[True]
+        with self._counts:
+            depth, batched_depth = self.depth, self.batched_depth
+        plain = depth - batched_depth + self.pending[False]
+        batched = batched_depth + self.pending[True]
         batches_ahead = batched // size if batchable else -(-batched // size)  # a plain request joins no batch
         wait = plain * self.call_s(1) + batches_ahead * self.call_s(size)
         running = self._running
@@ -122,18 +127,20 @@ class ModelExecutor:
     def call_s(self, batch_size: int) -> float:
         """The recent time of one call of ``batch_size`` requests; from the nearest size measured when this one
         is not (scaled up linearly, an upper bound); 0 before any call."""
-        if batch_size in self.call_seconds:
-            return self.call_seconds[batch_size]
-        if not self.call_seconds:
+        measured = dict(self.call_seconds)  # a copy: the model thread adds sizes meanwhile
+        if batch_size in measured:
+            return measured[batch_size]
+        if not measured:
             return 0.0
-        nearest = min(self.call_seconds, key=lambda n: abs(n - batch_size))
-        return self.call_seconds[nearest] * max(1.0, batch_size / nearest)
+        nearest = min(measured, key=lambda n: abs(n - batch_size))
+        return measured[nearest] * max(1.0, batch_size / nearest)
 
     def _put(self, job: _Job) -> concurrent.futures.Future:
         if not self._waiting.acquire(blocking=False):
             raise QueueFull(f"deployment {self.name!r} has {self.max_queue} requests waiting")
-        self.depth += 1
-        self.batched_depth += job.batchable
+        with self._counts:
+            self.depth += 1
+            self.batched_depth += job.batchable
         self._queue.put_nowait(job)
         return job.future
 
@@ -189,8 +196,9 @@ class ModelExecutor:
             self._call(job)
 
     def _release(self, job: _Job) -> None:
-        self.depth -= 1
-        self.batched_depth -= job.batchable
+        with self._counts:
+            self.depth -= 1
+            self.batched_depth -= job.batchable
         self._waiting.release()
 
     def _call(self, job: _Job) -> None:

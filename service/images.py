@@ -103,6 +103,13 @@ class PixelLease:
 _current_lease: contextvars.ContextVar[Optional[PixelLease]] = contextvars.ContextVar("pixel_lease", default=None)
 
 
+def release_pixels() -> None:
+    """Gives back what the current request's images claimed (a refused request that waits before its reply)."""
+    lease = _current_lease.get()
+    if lease is not None:
+        lease.release()
+
+
 def _claimer(field: str):
     """The ``claim`` callback for one image: its pixels go on the current request's lease, if any."""
     lease = _current_lease.get()

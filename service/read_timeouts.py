@@ -75,6 +75,13 @@ def read_timeout_protocol(header_timeout_s: float, body_timeout_s: float,
             self._disarm()
             self._bytes_seen = False
             super().on_message_complete()
+            cycle = self.cycle
+            if (cycle is not None and cycle.response_complete and not self.pipeline
+                    and self.timeout_keep_alive_task is None and not self.transport.is_closing()):
+                # Replied before the body was all here (401, an early 503): uvicorn armed its keep-alive timer
+                # at the reply, and the body's last bytes cancelled it; idle from now on, so arm it again.
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
 
         def handle_websocket_upgrade(self) -> None:
             self._disarm()

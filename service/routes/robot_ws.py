@@ -217,8 +217,9 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
             await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))
             return
-        except ApiError as e:
-            await _close(websocket, e.message, POLICY_VIOLATION if e.status < 500 else INTERNAL_ERROR, e.field)
+        except ApiError as e:  # 503 (loading, overloaded): try again later, not a server fault
+            code = POLICY_VIOLATION if e.status < 500 else TRY_AGAIN_LATER if e.status == 503 else INTERNAL_ERROR
+            await _close(websocket, e.message, code, e.field)
             return
         except Exception:  # logged here; the client gets no traceback
             logger.exception("websocket %s: inference failed", entry.id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -73,7 +75,14 @@ def test_the_pixels_in_flight_are_capped_and_come_back(client):
     with budget.lease() as first, budget.lease() as second:  # two requests in flight hold all but two images
         first.claim(3 * SMALL, "images[0]")
         second.claim(3 * SMALL, "images[0]")
-        response = client.post("/predict/vlm", json={"images": [png_b64(64)] * 3, "max_new_tokens": 2})
+        replies: list = []
+        refused = threading.Thread(target=lambda: replies.append(client.post(
+            "/predict/vlm", json={"images": [png_b64(64)] * 3, "max_new_tokens": 2})))
+        refused.start()
+        time.sleep(0.3)  # its refusal is held back (VLA_SHED_PACING_S, at least 0.5 s) with its claims given back
+        assert budget.used == 6 * SMALL and not replies
+        refused.join(timeout=30)
+        response = replies[0]
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
         error = response.json()["error"]

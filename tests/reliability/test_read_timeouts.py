@@ -158,3 +158,18 @@ def test_slow_clients_do_not_stop_the_others(base):
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_a_connection_answered_before_its_body_does_not_stay_open(base):
+    """A reply that comes before the body is all here (here a 400 for a malformed X-Request-Timeout): the rest of
+    the body arriving must not leave the connection without a timer (it is idle; uvicorn's keep-alive closes
+    it after 5 s)."""
+    with connect(base) as sock:
+        sock.sendall(b"POST /predict/transformer HTTP/1.1\r\nHost: x\r\nX-Request-Timeout: soon\r\n"
+                     b"content-length: 2\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 400 "), first[:200]
+        sock.sendall(b"{}")  # the body, after the reply
+        sock.settimeout(12)
+        rest, took = read_until_closed(sock)  # raises socket.timeout if the server kept it open
+    assert took < 9

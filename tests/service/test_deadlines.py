@@ -279,16 +279,17 @@ def test_the_expected_wait_counts_batches_not_requests():
         executor.shutdown()
 
 
-@pytest.mark.parametrize("timeout", [None, "0.15"])
-def test_an_overload_refusal_is_held_back(tiny_checkpoints, monkeypatch, timeout):
+@pytest.mark.parametrize("deadline", [None, "header", "deployment"])
+def test_an_overload_refusal_is_held_back(tiny_checkpoints, monkeypatch, deadline):
     """With VLA_SHED_PACING_S, a 503 overloaded is sent after between half of it and all of it (a client that
-    retries at once retries about once per period), or at the request's deadline when that is sooner; its
-    Retry-After is what is left of the expected wait."""
-    pacing = 0.6
-    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]),
-                                max_queue_ms=50), shed_pacing_s=pacing) as client:
+    retries at once retries about once per period), or at the request's deadline when that is sooner (its
+    X-Request-Timeout, or the deployment's request_timeout_s); its Retry-After is what is left of the wait."""
+    pacing, timeout = 0.6, None if deadline is None else "0.15"
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), max_queue_ms=50,
+                                request_timeout_s=0.15 if deadline == "deployment" else None),
+                 shed_pacing_s=pacing) as client:
         monkeypatch.setattr(deployment(client, "policy").executor, "expected_wait_s", lambda batchable=True: 2.4)
-        headers = {"x-request-timeout": timeout} if timeout else {}
+        headers = {"x-request-timeout": timeout} if deadline == "header" else {}
         started = time.perf_counter()
         response = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"],
                                headers=headers)

@@ -94,3 +94,22 @@ def test_ddpm_policies_draw_each_requests_step_noise_from_its_own_seed():
     for request, out in zip(requests, batched):
         solo = pipeline.predict([request.sample], num_inference_steps=10, seed=request.seed)
         np.testing.assert_allclose(out.action_chunk, solo["action_chunk"][0], atol=ATOL)
+
+
+def test_a_request_whose_actions_overflow_fails_alone(tiny_pipeline):
+    """Finite numbers far outside the statistics (3e38 in a joint position) overflow inside the model: that
+    request gets an InvalidInputError in its place, its neighbours their own answers, from one model call."""
+    from vla_foundry.errors import InvalidInputError
+
+    requests = mixed_requests(tiny_pipeline.robot_io)[:3]
+    bad = requests[1].sample
+    huge = {field: np.full_like(values, 3e38) for field, values in bad.lowdim.items()}
+    requests[1].sample = RawObservation(bad.images, huge, bad.instruction, bad.past_actions)
+    outs = tiny_pipeline.predict_each(requests, num_inference_steps=5)
+    assert isinstance(outs[1], InvalidInputError) and outs[1].field == "observation"
+    for i in (0, 2):
+        solo = tiny_pipeline.predict([requests[i].sample], num_inference_steps=5, seed=requests[i].seed,
+                                     noise=requests[i].noise)
+        np.testing.assert_allclose(outs[i].action_chunk, solo["action_chunk"][0], atol=ATOL)
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        tiny_pipeline.predict([requests[1].sample], num_inference_steps=5, seed=1)

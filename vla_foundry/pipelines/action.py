@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -73,6 +73,11 @@ def resolve_processor(processor: Optional[str], experiment_dir: Path) -> Optiona
         if candidate.exists():
             return str(candidate.resolve())
     return processor
+
+
+def overflowed() -> InvalidInputError:
+    return InvalidInputError("the policy's actions came out NaN or infinite: the observation's numbers are far outside "
+                             "the range the policy was trained on; send the robot's real values", field="observation")
 
 
 @register_pipeline("action")
@@ -273,14 +278,12 @@ class ActionPipeline(Pipeline):
         r = self.robot_io
         per_field = split_actions(normalized.float().cpu(), r, self.normalizer)
         chunk = torch.cat(list(per_field.values()), dim=-1)  # (B, Ta, A)
-        # Finite inputs far outside the statistics (3e38 for a joint position) overflow inside the model. Raised
-        # for the whole call: a batch that raises is run again one request at a time, so only the culprit fails.
-        if not (torch.isfinite(chunk).all() and torch.isfinite(normalized).all()):
-            raise InvalidInputError("the policy's actions came out NaN or infinite: the observation's numbers are "
-                                    "far outside the range the policy was trained on; send the robot's real values",
-                                    field="observation")
+        # Finite inputs far outside the statistics (3e38 for a joint position) overflow inside the model: such a
+        # row is that request's failure (OVERFLOWED), never a reply with infinities.
+        finite = (torch.isfinite(chunk).flatten(1).all(1) & torch.isfinite(normalized.float().cpu()).flatten(1).all(1))
         done = time.perf_counter()
         return {
+            "finite": finite.tolist(),  # (B,) per row
             "actions": {name: values.numpy() for name, values in per_field.items()},  # (B, Ta, d)
             "action_chunk": chunk.numpy(),  # (B, Ta, A)
             "normalized_actions": normalized.float().cpu().numpy(),
@@ -326,14 +329,18 @@ class ActionPipeline(Pipeline):
         seed = new_seed() if seed is None else seed
         initial_noise = None if noise is None else self._initial_noise(noise, inputs.actions)
         normalized = self._sample(inputs, steps, make_generator(self.device, seed), initial_noise)
-        return self._chunks(normalized, steps, seed, started, prepared)
+        out = self._chunks(normalized, steps, seed, started, prepared)
+        if not all(out.pop("finite")):
+            raise overflowed()
+        return out
 
     @torch.inference_mode()
     def predict_each(self, requests: Sequence[PolicyRequest], *, num_inference_steps: Optional[int] = None
-                     ) -> list[ActionChunk]:
+                     ) -> list[Union[ActionChunk, InvalidInputError]]:
         """Several robots' requests (each passed by ``check_request``) in one batched model call; each gets
         exactly what ``predict([sample], seed=…, noise=…)`` gives it alone (up to float rounding of the batched
-        kernels), as its own ``ActionChunk``.
+        kernels), as its own ``ActionChunk`` (or, for a request whose actions overflowed, an
+        ``InvalidInputError``: that request's failure, its neighbours unaffected).
 
         Each request draws from its own generator (its initial noise, and a DDPM policy's step
         noise), so its actions do not depend on which other requests share the batch.
@@ -352,7 +359,7 @@ class ActionPipeline(Pipeline):
             enumerate(zip(requests, generators))])
         normalized = self._sample(inputs, steps, generators, initial_noise)
         batch = self._chunks(normalized, steps, None, started, prepared)
-        return [ActionChunk(
+        return [overflowed() if not batch["finite"][i] else ActionChunk(
             actions={k: v[i] for k, v in batch["actions"].items()}, action_chunk=batch["action_chunk"][i],
             normalized_actions=batch["normalized_actions"][i], first_action_index=batch["first_action_index"],
             n_action_steps=self.n_action_steps, action_fields=batch["action_fields"], num_inference_steps=steps,

@@ -13,6 +13,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import ActionChunk, PolicyRequest
 from vla_foundry.pipelines.image import ImagePlan, ImageRequest, ImageResult
 from vla_foundry.pipelines.text import CompletionResult
@@ -81,7 +82,7 @@ class ActionServing(Served, Protocol):
     def chunk_expiry(self, timestamp: Optional[float]) -> Optional[float]: ...
 
     def predict_each(self, requests: Sequence[PolicyRequest], *, num_inference_steps: Optional[int] = None
-                     ) -> list[ActionChunk]: ...
+                     ) -> list[ActionChunk | InvalidInputError]: ...  # an error: that request's own failure
 
     def evaluate(self, samples: Sequence[RawObservation], action_windows: Sequence[dict[str, np.ndarray]], *,
                  seed: Optional[int] = None, condition_on_past: bool = True) -> dict[str, Any]: ...
