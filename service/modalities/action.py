@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator,
 
 from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
 from service.images import decode_image_value
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, each
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, checked_batch
 from vla_foundry.errors import InvalidInputError
-from vla_foundry.pipelines.action import ActionChunk, PolicyRequest
+from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.interfaces import ActionServing
 from vla_foundry.robotics.session import run_plans
 from vla_foundry.robotics.observations import parse_action_window, parse_observation
@@ -199,23 +199,22 @@ def encode_chunk(request: ActionPredictRequest, chunk: ActionChunk) -> dict:
             "timing_ms": chunk.timing_ms}
 
 
-def predict(pipeline: ActionServing, requests: list[ActionPredictRequest]) -> list:
-    """Several robots' chunks in one model call (they share ``batch_key``); each equals the one the request gets
-    alone: its own seed or noise, its own past actions. A request refused before the model runs (stale, bad
-    observation) fails alone."""
-    checked: list = []
-    for request in requests:
-        try:
-            sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
-            policy_request = PolicyRequest(sample, request.seed, _noise(request.noise), request.timestamp,
-                                           request.step)
-            pipeline.check_request(policy_request)
-            checked.append(policy_request)
-        except InvalidInputError as e:
-            checked.append(e)
-    ready = [c for c in checked if not isinstance(c, Exception)]
-    chunks = iter(pipeline.predict_each(ready, num_inference_steps=requests[0].num_inference_steps) if ready else [])
-    return [c if isinstance(c, Exception) else next(chunks) for c in checked]
+def check_predict(pipeline: ActionServing, request: ActionPredictRequest) -> tuple[PolicyRequest, Optional[int]]:
+    sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
+    policy_request = PolicyRequest(sample, request.seed, _noise(request.noise), request.timestamp, request.step)
+    pipeline.check_request(policy_request)
+    return policy_request, request.num_inference_steps
+
+
+def predict_each(pipeline: ActionServing, checked: list[tuple[PolicyRequest, Optional[int]]]) -> list:
+    steps = checked[0][1]  # the same for all: it is the batch key
+    return pipeline.predict_each([policy_request for policy_request, _ in checked], num_inference_steps=steps)
+
+
+# Several robots' chunks in one model call (they share ``batch_key``); each equals the one the request gets alone:
+# its own seed or noise, its own past actions. A request refused before the model runs (stale, bad observation)
+# fails alone.
+predict = checked_batch(check_predict, predict_each)
 
 
 def batch_key(request: ActionPredictRequest) -> tuple:
@@ -290,16 +289,22 @@ class ActionEvaluateResponse(ResponseBase):
     seed: int
 
 
-def evaluate_one(pipeline: ActionServing, request: ActionEvaluateRequest) -> dict:
+def check_evaluate(pipeline: ActionServing, request: ActionEvaluateRequest) -> PolicyEvaluation:
     samples, windows = [], []
     for i, s in enumerate(request.samples):
         samples.append(s.observation.parse(pipeline, request, f"samples[{i}].observation"))
         raw = {k: decode_numbers(v, f"samples[{i}].actions.{k}") for k, v in s.actions.items()}
         windows.append(parse_action_window(raw, pipeline.robot_io, f"samples[{i}].actions"))
-    return pipeline.evaluate(samples, windows, seed=request.seed, condition_on_past=request.condition_on_past)
+    return PolicyEvaluation(samples, windows, request.seed, request.condition_on_past)
 
 
-evaluate = each(evaluate_one)
+def evaluate_each(pipeline: ActionServing, evaluations: list[PolicyEvaluation]) -> list:
+    return pipeline.evaluate_each(evaluations)
+
+
+# Several clients' evaluations in one forward pass; each gets its loss alone would give (its seed's noise and
+# timesteps, reduced over its own rows).
+evaluate = checked_batch(check_evaluate, evaluate_each)
 
 
 def _prepare_predict(request: ActionPredictRequest) -> None:
@@ -341,4 +346,5 @@ def expires(pipeline: ActionServing, request: ActionPredictRequest) -> Optional[
 ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
                           ActionEvaluateRequest, ActionEvaluateResponse, evaluate, encode_predict=encode_chunk,
                           batch_key=batch_key, prepare=_prepare, prepare_on_loop=_prepare_on_loop,
-                          session_predict=session_predict, expires=expires)
+                          session_predict=session_predict, expires=expires,
+                          evaluate_batch_key=lambda request: "evaluate")

@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Hashable, Optional
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from service.images import decode_image_list
+from vla_foundry.errors import InvalidInputError
 
 
 class Limits:
@@ -102,6 +103,27 @@ def each(run_one: Callable[[Any, Any], Any]) -> Callable[[Any, list], list]:
     return run
 
 
+def checked_batch(check: Callable[[Any, Any], Any],
+                  run_many: Callable[[Any, list], list]) -> Callable[[Any, list], list]:
+    """A ``run`` for calls that share one model call: ``check(pipeline, item)`` per item turns it into what
+    ``run_many`` takes (an ``InvalidInputError`` it raises is that item's own failure), then one
+    ``run_many(pipeline, checked)`` for the rest; results in the items' order. Build it once, at module level."""
+
+    def run(pipeline, items: list) -> list:
+        checked: list = []
+        for item in items:
+            try:
+                checked.append(check(pipeline, item))
+            except InvalidInputError as e:
+                checked.append(e)
+        ready = [c for c in checked if not isinstance(c, Exception)]
+        results = iter(run_many(pipeline, ready) if ready else [])
+        return [c if isinstance(c, Exception) else next(results) for c in checked]
+
+    run.__name__ = run.__qualname__ = getattr(run_many, "__name__", "run")
+    return run
+
+
 def as_reply(request, result: Any) -> dict:
     """The default ``encode``: a result that already is the reply's fields (a dict)."""
     return dict(result)
@@ -137,6 +159,8 @@ class ModalityAdapter:
     # Optional: the Unix time after which a predict request's answer is of no use (a robot's chunk past its
     # valid_until): a request still queued then is dropped unrun, as past a deadline.
     expires: Optional[Callable[[Any, Any], Optional[float]]] = None
+    # Evaluate requests with equal keys may share one model call; None (no function): each runs alone.
+    evaluate_batch_key: Optional[Callable[[Any], Hashable]] = None
     # Optional: ``run`` for predict requests with a ``session_id``: items are (request, session) pairs (robot
     # sessions; the transport serializes the requests of one session).
     session_predict: Optional[Callable[[Any, list], list]] = None
@@ -145,4 +169,5 @@ class ModalityAdapter:
         return ModelCall(self.predict, request, self.batch_key(request) if self.batch_key else None)
 
     def evaluate_call(self, request) -> ModelCall:
-        return ModelCall(self.evaluate, request)
+        return ModelCall(self.evaluate, request,
+                         self.evaluate_batch_key(request) if self.evaluate_batch_key else None)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator, StrictInt
 
-from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase, each
+from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase, checked_batch, each
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import EncoderServing
 
@@ -35,19 +35,18 @@ class EncoderPredictResponse(ResponseBase):
     similarity: Optional[dict] = Field(None, description="(texts, images) cosine similarities.")
 
 
-def predict(pipeline: EncoderServing, requests: list[EncoderPredictRequest]) -> list:
-    """Several requests' embeddings in one call per tower; a request the encoder refuses (a text too long)
-    fails alone. numpy arrays: the reply's serializer writes them as typed arrays (base64 in JSON, raw
-    bytes in msgpack)."""
-    checked: list = []
-    for request in requests:
-        try:
-            pipeline.check(request.texts, request.decoded_images())
-            checked.append(request)
-        except InvalidInputError as e:
-            checked.append(e)
-    outs = iter(pipeline.embed_each([(r.texts, r.decoded_images()) for r in checked if not isinstance(r, Exception)]))
-    return [r if isinstance(r, Exception) else dict(next(outs)) for r in checked]
+def check_embedding(pipeline: EncoderServing, request: EncoderPredictRequest) -> tuple:
+    pipeline.check(request.texts, request.decoded_images())
+    return request.texts, request.decoded_images()
+
+
+def embed_each(pipeline: EncoderServing, checked: list[tuple]) -> list:
+    return [dict(out) for out in pipeline.embed_each(checked)]
+
+
+# Several requests' embeddings in one call per tower; a request the encoder refuses (a text too long) fails alone.
+# numpy arrays: the reply's serializer writes them as typed arrays (base64 in JSON, raw bytes in msgpack).
+predict = checked_batch(check_embedding, embed_each)
 
 
 def batch_key(request: EncoderPredictRequest) -> tuple:

@@ -60,9 +60,12 @@ def test_evaluate_every_type_matches_in_process(client, tiny_checkpoints, model_
     remote = response.json()
     local_args = dict(body)
     if model_type == "diffusion_policy":  # observations are checked and decoded by the service's own models
-        from service.modalities.action import ActionEvaluateRequest, evaluate_one
+        from service.modalities.action import ActionEvaluateRequest, check_evaluate
 
-        local = evaluate_one(load_pipeline(tiny_checkpoints[model_type]), ActionEvaluateRequest(**body))
+        pipeline = load_pipeline(tiny_checkpoints[model_type])
+        parsed = check_evaluate(pipeline, ActionEvaluateRequest(**body))
+        local = pipeline.evaluate(parsed.samples, parsed.action_windows, seed=parsed.seed,
+                                  condition_on_past=parsed.condition_on_past)
         assert remote["loss"] == pytest.approx(local["loss"], abs=1e-6) and remote["seed"] == body["seed"]
         return
     if "images" in body:  # the pipeline takes decoded pixels (one list per caption, or a flat list)

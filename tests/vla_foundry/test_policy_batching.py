@@ -113,3 +113,37 @@ def test_a_request_whose_actions_overflow_fails_alone(tiny_pipeline):
         np.testing.assert_allclose(outs[i].action_chunk, solo["action_chunk"][0], atol=ATOL)
     with pytest.raises(InvalidInputError, match="NaN or infinite"):
         tiny_pipeline.predict([requests[1].sample], num_inference_steps=5, seed=1)
+
+
+def evaluations(io) -> list:
+    """Three clients' evaluations: different seeds and sample counts, one scoring every row."""
+    from vla_foundry.pipelines.action import PolicyEvaluation
+
+    rng = np.random.default_rng(3)
+    window = lambda: {f: rng.uniform(-1, 1, (io.action_steps, d)).astype(np.float32)  # noqa: E731
+                      for f, d in POLICY_ACTIONS.items()}
+    return [PolicyEvaluation([r.sample for r in mixed_requests(io)[start:start + n]], [window() for _ in range(n)],
+                             seed=seed, condition_on_past=past)
+            for start, n, seed, past in ((0, 1, 11, True), (1, 3, 12, False), (4, 2, 13, True))]
+
+
+def test_each_batched_evaluation_equals_its_solo_evaluation(tiny_pipeline):
+    batch = evaluations(tiny_pipeline.robot_io)
+    together = tiny_pipeline.evaluate_each(batch)
+    for evaluation, out in zip(batch, together):
+        alone = tiny_pipeline.evaluate(evaluation.samples, evaluation.action_windows, seed=evaluation.seed,
+                                       condition_on_past=evaluation.condition_on_past)
+        assert out["loss"] == pytest.approx(alone["loss"], abs=1e-5)
+        assert (out["timesteps"], out["num_action_rows"], out["num_samples"], out["seed"]) == \
+               (alone["timesteps"], alone["num_action_rows"], alone["num_samples"], alone["seed"])
+    assert together[0]["num_action_rows"] < together[1]["num_action_rows"] / 3  # past rows scored only in [1]
+
+
+def test_an_evaluation_whose_loss_overflows_fails_alone(tiny_pipeline):
+    from vla_foundry.errors import InvalidInputError
+
+    batch = evaluations(tiny_pipeline.robot_io)
+    batch[1].action_windows = [{f: np.full_like(v, 1e20) for f, v in w.items()} for w in batch[1].action_windows]
+    outs = tiny_pipeline.evaluate_each(batch)
+    assert isinstance(outs[1], InvalidInputError) and outs[1].field == "samples"
+    assert all(isinstance(outs[i], dict) for i in (0, 2))

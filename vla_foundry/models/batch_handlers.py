@@ -194,8 +194,19 @@ class PolicyBatchHandler(BatchHandler):
     """
 
     def compute_loss(self, model, batch, generator=None) -> LossOutput:
+        (out,) = self.compute_loss_each(model, batch, [batch["actions"].shape[0]], [generator])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def compute_loss_each(self, model, batch, counts: list[int], generators: list[Optional[torch.Generator]]
+                          ) -> list:
+        """Several evaluations in one forward pass: ``batch`` holds their samples back to back (``counts[i]`` of
+        the i-th), and each draws its noise, then its timesteps, from its own ``generators[i]``, as
+        ``compute_loss`` of its samples alone does; one ``LossOutput`` each (an ``InvalidInputError`` for one
+        with no row to score), its loss reduced over its own rows only."""
         batch = {k: (self.to_model(model, v) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        actions = batch["actions"]  # (B, Ta, A)
+        actions = batch["actions"]  # (B, Ta, A), B = sum(counts)
         past_mask = batch["past_mask"].bool()
         future_mask = batch.get("future_mask")
         future_mask = ~past_mask if future_mask is None else future_mask.bool()
@@ -206,17 +217,28 @@ class PolicyBatchHandler(BatchHandler):
                                                for t in (actions, past_mask, future_mask))
             if proprioception is not None:
                 proprioception = proprioception.repeat_interleave(repeats, dim=0)
-        if not bool(future_mask.any()):
-            raise InvalidInputError("the batch has no action row to predict (every row is marked past)",
-                                    field="actions")
-        gen_device = generator.device if generator is not None else actions.device
-        noise = torch.randn(actions.shape, generator=generator, device=gen_device,
-                            dtype=actions.dtype).to(actions.device)
+        rows = [n * repeats for n in counts]  # each evaluation's rows after tiling
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        noises, timesteps = [], []
+        for n, generator in zip(rows, generators):
+            gen_device = generator.device if generator is not None else actions.device
+            noises.append(torch.randn((n, *actions.shape[1:]), generator=generator, device=gen_device,
+                                      dtype=actions.dtype).to(actions.device))
+            # as the model's forward draws them from the generator after the noise
+            timesteps.append(torch.randint(0, model.num_timesteps, (n,), generator=generator, device=gen_device))
         out = model(batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"),
-                    batch.get("attention_mask_images"), actions, noise, past_mask, future_mask,
-                    proprioception, generator=generator)
-        scored = future_mask[..., None].expand_as(out.velocity)  # (B, Ta, A)
-        error = (out.velocity.float() - out.target.float()) ** 2
-        loss = error[scored].mean()
-        return LossOutput(loss, num_samples=actions.shape[0] // repeats,
-                          metrics={"timesteps": out.timesteps.tolist(), "num_action_rows": int(future_mask.sum())})
+                    batch.get("attention_mask_images"), actions, torch.cat(noises), past_mask, future_mask,
+                    proprioception, timesteps=torch.cat([t.to(actions.device) for t in timesteps]))
+        error = (out.velocity.float() - out.target.float()) ** 2  # (B·R, Ta, A)
+        results: list = []
+        for start, n, count in zip(starts, rows, counts):
+            own = slice(start, start + n)
+            scored = future_mask[own][..., None].expand_as(error[own])
+            if not bool(scored.any()):
+                results.append(InvalidInputError("the batch has no action row to predict (every row is marked "
+                                                 "past)", field="actions"))
+                continue
+            results.append(LossOutput(error[own][scored].mean(), num_samples=count,
+                                      metrics={"timesteps": out.timesteps[own].tolist(),
+                                               "num_action_rows": int(future_mask[own].sum())}))
+        return results

@@ -75,6 +75,24 @@ def resolve_processor(processor: Optional[str], experiment_dir: Path) -> Optiona
     return processor
 
 
+@dataclass
+class PolicyEvaluation:
+    """One client's evaluation in a batched ``evaluate_each`` call: observations and their action windows."""
+
+    samples: list[RawObservation]
+    action_windows: list[dict[str, np.ndarray]]
+    seed: Optional[int] = None  # None: a fresh one (reported back)
+    condition_on_past: bool = True
+
+
+def _scores(scores: dict[str, Any], seed: int) -> Union[dict[str, Any], InvalidInputError]:
+    if not all(math.isfinite(v) for v in scores.values() if isinstance(v, float)):
+        return InvalidInputError(f"the loss came out NaN or infinite ({scores}): the samples' numbers are far "
+                                 "outside the range the policy was trained on; send the robot's real values",
+                                 field="samples")
+    return {**scores, "seed": seed}
+
+
 def overflowed() -> InvalidInputError:
     return InvalidInputError("the policy's actions came out NaN or infinite: the observation's numbers are far outside "
                              "the range the policy was trained on; send the robot's real values", field="observation")
@@ -389,12 +407,26 @@ class ActionPipeline(Pipeline):
     @torch.inference_mode()
     def evaluate(self, samples: Sequence[RawObservation], action_windows: Sequence[dict[str, np.ndarray]], *,
                  seed: Optional[int] = None, condition_on_past: bool = True) -> dict[str, Any]:
-        batch = self.loss_batch(samples, action_windows, condition_on_past)
-        seed = new_seed() if seed is None else seed
-        out = self.batch_handler.compute_loss(self.model, batch, generator=make_generator(self.device, seed))
-        scores = out.to_dict()
-        if not all(math.isfinite(v) for v in scores.values() if isinstance(v, float)):
-            raise InvalidInputError(f"the loss came out NaN or infinite ({scores}): the samples' numbers are far "
-                                    "outside the range the policy was trained on; send the robot's real values",
-                                    field="samples")
-        return {**scores, "seed": seed}
+        (out,) = self.evaluate_each([PolicyEvaluation(list(samples), list(action_windows), seed, condition_on_past)])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def evaluate_each(self, evaluations: Sequence["PolicyEvaluation"]) -> list[Union[dict[str, Any], Exception]]:
+        """Several clients' evaluations in one forward pass; each gets what ``evaluate`` gives it alone (its own
+        seed's noise and timesteps, its loss over its own rows; up to float rounding of the batched kernels), or
+        its own ``InvalidInputError`` (a loss that overflowed, no row to score). Samples that cannot be batched
+        together raise for the whole call (a caller then runs each alone, as the server does)."""
+        samples = [s for e in evaluations for s in e.samples]
+        windows = [w for e in evaluations for w in e.action_windows]
+        batch = self.loss_batch(samples, windows, condition_on_past=True)
+        row = 0
+        for e in evaluations:  # past rows are fed clean per evaluation, as it asked
+            if not e.condition_on_past:
+                batch["past_mask"][row:row + len(e.samples)] = False
+            row += len(e.samples)
+        seeds = [new_seed() if e.seed is None else e.seed for e in evaluations]
+        outs = self.batch_handler.compute_loss_each(self.model, batch, [len(e.samples) for e in evaluations],
+                                                    [make_generator(self.device, seed) for seed in seeds])
+        return [out if isinstance(out, Exception) else _scores(out.to_dict(), seed) for out, seed in zip(outs, seeds)]

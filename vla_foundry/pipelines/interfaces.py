@@ -14,7 +14,7 @@ from typing import Any, Optional, Protocol, Sequence
 import numpy as np
 
 from vla_foundry.errors import InvalidInputError
-from vla_foundry.pipelines.action import ActionChunk, PolicyRequest
+from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.image import ImagePlan, ImageRequest, ImageResult
 from vla_foundry.pipelines.text import CompletionResult
 from vla_foundry.robotics.observations import RawObservation
@@ -86,6 +86,9 @@ class ActionServing(Served, Protocol):
 
     def evaluate(self, samples: Sequence[RawObservation], action_windows: Sequence[dict[str, np.ndarray]], *,
                  seed: Optional[int] = None, condition_on_past: bool = True) -> dict[str, Any]: ...
+
+    def evaluate_each(self, evaluations: Sequence[PolicyEvaluation]
+                      ) -> list[dict[str, Any] | InvalidInputError]: ...  # an error: that evaluation's own failure
 
 
 INTERFACES: dict[str, type] = {"text": TextServing, "caption": CaptionServing, "image": ImageServing,
