@@ -39,7 +39,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
     reply = adapter.reply if kind == "predict" else None
     session_run = adapter.session_predict if kind == "predict" else None
     check = adapter.check if kind == "predict" else None
-    batchable = kind == "predict" and adapter.batch_key is not None
+    batchable = (adapter.batch_key if kind == "predict" else adapter.evaluate_batch_key) is not None
 
     def check_and_prepare(pipeline, body) -> None:  # cheap refusals first: no image decode for them
         if check is not None:
