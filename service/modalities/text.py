@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, Field, model_validator, StrictInt
 
 from service.codecs import DecodeError, decode_array, is_array_dict
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, each
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, checked_batch, each
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import TextServing
+from vla_foundry.pipelines.text import TextEvaluation
 from vla_foundry.sampling import SamplingParams
 
 _DEFAULTS = SamplingParams()
@@ -160,11 +161,20 @@ class TextEvaluateResponse(ResponseBase):
     seed: int
 
 
-def evaluate_one(pipeline: TextServing, request: TextEvaluateRequest) -> dict:
-    return pipeline.evaluate(request.input_ids, request.attention_mask, request.texts, request.seed)
+def check_evaluate(pipeline: TextServing, request: TextEvaluateRequest) -> TextEvaluation:
+    return TextEvaluation(request.input_ids, request.attention_mask, request.texts, request.seed)
 
 
-# One request per model call: text decodes a request's rows together (continuous batching is its own work).
+def evaluate_each(pipeline: TextServing, evaluations: list[TextEvaluation]) -> list:
+    return pipeline.evaluate_each(evaluations)
+
+
+# Several clients' evaluations in one forward pass; each gets the loss it gets alone (over its own tokens).
+evaluate = checked_batch(check_evaluate, evaluate_each)
+
+
+# Generation: one request per model call (a request's rows decode together; continuous batching is its own
+# work). Evaluations queued together share one forward pass.
 ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, each(predict_one),
-                          TextEvaluateRequest, TextEvaluateResponse, each(evaluate_one),
-                          encode_predict=encode_completions)
+                          TextEvaluateRequest, TextEvaluateResponse, evaluate,
+                          encode_predict=encode_completions, evaluate_batch_key=lambda request: "evaluate")

@@ -454,34 +454,3 @@ def test_concurrent_sessions_are_batched_and_keep_their_own_histories(tiny_check
 async def fleet_of_one(base: str, episode, robot: int) -> list[dict]:
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         return await episode(client, robot)
-
-
-def test_concurrent_evaluations_share_a_model_call_and_keep_their_own_losses(tiny_checkpoints):
-    """/evaluate requests queued together run in one forward pass (timing_ms.batch_size > 1); each loss equals
-    the one the same request gets alone (its own seed's noise and timesteps, its own rows); a bad one fails
-    alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tests.factories import EVALUATE_REQUESTS
-    from tests.service.test_deadlines import busy
-
-    base = EVALUATE_REQUESTS["diffusion_policy"]
-    bodies = [{**base, "seed": 7 + i, "condition_on_past": i % 2 == 0} for i in range(5)]
-    bodies[3] = {**bodies[3], "samples": [{**base["samples"][0], "actions": {"arm__delta": [[1e20, 0.0]] * 4,
-                                                                             "gripper": [[0.0]] * 4}}]}
-    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))) as client:
-        executor = client.app.state.manager.get("policy").executor
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            with busy(executor):  # the model thread is taken: all five queue, then share a call
-                futures = [pool.submit(client.post, "/evaluate/diffusion_policy", json=b) for b in bodies]
-                time.sleep(0.5)
-            together = [f.result() for f in futures]
-        alone = [client.post("/evaluate/diffusion_policy", json=b) for b in bodies]
-    assert together[3].status_code == alone[3].status_code == 422 and together[3].json()["error"]["field"] == "samples"
-    good = [i for i in range(len(bodies)) if i != 3]
-    assert max(together[i].json()["timing_ms"]["batch_size"] for i in good) > 1
-    for i in good:
-        mine, solo = together[i].json(), alone[i].json()
-        assert solo["timing_ms"]["batch_size"] == 1
-        assert mine["loss"] == pytest.approx(solo["loss"], abs=1e-5) and mine["seed"] == solo["seed"] == 7 + i
-        assert mine["timesteps"] == solo["timesteps"] and mine["num_action_rows"] == solo["num_action_rows"]

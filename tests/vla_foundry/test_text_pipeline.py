@@ -169,3 +169,26 @@ def test_hf_end_of_turn_ids_end_generation(tiny_checkpoints):
     assert pipeline.end_ids == {loaded.eos_token_id, greedy[1]} and greedy[1] in pipeline.io()["end_token_ids"]
     c = pipeline.complete(prompt_token_ids=prompt, sampling=GREEDY).completions[0]
     assert c.token_ids == greedy[:1] and c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("model_type", ["transformer", "transformer_hf"])
+def test_each_batched_evaluation_equals_its_solo_evaluation(tiny_checkpoints, model_type):
+    """Evaluations of different lengths, with and without attention masks, as texts or ids, in one forward pass:
+    each loss (over its own tokens) equals the one it gets alone; a bad one fails alone."""
+    from vla_foundry.pipelines.text import TextEvaluation
+
+    pipeline = load_pipeline(tiny_checkpoints[model_type])
+    evaluations = [TextEvaluation(input_ids=[[5, 6, 7, 8, 9, 10, 11]], seed=1),
+                   TextEvaluation(input_ids=[[3, 4, 5], [9, 8, 7, 6]], attention_mask=[[1, 1, 0], [1, 1, 1, 1]],
+                                  seed=2),
+                   TextEvaluation(input_ids=[[1]], seed=3),  # too short: its own failure
+                   TextEvaluation(texts=["the robot picks up the red block"], seed=4)]
+    together = pipeline.evaluate_each(evaluations)
+    assert isinstance(together[2], InvalidInputError) and together[2].field == "input_ids"
+    for e, out in zip(evaluations, together):
+        if e.seed == 3:
+            continue
+        alone = pipeline.evaluate(e.input_ids, e.attention_mask, e.texts, e.seed)
+        assert out["loss"] == pytest.approx(alone["loss"], abs=1e-5)
+        assert (out["num_tokens"], out["num_samples"], out["seed"]) == \
+               (alone["num_tokens"], alone["num_samples"], alone["seed"])

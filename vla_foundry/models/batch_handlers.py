@@ -74,6 +74,16 @@ class LanguageModelBatchHandler(BatchHandler):
         self.z_loss_coefficient = z_loss_coefficient
 
     def compute_loss(self, model, batch, generator=None) -> LossOutput:
+        (out,) = self.compute_loss_each(model, batch, [batch["input_ids"].shape[0]])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def compute_loss_each(self, model, batch, counts: list[int], generators=None) -> list:
+        """Several evaluations in one forward pass: ``batch`` holds their rows back to back (``counts[i]`` of
+        the i-th); each gets its loss over its own tokens only, what ``compute_loss`` of its rows alone gives (a
+        causal model's logits at a row's tokens do not depend on the rows beside it or the padding after it),
+        or a ``ValueError`` when it has no token to score. No randomness: ``generators`` are not used."""
         device = self.model_device(model)
         input_ids = batch["input_ids"].to(device)  # (B, T)
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -83,7 +93,16 @@ class LanguageModelBatchHandler(BatchHandler):
         mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T-1)
         logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)
-        return next_token_loss(logits, targets, self.z_loss_coefficient)
+        outs: list = []
+        start = 0
+        for count in counts:
+            own = slice(start, start + count)
+            start += count
+            try:
+                outs.append(next_token_loss(logits[own], targets[own], self.z_loss_coefficient))
+            except ValueError as e:  # every target of this evaluation masked
+                outs.append(e)
+        return outs
 
 
 @register_batch_handler("vlm")

@@ -106,6 +106,11 @@ class CaptionPipeline(TextPipeline):
             if bad:
                 raise InvalidInputError(f"{field}[{i}] has token ids outside [0, {vocab}): {bad[:5]}", field=field)
 
+    def evaluate_each(self, evaluations):
+        # A text pipeline's batched evaluation scores text alone; captions are scored with their images, one
+        # request at a time (``evaluate``).
+        raise NotImplementedError("caption evaluations run one at a time: CaptionPipeline.evaluate")
+
     @torch.inference_mode()
     def evaluate(self, images: Images, texts: Optional[Sequence[str]] = None,
                  input_ids: Optional[Sequence[Sequence[int]]] = None, seed: Optional[int] = None) -> dict[str, Any]:

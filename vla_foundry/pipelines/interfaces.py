@@ -16,7 +16,7 @@ import numpy as np
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.image import ImagePlan, ImageRequest, ImageResult
-from vla_foundry.pipelines.text import CompletionResult
+from vla_foundry.pipelines.text import CompletionResult, TextEvaluation
 from vla_foundry.robotics.observations import RawObservation
 from vla_foundry.robotics.robot_io import RobotIO
 
@@ -43,6 +43,9 @@ class TextServing(Served, Protocol):
 
     def evaluate(self, input_ids=None, attention_mask=None, texts=None, seed: Optional[int] = None
                  ) -> dict[str, Any]: ...
+
+    def evaluate_each(self, evaluations: Sequence[TextEvaluation]
+                      ) -> list[dict[str, Any] | InvalidInputError]: ...  # an error: that evaluation's own failure
 
 
 class CaptionServing(TextServing, Protocol):

@@ -12,7 +12,7 @@ import dataclasses
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -37,6 +37,17 @@ class CompletionResult:
     completion_tokens: int
     seed: int
     prompt_token_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class TextEvaluation:
+    """One client's evaluation in a batched ``evaluate_each`` call: token rows (with their attention rows) or
+    texts."""
+
+    input_ids: Optional[Sequence[Sequence[int]]] = None
+    attention_mask: Optional[Sequence[Sequence[int]]] = None
+    texts: Optional[Sequence[str]] = None
+    seed: Optional[int] = None  # reported back (the loss has no randomness); None: a fresh one
 
 
 def pad_rows(rows: list[list[int]], value: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,28 +334,63 @@ class TextPipeline(Pipeline):
                  attention_mask: Optional[Sequence[Sequence[int]]] = None, texts: Optional[Sequence[str]] = None,
                  seed: Optional[int] = None) -> dict[str, Any]:
         """The batch handler's loss for token ids (rows may differ in length) or texts."""
-        ids = self.encode_prompts(texts, input_ids, prompt_field="texts", ids_field="input_ids")
+        (out,) = self.evaluate_each([TextEvaluation(input_ids, attention_mask, texts, seed)])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def evaluate_each(self, evaluations: Sequence["TextEvaluation"]) -> list[Union[dict[str, Any], Exception]]:
+        """Several clients' evaluations in one forward pass (their rows right-padded together); each gets what
+        ``evaluate`` gives it alone (up to float rounding of the batched kernels), or its own
+        ``InvalidInputError``."""
+        rows: list = []
+        for e in evaluations:
+            try:
+                rows.append(self._evaluation_rows(e))
+            except InvalidInputError as error:
+                rows.append(error)
+        ready = [r for r in rows if not isinstance(r, Exception)]
+        if not ready:
+            return rows
+        ids = [row for r in ready for row in r[0]]
+        masks = [row for r in ready for row in r[1]]
+        batch_ids, _ = pad_rows(ids, self.pad_token_id)
+        mask = pad_rows(masks, 0)[0]
+        outs = iter(self.batch_handler.compute_loss_each(self.model, {"input_ids": batch_ids, "attention_mask": mask},
+                                                         [len(r[0]) for r in ready]))
+        results: list = []
+        for r, e in zip(rows, evaluations):
+            if isinstance(r, Exception):
+                results.append(r)
+                continue
+            out = next(outs)
+            if isinstance(out, Exception):
+                results.append(InvalidInputError(f"{out}", field="attention_mask"))
+                continue
+            results.append({**out.to_dict(), "seed": new_seed() if e.seed is None else e.seed})
+        return results
+
+    def _evaluation_rows(self, e: "TextEvaluation") -> tuple[list[list[int]], list[list[int]]]:
+        """One evaluation's token rows and their attention rows (checked; errors name the request's field)."""
+        ids = self.encode_prompts(e.texts, e.input_ids, prompt_field="texts", ids_field="input_ids")
+        field = "input_ids" if e.input_ids is not None else "texts"
         if any(len(r) < 2 for r in ids):
-            raise InvalidInputError("every sequence needs at least 2 tokens to score a next-token loss",
-                                    field="input_ids" if input_ids is not None else "texts")
+            raise InvalidInputError("every sequence needs at least 2 tokens to score a next-token loss", field=field)
         longest = max(len(r) for r in ids)
         if longest > self.model.max_seq_len + 1:
             raise InvalidInputError(f"sequences are limited to max_seq_len + 1 = {self.model.max_seq_len + 1} "
-                                    f"tokens; got {longest}", field="input_ids" if input_ids is not None else "texts")
-        batch_ids, mask = pad_rows(ids, self.pad_token_id)
-        if attention_mask is not None:
-            if texts is not None:
-                raise InvalidInputError("attention_mask goes with input_ids, not texts", field="attention_mask")
-            rows = [[int(v) for v in r] for r in attention_mask]
-            if [len(r) for r in rows] != [len(r) for r in ids]:
-                raise InvalidInputError("attention_mask must have the same shape as input_ids", field="attention_mask")
-            if any(v not in (0, 1) for r in rows for v in r):
-                raise InvalidInputError("attention_mask values must be 0 or 1", field="attention_mask")
-            mask = pad_rows(rows, 0)[0]
-            if not bool(mask[:, 1:].any()):
-                raise InvalidInputError("attention_mask leaves no token to predict (positions after the first "
-                                        "must include at least one 1)", field="attention_mask")
-        seed = new_seed() if seed is None else seed
-        out = self.batch_handler.compute_loss(self.model, {"input_ids": batch_ids, "attention_mask": mask},
-                                              generator=make_generator(self.device, seed))
-        return {**out.to_dict(), "seed": seed}
+                                    f"tokens; got {longest}", field=field)
+        if e.attention_mask is None:
+            return ids, [[1] * len(r) for r in ids]
+        if e.texts is not None:
+            raise InvalidInputError("attention_mask goes with input_ids, not texts", field="attention_mask")
+        masks = [[int(v) for v in r] for r in e.attention_mask]
+        if [len(r) for r in masks] != [len(r) for r in ids]:
+            raise InvalidInputError("attention_mask must have the same shape as input_ids", field="attention_mask")
+        if any(v not in (0, 1) for r in masks for v in r):
+            raise InvalidInputError("attention_mask values must be 0 or 1", field="attention_mask")
+        if not any(v for r in masks for v in r[1:]):
+            raise InvalidInputError("attention_mask leaves no token to predict (positions after the first "
+                                    "must include at least one 1)", field="attention_mask")
+        return ids, masks
