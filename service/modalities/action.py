@@ -302,9 +302,17 @@ def evaluate_each(pipeline: ActionServing, evaluations: list[PolicyEvaluation]) 
     return pipeline.evaluate_each(evaluations)
 
 
-# Several clients' evaluations in one forward pass; each gets its loss alone would give (its seed's noise and
+# Several clients' evaluations in one forward pass; each gets the loss it would get alone (its seed's noise and
 # timesteps, reduced over its own rows).
 evaluate = checked_batch(check_evaluate, evaluate_each)
+
+# Only small evaluations share a call, so a shared call of max_batch_size of them is never much larger than what
+# one request may be alone (VLA_MAX_BATCH samples); a larger one runs alone.
+SHARED_EVALUATION_SAMPLES = 8
+
+
+def evaluate_batch_key(request: ActionEvaluateRequest) -> Optional[str]:
+    return "evaluate" if len(request.samples) <= SHARED_EVALUATION_SAMPLES else None
 
 
 def _prepare_predict(request: ActionPredictRequest) -> None:
@@ -347,4 +355,4 @@ ADAPTER = ModalityAdapter(ActionPredictRequest, ActionPredictResponse, predict,
                           ActionEvaluateRequest, ActionEvaluateResponse, evaluate, encode_predict=encode_chunk,
                           batch_key=batch_key, prepare=_prepare, prepare_on_loop=_prepare_on_loop,
                           session_predict=session_predict, expires=expires,
-                          evaluate_batch_key=lambda request: "evaluate")
+                          evaluate_batch_key=evaluate_batch_key)

@@ -172,9 +172,19 @@ def evaluate_each(pipeline: TextServing, evaluations: list[TextEvaluation]) -> l
 # Several clients' evaluations in one forward pass; each gets the loss it gets alone (over its own tokens).
 evaluate = checked_batch(check_evaluate, evaluate_each)
 
+# Only small evaluations share a call: a shared call of max_batch_size of them is then never larger than what one
+# request may be alone (its logits are rows × length × vocabulary); a larger one runs alone.
+SHARED_EVALUATION_TOKENS = 2048
+
+
+def evaluate_batch_key(request: TextEvaluateRequest) -> Optional[str]:
+    # Characters bound a text's tokens from above for the tokenizers here (a token is at least one character).
+    size = sum(map(len, request.input_ids)) if request.input_ids is not None else sum(map(len, request.texts))
+    return "evaluate" if size <= SHARED_EVALUATION_TOKENS else None
+
 
 # Generation: one request per model call (a request's rows decode together; continuous batching is its own
 # work). Evaluations queued together share one forward pass.
 ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, each(predict_one),
                           TextEvaluateRequest, TextEvaluateResponse, evaluate,
-                          encode_predict=encode_completions, evaluate_batch_key=lambda request: "evaluate")
+                          encode_predict=encode_completions, evaluate_batch_key=evaluate_batch_key)

@@ -53,3 +53,17 @@ def test_concurrent_evaluations_share_a_call_and_keep_their_own_losses(tiny_chec
         assert mine["loss"] == pytest.approx(solo["loss"], abs=1e-5) and mine["seed"] == solo["seed"]
         assert {k: v for k, v in mine.items() if k not in ("loss", "timing_ms", "perplexity")} == \
                {k: v for k, v in solo.items() if k not in ("loss", "timing_ms", "perplexity")}
+
+
+def test_only_small_evaluations_share_a_call():
+    """A shared call of max_batch_size evaluations stays no larger than one request may be alone: a large
+    evaluation (more than 8 policy samples, over 2,048 tokens) runs by itself (no batch key)."""
+    from service.modalities import action, text
+
+    small = text.TextEvaluateRequest(input_ids=[[1] * 1000, [1] * 1048])
+    large = text.TextEvaluateRequest(input_ids=[[1] * 1000, [1] * 1049])
+    assert text.evaluate_batch_key(small) == "evaluate" and text.evaluate_batch_key(large) is None
+    assert text.evaluate_batch_key(text.TextEvaluateRequest(texts=["x" * 2049])) is None
+    sample = EVALUATE_REQUESTS["diffusion_policy"]["samples"][0]
+    assert action.evaluate_batch_key(action.ActionEvaluateRequest(samples=[sample] * 8)) == "evaluate"
+    assert action.evaluate_batch_key(action.ActionEvaluateRequest(samples=[sample] * 9)) is None
