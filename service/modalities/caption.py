@@ -12,10 +12,11 @@ from typing import Any, Optional, Union
 from pydantic import Field, PrivateAttr, model_validator, StrictInt
 
 from service.images import decode_image_list, decode_image_value
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, each
+from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, checked_batch, each
 from service.modalities.text import (CompletionOut, SamplingFields, TextEvaluateResponse, TokenRows, Usage, _rows,
                                      completion_payload)
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.caption import CaptionEvaluation
 from vla_foundry.pipelines.interfaces import CaptionServing
 
 IMAGE_FORMS = ("a base64 PNG/JPEG string, a data: URL, or a typed array {dtype, shape, data} of (H, W, 3) uint8 "
@@ -129,12 +130,16 @@ class CaptionEvaluateRequest(ImageFields):
         return self
 
 
-def evaluate_one(pipeline: CaptionServing, request: CaptionEvaluateRequest) -> dict:
-    return pipeline.evaluate(request.decoded_images(), texts=request.texts, input_ids=request.input_ids,
-                             seed=request.seed)
+def check_evaluate(pipeline: CaptionServing, request: CaptionEvaluateRequest) -> CaptionEvaluation:
+    return CaptionEvaluation(request.decoded_images(), request.texts, request.input_ids, request.seed)
 
 
+def evaluate_each(pipeline: CaptionServing, evaluations: list[CaptionEvaluation]) -> list:
+    return pipeline.evaluate_each(evaluations)
+
+
+# No evaluate batch key: each caption evaluation is its own call (see CaptionPipeline.evaluate_each).
 ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, each(predict_one),
-                          CaptionEvaluateRequest, TextEvaluateResponse, each(evaluate_one),
+                          CaptionEvaluateRequest, TextEvaluateResponse, checked_batch(check_evaluate, evaluate_each),
                           encode_predict=encode_captions, check=check_text,
                           prepare=lambda request: request.decoded_images())

@@ -274,3 +274,17 @@ def test_bfloat16_captioner_takes_float32_pixels(tiny_checkpoints, model_type):
     assert len(result.completions[0].token_ids) == 3
     loss = pipeline.evaluate([[image]], texts=["a red block"], seed=0)["loss"]
     assert np.isfinite(loss)
+
+
+def test_evaluate_each_scores_each_caption_evaluation_as_evaluate_does(pipeline):
+    """Several clients' caption evaluations (different image counts per row): each its own ``evaluate`` result,
+    a bad one its own error."""
+    from vla_foundry.pipelines.caption import CaptionEvaluation
+
+    evaluations = [CaptionEvaluation([[image(1)]], texts=["a red block"], seed=1),
+                   CaptionEvaluation([[image(2), image(3)]], texts=["two views"], seed=2),
+                   CaptionEvaluation([[image(4)]], texts=None, input_ids=None, seed=3)]  # neither: refused
+    outs = pipeline.evaluate_each(evaluations)
+    assert isinstance(outs[2], InvalidInputError) and outs[2].field == "texts"
+    for e, out in zip(evaluations[:2], outs):
+        assert out == pipeline.evaluate(e.images, texts=e.texts, seed=e.seed)

@@ -7,8 +7,9 @@ image tokens, preprocessing pixels — is its caption processor's (``caption_inp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,6 +33,26 @@ def broadcast_rows(prompts: Optional[Sequence[Any]], images: Images, prompt_fiel
         raise InvalidInputError(f"{len(prompts)} prompts and {len(images)} image lists: send one prompt for all "
                                 "image lists, one image list for all prompts, or as many of each", field=prompt_field)
     return prompts, images
+
+
+def paired_rows(prompts: Optional[Sequence[Any]], prompt_token_ids: Optional[Sequence[Sequence[int]]], images):
+    """``broadcast_rows`` for a caption request: token-id prompts when given (then no text prompts), else text
+    prompts (a missing one is empty); returns (prompts, prompt_token_ids, images)."""
+    if prompt_token_ids is not None:
+        prompt_token_ids, images = broadcast_rows(prompt_token_ids, images, "prompt_token_ids")
+        return None, prompt_token_ids, images
+    prompts, images = broadcast_rows(prompts, images)
+    return [p or "" for p in prompts], None, images
+
+
+@dataclass
+class CaptionEvaluation:
+    """One client's caption evaluation: its image lists (decoded) and the texts or ids to score."""
+
+    images: Images
+    texts: Optional[Sequence[str]] = None
+    input_ids: Optional[Sequence[Sequence[int]]] = None
+    seed: Optional[int] = None
 
 
 @register_pipeline("caption")
@@ -66,12 +87,7 @@ class CaptionPipeline(TextPipeline):
                 sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (), seed: Optional[int] = None,
                 use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
         """One caption per (prompt, image list) row; see ``broadcast_rows``. ``images`` are (H, W, 3) uint8."""
-        if prompt_token_ids is not None:
-            prompt_token_ids, images = broadcast_rows(prompt_token_ids, images, "prompt_token_ids")
-            prompts = None
-        else:
-            prompts, images = broadcast_rows(prompts, images)
-            prompts = [p or "" for p in prompts]
+        prompts, prompt_token_ids, images = paired_rows(prompts, prompt_token_ids, images)
         inputs = self.processor.encode(prompts, prompt_token_ids, images, rendered=rendered)
         self._check_ids(inputs.ids, "prompt" if prompt_token_ids is None else "prompt_token_ids")
         return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
@@ -84,13 +100,8 @@ class CaptionPipeline(TextPipeline):
         not pair, token ids out of the vocabulary, a prompt too long for ``max_new_tokens`` (where the processor
         counts image tokens without pixels; an HF processor needs them). A server calls it before it decodes
         the images, so a request refused for its text costs no image decode."""
-        placeholders = [[None] * n for n in image_counts]
-        if prompt_token_ids is not None:
-            prompt_token_ids, placeholders = broadcast_rows(prompt_token_ids, placeholders, "prompt_token_ids")
-            prompts = None
-        else:
-            prompts, placeholders = broadcast_rows(prompts, placeholders)
-            prompts = [p or "" for p in prompts]
+        prompts, prompt_token_ids, placeholders = paired_rows(prompts, prompt_token_ids,
+                                                              [[None] * n for n in image_counts])
         ids = self.processor.text_ids(prompts, prompt_token_ids, placeholders)
         if ids is not None:
             self._check_ids(ids, "prompt" if prompt_token_ids is None else "prompt_token_ids")
@@ -106,10 +117,17 @@ class CaptionPipeline(TextPipeline):
             if bad:
                 raise InvalidInputError(f"{field}[{i}] has token ids outside [0, {vocab}): {bad[:5]}", field=field)
 
-    def evaluate_each(self, evaluations):
-        # A text pipeline's batched evaluation scores text alone; captions are scored with their images, one
-        # request at a time (``evaluate``).
-        raise NotImplementedError("caption evaluations run one at a time: CaptionPipeline.evaluate")
+    def evaluate_each(self, evaluations: Sequence["CaptionEvaluation"]) -> list[Union[dict[str, Any], Exception]]:
+        """Several clients' caption evaluations, each scored as ``evaluate`` scores it (an ``InvalidInputError``
+        is that evaluation's own failure). One forward pass each: rows of different requests may differ in
+        their image count, and an HF processor lays out each request's pixels its own way."""
+        results: list = []
+        for e in evaluations:
+            try:
+                results.append(self.evaluate(e.images, texts=e.texts, input_ids=e.input_ids, seed=e.seed))
+            except InvalidInputError as error:
+                results.append(error)
+        return results
 
     @torch.inference_mode()
     def evaluate(self, images: Images, texts: Optional[Sequence[str]] = None,

@@ -15,6 +15,7 @@ import numpy as np
 
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
+from vla_foundry.pipelines.caption import CaptionEvaluation
 from vla_foundry.pipelines.image import ImagePlan, ImageRequest, ImageResult
 from vla_foundry.pipelines.text import CompletionResult, TextEvaluation
 from vla_foundry.robotics.observations import RawObservation
@@ -54,6 +55,9 @@ class CaptionServing(TextServing, Protocol):
 
     def check(self, image_counts: Sequence[int], prompts: Optional[Sequence[str]] = None,
               prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> None: ...
+
+    def evaluate_each(self, evaluations: Sequence[CaptionEvaluation]  # type: ignore[override]
+                      ) -> list[dict[str, Any] | InvalidInputError]: ...  # captions score with their images
 
 
 class ImageServing(Served, Protocol):
