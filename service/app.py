@@ -17,6 +17,7 @@ from service.images import PixelBudget
 from service.memory import return_large_blocks_to_the_system
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
 from service.deadlines import Deadlines, EarlyAdmission
+from service.light_requests import LightRequestPacer
 from service.probes import LivenessProbe
 from service.request_ids import RequestIds
 from service.routes import health, models
@@ -74,7 +75,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.add_middleware(Deadlines)  # X-Request-Timeout → the request's deadline (deadlines.py)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outside the key check: 401s are counted too
     app.add_middleware(RequestIds)  # every request's id, in its reply, error body and log lines
-    app.add_middleware(LivenessProbe)  # outermost: a probe costs the event loop almost nothing (probes.py)
+    app.add_middleware(LivenessProbe)  # a probe costs the event loop almost nothing (probes.py)
+    # Outermost: while a model works, GET/HEAD/OPTIONS requests are paced so a flood cannot take its CPU.
+    app.add_middleware(LightRequestPacer, rate=settings.light_requests_per_s, models_at_work=manager.models_at_work,
+                       on_delay=metrics.observe_light_delay)
     install_error_handlers(app)
     app.include_router(health.router)
     add_docs_routes(app)

@@ -347,6 +347,10 @@ class DeploymentManager:
                                 "name one in `model`", field="model")
         return usable[0]
 
+    def models_at_work(self, window_s: float) -> bool:
+        """Whether any deployment is running or queueing a call, or ended one less than ``window_s`` ago."""
+        return any(d.executor.at_work(window_s) for d in list(self.deployments.values()))
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether to take traffic, and each deployment's status: all a probe needs. The probe is public, so
         failure reasons (which name checkpoint paths and state-dict keys) stay in ``GET /models/{name}``."""

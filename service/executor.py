@@ -20,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -82,6 +83,7 @@ class ModelExecutor:
         # (started, batch size): what the expected wait of a new request is made of.
         self.call_seconds: dict[int, float] = {}
         self._running: Optional[tuple[float, int]] = None
+        self.last_call_done = -math.inf  # time.perf_counter() when the last measured call ended
         # depth and batched_depth change on the event loop (a request queued) and on the model thread (taken):
         # read-modify-writes, so under a lock (an update lost would leave a phantom wait for good).
         self._counts = threading.Lock()
@@ -123,6 +125,11 @@ class ModelExecutor:
         if running is not None:
             wait += max(0.0, self.call_s(running[1]) - (time.perf_counter() - running[0]))
         return wait
+
+    def at_work(self, window_s: float) -> bool:
+        """Whether a call is running or queued, or one ended less than ``window_s`` ago."""
+        return (self._running is not None or self.depth > 0
+                or time.perf_counter() - self.last_call_done < window_s)
 
     def call_s(self, batch_size: int) -> float:
         """The recent time of one call of ``batch_size`` requests; from the nearest size measured when this one
@@ -216,6 +223,7 @@ class ModelExecutor:
         _deliver(job, value, started, done, 1)
 
     def _observe(self, seconds: float, items: int) -> None:
+        self.last_call_done = time.perf_counter()
         previous = self.call_seconds.get(items)
         self.call_seconds[items] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 

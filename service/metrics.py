@@ -69,6 +69,13 @@ class Metrics:
                                      "did not arrive in time (VLA_HEADER_TIMEOUT_S, VLA_BODY_TIMEOUT_S).", ["phase"],
                                      registry=r)
 
+        self.light_delays = Histogram("vla_light_request_delay_seconds", "How long GET, HEAD and OPTIONS requests "
+                                      "were held while a model was at work (VLA_LIGHT_REQUESTS_PER_S); only those "
+                                      "held are observed.", buckets=LATENCY_BUCKETS, registry=r)
+
+    def observe_light_delay(self, seconds: float) -> None:
+        self.light_delays.observe(seconds)
+
     def count_read_timeout(self, phase: str) -> None:
         self.read_timeouts.labels(phase).inc()
 

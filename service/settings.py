@@ -111,6 +111,10 @@ class Settings(BaseSettings):
         "Hold an overload refusal (503 overloaded) for between half of this and all of it before sending it "
         "(less when the request's deadline is sooner), with Retry-After less the time held: clients that retry at "
         "once then retry about once per period, not thousands of times a second; 0 sends it at once."))
+    light_requests_per_s: float = Field(500.0, ge=0, le=1_000_000, description=(
+        "While any model is at work, GET, HEAD and OPTIONS requests (probes, listings, /metrics, the docs) are "
+        "served at most this many a second; more wait their turn (at most 0.5 s), so a client flooding them cannot "
+        "take the model's CPU; 0 never paces them."))
     header_timeout_s: float = Field(10.0, gt=0, le=3600, description=(
         "A connection's request headers must arrive within this long of its opening (or of the next request's "
         "first byte); else 408 and the connection closes (silently if it sent nothing)."))
