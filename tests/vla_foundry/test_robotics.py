@@ -577,3 +577,34 @@ def test_windows_as_long_as_the_stats_are_normalized_whole():
     entry = stats["pos"]  # rows 0 and 1 of the stats, as the whole 8-row window uses them
     expected = (np.ones((2, 2)) - np.array(entry["mean_per_timestep"][:2])) / np.array(entry["std_per_timestep"][:2])
     np.testing.assert_allclose(inputs.proprioception[0].numpy(), expected, atol=1e-5)
+
+
+def test_prompt_lengths_are_counted_once_per_distinct_prompt_and_still_refused_when_too_long(monkeypatch):
+    """A robot repeats its instruction every step: its length is checked from a cache, not by tokenizing it again;
+    a long one is refused with its field whether it was cached or not, and the cache stays bounded."""
+    from vla_foundry.errors import InvalidInputError
+    from vla_foundry.robotics import processor as processor_module
+    from vla_foundry.robotics.processor import InputProcessor, check_prompt_length
+
+    calls = []
+
+    def text_fn(prompts, max_length):
+        calls.append(list(prompts))
+        lengths = [len(p.split()) for p in prompts]
+        mask = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for row, n in enumerate(lengths):
+            mask[row, :n] = 1
+        return mask.clone(), mask
+
+    processor = InputProcessor(lambda frames: torch.zeros(len(frames), 3, 4, 4), text_fn)
+    assert processor.token_counts(["a b", "a b c", "a b"]) == [2, 3, 2]
+    assert calls == [["a b", "a b c"]]  # each distinct prompt once
+    assert processor.token_counts(["a b c", "a b", "d"]) == [3, 2, 1] and calls[-1] == ["d"]  # only the new one
+    check_prompt_length(processor, ["a b", "a b c"], 3, ["x", "y"])  # at the limit: fine
+    for _ in range(2):  # counted, then cached: refused alike, naming the field
+        with pytest.raises(InvalidInputError) as refused:
+            check_prompt_length(processor, ["a b", "a b c d"], 3, ["x", "y"])
+        assert refused.value.field == "y" and "4 tokens" in str(refused.value)
+    monkeypatch.setattr(processor_module, "TOKEN_COUNT_CACHE_SIZE", 5)
+    assert processor.token_counts(["e", "f e"]) == [1, 2]  # would pass 5 cached: cleared first, answer whole
+    assert len(processor._token_counts) <= 5 and processor.token_counts(["a b c d"]) == [4]

@@ -18,6 +18,7 @@ from vla_foundry.errors import InvalidInputError
 
 RESIZE_METHODS = ("center_crop", "resize_no_crop", "resize_fit")
 IMAGE_TOKEN = "<image>"
+TOKEN_COUNT_CACHE_SIZE = 4096  # distinct prompts whose token counts are kept (a fleet's instructions)
 
 
 def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -89,6 +90,9 @@ class InputProcessor:
         self.image_fn = image_fn
         self.text_fn = text_fn
         self.text_pad_id = text_pad_id  # what ``text_fn`` pads shorter rows with, on the right; None: it cannot
+        # Token counts of prompts seen: a robot repeats its instruction every step, and tokenizing it again to
+        # check its length cost more than the policy's whole sampling call (bounded; cleared when full).
+        self._token_counts: dict[str, int] = {}
 
     def pad_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +104,19 @@ class InputProcessor:
         ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], extra), self.text_pad_id)], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_zeros((attention_mask.shape[0], extra))], dim=1)
         return ids, mask
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """How many tokens ``text_fn`` makes of each prompt (uncut); prompts seen before are not tokenized again."""
+        known = {p: self._token_counts[p] for p in set(prompts) if p in self._token_counts}
+        missing = sorted(set(prompts) - known.keys())
+        if missing:
+            _, mask = self.text_fn(missing, None)
+            new = dict(zip(missing, mask.sum(dim=1).tolist()))
+            if len(self._token_counts) + len(new) > TOKEN_COUNT_CACHE_SIZE:
+                self._token_counts.clear()
+            self._token_counts.update(new)
+            known.update(new)
+        return [known[p] for p in prompts]
 
     def pixel_values(self, frames: list[np.ndarray]) -> torch.Tensor:
         return self.image_fn(frames)
@@ -166,8 +183,7 @@ def check_prompt_length(processor: InputProcessor, prompts: list[str], max_lengt
     """Refuse an instruction the tokenizer would cut (the reference truncates silently); ``fields`` name each."""
     if max_length is None or processor.text_fn is None:
         return
-    ids, mask = processor.text_fn(prompts, None)
-    for n, field in zip(mask.sum(dim=1).tolist(), fields):
+    for n, field in zip(processor.token_counts(prompts), fields):
         if n > max_length:
             raise InvalidInputError(f"{field} is {n} tokens with its image placeholders; this policy takes at most "
                                     f"{max_length}; shorten it", field=field)
