@@ -38,8 +38,9 @@ def rotary_tables(offset: int, length: int, head_dim: int, device: torch.device)
 
 
 def apply_rotary(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """u (B, T, nh, hd) rotated GPT-NeoX style; cos/sin (T, hd)."""
+    """u (B, T, nh, hd) rotated GPT-NeoX style; cos/sin (T, hd), or (B, T, hd) when each row has its own
+    positions (continuous batching)."""
     half = u.shape[-1] // 2
     rotated = torch.cat([-u[..., half:], u[..., :half]], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     return (u.float() * cos + rotated.float() * sin).to(u.dtype)

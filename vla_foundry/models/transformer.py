@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vla_foundry.models.kv_slots import SlotBatch, SlotLayer
 from vla_foundry.models.norms import build_norm
 from vla_foundry.models.registry import register_model
 from vla_foundry.models.rotary import KVCache, RotaryEmbedding, apply_rotary, rotary_tables
@@ -86,7 +87,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if past is not None:
+        if isinstance(past, SlotLayer):  # continuous batching: each row at its own position (kv_slots.py)
+            k, v = past.update(k, v)  # (B, Tk, nh, hd)
+        elif past is not None:
             k = torch.cat([past[0], k], dim=1)  # (B, Tk, nh, hd)
             v = torch.cat([past[1], v], dim=1)
         o = F.scaled_dot_product_attention(
@@ -214,12 +217,21 @@ class Transformer(nn.Module):
         if causal and not use_cache:
             attention_mask = None  # the reference ignores padding here (right padding assumed; bug B3)
         B, T, _ = x.shape
-        offset = past_key_values[0][0].shape[1] if past_key_values else 0
-        bias, sdpa_causal = attention_bias(T, offset + T, causal, attention_mask, x.dtype, x.device)
-        rope = self._rotary(offset, T, x.device) if self.params.positional_embedding_type != "none" else None
+        rotary = self.params.positional_embedding_type != "none"
+        if isinstance(past_key_values, SlotBatch):  # one new token per row, each at its own position
+            slots = past_key_values
+            bias, sdpa_causal = slots.bias(x.dtype), False
+            rope = slots.rotary(*self._rotary(0, slots.length, x.device)) if rotary else None
+            pasts = [slots.layer(i) for i in range(len(self.layers))]
+            use_cache = False  # the slots hold the cache
+        else:
+            offset = past_key_values[0][0].shape[1] if past_key_values else 0
+            bias, sdpa_causal = attention_bias(T, offset + T, causal, attention_mask, x.dtype, x.device)
+            rope = self._rotary(offset, T, x.device) if rotary else None
+            pasts = past_key_values or [None] * len(self.layers)
         presents, hidden = [], []
-        for i, layer in enumerate(self.layers):
-            x, present = layer(x, rope, bias, sdpa_causal, past_key_values[i] if past_key_values else None)
+        for layer, past in zip(self.layers, pasts):
+            x, present = layer(x, rope, bias, sdpa_causal, past)
             presents.append(present)
             if output_hidden_states:
                 hidden.append(x)
@@ -228,6 +240,18 @@ class Transformer(nn.Module):
             logits = logits.float()
         return TransformerOutput(logits, presents if use_cache else None,
                                  tuple(hidden) if output_hidden_states else None)
+
+    # ------------------------------------------------------------------ continuous batching (continuous.py)
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """One prompt (1, T) as ``generate``'s first step runs it: next-token logits (1, V) and its cache."""
+        out = self(input_ids, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    @property
+    def slot_decoder(self) -> "Transformer":
+        """The model whose decode steps take a ``SlotBatch`` (kv_slots.py) as ``past_key_values``."""
+        return self
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50,

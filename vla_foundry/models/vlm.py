@@ -120,6 +120,20 @@ class VLM(nn.Module):
         return self.transformer(inputs_embeds=emb, attention_mask=attention_mask, past_key_values=past_key_values,
                                 output_hidden_states=output_hidden_states, use_cache=use_cache)
 
+    # ------------------------------------------------------------------ continuous batching (continuous.py)
+
+    def prefill(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None):
+        """One prompt (1, T) and its images as ``generate``'s first step runs them: next-token logits (1, V) and the
+        language model's cache; later tokens are the language model's alone."""
+        emb = self.embed(input_ids, pixel_values, image_columns=input_ids.shape[1])
+        out = self.transformer(inputs_embeds=emb, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    @property
+    def slot_decoder(self):
+        """The language model, whose decode steps take a ``SlotBatch`` (kv_slots.py) as ``past_key_values``."""
+        return self.transformer
+
     # ------------------------------------------------------------------ generate
 
     @torch.no_grad()

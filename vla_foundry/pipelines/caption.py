@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vla_foundry.caption_inputs import CAPTION_PROCESSORS, CaptionProcessor, Images
+from vla_foundry.continuous import Generation
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.base import register_pipeline
 from vla_foundry.pipelines.text import CompletionResult, OnText, TextPipeline, make_generator, new_seed, pad_rows
@@ -87,11 +88,27 @@ class CaptionPipeline(TextPipeline):
                 sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (), seed: Optional[int] = None,
                 use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
         """One caption per (prompt, image list) row; see ``broadcast_rows``. ``images`` are (H, W, 3) uint8."""
+        inputs = self._encoded(images, prompts, prompt_token_ids, rendered)
+        return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
+                                         use_cache=use_cache, on_text=on_text)
+
+    def start_caption(self, images: Images, prompts: Optional[Sequence[str]] = None,
+                      prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
+                      sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
+                      seed: Optional[int] = None, on_text: Optional[OnText] = None,
+                      rendered: bool = False) -> Generation:
+        """``caption``'s generation (with the cache), checked and ready for a ``ContinuousBatcher``."""
+        inputs = self._encoded(images, prompts, prompt_token_ids, rendered)
+        return self.start_generation(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
+                                     on_text=on_text)
+
+    def _encoded(self, images: Images, prompts: Optional[Sequence[str]],
+                 prompt_token_ids: Optional[Sequence[Sequence[int]]], rendered: bool):
+        """The rows paired (``paired_rows``), tokenized with their images, their ids checked."""
         prompts, prompt_token_ids, images = paired_rows(prompts, prompt_token_ids, images)
         inputs = self.processor.encode(prompts, prompt_token_ids, images, rendered=rendered)
         self._check_ids(inputs.ids, "prompt" if prompt_token_ids is None else "prompt_token_ids")
-        return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
-                                         use_cache=use_cache, on_text=on_text)
+        return inputs
 
     def check(self, image_counts: Sequence[int], prompts: Optional[Sequence[str]] = None,
               prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from vla_foundry.continuous import ContinuousBatcher, Generation
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
@@ -290,15 +291,7 @@ class TextPipeline(Pipeline):
                              on_text: Optional[OnText] = None) -> CompletionResult:
         """Generate from token-id prompts; ``model_inputs`` (batch-first tensors, e.g. images) go to
         ``generate`` alongside."""
-        if sampling.max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1; got {sampling.max_new_tokens}",
-                                    field="max_new_tokens")
-        sampling = self.fitted(ids, sampling)
-        if stop and self.tokenizer is None:
-            raise InvalidInputError("stop strings need a tokenizer; this deployment has none", field="stop")
-        if any(not s for s in stop):
-            raise InvalidInputError("stop strings must be non-empty", field="stop")
-        seed = new_seed() if seed is None else seed
+        sampling, seed = self._checked(ids, sampling, stop, seed)
         generator = make_generator(self.device, seed)
         tracker = CompletionTracker(len(ids), self.tokenizer, self.end_ids, stop, on_text)
         if use_cache or len({len(r) for r in ids}) == 1 or getattr(self.model, "masks_padding_without_cache", False):
@@ -309,10 +302,68 @@ class TextPipeline(Pipeline):
             for i, prompt in enumerate(ids):
                 row_inputs = {k: v[i:i + 1] for k, v in model_inputs.items()}
                 self._generate([prompt], row_inputs, range(i, i + 1), sampling, False, generator, tracker)
+        return self._result(ids, tracker, seed)
+
+    def _checked(self, ids: list[list[int]], sampling: SamplingParams, stop: Sequence[str],
+                 seed: Optional[int]) -> tuple[SamplingParams, int]:
+        """The sampling settings these prompts get (``fitted``) and the seed, after refusing what cannot run."""
+        if sampling.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1; got {sampling.max_new_tokens}",
+                                    field="max_new_tokens")
+        sampling = self.fitted(ids, sampling)
+        if stop and self.tokenizer is None:
+            raise InvalidInputError("stop strings need a tokenizer; this deployment has none", field="stop")
+        if any(not s for s in stop):
+            raise InvalidInputError("stop strings must be non-empty", field="stop")
+        return sampling, (new_seed() if seed is None else seed)
+
+    def _result(self, ids: list[list[int]], tracker: "CompletionTracker", seed: int) -> CompletionResult:
         completions = tracker.finish()
         return CompletionResult(completions, prompt_tokens=sum(len(r) for r in ids),
                                 completion_tokens=sum(len(c.token_ids) for c in completions), seed=seed,
                                 prompt_token_ids=ids)
+
+    # ------------------------------------------------------------------ continuous batching (continuous.py)
+
+    def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
+                           prefill_tokens: int = 512) -> Optional[ContinuousBatcher]:
+        """A batcher that decodes up to ``max_sequences`` sequences of many requests together (fewer when their
+        cache would pass ``max_cache_bytes``); None when this model cannot join a running batch (it has no
+        ``prefill`` and ``slot_decoder``: requests then run one at a time)."""
+        if not hasattr(self.model, "prefill") or not hasattr(self.model, "slot_decoder"):
+            return None
+        dtype = next(self.model.slot_decoder.parameters()).dtype
+        slots = ContinuousBatcher.slots_within(self.model, max_sequences, max_cache_bytes, dtype)
+        if slots < 1:
+            raise ValueError(f"one sequence's cache does not fit in {max_cache_bytes} bytes (VLA_KV_CACHE_MB); "
+                             "allow more, or serve this model without continuous batching")
+        return ContinuousBatcher(self.model, slots, prefill_tokens, dtype, self.device)
+
+    def start_completion(self, prompts: Optional[Sequence[str]] = None,
+                         prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
+                         sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
+                         seed: Optional[int] = None, on_text: Optional[OnText] = None,
+                         rendered: bool = False) -> Generation:
+        """``complete``'s generation (with the cache), checked and ready for a ``ContinuousBatcher``: the same
+        tokens, finish reasons and streamed text as ``complete`` gives."""
+        ids = self.encode_prompts(prompts, prompt_token_ids, rendered=rendered)
+        return self.start_generation(ids, {}, sampling=sampling, stop=stop, seed=seed, on_text=on_text)
+
+    def start_generation(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], *,
+                         sampling: SamplingParams, stop: Sequence[str], seed: Optional[int],
+                         on_text: Optional[OnText] = None) -> Generation:
+        sampling, seed = self._checked(ids, sampling, stop, seed)
+        tracker = CompletionTracker(len(ids), self.tokenizer, self.end_ids, stop, on_text)
+        model_inputs = {k: self.batch_handler.to_model(self.model, v) for k, v in model_inputs.items()}
+        rows = range(len(ids))
+
+        def finish(new_tokens: list[list[int]]) -> CompletionResult:
+            for row, tokens in zip(rows, new_tokens):
+                tracker.set_tokens(row, tokens)
+            return self._result(ids, tracker, seed)
+
+        return Generation(ids, [{k: v[i:i + 1] for k, v in model_inputs.items()} for i in rows], sampling,
+                          make_generator(self.device, seed), lambda new_ids: tracker.update(rows, new_ids), finish)
 
     def _generate(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], rows: range,
                   sampling: SamplingParams, use_cache: bool, generator: torch.Generator,

@@ -1,0 +1,187 @@
+"""Continuous batching: many requests' sequences decoded together, joining and leaving between steps.
+
+A deployment's model thread calls :meth:`ContinuousBatcher.step` while any generation is running or
+waiting. Each step:
+
+1. drops generations whose client has gone (their slots are free at once);
+2. admits waiting generations, oldest first, while their sequences fit in free slots and the step's
+   prefill budget (``prefill_tokens`` prompt tokens) lasts: each prompt is prefilled alone, exactly
+   as a solo run prefills it, its cache copied into its slot (``models/kv_slots.py``), and the
+   generation samples its first tokens;
+3. runs one decode step for every running sequence (one new token each, each at its own position)
+   and lets each generation sample its next tokens from its own rows with its own generator;
+4. finishes generations that are done (every row ended by eos or a stop string, or
+   ``max_new_tokens`` reached): their result is handed to ``on_done`` and their slots freed.
+
+A generation keeps all its rows (a request's prompts, or ``n`` choices) until all are done, and draws
+from its own ``torch.Generator`` over exactly the rows and shapes a solo run draws from, so its
+tokens are the ones it gets alone (up to the float rounding of batched kernels, which does not
+change a token in practice; the tests compare tokens).
+
+The model supplies ``prefill(input_ids (1, T), **row_inputs) -> (logits (1, V), cache)`` and
+``slot_decoder``, a language model whose ``forward`` takes a ``SlotBatch`` as ``past_key_values``.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.models.kv_slots import SlotKVCache
+from vla_foundry.sampling import SamplingParams, select_next_token
+
+
+@dataclass
+class Generation:
+    """One request's prompts, ready to decode: what a pipeline's ``start_*`` method makes."""
+
+    ids: list[list[int]]  # the prompts' token ids
+    row_inputs: list[dict[str, torch.Tensor]]  # per prompt, its extra prefill inputs (e.g. pixel_values), on device
+    sampling: SamplingParams
+    generator: torch.Generator
+    stopping: Callable[[torch.Tensor], torch.Tensor]  # new ids (n, k) → (n,) bool: rows done (may stream text)
+    finish: Callable[[list[list[int]]], Any]  # every row's new tokens → the request's result
+
+
+@dataclass
+class _Running:
+    generation: Generation
+    on_done: Callable[[Any], None]  # the result, or the exception that ended it
+    cancelled: Callable[[], bool]
+    slots: list[int] = field(default_factory=list)
+    new_tokens: list[list[int]] = field(default_factory=list)  # per row
+
+    @property
+    def rows(self) -> int:
+        return len(self.generation.ids)
+
+
+class ContinuousBatcher:
+    def __init__(self, model, num_slots: int, prefill_tokens: int, dtype: torch.dtype, device: torch.device):
+        decoder = model.slot_decoder
+        p = decoder.params
+        self.model, self.decoder = model, decoder
+        self.cache = SlotKVCache(p.n_layers, num_slots, decoder.max_seq_len, p.n_heads, p.hidden_dim // p.n_heads,
+                                 dtype, device)
+        self.prefill_tokens = prefill_tokens
+        self.device = device
+        self._free = list(range(num_slots))[::-1]  # popped from the end: slot 0 first
+        self._waiting: collections.deque[_Running] = collections.deque()
+        self._running: list[_Running] = []
+
+    @staticmethod
+    def slots_within(model, num_slots: int, max_bytes: Optional[int], dtype: torch.dtype) -> int:
+        """How many slots fit in ``max_bytes`` of cache (at most ``num_slots``); 0 when not even one does."""
+        p = model.slot_decoder.params
+        per_slot = SlotKVCache.bytes_per_slot(p.n_layers, model.slot_decoder.max_seq_len, p.hidden_dim, dtype)
+        return num_slots if max_bytes is None else min(num_slots, max_bytes // per_slot)
+
+    # ------------------------------------------------------------------ the model thread's interface
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
+
+    @property
+    def active(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @property
+    def running_sequences(self) -> int:
+        return sum(r.rows for r in self._running)
+
+    def submit(self, generation: Generation, on_done: Callable[[Any], None],
+               cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Queue ``generation``; ``on_done`` gets its result (or the exception that ended it) from a later step."""
+        if len(generation.ids) > self.num_slots:
+            on_done(InvalidInputError(f"this request decodes {len(generation.ids)} sequences at once; this deployment "
+                                      f"runs at most {self.num_slots} (its max_batch_size); send fewer prompts or "
+                                      "choices", field="n"))
+            return
+        self._waiting.append(_Running(generation, on_done, cancelled))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode()
+
+    # ------------------------------------------------------------------ the step's parts
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled())
+        for r in [r for r in self._running if r.cancelled()]:
+            self._release(r)
+
+    def _admit(self) -> None:
+        budget = self.prefill_tokens
+        while self._waiting and len(self._free) >= self._waiting[0].rows:
+            r = self._waiting[0]
+            tokens = sum(len(ids) for ids in r.generation.ids)
+            if tokens > budget and budget < self.prefill_tokens:  # the budget is spent: next step (a long prompt
+                break  # still goes first in a step of its own)
+            self._waiting.popleft()
+            budget -= tokens
+            r.slots = [self._free.pop() for _ in range(r.rows)]
+            self._running.append(r)
+            try:
+                logits = torch.cat([self._prefill(slot, ids, inputs) for slot, ids, inputs
+                                    in zip(r.slots, r.generation.ids, r.generation.row_inputs)])  # (n, V)
+            except Exception as e:  # this request's inputs alone
+                self._end(r, e)
+                continue
+            self._sample(r, logits)
+
+    def _prefill(self, slot: int, ids: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, present = self.model.prefill(torch.tensor([ids], dtype=torch.long, device=self.device), **inputs)
+        self.cache.store_prompt(slot, present)
+        return logits
+
+    def _decode(self) -> None:
+        running = list(self._running)
+        last = [row[-1] for r in running for row in r.new_tokens]
+        slots = [slot for r in running for slot in r.slots]
+        positions = [len(ids) + len(row) - 1 for r in running for ids, row in zip(r.generation.ids, r.new_tokens)]
+        try:
+            out = self.decoder(torch.tensor(last, dtype=torch.long, device=self.device)[:, None],
+                               past_key_values=self.cache.batch(slots, positions))
+        except Exception as e:  # the whole step failed: no row can be told apart
+            for r in running:
+                self._end(r, e)
+            return
+        logits = out.logits[:, -1]  # (B, V)
+        start = 0
+        for r in running:
+            self._sample(r, logits[start:start + r.rows])
+            start += r.rows
+
+    def _sample(self, r: _Running, logits: torch.Tensor) -> None:
+        """The generation's next token per row, from its own generator; finished when every row is done."""
+        s = r.generation.sampling
+        try:
+            next_ids = select_next_token(logits, s.temperature, s.top_k, s.top_p, r.generation.generator).tolist()
+            if not r.new_tokens:
+                r.new_tokens = [[] for _ in range(r.rows)]
+            for row, token in zip(r.new_tokens, next_ids):
+                row.append(token)
+            new = torch.tensor(r.new_tokens, dtype=torch.long)  # (n, k)
+            done = bool(r.generation.stopping(new).all()) or len(r.new_tokens[0]) >= s.max_new_tokens
+            if done:
+                self._end(r, r.generation.finish(r.new_tokens))
+        except Exception as e:  # its stream's client went away, or its text could not be made
+            self._end(r, e)
+
+    def _end(self, r: _Running, outcome: Any) -> None:
+        self._release(r)
+        r.on_done(outcome)
+
+    def _release(self, r: _Running) -> None:
+        if r in self._running:
+            self._running.remove(r)
+            self._free.extend(reversed(r.slots))
+            r.slots = []

@@ -1,0 +1,97 @@
+"""A KV cache of fixed slots, for decoding many sequences of different lengths in one step.
+
+Continuous batching (``vla_foundry/continuous.py``) keeps each running sequence in a slot: a
+row of a preallocated cache of ``num_slots`` × ``max_len`` positions per layer. A sequence's
+prompt is prefilled on its own (exactly as a solo run prefills it) and its keys and values are
+copied into its slot; each decode step then feeds one new token per sequence, each at its own
+position. Nothing is padded on the left and nothing is copied to grow the cache: a step writes
+one position per sequence and attends to each sequence's own positions only.
+
+Why slots and not blocks (vLLM's paged cache): our sequences are bounded by the model's
+``max_seq_len`` (hundreds to a few thousand tokens) and a deployment runs tens of them, so a
+slot per sequence wastes at most one context per idle slot, and the attention stays one plain
+SDPA call over a gathered (B, Tk) key range with a mask: no custom kernel. The cache's memory
+is fixed when it is built (``bytes_per_slot`` × slots) and never grows.
+
+Shapes: L layers, S slots, M max_len, nh heads, hd head dim, B sequences in a step, Tk keys.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, n_layers: int, num_slots: int, max_len: int, n_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (n_layers, num_slots, max_len, n_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, S, M, nh, hd), after rotary
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots, self.max_len = num_slots, max_len
+
+    @staticmethod
+    def bytes_per_slot(n_layers: int, max_len: int, hidden_dim: int, dtype: torch.dtype) -> int:
+        return 2 * n_layers * max_len * hidden_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def store_prompt(self, slot: int, present: list) -> None:
+        """A prefilled prompt's cache (per layer [K, V], each (1, T, nh, hd)) into positions 0…T−1 of ``slot``."""
+        for layer, (k, v) in enumerate(present):
+            length = k.shape[1]
+            self.keys[layer, slot, :length] = k[0]
+            self.values[layer, slot, :length] = v[0]
+
+    def batch(self, slots: list[int], positions: list[int]) -> "SlotBatch":
+        """A decode step's view: sequence b (in ``slots[b]``) gets its new token at ``positions[b]``."""
+        return SlotBatch(self, slots, positions)
+
+
+class SlotBatch:
+    """What a decode step passes as ``past_key_values``: per layer, where each sequence's new key and value go
+    and which keys each sequence may attend to (its own positions 0…position)."""
+
+    def __init__(self, cache: SlotKVCache, slots: list[int], positions: list[int]):
+        device = cache.keys.device
+        self.cache = cache
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # (B,)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=device)  # (B,)
+        self.length = max(positions) + 1  # Tk: the keys gathered for the step
+        self._visible: Optional[torch.Tensor] = None
+
+    def layer(self, index: int) -> "SlotLayer":
+        return SlotLayer(self, index)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's k, v (B, 1, nh, hd) at each sequence's position; its keys and values (B, Tk, nh, hd)."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (S, M, nh, hd)
+        keys[self.slots, self.positions] = k[:, 0]
+        values[self.slots, self.positions] = v[:, 0]
+        return keys[self.slots, :self.length], values[self.slots, :self.length]
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, 1, Tk) additive mask: 0 on each sequence's own positions, the dtype's minimum after them
+        (as the solo path masks padding: a softmax weight of exactly 0)."""
+        if self._visible is None:
+            keys = torch.arange(self.length, device=self.positions.device)
+            self._visible = keys[None, :] <= self.positions[:, None]  # (B, Tk)
+        bias = torch.zeros(self._visible.shape, dtype=dtype, device=self._visible.device)
+        return bias.masked_fill(~self._visible, torch.finfo(dtype).min)[:, None, None, :]
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's rows of full cos/sin tables (M, hd): (B, 1, hd), for one new token each."""
+        return cos[self.positions][:, None], sin[self.positions][:, None]
+
+
+class SlotLayer:
+    """One layer's part of a :class:`SlotBatch`: what an attention layer gets as its ``past``."""
+
+    def __init__(self, batch: SlotBatch, index: int):
+        self.batch, self.index = batch, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch.update(self.index, k, v)
