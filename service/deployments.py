@@ -76,6 +76,7 @@ class Deployment:
         self.retired = False
         self.successor: Optional["Deployment"] = None
         self._runners: dict[Any, Any] = {}  # ModelCall.run → the executor's callable for it
+        self.batcher = None  # text and captions: the ContinuousBatcher its generations share, when it has one
 
     @property
     def batch_wait_ms(self) -> float:
@@ -120,6 +121,11 @@ class Deployment:
             if self.settings.warmup:
                 self.stage = f"warming up (batch sizes up to {self.executor.max_batch_size})"
                 pipeline.warmup(self.executor.max_batch_size)
+            if self.settings.continuous_batching and hasattr(pipeline, "continuous_batcher"):
+                cache_mb = self.settings.kv_cache_mb
+                self.batcher = pipeline.continuous_batcher(
+                    self.executor.max_batch_size, None if cache_mb is None else int(cache_mb * 2**20),
+                    prefill_tokens=self.settings.prefill_tokens_per_step)
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.load_seconds = time.perf_counter() - started
@@ -194,7 +200,10 @@ class Deployment:
         if runner is None:  # one callable per run: the executor batches jobs whose callable is the same
             runner = self._runners.setdefault(call.run, lambda items, run=call.run: run(self.pipeline, items))
         try:
-            if call.batch_key is None:
+            if call.start is not None and self.batcher is not None:
+                timed = await self.executor.run_continuous(
+                    self.batcher, functools.partial(call.start, self.pipeline, call.item), deadline)
+            elif call.batch_key is None:
                 timed = await self.executor.run(_alone, runner, call.item, deadline=deadline)
             else:
                 timed = await self.executor.run_batched(runner, call.batch_key, call.item, deadline)
@@ -208,6 +217,16 @@ class Deployment:
         if self.metrics is not None:
             self.metrics.observe_model_call(self.name, timed.queue_ms, timed.run_ms, timed.batch_size)
         return timed
+
+    def _generation_mode(self) -> dict[str, Any]:
+        """Text and caption deployments: how their generations share the model (``continuous``: sequences join
+        and leave a running batch between decode steps; ``per_request``: one request's generation at a time)."""
+        if self.modality not in ("text", "caption") or self.status != READY:
+            return {}
+        if self.batcher is None:
+            return {"generation": "per_request"}
+        return {"generation": "continuous", "max_sequences": self.batcher.num_slots,
+                "kv_cache_bytes": self.batcher.cache_bytes, "prefill_tokens_per_step": self.batcher.prefill_tokens}
 
     def info(self) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"path": self.spec.checkpoint, "file": None, "step": None}
@@ -225,7 +244,7 @@ class Deployment:
             # Until it has loaded, the configured size (None: by device, decided at load).
             "batching": {"max_batch_size": self.executor.max_batch_size if self.status == READY else
                          (self.spec.max_batch_size or self.settings.max_batch_size),
-                         "batch_wait_ms": self.batch_wait_ms},
+                         "batch_wait_ms": self.batch_wait_ms, **self._generation_mode()},
         }
         if self.demo_card is not None:
             info["demo"] = self.demo_card

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
+from vla_foundry.continuous import Generation
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,6 +58,7 @@ class _Job:
     batch_key: Optional[Hashable] = None  # set for batchable jobs: fn(items) → results, args = (item,)
     deadline: Optional[float] = None  # time.perf_counter() after which the job is dropped unrun
     measured: bool = True  # counts toward the model time per request (not so: loading a checkpoint)
+    batcher: Any = None  # set for generations: fn() makes one, and this ContinuousBatcher decodes it with others
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
@@ -84,6 +87,7 @@ class ModelExecutor:
         self.call_seconds: dict[int, float] = {}
         self._running: Optional[tuple[float, int]] = None
         self.last_call_done = -math.inf  # time.perf_counter() when the last measured call ended
+        self.decoding = False  # a continuous batcher is stepping (_run_continuous)
         # depth and batched_depth change on the event loop (a request queued) and on the model thread (taken):
         # read-modify-writes, so under a lock (an update lost would leave a phantom wait for good).
         self._counts = threading.Lock()
@@ -109,6 +113,15 @@ class ModelExecutor:
         return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), fn, (item,), None, ("batch", key),
                               deadline))
 
+    def submit_continuous(self, batcher: Any, start: Callable[[], Any],
+                          deadline: Optional[float] = None) -> concurrent.futures.Future:
+        """Queue a generation for ``batcher`` (a ``vla_foundry.continuous.ContinuousBatcher``): on the model thread
+        ``start()`` makes it (any value that is not a ``Generation`` is the result at once), and the batcher decodes
+        it together with the generations already running, step by step. The future's result is a :class:`Timed`;
+        cancelling the future (its client left) drops the generation at the batcher's next step."""
+        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), start, deadline=deadline,
+                              batcher=batcher))
+
     def expected_wait_s(self, batchable: bool = True) -> float:
         """How long a request queued now would wait before its call starts: what is left of the running call,
         then a call per plain request ahead, then a full batch per ``max_batch_size`` batchable ones ahead
@@ -128,7 +141,7 @@ class ModelExecutor:
 
     def at_work(self, window_s: float) -> bool:
         """Whether a call is running or queued, or one ended less than ``window_s`` ago."""
-        return (self._running is not None or self.depth > 0
+        return (self._running is not None or self.decoding or self.depth > 0
                 or time.perf_counter() - self.last_call_done < window_s)
 
     def call_s(self, batch_size: int) -> float:
@@ -158,6 +171,9 @@ class ModelExecutor:
                           deadline: Optional[float] = None) -> Timed:
         return await asyncio.wrap_future(self.submit_batched(fn, key, item, deadline))
 
+    async def run_continuous(self, batcher: Any, start: Callable[[], Any], deadline: Optional[float] = None) -> Timed:
+        return await asyncio.wrap_future(self.submit_continuous(batcher, start, deadline))
+
     # ------------------------------------------------------------------ the model thread
 
     def _next(self, timeout: Optional[float] = None) -> Optional[_Job]:
@@ -171,10 +187,80 @@ class ModelExecutor:
             job = self._next()
             if job is None:
                 return
-            if job.batchable and self.max_batch_size > 1:
-                self._run_batch(self._gather(job))
-            else:
-                self._run_one(job)
+            self._dispatch(job)
+
+    def _dispatch(self, job: _Job) -> None:
+        if job.batcher is not None:
+            self._run_continuous(job)
+        elif job.batchable and self.max_batch_size > 1:
+            self._run_batch(self._gather(job))
+        else:
+            self._run_one(job)
+
+    def _run_continuous(self, first: _Job) -> None:
+        """Decode step after step while ``first``'s batcher has generations: before each step, the generations
+        queued for it join (while it has room for them to wait), and one other queued job runs, so a
+        deployment's evaluations are not held up by a stream that never ends. Shutdown (``None``) waits until
+        the running generations are done."""
+        batcher = first.batcher
+        self._join(first)
+        self.decoding = True
+        try:
+            self._decode_while_active(batcher)
+        finally:
+            self.decoding = False
+
+    def _decode_while_active(self, batcher: Any) -> None:
+        while batcher.active:
+            taken: list = []
+            while True:
+                try:
+                    job = self._held.popleft() if self._held else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and job.batcher is batcher and batcher.waiting_sequences < batcher.num_slots:
+                    self._join(job)
+                    continue
+                taken.append(job)
+                if job is None:  # shutdown: nothing after it is taken
+                    break
+            self._held.extendleft(reversed(taken))
+            if self._held and self._held[0] is not None and self._held[0].batcher is None:
+                self._dispatch(self._held.popleft())
+            try:
+                batcher.step()
+            except Exception as e:  # a fault of the batcher itself: fail what it holds, keep the thread alive
+                logger.exception("deployment %s: a decode step failed", self.name)
+                batcher.fail_all(e)
+
+    def _join(self, job: _Job) -> None:
+        """Hand a queued generation to its batcher (or its failure, or an immediate result, to its future)."""
+        self._release(job)
+        now = time.perf_counter()
+        if job.expired(now):
+            if job.future.set_running_or_notify_cancel():  # (a cancelled one needs no answer)
+                _dropped_if_expired(job, now)
+            return
+        if job.future.cancelled():
+            return
+        try:
+            generation = job.fn()
+        except BaseException as e:  # its own input, refused
+            generation = e
+        if not isinstance(generation, Generation):
+            self._finish(job, generation, now)
+            return
+        job.batcher.submit(generation, lambda outcome: self._finish(job, outcome, now, job.batcher),
+                           cancelled=job.future.cancelled)
+
+    def _finish(self, job: _Job, outcome: Any, joined: float, batcher: Any = None) -> None:
+        """A generation's outcome to its future (nothing when its client has gone: the future is cancelled)."""
+        if not job.future.set_running_or_notify_cancel():
+            return
+        done = time.perf_counter()
+        self.last_call_done = done
+        together = batcher.running_sequences + 1 if batcher is not None else 1  # sequences decoding alongside it
+        _deliver(job, outcome, joined, done, together)
 
     def _gather(self, first: _Job) -> list[_Job]:
         """``first`` and the queued jobs that may share its call, oldest first; others are held in order."""

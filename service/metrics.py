@@ -122,13 +122,19 @@ class _StateCollector:
                                  labels=["deployment"])
         depth = GaugeMetricFamily("vla_queue_depth", "Requests waiting for each deployment's model thread.",
                                   labels=["deployment"])
+        sequences = GaugeMetricFamily("vla_generation_sequences", "Sequences in a deployment's continuous batcher: "
+                                      "decoding (running) or admitted to it and waiting for a slot (waiting).",
+                                      labels=["deployment", "state"])
         for d in self.manager.deployments.values():
             for s in STATES:
                 state.add_metric([d.name, s], 1.0 if d.status == s else 0.0)
             if d.load_seconds is not None:
                 load.add_metric([d.name], d.load_seconds)
             depth.add_metric([d.name], d.executor.depth)
-        yield from (state, load, depth)
+            if d.batcher is not None:
+                sequences.add_metric([d.name, "running"], d.batcher.running_sequences)
+                sequences.add_metric([d.name, "waiting"], d.batcher.waiting_sequences)
+        yield from (state, load, depth, sequences)
         yield GaugeMetricFamily("vla_robot_sessions", "Live robot sessions.", value=len(self.sessions))
         memory = _cuda_memory()
         if memory:

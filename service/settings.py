@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
         "How long a free model thread waits for more requests before running a batch that is not full; 0 never "
         "delays a lone request."))
+    continuous_batching: bool = Field(True, description=(
+        "Text and caption generations of our own transformer and vlm models decode together: a new request joins "
+        "the running batch between decode steps and a finished one leaves at once (up to max_batch_size "
+        "sequences); false: one request's generation at a time. HF models always run one at a time."))
+    kv_cache_mb: Optional[float] = Field(None, gt=0, description=(
+        "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
+        "model's full context); fewer sequences run together when they would not fit; none: no cap."))
+    prefill_tokens_per_step: int = Field(512, ge=1, description=(
+        "Prompt tokens a continuously batching deployment prefills between two decode steps (a longer prompt gets "
+        "a step of its own), so new requests cannot stall the running ones for long."))
     switch_interval_ms: Optional[float] = Field(None, gt=0, le=100, description=(
         "The interpreter's thread switch interval (sys.setswitchinterval), in ms: how long a busy thread (the event "
         "loop under a flood of requests) may keep the interpreter lock before a model thread that waits for it gets "

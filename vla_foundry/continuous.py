@@ -87,12 +87,20 @@ class ContinuousBatcher:
         return self.cache.num_slots
 
     @property
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes
+
+    @property
     def active(self) -> bool:
         return bool(self._running or self._waiting)
 
     @property
     def running_sequences(self) -> int:
         return sum(r.rows for r in self._running)
+
+    @property
+    def waiting_sequences(self) -> int:
+        return sum(r.rows for r in self._waiting)
 
     def submit(self, generation: Generation, on_done: Callable[[Any], None],
                cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -110,6 +118,12 @@ class ContinuousBatcher:
         self._admit()
         if self._running:
             self._decode()
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every generation, running or waiting, with ``error`` (the step itself failed)."""
+        for r in list(self._running) + list(self._waiting):
+            self._waiting = collections.deque(w for w in self._waiting if w is not r)
+            self._end(r, error)
 
     # ------------------------------------------------------------------ the step's parts
 

@@ -70,7 +70,9 @@ class Timing(BaseModel):
     queue: float
     infer: float
     total: float
-    batch_size: Optional[int] = Field(None, description="Requests that shared this model call (dynamic batching).")
+    batch_size: Optional[int] = Field(None, description=(
+        "Requests that shared this model call (dynamic batching); for a generation, the sequences that were "
+        "decoding together when it finished (continuous batching), its own included."))
 
 
 class ResponseBase(BaseModel):
@@ -90,6 +92,9 @@ class ModelCall:
     run: Callable[[Any, list], list]
     item: Any
     batch_key: Optional[Hashable] = None
+    # Generations: ``start(pipeline, item)`` makes the item's ``Generation``, which a deployment that batches
+    # continuously decodes together with the others running (``run`` serves where it does not).
+    start: Optional[Callable[[Any, Any], Any]] = None
 
 
 def each(run_one: Callable[[Any, Any], Any]) -> Callable[[Any, list], list]:
@@ -164,9 +169,13 @@ class ModalityAdapter:
     # Optional: ``run`` for predict requests with a ``session_id``: items are (request, session) pairs (robot
     # sessions; the transport serializes the requests of one session).
     session_predict: Optional[Callable[[Any, list], list]] = None
+    # Optional: ``start(pipeline, request)``, a generation a continuously batching deployment decodes with the
+    # others running (ModelCall.start); ``predict`` serves where the deployment does not batch continuously.
+    start_predict: Optional[Callable[[Any, Any], Any]] = None
 
     def predict_call(self, request) -> ModelCall:
-        return ModelCall(self.predict, request, self.batch_key(request) if self.batch_key else None)
+        return ModelCall(self.predict, request, self.batch_key(request) if self.batch_key else None,
+                         start=self.start_predict)
 
     def evaluate_call(self, request) -> ModelCall:
         return ModelCall(self.evaluate, request,

@@ -98,8 +98,15 @@ class CaptionPredictResponse(ResponseBase):
 
 def predict_one(pipeline: CaptionServing, request: CaptionPredictRequest):
     return pipeline.caption(request.decoded_images(), _rows(request.prompt), request.prompt_token_ids,
-                            sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed,
-                            use_cache=request.use_cache)
+                            use_cache=request.use_cache, **request.generation_settings())
+
+
+def start_one(pipeline: CaptionServing, request: CaptionPredictRequest):
+    """The request's generation for the deployment's continuous batcher (without the cache: its result)."""
+    if not request.use_cache:
+        return predict_one(pipeline, request)
+    return pipeline.start_caption(request.decoded_images(), _rows(request.prompt), request.prompt_token_ids,
+                                  **request.generation_settings())
 
 
 def check_text(pipeline: CaptionServing, request: CaptionPredictRequest) -> None:
@@ -142,4 +149,4 @@ def evaluate_each(pipeline: CaptionServing, evaluations: list[CaptionEvaluation]
 ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, each(predict_one),
                           CaptionEvaluateRequest, TextEvaluateResponse, checked_batch(check_evaluate, evaluate_each),
                           encode_predict=encode_captions, check=check_text,
-                          prepare=lambda request: request.decoded_images())
+                          prepare=lambda request: request.decoded_images(), start_predict=start_one)

@@ -82,6 +82,10 @@ class SamplingFields(RequestBase):
     def stop_strings(self) -> list[str]:
         return stop_list(self.stop)
 
+    def generation_settings(self) -> dict:
+        """The keywords a pipeline's ``complete``/``caption`` (and their ``start_*``) take from these fields."""
+        return {"sampling": self.sampling(), "stop": self.stop_strings(), "seed": self.seed}
+
 
 class TextPredictRequest(SamplingFields):
     prompt: Optional[Union[str, list[str]]] = Field(None, description="One prompt or a list (needs a tokenizer).")
@@ -127,8 +131,15 @@ def completion_payload(result, key: str = "completions") -> dict:
 
 
 def predict_one(pipeline: TextServing, request: TextPredictRequest):
-    return pipeline.complete(_rows(request.prompt), request.prompt_token_ids, sampling=request.sampling(),
-                             stop=request.stop_strings(), seed=request.seed, use_cache=request.use_cache)
+    return pipeline.complete(_rows(request.prompt), request.prompt_token_ids, use_cache=request.use_cache,
+                             **request.generation_settings())
+
+
+def start_one(pipeline: TextServing, request: TextPredictRequest):
+    """The request's generation for the deployment's continuous batcher (without the cache: its result)."""
+    if not request.use_cache:
+        return predict_one(pipeline, request)
+    return pipeline.start_completion(_rows(request.prompt), request.prompt_token_ids, **request.generation_settings())
 
 
 def encode_completions(request, result) -> dict:
@@ -183,8 +194,9 @@ def evaluate_batch_key(request: TextEvaluateRequest) -> Optional[str]:
     return "evaluate" if size <= SHARED_EVALUATION_TOKENS else None
 
 
-# Generation: one request per model call (a request's rows decode together; continuous batching is its own
-# work). Evaluations queued together share one forward pass.
+# Generation: requests decode together in the deployment's continuous batcher (start_one), or one request per
+# model call where it has none (predict_one). Evaluations queued together share one forward pass.
 ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, each(predict_one),
                           TextEvaluateRequest, TextEvaluateResponse, evaluate,
-                          encode_predict=encode_completions, evaluate_batch_key=evaluate_batch_key)
+                          encode_predict=encode_completions, evaluate_batch_key=evaluate_batch_key,
+                          start_predict=start_one)

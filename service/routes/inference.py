@@ -81,7 +81,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
                  else encode(body, timed.value))
         # A pipeline may split its run time (e.g. preprocess / infer); decoding before the queue is preprocess.
         timing = {"queue": timed.queue_ms, "infer": timed.run_ms, **value.pop("timing_ms", {})}
-        if call.batch_key is not None:
+        if call.batch_key is not None or call.start is not None:  # batched, or a generation
             timing["batch_size"] = timed.batch_size
         if "preprocess" in timing:
             timing["preprocess"] += prepare_ms

@@ -232,13 +232,14 @@ def _v1_names(error: InvalidInputError) -> InvalidInputError:
     return type(error)(message, field=V1_FIELDS.get(error.field, error.field))
 
 
-def run_completion(pipeline: TextServing, request: CompletionRequest, on_text=None):
+def run_completion(pipeline: TextServing, request: CompletionRequest, on_text=None, start: bool = False):
+    """The request's completions (``start``: its generation, for the deployment's continuous batcher)."""
     texts, ids = request.prompt_rows()
     n = request.n
-    return pipeline.complete([t for t in texts for _ in range(n)] if texts is not None else None,
-                             [r for r in ids for _ in range(n)] if ids is not None else None,
-                             sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed,
-                             on_text=on_text)
+    complete = pipeline.start_completion if start else pipeline.complete
+    return complete([t for t in texts for _ in range(n)] if texts is not None else None,
+                    [r for r in ids for _ in range(n)] if ids is not None else None,
+                    sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text)
 
 
 def decode_chat_images(request: ChatRequest, image_limits: dict) -> tuple[list[dict], list]:
@@ -247,15 +248,17 @@ def decode_chat_images(request: ChatRequest, image_limits: dict) -> tuple[list[d
     return messages, [decode_image_value(value, field=field, **image_limits) for value, field in image_values]
 
 
-def run_chat(pipeline: CaptionServing, request: ChatRequest, conversation: tuple[list[dict], list], on_text=None):
+def run_chat(pipeline: CaptionServing, request: ChatRequest, conversation: tuple[list[dict], list], on_text=None,
+             start: bool = False):
+    """The chat's choices (``start``: its generation, for the deployment's continuous batcher)."""
     messages, images = conversation
     prompt = pipeline.render_chat(messages)
     n = request.n
     common = dict(sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text,
                   rendered=True)
     if images:
-        return pipeline.caption([images] * n, [prompt] * n, **common)
-    return pipeline.complete([prompt] * n, **common)
+        return (pipeline.start_caption if start else pipeline.caption)([images] * n, [prompt] * n, **common)
+    return (pipeline.start_completion if start else pipeline.complete)([prompt] * n, **common)
 
 
 @dataclass(frozen=True)
@@ -267,16 +270,21 @@ class V1Job:
     on_text: Optional[Callable] = None  # streaming: called with each row's new text as it is made
 
 
-def _run_job(pipeline: TextServing, job: V1Job):
+def _run_job(pipeline: TextServing, job: V1Job, start: bool = False):
     try:
         if job.conversation is None:
-            return run_completion(pipeline, job.request, job.on_text)
-        return run_chat(pipeline, job.request, job.conversation, job.on_text)
+            return run_completion(pipeline, job.request, job.on_text, start)
+        return run_chat(pipeline, job.request, job.conversation, job.on_text, start)
     except InvalidInputError as e:
         raise _v1_names(e) from e
 
 
-run_v1 = each(_run_job)  # one request per model call (continuous batching of text is its own work)
+def start_v1(pipeline: TextServing, job: V1Job):
+    """A ``/v1`` request's generation for a continuously batching deployment (``ModelCall.start``)."""
+    return _run_job(pipeline, job, start=True)
+
+
+run_v1 = each(_run_job)  # where the deployment does not batch continuously: one request per model call
 
 
 # ----------------------------------------------------------------------------- routes
@@ -356,8 +364,8 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     chat = kind == "chat.completion"
     if not body.stream:
         started = time.perf_counter()
-        timed = await unless_client_leaves(request, deployment.call(ModelCall(run_v1, V1Job(body, conversation))),
-                                           deployment.name)
+        call = ModelCall(run_v1, V1Job(body, conversation), start=start_v1)
+        timed = await unless_client_leaves(request, deployment.call(call), deployment.name)
         result = timed.value
         choices = [({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                      "logprobs": None} if chat else
@@ -371,7 +379,8 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
         return encode_response(payload, request.headers.get("accept", ""))
 
     stream = DeltaStream()
-    await stream.start(deployment.call(ModelCall(run_v1, V1Job(body, conversation, stream.on_text))))
+    await stream.start(deployment.call(ModelCall(run_v1, V1Job(body, conversation, stream.on_text),
+                                                        start=start_v1)))
     chunk_kind = kind + ".chunk" if chat else kind
 
     def chunk(choices: list, **extra) -> str:

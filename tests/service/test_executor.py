@@ -9,6 +9,7 @@ import time
 import pytest
 
 from service.executor import ModelExecutor
+from vla_foundry.sampling import SamplingParams
 
 
 class Recorder:
@@ -140,3 +141,61 @@ def test_requests_held_back_from_a_batch_still_count_against_the_queue_bound():
         assert executor.submit_batched(fn, "e", 5).result(10).value == "done 5"  # room again
     finally:
         executor.shutdown()
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+@pytest.fixture(scope="module")
+def text_pipeline(transformer_fixture):
+    from vla_foundry.pipelines import load_pipeline
+
+    return load_pipeline(transformer_fixture)
+
+
+def generation(pipeline, max_new_tokens: int, seed: int = 0):
+    return lambda: pipeline.start_completion(prompt_token_ids=[[1, 2, 3]], seed=seed,
+                                             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0))
+
+
+def test_generations_decode_together_and_plain_jobs_run_between_steps(executor, text_pipeline):
+    batcher = text_pipeline.continuous_batcher(4)
+    release = blocked(executor)
+    longest = text_pipeline.model.max_seq_len - 3  # the prompt is 3 tokens
+    long_one = executor.submit_continuous(batcher, generation(text_pipeline, longest))
+    short_one = executor.submit_continuous(batcher, generation(text_pipeline, 5, seed=1))
+    plain = executor.submit(lambda: batcher.active)  # e.g. an evaluation
+    release.set()
+    assert plain.result(timeout=30).value is True  # it ran between decode steps, not after the generations
+    assert short_one.result(timeout=30).batch_size == 2  # it decoded alongside the long one
+    solo = text_pipeline.complete(prompt_token_ids=[[1, 2, 3]], seed=0,
+                                  sampling=SamplingParams(max_new_tokens=longest, temperature=1.0))
+    assert long_one.result(timeout=60).value.completions[0].token_ids == solo.completions[0].token_ids
+
+
+def test_a_generation_whose_client_left_in_the_queue_never_starts(executor, text_pipeline):
+    batcher = text_pipeline.continuous_batcher(4)
+    started = []
+    release = blocked(executor)
+    gone = executor.submit_continuous(batcher, lambda: started.append(1))
+    assert gone.cancel()
+    kept = executor.submit_continuous(batcher, generation(text_pipeline, 3))
+    release.set()
+    assert kept.result(timeout=30).value.completions and not started
+
+
+def test_a_refused_generation_fails_alone_and_retiring_waits_for_the_running_ones(text_pipeline):
+    from vla_foundry.errors import InvalidInputError
+
+    executor = ModelExecutor("text", max_queue=8)
+    batcher = text_pipeline.continuous_batcher(4)
+    running = executor.submit_continuous(batcher, generation(text_pipeline, 20))
+
+    def refused():
+        raise InvalidInputError("bad prompt", field="prompt")
+
+    bad = executor.submit_continuous(batcher, refused)
+    done = executor.retire()
+    with pytest.raises(InvalidInputError):
+        bad.result(timeout=30)
+    assert done.result(timeout=60) is None and running.done() and running.result().value.completions

@@ -13,6 +13,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from vla_foundry.continuous import ContinuousBatcher, Generation
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.caption import CaptionEvaluation
@@ -42,6 +43,13 @@ class TextServing(Served, Protocol):
     def complete(self, prompts: Optional[Sequence[str]] = None,
                  prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> CompletionResult: ...
 
+    # ``complete``'s generation, for a ContinuousBatcher (``continuous_batcher``; None: the model cannot join one)
+    def start_completion(self, prompts: Optional[Sequence[str]] = None,
+                         prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> Generation: ...
+
+    def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
+                           prefill_tokens: int = 512) -> Optional[ContinuousBatcher]: ...
+
     def evaluate(self, input_ids=None, attention_mask=None, texts=None, seed: Optional[int] = None
                  ) -> dict[str, Any]: ...
 
@@ -52,6 +60,9 @@ class TextServing(Served, Protocol):
 class CaptionServing(TextServing, Protocol):
     def caption(self, images, prompts: Optional[Sequence[str]] = None,
                 prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> CompletionResult: ...
+
+    def start_caption(self, images, prompts: Optional[Sequence[str]] = None,
+                      prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> Generation: ...
 
     def check(self, image_counts: Sequence[int], prompts: Optional[Sequence[str]] = None,
               prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> None: ...
