@@ -121,7 +121,10 @@ class Deployment:
             if self.settings.warmup:
                 self.stage = f"warming up (batch sizes up to {self.executor.max_batch_size})"
                 pipeline.warmup(self.executor.max_batch_size)
-            if self.settings.continuous_batching and hasattr(pipeline, "continuous_batcher"):
+            continuous = self.settings.continuous_batching
+            if continuous is None:  # until batched decode steps replay from CUDA graphs, one request's do faster
+                continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
+            if continuous:
                 cache_mb = self.settings.kv_cache_mb
                 self.batcher = pipeline.continuous_batcher(
                     self.executor.max_batch_size, None if cache_mb is None else int(cache_mb * 2**20),

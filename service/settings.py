@@ -99,10 +99,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
         "How long a free model thread waits for more requests before running a batch that is not full; 0 never "
         "delays a lone request."))
-    continuous_batching: bool = Field(True, description=(
+    continuous_batching: Optional[bool] = Field(None, description=(
         "Text and caption generations of our own transformer and vlm models decode together: a new request joins "
         "the running batch between decode steps and a finished one leaves at once (up to max_batch_size "
-        "sequences); false: one request's generation at a time. HF models always run one at a time."))
+        "sequences); false: one request's generation at a time (HF models always are). None: on, except on CUDA "
+        "with cuda_graphs, where one request's decode steps replay from a CUDA graph (batched decode steps do "
+        "not yet)."))
     kv_cache_mb: Optional[float] = Field(None, gt=0, description=(
         "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
         "model's full context); fewer sequences run together when they would not fit; none: no cap."))

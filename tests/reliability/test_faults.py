@@ -61,7 +61,7 @@ def test_a_model_that_raises_on_every_call_fails_only_its_own_requests(client, m
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")  # what a sick GPU says
 
-    monkeypatch.setattr(raising, "complete", broken)
+    monkeypatch.setattr(raising.model, "forward", broken)  # every path to the model: solo or continuous
     threads_before = threading.active_count()
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda i: (i % 2, client.post("/predict/transformer", json={

@@ -51,3 +51,9 @@ class Pipeline:
     def warmup(self, max_batch_size: int = 1) -> None:
         """One small call so the first request does not pay for lazy initialisation; a pipeline that captures
         graphs per batch size captures them up to ``max_batch_size`` (the deployment's batching limit)."""
+
+    def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
+                           prefill_tokens: int = 512):
+        """A ``vla_foundry.continuous.ContinuousBatcher`` for this pipeline's generations, or None: this pipeline
+        does not generate text, or its model cannot join a running batch (text pipelines override this)."""
+        return None

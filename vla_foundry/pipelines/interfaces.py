@@ -24,7 +24,8 @@ from vla_foundry.robotics.robot_io import RobotIO
 
 
 class Served(Protocol):
-    """Every pipeline: what ``GET /models`` shows, and the warm-up before the first request."""
+    """Every pipeline: what ``GET /models`` shows, the warm-up before the first request, and the batcher its
+    generations share (None for every pipeline that does not generate text continuously)."""
 
     modality: str
 
@@ -33,6 +34,9 @@ class Served(Protocol):
     def checkpoint_info(self) -> dict[str, Any]: ...
 
     def warmup(self, max_batch_size: int = 1) -> None: ...
+
+    def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
+                           prefill_tokens: int = 512) -> Optional[ContinuousBatcher]: ...
 
 
 class TextServing(Served, Protocol):
@@ -43,12 +47,9 @@ class TextServing(Served, Protocol):
     def complete(self, prompts: Optional[Sequence[str]] = None,
                  prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> CompletionResult: ...
 
-    # ``complete``'s generation, for a ContinuousBatcher (``continuous_batcher``; None: the model cannot join one)
+    # ``complete``'s generation, for the pipeline's ContinuousBatcher (``continuous_batcher``)
     def start_completion(self, prompts: Optional[Sequence[str]] = None,
                          prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> Generation: ...
-
-    def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
-                           prefill_tokens: int = 512) -> Optional[ContinuousBatcher]: ...
 
     def evaluate(self, input_ids=None, attention_mask=None, texts=None, seed: Optional[int] = None
                  ) -> dict[str, Any]: ...

@@ -1,0 +1,211 @@
+"""Text serving under concurrent OpenAI clients: continuous batching on vs off, side by side in one run.
+
+    .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 10] [--checkpoint DIR]
+
+N clients (threads of this process, each the official ``openai`` client with its own connection) stream
+``/v1/completions`` back to back from one text deployment (default: the demo pack's transformer, 4 layers
+of width 128, context 256), with mixed prompt lengths (3 to 40 words) and completion lengths (16 to 128
+tokens), sampled at temperature 1 with a seed per request: both servers get the same requests and,
+since batching keeps every request's tokens, make the same tokens. Two servers, one run: continuous
+batching on (``VLA_CONTINUOUS_BATCHING=true``) and off (one request's generation at a time), both
+with ``VLA_MAX_BATCH_SIZE=32``. Per row: completion tokens/s (from each stream's usage), time to first
+token (first streamed text) p50/p99, and inter-token latency (gaps between streamed chunks; a chunk
+holds one token's text unless text was held back for a stop string or an unfinished character) p50/p99.
+
+Goals (issue 18, 2-core CPU): tokens/s at concurrency 8 ≥ 3× concurrency 1, and time to first token
+p99 at concurrency 8 ≤ 2× (one prefill of the longest prompt + one decode step of 8 sequences), both
+measured here with the deployment's own batcher in this process while the servers are idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_support import free_port, server_process  # noqa: E402
+from service.cli import serve_command  # noqa: E402
+
+WORDS = ("the robot moves red blue cube to left right of table slowly then picks up a small cup and places it "
+         "near green box").split()
+GOAL_SCALING, GOAL_TTFT = 3.0, 2.0
+
+
+def demo_transformer() -> Path:
+    from vla_foundry.demo import ensure_demo_pack
+    from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
+
+    return ensure_demo_pack(DEFAULT_DEMO_DIR, members=["demo-transformer"]) / "demo-transformer"
+
+
+def request_for(client_index: int, i: int) -> dict:
+    """The i-th request of a client: the same in every row and on both servers."""
+    rng = np.random.default_rng(client_index * 100_003 + i)
+    prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 41))))
+    return {"prompt": prompt, "max_tokens": int(rng.integers(16, 129)), "seed": int(rng.integers(0, 2**31)),
+            "temperature": 1.0}
+
+
+@dataclass
+class Log:
+    ttft: list = field(default_factory=list)
+    itl: list = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+    first_error: str = ""
+
+
+def client_loop(base: str, index: int, start: float, end: float, log: Log) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    i = 0
+    while time.perf_counter() < end:
+        body = request_for(index, i)
+        i += 1
+        sent = time.perf_counter()
+        arrivals, usage = [], None
+        try:
+            stream = client.completions.create(model="text", stream=True, stream_options={"include_usage": True},
+                                               **body)
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if any(c.text for c in chunk.choices):
+                    arrivals.append(time.perf_counter())
+        except Exception as e:  # counted, and the client goes on
+            log.errors += 1
+            log.first_error = log.first_error or f"{type(e).__name__}: {e}"[:200]
+            time.sleep(0.1)
+            continue
+        done = time.perf_counter()
+        if sent < start or done > end:  # only requests wholly inside the window count
+            continue
+        if arrivals:
+            log.ttft.append(arrivals[0] - sent)
+            log.itl.extend(np.diff(arrivals).tolist())
+        log.tokens += usage.completion_tokens if usage is not None else 0
+    client.close()
+
+
+@dataclass
+class Row:
+    server: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50: float
+    ttft_p99: float
+    itl_p50: float
+    itl_p99: float
+    errors: int
+    first_error: str
+
+
+def percentile_ms(values: list, q: float) -> float:
+    return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+
+def measure(server: str, base: str, concurrency: int, warmup: float, seconds: float) -> Row:
+    start = time.perf_counter() + warmup
+    end = start + seconds
+    logs = [Log() for _ in range(concurrency)]
+    threads = [threading.Thread(target=client_loop, args=(base, i, start, end, logs[i]), daemon=True)
+               for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=warmup + seconds + 180)
+    ttft = [x for log in logs for x in log.ttft]
+    itl = [x for log in logs for x in log.itl]
+    row = Row(server, concurrency, sum(log.tokens for log in logs) / seconds, percentile_ms(ttft, 50),
+              percentile_ms(ttft, 99), percentile_ms(itl, 50), percentile_ms(itl, 99),
+              sum(log.errors for log in logs), next((log.first_error for log in logs if log.first_error), ""))
+    print(f"  {server}, {concurrency} clients: {row.tokens_per_s:.0f} tokens/s, time to first token p50 "
+          f"{row.ttft_p50:.1f} ms p99 {row.ttft_p99:.1f} ms, inter-token p50 {row.itl_p50:.1f} ms p99 "
+          f"{row.itl_p99:.1f} ms, {row.errors} errors {row.first_error}", flush=True)
+    return row
+
+
+def compute_floor(checkpoint: Path, sequences: int) -> tuple[float, float]:
+    """(ms of one prefill of the longest prompt, ms of one decode step of ``sequences`` sequences), with the
+    deployment's own batcher in this process: a first step admits (prefills) them all and decodes once, the
+    next steps only decode (medians of repeated runs)."""
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.sampling import SamplingParams
+
+    pipeline = load_pipeline(checkpoint)
+    batcher = pipeline.continuous_batcher(sequences)
+    longest = " ".join(WORDS[i % len(WORDS)] for i in range(40))
+    first, steps = [], []
+    for _ in range(5):
+        for i in range(sequences):
+            batcher.submit(pipeline.start_completion([longest], sampling=SamplingParams(max_new_tokens=32), seed=i),
+                           lambda outcome: None)
+        t = time.perf_counter()
+        batcher.step()
+        first.append(time.perf_counter() - t)
+        assert batcher.running_sequences == sequences, "the prompts did not fit one step's prefill budget"
+        for _ in range(8):
+            t = time.perf_counter()
+            batcher.step()
+            steps.append(time.perf_counter() - t)
+        batcher.fail_all(RuntimeError("measured"))
+    step = statistics.median(steps)
+    return (statistics.median(first) - step) / sequences * 1000, step * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="a text experiment directory (default: the demo transformer)")
+    parser.add_argument("--concurrency", default="1,8,32", help="client counts, comma-separated")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds per row before measuring")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="VLA_MAX_BATCH_SIZE of both servers")
+    args = parser.parse_args()
+    checkpoint = Path(args.checkpoint) if args.checkpoint else demo_transformer()
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    rows: dict[tuple[str, int], Row] = {}
+    for mode in ("on", "off"):
+        server = f"continuous batching {mode}"
+        port = free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
+               "VLA_CONTINUOUS_BATCHING": "true" if mode == "on" else "false"}
+        command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=text", "--host", "127.0.0.1",
+                                     "--port", str(port)]
+        with server_process(command, env, port, "/health/ready", server) as base:
+            for c in concurrency:
+                rows[(server, c)] = measure(server, base, c, args.warmup, args.seconds)
+    prefill_ms, step_ms = compute_floor(checkpoint, 8)
+    print(f"\n## text serving: {checkpoint.name}, {args.seconds:g} s per row, streaming /v1/completions\n")
+    print("| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms | "
+          "errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows.values():
+        print(f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.0f} | {r.ttft_p50:.1f} | {r.ttft_p99:.1f} | "
+              f"{r.itl_p50:.1f} | {r.itl_p99:.1f} | {r.errors} |")
+    on = "continuous batching on"
+    print(f"\none prefill of the longest prompt: {prefill_ms:.2f} ms; one decode step of 8 sequences: {step_ms:.2f} ms")
+    one, eight, off8 = rows.get((on, 1)), rows.get((on, 8)), rows.get(("continuous batching off", 8))
+    if one and eight:
+        scaling = eight.tokens_per_s / one.tokens_per_s
+        floor = prefill_ms + step_ms
+        print(f"- tokens/s at 8 clients ÷ 1 client: {scaling:.2f}× (goal ≥ {GOAL_SCALING:g}×) — "
+              f"{'met' if scaling >= GOAL_SCALING else 'not met'}")
+        print(f"- TTFT p99 at 8 clients: {eight.ttft_p99:.1f} ms = {eight.ttft_p99 / floor:.2f}× (prefill + one decode "
+              f"step of 8 = {floor:.2f} ms; goal ≤ {GOAL_TTFT:g}×) — "
+              f"{'met' if eight.ttft_p99 <= GOAL_TTFT * floor else 'not met'}")
+    if eight and off8:
+        print(f"- tokens/s at 8 clients, on ÷ off: {eight.tokens_per_s / off8.tokens_per_s:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
