@@ -43,7 +43,7 @@ class Generation:
     row_inputs: list[dict[str, torch.Tensor]]  # per prompt, its extra prefill inputs (e.g. pixel_values), on device
     sampling: SamplingParams
     generator: torch.Generator
-    stopping: Callable[[torch.Tensor], torch.Tensor]  # new ids (n, k) → (n,) bool: rows done (may stream text)
+    stopping: Callable[[list[int]], list[bool]]  # each row's newest id → whether each row is done (streams text)
     finish: Callable[[list[list[int]]], Any]  # every row's new tokens → the request's result
 
 
@@ -183,8 +183,7 @@ class ContinuousBatcher:
                 r.new_tokens = [[] for _ in range(r.rows)]
             for row, token in zip(r.new_tokens, next_ids):
                 row.append(token)
-            new = torch.tensor(r.new_tokens, dtype=torch.long)  # (n, k)
-            done = bool(r.generation.stopping(new).all()) or len(r.new_tokens[0]) >= s.max_new_tokens
+            done = all(r.generation.stopping(next_ids)) or len(r.new_tokens[0]) >= s.max_new_tokens
             if done:
                 self._end(r, r.generation.finish(r.new_tokens))
         except Exception as e:  # its stream's client went away, or its text could not be made

@@ -135,7 +135,7 @@ def test_a_cancelled_or_failing_request_frees_its_slots_and_leaves_the_others_al
     batcher.step()  # the client left: its two slots are free at the next step
     assert batcher.running_sequences == 1 and len(batcher._free) == 2 and "leaving" not in outcomes
 
-    def broken(new_ids):
+    def broken(last_ids):
         raise RuntimeError("the stream's client went away")
 
     failing = text.start_completion(prompt_token_ids=[rows[1]], sampling=GREEDY, seed=0)

@@ -192,3 +192,56 @@ def test_each_batched_evaluation_equals_its_solo_evaluation(tiny_checkpoints, mo
         assert out["loss"] == pytest.approx(alone["loss"], abs=1e-5)
         assert (out["num_tokens"], out["num_samples"], out["seed"]) == \
                (alone["num_tokens"], alone["num_samples"], alone["seed"])
+
+
+def metaspace_tokenizer():
+    """A sentencepiece-style tokenizer (▁ marks a word's leading space; the decoder drops the first one), where a
+    token's text depends on its position: the case incremental decoding must get right besides byte-level BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.factories import TOKENIZER_TEXT
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(TOKENIZER_TEXT, trainers.BpeTrainer(vocab_size=200, special_tokens=["<eos>", "<unk>"],
+                                                                show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_incremental_text_equals_decoding_everything_at_every_step(tiny_tokenizer, kind):
+    """The tracker decodes a short window per step; at every step its settled text is what decoding all the tokens
+    (eos dropped, a trailing incomplete character left out) gives, the streamed deltas add up to the final text,
+    and a stop string ends the row at the step where it first appears in that text."""
+    import numpy as np
+
+    from vla_foundry.pipelines.text import CompletionTracker
+
+    tokenizer = tiny_tokenizer if kind == "byte_level" else metaspace_tokenizer()
+    eos = tokenizer.eos_token_id
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        ids = rng.integers(0, len(tokenizer), size=60).tolist()
+        stop = [] if trial % 2 else [tokenizer.decode(ids[5:7]).strip("\ufffd ")[:2] or "zz"]
+        deltas, reasons = [], []
+        tracker = CompletionTracker(1, tokenizer, frozenset({eos}), stop,
+                                    lambda row, text, tokens, reason, deltas=deltas, reasons=reasons: (
+                                        deltas.append(text), reasons.append(reason)))
+        ended = None
+        for n, token in enumerate(ids, start=1):
+            done = tracker.append(range(1), [token])[0]
+            visible = ids[:n][:-1] if ids[n - 1] == eos else ids[:n]
+            whole = tokenizer.decode(visible, skip_special_tokens=True).rstrip("\ufffd")
+            if eos not in ids[:n - 1] and (ended is None):
+                assert tracker._settle(0) == whole, (kind, trial, n)
+                expected_done = ids[n - 1] == eos or any(s in whole for s in stop)
+                assert done == expected_done, (kind, trial, n)
+                if done:
+                    ended = n
+        completion = tracker.finish()[0]
+        assert "".join(d for d in deltas if d) == completion.text
+        assert reasons[-1] == completion.finish_reason
+        if ended is not None:
+            assert completion.finish_reason == "stop" and len(completion.token_ids) <= ended

@@ -85,8 +85,16 @@ class CompletionTracker:
     streaming — what has been sent so far.
 
     ``update`` is the ``stopping`` callback of ``generate``: it runs once per step with the new ids of
-    its rows. Only text that can no longer change is streamed: an incomplete UTF-8 sequence at the end
-    (decoded as U+FFFD) and any tail that could still grow into a stop string are held back.
+    its rows (``append`` takes the step's one new id per row, as continuous batching gives them). Only
+    text that can no longer change is streamed: an incomplete UTF-8 sequence at the end (decoded as
+    U+FFFD) and any tail that could still grow into a stop string are held back.
+
+    Text is decoded incrementally, as vLLM and TGI do: each step decodes only a short window (the
+    tokens since the last settled text, with the few before them for context, since a token's text
+    can depend on its neighbours, e.g. a leading space), and stop strings are looked for only in the
+    new text and the stop strings' length before it. A row's cost per step is then independent of
+    its length (the whole completion was re-decoded and re-searched every step before: O(n²)). The
+    final completion is decoded whole, once.
     """
 
     def __init__(self, n_rows: int, tokenizer: Any, end_ids: frozenset, stop: Sequence[str],
@@ -94,43 +102,82 @@ class CompletionTracker:
         # end_ids: every id that ends a completion (eos, and an HF model's end-of-turn ids); never shown.
         self.tokenizer, self.end_ids, self.stop, self.on_text = tokenizer, end_ids, list(stop), on_text
         self.kept: list[Optional[int]] = [None] * n_rows  # tokens to keep once finished (eos included)
-        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]  # every row's new ids so far
         self.sent_text = [0] * n_rows
         self.sent_tokens = [0] * n_rows
+        # Incremental decoding, per row: the settled text, the token offsets of its decode window (prefix:
+        # where the window starts, read: where the text not yet settled starts), and how far stop strings
+        # have been looked for.
+        self.text = [""] * n_rows
+        self.offsets = [(0, 0)] * n_rows
+        self.searched = [0] * n_rows
+        self.cut: list[Optional[int]] = [None] * n_rows  # where the first stop string starts in the text
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
+        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
 
-    def _text(self, tokens: list[int], settled_only: bool = False) -> tuple[str, bool]:
-        """The visible text of ``tokens`` (eos dropped, cut at the first stop string) and whether it was cut.
-
-        ``settled_only``: leave out a trailing incomplete character (U+FFFD until its next token
-        arrives), so a stop string never matches text that is about to change.
-        """
+    def _text(self, tokens: list[int]) -> tuple[str, bool]:
+        """The visible text of ``tokens`` (eos dropped, cut at the first stop string), decoded whole, and whether
+        it was cut."""
         if tokens and tokens[-1] in self.end_ids:
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if settled_only:
-            text = text.rstrip("\ufffd")
         cuts = [text.index(s) for s in self.stop if s in text]
         return (text[:min(cuts)], True) if cuts else (text, False)
 
+    def _settle(self, row: int) -> str:
+        """The row's text after its newest token, as ``decode(tokens).rstrip("\ufffd")`` would give it (eos left out):
+        the window's text is committed once it decodes without a trailing incomplete character; until then its
+        complete part is shown after the committed text."""
+        tokens = self.tokens[row]
+        visible = len(tokens) - 1 if tokens and tokens[-1] in self.end_ids else len(tokens)
+        prefix, read = self.offsets[row]
+        if visible <= read:
+            return self.text[row]
+        before = self.tokenizer.decode(tokens[prefix:read], skip_special_tokens=True)
+        window = self.tokenizer.decode(tokens[prefix:visible], skip_special_tokens=True)
+        if not window.endswith("\ufffd"):
+            self.text[row] += window[len(before):]
+            # The next window starts where this one's new tokens did (a clean boundary), unless they were all
+            # skipped special tokens: a window must start with a token that shows, since a decoder may drop the
+            # leading space of the first token it shows (sentencepiece's ▁).
+            shows = any(t not in self._special for t in tokens[read:visible])
+            self.offsets[row] = (read if shows else prefix, visible)
+            return self.text[row]
+        return self.text[row] + window[len(before):].rstrip("\ufffd")
+
+    def _find_stop(self, row: int, text: str) -> None:
+        """Where the first stop string starts in ``text`` (the row's settled text), looking only at what is new since
+        the last look (and the longest stop string's length before it, where a stop string may have begun)."""
+        start = max(0, self.searched[row] - self._longest_stop + 1)
+        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        if found:
+            self.cut[row] = min(found)
+        self.searched[row] = len(text)
+
     def update(self, rows: range, new_ids: torch.Tensor) -> torch.Tensor:
-        n = new_ids.shape[1]
-        last = new_ids[:, -1].tolist()  # one device sync per step, not one per row
-        rows_tokens = new_ids.tolist() if (self.stop or self.on_text) else None
+        """``generate``'s stopping callback: ``new_ids`` (B, n), every row's new ids so far; rows done → (B,) bool."""
+        return torch.tensor(self.append(rows, new_ids[:, -1].tolist()))
+
+    def append(self, rows: range, last: list[int]) -> list[bool]:
+        """Each row's newest id (one per row of ``rows``); whether each row is done."""
+        streams = self.tokenizer is not None and bool(self.stop or self.on_text)
         for i, row in enumerate(rows):
+            self.tokens[row].append(last[i])
             if self.kept[row] is not None:
                 continue
+            n = len(self.tokens[row])
             if last[i] in self.end_ids:
                 self.kept[row] = n
-            if rows_tokens is None:
-                continue
-            tokens = rows_tokens[i]
-            if self.tokenizer is not None and (self.stop or self.on_text):
-                text, cut = self._text(tokens, settled_only=True)
-                if cut:
+            text = None
+            if streams:
+                text = self._settle(row)
+                if self.stop and self.cut[row] is None:
+                    self._find_stop(row, text)
+                if self.cut[row] is not None:
                     self.kept[row] = n
             if self.on_text is not None and self.kept[row] is None:
-                self._send(row, tokens, text if self.tokenizer is not None else None, final=False)
-        return torch.tensor([self.kept[row] is not None for row in rows])
+                self._send(row, self.tokens[row], text, final=False)
+        return [self.kept[row] is not None for row in rows]
 
     def _send(self, row: int, tokens: list[int], text: Optional[str], final: bool,
               finish_reason: Optional[str] = None) -> None:
@@ -138,7 +185,7 @@ class CompletionTracker:
         if text is not None and not final:  # (a trailing incomplete character is already left out)
             for s in self.stop:  # the longest tail that is a prefix of a stop string stays back
                 for k in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:k]):
+                    if text.endswith(s[:k], 0, safe):
                         safe -= k
                         break
         visible = tokens if final else (tokens[:-1] if tokens and tokens[-1] in self.end_ids else tokens)
@@ -160,7 +207,7 @@ class CompletionTracker:
             tokens = tokens[:self.kept[row]] if finished else tokens
             if finished and tokens and tokens[-1] in self.end_ids:
                 tokens = tokens[:-1]
-            text = self._text(tokens)[0] if self.tokenizer is not None else None
+            text = self._text(tokens)[0] if self.tokenizer is not None else None  # whole, once
             completion = Completion(text, tokens, "stop" if finished else "length")
             if self.on_text is not None:
                 self._send(row, tokens, text, final=True, finish_reason=completion.finish_reason)
@@ -363,7 +410,7 @@ class TextPipeline(Pipeline):
             return self._result(ids, tracker, seed)
 
         return Generation(ids, [{k: v[i:i + 1] for k, v in model_inputs.items()} for i in rows], sampling,
-                          make_generator(self.device, seed), lambda new_ids: tracker.update(rows, new_ids), finish)
+                          make_generator(self.device, seed), lambda last: tracker.append(rows, last), finish)
 
     def _generate(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], rows: range,
                   sampling: SamplingParams, use_cache: bool, generator: torch.Generator,
