@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.kv_slots import SlotKVCache
 from vla_foundry.sampling import SamplingParams, select_next_token
 
@@ -45,6 +44,7 @@ class Generation:
     generator: torch.Generator
     stopping: Callable[[list[int]], list[bool]]  # each row's newest id → whether each row is done (streams text)
     finish: Callable[[list[list[int]]], Any]  # every row's new tokens → the request's result
+    alone: Callable[[], Any]  # the same generation run by itself, the solo way (more rows than the batcher has slots)
 
 
 @dataclass
@@ -104,11 +104,15 @@ class ContinuousBatcher:
 
     def submit(self, generation: Generation, on_done: Callable[[Any], None],
                cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Queue ``generation``; ``on_done`` gets its result (or the exception that ended it) from a later step."""
+        """Queue ``generation``; ``on_done`` gets its result (or the exception that ended it) from a later step. A
+        generation of more sequences than the batcher has slots runs by itself now, the solo way (it holds up the
+        running ones for its length)."""
         if len(generation.ids) > self.num_slots:
-            on_done(InvalidInputError(f"this request decodes {len(generation.ids)} sequences at once; this deployment "
-                                      f"runs at most {self.num_slots} (its max_batch_size); send fewer prompts or "
-                                      "choices", field="n"))
+            try:
+                outcome = generation.alone()
+            except Exception as e:  # its own failure
+                outcome = e
+            on_done(outcome)
             return
         self._waiting.append(_Running(generation, on_done, cancelled))
 

@@ -132,3 +132,12 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch(client, live):
     assert sequences(live, "chat") == 0, "the stream's sequence kept decoding after its client left"
     # and the deployment still serves
     assert client.chat.completions.create(model="chat", messages=messages, max_tokens=4).choices
+
+
+def test_a_request_of_more_prompts_than_slots_is_still_served(live):
+    """12 prompts on a deployment of 8 slots: the request runs by itself, the solo way, and gets its 12 rows."""
+    body = {"model": "chat", "prompt_token_ids": [[i + 1, i + 2] for i in range(12)], "max_new_tokens": 5,
+            "temperature": 0}
+    reply = httpx.post(f"{live}/predict/transformer", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["completions"]) == 12

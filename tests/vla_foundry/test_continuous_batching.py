@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from vla_foundry.continuous import ContinuousBatcher
-from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.sampling import SamplingParams
 
@@ -149,11 +148,14 @@ def test_a_cancelled_or_failing_request_frees_its_slots_and_leaves_the_others_al
     assert sorted(batcher._free) == [0, 1, 2]
 
 
-def test_too_many_rows_for_the_slots_is_refused_with_the_reason(text):
+def test_a_request_of_more_rows_than_slots_runs_alone_the_solo_way(text):
     batcher = text.continuous_batcher(max_sequences=2)
     outcomes = []
-    batcher.submit(text.start_completion(prompt_token_ids=[[1], [2], [3]], sampling=GREEDY), outcomes.append)
-    assert isinstance(outcomes[0], InvalidInputError) and "at most 2" in str(outcomes[0])
+    rows = prompts(text.model.vocab_size, 3, seed=2)
+    batcher.submit(text.start_completion(prompt_token_ids=rows, sampling=SAMPLED, seed=5), outcomes.append)
+    assert not batcher.active  # answered at once, not queued for slots it can never have
+    solo = text.complete(prompt_token_ids=rows, sampling=SAMPLED, seed=5)
+    assert [c.token_ids for c in outcomes[0].completions] == [c.token_ids for c in solo.completions]
 
 
 def test_the_cache_never_exceeds_its_configured_memory(text):

@@ -401,8 +401,13 @@ class TextPipeline(Pipeline):
                          on_text: Optional[OnText] = None) -> Generation:
         sampling, seed = self._checked(ids, sampling, stop, seed)
         tracker = CompletionTracker(len(ids), self.tokenizer, self.end_ids, stop, on_text)
-        model_inputs = {k: self.batch_handler.to_model(self.model, v) for k, v in model_inputs.items()}
+        raw_inputs, model_inputs = model_inputs, {k: self.batch_handler.to_model(self.model, v)
+                                                  for k, v in model_inputs.items()}
         rows = range(len(ids))
+
+        def alone() -> CompletionResult:
+            return self.generate_completions(ids, raw_inputs, sampling=sampling, stop=stop, seed=seed, use_cache=True,
+                                             on_text=on_text)
 
         def finish(new_tokens: list[list[int]]) -> CompletionResult:
             for row, tokens in zip(rows, new_tokens):
@@ -410,7 +415,7 @@ class TextPipeline(Pipeline):
             return self._result(ids, tracker, seed)
 
         return Generation(ids, [{k: v[i:i + 1] for k, v in model_inputs.items()} for i in rows], sampling,
-                          make_generator(self.device, seed), lambda last: tracker.append(rows, last), finish)
+                          make_generator(self.device, seed), lambda last: tracker.append(rows, last), finish, alone)
 
     def _generate(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], rows: range,
                   sampling: SamplingParams, use_cache: bool, generator: torch.Generator,
