@@ -24,7 +24,6 @@ The model supplies ``prefill(input_ids (1, T), **row_inputs) -> (logits (1, V), 
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -47,7 +46,7 @@ class Generation:
     alone: Callable[[], Any]  # the same generation run by itself, the solo way (more rows than the batcher has slots)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two requests with the same prompts are still two
 class _Running:
     generation: Generation
     on_done: Callable[[Any], None]  # the result, or the exception that ended it
@@ -70,8 +69,10 @@ class ContinuousBatcher:
         self.prefill_tokens = prefill_tokens
         self.device = device
         self._free = list(range(num_slots))[::-1]  # popped from the end: slot 0 first
-        self._waiting: collections.deque[_Running] = collections.deque()
-        self._running: list[_Running] = []
+        # Tuples, replaced whole on every change (by the model thread only): the metrics read them from another
+        # thread, and iterating a container that the model thread mutates meanwhile could fail.
+        self._waiting: tuple[_Running, ...] = ()
+        self._running: tuple[_Running, ...] = ()
 
     @staticmethod
     def slots_within(model, num_slots: int, max_bytes: Optional[int], dtype: torch.dtype) -> int:
@@ -114,7 +115,7 @@ class ContinuousBatcher:
                 outcome = e
             on_done(outcome)
             return
-        self._waiting.append(_Running(generation, on_done, cancelled))
+        self._waiting += (_Running(generation, on_done, cancelled),)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -125,14 +126,14 @@ class ContinuousBatcher:
 
     def fail_all(self, error: BaseException) -> None:
         """End every generation, running or waiting, with ``error`` (the step itself failed)."""
-        for r in list(self._running) + list(self._waiting):
-            self._waiting = collections.deque(w for w in self._waiting if w is not r)
+        for r in self._running + self._waiting:
+            self._waiting = tuple(w for w in self._waiting if w is not r)
             self._end(r, error)
 
     # ------------------------------------------------------------------ the step's parts
 
     def _drop_cancelled(self) -> None:
-        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled())
+        self._waiting = tuple(r for r in self._waiting if not r.cancelled())
         for r in [r for r in self._running if r.cancelled()]:
             self._release(r)
 
@@ -143,10 +144,10 @@ class ContinuousBatcher:
             tokens = sum(len(ids) for ids in r.generation.ids)
             if tokens > budget and budget < self.prefill_tokens:  # the budget is spent: next step (a long prompt
                 break  # still goes first in a step of its own)
-            self._waiting.popleft()
+            self._waiting = self._waiting[1:]
             budget -= tokens
             r.slots = [self._free.pop() for _ in range(r.rows)]
-            self._running.append(r)
+            self._running += (r,)
             try:
                 logits = torch.cat([self._prefill(slot, ids, inputs) for slot, ids, inputs
                                     in zip(r.slots, r.generation.ids, r.generation.row_inputs)])  # (n, V)
@@ -161,7 +162,7 @@ class ContinuousBatcher:
         return logits
 
     def _decode(self) -> None:
-        running = list(self._running)
+        running = self._running
         last = [row[-1] for r in running for row in r.new_tokens]
         slots = [slot for r in running for slot in r.slots]
         positions = [len(ids) + len(row) - 1 for r in running for ids, row in zip(r.generation.ids, r.new_tokens)]
@@ -199,6 +200,6 @@ class ContinuousBatcher:
 
     def _release(self, r: _Running) -> None:
         if r in self._running:
-            self._running.remove(r)
+            self._running = tuple(x for x in self._running if x is not r)
             self._free.extend(reversed(r.slots))
             r.slots = []
