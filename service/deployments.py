@@ -126,9 +126,11 @@ class Deployment:
                 continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
             if continuous:
                 cache_mb = self.settings.kv_cache_mb
-                self.batcher = pipeline.continuous_batcher(
-                    self.executor.max_batch_size, None if cache_mb is None else int(cache_mb * 2**20),
-                    prefill_tokens=self.settings.prefill_tokens_per_step)
+                cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
+                if cache_bytes is None and device.type == "cuda":  # by default a quarter of what is free now
+                    cache_bytes = torch.cuda.mem_get_info(device)[0] // 4
+                self.batcher = pipeline.continuous_batcher(self.executor.max_batch_size, cache_bytes,
+                                                           prefill_tokens=self.settings.prefill_tokens_per_step)
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.load_seconds = time.perf_counter() - started

@@ -250,16 +250,18 @@ class ModelExecutor:
         if not isinstance(generation, Generation):
             self._finish(job, generation, now)
             return
-        job.batcher.submit(generation, lambda outcome: self._finish(job, outcome, now, job.batcher),
+        rows = len(generation.ids)
+        job.batcher.submit(generation, lambda outcome: self._finish(job, outcome, now, job.batcher, rows),
                            cancelled=job.future.cancelled)
 
-    def _finish(self, job: _Job, outcome: Any, joined: float, batcher: Any = None) -> None:
+    def _finish(self, job: _Job, outcome: Any, joined: float, batcher: Any = None, rows: int = 1) -> None:
         """A generation's outcome to its future (nothing when its client has gone: the future is cancelled)."""
         if not job.future.set_running_or_notify_cancel():
             return
         done = time.perf_counter()
         self.last_call_done = done
-        together = batcher.running_sequences + 1 if batcher is not None else 1  # sequences decoding alongside it
+        # The sequences that were decoding together when it finished, its own included (it has left the batch).
+        together = (batcher.running_sequences if batcher is not None else 0) + rows
         _deliver(job, outcome, joined, done, together)
 
     def _gather(self, first: _Job) -> list[_Job]:

@@ -31,8 +31,11 @@ MAX_WAIT_S = 0.5
 
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved; :meth:`delay` takes one and says how long its
-    taker must wait for it (0 when one was saved). Takers queue in order: the bucket goes negative by
-    the tokens promised ahead, down to ``rate × max_wait_s``, so no wait exceeds ``max_wait_s``."""
+    taker must wait for it (0 when one was saved). Takers queue in order while the bucket's debt (the
+    tokens promised ahead) is under ``rate × max_wait_s``; past that a taker waits ``max_wait_s`` and
+    owes nothing more, so no wait exceeds ``max_wait_s``, and a flood from more connections than that
+    debt is answered in bursts above ``rate`` (each of its connections still at most about once per
+    ``max_wait_s``)."""
 
     def __init__(self, rate: float, burst: float, max_wait_s: float, clock: Callable[[], float] = time.monotonic):
         self.rate, self.burst, self.floor, self.clock = rate, burst, -rate * max_wait_s, clock

@@ -107,7 +107,8 @@ class Settings(BaseSettings):
         "not yet)."))
     kv_cache_mb: Optional[float] = Field(None, gt=0, description=(
         "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
-        "model's full context); fewer sequences run together when they would not fit; none: no cap."))
+        "model's full context); fewer sequences run together when they would not fit; none: a quarter of the GPU "
+        "memory free at load on CUDA, no cap on the CPU."))
     prefill_tokens_per_step: int = Field(512, ge=1, description=(
         "Prompt tokens a continuously batching deployment prefills between two decode steps (a longer prompt gets "
         "a step of its own), so new requests cannot stall the running ones for long."))

@@ -69,7 +69,8 @@ class DeltaStream:
             if getter is not None and not getter.done():
                 getter.cancel()
             if not self.task.done():  # the client went away mid-stream
-                self.cancelled.set()
+                self.cancelled.set()  # a generation already running stops at its next delta
+                self.task.cancel()  # one still queued (or waiting in a continuous batcher) is dropped unrun
                 self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def result(self) -> Any:

@@ -189,3 +189,18 @@ def test_a_long_prompt_does_not_stall_the_running_sequences(text):
         while batcher.active:
             batcher.step()
     assert len(outcomes) == 3
+
+
+def test_what_a_previous_sequence_left_in_a_slot_never_reaches_the_next(text):
+    """A slot's positions past a new prompt are zeroed: even NaN left there (masked, but 0 × NaN is NaN) cannot
+    reach the sequence that takes the slot next."""
+    batcher = text.continuous_batcher(max_sequences=2)
+    batcher.cache.keys.fill_(float("nan"))
+    batcher.cache.values.fill_(float("nan"))
+    rows = prompts(text.model.vocab_size, 2, seed=3)
+    generations = {0: [(str(i), text.start_completion(prompt_token_ids=[row], sampling=SAMPLED, seed=i))
+                       for i, row in enumerate(rows)]}
+    outcomes = run_all(batcher, generations)
+    for i, row in enumerate(rows):
+        solo = text.complete(prompt_token_ids=[row], sampling=SAMPLED, seed=i)
+        assert outcomes[str(i)].completions[0].token_ids == solo.completions[0].token_ids

@@ -40,11 +40,15 @@ class SlotKVCache:
         return self.keys.nbytes + self.values.nbytes
 
     def store_prompt(self, slot: int, present: list) -> None:
-        """A prefilled prompt's cache (per layer [K, V], each (1, T, nh, hd)) into positions 0…T−1 of ``slot``."""
+        """A prefilled prompt's cache (per layer [K, V], each (1, T, nh, hd)) into positions 0…T−1 of ``slot``; the
+        positions after it are zeroed, so what a previous sequence left there (masked, but 0 × NaN is NaN) can
+        never reach this one."""
         for layer, (k, v) in enumerate(present):
             length = k.shape[1]
             self.keys[layer, slot, :length] = k[0]
             self.values[layer, slot, :length] = v[0]
+            self.keys[layer, slot, length:] = 0
+            self.values[layer, slot, length:] = 0
 
     def batch(self, slots: list[int], positions: list[int]) -> "SlotBatch":
         """A decode step's view: sequence b (in ``slots[b]``) gets its new token at ``positions[b]``."""

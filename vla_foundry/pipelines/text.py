@@ -94,7 +94,8 @@ class CompletionTracker:
     can depend on its neighbours, e.g. a leading space), and stop strings are looked for only in the
     new text and the stop strings' length before it. A row's cost per step is then independent of
     its length (the whole completion was re-decoded and re-searched every step before: O(n²)). The
-    final completion is decoded whole, once.
+    final completion is decoded whole, once. Tokenizers that clean up spaces across tokens are
+    decoded whole every step (see ``whole``).
     """
 
     def __init__(self, n_rows: int, tokenizer: Any, end_ids: frozenset, stop: Sequence[str],
@@ -114,6 +115,10 @@ class CompletionTracker:
         self.cut: list[Optional[int]] = [None] * n_rows  # where the first stop string starts in the text
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        # A tokenizer that cleans up spaces (" 's" → "'s") rewrites text across any window's start, so its rows
+        # are decoded whole every step (the O(n) per step of before); so is a row whose window text ever fails
+        # to extend the text before it.
+        self.whole = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
 
     def _text(self, tokens: list[int]) -> tuple[str, bool]:
         """The visible text of ``tokens`` (eos dropped, cut at the first stop string), decoded whole, and whether
@@ -130,11 +135,16 @@ class CompletionTracker:
         complete part is shown after the committed text."""
         tokens = self.tokens[row]
         visible = len(tokens) - 1 if tokens and tokens[-1] in self.end_ids else len(tokens)
+        if self.whole:
+            return self.tokenizer.decode(tokens[:visible], skip_special_tokens=True).rstrip("\ufffd")
         prefix, read = self.offsets[row]
         if visible <= read:
             return self.text[row]
         before = self.tokenizer.decode(tokens[prefix:read], skip_special_tokens=True)
         window = self.tokenizer.decode(tokens[prefix:visible], skip_special_tokens=True)
+        if not window.startswith(before):  # the decoder rewrote text across the window's start: decode whole
+            self.whole = True
+            return self._settle(row)
         if not window.endswith("\ufffd"):
             self.text[row] += window[len(before):]
             # The next window starts where this one's new tokens did (a clean boundary), unless they were all
@@ -148,7 +158,7 @@ class CompletionTracker:
     def _find_stop(self, row: int, text: str) -> None:
         """Where the first stop string starts in ``text`` (the row's settled text), looking only at what is new since
         the last look (and the longest stop string's length before it, where a stop string may have begun)."""
-        start = max(0, self.searched[row] - self._longest_stop + 1)
+        start = 0 if self.whole else max(0, self.searched[row] - self._longest_stop + 1)
         found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         if found:
             self.cut[row] = min(found)
@@ -405,6 +415,7 @@ class TextPipeline(Pipeline):
                                                   for k, v in model_inputs.items()}
         rows = range(len(ids))
 
+        @torch.inference_mode()
         def alone() -> CompletionResult:
             return self.generate_completions(ids, raw_inputs, sampling=sampling, stop=stop, seed=seed, use_cache=True,
                                              on_text=on_text)
