@@ -251,8 +251,13 @@ class ModelExecutor:
             self._finish(job, generation, now)
             return
         rows = len(generation.ids)
+
+        def too_late() -> Optional[BaseException]:  # its deadline passed while it waited for a slot
+            late = time.perf_counter()
+            return _deadline_passed(job, late) if job.expired(late) else None
+
         job.batcher.submit(generation, lambda outcome: self._finish(job, outcome, now, job.batcher, rows),
-                           cancelled=job.future.cancelled)
+                           cancelled=job.future.cancelled, too_late=too_late)
 
     def _finish(self, job: _Job, outcome: Any, joined: float, batcher: Any = None, rows: int = 1) -> None:
         """A generation's outcome to its future (nothing when its client has gone: the future is cancelled)."""
@@ -378,10 +383,14 @@ def _dropped_if_expired(job: _Job, now: float) -> bool:
     """Fail a running job whose deadline has passed (its model call never starts); whether it was."""
     if not job.expired(now):
         return False
-    late_ms = (now - job.deadline) * 1000
-    job.future.set_exception(DeadlineExceeded(f"the request's deadline passed {late_ms:.0f} ms before the model "
-                                              f"was free (it waited {(now - job.queued_at) * 1000:.0f} ms)"))
+    job.future.set_exception(_deadline_passed(job, now))
     return True
+
+
+def _deadline_passed(job: _Job, now: float) -> DeadlineExceeded:
+    late_ms = (now - job.deadline) * 1000
+    return DeadlineExceeded(f"the request's deadline passed {late_ms:.0f} ms before the model was free (it waited "
+                            f"{(now - job.queued_at) * 1000:.0f} ms)")
 
 
 def _deliver(job: _Job, value: Any, started: float, done: float, batch_size: int) -> None:

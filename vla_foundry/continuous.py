@@ -51,6 +51,7 @@ class _Running:
     generation: Generation
     on_done: Callable[[Any], None]  # the result, or the exception that ended it
     cancelled: Callable[[], bool]
+    too_late: Callable[[], Optional[BaseException]]  # while waiting for a slot: why it may no longer start, or None
     slots: list[int] = field(default_factory=list)
     new_tokens: list[list[int]] = field(default_factory=list)  # per row
 
@@ -104,10 +105,13 @@ class ContinuousBatcher:
         return sum(r.rows for r in self._waiting)
 
     def submit(self, generation: Generation, on_done: Callable[[Any], None],
-               cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Queue ``generation``; ``on_done`` gets its result (or the exception that ended it) from a later step. A
-        generation of more sequences than the batcher has slots runs by itself now, the solo way (it holds up the
-        running ones for its length)."""
+               cancelled: Callable[[], bool] = lambda: False,
+               too_late: Callable[[], Optional[BaseException]] = lambda: None) -> None:
+        """Queue ``generation``; ``on_done`` gets its result (or the exception that ended it) from a later step.
+        ``cancelled()`` true: its client has gone, and it is dropped (running or not, no ``on_done``); ``too_late()``
+        an exception while it still waits for a slot (its deadline passed): it ends with it, unrun. A generation of
+        more sequences than the batcher has slots runs by itself now, the solo way (it holds up the running ones
+        for its length)."""
         if len(generation.ids) > self.num_slots:
             try:
                 outcome = generation.alone()
@@ -115,7 +119,7 @@ class ContinuousBatcher:
                 outcome = e
             on_done(outcome)
             return
-        self._waiting += (_Running(generation, on_done, cancelled),)
+        self._waiting += (_Running(generation, on_done, cancelled, too_late),)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -133,7 +137,10 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------ the step's parts
 
     def _drop_cancelled(self) -> None:
-        self._waiting = tuple(r for r in self._waiting if not r.cancelled())
+        late = [(r, error) for r in self._waiting if not r.cancelled() for error in [r.too_late()] if error]
+        self._waiting = tuple(r for r in self._waiting if not r.cancelled() and not any(r is x for x, _ in late))
+        for r, error in late:
+            r.on_done(error)
         for r in [r for r in self._running if r.cancelled()]:
             self._release(r)
 

@@ -199,3 +199,23 @@ def test_a_refused_generation_fails_alone_and_retiring_waits_for_the_running_one
     with pytest.raises(InvalidInputError):
         bad.result(timeout=30)
     assert done.result(timeout=60) is None and running.done() and running.result().value.completions
+
+
+def test_a_generation_past_its_deadline_before_it_starts_gets_deadline_exceeded(text_pipeline):
+    """Whether the deadline passes in the queue or while waiting in the batcher for the one slot (the batcher's
+    side is tested in tests/vla_foundry/test_continuous_batching.py), it ends unrun with DeadlineExceeded."""
+    from service.executor import DeadlineExceeded
+
+    executor = ModelExecutor("text", max_queue=8)
+    try:
+        batcher = text_pipeline.continuous_batcher(1)  # one slot: the second generation waits for it
+        longest = text_pipeline.model.max_seq_len - 3
+        running = executor.submit_continuous(batcher, generation(text_pipeline, longest))
+        waiting = executor.submit_continuous(batcher, generation(text_pipeline, 5, seed=1),
+                                             deadline=time.perf_counter() + 0.001)
+        with pytest.raises(DeadlineExceeded):
+            waiting.result(timeout=30)
+        assert running.result(timeout=60).value.completions  # the running one is untouched
+        assert not batcher.active and batcher.num_slots == 1
+    finally:
+        executor.shutdown()

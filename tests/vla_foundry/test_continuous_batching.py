@@ -204,3 +204,23 @@ def test_what_a_previous_sequence_left_in_a_slot_never_reaches_the_next(text):
     for i, row in enumerate(rows):
         solo = text.complete(prompt_token_ids=[row], sampling=SAMPLED, seed=i)
         assert outcomes[str(i)].completions[0].token_ids == solo.completions[0].token_ids
+
+
+def test_a_generation_too_late_to_start_ends_while_waiting_and_the_running_ones_go_on(text):
+    batcher = text.continuous_batcher(max_sequences=1)
+    outcomes: dict = {}
+    late = {"now": False}
+    batcher.submit(text.start_completion(prompt_token_ids=[[1, 2, 3]], sampling=GREEDY, seed=0),
+                   lambda out: outcomes.__setitem__("running", out))
+    batcher.submit(text.start_completion(prompt_token_ids=[[4, 5]], sampling=GREEDY, seed=0),
+                   lambda out: outcomes.__setitem__("waiting", out),
+                   too_late=lambda: TimeoutError("its deadline passed") if late["now"] else None)
+    batcher.step()
+    assert batcher.running_sequences == 1 and batcher.waiting_sequences == 1
+    late["now"] = True
+    batcher.step()
+    assert isinstance(outcomes["waiting"], TimeoutError) and batcher.waiting_sequences == 0
+    while batcher.active:
+        batcher.step()
+    solo = text.complete(prompt_token_ids=[[1, 2, 3]], sampling=GREEDY, seed=0)
+    assert outcomes["running"].completions[0].token_ids == solo.completions[0].token_ids
