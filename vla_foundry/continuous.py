@@ -24,6 +24,7 @@ The model supplies ``prefill(input_ids (1, T), **row_inputs) -> (logits (1, V), 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -74,6 +75,7 @@ class ContinuousBatcher:
         # thread, and iterating a container that the model thread mutates meanwhile could fail.
         self._waiting: tuple[_Running, ...] = ()
         self._running: tuple[_Running, ...] = ()
+        self.step_seconds = 0.0  # recent time of one step (a moving average), for expected_wait_s
 
     @staticmethod
     def slots_within(model, num_slots: int, max_bytes: Optional[int], dtype: torch.dtype) -> int:
@@ -121,12 +123,32 @@ class ContinuousBatcher:
             return
         self._waiting += (_Running(generation, on_done, cancelled, too_late),)
 
+    def expected_wait_s(self, rows: int = 1) -> float:
+        """About how long a generation of ``rows`` sequences submitted now would wait for slots: none when they
+        are free (after the sequences already waiting; it joins at the next step), else until enough running
+        sequences could have ended, each after at most its ``max_new_tokens`` (an upper bound: eos may end one
+        sooner)."""
+        needed = self.waiting_sequences + rows - len(self._free)
+        if needed <= 0:
+            return 0.0
+        left = sorted((r.generation.sampling.max_new_tokens - len(r.new_tokens[0] if r.new_tokens else ()), r.rows)
+                      for r in self._running)
+        freed = 0
+        for steps, n in left:
+            freed += n
+            if freed >= needed:
+                return steps * self.step_seconds
+        return (left[-1][0] if left else 0) * self.step_seconds  # (more than run now: a rough bound)
+
     @torch.inference_mode()
     def step(self) -> None:
+        started = time.perf_counter()
         self._drop_cancelled()
         self._admit()
         if self._running:
             self._decode()
+            took = time.perf_counter() - started
+            self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
 
     def fail_all(self, error: BaseException) -> None:
         """End every generation, running or waiting, with ``error`` (the step itself failed)."""

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from service import DeploymentSpec
+from tests.service.test_openai import chat_checkpoint  # noqa: F401  (a fixture: a model that talks at length)
 from service.executor import DeadlineExceeded, ModelExecutor
 from tests.factories import PREDICT_REQUESTS
 from tests.service.conftest import serving
@@ -303,3 +304,27 @@ def test_an_overload_refusal_is_held_back(tiny_checkpoints, monkeypatch, deadlin
         assert pacing / 2 <= held
     else:  # the refusal comes by the deadline (the 503 says the wait is past it)
         assert 0.1 <= held < pacing / 2 + 0.5 and "deadline" in response.json()["error"]["message"]
+
+
+def test_a_generation_is_refused_when_its_wait_for_a_slot_exceeds_max_queue_ms(chat_checkpoint):  # noqa: F811
+    """A continuously batching deployment with one slot, taken by a long stream: a new generation would wait until
+    that one could end, over its max_queue_ms, so it is refused at once (503 with Retry-After)."""
+    spec = DeploymentSpec(name="chat", checkpoint=str(chat_checkpoint), max_queue_ms=5, max_batch_size=1)
+    with serving(spec, continuous_batching=True) as client:
+        long = {"model": "chat", "messages": [{"role": "user", "content": "shall i compare thee"}], "max_tokens": 900,
+                "stream": True, "temperature": 0}  # greedy: over 100 tokens (test_openai.py)
+        with client.stream("POST", "/v1/chat/completions", json=long) as stream:
+            lines = stream.iter_lines()
+            for _ in range(6):  # a few tokens in: the batcher has timed its steps
+                next(line for line in lines if line.startswith("data:"))
+            reply = client.post("/predict/transformer", json={"model": "chat", "prompt": "a", "max_new_tokens": 4})
+        assert reply.status_code == 503, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "overloaded" and "max_queue_ms" in error["message"] and reply.headers["retry-after"]
+        # the stream's client has left: once its slot is free, generations are admitted again
+        deadline = time.monotonic() + 10
+        while 'vla_generation_sequences{deployment="chat",state="running"} 0.0' not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the stream's sequence kept its slot after its client left"
+            time.sleep(0.02)
+        assert client.post("/predict/transformer", json={"model": "chat", "prompt": "a", "max_new_tokens": 4}
+                           ).status_code == 200

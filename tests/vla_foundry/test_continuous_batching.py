@@ -224,3 +224,15 @@ def test_a_generation_too_late_to_start_ends_while_waiting_and_the_running_ones_
         batcher.step()
     solo = text.complete(prompt_token_ids=[[1, 2, 3]], sampling=GREEDY, seed=0)
     assert outcomes["running"].completions[0].token_ids == solo.completions[0].token_ids
+
+
+def test_the_expected_wait_is_none_with_a_free_slot_else_until_a_running_sequence_could_end(text):
+    batcher = text.continuous_batcher(max_sequences=1)
+    batcher.submit(text.start_completion(prompt_token_ids=[[1, 2, 3]], sampling=GREEDY, seed=0), lambda out: None)
+    for _ in range(3):
+        batcher.step()
+    assert batcher.step_seconds > 0 and batcher.running_sequences == 1
+    # the one slot is taken by a sequence with 12 - 4 = 8 tokens still to make (at most)
+    assert batcher.expected_wait_s() == pytest.approx(8 * batcher.step_seconds)
+    batcher.fail_all(RuntimeError("done"))
+    assert batcher.expected_wait_s() == 0.0  # a free slot: it joins at the next step
