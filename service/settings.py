@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vla_foundry.checkpoint import resolve_dtype
+from vla_foundry.continuous import DEFAULT_PREFILL_TOKENS
 from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
 
 
@@ -109,7 +110,7 @@ class Settings(BaseSettings):
         "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
         "model's full context); fewer sequences run together when they would not fit; none: a quarter of the GPU "
         "memory free at load on CUDA, no cap on the CPU."))
-    prefill_tokens_per_step: int = Field(512, ge=1, description=(
+    prefill_tokens_per_step: int = Field(DEFAULT_PREFILL_TOKENS, ge=1, description=(
         "Prompt tokens a continuously batching deployment prefills between two decode steps (a longer prompt gets "
         "a step of its own), so new requests cannot stall the running ones for long."))
     switch_interval_ms: Optional[float] = Field(None, gt=0, le=100, description=(

@@ -33,6 +33,8 @@ import torch
 from vla_foundry.models.kv_slots import SlotKVCache
 from vla_foundry.sampling import SamplingParams, select_next_token
 
+DEFAULT_PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps (VLA_PREFILL_TOKENS_PER_STEP)
+
 
 @dataclass
 class Generation:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from vla_foundry.continuous import DEFAULT_PREFILL_TOKENS
 from vla_foundry.keyed_registry import KeyedRegistry
 
 PIPELINES: KeyedRegistry[type] = KeyedRegistry("modality", key_attribute="modality")
@@ -53,7 +54,7 @@ class Pipeline:
         graphs per batch size captures them up to ``max_batch_size`` (the deployment's batching limit)."""
 
     def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
-                           prefill_tokens: int = 512):
+                           prefill_tokens: int = DEFAULT_PREFILL_TOKENS):
         """A ``vla_foundry.continuous.ContinuousBatcher`` for this pipeline's generations, or None: this pipeline
         does not generate text, or its model cannot join a running batch (text pipelines override this)."""
         return None

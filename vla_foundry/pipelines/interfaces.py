@@ -13,7 +13,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
-from vla_foundry.continuous import ContinuousBatcher, Generation
+from vla_foundry.continuous import DEFAULT_PREFILL_TOKENS, ContinuousBatcher, Generation
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.caption import CaptionEvaluation
@@ -36,7 +36,7 @@ class Served(Protocol):
     def warmup(self, max_batch_size: int = 1) -> None: ...
 
     def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
-                           prefill_tokens: int = 512) -> Optional[ContinuousBatcher]: ...
+                           prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> Optional[ContinuousBatcher]: ...
 
 
 class TextServing(Served, Protocol):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from vla_foundry.continuous import ContinuousBatcher, Generation
+from vla_foundry.continuous import DEFAULT_PREFILL_TOKENS, ContinuousBatcher, Generation
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
@@ -383,7 +383,7 @@ class TextPipeline(Pipeline):
     # ------------------------------------------------------------------ continuous batching (continuous.py)
 
     def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
-                           prefill_tokens: int = 512) -> Optional[ContinuousBatcher]:
+                           prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> Optional[ContinuousBatcher]:
         """A batcher that decodes up to ``max_sequences`` sequences of many requests together (fewer when their
         cache would pass ``max_cache_bytes``); None when this model cannot join a running batch (it has no
         ``prefill`` and ``slot_decoder``: requests then run one at a time)."""
