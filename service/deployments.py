@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.config_files import read_model_config, read_training_config
-from vla_foundry.devices import resolve_device, resolve_model_dtype
+from vla_foundry.devices import free_memory_bytes, resolve_device, resolve_model_dtype
 from vla_foundry.models.registry import model_modality
 from vla_foundry.pipelines import Pipeline, load_pipeline
 
@@ -125,12 +125,7 @@ class Deployment:
             if continuous is None:  # until batched decode steps replay from CUDA graphs, one request's do faster
                 continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
             if continuous:
-                cache_mb = self.settings.kv_cache_mb
-                cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
-                if cache_bytes is None and device.type == "cuda":  # by default a quarter of what is free now
-                    cache_bytes = torch.cuda.mem_get_info(device)[0] // 4
-                self.batcher = pipeline.continuous_batcher(self.executor.max_batch_size, cache_bytes,
-                                                           prefill_tokens=self.settings.prefill_tokens_per_step)
+                self.batcher = self._continuous_batcher(pipeline, device)
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.load_seconds = time.perf_counter() - started
@@ -139,6 +134,21 @@ class Deployment:
         except Exception as e:  # the reason goes to /models; the others keep serving
             self.status, self.stage, self.error = FAILED, None, f"{type(e).__name__}: {e}"
             logger.error("deployment %s failed to load: %s", self.name, self.error)
+
+    def _continuous_batcher(self, pipeline, device: torch.device):
+        """The pipeline's continuous batcher (None: its model generates one request at a time), its KV cache capped
+        by VLA_KV_CACHE_MB, by default a quarter of the memory free now. When not even one sequence fits under
+        the default cap (a model with a long context on a small host), requests run one at a time instead."""
+        cache_mb = self.settings.kv_cache_mb
+        if cache_mb is not None:
+            return pipeline.continuous_batcher(self.executor.max_batch_size, int(cache_mb * 2**20),
+                                               prefill_tokens=self.settings.prefill_tokens_per_step)
+        try:
+            return pipeline.continuous_batcher(self.executor.max_batch_size, free_memory_bytes(device) // 4,
+                                               prefill_tokens=self.settings.prefill_tokens_per_step)
+        except ValueError as e:
+            logger.warning("deployment %s generates one request at a time: %s", self.name, e)
+            return None
 
     # ------------------------------------------------------------------ requests
 

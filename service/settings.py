@@ -101,15 +101,17 @@ class Settings(BaseSettings):
         "How long a free model thread waits for more requests before running a batch that is not full; 0 never "
         "delays a lone request."))
     continuous_batching: Optional[bool] = Field(None, description=(
-        "Text and caption generations of our own transformer and vlm models decode together: a new request joins "
-        "the running batch between decode steps and a finished one leaves at once (up to max_batch_size "
-        "sequences); false: one request's generation at a time (HF models always are). None: on, except on CUDA "
+        "Text and caption generations decode together: a new request joins the running batch between decode steps "
+        "and a finished one leaves at once (up to max_batch_size sequences; HF families whose cache cannot be kept "
+        "in slots, e.g. sliding-window ones, always generate one request at a time); false: one request's "
+        "generation at a time. None: on, except on CUDA "
         "with cuda_graphs, where one request's decode steps replay from a CUDA graph (batched decode steps do "
         "not yet)."))
     kv_cache_mb: Optional[float] = Field(None, gt=0, description=(
         "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
-        "model's full context); fewer sequences run together when they would not fit; none: a quarter of the GPU "
-        "memory free at load on CUDA, no cap on the CPU."))
+        "model's full context); fewer sequences run together when they would not fit; none: a quarter of the "
+        "memory free at load (the GPU's on CUDA, the host's on the CPU), and a model of which not even one sequence "
+        "fits then generates one request at a time."))
     prefill_tokens_per_step: int = Field(DEFAULT_PREFILL_TOKENS, ge=1, description=(
         "Prompt tokens a continuously batching deployment prefills between two decode steps (a longer prompt gets "
         "a step of its own), so new requests cannot stall the running ones for long."))

@@ -54,6 +54,22 @@ def _transformer(path: Path, tokenizer) -> Path:
     return path
 
 
+def sharpen_hf(hf_dir: Path, auto_class: str, seed: int = 0, std: float = 0.2) -> Path:
+    """Redraw every matrix of the HF model in ``hf_dir`` (loaded with ``transformers.<auto_class>``) with a larger
+    std and save it back: with HF's 0.02 init a tiny model's greedy outputs hardly depend on its input, which would
+    make equalities between two ways of running it too easy."""
+    import transformers
+
+    model = getattr(transformers, auto_class).from_pretrained(hf_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(hf_dir)
+    return hf_dir
+
+
 def tiny_vlm_params(vocab_size: int, **overrides: Any):
     """A ViT (32 px, 8 px patches, shuffle 2 ⇒ 4 tokens per image) + transformer; the last id is the image
     placeholder."""

@@ -18,22 +18,49 @@ from its own ``torch.Generator`` over exactly the rows and shapes a solo run dra
 tokens are the ones it gets alone (up to the float rounding of batched kernels, which does not
 change a token in practice; the tests compare tokens).
 
-The model supplies ``prefill(input_ids (1, T), **row_inputs) -> (logits (1, V), cache)`` and
-``slot_decoder``, a language model whose ``forward`` takes a ``SlotBatch`` as ``past_key_values``.
+The model is a :class:`SlotModel` and its decoder a :class:`SlotDecoding` (``models/kv_slots.py`` for our models,
+``models/hf_slots.py`` for Hugging Face ones).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from vla_foundry.models.kv_slots import SlotKVCache
 from vla_foundry.sampling import SamplingParams, select_next_token
 
 DEFAULT_PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps (VLA_PREFILL_TOKENS_PER_STEP)
+
+
+class SlotDecoding(Protocol):
+    """Decode steps for sequences kept in ``num_slots`` slots of a preallocated cache of ``nbytes``."""
+
+    num_slots: int
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def store_prompt(self, slot: int, present: Any) -> None:
+        """A prefilled prompt's cache (what ``SlotModel.prefill`` returned) into ``slot``."""
+
+    def decode(self, last_ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token per sequence, ``last_ids`` (B,), sequence b in ``slots[b]`` with ``positions[b]`` tokens
+        cached: the next token's logits (B, V)."""
+
+
+class SlotModel(Protocol):
+    """What a model offers to decode in slots."""
+
+    def prefill(self, input_ids: torch.Tensor, **row_inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One prompt (1, T) exactly as a solo generation's first step runs it: next-token logits (1, V), its cache."""
+
+    def slot_bytes(self) -> Optional[int]:
+        """One sequence's cache memory (its full context); None when this model cannot decode in slots."""
+
+    def slot_decoder(self, num_slots: int) -> SlotDecoding: ...
 
 
 @dataclass
@@ -64,12 +91,11 @@ class _Running:
 
 
 class ContinuousBatcher:
-    def __init__(self, model, num_slots: int, prefill_tokens: int, dtype: torch.dtype, device: torch.device):
-        decoder = model.slot_decoder
-        p = decoder.params
-        self.model, self.decoder = model, decoder
-        self.cache = SlotKVCache(p.n_layers, num_slots, decoder.max_seq_len, p.n_heads, p.hidden_dim // p.n_heads,
-                                 dtype, device)
+    def __init__(self, model: SlotModel, num_slots: int, prefill_tokens: int, device: torch.device):
+        self.model = model
+        self.decoder = model.slot_decoder(num_slots)
+        # ids the model's own generate never samples (vlm_hf: the image placeholder), masked out here alike
+        self._never_sampled = torch.tensor(getattr(model, "never_sampled_ids", []), dtype=torch.long, device=device)
         self.prefill_tokens = prefill_tokens
         self.device = device
         self._free = list(range(num_slots))[::-1]  # popped from the end: slot 0 first
@@ -80,21 +106,23 @@ class ContinuousBatcher:
         self.step_seconds = 0.0  # recent time of one step (a moving average), for expected_wait_s
 
     @staticmethod
-    def slots_within(model, num_slots: int, max_bytes: Optional[int], dtype: torch.dtype) -> int:
-        """How many slots fit in ``max_bytes`` of cache (at most ``num_slots``); 0 when not even one does."""
-        p = model.slot_decoder.params
-        per_slot = SlotKVCache.bytes_per_slot(p.n_layers, model.slot_decoder.max_seq_len, p.hidden_dim, dtype)
+    def slots_within(model: SlotModel, num_slots: int, max_bytes: Optional[int]) -> Optional[int]:
+        """How many slots fit in ``max_bytes`` of cache (at most ``num_slots``; 0 when not even one does); None
+        when ``model`` cannot decode in slots."""
+        per_slot = model.slot_bytes()
+        if per_slot is None:
+            return None
         return num_slots if max_bytes is None else min(num_slots, max_bytes // per_slot)
 
     # ------------------------------------------------------------------ the model thread's interface
 
     @property
     def num_slots(self) -> int:
-        return self.cache.num_slots
+        return self.decoder.num_slots
 
     @property
     def cache_bytes(self) -> int:
-        return self.cache.nbytes
+        return self.decoder.nbytes
 
     @property
     def active(self) -> bool:
@@ -189,7 +217,7 @@ class ContinuousBatcher:
 
     def _prefill(self, slot: int, ids: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, present = self.model.prefill(torch.tensor([ids], dtype=torch.long, device=self.device), **inputs)
-        self.cache.store_prompt(slot, present)
+        self.decoder.store_prompt(slot, present)
         return logits
 
     def _decode(self) -> None:
@@ -198,13 +226,12 @@ class ContinuousBatcher:
         slots = [slot for r in running for slot in r.slots]
         positions = [len(ids) + len(row) - 1 for r in running for ids, row in zip(r.generation.ids, r.new_tokens)]
         try:
-            out = self.decoder(torch.tensor(last, dtype=torch.long, device=self.device)[:, None],
-                               past_key_values=self.cache.batch(slots, positions))
+            logits = self.decoder.decode(torch.tensor(last, dtype=torch.long, device=self.device), slots,
+                                         positions)  # (B, V)
         except Exception as e:  # the whole step failed: no row can be told apart
             for r in running:
                 self._end(r, e)
             return
-        logits = out.logits[:, -1]  # (B, V)
         start = 0
         for r in running:
             self._sample(r, logits[start:start + r.rows])
@@ -213,6 +240,8 @@ class ContinuousBatcher:
     def _sample(self, r: _Running, logits: torch.Tensor) -> None:
         """The generation's next token per row, from its own generator; finished when every row is done."""
         s = r.generation.sampling
+        if self._never_sampled.numel():
+            logits = logits.index_fill(-1, self._never_sampled, float("-inf"))
         try:
             next_ids = select_next_token(logits, s.temperature, s.top_k, s.top_p, r.generation.generator).tolist()
             if not r.new_tokens:

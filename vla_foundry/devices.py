@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -36,3 +37,18 @@ def resolve_model_dtype(dtype: Optional[str], device: torch.device, precision: O
     if device.type == "cuda" and precision in BF16_PRECISIONS:
         return torch.bfloat16
     return torch.float32
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free now on ``device``: the GPU's on CUDA, else the host's (``MemAvailable``: free plus what the
+    kernel can reclaim at once, on Linux; free pages elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

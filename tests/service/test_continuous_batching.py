@@ -42,11 +42,10 @@ def sequences(live: str, deployment: str, state: str = "running") -> float:
 
 def test_models_say_how_each_deployment_generates(live):
     models = {d["name"]: d for d in httpx.get(f"{live}/models").json()["deployments"]}
-    for name in ("chat", "captioner"):
+    for name in ("chat", "captioner", "hf"):  # hf: a Llama as transformer_hf, decoding in slots (hf_slots.py)
         batching = models[name]["batching"]
         assert batching["generation"] == "continuous" and batching["max_sequences"] == 8
         assert batching["kv_cache_bytes"] > 0 and batching["prefill_tokens_per_step"] == 512
-    assert models["hf"]["batching"]["generation"] == "per_request"  # HF families run one request at a time
 
 
 CHATS = [  # (content, max_tokens, seed, temperature, stream, n)
@@ -56,9 +55,9 @@ CHATS = [  # (content, max_tokens, seed, temperature, stream, n)
     ("where is the cup", 70, 7, 1.0, True, 1), ("hello", 25, 8, 0.9, False, 3)]
 
 
-def chat(client, content, max_tokens, seed, temperature, stream, n) -> list[tuple[str, str]]:
+def chat(client, content, max_tokens, seed, temperature, stream, n, model="chat") -> list[tuple[str, str]]:
     """(content, finish reason) per choice, streamed or not."""
-    kwargs = dict(model="chat", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, seed=seed,
+    kwargs = dict(model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, seed=seed,
                   temperature=temperature, n=n)
     if not stream:
         reply = client.chat.completions.create(**kwargs)
@@ -71,21 +70,24 @@ def chat(client, content, max_tokens, seed, temperature, stream, n) -> list[tupl
     return list(zip(texts, finishes))
 
 
-def test_concurrent_chats_get_what_each_gets_alone(client):
-    with concurrent.futures.ThreadPoolExecutor(len(CHATS)) as pool:
-        together = list(pool.map(lambda args: chat(client, *args), CHATS))
-    alone = [chat(client, *args) for args in CHATS]
+@pytest.mark.parametrize("model", ["chat", "hf"])
+def test_concurrent_chats_get_what_each_gets_alone(client, model):
+    chats = CHATS if model == "chat" else [(c, min(m, 80), *rest) for c, m, *rest in CHATS]  # hf: 128 positions
+    with concurrent.futures.ThreadPoolExecutor(len(chats)) as pool:
+        together = list(pool.map(lambda args: chat(client, *args, model=model), chats))
+    alone = [chat(client, *args, model=model) for args in chats]
     assert together == alone
     assert any(len(text) > 50 for choices in alone for text, _ in choices)  # long enough to overlap
 
 
-def test_concurrent_predictions_share_decode_steps_and_keep_their_tokens(live):
+@pytest.mark.parametrize("model,route", [("chat", "transformer"), ("hf", "transformer_hf")])
+def test_concurrent_predictions_share_decode_steps_and_keep_their_tokens(live, model, route):
     rng = np.random.default_rng(0)
-    bodies = [{"model": "chat", "prompt_token_ids": [rng.integers(1, 100, size=int(rng.integers(2, 12))).tolist()],
+    bodies = [{"model": model, "prompt_token_ids": [rng.integers(1, 100, size=int(rng.integers(2, 12))).tolist()],
                "max_new_tokens": int(rng.integers(20, 60)), "temperature": 1.0, "seed": i} for i in range(12)]
 
     def predict(body):
-        reply = httpx.post(f"{live}/predict/transformer", json=body, timeout=120)
+        reply = httpx.post(f"{live}/predict/{route}", json=body, timeout=120)
         assert reply.status_code == 200, reply.text
         return reply.json()
 
@@ -141,3 +143,24 @@ def test_a_request_of_more_prompts_than_slots_is_still_served(live):
     reply = httpx.post(f"{live}/predict/transformer", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     assert len(reply.json()["completions"]) == 12
+
+
+def test_by_default_a_model_whose_one_sequence_does_not_fit_generates_one_request_at_a_time(tiny_checkpoints,
+                                                                                              monkeypatch):
+    """The default KV cache cap is a quarter of the memory free at load (here made too small for one sequence): the
+    deployment still serves, one request at a time. An explicit VLA_KV_CACHE_MB that small fails the load instead,
+    naming the setting."""
+    from service.settings import DeploymentSpec
+    from tests.service.conftest import serving
+
+    monkeypatch.setattr("service.deployments.free_memory_bytes", lambda device: 4096)
+    spec = DeploymentSpec(name="hf", checkpoint=str(tiny_checkpoints["transformer_hf"]))
+    with serving(spec) as client:
+        models = client.get("/models").json()["deployments"]
+        assert models[0]["status"] == "ready" and models[0]["batching"]["generation"] == "per_request"
+        reply = client.post("/predict/transformer_hf", json={"model": "hf", "prompt_token_ids": [[5, 6]],
+                                                              "max_new_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200 and len(reply.json()["completions"][0]["token_ids"]) == 4
+    with serving(spec, kv_cache_mb=0.001) as client:
+        model = client.get("/models").json()["deployments"][0]
+        assert model["status"] == "failed" and "VLA_KV_CACHE_MB" in model["error"]

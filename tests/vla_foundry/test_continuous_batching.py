@@ -1,6 +1,8 @@
-"""Continuous batching (vla_foundry/continuous.py, models/kv_slots.py): every request's tokens through the batcher
-equal its solo run (``complete`` / ``caption``), greedy and seeded, with requests joining mid-decode, leaving
-early, with stop strings and different lengths; slots are freed; the cache stays within its bound."""
+"""Continuous batching (vla_foundry/continuous.py, models/kv_slots.py, models/hf_slots.py): every request's tokens
+through the batcher equal its solo run (``complete`` / ``caption``), greedy and seeded, with requests joining
+mid-decode, leaving early, with stop strings and different lengths, for our ``transformer`` and ``vlm`` and for HF
+families (Llama and GPT-2 as ``transformer_hf``, Idefics3 and LLaVA as ``vlm_hf``); slots are freed; the cache stays
+within its bound; an HF family that cannot decode in slots runs one request at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.factories import sharpen_hf
 from vla_foundry.continuous import ContinuousBatcher
+from vla_foundry.demo.hf_models import CAUSAL_LM_FAMILIES, build_tiny_causal_lm, build_tiny_idefics3, build_tiny_llava
+from vla_foundry.models import hf_slots
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.sampling import SamplingParams
 
@@ -29,6 +34,35 @@ def tiny_text(tiny_checkpoints):
 @pytest.fixture(scope="module")
 def vlm(fixtures_dir):
     return load_pipeline(fixtures_dir / "vlm_basic")
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, tiny_tokenizer):
+    """Sharpened tiny HF models (see ``sharpen_hf``): Llama and GPT-2 causal LMs, Idefics3 and LLaVA captioners."""
+    root = tmp_path_factory.mktemp("hf_slots")
+    dirs = {f: sharpen_hf(build_tiny_causal_lm(root / f, tiny_tokenizer, family=f), "AutoModelForCausalLM")
+            for f in CAUSAL_LM_FAMILIES}
+    for name, build in (("idefics3", build_tiny_idefics3), ("llava", build_tiny_llava)):
+        dirs[name] = sharpen_hf(build(root / name, tiny_tokenizer), "AutoModelForImageTextToText")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def hf_pipelines(hf_dirs):
+    return {name: load_pipeline(d) for name, d in hf_dirs.items()}
+
+
+@pytest.fixture(params=["transformer", *CAUSAL_LM_FAMILIES])
+def any_text(request, text, hf_pipelines):
+    """The shared transformer fixture, and each HF causal LM family as ``transformer_hf``."""
+    return text if request.param == "transformer" else hf_pipelines[request.param]
+
+
+def slot_storage(batcher: ContinuousBatcher) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batcher's preallocated keys and values (ours keep them in a SlotKVCache, HF's in the decoder)."""
+    decoder = batcher.decoder
+    holder = getattr(decoder, "cache", decoder)
+    return holder.keys, holder.values
 
 
 def run_all(batcher: ContinuousBatcher, arrivals: dict[int, list], max_steps: int = 500) -> dict:
@@ -52,7 +86,8 @@ def prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
-def test_requests_joining_and_leaving_get_their_solo_tokens(text, sampling):
+def test_requests_joining_and_leaving_get_their_solo_tokens(any_text, sampling):
+    text = any_text
     batcher = text.continuous_batcher(max_sequences=6)
     rows = prompts(text.model.vocab_size, 8)
     requests = {  # name: (prompt rows, max_new_tokens): different lengths, one request of two rows
@@ -101,22 +136,46 @@ def test_stop_strings_streams_and_eos_end_a_request_as_they_do_alone(tiny_text):
     assert streamed["batched"] == streamed["alone"] and streamed["alone"]
 
 
-def test_caption_requests_with_their_images_get_their_solo_tokens(vlm):
-    batcher = vlm.continuous_batcher(max_sequences=4)
+@pytest.mark.parametrize("captioner", ["vlm", "idefics3", "llava"])
+def test_caption_requests_with_their_images_get_their_solo_tokens(captioner, vlm, hf_pipelines):
+    pipeline = vlm if captioner == "vlm" else hf_pipelines[captioner]
+    batcher = pipeline.continuous_batcher(max_sequences=4)
+    assert batcher is not None
     rng = np.random.default_rng(0)
-    size = vlm.model.image_size
+    size = getattr(pipeline.model, "image_size", 32)
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(3)]
-    requests = {"a": ([[images[0]]], [[5, 6]]), "b": ([[images[1]]], [[7, 8, 9, 10]]),
-                "c": ([[images[2]], [images[0]]], [[3], [4, 5]])}
+    if captioner == "vlm":  # the fixture has no tokenizer: token ids
+        prompts = {"a": {"prompt_token_ids": [[5, 6]]}, "b": {"prompt_token_ids": [[7, 8, 9, 10]]},
+                   "c": {"prompt_token_ids": [[3], [4, 5]]}}
+    else:
+        prompts = {"a": {"prompts": ["a robot"]}, "b": {"prompts": ["the quick brown fox jumps over"]},
+                   "c": {"prompts": ["what", "a red block"]}}
+    requests = {"a": [[images[0]]], "b": [[images[1]]], "c": [[images[2]], [images[0]]]}
     for sampling in (GREEDY, SAMPLED):
-        generations = {0: [("a", vlm.start_caption(*requests["a"][:1], prompt_token_ids=requests["a"][1],
-                                                   sampling=sampling, seed=1))],
-                       3: [(name, vlm.start_caption(requests[name][0], prompt_token_ids=requests[name][1],
-                                                    sampling=sampling, seed=2)) for name in ("b", "c")]}
+        generations = {0: [("a", pipeline.start_caption(requests["a"], **prompts["a"], sampling=sampling, seed=1))],
+                       3: [(name, pipeline.start_caption(requests[name], **prompts[name], sampling=sampling, seed=2))
+                           for name in ("b", "c")]}
         outcomes = run_all(batcher, generations)
+        assert outcomes["most decoding together"] >= 3
         for name, seed in (("a", 1), ("b", 2), ("c", 2)):
-            solo = vlm.caption(requests[name][0], prompt_token_ids=requests[name][1], sampling=sampling, seed=seed)
+            solo = pipeline.caption(requests[name], **prompts[name], sampling=sampling, seed=seed)
             assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions]
+
+
+def test_an_hf_captioner_never_samples_its_image_placeholder_in_a_batch_either(hf_dirs):
+    """``vlm_hf``'s ``generate`` never samples the image placeholder; the batcher masks it out alike. Here the
+    placeholder is made every step's most likely token, so greedy decoding would pick it if it could."""
+    pipeline = load_pipeline(hf_dirs["idefics3"])
+    placeholder = pipeline.model.image_token_id
+    with torch.no_grad():
+        head = pipeline.model.model.get_output_embeddings()
+        head.weight[placeholder] = head.weight.abs().max(0).values * 50
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    batcher = pipeline.continuous_batcher(max_sequences=2)
+    outcomes = run_all(batcher, {0: [("a", pipeline.start_caption([[image]], ["a"], sampling=GREEDY, seed=0))]})
+    solo = pipeline.caption([[image]], ["a"], sampling=GREEDY, seed=0)
+    tokens = outcomes["a"].completions[0].token_ids
+    assert tokens == solo.completions[0].token_ids and placeholder not in tokens and len(tokens) == 12
 
 
 def test_a_cancelled_or_failing_request_frees_its_slots_and_leaves_the_others_alone(text):
@@ -158,17 +217,40 @@ def test_a_request_of_more_rows_than_slots_runs_alone_the_solo_way(text):
     assert [c.token_ids for c in outcomes[0].completions] == [c.token_ids for c in solo.completions]
 
 
-def test_the_cache_never_exceeds_its_configured_memory(text):
-    p = text.model.params
-    per_slot = 2 * p.n_layers * text.model.max_seq_len * p.hidden_dim * 4  # float32
+def test_the_cache_never_exceeds_its_configured_memory(any_text):
+    text = any_text
+    per_slot = text.model.slot_bytes()
+    if text.model.params.type == "transformer":  # what it is made of: K and V of every layer, full context, fp32
+        p = text.model.params
+        assert per_slot == 2 * p.n_layers * text.model.max_seq_len * p.hidden_dim * 4
     batcher = text.continuous_batcher(max_sequences=16, max_cache_bytes=3 * per_slot + 1)
-    assert batcher.num_slots == 3 and batcher.cache.nbytes <= 3 * per_slot + 1
+    keys, values = slot_storage(batcher)
+    assert batcher.num_slots == 3 and keys.nbytes + values.nbytes == batcher.cache_bytes <= 3 * per_slot + 1
     with pytest.raises(ValueError, match="does not fit"):
         text.continuous_batcher(max_sequences=4, max_cache_bytes=per_slot - 1)
 
 
-def test_hf_models_cannot_join_a_running_batch(tiny_checkpoints):
-    assert load_pipeline(tiny_checkpoints["transformer_hf"]).continuous_batcher(4) is None
+def test_an_hf_family_that_cannot_decode_in_slots_runs_one_request_at_a_time(tmp_path, tiny_tokenizer):
+    """Mistral with a sliding window keeps a cache of sliding layers, which slots do not model."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=4, max_position_embeddings=64)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    pipeline = load_pipeline(tmp_path)
+    assert pipeline.model.slot_bytes() is None and pipeline.continuous_batcher(4) is None
+    assert len(pipeline.complete(["a robot"], sampling=GREEDY, seed=0).completions[0].token_ids) == 12
+
+
+def test_an_hf_family_whose_step_in_slots_differs_from_its_step_alone_runs_one_request_at_a_time(hf_dirs,
+                                                                                                   monkeypatch):
+    """The check made once per model: two prompts decoded in one step must give the logits each gets alone."""
+    decode = hf_slots.HFSlotDecoder.decode
+    monkeypatch.setattr(hf_slots.HFSlotDecoder, "decode", lambda self, *a: decode(self, *a) * 1.01)
+    assert load_pipeline(hf_dirs["llama"]).continuous_batcher(4) is None
+    monkeypatch.setattr(hf_slots.HFSlotDecoder, "decode", decode)
+    assert load_pipeline(hf_dirs["llama"]).continuous_batcher(4) is not None
 
 
 def test_a_long_prompt_does_not_stall_the_running_sequences(text):
@@ -191,12 +273,13 @@ def test_a_long_prompt_does_not_stall_the_running_sequences(text):
     assert len(outcomes) == 3
 
 
-def test_what_a_previous_sequence_left_in_a_slot_never_reaches_the_next(text):
+def test_what_a_previous_sequence_left_in_a_slot_never_reaches_the_next(any_text):
     """A slot's positions past a new prompt are zeroed: even NaN left there (masked, but 0 × NaN is NaN) cannot
     reach the sequence that takes the slot next."""
+    text = any_text
     batcher = text.continuous_batcher(max_sequences=2)
-    batcher.cache.keys.fill_(float("nan"))
-    batcher.cache.values.fill_(float("nan"))
+    for storage in slot_storage(batcher):
+        storage.fill_(float("nan"))
     rows = prompts(text.model.vocab_size, 2, seed=3)
     generations = {0: [(str(i), text.start_completion(prompt_token_ids=[row], sampling=SAMPLED, seed=i))
                        for i, row in enumerate(rows)]}

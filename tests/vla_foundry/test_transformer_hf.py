@@ -15,6 +15,7 @@ from vla_foundry.models.hf_loading import positions_from_mask
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.pipelines.text import pad_rows
 from vla_foundry.sampling import SamplingParams
+from tests.factories import sharpen_hf
 
 ATOL = 1e-5
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
@@ -22,16 +23,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 
 
 def sharpen(hf_dir, seed=0, std=0.2):
-    """Redraw every matrix with a larger std and save back: HF's 0.02 init makes greedy outputs nearly
-    independent of the input, which would make the equalities below too easy."""
-    model = AutoModelForCausalLM.from_pretrained(hf_dir)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    model.save_pretrained(hf_dir)
-    return hf_dir
+    return sharpen_hf(hf_dir, "AutoModelForCausalLM", seed, std)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from vla_foundry.demo.hf_models import build_tiny_idefics3, build_tiny_llava
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.pipelines.caption import CaptionPipeline
 from vla_foundry.sampling import SamplingParams
+from tests.factories import sharpen_hf
 
 ATOL = 1e-5
 BUILDERS = {"idefics3": build_tiny_idefics3, "llava": build_tiny_llava}
@@ -22,16 +23,7 @@ PROMPTS = ["a robot", "the quick brown fox jumps over"]
 
 
 def sharpen(hf_dir, seed=0, std=0.2):
-    """Redraw every matrix with a larger std and save back: with HF's 0.02 init the tiny models caption
-    every image and prompt the same way, which would make the equalities below too easy."""
-    model = AutoModelForImageTextToText.from_pretrained(hf_dir)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    model.save_pretrained(hf_dir)
-    return hf_dir
+    return sharpen_hf(hf_dir, "AutoModelForImageTextToText", seed, std)
 
 
 def images(seed=0):

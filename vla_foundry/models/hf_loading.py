@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from vla_foundry.models.hf_slots import HFSlotDecoder, slot_layout
 from vla_foundry.models.transformer import TransformerOutput
 
 
@@ -105,6 +106,32 @@ class HFWrapper(nn.Module):
     def end_token_ids(self) -> list[int]:
         """The ids that end a generation per the model's generation config (e.g. an end-of-turn token)."""
         return end_token_ids(self.model)
+
+    # ------------------------------------------------------------------ continuous batching (continuous.py)
+
+    def prefill(self, input_ids: torch.Tensor, **inputs) -> tuple[torch.Tensor, Any]:
+        """One prompt (1, T) and its extra inputs (a caption's images) as ``generate``'s first step runs them:
+        next-token logits (1, V) and HF's cache."""
+        out = self.run_hf(None, True, input_ids=input_ids, **inputs)
+        cached = getattr(out.past_key_values, "get_seq_length", lambda: input_ids.shape[1])()
+        if cached != input_ids.shape[1]:  # slots count a sequence's positions by its tokens
+            raise ValueError(f"{self.params.type}: {type(self.model).__name__} cached {cached} positions for a prompt "
+                             f"of {input_ids.shape[1]} tokens, so its sequences cannot share decode steps; serve it "
+                             "with VLA_CONTINUOUS_BATCHING=false")
+        return out.logits[:, -1], out.past_key_values
+
+    def slot_bytes(self) -> Optional[int]:
+        """One sequence's slot of cache memory (its full context); None when this model's family cannot decode
+        in slots (``hf_slots.slot_layout`` checks it on the model once, on the device it is on now)."""
+        if not hasattr(self, "_slot_layout"):
+            self._slot_layout = slot_layout(self)
+        return None if self._slot_layout is None else self._slot_layout.bytes_per_slot
+
+    def slot_decoder(self, num_slots: int):
+        """Decode steps for ``num_slots`` sequences at once, each at its own position (``hf_slots.py``)."""
+        if self.slot_bytes() is None:
+            raise ValueError(f"{self.params.type}: {type(self.model).__name__} cannot decode in slots")
+        return HFSlotDecoder(self, self._slot_layout, num_slots)
 
     def run_hf(self, past_key_values=None, use_cache: bool = False, output_hidden_states: bool = False, **inputs):
         """The HF model on ``inputs`` → a ``TransformerOutput`` (logits, cache when asked, hidden states)."""

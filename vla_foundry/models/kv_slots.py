@@ -13,6 +13,10 @@ slot per sequence wastes at most one context per idle slot, and the attention st
 SDPA call over a gathered (B, Tk) key range with a mask: no custom kernel. The cache's memory
 is fixed when it is built (``bytes_per_slot`` × slots) and never grows.
 
+A model that decodes in slots offers ``prefill``, ``slot_bytes()`` and ``slot_decoder(num_slots)``;
+:class:`SlotDecoder` is that decoder for our own transformer (``transformer``, and ``vlm``'s language
+model); ``models/hf_slots.py`` is the one for Hugging Face models.
+
 Shapes: L layers, S slots, M max_len, nh heads, hd head dim, B sequences in a step, Tk keys.
 """
 
@@ -21,6 +25,38 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+class SlotDecoder:
+    """Decode steps of our transformer ``lm`` for sequences kept in the slots of a :class:`SlotKVCache`: what a
+    ``ContinuousBatcher`` drives (``store_prompt`` after a prefill, then ``decode`` once per step)."""
+
+    def __init__(self, lm, num_slots: int):
+        p, weight = lm.params, next(lm.parameters())
+        self.lm = lm
+        self.cache = SlotKVCache(p.n_layers, num_slots, lm.max_seq_len, p.n_heads, p.hidden_dim // p.n_heads,
+                                 weight.dtype, weight.device)
+
+    @staticmethod
+    def bytes_per_slot(lm) -> int:
+        p = lm.params
+        return SlotKVCache.bytes_per_slot(p.n_layers, lm.max_seq_len, p.hidden_dim, next(lm.parameters()).dtype)
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    def store_prompt(self, slot: int, present: list) -> None:
+        self.cache.store_prompt(slot, present)
+
+    def decode(self, last_ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token per sequence, ``last_ids`` (B,), sequence b in ``slots[b]`` at ``positions[b]``: the next
+        token's logits (B, V)."""
+        return self.lm(last_ids[:, None], past_key_values=self.cache.batch(slots, positions)).logits[:, -1]
 
 
 class SlotKVCache:

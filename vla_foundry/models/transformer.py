@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_foundry.models.kv_slots import SlotBatch, SlotLayer
+from vla_foundry.models.kv_slots import SlotBatch, SlotDecoder, SlotLayer
 from vla_foundry.models.norms import build_norm
 from vla_foundry.models.registry import register_model
 from vla_foundry.models.rotary import KVCache, RotaryEmbedding, apply_rotary, rotary_tables
@@ -248,10 +248,13 @@ class Transformer(nn.Module):
         out = self(input_ids, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
-    @property
-    def slot_decoder(self) -> "Transformer":
-        """The model whose decode steps take a ``SlotBatch`` (kv_slots.py) as ``past_key_values``."""
-        return self
+    def slot_bytes(self) -> int:
+        """The cache memory of one sequence's slot (its full context)."""
+        return SlotDecoder.bytes_per_slot(self)
+
+    def slot_decoder(self, num_slots: int) -> SlotDecoder:
+        """Decode steps for ``num_slots`` sequences at once, each at its own position (kv_slots.py)."""
+        return SlotDecoder(self, num_slots)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50,

@@ -129,10 +129,13 @@ class VLM(nn.Module):
         out = self.transformer(inputs_embeds=emb, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
-    @property
-    def slot_decoder(self):
-        """The language model, whose decode steps take a ``SlotBatch`` (kv_slots.py) as ``past_key_values``."""
-        return self.transformer
+    def slot_bytes(self) -> int:
+        """The cache memory of one sequence's slot: the language model's."""
+        return self.transformer.slot_bytes()
+
+    def slot_decoder(self, num_slots: int):
+        """Decode steps of the language model for ``num_slots`` sequences at once (kv_slots.py)."""
+        return self.transformer.slot_decoder(num_slots)
 
     # ------------------------------------------------------------------ generate
 

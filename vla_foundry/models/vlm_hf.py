@@ -35,6 +35,11 @@ class VLMHF(HFWrapper):
         return hf_image_token_id(self.model.config)
 
     @property
+    def never_sampled_ids(self) -> list[int]:
+        """Ids no generation may sample: the image placeholder (see ``generate``)."""
+        return [self.image_token_id]
+
+    @property
     def max_seq_len(self) -> int:
         return hf_max_positions(getattr(self.model.config, "text_config", None) or self.model.config)
 
@@ -66,4 +71,4 @@ class VLMHF(HFWrapper):
 
         return sample_loop(step, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
-                           stopping=stopping, suppress_token_ids=[self.image_token_id])
+                           stopping=stopping, suppress_token_ids=self.never_sampled_ids)

@@ -386,15 +386,17 @@ class TextPipeline(Pipeline):
                            prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> Optional[ContinuousBatcher]:
         """A batcher that decodes up to ``max_sequences`` sequences of many requests together (fewer when their
         cache would pass ``max_cache_bytes``); None when this model cannot join a running batch (it has no
-        ``prefill`` and ``slot_decoder``: requests then run one at a time)."""
-        if not hasattr(self.model, "prefill") or not hasattr(self.model, "slot_decoder"):
+        slots, see ``ContinuousBatcher``: requests then run one at a time)."""
+        if not hasattr(self.model, "slot_bytes"):
             return None
-        dtype = next(self.model.slot_decoder.parameters()).dtype
-        slots = ContinuousBatcher.slots_within(self.model, max_sequences, max_cache_bytes, dtype)
+        slots = ContinuousBatcher.slots_within(self.model, max_sequences, max_cache_bytes)
+        if slots is None:
+            return None
         if slots < 1:
-            raise ValueError(f"one sequence's cache does not fit in {max_cache_bytes} bytes (VLA_KV_CACHE_MB); "
-                             "allow more, or serve this model without continuous batching")
-        return ContinuousBatcher(self.model, slots, prefill_tokens, dtype, self.device)
+            raise ValueError(f"one sequence's cache ({self.model.slot_bytes()} bytes) does not fit in "
+                             f"{max_cache_bytes} bytes (VLA_KV_CACHE_MB); allow more, or serve this model without "
+                             "continuous batching")
+        return ContinuousBatcher(self.model, slots, prefill_tokens, self.device)
 
     def start_completion(self, prompts: Optional[Sequence[str]] = None,
                          prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
