@@ -9,7 +9,9 @@ waiting. Each step:
    as a solo run prefills it, its cache copied into its slot (``models/kv_slots.py``), and the
    generation samples its first tokens;
 3. runs one decode step for every running sequence (one new token each, each at its own position)
-   and lets each generation sample its next tokens from its own rows with its own generator;
+   and lets each generation sample its next tokens from its own rows with its own generator; a sequence
+   decoding alone keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing to gather,
+   as fast as one request without the batcher), moving into its slot when another sequence joins;
 4. finishes generations that are done (every row ended by eos or a stop string, or
    ``max_new_tokens`` reached): their result is handed to ``on_done`` and their slots freed.
 
@@ -57,6 +59,10 @@ class SlotModel(Protocol):
     def prefill(self, input_ids: torch.Tensor, **row_inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """One prompt (1, T) exactly as a solo generation's first step runs it: next-token logits (1, V), its cache."""
 
+    def step_alone(self, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One sequence's next token (1, 1) on its own cache (what ``prefill`` returned, grown by earlier calls), as a
+        solo generation's later steps run it: logits (1, V) and the grown cache."""
+
     def slot_bytes(self) -> Optional[int]:
         """One sequence's cache memory (its full context); None when this model cannot decode in slots."""
 
@@ -84,6 +90,7 @@ class _Running:
     too_late: Callable[[], Optional[BaseException]]  # while waiting for a slot: why it may no longer start, or None
     slots: list[int] = field(default_factory=list)
     new_tokens: list[list[int]] = field(default_factory=list)  # per row
+    own_cache: Any = None  # a one-row generation's own cache, until it shares a step (then it is in its slot)
 
     @property
     def rows(self) -> int:
@@ -208,20 +215,30 @@ class ContinuousBatcher:
             r.slots = [self._free.pop() for _ in range(r.rows)]
             self._running += (r,)
             try:
-                logits = torch.cat([self._prefill(slot, ids, inputs) for slot, ids, inputs
+                logits = torch.cat([self._prefill(r, slot, ids, inputs) for slot, ids, inputs
                                     in zip(r.slots, r.generation.ids, r.generation.row_inputs)])  # (n, V)
             except Exception as e:  # this request's inputs alone
                 self._end(r, e)
                 continue
             self._sample(r, logits)
 
-    def _prefill(self, slot: int, ids: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _prefill(self, r: _Running, slot: int, ids: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, present = self.model.prefill(torch.tensor([ids], dtype=torch.long, device=self.device), **inputs)
-        self.decoder.store_prompt(slot, present)
+        if r.rows == 1:
+            r.own_cache = present  # into its slot once it shares a step (_decode)
+        else:
+            self.decoder.store_prompt(slot, present)
         return logits
 
     def _decode(self) -> None:
         running = self._running
+        if len(running) == 1 and running[0].own_cache is not None:  # a lone sequence: the solo way
+            self._step_alone(running[0])
+            return
+        for r in running:  # sequences that decoded alone until now move into their slots
+            if r.own_cache is not None:
+                self.decoder.store_prompt(r.slots[0], r.own_cache)
+                r.own_cache = None
         last = [row[-1] for r in running for row in r.new_tokens]
         slots = [slot for r in running for slot in r.slots]
         positions = [len(ids) + len(row) - 1 for r in running for ids, row in zip(r.generation.ids, r.new_tokens)]
@@ -236,6 +253,15 @@ class ContinuousBatcher:
         for r in running:
             self._sample(r, logits[start:start + r.rows])
             start += r.rows
+
+    def _step_alone(self, r: _Running) -> None:
+        try:
+            logits, r.own_cache = self.model.step_alone(
+                torch.tensor([[r.new_tokens[0][-1]]], dtype=torch.long, device=self.device), r.own_cache)
+        except Exception as e:
+            self._end(r, e)
+            return
+        self._sample(r, logits)
 
     def _sample(self, r: _Running, logits: torch.Tensor) -> None:
         """The generation's next token per row, from its own generator; finished when every row is done."""
@@ -262,4 +288,4 @@ class ContinuousBatcher:
         if r in self._running:
             self._running = tuple(x for x in self._running if x is not r)
             self._free.extend(reversed(r.slots))
-            r.slots = []
+            r.slots, r.own_cache = [], None

@@ -115,6 +115,30 @@ def test_requests_joining_and_leaving_get_their_solo_tokens(any_text, sampling):
     assert sorted(batcher._free) == list(range(6))  # every slot back
 
 
+def test_a_lone_sequence_decodes_the_solo_way_and_moves_into_its_slot_when_another_joins(any_text, monkeypatch):
+    text = any_text
+    batcher = text.continuous_batcher(max_sequences=3)
+    decode, batched_steps = batcher.decoder.decode, []
+    monkeypatch.setattr(batcher.decoder, "decode", lambda *a: batched_steps.append(len(a[1])) or decode(*a))
+    rows = prompts(text.model.vocab_size, 2, seed=4)
+    arrivals = {0: [("first", text.start_completion(prompt_token_ids=[rows[0]], sampling=SAMPLED, seed=1))],
+                5: [("second", text.start_completion(prompt_token_ids=[rows[1]], sampling=SAMPLED, seed=2))]}
+    outcomes = run_all(batcher, arrivals)
+    lengths = []
+    for name, row, seed in (("first", rows[0], 1), ("second", rows[1], 2)):
+        solo = text.complete(prompt_token_ids=[row], sampling=SAMPLED, seed=seed)
+        assert outcomes[name].completions[0].token_ids == solo.completions[0].token_ids
+        lengths.append(len(solo.completions[0].token_ids))
+    # A step admits (prefill: token 1), then decodes: the first's token k (k > 1) comes at step k - 2, the second's
+    # at step k + 3.
+    first, second = lengths
+    assert first > 7, "the first must still run when the second joins"
+    # steps 0-4: the first alone, on its own cache (no batched step); from step 5 both in their slots until the
+    # first ends; then the second alone, now in its slot
+    shared = min(first - 2, second + 3) - 4
+    assert batched_steps == [2] * shared + [1] * (max(first - 2, second + 3) - 4 - shared)
+
+
 def test_stop_strings_streams_and_eos_end_a_request_as_they_do_alone(tiny_text):
     batcher = tiny_text.continuous_batcher(max_sequences=4)
     sampling = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0)

@@ -120,6 +120,12 @@ class HFWrapper(nn.Module):
                              "with VLA_CONTINUOUS_BATCHING=false")
         return out.logits[:, -1], out.past_key_values
 
+    def step_alone(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, Any]:
+        """One sequence's next token (1, 1) on its own cache, as ``generate``'s later steps run it (one row: no mask,
+        positions follow the cache): logits (1, V) and the grown cache."""
+        out = self.run_hf(cache, True, input_ids=input_ids)
+        return out.logits[:, -1], out.past_key_values
+
     def slot_bytes(self) -> Optional[int]:
         """One sequence's slot of cache memory (its full context); None when this model's family cannot decode
         in slots (``hf_slots.slot_layout`` checks it on the model once, on the device it is on now)."""

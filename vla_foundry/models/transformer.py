@@ -248,6 +248,12 @@ class Transformer(nn.Module):
         out = self(input_ids, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
+    def step_alone(self, input_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One sequence's next token (1, 1) on its own cache, as ``generate``'s later steps run it: logits (1, V) and
+        the grown cache (a lone sequence of a continuous batch decodes so, with nothing to gather)."""
+        out = self(input_ids, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
     def slot_bytes(self) -> int:
         """The cache memory of one sequence's slot (its full context)."""
         return SlotDecoder.bytes_per_slot(self)

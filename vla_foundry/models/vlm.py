@@ -129,6 +129,10 @@ class VLM(nn.Module):
         out = self.transformer(inputs_embeds=emb, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
+    def step_alone(self, input_ids: torch.Tensor, cache):
+        """One sequence's next token on its own cache: the language model's step (see ``Transformer.step_alone``)."""
+        return self.transformer.step_alone(input_ids, cache)
+
     def slot_bytes(self) -> int:
         """The cache memory of one sequence's slot: the language model's."""
         return self.transformer.slot_bytes()
