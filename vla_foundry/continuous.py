@@ -9,9 +9,10 @@ waiting. Each step:
    as a solo run prefills it, its cache copied into its slot (``models/kv_slots.py``), and the
    generation samples its first tokens;
 3. runs one decode step for every running sequence (one new token each, each at its own position)
-   and lets each generation sample its next tokens from its own rows with its own generator; a sequence
-   decoding alone keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing to gather,
-   as fast as one request without the batcher), moving into its slot when another sequence joins;
+   and lets each generation sample its next tokens from its own rows with its own generator; a one-row
+   generation that starts alone keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing
+   to gather, as fast as one request without the batcher), moving into its slot for good when another
+   sequence joins;
 4. finishes generations that are done (every row ended by eos or a stop string, or
    ``max_new_tokens`` reached): their result is handed to ``on_done`` and their slots freed.
 
@@ -80,6 +81,7 @@ class Generation:
     stopping: Callable[[list[int]], list[bool]]  # each row's newest id → whether each row is done (streams text)
     finish: Callable[[list[list[int]]], Any]  # every row's new tokens → the request's result
     alone: Callable[[], Any]  # the same generation run by itself, the solo way (more rows than the batcher has slots)
+    shares_steps: bool = True  # False: its rows cannot be prefilled apart (it runs ``alone``)
 
 
 @dataclass(eq=False)  # compared by identity: two requests with the same prompts are still two
@@ -149,9 +151,9 @@ class ContinuousBatcher:
         """Queue ``generation``; ``on_done`` gets its result (or the exception that ended it) from a later step.
         ``cancelled()`` true: its client has gone, and it is dropped (running or not, no ``on_done``); ``too_late()``
         an exception while it still waits for a slot (its deadline passed): it ends with it, unrun. A generation of
-        more sequences than the batcher has slots runs by itself now, the solo way (it holds up the running ones
-        for its length)."""
-        if len(generation.ids) > self.num_slots:
+        more sequences than the batcher has slots, or one whose rows cannot be prefilled apart, runs by itself now,
+        the solo way (it holds up the running ones for its length)."""
+        if len(generation.ids) > self.num_slots or not generation.shares_steps:
             try:
                 outcome = generation.alone()
             except Exception as e:  # its own failure

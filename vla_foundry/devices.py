@@ -39,16 +39,37 @@ def resolve_model_dtype(dtype: Optional[str], device: torch.device, precision: O
     return torch.float32
 
 
-def free_memory_bytes(device: torch.device) -> int:
+def free_memory_bytes(device: torch.device, cgroup: str = "/sys/fs/cgroup") -> int:
     """Memory free now on ``device``: the GPU's on CUDA, else the host's (``MemAvailable``: free plus what the
-    kernel can reclaim at once, on Linux; free pages elsewhere)."""
+    kernel can reclaim at once, on Linux; free pages elsewhere), and no more than what the process's cgroup still
+    allows (a container's memory limit, which ``MemAvailable`` does not see)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    free = None
     try:
         with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free = next((int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:")), None)
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if free is None:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    left = cgroup_memory_left(cgroup)
+    return free if left is None else min(free, left)
+
+
+def cgroup_memory_left(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """What the process's cgroup still allows (limit − usage), or None without a limit: cgroup v2's ``memory.max``
+    and ``memory.current``, else v1's ``memory/memory.limit_in_bytes`` and ``memory.usage_in_bytes``."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(root, limit_file)) as f:
+                limit = f.read().strip()
+            with open(os.path.join(root, usage_file)) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # no limit (v1 writes a huge number)
+            return None
+        return max(0, int(limit) - usage)
+    return None

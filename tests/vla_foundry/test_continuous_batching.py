@@ -343,3 +343,44 @@ def test_the_expected_wait_is_none_with_a_free_slot_else_until_a_running_sequenc
     assert batcher.expected_wait_s() == pytest.approx(8 * batcher.step_seconds)
     batcher.fail_all(RuntimeError("done"))
     assert batcher.expected_wait_s() == 0.0  # a free slot: it joins at the next step
+
+
+def test_an_hf_family_whose_trial_raises_runs_one_request_at_a_time_and_still_loads(hf_dirs, monkeypatch):
+    """A family whose cache does not fit slots may fail anywhere in the trial (Mllama's empty cross-attention
+    layers, DeepSeek-V3's latent keys and values of two sizes): it generates one request at a time, never fails."""
+    def broken(self, slot, present):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(hf_slots.HFSlotDecoder, "store_prompt", broken)
+    pipeline = load_pipeline(hf_dirs["llama"])
+    assert pipeline.continuous_batcher(4) is None
+    assert len(pipeline.complete(["a robot"], sampling=GREEDY, seed=0).completions[0].token_ids) == 12
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "longrope"},
+                                  {"rope_type": "default", "mrope_section": [2, 2, 4]}])
+def test_hf_positions_that_depend_on_the_batch_or_on_images_run_one_request_at_a_time(hf_dirs, rope):
+    """Rotary scaling chosen from the batch's longest position (``dynamic``, ``longrope``) and multimodal positions
+    would make a sequence's step depend on its neighbours or its images, which the short text-only trial cannot
+    show: the configuration alone refuses them."""
+    pipeline = load_pipeline(hf_dirs["llama"])
+    pipeline.model.model.config.rope_parameters = {**(pipeline.model.model.config.rope_parameters or {}), **rope}
+    assert hf_slots.slot_layout(pipeline.model) is None
+
+
+def test_a_caption_whose_images_are_not_laid_out_one_per_row_runs_alone_with_its_solo_tokens(hf_pipelines):
+    """LLaVA's processor lays out pixel_values one per image: a row of two images cannot be sliced per row."""
+    pipeline = hf_pipelines["llava"]
+    batcher = pipeline.continuous_batcher(max_sequences=4)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    requests = {"pair": [[images[0], images[1]]], "uneven": [[images[2]], [images[0], images[1]]],
+                "single": [[images[2]]]}
+    generations = {name: pipeline.start_caption(rows, ["what"], sampling=SAMPLED, seed=3)
+                   for name, rows in requests.items()}
+    assert [g.shares_steps for g in generations.values()] == [False, False, True]
+    outcomes = run_all(batcher, {0: [("single", generations["single"])],
+                                 2: [("pair", generations["pair"]), ("uneven", generations["uneven"])]})
+    for name, rows in requests.items():
+        solo = pipeline.caption(rows, ["what"], sampling=SAMPLED, seed=3)
+        assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions], name

@@ -8,14 +8,18 @@ zeros, masked out by the 2-D ``attention_mask``), its new token at ``position_id
 model appends each sequence's new key and value at column Tk; they are copied back into each slot at its own
 position. Keys are cached after rotary, so a key's column does not need to equal its position: only the
 query's position (``position_ids``) and which columns it may see (the mask) matter. The gather costs one copy
-of the step's keys and values per step, which a model that is not ours cannot avoid without patching its
+of the step's keys and values per step (and ``DynamicCache`` copies it once more as it takes it, and the
+model's attention once more as it appends the new token: transient memory of up to about three times the
+step's keys and values, beside the slots), which a model that is not ours cannot avoid without patching its
 attention.
 
-Not every HF family can do this. A family qualifies when its prompt's cache is a plain ``DynamicCache`` of
-full-attention layers (not sliding windows, not recurrent state) and, checked on the model itself when the
-batcher is made, two prompts of different lengths decoded in one step give the logits each gets alone
-(families whose positions are not plain per-token ids, such as multimodal rotary positions, fail here).
-Anything else decodes one request at a time, as before, and ``slot_bytes`` says so by returning None.
+Not every HF family can do this. A family qualifies when its positions are one id per token whatever the batch
+(not multimodal rotary positions kept on the model, as Qwen2-VL's, nor rotary scaling chosen from the batch's
+longest position, as ``dynamic`` and ``longrope``), its prompt's cache is a plain ``DynamicCache`` of
+full-attention layers of one shape (not sliding windows, cross-attention or compressed latents), and,
+checked on the model itself when the batcher is made, two prompts of different lengths decoded in one step
+give the logits each gets alone. Anything else decodes one request at a time, as before, and ``slot_bytes``
+says so by returning None.
 
 Shapes: L layers, S slots, nkv key/value heads, M max_len, hd head dim, B sequences in a step, Tk columns.
 """
@@ -100,33 +104,68 @@ class HFSlotDecoder:
 
 def slot_layout(wrapper, probe_ids: tuple[int, ...] = (1, 2, 3)) -> Optional[SlotLayout]:
     """The slot layout of ``wrapper``'s model, or None (with the reason logged) when its family cannot decode in
-    slots (see the module's docstring). Runs the model on a few tokens of ``probe_ids``."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
+    slots (see the module's docstring). Runs the model on a few tokens of ``probe_ids``; never raises."""
     kind = f"{wrapper.params.type} ({type(wrapper.model).__name__})"
     weight = next(wrapper.parameters())
     ids = torch.tensor([list(probe_ids)], dtype=torch.long, device=weight.device)
-    with torch.inference_mode():
+    layout, reason = None, _position_refusal(wrapper)
+    if reason is None:
         try:
-            logits, present = wrapper.prefill(ids)
-        except Exception as e:  # a family that needs more than token ids
-            logger.info("%s decodes one request at a time: a text-only prompt fails (%s)", kind, e)
-            return None
-        if type(present) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in present.layers):
-            layers = sorted({type(layer).__name__ for layer in getattr(present, "layers", ())})
-            logger.info("%s decodes one request at a time: its cache is %s of %s, not a DynamicCache of full "
-                        "layers", kind, type(present).__name__, layers)
-            return None
-        _, n_kv_heads, _, head_dim = present.layers[0].keys.shape
-        layout = SlotLayout(len(present.layers), n_kv_heads, head_dim, wrapper.max_seq_len,
-                            present.layers[0].keys.dtype, weight.device)
-        error = _self_check(wrapper, layout, ids)
-    if error is not None:
-        logger.info("%s decodes one request at a time: a step in slots differs from the same step alone by %.3g "
-                    "(relative)", kind, error)
+            with torch.inference_mode():
+                _, present = wrapper.prefill(ids)
+                reason = _cache_refusal(present)
+                if reason is None:
+                    _, n_kv_heads, _, head_dim = present.layers[0].keys.shape
+                    layout = SlotLayout(len(present.layers), n_kv_heads, head_dim, wrapper.max_seq_len,
+                                        present.layers[0].keys.dtype, weight.device)
+                    error = _self_check(wrapper, layout, ids)
+                    if error is not None:
+                        reason = f"a step in slots differs from the same step alone by {error:.3g} (relative)"
+        except Exception as e:  # a family that needs more than token ids, or whose cache does not fit slots
+            reason = f"trying it failed ({type(e).__name__}: {e})"
+    if reason is not None:
+        logger.info("%s decodes one request at a time: %s", kind, reason)
         return None
     return layout
+
+
+# Rotary variants whose frequencies depend on the longest position in the batch (HF picks them from the batch's
+# position_ids), so a sequence's step would depend on its neighbours.
+BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _position_refusal(wrapper) -> Optional[str]:
+    """Why the model's positions cannot be one id per token given per row, or None. Read from its configuration:
+    the self-check's short text-only prompts would not show these."""
+    config = wrapper.model.config
+    for part in (config, getattr(config, "text_config", None)):
+        for name in ("rope_parameters", "rope_scaling"):
+            rope = getattr(part, name, None)
+            if isinstance(rope, dict):
+                if rope.get("rope_type", rope.get("type")) in BATCH_DEPENDENT_ROPE:
+                    return f"its rotary scaling ({rope.get('rope_type', rope.get('type'))}) depends on the batch"
+                if "mrope_section" in rope:
+                    return "its positions are multimodal (mrope), not one id per token"
+    if any(hasattr(module, "rope_deltas") for module in wrapper.model.modules()):
+        return "it keeps position offsets of the last prompt (rope_deltas) on the model"
+    return None
+
+
+def _cache_refusal(present) -> Optional[str]:
+    """Why a prompt's cache cannot live in slots, or None: it must be a ``DynamicCache`` of full-attention layers,
+    every one filled, with keys and values of one shape (1, nkv, T, hd) throughout."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(present, "layers", ())
+    if type(present) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        return f"its cache is {type(present).__name__} of {kinds}, not a DynamicCache of full layers"
+    shapes = {(tuple(layer.keys.shape), tuple(layer.values.shape)) if getattr(layer, "keys", None) is not None
+              and getattr(layer, "values", None) is not None else None for layer in layers}
+    if not layers or None in shapes or len(shapes) != 1 or len({*next(iter(shapes))}) != 1:
+        return "its layers cache keys and values of different shapes (or none for a text prompt)"
+    return None
 
 
 def _self_check(wrapper, layout: SlotLayout, ids: torch.Tensor) -> Optional[float]:

@@ -99,8 +99,9 @@ class CaptionPipeline(TextPipeline):
                       rendered: bool = False) -> Generation:
         """``caption``'s generation (with the cache), checked and ready for a ``ContinuousBatcher``."""
         inputs = self._encoded(images, prompts, prompt_token_ids, rendered)
+        counts = {len(row) for row in paired_rows(prompts, prompt_token_ids, images)[2]}
         return self.start_generation(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
-                                     on_text=on_text)
+                                     on_text=on_text, rows_alike=len(counts) == 1)
 
     def _encoded(self, images: Images, prompts: Optional[Sequence[str]],
                  prompt_token_ids: Optional[Sequence[Sequence[int]]], rendered: bool):

@@ -410,7 +410,9 @@ class TextPipeline(Pipeline):
 
     def start_generation(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], *,
                          sampling: SamplingParams, stop: Sequence[str], seed: Optional[int],
-                         on_text: Optional[OnText] = None) -> Generation:
+                         on_text: Optional[OnText] = None, rows_alike: bool = True) -> Generation:
+        """A ``Generation`` of ``ids`` with ``model_inputs`` (a caption's image inputs, batched over the rows).
+        ``rows_alike``: every row has as many images (so inputs of one entry per row slice one row each)."""
         sampling, seed = self._checked(ids, sampling, stop, seed)
         tracker = CompletionTracker(len(ids), self.tokenizer, self.end_ids, stop, on_text)
         raw_inputs, model_inputs = model_inputs, {k: self.batch_handler.to_model(self.model, v)
@@ -427,8 +429,12 @@ class TextPipeline(Pipeline):
                 tracker.set_tokens(row, tokens)
             return self._result(ids, tracker, seed)
 
-        return Generation(ids, [{k: v[i:i + 1] for k, v in model_inputs.items()} for i in rows], sampling,
-                          make_generator(self.device, seed), lambda last: tracker.append(rows, last), finish, alone)
+        # Each row is prefilled apart with its slice of the extra inputs, which needs them laid out one per row;
+        # some HF processors lay out images one per image or per patch instead (LLaVA with two images in a row).
+        per_row = rows_alike and all(v.shape[0] == len(ids) for v in model_inputs.values())
+        return Generation(ids, [{k: v[i:i + 1] for k, v in model_inputs.items()} for i in rows] if per_row else [],
+                          sampling, make_generator(self.device, seed), lambda last: tracker.append(rows, last), finish,
+                          alone, shares_steps=per_row)
 
     def _generate(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], rows: range,
                   sampling: SamplingParams, use_cache: bool, generator: torch.Generator,
