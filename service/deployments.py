@@ -39,6 +39,7 @@ LOADING, READY, FAILED = "loading", "ready", "failed"
 STATES = (LOADING, READY, FAILED)
 # Checkpoints are built one at a time: transformers' lazy imports are not safe when two threads
 # import the same modules at once (one sees a half-initialised module). Warmups still run in parallel.
+# KV caches are allocated one at a time too, each sized by the memory the ones before it left.
 _LOAD_LOCK = threading.Lock()
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -125,7 +126,8 @@ class Deployment:
             if continuous is None:  # until batched decode steps replay from CUDA graphs, one request's do faster
                 continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
             if continuous:
-                self.batcher = self._continuous_batcher(pipeline, device)
+                with _LOAD_LOCK:  # one at a time: each sizes its cache by the memory the others left
+                    self.batcher = self._continuous_batcher(pipeline, device)
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.load_seconds = time.perf_counter() - started

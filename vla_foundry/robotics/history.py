@@ -11,7 +11,7 @@ actions are given only when all P are known.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -22,7 +22,8 @@ from vla_foundry.robotics.robot_io import RobotIO
 class ObservationHistory:
     def __init__(self, robot_io: RobotIO, keep_steps: Optional[int] = None):
         self.io = robot_io
-        span = max(-min(robot_io.image_indices + [0]), robot_io.past_steps) + 1
+        # steps back from a window's step that its frames, rows and past actions reach
+        self.span = span = max(-min(robot_io.image_indices + [0]), robot_io.past_steps) + 1
         self.keep_steps = keep_steps or span + 64  # how far back anything can be asked for, with room for chunks
         self.frames: dict[str, dict[int, np.ndarray]] = {c: {} for c in robot_io.camera_names}  # camera → step → frame
         self.lowdim: dict[str, dict[int, np.ndarray]] = {f: {} for f in robot_io.proprioception_fields}  # → (d,)
@@ -58,6 +59,34 @@ class ObservationHistory:
         for table in (*self.frames.values(), *self.lowdim.values(), self.actions):
             for step in [s for s in table if s < horizon]:
                 del table[step]
+
+    def export(self) -> dict[str, Any]:
+        """What any later step can still read, as plain data (step-keyed tables of arrays): a step is never before
+        ``last_step``, so a window reaches back to ``last_step − span`` at most, and a step the robot did not send
+        there takes the newest one before it. Per table, the entries from ``last_step − span`` on, and the newest
+        before them. A history ``restore``d from it assembles every later window exactly as this one would."""
+        if self.last_step is None:
+            return {"last_step": None, "frames": {}, "lowdim": {}, "actions": {}}
+        bound = self.last_step - self.span
+
+        def kept(table: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+            rows = {s: a for s, a in table.items() if s >= bound}
+            older = [s for s in table if s < bound]
+            if older:
+                rows[max(older)] = table[max(older)]
+            return rows
+
+        return {"last_step": self.last_step, "frames": {c: kept(t) for c, t in self.frames.items()},
+                "lowdim": {f: kept(t) for f, t in self.lowdim.items()}, "actions": kept(self.actions)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """This history becomes the one ``state`` (an ``export``) was taken from, as far as later steps can tell."""
+        self.reset()
+        self.last_step = state["last_step"]
+        for tables, saved in ((self.frames, state["frames"]), (self.lowdim, state["lowdim"])):
+            for name, table in tables.items():
+                table.update({int(s): np.asarray(a) for s, a in saved.get(name, {}).items()})
+        self.actions.update({int(s): np.asarray(a, np.float32) for s, a in state["actions"].items()})
 
     @staticmethod
     def _at_or_before(table: dict[int, np.ndarray], step: int) -> np.ndarray:

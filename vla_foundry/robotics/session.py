@@ -116,6 +116,25 @@ class PolicySession:
         self.plan_length = 0  # actions in the current plan (current + future)
         self.steps_served = 0  # step mode: actions handed out from the current plan
 
+    # ------------------------------------------------------------------ state (a session that moves)
+
+    def export(self) -> dict[str, Any]:
+        """The episode so far as plain data (numbers, and step-keyed arrays of its history's ``export``): what a
+        session store keeps so that another process with the same policy can ``restore`` it and serve the next
+        step exactly as this one would (seeds included: plan k uses seed + k)."""
+        return {"seed": self.seed, "plans": self.plans, "plan_step": self.plan_step, "plan_length": self.plan_length,
+                "steps_served": self.steps_served, "open_loop_steps": self.open_loop_steps,
+                "history": self.history.export()}
+
+    @classmethod
+    def restore(cls, pipeline, state: dict[str, Any]) -> "PolicySession":
+        """The session whose ``export`` ``state`` is, on ``pipeline`` (the same policy)."""
+        session = cls(pipeline, open_loop_steps=state["open_loop_steps"], seed=state["seed"])
+        session.plans, session.plan_step = state["plans"], state["plan_step"]
+        session.plan_length, session.steps_served = state["plan_length"], state["steps_served"]
+        session.history.restore(state["history"])
+        return session
+
     # ------------------------------------------------------------------ input
 
     def _record(self, step: int, images: dict, lowdim: dict, prefix: str) -> None:
