@@ -29,6 +29,7 @@ from service.routes.openai import add_openai_routes
 from service.routes.robot_ws import add_robot_websocket
 from service.routes.sessions import add_session_routes
 from service.sessions import SessionStore
+from service.shared_sessions import SharedSessionStates
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -39,17 +40,27 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings.load()
     metrics = Metrics()
     manager = DeploymentManager(settings, metrics)
+    shared = (SharedSessionStates(settings.session_store, settings.session_idle_timeout_s,
+                                  settings.session_state_max_bytes) if settings.session_store else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.switch_interval_ms is not None:  # process-wide: the model threads and the event loop share it
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
         return_large_blocks_to_the_system()  # decoded images' memory goes back after each request (memory.py)
+        if shared is not None:
+            try:
+                await shared.check()
+            except Exception as e:  # a wrong VLA_SESSION_STORE fails the start, naming it
+                raise RuntimeError(f"the session store {shared.url!r} (VLA_SESSION_STORE) cannot be reached: "
+                                   f"{type(e).__name__}: {e}") from e
         manager.start()
         try:
             yield
         finally:
             manager.shutdown()
+            if shared is not None:
+                await shared.close()
 
     app = FastAPI(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   docs_url=None, redoc_url=None,  # served without a CDN (routes/docs.py)
@@ -57,7 +68,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.router.route_class = DecodedBodyRoute  # routes validate the middleware's unpacked msgpack bodies
     app.state.settings = settings
     app.state.manager = manager
-    app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s)
+    app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s, shared)
     app.state.metrics = metrics
     metrics.watch(manager, app.state.sessions)
     app.state.pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)

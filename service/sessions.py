@@ -10,6 +10,11 @@ A session is its key's alone: another key neither lists, steps, resets nor delet
 for an unknown id; 409 when it would take the id). A robot whose session expired or was evicted
 is told so (409 ``session_gone``) instead of silently starting a new history: it resets the
 session (``POST /sessions/{id}/reset``) to begin a new episode under the same id.
+
+With a shared store (``VLA_SESSION_STORE``, ``shared_sessions.py``) every replica can serve every
+session: each step pulls the session's state from the store and pushes the new one back with a
+compare-and-set. The sessions held here are then only a cache of the store's: dropping one (idle, or
+to make room) loses nothing, and expiry is the store's.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import asyncio
 import re
 import time
 from collections import OrderedDict
-from typing import Any, Awaitable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from service.errors import ApiError
+from service.shared_sessions import SharedSessionStates, StoredSession, pack_state
 from vla_foundry.robotics.session import PolicySession
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 class SessionEntry:
-    def __init__(self, session_id: str, deployment, policy: PolicySession, owner: Optional[str] = None):
+    def __init__(self, session_id: str, deployment, policy: PolicySession, owner: Optional[str] = None,
+                 shared: Optional[SharedSessionStates] = None):
         self.id = session_id
         self.deployment = deployment
         self.policy = policy
@@ -35,18 +42,89 @@ class SessionEntry:
         self.lock = asyncio.Lock()
         self.created = self.last_used = time.time()
         self.requests = 0
+        self.shared = shared
+        # With a shared store: the stored version this session was last pulled at or pushed as (0: none stored
+        # yet; -1: its last step was not stored, so the next pull must reload it).
+        self.version = 0
 
     async def call(self, run: Awaitable[Any]) -> Any:
         """``run`` (this session's model call) under the session's lock, to completion: if the request is
         cancelled meanwhile, the lock is released only once the model thread is done with the session, so
-        its next request (or a reset) never meets a half-recorded step."""
+        its next request (or a reset) never meets a half-recorded step. With a shared store, the session is
+        pulled from it first and pushed back after (see the module's docstring)."""
         async with self.lock:
+            try:
+                await self._pull()
+            except BaseException:
+                if asyncio.iscoroutine(run):
+                    run.close()  # never started: nothing of this step ran
+                raise
             task = asyncio.ensure_future(run)
             try:
-                return await asyncio.shield(task)
+                result = await asyncio.shield(task)
             except asyncio.CancelledError:
                 await asyncio.wait([task])
+                self.version = -1 if self.shared is not None else 0  # whether its step was stored is unknown
                 raise
+            except BaseException:
+                self.version = -1 if self.shared is not None else 0  # a failed step may have recorded its input
+                raise
+            await self._push()
+            return result
+
+    async def reset(self, seed: Optional[int] = None) -> None:
+        """A new episode (seeded ``seed``), stored when the store is shared."""
+        async with self.lock:
+            await self._pull()
+            self.policy.reset(seed)
+            await self._push()
+
+    async def _pull(self) -> None:
+        if self.shared is None:
+            return
+        stored = await self.shared.load(self.id, known_version=self.version if self.version > 0 else None)
+        if stored is None:
+            if self.version > 0:
+                raise _expired_in_store(self.id, self.shared)
+            if self.version < 0:  # its first step was not stored: it starts again
+                self.policy.reset(self.policy.seed)
+                self.version = 0
+            seen = await self.shared.seen(self.id)
+            if seen is not None and seen["owner"] == self.owner:
+                raise _expired_in_store(self.id, self.shared)
+            return
+        self.check_stored(stored)
+        if stored.version != self.version:  # another replica stepped it (or this one's last step was not stored)
+            self.policy.load(stored.state)
+            self.version, self.created, self.requests = stored.version, stored.created, stored.requests + 1
+
+    def check_stored(self, stored: StoredSession) -> None:
+        """409 when the stored session of this id is another key's or another deployment's."""
+        if stored.owner != self.owner:
+            raise ApiError(409, f"session_id {self.id!r} is taken; use another (session ids are best made random)",
+                           field="session_id")
+        if stored.model != self.deployment.name:
+            raise ApiError(409, f"session {self.id!r} belongs to deployment {stored.model!r}, not "
+                                f"{self.deployment.name!r}; use another session_id or reset it there",
+                           field="session_id")
+
+    async def _push(self) -> None:
+        if self.shared is None:
+            return
+        blob = pack_state(self.policy.export())
+        if len(blob) > self.shared.max_state_bytes:
+            self.version = -1
+            raise ApiError(413, f"session {self.id!r} would store {len(blob)} bytes of state (its recent frames), more "
+                                f"than VLA_SESSION_STATE_MAX_BYTES = {self.shared.max_state_bytes}; this step was not "
+                                "kept. Send smaller frames, or raise the limit", field="observation.images")
+        version = await self.shared.save(self.id, self.version, self.owner, self.deployment.name, blob,
+                                         self.policy.info(), self.created, self.requests)
+        if version is None:
+            self.version = -1
+            raise ApiError(409, f"session {self.id!r} was stepped on another replica at the same time; that step "
+                                "stands and this one was not kept. Send this step again", field="session_id",
+                           type="session_conflict", retry_after=0)
+        self.version = version
 
     def touch(self) -> None:
         self.last_used = time.time()
@@ -58,10 +136,22 @@ class SessionEntry:
                 "requests": self.requests, "busy": self.lock.locked(), **self.policy.info()}
 
 
+def _gone_error(session_id: str, why: str) -> ApiError:
+    return ApiError(409, f"session {session_id!r} {why}; its history is lost. Reset it (POST /sessions/"
+                         f"{session_id}/reset) to start a new episode under this id, or use a new session_id",
+                    field="session_id", type="session_gone")
+
+
+def _expired_in_store(session_id: str, shared: SharedSessionStates) -> ApiError:
+    return _gone_error(session_id, f"expired in the session store after more than {shared.ttl_ms / 1000:g} s idle "
+                                   "(VLA_SESSION_IDLE_TIMEOUT_S)")
+
+
 class SessionStore:
-    def __init__(self, max_sessions: int, idle_timeout_s: float):
+    def __init__(self, max_sessions: int, idle_timeout_s: float, shared: Optional[SharedSessionStates] = None):
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
+        self.shared = shared
         self._entries: "OrderedDict[str, SessionEntry]" = OrderedDict()  # least recently used first
         # Sessions that expired or were evicted: id → (why, owner), newest last, so their robots hear of it.
         self._gone: "OrderedDict[str, tuple[str, Optional[str]]]" = OrderedDict()
@@ -73,6 +163,8 @@ class SessionStore:
 
     def _bury(self, session_id: str, why: str) -> None:
         entry = self._entries.pop(session_id)
+        if self.shared is not None:  # only this replica's copy: the session lives on in the store
+            return
         self._gone[session_id] = (why, entry.owner)
         self._gone.move_to_end(session_id)
         while len(self._gone) > self.max_gone:
@@ -101,9 +193,7 @@ class SessionStore:
 
     @staticmethod
     def _gone_error(session_id: str, why: str) -> ApiError:
-        return ApiError(409, f"session {session_id!r} {why}; its history is lost. Reset it (POST /sessions/"
-                             f"{session_id}/reset) to start a new episode under this id, or use a new session_id",
-                        field="session_id", type="session_gone")
+        return _gone_error(session_id, why)
 
     def acquire(self, session_id: str, deployment, owner: Optional[str] = None, **options: Any) -> SessionEntry:
         """The session ``session_id`` of ``deployment`` and ``owner``, created on first use (409 when it expired
@@ -142,12 +232,68 @@ class SessionStore:
             seed = self._seeds.pop(session_id, None)
             if seed is not None:
                 options.setdefault("seed", seed)
-            entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options), owner)
+            entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options), owner,
+                                 self.shared)
             self._gone.pop(session_id, None)  # another key's old session of this id: a new one now
             self._entries[session_id] = entry
         self._entries.move_to_end(session_id)
         entry.touch()
         return entry
+
+    async def lookup(self, session_id: str, owner: Optional[str], deployments: Callable[[str], Any]) -> SessionEntry:
+        """``get``, and with a shared store also a session that another replica made (held here from now on;
+        ``deployments``: name → this replica's deployment of that name)."""
+        self.expire()
+        if self.shared is None or (session_id in self._entries and self._entries[session_id].owner == owner):
+            return self.get(session_id, owner)
+        stored = await self.shared.load(session_id)
+        if stored is None or stored.owner != owner:
+            seen = await self.shared.seen(session_id) if stored is None else None
+            if seen is not None and seen["owner"] == owner:
+                raise _expired_in_store(session_id, self.shared)
+            raise self._unknown(session_id)
+        entry = self.acquire(session_id, deployments(stored.model), owner)
+        return entry
+
+    async def reset_gone(self, session_id: str, owner: Optional[str], seed: Optional[int],
+                         deployments: Callable[[str], Any]) -> bool:
+        """``forget_gone``; with a shared store, for a session that expired there: a new episode is stored at once
+        (seeded ``seed``), so whichever replica takes the next step starts it."""
+        if self.shared is None:
+            return self.forget_gone(session_id, owner, seed)
+        if await self.shared.load(session_id) is not None:
+            return False
+        seen = await self.shared.seen(session_id)
+        if seen is None or seen["owner"] != owner:
+            return False
+        await self.shared.forget(session_id)
+        self._entries.pop(session_id, None)  # this replica's copy of the expired one (a step that was told so)
+        entry = self.acquire(session_id, deployments(seen["model"]), owner, seed=seed)
+        entry.requests = 0
+        await entry.reset(seed)
+        return True
+
+    async def delete(self, session_id: str, owner: Optional[str] = None) -> None:
+        """``remove``; with a shared store, from the store too (for every replica)."""
+        if self.shared is None:
+            self.remove(session_id, owner)
+            return
+        stored = await self.shared.load(session_id)
+        local = self._entries.get(session_id)
+        if (stored is None or stored.owner != owner) and (local is None or local.owner != owner):
+            raise self._unknown(session_id)
+        self._entries.pop(session_id, None)
+        await self.shared.forget(session_id)
+
+    async def listed(self, owner: Optional[str] = None) -> list[dict[str, Any]]:
+        """``infos``; with a shared store, every replica's sessions of ``owner`` (as the store has them)."""
+        if self.shared is None:
+            return self.infos(owner)
+        rows = await self.shared.listed(owner)
+        for row in rows:
+            local = self._entries.get(row["session_id"])
+            row["busy"] = bool(local is not None and local.lock.locked())
+        return rows
 
     def forget_gone(self, session_id: str, owner: Optional[str] = None, seed: Optional[int] = None) -> bool:
         """A reset of a session that expired or was evicted: its robot knows; its next request starts it anew

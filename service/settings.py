@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     max_sessions: int = Field(256, ge=1, description="Robot sessions kept at once; the least recently used idle "
                                                       "one is evicted for a new one.")
     session_idle_timeout_s: float = Field(300.0, gt=0, description="Robot sessions idle longer than this expire.")
+    session_store: Optional[str] = Field(None, description=(
+        "A Redis URL (redis://host:6379/0) where robot sessions' states are kept, so that every replica serves "
+        "every session and a session outlives the replica that made it (each step pulls the state and stores the "
+        "new one with a compare-and-set); none: each session lives in the process that made it."))
+    session_state_max_bytes: int = Field(16 * 2**20, ge=1024, description=(
+        "With VLA_SESSION_STORE: the largest state one session may store (its recent frames, plan and counters); "
+        "a step that would store more is refused (413) and not kept."))
     max_batch_size: Optional[int] = Field(None, ge=1, description=(
         "Queued requests of one deployment that may share one model call (policy predictions); default 32 on "
         "CUDA, 8 on the CPU; 1 turns batching off."))

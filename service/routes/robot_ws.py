@@ -199,8 +199,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 seed = obj.get("seed")
                 if seed is not None and (type(seed) is not int or not 0 <= seed < 2**62):
                     raise InvalidInputError(f"seed: a reset seed is an integer in [0, 2**62); got {seed!r}")
-                async with entry.lock:
-                    entry.policy.reset(seed)
+                await entry.reset(seed)
                 await websocket.send_bytes(pack_msgpack({"reset": True, "session_id": entry.id}, bytes_keys=True))
                 idle.set()
                 continue

@@ -93,7 +93,8 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         sessions = request.app.state.sessions
         owner = caller_of(request.scope)
         try:
-            deployment = sessions.get(session_id, owner).deployment if body.model is None else manager.get(body.model)
+            deployment = ((await sessions.lookup(session_id, owner, manager.get)).deployment if body.model is None
+                          else manager.get(body.model))
         except ApiError:
             deployment = _policy_deployment(manager, body.model)
         deployment.check_ready()
@@ -115,22 +116,23 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
 
     async def reset(session_id: str, request: Request, body: Optional[SessionResetRequest] = None):
         sessions, owner, seed = request.app.state.sessions, caller_of(request.scope), body.seed if body else None
-        if sessions.forget_gone(session_id, owner, seed):  # it expired or was evicted: the next step starts it
+        manager: DeploymentManager = request.app.state.manager
+        if await sessions.reset_gone(session_id, owner, seed, manager.get):  # it expired or was evicted
             return encode_response({"session_id": session_id, "model": None, "reset": True, "seed": seed},
                                    request.headers.get("accept", ""))
-        entry = sessions.get(session_id, owner)
-        async with entry.lock:
-            entry.policy.reset(seed)
+        entry = await sessions.lookup(session_id, owner, manager.get)
+        await entry.reset(seed)
         return encode_response({"session_id": session_id, "model": entry.deployment.name, "reset": True,
                                 "seed": entry.policy.seed}, request.headers.get("accept", ""))
 
     async def list_sessions(request: Request):
         store = request.app.state.sessions
-        return encode_response({"sessions": store.infos(caller_of(request.scope)), "max_sessions": store.max_sessions,
+        return encode_response({"sessions": await store.listed(caller_of(request.scope)),
+                                "max_sessions": store.max_sessions,
                                 "idle_timeout_s": store.idle_timeout_s}, request.headers.get("accept", ""))
 
     async def delete(session_id: str, request: Request):
-        request.app.state.sessions.remove(session_id, caller_of(request.scope))
+        await request.app.state.sessions.delete(session_id, caller_of(request.scope))
         return encode_response({"session_id": session_id, "deleted": True}, request.headers.get("accept", ""))
 
     app.add_api_route("/sessions/{session_id}/step", step, methods=["POST"], tags=["sessions"],

@@ -85,8 +85,8 @@ class ObservationHistory:
         self.last_step = state["last_step"]
         for tables, saved in ((self.frames, state["frames"]), (self.lowdim, state["lowdim"])):
             for name, table in tables.items():
-                table.update({int(s): np.asarray(a) for s, a in saved.get(name, {}).items()})
-        self.actions.update({int(s): np.asarray(a, np.float32) for s, a in state["actions"].items()})
+                table.update({int(s): np.array(a) for s, a in saved.get(name, {}).items()})
+        self.actions.update({int(s): np.array(a, np.float32) for s, a in state["actions"].items()})
 
     @staticmethod
     def _at_or_before(table: dict[int, np.ndarray], step: int) -> np.ndarray:

@@ -129,11 +129,16 @@ class PolicySession:
     @classmethod
     def restore(cls, pipeline, state: dict[str, Any]) -> "PolicySession":
         """The session whose ``export`` ``state`` is, on ``pipeline`` (the same policy)."""
-        session = cls(pipeline, open_loop_steps=state["open_loop_steps"], seed=state["seed"])
-        session.plans, session.plan_step = state["plans"], state["plan_step"]
-        session.plan_length, session.steps_served = state["plan_length"], state["steps_served"]
-        session.history.restore(state["history"])
+        session = cls(pipeline, seed=state["seed"])
+        session.load(state)
         return session
+
+    def load(self, state: dict[str, Any]) -> None:
+        """This session becomes the one whose ``export`` ``state`` is (in place: holders of it see the change)."""
+        self.open_loop_steps, self.seed, self.plans = state["open_loop_steps"], state["seed"], state["plans"]
+        self.plan_step, self.plan_length, self.steps_served = (state["plan_step"], state["plan_length"],
+                                                                state["steps_served"])
+        self.history.restore(state["history"])
 
     # ------------------------------------------------------------------ input
 

@@ -1,0 +1,162 @@
+"""Robot sessions that every replica can serve: each session's state in Redis (``VLA_SESSION_STORE``).
+
+Without a store, a session lives in the memory of the process that made it (``sessions.py``), and a
+robot must keep talking to that process. With one, every step of a session goes:
+
+1. *pull*: the session's stored state (``PolicySession.export``: its bounded history, plan and step
+   counters, seed) and its version; when another replica stepped it since this one last did, the
+   local session is brought up to it (``PolicySession.load``);
+2. the step itself, on this replica's model;
+3. *push*: the new state, written only if the stored version is still the one pulled (a
+   compare-and-set in one Lua script), so two replicas can never interleave one robot's steps: the
+   second to finish gets 409 ``session_conflict`` and nothing of its step is kept.
+
+Keys, under a prefix (``vla:sessions:``): ``state:{id}``, a hash of the version, the key id that owns
+the session, its deployment, the state (msgpack, arrays in the wire convention) and what ``GET
+/sessions`` lists, expiring after ``VLA_SESSION_IDLE_TIMEOUT_S`` without a step; and ``seen:{id}``,
+which outlives it (ten times as long, at least an hour) so that a robot whose session expired is told
+so (409 ``session_gone``) instead of silently starting over. A state larger than
+``VLA_SESSION_STATE_MAX_BYTES`` is refused (413) and not stored.
+
+Why a store and not affinity routing: a robot's state then survives the replica that served it
+(a restart, a scale-down, a crash) and any replica can take the next step, so a load balancer
+needs no session awareness; the price is two Redis round trips per step (well under a
+millisecond on a LAN) and writing a few camera frames per step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import msgpack
+import numpy as np
+
+from service.codecs import ARRAY_MARKER, decode_array, encode_array
+
+PREFIX = "vla:sessions:"
+
+# KEYS: state, seen. ARGV: expected version, owner, model, state blob, info (JSON), created, requests, now,
+# state ttl ms, seen ttl ms. The new version, or -1 when the stored version is not the expected one (0: none).
+_SAVE = """
+local stored = redis.call('HGET', KEYS[1], 'version')
+if (stored or '0') ~= ARGV[1] then return -1 end
+local version = tonumber(ARGV[1]) + 1
+redis.call('HSET', KEYS[1], 'version', version, 'owner', ARGV[2], 'model', ARGV[3], 'state', ARGV[4],
+           'info', ARGV[5], 'created', ARGV[6], 'requests', ARGV[7], 'last_used', ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[9])
+redis.call('SET', KEYS[2], cjson.encode({owner = ARGV[2], model = ARGV[3]}), 'PX', ARGV[10])
+return version
+"""
+
+
+@dataclass
+class StoredSession:
+    version: int
+    owner: Optional[str]  # the id of the API key that made it (None: the server has no keys)
+    model: str  # its deployment's name
+    state: Optional[dict[str, Any]]  # PolicySession.export(); None when the caller had this version already
+    info: dict[str, Any]  # what GET /sessions lists of it
+    created: float
+    last_used: float
+    requests: int
+
+
+def pack_state(state: dict[str, Any]) -> bytes:
+    return msgpack.packb(state, use_bin_type=True, default=_encode)
+
+
+def unpack_state(blob: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False, object_hook=_decode)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return encode_array(value, binary=True)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a session state value of type {type(value).__name__} cannot be stored")
+
+
+def _decode(obj: dict) -> Any:
+    return decode_array(obj) if obj.get(ARRAY_MARKER) else obj
+
+
+class SharedSessionStates:
+    def __init__(self, url: str, idle_timeout_s: float, max_state_bytes: int, prefix: str = PREFIX):
+        import redis.asyncio
+
+        self.url = url
+        self.redis = redis.asyncio.Redis.from_url(url)
+        self.ttl_ms = max(1, int(idle_timeout_s * 1000))
+        self.seen_ttl_ms = max(3_600_000, 10 * self.ttl_ms)
+        self.max_state_bytes = max_state_bytes
+        self.prefix = prefix
+        self._save = self.redis.register_script(_SAVE)
+
+    def _keys(self, session_id: str) -> tuple[str, str]:
+        return f"{self.prefix}state:{session_id}", f"{self.prefix}seen:{session_id}"
+
+    async def check(self) -> None:
+        """Raises when the store cannot be reached (at startup: a wrong URL fails fast, naming it)."""
+        await self.redis.ping()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def load(self, session_id: str, known_version: Optional[int] = None) -> Optional[StoredSession]:
+        """The stored session, or None; its ``state`` is None when its version is ``known_version`` (the caller
+        has that state already: a replica's steps in a row fetch no frames)."""
+        key = self._keys(session_id)[0]
+        names = ("version", "owner", "model", "info", "created", "last_used", "requests")
+        fields = dict(zip(names, await self.redis.hmget(key, *names)))
+        if fields["version"] is None:
+            return None
+        version = int(fields["version"])
+        state = None
+        if version != known_version:
+            blob = await self.redis.hget(key, "state")
+            if blob is None:  # expired between the two reads
+                return None
+            state = unpack_state(blob)
+        return StoredSession(version, fields["owner"].decode() or None, fields["model"].decode(), state,
+                             json.loads(fields["info"]), float(fields["created"]), float(fields["last_used"]),
+                             int(fields["requests"]))
+
+    async def seen(self, session_id: str) -> Optional[dict[str, Any]]:
+        """Whom an expired session belonged to ({"owner", "model"}), while its marker lasts; None if never seen."""
+        marker = await self.redis.get(self._keys(session_id)[1])
+        if marker is None:
+            return None
+        seen = json.loads(marker)
+        return {"owner": seen["owner"] or None, "model": seen["model"]}
+
+    async def save(self, session_id: str, version: int, owner: Optional[str], model: str, blob: bytes,
+                   info: dict[str, Any], created: float, requests: int) -> Optional[int]:
+        """The state ``blob`` (``pack_state``) as the session's next version, if ``version`` is still the stored one
+        (0: none is stored); the new version, or None when another replica saved first."""
+        state_key, seen_key = self._keys(session_id)
+        version = await self._save(keys=[state_key, seen_key],
+                                   args=[str(version), owner or "", model, blob, json.dumps(info), repr(created),
+                                         str(requests), repr(time.time()), self.ttl_ms, self.seen_ttl_ms])
+        return None if version < 0 else int(version)
+
+    async def forget(self, session_id: str) -> None:
+        """The session and its marker are gone: its id starts a new session next."""
+        await self.redis.delete(*self._keys(session_id))
+
+    async def listed(self, owner: Optional[str]) -> list[dict[str, Any]]:
+        """What ``GET /sessions`` lists of every stored session of ``owner``, whichever replica made it."""
+        rows = []
+        async for key in self.redis.scan_iter(match=f"{self.prefix}state:*", count=500):
+            fields = await self.redis.hmget(key, "owner", "model", "info", "created", "last_used", "requests")
+            if fields[0] is None or (fields[0].decode() or None) != owner:
+                continue  # expired between the scan and the read, or another key's
+            session_id = key.decode()[len(f"{self.prefix}state:"):]
+            last_used = float(fields[4])
+            rows.append({"session_id": session_id, "model": fields[1].decode(), "created": float(fields[3]),
+                         "last_used": last_used, "idle_s": round(time.time() - last_used, 3),
+                         "requests": int(fields[5]), **json.loads(fields[2])})
+        return sorted(rows, key=lambda row: row["last_used"])
