@@ -66,7 +66,7 @@ def seeded(base: str, session_id: str, seed: int) -> None:
 
 def test_robots_keep_their_history_across_two_replicas_one_killed_and_restarted(policy_config, redis_url, tmp_path):
     env = {**POLICY_ENV, "VLA_SESSION_STORE": redis_url}
-    robots = range(4)
+    robots = range(8)
     steps = 12
     with live_server_process(policy_config, tmp_path / "b", env=env) as (b, _):
         reference = {}
