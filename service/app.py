@@ -52,6 +52,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             try:
                 await shared.check()
             except Exception as e:  # a wrong VLA_SESSION_STORE fails the start, naming it
+                await shared.close()
                 raise RuntimeError(f"the session store {shared.url!r} (VLA_SESSION_STORE) cannot be reached: "
                                    f"{type(e).__name__}: {e}") from e
         manager.start()

@@ -20,21 +20,29 @@ to make room) loses nothing, and expiry is the store's.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Optional
 
 from service.errors import ApiError
-from service.shared_sessions import SharedSessionStates, StoredSession, pack_state
+from service.shared_sessions import CONFLICT, TAKEN, SharedSessionStates, StoredSession, pack_state, store_failure
 from vla_foundry.robotics.session import PolicySession
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
+def checkpoint_identity(deployment) -> str:
+    """What a deployment serves (its checkpoint's path, file and step): a stored session made on another
+    checkpoint (the deployment was reloaded on some replica since) is not continued on this one."""
+    pipeline = getattr(deployment, "pipeline", None)
+    return json.dumps(pipeline.checkpoint_info(), sort_keys=True, default=str) if pipeline is not None else ""
+
+
 class SessionEntry:
     def __init__(self, session_id: str, deployment, policy: PolicySession, owner: Optional[str] = None,
-                 shared: Optional[SharedSessionStates] = None):
+                 shared: Optional[SharedSessionStates] = None, discard: Callable[[], None] = lambda: None):
         self.id = session_id
         self.deployment = deployment
         self.policy = policy
@@ -43,8 +51,10 @@ class SessionEntry:
         self.created = self.last_used = time.time()
         self.requests = 0
         self.shared = shared
-        # With a shared store: the stored version this session was last pulled at or pushed as (0: none stored
-        # yet; -1: its last step was not stored, so the next pull must reload it).
+        self.discard = discard  # drops this replica's copy (with a shared store: a refused new one must not linger)
+        self.checkpoint = checkpoint_identity(deployment) if shared is not None else ""
+        # With a shared store: the stored version this session was last pulled at or pushed as (0: none stored;
+        # -1: what this replica holds may differ from the store, so the next pull reloads it).
         self.version = 0
 
     async def call(self, run: Awaitable[Any]) -> Any:
@@ -55,28 +65,49 @@ class SessionEntry:
         async with self.lock:
             try:
                 await self._pull()
-            except BaseException:
+            except BaseException as e:
                 if asyncio.iscoroutine(run):
                     run.close()  # never started: nothing of this step ran
+                if self.version == 0:
+                    self.discard()
+                failure = store_failure(e)
+                if failure is not None:
+                    raise failure from e
                 raise
             task = asyncio.ensure_future(run)
             try:
                 result = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                await asyncio.wait([task])
-                self.version = -1 if self.shared is not None else 0  # whether its step was stored is unknown
-                raise
-            except BaseException:
-                self.version = -1 if self.shared is not None else 0  # a failed step may have recorded its input
+            except BaseException as e:
+                if isinstance(e, asyncio.CancelledError):
+                    await asyncio.wait([task])
+                if self.shared is not None:
+                    self.version = -1  # a failed or abandoned step may have recorded its input here
                 raise
             await self._push()
             return result
 
     async def reset(self, seed: Optional[int] = None) -> None:
-        """A new episode (seeded ``seed``), stored when the store is shared."""
+        """A new episode (seeded ``seed``). With a shared store it is stored at once, whatever was stored before
+        (a session that expired there included), unless the stored one is another key's or deployment's."""
         async with self.lock:
-            await self._pull()
-            self.policy.reset(seed)
+            if self.shared is None:
+                self.policy.reset(seed)
+                return
+            try:
+                stored = await self.shared.load(self.id, with_state=False)
+                if stored is not None:
+                    self.check_owner(stored)
+                    self.version = stored.version  # overwritten whole: its state is not needed
+                else:
+                    await self.shared.forget_marker(self.id)  # its robot knows now
+                    self.version = 0
+                self.policy.reset(seed)
+            except BaseException as e:
+                self.version = -1
+                failure = store_failure(e)
+                if failure is not None:
+                    raise failure from e
+                raise
             await self._push()
 
     async def _pull(self) -> None:
@@ -84,25 +115,25 @@ class SessionEntry:
             return
         stored = await self.shared.load(self.id, known_version=self.version if self.version > 0 else None)
         if stored is None:
-            if self.version > 0:
-                raise _expired_in_store(self.id, self.shared)
-            if self.version < 0:  # its first step was not stored: it starts again
+            if self.version != 0:  # deleted on some replica, expired, or never stored: what is held here is void
                 self.policy.reset(self.policy.seed)
                 self.version = 0
             seen = await self.shared.seen(self.id)
             if seen is not None and seen["owner"] == self.owner:
                 raise _expired_in_store(self.id, self.shared)
             return
-        self.check_stored(stored)
-        if stored.version != self.version:  # another replica stepped it (or this one's last step was not stored)
+        self.check_owner(stored)
+        if stored.checkpoint != self.checkpoint:
+            raise _gone_error(self.id, f"was made on another checkpoint than deployment {self.deployment.name!r} "
+                                       "serves here now (it was reloaded)")
+        if stored.version != self.version:  # another replica stepped it (or what is held here is void)
             self.policy.load(stored.state)
             self.version, self.created, self.requests = stored.version, stored.created, stored.requests + 1
 
-    def check_stored(self, stored: StoredSession) -> None:
+    def check_owner(self, stored: StoredSession) -> None:
         """409 when the stored session of this id is another key's or another deployment's."""
         if stored.owner != self.owner:
-            raise ApiError(409, f"session_id {self.id!r} is taken; use another (session ids are best made random)",
-                           field="session_id")
+            raise _taken(self.id)
         if stored.model != self.deployment.name:
             raise ApiError(409, f"session {self.id!r} belongs to deployment {stored.model!r}, not "
                                 f"{self.deployment.name!r}; use another session_id or reset it there",
@@ -111,15 +142,24 @@ class SessionEntry:
     async def _push(self) -> None:
         if self.shared is None:
             return
-        blob = pack_state(self.policy.export())
-        if len(blob) > self.shared.max_state_bytes:
+        try:
+            blob = pack_state(self.policy.export())
+            if len(blob) > self.shared.max_state_bytes:
+                raise ApiError(413, f"session {self.id!r} would store {len(blob)} bytes of state (its recent frames), "
+                                    f"more than VLA_SESSION_STATE_MAX_BYTES = {self.shared.max_state_bytes}; this step "
+                                    "was not kept. Send smaller frames, or raise the limit", field="observation.images")
+            version = await self.shared.save(self.id, self.version, self.owner, self.deployment.name, self.checkpoint,
+                                             blob, self.policy.info(), self.created, self.requests)
+        except BaseException as e:  # not stored (or not known to be): the next pull reloads what is
             self.version = -1
-            raise ApiError(413, f"session {self.id!r} would store {len(blob)} bytes of state (its recent frames), more "
-                                f"than VLA_SESSION_STATE_MAX_BYTES = {self.shared.max_state_bytes}; this step was not "
-                                "kept. Send smaller frames, or raise the limit", field="observation.images")
-        version = await self.shared.save(self.id, self.version, self.owner, self.deployment.name, blob,
-                                         self.policy.info(), self.created, self.requests)
-        if version is None:
+            failure = store_failure(e)
+            if failure is not None:
+                raise failure from e
+            raise
+        if version == TAKEN:
+            self.version = -1
+            raise _taken(self.id)
+        if version == CONFLICT:
             self.version = -1
             raise ApiError(409, f"session {self.id!r} was stepped on another replica at the same time; that step "
                                 "stands and this one was not kept. Send this step again", field="session_id",
@@ -134,6 +174,11 @@ class SessionEntry:
         return {"session_id": self.id, "model": self.deployment.name, "created": self.created,
                 "last_used": self.last_used, "idle_s": round(time.time() - self.last_used, 3),
                 "requests": self.requests, "busy": self.lock.locked(), **self.policy.info()}
+
+
+def _taken(session_id: str) -> ApiError:
+    return ApiError(409, f"session_id {session_id!r} is taken; use another (session ids are best made random)",
+                    field="session_id")
 
 
 def _gone_error(session_id: str, why: str) -> ApiError:
@@ -203,10 +248,14 @@ class SessionStore:
                                 "_ . : -", field="session_id")
         self.expire()
         entry = self._entries.get(session_id)
+        if (entry is not None and self.shared is not None and not entry.lock.locked()
+                and (entry.owner != owner or entry.deployment is not deployment)):
+            # With a shared store this replica's copy decides nothing: the store says whose it is (on the pull).
+            self._entries.pop(session_id)
+            entry = None
         if entry is not None:
             if entry.owner != owner:
-                raise ApiError(409, f"session_id {session_id!r} is taken; use another (session ids are best made "
-                                    "random)", field="session_id")
+                raise _taken(session_id)
             if entry.deployment is not deployment:
                 raise ApiError(409, f"session {session_id!r} belongs to deployment {entry.deployment.name!r}, not "
                                     f"{deployment.name!r}; use another session_id or reset it there",
@@ -233,7 +282,7 @@ class SessionStore:
             if seed is not None:
                 options.setdefault("seed", seed)
             entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options), owner,
-                                 self.shared)
+                                 self.shared, discard=lambda: self._drop(session_id, entry))
             self._gone.pop(session_id, None)  # another key's old session of this id: a new one now
             self._entries[session_id] = entry
         self._entries.move_to_end(session_id)
@@ -244,16 +293,15 @@ class SessionStore:
         """``get``, and with a shared store also a session that another replica made (held here from now on;
         ``deployments``: name → this replica's deployment of that name)."""
         self.expire()
-        if self.shared is None or (session_id in self._entries and self._entries[session_id].owner == owner):
+        if self.shared is None:
             return self.get(session_id, owner)
-        stored = await self.shared.load(session_id)
+        stored = await self.shared.load(session_id, with_state=False)
         if stored is None or stored.owner != owner:
             seen = await self.shared.seen(session_id) if stored is None else None
             if seen is not None and seen["owner"] == owner:
                 raise _expired_in_store(session_id, self.shared)
             raise self._unknown(session_id)
-        entry = self.acquire(session_id, deployments(stored.model), owner)
-        return entry
+        return self.acquire(session_id, deployments(stored.model), owner)
 
     async def reset_gone(self, session_id: str, owner: Optional[str], seed: Optional[int],
                          deployments: Callable[[str], Any]) -> bool:
@@ -261,29 +309,34 @@ class SessionStore:
         (seeded ``seed``), so whichever replica takes the next step starts it."""
         if self.shared is None:
             return self.forget_gone(session_id, owner, seed)
-        if await self.shared.load(session_id) is not None:
+        if await self.shared.load(session_id, with_state=False) is not None:
             return False
         seen = await self.shared.seen(session_id)
         if seen is None or seen["owner"] != owner:
             return False
-        await self.shared.forget(session_id)
         self._entries.pop(session_id, None)  # this replica's copy of the expired one (a step that was told so)
         entry = self.acquire(session_id, deployments(seen["model"]), owner, seed=seed)
         entry.requests = 0
-        await entry.reset(seed)
+        await entry.reset(seed)  # stores the new episode and drops the marker
         return True
 
     async def delete(self, session_id: str, owner: Optional[str] = None) -> None:
-        """``remove``; with a shared store, from the store too (for every replica)."""
+        """``remove``; with a shared store, from the store too (for every replica), when it is ``owner``'s there."""
         if self.shared is None:
             self.remove(session_id, owner)
             return
-        stored = await self.shared.load(session_id)
-        local = self._entries.get(session_id)
-        if (stored is None or stored.owner != owner) and (local is None or local.owner != owner):
+        self.expire()
+        stored = await self.shared.load(session_id, with_state=False)
+        if stored is None or stored.owner != owner:
             raise self._unknown(session_id)
         self._entries.pop(session_id, None)
         await self.shared.forget(session_id)
+
+    async def end_own(self, session_id: str) -> None:
+        """A websocket's own session (not named by its robot) ends with the connection, in the store too."""
+        self.discard(session_id)
+        if self.shared is not None:
+            await self.shared.forget(session_id)
 
     async def listed(self, owner: Optional[str] = None) -> list[dict[str, Any]]:
         """``infos``; with a shared store, every replica's sessions of ``owner`` (as the store has them)."""
@@ -313,6 +366,10 @@ class SessionStore:
         was reloaded with another checkpoint or unloaded."""
         for sid in [s for s, e in self._entries.items() if e.deployment is deployment]:
             self._bury(sid, why)
+
+    def _drop(self, session_id: str, entry: SessionEntry) -> None:
+        if self._entries.get(session_id) is entry:
+            del self._entries[session_id]
 
     def discard(self, session_id: str) -> None:
         self._entries.pop(session_id, None)

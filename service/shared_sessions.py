@@ -35,21 +35,27 @@ import msgpack
 import numpy as np
 
 from service.codecs import ARRAY_MARKER, decode_array, encode_array
+from service.errors import ApiError
 
 PREFIX = "vla:sessions:"
 
-# KEYS: state, seen. ARGV: expected version, owner, model, state blob, info (JSON), created, requests, now,
-# state ttl ms, seen ttl ms. The new version, or -1 when the stored version is not the expected one (0: none).
+# KEYS: state, seen, the version counter. ARGV: expected version (0: none stored), owner, model, checkpoint, state
+# blob, info (JSON), created, requests, now, state ttl ms, seen ttl ms. The new version; -1 when the stored version
+# is not the expected one, -2 when the stored session is another owner's. Versions come from one counter, so they
+# never repeat, not even for a new session under the id of a deleted or expired one: a replica's stale copy can
+# never pass for the stored state.
 _SAVE = """
-local stored = redis.call('HGET', KEYS[1], 'version')
-if (stored or '0') ~= ARGV[1] then return -1 end
-local version = tonumber(ARGV[1]) + 1
-redis.call('HSET', KEYS[1], 'version', version, 'owner', ARGV[2], 'model', ARGV[3], 'state', ARGV[4],
-           'info', ARGV[5], 'created', ARGV[6], 'requests', ARGV[7], 'last_used', ARGV[8])
-redis.call('PEXPIRE', KEYS[1], ARGV[9])
-redis.call('SET', KEYS[2], cjson.encode({owner = ARGV[2], model = ARGV[3]}), 'PX', ARGV[10])
+local stored = redis.call('HMGET', KEYS[1], 'version', 'owner')
+if (stored[1] or '0') ~= ARGV[1] then return -1 end
+if stored[1] and stored[2] ~= ARGV[2] then return -2 end
+local version = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'version', version, 'owner', ARGV[2], 'model', ARGV[3], 'checkpoint', ARGV[4],
+           'state', ARGV[5], 'info', ARGV[6], 'created', ARGV[7], 'requests', ARGV[8], 'last_used', ARGV[9])
+redis.call('PEXPIRE', KEYS[1], ARGV[10])
+redis.call('SET', KEYS[2], cjson.encode({owner = ARGV[2], model = ARGV[3]}), 'PX', ARGV[11])
 return version
 """
+CONFLICT, TAKEN = -1, -2  # what save returns instead of a version
 
 
 @dataclass
@@ -57,11 +63,22 @@ class StoredSession:
     version: int
     owner: Optional[str]  # the id of the API key that made it (None: the server has no keys)
     model: str  # its deployment's name
+    checkpoint: str  # what that deployment served when it was stored (``checkpoint_identity``)
     state: Optional[dict[str, Any]]  # PolicySession.export(); None when the caller had this version already
     info: dict[str, Any]  # what GET /sessions lists of it
     created: float
     last_used: float
     requests: int
+
+
+def store_failure(error: BaseException) -> Optional[ApiError]:
+    """The 503 for a store that failed to answer (a connection lost, a timeout), or None for any other error."""
+    import redis
+
+    if isinstance(error, (redis.RedisError, ConnectionError, TimeoutError)):
+        return ApiError(503, f"the session store (VLA_SESSION_STORE) failed to answer ({type(error).__name__}); this "
+                             "step was not kept: send it again", retry_after=1)
+    return None
 
 
 def pack_state(state: dict[str, Any]) -> bytes:
@@ -106,24 +123,24 @@ class SharedSessionStates:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def load(self, session_id: str, known_version: Optional[int] = None) -> Optional[StoredSession]:
-        """The stored session, or None; its ``state`` is None when its version is ``known_version`` (the caller
-        has that state already: a replica's steps in a row fetch no frames)."""
+    async def load(self, session_id: str, known_version: Optional[int] = None,
+                   with_state: bool = True) -> Optional[StoredSession]:
+        """The stored session, or None; its ``state`` is None without ``with_state``, or when its version is
+        ``known_version`` (the caller has that state already: a replica's steps in a row fetch no frames)."""
         key = self._keys(session_id)[0]
-        names = ("version", "owner", "model", "info", "created", "last_used", "requests")
+        names = ("version", "owner", "model", "checkpoint", "info", "created", "last_used", "requests")
         fields = dict(zip(names, await self.redis.hmget(key, *names)))
         if fields["version"] is None:
             return None
-        version = int(fields["version"])
-        state = None
-        if version != known_version:
-            blob = await self.redis.hget(key, "state")
-            if blob is None:  # expired between the two reads
+        version, state = int(fields["version"]), None
+        if with_state and version != known_version:
+            current, blob = await self.redis.hmget(key, "version", "state")  # one read: a version and its state
+            if current is None:  # expired between the two reads
                 return None
-            state = unpack_state(blob)
-        return StoredSession(version, fields["owner"].decode() or None, fields["model"].decode(), state,
-                             json.loads(fields["info"]), float(fields["created"]), float(fields["last_used"]),
-                             int(fields["requests"]))
+            version, state = int(current), unpack_state(blob)
+        return StoredSession(version, fields["owner"].decode() or None, fields["model"].decode(),
+                             fields["checkpoint"].decode(), state, json.loads(fields["info"]),
+                             float(fields["created"]), float(fields["last_used"]), int(fields["requests"]))
 
     async def seen(self, session_id: str) -> Optional[dict[str, Any]]:
         """Whom an expired session belonged to ({"owner", "model"}), while its marker lasts; None if never seen."""
@@ -133,25 +150,33 @@ class SharedSessionStates:
         seen = json.loads(marker)
         return {"owner": seen["owner"] or None, "model": seen["model"]}
 
-    async def save(self, session_id: str, version: int, owner: Optional[str], model: str, blob: bytes,
-                   info: dict[str, Any], created: float, requests: int) -> Optional[int]:
+    async def save(self, session_id: str, version: int, owner: Optional[str], model: str, checkpoint: str,
+                   blob: bytes, info: dict[str, Any], created: float, requests: int) -> int:
         """The state ``blob`` (``pack_state``) as the session's next version, if ``version`` is still the stored one
-        (0: none is stored); the new version, or None when another replica saved first."""
+        (0: none is stored) and the stored one is ``owner``'s: the new version, else ``CONFLICT`` or ``TAKEN``."""
         state_key, seen_key = self._keys(session_id)
-        version = await self._save(keys=[state_key, seen_key],
-                                   args=[str(version), owner or "", model, blob, json.dumps(info), repr(created),
-                                         str(requests), repr(time.time()), self.ttl_ms, self.seen_ttl_ms])
-        return None if version < 0 else int(version)
+        return int(await self._save(keys=[state_key, seen_key, f"{self.prefix}versions"],
+                                    args=[str(version), owner or "", model, checkpoint, blob, json.dumps(info),
+                                          repr(created), str(requests), repr(time.time()), self.ttl_ms,
+                                          self.seen_ttl_ms]))
 
     async def forget(self, session_id: str) -> None:
         """The session and its marker are gone: its id starts a new session next."""
         await self.redis.delete(*self._keys(session_id))
 
+    async def forget_marker(self, session_id: str) -> None:
+        """Its robot knows the session expired (it reset it): no longer reported gone."""
+        await self.redis.delete(self._keys(session_id)[1])
+
     async def listed(self, owner: Optional[str]) -> list[dict[str, Any]]:
         """What ``GET /sessions`` lists of every stored session of ``owner``, whichever replica made it."""
+        keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}state:*", count=500)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, "owner", "model", "info", "created", "last_used", "requests")
+            replies = await pipe.execute()
         rows = []
-        async for key in self.redis.scan_iter(match=f"{self.prefix}state:*", count=500):
-            fields = await self.redis.hmget(key, "owner", "model", "info", "created", "last_used", "requests")
+        for key, fields in zip(keys, replies):
             if fields[0] is None or (fields[0].decode() or None) != owner:
                 continue  # expired between the scan and the read, or another key's
             session_id = key.decode()[len(f"{self.prefix}state:"):]

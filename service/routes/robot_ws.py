@@ -163,7 +163,7 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
             sockets.closed(websocket)
             connections.dec()
             if session_id is None:  # this connection's own session ends with it
-                sessions.discard(entry.id)
+                await sessions.end_own(entry.id)
 
     return endpoint
 

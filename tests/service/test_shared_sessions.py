@@ -99,23 +99,32 @@ def test_robots_keep_their_history_across_two_replicas_one_killed_and_restarted(
     assert any(r["replanned"] for r in reference[0]) and not all(r["replanned"] for r in reference[0])
 
 
-def test_a_stale_version_never_overwrites_a_newer_step_and_states_round_trip(redis_url):
+def test_a_stale_version_never_overwrites_a_newer_step_nor_another_key_s_session(redis_url):
     import asyncio
+
+    from service.shared_sessions import CONFLICT, TAKEN
 
     async def scenario():
         store = SharedSessionStates(redis_url, idle_timeout_s=60, max_state_bytes=2**20, prefix="vla:test-cas:")
         state = {"seed": 3, "history": {"frames": {"cam": {7: np.arange(6, dtype=np.uint8).reshape(2, 3)}}}}
         blob = pack_state(state)
-        first = await store.save("s", 0, None, "policy", blob, {"last_step": 7}, time.time(), 1)
-        second = await store.save("s", first, None, "policy", blob, {"last_step": 8}, time.time(), 2)
-        late = await store.save("s", first, None, "policy", blob, {"last_step": 8}, time.time(), 2)  # a replica behind
-        stored = await store.load("s")
-        await store.close()
-        return first, second, late, stored
 
-    first, second, late, stored = asyncio.run(scenario())
-    assert (first, second, late) == (1, 2, None)
-    assert stored.version == 2 and stored.info == {"last_step": 8}
+        def save(version, owner=None, step=7):
+            return store.save("s", version, owner, "policy", "ckpt", blob, {"last_step": step}, time.time(), 1)
+
+        first = await save(0)
+        second = await save(first, step=8)
+        late = await save(first, step=9)  # a replica that missed the second
+        theirs = await save(second, owner="bob", step=9)  # another key, with the right version
+        stored = await store.load("s")
+        await store.forget("s")
+        reborn = await save(0, step=0)  # a new session under the same id: its version is new too
+        await store.close()
+        return first, second, late, theirs, stored, reborn
+
+    first, second, late, theirs, stored, reborn = asyncio.run(scenario())
+    assert second > first and (late, theirs) == (CONFLICT, TAKEN) and reborn > second
+    assert stored.version == second and stored.info == {"last_step": 8} and stored.checkpoint == "ckpt"
     np.testing.assert_array_equal(stored.state["history"]["frames"]["cam"][7], np.arange(6).reshape(2, 3))
     assert unpack_state(pack_state({1: {2: [3]}})) == {1: {2: [3]}}  # int keys survive
 
@@ -165,3 +174,120 @@ def test_an_unreachable_store_fails_the_start_naming_it(policy_spec):
     with pytest.raises(RuntimeError, match="VLA_SESSION_STORE"):
         with TestClient(app):
             pass
+
+
+# ----------------------------------------------------------------------------- two replicas in this process
+
+
+@pytest.fixture
+def replicas(policy_spec, redis_url, request):
+    """Two apps (replicas) on one emptied Redis database, with two API keys."""
+    from contextlib import ExitStack
+
+    url = database(redis_url, 3)
+    with ExitStack() as stack:
+        yield [stack.enter_context(serving(policy_spec, session_store=url, api_keys="alice-key,bob-key"))
+               for _ in range(2)]
+
+
+ALICE, BOB = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+
+
+def step_on(client, session_id, k, headers=ALICE):
+    return client.post(f"/sessions/{session_id}/step", json={"observation": current(k), "step": k}, headers=headers)
+
+
+def test_another_key_can_neither_take_nor_delete_a_session_on_any_replica(replicas):
+    a, b = replicas
+    assert step_on(a, "arm", 0).status_code == 200
+    taken = step_on(b, "arm", 1, headers=BOB)  # bob on the other replica, which holds no copy of it
+    assert taken.status_code == 409 and "taken" in taken.json()["error"]["message"]
+    assert b.delete("/sessions/arm", headers=BOB).status_code == 404
+    assert b.post("/sessions/arm/reset", json={}, headers=BOB).status_code == 404
+    assert b.get("/sessions", headers=BOB).json()["sessions"] == []
+    assert step_on(b, "arm", 1).status_code == 200  # alice, on the replica bob tried: hers still, history and all
+    assert [s["session_id"] for s in a.get("/sessions", headers=ALICE).json()["sessions"]] == ["arm"]
+
+
+def test_a_session_deleted_on_one_replica_starts_anew_on_the_other_which_held_a_copy(replicas):
+    a, b = replicas
+    for k in range(5):
+        assert step_on(a, "arm", k).status_code == 200  # a holds the session at step 4
+    assert b.delete("/sessions/arm", headers=ALICE).status_code == 200
+    assert step_on(b, "arm", 0).status_code == 200  # a new session under the same id, on b
+    again = step_on(a, "arm", 1)  # a's copy (step 4) must not pass for it: step 1 follows the new one's step 0
+    assert again.status_code == 200, again.text
+    listed = b.get("/sessions", headers=ALICE).json()["sessions"]
+    assert [(s["session_id"], s["last_step"]) for s in listed] == [("arm", 1)]
+
+
+def test_a_reset_on_a_replica_that_holds_an_expired_copy_starts_the_new_episode(policy_spec, redis_url):
+    url = database(redis_url, 4)
+    with serving(policy_spec, session_store=url, session_idle_timeout_s=1.0) as a, \
+            serving(policy_spec, session_store=url, session_idle_timeout_s=1.0) as b:
+        assert step_on(a, "arm", 0, headers={}).status_code == 200
+        time.sleep(1.5)
+        gone = step_on(b, "arm", 1, headers={})
+        assert gone.status_code == 409 and gone.json()["error"]["type"] == "session_gone"
+        assert a.post("/sessions/arm/reset", json={"seed": 9}, headers={}).status_code == 200
+        assert step_on(b, "arm", 0, headers={}).status_code == 200  # the new episode, on the other replica
+
+
+def test_a_step_the_store_did_not_take_is_not_counted_twice(policy_spec, redis_url, monkeypatch):
+    """The store fails once as a step is pushed (503): the session is reloaded from the store, so the step sent
+    again gives what a session that never failed gives."""
+    url = database(redis_url, 5)
+    with serving(policy_spec, session_store=url) as client:
+        for name in ("steady", "bumpy"):
+            assert client.post(f"/sessions/{name}/step", json={"observation": current(0), "step": 0}).status_code == 200
+            assert client.post(f"/sessions/{name}/reset", json={"seed": 4}).status_code == 200
+        steady = [step_on(client, "steady", k, headers={}).json() for k in range(4)]
+        save, failures = SharedSessionStates.save, []
+
+        async def failing_once(self, *args, **kwargs):
+            if not failures:
+                failures.append(1)
+                raise ConnectionError("the store went away for a moment")
+            return await save(self, *args, **kwargs)
+
+        bumpy = [step_on(client, "bumpy", 0, headers={}).json()]
+        monkeypatch.setattr(SharedSessionStates, "save", failing_once)
+        failed = step_on(client, "bumpy", 1, headers={})
+        assert failed.status_code == 503 and "VLA_SESSION_STORE" in failed.json()["error"]["message"]
+        bumpy += [step_on(client, "bumpy", k, headers={}).json() for k in (1, 2, 3)]
+    assert [(s["action"], s["replanned"], s["plan_step"]) for s in bumpy] == \
+        [(s["action"], s["replanned"], s["plan_step"]) for s in steady]
+
+
+def test_a_session_made_on_another_checkpoint_is_not_continued(tiny_checkpoints, redis_url, tmp_path):
+    """One replica reloaded with another checkpoint under the same deployment name: its sessions are reported gone
+    there, not continued on weights and plans they were not made with."""
+    url = database(redis_url, 6)
+    other = tmp_path / "other-policy"
+    shutil.copytree(tiny_checkpoints["diffusion_policy"], other)
+    old = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    new = DeploymentSpec(name="policy", checkpoint=str(other))
+    with serving(old, session_store=url) as a, serving(new, session_store=url) as b:
+        assert step_on(a, "arm", 0, headers={}).status_code == 200
+        moved = step_on(b, "arm", 1, headers={})
+        assert moved.status_code == 409 and "another checkpoint" in moved.json()["error"]["message"]
+        assert b.post("/sessions/arm/reset", json={}, headers={}).status_code == 200  # a new episode on b's
+        assert step_on(b, "arm", 0, headers={}).status_code == 200
+
+
+def test_a_websocket_s_own_session_leaves_the_store_with_the_connection(policy_spec, redis_url):
+    import msgpack
+
+    from tests.service.test_robot_ws import flat_observation
+
+    url = database(redis_url, 7)
+    with serving(policy_spec, session_store=url) as client:
+        with client.websocket_connect("/ws/diffusion_policy") as ws:
+            ws.receive_bytes()  # the metadata
+            ws.send_bytes(msgpack.packb(flat_observation(), use_bin_type=True))
+            assert "actions" in msgpack.unpackb(ws.receive_bytes())
+            assert len(client.get("/sessions").json()["sessions"]) == 1
+        deadline = time.monotonic() + 5
+        while client.get("/sessions").json()["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/sessions").json()["sessions"] == []
