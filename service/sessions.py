@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Optional
@@ -30,6 +32,7 @@ from service.errors import ApiError
 from service.shared_sessions import CONFLICT, TAKEN, SharedSessionStates, StoredSession, pack_state, store_failure
 from vla_foundry.robotics.session import PolicySession
 
+logger = logging.getLogger("service")
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -142,14 +145,26 @@ class SessionEntry:
     async def _push(self) -> None:
         if self.shared is None:
             return
+        token = secrets.token_hex(8)
         try:
             blob = pack_state(self.policy.export())
             if len(blob) > self.shared.max_state_bytes:
                 raise ApiError(413, f"session {self.id!r} would store {len(blob)} bytes of state (its recent frames), "
                                     f"more than VLA_SESSION_STATE_MAX_BYTES = {self.shared.max_state_bytes}; this step "
                                     "was not kept. Send smaller frames, or raise the limit", field="observation.images")
-            version = await self.shared.save(self.id, self.version, self.owner, self.deployment.name, self.checkpoint,
-                                             blob, self.policy.info(), self.created, self.requests)
+            try:
+                version = await self.shared.save(self.id, self.version, self.owner, self.deployment.name,
+                                                 self.checkpoint, blob, self.policy.info(), self.created,
+                                                 self.requests, token)
+            except Exception as e:
+                if store_failure(e) is None:
+                    raise
+                # The reply was lost: the save may have landed. When it did, this step is kept (it must not be
+                # applied twice when sent again); when that cannot be told, it is not known to be kept.
+                landed = await self.shared.saved_by(self.id, token)
+                if landed is None:
+                    raise
+                version = landed
         except BaseException as e:  # not stored (or not known to be): the next pull reloads what is
             self.version = -1
             failure = store_failure(e)
@@ -174,6 +189,17 @@ class SessionEntry:
         return {"session_id": self.id, "model": self.deployment.name, "created": self.created,
                 "last_used": self.last_used, "idle_s": round(time.time() - self.last_used, 3),
                 "requests": self.requests, "busy": self.lock.locked(), **self.policy.info()}
+
+
+async def _from_store(awaitable: Awaitable[Any]) -> Any:
+    """A store call; a store that fails to answer is a 503 (``store_failure``), not an error of this server."""
+    try:
+        return await awaitable
+    except Exception as e:
+        failure = store_failure(e)
+        if failure is not None:
+            raise failure from e
+        raise
 
 
 def _taken(session_id: str) -> ApiError:
@@ -295,13 +321,27 @@ class SessionStore:
         self.expire()
         if self.shared is None:
             return self.get(session_id, owner)
-        stored = await self.shared.load(session_id, with_state=False)
+        stored = await _from_store(self.shared.load(session_id, with_state=False))
         if stored is None or stored.owner != owner:
-            seen = await self.shared.seen(session_id) if stored is None else None
+            seen = await _from_store(self.shared.seen(session_id)) if stored is None else None
             if seen is not None and seen["owner"] == owner:
                 raise _expired_in_store(session_id, self.shared)
             raise self._unknown(session_id)
         return self.acquire(session_id, deployments(stored.model), owner)
+
+    async def deployment_of(self, session_id: str, owner: Optional[str], deployments: Callable[[str], Any]) -> Any:
+        """The deployment of ``owner``'s session ``session_id`` (as ``lookup``, without taking it here or counting
+        a request: the step that asks takes it next)."""
+        local = self._entries.get(session_id)
+        if self.shared is None or (local is not None and local.owner == owner):
+            return self.get(session_id, owner).deployment
+        stored = await _from_store(self.shared.load(session_id, with_state=False))
+        if stored is None or stored.owner != owner:
+            seen = await _from_store(self.shared.seen(session_id)) if stored is None else None
+            if seen is not None and seen["owner"] == owner:
+                raise _expired_in_store(session_id, self.shared)
+            raise self._unknown(session_id)
+        return deployments(stored.model)
 
     async def reset_gone(self, session_id: str, owner: Optional[str], seed: Optional[int],
                          deployments: Callable[[str], Any]) -> bool:
@@ -309,9 +349,9 @@ class SessionStore:
         (seeded ``seed``), so whichever replica takes the next step starts it."""
         if self.shared is None:
             return self.forget_gone(session_id, owner, seed)
-        if await self.shared.load(session_id, with_state=False) is not None:
+        if await _from_store(self.shared.load(session_id, with_state=False)) is not None:
             return False
-        seen = await self.shared.seen(session_id)
+        seen = await _from_store(self.shared.seen(session_id))
         if seen is None or seen["owner"] != owner:
             return False
         self._entries.pop(session_id, None)  # this replica's copy of the expired one (a step that was told so)
@@ -326,23 +366,26 @@ class SessionStore:
             self.remove(session_id, owner)
             return
         self.expire()
-        stored = await self.shared.load(session_id, with_state=False)
+        stored = await _from_store(self.shared.load(session_id, with_state=False))
         if stored is None or stored.owner != owner:
             raise self._unknown(session_id)
         self._entries.pop(session_id, None)
-        await self.shared.forget(session_id)
+        await _from_store(self.shared.forget(session_id))
 
     async def end_own(self, session_id: str) -> None:
         """A websocket's own session (not named by its robot) ends with the connection, in the store too."""
         self.discard(session_id)
         if self.shared is not None:
-            await self.shared.forget(session_id)
+            try:
+                await self.shared.forget(session_id)
+            except Exception as e:  # at a connection's end: logged, and the session expires in the store anyway
+                logger.warning("session %s: could not remove it from the store (%s)", session_id, e)
 
     async def listed(self, owner: Optional[str] = None) -> list[dict[str, Any]]:
         """``infos``; with a shared store, every replica's sessions of ``owner`` (as the store has them)."""
         if self.shared is None:
             return self.infos(owner)
-        rows = await self.shared.listed(owner)
+        rows = await _from_store(self.shared.listed(owner))
         for row in rows:
             local = self._entries.get(row["session_id"])
             row["busy"] = bool(local is not None and local.lock.locked())

@@ -40,17 +40,19 @@ from service.errors import ApiError
 PREFIX = "vla:sessions:"
 
 # KEYS: state, seen, the version counter. ARGV: expected version (0: none stored), owner, model, checkpoint, state
-# blob, info (JSON), created, requests, now, state ttl ms, seen ttl ms. The new version; -1 when the stored version
-# is not the expected one, -2 when the stored session is another owner's. Versions come from one counter, so they
-# never repeat, not even for a new session under the id of a deleted or expired one: a replica's stale copy can
-# never pass for the stored state.
+# blob, info (JSON), created, requests, now, state ttl ms, seen ttl ms, the save's token. The new version; -2 when
+# the stored session is another owner's, -1 when the stored version is not the expected one. Versions come from
+# one counter, so they never repeat, not even for a new session under the id of a deleted or expired one: a
+# replica's stale copy can never pass for the stored state (unless the store loses the counter: run Redis with
+# persistence and without eviction).
 _SAVE = """
 local stored = redis.call('HMGET', KEYS[1], 'version', 'owner')
-if (stored[1] or '0') ~= ARGV[1] then return -1 end
 if stored[1] and stored[2] ~= ARGV[2] then return -2 end
+if (stored[1] or '0') ~= ARGV[1] then return -1 end
 local version = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], 'version', version, 'owner', ARGV[2], 'model', ARGV[3], 'checkpoint', ARGV[4],
-           'state', ARGV[5], 'info', ARGV[6], 'created', ARGV[7], 'requests', ARGV[8], 'last_used', ARGV[9])
+           'state', ARGV[5], 'info', ARGV[6], 'created', ARGV[7], 'requests', ARGV[8], 'last_used', ARGV[9],
+           'token', ARGV[12])
 redis.call('PEXPIRE', KEYS[1], ARGV[10])
 redis.call('SET', KEYS[2], cjson.encode({owner = ARGV[2], model = ARGV[3]}), 'PX', ARGV[11])
 return version
@@ -73,9 +75,11 @@ class StoredSession:
 
 def store_failure(error: BaseException) -> Optional[ApiError]:
     """The 503 for a store that failed to answer (a connection lost, a timeout), or None for any other error."""
-    import redis
+    from redis import exceptions
 
-    if isinstance(error, (redis.RedisError, ConnectionError, TimeoutError)):
+    unavailable = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.BusyLoadingError,
+                   exceptions.ReadOnlyError, exceptions.OutOfMemoryError, ConnectionError, TimeoutError)
+    if isinstance(error, unavailable):
         return ApiError(503, f"the session store (VLA_SESSION_STORE) failed to answer ({type(error).__name__}); this "
                              "step was not kept: send it again", retry_after=1)
     return None
@@ -132,15 +136,22 @@ class SharedSessionStates:
         fields = dict(zip(names, await self.redis.hmget(key, *names)))
         if fields["version"] is None:
             return None
-        version, state = int(fields["version"]), None
-        if with_state and version != known_version:
-            current, blob = await self.redis.hmget(key, "version", "state")  # one read: a version and its state
-            if current is None:  # expired between the two reads
+        state = None
+        if with_state and int(fields["version"]) != known_version:
+            # One read of everything with the state: details and state of one version, whatever happened between
+            fields = dict(zip((*names, "state"), await self.redis.hmget(key, *names, "state")))
+            if fields["version"] is None:  # expired between the two reads
                 return None
-            version, state = int(current), unpack_state(blob)
-        return StoredSession(version, fields["owner"].decode() or None, fields["model"].decode(),
-                             fields["checkpoint"].decode(), state, json.loads(fields["info"]),
+            state = unpack_state(fields["state"])
+        return StoredSession(int(fields["version"]), fields["owner"].decode() or None, fields["model"].decode(),
+                             (fields["checkpoint"] or b"").decode(), state, json.loads(fields["info"]),
                              float(fields["created"]), float(fields["last_used"]), int(fields["requests"]))
+
+    async def saved_by(self, session_id: str, token: str) -> Optional[int]:
+        """The stored version when the save that carried ``token`` is the one stored, else None (a save whose
+        reply was lost may have landed or not)."""
+        stored, version = await self.redis.hmget(self._keys(session_id)[0], "token", "version")
+        return int(version) if stored is not None and stored.decode() == token else None
 
     async def seen(self, session_id: str) -> Optional[dict[str, Any]]:
         """Whom an expired session belonged to ({"owner", "model"}), while its marker lasts; None if never seen."""
@@ -151,14 +162,15 @@ class SharedSessionStates:
         return {"owner": seen["owner"] or None, "model": seen["model"]}
 
     async def save(self, session_id: str, version: int, owner: Optional[str], model: str, checkpoint: str,
-                   blob: bytes, info: dict[str, Any], created: float, requests: int) -> int:
+                   blob: bytes, info: dict[str, Any], created: float, requests: int, token: str = "") -> int:
         """The state ``blob`` (``pack_state``) as the session's next version, if ``version`` is still the stored one
-        (0: none is stored) and the stored one is ``owner``'s: the new version, else ``CONFLICT`` or ``TAKEN``."""
+        (0: none is stored) and the stored one is ``owner``'s: the new version, else ``CONFLICT`` or ``TAKEN``.
+        ``token`` marks the save (``saved_by``)."""
         state_key, seen_key = self._keys(session_id)
         return int(await self._save(keys=[state_key, seen_key, f"{self.prefix}versions"],
                                     args=[str(version), owner or "", model, checkpoint, blob, json.dumps(info),
                                           repr(created), str(requests), repr(time.time()), self.ttl_ms,
-                                          self.seen_ttl_ms]))
+                                          self.seen_ttl_ms, token]))
 
     async def forget(self, session_id: str) -> None:
         """The session and its marker are gone: its id starts a new session next."""

@@ -93,7 +93,7 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         sessions = request.app.state.sessions
         owner = caller_of(request.scope)
         try:
-            deployment = ((await sessions.lookup(session_id, owner, manager.get)).deployment if body.model is None
+            deployment = (await sessions.deployment_of(session_id, owner, manager.get) if body.model is None
                           else manager.get(body.model))
         except ApiError:
             deployment = _policy_deployment(manager, body.model)

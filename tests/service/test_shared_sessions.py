@@ -291,3 +291,48 @@ def test_a_websocket_s_own_session_leaves_the_store_with_the_connection(policy_s
         while client.get("/sessions").json()["sessions"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.get("/sessions").json()["sessions"] == []
+
+
+def test_a_save_whose_reply_was_lost_but_landed_keeps_its_step_once(policy_spec, redis_url, monkeypatch):
+    """The connection drops after the store took the step: the step is kept (200), not applied twice."""
+    url = database(redis_url, 8)
+    with serving(policy_spec, session_store=url) as client:
+        for name in ("steady", "bumpy"):
+            assert client.post(f"/sessions/{name}/step", json={"observation": current(0), "step": 0}).status_code == 200
+            assert client.post(f"/sessions/{name}/reset", json={"seed": 4}).status_code == 200
+        steady = [step_on(client, "steady", k, headers={}).json() for k in range(4)]
+        save, lost = SharedSessionStates.save, []
+
+        async def landing_then_lost(self, *args, **kwargs):
+            version = await save(self, *args, **kwargs)
+            if not lost:
+                lost.append(version)
+                raise ConnectionError("the reply was lost")
+            return version
+
+        bumpy = [step_on(client, "bumpy", 0, headers={}).json()]
+        monkeypatch.setattr(SharedSessionStates, "save", landing_then_lost)
+        bumpy += [step_on(client, "bumpy", k, headers={}).json() for k in (1, 2, 3)]
+        assert lost and [s["requests"] for s in client.get("/sessions").json()["sessions"]
+                         if s["session_id"] == "bumpy"] == [6]  # its first step, the reset, steps 0-3: each once
+    assert [(s["action"], s["replanned"], s["plan_step"]) for s in bumpy] == \
+        [(s["action"], s["replanned"], s["plan_step"]) for s in steady]
+
+
+def test_a_store_that_fails_to_answer_is_a_503_on_every_session_route(policy_spec, redis_url, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    url = database(redis_url, 9)
+    with serving(policy_spec, session_store=url) as client:
+        assert step_on(client, "arm", 0, headers={}).status_code == 200
+
+        async def down(*args, **kwargs):
+            raise RedisConnectionError("Connection refused")
+
+        for name in ("load", "listed", "seen"):
+            monkeypatch.setattr(SharedSessionStates, name, down)
+        replies = [step_on(client, "arm", 1, headers={}), step_on(client, "other", 0, headers={}),
+                   client.get("/sessions"), client.delete("/sessions/arm"),
+                   client.post("/sessions/arm/reset", json={})]
+        assert [r.status_code for r in replies] == [503] * 5, [r.text for r in replies]
+        assert all("VLA_SESSION_STORE" in r.json()["error"]["message"] for r in replies)
