@@ -321,13 +321,7 @@ class SessionStore:
         self.expire()
         if self.shared is None:
             return self.get(session_id, owner)
-        stored = await _from_store(self.shared.load(session_id, with_state=False))
-        if stored is None or stored.owner != owner:
-            seen = await _from_store(self.shared.seen(session_id)) if stored is None else None
-            if seen is not None and seen["owner"] == owner:
-                raise _expired_in_store(session_id, self.shared)
-            raise self._unknown(session_id)
-        return self.acquire(session_id, deployments(stored.model), owner)
+        return self.acquire(session_id, deployments((await self._stored(session_id, owner)).model), owner)
 
     async def deployment_of(self, session_id: str, owner: Optional[str], deployments: Callable[[str], Any]) -> Any:
         """The deployment of ``owner``'s session ``session_id`` (as ``lookup``, without taking it here or counting
@@ -335,13 +329,17 @@ class SessionStore:
         local = self._entries.get(session_id)
         if self.shared is None or (local is not None and local.owner == owner):
             return self.get(session_id, owner).deployment
+        return deployments((await self._stored(session_id, owner)).model)
+
+    async def _stored(self, session_id: str, owner: Optional[str]) -> StoredSession:
+        """``owner``'s stored session (without its state); 409 ``session_gone`` when it expired, else 404."""
         stored = await _from_store(self.shared.load(session_id, with_state=False))
         if stored is None or stored.owner != owner:
             seen = await _from_store(self.shared.seen(session_id)) if stored is None else None
             if seen is not None and seen["owner"] == owner:
                 raise _expired_in_store(session_id, self.shared)
             raise self._unknown(session_id)
-        return deployments(stored.model)
+        return stored
 
     async def reset_gone(self, session_id: str, owner: Optional[str], seed: Optional[int],
                          deployments: Callable[[str], Any]) -> bool:

@@ -233,15 +233,19 @@ def test_a_reset_on_a_replica_that_holds_an_expired_copy_starts_the_new_episode(
         assert step_on(b, "arm", 0, headers={}).status_code == 200  # the new episode, on the other replica
 
 
+def twin_sessions(client) -> list[dict]:
+    """Sessions "steady" and "bumpy", each made and then reset to seed 4; steady's steps 0-3, to compare with."""
+    for name in ("steady", "bumpy"):
+        assert client.post(f"/sessions/{name}/step", json={"observation": current(0), "step": 0}).status_code == 200
+        assert client.post(f"/sessions/{name}/reset", json={"seed": 4}).status_code == 200
+    return [step_on(client, "steady", k, headers={}).json() for k in range(4)]
+
+
 def test_a_step_the_store_did_not_take_is_not_counted_twice(policy_spec, redis_url, monkeypatch):
     """The store fails once as a step is pushed (503): the session is reloaded from the store, so the step sent
     again gives what a session that never failed gives."""
-    url = database(redis_url, 5)
-    with serving(policy_spec, session_store=url) as client:
-        for name in ("steady", "bumpy"):
-            assert client.post(f"/sessions/{name}/step", json={"observation": current(0), "step": 0}).status_code == 200
-            assert client.post(f"/sessions/{name}/reset", json={"seed": 4}).status_code == 200
-        steady = [step_on(client, "steady", k, headers={}).json() for k in range(4)]
+    with serving(policy_spec, session_store=database(redis_url, 5)) as client:
+        steady = twin_sessions(client)
         save, failures = SharedSessionStates.save, []
 
         async def failing_once(self, *args, **kwargs):
@@ -295,12 +299,8 @@ def test_a_websocket_s_own_session_leaves_the_store_with_the_connection(policy_s
 
 def test_a_save_whose_reply_was_lost_but_landed_keeps_its_step_once(policy_spec, redis_url, monkeypatch):
     """The connection drops after the store took the step: the step is kept (200), not applied twice."""
-    url = database(redis_url, 8)
-    with serving(policy_spec, session_store=url) as client:
-        for name in ("steady", "bumpy"):
-            assert client.post(f"/sessions/{name}/step", json={"observation": current(0), "step": 0}).status_code == 200
-            assert client.post(f"/sessions/{name}/reset", json={"seed": 4}).status_code == 200
-        steady = [step_on(client, "steady", k, headers={}).json() for k in range(4)]
+    with serving(policy_spec, session_store=database(redis_url, 8)) as client:
+        steady = twin_sessions(client)
         save, lost = SharedSessionStates.save, []
 
         async def landing_then_lost(self, *args, **kwargs):
