@@ -42,10 +42,13 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": description} for
                                                     status, description in (
     (400, "Malformed body or header"), (401, "Missing or unknown API key"), (404, "No such route, type or deployment"),
-    (409, "A stale observation, or a robot session that is gone, taken or of another deployment"),
-    (413, "Body over VLA_MAX_BODY_BYTES or VLA_MAX_BODY_KEYS"), (415, "Content-Type not JSON or msgpack"),
+    (409, "A stale observation, or a robot session that is gone, taken, of another deployment, or stepped on "
+          "another replica at the same time (session_conflict)"),
+    (413, "Body over VLA_MAX_BODY_BYTES or VLA_MAX_BODY_KEYS, images over their pixel limit, or a robot session's "
+          "state over VLA_SESSION_STATE_MAX_BYTES"), (415, "Content-Type not JSON or msgpack"),
     (422, "A value is invalid (the field is named)"), (500, "Internal error (the log has details)"),
-    (503, "Loading, overloaded or past admission (Retry-After says when to come back)"),
+    (503, "Loading, overloaded, past admission, or the session store failing to answer (Retry-After says when "
+          "to come back)"),
     (504, "The request's deadline passed before it could run"))}
 
 
