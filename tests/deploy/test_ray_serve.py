@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import msgpack
@@ -224,21 +225,19 @@ def _reload_ray_auth_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-@pytest.fixture(scope="module")
-def served(cluster, tmp_path_factory, tiny_tokenizer):
-    """The example Serve config, made CPU-sized, deployed with `serve run`; yields the proxy's base URL."""
+def deploy(cluster: LocalCluster, root: Path, deployments: list[dict], env: Optional[dict[str, str]] = None) -> str:
+    """The example Serve config, made CPU-sized (``REPLICAS`` replicas, ``env`` added to its ``VLA_*`` variables),
+    serving ``deployments`` (a deployment YAML's entries), deployed with `serve run`; the proxy's base URL."""
     from ray import serve
 
-    root = tmp_path_factory.mktemp("ray-serve")
-    checkpoint = build_checkpoint("transformer", root / "tiny-transformer", tokenizer=tiny_tokenizer)
     deploy_yaml = root / "deploy.yaml"
-    deploy_yaml.write_text(yaml.safe_dump({"device": "auto", "deployments": [{"name": "tiny",
-                                                                              "checkpoint": str(checkpoint)}]}))
+    deploy_yaml.write_text(yaml.safe_dump({"device": "auto", "deployments": deployments}))
     port = free_port()
     config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     config["http_options"].update(host="127.0.0.1", port=port)
     application = config["applications"][0]
     application["args"] = {"config": str(deploy_yaml)}
+    application["runtime_env"]["env_vars"].update(env or {})
     deployment = application["deployments"][0]
     for key in ("autoscaling_config", "max_ongoing_requests"):
         deployment.pop(key, None)
@@ -263,7 +262,15 @@ def served(cluster, tmp_path_factory, tiny_tokenizer):
         assert time.monotonic() < deadline, f"the application did not start: {status}"
         time.sleep(0.25)
     cluster.record_processes()
-    yield f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(cluster, tmp_path_factory, tiny_tokenizer):
+    """A tiny transformer on two replicas; yields the proxy's base URL."""
+    root = tmp_path_factory.mktemp("ray-serve")
+    checkpoint = build_checkpoint("transformer", root / "tiny-transformer", tokenizer=tiny_tokenizer)
+    yield deploy(cluster, root, [{"name": "tiny", "checkpoint": str(checkpoint)}])
 
 
 def replicas_answering(client: httpx.Client, request, attempts: int = 60) -> dict[str, httpx.Response]:
