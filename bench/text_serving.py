@@ -41,11 +41,15 @@ WORDS = ("the robot moves red blue cube to left right of table slowly then picks
 GOAL_SCALING, GOAL_TTFT = 3.0, 2.0
 
 
-def demo_transformer() -> Path:
+def text_checkpoint(name: str = "demo-transformer") -> Path:
+    """A text experiment directory; a demo pack member's name (``demo-transformer``, ``demo-transformer_hf``) is
+    built on first use, as the server builds the pack."""
     from vla_foundry.demo import ensure_demo_pack
     from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
 
-    return ensure_demo_pack(DEFAULT_DEMO_DIR, members=["demo-transformer"]) / "demo-transformer"
+    if Path(name).is_dir() or not name.startswith("demo-"):
+        return Path(name)
+    return ensure_demo_pack(DEFAULT_DEMO_DIR, members=[name]) / name
 
 
 def request_for(client_index: int, i: int, max_tokens_cap: int = 128) -> dict:
@@ -176,13 +180,14 @@ def compute_floor(checkpoint: Path, sequences: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="a text experiment directory (default: the demo transformer)")
+    parser.add_argument("--checkpoint", help="a text experiment directory, or a demo pack member by name (default: "
+                        "demo-transformer; demo-transformer_hf is the tiny Llama)")
     parser.add_argument("--concurrency", default="1,8,32", help="client counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per row before measuring")
     parser.add_argument("--max-batch-size", type=int, default=32, help="VLA_MAX_BATCH_SIZE of both servers")
     args = parser.parse_args()
-    checkpoint = Path(args.checkpoint) if args.checkpoint else demo_transformer()
+    checkpoint = text_checkpoint(args.checkpoint or "demo-transformer")
     concurrency = [int(c) for c in args.concurrency.split(",")]
     rows: dict[tuple[str, int], Row] = {}
     for mode in ("on", "off"):

@@ -88,7 +88,7 @@ class CaptionPipeline(TextPipeline):
                 sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (), seed: Optional[int] = None,
                 use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
         """One caption per (prompt, image list) row; see ``broadcast_rows``. ``images`` are (H, W, 3) uint8."""
-        inputs = self._encoded(images, prompts, prompt_token_ids, rendered)
+        inputs, _ = self._encoded(images, prompts, prompt_token_ids, rendered)
         return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
                                          use_cache=use_cache, on_text=on_text)
 
@@ -98,18 +98,17 @@ class CaptionPipeline(TextPipeline):
                       seed: Optional[int] = None, on_text: Optional[OnText] = None,
                       rendered: bool = False) -> Generation:
         """``caption``'s generation (with the cache), checked and ready for a ``ContinuousBatcher``."""
-        inputs = self._encoded(images, prompts, prompt_token_ids, rendered)
-        counts = {len(row) for row in paired_rows(prompts, prompt_token_ids, images)[2]}
+        inputs, rows = self._encoded(images, prompts, prompt_token_ids, rendered)
         return self.start_generation(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
-                                     on_text=on_text, rows_alike=len(counts) == 1)
+                                     on_text=on_text, rows_alike=len({len(row) for row in rows}) == 1)
 
     def _encoded(self, images: Images, prompts: Optional[Sequence[str]],
                  prompt_token_ids: Optional[Sequence[Sequence[int]]], rendered: bool):
-        """The rows paired (``paired_rows``), tokenized with their images, their ids checked."""
+        """The rows paired (``paired_rows``), tokenized with their images, their ids checked; and each row's images."""
         prompts, prompt_token_ids, images = paired_rows(prompts, prompt_token_ids, images)
         inputs = self.processor.encode(prompts, prompt_token_ids, images, rendered=rendered)
         self._check_ids(inputs.ids, "prompt" if prompt_token_ids is None else "prompt_token_ids")
-        return inputs
+        return inputs, images
 
     def check(self, image_counts: Sequence[int], prompts: Optional[Sequence[str]] = None,
               prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
