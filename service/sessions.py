@@ -100,7 +100,8 @@ class SessionEntry:
                 stored = await self.shared.load(self.id, with_state=False)
                 if stored is not None:
                     self.check_owner(stored)
-                    self.version = stored.version  # overwritten whole: its state is not needed
+                    # overwritten whole (its state is not needed); its age and request count go on
+                    self.version, self.created, self.requests = stored.version, stored.created, stored.requests
                 else:
                     await self.shared.forget_marker(self.id)  # its robot knows now
                     self.version = 0
@@ -266,9 +267,10 @@ class SessionStore:
     def _gone_error(session_id: str, why: str) -> ApiError:
         return _gone_error(session_id, why)
 
-    def acquire(self, session_id: str, deployment, owner: Optional[str] = None, **options: Any) -> SessionEntry:
+    def acquire(self, session_id: str, deployment, owner: Optional[str] = None, *, request: bool = True,
+                **options: Any) -> SessionEntry:
         """The session ``session_id`` of ``deployment`` and ``owner``, created on first use (409 when it expired
-        or was evicted: its robot must reset it knowingly)."""
+        or was evicted: its robot must reset it knowingly); ``request``: this is one of its requests (counted)."""
         if not SESSION_ID.match(session_id):
             raise ApiError(422, f"session_id {session_id[:40]!r} must be 1-128 characters of letters, digits and "
                                 "_ . : -", field="session_id")
@@ -312,7 +314,8 @@ class SessionStore:
             self._gone.pop(session_id, None)  # another key's old session of this id: a new one now
             self._entries[session_id] = entry
         self._entries.move_to_end(session_id)
-        entry.touch()
+        if request:
+            entry.touch()
         return entry
 
     async def lookup(self, session_id: str, owner: Optional[str], deployments: Callable[[str], Any]) -> SessionEntry:
@@ -321,7 +324,8 @@ class SessionStore:
         self.expire()
         if self.shared is None:
             return self.get(session_id, owner)
-        return self.acquire(session_id, deployments((await self._stored(session_id, owner)).model), owner)
+        return self.acquire(session_id, deployments((await self._stored(session_id, owner)).model), owner,
+                            request=False)
 
     async def deployment_of(self, session_id: str, owner: Optional[str], deployments: Callable[[str], Any]) -> Any:
         """The deployment of ``owner``'s session ``session_id`` (as ``lookup``, without taking it here or counting
@@ -353,8 +357,7 @@ class SessionStore:
         if seen is None or seen["owner"] != owner:
             return False
         self._entries.pop(session_id, None)  # this replica's copy of the expired one (a step that was told so)
-        entry = self.acquire(session_id, deployments(seen["model"]), owner, seed=seed)
-        entry.requests = 0
+        entry = self.acquire(session_id, deployments(seen["model"]), owner, request=False, seed=seed)
         await entry.reset(seed)  # stores the new episode and drops the marker
         return True
 
