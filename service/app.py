@@ -19,6 +19,7 @@ from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
 from service.deadlines import Deadlines, EarlyAdmission
 from service.light_requests import LightRequestPacer
 from service.probes import LivenessProbe
+from service.replicas import Fleet, Replica, ReplicaDirectory
 from service.request_ids import RequestIds
 from service.routes import health, models
 from service.routes.admin import add_admin_routes
@@ -35,13 +36,16 @@ from service.settings import Settings
 logger = logging.getLogger("service")
 
 
-def create_app(settings: Optional[Settings] = None) -> FastAPI:
-    """The app for ``settings``; deployments start loading (each on its own thread) at startup."""
+def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] = None) -> FastAPI:
+    """The app for ``settings``; deployments start loading (each on its own thread) at startup. ``replica``:
+    this process in a fleet of replicas (default: a server started on its own)."""
     settings = settings or Settings.load()
     metrics = Metrics()
     manager = DeploymentManager(settings, metrics)
     shared = (SharedSessionStates(settings.session_store, settings.session_idle_timeout_s,
                                   settings.session_state_max_bytes) if settings.session_store else None)
+    fleet = Fleet(replica or Replica.of_this_process(), lambda: [d.info() for d in manager.deployments.values()],
+                  None if shared is None else ReplicaDirectory(shared.redis, shared.prefix))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,9 +60,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 raise RuntimeError(f"the session store {shared.url!r} (VLA_SESSION_STORE) cannot be reached: "
                                    f"{type(e).__name__}: {e}") from e
         manager.start()
+        fleet.start()
         try:
             yield
         finally:
+            await fleet.stop()
             manager.shutdown()
             if shared is not None:
                 await shared.close()
@@ -69,6 +75,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.router.route_class = DecodedBodyRoute  # routes validate the middleware's unpacked msgpack bodies
     app.state.settings = settings
     app.state.manager = manager
+    app.state.fleet = fleet
     app.state.sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s, shared)
     app.state.metrics = metrics
     metrics.watch(manager, app.state.sessions)

@@ -11,10 +11,15 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from service.replicas import Replica
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from service.app import create_app
+        from service.launcher import CONFIG_ERROR, launch
+        from service.replicas import settings_for_replica
         from service.read_timeouts import read_timeout_protocol
         from service.request_ids import configure_logging
         from service.settings import Settings, parse_checkpoint_arg
@@ -32,11 +39,27 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(
             args.config, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-            demo_dir=args.demo_dir, deployments=[parse_checkpoint_arg(c) for c in args.checkpoint or []] or None)
+            demo_dir=args.demo_dir, deployments=[parse_checkpoint_arg(c) for c in args.checkpoint or []] or None,
+            replicas=args.replicas, replicas_per_gpu=args.replicas_per_gpu, gpus=args.gpus)
+        replica = _replica_of_launch(args, settings)
+        if replica is not None:
+            settings = settings_for_replica(settings, replica.num_gpus, "--gpus, --replicas, --replicas-per-gpu")
     except ValueError as e:
         print(f"vla-foundry serve: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
     configure_logging(settings.log_format)
+    if replica is None and settings.replicas != 1:  # this process launches the replicas and watches them
+        if not settings.deployments:
+            from vla_foundry.demo import ensure_demo_pack
+
+            ensure_demo_pack(settings.demo_dir, progress=True)  # once, before the replicas would race to build it
+        if settings.session_store is None:
+            logging.getLogger("service").warning(
+                "several replicas without VLA_SESSION_STORE: a robot session on HTTP lives in the replica that made "
+                "it, and a robot whose connection lands on another replica starts a new one; use the robot "
+                "websocket, or set VLA_SESSION_STORE to a Redis")
+        return launch([*serve_command(), *args.argv], str(settings.replicas), settings.replicas_per_gpu,
+                      settings.gpus, settings.host, settings.port, settings.drain_timeout_s)
     url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     lines = [f"VLA Foundry Serve on {url}/ (a page to try every model; the API reference at {url}/docs)",
              f"  curl {url}/models"]
@@ -46,7 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
                   """-d '{"prompt": "The robot", "max_new_tokens": 24}'""",
                   f"  curl {url}/v1/completions -H 'content-type: application/json' "
                   """-d '{"model": "demo-transformer", "prompt": "Once upon a time", "max_tokens": 24}'"""]
-    print("\n" + "\n".join(lines) + "\n", file=sys.stderr)
+    if replica is None or replica.replica.index == 0:  # one banner for a launch of replicas
+        print("\n" + "\n".join(lines) + "\n", file=sys.stderr)
     # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
     # a connection whose frame exceeds the cap with 1009.
     # uvicorn drains on SIGTERM and Ctrl-C, then raises the signal again for the handler it found: exit 0 there,
@@ -55,14 +79,15 @@ def _serve(args: argparse.Namespace) -> int:
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: sys.exit(0))
     try:
-        app = create_app(settings)
+        app = create_app(settings, replica and replica.replica)
         http = read_timeout_protocol(settings.header_timeout_s, settings.body_timeout_s,
                                      on_timeout=app.state.metrics.count_read_timeout)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
                                 access_log=False, ws="websockets", ws_per_message_deflate=False,
                                 timeout_graceful_shutdown=settings.drain_timeout_s,
                                 ws_max_size=settings.max_ws_frame_bytes)
-        _draining_server(uvicorn, app, settings.drain_timeout_s)(config).run()
+        sockets = None if args.listen_fd is None else [socket.socket(fileno=args.listen_fd)]  # the launcher's
+        _draining_server(uvicorn, app, settings.drain_timeout_s)(config).run(sockets=sockets)
         code = 0
     except SystemExit as e:
         code = e.code or 0
@@ -74,6 +99,29 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+@dataclass(frozen=True)
+class _LaunchedReplica:
+    replica: "Replica"
+    num_gpus: int  # the GPUs the launcher gave it (CUDA_VISIBLE_DEVICES), numbered from 0 in it
+
+
+def _replica_of_launch(args: argparse.Namespace, settings) -> Optional[_LaunchedReplica]:
+    """This process as one replica of ``vla-foundry serve --replicas`` (service/launcher.py), else None."""
+    if args.listen_fd is None:
+        return None
+    from service.replicas import GPU_ENV, Replica
+
+    gpus = os.environ.get(GPU_ENV)
+    num_gpus = len([g for g in gpus.split(",") if g.strip()]) if gpus is not None else _gpu_count()
+    return _LaunchedReplica(Replica.of_this_process("vla-foundry serve --replicas", args.replica_index), num_gpus)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _draining_server(uvicorn, app, drain_timeout_s: float):
@@ -127,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     serve.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto)")
     serve.add_argument("--demo-dir", type=Path, default=None, help=f"demo pack location (default {DEFAULT_DEMO_DIR})")
+    serve.add_argument("--replicas", default=None,
+                       help="server processes behind the one address: N, or per-gpu (default 1; VLA_REPLICAS)")
+    serve.add_argument("--replicas-per-gpu", type=int, default=None,
+                       help="with --replicas per-gpu: replicas sharing each GPU (default 1)")
+    serve.add_argument("--gpus", default=None, help="GPUs for the replicas, as CUDA_VISIBLE_DEVICES names them "
+                                                    "(default: every visible one; none: CPU replicas)")
+    # Set by the launcher for each replica it starts (service/launcher.py), not by hand.
+    serve.add_argument("--replica-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
     demo = sub.add_parser("demo", help="build the demo pack")
     demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR,
@@ -151,6 +208,7 @@ def serve_command() -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launch of replicas starts each with
     return args.func(args)
 
 

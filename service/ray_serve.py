@@ -45,6 +45,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.replicas import Replica, cpu_device_check, settings_for_replica
 from service.settings import Settings
 
 logger = logging.getLogger("service.ray_serve")
@@ -52,6 +53,7 @@ logger = logging.getLogger("service.ray_serve")
 DEPLOYMENT_NAME = "VLAFoundryServe"  # the name a Serve config file's `deployments:` entry must use
 REPLICA_HEADER = "x-serve-replica"
 LOAD_LOG_PERIOD_S = 30.0
+GIVEN_BY = "ray_actor_options.num_gpus"
 
 
 class RayServeArgs(BaseModel):
@@ -66,9 +68,10 @@ class RayServeArgs(BaseModel):
     config: Optional[str] = Field(None, description="The deployment YAML of `vla-foundry serve --config` (an "
                                                     "absolute path is safest: a relative one is relative to the "
                                                     "directory `serve` runs in); none: VLA_CONFIG or the demo pack.")
-    num_replicas: Optional[Union[Annotated[int, Field(ge=1)], Literal["auto"]]] = Field(
-        None, description="A fixed replica count, or `auto` to autoscale; default: 1, or autoscaling when "
-                          "min/max_replicas or target_ongoing_requests is given.")
+    num_replicas: Optional[Union[Annotated[int, Field(ge=1)], Literal["auto", "per-gpu"]]] = Field(
+        None, description="A fixed replica count; `per-gpu`: as many as the cluster's GPUs hold at num_gpus each "
+                          "(counted when the application is built); `auto` to autoscale; default: 1, or "
+                          "autoscaling when min/max_replicas or target_ongoing_requests is given.")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per replica (ray_actor_options.num_gpus): 1 = "
                                                              "one replica per GPU, 0.5 = two per GPU, 0 = CPU "
                                                              "replicas (Ray's default).")
@@ -101,10 +104,10 @@ def build_app(args: RayServeArgs) -> Application:
         logger.warning("host/port of the deployment YAML are ignored under Ray Serve: the Serve HTTP proxy binds "
                        "(http_options in a Serve config file, or serve.start(http_options=...))")
     if args.num_gpus == 0:
-        _cpu_device_check(settings)  # fail here, not in every replica
+        cpu_device_check(settings, GIVEN_BY)  # fail here, not in every replica
     autoscale = args.num_replicas == "auto" or any(
         v is not None for v in (args.min_replicas, args.max_replicas, args.target_ongoing_requests))
-    if autoscale and isinstance(args.num_replicas, int):
+    if autoscale and args.num_replicas not in (None, "auto"):
         raise ValueError(f"num_replicas={args.num_replicas} fixes the replica count, but autoscaling options "
                          "(min_replicas, max_replicas, target_ongoing_requests) were given too; use "
                          "num_replicas=auto with them, or drop them")
@@ -123,9 +126,29 @@ def build_app(args: RayServeArgs) -> Application:
                              "lower min_replicas or raise max_replicas")
         if autoscaling:
             options["autoscaling_config"] = autoscaling
+    elif args.num_replicas == "per-gpu":
+        options["num_replicas"] = replicas_per_gpu(args.num_gpus)
+        options.setdefault("ray_actor_options", {})["num_gpus"] = 1 if args.num_gpus is None else args.num_gpus
     elif args.num_replicas is not None:
         options["num_replicas"] = args.num_replicas
     return deployment_for(settings).options(**options).bind()
+
+
+def replicas_per_gpu(num_gpus: Optional[float]) -> int:
+    """``num_replicas=per-gpu``: the cluster's GPUs ÷ ``num_gpus`` per replica (default 1), counted now."""
+    if num_gpus == 0:
+        raise ValueError("num_replicas=per-gpu with num_gpus=0 would give no replica a GPU; use num_gpus=1 (one "
+                         "replica per GPU) or a fraction such as 0.5 (two per GPU), or a fixed num_replicas")
+    if not ray.is_initialized():
+        raise ValueError("num_replicas=per-gpu counts the Ray cluster's GPUs, but this process is not connected to "
+                         "one; build the application with `serve run` or `serve deploy`, or after ray.init()")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    count = int(gpus / (num_gpus or 1) + 1e-9)
+    if count < 1:
+        raise ValueError(f"num_replicas=per-gpu: the Ray cluster has {gpus:g} GPU(s), too few for one replica at "
+                         f"num_gpus={num_gpus or 1}; add GPU nodes, or give replicas no GPU (num_gpus=0) and a "
+                         "fixed num_replicas")
+    return count
 
 
 def deployment_for(settings: Settings) -> serve.Deployment:
@@ -163,16 +186,24 @@ def replica_app(settings: Settings, num_gpus: int):
     """The FastAPI app of a replica Ray gave ``num_gpus`` GPUs: its start-up waits until the models have loaded."""
     from service.app import create_app
 
-    settings = _replica_settings(settings, num_gpus)
+    settings = settings_for_replica(settings, num_gpus, GIVEN_BY)
     if not settings.deployments:
         from vla_foundry.demo import ensure_demo_pack
 
         ensure_demo_pack(settings.demo_dir, progress=False)  # replicas on one host take turns on its file lock
     logger.info("replica with %d GPU(s): device %s", num_gpus, settings.device)
-    fastapi_app = create_app(settings)
+    fastapi_app = create_app(settings, Replica.of_this_process("ray", id=_serve_replica_id()))
     _hold_startup_until_loaded(fastapi_app)
     fastapi_app.add_middleware(ReplicaHeaderMiddleware)
     return fastapi_app
+
+
+def _serve_replica_id() -> Optional[str]:
+    """Serve's id of this replica (what ``X-Serve-Replica`` says), None outside a replica."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return None
 
 
 def _bind_replica_grpc_to_node_ip() -> None:
@@ -201,32 +232,6 @@ def _bind_replica_grpc_to_node_ip() -> None:
 
     add_port_to_grpc_server.binds_node_ip = True
     replica_module.add_port_to_grpc_server = add_port_to_grpc_server
-
-
-def _replica_settings(settings: Settings, num_gpus: int) -> Settings:
-    """``settings`` for a replica Ray gave ``num_gpus`` GPUs: no GPU ⇒ ``auto`` means the CPU."""
-    if num_gpus == 0:
-        _cpu_device_check(settings)
-        return settings.model_copy(update={"device": "cpu"}) if settings.device == "auto" else settings
-    for where, device in _devices(settings):
-        if device.startswith("cuda:") and int(device.split(":", 1)[1]) >= num_gpus:
-            raise ValueError(f"{where} is {device!r}, but this replica was given {num_gpus} GPU(s) (Ray sets "
-                             f"CUDA_VISIBLE_DEVICES to them, numbered from 0); use `cuda` or `auto`, or raise "
-                             "ray_actor_options.num_gpus")
-    return settings
-
-
-def _devices(settings: Settings) -> list[tuple[str, str]]:
-    found = [("device", settings.device)]
-    found += [(f"deployment {s.resolved_name!r} device", s.device) for s in settings.deployments if s.device]
-    return found
-
-
-def _cpu_device_check(settings: Settings) -> None:
-    for where, device in _devices(settings):
-        if device.startswith("cuda"):
-            raise ValueError(f"{where} is {device!r}, but the replicas get no GPU (ray_actor_options.num_gpus is 0); "
-                             "give them GPUs (num_gpus=1: one replica per GPU) or use device cpu or auto")
 
 
 def _hold_startup_until_loaded(fastapi_app) -> None:
@@ -263,10 +268,7 @@ class ReplicaHeaderMiddleware:
 
     def _replica_id(self) -> bytes:
         if self._id is None:
-            try:
-                self._id = serve.get_replica_context().replica_id.unique_id.encode()
-            except Exception:  # outside a replica (a plain ASGI test): no id to give
-                self._id = b"unknown"
+            self._id = (_serve_replica_id() or "unknown").encode()  # outside a replica (a plain ASGI test): none
         return self._id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,7 +7,7 @@ Precedence, highest first: CLI flags, the deployment YAML (``--config``/``VLA_CO
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo pack is built and served from.")
+    replicas: Union[Annotated[int, Field(ge=1)], Literal["per-gpu"]] = Field(1, description=(
+        "Server processes behind the one address (`vla-foundry serve`; each loads every deployment and batches its "
+        "own requests): a count, spread over the GPUs in turn (CPU replicas on a host without GPUs), or `per-gpu`: "
+        "replicas_per_gpu on each GPU of `gpus`. More than one needs VLA_SESSION_STORE for robot sessions on HTTP "
+        "that any replica may serve."))
+    replicas_per_gpu: int = Field(1, ge=1, le=64, description=(
+        "With replicas per-gpu: replicas sharing each GPU (small policies leave most of a GPU idle)."))
+    gpus: Optional[str] = Field(None, description=(
+        "The GPUs replicas are given, as CUDA_VISIBLE_DEVICES names them (`0,1` or UUIDs; `none`: CPU replicas); "
+        "none: those CUDA_VISIBLE_DEVICES names, else every GPU of the host."))
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request bodies above this get 413.")
     max_body_keys: int = Field(10_000, ge=100, description="Request bodies and websocket frames with more map keys "
                                                            "than this in all get 413 (1009 on a websocket), before "

@@ -311,7 +311,7 @@ def test_builder_refuses_cuda_without_gpus(tmp_path, tiny_tokenizer):
 
     deploy_yaml = tmp_path / "deploy.yaml"
     deploy_yaml.write_text("device: cuda\ndeployments: [{checkpoint: /nowhere}]\n")
-    with pytest.raises(ValueError, match="num_gpus is 0"):
+    with pytest.raises(ValueError, match="replicas get no GPU"):
         app({"config": str(deploy_yaml), "num_gpus": 0})
 
 

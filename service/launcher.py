@@ -1,0 +1,174 @@
+"""``vla-foundry serve --replicas``: several server processes of one configuration behind one address.
+
+The launcher binds the listening socket once and starts one process per replica, each given its
+GPUs through ``CUDA_VISIBLE_DEVICES`` (so ``device: auto`` is its own GPU) and the socket to accept
+on; the kernel hands each new connection to one of them. A robot's keep-alive connection stays
+with the replica that accepted it. Each replica loads every deployment and batches its own
+requests, exactly as a single server does.
+
+The launcher then only watches: a replica that exits is started again (after 1 s, doubling up to
+30 s while it keeps failing within a minute of its start), and the socket stays open meanwhile,
+so connections wait in its queue instead of being refused. A replica that exits with status 2
+(the configuration is wrong) ends the launch: every restart would fail the same way. SIGTERM or
+Ctrl-C drains every replica (each stops accepting and finishes its requests, as one server
+does) and kills what is still running ``drain_timeout_s`` + 5 s later.
+
+Why processes and not threads: each replica has its own interpreter, so replicas on different
+GPUs never wait for each other's interpreter lock, and one that crashes takes no other with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from service.replicas import GPU_ENV
+
+logger = logging.getLogger("service.launcher")
+
+CONFIG_ERROR = 2  # what `vla-foundry serve` exits with when its settings are wrong
+RESTART_DELAY_S, MAX_RESTART_DELAY_S, STABLE_AFTER_S = 1.0, 30.0, 60.0
+KILL_GRACE_S = 5.0
+
+
+def visible_gpus(gpus: Optional[str]) -> list[str]:
+    """The GPUs replicas may be given, as ``CUDA_VISIBLE_DEVICES`` names them (indices or UUIDs): ``gpus``
+    (comma-separated; ``none``: no GPU), else this process's ``CUDA_VISIBLE_DEVICES``, else every GPU torch
+    counts."""
+    if gpus is not None:
+        return [] if gpus.strip().lower() == "none" else [g.strip() for g in gpus.split(",") if g.strip()]
+    if os.environ.get(GPU_ENV) is not None:
+        return [g.strip() for g in os.environ[GPU_ENV].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def replica_plan(replicas: str, per_gpu: int, gpus: list[str]) -> list[Optional[str]]:
+    """Each replica's ``CUDA_VISIBLE_DEVICES``: ``per-gpu`` ⇒ ``per_gpu`` replicas on every GPU; a count ⇒ that
+    many, spread over the GPUs in turn; ``""`` hides every GPU (a CPU replica on a host that has GPUs); None
+    leaves the variable alone (a host without GPUs)."""
+    if replicas == "per-gpu":
+        if not gpus:
+            raise ValueError("--replicas per-gpu: no GPU is visible here (none given with --gpus, CUDA_VISIBLE_DEVICES "
+                             "empty or no CUDA device); use --replicas N for N CPU replicas")
+        return [gpu for gpu in gpus for _ in range(per_gpu)]
+    count = int(replicas)
+    if gpus:
+        return [gpus[i % len(gpus)] for i in range(count)]
+    return [None if os.environ.get(GPU_ENV) is None else ""] * count
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound and listening, inherited by every replica (SO_REUSEADDR, as uvicorn binds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+@dataclass
+class _Child:
+    index: int
+    gpus: Optional[str]
+    process: Optional[subprocess.Popen] = None
+    started: float = 0.0
+    failures: int = 0  # exits in a row, each within STABLE_AFTER_S of its start
+    restart_at: Optional[float] = None
+
+
+class Launcher:
+    """Starts ``command`` + ``--replica-index I --listen-fd FD`` once per entry of ``plan`` and keeps them up."""
+
+    def __init__(self, command: Sequence[str], plan: list[Optional[str]], sock: socket.socket, drain_timeout_s: float):
+        self.command, self.sock, self.drain_timeout_s = list(command), sock, drain_timeout_s
+        self.children = [_Child(i, gpus) for i, gpus in enumerate(plan)]
+        self.stopping = False
+
+    def _start(self, child: _Child) -> None:
+        env = dict(os.environ)
+        if child.gpus is not None:
+            env[GPU_ENV] = child.gpus
+        command = [*self.command, "--replica-index", str(child.index), "--listen-fd", str(self.sock.fileno())]
+        child.process = subprocess.Popen(command, env=env, pass_fds=(self.sock.fileno(),))
+        child.started, child.restart_at = time.monotonic(), None
+        logger.info("replica %d started (pid %d, %s)", child.index, child.process.pid,
+                    "every GPU" if child.gpus is None else f"{GPU_ENV}={child.gpus!r}")
+
+    def _stop(self, *_: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        logger.info("stopping: draining %d replica(s)", len(self.children))
+        for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, self._stop)
+        for child in self.children:
+            self._start(child)
+        code = 0
+        while not self.stopping:
+            for child in self.children:
+                code = self._watch(child) or code
+            if code:
+                self._stop()
+                break
+            time.sleep(0.2)
+        deadline = time.monotonic() + self.drain_timeout_s + KILL_GRACE_S
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("replica %d did not drain in time: killed", child.index)
+                child.process.kill()
+                child.process.wait()
+        self.sock.close()
+        return code
+
+    def _watch(self, child: _Child) -> int:
+        """Restarts ``child`` when it has exited and its delay has passed; a configuration error ends the launch."""
+        now = time.monotonic()
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                self._start(child)
+            return 0
+        status = child.process.poll()
+        if status is None or self.stopping:
+            return 0
+        if status == CONFIG_ERROR:
+            logger.error("replica %d exited with status %d (its configuration is wrong): stopping every replica",
+                         child.index, status)
+            return CONFIG_ERROR
+        child.failures = child.failures + 1 if now - child.started < STABLE_AFTER_S else 1
+        delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (child.failures - 1))
+        logger.warning("replica %d (pid %d) exited with status %s: starting it again in %.0f s",
+                       child.index, child.process.pid, status, delay)
+        child.restart_at = now + delay
+        return 0
+
+
+def launch(command: Sequence[str], replicas: str, per_gpu: int, gpus: Optional[str], host: str, port: int,
+           drain_timeout_s: float) -> int:
+    """``vla-foundry serve`` with more than one replica: plan, bind, start and watch (see the module's notes)."""
+    try:
+        plan = replica_plan(replicas, per_gpu, visible_gpus(gpus))
+    except ValueError as e:
+        print(f"vla-foundry serve: {e}", file=sys.stderr)
+        return CONFIG_ERROR
+    sock = listening_socket(host, port)
+    bound = sock.getsockname()[1]
+    where = ", ".join("CPU" if g in (None, "") else f"GPU {g}" for g in plan)
+    print(f"VLA Foundry Serve: {len(plan)} replicas on {host}:{bound} ({where})", file=sys.stderr)
+    return Launcher(command, plan, sock, drain_timeout_s).run()

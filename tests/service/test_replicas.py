@@ -1,0 +1,117 @@
+"""``vla-foundry serve --replicas``: one address, a process per replica, each given its GPUs; ``/models`` shows where
+every replica runs. This host has no GPU, so the replicas are "given" GPU names that CUDA cannot open here: each sees
+``CUDA_VISIBLE_DEVICES`` set to its own and runs on the CPU, which is what the launch plan decides and shows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from service.cli import serve_command
+from service.launcher import replica_plan, visible_gpus
+from service.settings import Settings
+from tests.service.live_server import live_server_process
+from tests.service.test_sessions import current
+from tests.service.test_shared_sessions import redis_url  # noqa: F401  (a fixture: a Redis of this module's)
+
+
+def test_the_plan_gives_each_replica_its_gpus(monkeypatch):
+    assert replica_plan("per-gpu", 1, ["0", "1"]) == ["0", "1"]
+    assert replica_plan("per-gpu", 2, ["0", "1"]) == ["0", "0", "1", "1"]  # small policies: two per GPU
+    assert replica_plan("3", 1, ["GPU-a", "GPU-b"]) == ["GPU-a", "GPU-b", "GPU-a"]  # a count: the GPUs in turn
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert replica_plan("2", 1, []) == [None, None]  # a host without GPUs: CPU replicas, the variable untouched
+    with pytest.raises(ValueError, match="--replicas N for N CPU replicas"):
+        replica_plan("per-gpu", 1, [])
+    assert visible_gpus("none") == [] and visible_gpus(" 0, 2 ") == ["0", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
+    assert visible_gpus(None) == ["GPU-a", "GPU-b"]
+    assert replica_plan("2", 1, visible_gpus("none")) == ["", ""]  # GPUs hidden from CPU replicas on a GPU host
+
+
+def test_replica_settings_are_checked(monkeypatch):
+    monkeypatch.setenv("VLA_REPLICAS", "per-gpu")
+    assert Settings.load().replicas == "per-gpu"
+    assert Settings.load(replicas="2").replicas == 2
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="replicas"):
+            Settings.load(replicas=bad)
+
+
+def replicas_seen(base: str, expected: int, timeout: float = 90) -> dict[int, dict]:
+    """Each replica's own view (``replica``), by index, from new connections until ``expected`` have answered
+    with every deployment ready and each lists all of them in ``replicas``."""
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with httpx.Client(base_url=base, timeout=30) as client:  # a new connection: any replica may accept it
+            body = client.get("/models").json()
+        mine = body["replica"]
+        if all(d["status"] == "ready" for d in mine["deployments"]) and len(body["replicas"]) == expected:
+            seen[mine["index"]] = body
+        if len(seen) == expected:
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"replicas seen: {sorted(seen)} of {expected}")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None,
+                    reason="redis-server is not installed (make test installs it from Debian)")
+def test_replicas_per_gpu_behind_one_address(tiny_checkpoints, redis_url, tmp_path):  # noqa: F811
+    """Two replicas, one per (named) GPU: both answer on the one port, ``/models`` shows each with its GPU from
+    either; one killed is started again while the other serves; SIGTERM drains both."""
+    policy = tiny_checkpoints["diffusion_policy"]
+    args = ["--checkpoint", f"{policy}=policy", "--replicas", "per-gpu", "--gpus", "0,1"]
+    env = {"VLA_SESSION_STORE": redis_url, "VLA_MAX_BATCH_SIZE": "1"}
+    with live_server_process(args, tmp_path, env=env) as (base, launcher):
+        seen = replicas_seen(base, 2)
+        for index, body in seen.items():
+            mine = body["replica"]
+            assert (mine["gpus"], mine["launcher"]) == (str(index), "vla-foundry serve --replicas")
+            assert body["replica"]["deployments"] == [{"name": "policy", "status": "ready", "device": "cpu"}]
+            assert [(r["index"], r["gpus"]) for r in body["replicas"]] == [(0, "0"), (1, "1")]
+        pids = {i: seen[i]["replica"]["pid"] for i in seen}
+        assert launcher.pid not in pids.values() and len(set(pids.values())) == 2
+
+        reply = httpx.post(f"{base}/sessions/robot/step", json={"observation": current(0), "step": 0}, timeout=60)
+        assert reply.status_code == 200, reply.text
+
+        os.kill(pids[0], signal.SIGKILL)  # a replica dies: the launcher starts it again, the other serves meanwhile
+        deadline = time.monotonic() + 90
+        while True:
+            body = httpx.get(f"{base}/models", timeout=30).json()
+            assert body["replica"]["pid"] != pids[0] or time.monotonic() < deadline  # (a kept-alive race at most)
+            restarted = [r for r in body["replicas"] if r["index"] == 0 and r["pid"] != pids[0]]
+            if restarted and restarted[0]["deployments"][0]["status"] == "ready":
+                break
+            assert time.monotonic() < deadline, body["replicas"]
+            time.sleep(0.2)
+        for k in (1, 2):  # the robot's session goes on wherever its steps land
+            reply = httpx.post(f"{base}/sessions/robot/step", json={"observation": current(k), "step": k}, timeout=60)
+            assert reply.status_code == 200 and reply.json()["step"] == k, reply.text
+        children = [pids[1], restarted[0]["pid"]]
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 0
+    for pid in children:  # no replica outlives its launcher
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_replica_with_a_wrong_configuration_ends_the_launch(tiny_checkpoints, tmp_path):
+    """``cuda:1`` on replicas given one GPU each: every replica would fail the same way, so the launch ends (2)
+    instead of restarting them for ever."""
+    serve = [*serve_command(), "serve", "--checkpoint", str(tiny_checkpoints["diffusion_policy"]), "--port", "0"]
+    env = {**os.environ, "VLA_DEMO_DIR": str(tmp_path)}
+    result = subprocess.run([*serve, "--replicas", "2", "--gpus", "0,1", "--device", "cuda:1"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "this replica was given 1 GPU(s)" in result.stderr and "--gpus" in result.stderr
+    plan = subprocess.run([*serve, "--replicas", "per-gpu", "--gpus", "none"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert plan.returncode == 2 and "no GPU is visible" in plan.stderr
