@@ -141,7 +141,8 @@ class LocalCluster:
         self.left_behind: list[str] = []
         self.stopped = False
         self._before = descendants(os.getpid())
-        context = ray.init(address="local", num_cpus=REPLICAS, num_gpus=0, include_dashboard=False,
+        # GPUs in name only (this host has none): a replica given one sees CUDA_VISIBLE_DEVICES and runs on the CPU.
+        context = ray.init(address="local", num_cpus=REPLICAS, num_gpus=REPLICAS, include_dashboard=False,
                            _node_ip_address="127.0.0.1", _temp_dir=str(temp_dir), object_store_memory=80 << 20,
                            log_to_driver=False, configure_logging=False)
         self.gcs_address = context.address_info["gcs_address"]
@@ -225,7 +226,8 @@ def _reload_ray_auth_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def deploy(cluster: LocalCluster, root: Path, deployments: list[dict], env: Optional[dict[str, str]] = None) -> str:
+def deploy(cluster: LocalCluster, root: Path, deployments: list[dict], env: Optional[dict[str, str]] = None,
+           gpus_per_replica: float = 0) -> str:
     """The example Serve config, made CPU-sized (``REPLICAS`` replicas, ``env`` added to its ``VLA_*`` variables),
     serving ``deployments`` (a deployment YAML's entries), deployed with `serve run`; the proxy's base URL."""
     from ray import serve
@@ -241,7 +243,7 @@ def deploy(cluster: LocalCluster, root: Path, deployments: list[dict], env: Opti
     deployment = application["deployments"][0]
     for key in ("autoscaling_config", "max_ongoing_requests"):
         deployment.pop(key, None)
-    deployment.update(num_replicas=REPLICAS, ray_actor_options={"num_gpus": 0, "num_cpus": 0.5},
+    deployment.update(num_replicas=REPLICAS, ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0.5},
                       graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.5)
     serve_config = root / "serve_config.yaml"
     serve_config.write_text(yaml.safe_dump(config))
@@ -303,6 +305,10 @@ def test_builder_arguments_from_the_command_line():
         app({"num_replicas": 2, "max_replicas": 4})
     with pytest.raises(ValueError, match="Allowed keys: config"):
         app({"replicas": 2})
+    with pytest.raises(ValueError, match="would give no replica a GPU"):
+        app({"num_replicas": "per-gpu", "num_gpus": "0"})
+    with pytest.raises(ValueError, match="num_replicas=per-gpu"):
+        app({"num_replicas": "per-gpu", "max_replicas": 4})
 
 
 def test_builder_refuses_cuda_without_gpus(tmp_path, tiny_tokenizer):

@@ -47,11 +47,15 @@ def test_robots_keep_their_history_when_a_replica_dies(redis_url, cluster, tiny_
     import ray
 
     policy = {"name": "policy", "checkpoint": str(tiny_checkpoints["diffusion_policy"]), "open_loop_steps": 2}
-    base = deploy(cluster, tmp_path, [policy], {"VLA_SESSION_STORE": redis_url, "VLA_MAX_BATCH_SIZE": "1"})
+    base = deploy(cluster, tmp_path, [policy], {"VLA_SESSION_STORE": redis_url, "VLA_MAX_BATCH_SIZE": "1"},
+                  gpus_per_replica=1)  # a replica per (named) GPU of the cluster
     replicas: dict[int, set] = {}
     got: dict[int, list] = {i: [] for i in ROBOTS}
     victim_id = None
     with httpx.Client(base_url=base, timeout=60) as client:
+        where = client.get("/models")  # every replica, with the GPU Ray gave it
+        assert where.json()["replica"]["id"] == where.headers["x-serve-replica"]
+        assert sorted((r["launcher"], r["gpus"]) for r in where.json()["replicas"]) == [("ray", "0"), ("ray", "1")]
         for i in ROBOTS:
             seeded(client, f"robot-{i}", 100 + i)
         for k in range(STEPS):
@@ -64,6 +68,9 @@ def test_robots_keep_their_history_when_a_replica_dies(redis_url, cluster, tiny_
                 reply = step(client, f"robot-{i}", k)
                 replicas.setdefault(k, set()).add(reply.headers.get("x-serve-replica"))
                 got[i].append(reply.json())
+    from service.ray_serve import app
+
+    assert app({"num_replicas": "per-gpu", "num_gpus": "0.5"})._bound_deployment.num_replicas == 4  # 2 GPUs ÷ ½
     before = set().union(*(replicas[k] for k in range(KILL_AFTER)))
     after = set().union(*(replicas[k] for k in range(KILL_AFTER, STEPS)))
     assert len(before) == 2 and victim_id in before  # both replicas took robots' steps, the killed one too
