@@ -4,6 +4,9 @@
                           [--seconds 10] [--warmup 2]
                           [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
                           [--no-starvation]
+    python bench/fleet.py --replicas N [--robots 16] [--checkpoint DIR | --tiny] [--seconds 10]
+
+(--replicas: robots on HTTP sessions against 1 and N replicas on Ray Serve; bench/fleet_replicas.py says how.)
 
 N simulated robots run in a closed loop (each sends a request, waits for the reply, sends the
 next), one thread and one client each, against a live server serving one `diffusion_policy`
@@ -581,6 +584,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--starvation", action=argparse.BooleanOptionalAction, default=True,
                         help="the /health/live starvation section")
     # Hidden modes: this script as the LitServe server, and as the /health/live load.
+    parser.add_argument("--replicas", type=int, help="instead: robots on HTTP sessions against 1 and N CPU replicas "
+                                                     "on Ray Serve (a Redis session store), then one replica killed "
+                                                     "mid-row (bench/fleet_replicas.py)")
+    parser.add_argument("--robots", type=int, default=16, help="with --replicas: robots (default 16)")
     parser.add_argument("--litserve-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-batch-size", type=int, default=1, help=argparse.SUPPRESS)
@@ -598,6 +605,13 @@ def main() -> None:
         return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
     global TORCH_THREADS, DEVICE
     TORCH_THREADS, DEVICE = args.threads, args.device
+    if args.replicas:
+        from fleet_replicas import replicas_bench
+
+        with tempfile.TemporaryDirectory(prefix="fleet-bench-") as scratch:
+            replicas_bench(resolve_checkpoint(args, Path(scratch)), args.replicas, args.robots, args.warmup,
+                           args.seconds, args.threads)
+        return
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Started in the background by a shell without job control: SIGINT is ignored, and the servers would
         # inherit that, so LitServe would not stop on it (ours does: uvicorn installs its own handler).
