@@ -99,8 +99,10 @@ def ray_cluster(cpus: int) -> Iterator[Any]:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def deploy(checkpoint: Path, replicas: int, port: int, threads: int, scratch: Path) -> str:
-    """The policy on ``replicas`` CPU replicas behind Serve's proxy on 127.0.0.1:``port`` (started once); its URL."""
+def deploy(checkpoint: Path, replicas: int, port: int, threads: int, scratch: Path, robots: int) -> str:
+    """The policy on ``replicas`` CPU replicas behind Serve's proxy on 127.0.0.1:``port`` (started once); its URL.
+    Each replica may take every robot's request at once (``max_ongoing_requests``), so its batching sees them all;
+    at Serve's default of 5, requests beyond it wait in the proxy's router, which backs off between tries."""
     from ray import serve
 
     from service.ray_serve import deployment_for
@@ -113,7 +115,7 @@ def deploy(checkpoint: Path, replicas: int, port: int, threads: int, scratch: Pa
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     application = deployment_for(Settings.load(config)).options(
         num_replicas=replicas, ray_actor_options={"num_gpus": 0, "num_cpus": 0.5, "runtime_env": {"env_vars": env}},
-        graceful_shutdown_timeout_s=5).bind()
+        max_ongoing_requests=robots, graceful_shutdown_timeout_s=5).bind()
     serve.run(application, name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -251,13 +253,13 @@ def replicas_bench(checkpoint: Path, replicas: int, robots: int, warmup: float, 
         os.environ["VLA_MAX_BATCH_SIZE"] = str(robots)
         with ray_cluster(cpus=max(2, replicas)) as ray:
             port = free_port()
-            base = deploy(checkpoint, 1, port, threads, Path(scratch))
+            base = deploy(checkpoint, 1, port, threads, Path(scratch), robots)
             with HttpPolicyClient(base, format="msgpack") as client:
                 io = client.metadata()
             print(f"checkpoint {checkpoint}: {robots} robots on HTTP sessions (msgpack), open_loop_steps {OPEN_LOOP}, "
                   f"Redis session store, {warmup:g} s warm-up + {seconds:g} s per row\n", flush=True)
             rows.append(run_row("1 replica", base, io, robots, warmup, seconds, 1))
-            deploy(checkpoint, replicas, port, threads, Path(scratch))
+            deploy(checkpoint, replicas, port, threads, Path(scratch), robots)
             rows.append(run_row(f"{replicas} replicas", base, io, robots, warmup, seconds, replicas))
             rows.append(run_row(f"{replicas} replicas, one killed mid-row", base, io, robots, warmup, seconds,
                                 replicas, kill=lambda: kill_one_replica(ray)))
