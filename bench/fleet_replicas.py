@@ -7,7 +7,8 @@ free loopback port) as the session store; the policy deployed through ``service.
 Robots are threads of this process, one ``HttpPolicyClient`` (msgpack, keep-alive) and one session each, in a closed
 loop in step mode (one frame per camera and the current proprioception row per step, as a robot sends them).
 
-Rows: 1 replica; N replicas; N replicas with one of them killed (``ray.kill``, no drain) halfway through the row
+Rows: 1 replica keeping sessions in its memory (no store: what the store costs); 1 replica; N replicas; N replicas
+with one of them killed (``ray.kill``, no drain) halfway through the row
 (Serve starts another). A step without an answer (the replica it reached died) is not sent again: the robot goes on
 with the next control step and a new observation, as a robot at its control rate would (the step may or may not
 have been kept; either way the history goes on). A step counts when its reply arrives inside the row's window.
@@ -99,7 +100,8 @@ def ray_cluster(cpus: int) -> Iterator[Any]:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def deploy(checkpoint: Path, replicas: int, port: int, threads: int, scratch: Path, robots: int) -> str:
+def deploy(checkpoint: Path, replicas: int, port: int, threads: int, scratch: Path, robots: int,
+           store: Optional[str]) -> str:
     """The policy on ``replicas`` CPU replicas behind Serve's proxy on 127.0.0.1:``port`` (started once); its URL.
     Each replica may take every robot's request at once (``max_ongoing_requests``), so its batching sees them all;
     at Serve's default of 5, requests beyond it wait in the proxy's router, which backs off between tries."""
@@ -113,7 +115,7 @@ def deploy(checkpoint: Path, replicas: int, port: int, threads: int, scratch: Pa
         {"name": "policy", "checkpoint": str(checkpoint), "open_loop_steps": OPEN_LOOP}]}))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
-    application = deployment_for(Settings.load(config)).options(
+    application = deployment_for(Settings.load(config, session_store=store)).options(
         num_replicas=replicas, ray_actor_options={"num_gpus": 0, "num_cpus": 0.5, "runtime_env": {"env_vars": env}},
         max_ongoing_requests=robots, graceful_shutdown_timeout_s=5).bind()
     serve.run(application, name=APP, route_prefix="/")
@@ -249,17 +251,19 @@ def replicas_bench(checkpoint: Path, replicas: int, robots: int, warmup: float, 
                    threads: int) -> list[ReplicaRow]:
     rows: list[ReplicaRow] = []
     with tempfile.TemporaryDirectory(prefix="fleet-replicas-") as scratch, redis_server() as store:
-        os.environ["VLA_SESSION_STORE"] = store  # read by Settings.load in deploy(), shipped to the replicas
-        os.environ["VLA_MAX_BATCH_SIZE"] = str(robots)
+        os.environ["VLA_MAX_BATCH_SIZE"] = str(robots)  # read by Settings.load in deploy(), shipped to the replicas
+        os.environ.pop("VLA_SESSION_STORE", None)
         with ray_cluster(cpus=max(2, replicas)) as ray:
             port = free_port()
-            base = deploy(checkpoint, 1, port, threads, Path(scratch), robots)
+            base = deploy(checkpoint, 1, port, threads, Path(scratch), robots, None)
             with HttpPolicyClient(base, format="msgpack") as client:
                 io = client.metadata()
             print(f"checkpoint {checkpoint}: {robots} robots on HTTP sessions (msgpack), open_loop_steps {OPEN_LOOP}, "
                   f"Redis session store, {warmup:g} s warm-up + {seconds:g} s per row\n", flush=True)
+            rows.append(run_row("1 replica, sessions in its memory (no store)", base, io, robots, warmup, seconds, 1))
+            deploy(checkpoint, 1, port, threads, Path(scratch), robots, store)
             rows.append(run_row("1 replica", base, io, robots, warmup, seconds, 1))
-            deploy(checkpoint, replicas, port, threads, Path(scratch), robots)
+            deploy(checkpoint, replicas, port, threads, Path(scratch), robots, store)
             rows.append(run_row(f"{replicas} replicas", base, io, robots, warmup, seconds, replicas))
             rows.append(run_row(f"{replicas} replicas, one killed mid-row", base, io, robots, warmup, seconds,
                                 replicas, kill=lambda: kill_one_replica(ray)))
@@ -269,7 +273,10 @@ def replicas_bench(checkpoint: Path, replicas: int, robots: int, warmup: float, 
     for row in rows:
         print(f"| {row.label} | {row.rps:.1f} | {row.p50:.1f} ms | {row.p99:.1f} ms | {row.unanswered} | "
               f"{len(row.broken)} of {row.robots} |")
-    scaling = rows[1].rps / rows[0].rps if rows[0].rps else float("nan")
-    print(f"\n{replicas} replicas ÷ 1: {scaling:.2f}× the steps per second (on {os.cpu_count()} cores, shared with "
-          f"the robots); history kept through the kill: {'yes' if not rows[2].broken else 'NO'}")
+    alone, one, several, killed = rows
+    scaling = several.rps / one.rps if one.rps else float("nan")
+    print(f"\nthe store on one replica: {one.rps / alone.rps:.2f}× the steps per second of sessions in memory, p50 "
+          f"{one.p50 - alone.p50:+.1f} ms; {replicas} replicas ÷ 1: {scaling:.2f}× the steps per second (on "
+          f"{os.cpu_count()} cores, shared with the robots); history kept through the kill: "
+          f"{'yes' if not killed.broken else 'NO'}")
     return rows

@@ -27,8 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from service.app import create_app
-        from service.launcher import CONFIG_ERROR, launch
-        from service.replicas import settings_for_replica
+        from service.launcher import CONFIG_ERROR, die_with_the_launcher, launch
+        from service.replicas import hold_startup_until_loaded, settings_for_replica
         from service.read_timeouts import read_timeout_protocol
         from service.request_ids import configure_logging
         from service.settings import Settings, parse_checkpoint_arg
@@ -80,6 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(stop, lambda *_: sys.exit(0))
     try:
         app = create_app(settings, replica and replica.replica)
+        if replica is not None:  # behind the launcher's socket: no connection taken until every model has loaded
+            die_with_the_launcher()
+            hold_startup_until_loaded(app)
         http = read_timeout_protocol(settings.header_timeout_s, settings.body_timeout_s,
                                      on_timeout=app.state.metrics.count_read_timeout)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
@@ -132,6 +135,7 @@ def _draining_server(uvicorn, app, drain_timeout_s: float):
         async def shutdown(self, sockets=None) -> None:
             for server in self.servers:
                 server.close()
+            await app.state.fleet.stop()  # out of the fleet's listing while it drains
             await app.state.robot_sockets.close_all(timeout=drain_timeout_s)
             await super().shutdown(sockets)
 

@@ -11,7 +11,9 @@ The launcher then only watches: a replica that exits is started again (after 1 s
 so connections wait in its queue instead of being refused. A replica that exits with status 2
 (the configuration is wrong) ends the launch: every restart would fail the same way. SIGTERM or
 Ctrl-C drains every replica (each stops accepting and finishes its requests, as one server
-does) and kills what is still running ``drain_timeout_s`` + 5 s later.
+does) and kills what is still running 2 × ``drain_timeout_s`` + 5 s later (a replica's drain
+waits for its websockets, then for its requests). A replica dies with its launcher, even one
+killed by SIGKILL.
 
 Why processes and not threads: each replica has its own interpreter, so replicas on different
 GPUs never wait for each other's interpreter lock, and one that crashes takes no other with it.
@@ -85,46 +87,75 @@ class _Child:
 
 
 class Launcher:
-    """Starts ``command`` + ``--replica-index I --listen-fd FD`` once per entry of ``plan`` and keeps them up."""
+    """Starts ``command`` + ``--replica-index I --listen-fd FD`` once per entry of ``plan`` and keeps them up.
+
+    The signal handlers only note the request; the loop acts on it between its own steps, so a replica that is
+    being started when SIGTERM comes is signalled as soon as it exists, and none is started after it.
+    """
 
     def __init__(self, command: Sequence[str], plan: list[Optional[str]], sock: socket.socket, drain_timeout_s: float):
         self.command, self.sock, self.drain_timeout_s = list(command), sock, drain_timeout_s
         self.children = [_Child(i, gpus) for i, gpus in enumerate(plan)]
+        self.stop_requested = False
         self.stopping = False
+
+    def _request_stop(self, *_: object) -> None:
+        self.stop_requested = True
 
     def _start(self, child: _Child) -> None:
         env = dict(os.environ)
         if child.gpus is not None:
             env[GPU_ENV] = child.gpus
-        command = [*self.command, "--replica-index", str(child.index), "--listen-fd", str(self.sock.fileno())]
-        child.process = subprocess.Popen(command, env=env, pass_fds=(self.sock.fileno(),))
+        if child.gpus in (None, "") and "OMP_NUM_THREADS" not in env:
+            # CPU replicas share the cores: torch's default (every core each) would oversubscribe them.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.children)))
+        fd = self.sock.fileno()
+        command = [*self.command, "--port", str(self.sock.getsockname()[1]), "--replica-index", str(child.index),
+                   "--listen-fd", str(fd)]
+        child.process = subprocess.Popen(command, env=env, pass_fds=(fd,))
         child.started, child.restart_at = time.monotonic(), None
         logger.info("replica %d started (pid %d, %s)", child.index, child.process.pid,
                     "every GPU" if child.gpus is None else f"{GPU_ENV}={child.gpus!r}")
+        if self.stop_requested:  # the request came while it was being started
+            child.process.send_signal(signal.SIGTERM)
 
-    def _stop(self, *_: object) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
+    def _stop(self) -> None:
+        """Every replica drains; the socket closes here, so once the replicas have closed theirs a new connection
+        is refused at once (a load balancer moves on) instead of waiting in a queue nobody accepts from."""
+        self.stopping = self.stop_requested = True
         logger.info("stopping: draining %d replica(s)", len(self.children))
         for child in self.children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
+        self.sock.close()
 
     def run(self) -> int:
         for stop in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop, self._stop)
-        for child in self.children:
-            self._start(child)
+            signal.signal(stop, self._request_stop)
         code = 0
-        while not self.stopping:
+        try:
             for child in self.children:
-                code = self._watch(child) or code
-            if code:
-                self._stop()
-                break
-            time.sleep(0.2)
-        deadline = time.monotonic() + self.drain_timeout_s + KILL_GRACE_S
+                if self.stop_requested:
+                    break
+                self._start(child)
+            while not self.stop_requested:
+                for child in self.children:
+                    code = self._watch(child) or code
+                if code:
+                    break
+                time.sleep(0.2)
+            self._stop()
+            self._wait_for_replicas()
+        finally:  # an error here must not leave replicas serving the port without their launcher
+            for child in self.children:
+                if child.process is not None and child.process.poll() is None:
+                    child.process.kill()
+                    child.process.wait()
+        return code
+
+    def _wait_for_replicas(self) -> None:
+        # A replica's own drain: its robot websockets, then its requests, each up to drain_timeout_s.
+        deadline = time.monotonic() + 2 * self.drain_timeout_s + KILL_GRACE_S
         for child in self.children:
             if child.process is None:
                 continue
@@ -134,18 +165,16 @@ class Launcher:
                 logger.warning("replica %d did not drain in time: killed", child.index)
                 child.process.kill()
                 child.process.wait()
-        self.sock.close()
-        return code
 
     def _watch(self, child: _Child) -> int:
         """Restarts ``child`` when it has exited and its delay has passed; a configuration error ends the launch."""
         now = time.monotonic()
         if child.restart_at is not None:
-            if now >= child.restart_at:
+            if now >= child.restart_at and not self.stop_requested:
                 self._start(child)
             return 0
         status = child.process.poll()
-        if status is None or self.stopping:
+        if status is None or self.stop_requested:
             return 0
         if status == CONFIG_ERROR:
             logger.error("replica %d exited with status %d (its configuration is wrong): stopping every replica",
@@ -159,6 +188,17 @@ class Launcher:
         return 0
 
 
+def die_with_the_launcher() -> None:
+    """In a replica: SIGTERM when the launcher dies (even by SIGKILL), so no replica serves on without it
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def launch(command: Sequence[str], replicas: str, per_gpu: int, gpus: Optional[str], host: str, port: int,
            drain_timeout_s: float) -> int:
     """``vla-foundry serve`` with more than one replica: plan, bind, start and watch (see the module's notes)."""
@@ -167,7 +207,11 @@ def launch(command: Sequence[str], replicas: str, per_gpu: int, gpus: Optional[s
     except ValueError as e:
         print(f"vla-foundry serve: {e}", file=sys.stderr)
         return CONFIG_ERROR
-    sock = listening_socket(host, port)
+    try:
+        sock = listening_socket(host, port)
+    except OSError as e:
+        print(f"vla-foundry serve: cannot listen on {host}:{port}: {e}", file=sys.stderr)
+        return CONFIG_ERROR
     bound = sock.getsockname()[1]
     where = ", ".join("CPU" if g in (None, "") else f"GPU {g}" for g in plan)
     print(f"VLA Foundry Serve: {len(plan)} replicas on {host}:{bound} ({where})", file=sys.stderr)

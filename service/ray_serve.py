@@ -32,10 +32,8 @@ Why it is built the way it is:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from contextlib import asynccontextmanager
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -45,7 +43,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.replicas import Replica, cpu_device_check, settings_for_replica
+from service.replicas import Replica, cpu_device_check, hold_startup_until_loaded, settings_for_replica
 from service.settings import Settings
 
 logger = logging.getLogger("service.ray_serve")
@@ -135,19 +133,21 @@ def build_app(args: RayServeArgs) -> Application:
 
 
 def replicas_per_gpu(num_gpus: Optional[float]) -> int:
-    """``num_replicas=per-gpu``: the cluster's GPUs ÷ ``num_gpus`` per replica (default 1), counted now."""
+    """``num_replicas=per-gpu``: how many replicas of ``num_gpus`` GPUs each (default 1) the cluster's nodes hold
+    now, node by node. `serve run module:app` calls the builder before it connects to Ray, so this connects first
+    (to ``RAY_ADDRESS``, else the cluster on this host, else a new local one, as `serve run` itself would)."""
     if num_gpus == 0:
         raise ValueError("num_replicas=per-gpu with num_gpus=0 would give no replica a GPU; use num_gpus=1 (one "
                          "replica per GPU) or a fraction such as 0.5 (two per GPU), or a fixed num_replicas")
+    per_replica = num_gpus or 1
     if not ray.is_initialized():
-        raise ValueError("num_replicas=per-gpu counts the Ray cluster's GPUs, but this process is not connected to "
-                         "one; build the application with `serve run` or `serve deploy`, or after ray.init()")
-    gpus = ray.cluster_resources().get("GPU", 0)
-    count = int(gpus / (num_gpus or 1) + 1e-9)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
+    nodes = [node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")]
+    count = sum(int(gpus / per_replica + 1e-9) for gpus in nodes)
     if count < 1:
-        raise ValueError(f"num_replicas=per-gpu: the Ray cluster has {gpus:g} GPU(s), too few for one replica at "
-                         f"num_gpus={num_gpus or 1}; add GPU nodes, or give replicas no GPU (num_gpus=0) and a "
-                         "fixed num_replicas")
+        raise ValueError(f"num_replicas=per-gpu: no node of the Ray cluster has {per_replica:g} GPU(s) for a replica "
+                         f"(GPUs per node: {nodes}); add GPU nodes, or give replicas no GPU (num_gpus=0) and a fixed "
+                         "num_replicas")
     return count
 
 
@@ -193,7 +193,7 @@ def replica_app(settings: Settings, num_gpus: int):
         ensure_demo_pack(settings.demo_dir, progress=False)  # replicas on one host take turns on its file lock
     logger.info("replica with %d GPU(s): device %s", num_gpus, settings.device)
     fastapi_app = create_app(settings, Replica.of_this_process("ray", id=_serve_replica_id()))
-    _hold_startup_until_loaded(fastapi_app)
+    hold_startup_until_loaded(fastapi_app)
     fastapi_app.add_middleware(ReplicaHeaderMiddleware)
     return fastapi_app
 
@@ -232,31 +232,6 @@ def _bind_replica_grpc_to_node_ip() -> None:
 
     add_port_to_grpc_server.binds_node_ip = True
     replica_module.add_port_to_grpc_server = add_port_to_grpc_server
-
-
-def _hold_startup_until_loaded(fastapi_app) -> None:
-    """Wrap the app's lifespan: after it starts the manager, wait until nothing is loading any more."""
-    inner = fastapi_app.router.lifespan_context
-    manager = fastapi_app.state.manager
-
-    @asynccontextmanager
-    async def lifespan(app_):
-        async with inner(app_) as state:
-            started = last_log = time.monotonic()
-            while True:
-                _, body = manager.readiness()
-                if body["status"] != "loading":
-                    break
-                if time.monotonic() - last_log > LOAD_LOG_PERIOD_S:
-                    last_log = time.monotonic()
-                    logger.info("still loading after %.0f s: %s", last_log - started, body["deployments"])
-                await asyncio.sleep(0.2)
-            failed = [name for name, status in body["deployments"].items() if status == "failed"]
-            if failed:
-                logger.warning("deployments failed to load (GET /models has the reasons): %s", failed)
-            yield state
-
-    fastapi_app.router.lifespan_context = lifespan
 
 
 class ReplicaHeaderMiddleware:

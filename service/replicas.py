@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -30,6 +32,8 @@ logger = logging.getLogger("service.replicas")
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 3 * HEARTBEAT_S  # two missed heartbeats and a slow third
+STORE_TIMEOUT_S = 1.0  # a listing or an announcement that waits longer is given up (the store may hang)
+LOAD_LOG_PERIOD_S = 30.0
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
 # Announce: the replica's entry and its time in the store's clock (one clock for every host).
@@ -102,6 +106,7 @@ class Fleet:
                  directory: Optional[ReplicaDirectory] = None):
         self.replica, self._deployments, self.directory = replica, deployments, directory
         self._task: Optional[asyncio.Task] = None
+        self._warned = -math.inf
 
     def this(self) -> dict[str, Any]:
         return self.replica.info(self._deployments())
@@ -113,11 +118,14 @@ class Fleet:
         if self.directory is None:
             return [this]
         try:
-            others = [r for r in await self.directory.live() if r.get("id") != this["id"]]
+            live = await asyncio.wait_for(self.directory.live(), STORE_TIMEOUT_S)
         except Exception as e:
-            logger.warning("the replica directory could not be read (%s: %s); listing this replica only",
-                           type(e).__name__, e)
+            if time.monotonic() - self._warned > 60:  # once a minute, not on every /models
+                self._warned = time.monotonic()
+                logger.warning("the replica directory could not be read (%s: %s); listing this replica only",
+                               type(e).__name__, e)
             return [this]
+        others = [r for r in live if r.get("id") != this["id"]]
         return sorted([this, *others], key=lambda r: (r.get("index") is None, r.get("index") or 0, r["started"]))
 
     def start(self) -> None:
@@ -125,15 +133,17 @@ class Fleet:
             self._task = asyncio.get_running_loop().create_task(self._heartbeat(), name="replica-heartbeat")
 
     async def stop(self) -> None:
-        if self._task is None:
+        """Leaves the listing (at the start of a drain, and at shutdown; the second time does nothing)."""
+        task, self._task = self._task, None
+        if task is None:
             return
-        self._task.cancel()
+        task.cancel()
         try:
-            await self._task
+            await task
         except asyncio.CancelledError:
             pass
         try:
-            await self.directory.withdraw(self.replica.id)
+            await asyncio.wait_for(self.directory.withdraw(self.replica.id), STORE_TIMEOUT_S)
         except Exception:  # gone from the listing within STALE_AFTER_S anyway
             pass
 
@@ -141,7 +151,7 @@ class Fleet:
         failing = False
         while True:
             try:
-                await self.directory.announce(self.this())
+                await asyncio.wait_for(self.directory.announce(self.this()), STORE_TIMEOUT_S)
                 if failing:
                     logger.info("the replica directory answers again")
                 failing = False
@@ -153,7 +163,37 @@ class Fleet:
             await asyncio.sleep(HEARTBEAT_S)
 
 
-# ---------------------------------------------------------------------------- settings of a replica
+# ---------------------------------------------------------------------------- settings and start of a replica
+
+
+def hold_startup_until_loaded(fastapi_app) -> None:
+    """Wrap the app's lifespan: after it starts the manager, wait until nothing is loading any more.
+
+    A replica behind a shared address (a launcher's socket, Serve's proxy) then takes no connection while it
+    loads: they go to the replicas that are ready, or wait, instead of getting 503 "still loading" from it.
+    """
+    inner = fastapi_app.router.lifespan_context
+    manager = fastapi_app.state.manager
+
+    @asynccontextmanager
+    async def lifespan(app_):
+        async with inner(app_) as state:
+            started = last_log = time.monotonic()
+            while True:
+                _, body = manager.readiness()
+                if body["status"] != "loading":
+                    break
+                if time.monotonic() - last_log > LOAD_LOG_PERIOD_S:
+                    last_log = time.monotonic()
+                    logger.info("still loading after %.0f s: %s", last_log - started, body["deployments"])
+                await asyncio.sleep(0.2)
+            failed = [name for name, status in body["deployments"].items() if status == "failed"]
+            if failed:
+                logger.warning("deployments failed to load (GET /models has the reasons): %s", failed)
+            yield state
+
+    fastapi_app.router.lifespan_context = lifespan
+
 
 
 def settings_for_replica(settings: Settings, num_gpus: int, given_by: str) -> Settings:

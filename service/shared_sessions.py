@@ -16,7 +16,9 @@ the session, its deployment, the state (msgpack, arrays in the wire convention) 
 /sessions`` lists, expiring after ``VLA_SESSION_IDLE_TIMEOUT_S`` without a step; and ``seen:{id}``,
 which outlives it (ten times as long, at least an hour) so that a robot whose session expired is told
 so (409 ``session_gone``) instead of silently starting over. A state larger than
-``VLA_SESSION_STATE_MAX_BYTES`` is refused (413) and not stored.
+``VLA_SESSION_STATE_MAX_BYTES`` is refused (413) and not stored. ``versions`` is the counter every
+version comes from; ``replicas`` and ``replicas:seen`` are the fleet's replica listing
+(``service/replicas.py``), which shares this store.
 
 Why a store and not affinity routing: a robot's state then survives the replica that served it
 (a restart, a scale-down, a crash) and any replica can take the next step, so a load balancer

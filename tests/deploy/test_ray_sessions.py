@@ -5,7 +5,10 @@ process. A cluster of its own (``tests/deploy/test_ray_serve.py``'s), on loopbac
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import httpx
@@ -68,9 +71,13 @@ def test_robots_keep_their_history_when_a_replica_dies(redis_url, cluster, tiny_
                 reply = step(client, f"robot-{i}", k)
                 replicas.setdefault(k, set()).add(reply.headers.get("x-serve-replica"))
                 got[i].append(reply.json())
-    from service.ray_serve import app
-
-    assert app({"num_replicas": "per-gpu", "num_gpus": "0.5"})._bound_deployment.num_replicas == 4  # 2 GPUs ÷ ½
+    # `serve run service.ray_serve:app num_replicas=per-gpu` builds before it connects: the builder connects to
+    # RAY_ADDRESS itself and counts two replicas on each of the cluster's two GPUs.
+    built = subprocess.run([sys.executable, "-c", "from service.ray_serve import app; print(app({'num_replicas': "
+                            "'per-gpu', 'num_gpus': '0.5'})._bound_deployment.num_replicas)"],
+                           env={**os.environ, "RAY_ADDRESS": cluster.gcs_address}, capture_output=True, text=True,
+                           timeout=120)
+    assert built.stdout.strip().splitlines()[-1:] == ["4"], built.stderr[-3000:]
     before = set().union(*(replicas[k] for k in range(KILL_AFTER)))
     after = set().union(*(replicas[k] for k in range(KILL_AFTER, STEPS)))
     assert len(before) == 2 and victim_id in before  # both replicas took robots' steps, the killed one too

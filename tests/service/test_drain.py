@@ -59,10 +59,10 @@ def request_in_flight(base: str, steps: int) -> tuple[threading.Thread, list]:
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(slow_checkpoint, tmp_path):
     with serve(slow_checkpoint, tmp_path, drain_s=120) as (base, proc):
         alone: list = []
-        timed_post(base, 150, alone)  # how long the slow request takes here
+        timed_post(base, 400, alone)  # how long the slow request takes here
         assert alone[0][0] == 200, alone
         assert alone[0][1] > 0.6  # long enough to be in flight when the signal comes
-        thread, out = request_in_flight(base, 150)
+        thread, out = request_in_flight(base, 400)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         try:  # no new connection is taken once draining

@@ -1,0 +1,114 @@
+"""The launcher of ``vla-foundry serve --replicas`` with stand-in replicas (small scripts, no model), so its signals,
+restarts and drain are checked in seconds: the launcher runs in a process of its own, as it does in production, and
+gets its SIGTERM from outside."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+REPLICA = textwrap.dedent("""
+    import os, signal, socket, sys, time
+    args = sys.argv[1:]
+    index, fd = int(args[args.index("--replica-index") + 1]), int(args[args.index("--listen-fd") + 1])
+    log = open(os.environ["LOG"], "a", buffering=1)
+    log.write(f"start {index}\\n")
+    marker = os.environ.get("FAIL_ONCE")
+    if marker and index == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        sys.exit(1)  # a crash: the launcher starts it again
+    sock = socket.socket(fileno=fd)
+    def drain(*_):
+        sock.close()  # stops listening at once, as uvicorn does, then finishes its work
+        log.write(f"term {index}\\n")
+        time.sleep(float(os.environ.get("DRAIN_S", "0.2")))
+        log.write(f"exit {index}\\n")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, drain)
+    while True:
+        time.sleep(0.05)
+""")
+
+LAUNCHER = textwrap.dedent("""
+    import os, signal, sys
+    from service.launcher import Launcher, listening_socket
+    class StopDuringStart(Launcher):
+        def _start(self, child):
+            super()._start(child)
+            if child.index == 0 and os.environ.get("STOP_DURING_START"):
+                os.kill(os.getpid(), signal.SIGTERM)  # the signal comes while the replicas are being started
+    sock = listening_socket("127.0.0.1", 0)
+    print(sock.getsockname()[1], flush=True)
+    drain_timeout_s = float(os.environ.get("DRAIN_TIMEOUT_S", "2"))
+    sys.exit(StopDuringStart([sys.executable, sys.argv[1]], [None, None], sock, drain_timeout_s).run())
+""")
+
+
+@pytest.fixture
+def launch(tmp_path):
+    (tmp_path / "replica.py").write_text(REPLICA)
+    log = tmp_path / "events.log"
+    log.touch()
+    started: list[subprocess.Popen] = []
+
+    def start(**env: str) -> tuple[subprocess.Popen, int, Path]:
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "replica.py")], stdout=subprocess.PIPE,
+                                text=True, cwd=REPO, env={**os.environ, "LOG": str(log), **env})
+        started.append(proc)
+        return proc, int(proc.stdout.readline()), log
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def events(log: Path) -> list[str]:
+    return log.read_text().splitlines()
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def test_a_replica_that_dies_is_started_again_and_sigterm_drains_all(launch, tmp_path):
+    proc, port, log = launch(FAIL_ONCE=str(tmp_path / "failed-once"), DRAIN_S="1.5")
+    wait_for(lambda: events(log).count("start 0") == 2 and "start 1" in events(log))  # replica 0 again, after 1 s
+    assert not refused(port)  # while they run, the port takes connections
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: {"term 0", "term 1"} <= set(events(log)))
+    assert proc.poll() is None and refused(port)  # draining: new connections are refused at once, not queued
+    assert proc.wait(timeout=10) == 0
+    assert {"exit 0", "exit 1"} <= set(events(log))  # each finished its drain, none was killed
+
+
+def test_a_stop_during_start_stops_the_replicas_started_and_starts_no_other(launch):
+    """SIGTERM while the replicas are being started: the one started gets SIGTERM (it may end before its own
+    handler is set; unsignalled, the launcher would wait for its kill deadline of 2 × 10 + 5 s, as it never ends
+    alone), and the next is never started."""
+    proc, port, log = launch(STOP_DURING_START="1", DRAIN_TIMEOUT_S="10")
+    started = time.monotonic()
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 8 and "start 1" not in events(log)
