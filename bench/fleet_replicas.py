@@ -7,8 +7,9 @@ free loopback port) as the session store; the policy deployed through ``service.
 Robots are threads of this process, one ``HttpPolicyClient`` (msgpack, keep-alive) and one session each, in a closed
 loop in step mode (one frame per camera and the current proprioception row per step, as a robot sends them).
 
-Rows: 1 replica keeping sessions in its memory (no store: what the store costs); 1 replica; N replicas; N replicas
-with one of them killed (``ray.kill``, no drain) halfway through the row
+Rows: 1 replica keeping sessions in its memory (no store: what the store costs); N replicas without a store (the
+robots' checks must find their histories broken: Serve routes each step to any replica); 1 replica; N replicas;
+N replicas with one of them killed (``ray.kill``, no drain) halfway through the row
 (Serve starts another). A step without an answer (the replica it reached died) is not sent again: the robot goes on
 with the next control step and a new observation, as a robot at its control rate would (the step may or may not
 have been kept; either way the history goes on). A step counts when its reply arrives inside the row's window.
@@ -261,6 +262,9 @@ def replicas_bench(checkpoint: Path, replicas: int, robots: int, warmup: float, 
             print(f"checkpoint {checkpoint}: {robots} robots on HTTP sessions (msgpack), open_loop_steps {OPEN_LOOP}, "
                   f"Redis session store, {warmup:g} s warm-up + {seconds:g} s per row\n", flush=True)
             rows.append(run_row("1 replica, sessions in its memory (no store)", base, io, robots, warmup, seconds, 1))
+            deploy(checkpoint, replicas, port, threads, Path(scratch), robots, None)
+            rows.append(run_row(f"{replicas} replicas, sessions in their memory (no store)", base, io, robots, warmup,
+                                seconds, replicas))
             deploy(checkpoint, 1, port, threads, Path(scratch), robots, store)
             rows.append(run_row("1 replica", base, io, robots, warmup, seconds, 1))
             deploy(checkpoint, replicas, port, threads, Path(scratch), robots, store)
@@ -273,10 +277,11 @@ def replicas_bench(checkpoint: Path, replicas: int, robots: int, warmup: float, 
     for row in rows:
         print(f"| {row.label} | {row.rps:.1f} | {row.p50:.1f} ms | {row.p99:.1f} ms | {row.unanswered} | "
               f"{len(row.broken)} of {row.robots} |")
-    alone, one, several, killed = rows
+    alone, scattered, one, several, killed = rows
     scaling = several.rps / one.rps if one.rps else float("nan")
     print(f"\nthe store on one replica: {one.rps / alone.rps:.2f}× the steps per second of sessions in memory, p50 "
           f"{one.p50 - alone.p50:+.1f} ms; {replicas} replicas ÷ 1: {scaling:.2f}× the steps per second (on "
           f"{os.cpu_count()} cores, shared with the robots); history kept through the kill: "
-          f"{'yes' if not killed.broken else 'NO'}")
+          f"{'yes' if not killed.broken else 'NO'}; without a store on {replicas} replicas: "
+          f"{len(scattered.broken)} of {robots} robots found their history broken")
     return rows

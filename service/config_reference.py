@@ -49,6 +49,11 @@ def _type_name(annotation: Any) -> str:
         inner = [a for a in args if a is not type(None)]
         name = " or ".join(_type_name(a) for a in inner)
         return f"{name}, optional" if len(inner) < len(args) else name
+    if origin is typing.Annotated:  # a type with its own bounds: integer (≥ 1)
+        bounds = _constraints(FieldInfo.from_annotation(annotation))
+        return f"{_type_name(args[0])} ({bounds})" if bounds else _type_name(args[0])
+    if origin is typing.Literal:
+        return " or ".join(f"`{a}`" for a in args)
     if origin in (list, tuple, set, Sequence):
         if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
             return "list of deployments"
