@@ -27,6 +27,7 @@ The model is a :class:`SlotModel` and its decoder a :class:`SlotDecoding` (``mod
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
@@ -107,7 +108,9 @@ class ContinuousBatcher:
         self._never_sampled = torch.tensor(getattr(model, "never_sampled_ids", []), dtype=torch.long, device=device)
         self.prefill_tokens = prefill_tokens
         self.device = device
-        self._free = list(range(num_slots))[::-1]  # popped from the end: slot 0 first
+        # A heap: the lowest free slot first, so the running sequences stay packed at the low slots and a step
+        # reads their caches as one slice instead of gathering them (kv_slots.SlotBatch).
+        self._free = list(range(num_slots))
         # Tuples, replaced whole on every change (by the model thread only): the metrics read them from another
         # thread, and iterating a container that the model thread mutates meanwhile could fail.
         self._waiting: tuple[_Running, ...] = ()
@@ -214,7 +217,7 @@ class ContinuousBatcher:
                 break  # still goes first in a step of its own)
             self._waiting = self._waiting[1:]
             budget -= tokens
-            r.slots = [self._free.pop() for _ in range(r.rows)]
+            r.slots = [heapq.heappop(self._free) for _ in range(r.rows)]
             self._running += (r,)
             try:
                 logits = torch.cat([self._prefill(r, slot, ids, inputs) for slot, ids, inputs
@@ -241,20 +244,21 @@ class ContinuousBatcher:
             if r.own_cache is not None:
                 self.decoder.store_prompt(r.slots[0], r.own_cache)
                 r.own_cache = None
-        last = [row[-1] for r in running for row in r.new_tokens]
-        slots = [slot for r in running for slot in r.slots]
-        positions = [len(ids) + len(row) - 1 for r in running for ids, row in zip(r.generation.ids, r.new_tokens)]
+        rows = sorted(((slot, r, j) for r in running for j, slot in enumerate(r.slots)), key=lambda row: row[0])
+        last = [r.new_tokens[j][-1] for _, r, j in rows]
+        slots = [slot for slot, _, _ in rows]  # ascending: a packed run of slots is read as one slice
+        positions = [len(r.generation.ids[j]) + len(r.new_tokens[j]) - 1 for _, r, j in rows]
         try:
             logits = self.decoder.decode(torch.tensor(last, dtype=torch.long, device=self.device), slots,
-                                         positions)  # (B, V)
+                                         positions)  # (B, V), in slot order
         except Exception as e:  # the whole step failed: no row can be told apart
             for r in running:
                 self._end(r, e)
             return
-        start = 0
-        for r in running:
-            self._sample(r, logits[start:start + r.rows])
-            start += r.rows
+        index = {slot: i for i, slot in enumerate(slots)}
+        for r in running:  # its rows' logits, in its rows' order
+            at = [index[slot] for slot in r.slots]
+            self._sample(r, logits[at[0]:at[0] + 1] if r.rows == 1 else logits[at])
 
     def _step_alone(self, r: _Running) -> None:
         try:
@@ -289,5 +293,6 @@ class ContinuousBatcher:
     def _release(self, r: _Running) -> None:
         if r in self._running:
             self._running = tuple(x for x in self._running if x is not r)
-            self._free.extend(reversed(r.slots))
+            for slot in r.slots:
+                heapq.heappush(self._free, slot)
             r.slots, r.own_cache = [], None

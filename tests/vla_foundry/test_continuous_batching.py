@@ -115,6 +115,49 @@ def test_requests_joining_and_leaving_get_their_solo_tokens(any_text, sampling):
     assert sorted(batcher._free) == list(range(6))  # every slot back
 
 
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_a_generation_whose_rows_get_slots_apart_keeps_its_rows_apart(any_text, sampling):
+    """Slots 1 and 3 free, 0 and 2 running: a two-row request takes 1 and 3, and its rows' logits come from
+    rows 1 and 3 of the step (which runs in slot order), not from two neighbouring rows."""
+    text = any_text
+    batcher = text.continuous_batcher(max_sequences=4)
+    rows = prompts(text.model.vocab_size, 5, seed=3)
+
+    def start(prompt_rows, n, seed):
+        return text.start_completion(prompt_token_ids=prompt_rows, seed=seed,
+                                     sampling=SamplingParams(n, sampling.temperature, sampling.top_k, sampling.top_p))
+
+    requests = {"x": ([rows[0]], 12, 1), "y": ([rows[1]], 2, 2), "z": ([rows[2]], 12, 3),
+                "v": ([rows[3]], 2, 4), "w": ([rows[4], rows[0]], 6, 5)}
+    arrivals = {0: ["x", "y", "z", "v"], 3: ["w"]}  # y and v end after one step together: slots 1 and 3 free
+    steps = []
+    decode = batcher.decoder.decode
+    batcher.decoder.decode = lambda ids, slots, positions: steps.append(slots) or decode(ids, slots, positions)
+    outcomes = run_all(batcher, {step: [(name, start(*requests[name])) for name in names]
+                                 for step, names in arrivals.items()})
+    for name, request in requests.items():
+        solo = text.complete(prompt_token_ids=request[0], seed=request[2], sampling=SamplingParams(
+            request[1], sampling.temperature, sampling.top_k, sampling.top_p))
+        assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions], name
+    assert [0, 2] in steps and [0, 1, 2, 3] in steps  # x and z alone, then w's rows between and after them
+
+
+def test_packed_slots_are_read_as_a_view_and_slots_apart_as_a_gather():
+    from vla_foundry.models.kv_slots import SlotKVCache
+
+    cache = SlotKVCache(n_layers=1, num_slots=5, max_len=6, n_heads=2, head_dim=3, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    cache.keys.normal_()
+    cache.values.normal_()
+    new = torch.randn(3, 1, 2, 3)
+    packed_keys, _ = cache.batch([1, 2, 3], [4, 2, 5]).update(0, new, new)
+    assert packed_keys.data_ptr() == cache.keys[0, 1].data_ptr()  # a view: no copy per step
+    apart_keys, apart_values = cache.batch([0, 2, 4], [1, 1, 1]).update(0, new, new)
+    assert apart_keys.data_ptr() != cache.keys[0, 0].data_ptr()
+    torch.testing.assert_close(apart_keys, cache.keys[0, [0, 2, 4], :2])
+    torch.testing.assert_close(apart_values[:, 1], new[:, 0])  # this step's keys and values at their positions
+
+
 def test_a_lone_sequence_decodes_the_solo_way_and_moves_into_its_slot_when_another_joins(any_text, monkeypatch):
     text = any_text
     batcher = text.continuous_batcher(max_sequences=3)

@@ -101,6 +101,10 @@ class SlotBatch:
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # (B,)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)  # (B,)
         self.length = max(positions) + 1  # Tk: the keys gathered for the step
+        # Slots a, a+1, …, a+B−1 in order (the batcher packs its sequences at the low slots): the step reads
+        # them as a slice, a view of the cache, instead of gathering a copy of every sequence's keys per layer.
+        packed = slots == list(range(slots[0], slots[0] + len(slots)))
+        self._span = slice(slots[0], slots[0] + len(slots)) if packed else None
         self._visible: Optional[torch.Tensor] = None
 
     def layer(self, index: int) -> "SlotLayer":
@@ -111,7 +115,8 @@ class SlotBatch:
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # (S, M, nh, hd)
         keys[self.slots, self.positions] = k[:, 0]
         values[self.slots, self.positions] = v[:, 0]
-        return keys[self.slots, :self.length], values[self.slots, :self.length]
+        rows = self.slots if self._span is None else self._span
+        return keys[rows, :self.length], values[rows, :self.length]
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, 1, Tk) additive mask: 0 on each sequence's own positions, the dtype's minimum after them
