@@ -23,11 +23,16 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.listen_fd is not None:  # a replica of `serve --replicas`: before anything else, tie it to its launcher
+        from service.launcher import die_with_the_launcher
+
+        if not die_with_the_launcher(args.launcher_pid):
+            return 0  # the launcher is gone already: nobody to serve for
     try:
         import uvicorn
 
         from service.app import create_app
-        from service.launcher import CONFIG_ERROR, die_with_the_launcher, launch
+        from service.launcher import CONFIG_ERROR, launch
         from service.replicas import hold_startup_until_loaded, settings_for_replica
         from service.read_timeouts import read_timeout_protocol
         from service.request_ids import configure_logging
@@ -63,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
     url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     lines = [f"VLA Foundry Serve on {url}/ (a page to try every model; the API reference at {url}/docs)",
              f"  curl {url}/models"]
-    if not settings.deployments:  # each member is made ready on its deployment's thread; the server listens at once
+    if not settings.deployments:  # each member is made ready on its deployment's thread; a server on its own
+        # listens at once (a replica of a launch once they are ready)
         lines[0] += f"\nServing the demo pack from {settings.demo_dir} (ready within a minute when it is shipped)"
         lines += [f"  curl {url}/predict/transformer -H 'content-type: application/json' "
                   """-d '{"prompt": "The robot", "max_new_tokens": 24}'""",
@@ -80,17 +86,20 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(stop, lambda *_: sys.exit(0))
     try:
         app = create_app(settings, replica and replica.replica)
+        server_class = _draining_server(uvicorn, app, settings.drain_timeout_s)
         if replica is not None:  # behind the launcher's socket: no connection taken until every model has loaded
-            die_with_the_launcher()
-            hold_startup_until_loaded(app)
+            hold_startup_until_loaded(app, stopping=lambda: server_class.stop_requested)
         http = read_timeout_protocol(settings.header_timeout_s, settings.body_timeout_s,
                                      on_timeout=app.state.metrics.count_read_timeout)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
                                 access_log=False, ws="websockets", ws_per_message_deflate=False,
                                 timeout_graceful_shutdown=settings.drain_timeout_s,
                                 ws_max_size=settings.max_ws_frame_bytes)
-        sockets = None if args.listen_fd is None else [socket.socket(fileno=args.listen_fd)]  # the launcher's
-        _draining_server(uvicorn, app, settings.drain_timeout_s)(config).run(sockets=sockets)
+        sockets = None
+        if args.listen_fd is not None:  # the launcher's socket; not passed on to anything this process starts
+            sockets = [socket.socket(fileno=args.listen_fd)]
+            sockets[0].set_inheritable(False)
+        server_class(config).run(sockets=sockets)
         code = 0
     except SystemExit as e:
         code = e.code or 0
@@ -132,6 +141,12 @@ def _draining_server(uvicorn, app, drain_timeout_s: float):
     their replies in flight (uvicorn alone would cut them with 1012), then drains as uvicorn does."""
 
     class DrainingServer(uvicorn.Server):
+        stop_requested = False  # SIGTERM or Ctrl-C came (read while a replica waits for its models to load)
+
+        def handle_exit(self, sig, frame) -> None:
+            DrainingServer.stop_requested = True
+            super().handle_exit(sig, frame)
+
         async def shutdown(self, sockets=None) -> None:
             for server in self.servers:
                 server.close()
@@ -188,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the launcher for each replica it starts (service/launcher.py), not by hand.
     serve.add_argument("--replica-index", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--launcher-pid", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
     demo = sub.add_parser("demo", help="build the demo pack")
     demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR,

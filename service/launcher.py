@@ -97,7 +97,6 @@ class Launcher:
         self.command, self.sock, self.drain_timeout_s = list(command), sock, drain_timeout_s
         self.children = [_Child(i, gpus) for i, gpus in enumerate(plan)]
         self.stop_requested = False
-        self.stopping = False
 
     def _request_stop(self, *_: object) -> None:
         self.stop_requested = True
@@ -108,10 +107,10 @@ class Launcher:
             env[GPU_ENV] = child.gpus
         if child.gpus in (None, "") and "OMP_NUM_THREADS" not in env:
             # CPU replicas share the cores: torch's default (every core each) would oversubscribe them.
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.children)))
+            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // len(self.children)))
         fd = self.sock.fileno()
         command = [*self.command, "--port", str(self.sock.getsockname()[1]), "--replica-index", str(child.index),
-                   "--listen-fd", str(fd)]
+                   "--listen-fd", str(fd), "--launcher-pid", str(os.getpid())]
         child.process = subprocess.Popen(command, env=env, pass_fds=(fd,))
         child.started, child.restart_at = time.monotonic(), None
         logger.info("replica %d started (pid %d, %s)", child.index, child.process.pid,
@@ -122,12 +121,12 @@ class Launcher:
     def _stop(self) -> None:
         """Every replica drains; the socket closes here, so once the replicas have closed theirs a new connection
         is refused at once (a load balancer moves on) instead of waiting in a queue nobody accepts from."""
-        self.stopping = self.stop_requested = True
+        self.stop_requested = True
+        self.sock.close()  # first: the replicas hold their own copies until they stop listening
         logger.info("stopping: draining %d replica(s)", len(self.children))
         for child in self.children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
-        self.sock.close()
 
     def run(self) -> int:
         for stop in (signal.SIGTERM, signal.SIGINT):
@@ -138,12 +137,13 @@ class Launcher:
                 if self.stop_requested:
                     break
                 self._start(child)
-            while not self.stop_requested:
+            while not self.stop_requested and not code:
                 for child in self.children:
-                    code = self._watch(child) or code
-                if code:
-                    break
-                time.sleep(0.2)
+                    code = self._watch(child)
+                    if code:  # every replica would fail alike: none is started again
+                        break
+                else:
+                    time.sleep(0.2)
             self._stop()
             self._wait_for_replicas()
         finally:  # an error here must not leave replicas serving the port without their launcher
@@ -171,7 +171,11 @@ class Launcher:
         now = time.monotonic()
         if child.restart_at is not None:
             if now >= child.restart_at and not self.stop_requested:
-                self._start(child)
+                try:
+                    self._start(child)
+                except OSError as e:  # no process could be made now (memory, process limits): try again later
+                    child.process = None
+                    self._schedule_restart(child, now, f"could not be started ({e})")
             return 0
         status = child.process.poll()
         if status is None or self.stop_requested:
@@ -180,23 +184,29 @@ class Launcher:
             logger.error("replica %d exited with status %d (its configuration is wrong): stopping every replica",
                          child.index, status)
             return CONFIG_ERROR
-        child.failures = child.failures + 1 if now - child.started < STABLE_AFTER_S else 1
-        delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (child.failures - 1))
-        logger.warning("replica %d (pid %d) exited with status %s: starting it again in %.0f s",
-                       child.index, child.process.pid, status, delay)
-        child.restart_at = now + delay
+        self._schedule_restart(child, now, f"(pid {child.process.pid}) exited with status {status}")
         return 0
 
+    def _schedule_restart(self, child: _Child, now: float, what: str) -> None:
+        child.failures = child.failures + 1 if now - child.started < STABLE_AFTER_S else 1
+        delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (child.failures - 1))
+        logger.warning("replica %d %s: starting it again in %.0f s", child.index, what, delay)
+        child.restart_at = now + delay
 
-def die_with_the_launcher() -> None:
+
+def die_with_the_launcher(launcher_pid: Optional[int]) -> bool:
     """In a replica: SIGTERM when the launcher dies (even by SIGKILL), so no replica serves on without it
-    (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing). False when the launcher has died already (before this call
+    the death would have gone unnoticed)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        if ctypes.CDLL(None, use_errno=True).prctl(1, ctypes.c_ulong(signal.SIGTERM)) != 0:  # 1 = PR_SET_PDEATHSIG
+            logger.warning("PR_SET_PDEATHSIG failed (errno %d): this replica may outlive its launcher",
+                           ctypes.get_errno())
     except (OSError, AttributeError):
         pass
+    return launcher_pid is None or os.getppid() == launcher_pid
 
 
 def launch(command: Sequence[str], replicas: str, per_gpu: int, gpus: Optional[str], host: str, port: int,

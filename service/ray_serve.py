@@ -50,7 +50,6 @@ logger = logging.getLogger("service.ray_serve")
 
 DEPLOYMENT_NAME = "VLAFoundryServe"  # the name a Serve config file's `deployments:` entry must use
 REPLICA_HEADER = "x-serve-replica"
-LOAD_LOG_PERIOD_S = 30.0
 GIVEN_BY = "ray_actor_options.num_gpus"
 
 
@@ -134,15 +133,21 @@ def build_app(args: RayServeArgs) -> Application:
 
 def replicas_per_gpu(num_gpus: Optional[float]) -> int:
     """``num_replicas=per-gpu``: how many replicas of ``num_gpus`` GPUs each (default 1) the cluster's nodes hold
-    now, node by node. `serve run module:app` calls the builder before it connects to Ray, so this connects first
-    (to ``RAY_ADDRESS``, else the cluster on this host, else a new local one, as `serve run` itself would)."""
+    now, node by node. `serve run module:app` calls the builder before it connects to Ray, so this connects for
+    the count (to ``RAY_ADDRESS``, else the cluster on this host, else a new local one: `serve run`'s
+    ``--address`` is not seen here) and disconnects again."""
     if num_gpus == 0:
         raise ValueError("num_replicas=per-gpu with num_gpus=0 would give no replica a GPU; use num_gpus=1 (one "
                          "replica per GPU) or a fraction such as 0.5 (two per GPU), or a fixed num_replicas")
     per_replica = num_gpus or 1
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
-    nodes = [node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")]
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")  # Serve's namespace, as `serve run`
+    try:
+        nodes = [node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")]
+    finally:
+        if connected_here:  # `serve run` then connects itself, with its own address and runtime environment
+            ray.shutdown()
     count = sum(int(gpus / per_replica + 1e-9) for gpus in nodes)
     if count < 1:
         raise ValueError(f"num_replicas=per-gpu: no node of the Ray cluster has {per_replica:g} GPU(s) for a replica "

@@ -166,11 +166,13 @@ class Fleet:
 # ---------------------------------------------------------------------------- settings and start of a replica
 
 
-def hold_startup_until_loaded(fastapi_app) -> None:
+def hold_startup_until_loaded(fastapi_app, stopping: Callable[[], bool] = lambda: False) -> None:
     """Wrap the app's lifespan: after it starts the manager, wait until nothing is loading any more.
 
     A replica behind a shared address (a launcher's socket, Serve's proxy) then takes no connection while it
     loads: they go to the replicas that are ready, or wait, instead of getting 503 "still loading" from it.
+    When ``stopping()`` turns true meanwhile (SIGTERM), the start fails at once, so the replica exits without
+    ever listening instead of finishing its loads first.
     """
     inner = fastapi_app.router.lifespan_context
     manager = fastapi_app.state.manager
@@ -183,6 +185,8 @@ def hold_startup_until_loaded(fastapi_app) -> None:
                 _, body = manager.readiness()
                 if body["status"] != "loading":
                     break
+                if stopping():
+                    raise RuntimeError("stopped while loading (SIGTERM before every deployment had loaded)")
                 if time.monotonic() - last_log > LOAD_LOG_PERIOD_S:
                     last_log = time.monotonic()
                     logger.info("still loading after %.0f s: %s", last_log - started, body["deployments"])

@@ -21,6 +21,9 @@ REPLICA = textwrap.dedent("""
     import os, signal, socket, sys, time
     args = sys.argv[1:]
     index, fd = int(args[args.index("--replica-index") + 1]), int(args[args.index("--listen-fd") + 1])
+    from service.launcher import die_with_the_launcher
+    if not die_with_the_launcher(int(args[args.index("--launcher-pid") + 1])):
+        sys.exit(0)
     log = open(os.environ["LOG"], "a", buffering=1)
     log.write(f"start {index}\\n")
     marker = os.environ.get("FAIL_ONCE")
@@ -99,7 +102,8 @@ def test_a_replica_that_dies_is_started_again_and_sigterm_drains_all(launch, tmp
     assert not refused(port)  # while they run, the port takes connections
     proc.send_signal(signal.SIGTERM)
     wait_for(lambda: {"term 0", "term 1"} <= set(events(log)))
-    assert proc.poll() is None and refused(port)  # draining: new connections are refused at once, not queued
+    wait_for(lambda: refused(port), timeout=1)  # draining: new connections are refused at once, not queued
+    assert proc.poll() is None  # (while the replicas still finish their work)
     assert proc.wait(timeout=10) == 0
     assert {"exit 0", "exit 1"} <= set(events(log))  # each finished its drain, none was killed
 
@@ -112,3 +116,12 @@ def test_a_stop_during_start_stops_the_replicas_started_and_starts_no_other(laun
     started = time.monotonic()
     assert proc.wait(timeout=30) == 0
     assert time.monotonic() - started < 8 and "start 1" not in events(log)
+
+
+def test_replicas_die_with_their_launcher_even_when_it_is_killed(launch):
+    proc, port, log = launch()
+    wait_for(lambda: {"start 0", "start 1"} <= set(events(log)))
+    time.sleep(0.3)  # past their die_with_the_launcher call
+    proc.kill()  # no SIGTERM to forward: the kernel tells each replica its parent died
+    wait_for(lambda: {"exit 0", "exit 1"} <= set(events(log)))
+    wait_for(lambda: refused(port))  # nobody serves the port any more

@@ -86,7 +86,10 @@ def test_replicas_per_gpu_behind_one_address(tiny_checkpoints, redis_url, tmp_pa
         os.kill(pids[0], signal.SIGKILL)  # a replica dies: the launcher starts it again, the other serves meanwhile
         deadline = time.monotonic() + 90
         while True:  # the new replica 0 is listed once it has loaded; the dead one drops out (15 s unannounced)
-            listed = httpx.get(f"{base}/models", timeout=30).json()["replicas"]
+            body = httpx.get(f"{base}/models", timeout=30).json()
+            # whichever replica answers has loaded: one still loading takes no connection
+            assert all(d["status"] == "ready" for d in body["replica"]["deployments"]), body["replica"]
+            listed = body["replicas"]
             restarted = [r for r in listed if r["index"] == 0 and r["pid"] != pids[0]]
             if restarted and len(listed) == 2 and restarted[0]["deployments"][0]["status"] == "ready":
                 break
@@ -117,3 +120,48 @@ def test_a_replica_with_a_wrong_configuration_ends_the_launch(tiny_checkpoints, 
     plan = subprocess.run([*serve, "--replicas", "per-gpu", "--gpus", "none"], capture_output=True, text=True,
                           timeout=60, env=env)
     assert plan.returncode == 2 and "no GPU is visible" in plan.stderr
+
+
+class LoadingManager:
+    """Stands in for a DeploymentManager: loading until ``loaded_after`` readiness checks (None: for ever)."""
+
+    def __init__(self, loaded_after=None):
+        self.checks, self.loaded_after = 0, loaded_after
+
+    def readiness(self):
+        self.checks += 1
+        loading = self.loaded_after is None or self.checks <= self.loaded_after
+        return not loading, {"status": "loading" if loading else "ready",
+                             "deployments": {"policy": "loading" if loading else "ready"}}
+
+
+def test_a_replica_starts_listening_once_loaded_and_not_at_all_when_stopped_while_loading():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.replicas import hold_startup_until_loaded
+
+    app = FastAPI()
+    app.state.manager = LoadingManager(loaded_after=3)
+    hold_startup_until_loaded(app)
+    with TestClient(app):  # entering runs the start-up: it returns once loaded
+        assert app.state.manager.checks == 4
+    stopped = FastAPI()
+    stopped.state.manager = LoadingManager()
+    hold_startup_until_loaded(stopped, stopping=lambda: stopped.state.manager.checks >= 2)
+    with pytest.raises(RuntimeError, match="stopped while loading"):
+        with TestClient(stopped):
+            pass
+
+
+def test_per_gpu_on_ray_counts_node_by_node(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from service.ray_serve import replicas_per_gpu
+
+    nodes = [{"Alive": True, "Resources": {"GPU": 1.0}}, {"Alive": True, "Resources": {"GPU": 1.0}},
+             {"Alive": False, "Resources": {"GPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 4.0}}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert replicas_per_gpu(0.5) == 4 and replicas_per_gpu(None) == 2 and replicas_per_gpu(0.4) == 4
+    with pytest.raises(ValueError, match="no node of the Ray cluster has 2 GPU"):  # 2 GPUs, but one per node
+        replicas_per_gpu(2)
