@@ -107,7 +107,8 @@ class Launcher:
             env[GPU_ENV] = child.gpus
         if child.gpus in (None, "") and "OMP_NUM_THREADS" not in env:
             # CPU replicas share the cores: torch's default (every core each) would oversubscribe them.
-            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // len(self.children)))
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            env["OMP_NUM_THREADS"] = str(max(1, usable // len(self.children)))
         fd = self.sock.fileno()
         command = [*self.command, "--port", str(self.sock.getsockname()[1]), "--replica-index", str(child.index),
                    "--listen-fd", str(fd), "--launcher-pid", str(os.getpid())]

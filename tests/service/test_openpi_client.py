@@ -9,6 +9,7 @@ registry was unreachable.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from tests.openpi import make_venv
 from tests.service.live_server import live_server
+from tests.service.test_shared_sessions import redis_url  # noqa: F401  (a fixture: a Redis of this module's)
 
 PEER = make_venv.HERE / "peer.py"
 
@@ -30,10 +32,30 @@ def openpi_python() -> str:
     return str(make_venv.python_of(make_venv.DEFAULT_DIR))
 
 
+def peer_against(openpi_python: str, serve_args: list[str], tmp_path, env=None) -> subprocess.CompletedProcess:
+    with live_server(serve_args, tmp_path / "demo", env=env) as base:
+        return subprocess.run([openpi_python, str(PEER), base], capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_real_openpi_client_over_websocket_and_http(openpi_python, policy_fixture, tmp_path):
-    with live_server(["--checkpoint", f"{policy_fixture}=fixture-policy"], tmp_path / "demo") as base:
-        run = subprocess.run([openpi_python, str(PEER), base], capture_output=True, text=True, timeout=300)
+    run = peer_against(openpi_python, ["--checkpoint", f"{policy_fixture}=fixture-policy"], tmp_path)
+    check_peer(run)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None,
+                    reason="redis-server is not installed (make test installs it from Debian)")
+def test_real_openpi_client_against_two_replicas_behind_one_port(openpi_python, policy_fixture, redis_url,  # noqa: F811
+                                                                   tmp_path):
+    """The same client through `vla-foundry serve --replicas 2` (its websocket and its HTTP session, each request
+    on whichever replica accepts the connection, the session in the shared store)."""
+    run = peer_against(openpi_python, ["--checkpoint", f"{policy_fixture}=fixture-policy", "--replicas", "2",
+                                       "--gpus", "none"], tmp_path, env={"VLA_SESSION_STORE": redis_url})
+    check_peer(run)
+
+
+def check_peer(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["actions_dtype"] == "float32" and seen["actions_shape"] == [seen["action_horizon"], seen["action_dim"]]
