@@ -50,6 +50,9 @@ class SlotDecoding(Protocol):
     def store_prompt(self, slot: int, present: Any) -> None:
         """A prefilled prompt's cache (what ``SlotModel.prefill`` returned) into ``slot``."""
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """The first ``length`` cached positions of slot ``src`` into slot ``dst``, whose later ones are zeroed."""
+
     def decode(self, last_ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """One new token per sequence, ``last_ids`` (B,), sequence b in ``slots[b]`` with ``positions[b]`` tokens
         cached: the next token's logits (B, V)."""
@@ -186,6 +189,7 @@ class ContinuousBatcher:
     def step(self) -> None:
         started = time.perf_counter()
         self._drop_cancelled()
+        self._pack()
         self._admit()
         if self._running:
             self._decode()
@@ -207,6 +211,21 @@ class ContinuousBatcher:
             r.on_done(error)
         for r in [r for r in self._running if r.cancelled()]:
             self._release(r)
+
+    def _pack(self) -> None:
+        """Moves the sequences of the highest slots into the lowest free ones, so the running sequences fill slots
+        0…B−1 and a step reads them as a view (one copy of a sequence's cache when a lower one ended, instead of
+        gathering every sequence's cache at every step while the gap stays). Between steps only: a step maps its
+        rows by slot."""
+        rows = sorted(((slot, r, j) for r in self._running for j, slot in enumerate(r.slots)),
+                      key=lambda row: row[0], reverse=True)
+        for slot, r, j in rows:
+            if not self._free or self._free[0] > slot:
+                break
+            lower = heapq.heapreplace(self._free, slot)
+            if r.own_cache is None:  # (a lone sequence still decodes from its own cache: its slot is empty yet)
+                self.decoder.move(slot, lower, len(r.generation.ids[j]) + len(r.new_tokens[j]) - 1)
+            r.slots[j] = lower
 
     def _admit(self) -> None:
         budget = self.prefill_tokens

@@ -116,30 +116,30 @@ def test_requests_joining_and_leaving_get_their_solo_tokens(any_text, sampling):
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
-def test_a_generation_whose_rows_get_slots_apart_keeps_its_rows_apart(any_text, sampling):
-    """Slots 1 and 3 free, 0 and 2 running: a two-row request takes 1 and 3, and its rows' logits come from
-    rows 1 and 3 of the step (which runs in slot order), not from two neighbouring rows."""
+def test_sequences_are_packed_into_the_lowest_slots_and_keep_their_tokens(any_text, sampling):
+    """x, z and w's two rows take slots 0, 1, 2, 3; x ends, so w's second row moves into slot 0 (its cache copied)
+    and the steps read slots 0…2 (a view), with w's rows at 2 and 0, reversed; then z ends and w's first row moves
+    to 1. Every request's tokens stay its solo tokens."""
     text = any_text
     batcher = text.continuous_batcher(max_sequences=4)
-    rows = prompts(text.model.vocab_size, 5, seed=3)
+    rows = prompts(text.model.vocab_size, 4, seed=3)
 
-    def start(prompt_rows, n, seed):
-        return text.start_completion(prompt_token_ids=prompt_rows, seed=seed,
-                                     sampling=SamplingParams(n, sampling.temperature, sampling.top_k, sampling.top_p))
+    def settings(n):
+        return SamplingParams(n, sampling.temperature, sampling.top_k, sampling.top_p)
 
-    requests = {"x": ([rows[0]], 12, 1), "y": ([rows[1]], 2, 2), "z": ([rows[2]], 12, 3),
-                "v": ([rows[3]], 2, 4), "w": ([rows[4], rows[0]], 6, 5)}
-    arrivals = {0: ["x", "y", "z", "v"], 3: ["w"]}  # y and v end after one step together: slots 1 and 3 free
-    steps = []
-    decode = batcher.decoder.decode
+    requests = {"x": ([rows[0]], 3, 1), "z": ([rows[1]], 7, 2), "w": ([rows[2], rows[3]], 12, 3)}
+    steps, moves = [], []
+    decode, move = batcher.decoder.decode, batcher.decoder.move
     batcher.decoder.decode = lambda ids, slots, positions: steps.append(slots) or decode(ids, slots, positions)
-    outcomes = run_all(batcher, {step: [(name, start(*requests[name])) for name in names]
-                                 for step, names in arrivals.items()})
-    for name, request in requests.items():
-        solo = text.complete(prompt_token_ids=request[0], seed=request[2], sampling=SamplingParams(
-            request[1], sampling.temperature, sampling.top_k, sampling.top_p))
+    batcher.decoder.move = lambda src, dst, length: moves.append((src, dst)) or move(src, dst, length)
+    outcomes = run_all(batcher, {0: [(name, text.start_completion(prompt_token_ids=prompt, sampling=settings(n),
+                                                                  seed=seed))
+                                     for name, (prompt, n, seed) in requests.items()]})
+    for name, (prompt, n, seed) in requests.items():
+        solo = text.complete(prompt_token_ids=prompt, sampling=settings(n), seed=seed)
         assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions], name
-    assert [0, 2] in steps and [0, 1, 2, 3] in steps  # x and z alone, then w's rows between and after them
+    assert moves[:2] == [(3, 0), (2, 1)] and steps[0] == [0, 1, 2, 3] and [0, 1, 2] in steps and steps[-1] == [0, 1]
+    assert sorted(batcher._free) == [0, 1, 2, 3]
 
 
 def test_packed_slots_are_read_as_a_view_and_slots_apart_as_a_gather():

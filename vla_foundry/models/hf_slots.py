@@ -80,6 +80,12 @@ class HFSlotDecoder:
             self.keys[layer, slot, :, length:] = 0
             self.values[layer, slot, :, length:] = 0
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Columns 0…length−1 of slot ``src`` into slot ``dst``; dst's later columns zeroed (see store_prompt)."""
+        for cache in (self.keys, self.values):  # (L, S, nkv, M, hd)
+            cache[:, dst, :, :length] = cache[:, src, :, :length]
+            cache[:, dst, :, length:] = 0
+
     def decode(self, last_ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """One new token per sequence, ``last_ids`` (B,), sequence b in ``slots[b]`` at ``positions[b]`` (= how many
         of its tokens are cached): the next token's logits (B, V)."""

@@ -53,6 +53,9 @@ class SlotDecoder:
     def store_prompt(self, slot: int, present: list) -> None:
         self.cache.store_prompt(slot, present)
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.cache.move(src, dst, length)
+
     def decode(self, last_ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """One new token per sequence, ``last_ids`` (B,), sequence b in ``slots[b]`` at ``positions[b]``: the next
         token's logits (B, V)."""
@@ -85,6 +88,12 @@ class SlotKVCache:
             self.values[layer, slot, :length] = v[0]
             self.keys[layer, slot, length:] = 0
             self.values[layer, slot, length:] = 0
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Positions 0…length−1 of slot ``src`` into slot ``dst``; dst's later positions zeroed (see store_prompt)."""
+        for cache in (self.keys, self.values):  # (L, S, M, nh, hd)
+            cache[:, dst, :length] = cache[:, src, :length]
+            cache[:, dst, length:] = 0
 
     def batch(self, slots: list[int], positions: list[int]) -> "SlotBatch":
         """A decode step's view: sequence b (in ``slots[b]``) gets its new token at ``positions[b]``."""
