@@ -3,7 +3,9 @@
 A deployment's model thread calls :meth:`ContinuousBatcher.step` while any generation is running or
 waiting. Each step:
 
-1. drops generations whose client has gone (their slots are free at once);
+1. drops generations whose client has gone (their slots are free at once), and packs the running
+   sequences into the lowest slots (the one in the highest slot moves into a gap, so a step reads slots
+   0…B−1 as one view of the cache);
 2. admits waiting generations, oldest first, while their sequences fit in free slots and the step's
    prefill budget (``prefill_tokens`` prompt tokens) lasts: each prompt is prefilled alone, exactly
    as a solo run prefills it, its cache copied into its slot (``models/kv_slots.py``), and the
@@ -222,9 +224,10 @@ class ContinuousBatcher:
         for slot, r, j in rows:
             if not self._free or self._free[0] > slot:
                 break
-            lower = heapq.heapreplace(self._free, slot)
+            lower = self._free[0]
             if r.own_cache is None:  # (a lone sequence still decodes from its own cache: its slot is empty yet)
                 self.decoder.move(slot, lower, len(r.generation.ids[j]) + len(r.new_tokens[j]) - 1)
+            heapq.heapreplace(self._free, slot)  # only once copied: a failed move leaves both records as they were
             r.slots[j] = lower
 
     def _admit(self) -> None:

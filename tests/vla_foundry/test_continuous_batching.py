@@ -131,7 +131,14 @@ def test_sequences_are_packed_into_the_lowest_slots_and_keep_their_tokens(any_te
     steps, moves = [], []
     decode, move = batcher.decoder.decode, batcher.decoder.move
     batcher.decoder.decode = lambda ids, slots, positions: steps.append(slots) or decode(ids, slots, positions)
-    batcher.decoder.move = lambda src, dst, length: moves.append((src, dst)) or move(src, dst, length)
+    keys, values = slot_storage(batcher)
+
+    def poisoned_move(src, dst, length):  # what the target slot held before must not matter: NaN everywhere
+        keys[:, dst], values[:, dst] = float("nan"), float("nan")
+        moves.append((src, dst))
+        move(src, dst, length)
+
+    batcher.decoder.move = poisoned_move
     outcomes = run_all(batcher, {0: [(name, text.start_completion(prompt_token_ids=prompt, sampling=settings(n),
                                                                   seed=seed))
                                      for name, (prompt, n, seed) in requests.items()]})
@@ -140,6 +147,21 @@ def test_sequences_are_packed_into_the_lowest_slots_and_keep_their_tokens(any_te
         assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions], name
     assert moves[:2] == [(3, 0), (2, 1)] and steps[0] == [0, 1, 2, 3] and [0, 1, 2] in steps and steps[-1] == [0, 1]
     assert sorted(batcher._free) == [0, 1, 2, 3]
+
+
+def test_a_slot_moves_its_cached_positions_and_zeroes_the_rest():
+    from vla_foundry.models.kv_slots import SlotKVCache
+
+    cache = SlotKVCache(n_layers=2, num_slots=3, max_len=6, n_heads=2, head_dim=3, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    cache.keys.normal_()
+    cache.values.normal_()
+    cache.keys[:, 0], cache.values[:, 0] = float("nan"), float("nan")
+    before_keys, before_values = cache.keys[:, 2].clone(), cache.values[:, 2].clone()
+    cache.move(2, 0, 4)
+    torch.testing.assert_close(cache.keys[:, 0, :4], before_keys[:, :4])
+    torch.testing.assert_close(cache.values[:, 0, :4], before_values[:, :4])
+    assert not cache.keys[:, 0, 4:].any() and not cache.values[:, 0, 4:].any()
 
 
 def test_packed_slots_are_read_as_a_view_and_slots_apart_as_a_gather():

@@ -112,7 +112,7 @@ class SlotBatch:
         self.length = max(positions) + 1  # Tk: the keys gathered for the step
         # Slots a, a+1, …, a+B−1 in order (the batcher packs its sequences at the low slots): the step reads
         # them as a slice, a view of the cache, instead of gathering a copy of every sequence's keys per layer.
-        packed = slots == list(range(slots[0], slots[0] + len(slots)))
+        packed = list(slots) == list(range(slots[0], slots[0] + len(slots)))
         self._span = slice(slots[0], slots[0] + len(slots)) if packed else None
         self._visible: Optional[torch.Tensor] = None
 
