@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from vla_foundry.models.kv_slots import packed_span
+
 logger = logging.getLogger(__name__)
 
 # How far a step in slots may be from the same step alone (max |Δlogit| relative to the largest logit) for a
@@ -95,7 +97,8 @@ class HFSlotDecoder:
         index = torch.tensor(slots, dtype=torch.long, device=device)  # (B,)
         position = torch.tensor(positions, dtype=torch.long, device=device)  # (B,)
         columns = max(positions)  # Tk
-        cache = DynamicCache([(k[index, :, :columns], v[index, :, :columns])  # (B, nkv, Tk, hd) per layer
+        rows = packed_span(slots) or index  # a view when packed (DynamicCache appends to a copy, never in place)
+        cache = DynamicCache([(k[rows, :, :columns], v[rows, :, :columns])  # (B, nkv, Tk, hd) per layer
                               for k, v in zip(self.keys, self.values)])
         mask = torch.ones(len(slots), columns + 1, dtype=torch.long, device=device)  # (B, Tk + 1): + the new token
         mask[:, :columns] = torch.arange(columns, device=device)[None, :] < position[:, None]

@@ -62,6 +62,13 @@ class SlotDecoder:
         return self.lm(last_ids[:, None], past_key_values=self.cache.batch(slots, positions)).logits[:, -1]
 
 
+def packed_span(slots: list[int]) -> Optional[slice]:
+    """Slots a, a+1, …, a+B−1 in order (the batcher packs its sequences at the low slots) as a slice, which reads a
+    view of the cache instead of gathering a copy of every sequence's keys and values; None otherwise."""
+    packed = list(slots) == list(range(slots[0], slots[0] + len(slots)))
+    return slice(slots[0], slots[0] + len(slots)) if packed else None
+
+
 class SlotKVCache:
     def __init__(self, n_layers: int, num_slots: int, max_len: int, n_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -110,10 +117,7 @@ class SlotBatch:
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # (B,)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)  # (B,)
         self.length = max(positions) + 1  # Tk: the keys gathered for the step
-        # Slots a, a+1, …, a+B−1 in order (the batcher packs its sequences at the low slots): the step reads
-        # them as a slice, a view of the cache, instead of gathering a copy of every sequence's keys per layer.
-        packed = list(slots) == list(range(slots[0], slots[0] + len(slots)))
-        self._span = slice(slots[0], slots[0] + len(slots)) if packed else None
+        self._span = packed_span(slots)
         self._visible: Optional[torch.Tensor] = None
 
     def layer(self, index: int) -> "SlotLayer":
