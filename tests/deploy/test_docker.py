@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -724,6 +725,30 @@ def test_entrypoint_serves_the_deployment_file(tmp_path, tiny_tokenizer):
         assert subprocess.run(compose_probe, env=env, timeout=60).returncode == 0
     assert proc.returncode is not None
     assert not (tmp_path / "no-demo").exists()  # the demo pack was not touched
+
+
+def test_entrypoint_serves_replicas_from_the_environment(tmp_path, tiny_tokenizer):
+    """`VLA_REPLICAS` in .env reaches the container's server: two replicas on the one port (`VLA_GPUS=none`: CPU
+    replicas, as on a host without GPUs), and after SIGINT nothing listens any more (no replica left behind)."""
+    from tests.factories import build_checkpoint
+
+    build_checkpoint("transformer", tmp_path / "ckpts" / "tiny-lm", tokenizer=tiny_tokenizer)
+    deploy = tmp_path / "config" / "deploy.yaml"
+    deploy.parent.mkdir()
+    deploy.write_text("device: cpu\ndeployments:\n  - name: tiny-lm\n    checkpoint: ../ckpts/tiny-lm\n")
+    port = free_port()
+    env = _entry_env(tmp_path, VLA_HOST="127.0.0.1", VLA_PORT=str(port), VLA_DEVICE="cpu", VLA_REPLICAS="2",
+                     VLA_GPUS="none", VLA_DEPLOY_FILE=str(deploy), VLA_DEMO_DIR=str(tmp_path / "no-demo"))
+    with entrypoint_server(env) as (base, proc):
+        _check_exec_and_loopback(proc, port)
+        answered = set()
+        deadline = time.monotonic() + 60
+        while len(answered) < 2 and time.monotonic() < deadline:
+            with httpx.Client(base_url=base, timeout=30) as client:  # a new connection each: either replica
+                replica = client.get("/models").json()["replica"]
+            assert replica["launcher"] == "vla-foundry serve --replicas" and replica["pid"] != proc.pid
+            answered.add(replica["index"])
+        assert answered == {0, 1}
 
 
 def test_entrypoint_serves_the_demo_pack_without_a_deployment_file(tmp_path, tiny_checkpoints):
