@@ -24,6 +24,7 @@ Each robot checks its own history on every reply, and the bench counts the robot
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import os
 import secrets
 import shutil
@@ -34,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import httpx
 import numpy as np
@@ -123,12 +124,11 @@ def deploy(checkpoint: Path, replicas: int, port: int, threads: int, scratch: Pa
     return f"http://127.0.0.1:{port}"
 
 
-def kill_one_replica(ray) -> str:
-    """Kills a replica of the application at once (no drain); Serve starts another. Its replica id."""
+def kill_one_replica(ray) -> None:
+    """Kills a replica of the application at once (no drain); Serve starts another."""
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if "SERVE_REPLICA" in a["name"] and f"::{APP}#" in a["name"])
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
-    return victim["name"].rsplit("#", 1)[-1]
 
 
 def session_step(io: dict, rng: np.random.Generator) -> dict:
@@ -200,18 +200,16 @@ def robot_loop(robot: Robot, base: str, io: dict, start: float, end: float, go: 
 @dataclass
 class ReplicaRow:
     label: str
-    replicas: int
     robots: int
     rps: float
     p50: float
     p99: float
     unanswered: int
     broken: list[str]
-    killed: Optional[str] = None
 
 
-def run_row(label: str, base: str, io: dict, robots: int, warmup: float, seconds: float, replicas: int,
-            kill=None) -> ReplicaRow:
+def run_row(label: str, base: str, io: dict, robots: int, warmup: float, seconds: float,
+            kill: Optional[Callable[[], None]] = None) -> ReplicaRow:
     """``robots`` robots for ``warmup`` + ``seconds``; ``kill()`` halfway through the measured part when given."""
     with httpx.Client(base_url=base, timeout=60) as admin:
         for i in range(robots):  # a new episode per row: each robot's session starts empty
@@ -224,10 +222,9 @@ def run_row(label: str, base: str, io: dict, robots: int, warmup: float, seconds
     for t in threads:
         t.start()
     go.set()
-    killed = None
     if kill is not None:
         time.sleep(max(0.0, start + seconds / 2 - time.perf_counter()))
-        killed = kill()
+        kill()
     for t in threads:
         t.join(timeout=max(0.0, end - time.perf_counter()) + 120)
     with httpx.Client(base_url=base, timeout=60) as admin:
@@ -239,9 +236,9 @@ def run_row(label: str, base: str, io: dict, robots: int, warmup: float, seconds
         elif robot.first_reply is None or session["created"] > robot.first_reply:  # made again: the first was lost
             robot.broken = robot.broken or "its session was made again during the row"
     ms = np.asarray([x for r in crew for x in r.latencies]) * 1000
-    row = ReplicaRow(label, replicas, robots, len(ms) / seconds, float(np.percentile(ms, 50)) if len(ms) else np.nan,
+    row = ReplicaRow(label, robots, len(ms) / seconds, float(np.percentile(ms, 50)) if len(ms) else np.nan,
                      float(np.percentile(ms, 99)) if len(ms) else np.nan, sum(r.unanswered for r in crew),
-                     [f"robot {r.index}: {r.broken}" for r in crew if r.broken], killed)
+                     [f"robot {r.index}: {r.broken}" for r in crew if r.broken])
     first = f" ({row.broken[0]})" if row.broken else ""
     print(f"  {label}: {row.rps:.1f} steps/s, p50 {row.p50:.1f} ms, p99 {row.p99:.1f} ms, {row.unanswered} steps "
           f"unanswered, {len(row.broken)} of {robots} robots lost history{first}", flush=True)
@@ -250,6 +247,8 @@ def run_row(label: str, base: str, io: dict, robots: int, warmup: float, seconds
 
 def replicas_bench(checkpoint: Path, replicas: int, robots: int, warmup: float, seconds: float,
                    threads: int) -> list[ReplicaRow]:
+    if importlib.util.find_spec("ray") is None:  # found, not imported: Ray reads its variables when imported
+        raise SystemExit("--replicas needs Ray Serve: pip install -e '.[serve,ray]' (`make test` installs it)")
     rows: list[ReplicaRow] = []
     with tempfile.TemporaryDirectory(prefix="fleet-replicas-") as scratch, redis_server() as store:
         os.environ["VLA_MAX_BATCH_SIZE"] = str(robots)  # read by Settings.load in deploy(), shipped to the replicas
@@ -261,16 +260,16 @@ def replicas_bench(checkpoint: Path, replicas: int, robots: int, warmup: float, 
                 io = client.metadata()
             print(f"checkpoint {checkpoint}: {robots} robots on HTTP sessions (msgpack), open_loop_steps {OPEN_LOOP}, "
                   f"Redis session store, {warmup:g} s warm-up + {seconds:g} s per row\n", flush=True)
-            rows.append(run_row("1 replica, sessions in its memory (no store)", base, io, robots, warmup, seconds, 1))
+            rows.append(run_row("1 replica, sessions in its memory (no store)", base, io, robots, warmup, seconds))
             deploy(checkpoint, replicas, port, threads, Path(scratch), robots, None)
             rows.append(run_row(f"{replicas} replicas, sessions in their memory (no store)", base, io, robots, warmup,
-                                seconds, replicas))
+                                seconds))
             deploy(checkpoint, 1, port, threads, Path(scratch), robots, store)
-            rows.append(run_row("1 replica", base, io, robots, warmup, seconds, 1))
+            rows.append(run_row("1 replica", base, io, robots, warmup, seconds))
             deploy(checkpoint, replicas, port, threads, Path(scratch), robots, store)
-            rows.append(run_row(f"{replicas} replicas", base, io, robots, warmup, seconds, replicas))
+            rows.append(run_row(f"{replicas} replicas", base, io, robots, warmup, seconds))
             rows.append(run_row(f"{replicas} replicas, one killed mid-row", base, io, robots, warmup, seconds,
-                                replicas, kill=lambda: kill_one_replica(ray)))
+                                kill=lambda: kill_one_replica(ray)))
     print(f"\n## fleet across replicas: Ray Serve on loopback, {robots} robots\n")
     print("| replicas | steps/s | p50 | p99 | steps unanswered | robots whose history broke |")
     print("| --- | --- | --- | --- | --- | --- |")

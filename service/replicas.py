@@ -111,10 +111,10 @@ class Fleet:
     def this(self) -> dict[str, Any]:
         return self.replica.info(self._deployments())
 
-    async def replicas(self) -> list[dict[str, Any]]:
-        """Every live replica (this one with its current state); only this one without a directory or when the
-        store does not answer (the listing is information, not worth a failed ``/models``)."""
-        this = self.this()
+    async def replicas(self, this: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+        """Every live replica (this one as ``this`` says, default: now); only this one without a directory or when
+        the store does not answer (the listing is information, not worth a failed ``/models``)."""
+        this = this or self.this()
         if self.directory is None:
             return [this]
         try:

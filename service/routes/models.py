@@ -13,11 +13,12 @@ router = APIRouter(tags=["models"])
 @router.get("/models", summary="Registered types, batch handlers, every deployment, the replicas serving them")
 async def models(request: Request, manager: DeploymentManager = Depends(get_manager)):
     fleet = request.app.state.fleet
+    this = fleet.this()  # the replica that answered: host, pid, its GPUs, its deployments' devices
     body = {"registered_models": list_registered_models(),
             "registered_batch_handlers": list_registered_batch_handlers(),
             "deployments": [d.info() for d in manager.deployments.values()],
-            "replica": fleet.this(),  # the replica that answered: host, pid, its GPUs, its deployments' devices
-            "replicas": await fleet.replicas()}  # every live replica (only this one without VLA_SESSION_STORE)
+            "replica": this,
+            "replicas": await fleet.replicas(this)}  # every live replica (only this one without VLA_SESSION_STORE)
     return encode_response(body, request.headers.get("accept", ""))
 
 
