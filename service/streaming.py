@@ -17,6 +17,9 @@ from service.errors import error_body
 Delta = tuple[int, Optional[str], list[int], Optional[str]]  # row, text, token ids, finish reason
 
 
+_END = object()  # after the last delta: the generation has ended
+
+
 class GenerationCancelled(Exception):
     """Raised inside the generation loop when the streaming client has gone."""
 
@@ -39,35 +42,34 @@ class DeltaStream:
         deployment is loading, the queue is full, the input is invalid) is raised here, so the client gets
         a plain HTTP error instead of a stream."""
         self.task = asyncio.ensure_future(run)
-        getter = asyncio.ensure_future(self._queue.get())
-        done, _ = await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            self._first: Optional[Delta] = getter.result()
+        # The end marker follows every delta: the deltas' callbacks were queued on the loop before the one that
+        # ends the task.
+        self.task.add_done_callback(lambda _: self._queue.put_nowait(_END))
+        first = await self._queue.get()
+        if first is _END:
+            self.task.result()  # raises the generation's error, if any
+            self._first: list = [_END]
             return
-        getter.cancel()
-        self._first = None
-        self.task.result()  # raises the generation's error, if any
+        self._first = [first]
 
-    async def deltas(self) -> AsyncIterator[Delta]:
-        """Every delta in order; the generation's error (if any) is raised after the last one."""
-        getter: Optional[asyncio.Future] = None
+    async def batches(self) -> AsyncIterator[list[Delta]]:
+        """Every delta in order, in lists of what has arrived since the previous list (one write each, so
+        under load a stream's tokens share a write instead of each costing its own; alone, a list holds one
+        delta). The generation's error (if any) is raised after the last list."""
         try:
-            if self._first is not None:
-                yield self._first
+            pending = self._first
             while True:
-                getter = asyncio.ensure_future(self._queue.get())
-                done, _ = await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
-                    continue
-                getter.cancel()
-                while not self._queue.empty():  # what arrived just before the generation ended
-                    yield self._queue.get_nowait()
-                self.task.result()
-                return
+                while not self._queue.empty():
+                    pending.append(self._queue.get_nowait())
+                ended = pending[-1] is _END
+                deltas = pending[:-1] if ended else pending
+                if deltas:
+                    yield deltas
+                if ended:
+                    self.task.result()
+                    return
+                pending = [await self._queue.get()]
         finally:
-            if getter is not None and not getter.done():
-                getter.cancel()
             if not self.task.done():  # the client went away mid-stream
                 self.cancelled.set()  # a generation already running stops at its next delta
                 self.task.cancel()  # one still queued (or waiting in a continuous batcher) is dropped unrun

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from vla_foundry.sampling import SamplingParams, select_next_token
+from vla_foundry.sampling import MIN_TEMPERATURE, SamplingParams, draw, select_next_token, token_distribution
 
 DEFAULT_PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps (VLA_PREFILL_TOKENS_PER_STEP)
 
@@ -278,9 +278,7 @@ class ContinuousBatcher:
                 self._end(r, e)
             return
         index = {slot: i for i, slot in enumerate(slots)}
-        for r in running:  # its rows' logits, in its rows' order
-            at = [index[slot] for slot in r.slots]
-            self._sample(r, logits[at[0]:at[0] + 1] if r.rows == 1 else logits[at])
+        self._sample_together([(r, [index[slot] for slot in r.slots]) for r in running], logits)
 
     def _step_alone(self, r: _Running) -> None:
         try:
@@ -292,17 +290,67 @@ class ContinuousBatcher:
         self._sample(r, logits)
 
     def _sample(self, r: _Running, logits: torch.Tensor) -> None:
-        """The generation's next token per row, from its own generator; finished when every row is done."""
+        """The generation's next token per row (its rows' logits), from its own generator."""
         s = r.generation.sampling
-        if self._never_sampled.numel():
-            logits = logits.index_fill(-1, self._never_sampled, float("-inf"))
         try:
-            next_ids = select_next_token(logits, s.temperature, s.top_k, s.top_p, r.generation.generator).tolist()
+            next_ids = select_next_token(self._without_never_sampled(logits), s.temperature, s.top_k, s.top_p,
+                                         r.generation.generator).tolist()
+        except Exception as e:  # its own failure
+            self._end(r, e)
+            return
+        self._advance(r, next_ids)
+
+    def _sample_together(self, rows: list[tuple[_Running, list[int]]], logits: torch.Tensor) -> None:
+        """Every running generation's next tokens from one decode step's logits (B, V), each generation's rows given
+        by their indices. Generations with the same sampling settings share one ``token_distribution`` (or argmax)
+        over their rows, instead of a handful of small calls each; each then draws from its own rows with its own
+        generator, as it draws alone."""
+        logits = self._without_never_sampled(logits)
+        groups: dict[tuple, list[tuple[_Running, list[int]]]] = {}
+        for r, at in rows:
+            s = r.generation.sampling
+            key = (0.0, 0, 1.0) if s.temperature < MIN_TEMPERATURE else (s.temperature, s.top_k, s.top_p)
+            groups.setdefault(key, []).append((r, at))
+        for (temperature, top_k, top_p), members in groups.items():
+            together = logits[[i for _, at in members for i in at]]  # (G, V)
+            greedy = temperature < MIN_TEMPERATURE
+            try:
+                if greedy:
+                    picked = together.argmax(dim=-1).tolist()
+                else:
+                    probs, token_ids = token_distribution(together, temperature, top_k, top_p)
+            except Exception as e:  # no row can be told apart
+                for r, _ in members:
+                    self._end(r, e)
+                continue
+            first = 0
+            for r, at in members:
+                span = slice(first, first + len(at))
+                first += len(at)
+                if greedy:
+                    self._advance(r, picked[span])
+                    continue
+                try:
+                    next_ids = draw(probs[span], None if token_ids is None else token_ids[span],
+                                    r.generation.generator).tolist()
+                except Exception as e:  # its own failure
+                    self._end(r, e)
+                    continue
+                self._advance(r, next_ids)
+
+    def _without_never_sampled(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._never_sampled.numel():
+            return logits.index_fill(-1, self._never_sampled, float("-inf"))
+        return logits
+
+    def _advance(self, r: _Running, next_ids: list[int]) -> None:
+        """Appends each row's next token; the generation ends when every row is done or its length is reached."""
+        try:
             if not r.new_tokens:
                 r.new_tokens = [[] for _ in range(r.rows)]
             for row, token in zip(r.new_tokens, next_ids):
                 row.append(token)
-            done = all(r.generation.stopping(next_ids)) or len(r.new_tokens[0]) >= s.max_new_tokens
+            done = all(r.generation.stopping(next_ids)) or len(r.new_tokens[0]) >= r.generation.sampling.max_new_tokens
             if done:
                 self._end(r, r.generation.finish(r.new_tokens))
         except Exception as e:  # its stream's client went away, or its text could not be made

@@ -53,16 +53,30 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def token_distribution(logits: torch.Tensor, temperature: float, top_k: int,
+                       top_p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, V) logits → what a draw picks from: probabilities (B, K) and the token ids they belong to (B, K), or None
+    when they cover the whole vocabulary (K = V). Row by row: the rows of several requests with the same settings
+    share one call, and each request then draws from its own rows (``draw``), as it would alone."""
+    if 0 < top_k < logits.shape[-1]:
+        # Sample among the k best only: same distribution, and top-p then sorts k values, not V.
+        values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted
+        probs, _ = token_distribution(values, temperature, 0, top_p)
+        return probs, indices
+    logits = filter_logits(logits, temperature, 0, top_p)
+    return torch.softmax(logits.float(), dim=-1), None
+
+
+def draw(probs: torch.Tensor, token_ids: Optional[torch.Tensor],
+         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of a ``token_distribution`` (B,), drawn with ``generator``."""
+    choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    return choice if token_ids is None else token_ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
 def select_next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, V) logits → (B,) token ids: argmax at temperature 0, else a draw from ``generator``."""
     if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)  # top-k and top-p always keep the best token
-    if 0 < top_k < logits.shape[-1]:
-        # Sample among the k best only: same distribution, and top-p then sorts k values, not V.
-        values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted
-        choice = select_next_token(values, temperature, 0, top_p, generator)  # (B,)
-        return indices.gather(-1, choice[:, None]).squeeze(-1)
-    logits = filter_logits(logits, temperature, 0, top_p)
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(*token_distribution(logits, temperature, top_k, top_p), generator)

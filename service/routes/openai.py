@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Iterator, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -387,32 +387,39 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
         return sse({"id": response_id, "object": chunk_kind, "created": created, "model": deployment.name,
                     "choices": choices, **extra})
 
+    def chunks(deltas: list) -> Iterator[str]:
+        for row, text, _, finish in deltas:
+            if not text and finish is None and (row in started or not chat):
+                continue  # tokens that do not show as text yet (a partial character, a possible stop string)
+            if chat:
+                delta: dict = {}
+                if row not in started:
+                    started.add(row)
+                    delta["role"] = "assistant"
+                if text:
+                    delta["content"] = text
+                yield chunk([{"index": row, "delta": delta, "finish_reason": finish, "logprobs": None}])
+            else:
+                yield chunk([{"index": row, "text": text or "", "finish_reason": finish, "logprobs": None}])
+
+    started: set = set()
+
     async def events():
-        started = set()
+        # One write per list of deltas: each delta is still its own event, but the tokens that arrived together
+        # (a stream that fell behind its generation) share a write.
         try:
-            async for row, text, _, finish in stream.deltas():
-                if not text and finish is None and (row in started or not chat):
-                    continue  # tokens that do not show as text yet (a partial character, a possible stop string)
-                if chat:
-                    delta: dict = {}
-                    if row not in started:
-                        started.add(row)
-                        delta["role"] = "assistant"
-                    if text:
-                        delta["content"] = text
-                    yield chunk([{"index": row, "delta": delta, "finish_reason": finish, "logprobs": None}])
-                else:
-                    yield chunk([{"index": row, "text": text or "", "finish_reason": finish, "logprobs": None}])
+            async for deltas in stream.batches():
+                events = "".join(chunks(deltas))
+                if events:
+                    yield events
             usage = usage_of(stream.result().value)
             request.app.state.metrics.observe_reply(deployment.name, {"usage": usage})
-            if body.include_usage:
-                yield chunk([], usage=usage)
+            yield (chunk([], usage=usage) if body.include_usage else "") + SSE_DONE
         except InvalidInputError as e:
-            yield sse_error(422, str(e))
+            yield sse_error(422, str(e)) + SSE_DONE
         except Exception as e:  # the stream has started: the error goes in-band, without internals
             logger.exception("streamed generation on %s failed", deployment.name)
-            yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details")
-        yield SSE_DONE
+            yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details") + SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -115,6 +115,28 @@ def test_requests_joining_and_leaving_get_their_solo_tokens(any_text, sampling):
     assert sorted(batcher._free) == list(range(6))  # every slot back
 
 
+def test_requests_with_different_sampling_settings_share_steps_and_keep_their_solo_tokens(any_text):
+    """A step's rows are sampled in groups of the same settings (one top-k/top-p/softmax over a group's rows, then
+    each request's own draw): requests of different temperatures, top-k and top-p, greedy among them, all decoding
+    together, each get their solo tokens; two requests of the same settings share a group."""
+    text = any_text
+    batcher = text.continuous_batcher(max_sequences=8)
+    rows = prompts(text.model.vocab_size, 7, seed=5)
+    settings = {"greedy": SamplingParams(10, 0.0), "hot": SamplingParams(10, 1.5, 20, 0.9),
+                "hot again": SamplingParams(10, 1.5, 20, 0.9), "cool": SamplingParams(10, 0.7, 0, 0.8),
+                "full vocabulary": SamplingParams(10, 1.0, 0, 1.0), "top-k only": SamplingParams(10, 1.0, 5, 1.0),
+                "two rows": SamplingParams(10, 1.5, 20, 0.9)}
+    prompt_rows = {name: [rows[i]] for i, name in enumerate(settings)}
+    prompt_rows["two rows"] = [rows[5], rows[6]]
+    generations = {0: [(name, text.start_completion(prompt_token_ids=prompt_rows[name], sampling=s, seed=7 + i))
+                       for i, (name, s) in enumerate(settings.items())]}
+    outcomes = run_all(batcher, generations)
+    assert outcomes["most decoding together"] == 8  # every row in the same steps
+    for i, (name, s) in enumerate(settings.items()):
+        solo = text.complete(prompt_token_ids=prompt_rows[name], sampling=s, seed=7 + i)
+        assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions], name
+
+
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
 def test_sequences_are_packed_into_the_lowest_slots_and_keep_their_tokens(any_text, sampling):
     """x, z and w's two rows take slots 0, 1, 2, 3; x ends, so w's second row moves into slot 0 (its cache copied)
