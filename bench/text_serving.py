@@ -11,7 +11,8 @@ batching on (``VLA_CONTINUOUS_BATCHING=true``) and off (one request's generation
 with ``VLA_MAX_BATCH_SIZE=32``. Per row, over the requests that end inside the measured window:
 completion tokens/s (from each stream's usage), time to first token (first streamed text) p50/p99,
 and inter-token latency (gaps between streamed chunks; a chunk holds one token's text unless text
-was held back for a stop string or an unfinished character) p50/p99.
+was held back for a stop string or an unfinished character; chunks that a stream fell behind on share a
+write and arrive together, a gap of about 0) p50/p99.
 
 Goals (issue 18, 2-core CPU): tokens/s at concurrency 8 ≥ 3× concurrency 1, and time to first token
 p99 at concurrency 8 ≤ 2× (one prefill of the longest prompt + one decode step of 8 sequences), both

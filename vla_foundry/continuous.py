@@ -11,7 +11,8 @@ waiting. Each step:
    as a solo run prefills it, its cache copied into its slot (``models/kv_slots.py``), and the
    generation samples its first tokens;
 3. runs one decode step for every running sequence (one new token each, each at its own position)
-   and lets each generation sample its next tokens from its own rows with its own generator; a one-row
+   and lets each generation sample its next tokens from its own rows with its own generator (the rows of
+   generations with the same sampling settings share one top-k/top-p/softmax call first); a one-row
    generation that starts alone keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing
    to gather, as fast as one request without the batcher), moving into its slot for good when another
    sequence joins;
