@@ -38,31 +38,35 @@ class DeltaStream:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (row, text, token_ids, finish_reason))
 
     async def start(self, run: Awaitable[Any]) -> None:
-        """Start the generation; returns once it has produced its first delta. An error before that (the
-        deployment is loading, the queue is full, the input is invalid) is raised here, so the client gets
-        a plain HTTP error instead of a stream."""
+        """Start the generation; returns once it has produced its first delta (or ended without one). An error
+        before that (the deployment is loading, the queue is full, the input is invalid) is raised here, so the
+        client gets a plain HTTP error instead of a stream. Cancelled meanwhile (the client left while the
+        generation was queued), it cancels the generation too."""
         self.task = asyncio.ensure_future(run)
         # The end marker follows every delta: the deltas' callbacks were queued on the loop before the one that
         # ends the task.
         self.task.add_done_callback(lambda _: self._queue.put_nowait(_END))
-        first = await self._queue.get()
+        try:
+            first = await self._queue.get()
+        except BaseException:
+            self._abandon()
+            raise
         if first is _END:
             self.task.result()  # raises the generation's error, if any
-            self._first: list = [_END]
-            return
-        self._first = [first]
+        self._first: list = [first]
 
     async def batches(self) -> AsyncIterator[list[Delta]]:
-        """Every delta in order, in lists of what has arrived since the previous list (one write each, so
-        under load a stream's tokens share a write instead of each costing its own; alone, a list holds one
-        delta). The generation's error (if any) is raised after the last list."""
+        """Every delta in order, in lists of what has arrived since the previous list: one write each, so a
+        stream that fell behind its generation (or a request of several rows, whose deltas of one step come
+        together) sends its deltas in one write instead of each costing its own. The generation's error (if any)
+        is raised after the last list."""
         try:
-            pending = self._first
+            pending = list(self._first)
             while True:
                 while not self._queue.empty():
                     pending.append(self._queue.get_nowait())
-                ended = pending[-1] is _END
-                deltas = pending[:-1] if ended else pending
+                ended = _END in pending  # (the marker is last: nothing follows the end)
+                deltas = pending[:pending.index(_END)] if ended else pending
                 if deltas:
                     yield deltas
                 if ended:
@@ -70,10 +74,15 @@ class DeltaStream:
                     return
                 pending = [await self._queue.get()]
         finally:
-            if not self.task.done():  # the client went away mid-stream
-                self.cancelled.set()  # a generation already running stops at its next delta
-                self.task.cancel()  # one still queued (or waiting in a continuous batcher) is dropped unrun
-                self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """The client went away: a generation already running stops at its next delta, one still queued (or
+        waiting in a continuous batcher) is dropped unrun. Nothing once it has ended."""
+        if not self.task.done():
+            self.cancelled.set()
+            self.task.cancel()
+            self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def result(self) -> Any:
         return self.task.result()

@@ -187,3 +187,26 @@ def test_policy_cuda_graphs_equal_eager_for_every_bucket(tiny_checkpoints, dtype
         for _ in range(2):  # captured, then replayed
             for out, want in zip(graphs.predict_each(requests), eager.predict_each(requests), strict=True):
                 np.testing.assert_allclose(out.action_chunk, want.action_chunk, atol=atol)
+
+
+def test_continuous_batching_on_cuda_gives_every_request_its_solo_tokens(transformer_fixture):
+    """Requests of different sampling settings (greedy among them) decoding together on CUDA, fp32: each gets the
+    tokens it gets alone (each generation samples its own rows on CUDA, see ``ContinuousBatcher._sample_together``)."""
+    pipeline = load_pipeline(transformer_fixture, device="cuda")
+    batcher = pipeline.continuous_batcher(max_sequences=8)
+    rng = np.random.default_rng(3)
+    settings = [SamplingParams(10, 0.0), SamplingParams(10, 1.0, 20, 0.9), SamplingParams(10, 1.0, 20, 0.9),
+                SamplingParams(10, 0.7, 0, 0.8), SamplingParams(10, 1.5, 5, 1.0)]
+    prompts = [rng.integers(0, pipeline.model.vocab_size, size=int(rng.integers(2, 9))).tolist() for _ in settings]
+    outcomes = {}
+    for i, (prompt, s) in enumerate(zip(prompts, settings)):
+        batcher.submit(pipeline.start_completion(prompt_token_ids=[prompt], sampling=s, seed=20 + i),
+                       lambda out, i=i: outcomes.__setitem__(i, out))
+    together = 0
+    while batcher.active:
+        batcher.step()
+        together = max(together, batcher.running_sequences)
+    assert together == len(settings)
+    for i, (prompt, s) in enumerate(zip(prompts, settings)):
+        solo = pipeline.complete(prompt_token_ids=[prompt], sampling=s, seed=20 + i)
+        assert outcomes[i].completions[0].token_ids == solo.completions[0].token_ids, i

@@ -12,7 +12,7 @@ waiting. Each step:
    generation samples its first tokens;
 3. runs one decode step for every running sequence (one new token each, each at its own position)
    and lets each generation sample its next tokens from its own rows with its own generator (the rows of
-   generations with the same sampling settings share one top-k/top-p/softmax call first); a one-row
+   generations with the same sampling settings share one top-k/top-p/softmax call first, on CPU); a one-row
    generation that starts alone keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing
    to gather, as fast as one request without the batcher), moving into its slot for good when another
    sequence joins;
@@ -303,16 +303,20 @@ class ContinuousBatcher:
 
     def _sample_together(self, rows: list[tuple[_Running, list[int]]], logits: torch.Tensor) -> None:
         """Every running generation's next tokens from one decode step's logits (B, V), each generation's rows given
-        by their indices. Generations with the same sampling settings share one ``token_distribution`` (or argmax)
-        over their rows, instead of a handful of small calls each; each then draws from its own rows with its own
-        generator, as it draws alone."""
+        by their indices. On CPU, generations with the same sampling settings share one ``token_distribution`` (or
+        argmax) over their rows, instead of a handful of small calls each; each then draws from its own rows with
+        its own generator, as it draws alone."""
         logits = self._without_never_sampled(logits)
+        # On CPU every row is sampled by the same code whatever the rows around it. CUDA's topk and sort choose
+        # their algorithm by shape, so tied logits could come out of a group in another order than alone: there
+        # each generation samples its own rows.
+        shared = logits.device.type == "cpu"
         groups: dict[tuple, list[tuple[_Running, list[int]]]] = {}
         for r, at in rows:
             s = r.generation.sampling
-            key = (0.0, 0, 1.0) if s.temperature < MIN_TEMPERATURE else (s.temperature, s.top_k, s.top_p)
-            groups.setdefault(key, []).append((r, at))
-        for (temperature, top_k, top_p), members in groups.items():
+            settings = (0.0, 0, 1.0) if s.temperature < MIN_TEMPERATURE else (s.temperature, s.top_k, s.top_p)
+            groups.setdefault(settings if shared else (*settings, id(r)), []).append((r, at))
+        for (temperature, top_k, top_p, *_), members in groups.items():
             together = logits[[i for _, at in members for i in at]]  # (G, V)
             greedy = temperature < MIN_TEMPERATURE
             try:

@@ -405,13 +405,13 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     started: set = set()
 
     async def events():
-        # One write per list of deltas: each delta is still its own event, but the tokens that arrived together
-        # (a stream that fell behind its generation) share a write.
+        # One write per list of deltas: each delta is still its own event, but the deltas that arrived together
+        # (a stream that fell behind its generation, or the rows of one step) share a write.
         try:
             async for deltas in stream.batches():
-                events = "".join(chunks(deltas))
-                if events:
-                    yield events
+                payload = "".join(chunks(deltas))
+                if payload:
+                    yield payload
             usage = usage_of(stream.result().value)
             request.app.state.metrics.observe_reply(deployment.name, {"usage": usage})
             yield (chunk([], usage=usage) if body.include_usage else "") + SSE_DONE

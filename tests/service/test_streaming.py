@@ -34,10 +34,14 @@ def generation(stream: DeltaStream, plan: list, gates: list[threading.Event], ou
     return asyncio.to_thread(run)
 
 
-async def settle() -> None:
-    """Until the worker's deltas have crossed to the loop (their callbacks run on it)."""
-    for _ in range(20):
-        await asyncio.sleep(0.01)
+async def queued(stream: DeltaStream, count: int) -> None:
+    """Until ``count`` items (deltas, or the end) wait in the stream's queue: the worker's deltas have crossed to
+    the loop (their callbacks run on it)."""
+    for _ in range(1000):
+        if stream._queue.qsize() >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{count} items never reached the loop")
 
 
 def test_deltas_that_arrive_together_come_as_one_list_in_order():
@@ -50,7 +54,7 @@ def test_deltas_that_arrive_together_come_as_one_list_in_order():
             lists.append([text for _, text, _, _ in deltas])
             if len(lists) <= len(gates):
                 gates[len(lists) - 1].set()
-                await settle()  # the next burst is queued whole before it is taken
+                await queued(stream, 3 if len(lists) == 1 else 2)  # the next burst (and the end) whole, first
         return lists, stream.result()
 
     lists, result = asyncio.run(main())
@@ -90,9 +94,28 @@ def test_a_client_that_leaves_cancels_the_generation_at_its_next_delta():
         await deltas.aclose()  # the client went away
         assert stream.cancelled.is_set()
         gate.set()  # the worker's next delta raises
-        await settle()
+        for _ in range(1000):
+            if raised:
+                break
+            await asyncio.sleep(0.005)
         return stream.task, raised
 
     task, raised = asyncio.run(main())
     assert task.cancelled()
     assert len(raised) == 1  # the worker stopped at "b"
+
+
+def test_a_client_that_leaves_before_the_first_delta_cancels_the_queued_generation():
+    async def main():
+        stream = DeltaStream()
+        queued_job: asyncio.Future = asyncio.get_running_loop().create_future()  # a generation still in the queue
+        starting = asyncio.ensure_future(stream.start(queued_job))
+        await asyncio.sleep(0.01)
+        starting.cancel()  # the handler is cancelled: its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        return queued_job, stream
+
+    queued_job, stream = asyncio.run(main())
+    assert queued_job.cancelled()  # dropped unrun
+    assert stream.cancelled.is_set()
