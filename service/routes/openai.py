@@ -379,8 +379,9 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
         return encode_response(payload, request.headers.get("accept", ""))
 
     stream = DeltaStream()
-    await stream.start(deployment.call(ModelCall(run_v1, V1Job(body, conversation, stream.on_text),
-                                                        start=start_v1)))
+    # A client that leaves before the first token drops the generation unrun (it may still be queued).
+    await unless_client_leaves(request, stream.start(deployment.call(ModelCall(
+        run_v1, V1Job(body, conversation, stream.on_text), start=start_v1))), deployment.name)
     chunk_kind = kind + ".chunk" if chat else kind
 
     def chunk(choices: list, **extra) -> str:

@@ -137,9 +137,9 @@ def test_loading_does_not_count_as_model_time():
         executor.shutdown()
 
 
-def _post_then_leave(app, body: bytes, leave_after_s: float) -> list[dict]:
-    """A raw ASGI request to ``/predict/transformer`` whose client disconnects ``leave_after_s`` after sending
-    its body (what uvicorn tells the app when the TCP connection closes); the messages the app sent back."""
+def _post_then_leave(app, body: bytes, leave_after_s: float, path: str = "/predict/transformer") -> list[dict]:
+    """A raw ASGI request to ``path`` whose client disconnects ``leave_after_s`` after sending its body (what
+    uvicorn tells the app when the TCP connection closes); the messages the app sent back."""
     async def scenario() -> list[dict]:
         inbox = [{"type": "http.request", "body": body, "more_body": False}]
         sent: list[dict] = []
@@ -154,11 +154,11 @@ def _post_then_leave(app, body: bytes, leave_after_s: float) -> list[dict]:
             sent.append(message)
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/predict/transformer", "raw_path": b"/predict/transformer",
+                 "scheme": "http", "path": path, "raw_path": path.encode(),
                  "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("test", 80),
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
                  "state": {}, "app": app}
-        await app(scope, receive, send)
+        await asyncio.wait_for(app(scope, receive, send), 20)  # (an app that never gives up fails, not hangs)
         return sent
 
     return asyncio.run(scenario())
@@ -178,6 +178,19 @@ def test_a_queued_call_is_dropped_when_its_client_leaves(client):
     # a client that stays gets its answer as before
     assert client.post("/predict/transformer", json=TEXT).status_code == 200
     assert model_calls(client, "tiny") == before + 1
+
+
+def test_a_queued_stream_is_dropped_when_its_client_leaves_before_its_first_token(client):
+    """A streamed /v1 completion still queued when its client leaves never starts (not only once it streams)."""
+    before = model_calls(client, "tiny")
+    body = json.dumps({"model": "tiny", "prompt": "the quick", "max_tokens": 8, "stream": True}).encode()
+    with busy(deployment(client, "tiny").executor):
+        sent = _post_then_leave(client.app, body, leave_after_s=0.1, path="/v1/completions")
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 499
+    time.sleep(0.2)
+    assert model_calls(client, "tiny") == before
+    assert 'vla_requests_abandoned_total{deployment="tiny"} 2.0' in client.get("/metrics").text  # (one above)
 
 
 def test_a_body_timeout_is_a_deadline_too(client):
