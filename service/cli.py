@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -148,10 +149,12 @@ def _draining_server(uvicorn, app, drain_timeout_s: float):
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets=None) -> None:
+            deadline = time.monotonic() + drain_timeout_s  # one drain, websockets and requests together
             for server in self.servers:
                 server.close()
             await app.state.fleet.stop()  # out of the fleet's listing while it drains
             await app.state.robot_sockets.close_all(timeout=drain_timeout_s)
+            self.config.timeout_graceful_shutdown = max(0.0, deadline - time.monotonic())
             await super().shutdown(sockets)
 
     return DrainingServer

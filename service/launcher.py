@@ -45,7 +45,13 @@ def visible_gpus(gpus: Optional[str]) -> list[str]:
     (comma-separated; ``none``: no GPU), else this process's ``CUDA_VISIBLE_DEVICES``, else every GPU torch
     counts."""
     if gpus is not None:
-        return [] if gpus.strip().lower() == "none" else [g.strip() for g in gpus.split(",") if g.strip()]
+        if gpus.strip().lower() == "none":
+            return []
+        names = [g.strip() for g in gpus.split(",") if g.strip()]
+        if not names or len(set(names)) < len(names):
+            raise ValueError(f"--gpus / VLA_GPUS {gpus!r} names no GPU or one twice: give distinct GPUs as "
+                             "CUDA_VISIBLE_DEVICES names them (e.g. 0,1 or GPU UUIDs), or none for CPU replicas")
+        return names
     if os.environ.get(GPU_ENV) is not None:
         return [g.strip() for g in os.environ[GPU_ENV].split(",") if g.strip()]
     import torch
@@ -53,10 +59,10 @@ def visible_gpus(gpus: Optional[str]) -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def replica_plan(replicas: str, per_gpu: int, gpus: list[str]) -> list[Optional[str]]:
+def replica_plan(replicas: str, per_gpu: int, gpus: list[str]) -> list[str]:
     """Each replica's ``CUDA_VISIBLE_DEVICES``: ``per-gpu`` ⇒ ``per_gpu`` replicas on every GPU; a count ⇒ that
-    many, spread over the GPUs in turn; ``""`` hides every GPU (a CPU replica on a host that has GPUs); None
-    leaves the variable alone (a host without GPUs)."""
+    many, spread over the GPUs in turn; ``""`` hides every GPU: a CPU replica (with ``--gpus none`` on a host that
+    has GPUs it must not see them; on a host without any, hiding them changes nothing)."""
     if replicas == "per-gpu":
         if not gpus:
             raise ValueError("--replicas per-gpu: no GPU is visible here (none given with --gpus, CUDA_VISIBLE_DEVICES "
@@ -65,7 +71,7 @@ def replica_plan(replicas: str, per_gpu: int, gpus: list[str]) -> list[Optional[
     count = int(replicas)
     if gpus:
         return [gpus[i % len(gpus)] for i in range(count)]
-    return [None if os.environ.get(GPU_ENV) is None else ""] * count
+    return [""] * count
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -79,10 +85,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @dataclass
 class _Child:
     index: int
-    gpus: Optional[str]
+    gpus: str  # its CUDA_VISIBLE_DEVICES ("" for a CPU replica)
     process: Optional[subprocess.Popen] = None
     started: float = 0.0
     failures: int = 0  # exits in a row, each within STABLE_AFTER_S of its start
+    restarts: int = 0  # starts after the first
     restart_at: Optional[float] = None
 
 
@@ -102,10 +109,8 @@ class Launcher:
         self.stop_requested = True
 
     def _start(self, child: _Child) -> None:
-        env = dict(os.environ)
-        if child.gpus is not None:
-            env[GPU_ENV] = child.gpus
-        if child.gpus in (None, "") and "OMP_NUM_THREADS" not in env:
+        env = {**os.environ, GPU_ENV: child.gpus}
+        if not child.gpus and "OMP_NUM_THREADS" not in env:
             # CPU replicas share the cores: torch's default (every core each) would oversubscribe them.
             usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             env["OMP_NUM_THREADS"] = str(max(1, usable // len(self.children)))
@@ -115,7 +120,7 @@ class Launcher:
         child.process = subprocess.Popen(command, env=env, pass_fds=(fd,))
         child.started, child.restart_at = time.monotonic(), None
         logger.info("replica %d started (pid %d, %s)", child.index, child.process.pid,
-                    "every GPU" if child.gpus is None else f"{GPU_ENV}={child.gpus!r}")
+                    f"{GPU_ENV}={child.gpus!r}" if child.gpus else "CPU")
         if self.stop_requested:  # the request came while it was being started
             child.process.send_signal(signal.SIGTERM)
 
@@ -155,8 +160,8 @@ class Launcher:
         return code
 
     def _wait_for_replicas(self) -> None:
-        # A replica's own drain: its robot websockets, then its requests, each up to drain_timeout_s.
-        deadline = time.monotonic() + 2 * self.drain_timeout_s + KILL_GRACE_S
+        # A replica's own drain (its robot websockets, then its requests) ends within drain_timeout_s.
+        deadline = time.monotonic() + self.drain_timeout_s + KILL_GRACE_S
         for child in self.children:
             if child.process is None:
                 continue
@@ -172,6 +177,7 @@ class Launcher:
         now = time.monotonic()
         if child.restart_at is not None:
             if now >= child.restart_at and not self.stop_requested:
+                child.restarts += 1
                 try:
                     self._start(child)
                 except OSError as e:  # no process could be made now (memory, process limits): try again later
@@ -181,10 +187,13 @@ class Launcher:
         status = child.process.poll()
         if status is None or self.stop_requested:
             return 0
-        if status == CONFIG_ERROR:
+        if status == CONFIG_ERROR and not child.restarts:
             logger.error("replica %d exited with status %d (its configuration is wrong): stopping every replica",
                          child.index, status)
             return CONFIG_ERROR
+        if status == CONFIG_ERROR:  # the others run on: a configuration edited since they started must not end them
+            logger.error("replica %d, started again, exited with status %d: its configuration (as read now) is "
+                         "wrong; the other replicas serve on and it is tried again", child.index, status)
         self._schedule_restart(child, now, f"(pid {child.process.pid}) exited with status {status}")
         return 0
 
@@ -224,6 +233,6 @@ def launch(command: Sequence[str], replicas: str, per_gpu: int, gpus: Optional[s
         print(f"vla-foundry serve: cannot listen on {host}:{port}: {e}", file=sys.stderr)
         return CONFIG_ERROR
     bound = sock.getsockname()[1]
-    where = ", ".join("CPU" if g in (None, "") else f"GPU {g}" for g in plan)
+    where = ", ".join(f"GPU {g}" if g else "CPU" for g in plan)
     print(f"VLA Foundry Serve: {len(plan)} replicas on {host}:{bound} ({where})", file=sys.stderr)
     return Launcher(command, plan, sock, drain_timeout_s).run()

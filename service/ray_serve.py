@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,6 +79,14 @@ class RayServeArgs(BaseModel):
                                                                              "replica to aim for (default 2).")
     max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Requests one replica takes at once "
                                                                         "before Serve queues them (default 5).")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_above_one(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"num_gpus {value:g}: above 1, Ray gives whole GPUs only; use a whole number, or a "
+                             "fraction up to 1 (0.5 = two replicas per GPU)")
+        return value
 
 
 def app(args: dict[str, Any]) -> Application:
@@ -148,7 +156,10 @@ def replicas_per_gpu(num_gpus: Optional[float]) -> int:
     finally:
         if connected_here:  # `serve run` then connects itself, with its own address and runtime environment
             ray.shutdown()
-    count = sum(int(gpus / per_replica + 1e-9) for gpus in nodes)
+    if per_replica < 1:  # Ray places a fraction within one GPU, never across two: so many per whole GPU
+        count = sum(int(gpus + 1e-9) * int(1 / per_replica + 1e-9) for gpus in nodes)
+    else:
+        count = sum(int(gpus / per_replica + 1e-9) for gpus in nodes)
     if count < 1:
         raise ValueError(f"num_replicas=per-gpu: no node of the Ray cluster has {per_replica:g} GPU(s) for a replica "
                          f"(GPUs per node: {nodes}); add GPU nodes, or give replicas no GPU (num_gpus=0) and a fixed "

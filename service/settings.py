@@ -137,7 +137,8 @@ class Settings(BaseSettings):
         "loop under a flood of requests) may keep the interpreter lock before a model thread that waits for it gets "
         "it; none: Python's 5 ms."))
     drain_timeout_s: float = Field(30.0, ge=0, le=3600, description=(
-        "On SIGTERM or Ctrl-C: stop accepting connections, let requests in flight finish for at most this long, "
+        "On SIGTERM or Ctrl-C: stop accepting connections, let requests and robot websockets in flight finish for "
+        "at most this long in all, "
         "then cancel what is left and exit 0 (Docker's stop_grace_period and Ray's graceful_shutdown_timeout_s "
         "should exceed it)."))
     shed_pacing_s: float = Field(1.0, ge=0, le=30, description=(

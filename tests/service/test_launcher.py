@@ -30,6 +30,8 @@ REPLICA = textwrap.dedent("""
     if marker and index == 0 and not os.path.exists(marker):
         open(marker, "w").close()
         sys.exit(1)  # a crash: the launcher starts it again
+    if marker and index == 0 and os.environ.get("CONFIG_BROKEN_SINCE"):
+        sys.exit(2)  # started again, it finds its configuration edited into a wrong one
     sock = socket.socket(fileno=fd)
     def drain(*_):
         sock.close()  # stops listening at once, as uvicorn does, then finishes its work
@@ -53,7 +55,7 @@ LAUNCHER = textwrap.dedent("""
     sock = listening_socket("127.0.0.1", 0)
     print(sock.getsockname()[1], flush=True)
     drain_timeout_s = float(os.environ.get("DRAIN_TIMEOUT_S", "2"))
-    sys.exit(StopDuringStart([sys.executable, sys.argv[1]], [None, None], sock, drain_timeout_s).run())
+    sys.exit(StopDuringStart([sys.executable, sys.argv[1]], ["", ""], sock, drain_timeout_s).run())
 """)
 
 
@@ -108,9 +110,20 @@ def test_a_replica_that_dies_is_started_again_and_sigterm_drains_all(launch, tmp
     assert {"exit 0", "exit 1"} <= set(events(log))  # each finished its drain, none was killed
 
 
+def test_a_replica_whose_configuration_broke_after_launch_does_not_end_the_others(launch, tmp_path):
+    """Exit status 2 ends the launch only at a replica's first start; a replica started again that exits 2 (its
+    configuration was edited since) is retried, while the others serve on."""
+    proc, port, log = launch(FAIL_ONCE=str(tmp_path / "failed-once"), CONFIG_BROKEN_SINCE="1")
+    wait_for(lambda: events(log).count("start 0") >= 3)  # crashed, then exited 2, then tried again
+    assert proc.poll() is None and "term 1" not in events(log)
+    assert not refused(port)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0 and "exit 1" in events(log)
+
+
 def test_a_stop_during_start_stops_the_replicas_started_and_starts_no_other(launch):
     """SIGTERM while the replicas are being started: the one started gets SIGTERM (it may end before its own
-    handler is set; unsignalled, the launcher would wait for its kill deadline of 2 × 10 + 5 s, as it never ends
+    handler is set; unsignalled, the launcher would wait for its kill deadline of 10 + 5 s, as it never ends
     alone), and the next is never started."""
     proc, port, log = launch(STOP_DURING_START="1", DRAIN_TIMEOUT_S="10")
     started = time.monotonic()

@@ -26,13 +26,18 @@ def test_the_plan_gives_each_replica_its_gpus(monkeypatch):
     assert replica_plan("per-gpu", 2, ["0", "1"]) == ["0", "0", "1", "1"]  # small policies: two per GPU
     assert replica_plan("3", 1, ["GPU-a", "GPU-b"]) == ["GPU-a", "GPU-b", "GPU-a"]  # a count: the GPUs in turn
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert replica_plan("2", 1, []) == [None, None]  # a host without GPUs: CPU replicas, the variable untouched
+    assert replica_plan("2", 1, []) == ["", ""]  # CPU replicas: GPUs hidden (on a host without any, no change)
     with pytest.raises(ValueError, match="--replicas N for N CPU replicas"):
         replica_plan("per-gpu", 1, [])
     assert visible_gpus("none") == [] and visible_gpus(" 0, 2 ") == ["0", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
     assert visible_gpus(None) == ["GPU-a", "GPU-b"]
     assert replica_plan("2", 1, visible_gpus("none")) == ["", ""]  # GPUs hidden from CPU replicas on a GPU host
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert replica_plan("2", 1, visible_gpus("none")) == ["", ""]  # also when the launcher's variable is unset
+    for bad in ("", " , ", "0,0"):
+        with pytest.raises(ValueError, match="names no GPU or one twice"):
+            visible_gpus(bad)
 
 
 def test_replica_settings_are_checked(monkeypatch):
@@ -165,3 +170,14 @@ def test_per_gpu_on_ray_counts_node_by_node(monkeypatch):
     assert replicas_per_gpu(0.5) == 4 and replicas_per_gpu(None) == 2 and replicas_per_gpu(0.4) == 4
     with pytest.raises(ValueError, match="no node of the Ray cluster has 2 GPU"):  # 2 GPUs, but one per node
         replicas_per_gpu(2)
+    nodes[:] = [{"Alive": True, "Resources": {"GPU": 2.0}}, {"Alive": True, "Resources": {"GPU": 3.0}}]
+    # a fraction fits within one GPU, never across two: 0.4 ⇒ 2 per GPU (not 5 on two GPUs)
+    assert replicas_per_gpu(0.4) == 10 and replicas_per_gpu(0.3) == 15 and replicas_per_gpu(2) == 2
+
+
+def test_ray_refuses_a_fraction_of_gpus_above_one():
+    pytest.importorskip("ray")
+    from service.ray_serve import app
+
+    with pytest.raises(ValueError, match="num_gpus 1.5: above 1, Ray gives whole GPUs only"):
+        app({"num_gpus": "1.5"})
