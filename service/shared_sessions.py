@@ -112,7 +112,9 @@ class SharedSessionStates:
         import redis.asyncio
 
         self.url = url
-        self.redis = redis.asyncio.Redis.from_url(url)
+        # A Redis that accepts connections but never answers must not hang a step or the start (older clients
+        # wait for ever by default); the URL's own socket_timeout options win.
+        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self.ttl_ms = max(1, int(idle_timeout_s * 1000))
         self.seen_ttl_ms = max(3_600_000, 10 * self.ttl_ms)
         self.max_state_bytes = max_state_bytes

@@ -337,3 +337,28 @@ def test_a_store_that_fails_to_answer_is_a_503_on_every_session_route(policy_spe
                    client.post("/sessions/arm/reset", json={})]
         assert [r.status_code for r in replies] == [503] * 5, [r.text for r in replies]
         assert all("VLA_SESSION_STORE" in r.json()["error"]["message"] for r in replies)
+
+
+def test_a_store_that_never_answers_fails_the_check_within_seconds():
+    """A Redis address that accepts connections and never answers (a hung host): the start-up check raises after
+    the store's 5 s socket timeout instead of hanging the replica's start."""
+    import asyncio
+    import socket
+
+    import redis
+
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody reads or answers
+    try:
+        store = SharedSessionStates(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", idle_timeout_s=60,
+                                    max_state_bytes=2**20)
+
+        async def check() -> float:
+            started = time.monotonic()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await asyncio.wait_for(store.check(), 30)
+            await store.close()
+            return time.monotonic() - started
+
+        assert asyncio.run(check()) < 10
+    finally:
+        silent.close()
