@@ -117,7 +117,9 @@ class Launcher:
         fd = self.sock.fileno()
         command = [*self.command, "--port", str(self.sock.getsockname()[1]), "--replica-index", str(child.index),
                    "--listen-fd", str(fd), "--launcher-pid", str(os.getpid())]
-        child.process = subprocess.Popen(command, env=env, pass_fds=(fd,))
+        # A process group of its own: Ctrl-C in a terminal (or SIGHUP) reaches the launcher only, which drains the
+        # replicas with SIGTERM, instead of each replica getting SIGINT before it has set its own handlers.
+        child.process = subprocess.Popen(command, env=env, pass_fds=(fd,), process_group=0)
         child.started, child.restart_at = time.monotonic(), None
         logger.info("replica %d started (pid %d, %s)", child.index, child.process.pid,
                     f"{GPU_ENV}={child.gpus!r}" if child.gpus else "CPU")

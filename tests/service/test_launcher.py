@@ -66,9 +66,10 @@ def launch(tmp_path):
     log.touch()
     started: list[subprocess.Popen] = []
 
-    def start(**env: str) -> tuple[subprocess.Popen, int, Path]:
+    def start(new_session: bool = False, **env: str) -> tuple[subprocess.Popen, int, Path]:
         proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "replica.py")], stdout=subprocess.PIPE,
-                                text=True, cwd=REPO, env={**os.environ, "LOG": str(log), **env})
+                                text=True, cwd=REPO, env={**os.environ, "LOG": str(log), **env},
+                                start_new_session=new_session)
         started.append(proc)
         return proc, int(proc.stdout.readline()), log
 
@@ -129,6 +130,18 @@ def test_a_stop_during_start_stops_the_replicas_started_and_starts_no_other(laun
     started = time.monotonic()
     assert proc.wait(timeout=30) == 0
     assert time.monotonic() - started < 8 and "start 1" not in events(log)
+
+
+def test_ctrl_c_in_a_terminal_drains_the_replicas_through_the_launcher(launch):
+    """Ctrl-C sends SIGINT to the terminal's whole foreground process group: only the launcher gets it (replicas
+    run in groups of their own) and drains each replica with SIGTERM, so none dies of a SIGINT it has no handler
+    for yet."""
+    proc, port, log = launch(new_session=True)
+    wait_for(lambda: {"start 0", "start 1"} <= set(events(log)))
+    time.sleep(0.3)  # past setting their SIGTERM handlers
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    assert proc.wait(timeout=10) == 0
+    assert {"term 0", "term 1", "exit 0", "exit 1"} <= set(events(log))
 
 
 def test_replicas_die_with_their_launcher_even_when_it_is_killed(launch):
