@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from vla_foundry.sampling import MIN_TEMPERATURE, SamplingParams, draw, select_next_token, token_distribution
+from vla_foundry.sampling import MIN_TEMPERATURE, SamplingParams, draw, token_distribution
 
 DEFAULT_PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps (VLA_PREFILL_TOKENS_PER_STEP)
 
@@ -291,15 +291,8 @@ class ContinuousBatcher:
         self._sample(r, logits)
 
     def _sample(self, r: _Running, logits: torch.Tensor) -> None:
-        """The generation's next token per row (its rows' logits), from its own generator."""
-        s = r.generation.sampling
-        try:
-            next_ids = select_next_token(self._without_never_sampled(logits), s.temperature, s.top_k, s.top_p,
-                                         r.generation.generator).tolist()
-        except Exception as e:  # its own failure
-            self._end(r, e)
-            return
-        self._advance(r, next_ids)
+        """The generation's next token per row (its rows' logits (n, V)), from its own generator."""
+        self._sample_together([(r, list(range(r.rows)))], logits)
 
     def _sample_together(self, rows: list[tuple[_Running, list[int]]], logits: torch.Tensor) -> None:
         """Every running generation's next tokens from one decode step's logits (B, V), each generation's rows given
