@@ -1,18 +1,20 @@
 """Text serving under concurrent OpenAI clients: continuous batching on vs off, side by side in one run.
 
     .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 10] [--checkpoint DIR]
+                                           [--servers on,eager,off]
 
 N clients (threads of this process, each the official ``openai`` client with its own connection) stream
 ``/v1/completions`` back to back from one text deployment (default: the demo pack's transformer, 4 layers
 of width 128, context 256), with mixed prompt lengths (3 to 40 words) and completion lengths (16 to 128
 tokens), sampled at temperature 1 with a seed per request: both servers get the same requests and,
-since batching keeps every request's tokens, make the same tokens. Two servers, one run: continuous
-batching on (``VLA_CONTINUOUS_BATCHING=true``) and off (one request's generation at a time), both
-with ``VLA_MAX_BATCH_SIZE=32``. Per row, over the requests that end inside the measured window:
-completion tokens/s (from each stream's usage), time to first token (first streamed text) p50/p99,
-and inter-token latency (gaps between streamed chunks; a chunk holds one token's text unless text
-was held back for a stop string or an unfinished character; chunks that a stream fell behind on share a
-write and arrive together, a gap of about 0) p50/p99.
+since batching keeps every request's tokens, make the same tokens. Servers side by side in one run, all
+with ``VLA_MAX_BATCH_SIZE=32``: continuous batching on (``VLA_CONTINUOUS_BATCHING=true``, decode steps
+from graphs as served by default: one TorchScript trace on the CPU), optionally on with eager decode
+steps (``--servers on,eager,off``), and off (one request's generation at a time). Per row, over the
+requests that end inside the measured window: completion tokens/s (from each stream's usage), time to
+first token (first streamed text) p50/p99, and inter-token latency (gaps between streamed chunks; a chunk
+holds one token's text unless text was held back for a stop string or an unfinished character; chunks that a
+stream fell behind on share a write and arrive together, a gap of about 0) p50/p99.
 
 Goals (issue 18, 2-core CPU): tokens/s at concurrency 8 ≥ 3× concurrency 1, and time to first token
 p99 at concurrency 8 ≤ 2× (one prefill of the longest prompt + one decode step of 8 sequences), both
@@ -40,6 +42,8 @@ from service.cli import serve_command  # noqa: E402
 WORDS = ("the robot moves red blue cube to left right of table slowly then picks up a small cup and places it "
          "near green box").split()
 GOAL_SCALING, GOAL_TTFT = 3.0, 2.0
+SERVERS = {"on": "continuous batching on", "eager": "continuous batching on, eager steps",
+           "off": "continuous batching off"}
 
 
 def text_checkpoint(name: str = "demo-transformer") -> Path:
@@ -160,6 +164,7 @@ def compute_floor(checkpoint: Path, sequences: int) -> tuple[float, float]:
 
     pipeline = load_pipeline(checkpoint)
     batcher = pipeline.continuous_batcher(sequences, prefill_tokens=10**6)  # all prefills in the first step
+    batcher.warmup()  # decode steps traced (CPU) or captured (CUDA) first, as the server does at load
     longest = " ".join(WORDS[i % len(WORDS)] for i in range(40))
     first, steps = [], []
     for _ in range(5):
@@ -187,15 +192,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per row before measuring")
     parser.add_argument("--max-batch-size", type=int, default=32, help="VLA_MAX_BATCH_SIZE of both servers")
+    parser.add_argument("--servers", default="on,off", help="which servers, comma-separated, in this order: on "
+                        "(continuous batching, decode steps from graphs as served by default), eager (continuous "
+                        "batching, eager decode steps: VLA_TRACED_SAMPLING=false VLA_CUDA_GRAPHS=false), off")
     args = parser.parse_args()
     checkpoint = text_checkpoint(args.checkpoint or "demo-transformer")
     concurrency = [int(c) for c in args.concurrency.split(",")]
     rows: dict[tuple[str, int], Row] = {}
-    for mode in ("on", "off"):
-        server = f"continuous batching {mode}"
+    for mode in args.servers.split(","):
+        if mode not in SERVERS:
+            parser.error(f"--servers: {mode!r} is not one of {', '.join(SERVERS)}")
+        server = SERVERS[mode]
         port = free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
-               "VLA_CONTINUOUS_BATCHING": "true" if mode == "on" else "false"}
+               "VLA_CONTINUOUS_BATCHING": "false" if mode == "off" else "true",
+               **({"VLA_TRACED_SAMPLING": "false", "VLA_CUDA_GRAPHS": "false"} if mode == "eager" else {})}
         command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=text", "--host", "127.0.0.1",
                                      "--port", str(port)]
         with server_process(command, env, port, "/health/ready", server) as base:
@@ -209,9 +220,10 @@ def main() -> None:
     for r in rows.values():
         print(f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.0f} | {r.ttft_p50:.1f} | {r.ttft_p99:.1f} | "
               f"{r.itl_p50:.1f} | {r.itl_p99:.1f} | {r.errors} |")
-    on = "continuous batching on"
+    on = SERVERS["on"]
     print(f"\none prefill of the longest prompt: {prefill_ms:.2f} ms; one decode step of 8 sequences: {step_ms:.2f} ms")
-    one, eight, off8 = rows.get((on, 1)), rows.get((on, 8)), rows.get(("continuous batching off", 8))
+    one, eight, off8 = rows.get((on, 1)), rows.get((on, 8)), rows.get((SERVERS["off"], 8))
+    eager1, eager8 = rows.get((SERVERS["eager"], 1)), rows.get((SERVERS["eager"], 8))
     if one and eight:
         scaling = eight.tokens_per_s / one.tokens_per_s
         floor = prefill_ms + step_ms
@@ -224,6 +236,10 @@ def main() -> None:
               f"{'met' if eight.ttft_p99 <= GOAL_TTFT * floor else 'not met'}")
     if eight and off8:
         print(f"- tokens/s at 8 clients, on ÷ off: {eight.tokens_per_s / off8.tokens_per_s:.2f}×")
+    if eager1 and eager8:
+        print(f"- with eager decode steps: 8 clients ÷ 1 client {eager8.tokens_per_s / eager1.tokens_per_s:.2f}×"
+              + (f"; at 8 clients, steps from graphs ÷ eager steps {eight.tokens_per_s / eager8.tokens_per_s:.2f}×"
+                 if eight else ""))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ class Deployment:
             if continuous:
                 with _LOAD_LOCK:  # one at a time: each sizes its cache by the memory the others left
                     self.batcher = self._continuous_batcher(pipeline, device)
+                if self.batcher is not None and self.settings.warmup:
+                    self.stage = "capturing decode steps"
+                    self.batcher.warmup()
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.load_seconds = time.perf_counter() - started
@@ -245,7 +248,8 @@ class Deployment:
         if self.batcher is None:
             return {"generation": "per_request"}
         return {"generation": "continuous", "max_sequences": self.batcher.num_slots,
-                "kv_cache_bytes": self.batcher.cache_bytes, "prefill_tokens_per_step": self.batcher.prefill_tokens}
+                "kv_cache_bytes": self.batcher.cache_bytes, "prefill_tokens_per_step": self.batcher.prefill_tokens,
+                "decode_steps": self.batcher.decode_mode}
 
     def info(self) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"path": self.spec.checkpoint, "file": None, "step": None}

@@ -122,8 +122,9 @@ class Settings(BaseSettings):
         "and a finished one leaves at once (up to max_batch_size sequences; HF families whose cache cannot be kept "
         "in slots, e.g. sliding-window ones, always generate one request at a time); false: one request's "
         "generation at a time. None: on, except on CUDA "
-        "with cuda_graphs, where one request's decode steps replay from a CUDA graph (batched decode steps do "
-        "not yet)."))
+        "with cuda_graphs, where one request's decode steps replay from a CUDA graph (a continuous batch's steps "
+        "replay from CUDA graphs too, but a lone sequence in it decodes eagerly, and the two are not yet measured "
+        "side by side on a GPU)."))
     kv_cache_mb: Optional[float] = Field(None, gt=0, description=(
         "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
         "model's full context); fewer sequences run together when they would not fit; none: a quarter of the "
@@ -160,12 +161,15 @@ class Settings(BaseSettings):
         "every route but the health probes and the docs."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     cuda_graphs: bool = Field(True, description=(
-        "On CUDA, replay from captured CUDA graphs: text decoding, and flow-matching policies' sampling (one graph "
-        "per batch bucket 1, 2, 4, 8, 16, 32, captured at warm-up)."))
+        "On CUDA, replay from captured CUDA graphs: text decoding (one request's steps, and a continuous batch's "
+        "steps per batch bucket and key length bucket, captured at warm-up), and flow-matching policies' sampling "
+        "(one graph per batch bucket 1, 2, 4, 8, 16, 32, captured at warm-up)."))
     traced_sampling: bool = Field(True, description=(
-        "On CPU, run a flow-matching policy's sampling from a TorchScript trace per batch size (traced on first "
-        "use, checked against eager): about 2x faster, and the model no longer waits for the interpreter lock at "
-        "every op while the server handles other traffic."))
+        "On CPU, run from TorchScript traces, so the model no longer waits for the interpreter lock at every op "
+        "while the server handles other traffic: a flow-matching policy's sampling (a trace per batch size, traced "
+        "on first use, checked against eager: about 2x faster), and a continuous batch's decode steps of "
+        "transformer and vlm (one trace for every batch size and length, traced at warm-up: the eager step's ops "
+        "and logits exactly)."))
     log_format: Literal["text", "json"] = Field("text", description=(
         "Log lines as text (with the request id in brackets) or one JSON object per line (time, level, logger, "
         "message, request_id; the access line adds method, route, status, duration_ms)."))

@@ -194,6 +194,7 @@ def test_continuous_batching_on_cuda_gives_every_request_its_solo_tokens(transfo
     tokens it gets alone (each generation samples its own rows on CUDA, see ``ContinuousBatcher._sample_together``)."""
     pipeline = load_pipeline(transformer_fixture, device="cuda")
     batcher = pipeline.continuous_batcher(max_sequences=8)
+    assert batcher.decode_mode == "cuda_graph"  # batched steps replay from graphs (captured here on first use)
     rng = np.random.default_rng(3)
     settings = [SamplingParams(10, 0.0), SamplingParams(10, 1.0, 20, 0.9), SamplingParams(10, 1.0, 20, 0.9),
                 SamplingParams(10, 0.7, 0, 0.8), SamplingParams(10, 1.5, 5, 1.0)]
@@ -210,3 +211,31 @@ def test_continuous_batching_on_cuda_gives_every_request_its_solo_tokens(transfo
     for i, (prompt, s) in enumerate(zip(prompts, settings)):
         solo = pipeline.complete(prompt_token_ids=[prompt], sampling=s, seed=20 + i)
         assert outcomes[i].completions[0].token_ids == solo.completions[0].token_ids, i
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_decode_steps_capture_a_cuda_graph_for_every_bucket(transformer_fixture, dtype):
+    """At warm-up every (batch bucket, key length bucket) is captured and checked against the eager step
+    (``slot_graphs.GRAPH_RTOL`` and its low-precision pair); then requests joining and leaving replay them, padded up
+    to their bucket, and in fp32 each gets its solo tokens."""
+    from tests.vla_foundry.test_continuous_batching import run_all
+
+    pipeline = load_pipeline(transformer_fixture, device="cuda", dtype=dtype)
+    batcher = pipeline.continuous_batcher(max_sequences=6)
+    batcher.warmup()
+    graphs = batcher.decoder.graphs
+    assert batcher.decode_mode == "cuda_graph" and graphs.batch_buckets() == [1, 2, 4, 6]
+    assert len(graphs._buckets) == 4 and all(b is not None and b.graph is not None for b in graphs._buckets.values())
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, pipeline.model.vocab_size, size=int(rng.integers(2, 9))).tolist() for _ in range(6)]
+    lengths = [12, 3, 9, 12, 1, 7]
+    arrivals = {0: [0, 1], 2: [2], 4: [3, 4], 5: [5]}
+    outcomes = run_all(batcher, {step: [(i, pipeline.start_completion(
+        prompt_token_ids=[prompts[i]], sampling=SamplingParams(lengths[i], 1.0, 20, 0.9), seed=i)) for i in names]
+        for step, names in arrivals.items()})
+    assert outcomes["most decoding together"] >= 3
+    if dtype == "float32":
+        for i in range(6):
+            solo = pipeline.complete(prompt_token_ids=[prompts[i]], sampling=SamplingParams(lengths[i], 1.0, 20, 0.9),
+                                     seed=i)
+            assert outcomes[i].completions[0].token_ids == solo.completions[0].token_ids, i

@@ -10,9 +10,10 @@ waiting. Each step:
    prefill budget (``prefill_tokens`` prompt tokens) lasts: each prompt is prefilled alone, exactly
    as a solo run prefills it, its cache copied into its slot (``models/kv_slots.py``), and the
    generation samples its first tokens;
-3. runs one decode step for every running sequence (one new token each, each at its own position)
-   and lets each generation sample its next tokens from its own rows with its own generator (the rows of
-   generations with the same sampling settings share one top-k/top-p/softmax call first, on CPU); a one-row
+3. runs one decode step for every running sequence (one new token each, each at its own position;
+   replayed from a captured graph where the decoder has one, ``models/slot_graphs.py``) and lets each
+   generation sample its next tokens from its own rows with its own generator (the rows of generations
+   with the same sampling settings share one top-k/top-p/softmax call first, on CPU); a one-row
    generation that starts alone keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing
    to gather, as fast as one request without the batcher), moving into its slot for good when another
    sequence joins;
@@ -50,6 +51,13 @@ class SlotDecoding(Protocol):
     @property
     def nbytes(self) -> int: ...
 
+    @property
+    def mode(self) -> str:
+        """How decode steps run: ``eager``, ``traced`` (CPU) or ``cuda_graph``."""
+
+    def warmup(self) -> None:
+        """Capture what decode steps replay from now, instead of at their first use."""
+
     def store_prompt(self, slot: int, present: Any) -> None:
         """A prefilled prompt's cache (what ``SlotModel.prefill`` returned) into ``slot``."""
 
@@ -74,7 +82,8 @@ class SlotModel(Protocol):
     def slot_bytes(self) -> Optional[int]:
         """One sequence's cache memory (its full context); None when this model cannot decode in slots."""
 
-    def slot_decoder(self, num_slots: int) -> SlotDecoding: ...
+    def slot_decoder(self, num_slots: int, graphs: bool = False) -> SlotDecoding:
+        """The decoder of ``num_slots`` slots; ``graphs``: its steps replay from captured graphs where it can."""
 
 
 @dataclass
@@ -107,9 +116,10 @@ class _Running:
 
 
 class ContinuousBatcher:
-    def __init__(self, model: SlotModel, num_slots: int, prefill_tokens: int, device: torch.device):
+    def __init__(self, model: SlotModel, num_slots: int, prefill_tokens: int, device: torch.device,
+                 graphs: bool = False):
         self.model = model
-        self.decoder = model.slot_decoder(num_slots)
+        self.decoder = model.slot_decoder(num_slots, graphs)
         # ids the model's own generate never samples (vlm_hf: the image placeholder), masked out here alike
         self._never_sampled = torch.tensor(getattr(model, "never_sampled_ids", []), dtype=torch.long, device=device)
         self.prefill_tokens = prefill_tokens
@@ -141,6 +151,16 @@ class ContinuousBatcher:
     @property
     def cache_bytes(self) -> int:
         return self.decoder.nbytes
+
+    @property
+    def decode_mode(self) -> str:
+        """How batched decode steps run: ``eager``, ``traced`` (CPU) or ``cuda_graph``."""
+        return self.decoder.mode
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Capture every decode step graph now (at load), so that no step waits for a capture while serving."""
+        self.decoder.warmup()
 
     @property
     def active(self) -> bool:

@@ -21,7 +21,9 @@ from tests.service.test_openai import chat_checkpoint  # noqa: F401  (a fixture:
 def live(chat_checkpoint, tiny_checkpoints, tmp_path_factory):  # noqa: F811
     args = ["--checkpoint", f"{chat_checkpoint}=chat", "--checkpoint", f"{tiny_checkpoints['vlm']}=captioner",
             "--checkpoint", f"{tiny_checkpoints['transformer_hf']}=hf"]
-    with live_server(args, tmp_path_factory.mktemp("nodemo"), env={"VLA_MAX_BATCH_SIZE": "8"}) as base:
+    # traced steps as served by default (tests/conftest.py turns traces off for the other servers: policies')
+    env = {"VLA_MAX_BATCH_SIZE": "8", "VLA_TRACED_SAMPLING": "true"}
+    with live_server(args, tmp_path_factory.mktemp("nodemo"), env=env) as base:
         yield base
 
 
@@ -46,6 +48,8 @@ def test_models_say_how_each_deployment_generates(live):
         batching = models[name]["batching"]
         assert batching["generation"] == "continuous" and batching["max_sequences"] == 8
         assert batching["kv_cache_bytes"] > 0 and batching["prefill_tokens_per_step"] == 512
+        # our transformer's batched steps run from one trace (slot_graphs.py); an HF model's eagerly
+        assert batching["decode_steps"] == ("eager" if name == "hf" else "traced")
 
 
 CHATS = [  # (content, max_tokens, seed, temperature, stream, n)

@@ -133,8 +133,9 @@ class HFWrapper(nn.Module):
             self._slot_layout = slot_layout(self)
         return None if self._slot_layout is None else self._slot_layout.bytes_per_slot
 
-    def slot_decoder(self, num_slots: int):
-        """Decode steps for ``num_slots`` sequences at once, each at its own position (``hf_slots.py``)."""
+    def slot_decoder(self, num_slots: int, graphs: bool = False):
+        """Decode steps for ``num_slots`` sequences at once, each at its own position (``hf_slots.py``); always eager
+        (``graphs`` is for our own transformer's steps, see ``slot_graphs.py``)."""
         if self.slot_bytes() is None:
             raise ValueError(f"{self.params.type}: {type(self.model).__name__} cannot decode in slots")
         return HFSlotDecoder(self, self._slot_layout, num_slots)

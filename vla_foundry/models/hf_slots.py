@@ -72,6 +72,11 @@ class HFSlotDecoder:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    mode = "eager"  # HF models' steps are not captured (their cache objects are rebuilt at every step)
+
+    def warmup(self) -> None:
+        """Nothing to capture."""
+
     def store_prompt(self, slot: int, present) -> None:
         """A prefilled prompt's ``DynamicCache`` (per layer (1, nkv, T, hd)) into columns 0…T−1 of ``slot``; the
         columns after it are zeroed (masked, but 0 × NaN left by a previous sequence would still be NaN)."""

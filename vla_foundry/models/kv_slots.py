@@ -15,7 +15,9 @@ is fixed when it is built (``bytes_per_slot`` × slots) and never grows.
 
 A model that decodes in slots offers ``prefill``, ``slot_bytes()`` and ``slot_decoder(num_slots)``;
 :class:`SlotDecoder` is that decoder for our own transformer (``transformer``, and ``vlm``'s language
-model); ``models/hf_slots.py`` is the one for Hugging Face models.
+model); ``models/hf_slots.py`` is the one for Hugging Face models. The batcher keeps its sequences in
+the lowest slots, and a step over such packed slots is :class:`PackedSlotStep`, a module of its own so
+that ``models/slot_graphs.py`` can replay it from a captured graph.
 
 Shapes: L layers, S slots, M max_len, nh heads, hd head dim, B sequences in a step, Tk keys.
 """
@@ -29,13 +31,20 @@ import torch
 
 class SlotDecoder:
     """Decode steps of our transformer ``lm`` for sequences kept in the slots of a :class:`SlotKVCache`: what a
-    ``ContinuousBatcher`` drives (``store_prompt`` after a prefill, then ``decode`` once per step)."""
+    ``ContinuousBatcher`` drives (``store_prompt`` after a prefill, then ``decode`` once per step). With ``graphs``,
+    steps over packed slots replay from captured graphs (``models/slot_graphs.py``) where the device allows."""
 
-    def __init__(self, lm, num_slots: int):
+    def __init__(self, lm, num_slots: int, graphs: bool = False):
         p, weight = lm.params, next(lm.parameters())
         self.lm = lm
         self.cache = SlotKVCache(p.n_layers, num_slots, lm.max_seq_len, p.n_heads, p.hidden_dim // p.n_heads,
                                  weight.dtype, weight.device)
+        self.step = PackedSlotStep(lm)
+        self.graphs = None
+        if graphs:
+            from vla_foundry.models.slot_graphs import SlotGraphs  # (it builds on this module)
+
+            self.graphs = SlotGraphs(self.step, self.cache)
 
     @staticmethod
     def bytes_per_slot(lm) -> int:
@@ -50,6 +59,16 @@ class SlotDecoder:
     def nbytes(self) -> int:
         return self.cache.nbytes
 
+    @property
+    def mode(self) -> str:
+        """How packed decode steps run: ``eager``, ``traced`` (CPU) or ``cuda_graph``."""
+        return self.graphs.mode if self.graphs is not None else "eager"
+
+    def warmup(self) -> None:
+        """Capture every graph a step may need now (at load), instead of at a step's first use of its shape."""
+        if self.graphs is not None:
+            self.graphs.capture_all()
+
     def store_prompt(self, slot: int, present: list) -> None:
         self.cache.store_prompt(slot, present)
 
@@ -59,7 +78,35 @@ class SlotDecoder:
     def decode(self, last_ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """One new token per sequence, ``last_ids`` (B,), sequence b in ``slots[b]`` at ``positions[b]``: the next
         token's logits (B, V)."""
-        return self.lm(last_ids[:, None], past_key_values=self.cache.batch(slots, positions)).logits[:, -1]
+        span = packed_span(slots)
+        if span is None:  # slots apart (the batcher packs its sequences, so only other callers): gathered
+            return self.lm(last_ids[:, None], past_key_values=self.cache.batch(slots, positions)).logits[:, -1]
+        if self.graphs is not None:
+            logits = self.graphs.decode(last_ids, span, positions)
+            if logits is not None:
+                return logits
+        length = max(positions) + 1
+        return self.step(last_ids, torch.tensor(positions, dtype=torch.long, device=last_ids.device),
+                         self.cache.keys[:, span, :length], self.cache.values[:, span, :length])
+
+
+class PackedSlotStep(torch.nn.Module):
+    """One decode step of sequences in packed slots: ``forward(ids (B,), positions (B,), keys, values)``, where keys
+    and values are the step's rows of the cache, views (L, B, Tk, nh, hd) with Tk > every position; writes each
+    row's new key and value at its position and returns the next token's logits (B, V).
+
+    Every shape is read from the inputs, never fixed by Python numbers, so one TorchScript trace of it serves every
+    B and Tk (``slot_graphs.py``) and runs exactly the ops of the eager call."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(ids.shape[0], device=ids.device)  # (B,): row b of the views is sequence b
+        batch = SlotBatch(keys, values, rows, positions, length=keys.shape[2], span=slice(None))
+        return self.lm(ids[:, None], past_key_values=batch).logits[:, -1]
 
 
 def packed_span(slots: list[int]) -> Optional[slice]:
@@ -104,20 +151,26 @@ class SlotKVCache:
 
     def batch(self, slots: list[int], positions: list[int]) -> "SlotBatch":
         """A decode step's view: sequence b (in ``slots[b]``) gets its new token at ``positions[b]``."""
-        return SlotBatch(self, slots, positions)
+        device = self.keys.device
+        return SlotBatch(self.keys, self.values, torch.tensor(slots, dtype=torch.long, device=device),
+                         torch.tensor(positions, dtype=torch.long, device=device), length=max(positions) + 1,
+                         span=packed_span(slots))
 
 
 class SlotBatch:
     """What a decode step passes as ``past_key_values``: per layer, where each sequence's new key and value go
-    and which keys each sequence may attend to (its own positions 0…position)."""
+    and which keys each sequence may attend to (its own positions 0…position).
 
-    def __init__(self, cache: SlotKVCache, slots: list[int], positions: list[int]):
-        device = cache.keys.device
-        self.cache = cache
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)  # (B,)
-        self.positions = torch.tensor(positions, dtype=torch.long, device=device)  # (B,)
-        self.length = max(positions) + 1  # Tk: the keys gathered for the step
-        self._span = packed_span(slots)
+    ``keys``/``values`` (L, S, M, nh, hd) hold the sequences in rows ``slots`` (B,); ``span``, when those rows are a
+    run, reads them as a view instead of a gather. ``length`` (Tk): the keys a step reads, more than every
+    position."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 length: int, span: Optional[slice] = None):
+        self.keys, self.values = keys, values
+        self.slots, self.positions = slots, positions  # (B,), (B,)
+        self.length = length
+        self._span = span
         self._visible: Optional[torch.Tensor] = None
 
     def layer(self, index: int) -> "SlotLayer":
@@ -125,7 +178,7 @@ class SlotBatch:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's k, v (B, 1, nh, hd) at each sequence's position; its keys and values (B, Tk, nh, hd)."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (S, M, nh, hd)
+        keys, values = self.keys[layer], self.values[layer]  # (S, M, nh, hd)
         keys[self.slots, self.positions] = k[:, 0]
         values[self.slots, self.positions] = v[:, 0]
         rows = self.slots if self._span is None else self._span
@@ -141,7 +194,7 @@ class SlotBatch:
         return bias.masked_fill(~self._visible, torch.finfo(dtype).min)[:, None, None, :]
 
     def rotary(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sequence's rows of full cos/sin tables (M, hd): (B, 1, hd), for one new token each."""
+        """Each sequence's rows of cos/sin tables (M, hd) that cover every position: (B, 1, hd), one new token each."""
         return cos[self.positions][:, None], sin[self.positions][:, None]
 
 

@@ -221,7 +221,8 @@ class Transformer(nn.Module):
         if isinstance(past_key_values, SlotBatch):  # one new token per row, each at its own position
             slots = past_key_values
             bias, sdpa_causal = slots.bias(x.dtype), False
-            rope = slots.rotary(*self._rotary(0, slots.length, x.device)) if rotary else None
+            # the whole tables, indexed by each row's position (no slicing by a number: a trace stays shape-free)
+            rope = slots.rotary(*self._rotary(0, self.params.max_seq_len, x.device)) if rotary else None
             pasts = [slots.layer(i) for i in range(len(self.layers))]
             use_cache = False  # the slots hold the cache
         else:
@@ -258,9 +259,10 @@ class Transformer(nn.Module):
         """The cache memory of one sequence's slot (its full context)."""
         return SlotDecoder.bytes_per_slot(self)
 
-    def slot_decoder(self, num_slots: int) -> SlotDecoder:
-        """Decode steps for ``num_slots`` sequences at once, each at its own position (kv_slots.py)."""
-        return SlotDecoder(self, num_slots)
+    def slot_decoder(self, num_slots: int, graphs: bool = False) -> SlotDecoder:
+        """Decode steps for ``num_slots`` sequences at once, each at its own position (kv_slots.py); ``graphs``:
+        replayed from captured graphs (slot_graphs.py)."""
+        return SlotDecoder(self, num_slots, graphs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50,

@@ -137,9 +137,9 @@ class VLM(nn.Module):
         """The cache memory of one sequence's slot: the language model's."""
         return self.transformer.slot_bytes()
 
-    def slot_decoder(self, num_slots: int):
+    def slot_decoder(self, num_slots: int, graphs: bool = False):
         """Decode steps of the language model for ``num_slots`` sequences at once (kv_slots.py)."""
-        return self.transformer.slot_decoder(num_slots)
+        return self.transformer.slot_decoder(num_slots, graphs)
 
     # ------------------------------------------------------------------ generate
 

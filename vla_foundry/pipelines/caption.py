@@ -58,19 +58,22 @@ class CaptionEvaluation:
 
 @register_pipeline("caption")
 class CaptionPipeline(TextPipeline):
-    def __init__(self, model, processor: CaptionProcessor, z_loss_coefficient: float = 0.0):
+    def __init__(self, model, processor: CaptionProcessor, z_loss_coefficient: float = 0.0,
+                 cuda_graphs: bool = True, traced_steps: bool = True):
         super().__init__(model, processor.tokenizer, processor.tokenizer_source,
-                         z_loss_coefficient=z_loss_coefficient, cuda_graphs=False)
+                         z_loss_coefficient=z_loss_coefficient, cuda_graphs=cuda_graphs, traced_steps=traced_steps)
         self.processor = processor
 
     @classmethod
     def from_experiment(cls, model, experiment_dir: Path, *, tokenizer: Optional[str] = None,
-                        training_config: Optional[dict] = None, **_: Any) -> "CaptionPipeline":
+                        training_config: Optional[dict] = None, cuda_graphs: bool = True,
+                        traced_sampling: bool = True, **_: Any) -> "CaptionPipeline":
         training_config = training_config or {}
         processor = CAPTION_PROCESSORS.get(model.params.type).from_experiment(model, experiment_dir,
                                                                                training_config, tokenizer)
         z_loss = float((training_config.get("hparams") or {}).get("z_loss_coefficient") or 0.0)
-        return cls(model, processor, z_loss_coefficient=z_loss)
+        return cls(model, processor, z_loss_coefficient=z_loss, cuda_graphs=cuda_graphs,
+                   traced_steps=traced_sampling)
 
     def io(self) -> dict[str, Any]:
         io = super().io()

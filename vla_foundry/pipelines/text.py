@@ -228,10 +228,13 @@ class CompletionTracker:
 @register_pipeline("text")
 class TextPipeline(Pipeline):
     def __init__(self, model, tokenizer: Any = None, tokenizer_source: Optional[str] = None,
-                 z_loss_coefficient: float = 0.0, cuda_graphs: bool = True):
+                 z_loss_coefficient: float = 0.0, cuda_graphs: bool = True, traced_steps: bool = True):
         super().__init__(model)
         # Decode from captured CUDA graphs on GPUs, where the model supports it.
         self.cuda_graphs = cuda_graphs and getattr(model, "supports_cuda_graph", False)
+        # A continuous batch's decode steps replay from captured graphs (models/slot_graphs.py: CUDA graphs on
+        # CUDA, a TorchScript trace on the CPU), where the model's decoder has them.
+        self.slot_graphs = cuda_graphs if self.device.type == "cuda" else traced_steps
         self.tokenizer = tokenizer
         self.tokenizer_source = tokenizer_source
         self.batch_handler = create_batch_handler(model.params.type, z_loss_coefficient=z_loss_coefficient)
@@ -246,12 +249,13 @@ class TextPipeline(Pipeline):
     @classmethod
     def from_experiment(cls, model, experiment_dir: Path, *, tokenizer: Optional[str] = None,
                         training_config: Optional[dict] = None, cuda_graphs: bool = True,
-                        **_: Any) -> "TextPipeline":
+                        traced_sampling: bool = True, **_: Any) -> "TextPipeline":
         tok, source = load_tokenizer(experiment_dir, tokenizer, training_config,
                                      model_default=getattr(model, "tokenizer_source", None))
         # Evaluate with the loss the run trained on (hparams.z_loss_coefficient).
         z_loss = float(((training_config or {}).get("hparams") or {}).get("z_loss_coefficient") or 0.0)
-        return cls(model, tok, source, z_loss_coefficient=z_loss, cuda_graphs=cuda_graphs)
+        return cls(model, tok, source, z_loss_coefficient=z_loss, cuda_graphs=cuda_graphs,
+                   traced_steps=traced_sampling)
 
     # ------------------------------------------------------------------ discovery
 
@@ -383,10 +387,13 @@ class TextPipeline(Pipeline):
     # ------------------------------------------------------------------ continuous batching (continuous.py)
 
     def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
-                           prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> Optional[ContinuousBatcher]:
+                           prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+                           graphs: Optional[bool] = None) -> Optional[ContinuousBatcher]:
         """A batcher that decodes up to ``max_sequences`` sequences of many requests together (fewer when their
         cache would pass ``max_cache_bytes``); None when this model cannot join a running batch (it has no
-        slots, see ``ContinuousBatcher``: requests then run one at a time)."""
+        slots, see ``ContinuousBatcher``: requests then run one at a time). ``graphs``: its decode steps replay from
+        captured graphs (default: as this pipeline was loaded, ``cuda_graphs`` on CUDA, ``traced_sampling`` on the
+        CPU)."""
         if not hasattr(self.model, "slot_bytes"):
             return None
         slots = ContinuousBatcher.slots_within(self.model, max_sequences, max_cache_bytes)
@@ -396,7 +403,8 @@ class TextPipeline(Pipeline):
             raise ValueError(f"one sequence's cache ({self.model.slot_bytes()} bytes) does not fit in "
                              f"{max_cache_bytes} bytes (VLA_KV_CACHE_MB); allow more, or serve this model without "
                              "continuous batching")
-        return ContinuousBatcher(self.model, slots, prefill_tokens, self.device)
+        return ContinuousBatcher(self.model, slots, prefill_tokens, self.device,
+                                 graphs=self.slot_graphs if graphs is None else graphs)
 
     def start_completion(self, prompts: Optional[Sequence[str]] = None,
                          prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
