@@ -123,14 +123,15 @@ class Deployment:
                 self.stage = f"warming up (batch sizes up to {self.executor.max_batch_size})"
                 pipeline.warmup(self.executor.max_batch_size)
             continuous = self.settings.continuous_batching
-            if continuous is None:  # until batched decode steps replay from CUDA graphs, one request's do faster
+            if continuous is None:  # on CUDA a lone request's steps replay from a graph, a lone sequence in a
+                # continuous batch's do not, and the batched steps' graphs are not measured on a GPU yet
                 continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
             if continuous:
                 with _LOAD_LOCK:  # one at a time: each sizes its cache by the memory the others left
                     self.batcher = self._continuous_batcher(pipeline, device)
-                if self.batcher is not None and self.settings.warmup:
-                    self.stage = "capturing decode steps"
-                    self.batcher.warmup()
+                    if self.batcher is not None and self.settings.warmup:  # (captures take memory too)
+                        self.stage = "capturing decode steps"
+                        self.batcher.warmup()
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
             self.load_seconds = time.perf_counter() - started

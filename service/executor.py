@@ -29,6 +29,8 @@ from typing import Any, Callable, Hashable, Optional
 
 from vla_foundry.continuous import Generation
 
+from service.streaming import deltas_held, flush_held_deltas
+
 logger = logging.getLogger(__name__)
 
 
@@ -228,7 +230,8 @@ class ModelExecutor:
             if self._held and self._held[0] is not None and self._held[0].batcher is None:
                 self._dispatch(self._held.popleft())
             try:
-                batcher.step()
+                with deltas_held():  # the step's streamed deltas reach the event loop together, after it
+                    batcher.step()
             except Exception as e:  # a fault of the batcher itself: fail what it holds, keep the thread alive
                 logger.exception("deployment %s: a decode step failed", self.name)
                 batcher.fail_all(e)
@@ -267,6 +270,7 @@ class ModelExecutor:
         self.last_call_done = done
         # The sequences that were decoding together when it finished, its own included (it has left the batch).
         together = (batcher.running_sequences if batcher is not None else 0) + rows
+        flush_held_deltas()  # its last deltas reach the event loop before its end does
         _deliver(job, outcome, joined, done, together)
 
     def _gather(self, first: _Job) -> list[_Job]:

@@ -194,7 +194,6 @@ def test_continuous_batching_on_cuda_gives_every_request_its_solo_tokens(transfo
     tokens it gets alone (each generation samples its own rows on CUDA, see ``ContinuousBatcher._sample_together``)."""
     pipeline = load_pipeline(transformer_fixture, device="cuda")
     batcher = pipeline.continuous_batcher(max_sequences=8)
-    assert batcher.decode_mode == "cuda_graph"  # batched steps replay from graphs (captured here on first use)
     rng = np.random.default_rng(3)
     settings = [SamplingParams(10, 0.0), SamplingParams(10, 1.0, 20, 0.9), SamplingParams(10, 1.0, 20, 0.9),
                 SamplingParams(10, 0.7, 0, 0.8), SamplingParams(10, 1.5, 5, 1.0)]
@@ -208,6 +207,9 @@ def test_continuous_batching_on_cuda_gives_every_request_its_solo_tokens(transfo
         batcher.step()
         together = max(together, batcher.running_sequences)
     assert together == len(settings)
+    buckets = batcher.decoder.graphs._buckets  # batched steps replayed from graphs, captured on first use
+    assert buckets and all(b is not None and b.graph is not None for b in buckets.values())
+    assert batcher.decode_mode == "cuda_graph"
     for i, (prompt, s) in enumerate(zip(prompts, settings)):
         solo = pipeline.complete(prompt_token_ids=[prompt], sampling=s, seed=20 + i)
         assert outcomes[i].completions[0].token_ids == solo.completions[0].token_ids, i

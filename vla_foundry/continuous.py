@@ -66,7 +66,7 @@ class SlotDecoding(Protocol):
 
     def decode(self, last_ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """One new token per sequence, ``last_ids`` (B,), sequence b in ``slots[b]`` with ``positions[b]`` tokens
-        cached: the next token's logits (B, V)."""
+        cached: the next token's logits (B, V), valid until the next call (a graph's output is overwritten)."""
 
 
 class SlotModel(Protocol):

@@ -137,3 +137,21 @@ def test_bucketed_steps_pad_into_the_free_slots_and_round_the_keys_up(text):
     assert text.model.max_seq_len == 64
     bucket = graphs._buckets[(4, 64)]  # 3 rows → 4, 41 keys → 64
     assert bucket.positions.tolist() == [5, 40, 2, 0] and bucket.keys.shape[1:3] == (4, 64)
+
+
+def test_buckets_made_at_warm_up_serve_outside_inference_mode_and_failed_ones_report_eager(text, monkeypatch):
+    decoder = text.model.slot_decoder(4)
+    graphs = decoder.graphs = SlotGraphs(decoder.step, decoder.cache, mode="cuda_graph")
+    with torch.inference_mode():
+        graphs.capture_all()  # as ContinuousBatcher.warmup does
+    assert len(graphs._buckets) == 3 and graphs.mode == "cuda_graph"
+    with torch.no_grad():  # the static buffers are plain tensors, not inference ones
+        assert graphs.decode(torch.tensor([1, 2, 3]), slice(0, 3), [4, 5, 6]).shape == (3, text.model.vocab_size)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr("vla_foundry.models.slot_graphs._Bucket", fails)
+    failing = SlotGraphs(decoder.step, decoder.cache, mode="cuda_graph")
+    assert failing.decode(torch.tensor([1]), slice(0, 1), [2]) is None
+    assert failing.mode == "eager"

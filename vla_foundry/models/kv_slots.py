@@ -101,6 +101,9 @@ class PackedSlotStep(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        # The rotary tables, built now: a trace or graph captured later reads them as they are (and not a
+        # recomputation of them), and this reference keeps them alive for as long as a graph reads their memory.
+        self.rope_tables = lm._rotary(0, lm.max_seq_len, next(lm.parameters()).device)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> torch.Tensor:

@@ -55,11 +55,14 @@ class SlotGraphs:
         self._trace: Optional[torch.jit.ScriptModule] = None
         self._trace_failed = False
         self._buckets: dict[tuple[int, int], Optional[_Bucket]] = {}  # None: capture or check failed
+        self._pool = None  # the buckets' shared CUDA graph memory pool
 
     @property
     def mode(self) -> str:
-        """``traced``, ``cuda_graph``, or ``eager`` once tracing has failed."""
-        return "eager" if self._trace_failed else self.kind
+        """``traced``, ``cuda_graph``, or ``eager`` once tracing (or every capture so far) has failed."""
+        if self._trace_failed or (self._buckets and not any(self._buckets.values())):
+            return "eager"
+        return self.kind
 
     def decode(self, ids: torch.Tensor, span: slice, positions: list[int]) -> Optional[torch.Tensor]:
         """Logits (B, V) for sequences in the packed slots ``span`` (``PackedSlotStep``'s call), or None: decode
@@ -106,16 +109,19 @@ class SlotGraphs:
         keys, values = self._scratch(rows=3, length=7)
         example = (torch.zeros(3, dtype=torch.long, device=keys.device), torch.tensor([6, 2, 4], device=keys.device),
                    keys, values)
-        with warnings.catch_warnings():  # (the deprecation, and a width read as a number: the same in every shape)
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # tracing's deprecation, and a width read as a number (the same in every shape)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             trace = torch.jit.trace(self.step, example, check_trace=False)
         for rows, length in ((2, 5), (4, 9)):  # shapes it was not traced with: nothing of the example's was fixed
             keys, values = self._scratch(rows, length)
             ids = torch.arange(rows, device=keys.device) % self.step.lm.vocab_size
             positions = torch.arange(rows, device=keys.device) % length
             positions[0] = length - 1
-            eager = self.step(ids, positions, keys.clone(), values.clone())
-            if not torch.equal(trace(ids, positions, keys, values), eager):
+            eager_keys, eager_values = keys.clone(), values.clone()
+            eager = self.step(ids, positions, eager_keys, eager_values)
+            if not (torch.equal(trace(ids, positions, keys, values), eager) and torch.equal(keys, eager_keys)
+                    and torch.equal(values, eager_values)):
                 logger.warning("decode steps stay eager: the trace differs from the eager step at %d rows of %d keys",
                                rows, length)
                 self._trace_failed = True
@@ -136,7 +142,9 @@ class SlotGraphs:
         key = (padded_rows, length_bucket(length, self.cache.max_len))
         if key not in self._buckets:
             try:
-                self._buckets[key] = _Bucket(self.step, self.cache, *key)
+                self._buckets[key] = bucket = _Bucket(self.step, self.cache, *key, pool=self._pool)
+                if bucket.graph is not None and self._pool is None:
+                    self._pool = bucket.graph.pool()
             except Exception as e:  # that bucket decodes eagerly
                 logger.warning("decode steps of %d rows of %d keys stay eager: %s: %s", *key, type(e).__name__, e)
                 self._buckets[key] = None
@@ -145,36 +153,42 @@ class SlotGraphs:
 
 class _Bucket:
     """One captured step of ``rows`` sequences reading ``length`` keys, on static buffers; ``__call__`` pads the
-    running sequences' ids and positions into them and replays."""
+    running sequences' ids and positions into them and replays.
 
-    def __init__(self, step: PackedSlotStep, cache: SlotKVCache, rows: int, length: int):
+    The warm-up runs that capture needs, and the check against the eager step, run on the cache itself (no copy
+    of it), with every row writing at the last position the bucket reads: a position that a running sequence
+    either writes in its own step before it reads it, or never reaches, and that a free slot's next sequence
+    overwrites."""
+
+    def __init__(self, step: PackedSlotStep, cache: SlotKVCache, rows: int, length: int, pool=None):
         self.step, self.rows, self.length = step, rows, length
         device = cache.keys.device
-        self.ids = torch.zeros(rows, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        with torch.inference_mode(False):  # plain tensors: a step outside inference mode may fill them too
+            self.ids = torch.zeros(rows, dtype=torch.long, device=device)
+            self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.keys, self.values = cache.keys[:, :rows, :length], cache.values[:, :rows, :length]  # views
+        self.ids.copy_(torch.arange(rows, device=device) % step.lm.vocab_size)
+        self.positions.fill_(length - 1)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         if device.type == "cuda":
-            self._capture(device)
+            self._capture(device, pool)
         self._check(cache.keys.dtype)
 
-    def _capture(self, device: torch.device) -> None:
+    def _capture(self, device: torch.device, pool) -> None:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires, on a copy of the slots
+        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
             for _ in range(2):
-                self.step(self.ids, self.positions, self.keys.clone(), self.values.clone())
+                self.step(self.ids, self.positions, self.keys, self.values)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Buckets share one memory pool: their replays never overlap (one model thread) and each one's logits are
+        # used before the next replay. thread_local: another thread's allocation does not spoil this capture.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = self.step(self.ids, self.positions, self.keys, self.values)  # (rows, V), static
 
     def _check(self, dtype: torch.dtype) -> None:
-        """The replay against the eager step, every row writing at the last position this bucket reads: a
-        position that a running sequence either writes in its own step before it reads it, or never reaches."""
-        self.ids.copy_(torch.arange(self.rows, device=self.ids.device) % self.step.lm.vocab_size)
-        self.positions.fill_(self.length - 1)
-        eager = self.step(self.ids, self.positions, self.keys.clone(), self.values.clone())
+        eager = self.step(self.ids, self.positions, self.keys, self.values)
         got = self._replay()
         rtol, atol = ((GRAPH_RTOL, GRAPH_ATOL) if dtype == torch.float32
                       else (GRAPH_RTOL_LOW_PRECISION, GRAPH_ATOL_LOW_PRECISION))
