@@ -230,8 +230,8 @@ class ModelExecutor:
             if self._held and self._held[0] is not None and self._held[0].batcher is None:
                 self._dispatch(self._held.popleft())
             try:
-                with deltas_held():  # the step's streamed deltas reach the event loop together, after it
-                    batcher.step()
+                with deltas_held():  # the step's streamed deltas reach the event loop together, after it (and
+                    batcher.step(after_admit=flush_held_deltas)  # new generations' first ones before the decode)
             except Exception as e:  # a fault of the batcher itself: fail what it holds, keep the thread alive
                 logger.exception("deployment %s: a decode step failed", self.name)
                 batcher.fail_all(e)
