@@ -29,8 +29,6 @@ from typing import Any, Callable, Hashable, Optional
 
 from vla_foundry.continuous import Generation
 
-from service.streaming import deltas_held, flush_held_deltas
-
 logger = logging.getLogger(__name__)
 
 
@@ -230,8 +228,7 @@ class ModelExecutor:
             if self._held and self._held[0] is not None and self._held[0].batcher is None:
                 self._dispatch(self._held.popleft())
             try:
-                with deltas_held():  # the step's streamed deltas reach the event loop together, after it (and
-                    batcher.step(after_admit=flush_held_deltas)  # new generations' first ones before the decode)
+                batcher.step()
             except Exception as e:  # a fault of the batcher itself: fail what it holds, keep the thread alive
                 logger.exception("deployment %s: a decode step failed", self.name)
                 batcher.fail_all(e)
@@ -270,7 +267,6 @@ class ModelExecutor:
         self.last_call_done = done
         # The sequences that were decoding together when it finished, its own included (it has left the batch).
         together = (batcher.running_sequences if batcher is not None else 0) + rows
-        flush_held_deltas()  # its last deltas reach the event loop before its end does
         _deliver(job, outcome, joined, done, together)
 
     def _gather(self, first: _Job) -> list[_Job]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from contextlib import contextmanager
-from typing import Any, AsyncIterator, Awaitable, Iterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Optional
 
 from service.errors import error_body
 
@@ -19,42 +18,6 @@ Delta = tuple[int, Optional[str], list[int], Optional[str]]  # row, text, token 
 
 
 _END = object()  # after the last delta: the generation has ended
-
-# The deltas that streams made on this thread while it holds them (``deltas_held``): (loop, queue, delta).
-_held = threading.local()
-
-
-@contextmanager
-def deltas_held() -> Iterator[None]:
-    """Meanwhile, the deltas that streams make on this thread wait, and reach their event loops together at
-    ``flush_held_deltas()`` or at the end. The model thread holds them over a decode step: the event loop then
-    wakes once per step instead of once per token, and does its work while the model thread runs the next step's
-    forward, which leaves the interpreter lock free (``models/slot_graphs.py``), instead of taking the lock between
-    every two ops of the step's sampling."""
-    _held.deltas = []
-    try:
-        yield
-    finally:
-        flush_held_deltas()
-        _held.deltas = None
-
-
-def flush_held_deltas() -> None:
-    """Send the deltas held on this thread to their loops now (a generation's end must not overtake them)."""
-    deltas = getattr(_held, "deltas", None)
-    if not deltas:
-        return
-    _held.deltas = []
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for loop, queue, delta in deltas:
-        by_loop.setdefault(loop, []).append((queue, delta))
-    for loop, items in by_loop.items():
-        loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list) -> None:
-    for queue, delta in items:
-        queue.put_nowait(delta)
 
 
 class GenerationCancelled(Exception):
@@ -72,12 +35,7 @@ class DeltaStream:
         """The pipeline's ``on_text`` (worker thread)."""
         if self.cancelled.is_set():
             raise GenerationCancelled()
-        delta = (row, text, token_ids, finish_reason)
-        held = getattr(_held, "deltas", None)
-        if held is not None:
-            held.append((self._loop, self._queue, delta))
-        else:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (row, text, token_ids, finish_reason))
 
     async def start(self, run: Awaitable[Any]) -> None:
         """Start the generation; returns once it has produced its first delta (or ended without one). An error

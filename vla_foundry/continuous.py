@@ -209,14 +209,11 @@ class ContinuousBatcher:
         return (left[-1][0] if left else 0) * self.step_seconds  # (more than run now: a rough bound)
 
     @torch.inference_mode()
-    def step(self, after_admit: Callable[[], None] = lambda: None) -> None:
-        """One step (see the module's docstring). ``after_admit`` runs between the admissions and the decode step:
-        the service hands newly admitted generations' first tokens to their streams there, before the decode."""
+    def step(self) -> None:
         started = time.perf_counter()
         self._drop_cancelled()
         self._pack()
         self._admit()
-        after_admit()
         if self._running:
             self._decode()
             took = time.perf_counter() - started

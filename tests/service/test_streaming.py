@@ -119,38 +119,3 @@ def test_a_client_that_leaves_before_the_first_delta_cancels_the_queued_generati
     queued_job, stream = asyncio.run(main())
     assert queued_job.cancelled()  # dropped unrun
     assert stream.cancelled.is_set()
-
-
-def test_deltas_held_over_a_step_reach_the_loop_together_and_before_the_end():
-    """The model thread holds a decode step's deltas (``deltas_held``): none crosses to the loop during the step, and
-    all cross in one call after it, in order; ``flush_held_deltas`` (a generation ending mid-step) sends them
-    before the end."""
-    from service.streaming import deltas_held, flush_held_deltas
-
-    async def main():
-        stream = DeltaStream()
-        loop, crossings = stream._loop, []
-        original = loop.call_soon_threadsafe
-        loop.call_soon_threadsafe = lambda *args: crossings.append(args) or original(*args)
-        during = []
-
-        def step():
-            with deltas_held():
-                stream.on_text(0, "a", [1], None)
-                stream.on_text(0, "b", [2], None)
-                during.append(len(crossings))
-            during.append(len(crossings))
-            with deltas_held():
-                stream.on_text(0, "c", [3], "stop")
-                flush_held_deltas()  # what the executor does before it ends a generation
-                during.append(len(crossings))
-                return "done"
-
-        await stream.start(asyncio.to_thread(step))
-        texts = [text async for deltas in stream.batches() for _, text, _, _ in deltas]
-        loop.call_soon_threadsafe = original
-        return texts, during, stream.result()
-
-    texts, during, result = asyncio.run(main())
-    assert during == [0, 1, 2]  # nothing during a step; one crossing for its two deltas; one at the flush
-    assert texts == ["a", "b", "c"] and result == "done"

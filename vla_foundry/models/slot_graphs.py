@@ -16,10 +16,11 @@ every op. A captured step takes the lock once (``policy_graphs.py`` does the sam
   later gets all its positions rewritten: ``SlotKVCache.store_prompt``/``move``), and the keys
   read are rounded up to a power of two of at least 64 (keys after a row's position are masked:
   a softmax weight of exactly 0). A graph is captured on first use of its bucket (or all at
-  warm-up): the warm-up runs that capture needs run on a copy of the cache, so capturing never
-  writes into a running sequence's slot, and the capture itself only records. Each graph is
-  checked against the eager step before it serves (``GRAPH_RTOL``); one that fails the capture or
-  the check is remembered, and its bucket decodes eagerly.
+  warm-up) and checked against the eager step before it serves (``GRAPH_RTOL``); the warm-up runs
+  that capture needs and the check write only at the last position the bucket reads, which a
+  running sequence writes in its own step before it reads it (or never reaches), so capturing
+  mid-serving harms no sequence. A bucket that fails the capture or the check is remembered and
+  decodes eagerly.
 
 Steps over slots that are not packed (the batcher always packs them) decode eagerly.
 """
@@ -72,8 +73,8 @@ class SlotGraphs:
             if trace is None:
                 return None
             length = max(positions) + 1
-            return trace(ids, torch.tensor(positions, dtype=torch.long, device=ids.device),
-                         self.cache.keys[:, span, :length], self.cache.values[:, span, :length])
+            return _interpret(trace, ids, torch.tensor(positions, dtype=torch.long, device=ids.device),
+                              self.cache.keys[:, span, :length], self.cache.values[:, span, :length])
         if span.start != 0:  # padding rows go into the slots after the running ones
             return None
         bucket = self._bucket(len(positions), max(positions) + 1)
@@ -120,8 +121,8 @@ class SlotGraphs:
             positions[0] = length - 1
             eager_keys, eager_values = keys.clone(), values.clone()
             eager = self.step(ids, positions, eager_keys, eager_values)
-            if not (torch.equal(trace(ids, positions, keys, values), eager) and torch.equal(keys, eager_keys)
-                    and torch.equal(values, eager_values)):
+            traced = _interpret(trace, ids, positions, keys, values)
+            if not (torch.equal(traced, eager) and torch.equal(keys, eager_keys) and torch.equal(values, eager_values)):
                 logger.warning("decode steps stay eager: the trace differs from the eager step at %d rows of %d keys",
                                rows, length)
                 self._trace_failed = True
@@ -149,6 +150,14 @@ class SlotGraphs:
                 logger.warning("decode steps of %d rows of %d keys stay eager: %s: %s", *key, type(e).__name__, e)
                 self._buckets[key] = None
         return self._buckets[key]
+
+
+def _interpret(trace: torch.jit.ScriptModule, *inputs: torch.Tensor) -> torch.Tensor:
+    """Run the trace in TorchScript's plain interpreter. Its default (profiling) executor specializes the graph to
+    the shapes it has seen and profiles and optimizes it again when they change, a stall of a tenth of a second or
+    more, and a step's batch size and key length change all the time. (The flag is per thread.)"""
+    with torch.jit.optimized_execution(False):
+        return trace(*inputs)
 
 
 class _Bucket:
