@@ -81,7 +81,8 @@ class Settings(BaseSettings):
         "With replicas per-gpu: replicas sharing each GPU (small policies leave most of a GPU idle)."))
     gpus: Optional[str] = Field(None, description=(
         "The GPUs replicas are given, as CUDA_VISIBLE_DEVICES names them (`0,1` or UUIDs; `none`: CPU replicas); "
-        "none: those CUDA_VISIBLE_DEVICES names, else every GPU of the host."))
+        "none: those CUDA_VISIBLE_DEVICES names, else every GPU of the host. Only with replicas (refused with one "
+        "server process, which takes its GPU from device)."))
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request bodies above this get 413.")
     max_body_keys: int = Field(10_000, ge=100, description="Request bodies and websocket frames with more map keys "
                                                            "than this in all get 413 (1009 on a websocket), before "
@@ -216,6 +217,15 @@ class Settings(BaseSettings):
             raise ValueError(f"the pixel caps must nest: max_image_pixels ({self.max_image_pixels}) <= "
                              f"max_request_pixels ({self.max_request_pixels}) <= max_pixels_in_flight "
                              f"({self.max_pixels_in_flight})")
+        return self
+
+    @model_validator(mode="after")
+    def _gpus_are_for_replicas(self) -> "Settings":
+        # One server process never reads gpus: silently ignoring it would serve on a GPU the operator did not name.
+        if self.gpus is not None and self.replicas == 1:
+            raise ValueError(f"gpus ({self.gpus!r}) names the GPUs of replicas, and replicas is 1; set replicas (a "
+                             "count, or per-gpu), or pick one server process's GPU with device (cuda:N) or "
+                             "CUDA_VISIBLE_DEVICES")
         return self
 
     @model_validator(mode="after")

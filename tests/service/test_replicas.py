@@ -47,6 +47,10 @@ def test_replica_settings_are_checked(monkeypatch):
     for bad in ("0", "two"):
         with pytest.raises(ValueError, match="replicas"):
             Settings.load(replicas=bad)
+    monkeypatch.delenv("VLA_REPLICAS")
+    with pytest.raises(ValueError, match=r"gpus \('0,1'\) names the GPUs of replicas, and replicas is 1"):
+        Settings.load(gpus="0,1")  # one server process would ignore it
+    assert Settings.load(gpus="0,1", replicas="2").gpus == "0,1"
 
 
 def replicas_seen(base: str, expected: int, timeout: float = 90) -> dict[int, dict]:
