@@ -6,6 +6,8 @@ Precedence, highest first: CLI flags, the deployment YAML (``--config``/``VLA_CO
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -57,6 +59,19 @@ class DeploymentSpec(BaseModel):
     @property
     def resolved_name(self) -> str:
         return self.name or Path(self.checkpoint.rstrip("/")).name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else checked_device(v, "deployments[].device")
+
+
+def checked_device(value: str, setting: str) -> str:
+    """``value`` when it names a device this server knows (auto, cpu, cuda, cuda:N); else an error naming
+    ``setting``."""
+    if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+        raise ValueError(f"{setting} must be auto, cpu, cuda or cuda:N (N a GPU's index, e.g. cuda:0); got {value!r}")
+    return value
 
 
 class Settings(BaseSettings):
@@ -192,9 +207,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {v!r}")
-        return v
+        return checked_device(v, "device")
 
     @field_validator("dtype")
     @classmethod

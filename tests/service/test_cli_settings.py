@@ -40,6 +40,11 @@ def test_deployment_yaml_env_and_overrides(tmp_path, monkeypatch):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="device must be"):
         Settings(device="tpu")
+    with pytest.raises(ValueError, match=r"device must be auto, cpu, cuda or cuda:N .*got 'cuda:abc'"):
+        Settings(device="cuda:abc")  # (it used to pass here and fail later without naming the setting)
+    with pytest.raises(ValueError, match=r"deployments\[\]\.device must be .*got 'cuda:-1'"):
+        Settings(deployments=[{"checkpoint": "x", "device": "cuda:-1"}])
+    assert Settings(device="cuda:1", deployments=[{"checkpoint": "x", "device": "cpu"}]).device == "cuda:1"
     with pytest.raises(ValueError, match="does not exist"):
         Settings.load(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"deployments": [{"checkpoint": "x", "chekpoint_file": "y"}]}))
