@@ -183,7 +183,7 @@ class Launcher:
                 try:
                     self._start(child)
                 except OSError as e:  # no process could be made now (memory, process limits): try again later
-                    child.process = None
+                    child.process, child.started = None, now  # (a failed start is a quick failure: the delay grows)
                     self._schedule_restart(child, now, f"could not be started ({e})")
             return 0
         status = child.process.poll()

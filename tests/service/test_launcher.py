@@ -151,3 +151,31 @@ def test_replicas_die_with_their_launcher_even_when_it_is_killed(launch):
     proc.kill()  # no SIGTERM to forward: the kernel tells each replica its parent died
     wait_for(lambda: {"exit 0", "exit 1"} <= set(events(log)))
     wait_for(lambda: refused(port))  # nobody serves the port any more
+
+
+def test_starts_that_fail_back_off_even_after_a_long_run(monkeypatch):
+    """A replica that served for hours, then cannot be started again (no memory, a process limit): the attempts are
+    quick failures, so the delay doubles up to its cap instead of retrying every second for ever."""
+    from service import launcher as launcher_module
+
+    clock = {"now": 10_000.0}
+    monkeypatch.setattr(launcher_module.time, "monotonic", lambda: clock["now"])
+    sock = socket.socket()
+    launcher = launcher_module.Launcher(["true"], [""], sock, drain_timeout_s=1)
+    child = launcher.children[0]
+    child.started = 0.0  # started long ago
+    child.process = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.process.wait()
+
+    def no_process(*args, **kwargs):
+        raise OSError("no memory")
+
+    monkeypatch.setattr(launcher_module.subprocess, "Popen", no_process)
+    delays = []
+    assert launcher._watch(child) == 0  # it exited after a long run: the first delay is the shortest
+    for _ in range(7):
+        delays.append(child.restart_at - clock["now"])
+        clock["now"] = child.restart_at
+        assert launcher._watch(child) == 0 and child.process is None
+    sock.close()
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
