@@ -37,10 +37,14 @@ LOAD_LOG_PERIOD_S = 30.0
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
 # Announce: the replica's entry and its time in the store's clock (one clock for every host).
+# Each announcement also gives both keys ARGV[3] seconds to live: once no replica announces any more (the whole fleet
+# gone), the directory leaves the store instead of staying in it for ever.
 _ANNOUNCE = """
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6, ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 """
 # The live entries, oldest announcement first; the stale ones are removed on the way.
 _LIVE = """
@@ -88,7 +92,8 @@ class ReplicaDirectory:
         self._client = client
 
     async def announce(self, entry: dict[str, Any]) -> None:
-        await self._announce(keys=[self.entries, self.seen], args=[entry["id"], json.dumps(entry)])
+        await self._announce(keys=[self.entries, self.seen],
+                             args=[entry["id"], json.dumps(entry), math.ceil(STALE_AFTER_S)])
 
     async def withdraw(self, replica_id: str) -> None:
         await self._client.hdel(self.entries, replica_id)

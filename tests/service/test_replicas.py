@@ -185,3 +185,25 @@ def test_ray_refuses_a_fraction_of_gpus_above_one():
 
     with pytest.raises(ValueError, match="num_gpus 1.5: above 1, Ray gives whole GPUs only"):
         app({"num_gpus": "1.5"})
+
+
+def test_the_replica_directory_leaves_the_store_once_no_replica_announces(redis_url):  # noqa: F811
+    """Every announcement gives the directory's keys STALE_AFTER_S to live: a fleet that is gone leaves nothing."""
+    import asyncio
+
+    import redis.asyncio
+
+    from service.replicas import STALE_AFTER_S, ReplicaDirectory
+
+    async def main():
+        client = redis.asyncio.Redis.from_url(redis_url)
+        directory = ReplicaDirectory(client, "test:")
+        await directory.announce({"id": "a", "host": "h"})
+        ttls = [await client.ttl(key) for key in (directory.entries, directory.seen)]
+        listed = await directory.live()
+        await client.aclose()
+        return ttls, listed
+
+    ttls, listed = asyncio.run(main())
+    assert listed == [{"id": "a", "host": "h"}]
+    assert all(0 < ttl <= STALE_AFTER_S for ttl in ttls), ttls  # (-1: no expiry)
