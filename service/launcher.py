@@ -201,7 +201,7 @@ class Launcher:
 
     def _schedule_restart(self, child: _Child, now: float, what: str) -> None:
         child.failures = child.failures + 1 if now - child.started < STABLE_AFTER_S else 1
-        delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (child.failures - 1))
+        delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** min(child.failures - 1, 30))  # (no overflow)
         logger.warning("replica %d %s: starting it again in %.0f s", child.index, what, delay)
         child.restart_at = now + delay
 

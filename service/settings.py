@@ -262,7 +262,7 @@ class Settings(BaseSettings):
     def load(cls, config: Optional[Path] = None, **overrides: Any) -> "Settings":
         """Settings from the environment, the deployment YAML and explicit ``overrides``."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        path = config or cls().config
+        path = config or _ConfigPath().config
         values: dict[str, Any] = {}
         if path is not None:
             values = read_deployment_file(Path(path))
@@ -272,6 +272,15 @@ class Settings(BaseSettings):
         if values.get("deployments") or extra:  # else VLA_DEPLOYMENTS (or the demo pack) applies
             values["deployments"] = list(values.get("deployments") or []) + list(extra)
         return cls(**values)
+
+
+class _ConfigPath(BaseSettings):
+    """Where the deployment YAML is (VLA_CONFIG), read alone: the other variables are checked once the YAML and the
+    command line have been applied (VLA_GPUS alone, with replicas from the command line, is a valid launch)."""
+
+    model_config = SettingsConfigDict(env_prefix="VLA_", extra="ignore")
+
+    config: Optional[Path] = None
 
 
 def read_deployment_file(path: Path) -> dict[str, Any]:

@@ -177,5 +177,8 @@ def test_starts_that_fail_back_off_even_after_a_long_run(monkeypatch):
         delays.append(child.restart_at - clock["now"])
         clock["now"] = child.restart_at
         assert launcher._watch(child) == 0 and child.process is None
-    sock.close()
     assert delays == [1, 2, 4, 8, 16, 30, 30]
+    child.failures = 5000  # hours of failing starts: the delay stays at its cap (2 ** 4999 would overflow a float)
+    clock["now"] = child.restart_at
+    assert launcher._watch(child) == 0 and child.failures == 5001 and child.restart_at - clock["now"] == 30
+    sock.close()

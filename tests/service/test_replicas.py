@@ -51,6 +51,8 @@ def test_replica_settings_are_checked(monkeypatch):
     with pytest.raises(ValueError, match=r"gpus \('0,1'\) names the GPUs of replicas, and replicas is 1"):
         Settings.load(gpus="0,1")  # one server process would ignore it
     assert Settings.load(gpus="0,1", replicas="2").gpus == "0,1"
+    monkeypatch.setenv("VLA_GPUS", "0,1")  # with replicas from the command line: checked once both are applied
+    assert Settings.load(replicas="2").gpus == "0,1"
 
 
 def replicas_seen(base: str, expected: int, timeout: float = 90) -> dict[int, dict]:
