@@ -85,9 +85,7 @@ class SlotDecoder:
             logits = self.graphs.decode(last_ids, span, positions)
             if logits is not None:
                 return logits
-        length = max(positions) + 1
-        return self.step(last_ids, torch.tensor(positions, dtype=torch.long, device=last_ids.device),
-                         self.cache.keys[:, span, :length], self.cache.values[:, span, :length])
+        return self.step(last_ids, *self.cache.packed_rows(span, positions))
 
 
 class PackedSlotStep(torch.nn.Module):
@@ -151,6 +149,13 @@ class SlotKVCache:
         for cache in (self.keys, self.values):  # (L, S, M, nh, hd)
             cache[:, dst, :length] = cache[:, src, :length]
             cache[:, dst, length:] = 0
+
+    def packed_rows(self, span: slice, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A ``PackedSlotStep``'s inputs after the ids, for the sequences in slots ``span`` at ``positions``: the
+        positions (B,), and their keys and values up to the furthest position, views (L, B, Tk, nh, hd)."""
+        length = max(positions) + 1
+        return (torch.tensor(positions, dtype=torch.long, device=self.keys.device), self.keys[:, span, :length],
+                self.values[:, span, :length])
 
     def batch(self, slots: list[int], positions: list[int]) -> "SlotBatch":
         """A decode step's view: sequence b (in ``slots[b]``) gets its new token at ``positions[b]``."""

@@ -72,9 +72,7 @@ class SlotGraphs:
             trace = self._traced()
             if trace is None:
                 return None
-            length = max(positions) + 1
-            return _interpret(trace, ids, torch.tensor(positions, dtype=torch.long, device=ids.device),
-                              self.cache.keys[:, span, :length], self.cache.values[:, span, :length])
+            return _interpret(trace, ids, *self.cache.packed_rows(span, positions))
         if span.start != 0:  # padding rows go into the slots after the running ones
             return None
         bucket = self._bucket(len(positions), max(positions) + 1)
