@@ -1,8 +1,8 @@
-"""What the benchmarks share: a random-weight policy to serve, a free loopback port, the command that serves,
-and a server process run until it is ready and stopped with everything it started.
+"""What the benchmarks share: a random-weight policy or text model to serve, a free loopback port, the command
+that serves, and a server process run until it is ready and stopped with everything it started.
 
 Imported by the scripts beside it (``python bench/<script>.py`` puts this folder on the path). Light to
-import: torch and the model package load only when a policy is built.
+import: torch and the model package load only when a model is built.
 """
 
 from __future__ import annotations
@@ -67,6 +67,32 @@ def build_policy(path: Path, cameras: list[str], size: int, gpu_sized: bool = Fa
         model = create_model(params, load_pretrained=False).eval()
     save_policy_experiment(model, path, robot_io, stats,
                            normalizer_block([PROPRIO, ACTION], past=PAST, future=FUTURE))
+    return path
+
+
+def build_text_model(path: Path, n_layers: int, width: int, device: str = "cpu") -> Path:
+    """A random-weight GPT-style ``transformer`` with ``n_layers`` layers of width ``width`` (heads of 128) and a
+    1,024-token context, with the demo transformer's tokenizer, saved under ``path`` in bfloat16 (``precision:
+    bf16``, so a CUDA server serves it in bfloat16). Built on ``device`` (a GPU builds a billion parameters in
+    seconds). Its text is noise; its timings are those of a model of that shape."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vla_foundry.checkpoint import save_experiment
+    from vla_foundry.demo import ensure_demo_pack
+    from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
+    from vla_foundry.models import create_model
+    from vla_foundry.params.transformer import TransformerParams
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(ensure_demo_pack(DEFAULT_DEMO_DIR, members=["demo-transformer"]) / "demo-transformer" / "tokenizer"))
+    params = TransformerParams(hidden_dim=width, n_layers=n_layers, n_heads=max(1, width // 128),
+                               vocab_size=len(tokenizer), max_seq_len=1024)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        model = create_model(params, load_pretrained=False).eval()
+    save_experiment(model.to(torch.bfloat16), path, precision="bf16", tokenizer=tokenizer, fmt="safetensors",
+                    training_config={"name": f"random-transformer-{n_layers}x{width}"})
     return path
 
 

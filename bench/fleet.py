@@ -3,7 +3,7 @@
     python bench/fleet.py [--checkpoint DIR | --tiny | --gpu-policy] [--device cpu|cuda] [--concurrency 1,4,16,64]
                           [--seconds 10] [--warmup 2]
                           [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
-                          [--no-starvation]
+                          [--no-starvation] [--no-litserve]
     python bench/fleet.py --replicas N [--robots 16] [--checkpoint DIR | --tiny] [--seconds 10]
 
 (--replicas: robots on HTTP sessions against 1 and N replicas on Ray Serve; bench/fleet_replicas.py says how.)
@@ -21,8 +21,10 @@ Three servers, per concurrency in turn (so drift on a shared CPU hits them alike
   (one server for all rows; each model call takes every queued request, up to that many);
 - `LitServe`: the same pipeline (`load_pipeline`, `ActionPipeline.predict_each`, the call our
   server makes) behind LitServe's own batching, `max_batch_size` = the row's concurrency,
-  `batch_timeout` --batch-timeout, one worker, CPU, on 127.0.0.1. It is installed with pip on
-  first use (it is not a dependency of the package) and started per row.
+  `batch_timeout` --batch-timeout, one worker, on --device, on 127.0.0.1. It is installed with pip
+  on first use (it is not a dependency of the package) and started per row; where it cannot be
+  installed (a GPU host without the registry and without its wheels) its rows are left out, and so
+  with --no-litserve.
 Our server is asked through the robot client (`vla_foundry_client`): msgpack HTTP
 (`HttpPolicyClient`, one keep-alive connection per robot) or the websocket
 (`WebsocketPolicyClient`, one connection = one session per robot). LitServe gets JSON over
@@ -32,7 +34,10 @@ proprioception rows, the instruction when the policy reads one), a seed of its o
 (robot × 100000 + request) and the deployment's default step count.
 Printed: per server and concurrency req/s, p50/p99 ms, the mean batch size requests shared
 (from `timing_ms.batch_size` / `server_timing.batch_size`; LitServe does not report it),
-errors; then ratios against LitServe and the goals of the issue. Then "starvation": one
+errors; then ratios against LitServe and the goals of the issue (on CUDA also the GPU goals:
+16 robots ≥ 10× one robot's req/s, and one robot's p50 ≤ 1.5× the compute floor: the policy's
+sampling alone from its graphs for one robot, `policy_sampling.sampling_floor_ms`, measured on
+--device in this process before the servers start, on CPU too). Then "starvation": one
 msgpack-HTTP robot on the batching server alone, while 16 threads poll `GET /health/live` 20
 times a second each, and while 16 threads flood it; the health threads run in a second
 process, so they take no GIL time from the robot's process (only CPU, as any client would).
@@ -80,6 +85,7 @@ except ImportError:
 HEALTH_THREADS, POLL_HZ = 16, 20
 REPLY_TIMEOUT_S = 60.0  # one request; every robot loop also ends at its row's end
 GOAL_SCALING, GOAL_VS_LITSERVE, GOAL_TAIL = 3.0, 1.5, 3.0
+GOAL_GPU_SCALING, GOAL_GPU_FLOOR = 10.0, 1.5  # on CUDA: 16 robots ÷ 1 robot; one robot's p50 ÷ the compute floor
 GOAL_HEALTH_P50, GOAL_FLOOD_RPS = 1.2, 0.5
 
 
@@ -135,12 +141,16 @@ def litserve_server(checkpoint: Path, max_batch_size: int, batch_timeout: float,
         yield b
 
 
-def ensure_litserve() -> str:
-    """LitServe's version, installed with pip first when missing."""
+def ensure_litserve() -> Optional[str]:
+    """LitServe's version, installed with pip first when missing; None (its rows are left out) when it cannot be."""
     global litserve
     if litserve is None:
         print(f"litserve is not installed: running {sys.executable} -m pip install litserve", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "litserve"], check=True, timeout=600)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "litserve"], check=True, timeout=600)
+        except (subprocess.SubprocessError, OSError) as e:
+            print(f"LitServe could not be installed ({e}): its rows are left out", flush=True)
+            return None
         import importlib
 
         importlib.invalidate_caches()  # the import system's directory listings predate the install
@@ -503,16 +513,32 @@ def print_table(rows: list[Row]) -> None:
             print(f"first error of {r.server} at {r.concurrency}: {r.first_error}")
 
 
-def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], concurrency: list[int]) -> None:
+def compute_floor(checkpoint: Path) -> float:
+    """One robot's compute floor on --device: the policy's sampling alone from its graphs, in this process (with the
+    servers' torch threads on CPU), before the servers start."""
+    import torch
+    from policy_sampling import sampling_floor_ms
+
+    if DEVICE == "cpu" and TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
+    floor_ms = sampling_floor_ms(checkpoint, DEVICE)
+    print(f"compute floor of one robot's request on {DEVICE}: {floor_ms:.2f} ms (the policy's sampling alone from "
+          "its graphs, median of 20)", flush=True)
+    return floor_ms
+
+
+def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], concurrency: list[int],
+                 floor_ms: float) -> None:
+    """Ratios and goals per transport (on CUDA the GPU goals too); ``floor_ms``: one robot's compute floor."""
     lit = "LitServe (JSON HTTP)"
     for transport in transports:
         name = TRANSPORT_NAMES[transport]
         on, off = f"ours, batching on ({name})", f"ours, batching off ({name})"
         print(f"\nratios, {on}:")
         for c in concurrency:
-            r_on, r_off, r_lit = results[(on, c)], results[(off, c)], results[(lit, c)]
-            print(f"- {c} robots: req/s ÷ LitServe {times(ratio(r_on.rps, r_lit.rps))}, "
-                  f"p50 ÷ LitServe {times(ratio(r_on.p50, r_lit.p50))}, "
+            r_on, r_off, r_lit = results[(on, c)], results[(off, c)], results.get((lit, c))
+            print(f"- {c} robots: req/s ÷ LitServe {times(ratio(r_on.rps, r_lit and r_lit.rps))}, "
+                  f"p50 ÷ LitServe {times(ratio(r_on.p50, r_lit and r_lit.p50))}, "
                   f"req/s ÷ batching off {times(ratio(r_on.rps, r_off.rps))}")
         r1, r16, l16 = results.get((on, 1)), results.get((on, 16)), results.get((lit, 16))
         scaling = ratio(r16.rps, r1.rps) if r1 and r16 else None
@@ -529,6 +555,15 @@ def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], con
               f"LitServe's: {times(vs_lit)}, {p50s} — {verdict(lit_ok)}")
         print(f"- p99 at concurrency 16 ≤ {GOAL_TAIL:g}× its p50: {times(tail)} — "
               f"{verdict(None if tail is None else tail <= GOAL_TAIL)}")
+        over_floor = ratio(r1.p50, floor_ms) if r1 else None
+        print(f"- one robot's p50 ÷ its compute floor ({floor_ms:.2f} ms): {times(over_floor)}")
+        if DEVICE.startswith("cuda"):
+            print(f"GPU goals ({on}):")
+            print(f"- throughput at concurrency 16 ≥ {GOAL_GPU_SCALING:g}× concurrency 1: {times(scaling)} — "
+                  f"{verdict(None if scaling is None else scaling >= GOAL_GPU_SCALING)}")
+            print(f"- one robot's p50 ≤ {GOAL_GPU_FLOOR:g}× the compute floor ({floor_ms:.2f} ms, sampling from the "
+                  f"CUDA graphs alone): {times(over_floor)} — "
+                  f"{verdict(None if over_floor is None else over_floor <= GOAL_GPU_FLOOR)}")
     if 16 not in concurrency:
         print("(concurrency 16 was not run: the goals at 16 are n/a)")
 
@@ -583,6 +618,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout, seconds")
     parser.add_argument("--starvation", action=argparse.BooleanOptionalAction, default=True,
                         help="the /health/live starvation section")
+    parser.add_argument("--litserve", action=argparse.BooleanOptionalAction, default=True,
+                        help="LitServe's rows (installed with pip when missing; left out when that fails)")
     # Hidden modes: this script as the LitServe server, and as the /health/live load.
     parser.add_argument("--replicas", type=int, help="instead: robots on HTTP sessions against 1 and N CPU replicas "
                                                      "on Ray Serve (a Redis session store), then one replica killed "
@@ -618,12 +655,13 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     concurrency = [int(c) for c in args.concurrency.split(",")]
     transports = ["msgpack", "websocket"] if args.transport == "both" else [args.transport]
-    version = ensure_litserve()
+    version = ensure_litserve() if args.litserve else None
     batching = max(concurrency)
     results: dict[tuple[str, int], Row] = {}
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as scratch:
         checkpoint = resolve_checkpoint(args, Path(scratch))
+        floor_ms = compute_floor(checkpoint)
         with our_server(checkpoint, 1) as off, our_server(checkpoint, batching) as on:
             with HttpPolicyClient(off, format="msgpack") as client:
                 io = client.metadata()
@@ -633,9 +671,10 @@ def main() -> None:
                   f"{[(p['field'], p['steps'], p['dim']) for p in io['proprioception']]}, "
                   f"language {io['uses_language']}, {steps} denoising steps")
             threads = args.threads or f"torch's default ({os.cpu_count()} cores)"
+            lit = (f"LitServe {version}: max_batch_size = the row's concurrency, batch_timeout {args.batch_timeout:g} s"
+                   if version else "LitServe left out")
             print(f"ours: VLA_MAX_BATCH_SIZE=1 (off) and VLA_MAX_BATCH_SIZE={batching} (on, the largest concurrency, "
-                  f"for every row); LitServe {version}: max_batch_size = the row's concurrency, batch_timeout "
-                  f"{args.batch_timeout:g} s; torch threads: {threads} in both; "
+                  f"for every row); {lit}; torch threads: {threads} in both; "
                   f"{args.warmup:g} s warm-up + {args.seconds:g} s per row\n", flush=True)
             for c in concurrency:
                 for label, base in (("off", off), ("on", on)):
@@ -643,6 +682,8 @@ def main() -> None:
                         server = f"ours, batching {label} ({TRANSPORT_NAMES[transport]})"
                         rows.append(results.setdefault((server, c), measure(server, transport, base, c, io, steps,
                                                                               args)))
+                if not version:
+                    continue
                 # LitServe only now (its batching worker polls its queue even when idle).
                 with litserve_server(checkpoint, c, args.batch_timeout, steps) as lit:
                     if c == concurrency[0]:
@@ -652,7 +693,7 @@ def main() -> None:
             starved = starvation(on, io, steps, args) if args.starvation else None
     print(f"\n## fleet: {args.seconds:g} s per row, closed-loop robots\n")
     print_table(rows)
-    print_ratios(results, transports, concurrency)
+    print_ratios(results, transports, concurrency, floor_ms)
     if starved:
         print_starvation(starved)
 

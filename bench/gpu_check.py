@@ -1,20 +1,30 @@
 """The GPU check in one command (`make gpu-check`): the GPU tests, then the GPU rows of every bench, one table.
 
-    python bench/gpu_check.py [--only tests,generate,images,policy,fleet]
+    python bench/gpu_check.py [--only tests,generate,images,policy,fleet,text] [--smoke]
 
 Steps, in order, each a subprocess with its own time limit (the whole check is meant to fit in
-8 minutes on an H100/H200 with the serving stack installed):
+about 10 minutes on an H100/H200 with the serving stack installed; a device call that allows less
+runs it in two, e.g. `--only tests,generate,images,policy` then `--only fleet,text`):
 - `tests`: `pytest -m gpu` (CUDA device choice, fp32/bf16/fp16 loads, CUDA-graph text decoding,
-  the policy's CUDA graphs == eager for every bucket, the service on CUDA);
+  the policy's CUDA graphs == eager for every bucket, continuous batching's CUDA graphs, the
+  service on CUDA);
 - `generate`: `bench/generate.py --device cuda --dtype bfloat16` (tokens/s with and without the KV
   cache and the CUDA-graph decoder);
 - `images`: `bench/images.py --device cuda --dtype bfloat16`;
 - `policy`: `bench/policy_sampling.py --device cuda --gpu-policy` (eager vs CUDA-graph sampling per
   batch size: the compute floor a robot's round trip is compared with);
 - `fleet`: `bench/fleet.py --device cuda --gpu-policy --concurrency 1,16` (robots over HTTP,
-  batching off and on, LitServe beside it; its starvation rows are skipped: they are a CPU matter).
+  batching off and on, LitServe beside it when installed; the GPU goals: 16 robots ≥ 10× one,
+  one robot's p50 ≤ 1.5× the compute floor; its starvation rows are skipped: a CPU matter);
+- `text`: `bench/text_serving.py --device cuda --random-model 24x2048 --concurrency 1,32` (OpenAI
+  clients streaming from a 24-layer width-2048 model with continuous batching; the GPU goal:
+  32 clients ≥ 10× one client's tokens/s).
 Each step's own table is printed as it finishes; the summary at the end lists every step with its
 status and seconds, dated, ready to paste into the README. Exit status 1 when a step failed.
+
+--smoke: the same steps on the CPU with tiny models and short rows (the tests only collected), to
+check that every script of the check still runs; `tests/test_benches.py` runs it, so the check
+cannot rot unseen between the sessions that have a GPU.
 """
 
 from __future__ import annotations
@@ -29,19 +39,35 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 
+# step: (the GPU command, the --smoke command, time limit in seconds)
 STEPS = {
-    "tests": ([PY, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests")], 150),
-    "generate": ([PY, str(HERE / "generate.py"), "--device", "cuda", "--dtype", "bfloat16"], 60),
-    "images": ([PY, str(HERE / "images.py"), "--device", "cuda", "--dtype", "bfloat16"], 60),
-    "policy": ([PY, str(HERE / "policy_sampling.py"), "--device", "cuda", "--gpu-policy"], 90),
+    "tests": ([PY, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests")],
+              [PY, "-m", "pytest", "-q", "-m", "gpu", "--collect-only", str(HERE.parent / "tests")], 150),
+    "generate": ([PY, str(HERE / "generate.py"), "--device", "cuda", "--dtype", "bfloat16"],
+                 [PY, str(HERE / "generate.py"), "--device", "cpu", "--dtype", "bfloat16", "--layers", "2",
+                  "--width", "64", "--new-tokens", "8", "--repeats", "1"], 60),
+    "images": ([PY, str(HERE / "images.py"), "--device", "cuda", "--dtype", "bfloat16"],
+               [PY, str(HERE / "images.py"), "--device", "cpu", "--size", "16", "--timesteps", "4", "--fast-steps",
+                "2", "--batch", "1"], 60),
+    "policy": ([PY, str(HERE / "policy_sampling.py"), "--device", "cuda", "--gpu-policy"],
+               [PY, str(HERE / "policy_sampling.py"), "--device", "cpu", "--batch-sizes", "1,2", "--repeats", "3"],
+               90),
     "fleet": ([PY, str(HERE / "fleet.py"), "--device", "cuda", "--gpu-policy", "--concurrency", "1,16",
-               "--seconds", "6", "--no-starvation"], 150),
+               "--seconds", "6", "--no-starvation"],
+              [PY, str(HERE / "fleet.py"), "--device", "cpu", "--tiny", "--concurrency", "1,2", "--seconds", "1",
+               "--warmup", "0.5", "--no-starvation", "--no-litserve"], 150),
+    "text": ([PY, str(HERE / "text_serving.py"), "--device", "cuda", "--random-model", "24x2048",
+              "--concurrency", "1,32", "--seconds", "6", "--servers", "on"],
+             [PY, str(HERE / "text_serving.py"), "--device", "cpu", "--random-model", "2x64", "--concurrency", "1,2",
+              "--seconds", "1", "--warmup", "0.5", "--servers", "on"], 150),
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(STEPS), help="steps, comma-separated")
+    parser.add_argument("--smoke", action="store_true", help="every step on the CPU with tiny models: checks the "
+                        "scripts run, measures nothing")
     args = parser.parse_args()
     chosen = [s for s in args.only.split(",") if s]
     unknown = [s for s in chosen if s not in STEPS]
@@ -49,7 +75,8 @@ def main() -> int:
         parser.error(f"unknown steps {unknown}; steps: {', '.join(STEPS)}")
     summary = []
     for name in chosen:
-        command, limit = STEPS[name]
+        gpu_command, smoke_command, limit = STEPS[name]
+        command = smoke_command if args.smoke else gpu_command
         print(f"\n## {name}: {' '.join(Path(c).name if c.startswith('/') else c for c in command)}\n", flush=True)
         started = time.perf_counter()
         try:
@@ -58,7 +85,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             status = f"timed out after {limit} s"
         summary.append((name, status, time.perf_counter() - started))
-    print(f"\n## GPU check, {datetime.date.today().isoformat()}\n")
+    print(f"\n## GPU check{' (smoke, CPU)' if args.smoke else ''}, {datetime.date.today().isoformat()}\n")
     print("| step | status | seconds |\n|---|---|---:|")
     for name, status, seconds in summary:
         print(f"| {name} | {status} | {seconds:.0f} |")

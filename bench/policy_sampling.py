@@ -105,18 +105,42 @@ def main() -> None:
             print(row(graphs, eager, batch, device, args.repeats), flush=True)
 
 
+def sampling_inputs(pipeline, batch: int) -> tuple[dict, torch.Tensor]:
+    """The model inputs of ``batch`` requests and their initial noise (seeded by the batch size)."""
+    inputs = pipeline.prepare([r.sample for r in requests_for(pipeline, batch)]).model_kwargs()
+    noise = torch.randn(inputs["actions"].shape, generator=torch.Generator().manual_seed(batch)).to(inputs["actions"])
+    return inputs, noise
+
+
+def sampling_floor_ms(checkpoint: Path, device: str, batch: int = 1, repeats: int = 20) -> float:
+    """The compute floor of a request of ``batch`` robots: the median ms of the policy's sampling alone from its
+    graphs (captured at warm-up, as a server does), on ``device``. What a robot's round trip is compared with."""
+
+    @torch.inference_mode()
+    def measure() -> float:
+        pipeline = load_pipeline(checkpoint, device=resolve_device(device))
+        pipeline.warmup(batch)
+        inputs, noise = sampling_inputs(pipeline, batch)
+        return timed(lambda: pipeline.graphs.sample(inputs, pipeline.num_inference_steps, noise),
+                     resolve_device(device), repeats)
+
+    floor = measure()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the pipeline is gone: its memory goes back before servers start on the GPU
+    return floor
+
+
 def row(graphs, eager, batch: int, device: torch.device, repeats: int) -> str:
     """One batch size's line of the table."""
     steps = graphs.num_inference_steps
     requests = requests_for(graphs, batch)
-    inputs = graphs.prepare([r.sample for r in requests]).model_kwargs()
-    noise = torch.randn(inputs["actions"].shape, generator=torch.Generator().manual_seed(batch)).to(inputs["actions"])
+    inputs, noise = sampling_inputs(graphs, batch)
     floor_graph = timed(lambda: graphs.graphs.sample(inputs, steps, noise), device, repeats)
     floor_eager = timed(lambda: graphs.model.generate_actions(**inputs, num_inference_steps=steps,
                                                               initial_noise=noise), device, repeats)
     call_graph = timed(lambda: graphs.predict_each(requests), device, repeats)
     call_eager = timed(lambda: eager.predict_each(requests), device, repeats)
-    diff = max(float(np.abs(a["action_chunk"] - b["action_chunk"]).max())
+    diff = max(float(np.abs(a.action_chunk - b.action_chunk).max())
                for a, b in zip(graphs.predict_each(requests), eager.predict_each(requests)))
     return (f"| {batch} | {floor_eager:.2f} | {floor_graph:.2f} | {floor_eager / floor_graph:.2f}x | "
             f"{call_eager:.2f} | {call_graph:.2f} | {call_graph / batch:.2f} | {diff:.1e} |")

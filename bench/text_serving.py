@@ -1,7 +1,8 @@
 """Text serving under concurrent OpenAI clients: continuous batching on vs off, side by side in one run.
 
     .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 10] [--checkpoint DIR]
-                                           [--servers on,eager,off]
+                                           [--servers on,eager,off] [--device auto|cpu|cuda]
+                                           [--random-model LAYERSxWIDTH]
 
 N clients (threads of this process, each the official ``openai`` client with its own connection) stream
 ``/v1/completions`` back to back from one text deployment (default: the demo pack's transformer, 4 layers
@@ -18,7 +19,9 @@ stream fell behind on share a write and arrive together, a gap of about 0) p50/p
 
 Goals (issue 18, 2-core CPU): tokens/s at concurrency 8 ≥ 3× concurrency 1, and time to first token
 p99 at concurrency 8 ≤ 2× (one prefill of the longest prompt + one decode step of 8 sequences), both
-measured here with the deployment's own batcher in this process while the servers are idle.
+measured here with the deployment's own batcher in this process while the servers are idle. On a GPU
+(``--device cuda --random-model 24x2048``: a random-weight 24-layer width-2048 model in bfloat16, what
+``make gpu-check`` runs): tokens/s at concurrency 32 ≥ 10× concurrency 1.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,12 +40,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_support import free_port, server_process  # noqa: E402
+from bench_support import build_text_model, free_port, server_process  # noqa: E402
 from service.cli import serve_command  # noqa: E402
 
 WORDS = ("the robot moves red blue cube to left right of table slowly then picks up a small cup and places it "
          "near green box").split()
-GOAL_SCALING, GOAL_TTFT = 3.0, 2.0
+GOAL_SCALING, GOAL_TTFT, GOAL_GPU_SCALING = 3.0, 2.0, 10.0
 SERVERS = {"on": "continuous batching on", "eager": "continuous batching on, eager steps",
            "off": "continuous batching off"}
 
@@ -155,14 +159,14 @@ def measure(server: str, base: str, concurrency: int, warmup: float, seconds: fl
     return row
 
 
-def compute_floor(checkpoint: Path, sequences: int) -> tuple[float, float]:
+def compute_floor(checkpoint: Path, sequences: int, device: str) -> tuple[float, float]:
     """(ms of one prefill of the longest prompt, ms of one decode step of ``sequences`` sequences), with the
     deployment's own batcher in this process: a first step admits (prefills) them all and decodes once, the
     next steps only decode (medians of repeated runs)."""
     from vla_foundry.pipelines import load_pipeline
     from vla_foundry.sampling import SamplingParams
 
-    pipeline = load_pipeline(checkpoint)
+    pipeline = load_pipeline(checkpoint, device=device)
     batcher = pipeline.continuous_batcher(sequences, prefill_tokens=10**6)  # all prefills in the first step
     batcher.warmup()  # decode steps traced (CPU) or captured (CUDA) first, as the server does at load
     longest = " ".join(WORDS[i % len(WORDS)] for i in range(40))
@@ -195,8 +199,26 @@ def main() -> None:
     parser.add_argument("--servers", default="on,off", help="which servers, comma-separated, in this order: on "
                         "(continuous batching, decode steps from graphs as served by default), eager (continuous "
                         "batching, eager decode steps: VLA_TRACED_SAMPLING=false VLA_CUDA_GRAPHS=false), off")
+    parser.add_argument("--device", default="auto", help="the servers' VLA_DEVICE: auto | cpu | cuda | cuda:N")
+    parser.add_argument("--random-model", metavar="LAYERSxWIDTH", help="instead of --checkpoint: a random-weight "
+                        "transformer of that shape in bfloat16, built on --device (24x2048 for the GPU goal)")
     args = parser.parse_args()
-    checkpoint = text_checkpoint(args.checkpoint or "demo-transformer")
+    from vla_foundry.devices import resolve_device
+
+    device = str(resolve_device(args.device))
+    with tempfile.TemporaryDirectory(prefix="text-serving-") as scratch:
+        if args.random_model:
+            try:
+                layers, width = (int(n) for n in args.random_model.lower().split("x"))
+            except ValueError:
+                parser.error(f"--random-model: {args.random_model!r} is not LAYERSxWIDTH, e.g. 24x2048")
+            checkpoint = build_text_model(Path(scratch) / f"random-{layers}x{width}", layers, width, device)
+        else:
+            checkpoint = text_checkpoint(args.checkpoint or "demo-transformer")
+        run(args, parser, checkpoint, device)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: Path, device: str) -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     rows: dict[tuple[str, int], Row] = {}
     for mode in args.servers.split(","):
@@ -204,7 +226,8 @@ def main() -> None:
             parser.error(f"--servers: {mode!r} is not one of {', '.join(SERVERS)}")
         server = SERVERS[mode]
         port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEVICE": device,
+               "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
                "VLA_CONTINUOUS_BATCHING": "false" if mode == "off" else "true",
                **({"VLA_TRACED_SAMPLING": "false", "VLA_CUDA_GRAPHS": "false"} if mode == "eager" else {})}
         command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=text", "--host", "127.0.0.1",
@@ -212,8 +235,8 @@ def main() -> None:
         with server_process(command, env, port, "/health/ready", server) as base:
             for c in concurrency:
                 rows[(server, c)] = measure(server, base, c, args.warmup, args.seconds)
-    prefill_ms, step_ms = compute_floor(checkpoint, 8)
-    print(f"\n## text serving: {checkpoint.name}, {args.seconds:g} s per row, streaming /v1/completions\n")
+    prefill_ms, step_ms = compute_floor(checkpoint, 8, device)
+    print(f"\n## text serving: {checkpoint.name} on {device}, {args.seconds:g} s per row, streaming /v1/completions\n")
     print("| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms | "
           "errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -234,6 +257,11 @@ def main() -> None:
         print(f"- TTFT p99 at 8 clients: {eight.ttft_p99:.1f} ms = {eight.ttft_p99 / floor:.2f}× (prefill + one decode "
               f"step of 8 = {floor:.2f} ms; goal ≤ {GOAL_TTFT:g}×) — "
               f"{'met' if eight.ttft_p99 <= GOAL_TTFT * floor else 'not met'}")
+    thirty_two = rows.get((on, 32))
+    if one and thirty_two and device.startswith("cuda"):
+        gpu_scaling = thirty_two.tokens_per_s / one.tokens_per_s
+        print(f"- GPU: tokens/s at 32 clients ÷ 1 client: {gpu_scaling:.2f}× (goal ≥ {GOAL_GPU_SCALING:g}×) — "
+              f"{'met' if gpu_scaling >= GOAL_GPU_SCALING else 'not met'}")
     if eight and off8:
         print(f"- tokens/s at 8 clients, on ÷ off: {eight.tokens_per_s / off8.tokens_per_s:.2f}×")
     if eager1 and eager8:
