@@ -73,8 +73,8 @@ def build_policy(path: Path, cameras: list[str], size: int, gpu_sized: bool = Fa
 def build_text_model(path: Path, n_layers: int, width: int, device: str = "cpu") -> Path:
     """A random-weight GPT-style ``transformer`` with ``n_layers`` layers of width ``width`` (heads of 128) and a
     1,024-token context, with the demo transformer's tokenizer, saved under ``path`` in bfloat16 (``precision:
-    bf16``, so a CUDA server serves it in bfloat16). Built on ``device`` (a GPU builds a billion parameters in
-    seconds). Its text is noise; its timings are those of a model of that shape."""
+    amp_bf16``, a bf16 training run's, so a CUDA server serves it in bfloat16). Built on ``device`` (a GPU builds
+    a billion parameters in seconds). Its text is noise; its timings are those of a model of that shape."""
     import torch
     from transformers import AutoTokenizer
 
@@ -91,7 +91,7 @@ def build_text_model(path: Path, n_layers: int, width: int, device: str = "cpu")
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         model = create_model(params, load_pretrained=False).eval()
-    save_experiment(model.to(torch.bfloat16), path, precision="bf16", tokenizer=tokenizer, fmt="safetensors",
+    save_experiment(model.to(torch.bfloat16), path, precision="amp_bf16", tokenizer=tokenizer, fmt="safetensors",
                     training_config={"name": f"random-transformer-{n_layers}x{width}"})
     return path
 

@@ -147,7 +147,8 @@ def ensure_litserve() -> Optional[str]:
     if litserve is None:
         print(f"litserve is not installed: running {sys.executable} -m pip install litserve", flush=True)
         try:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "litserve"], check=True, timeout=600)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--retries", "1", "--timeout", "15",
+                            "litserve"], check=True, timeout=600)
         except (subprocess.SubprocessError, OSError) as e:
             print(f"LitServe could not be installed ({e}): its rows are left out", flush=True)
             return None

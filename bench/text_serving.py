@@ -163,10 +163,14 @@ def compute_floor(checkpoint: Path, sequences: int, device: str) -> tuple[float,
     """(ms of one prefill of the longest prompt, ms of one decode step of ``sequences`` sequences), with the
     deployment's own batcher in this process: a first step admits (prefills) them all and decodes once, the
     next steps only decode (medians of repeated runs)."""
+    from vla_foundry.config_files import read_training_config
+    from vla_foundry.devices import resolve_device, resolve_model_dtype
     from vla_foundry.pipelines import load_pipeline
     from vla_foundry.sampling import SamplingParams
 
-    pipeline = load_pipeline(checkpoint, device=device)
+    precision = (read_training_config(checkpoint).get("hparams") or {}).get("precision")
+    dtype = resolve_model_dtype("auto", resolve_device(device), precision)  # as the servers resolve it
+    pipeline = load_pipeline(checkpoint, device=device, dtype=dtype)
     batcher = pipeline.continuous_batcher(sequences, prefill_tokens=10**6)  # all prefills in the first step
     batcher.warmup()  # decode steps traced (CPU) or captured (CUDA) first, as the server does at load
     longest = " ".join(WORDS[i % len(WORDS)] for i in range(40))

@@ -65,7 +65,8 @@ class GraphDecoder:
                     self._step()
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: captured on first use while serving; other threads' CUDA calls must not spoil it.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = self._step()  # (B, V), static output
 
     def _step(self) -> torch.Tensor:

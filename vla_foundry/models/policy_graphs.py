@@ -86,7 +86,9 @@ class _CudaGraph:
                 sampler(*self.static)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a capture may happen while serving (a new bucket or step count), and another deployment's
+        # thread using CUDA meanwhile must not spoil it (the default, global, fails it on their calls too).
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = sampler(*self.static)
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
