@@ -22,3 +22,23 @@ def test_every_step_of_the_gpu_check_runs_on_the_cpu():
         assert f"| {step} | ok |" in summary, summary
     # Each bench printed its table, not only an exit status.
     assert "| 1 |" in result.stdout and "tokens/s" in result.stdout and "req/s" in result.stdout
+
+
+def test_fleet_bench_leaves_litserve_out_where_it_cannot_be_installed(monkeypatch):
+    """A GPU host has no package registry: the fleet bench's LitServe rows are left out there, and our server's
+    rows (the GPU goals) still run, instead of the whole step failing on pip."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import fleet
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    calls = []
+
+    def pip_fails(command, **kwargs):
+        calls.append(command)
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(fleet, "litserve", None)
+    monkeypatch.setattr(fleet.subprocess, "run", pip_fails)
+    assert fleet.ensure_litserve() is None
+    assert calls and calls[0][1:4] == ["-m", "pip", "install"]
