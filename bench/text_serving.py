@@ -1,21 +1,26 @@
 """Text serving under concurrent OpenAI clients: continuous batching on vs off, side by side in one run.
 
-    .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 10] [--checkpoint DIR]
-                                           [--servers on,eager,off] [--device auto|cpu|cuda]
-                                           [--random-model LAYERSxWIDTH]
+    .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 5] [--rounds 3]
+                                           [--checkpoint DIR] [--servers on,eager,off]
+                                           [--device auto|cpu|cuda] [--random-model LAYERSxWIDTH]
 
 N clients (threads of this process, each the official ``openai`` client with its own connection) stream
 ``/v1/completions`` back to back from one text deployment (default: the demo pack's transformer, 4 layers
 of width 128, context 256), with mixed prompt lengths (3 to 40 words) and completion lengths (16 to 128
 tokens), sampled at temperature 1 with a seed per request: both servers get the same requests and,
-since batching keeps every request's tokens, make the same tokens. Servers side by side in one run, all
-with ``VLA_MAX_BATCH_SIZE=32``: continuous batching on (``VLA_CONTINUOUS_BATCHING=true``, decode steps
+since batching keeps every request's tokens, make the same tokens. Servers side by side, all alive at once,
+all with ``VLA_MAX_BATCH_SIZE=32``: continuous batching on (``VLA_CONTINUOUS_BATCHING=true``, decode steps
 from graphs as served by default: one TorchScript trace on the CPU), optionally on with eager decode
-steps (``--servers on,eager,off``), and off (one request's generation at a time). Per row, over the
-requests that end inside the measured window: completion tokens/s (from each stream's usage), time to
-first token (first streamed text) p50/p99, and inter-token latency (gaps between streamed chunks; a chunk
-holds one token's text unless text was held back for a stop string or an unfinished character; chunks that a
-stream fell behind on share a write and arrive together, a gap of about 0) p50/p99.
+steps (``--servers on,eager,off``), and off (one request's generation at a time). The rows run in --rounds
+rounds; in each, every concurrency in turn, and at each concurrency every server in turn (the order of the
+servers alternating from round to round), so that a host whose speed drifts (a shared VM's moves by a third
+within minutes) slows the rows being compared alike. Per server and concurrency, over the requests that end
+inside the measured windows of every round: completion tokens/s (from each stream's usage; the median of the
+rounds), time to first token (first streamed text) p50/p99, and inter-token latency (gaps between streamed
+chunks; a chunk holds one token's text unless text was held back for a stop string or an unfinished
+character; chunks that a stream fell behind on share a write and arrive together, a gap of about 0) p50/p99,
+all rounds' requests pooled. A ratio between two rows (8 clients ÷ 1, on ÷ off) is the median of the rounds'
+ratios, each between rows measured a few seconds apart.
 
 Goals (issue 18, 2-core CPU): tokens/s at concurrency 8 ≥ 3× concurrency 1, and time to first token
 p99 at concurrency 8 ≤ 2× (one prefill of the longest prompt + one decode step of 8 sequences), both
@@ -27,6 +32,7 @@ measured here with the deployment's own batcher in this process while the server
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -35,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -137,7 +144,8 @@ def max_tokens_cap(base: str) -> int:
     return max(8, min(128, io["max_seq_len"] - 96))
 
 
-def measure(server: str, base: str, concurrency: int, warmup: float, seconds: float) -> Row:
+def run_clients(base: str, concurrency: int, warmup: float, seconds: float) -> list[Log]:
+    """``concurrency`` clients for ``warmup`` + ``seconds``: each client's log of the measured window."""
     start = time.perf_counter() + warmup
     end = start + seconds
     logs = [Log() for _ in range(concurrency)]
@@ -148,15 +156,19 @@ def measure(server: str, base: str, concurrency: int, warmup: float, seconds: fl
         t.start()
     for t in threads:
         t.join(timeout=warmup + seconds + 180)
+    return logs
+
+
+def row_of(server: str, concurrency: int, rounds: list[list[Log]], seconds: float) -> Row:
+    """One table row from the logs of every round (``seconds`` measured each): the median of the rounds' tokens/s,
+    latencies over every round's requests."""
+    logs = [log for round_logs in rounds for log in round_logs]
     ttft = [x for log in logs for x in log.ttft]
     itl = [x for log in logs for x in log.itl]
-    row = Row(server, concurrency, sum(log.tokens for log in logs) / seconds, percentile_ms(ttft, 50),
-              percentile_ms(ttft, 99), percentile_ms(itl, 50), percentile_ms(itl, 99),
-              sum(log.errors for log in logs), next((log.first_error for log in logs if log.first_error), ""))
-    print(f"  {server}, {concurrency} clients: {row.tokens_per_s:.0f} tokens/s, time to first token p50 "
-          f"{row.ttft_p50:.1f} ms p99 {row.ttft_p99:.1f} ms, inter-token p50 {row.itl_p50:.1f} ms p99 "
-          f"{row.itl_p99:.1f} ms, {row.errors} errors {row.first_error}", flush=True)
-    return row
+    tokens_per_s = statistics.median(sum(log.tokens for log in round_logs) / seconds for round_logs in rounds)
+    return Row(server, concurrency, tokens_per_s, percentile_ms(ttft, 50), percentile_ms(ttft, 99),
+               percentile_ms(itl, 50), percentile_ms(itl, 99), sum(log.errors for log in logs),
+               next((log.first_error for log in logs if log.first_error), ""))
 
 
 def compute_floor(checkpoint: Path, sequences: int, device: str) -> tuple[float, float]:
@@ -197,7 +209,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a text experiment directory, or a demo pack member by name (default: "
                         "demo-transformer; demo-transformer_hf is the tiny Llama)")
     parser.add_argument("--concurrency", default="1,8,32", help="client counts, comma-separated")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every row, interleaved (see above)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per row before measuring")
     parser.add_argument("--max-batch-size", type=int, default=32, help="VLA_MAX_BATCH_SIZE of both servers")
     parser.add_argument("--servers", default="on,off", help="which servers, comma-separated, in this order: on "
@@ -224,55 +237,78 @@ def main() -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: Path, device: str) -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    rows: dict[tuple[str, int], Row] = {}
-    for mode in args.servers.split(","):
+    modes = args.servers.split(",")
+    for mode in modes:
         if mode not in SERVERS:
             parser.error(f"--servers: {mode!r} is not one of {', '.join(SERVERS)}")
-        server = SERVERS[mode]
-        port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEVICE": device,
-               "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
-               "VLA_CONTINUOUS_BATCHING": "false" if mode == "off" else "true",
-               **({"VLA_TRACED_SAMPLING": "false", "VLA_CUDA_GRAPHS": "false"} if mode == "eager" else {})}
-        command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=text", "--host", "127.0.0.1",
-                                     "--port", str(port)]
-        with server_process(command, env, port, "/health/ready", server) as base:
+    rounds: dict[tuple[str, int], list[list[Log]]] = {(SERVERS[m], c): [] for m in modes for c in concurrency}
+    with contextlib.ExitStack() as servers:
+        bases = {}
+        for mode in modes:
+            port = free_port()
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEVICE": device,
+                   "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
+                   "VLA_CONTINUOUS_BATCHING": "false" if mode == "off" else "true",
+                   **({"VLA_TRACED_SAMPLING": "false", "VLA_CUDA_GRAPHS": "false"} if mode == "eager" else {})}
+            command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=text", "--host", "127.0.0.1",
+                                         "--port", str(port)]
+            bases[SERVERS[mode]] = servers.enter_context(server_process(command, env, port, "/health/ready",
+                                                                        SERVERS[mode]))
+        for r in range(args.rounds):
+            print(f"round {r + 1} of {args.rounds}", flush=True)
+            order = list(bases) if r % 2 == 0 else list(bases)[::-1]
             for c in concurrency:
-                rows[(server, c)] = measure(server, base, c, args.warmup, args.seconds)
+                for server in order:
+                    logs = run_clients(bases[server], c, args.warmup, args.seconds)
+                    rounds[(server, c)].append(logs)
+                    row = row_of(server, c, [logs], args.seconds)
+                    print(f"  {server}, {c} clients: {row.tokens_per_s:.0f} tokens/s, TTFT p50 {row.ttft_p50:.1f} "
+                          f"ms p99 {row.ttft_p99:.1f} ms, {row.errors} errors {row.first_error}", flush=True)
+    rows = {key: row_of(*key, logs, args.seconds) for key, logs in rounds.items()}
+
+    def ratio(a: tuple[str, int], b: tuple[str, int]) -> Optional[tuple[float, list[float]]]:
+        """Row a's tokens/s ÷ row b's: the median of the rounds' ratios, and each round's."""
+        if a not in rounds or b not in rounds:
+            return None
+        each = [sum(x.tokens for x in la) / max(1, sum(y.tokens for y in lb))
+                for la, lb in zip(rounds[a], rounds[b])]
+        return statistics.median(each), each
+
+    def said(found: tuple[float, list[float]]) -> str:
+        return f"{found[0]:.2f}× (rounds: {', '.join(f'{x:.2f}' for x in found[1])})"
+
     prefill_ms, step_ms = compute_floor(checkpoint, 8, device)
-    print(f"\n## text serving: {checkpoint.name} on {device}, {args.seconds:g} s per row, streaming /v1/completions\n")
+    print(f"\n## text serving: {checkpoint.name} on {device}, {args.rounds} rounds of {args.seconds:g} s per row, "
+          "streaming /v1/completions\n")
     print("| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms | "
           "errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows.values():
         print(f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.0f} | {r.ttft_p50:.1f} | {r.ttft_p99:.1f} | "
               f"{r.itl_p50:.1f} | {r.itl_p99:.1f} | {r.errors} |")
-    on = SERVERS["on"]
+    on, off, eager = SERVERS["on"], SERVERS["off"], SERVERS["eager"]
     print(f"\none prefill of the longest prompt: {prefill_ms:.2f} ms; one decode step of 8 sequences: {step_ms:.2f} ms")
-    one, eight, off8 = rows.get((on, 1)), rows.get((on, 8)), rows.get((SERVERS["off"], 8))
-    eager1, eager8 = rows.get((SERVERS["eager"], 1)), rows.get((SERVERS["eager"], 8))
-    if one and eight:
-        scaling = eight.tokens_per_s / one.tokens_per_s
+    scaling, one, eight = ratio((on, 8), (on, 1)), rows.get((on, 1)), rows.get((on, 8))
+    if scaling and one and eight:
         floor = prefill_ms + step_ms
-        print(f"- tokens/s at 8 clients ÷ 1 client: {scaling:.2f}× (goal ≥ {GOAL_SCALING:g}×) — "
-              f"{'met' if scaling >= GOAL_SCALING else 'not met'}")
+        print(f"- tokens/s at 8 clients ÷ 1 client: {said(scaling)} (goal ≥ {GOAL_SCALING:g}×) — "
+              f"{'met' if scaling[0] >= GOAL_SCALING else 'not met'}")
         print(f"- TTFT p50 of one client alone: {one.ttft_p50:.1f} ms = {one.ttft_p50 / floor:.2f}× that floor (what a "
               "request costs over HTTP beyond its model work)")
         print(f"- TTFT p99 at 8 clients: {eight.ttft_p99:.1f} ms = {eight.ttft_p99 / floor:.2f}× (prefill + one decode "
               f"step of 8 = {floor:.2f} ms; goal ≤ {GOAL_TTFT:g}×) — "
               f"{'met' if eight.ttft_p99 <= GOAL_TTFT * floor else 'not met'}")
-    thirty_two = rows.get((on, 32))
-    if one and thirty_two and device.startswith("cuda"):
-        gpu_scaling = thirty_two.tokens_per_s / one.tokens_per_s
-        print(f"- GPU: tokens/s at 32 clients ÷ 1 client: {gpu_scaling:.2f}× (goal ≥ {GOAL_GPU_SCALING:g}×) — "
-              f"{'met' if gpu_scaling >= GOAL_GPU_SCALING else 'not met'}")
-    if eight and off8:
-        print(f"- tokens/s at 8 clients, on ÷ off: {eight.tokens_per_s / off8.tokens_per_s:.2f}×")
-    if eager1 and eager8:
-        print(f"- with eager decode steps: 8 clients ÷ 1 client {eager8.tokens_per_s / eager1.tokens_per_s:.2f}×"
-              + (f"; at 8 clients, steps from graphs ÷ eager steps {eight.tokens_per_s / eager8.tokens_per_s:.2f}×"
-                 if eight else ""))
-
+    gpu_scaling = ratio((on, 32), (on, 1))
+    if gpu_scaling and device.startswith("cuda"):
+        print(f"- GPU: tokens/s at 32 clients ÷ 1 client: {said(gpu_scaling)} (goal ≥ {GOAL_GPU_SCALING:g}×) — "
+              f"{'met' if gpu_scaling[0] >= GOAL_GPU_SCALING else 'not met'}")
+    for c in concurrency:
+        if found := ratio((on, c), (off, c)):
+            print(f"- tokens/s at {c} clients, on ÷ off: {said(found)}")
+        if found := ratio((on, c), (eager, c)):
+            print(f"- tokens/s at {c} clients, steps from graphs ÷ eager steps: {said(found)}")
+    if found := ratio((eager, 8), (eager, 1)):
+        print(f"- with eager decode steps: 8 clients ÷ 1 client {said(found)}")
 
 if __name__ == "__main__":
     main()
