@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # Robot round trips are milliseconds; image generation and long completions take seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_PACE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 access_log = logging.getLogger("service.access")
 UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the label set bounded)
 
@@ -57,6 +58,12 @@ class Metrics:
         self.tokens = Counter("vla_tokens_generated", "Tokens generated (completions, captions, chat).",
                               ["deployment"], registry=r)
         self.images = Counter("vla_images_generated", "Images generated.", ["deployment"], registry=r)
+        self.first_token_seconds = Histogram("vla_time_to_first_token_seconds", "Streamed generations: from the "
+                                             "request's arrival to its first token, ready to send.", ["deployment"],
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.token_pace_seconds = Histogram("vla_time_per_output_token_seconds", "Streamed generations of two tokens "
+                                            "or more: from the first token to the last, per token after the first.",
+                                            ["deployment"], buckets=TOKEN_PACE_BUCKETS, registry=r)
         self.websockets = Gauge("vla_websocket_connections", "Open robot websocket connections.", registry=r)
         self.abandoned = Counter("vla_requests_abandoned", "Requests whose client disconnected before the reply "
                                  "(a queued model call is then dropped unrun).", ["deployment"], registry=r)
@@ -166,6 +173,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope.setdefault("state", {})["received_at"] = started  # for latencies counted from arrival (first token)
         status: Optional[int] = None
 
         async def send_counted(message: Message) -> None:

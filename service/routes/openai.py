@@ -379,9 +379,13 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
         return encode_response(payload, request.headers.get("accept", ""))
 
     stream = DeltaStream()
+    received = getattr(request.state, "received_at", None) or time.perf_counter()
     # A client that leaves before the first token drops the generation unrun (it may still be queued).
     await unless_client_leaves(request, stream.start(deployment.call(ModelCall(
         run_v1, V1Job(body, conversation, stream.on_text), start=start_v1))), deployment.name)
+    metrics = request.app.state.metrics
+    first_token = time.perf_counter()
+    metrics.first_token_seconds.labels(deployment.name).observe(first_token - received)
     chunk_kind = kind + ".chunk" if chat else kind
 
     def chunk(choices: list, **extra) -> str:
@@ -413,8 +417,13 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
                 payload = "".join(chunks(deltas))
                 if payload:
                     yield payload
-            usage = usage_of(stream.result().value)
-            request.app.state.metrics.observe_reply(deployment.name, {"usage": usage})
+            result = stream.result().value
+            usage = usage_of(result)
+            metrics.observe_reply(deployment.name, {"usage": usage})
+            per_row = usage["completion_tokens"] / max(1, len(result.completions))  # rows decode side by side
+            if per_row > 1:
+                metrics.token_pace_seconds.labels(deployment.name).observe(
+                    (time.perf_counter() - first_token) / (per_row - 1))
             yield (chunk([], usage=usage) if body.include_usage else "") + SSE_DONE
         except InvalidInputError as e:
             yield sse_error(422, str(e)) + SSE_DONE

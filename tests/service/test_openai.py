@@ -13,6 +13,7 @@ from service import DeploymentSpec
 from tests.factories import png_data_url, tiny_model, tiny_transformer_params
 from tests.service.conftest import serving
 from tests.service.live_server import live_server
+from tests.service.test_metrics import samples, value
 from vla_foundry.checkpoint import save_experiment
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -67,9 +68,10 @@ def test_chat_is_seeded_and_counts_usage(client):
     assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens > 0
 
 
-def test_chat_stream_arrives_before_the_end(client):
+def test_chat_stream_arrives_before_the_end(client, live):
     messages = [{"role": "user", "content": "shall i compare thee"}]
     whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=900, temperature=0)
+    before = samples(httpx.get(f"{live}/metrics").text)
     started = time.monotonic()
     arrivals, pieces, finish, usage = [], [], None, None
     stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=900, temperature=0,
@@ -88,6 +90,18 @@ def test_chat_stream_arrives_before_the_end(client):
     assert len(arrivals) > 20
     # Chunks are sent as tokens are generated, not buffered to the end.
     assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
+    # The server timed the stream: its first token (counted from the request's arrival, so within what the client
+    # waited) and its pace (from the first token to the last, per token, within the client's span of chunks).
+    after = samples(httpx.get(f"{live}/metrics").text)
+
+    def grew(name: str) -> tuple[float, float]:
+        return tuple(value(after, f"{name}_{s}", deployment="chat") - value(before, f"{name}_{s}", deployment="chat")
+                     for s in ("count", "sum"))
+
+    count, first_token = grew("vla_time_to_first_token_seconds")
+    assert count == 1 and 0 < first_token < arrivals[0]
+    count, pace = grew("vla_time_per_output_token_seconds")
+    assert count == 1 and 0 < pace * (usage.completion_tokens - 1) < arrivals[-1]
 
 
 def test_chat_with_an_image_on_a_caption_model(client):
