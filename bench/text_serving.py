@@ -19,8 +19,11 @@ inside the measured windows of every round: completion tokens/s (from each strea
 rounds), time to first token (first streamed text) p50/p99, and inter-token latency (gaps between streamed
 chunks; a chunk holds one token's text unless text was held back for a stop string or an unfinished
 character; chunks that a stream fell behind on share a write and arrive together, a gap of about 0) p50/p99,
-all rounds' requests pooled. A ratio between two rows (8 clients ÷ 1, on ÷ off) is the median of the rounds'
-ratios, each between rows measured a few seconds apart.
+all rounds' requests pooled; and the mean time to first token as the client saw it beside the server's
+own (``vla_time_to_first_token_seconds``: from the request's arrival to its first token ready to send, over
+the requests whose first token came between the opening of a row's measured window and its last reply),
+which tells the server's share of it from the client's and the wire's. A ratio between two rows (8
+clients ÷ 1, on ÷ off) is the median of the rounds' ratios, each between rows measured seconds apart.
 
 Goals (issue 18, 2-core CPU): tokens/s at concurrency 8 ≥ 3× concurrency 1, and time to first token
 p99 at concurrency 8 ≤ 2× (one prefill of the longest prompt + one decode step of 8 sequences), both
@@ -130,6 +133,21 @@ class Row:
     itl_p99: float
     errors: int
     first_error: str
+    server_ttft_mean: float = float("nan")  # ms, from the server's vla_time_to_first_token_seconds
+
+
+def server_first_tokens(base: str) -> tuple[float, float]:
+    """(count, sum in seconds) of the server's vla_time_to_first_token_seconds, every deployment."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    count = total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
+        if family.name == "vla_time_to_first_token_seconds":
+            for sample in family.samples:
+                count += sample.value if sample.name.endswith("_count") else 0.0
+                total += sample.value if sample.name.endswith("_sum") else 0.0
+    return count, total
 
 
 def percentile_ms(values: list, q: float) -> float:
@@ -242,6 +260,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
         if mode not in SERVERS:
             parser.error(f"--servers: {mode!r} is not one of {', '.join(SERVERS)}")
     rounds: dict[tuple[str, int], list[list[Log]]] = {(SERVERS[m], c): [] for m in modes for c in concurrency}
+    first_tokens: dict[tuple[str, int], list[float]] = {key: [0.0, 0.0] for key in rounds}  # server: count, sum
     with contextlib.ExitStack() as servers:
         bases = {}
         for mode in modes:
@@ -259,12 +278,22 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
             order = list(bases) if r % 2 == 0 else list(bases)[::-1]
             for c in concurrency:
                 for server in order:
+                    at_start: list = []  # the server's first-token figures when the measured window opens
+                    timer = threading.Timer(args.warmup, lambda b=bases[server], into=at_start:
+                                            into.append(server_first_tokens(b)))
+                    timer.start()
                     logs = run_clients(bases[server], c, args.warmup, args.seconds)
+                    timer.join()
                     rounds[(server, c)].append(logs)
+                    after = server_first_tokens(bases[server])
+                    first_tokens[(server, c)][0] += after[0] - at_start[0][0]
+                    first_tokens[(server, c)][1] += after[1] - at_start[0][1]
                     row = row_of(server, c, [logs], args.seconds)
                     print(f"  {server}, {c} clients: {row.tokens_per_s:.0f} tokens/s, TTFT p50 {row.ttft_p50:.1f} "
                           f"ms p99 {row.ttft_p99:.1f} ms, {row.errors} errors {row.first_error}", flush=True)
     rows = {key: row_of(*key, logs, args.seconds) for key, logs in rounds.items()}
+    for key, (count, total) in first_tokens.items():
+        rows[key].server_ttft_mean = total / count * 1000 if count else float("nan")
 
     def ratio(a: tuple[str, int], b: tuple[str, int]) -> Optional[tuple[float, list[float]]]:
         """Row a's tokens/s ÷ row b's: the median of the rounds' ratios, and each round's."""
@@ -281,11 +310,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
     print(f"\n## text serving: {checkpoint.name} on {device}, {args.rounds} rounds of {args.seconds:g} s per row, "
           "streaming /v1/completions\n")
     print("| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms | "
-          "errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "TTFT mean ms: client, server | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows.values():
+        ttft = [x for logs in rounds[(r.server, r.concurrency)] for log in logs for x in log.ttft]
+        client_mean = statistics.fmean(ttft) * 1000 if ttft else float("nan")
         print(f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.0f} | {r.ttft_p50:.1f} | {r.ttft_p99:.1f} | "
-              f"{r.itl_p50:.1f} | {r.itl_p99:.1f} | {r.errors} |")
+              f"{r.itl_p50:.1f} | {r.itl_p99:.1f} | {client_mean:.1f}, {r.server_ttft_mean:.1f} | {r.errors} |")
     on, off, eager = SERVERS["on"], SERVERS["off"], SERVERS["eager"]
     print(f"\none prefill of the longest prompt: {prefill_ms:.2f} ms; one decode step of 8 sequences: {step_ms:.2f} ms")
     scaling, one, eight = ratio((on, 8), (on, 1)), rows.get((on, 1)), rows.get((on, 8))
