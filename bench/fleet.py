@@ -514,7 +514,7 @@ def print_table(rows: list[Row]) -> None:
             print(f"first error of {r.server} at {r.concurrency}: {r.first_error}")
 
 
-def compute_floor(checkpoint: Path) -> float:
+def compute_floor(checkpoint: Path, steps: Optional[int]) -> float:
     """One robot's compute floor on --device: the policy's sampling alone from its graphs, in this process (with the
     servers' torch threads on CPU), before the servers start."""
     import torch
@@ -522,7 +522,7 @@ def compute_floor(checkpoint: Path) -> float:
 
     if DEVICE == "cpu" and TORCH_THREADS:
         torch.set_num_threads(TORCH_THREADS)
-    floor_ms = sampling_floor_ms(checkpoint, DEVICE)
+    floor_ms = sampling_floor_ms(checkpoint, DEVICE, steps)
     print(f"compute floor of one robot's request on {DEVICE}: {floor_ms:.2f} ms (the policy's sampling alone from "
           "its graphs, median of 20)", flush=True)
     return floor_ms
@@ -662,7 +662,7 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as scratch:
         checkpoint = resolve_checkpoint(args, Path(scratch))
-        floor_ms = compute_floor(checkpoint)
+        floor_ms = compute_floor(checkpoint, args.steps)
         with our_server(checkpoint, 1) as off, our_server(checkpoint, batching) as on:
             with HttpPolicyClient(off, format="msgpack") as client:
                 io = client.metadata()

@@ -15,8 +15,9 @@ device call that allows less runs it in two, e.g. `--only tests,generate,images,
 - `policy`: `bench/policy_sampling.py --device cuda --gpu-policy` (eager vs CUDA-graph sampling per
   batch size: the compute floor a robot's round trip is compared with);
 - `fleet`: `bench/fleet.py --device cuda --gpu-policy --concurrency 1,16` (robots over HTTP,
-  batching off and on, LitServe beside it when installed (never installed here: a GPU host has no
-  registry, and pip's retries would spend the step's time); the GPU goals: 16 robots ≥ 10× one,
+  batching off and on, LitServe beside it when it is installed, e.g. from the carried wheels (this
+  step never pip-installs it: a GPU host has no registry, and pip's retries would spend the step's
+  time); the GPU goals: 16 robots ≥ 10× one,
   one robot's p50 ≤ 1.5× the compute floor; its starvation rows are skipped: a CPU matter);
 - `text`: `bench/text_serving.py --device cuda --random-model 24x2048 --concurrency 1,32` (OpenAI
   clients streaming from a 24-layer width-2048 model with continuous batching; the GPU goal:

@@ -24,12 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from bench_support import build_policy
-from vla_foundry.devices import resolve_device
+from vla_foundry.config_files import read_training_config
+from vla_foundry.devices import resolve_device, resolve_model_dtype
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.pipelines.action import PolicyRequest
 from vla_foundry.robotics.observations import RawObservation
@@ -112,17 +114,21 @@ def sampling_inputs(pipeline, batch: int) -> tuple[dict, torch.Tensor]:
     return inputs, noise
 
 
-def sampling_floor_ms(checkpoint: Path, device: str, batch: int = 1, repeats: int = 20) -> float:
+def sampling_floor_ms(checkpoint: Path, device: str, steps: Optional[int] = None, batch: int = 1,
+                      repeats: int = 20) -> float:
     """The compute floor of a request of ``batch`` robots: the median ms of the policy's sampling alone from its
-    graphs (captured at warm-up, as a server does), on ``device``. What a robot's round trip is compared with."""
+    graphs (captured at warm-up, as a server does), on ``device`` in the dtype a server picks there, with ``steps``
+    denoising steps (default: the policy's). What a robot's round trip is compared with."""
 
     @torch.inference_mode()
     def measure() -> float:
-        pipeline = load_pipeline(checkpoint, device=resolve_device(device))
+        where = resolve_device(device)
+        precision = (read_training_config(checkpoint).get("hparams") or {}).get("precision")
+        pipeline = load_pipeline(checkpoint, device=where, dtype=resolve_model_dtype("auto", where, precision))
         pipeline.warmup(batch)
         inputs, noise = sampling_inputs(pipeline, batch)
-        return timed(lambda: pipeline.graphs.sample(inputs, pipeline.num_inference_steps, noise),
-                     resolve_device(device), repeats)
+        return timed(lambda: pipeline.graphs.sample(inputs, steps or pipeline.num_inference_steps, noise),
+                     where, repeats)
 
     floor = measure()
     if torch.cuda.is_available():

@@ -12,22 +12,23 @@ since batching keeps every request's tokens, make the same tokens. Servers side 
 all with ``VLA_MAX_BATCH_SIZE=32``: continuous batching on (``VLA_CONTINUOUS_BATCHING=true``, decode steps
 from graphs as served by default: one TorchScript trace on the CPU), optionally on with eager decode
 steps (``--servers on,eager,off``), and off (one request's generation at a time). The rows run in --rounds
-rounds; in each, every concurrency in turn, and at each concurrency every server in turn (the order of the
-servers alternating from round to round), so that a host whose speed drifts (a shared VM's moves by a third
+rounds; in each, every concurrency in turn, and at each concurrency every server in turn (both orders
+alternating from round to round), so that a host whose speed drifts (a shared VM's moves by a third
 within minutes) slows the rows being compared alike. Per server and concurrency, over the requests that end
 inside the measured windows of every round: completion tokens/s (from each stream's usage; the median of the
 rounds), time to first token (first streamed text) p50/p99, and inter-token latency (gaps between streamed
 chunks; a chunk holds one token's text unless text was held back for a stop string or an unfinished
 character; chunks that a stream fell behind on share a write and arrive together, a gap of about 0) p50/p99,
-all rounds' requests pooled; and the mean time to first token as the client saw it beside the server's
-own (``vla_time_to_first_token_seconds``: from the request's arrival to its first token ready to send, over
-the requests whose first token came between the opening of a row's measured window and its last reply),
-which tells the server's share of it from the client's and the wire's. A ratio between two rows (8
+all rounds' requests pooled; and the mean time to first token as the client saw it (the requests whose
+first text came inside a window) beside the server's own (``vla_time_to_first_token_seconds``, read when
+each window opens and closes: from the request's arrival at the metrics middleware to its first token ready
+to send), which tells the server's share of it from the client's and the wire's (roughly: the server counts
+a first token that holds no text yet, the client waits for text). A ratio between two rows (8
 clients ÷ 1, on ÷ off) is the median of the rounds' ratios, each between rows measured seconds apart.
 
 Goals (issue 18, 2-core CPU): tokens/s at concurrency 8 ≥ 3× concurrency 1, and time to first token
 p99 at concurrency 8 ≤ 2× (one prefill of the longest prompt + one decode step of 8 sequences), both
-measured here with the deployment's own batcher in this process while the servers are idle. On a GPU
+measured here with the deployment's own batcher in this process once the servers have stopped. On a GPU
 (``--device cuda --random-model 24x2048``: a random-weight 24-layer width-2048 model in bfloat16, what
 ``make gpu-check`` runs): tokens/s at concurrency 32 ≥ 10× concurrency 1.
 """
@@ -83,6 +84,7 @@ def request_for(client_index: int, i: int, max_tokens_cap: int = 128) -> dict:
 @dataclass
 class Log:
     ttft: list = field(default_factory=list)
+    window_ttft: list = field(default_factory=list)  # requests whose first text came inside the window
     itl: list = field(default_factory=list)
     tokens: int = 0
     errors: int = 0
@@ -113,6 +115,8 @@ def client_loop(base: str, index: int, start: float, end: float, log: Log, max_t
             time.sleep(0.1)
             continue
         done = time.perf_counter()
+        if arrivals and start <= arrivals[0] <= end:  # the population the server's own figure covers
+            log.window_ttft.append(arrivals[0] - sent)
         if not start <= done <= end:  # requests that end inside the window count (their tokens, their latencies)
             continue
         if arrivals:
@@ -134,6 +138,15 @@ class Row:
     errors: int
     first_error: str
     server_ttft_mean: float = float("nan")  # ms, from the server's vla_time_to_first_token_seconds
+
+
+def scrape_into(into: dict, name: str, base: str) -> None:
+    """``server_first_tokens`` into ``into[name]`` (None when the scrape failed: that row has no server figure)."""
+    try:
+        into[name] = server_first_tokens(base)
+    except Exception as e:  # a bench row is not lost to one failed scrape
+        print(f"  (reading {base}/metrics failed: {e})", flush=True)
+        into[name] = None
 
 
 def server_first_tokens(base: str) -> tuple[float, float]:
@@ -238,6 +251,8 @@ def main() -> None:
     parser.add_argument("--random-model", metavar="LAYERSxWIDTH", help="instead of --checkpoint: a random-weight "
                         "transformer of that shape in bfloat16, built on --device (24x2048 for the GPU goal)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {args.rounds}")
     from vla_foundry.devices import resolve_device
 
     device = str(resolve_device(args.device))
@@ -275,19 +290,27 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
                                                                         SERVERS[mode]))
         for r in range(args.rounds):
             print(f"round {r + 1} of {args.rounds}", flush=True)
+            # Servers and concurrencies both in alternating order: a drift within a round favours neither side of
+            # a ratio in every round.
             order = list(bases) if r % 2 == 0 else list(bases)[::-1]
-            for c in concurrency:
+            for c in (concurrency if r % 2 == 0 else concurrency[::-1]):
                 for server in order:
-                    at_start: list = []  # the server's first-token figures when the measured window opens
-                    timer = threading.Timer(args.warmup, lambda b=bases[server], into=at_start:
-                                            into.append(server_first_tokens(b)))
-                    timer.start()
-                    logs = run_clients(bases[server], c, args.warmup, args.seconds)
-                    timer.join()
+                    # The server's first-token figures when the measured window opens and when it closes.
+                    scrapes: dict[str, Optional[tuple[float, float]]] = {}
+                    timers = [threading.Timer(at, scrape_into, (scrapes, name, bases[server]))
+                              for name, at in (("start", args.warmup), ("end", args.warmup + args.seconds))]
+                    for timer in timers:
+                        timer.start()
+                    try:
+                        logs = run_clients(bases[server], c, args.warmup, args.seconds)
+                    finally:
+                        for timer in timers:
+                            timer.cancel()
+                            timer.join()
                     rounds[(server, c)].append(logs)
-                    after = server_first_tokens(bases[server])
-                    first_tokens[(server, c)][0] += after[0] - at_start[0][0]
-                    first_tokens[(server, c)][1] += after[1] - at_start[0][1]
+                    if scrapes.get("start") and scrapes.get("end"):
+                        first_tokens[(server, c)][0] += scrapes["end"][0] - scrapes["start"][0]
+                        first_tokens[(server, c)][1] += scrapes["end"][1] - scrapes["start"][1]
                     row = row_of(server, c, [logs], args.seconds)
                     print(f"  {server}, {c} clients: {row.tokens_per_s:.0f} tokens/s, TTFT p50 {row.ttft_p50:.1f} "
                           f"ms p99 {row.ttft_p99:.1f} ms, {row.errors} errors {row.first_error}", flush=True)
@@ -299,9 +322,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
         """Row a's tokens/s ÷ row b's: the median of the rounds' ratios, and each round's."""
         if a not in rounds or b not in rounds:
             return None
-        each = [sum(x.tokens for x in la) / max(1, sum(y.tokens for y in lb))
-                for la, lb in zip(rounds[a], rounds[b])]
-        return statistics.median(each), each
+        each = [sum(x.tokens for x in la) / sum(y.tokens for y in lb)
+                for la, lb in zip(rounds[a], rounds[b]) if sum(y.tokens for y in lb)]  # (a round of b's made none)
+        return (statistics.median(each), each) if each else None
 
     def said(found: tuple[float, list[float]]) -> str:
         return f"{found[0]:.2f}× (rounds: {', '.join(f'{x:.2f}' for x in found[1])})"
@@ -313,7 +336,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
           "TTFT mean ms: client, server | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows.values():
-        ttft = [x for logs in rounds[(r.server, r.concurrency)] for log in logs for x in log.ttft]
+        ttft = [x for logs in rounds[(r.server, r.concurrency)] for log in logs for x in log.window_ttft]
         client_mean = statistics.fmean(ttft) * 1000 if ttft else float("nan")
         print(f"| {r.server} | {r.concurrency} | {r.tokens_per_s:.0f} | {r.ttft_p50:.1f} | {r.ttft_p99:.1f} | "
               f"{r.itl_p50:.1f} | {r.itl_p99:.1f} | {client_mean:.1f}, {r.server_ttft_mean:.1f} | {r.errors} |")

@@ -59,10 +59,12 @@ class Metrics:
                               ["deployment"], registry=r)
         self.images = Counter("vla_images_generated", "Images generated.", ["deployment"], registry=r)
         self.first_token_seconds = Histogram("vla_time_to_first_token_seconds", "Streamed generations: from the "
-                                             "request's arrival to its first token, ready to send.", ["deployment"],
+                                             "request's arrival (at the metrics middleware) to its first token, "
+                                             "ready to send.", ["deployment"],
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.token_pace_seconds = Histogram("vla_time_per_output_token_seconds", "Streamed generations of two tokens "
-                                            "or more: from the first token to the last, per token after the first.",
+                                            "or more: from the first token to the last, per decode step after the "
+                                            "first (the longest choice's tokens).",
                                             ["deployment"], buckets=TOKEN_PACE_BUCKETS, registry=r)
         self.websockets = Gauge("vla_websocket_connections", "Open robot websocket connections.", registry=r)
         self.abandoned = Counter("vla_requests_abandoned", "Requests whose client disconnected before the reply "

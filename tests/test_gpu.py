@@ -12,10 +12,16 @@ from vla_foundry.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-# The fixtures' expected outputs were recorded in float32 on the CPU. cuDNN convolutions default to TF32 on CUDA
-# (about 5e-4 relative error each), which ten UNet steps or a ViT's patch embedding carry past these tolerances.
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_tf32_convolutions():
+    """The fixtures' expected outputs were recorded in float32 on the CPU. cuDNN convolutions default to TF32 on
+    CUDA (about 5e-4 relative error each), which ten UNet steps or a ViT's patch embedding carry past these
+    tolerances. (Matrix products default to full float32 already.) Restored after this module."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
 
 
 def test_auto_picks_cuda0():

@@ -379,7 +379,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
         return encode_response(payload, request.headers.get("accept", ""))
 
     stream = DeltaStream()
-    received = getattr(request.state, "received_at", None) or time.perf_counter()
+    received = request.state.received_at  # set by RequestMetrics, the server's metrics middleware
     # A client that leaves before the first token drops the generation unrun (it may still be queued).
     await unless_client_leaves(request, stream.start(deployment.call(ModelCall(
         run_v1, V1Job(body, conversation, stream.on_text), start=start_v1))), deployment.name)
@@ -420,10 +420,11 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
             result = stream.result().value
             usage = usage_of(result)
             metrics.observe_reply(deployment.name, {"usage": usage})
-            per_row = usage["completion_tokens"] / max(1, len(result.completions))  # rows decode side by side
-            if per_row > 1:
+            # Rows decode side by side, one token each per step: the longest spans the first token to the last.
+            steps = max((len(c.token_ids) for c in result.completions), default=0)
+            if steps > 1:
                 metrics.token_pace_seconds.labels(deployment.name).observe(
-                    (time.perf_counter() - first_token) / (per_row - 1))
+                    (time.perf_counter() - first_token) / (steps - 1))
             yield (chunk([], usage=usage) if body.include_usage else "") + SSE_DONE
         except InvalidInputError as e:
             yield sse_error(422, str(e)) + SSE_DONE
