@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from bench_support import build_policy
-from vla_foundry.config_files import read_training_config
-from vla_foundry.devices import resolve_device, resolve_model_dtype
+from vla_foundry.devices import resolve_device
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.pipelines.action import PolicyRequest
 from vla_foundry.robotics.observations import RawObservation
@@ -123,8 +122,7 @@ def sampling_floor_ms(checkpoint: Path, device: str, steps: Optional[int] = None
     @torch.inference_mode()
     def measure() -> float:
         where = resolve_device(device)
-        precision = (read_training_config(checkpoint).get("hparams") or {}).get("precision")
-        pipeline = load_pipeline(checkpoint, device=where, dtype=resolve_model_dtype("auto", where, precision))
+        pipeline = load_pipeline(checkpoint, device=where, dtype="auto")  # the dtype a server picks there
         pipeline.warmup(batch)
         inputs, noise = sampling_inputs(pipeline, batch)
         return timed(lambda: pipeline.graphs.sample(inputs, steps or pipeline.num_inference_steps, noise),

@@ -190,6 +190,25 @@ def run_clients(base: str, concurrency: int, warmup: float, seconds: float) -> l
     return logs
 
 
+def run_clients_scraped(base: str, concurrency: int, warmup: float,
+                        seconds: float) -> tuple[list[Log], Optional[tuple[float, float]]]:
+    """``run_clients``, and the server's first tokens (count, sum in seconds) between the measured window's opening
+    and its close, read from its /metrics then (None when a read failed)."""
+    scrapes: dict[str, Optional[tuple[float, float]]] = {}
+    timers = [threading.Timer(at, scrape_into, (scrapes, name, base))
+              for name, at in (("start", warmup), ("end", warmup + seconds))]
+    for timer in timers:
+        timer.start()
+    try:
+        logs = run_clients(base, concurrency, warmup, seconds)
+    finally:
+        for timer in timers:
+            timer.cancel()
+            timer.join()
+    start, end = scrapes.get("start"), scrapes.get("end")
+    return logs, (end[0] - start[0], end[1] - start[1]) if start and end else None
+
+
 def row_of(server: str, concurrency: int, rounds: list[list[Log]], seconds: float) -> Row:
     """One table row from the logs of every round (``seconds`` measured each): the median of the rounds' tokens/s,
     latencies over every round's requests."""
@@ -206,14 +225,10 @@ def compute_floor(checkpoint: Path, sequences: int, device: str) -> tuple[float,
     """(ms of one prefill of the longest prompt, ms of one decode step of ``sequences`` sequences), with the
     deployment's own batcher in this process: a first step admits (prefills) them all and decodes once, the
     next steps only decode (medians of repeated runs)."""
-    from vla_foundry.config_files import read_training_config
-    from vla_foundry.devices import resolve_device, resolve_model_dtype
     from vla_foundry.pipelines import load_pipeline
     from vla_foundry.sampling import SamplingParams
 
-    precision = (read_training_config(checkpoint).get("hparams") or {}).get("precision")
-    dtype = resolve_model_dtype("auto", resolve_device(device), precision)  # as the servers resolve it
-    pipeline = load_pipeline(checkpoint, device=device, dtype=dtype)
+    pipeline = load_pipeline(checkpoint, device=device, dtype="auto")  # the dtype the servers pick
     batcher = pipeline.continuous_batcher(sequences, prefill_tokens=10**6)  # all prefills in the first step
     batcher.warmup()  # decode steps traced (CPU) or captured (CUDA) first, as the server does at load
     longest = " ".join(WORDS[i % len(WORDS)] for i in range(40))
@@ -295,22 +310,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
             order = list(bases) if r % 2 == 0 else list(bases)[::-1]
             for c in (concurrency if r % 2 == 0 else concurrency[::-1]):
                 for server in order:
-                    # The server's first-token figures when the measured window opens and when it closes.
-                    scrapes: dict[str, Optional[tuple[float, float]]] = {}
-                    timers = [threading.Timer(at, scrape_into, (scrapes, name, bases[server]))
-                              for name, at in (("start", args.warmup), ("end", args.warmup + args.seconds))]
-                    for timer in timers:
-                        timer.start()
-                    try:
-                        logs = run_clients(bases[server], c, args.warmup, args.seconds)
-                    finally:
-                        for timer in timers:
-                            timer.cancel()
-                            timer.join()
+                    logs, window = run_clients_scraped(bases[server], c, args.warmup, args.seconds)
                     rounds[(server, c)].append(logs)
-                    if scrapes.get("start") and scrapes.get("end"):
-                        first_tokens[(server, c)][0] += scrapes["end"][0] - scrapes["start"][0]
-                        first_tokens[(server, c)][1] += scrapes["end"][1] - scrapes["start"][1]
+                    if window is not None:
+                        first_tokens[(server, c)][0] += window[0]
+                        first_tokens[(server, c)][1] += window[1]
                     row = row_of(server, c, [logs], args.seconds)
                     print(f"  {server}, {c} clients: {row.tokens_per_s:.0f} tokens/s, TTFT p50 {row.ttft_p50:.1f} "
                           f"ms p99 {row.ttft_p99:.1f} ms, {row.errors} errors {row.first_error}", flush=True)

@@ -31,6 +31,16 @@ def test_auto_picks_cuda0():
     assert resolve_model_dtype("auto", torch.device("cuda:0"), "fp32") == torch.float32
 
 
+def test_load_model_auto_dtype_follows_the_run_on_cuda(tmp_path):
+    from tests.factories import tiny_model, tiny_transformer_params
+    from vla_foundry.checkpoint import save_experiment
+
+    for precision, expected in (("amp_bf16", torch.bfloat16), ("fp32", torch.float32)):
+        save_experiment(tiny_model(tiny_transformer_params()), tmp_path / precision, precision=precision)
+        model = load_model(tmp_path / precision, device="cuda", dtype="auto")
+        assert {p.dtype for p in model.parameters()} == {expected}
+
+
 def test_fixture_on_cuda_fp32_matches(transformer_fixture):
     model = load_model(transformer_fixture, device="cuda")
     assert all(t.device.type == "cuda" for t in list(model.parameters()) + list(model.buffers()))

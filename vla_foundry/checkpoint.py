@@ -218,7 +218,9 @@ def load_model(path: Union[str, Path], checkpoint: Union[None, int, str, Path] =
     """Load a VLA Foundry experiment directory; the model comes back in eval mode.
 
     ``model.params`` holds its params and ``model.checkpoint`` a :class:`CheckpointInfo`.
-    The model is built and loaded on CPU in float32, then moved to ``device``/``dtype`` once.
+    The model is built and loaded on CPU in float32, then moved to ``device``/``dtype`` once. ``dtype="auto"``
+    picks as the server does (``devices.resolve_model_dtype``): bfloat16 on CUDA for a run trained in bf16, else
+    float32; None keeps float32.
     """
     from vla_foundry.models import create_model  # registers every type
 
@@ -231,6 +233,11 @@ def load_model(path: Union[str, Path], checkpoint: Union[None, int, str, Path] =
         raise CheckpointError(f"checkpoint directory {experiment_dir} does not exist")
     torch_dtype = resolve_dtype(dtype)
     training_config = read_training_config(experiment_dir)
+    precision = (training_config.get("hparams") or {}).get("precision")
+    if dtype == "auto":
+        from vla_foundry.devices import resolve_model_dtype  # (devices imports this module)
+
+        torch_dtype = resolve_model_dtype(dtype, torch.device(device), precision)
     params = load_params(experiment_dir, training_config)
     if is_bare_hf_directory(experiment_dir):  # the HF directory's own weights are the checkpoint
         if checkpoint is not None:
@@ -250,7 +257,7 @@ def load_model(path: Union[str, Path], checkpoint: Union[None, int, str, Path] =
         experiment_dir=experiment_dir.resolve(), file=file.resolve(),
         checkpoint_num=payload.get("checkpoint_num"),
         step=payload.get("global_step", payload.get("ema_optimization_step")), ema=is_ema,
-        precision=(training_config.get("hparams") or {}).get("precision"))
+        precision=precision)
     model.to(device=device, dtype=torch_dtype)
     model.eval()
     logger.info("loaded %s (%s) from %s on %s", params.type, "EMA" if is_ema else "raw", file, device)

@@ -92,6 +92,15 @@ def test_load_to_dtype(experiment):
         load_model(path, dtype="float8")
 
 
+def test_auto_dtype_is_float32_on_cpu_even_for_a_bf16_run(tmp_path):
+    """``dtype="auto"`` picks as the server does: bfloat16 only on CUDA (tests/test_gpu.py), float32 on the CPU."""
+    path = tmp_path / "bf16-run"
+    save_experiment(tiny_model(tiny_transformer_params()), path, precision="amp_bf16")
+    loaded = load_model(path, dtype="auto")
+    assert loaded.checkpoint.precision == "amp_bf16"
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
 class Exploit:
     """Unpickling this would run a shell command."""
 
