@@ -1,6 +1,7 @@
 """A fleet of robots on one policy: throughput and latency vs concurrency, our server (batching off / on) vs LitServe.
 
-    python bench/fleet.py [--checkpoint DIR | --tiny | --gpu-policy] [--device cpu|cuda] [--concurrency 1,4,16,64]
+    python bench/fleet.py [--checkpoint DIR | --tiny | --gpu-policy] [--device cpu|cuda] [--dtype auto|bfloat16]
+                          [--concurrency 1,4,16,64]
                           [--seconds 10] [--warmup 2]
                           [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
                           [--no-starvation] [--no-litserve]
@@ -110,6 +111,7 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
 
 
 DEVICE = "cpu"  # --device: where every server runs its model
+DTYPE = "auto"  # --dtype: the model's dtype in every server (auto: the rule our server applies, float32 on CPU)
 TORCH_THREADS: Optional[int] = 1  # --threads: the same torch thread count in every server; 0 or None: torch's default
 
 
@@ -124,7 +126,7 @@ def server_env(**extra: str) -> dict[str, str]:
 def our_server(checkpoint: Path, max_batch_size: int) -> Iterator[str]:
     port = free_port()
     command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=policy", "--host", "127.0.0.1", "--port",
-                           str(port), "--device", DEVICE]
+                           str(port), "--device", DEVICE, "--dtype", DTYPE]
     env = server_env(VLA_MAX_BATCH_SIZE=str(max_batch_size))
     with server_process(command, env, port, "/health/ready", f"our server (VLA_MAX_BATCH_SIZE={max_batch_size})") as b:
         yield b
@@ -136,7 +138,7 @@ def litserve_server(checkpoint: Path, max_batch_size: int, batch_timeout: float,
     port = free_port()
     command = [sys.executable, str(Path(__file__).resolve()), "--litserve-worker", "--checkpoint", str(checkpoint),
                "--port", str(port), "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout),
-               "--steps", str(steps), "--device", DEVICE]
+               "--steps", str(steps), "--device", DEVICE, "--dtype", DTYPE]
     with server_process(command, server_env(), port, "/health", f"LitServe (max_batch_size={max_batch_size})") as b:
         yield b
 
@@ -167,14 +169,14 @@ if litserve is not None:
     class PolicyAPI(litserve.LitAPI):
         """The policy pipeline behind LitServe: the same `predict_each` call our server's batches make."""
 
-        def __init__(self, checkpoint: str, steps: int, device: str = "cpu", **kwargs: Any):
+        def __init__(self, checkpoint: str, steps: int, device: str = "cpu", dtype: str = "auto", **kwargs: Any):
             super().__init__(**kwargs)
-            self.checkpoint, self.steps, self.device_name = checkpoint, steps, device
+            self.checkpoint, self.steps, self.device_name, self.dtype = checkpoint, steps, device, dtype
 
         def setup(self, device: str) -> None:
             from vla_foundry.pipelines import load_pipeline
 
-            self.pipeline = load_pipeline(self.checkpoint, device=self.device_name)
+            self.pipeline = load_pipeline(self.checkpoint, device=self.device_name, dtype=self.dtype)
             # As our server does before it reports ready: the sampling graph of every batch size it may form.
             self.pipeline.warmup(max(1, self.max_batch_size))
 
@@ -211,7 +213,7 @@ if litserve is not None:
 
 def litserve_worker(args: argparse.Namespace) -> None:
     """--litserve-worker: LitServe serving the checkpoint, one worker (on --device), bound to 127.0.0.1 only."""
-    api = PolicyAPI(args.checkpoint, args.steps, args.device, max_batch_size=args.max_batch_size,
+    api = PolicyAPI(args.checkpoint, args.steps, args.device, args.dtype, max_batch_size=args.max_batch_size,
                     batch_timeout=args.batch_timeout)
     accelerator = "cuda" if args.device.startswith("cuda") else "cpu"
     server = litserve.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1)
@@ -522,9 +524,9 @@ def compute_floor(checkpoint: Path, steps: Optional[int]) -> float:
 
     if DEVICE == "cpu" and TORCH_THREADS:
         torch.set_num_threads(TORCH_THREADS)
-    floor_ms = sampling_floor_ms(checkpoint, DEVICE, steps)
-    print(f"compute floor of one robot's request on {DEVICE}: {floor_ms:.2f} ms (the policy's sampling alone from "
-          "its graphs, median of 20)", flush=True)
+    floor_ms = sampling_floor_ms(checkpoint, DEVICE, steps, dtype=DTYPE)
+    print(f"compute floor of one robot's request on {DEVICE} ({DTYPE}): {floor_ms:.2f} ms (the policy's sampling "
+          "alone from its graphs, median of 20)", flush=True)
     return floor_ms
 
 
@@ -608,6 +610,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpu-policy", action="store_true",
                         help="a GPU-sized random-weight policy (3 cameras at 224 px, ViT-B/32-sized backbone)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda: where both servers run the model")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16: the model's dtype in "
+                        "both servers and in the compute floor (auto: float32 on CPU; on CUDA the run's, as our "
+                        "server picks it)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="robot counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per row before measuring")
@@ -641,8 +646,8 @@ def main() -> None:
         return litserve_worker(args)
     if args.health_load:
         return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
-    global TORCH_THREADS, DEVICE
-    TORCH_THREADS, DEVICE = args.threads, args.device
+    global TORCH_THREADS, DEVICE, DTYPE
+    TORCH_THREADS, DEVICE, DTYPE = args.threads, args.device, args.dtype
     if args.replicas:
         from fleet_replicas import replicas_bench
 

@@ -114,15 +114,15 @@ def sampling_inputs(pipeline, batch: int) -> tuple[dict, torch.Tensor]:
 
 
 def sampling_floor_ms(checkpoint: Path, device: str, steps: Optional[int] = None, batch: int = 1,
-                      repeats: int = 20) -> float:
+                      repeats: int = 20, dtype: str = "auto") -> float:
     """The compute floor of a request of ``batch`` robots: the median ms of the policy's sampling alone from its
-    graphs (captured at warm-up, as a server does), on ``device`` in the dtype a server picks there, with ``steps``
-    denoising steps (default: the policy's). What a robot's round trip is compared with."""
+    graphs (captured at warm-up, as a server does), on ``device`` in ``dtype`` (auto: the dtype a server picks
+    there), with ``steps`` denoising steps (default: the policy's). What a robot's round trip is compared with."""
 
     @torch.inference_mode()
     def measure() -> float:
         where = resolve_device(device)
-        pipeline = load_pipeline(checkpoint, device=where, dtype="auto")  # the dtype a server picks there
+        pipeline = load_pipeline(checkpoint, device=where, dtype=dtype)
         pipeline.warmup(batch)
         inputs, noise = sampling_inputs(pipeline, batch)
         return timed(lambda: pipeline.graphs.sample(inputs, steps or pipeline.num_inference_steps, noise),

@@ -155,3 +155,26 @@ def test_buckets_made_at_warm_up_serve_outside_inference_mode_and_failed_ones_re
     failing = SlotGraphs(decoder.step, decoder.cache, mode="cuda_graph")
     assert failing.decode(torch.tensor([1]), slice(0, 1), [2]) is None
     assert failing.mode == "eager"
+
+
+@pytest.mark.parametrize("mode", ["traced", "cuda_graph"])
+def test_a_lone_request_replays_the_one_row_graph_where_steps_are_cuda_graphs_and_steps_alone_elsewhere(text, mode):
+    """On a GPU an eager step is bound by kernel launches, so a lone sequence decodes from its slot through the
+    one-row graph; on CPU it keeps stepping on its own cache (nothing to gather). Its tokens are its solo ones
+    either way."""
+    batcher = text.continuous_batcher(max_sequences=4, graphs=True)
+    graphs = batcher.decoder.graphs = SlotGraphs(batcher.decoder.step, batcher.decoder.cache, mode=mode)
+    decode, rows_per_step = graphs.decode, []
+
+    def recorded(ids, span, positions):
+        rows_per_step.append(len(positions))
+        return decode(ids, span, positions)
+
+    graphs.decode = recorded
+    settings = SamplingParams(10, SAMPLED.temperature, SAMPLED.top_k, SAMPLED.top_p)
+    prompt = prompts(text.model.vocab_size, 1, seed=3)
+    outcomes = run_all(batcher, {0: [("lone", text.start_completion(prompt_token_ids=prompt, sampling=settings,
+                                                                     seed=11))]})
+    solo = text.complete(prompt_token_ids=prompt, sampling=settings, seed=11)
+    assert [c.token_ids for c in outcomes["lone"].completions] == [c.token_ids for c in solo.completions]
+    assert rows_per_step == ([1] * 9 if mode == "cuda_graph" else [])  # 10 tokens: the prefill's, then 9 steps
