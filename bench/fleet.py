@@ -34,8 +34,10 @@ request carries the stateless observation (one frame per camera and image index,
 proprioception rows, the instruction when the policy reads one), a seed of its own
 (robot × 100000 + request) and the deployment's default step count.
 Printed: per server and concurrency req/s, p50/p99 ms, the mean batch size requests shared
-(from `timing_ms.batch_size` / `server_timing.batch_size`; LitServe does not report it),
-errors; then ratios against LitServe and the goals of the issue (on CUDA also the GPU goals:
+(from `timing_ms.batch_size` / `server_timing.batch_size`; LitServe does not report it), the
+medians of our replies' own timing (queue, model call, and over HTTP the whole route, so the
+p50 minus the route is the clients' and the HTTP stack's share), errors; then ratios against
+LitServe and the goals of the issue (on CUDA also the GPU goals:
 16 robots ≥ 10× one robot's req/s, and one robot's p50 ≤ 1.5× the compute floor: the policy's
 sampling alone from its graphs for one robot, `policy_sampling.sampling_floor_ms`, measured on
 --device in this process before the servers start, on CPU too). Then "starvation": one
@@ -242,15 +244,15 @@ class OurRobot:
     """Our server through the robot client: `HttpPolicyClient` (msgpack, one keep-alive connection) or
     `WebsocketPolicyClient` (one connection = one session); the reply says how many requests shared its call."""
 
-    def __init__(self, base: str, observation: dict, steps: int, *, client: type, timing: str):
+    def __init__(self, base: str, observation: dict, steps: int, *, client: type,
+                 timing: Callable[[dict], "ServerTiming"]):
         extra = {"format": "msgpack"} if client is HttpPolicyClient else {}
         self.client = client(base, timeout=REPLY_TIMEOUT_S, **extra)
         self.observation, self.steps, self.timing = observation, steps, timing
 
-    def call(self, seed: int) -> Optional[dict]:
-        """The server's timing of the reply (batch_size, queue, infer ms)."""
-        reply = self.client.infer(self.observation, seed=seed, num_inference_steps=self.steps)
-        return reply[self.timing]
+    def call(self, seed: int) -> Optional["ServerTiming"]:
+        """What the reply says of its time in the server."""
+        return self.timing(self.client.infer(self.observation, seed=seed, num_inference_steps=self.steps))
 
     def close(self) -> None:
         self.client.close()
@@ -276,8 +278,28 @@ class LitServeRobot:
         self.client.close()
 
 
-ROBOTS = {"msgpack": partial(OurRobot, client=HttpPolicyClient, timing="timing_ms"),
-          "websocket": partial(OurRobot, client=WebsocketPolicyClient, timing="server_timing"),
+@dataclass
+class ServerTiming:
+    """A reply's time in our server (ms), the same fields whichever transport carried it."""
+
+    batch_size: int
+    queue: float  # waiting for the model thread
+    run: float  # the model call: the pipeline's sampling and chunks (HTTP), the whole call (the websocket)
+    handler: Optional[float]  # the route, body decoded to reply encoded (HTTP only: the websocket reports none)
+
+
+def http_timing(reply: dict) -> ServerTiming:
+    t = reply["timing_ms"]
+    return ServerTiming(t["batch_size"], t["queue"], t["infer"], t["total"])
+
+
+def websocket_timing(reply: dict) -> ServerTiming:
+    t = reply["server_timing"]
+    return ServerTiming(t["batch_size"], t["queue_ms"], t["infer_ms"], None)
+
+
+ROBOTS = {"msgpack": partial(OurRobot, client=HttpPolicyClient, timing=http_timing),
+          "websocket": partial(OurRobot, client=WebsocketPolicyClient, timing=websocket_timing),
           "litserve": LitServeRobot}
 TRANSPORT_NAMES = {"msgpack": "msgpack HTTP", "websocket": "websocket", "litserve": "JSON HTTP"}
 
@@ -293,7 +315,9 @@ class Row:
     errors: int
     requests: int
     first_error: str = ""
-    infer_p50: Optional[float] = None  # ms: the server's own run time (model thread), where it reports one
+    queue_p50: Optional[float] = None  # ms, from the replies' own timing (ours only): waiting for the model thread
+    run_p50: Optional[float] = None  # ms: the model call (ServerTiming.run)
+    handler_p50: Optional[float] = None  # ms: the whole route (HTTP only); p50 minus this is outside the route
     extra: dict = field(default_factory=dict)
 
 
@@ -311,7 +335,7 @@ class Window:
 class RobotLog:
     latencies: list = field(default_factory=list)
     batches: list = field(default_factory=list)
-    infer_ms: list = field(default_factory=list)  # the server's own run time per reply (ours only)
+    timings: list = field(default_factory=list)  # ServerTiming per reply (ours only)
     errors: int = 0
     first_error: str = ""
 
@@ -357,8 +381,7 @@ def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: R
             if window.start <= done <= window.end:
                 log.latencies.append(done - started)
                 if timing is not None:
-                    log.batches.append(timing["batch_size"])
-                    log.infer_ms.append(timing["infer"])
+                    log.timings.append(timing)
     finally:
         if robot is not None:
             robot.close()
@@ -383,8 +406,7 @@ def run_fleet(server: str, robots: int, connect: Callable[[int], Any], warmup: f
         t.join(timeout=max(0.0, window.end - time.perf_counter()) + REPLY_TIMEOUT_S + 5)
     stuck = sum(t.is_alive() for t in threads)
     latencies = [x for log in logs for x in log.latencies]
-    batches = [b for log in logs for b in log.batches]
-    infer = [x for log in logs for x in log.infer_ms]
+    timings = [t for log in logs for t in log.timings]
     errors = sum(log.errors for log in logs) + stuck
     first_error = next((log.first_error for log in logs if log.first_error), "")
     if stuck:
@@ -393,8 +415,14 @@ def run_fleet(server: str, robots: int, connect: Callable[[int], Any], warmup: f
     return Row(server, robots, len(latencies) / seconds,
                float(np.percentile(ms, 50)) if len(ms) else float("nan"),
                float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-               statistics.fmean(batches) if batches else None, errors, len(latencies), first_error,
-               infer_p50=float(np.percentile(infer, 50)) if infer else None)
+               statistics.fmean(t.batch_size for t in timings) if timings else None, errors, len(latencies),
+               first_error, queue_p50=median_of(timings, "queue"), run_p50=median_of(timings, "run"),
+               handler_p50=median_of(timings, "handler"))
+
+
+def median_of(timings: list[ServerTiming], name: str) -> Optional[float]:
+    values = [getattr(t, name) for t in timings if getattr(t, name) is not None]
+    return statistics.median(values) if values else None
 
 
 def measure(server: str, transport: str, base: str, robots: int, io: dict, steps: int,
@@ -506,11 +534,16 @@ def verdict(ok: Optional[bool]) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    print("| server | robots | req/s | p50 ms | p99 ms | mean batch | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| server | robots | req/s | p50 ms | p99 ms | mean batch | server p50 ms: queue, run, route | errors |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
+        server = (f"{fmt(r.queue_p50)}, {fmt(r.run_p50)}, {fmt(r.handler_p50)}" if r.queue_p50 is not None
+                  else "-")
         print(f"| {r.server} | {r.concurrency} | {fmt(r.rps)} | {fmt(r.p50)} | {fmt(r.p99)} | "
-              f"{fmt(r.mean_batch, 2)} | {r.errors} |")
+              f"{fmt(r.mean_batch, 2)} | {server} | {r.errors} |")
+    print("(server p50: from the replies' own timing: queue = waiting for the model thread, run = the model call, "
+          "route = the whole route from the decoded body to the encoded reply, HTTP only; the p50 minus the route "
+          "is the client's and the HTTP stack's share)")
     for r in rows:
         if r.first_error:
             print(f"first error of {r.server} at {r.concurrency}: {r.first_error}")
@@ -578,7 +611,7 @@ def print_starvation(rows: list[tuple[str, Row, dict]]) -> None:
     for label, row, summary in rows:
         health = fmt(summary.get("rps")) if summary else "-"
         errors = row.errors + summary.get("errors", 0)
-        print(f"| {label} | {fmt(row.rps)} | {fmt(row.p50, 2)} | {fmt(row.p99, 2)} | {fmt(row.infer_p50, 2)} | "
+        print(f"| {label} | {fmt(row.rps)} | {fmt(row.p50, 2)} | {fmt(row.p99, 2)} | {fmt(row.run_p50, 2)} | "
               f"{health} | {errors} |")
     quiet, poll, flood = (r for _, r, _ in rows)
     p50_ratio, rps_ratio = ratio(poll.p50, quiet.p50), ratio(flood.rps, quiet.rps)

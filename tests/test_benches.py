@@ -42,3 +42,20 @@ def test_fleet_bench_leaves_litserve_out_where_it_cannot_be_installed(monkeypatc
     monkeypatch.setattr(fleet.subprocess, "run", pip_fails)
     assert fleet.ensure_litserve() is None
     assert calls and calls[0][1:4] == ["-m", "pip", "install"]
+
+
+def test_fleet_bench_robots_keep_running_over_the_websocket():
+    """Each transport's replies report their server timing under other keys; a robot that read the wrong one died
+    after its first reply, and its row showed one request per robot instead of a measurement."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet.py"), "--tiny", "--transport", "websocket",
+                             "--concurrency", "2", "--seconds", "1", "--warmup", "0.5", "--no-starvation",
+                             "--no-litserve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line.split("|") for line in result.stdout.splitlines()
+            if line.startswith("| ours, batching on (websocket)")]
+    assert rows, result.stdout[-4000:]
+    cells = [c.strip() for c in rows[0]]
+    requests_per_s, errors = float(cells[3]), int(cells[-2])
+    assert requests_per_s > 20 and errors == 0, rows[0]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
