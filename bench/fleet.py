@@ -284,7 +284,8 @@ class ServerTiming:
 
     batch_size: int
     queue: float  # waiting for the model thread
-    run: float  # the model call: the pipeline's sampling and chunks (HTTP), the whole call (the websocket)
+    run: float  # the model call: over HTTP the pipeline's sampling and chunks (its preparation counts as the
+    # route's), over the websocket the whole call
     handler: Optional[float]  # the route, body decoded to reply encoded (HTTP only: the websocket reports none)
 
 
@@ -334,7 +335,6 @@ class Window:
 @dataclass
 class RobotLog:
     latencies: list = field(default_factory=list)
-    batches: list = field(default_factory=list)
     timings: list = field(default_factory=list)  # ServerTiming per reply (ours only)
     errors: int = 0
     first_error: str = ""
@@ -541,9 +541,10 @@ def print_table(rows: list[Row]) -> None:
                   else "-")
         print(f"| {r.server} | {r.concurrency} | {fmt(r.rps)} | {fmt(r.p50)} | {fmt(r.p99)} | "
               f"{fmt(r.mean_batch, 2)} | {server} | {r.errors} |")
-    print("(server p50: from the replies' own timing: queue = waiting for the model thread, run = the model call, "
-          "route = the whole route from the decoded body to the encoded reply, HTTP only; the p50 minus the route "
-          "is the client's and the HTTP stack's share)")
+    print("(server p50: from the replies' own timing: queue = waiting for the model thread, run = the model call "
+          "(over HTTP its sampling and chunks, over the websocket all of it), route = the whole route from the "
+          "decoded body to the encoded reply, HTTP only; the p50 minus the route is the client's and the HTTP "
+          "stack's share)")
     for r in rows:
         if r.first_error:
             print(f"first error of {r.server} at {r.concurrency}: {r.first_error}")
@@ -643,8 +644,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpu-policy", action="store_true",
                         help="a GPU-sized random-weight policy (3 cameras at 224 px, ViT-B/32-sized backbone)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda: where both servers run the model")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16: the model's dtype in "
-                        "both servers and in the compute floor (auto: float32 on CPU; on CUDA the run's, as our "
+    parser.add_argument("--dtype", default=os.environ.get("VLA_DTYPE", "auto"),
+                        help="auto | float32 | bfloat16 | float16: the model's dtype in both servers and in the "
+                        "compute floor (default: VLA_DTYPE, else auto: float32 on CPU; on CUDA the run's, as our "
                         "server picks it)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="robot counts, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")

@@ -263,3 +263,36 @@ def test_batched_decode_steps_capture_a_cuda_graph_for_every_bucket(transformer_
             solo = pipeline.complete(prompt_token_ids=[prompts[i]], sampling=SamplingParams(lengths[i], 1.0, 20, 0.9),
                                      seed=i)
             assert outcomes[i].completions[0].token_ids == solo.completions[0].token_ids, i
+
+
+def test_raw_pixels_made_floats_on_cuda_equal_the_hosts():
+    """A policy's raw frames cross to the GPU as uint8 and become floats there: the same values as on the host."""
+    import numpy as np
+
+    from vla_foundry.robotics.processor import InputProcessor, RawPixels
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(6)]
+    processor = InputProcessor(RawPixels(224), None)
+    on_cuda = processor.pixel_values(frames, torch.device("cuda"))
+    assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), processor.pixel_values(frames))
+
+
+def test_a_lone_request_on_cuda_replays_the_one_row_graph_and_gets_its_solo_tokens(transformer_fixture):
+    """On CUDA a lone sequence decodes from its slot through the one-row graph (an eager step there is bound by
+    kernel launches), never on its own cache; fp32, so its tokens are its solo ones."""
+    pipeline = load_pipeline(transformer_fixture, device="cuda")
+    from tests.vla_foundry.test_slot_graphs import record_steps
+
+    batcher = pipeline.continuous_batcher(max_sequences=4)
+    rows_per_step = record_steps(batcher.decoder.graphs)
+    prompt = np.random.default_rng(4).integers(0, pipeline.model.vocab_size, size=6).tolist()
+    sampling = SamplingParams(10, 1.0, 20, 0.9)
+    outcome = {}
+    batcher.submit(pipeline.start_completion(prompt_token_ids=[prompt], sampling=sampling, seed=9),
+                   lambda out: outcome.setdefault("lone", out))
+    while batcher.active:
+        batcher.step()
+    assert rows_per_step == [(1, True)] * 9 and batcher.decode_mode == "cuda_graph"
+    solo = pipeline.complete(prompt_token_ids=[prompt], sampling=sampling, seed=9)
+    assert outcome["lone"].completions[0].token_ids == solo.completions[0].token_ids

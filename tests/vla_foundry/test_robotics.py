@@ -15,7 +15,8 @@ from vla_foundry.errors import CheckpointError, InvalidInputError
 from vla_foundry.robotics.normalizer import NormalizerConfig, RoboticsNormalizer
 from vla_foundry.robotics.observations import (RawObservation, build_inputs, normalize_fields, parse_action_window,
                                                parse_observation)
-from vla_foundry.robotics.processor import center_crop, hf_processor, prompt_for, resize_image
+from vla_foundry.robotics.processor import (InputProcessor, RawPixels, center_crop, hf_processor, prompt_for,
+                                             resize_image)
 from vla_foundry.robotics.robot_io import RobotIO, image_names_for
 from vla_foundry.robotics.stats import PERCENTILES, field_stats
 from tests.factories import tiny_policy_io
@@ -608,3 +609,25 @@ def test_prompt_lengths_are_counted_once_per_distinct_prompt_and_still_refused_w
     monkeypatch.setattr(processor_module, "TOKEN_COUNT_CACHE_SIZE", 5)
     assert processor.token_counts(["e", "f e"]) == [1, 2]  # would pass 5 cached: cleared first, answer whole
     assert len(processor._token_counts) <= 5 and processor.token_counts(["a b c d"]) == [4]
+
+
+def test_raw_pixels_cross_to_the_device_as_bytes_and_are_the_host_floats(monkeypatch):
+    """Processor "none": float 0…255 pixels (n, 3, S, S); given a device, the uint8 frames are what is copied there
+    (a quarter of float32's bytes, no conversion on the host), and the floats are the host's exactly."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(3)]
+    processor = InputProcessor(RawPixels(32), None)
+    host = processor.pixel_values(frames)
+    expected = torch.from_numpy(np.stack([resize_image(f, (32, 32), "resize_no_crop") for f in frames]))
+    assert torch.equal(host, expected.permute(0, 3, 1, 2).float())
+    assert torch.equal(processor.pixel_values(frames, torch.device("cpu")), host)
+    moved, real_to = [], torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        moved.append(self.dtype)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    on_meta = processor.pixel_values(frames, torch.device("meta"))  # a device other than the host's
+    assert moved == [torch.uint8]
+    assert on_meta.device.type == "meta" and on_meta.dtype == torch.float32 and on_meta.shape == host.shape

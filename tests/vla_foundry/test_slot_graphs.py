@@ -26,6 +26,19 @@ def vlm(fixtures_dir):
     return load_pipeline(fixtures_dir / "vlm_basic")
 
 
+def record_steps(graphs: SlotGraphs) -> list[tuple[int, bool]]:
+    """From now on, each step ``graphs`` is asked for: (its rows, whether a graph answered it) in the list returned."""
+    decode, steps = graphs.decode, []
+
+    def recorded(ids, span, positions):
+        logits = decode(ids, span, positions)
+        steps.append((len(positions), logits is not None))
+        return logits
+
+    graphs.decode = recorded
+    return steps
+
+
 def random_cache(decoder) -> None:
     generator = torch.Generator().manual_seed(1)
     for cache in (decoder.cache.keys, decoder.cache.values):
@@ -160,21 +173,24 @@ def test_buckets_made_at_warm_up_serve_outside_inference_mode_and_failed_ones_re
 @pytest.mark.parametrize("mode", ["traced", "cuda_graph"])
 def test_a_lone_request_replays_the_one_row_graph_where_steps_are_cuda_graphs_and_steps_alone_elsewhere(text, mode):
     """On a GPU an eager step is bound by kernel launches, so a lone sequence decodes from its slot through the
-    one-row graph; on CPU it keeps stepping on its own cache (nothing to gather). Its tokens are its solo ones
-    either way."""
+    one-row graph; on CPU it keeps stepping on its own cache (nothing to gather) until another joins. Both
+    requests get their solo tokens either way."""
     batcher = text.continuous_batcher(max_sequences=4, graphs=True)
     graphs = batcher.decoder.graphs = SlotGraphs(batcher.decoder.step, batcher.decoder.cache, mode=mode)
-    decode, rows_per_step = graphs.decode, []
-
-    def recorded(ids, span, positions):
-        rows_per_step.append(len(positions))
-        return decode(ids, span, positions)
-
-    graphs.decode = recorded
+    rows_per_step = record_steps(graphs)
     settings = SamplingParams(10, SAMPLED.temperature, SAMPLED.top_k, SAMPLED.top_p)
-    prompt = prompts(text.model.vocab_size, 1, seed=3)
-    outcomes = run_all(batcher, {0: [("lone", text.start_completion(prompt_token_ids=prompt, sampling=settings,
-                                                                     seed=11))]})
-    solo = text.complete(prompt_token_ids=prompt, sampling=settings, seed=11)
-    assert [c.token_ids for c in outcomes["lone"].completions] == [c.token_ids for c in solo.completions]
-    assert rows_per_step == ([1] * 9 if mode == "cuda_graph" else [])  # 10 tokens: the prefill's, then 9 steps
+    lone, joiner = prompts(text.model.vocab_size, 2, seed=3)
+    run = {name: (prompt, seed) for name, prompt, seed in (("lone", [lone], 11), ("joiner", [joiner], 12))}
+    outcomes = run_all(batcher, {0: [("lone", text.start_completion(prompt_token_ids=run["lone"][0],
+                                                                     sampling=settings, seed=11))],
+                                 4: [("joiner", text.start_completion(prompt_token_ids=run["joiner"][0],
+                                                                       sampling=settings, seed=12))]})
+    for name, (prompt, seed) in run.items():
+        solo = text.complete(prompt_token_ids=prompt, sampling=settings, seed=seed)
+        assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions], name
+    # The lone request's first 4 steps (its prefill gave its first token), then both together
+    if mode == "cuda_graph":  # from the one-row graph, every step from a graph
+        assert rows_per_step[:5] == [(1, True)] * 4 + [(2, True)] and all(ok for _, ok in rows_per_step)
+        assert batcher.decode_mode == "cuda_graph"
+    else:  # on its own cache, unrecorded; the first recorded step is the two together
+        assert rows_per_step and rows_per_step[0] == (2, True)

@@ -16,7 +16,7 @@ from torch import nn
 from vla_foundry.keyed_registry import KeyedRegistry
 from vla_foundry.models.clip_hf import ClipHF, l2normalize
 from vla_foundry.models.vit import ViT
-from vla_foundry.robotics.processor import InputProcessor, hf_processor, hf_tokenizer_text, raw_pixels, text_pad_id
+from vla_foundry.robotics.processor import InputProcessor, RawPixels, hf_processor, hf_tokenizer_text, text_pad_id
 
 BACKBONES: KeyedRegistry[type] = KeyedRegistry(
     "policy backbone", "Check `vision_language_backbone.type` in config_model.yaml.")
@@ -68,7 +68,7 @@ class ClipBackbone(nn.Module):
                         processor_kwargs: Optional[dict] = None) -> InputProcessor:
         if processor in (None, "", "none"):
             text = hf_tokenizer_text(self._model.tokenizer)
-            return InputProcessor(raw_pixels(image_size), text, text_pad_id(self._model.tokenizer))
+            return InputProcessor(RawPixels(image_size), text, text_pad_id(self._model.tokenizer))
         return hf_processor(processor, processor_kwargs)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None) -> torch.Tensor:
@@ -101,7 +101,7 @@ class ViTBackbone(nn.Module):
     def input_processor(self, processor: Optional[str], image_size: Optional[int] = None,
                         processor_kwargs: Optional[dict] = None) -> InputProcessor:
         if processor in (None, "", "none"):
-            return InputProcessor(raw_pixels(image_size or self.params.img_size), None)
+            return InputProcessor(RawPixels(image_size or self.params.img_size), None)
         hf = hf_processor(processor, processor_kwargs)
         return InputProcessor(hf.image_fn, None)
 
@@ -146,7 +146,7 @@ class OpenClipBackbone(nn.Module):
                                  field="observation.language_instruction")
             return ids, (ids != 0).long()
 
-        image_fn = raw_pixels(image_size) if processor == "none" else model.pixel_values
+        image_fn = RawPixels(image_size) if processor == "none" else model.pixel_values
         return InputProcessor(image_fn, text_fn)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None) -> torch.Tensor:

@@ -269,8 +269,9 @@ class ActionPipeline(Pipeline):
 
     def prepare(self, samples: Sequence[RawObservation]) -> PolicyInputs:
         self.check_instructions(samples)
-        inputs = build_inputs(list(samples), self.robot_io, self.normalizer, self.processor, self.uses_language)
         weight = next(self.model.parameters())
+        inputs = build_inputs(list(samples), self.robot_io, self.normalizer, self.processor, self.uses_language,
+                              device=weight.device)
         return inputs.to(weight.device, weight.dtype)
 
     def _steps(self, num_inference_steps: Optional[int]) -> int:

@@ -118,8 +118,13 @@ class InputProcessor:
             known.update(new)
         return [known[p] for p in prompts]
 
-    def pixel_values(self, frames: list[np.ndarray]) -> torch.Tensor:
-        return self.image_fn(frames)
+    def pixel_values(self, frames: list[np.ndarray], device: Optional[torch.device] = None) -> torch.Tensor:
+        """(n, 3, h, w) float pixels on ``device`` (default: the CPU). Raw pixels (processor ``"none"``) cross to
+        the device as bytes and become floats there; other processors' floats are moved."""
+        if isinstance(self.image_fn, RawPixels):
+            return self.image_fn(frames, device)
+        pixels = self.image_fn(frames)
+        return pixels if device is None else pixels.to(device)
 
     def text(self, prompts: list[str], max_length: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_fn is None:
@@ -128,15 +133,23 @@ class InputProcessor:
         return self.text_fn(prompts, max_length)
 
 
-def raw_pixels(image_size: Optional[int]) -> Callable[[list], torch.Tensor]:
-    """Processor ``"none"``: float 0…255 pixels, (n, 3, S, S) resized to ``image_size``."""
+class RawPixels:
+    """Processor ``"none"``: float 0…255 pixels, (n, 3, S, S) resized to ``image_size``.
 
-    def image_fn(frames: list[np.ndarray]) -> torch.Tensor:
-        size = (image_size, image_size) if image_size else None
-        arrays = [resize_image(f, size, "resize_no_crop") for f in frames]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    With a ``device``, the frames cross to it as they came, uint8 and channels last, and become floats there:
+    a quarter of float32's bytes to copy, and no conversion on the host (a CPU-to-GPU copy that changes the
+    dtype or the layout does that work on the host first; for 16 robots' three 224 px cameras, 29 MB of
+    float32). The values are the same either way: every uint8 is exact in float32, bfloat16 and float16.
+    """
 
-    return image_fn
+    def __init__(self, image_size: Optional[int]):
+        self.size = (image_size, image_size) if image_size else None
+
+    def __call__(self, frames: list[np.ndarray], device: Optional[torch.device] = None) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack([resize_image(f, self.size, "resize_no_crop") for f in frames]))
+        if device is not None:
+            pixels = pixels.to(device)  # (n, S, S, 3) uint8, contiguous: one plain copy
+        return pixels.permute(0, 3, 1, 2).float()
 
 
 def hf_tokenizer_text(tokenizer) -> Callable:
