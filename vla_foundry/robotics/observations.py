@@ -83,8 +83,8 @@ def normalize_fields(values: list[dict[str, np.ndarray]], fields: list[str], nor
 def build_inputs(samples: list[RawObservation], io: RobotIO, normalizer: RoboticsNormalizer,
                  processor: InputProcessor, uses_language: bool, device: Optional[torch.device] = None
                  ) -> PolicyInputs:
-    """The model inputs of ``samples``, on the CPU; the pixel values on ``device`` when one is given (raw frames
-    cross to it before they become floats: ``InputProcessor.pixel_values``)."""
+    """The model inputs of ``samples``, on the CPU, except a raw-pixel processor's pixel values, which are made on
+    ``device`` when one is given (``InputProcessor.pixel_values``); ``PolicyInputs.to`` moves the rest."""
     B, P, Ta = len(samples), io.past_steps, io.action_steps
     frames = [prepare_frame(s.images[name], io) for s in samples for name in io.image_names]
     pixel_values = processor.pixel_values(frames, device)  # (B·N, 3, h, w)

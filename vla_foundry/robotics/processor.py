@@ -119,12 +119,12 @@ class InputProcessor:
         return [known[p] for p in prompts]
 
     def pixel_values(self, frames: list[np.ndarray], device: Optional[torch.device] = None) -> torch.Tensor:
-        """(n, 3, h, w) float pixels on ``device`` (default: the CPU). Raw pixels (processor ``"none"``) cross to
-        the device as bytes and become floats there; other processors' floats are moved."""
+        """(n, 3, h, w) float pixels. Raw pixels (processor ``"none"``) are made on ``device`` (default: the CPU),
+        from uint8 frames copied there; other processors' floats stay on the CPU, where the caller's single
+        ``.to(device, dtype)`` casts before it copies (half the bytes for a bfloat16 model)."""
         if isinstance(self.image_fn, RawPixels):
             return self.image_fn(frames, device)
-        pixels = self.image_fn(frames)
-        return pixels if device is None else pixels.to(device)
+        return self.image_fn(frames)
 
     def text(self, prompts: list[str], max_length: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_fn is None:
@@ -136,7 +136,7 @@ class InputProcessor:
 class RawPixels:
     """Processor ``"none"``: float 0…255 pixels, (n, 3, S, S) resized to ``image_size``.
 
-    With a ``device``, the frames cross to it as they came, uint8 and channels last, and become floats there:
+    With a ``device``, the resized uint8 frames (n, S, S, 3) are copied to it and become floats there:
     a quarter of float32's bytes to copy, and no conversion on the host (a CPU-to-GPU copy that changes the
     dtype or the layout does that work on the host first; for 16 robots' three 224 px cameras, 29 MB of
     float32). The values are the same either way: every uint8 is exact in float32, bfloat16 and float16.
