@@ -123,8 +123,9 @@ class Deployment:
                 self.stage = f"warming up (batch sizes up to {self.executor.max_batch_size})"
                 pipeline.warmup(self.executor.max_batch_size)
             continuous = self.settings.continuous_batching
-            if continuous is None:  # on CUDA a lone request's steps replay from a graph, a lone sequence in a
-                # continuous batch's do not, and the batched steps' graphs are not measured on a GPU yet
+            if continuous is None:  # on CUDA a lone request's steps replay from a graph; a continuous batch's lone
+                # sequence now does too (the one-row graph), but one client has not been measured both ways on a
+                # GPU yet (README, "Continuous batching of text and captions")
                 continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
             if continuous:
                 with _LOAD_LOCK:  # one at a time: each sizes its cache by the memory the others left

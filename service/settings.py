@@ -138,8 +138,8 @@ class Settings(BaseSettings):
         "and a finished one leaves at once (up to max_batch_size sequences; HF families whose cache cannot be kept "
         "in slots, e.g. sliding-window ones, always generate one request at a time); false: one request's "
         "generation at a time. None: on, except on CUDA "
-        "with cuda_graphs, where one request's decode steps replay from a CUDA graph (a continuous batch's steps "
-        "replay from CUDA graphs too, but a lone sequence in it decodes eagerly, and the two are not yet measured "
+        "with cuda_graphs, where one request's decode steps replay from a CUDA graph (a continuous batch's steps, "
+        "a lone sequence's included, replay from CUDA graphs too, but one client through each is not yet measured "
         "side by side on a GPU)."))
     kv_cache_mb: Optional[float] = Field(None, gt=0, description=(
         "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
