@@ -20,6 +20,21 @@ Delta = tuple[int, Optional[str], list[int], Optional[str]]  # row, text, token 
 _END = object()  # after the last delta: the generation has ended
 
 
+def merge_rows(deltas: list[Delta]) -> list[Delta]:
+    """One delta per row, rows in the order they first appear: the row's texts joined (None when none showed
+    text), its token ids joined, and its finish reason (only a row's last delta has one)."""
+    merged: dict[int, Delta] = {}
+    for row, text, token_ids, finish in deltas:
+        if row not in merged:
+            merged[row] = (row, text, list(token_ids), finish)
+            continue
+        _, joined, ids, _ = merged[row]
+        if text is not None:
+            joined = text if joined is None else joined + text
+        merged[row] = (row, joined, ids + list(token_ids), finish)
+    return list(merged.values())
+
+
 class GenerationCancelled(Exception):
     """Raised inside the generation loop when the streaming client has gone."""
 
@@ -56,10 +71,11 @@ class DeltaStream:
         self._first: list = [first]
 
     async def batches(self) -> AsyncIterator[list[Delta]]:
-        """Every delta in order, in lists of what has arrived since the previous list: one write each, so a
-        stream that fell behind its generation (or a request of several rows, whose deltas of one step come
-        together) sends its deltas in one write instead of each costing its own. The generation's error (if any)
-        is raised after the last list."""
+        """Every row's deltas in order, in lists of what has arrived since the previous list, each row's deltas of
+        a list merged into one (``merge_rows``): one write and one event per row, so a stream that fell behind its
+        generation sends what it owes at once instead of an event per token, each of which its client must parse
+        (a request of several rows gets one event per row per list). The generation's error (if any) is raised
+        after the last list."""
         try:
             pending = list(self._first)
             while True:
@@ -68,7 +84,7 @@ class DeltaStream:
                 ended = _END in pending  # (the marker is last: nothing follows the end)
                 deltas = pending[:pending.index(_END)] if ended else pending
                 if deltas:
-                    yield deltas
+                    yield merge_rows(deltas)
                 if ended:
                     self.task.result()
                     return

@@ -410,8 +410,8 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     started: set = set()
 
     async def events():
-        # One write per list of deltas: each delta is still its own event, but the deltas that arrived together
-        # (a stream that fell behind its generation, or the rows of one step) share a write.
+        # One write per list of deltas, one event per row in it: what arrived together (a stream that fell behind
+        # its generation, or the rows of one step) costs the client one event per row, not one per token.
         try:
             async for deltas in stream.batches():
                 payload = "".join(chunks(deltas))

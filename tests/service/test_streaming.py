@@ -1,6 +1,6 @@
 """A generation's deltas from the model thread to the event loop (service/streaming.py): every delta in order, what
-arrived together handed over as one list (one write), the generation's error after its last delta, and a client
-that leaves cancelling the generation."""
+arrived together handed over as one list (one write) with each row's deltas merged into one (one event), the
+generation's error after its last delta, and a client that leaves cancelling the generation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from service.streaming import DeltaStream, GenerationCancelled
+from service.streaming import DeltaStream, GenerationCancelled, merge_rows
 
 
 def generation(stream: DeltaStream, plan: list, gates: list[threading.Event], outcome=None, raised=None):
@@ -44,7 +44,7 @@ async def queued(stream: DeltaStream, count: int) -> None:
     raise AssertionError(f"{count} items never reached the loop")
 
 
-def test_deltas_that_arrive_together_come_as_one_list_in_order():
+def test_deltas_that_arrive_together_come_as_one_merged_delta_in_order():
     async def main():
         stream = DeltaStream()
         gates = [threading.Event(), threading.Event()]
@@ -58,7 +58,7 @@ def test_deltas_that_arrive_together_come_as_one_list_in_order():
         return lists, stream.result()
 
     lists, result = asyncio.run(main())
-    assert lists == [["a"], ["b", "c", "d"], ["e"]]
+    assert lists == [["a"], ["bcd"], ["e"]]
     assert result == "done"
 
 
@@ -72,7 +72,7 @@ def test_the_generations_error_follows_its_last_delta():
                 seen.extend(text for _, text, _, _ in deltas)
         return seen
 
-    assert asyncio.run(main()) == ["a", "b"]
+    assert "".join(asyncio.run(main())) == "ab"
 
 
 def test_an_error_before_the_first_delta_is_raised_by_start():
@@ -119,3 +119,10 @@ def test_a_client_that_leaves_before_the_first_delta_cancels_the_queued_generati
     queued_job, stream = asyncio.run(main())
     assert queued_job.cancelled()  # dropped unrun
     assert stream.cancelled.is_set()
+
+
+def test_merging_keeps_each_rows_text_ids_and_finish_in_the_order_rows_first_appear():
+    deltas = [(1, "Hel", [5], None), (0, None, [7], None), (1, "lo", [6], None), (0, "x", [8], None),
+              (1, None, [9], "stop"), (2, None, [3], None)]
+    assert merge_rows(deltas) == [(1, "Hello", [5, 6, 9], "stop"), (0, "x", [7, 8], None), (2, None, [3], None)]
+    assert merge_rows([(0, "a", [1], None)]) == [(0, "a", [1], None)]
