@@ -4,13 +4,14 @@
                           [--concurrency 1,4,16,64]
                           [--seconds 10] [--warmup 2]
                           [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
-                          [--no-starvation] [--no-litserve]
+                          [--no-starvation] [--no-litserve] [--robot-processes N]
     python bench/fleet.py --replicas N [--robots 16] [--checkpoint DIR | --tiny] [--seconds 10]
 
 (--replicas: robots on HTTP sessions against 1 and N replicas on Ray Serve; bench/fleet_replicas.py says how.)
 
 N simulated robots run in a closed loop (each sends a request, waits for the reply, sends the
-next), one thread and one client each, against a live server serving one `diffusion_policy`
+next), one thread and one client each (threads of this process, or of --robot-processes
+processes), against a live server serving one `diffusion_policy`
 checkpoint (default: the demo policy, built first if missing, several minutes; --tiny: a
 random-weight ViT policy saved in a temporary directory, for checking the script). Each row
 runs --warmup seconds, then measures for --seconds: a request counts (latency, req/s, batch
@@ -58,7 +59,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
+import queue
 import signal
 import statistics
 import subprocess
@@ -67,7 +70,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -387,24 +390,76 @@ def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: R
             robot.close()
 
 
-def run_fleet(server: str, robots: int, connect: Callable[[int], Any], warmup: float, seconds: float) -> Row:
-    """``robots`` closed-loop robot threads for ``warmup`` + ``seconds``; the row measured over the last part."""
-    window = Window(threading.Barrier(robots + 1, timeout=120))
-    logs = [RobotLog() for _ in range(robots)]
-    threads = [threading.Thread(target=robot_loop, args=(i, connect, window, logs[i]), daemon=True,
-                                name=f"robot-{i}") for i in range(robots)]
+def run_robots(indices: list[int], connect: Callable[[int], Any], window_start: Callable[[], float],
+               seconds: float) -> tuple[list[RobotLog], int]:
+    """Robot threads ``indices``: they connect, then ``window_start()`` (called once all have) gives the measured
+    window's start (a ``time.perf_counter`` time), which lasts ``seconds``. Their logs, and how many were stuck."""
+    window = Window(threading.Barrier(len(indices) + 1, timeout=120))
+    logs = [RobotLog() for _ in indices]
+    threads = [threading.Thread(target=robot_loop, args=(i, connect, window, log), daemon=True, name=f"robot-{i}")
+               for i, log in zip(indices, logs)]
     for t in threads:
         t.start()
     try:
         window.barrier.wait()
     except threading.BrokenBarrierError:
-        raise SystemExit(f"{server}: the robots did not connect within 120 s") from None
-    window.start = time.perf_counter() + warmup
+        raise SystemExit("the robots did not connect within 120 s") from None
+    window.start = window_start()
     window.end = window.start + seconds
     window.go.set()
     for t in threads:  # each ends after its request in flight at the window's end (at most REPLY_TIMEOUT_S)
         t.join(timeout=max(0.0, window.end - time.perf_counter()) + REPLY_TIMEOUT_S + 5)
-    stuck = sum(t.is_alive() for t in threads)
+    return logs, sum(t.is_alive() for t in threads)
+
+
+def robot_process(transport: str, base: str, io: dict, steps: int, indices: list[int], seconds: float,
+                  ready: Any, starts: Any, out: Any) -> None:
+    """--robot-processes: one process's share of the robots (its own interpreter, so the robots' Python work is
+    not all under one lock). Reports ready once its robots are connected, takes the window's start from
+    ``starts`` (``time.perf_counter`` is the system's monotonic clock on Linux, the same in every process),
+    and sends back its logs as plain values."""
+    connect = robot_connector(transport, base, io, steps)
+
+    def window_start() -> float:
+        ready.put(os.getpid())
+        return starts.get(timeout=180)
+
+    logs, stuck = run_robots(indices, connect, window_start, seconds)
+    out.put(([(log.latencies, [astuple(t) for t in log.timings], log.errors, log.first_error)
+              for log in logs], stuck))
+
+
+def run_robot_processes(transport: str, base: str, io: dict, steps: int, robots: int, processes: int,
+                        warmup: float, seconds: float) -> tuple[list[RobotLog], int]:
+    """The robots spread over ``processes`` processes (robot i in process i mod processes); their logs."""
+    context = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context (the compute floor)
+    ready, starts, out = context.Queue(), context.Queue(), context.Queue()
+    shares = [list(range(p, robots, processes)) for p in range(processes)]
+    children = [context.Process(target=robot_process, args=(transport, base, io, steps, share, seconds, ready,
+                                                            starts, out), daemon=True) for share in shares]
+    for child in children:
+        child.start()
+    try:
+        for _ in children:
+            ready.get(timeout=180)
+        start = time.perf_counter() + warmup
+        for _ in children:
+            starts.put(start)
+        results = [out.get(timeout=warmup + seconds + REPLY_TIMEOUT_S + 60) for _ in children]
+    except queue.Empty:
+        raise SystemExit("a robot process did not report in time") from None
+    finally:
+        for child in children:
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+    logs = [RobotLog(latencies, [ServerTiming(*t) for t in timings], errors, first_error)
+            for plain, _ in results for latencies, timings, errors, first_error in plain]
+    return logs, sum(stuck for _, stuck in results)
+
+
+def row_of(server: str, robots: int, logs: list[RobotLog], stuck: int, seconds: float) -> Row:
+    """The row of the robots' logs over the ``seconds`` measured."""
     latencies = [x for log in logs for x in log.latencies]
     timings = [t for log in logs for t in log.timings]
     errors = sum(log.errors for log in logs) + stuck
@@ -425,15 +480,28 @@ def median_of(timings: list[ServerTiming], name: str) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def measure(server: str, transport: str, base: str, robots: int, io: dict, steps: int,
-            args: argparse.Namespace) -> Row:
+def robot_connector(transport: str, base: str, io: dict, steps: int) -> Callable[[int], Any]:
+    """A new client for robot ``index``, with the observation it sends every time (its own random frames)."""
     robot_cls = ROBOTS[transport]
-    observations = [observation_for(io, np.random.default_rng(i)) for i in range(robots)]
+    observations: dict[int, dict] = {}
 
     def connect(index: int) -> Any:  # robot ``index`` keeps its observation across reconnects
+        if index not in observations:
+            observations[index] = observation_for(io, np.random.default_rng(index))
         return robot_cls(base, observations[index], steps)
 
-    row = run_fleet(server, robots, connect, args.warmup, args.seconds)
+    return connect
+
+
+def measure(server: str, transport: str, base: str, robots: int, io: dict, steps: int,
+            args: argparse.Namespace) -> Row:
+    processes = min(robots, getattr(args, "robot_processes", 1) or 1)
+    if processes > 1:
+        logs, stuck = run_robot_processes(transport, base, io, steps, robots, processes, args.warmup, args.seconds)
+    else:
+        logs, stuck = run_robots(list(range(robots)), robot_connector(transport, base, io, steps),
+                                 lambda: time.perf_counter() + args.warmup, args.seconds)
+    row = row_of(server, robots, logs, stuck, args.seconds)
     batch = f", mean batch {row.mean_batch:.2f}" if row.mean_batch is not None else ""
     print(f"  {server}, {robots} robots: {row.rps:.1f} req/s, p50 {row.p50:.1f} ms, p99 {row.p99:.1f} ms{batch}, "
           f"{row.errors} errors{(' (' + row.first_error + ')') if row.first_error else ''}", flush=True)
@@ -654,6 +722,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--transport", choices=["msgpack", "websocket", "both"], default="msgpack",
                         help="how the robots talk to our server")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the deployment's)")
+    parser.add_argument("--robot-processes", type=int, default=1,
+                        help="spread each row's robots over this many processes (robot i in process i mod N), so "
+                        "their Python work is not all under one interpreter lock: for hosts with cores to spare "
+                        "(a GPU host); on 2 cores they take CPU from the servers (default 1: threads of this one)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in every server (default 1; 0: torch's default, all cores)")
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout, seconds")

@@ -14,7 +14,7 @@ then `--only fleet,text`):
 - `images`: `bench/images.py --device cuda --dtype bfloat16`;
 - `policy`: `bench/policy_sampling.py --device cuda --gpu-policy` (eager vs CUDA-graph sampling per
   batch size: the compute floor a robot's round trip is compared with);
-- `fleet`: `bench/fleet.py --device cuda --gpu-policy --concurrency 1,16` (robots over HTTP,
+- `fleet`: `bench/fleet.py --device cuda --gpu-policy --concurrency 1,16 --robot-processes 4` (robots over HTTP,
   batching off and on, LitServe beside it when it is installed, e.g. from the carried wheels (this
   step never pip-installs it: a GPU host has no registry, and pip's retries would spend the step's
   time); the GPU goals: 16 robots ≥ 10× one,
@@ -59,11 +59,12 @@ STEPS = {
     "policy": ([PY, str(HERE / "policy_sampling.py"), "--device", "cuda", "--gpu-policy"],
                [PY, str(HERE / "policy_sampling.py"), "--device", "cpu", "--batch-sizes", "1,2", "--repeats", "3"],
                90),
+    # The robots in 4 processes there: a GPU host has the cores, and one process's threads share one interpreter.
     "fleet": ([PY, str(HERE / "fleet.py"), "--device", "cuda", "--gpu-policy", "--concurrency", "1,16",
-               "--seconds", "6", "--no-starvation"] + ([] if importlib.util.find_spec("litserve") else
-                                                       ["--no-litserve"]),  # no registry there to install it from
+               "--seconds", "6", "--no-starvation", "--robot-processes", "4"]
+              + ([] if importlib.util.find_spec("litserve") else ["--no-litserve"]),  # no registry there to get it
               [PY, str(HERE / "fleet.py"), "--device", "cpu", "--tiny", "--concurrency", "1,2", "--seconds", "1",
-               "--warmup", "0.5", "--no-starvation", "--no-litserve"], 150),
+               "--warmup", "0.5", "--no-starvation", "--no-litserve", "--robot-processes", "2"], 150),
     "text": ([PY, str(HERE / "text_serving.py"), "--device", "cuda", "--random-model", "24x2048",
               "--concurrency", "1,32", "--seconds", "5", "--servers", "on,off"],
              [PY, str(HERE / "text_serving.py"), "--device", "cpu", "--random-model", "2x64", "--concurrency", "1,2",
