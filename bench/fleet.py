@@ -90,6 +90,7 @@ except ImportError:
 
 HEALTH_THREADS, POLL_HZ = 16, 20
 REPLY_TIMEOUT_S = 60.0  # one request; every robot loop also ends at its row's end
+START_TIMEOUT_S = 180.0  # connected robots wait this long for their row to start (robot processes: for the slowest)
 GOAL_SCALING, GOAL_VS_LITSERVE, GOAL_TAIL = 3.0, 1.5, 3.0
 GOAL_GPU_SCALING, GOAL_GPU_FLOOR = 10.0, 1.5  # on CUDA: 16 robots ÷ 1 robot; one robot's p50 ÷ the compute floor
 GOAL_HEALTH_P50, GOAL_FLOOD_RPS = 1.2, 0.5
@@ -358,7 +359,11 @@ def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: R
         window.barrier.wait()
     except threading.BrokenBarrierError:
         return
-    window.go.wait(timeout=60)
+    if not window.go.wait(timeout=START_TIMEOUT_S):
+        log.error(TimeoutError(f"the row did not start within {START_TIMEOUT_S:.0f} s"))
+        if robot is not None:
+            robot.close()
+        return
     i = 0
     try:
         while time.perf_counter() < window.end:
@@ -390,10 +395,11 @@ def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: R
             robot.close()
 
 
-def run_robots(indices: list[int], connect: Callable[[int], Any], window_start: Callable[[], float],
+def run_robots(name: str, indices: list[int], connect: Callable[[int], Any], window_start: Callable[[], float],
                seconds: float) -> tuple[list[RobotLog], int]:
     """Robot threads ``indices``: they connect, then ``window_start()`` (called once all have) gives the measured
-    window's start (a ``time.perf_counter`` time), which lasts ``seconds``. Their logs, and how many were stuck."""
+    window's start (a ``time.perf_counter`` time), which lasts ``seconds``. Their logs, and how many were stuck
+    (still waiting for a reply REPLY_TIMEOUT_S + 5 s after the window's end)."""
     window = Window(threading.Barrier(len(indices) + 1, timeout=120))
     logs = [RobotLog() for _ in indices]
     threads = [threading.Thread(target=robot_loop, args=(i, connect, window, log), daemon=True, name=f"robot-{i}")
@@ -403,12 +409,13 @@ def run_robots(indices: list[int], connect: Callable[[int], Any], window_start: 
     try:
         window.barrier.wait()
     except threading.BrokenBarrierError:
-        raise SystemExit("the robots did not connect within 120 s") from None
+        raise SystemExit(f"{name}: the robots did not connect within 120 s") from None
     window.start = window_start()
     window.end = window.start + seconds
     window.go.set()
-    for t in threads:  # each ends after its request in flight at the window's end (at most REPLY_TIMEOUT_S)
-        t.join(timeout=max(0.0, window.end - time.perf_counter()) + REPLY_TIMEOUT_S + 5)
+    deadline = window.end + REPLY_TIMEOUT_S + 5  # each ends after its request in flight at the window's end
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.perf_counter()))
     return logs, sum(t.is_alive() for t in threads)
 
 
@@ -422,9 +429,9 @@ def robot_process(transport: str, base: str, io: dict, steps: int, indices: list
 
     def window_start() -> float:
         ready.put(os.getpid())
-        return starts.get(timeout=180)
+        return starts.get(timeout=START_TIMEOUT_S)
 
-    logs, stuck = run_robots(indices, connect, window_start, seconds)
+    logs, stuck = run_robots(f"robot process {os.getpid()}", indices, connect, window_start, seconds)
     out.put(([(log.latencies, [astuple(t) for t in log.timings], log.errors, log.first_error)
               for log in logs], stuck))
 
@@ -441,13 +448,11 @@ def run_robot_processes(transport: str, base: str, io: dict, steps: int, robots:
         child.start()
     try:
         for _ in children:
-            ready.get(timeout=180)
+            take(ready, children, START_TIMEOUT_S)
         start = time.perf_counter() + warmup
         for _ in children:
             starts.put(start)
-        results = [out.get(timeout=warmup + seconds + REPLY_TIMEOUT_S + 60) for _ in children]
-    except queue.Empty:
-        raise SystemExit("a robot process did not report in time") from None
+        results = [take(out, children, warmup + seconds + REPLY_TIMEOUT_S + 60) for _ in children]
     finally:
         for child in children:
             child.join(timeout=10)
@@ -456,6 +461,20 @@ def run_robot_processes(transport: str, base: str, io: dict, steps: int, robots:
     logs = [RobotLog(latencies, [ServerTiming(*t) for t in timings], errors, first_error)
             for plain, _ in results for latencies, timings, errors, first_error in plain]
     return logs, sum(stuck for _, stuck in results)
+
+
+def take(messages: Any, children: list, timeout: float) -> Any:
+    """The next message from the robot processes, checking every second that none of them died without one."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            return messages.get(timeout=1.0)
+        except queue.Empty:
+            dead = [c.exitcode for c in children if c.exitcode not in (None, 0)]
+            if dead:
+                raise SystemExit(f"a robot process exited with status {dead[0]} (its error is above)") from None
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"a robot process did not report within {timeout:.0f} s") from None
 
 
 def row_of(server: str, robots: int, logs: list[RobotLog], stuck: int, seconds: float) -> Row:
@@ -499,7 +518,7 @@ def measure(server: str, transport: str, base: str, robots: int, io: dict, steps
     if processes > 1:
         logs, stuck = run_robot_processes(transport, base, io, steps, robots, processes, args.warmup, args.seconds)
     else:
-        logs, stuck = run_robots(list(range(robots)), robot_connector(transport, base, io, steps),
+        logs, stuck = run_robots(server, list(range(robots)), robot_connector(transport, base, io, steps),
                                  lambda: time.perf_counter() + args.warmup, args.seconds)
     row = row_of(server, robots, logs, stuck, args.seconds)
     batch = f", mean batch {row.mean_batch:.2f}" if row.mean_batch is not None else ""

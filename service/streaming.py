@@ -22,17 +22,18 @@ _END = object()  # after the last delta: the generation has ended
 
 def merge_rows(deltas: list[Delta]) -> list[Delta]:
     """One delta per row, rows in the order they first appear: the row's texts joined (None when none showed
-    text), its token ids joined, and its finish reason (only a row's last delta has one)."""
-    merged: dict[int, Delta] = {}
+    text), its token ids joined, and its finish reason (only a row's last delta has one). Linear in the deltas:
+    a stream far behind its generation may hand over thousands at once."""
+    texts: dict[int, list[str]] = {}
+    ids: dict[int, list[int]] = {}
+    finishes: dict[int, Optional[str]] = {}
     for row, text, token_ids, finish in deltas:
-        if row not in merged:
-            merged[row] = (row, text, list(token_ids), finish)
-            continue
-        _, joined, ids, _ = merged[row]
+        texts.setdefault(row, [])
         if text is not None:
-            joined = text if joined is None else joined + text
-        merged[row] = (row, joined, ids + list(token_ids), finish)
-    return list(merged.values())
+            texts[row].append(text)
+        ids.setdefault(row, []).extend(token_ids)
+        finishes[row] = finish
+    return [(row, "".join(parts) if parts else None, ids[row], finishes[row]) for row, parts in texts.items()]
 
 
 class GenerationCancelled(Exception):
