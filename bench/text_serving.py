@@ -11,14 +11,15 @@ tokens), sampled at temperature 1 with a seed per request: both servers get the 
 since batching keeps every request's tokens, make the same tokens. Servers side by side, all alive at once,
 all with ``VLA_MAX_BATCH_SIZE=32``: continuous batching on (``VLA_CONTINUOUS_BATCHING=true``, decode steps
 from graphs as served by default: one TorchScript trace on the CPU), optionally on with eager decode
-steps (``--servers on,eager,off``), and off (one request's generation at a time). The rows run in --rounds
-rounds; in each, every concurrency in turn, and at each concurrency every server in turn (both orders
-alternating from round to round), so that a host whose speed drifts (a shared VM's moves by a third
-within minutes) slows the rows being compared alike. Per server and concurrency, over the requests that end
+steps (``--servers on,eager,off``), and off (one request's generation at a time). Every row runs once,
+untimed, first (a warm-up pass); then the rows run in --rounds rounds; in each, every concurrency in
+turn, and at each concurrency every server in turn (both orders alternating from round to round), so
+that a host whose speed drifts (a shared VM's moves by a third within minutes) slows the rows being
+compared alike. Per server and concurrency, over the requests that end
 inside the measured windows of every round: completion tokens/s (from each stream's usage; the median of the
 rounds), time to first token (first streamed text) p50/p99, and inter-token latency (gaps between streamed
 chunks; a chunk holds one token's text unless text was held back for a stop string or an unfinished
-character; chunks that a stream fell behind on share a write and arrive together, a gap of about 0) p50/p99,
+character, or the stream fell behind its generation: then the tokens that waited go out as one chunk) p50/p99,
 all rounds' requests pooled; and the mean time to first token as the client saw it (the requests whose
 first text came inside a window) beside the server's own (``vla_time_to_first_token_seconds``, read when
 each window opens and closes: from the request's arrival at the metrics middleware to its first token ready
@@ -303,6 +304,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
                                          "--port", str(port)]
             bases[SERVERS[mode]] = servers.enter_context(server_process(command, env, port, "/health/ready",
                                                                         SERVERS[mode]))
+        # Every row once, untimed, before the rounds: on an H200 the first measured row still ran cold after its
+        # own warm-up (one client at 4 tokens/s, 730 ms to its first token, where later rounds gave 49-70).
+        print("warm-up pass: every row once, untimed", flush=True)
+        for c in concurrency:
+            for base in bases.values():
+                run_clients(base, c, args.warmup, 0.0)
         for r in range(args.rounds):
             print(f"round {r + 1} of {args.rounds}", flush=True)
             # Servers and concurrencies both in alternating order: a drift within a round favours neither side of
