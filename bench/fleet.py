@@ -514,7 +514,7 @@ def robot_connector(transport: str, base: str, io: dict, steps: int) -> Callable
 
 def measure(server: str, transport: str, base: str, robots: int, io: dict, steps: int,
             args: argparse.Namespace) -> Row:
-    processes = min(robots, getattr(args, "robot_processes", 1) or 1)
+    processes = min(robots, max(1, args.robot_processes))
     if processes > 1:
         logs, stuck = run_robot_processes(transport, base, io, steps, robots, processes, args.warmup, args.seconds)
     else:
