@@ -80,6 +80,7 @@ import httpx
 import numpy as np
 
 from bench_support import build_policy, demo_policy, free_port, serve_command, server_process
+from service.gc_pauses import freeze_long_lived
 from vla_foundry_client import HttpPolicyClient, WebsocketPolicyClient
 from vla_foundry_client.arrays import pack, unpack
 
@@ -768,6 +769,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    freeze_long_lived()  # the clients' own collections skip the imports' objects (service/gc_pauses.py)
     if args.litserve_worker:
         return litserve_worker(args)
     if args.health_load:

@@ -65,6 +65,7 @@ import numpy as np
 import yaml
 
 from bench_support import demo_policy, free_port, serve_command, server_process
+from service.gc_pauses import freeze_long_lived
 from fleet import observation_for
 from vla_foundry_client import HttpPolicyClient
 from vla_foundry_client.arrays import pack
@@ -465,6 +466,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    freeze_long_lived()  # the clients' own collections skip the imports' objects (service/gc_pauses.py)
     started = time.monotonic()
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="overload-bench-") as scratch:

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_support import build_text_model, free_port, server_process  # noqa: E402
 from service.cli import serve_command  # noqa: E402
+from service.gc_pauses import freeze_long_lived  # noqa: E402
 
 WORDS = ("the robot moves red blue cube to left right of table slowly then picks up a small cup and places it "
          "near green box").split()
@@ -267,6 +268,7 @@ def main() -> None:
     parser.add_argument("--random-model", metavar="LAYERSxWIDTH", help="instead of --checkpoint: a random-weight "
                         "transformer of that shape in bfloat16, built on --device (24x2048 for the GPU goal)")
     args = parser.parse_args()
+    freeze_long_lived()  # the clients' own collections skip the imports' objects (service/gc_pauses.py)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1; got {args.rounds}")
     from vla_foundry.devices import resolve_device

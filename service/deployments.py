@@ -25,6 +25,7 @@ import torch
 from service.errors import ApiError
 from service.deadlines import deadline_for
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
+from service.gc_pauses import collect_everything, freeze_long_lived
 from service.metrics import Metrics
 from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
@@ -135,6 +136,8 @@ class Deployment:
                         self.batcher.warmup()
             self.device, self.dtype = str(device), DTYPE_NAMES.get(dtype, str(dtype))
             self.pipeline = pipeline
+            if self.settings.gc_freeze:  # before ready: the one full collection runs while this one still loads
+                freeze_long_lived()
             self.load_seconds = time.perf_counter() - started
             self.status, self.stage = READY, None
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
@@ -348,7 +351,10 @@ class DeploymentManager:
 
         def free(_) -> None:  # once its thread has run the last queued call
             old.pipeline = None
-            gc.collect()
+            if old.settings.gc_freeze:  # its model was frozen with the rest (gc_pauses.py)
+                collect_everything()
+            else:
+                gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
