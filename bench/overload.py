@@ -1,7 +1,7 @@
 """Overload: the demo policy under 4× its capacity, and under a retry storm (issue 16).
 
     python bench/overload.py [--max-queue-ms MS] [--duration 20] [--factor 4] [--storm-clients 96]
-                             [--threads 1] [--checkpoint DIR] [--json PATH]
+                             [--max-batch-size N] [--threads 1] [--checkpoint DIR] [--json PATH]
 
 The `diffusion_policy` member of the demo pack (built first if missing) is served by
 `vla-foundry serve --config <a temporary YAML>` on a loopback port (CPU), alone, so that
@@ -23,7 +23,7 @@ Phases, each a row of the table:
    5 s → p50/p99 = the unloaded latency;
 2. `capacity`: 16 closed-loop clients for 2 s + 8 s → 200s per second = the capacity;
    both on a server with no `max_queue_ms` (nothing is shed there: the policy's own capacity,
-   with the default batching, `max_batch_size` 8 on the CPU);
+   with the default batching, `max_batch_size` 8 on the CPU, or --max-batch-size);
 3. `overload`: on a second server, the same deployment with `max_queue_ms` (--max-queue-ms; by
    default one full batch call of phase 2, rounded up to a ms: why in the source),
    an open loop: arrivals on a fixed schedule at --factor × capacity for --duration s, each sent
@@ -108,12 +108,15 @@ def demo_checkpoint(given: Optional[str]) -> Path:
 
 
 @contextmanager
-def policy_server(checkpoint: Path, scratch: Path, max_queue_ms: Optional[float], threads: int) -> Iterator[str]:
+def policy_server(checkpoint: Path, scratch: Path, max_queue_ms: Optional[float], threads: int,
+                  max_batch_size: Optional[int] = None) -> Iterator[str]:
     """``vla-foundry serve --config`` with one deployment, the policy, with ``max_queue_ms`` (none: no shedding
     but the queue bound); the base URL once ready."""
     entry: dict[str, Any] = {"name": NAME, "checkpoint": str(checkpoint)}
     if max_queue_ms is not None:
         entry["max_queue_ms"] = max_queue_ms
+    if max_batch_size is not None:
+        entry["max_batch_size"] = max_batch_size
     config = scratch / f"deploy-{'shed' if max_queue_ms else 'plain'}.yaml"
     config.write_text(yaml.safe_dump({"device": "cpu", "deployments": [entry]}))
     port = free_port()
@@ -459,6 +462,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--storm-clients", type=int, default=96, help="closed-loop clients of the retry storms")
     parser.add_argument("--polite", action=argparse.BooleanOptionalAction, default=True,
                         help="also the storm's clients honouring Retry-After, for comparison")
+    parser.add_argument("--max-batch-size", type=int, help="both servers' max_batch_size (default: the server's, 8 on "
+                        "the CPU); a smaller one trades capacity for a shorter batch call, which bounds the tail")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     return parser.parse_args()
@@ -471,7 +476,7 @@ def main() -> int:
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="overload-bench-") as scratch:
         checkpoint = demo_checkpoint(args.checkpoint)
-        with policy_server(checkpoint, Path(scratch), None, args.threads) as base:
+        with policy_server(checkpoint, Path(scratch), None, args.threads, args.max_batch_size) as base:
             with HttpPolicyClient(base, model=NAME) as client:
                 io = client.metadata()
             steps = io["default_inference_steps"]
@@ -497,7 +502,7 @@ def main() -> int:
         batch_call_ms = server_means(capacity.metrics)[2]
         max_queue_ms = args.max_queue_ms or float(math.ceil(batch_call_ms or p50_unloaded))
         print(f"  the shedding server: max_queue_ms {max_queue_ms:g}", flush=True)
-        with policy_server(checkpoint, Path(scratch), max_queue_ms, args.threads) as base:
+        with policy_server(checkpoint, Path(scratch), max_queue_ms, args.threads, args.max_batch_size) as base:
             messages = request_messages(base, io, steps)
             # a short warm-up of the new server (its first calls per batch size), not measured
             run_phase(base, Phase("warm-up", "", 2.0), lambda pool: closed_loop(
