@@ -769,11 +769,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    freeze_long_lived()  # the clients' own collections skip the imports' objects (service/gc_pauses.py)
     if args.litserve_worker:
         return litserve_worker(args)
     if args.health_load:
         return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
+    freeze_long_lived()  # the robots' own collections skip the imports' objects (service/gc_pauses.py)
     global TORCH_THREADS, DEVICE, DTYPE
     TORCH_THREADS, DEVICE, DTYPE = args.threads, args.device, args.dtype
     if args.replicas:

@@ -65,8 +65,8 @@ import numpy as np
 import yaml
 
 from bench_support import demo_policy, free_port, serve_command, server_process
-from service.gc_pauses import freeze_long_lived
 from fleet import observation_for
+from service.gc_pauses import freeze_long_lived
 from vla_foundry_client import HttpPolicyClient
 from vla_foundry_client.arrays import pack
 

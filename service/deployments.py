@@ -25,7 +25,7 @@ import torch
 from service.errors import ApiError
 from service.deadlines import deadline_for
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
-from service.gc_pauses import collect_everything, freeze_long_lived
+from service.gc_pauses import freeze_long_lived, thaw, thaw_and_collect
 from service.metrics import Metrics
 from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
@@ -144,6 +144,8 @@ class Deployment:
         except Exception as e:  # the reason goes to /models; the others keep serving
             self.status, self.stage, self.error = FAILED, None, f"{type(e).__name__}: {e}"
             logger.error("deployment %s failed to load: %s", self.name, self.error)
+            if self.settings.gc_freeze:  # another's load may have frozen this one's half-built objects
+                thaw_and_collect()
 
     def _continuous_batcher(self, pipeline, device: torch.device):
         """The pipeline's continuous batcher (None: its model generates one request at a time), its KV cache capped
@@ -333,6 +335,7 @@ class DeploymentManager:
                                 "one", field="checkpoint")
         if self.deployments.get(name) is not old:  # unloaded or reloaded meanwhile
             new.executor.shutdown(timeout=0)
+            await asyncio.to_thread(self._free, new)  # a collection of the whole heap: off the event loop
             raise ApiError(409, f"deployment {name!r} changed while this reload loaded; retry", field="name")
         self.deployments[name] = new
         self._retire(old, successor=new)
@@ -348,17 +351,18 @@ class DeploymentManager:
     @staticmethod
     def _retire(old: Deployment, successor: Optional[Deployment]) -> None:
         old.retired, old.successor = True, successor
+        old.executor.retire().add_done_callback(lambda _: DeploymentManager._free(old))  # once it ran its last call
 
-        def free(_) -> None:  # once its thread has run the last queued call
-            old.pipeline = None
-            if old.settings.gc_freeze:  # its model was frozen with the rest (gc_pauses.py)
-                collect_everything()
-            else:
-                gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-        old.executor.retire().add_done_callback(free)
+    @staticmethod
+    def _free(old: Deployment) -> None:
+        """Drop a deployment's pipeline and collect what it leaves in cycles, frozen with the rest or not."""
+        old.pipeline = None
+        if old.settings.gc_freeze:  # its model was frozen with everything alive when it loaded (gc_pauses.py)
+            thaw_and_collect()
+        else:
+            gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Stop every model thread, waiting at most ``timeout`` in all for calls still running: the server has
@@ -367,6 +371,8 @@ class DeploymentManager:
         deadline = time.monotonic() + timeout
         for deployment in self.deployments.values():
             deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+        if self.settings.gc_freeze:  # an app made in a longer-lived process (tests, notebooks) leaves nothing frozen
+            thaw()
 
     def get(self, name: str) -> Deployment:
         if name not in self.deployments:

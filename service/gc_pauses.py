@@ -2,18 +2,20 @@
 
 A full (generation 2) collection walks every container object the process holds, and a
 serving process holds about half a million from its imports and models (torch, transformers,
-FastAPI, pydantic). On the 2-core CPU each such collection took 250-300 ms, and under load one
-ran every few seconds: every request in flight, on the event loop and the model threads alike,
-waited it out (`bench/overload.py`: the accepted requests' p99 was 300+ ms against a p95 of
-50 ms, and the slow ones were those queued behind a model call that took 300 ms).
+FastAPI, pydantic). On the 2-core CPU each such collection took 250-300 ms (logged with a
+`gc.callbacks` hook), and under load one ran every few seconds: every request in flight, on the
+event loop and the model threads alike, waited it out. In one run of `bench/overload.py` the
+accepted requests' p95 was 53 ms and their p99 303 ms, and the slow ones were those queued behind
+a model call that took 300 ms.
 
-Once its models are loaded the process collects once and then freezes what is alive
+Once a deployment has loaded, the process collects once and then freezes what is alive
 (`gc.freeze`: those objects move to a permanent generation that collections skip), so a later
-collection walks only what was made since: requests, replies, their tensors' wrappers. Frozen
-objects are still freed by reference counting as before; only cycles among them wait for the
-next thaw. Unloading a deployment thaws, collects its model's cycles too, and freezes again.
-CPython's own advice for long-running processes (the `gc.freeze` documentation); vLLM freezes
-after its start-up in the same way.
+collection walks only what was made since: requests, replies, their tensors' wrappers (1-12 ms in
+the same load). Frozen objects are still freed by reference counting as before; only garbage in
+reference cycles among them waits for the next thaw: what an unloaded model or a failed load
+leaves (both thaw, collect and freeze again), and whatever else was alive at a freeze and later
+became cyclic garbage (requests in flight while a deployment loaded), which a server that never
+unloads keeps. vLLM freezes its heap after start-up in the same way.
 """
 
 from __future__ import annotations
@@ -37,9 +39,17 @@ def freeze_long_lived() -> None:
         logger.debug("froze %d objects in %.0f ms", gc.get_freeze_count(), (time.perf_counter() - started) * 1000)
 
 
-def collect_everything() -> None:
-    """A collection that includes the frozen objects (what an unloaded model left in cycles), then freeze again."""
+def thaw_and_collect() -> None:
+    """One collection that walks the frozen objects too (what an unloaded model left in cycles), then freeze again."""
     with _LOCK:
+        started = time.perf_counter()
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+        logger.debug("collected the frozen heap in %.0f ms", (time.perf_counter() - started) * 1000)
+
+
+def thaw() -> None:
+    """Give every frozen object back to the collector (the server is stopping; an in-process app is done)."""
+    with _LOCK:
+        gc.unfreeze()
