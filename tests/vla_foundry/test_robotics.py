@@ -611,6 +611,35 @@ def test_prompt_lengths_are_counted_once_per_distinct_prompt_and_still_refused_w
     assert len(processor._token_counts) <= 5 and processor.token_counts(["a b c d"]) == [4]
 
 
+def test_prompt_rows_are_tokenized_once_and_batches_equal_the_tokenizers(policy_fixture):
+    """A processor whose tokenizer pads on the right keeps each prompt's row: batches of any prompts, repeated,
+    reordered, cut or not, are exactly the tokenizer's own batches, and each distinct prompt is tokenized once
+    per cut."""
+    import random
+    from collections import Counter
+
+    processor = hf_processor(str(policy_fixture / "clip_tiny"))
+    assert processor.text_pad_id is not None
+    tokenize, calls = processor.text_fn, []
+
+    def counted(prompts, max_length):
+        calls.append(list(prompts))
+        return tokenize(prompts, max_length)
+
+    processor.text_fn = counted
+    rng = random.Random(0)
+    words = "move the red block to a blue plate then stop <image>".split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(6)]
+    for max_length in (None, 6):
+        for batch in ([prompts[0]], prompts[:3], prompts, prompts[::-1] + prompts[:2], [prompts[1]] * 3):
+            ids, mask = processor.text(batch, max_length)
+            expected_ids, expected_mask = tokenize(batch, max_length)
+            assert ids.dtype == expected_ids.dtype and mask.dtype == expected_mask.dtype
+            assert torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)
+    assert Counter(p for call in calls for p in call) == {p: 2 for p in prompts}  # once per cut
+    assert len({len(p.split()) for p in prompts}) > 1  # rows of different lengths were padded
+
+
 def test_raw_pixels_cross_to_the_device_as_bytes_and_are_the_host_floats(monkeypatch):
     """Processor "none": float 0…255 pixels (n, 3, S, S); given a device, the uint8 frames are what is copied there
     (a quarter of float32's bytes, no conversion on the host), and the floats are the host's exactly."""
