@@ -611,12 +611,14 @@ def test_prompt_lengths_are_counted_once_per_distinct_prompt_and_still_refused_w
     assert len(processor._token_counts) <= 5 and processor.token_counts(["a b c d"]) == [4]
 
 
-def test_prompt_rows_are_tokenized_once_and_batches_equal_the_tokenizers(policy_fixture):
+def test_prompt_rows_are_tokenized_once_and_batches_equal_the_tokenizers(policy_fixture, monkeypatch):
     """A processor whose tokenizer pads on the right keeps each prompt's row: batches of any prompts, repeated,
     reordered, cut or not, are exactly the tokenizer's own batches, and each distinct prompt is tokenized once
     per cut."""
     import random
     from collections import Counter
+
+    from vla_foundry.robotics import processor as processor_module
 
     processor = hf_processor(str(policy_fixture / "clip_tiny"))
     assert processor.text_pad_id is not None
@@ -638,6 +640,11 @@ def test_prompt_rows_are_tokenized_once_and_batches_equal_the_tokenizers(policy_
             assert torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)
     assert Counter(p for call in calls for p in call) == {p: 2 for p in prompts}  # once per cut
     assert len({len(p.split()) for p in prompts}) > 1  # rows of different lengths were padded
+    monkeypatch.setattr(processor_module, "TOKEN_COUNT_CACHE_SIZE", len(prompts) * 2)  # full now
+    batch = [prompts[0], "a new one", prompts[1]]  # cached rows beside a new one: cleared, all tokenized again
+    ids, mask = processor.text(batch, None)
+    assert torch.equal(ids, tokenize(batch, None)[0]) and torch.equal(mask, tokenize(batch, None)[1])
+    assert len(processor._rows) <= len(prompts) * 2
 
 
 def test_raw_pixels_cross_to_the_device_as_bytes_and_are_the_host_floats(monkeypatch):

@@ -141,9 +141,10 @@ class InputProcessor:
             return self.text_fn(prompts, max_length)
         missing = sorted({p for p in prompts if (p, max_length) not in self._rows})
         if missing:
-            ids, mask = self.text_fn(missing, max_length)
             if len(self._rows) + len(missing) > TOKEN_COUNT_CACHE_SIZE:
                 self._rows.clear()
+                missing = sorted(set(prompts))  # every row of this batch is tokenized again
+            ids, mask = self.text_fn(missing, max_length)
             for prompt, row_ids, row_mask in zip(missing, ids.tolist(), mask.tolist()):
                 n = sum(row_mask)  # padded on the right: the row's own tokens come first
                 self._rows[(prompt, max_length)] = row_ids[:n], row_mask[:n]
