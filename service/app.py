@@ -59,6 +59,7 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
                 await shared.close()
                 raise RuntimeError(f"the session store {shared.url!r} (VLA_SESSION_STORE) cannot be reached: "
                                    f"{type(e).__name__}: {e}") from e
+        metrics.watch_gc()
         manager.start()
         fleet.start()
         try:
@@ -66,6 +67,7 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
         finally:
             await fleet.stop()
             manager.shutdown()
+            metrics.unwatch_gc()
             if shared is not None:
                 await shared.close()
 

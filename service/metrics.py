@@ -8,7 +8,9 @@ knows it records:
 - ``Deployment`` after each model call: time queued, time running, batch size;
 - the routes: tokens and images generated, websocket connections;
 - read at scrape time (``_StateCollector``): each deployment's state, load time and queue depth,
-  live robot sessions, and on CUDA the device memory in use.
+  live robot sessions, and on CUDA the device memory in use;
+- Python's garbage collections, timed by a ``gc.callbacks`` hook while the app runs (``GcPauses``):
+  every thread waits out a collection, so a long one is a pause of the whole server.
 
 Names follow Prometheus conventions: ``vla_`` prefix, base units (seconds), ``_total`` counters,
 a ``deployment`` label where one applies.
@@ -16,12 +18,14 @@ a ``deployment`` label where one applies.
 
 from __future__ import annotations
 
+import bisect
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_PACE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 access_log = logging.getLogger("service.access")
 UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the label set bounded)
 
@@ -42,6 +47,7 @@ UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._gc_pauses: Optional[GcPauses] = None  # while the app runs (watch_gc)
         r = self.registry
         self.requests = Counter("vla_http_requests", "HTTP requests by route template, method and status.",
                                 ["route", "method", "status"], registry=r)
@@ -109,8 +115,54 @@ class Metrics:
         Gauge("vla_image_pixels_in_flight", "Decoded image pixels held by the requests in flight "
               "(VLA_MAX_PIXELS_IN_FLIGHT bounds it).", registry=self.registry).set_function(lambda: budget.used)
 
+    def watch_gc(self) -> None:
+        """Time every garbage collection from now on (``vla_gc_pause_seconds``), until ``unwatch_gc``."""
+        self._gc_pauses = GcPauses()
+        self.registry.register(self._gc_pauses)
+        gc.callbacks.append(self._gc_pauses)
+
+    def unwatch_gc(self) -> None:
+        if self._gc_pauses is not None and self._gc_pauses in gc.callbacks:
+            gc.callbacks.remove(self._gc_pauses)
+
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class GcPauses:
+    """A ``gc.callbacks`` hook: each collection's duration, per generation, as a histogram read when scraped.
+
+    The hook only adds to plain lists, and takes no lock: a collection can start inside any code, including a
+    metric's own update while it holds that metric's lock, so observing a prometheus-client histogram from here
+    could deadlock."""
+
+    def __init__(self) -> None:
+        self._started = 0.0  # collections never overlap: they run under the interpreter lock, one at a time
+        self._counts = [[0] * (len(GC_PAUSE_BUCKETS) + 1) for _ in range(3)]  # per generation, per bucket (+Inf)
+        self._sums = [0.0] * 3
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - self._started
+        generation = info["generation"]
+        self._counts[generation][bisect.bisect_left(GC_PAUSE_BUCKETS, seconds)] += 1  # le: seconds ≤ bound
+        self._sums[generation] += seconds
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = HistogramMetricFamily("vla_gc_pause_seconds", "Python's garbage collections by generation "
+                                       "(2: a full one); the whole server waits each out.", labels=["generation"])
+        for generation, counts in enumerate(self._counts):
+            total, buckets = 0, []
+            for bound, n in zip((*GC_PAUSE_BUCKETS, float("inf")), counts):
+                total += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+            family.add_metric([str(generation)], buckets, self._sums[generation])
+        yield family
 
 
 class _StateCollector:

@@ -81,3 +81,24 @@ def test_a_live_server_is_scraped(tmp_path):
             second = samples(client.get("/metrics").text)
     assert value(second, "vla_http_requests_total", route="/models", method="GET", status="200") == \
         value(first, "vla_http_requests_total", route="/models", method="GET", status="200") + 3
+
+
+def test_garbage_collections_are_timed_while_the_app_runs(tiny_checkpoints):
+    import gc
+
+    from service.metrics import GcPauses
+
+    with serving(DeploymentSpec(name="lm", checkpoint=str(tiny_checkpoints["transformer"]))) as client:
+        before = samples(client.get("/metrics").text)
+        gc.collect()  # a full collection, in this process, which the app's hook times
+        after = samples(client.get("/metrics").text)
+        hooks = [h for h in gc.callbacks if isinstance(h, GcPauses)]
+        assert len(hooks) == 1
+        full = value(after, "vla_gc_pause_seconds_count", generation="2")
+        assert full >= value(before, "vla_gc_pause_seconds_count", generation="2") + 1
+        assert value(after, "vla_gc_pause_seconds_bucket", generation="2", le="+Inf") == full
+        assert value(after, "vla_gc_pause_seconds_sum", generation="2") > 0
+        buckets = [value(after, "vla_gc_pause_seconds_bucket", generation="2", le=le)
+                   for le in ("0.0005", "0.001", "0.01", "0.1", "1.0", "+Inf")]
+        assert buckets == sorted(buckets)  # cumulative
+    assert not any(isinstance(h, GcPauses) for h in gc.callbacks)  # the hook leaves with the app
