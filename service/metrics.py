@@ -47,7 +47,7 @@ UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._gc_pauses: Optional[GcPauses] = None  # while the app runs (watch_gc)
+        self.gc_pauses: Optional[GcPauses] = None  # while the app runs (watch_gc)
         r = self.registry
         self.requests = Counter("vla_http_requests", "HTTP requests by route template, method and status.",
                                 ["route", "method", "status"], registry=r)
@@ -117,13 +117,13 @@ class Metrics:
 
     def watch_gc(self) -> None:
         """Time every garbage collection from now on (``vla_gc_pause_seconds``), until ``unwatch_gc``."""
-        self._gc_pauses = GcPauses()
-        self.registry.register(self._gc_pauses)
-        gc.callbacks.append(self._gc_pauses)
+        self.gc_pauses = GcPauses()
+        self.registry.register(self.gc_pauses)
+        gc.callbacks.append(self.gc_pauses)
 
     def unwatch_gc(self) -> None:
-        if self._gc_pauses is not None and self._gc_pauses in gc.callbacks:
-            gc.callbacks.remove(self._gc_pauses)
+        if self.gc_pauses is not None and self.gc_pauses in gc.callbacks:
+            gc.callbacks.remove(self.gc_pauses)
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
