@@ -35,7 +35,8 @@ Phases, each a row of the table:
    honouring `Retry-After` (sleeping that long after a 503), for comparison (--no-polite skips it).
 Every row also shows the CPU seconds per second that this process (the clients) and the
 server used (from /proc), and, from the server's `/metrics` over the row, the mean batch size,
-mean queue wait and mean model time per call.
+mean queue wait and mean model time per call; after the table, each phase's full garbage
+collections in the server (how many, how many over 100 ms, their time).
 
 Goals (issue 16): under overload only 200 and 503 come back and every 503 has `Retry-After`; the
 p99 of the 200s is ≤ 3× the unloaded p50; the retry storm's good throughput is ≥ 0.8× the
@@ -167,8 +168,9 @@ def client_cpu_s() -> float:
 
 def scrape(base: str) -> dict[str, float]:
     """The deployment's model-call histograms (sums and counts, one observation per request), the HTTP requests
-    by status of the predict route, and the requests shed by stage (``vla_requests_shed_total``: "body" before
-    the body was read, "decode" before its images were decoded, "queue" when queueing)."""
+    by status of the predict route, the requests shed by stage (``vla_requests_shed_total``: "body" before
+    the body was read, "decode" before its images were decoded, "queue" when queueing), and the server's full
+    garbage collections (``vla_gc_pause_seconds``, generation 2: how many, how many within 0.1 s, their time)."""
     out: dict[str, float] = {}
     text = httpx.get(f"{base}/metrics", timeout=30).text
     for line in text.splitlines():
@@ -179,6 +181,13 @@ def scrape(base: str) -> dict[str, float]:
         if metric in ("vla_model_batch_size_sum", "vla_model_batch_size_count", "vla_model_queue_seconds_sum",
                       "vla_model_run_seconds_sum") and f'deployment="{NAME}"' in name:
             out[metric] = float(value)
+        elif metric.startswith("vla_gc_pause_seconds") and 'generation="2"' in name:  # full collections
+            if metric.endswith("_count"):
+                out["gc full"] = float(value)
+            elif metric.endswith("_sum"):
+                out["gc full seconds"] = float(value)
+            elif 'le="0.1"' in name:
+                out["gc full within 0.1 s"] = float(value)
         elif metric == "vla_requests_shed_total" and f'deployment="{NAME}"' in name:
             stage = name.split('stage="', 1)[1].split('"', 1)[0]
             out[f"shed {stage}"] = float(value)
@@ -546,6 +555,11 @@ def main() -> int:
         print(f"{p.name}: the server's 503s: {shed['body']:.0f} before the body was read, {shed['decode']:.0f} "
               f"before the images were decoded, {shed['queue']:.0f} when queueing; server CPU "
               f"{1000 * p.server_cpu * p.wall / answered if answered else float('nan'):.2f} ms per request answered")
+    for p in phases:  # every thread waits a collection out (service/gc_pauses.py: the heap is frozen once loaded)
+        full = p.metrics.get("gc full", 0.0)
+        print(f"{p.name}: the server's full garbage collections: {full:.0f}, "
+              f"{full - p.metrics.get('gc full within 0.1 s', 0.0):.0f} of them over 100 ms, "
+              f"{1000 * p.metrics.get('gc full seconds', 0.0):.0f} ms in all")
     print(f"retry storm: {storm.retries} 503s sent again ({storm.retries / (args.duration + STORM_WARMUP_S):.0f}/s), "
           f"{storm.connections} connections opened")
     if polite is not None:
