@@ -196,7 +196,7 @@ class _StateCollector:
                 sequences.add_metric([d.name, "running"], d.batcher.running_sequences)
                 sequences.add_metric([d.name, "waiting"], d.batcher.waiting_sequences)
         yield from (state, load, depth, sequences)
-        yield GaugeMetricFamily("vla_robot_sessions", "Live robot sessions.", value=len(self.sessions))
+        yield GaugeMetricFamily("vla_robot_sessions", "Live robot sessions.", value=self.sessions.live())
         memory = _cuda_memory()
         if memory:
             family = GaugeMetricFamily("vla_cuda_memory_allocated_bytes", "CUDA memory in use by tensors.",

@@ -45,7 +45,8 @@ def checkpoint_identity(deployment) -> str:
 
 class SessionEntry:
     def __init__(self, session_id: str, deployment, policy: PolicySession, owner: Optional[str] = None,
-                 shared: Optional[SharedSessionStates] = None, discard: Callable[[], None] = lambda: None):
+                 shared: Optional[SharedSessionStates] = None, discard: Callable[[], None] = lambda: None,
+                 kept: Optional[Callable[[], None]] = None):
         self.id = session_id
         self.deployment = deployment
         self.policy = policy
@@ -55,6 +56,10 @@ class SessionEntry:
         self.requests = 0
         self.shared = shared
         self.discard = discard  # drops this replica's copy (with a shared store: a refused new one must not linger)
+        # A session made by a request is new until that request succeeds: then ``kept`` makes room for it (evicts);
+        # if it fails, the session is dropped, so a refused request neither makes a session nor evicts another.
+        self.kept = kept
+        self.pins = 0  # open websockets stepping this session: it neither expires nor is evicted meanwhile
         self.checkpoint = checkpoint_identity(deployment) if shared is not None else ""
         # With a shared store: the stored version this session was last pulled at or pushed as (0: none stored;
         # -1: what this replica holds may differ from the store, so the next pull reloads it).
@@ -85,8 +90,18 @@ class SessionEntry:
                     await asyncio.wait([task])
                 if self.shared is not None:
                     self.version = -1  # a failed or abandoned step may have recorded its input here
+                if self.kept is not None:  # new, and its first request failed: no session was made
+                    self.discard()
                 raise
-            await self._push()
+            try:
+                await self._push()
+            except BaseException:
+                if self.kept is not None:
+                    self.discard()
+                raise
+            if self.kept is not None:
+                kept, self.kept = self.kept, None
+                kept()
             return result
 
     async def reset(self, seed: Optional[int] = None) -> None:
@@ -186,6 +201,11 @@ class SessionEntry:
         self.last_used = time.time()
         self.requests += 1
 
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is using this session now (no request in flight, no websocket open on it)."""
+        return not self.lock.locked() and not self.pins
+
     def info(self) -> dict[str, Any]:
         return {"session_id": self.id, "model": self.deployment.name, "created": self.created,
                 "last_used": self.last_used, "idle_s": round(time.time() - self.last_used, 3),
@@ -233,6 +253,12 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def live(self) -> int:
+        """The sessions held and not expired (those expired are dropped at the next request that looks, but no
+        longer count). Read only, so any thread may ask (the metrics scrape)."""
+        cutoff = time.time() - self.idle_timeout_s
+        return sum(1 for e in list(self._entries.values()) if not e.idle or e.last_used >= cutoff)
+
     def _bury(self, session_id: str, why: str) -> None:
         entry = self._entries.pop(session_id)
         if self.shared is not None:  # only this replica's copy: the session lives on in the store
@@ -244,8 +270,7 @@ class SessionStore:
 
     def expire(self) -> None:
         now = time.time()
-        for sid in [s for s, e in self._entries.items()
-                    if not e.lock.locked() and now - e.last_used > self.idle_timeout_s]:
+        for sid in [s for s, e in self._entries.items() if e.idle and now - e.last_used > self.idle_timeout_s]:
             self._bury(sid, f"expired after more than {self.idle_timeout_s:g} s idle (VLA_SESSION_IDLE_TIMEOUT_S)")
 
     def _unknown(self, session_id: str) -> ApiError:
@@ -276,7 +301,7 @@ class SessionStore:
                                 "_ . : -", field="session_id")
         self.expire()
         entry = self._entries.get(session_id)
-        if (entry is not None and self.shared is not None and not entry.lock.locked()
+        if (entry is not None and self.shared is not None and entry.idle
                 and (entry.owner != owner or entry.deployment is not deployment)):
             # With a shared store this replica's copy decides nothing: the store says whose it is (on the pull).
             self._entries.pop(session_id)
@@ -298,21 +323,27 @@ class SessionStore:
             if deployment.modality != "action":
                 raise ApiError(422, f"deployment {deployment.name!r} ({deployment.model_type}) does not take robot "
                                     "sessions; sessions are for policies", field="model")
-            # Only a session that will be made evicts another (a refused request leaves every robot's alone).
-            if len(self._entries) >= self.max_sessions:
-                idle = next((sid for sid, e in self._entries.items() if not e.lock.locked()), None)
-                if idle is None:
-                    raise ApiError(503, f"all {self.max_sessions} sessions are busy (VLA_MAX_SESSIONS); retry "
-                                        "shortly", retry_after=1, type="overloaded")
-                self._bury(idle, f"was evicted to make room for a new session (at most {self.max_sessions} are "
-                                 "kept, VLA_MAX_SESSIONS; the least recently used idle one leaves)")
+            if len(self._entries) >= self.max_sessions and not any(e.idle for e in self._entries.values()):
+                raise ApiError(503, f"all {self.max_sessions} sessions are busy (VLA_MAX_SESSIONS); retry "
+                                    "shortly", retry_after=1, type="overloaded")
             seed = self._seeds.pop(session_id, None)
             if seed is not None:
                 options.setdefault("seed", seed)
+
+            def dropped() -> None:  # a new session whose first request failed: as if it had never been asked for
+                self._drop(session_id, entry)
+                if seed is not None:
+                    self._seeds.setdefault(session_id, seed)
+
+            # Only a session whose first request succeeds evicts another (a refused request leaves every robot's
+            # alone); a session made without a request (a reset's) makes its room at once.
             entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options), owner,
-                                 self.shared, discard=lambda: self._drop(session_id, entry))
+                                 self.shared, discard=dropped, kept=lambda: self._make_room(entry))
             self._gone.pop(session_id, None)  # another key's old session of this id: a new one now
             self._entries[session_id] = entry
+            if not request:
+                entry.kept = None
+                self._make_room(entry)
         self._entries.move_to_end(session_id)
         if request:
             entry.touch()
@@ -410,6 +441,22 @@ class SessionStore:
         was reloaded with another checkpoint or unloaded."""
         for sid in [s for s, e in self._entries.items() if e.deployment is deployment]:
             self._bury(sid, why)
+
+    def _make_room(self, entry: SessionEntry) -> None:
+        """At most ``max_sessions`` (``entry`` stays): the least recently used idle ones leave."""
+        while len(self._entries) > self.max_sessions:
+            idle = next((sid for sid, e in self._entries.items() if e is not entry and e.idle), None)
+            if idle is None:  # every other one is busy: they leave once idle, when a later session makes room
+                return
+            self._bury(idle, f"was evicted to make room for a new session (at most {self.max_sessions} are kept, "
+                             "VLA_MAX_SESSIONS; the least recently used idle one leaves)")
+
+    def check_held(self, entry: SessionEntry) -> None:
+        """409 ``session_gone`` when ``entry`` is no longer this store's session of its id (ended with its
+        deployment's reload or unload, or deleted): a websocket holding it tells its robot."""
+        if self.shared is None and self._entries.get(entry.id) is not entry:
+            gone = self._gone.get(entry.id)
+            raise _gone_error(entry.id, gone[0] if gone is not None and gone[1] == entry.owner else "was deleted")
 
     def _drop(self, session_id: str, entry: SessionEntry) -> None:
         if self._entries.get(session_id) is entry:

@@ -84,7 +84,7 @@ class OpenSockets:
         await asyncio.gather(*(goodbye(w, i) for w, i in list(self._idle.items())))
 
 MAX_CLOSE_REASON = 123  # bytes a close frame's reason may hold; fields are ASCII
-TOP_LEVEL = {"seed", "num_inference_steps", "noise", "timestamp", "step", "past_actions"}
+TOP_LEVEL = {"seed", "num_inference_steps", "noise", "timestamp", "step", "past_actions", "timeout_s"}
 
 
 def nested_observation(obj: dict, robot_io) -> dict:
@@ -157,9 +157,12 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
             return
         connections.inc()
         idle = sockets.opened(websocket)
+        entry.pins += 1  # while the robot is connected its session neither expires nor is evicted
         try:
             await _serve(websocket, deployment, entry, request_cls, settings, idle)
         finally:
+            entry.pins -= 1
+            entry.last_used = time.time()  # idle from now on
             sockets.closed(websocket)
             connections.dec()
             if session_id is None:  # this connection's own session ends with it
@@ -192,6 +195,7 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 await _close(websocket, f"frame of {len(data)} bytes is over the limit of "
                                         f"{settings.max_ws_frame_bytes} (VLA_MAX_WS_FRAME_BYTES)", TOO_BIG)
                 return
+            websocket.app.state.sessions.check_held(entry)  # not deleted, nor ended by a reload or unload
             obj = (await unpack_message_off_loop(data, settings.max_body_keys)).value
             if not isinstance(obj, dict):
                 raise InvalidInputError(f"a frame must be a msgpack map; got {type(obj).__name__}")
@@ -216,8 +220,9 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
             await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))
             return
-        except ApiError as e:  # 503 (loading, overloaded): try again later, not a server fault
-            code = POLICY_VIOLATION if e.status < 500 else TRY_AGAIN_LATER if e.status == 503 else INTERNAL_ERROR
+        except ApiError as e:  # 503 (loading, overloaded) or 504 (its deadline passed): try again later, not a fault
+            code = (POLICY_VIOLATION if e.status < 500 else TRY_AGAIN_LATER if e.status in (503, 504)
+                    else INTERNAL_ERROR)
             await _close(websocket, e.message, code, e.field)
             return
         except Exception:  # logged here; the client gets no traceback
@@ -231,7 +236,10 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         out = {"actions": np.asarray(chunk.action_chunk[chunk.first_action_index:], np.float32),
                "server_timing": timing, "step": chunk.step, "seed": chunk.seed, "valid_until": chunk.valid_until,
                "n_action_steps": chunk.n_action_steps, "action_fields": chunk.action_fields}
-        await websocket.send_bytes(pack_msgpack(out, bytes_keys=True))
+        try:
+            await websocket.send_bytes(pack_msgpack(out, bytes_keys=True))
+        except (WebSocketDisconnect, OSError, RuntimeError):  # the robot left while its actions were computed
+            return
         previous_total = (time.perf_counter() - started) * 1000
         idle.set()
 

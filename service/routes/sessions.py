@@ -10,7 +10,7 @@ import time
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from service.auth import caller_of
 from service.codecs import encode_response
@@ -21,6 +21,7 @@ from service.middleware import reply_in_bytes_keys
 from service.modalities.action import Observation, begin_sessions, decode_observation_frames, finish_sessions
 from service.modalities.base import ModelCall, RequestBase, ResponseBase
 from service.settings import Settings
+from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import ActionServing
 from vla_foundry.robotics.session import ActionStep
 
@@ -31,6 +32,14 @@ class SessionStepRequest(RequestBase):
     step: Optional[StrictInt] = Field(None, ge=0, description="The robot's control step; default: the last one + 1.")
     timestamp: Optional[float] = Field(None, description="The observation's time (Unix seconds, server clock).")
     num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description="Denoising steps when this step replans.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_inference_steps is not None and self.num_inference_steps > self.cap_inference_steps:
+            raise InvalidInputError(f"num_inference_steps must be <= {self.cap_inference_steps} "
+                                    f"(VLA_MAX_INFERENCE_STEPS); got {self.num_inference_steps}",
+                                    field="num_inference_steps")
+        return self
 
 
 class SessionStepResponse(ResponseBase):
@@ -95,15 +104,20 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         try:
             deployment = (await sessions.deployment_of(session_id, owner, manager.get) if body.model is None
                           else manager.get(body.model))
-        except ApiError:
-            deployment = _policy_deployment(manager, body.model)
+        except ApiError as e:
+            if e.status != 404:  # a session that is gone, or another key's: its robot must hear it
+                raise
+            deployment = _policy_deployment(manager, body.model)  # a new session: the one policy served
         deployment.check_ready()
         await decode_observation_frames(body)
         prepared = time.perf_counter()
         deployment = deployment.current()  # reloaded while the frames decoded: the new one
+        # A step whose action would be due after its valid_until (one control period from its timestamp) is
+        # refused now (409 stale) or dropped unrun once that passes while it waits (504).
+        expiry = deployment.pipeline.chunk_expiry(body.timestamp, steps=1) if deployment.modality == "action" else None
         entry = sessions.acquire(session_id, deployment, owner)
         call = ModelCall(_steps, (body, entry.policy), ("steps", body.num_inference_steps))
-        with tightened(body.timeout_s, started):
+        with tightened(body.timeout_s, started, expiry):
             timed = await entry.call(deployment.call(call))
         result: ActionStep = timed.value
         timing = {"queue": timed.queue_ms, "preprocess": (prepared - started) * 1000, "infer": timed.run_ms,

@@ -116,8 +116,9 @@ def test_time_anchoring_and_freshness(client):
     assert stale.status_code == 409
     error = stale.json()["error"]
     assert error["field"] == "timestamp" and error["type"] == "stale_observation" and "2 s" in error["message"]
-    step = client.post("/sessions/clock/step", json={"observation": current(2), "timestamp": now}).json()
-    assert step["valid_until"] == pytest.approx(now + 0.05)
+    sent = time.time()  # a step is due within one control period (0.05 s) of its timestamp
+    step = client.post("/sessions/clock/step", json={"observation": current(2), "timestamp": sent}).json()
+    assert step["valid_until"] == pytest.approx(sent + 0.05)
 
 
 def test_going_back_in_time_and_unknown_sessions_are_refused(client):
@@ -234,3 +235,99 @@ def test_a_refused_new_session_evicts_nobody(tiny_checkpoints):
         refused = c.post("/sessions/other/step", json={"model": "text", "observation": current(0)})
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "model"
         assert [s["session_id"] for s in c.get("/sessions").json()["sessions"]] == ["kept"]
+
+
+def test_a_refused_request_changes_nothing_for_the_next(client):
+    """A request refused at its begin (an observation the model overflows on, a step count over the policy's T)
+    or in its model call leaves its session exactly as it was: the next request gets what it would have got
+    had the refused one never been sent (the same step, plan count and actions as a session that never saw it)."""
+    overflow = dict(current(1), lowdim={"arm__pos": [1e37, 1e37]})
+    for sid, refusals in (("clean", []), ("refused", [{"observation": overflow},
+                                                       {"observation": current(1), "num_inference_steps": 101},
+                                                       {"observation": dict(current(1), images={"nope": "x"})}])):
+        chunk(client, sid, 0, seed=3)
+        for body in refusals:
+            refused = client.post("/predict/diffusion_policy", json={**body, "session_id": sid, "seed": 4})
+            assert refused.status_code == 422, refused.text
+    clean, after = chunk(client, "clean", 1, seed=4), chunk(client, "refused", 1, seed=4)
+    assert after["step"] == clean["step"] == 2
+    np.testing.assert_array_equal(after["action_chunk"], clean["action_chunk"])
+    infos = {s["session_id"]: s for s in client.get("/sessions").json()["sessions"]}
+    assert infos["refused"]["plans"] == infos["clean"]["plans"] == 2
+    # step mode: a replanning step refused in its model call does not take its step (the next one is step 0)
+    client.post("/sessions/step-refused/reset", json={})
+    refused = client.post("/sessions/step-refused/step", json={"observation": current(0), "num_inference_steps": 101})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "num_inference_steps"
+    assert client.post("/sessions/step-refused/step", json={"observation": current(0)}).json()["step"] == 0
+
+
+def test_a_step_past_its_valid_until_is_not_computed(tiny_checkpoints):
+    """A step's action is due within one control period (0.5 s here) of its timestamp: an older one is refused
+    (409 stale) though it is within the freshness limit (5 s), as a chunk past its own valid_until is."""
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), control_period_s=0.5,
+                          max_observation_age_s=5.0, n_action_steps=2)
+    with serving(spec) as c:
+        fresh = c.post("/sessions/late/step", json={"observation": current(0), "timestamp": time.time()})
+        assert fresh.status_code == 200, fresh.text
+        late = c.post("/sessions/late/step", json={"observation": current(1), "timestamp": time.time() - 1.0})
+        assert late.status_code == 409 and late.json()["error"]["type"] == "stale_observation"
+        assert "1 control period " in late.json()["error"]["message"]
+        # a chunk of 2 periods (1 s) for the same observation is still due
+        assert c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "late-chunk",
+                                                         "timestamp": time.time() - 0.75}).status_code == 200
+        over = c.post("/sessions/late/step", json={"observation": current(1), "num_inference_steps": 1001})
+        assert over.status_code == 422 and over.json()["error"]["field"] == "num_inference_steps"
+
+
+def test_a_refused_first_request_makes_no_session_and_evicts_nobody(tiny_checkpoints):
+    """With the cap reached, a new session id whose first request is refused neither evicts an idle robot's
+    session nor stays behind; one whose first request succeeds evicts the least recently used."""
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    with serving(spec, max_sessions=2) as c:
+        chunk(c, "a", 0)
+        chunk(c, "b", 0)
+        for i in range(3):
+            bad = c.post("/sessions/bad-{i}/step".format(i=i),
+                         json={"observation": dict(current(0), images={"nope": "x"})})
+            assert bad.status_code == 422, bad.text
+        assert sorted(s["session_id"] for s in c.get("/sessions").json()["sessions"]) == ["a", "b"]
+        assert chunk(c, "a", 1)["step"] > 0 and chunk(c, "b", 1)["step"] > 0  # neither was evicted
+        chunk(c, "new", 0)
+        assert sorted(s["session_id"] for s in c.get("/sessions").json()["sessions"]) == ["b", "new"]
+
+
+def test_an_open_websocket_keeps_its_session(tiny_checkpoints):
+    """A session a robot's websocket is stepping is never the idle one evicted (a new session waits with 503 while
+    every held one is in use) and never expires while the connection is open."""
+    import msgpack
+
+    from tests.service.test_robot_ws import flat_observation
+
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    with serving(spec, max_sessions=1, session_idle_timeout_s=0.3) as c:
+        with c.websocket_connect("/ws/diffusion_policy?session_id=arm-ws") as ws:
+            ws.receive_bytes()  # the metadata frame
+            ws.send_bytes(msgpack.packb({**flat_observation(0), "timeout_s": 30}, use_bin_type=True))
+            assert msgpack.unpackb(ws.receive_bytes())["step"] == 0
+            busy = c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "other"})
+            assert busy.status_code == 503 and busy.json()["error"]["type"] == "overloaded"
+            time.sleep(0.5)  # past the idle timeout: an open connection's session stays
+            ws.send_bytes(msgpack.packb(flat_observation(1), use_bin_type=True))
+            assert msgpack.unpackb(ws.receive_bytes())["step"] > 0
+            assert [s["session_id"] for s in c.get("/sessions").json()["sessions"]] == ["arm-ws"]
+        time.sleep(0.5)  # closed, then idle past the timeout: it expires, and the metrics stop counting it
+        assert "vla_robot_sessions 0.0" in c.get("/metrics").text
+        assert c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "other"}
+                      ).status_code == 200
+
+
+def test_a_gone_session_is_reported_with_two_policies_served(tiny_checkpoints):
+    """With two policies a step without ``model`` cannot guess one: a robot whose session expired hears
+    session_gone (409), not that it should name a deployment."""
+    specs = [DeploymentSpec(name=n, checkpoint=str(tiny_checkpoints["diffusion_policy"])) for n in ("p1", "p2")]
+    with serving(*specs, session_idle_timeout_s=0.3) as c:
+        assert c.post("/sessions/two/step", json={"model": "p1", "observation": current(0)}).status_code == 200
+        assert c.post("/sessions/two/step", json={"observation": current(1)}).status_code == 200
+        time.sleep(0.5)
+        gone = c.post("/sessions/two/step", json={"observation": current(2)})
+        assert gone.status_code == 409 and gone.json()["error"]["type"] == "session_gone", gone.text

@@ -93,7 +93,11 @@ def _scores(scores: dict[str, Any], seed: int) -> Union[dict[str, Any], InvalidI
     return {**scores, "seed": seed}
 
 
-def overflowed() -> InvalidInputError:
+def overflowed(noise_given: bool = False) -> InvalidInputError:
+    if noise_given:  # either may be at fault
+        return InvalidInputError("the policy's actions came out NaN or infinite: the observation's or the noise's "
+                                 "numbers are far outside the range the policy was trained on; send the robot's "
+                                 "real values and standard normal noise", field="observation")
     return InvalidInputError("the policy's actions came out NaN or infinite: the observation's numbers are far outside "
                              "the range the policy was trained on; send the robot's real values", field="observation")
 
@@ -204,22 +208,25 @@ class ActionPipeline(Pipeline):
         """Until when ``steps`` actions from ``anchor`` may be executed: one control period each."""
         return anchor + steps * self.control_period_s
 
-    def chunk_expiry(self, timestamp: Optional[float], now: Optional[float] = None) -> Optional[float]:
-        """Until when a chunk for an observation taken at ``timestamp`` could still be executed (its
-        ``valid_until``): a server drops a request it could not start by then. None without a timestamp (the
-        chunk is anchored when it is made). An observation over ``max_observation_age_s``, or whose chunk would
-        already be past its ``valid_until``, is refused now (``StaleObservationError``)."""
+    def chunk_expiry(self, timestamp: Optional[float], now: Optional[float] = None, *,
+                     steps: Optional[int] = None) -> Optional[float]:
+        """Until when the actions for an observation taken at ``timestamp`` could still be executed (their
+        ``valid_until``: a chunk's ``n_action_steps`` control periods, or ``steps`` of them, 1 for a session's
+        step): a server drops a request it could not start by then. None without a timestamp (the actions are
+        anchored when they are made). An observation over ``max_observation_age_s``, or whose actions would
+        already be past their ``valid_until``, is refused now (``StaleObservationError``)."""
         if timestamp is None:
             return None
         now = time.time() if now is None else now
         self.anchor(timestamp, now)
-        expiry = self.valid_until(timestamp, self.n_action_steps)
+        steps = self.n_action_steps if steps is None else steps
+        expiry = self.valid_until(timestamp, steps)
         if expiry <= now:
             raise StaleObservationError(
-                f"the observation (timestamp {timestamp:.3f}) is {now - timestamp:.3f} s old: a chunk for it would be "
-                f"valid until {expiry:.3f} ({self.n_action_steps} control periods of {self.control_period_s:g} s), "
-                "already past; send a fresh observation (timestamps are read on the server's clock)",
-                field="timestamp")
+                f"the observation (timestamp {timestamp:.3f}) is {now - timestamp:.3f} s old: its actions would be "
+                f"valid until {expiry:.3f} ({steps} control period{'s' if steps != 1 else ''} of "
+                f"{self.control_period_s:g} s), already past; send a fresh observation (timestamps are read on the "
+                "server's clock)", field="timestamp")
         return expiry
 
     @torch.inference_mode()
@@ -350,7 +357,7 @@ class ActionPipeline(Pipeline):
         normalized = self._sample(inputs, steps, make_generator(self.device, seed), initial_noise)
         out = self._chunks(normalized, steps, seed, started, prepared)
         if not all(out.pop("finite")):
-            raise overflowed()
+            raise overflowed(noise is not None)
         return out
 
     @torch.inference_mode()
@@ -378,7 +385,7 @@ class ActionPipeline(Pipeline):
             enumerate(zip(requests, generators))])
         normalized = self._sample(inputs, steps, generators, initial_noise)
         batch = self._chunks(normalized, steps, None, started, prepared)
-        return [overflowed() if not batch["finite"][i] else ActionChunk(
+        return [overflowed(requests[i].noise is not None) if not batch["finite"][i] else ActionChunk(
             actions={k: v[i] for k, v in batch["actions"].items()}, action_chunk=batch["action_chunk"][i],
             normalized_actions=batch["normalized_actions"][i], first_action_index=batch["first_action_index"],
             n_action_steps=self.n_action_steps, action_fields=batch["action_fields"], num_inference_steps=steps,

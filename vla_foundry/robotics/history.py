@@ -45,6 +45,22 @@ class ObservationHistory:
         self.last_step = step if self.last_step is None else max(self.last_step, step)
         self._forget()
 
+    def snapshot(self) -> tuple:
+        """What ``rollback`` needs to undo every later ``record``, ``record_plan`` and ``reset`` (the tables' entries
+        are never changed in place, so copies of the tables are enough)."""
+        return ({c: dict(t) for c, t in self.frames.items()}, {f: dict(t) for f, t in self.lowdim.items()},
+                dict(self.actions), self.last_step)
+
+    def rollback(self, snapshot: tuple) -> None:
+        """This history as it was when ``snapshot`` was taken."""
+        frames, lowdim, actions, self.last_step = snapshot
+        for tables, saved in ((self.frames, frames), (self.lowdim, lowdim)):
+            for name, table in tables.items():
+                table.clear()
+                table.update(saved[name])
+        self.actions.clear()
+        self.actions.update(actions)
+
     def has(self, step: int) -> bool:
         """Whether ``step`` has every camera's frame and every proprioception row."""
         return all(step in t for t in (*self.frames.values(), *self.lowdim.values()))

@@ -19,7 +19,8 @@ Batching: ``begin_chunk`` / ``begin_step`` record the robot's input and return a
 ``PendingPlan`` (the ``PolicyRequest`` the plan needs, or no request when step mode hands out
 an action of the current plan); the caller runs the requests of many sessions in one
 ``ActionPipeline.predict_each`` call and hands each output to its ``finish``. ``chunk`` and
-``step`` do both for one session.
+``step`` do both for one session. A request refused at its begin, or whose prediction fails,
+leaves its session as it was before (``PendingPlan.undo``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class PendingPlan:
     request: Any  # vla_foundry.pipelines.action.PolicyRequest, or None
     num_inference_steps: Optional[int]
     finish: Callable[[Any], Any]  # ActionChunk or None → the session's result
+    undo: Callable[[], None] = lambda: None  # the session as it was before this plan began (its request failed)
 
 
 @dataclass
@@ -73,8 +75,8 @@ def _depth(value) -> int:
 def run_plans(pipeline, pendings: list[PendingPlan]) -> list:
     """The pending plans of several sessions (one step count), their predictions in one ``predict_each``
     call; one reply per plan, or the exception that plan alone raised (a failing batched call is run
-    again request by request, so one bad request fails only its own plan). Never raises: a begun plan
-    has changed its session, so it must not be begun again."""
+    again request by request, so one bad request fails only its own plan), whose session is then rolled
+    back to before the plan began: a refused request changes nothing for the next one. Never raises."""
     wanted = [p for p in pendings if p.request is not None]
     steps = wanted[0].num_inference_steps if wanted else None
     try:
@@ -96,6 +98,8 @@ def run_plans(pipeline, pendings: list[PendingPlan]) -> list:
                 out = p.finish(out)
             except Exception as e:  # this plan's own failure; a caller never runs a begun plan twice
                 out = e
+        if isinstance(out, Exception):
+            p.undo()
         replies.append(out)
     return replies
 
@@ -139,6 +143,17 @@ class PolicySession:
         self.plan_step, self.plan_length, self.steps_served = (state["plan_step"], state["plan_length"],
                                                                 state["steps_served"])
         self.history.restore(state["history"])
+
+    def _undo_point(self) -> Callable[[], None]:
+        """A function that puts this session back as it is now (a begun plan whose request failed)."""
+        counters = (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served)
+        history = self.history.snapshot()
+
+        def undo() -> None:
+            self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served = counters
+            self.history.rollback(history)
+
+        return undo
 
     # ------------------------------------------------------------------ input
 
@@ -210,21 +225,26 @@ class PolicySession:
         believes it executed.
         """
         self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
-        step = self._next_step(step, self.pipeline.n_action_steps)
-        self._record(step, images, lowdim, "observation")
-        if past_actions is not None:
-            io = self.io
-            _check_keys(past_actions, io.action_fields, "past_actions", "action field")
-            rows = np.concatenate([_numbers(past_actions[f], (io.past_steps, io.field_dims[f]), f"past_actions.{f}")
-                                   for f in io.action_fields], axis=-1)  # (P, A)
-            self.history.record_plan(step - io.past_steps, rows)
-        request = self._plan_request(step, instruction, seed, noise, timestamp)
+        undo = self._undo_point()
+        try:
+            step = self._next_step(step, self.pipeline.n_action_steps)
+            self._record(step, images, lowdim, "observation")
+            if past_actions is not None:
+                io = self.io
+                _check_keys(past_actions, io.action_fields, "past_actions", "action field")
+                rows = np.concatenate([_numbers(past_actions[f], (io.past_steps, io.field_dims[f]),
+                                                f"past_actions.{f}") for f in io.action_fields], axis=-1)  # (P, A)
+                self.history.record_plan(step - io.past_steps, rows)
+            request = self._plan_request(step, instruction, seed, noise, timestamp)
+        except BaseException:  # refused: nothing of it stays recorded
+            undo()
+            raise
 
         def finish(out):
             self._adopt_plan(step, out)
             return out
 
-        return PendingPlan(request, num_inference_steps, finish)
+        return PendingPlan(request, num_inference_steps, finish, undo)
 
     def begin_step(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
                    num_inference_steps: Optional[int] = None, timestamp: Optional[float] = None) -> PendingPlan:
@@ -232,11 +252,16 @@ class PolicySession:
         ``open_loop_steps``, or when the robot's step leaves the current plan). ``finish`` returns an
         ``ActionStep``."""
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
-        step = self._next_step(step, 1)
-        self._record(step, images, lowdim, "observation")
-        in_plan = self.plan_step is not None and 0 <= step - self.plan_step < self.plan_length
-        replan = not in_plan or self.steps_served >= self.open_loop_steps
-        request = self._plan_request(step, instruction, None, None, timestamp) if replan else None
+        undo = self._undo_point()
+        try:
+            step = self._next_step(step, 1)
+            self._record(step, images, lowdim, "observation")
+            in_plan = self.plan_step is not None and 0 <= step - self.plan_step < self.plan_length
+            replan = not in_plan or self.steps_served >= self.open_loop_steps
+            request = self._plan_request(step, instruction, None, None, timestamp) if replan else None
+        except BaseException:  # refused: nothing of it stays recorded
+            undo()
+            raise
 
         def finish(out) -> ActionStep:
             if out is not None:
@@ -250,7 +275,7 @@ class PolicySession:
                 result.timing_ms = dict(out.timing_ms)
             return result
 
-        return PendingPlan(request, num_inference_steps, finish)
+        return PendingPlan(request, num_inference_steps, finish, undo)
 
     def run(self, pending: PendingPlan) -> Any:
         """A pending plan of this session alone: its prediction (if any), then ``finish``."""
