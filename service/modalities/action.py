@@ -139,10 +139,7 @@ class ActionPredictRequest(RequestBase):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.num_inference_steps is not None and self.num_inference_steps > self.cap_inference_steps:
-            raise InvalidInputError(f"num_inference_steps must be <= {self.cap_inference_steps} "
-                                    f"(VLA_MAX_INFERENCE_STEPS); got {self.num_inference_steps}",
-                                    field="num_inference_steps")
+        self.check_inference_steps(self.num_inference_steps)
         return self
 
 

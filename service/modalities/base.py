@@ -44,6 +44,13 @@ class Limits:
                 "cap_image_bytes": settings.max_body_bytes, "cap_inference_steps": settings.max_inference_steps}
 
 
+    def check_inference_steps(self, steps: Optional[int]) -> None:
+        """422 for a step count over this app's cap (``VLA_MAX_INFERENCE_STEPS``)."""
+        if steps is not None and steps > self.cap_inference_steps:
+            raise InvalidInputError(f"num_inference_steps must be <= {self.cap_inference_steps} "
+                                    f"(VLA_MAX_INFERENCE_STEPS); got {steps}", field="num_inference_steps")
+
+
 class RequestBase(BaseModel, Limits):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -42,10 +42,7 @@ class ImagePredictRequest(RequestBase):
         if self.num_images > self.cap_images:
             raise InvalidInputError(f"num_images must be <= {self.cap_images} (VLA_MAX_IMAGES); got "
                                     f"{self.num_images}", field="num_images")
-        if self.num_inference_steps is not None and self.num_inference_steps > self.cap_inference_steps:
-            raise InvalidInputError(f"num_inference_steps must be <= {self.cap_inference_steps} "
-                                    f"(VLA_MAX_INFERENCE_STEPS); got {self.num_inference_steps}",
-                                    field="num_inference_steps")
+        self.check_inference_steps(self.num_inference_steps)
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise InvalidInputError(f"guidance_scale must be >= 0; got {self.guidance_scale}", field="guidance_scale")
         return self

@@ -21,7 +21,6 @@ from service.middleware import reply_in_bytes_keys
 from service.modalities.action import Observation, begin_sessions, decode_observation_frames, finish_sessions
 from service.modalities.base import ModelCall, RequestBase, ResponseBase
 from service.settings import Settings
-from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import ActionServing
 from vla_foundry.robotics.session import ActionStep
 
@@ -35,10 +34,7 @@ class SessionStepRequest(RequestBase):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.num_inference_steps is not None and self.num_inference_steps > self.cap_inference_steps:
-            raise InvalidInputError(f"num_inference_steps must be <= {self.cap_inference_steps} "
-                                    f"(VLA_MAX_INFERENCE_STEPS); got {self.num_inference_steps}",
-                                    field="num_inference_steps")
+        self.check_inference_steps(self.num_inference_steps)
         return self
 
 
