@@ -67,6 +67,11 @@ def _checkpoints_dir(path: Path) -> Path:
     return path if path.name == "checkpoints" else path / "checkpoints"
 
 
+def checkpoint_file_path(experiment_dir: Union[str, Path], name: str) -> Path:
+    """Where the weights file ``name`` of ``experiment_dir`` lies: in its ``checkpoints/`` folder."""
+    return _checkpoints_dir(Path(experiment_dir)) / name
+
+
 def find_checkpoint(experiment_dir: Union[str, Path], checkpoint: Union[None, int, str, Path] = None,
                     use_ema: Optional[bool] = None, training_config: Optional[dict] = None) -> tuple[Path, bool]:
     """The weights file to load and whether it holds EMA weights.

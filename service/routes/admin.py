@@ -20,6 +20,7 @@ from service.auth import ApiKeys
 from service.codecs import encode_response
 from service.errors import ApiError
 from service.settings import DeploymentSpec, Settings
+from vla_foundry.checkpoint import checkpoint_file_path
 
 
 class ReloadRequest(BaseModel):
@@ -32,16 +33,33 @@ class ReloadRequest(BaseModel):
     use_ema: Optional[bool] = None
 
 
-def _checked_path(checkpoint: str, roots: list[Path]) -> str:
-    """``checkpoint`` resolved (symlinks followed) when it lies under an allowed root; else 422 naming them."""
-    if "://" in checkpoint:
-        raise ApiError(422, "checkpoint must be a directory on this host, not a URL", field="checkpoint")
-    path = Path(checkpoint).resolve()
-    if not any(path.is_relative_to(root) for root in roots):
+def _checked_path(path: str, roots: list[Path], field: str = "checkpoint") -> str:
+    """``path`` resolved (symlinks followed) when it lies under an allowed root; else 422 naming them."""
+    if "://" in path:
+        raise ApiError(422, f"{field} must be a path on this host, not a URL", field=field)
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
         allowed = ", ".join(map(str, roots)) or "(none: set VLA_CHECKPOINT_ROOTS)"
-        raise ApiError(422, f"checkpoint {checkpoint!r} is outside the folders the admin API may load from: "
-                            f"{allowed}", field="checkpoint")
-    return str(path)
+        raise ApiError(422, f"{field} {path!r} is outside the folders the admin API may load from: {allowed}",
+                       field=field)
+    return str(resolved)
+
+
+def _checked_files(fields: dict, roots: list[Path]) -> dict:
+    """``fields`` (a deployment's ``checkpoint``, ``checkpoint_file``, ``tokenizer``) with every path they name
+    resolved and under the allowed roots: the weights file is a file name in the experiment's ``checkpoints/``
+    (as absolute path, so nothing else is looked up), the tokenizer a directory under a root."""
+    out = dict(fields, checkpoint=_checked_path(fields["checkpoint"], roots))
+    name = fields.get("checkpoint_file")
+    if name is not None:
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ApiError(422, f"checkpoint_file {name!r} must be a file name in the experiment's checkpoints/ "
+                                "folder (e.g. checkpoint_2000.pt), not a path", field="checkpoint_file")
+        out["checkpoint_file"] = _checked_path(str(checkpoint_file_path(out["checkpoint"], name)), roots,
+                                               "checkpoint_file")
+    if fields.get("tokenizer") is not None:
+        out["tokenizer"] = _checked_path(fields["tokenizer"], roots, "tokenizer")
+    return out
 
 
 def add_admin_routes(app: FastAPI, settings: Settings) -> None:
@@ -60,7 +78,8 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
 
     async def load(spec: DeploymentSpec, request: Request):
         check_admin(request)
-        spec = spec.model_copy(update={"checkpoint": _checked_path(spec.checkpoint, roots)})
+        spec = spec.model_copy(update=_checked_files(spec.model_dump(include={"checkpoint", "checkpoint_file",
+                                                                              "tokenizer"}), roots))
         deployment = request.app.state.manager.add(spec)
         return reply(request, deployment.info(), 202)
 
@@ -69,9 +88,10 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         manager = request.app.state.manager
         old = manager.get(name)
         update = body.model_dump(exclude_none=True)
-        update["checkpoint"] = _checked_path(update.get("checkpoint", old.spec.checkpoint), roots)
+        update.setdefault("checkpoint", old.spec.checkpoint)
         if "checkpoint" in body.model_fields_set and "checkpoint_file" not in body.model_fields_set:
             update["checkpoint_file"] = None  # another experiment: its own latest file
+        update = _checked_files(update, roots)
         new = await manager.reload(name, old.spec.model_copy(update=update))
         request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was reloaded with another "
                                                        "checkpoint")

@@ -74,6 +74,21 @@ def test_checkpoints_only_from_the_allowed_roots(client, roots, tiny_checkpoints
     url = client.post("/admin/deployments", json={"name": "x", "checkpoint": "https://example.com/ckpt"},
                       headers=ADMIN)
     assert url.status_code == 422 and "URL" in url.json()["error"]["message"]
+    # the weights file and the tokenizer stay inside too: a file name in checkpoints/, a directory under a root
+    weights = tiny_checkpoints["transformer"] / "checkpoints" / "checkpoint_1.pt"
+    lm = str(roots / "lm")
+    for fields, field in (({"checkpoint_file": str(weights)}, "checkpoint_file"),
+                          ({"checkpoint_file": f"../../../{weights.relative_to(weights.anchor)}"}, "checkpoint_file"),
+                          ({"checkpoint_file": ".."}, "checkpoint_file"),
+                          ({"tokenizer": str(tiny_checkpoints["transformer"] / "tokenizer")}, "tokenizer")):
+        refused = client.post("/admin/deployments", json={"name": "x", "checkpoint": lm, **fields}, headers=ADMIN)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == field, (fields, refused.text)
+        refused = client.post("/admin/deployments/policy/reload", json={"checkpoint": lm, **fields}, headers=ADMIN)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == field, (fields, refused.text)
+    assert "x" not in {d["name"] for d in client.get("/models", headers=CLIENT).json()["deployments"]}
+    inside = client.post("/admin/deployments", json={"name": "x", "checkpoint": lm,
+                                                     "checkpoint_file": "checkpoint_1.pt"}, headers=ADMIN)
+    assert inside.status_code == 202, inside.text
 
 
 def test_load_serve_and_unload(client, roots):
