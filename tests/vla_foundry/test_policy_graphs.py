@@ -11,7 +11,7 @@ import pytest
 from tests.factories import tiny_model, tiny_policy_params
 from tests.vla_foundry.test_diffusion_policy import TINY_VIT, in_memory_pipeline, observation
 from tests.vla_foundry.test_policy_batching import fixture_requests, mixed_requests
-from vla_foundry.models import policy_graphs
+from vla_foundry.models import policy_graphs, shared_traces
 from vla_foundry.params.clip import ViTBackboneParams
 from vla_foundry.params.diffusion import NoiseSchedulerParams
 from vla_foundry.pipelines import load_pipeline
@@ -95,11 +95,11 @@ def test_a_failed_capture_samples_eagerly_and_is_not_retried(clip_pipelines, tin
     eager = clip_pipelines[1]
     attempts = []
 
-    def broken_trace(sampler, example):
+    def broken_trace(sampler, key, example):
         attempts.append(len(example))
         raise RuntimeError("cannot trace")
 
-    monkeypatch.setattr(policy_graphs, "_trace", broken_trace)
+    monkeypatch.setattr(policy_graphs, "_shared_trace", broken_trace)
     requests = [PolicyRequest(observation(traced.robot_io, seed=i), seed=i) for i in range(2)]
     for _ in range(2):
         assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
@@ -108,9 +108,9 @@ def test_a_failed_capture_samples_eagerly_and_is_not_retried(clip_pipelines, tin
 
 def test_a_graph_that_differs_from_eager_never_serves(tiny_checkpoints, clip_pipelines, monkeypatch):
     traced, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
-    real_trace = policy_graphs._trace
-    monkeypatch.setattr(policy_graphs, "_trace", lambda sampler, example: (
-        lambda *tensors: real_trace(sampler, example)(*tensors) + 1e-3))
+    real_trace = policy_graphs._shared_trace
+    monkeypatch.setattr(policy_graphs, "_shared_trace", lambda sampler, key, example: (
+        lambda *tensors: real_trace(sampler, key, example)(*tensors) + 1e-3))
     requests = [PolicyRequest(observation(traced.robot_io), seed=5)]
     assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
     assert len(traced.graphs) == 0
@@ -126,6 +126,35 @@ def test_captures_are_bounded_and_later_shapes_sample_eagerly(tiny_checkpoints, 
     assert len(pipeline.graphs) == 2
 
 
+def test_policies_of_one_architecture_share_their_traces_and_are_freed(tiny_checkpoints, clip_pipelines):
+    """TorchScript never frees a trace, so a policy loaded again (a reload, an unload and load) must not trace
+    anew: its graphs reuse the process's traces of that architecture with its own weights, its answers equal its
+    own eager sampling, and nothing of an unloaded policy stays alive with the traces."""
+    import gc
+    import weakref
+
+    import torch
+
+    eager = clip_pipelines[1]
+    requests = [PolicyRequest(observation(eager.robot_io, seed=i), seed=i) for i in range(3)]
+    first = load_pipeline(tiny_checkpoints["diffusion_policy"])
+    first.predict_each(requests, num_inference_steps=3)
+    traces = shared_traces.count()
+    weights = [weakref.ref(t) for t in first.model.parameters()]
+    del first
+    gc.collect()
+    assert not any(w() is not None for w in weights)  # the traces hold none of its weights
+    second = load_pipeline(tiny_checkpoints["diffusion_policy"])  # another checkpoint of the same architecture
+    with torch.no_grad():
+        for t in second.model.parameters():
+            t.add_(0.01)
+    changed = load_pipeline(tiny_checkpoints["diffusion_policy"], traced_sampling=False)
+    changed.model.load_state_dict(second.model.state_dict())
+    assert_same_chunks(second.predict_each(requests, num_inference_steps=3),
+                       changed.predict_each(requests, num_inference_steps=3))
+    assert len(second.graphs) == 1 and shared_traces.count() == traces  # nothing traced anew
+
+
 def test_cuda_buckets():
     assert [policy_graphs.cuda_bucket(b) for b in (1, 2, 3, 5, 9, 17, 32, 33)] == [1, 2, 4, 8, 16, 32, 32, None]
 
@@ -137,7 +166,7 @@ def test_warmup_captures_every_batch_size_so_requests_never_wait_for_a_capture(t
     pipeline, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
     pipeline.warmup(max_batch_size=3)
     assert len(pipeline.graphs) == 3
-    monkeypatch.setattr(policy_graphs, "_trace", lambda sampler, example: pytest.fail("captured while serving"))
+    monkeypatch.setattr(policy_graphs, "_shared_trace", lambda *args: pytest.fail("captured while serving"))
     for batch_size in (1, 2, 3):
         instructions = ["go", "pick up the red block now", "warm up"]
         requests = [PolicyRequest(observation(pipeline.robot_io, seed=i, instruction=instructions[i]), seed=i)

@@ -11,6 +11,8 @@ import torch
 
 from tests.vla_foundry.test_continuous_batching import GREEDY, SAMPLED, prompts, run_all
 from vla_foundry.models.kv_slots import PackedSlotStep
+from vla_foundry.models import shared_traces, slot_graphs
+from vla_foundry.models.shared_traces import SharedTrace
 from vla_foundry.models.slot_graphs import SlotGraphs
 from vla_foundry.pipelines import load_pipeline
 from vla_foundry.sampling import SamplingParams
@@ -62,28 +64,45 @@ def test_one_trace_serves_every_shape_with_the_eager_steps_logits_and_writes(tex
         assert torch.equal(traced.cache.keys, eager.cache.keys) and torch.equal(traced.cache.values, eager.cache.values)
         trace = trace or traced.graphs._trace
         assert traced.graphs._trace is trace  # one trace, whatever the shape
-    assert isinstance(trace, torch.jit.ScriptModule)
+    assert isinstance(trace, SharedTrace)
+
+
+def test_a_text_model_loaded_again_reuses_its_architectures_trace_and_is_freed(transformer_fixture, text):
+    """TorchScript never frees a trace: a model loaded again (a reload, an unload and load) takes up the trace of
+    its architecture with its own weights, and its predecessor's weights are not kept alive by it."""
+    import gc
+    import weakref
+
+    with torch.inference_mode():
+        text.model.slot_decoder(4, graphs=True).graphs.capture_all()
+        traces = shared_traces.count()
+        again = load_pipeline(transformer_fixture)
+        with torch.no_grad():
+            torch._foreach_mul_(list(again.model.parameters()), 1.5)  # another checkpoint of the same architecture
+        traced, eager = again.model.slot_decoder(4, graphs=True), again.model.slot_decoder(4, graphs=False)
+        random_cache(traced)
+        random_cache(eager)
+        ids = torch.tensor([3, 5])
+        assert torch.equal(traced.decode(ids, [0, 1], [4, 9]), eager.decode(ids, [0, 1], [4, 9]))
+        assert traced.mode == "traced" and shared_traces.count() == traces
+    weights = [weakref.ref(t) for t in again.model.parameters()]
+    del again, traced, eager
+    gc.collect()
+    assert not any(w() is not None for w in weights)
 
 
 def test_a_trace_that_fails_or_differs_leaves_the_steps_eager(text, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no tracing here")
 
-    monkeypatch.setattr(torch.jit, "trace", broken)
+    monkeypatch.setattr(slot_graphs, "shared_trace", broken)
     with torch.inference_mode():
         decoder = text.model.slot_decoder(4, graphs=True)
         assert decoder.graphs.decode(torch.zeros(2, dtype=torch.long), slice(0, 2), [3, 1]) is None
     assert decoder.mode == "eager"
 
-    class Off(torch.nn.Module):  # a "trace" whose logits are off by a little
-        def __init__(self, step):
-            super().__init__()
-            self.step = step
-
-        def forward(self, *inputs):
-            return self.step(*inputs) + 1e-3
-
-    monkeypatch.setattr(torch.jit, "trace", lambda step, example, **_: Off(step))
+    # a "trace" whose logits are off by a little
+    monkeypatch.setattr(slot_graphs, "shared_trace", lambda step, key, example: lambda *inputs: step(*inputs) + 1e-3)
     with torch.inference_mode():
         decoder = text.model.slot_decoder(4, graphs=True)
         assert decoder.graphs.decode(torch.zeros(2, dtype=torch.long), slice(0, 2), [3, 1]) is None

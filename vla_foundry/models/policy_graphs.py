@@ -7,10 +7,15 @@ under cheap traffic (health probes, many robots' sockets) the model thread waits
 every op: one robot's policy call went from 28 ms to 142 ms, and in another run to 2.8 s, while 16
 connections flooded ``/health/live``. A captured graph takes the lock once per call:
 - on CPU, a TorchScript trace (``torch.jit.trace``) per exact input shape; the trace runs its ops
-  in C++ with the lock released. Tracing is deprecated in favour of ``torch.compile`` and
-  ``torch.export``, but neither runs a graph without the interpreter (compiled code is still
-  driven op by op from Python, and AOTInductor needs minutes of C++ compilation per policy), so
-  it is the one tool that fits; where it is gone or fails, sampling stays eager.
+  in C++ with the lock released. TorchScript keeps every trace's graph for the life of the process
+  (in its global compilation unit), whatever becomes of the traced module: tracing each loaded
+  policy anew would grow the process by its traces at every reload or unload (about 60 MB per
+  graph for the demo policy, 480 MB per load). So the weights are the trace's inputs, not part of
+  it: one trace serves every policy of the same architecture in the process (``shared_traces.py``),
+  and a reloaded checkpoint, or one loaded again, traces nothing new. Tracing is deprecated in
+  favour of ``torch.compile`` and ``torch.export``, but neither runs a graph without the
+  interpreter (compiled code is still driven op by op from Python, and AOTInductor needs minutes
+  of C++ compilation per policy), so it is the one tool that fits; where it is gone or fails, sampling stays eager.
 - on CUDA, a CUDA graph per batch bucket (1, 2, 4, 8, 16, 32): a batch is padded up to its bucket
   (copies of its last row; rows never mix), its inputs are copied into the graph's static
   buffers, and one replay launches every kernel, which also removes the launch cost that bounds
@@ -32,20 +37,19 @@ key samples eagerly.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Callable, Optional
 
 import torch
 
+from vla_foundry.models.shared_traces import shared_trace
 from vla_foundry.schedulers import FlowMatchingScheduler
 
 logger = logging.getLogger(__name__)
 
 CUDA_BUCKETS = (1, 2, 4, 8, 16, 32)
 # Graphs captured per policy, at most; later shapes sample eagerly. A bound on captures, not an LRU: a dropped
-# TorchScript trace does not give its memory back (its types stay in TorchScript's global compilation unit;
-# about 70 MB per graph for the demo policy on CPU, measured with /proc/self/statm), so replacing graphs would
-# grow the process without end.
+# TorchScript trace does not give its memory back (see above), so replacing graphs would grow the process
+# without end.
 MAX_GRAPHS_PER_POLICY = 16
 GRAPH_TOLERANCE = 1e-5  # max |graph − eager| in normalized action units (float32) for a graph to serve
 GRAPH_TOLERANCE_LOW_PRECISION = 2e-2  # the same for bf16/fp16 layers (the two runs may pick other kernels)
@@ -98,13 +102,12 @@ class _CudaGraph:
         return self.output.clone()
 
 
-def _trace(sampler: _Sampler, example: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A TorchScript trace of ``sampler``. The tracer warns at every Python branch on a traced size or value
-    (most are shape checks in the models and in transformers); the key and the capture check cover them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)  # "torch.jit.trace is deprecated" (above)
-        return torch.jit.trace(sampler, tuple(example), check_trace=False)
+def _shared_trace(sampler: _Sampler, key: tuple, example: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The process's trace of ``sampler`` for ``key``, with this policy's weights. The tracer warns at every Python
+    branch on a traced size or value (most are shape checks in the models and in transformers); the key and the
+    capture check cover them, and the check runs for each policy that takes up a shared trace (a branch on a
+    weight's value would show there)."""
+    return shared_trace(sampler, key, example)
 
 
 def _resize_batch(t: torch.Tensor, batch: int, size: int) -> torch.Tensor:
@@ -184,7 +187,7 @@ class PolicyGraphs:
         try:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors: the graph serves any later mode
                 example = [t.clone() for t in tensors]
-                graph = _CudaGraph(sampler, example) if on_cuda else _trace(sampler, example)
+                graph = _CudaGraph(sampler, example) if on_cuda else _shared_trace(sampler, key, example)
                 eager = sampler(*example)
                 for _ in range(2):  # TorchScript's executor optimizes after its first runs: check what serves
                     replayed = graph(*example)

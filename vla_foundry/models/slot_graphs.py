@@ -28,7 +28,6 @@ Steps over slots that are not packed (the batcher always packs them) decode eage
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Optional
 
 import torch
@@ -36,6 +35,7 @@ import torch
 from vla_foundry.models.cuda_graph_decode import length_bucket
 from vla_foundry.models.kv_slots import PackedSlotStep, SlotKVCache
 from vla_foundry.models.policy_graphs import CUDA_BUCKETS
+from vla_foundry.models.shared_traces import SharedTrace, shared_trace
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class SlotGraphs:
         # ``cuda_graph`` on CPU runs each bucket's padded step eagerly on its static buffers: the tests check the
         # bucketing and padding that way, where no GPU is.
         self.kind = mode or ("cuda_graph" if cache.keys.is_cuda else "traced")
-        self._trace: Optional[torch.jit.ScriptModule] = None
+        self._trace: Optional[SharedTrace] = None
         self._trace_failed = False
         self._buckets: dict[tuple[int, int], Optional[_Bucket]] = {}  # None: capture or check failed
         self._pool = None  # the buckets' shared CUDA graph memory pool
@@ -95,7 +95,7 @@ class SlotGraphs:
 
     # ------------------------------------------------------------------ CPU: one trace
 
-    def _traced(self) -> Optional[torch.jit.ScriptModule]:
+    def _traced(self) -> Optional[SharedTrace]:
         if self._trace is None and not self._trace_failed:
             try:
                 self._trace = self._make_trace()
@@ -104,14 +104,13 @@ class SlotGraphs:
                 self._trace_failed = True
         return self._trace
 
-    def _make_trace(self) -> Optional[torch.jit.ScriptModule]:
+    def _make_trace(self) -> Optional[SharedTrace]:
+        """The process's trace of this step's architecture (``shared_traces.py``: TorchScript never frees a trace,
+        so a text model loaded again reuses it), checked against this step."""
         keys, values = self._scratch(rows=3, length=7)
         example = (torch.zeros(3, dtype=torch.long, device=keys.device), torch.tensor([6, 2, 4], device=keys.device),
                    keys, values)
-        with warnings.catch_warnings():  # tracing's deprecation, and a width read as a number (the same in every shape)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            trace = torch.jit.trace(self.step, example, check_trace=False)
+        trace = shared_trace(self.step, ("packed_slot_step", keys.dtype), example)
         for rows, length in ((2, 5), (4, 9)):  # shapes it was not traced with: nothing of the example's was fixed
             keys, values = self._scratch(rows, length)
             ids = torch.arange(rows, device=keys.device) % self.step.lm.vocab_size
@@ -150,7 +149,7 @@ class SlotGraphs:
         return self._buckets[key]
 
 
-def _interpret(trace: torch.jit.ScriptModule, *inputs: torch.Tensor) -> torch.Tensor:
+def _interpret(trace: SharedTrace, *inputs: torch.Tensor) -> torch.Tensor:
     """Run the trace in TorchScript's plain interpreter. Its default (profiling) executor specializes the graph to
     the shapes it has seen and profiles and optimizes it again when they change, a stall of a tenth of a second or
     more, and a step's batch size and key length change all the time. (The flag is per thread.)"""
