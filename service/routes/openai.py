@@ -226,20 +226,35 @@ class ChatRequest(OpenAIRequest):
 V1_FIELDS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
 
 
-def _v1_names(error: InvalidInputError) -> InvalidInputError:
-    """The same error (same class, so the same status) in the /v1 client's field names."""
+def _v1_names(error: InvalidInputError, chat: bool = False) -> InvalidInputError:
+    """The same error (same class, so the same status) in the /v1 client's field names (a chat's prompt is its
+    ``messages``)."""
     message = str(error).replace("max_new_tokens", "max_tokens")
-    return type(error)(message, field=V1_FIELDS.get(error.field, error.field))
+    field = V1_FIELDS.get(error.field, error.field)
+    if chat and field == "prompt":
+        field, message = "messages", message.replace("prompt[0]", "messages").replace("the prompt", "the messages")
+    return type(error)(message, field=field)
 
 
-def run_completion(pipeline: TextServing, request: CompletionRequest, on_text=None, start: bool = False):
-    """The request's completions (``start``: its generation, for the deployment's continuous batcher)."""
-    texts, ids = request.prompt_rows()
+@dataclass(frozen=True)
+class V1Prompt:
+    """A ``/v1`` request's prompt as the model thread takes it: its token rows (a completion's prompts, a text
+    chat), or a chat with images as its rendered text and decoded images (a caption model's processor tokenizes
+    them together)."""
+
+    ids: Optional[list[list[int]]] = None
+    text: Optional[str] = None
+    images: Optional[list] = None
+
+
+def run_completion(pipeline: TextServing, request: CompletionRequest, ids: list[list[int]], on_text=None,
+                   start: bool = False):
+    """The request's completions of its prompts' token rows ``ids`` (``start``: its generation, for the
+    deployment's continuous batcher)."""
     n = request.n
     complete = pipeline.start_completion if start else pipeline.complete
-    return complete([t for t in texts for _ in range(n)] if texts is not None else None,
-                    [r for r in ids for _ in range(n)] if ids is not None else None,
-                    sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text)
+    return complete(None, [r for r in ids for _ in range(n)], sampling=request.sampling(),
+                    stop=request.stop_strings(), seed=request.seed, on_text=on_text)
 
 
 def decode_chat_images(request: ChatRequest, image_limits: dict) -> tuple[list[dict], list]:
@@ -248,17 +263,30 @@ def decode_chat_images(request: ChatRequest, image_limits: dict) -> tuple[list[d
     return messages, [decode_image_value(value, field=field, **image_limits) for value, field in image_values]
 
 
-def run_chat(pipeline: CaptionServing, request: ChatRequest, conversation: tuple[list[dict], list], on_text=None,
-             start: bool = False):
+def run_chat(pipeline: CaptionServing, request: ChatRequest, prompt: V1Prompt, on_text=None, start: bool = False):
     """The chat's choices (``start``: its generation, for the deployment's continuous batcher)."""
-    messages, images = conversation
-    prompt = pipeline.render_chat(messages)
     n = request.n
-    common = dict(sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text,
-                  rendered=True)
-    if images:
-        return (pipeline.start_caption if start else pipeline.caption)([images] * n, [prompt] * n, **common)
-    return (pipeline.start_completion if start else pipeline.complete)([prompt] * n, **common)
+    common = dict(sampling=request.sampling(), stop=request.stop_strings(), seed=request.seed, on_text=on_text)
+    if prompt.images:
+        return (pipeline.start_caption if start else pipeline.caption)([prompt.images] * n, [prompt.text] * n,
+                                                                       rendered=True, **common)
+    return (pipeline.start_completion if start else pipeline.complete)(None, prompt.ids * n, **common)
+
+
+def v1_prompt(pipeline: TextServing, request: Any, conversation: Optional[tuple[list[dict], list]]) -> V1Prompt:
+    """The request's prompt, rendered and tokenized, and checked for its length (off the model thread and the
+    event loop: a prompt of megabytes is refused here, where it holds up nobody's tokens)."""
+    try:
+        if conversation is None:
+            texts, ids = request.prompt_rows()
+            return V1Prompt(ids=pipeline.prompt_ids(texts, ids, sampling=request.sampling()))
+        messages, images = conversation
+        text = pipeline.render_chat(messages)
+        if images:
+            return V1Prompt(text=text, images=images)
+        return V1Prompt(ids=pipeline.prompt_ids([text], sampling=request.sampling(), rendered=True))
+    except InvalidInputError as e:
+        raise _v1_names(e, chat=conversation is not None) from e
 
 
 @dataclass(frozen=True)
@@ -266,17 +294,18 @@ class V1Job:
     """A decoded ``/v1`` request: what its ``ModelCall`` carries to the model thread."""
 
     request: Any  # CompletionRequest or ChatRequest
-    conversation: Optional[tuple[list[dict], list]] = None  # chat: the messages and their decoded images
+    prompt: V1Prompt
     on_text: Optional[Callable] = None  # streaming: called with each row's new text as it is made
 
 
 def _run_job(pipeline: TextServing, job: V1Job, start: bool = False):
+    chat = isinstance(job.request, ChatRequest)
     try:
-        if job.conversation is None:
-            return run_completion(pipeline, job.request, job.on_text, start)
-        return run_chat(pipeline, job.request, job.conversation, job.on_text, start)
+        if not chat:
+            return run_completion(pipeline, job.request, job.prompt.ids, job.on_text, start)
+        return run_chat(pipeline, job.request, job.prompt, job.on_text, start)
     except InvalidInputError as e:
-        raise _v1_names(e) from e
+        raise _v1_names(e, chat) from e
 
 
 def start_v1(pipeline: TextServing, job: V1Job):
@@ -362,9 +391,10 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     response_id = f"{id_prefix}-{secrets.token_hex(12)}"
     created = int(time.time())
     chat = kind == "chat.completion"
+    prompt = await run_in_threadpool(v1_prompt, deployment.pipeline, body, conversation)
     if not body.stream:
         started = time.perf_counter()
-        call = ModelCall(run_v1, V1Job(body, conversation), start=start_v1)
+        call = ModelCall(run_v1, V1Job(body, prompt), start=start_v1)
         timed = await unless_client_leaves(request, deployment.call(call), deployment.name)
         result = timed.value
         choices = [({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
@@ -382,7 +412,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     received = request.state.received_at  # set by RequestMetrics, the server's metrics middleware
     # A client that leaves before the first token drops the generation unrun (it may still be queued).
     await unless_client_leaves(request, stream.start(deployment.call(ModelCall(
-        run_v1, V1Job(body, conversation, stream.on_text), start=start_v1))), deployment.name)
+        run_v1, V1Job(body, prompt, stream.on_text), start=start_v1))), deployment.name)
     metrics = request.app.state.metrics
     first_token = time.perf_counter()
     metrics.first_token_seconds.labels(deployment.name).observe(first_token - received)

@@ -232,6 +232,40 @@ def test_chat_images_are_capped(app_client):
 
 
 def test_v1_errors_use_v1_field_names(app_client):
-    e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x" * 3000, "max_tokens": 64}),
+    e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x" * 1000, "max_tokens": 64}),
                  422)
     assert e["field"] == "max_tokens" and "max_new_tokens" not in e["message"]
+    # a prompt that alone fills the context names the prompt (a chat's: its messages)
+    e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x" * 3000, "max_tokens": 4}),
+                 422)
+    assert e["field"] == "prompt" and "shorten the prompt" in e["message"]
+    e = error_of(app_client.post("/v1/chat/completions", json={"model": "chat", "messages": [
+        {"role": "user", "content": "x" * 3000}]}), 422)
+    assert e["field"] == "messages" and "the messages" in e["message"]
+
+
+def test_a_prompt_of_megabytes_is_refused_off_the_model_thread(app_client, monkeypatch):
+    """A prompt is rendered, tokenized and checked for its length before the request queues (on a copy of the
+    tokenizer, in the thread pool), so a prompt of megabytes never holds up the model thread, where the other
+    clients' tokens are made."""
+    import threading
+
+    from vla_foundry.pipelines.text import TextPipeline
+
+    encoded_on = []
+    real = TextPipeline.encode_prompts
+
+    def encode_prompts(self, prompts, *args, **kwargs):
+        if prompts is not None:  # text to tokenize (token rows are only checked)
+            encoded_on.append(threading.current_thread().name)
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(TextPipeline, "encode_prompts", encode_prompts)
+    big = "the robot " * 200_000  # 2 MB
+    for path, body in (("/v1/completions", {"prompt": big}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]})):
+        e = error_of(app_client.post(path, json={"model": "chat", "max_tokens": 4, **body}), 422)
+        assert e["field"] in ("prompt", "messages")
+    ok = app_client.post("/v1/completions", json={"model": "chat", "prompt": "the robot", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    assert len(encoded_on) == 3 and not any(name.startswith("model-") for name in encoded_on), encoded_on

@@ -44,6 +44,11 @@ class TextServing(Served, Protocol):
 
     def render_chat(self, messages: list[dict]) -> str: ...
 
+    # the rows ``complete`` would run, checked for their length: safe off the model thread (its own tokenizer)
+    def prompt_ids(self, prompts: Optional[Sequence[str]] = None,
+                   prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *, sampling: Any,
+                   rendered: bool = False) -> list[list[int]]: ...
+
     def complete(self, prompts: Optional[Sequence[str]] = None,
                  prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, **options: Any) -> CompletionResult: ...
 

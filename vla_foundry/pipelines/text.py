@@ -8,6 +8,9 @@ lengths, stop strings, finish reasons, usage counts, seeds and input validation.
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import dataclasses
 import secrets
 from dataclasses import dataclass, field
@@ -237,6 +240,8 @@ class TextPipeline(Pipeline):
         self.slot_graphs = cuda_graphs if self.device.type == "cuda" else traced_steps
         self.tokenizer = tokenizer
         self.tokenizer_source = tokenizer_source
+        self._front_tokenizer: Any = None  # prompt_ids' copy, made on first use
+        self._front_lock = threading.Lock()
         self.batch_handler = create_batch_handler(model.params.type, z_loss_coefficient=z_loss_coefficient)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_token_id: Optional[int] = eos
@@ -278,9 +283,10 @@ class TextPipeline(Pipeline):
 
     def encode_prompts(self, prompts: Optional[Sequence[str]], prompt_token_ids: Optional[Sequence[Sequence[int]]],
                        *, prompt_field: str = "prompt", ids_field: str = "prompt_token_ids",
-                       rendered: bool = False) -> list[list[int]]:
+                       rendered: bool = False, tokenizer: Any = None) -> list[list[int]]:
         """Token id rows. Plain text gets the tokenizer's special tokens (e.g. a Llama's bos), as HF models
-        expect; ``rendered`` text (through a chat template, which writes them itself) gets none."""
+        expect; ``rendered`` text (through a chat template, which writes them itself) gets none. ``tokenizer``:
+        a copy of the pipeline's to encode with (``prompt_ids``)."""
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidInputError(f"give exactly one of `{prompt_field}` or `{ids_field}`", field=prompt_field)
         if prompts is not None:
@@ -297,7 +303,7 @@ class TextPipeline(Pipeline):
                 except UnicodeEncodeError as e:
                     raise InvalidInputError(f"{prompt_field}[{i}] is not valid Unicode text ({e.reason} at "
                                             f"position {e.start})", field=prompt_field) from None
-            ids = [self.tokenizer.encode(p, add_special_tokens=not rendered) for p in prompts]
+            ids = [(tokenizer or self.tokenizer).encode(p, add_special_tokens=not rendered) for p in prompts]
             field_name = prompt_field
         else:
             ids = [list(map(int, row)) for row in prompt_token_ids]
@@ -313,6 +319,21 @@ class TextPipeline(Pipeline):
             if bad:
                 raise InvalidInputError(f"{field_name}[{i}] has token ids outside [0, {vocab}): {bad[:5]}",
                                         field=field_name)
+        return ids
+
+    def prompt_ids(self, prompts: Optional[Sequence[str]] = None,
+                   prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *, sampling: SamplingParams,
+                   rendered: bool = False) -> list[list[int]]:
+        """The token rows ``complete`` would run for these prompts, after refusing what it would refuse for their
+        text and length: for a server to call before a request queues, off the model thread, and to pass on as
+        ``prompt_token_ids`` (the same rows). It tokenizes with a copy of the tokenizer that nothing else uses
+        (a fast tokenizer must not be used while another thread changes its padding, as an HF processor does),
+        so a long prompt holds up neither the model thread nor the tokenizer it uses."""
+        with self._front_lock:
+            if self._front_tokenizer is None and self.tokenizer is not None:
+                self._front_tokenizer = copy.deepcopy(self.tokenizer)  # never padded: safe for several threads
+        ids = self.encode_prompts(prompts, prompt_token_ids, rendered=rendered, tokenizer=self._front_tokenizer)
+        self.fitted(ids, sampling)
         return ids
 
     # ------------------------------------------------------------------ predict
@@ -337,6 +358,10 @@ class TextPipeline(Pipeline):
         """``sampling`` for these prompts: ``max_new_tokens`` cut to the context left when ``fit_context`` asks
         for it; a prompt that with ``max_new_tokens`` does not fit ``max_seq_len`` → ``InvalidInputError``."""
         longest = max(len(r) for r in ids)
+        if longest >= self.model.max_seq_len:  # the prompt alone leaves no room
+            raise InvalidInputError(f"the prompt is {longest} tokens, and this model's context (max_seq_len) is "
+                                    f"{self.model.max_seq_len}: no room for a completion; shorten the prompt",
+                                    field="prompt")
         if sampling.fit_context and longest < self.model.max_seq_len:
             sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
                                                                          self.model.max_seq_len - longest))
