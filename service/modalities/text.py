@@ -47,9 +47,11 @@ def stop_list(stop: Union[None, str, list[str]]) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-def usage_of(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def usage_of(result, n: int = 1) -> dict:
+    """Token counts; ``n``: choices per prompt (each prompt's row ran n times, and counts once, as OpenAI counts)."""
+    prompt_tokens = result.prompt_tokens // n
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": prompt_tokens + result.completion_tokens}
 
 
 def _rows(value):

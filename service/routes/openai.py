@@ -34,6 +34,7 @@ from service.modalities.text import stop_list, usage_of
 from service.streaming import SSE_DONE, DeltaStream, sse, sse_error
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import CaptionServing, TextServing
+from vla_foundry.pipelines.text import new_seed
 from vla_foundry.sampling import SamplingParams
 
 logger = logging.getLogger("service")
@@ -74,6 +75,16 @@ class OpenAIRequest(BaseModel):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
 
+    # Fields an OpenAI client may send as null to mean "the default" (as OpenAI reads them).
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = ("temperature", "top_p", "top_k", "n", "stream")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in cls.NULL_MEANS_DEFAULT):
+            data = {k: v for k, v in data.items() if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
+        return data
+
     @model_validator(mode="after")
     def _check_common(self):
         for name, off in self.UNSUPPORTED.items():
@@ -85,8 +96,9 @@ class OpenAIRequest(BaseModel):
         if len(stop) > 4:
             raise InvalidInputError(f"at most 4 stop sequences; got {len(stop)}", field="stop")
         if self.max_new_tokens > self.cap_max_new_tokens:
-            raise InvalidInputError(f"max_tokens must be <= {self.cap_max_new_tokens}; got {self.max_new_tokens}",
-                                    field="max_tokens")
+            name = "max_completion_tokens" if getattr(self, "max_completion_tokens", None) else "max_tokens"
+            raise InvalidInputError(f"{name} must be <= {self.cap_max_new_tokens}; got {self.max_new_tokens}",
+                                    field=name)
         return self
 
     @property
@@ -108,6 +120,8 @@ class OpenAIRequest(BaseModel):
 class CompletionRequest(OpenAIRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[StrictInt] = Field(16, ge=1)
+
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (*OpenAIRequest.NULL_MEANS_DEFAULT, "max_tokens")
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -155,6 +169,21 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    # What an OpenAI client's own reply message carries (``message.model_dump()`` sent back in the next turn):
+    # accepted empty, and ignored; tool and function calls and audio are not supported.
+    refusal: Optional[str] = None
+    annotations: Optional[list[Any]] = None
+    audio: Optional[Any] = None
+    function_call: Optional[Any] = None
+    tool_calls: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("audio", "function_call", "tool_calls"):
+            if getattr(self, name):
+                raise InvalidInputError(f"`{name}` in a message is not supported by this server (it has no tools, "
+                                        "functions or audio); drop it", field="messages")
+        return self
 
 
 class ChatRequest(OpenAIRequest):
@@ -391,6 +420,8 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     response_id = f"{id_prefix}-{secrets.token_hex(12)}"
     created = int(time.time())
     chat = kind == "chat.completion"
+    if body.seed is None:  # drawn here, so that every chunk of a stream can report it as a reply does
+        body.seed = new_seed()
     prompt = await run_in_threadpool(v1_prompt, deployment.pipeline, body, conversation)
     if not body.stream:
         started = time.perf_counter()
@@ -402,7 +433,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
                     {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
                    for i, c in enumerate(result.completions)]
         payload = {"id": response_id, "object": kind, "created": created, "model": deployment.name,
-                   "choices": choices, "usage": usage_of(result), "system_fingerprint": f"seed-{result.seed}",
+                   "choices": choices, "usage": usage_of(result, body.n), "system_fingerprint": f"seed-{result.seed}",
                    "timing_ms": {"queue": round(timed.queue_ms, 3), "infer": round(timed.run_ms, 3),
                                  "total": round((time.perf_counter() - started) * 1000, 3)}}
         request.app.state.metrics.observe_reply(deployment.name, payload)
@@ -420,7 +451,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
 
     def chunk(choices: list, **extra) -> str:
         return sse({"id": response_id, "object": chunk_kind, "created": created, "model": deployment.name,
-                    "choices": choices, **extra})
+                    "system_fingerprint": f"seed-{body.seed}", "choices": choices, **extra})
 
     def chunks(deltas: list) -> Iterator[str]:
         for row, text, _, finish in deltas:
@@ -448,7 +479,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
                 if payload:
                     yield payload
             result = stream.result().value
-            usage = usage_of(result)
+            usage = usage_of(result, body.n)
             metrics.observe_reply(deployment.name, {"usage": usage})
             # Rows decode side by side, one token each per step: the longest spans the first token to the last.
             steps = max((len(c.token_ids) for c in result.completions), default=0)

@@ -68,6 +68,39 @@ def test_chat_is_seeded_and_counts_usage(client):
     assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens > 0
 
 
+def test_a_multi_turn_chat_sends_back_the_clients_own_reply_and_counts_each_prompt_once(client, live):
+    """The usual loop with the official client: the reply's message (``model_dump()``, with its null refusal,
+    annotations, audio, function and tool calls) goes back in the next turn. A prompt's tokens count once
+    whatever ``n`` is (as OpenAI counts them), and a stream names its seed in every chunk, as a reply does."""
+    messages = [{"role": "user", "content": "a robot picks up"}]
+    first = client.chat.completions.create(model="chat", messages=messages, max_tokens=6, seed=3)
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "and then?"}]
+    second = client.chat.completions.create(model="chat", messages=messages, max_tokens=6, seed=3)
+    assert second.choices[0].message.role == "assistant"
+    one, three = (client.chat.completions.create(model="chat", messages=messages, max_tokens=4, seed=3, n=n)
+                  for n in (1, 3))
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens > 0
+    with pytest.raises(openai.UnprocessableEntityError) as tools:
+        client.chat.completions.create(model="chat", max_tokens=4, messages=[
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                                    "function": {"name": "f", "arguments": "{}"}}]}])
+    assert "tool_calls" in tools.value.message
+    chunks = list(client.chat.completions.create(model="chat", messages=messages, max_tokens=4, stream=True))
+    fingerprints = {c.system_fingerprint for c in chunks}
+    assert len(fingerprints) == 1 and fingerprints.pop().startswith("seed-")
+    seed = int(chunks[0].system_fingerprint[len("seed-"):])  # replays the stream
+    again = client.chat.completions.create(model="chat", messages=messages, max_tokens=4, seed=seed)
+    assert again.choices[0].message.content == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # null means the default, as OpenAI reads it (completions: 16 tokens)
+    nulls = httpx.post(f"{live}/v1/completions", json={"model": "chat", "prompt": "hi", "temperature": None,
+                                                       "top_p": None, "n": None, "max_tokens": None, "seed": 1})
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json()["usage"]["completion_tokens"] <= 16
+    over = httpx.post(f"{live}/v1/chat/completions", json={"model": "chat", "messages": messages,
+                                                           "max_completion_tokens": 10**6})
+    assert over.status_code == 422 and over.json()["error"]["field"] == "max_completion_tokens"
+
+
 def test_chat_stream_arrives_before_the_end(client, live):
     messages = [{"role": "user", "content": "shall i compare thee"}]
     whole = client.chat.completions.create(model="chat", messages=messages, max_tokens=900, temperature=0)
