@@ -305,6 +305,7 @@ class DeploymentManager:
                              "Give each a `name:` (or --checkpoint DIR=NAME)")
         self.deployments = {s.resolved_name: Deployment(s, settings, prepares.get(s.resolved_name), metrics)
                             for s in specs}
+        self._added_live: set[str] = set()  # names added while serving (``add``), not at startup
 
     def start(self) -> None:
         for deployment in self.deployments.values():
@@ -319,6 +320,7 @@ class DeploymentManager:
             raise ApiError(409, f"a deployment named {name!r} exists; reload it, or give another `name`", field="name")
         deployment = Deployment(spec, self.settings, None, self.metrics)
         self.deployments[name] = deployment
+        self._added_live.add(name)
         deployment.start_loading()
         return deployment
 
@@ -345,6 +347,7 @@ class DeploymentManager:
         """Unload ``name``: it leaves /models at once, finishes what it has queued, and its memory is freed."""
         old = self.get(name)
         del self.deployments[name]
+        self._added_live.discard(name)
         self._retire(old, successor=None)
         return old
 
@@ -411,7 +414,9 @@ class DeploymentManager:
         """Whether to take traffic, and each deployment's status: all a probe needs. The probe is public, so
         failure reasons (which name checkpoint paths and state-dict keys) stay in ``GET /models/{name}``."""
         statuses = {d.name: d.status for d in self.deployments.values()}
-        failed = [n for n, s in statuses.items() if s == FAILED]
         loading = [n for n, s in statuses.items() if s == LOADING]
-        ready = not loading and len(failed) < len(statuses)
+        # A deployment added while the server runs (the admin API) does not take its readiness away while it loads:
+        # the others keep serving, and a load balancer must not move away from them.
+        ready = (not [n for n in loading if n not in self._added_live]
+                 and any(s == READY for s in statuses.values()))
         return ready, {"status": "ready" if ready else ("loading" if loading else "failed"), "deployments": statuses}

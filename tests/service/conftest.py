@@ -10,10 +10,13 @@ from service import DeploymentSpec, Settings, create_app
 
 
 def wait_ready(client: TestClient, timeout: float = 60.0):
+    """Until the server is ready and no deployment loads (one added through the admin API leaves it ready)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         response = client.get("/health/ready")
-        if response.status_code == 200 or response.json().get("status") == "failed":
+        body = response.json()
+        if body.get("status") == "failed" or (
+                response.status_code == 200 and "loading" not in body.get("deployments", {}).values()):
             return response
         time.sleep(0.05)
     raise AssertionError(f"not ready after {timeout}s: {response.json()}")

@@ -157,3 +157,18 @@ def test_reload_under_load_fails_no_request(client, roots):
     failed = client.post("/admin/deployments/policy/reload", json={"checkpoint": str(broken)}, headers=ADMIN)
     assert failed.status_code == 422 and "keeps serving" in failed.json()["error"]["message"]
     assert predict(client)["checkpoint_step"] == 222
+
+
+def test_a_deployment_loading_through_the_admin_api_leaves_the_server_ready(client, roots, monkeypatch):
+    """Readiness is for the deployments the server started with: one added while it serves loads beside them,
+    and a load balancer must not move away from those meanwhile (it did: 503 for as long as the load took)."""
+    import concurrent.futures
+
+    from service.deployments import Deployment
+
+    assert client.get("/health/ready").status_code == 200
+    monkeypatch.setattr(Deployment, "start_loading", lambda self: concurrent.futures.Future())  # loads forever
+    added = client.post("/admin/deployments", json={"name": "slow", "checkpoint": str(roots / "lm")}, headers=ADMIN)
+    assert added.status_code == 202, added.text
+    probe = client.get("/health/ready")
+    assert probe.status_code == 200 and probe.json()["deployments"]["slow"] == "loading", probe.text
