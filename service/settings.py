@@ -20,6 +20,9 @@ from vla_foundry.continuous import DEFAULT_PREFILL_TOKENS
 from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
 
 
+DEPLOYMENT_NAME = re.compile(r"(?! )[^/\\\x00-\x1f\x7f]{1,128}(?<! )")
+
+
 class DeploymentSpec(BaseModel):
     """One checkpoint to serve."""
 
@@ -59,6 +62,15 @@ class DeploymentSpec(BaseModel):
     @property
     def resolved_name(self) -> str:
         return self.name or Path(self.checkpoint.rstrip("/")).name
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        # A name is a URL segment (/models/{name}, /admin/deployments/{name}), a metrics label and a log field.
+        if v is not None and not DEPLOYMENT_NAME.fullmatch(v):
+            raise ValueError(f"a deployment name is 1-128 characters, none of them /, \\, a control character or "
+                             f"a space at either end; got {v[:40]!r}")
+        return v
 
     @field_validator("device")
     @classmethod

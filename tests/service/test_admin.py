@@ -172,3 +172,14 @@ def test_a_deployment_loading_through_the_admin_api_leaves_the_server_ready(clie
     assert added.status_code == 202, added.text
     probe = client.get("/health/ready")
     assert probe.status_code == 200 and probe.json()["deployments"]["slow"] == "loading", probe.text
+
+
+def test_a_deployment_name_must_be_addressable(client, roots):
+    """A name is a URL segment, a metrics label and a log field: one with a slash could never be unloaded or
+    reloaded (its routes 404), and control characters would forge log lines."""
+    for name in ("a/b", "two\nlines", "", " padded", "x" * 129):
+        refused = client.post("/admin/deployments", json={"name": name, "checkpoint": str(roots / "lm")},
+                              headers=ADMIN)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "name", (name, refused.text)
+    assert client.post("/admin/deployments", json={"name": "lm v2.1", "checkpoint": str(roots / "lm")},
+                       headers=ADMIN).status_code == 202
