@@ -348,13 +348,19 @@ class DeploymentManager:
         old = self.get(name)
         del self.deployments[name]
         self._added_live.discard(name)
-        self._retire(old, successor=None)
+        retired = self._retire(old, successor=None)
+        if self.metrics is not None:  # its series go once it ran its last call (unless the name is served again)
+            retired.add_done_callback(
+                lambda _: None if name in self.deployments else self.metrics.forget_deployment(name))
         return old
 
     @staticmethod
-    def _retire(old: Deployment, successor: Optional[Deployment]) -> None:
+    def _retire(old: Deployment, successor: Optional[Deployment]) -> concurrent.futures.Future:
+        """Done once ``old`` has run its last call and been freed."""
         old.retired, old.successor = True, successor
-        old.executor.retire().add_done_callback(lambda _: DeploymentManager._free(old))  # once it ran its last call
+        retired = old.executor.retire()
+        retired.add_done_callback(lambda _: DeploymentManager._free(old))  # once it ran its last call
+        return retired
 
     @staticmethod
     def _free(old: Deployment) -> None:

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_PACE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 access_log = logging.getLogger("service.access")
+SHED_STAGES = ("body", "decode", "queue")  # where a request is refused for the expected wait (deadlines.py)
 UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the label set bounded)
 
 
@@ -87,6 +89,21 @@ class Metrics:
         self.light_delays = Histogram("vla_light_request_delay_seconds", "How long GET, HEAD and OPTIONS requests "
                                       "were held while a model was at work (VLA_LIGHT_REQUESTS_PER_S); only those "
                                       "held are observed.", buckets=LATENCY_BUCKETS, registry=r)
+
+    def forget_deployment(self, name: str) -> None:
+        """Drop the series of an unloaded deployment, so that loading and unloading names does not grow the
+        scrape without end."""
+        for metric in (self.queue_seconds, self.run_seconds, self.batch_size, self.tokens, self.images,
+                       self.first_token_seconds, self.token_pace_seconds, self.abandoned):
+            try:
+                metric.remove(name)
+            except KeyError:  # never observed
+                pass
+        for stage in SHED_STAGES:
+            try:
+                self.shed.remove(name, stage)
+            except KeyError:
+                pass
 
     def observe_light_delay(self, seconds: float) -> None:
         self.light_delays.observe(seconds)
@@ -215,6 +232,17 @@ def _cuda_memory() -> dict[str, float]:
     return {f"cuda:{i}": float(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
 
 
+def _route_template(scope: Scope) -> Optional[str]:
+    """The template of the route that serves ``scope``'s path, for a request refused before routing (a 401, an
+    early 503): None where no route serves it."""
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return getattr(route, "path", None)
+    return None
+
+
 class RequestMetrics:
     """Counts, times and logs (one ``service.access`` line) every HTTP request, refused ones included, by its
     route template (``/predict/transformer``, ``/sessions/{session_id}/step``): the route Starlette matched."""
@@ -240,7 +268,7 @@ class RequestMetrics:
             await self.app(scope, receive, send_counted)
         finally:
             seconds = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None)
+            route = getattr(scope.get("route"), "path", None) or _route_template(scope)
             status = status or 500
             self.metrics.requests.labels(route or UNMATCHED, scope["method"], str(status)).inc()
             self.metrics.request_seconds.labels(route or UNMATCHED).observe(seconds)

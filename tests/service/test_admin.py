@@ -100,9 +100,15 @@ def test_load_serve_and_unload(client, roots):
     text = client.post("/predict/transformer", json={"model": "lm", "prompt": "a", "max_new_tokens": 2},
                        headers=CLIENT)
     assert text.status_code == 200, text.text
+    assert 'deployment="lm"' in client.get("/metrics", headers=CLIENT).text
     assert client.delete("/admin/deployments/lm", headers=ADMIN).json() == {"name": "lm", "unloaded": True}
     names = [d["name"] for d in client.get("/models", headers=CLIENT).json()["deployments"]]
     assert names == ["policy"]
+    deadline = time.monotonic() + 10  # its series leave with it, once it has run its last call
+    while 'deployment="lm"' in client.get("/metrics", headers=CLIENT).text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 'deployment="lm"' not in client.get("/metrics", headers=CLIENT).text
+    assert 'deployment="policy"' in client.get("/metrics", headers=CLIENT).text
     gone = client.post("/predict/transformer", json={"model": "lm", "prompt": "a"}, headers=CLIENT)
     assert gone.status_code == 404
     assert client.delete("/admin/deployments/lm", headers=ADMIN).status_code == 404

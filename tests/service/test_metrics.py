@@ -63,7 +63,14 @@ def test_metrics_need_a_key_unless_public(tiny_checkpoints):
     with serving(spec, api_keys="secret") as client:
         assert client.get("/metrics").status_code == 401
         parsed = samples(client.get("/metrics", headers={"authorization": "Bearer secret"}).text)
-        # the refused scrape was counted (the metrics sit outside the key check)
+        # the refused scrape was counted (the metrics sit outside the key check), under its route, though the key
+        # check refused it before routing; a path no route serves stays "unmatched"
+        assert value(parsed, "vla_http_requests_total", route="/metrics", method="GET", status="401") == 1
+        assert client.get("/sessions/abc/step").status_code == 401
+        assert client.get("/no/such/route").status_code == 401
+        parsed = samples(client.get("/metrics", headers={"authorization": "Bearer secret"}).text)
+        assert value(parsed, "vla_http_requests_total", route="/sessions/{session_id}/step", method="GET",
+                     status="401") == 1
         assert value(parsed, "vla_http_requests_total", route="unmatched", method="GET", status="401") == 1
     with serving(spec, api_keys="secret", metrics_public=True) as client:
         assert client.get("/metrics").status_code == 200
