@@ -150,6 +150,7 @@ def _draining_server(uvicorn, app, drain_timeout_s: float):
 
         async def shutdown(self, sockets=None) -> None:
             deadline = time.monotonic() + drain_timeout_s  # one drain, websockets and requests together
+            app.state.draining = True  # what is still running at the deadline is cut off (metrics.RequestMetrics)
             for server in self.servers:
                 server.close()
             await app.state.fleet.stop()  # out of the fleet's listing while it drains

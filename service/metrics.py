@@ -18,6 +18,7 @@ a ``deployment`` label where one applies.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import gc
 import logging
@@ -30,6 +31,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_response
 
 if TYPE_CHECKING:
     from service.deployments import DeploymentManager
@@ -266,6 +269,19 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_counted)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs once the drain (VLA_DRAIN_TIMEOUT_S) is over: the client is told in
+            # the error shape, with its request id, instead of uvicorn's plain 500 and a logged traceback, and the
+            # request ends here (the process is exiting).
+            if not getattr(scope["app"].state, "draining", False):
+                raise
+            access_log.warning("%s %s cut off: the drain timeout (VLA_DRAIN_TIMEOUT_S) was over",
+                               scope["method"], scope["path"])
+            if status is None:
+                await error_response(None, 503, "the server shut down before this request finished: its drain "
+                                     "timeout (VLA_DRAIN_TIMEOUT_S) was over; send it again (to another replica)",
+                                     type="unavailable", headers={"Connection": "close", "Retry-After": "1"}
+                                     )(scope, receive, send_counted)
         finally:
             seconds = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or _route_template(scope)

@@ -29,13 +29,13 @@ def slow_checkpoint(tmp_path_factory):
     return path
 
 
-def serve(checkpoint, tmp_path, drain_s: float):
+def serve(checkpoint, tmp_path, drain_s: float, log_path=None):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(tmp_path / "demo"),
            "VLA_DRAIN_TIMEOUT_S": str(drain_s)}
     command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=tiny", "--host", "127.0.0.1", "--port",
                                  str(port), "--device", "cpu"]
-    return server_process(command, env, port)
+    return server_process(command, env, port, log_path=log_path)
 
 
 def timed_post(base: str, steps: int, out: list) -> None:
@@ -43,7 +43,7 @@ def timed_post(base: str, steps: int, out: list) -> None:
     try:
         response = httpx.post(f"{base}/predict/stable_diffusion", json={**SLOW, "num_inference_steps": steps},
                               timeout=120)
-        out.append((response.status_code, time.perf_counter() - started))
+        out.append((response.status_code, time.perf_counter() - started, response))
     except httpx.HTTPError as e:
         out.append((type(e).__name__, time.perf_counter() - started))
 
@@ -76,7 +76,8 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(slow_checkpoint, tmp
 
 
 def test_a_request_longer_than_the_drain_timeout_does_not_hold_the_process(slow_checkpoint, tmp_path):
-    with serve(slow_checkpoint, tmp_path, drain_s=1) as (base, proc):
+    log = tmp_path / "server.log"
+    with serve(slow_checkpoint, tmp_path, drain_s=1, log_path=log) as (base, proc):
         thread, out = request_in_flight(base, 1000)
         signalled = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
@@ -84,7 +85,13 @@ def test_a_request_longer_than_the_drain_timeout_does_not_hold_the_process(slow_
         exited_after = time.perf_counter() - signalled
         thread.join(timeout=60)
     assert code == 0 and exited_after < 1 + 4, exited_after  # the drain timeout, then at most the thread joins
-    assert out and out[0][0] != 200  # cut off, not answered
+    # cut off, and told so in the error shape with its request id (not uvicorn's plain 500 and a logged traceback)
+    assert out and out[0][0] == 503, out
+    response = out[0][2]
+    error = response.json()["error"]
+    assert error["type"] == "unavailable" and "VLA_DRAIN_TIMEOUT_S" in error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert "Exception in ASGI application" not in log.read_text()
 
 
 def test_sigterm_says_goodbye_to_robot_websockets_with_1001(tiny_checkpoints, tmp_path):
