@@ -77,7 +77,10 @@ def _serve(args: argparse.Namespace) -> int:
                   f"  curl {url}/v1/completions -H 'content-type: application/json' "
                   """-d '{"model": "demo-transformer", "prompt": "Once upon a time", "max_tokens": 24}'"""]
     if replica is None or replica.replica.index == 0:  # one banner for a launch of replicas
-        print("\n" + "\n".join(lines) + "\n", file=sys.stderr)
+        if settings.log_format == "json":  # one JSON object per line, the banner too
+            logging.getLogger("service").info("listening", extra={"url": url, "hints": lines})
+        else:
+            print("\n" + "\n".join(lines) + "\n", file=sys.stderr)
     # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
     # a connection whose frame exceeds the cap with 1009.
     # uvicorn drains on SIGTERM and Ctrl-C, then raises the signal again for the handler it found: exit 0 there,
@@ -95,7 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
                                 access_log=False, ws="websockets", ws_per_message_deflate=False,
                                 timeout_graceful_shutdown=settings.drain_timeout_s,
-                                ws_max_size=settings.max_ws_frame_bytes)
+                                ws_max_size=settings.max_ws_frame_bytes,
+                                # JSON logs: uvicorn's own lines go through the root handler too (one object per line)
+                                **({"log_config": None} if settings.log_format == "json" else {}))
         sockets = None
         if args.listen_fd is not None:  # the launcher's socket; not passed on to anything this process starts
             sockets = [socket.socket(fileno=args.listen_fd)]

@@ -94,3 +94,5 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
             handler.addFilter(RequestIdFilter())
         handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    if log_format == "json":
+        logging.captureWarnings(True)  # Python warnings as log records too, so every line is one JSON object
