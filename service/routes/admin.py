@@ -13,7 +13,7 @@
 from pathlib import Path
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import ApiKeys
@@ -77,14 +77,12 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         return encode_response(body, request.headers.get("accept", ""), status_code=status)
 
     async def load(spec: DeploymentSpec, request: Request):
-        check_admin(request)
         spec = spec.model_copy(update=_checked_files(spec.model_dump(include={"checkpoint", "checkpoint_file",
                                                                               "tokenizer"}), roots))
         deployment = request.app.state.manager.add(spec)
         return reply(request, deployment.info(), 202)
 
     async def reload(name: str, body: ReloadRequest, request: Request):
-        check_admin(request)
         manager = request.app.state.manager
         old = manager.get(name)
         update = body.model_dump(exclude_none=True)
@@ -98,14 +96,16 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         return reply(request, new.info())
 
     async def unload(name: str, request: Request):
-        check_admin(request)
         old = request.app.state.manager.remove(name)
         request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was unloaded")
         return reply(request, {"name": name, "unloaded": True})
 
+    # The key is checked as a dependency, which runs before the body is validated: a caller without the admin
+    # key gets 401, never a list of what its body got wrong.
+    admin = [Depends(check_admin)]
     app.add_api_route("/admin/deployments", load, methods=["POST"], tags=["admin"], status_code=202,
-                      summary="Load a deployment from a checkpoint under VLA_CHECKPOINT_ROOTS")
+                      dependencies=admin, summary="Load a deployment from a checkpoint under VLA_CHECKPOINT_ROOTS")
     app.add_api_route("/admin/deployments/{name}/reload", reload, methods=["POST"], tags=["admin"],
-                      summary="Swap in another checkpoint with no failed request")
+                      dependencies=admin, summary="Swap in another checkpoint with no failed request")
     app.add_api_route("/admin/deployments/{name}", unload, methods=["DELETE"], tags=["admin"],
-                      summary="Unload a deployment and free its memory")
+                      dependencies=admin, summary="Unload a deployment and free its memory")

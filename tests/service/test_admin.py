@@ -56,6 +56,9 @@ def test_admin_and_client_keys_are_apart(client, roots):
     body = {"name": "lm", "checkpoint": str(roots / "lm")}
     assert client.post("/admin/deployments", json=body, headers=CLIENT).status_code == 401
     assert client.post("/admin/deployments", json=body).status_code == 401
+    # before the body is validated: no list of what a body got wrong for a caller without the key
+    assert client.post("/admin/deployments", json={"nme": 1}).status_code == 401
+    assert client.post("/admin/deployments/policy/reload", json={"bogus": 1}, headers=CLIENT).status_code == 401
     assert client.get("/models", headers=ADMIN).status_code == 401  # an admin key is not a client key
 
 

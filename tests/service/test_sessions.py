@@ -275,6 +275,9 @@ def test_a_step_past_its_valid_until_is_not_computed(tiny_checkpoints):
         # a chunk of 2 periods (1 s) for the same observation is still due
         assert c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "late-chunk",
                                                          "timestamp": time.time() - 0.75}).status_code == 200
+        ahead = c.post("/sessions/late/step", json={"observation": current(1), "timestamp": 1e300})
+        assert ahead.status_code == 422 and ahead.json()["error"]["field"] == "timestamp", ahead.text
+        assert "ahead of the server's clock" in ahead.json()["error"]["message"]
         over = c.post("/sessions/late/step", json={"observation": current(1), "num_inference_steps": 1001})
         assert over.status_code == 422 and over.json()["error"]["field"] == "num_inference_steps"
 

@@ -93,6 +93,9 @@ def _scores(scores: dict[str, Any], seed: int) -> Union[dict[str, Any], InvalidI
     return {**scores, "seed": seed}
 
 
+FUTURE_TIMESTAMP_TOLERANCE_S = 5.0  # an observation's timestamp may be this far ahead of the server's clock
+
+
 def overflowed(noise_given: bool = False) -> InvalidInputError:
     if noise_given:  # either may be at fault
         return InvalidInputError("the policy's actions came out NaN or infinite: the observation's or the noise's "
@@ -196,6 +199,11 @@ class ActionPipeline(Pipeline):
         now = time.time() if now is None else now
         if timestamp is None:
             return now
+        if timestamp - now > FUTURE_TIMESTAMP_TOLERANCE_S:  # a clock far off: its valid_until would mean nothing
+            raise InvalidInputError(
+                f"the observation's timestamp {timestamp:.3f} is {timestamp - now:.3f} s ahead of the server's clock "
+                f"(at most {FUTURE_TIMESTAMP_TOLERANCE_S:g} s is taken as clock skew); timestamps are Unix seconds on "
+                "the server's clock: synchronize the robot's clock (NTP, PTP)", field="timestamp")
         limit = self.max_observation_age_s
         if limit is not None and now - timestamp > limit:
             raise StaleObservationError(
