@@ -60,6 +60,7 @@ class SessionEntry:
         # if it fails, the session is dropped, so a refused request neither makes a session nor evicts another.
         self.kept = kept
         self.pins = 0  # open websockets stepping this session: it neither expires nor is evicted meanwhile
+        self.callers = 0  # requests in ``call`` (running or waiting for the lock)
         self.checkpoint = checkpoint_identity(deployment) if shared is not None else ""
         # With a shared store: the stored version this session was last pulled at or pushed as (0: none stored;
         # -1: what this replica holds may differ from the store, so the next pull reloads it).
@@ -70,6 +71,19 @@ class SessionEntry:
         cancelled meanwhile, the lock is released only once the model thread is done with the session, so
         its next request (or a reset) never meets a half-recorded step. With a shared store, the session is
         pulled from it first and pushed back after (see the module's docstring)."""
+        self.callers += 1
+        try:
+            return await self._call(run)
+        finally:
+            self.callers -= 1
+
+    def _failed(self) -> None:
+        """A request of this session failed: a new session whose first request it was is dropped (no session was
+        made), unless another request for it is waiting, which may still make it."""
+        if self.kept is not None and self.callers == 1:
+            self.discard()
+
+    async def _call(self, run: Awaitable[Any]) -> Any:
         async with self.lock:
             try:
                 await self._pull()
@@ -90,14 +104,12 @@ class SessionEntry:
                     await asyncio.wait([task])
                 if self.shared is not None:
                     self.version = -1  # a failed or abandoned step may have recorded its input here
-                if self.kept is not None:  # new, and its first request failed: no session was made
-                    self.discard()
+                self._failed()
                 raise
             try:
                 await self._push()
             except BaseException:
-                if self.kept is not None:
-                    self.discard()
+                self._failed()
                 raise
             if self.kept is not None:
                 kept, self.kept = self.kept, None

@@ -334,3 +334,44 @@ def test_a_gone_session_is_reported_with_two_policies_served(tiny_checkpoints):
         time.sleep(0.5)
         gone = c.post("/sessions/two/step", json={"observation": current(2)})
         assert gone.status_code == 409 and gone.json()["error"]["type"] == "session_gone", gone.text
+
+
+def test_a_new_sessions_failed_first_request_keeps_it_for_the_next_one_waiting(tiny_checkpoints):
+    """Two requests for a new session id at once: the first fails, the second (waiting for the session's lock)
+    succeeds. The session it made stays in the store, instead of stepping a copy dropped under it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.sessions import SessionStore
+    from vla_foundry.pipelines import load_pipeline
+
+    deployment = SimpleNamespace(name="policy", modality="action", status="ready",
+                                 pipeline=load_pipeline(tiny_checkpoints["diffusion_policy"], traced_sampling=False))
+
+    async def scenario():
+        store = SessionStore(max_sessions=4, idle_timeout_s=60)
+        entry = store.acquire("fresh", deployment)
+        gate = asyncio.Event()
+
+        async def fails():
+            await gate.wait()
+            raise ValueError("refused")
+
+        async def succeeds():
+            return "ok"
+
+        first = asyncio.ensure_future(entry.call(fails()))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(entry.call(succeeds()))  # waits for the session's lock
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(ValueError):
+            await first
+        assert await second == "ok"
+        assert store.get("fresh") is entry
+        alone = store.acquire("alone", deployment)
+        with pytest.raises(ValueError):
+            await alone.call(fails())
+        assert [info["session_id"] for info in store.infos()] == ["fresh"]  # a failed first request alone: none
+
+    asyncio.run(scenario())
