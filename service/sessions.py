@@ -77,10 +77,16 @@ class SessionEntry:
         finally:
             self.callers -= 1
 
+    def _made(self) -> None:
+        """A request of this session succeeded: a new session is made (and makes room for itself)."""
+        if self.kept is not None:
+            kept, self.kept = self.kept, None
+            kept()
+
     def _failed(self) -> None:
         """A request of this session failed: a new session whose first request it was is dropped (no session was
         made), unless another request for it is waiting, which may still make it."""
-        if self.kept is not None and self.callers == 1:
+        if self.kept is not None and self.callers == 1 and not self.pins:
             self.discard()
 
     async def _call(self, run: Awaitable[Any]) -> Any:
@@ -102,6 +108,8 @@ class SessionEntry:
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError):
                     await asyncio.wait([task])
+                    if not task.cancelled() and task.exception() is None:  # the step ran: the session stands
+                        self._made()
                 if self.shared is not None:
                     self.version = -1  # a failed or abandoned step may have recorded its input here
                 self._failed()
@@ -111,9 +119,7 @@ class SessionEntry:
             except BaseException:
                 self._failed()
                 raise
-            if self.kept is not None:
-                kept, self.kept = self.kept, None
-                kept()
+            self._made()
             return result
 
     async def reset(self, seed: Optional[int] = None) -> None:
@@ -456,6 +462,8 @@ class SessionStore:
 
     def _make_room(self, entry: SessionEntry) -> None:
         """At most ``max_sessions`` (``entry`` stays): the least recently used idle ones leave."""
+        if self._entries.get(entry.id) is not entry:  # dropped meanwhile (deleted, its deployment ended)
+            return
         while len(self._entries) > self.max_sessions:
             idle = next((sid for sid, e in self._entries.items() if e is not entry and e.idle), None)
             if idle is None:  # every other one is busy: they leave once idle, when a later session makes room

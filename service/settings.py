@@ -20,7 +20,7 @@ from vla_foundry.continuous import DEFAULT_PREFILL_TOKENS
 from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
 
 
-DEPLOYMENT_NAME = re.compile(r"(?! )[^/\\\x00-\x1f\x7f]{1,128}(?<! )")
+DEPLOYMENT_NAME = re.compile(r"(?!\.{1,2}$)(?! )[^/\\?#%\x00-\x1f\x7f]{1,128}(?<! )")
 
 
 class DeploymentSpec(BaseModel):
@@ -68,8 +68,8 @@ class DeploymentSpec(BaseModel):
     def _name(cls, v: Optional[str]) -> Optional[str]:
         # A name is a URL segment (/models/{name}, /admin/deployments/{name}), a metrics label and a log field.
         if v is not None and not DEPLOYMENT_NAME.fullmatch(v):
-            raise ValueError(f"a deployment name is 1-128 characters, none of them /, \\, a control character or "
-                             f"a space at either end; got {v[:40]!r}")
+            raise ValueError(f"a deployment name is 1-128 characters, none of them / \\ ? # % or a control character, "
+                             f"no space at either end, and not . or ..; got {v[:40]!r}")
         return v
 
     @field_validator("device")

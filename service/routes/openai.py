@@ -422,7 +422,11 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     chat = kind == "chat.completion"
     if body.seed is None:  # drawn here, so that every chunk of a stream can report it as a reply does
         body.seed = new_seed()
-    prompt = await run_in_threadpool(v1_prompt, deployment.pipeline, body, conversation)
+    deployment.check_ready()  # a deployment loading or failed has no pipeline to tokenize with (503)
+    pipeline = deployment.current().pipeline
+    if pipeline is None:  # unloaded meanwhile
+        raise ApiError(503, f"deployment {deployment.name!r} was unloaded; retry, or name another", retry_after=1)
+    prompt = await run_in_threadpool(v1_prompt, pipeline, body, conversation)
     if not body.stream:
         started = time.perf_counter()
         call = ModelCall(run_v1, V1Job(body, prompt), start=start_v1)

@@ -143,17 +143,19 @@ def add_robot_websocket(app: FastAPI, settings: Settings) -> None:
 def _endpoint(model_type: str, request_cls: type, settings: Settings):
     async def endpoint(websocket: WebSocket, model: Optional[str] = None, session_id: Optional[str] = None):
         manager, sessions = websocket.app.state.manager, websocket.app.state.sessions
-        await websocket.accept()
-        try:
-            deployment = manager.resolve(model_type, model)
-            entry = sessions.acquire(session_id or f"ws-{uuid.uuid4().hex[:16]}", deployment,
-                                     caller_of(websocket.scope))
-        except ApiError as e:
-            await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
-            return
         connections, sockets = websocket.app.state.metrics.websockets, websocket.app.state.robot_sockets
+        await websocket.accept()
         if sockets.draining:
             await _close(websocket, GOODBYE, GOING_AWAY)
+            return
+        try:
+            deployment = manager.resolve(model_type, model)
+            # A connection is its session's holder from now on (pinned below): it makes room for it at once, as a
+            # session made without a request does, so connections never hold more than VLA_MAX_SESSIONS.
+            entry = sessions.acquire(session_id or f"ws-{uuid.uuid4().hex[:16]}", deployment,
+                                     caller_of(websocket.scope), request=False)
+        except ApiError as e:
+            await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
             return
         connections.inc()
         idle = sockets.opened(websocket)

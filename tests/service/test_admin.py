@@ -181,6 +181,10 @@ def test_a_deployment_loading_through_the_admin_api_leaves_the_server_ready(clie
     assert added.status_code == 202, added.text
     probe = client.get("/health/ready")
     assert probe.status_code == 200 and probe.json()["deployments"]["slow"] == "loading", probe.text
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        loading = client.post(path, json={"model": "slow", "max_tokens": 2, **body}, headers=CLIENT)
+        assert loading.status_code == 503 and "loading" in loading.json()["error"]["message"], loading.text
 
 
 def test_a_deployment_name_must_be_addressable(client, roots):

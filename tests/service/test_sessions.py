@@ -27,6 +27,11 @@ def client(tiny_checkpoints):
         yield c
 
 
+def overflowing(i: int) -> dict:
+    """Step i with positions the policy's actions overflow on: refused in the model call (422)."""
+    return dict(current(i), lowdim={"arm__pos": [1e37, 1e37]})
+
+
 def chunk(client, session_id, i, **fields):
     response = client.post("/predict/diffusion_policy", json={"observation": current(i), "session_id": session_id,
                                                               **fields})
@@ -289,10 +294,9 @@ def test_a_refused_first_request_makes_no_session_and_evicts_nobody(tiny_checkpo
     with serving(spec, max_sessions=2) as c:
         chunk(c, "a", 0)
         chunk(c, "b", 0)
-        for i in range(3):
-            bad = c.post("/sessions/bad-{i}/step".format(i=i),
-                         json={"observation": dict(current(0), images={"nope": "x"})})
-            assert bad.status_code == 422, bad.text
+        for i in range(3):  # refused in the model call (its actions overflow), after the session was taken
+            bad = c.post(f"/sessions/bad-{i}/step", json={"observation": overflowing(0)})
+            assert bad.status_code == 422 and "NaN or infinite" in bad.json()["error"]["message"], bad.text
         assert sorted(s["session_id"] for s in c.get("/sessions").json()["sessions"]) == ["a", "b"]
         assert chunk(c, "a", 1)["step"] > 0 and chunk(c, "b", 1)["step"] > 0  # neither was evicted
         chunk(c, "new", 0)
@@ -314,6 +318,9 @@ def test_an_open_websocket_keeps_its_session(tiny_checkpoints):
             assert msgpack.unpackb(ws.receive_bytes())["step"] == 0
             busy = c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "other"})
             assert busy.status_code == 503 and busy.json()["error"]["type"] == "overloaded"
+            # an HTTP request of the same session that fails leaves it to the connection
+            failed = c.post("/sessions/arm-ws/step", json={"observation": overflowing(1), "step": 50})  # replans
+            assert failed.status_code == 422, failed.text
             time.sleep(0.5)  # past the idle timeout: an open connection's session stays
             ws.send_bytes(msgpack.packb(flat_observation(1), use_bin_type=True))
             assert msgpack.unpackb(ws.receive_bytes())["step"] > 0
@@ -322,6 +329,10 @@ def test_an_open_websocket_keeps_its_session(tiny_checkpoints):
         assert "vla_robot_sessions 0.0" in c.get("/metrics").text
         assert c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "other"}
                       ).status_code == 200
+        for i in range(3):  # connections that leave at once hold no more sessions than the cap
+            with c.websocket_connect(f"/ws/diffusion_policy?session_id=brief-{i}") as ws:
+                ws.receive_bytes()
+        assert len(c.get("/sessions").json()["sessions"]) == 1
 
 
 def test_a_gone_session_is_reported_with_two_policies_served(tiny_checkpoints):

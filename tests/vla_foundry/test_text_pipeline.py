@@ -271,3 +271,24 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole_and_its_stop_strings
     # (Its streamed text cannot always add up to the final text: clean-up rewrites text already sent, " I '"
     # becoming " I'm" one token later, with the whole decode as with the window.)
     assert "".join(d for d in deltas if d).startswith(" I")
+
+
+def test_prompt_ids_encode_on_an_unpadded_copy_of_the_tokenizer(tiny_checkpoints):
+    """``prompt_ids`` (what a server calls off the model thread) gives the rows ``complete`` runs, checked for
+    length, from a copy of the tokenizer with padding and truncation off even when the original was left padded
+    (as an HF processor leaves it): encoding then never changes the copy's settings, which concurrent threads
+    must not do."""
+    import pytest
+
+    from vla_foundry.errors import InvalidInputError
+    from vla_foundry.sampling import SamplingParams
+
+    text = load_pipeline(tiny_checkpoints["transformer"])
+    text.tokenizer._tokenizer.enable_padding(length=32)
+    ids = text.prompt_ids(["the robot", "picks up"], sampling=SamplingParams(max_new_tokens=4))
+    assert ids == [text.tokenizer.encode(p, add_special_tokens=True) for p in ("the robot", "picks up")]
+    assert text._front_tokenizer is not text.tokenizer
+    assert text._front_tokenizer._tokenizer.padding is None and text._front_tokenizer._tokenizer.truncation is None
+    with pytest.raises(InvalidInputError) as long:
+        text.prompt_ids(["word " * 5000], sampling=SamplingParams(max_new_tokens=4))
+    assert long.value.field == "prompt"

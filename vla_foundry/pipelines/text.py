@@ -331,7 +331,14 @@ class TextPipeline(Pipeline):
         so a long prompt holds up neither the model thread nor the tokenizer it uses."""
         with self._front_lock:
             if self._front_tokenizer is None and self.tokenizer is not None:
-                self._front_tokenizer = copy.deepcopy(self.tokenizer)  # never padded: safe for several threads
+                front = copy.deepcopy(self.tokenizer)
+                # Padding and truncation off now (an HF processor may have left the original padding): encoding
+                # then never changes the copy's settings, which several threads at once must not do.
+                backend = getattr(front, "_tokenizer", None)
+                if backend is not None:
+                    backend.no_padding()
+                    backend.no_truncation()
+                self._front_tokenizer = front
         ids = self.encode_prompts(prompts, prompt_token_ids, rendered=rendered, tokenizer=self._front_tokenizer)
         self.fitted(ids, sampling)
         return ids
