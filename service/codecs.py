@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -52,9 +53,23 @@ class TooManyKeys(DecodeError):
                          "(setting VLA_MAX_BODY_KEYS)")
 
 
+class InvalidText(DecodeError):
+    """A string of the body that is not Unicode text (a lone UTF-16 surrogate, which JSON's ``\\uD800``
+    escapes can spell and no tokenizer takes): refused with 422 naming where it is."""
+
+    def __init__(self, field: str):
+        super().__init__(f"{field} is not valid Unicode text (it holds a lone UTF-16 surrogate, \\uD800-\\uDFFF "
+                         "without its pair); send UTF-8 text")
+        self.field = field
+
+
+# A \uD800-\uDFFF escape: only then can a parsed string hold a lone surrogate (UTF-8 bytes cannot spell one).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def loads_json(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
     """``json.loads``, refusing a body with more than ``max_keys`` object keys in all (``TooManyKeys``) as soon
-    as it has read them."""
+    as it has read them, and one with a string that is not Unicode text (``InvalidText``)."""
     count = 0
 
     def pairs(items: list) -> dict:
@@ -64,7 +79,25 @@ def loads_json(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
             raise TooManyKeys(max_keys)
         return dict(items)
 
-    return json.loads(body, object_pairs_hook=pairs)
+    value = json.loads(body, object_pairs_hook=pairs)
+    if _SURROGATE_ESCAPE.search(body):  # rare: paired escapes (an emoji) are fine, and are checked the same way
+        _check_text(value, "")
+    return value
+
+
+def _check_text(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidText(where or "the body") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where or "a key")
+            _check_text(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
 
 
 def wants_msgpack(accept: str) -> bool:

@@ -73,6 +73,12 @@ def error_body(status: int, message: str, field: Optional[str] = None, type: Opt
     return {"error": error}
 
 
+def unexpected_error(scope: dict, exc: Exception) -> Response:
+    """A 500 for an error no handler expected: logged with its traceback, answered without one."""
+    logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+    return error_response(None, 500, f"internal error ({type(exc).__name__}); the server log has details")
+
+
 def error_response(request: Optional[Request], status: int, message: str, field: Optional[str] = None, *,
                    type: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> Response:
     accept = request.headers.get("accept", "") if request is not None else ""
@@ -156,6 +162,5 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, 500, f"internal error ({type(exc).__name__}); the server log has details")
+    async def _unexpected(request: Request, exc: Exception):  # what escapes metrics.RequestMetrics' own catch
+        return unexpected_error(request.scope, exc)

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import error_response, unexpected_error
 
 if TYPE_CHECKING:
     from service.deployments import DeploymentManager
@@ -269,6 +269,13 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_counted)
+        except Exception as e:
+            # Answered here, inside the request-id layer: the 500 has the error shape and the request's id, and the
+            # keep-alive connection goes on (Starlette's outermost handler answers, then re-raises, and uvicorn
+            # resets the connection). A reply already started cannot become an error: that one ends the connection.
+            if status is not None:
+                raise
+            await unexpected_error(scope, e)(scope, receive, send_counted)
         except asyncio.CancelledError:
             # uvicorn cancels what still runs once the drain (VLA_DRAIN_TIMEOUT_S) is over: the client is told in
             # the error shape, with its request id, instead of uvicorn's plain 500 and a logged traceback, and the

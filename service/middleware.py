@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.codecs import (MAX_BODY_KEYS, DecodeError, TooManyKeys, decode_off_loop, encode_response, is_msgpack,
-                            loads_json, unpack_message_off_loop)
+                            InvalidText, loads_json, unpack_message_off_loop)
 from service.errors import error_body
 from service.images import PixelBudget
 
@@ -128,6 +128,9 @@ class BodyCodecMiddleware:
             except TooManyKeys as e:
                 await self._refuse(scope, receive, send, accept, 413, str(e))
                 return
+            except InvalidText as e:
+                await self._refuse(scope, receive, send, accept, 422, str(e), e.field)
+                return
             except ValueError:  # not JSON: FastAPI parses it again and reports where (its usual 422)
                 pass
         new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
@@ -155,5 +158,6 @@ class BodyCodecMiddleware:
                 f"(setting VLA_MAX_BODY_BYTES)")
 
     @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, accept: str, status: int, message: str) -> None:
-        await encode_response(error_body(status, message), accept, status_code=status)(scope, receive, send)
+    async def _refuse(scope: Scope, receive: Receive, send: Send, accept: str, status: int, message: str,
+                      field: Optional[str] = None) -> None:
+        await encode_response(error_body(status, message, field), accept, status_code=status)(scope, receive, send)

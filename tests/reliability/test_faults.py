@@ -71,6 +71,8 @@ def test_a_model_that_raises_on_every_call_fails_only_its_own_requests(client, m
             assert reply.status_code == 500
             error = reply.json()["error"]
             assert error["type"] == "internal_error" and "illegal memory" not in error["message"]  # no internals
+            # answered inside the request-id layer (so a keep-alive connection goes on), with the request's id
+            assert error["request_id"] == reply.headers["x-request-id"]
         else:
             assert reply.status_code == 200, reply.text
     assert threading.active_count() <= threads_before + 8  # the pool's own threads at most

@@ -15,6 +15,7 @@ from service.errors import ApiError
 from service.executor import ModelExecutor, QueueFull
 from service.middleware import DecodedBodyRoute
 from service.modalities.base import ModelCall, each
+from tests.factories import PREDICT_REQUESTS
 from tests.service.conftest import serving
 
 SEEDED = {"prompt": ["the quick", "a robot"], "max_new_tokens": 6, "temperature": 1.0, "seed": 5}
@@ -268,3 +269,37 @@ def test_a_body_of_too_many_keys_is_413_before_validation(tiny_checkpoints):
         few = client.post("/predict/transformer", json={"prompt": "a", **{f"k{i}": 0 for i in range(20)}})
         assert_error(few, 422)  # under the cap: validated as before, the unknown keys named
         assert client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 2}).status_code == 200
+
+
+def _with_text(body, suffix: str):
+    """``body`` with ``suffix`` appended to its first text (not an image's data URL), and that text's field."""
+    import copy
+
+    body = copy.deepcopy(body)
+
+    def visit(value, where):
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            here = f"{where}.{key}" if isinstance(value, dict) and where else key if isinstance(value, dict) \
+                else f"{where}[{key}]"
+            if isinstance(item, str) and not item.startswith("data:") and key not in ("model", "scheduler", "dtype"):
+                value[key] = item + suffix
+                return here
+            found = visit(item, here)
+            if found:
+                return found
+        return None
+
+    return body, visit(body, "")
+
+
+@pytest.mark.parametrize("model_type", sorted(PREDICT_REQUESTS))
+def test_a_lone_surrogate_in_any_text_is_refused_naming_it(client, model_type):
+    """JSON can spell a lone UTF-16 surrogate (\\ud800), which no tokenizer takes: every route refuses it with 422
+    naming the field (the image, caption and CLIP routes answered 500), and an emoji's surrogate pair is text."""
+    body, field = _with_text(PREDICT_REQUESTS[model_type], " \ud800")
+    assert field is not None, model_type
+    assert_error(post_json(client, f"/predict/{model_type}", {**body, "model": f"tiny-{model_type}"}), 422, field)
+    emoji, _ = _with_text(PREDICT_REQUESTS[model_type], " \U0001F916")
+    response = post_json(client, f"/predict/{model_type}", {**emoji, "model": f"tiny-{model_type}"})
+    assert response.status_code == 200, response.text
