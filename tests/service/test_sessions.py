@@ -386,3 +386,27 @@ def test_a_new_sessions_failed_first_request_keeps_it_for_the_next_one_waiting(t
         assert [info["session_id"] for info in store.infos()] == ["fresh"]  # a failed first request alone: none
 
     asyncio.run(scenario())
+
+
+def test_a_step_sent_again_gets_its_answer_and_changes_nothing(client):
+    """A robot whose reply was lost (a timeout, a replica that died after it saved the step) sends the step again:
+    it gets the same answer, and the session's plans go on as if it had been sent once."""
+    def episode(sid: str, steps: list[int]) -> dict[int, dict]:
+        answers = {}
+        for step in steps:
+            reply = client.post(f"/sessions/{sid}/step", json={"observation": current(step), "step": step})
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            if step in answers:  # the repeat: the first answer again
+                assert {k: body[k] for k in ("action", "replanned", "plan_step", "valid_until")} == \
+                    {k: answers[step][k] for k in ("action", "replanned", "plan_step", "valid_until")}
+            answers[step] = body
+        return answers
+
+    for sid in ("once", "twice"):  # the same seeded episode for both
+        chunk(client, sid, 0, seed=1, step=0)
+        assert client.post(f"/sessions/{sid}/reset", json={"seed": 7}).status_code == 200
+    once, twice = episode("once", [0, 1, 2, 3, 4]), episode("twice", [0, 1, 1, 2, 3, 3, 4])
+    for step in range(5):
+        assert {k: twice[step][k] for k in ("action", "replanned", "plan_step")} == \
+            {k: once[step][k] for k in ("action", "replanned", "plan_step")}, step

@@ -65,6 +65,20 @@ def test_a_step_mode_session_restored_at_every_step_replans_and_hands_out_its_pl
         assert (got.replanned, got.plan_step, got.seed) == (expected.replanned, expected.plan_step, expected.seed)
 
 
+def test_a_step_sent_again_to_a_restored_session_gets_its_answer_and_moves_nothing(policy):
+    """Another process (a replica) that gets a step sent again (its reply lost on the way back) answers it as the
+    session did, without recording or planning anything."""
+    session = PolicySession(policy, seed=3, open_loop_steps=2)
+    for step in (0, 1):
+        first = session.step(*observation(policy, step), "pick", step=step, num_inference_steps=2)
+    elsewhere = moved(policy, session)
+    again = elsewhere.step(*observation(policy, 99), "pick", step=1, num_inference_steps=2)
+    np.testing.assert_array_equal(again.action, first.action)
+    assert (again.step, again.replanned, again.plan_step, again.valid_until) == (
+        first.step, first.replanned, first.plan_step, first.valid_until)
+    assert elsewhere.info() == session.info() and elsewhere.steps_served == session.steps_served
+
+
 def test_what_a_session_carries_stays_bounded_however_long_the_episode(policy):
     session = PolicySession(policy, seed=0, open_loop_steps=4)
     sizes = {}

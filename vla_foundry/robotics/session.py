@@ -64,6 +64,15 @@ class ActionStep:
     timing_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+def _step_state(result: ActionStep) -> dict[str, Any]:
+    """An ``ActionStep`` as plain data (a session's ``export``)."""
+    return {**dataclasses.asdict(result), "action": np.asarray(result.action, np.float32).tolist()}
+
+
+def _step_from_state(state: dict[str, Any]) -> ActionStep:
+    return ActionStep(**{**state, "action": np.asarray(state["action"], np.float32)})
+
+
 def _depth(value) -> int:
     """Nesting depth of a list value (0 for a scalar)."""
     depth = 0
@@ -119,6 +128,7 @@ class PolicySession:
         self.plan_step: Optional[int] = None  # the step the current plan starts at
         self.plan_length = 0  # actions in the current plan (current + future)
         self.steps_served = 0  # step mode: actions handed out from the current plan
+        self.served: Optional[ActionStep] = None  # step mode: the last step's answer (a step sent again gets it)
 
     # ------------------------------------------------------------------ state (a session that moves)
 
@@ -128,6 +138,7 @@ class PolicySession:
         step exactly as this one would (seeds included: plan k uses seed + k)."""
         return {"seed": self.seed, "plans": self.plans, "plan_step": self.plan_step, "plan_length": self.plan_length,
                 "steps_served": self.steps_served, "open_loop_steps": self.open_loop_steps,
+                "served": None if self.served is None else _step_state(self.served),
                 "history": self.history.export()}
 
     @classmethod
@@ -142,15 +153,17 @@ class PolicySession:
         self.open_loop_steps, self.seed, self.plans = state["open_loop_steps"], state["seed"], state["plans"]
         self.plan_step, self.plan_length, self.steps_served = (state["plan_step"], state["plan_length"],
                                                                 state["steps_served"])
+        served = state.get("served")  # absent in a state stored before steps were remembered
+        self.served = None if served is None else _step_from_state(served)
         self.history.restore(state["history"])
 
     def _undo_point(self) -> Callable[[], None]:
         """A function that puts this session back as it is now (a begun plan whose request failed)."""
-        counters = (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served)
+        counters = (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served)
         history = self.history.snapshot()
 
         def undo() -> None:
-            self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served = counters
+            self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served = counters
             self.history.rollback(history)
 
         return undo
@@ -208,6 +221,7 @@ class PolicySession:
 
     def _adopt_plan(self, step: int, out) -> None:
         self.plans += 1
+        self.served = None  # a new plan: no earlier step's answer stands for a step sent again
         planned = out.action_chunk[out.first_action_index:]  # (F+1, A): steps step … step+F
         self.history.record_plan(step, planned)
         self.plan_step, self.plan_length, self.steps_served = step, planned.shape[0], 0
@@ -252,6 +266,11 @@ class PolicySession:
         ``open_loop_steps``, or when the robot's step leaves the current plan). ``finish`` returns an
         ``ActionStep``."""
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
+        if step is not None and self.served is not None and step == self.served.step:
+            # The step sent again (its reply was lost: a timeout, a replica that died after its save): it gets the
+            # answer it got, and changes nothing, so a retry never shifts the session's plans.
+            served = self.served
+            return PendingPlan(None, num_inference_steps, lambda _: served)
         undo = self._undo_point()
         try:
             step = self._next_step(step, 1)
@@ -273,6 +292,7 @@ class PolicySession:
             if out is not None:
                 result.seed, result.num_inference_steps = out.seed, out.num_inference_steps
                 result.timing_ms = dict(out.timing_ms)
+            self.served = result
             return result
 
         return PendingPlan(request, num_inference_steps, finish, undo)
