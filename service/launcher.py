@@ -11,8 +11,8 @@ The launcher then only watches: a replica that exits is started again (after 1 s
 so connections wait in its queue instead of being refused. A replica that exits with status 2
 (the configuration is wrong) ends the launch: every restart would fail the same way. SIGTERM or
 Ctrl-C drains every replica (each stops accepting and finishes its requests, as one server
-does) and kills what is still running 2 × ``drain_timeout_s`` + 5 s later (a replica's drain
-waits for its websockets, then for its requests). A replica dies with its launcher, even one
+does) and kills what is still running ``drain_timeout_s`` + 5 s later (a replica's drain, its
+websockets and its requests together, takes at most ``drain_timeout_s``). A replica dies with its launcher, even one
 killed by SIGKILL.
 
 Why processes and not threads: each replica has its own interpreter, so replicas on different

@@ -416,9 +416,7 @@ class SessionStore:
             self.remove(session_id, owner)
             return
         self.expire()
-        stored = await _from_store(self.shared.load(session_id, with_state=False))
-        if stored is None or stored.owner != owner:
-            raise self._unknown(session_id)
+        await self._stored(session_id, owner)  # 404 for another key's or an unknown one; 409 when it expired
         self._entries.pop(session_id, None)
         await _from_store(self.shared.forget(session_id))
 

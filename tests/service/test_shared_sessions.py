@@ -147,6 +147,8 @@ def test_a_session_that_expired_in_the_store_is_reported_and_reset(policy_spec, 
         time.sleep(1.5)
         gone = client.post("/sessions/sleepy/step", json={"observation": current(1), "step": 1})
         assert gone.status_code == 409 and gone.json()["error"]["type"] == "session_gone"
+        deleted = client.delete("/sessions/sleepy")  # gone, as it is without a store (not "unknown")
+        assert deleted.status_code == 409 and deleted.json()["error"]["type"] == "session_gone", deleted.text
         reset = client.post("/sessions/sleepy/reset", json={"seed": 5})
         assert reset.status_code == 200, reset.text
         again = client.post("/sessions/sleepy/step", json={"observation": current(0), "step": 0})
