@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator,
 
 from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
 from service.images import decode_image_value
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, checked_batch
+from service.modalities.base import ModalityAdapter, Number, RequestBase, ResponseBase, checked_batch
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.interfaces import ActionServing
@@ -132,7 +132,7 @@ class ActionPredictRequest(RequestBase):
     session_id: Optional[str] = Field(None, max_length=128, description="Keep this robot's history on the server: "
                                                                        "then the current step alone is enough (one "
                                                                        "frame per camera, the current [d] row).")
-    timestamp: Optional[float] = Field(None, description="The observation's time (Unix seconds, server clock): "
+    timestamp: Optional[Number] = Field(None, description="The observation's time (Unix seconds, server clock): "
                                                          "anchors the chunk; too old ⇒ 409.")
     step: Optional[StrictInt] = Field(None, ge=0, description="The robot's control step index; echoed. In a session, "
                                                         "default: the last step + n_action_steps.")

@@ -18,9 +18,9 @@ interface declares (``vla_foundry.pipelines.interfaces``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Hashable, Optional
+from typing import Annotated, Any, Callable, ClassVar, Hashable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from service.images import decode_image_list
 from vla_foundry.errors import InvalidInputError
@@ -51,11 +51,21 @@ class Limits:
                                     f"(VLA_MAX_INFERENCE_STEPS); got {steps}", field="num_inference_steps")
 
 
+def _a_number(value: Any) -> Any:
+    if isinstance(value, (bool, str)):  # pydantic would read true as 1.0 and "3" as 3.0
+        raise ValueError(f"must be a number, not a {'boolean' if isinstance(value, bool) else 'string'}")
+    return value
+
+
+# A float field of a request: a number (an integer is one), never a boolean or a numeric string.
+Number = Annotated[float, BeforeValidator(_a_number)]
+
+
 class RequestBase(BaseModel, Limits):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: Optional[str] = Field(None, description="Deployment name; required when several of this type are served.")
-    timeout_s: Optional[float] = Field(None, gt=0, le=3600, description=(
+    timeout_s: Optional[Number] = Field(None, gt=0, le=3600, description=(
         "Seconds this request may take from its arrival, as the X-Request-Timeout header (the earlier holds): "
         "one that is still queued then is dropped unrun (504)."))
 

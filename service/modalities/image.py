@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator, StrictInt
 from starlette.responses import Response
 
-from service.modalities.base import ImageListRequest, ModalityAdapter, RequestBase, ResponseBase, each
+from service.modalities.base import ImageListRequest, ModalityAdapter, Number, RequestBase, ResponseBase, each
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.image import ImageRequest
 from vla_foundry.pipelines.interfaces import ImageServing
@@ -29,7 +29,7 @@ class ImagePredictRequest(RequestBase):
     num_images: StrictInt = Field(1, ge=1, description="Images to generate (capped by VLA_MAX_IMAGES).")
     num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description="Sampler steps; default: 20 for the fast "
                                                                        "schedulers, all for `training`.")
-    guidance_scale: Optional[float] = Field(None, le=100, description="Classifier-free guidance (0 … 100; 1 = "
+    guidance_scale: Optional[Number] = Field(None, le=100, description="Classifier-free guidance (0 … 100; 1 = "
                                                                       "none); default: the model's.")
     scheduler: Optional[str] = Field(None, description="dpmsolver++ (default), ddim, euler, unipc, or training "
                                                        "(the model's own, all steps); flow-matching models: "

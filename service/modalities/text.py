@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, Field, model_validator, StrictInt
 
 from service.codecs import DecodeError, decode_array, is_array_dict
-from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, checked_batch, each
+from service.modalities.base import ModalityAdapter, Number, RequestBase, ResponseBase, checked_batch, each
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import TextServing
 from vla_foundry.pipelines.text import TextEvaluation
@@ -63,9 +63,9 @@ class SamplingFields(RequestBase):
     """The generation settings every text-producing request shares."""
 
     max_new_tokens: StrictInt = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
-    temperature: float = Field(_DEFAULTS.temperature, ge=0, description="0 (or below 1e-5) = greedy.")
+    temperature: Number = Field(_DEFAULTS.temperature, ge=0, description="0 (or below 1e-5) = greedy.")
     top_k: StrictInt = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
-    top_p: float = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")
+    top_p: Number = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")
     stop: Optional[Union[str, list[str]]] = Field(None, description="Stop strings (not included in the text).")
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Same seed, same request ⇒ same tokens.")
     use_cache: bool = Field(True, description="Use the KV cache: faster; the same tokens when greedy (sampled "

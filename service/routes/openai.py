@@ -29,7 +29,7 @@ from service.disconnects import unless_client_leaves
 from service.errors import ApiError
 from service.images import decode_image_value
 from service.middleware import DecodedBodyRoute
-from service.modalities.base import ModelCall, each
+from service.modalities.base import ModelCall, Number, each
 from service.modalities.text import stop_list, usage_of
 from service.streaming import SSE_DONE, DeltaStream, sse, sse_error
 from vla_foundry.errors import InvalidInputError
@@ -59,8 +59,8 @@ class OpenAIRequest(BaseModel):
 
     model: Optional[str] = Field(None, description="Deployment name (GET /v1/models); optional when one text or "
                                                    "caption deployment is served.")
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Number = Field(1.0, ge=0, le=2)
+    top_p: Number = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=0, description="Extension: 0 = off.")
     n: StrictInt = Field(1, ge=1, description="Choices per prompt.")
     stream: bool = False
@@ -71,8 +71,8 @@ class OpenAIRequest(BaseModel):
     user: Optional[str] = None
     # Accepted only at values that change nothing:
     logprobs: Optional[Union[bool, int]] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[Number] = None
+    frequency_penalty: Optional[Number] = None
     logit_bias: Optional[dict[str, float]] = None
 
     # Fields an OpenAI client may send as null to mean "the default" (as OpenAI reads them).

@@ -19,7 +19,7 @@ from service.deployments import DeploymentManager
 from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
 from service.modalities.action import Observation, begin_sessions, decode_observation_frames, finish_sessions
-from service.modalities.base import ModelCall, RequestBase, ResponseBase
+from service.modalities.base import ModelCall, Number, RequestBase, ResponseBase
 from service.settings import Settings
 from vla_foundry.pipelines.interfaces import ActionServing
 from vla_foundry.robotics.session import ActionStep
@@ -29,7 +29,7 @@ class SessionStepRequest(RequestBase):
     observation: Observation = Field(..., description="The current step: one frame per camera, the current "
                                                       "[d] proprioception row per field, the instruction.")
     step: Optional[StrictInt] = Field(None, ge=0, description="The robot's control step; default: the last one + 1.")
-    timestamp: Optional[float] = Field(None, description="The observation's time (Unix seconds, server clock).")
+    timestamp: Optional[Number] = Field(None, description="The observation's time (Unix seconds, server clock).")
     num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description="Denoising steps when this step replans.")
 
     @model_validator(mode="after")

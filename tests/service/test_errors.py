@@ -51,6 +51,10 @@ BAD_PREDICT = [
     ({"prompt": "the", "seed": 1.5}, 422, "seed"),
     ({"prompt": "the", "max_new_tokens": "2"}, 422, "max_new_tokens"),
     ({"prompt": "the", "max_new_tokens": 2.0}, 422, "max_new_tokens"),
+    # and numbers are numbers: true is not 1.0, "0.5" is not 0.5
+    ({"prompt": "the", "temperature": True}, 422, "temperature"),
+    ({"prompt": "the", "top_p": "0.5"}, 422, "top_p"),
+    ({"prompt": "the", "timeout_s": "30"}, 422, "timeout_s"),
 ]
 
 
