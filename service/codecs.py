@@ -65,6 +65,9 @@ class InvalidText(DecodeError):
 
 # A \uD800-\uDFFF escape: only then can a parsed string hold a lone surrogate (UTF-8 bytes cannot spell one).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Escaped backslashes and well-formed pairs (an emoji, as json.dumps writes it): what is left after removing them
+# holds a surrogate escape only where the body holds a lone surrogate.
+_NOT_LONE = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def loads_json(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
@@ -80,7 +83,7 @@ def loads_json(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
         return dict(items)
 
     value = json.loads(body, object_pairs_hook=pairs)
-    if _SURROGATE_ESCAPE.search(body):  # rare: paired escapes (an emoji) are fine, and are checked the same way
+    if _SURROGATE_ESCAPE.search(body) and _SURROGATE_ESCAPE.search(_NOT_LONE.sub(b"", body)):  # rare
         _check_text(value, "")
     return value
 

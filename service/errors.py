@@ -74,9 +74,10 @@ def error_body(status: int, message: str, field: Optional[str] = None, type: Opt
 
 
 def unexpected_error(scope: dict, exc: Exception) -> Response:
-    """A 500 for an error no handler expected: logged with its traceback, answered without one."""
+    """A 500 for an error no handler expected: logged with its traceback, answered without one (in the format the
+    client accepts)."""
     logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
-    return error_response(None, 500, f"internal error ({type(exc).__name__}); the server log has details")
+    return error_response(Request(scope), 500, f"internal error ({type(exc).__name__}); the server log has details")
 
 
 def error_response(request: Optional[Request], status: int, message: str, field: Optional[str] = None, *,

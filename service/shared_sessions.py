@@ -83,8 +83,9 @@ def store_failure(error: BaseException) -> Optional[ApiError]:
                    exceptions.ReadOnlyError, exceptions.OutOfMemoryError, ConnectionError, TimeoutError)
     if isinstance(error, unavailable):
         return ApiError(503, f"the session store (VLA_SESSION_STORE) failed to answer ({type(error).__name__}); "
-                             "send the request again (a session step may have been kept: sent again with its step "
-                             "number, it gets the same answer and is not applied twice)", retry_after=1)
+                             "send the request again (a step of POST /sessions/{id}/step may have been kept: sent "
+                             "again with its step number and timestamp it gets the same answer, not a second one)",
+                        retry_after=1)
     return None
 
 

@@ -74,3 +74,16 @@ def tiny_checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {t: build_checkpoint(t, root / f"tiny-{t}", tokenizer=tiny_tokenizer) for t in list_registered_models()}
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_server_errors(request, caplog):
+    """A server bug fails the test that met it. The app answers an unexpected error itself (a 500 in the error
+    shape, inside its request-id layer), so TestClient no longer raises it; its log record is what is left.
+    Tests that cause such errors on purpose are marked ``server_errors``."""
+    yield
+    if request.node.get_closest_marker("server_errors") is not None:
+        return
+    unexpected = [r for r in caplog.get_records("call") if r.getMessage().startswith("unhandled error on ")]
+    assert not unexpected, "the server met an unexpected error:\n" + "\n".join(
+        caplog.handler.format(r) for r in unexpected)

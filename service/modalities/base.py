@@ -18,9 +18,9 @@ interface declares (``vla_foundry.pipelines.interfaces``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, ClassVar, Hashable, Optional
+from typing import Any, Callable, ClassVar, Hashable, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictFloat
 
 from service.images import decode_image_list
 from vla_foundry.errors import InvalidInputError
@@ -51,14 +51,9 @@ class Limits:
                                     f"(VLA_MAX_INFERENCE_STEPS); got {steps}", field="num_inference_steps")
 
 
-def _a_number(value: Any) -> Any:
-    if isinstance(value, (bool, str)):  # pydantic would read true as 1.0 and "3" as 3.0
-        raise ValueError(f"must be a number, not a {'boolean' if isinstance(value, bool) else 'string'}")
-    return value
-
-
-# A float field of a request: a number (an integer is one), never a boolean or a numeric string.
-Number = Annotated[float, BeforeValidator(_a_number)]
+# A float field of a request: a number (an integer is one), never a boolean or a string (pydantic's lax float would
+# read true as 1.0 and "3" or b"3" as 3.0).
+Number = StrictFloat
 
 
 class RequestBase(BaseModel, Limits):

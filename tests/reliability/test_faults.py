@@ -55,6 +55,7 @@ def test_a_truncated_checkpoint_fails_alone(client):
     assert client.post("/predict/transformer", json={**TEXT, "model": "text"}).status_code == 200
 
 
+@pytest.mark.server_errors
 def test_a_model_that_raises_on_every_call_fails_only_its_own_requests(client, monkeypatch):
     raising = deployment(client, "raising").pipeline
 

@@ -280,6 +280,13 @@ def test_a_step_past_its_valid_until_is_not_computed(tiny_checkpoints):
         # a chunk of 2 periods (1 s) for the same observation is still due
         assert c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "late-chunk",
                                                          "timestamp": time.time() - 0.75}).status_code == 200
+        # a step sent again with its timestamp gets its answer again; another observation of it is refused
+        now = time.time()
+        first = c.post("/sessions/late/step", json={"observation": current(5), "step": 5, "timestamp": now})
+        again = c.post("/sessions/late/step", json={"observation": current(5), "step": 5, "timestamp": now})
+        assert again.status_code == 200 and again.json()["action"] == first.json()["action"], again.text
+        other = c.post("/sessions/late/step", json={"observation": current(5), "step": 5, "timestamp": time.time()})
+        assert other.status_code == 409 and other.json()["error"]["field"] == "step", other.text
         ahead = c.post("/sessions/late/step", json={"observation": current(1), "timestamp": 1e300})
         assert ahead.status_code == 422 and ahead.json()["error"]["field"] == "timestamp", ahead.text
         assert "ahead of the server's clock" in ahead.json()["error"]["message"]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from vla_foundry.errors import InvalidInputError
+from vla_foundry.errors import InvalidInputError, StaleObservationError
 from vla_foundry.robotics.history import ObservationHistory
 from vla_foundry.robotics.observations import _check_keys, _numbers
 
@@ -268,8 +268,13 @@ class PolicySession:
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
         if step is not None and self.served is not None and step == self.served.step:
             # The step sent again (its reply was lost: a timeout, a replica that died after its save): it gets the
-            # answer it got, and changes nothing, so a retry never shifts the session's plans.
+            # answer it got, and changes nothing, so a retry never shifts the session's plans. Another observation
+            # of a step already answered is refused: its answer stands.
             served = self.served
+            if timestamp != served.timestamp:
+                raise StaleObservationError(
+                    f"step {step} was answered already (for the observation of timestamp {served.timestamp}); sent "
+                    "again it gets that answer only with that timestamp: send the next step", field="step")
             return PendingPlan(None, num_inference_steps, lambda _: served)
         undo = self._undo_point()
         try:
