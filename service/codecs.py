@@ -53,6 +53,13 @@ class TooManyKeys(DecodeError):
                          "(setting VLA_MAX_BODY_KEYS)")
 
 
+class TooDeep(DecodeError):
+    """A JSON body nested deeper than the parser recurses: refused (400) before anything validates it."""
+
+    def __init__(self) -> None:
+        super().__init__("the body nests maps and lists thousands deep; no request does: send a flatter body")
+
+
 class InvalidText(DecodeError):
     """A string of the body that is not Unicode text (a lone UTF-16 surrogate, which JSON's ``\\uD800``
     escapes can spell and no tokenizer takes): refused with 422 naming where it is."""
@@ -82,7 +89,10 @@ def loads_json(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Any:
             raise TooManyKeys(max_keys)
         return dict(items)
 
-    value = json.loads(body, object_pairs_hook=pairs)
+    try:
+        value = json.loads(body, object_pairs_hook=pairs)
+    except RecursionError:  # nested deeper than the interpreter recurses: no request is that deep
+        raise TooDeep() from None
     if _SURROGATE_ESCAPE.search(body) and _SURROGATE_ESCAPE.search(_NOT_LONE.sub(b"", body)):  # rare
         _check_text(value, "")
     return value

@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.codecs import (MAX_BODY_KEYS, DecodeError, TooManyKeys, decode_off_loop, encode_response, is_msgpack,
-                            InvalidText, loads_json, unpack_message_off_loop)
+                            InvalidText, TooDeep, loads_json, unpack_message_off_loop)
 from service.errors import error_body
 from service.images import PixelBudget
 
@@ -130,6 +130,9 @@ class BodyCodecMiddleware:
                 return
             except InvalidText as e:
                 await self._refuse(scope, receive, send, accept, 422, str(e), e.field)
+                return
+            except TooDeep as e:
+                await self._refuse(scope, receive, send, accept, 400, str(e))
                 return
             except ValueError:  # not JSON: FastAPI parses it again and reports where (its usual 422)
                 pass

@@ -307,3 +307,11 @@ def test_a_lone_surrogate_in_any_text_is_refused_naming_it(client, model_type):
     emoji, _ = _with_text(PREDICT_REQUESTS[model_type], " \U0001F916")
     response = post_json(client, f"/predict/{model_type}", {**emoji, "model": f"tiny-{model_type}"})
     assert response.status_code == 200, response.text
+
+
+def test_a_body_nested_thousands_deep_is_malformed_not_a_server_error(client):
+    """JSON nested deeper than the parser recurses (a RecursionError, answered 500 before) is a malformed body."""
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    response = client.post("/predict/transformer", content=deep, headers={"content-type": "application/json"})
+    assert_error(response, 400)
+    assert "flatter" in response.json()["error"]["message"]
