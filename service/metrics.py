@@ -45,7 +45,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_PACE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 access_log = logging.getLogger("service.access")
-SHED_STAGES = ("body", "decode", "queue")  # where a request is refused for the expected wait (deadlines.py)
 UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the label set bounded)
 
 
@@ -97,16 +96,13 @@ class Metrics:
         """Drop the series of an unloaded deployment, so that loading and unloading names does not grow the
         scrape without end."""
         for metric in (self.queue_seconds, self.run_seconds, self.batch_size, self.tokens, self.images,
-                       self.first_token_seconds, self.token_pace_seconds, self.abandoned):
-            try:
-                metric.remove(name)
-            except KeyError:  # never observed
-                pass
-        for stage in SHED_STAGES:
-            try:
-                self.shed.remove(name, stage)
-            except KeyError:
-                pass
+                       self.first_token_seconds, self.token_pace_seconds, self.abandoned, self.shed):
+            # each label set of this deployment, read from the metric's own samples (a histogram's add "le")
+            label_sets = {tuple(v for k, v in sample.labels.items() if k != "le")
+                          for family in metric.collect() for sample in family.samples
+                          if sample.labels.get("deployment") == name}
+            for labels in label_sets:
+                metric.remove(*labels)
 
     def observe_light_delay(self, seconds: float) -> None:
         self.light_delays.observe(seconds)

@@ -356,11 +356,11 @@ class SessionStore:
             # Only a session whose first request succeeds evicts another (a refused request leaves every robot's
             # alone); a session made without a request (a reset's) makes its room at once.
             entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options), owner,
-                                 self.shared, discard=dropped, kept=lambda: self._make_room(entry))
+                                 self.shared, discard=dropped,
+                                 kept=(lambda: self._make_room(entry)) if request else None)
             self._gone.pop(session_id, None)  # another key's old session of this id: a new one now
             self._entries[session_id] = entry
             if not request:
-                entry.kept = None
                 self._make_room(entry)
         self._entries.move_to_end(session_id)
         if request:

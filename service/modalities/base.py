@@ -43,7 +43,6 @@ class Limits:
                 "cap_images": settings.max_images, "cap_image_pixels": settings.max_image_pixels,
                 "cap_image_bytes": settings.max_body_bytes, "cap_inference_steps": settings.max_inference_steps}
 
-
     def check_inference_steps(self, steps: Optional[int]) -> None:
         """422 for a step count over this app's cap (``VLA_MAX_INFERENCE_STEPS``)."""
         if steps is not None and steps > self.cap_inference_steps:

@@ -120,14 +120,13 @@ class OpenAIRequest(BaseModel):
 class CompletionRequest(OpenAIRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[StrictInt] = Field(16, ge=1)
-
-    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (*OpenAIRequest.NULL_MEANS_DEFAULT, "max_tokens")
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {**OpenAIRequest.UNSUPPORTED, "echo": (False,), "best_of": (None, 1),
                                                "suffix": (None,)}
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (*OpenAIRequest.NULL_MEANS_DEFAULT, "max_tokens")  # 16
 
     @model_validator(mode="after")
     def _check(self):

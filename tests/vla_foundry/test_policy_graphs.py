@@ -99,7 +99,7 @@ def test_a_failed_capture_samples_eagerly_and_is_not_retried(clip_pipelines, tin
         attempts.append(len(example))
         raise RuntimeError("cannot trace")
 
-    monkeypatch.setattr(policy_graphs, "_shared_trace", broken_trace)
+    monkeypatch.setattr(policy_graphs, "shared_trace", broken_trace)
     requests = [PolicyRequest(observation(traced.robot_io, seed=i), seed=i) for i in range(2)]
     for _ in range(2):
         assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
@@ -108,8 +108,8 @@ def test_a_failed_capture_samples_eagerly_and_is_not_retried(clip_pipelines, tin
 
 def test_a_graph_that_differs_from_eager_never_serves(tiny_checkpoints, clip_pipelines, monkeypatch):
     traced, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
-    real_trace = policy_graphs._shared_trace
-    monkeypatch.setattr(policy_graphs, "_shared_trace", lambda sampler, key, example: (
+    real_trace = policy_graphs.shared_trace
+    monkeypatch.setattr(policy_graphs, "shared_trace", lambda sampler, key, example: (
         lambda *tensors: real_trace(sampler, key, example)(*tensors) + 1e-3))
     requests = [PolicyRequest(observation(traced.robot_io), seed=5)]
     assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
@@ -166,7 +166,7 @@ def test_warmup_captures_every_batch_size_so_requests_never_wait_for_a_capture(t
     pipeline, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
     pipeline.warmup(max_batch_size=3)
     assert len(pipeline.graphs) == 3
-    monkeypatch.setattr(policy_graphs, "_shared_trace", lambda *args: pytest.fail("captured while serving"))
+    monkeypatch.setattr(policy_graphs, "shared_trace", lambda *args: pytest.fail("captured while serving"))
     for batch_size in (1, 2, 3):
         instructions = ["go", "pick up the red block now", "warm up"]
         requests = [PolicyRequest(observation(pipeline.robot_io, seed=i, instruction=instructions[i]), seed=i)

@@ -15,7 +15,8 @@ connections flooded ``/health/live``. A captured graph takes the lock once per c
   and a reloaded checkpoint, or one loaded again, traces nothing new. Tracing is deprecated in
   favour of ``torch.compile`` and ``torch.export``, but neither runs a graph without the
   interpreter (compiled code is still driven op by op from Python, and AOTInductor needs minutes
-  of C++ compilation per policy), so it is the one tool that fits; where it is gone or fails, sampling stays eager.
+  of C++ compilation per policy), so it is the one tool that fits; where it is gone or fails,
+  sampling stays eager.
 - on CUDA, a CUDA graph per batch bucket (1, 2, 4, 8, 16, 32): a batch is padded up to its bucket
   (copies of its last row; rows never mix), its inputs are copied into the graph's static
   buffers, and one replay launches every kernel, which also removes the launch cost that bounds
@@ -102,14 +103,6 @@ class _CudaGraph:
         return self.output.clone()
 
 
-def _shared_trace(sampler: _Sampler, key: tuple, example: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """The process's trace of ``sampler`` for ``key``, with this policy's weights. The tracer warns at every Python
-    branch on a traced size or value (most are shape checks in the models and in transformers); the key and the
-    capture check cover them, and the check runs for each policy that takes up a shared trace (a branch on a
-    weight's value would show there)."""
-    return shared_trace(sampler, key, example)
-
-
 def _resize_batch(t: torch.Tensor, batch: int, size: int) -> torch.Tensor:
     """``t`` of ``batch`` samples (each its dim-0 block of rows: one row, or one per camera frame for pixels)
     grown to ``size`` samples with copies of the last sample."""
@@ -187,7 +180,9 @@ class PolicyGraphs:
         try:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors: the graph serves any later mode
                 example = [t.clone() for t in tensors]
-                graph = _CudaGraph(sampler, example) if on_cuda else _shared_trace(sampler, key, example)
+                # On CPU the process's trace for this key, with this policy's weights: the key and the check below
+                # cover the branches a trace froze, and the check runs for each policy that takes up a shared trace.
+                graph = _CudaGraph(sampler, example) if on_cuda else shared_trace(sampler, key, example)
                 eager = sampler(*example)
                 for _ in range(2):  # TorchScript's executor optimizes after its first runs: check what serves
                     replayed = graph(*example)

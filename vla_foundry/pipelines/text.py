@@ -9,10 +9,9 @@ lengths, stop strings, finish reasons, usage counts, seeds and input validation.
 from __future__ import annotations
 
 import copy
-import threading
-
 import dataclasses
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -369,7 +368,7 @@ class TextPipeline(Pipeline):
             raise InvalidInputError(f"the prompt is {longest} tokens, and this model's context (max_seq_len) is "
                                     f"{self.model.max_seq_len}: no room for a completion; shorten the prompt",
                                     field="prompt")
-        if sampling.fit_context and longest < self.model.max_seq_len:
+        if sampling.fit_context:
             sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
                                                                          self.model.max_seq_len - longest))
         if longest + sampling.max_new_tokens > self.model.max_seq_len:
