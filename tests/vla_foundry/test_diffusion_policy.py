@@ -509,6 +509,14 @@ def test_unknown_backbone_type_names_the_allowed_ones():
         DiffusionPolicy(params, load_pretrained=False)
     message = str(error.value)
     assert "'vlm_backbone'" in message and all(name in message for name in allowed)
+    # Named as a known backbone this server does not serve (not a near-miss of another name), block without
+    # `type` included.
+    assert "not served" in message and "§8.4" in message and "closest" not in message
+    for block in ({"type": "vlm_foundry_backbone"}, {"hf_pretrained": "x"}):
+        params = parse_params({"type": "diffusion_policy", "transformer": {}, "action_dim": 3,
+                               "vision_language_backbone": block})
+        with pytest.raises(ValueError, match=r"not served by this server yet; served backbones: clip_backbone"):
+            DiffusionPolicy(params, load_pretrained=False)
     with pytest.raises(ValueError) as error:
         create_backbone(ViTBackboneParams(type="resnet_backbone"))
     assert "'resnet_backbone'" in str(error.value) and all(name in str(error.value) for name in allowed)

@@ -26,7 +26,21 @@ def register_backbone(backbone_type: str):
     return BACKBONES.register(backbone_type)
 
 
+# VLA Foundry's backbones that run a whole vision-language model (spec §8.4). Their weights, action token and
+# hidden-state read-out are specified, but what feeds them is not: the reference builds their prompts with the
+# data config's HF processor (a chat template, image tokens expanded per image, the images processed together
+# with the text), and no fixture pins those inputs down. Rather than serve actions computed from inputs that may
+# differ from training, a policy with one of them is refused, by name.
+NOT_SERVED_BACKBONES = ("vlm_backbone", "vlm_foundry_backbone")
+
+
 def create_backbone(params, load_pretrained: bool = True) -> nn.Module:
+    if params.type in NOT_SERVED_BACKBONES:
+        why = "(a block without `type` is one, spec §1.2) " if params.type == "vlm_backbone" else ""
+        raise ValueError(f"policy backbone {params.type!r} {why}(format spec §8.4: a whole VLM conditioning the "
+                         "policy) is not served by this server yet; served backbones: "
+                         f"{', '.join(BACKBONES.keys())}. Check `vision_language_backbone.type` in "
+                         "config_model.yaml")
     return BACKBONES.get(params.type)(params, load_pretrained=load_pretrained)
 
 
