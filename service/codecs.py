@@ -42,7 +42,15 @@ MAX_BODY_KEYS = 10_000
 
 
 class DecodeError(ValueError):
-    pass
+    """A body, or a value in it, that no request can take. ``field``: where the value is in a msgpack body or
+    websocket frame (``observation.images.front[1]``, as a JSON body's errors name fields); None for the body as
+    a whole, and where the caller names the field itself (``decode_array``)."""
+
+    field: Optional[str] = None
+
+
+class NotMsgpack(DecodeError):
+    """A body that does not parse as msgpack at all: malformed (400), not an invalid value (422)."""
 
 
 class TooManyKeys(DecodeError):
@@ -113,8 +121,51 @@ def _check_text(value: Any, where: str) -> None:
             _check_text(item, f"{where}[{i}]")
 
 
+def preferred_media_type(accept: str, offered: tuple[str, ...]) -> Optional[str]:
+    """The type of ``offered`` (the server's types, most preferred first) that an ``Accept`` header prefers, as
+    RFC 9110 §12.5.1 reads it: each type takes the q of the most specific range that matches it (``image/png``
+    over ``image/*`` over ``*/*``); q=0, or no range matching, means not acceptable. The highest q wins; at equal q
+    a type the client named over one a wildcard let in (``image/png, */*`` asks for PNG), then the server's order.
+    No header (or an empty one) is ``*/*``. None when no offered type is acceptable."""
+    q_of_range = _accepted_ranges(accept.strip() or "*/*")
+    best, best_rank = None, None
+    for preference, media_type in enumerate(offered):
+        main_type = media_type.split("/")[0]
+        for specificity, media_range in ((2, media_type), (1, f"{main_type}/*"), (0, "*/*")):
+            if media_range in q_of_range:
+                q = q_of_range[media_range]
+                rank = (q, specificity, -preference)
+                if q > 0 and (best_rank is None or rank > best_rank):
+                    best, best_rank = media_type, rank
+                break  # the most specific range decides, even when it says q=0
+    return best
+
+
+def _accepted_ranges(accept: str) -> dict[str, float]:
+    """An ``Accept`` header's media ranges (lowercase, parameters other than q dropped) → their q (1 when not
+    given). A range whose q is not a number in [0, 1] is left out; of a range given twice, the first counts."""
+    q_of_range: dict[str, float] = {}
+    for media_range in accept.lower().split(","):
+        name, *params = (part.strip() for part in media_range.split(";"))
+        name = "*/*" if name == "*" else name  # an old spelling of */* (Java's HttpURLConnection sends it)
+        q_values = [value.strip() for key, _, value in (p.partition("=") for p in params) if key.strip() == "q"]
+        try:
+            q = float(q_values[0]) if q_values else 1.0
+        except ValueError:
+            continue
+        if "/" in name and 0.0 <= q <= 1.0:  # NaN fails this too
+            q_of_range.setdefault(name, q)
+    return q_of_range
+
+
+JSON = "application/json"
+# What any reply of the API can be, in the server's order of preference (JSON when the client has none).
+REPLY_TYPES = (JSON, *MSGPACK_TYPES)
+
+
 def wants_msgpack(accept: str) -> bool:
-    return any(t in (accept or "") for t in MSGPACK_TYPES)
+    """Whether the client's ``Accept`` prefers msgpack to JSON (``preferred_media_type``)."""
+    return preferred_media_type(accept or "", REPLY_TYPES) in MSGPACK_TYPES
 
 
 def is_msgpack(content_type: str) -> bool:
@@ -216,11 +267,30 @@ class _Checker:
             value = self._typed_value(value)
             if not isinstance(value, dict):  # a numpy scalar, now its plain value
                 return self.check(value, depth)
-            return {k if type(k) is str else str(k): self.check(v, depth + 1) for k, v in value.items()}
+            checked = {}
+            for key, item in value.items():
+                name = key if type(key) is str else str(key)
+                try:  # costs nothing unless raised: the path is built only for a refused value
+                    checked[name] = self.check(item, depth + 1)
+                except TooManyKeys:  # the body as a whole is at fault, not this key
+                    raise
+                except DecodeError as e:
+                    _inside(e, "." + name)
+                    raise
+            return checked
         if isinstance(value, list):
-            return [self.check(v, depth + 1) for v in value]
+            checked_items = []
+            for index, item in enumerate(value):
+                try:
+                    checked_items.append(self.check(item, depth + 1))
+                except TooManyKeys:
+                    raise
+                except DecodeError as e:
+                    _inside(e, f"[{index}]")
+                    raise
+            return checked_items
         if isinstance(value, float) and not math.isfinite(value):
-            raise DecodeError(f"non-finite number {value!r} in the body; send finite numbers")
+            raise DecodeError(f"non-finite number {value!r}; send finite numbers")
         if value is None or isinstance(value, (str, int, float, bool, bytes)):
             return value
         raise DecodeError(f"msgpack value of type {type(value).__name__} is not accepted; send maps, lists, "
@@ -255,6 +325,20 @@ class _Checker:
         return scalar
 
 
+def _inside(error: DecodeError, step: str) -> None:
+    """``error`` was raised for a value inside the map key or list index ``step`` (``".images"``, ``"[1]"``):
+    its field gets ``step`` in front."""
+    error.field = step + (error.field or "")
+
+
+def _name_field(error: DecodeError) -> None:
+    """``error``'s field in the form request errors name fields (``images[0][0]``, not ``.images[0][0]``), and at
+    the head of its message, as a JSON body's error has it."""
+    if error.field:
+        error.field = error.field.removeprefix(".")
+        error.args = (f"{error.field}: {error}",)
+
+
 def unpack_message(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
     """A msgpack body or websocket frame → checked Python values (maps, lists, str, bytes, finite numbers),
     and whether its typed values used openpi's bytes keys.
@@ -269,9 +353,15 @@ def unpack_message(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
     except DecodeError:
         raise
     except Exception as e:
-        raise DecodeError(f"the body is not valid msgpack ({type(e).__name__})") from e
+        raise NotMsgpack(f"the body is not valid msgpack ({type(e).__name__})") from e
     checker = _Checker(max_keys)
-    return Unpacked(checker.check(value), checker.bytes_keys)
+    try:
+        return Unpacked(checker.check(value), checker.bytes_keys)
+    except TooManyKeys:
+        raise
+    except DecodeError as e:
+        _name_field(e)
+        raise
 
 
 def unpack_msgpack(body: bytes) -> Any:

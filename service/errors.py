@@ -39,7 +39,10 @@ class ErrorBody(BaseModel):
 
 
 # Documented on every route (FastAPI(responses=...)), so clients generated from /openapi.json know the shape.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": description} for
+# Errors come in msgpack too, to a client that prefers it (codecs.encode_response): the same schema.
+_MSGPACK_ERROR = {"application/msgpack": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": description,
+                                                             "content": _MSGPACK_ERROR} for
                                                     status, description in (
     (400, "Malformed body or header"), (401, "Missing or unknown API key"), (404, "No such route, type or deployment"),
     (409, "A stale observation, or a robot session that is gone, taken, of another deployment, or stepped on "

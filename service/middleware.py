@@ -15,8 +15,8 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.codecs import (MAX_BODY_KEYS, DecodeError, TooManyKeys, decode_off_loop, encode_response, is_msgpack,
-                            InvalidText, TooDeep, loads_json, unpack_message_off_loop)
+from service.codecs import (MAX_BODY_KEYS, DecodeError, NotMsgpack, TooManyKeys, decode_off_loop, encode_response,
+                            is_msgpack, InvalidText, TooDeep, loads_json, unpack_message_off_loop)
 from service.errors import error_body
 from service.images import PixelBudget
 
@@ -111,8 +111,8 @@ class BodyCodecMiddleware:
                 unpacked = await unpack_message_off_loop(body, self.max_body_keys)
                 decoded[DECODED_BODY], decoded[BYTES_KEYS] = unpacked.value, unpacked.bytes_keys
             except DecodeError as e:
-                status = 413 if isinstance(e, TooManyKeys) else 400 if "valid msgpack" in str(e) else 422
-                await self._refuse(scope, receive, send, accept, status, str(e))
+                status = 413 if isinstance(e, TooManyKeys) else 400 if isinstance(e, NotMsgpack) else 422
+                await self._refuse(scope, receive, send, accept, status, str(e), e.field)
                 return
             content_type = "application/json"  # FastAPI reads a JSON-typed body through request.json()
         elif not content_type or content_type.startswith(("text/plain", "application/x-www-form-urlencoded")):

@@ -91,6 +91,16 @@ class ResponseBase(BaseModel):
     timing_ms: Timing
 
 
+class TypedArray(BaseModel):
+    """A numpy array in a reply, in the wire convention of ``service/codecs.py``: in JSON ``data`` is base64; in
+    msgpack it is the raw bytes, and the map also holds ``"__ndarray__": true``."""
+
+    dtype: str = Field(..., description="numpy's name of the dtype: '<f4' is little-endian float32.")
+    shape: list[int] = Field(..., description="The array's dimensions.")
+    data: str = Field(..., description="The array's bytes in C order: base64 in JSON, raw bytes in msgpack.",
+                      json_schema_extra={"contentEncoding": "base64"})
+
+
 @dataclass(frozen=True)
 class ModelCall:
     """One decoded request for a deployment's model thread: what ``Deployment.call`` queues.
@@ -163,6 +173,9 @@ class ModalityAdapter:
     batch_key: Optional[Callable[[Any], Hashable]] = None
     # Optional: a non-JSON reply for the payload when the client's Accept asks for one (e.g. image/png).
     reply: Optional[Callable[[dict, str], Any]] = None
+    # What ``reply`` adds to the predict route's 200 response in /openapi.json: ``content`` per media type it
+    # answers with, and its ``headers``.
+    reply_openapi: Optional[dict[str, Any]] = None
     # Optional: ``check(pipeline, request)``, what the pipeline can refuse without the request's images (a
     # prompt too long), run before ``prepare`` so such a request costs no image decode.
     check: Optional[Callable[[Any, Any], None]] = None

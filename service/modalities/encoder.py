@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator, StrictInt
 
-from service.modalities.base import ImageListRequest, ModalityAdapter, ResponseBase, checked_batch, each
+from service.modalities.base import (ImageListRequest, ModalityAdapter, ResponseBase, TypedArray, checked_batch,
+                                     each)
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import EncoderServing
 
@@ -30,9 +31,13 @@ class EncoderPredictRequest(ImageListRequest):
 
 
 class EncoderPredictResponse(ResponseBase):
-    text_embeds: Optional[dict] = Field(None, description="(texts, D) float32 array, unit length.")
-    image_embeds: Optional[dict] = Field(None, description="(images, D) float32 array, unit length.")
-    similarity: Optional[dict] = Field(None, description="(texts, images) cosine similarities.")
+    # Absent (not null) when the request lacks their inputs: similarity needs both texts and images.
+    text_embeds: Optional[TypedArray] = Field(None, description="(texts, D) float32 array, unit length; "
+                                                                "when texts were sent.")
+    image_embeds: Optional[TypedArray] = Field(None, description="(images, D) float32 array, unit length; "
+                                                                 "when images were sent.")
+    similarity: Optional[TypedArray] = Field(None, description="(texts, images) float32 cosine similarities; "
+                                                               "when both were sent.")
 
 
 def check_embedding(pipeline: EncoderServing, request: EncoderPredictRequest) -> tuple:

@@ -1,7 +1,7 @@
 """The ``image`` modality: images from prompts (PNG) and the denoising loss.
 
-``Accept: image/png`` on a one-image request returns the PNG itself (the seed in the
-``X-Seed`` header); otherwise images come back as base64 PNGs (in JSON or msgpack).
+``Accept: image/png`` (preferred to JSON and msgpack) on a one-image request returns the PNG itself (the
+seed in the ``X-Seed`` header); otherwise images come back as base64 PNGs (in JSON or msgpack).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator, StrictInt
 from starlette.responses import Response
 
+from service.codecs import REPLY_TYPES, preferred_media_type
 from service.modalities.base import ImageListRequest, ModalityAdapter, Number, RequestBase, ResponseBase, each
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.image import ImageRequest
@@ -101,9 +102,25 @@ def encode_images(request, result) -> dict:
             "num_inference_steps": result.num_inference_steps, "guidance_scale": result.guidance_scale}
 
 
+# The replies of /predict, in the server's order of preference: JSON for */*, PNG only when the client prefers it.
+PREDICT_REPLY_TYPES = (*REPLY_TYPES, PNG)
+# png_reply's reply in /openapi.json.
+PNG_REPLY_OPENAPI = {
+    "description": "JSON, or msgpack to a client that prefers it (`Accept: application/msgpack`), or for one image "
+                   "the PNG itself to a client that prefers `image/png` (its seed in `X-Seed`).",
+    "content": {PNG: {"schema": {"type": "string", "format": "binary"}}},
+    "headers": {"X-Seed": {"description": "image/png replies: the image's seed.", "schema": {"type": "integer"}},
+                "X-Model": {"description": "image/png replies: the deployment that drew it.",
+                            "schema": {"type": "string"}},
+                "X-Timing-Ms": {"description": "image/png replies: the request's time in the server, ms.",
+                                "schema": {"type": "number"}}},
+}
+
+
 def png_reply(payload: dict, accept: str) -> Optional[Response]:
-    """The raw PNG when the client accepts ``image/png`` and asked for one image."""
-    if PNG not in (accept or "").lower() or len(payload["images"]) != 1:
+    """The raw PNG when the client's ``Accept`` prefers ``image/png`` to JSON and msgpack (q-values count:
+    ``image/png;q=0`` refuses it) and the request asked for one image."""
+    if preferred_media_type(accept or "", PREDICT_REPLY_TYPES) != PNG or len(payload["images"]) != 1:
         return None
     image = payload["images"][0]
     return Response(base64.b64decode(image["data"]), media_type=PNG,
@@ -144,4 +161,4 @@ def prepare(request) -> None:
 ADAPTER = ModalityAdapter(ImagePredictRequest, ImagePredictResponse, predict,
                           ImageEvaluateRequest, ImageEvaluateResponse, each(evaluate_one),
                           encode_predict=encode_images, encode_in_pool=True, batch_key=batch_key, reply=png_reply,
-                          prepare=prepare)
+                          reply_openapi=PNG_REPLY_OPENAPI, prepare=prepare)

@@ -9,12 +9,13 @@ existing modality is served without touching this package.
 # from the endpoint's real annotations.
 
 import time
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.auth import caller_of
-from service.codecs import encode_response
+from service.codecs import MSGPACK, encode_response
 from service.deadlines import tightened
 from service.deployments import DeploymentManager
 from service.disconnects import unless_client_leaves
@@ -98,6 +99,19 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
     return endpoint
 
 
+def _reply_openapi(response: type, special: Optional[dict]) -> dict:
+    """The 200 reply in /openapi.json besides the JSON one FastAPI documents from ``response``: msgpack, which
+    every route answers with to a client that prefers it, and the modality's own (``ModalityAdapter.reply_openapi``,
+    e.g. image/png)."""
+    # The JSON reply's schema, which FastAPI names after the model's class.
+    reply = {"description": "JSON, or msgpack to a client that prefers it (`Accept: application/msgpack`): the same "
+                            "fields, with a typed array's `data` as raw bytes beside `__ndarray__: true`.",
+             "content": {MSGPACK: {"schema": {"$ref": f"#/components/schemas/{response.__name__}"}}}}
+    if special is None:
+        return reply
+    return {**reply, **special, "content": {**reply["content"], **special["content"]}}
+
+
 def add_inference_routes(app: FastAPI, settings: Settings) -> None:
     for model_type in list_registered_models():
         adapter = ADAPTERS.get(model_modality(model_type))
@@ -112,6 +126,8 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
             app.add_api_route(f"/{kind}/{model_type}", endpoint,
                               methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
+                              responses={200: _reply_openapi(response, adapter.reply_openapi if kind == "predict"
+                                                             else None)},
                               summary=f"{kind.capitalize()} with a {model_type} deployment")
 
     async def unknown_type(model_type: str):

@@ -287,3 +287,66 @@ def test_openapi_documents_the_error_shape_on_every_route(client):
     detail = spec["components"]["schemas"]["ErrorDetail"]["properties"]
     assert set(detail) == {"type", "message", "field", "request_id"}
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # 422s have our shape, not FastAPI's
+
+
+def test_openapi_declares_every_reply_format(client):
+    """Every predict/evaluate route's 200 is JSON or msgpack (the same schema); /predict/stable_diffusion may also be
+    the PNG itself (seed in X-Seed), and no other route is; the encoders' embeddings are typed arrays."""
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    png_routes = []
+    for model_type in TYPES:
+        for kind in ("predict", "evaluate"):
+            path = f"/{kind}/{model_type}"
+            reply = spec["paths"][path]["post"]["responses"]["200"]
+            content = reply["content"]
+            json_schema = content["application/json"]["schema"]
+            assert content["application/msgpack"]["schema"] == json_schema, path
+            assert json_schema["$ref"].removeprefix("#/components/schemas/") in schemas, path
+            if "image/png" in content:
+                png_routes.append(path)
+                assert content["image/png"]["schema"] == {"type": "string", "format": "binary"}
+                assert set(reply["headers"]) == {"X-Seed", "X-Model", "X-Timing-Ms"}
+            assert set(content) <= {"application/json", "application/msgpack", "image/png"}, path
+    assert png_routes == ["/predict/stable_diffusion"]
+    for path in ("/models", "/models/{name}"):
+        assert "application/msgpack" in spec["paths"][path]["get"]["responses"]["200"]["content"], path
+    embeddings = schemas["EncoderPredictResponse"]["properties"]
+    for name in ("text_embeds", "image_embeds", "similarity"):
+        assert {"$ref": "#/components/schemas/TypedArray"} in embeddings[name]["anyOf"], name
+    typed_array = schemas["TypedArray"]
+    assert set(typed_array["required"]) == {"dtype", "shape", "data"}
+    assert typed_array["properties"]["shape"]["items"] == {"type": "integer"}
+
+
+def test_encoder_json_reply_is_what_its_schema_declares(client):
+    """The embedding reply holds to its declared model, and its typed arrays are written as before (the model only
+    documents them: the reply itself is written by the codec)."""
+    from service.modalities.encoder import EncoderPredictResponse
+
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    response = client.post("/predict/clip_hf", json={"texts": ["a red circle", "a square"],
+                                                     "images": [encode_array(image, binary=False)]})
+    assert response.status_code == 200, response.text
+    reply = EncoderPredictResponse.model_validate(response.json())
+    assert reply.similarity.shape == [2, 1] and reply.text_embeds.dtype == "<f4"
+    assert b'"similarity":{"dtype":"<f4","shape":[2,1],"data":"' in response.content
+
+
+@pytest.mark.parametrize("accept, media_type", [
+    ("application/msgpack", "application/msgpack"),
+    ("application/msgpack;q=0", "application/json"),
+    ("application/msgpack;q=0, application/json", "application/json"),
+    ("application/msgpack;q=0.5, application/json", "application/json"),
+    ("application/json;q=0.5, application/msgpack", "application/msgpack"),
+    ("*/*", "application/json"),
+])
+def test_accept_q_values_choose_the_reply_format(client, accept, media_type):
+    """Replies, errors and /models alike: msgpack only when the client prefers it (q=0 refuses it)."""
+    headers = {"accept": accept}
+    ok = client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 2, "seed": 1}, headers=headers)
+    refused = client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 0}, headers=headers)
+    listed = client.get("/models", headers=headers)
+    assert (ok.status_code, refused.status_code, listed.status_code) == (200, 422, 200)
+    for response in (ok, refused, listed):
+        assert response.headers["content-type"] == media_type, (response.request.url, response.content[:80])

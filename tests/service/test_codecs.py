@@ -10,7 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from service.codecs import DecodeError, encode_response, pack_msgpack, unpack_message
+from service.codecs import (DecodeError, encode_response, pack_msgpack, preferred_media_type, unpack_message,
+                            wants_msgpack)
 from tests.openpi.msgpack_numpy import openpi_pack_array, openpi_unpack_array
 from vla_foundry_client import unpack
 
@@ -114,3 +115,90 @@ def test_encode_response_spelling_follows_the_flag_and_json_is_unchanged():
     assert set(as_str["v"]) == {"__ndarray__", "data", "dtype", "shape"}
     as_json = encode_response(payload, "application/json", bytes_keys=True).body
     assert b'"dtype":"<f4"' in as_json and b"__ndarray__" not in as_json
+
+
+# ----------------------------------------------------------------------------- where a refused value is
+
+BAD_DTYPE = {"__ndarray__": True, "data": b"", "dtype": ",", "shape": [0]}
+NAN_SCALAR = {"__npgeneric__": True, "data": float("nan"), "dtype": "<f8"}
+WHERE_REFUSED = {  # body → the field its refusal names, as a JSON body's refusal names fields
+    "array in a list of lists": ({"images": [[ours(FRAME)], [BAD_DTYPE]], "prompt": "a"}, "images[1][0]"),
+    "array under map keys": ({"observation": {"images": {"front": [ours(FRAME), BAD_DTYPE]}}},
+                             "observation.images.front[1]"),
+    "number at the top": ({"prompt": "a", "temperature": float("nan")}, "temperature"),
+    "number in nested lists": ({"observation": {"lowdim": {"arm__pos": [[0.1, 0.2], [float("inf"), 0.4]]}}},
+                               "observation.lowdim.arm__pos[1][0]"),
+    "numpy scalar": ({"seed": NAN_SCALAR}, "seed"),
+    "openpi flat key": ({"observation/front": BAD_DTYPE, "prompt": "a"}, "observation/front"),
+    "int key": ({"logit_bias": {50256: float("-inf")}}, "logit_bias.50256"),
+}
+
+
+@pytest.mark.parametrize("case", list(WHERE_REFUSED))
+@pytest.mark.parametrize("bytes_keys", [False, True], ids=["str keys", "openpi bytes keys"])
+def test_a_refused_value_names_its_path_in_the_body(case, bytes_keys):
+    body, field = WHERE_REFUSED[case]
+
+    def spell(value):  # typed values in openpi's bytes-key spelling, the body's own keys as sent
+        if isinstance(value, dict):
+            typed = "__ndarray__" in value or "__npgeneric__" in value
+            return {(k.encode() if typed and bytes_keys else k): spell(v) for k, v in value.items()}
+        return [spell(v) for v in value] if isinstance(value, list) else value
+
+    with pytest.raises(DecodeError) as refused:
+        unpack_message(msgpack.packb(spell(body), use_bin_type=True))
+    assert refused.value.field == field
+    assert str(refused.value).startswith(f"{field}: ")  # as a JSON body's message reads: the field first
+
+
+def test_refusals_of_the_body_as_a_whole_name_no_field():
+    for body in (b"\xc1", msgpack.packb({"k": msgpack.ExtType(5, b"zz")}),
+                 msgpack.packb({"a": {f"k{i}": 0 for i in range(20)}}), msgpack.packb(float("nan"))):
+        with pytest.raises(DecodeError) as refused:
+            unpack_message(body, max_keys=10)
+        assert refused.value.field is None and not str(refused.value).startswith(":"), body[:20]
+
+
+# ----------------------------------------------------------------------------- Accept
+
+REPLIES = ("application/json", "application/msgpack", "image/png")  # the server's order of preference
+
+
+@pytest.mark.parametrize("accept, chosen", [
+    ("", "application/json"),  # no header: anything, and JSON is the server's first
+    ("*/*", "application/json"),
+    ("application/msgpack", "application/msgpack"),
+    ("application/msgpack;q=0", None),  # q=0: not acceptable, and nothing else is asked for
+    ("application/msgpack;q=0, application/json", "application/json"),
+    ("application/MsgPack ; q=0 , */*", "application/json"),  # case and spaces do not matter
+    ("application/msgpack;q=0.5, application/json", "application/json"),
+    ("application/json;q=0.5, application/msgpack", "application/msgpack"),
+    ("image/png;q=0, application/json", "application/json"),
+    ("image/png;q=0, */*", "application/json"),  # the specific range decides for PNG, the wildcard for the rest
+    ("image/png", "image/png"),
+    ("image/*", "image/png"),
+    ("image/png, */*", "image/png"),  # named beats let in by a wildcard, at equal q
+    ("image/png;q=0.9, */*;q=0.1", "image/png"),
+    ("image/png, application/json", "application/json"),  # named alike, equal q: the server's order
+    ("*/*;q=0.1, application/json;q=0", "application/msgpack"),
+    ("text/html", None),
+    ("application/msgpack;q=2, application/json;q=0.1", "application/json"),  # q over 1: left out
+    ("application/msgpack;q=nan, application/json;q=0.1", "application/json"),
+    ("application/msgpack;q=x, application/json;q=0.1", "application/json"),
+    ("*; q=.2", "application/json"),  # Java's old spelling of */*
+    ("application/json;charset=utf-8;q=0.5, application/msgpack;q=0.4", "application/json"),
+])
+def test_preferred_media_type_reads_q_values(accept, chosen):
+    assert preferred_media_type(accept, REPLIES) == chosen
+
+
+@pytest.mark.parametrize("accept, msgpack_reply", [
+    ("application/msgpack", True), ("application/x-msgpack", True), ("application/vnd.msgpack", True),
+    ("application/msgpack;q=0", False), ("application/msgpack;q=0, application/json", False),
+    ("application/json, application/msgpack;q=0.9", False), ("application/json;q=0.9, application/msgpack", True),
+    ("application/*", False), ("*/*", False), ("", False), ("image/png", False),
+])
+def test_msgpack_replies_only_when_preferred(accept, msgpack_reply):
+    assert wants_msgpack(accept) is msgpack_reply
+    reply = encode_response({"ok": True}, accept)
+    assert reply.media_type == ("application/msgpack" if msgpack_reply else "application/json")

@@ -190,3 +190,38 @@ def test_guidance_is_reported_only_when_applied(client):
     assert draw(client, prompt="a red circle", guidance_scale=3.0, seed=1).json()["guidance_scale"] == 3.0
     e = error_of(draw(client, prompt="x", guidance_scale=1e30), 422)
     assert e["field"] == "guidance_scale"
+
+
+@pytest.mark.parametrize("accept, media_type", [
+    ("image/png", "image/png"),
+    ("image/*", "image/png"),
+    ("image/png, */*", "image/png"),  # PNG named, JSON only let in by the wildcard
+    ("application/json;q=0.5, image/png", "image/png"),
+    ("*/*", "application/json"),
+    ("image/png;q=0, application/json", "application/json"),  # q=0: PNG is not acceptable
+    ("image/png;q=0", "application/json"),  # nothing acceptable: JSON, as without the header
+    ("image/png;q=0.5, application/json", "application/json"),
+    ("image/png, application/json", "application/json"),  # equal q: the server's preference, JSON
+    ("image/png;q=0.5, application/msgpack", "application/msgpack"),
+])
+def test_accept_q_values_decide_whether_the_png_itself_comes_back(client, accept, media_type):
+    response = client.post("/predict/stable_diffusion", json={"prompt": "a blue square", "seed": 5,
+                                                               "num_inference_steps": 2}, headers={"accept": accept})
+    assert response.status_code == 200 and response.headers["content-type"] == media_type, response.content[:80]
+    assert (response.content[:8] == b"\x89PNG\r\n\x1a\n") == (media_type == "image/png")
+
+
+def test_models_show_the_steps_a_request_without_them_gets(client, tiny_checkpoints):
+    """io.defaults.num_inference_steps is what a request without the field runs; under a VLA_MAX_INFERENCE_STEPS
+    below the model's default such a request is refused, not clamped, so /models shows no default there, and the
+    cap itself in io.max_inference_steps."""
+    io_info = client.get("/models/sd").json()["io"]
+    ran = client.post("/predict/stable_diffusion", json={"prompt": "x", "seed": 1}).json()["num_inference_steps"]
+    assert io_info["defaults"]["num_inference_steps"] == ran == 10 and io_info["max_inference_steps"] == 50
+    spec = DeploymentSpec(name="sd", checkpoint=str(tiny_checkpoints["stable_diffusion"]))
+    with serving(spec, max_inference_steps=5) as capped:
+        io_info = capped.get("/models/sd").json()["io"]
+        assert io_info["defaults"]["num_inference_steps"] is None and io_info["max_inference_steps"] == 5
+        assert capped.get("/models").json()["deployments"][0]["io"] == io_info
+        e = error_of(capped.post("/predict/stable_diffusion", json={"prompt": "x"}), 422)
+        assert e["field"] == "num_inference_steps" and "limit of 5" in e["message"]
