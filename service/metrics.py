@@ -22,8 +22,9 @@ import asyncio
 import bisect
 import gc
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -48,42 +49,90 @@ access_log = logging.getLogger("service.access")
 UNMATCHED = "unmatched"  # the route label of a path no route serves (keeps the label set bounded)
 
 
+class _NoSeries:
+    """Where a record for a forgotten deployment goes: nowhere (``DeploymentMetric.labels``)."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_NO_SERIES = _NoSeries()
+
+
+class DeploymentMetric:
+    """A metric whose first label is ``deployment``: ``labels`` and ``remove`` as prometheus-client's, except that
+    ``labels`` of a deployment whose series were forgotten (it was unloaded) makes no series again and records
+    nowhere. What a deployment's last requests record after it has gone (a stream still writing its last tokens, a
+    reply counted after its model call) would otherwise bring back a series that nothing removes any more."""
+
+    def __init__(self, metric: Union[Counter, Histogram], owner: "Metrics"):
+        self.metric, self._owner = metric, owner
+
+    def labels(self, deployment: str, *labels: str):
+        with self._owner.series_lock:  # (forgetting cannot come between the check and the series' creation)
+            if self._owner.forgotten(deployment):
+                return _NO_SERIES
+            return self.metric.labels(deployment, *labels)
+
+    def remove(self, *labels: str) -> None:
+        self.metric.remove(*labels)
+
+    def collect(self):
+        return self.metric.collect()
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.gc_pauses: Optional[GcPauses] = None  # while the app runs (watch_gc)
+        # Unloaded deployments whose series were removed (forget_deployment), until a deployment of the name is
+        # served again; records for them are dropped (DeploymentMetric). Read and changed under series_lock: the
+        # routes record on the event loop, forgetting runs on the unloaded deployment's retiring thread.
+        self._forgotten: set[str] = set()
+        self.series_lock = threading.Lock()
+        self._manager: Optional["DeploymentManager"] = None  # (watch)
         r = self.registry
+        # Every metric labelled by deployment records through a DeploymentMetric: none brings back the series of a
+        # deployment that was unloaded and forgotten.
         self.requests = Counter("vla_http_requests", "HTTP requests by route template, method and status.",
                                 ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram("vla_http_request_duration_seconds", "HTTP request latency, first byte "
                                          "received to last byte sent.", ["route"], buckets=LATENCY_BUCKETS,
                                          registry=r)
-        self.queue_seconds = Histogram("vla_model_queue_seconds", "Time a request waited for its deployment's "
-                                       "model thread.", ["deployment"], buckets=LATENCY_BUCKETS, registry=r)
-        self.run_seconds = Histogram("vla_model_run_seconds", "Time of the model call a request ran in "
-                                     "(preprocessing, model, postprocessing).", ["deployment"],
-                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("vla_model_batch_size", "Requests that shared one model call.", ["deployment"],
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.tokens = Counter("vla_tokens_generated", "Tokens generated (completions, captions, chat).",
-                              ["deployment"], registry=r)
-        self.images = Counter("vla_images_generated", "Images generated.", ["deployment"], registry=r)
-        self.first_token_seconds = Histogram("vla_time_to_first_token_seconds", "Streamed generations: from the "
-                                             "request's arrival (at the metrics middleware) to its first token, "
-                                             "ready to send.", ["deployment"],
-                                             buckets=LATENCY_BUCKETS, registry=r)
-        self.token_pace_seconds = Histogram("vla_time_per_output_token_seconds", "Streamed generations of two tokens "
-                                            "or more: from the first token to the last, per decode step after the "
-                                            "first (the longest choice's tokens).",
-                                            ["deployment"], buckets=TOKEN_PACE_BUCKETS, registry=r)
+        self.queue_seconds = DeploymentMetric(Histogram(
+            "vla_model_queue_seconds", "Time a request waited for its deployment's model thread.", ["deployment"],
+            buckets=LATENCY_BUCKETS, registry=r), self)
+        self.run_seconds = DeploymentMetric(Histogram(
+            "vla_model_run_seconds", "Time of the model call a request ran in (preprocessing, model, "
+            "postprocessing).", ["deployment"], buckets=LATENCY_BUCKETS, registry=r), self)
+        self.batch_size = DeploymentMetric(Histogram(
+            "vla_model_batch_size", "Requests that shared one model call.", ["deployment"], buckets=BATCH_BUCKETS,
+            registry=r), self)
+        self.tokens = DeploymentMetric(Counter(
+            "vla_tokens_generated", "Tokens generated (completions, captions, chat).", ["deployment"], registry=r),
+            self)
+        self.images = DeploymentMetric(Counter("vla_images_generated", "Images generated.", ["deployment"],
+                                               registry=r), self)
+        self.first_token_seconds = DeploymentMetric(Histogram(
+            "vla_time_to_first_token_seconds", "Streamed generations: from the request's arrival (at the metrics "
+            "middleware) to its first token, ready to send.", ["deployment"], buckets=LATENCY_BUCKETS, registry=r),
+            self)
+        self.token_pace_seconds = DeploymentMetric(Histogram(
+            "vla_time_per_output_token_seconds", "Streamed generations of two tokens or more: from the first token "
+            "to the last, per decode step after the first (the longest choice's tokens).", ["deployment"],
+            buckets=TOKEN_PACE_BUCKETS, registry=r), self)
         self.websockets = Gauge("vla_websocket_connections", "Open robot websocket connections.", registry=r)
-        self.abandoned = Counter("vla_requests_abandoned", "Requests whose client disconnected before the reply "
-                                 "(a queued model call is then dropped unrun).", ["deployment"], registry=r)
+        self.abandoned = DeploymentMetric(Counter(
+            "vla_requests_abandoned", "Requests whose client disconnected before the reply (a queued model call is "
+            "then dropped unrun).", ["deployment"], registry=r), self)
 
-        self.shed = Counter("vla_requests_shed", "Requests refused (503 overloaded) because the deployment's "
-                            "expected wait was over their deadline or its max_queue_ms, by where: before the body "
-                            "was read (body), before its images were decoded (decode), when queueing (queue).",
-                            ["deployment", "stage"], registry=r)
+        self.shed = DeploymentMetric(Counter(
+            "vla_requests_shed", "Requests refused (503 overloaded) because the deployment's expected wait was over "
+            "their deadline or its max_queue_ms, by where: before the body was read (body), before its images were "
+            "decoded (decode), when queueing (queue).", ["deployment", "stage"], registry=r), self)
         self.read_timeouts = Counter("vla_read_timeouts", "Connections closed because a request's headers or body "
                                      "did not arrive in time (VLA_HEADER_TIMEOUT_S, VLA_BODY_TIMEOUT_S).", ["phase"],
                                      registry=r)
@@ -94,15 +143,28 @@ class Metrics:
 
     def forget_deployment(self, name: str) -> None:
         """Drop the series of an unloaded deployment, so that loading and unloading names does not grow the
-        scrape without end."""
-        for metric in (self.queue_seconds, self.run_seconds, self.batch_size, self.tokens, self.images,
-                       self.first_token_seconds, self.token_pace_seconds, self.abandoned, self.shed):
-            # each label set of this deployment, read from the metric's own samples (a histogram's add "le")
-            label_sets = {tuple(v for k, v in sample.labels.items() if k != "le")
-                          for family in metric.collect() for sample in family.samples
-                          if sample.labels.get("deployment") == name}
-            for labels in label_sets:
-                metric.remove(*labels)
+        scrape without end; what its requests still record afterwards is dropped too, until a deployment of the
+        name is served again."""
+        with self.series_lock:
+            self._forgotten.add(name)
+            for metric in (self.queue_seconds, self.run_seconds, self.batch_size, self.tokens, self.images,
+                           self.first_token_seconds, self.token_pace_seconds, self.abandoned, self.shed):
+                # each label set of this deployment, read from the metric's own samples (a histogram's add "le")
+                label_sets = {tuple(v for k, v in sample.labels.items() if k != "le")
+                              for family in metric.collect() for sample in family.samples
+                              if sample.labels.get("deployment") == name}
+                for labels in label_sets:
+                    metric.remove(*labels)
+
+    def forgotten(self, name: str) -> bool:
+        """Whether ``name``'s series were forgotten and no deployment of the name is served again (then it is
+        remembered: its records count). Under ``series_lock``."""
+        if name not in self._forgotten:
+            return False
+        if self._manager is not None and name in self._manager.deployments:
+            self._forgotten.discard(name)
+            return False
+        return True
 
     def observe_light_delay(self, seconds: float) -> None:
         self.light_delays.observe(seconds)
@@ -125,6 +187,7 @@ class Metrics:
             self.images.labels(deployment).inc(len(images))
 
     def watch(self, manager: "DeploymentManager", sessions: "SessionStore") -> None:
+        self._manager = manager  # (which deployments are served: a forgotten name that is served again records)
         self.registry.register(_StateCollector(manager, sessions))
 
     def watch_pixels(self, budget: "PixelBudget") -> None:

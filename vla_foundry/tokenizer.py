@@ -1,4 +1,5 @@
-"""Finding the tokenizer of a text checkpoint, and rendering chat through a chat template.
+"""Finding the tokenizer of a text checkpoint, rendering chat through a chat template, and cleaning up tokenization
+spaces in text that grows (streamed text).
 
 In order: the deployment's override, the experiment's ``tokenizer/`` folder (HF tokenizer
 files), ``config.yaml``'s ``data.tokenizer`` (a path relative to the experiment or absolute,
@@ -72,3 +73,80 @@ def render_with_template(owner: Any, messages: list[dict]) -> str:
         return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # e.g. the template's own raise_exception for a role order it does not take
         raise InvalidInputError(f"the chat template could not render these messages ({e})", field="messages") from e
+
+
+# transformers' ``clean_up_tokenization`` (``PreTrainedTokenizerBase``): these replacements, each over the whole text,
+# in this order. Every one removes spaces only.
+CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                        (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+# Each replacement, and ones that only an earlier replacement makes (" n ' t" → " n't" → "n't", "  ' m" → " 'm" →
+# "'m"): a clean-up that gives here what CLEANUP_REPLACEMENTS give is taken to be transformers' own.
+_CLEANUP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're k n ' t l  ' m  ' s  ' ve  ' re  . ' x"
+
+
+def clean_up(text: str) -> str:
+    """``text`` through CLEANUP_REPLACEMENTS, as transformers' ``clean_up_tokenization`` gives it."""
+    for old, new in CLEANUP_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
+
+
+def decode_cleans_up(tokenizer: Any) -> bool:
+    """Whether ``tokenizer.decode`` cleans up tokenization spaces (" ." → ".", " 's" → "'s") by default: as its
+    ``clean_up_tokenization_spaces`` says, except for a fast tokenizer of a BPE model, whose text transformers 5 leaves
+    alone unless ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output`` forces it (releases
+    without that setting clean up every tokenizer that asks)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        return bool(getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True))
+    return True
+
+
+def cleans_up_as_transformers(tokenizer: Any) -> bool:
+    """Whether the tokenizer's ``clean_up_tokenization`` is transformers' own (a tokenizer class may override it) and
+    does what ``CLEANUP_REPLACEMENTS`` do (a transformers release could change it), so that ``SpaceCleanup`` repeats it
+    on text that grows."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    if getattr(type(tokenizer), "clean_up_tokenization", None) is not PreTrainedTokenizerBase.clean_up_tokenization:
+        return False
+    return tokenizer.clean_up_tokenization(_CLEANUP_PROBE) == clean_up(_CLEANUP_PROBE)
+
+
+class SpaceCleanup:
+    """``clean_up`` of a text that grows at its end, kept up to date at a cost per step of the new text only.
+
+    Cleaning up the whole text at every step would cost its length per step, and a clean-up of only the new text
+    would miss replacements across the join (" '" then "m": " 'm" → "'m") and could still change text already
+    streamed. Here each replacement is a stage over a stream: like ``str.replace``, it scans its input left to right
+    and replaces each match it finds, but it holds back its input's last ``len(old) - 1`` characters, where a match
+    may still begin once more text comes, and hands the rest, replaced, to the next stage. What the last stage has
+    handed on (``done``) is therefore final: the clean-up of the whole text, whatever follows, starts with it.
+    """
+
+    def __init__(self) -> None:
+        self.done = ""  # the clean-up of the text's start, final whatever follows
+        self.pending = [""] * len(CLEANUP_REPLACEMENTS)  # per stage, its input not yet replaced (shorter than its old)
+
+    def feed(self, text: str) -> None:
+        """``text`` appended to the text."""
+        for i, (old, new) in enumerate(CLEANUP_REPLACEMENTS):
+            buf = self.pending[i] + text
+            out, at = [], 0
+            while (found := buf.find(old, at)) >= 0:
+                out += [buf[at:found], new]
+                at = found + len(old)
+            # Every match that fits is replaced; the last len(old) - 1 characters after the last one may still
+            # begin a match once more text comes: held back.
+            keep = max(at, len(buf) - len(old) + 1)
+            out.append(buf[at:keep])
+            self.pending[i], text = buf[keep:], "".join(out)
+        self.done += text
+
+    def text(self, tail: str = "") -> str:
+        """The clean-up of the text followed by ``tail``, were it to end there (``done`` and the held-back rest)."""
+        for (old, new), pending in zip(CLEANUP_REPLACEMENTS, self.pending):
+            tail = (pending + tail).replace(old, new)
+        return self.done + tail

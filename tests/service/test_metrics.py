@@ -109,3 +109,99 @@ def test_garbage_collections_are_timed_while_the_app_runs(tiny_checkpoints):
                    for le in ("0.0005", "0.001", "0.01", "0.1", "1.0", "+Inf")]
         assert buckets == sorted(buckets)  # cumulative
     assert hook not in gc.callbacks  # the hook leaves with the app (other tests' apps may have theirs)
+
+
+def test_records_for_a_forgotten_deployment_bring_back_no_series_until_the_name_is_served_again():
+    """``forget_deployment`` (an unloaded deployment, once it ran its last call) removes the name's series, and a
+    record that comes later (its last stream's tokens) makes none again; a deployment served under the name again
+    records as any does."""
+    from service.metrics import Metrics
+
+    class Manager:
+        deployments: dict = {}
+
+    metrics = Metrics()
+    metrics.watch(Manager(), sessions=None)  # (the manager tells which names are served; nothing here is scraped)
+    per_deployment = (metrics.queue_seconds, metrics.run_seconds, metrics.batch_size, metrics.tokens, metrics.images,
+                      metrics.first_token_seconds, metrics.token_pace_seconds, metrics.abandoned, metrics.shed)
+
+    def lm_samples() -> list:
+        return [sample for metric in per_deployment for family in metric.collect() for sample in family.samples
+                if sample.labels.get("deployment") == "lm"]
+
+    metrics.tokens.labels("lm").inc(3)
+    metrics.shed.labels("lm", "queue").inc()
+    metrics.first_token_seconds.labels("lm").observe(0.1)
+    metrics.forget_deployment("lm")
+    assert lm_samples() == []
+    metrics.tokens.labels("lm").inc(5)  # late records: a stream's last tokens, its token pace, a reply's usage, ...
+    metrics.token_pace_seconds.labels("lm").observe(0.01)
+    metrics.observe_reply("lm", {"usage": {"completion_tokens": 7}, "images": [1]})
+    metrics.observe_model_call("lm", 1.0, 2.0, 1)
+    metrics.abandoned.labels("lm").inc()
+    metrics.shed.labels("lm", "body").inc()
+    assert lm_samples() == []
+    Manager.deployments = {"lm": object()}  # loaded again under the same name
+    metrics.tokens.labels("lm").inc(2)
+    assert [s.value for s in lm_samples() if s.name == "vla_tokens_generated_total"] == [2]
+
+
+def test_a_stream_that_outlives_its_deployments_unload_leaves_no_series_behind(tiny_checkpoints):
+    """A deployment unloaded while it streams a completion finishes the stream; its series are removed once it has
+    run its last call, and what the stream records after that (its tokens, its token pace) brings none back: a
+    scrape after the stream's end has no series of it.
+
+    The model thread is held at its second decode step until the unload, so the stream is running then, and the
+    reply's records wait until the series have been forgotten (a busy event loop gets to them that late)."""
+    import threading
+
+    admin = {"Authorization": "Bearer admin-key"}
+    with serving(DeploymentSpec(name="lm", checkpoint=str(tiny_checkpoints["transformer"])),
+                 DeploymentSpec(name="other", checkpoint=str(tiny_checkpoints["transformer"])),
+                 admin_keys="admin-key") as client:
+        metrics = client.app.state.metrics
+        batcher = client.app.state.manager.deployments["lm"].batcher
+        assert batcher is not None  # (streams decode in the continuous batcher)
+        steps, at_second_step, unloaded, forgotten, order = [0], threading.Event(), threading.Event(), \
+            threading.Event(), []
+        step, forget, observe_reply = batcher.step, metrics.forget_deployment, metrics.observe_reply
+
+        def held_step():
+            steps[0] += 1
+            if steps[0] == 2:  # (the first step made the stream's first tokens)
+                at_second_step.set()
+                assert unloaded.wait(30)
+            step()
+
+        def forget_deployment(name):
+            forget(name)
+            order.append(f"forgot {name}")
+            forgotten.set()
+
+        def late_observe_reply(name, payload):
+            if name == "lm":
+                assert forgotten.wait(30)
+                order.append("stream recorded")
+            observe_reply(name, payload)
+
+        batcher.step, metrics.forget_deployment, metrics.observe_reply = held_step, forget_deployment, \
+            late_observe_reply
+        assert client.post("/v1/completions", json={"model": "other", "prompt": "a", "max_tokens": 2}).status_code \
+            == 200
+        streamed: list = []
+        stream = threading.Thread(target=lambda: streamed.append(client.post(
+            "/v1/completions", json={"model": "lm", "prompt": "the robot", "max_tokens": 30, "seed": 0,
+                                     "stream": True})))
+        stream.start()
+        assert at_second_step.wait(30)
+        assert 'deployment="lm"' in client.get("/metrics").text  # (its first token's time, its model call)
+        assert client.delete("/admin/deployments/lm", headers=admin).status_code == 200
+        unloaded.set()
+        stream.join(60)
+        assert not stream.is_alive()
+        response = streamed[0]
+        assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+        assert '"finish_reason":' in response.text and order == ["forgot lm", "stream recorded"]
+        scrape = client.get("/metrics").text
+        assert 'deployment="lm"' not in scrape, [line for line in scrape.splitlines() if 'deployment="lm"' in line]
+        assert value(samples(scrape), "vla_tokens_generated_total", deployment="other") == 2

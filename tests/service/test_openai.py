@@ -302,3 +302,39 @@ def test_a_prompt_of_megabytes_is_refused_off_the_model_thread(app_client, monke
     ok = app_client.post("/v1/completions", json={"model": "chat", "prompt": "the robot", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
     assert len(encoded_on) == 3 and not any(name.startswith("model-") for name in encoded_on), encoded_on
+
+
+def test_a_stream_adds_up_to_the_completion_when_the_tokenizer_cleans_up_spaces(tmp_path):
+    """A WordPiece model (its decode cleans up tokenization spaces: " ' m" → "'m"): a client that joins a stream's
+    text deltas (``/v1/completions`` with ``stream: true``) gets exactly the text the same request gets without
+    streaming, which is the text of its tokens decoded whole (as ``/predict`` gives them)."""
+    import json
+
+    from tests.vla_foundry.test_text_fix_streamed_text import wordpiece_tokenizer
+
+    tokenizer = wordpiece_tokenizer()
+    path = tmp_path / "wordpiece"
+    save_experiment(tiny_model(tiny_transformer_params(vocab_size=len(tokenizer), max_seq_len=256), seed=3), path,
+                    tokenizer=tokenizer)
+    cleaned = 0
+    with serving(DeploymentSpec(name="wp", checkpoint=str(path)), max_new_tokens=128, max_batch=4) as client:
+        for seed in range(8):
+            request = {"model": "wp", "prompt": ["i ' m the robot", "it ' s up . don ' t"], "max_tokens": 100,
+                       "seed": seed}
+            plain = client.post("/v1/completions", json=request).json()["choices"]
+            with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+                lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+            joined = ["", ""]
+            for line in lines[:-1]:
+                for choice in json.loads(line[6:])["choices"]:
+                    joined[choice["index"]] += choice["text"]
+            predicted = client.post("/predict/transformer", json={
+                "model": "wp", "prompt": request["prompt"], "max_new_tokens": 100, "temperature": 1.0, "top_k": 0,
+                "top_p": 1.0, "seed": seed}).json()["completions"]  # (OpenAI's sampling defaults)
+            for row in range(2):
+                assert joined[row] == plain[row]["text"] == predicted[row]["text"], (seed, row)
+                raw = tokenizer.decode(predicted[row]["token_ids"], skip_special_tokens=True,
+                                       clean_up_tokenization_spaces=False)
+                cleaned += raw != predicted[row]["text"]
+    assert cleaned >= 2, "the clean-up seldom changed these completions: the test would prove little"

@@ -247,10 +247,11 @@ def test_incremental_text_equals_decoding_everything_at_every_step(tiny_tokenize
             assert completion.finish_reason == "stop" and len(completion.token_ids) <= ended
 
 
-def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole_and_its_stop_strings_are_found(tiny_tokenizer):
-    """Clean-up rewrites text across tokens (" 'm" → "'m"), so a window's text is not the text's tail: such rows
-    are decoded whole each step, and a stop string that only the clean-up forms still ends the row (a window
-    would never see it)."""
+def test_a_tokenizer_that_cleans_up_spaces_finds_the_stop_strings_the_clean_up_forms_and_streams_the_final_text(
+        tiny_tokenizer):
+    """Clean-up rewrites text across tokens (" 'm" → "'m"): a stop string that only the clean-up forms still ends the
+    row (a window's text alone would never show it), and the streamed text holds back what the clean-up may still
+    rewrite, so that it adds up to the final text (" I '" would become " I'm" one token later)."""
     import copy
 
     from vla_foundry.pipelines.text import CompletionTracker
@@ -260,17 +261,15 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole_and_its_stop_strings
     tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
     assert tokenizer.decode(tokenizer.encode(" I 'm", add_special_tokens=False)) == " I'm"
     ids = tokenizer.encode(" I 'm here do n't go", add_special_tokens=False)
-    deltas: list = []
-    tracker = CompletionTracker(1, tokenizer, frozenset({tokenizer.eos_token_id}), ["I'm"],
-                                lambda row, text, tokens, reason: deltas.append(text))
-    assert tracker.whole
-    done = [tracker.append(range(1), [t])[0] for t in ids]
-    assert any(done), "the stop string was missed"
-    completion = tracker.finish()[0]
-    assert completion.finish_reason == "stop" and "I'm" not in completion.text
-    # (Its streamed text cannot always add up to the final text: clean-up rewrites text already sent, " I '"
-    # becoming " I'm" one token later, with the whole decode as with the window.)
-    assert "".join(d for d in deltas if d).startswith(" I")
+    for stop in (["I'm"], ["here"]):
+        deltas: list = []
+        tracker = CompletionTracker(1, tokenizer, frozenset({tokenizer.eos_token_id}), stop,
+                                    lambda row, text, tokens, reason, deltas=deltas: deltas.append(text))
+        done = [tracker.append(range(1), [t])[0] for t in ids]
+        assert any(done), "the stop string was missed"
+        completion = tracker.finish()[0]
+        assert completion.finish_reason == "stop" and stop[0] not in completion.text
+        assert "".join(d for d in deltas if d) == completion.text == (" " if stop == ["I'm"] else " I'm ")
 
 
 def test_prompt_ids_encode_on_an_unpadded_copy_of_the_tokenizer(tiny_checkpoints):

@@ -23,7 +23,8 @@ from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
 from vla_foundry.sampling import SamplingParams
-from vla_foundry.tokenizer import load_tokenizer, render_with_template
+from vla_foundry.tokenizer import (SpaceCleanup, cleans_up_as_transformers, decode_cleans_up, load_tokenizer,
+                                   render_with_template)
 
 
 @dataclass
@@ -88,16 +89,20 @@ class CompletionTracker:
 
     ``update`` is the ``stopping`` callback of ``generate``: it runs once per step with the new ids of
     its rows (``append`` takes the step's one new id per row, as continuous batching gives them). Only
-    text that can no longer change is streamed: an incomplete UTF-8 sequence at the end (decoded as
-    U+FFFD) and any tail that could still grow into a stop string are held back.
+    text that can no longer change is streamed, so that a stream's deltas add up to exactly the text the
+    request gets without streaming (``finish``, which decodes the completion whole): an incomplete UTF-8
+    sequence at the end (decoded as U+FFFD), any tail that could still grow into a stop string, and any
+    tail that a tokenizer's clean-up of spaces may still rewrite (" '" becomes "'" once an "m" follows)
+    are held back.
 
     Text is decoded incrementally, as vLLM and TGI do: each step decodes only a short window (the
     tokens since the last settled text, with the few before them for context, since a token's text
     can depend on its neighbours, e.g. a leading space), and stop strings are looked for only in the
     new text and the stop strings' length before it. A row's cost per step is then independent of
     its length (the whole completion was re-decoded and re-searched every step before: O(n²)). The
-    final completion is decoded whole, once. Tokenizers that clean up spaces across tokens are
-    decoded whole every step (see ``whole``).
+    final completion is decoded whole, once. A tokenizer that cleans up spaces across tokens (WordPiece's,
+    and any with ``clean_up_tokenization_spaces``) has its windows decoded without the clean-up, which
+    ``SpaceCleanup`` then applies to the row's text as it grows, with the same cost per step.
     """
 
     def __init__(self, n_rows: int, tokenizer: Any, end_ids: frozenset, stop: Sequence[str],
@@ -108,19 +113,33 @@ class CompletionTracker:
         self.tokens: list[list[int]] = [[] for _ in range(n_rows)]  # every row's new ids so far
         self.sent_text = [0] * n_rows
         self.sent_tokens = [0] * n_rows
-        # Incremental decoding, per row: the settled text, the token offsets of its decode window (prefix:
-        # where the window starts, read: where the text not yet settled starts), and how far stop strings
-        # have been looked for.
+        # Incremental decoding, per row: the settled text (in ``cleanups`` instead where the tokenizer cleans up
+        # spaces), the token offsets of its decode window (prefix: where the window starts, read: where the text
+        # not yet settled starts), and how far stop strings have been looked for.
         self.text = [""] * n_rows
         self.offsets = [(0, 0)] * n_rows
         self.searched = [0] * n_rows
+        # How much of the row's text (as ``_settle`` last gave it) can no longer change: only that much is streamed.
+        self.stable = [0] * n_rows
         self.cut: list[Optional[int]] = [None] * n_rows  # where the first stop string starts in the text
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
-        # A tokenizer that cleans up spaces (" 's" → "'s") rewrites text across any window's start, so its rows
-        # are decoded whole every step (the O(n) per step of before); so is a row whose window text ever fails
-        # to extend the text before it.
-        self.whole = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._decode_options: dict[str, Any] = {"skip_special_tokens": True}
+        # A tokenizer that cleans up spaces (" 's" → "'s") rewrites text across tokens, so a window's text would not
+        # be the text's tail, and text already streamed could change: its windows are decoded without the clean-up,
+        # and each row's text is cleaned up as it grows (``SpaceCleanup``), holding back what may still change.
+        self.cleanups: list[Optional[SpaceCleanup]] = [None] * n_rows
+        # Once a window's text fails to extend the text before it (the decoder rewrote text across the window's
+        # start), or from the start for a tokenizer that cleans up spaces some other way than transformers does, rows
+        # are decoded whole every step (O(n) per step) and stream no more text until their end (``finish``): such a
+        # decoder may rewrite any text, which must not have been sent.
+        self.whole = False
+        if tokenizer is not None and decode_cleans_up(tokenizer):
+            if cleans_up_as_transformers(tokenizer):
+                self._decode_options["clean_up_tokenization_spaces"] = False
+                self.cleanups = [SpaceCleanup() for _ in range(n_rows)]
+            else:
+                self.whole = True
 
     def _text(self, tokens: list[int]) -> tuple[str, bool]:
         """The visible text of ``tokens`` (eos dropped, cut at the first stop string), decoded whole, and whether
@@ -132,30 +151,41 @@ class CompletionTracker:
         return (text[:min(cuts)], True) if cuts else (text, False)
 
     def _settle(self, row: int) -> str:
-        """The row's text after its newest token, as ``decode(tokens).rstrip("\ufffd")`` would give it (eos left out):
-        the window's text is committed once it decodes without a trailing incomplete character; until then its
-        complete part is shown after the committed text."""
+        """The row's text after its newest token, as ``decode(tokens).rstrip("\ufffd")`` would give it (eos left out);
+        records how much of it can no longer change in ``stable``. The window's text is committed once it decodes
+        without a trailing incomplete character; until then its complete part is shown after the committed text."""
         tokens = self.tokens[row]
         visible = len(tokens) - 1 if tokens and tokens[-1] in self.end_ids else len(tokens)
         if self.whole:
+            self.stable[row] = self.sent_text[row]  # nothing more is streamed (the decoder may rewrite any of it)
             return self.tokenizer.decode(tokens[:visible], skip_special_tokens=True).rstrip("\ufffd")
         prefix, read = self.offsets[row]
-        if visible <= read:
-            return self.text[row]
-        before = self.tokenizer.decode(tokens[prefix:read], skip_special_tokens=True)
-        window = self.tokenizer.decode(tokens[prefix:visible], skip_special_tokens=True)
-        if not window.startswith(before):  # the decoder rewrote text across the window's start: decode whole
-            self.whole = True
-            return self._settle(row)
-        if not window.endswith("\ufffd"):
-            self.text[row] += window[len(before):]
-            # The next window starts where this one's new tokens did (a clean boundary), unless they were all
-            # skipped special tokens: a window must start with a token that shows, since a decoder may drop the
-            # leading space of the first token it shows (sentencepiece's ▁).
-            shows = any(t not in self._special for t in tokens[read:visible])
-            self.offsets[row] = (read if shows else prefix, visible)
-            return self.text[row]
-        return self.text[row] + window[len(before):].rstrip("\ufffd")
+        committed, shown = "", ""  # new text that is committed now, and the complete part of text that is not yet
+        if visible > read:
+            before = self.tokenizer.decode(tokens[prefix:read], **self._decode_options)
+            window = self.tokenizer.decode(tokens[prefix:visible], **self._decode_options)
+            if not window.startswith(before):  # the decoder rewrote text across the window's start: decode whole
+                self.whole = True
+                return self._settle(row)
+            if not window.endswith("\ufffd"):
+                committed = window[len(before):]
+                # The next window starts where this one's new tokens did (a clean boundary), unless they were all
+                # skipped special tokens: a window must start with a token that shows, since a decoder may drop the
+                # leading space of the first token it shows (sentencepiece's ▁).
+                shows = any(t not in self._special for t in tokens[read:visible])
+                self.offsets[row] = (read if shows else prefix, visible)
+            else:
+                shown = window[len(before):].rstrip("\ufffd")
+        cleanup = self.cleanups[row]
+        if cleanup is None:
+            self.text[row] += committed
+            text = self.text[row] + shown
+            self.stable[row] = len(text)  # (a window's complete characters do not change)
+            return text
+        if committed:
+            cleanup.feed(committed)
+        self.stable[row] = len(cleanup.done)  # the rest may still be rewritten by text to come
+        return cleanup.text(shown)
 
     def _find_stop(self, row: int, text: str) -> None:
         """Where the first stop string starts in ``text`` (the row's settled text), looking only at what is new since
@@ -164,7 +194,7 @@ class CompletionTracker:
         found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         if found:
             self.cut[row] = min(found)
-        self.searched[row] = len(text)
+        self.searched[row] = self.stable[row]  # (text after it may still change, and is looked at again)
 
     def update(self, rows: range, new_ids: torch.Tensor) -> torch.Tensor:
         """``generate``'s stopping callback: ``new_ids`` (B, n), every row's new ids so far; rows done → (B,) bool."""
@@ -195,6 +225,7 @@ class CompletionTracker:
               finish_reason: Optional[str] = None) -> None:
         safe = len(text) if text is not None else 0
         if text is not None and not final:  # (a trailing incomplete character is already left out)
+            safe = min(safe, self.stable[row])  # and so is text that may still change
             for s in self.stop:  # the longest tail that is a prefix of a stop string stays back
                 for k in range(min(len(s) - 1, safe), 0, -1):
                     if text.endswith(s[:k], 0, safe):
