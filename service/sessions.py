@@ -9,7 +9,8 @@ least recently used idle session is evicted to make room (503 when every one is 
 A session is its key's alone: another key neither lists, steps, resets nor deletes it (404, as
 for an unknown id; 409 when it would take the id). A robot whose session expired or was evicted
 is told so (409 ``session_gone``) instead of silently starting a new history: it resets the
-session (``POST /sessions/{id}/reset``) to begin a new episode under the same id.
+session (``POST /sessions/{id}/reset``) to begin a new episode under the same id, which the reset makes at
+once, on the deployment the gone session was on (and answers as any reset: its model and seed).
 
 With a shared store (``VLA_SESSION_STORE``, ``shared_sessions.py``) every replica can serve every
 session: each step pulls the session's state from the store and pushes the new one back with a
@@ -263,10 +264,10 @@ class SessionStore:
         self.idle_timeout_s = idle_timeout_s
         self.shared = shared
         self._entries: "OrderedDict[str, SessionEntry]" = OrderedDict()  # least recently used first
-        # Sessions that expired or were evicted: id → (why, owner), newest last, so their robots hear of it.
-        self._gone: "OrderedDict[str, tuple[str, Optional[str]]]" = OrderedDict()
+        # Sessions that expired or were evicted: id → (why, owner, deployment name), newest last, so their robots
+        # hear of it (and a reset makes the new episode on that deployment).
+        self._gone: "OrderedDict[str, tuple[str, Optional[str], str]]" = OrderedDict()
         self.max_gone = max(1024, 4 * max_sessions)
-        self._seeds: dict[str, int] = {}  # a gone session reset with a seed: the seed of its new episode
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -281,7 +282,7 @@ class SessionStore:
         entry = self._entries.pop(session_id)
         if self.shared is not None:  # only this replica's copy: the session lives on in the store
             return
-        self._gone[session_id] = (why, entry.owner)
+        self._gone[session_id] = (why, entry.owner, entry.deployment.name)
         self._gone.move_to_end(session_id)
         while len(self._gone) > self.max_gone:
             self._gone.popitem(last=False)
@@ -344,14 +345,9 @@ class SessionStore:
             if len(self._entries) >= self.max_sessions and not any(e.idle for e in self._entries.values()):
                 raise ApiError(503, f"all {self.max_sessions} sessions are busy (VLA_MAX_SESSIONS); retry "
                                     "shortly", retry_after=1, type="overloaded")
-            seed = self._seeds.pop(session_id, None)
-            if seed is not None:
-                options.setdefault("seed", seed)
 
             def dropped() -> None:  # a new session whose first request failed: as if it had never been asked for
                 self._drop(session_id, entry)
-                if seed is not None:
-                    self._seeds.setdefault(session_id, seed)
 
             # Only a session whose first request succeeds evicts another (a refused request leaves every robot's
             # alone); a session made without a request (a reset's) makes its room at once.
@@ -395,20 +391,33 @@ class SessionStore:
         return stored
 
     async def reset_gone(self, session_id: str, owner: Optional[str], seed: Optional[int],
-                         deployments: Callable[[str], Any]) -> bool:
-        """``forget_gone``; with a shared store, for a session that expired there: a new episode is stored at once
-        (seeded ``seed``), so whichever replica takes the next step starts it."""
+                         deployments: Callable[[str], Any]) -> Optional[SessionEntry]:
+        """A reset of ``owner``'s session that expired or was evicted (with a shared store: that expired there): its
+        new episode (seeded ``seed``), made now on the deployment the gone session was on (``deployments``: name →
+        this replica's deployment; 404 when none of that name is served), so the reset answers as any reset does
+        (its model and seed) and the robot's next request continues it, on any replica. None when no such session
+        is gone (a live one is reset where it is; an unknown id is 404)."""
         if self.shared is None:
-            return self.forget_gone(session_id, owner, seed)
+            self.expire()  # one idle past the timeout is gone now, though no request has looked since
+            gone = self._gone.get(session_id)
+            if gone is None or gone[1] != owner:
+                return None
+            deployment = deployments(gone[2])
+            del self._gone[session_id]  # its robot knows now
+            try:
+                return self.acquire(session_id, deployment, owner, request=False, seed=seed)
+            except BaseException:  # not made (its deployment is loading, say): still gone, to be reset again
+                self._gone[session_id] = gone
+                raise
         if await _from_store(self.shared.load(session_id, with_state=False)) is not None:
-            return False
+            return None
         seen = await _from_store(self.shared.seen(session_id))
         if seen is None or seen["owner"] != owner:
-            return False
+            return None
         self._entries.pop(session_id, None)  # this replica's copy of the expired one (a step that was told so)
         entry = self.acquire(session_id, deployments(seen["model"]), owner, request=False, seed=seed)
         await entry.reset(seed)  # stores the new episode and drops the marker
-        return True
+        return entry
 
     async def delete(self, session_id: str, owner: Optional[str] = None) -> None:
         """``remove``; with a shared store, from the store too (for every replica), when it is ``owner``'s there."""
@@ -438,19 +447,6 @@ class SessionStore:
             local = self._entries.get(row["session_id"])
             row["busy"] = bool(local is not None and local.lock.locked())
         return rows
-
-    def forget_gone(self, session_id: str, owner: Optional[str] = None, seed: Optional[int] = None) -> bool:
-        """A reset of a session that expired or was evicted: its robot knows; its next request starts it anew
-        (seeded ``seed``). Whether there was such a session."""
-        gone = self._gone.get(session_id)
-        if gone is None or gone[1] != owner:
-            return False
-        del self._gone[session_id]
-        if seed is not None:
-            self._seeds[session_id] = seed
-            while len(self._seeds) > self.max_gone:
-                self._seeds.pop(next(iter(self._seeds)))
-        return True
 
     def end_deployment(self, deployment, why: str) -> None:
         """Every session of ``deployment`` ends (its robots hear ``why`` on their next request): the deployment

@@ -8,7 +8,8 @@ An openpi-style robot client connects unchanged:
    msgpack map ``{"actions": float32 [action_horizon, A], "server_timing": {"infer_ms",
    "queue_ms", "batch_size", "prev_total_ms" (from the second request on)}}`` plus the HTTP reply's bookkeeping
    (``step``, ``seed``, ``valid_until``, ``n_action_steps``);
-3. ``{"endpoint": "reset"}`` resets the session (answered ``{"reset": true}``).
+3. ``{"endpoint": "reset"}`` (optionally with ``seed``) resets the session, answered as ``POST
+   /sessions/{id}/reset`` is: ``{"reset": true, "session_id", "model", "seed"}``.
 
 Observations are the HTTP body (``{"observation": {...}, "seed": …}``) or openpi's flat keys:
 ``observation/<camera>`` images, ``observation/state`` (the proprioception fields
@@ -19,6 +20,10 @@ openpi's bytes keys, the only spelling ``openpi_client.msgpack_numpy`` turns bac
 connection), so a robot may send only the current step. Errors: a text frame with the
 message, then close 1008 (bad input) or 1011 (server fault), whose reason is
 ``field=<the field at fault>`` when there is one; never a traceback.
+
+A draining server (SIGTERM) answers the frame each robot's connection is computing, then sends a text frame
+saying why and closes with 1001; a frame it reads after the drain began is not acted on, which that text
+says (``OpenSockets``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint's real annotations.
@@ -48,40 +53,92 @@ from vla_foundry.pipelines.action import ActionChunk
 logger = logging.getLogger(__name__)
 
 GOING_AWAY, POLICY_VIOLATION, TOO_BIG, INTERNAL_ERROR, TRY_AGAIN_LATER = 1001, 1008, 1009, 1011, 1013
-GOODBYE = "the server is shutting down; reconnect (to another replica) and reset or resume your session"
+GOODBYE = ("the server is shutting down: a frame it has not answered was not acted on; reconnect (to another "
+           "replica) and send it again, resuming or resetting your session")
+CUT = ("the server is shutting down and its drain (VLA_DRAIN_TIMEOUT_S) ended before your frame was answered: it "
+       "may have been acted on; reconnect (to another replica) and reset your session")
+
+
+class RobotConnection:
+    """One robot websocket, as a draining server sees it."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.busy = True  # a frame (at first the metadata) is being answered: the drain waits for its reply
+        self.leaving = False  # the goodbye is committed: no frame is acted on from now on
+        self.closing = False  # the goodbye is being sent
+        self.gone = asyncio.Event()  # the goodbye was sent, or the connection ended
 
 
 class OpenSockets:
     """The open robot websockets, so that a draining server says goodbye (1001) to each robot after the reply
-    it is computing, instead of cutting the connection (uvicorn's own shutdown fails it with 1012)."""
+    it is computing, instead of cutting the connection (uvicorn's own shutdown fails it with 1012).
+
+    When the drain begins, every connection waiting for a frame is committed to leave at once: a frame it reads
+    from then on (one that crossed the goodbye) is not acted on, and the goodbye's text says so. A connection
+    answering a frame sends its reply, then the goodbye, without reading another frame. Both decisions are taken
+    without yielding to the event loop, so no frame is ever acted on and left unanswered (the goodbye used to
+    close a connection that had just read its next frame, which was then planned and its reply lost)."""
 
     def __init__(self) -> None:
         self.draining = False
-        self._idle: dict[WebSocket, asyncio.Event] = {}  # set while the connection waits for its next frame
+        self._open: dict[WebSocket, RobotConnection] = {}
 
-    def opened(self, websocket: WebSocket) -> asyncio.Event:
-        idle = self._idle[websocket] = asyncio.Event()
-        idle.set()
-        return idle
+    def opened(self, websocket: WebSocket) -> RobotConnection:
+        connection = self._open[websocket] = RobotConnection(websocket)
+        return connection
 
     def closed(self, websocket: WebSocket) -> None:
-        self._idle.pop(websocket, None)
+        connection = self._open.pop(websocket, None)
+        if connection is not None:
+            connection.leaving = True
+            connection.gone.set()
+
+    def take(self, connection: RobotConnection) -> bool:
+        """A frame arrived: whether to act on it (False: the goodbye is committed; the frame is dropped)."""
+        if connection.leaving:
+            return False
+        connection.busy = True
+        return True
+
+    def answered(self, connection: RobotConnection) -> bool:
+        """The frame's reply was sent: whether to wait for the next frame (False: draining, say goodbye now)."""
+        connection.busy = False
+        return not self.draining
+
+    async def goodbye(self, connection: RobotConnection, message: str = GOODBYE) -> None:
+        """The text frame saying why, then close 1001; sent once (a second caller waits for the first's)."""
+        connection.leaving = True
+        if connection.closing or connection.gone.is_set():  # being sent, or the connection ended
+            await connection.gone.wait()
+            return
+        connection.closing = True
+        try:
+            await _close(connection.websocket, message, GOING_AWAY)
+        finally:
+            connection.gone.set()
 
     async def close_all(self, timeout: float) -> None:
-        """Close every connection with 1001 once it is idle (the reply in flight sent), within ``timeout``."""
+        """Close every connection with 1001: at once for those waiting for a frame, after the reply for those
+        answering one (within ``timeout``; one still computing then is told its frame may have been acted on)."""
         self.draining = True
         deadline = time.monotonic() + timeout
+        connections = list(self._open.values())
+        for connection in connections:
+            if not connection.busy:
+                connection.leaving = True  # now, before it can read (and act on) another frame
 
-        async def goodbye(websocket: WebSocket, idle: asyncio.Event) -> None:
-            try:
-                await asyncio.wait_for(idle.wait(), max(0.0, deadline - time.monotonic()))
+        async def goodbye(connection: RobotConnection) -> None:
+            if connection.leaving:
+                await self.goodbye(connection)
+                return
+            try:  # it says goodbye itself after its reply
+                await asyncio.wait_for(connection.gone.wait(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                pass
-            if websocket in self._idle:
-                self.closed(websocket)
-                await _close(websocket, GOODBYE, GOING_AWAY)
+                await self.goodbye(connection, CUT)
 
-        await asyncio.gather(*(goodbye(w, i) for w, i in list(self._idle.items())))
+        await asyncio.gather(*(goodbye(c) for c in connections))
+
 
 MAX_CLOSE_REASON = 123  # bytes a close frame's reason may hold; fields are ASCII
 TOP_LEVEL = {"seed", "num_inference_steps", "noise", "timestamp", "step", "past_actions", "timeout_s"}
@@ -158,10 +215,10 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
             await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
             return
         connections.inc()
-        idle = sockets.opened(websocket)
+        connection = sockets.opened(websocket)
         entry.pins += 1  # while the robot is connected its session neither expires nor is evicted
         try:
-            await _serve(websocket, deployment, entry, request_cls, settings, idle)
+            await _serve(websocket, deployment, entry, request_cls, settings, sockets, connection)
         finally:
             entry.pins -= 1
             entry.last_used = time.time()  # idle from now on
@@ -174,13 +231,14 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
 
 
 async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, settings: Settings,
-                 idle: asyncio.Event) -> None:
-    """The protocol on an accepted connection: the metadata frame, then one reply per observation frame."""
+                 sockets: OpenSockets, connection: RobotConnection) -> None:
+    """The protocol on an accepted connection: the metadata frame, then one reply per observation frame; once the
+    server drains, the goodbye after the reply in flight (``OpenSockets``)."""
     pipeline = deployment.pipeline
     metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
     await websocket.send_bytes(pack_msgpack(metadata, bytes_keys=True))
     previous_total: Optional[float] = None
-    while True:
+    while sockets.answered(connection):
         try:
             message = await websocket.receive()
         except WebSocketDisconnect:
@@ -188,7 +246,9 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         if message["type"] == "websocket.disconnect":
             return
         started = time.perf_counter()
-        idle.clear()  # a reply is being computed: a draining server waits for it
+        if not sockets.take(connection):  # it crossed the goodbye: not acted on (the goodbye's text says so)
+            await connection.gone.wait()
+            return
         try:
             data = message.get("bytes")
             if data is None:
@@ -206,8 +266,12 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
                 if seed is not None and (type(seed) is not int or not 0 <= seed < 2**62):
                     raise InvalidInputError(f"seed: a reset seed is an integer in [0, 2**62); got {seed!r}")
                 await entry.reset(seed)
-                await websocket.send_bytes(pack_msgpack({"reset": True, "session_id": entry.id}, bytes_keys=True))
-                idle.set()
+                if connection.leaving:  # the drain ended while it ran: the goodbye went instead of its reply
+                    await connection.gone.wait()
+                    return
+                # as POST /sessions/{id}/reset answers: the session's model and its new episode's seed
+                reply = {"reset": True, "session_id": entry.id, "model": deployment.name, "seed": entry.policy.seed}
+                await websocket.send_bytes(pack_msgpack(reply, bytes_keys=True))
                 continue
             body = request_cls.model_validate(nested_observation(obj, pipeline.robot_io))
             with websocket.app.state.pixels.lease():  # the frame's decoded cameras count until its reply
@@ -238,12 +302,15 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         out = {"actions": np.asarray(chunk.action_chunk[chunk.first_action_index:], np.float32),
                "server_timing": timing, "step": chunk.step, "seed": chunk.seed, "valid_until": chunk.valid_until,
                "n_action_steps": chunk.n_action_steps, "action_fields": chunk.action_fields}
+        if connection.leaving:  # the drain ended while it ran: the goodbye (CUT) went instead of its reply
+            await connection.gone.wait()
+            return
         try:
             await websocket.send_bytes(pack_msgpack(out, bytes_keys=True))
         except (WebSocketDisconnect, OSError, RuntimeError):  # the robot left while its actions were computed
             return
         previous_total = (time.perf_counter() - started) * 1000
-        idle.set()
+    await sockets.goodbye(connection)  # draining: after the reply it was computing
 
 
 def _message(error: Exception) -> str:

@@ -127,11 +127,12 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
     async def reset(session_id: str, request: Request, body: Optional[SessionResetRequest] = None):
         sessions, owner, seed = request.app.state.sessions, caller_of(request.scope), body.seed if body else None
         manager: DeploymentManager = request.app.state.manager
-        if await sessions.reset_gone(session_id, owner, seed, manager.get):  # it expired or was evicted
-            return encode_response({"session_id": session_id, "model": None, "reset": True, "seed": seed},
-                                   request.headers.get("accept", ""))
-        entry = await sessions.lookup(session_id, owner, manager.get)
-        await entry.reset(seed)
+        # A session that expired or was evicted starts its new episode now, on the deployment it was on; a live one
+        # is reset where it is. Either way the answer names the session's model and its new episode's seed.
+        entry = await sessions.reset_gone(session_id, owner, seed, manager.get)
+        if entry is None:
+            entry = await sessions.lookup(session_id, owner, manager.get)
+            await entry.reset(seed)
         return encode_response({"session_id": session_id, "model": entry.deployment.name, "reset": True,
                                 "seed": entry.policy.seed}, request.headers.get("accept", ""))
 

@@ -127,3 +127,76 @@ def test_ctrl_c_drains_and_exits_0_without_a_traceback(tiny_checkpoints, tmp_pat
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     assert "Traceback" not in log.read_text()
+
+
+def test_a_frame_that_meets_the_drain_is_answered_or_refused_never_dropped(tiny_checkpoints, monkeypatch):
+    """A robot's frame is being computed when the drain begins, and its next frame is already on its way: the
+    first is answered, then the goodbye (1001) comes in place of the second's reply, saying that it was not acted
+    on, and the second is indeed not acted on (the session planned once: a robot sending it again elsewhere never
+    gets it planned twice). Without the fix the second was planned after the goodbye, its reply lost."""
+    import msgpack
+
+    from service import DeploymentSpec
+    from tests.service.conftest import serving
+    from tests.service.test_robot_ws import flat_observation
+
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    with serving(spec) as client:
+        pipeline = client.app.state.manager.get("policy").pipeline
+        computing, release = threading.Event(), threading.Event()
+        predict_each = pipeline.predict_each
+
+        def held(requests, **kwargs):  # the first frame's model call waits until the drain has begun
+            computing.set()
+            assert release.wait(30)
+            return predict_each(requests, **kwargs)
+
+        monkeypatch.setattr(pipeline, "predict_each", held)
+        with client.websocket_connect("/ws/diffusion_policy?session_id=leaving") as ws:
+            ws.receive_bytes()  # the metadata
+            ws.send_bytes(msgpack.packb({**flat_observation(0), "seed": 1}, use_bin_type=True))
+            assert computing.wait(30)
+            ws.send_bytes(msgpack.packb({**flat_observation(1), "seed": 2}, use_bin_type=True))  # meets the drain
+            drained = client.portal.start_task_soon(client.app.state.robot_sockets.close_all, 30)
+            release.set()
+            messages = [ws.receive()]
+            while messages[-1]["type"] != "websocket.close":
+                messages.append(ws.receive())
+            drained.result(30)
+        entry = client.app.state.sessions.get("leaving")
+        assert [m["type"] for m in messages] == ["websocket.send", "websocket.send", "websocket.close"], messages
+        assert msgpack.unpackb(messages[0]["bytes"])["step"] == 0  # the frame in flight: answered
+        assert "shutting down" in messages[1]["text"] and "not acted on" in messages[1]["text"]
+        assert messages[2]["code"] == 1001
+        assert entry.policy.plans == 1 and entry.policy.history.last_step == 0  # the second frame changed nothing
+
+
+def test_a_frame_that_arrives_as_the_drain_begins_is_refused_by_the_goodbye(tiny_checkpoints):
+    """A robot waiting between frames sends one just as the drain begins (the frame is in the server's hands in
+    the same event-loop turn): the connection was committed to leave, so the frame is not acted on, and the
+    goodbye before the close 1001 says so (a robot sends it again to the replica it reconnects to)."""
+    import msgpack
+
+    from service import DeploymentSpec
+    from tests.service.conftest import serving
+    from tests.service.test_robot_ws import flat_observation
+
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    with serving(spec) as client:
+        sockets = client.app.state.robot_sockets
+        with client.websocket_connect("/ws/diffusion_policy?session_id=crossing") as ws:
+            ws.receive_bytes()  # the metadata
+            ws.send_bytes(msgpack.packb({**flat_observation(0), "seed": 1}, use_bin_type=True))
+            assert msgpack.unpackb(ws.receive_bytes())["step"] == 0
+            frame = {"type": "websocket.receive", "bytes": msgpack.packb(flat_observation(1), use_bin_type=True)}
+
+            async def frame_meets_the_drain() -> None:
+                ws._receive_tx.send_nowait(frame)  # the server's receive has it before the drain yields
+                await sockets.close_all(30)
+
+            client.portal.call(frame_meets_the_drain)
+            goodbye = ws.receive()
+            closed = ws.receive()
+        assert "not acted on" in goodbye["text"] and closed == {"type": "websocket.close", "code": 1001, "reason": ""}
+        policy = client.app.state.sessions.get("crossing").policy
+        assert policy.plans == 1 and policy.history.last_step == 0  # the frame changed nothing

@@ -195,3 +195,19 @@ def test_concurrent_robots_share_calls_and_get_their_solo_actions(server):
         assert [r["step"] for r in together[robot]] == [r["step"] for r in alone[robot]]
         for mine, solo in zip(together[robot], alone[robot]):
             np.testing.assert_allclose(unpack_array(mine["actions"]), unpack_array(solo["actions"]), atol=1e-5)
+
+
+def test_a_frame_sent_again_with_its_step_gets_its_answer(server):
+    """A robot that reconnects after losing a reply sends its frame again with its ``step``: it gets the actions it
+    got, and the session plans once (the next frame's seed is the session's seed + 1)."""
+    with open_ws(server + "?session_id=ws-again") as ws:
+        msgpack.unpackb(ws.recv(timeout=30))
+        assert msgpack.unpackb(ws.send(msgpack.packb({"endpoint": "reset", "seed": 40})) or ws.recv(timeout=30))
+        first = infer(ws, {**flat_observation(0), "step": 0})
+    with open_ws(server + "?session_id=ws-again") as ws:  # reconnected, the same session
+        msgpack.unpackb(ws.recv(timeout=30))
+        again = infer(ws, {**flat_observation(0), "step": 0})
+        assert np.array_equal(unpack_array(again["actions"]), unpack_array(first["actions"]))
+        assert (again["step"], again["seed"], again["valid_until"]) == (0, 40, first["valid_until"])
+        assert infer(ws, {**flat_observation(2), "step": 2})["seed"] == 41
+        infer(ws, {"endpoint": "reset"})  # leave the named session clean

@@ -417,3 +417,116 @@ def test_a_step_sent_again_gets_its_answer_and_changes_nothing(client):
     for step in range(5):
         assert {k: twice[step][k] for k in ("action", "replanned", "plan_step")} == \
             {k: once[step][k] for k in ("action", "replanned", "plan_step")}, step
+
+
+def test_a_chunk_sent_again_gets_its_answer_and_changes_nothing(client):
+    """Chunk mode, as step mode: a request sent again with its step number (its reply was lost) gets the chunk it
+    got, and the session's plans, seeds and history go on as if it had been sent once. Without a step number a
+    request is always a new one."""
+    for sid in ("chunks-once", "chunks-twice"):  # the same seeded episode for both
+        chunk(client, sid, 0, step=0)
+        assert client.post(f"/sessions/{sid}/reset", json={"seed": 7}).status_code == 200
+    once = [chunk(client, "chunks-once", k, step=k) for k in (0, 2, 4)]
+    twice = [chunk(client, "chunks-twice", k, step=k) for k in (0, 2, 2, 4, 4)]
+    answer = ("action_chunk", "seed", "step", "valid_until", "timestamp")
+    assert [{k: twice[i][k] for k in answer} for i in (1, 3)] == [{k: twice[i][k] for k in answer} for i in (2, 4)]
+    planned = ("action_chunk", "seed", "step")
+    assert [{k: c[k] for k in planned} for c in (twice[0], twice[1], twice[3])] == \
+        [{k: c[k] for k in planned} for c in once]
+    infos = {s["session_id"]: s for s in client.get("/sessions").json()["sessions"]}
+    assert infos["chunks-twice"]["plans"] == infos["chunks-once"]["plans"] == 3
+    assert infos["chunks-twice"]["last_step"] == 4
+    new = chunk(client, "chunks-twice", 4)  # no step number: a new request, n_action_steps later
+    assert new["step"] == 6 and new["seed"] == 7 + 3
+
+
+def test_a_row_the_model_would_overflow_on_is_refused_at_the_step_that_sends_it(client):
+    """A step that only hands out its plan (open_loop_steps 2: step 1) refuses a proprioception row the model would
+    overflow on, as a replanning step does, naming the field; the session goes on exactly as one that never got
+    it (before, the row was kept and every later plan whose window held it was refused)."""
+    def step(sid: str, k: int, observation: dict = None):
+        return client.post(f"/sessions/{sid}/step", json={"observation": observation or current(k), "step": k})
+
+    for sid in ("rows-clean", "rows-bad"):
+        chunk(client, sid, 0, step=0)
+        assert client.post(f"/sessions/{sid}/reset", json={"seed": 5}).status_code == 200
+    clean = [step("rows-clean", k).json() for k in range(4)]
+    bad = [step("rows-bad", 0).json()]
+    refused = step("rows-bad", 1, dict(current(1), lowdim={"arm__pos": [3e38, 0.5]}))
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["field"] == "observation.lowdim.arm__pos" and "far outside the range" in error["message"]
+    bad += [step("rows-bad", k).json() for k in range(1, 4)]
+    assert [(s["action"], s["replanned"], s["plan_step"]) for s in bad] == \
+        [(s["action"], s["replanned"], s["plan_step"]) for s in clean]
+    assert [s["replanned"] for s in clean] == [True, False, True, False]
+    # the same check for a request without a session, naming the field (not the model's overflow)
+    window = {"images": {cam: [current(0)["images"][cam]] * 2 for cam in POLICY_CAMERAS},
+              "lowdim": {"arm__pos": [[0.1, 0.2], [1e30, 0.2]]}, "language_instruction": "pick up the red block"}
+    stateless = client.post("/predict/diffusion_policy", json={"observation": window})
+    assert stateless.status_code == 422 and stateless.json()["error"]["field"] == "observation.lowdim.arm__pos"
+
+
+def test_a_gone_session_reset_starts_its_episode_and_names_its_model(tiny_checkpoints):
+    """A reset of a session that expired or was evicted answers as any reset does: the session's model and its new
+    episode's seed (a random one when none is asked for), and the session is there at once (listed; the next
+    request continues it with that seed)."""
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    with serving(spec, max_sessions=1, session_idle_timeout_s=1.0) as c:
+        assert c.post("/sessions/sleepy/step", json={"observation": current(0)}).status_code == 200
+        time.sleep(1.3)  # expired, and no request has looked since: the reset is the first to notice
+        reset = c.post("/sessions/sleepy/reset", json={"seed": 7})
+        assert reset.status_code == 200 and reset.json() == {"session_id": "sleepy", "model": "policy", "reset": True,
+                                                             "seed": 7}, reset.text
+        assert [s["session_id"] for s in c.get("/sessions").json()["sessions"]] == ["sleepy"]
+        assert chunk(c, "sleepy", 0)["seed"] == 7
+        chunk(c, "pushy", 0)  # evicts sleepy (one session at most)
+        reset = c.post("/sessions/sleepy/reset").json()
+        assert reset["model"] == "policy" and isinstance(reset["seed"], int), reset
+        again = chunk(c, "sleepy", 0)
+        assert again["step"] == 0 and again["seed"] == reset["seed"]
+
+
+def test_a_gone_session_whose_deployment_is_not_served_stays_gone_after_a_failed_reset(tiny_checkpoints):
+    """The reset of a gone session makes its new episode on the deployment it was on; when no deployment of that
+    name is served (unloaded), the reset fails naming it and the session is still reported gone."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.errors import ApiError
+    from service.sessions import SessionStore
+    from vla_foundry.pipelines import load_pipeline
+
+    deployment = SimpleNamespace(name="policy", modality="action", status="ready",
+                                 pipeline=load_pipeline(tiny_checkpoints["diffusion_policy"], traced_sampling=False))
+
+    def unserved(name: str):
+        raise ApiError(404, f"no deployment named {name!r}; deployed: (none)", field="model")
+
+    async def scenario():
+        store = SessionStore(max_sessions=4, idle_timeout_s=60)
+        store.acquire("arm", deployment, request=False)
+        store.end_deployment(deployment, "ended: deployment 'policy' was unloaded")
+        with pytest.raises(ApiError) as failed:
+            await store.reset_gone("arm", None, 3, unserved)
+        assert failed.value.status == 404 and "'policy'" in failed.value.message
+        with pytest.raises(ApiError) as gone:
+            store.get("arm")
+        assert gone.value.status == 409 and "unloaded" in gone.value.message
+        entry = await store.reset_gone("arm", None, 3, lambda name: deployment)
+        assert store.get("arm") is entry and entry.policy.seed == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_websocket_reset_answers_as_the_http_reset(client):
+    import msgpack
+
+    with client.websocket_connect("/ws/diffusion_policy?session_id=ws-reset") as ws:
+        ws.receive_bytes()  # the metadata
+        ws.send_bytes(msgpack.packb({"endpoint": "reset", "seed": 9}))
+        assert msgpack.unpackb(ws.receive_bytes()) == {"reset": True, "session_id": "ws-reset", "model": "policy",
+                                                      "seed": 9}
+        ws.send_bytes(msgpack.packb({"endpoint": "reset"}))
+        reply = msgpack.unpackb(ws.receive_bytes())
+        assert reply["model"] == "policy" and isinstance(reply["seed"], int)

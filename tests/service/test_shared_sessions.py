@@ -151,6 +151,7 @@ def test_a_session_that_expired_in_the_store_is_reported_and_reset(policy_spec, 
         assert deleted.status_code == 409 and deleted.json()["error"]["type"] == "session_gone", deleted.text
         reset = client.post("/sessions/sleepy/reset", json={"seed": 5})
         assert reset.status_code == 200, reset.text
+        assert reset.json() == {"session_id": "sleepy", "model": "policy", "reset": True, "seed": 5}  # as any reset
         again = client.post("/sessions/sleepy/step", json={"observation": current(0), "step": 0})
         assert again.status_code == 200 and again.json()["replanned"]
         listed = client.get("/sessions").json()["sessions"]
@@ -364,3 +365,21 @@ def test_a_store_that_never_answers_fails_the_check_within_seconds():
         assert asyncio.run(check()) < 10
     finally:
         silent.close()
+
+
+def test_a_chunk_sent_again_to_the_other_replica_gets_its_answer(replicas):
+    """Chunk mode: a request whose reply was lost, sent again with its step number to another replica, gets the
+    chunk it got there (the answer travels in the stored state) and is planned once."""
+    a, b = replicas
+
+    def chunk_on(client, k: int) -> dict:
+        reply = client.post("/predict/diffusion_policy", json={"observation": current(k), "session_id": "arm",
+                                                               "step": k}, headers=ALICE)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    first, again = chunk_on(a, 0), chunk_on(b, 0)
+    assert {k: again[k] for k in ("action_chunk", "seed", "step", "valid_until")} == \
+        {k: first[k] for k in ("action_chunk", "seed", "step", "valid_until")}
+    assert chunk_on(b, 2)["seed"] == first["seed"] + 1  # the next plan: the first was planned once
+    assert [s["plans"] for s in a.get("/sessions", headers=ALICE).json()["sessions"]] == [2]

@@ -4,6 +4,8 @@ bounded however long the episode runs."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,83 @@ def test_what_a_session_carries_stays_bounded_however_long_the_episode(policy):
             span = session.history.span
             assert all(len(t) <= span + 2 for t in (*history["frames"].values(), *history["lowdim"].values()))
     assert sizes[119] <= 1.05 * sizes[30]  # (the plan's future actions vary a little with where it started)
+
+
+def test_a_chunk_sent_again_gets_its_answer_on_a_restored_session_and_moves_nothing(policy):
+    """Chunk mode: the last request sent again with its step and timestamp gets its chunk (also from a session
+    restored elsewhere, as a replica that did not serve it), records and plans nothing; another timestamp for that
+    step is refused, naming ``step``; the next request plans as if the first had been sent once."""
+    from vla_foundry.errors import StaleObservationError
+
+    session, twin = PolicySession(policy, seed=5), PolicySession(policy, seed=5)
+    now = time.time()
+    first = session.chunk(*observation(policy, 0), "pick", step=0, timestamp=now, num_inference_steps=2)
+    twin.chunk(*observation(policy, 0), "pick", step=0, timestamp=now, num_inference_steps=2)
+    elsewhere = moved(policy, session)
+    again = elsewhere.chunk(*observation(policy, 99), "pick", step=0, timestamp=now, seed=123, num_inference_steps=2)
+    np.testing.assert_array_equal(again.action_chunk, first.action_chunk)
+    assert (again.step, again.seed, again.valid_until, again.timestamp) == (
+        first.step, first.seed, first.valid_until, first.timestamp)
+    assert elsewhere.info() == session.info() and elsewhere.history.last_step == 0
+    with pytest.raises(StaleObservationError) as other:
+        elsewhere.chunk(*observation(policy, 0), "pick", step=0, timestamp=now + 0.01, num_inference_steps=2)
+    assert other.value.field == "step"
+    later = elsewhere.chunk(*observation(policy, 2), "pick", step=2, num_inference_steps=2)
+    expected = twin.chunk(*observation(policy, 2), "pick", step=2, num_inference_steps=2)
+    np.testing.assert_array_equal(later.action_chunk, expected.action_chunk)
+    assert later.seed == expected.seed == 5 + 1
+
+
+def test_a_step_refuses_a_row_the_model_would_overflow_on_and_moves_nothing(policy):
+    """A step that only hands out its plan checks its proprioception row as the model call would (without the
+    model): refused, the session is as before, and its next steps are those of a session that never got it."""
+    from vla_foundry.errors import InvalidInputError
+
+    session, clean = PolicySession(policy, seed=2, open_loop_steps=3), PolicySession(policy, seed=2, open_loop_steps=3)
+    for s in (session, clean):
+        s.step(*observation(policy, 0), "pick", step=0, num_inference_steps=2)
+    before = session.export()
+    images, lowdim = observation(policy, 1)
+    field = policy.robot_io.proprioception_fields[0]
+    with pytest.raises(InvalidInputError) as refused:
+        session.step(images, {**lowdim, field: np.full_like(lowdim[field], 3e38)}, "pick", step=1)
+    assert refused.value.field == f"observation.lowdim.{field}"
+    np.testing.assert_equal(session.export(), before)  # nothing recorded, counted or planned
+    for step in (1, 2, 3, 4):  # step 3 replans on a window that holds step 1's row and 2's
+        got = session.step(*observation(policy, step), "pick", step=step, num_inference_steps=2)
+        expected = clean.step(*observation(policy, step), "pick", step=step, num_inference_steps=2)
+        np.testing.assert_array_equal(got.action, expected.action)
+        assert got.replanned == expected.replanned
+
+
+def test_the_row_check_refuses_what_the_model_overflows_on_and_passes_what_it_takes(tiny_checkpoints, policy):
+    """The check runs without the model, yet refuses rows the model call would refuse and passes real ones: the
+    bound is far below where the model overflows (float32), and follows the model's dtype (float16 overflows on
+    rows that float32 takes)."""
+    from vla_foundry.errors import InvalidInputError
+    from vla_foundry.pipelines.action import PolicyRequest
+    from vla_foundry.robotics.observations import RawObservation
+
+    io = policy.robot_io
+    field = io.proprioception_fields[0]
+    d = io.field_dims[field]
+
+    def request(value: float) -> PolicyRequest:
+        frame = np.zeros((24, 40, 3), np.uint8)
+        lowdim = {f: np.zeros((io.past_steps + 1, io.field_dims[f]), np.float32) for f in io.proprioception_fields}
+        lowdim[field] = np.full((io.past_steps + 1, d), value, np.float32)
+        return PolicyRequest(RawObservation({n: frame for n in io.image_names}, lowdim, "pick"), seed=0)
+
+    half = load_pipeline(tiny_checkpoints["diffusion_policy"], traced_sampling=False, dtype="float16")
+    for value in (0.5, 50.0):  # real rows pass, the model takes them
+        policy.check_magnitudes(field, np.full((1, d), value, np.float32), "x")
+        assert not isinstance(policy.predict_each([request(value)])[0], Exception)
+    for value in (1e30, 3e38):  # the model overflows on these: the check refuses them first
+        assert isinstance(policy.predict_each([request(value)])[0], InvalidInputError)
+        with pytest.raises(InvalidInputError, match="far outside the range"):
+            policy.check_magnitudes(field, np.full((1, d), value, np.float32), f"observation.lowdim.{field}")
+    policy.check_magnitudes(field, np.full((1, d), 1e6, np.float32), "x")  # float32 takes it
+    assert not isinstance(policy.predict_each([request(1e6)])[0], Exception)
+    assert isinstance(half.predict_each([request(1e6)])[0], InvalidInputError)  # float16 overflows on it
+    with pytest.raises(InvalidInputError):
+        half.check_magnitudes(field, np.full((1, d), 1e6, np.float32), "x")

@@ -95,6 +95,14 @@ def _scores(scores: dict[str, Any], seed: int) -> Union[dict[str, Any], InvalidI
 
 FUTURE_TIMESTAMP_TOLERANCE_S = 5.0  # an observation's timestamp may be this far ahead of the server's clock
 
+# How large a normalized proprioception or past-action value may be. Finite values far outside the statistics
+# overflow inside the model, and the model call then refuses them (its actions come out NaN or infinite): the tiny
+# test policy in float32 or bfloat16 overflowed between 2.5e19 and 2.5e24 (normalized), in float16 between 2.5e4
+# and 2.5e5 (the cast to float16 overflows at 65504). Checked without the model, values are refused well below
+# that: past 1e12 (no robot reads 1e12 times its training data's spread), and past a hundredth of the model
+# dtype's largest value (float16: 655).
+MAX_NORMALIZED_INPUT = 1e12
+
 
 def overflowed(noise_given: bool = False) -> InvalidInputError:
     if noise_given:  # either may be at fault
@@ -269,12 +277,47 @@ class ActionPipeline(Pipeline):
             fields = fields or ["observation.language_instruction"] * len(prompts)
             check_prompt_length(self.processor, prompts, self.max_prompt_tokens, fields)
 
+    @property
+    def max_normalized_input(self) -> float:
+        """The largest normalized proprioception or past-action value a request may hold (``MAX_NORMALIZED_INPUT``,
+        lower for a float16 model)."""
+        dtype = next(self.model.parameters()).dtype
+        return min(MAX_NORMALIZED_INPUT, torch.finfo(dtype).max / 100)
+
+    def check_magnitudes(self, name: str, rows: np.ndarray, where: str) -> None:
+        """Refuse raw rows (n, d) of proprioception or action field ``name`` whose values the model would overflow
+        on, without the model: each row is normalized as the model call normalizes it, at every place of the
+        window it may take (a session's row moves through the past rows step by step), and must stay finite and
+        within ``max_normalized_input``. Cheap (a few small tensor operations), so a session checks every row it
+        records, including a step's that only hands out its plan."""
+        r = self.robot_io
+        places = r.past_steps + 1 if name in r.proprioception_fields else r.past_steps  # its rows in a window
+        rows = np.asarray(rows, np.float32).reshape(-1, r.field_dims[name])
+        if places == 0 or not len(rows):
+            return
+        windows = [{name: np.repeat(row[None], places, axis=0)} for row in rows]
+        normalized = normalize_fields(windows, [name], self.normalizer, r.past_steps, r.action_steps)  # (n, places, d)
+        bound = self.max_normalized_input
+        bad = (~torch.isfinite(normalized) | (normalized.abs() > bound)).flatten(1).any(1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            size = normalized[i].abs().max().item()
+            raise InvalidInputError(
+                f"{where}: the row {rows[i].tolist()} is far outside the range the policy was trained on: normalized "
+                f"with the checkpoint's statistics it reaches {size:.3g}, beyond the {bound:g} this policy takes (its "
+                "actions would come out NaN or infinite); send the robot's real values, in the units of the "
+                "checkpoint's stats.json", field=where)
+
     def check_request(self, request: PolicyRequest) -> None:
         """What ``predict_each`` would refuse in ``request`` alone (a stale observation, an instruction the tokenizer
-        would cut, noise of the wrong shape), checked before it joins a batch, so a bad request never fails its
-        neighbours."""
+        would cut, noise of the wrong shape, proprioception or past actions the model would overflow on), checked
+        before it joins a batch, so a bad request never fails its neighbours."""
         self.anchor(request.timestamp)
         self.check_instructions([request.sample])
+        for name, rows in request.sample.lowdim.items():
+            self.check_magnitudes(name, rows, f"observation.lowdim.{name}")
+        for name, rows in (request.sample.past_actions or {}).items():
+            self.check_magnitudes(name, rows, f"past_actions.{name}")
         if request.noise is not None:
             r = self.robot_io
             shape = tuple(np.shape(request.noise))

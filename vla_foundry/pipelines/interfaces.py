@@ -103,6 +103,8 @@ class ActionServing(Served, Protocol):
 
     def check_request(self, request: PolicyRequest) -> None: ...
 
+    def check_magnitudes(self, name: str, rows: np.ndarray, where: str) -> None: ...  # rows the model overflows on
+
     def chunk_expiry(self, timestamp: Optional[float], *, steps: Optional[int] = None) -> Optional[float]: ...
 
     def predict_each(self, requests: Sequence[PolicyRequest], *, num_inference_steps: Optional[int] = None

@@ -15,6 +15,11 @@ Results are typed: chunk mode returns the pipeline's ``ActionChunk`` (with the s
 step), step mode an ``ActionStep``; both carry ``valid_until`` from the observation's
 ``timestamp`` (a stale one is refused before anything is recorded).
 
+A request sent again (its reply was lost) is known by its step number and timestamp: a request
+with the ``step`` and ``timestamp`` of the session's last answer gets that answer again, in either
+mode, and changes nothing (the session keeps its last answer, ``served``); another timestamp for
+that step is refused. A request without a step number is always a new one.
+
 Batching: ``begin_chunk`` / ``begin_step`` record the robot's input and return a
 ``PendingPlan`` (the ``PolicyRequest`` the plan needs, or no request when step mode hands out
 an action of the current plan); the caller runs the requests of many sessions in one
@@ -73,6 +78,19 @@ def _step_from_state(state: dict[str, Any]) -> ActionStep:
     return ActionStep(**{**state, "action": np.asarray(state["action"], np.float32)})
 
 
+def _chunk_state(chunk) -> dict[str, Any]:
+    """An ``ActionChunk`` as plain data (a session's ``export``; its arrays stay arrays, which a store packs)."""
+    return dataclasses.asdict(chunk)
+
+
+def _chunk_from_state(state: dict[str, Any]):
+    from vla_foundry.pipelines.action import ActionChunk
+
+    arrays = {name: np.asarray(state[name], np.float32) for name in ("action_chunk", "normalized_actions")}
+    actions = {field: np.asarray(values, np.float32) for field, values in state["actions"].items()}
+    return ActionChunk(**{**state, **arrays, "actions": actions})
+
+
 def _depth(value) -> int:
     """Nesting depth of a list value (0 for a scalar)."""
     depth = 0
@@ -129,6 +147,7 @@ class PolicySession:
         self.plan_length = 0  # actions in the current plan (current + future)
         self.steps_served = 0  # step mode: actions handed out from the current plan
         self.served: Optional[ActionStep] = None  # step mode: the last step's answer (a step sent again gets it)
+        self.served_chunk = None  # chunk mode: the last request's ActionChunk (sent again with its step, it gets it)
 
     # ------------------------------------------------------------------ state (a session that moves)
 
@@ -139,6 +158,7 @@ class PolicySession:
         return {"seed": self.seed, "plans": self.plans, "plan_step": self.plan_step, "plan_length": self.plan_length,
                 "steps_served": self.steps_served, "open_loop_steps": self.open_loop_steps,
                 "served": None if self.served is None else _step_state(self.served),
+                "served_chunk": None if self.served_chunk is None else _chunk_state(self.served_chunk),
                 "history": self.history.export()}
 
     @classmethod
@@ -155,15 +175,19 @@ class PolicySession:
                                                                 state["steps_served"])
         served = state.get("served")  # absent in a state stored before steps were remembered
         self.served = None if served is None else _step_from_state(served)
+        served_chunk = state.get("served_chunk")  # absent in a state stored before chunks were remembered
+        self.served_chunk = None if served_chunk is None else _chunk_from_state(served_chunk)
         self.history.restore(state["history"])
 
     def _undo_point(self) -> Callable[[], None]:
         """A function that puts this session back as it is now (a begun plan whose request failed)."""
-        counters = (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served)
+        counters = (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served,
+                    self.served_chunk)
         history = self.history.snapshot()
 
         def undo() -> None:
-            self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served = counters
+            (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served,
+             self.served_chunk) = counters
             self.history.rollback(history)
 
         return undo
@@ -195,8 +219,24 @@ class PolicySession:
                 raise InvalidInputError(f"{where}: {n} rows; send the current [d] row, or the last "
                                         f"{io.past_steps + 1} rows [P+1][d], oldest first", field=where)
             rows = _numbers(value, (d,) if depth <= 1 else (n, d), where).reshape(n, d)
+            # Checked now, whether this request replans or not: a row the model would overflow on, recorded by a
+            # step that only hands out its plan, would fail every later plan whose window holds it.
+            self.pipeline.check_magnitudes(name, rows, where)
             for i, row in enumerate(rows):
                 self.history.record(step - (n - 1) + i, lowdim={name: row})
+
+    @staticmethod
+    def _sent_again(served: Any, step: Optional[int], timestamp: Optional[float]) -> Any:
+        """``served`` (the session's last answer) when this request is it sent again: the same step number and
+        timestamp (its reply was lost: a timeout, a replica that died after its save). Else None: a new request.
+        Another observation of a step already answered is refused: its answer stands."""
+        if step is None or served is None or step != served.step:
+            return None
+        if timestamp != served.timestamp:
+            raise StaleObservationError(
+                f"step {step} was answered already (for the observation of timestamp {served.timestamp}); sent "
+                "again it gets that answer only with that timestamp: send the next step", field="step")
+        return served
 
     def _next_step(self, step: Optional[int], default_advance: int) -> int:
         last = self.history.last_step
@@ -221,7 +261,7 @@ class PolicySession:
 
     def _adopt_plan(self, step: int, out) -> None:
         self.plans += 1
-        self.served = None  # a new plan: no earlier step's answer stands for a step sent again
+        self.served = self.served_chunk = None  # a new plan: no earlier answer stands for a request sent again
         planned = out.action_chunk[out.first_action_index:]  # (F+1, A): steps step … step+F
         self.history.record_plan(step, planned)
         self.plan_step, self.plan_length, self.steps_served = step, planned.shape[0], 0
@@ -236,9 +276,13 @@ class PolicySession:
         for this request, with ``step``.
 
         ``past_actions`` (field → (P, d)), when the robot sends them, replace what the session
-        believes it executed.
+        believes it executed. The last request sent again (its ``step`` and ``timestamp``) gets its chunk again
+        and changes nothing, whatever else it carries (``_sent_again``).
         """
         self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
+        served = self._sent_again(self.served_chunk, step, timestamp)
+        if served is not None:  # planned once only: a retry never shifts the session's history, seeds or plans
+            return PendingPlan(None, num_inference_steps, lambda _: served)
         undo = self._undo_point()
         try:
             step = self._next_step(step, self.pipeline.n_action_steps)
@@ -256,6 +300,7 @@ class PolicySession:
 
         def finish(out):
             self._adopt_plan(step, out)
+            self.served_chunk = out
             return out
 
         return PendingPlan(request, num_inference_steps, finish, undo)
@@ -266,15 +311,8 @@ class PolicySession:
         ``open_loop_steps``, or when the robot's step leaves the current plan). ``finish`` returns an
         ``ActionStep``."""
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
-        if step is not None and self.served is not None and step == self.served.step:
-            # The step sent again (its reply was lost: a timeout, a replica that died after its save): it gets the
-            # answer it got, and changes nothing, so a retry never shifts the session's plans. Another observation
-            # of a step already answered is refused: its answer stands.
-            served = self.served
-            if timestamp != served.timestamp:
-                raise StaleObservationError(
-                    f"step {step} was answered already (for the observation of timestamp {served.timestamp}); sent "
-                    "again it gets that answer only with that timestamp: send the next step", field="step")
+        served = self._sent_again(self.served, step, timestamp)
+        if served is not None:  # it gets the answer it got: a retry never shifts the session's plans
             return PendingPlan(None, num_inference_steps, lambda _: served)
         undo = self._undo_point()
         try:
@@ -297,7 +335,7 @@ class PolicySession:
             if out is not None:
                 result.seed, result.num_inference_steps = out.seed, out.num_inference_steps
                 result.timing_ms = dict(out.timing_ms)
-            self.served = result
+            self.served, self.served_chunk = result, None  # only the last answer stands for a request sent again
             return result
 
         return PendingPlan(request, num_inference_steps, finish, undo)
