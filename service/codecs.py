@@ -62,10 +62,12 @@ class TooManyKeys(DecodeError):
 
 
 class TooDeep(DecodeError):
-    """A JSON body nested deeper than the parser recurses: refused (400) before anything validates it."""
+    """A body nested deeper than any request: a JSON one deeper than the parser recurses (400), a msgpack one
+    deeper than ``MAX_NESTING`` (422); refused as a whole (no field) before anything validates it."""
 
-    def __init__(self) -> None:
-        super().__init__("the body nests maps and lists thousands deep; no request does: send a flatter body")
+    def __init__(self, message: str = "the body nests maps and lists thousands deep; no request does: send a "
+                                      "flatter body") -> None:
+        super().__init__(message)
 
 
 class InvalidText(DecodeError):
@@ -259,7 +261,7 @@ class _Checker:
 
     def check(self, value: Any, depth: int = 0) -> Any:
         if isinstance(value, (dict, list)) and depth >= MAX_NESTING:
-            raise DecodeError(f"the body nests maps and lists more than {MAX_NESTING} deep; send a flatter body")
+            raise TooDeep(f"the body nests maps and lists more than {MAX_NESTING} deep; send a flatter body")
         if isinstance(value, dict):
             self.keys_left -= len(value)
             if self.keys_left < 0:
@@ -272,7 +274,7 @@ class _Checker:
                 name = key if type(key) is str else str(key)
                 try:  # costs nothing unless raised: the path is built only for a refused value
                     checked[name] = self.check(item, depth + 1)
-                except TooManyKeys:  # the body as a whole is at fault, not this key
+                except (TooManyKeys, TooDeep):  # the body as a whole is at fault, not this key
                     raise
                 except DecodeError as e:
                     _inside(e, "." + name)
@@ -283,7 +285,7 @@ class _Checker:
             for index, item in enumerate(value):
                 try:
                     checked_items.append(self.check(item, depth + 1))
-                except TooManyKeys:
+                except (TooManyKeys, TooDeep):
                     raise
                 except DecodeError as e:
                     _inside(e, f"[{index}]")
@@ -334,9 +336,10 @@ def _inside(error: DecodeError, step: str) -> None:
 def _name_field(error: DecodeError) -> None:
     """``error``'s field in the form request errors name fields (``images[0][0]``, not ``.images[0][0]``), and at
     the head of its message, as a JSON body's error has it."""
-    if error.field:
-        error.field = error.field.removeprefix(".")
-        error.args = (f"{error.field}: {error}",)
+    if error.field is not None:
+        error.field = error.field.removeprefix(".") or None  # (a key "" at the top names nothing useful)
+        if error.field:
+            error.args = (f"{error.field}: {error}",)
 
 
 def unpack_message(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
@@ -357,7 +360,7 @@ def unpack_message(body: bytes, max_keys: int = MAX_BODY_KEYS) -> Unpacked:
     checker = _Checker(max_keys)
     try:
         return Unpacked(checker.check(value), checker.bytes_keys)
-    except TooManyKeys:
+    except (TooManyKeys, TooDeep):
         raise
     except DecodeError as e:
         _name_field(e)

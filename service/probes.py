@@ -16,6 +16,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import app_path
+from service.codecs import wants_msgpack
 
 LIVE_PATH = "/health/live"
 _BODY = b'{"status":"live"}'
@@ -38,6 +39,6 @@ class LivenessProbe:
 
 def _asks_for_msgpack(scope: Scope) -> bool:
     for name, value in scope.get("headers") or ():
-        if name == b"accept":
-            return b"msgpack" in value
+        if name == b"accept":  # (the common probe names neither msgpack nor a wildcard: no parsing)
+            return (b"msgpack" in value or b"*" in value) and wants_msgpack(value.decode("latin-1"))
     return False

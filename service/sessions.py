@@ -27,7 +27,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from service.errors import ApiError
 from service.shared_sessions import CONFLICT, TAKEN, SharedSessionStates, StoredSession, pack_state, store_failure
@@ -258,6 +258,23 @@ def _expired_in_store(session_id: str, shared: SharedSessionStates) -> ApiError:
                                    "(VLA_SESSION_IDLE_TIMEOUT_S)")
 
 
+class GoneForGood:
+    """``SessionStore.reset_gone``'s answer for a gone session whose deployment is no longer served."""
+
+
+GONE_FOR_GOOD = GoneForGood()
+
+
+def _served(deployments: Callable[[str], Any], name: str) -> Any:
+    """The deployment of that name (``deployments``), or None when none is served (404)."""
+    try:
+        return deployments(name)
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 class SessionStore:
     def __init__(self, max_sessions: int, idle_timeout_s: float, shared: Optional[SharedSessionStates] = None):
         self.max_sessions = max_sessions
@@ -391,19 +408,22 @@ class SessionStore:
         return stored
 
     async def reset_gone(self, session_id: str, owner: Optional[str], seed: Optional[int],
-                         deployments: Callable[[str], Any]) -> Optional[SessionEntry]:
+                         deployments: Callable[[str], Any]) -> Union[None, SessionEntry, "GoneForGood"]:
         """A reset of ``owner``'s session that expired or was evicted (with a shared store: that expired there): its
         new episode (seeded ``seed``), made now on the deployment the gone session was on (``deployments``: name →
-        this replica's deployment; 404 when none of that name is served), so the reset answers as any reset does
-        (its model and seed) and the robot's next request continues it, on any replica. None when no such session
-        is gone (a live one is reset where it is; an unknown id is 404)."""
+        this replica's deployment), so the reset answers as any reset does (its model and seed) and the robot's next
+        request continues it, on any replica. ``GONE_FOR_GOOD`` when that deployment is no longer served (it was
+        unloaded): the id is free again and the robot's next request starts a session wherever it is sent. None when
+        no such session is gone (a live one is reset where it is; an unknown id is 404)."""
         if self.shared is None:
             self.expire()  # one idle past the timeout is gone now, though no request has looked since
             gone = self._gone.get(session_id)
             if gone is None or gone[1] != owner:
                 return None
-            deployment = deployments(gone[2])
             del self._gone[session_id]  # its robot knows now
+            deployment = _served(deployments, gone[2])
+            if deployment is None:
+                return GONE_FOR_GOOD
             try:
                 return self.acquire(session_id, deployment, owner, request=False, seed=seed)
             except BaseException:  # not made (its deployment is loading, say): still gone, to be reset again
@@ -415,7 +435,11 @@ class SessionStore:
         if seen is None or seen["owner"] != owner:
             return None
         self._entries.pop(session_id, None)  # this replica's copy of the expired one (a step that was told so)
-        entry = self.acquire(session_id, deployments(seen["model"]), owner, request=False, seed=seed)
+        deployment = _served(deployments, seen["model"])
+        if deployment is None:
+            await _from_store(self.shared.forget_marker(session_id))
+            return GONE_FOR_GOOD
+        entry = self.acquire(session_id, deployment, owner, request=False, seed=seed)
         await entry.reset(seed)  # stores the new episode and drops the marker
         return entry
 

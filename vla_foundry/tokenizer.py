@@ -121,14 +121,14 @@ class SpaceCleanup:
     Cleaning up the whole text at every step would cost its length per step, and a clean-up of only the new text
     would miss replacements across the join (" '" then "m": " 'm" → "'m") and could still change text already
     streamed. Here each replacement is a stage over a stream: like ``str.replace``, it scans its input left to right
-    and replaces each match it finds, but it holds back its input's last ``len(old) - 1`` characters, where a match
-    may still begin once more text comes, and hands the rest, replaced, to the next stage. What the last stage has
+    and replaces each match it finds, but it holds back the end of its input that is the start of a match (at most
+    ``len(old) - 1`` characters, usually none), and hands the rest, replaced, to the next stage. What the last stage has
     handed on (``done``) is therefore final: the clean-up of the whole text, whatever follows, starts with it.
     """
 
     def __init__(self) -> None:
         self.done = ""  # the clean-up of the text's start, final whatever follows
-        self.pending = [""] * len(CLEANUP_REPLACEMENTS)  # per stage, its input not yet replaced (shorter than its old)
+        self.pending = [""] * len(CLEANUP_REPLACEMENTS)  # per stage, its held-back input (a start of its old)
 
     def feed(self, text: str) -> None:
         """``text`` appended to the text."""
@@ -138,9 +138,14 @@ class SpaceCleanup:
             while (found := buf.find(old, at)) >= 0:
                 out += [buf[at:found], new]
                 at = found + len(old)
-            # Every match that fits is replaced; the last len(old) - 1 characters after the last one may still
-            # begin a match once more text comes: held back.
-            keep = max(at, len(buf) - len(old) + 1)
+            # Every match that fits is replaced; of the rest, only a tail that is the start of ``old`` may still
+            # begin a match once more text comes: the longest such tail is held back (usually none, so the text
+            # streams as it comes).
+            keep = len(buf)
+            for k in range(min(len(old) - 1, len(buf) - at), 0, -1):
+                if buf.endswith(old[:k]):
+                    keep -= k
+                    break
             out.append(buf[at:keep])
             self.pending[i], text = buf[keep:], "".join(out)
         self.done += text

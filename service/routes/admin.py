@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.auth import ApiKeys
 from service.codecs import encode_response
 from service.errors import ApiError
+from service.routes.models import as_served
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.checkpoint import checkpoint_file_path
 
@@ -80,7 +81,7 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         spec = spec.model_copy(update=_checked_files(spec.model_dump(include={"checkpoint", "checkpoint_file",
                                                                               "tokenizer"}), roots))
         deployment = request.app.state.manager.add(spec)
-        return reply(request, deployment.info(), 202)
+        return reply(request, as_served(deployment.info(), request.app.state.settings.max_inference_steps), 202)
 
     async def reload(name: str, body: ReloadRequest, request: Request):
         manager = request.app.state.manager
@@ -93,7 +94,7 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         new = await manager.reload(name, old.spec.model_copy(update=update))
         request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was reloaded with another "
                                                        "checkpoint")
-        return reply(request, new.info())
+        return reply(request, as_served(new.info(), request.app.state.settings.max_inference_steps))
 
     async def unload(name: str, request: Request):
         old = request.app.state.manager.remove(name)

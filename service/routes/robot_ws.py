@@ -140,7 +140,7 @@ class OpenSockets:
         await asyncio.gather(*(goodbye(c) for c in connections))
 
 
-MAX_CLOSE_REASON = 123  # bytes a close frame's reason may hold; fields are ASCII
+MAX_CLOSE_REASON = 123  # bytes a close frame's reason may hold (a field may hold a client's non-ASCII key)
 TOP_LEVEL = {"seed", "num_inference_steps", "noise", "timestamp", "step", "past_actions", "timeout_s"}
 
 
@@ -334,7 +334,7 @@ def _field(error: Exception) -> Optional[str]:
 
 async def _close(websocket: WebSocket, message: str, code: int, field: Optional[str] = None) -> None:
     """The error as a text frame, then the close; the close reason carries the field (at most 123 bytes)."""
-    reason = f"field={field}"[:MAX_CLOSE_REASON] if field else None
+    reason = f"field={field}".encode()[:MAX_CLOSE_REASON].decode("utf-8", "ignore") if field else None
     try:
         await websocket.send_text(message)
         await websocket.close(code, reason)

@@ -20,6 +20,7 @@ from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
 from service.modalities.action import Observation, begin_sessions, decode_observation_frames, finish_sessions
 from service.modalities.base import ModelCall, Number, RequestBase, ResponseBase
+from service.sessions import GONE_FOR_GOOD
 from service.settings import Settings
 from vla_foundry.pipelines.interfaces import ActionServing
 from vla_foundry.robotics.session import ActionStep
@@ -130,6 +131,9 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         # A session that expired or was evicted starts its new episode now, on the deployment it was on; a live one
         # is reset where it is. Either way the answer names the session's model and its new episode's seed.
         entry = await sessions.reset_gone(session_id, owner, seed, manager.get)
+        if entry is GONE_FOR_GOOD:  # its deployment was unloaded: the next request starts a session anew
+            return encode_response({"session_id": session_id, "model": None, "reset": True, "seed": seed},
+                                   request.headers.get("accept", ""))
         if entry is None:
             entry = await sessions.lookup(session_id, owner, manager.get)
             await entry.reset(seed)

@@ -196,3 +196,25 @@ def test_a_deployment_name_must_be_addressable(client, roots):
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "name", (name, refused.text)
     assert client.post("/admin/deployments", json={"name": "lm v2.1", "checkpoint": str(roots / "lm")},
                        headers=ADMIN).status_code == 202
+
+
+def test_a_session_on_an_unloaded_deployment_is_freed_by_its_reset(client, roots):
+    """A robot's session on a deployment that is then unloaded is reported gone (409); its reset answers 200 with
+    no model (there is none to start the episode on), and its next request, to a deployment still served, starts
+    a session there rather than being told again that it is gone."""
+    loaded = client.post("/admin/deployments", json={"name": "p2", "checkpoint": str(roots / "policy-b")},
+                         headers=ADMIN)
+    assert loaded.status_code == 202, loaded.text
+    wait_ready(client)
+    first = client.post("/sessions/arm/step", json={"model": "p2", "observation": current(0), "step": 0},
+                        headers=CLIENT)
+    assert first.status_code == 200 and first.json()["model"] == "p2", first.text
+    assert client.delete("/admin/deployments/p2", headers=ADMIN).status_code == 200
+    gone = client.post("/sessions/arm/step", json={"observation": current(1), "step": 1}, headers=CLIENT)
+    assert gone.status_code == 409 and gone.json()["error"]["type"] == "session_gone", gone.text
+    reset = client.post("/sessions/arm/reset", json={"seed": 4}, headers=CLIENT)
+    assert reset.status_code == 200, reset.text
+    assert reset.json() == {"session_id": "arm", "model": None, "reset": True, "seed": 4}
+    again = client.post("/sessions/arm/step", json={"model": "policy", "observation": current(0), "step": 0},
+                        headers=CLIENT)
+    assert again.status_code == 200 and again.json()["model"] == "policy", again.text

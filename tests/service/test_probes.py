@@ -24,6 +24,11 @@ def test_the_probe_answers_before_keys_and_routing():
         # msgpack is the route's to answer; still public
         packed = client.get("/health/live", headers={"accept": "application/msgpack"})
         assert packed.status_code == 200 and msgpack.unpackb(packed.content) == {"status": "live"}
+        # as every route reads Accept (q-values): msgpack preferred through a wildcard, refused with q=0
+        for accept, packs in (("application/*, application/json;q=0", True), ("application/msgpack;q=0", False),
+                              ("*/*", False)):
+            reply = client.get("/health/live", headers={"accept": accept})
+            assert (reply.headers["content-type"] == "application/msgpack") is packs, accept
         assert client.post("/health/live").status_code == 405  # only GET and HEAD are probes
         assert client.get("/models").status_code == 401  # everything else still needs a key
         assert "/health/live" in client.get("/openapi.json", headers={"authorization": "Bearer secret"}).json()[

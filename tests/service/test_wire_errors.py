@@ -124,6 +124,18 @@ def test_a_websocket_frame_refused_while_unpacking_names_its_field_in_the_close_
     assert closed["reason"] == "field=observation/front"
 
 
+def test_a_close_reason_naming_a_long_non_ascii_field_still_fits_its_frame(client):
+    """A close frame's reason holds at most 123 bytes: a field of a client's own non-ASCII key is cut there (in
+    bytes, not characters), and the close still arrives (else the robot sees an abnormal closure)."""
+    with client.websocket_connect("/ws/diffusion_policy") as ws:
+        msgpack.unpackb(ws.receive_bytes())  # the metadata frame
+        ws.send_bytes(as_msgpack({"observation": {"観" * 60: float("nan")}, "prompt": "pick"}))
+        ws.receive_text()
+        closed = ws.receive()
+    assert closed["type"] == "websocket.close" and closed["code"] == 1008
+    assert closed["reason"].startswith("field=observation.観") and len(closed["reason"].encode()) <= 123
+
+
 def test_msgpack_refusals_are_422_whatever_the_keys_and_400_only_for_what_is_not_msgpack(client):
     """The status follows the kind of refusal, not its words: a key of the body is part of the message now."""
     body = caption(**{"not valid msgpack": float("nan")})

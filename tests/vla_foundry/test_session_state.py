@@ -108,6 +108,7 @@ def test_a_chunk_sent_again_gets_its_answer_on_a_restored_session_and_moves_noth
     twin.chunk(*observation(policy, 0), "pick", step=0, timestamp=now, num_inference_steps=2)
     elsewhere = moved(policy, session)
     again = elsewhere.chunk(*observation(policy, 99), "pick", step=0, timestamp=now, seed=123, num_inference_steps=2)
+    assert first.timing_ms and again.timing_ms == {}  # a replay ran no model: it reports no model times
     np.testing.assert_array_equal(again.action_chunk, first.action_chunk)
     assert (again.step, again.seed, again.valid_until, again.timestamp) == (
         first.step, first.seed, first.valid_until, first.timestamp)
@@ -174,3 +175,5 @@ def test_the_row_check_refuses_what_the_model_overflows_on_and_passes_what_it_ta
     assert isinstance(half.predict_each([request(1e6)])[0], InvalidInputError)  # float16 overflows on it
     with pytest.raises(InvalidInputError):
         half.check_magnitudes(field, np.full((1, d), 1e6, np.float32), "x")
+    half.check_magnitudes(field, np.full((1, d), 1000.0, np.float32), "x")  # float16 takes it: passed
+    assert not isinstance(half.predict_each([request(1000.0)])[0], Exception)

@@ -104,10 +104,11 @@ def test_space_cleanup_of_growing_text_is_transformers_clean_up_and_holds_back_l
         assert all(final.startswith(done) for done in dones), repr(text)
 
 
-def run_tracker(tokenizer, ids: list[int], stop: list[str], tracker_tokenizer=None):
+def run_tracker(tokenizer, ids: list[int], stop: list[str], tracker_tokenizer=None, streams: bool = True):
     """Every id through a one-row tracker (of ``tracker_tokenizer``, by default ``tokenizer``), checking at every step
     that its settled text is what decoding all its tokens whole gives, and that it is done exactly when eos or a stop
-    string first shows; its streamed (text, finish reason) deltas, its completion and the tracker."""
+    string first shows, and (``streams``) that it streams as the text comes; its streamed (text, finish reason)
+    deltas, its completion and the tracker."""
     eos = tokenizer.eos_token_id
     deltas: list = []
     tracker = CompletionTracker(1, tracker_tokenizer or tokenizer, frozenset({eos}), stop,
@@ -118,6 +119,10 @@ def run_tracker(tokenizer, ids: list[int], stop: list[str], tracker_tokenizer=No
         whole = tokenizer.decode(visible, skip_special_tokens=True).rstrip("\ufffd")
         assert tracker._settle(0) == whole, n
         assert done == (ids[n - 1] == eos or any(s in whole for s in stop)), n
+        # And the text streams as it comes: what is held back is at most a tail that may still become a stop
+        # string or be rewritten by the clean-up (a few characters), never a fixed lag of several words.
+        streamed = "".join(text for text, _ in deltas if text)
+        assert not streams or len(whole) - len(streamed) <= max(map(len, stop), default=0) + 6, (n, whole, streamed)
         if done:
             break
     return deltas, tracker.finish()[0], tracker
@@ -161,7 +166,7 @@ def test_a_tokenizer_that_cleans_up_some_other_way_streams_its_text_at_the_end(t
     tokenizer = Renaming(tokenizer_object=base.backend_tokenizer, unk_token="[UNK]", eos_token="[SEP]",
                          pad_token="[PAD]", clean_up_tokenization_spaces=True)
     ids = tokenizer.encode("the robot picks up a red block . it ' s red", add_special_tokens=False)
-    deltas, completion, tracker = run_tracker(tokenizer, ids, [])
+    deltas, completion, tracker = run_tracker(tokenizer, ids, [], streams=False)
     assert tracker.whole and "ROBOT" in completion.text
     assert [text for text, _ in deltas if text] == [completion.text]
 

@@ -9,6 +9,8 @@ observations paired with raw action windows. ``io()`` is the robot's contract, s
 
 from __future__ import annotations
 
+import functools
+
 import math
 import time
 from dataclasses import dataclass, field
@@ -95,12 +97,13 @@ def _scores(scores: dict[str, Any], seed: int) -> Union[dict[str, Any], InvalidI
 
 FUTURE_TIMESTAMP_TOLERANCE_S = 5.0  # an observation's timestamp may be this far ahead of the server's clock
 
-# How large a normalized proprioception or past-action value may be. Finite values far outside the statistics
-# overflow inside the model, and the model call then refuses them (its actions come out NaN or infinite): the tiny
-# test policy in float32 or bfloat16 overflowed between 2.5e19 and 2.5e24 (normalized), in float16 between 2.5e4
-# and 2.5e5 (the cast to float16 overflows at 65504). Checked without the model, values are refused well below
-# that: past 1e12 (no robot reads 1e12 times its training data's spread), and past a hundredth of the model
-# dtype's largest value (float16: 655).
+# How large a normalized proprioception or past-action value a session may record. Finite values far outside the
+# statistics overflow inside the model, and the model call then refuses them (its actions come out NaN or
+# infinite): the tiny test policy in float32 or bfloat16 overflowed between 2.5e19 and 2.5e24 (normalized), in
+# float16 between 2.5e4 and 2.5e5. Checked without the model, values are refused past 1e12 (no robot reads 1e12
+# times its training data's spread), and past the model dtype's largest value (float16: 65504, where the cast
+# itself overflows; a float16 model may still overflow below it, and its model call then refuses the plan). A
+# field the statistics leave as it is (not normalized) is bounded the same way, raw.
 MAX_NORMALIZED_INPUT = 1e12
 
 
@@ -277,12 +280,12 @@ class ActionPipeline(Pipeline):
             fields = fields or ["observation.language_instruction"] * len(prompts)
             check_prompt_length(self.processor, prompts, self.max_prompt_tokens, fields)
 
-    @property
+    @functools.cached_property
     def max_normalized_input(self) -> float:
-        """The largest normalized proprioception or past-action value a request may hold (``MAX_NORMALIZED_INPUT``,
-        lower for a float16 model)."""
+        """The largest normalized proprioception or past-action value a session may record (``MAX_NORMALIZED_INPUT``,
+        or a float16 model's largest value: beyond it the row is infinite once cast)."""
         dtype = next(self.model.parameters()).dtype
-        return min(MAX_NORMALIZED_INPUT, torch.finfo(dtype).max / 100)
+        return min(MAX_NORMALIZED_INPUT, torch.finfo(dtype).max)
 
     def check_magnitudes(self, name: str, rows: np.ndarray, where: str) -> None:
         """Refuse raw rows (n, d) of proprioception or action field ``name`` whose values the model would overflow
@@ -310,14 +313,11 @@ class ActionPipeline(Pipeline):
 
     def check_request(self, request: PolicyRequest) -> None:
         """What ``predict_each`` would refuse in ``request`` alone (a stale observation, an instruction the tokenizer
-        would cut, noise of the wrong shape, proprioception or past actions the model would overflow on), checked
-        before it joins a batch, so a bad request never fails its neighbours."""
+        would cut, noise of the wrong shape), checked before it joins a batch, so a bad request never fails its
+        neighbours. (Values the model overflows on are found by the model call itself, which fails only that
+        request; a session checks its rows as it records them, ``check_magnitudes``.)"""
         self.anchor(request.timestamp)
         self.check_instructions([request.sample])
-        for name, rows in request.sample.lowdim.items():
-            self.check_magnitudes(name, rows, f"observation.lowdim.{name}")
-        for name, rows in (request.sample.past_actions or {}).items():
-            self.check_magnitudes(name, rows, f"past_actions.{name}")
         if request.noise is not None:
             r = self.robot_io
             shape = tuple(np.shape(request.noise))

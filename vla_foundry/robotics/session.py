@@ -282,7 +282,8 @@ class PolicySession:
         self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
         served = self._sent_again(self.served_chunk, step, timestamp)
         if served is not None:  # planned once only: a retry never shifts the session's history, seeds or plans
-            return PendingPlan(None, num_inference_steps, lambda _: served)
+            replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
+            return PendingPlan(None, num_inference_steps, lambda _: replayed)
         undo = self._undo_point()
         try:
             step = self._next_step(step, self.pipeline.n_action_steps)
@@ -313,7 +314,8 @@ class PolicySession:
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
         served = self._sent_again(self.served, step, timestamp)
         if served is not None:  # it gets the answer it got: a retry never shifts the session's plans
-            return PendingPlan(None, num_inference_steps, lambda _: served)
+            replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
+            return PendingPlan(None, num_inference_steps, lambda _: replayed)
         undo = self._undo_point()
         try:
             step = self._next_step(step, 1)
