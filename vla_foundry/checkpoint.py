@@ -156,19 +156,65 @@ def read_checkpoint_file(path: Union[str, Path]) -> dict[str, Any]:
     return payload
 
 
+def _global_step_of(path: Path) -> Optional[int]:
+    """``global_step`` recorded in a checkpoint file, read without loading its weights; None when absent."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:  # the header only
+                value = (f.metadata() or {}).get("global_step", "")
+            return int(value) if value.isdigit() else None
+        if not zipfile.is_zipfile(path):
+            return None
+        # mmap: the tensors stay on disk; only the small pickled dict is read.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # the step is only reported: a damaged file must not stop the EMA load
+        logger.warning("could not read global_step from %s (%s: %s)", path, type(e).__name__, e)
+        return None
+    value = payload.get("global_step") if isinstance(payload, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def training_step(payload: dict[str, Any], file: Path, is_ema: bool) -> Optional[int]:
+    """The optimizer step (``global_step``) the weights were saved at, or None when not recorded.
+
+    ``ema_<N>`` files record only ``ema_optimization_step``, which is not the training step (it is 0 for
+    "vanilla" EMA, spec §2.2), and N counts saves, not steps (§1.1, §2.1). The EMA weights were saved with
+    ``checkpoint_<N>``, so their step is that file's ``global_step``.
+    """
+    step = payload.get("global_step")
+    if step is not None or not is_ema:
+        return step
+    raw = file.with_name("checkpoint_" + file.name[len("ema_"):])
+    for candidate in (raw, raw.with_suffix(".safetensors" if raw.suffix == ".pt" else ".pt")):
+        if candidate.is_file():
+            return _global_step_of(candidate)
+    return None
+
+
 def state_dict_from_payload(payload: dict[str, Any], path: Path, ema: bool) -> dict[str, torch.Tensor]:
     key = "ema_state_dict" if ema else "state_dict"
     if key in payload:
         state_dict = payload[key]
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(
+                f"{path}: {key!r} is a {type(state_dict).__name__}, not a mapping of parameter names to tensors. "
+                f"Re-save it as {{{key!r}: model.state_dict(), ...}}.")
     elif all(isinstance(v, torch.Tensor) for v in payload.values()) and payload:
         state_dict = payload  # a bare state dict (torch.save(model.state_dict()))
     else:
         raise CheckpointError(f"{path} has no {key!r}; its keys are {sorted(payload)[:10]}")
-    return strip_wrapper_prefixes(state_dict)
+    return strip_wrapper_prefixes(state_dict, f"{path} ({key!r})")
 
 
-def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor], source: str = "the state dict"
+                           ) -> dict[str, torch.Tensor]:
     """Remove ``_orig_mod.`` / ``module.`` while the first key carries one (spec §2.3)."""
+    bad = [k for k in state_dict if not isinstance(k, str)][:3]
+    if bad:  # the prefix test below needs string keys
+        raise CheckpointError(f"{source} has keys that are not parameter names: {bad!r} (keys must be strings like "
+                              "'layers.0.attention.in_proj.weight'). Re-save it with model.state_dict().")
     while state_dict:
         first = next(iter(state_dict))
         prefix = next((p for p in WRAPPER_PREFIXES if first.startswith(p)), None)
@@ -178,9 +224,29 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return state_dict
 
 
+def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """For each name of a tensor the model holds under several names (weight tying), all its names."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names_by_tensor.setdefault(id(tensor), []).append(name)
+    return {name: names for names in names_by_tensor.values() if len(names) > 1 for name in names}
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load whose error lists missing, unexpected and mis-shaped keys."""
+    """Strict load whose error lists missing, unexpected and mis-shaped keys.
+
+    A tied tensor stored under only one of its names counts as present under all of them:
+    ``safetensors.torch.save_model`` keeps one name per shared tensor (the ``.pt`` files keep both).
+    """
+    adapt = getattr(model, "adapt_to_checkpoint_keys", None)
+    if adapt is not None:  # optional modules of our own that only some checkpoints carry (see the model)
+        adapt(state_dict.keys())
     expected = model.state_dict()
+    tied = _tied_names(model)
+    aliases = {k: next(a for a in tied[k] if a in state_dict) for k in expected
+               if k not in state_dict and any(a in state_dict for a in tied.get(k, ()))}
+    if aliases:
+        state_dict = {**state_dict, **{k: state_dict[a] for k, a in aliases.items()}}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
@@ -261,7 +327,7 @@ def load_model(path: Union[str, Path], checkpoint: Union[None, int, str, Path] =
     model.checkpoint = CheckpointInfo(
         experiment_dir=experiment_dir.resolve(), file=file.resolve(),
         checkpoint_num=payload.get("checkpoint_num"),
-        step=payload.get("global_step", payload.get("ema_optimization_step")), ema=is_ema,
+        step=training_step(payload, file, is_ema), ema=is_ema,
         precision=precision)
     model.to(device=device, dtype=torch_dtype)
     model.eval()

@@ -17,29 +17,40 @@ import yaml
 from vla_foundry.errors import CheckpointError
 
 
-def _include_loader(base_dir: Path) -> type:
-    class IncludeLoader(yaml.SafeLoader):
-        pass
+def _include_loader(including_file: Path) -> type:
+    """A SafeLoader that replaces each ``!include`` node by the included file's nodes while composing.
 
-    def compose_include(node: yaml.Node) -> yaml.Node:
+    Expanding at compose time (not at construction) is what makes a nested include resolve against
+    the file that wrote it: the included file is composed by its own loader, whose folder is its own.
+    ``<<: !include`` then needs nothing special: the merge key already sees a mapping node.
+    """
+    base_dir = including_file.parent
+
+    class IncludeLoader(yaml.SafeLoader):
+        def compose_scalar_node(self, anchor):
+            node = super().compose_scalar_node(anchor)
+            if node.tag != "!include":
+                return node
+            included = compose_include(node)
+            if anchor is not None:  # an alias of this node means the included content
+                self.anchors[anchor] = included
+            return included
+
+    def compose_include(node: yaml.ScalarNode) -> yaml.Node:
         path = (base_dir / node.value).resolve()
         if not path.is_file():
-            raise CheckpointError(f"!include {node.value!r} in a config under {base_dir}: no such file {path}")
-        with open(path) as f:
-            return yaml.compose(f, Loader=_include_loader(path.parent))
+            raise CheckpointError(f"!include {node.value!r} in {including_file}: no such file {path} (the path is "
+                                  f"relative to the including file's folder {base_dir}); fix the path or add the file")
+        try:
+            with open(path) as f:
+                included = yaml.compose(f, Loader=_include_loader(path))
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{path} (included from {including_file}) is not valid YAML: {e}") from e
+        if included is None:
+            raise CheckpointError(f"!include {node.value!r} in {including_file}: {path} is empty; give it content "
+                                  "or drop the include")
+        return included
 
-    def flatten_mapping(self, node):
-        # `<<: !include x.yaml` — swap the tagged scalar for the included mapping before merging.
-        for i, (key, value) in enumerate(node.value):
-            if key.tag == "tag:yaml.org,2002:merge" and value.tag == "!include":
-                node.value[i] = (key, compose_include(value))
-        return yaml.SafeLoader.flatten_mapping(self, node)
-
-    def construct_include(loader, node):
-        return loader.construct_object(compose_include(node), deep=True)
-
-    IncludeLoader.flatten_mapping = flatten_mapping
-    IncludeLoader.add_constructor("!include", construct_include)
     return IncludeLoader
 
 
@@ -47,7 +58,7 @@ def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
         with open(path) as f:
-            return yaml.load(f, Loader=_include_loader(path.parent))
+            return yaml.load(f, Loader=_include_loader(path))
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML: {e}") from e
 

@@ -337,24 +337,3 @@ def test_pipeline_validation(pipeline, kwargs, field):
     assert info.value.field == field
 
 
-def test_diffusers_unet_takes_text(tmp_path, tiny_tokenizer):
-    """use_diffusers_unet with a prompt works (the reference crashes, B9): the pooled text is projected into the
-    time embedding; without text the module has exactly the reference's keys (unet.model.*)."""
-    from vla_foundry.demo.hf_models import build_tiny_clip
-    from vla_foundry.params.diffusion import UNetParams
-
-    from tests.factories import tiny_model, tiny_stable_diffusion_params
-
-    unet = UNetParams(channels=[8], image_size=32, text_emb_dim=32)
-    text_model = tiny_model(tiny_stable_diffusion_params(build_tiny_clip(tmp_path / "clip", tiny_tokenizer),
-                                                         use_diffusers_unet=True, unet=unet))
-    assert {k for k in text_model.state_dict() if k.startswith("unet.") and not k.startswith("unet.model.")} == {
-        "unet.text_proj.weight", "unet.text_proj.bias"}
-
-    def sample(prompt):
-        return text_model.generate(1, "cpu", prompt=prompt, generator=[torch.Generator().manual_seed(0)],
-                                   scheduler="ddim", num_inference_steps=2).sample
-
-    assert not torch.equal(sample("a red circle"), sample("a blue square"))
-    plain = tiny_model(tiny_stable_diffusion_params(None, use_diffusers_unet=True, unet=unet))
-    assert all(k.startswith("unet.model.") for k in plain.state_dict() if k.startswith("unet."))

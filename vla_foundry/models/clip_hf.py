@@ -7,14 +7,31 @@ contrastive encoder (``forward``: normalized, projected text and image embedding
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vla_foundry.errors import InvalidInputError
+from vla_foundry.errors import CheckpointError, InvalidInputError
 from vla_foundry.models.registry import register_model
 from vla_foundry.params.clip import ClipHFParams
+
+
+def missing_clip_error(hf_pretrained: str, error: OSError) -> CheckpointError:
+    """``hf_pretrained`` found neither as a folder nor in the Hugging Face cache: name both and the fix."""
+    path = Path(hf_pretrained)
+    if path.is_dir():
+        where = f"the folder {path.resolve()} has no usable CLIP config.json"
+    else:
+        # A relative path was tried in the experiment directory first (checkpoint.resolve_local_paths).
+        folders = str(path) if path.is_absolute() else f"<experiment directory>/{path} nor {path.resolve()}"
+        where = f"there is no folder {folders}, and no such model in the Hugging Face cache/Hub"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(
+        f"clip hf_pretrained {hf_pretrained!r} cannot be loaded: {where} ({reason}). Publish the CLIP folder "
+        f"(config.json and tokenizer files) as {hf_pretrained!r} inside the experiment directory, or set "
+        "hf_pretrained to an absolute folder or to a Hub id that is in the local cache.")
 
 
 def l2normalize(v: torch.Tensor) -> torch.Tensor:
@@ -32,10 +49,13 @@ class ClipHF(nn.Module):
         if not params.hf_pretrained:
             raise ValueError("clip_hf needs `hf_pretrained`: a local CLIP directory (config.json, tokenizer)")
         self.params = params
-        if load_pretrained:
-            self.model = CLIPModel.from_pretrained(params.hf_pretrained, dtype=torch.float32)
-        else:  # random init: the checkpoint holds every weight (spec §7)
-            self.model = CLIPModel(CLIPConfig.from_pretrained(params.hf_pretrained))
+        try:
+            if load_pretrained:
+                self.model = CLIPModel.from_pretrained(params.hf_pretrained, dtype=torch.float32)
+            else:  # random init: the checkpoint holds every weight (spec §7)
+                self.model = CLIPModel(CLIPConfig.from_pretrained(params.hf_pretrained))
+        except OSError as e:  # HF's own text blames the network even when a local folder is what is missing
+            raise missing_clip_error(params.hf_pretrained, e) from e
         # Loaded now, while the server builds models one at a time (transformers' lazy imports race).
         self._tokenizer: Any = self._load_tokenizer()
 

@@ -47,18 +47,28 @@ class StableDiffusion(nn.Module):
         clip = params.clip
         if clip is not None and getattr(clip, "hf_pretrained", None):
             self.clip = create_model(clip, load_pretrained=load_pretrained)
-        text_dim = self.clip.text_hidden_size if hasattr(self, "clip") else 0
-        self.unet = DiffusersUNet(params.unet, text_dim) if params.use_diffusers_unet else UNet(params.unet)
+        # use_diffusers_unet: the reference's UNet2DModel, which takes no text even with a CLIP configured
+        # (spec §11.2); its checkpoints hold clip.model.* and unet.model.* only.
+        self.unet = DiffusersUNet(params.unet) if params.use_diffusers_unet else UNet(params.unet)
         if hasattr(self, "clip"):
-            if not params.use_diffusers_unet and params.unet.text_emb_dim != text_dim:
+            if not params.use_diffusers_unet and params.unet.text_emb_dim != self.clip.text_hidden_size:
                 raise ValueError(f"unet.text_emb_dim ({params.unet.text_emb_dim}) must equal the CLIP text hidden "
                                  f"size ({self.clip.text_hidden_size})")
+
+    def adapt_to_checkpoint_keys(self, keys) -> None:
+        """Called by the checkpoint loader before its strict load: a diffusers-UNet checkpoint saved by earlier
+        versions of this server with a CLIP carries our ``unet.text_proj.*``; build it so those load (and take
+        prompts). Reference checkpoints lack it and keep the reference module."""
+        if isinstance(self.unet, DiffusersUNet) and hasattr(self, "clip") and not self.unet.takes_text \
+                and "unet.text_proj.weight" in keys:
+            self.unet.add_text_proj(self.clip.text_hidden_size)
 
     # ------------------------------------------------------------------ what a client needs
 
     @property
     def has_text(self) -> bool:
-        return hasattr(self, "clip")
+        """Prompts are taken: a CLIP, and a UNet with text inputs (the reference's diffusers UNet has none)."""
+        return hasattr(self, "clip") and (not isinstance(self.unet, DiffusersUNet) or self.unet.takes_text)
 
     @property
     def image_size(self) -> int:
@@ -135,6 +145,9 @@ class StableDiffusion(nn.Module):
             if guidance_scale is not None:
                 uncond = [uncond_prompt] * batch_size if isinstance(uncond_prompt, str) else list(uncond_prompt)
                 context = torch.cat([self.encode_text(uncond, max_text_seq_len, "negative_prompt").to(dtype), context])
+        elif prompt is not None and hasattr(self, "clip"):
+            raise ValueError("this model is unconditional: use_diffusers_unet builds VLA Foundry's diffusers UNet, "
+                             "which takes no text (its CLIP is unused); generate without a prompt")
         elif prompt is not None:
             raise ValueError("this model has no text encoder (unconditional); generate without a prompt")
         if scheduler == TRAINING:

@@ -181,17 +181,18 @@ class UNet(nn.Module):
 
 class DiffusersUNet(nn.Module):
     """``use_diffusers_unet``: diffusers' ``UNet2DModel`` as VLA Foundry fixes it (6 levels, 128…512 channels),
-    keys ``unet.model.*``.
+    keys ``unet.model.*``, no text input (spec §11.2).
 
-    VLA Foundry's version takes no text, so a prompt crashes it (bug B9). Here a text-conditioned
-    model (``text_dim > 0``) adds the max-pooled text embedding, projected by ``text_proj`` (our one
-    extra key, ``unet.text_proj.*``), to the time embedding through diffusers' identity class
-    embedding; without text the module and its keys are exactly the reference's.
+    That is what it builds, CLIP or not: it is what VLA Foundry trains and saves. Checkpoints written
+    by earlier versions of this server for a text-conditioned model carry one extra projection,
+    ``unet.text_proj.*``: ``add_text_proj`` adds it (the checkpoint loader does so when those keys are
+    present), and then a prompt is taken — its max-pooled text embedding, projected, is added to the
+    time embedding through diffusers' identity class embedding.
     """
 
     TIME_EMBED_DIM = 4 * 128  # UNet2DModel's time embedding width: 4 × block_out_channels[0]
 
-    def __init__(self, params: UNetParams, text_dim: int = 0):
+    def __init__(self, params: UNetParams):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -201,18 +202,26 @@ class DiffusersUNet(nn.Module):
             layers_per_block=2, block_out_channels=(128, 128, 256, 256, 512, 512),
             down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
                               "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-            class_embed_type="identity" if text_dim > 0 else None)
-        if text_dim > 0:
-            self.text_proj = nn.Linear(text_dim, self.TIME_EMBED_DIM)
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+    @property
+    def takes_text(self) -> bool:
+        return hasattr(self, "text_proj")
+
+    def add_text_proj(self, text_dim: int) -> None:
+        """Our text extension: ``text_proj`` (Linear(text_dim → 4·128)) feeding the class embedding."""
+        weight = next(self.model.parameters())
+        self.model.class_embedding = nn.Identity()  # what class_embed_type="identity" builds; no keys
+        self.text_proj = nn.Linear(text_dim, self.TIME_EMBED_DIM).to(weight.device, weight.dtype)
 
     def forward(self, x, timesteps, text_embeddings=None):
         class_labels = None
         if text_embeddings is not None:
-            if not hasattr(self, "text_proj"):
-                raise ValueError("this diffusers UNet was built without text; drop the prompt")
+            if not self.takes_text:
+                raise ValueError("this diffusers UNet (use_diffusers_unet) takes no text, as in VLA Foundry; "
+                                 "drop the prompt")
             class_labels = self.text_proj(text_embeddings.max(dim=1).values.to(x.dtype))  # (B, 4·128)
-        elif hasattr(self, "text_proj"):
+        elif self.takes_text:
             # Unconditional samples of a text model: the projection of an all-zero text.
             class_labels = self.text_proj.bias.expand(x.shape[0], -1)
         return self.model(x, timesteps, class_labels=class_labels).sample

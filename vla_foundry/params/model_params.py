@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -89,20 +90,36 @@ class ModelParams:
         return dict(sorted(out.items()))
 
 
-def _coerce(value: Any, annotation: Any, default: Any) -> Any:
-    """Light coercion of YAML scalars: PyYAML reads ``1e-5`` (no dot) as a string."""
-    if value is None:
-        return None
-    want = default if default is not dataclasses.MISSING and default is not None else None
-    hint = str(annotation)
-    if isinstance(want, bool) or hint in ("bool", "Optional[bool]"):
+SCALAR_TYPES = (bool, int, float, str)
+
+
+def _scalar_type(annotation: Any) -> Optional[type]:
+    """``int`` for ``int`` and ``Optional[int]`` (likewise bool, float, str); None for any other annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    return annotation if annotation in SCALAR_TYPES else None
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """A YAML scalar checked against its field's type; a value of another type is refused here, by key,
+    rather than failing later deep inside torch. Ints are taken for float fields, and strings that
+    read as floats too: PyYAML reads ``1e-5`` (no dot) as a string."""
+    want = _scalar_type(annotation)
+    if value is None or want is None:
         return value
-    if (isinstance(want, float) or "float" in hint) and isinstance(value, (str, int)) and not isinstance(value, bool):
+    if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
         except ValueError:
-            return value
-    return value
+            pass
+    # bool is an int subclass, but `n_layers: true` is a mistake, not 1.
+    elif isinstance(value, want) and (want is bool or not isinstance(value, bool)):
+        return value
+    fix = "put it in quotes" if want is str else f"write a YAML {want.__name__}" + (
+        " without quotes" if isinstance(value, str) else "")
+    raise ValueError(f"model config key `{where}` must be {want.__name__}; got {value!r} "
+                     f"({type(value).__name__}); {fix}")
 
 
 def parse_params(config: dict, *, _default_type: Optional[str] = None, _path: str = "",
@@ -131,7 +148,7 @@ def parse_params(config: dict, *, _default_type: Optional[str] = None, _path: st
         if spec is not None and isinstance(value, dict):
             kwargs[key] = parse_params(value, _default_type=spec.type_for(value), _path=where, _unknown=unknown)
         else:
-            kwargs[key] = _coerce(value, hints.get(key), f.default)
+            kwargs[key] = _coerce(value, hints.get(key), where)
     kwargs["type"] = model_type
     params = cls(**kwargs)
     for f in fields.values():

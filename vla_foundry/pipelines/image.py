@@ -110,7 +110,8 @@ class ImagePipeline(Pipeline):
         model = self.model
         prompt, negative_prompt, guidance_scale = request.prompt, request.negative_prompt, request.guidance_scale
         if prompt is not None and not model.has_text:
-            raise InvalidInputError("this model is unconditional (no text encoder); omit `prompt`", field="prompt")
+            raise InvalidInputError("this model is unconditional (no text encoder, or a use_diffusers_unet UNet, "
+                                    "which takes no text); omit `prompt`", field="prompt")
         if prompt is not None and not prompt.strip():
             raise InvalidInputError("`prompt` is empty; give some text, or omit it for an unconditional sample",
                                     field="prompt")
