@@ -310,7 +310,7 @@ def test_a_stream_adds_up_to_the_completion_when_the_tokenizer_cleans_up_spaces(
     streaming, which is the text of its tokens decoded whole (as ``/predict`` gives them)."""
     import json
 
-    from tests.vla_foundry.test_text_fix_streamed_text import wordpiece_tokenizer
+    from tests.vla_foundry.test_streamed_text import wordpiece_tokenizer
 
     tokenizer = wordpiece_tokenizer()
     path = tmp_path / "wordpiece"
