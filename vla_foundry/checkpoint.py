@@ -241,8 +241,20 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     adapt = getattr(model, "adapt_to_checkpoint_keys", None)
     if adapt is not None:  # optional modules of our own that only some checkpoints carry (see the model)
         adapt(state_dict.keys())
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source}: the state dict's value for {not_tensors[0]!r} is a "
+                              f"{type(state_dict[not_tensors[0]]).__name__}, not a tensor; the file is not a "
+                              "VLA Foundry checkpoint, or it is damaged")
     expected = model.state_dict()
     tied = _tied_names(model)
+    for names in {tuple(names) for names in tied.values()}:  # a tied tensor saved twice holds one value twice
+        present = [n for n in names if n in state_dict]
+        differing = [n for n in present[1:] if not torch.equal(state_dict[n], state_dict[present[0]])]
+        if differing:  # (the reference's load would keep the last silently: the config is not the training's)
+            raise CheckpointError(f"{source}: {present[0]} and {differing[0]} are one tensor in the model built from "
+                                  "its config (weight tying) but differ in the checkpoint; check `weight_tying` in "
+                                  "config_model.yaml")
     aliases = {k: next(a for a in tied[k] if a in state_dict) for k in expected
                if k not in state_dict and any(a in state_dict for a in tied.get(k, ()))}
     if aliases:

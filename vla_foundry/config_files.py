@@ -17,14 +17,17 @@ import yaml
 from vla_foundry.errors import CheckpointError
 
 
-def _include_loader(including_file: Path) -> type:
+def _include_loader(including_file: Path, chain: tuple[Path, ...] = ()) -> type:
     """A SafeLoader that replaces each ``!include`` node by the included file's nodes while composing.
 
     Expanding at compose time (not at construction) is what makes a nested include resolve against
     the file that wrote it: the included file is composed by its own loader, whose folder is its own.
     ``<<: !include`` then needs nothing special: the merge key already sees a mapping node.
+    ``chain``: the files being composed, outermost first (a file that includes itself, directly or not,
+    is refused by name rather than recursing without end).
     """
     base_dir = including_file.parent
+    chain = (*chain, including_file.resolve())
 
     class IncludeLoader(yaml.SafeLoader):
         def compose_scalar_node(self, anchor):
@@ -41,9 +44,13 @@ def _include_loader(including_file: Path) -> type:
         if not path.is_file():
             raise CheckpointError(f"!include {node.value!r} in {including_file}: no such file {path} (the path is "
                                   f"relative to the including file's folder {base_dir}); fix the path or add the file")
+        if path in chain:
+            cycle = " → ".join(p.name for p in (*chain[chain.index(path):], path))
+            raise CheckpointError(f"!include {node.value!r} in {including_file} includes a file that is being "
+                                  f"included already ({cycle}); break the cycle")
         try:
             with open(path) as f:
-                included = yaml.compose(f, Loader=_include_loader(path))
+                included = yaml.compose(f, Loader=_include_loader(path, chain))
         except yaml.YAMLError as e:
             raise CheckpointError(f"{path} (included from {including_file}) is not valid YAML: {e}") from e
         if included is None:

@@ -74,7 +74,8 @@ def main(base: str) -> dict:
     # The server's reset frame (openpi-client's own reset() only resets client state), on the client's socket.
     policy._ws.send(msgpack_numpy.packb({"endpoint": "reset"}))
     reset = msgpack_numpy.unpackb(policy._ws.recv())
-    assert reset == {"reset": True, "session_id": "openpi-peer"}, reset
+    assert {k: reset[k] for k in ("reset", "session_id")} == {"reset": True, "session_id": "openpi-peer"}, reset
+    assert reset["model"] == metadata["model"] and isinstance(reset["seed"], int), reset  # as the HTTP reset answers
     again = policy.infer({**observation(metadata, 0), "seed": np.int64(3)})
     assert again["step"] == 0 and np.array_equal(again["actions"], actions), (again["step"], again["actions"])
 

@@ -103,15 +103,15 @@ def test_state_dict_that_is_not_a_mapping_names_file_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("block, message", [
-    ({"type": "transformer", "n_layers": "2"}, r"`n_layers` must be int; got '2' \(str\); write a YAML int "
-                                               r"without quotes"),
+    ({"type": "transformer", "n_layers": "two"}, r"`n_layers` must be int; got 'two' \(str\); write a YAML int "
+                                                 r"without quotes"),
     ({"type": "transformer", "n_layers": True}, r"`n_layers` must be int; got True"),
-    ({"type": "transformer", "n_layers": 2.0}, r"`n_layers` must be int; got 2.0"),
+    ({"type": "transformer", "n_layers": 2.5}, r"`n_layers` must be int; got 2.5"),
     ({"type": "transformer", "norm_eps": "small"}, r"`norm_eps` must be float; got 'small'"),
     ({"type": "transformer", "qk_norm": "yes please"}, r"`qk_norm` must be bool; got 'yes please'"),
     ({"type": "transformer", "norm_type": 3}, r"`norm_type` must be str; got 3 \(int\); put it in quotes"),
     ({"type": "vlm", "transformer": {"hidden_dim": [32]}}, r"`transformer.hidden_dim` must be int"),
-    ({"type": "diffusion_policy", "transformer": {}, "action_dim": "4"}, r"`action_dim` must be int"),
+    ({"type": "diffusion_policy", "transformer": {}, "action_dim": "4 dims"}, r"`action_dim` must be int"),
 ])
 def test_config_values_of_the_wrong_type_are_refused_by_key(block, message):
     with pytest.raises(ValueError, match=message):
@@ -125,6 +125,9 @@ def test_config_values_that_fit_are_kept():
     assert (p.hidden_dim, p.qk_norm, p.norm_type, p.resume_from_checkpoint) == (32, True, "rms_norm", None)
     assert parse_params({"type": "noise_scheduler", "beta_end": 1}).beta_end == 1.0  # an int for a float field
     assert parse_params({"type": "diffusion_policy", "transformer": {}, "action_dim": None}).action_dim is None
+    # as VLA Foundry's own parser (draccus) reads them: whole floats and digit strings as ints, 'true' as a bool
+    p = parse_params({"type": "transformer", "n_layers": 2.0, "n_heads": "4", "qk_norm": "true"})
+    assert (p.n_layers, p.n_heads, p.qk_norm) == (2, 4, True) and isinstance(p.n_layers, int)
 
 
 # ---------------------------------------------------------------- 4. the training step of EMA weights
@@ -134,6 +137,14 @@ def test_ema_reports_the_step_of_its_checkpoint(tmp_path, fmt):
     """``ema_<N>`` holds ``ema_optimization_step`` (0 for vanilla EMA), not the step: that of ``checkpoint_<N>``."""
     raw, ema = tiny_model(tiny_transformer_params(), seed=1), tiny_model(tiny_transformer_params(), seed=2)
     save_experiment(raw, tmp_path, checkpoint_num=3, global_step=500, ema_state_dict=ema.state_dict(), fmt=fmt)
+    if fmt == "safetensors":  # our saver also writes global_step into the EMA file's metadata: not every writer does
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        path = str(tmp_path / "checkpoints" / "ema_3.safetensors")
+        with safe_open(path, "pt") as f:
+            metadata = {k: v for k, v in (f.metadata() or {}).items() if k != "global_step"}
+        save_file(load_file(path), path, metadata=metadata)
     loaded = load_model(tmp_path)
     assert loaded.checkpoint.ema and loaded.checkpoint.file.name == f"ema_3.{fmt}"
     assert loaded.checkpoint.step == 500 and loaded.checkpoint.checkpoint_num == 3
@@ -186,3 +197,37 @@ def test_diffusers_unet_checkpoint_with_our_text_proj_still_loads_and_takes_prom
     with pytest.raises(CheckpointError, match=r"shape mismatch .*unet.text_proj.weight"):
         load_state_dict_strict(copy.deepcopy(diffusers_unet_model),
                                {**model.state_dict(), "unet.text_proj.weight": torch.zeros(512, 7)}, "checkpoint_1.pt")
+
+
+def test_an_include_cycle_is_refused_naming_it(tmp_path):
+
+    from vla_foundry.config_files import read_yaml
+
+    (tmp_path / "a.yaml").write_text("x: !include b.yaml\n")
+    (tmp_path / "b.yaml").write_text("y: !include a.yaml\n")
+    with pytest.raises(CheckpointError, match="a.yaml → b.yaml → a.yaml"):
+        read_yaml(tmp_path / "a.yaml")
+
+
+def test_a_state_dict_value_that_is_not_a_tensor_is_refused_naming_its_key():
+
+
+    model = tiny_model(tiny_transformer_params(), seed=1)
+    state = {**model.state_dict(), "norm.weight": [1.0]}
+    with pytest.raises(CheckpointError, match="'norm.weight' is a list, not a tensor"):
+        load_state_dict_strict(model, state, "f.pt")
+
+
+def test_a_tied_pair_whose_saved_values_differ_is_refused():
+    """A config that ties two weights, with a checkpoint that holds two different ones (trained untied): loading
+    one over the other would serve weights the training never had."""
+
+
+    model = tiny_model(tiny_transformer_params(weight_tying=True), seed=1)
+    state = model.state_dict()
+    tied = [name for name, p in model.named_parameters(remove_duplicate=False) if p is model.embeddings.weight]
+    assert len(tied) == 2, tied  # (the model does tie them)
+    state = {**state, tied[1]: torch.randn_like(state[tied[1]])}
+    with pytest.raises(CheckpointError, match="weight tying"):
+        load_state_dict_strict(model, state, "f.pt")
+    load_state_dict_strict(model, model.state_dict(), "f.pt")  # the same value under both names loads

@@ -108,6 +108,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     want = _scalar_type(annotation)
     if value is None or want is None:
         return value
+    # What VLA Foundry's own parser (draccus) reads as the field's type is read so here too: `2.0` and '2' for an
+    # int, 'true'/'false' for a bool.
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if want is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    if want is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
