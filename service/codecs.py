@@ -417,7 +417,9 @@ def pack_msgpack(payload: Any, *, bytes_keys: bool = False) -> bytes:
 def encode_response(payload: Any, accept: str, status_code: int = 200,
                     headers: Optional[dict[str, str]] = None, *, bytes_keys: bool = False) -> Response:
     """msgpack when the client accepts it, else JSON. numpy arrays use the wire convention; in msgpack with
-    openpi's bytes keys when ``bytes_keys`` (the request used them)."""
+    openpi's bytes keys when ``bytes_keys`` (the request used them). ``Vary: Accept``: the format follows the
+    request's Accept, so a cache must not answer one client with what it kept for another."""
+    headers = {"Vary": "Accept", **(headers or {})}
     if wants_msgpack(accept):
         body = pack_msgpack(payload, bytes_keys=bytes_keys)
         return Response(body, status_code=status_code, media_type=MSGPACK, headers=headers)

@@ -104,6 +104,8 @@ def field_of_loc(loc: tuple) -> Optional[str]:
 def _validation_message(err: dict) -> str:
     field = field_of_loc(tuple(err.get("loc", ())))
     if err.get("type") == "missing":
+        if not field:  # the body itself (an empty request body)
+            return "the request has no body; send a JSON (or msgpack) object with the fields of this route"
         return f"{field} is required"
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     message = f"{field}: {msg}" if field else msg

@@ -40,6 +40,10 @@ class ImageFields(RequestBase):
             if any(nested) and not all(nested):
                 raise InvalidInputError("`images` must be a flat list of images or a list of lists (one per prompt), "
                                         "not a mix", field="images")
+            empty = next((i for i, v in enumerate(self.images) if v == []), None)
+            if empty is not None:  # every caption is of at least one image (a model without one has nothing to read)
+                raise InvalidInputError(f"`images[{empty}]` is empty; each caption needs at least one image",
+                                        field=f"images[{empty}]")
             if all(nested) and len(self.images) > self.cap_batch:
                 raise InvalidInputError(f"at most {self.cap_batch} image lists per request; got {len(self.images)}",
                                         field="images")

@@ -124,7 +124,7 @@ def png_reply(payload: dict, accept: str) -> Optional[Response]:
         return None
     image = payload["images"][0]
     return Response(base64.b64decode(image["data"]), media_type=PNG,
-                    headers={"X-Seed": str(image["seed"]), "X-Model": payload["model"],
+                    headers={"Vary": "Accept", "X-Seed": str(image["seed"]), "X-Model": payload["model"],
                              "X-Timing-Ms": str(payload["timing_ms"]["total"])})
 
 

@@ -159,10 +159,11 @@ class TextEvaluateRequest(RequestBase):
         if (self.input_ids is None) == (self.texts is None):
             raise InvalidInputError("give exactly one of `input_ids` or `texts`", field="input_ids")
         count = len(self.input_ids or self.texts or [])
+        given = "input_ids" if self.input_ids is not None else "texts"  # (the field the client sent)
         if count == 0:
-            raise InvalidInputError("the batch is empty; send at least one sequence", field="input_ids")
+            raise InvalidInputError("the batch is empty; send at least one sequence", field=given)
         if count > self.cap_batch:
-            raise InvalidInputError(f"at most {self.cap_batch} sequences per request; got {count}", field="input_ids")
+            raise InvalidInputError(f"at most {self.cap_batch} sequences per request; got {count}", field=given)
         return self
 
 

@@ -93,9 +93,23 @@ def test_messages_say_what_is_allowed(client):
                                   {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]},
                                   {"input_ids": [[1, 2, 999]]},
                                   {"input_ids": [[1, 2, 3]], "attention_mask": [[0, 0, 0]]},
-                                  {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 5, 1]]}])
+                                  {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 5, 1]]},
+                                  {"input_ids": [[0, 0, 5, 17]], "attention_mask": [[0, 0, 1, 1]]}])
 def test_bad_evaluate_inputs(client, body):
     assert_error(client.post("/evaluate/transformer", json=body), 422)
+
+
+def test_left_padding_in_an_evaluation_is_refused_naming_the_mask(client):
+    """The loss reads each row from its first column (no mask goes into the causal model): padding before the
+    tokens would change their loss, so it is refused; the same row padded on the right gets the unpadded loss."""
+    left = client.post("/evaluate/transformer", json={"input_ids": [[0, 0, 5, 17, 42]],
+                                                      "attention_mask": [[0, 0, 1, 1, 1]]})
+    assert_error(left, 422)
+    assert left.json()["error"]["field"] == "attention_mask" and "right" in left.json()["error"]["message"]
+    alone = client.post("/evaluate/transformer", json={"input_ids": [[5, 17, 42]]}).json()
+    right = client.post("/evaluate/transformer", json={"input_ids": [[5, 17, 42, 0, 0]],
+                                                       "attention_mask": [[1, 1, 1, 0, 0]]}).json()
+    assert right["loss"] == pytest.approx(alone["loss"], abs=1e-6)
 
 
 def test_malformed_bodies_are_400(client):
@@ -316,3 +330,39 @@ def test_a_body_nested_thousands_deep_is_malformed_not_a_server_error(client):
     response = client.post("/predict/transformer", content=deep, headers={"content-type": "application/json"})
     assert_error(response, 400)
     assert "flatter" in response.json()["error"]["message"]
+
+
+def test_an_empty_body_is_told_so(client):
+    response = client.post("/predict/stable_diffusion", content=b"", headers={"content-type": "application/json"})
+    assert_error(response, 422)
+    assert "no body" in response.json()["error"]["message"] and "None" not in response.json()["error"]["message"]
+
+
+def test_replies_say_they_vary_with_accept(client):
+    """The same URL answers JSON, msgpack or a PNG by the request's Accept: caches must key on it."""
+    assert client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 2}).headers["vary"] == "Accept"
+    assert client.get("/models").headers["vary"] == "Accept"
+
+
+def test_an_empty_batch_names_the_field_that_was_sent(client):
+    for field in ("texts", "input_ids"):
+        response = client.post("/evaluate/transformer", json={field: []})
+        assert_error(response, 422)
+        assert response.json()["error"]["field"] == field
+
+
+@pytest.mark.parametrize("route", ["/predict/vlm", "/predict/vlm_hf", "/evaluate/vlm_hf"])
+def test_a_caption_with_an_empty_image_list_is_refused_naming_it(client, route):
+    response = client.post(route, json={"images": [[]], "texts": ["a red square"]} if "evaluate" in route
+                           else {"images": [[]]})
+    assert_error(response, 422)
+    assert response.json()["error"]["field"] == "images[0]"
+
+
+def test_images_that_fill_the_context_alone_are_blamed_not_the_prompt(client):
+    """16 images' placeholders fill the tiny captioner's context before any text: the fix is fewer images."""
+    from tests.factories import png_data_url
+
+    response = client.post("/predict/vlm", json={"images": [png_data_url(1)] * 16})
+    assert_error(response, 422)
+    assert response.json()["error"]["field"] == "images" and "fewer images" in response.json()["error"]["message"]

@@ -91,8 +91,12 @@ class LanguageModelBatchHandler(BatchHandler):
                                     field="input_ids")
         mask = batch.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a token after padding: the padding is on the left
+            raise InvalidInputError("attention_mask must pad on the right (each row's 1s first, then its 0s): the "
+                                    "model reads a row from its first column, so padding before the tokens would "
+                                    "change their loss; put the padding after them", field="attention_mask")
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T-1)
-        logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)
+        logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)  (no mask: right padding follows every token)
         outs: list = []
         start = 0
         for count in counts:

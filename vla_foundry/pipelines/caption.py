@@ -125,7 +125,18 @@ class CaptionPipeline(TextPipeline):
         ids = self.processor.text_ids(prompts, prompt_token_ids, placeholders)
         if ids is not None:
             self._check_ids(ids, "prompt" if prompt_token_ids is None else "prompt_token_ids")
-            self.fitted(ids, sampling)
+            try:
+                self.fitted(ids, sampling)
+            except InvalidInputError as e:
+                # The images' placeholder tokens count towards the context: when they alone fill it, the fix is
+                # fewer images, not a shorter prompt.
+                image_tokens = max(sum(t == self.model.image_token_id for t in row) for row in ids)
+                if e.field == "prompt" and image_tokens >= self.model.max_seq_len:
+                    raise InvalidInputError(
+                        f"the images take {image_tokens} tokens of this model's context (max_seq_len "
+                        f"{self.model.max_seq_len}) before any text: no room for a caption; send fewer images",
+                        field="images") from None
+                raise
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.processor.render_chat(messages)
