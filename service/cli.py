@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         from service.replicas import hold_startup_until_loaded, settings_for_replica
         from service.read_timeouts import read_timeout_protocol
         from service.request_ids import configure_logging
-        from service.settings import Settings, parse_checkpoint_arg
+        from service.settings import Settings, ignored_variables, parse_checkpoint_arg
     except ImportError as e:
         print(f"vla-foundry serve needs the serving extra: pip install 'vla-foundry-serve[serve]' ({e})",
               file=sys.stderr)
@@ -54,6 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vla-foundry serve: {e}", file=sys.stderr)
         return CONFIG_ERROR
     configure_logging(settings.log_format)
+    for warning in ignored_variables(dict(os.environ), settings):
+        logging.getLogger("service").warning(warning)
     if replica is None and settings.replicas != 1:  # this process launches the replicas and watches them
         if not settings.deployments:
             from vla_foundry.demo import ensure_demo_pack

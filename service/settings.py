@@ -26,7 +26,7 @@ DEPLOYMENT_NAME = re.compile(r"(?!\.{1,2}$)(?! )[^/\\?#%\x00-\x1f\x7f]{1,128}(?<
 class DeploymentSpec(BaseModel):
     """One checkpoint to serve."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
     name: Optional[str] = Field(None, description="Unique name; defaults to the checkpoint directory's name.")
     checkpoint: str = Field(..., description="A VLA Foundry experiment directory.")
@@ -87,7 +87,10 @@ def checked_device(value: str, setting: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VLA_", extra="forbid")
+    # Errors never echo the input (it holds the API keys); an empty variable is unset (`VLA_X=` in a shell or an
+    # env file means "not given", not the empty string).
+    model_config = SettingsConfigDict(env_prefix="VLA_", extra="forbid", hide_input_in_errors=True,
+                                      env_ignore_empty=True, allow_inf_nan=False)
 
     config: Optional[Path] = Field(None, description="Deployment YAML file (device, dtype, deployments).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto = cuda:0 when present).")
@@ -206,8 +209,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description=(
         "Log lines as text (with the request id in brackets) or one JSON object per line (time, level, logger, "
         "message, request_id; the access line adds method, route, status, duration_ms)."))
-    log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug, "
-                                                "trace).")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn log level (critical, error, warning, info, debug, trace).")
     api_keys: Optional[SecretStr] = Field(None, description=(
         "API keys, comma-separated (in the YAML also a list). With a key here or in api_keys_file, every request "
         "but /health/* and the docs needs `Authorization: Api-Key <key>` or `Bearer <key>` (401 without); none: "
@@ -230,6 +233,14 @@ class Settings(BaseSettings):
     @classmethod
     def _dtype(cls, v: str) -> str:
         resolve_dtype(v)  # the loader's own check: raises naming the allowed values
+        return v
+
+    @field_validator("session_store")
+    @classmethod
+    def _session_store(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("session_store must be a Redis URL (redis://host:6379/0, rediss:// for TLS, or "
+                             "unix:///path/to/redis.sock); none keeps each session in its replica")
         return v
 
     @field_validator("api_keys", "admin_keys", "checkpoint_roots", mode="before")
@@ -256,6 +267,22 @@ class Settings(BaseSettings):
             raise ValueError(f"gpus ({self.gpus!r}) names the GPUs of replicas, and replicas is 1; set replicas (a "
                              "count, or per-gpu), or pick one server process's GPU with device (cuda:N) or "
                              "CUDA_VISIBLE_DEVICES")
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_per_gpu_is_for_per_gpu(self) -> "Settings":
+        if self.replicas_per_gpu != 1 and self.replicas != "per-gpu":
+            raise ValueError(f"replicas_per_gpu ({self.replicas_per_gpu}) counts replicas on each GPU, and replicas "
+                             f"is {self.replicas!r}; set replicas to per-gpu, or leave replicas_per_gpu at 1")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Settings":
+        names = [d.resolved_name for d in self.deployments]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # refused here, before anything loads (a replica would fail the same way at every restart)
+            raise ValueError(f"deployment names must be unique; repeated: {', '.join(repeated)}; give each "
+                             "deployment a name of its own (`name:`, or --checkpoint DIR=NAME)")
         return self
 
     @model_validator(mode="after")
@@ -291,11 +318,38 @@ class Settings(BaseSettings):
         return cls(**values)
 
 
+# VLA_ variables that other parts read, not the server's settings: the robot client (VLA_API_KEY), the container's
+# entrypoint, compose file and image build, and the tests and benches.
+OTHER_VLA_VARIABLES = frozenset({
+    "VLA_API_KEY", "VLA_DEPLOY_FILE", "VLA_ENTRYPOINT_DRY_RUN", "VLA_PUBLISH_ADDRESS", "VLA_GPU_COUNT", "VLA_IMAGE",
+    "VLA_CPU_IMAGE", "VLA_CPU_BASE_IMAGE", "VLA_CHECKPOINTS_DIR", "VLA_CONFIG_DIR", "VLA_START_PERIOD", "VLA_UID",
+    "VLA_GID", "VLA_WHEEL_SITE", "VLA_TORCH_VERSION", "VLA_TORCH_INDEX_URL", "VLA_CUDA_VERSION", "VLA_CUDNN_VERSION",
+    "VLA_BUILD_DEMO", "VLA_FIXTURES_DIR", "VLA_FUZZ_EXAMPLES", "VLA_PAGE_SCREENSHOT", "VLA_CHROMIUM"})
+
+
+def ignored_variables(environ: dict[str, str], settings: "Settings") -> list[str]:
+    """Warnings for ``VLA_`` variables in ``environ`` that nothing reads: a misspelt setting (``VLA_MAX_QUEU``)
+    would otherwise be ignored without a word, and the server run on its default. Each names the setting it most
+    likely meant. The client's VLA_API_KEY beside a server without keys is called out: that server is open."""
+    import difflib
+
+    known = {f"VLA_{name.upper()}" for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(n for n in environ if n.startswith("VLA_") and n not in known and n not in OTHER_VLA_VARIABLES):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        warnings.append(f"{name} is not a setting of this server and is ignored"
+                        + (f"; did you mean {close[0]}?" if close else ""))
+    if environ.get("VLA_API_KEY") and not settings.api_key_list():
+        warnings.append("VLA_API_KEY is set, but it is the robot client's key: the server reads VLA_API_KEYS (or "
+                        "VLA_API_KEYS_FILE), and has none, so it serves without authentication")
+    return warnings
+
+
 class _ConfigPath(BaseSettings):
     """Where the deployment YAML is (VLA_CONFIG), read alone: the other variables are checked once the YAML and the
     command line have been applied (VLA_GPUS alone, with replicas from the command line, is a valid launch)."""
 
-    model_config = SettingsConfigDict(env_prefix="VLA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="VLA_", extra="ignore", env_ignore_empty=True)
 
     config: Optional[Path] = None
 
@@ -303,7 +357,10 @@ class _ConfigPath(BaseSettings):
 def read_deployment_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"deployment file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"deployment file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"deployment file {path} must hold a mapping with `deployments:`")
     base = path.parent
@@ -315,6 +372,8 @@ def read_deployment_file(path: Path) -> dict[str, Any]:
 
 
 def parse_checkpoint_arg(value: str) -> DeploymentSpec:
-    """``DIR`` or ``DIR=NAME`` (the CLI's ``--checkpoint``)."""
-    path, _, name = value.partition("=")
+    """``DIR`` or ``DIR=NAME`` (the CLI's ``--checkpoint``); a ``DIR`` that exists is a path whole, ``=`` and all."""
+    if Path(value).exists():
+        return DeploymentSpec(checkpoint=str(Path(value).resolve()))
+    path, _, name = value.rpartition("=") if "=" in value else (value, "", "")
     return DeploymentSpec(checkpoint=str(Path(path).resolve()), name=name or None)

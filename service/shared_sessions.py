@@ -109,11 +109,24 @@ def _decode(obj: dict) -> Any:
     return decode_array(obj) if obj.get(ARRAY_MARKER) else obj
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``***`` (``redis://:secret@host`` →
+    ``redis://:***@host``), for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user_info = f"{parts.username or ''}:***"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user_info}@{host}"))
+
+
 class SharedSessionStates:
     def __init__(self, url: str, idle_timeout_s: float, max_state_bytes: int, prefix: str = PREFIX):
         import redis.asyncio
 
-        self.url = url
+        self.url = redacted_url(url)  # (shown in errors and logs: never its password)
         # A Redis that accepts connections but never answers must not hang a step or the start (older clients
         # wait for ever by default); the URL's own socket_timeout options win.
         self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)

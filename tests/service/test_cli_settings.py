@@ -81,3 +81,72 @@ def test_switch_interval_is_applied_at_startup_and_defaults_to_pythons(tmp_path)
             assert sys.getswitchinterval() == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_setting_errors_never_echo_the_api_keys(monkeypatch):
+    """A refused start prints its reason; the keys it was given are not part of it (they would land in logs)."""
+    monkeypatch.setenv("VLA_API_KEYS", "supersecret-robot-key")
+    with pytest.raises(ValueError) as refused:
+        Settings.load(gpus="0")  # refused: gpus without replicas
+    assert "gpus" in str(refused.value) and "supersecret" not in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        Settings(api_keys="good-key,bad key")
+    assert "bad key" not in str(refused.value)
+
+
+def test_redis_urls_in_messages_hide_their_password():
+    from service.shared_sessions import redacted_url
+
+    assert redacted_url("redis://:hunter2@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redacted_url("rediss://user:pw@host/1") == "rediss://user:***@host/1"
+    assert redacted_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"log_level": "verbose"}, "log_level"),
+    ({"session_store": "notaurl"}, "session_store must be a Redis URL"),
+    ({"kv_cache_mb": float("inf")}, "kv_cache_mb"),
+    ({"replicas_per_gpu": 3}, "replicas_per_gpu .3. counts replicas on each GPU"),
+    ({"deployments": [{"checkpoint": "/a", "control_period_s": float("inf")}]}, "control_period_s"),
+    ({"deployments": [{"checkpoint": "/a", "name": "x"}, {"checkpoint": "/b", "name": "x"}]},
+     "deployment names must be unique; repeated: x"),
+])
+def test_settings_that_would_fail_later_are_refused_at_start(values, message):
+    """Refused while the settings load (exit 2, and a launcher does not restart it), not as a traceback later."""
+    with pytest.raises(ValueError, match=message):
+        Settings(**values)
+
+
+def test_empty_variables_are_unset(monkeypatch):
+    monkeypatch.setenv("VLA_DEMO_DIR", "")
+    monkeypatch.setenv("VLA_GPUS", "")
+    monkeypatch.setenv("VLA_CONFIG", "")
+    settings = Settings.load()
+    assert settings.demo_dir == Settings.model_fields["demo_dir"].default and settings.gpus is None
+
+
+def test_a_checkpoint_path_with_an_equals_sign(tmp_path):
+    path = tmp_path / "a=b" / "ckpt"
+    path.mkdir(parents=True)
+    assert parse_checkpoint_arg(str(path)).checkpoint == str(path.resolve())
+    named = parse_checkpoint_arg(f"{path}=mine")
+    assert (named.checkpoint, named.name) == (str(path.resolve()), "mine")
+
+
+def test_a_deployment_file_that_is_not_yaml_is_named(tmp_path):
+    bad = tmp_path / "deploy.yaml"
+    bad.write_text("deployments:\n\t- checkpoint: x\n")
+    with pytest.raises(ValueError, match=f"deployment file {bad} is not valid YAML"):
+        Settings.load(bad)
+
+
+def test_misspelt_variables_are_warned_about(monkeypatch):
+    from service.settings import ignored_variables
+
+    environ = {"VLA_MAX_QUEU": "3", "VLA_DEPLOY_FILE": "/x", "VLA_PORT": "1", "VLA_SOMETHING_ELSE": "1"}
+    warnings = ignored_variables(environ, Settings())
+    assert warnings == ["VLA_MAX_QUEU is not a setting of this server and is ignored; did you mean VLA_MAX_QUEUE?",
+                        "VLA_SOMETHING_ELSE is not a setting of this server and is ignored"]
+    open_server = ignored_variables({"VLA_API_KEY": "robot-secret"}, Settings())
+    assert len(open_server) == 1 and "serves without authentication" in open_server[0]
+    assert ignored_variables({"VLA_API_KEY": "robot-secret"}, Settings(api_keys="k")) == []
