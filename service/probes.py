@@ -21,7 +21,8 @@ from service.codecs import wants_msgpack
 LIVE_PATH = "/health/live"
 _BODY = b'{"status":"live"}'
 _START = {"type": "http.response.start", "status": 200,
-          "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_BODY)).encode())]}
+          "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_BODY)).encode()),
+                      (b"vary", b"Accept")]}  # (the route answers msgpack to a client that prefers it)
 
 
 class LivenessProbe:

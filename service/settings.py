@@ -7,6 +7,7 @@ Precedence, highest first: CLI flags, the deployment YAML (``--config``/``VLA_CO
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -235,10 +236,15 @@ class Settings(BaseSettings):
         resolve_dtype(v)  # the loader's own check: raises naming the allowed values
         return v
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v  # (uvicorn takes INFO as info, and configs write it so)
+
     @field_validator("session_store")
     @classmethod
     def _session_store(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+        if v is not None and urlsplit(v).scheme.lower() not in ("redis", "rediss", "unix"):
             raise ValueError("session_store must be a Redis URL (redis://host:6379/0, rediss:// for TLS, or "
                              "unix:///path/to/redis.sock); none keeps each session in its replica")
         return v
@@ -335,8 +341,10 @@ def ignored_variables(environ: dict[str, str], settings: "Settings") -> list[str
 
     known = {f"VLA_{name.upper()}" for name in Settings.model_fields}
     warnings = []
-    for name in sorted(n for n in environ if n.startswith("VLA_") and n not in known and n not in OTHER_VLA_VARIABLES):
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    # (names compare in capitals: the settings read VLA_Max_Queue as VLA_MAX_QUEUE)
+    for name in sorted(n for n in environ
+                       if n.upper().startswith("VLA_") and n.upper() not in known | OTHER_VLA_VARIABLES):
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
         warnings.append(f"{name} is not a setting of this server and is ignored"
                         + (f"; did you mean {close[0]}?" if close else ""))
     if environ.get("VLA_API_KEY") and not settings.api_key_list():
@@ -359,8 +367,11 @@ def read_deployment_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"deployment file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"deployment file {path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # its problem and where; never str(e), which quotes the file's lines (keys too)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"deployment file {path} is not valid YAML{where}: "
+                         f"{getattr(e, 'problem', None) or type(e).__name__}") from None
     if not isinstance(data, dict):
         raise ValueError(f"deployment file {path} must hold a mapping with `deployments:`")
     base = path.parent
@@ -375,5 +386,8 @@ def parse_checkpoint_arg(value: str) -> DeploymentSpec:
     """``DIR`` or ``DIR=NAME`` (the CLI's ``--checkpoint``); a ``DIR`` that exists is a path whole, ``=`` and all."""
     if Path(value).exists():
         return DeploymentSpec(checkpoint=str(Path(value).resolve()))
-    path, _, name = value.rpartition("=") if "=" in value else (value, "", "")
+    splits = [i for i, c in enumerate(value) if c == "="]
+    # the first split whose directory exists (a name may hold "=" too), else at the first "="
+    at = next((i for i in splits if Path(value[:i]).exists()), splits[0] if splits else None)
+    path, name = (value, None) if at is None else (value[:at], value[at + 1:])
     return DeploymentSpec(checkpoint=str(Path(path).resolve()), name=name or None)

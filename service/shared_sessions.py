@@ -110,16 +110,18 @@ def _decode(obj: dict) -> Any:
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with the password of its user info replaced by ``***`` (``redis://:secret@host`` →
-    ``redis://:***@host``), for messages and logs."""
+    """``url`` with its password (in the user info or a ``password=`` query) replaced by ``***``
+    (``redis://:secret@host`` → ``redis://:***@host``), for messages and logs."""
     from urllib.parse import urlsplit, urlunsplit
 
+    import re
+
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user_info = f"{parts.username or ''}:***"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user_info}@{host}"))
+    if parts.password is not None:
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}")
+    # redis-py also takes the password from the query (?password=…)
+    query = re.sub(r"(?i)(^|&)(password)=[^&]*", r"\1\2=***", parts.query)
+    return urlunsplit(parts._replace(query=query))
 
 
 class SharedSessionStates:

@@ -150,3 +150,26 @@ def test_misspelt_variables_are_warned_about(monkeypatch):
     open_server = ignored_variables({"VLA_API_KEY": "robot-secret"}, Settings())
     assert len(open_server) == 1 and "serves without authentication" in open_server[0]
     assert ignored_variables({"VLA_API_KEY": "robot-secret"}, Settings(api_keys="k")) == []
+
+
+def test_review_cases_of_the_start_checks(tmp_path, monkeypatch):
+    """A YAML error names the place, not the line's text (it may hold keys); upper-case log levels, as VLA Foundry's
+    configs write them, and upper-case URL schemes are taken; a name may hold '='; settings read case-blind are
+    not reported as ignored."""
+    from service.settings import ignored_variables
+    from service.shared_sessions import redacted_url
+
+    bad = tmp_path / "keys.yaml"
+    bad.write_text("api_keys: sk-SECRET-123: oops\n")
+    with pytest.raises(ValueError) as refused:
+        Settings.load(bad)
+    assert "line 1" in str(refused.value) and "SECRET" not in str(refused.value)
+    assert Settings(log_level="INFO").log_level == "info"
+    assert Settings(session_store="REDIS://:pw@h:6379/0").session_store
+    assert redacted_url("redis://h:6379/0?password=pw&db=1") == "redis://h:6379/0?password=***&db=1"
+    real = tmp_path / "real"
+    real.mkdir()
+    spec = parse_checkpoint_arg(f"{real}=lr=3e-4")
+    assert (spec.checkpoint, spec.name) == (str(real.resolve()), "lr=3e-4")
+    monkeypatch.setenv("VLA_Max_Queue", "7")
+    assert Settings().max_queue == 7 and ignored_variables({"VLA_Max_Queue": "7"}, Settings()) == []

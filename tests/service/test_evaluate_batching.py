@@ -67,3 +67,17 @@ def test_only_small_evaluations_share_a_call():
     sample = EVALUATE_REQUESTS["diffusion_policy"]["samples"][0]
     assert action.evaluate_batch_key(action.ActionEvaluateRequest(samples=[sample] * 8)) == "evaluate"
     assert action.evaluate_batch_key(action.ActionEvaluateRequest(samples=[sample] * 9)) is None
+
+
+def test_a_left_padded_evaluation_fails_alone_in_a_batch(tiny_checkpoints):
+    """Its mask is its own fault: the evaluations batched with it get their losses, it gets its refusal."""
+    from vla_foundry.errors import InvalidInputError
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.pipelines.text import TextEvaluation
+
+    pipeline = load_pipeline(tiny_checkpoints["transformer"])
+    good = TextEvaluation([[5, 6, 7, 8]], None, None, 0)
+    bad = TextEvaluation([[0, 6, 7, 8]], [[0, 1, 1, 1]], None, 0)
+    together = pipeline.evaluate_each([good, bad])
+    assert isinstance(together[1], InvalidInputError) and together[1].field == "attention_mask"
+    assert together[0]["loss"] == pytest.approx(pipeline.evaluate_each([good])[0]["loss"], abs=1e-6)

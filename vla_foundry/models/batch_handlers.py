@@ -83,7 +83,8 @@ class LanguageModelBatchHandler(BatchHandler):
         """Several evaluations in one forward pass: ``batch`` holds their rows back to back (``counts[i]`` of
         the i-th); each gets its loss over its own tokens only, what ``compute_loss`` of its rows alone gives (a
         causal model's logits at a row's tokens do not depend on the rows beside it or the padding after it),
-        or a ``ValueError`` when it has no token to score. No randomness: ``generators`` are not used."""
+        or a ``ValueError`` when it has no token to score, an ``InvalidInputError`` when its mask pads on the left.
+        No randomness: ``generators`` are not used."""
         device = self.model_device(model)
         input_ids = batch["input_ids"].to(device)  # (B, T)
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -91,10 +92,7 @@ class LanguageModelBatchHandler(BatchHandler):
                                     field="input_ids")
         mask = batch.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-        if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a token after padding: the padding is on the left
-            raise InvalidInputError("attention_mask must pad on the right (each row's 1s first, then its 0s): the "
-                                    "model reads a row from its first column, so padding before the tokens would "
-                                    "change their loss; put the padding after them", field="attention_mask")
+        left_padded = (mask[:, 1:] > mask[:, :-1]).any(dim=1)  # (B,) a token after padding: padding on the left
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T-1)
         logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)  (no mask: right padding follows every token)
         outs: list = []
@@ -102,6 +100,12 @@ class LanguageModelBatchHandler(BatchHandler):
         for count in counts:
             own = slice(start, start + count)
             start += count
+            if bool(left_padded[own].any()):  # this evaluation's own fault: it fails alone
+                outs.append(InvalidInputError(
+                    "attention_mask must pad on the right (each row's 1s first, then its 0s): the model reads a row "
+                    "from its first column, so padding before the tokens would change their loss; put the padding "
+                    "after them", field="attention_mask"))
+                continue
             try:
                 outs.append(next_token_loss(logits[own], targets[own], self.z_loss_coefficient))
             except ValueError as e:  # every target of this evaluation masked
