@@ -7,10 +7,9 @@ Precedence, highest first: CLI flags, the deployment YAML (``--config``/``VLA_CO
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
-
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator

@@ -29,9 +29,11 @@ millisecond on a LAN) and writing a few camera frames per step.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
 import numpy as np
@@ -112,10 +114,6 @@ def _decode(obj: dict) -> Any:
 def redacted_url(url: str) -> str:
     """``url`` with its password (in the user info or a ``password=`` query) replaced by ``***``
     (``redis://:secret@host`` → ``redis://:***@host``), for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    import re
-
     parts = urlsplit(url)
     if parts.password is not None:
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}")
