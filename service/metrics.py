@@ -88,10 +88,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.gc_pauses: Optional[GcPauses] = None  # while the app runs (watch_gc)
-        # Unloaded deployments whose series were removed (forget_deployment), until a deployment of the name is
-        # served again; records for them are dropped (DeploymentMetric). Read and changed under series_lock: the
-        # routes record on the event loop, forgetting runs on the unloaded deployment's retiring thread.
-        self._forgotten: set[str] = set()
+        # Records of a deployment name no longer served (unloaded: its series are removed, forget_deployment) are
+        # dropped (DeploymentMetric), under series_lock: the routes record on the event loop, forgetting runs on
+        # the unloaded deployment's retiring thread.
         self.series_lock = threading.Lock()
         self._manager: Optional["DeploymentManager"] = None  # (watch)
         r = self.registry
@@ -146,7 +145,6 @@ class Metrics:
         scrape without end; what its requests still record afterwards is dropped too, until a deployment of the
         name is served again."""
         with self.series_lock:
-            self._forgotten.add(name)
             for metric in (self.queue_seconds, self.run_seconds, self.batch_size, self.tokens, self.images,
                            self.first_token_seconds, self.token_pace_seconds, self.abandoned, self.shed):
                 # each label set of this deployment, read from the metric's own samples (a histogram's add "le")
@@ -157,14 +155,9 @@ class Metrics:
                     metric.remove(*labels)
 
     def forgotten(self, name: str) -> bool:
-        """Whether ``name``'s series were forgotten and no deployment of the name is served again (then it is
-        remembered: its records count). Under ``series_lock``."""
-        if name not in self._forgotten:
-            return False
-        if self._manager is not None and name in self._manager.deployments:
-            self._forgotten.discard(name)
-            return False
-        return True
+        """Whether ``name`` is no longer served (so its records would bring back series that ``forget_deployment``
+        removed); always False before ``watch``. Under ``series_lock``."""
+        return self._manager is not None and name not in self._manager.deployments
 
     def observe_light_delay(self, seconds: float) -> None:
         self.light_delays.observe(seconds)
@@ -187,7 +180,7 @@ class Metrics:
             self.images.labels(deployment).inc(len(images))
 
     def watch(self, manager: "DeploymentManager", sessions: "SessionStore") -> None:
-        self._manager = manager  # (which deployments are served: a forgotten name that is served again records)
+        self._manager = manager  # (which deployments are served: records of any other name are dropped)
         self.registry.register(_StateCollector(manager, sessions))
 
     def watch_pixels(self, budget: "PixelBudget") -> None:

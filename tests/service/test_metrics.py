@@ -118,7 +118,7 @@ def test_records_for_a_forgotten_deployment_bring_back_no_series_until_the_name_
     from service.metrics import Metrics
 
     class Manager:
-        deployments: dict = {}
+        deployments: dict = {"lm": object()}
 
     metrics = Metrics()
     metrics.watch(Manager(), sessions=None)  # (the manager tells which names are served; nothing here is scraped)
@@ -132,6 +132,8 @@ def test_records_for_a_forgotten_deployment_bring_back_no_series_until_the_name_
     metrics.tokens.labels("lm").inc(3)
     metrics.shed.labels("lm", "queue").inc()
     metrics.first_token_seconds.labels("lm").observe(0.1)
+    assert lm_samples()  # served: its records count
+    Manager.deployments = {}  # unloaded, then its series forgotten once its last call ran
     metrics.forget_deployment("lm")
     assert lm_samples() == []
     metrics.tokens.labels("lm").inc(5)  # late records: a stream's last tokens, its token pace, a reply's usage, ...

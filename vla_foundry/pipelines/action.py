@@ -10,7 +10,6 @@ observations paired with raw action windows. ``io()`` is the robot's contract, s
 from __future__ import annotations
 
 import functools
-
 import math
 import time
 from dataclasses import dataclass, field
@@ -291,8 +290,9 @@ class ActionPipeline(Pipeline):
         """Refuse raw rows (n, d) of proprioception or action field ``name`` whose values the model would overflow
         on, without the model: each row is normalized as the model call normalizes it, at every place of the
         window it may take (a session's row moves through the past rows step by step), and must stay finite and
-        within ``max_normalized_input``. Cheap (a few small tensor operations), so a session checks every row it
-        records, including a step's that only hands out its plan."""
+        within ``max_normalized_input``. A session checks every row it records, including a step's that only
+        hands out its plan (about 0.2 ms per field on a 2-core CPU, measured by a review: sessions only, not every
+        stateless request, whose model call refuses an overflow itself)."""
         r = self.robot_io
         places = r.past_steps + 1 if name in r.proprioception_fields else r.past_steps  # its rows in a window
         rows = np.asarray(rows, np.float32).reshape(-1, r.field_dims[name])
