@@ -305,10 +305,10 @@ def test_a_prompt_of_megabytes_is_refused_off_the_model_thread(app_client, monke
 
 
 def test_a_stream_adds_up_to_the_completion_when_the_tokenizer_cleans_up_spaces(tmp_path):
-    """A WordPiece model (its decode cleans up tokenization spaces: " ' m" → "'m"): a client that joins a stream's
-    text deltas (``/v1/completions`` with ``stream: true``) gets exactly the text the same request gets without
-    streaming, which is the text of its tokens decoded whole (as ``/predict`` gives them)."""
-    import json
+    """A WordPiece model (its decode cleans up tokenization spaces: " ' m" → "'m"), on a live server, through the
+    official ``openai`` client: a client that joins a stream's text deltas gets exactly the text the same request
+    gets without streaming, which is the text of its tokens decoded whole (as ``/predict`` gives them)."""
+    import httpx
 
     from tests.vla_foundry.test_streamed_text import wordpiece_tokenizer
 
@@ -317,23 +317,21 @@ def test_a_stream_adds_up_to_the_completion_when_the_tokenizer_cleans_up_spaces(
     save_experiment(tiny_model(tiny_transformer_params(vocab_size=len(tokenizer), max_seq_len=256), seed=3), path,
                     tokenizer=tokenizer)
     cleaned = 0
-    with serving(DeploymentSpec(name="wp", checkpoint=str(path)), max_new_tokens=128, max_batch=4) as client:
+    with live_server(["--checkpoint", f"{path}=wp"], tmp_path / "nodemo") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
         for seed in range(8):
             request = {"model": "wp", "prompt": ["i ' m the robot", "it ' s up . don ' t"], "max_tokens": 100,
                        "seed": seed}
-            plain = client.post("/v1/completions", json=request).json()["choices"]
-            with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
-                lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-            assert lines[-1] == "data: [DONE]"
+            plain = client.completions.create(**request).choices
             joined = ["", ""]
-            for line in lines[:-1]:
-                for choice in json.loads(line[6:])["choices"]:
-                    joined[choice["index"]] += choice["text"]
-            predicted = client.post("/predict/transformer", json={
+            for chunk in client.completions.create(**request, stream=True):
+                for choice in chunk.choices:
+                    joined[choice.index] += choice.text
+            predicted = httpx.post(f"{base}/predict/transformer", timeout=60, json={
                 "model": "wp", "prompt": request["prompt"], "max_new_tokens": 100, "temperature": 1.0, "top_k": 0,
                 "top_p": 1.0, "seed": seed}).json()["completions"]  # (OpenAI's sampling defaults)
             for row in range(2):
-                assert joined[row] == plain[row]["text"] == predicted[row]["text"], (seed, row)
+                assert joined[row] == plain[row].text == predicted[row]["text"], (seed, row)
                 raw = tokenizer.decode(predicted[row]["token_ids"], skip_special_tokens=True,
                                        clean_up_tokenization_spaces=False)
                 cleaned += raw != predicted[row]["text"]
