@@ -472,6 +472,18 @@ def test_bad_proprioception_names_the_field(io, value):
     assert field_of(io, lowdim={"arm__pos": value}) == "observation.lowdim.arm__pos"
 
 
+def test_values_beyond_float32_are_named_as_such(io):
+    """1e39 is finite as sent (JSON numbers are float64) but infinite in the policy's float32: the message says so,
+    rather than calling the robot's value NaN or infinite."""
+    for value in (1e39, -1e39, 3.5e38):
+        with pytest.raises(InvalidInputError) as error:
+            parse(io, lowdim={"arm__pos": [[0.1, value], [0.3, 0.4]]})
+        assert error.value.field == "observation.lowdim.arm__pos"
+        assert "beyond float32's range" in str(error.value) and "NaN" not in str(error.value), str(error.value)
+    with pytest.raises(InvalidInputError, match="NaN or infinity"):
+        parse(io, lowdim={"arm__pos": [[0.1, float("inf")], [0.3, 0.4]]})
+
+
 def test_proprioception_field_set_errors(io):
     assert field_of(io, lowdim={}) == "observation.lowdim.arm__pos"
     assert field_of(io, lowdim={"arm__pos": [[0, 0], [0, 0]], "extra": [[0]]}) == "observation.lowdim.extra"

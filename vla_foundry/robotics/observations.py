@@ -119,11 +119,15 @@ def _numbers(value, shape: tuple, name: str) -> np.ndarray:
     if array.shape != shape:
         raise InvalidInputError(f"{name} must be a {_shape_text(shape)} array; got shape {list(array.shape)}",
                                 field=name)
-    with np.errstate(over="ignore"):  # beyond float32's range becomes infinity, refused just below
-        array = array.astype(np.float32)
-    if not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidInputError(f"{name} contains NaN or infinity; send finite values", field=name)
-    return array
+    with np.errstate(over="ignore"):  # beyond float32's range becomes infinity, refused just below
+        narrowed = array.astype(np.float32)
+    if not np.isfinite(narrowed).all():  # finite as sent (float64, a big int), too large for the policy's float32
+        biggest = float(np.abs(array.astype(np.float64)).max())
+        raise InvalidInputError(f"{name} holds {biggest:g}, beyond float32's range (±{np.finfo(np.float32).max:g}) "
+                                "in which the policy computes; send the robot's real values", field=name)
+    return narrowed
 
 
 def _shape_text(shape: tuple) -> str:
