@@ -212,6 +212,44 @@ def _diffusion_policy(path: Path, tokenizer) -> Path:
     return save_tiny_policy(model, path, processor="clip")
 
 
+def vlm_foundry_policy(path: Path, tokenizer, seed: int = 0):
+    """A flow-matching policy on a ``vlm_foundry_backbone`` (spec §8.4), saved: our tiny ``vlm`` (a 16 px ViT with
+    8 px patches, no shuffle: 4 tokens per image) read at its last 2 layers, behind a tiny Idefics3 (SmolVLM)
+    processor that makes 32 px images (so the backbone resizes them) and 4 ``<image>`` tokens each. Returns the
+    model (random weights) with its params as saved."""
+    from transformers import AutoProcessor
+
+    from vla_foundry.demo.hf_models import IDEFICS3_IMAGE_SEQ_LEN, build_tiny_idefics3
+    from vla_foundry.params.clip import VLMFoundryBackboneParams
+    from vla_foundry.params.vision import ViTParams, VLMParams
+
+    build_tiny_idefics3(path / "processor", tokenizer)
+    hf_tokenizer = AutoProcessor.from_pretrained(path / "processor").tokenizer
+    vit = ViTParams(img_size=16, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2,
+                    projector_pixel_shuffle_factor=1)
+    assert (16 // 8) ** 2 == IDEFICS3_IMAGE_SEQ_LEN  # the processor's image tokens are the ViT's
+    vlm = VLMParams(vit=vit, transformer=tiny_transformer_params(vocab_size=len(hf_tokenizer), max_seq_len=128),
+                    image_token_id=hf_tokenizer.convert_tokens_to_ids("<image>"))
+    model = tiny_model(tiny_policy_params(VLMFoundryBackboneParams(num_vlm_layers_to_use=2, vlm=vlm)), seed)
+    save_tiny_policy(model, path, processor="processor")
+    return model
+
+
+def vlm_hf_policy(path: Path, tokenizer, seed: int = 0):
+    """A flow-matching policy on a ``vlm_backbone`` (spec §8.4): a tiny Idefics3 (SmolVLM architecture) read at its
+    last 2 hidden states; its directory doubles as the processor. Returns the model with its params as saved."""
+    from vla_foundry.demo.hf_models import build_tiny_idefics3
+    from vla_foundry.params.clip import VLMBackboneParams
+
+    build_tiny_idefics3(path / "vlm", tokenizer)
+    sharpen_hf(path / "vlm", "Idefics3ForConditionalGeneration")
+    model = tiny_model(tiny_policy_params(VLMBackboneParams(hf_pretrained=str(path / "vlm"),
+                                                            num_vlm_layers_to_use=2)), seed)
+    model.params = tiny_policy_params(VLMBackboneParams(hf_pretrained="vlm", num_vlm_layers_to_use=2))
+    save_tiny_policy(model, path, processor="vlm")
+    return model
+
+
 BUILDERS: dict[str, Callable[[Path, Any], Path]] = {
     "diffusion_policy": _diffusion_policy,
     "transformer": _transformer,

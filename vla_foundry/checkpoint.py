@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import torch
 import yaml
 
-from vla_foundry.config_files import is_bare_hf_directory, read_model_config, read_training_config
+from vla_foundry.config_files import is_bare_hf_directory, read_model_config, read_training_config, read_yaml
 from vla_foundry.errors import CheckpointError
 from vla_foundry.params import ModelParams, parse_params
 
@@ -288,10 +288,40 @@ def resolve_local_paths(params: ModelParams, base_dir: Path) -> None:
                 setattr(params, f.name, str(candidate.resolve()))
 
 
+def side_file_fields(params: ModelParams) -> list[tuple[ModelParams, dataclasses.Field]]:
+    """Every (block, field) in ``params``' tree whose nested block lives in a file of its own (``nested(...,
+    side_file=...)``), outermost first."""
+    found = []
+    for f in dataclasses.fields(params):
+        if f.metadata.get("side_file"):
+            found.append((params, f))
+        value = getattr(params, f.name)
+        if isinstance(value, ModelParams):
+            found.extend(side_file_fields(value))
+    return found
+
+
+def load_side_configs(params: ModelParams, experiment_dir: Path) -> None:
+    """Fill in the blocks that live in side files (a ``vlm_foundry_backbone``'s source VLM config, spec §8.4), each
+    read from where its block locates it, relative paths in it resolved against that file's folder."""
+    for block, f in side_file_fields(params):
+        if getattr(block, f.name) is not None:  # given inline (a config built in code, or an inline block)
+            continue
+        path = block.locate_side_file(f.name, experiment_dir)
+        try:
+            side = parse_params(read_yaml(path))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        resolve_local_paths(side, path.parent)
+        load_side_configs(side, path.parent)
+        setattr(block, f.name, side)
+
+
 def load_params(experiment_dir: Union[str, Path], training_config: Optional[dict] = None) -> ModelParams:
     experiment_dir = Path(experiment_dir)
     params = parse_params(read_model_config(experiment_dir, training_config))
     resolve_local_paths(params, experiment_dir)
+    load_side_configs(params, experiment_dir)
     return params
 
 
@@ -365,6 +395,10 @@ def save_experiment(model: torch.nn.Module, experiment_dir: Union[str, Path], *,
     config["ema"] = {**config.get("ema", {}), "enabled": ema_state_dict is not None}
     config["hparams"] = {**config.get("hparams", {}), "precision": precision}
     (experiment_dir / "config_model.yaml").write_text(yaml.safe_dump(model_config, sort_keys=True))
+    for block, f in side_file_fields(model.params):  # e.g. vlm_config_model.yaml, as VLA Foundry's exporter writes
+        if getattr(block, f.name) is not None:
+            side = experiment_dir / f.metadata["side_file"]
+            side.write_text(yaml.safe_dump(getattr(block, f.name).to_dict(), sort_keys=True))
     (experiment_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if fmt == "safetensors":

@@ -19,6 +19,7 @@ from vla_foundry.models import clip_hf  # noqa: F401  (registers "clip_hf")
 from vla_foundry.models import clip_openclip  # noqa: F401  (registers "clip_openclip")
 from vla_foundry.models import stable_diffusion  # noqa: F401  (registers "stable_diffusion")
 from vla_foundry.models import diffusion_policy  # noqa: F401  (registers "diffusion_policy")
+from vla_foundry.models import vlm_backbones  # noqa: F401  (registers the policy backbones that run a whole VLM)
 from vla_foundry.models import batch_handlers  # noqa: F401  (registers the handlers)
 
 __all__ = [

@@ -26,21 +26,9 @@ def register_backbone(backbone_type: str):
     return BACKBONES.register(backbone_type)
 
 
-# VLA Foundry's backbones that run a whole vision-language model (spec §8.4). Their weights, action token and
-# hidden-state read-out are specified, but what feeds them is not: the reference builds their prompts with the
-# data config's HF processor (a chat template, image tokens expanded per image, the images processed together
-# with the text), and no fixture pins those inputs down. Rather than serve actions computed from inputs that may
-# differ from training, a policy with one of them is refused, by name.
-NOT_SERVED_BACKBONES = ("vlm_backbone", "vlm_foundry_backbone")
-
-
 def create_backbone(params, load_pretrained: bool = True) -> nn.Module:
-    if params.type in NOT_SERVED_BACKBONES:
-        why = "(a block without `type` is one, spec §1.2) " if params.type == "vlm_backbone" else ""
-        raise ValueError(f"policy backbone {params.type!r} {why}(format spec §8.4: a whole VLM conditioning the "
-                         "policy) is not served by this server yet; served backbones: "
-                         f"{', '.join(BACKBONES.keys())}. Check `vision_language_backbone.type` in "
-                         "config_model.yaml")
+    """The backbone of ``params.type`` (a block without ``type`` is a ``vlm_backbone``, spec §1.2). The ones that
+    run a whole VLM (§8.4) live in ``vlm_backbones.py``."""
     return BACKBONES.get(params.type)(params, load_pretrained=load_pretrained)
 
 
@@ -85,7 +73,7 @@ class ClipBackbone(nn.Module):
             return InputProcessor(RawPixels(image_size), text, text_pad_id(self._model.tokenizer))
         return hf_processor(processor, processor_kwargs)
 
-    def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None) -> torch.Tensor:
+    def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None, **_) -> torch.Tensor:
         out = self._model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                           attention_mask_images=attention_mask_images)
         if self.params.disable_text:
@@ -119,7 +107,7 @@ class ViTBackbone(nn.Module):
         hf = hf_processor(processor, processor_kwargs)
         return InputProcessor(hf.image_fn, None)
 
-    def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None) -> torch.Tensor:
+    def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None, **_) -> torch.Tensor:
         if pixel_values.dim() == 4:
             B = _batch_size(input_ids, pixel_values)
             pixel_values = pixel_values.view(B, -1, *pixel_values.shape[1:])  # (B, N, 3, h, w)
@@ -163,7 +151,7 @@ class OpenClipBackbone(nn.Module):
         image_fn = RawPixels(image_size) if processor == "none" else model.pixel_values
         return InputProcessor(image_fn, text_fn)
 
-    def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None) -> torch.Tensor:
+    def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None, **_) -> torch.Tensor:
         B = _batch_size(input_ids, pixel_values)
         images = l2normalize(self._model.model.encode_image(pixel_values)).view(B, -1, self.output_dim)
         if attention_mask_images is not None:

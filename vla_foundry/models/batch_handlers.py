@@ -253,9 +253,11 @@ class PolicyBatchHandler(BatchHandler):
                                       dtype=actions.dtype).to(actions.device))
             # as the model's forward draws them from the generator after the noise
             timesteps.append(torch.randint(0, model.num_timesteps, (n,), generator=generator, device=gen_device))
+        # A VLM processor's other outputs for the backbone (spec §8.4), by name
+        backbone_inputs = {k: self.to_model(model, v) for k, v in (batch.get("backbone_inputs") or {}).items()}
         out = model(batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"),
                     batch.get("attention_mask_images"), actions, torch.cat(noises), past_mask, future_mask,
-                    proprioception, timesteps=torch.cat([t.to(actions.device) for t in timesteps]))
+                    proprioception, timesteps=torch.cat([t.to(actions.device) for t in timesteps]), **backbone_inputs)
         error = (out.velocity.float() - out.target.float()) ** 2  # (B·R, Ta, A)
         results: list = []
         for start, n, count in zip(starts, rows, counts):

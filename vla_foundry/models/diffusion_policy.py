@@ -74,9 +74,12 @@ class DiffusionPolicy(nn.Module):
 
     # ------------------------------------------------------------------ one velocity prediction (§9.3)
 
-    def encode_observation(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None):
-        """Backbone tokens (B, C, Dc); computed once per sampling call."""
-        return self.vision_language_backbone(input_ids, pixel_values, attention_mask, attention_mask_images)
+    def encode_observation(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None,
+                           **backbone_inputs):
+        """Backbone tokens (B, C, Dc); computed once per sampling call. ``backbone_inputs``: a VLM processor's
+        other outputs (§8.4), which VLA Foundry passes on to the backbone by name."""
+        return self.vision_language_backbone(input_ids, pixel_values, attention_mask, attention_mask_images,
+                                             **backbone_inputs)
 
     def denoise(self, condition: torch.Tensor, timesteps: torch.Tensor, noisy_actions: torch.Tensor,
                 proprioception: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -110,14 +113,15 @@ class DiffusionPolicy(nn.Module):
     def generate_actions(self, input_ids, pixel_values, actions, attention_mask=None, attention_mask_images=None,
                          num_inference_steps=None, past_mask=None, proprioception=None, *,
                          generator: Optional[torch.Generator] = None,
-                         initial_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         initial_noise: Optional[torch.Tensor] = None, **backbone_inputs) -> torch.Tensor:
         """Normalized actions (B, Ta, A). Rows where ``past_mask`` is True are the given ``actions``, exactly.
 
         The only random draw is the initial noise: ``initial_noise`` when given, else drawn
         from ``generator`` (the global RNG when None, as in the reference).
         """
         visited = self.timesteps_visited(num_inference_steps)
-        condition = self.encode_observation(input_ids, pixel_values, attention_mask, attention_mask_images)
+        condition = self.encode_observation(input_ids, pixel_values, attention_mask, attention_mask_images,
+                                            **backbone_inputs)
         z = randn_like(actions, generator) if initial_noise is None else initial_noise.to(actions)
         if past_mask is not None:
             keep = past_mask[..., None].to(actions.dtype)  # (B, Ta, 1)
@@ -162,7 +166,7 @@ class DiffusionPolicy(nn.Module):
 
     def forward(self, input_ids, pixel_values, attention_mask, attention_mask_images, actions, noise, past_mask,
                 future_mask, proprioception=None, *, timesteps: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> PolicyForwardOutput:
+                generator: Optional[torch.Generator] = None, **backbone_inputs) -> PolicyForwardOutput:
         """The velocity for noised ``actions`` at ``timesteps`` (drawn from ``generator`` when absent)."""
         B = actions.shape[0]
         if timesteps is None:
@@ -174,7 +178,8 @@ class DiffusionPolicy(nn.Module):
         x = torch.where(future, noised, actions)
         if self.training and self.params.input_noise_std > 0:
             x = x + self.params.input_noise_std * randn_like(x, generator)
-        condition = self.encode_observation(input_ids, pixel_values, attention_mask, attention_mask_images)
+        condition = self.encode_observation(input_ids, pixel_values, attention_mask, attention_mask_images,
+                                            **backbone_inputs)
         repeats = condition.shape[0] and B // condition.shape[0]
         if repeats > 1:  # num_action_head_repeats: action rows arrive tiled (repeat_interleave)
             condition = condition.repeat_interleave(repeats, dim=0)

@@ -126,7 +126,10 @@ class PolicyGraphs:
 
     @staticmethod
     def supports(model) -> bool:
-        return isinstance(model.scheduler, FlowMatchingScheduler)
+        """Flow matching, and a backbone whose work is a fixed function of its inputs' shapes (not one that
+        groups its batch at run time, as the VLM backbones do)."""
+        return (isinstance(model.scheduler, FlowMatchingScheduler)
+                and getattr(model.vision_language_backbone, "traceable", True))
 
     @property
     def enabled(self) -> bool:

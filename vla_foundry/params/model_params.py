@@ -52,10 +52,13 @@ class NestedBlock:
 
 
 def nested(default_type: str, *, hf_type: Optional[str] = None, default_block: Optional[dict] = None,
-           required: bool = False):
-    """A field holding nested params. Absent ⇒ ``default_block`` (parsed), or None."""
+           required: bool = False, side_file: Optional[str] = None):
+    """A field holding nested params. Absent ⇒ ``default_block`` (parsed), or None.
+
+    ``side_file``: the block lives in a file of its own beside the config (the loader reads it, see
+    ``checkpoint.load_side_configs``); ``to_dict`` leaves it out, as VLA Foundry's dump does."""
     spec = NestedBlock(default_type, hf_type)
-    meta = {"nested": spec, "required": required}
+    meta = {"nested": spec, "required": required, "side_file": side_file}
     if default_block is None:
         return field(default=None, metadata=meta)
     return field(default_factory=lambda: parse_params(dict(default_block), _default_type=default_type),
@@ -81,6 +84,8 @@ class ModelParams:
         """The config block as VLA Foundry dumps it (nested params as dicts, tuples as lists)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if f.metadata.get("side_file"):
+                continue
             value = getattr(self, f.name)
             if isinstance(value, ModelParams):
                 value = value.to_dict()

@@ -268,6 +268,8 @@ class ActionPipeline(Pipeline):
     @property
     def max_prompt_tokens(self) -> Optional[int]:
         """The longest prompt (placeholders included): the data config's cut, within the text tower's reach."""
+        if self.processor.joint_fn is not None:  # a VLM's prompt is its images' tokens too: the backbone checks it
+            return None
         limits = [n for n in (self.robot_io.max_text_seq_len, self.model.vision_language_backbone.max_text_length)
                   if n]
         return min(limits) if limits else None
@@ -461,7 +463,8 @@ class ActionPipeline(Pipeline):
             past_mask[:, :r.past_steps] = True
         return {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask,
                 "pixel_values": inputs.pixel_values, "attention_mask_images": inputs.attention_mask_images,
-                "actions": actions, "past_mask": past_mask, "proprioception": inputs.proprioception}
+                "actions": actions, "past_mask": past_mask, "proprioception": inputs.proprioception,
+                "backbone_inputs": inputs.backbone_inputs}
 
     @torch.inference_mode()
     def evaluate(self, samples: Sequence[RawObservation], action_windows: Sequence[dict[str, np.ndarray]], *,

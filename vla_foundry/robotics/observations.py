@@ -10,7 +10,7 @@ mask (spec §8.3, §12.2: anchor timestep P).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -39,20 +39,23 @@ class PolicyInputs:
     actions: torch.Tensor  # (B, Ta, A) normalized; zeros where unknown
     past_mask: torch.Tensor  # (B, Ta) bool: rows given by the robot
     proprioception: Optional[torch.Tensor] = None  # (B, P+1, Dp) normalized
+    # A VLM processor's other outputs for the backbone (``pixel_attention_mask``, ``image_grid_thw``, …)
+    backbone_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device, dtype=None) -> "PolicyInputs":
-        """On ``device``; pixels in the model's ``dtype``. Actions and proprioception stay float32: the
-        sampling state and the past rows must not be rounded to bf16 (the model casts at its layers)."""
+        """On ``device``; pixels (and the backbone's other float inputs) in the model's ``dtype``. Actions and
+        proprioception stay float32: the sampling state and the past rows must not be rounded to bf16 (the model
+        casts at its layers)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        pixels = self.pixel_values.to(device, dtype=dtype) if dtype is not None else move(self.pixel_values)
-        return PolicyInputs(move(self.input_ids), move(self.attention_mask), pixels,
+        cast = lambda t: t.to(device, dtype=dtype) if dtype is not None and t.is_floating_point() else move(t)  # noqa: E731
+        return PolicyInputs(move(self.input_ids), move(self.attention_mask), cast(self.pixel_values),
                             move(self.attention_mask_images), move(self.actions), move(self.past_mask),
-                            move(self.proprioception))
+                            move(self.proprioception), {k: cast(v) for k, v in self.backbone_inputs.items()})
 
     def model_kwargs(self) -> dict:
         return dict(input_ids=self.input_ids, pixel_values=self.pixel_values, actions=self.actions,
                     attention_mask=self.attention_mask, attention_mask_images=self.attention_mask_images,
-                    past_mask=self.past_mask, proprioception=self.proprioception)
+                    past_mask=self.past_mask, proprioception=self.proprioception, **self.backbone_inputs)
 
 
 def prepare_frame(image: np.ndarray, io: RobotIO) -> np.ndarray:
@@ -86,10 +89,17 @@ def build_inputs(samples: list[RawObservation], io: RobotIO, normalizer: Robotic
     """The model inputs of ``samples``, on the CPU, except a raw-pixel processor's pixel values, which are made on
     ``device`` when one is given (``InputProcessor.pixel_values``); ``PolicyInputs.to`` moves the rest."""
     B, P, Ta = len(samples), io.past_steps, io.action_steps
-    frames = [prepare_frame(s.images[name], io) for s in samples for name in io.image_names]
-    pixel_values = processor.pixel_values(frames, device)  # (B·N, 3, h, w)
-    prompts = [prompt_for(s.instruction if uses_language else "", len(io.image_names)) for s in samples]
-    input_ids, attention_mask = processor.text(prompts, io.max_text_seq_len)
+    backbone_inputs: dict[str, torch.Tensor] = {}
+    if processor.joint_fn is not None:  # a VLM's processor: images and prompt together
+        images = [[prepare_frame(s.images[name], io) for name in io.image_names] for s in samples]
+        backbone_inputs = processor.joint_fn(images, [s.instruction for s in samples])
+        input_ids, attention_mask = backbone_inputs.pop("input_ids"), backbone_inputs.pop("attention_mask")
+        pixel_values = backbone_inputs.pop("pixel_values")  # as the processor made them, e.g. (B, N, 3, h, w)
+    else:
+        frames = [prepare_frame(s.images[name], io) for s in samples for name in io.image_names]
+        pixel_values = processor.pixel_values(frames, device)  # (B·N, 3, h, w)
+        prompts = [prompt_for(s.instruction if uses_language else "", len(io.image_names)) for s in samples]
+        input_ids, attention_mask = processor.text(prompts, io.max_text_seq_len)
     proprio = None
     if io.proprioception_fields:
         proprio = normalize_fields([s.lowdim for s in samples], io.proprioception_fields, normalizer, P, Ta)[:, :P + 1]
@@ -104,7 +114,8 @@ def build_inputs(samples: list[RawObservation], io: RobotIO, normalizer: Robotic
         actions[rows, :P] = normalized[:, :P]
         past_mask[rows, :P] = True
     return PolicyInputs(input_ids, attention_mask, pixel_values,
-                        torch.ones(B, len(io.image_names), dtype=torch.bool), actions, past_mask, proprio)
+                        torch.ones(B, len(io.image_names), dtype=torch.bool), actions, past_mask, proprio,
+                        backbone_inputs)
 
 
 def _numbers(value, shape: tuple, name: str) -> np.ndarray:

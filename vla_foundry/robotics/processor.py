@@ -84,11 +84,15 @@ class InputProcessor:
     size, so it gets one placeholder id per row).
     """
 
-    def __init__(self, image_fn: Callable[[list], torch.Tensor],
+    def __init__(self, image_fn: Optional[Callable[[list], torch.Tensor]],
                  text_fn: Optional[Callable[[list[str], Optional[int]], tuple[torch.Tensor, torch.Tensor]]],
-                 text_pad_id: Optional[int] = None):
+                 text_pad_id: Optional[int] = None, *,
+                 joint_fn: Optional[Callable[[list[list[np.ndarray]], list[str]], dict[str, torch.Tensor]]] = None):
         self.image_fn = image_fn
         self.text_fn = text_fn
+        # A VLM's processor lays out each sample's images and prompt together (``hf_vlm_processor``): per sample
+        # its frames and instruction → input_ids, attention_mask, pixel_values and whatever else the model takes.
+        self.joint_fn = joint_fn
         self.text_pad_id = text_pad_id  # what ``text_fn`` pads shorter rows with, on the right; None: it cannot
         # Token counts of prompts seen: a robot repeats its instruction every step, and tokenizing it again to
         # check its length cost more than the policy's whole sampling call (bounded; cleared when full).
@@ -206,6 +210,41 @@ def hf_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputPro
 
     return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None,
                           text_pad_id(tokenizer))
+
+
+def hf_vlm_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputProcessor:
+    """A VLM's HF processor directory, used as VLA Foundry's robotics processor uses it (spec §8.3–§8.4): the
+    prompt is one user turn holding an image entry per image, then the instruction, rendered by the processor's
+    chat template (else its tokenizer's, else ``"<image> " · N + instruction``, no generation prompt); each
+    sample's images and prompt are processed together (the processor expands the image tokens), padded to the
+    longest, never cut (VLA Foundry's policy server passes no length)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the policy's processor {path!r} cannot be loaded ({e}); the experiment directory should "
+                         "hold it (config_processor.yaml `processor:`)") from e
+    tokenizer = getattr(processor, "tokenizer", None)
+    template = next((owner for owner in (processor, tokenizer) if getattr(owner, "chat_template", None)), None)
+    kwargs = dict(processor_kwargs or {})
+
+    def prompt(instruction: str, num_images: int) -> str:
+        if template is None:
+            return prompt_for(instruction, num_images)
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": instruction}]
+        return template.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                            add_generation_prompt=False)
+
+    def joint_fn(images: list[list[np.ndarray]], instructions: list[str]) -> dict[str, torch.Tensor]:
+        prompts = [prompt(text, len(frames)) for frames, text in zip(images, instructions)]
+        # (HF's image processors make tensors of the arrays: a read-only frame, as PIL gives them, would warn)
+        frames = [[f if f.flags.writeable else f.copy() for f in sample] for sample in images]
+        out = processor(images=frames, text=prompts, padding=True,
+                        return_tensors="pt", **kwargs)
+        return {name: value for name, value in out.items() if isinstance(value, torch.Tensor)}
+
+    return InputProcessor(None, None, joint_fn=joint_fn)
 
 
 def text_pad_id(tokenizer) -> Optional[int]:

@@ -1,0 +1,209 @@
+"""Policies conditioned by a whole VLM (format spec §8.4): ``vlm_foundry_backbone`` (our ``vlm``) and
+``vlm_backbone`` (an HF image-text model), each saved as VLA Foundry saves them, loaded, and served.
+
+The spec's read-out is recomputed here from the VLM itself (the action token after the prompt, the last k
+hidden states at that position), and a batch of robots with prompts of different lengths must give each robot
+what it gets alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from tests.factories import (build_tiny_tokenizer, save_tiny_policy, tiny_policy_params, vlm_foundry_policy,
+                             vlm_hf_policy)
+from vla_foundry.checkpoint import load_model
+from vla_foundry.errors import InvalidInputError
+from vla_foundry.pipelines.action import ActionPipeline, PolicyRequest
+from vla_foundry.robotics.observations import RawObservation
+
+POLICIES = {"vlm_foundry_backbone": vlm_foundry_policy, "vlm_backbone": vlm_hf_policy}
+SHORT, LONG = "pick", "pick up the red block and place it in the bin"
+
+
+@pytest.fixture(scope="module", params=list(POLICIES))
+def policy(request, tmp_path_factory):
+    """(backbone type, experiment dir, the model as built, its pipeline loaded from disk)."""
+    path = tmp_path_factory.mktemp(request.param)
+    built = POLICIES[request.param](path, build_tiny_tokenizer())
+    return request.param, path, built, ActionPipeline.from_experiment(load_model(path), path)
+
+
+def observation(pipeline, instruction: str, seed: int = 0) -> RawObservation:
+    r, rng = pipeline.robot_io, np.random.default_rng(seed)
+    return RawObservation({n: rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for n in r.image_names},
+                          {f: rng.normal(size=(r.past_steps + 1, r.field_dims[f])).astype(np.float32)
+                           for f in r.proprioception_fields}, instruction)
+
+
+def vocabulary_before_the_action_token(kind: str, path) -> int:
+    """V, read from the saved configs (not from our model): the action token's id and the rows before it."""
+    if kind == "vlm_foundry_backbone":
+        return yaml.safe_load((path / "vlm_config_model.yaml").read_text())["transformer"]["vocab_size"]
+    return json.loads((path / "vlm" / "config.json").read_text())["text_config"]["vocab_size"]
+
+
+def backbone_inputs(pipeline, samples):
+    inputs = pipeline.prepare(samples)
+    return dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask,
+                attention_mask_images=inputs.attention_mask_images, **inputs.backbone_inputs)
+
+
+def test_the_checkpoint_has_vla_foundrys_layout(policy):
+    kind, path, built, pipeline = policy
+    V = vocabulary_before_the_action_token(kind, path)
+    state = torch.load(path / "checkpoints" / "checkpoint_1.pt", weights_only=True)["state_dict"]
+    if kind == "vlm_foundry_backbone":
+        rows = ["vision_language_backbone._model.transformer.embeddings.weight",
+                "vision_language_backbone._model.transformer.output.weight"]
+        block = yaml.safe_load((path / "config_model.yaml").read_text())["vision_language_backbone"]
+        assert "vlm" not in block and block["num_vlm_layers_to_use"] == 2  # the VLM's config is a side file
+    else:
+        rows = [k for k in state if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")]
+        assert len(rows) == 2 and all(k.startswith("vision_language_backbone._model.model.") for k in rows)
+    assert all(state[k].shape[0] == V + 1 for k in rows)  # the action row after the vocabulary, in both tables
+    assert pipeline.model.vision_language_backbone.action_token_id == V
+    assert pipeline.model.vision_language_backbone.output_dim == 2 * 32  # k · H
+    samples = [observation(pipeline, LONG)]
+    with torch.no_grad():
+        np.testing.assert_array_equal(built.encode_observation(**backbone_inputs(pipeline, samples)).numpy(),
+                                      pipeline.model.encode_observation(**backbone_inputs(pipeline, samples)).numpy())
+
+
+def test_conditioning_is_the_action_token_in_the_last_layers(policy):
+    """Spec §8.4 recomputed from the VLM: the prompt (images and text laid out by the processor's chat template),
+    the action token V appended with mask 1, the last k = 2 hidden states at that position, concatenated."""
+    kind, path, _, pipeline = policy
+    V = vocabulary_before_the_action_token(kind, path)
+    backbone = pipeline.model.vision_language_backbone
+    inputs = backbone_inputs(pipeline, [observation(pipeline, LONG)])
+    ids = inputs["input_ids"]
+    image_id = backbone._model.image_token_id
+    assert int((ids == image_id).sum()) == 4 * len(pipeline.robot_io.image_names)  # 4 tokens per image
+    with_token = torch.cat([ids, torch.tensor([[V]])], dim=1)
+    with torch.no_grad():
+        if kind == "vlm_foundry_backbone":
+            pixels = F.interpolate(inputs["pixel_values"].flatten(0, 1), size=(16, 16), mode="bilinear",
+                                   align_corners=False)  # the processor's 32 px tiles, resized to the ViT's 16
+            hidden = backbone._model(with_token, pixels, output_hidden_states=True).hidden_states
+        else:
+            hidden = backbone._model.model(input_ids=with_token, pixel_values=inputs["pixel_values"],
+                                           pixel_attention_mask=inputs["pixel_attention_mask"],
+                                           attention_mask=torch.ones_like(with_token),
+                                           output_hidden_states=True).hidden_states
+        expected = torch.cat([hidden[-2][:, -1], hidden[-1][:, -1]], dim=-1)[:, None]
+        got = pipeline.model.encode_observation(**inputs)
+    assert got.shape == (1, 1, 64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_the_prompt_is_one_user_turn_images_first(policy):
+    kind, _, _, pipeline = policy
+    from transformers import AutoProcessor
+
+    directory = {"vlm_foundry_backbone": "processor", "vlm_backbone": "vlm"}[kind]
+    tokenizer = AutoProcessor.from_pretrained(policy[1] / directory).tokenizer
+    ids = backbone_inputs(pipeline, [observation(pipeline, LONG)])["input_ids"][0]
+    text = tokenizer.decode(ids)
+    assert text.startswith("User:") and text.rstrip().endswith(LONG + "<end_of_utterance>")  # no generation prompt
+    assert text.index("<image>") < text.index(LONG) and "Assistant" not in text
+
+
+def test_a_batch_gives_each_robot_what_it_gets_alone(policy):
+    """Prompts of different lengths in one batch: the processor pads them, which would move the action token; the
+    backbone runs each length on its own, so every robot's chunk is its solo chunk."""
+    _, _, _, pipeline = policy
+    samples = [observation(pipeline, text, seed) for seed, text in enumerate([SHORT, LONG, SHORT, LONG + " now"])]
+    batched = pipeline.predict_each([PolicyRequest(s, seed=10 + i) for i, s in enumerate(samples)],
+                                    num_inference_steps=3)
+    for i, (sample, chunk) in enumerate(zip(samples, batched)):
+        alone = pipeline.predict([sample], seed=10 + i, num_inference_steps=3)
+        np.testing.assert_allclose(chunk.action_chunk, alone["action_chunk"][0], atol=1e-5)
+    # Without the grouping, the padded short prompts would condition differently (why it is there).
+    backbone = pipeline.model.vision_language_backbone
+    inputs = backbone_inputs(pipeline, samples)
+    with torch.no_grad():
+        padded = backbone._encode(inputs.pop("input_ids"), inputs.pop("attention_mask"), **{
+            k: v for k, v in inputs.items() if k != "attention_mask_images"})
+        alone = pipeline.model.encode_observation(**backbone_inputs(pipeline, samples[:1]))
+    assert (padded[0] - alone[0]).abs().max() > 1e-3
+
+
+def test_evaluation_runs_through_the_backbone(policy):
+    _, _, _, pipeline = policy
+    r = pipeline.robot_io
+    windows = [{f: np.random.default_rng(i).normal(size=(r.action_steps, r.field_dims[f])).astype(np.float32)
+                for f in r.action_fields} for i in range(2)]
+    samples = [observation(pipeline, SHORT, 0), observation(pipeline, LONG, 1)]
+    together = pipeline.evaluate(samples, windows, seed=3)
+    assert np.isfinite(together["loss"])
+    from vla_foundry.pipelines.action import PolicyEvaluation
+
+    each = pipeline.evaluate_each([PolicyEvaluation([s], [w], seed=4 + i) for i, (s, w) in
+                                   enumerate(zip(samples, windows))])
+    for i, (s, w) in enumerate(zip(samples, windows)):
+        assert each[i]["loss"] == pytest.approx(pipeline.evaluate([s], [w], seed=4 + i)["loss"], abs=1e-6)
+
+
+def test_a_prompt_beyond_the_vlms_context_is_refused_by_field(policy):
+    kind, _, _, pipeline = policy
+    if kind == "vlm_backbone":
+        pytest.skip("the tiny Idefics3's context (its max positions) is larger than any instruction we'd send here")
+    with pytest.raises(InvalidInputError) as error:
+        pipeline.predict([observation(pipeline, " ".join(["block"] * 200))], seed=0)
+    assert error.value.field == "observation.language_instruction" and "at most 127" in str(error.value)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_a_reference_block_parses_with_vla_foundrys_defaults():
+    from vla_foundry.params import parse_params
+
+    params = parse_params({"type": "diffusion_policy", "transformer": {}, "action_dim": 3,
+                           "vision_language_backbone": {"type": "vlm_foundry_backbone", "freeze": False,
+                                                        "resume_from_checkpoint": None, "resume_weights_only": False}})
+    assert params.vision_language_backbone.num_vlm_layers_to_use == 4 and params.vision_language_backbone.vlm is None
+    params = parse_params({"type": "diffusion_policy", "transformer": {}, "action_dim": 3,
+                           "vision_language_backbone": {"hf_pretrained": "x"}})  # no type: a vlm_backbone (§1.2)
+    assert params.vision_language_backbone.type == "vlm_backbone"
+    assert params.vision_language_backbone.num_vlm_layers_to_use == 4
+
+
+def test_the_source_vlm_config_is_found_where_vla_foundry_looks(tmp_path):
+    path = tmp_path / "policy"
+    vlm_foundry_policy(path, build_tiny_tokenizer())
+    published = (path / "vlm_config_model.yaml").read_text()
+    # vlm_experiment_dir (relative here) comes first when it exists; the published copy is the fallback.
+    (path / "vlm_config_model.yaml").unlink()
+    with pytest.raises(ValueError, match="vlm_config_model.yaml"):
+        load_model(path)
+    (tmp_path / "source_vlm").mkdir()
+    (tmp_path / "source_vlm" / "config_model.yaml").write_text(published)
+    config = yaml.safe_load((path / "config_model.yaml").read_text())
+    config["vision_language_backbone"]["vlm_experiment_dir"] = "../source_vlm"
+    (path / "config_model.yaml").write_text(yaml.safe_dump(config))
+    (path / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((path / "config.yaml").read_text()),
+                                                      "model": config}))
+    assert load_model(path).vision_language_backbone.action_token_id == yaml.safe_load(published)["transformer"][
+        "vocab_size"]
+
+
+def test_bad_backbone_configs_name_the_key(tmp_path):
+    from vla_foundry.models import create_model
+    from vla_foundry.params.clip import VLMFoundryBackboneParams
+
+    with pytest.raises(ValueError, match="vlm_config_model.yaml"):
+        create_model(tiny_policy_params(VLMFoundryBackboneParams()), load_pretrained=False)
+    built = vlm_foundry_policy(tmp_path / "p", build_tiny_tokenizer())
+    too_deep = VLMFoundryBackboneParams(num_vlm_layers_to_use=3, vlm=built.params.vision_language_backbone.vlm)
+    with pytest.raises(ValueError, match=r"num_vlm_layers_to_use must be 1…2"):
+        create_model(tiny_policy_params(too_deep), load_pretrained=False)
+    save_tiny_policy(built, tmp_path / "none", processor="none")
+    with pytest.raises(ValueError, match="needs the HF processor it was trained with"):
+        ActionPipeline.from_experiment(load_model(tmp_path / "none"), tmp_path / "none")
