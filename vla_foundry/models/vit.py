@@ -83,6 +83,15 @@ class ViT(nn.Module):
     def patches_per_side(self) -> int:
         return self.params.img_size // self.params.patch_size
 
+    @property
+    def image_size(self) -> int:
+        return self.params.img_size
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per image the VLM's projector takes (the patch grid)."""
+        return self.patches_per_side ** 2
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → (B, P, D); (B, N, 3, H, W) → (B, N, P, D); with cls_flag the cls row (B[, N], D)."""
         cameras = pixel_values.shape[:-3]  # (B,) or (B, N)

@@ -16,7 +16,11 @@ from torch import nn
 from vla_foundry.generation import batch_prompt, sample_loop
 from vla_foundry.models.registry import create_model, register_model
 from vla_foundry.models.vit import ViT
+from vla_foundry.models.vit_hf import ViTHF
 from vla_foundry.params.vision import VLMParams
+
+
+VISION_TOWERS = {"vit": ViT, "vit_hf": ViTHF}  # the `vit` block's type: ours (§5), or a timm model
 
 
 def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -56,17 +60,18 @@ class VLM(nn.Module):
     def __init__(self, params: VLMParams, load_pretrained: bool = True):
         super().__init__()
         self.params = params
-        if params.vit.type != "vit":
-            raise ValueError(f"vlm vision tower type {params.vit.type!r} is not supported by this server; "
-                             "supported: 'vit' (VLA Foundry's own ViT)")
+        if params.vit.type not in VISION_TOWERS:
+            raise ValueError(f"vlm vision tower type {params.vit.type!r} is unknown; one of "
+                             f"{', '.join(VISION_TOWERS)} (check `vit.type` in config_model.yaml)")
         if params.image_token_id is None:
             raise ValueError("vlm config needs image_token_id (the placeholder id image embeddings replace)")
-        self.vit = ViT(params.vit)
+        self.vit = VISION_TOWERS[params.vit.type](params.vit)
         self.transformer = create_model(params.transformer, load_pretrained=load_pretrained)
         s = params.vit.projector_pixel_shuffle_factor
-        if self.vit.patches_per_side % s:
-            raise ValueError(f"vit patches per side ({self.vit.patches_per_side}) must be divisible by "
-                             f"projector_pixel_shuffle_factor ({s})")
+        if s > 1 and (not self.vit.patches_per_side or self.vit.patches_per_side % s):
+            raise ValueError(f"the vit's {self.vit.tokens} tokens per image must form a square grid whose side is "
+                             f"divisible by projector_pixel_shuffle_factor ({s}); a tower with class or register "
+                             "tokens takes only factor 1")
         self.projection = Projection(params.vit.hidden_dim, s, self.transformer.hidden_size)
 
     # ------------------------------------------------------------------ what a client needs
@@ -77,11 +82,11 @@ class VLM(nn.Module):
 
     @property
     def image_size(self) -> int:
-        return self.params.vit.img_size
+        return self.vit.image_size
 
     @property
     def tokens_per_image(self) -> int:
-        return self.vit.patches_per_side ** 2 // self.params.vit.projector_pixel_shuffle_factor ** 2
+        return self.vit.tokens // self.params.vit.projector_pixel_shuffle_factor ** 2
 
     @property
     def vocab_size(self) -> int:

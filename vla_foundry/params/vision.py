@@ -26,10 +26,10 @@ class ViTParams(ModelParams):
 @register_model_params("vit_hf")
 @dataclass
 class ViTHFParams(ModelParams):
-    # A timm model name or directory.
-    hf_pretrained: Optional[str] = None
-    img_size: int = 384
+    hf_pretrained: Optional[str] = None  # a timm model name, e.g. vit_base_patch16_siglip_224
+    hidden_dim: int = 768  # the model's width, which sizes the projector (VLA Foundry reads it from here)
     projector_pixel_shuffle_factor: int = 1
+    img_size: Optional[int] = None  # not in VLA Foundry (the name sets it); where given, timm builds at this size
 
 
 @register_model_params("vlm")
