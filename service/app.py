@@ -36,6 +36,14 @@ from service.settings import Settings
 logger = logging.getLogger("service")
 
 
+def unprotected_warning(settings: Settings) -> Optional[str]:
+    """The warning due when the server listens beyond this host without API keys, else None."""
+    if settings.api_key_list() or settings.host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"serving on {settings.host} without API keys: anyone who reaches this address can use every "
+            "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE")
+
+
 def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] = None) -> FastAPI:
     """The app for ``settings``; deployments start loading (each on its own thread) at startup. ``replica``:
     this process in a fleet of replicas (default: a server started on its own)."""
@@ -90,9 +98,10 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     api_keys = settings.api_key_list()
     if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)
-    elif settings.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s without API keys: anyone who reaches this address can use every "
-                       "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE", settings.host)
+    elif replica is None or replica.index is None:  # (a launch of replicas says it once, in its launcher)
+        warning = unprotected_warning(settings)
+        if warning:
+            logger.warning(warning)
     app.add_middleware(Deadlines)  # X-Request-Timeout → the request's deadline (deadlines.py)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outside the key check: 401s are counted too
     app.add_middleware(RequestIds)  # every request's id, in its reply, error body and log lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -32,9 +33,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from service.app import create_app
+        from service.app import create_app, unprotected_warning
+        from service.deployments import LOADING
         from service.launcher import CONFIG_ERROR, launch
-        from service.replicas import hold_startup_until_loaded, settings_for_replica
+        from service.replicas import check_devices_exist, hold_startup_until_loaded, settings_for_replica
         from service.read_timeouts import read_timeout_protocol
         from service.request_ids import configure_logging
         from service.settings import Settings, ignored_variables, parse_checkpoint_arg
@@ -50,12 +52,18 @@ def _serve(args: argparse.Namespace) -> int:
         replica = _replica_of_launch(args, settings)
         if replica is not None:
             settings = settings_for_replica(settings, replica.num_gpus, "--gpus, --replicas, --replicas-per-gpu")
+        if replica is not None or settings.replicas == 1:  # (a launcher's replicas check the GPUs they are given)
+            check_devices_exist(settings)
     except ValueError as e:
         print(f"vla-foundry serve: {e}", file=sys.stderr)
         return CONFIG_ERROR
     configure_logging(settings.log_format)
-    for warning in ignored_variables(dict(os.environ), settings):
-        logging.getLogger("service").warning(warning)
+    if replica is None:  # what concerns a whole launch is said once, by its launcher, not by each of its replicas
+        warnings = ignored_variables(dict(os.environ), settings)
+        if settings.replicas != 1 and unprotected_warning(settings):  # (a server on its own: its app says it)
+            warnings.append(unprotected_warning(settings))
+        for warning in warnings:
+            logging.getLogger("service").warning(warning)
     if replica is None and settings.replicas != 1:  # this process launches the replicas and watches them
         if not settings.deployments:
             from vla_foundry.demo import ensure_demo_pack
@@ -90,8 +98,10 @@ def _serve(args: argparse.Namespace) -> int:
     # KeyboardInterrupt traceback).
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: sys.exit(0))
+    server = manager = None
     try:
         app = create_app(settings, replica and replica.replica)
+        manager = app.state.manager
         server_class = _draining_server(uvicorn, app, settings.drain_timeout_s)
         if replica is not None:  # behind the launcher's socket: no connection taken until every model has loaded
             hold_startup_until_loaded(app, stopping=lambda: server_class.stop_requested)
@@ -107,18 +117,33 @@ def _serve(args: argparse.Namespace) -> int:
         if args.listen_fd is not None:  # the launcher's socket; not passed on to anything this process starts
             sockets = [socket.socket(fileno=args.listen_fd)]
             sockets[0].set_inheritable(False)
-        server_class(config).run(sockets=sockets)
+        server = server_class(config)
+        server.run(sockets=sockets)
         code = 0
     except SystemExit as e:
         code = e.code or 0
     if any(t.name.startswith("model-") and t.is_alive() for t in threading.enumerate()):
-        # A model call outlived the drain: it cannot be interrupted, and finalizing the interpreter under it
-        # aborts the process (a C++ terminate), so leave at once.
-        logging.getLogger("service").warning("exiting with a model call still running (VLA_DRAIN_TIMEOUT_S passed)")
+        # A model call or a load outlived the drain: it cannot be interrupted, and finalizing the interpreter under
+        # it aborts the process (a C++ terminate), so leave at once.
+        loading = [] if manager is None else [d.name for d in manager.deployments.values() if d.status == LOADING]
+        level, message = _leaving_with_model_threads(server is not None and server.started, loading)
+        logging.getLogger("service").log(level, message)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _leaving_with_model_threads(started: bool, loading: list[str]) -> tuple[int, str]:
+    """What the log says when the process leaves its model threads running. A server that never started (its
+    port taken, a replica stopped while loading) drained nothing: it only abandons the loads, as it does when
+    stopped while loading."""
+    names = ", ".join(loading) or "a model thread"
+    if not started:
+        return logging.INFO, f"the server did not start: exiting without waiting for {names} to finish loading"
+    if loading:
+        return logging.INFO, f"exiting without waiting for {names} to finish loading"
+    return logging.WARNING, "exiting with a model call still running (VLA_DRAIN_TIMEOUT_S passed)"
 
 
 @dataclass(frozen=True)
@@ -171,12 +196,27 @@ def _draining_server(uvicorn, app, drain_timeout_s: float):
 def _demo(args: argparse.Namespace) -> int:
     from vla_foundry.demo import DEMO_MEMBERS, ensure_demo_pack, export_pack
 
+    in_the_way = _file_in_the_way(args.dir)
+    if in_the_way is not None:  # (mkdir's traceback, deep in the build, otherwise)
+        what = "is" if in_the_way == args.dir else f"cannot be made: {in_the_way} is"
+        print(f"vla-foundry demo: --dir {args.dir} {what} a file, not a directory; give a directory (made when "
+              "missing), or leave --dir out for the default", file=sys.stderr)
+        return 2  # a usage error, as argparse's
     demo_dir = ensure_demo_pack(args.dir, progress=True, rebuild=args.rebuild)
     if args.ship:
         print(f"shipped pack written to {export_pack(demo_dir)}", file=sys.stderr)
     for member in DEMO_MEMBERS:
         print(demo_dir / member)
     return 0
+
+
+def _file_in_the_way(path: Path) -> Optional[Path]:
+    """``path`` or the nearest of its parents that exists, when that is not a directory (a file, a device):
+    no directory can be made there."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -191,10 +231,16 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def plain_text(docstring: str) -> str:
+    """A docstring as a terminal shows it: reStructuredText's double backticks and roles (:func: and the like)
+    dropped, their text kept."""
+    return re.sub(r"(?::[\w.-]+:)?`+([^`]+)`+", r"\1", docstring)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vla_foundry.demo_paths import DEFAULT_DEMO_DIR
 
-    parser = argparse.ArgumentParser(prog="vla-foundry", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vla-foundry", description=plain_text(__doc__.splitlines()[0]))
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve checkpoints over HTTP (the demo pack when none is given)")
     serve.add_argument("--config", type=Path, help="deployment YAML (device, dtype, deployments)")

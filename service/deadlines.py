@@ -35,10 +35,11 @@ current_deadline: contextvars.ContextVar[Optional[float]] = contextvars.ContextV
 
 def parse_timeout(raw: bytes) -> float:
     """Seconds from the header's value; ValueError with the reason when it is not a sane number."""
+    text = raw.decode("latin-1")  # what HTTP header bytes mean: never fails, so the error can quote the text
     try:
-        seconds = float(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"X-Request-Timeout must be a number of seconds; got {raw[:40]!r}") from None
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"X-Request-Timeout must be a number of seconds, e.g. 2.5; got {text[:40]!r}") from None
     if not 0 < seconds <= MAX_TIMEOUT_S or math.isnan(seconds):
         raise ValueError(f"X-Request-Timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds; got {seconds:g}")
     return seconds

@@ -144,16 +144,23 @@ def decode_image_value(value: Any, *, max_pixels: int, max_bytes: Optional[int] 
     if not text:
         raise InvalidInputError(f"{field}: the image string is empty; {SEND_INSTEAD}", field)
     if text[:5].lower() == "data:":
-        encoded = _data_url_payload(text, field)
-    elif _url_scheme(text) in _REMOTE_SCHEMES:
+        return _decode_base64_image(_data_url_payload(text, field), max_pixels, max_bytes, field)
+    if _url_scheme(text) in _REMOTE_SCHEMES:
         raise InvalidInputError(f"{field}: remote image URLs are not fetched; {SEND_INSTEAD}", field)
-    elif _url_scheme(text):
+    if _url_scheme(text):
         raise InvalidInputError(f"{field}: {_url_scheme(text)}: URLs are not read; {SEND_INSTEAD}", field)
-    elif _looks_like_path(text):
-        raise InvalidInputError(f"{field}: {text[:60]!r} looks like a file path; the server does not read files; "
-                                f"{SEND_INSTEAD}", field)
-    else:
-        encoded = text
+    if _looks_like_path(text):
+        raise _path_error(text, field)
+    try:
+        return _decode_base64_image(text, max_pixels, max_bytes, field)
+    except InvalidInputError as e:
+        # Asked only once it failed to decode: base64 holds '/' anywhere (a JPEG's starts with "/9j/").
+        if isinstance(e, InputTooLargeError) or not _may_be_unix_path(text):
+            raise
+        raise _path_error(text, field) from None
+
+
+def _decode_base64_image(encoded: str, max_pixels: int, max_bytes: Optional[int], field: str) -> np.ndarray:
     return decode_image_bytes(_b64decode(encoded, max_bytes, field), max_pixels=max_pixels, field=field,
                               claim=_claimer(field))
 
@@ -223,3 +230,19 @@ def _looks_like_path(text: str) -> bool:
     # '.', ':', '\\' and '~' never occur in base64, so a string with them cannot be image data;
     # base64 JPEG starts with "/9j/", so a leading '/' alone proves nothing.
     return any(c in text for c in ".:\\~")
+
+
+# The base64 of the formats' first bytes: a string that starts so is a (broken) image, not a path.
+_IMAGE_BASE64_PREFIXES = ("/9j/", "iVBOR", "UklGR")  # JPEG, PNG, WebP (RIFF)
+_MAX_PATH_CHARS = 4096  # PATH_MAX on Linux: longer strings are data
+
+
+def _may_be_unix_path(text: str) -> bool:
+    """A string that did not decode as an image could have been meant as a path without a dot (/etc/passwd,
+    /dev/video0): it names folders with '/', and it is neither long nor the start of an encoded image."""
+    return "/" in text and len(text) <= _MAX_PATH_CHARS and not text.startswith(_IMAGE_BASE64_PREFIXES)
+
+
+def _path_error(text: str, field: str) -> InvalidInputError:
+    return InvalidInputError(f"{field}: {text[:60]!r} looks like a file path, and the server reads no files: "
+                             f"images travel in the request; {SEND_INSTEAD}", field)

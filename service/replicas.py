@@ -226,6 +226,29 @@ def cpu_device_check(settings: Settings, given_by: str) -> None:
                              "use device cpu or auto")
 
 
+def check_devices_exist(settings: Settings) -> None:
+    """Every device the settings name (``device``, ``deployments[].device``) is one this process has; else an error
+    naming it and the devices there are. (Found only at load, such a deployment failed, and the server stayed
+    unready for good.)"""
+    import torch
+
+    from vla_foundry.devices import resolve_device
+
+    for where, device in _devices(settings):
+        try:
+            resolve_device(device)
+        except ValueError:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"{where} is {device!r}, but this host has no CUDA device, only the cpu; use cpu or "
+                                 "auto") from None
+            gpus = "cuda:0" if count == 1 else f"cuda:0..cuda:{count - 1}"
+            visible = os.environ.get(GPU_ENV)
+            numbered = f" ({GPU_ENV}={visible!r}, numbered from 0)" if visible is not None else ""
+            raise ValueError(f"{where} is {device!r}, but this host's devices are cpu and {gpus}{numbered}; use one "
+                             "of them, or auto") from None
+
+
 def _devices(settings: Settings) -> list[tuple[str, str]]:
     found = [("device", settings.device)]
     found += [(f"deployment {s.resolved_name!r} device", s.device) for s in settings.deployments if s.device]

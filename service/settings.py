@@ -77,12 +77,26 @@ class DeploymentSpec(BaseModel):
     def _device(cls, v: Optional[str]) -> Optional[str]:
         return None if v is None else checked_device(v, "deployments[].device")
 
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else checked_dtype(v, "deployments[].dtype")
+
 
 def checked_device(value: str, setting: str) -> str:
     """``value`` when it names a device this server knows (auto, cpu, cuda, cuda:N); else an error naming
     ``setting``."""
     if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
         raise ValueError(f"{setting} must be auto, cpu, cuda or cuda:N (N a GPU's index, e.g. cuda:0); got {value!r}")
+    return value
+
+
+def checked_dtype(value: str, setting: str) -> str:
+    """``value`` when the loader takes it as a dtype; else an error naming ``setting`` and the allowed values."""
+    try:
+        resolve_dtype(value)  # the loader's own check, so that what passes here loads
+    except ValueError:
+        raise ValueError(f"{setting} must be auto, float32, bfloat16 or float16; got {value!r}") from None
     return value
 
 
@@ -232,8 +246,7 @@ class Settings(BaseSettings):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        resolve_dtype(v)  # the loader's own check: raises naming the allowed values
-        return v
+        return checked_dtype(v, "dtype")
 
     @field_validator("log_level", mode="before")
     @classmethod

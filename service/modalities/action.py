@@ -179,11 +179,17 @@ def _noise(value: Any) -> Optional[np.ndarray]:
         raise InvalidInputError("noise must be a [P+1+F][A] array of numbers", field="noise") from None
     if array.dtype.kind not in "fiu":
         raise InvalidInputError(f"noise must hold real numbers; got {array.dtype}", field="noise")
-    array = array.astype(np.float32)
-    if array.ndim != 2 or not np.isfinite(array).all():
-        raise InvalidInputError(f"noise must be a finite [P+1+F][A] array; got shape {list(array.shape)}",
-                                field="noise")
-    return array
+    if array.ndim != 2:
+        raise InvalidInputError(f"noise must be a [P+1+F][A] array; got shape {list(array.shape)}", field="noise")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInputError("noise contains NaN or infinity; send finite values", field="noise")
+    with np.errstate(over="ignore"):  # beyond float32's range becomes infinity, refused just below
+        narrowed = array.astype(np.float32)
+    if not np.isfinite(narrowed).all():  # finite as sent (float64), too large for the policy's float32
+        biggest = float(np.abs(array.astype(np.float64)).max())
+        raise InvalidInputError(f"noise holds {biggest:g}, beyond float32's range (±{np.finfo(np.float32).max:g}) "
+                                "in which the policy samples; send standard normal noise", field="noise")
+    return narrowed
 
 
 def encode_chunk(request: ActionPredictRequest, chunk: ActionChunk) -> dict:

@@ -8,6 +8,7 @@ observations are refused with the field named, and the deployment keeps answerin
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import time
@@ -329,6 +330,20 @@ def test_nan_in_json_and_bad_request_fields(client):
     over_t = {**PREDICT_REQUESTS["diffusion_policy"], "num_inference_steps": 11}  # the tiny policy's T is 10
     error = error_of(predict(client, over_t), 422)
     assert error["field"] == "num_inference_steps" and "10" in error["message"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda b: b.update(noise=[[1e39, 0.0, 0.0]] + [[0.0] * 3] * 8), "noise"),
+    (lambda b: b["observation"]["lowdim"].update(arm__pos=[[1e39, 0.0], [0.0, 0.0]]), "observation.lowdim.arm__pos"),
+    (lambda b: b.update(past_actions={"arm__delta": [[-1e39, 0.0]], "gripper": [[0.0]]}), "past_actions.arm__delta"),
+], ids=["noise", "lowdim", "past_actions"])
+def test_values_beyond_float32_are_named_as_such_not_as_nan_or_infinity(client, edit, field):
+    """1e39 is finite as sent (JSON numbers are float64), but the policy computes in float32."""
+    body = copy.deepcopy(PREDICT_REQUESTS["diffusion_policy"])
+    edit(body)
+    error = error_of(predict(client, body), 422)
+    assert error["field"] == field and "1e+39, beyond float32's range" in error["message"], error
+    assert "NaN" not in error["message"] and "finite" not in error["message"], error
 
 
 def test_evaluate_is_seeded_and_checks_action_windows(client):

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,9 @@ def test_redis_urls_in_messages_hide_their_password():
     ({"deployments": [{"checkpoint": "/a", "control_period_s": float("inf")}]}, "control_period_s"),
     ({"deployments": [{"checkpoint": "/a", "name": "x"}, {"checkpoint": "/b", "name": "x"}]},
      "deployment names must be unique; repeated: x"),
+    ({"dtype": "float33"}, r"dtype must be auto, float32, bfloat16 or float16; got 'float33'"),
+    ({"deployments": [{"checkpoint": "/a", "dtype": "half"}]},
+     r"deployments\[\]\.dtype must be auto, float32, bfloat16 or float16; got 'half'"),
 ])
 def test_settings_that_would_fail_later_are_refused_at_start(values, message):
     """Refused while the settings load (exit 2, and a launcher does not restart it), not as a traceback later."""
@@ -173,3 +177,71 @@ def test_review_cases_of_the_start_checks(tmp_path, monkeypatch):
     assert (spec.checkpoint, spec.name) == (str(real.resolve()), "lr=3e-4")
     monkeypatch.setenv("VLA_Max_Queue", "7")
     assert Settings().max_queue == 7 and ignored_variables({"VLA_Max_Queue": "7"}, Settings()) == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["demo", "--help"], ["models", "--help"]])
+def test_help_is_plain_text(argv, capsys):
+    """The help comes from docstrings; their reStructuredText markup is not shown."""
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    shown = capsys.readouterr().out
+    assert exited.value.code == 0 and shown.startswith("usage: vla-foundry")
+    assert "``" not in shown and not re.search(r":\w+:`", shown), shown
+    if argv == ["--help"]:
+        assert "vla-foundry (also python -m service): serve" in shown
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/pack"])
+def test_demo_dir_that_cannot_be_a_directory_is_one_line_not_a_traceback(tmp_path, where):
+    (tmp_path / "a-file").write_text("not a directory")
+    target = tmp_path / where
+    out = subprocess.run([sys.executable, "-m", "service", "demo", "--dir", str(target)], capture_output=True,
+                         text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"vla-foundry demo: --dir {target} ") and "is a file, not a directory" in out.stderr
+    if where != "a-file":
+        assert f"cannot be made: {tmp_path / 'a-file'} is a file" in out.stderr
+
+
+def test_a_deployment_dtype_that_is_no_dtype_is_refused_at_start_with_exit_2(tmp_path):
+    """It used to start, and mark the deployment failed once it tried to load."""
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump({"device": "cpu", "deployments": [{"checkpoint": str(tmp_path),
+                                                                        "dtype": "float33"}]}))
+    out = subprocess.run([sys.executable, "-m", "service", "serve", "--config", str(config), "--port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "deployments[].dtype must be auto, float32, bfloat16 or float16; got 'float33'" in out.stderr
+
+
+@pytest.mark.parametrize("gpus, shown", [(0, "this host has no CUDA device, only the cpu; use cpu or auto"),
+                                         (2, "this host's devices are cpu and cuda:0..cuda:1; use one of them")])
+@pytest.mark.parametrize("how", ["flag", "variable", "deployment"])
+def test_a_device_the_host_lacks_is_refused_at_start_naming_the_devices_there_are(tmp_path, monkeypatch, capsys,
+                                                                                   gpus, shown, how):
+    """It used to start, mark every deployment on it failed, and stay unready (503) for good."""
+    import torch
+
+    from service.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    argv = ["serve", "--port", "0", "--checkpoint", str(tmp_path)]
+    where = "device"
+    if how == "flag":
+        argv += ["--device", "cuda:3"]
+    elif how == "variable":
+        monkeypatch.setenv("VLA_DEVICE", "cuda:3")
+    else:
+        config = tmp_path / "deploy.yaml"
+        config.write_text(yaml.safe_dump({"device": "cpu", "deployments": [{"name": "arm", "checkpoint": ".",
+                                                                            "device": "cuda:3"}]}))
+        argv = ["serve", "--port", "0", "--config", str(config)]
+        where = "deployment 'arm' device"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vla-foundry serve: {where} is 'cuda:3', but {shown}") and err.count("\n") == 1, err

@@ -126,6 +126,21 @@ def test_a_malformed_timeout_is_refused(client, value):
     assert response.status_code == 400 and response.json()["error"]["field"] == "X-Request-Timeout"
 
 
+@pytest.mark.parametrize("value, shown", [("soon", "got 'soon'"), ("2 s", "got '2 s'"), ("0", "got 0")])
+def test_a_malformed_timeout_is_quoted_as_the_text_sent(value, shown):
+    """The header's text, not a bytes repr (``got b'soon'``)."""
+    from fastapi.testclient import TestClient
+    from starlette.responses import PlainTextResponse
+
+    from service.deadlines import Deadlines
+
+    plain = TestClient(Deadlines(PlainTextResponse("never reached")))  # (no lifespan: a bare response app)
+    response = plain.get("/", headers={"x-request-timeout": value})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["field"] == "X-Request-Timeout"
+    assert error["message"].endswith(shown) and "b'" not in error["message"], error
+
+
 def test_loading_does_not_count_as_model_time():
     executor = ModelExecutor("t", max_queue=4)
     try:

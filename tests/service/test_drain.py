@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -200,3 +203,23 @@ def test_a_frame_that_arrives_as_the_drain_begins_is_refused_by_the_goodbye(tiny
         assert "not acted on" in goodbye["text"] and closed == {"type": "websocket.close", "code": 1001, "reason": ""}
         policy = client.app.state.sessions.get("crossing").policy
         assert policy.plans == 1 and policy.history.last_step == 0  # the frame changed nothing
+
+
+def test_a_server_that_fails_to_start_does_not_claim_a_drain(tmp_path):
+    """Its port is taken while a deployment still loads: nothing was served, so nothing was drained, and the log
+    says the loads were left behind, not that a model call outlived VLA_DRAIN_TIMEOUT_S."""
+    slow_load = ("import sys, time; import service.deployments as d; d.Deployment._load = lambda self: time.sleep(30); "
+                 "from service.cli import main; sys.exit(main(sys.argv[1:]))")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(tmp_path / "demo")}
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", slow_load, "serve", "--checkpoint", f"{tmp_path}=slow", "--host",
+                              "127.0.0.1", "--port", str(port), "--device", "cpu"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert out.returncode != 0 and time.monotonic() - started < 25, out.stderr  # it left without the load
+    assert "address already in use" in out.stderr
+    assert "the server did not start: exiting without waiting for slow to finish loading" in out.stderr
+    assert "VLA_DRAIN_TIMEOUT_S" not in out.stderr and "drain" not in out.stderr.lower(), out.stderr

@@ -138,6 +138,28 @@ def test_file_paths_and_file_urls_are_not_read(path):
         decode(path)
 
 
+@pytest.mark.parametrize("path", ["/etc/passwd", "/dev/video0", "etc/hosts", "/home/robot/cam0", "/data/frames/"])
+def test_paths_without_a_dot_are_named_as_paths_not_as_bad_base64(path):
+    """Such a path is valid base64 text or nearly, so it used to be refused as 'not valid base64 (Incorrect
+    padding)' or as bytes that are not an image: the message must say what happened and what to send."""
+    with pytest.raises(InvalidInputError) as refused:
+        decode(path)
+    assert refused.value.field == "images[0]"
+    assert str(refused.value) == (f"images[0]: {path!r} looks like a file path, and the server reads no files: "
+                                  "images travel in the request; send the image as a data: URL, base64 PNG/JPEG or "
+                                  "a typed array")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("/9j/4AAQSkZJRgABAQAA", "starts like a JPEG file"),  # a truncated base64 JPEG is a broken image, not a path
+    ("bm90IGFuIGltYWdl", "are not a PNG or JPEG image"),  # no '/': base64 of other bytes
+    ("abc", "not valid base64"),
+])
+def test_strings_that_are_no_path_keep_their_own_reason(text, message):
+    with pytest.raises(InvalidInputError, match=message):
+        decode(text)
+
+
 @pytest.mark.parametrize("media_type", ["text/plain", "image/gif", "application/octet-stream", ""])
 def test_data_url_with_other_media_types_is_refused(png, media_type):
     with pytest.raises(InvalidInputError, match="media type .* is not accepted; use one of image/jpeg") as e:
@@ -284,6 +306,11 @@ def test_http_statuses_413_for_too_large_and_422_for_invalid(http, path, png):
     error = response.json()["error"]
     assert error["type"] == "invalid_value" and error["field"] == "images[0]"
     assert "remote image URLs are not fetched" in error["message"]
+
+    response = http.post(path, json={"images": ["/etc/passwd"]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "images[0]" and "'/etc/passwd' looks like a file path" in error["message"]
 
     response = http.post(path, json={"images": [b64(png)] * 3})
     assert response.status_code == 422 and response.json()["error"]["field"] == "images"

@@ -133,6 +133,29 @@ def test_a_replica_with_a_wrong_configuration_ends_the_launch(tiny_checkpoints, 
     assert plan.returncode == 2 and "no GPU is visible" in plan.stderr
 
 
+def test_warnings_about_the_whole_launch_are_logged_once_not_once_per_replica(tmp_path):
+    """A misspelt variable and a server open to the network without keys concern the launch: its launcher says
+    so, and its replicas (which read the same environment and settings) do not say it again."""
+    log = tmp_path / "launch.log"
+    env = {**os.environ, "VLA_DEMO_DIR": str(tmp_path), "VLA_MAX_QUEU": "3"}
+    command = [*serve_command(), "serve", "--checkpoint", str(tmp_path / "missing"), "--replicas", "2", "--host",
+               "0.0.0.0", "--port", "0"]  # (a missing checkpoint fails at once: each replica starts in seconds)
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while log.read_text().count("Application startup complete") < 2:  # both replicas are past their start
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+    text = log.read_text()
+    assert text.count("VLA_MAX_QUEU is not a setting of this server and is ignored") == 1, text[-3000:]
+    assert text.count("serving on 0.0.0.0 without API keys") == 1, text[-3000:]
+    assert text.count("several replicas without VLA_SESSION_STORE") == 1, text[-3000:]
+
+
 class LoadingManager:
     """Stands in for a DeploymentManager: loading until ``loaded_after`` readiness checks (None: for ever)."""
 
