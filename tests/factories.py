@@ -228,7 +228,8 @@ def vlm_foundry_policy(path: Path, tokenizer, seed: int = 0):
     vit = ViTParams(img_size=16, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2,
                     projector_pixel_shuffle_factor=1)
     assert (16 // 8) ** 2 == IDEFICS3_IMAGE_SEQ_LEN  # the processor's image tokens are the ViT's
-    vlm = VLMParams(vit=vit, transformer=tiny_transformer_params(vocab_size=len(hf_tokenizer), max_seq_len=128),
+    # A vocabulary padded past the tokenizer (as trained models often are): the action token is the row after it.
+    vlm = VLMParams(vit=vit, transformer=tiny_transformer_params(vocab_size=len(hf_tokenizer) + 8, max_seq_len=128),
                     image_token_id=hf_tokenizer.convert_tokens_to_ids("<image>"))
     model = tiny_model(tiny_policy_params(VLMFoundryBackboneParams(num_vlm_layers_to_use=2, vlm=vlm)), seed)
     save_tiny_policy(model, path, processor="processor")

@@ -301,19 +301,23 @@ def side_file_fields(params: ModelParams) -> list[tuple[ModelParams, dataclasses
     return found
 
 
-def load_side_configs(params: ModelParams, experiment_dir: Path) -> None:
+def load_side_configs(params: ModelParams, experiment_dir: Path, _read: tuple[Path, ...] = ()) -> None:
     """Fill in the blocks that live in side files (a ``vlm_foundry_backbone``'s source VLM config, spec §8.4), each
-    read from where its block locates it, relative paths in it resolved against that file's folder."""
+    read from where its block locates it, relative paths in it resolved against that file's folder. A file that
+    leads back to one being read is refused (a loop of experiments pointing at each other)."""
     for block, f in side_file_fields(params):
         if getattr(block, f.name) is not None:  # given inline (a config built in code, or an inline block)
             continue
-        path = block.locate_side_file(f.name, experiment_dir)
+        path = block.locate_side_file(f.name, experiment_dir).resolve()
+        if path in _read:
+            raise ValueError(f"{path} leads back to itself through `{f.name}` side files; check "
+                             "vlm_experiment_dir and resume_from_checkpoint in the configs")
         try:
             side = parse_params(read_yaml(path))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         resolve_local_paths(side, path.parent)
-        load_side_configs(side, path.parent)
+        load_side_configs(side, path.parent, (*_read, path))
         setattr(block, f.name, side)
 
 

@@ -152,12 +152,59 @@ def test_evaluation_runs_through_the_backbone(policy):
 
 
 def test_a_prompt_beyond_the_vlms_context_is_refused_by_field(policy):
-    kind, _, _, pipeline = policy
-    if kind == "vlm_backbone":
-        pytest.skip("the tiny Idefics3's context (its max positions) is larger than any instruction we'd send here")
+    _, _, _, pipeline = policy  # (both VLMs here take 128 positions)
     with pytest.raises(InvalidInputError) as error:
         pipeline.predict([observation(pipeline, " ".join(["block"] * 200))], seed=0)
     assert error.value.field == "observation.language_instruction" and "at most 127" in str(error.value)
+
+
+def test_the_processors_other_outputs_reach_the_model(policy):
+    """Idefics3 takes a ``pixel_attention_mask`` from its processor, through prediction and evaluation alike."""
+    kind, _, _, pipeline = policy
+    if kind != "vlm_backbone":
+        pytest.skip("our vlm reads no other processor output")
+    hf = pipeline.model.vision_language_backbone._model.model
+    seen, forward = [], hf.forward
+    hf.forward = lambda *args, **kwargs: (seen.append(set(kwargs)), forward(*args, **kwargs))[1]
+    try:
+        pipeline.predict([observation(pipeline, SHORT)], seed=0, num_inference_steps=2)
+        r = pipeline.robot_io
+        window = {f: np.zeros((r.action_steps, r.field_dims[f]), np.float32) for f in r.action_fields}
+        pipeline.evaluate([observation(pipeline, SHORT)], [window], seed=0)
+    finally:
+        del hf.forward
+    assert len(seen) == 2 and all("pixel_attention_mask" in kwargs for kwargs in seen), seen
+
+
+def test_the_chat_template_is_the_processors_then_the_tokenizers(policy, monkeypatch):
+    """VLA Foundry renders the prompt with the processor's chat template, else its tokenizer's, else
+    ``"<image> " · N + instruction``. (The templates are set in memory: saved to one directory, a processor's and
+    its tokenizer's template share one file.)"""
+    kind, path, _, _ = policy
+    if kind != "vlm_foundry_backbone":
+        pytest.skip("one processor is enough")
+    import transformers
+
+    from vla_foundry.robotics.processor import hf_vlm_processor
+
+    frames = [[np.zeros((32, 32, 3), np.uint8)] * 2]
+    load = transformers.AutoProcessor.from_pretrained
+
+    def rendered(processor_template, tokenizer_template) -> str:
+        processor = load(path / "processor")
+        processor.chat_template = processor_template
+        processor.tokenizer.chat_template = tokenizer_template
+        monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *_, **__: processor)
+        ids = hf_vlm_processor("in memory").joint_fn(frames, [SHORT])["input_ids"][0]
+        return processor.tokenizer.decode(ids)
+
+    template = "{{ '%s' }}{%% for part in messages[0]['content'] %%}{%% if part['type'] == 'image' %%}<image>" \
+               "{%% else %%}{{ part['text'] }}{%% endif %%}{%% endfor %%}"
+    assert rendered(template % "P:", template % "T:").startswith("P:")
+    assert rendered(None, template % "T:").startswith("T:")
+    plain = rendered(None, None)  # "<image> <image> pick", each <image> then expanded by the processor
+    assert plain.startswith("<fake_token_around_image>") and plain.endswith("<fake_token_around_image> " + SHORT)
+    assert plain.count("<global-img>") == 2
 
 
 # ----------------------------------------------------------------------------- configs
@@ -176,22 +223,36 @@ def test_a_reference_block_parses_with_vla_foundrys_defaults():
 
 
 def test_the_source_vlm_config_is_found_where_vla_foundry_looks(tmp_path):
+    """In VLA Foundry's order: vlm_experiment_dir, the experiment of resume_from_checkpoint, then the copy
+    published beside the policy; only places that exist count, and a pointer back at the policy is passed over."""
     path = tmp_path / "policy"
     vlm_foundry_policy(path, build_tiny_tokenizer())
-    published = (path / "vlm_config_model.yaml").read_text()
-    # vlm_experiment_dir (relative here) comes first when it exists; the published copy is the fallback.
+    published = yaml.safe_load((path / "vlm_config_model.yaml").read_text())
+
+    def source(name: str, ln_eps: float) -> None:  # a source VLM config told apart by a field no weight shows
+        (tmp_path / name).mkdir(exist_ok=True)
+        config = {**published, "vit": {**published["vit"], "ln_eps": ln_eps}}
+        (tmp_path / name / "config_model.yaml").write_text(yaml.safe_dump(config))
+
+    def backbone(**fields) -> float:
+        config = yaml.safe_load((path / "config_model.yaml").read_text())
+        config["vision_language_backbone"].update(fields)
+        (path / "config_model.yaml").write_text(yaml.safe_dump(config))
+        (path / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((path / "config.yaml").read_text()),
+                                                          "model": config}))
+        return load_model(path).vision_language_backbone.params.vlm.vit.ln_eps
+
+    source("trained_vlm", 1e-3)
+    source("resumed_vlm", 1e-4)
+    assert backbone(vlm_experiment_dir="../trained_vlm",
+                    resume_from_checkpoint="../resumed_vlm/checkpoints/checkpoint_9.pt") == 1e-3
+    assert backbone(vlm_experiment_dir="/elsewhere/on/the/training/machine") == 1e-4
+    assert backbone(resume_from_checkpoint="/elsewhere/checkpoints/checkpoint_9.pt") == published["vit"]["ln_eps"]
+    # a pointer into the policy's own experiment is no VLM config: the published copy serves
+    assert backbone(resume_from_checkpoint="checkpoints/checkpoint_1.pt") == published["vit"]["ln_eps"]
     (path / "vlm_config_model.yaml").unlink()
     with pytest.raises(ValueError, match="vlm_config_model.yaml"):
         load_model(path)
-    (tmp_path / "source_vlm").mkdir()
-    (tmp_path / "source_vlm" / "config_model.yaml").write_text(published)
-    config = yaml.safe_load((path / "config_model.yaml").read_text())
-    config["vision_language_backbone"]["vlm_experiment_dir"] = "../source_vlm"
-    (path / "config_model.yaml").write_text(yaml.safe_dump(config))
-    (path / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((path / "config.yaml").read_text()),
-                                                      "model": config}))
-    assert load_model(path).vision_language_backbone.action_token_id == yaml.safe_load(published)["transformer"][
-        "vocab_size"]
 
 
 def test_bad_backbone_configs_name_the_key(tmp_path):

@@ -45,17 +45,34 @@ def append_action_token(input_ids: torch.Tensor, attention_mask: Optional[torch.
     return ids, torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
 
 
+# Per-token processor outputs that must cover the action token too: newer transformers' multimodal processors
+# (Qwen-VL, Gemma 3, …) mark each token as text (0) or image; the action token is text, as it was to the
+# transformers that trained these policies, which had no such input.
+TOKEN_TYPE_INPUTS = ("mm_token_type_ids",)
+
+
+def append_to_token_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``inputs`` with a text column (0) after each per-token type row (see ``TOKEN_TYPE_INPUTS``)."""
+    return {name: torch.cat([t, t.new_zeros((t.shape[0], 1))], dim=1) if name in TOKEN_TYPE_INPUTS else t
+            for name, t in inputs.items()}
+
+
 def read_action_token(hidden_states: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
     """The last position of each of the last ``k`` hidden states (B, T, H), oldest first → (B, 1, k·H)."""
     return torch.cat([h[:, -1] for h in hidden_states[-k:]], dim=-1)[:, None]
 
 
-def _rows(t: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, batch: int) -> torch.Tensor:
-    """A group's share of one processor output: per token (B, L, …) without the padding, per sample (B, …), or
-    per image (B·n, …: every sample has as many images, the policy's image names)."""
+def _rows(t: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, batch: int,
+          patches: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A group's share of one processor output: per token (B, L, …) without the padding, per sample (B, …), per
+    image (B·n, …: every sample has as many images, the policy's image names), or per patch (Qwen-VL's flattened
+    pixels: ``patches`` holds each sample's patch count, from its ``image_grid_thw``)."""
     n, length = len(rows), int(keep[rows[0]].sum())
     if t.dim() >= 2 and t.shape[:2] == keep.shape:
         return t[rows][keep[rows]].view(n, length, *t.shape[2:])
+    if patches is not None and t.shape[0] == int(patches.sum()) != batch:
+        starts = torch.cumsum(patches, 0) - patches
+        return torch.cat([t[int(starts[r]):int(starts[r] + patches[r])] for r in rows.tolist()])
     if t.shape[0] == batch:
         return t[rows]
     if t.shape[0] % batch == 0:
@@ -72,11 +89,14 @@ def by_prompt_length(encode: Callable[..., torch.Tensor], input_ids: torch.Tenso
         return encode(input_ids, attention_mask, **inputs)
     keep = attention_mask.bool()
     lengths = keep.sum(dim=1)
+    batch = input_ids.shape[0]
+    grid = inputs.get("image_grid_thw")  # (B·n, 3): each image's patch grid, where pixels come flattened
+    patches = None if grid is None else grid.prod(-1).view(batch, -1).sum(-1)  # per sample
     out: Optional[torch.Tensor] = None
     for length in lengths.unique().tolist():
         rows = (lengths == length).nonzero().flatten()
-        ids = _rows(input_ids, rows, keep, input_ids.shape[0])
-        tokens = encode(ids, torch.ones_like(ids), **{name: _rows(t, rows, keep, input_ids.shape[0])
+        ids = _rows(input_ids, rows, keep, batch)
+        tokens = encode(ids, torch.ones_like(ids), **{name: _rows(t, rows, keep, batch, patches)
                                                       for name, t in inputs.items()})
         if out is None:
             out = tokens.new_empty((input_ids.shape[0], *tokens.shape[1:]))
@@ -200,8 +220,12 @@ class VLMHFBackbone(_VLMBackbone):
         ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
         if self.family in STACKED_IMAGE_FAMILIES and pixel_values.dim() == 4:
             pixel_values = pixel_values.view(ids.shape[0], -1, *pixel_values.shape[1:])
-        if "qwen" in self.family and "image_grid_thw" not in image_inputs:
-            raise ValueError(f"vlm_backbone: a {self.family} model needs its processor's image_grid_thw")
+        if "qwen" in self.family:  # (VLA Foundry's own check)
+            grid = image_inputs.get("image_grid_thw")
+            if grid is None or int(grid.prod(-1).sum()) != pixel_values.shape[0]:
+                raise ValueError(f"vlm_backbone: a {self.family} model needs its processor's image_grid_thw, one "
+                                 "patch grid per image covering the pixel values")
         out = self._model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
-                                output_hidden_states=True, use_cache=False, return_dict=True, **image_inputs)
+                                output_hidden_states=True, use_cache=False, return_dict=True,
+                                **append_to_token_inputs(image_inputs))
         return read_action_token(out.hidden_states, self.params.num_vlm_layers_to_use)  # (B, 1, k·H)

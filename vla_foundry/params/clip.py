@@ -67,7 +67,8 @@ class VLMFoundryBackboneParams(ModelParams):
         if self.resume_from_checkpoint:
             candidates.append(experiment_dir / Path(self.resume_from_checkpoint).parent.parent / "config_model.yaml")
         candidates.append(experiment_dir / VLM_CONFIG_FILE)
-        found = next((c for c in candidates if c.is_file()), None)
+        own = (experiment_dir / "config_model.yaml").resolve()  # (a pointer back into the policy's own experiment)
+        found = next((c for c in candidates if c.is_file() and c.resolve() != own), None)
         if found is None:
             raise ValueError(f"vlm_foundry_backbone needs the source VLM's model config: looked for "
                              f"{', '.join(str(c) for c in candidates)}; publish it beside the policy's config as "
