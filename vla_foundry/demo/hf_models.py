@@ -7,7 +7,8 @@ model a few hundred kilobytes in size from a config (weights seeded, so the same
 the same files), pairs it with a copy of the given tokenizer, and ``save_pretrained``s both.
 
 Families: causal LMs (Llama, GPT-2) and image-text-to-text models (Idefics3, the
-SmolVLM architecture; LLaVA with a CLIP vision tower and a Llama text model).
+SmolVLM architecture; LLaVA with a CLIP vision tower and a Llama text model; Qwen2-VL,
+whose processor flattens each image's patches and marks its tokens in ``mm_token_type_ids``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ IDEFICS3_SPECIAL_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utte
 # LLaVA keeps one token per patch (the CLS token is dropped by the "default" strategy).
 LLAVA_IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2
 LLAVA_IMAGE_TOKEN = "<image>"
+
+# Qwen2-VL cuts each image into PATCH_SIZE patches (each repeated over 2 frames), and its merger joins
+# 2 x 2 neighbours into one token: a 32 px frame is a 1 x 4 x 4 patch grid, 4 tokens. Its image
+# processor resizes to multiples of 16 px with an area within [min_pixels, max_pixels].
+QWEN2_VL_MERGE_SIZE = 2
+QWEN2_VL_TEMPORAL_PATCH_SIZE = 2
+QWEN2_VL_IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // QWEN2_VL_MERGE_SIZE**2
+QWEN2_VL_MROPE_SECTION = [2, 3, 3]  # temporal, height, width: half the text head dim (32 / 2 heads / 2)
+QWEN2_VL_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                           "<|video_pad|>")
 
 CAUSAL_LM_FAMILIES = ("llama", "gpt2")
 
@@ -86,6 +97,22 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} "
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+# Qwen2-VL's layout: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>text<|im_end|>\n"
+# (the processor repeats <|image_pad|> once per image token).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -216,6 +243,71 @@ def build_tiny_idefics3(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> 
         image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
+    return _save(model, token_ids, out_dir, processor)
+
+
+def build_tiny_qwen2_vl(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> Path:
+    """A random-weight Qwen2-VL with its processor.
+
+    A 32 px image becomes a 1 x 4 x 4 grid of 8 px patches (``image_grid_thw``), its pixel values
+    16 flattened rows of 3 x 2 x 8 x 8 (every image's rows stacked, not one tensor per image), and
+    ``<|vision_start|>`` + 4 x ``<|image_pad|>`` + ``<|vision_end|>`` in the prompt; the processor
+    also returns ``mm_token_type_ids`` (1 on the image tokens). The tokenizer copy gains Qwen's
+    special tokens, the text vocab is sized to it and the config's token ids are the tokenizer's.
+    """
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLTextConfig,
+        Qwen2VLVideoProcessor,
+        Qwen2VLVisionConfig,
+    )
+
+    tokenizer = _copy_tokenizer(tokenizer, QWEN2_VL_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS)})
+    token_ids = _token_ids(tokenizer)
+    vision_config = Qwen2VLVisionConfig(
+        depth=VISION_LAYERS,
+        embed_dim=VISION_HIDDEN_SIZE,
+        hidden_size=TEXT_HIDDEN_SIZE,  # the merger's output: the text model's width
+        mlp_ratio=VISION_INTERMEDIATE_SIZE // VISION_HIDDEN_SIZE,
+        num_heads=VISION_HEADS,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=QWEN2_VL_MERGE_SIZE,
+        temporal_patch_size=QWEN2_VL_TEMPORAL_PATCH_SIZE,
+    )
+    text_config = Qwen2VLTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=TEXT_INTERMEDIATE_SIZE,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_HEADS,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": QWEN2_VL_MROPE_SECTION},
+        **token_ids,
+    )
+    config = Qwen2VLConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    model = _seeded_model(Qwen2VLForConditionalGeneration, config, seed)
+    patch_area = (PATCH_SIZE * QWEN2_VL_MERGE_SIZE) ** 2  # the resize works in multiples of this
+    patching = dict(patch_size=PATCH_SIZE, temporal_patch_size=QWEN2_VL_TEMPORAL_PATCH_SIZE,
+                    merge_size=QWEN2_VL_MERGE_SIZE)
+    image_processor = Qwen2VLImageProcessor(min_pixels=patch_area, max_pixels=IMAGE_SIZE * IMAGE_SIZE, **patching)
+    # (the processor requires one; these models see no video here)
+    video_processor = Qwen2VLVideoProcessor(
+        size={"shortest_edge": patch_area, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}, **patching)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     return _save(model, token_ids, out_dir, processor)
 
 
