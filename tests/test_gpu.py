@@ -296,3 +296,33 @@ def test_a_lone_request_on_cuda_replays_the_one_row_graph_and_gets_its_solo_toke
     assert rows_per_step == [(1, True)] * 9 and batcher.decode_mode == "cuda_graph"
     solo = pipeline.complete(prompt_token_ids=[prompt], sampling=sampling, seed=9)
     assert outcome["lone"].completions[0].token_ids == solo.completions[0].token_ids
+
+
+@pytest.mark.parametrize("backbone", ["vlm_foundry_backbone", "vlm_backbone"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_policies_conditioned_by_a_vlm_on_cuda(tmp_path, backbone, dtype):
+    """Policies with a whole VLM as backbone (spec §8.4) on CUDA: the CPU's chunk in float32 (bf16 within its
+    rounding), and a batch of prompts of different lengths gives each robot its solo chunk."""
+    from tests.factories import build_tiny_tokenizer, vlm_foundry_policy, vlm_hf_policy
+    from vla_foundry.pipelines.action import ActionPipeline, PolicyRequest
+    from vla_foundry.robotics.observations import RawObservation
+
+    build = {"vlm_foundry_backbone": vlm_foundry_policy, "vlm_backbone": vlm_hf_policy}[backbone]
+    build(tmp_path, build_tiny_tokenizer())
+    cpu = ActionPipeline.from_experiment(load_model(tmp_path), tmp_path)
+    gpu = ActionPipeline.from_experiment(load_model(tmp_path, device="cuda", dtype=dtype), tmp_path)
+    r, rng = cpu.robot_io, np.random.default_rng(0)
+    samples = [RawObservation({n: rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for n in r.image_names},
+                              {f: rng.normal(size=(r.past_steps + 1, r.field_dims[f])).astype(np.float32)
+                               for f in r.proprioception_fields}, text)
+               for text in ("pick", "pick up the red block and place it in the bin", "pick")]
+    # explicit noise: a CUDA generator draws other numbers than the CPU's for one seed
+    noises = [rng.standard_normal((r.action_steps, r.action_dim)).astype(np.float32) for _ in samples]
+    tolerance = 1e-4 if dtype == "float32" else 0.1
+    batched = gpu.predict_each([PolicyRequest(s, seed=i, noise=n) for i, (s, n) in enumerate(zip(samples, noises))],
+                               num_inference_steps=3)
+    for sample, noise, chunk in zip(samples, noises, batched):
+        alone = gpu.predict([sample], noise=noise, num_inference_steps=3)["action_chunk"][0]
+        assert np.abs(chunk.action_chunk - alone).max() <= (1e-5 if dtype == "float32" else 0.05)
+        on_cpu = cpu.predict([sample], noise=noise, num_inference_steps=3)["action_chunk"][0]
+        assert np.abs(alone - on_cpu).max() <= tolerance
