@@ -151,11 +151,19 @@ def decode_image_value(value: Any, *, max_pixels: int, max_bytes: Optional[int] 
         raise InvalidInputError(f"{field}: {_url_scheme(text)}: URLs are not read; {SEND_INSTEAD}", field)
     if _looks_like_path(text):
         raise _path_error(text, field)
+    # A path is asked about only once the text failed to decode: base64 holds '/' anywhere (a JPEG's starts with
+    # "/9j/"). Text that is no base64 at all and names folders (etc/hosts) is a path; text that is base64 but no
+    # image is one only when it starts at the root (/etc/passwd): the base64 of a GIF or a BMP holds '/' too.
     try:
-        return _decode_base64_image(text, max_pixels, max_bytes, field)
+        data = _b64decode(text, max_bytes, field)
     except InvalidInputError as e:
-        # Asked only once it failed to decode: base64 holds '/' anywhere (a JPEG's starts with "/9j/").
         if isinstance(e, InputTooLargeError) or not _may_be_unix_path(text):
+            raise
+        raise _path_error(text, field) from None
+    try:
+        return decode_image_bytes(data, max_pixels=max_pixels, field=field, claim=_claimer(field))
+    except InvalidInputError as e:
+        if isinstance(e, InputTooLargeError) or not (text.startswith("/") and _may_be_unix_path(text)):
             raise
         raise _path_error(text, field) from None
 

@@ -239,11 +239,12 @@ def check_devices_exist(settings: Settings) -> None:
             resolve_device(device)
         except ValueError:
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise ValueError(f"{where} is {device!r}, but this host has no CUDA device, only the cpu; use cpu or "
-                                 "auto") from None
-            gpus = "cuda:0" if count == 1 else f"cuda:0..cuda:{count - 1}"
             visible = os.environ.get(GPU_ENV)
+            if count == 0:
+                hidden = f" this process sees ({GPU_ENV}={visible!r})" if visible is not None else ""
+                raise ValueError(f"{where} is {device!r}, but this host has no CUDA device{hidden}, only the cpu; "
+                                 "use cpu or auto") from None
+            gpus = "cuda:0" if count == 1 else f"cuda:0..cuda:{count - 1}"
             numbered = f" ({GPU_ENV}={visible!r}, numbered from 0)" if visible is not None else ""
             raise ValueError(f"{where} is {device!r}, but this host's devices are cpu and {gpus}{numbered}; use one "
                              "of them, or auto") from None

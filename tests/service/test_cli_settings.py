@@ -217,6 +217,27 @@ def test_a_deployment_dtype_that_is_no_dtype_is_refused_at_start_with_exit_2(tmp
     assert "deployments[].dtype must be auto, float32, bfloat16 or float16; got 'float33'" in out.stderr
 
 
+@pytest.mark.parametrize("gpus, devices", [(0, ["auto", "cpu"]), (2, ["auto", "cpu", "cuda", "cuda:0", "cuda:1"])])
+def test_devices_the_host_has_pass_the_start_check(monkeypatch, gpus, devices):
+    import torch
+
+    from service import DeploymentSpec
+    from service.replicas import check_devices_exist, settings_for_replica
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for device in devices:
+        check_devices_exist(Settings(device=device))
+        check_devices_exist(Settings(device="cpu", deployments=[DeploymentSpec(checkpoint=".", device=device)]))
+    if gpus:  # a replica given one GPU sees it as cuda:0
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        check_devices_exist(settings_for_replica(Settings(device="cuda:0"), 1, "--gpus"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device this process sees \\(CUDA_VISIBLE_DEVICES=''\\)"):
+        check_devices_exist(Settings(device="cuda"))
+
+
 @pytest.mark.parametrize("gpus, shown", [(0, "this host has no CUDA device, only the cpu; use cpu or auto"),
                                          (2, "this host's devices are cpu and cuda:0..cuda:1; use one of them")])
 @pytest.mark.parametrize("how", ["flag", "variable", "deployment"])

@@ -160,6 +160,17 @@ def test_strings_that_are_no_path_keep_their_own_reason(text, message):
         decode(text)
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_images_in_formats_not_taken_are_named_by_their_format_not_as_paths(fmt):
+    """The base64 of almost any image holds a '/' somewhere: only a string starting at the root reads as a path."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(192, dtype=np.uint8).reshape(8, 8, 3)).save(buffer, format=fmt)
+    text = b64(buffer.getvalue())
+    assert "/" in text[1:]  # (the case at hand)
+    with pytest.raises(InvalidInputError, match="are not a PNG or JPEG image"):
+        decode(text)
+
+
 @pytest.mark.parametrize("media_type", ["text/plain", "image/gif", "application/octet-stream", ""])
 def test_data_url_with_other_media_types_is_refused(png, media_type):
     with pytest.raises(InvalidInputError, match="media type .* is not accepted; use one of image/jpeg") as e:

@@ -80,3 +80,10 @@ def test_a_reference_vit_hf_block_parses_and_bad_ones_name_the_fix():
         create_model(vlm_params(300, projector_pixel_shuffle_factor=2), load_pretrained=False)
     with pytest.raises(ValueError, match="timm model name"):
         create_model(vlm_params(300, hf_pretrained="google/siglip-so400m-patch14-384"), load_pretrained=False)
+    with pytest.raises(ValueError, match="timm's own list"):
+        create_model(vlm_params(300, hf_pretrained="hf-hub:timm/vit_tiny_patch16_224"), load_pretrained=False)
+    with pytest.raises(ValueError, match="not a vision transformer"):
+        create_model(vlm_params(300, hf_pretrained="resnet18", hidden_dim=512, img_size=None), load_pretrained=False)
+    # As VLA Foundry builds it (no img_size): the name's own size, the class token kept
+    built = create_model(vlm_params(300, img_size=None), load_pretrained=False)
+    assert (built.image_size, built.tokens_per_image) == (224, 197)

@@ -22,12 +22,19 @@ class ViTHF(nn.Module):
 
         if not params.hf_pretrained:
             raise ValueError("vit_hf needs `hf_pretrained`: a timm model name, e.g. vit_base_patch16_siglip_224")
+        name = params.hf_pretrained
+        if ":" in name:  # hf-hub:, local-dir:, … would make timm read a config from elsewhere (a hub) at build
+            raise ValueError(f"vit_hf: `vit.hf_pretrained` is {name!r}; give a timm model name of timm's own list, "
+                             "such as vit_base_patch16_siglip_224 (the weights come from the checkpoint)")
         kwargs = {"img_size": params.img_size} if params.img_size else {}
         try:
-            self.model = timm.create_model(params.hf_pretrained, pretrained=False, num_classes=0, **kwargs)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"vit_hf: timm cannot build {params.hf_pretrained!r} ({e}); `vit.hf_pretrained` must be a "
-                             "timm model name such as vit_base_patch16_siglip_224") from e
+            self.model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except (RuntimeError, ValueError, TypeError, OSError) as e:
+            raise ValueError(f"vit_hf: timm cannot build {name!r} ({e}); `vit.hf_pretrained` must be a timm model "
+                             "name such as vit_base_patch16_siglip_224") from e
+        if not hasattr(self.model, "patch_embed"):
+            raise ValueError(f"vit_hf: {name} is a {type(self.model).__name__}, not a vision transformer with patch "
+                             "tokens; `vit.hf_pretrained` must name a timm ViT")
         if self.model.num_features != params.hidden_dim:
             raise ValueError(f"vit_hf: {params.hf_pretrained} is {self.model.num_features} wide but `vit.hidden_dim` "
                              f"is {params.hidden_dim} (the projector's input width comes from it); set hidden_dim: "
