@@ -20,6 +20,7 @@ from tests.factories import (build_tiny_tokenizer, save_tiny_policy, tiny_policy
                              vlm_hf_policy)
 from vla_foundry.checkpoint import load_model
 from vla_foundry.errors import InvalidInputError
+from vla_foundry.models.vlm_backbones import by_prompt_length
 from vla_foundry.pipelines.action import ActionPipeline, PolicyRequest
 from vla_foundry.robotics.observations import RawObservation
 
@@ -125,14 +126,38 @@ def test_a_batch_gives_each_robot_what_it_gets_alone(policy):
     for i, (sample, chunk) in enumerate(zip(samples, batched)):
         alone = pipeline.predict([sample], seed=10 + i, num_inference_steps=3)
         np.testing.assert_allclose(chunk.action_chunk, alone["action_chunk"][0], atol=1e-5)
-    # Without the grouping, the padded short prompts would condition differently (why it is there).
+    # Appended after the padding (as the reference appends it to its unpadded prompts), the short prompts would
+    # condition differently: why each row's action token goes after its own tokens.
     backbone = pipeline.model.vision_language_backbone
     inputs = backbone_inputs(pipeline, samples)
     with torch.no_grad():
-        padded = backbone._encode(inputs.pop("input_ids"), inputs.pop("attention_mask"), **{
+        padded = backbone._encode_alike(inputs.pop("input_ids"), inputs.pop("attention_mask"), **{
             k: v for k, v in inputs.items() if k != "attention_mask_images"})
         alone = pipeline.model.encode_observation(**backbone_inputs(pipeline, samples[:1]))
     assert (padded[0] - alone[0]).abs().max() > 1e-3
+
+
+def test_robots_with_different_instructions_share_one_vlm_call(policy):
+    """Each row's action token after its own tokens: one forward for prompts of every length, equal to the
+    groups of equally long prompts (the path a model whose prompt attends both ways takes)."""
+    _, _, _, pipeline = policy
+    backbone = pipeline.model.vision_language_backbone
+    samples = [observation(pipeline, text, seed) for seed, text in enumerate([SHORT, LONG, SHORT, LONG + " now"])]
+    inputs = backbone_inputs(pipeline, samples)
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # three lengths in one batch
+    calls, run = [], backbone._run
+    backbone._run = lambda *args, **kwargs: (calls.append(args[0].shape), run(*args, **kwargs))[1]
+    try:
+        with torch.no_grad():
+            together = pipeline.model.encode_observation(**inputs)
+            assert len(calls) == 1
+            ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+            inputs.pop("attention_mask_images")
+            grouped = by_prompt_length(backbone._encode_alike, ids, mask, inputs)
+            assert len(calls) == 4  # (one more call per length)
+    finally:
+        del backbone._run
+    torch.testing.assert_close(together, grouped, rtol=0, atol=1e-5)
 
 
 def test_evaluation_runs_through_the_backbone(policy):
@@ -205,6 +230,25 @@ def test_the_chat_template_is_the_processors_then_the_tokenizers(policy, monkeyp
     plain = rendered(None, None)  # "<image> <image> pick", each <image> then expanded by the processor
     assert plain.startswith("<fake_token_around_image>") and plain.endswith("<fake_token_around_image> " + SHORT)
     assert plain.count("<global-img>") == 2
+
+
+def test_the_action_token_goes_after_each_rows_own_tokens_left_or_right_padded():
+    from vla_foundry.models.vlm_backbones import place_action_token
+
+    A = 99
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 4], [3, 2, 0, 0]])  # left-padded, full, right-padded
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+    types = torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    placed, new_mask, positions, inputs = place_action_token(ids, mask, A, {"mm_token_type_ids": types,
+                                                                           "pixel_values": torch.ones(3, 2)})
+    assert positions.tolist() == [2, 4, 2]
+    assert [row[:p + 1] for row, p in zip(placed.tolist(), positions.tolist())] == [[5, 6, A], [7, 8, 9, 4, A],
+                                                                                   [3, 2, A]]
+    assert new_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    types = inputs["mm_token_type_ids"]
+    assert [row[:p + 1] for row, p in zip(types.tolist(), positions.tolist())] == [[1, 0, 0], [1, 1, 0, 0, 0],
+                                                                                  [1, 0, 0]]
+    assert inputs["pixel_values"].shape == (3, 2)  # per-sample inputs untouched
 
 
 # ----------------------------------------------------------------------------- configs

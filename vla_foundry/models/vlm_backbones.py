@@ -11,10 +11,12 @@ Shapes: B batch, N images per sample, L prompt tokens (image placeholders includ
 width.
 
 Batching. VLA Foundry's policy server runs one observation at a time, so a prompt there has no padding. In a
-batch the processor pads the shorter prompts, and padding moves the action token: it lands after the pads, at
-another position (our own causal model even attends to them: spec §4.3 ignores its mask without a cache). So a
-batch is run as groups of equally long prompts with the padding taken out (``by_prompt_length``), and every
-sample gets what it gets alone. A fleet's robots mostly share their instruction, hence one group.
+batch the processor pads the shorter prompts, and appended after the padding the action token would sit at
+another position (and our own causal model would attend to the pads: spec §4.3 ignores its mask without a
+cache). So each row's action token goes right after the row's own tokens, the padding after it
+(``place_action_token``): a causal model then reads it exactly as it reads the prompt alone, and a batch of
+robots with different instructions is one call. A model whose prompt attends both ways (PaliGemma's prefix)
+runs as groups of equally long prompts with the padding taken out instead (``by_prompt_length``).
 """
 
 from __future__ import annotations
@@ -57,9 +59,35 @@ def append_to_token_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.T
             for name, t in inputs.items()}
 
 
-def read_action_token(hidden_states: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
-    """The last position of each of the last ``k`` hidden states (B, T, H), oldest first → (B, 1, k·H)."""
-    return torch.cat([h[:, -1] for h in hidden_states[-k:]], dim=-1)[:, None]
+def place_action_token(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], token_id: int,
+                       inputs: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Each row's own tokens first, in order (wherever the processor padded), then the action token, then the
+    padding: (B, L+1) ids and mask, the action token's column per row (B,), and ``inputs`` with their per-token
+    type rows laid out alike. A causal model reads each row's action token at the row's own length, after its own
+    tokens only, as it reads it alone."""
+    B, L = input_ids.shape
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # (B, L): own tokens first
+    positions = keep.sum(dim=1)  # (B,): where each row's action token goes
+    rows = torch.arange(B, device=input_ids.device)
+
+    def laid_out(t: torch.Tensor, value: int) -> torch.Tensor:
+        out = torch.cat([t.gather(1, order), t.new_full((B, 1), value)], dim=1)  # (B, L+1)
+        out[rows, positions] = value
+        return out
+
+    ids = laid_out(input_ids, token_id)  # (the column after a shorter row's padding holds one too: never read)
+    mask = (torch.arange(L + 1, device=input_ids.device)[None] <= positions[:, None]).long()
+    inputs = {name: laid_out(t, 0) if name in TOKEN_TYPE_INPUTS else t for name, t in inputs.items()}
+    return ids, mask, positions, inputs
+
+
+def read_action_token(hidden_states: tuple[torch.Tensor, ...], k: int, positions: torch.Tensor) -> torch.Tensor:
+    """Each row's action-token column (``positions``, (B,)) of the last ``k`` hidden states (B, T, H), oldest
+    first → (B, 1, k·H)."""
+    rows = torch.arange(positions.shape[0], device=positions.device)
+    return torch.cat([h[rows, positions] for h in hidden_states[-k:]], dim=-1)[:, None]
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, batch: int,
@@ -111,14 +139,15 @@ def _check_layers(k: int, available: int, kind: str) -> None:
 
 
 class _VLMBackbone(nn.Module):
-    """What both backbones share: the action token, the read-out, the processor, batching by prompt length."""
+    """What both backbones share: the action token, the read-out, the processor, batching."""
 
     uses_language = True
-    traceable = False  # prompts are grouped by their lengths at run time: no fixed graph (policy_graphs.py)
+    traceable = False  # the action token's place is decided per batch at run time: no fixed graph (policy_graphs.py)
     max_text_length = None  # the processor lays out the prompt with its images; the model's context is checked
     action_token_id: int
     hidden_size: int
     context: int  # the longest sequence the language model takes, the action token included
+    causal: bool  # the language model attends to earlier tokens only
 
     @property
     def output_dim(self) -> int:
@@ -142,10 +171,22 @@ class _VLMBackbone(nn.Module):
             raise InvalidInputError(f"{INSTRUCTION_FIELD}: the prompt with its images is {input_ids.shape[1]} tokens; "
                                     f"this policy's VLM takes at most {self.context - 1} (and its action token); "
                                     "shorten the instruction", field=INSTRUCTION_FIELD)
-        return by_prompt_length(self._encode, input_ids, attention_mask,
-                                {"pixel_values": pixel_values, **image_inputs})
+        inputs = {"pixel_values": pixel_values, **image_inputs}
+        if self.causal and "token_type_ids" not in inputs:
+            # One call for the whole batch: each row's action token right after its own tokens (see
+            # ``place_action_token``). PaliGemma's token types make its prompt attend both ways: it is grouped.
+            ids, mask, positions, inputs = place_action_token(input_ids, attention_mask, self.action_token_id, inputs)
+            return self._run(ids, mask, positions, **inputs)
+        return by_prompt_length(self._encode_alike, input_ids, attention_mask, inputs)
 
-    def _encode(self, input_ids, attention_mask, pixel_values, **image_inputs) -> torch.Tensor:
+    def _encode_alike(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
+        """Rows of one length (no padding): the action token after the last column, as VLA Foundry appends it."""
+        ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
+        positions = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+        return self._run(ids, mask, positions, **append_to_token_inputs(inputs))
+
+    def _run(self, ids, mask, positions, pixel_values, **image_inputs) -> torch.Tensor:
+        """The VLM on laid-out ids (action tokens in place) → the tokens (B, 1, k·H) read at ``positions``."""
         raise NotImplementedError
 
 
@@ -175,10 +216,10 @@ class VLMFoundryBackbone(_VLMBackbone):
         self._model = VLM(dataclasses.replace(vlm, transformer=widened), load_pretrained=False)
         self.hidden_size = self._model.transformer.hidden_size
         self.context = self._model.max_seq_len
+        self.causal = bool(vlm.transformer.is_causal)
         _check_layers(params.num_vlm_layers_to_use, vlm.transformer.n_layers, "vlm_foundry_backbone")
 
-    def _encode(self, input_ids, attention_mask, pixel_values, **image_inputs) -> torch.Tensor:
-        ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
+    def _run(self, ids, mask, positions, pixel_values, **image_inputs) -> torch.Tensor:
         size = self._model.image_size
         pixels = pixel_values.flatten(0, pixel_values.dim() - 4)  # (B·N, 3, h, w)
         if pixels.shape[-2:] != (size, size):
@@ -186,7 +227,7 @@ class VLMFoundryBackbone(_VLMBackbone):
                                    align_corners=False).to(pixel_values.dtype)
         # Our VLM reads no other processor output (a tile mask, say): its images fill the placeholders in order.
         out = self._model(ids, pixels, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        return read_action_token(out.hidden_states, self.params.num_vlm_layers_to_use)  # (B, 1, k·H)
+        return read_action_token(out.hidden_states, self.params.num_vlm_layers_to_use, positions)  # (B, 1, k·H)
 
 
 # HF families whose forward takes each sample's images as (B, N, 3, h, w) (the reference reshapes them so).
@@ -214,10 +255,10 @@ class VLMHFBackbone(_VLMBackbone):
         text = hf.config.get_text_config()
         self.hidden_size = text.hidden_size
         self.context = self._model.max_seq_len
+        self.causal = True  # image-text-to-text models generate text: their language models are causal
         _check_layers(params.num_vlm_layers_to_use, text.num_hidden_layers + 1, "vlm_backbone")
 
-    def _encode(self, input_ids, attention_mask, pixel_values, **image_inputs) -> torch.Tensor:
-        ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
+    def _run(self, ids, mask, positions, pixel_values, **image_inputs) -> torch.Tensor:
         if self.family in STACKED_IMAGE_FAMILIES and pixel_values.dim() == 4:
             pixel_values = pixel_values.view(ids.shape[0], -1, *pixel_values.shape[1:])
         if "qwen" in self.family:  # (VLA Foundry's own check)
@@ -226,6 +267,5 @@ class VLMHFBackbone(_VLMBackbone):
                 raise ValueError(f"vlm_backbone: a {self.family} model needs its processor's image_grid_thw, one "
                                  "patch grid per image covering the pixel values")
         out = self._model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
-                                output_hidden_states=True, use_cache=False, return_dict=True,
-                                **append_to_token_inputs(image_inputs))
-        return read_action_token(out.hidden_states, self.params.num_vlm_layers_to_use)  # (B, 1, k·H)
+                                output_hidden_states=True, use_cache=False, return_dict=True, **image_inputs)
+        return read_action_token(out.hidden_states, self.params.num_vlm_layers_to_use, positions)  # (B, 1, k·H)
