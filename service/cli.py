@@ -125,8 +125,10 @@ def _serve(args: argparse.Namespace) -> int:
     if any(t.name.startswith("model-") and t.is_alive() for t in threading.enumerate()):
         # A model call or a load outlived the drain: it cannot be interrupted, and finalizing the interpreter under
         # it aborts the process (a C++ terminate), so leave at once.
-        loading = [] if manager is None else [d.name for d in manager.deployments.values() if d.status == LOADING]
-        level, message = _leaving_with_model_threads(server is not None and server.started, loading)
+        deployments = [] if manager is None else list(manager.deployments.values())
+        loading = [d.name for d in deployments if d.status == LOADING]
+        calling = [d.name for d in deployments if d.status != LOADING and d.executor.at_work(0.0)]
+        level, message = _leaving_with_model_threads(server is not None and server.started, loading, calling)
         logging.getLogger("service").log(level, message)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -134,13 +136,17 @@ def _serve(args: argparse.Namespace) -> int:
     return code
 
 
-def _leaving_with_model_threads(started: bool, loading: list[str]) -> tuple[int, str]:
+def _leaving_with_model_threads(started: bool, loading: list[str], calling: list[str] = ()) -> tuple[int, str]:
     """What the log says when the process leaves its model threads running. A server that never started (its
     port taken, a replica stopped while loading) drained nothing: it only abandons the loads, as it does when
-    stopped while loading."""
+    stopped while loading. A model call that outlived the drain is a warning, loads left behind or not."""
     names = ", ".join(loading) or "a model thread"
     if not started:
         return logging.INFO, f"the server did not start: exiting without waiting for {names} to finish loading"
+    if calling:
+        also = f", and without waiting for {', '.join(loading)} to finish loading" if loading else ""
+        return logging.WARNING, (f"exiting with a model call of {', '.join(calling)} still running "
+                                 f"(VLA_DRAIN_TIMEOUT_S passed){also}")
     if loading:
         return logging.INFO, f"exiting without waiting for {names} to finish loading"
     return logging.WARNING, "exiting with a model call still running (VLA_DRAIN_TIMEOUT_S passed)"

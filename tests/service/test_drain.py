@@ -223,3 +223,14 @@ def test_a_server_that_fails_to_start_does_not_claim_a_drain(tmp_path):
     assert "address already in use" in out.stderr
     assert "the server did not start: exiting without waiting for slow to finish loading" in out.stderr
     assert "VLA_DRAIN_TIMEOUT_S" not in out.stderr and "drain" not in out.stderr.lower(), out.stderr
+
+
+def test_a_model_call_that_outlived_the_drain_is_a_warning_even_beside_a_load():
+    import logging
+
+    from service.cli import _leaving_with_model_threads
+
+    level, message = _leaving_with_model_threads(True, ["big"], ["policy"])
+    assert level == logging.WARNING and "model call of policy still running" in message and "big" in message
+    assert _leaving_with_model_threads(True, ["big"], [])[0] == logging.INFO  # only a load left behind
+    assert _leaving_with_model_threads(False, ["big"], ["policy"])[0] == logging.INFO  # never started: no drain
