@@ -35,7 +35,7 @@ def body(model: str, i: int) -> dict:
 def test_models_describes_the_policy(client, model):
     entry = client.get(f"/models/{model}").json()
     assert entry["type"] == "diffusion_policy" and entry["io"]["uses_language"] is True
-    assert entry["io"]["sampling_graphs"] == "eager"  # the backbone groups its batch by prompt length
+    assert entry["io"]["sampling_graphs"] == "eager"  # the VLM's inputs are laid out per batch (see the backbone)
 
 
 @pytest.mark.parametrize("model", ["foundry", "hf"])

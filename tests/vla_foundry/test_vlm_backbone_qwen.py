@@ -2,9 +2,10 @@
 loaded, and served.
 
 Qwen-VL processors differ from SmolVLM's in two ways that broke these policies: they mark every token as text (0)
-or image (1) in ``mm_token_type_ids`` (B, L), which must grow with the action token to (B, L+1); and they flatten
-every image's patches into one (Σ patches, D) ``pixel_values`` with the grids in ``image_grid_thw``, which a batch
-grouped by prompt length must split per sample. The read-out is recomputed here from the HF model itself.
+or image (1) in ``mm_token_type_ids`` (B, L), which must grow with the action token to (B, L+1) and be laid out as
+the ids are; and they flatten every image's patches into one (Σ patches, D) ``pixel_values`` with the grids in
+``image_grid_thw``, which a batch grouped by prompt length (the path of models whose prompt attends both ways) must
+split per sample. The read-out is recomputed here from the HF model itself.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def test_conditioning_is_the_action_token_in_qwens_last_layers(policy):
 
 
 def test_a_batch_of_qwen_prompts_gives_each_robot_what_it_gets_alone(policy):
-    """Instructions of different lengths: the processor pads them, so the backbone runs each length on its own,
-    each group taking its own samples' rows of the flattened patches."""
+    """Instructions of different lengths: the processor pads them, and each robot's action token goes right after its
+    own tokens (its token types laid out alike), so one call gives every robot its solo chunk."""
     _, pipeline = policy
     samples = [observation(pipeline, text, seed) for seed, text in enumerate([SHORT, LONG, SHORT, LONG + " now"])]
     assert not bool(backbone_inputs(pipeline, samples)["attention_mask"].all())  # the batch is padded
@@ -126,8 +127,9 @@ def test_a_batch_of_qwen_prompts_gives_each_robot_what_it_gets_alone(policy):
 
 def test_robots_with_different_frame_sizes_each_get_their_own_patches(unresized_policy):
     """Frames of different sizes make different patch grids (32 x 32 px: 4 x 4 patches; 16 x 48 and 48 x 16: 2 x 6
-    and 6 x 2), so the flattened pixel values hold 64 rows for some robots and 48 for others: each group of equally
-    long prompts must take its own robots' rows, found from ``image_grid_thw``, not an equal share of the batch."""
+    and 6 x 2), so the flattened pixel values hold 64 rows for some robots and 48 for others. In one call each robot
+    keeps its own; grouped by prompt length, each group must take its own robots' rows, found from
+    ``image_grid_thw``, not an equal share of the batch."""
     _, pipeline = unresized_policy
     n_images = len(pipeline.robot_io.image_names)
     sizes = [(32, 32), (16, 48), (32, 32), (48, 16)]
@@ -141,4 +143,31 @@ def test_robots_with_different_frame_sizes_each_get_their_own_patches(unresized_
                                     num_inference_steps=3)
     for i, (sample, chunk) in enumerate(zip(samples, batched)):
         alone = pipeline.predict([sample], seed=20 + i, num_inference_steps=3)
+        np.testing.assert_allclose(chunk.action_chunk, alone["action_chunk"][0], atol=1e-5)
+    from vla_foundry.models.vlm_backbones import by_prompt_length
+
+    backbone = pipeline.model.vision_language_backbone
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    inputs.pop("attention_mask_images")
+    with torch.no_grad():
+        grouped = by_prompt_length(backbone._encode_alike, ids, mask, inputs)
+        for i, sample in enumerate(samples):
+            alone = pipeline.model.encode_observation(**backbone_inputs(pipeline, [sample]))
+            torch.testing.assert_close(grouped[i:i + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_a_left_padding_processor_batches_as_alone(policy, tmp_path):
+    """Where the processor pads on the left, each robot's own tokens (and token types) move to the front before its
+    action token."""
+    path = tmp_path / "policy"
+    shutil.copytree(policy[0], path)
+    config = json.loads((path / "vlm" / "tokenizer_config.json").read_text())
+    (path / "vlm" / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    pipeline = ActionPipeline.from_experiment(load_model(path), path)
+    samples = [observation(pipeline, text, seed) for seed, text in enumerate([SHORT, LONG, SHORT])]
+    assert not bool(backbone_inputs(pipeline, samples)["attention_mask"][:, 0].all())  # padded on the left
+    batched = pipeline.predict_each([PolicyRequest(s, seed=30 + i) for i, s in enumerate(samples)],
+                                    num_inference_steps=3)
+    for i, (sample, chunk) in enumerate(zip(samples, batched)):
+        alone = pipeline.predict([sample], seed=30 + i, num_inference_steps=3)
         np.testing.assert_allclose(chunk.action_chunk, alone["action_chunk"][0], atol=1e-5)

@@ -126,8 +126,8 @@ class PolicyGraphs:
 
     @staticmethod
     def supports(model) -> bool:
-        """Flow matching, and a backbone whose work is a fixed function of its inputs' shapes (not one that
-        groups its batch at run time, as the VLM backbones do)."""
+        """Flow matching, and a backbone whose work is a fixed function of its inputs' shapes (the VLM backbones'
+        is not: their models branch on the values of their inputs, see ``vlm_backbones.py``)."""
         return (isinstance(model.scheduler, FlowMatchingScheduler)
                 and getattr(model.vision_language_backbone, "traceable", True))
 

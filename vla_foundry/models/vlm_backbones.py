@@ -142,7 +142,9 @@ class _VLMBackbone(nn.Module):
     """What both backbones share: the action token, the read-out, the processor, batching."""
 
     uses_language = True
-    traceable = False  # the action token's place is decided per batch at run time: no fixed graph (policy_graphs.py)
+    # No sampling graph (policy_graphs.py): the VLMs branch on their inputs' values (our vlm counts its image
+    # placeholders, Qwen-VL reads its positions out of the mask), which a trace would freeze.
+    traceable = False
     max_text_length = None  # the processor lays out the prompt with its images; the model's context is checked
     action_token_id: int
     hidden_size: int
@@ -255,7 +257,9 @@ class VLMHFBackbone(_VLMBackbone):
         text = hf.config.get_text_config()
         self.hidden_size = text.hidden_size
         self.context = self._model.max_seq_len
-        self.causal = True  # image-text-to-text models generate text: their language models are causal
+        # One call for every prompt length: HF applies the attention mask, so the padding after each row's action
+        # token is never read, causal model or not (a two-way prefix is told by token_type_ids, see forward).
+        self.causal = True
         _check_layers(params.num_vlm_layers_to_use, text.num_hidden_layers + 1, "vlm_backbone")
 
     def _run(self, ids, mask, positions, pixel_values, **image_inputs) -> torch.Tensor:
