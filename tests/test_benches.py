@@ -59,3 +59,15 @@ def test_fleet_bench_robots_keep_running_over_the_websocket():
     requests_per_s, errors = float(cells[3]), int(cells[-2])
     assert requests_per_s > 20 and errors == 0, rows[0]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
+
+
+def test_the_vlm_backbone_batching_bench_runs_and_both_ways_agree(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import vlm_backbone_batching as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert bench.main(["--robots", "3", "--repeats", "1", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| vlm")]
+    assert len(rows) == 2
+    assert all(float(row.split("|")[-2]) < 1e-5 for row in rows)  # max difference between the two ways
