@@ -22,7 +22,8 @@ def client(tmp_path_factory):
     vlm_hf_policy(root / "hf", build_tiny_tokenizer())
     specs = [DeploymentSpec(name="foundry", checkpoint=str(root / "foundry")),
              DeploymentSpec(name="hf", checkpoint=str(root / "hf"))]
-    with serving(*specs, max_batch_size=8, batch_wait_ms=50) as c:
+    # (sampling traced as served by default; the test suite turns it off elsewhere, tests/conftest.py)
+    with serving(*specs, max_batch_size=4, batch_wait_ms=50, traced_sampling=True) as c:
         yield c
 
 
@@ -35,7 +36,7 @@ def body(model: str, i: int) -> dict:
 def test_models_describes_the_policy(client, model):
     entry = client.get(f"/models/{model}").json()
     assert entry["type"] == "diffusion_policy" and entry["io"]["uses_language"] is True
-    assert entry["io"]["sampling_graphs"] == "eager"  # the VLM's inputs are laid out per batch (see the backbone)
+    assert entry["io"]["sampling_graphs"] == "traced"  # the denoising steps after the (eager) VLM
 
 
 @pytest.mark.parametrize("model", ["foundry", "hf"])

@@ -160,6 +160,22 @@ def test_robots_with_different_instructions_share_one_vlm_call(policy):
     torch.testing.assert_close(together, grouped, rtol=0, atol=1e-5)
 
 
+def test_the_denoising_steps_replay_from_a_graph_after_the_eager_vlm(policy):
+    """The VLM runs eagerly (it branches on its inputs' values); the steps after it replay from a trace that starts
+    at its tokens, checked against eager sampling when captured, and serving that shape."""
+    _, _, _, pipeline = policy
+    assert pipeline.graphs.mode() == "traced"
+    samples = [observation(pipeline, text, seed) for seed, text in enumerate([SHORT, LONG, SHORT])]
+    inputs = pipeline.prepare(samples)
+    noise = torch.randn(inputs.actions.shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        replayed = pipeline.graphs.sample(pipeline._graph_inputs(inputs), 3, noise)
+        eager = pipeline.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=3, initial_noise=noise)
+    assert any(key[0][0] == "condition" and key[0:2] == (("condition", "actions", "past_mask", "proprioception"), 3)
+               for key in pipeline.graphs._graphs)  # (a graph of this shape serves: not refused, not eager)
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=1e-5)
+
+
 def test_evaluation_runs_through_the_backbone(policy):
     _, _, _, pipeline = policy
     r = pipeline.robot_io

@@ -110,18 +110,20 @@ class DiffusionPolicy(nn.Module):
         return list(range(T - 1, 0, -max(1, T // S)))
 
     @torch.no_grad()
-    def generate_actions(self, input_ids, pixel_values, actions, attention_mask=None, attention_mask_images=None,
-                         num_inference_steps=None, past_mask=None, proprioception=None, *,
-                         generator: Optional[torch.Generator] = None,
-                         initial_noise: Optional[torch.Tensor] = None, **backbone_inputs) -> torch.Tensor:
+    def generate_actions(self, input_ids=None, pixel_values=None, actions=None, attention_mask=None,
+                         attention_mask_images=None, num_inference_steps=None, past_mask=None, proprioception=None, *,
+                         generator: Optional[torch.Generator] = None, initial_noise: Optional[torch.Tensor] = None,
+                         condition: Optional[torch.Tensor] = None, **backbone_inputs) -> torch.Tensor:
         """Normalized actions (B, Ta, A). Rows where ``past_mask`` is True are the given ``actions``, exactly.
 
         The only random draw is the initial noise: ``initial_noise`` when given, else drawn
-        from ``generator`` (the global RNG when None, as in the reference).
+        from ``generator`` (the global RNG when None, as in the reference). ``condition``: the backbone's
+        tokens (B, C, Dc) when already computed (``encode_observation``); the observation's inputs are then unused.
         """
         visited = self.timesteps_visited(num_inference_steps)
-        condition = self.encode_observation(input_ids, pixel_values, attention_mask, attention_mask_images,
-                                            **backbone_inputs)
+        if condition is None:
+            condition = self.encode_observation(input_ids, pixel_values, attention_mask, attention_mask_images,
+                                                **backbone_inputs)
         z = randn_like(actions, generator) if initial_noise is None else initial_noise.to(actions)
         if past_mask is not None:
             keep = past_mask[..., None].to(actions.dtype)  # (B, Ta, 1)

@@ -1,5 +1,6 @@
 """A flow-matching policy's sampling replayed from a captured graph: the backbone once, then the S
-denoiser steps and flow updates, as one call with no Python between the ops.
+denoiser steps and flow updates, as one call with no Python between the ops. (A backbone that runs a
+whole VLM runs eagerly before the graph, which then starts at its tokens: see ``_after_backbone``.)
 
 Why. An eager sampling call is hundreds of small ops, and every torch op hands the interpreter
 lock back and reacquires it. In a server the event loop holds that lock whenever it has work, so
@@ -55,8 +56,9 @@ MAX_GRAPHS_PER_POLICY = 16
 GRAPH_TOLERANCE = 1e-5  # max |graph − eager| in normalized action units (float32) for a graph to serve
 GRAPH_TOLERANCE_LOW_PRECISION = 2e-2  # the same for bf16/fp16 layers (the two runs may pick other kernels)
 # The order of the sampler's tensor inputs (``generate_actions``' names); absent ones are left out.
-INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask", "attention_mask_images", "actions", "past_mask",
-               "proprioception")
+INPUT_NAMES = ("input_ids", "pixel_values", "attention_mask", "attention_mask_images", "condition", "actions",
+               "past_mask", "proprioception")
+SAMPLING_NAMES = ("actions", "past_mask", "proprioception")  # what the steps after the backbone read
 MASK_NAMES = ("attention_mask", "attention_mask_images", "past_mask")  # whether each is all true is in the key
 
 
@@ -126,10 +128,17 @@ class PolicyGraphs:
 
     @staticmethod
     def supports(model) -> bool:
-        """Flow matching, and a backbone whose work is a fixed function of its inputs' shapes (the VLM backbones'
-        is not: their models branch on the values of their inputs, see ``vlm_backbones.py``)."""
-        return (isinstance(model.scheduler, FlowMatchingScheduler)
-                and getattr(model.vision_language_backbone, "traceable", True))
+        return isinstance(model.scheduler, FlowMatchingScheduler)
+
+    def _after_backbone(self, inputs: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
+        """``inputs`` for a graph that starts at the backbone's tokens, the backbone run eagerly now: for a backbone
+        whose work is no fixed function of its inputs' shapes (the VLM backbones branch on their inputs' values,
+        see ``vlm_backbones.py``, which a graph would freeze)."""
+        if getattr(self.model.vision_language_backbone, "traceable", True):
+            return inputs
+        observation = {n: t for n, t in inputs.items() if n not in SAMPLING_NAMES and t is not None}
+        return {"condition": self.model.encode_observation(**observation),
+                **{n: inputs.get(n) for n in SAMPLING_NAMES}}
 
     @property
     def enabled(self) -> bool:
@@ -147,6 +156,7 @@ class PolicyGraphs:
         """Normalized actions (B, Ta, A), equal to ``model.generate_actions(**inputs, num_inference_steps=steps,
         initial_noise=initial_noise)``: from a graph where one serves this shape, else eagerly."""
         if self.enabled:
+            inputs = self._after_backbone(inputs)
             names = tuple(n for n in INPUT_NAMES if inputs.get(n) is not None)
             tensors = [inputs[n] for n in names] + [initial_noise]
             out = self._replay(names, tensors, steps)

@@ -142,8 +142,9 @@ class _VLMBackbone(nn.Module):
     """What both backbones share: the action token, the read-out, the processor, batching."""
 
     uses_language = True
-    # No sampling graph (policy_graphs.py): the VLMs branch on their inputs' values (our vlm counts its image
-    # placeholders, Qwen-VL reads its positions out of the mask), which a trace would freeze.
+    # Not inside a sampling graph (policy_graphs.py): the VLMs branch on their inputs' values (our vlm counts its
+    # image placeholders, Qwen-VL reads its positions out of the mask), which a trace would freeze. The backbone
+    # runs eagerly, and the denoising steps replay from the graph that starts at its tokens.
     traceable = False
     max_text_length = None  # the processor lays out the prompt with its images; the model's context is checked
     action_token_id: int
