@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Servers under test sample policies eagerly: capturing a traced graph per batch size at every warm-up would
 # more than double the service tests' time. tests/vla_foundry/test_policy_graphs.py checks graphs == eager, and
-# one live-server test (test_action_api.py) serves the fixture policy from graphs.
+# live-server tests serve from graphs: the fixture policy (test_action_api.py) and the VLM-conditioned ones
+# (test_vlm_policy_api.py).
 os.environ.setdefault("VLA_TRACED_SAMPLING", "false")
 
 from tests.factories import build_checkpoint, build_tiny_tokenizer  # noqa: E402

@@ -326,3 +326,4 @@ def test_policies_conditioned_by_a_vlm_on_cuda(tmp_path, backbone, dtype):
         assert np.abs(chunk.action_chunk - alone).max() <= (1e-5 if dtype == "float32" else 0.05)
         on_cpu = cpu.predict([sample], noise=noise, num_inference_steps=3)["action_chunk"][0]
         assert np.abs(alone - on_cpu).max() <= tolerance
+    assert len(gpu.graphs) and not gpu.graphs._refused  # the steps after the VLM replayed from CUDA graphs

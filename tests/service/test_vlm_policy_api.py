@@ -37,6 +37,8 @@ def test_models_describes_the_policy(client, model):
     entry = client.get(f"/models/{model}").json()
     assert entry["type"] == "diffusion_policy" and entry["io"]["uses_language"] is True
     assert entry["io"]["sampling_graphs"] == "traced"  # the denoising steps after the (eager) VLM
+    graphs = client.app.state.manager.get(model).pipeline.graphs
+    assert len(graphs) == 4 and not graphs._refused  # captured at warm-up, batch sizes 1…4, none refused
 
 
 @pytest.mark.parametrize("model", ["foundry", "hf"])

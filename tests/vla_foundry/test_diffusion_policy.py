@@ -585,3 +585,11 @@ def test_load_model_refuses_a_tampered_checkpoint(policy_fixture, tmp_path):
         load_model(experiment, checkpoint=2)
     assert "output_layer.weight" in str(error.value) and "output_layer.weights" in str(error.value)
     assert load_model(experiment, checkpoint=1).params.type == "diffusion_policy"  # the untouched file loads
+
+
+def test_generate_actions_without_actions_or_an_observation_says_what_it_needs(vit_policy):
+    model = vit_policy
+    with pytest.raises(TypeError, match="needs actions"):
+        model.generate_actions(condition=torch.zeros(1, 1, model.vision_language_backbone.output_dim))
+    with pytest.raises(TypeError, match="needs the observation"):
+        model.generate_actions(actions=torch.zeros(1, 4, 3))

@@ -168,12 +168,32 @@ def test_the_denoising_steps_replay_from_a_graph_after_the_eager_vlm(policy):
     samples = [observation(pipeline, text, seed) for seed, text in enumerate([SHORT, LONG, SHORT])]
     inputs = pipeline.prepare(samples)
     noise = torch.randn(inputs.actions.shape, generator=torch.Generator().manual_seed(0))
+    before = len(pipeline.graphs)
     with torch.inference_mode():
-        replayed = pipeline.graphs.sample(pipeline._graph_inputs(inputs), 3, noise)
-        eager = pipeline.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=3, initial_noise=noise)
-    assert any(key[0][0] == "condition" and key[0:2] == (("condition", "actions", "past_mask", "proprioception"), 3)
-               for key in pipeline.graphs._graphs)  # (a graph of this shape serves: not refused, not eager)
+        replayed = pipeline.graphs.sample(pipeline._graph_inputs(inputs), 7, noise)  # (7 steps: a new graph)
+        eager = pipeline.model.generate_actions(**inputs.model_kwargs(), num_inference_steps=7, initial_noise=noise)
+    names = ("condition", "actions", "past_mask", "proprioception")
+    captured = [key for key in pipeline.graphs._graphs if key[:2] == (names, 7)]
+    assert len(pipeline.graphs) == before + 1 and not pipeline.graphs._refused  # it serves: not refused, not eager
+    assert captured and captured[0][2][0] == ((3, 1, 64), torch.float32)  # the VLM's tokens, one per robot
     torch.testing.assert_close(replayed, eager, rtol=0, atol=1e-5)
+
+
+def test_warm_up_runs_the_vlm_once_whatever_the_batch_sizes(policy):
+    """Graphs for batches of 1…3 from one robot's inputs: the VLM runs on that robot alone, its tokens repeated."""
+    _, _, _, pipeline = policy
+    backbone = pipeline.model.vision_language_backbone
+    rows, forward = [], backbone.forward
+    backbone.forward = lambda input_ids, *args, **kwargs: (rows.append(input_ids.shape[0]),
+                                                           forward(input_ids, *args, **kwargs))[1]
+    before = len(pipeline.graphs)
+    try:
+        with torch.inference_mode():
+            pipeline.graphs.capture(pipeline._graph_inputs(pipeline.prepare([observation(pipeline, LONG)])), 5,
+                                    [1, 2, 3])
+    finally:
+        del backbone.forward
+    assert rows == [1] and len(pipeline.graphs) == before + 3
 
 
 def test_evaluation_runs_through_the_backbone(policy):

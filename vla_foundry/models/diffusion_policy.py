@@ -120,6 +120,11 @@ class DiffusionPolicy(nn.Module):
         from ``generator`` (the global RNG when None, as in the reference). ``condition``: the backbone's
         tokens (B, C, Dc) when already computed (``encode_observation``); the observation's inputs are then unused.
         """
+        if actions is None:
+            raise TypeError("generate_actions needs actions (B, Ta, A): the known past rows, zeros elsewhere")
+        if condition is None and input_ids is None and pixel_values is None:
+            raise TypeError("generate_actions needs the observation (input_ids, pixel_values, …) or the backbone's "
+                            "tokens (condition)")
         visited = self.timesteps_visited(num_inference_steps)
         if condition is None:
             condition = self.encode_observation(input_ids, pixel_values, attention_mask, attention_mask_images,

@@ -1,6 +1,8 @@
 """A flow-matching policy's sampling replayed from a captured graph: the backbone once, then the S
 denoiser steps and flow updates, as one call with no Python between the ops. (A backbone that runs a
-whole VLM runs eagerly before the graph, which then starts at its tokens: see ``_after_backbone``.)
+whole VLM runs eagerly before the graph, which then starts at its tokens: see ``_after_backbone``. Such a
+trace still takes the VLM's weights among its inputs, unused: tens of microseconds a call for hundreds of
+tensors.)
 
 Why. An eager sampling call is hundreds of small ops, and every torch op hands the interpreter
 lock back and reacquires it. In a server the event loop holds that lock whenever it has work, so
@@ -128,15 +130,16 @@ class PolicyGraphs:
 
     @staticmethod
     def supports(model) -> bool:
+        """Flow-matching policies replay (a DDPM policy's steps draw noise per request: eager, see above)."""
         return isinstance(model.scheduler, FlowMatchingScheduler)
 
     def _after_backbone(self, inputs: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
         """``inputs`` for a graph that starts at the backbone's tokens, the backbone run eagerly now: for a backbone
         whose work is no fixed function of its inputs' shapes (the VLM backbones branch on their inputs' values,
         see ``vlm_backbones.py``, which a graph would freeze)."""
-        if getattr(self.model.vision_language_backbone, "traceable", True):
+        if getattr(self.model.vision_language_backbone, "traceable", True) or "condition" in inputs:
             return inputs
-        observation = {n: t for n, t in inputs.items() if n not in SAMPLING_NAMES and t is not None}
+        observation = {n: t for n, t in inputs.items() if n not in SAMPLING_NAMES}
         return {"condition": self.model.encode_observation(**observation),
                 **{n: inputs.get(n) for n in SAMPLING_NAMES}}
 
@@ -220,6 +223,7 @@ class PolicyGraphs:
         sizes = sorted({cuda_bucket(b) or b for b in batch_sizes} if next(self.model.parameters()).device.type
                        == "cuda" else set(batch_sizes))
         one = inputs["actions"].shape[0]
+        inputs = self._after_backbone(inputs)  # (a VLM backbone runs once here, on the real rows alone)
         for size in sizes:
             batch = {n: (_resize_batch(t, one, size) if t is not None else None) for n, t in inputs.items()}
             self.sample(batch, steps, torch.zeros_like(batch["actions"]))
