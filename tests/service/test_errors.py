@@ -261,13 +261,14 @@ def test_overloaded_deployment_answers_503(tiny_checkpoints):
         running = deployment.executor.submit(gate.wait)
         while not running.running():
             pass
-        deployment.executor.submit(lambda: None)
+        queued = deployment.executor.submit(lambda: None)
         try:
             response = client.post("/predict/transformer", json={"prompt": "a"})
             assert_error(response, 503)
             assert response.headers["retry-after"] == "1" and response.json()["error"]["type"] == "overloaded"
         finally:
             gate.set()
+        running.result(timeout=30), queued.result(timeout=30)  # the queue is empty again (else a race with it)
         assert client.post("/predict/transformer", json={"prompt": "a", "max_new_tokens": 2}).status_code == 200
 
 
