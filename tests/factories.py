@@ -236,14 +236,17 @@ def vlm_foundry_policy(path: Path, tokenizer, seed: int = 0):
     return model
 
 
-def vlm_hf_policy(path: Path, tokenizer, seed: int = 0):
-    """A flow-matching policy on a ``vlm_backbone`` (spec §8.4): a tiny Idefics3 (SmolVLM architecture) read at its
-    last 2 hidden states; its directory doubles as the processor. Returns the model with its params as saved."""
-    from vla_foundry.demo.hf_models import build_tiny_idefics3
+def vlm_hf_policy(path: Path, tokenizer, seed: int = 0, family: str = "idefics3"):
+    """A flow-matching policy on a ``vlm_backbone`` (spec §8.4): a tiny HF image-text model of ``family``
+    (``idefics3``, the SmolVLM architecture, or ``qwen2_vl``) read at its last 2 hidden states; its directory
+    doubles as the processor. Returns the model with its params as saved."""
+    from vla_foundry.demo import hf_models
     from vla_foundry.params.clip import VLMBackboneParams
 
-    build_tiny_idefics3(path / "vlm", tokenizer)
-    sharpen_hf(path / "vlm", "Idefics3ForConditionalGeneration")
+    build, auto_class = {"idefics3": (hf_models.build_tiny_idefics3, "Idefics3ForConditionalGeneration"),
+                         "qwen2_vl": (hf_models.build_tiny_qwen2_vl, "Qwen2VLForConditionalGeneration")}[family]
+    build(path / "vlm", tokenizer)
+    sharpen_hf(path / "vlm", auto_class)
     model = tiny_model(tiny_policy_params(VLMBackboneParams(hf_pretrained=str(path / "vlm"),
                                                             num_vlm_layers_to_use=2)), seed)
     model.params = tiny_policy_params(VLMBackboneParams(hf_pretrained="vlm", num_vlm_layers_to_use=2))

@@ -18,34 +18,20 @@ import pytest
 import torch
 import yaml
 
-from tests.factories import build_tiny_tokenizer, save_tiny_policy, sharpen_hf, tiny_model, tiny_policy_params
+from tests.factories import build_tiny_tokenizer, vlm_hf_policy
 from vla_foundry.checkpoint import load_model
-from vla_foundry.demo.hf_models import QWEN2_VL_IMAGE_SEQ_LEN, build_tiny_qwen2_vl
+from vla_foundry.demo.hf_models import QWEN2_VL_IMAGE_SEQ_LEN
 from vla_foundry.pipelines.action import ActionPipeline, PolicyRequest
 from vla_foundry.robotics.observations import RawObservation
 
 SHORT, LONG = "pick", "pick up the red block and place it in the bin"
 
 
-def qwen2_vl_policy(path, tokenizer, seed: int = 0):
-    """A flow-matching policy on a ``vlm_backbone``: a tiny Qwen2-VL read at its last 2 hidden states; its directory
-    doubles as the processor (as ``vlm_hf_policy`` in tests/factories.py does with Idefics3)."""
-    from vla_foundry.params.clip import VLMBackboneParams
-
-    build_tiny_qwen2_vl(path / "vlm", tokenizer)
-    sharpen_hf(path / "vlm", "Qwen2VLForConditionalGeneration")
-    model = tiny_model(tiny_policy_params(VLMBackboneParams(hf_pretrained=str(path / "vlm"),
-                                                            num_vlm_layers_to_use=2)), seed)
-    model.params = tiny_policy_params(VLMBackboneParams(hf_pretrained="vlm", num_vlm_layers_to_use=2))
-    save_tiny_policy(model, path, processor="vlm")
-    return model
-
-
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     """(experiment dir, its pipeline loaded from disk)."""
     path = tmp_path_factory.mktemp("qwen2_vl_policy")
-    qwen2_vl_policy(path, build_tiny_tokenizer())
+    vlm_hf_policy(path, build_tiny_tokenizer(), family="qwen2_vl")
     return path, ActionPipeline.from_experiment(load_model(path), path)
 
 

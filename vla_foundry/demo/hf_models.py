@@ -116,6 +116,13 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
+def _vlm_tokenizer(tokenizer: Any, chat_template: str, special_tokens) -> tuple[Any, dict[str, int]]:
+    """A copy of ``tokenizer`` with the family's chat template and image tokens, and its special ids."""
+    tokenizer = _copy_tokenizer(tokenizer, chat_template)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return tokenizer, _token_ids(tokenizer)
+
+
 def _copy_tokenizer(tokenizer: Any, chat_template: str) -> Any:
     """A deep copy (the caller's tokenizer stays untouched) with a pad token and a chat template."""
     tokenizer = copy.deepcopy(tokenizer)
@@ -213,9 +220,7 @@ def build_tiny_idefics3(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> 
         Idefics3VisionConfig,
     )
 
-    tokenizer = _copy_tokenizer(tokenizer, IDEFICS3_CHAT_TEMPLATE)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
-    token_ids = _token_ids(tokenizer)
+    tokenizer, token_ids = _vlm_tokenizer(tokenizer, IDEFICS3_CHAT_TEMPLATE, IDEFICS3_SPECIAL_TOKENS)
     vision_config = Idefics3VisionConfig(
         hidden_size=VISION_HIDDEN_SIZE,
         intermediate_size=VISION_INTERMEDIATE_SIZE,
@@ -265,9 +270,7 @@ def build_tiny_qwen2_vl(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> 
         Qwen2VLVisionConfig,
     )
 
-    tokenizer = _copy_tokenizer(tokenizer, QWEN2_VL_CHAT_TEMPLATE)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS)})
-    token_ids = _token_ids(tokenizer)
+    tokenizer, token_ids = _vlm_tokenizer(tokenizer, QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS)
     vision_config = Qwen2VLVisionConfig(
         depth=VISION_LAYERS,
         embed_dim=VISION_HIDDEN_SIZE,
@@ -325,9 +328,7 @@ def build_tiny_llava(out_dir: PathLike, tokenizer: Any, *, seed: int = 0) -> Pat
         LlavaProcessor,
     )
 
-    tokenizer = _copy_tokenizer(tokenizer, LLAVA_CHAT_TEMPLATE)
-    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
-    token_ids = _token_ids(tokenizer)
+    tokenizer, token_ids = _vlm_tokenizer(tokenizer, LLAVA_CHAT_TEMPLATE, [LLAVA_IMAGE_TOKEN])
     vision_config = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN_SIZE,
         intermediate_size=VISION_INTERMEDIATE_SIZE,

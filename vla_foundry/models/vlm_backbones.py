@@ -22,6 +22,7 @@ runs as groups of equally long prompts with the padding taken out instead (``by_
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
 import torch
@@ -138,7 +139,7 @@ def _check_layers(k: int, available: int, kind: str) -> None:
                          "check `vision_language_backbone.num_vlm_layers_to_use` in config_model.yaml")
 
 
-class _VLMBackbone(nn.Module):
+class _VLMBackbone(nn.Module, ABC):
     """What both backbones share: the action token, the read-out, the processor, batching."""
 
     uses_language = True
@@ -188,9 +189,10 @@ class _VLMBackbone(nn.Module):
         positions = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
         return self._run(ids, mask, positions, **append_to_token_inputs(inputs))
 
+    @abstractmethod
     def _run(self, ids, mask, positions, pixel_values, **image_inputs) -> torch.Tensor:
-        """The VLM on laid-out ids (action tokens in place) → the tokens (B, 1, k·H) read at ``positions``."""
-        raise NotImplementedError
+        """The VLM on laid-out ids (action tokens in place) → the tokens (B, 1, k·H) read at ``positions``; each
+        backbone below runs its own model."""
 
 
 @register_backbone("vlm_foundry_backbone")
