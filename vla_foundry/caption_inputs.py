@@ -190,10 +190,11 @@ class HFCaptionProcessor(CaptionProcessor):
     @classmethod
     def from_experiment(cls, model, experiment_dir: Path, training_config: dict,
                         tokenizer: Optional[str] = None) -> "HFCaptionProcessor":
-        from transformers import AutoProcessor
+        from vla_foundry.robotics.processor import HFProcessorLoading, load_hf_processor
 
         source = tokenizer or model.processor_source
-        return cls(model, AutoProcessor.from_pretrained(source), source)
+        loading = HFProcessorLoading.from_data_config(training_config.get("data") or {})
+        return cls(model, load_hf_processor(source, loading), source)
 
     def _render(self, prompt: str, n_images: int) -> str:
         content = [{"type": "image"}] * n_images + ([{"type": "text", "text": prompt}] if prompt else [])

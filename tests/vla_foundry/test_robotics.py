@@ -15,8 +15,8 @@ from vla_foundry.errors import CheckpointError, InvalidInputError
 from vla_foundry.robotics.normalizer import NormalizerConfig, RoboticsNormalizer
 from vla_foundry.robotics.observations import (RawObservation, build_inputs, normalize_fields, parse_action_window,
                                                parse_observation)
-from vla_foundry.robotics.processor import (InputProcessor, RawPixels, center_crop, hf_processor, prompt_for,
-                                             resize_image)
+from vla_foundry.robotics.processor import (HFProcessorLoading, InputProcessor, RawPixels, center_crop,
+                                             hf_processor, prompt_for, resize_image)
 from vla_foundry.robotics.robot_io import RobotIO, image_names_for
 from vla_foundry.robotics.stats import PERCENTILES, field_stats
 from tests.factories import tiny_policy_io
@@ -659,15 +659,72 @@ def test_prompt_rows_are_tokenized_once_and_batches_equal_the_tokenizers(policy_
     assert len(processor._rows) <= len(prompts) * 2
 
 
+def test_the_data_config_says_how_the_hf_processor_is_loaded():
+    """``use_hf_fast_tokenizer`` (default true) and PaliGemma's ``img_num_tokens``, as VLA Foundry's get_processor
+    reads them; another processor's ``img_num_tokens`` is not applied."""
+    assert HFProcessorLoading.from_data_config({"processor": "clip"}) == HFProcessorLoading(True, None)
+    assert HFProcessorLoading.from_data_config({"processor": "clip", "use_hf_fast_tokenizer": False,
+                                                "img_num_tokens": 64}) == HFProcessorLoading(False, None)
+    assert HFProcessorLoading.from_data_config({"processor": "google/PaliGemma-3b-pt-224",
+                                                "img_num_tokens": 64}).image_seq_length == 64
+
+
+def test_a_paligemma_processor_takes_img_num_tokens(monkeypatch):
+    """VLA Foundry sets a PaliGemma processor's ``image_seq_length`` (image placeholders per image) to the config's
+    ``img_num_tokens``; other processors keep their own."""
+    from transformers import AutoProcessor
+
+    from vla_foundry.robotics.processor import load_hf_processor
+
+    class Loaded:
+        image_seq_length = 256
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", staticmethod(lambda path, **kwargs: Loaded()))
+    for name, expected in (("google/paligemma-3b-pt-224", 64), ("HuggingFaceTB/SmolVLM-256M-Instruct", 256)):
+        loading = HFProcessorLoading.from_data_config({"processor": name, "img_num_tokens": 64})
+        assert load_hf_processor(name, loading).image_seq_length == expected
+
+
+def test_a_policy_trained_with_the_slow_processor_is_served_with_it(policy_fixture, tmp_path):
+    """``use_hf_fast_tokenizer: false``: VLA Foundry loads its processor with ``use_fast=False``, i.e. PIL's image
+    processor, whose pixels differ from the fast one's; the served policy gets exactly those pixels, and keeps the
+    setting when saved again."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.robotics.experiment import save_policy_experiment
+
+    experiment = shutil.copytree(policy_fixture, tmp_path / "slow")
+    config = yaml.safe_load((experiment / "config_processor.yaml").read_text())
+    (experiment / "config_processor.yaml").write_text(yaml.safe_dump({**config, "use_hf_fast_tokenizer": False}))
+    frames = [np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8) for i in range(2)]
+    slow, fast = load_pipeline(experiment), load_pipeline(policy_fixture)
+    assert slow.robot_io.processor_loading.use_fast is False and fast.robot_io.processor_loading.use_fast is True
+    pil = AutoProcessor.from_pretrained(policy_fixture / "clip_tiny", backend="pil").image_processor
+    expected = pil(images=frames, return_tensors="pt")["pixel_values"]
+    assert torch.equal(slow.processor.pixel_values(frames), expected)
+    assert not torch.allclose(fast.processor.pixel_values(frames), expected, atol=1e-3)
+    save_policy_experiment(slow.model, tmp_path / "again", slow.robot_io, slow.normalizer.stats,
+                           yaml.safe_load((experiment / "config_normalizer.yaml").read_text()))
+    assert yaml.safe_load((tmp_path / "again" / "config_processor.yaml").read_text())["use_hf_fast_tokenizer"] is False
+
+
 def test_raw_pixels_cross_to_the_device_as_bytes_and_are_the_host_floats(monkeypatch):
-    """Processor "none": float 0…255 pixels (n, 3, S, S); given a device, the uint8 frames are what is copied there
+    """Processor "none": float 0…255 pixels (n, 3, S, S), each frame resized as VLA Foundry's pass-through processor
+    resizes it (``Image.resize`` with PIL's default filter); given a device, the uint8 frames are what is copied there
     (a quarter of float32's bytes, no conversion on the host), and the floats are the host's exactly."""
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(3)]
     processor = InputProcessor(RawPixels(32), None)
     host = processor.pixel_values(frames)
-    expected = torch.from_numpy(np.stack([resize_image(f, (32, 32), "resize_no_crop") for f in frames]))
+    expected = torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize((32, 32))) for f in frames]))
     assert torch.equal(host, expected.permute(0, 3, 1, 2).float())
+    square = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # already S x S: as it is
+    assert torch.equal(processor.pixel_values([square]), torch.from_numpy(square[None]).permute(0, 3, 1, 2).float())
     assert torch.equal(processor.pixel_values(frames, torch.device("cpu")), host)
     moved, real_to = [], torch.Tensor.to
 

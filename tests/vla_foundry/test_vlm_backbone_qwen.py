@@ -157,3 +157,25 @@ def test_a_left_padding_processor_batches_as_alone(policy, tmp_path):
     for i, (sample, chunk) in enumerate(zip(samples, batched)):
         alone = pipeline.predict([sample], seed=30 + i, num_inference_steps=3)
         np.testing.assert_allclose(chunk.action_chunk, alone["action_chunk"][0], atol=1e-5)
+
+
+def test_trained_with_the_slow_processor_it_is_served_with_it(policy, tmp_path):
+    """``use_hf_fast_tokenizer: false`` gives Qwen2-VL's PIL image processor (VLA Foundry's ``use_fast=False``; the
+    ``backend="pil"`` that transformers 5 suggests instead fails on its video part), and the policy samples."""
+    from transformers import AutoProcessor
+
+    path = tmp_path / "slow"
+    shutil.copytree(policy[0], path)
+    config = yaml.safe_load((path / "config_processor.yaml").read_text())
+    (path / "config_processor.yaml").write_text(yaml.safe_dump({**config, "use_hf_fast_tokenizer": False}))
+    pipeline = ActionPipeline.from_experiment(load_model(path), path)
+    sample = observation(pipeline, SHORT, size=tuple(pipeline.robot_io.resize_images_size))  # (none resized here)
+    pil = AutoProcessor.from_pretrained(policy[0] / config["processor"], use_fast=False)
+    assert type(pil.image_processor).__name__.endswith("Pil")
+    frames = [sample.images[n] for n in pipeline.robot_io.image_names]
+    expected = pil(images=[frames], text=["x " + "<|vision_start|><|image_pad|><|vision_end|>" * len(frames)],
+                   return_tensors="pt")["pixel_values"]
+    assert torch.equal(backbone_inputs(pipeline, [sample])["pixel_values"], expected)
+    assert not torch.equal(backbone_inputs(policy[1], [sample])["pixel_values"], expected)  # the fast kind's differ
+    chunk = pipeline.predict_each([PolicyRequest(sample, seed=0)])[0]
+    assert np.isfinite(chunk.action_chunk).all()

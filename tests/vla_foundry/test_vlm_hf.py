@@ -156,3 +156,15 @@ def test_chat_templated_text_gets_no_second_set_of_special_tokens(family, pipeli
     processor.encode(["what is it"], None, images()[:1])  # rendered through the chat template
     processor.encode([processor.render_chat([{"role": "user", "content": "hi"}])], None, [[]], rendered=True)
     assert processor.has_chat_template and seen == [False, False]
+
+
+def test_the_data_configs_processor_kind_is_loaded(hf_dirs, pipelines):
+    """``use_hf_fast_tokenizer: false`` in the training config's data block: the captioner's processor is the PIL
+    kind, as VLA Foundry's ``use_fast=False`` loads it (default: the fast kind)."""
+    from vla_foundry.caption_inputs import HFCaptionProcessor
+
+    model = pipelines["idefics3"].model
+    slow = HFCaptionProcessor.from_experiment(model, hf_dirs["idefics3"], {"data": {"use_hf_fast_tokenizer": False}})
+    fast = HFCaptionProcessor.from_experiment(model, hf_dirs["idefics3"], {})
+    assert type(slow.processor.image_processor).__name__ == "Idefics3ImageProcessorPil"
+    assert type(fast.processor.image_processor).__name__ == "Idefics3ImageProcessor"

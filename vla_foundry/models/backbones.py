@@ -16,7 +16,8 @@ from torch import nn
 from vla_foundry.keyed_registry import KeyedRegistry
 from vla_foundry.models.clip_hf import ClipHF, l2normalize
 from vla_foundry.models.vit import ViT
-from vla_foundry.robotics.processor import InputProcessor, RawPixels, hf_processor, hf_tokenizer_text, text_pad_id
+from vla_foundry.robotics.processor import (HFProcessorLoading, InputProcessor, RawPixels, hf_processor,
+                                          hf_tokenizer_text, text_pad_id)
 
 BACKBONES: KeyedRegistry[type] = KeyedRegistry(
     "policy backbone", "Check `vision_language_backbone.type` in config_model.yaml.")
@@ -67,11 +68,12 @@ class ClipBackbone(nn.Module):
         return self._model.max_text_length
 
     def input_processor(self, processor: Optional[str], image_size: Optional[int] = None,
-                        processor_kwargs: Optional[dict] = None) -> InputProcessor:
+                        processor_kwargs: Optional[dict] = None,
+                        loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
         if processor in (None, "", "none"):
             text = hf_tokenizer_text(self._model.tokenizer)
             return InputProcessor(RawPixels(image_size), text, text_pad_id(self._model.tokenizer))
-        return hf_processor(processor, processor_kwargs)
+        return hf_processor(processor, processor_kwargs, loading)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None, **_) -> torch.Tensor:
         out = self._model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
@@ -101,10 +103,11 @@ class ViTBackbone(nn.Module):
         return self.params.hidden_dim
 
     def input_processor(self, processor: Optional[str], image_size: Optional[int] = None,
-                        processor_kwargs: Optional[dict] = None) -> InputProcessor:
+                        processor_kwargs: Optional[dict] = None,
+                        loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
         if processor in (None, "", "none"):
             return InputProcessor(RawPixels(image_size or self.params.img_size), None)
-        hf = hf_processor(processor, processor_kwargs)
+        hf = hf_processor(processor, processor_kwargs, loading)
         return InputProcessor(hf.image_fn, None)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None, **_) -> torch.Tensor:
@@ -140,7 +143,8 @@ class OpenClipBackbone(nn.Module):
         return self._model.max_text_length
 
     def input_processor(self, processor: Optional[str], image_size: Optional[int] = None,
-                        processor_kwargs: Optional[dict] = None) -> InputProcessor:
+                        processor_kwargs: Optional[dict] = None,
+                        loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
         model = self._model
 
         def text_fn(prompts, max_length):

@@ -33,7 +33,7 @@ from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.backbones import register_backbone
 from vla_foundry.models.vlm import VLM
 from vla_foundry.models.vlm_hf import VLMHF
-from vla_foundry.robotics.processor import InputProcessor, hf_vlm_processor
+from vla_foundry.robotics.processor import HFProcessorLoading, InputProcessor, hf_vlm_processor
 
 INSTRUCTION_FIELD = "observation.language_instruction"
 
@@ -158,14 +158,15 @@ class _VLMBackbone(nn.Module, ABC):
         return self.params.num_vlm_layers_to_use * self.hidden_size
 
     def input_processor(self, processor: Optional[str], image_size: Optional[int] = None,
-                        processor_kwargs: Optional[dict] = None) -> InputProcessor:
+                        processor_kwargs: Optional[dict] = None,
+                        loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
         if processor in (None, "", "none", "simple_vlm"):
             raise ValueError(
                 f"{self.params.type}: the data config's processor is {processor!r}; this backbone needs the HF "
                 "processor it was trained with (images and prompt laid out together, spec §8.4), as a directory in "
                 "the experiment (config_processor.yaml `processor:`). VLA Foundry's 'simple_vlm' is not served: it "
                 "loads its tokenizer from the hub, and its training and inference scale pixels differently")
-        return hf_vlm_processor(processor, processor_kwargs)
+        return hf_vlm_processor(processor, processor_kwargs, loading)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, attention_mask_images=None, **image_inputs
                 ) -> torch.Tensor:

@@ -162,7 +162,8 @@ class ActionPipeline(Pipeline):
         robot_io = RobotIO.from_experiment(experiment_dir, normalizer.stats)
         backbone = model.vision_language_backbone
         processor = backbone.input_processor(resolve_processor(robot_io.processor, Path(experiment_dir)),
-                                             robot_io.image_size, robot_io.processor_kwargs)
+                                             robot_io.image_size, robot_io.processor_kwargs,
+                                             robot_io.processor_loading)
         return cls(model, robot_io, normalizer, processor, num_inference_steps=num_inference_steps,
                    n_action_steps=n_action_steps, open_loop_steps=open_loop_steps, control_period_s=control_period_s,
                    max_observation_age_s=max_observation_age_s, cuda_graphs=cuda_graphs,

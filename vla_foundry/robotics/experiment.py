@@ -41,7 +41,10 @@ def save_policy_experiment(model, experiment_dir: Union[str, Path], robot_io: Ro
                          "image": {"crop": {"enabled": r.crop_shape is not None, "mode": "center",
                                             "shape": r.crop_shape}}},
         "action_dim": r.action_dim, "proprioception_dim": r.proprioception_dim,
+        "use_hf_fast_tokenizer": r.processor_loading.use_fast,
     }
+    if r.processor_loading.image_seq_length:
+        data["img_num_tokens"] = r.processor_loading.image_seq_length
     preprocessing = {"camera_names": r.camera_names, "image_indices": r.image_indices,
                      "past_lowdim_steps": past, "future_lowdim_steps": future,
                      "resize_images_size": r.resize_images_size, "image_resizing_method": r.image_resizing_method}

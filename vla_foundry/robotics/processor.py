@@ -9,7 +9,8 @@ processor without a chat template is one ``<image>`` per image, then the instruc
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,10 +22,10 @@ IMAGE_TOKEN = "<image>"
 TOKEN_COUNT_CACHE_SIZE = 4096  # distinct prompts whose token counts, and token rows, are kept (a fleet's instructions)
 
 
-def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def _pil_resize(image: np.ndarray, height: int, width: int, bicubic: bool = False) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC if bicubic else Image.BILINEAR))
 
 
 def resize_image(image: np.ndarray, size: Optional[Sequence[int]], method: str = "center_crop") -> np.ndarray:
@@ -162,7 +163,9 @@ class InputProcessor:
 
 
 class RawPixels:
-    """Processor ``"none"``: float 0…255 pixels, (n, 3, S, S) resized to ``image_size``.
+    """Processor ``"none"``: float 0…255 pixels, (n, 3, S, S) resized to ``image_size``. The resize is PIL's
+    bicubic, as VLA Foundry's pass-through processor resizes a frame (``Image.resize`` with PIL's default filter
+    for RGB); a frame already S × S is left as it is, there too.
 
     With a ``device``, the resized uint8 frames (n, S, S, 3) are copied to it and become floats there:
     a quarter of float32's bytes to copy, and no conversion on the host (a CPU-to-GPU copy that changes the
@@ -173,8 +176,14 @@ class RawPixels:
     def __init__(self, image_size: Optional[int]):
         self.size = (image_size, image_size) if image_size else None
 
+    def resize(self, frame: np.ndarray) -> np.ndarray:
+        """(h, w, 3) uint8 → (S, S, 3) uint8."""
+        if self.size is None or frame.shape[:2] == self.size:
+            return frame
+        return _pil_resize(frame, *self.size, bicubic=True)
+
     def __call__(self, frames: list[np.ndarray], device: Optional[torch.device] = None) -> torch.Tensor:
-        pixels = torch.from_numpy(np.stack([resize_image(f, self.size, "resize_no_crop") for f in frames]))
+        pixels = torch.from_numpy(np.stack([self.resize(f) for f in frames]))
         if device is not None:
             pixels = pixels.to(device)  # (n, S, S, 3) uint8, contiguous: one plain copy
         return pixels.permute(0, 3, 1, 2).float()
@@ -192,15 +201,52 @@ def hf_tokenizer_text(tokenizer) -> Callable:
     return text_fn
 
 
-def hf_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputProcessor:
-    """An HF processor directory (e.g. a CLIPProcessor): its image processor and tokenizer."""
+@dataclass(frozen=True)
+class HFProcessorLoading:
+    """How VLA Foundry's ``get_processor`` loads a data config's HF processor directory.
+
+    ``use_fast`` is the data config's ``use_hf_fast_tokenizer`` (default true): the fast (torchvision) image
+    processor and tokenizer, else the PIL ones, whose pixels differ (by about 0.015 after normalization for a CLIP
+    processor), so a checkpoint is served with the kind it was trained with. ``image_seq_length``: PaliGemma's image
+    placeholders per image, the config's ``img_num_tokens`` where its processor names PaliGemma (None: the
+    processor's own).
+    """
+
+    use_fast: bool = True
+    image_seq_length: Optional[int] = None
+
+    @classmethod
+    def from_data_config(cls, data: dict) -> "HFProcessorLoading":
+        """From a data config block (``config_processor.yaml``, or ``config.yaml``'s ``data:``)."""
+        name = str(data.get("processor") or "")
+        tokens = data.get("img_num_tokens")
+        return cls(use_fast=bool(data.get("use_hf_fast_tokenizer", True)),
+                   image_seq_length=int(tokens) if tokens and "paligemma" in name.lower() else None)
+
+
+def load_hf_processor(path: str, loading: HFProcessorLoading = HFProcessorLoading()) -> Any:
+    """``AutoProcessor`` from ``path`` as ``loading`` says, with the ``use_fast`` VLA Foundry passes. transformers 5
+    loads the fast kind by default and logs a deprecation notice for ``use_fast``, so there it is passed only when
+    false (its replacement, ``backend="pil"``, fails for processors with a video part, e.g. Qwen2-VL's)."""
+    import transformers
     from transformers import AutoProcessor
 
+    default_fast = int(transformers.__version__.split(".")[0]) >= 5
+    choice = {} if default_fast and loading.use_fast else {"use_fast": loading.use_fast}
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, **choice)
     except (OSError, ValueError) as e:
-        raise ValueError(f"the policy's processor {path!r} cannot be loaded ({e}); the experiment directory should "
-                         "hold it (config_processor.yaml `processor:`)") from e
+        raise ValueError(f"the HF processor {path!r} cannot be loaded ({e}); the experiment directory should hold "
+                         "it (the data config's `processor:`; a policy's is in config_processor.yaml)") from e
+    if loading.image_seq_length and hasattr(processor, "image_seq_length"):
+        processor.image_seq_length = loading.image_seq_length
+    return processor
+
+
+def hf_processor(path: str, processor_kwargs: Optional[dict] = None,
+                 loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
+    """An HF processor directory (e.g. a CLIPProcessor): its image processor and tokenizer."""
+    processor = load_hf_processor(path, loading)
     kwargs = dict(processor_kwargs or {})
     image_processor = getattr(processor, "image_processor", processor)
     tokenizer = getattr(processor, "tokenizer", None)
@@ -212,19 +258,14 @@ def hf_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputPro
                           text_pad_id(tokenizer))
 
 
-def hf_vlm_processor(path: str, processor_kwargs: Optional[dict] = None) -> InputProcessor:
+def hf_vlm_processor(path: str, processor_kwargs: Optional[dict] = None,
+                     loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
     """A VLM's HF processor directory, used as VLA Foundry's robotics processor uses it (spec §8.3–§8.4): the
     prompt is one user turn holding an image entry per image, then the instruction, rendered by the processor's
     chat template (else its tokenizer's, else ``"<image> " · N + instruction``, no generation prompt); each
     sample's images and prompt are processed together (the processor expands the image tokens), padded to the
     longest, never cut (VLA Foundry's policy server passes no length)."""
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"the policy's processor {path!r} cannot be loaded ({e}); the experiment directory should "
-                         "hold it (config_processor.yaml `processor:`)") from e
+    processor = load_hf_processor(path, loading)
     tokenizer = getattr(processor, "tokenizer", None)
     template = next((owner for owner in (processor, tokenizer) if getattr(owner, "chat_template", None)), None)
     kwargs = dict(processor_kwargs or {})

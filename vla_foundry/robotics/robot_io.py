@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 from vla_foundry.config_files import read_training_config, read_yaml
 from vla_foundry.errors import CheckpointError
-from vla_foundry.robotics.processor import RESIZE_METHODS
+from vla_foundry.robotics.processor import RESIZE_METHODS, HFProcessorLoading
 
 
 def image_names_for(camera_names: list[str], image_indices: list[int]) -> list[str]:
@@ -33,6 +33,7 @@ class RobotIO:
     future_steps: int  # F
     processor: Optional[str] = None  # HF processor directory, or "none"
     processor_kwargs: dict = field(default_factory=dict)
+    processor_loading: HFProcessorLoading = HFProcessorLoading()  # use_hf_fast_tokenizer, PaliGemma's img_num_tokens
     image_size: Optional[int] = None
     resize_images_size: Optional[list[int]] = None  # (H, W) of the training frames
     image_resizing_method: str = "center_crop"
@@ -100,6 +101,7 @@ class RobotIO:
             past_steps=int(data.get("lowdim_past_timesteps", prep.get("past_lowdim_steps", 0))),
             future_steps=int(data.get("lowdim_future_timesteps", prep.get("future_lowdim_steps", 0))),
             processor=data.get("processor"), processor_kwargs=dict(data.get("processor_kwargs") or {}),
+            processor_loading=HFProcessorLoading.from_data_config(data),
             image_size=data.get("image_size"), resize_images_size=list(resize) if resize else None,
             image_resizing_method=method,
             crop_shape=list(crop["shape"]) if crop.get("enabled") and crop.get("shape") else None,
