@@ -114,7 +114,9 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     add_docs_routes(app)
     add_page_routes(app)
     app.add_api_route("/metrics", lambda: metrics.response(), methods=["GET"], tags=["operations"],
-                      summary="Prometheus metrics (text format)", response_class=Response)
+                      summary="Prometheus metrics (text format)", response_class=Response,
+                      responses={200: {"description": "The Prometheus text exposition format.",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
     app.include_router(models.router)
     add_inference_routes(app, settings)
     add_openai_routes(app, settings)

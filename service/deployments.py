@@ -328,7 +328,14 @@ class DeploymentManager:
         """``spec`` loaded and warmed up beside the serving deployment ``name``, then swapped in: the old one
         serves until then, finishes what it has queued, and calls that still reach it go to the new one, so no
         request fails. A load that fails leaves the old one serving (422 with the reason)."""
-        old = self.get(name)
+        old = self.get(name, field="name")
+        new_type = await asyncio.to_thread(_model_type_of, Path(spec.checkpoint))
+        if old.model_type is not None and new_type is not None and new_type != old.model_type:
+            # Its clients call /predict/{old type} by its name: another type would fail every one of them.
+            raise ApiError(422, f"the new checkpoint is a {new_type!r} model and {name!r} serves {old.model_type!r}; "
+                                f"a reload keeps the type (its clients call /predict/{old.model_type}): load it as "
+                                "a new deployment (POST /admin/deployments), or unload this one first",
+                           field="checkpoint")
         new = Deployment(spec, self.settings, None, self.metrics)
         await asyncio.wrap_future(new.start_loading())
         if new.status != READY:
@@ -345,7 +352,7 @@ class DeploymentManager:
 
     def remove(self, name: str) -> Deployment:
         """Unload ``name``: it leaves /models at once, finishes what it has queued, and its memory is freed."""
-        old = self.get(name)
+        old = self.get(name, field="name")
         del self.deployments[name]
         self._added_live.discard(name)
         retired = self._retire(old, successor=None)
@@ -383,19 +390,20 @@ class DeploymentManager:
         if self.settings.gc_freeze:  # an app made in a longer-lived process (tests, notebooks) leaves nothing frozen
             thaw()
 
-    def get(self, name: str) -> Deployment:
+    def get(self, name: str, field: str = "model") -> Deployment:
+        """The deployment ``name``; 404 naming ``field`` (where the request gave the name) and the names served."""
         if name not in self.deployments:
             raise ApiError(404, f"no deployment named {name!r}; deployed: {', '.join(self.deployments) or '(none)'}",
-                           field="model")
+                           field=field)
         return self.deployments[name]
 
-    def resolve(self, model_type: str, name: Optional[str]) -> Deployment:
-        """The deployment a ``/predict/{type}`` or ``/evaluate/{type}`` request means."""
+    def resolve(self, model_type: str, name: Optional[str], kind: str = "predict") -> Deployment:
+        """The deployment a ``/predict/{type}`` or ``/evaluate/{type}`` (``kind``) request means."""
         if name is not None:
             deployment = self.get(name)
             if deployment.model_type not in (None, model_type):
                 raise ApiError(404, f"deployment {name!r} serves type {deployment.model_type!r}, not {model_type!r}; "
-                                    f"POST to /predict/{deployment.model_type}", field="model")
+                                    f"POST to /{kind}/{deployment.model_type}", field="model")
             return deployment
         of_type = [d for d in self.deployments.values() if d.model_type == model_type]
         if not of_type:
@@ -426,3 +434,11 @@ class DeploymentManager:
         ready = (not [n for n in loading if n not in self._added_live]
                  and any(s == READY for s in statuses.values()))
         return ready, {"status": "ready" if ready else ("loading" if loading else "failed"), "deployments": statuses}
+
+
+def _model_type_of(checkpoint: Path) -> Optional[str]:
+    """The model type a checkpoint directory's config names; None where it cannot be read (its load then says why)."""
+    try:
+        return read_model_config(checkpoint, read_training_config(checkpoint)).get("type")
+    except Exception:  # noqa: BLE001 — any unreadable config: the load reports it with its reason
+        return None

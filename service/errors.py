@@ -110,7 +110,8 @@ def _validation_message(err: dict) -> str:
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     message = f"{field}: {msg}" if field else msg
     shown = repr(err.get("input"))
-    return message + (f"; got {shown}" if "input" in err and len(shown) <= 80 else "")
+    # (a validator's own message may already show the value)
+    return message + (f"; got {shown}" if "input" in err and len(shown) <= 80 and "; got " not in msg else "")
 
 
 def _input_status(exc: InvalidInputError) -> int:

@@ -28,7 +28,9 @@ class DeploymentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
-    name: Optional[str] = Field(None, description="Unique name; defaults to the checkpoint directory's name.")
+    name: Optional[str] = Field(None, description="Unique name; defaults to the checkpoint directory's name.",
+                                json_schema_extra={"minLength": 1, "maxLength": 128,
+                                                   "pattern": DEPLOYMENT_NAME.pattern})
     checkpoint: str = Field(..., description="A VLA Foundry experiment directory.")
     checkpoint_file: Optional[str] = Field(None, description="A weights file in checkpoints/; default: the latest "
                                                              "(its ema_N.pt when the run used EMA).")

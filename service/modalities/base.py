@@ -55,8 +55,26 @@ class Limits:
 Number = StrictFloat
 
 
+# Request fields whose maximum is a cap of the app (Limits): checked by hand, published in /openapi.json.
+CAPPED_FIELDS = {"max_new_tokens": "cap_max_new_tokens", "num_images": "cap_images",
+                 "num_inference_steps": "cap_inference_steps"}
+
+
 class RequestBase(BaseModel, Limits):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        """The schema with this app's caps as the capped fields' maxima (the routes' request classes carry them)."""
+        schema = handler(core_schema)
+        properties = handler.resolve_ref_schema(schema).get("properties", {})
+        for name, cap in CAPPED_FIELDS.items():
+            if name in properties:
+                prop = properties[name]
+                for branch in prop.get("anyOf", [prop]):  # Optional[int]: its integer branch
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = getattr(cls, cap)
+        return schema
 
     model: Optional[str] = Field(None, description="Deployment name; required when several of this type are served.")
     timeout_s: Optional[Number] = Field(None, gt=0, le=3600, description=(

@@ -27,16 +27,17 @@ class ImagePredictRequest(RequestBase):
     prompt: Optional[str] = Field(None, description="What to draw (text-conditioned models); omit for an "
                                                     "unconditional sample.")
     negative_prompt: Optional[str] = Field(None, description="What to steer away from (through guidance).")
-    num_images: StrictInt = Field(1, ge=1, description="Images to generate (capped by VLA_MAX_IMAGES).")
+    num_images: StrictInt = Field(1, ge=1, description="Images to generate (at most VLA_MAX_IMAGES).")
     num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description="Sampler steps; default: 20 for the fast "
                                                                        "schedulers, all for `training`.")
-    guidance_scale: Optional[Number] = Field(None, le=100, description="Classifier-free guidance (0 … 100; 1 = "
-                                                                      "none); default: the model's.")
+    guidance_scale: Optional[Number] = Field(None, ge=0, le=100, description="Classifier-free guidance (0 … 100; "
+                                                                            "1 = none); default: the model's.")
     scheduler: Optional[str] = Field(None, description="dpmsolver++ (default), ddim, euler, unipc, or training "
                                                        "(the model's own, all steps); flow-matching models: "
                                                        "dpmsolver++ (default), flow_euler, unipc, heun, training. "
                                                        "GET /models: io.schedulers.")
-    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same bytes.")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63,
+                                      description="Image i uses seed + i (modulo 2^63): same seed, same bytes.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -44,8 +45,6 @@ class ImagePredictRequest(RequestBase):
             raise InvalidInputError(f"num_images must be <= {self.cap_images} (VLA_MAX_IMAGES); got "
                                     f"{self.num_images}", field="num_images")
         self.check_inference_steps(self.num_inference_steps)
-        if self.guidance_scale is not None and self.guidance_scale < 0:
-            raise InvalidInputError(f"guidance_scale must be >= 0; got {self.guidance_scale}", field="guidance_scale")
         return self
 
 

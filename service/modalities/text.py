@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, Field, model_validator, StrictInt
+from pydantic import BaseModel, BeforeValidator, Field, StrictInt, WithJsonSchema, model_validator
 
 from service.codecs import DecodeError, decode_array, is_array_dict
 from service.modalities.base import ModalityAdapter, Number, RequestBase, ResponseBase, checked_batch, each
@@ -40,7 +40,15 @@ def _token_rows(value: Any) -> Any:
     raise ValueError("must be token ids: a list of ints, a list of such lists, or an integer array")
 
 
-TokenRows = Annotated[list[list[int]], BeforeValidator(_token_rows)]
+# What /openapi.json says a token-id field takes: every form ``_token_rows`` reads (it always yields a list of rows).
+TOKEN_ROWS_SCHEMA = {"anyOf": [
+    {"type": "array", "items": {"type": "integer"}, "minItems": 1, "description": "One sequence."},
+    {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}, "description": "Sequences."},
+    {"type": "object", "description": "An integer typed array, 1-D or 2-D (service/codecs.py).",
+     "properties": {"dtype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+                    "data": {"type": "string", "contentEncoding": "base64"}},
+     "required": ["dtype", "shape", "data"]}]}
+TokenRows = Annotated[list[list[int]], BeforeValidator(_token_rows), WithJsonSchema(TOKEN_ROWS_SCHEMA)]
 
 
 def stop_list(stop: Union[None, str, list[str]]) -> list[str]:
@@ -62,7 +70,8 @@ def _rows(value):
 class SamplingFields(RequestBase):
     """The generation settings every text-producing request shares."""
 
-    max_new_tokens: StrictInt = Field(_DEFAULTS.max_new_tokens, ge=1, description="New tokens per prompt (capped).")
+    max_new_tokens: StrictInt = Field(_DEFAULTS.max_new_tokens, ge=1,
+                                      description="New tokens per prompt (at most VLA_MAX_NEW_TOKENS).")
     temperature: Number = Field(_DEFAULTS.temperature, ge=0, description="0 (or below 1e-5) = greedy.")
     top_k: StrictInt = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
     top_p: Number = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")

@@ -10,6 +10,7 @@
 
 # No `from __future__ import annotations`: FastAPI reads the request classes from the real annotations.
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -34,16 +35,45 @@ class ReloadRequest(BaseModel):
     use_ema: Optional[bool] = None
 
 
+MAX_TREE_ENTRIES = 100_000  # entries of an experiment directory checked for links out of the roots
+
+
+def _outside(roots: list[Path], field: str, what: str) -> ApiError:
+    allowed = ", ".join(map(str, roots)) or "(none: set VLA_CHECKPOINT_ROOTS)"
+    return ApiError(422, f"{field} {what} is outside the folders the admin API may load from: {allowed}", field=field)
+
+
 def _checked_path(path: str, roots: list[Path], field: str = "checkpoint") -> str:
     """``path`` resolved (symlinks followed) when it lies under an allowed root; else 422 naming them."""
     if "://" in path:
         raise ApiError(422, f"{field} must be a path on this host, not a URL", field=field)
+    if "\x00" in path:  # (the OS cannot take it; resolving it raises)
+        raise ApiError(422, f"{field} must be a path without NUL characters", field=field)
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(root) for root in roots):
-        allowed = ", ".join(map(str, roots)) or "(none: set VLA_CHECKPOINT_ROOTS)"
-        raise ApiError(422, f"{field} {path!r} is outside the folders the admin API may load from: {allowed}",
-                       field=field)
+        raise _outside(roots, field, repr(path))
     return str(resolved)
+
+
+def _checked_tree(directory: str, roots: list[Path], field: str = "checkpoint") -> None:
+    """422 when anything in ``directory`` (links followed, each folder once) resolves outside the roots: the weights
+    file a load picks by itself (the latest, or the EMA one) must be as confined as one named in the request."""
+    seen: set[str] = set()
+    count = 0
+    for top, dirs, files in os.walk(directory, followlinks=True):
+        real_top = os.path.realpath(top)
+        if real_top in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real_top)
+        for entry in dirs + files:
+            count += 1
+            if count > MAX_TREE_ENTRIES:
+                raise ApiError(422, f"{field} holds more than {MAX_TREE_ENTRIES} files and folders; serve an "
+                                    "experiment directory, not a folder of them", field=field)
+            path = Path(top) / entry
+            if path.is_symlink() and not any(path.resolve().is_relative_to(root) for root in roots):
+                raise _outside(roots, field, f"holds {str(path)!r}, a link to {str(path.resolve())!r}, which")
 
 
 def _checked_files(fields: dict, roots: list[Path]) -> dict:
@@ -51,6 +81,7 @@ def _checked_files(fields: dict, roots: list[Path]) -> dict:
     resolved and under the allowed roots: the weights file is a file name in the experiment's ``checkpoints/``
     (as absolute path, so nothing else is looked up), the tokenizer a directory under a root."""
     out = dict(fields, checkpoint=_checked_path(fields["checkpoint"], roots))
+    _checked_tree(out["checkpoint"], roots)
     name = fields.get("checkpoint_file")
     if name is not None:
         if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
@@ -60,6 +91,7 @@ def _checked_files(fields: dict, roots: list[Path]) -> dict:
                                                "checkpoint_file")
     if fields.get("tokenizer") is not None:
         out["tokenizer"] = _checked_path(fields["tokenizer"], roots, "tokenizer")
+        _checked_tree(out["tokenizer"], roots, "tokenizer")
     return out
 
 
@@ -85,7 +117,7 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
 
     async def reload(name: str, body: ReloadRequest, request: Request):
         manager = request.app.state.manager
-        old = manager.get(name)
+        old = manager.get(name, field="name")
         update = body.model_dump(exclude_none=True)
         update.setdefault("checkpoint", old.spec.checkpoint)
         if "checkpoint" in body.model_fields_set and "checkpoint_file" not in body.model_fields_set:

@@ -54,7 +54,7 @@ def _endpoint(model_type: str, kind: str, request_cls: type, adapter: ModalityAd
         # The manager straight from the app state, not Depends(get_manager): solving a sub-dependency costs
         # about 0.1 ms per request here (measured in process, right after a model run has cooled the caches).
         manager: DeploymentManager = request.app.state.manager
-        deployment = manager.resolve(model_type, body.model)
+        deployment = manager.resolve(model_type, body.model, kind)
         with tightened(body.timeout_s, started):  # before decoding: a refusal costs no image decode
             deployment.admit(batchable, stage="decode")
         # decode: the request's images, before it queues (on the loop when that is cheaper than the hop)

@@ -45,5 +45,5 @@ async def models(request: Request, manager: DeploymentManager = Depends(get_mana
 
 @router.get("/models/{name}", summary="One deployment", responses=MSGPACK_REPLY)
 async def model(name: str, request: Request, manager: DeploymentManager = Depends(get_manager)):
-    info = as_served(manager.get(name).info(), request.app.state.settings.max_inference_steps)
+    info = as_served(manager.get(name, field="name").info(), request.app.state.settings.max_inference_steps)
     return encode_response(info, request.headers.get("accept", ""))

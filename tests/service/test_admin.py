@@ -88,6 +88,24 @@ def test_checkpoints_only_from_the_allowed_roots(client, roots, tiny_checkpoints
         assert refused.status_code == 422 and refused.json()["error"]["field"] == field, (fields, refused.text)
         refused = client.post("/admin/deployments/policy/reload", json={"checkpoint": lm, **fields}, headers=ADMIN)
         assert refused.status_code == 422 and refused.json()["error"]["field"] == field, (fields, refused.text)
+    # a NUL character (the OS cannot take it) is the field's fault, not a server error
+    for path, name in (("/admin/deployments", {"name": "x"}), ("/admin/deployments/policy/reload", {})):
+        refused = client.post(path, json={**name, "checkpoint": lm + "\x00/etc"}, headers=ADMIN)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "checkpoint", refused.text
+    # a weights file the load would pick by itself (the latest), linked out of the root, is refused as one named
+    linked = roots / "linked-out"
+    (linked / "checkpoints").mkdir(parents=True)
+    for side_file in (roots / "lm").iterdir():
+        if side_file.is_file():
+            shutil.copy(side_file, linked / side_file.name)
+    (linked / "checkpoints" / "checkpoint_1.pt").symlink_to(weights)
+    try:
+        for path, name in (("/admin/deployments", {"name": "x"}), ("/admin/deployments/policy/reload", {})):
+            refused = client.post(path, json={**name, "checkpoint": str(linked)}, headers=ADMIN)
+            assert refused.status_code == 422 and refused.json()["error"]["field"] == "checkpoint", refused.text
+            assert "checkpoint_1.pt" in refused.json()["error"]["message"]
+    finally:
+        shutil.rmtree(linked)
     assert "x" not in {d["name"] for d in client.get("/models", headers=CLIENT).json()["deployments"]}
     inside = client.post("/admin/deployments", json={"name": "x", "checkpoint": lm,
                                                      "checkpoint_file": "checkpoint_1.pt"}, headers=ADMIN)
@@ -114,7 +132,20 @@ def test_load_serve_and_unload(client, roots):
     assert 'deployment="policy"' in client.get("/metrics", headers=CLIENT).text
     gone = client.post("/predict/transformer", json={"model": "lm", "prompt": "a"}, headers=CLIENT)
     assert gone.status_code == 404
-    assert client.delete("/admin/deployments/lm", headers=ADMIN).status_code == 404
+    for unknown in (client.delete("/admin/deployments/lm", headers=ADMIN),
+                    client.post("/admin/deployments/lm/reload", json={}, headers=ADMIN)):
+        assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "name"  # the path's name
+
+
+def test_a_reload_keeps_the_deployments_type(client, roots):
+    """Its clients call /predict/{type} by its name: a checkpoint of another type is refused before it loads, and
+    the deployment keeps serving."""
+    refused = client.post("/admin/deployments/policy/reload", json={"checkpoint": str(roots / "lm")}, headers=ADMIN)
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "checkpoint", refused.text
+    assert "'transformer'" in refused.json()["error"]["message"]
+    assert "'diffusion_policy'" in refused.json()["error"]["message"]
+    assert client.get("/models/policy", headers=CLIENT).json()["type"] == "diffusion_policy"
+    predict(client)
 
 
 def test_reload_under_load_fails_no_request(client, roots):
@@ -196,6 +227,11 @@ def test_a_deployment_name_must_be_addressable(client, roots):
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "name", (name, refused.text)
     assert client.post("/admin/deployments", json={"name": "lm v2.1", "checkpoint": str(roots / "lm")},
                        headers=ADMIN).status_code == 202
+    refused = client.post("/admin/deployments", json={"name": "a/b", "checkpoint": str(roots / "lm")},
+                          headers=ADMIN)
+    assert refused.json()["error"]["message"].count("got 'a/b'") == 1  # the value shown once
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["DeploymentSpec"]["properties"]["name"]
+    assert schema["maxLength"] == 128 and schema["minLength"] == 1 and "pattern" in schema
 
 
 def test_a_session_on_an_unloaded_deployment_is_freed_by_its_reset(client, roots):

@@ -121,6 +121,31 @@ def test_openapi_has_a_request_schema_per_type(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_a_deployment_of_another_type_is_pointed_to_its_own_route(client):
+    names = {d["type"]: d["name"] for d in client.get("/models").json()["deployments"]}
+    for kind, body in (("predict", {"prompt": "a"}), ("evaluate", {"texts": ["a b"]})):
+        response = client.post(f"/{kind}/transformer", json={"model": names["vlm"], **body})
+        assert response.status_code == 404 and response.json()["error"]["field"] == "model"
+        assert f"POST to /{kind}/vlm" in response.json()["error"]["message"]
+
+
+def test_openapi_publishes_what_the_server_takes(client):
+    """The app's caps as maxima, the bounds checked, and every token-id form a text request takes."""
+    schemas, settings = client.get("/openapi.json").json()["components"]["schemas"], client.app.state.settings
+    text = schemas["TransformerPredictRequest"]["properties"]
+    image = schemas["StableDiffusionPredictRequest"]["properties"]
+    assert text["max_new_tokens"]["maximum"] == settings.max_new_tokens
+    assert image["num_images"]["maximum"] == settings.max_images
+    steps = next(b for b in image["num_inference_steps"]["anyOf"] if b.get("type") == "integer")
+    assert steps["maximum"] == settings.max_inference_steps
+    guidance = next(b for b in image["guidance_scale"]["anyOf"] if b.get("type") == "number")
+    assert guidance["minimum"] == 0 and guidance["maximum"] == 100
+    assert [f["type"] for f in text["prompt_token_ids"]["anyOf"]] == ["array", "array", "object", "null"]
+    for ids in ([5, 6], [[5, 6]], {"dtype": "<i8", "shape": [2], "data": "BQAAAAAAAAAGAAAAAAAAAA=="}):
+        reply = client.post("/predict/transformer", json={"prompt_token_ids": ids, "max_new_tokens": 1})
+        assert reply.status_code == 200, (ids, reply.text)
+
+
 def test_failed_deployment_does_not_stop_the_others(tiny_checkpoints, tmp_path):
     broken = tmp_path / "broken"
     (broken / "checkpoints").mkdir(parents=True)

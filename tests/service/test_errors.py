@@ -189,7 +189,7 @@ def test_unknown_type_route_and_deployment_are_404(client):
     assert_error(response, 404)
     assert "closest is 'transformer'" in response.json()["error"]["message"]
     assert_error(client.post("/evaluate/unknown", json={}), 404)
-    assert_error(client.get("/models/nope"), 404, "model")
+    assert_error(client.get("/models/nope"), 404, "name")  # the path parameter
     assert_error(client.get("/nowhere"), 404)
 
 

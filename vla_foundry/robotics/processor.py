@@ -252,7 +252,9 @@ def hf_processor(path: str, processor_kwargs: Optional[dict] = None,
     tokenizer = getattr(processor, "tokenizer", None)
 
     def image_fn(frames: list[np.ndarray]) -> torch.Tensor:
-        return image_processor(images=list(frames), return_tensors="pt", **kwargs)["pixel_values"]
+        # (HF's image processors make tensors of the arrays: a read-only frame, as decoded frames are, would warn)
+        frames = [f if f.flags.writeable else f.copy() for f in frames]
+        return image_processor(images=frames, return_tensors="pt", **kwargs)["pixel_values"]
 
     return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None,
                           text_pad_id(tokenizer))
