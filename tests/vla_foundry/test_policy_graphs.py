@@ -182,4 +182,37 @@ def test_a_policy_without_language_pads_and_keys_by_its_samples():
     for batch_size in (1, 2, 3):
         requests = [PolicyRequest(observation(traced.robot_io, seed=i), seed=i) for i in range(batch_size)]
         assert_same_chunks(traced.predict_each(requests), eager.predict_each(requests))
+    traced.graphs.wait()  # batch 3 is new: captured in the background
     assert len(traced.graphs) == 3
+
+
+def test_a_serving_policy_never_waits_for_a_capture(tiny_checkpoints, clip_pipelines, monkeypatch):
+    """After warm-up, a new shape at the warmed-up step count samples eagerly at once while its trace is made on
+    the capture thread, then replays it; another step count samples eagerly and is never traced (a client naming
+    step counts would stall every robot for each: 60 steps took 15 s to trace on the 2-core CPU)."""
+    import threading
+
+    pipeline, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
+    pipeline.warmup(max_batch_size=1)
+    assert len(pipeline.graphs) == 1
+    release, traced_on, real_trace = threading.Event(), [], policy_graphs.shared_trace
+
+    def slow_trace(sampler, key, example):
+        traced_on.append(threading.current_thread().name)
+        assert release.wait(30)
+        return real_trace(sampler, key, example)
+
+    monkeypatch.setattr(policy_graphs, "shared_trace", slow_trace)
+    requests = [PolicyRequest(observation(pipeline.robot_io, seed=i), seed=i) for i in range(2)]
+    assert_same_chunks(pipeline.predict_each(requests), eager.predict_each(requests))  # eager, the trace held
+    assert len(pipeline.graphs) == 1
+    release.set()
+    pipeline.graphs.wait()
+    assert len(pipeline.graphs) == 2 and traced_on == ["policy-graph-capture"]
+    monkeypatch.setattr(policy_graphs, "shared_trace", lambda *args: pytest.fail("captured while serving"))
+    assert_same_chunks(pipeline.predict_each(requests), eager.predict_each(requests))  # the new graph
+    other = pipeline.num_inference_steps - 1
+    assert_same_chunks(pipeline.predict_each(requests, num_inference_steps=other),
+                       eager.predict_each(requests, num_inference_steps=other))
+    pipeline.graphs.wait()
+    assert len(pipeline.graphs) == 2

@@ -25,6 +25,14 @@ connections flooded ``/health/live``. A captured graph takes the lock once per c
   buffers, and one replay launches every kernel, which also removes the launch cost that bounds
   a small policy on a GPU.
 
+When graphs are captured. Warm-up (``capture``) captures every batch size at the deployment's step count before
+the first request. From then on the policy is serving, and no call waits for a capture: a shape without a graph
+(the first request with past action rows, say) samples eagerly, and on the CPU its trace is made on a background
+thread (on CUDA, where a capture takes a fraction of a second, at once); a step count other than the warmed-up one
+always samples eagerly. Tracing per step count a client names would let one request stall every robot of the
+deployment (60 steps took 15 s to trace on the 2-core CPU) and grow the process by a trace each time. Before
+warm-up (a pipeline used in-process), a shape is captured on first use, in the call.
+
 Only flow-matching policies replay: their sampling is a fixed function of the observation and
 the initial noise. A DDPM policy's steps draw fresh noise from each request's own generator,
 which a graph cannot keep per request, so it samples eagerly.
@@ -40,7 +48,11 @@ key samples eagerly.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import logging
+import queue
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -107,6 +119,54 @@ class _CudaGraph:
         return self.output.clone()
 
 
+class _CaptureThread:
+    """The process's thread for background captures, started on first use. At exit it finishes the capture under
+    way and stops: a thread still inside torch's C++ when the interpreter finalizes would abort the process, and a
+    thread pool's workers would wait for every queued capture."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="policy-graph-capture", daemon=True)
+                self._thread.start()
+                atexit.register(self._stop)
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 — handed to whoever waits on it
+                future.set_exception(e)
+
+    def _stop(self) -> None:
+        while True:  # queued captures are dropped: nobody will replay them
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        self._jobs.put(None)
+        self._thread.join(timeout=120)
+
+
+_CAPTURE_THREAD = _CaptureThread()
+
+
 def _resize_batch(t: torch.Tensor, batch: int, size: int) -> torch.Tensor:
     """``t`` of ``batch`` samples (each its dim-0 block of rows: one row, or one per camera frame for pixels)
     grown to ``size`` samples with copies of the last sample."""
@@ -123,6 +183,10 @@ class PolicyGraphs:
         self.cuda_graphs, self.trace_on_cpu = cuda_graphs, trace_on_cpu
         self._graphs: dict[tuple, Callable[..., torch.Tensor]] = {}
         self._refused: set[tuple] = set()
+        # Serving (after warm-up): the step counts whose shapes are still captured (in the background on the CPU).
+        self.serving_steps: Optional[frozenset[int]] = None
+        self._pending: dict[tuple, concurrent.futures.Future] = {}  # background captures, by key
+        self._lock = threading.Lock()  # _pending and the bound on graphs: the model thread and the capturer
 
     def __len__(self) -> int:
         """How many graphs are captured and serving."""
@@ -177,21 +241,54 @@ class PolicyGraphs:
             tensors = [_resize_batch(t, batch, size) for t in tensors]
         masks = tuple(bool(t.all()) for n, t in zip(names, tensors) if n in MASK_NAMES)
         key = (names, steps, tuple((tuple(t.shape), t.dtype) for t in tensors), masks)
-        if key in self._refused:
-            return None
         graph = self._graphs.get(key)
         if graph is None:
-            if len(self._graphs) >= MAX_GRAPHS_PER_POLICY:
-                self._refused.add(key)
-                logger.warning("policy sampling for batch %d, %d steps runs eagerly: this policy has captured its "
-                               "%d graphs", batch, steps, MAX_GRAPHS_PER_POLICY)
+            if key in self._refused or not self._may_capture(key, batch, steps):
+                return None
+            if self.serving_steps is not None and not on_cuda:  # serving: traced meanwhile, this call eager
+                with torch.inference_mode(False):  # (the caller's tensors are its own to change; plain copies)
+                    example = [t.clone() for t in tensors]
+                with self._lock:  # (held until it is recorded: the capture forgets it under the lock when done)
+                    self._pending[key] = self._in_background(self._capture, key, names, example, steps, False)
                 return None
             graph = self._capture(key, names, tensors, steps, on_cuda)
             if graph is None:
                 return None
         return graph(*tensors)[:batch]
 
+    def _may_capture(self, key: tuple, batch: int, steps: int) -> bool:
+        """Whether ``key`` may be captured now: a step count a serving policy captures, no capture of it under way,
+        and room under the bound (else it samples eagerly for good)."""
+        if self.serving_steps is not None and steps not in self.serving_steps:
+            return False
+        with self._lock:
+            if key in self._pending:
+                return False
+            if len(self._graphs) + len(self._pending) >= MAX_GRAPHS_PER_POLICY:
+                self._refused.add(key)
+                logger.warning("policy sampling for batch %d, %d steps runs eagerly: this policy has captured its "
+                               "%d graphs", batch, steps, MAX_GRAPHS_PER_POLICY)
+                return False
+        return True
+
+    @staticmethod
+    def _in_background(fn: Callable, *args) -> concurrent.futures.Future:
+        """``fn(*args)`` on the process's capture thread (one capture at a time, every policy's)."""
+        return _CAPTURE_THREAD.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Until the background captures asked for so far have ended (captured, or refused)."""
+        for future in list(self._pending.values()):
+            future.result()
+
     def _capture(self, key: tuple, names, tensors: list[torch.Tensor], steps: int, on_cuda: bool):
+        try:
+            return self._captured(key, names, tensors, steps, on_cuda)
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+    def _captured(self, key: tuple, names, tensors: list[torch.Tensor], steps: int, on_cuda: bool):
         sampler = _Sampler(self.model, names, steps)
         try:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors: the graph serves any later mode
@@ -217,13 +314,18 @@ class PolicyGraphs:
 
     def capture(self, inputs: dict[str, Optional[torch.Tensor]], steps: int, batch_sizes: list[int]) -> None:
         """Capture ahead of the first requests (warm-up): one graph per batch size (on CUDA, per bucket),
-        from ``inputs`` of batch 1 repeated."""
+        from ``inputs`` of batch 1 repeated. The policy is serving from then on (see the module's docstring):
+        later shapes of ``steps`` are captured without a call waiting, other step counts sample eagerly."""
         if not self.enabled:
             return
         sizes = sorted({cuda_bucket(b) or b for b in batch_sizes} if next(self.model.parameters()).device.type
                        == "cuda" else set(batch_sizes))
         one = inputs["actions"].shape[0]
         inputs = self._after_backbone(inputs)  # (a VLM backbone runs once here, on the real rows alone)
-        for size in sizes:
-            batch = {n: (_resize_batch(t, one, size) if t is not None else None) for n, t in inputs.items()}
-            self.sample(batch, steps, torch.zeros_like(batch["actions"]))
+        serving, self.serving_steps = self.serving_steps, None  # (captured in this call, whatever came before)
+        try:
+            for size in sizes:
+                batch = {n: (_resize_batch(t, one, size) if t is not None else None) for n, t in inputs.items()}
+                self.sample(batch, steps, torch.zeros_like(batch["actions"]))
+        finally:
+            self.serving_steps = (serving or frozenset()) | {steps}

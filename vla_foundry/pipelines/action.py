@@ -252,8 +252,8 @@ class ActionPipeline(Pipeline):
     def warmup(self, max_batch_size: int = 1) -> None:
         """One call at the default step count, then the sampling graph of every batch size up to
         ``max_batch_size`` (on CUDA, every bucket), so no robot's request waits for a capture (about a
-        second each on CPU). Requests of other shapes (another step count, frame count) capture theirs
-        on first use."""
+        second each on CPU). The policy is serving from then on: a later shape at the default step count is
+        captured without a call waiting for it, and other step counts sample eagerly (``PolicyGraphs``)."""
         r = self.robot_io
         size = r.resize_images_size or [r.image_size or 32] * 2
         frame = np.zeros((*size, 3), dtype=np.uint8)
