@@ -26,6 +26,9 @@ from vla_foundry.robotics.observations import parse_action_window, parse_observa
 
 
 MAX_ASPECT_RATIO = 16
+# Control steps are below 2^53: exact in every client's numbers (a JavaScript number), and far from what msgpack's
+# 64-bit integers can carry after a session adds its steps (2^53 steps of 1 ms are 285,000 years).
+MAX_STEP = 2**53
 # Raw frames up to this many bytes in all are decoded on the event loop: a view and one copy (about 10 µs per
 # 224x224 camera) cost less than the hop to the thread pool (about 0.1 ms); PNG/JPEG always go to the pool.
 DECODE_ON_LOOP_BYTES = 4 * 1024 * 1024
@@ -134,8 +137,8 @@ class ActionPredictRequest(RequestBase):
                                                                        "frame per camera, the current [d] row).")
     timestamp: Optional[Number] = Field(None, description="The observation's time (Unix seconds, server clock): "
                                                          "anchors the chunk; too old ⇒ 409.")
-    step: Optional[StrictInt] = Field(None, ge=0, description="The robot's control step index; echoed. In a session, "
-                                                        "default: the last step + n_action_steps.")
+    step: Optional[StrictInt] = Field(None, ge=0, lt=MAX_STEP, description=(
+        "The robot's control step index; echoed. In a session, default: the last step + n_action_steps."))
 
     @model_validator(mode="after")
     def _check(self):

@@ -18,7 +18,8 @@ from service.deadlines import tightened
 from service.deployments import DeploymentManager
 from service.errors import ApiError
 from service.middleware import reply_in_bytes_keys
-from service.modalities.action import Observation, begin_sessions, decode_observation_frames, finish_sessions
+from service.modalities.action import (MAX_STEP, Observation, begin_sessions, decode_observation_frames,
+                                       finish_sessions)
 from service.modalities.base import ModelCall, Number, RequestBase, ResponseBase
 from service.sessions import GONE_FOR_GOOD
 from service.settings import Settings
@@ -29,7 +30,8 @@ from vla_foundry.robotics.session import ActionStep
 class SessionStepRequest(RequestBase):
     observation: Observation = Field(..., description="The current step: one frame per camera, the current "
                                                       "[d] proprioception row per field, the instruction.")
-    step: Optional[StrictInt] = Field(None, ge=0, description="The robot's control step; default: the last one + 1.")
+    step: Optional[StrictInt] = Field(None, ge=0, lt=MAX_STEP,
+                                      description="The robot's control step; default: the last one + 1.")
     timestamp: Optional[Number] = Field(None, description="The observation's time (Unix seconds, server clock).")
     num_inference_steps: Optional[StrictInt] = Field(None, ge=1, description="Denoising steps when this step replans.")
 

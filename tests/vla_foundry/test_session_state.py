@@ -69,12 +69,19 @@ def test_a_step_mode_session_restored_at_every_step_replans_and_hands_out_its_pl
 
 def test_a_step_sent_again_to_a_restored_session_gets_its_answer_and_moves_nothing(policy):
     """Another process (a replica) that gets a step sent again (its reply lost on the way back) answers it as the
-    session did, without recording or planning anything."""
+    session did, without recording or planning anything; the same step with another observation is refused."""
+    from vla_foundry.errors import StaleObservationError
+
     session = PolicySession(policy, seed=3, open_loop_steps=2)
     for step in (0, 1):
         first = session.step(*observation(policy, step), "pick", step=step, num_inference_steps=2)
     elsewhere = moved(policy, session)
-    again = elsewhere.step(*observation(policy, 99), "pick", step=1, num_inference_steps=2)
+    with pytest.raises(StaleObservationError) as other:  # another observation for that step: its answer stands
+        elsewhere.step(*observation(policy, 99), "pick", step=1, num_inference_steps=2)
+    assert other.value.field == "step" and "another observation" in str(other.value)
+    with pytest.raises(StaleObservationError):
+        elsewhere.step(*observation(policy, 1), "place", step=1, num_inference_steps=2)  # another instruction
+    again = elsewhere.step(*observation(policy, 1), "pick", step=1, num_inference_steps=2)
     np.testing.assert_array_equal(again.action, first.action)
     assert (again.step, again.replanned, again.plan_step, again.valid_until) == (
         first.step, first.replanned, first.plan_step, first.valid_until)
@@ -107,7 +114,10 @@ def test_a_chunk_sent_again_gets_its_answer_on_a_restored_session_and_moves_noth
     first = session.chunk(*observation(policy, 0), "pick", step=0, timestamp=now, num_inference_steps=2)
     twin.chunk(*observation(policy, 0), "pick", step=0, timestamp=now, num_inference_steps=2)
     elsewhere = moved(policy, session)
-    again = elsewhere.chunk(*observation(policy, 99), "pick", step=0, timestamp=now, seed=123, num_inference_steps=2)
+    with pytest.raises(StaleObservationError) as changed:  # the same step and timestamp, another observation
+        elsewhere.chunk(*observation(policy, 99), "pick", step=0, timestamp=now, num_inference_steps=2)
+    assert changed.value.field == "step"
+    again = elsewhere.chunk(*observation(policy, 0), "pick", step=0, timestamp=now, seed=123, num_inference_steps=2)
     assert first.timing_ms and again.timing_ms == {}  # a replay ran no model: it reports no model times
     np.testing.assert_array_equal(again.action_chunk, first.action_chunk)
     assert (again.step, again.seed, again.valid_until, again.timestamp) == (

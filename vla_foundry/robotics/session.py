@@ -15,10 +15,11 @@ Results are typed: chunk mode returns the pipeline's ``ActionChunk`` (with the s
 step), step mode an ``ActionStep``; both carry ``valid_until`` from the observation's
 ``timestamp`` (a stale one is refused before anything is recorded).
 
-A request sent again (its reply was lost) is known by its step number and timestamp: a request
-with the ``step`` and ``timestamp`` of the session's last answer gets that answer again, in either
-mode, and changes nothing (the session keeps its last answer, ``served``); another timestamp for
-that step is refused. A request without a step number is always a new one.
+A request sent again (its reply was lost) is known by its step number, timestamp and observation: a
+request with the ``step``, ``timestamp`` and observation (frames, rows, instruction, past actions; a
+digest of them) of the session's last answer gets that answer again, in either mode, and changes
+nothing (the session keeps its last answer, ``served``); another timestamp or observation for that
+step is refused. A request without a step number is always a new one.
 
 Batching: ``begin_chunk`` / ``begin_step`` record the robot's input and return a
 ``PendingPlan`` (the ``PolicyRequest`` the plan needs, or no request when step mode hands out
@@ -31,6 +32,7 @@ leaves its session as it was before (``PendingPlan.undo``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -91,6 +93,34 @@ def _chunk_from_state(state: dict[str, Any]):
     return ActionChunk(**{**state, **arrays, "actions": actions})
 
 
+def observation_digest(images: dict, lowdim: dict, instruction: str, past_actions: Optional[dict] = None) -> str:
+    """A digest of what a request sent (frames, rows, instruction, past actions): a request sent again must send
+    the same. Frames are read as their bytes, rows as float64 numbers (what they are, however they were spelled),
+    in name order; a value that is no array at all counts by its repr (such a request is refused later)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(instruction.encode("utf-8", "surrogatepass"))
+    for part, numbers in ((images, False), (lowdim, True), (past_actions, True)):
+        h.update(b"\x00|")
+        for name in sorted(part or {}):
+            h.update(name.encode("utf-8", "surrogatepass") + b"\x00")
+            value = part[name]
+            for item in (value if isinstance(value, list) and not numbers else [value]):
+                _digest_value(h, item, numbers)
+    return h.hexdigest()
+
+
+def _digest_value(h, value: Any, numbers: bool) -> None:
+    try:
+        array = np.ascontiguousarray(np.asarray(value, np.float64) if numbers else value)
+        if array.dtype.hasobject:
+            raise TypeError("not an array of numbers")
+    except (TypeError, ValueError):
+        h.update(b"repr:" + repr(value).encode("utf-8", "surrogatepass"))
+        return
+    h.update(str((array.dtype.str, array.shape)).encode())
+    h.update(array.reshape(-1).view(np.uint8))
+
+
 def _depth(value) -> int:
     """Nesting depth of a list value (0 for a scalar)."""
     depth = 0
@@ -148,6 +178,7 @@ class PolicySession:
         self.steps_served = 0  # step mode: actions handed out from the current plan
         self.served: Optional[ActionStep] = None  # step mode: the last step's answer (a step sent again gets it)
         self.served_chunk = None  # chunk mode: the last request's ActionChunk (sent again with its step, it gets it)
+        self.served_digest: Optional[str] = None  # what the last answered request sent (``observation_digest``)
 
     # ------------------------------------------------------------------ state (a session that moves)
 
@@ -159,7 +190,7 @@ class PolicySession:
                 "steps_served": self.steps_served, "open_loop_steps": self.open_loop_steps,
                 "served": None if self.served is None else _step_state(self.served),
                 "served_chunk": None if self.served_chunk is None else _chunk_state(self.served_chunk),
-                "history": self.history.export()}
+                "served_digest": self.served_digest, "history": self.history.export()}
 
     @classmethod
     def restore(cls, pipeline, state: dict[str, Any]) -> "PolicySession":
@@ -177,17 +208,18 @@ class PolicySession:
         self.served = None if served is None else _step_from_state(served)
         served_chunk = state.get("served_chunk")  # absent in a state stored before chunks were remembered
         self.served_chunk = None if served_chunk is None else _chunk_from_state(served_chunk)
+        self.served_digest = state.get("served_digest")  # absent before observations were compared
         self.history.restore(state["history"])
 
     def _undo_point(self) -> Callable[[], None]:
         """A function that puts this session back as it is now (a begun plan whose request failed)."""
         counters = (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served,
-                    self.served_chunk)
+                    self.served_chunk, self.served_digest)
         history = self.history.snapshot()
 
         def undo() -> None:
             (self.seed, self.plans, self.plan_step, self.plan_length, self.steps_served, self.served,
-             self.served_chunk) = counters
+             self.served_chunk, self.served_digest) = counters
             self.history.rollback(history)
 
         return undo
@@ -225,17 +257,21 @@ class PolicySession:
             for i, row in enumerate(rows):
                 self.history.record(step - (n - 1) + i, lowdim={name: row})
 
-    @staticmethod
-    def _sent_again(served: Any, step: Optional[int], timestamp: Optional[float]) -> Any:
-        """``served`` (the session's last answer) when this request is it sent again: the same step number and
-        timestamp (its reply was lost: a timeout, a replica that died after its save). Else None: a new request.
-        Another observation of a step already answered is refused: its answer stands."""
+    def _sent_again(self, served: Any, step: Optional[int], timestamp: Optional[float], digest: str) -> Any:
+        """``served`` (the session's last answer) when this request is it sent again: the same step number,
+        timestamp and observation (its reply was lost: a timeout, a replica that died after its save). Else None: a
+        new request. Another observation of a step already answered is refused: its answer stands."""
         if step is None or served is None or step != served.step:
             return None
         if timestamp != served.timestamp:
             raise StaleObservationError(
                 f"step {step} was answered already (for the observation of timestamp {served.timestamp}); sent "
                 "again it gets that answer only with that timestamp: send the next step", field="step")
+        if self.served_digest is not None and digest != self.served_digest:
+            raise StaleObservationError(
+                f"step {step} was answered already, for another observation (frames, rows, instruction or past "
+                "actions differ); sent again it gets that answer only with the same observation: send the next "
+                "step", field="step")
         return served
 
     def _next_step(self, step: Optional[int], default_advance: int) -> int:
@@ -280,7 +316,8 @@ class PolicySession:
         and changes nothing, whatever else it carries (``_sent_again``).
         """
         self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
-        served = self._sent_again(self.served_chunk, step, timestamp)
+        digest = observation_digest(images, lowdim, instruction, past_actions)
+        served = self._sent_again(self.served_chunk, step, timestamp, digest)
         if served is not None:  # planned once only: a retry never shifts the session's history, seeds or plans
             replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
             return PendingPlan(None, num_inference_steps, lambda _: replayed)
@@ -301,7 +338,7 @@ class PolicySession:
 
         def finish(out):
             self._adopt_plan(step, out)
-            self.served_chunk = out
+            self.served_chunk, self.served_digest = out, digest
             return out
 
         return PendingPlan(request, num_inference_steps, finish, undo)
@@ -312,7 +349,8 @@ class PolicySession:
         ``open_loop_steps``, or when the robot's step leaves the current plan). ``finish`` returns an
         ``ActionStep``."""
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
-        served = self._sent_again(self.served, step, timestamp)
+        digest = observation_digest(images, lowdim, instruction)
+        served = self._sent_again(self.served, step, timestamp, digest)
         if served is not None:  # it gets the answer it got: a retry never shifts the session's plans
             replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
             return PendingPlan(None, num_inference_steps, lambda _: replayed)
@@ -337,7 +375,8 @@ class PolicySession:
             if out is not None:
                 result.seed, result.num_inference_steps = out.seed, out.num_inference_steps
                 result.timing_ms = dict(out.timing_ms)
-            self.served, self.served_chunk = result, None  # only the last answer stands for a request sent again
+            # only the last answer stands for a request sent again
+            self.served, self.served_chunk, self.served_digest = result, None, digest
             return result
 
         return PendingPlan(request, num_inference_steps, finish, undo)
