@@ -157,8 +157,8 @@ class SessionEntry:
                 self.policy.reset(self.policy.seed)
                 self.version = 0
             seen = await self.shared.seen(self.id)
-            if seen is not None and seen["owner"] == self.owner:
-                raise _expired_in_store(self.id, self.shared)
+            if seen is not None:  # until its robot resets it, the id stays its key's
+                raise _expired_in_store(self.id, self.shared) if seen["owner"] == self.owner else _taken(self.id)
             return
         self.check_owner(stored)
         if stored.checkpoint != self.checkpoint:
@@ -351,8 +351,8 @@ class SessionStore:
                                field="session_id")
         else:
             gone = self._gone.get(session_id)
-            if gone is not None and gone[1] == owner:
-                raise self._gone_error(session_id, gone[0])
+            if gone is not None:  # while its robot has not been told (and reset it), the id stays its key's
+                raise self._gone_error(session_id, gone[0]) if gone[1] == owner else _taken(session_id)
             if deployment.pipeline is None:
                 raise ApiError(503, f"deployment {deployment.name!r} is not ready ({deployment.status}); retry "
                                     "shortly", retry_after=5)
@@ -371,7 +371,6 @@ class SessionStore:
             entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options), owner,
                                  self.shared, discard=dropped,
                                  kept=(lambda: self._make_room(entry)) if request else None)
-            self._gone.pop(session_id, None)  # another key's old session of this id: a new one now
             self._entries[session_id] = entry
             if not request:
                 self._make_room(entry)

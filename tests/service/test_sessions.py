@@ -231,6 +231,27 @@ def test_sessions_belong_to_the_key_that_made_them(tiny_checkpoints):
         assert c.delete("/sessions/arm-1", headers=alice).status_code == 200
 
 
+def test_a_gone_sessions_id_stays_its_keys_until_its_robot_resets_it(tiny_checkpoints):
+    """Evicted, alice's session id is not another key's to take: her robot, told ``session_gone``, resets the same
+    id and goes on (before, bob could make a session of that id and her reset found nothing)."""
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
+    alice, bob = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+    with serving(spec, api_keys="alice-key,bob-key", max_sessions=1) as c:
+        for who, sid in ((alice, "arm-1"), (alice, "arm-2")):  # arm-2 evicts arm-1 (one session at most)
+            assert c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": sid},
+                          headers=who).status_code == 200
+        taken = c.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "arm-1"},
+                       headers=bob)
+        assert taken.status_code == 409 and "taken" in taken.json()["error"]["message"], taken.text
+        gone = c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "arm-1"},
+                      headers=alice)
+        assert gone.json()["error"]["type"] == "session_gone"
+        assert c.post("/sessions/arm-1/reset", json={}, headers=alice).json()["reset"] is True
+        again = c.post("/predict/diffusion_policy", json={"observation": current(1), "session_id": "arm-1"},
+                       headers=alice)
+        assert again.status_code == 200 and again.json()["step"] == 0
+
+
 def test_a_refused_new_session_evicts_nobody(tiny_checkpoints):
     policy = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))
     text = DeploymentSpec(name="text", checkpoint=str(tiny_checkpoints["transformer"]))
@@ -533,3 +554,16 @@ def test_a_websocket_reset_answers_as_the_http_reset(client):
         ws.send_bytes(msgpack.packb({"endpoint": "reset"}))
         reply = msgpack.unpackb(ws.receive_bytes())
         assert reply["model"] == "policy" and isinstance(reply["seed"], int)
+
+
+def test_a_control_step_must_be_below_2_53(client):
+    """Far past any episode, and past what a session can add to and still encode (a step of 2^64 once made the
+    reply fail: 500): refused by field, on both session routes."""
+    from tests.factories import PREDICT_REQUESTS
+
+    step = client.post("/sessions/huge/step", json={"observation": current(0), "step": 2**53})
+    assert step.status_code == 422 and step.json()["error"]["field"] == "step", step.text
+    chunk = client.post("/predict/diffusion_policy", json={**PREDICT_REQUESTS["diffusion_policy"],
+                                                           "session_id": "huge", "step": 2**64})
+    assert chunk.status_code == 422 and chunk.json()["error"]["field"] == "step", chunk.text
+    assert client.post("/sessions/huge/step", json={"observation": current(0), "step": 2**53 - 1}).status_code == 200

@@ -212,6 +212,20 @@ def test_another_key_can_neither_take_nor_delete_a_session_on_any_replica(replic
     assert [s["session_id"] for s in a.get("/sessions", headers=ALICE).json()["sessions"]] == ["arm"]
 
 
+def test_an_expired_sessions_id_stays_its_keys_until_its_robot_resets_it(policy_spec, redis_url):
+    """Expired in the store, alice's session id is not bob's to take while its marker lives: her robot is told
+    ``session_gone``, resets the same id and goes on."""
+    with serving(policy_spec, session_store=database(redis_url, 4), session_idle_timeout_s=1.0,
+                 api_keys="alice-key,bob-key") as client:
+        assert step_on(client, "arm", 0).status_code == 200
+        time.sleep(1.5)
+        taken = step_on(client, "arm", 0, headers=BOB)
+        assert taken.status_code == 409 and "taken" in taken.json()["error"]["message"], taken.text
+        assert step_on(client, "arm", 1).json()["error"]["type"] == "session_gone"
+        assert client.post("/sessions/arm/reset", json={}, headers=ALICE).status_code == 200
+        assert step_on(client, "arm", 0).status_code == 200
+
+
 def test_a_session_deleted_on_one_replica_starts_anew_on_the_other_which_held_a_copy(replicas):
     a, b = replicas
     for k in range(5):
