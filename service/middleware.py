@@ -10,6 +10,7 @@ validates one form of the body whatever the wire format.
 from __future__ import annotations
 
 from typing import Any, Callable, Coroutine, Optional
+from urllib.parse import urlsplit
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -58,6 +59,23 @@ class DecodedBodyRoute(APIRoute):
         return route_handler
 
 
+# What a browser sends across origins without asking the server first (no CORS preflight); this server reads the
+# first three as JSON (for curl -d and plain clients), so from another origin's page they are refused.
+SIMPLE_BODY_TYPES = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def _cross_site_form(headers: dict) -> Optional[str]:
+    """The ``Origin`` of a request that a web page of another origin sent with a simple body type; None when it is
+    no such request (no Origin: curl, robots, SDKs; or the server's own page)."""
+    origin = headers.get(b"origin")
+    media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+    if origin is None or media not in SIMPLE_BODY_TYPES:
+        return None
+    origin_text = origin.decode("latin-1")
+    same = urlsplit(origin_text).netloc == headers.get(b"host", b"").decode("latin-1")
+    return None if same and origin_text != "null" else origin_text
+
+
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";")[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
@@ -86,6 +104,14 @@ class BodyCodecMiddleware:
     async def _with_decoded_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         accept = headers.get(b"accept", b"").decode("latin-1")
+        origin = _cross_site_form(headers)
+        if origin is not None:
+            await self._refuse(scope, receive, send, accept, 415,
+                               f"a body typed as a form or as text from a page of another origin ({origin[:80]!r}) "
+                               "is not taken: a browser sends such a request without asking this server first, so "
+                               "any web page could drive a robot through it; send application/json or "
+                               "application/msgpack")
+            return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._refuse(scope, receive, send, accept, 413, self._too_large(int(declared)))

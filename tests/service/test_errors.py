@@ -184,6 +184,26 @@ def test_body_over_the_cap_is_413(client):
     assert_error(client.post("/predict/transformer", json=big), 413)
 
 
+def test_a_page_of_another_origin_cannot_post_a_body_typed_as_text_or_a_form(client):
+    """Bodies typed as text or as a form are read as JSON (``curl -d`` sends a form type), and a browser sends those
+    types across origins without asking the server first: from another origin's page they are refused (415), so a
+    web page cannot drive a server that runs without keys. curl (no Origin) and the server's own page are served."""
+    body = b'{"prompt": "a", "max_new_tokens": 1}'
+    for media in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", ""):
+        for origin in ("https://evil.example", "null"):
+            refused = client.post("/predict/transformer", content=body,
+                                  headers={"content-type": media, "origin": origin})
+            assert_error(refused, 415)
+            assert "another origin" in refused.json()["error"]["message"]
+        assert client.post("/predict/transformer", content=body, headers={"content-type": media}).status_code == 200
+        same = client.post("/predict/transformer", content=body,
+                           headers={"content-type": media, "origin": "http://testserver"})
+        assert same.status_code == 200, same.text
+    as_json = client.post("/predict/transformer", content=body,  # (JSON takes a CORS preflight, which fails here)
+                          headers={"content-type": "application/json", "origin": "https://evil.example"})
+    assert as_json.status_code == 200
+
+
 def test_unknown_type_route_and_deployment_are_404(client):
     response = client.post("/predict/transformr", json={"prompt": "a"})
     assert_error(response, 404)
