@@ -33,6 +33,7 @@ import logging
 import time
 import uuid
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, WebSocket
@@ -205,6 +206,12 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         if sockets.draining:
             await _close(websocket, GOODBYE, GOING_AWAY)
             return
+        origin = _other_origin(websocket.headers)
+        if origin is not None:
+            await _close(websocket, f"a connection from a page of another origin ({origin[:80]!r}) is not taken: "
+                                    "browsers let any web page open a websocket, so any page could drive a robot "
+                                    "through it; robots and their clients send no Origin", POLICY_VIOLATION, "origin")
+            return
         try:
             deployment = manager.resolve(model_type, model)
             # A connection is its session's holder from now on (pinned below): it makes room for it at once, as a
@@ -212,7 +219,7 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
             entry = sessions.acquire(session_id or f"ws-{uuid.uuid4().hex[:16]}", deployment,
                                      caller_of(websocket.scope), request=False)
         except ApiError as e:
-            await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
+            await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION, e.field)
             return
         connections.inc()
         connection = sockets.opened(websocket)
@@ -264,7 +271,8 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
             if obj.get("endpoint") == "reset":
                 seed = obj.get("seed")
                 if seed is not None and (type(seed) is not int or not 0 <= seed < 2**62):
-                    raise InvalidInputError(f"seed: a reset seed is an integer in [0, 2**62); got {seed!r}")
+                    raise InvalidInputError(f"seed: a reset seed is an integer in [0, 2**62); got {seed!r}",
+                                            field="seed")
                 await entry.reset(seed)
                 if connection.leaving:  # the drain ended while it ran: the goodbye went instead of its reply
                     await connection.gone.wait()
@@ -330,6 +338,14 @@ def _field(error: Exception) -> Optional[str]:
             return original.field
         return field_of_loc(tuple(first.get("loc", ())))
     return getattr(error, "field", None)
+
+
+def _other_origin(headers) -> Optional[str]:
+    """The ``Origin`` of a connection a web page of another origin opened (browsers send one; robots do not)."""
+    origin = headers.get("origin")
+    if origin is None or (origin != "null" and urlsplit(origin).netloc == headers.get("host", "")):
+        return None
+    return origin
 
 
 async def _close(websocket: WebSocket, message: str, code: int, field: Optional[str] = None) -> None:

@@ -153,7 +153,16 @@ def test_bad_frames_close_that_connection_only(server, case):
 
 def test_unknown_deployment_is_refused(server):
     with open_ws(server + "?model=nope") as ws:
-        assert "nope" in closed_with(ws, 1008)
+        assert "nope" in closed_with(ws, 1008, "field=model")
+
+
+def test_a_page_of_another_origin_cannot_connect(server):
+    """Browsers let any page open a websocket (no CORS check), so one from another origin is closed at once (1008,
+    field=origin); robots' clients send no Origin."""
+    from websockets.sync.client import connect
+
+    with connect(server, origin="https://evil.example", open_timeout=30) as ws:
+        assert "another origin" in closed_with(ws, 1008, "field=origin")
 
 
 def test_reset_seed_is_checked_and_connection_sessions_end_with_it(server):
