@@ -291,3 +291,17 @@ def test_prompt_ids_encode_on_an_unpadded_copy_of_the_tokenizer(tiny_checkpoints
     with pytest.raises(InvalidInputError) as long:
         text.prompt_ids(["word " * 5000], sampling=SamplingParams(max_new_tokens=4))
     assert long.value.field == "prompt"
+
+
+def test_every_bit_of_a_seed_counts_on_the_cpu():
+    """torch's CPU generator keeps a seed's low 32 bits: seeds that differ above them must still draw differently,
+    and seeds below 2^32 draw what torch draws for them."""
+    import torch
+
+    from vla_foundry.pipelines.text import make_generator
+
+    cpu = torch.device("cpu")
+    draws = {seed: torch.randn(4, generator=make_generator(cpu, seed)) for seed in (1, 1 + 2**32, 1 + 2**62, 2**63 - 1)}
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(draws)
+    assert torch.equal(draws[1], torch.randn(4, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(torch.randn(4, generator=make_generator(cpu, 1 + 2**62)), draws[1 + 2**62])  # reproducible

@@ -76,7 +76,23 @@ def new_seed() -> int:
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator seeded ``seed`` (0 ≤ seed < 2^63). torch's CPU generator (mt19937) keeps only a seed's low 32
+    bits, so seeds that differ above them would draw the same numbers there (1 and 1 + 2^32 gave one robot's chunk
+    twice); on the CPU a seed of 2^32 or more is first folded into 32 bits through splitmix64, so every bit counts.
+    Seeds below 2^32 are used as they are (their draws are what they were). CUDA's generator takes all 64 bits."""
+    if torch.device(device).type == "cpu" and seed >= 2**32:
+        seed = _splitmix64(seed) >> 32
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele, Lea and Flood 2014): a 64-bit integer mixed so that every input bit
+    moves about half the output bits."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
 
 
 # on_text(row, text_delta (None without a tokenizer), token_ids_delta, finish_reason or None)
