@@ -30,6 +30,9 @@ class ErrorDetail(BaseModel):
     message: str = Field(..., description="What was wrong, what is allowed, and the fix.")
     field: Optional[str] = Field(None, description="The request field at fault, as a dotted path.")
     request_id: Optional[str] = Field(None, description="The request's id (also in the X-Request-ID header).")
+    param: Optional[str] = Field(None, description="On the /v1 routes: `field` under OpenAI's name for it, which "
+                                                   "OpenAI's clients read.")
+    code: Optional[str] = Field(None, description="On the /v1 routes: `type` under OpenAI's name for it.")
 
 
 class ErrorBody(BaseModel):
@@ -86,7 +89,10 @@ def unexpected_error(scope: dict, exc: Exception) -> Response:
 def error_response(request: Optional[Request], status: int, message: str, field: Optional[str] = None, *,
                    type: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> Response:
     accept = request.headers.get("accept", "") if request is not None else ""
-    return encode_response(error_body(status, message, field, type), accept, status_code=status, headers=headers)
+    body = error_body(status, message, field, type)
+    if request is not None and "/v1/" in request.url.path:  # OpenAI's clients read these names (e.param, e.code)
+        body["error"].update(param=field, code=body["error"]["type"])
+    return encode_response(body, accept, status_code=status, headers=headers)
 
 
 # No request field has these names.

@@ -67,8 +67,8 @@ def render_with_template(owner: Any, messages: list[dict]) -> str:
     """``messages`` through ``owner``'s chat template (a tokenizer's or an HF processor's), generation
     prompt added. No template, or one that refuses the conversation, is the caller's error (422)."""
     if owner is None or not getattr(owner, "chat_template", None):
-        raise InvalidInputError("this deployment has no chat template; use /v1/completions with a plain prompt",
-                                field="messages")
+        raise InvalidInputError("this deployment has no chat template: send a plain prompt to /v1/completions (a "
+                                "captioner's images go to POST /predict/<its type>, GET /models)", field="messages")
     try:
         return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # e.g. the template's own raise_exception for a role order it does not take

@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Iterator, Literal, Optional, Union
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from service.codecs import encode_response
 from service.dependencies import get_manager
@@ -46,6 +46,14 @@ OWNER = "vla-foundry"
 # ----------------------------------------------------------------------------- requests
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: Optional[StrictBool] = Field(None, description="A last chunk with the request's token usage.")
+    include_obfuscation: Optional[StrictBool] = Field(None, description="Accepted, and changes nothing here (OpenAI "
+                                                                        "pads its events against side channels).")
+
+
 class OpenAIRequest(BaseModel):
     # Unknown fields are refused by name (a typo must not silently change nothing).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -63,8 +71,8 @@ class OpenAIRequest(BaseModel):
     top_p: Number = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=0, description="Extension: 0 = off.")
     n: StrictInt = Field(1, ge=1, description="Choices per prompt.")
-    stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = Field(None, description="Only with `stream: true`.")
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
@@ -89,9 +97,12 @@ class OpenAIRequest(BaseModel):
     def _check_common(self):
         for name, off in self.UNSUPPORTED.items():
             value = getattr(self, name)
-            if value not in off:
+            # (None and booleans by identity: `logprobs: 0` asks for log probabilities, though 0 == False)
+            if not any(value is o if o is None or isinstance(o, bool) else value == o for o in off):
                 raise InvalidInputError(f"`{name}` is not supported by this server; drop it (got {value!r})",
                                         field=name)
+        if self.stream_options is not None and not self.stream:
+            raise InvalidInputError("stream_options is only allowed with `stream: true`", field="stream_options")
         stop = stop_list(self.stop)
         if len(stop) > 4:
             raise InvalidInputError(f"at most 4 stop sequences; got {len(stop)}", field="stop")
@@ -114,11 +125,11 @@ class OpenAIRequest(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options is not None and self.stream_options.include_usage)
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
     max_tokens: Optional[StrictInt] = Field(16, ge=1)
     echo: bool = False
     best_of: Optional[int] = None
@@ -126,7 +137,7 @@ class CompletionRequest(OpenAIRequest):
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {**OpenAIRequest.UNSUPPORTED, "echo": (False,), "best_of": (None, 1),
                                                "suffix": (None,)}
-    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (*OpenAIRequest.NULL_MEANS_DEFAULT, "max_tokens")  # 16
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (*OpenAIRequest.NULL_MEANS_DEFAULT, "max_tokens", "echo")
 
     @model_validator(mode="after")
     def _check(self):
@@ -254,11 +265,12 @@ class ChatRequest(OpenAIRequest):
 V1_FIELDS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
 
 
-def _v1_names(error: InvalidInputError, chat: bool = False) -> InvalidInputError:
-    """The same error (same class, so the same status) in the /v1 client's field names (a chat's prompt is its
-    ``messages``)."""
-    message = str(error).replace("max_new_tokens", "max_tokens")
-    field = V1_FIELDS.get(error.field, error.field)
+def _v1_names(error: InvalidInputError, request: Any, chat: bool = False) -> InvalidInputError:
+    """The same error (same class, so the same status) in the names the /v1 client sent (a chat's prompt is its
+    ``messages``; its length is ``max_completion_tokens`` where it sent that)."""
+    length = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+    message = str(error).replace("max_new_tokens", length)
+    field = {**V1_FIELDS, "max_new_tokens": length}.get(error.field, error.field)
     if chat and field == "prompt":
         field, message = "messages", message.replace("prompt[0]", "messages").replace("the prompt", "the messages")
     return type(error)(message, field=field)
@@ -314,7 +326,7 @@ def v1_prompt(pipeline: TextServing, request: Any, conversation: Optional[tuple[
             return V1Prompt(text=text, images=images)
         return V1Prompt(ids=pipeline.prompt_ids([text], sampling=request.sampling(), rendered=True))
     except InvalidInputError as e:
-        raise _v1_names(e, chat=conversation is not None) from e
+        raise _v1_names(e, request, chat=conversation is not None) from e
 
 
 @dataclass(frozen=True)
@@ -333,7 +345,7 @@ def _run_job(pipeline: TextServing, job: V1Job, start: bool = False):
             return run_completion(pipeline, job.request, job.prompt.ids, job.on_text, start)
         return run_chat(pipeline, job.request, job.prompt, job.on_text, start)
     except InvalidInputError as e:
-        raise _v1_names(e, chat) from e
+        raise _v1_names(e, job.request, chat) from e
 
 
 def start_v1(pipeline: TextServing, job: V1Job):

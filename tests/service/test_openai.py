@@ -157,6 +157,13 @@ def test_errors_reach_the_client(client):
     with pytest.raises(openai.UnprocessableEntityError) as unsupported:
         client.completions.create(model="chat", prompt="hi", logprobs=2)
     assert "logprobs" in unsupported.value.message
+    # OpenAI's own names for the field and the kind of error, which its client reads
+    assert (bad.value.param, bad.value.code) == ("temperature", "invalid_value")
+    with pytest.raises(openai.UnprocessableEntityError) as zero:  # 0 still asks for the sampled token's logprob
+        client.completions.create(model="chat", prompt="hi", logprobs=0)
+    assert zero.value.param == "logprobs"
+    # null means the default, as OpenAI reads it (the client sends what it is given)
+    assert client.completions.create(model="chat", prompt="hi", max_tokens=2, echo=None).choices
 
 
 # ----------------------------------------------------------------------------- in process
@@ -233,6 +240,14 @@ def test_v1_refusals(app_client):
     assert "remote image URLs are not fetched" in e["message"]
     e = error_of(app_client.post("/v1/completions", json={"prompt": "x"}), 422)
     assert e["field"] == "model" and "chat" in e["message"]
+    # strict types: nothing read as a boolean or a token id that is not one
+    for body, field in (({"stream": "yes"}, "stream"), ({"prompt": [True, False]}, "prompt"),
+                        ({"prompt": [1.0, 2.0]}, "prompt"),
+                        ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options.include_usage"),
+                        ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream: true
+                        ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus")):
+        e = error_of(app_client.post("/v1/completions", json={"model": "chat", "prompt": "x", **body}), 422)
+        assert e["field"] == field and e["param"] == field, (body, e)
 
 
 def test_caption_model_completes_text_and_chats_with_images(app_client):
@@ -275,6 +290,10 @@ def test_v1_errors_use_v1_field_names(app_client):
     e = error_of(app_client.post("/v1/chat/completions", json={"model": "chat", "messages": [
         {"role": "user", "content": "x" * 3000}]}), 422)
     assert e["field"] == "messages" and "the messages" in e["message"]
+    e = error_of(app_client.post("/v1/chat/completions", json={"model": "chat", "max_completion_tokens": 64,
+                                                               "messages": [{"role": "user", "content": "x" * 1000}]}),
+                 422)
+    assert e["field"] == "max_completion_tokens" and "max_tokens" not in e["message"]  # the name it sent
 
 
 def test_a_prompt_of_megabytes_is_refused_off_the_model_thread(app_client, monkeypatch):
