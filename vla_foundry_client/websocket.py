@@ -75,8 +75,10 @@ class WebsocketPolicyClient:
         ``observation`` is the nested HTTP form (``images``, ``lowdim``, ``language_instruction``)
         or openpi's flat keys (``observation/<camera>``, ``observation/state``, ``prompt``).
         ``request_fields``: ``seed``, ``step``, ``timestamp``, ``num_inference_steps``, ``noise``,
-        ``past_actions``. The reply's ``actions`` is a float32 [horizon, A] array whose row 0 is the
-        action to execute now; ``server_timing`` has ``infer_ms`` (and ``prev_total_ms``).
+        ``past_actions``. The reply's ``actions`` is a float32 [chunk_length, A] array whose row 0 is the
+        action to execute now; execute ``metadata["action_horizon"]`` of them (the deployment's
+        ``n_action_steps``) before the next observation, or send ``step`` (the session counts the steps taken
+        that way); ``server_timing`` has ``infer_ms`` (and ``prev_total_ms``).
         """
         nested = "images" in observation or "lowdim" in observation
         body = {"observation": observation, **request_fields} if nested else {**observation, **request_fields}

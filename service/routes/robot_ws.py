@@ -3,9 +3,10 @@
 An openpi-style robot client connects unchanged:
 
 1. on connect the server sends one binary msgpack frame: the deployment's metadata (the
-   ``GET /models`` io, plus ``action_horizon``, ``model`` and ``session_id``);
+   ``GET /models`` io, plus ``model`` and ``session_id``; ``action_horizon`` is ``n_action_steps`` there, the
+   actions a robot executes per reply, and ``chunk_length`` the reply's rows, F+1);
 2. each binary msgpack frame from the client is an observation map, answered by a binary
-   msgpack map ``{"actions": float32 [action_horizon, A], "server_timing": {"infer_ms",
+   msgpack map ``{"actions": float32 [chunk_length, A], "server_timing": {"infer_ms",
    "queue_ms", "batch_size", "prev_total_ms" (from the second request on)}}`` plus the HTTP reply's bookkeeping
    (``step``, ``seed``, ``valid_until``, ``n_action_steps``);
 3. ``{"endpoint": "reset"}`` (optionally with ``seed``) resets the session, answered as ``POST
@@ -242,7 +243,12 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
     """The protocol on an accepted connection: the metadata frame, then one reply per observation frame; once the
     server drains, the goodbye after the reply in flight (``OpenSockets``)."""
     pipeline = deployment.pipeline
-    metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
+    # action_horizon: the actions a robot executes from each reply before its next frame, as openpi's
+    # ActionChunkBroker reads it; the session takes a frame without `step` to be that many steps later, so a broker
+    # built from it stays in step with the session (F+1, the reply's rows, had made it run ahead of the session).
+    io = pipeline.io()
+    metadata = {**io, "action_horizon": io["n_action_steps"], "chunk_length": io["future_steps"] + 1,
+                "model": deployment.name, "session_id": entry.id}
     await websocket.send_bytes(pack_msgpack(metadata, bytes_keys=True))
     previous_total: Optional[float] = None
     while sockets.answered(connection):

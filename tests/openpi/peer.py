@@ -59,16 +59,18 @@ def main(base: str) -> dict:
     ws_url = base.replace("http://", "ws://") + "/ws/diffusion_policy?session_id=openpi-peer"
     policy = websocket_client_policy.WebsocketClientPolicy(host=ws_url)
     metadata = policy.get_server_metadata()
-    horizon, action_dim = metadata["action_horizon"], metadata["action_dim"]
+    # action_horizon: the actions executed per reply (the session's n_action_steps); each reply has chunk_length rows
+    horizon, rows_per_reply, action_dim = metadata["action_horizon"], metadata["chunk_length"], metadata["action_dim"]
+    assert horizon == metadata["n_action_steps"] <= rows_per_reply, metadata
     assert metadata["session_id"] == "openpi-peer", metadata
 
     first = policy.infer({**observation(metadata, 0), "seed": np.int64(3)})
     actions = first["actions"]
     assert isinstance(actions, np.ndarray), type(actions)
-    assert actions.dtype == np.float32 and actions.shape == (horizon, action_dim), (actions.dtype, actions.shape)
+    assert actions.dtype == np.float32 and actions.shape == (rows_per_reply, action_dim), (actions.dtype, actions.shape)
     assert "infer_ms" in first["server_timing"] and "prev_total_ms" not in first["server_timing"], first
     second = policy.infer(observation(metadata, 1))
-    assert isinstance(second["actions"], np.ndarray) and second["actions"].shape == (horizon, action_dim)
+    assert isinstance(second["actions"], np.ndarray) and second["actions"].shape == (rows_per_reply, action_dim)
     assert second["server_timing"]["prev_total_ms"] > 0 and second["step"] > first["step"], second
 
     # The server's reset frame (openpi-client's own reset() only resets client state), on the client's socket.
@@ -82,7 +84,8 @@ def main(base: str) -> dict:
     broker = action_chunk_broker.ActionChunkBroker(policy, action_horizon=horizon)
     rows = [broker.infer(observation(metadata, 10 + i)) for i in range(horizon + 1)]
     assert all(isinstance(r["actions"], np.ndarray) and r["actions"].shape == (action_dim,) for r in rows)
-    assert rows[horizon]["step"] > rows[0]["step"], "a new chunk after action_horizon steps"
+    # a new chunk after action_horizon steps, which the session counted as the steps the robot took
+    assert rows[horizon]["step"] - rows[0]["step"] == horizon, [r["step"] for r in rows]
     broker.reset()
     after_reset = broker.infer(observation(metadata, 20))
     assert after_reset["actions"].shape == (action_dim,)
@@ -90,7 +93,8 @@ def main(base: str) -> dict:
     fresh = post(base + "/predict/diffusion_policy", http_body(metadata, observation(metadata, 0), 3, "openpi-http"))
     chunk = np.asarray(fresh["action_chunk"], np.float32)[fresh["first_action_index"]:]
     np.testing.assert_allclose(chunk, actions, atol=1e-6)
-    return {"metadata_keys": sorted(metadata), "action_horizon": horizon, "action_dim": action_dim,
+    return {"metadata_keys": sorted(metadata), "action_horizon": horizon, "chunk_length": rows_per_reply,
+            "action_dim": action_dim,
             "actions_dtype": str(actions.dtype), "actions_shape": list(actions.shape),
             "server_timing": sorted(second["server_timing"]), "reset_step": again["step"],
             "broker_rows": len(rows), "http_session": fresh["session_id"], "http_actions": chunk.tolist(),

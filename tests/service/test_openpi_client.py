@@ -58,7 +58,7 @@ def test_real_openpi_client_against_two_replicas_behind_one_port(openpi_python, 
 def check_peer(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
-    assert seen["actions_dtype"] == "float32" and seen["actions_shape"] == [seen["action_horizon"], seen["action_dim"]]
+    assert seen["actions_dtype"] == "float32" and seen["actions_shape"] == [seen["chunk_length"], seen["action_dim"]]
     assert {"cameras", "action_horizon", "session_id", "model"} <= set(seen["metadata_keys"])
     assert {"infer_ms", "prev_total_ms"} <= set(seen["server_timing"]) and seen["reset_step"] == 0
     assert seen["broker_rows"] == seen["action_horizon"] + 1 and seen["http_session"] == "openpi-http"

@@ -184,7 +184,8 @@ def test_session_step_and_seeded_reset(server):
 def test_websocket_metadata_infer_and_reset(server):
     with WebsocketPolicyClient(server, model=POLICY) as ws:
         assert ws.metadata["model"] == POLICY and ws.metadata["cameras"] == POLICY_CAMERAS
-        assert ws.session_id.startswith("ws-") and ws.metadata["action_horizon"] == 3
+        assert ws.session_id.startswith("ws-") and ws.metadata["chunk_length"] == 3
+        assert ws.metadata["action_horizon"] == ws.metadata["n_action_steps"]
         assert ws.reset(seed=7)["reset"] is True
         reply = ws.infer(current_step(2))
         actions = reply["actions"]

@@ -77,7 +77,8 @@ def closed_with(ws, code: int, reason: str = "") -> str:
 def test_openpi_exchange_metadata_actions_and_reset(server):
     with open_ws(server + "?session_id=arm-1") as ws:
         metadata = msgpack.unpackb(ws.recv(timeout=30))
-        assert metadata["action_horizon"] == 3 and metadata["cameras"] == POLICY_CAMERAS
+        assert metadata["chunk_length"] == 3 and metadata["cameras"] == POLICY_CAMERAS
+        assert metadata["action_horizon"] == metadata["n_action_steps"]  # what a robot executes per reply
         assert metadata["session_id"] == "arm-1" and metadata["model"] == "policy"
         first = infer(ws, {**flat_observation(0), "seed": 3})
         actions = unpack_array(first["actions"])
