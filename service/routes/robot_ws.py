@@ -160,14 +160,18 @@ def nested_observation(obj: dict, robot_io) -> dict:
             body[key] = value
         elif name in robot_io.camera_names:
             observation["images"][name] = value
-        elif name == "state":
-            observation["lowdim"].update(_split_state(value, robot_io))
-        elif name is not None:
-            observation["lowdim"][name] = value
+        elif name == "state" or name in robot_io.proprioception_fields:
+            rows = _split_state(value, robot_io) if name == "state" else {name: value}
+            twice = sorted(set(rows) & set(observation["lowdim"]))
+            if twice:  # observation/state and observation/<field> both: which one counts would be a guess
+                raise InvalidInputError(f"proprioception field {twice[0]!r} is given twice (in observation/state and "
+                                        f"as observation/{twice[0]}); send one of them", field=key)
+            observation["lowdim"].update(rows)
         else:
             raise InvalidInputError(f"unknown observation key {key!r}; send observation/<camera> "
                                     f"({', '.join(robot_io.camera_names)}), observation/state or "
-                                    f"observation/<field>, prompt", field=key)
+                                    f"observation/<proprioception field> "
+                                    f"({', '.join(robot_io.proprioception_fields) or 'none'}), prompt", field=key)
     return body
 
 

@@ -120,6 +120,8 @@ def bad_frames(bytes_keys: bool) -> dict:
                                        "observation/front": nd(np.zeros((24, 40, 3), np.float32), bytes_keys)}), 1008),
         "missing camera": (msgpack.packb({k: v for k, v in flat_observation(bytes_keys=bytes_keys).items()
                                           if k != "observation/wrist"}), 1008),
+        "unknown key": (msgpack.packb({**flat_observation(), "observation/elbow": [0.5]}), 1008),
+        "state twice": (msgpack.packb({**flat_observation(), "observation/arm__pos": [0.3, 0.4]}), 1008),
         "a list": (msgpack.packb([1, 2, 3]), 1008),
         "over the limit": (b"\x00" * (FRAME_LIMIT + 1), 1009),
         # over VLA_MAX_BODY_KEYS (10,000 by default): refused while unpacking, with the reason in a text frame
@@ -146,8 +148,11 @@ def test_bad_frames_close_that_connection_only(server, case):
                     ws.recv(timeout=30)
                 assert closed.value.rcvd.code == 1009
             else:
-                reason = "field=observation.images.wrist" if case.startswith("missing camera") else ""
-                assert closed_with(ws, code, reason)
+                reasons = {"missing camera": "field=observation.images.wrist", "unknown key": "field=observation/elbow",
+                           "state twice": "field=observation/arm__pos"}
+                text = closed_with(ws, code, next((r for c, r in reasons.items() if case.startswith(c)), ""))
+                if case == "unknown key":  # what may be sent instead: the cameras and the fields
+                    assert all(name in text for name in (*POLICY_CAMERAS, "arm__pos")), text
         after = infer(other, {**flat_observation(6), "seed": 1})  # the other session carries on
         assert after["step"] > before["step"]
 
