@@ -262,6 +262,17 @@ def test_stop_string_matches_only_text_that_stays(tiny_tokenizer):
     completion = tracker.finish()[0]
     assert (completion.text, completion.token_ids, completion.finish_reason) == ("\u05e2", ids, "length")
     rec.check(SimpleNamespace(completions=[completion]), stop=["\ufffd"])
+    # out of tokens halfway through the character: the whole text ends in U+FFFD, which the stop string cuts, and
+    # the reason says so (it said "length" beside a text cut at a stop string)
+    rec = Recorder()
+    tracker = CompletionTracker(1, tiny_tokenizer, frozenset({tiny_tokenizer.eos_token_id}), ["a\ufffd"], rec)
+    tokens = tiny_tokenizer.encode("a", add_special_tokens=False) + ids[:1]
+    for n in range(1, len(tokens) + 1):
+        tracker.update(range(1), torch.tensor([tokens[:n]]))
+    tracker.set_tokens(0, tokens)
+    completion = tracker.finish()[0]
+    assert (completion.text, completion.finish_reason) == ("", "stop")
+    rec.check(SimpleNamespace(completions=[completion]), stop=["a\ufffd"])
 
 
 @pytest.mark.parametrize("model_type", ["vlm", "vlm_hf"])

@@ -266,8 +266,10 @@ class CompletionTracker:
             tokens = tokens[:self.kept[row]] if finished else tokens
             if finished and tokens and tokens[-1] in self.end_ids:
                 tokens = tokens[:-1]
-            text = self._text(tokens)[0] if self.tokenizer is not None else None  # whole, once
-            completion = Completion(text, tokens, "stop" if finished else "length")
+            text, cut = self._text(tokens) if self.tokenizer is not None else (None, False)  # whole, once
+            # (a row that ran out of tokens is cut here too when its whole text shows a stop string its steps could
+            # not: one ending in U+FFFD, which a step's text leaves out as a character still incomplete)
+            completion = Completion(text, tokens, "stop" if finished or cut else "length")
             if self.on_text is not None:
                 self._send(row, tokens, text, final=True, finish_reason=completion.finish_reason)
             completions.append(completion)
