@@ -58,6 +58,10 @@ def _decode_frame(value: Any, request: RequestBase, field: str) -> np.ndarray:
         if dtype != np.uint8:
             raise InvalidInputError(f"{field}: camera frames are uint8 (H, W, 3) arrays; got dtype "
                                     f"{value.get('dtype')!r}", field)
+        shape = value.get("shape")
+        if isinstance(shape, list) and not (len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3))):
+            raise InvalidInputError(f"{field}: camera frames are uint8 (H, W, 3) arrays (or (H, W) / (H, W, 1) "
+                                    f"grey); got shape {shape}", field)
     frame = decode_image_value(value, max_pixels=request.cap_image_pixels, max_bytes=request.cap_image_bytes,
                                field=field)
     h, w = frame.shape[:2]
