@@ -160,6 +160,11 @@ class BodyCodecMiddleware:
             except TooDeep as e:
                 await self._refuse(scope, receive, send, accept, 400, str(e))
                 return
+            except UnicodeDecodeError as e:  # (FastAPI would say only that the body could not be parsed)
+                await self._refuse(scope, receive, send, accept, 400,
+                                   f"the body is not UTF-8 text (byte {e.start} of {len(body)}): a JSON body is UTF-8; "
+                                   "send binary data as msgpack (Content-Type: application/msgpack)")
+                return
             except ValueError:  # not JSON: FastAPI parses it again and reports where (its usual 422)
                 pass
         new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]

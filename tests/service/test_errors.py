@@ -128,6 +128,9 @@ def test_malformed_bodies_are_400(client):
         assert_error(client.post("/predict/transformer", content=body, headers=as_msgpack), 422)
     response = client.post("/predict/transformer", content=b"<prompt/>", headers={"content-type": "application/xml"})
     assert_error(response, 415)
+    response = client.post("/predict/transformer", content=b'{"prompt": "\xff\xfe"}', headers=as_json)
+    assert_error(response, 400)
+    assert "not UTF-8" in response.json()["error"]["message"]  # what is wrong, not only that parsing failed
     # msgpack keeps bytes as bytes: where a string belongs, undecodable bytes are a named 422, not a crash.
     response = client.post("/predict/transformer", content=msgpack.packb({"prompt": b"\xff\xfe"}, use_bin_type=True),
                            headers={"content-type": "application/msgpack"})
