@@ -22,3 +22,6 @@ async def ready(request: Request, manager: DeploymentManager = Depends(get_manag
 
 
 router.add_api_route("/healthz", ready, methods=["GET"], summary="Alias of /health/ready")
+# HEAD as well, as load balancers probe (the status is the answer; /health/live answers it in probes.py)
+for _path in ("/health/ready", "/healthz"):
+    router.add_api_route(_path, ready, methods=["HEAD"], include_in_schema=False)

@@ -108,6 +108,9 @@ def test_health(client):
     ready = client.get("/health/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert client.get("/healthz").json() == ready.json()
+    for path in ("/health/live", "/health/ready", "/healthz"):  # as load balancers probe
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b"", path
 
 
 def test_openapi_has_a_request_schema_per_type(client):
