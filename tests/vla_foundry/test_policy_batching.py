@@ -96,23 +96,40 @@ def test_ddpm_policies_draw_each_requests_step_noise_from_its_own_seed():
         np.testing.assert_allclose(out.action_chunk, solo["action_chunk"][0], atol=ATOL)
 
 
-def test_a_request_whose_actions_overflow_fails_alone(tiny_pipeline):
-    """Finite numbers far outside the statistics (3e38 in a joint position) overflow inside the model: that
-    request gets an InvalidInputError in its place, its neighbours their own answers, from one model call."""
+@pytest.mark.parametrize("value", [3e38, 1e13])
+def test_a_request_far_outside_the_statistics_fails_alone(tiny_pipeline, value):
+    """Finite numbers far outside the statistics (3e38 in a joint position overflows inside the model; 1e13 gave
+    the model's saturated output, the same as 1e6) are refused as a session refuses them when it records them:
+    that request gets an InvalidInputError naming its field, its neighbours their own answers, from one call."""
     from vla_foundry.errors import InvalidInputError
 
     requests = mixed_requests(tiny_pipeline.robot_io)[:3]
     bad = requests[1].sample
-    huge = {field: np.full_like(values, 3e38) for field, values in bad.lowdim.items()}
+    huge = {field: np.full_like(values, value) for field, values in bad.lowdim.items()}
     requests[1].sample = RawObservation(bad.images, huge, bad.instruction, bad.past_actions)
     outs = tiny_pipeline.predict_each(requests, num_inference_steps=5)
-    assert isinstance(outs[1], InvalidInputError) and outs[1].field == "observation"
+    field = f"observation.lowdim.{next(iter(huge))}"
+    assert isinstance(outs[1], InvalidInputError) and outs[1].field == field, outs[1]
     for i in (0, 2):
         solo = tiny_pipeline.predict([requests[i].sample], num_inference_steps=5, seed=requests[i].seed,
                                      noise=requests[i].noise)
         np.testing.assert_allclose(outs[i].action_chunk, solo["action_chunk"][0], atol=ATOL)
-    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+    with pytest.raises(InvalidInputError, match="far outside") as alone:
         tiny_pipeline.predict([requests[1].sample], num_inference_steps=5, seed=1)
+    assert alone.value.field == field
+
+
+def test_noise_that_overflows_the_model_fails_alone(tiny_pipeline):
+    """Explicit noise of 1e30 makes the actions infinite: that request fails (naming the observation or the
+    noise), its neighbours do not."""
+    from vla_foundry.errors import InvalidInputError
+
+    requests = mixed_requests(tiny_pipeline.robot_io)[:3]
+    r = tiny_pipeline.robot_io
+    requests[1].noise = np.full((r.action_steps, r.action_dim), 1e30, np.float32)
+    outs = tiny_pipeline.predict_each(requests, num_inference_steps=5)
+    assert isinstance(outs[1], InvalidInputError) and "NaN or infinite" in str(outs[1])
+    assert not isinstance(outs[0], Exception) and not isinstance(outs[2], Exception)
 
 
 def evaluations(io) -> list:

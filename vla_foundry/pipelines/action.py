@@ -314,11 +314,36 @@ class ActionPipeline(Pipeline):
                 "actions would come out NaN or infinite); send the robot's real values, in the units of the "
                 "checkpoint's stats.json", field=where)
 
+    def beyond_range(self, inputs: PolicyInputs) -> list[Optional[InvalidInputError]]:
+        """Per request of a prepared batch, the refusal of a proprioception row beyond ``max_normalized_input`` once
+        normalized (or not finite), as a session refuses such a row when it records it; else None. Its answer
+        would be the model's saturated output for numbers it was never trained near (1e13 in a joint position
+        gave the same actions as 1e6). One comparison over the batch's normalized rows, on the model thread."""
+        r = self.robot_io
+        out: list[Optional[InvalidInputError]] = [None] * inputs.actions.shape[0]
+        if inputs.proprioception is None:
+            return out
+        rows = inputs.proprioception.float()  # (B, P+1, Dp)
+        bad = ~torch.isfinite(rows) | (rows.abs() > self.max_normalized_input)
+        if not bool(bad.any()):
+            return out
+        ends = np.cumsum([r.field_dims[f] for f in r.proprioception_fields])
+        for i, column in bad.any(1).nonzero().tolist():
+            if out[i] is None:
+                field = r.proprioception_fields[int(np.searchsorted(ends, column, side="right"))]
+                out[i] = InvalidInputError(
+                    f"observation.lowdim.{field}: a row is far outside the range the policy was trained on: normalized "
+                    f"with the checkpoint's statistics it reaches {rows[i].abs().max().item():.3g}, beyond the "
+                    f"{self.max_normalized_input:g} this policy takes; send the robot's real values, in the units of "
+                    "the checkpoint's stats.json", field=f"observation.lowdim.{field}")
+        return out
+
     def check_request(self, request: PolicyRequest) -> None:
         """What ``predict_each`` would refuse in ``request`` alone (a stale observation, an instruction the tokenizer
         would cut, noise of the wrong shape), checked before it joins a batch, so a bad request never fails its
-        neighbours. (Values the model overflows on are found by the model call itself, which fails only that
-        request; a session checks its rows as it records them, ``check_magnitudes``.)"""
+        neighbours. (Values the model overflows on, or would take beyond ``max_normalized_input``, are found in the
+        batched call itself, which fails only that request, ``beyond_range``; a session checks its rows as it
+        records them, ``check_magnitudes``.)"""
         self.anchor(request.timestamp)
         self.check_instructions([request.sample])
         if request.noise is not None:
@@ -405,6 +430,9 @@ class ActionPipeline(Pipeline):
         started = time.perf_counter()
         inputs = self.prepare(samples)
         prepared = time.perf_counter()
+        refused = next((error for error in self.beyond_range(inputs) if error is not None), None)
+        if refused is not None:
+            raise refused
         steps = self._steps(num_inference_steps)
         seed = new_seed() if seed is None else seed
         initial_noise = None if noise is None else self._initial_noise(noise, inputs.actions)
@@ -439,7 +467,9 @@ class ActionPipeline(Pipeline):
             enumerate(zip(requests, generators))])
         normalized = self._sample(inputs, steps, generators, initial_noise)
         batch = self._chunks(normalized, steps, None, started, prepared)
-        return [overflowed(requests[i].noise is not None) if not batch["finite"][i] else ActionChunk(
+        refused = [error or (None if finite else overflowed(request.noise is not None))  # each its own failure
+                   for error, finite, request in zip(self.beyond_range(inputs), batch["finite"], requests)]
+        return [refused[i] if refused[i] is not None else ActionChunk(
             actions={k: v[i] for k, v in batch["actions"].items()}, action_chunk=batch["action_chunk"][i],
             normalized_actions=batch["normalized_actions"][i], first_action_index=batch["first_action_index"],
             n_action_steps=self.n_action_steps, action_fields=batch["action_fields"], num_inference_steps=steps,
