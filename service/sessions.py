@@ -493,7 +493,12 @@ class SessionStore:
         deployment's reload or unload, or deleted): a websocket holding it tells its robot."""
         if self.shared is None and self._entries.get(entry.id) is not entry:
             gone = self._gone.get(entry.id)
-            raise _gone_error(entry.id, gone[0] if gone is not None and gone[1] == entry.owner else "was deleted")
+            if gone is not None and gone[1] == entry.owner:
+                raise _gone_error(entry.id, gone[0])
+            # (deleted: the id is free, and nothing remembers it to reset)
+            raise ApiError(409, f"session {entry.id!r} was deleted; its history is lost. Its id is free: connect again "
+                                "to start a new session under it (or use a new session_id)", field="session_id",
+                           type="session_gone")
 
     def _drop(self, session_id: str, entry: SessionEntry) -> None:
         if self._entries.get(session_id) is entry:

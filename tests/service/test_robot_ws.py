@@ -183,6 +183,24 @@ def test_reset_seed_is_checked_and_connection_sessions_end_with_it(server):
     assert session_id not in live  # an unnamed connection's session is dropped when it closes
 
 
+def test_a_connection_whose_session_was_deleted_is_told_to_connect_again(server):
+    """DELETE /sessions/{id} while a robot's connection holds it: its next frame is told the session was deleted and
+    that its id is free (not to reset it, which would find nothing: 404)."""
+    import httpx
+
+    base = server.replace("ws://", "http://").rsplit("/ws/", 1)[0]
+    with open_ws(server + "?session_id=deleted-arm") as ws:
+        msgpack.unpackb(ws.recv(timeout=30))
+        infer(ws, flat_observation(0))
+        assert httpx.delete(base + "/sessions/deleted-arm").status_code == 200
+        ws.send(msgpack.packb(flat_observation(1)))
+        text = closed_with(ws, 1008)
+        assert "was deleted" in text and "connect again" in text and "/reset" not in text, text
+    with open_ws(server + "?session_id=deleted-arm") as ws:  # as it says: a new session under the id
+        msgpack.unpackb(ws.recv(timeout=30))
+        assert infer(ws, flat_observation(0))["step"] == 0
+
+
 def test_concurrent_robots_share_calls_and_get_their_solo_actions(server):
     """8 robots on their own connections, 3 frames each, all at once: their frames share model calls
     (server_timing.batch_size > 1) and each robot's actions equal those of the same episode run alone."""
