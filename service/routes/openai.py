@@ -385,6 +385,13 @@ def _check_tokenizer(deployment: Deployment) -> None:
                             f"POST /predict/{deployment.model_type} with token ids", field="model")
 
 
+# The 200 of the generating routes in /openapi.json: the JSON reply, or the stream of server-sent events.
+V1_GENERATED = {200: {"description": "The completion (OpenAI's shape); with `stream: true`, server-sent events: one "
+                                     "`data: <chunk JSON>` per step's text, ending with `data: [DONE]`.",
+                      "content": {"application/json": {"schema": {"type": "object"}},
+                                  "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 def add_openai_routes(app: FastAPI, settings) -> None:
     router = APIRouter(prefix="/v1", tags=["openai"], route_class=DecodedBodyRoute)
     caps = {"cap_max_new_tokens": settings.max_new_tokens, "cap_batch": settings.max_batch,
@@ -406,13 +413,14 @@ def add_openai_routes(app: FastAPI, settings) -> None:
         return {"id": d.name, "object": "model", "created": d.created, "owned_by": OWNER, "type": d.model_type,
                 "status": d.status}
 
-    @router.post("/completions", summary="Text completions (OpenAI legacy completions)")
+    @router.post("/completions", summary="Text completions (OpenAI legacy completions)", responses=V1_GENERATED)
     async def completions(body: completion_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         deployment = _deployment(manager, body.model)
         _check_tokenizer(deployment)
         return await _respond(deployment, body, request, "text_completion", "cmpl", None)
 
-    @router.post("/chat/completions", summary="Chat completions (images as image_url parts for caption models)")
+    @router.post("/chat/completions", summary="Chat completions (images as image_url parts for caption models)",
+                 responses=V1_GENERATED)
     async def chat_completions(body: chat_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         deployment = _deployment(manager, body.model)
         _check_tokenizer(deployment)

@@ -313,8 +313,11 @@ def test_openapi_documents_the_error_shape_on_every_route(client):
         for status in ("400", "401", "404", "413", "422", "503", "504"):
             assert responses[status]["content"]["application/json"]["schema"]["$ref"] == ref, (path, status)
     detail = spec["components"]["schemas"]["ErrorDetail"]["properties"]
-    assert set(detail) == {"type", "message", "field", "request_id"}
+    assert set(detail) == {"type", "message", "field", "request_id", "param", "code"}  # (the last two: /v1's)
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # 422s have our shape, not FastAPI's
+    for path in ("/v1/completions", "/v1/chat/completions"):  # a stream is server-sent events
+        assert {"application/json", "text/event-stream"} <= set(spec["paths"][path]["post"]["responses"]["200"]
+                                                                 ["content"])
 
 
 def test_openapi_declares_every_reply_format(client):
