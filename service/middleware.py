@@ -64,6 +64,12 @@ class DecodedBodyRoute(APIRoute):
 SIMPLE_BODY_TYPES = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 
 
+def foreign_origin(origin: Optional[str], host: str) -> bool:
+    """Whether a request's ``Origin`` header names a web page of another origin than this server (``Host``).
+    Browsers send one with cross-origin requests and websockets; robots, curl and SDKs send none."""
+    return origin is not None and (origin == "null" or urlsplit(origin).netloc != host)
+
+
 def _cross_site_form(headers: dict) -> Optional[str]:
     """The ``Origin`` of a request that a web page of another origin sent with a simple body type; None when it is
     no such request (no Origin: curl, robots, SDKs; or the server's own page)."""
@@ -71,9 +77,8 @@ def _cross_site_form(headers: dict) -> Optional[str]:
     media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
     if origin is None or media not in SIMPLE_BODY_TYPES:
         return None
-    origin_text = origin.decode("latin-1")
-    same = urlsplit(origin_text).netloc == headers.get(b"host", b"").decode("latin-1")
-    return None if same and origin_text != "null" else origin_text
+    text = origin.decode("latin-1")
+    return text if foreign_origin(text, headers.get(b"host", b"").decode("latin-1")) else None
 
 
 def _is_json(content_type: str) -> bool:

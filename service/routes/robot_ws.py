@@ -34,7 +34,6 @@ import logging
 import time
 import uuid
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, WebSocket
@@ -45,6 +44,7 @@ from service.auth import caller_of
 from service.codecs import DecodeError, TooManyKeys, pack_msgpack, unpack_message_off_loop
 from service.deadlines import tightened
 from service.errors import ApiError, field_of_loc
+from service.middleware import foreign_origin
 from service.modalities.action import ActionPredictRequest, batch_key, decode_observation_frames, session_predict
 from service.modalities.base import ModelCall, RequestBase
 from service.settings import Settings
@@ -211,8 +211,8 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         if sockets.draining:
             await _close(websocket, GOODBYE, GOING_AWAY)
             return
-        origin = _other_origin(websocket.headers)
-        if origin is not None:
+        origin = websocket.headers.get("origin")
+        if foreign_origin(origin, websocket.headers.get("host", "")):
             await _close(websocket, f"a connection from a page of another origin ({origin[:80]!r}) is not taken: "
                                     "browsers let any web page open a websocket, so any page could drive a robot "
                                     "through it; robots and their clients send no Origin", POLICY_VIOLATION, "origin")
@@ -348,14 +348,6 @@ def _field(error: Exception) -> Optional[str]:
             return original.field
         return field_of_loc(tuple(first.get("loc", ())))
     return getattr(error, "field", None)
-
-
-def _other_origin(headers) -> Optional[str]:
-    """The ``Origin`` of a connection a web page of another origin opened (browsers send one; robots do not)."""
-    origin = headers.get("origin")
-    if origin is None or (origin != "null" and urlsplit(origin).netloc == headers.get("host", "")):
-        return None
-    return origin
 
 
 async def _close(websocket: WebSocket, message: str, code: int, field: Optional[str] = None) -> None:
