@@ -123,6 +123,7 @@ class Deployment:
             if self.settings.warmup:
                 self.stage = f"warming up (batch sizes up to {self.executor.max_batch_size})"
                 pipeline.warmup(self.executor.max_batch_size)
+            pipeline.serving()
             continuous = self.settings.continuous_batching
             if continuous is None:  # on CUDA a lone request's steps replay from a graph; a continuous batch's lone
                 # sequence now does too (the one-row graph), but one client has not been measured both ways on a
@@ -372,6 +373,8 @@ class DeploymentManager:
     @staticmethod
     def _free(old: Deployment) -> None:
         """Drop a deployment's pipeline and collect what it leaves in cycles, frozen with the rest or not."""
+        if old.pipeline is not None:
+            old.pipeline.close()  # (its background work would keep its model alive)
         old.pipeline = None
         if old.settings.gc_freeze:  # its model was frozen with everything alive when it loaded (gc_pauses.py)
             thaw_and_collect()

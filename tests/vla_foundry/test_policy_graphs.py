@@ -216,3 +216,34 @@ def test_a_serving_policy_never_waits_for_a_capture(tiny_checkpoints, clip_pipel
                        eager.predict_each(requests, num_inference_steps=other))
     pipeline.graphs.wait()
     assert len(pipeline.graphs) == 2
+
+
+def test_serving_without_warm_up_never_waits_and_a_closed_policy_is_freed(tiny_checkpoints, clip_pipelines,
+                                                                         monkeypatch):
+    """A deployment that skips warm-up still serves (``serving``): no call is traced in it, not even the first
+    shape. Closed (unloaded), its background captures hold nothing of it: its weights are freed."""
+    import gc
+    import threading
+    import weakref
+
+    pipeline, eager = load_pipeline(tiny_checkpoints["diffusion_policy"]), clip_pipelines[1]
+    pipeline.serving()
+    model_thread = threading.current_thread().name
+    traced_on, real_trace = [], policy_graphs.shared_trace
+
+    def recording_trace(sampler, key, example):
+        traced_on.append(threading.current_thread().name)
+        return real_trace(sampler, key, example)
+
+    monkeypatch.setattr(policy_graphs, "shared_trace", recording_trace)
+    requests = [PolicyRequest(observation(pipeline.robot_io, seed=i), seed=i) for i in range(2)]
+    for steps in (None, pipeline.num_inference_steps - 1):  # the default step count, then another
+        assert_same_chunks(pipeline.predict_each(requests, num_inference_steps=steps),
+                           eager.predict_each(requests, num_inference_steps=steps))
+    pipeline.graphs.wait()
+    assert traced_on == ["policy-graph-capture"] and model_thread not in traced_on and len(pipeline.graphs) == 1
+    weights = [weakref.ref(t) for t in pipeline.model.parameters()]
+    pipeline.close()
+    del pipeline
+    gc.collect()
+    assert not any(w() is not None for w in weights)  # nothing of it stays with the capture thread

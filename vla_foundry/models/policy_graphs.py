@@ -144,13 +144,8 @@ class _CaptureThread:
             job = self._jobs.get()
             if job is None:
                 return
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 — handed to whoever waits on it
-                future.set_exception(e)
+            _run_job(*job)
+            del job  # (held while waiting for the next, it would keep its policy's model alive after an unload)
 
     def _stop(self) -> None:
         while True:  # queued captures are dropped: nobody will replay them
@@ -162,6 +157,17 @@ class _CaptureThread:
                 job[0].cancel()
         self._jobs.put(None)
         self._thread.join(timeout=120)
+
+
+def _run_job(future: concurrent.futures.Future, fn: Callable, args: tuple) -> None:
+    """One job: its outcome to its future (None: a capture's graph is kept by its policy, not by the future)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        fn(*args)
+        future.set_result(None)
+    except BaseException as e:  # noqa: BLE001 — handed to whoever waits on it
+        future.set_exception(e)
 
 
 _CAPTURE_THREAD = _CaptureThread()
@@ -183,8 +189,9 @@ class PolicyGraphs:
         self.cuda_graphs, self.trace_on_cpu = cuda_graphs, trace_on_cpu
         self._graphs: dict[tuple, Callable[..., torch.Tensor]] = {}
         self._refused: set[tuple] = set()
-        # Serving (after warm-up): the step counts whose shapes are still captured (in the background on the CPU).
+        # Serving (``serve``): the step counts whose shapes are still captured (in the background on the CPU).
         self.serving_steps: Optional[frozenset[int]] = None
+        self._closed = False  # (``close``: its policy is unloaded; nothing more is captured)
         self._pending: dict[tuple, concurrent.futures.Future] = {}  # background captures, by key
         self._lock = threading.Lock()  # _pending and the bound on graphs: the model thread and the capturer
 
@@ -276,13 +283,30 @@ class PolicyGraphs:
         """``fn(*args)`` on the process's capture thread (one capture at a time, every policy's)."""
         return _CAPTURE_THREAD.submit(fn, *args)
 
+    def serve(self, steps: int) -> None:
+        """Serving from now on, at ``steps`` among others (see the module's docstring): no call waits for a capture
+        any more; later shapes of these step counts are captured without a call waiting, other step counts
+        sample eagerly."""
+        self.serving_steps = (self.serving_steps or frozenset()) | {steps}
+
+    def close(self) -> None:
+        """Its policy is done (unloaded, or replaced by a reload): queued captures are dropped, and one under way
+        keeps nothing (its policy's model is freed once it ends)."""
+        self._closed = True
+        with self._lock:
+            pending = list(self._pending.values())
+        for future in pending:
+            future.cancel()
+
     def wait(self) -> None:
-        """Until the background captures asked for so far have ended (captured, or refused)."""
+        """Until the background captures asked for so far have ended (captured, refused or dropped)."""
         for future in list(self._pending.values()):
-            future.result()
+            concurrent.futures.wait([future])
 
     def _capture(self, key: tuple, names, tensors: list[torch.Tensor], steps: int, on_cuda: bool):
         try:
+            if self._closed:  # (queued before its policy was unloaded)
+                return None
             return self._captured(key, names, tensors, steps, on_cuda)
         finally:
             with self._lock:
@@ -328,4 +352,5 @@ class PolicyGraphs:
                 batch = {n: (_resize_batch(t, one, size) if t is not None else None) for n, t in inputs.items()}
                 self.sample(batch, steps, torch.zeros_like(batch["actions"]))
         finally:
-            self.serving_steps = (serving or frozenset()) | {steps}
+            self.serving_steps = serving
+        self.serve(steps)

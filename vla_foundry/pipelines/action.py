@@ -264,6 +264,14 @@ class ActionPipeline(Pipeline):
         self.graphs.capture(self._graph_inputs(self.prepare([sample])), self.num_inference_steps,
                             list(range(1, max_batch_size + 1)))
 
+    def serving(self) -> None:
+        """Requests come from now on, warmed up or not: a shape without a graph at the default step count is
+        captured in the background, and other step counts sample eagerly (``PolicyGraphs.serve``)."""
+        self.graphs.serve(self.num_inference_steps)
+
+    def close(self) -> None:
+        self.graphs.close()
+
     # ------------------------------------------------------------------ inference
 
     @property

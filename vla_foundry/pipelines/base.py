@@ -53,6 +53,14 @@ class Pipeline:
         """One small call so the first request does not pay for lazy initialisation; a pipeline that captures
         graphs per batch size captures them up to ``max_batch_size`` (the deployment's batching limit)."""
 
+    def serving(self) -> None:
+        """A server's requests come from now on (after its warm-up, or without one): nothing this pipeline does may
+        hold a request up for preparation any more (a policy then captures graphs only in the background)."""
+
+    def close(self) -> None:
+        """The server is done with this pipeline (unloaded, or replaced by a reload): background work it started is
+        dropped, so nothing keeps its model alive."""
+
     def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
                            prefill_tokens: int = DEFAULT_PREFILL_TOKENS):
         """A ``vla_foundry.continuous.ContinuousBatcher`` for this pipeline's generations, or None: this pipeline

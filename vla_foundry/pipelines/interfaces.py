@@ -24,8 +24,9 @@ from vla_foundry.robotics.robot_io import RobotIO
 
 
 class Served(Protocol):
-    """Every pipeline: what ``GET /models`` shows, the warm-up before the first request, and the batcher its
-    generations share (None for every pipeline that does not generate text continuously)."""
+    """Every pipeline: what ``GET /models`` shows, the warm-up before the first request, that requests come from
+    now on (``serving``) and that they no longer do (``close``), and the batcher its generations share (None for
+    every pipeline that does not generate text continuously)."""
 
     modality: str
 
@@ -34,6 +35,10 @@ class Served(Protocol):
     def checkpoint_info(self) -> dict[str, Any]: ...
 
     def warmup(self, max_batch_size: int = 1) -> None: ...
+
+    def serving(self) -> None: ...
+
+    def close(self) -> None: ...
 
     def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
                            prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> Optional[ContinuousBatcher]: ...
