@@ -343,6 +343,11 @@ class DeploymentManager:
             new.executor.shutdown(timeout=0)
             raise ApiError(422, f"the new checkpoint did not load ({new.error}); {name!r} keeps serving its current "
                                 "one", field="checkpoint")
+        if old.model_type is not None and new.model_type != old.model_type:  # (its config changed meanwhile)
+            new.executor.shutdown(timeout=0)
+            await asyncio.to_thread(self._free, new)
+            raise ApiError(422, f"the new checkpoint loaded as a {new.model_type!r} model; {name!r} serves "
+                                f"{old.model_type!r} and keeps serving it", field="checkpoint")
         if self.deployments.get(name) is not old:  # unloaded or reloaded meanwhile
             new.executor.shutdown(timeout=0)
             await asyncio.to_thread(self._free, new)  # a collection of the whole heap: off the event loop

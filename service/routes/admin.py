@@ -10,6 +10,7 @@
 
 # No `from __future__ import annotations`: FastAPI reads the request classes from the real annotations.
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Optional
@@ -49,7 +50,10 @@ def _checked_path(path: str, roots: list[Path], field: str = "checkpoint") -> st
         raise ApiError(422, f"{field} must be a path on this host, not a URL", field=field)
     if "\x00" in path:  # (the OS cannot take it; resolving it raises)
         raise ApiError(422, f"{field} must be a path without NUL characters", field=field)
-    resolved = Path(path).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise ApiError(422, f"{field} {path!r} cannot be resolved ({type(e).__name__}: {e})", field=field) from e
     if not any(resolved.is_relative_to(root) for root in roots):
         raise _outside(roots, field, repr(path))
     return str(resolved)
@@ -72,8 +76,15 @@ def _checked_tree(directory: str, roots: list[Path], field: str = "checkpoint") 
                 raise ApiError(422, f"{field} holds more than {MAX_TREE_ENTRIES} files and folders; serve an "
                                     "experiment directory, not a folder of them", field=field)
             path = Path(top) / entry
-            if path.is_symlink() and not any(path.resolve().is_relative_to(root) for root in roots):
-                raise _outside(roots, field, f"holds {str(path)!r}, a link to {str(path.resolve())!r}, which")
+            try:
+                if not path.is_symlink():
+                    continue
+                target = path.resolve(strict=False)
+            except (OSError, RuntimeError) as e:  # a link loop, an unreadable folder
+                raise ApiError(422, f"{field} holds {str(path)!r}, which cannot be resolved ({type(e).__name__}: {e}); "
+                                    "serve a directory whose links all lead to files", field=field) from e
+            if not any(target.is_relative_to(root) for root in roots):
+                raise _outside(roots, field, f"holds {str(path)!r}, a link to {str(target)!r}, which")
 
 
 def _checked_files(fields: dict, roots: list[Path]) -> dict:
@@ -110,8 +121,9 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         return encode_response(body, request.headers.get("accept", ""), status_code=status)
 
     async def load(spec: DeploymentSpec, request: Request):
-        spec = spec.model_copy(update=_checked_files(spec.model_dump(include={"checkpoint", "checkpoint_file",
-                                                                              "tokenizer"}), roots))
+        # (off the event loop: a big experiment directory takes a while to walk)
+        spec = spec.model_copy(update=await asyncio.to_thread(_checked_files, spec.model_dump(
+            include={"checkpoint", "checkpoint_file", "tokenizer"}), roots))
         deployment = request.app.state.manager.add(spec)
         return reply(request, as_served(deployment.info(), request.app.state.settings.max_inference_steps), 202)
 
@@ -122,7 +134,7 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         update.setdefault("checkpoint", old.spec.checkpoint)
         if "checkpoint" in body.model_fields_set and "checkpoint_file" not in body.model_fields_set:
             update["checkpoint_file"] = None  # another experiment: its own latest file
-        update = _checked_files(update, roots)
+        update = await asyncio.to_thread(_checked_files, update, roots)
         new = await manager.reload(name, old.spec.model_copy(update=update))
         request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was reloaded with another "
                                                        "checkpoint")

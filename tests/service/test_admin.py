@@ -104,6 +104,11 @@ def test_checkpoints_only_from_the_allowed_roots(client, roots, tiny_checkpoints
             refused = client.post(path, json={**name, "checkpoint": str(linked)}, headers=ADMIN)
             assert refused.status_code == 422 and refused.json()["error"]["field"] == "checkpoint", refused.text
             assert "checkpoint_1.pt" in refused.json()["error"]["message"]
+        (linked / "checkpoints" / "checkpoint_1.pt").unlink()
+        (linked / "loop").symlink_to(linked / "loop")  # a link loop: the field's fault, not a server error
+        refused = client.post("/admin/deployments", json={"name": "x", "checkpoint": str(linked)}, headers=ADMIN)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "checkpoint", refused.text
+        assert "cannot be resolved" in refused.json()["error"]["message"]
     finally:
         shutil.rmtree(linked)
     assert "x" not in {d["name"] for d in client.get("/models", headers=CLIENT).json()["deployments"]}
