@@ -15,7 +15,7 @@ from service.errors import ERROR_RESPONSES, install_error_handlers
 from service.metrics import Metrics, RequestMetrics
 from service.images import PixelBudget
 from service.memory import return_large_blocks_to_the_system
-from service.middleware import BodyCodecMiddleware, DecodedBodyRoute
+from service.middleware import BodyCodecMiddleware, DecodedBodyRoute, OriginCheck
 from service.deadlines import Deadlines, EarlyAdmission
 from service.light_requests import LightRequestPacer
 from service.probes import LivenessProbe
@@ -91,8 +91,9 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     metrics.watch(manager, app.state.sessions)
     app.state.pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
     metrics.watch_pixels(app.state.pixels)
+    app.state.origins = OriginCheck(not settings.api_key_list(), settings.allowed_origin_list())
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
-                       max_body_keys=settings.max_body_keys, pixels=app.state.pixels)
+                       max_body_keys=settings.max_body_keys, pixels=app.state.pixels, origins=app.state.origins)
     # A refusal before the body is read (deadlines.py).
     app.add_middleware(EarlyAdmission, manager=manager, pacing_s=settings.shed_pacing_s)
     api_keys = settings.api_key_list()

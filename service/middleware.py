@@ -64,21 +64,29 @@ class DecodedBodyRoute(APIRoute):
 SIMPLE_BODY_TYPES = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 
 
-def foreign_origin(origin: Optional[str], host: str) -> bool:
-    """Whether a request's ``Origin`` header names a web page of another origin than this server (``Host``).
-    Browsers send one with cross-origin requests and websockets; robots, curl and SDKs send none."""
-    return origin is not None and (origin == "null" or urlsplit(origin).netloc != host)
+class OriginCheck:
+    """Which web pages may send what a browser sends across origins without asking the server first (a body typed
+    as text or a form; a websocket): on a server without API keys, its own pages (``Origin`` naming its ``Host``)
+    and ``allowed`` ones (``*``: any). With keys nothing is refused for its origin: such a request cannot carry
+    a key, and is refused without one. Robots, curl and SDKs send no ``Origin`` (or their own host's)."""
 
+    def __init__(self, enabled: bool, allowed: frozenset[str] = frozenset()):
+        self.enabled = enabled and "*" not in allowed
+        self.allowed = allowed
 
-def _cross_site_form(headers: dict) -> Optional[str]:
-    """The ``Origin`` of a request that a web page of another origin sent with a simple body type; None when it is
-    no such request (no Origin: curl, robots, SDKs; or the server's own page)."""
-    origin = headers.get(b"origin")
-    media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-    if origin is None or media not in SIMPLE_BODY_TYPES:
-        return None
-    text = origin.decode("latin-1")
-    return text if foreign_origin(text, headers.get(b"host", b"").decode("latin-1")) else None
+    def refuses(self, origin: Optional[str], host: str) -> bool:
+        if not self.enabled or origin is None or origin.rstrip("/") in self.allowed:
+            return False
+        return origin == "null" or urlsplit(origin).netloc != host
+
+    def form_from_elsewhere(self, headers: dict) -> Optional[str]:
+        """The ``Origin`` of a request with a simple body type that this check refuses (raw ASGI headers)."""
+        origin = headers.get(b"origin")
+        media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if origin is None or media not in SIMPLE_BODY_TYPES:
+            return None
+        text = origin.decode("latin-1")
+        return text if self.refuses(text, headers.get(b"host", b"").decode("latin-1")) else None
 
 
 def _is_json(content_type: str) -> bool:
@@ -91,8 +99,9 @@ class BodyCodecMiddleware:
     where images come from, and the lease ends with the reply."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, max_body_keys: int = MAX_BODY_KEYS,
-                 pixels: Optional[PixelBudget] = None):
+                 pixels: Optional[PixelBudget] = None, origins: OriginCheck = OriginCheck(False)):
         self.app = app
+        self.origins = origins
         self.max_body_bytes = max_body_bytes
         self.max_body_keys = max_body_keys
         self.pixels = pixels
@@ -109,13 +118,13 @@ class BodyCodecMiddleware:
     async def _with_decoded_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         accept = headers.get(b"accept", b"").decode("latin-1")
-        origin = _cross_site_form(headers)
+        origin = self.origins.form_from_elsewhere(headers)
         if origin is not None:
             await self._refuse(scope, receive, send, accept, 415,
                                f"a body typed as a form or as text from a page of another origin ({origin[:80]!r}) "
                                "is not taken: a browser sends such a request without asking this server first, so "
                                "any web page could drive a robot through it; send application/json or "
-                               "application/msgpack")
+                               "application/msgpack (or list the origin in VLA_ALLOWED_ORIGINS)")
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:

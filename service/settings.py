@@ -239,6 +239,11 @@ class Settings(BaseSettings):
     checkpoint_roots: Optional[str] = Field(None, description=(
         "Folders the admin API may load checkpoints from, comma-separated (in the YAML also a list); a path outside "
         "them, a symlink out of them or a URL is refused."))
+    allowed_origins: Optional[str] = Field(None, description=(
+        "Web origins (scheme://host[:port], comma-separated; * for any) whose pages may send this server bodies "
+        "typed as text or a form and open robot websockets, besides its own: what a browser sends without asking "
+        "the server first. Checked only on a server without api_keys (with keys such requests carry none and are "
+        "refused anyway). Set it when a proxy rewrites Host, or for a web app of your own on another origin."))
 
     @field_validator("device")
     @classmethod
@@ -267,6 +272,9 @@ class Settings(BaseSettings):
     @classmethod
     def _api_key_list(cls, v: Any) -> Any:
         return ",".join(str(k) for k in v) if isinstance(v, (list, tuple)) else v  # a YAML list
+
+    def allowed_origin_list(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in (self.allowed_origins or "").split(",") if o.strip())
 
     def checkpoint_root_list(self) -> list[Path]:
         return [Path(p.strip()).resolve() for p in (self.checkpoint_roots or "").split(",") if p.strip()]

@@ -44,7 +44,6 @@ from service.auth import caller_of
 from service.codecs import DecodeError, TooManyKeys, pack_msgpack, unpack_message_off_loop
 from service.deadlines import tightened
 from service.errors import ApiError, field_of_loc
-from service.middleware import foreign_origin
 from service.modalities.action import ActionPredictRequest, batch_key, decode_observation_frames, session_predict
 from service.modalities.base import ModelCall, RequestBase
 from service.settings import Settings
@@ -212,10 +211,11 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
             await _close(websocket, GOODBYE, GOING_AWAY)
             return
         origin = websocket.headers.get("origin")
-        if foreign_origin(origin, websocket.headers.get("host", "")):
+        if websocket.app.state.origins.refuses(origin, websocket.headers.get("host", "")):
             await _close(websocket, f"a connection from a page of another origin ({origin[:80]!r}) is not taken: "
                                     "browsers let any web page open a websocket, so any page could drive a robot "
-                                    "through it; robots and their clients send no Origin", POLICY_VIOLATION, "origin")
+                                    "through it on a server without API keys (VLA_ALLOWED_ORIGINS lists the origins "
+                                    "allowed)", POLICY_VIOLATION, "origin")
             return
         try:
             deployment = manager.resolve(model_type, model)

@@ -207,6 +207,23 @@ def test_a_page_of_another_origin_cannot_post_a_body_typed_as_text_or_a_form(cli
     assert as_json.status_code == 200
 
 
+def test_listed_origins_pass_and_a_server_with_keys_checks_none(tiny_checkpoints):
+    """VLA_ALLOWED_ORIGINS lets a listed page's forms through (a proxy that rewrites Host, a web app elsewhere);
+    with API keys nothing is refused for its origin: such a request needs a key, which a page cannot add to it."""
+    spec = DeploymentSpec(name="lm", checkpoint=str(tiny_checkpoints["transformer"]))
+    body, text = b'{"prompt": "a", "max_new_tokens": 1}', {"content-type": "text/plain"}
+    with serving(spec, allowed_origins="https://app.example, https://other.example/") as c:
+        assert c.post("/predict/transformer", content=body, headers={**text, "origin": "https://app.example"}
+                      ).status_code == 200
+        assert c.post("/predict/transformer", content=body, headers={**text, "origin": "https://evil.example"}
+                      ).status_code == 415
+    with serving(spec, api_keys="k") as c:
+        keyed = {**text, "origin": "https://evil.example", "authorization": "Bearer k"}
+        assert c.post("/predict/transformer", content=body, headers=keyed).status_code == 200
+        assert c.post("/predict/transformer", content=body, headers={**text, "origin": "https://evil.example"}
+                      ).status_code == 401
+
+
 def test_unknown_type_route_and_deployment_are_404(client):
     response = client.post("/predict/transformr", json={"prompt": "a"})
     assert_error(response, 404)
