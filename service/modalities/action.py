@@ -21,7 +21,7 @@ from service.modalities.base import ModalityAdapter, Number, RequestBase, Respon
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.interfaces import ActionServing
-from vla_foundry.robotics.session import run_plans
+from vla_foundry.robotics.session import observation_digest, run_plans
 from vla_foundry.robotics.observations import parse_action_window, parse_observation
 
 
@@ -82,6 +82,7 @@ class Observation(BaseModel):
     language_instruction: Optional[str] = Field(None, description="What to do; required when io.uses_language.")
 
     _frames: Optional[dict] = PrivateAttr(None)
+    _digest: Optional[str] = PrivateAttr(None)
 
     def frame_count(self) -> int:
         return sum(len(v) if isinstance(v, list) else 1 for v in self.images.values())
@@ -113,6 +114,21 @@ class Observation(BaseModel):
                                   for i, v in enumerate(values)]
             self._frames = frames
         return self._frames
+
+    def digest(self, request: RequestBase, prefix: str, past_actions: Optional[dict] = None) -> str:
+        """The session's ``observation_digest`` of what this observation (and ``past_actions``) sent: made before the
+        request queues, off the model thread, where it may be a session's step sent again (it has a ``step``)."""
+        if self._digest is None:
+            past = None if past_actions is None else {k: decode_numbers(v, f"past_actions.{k}")
+                                                      for k, v in past_actions.items()}
+            self._digest = observation_digest(self.decoded_frames(request, prefix), self.decoded_lowdim(prefix),
+                                              self.language_instruction or "", past)
+        return self._digest
+
+    @property
+    def made_digest(self) -> Optional[str]:
+        """The digest made before the request queued, if one was (a session makes its own otherwise)."""
+        return self._digest
 
     def decoded_lowdim(self, prefix: str) -> dict[str, Any]:
         return {k: decode_numbers(v, f"{prefix}.lowdim.{k}") for k, v in self.lowdim.items()}
@@ -264,7 +280,8 @@ def session_predict(pipeline: ActionServing, items: list[tuple[ActionPredictRequ
                                    observation.decoded_lowdim("observation"), observation.language_instruction or "",
                                    step=request.step, past_actions=past,
                                    num_inference_steps=request.num_inference_steps, seed=request.seed,
-                                   noise=_noise(request.noise), timestamp=request.timestamp)
+                                   noise=_noise(request.noise), timestamp=request.timestamp,
+                                   digest=observation.made_digest)
 
     return finish_sessions(pipeline, begin_sessions(items, begin))
 
@@ -325,8 +342,15 @@ def evaluate_batch_key(request: ActionEvaluateRequest) -> Optional[str]:
     return "evaluate" if len(request.samples) <= SHARED_EVALUATION_SAMPLES else None
 
 
+def _may_be_sent_again(request) -> bool:
+    """A session's request with a ``step``: its observation's digest is made before it queues (``digest``)."""
+    return getattr(request, "session_id", None) is not None and request.step is not None
+
+
 def _prepare_predict(request: ActionPredictRequest) -> None:
     request.observation.decoded_frames(request, "observation")
+    if _may_be_sent_again(request):
+        request.observation.digest(request, "observation", request.past_actions)
 
 
 def _prepare_evaluate(request: ActionEvaluateRequest) -> None:
@@ -343,14 +367,17 @@ def _prepare(request) -> None:
 
 
 def _prepare_on_loop(request) -> bool:
-    return isinstance(request, ActionPredictRequest) and request.observation.raw_frames_only()
+    return (isinstance(request, ActionPredictRequest) and request.observation.raw_frames_only()
+            and not _may_be_sent_again(request))  # (a digest of its frames is work for the thread pool)
 
 
 async def decode_observation_frames(request: RequestBase) -> None:
     """Decode the frames of a request's ``observation`` before it queues (the session and websocket routes):
     raw frames on the event loop, encoded ones in the thread pool."""
     observation: Observation = request.observation
-    if observation.raw_frames_only():
+    if request.step is not None:  # it may be a step sent again: the digest of what it sent, made in the pool too
+        await run_in_threadpool(observation.digest, request, "observation", getattr(request, "past_actions", None))
+    elif observation.raw_frames_only():
         observation.decoded_frames(request, "observation")
     else:
         await run_in_threadpool(observation.decoded_frames, request, "observation")

@@ -80,7 +80,7 @@ def _steps(pipeline: ActionServing, items: list[tuple[SessionStepRequest, Any]])
         return session.begin_step(observation.decoded_frames(body, "observation"),
                                   observation.decoded_lowdim("observation"), observation.language_instruction or "",
                                   step=body.step, num_inference_steps=body.num_inference_steps,
-                                  timestamp=body.timestamp)
+                                  timestamp=body.timestamp, digest=observation.made_digest)
 
     return finish_sessions(pipeline, begin_sessions(items, begin))
 

@@ -567,3 +567,26 @@ def test_a_control_step_must_be_below_2_53(client):
                                                            "session_id": "huge", "step": 2**64})
     assert chunk.status_code == 422 and chunk.json()["error"]["field"] == "step", chunk.text
     assert client.post("/sessions/huge/step", json={"observation": current(0), "step": 2**53 - 1}).status_code == 200
+
+
+def test_a_step_sent_again_is_known_by_what_it_sent_however_it_is_spelled(client, monkeypatch):
+    """The digest of what a step sent is made before it queues (not on the model thread), from the numbers the
+    policy reads: the same step sent again as [1][d] rows or as a float32 typed array in msgpack gets its answer;
+    another observation for that step is refused (409, field step)."""
+    import msgpack
+
+    from service.codecs import encode_array
+    from vla_foundry.robotics import session as session_module
+
+    monkeypatch.setattr(session_module, "observation_digest", lambda *a: pytest.fail("digest on the model thread"))
+    first = client.post("/sessions/spelled/step", json={"observation": current(3), "step": 0})
+    assert first.status_code == 200, first.text
+    as_rows = {**current(3), "lowdim": {"arm__pos": [[0.3, -0.6]]}}
+    again = client.post("/sessions/spelled/step", json={"observation": as_rows, "step": 0})
+    assert again.status_code == 200 and again.json()["action"] == first.json()["action"], again.text
+    typed = {**current(3), "lowdim": {"arm__pos": encode_array(np.array([0.3, -0.6], np.float32), binary=True)}}
+    packed = client.post("/sessions/spelled/step", content=msgpack.packb({"observation": typed, "step": 0}),
+                         headers={"content-type": "application/msgpack"})
+    assert packed.status_code == 200 and packed.json()["action"] == first.json()["action"], packed.text
+    other = client.post("/sessions/spelled/step", json={"observation": current(4), "step": 0})
+    assert other.status_code == 409 and other.json()["error"]["field"] == "step", other.text

@@ -95,8 +95,9 @@ def _chunk_from_state(state: dict[str, Any]):
 
 def observation_digest(images: dict, lowdim: dict, instruction: str, past_actions: Optional[dict] = None) -> str:
     """A digest of what a request sent (frames, rows, instruction, past actions): a request sent again must send
-    the same. Frames are read as their bytes, rows as float64 numbers (what they are, however they were spelled),
-    in name order; a value that is no array at all counts by its repr (such a request is refused later)."""
+    the same. Frames are read as their bytes, rows as the float32 numbers the policy reads, in order (a [d] row and
+    a [1][d] one, a JSON list and a typed array of the same numbers are the same), in name order; a value that is
+    no array at all counts by its repr (such a request is refused later). About 1 ms per MB of frames."""
     h = hashlib.blake2b(digest_size=16)
     h.update(instruction.encode("utf-8", "surrogatepass"))
     for part, numbers in ((images, False), (lowdim, True), (past_actions, True)):
@@ -111,7 +112,7 @@ def observation_digest(images: dict, lowdim: dict, instruction: str, past_action
 
 def _digest_value(h, value: Any, numbers: bool) -> None:
     try:
-        array = np.ascontiguousarray(np.asarray(value, np.float64) if numbers else value)
+        array = np.ascontiguousarray(np.asarray(value, np.float32).reshape(-1) if numbers else value)
         if array.dtype.hasobject:
             raise TypeError("not an array of numbers")
     except (TypeError, ValueError):
@@ -257,7 +258,8 @@ class PolicySession:
             for i, row in enumerate(rows):
                 self.history.record(step - (n - 1) + i, lowdim={name: row})
 
-    def _sent_again(self, served: Any, step: Optional[int], timestamp: Optional[float], digest: str) -> Any:
+    def _sent_again(self, served: Any, step: Optional[int], timestamp: Optional[float], digest: Optional[str]
+                    ) -> Any:
         """``served`` (the session's last answer) when this request is it sent again: the same step number,
         timestamp and observation (its reply was lost: a timeout, a replica that died after its save). Else None: a
         new request. Another observation of a step already answered is refused: its answer stands."""
@@ -267,7 +269,7 @@ class PolicySession:
             raise StaleObservationError(
                 f"step {step} was answered already (for the observation of timestamp {served.timestamp}); sent "
                 "again it gets that answer only with that timestamp: send the next step", field="step")
-        if self.served_digest is not None and digest != self.served_digest:
+        if self.served_digest is not None and digest is not None and digest != self.served_digest:
             raise StaleObservationError(
                 f"step {step} was answered already, for another observation (frames, rows, instruction or past "
                 "actions differ); sent again it gets that answer only with the same observation: send the next "
@@ -306,17 +308,22 @@ class PolicySession:
 
     def begin_chunk(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
                     past_actions: Optional[dict] = None, num_inference_steps: Optional[int] = None,
-                    seed: Optional[int] = None, noise: Any = None, timestamp: Optional[float] = None
-                    ) -> PendingPlan:
+                    seed: Optional[int] = None, noise: Any = None, timestamp: Optional[float] = None,
+                    digest: Optional[str] = None) -> PendingPlan:
         """Chunk mode's first half: records the current step; ``finish`` returns the pipeline's ``ActionChunk``
         for this request, with ``step``.
 
         ``past_actions`` (field → (P, d)), when the robot sends them, replace what the session
         believes it executed. The last request sent again (its ``step`` and ``timestamp``) gets its chunk again
-        and changes nothing, whatever else it carries (``_sent_again``).
+        and changes nothing (``_sent_again``); ``digest``: its ``observation_digest`` where the caller made it already
+        (off a model thread), else it is made here when the request has a ``step`` (one without is never sent
+        again).
         """
         self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
-        digest = observation_digest(images, lowdim, instruction, past_actions)
+        if step is None:
+            digest = None
+        elif digest is None:
+            digest = observation_digest(images, lowdim, instruction, past_actions)
         served = self._sent_again(self.served_chunk, step, timestamp, digest)
         if served is not None:  # planned once only: a retry never shifts the session's history, seeds or plans
             replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
@@ -344,12 +351,16 @@ class PolicySession:
         return PendingPlan(request, num_inference_steps, finish, undo)
 
     def begin_step(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
-                   num_inference_steps: Optional[int] = None, timestamp: Optional[float] = None) -> PendingPlan:
+                   num_inference_steps: Optional[int] = None, timestamp: Optional[float] = None,
+                   digest: Optional[str] = None) -> PendingPlan:
         """Step mode's first half: records the current step; a request only when a new plan is due (every
         ``open_loop_steps``, or when the robot's step leaves the current plan). ``finish`` returns an
         ``ActionStep``."""
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
-        digest = observation_digest(images, lowdim, instruction)
+        if step is None:
+            digest = None
+        elif digest is None:
+            digest = observation_digest(images, lowdim, instruction)
         served = self._sent_again(self.served, step, timestamp, digest)
         if served is not None:  # it gets the answer it got: a retry never shifts the session's plans
             replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
