@@ -119,6 +119,22 @@ def test_a_request_far_outside_the_statistics_fails_alone(tiny_pipeline, value):
     assert alone.value.field == field
 
 
+def test_past_actions_far_outside_the_statistics_fail_alone_naming_their_field(tiny_pipeline):
+    """A past action the robot sent, normalized beyond the policy's bound: that request is refused naming the action
+    field (the second one here, to check the columns' fields), its neighbours answered."""
+    from vla_foundry.errors import InvalidInputError
+
+    requests = mixed_requests(tiny_pipeline.robot_io)[3:6]  # the middle one sends past action rows
+    sample = requests[1].sample
+    fields = list(POLICY_ACTIONS)
+    past = {f: v.copy() for f, v in sample.past_actions.items()}
+    past[fields[1]][:] = 1e13
+    requests[1].sample = RawObservation(sample.images, sample.lowdim, sample.instruction, past)
+    outs = tiny_pipeline.predict_each(requests, num_inference_steps=5)
+    assert isinstance(outs[1], InvalidInputError) and outs[1].field == f"past_actions.{fields[1]}", outs[1]
+    assert not isinstance(outs[0], Exception) and not isinstance(outs[2], Exception)
+
+
 def test_noise_that_overflows_the_model_fails_alone(tiny_pipeline):
     """Explicit noise of 1e30 makes the actions infinite: that request fails (naming the observation or the
     noise), its neighbours do not."""

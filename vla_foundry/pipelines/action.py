@@ -323,27 +323,32 @@ class ActionPipeline(Pipeline):
                 "checkpoint's stats.json", field=where)
 
     def beyond_range(self, inputs: PolicyInputs) -> list[Optional[InvalidInputError]]:
-        """Per request of a prepared batch, the refusal of a proprioception row beyond ``max_normalized_input`` once
-        normalized (or not finite), as a session refuses such a row when it records it; else None. Its answer
-        would be the model's saturated output for numbers it was never trained near (1e13 in a joint position
-        gave the same actions as 1e6). One comparison over the batch's normalized rows, on the model thread."""
+        """Per request of a prepared batch, the refusal of a proprioception row or a past action the robot sent that
+        is beyond ``max_normalized_input`` once normalized (or not finite), as a session refuses such a row when it
+        records it; else None. Its answer would be the model's saturated output for numbers it was never trained
+        near (1e13 in a joint position gave the same actions as 1e6). A comparison over the batch's normalized
+        rows, on the model thread."""
         r = self.robot_io
         out: list[Optional[InvalidInputError]] = [None] * inputs.actions.shape[0]
-        if inputs.proprioception is None:
-            return out
-        rows = inputs.proprioception.float()  # (B, P+1, Dp)
-        bad = ~torch.isfinite(rows) | (rows.abs() > self.max_normalized_input)
-        if not bool(bad.any()):
-            return out
-        ends = np.cumsum([r.field_dims[f] for f in r.proprioception_fields])
-        for i, column in bad.any(1).nonzero().tolist():
-            if out[i] is None:
-                field = r.proprioception_fields[int(np.searchsorted(ends, column, side="right"))]
-                out[i] = InvalidInputError(
-                    f"observation.lowdim.{field}: a row is far outside the range the policy was trained on: normalized "
-                    f"with the checkpoint's statistics it reaches {rows[i].abs().max().item():.3g}, beyond the "
-                    f"{self.max_normalized_input:g} this policy takes; send the robot's real values, in the units of "
-                    "the checkpoint's stats.json", field=f"observation.lowdim.{field}")
+        given = inputs.past_mask[..., None] if inputs.past_mask is not None else torch.zeros_like(inputs.actions,
+                                                                                                   dtype=torch.bool)
+        parts = [("past_actions", inputs.actions.float(), given, r.action_fields)]
+        if inputs.proprioception is not None:
+            parts.insert(0, ("observation.lowdim", inputs.proprioception.float(), True, r.proprioception_fields))
+        for prefix, rows, sent, fields in parts:  # rows (B, T, D)
+            bad = (~torch.isfinite(rows) | (rows.abs() > self.max_normalized_input)) & sent
+            if not bool(bad.any()):
+                continue
+            ends = np.cumsum([r.field_dims[f] for f in fields])
+            for i, column in bad.any(1).nonzero().tolist():
+                if out[i] is None:
+                    where = f"{prefix}.{fields[int(np.searchsorted(ends, column, side='right'))]}"
+                    size = rows[i][bad[i]].abs().max().item()
+                    out[i] = InvalidInputError(
+                        f"{where}: a row is far outside the range the policy was trained on: normalized with the "
+                        f"checkpoint's statistics it reaches {size:.3g}, beyond the {self.max_normalized_input:g} "
+                        "this policy takes; send the robot's real values, in the units of the checkpoint's "
+                        "stats.json", field=where)
         return out
 
     def check_request(self, request: PolicyRequest) -> None:
