@@ -120,7 +120,7 @@ class ApiKeyMiddleware:
         client = (scope.get("client") or ("?",))[0]
         logger.warning("401 %s %s from %s: %s", scope.get("method", "WEBSOCKET"), scope["path"], client,
                        "no key" if not authorization else "wrong key or scheme")
-        response = encode_response(error_body(401, refusal), headers.get(b"accept", b"").decode("latin-1"),
+        response = encode_response(error_body(401, refusal, scope=scope), headers.get(b"accept", b"").decode("latin-1"),
                                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="vla-foundry"'})
         if scope["type"] == "http":
             await response(scope, receive, send)

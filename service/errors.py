@@ -68,15 +68,26 @@ class ApiError(Exception):
         self.type = type or ERROR_TYPES.get(status, "error")
 
 
-def error_body(status: int, message: str, field: Optional[str] = None, type: Optional[str] = None) -> dict[str, Any]:
-    """The one error shape; ``request_id`` is the current request's (``request_ids.py``), to quote in a report."""
+def error_body(status: int, message: str, field: Optional[str] = None, type: Optional[str] = None,
+               scope: Optional[dict] = None) -> dict[str, Any]:
+    """The one error shape; ``request_id`` is the current request's (``request_ids.py``), to quote in a report. For a
+    request to the /v1 routes (``scope``), also OpenAI's names of the field and type, which its clients read."""
     error: dict[str, Any] = {"type": type or ERROR_TYPES.get(status, "error"), "message": message}
     if field:
         error["field"] = field
     request_id = current_request_id.get()
     if request_id is not None:
         error["request_id"] = request_id
+    if scope is not None and is_openai_route(scope):
+        error.update(param=field, code=error["type"])
     return {"error": error}
+
+
+def is_openai_route(scope: dict) -> bool:
+    """Whether a request is to the OpenAI-compatible routes (/v1/..., as the app's routes see its path)."""
+    from service.auth import app_path
+
+    return app_path(scope).startswith("/v1/")
 
 
 def unexpected_error(scope: dict, exc: Exception) -> Response:
@@ -89,9 +100,7 @@ def unexpected_error(scope: dict, exc: Exception) -> Response:
 def error_response(request: Optional[Request], status: int, message: str, field: Optional[str] = None, *,
                    type: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> Response:
     accept = request.headers.get("accept", "") if request is not None else ""
-    body = error_body(status, message, field, type)
-    if request is not None and "/v1/" in request.url.path:  # OpenAI's clients read these names (e.param, e.code)
-        body["error"].update(param=field, code=body["error"]["type"])
+    body = error_body(status, message, field, type, scope=request.scope if request is not None else None)
     return encode_response(body, accept, status_code=status, headers=headers)
 
 

@@ -208,4 +208,5 @@ class BodyCodecMiddleware:
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, accept: str, status: int, message: str,
                       field: Optional[str] = None) -> None:
-        await encode_response(error_body(status, message, field), accept, status_code=status)(scope, receive, send)
+        await encode_response(error_body(status, message, field, scope=scope), accept, status_code=status)(
+            scope, receive, send)

@@ -109,8 +109,8 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def sse_error(status: int, message: str) -> str:
-    return sse(error_body(status, message))
+def sse_error(status: int, message: str, scope: Optional[dict] = None) -> str:
+    return sse(error_body(status, message, scope=scope))
 
 
 SSE_DONE = "data: [DONE]\n\n"

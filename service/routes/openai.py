@@ -511,10 +511,11 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
                     (time.perf_counter() - first_token) / (steps - 1))
             yield (chunk([], usage=usage) if body.include_usage else "") + SSE_DONE
         except InvalidInputError as e:
-            yield sse_error(422, str(e)) + SSE_DONE
+            yield sse_error(422, str(e), request.scope) + SSE_DONE
         except Exception as e:  # the stream has started: the error goes in-band, without internals
             logger.exception("streamed generation on %s failed", deployment.name)
-            yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details") + SSE_DONE
+            yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details",
+                            request.scope) + SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

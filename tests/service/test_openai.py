@@ -250,6 +250,16 @@ def test_v1_refusals(app_client):
         assert e["field"] == field and e["param"] == field, (body, e)
 
 
+def test_every_v1_error_has_openais_param_and_code_and_no_other_route_does(app_client):
+    """Refusals made before a route runs (a body type, here) carry them too on /v1; the other routes keep the one
+    shape without them."""
+    refused = app_client.post("/v1/completions", content=b"<x/>", headers={"content-type": "application/xml"})
+    error = error_of(refused, 415)
+    assert error["code"] == error["type"] and "param" in error
+    error = error_of(app_client.post("/predict/transformer", json={"prompt": "a", "bogus": 1}), 422)
+    assert "param" not in error and "code" not in error
+
+
 def test_caption_model_completes_text_and_chats_with_images(app_client):
     text_only = app_client.post("/v1/completions", json={"model": "vlm", "prompt": "the quick", "max_tokens": 3})
     assert text_only.status_code == 200, text_only.text
