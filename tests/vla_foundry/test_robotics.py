@@ -702,7 +702,7 @@ def test_a_policy_trained_with_the_slow_processor_is_served_with_it(policy_fixtu
     frames = [np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8) for i in range(2)]
     slow, fast = load_pipeline(experiment), load_pipeline(policy_fixture)
     assert slow.robot_io.processor_loading.use_fast is False and fast.robot_io.processor_loading.use_fast is True
-    pil = AutoProcessor.from_pretrained(policy_fixture / "clip_tiny", backend="pil").image_processor
+    pil = AutoProcessor.from_pretrained(policy_fixture / "clip_tiny", use_fast=False).image_processor
     expected = pil(images=frames, return_tensors="pt")["pixel_values"]
     assert torch.equal(slow.processor.pixel_values(frames), expected)
     assert not torch.allclose(fast.processor.pixel_values(frames), expected, atol=1e-3)

@@ -171,7 +171,8 @@ def test_trained_with_the_slow_processor_it_is_served_with_it(policy, tmp_path):
     pipeline = ActionPipeline.from_experiment(load_model(path), path)
     sample = observation(pipeline, SHORT, size=tuple(pipeline.robot_io.resize_images_size))  # (none resized here)
     pil = AutoProcessor.from_pretrained(policy[0] / config["processor"], use_fast=False)
-    assert type(pil.image_processor).__name__.endswith("Pil")
+    fast = AutoProcessor.from_pretrained(policy[0] / config["processor"], use_fast=True)
+    assert type(pil.image_processor) is not type(fast.image_processor)
     frames = [sample.images[n] for n in pipeline.robot_io.image_names]
     expected = pil(images=[frames], text=["x " + "<|vision_start|><|image_pad|><|vision_end|>" * len(frames)],
                    return_tensors="pt")["pixel_values"]
