@@ -163,7 +163,7 @@ class Deadlines:
         try:
             timeout = parse_timeout(raw)
         except ValueError as e:
-            await error_response(None, 400, str(e), "X-Request-Timeout")(scope, receive, send)
+            await error_response(Request(scope), 400, str(e), "X-Request-Timeout")(scope, receive, send)
             return
         token = current_deadline.set(time.perf_counter() + timeout)
         try:

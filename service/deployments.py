@@ -395,6 +395,8 @@ class DeploymentManager:
         deadline = time.monotonic() + timeout
         for deployment in self.deployments.values():
             deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+            if deployment.pipeline is not None:
+                deployment.pipeline.close()  # (its queued background work is dropped)
         if self.settings.gc_freeze:  # an app made in a longer-lived process (tests, notebooks) leaves nothing frozen
             thaw()
 

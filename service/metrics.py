@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -337,8 +338,8 @@ class RequestMetrics:
             access_log.warning("%s %s cut off: the drain timeout (VLA_DRAIN_TIMEOUT_S) was over",
                                scope["method"], scope["path"])
             if status is None:
-                await error_response(None, 503, "the server shut down before this request finished: its drain "
-                                     "timeout (VLA_DRAIN_TIMEOUT_S) was over; send it again (to another replica)",
+                await error_response(Request(scope), 503, "the server shut down before this request finished: its "
+                                     "drain timeout (VLA_DRAIN_TIMEOUT_S) was over; send it again (to another replica)",
                                      type="unavailable", headers={"Connection": "close", "Retry-After": "1"}
                                      )(scope, receive, send_counted)
         finally:

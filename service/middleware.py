@@ -64,20 +64,41 @@ class DecodedBodyRoute(APIRoute):
 SIMPLE_BODY_TYPES = ("", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def origin_key(origin: str) -> Optional[tuple[str, str]]:
+    """An origin as browsers compare them: (scheme, host[:port]) in lower case, the scheme's default port left out;
+    None for ``null`` or anything that is no origin."""
+    try:
+        parts = urlsplit(origin.strip().rstrip("/"))
+        port = parts.port
+    except ValueError:  # a port that is no number
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host  # (IPv6)
+    return scheme, host if port in (None, DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
+
+
 class OriginCheck:
     """Which web pages may send what a browser sends across origins without asking the server first (a body typed
     as text or a form; a websocket): on a server without API keys, its own pages (``Origin`` naming its ``Host``)
     and ``allowed`` ones (``*``: any). With keys nothing is refused for its origin: such a request cannot carry
     a key, and is refused without one. Robots, curl and SDKs send no ``Origin`` (or their own host's)."""
 
-    def __init__(self, enabled: bool, allowed: frozenset[str] = frozenset()):
+    def __init__(self, enabled: bool, allowed: frozenset = frozenset()):
         self.enabled = enabled and "*" not in allowed
-        self.allowed = allowed
+        self.allowed = allowed  # origin_key()s
 
     def refuses(self, origin: Optional[str], host: str) -> bool:
-        if not self.enabled or origin is None or origin.rstrip("/") in self.allowed:
+        if not self.enabled or origin is None:
             return False
-        return origin == "null" or urlsplit(origin).netloc != host
+        key = origin_key(origin)
+        if key is None:  # "null" (a sandboxed page, a file) or garbage
+            return True
+        return key not in self.allowed and key != origin_key(f"{key[0]}://{host}")  # (this server's own pages)
 
     def form_from_elsewhere(self, headers: dict) -> Optional[str]:
         """The ``Origin`` of a request with a simple body type that this check refuses (raw ASGI headers)."""

@@ -268,13 +268,28 @@ class Settings(BaseSettings):
                              "unix:///path/to/redis.sock); none keeps each session in its replica")
         return v
 
-    @field_validator("api_keys", "admin_keys", "checkpoint_roots", mode="before")
+    @field_validator("api_keys", "admin_keys", "checkpoint_roots", "allowed_origins", mode="before")
     @classmethod
     def _api_key_list(cls, v: Any) -> Any:
         return ",".join(str(k) for k in v) if isinstance(v, (list, tuple)) else v  # a YAML list
 
-    def allowed_origin_list(self) -> frozenset[str]:
-        return frozenset(o.strip().rstrip("/") for o in (self.allowed_origins or "").split(",") if o.strip())
+    @field_validator("allowed_origins")
+    @classmethod
+    def _allowed_origins(cls, v: Optional[str]) -> Optional[str]:
+        from service.middleware import origin_key
+
+        for entry in (e.strip() for e in (v or "").split(",")):
+            if entry and entry != "*" and origin_key(entry) is None:
+                raise ValueError(f"allowed_origins: {entry[:80]!r} is not a web origin; write scheme://host[:port], "
+                                 "e.g. https://robots.example.com, or * for any")
+        return v
+
+    def allowed_origin_list(self) -> frozenset:
+        """The allowed origins as ``middleware.origin_key`` reads them (and ``*`` for any)."""
+        from service.middleware import origin_key
+
+        entries = [e.strip() for e in (self.allowed_origins or "").split(",") if e.strip()]
+        return frozenset("*" if e == "*" else origin_key(e) for e in entries)
 
     def checkpoint_root_list(self) -> list[Path]:
         return [Path(p.strip()).resolve() for p in (self.checkpoint_roots or "").split(",") if p.strip()]

@@ -79,7 +79,7 @@ def _checked_tree(directory: str, roots: list[Path], field: str = "checkpoint") 
             try:
                 if not path.is_symlink():
                     continue
-                target = path.resolve(strict=False)
+                target = path.resolve(strict=True)  # (Python 3.13 no longer raises on a loop unless strict)
             except (OSError, RuntimeError) as e:  # a link loop, an unreadable folder
                 raise ApiError(422, f"{field} holds {str(path)!r}, which cannot be resolved ({type(e).__name__}: {e}); "
                                     "serve a directory whose links all lead to files", field=field) from e

@@ -217,6 +217,12 @@ def test_listed_origins_pass_and_a_server_with_keys_checks_none(tiny_checkpoints
                       ).status_code == 200
         assert c.post("/predict/transformer", content=body, headers={**text, "origin": "https://evil.example"}
                       ).status_code == 415
+        for spelled in ("https://APP.example:443", "https://app.example/"):  # as browsers compare origins
+            assert c.post("/predict/transformer", content=body, headers={**text, "origin": spelled}).status_code == 200
+    assert Settings(allowed_origins=["https://a.example", "http://b.example:8080"]).allowed_origin_list() == {
+        ("https", "a.example"), ("http", "b.example:8080")}  # (a YAML list too)
+    with pytest.raises(ValueError, match="not a web origin"):
+        Settings(allowed_origins="app.example")
     with serving(spec, api_keys="k") as c:
         keyed = {**text, "origin": "https://evil.example", "authorization": "Bearer k"}
         assert c.post("/predict/transformer", content=body, headers=keyed).status_code == 200

@@ -590,3 +590,13 @@ def test_a_step_sent_again_is_known_by_what_it_sent_however_it_is_spelled(client
     assert packed.status_code == 200 and packed.json()["action"] == first.json()["action"], packed.text
     other = client.post("/sessions/spelled/step", json={"observation": current(4), "step": 0})
     assert other.status_code == 409 and other.json()["error"]["field"] == "step", other.text
+
+
+def test_a_number_beyond_float_in_a_step_sent_with_its_number_is_refused_by_field(client):
+    """10**400 in a row of a step that names its number (whose observation is hashed before it queues): 422 naming
+    the field, as without a step number (it was a 500 there)."""
+    huge = {**current(0), "lowdim": {"arm__pos": [10**400, 0.0]}}
+    for body in ({"observation": huge, "step": 0}, {"observation": huge}):
+        refused = client.post("/sessions/huge-number/step", json=body)
+        assert refused.status_code == 422 and refused.json()["error"]["field"].startswith("observation.lowdim"), \
+            refused.text

@@ -86,6 +86,11 @@ def test_a_step_sent_again_to_a_restored_session_gets_its_answer_and_moves_nothi
     assert (again.step, again.replanned, again.plan_step, again.valid_until) == (
         first.step, first.replanned, first.plan_step, first.valid_until)
     assert elsewhere.info() == session.info() and elsewhere.steps_served == session.steps_served
+    # a step answered for a request that named none: no later request naming it is its resend (its observation was
+    # not hashed, so another one must not get its answer)
+    unnamed = elsewhere.step(*observation(policy, 2), "pick", num_inference_steps=2)
+    with pytest.raises(StaleObservationError):
+        elsewhere.step(*observation(policy, 50), "pick", step=unnamed.step, num_inference_steps=2)
 
 
 def test_what_a_session_carries_stays_bounded_however_long_the_episode(policy):

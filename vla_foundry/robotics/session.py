@@ -93,6 +93,11 @@ def _chunk_from_state(state: dict[str, Any]):
     return ActionChunk(**{**state, **arrays, "actions": actions})
 
 
+# The digest kept for an answer to a request that named no step: no request is its resend (it is never hashed, to
+# spare the frames' bytes; a request naming that step later is another observation of an answered step).
+NAMED_NO_STEP = "named no step"
+
+
 def observation_digest(images: dict, lowdim: dict, instruction: str, past_actions: Optional[dict] = None) -> str:
     """A digest of what a request sent (frames, rows, instruction, past actions): a request sent again must send
     the same. Frames are read as their bytes, rows as the float32 numbers the policy reads, in order (a [d] row and
@@ -115,7 +120,7 @@ def _digest_value(h, value: Any, numbers: bool) -> None:
         array = np.ascontiguousarray(np.asarray(value, np.float32).reshape(-1) if numbers else value)
         if array.dtype.hasobject:
             raise TypeError("not an array of numbers")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):  # (10**400 overflows float32)
         h.update(b"repr:" + repr(value).encode("utf-8", "surrogatepass"))
         return
     h.update(str((array.dtype.str, array.shape)).encode())
@@ -269,6 +274,10 @@ class PolicySession:
             raise StaleObservationError(
                 f"step {step} was answered already (for the observation of timestamp {served.timestamp}); sent "
                 "again it gets that answer only with that timestamp: send the next step", field="step")
+        if self.served_digest == NAMED_NO_STEP:  # its answer came to a request that named no step: none is its resend
+            raise StaleObservationError(
+                f"step {step} was answered already, for a request that named no step (its observation was not kept); "
+                "a request sent again names the step only if it did the first time: send the next step", field="step")
         if self.served_digest is not None and digest is not None and digest != self.served_digest:
             raise StaleObservationError(
                 f"step {step} was answered already, for another observation (frames, rows, instruction or past "
@@ -321,7 +330,7 @@ class PolicySession:
         """
         self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
         if step is None:
-            digest = None
+            digest = NAMED_NO_STEP
         elif digest is None:
             digest = observation_digest(images, lowdim, instruction, past_actions)
         served = self._sent_again(self.served_chunk, step, timestamp, digest)
@@ -358,7 +367,7 @@ class PolicySession:
         ``ActionStep``."""
         anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
         if step is None:
-            digest = None
+            digest = NAMED_NO_STEP
         elif digest is None:
             digest = observation_digest(images, lowdim, instruction)
         served = self._sent_again(self.served, step, timestamp, digest)
