@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_support import demo_policy
-from fleet import observation_for, our_server
+from fleet import REPLY_TIMEOUT_S, observation_for, our_server
 from vla_foundry_client import HttpPolicyClient
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     with our_server(checkpoint, max_batch_size=8) as base:
         io = json.load(urllib.request.urlopen(base + "/models"))["deployments"][0]["io"]
         observation = observation_for(io, np.random.default_rng(0))
-        steady, other = HttpPolicyClient(base, format="msgpack"), HttpPolicyClient(base, format="msgpack")
+        steady, other = (HttpPolicyClient(base, format="msgpack", timeout=REPLY_TIMEOUT_S) for _ in range(2))
         latencies: list[tuple[float, float]] = []  # (end time, seconds)
         stop = threading.Event()
 
