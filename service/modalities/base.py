@@ -99,6 +99,8 @@ class Timing(BaseModel):
     queue: float
     infer: float
     total: float
+    preprocess: Optional[float] = Field(None, description="Decoding and preparing the inputs (images, prompts), "
+                                                          "where the pipeline reports it apart from infer.")
     batch_size: Optional[int] = Field(None, description=(
         "Requests that shared this model call (dynamic batching); for a generation, the sequences that were "
         "decoding together when it finished (continuous batching), its own included."))
