@@ -80,11 +80,13 @@ function fillTable() {
   }));
 }
 
-// Each form lists the deployments of its modality (chat: every text and caption deployment).
+// Each form lists the deployments of its modality (chat: the text and caption deployments with a chat template).
 function fillForms() {
   for (const section of document.querySelectorAll("section.try")) {
-    const wanted = section.dataset.modality === "chat" ? ["text", "caption"] : [section.dataset.modality];
-    const usable = deployments.filter((d) => wanted.includes(d.modality));
+    const chatting = section.dataset.modality === "chat";
+    const usable = deployments.filter((d) => chatting
+      ? ["text", "caption"].includes(d.modality) && (d.status !== "ready" || (d.io || {}).chat)
+      : d.modality === section.dataset.modality);
     section.hidden = usable.length === 0;
     const select = section.querySelector("select[name=model]");
     const previous = select.value;
@@ -110,12 +112,20 @@ async function refresh() {
     show($("#status-line"), loading ? `${loading} deployment(s) loading…` : "");
     document.body.dataset.loaded = "true";
     if (loading) setTimeout(refresh, 2000);
-  } catch (error) {
+  } catch (error) {  // unreachable, or a key is needed: nothing shown stands (no stale "ready" rows and forms)
+    deployments = [];
+    fillTable();
+    fillForms();
     show($("#status-line"), String(error.message || error), true);
   }
 }
 
-const deployment = (name) => deployments.find((d) => d.name === name);
+// The deployment chosen in a form (an Error when there is none: nothing loaded, or no key given).
+function deployment(name) {
+  const d = deployments.find((x) => x.name === name);
+  if (!d) throw new Error("no deployment is chosen: none is ready here (a server with API keys needs one above)");
+  return d;
+}
 
 // ------------------------------------------------------------------------------------------ the forms
 
@@ -161,6 +171,7 @@ onSubmit($("#image-form"), $("#image-out"), async (form) => {
 });
 
 let chat = [];
+let answered = 0;
 function drawChat() {
   $("#chat-log").replaceChildren(...chat.map((m) => {
     const line = document.createElement("div");
@@ -170,12 +181,25 @@ function drawChat() {
   }));
 }
 $("#chat-clear").addEventListener("click", () => { chat = []; drawChat(); });
-onSubmit($("#chat-form"), $("#chat-log"), async (form) => {
-  chat.push({role: "user", content: form.get("message")});
+onSubmit($("#chat-form"), $("#chat-error"), async (form) => {
+  // The turn joins the history once it is answered (a refused one is not sent again); when the history no longer
+  // fits the model's context with the reply, the oldest exchanges are left out, as chat apps do.
+  const turn = {role: "user", content: form.get("message")};
+  const model = deployment(form.get("model")).name;
+  show($("#chat-error"), "");
+  for (;;) {
+    try {
+      const reply = await api("POST", "v1/chat/completions", {model, messages: [...chat, turn], max_tokens: 32});
+      chat.push(turn, {role: "assistant", content: reply.choices[0].message.content});
+      answered += 1;
+      break;
+    } catch (error) {
+      if (!chat.length || !/max_seq_len/.test(error.message)) throw error;
+      chat.splice(0, 2);  // the oldest question and its answer
+    }
+  }
   drawChat();
-  const reply = await api("POST", "v1/chat/completions", {model: form.get("model"), messages: chat, max_tokens: 48});
-  chat.push({role: "assistant", content: reply.choices[0].message.content});
-  drawChat();
+  $("#chat-log").dataset.answered = String(answered);  // (turns answered since the page opened)
 });
 
 // ------------------------------------------------------------------------------------------ the demo robot

@@ -67,9 +67,10 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     members = shipped_members()
-    if not {"demo-vlm", "demo-diffusion_policy"} <= set(members):
+    served = ("demo-vlm", "demo-diffusion_policy", "demo-transformer_hf")
+    if not set(served) <= set(members):
         pytest.fail("the package ships no trained demo pack (vla_foundry/demo/pack); vla-foundry demo --ship")
-    args = [a for m in ("demo-vlm", "demo-diffusion_policy") for a in ("--checkpoint", str(SHIPPED_PACK / m))]
+    args = [a for m in served for a in ("--checkpoint", str(SHIPPED_PACK / m))]
     with live_server(args, tmp_path_factory.mktemp("demo"), env={"VLA_API_KEYS": KEY}) as base:
         yield base
 
@@ -106,6 +107,7 @@ def png(image: np.ndarray) -> bytes:
 def test_the_page_captions_an_image_and_drives_the_robot(page, server, tmp_path):
     page.goto(server + "/")
     page.wait_for_selector("#status-line.error")  # the server wants a key: /models was refused
+    assert page.is_hidden("#caption-form")  # and no form offers a deployment it could not see
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
     page.wait_for_selector("#deployments tr[data-name=demo-diffusion_policy]")
@@ -133,6 +135,17 @@ def test_the_page_captions_an_image_and_drives_the_robot(page, server, tmp_path)
         if outcomes[-1]:
             break
     assert any(outcomes), f"no episode of {len(outcomes)} reached its target"
+
+    # a chat goes on past the model's context (128 tokens): the oldest exchanges are left out, no turn fails;
+    # only deployments with a chat template are offered (demo-vlm has none)
+    chat_models = page.eval_on_selector_all("#chat-form select option", "options => options.map(o => o.value)")
+    assert chat_models == ["demo-transformer_hf"], chat_models
+    for turn in range(1, 6):
+        page.click("#chat-form button[type=submit]")
+        page.wait_for_function(f"() => document.querySelector('#chat-log').dataset.answered === '{turn}' || "
+                               "document.querySelector('#chat-error').textContent", timeout=60_000)
+        assert page.inner_text("#chat-error") == "", page.inner_text("#chat-error")
+    assert len(page.query_selector_all("#chat-log .chat-assistant")) < 5  # the oldest exchanges were left out
     if os.environ.get("VLA_PAGE_SCREENSHOT"):  # the README's picture: VLA_PAGE_SCREENSHOT=docs/page.png
         page.screenshot(path=os.environ["VLA_PAGE_SCREENSHOT"], full_page=True)
     assert page.blocked == []

@@ -71,8 +71,14 @@ def pad_rows(rows: list[list[int]], value: int, *, left: bool = False) -> tuple[
     return out, mask
 
 
+# Seeds the server draws are below 2^53: exact in every client's numbers (a JavaScript number, JSON.parse in a
+# browser), so a reply's seed can be sent back as it was read (the page's images had shown two seeds above 2^53 as
+# one rounded number). A client may still send any seed below 2^63.
+DRAWN_SEED_BITS = 53
+
+
 def new_seed() -> int:
-    return secrets.randbits(63)
+    return secrets.randbits(DRAWN_SEED_BITS)
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -319,6 +325,7 @@ class TextPipeline(Pipeline):
             "max_seq_len": self.model.max_seq_len,
             "tokenizer": self.tokenizer_source,
             "accepts": ["prompt", "prompt_token_ids"] if self.tokenizer is not None else ["prompt_token_ids"],
+            "chat": bool(getattr(self.tokenizer, "chat_template", None)),  # /v1/chat/completions takes it
             "eos_token_id": self.eos_token_id, "end_token_ids": sorted(self.end_ids),
             "defaults": {"max_new_tokens": defaults.max_new_tokens, "temperature": defaults.temperature,
                          "top_k": defaults.top_k, "top_p": defaults.top_p},

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -177,7 +176,9 @@ class PolicySession:
 
     def reset(self, seed: Optional[int] = None) -> None:
         self.history.reset()
-        self.seed = secrets.randbits(62) if seed is None else seed
+        from vla_foundry.pipelines.text import new_seed  # (here: the pipelines import this module)
+
+        self.seed = new_seed() if seed is None else seed  # (plan k uses seed + k: below 2^53 + k)
         self.plans = 0
         self.plan_step: Optional[int] = None  # the step the current plan starts at
         self.plan_length = 0  # actions in the current plan (current + future)
