@@ -66,7 +66,7 @@ def _decode_frame(value: Any, request: RequestBase, field: str) -> np.ndarray:
                                field=field)
     h, w = frame.shape[:2]
     if max(h, w) > MAX_ASPECT_RATIO * min(h, w):  # resizing such a strip to a camera frame would blow it up
-        raise InvalidInputError(f"{field}: a {h}x{w} frame is not a camera image (aspect ratio over "
+        raise InvalidInputError(f"{field}: a {w}x{h} frame (width x height) is not a camera image (aspect ratio over "
                                 f"{MAX_ASPECT_RATIO}:1); send the camera's frame", field)
     return frame
 
