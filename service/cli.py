@@ -54,8 +54,12 @@ def _serve(args: argparse.Namespace) -> int:
             settings = settings_for_replica(settings, replica.num_gpus, "--gpus, --replicas, --replicas-per-gpu")
         if replica is not None or settings.replicas == 1:  # (a launcher's replicas check the GPUs they are given)
             check_devices_exist(settings)
+        if not settings.deployments:  # the demo pack is made there
+            refusal = _demo_dir_refusal(Path(settings.demo_dir), "--demo-dir (VLA_DEMO_DIR)")
+            if refusal is not None:
+                raise ValueError(refusal)
     except ValueError as e:
-        print(f"vla-foundry serve: {e}", file=sys.stderr)
+        print(f"vla-foundry serve: {settings_error(e)}", file=sys.stderr)
         return CONFIG_ERROR
     configure_logging(settings.log_format)
     if replica is None:  # what concerns a whole launch is said once, by its launcher, not by each of its replicas
@@ -202,11 +206,9 @@ def _draining_server(uvicorn, app, drain_timeout_s: float):
 def _demo(args: argparse.Namespace) -> int:
     from vla_foundry.demo import DEMO_MEMBERS, ensure_demo_pack, export_pack
 
-    in_the_way = _file_in_the_way(args.dir)
-    if in_the_way is not None:  # (mkdir's traceback, deep in the build, otherwise)
-        what = "is" if in_the_way == args.dir else f"cannot be made: {in_the_way} is"
-        print(f"vla-foundry demo: --dir {args.dir} {what} a file, not a directory; give a directory (made when "
-              "missing), or leave --dir out for the default", file=sys.stderr)
+    refusal = _demo_dir_refusal(args.dir, "--dir")
+    if refusal is not None:  # (mkdir's traceback, deep in the build, otherwise)
+        print(f"vla-foundry demo: {refusal}", file=sys.stderr)
         return 2  # a usage error, as argparse's
     demo_dir = ensure_demo_pack(args.dir, progress=True, rebuild=args.rebuild)
     if args.ship:
@@ -214,6 +216,42 @@ def _demo(args: argparse.Namespace) -> int:
     for member in DEMO_MEMBERS:
         print(demo_dir / member)
     return 0
+
+
+def _demo_dir_refusal(path: Path, flag: str) -> Optional[str]:
+    """Why the demo pack cannot be made in ``path`` (a file is in the way), or None."""
+    in_the_way = _file_in_the_way(path)
+    if in_the_way is None:
+        return None
+    what = "is" if in_the_way == path else f"cannot be made: {in_the_way} is"
+    return (f"{flag} {path} {what} a file, not a directory; give a directory (made when missing), or leave it out "
+            "for the default")
+
+
+def settings_error(error: ValueError) -> str:
+    """A settings error as one line per problem: the setting (its VLA_ variable, or its place in the deployment
+    file), what is wrong, and the closest known name for an unknown one; pydantic's dump otherwise."""
+    from difflib import get_close_matches
+
+    from pydantic import ValidationError
+
+    from service.settings import DeploymentSpec, Settings
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    lines = []
+    for problem in error.errors():
+        loc = [p for p in problem.get("loc", ()) if not str(p).startswith(("function-", "constrained-", "literal["))]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "settings"
+        if len(loc) == 1 and problem.get("type") != "extra_forbidden":
+            where = f"{where} (VLA_{str(loc[0]).upper()})"
+        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        if problem.get("type") == "extra_forbidden" and loc:
+            known = DeploymentSpec.model_fields if len(loc) > 1 else Settings.model_fields
+            close = get_close_matches(str(loc[-1]), list(known), n=1)
+            message = "unknown setting" + (f"; did you mean {close[0]!r}?" if close else "")
+        lines.append(f"{where}: {message}")
+    return "\n  ".join(dict.fromkeys(lines))
 
 
 def _file_in_the_way(path: Path) -> Optional[Path]:

@@ -31,7 +31,7 @@ class DeploymentSpec(BaseModel):
     name: Optional[str] = Field(None, description="Unique name; defaults to the checkpoint directory's name.",
                                 json_schema_extra={"minLength": 1, "maxLength": 128,
                                                    "pattern": DEPLOYMENT_NAME.pattern})
-    checkpoint: str = Field(..., description="A VLA Foundry experiment directory.")
+    checkpoint: str = Field(..., min_length=1, description="A VLA Foundry experiment directory.")
     checkpoint_file: Optional[str] = Field(None, description="A weights file in checkpoints/; default: the latest "
                                                              "(its ema_N.pt when the run used EMA).")
     use_ema: Optional[bool] = Field(None, description="Force EMA weights on or off; default: config.yaml ema.enabled.")
@@ -64,6 +64,13 @@ class DeploymentSpec(BaseModel):
     @property
     def resolved_name(self) -> str:
         return self.name or Path(self.checkpoint.rstrip("/")).name
+
+    @model_validator(mode="after")
+    def _named(self) -> "DeploymentSpec":
+        if self.name is None and not DEPLOYMENT_NAME.fullmatch(self.resolved_name):
+            raise ValueError(f"the checkpoint {self.checkpoint[:80]!r} gives no usable deployment name (its folder's "
+                             "name); give it a `name:` (or --checkpoint DIR=NAME)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -279,9 +286,12 @@ class Settings(BaseSettings):
         from service.middleware import origin_key
 
         for entry in (e.strip() for e in (v or "").split(",")):
-            if entry and entry != "*" and origin_key(entry) is None:
-                raise ValueError(f"allowed_origins: {entry[:80]!r} is not a web origin; write scheme://host[:port], "
-                                 "e.g. https://robots.example.com, or * for any")
+            parts = urlsplit(entry)
+            if entry and entry != "*" and (origin_key(entry) is None or parts.scheme.lower() not in ("http", "https")
+                                           or "*" in entry or parts.path not in ("", "/") or parts.query):
+                raise ValueError(f"{entry[:80]!r} is not a web origin; write http(s)://host[:port] "
+                                 "(no path, no wildcard in a host), e.g. https://robots.example.com, or * alone for "
+                                 "any")
         return v
 
     def allowed_origin_list(self) -> frozenset:
@@ -401,7 +411,8 @@ class _ConfigPath(BaseSettings):
 
 def read_deployment_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ValueError(f"deployment file {path} does not exist")
+        raise ValueError(f"deployment file {path} " + ("is a directory; name the YAML file in it" if path.is_dir()
+                                                        else "does not exist"))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:  # its problem and where; never str(e), which quotes the file's lines (keys too)
@@ -412,10 +423,18 @@ def read_deployment_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"deployment file {path} must hold a mapping with `deployments:`")
     base = path.parent
-    for spec in data.get("deployments") or []:
+    deployments = data.get("deployments") or []
+    if not isinstance(deployments, list):
+        raise ValueError(f"deployment file {path}: `deployments` must be a list, one `- checkpoint: ...` entry per "
+                         f"deployment; got a {type(deployments).__name__}")
+    for i, spec in enumerate(deployments):
+        checkpoint = spec.get("checkpoint") if isinstance(spec, dict) else None
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise ValueError(f"deployment file {path}: deployments[{i}].checkpoint must be a path (text); got "
+                             f"{type(checkpoint).__name__} {str(checkpoint)[:40]!r}")
         # Relative checkpoint paths are relative to the deployment file.
-        if isinstance(spec, dict) and spec.get("checkpoint") and not Path(spec["checkpoint"]).is_absolute():
-            spec["checkpoint"] = str((base / spec["checkpoint"]).resolve())
+        if checkpoint and not Path(checkpoint).is_absolute():
+            spec["checkpoint"] = str((base / checkpoint).resolve())
     return data
 
 

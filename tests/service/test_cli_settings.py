@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -228,7 +229,7 @@ def test_devices_the_host_has_pass_the_start_check(monkeypatch, gpus, devices):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     for device in devices:
         check_devices_exist(Settings(device=device))
-        check_devices_exist(Settings(device="cpu", deployments=[DeploymentSpec(checkpoint=".", device=device)]))
+        check_devices_exist(Settings(device="cpu", deployments=[DeploymentSpec(checkpoint="/x", device=device)]))
     if gpus:  # a replica given one GPU sees it as cuda:0
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         check_devices_exist(settings_for_replica(Settings(device="cuda:0"), 1, "--gpus"))
@@ -266,3 +267,33 @@ def test_a_device_the_host_lacks_is_refused_at_start_naming_the_devices_there_ar
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"vla-foundry serve: {where} is 'cuda:3', but {shown}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("case", ["checkpoint not text", "typos", "deployments a mapping", "port", "demo-dir a file",
+                                  "no name", "config a directory", "origin wildcard"])
+def test_an_operators_mistakes_are_one_line_each_naming_the_setting(tmp_path, case):
+    """What a live operator's probe found: a traceback, pydantic's dumps, and mistakes that started anyway."""
+    config = tmp_path / "deploy.yaml"
+    (tmp_path / "a-file").write_text("x")
+    bodies = {"checkpoint not text": {"deployments": [{"checkpoint": 5}]},
+              "typos": {"devce": "cpu", "deployments": [{"checkpoint": str(tmp_path), "chekpoint_file": "x"}]},
+              "deployments a mapping": {"deployments": {"name": "a", "checkpoint": str(tmp_path)}}}
+    if case in bodies:
+        config.write_text(yaml.safe_dump(bodies[case]))
+    args, env = {"port": ["--port", "70000"], "demo-dir a file": ["--demo-dir", str(tmp_path / "a-file")],
+                 "no name": ["--checkpoint", "/"], "config a directory": ["--config", str(tmp_path)],
+                 "origin wildcard": []}.get(case, ["--config", str(config)]), dict(os.environ)
+    if case == "origin wildcard":
+        env["VLA_ALLOWED_ORIGINS"] = "https://*.example.com"
+    out = subprocess.run([sys.executable, "-m", "service", "serve", *args], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "errors.pydantic.dev" not in out.stderr, \
+        out.stderr
+    expected = {"checkpoint not text": "deployments[0].checkpoint must be a path",
+                "typos": "did you mean 'checkpoint_file'?", "deployments a mapping": "`deployments` must be a list",
+                "port": "port (VLA_PORT): Input should be less than or equal to 65535",
+                "demo-dir a file": "is a file, not a directory", "no name": "gives no usable deployment name",
+                "config a directory": "is a directory; name the YAML file", "origin wildcard": "no wildcard"}[case]
+    assert expected in out.stderr, out.stderr
+    if case == "typos":
+        assert "devce: unknown setting; did you mean 'device'?" in out.stderr
