@@ -120,7 +120,7 @@ class BodyCodecMiddleware:
     where images come from, and the lease ends with the reply."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, max_body_keys: int = MAX_BODY_KEYS,
-                 pixels: Optional[PixelBudget] = None, origins: OriginCheck = OriginCheck(False)):
+                 pixels: Optional[PixelBudget] = None, *, origins: OriginCheck):  # (no default: none fails open)
         self.app = app
         self.origins = origins
         self.max_body_bytes = max_body_bytes

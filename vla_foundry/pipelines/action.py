@@ -302,8 +302,8 @@ class ActionPipeline(Pipeline):
         on, without the model: each row is normalized as the model call normalizes it, at every place of the
         window it may take (a session's row moves through the past rows step by step), and must stay finite and
         within ``max_normalized_input``. A session checks every row it records, including a step's that only
-        hands out its plan (about 0.2 ms per field on a 2-core CPU, measured by a review: sessions only, not every
-        stateless request, whose model call refuses an overflow itself)."""
+        hands out its plan (about 0.2 ms per field on a 2-core CPU, measured by a review: sessions only; a batch's
+        requests are checked as the model reads them, ``beyond_range``)."""
         r = self.robot_io
         places = r.past_steps + 1 if name in r.proprioception_fields else r.past_steps  # its rows in a window
         rows = np.asarray(rows, np.float32).reshape(-1, r.field_dims[name])
@@ -311,16 +311,21 @@ class ActionPipeline(Pipeline):
             return
         windows = [{name: np.repeat(row[None], places, axis=0)} for row in rows]
         normalized = normalize_fields(windows, [name], self.normalizer, r.past_steps, r.action_steps)  # (n, places, d)
-        bound = self.max_normalized_input
-        bad = (~torch.isfinite(normalized) | (normalized.abs() > bound)).flatten(1).any(1)
+        bad = self._out_of_range(normalized).flatten(1).any(1)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            size = normalized[i].abs().max().item()
-            raise InvalidInputError(
-                f"{where}: the row {rows[i].tolist()} is far outside the range the policy was trained on: normalized "
-                f"with the checkpoint's statistics it reaches {size:.3g}, beyond the {bound:g} this policy takes (its "
-                "actions would come out NaN or infinite); send the robot's real values, in the units of the "
-                "checkpoint's stats.json", field=where)
+            raise self._far_outside(where, normalized[i].abs().max().item(), f"the row {rows[i].tolist()}")
+
+    def _out_of_range(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Where normalized values are not finite or beyond ``max_normalized_input`` (same shape, bool)."""
+        return ~torch.isfinite(normalized) | (normalized.abs() > self.max_normalized_input)
+
+    def _far_outside(self, where: str, size: float, what: str = "a row") -> InvalidInputError:
+        return InvalidInputError(
+            f"{where}: {what} is far outside the range the policy was trained on: normalized with the checkpoint's "
+            f"statistics it reaches {size:.3g}, beyond the {self.max_normalized_input:g} this policy takes (its "
+            "actions would come out NaN or infinite, or saturated); send the robot's real values, in the units of the "
+            "checkpoint's stats.json", field=where)
 
     def beyond_range(self, inputs: PolicyInputs) -> list[Optional[InvalidInputError]]:
         """Per request of a prepared batch, the refusal of a proprioception row or a past action the robot sent that
@@ -336,19 +341,14 @@ class ActionPipeline(Pipeline):
         if inputs.proprioception is not None:
             parts.insert(0, ("observation.lowdim", inputs.proprioception.float(), True, r.proprioception_fields))
         for prefix, rows, sent, fields in parts:  # rows (B, T, D)
-            bad = (~torch.isfinite(rows) | (rows.abs() > self.max_normalized_input)) & sent
+            bad = self._out_of_range(rows) & sent
             if not bool(bad.any()):
                 continue
             ends = np.cumsum([r.field_dims[f] for f in fields])
             for i, column in bad.any(1).nonzero().tolist():
                 if out[i] is None:
                     where = f"{prefix}.{fields[int(np.searchsorted(ends, column, side='right'))]}"
-                    size = rows[i][bad[i]].abs().max().item()
-                    out[i] = InvalidInputError(
-                        f"{where}: a row is far outside the range the policy was trained on: normalized with the "
-                        f"checkpoint's statistics it reaches {size:.3g}, beyond the {self.max_normalized_input:g} "
-                        "this policy takes; send the robot's real values, in the units of the checkpoint's "
-                        "stats.json", field=where)
+                    out[i] = self._far_outside(where, rows[i][bad[i]].abs().max().item())
         return out
 
     def check_request(self, request: PolicyRequest) -> None:
