@@ -12,6 +12,7 @@ from fastapi import FastAPI, Response
 from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
 from service.errors import ERROR_RESPONSES, install_error_handlers
+from service.openapi_extra import operation_openapi
 from service.metrics import Metrics, RequestMetrics
 from service.images import PixelBudget
 from service.memory import return_large_blocks_to_the_system
@@ -117,7 +118,8 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     app.add_api_route("/metrics", lambda: metrics.response(), methods=["GET"], tags=["operations"],
                       summary="Prometheus metrics (text format)", response_class=Response,
                       responses={200: {"description": "The Prometheus text exposition format.",
-                                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                      openapi_extra=operation_openapi())
     app.include_router(models.router)
     add_inference_routes(app, settings)
     add_openai_routes(app, settings)

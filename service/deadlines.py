@@ -19,7 +19,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,6 +43,19 @@ def parse_timeout(raw: bytes) -> float:
     if not 0 < seconds <= MAX_TIMEOUT_S or math.isnan(seconds):
         raise ValueError(f"X-Request-Timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds; got {seconds:g}")
     return seconds
+
+
+def timeout_parameter() -> dict[str, Any]:
+    """``X-Request-Timeout`` as an OpenAPI header parameter, for the operations whose requests queue for a model
+    (``Deployment.admit``/``call`` read the deadline). ``Deadlines`` parses the header on every request, so a
+    malformed one is refused (400) anywhere, but only these operations act on it."""
+    return {"name": "X-Request-Timeout", "in": "header", "required": False,
+            "description": "Seconds this request may take from its arrival (the earliest of this, a body's "
+                           "`timeout_s` where the route takes one, and the deployment's `request_timeout_s` holds): "
+                           "a request still waiting for the model then gets 504 and never runs, and one whose "
+                           "expected wait is already longer is refused at once (503 with Retry-After). A value that "
+                           f"is not a number of seconds in (0, {MAX_TIMEOUT_S:g}] is refused (400).",
+            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_S}}
 
 
 def deadline_for(default_timeout_s: Optional[float]) -> Optional[float]:

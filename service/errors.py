@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.codecs import encode_response
-from service.request_ids import current_request_id
+from service.request_ids import current_request_id, request_id_header
 from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
 
 logger = logging.getLogger("service")
@@ -41,12 +41,22 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+def retry_after_header(when: str) -> dict[str, Any]:
+    """``Retry-After`` as an OpenAPI reply header: whole seconds (the server never sends a date), ``when`` sent."""
+    return {"description": f"Seconds to wait before sending the request again; sent {when}.", "required": False,
+            "schema": {"type": "integer", "minimum": 0}}
+
+
+_RETRY_AFTER_503 = retry_after_header(
+    "with a 503 that knows when to come back: a deployment loading or overloaded (the expected wait), images in "
+    "flight over their budget, all robot sessions busy, the session store failing to answer, a request cut off "
+    "by the drain at shutdown, or GET /health/ready not ready. A deployment that failed to load sends none")
+
 # Documented on every route (FastAPI(responses=...)), so clients generated from /openapi.json know the shape.
-# Errors come in msgpack too, to a client that prefers it (codecs.encode_response): the same schema.
+# Errors come in msgpack too, to a client that prefers it (codecs.encode_response): the same schema. Every reply,
+# errors included, carries the request's X-Request-ID (request_ids.RequestIds).
 _MSGPACK_ERROR = {"application/msgpack": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": description,
-                                                             "content": _MSGPACK_ERROR} for
-                                                    status, description in (
+_ERROR_DESCRIPTIONS = (
     (400, "Malformed body or header"), (401, "Missing or unknown API key"), (404, "No such route, type or deployment"),
     (409, "A stale observation, or a robot session that is gone, taken, of another deployment, or stepped on "
           "another replica at the same time (session_conflict)"),
@@ -55,7 +65,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody,
     (422, "A value is invalid (the field is named)"), (500, "Internal error (the log has details)"),
     (503, "Loading, overloaded, past admission, or the session store failing to answer (Retry-After says when "
           "to come back)"),
-    (504, "The request's deadline passed before it could run"))}
+    (504, "The request's deadline passed before it could run"))
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description, "content": _MSGPACK_ERROR,
+             "headers": {"X-Request-ID": request_id_header(),
+                         **({"Retry-After": _RETRY_AFTER_503} if status == 503 else {})}}
+    for status, description in _ERROR_DESCRIPTIONS}
+
+
+def session_conflict_responses() -> dict[int | str, dict[str, Any]]:
+    """The 409 of an operation that stores a robot session's step (``responses=``, over the app's one): a
+    ``session_conflict`` comes with ``Retry-After: 0`` (send the step again now)."""
+    conflict = ERROR_RESPONSES[409]
+    return {409: {**conflict, "headers": {**conflict["headers"], "Retry-After": retry_after_header(
+        "as 0 with a session_conflict (the session was stepped on another replica at the same time): send the "
+        "request again now")}}}
 
 
 class ApiError(Exception):

@@ -19,12 +19,14 @@ import logging
 import re
 import time
 import uuid
-from typing import Optional
+from typing import Any, Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = b"x-request-id"
-_SANE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+MAX_LENGTH = 128
+_CHARS = "A-Za-z0-9._:-"  # a regex class's body, read alike by Python and JSON Schema (ECMA-262): "-" last is literal
+_SANE = re.compile(f"[{_CHARS}]{{1,{MAX_LENGTH}}}".encode("ascii"))
 current_request_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("request_id", default=None)
 
 
@@ -36,6 +38,27 @@ def request_id_of(scope: Scope) -> str:
                 return value.decode("ascii")
             break
     return uuid.uuid4().hex
+
+
+# /openapi.json: what every operation takes and every reply of the app carries (documented per operation).
+PATTERN = f"^[{_CHARS}]{{1,{MAX_LENGTH}}}$"
+
+
+def request_id_parameter() -> dict[str, Any]:
+    """The ``X-Request-ID`` request header as an OpenAPI parameter: optional; only a sane value is used."""
+    return {"name": "X-Request-ID", "in": "header", "required": False,
+            "description": "Your id for this request: echoed in the X-Request-ID reply header, an error body's "
+                           "`request_id` and the server's log lines for the request. A value that does not match "
+                           "the pattern is not refused: it is replaced by a new id (32 hex digits), as is a missing "
+                           "one.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_LENGTH, "pattern": PATTERN}}
+
+
+def request_id_header() -> dict[str, Any]:
+    """The ``X-Request-ID`` reply header as an OpenAPI header object (on every reply that passes ``RequestIds``)."""
+    return {"description": "The request's id: the client's X-Request-ID when it matches the pattern, else a new "
+                           "one (32 hex digits).",
+            "required": True, "schema": {"type": "string", "pattern": PATTERN}}
 
 
 class RequestIds:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.auth import ApiKeys
 from service.codecs import encode_response
 from service.errors import ApiError
+from service.openapi_extra import operation_openapi, schema_ref
 from service.routes.models import as_served
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.checkpoint import checkpoint_file_path
@@ -149,8 +150,11 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
     # key gets 401, never a list of what its body got wrong.
     admin = [Depends(check_admin)]
     app.add_api_route("/admin/deployments", load, methods=["POST"], tags=["admin"], status_code=202,
-                      dependencies=admin, summary="Load a deployment from a checkpoint under VLA_CHECKPOINT_ROOTS")
+                      dependencies=admin, summary="Load a deployment from a checkpoint under VLA_CHECKPOINT_ROOTS",
+                      openapi_extra=operation_openapi(schema_ref(DeploymentSpec), success=202))
     app.add_api_route("/admin/deployments/{name}/reload", reload, methods=["POST"], tags=["admin"],
-                      dependencies=admin, summary="Swap in another checkpoint with no failed request")
+                      dependencies=admin, summary="Swap in another checkpoint with no failed request",
+                      openapi_extra=operation_openapi(schema_ref(ReloadRequest)))
     app.add_api_route("/admin/deployments/{name}", unload, methods=["DELETE"], tags=["admin"],
-                      dependencies=admin, summary="Unload a deployment and free its memory")
+                      dependencies=admin, summary="Unload a deployment and free its memory",
+                      openapi_extra=operation_openapi())

@@ -19,10 +19,11 @@ from service.codecs import MSGPACK, encode_response
 from service.deadlines import tightened
 from service.deployments import DeploymentManager
 from service.disconnects import unless_client_leaves
-from service.errors import ApiError
+from service.errors import ApiError, session_conflict_responses
 from service.middleware import reply_in_bytes_keys
 from service.modalities import ADAPTERS
 from service.modalities.base import ModalityAdapter, ModelCall
+from service.openapi_extra import operation_openapi, schema_ref
 from service.settings import Settings
 from vla_foundry.errors import unknown_key_error
 from vla_foundry.models.registry import is_model_registered, list_registered_models, model_modality
@@ -123,11 +124,14 @@ def add_inference_routes(app: FastAPI, settings: Settings) -> None:
             request_cls = type(f"{_camel(model_type)}{kind.capitalize()}Request", (base,), {
                 "__module__": __name__, **base.limits_from(settings)})
             endpoint = _endpoint(model_type, kind, request_cls, adapter)
+            # A policy's predict may carry a robot session (session_id), whose stored step may conflict (409).
+            sessions = session_conflict_responses() if kind == "predict" and adapter.session_predict is not None else {}
             app.add_api_route(f"/{kind}/{model_type}", endpoint,
                               methods=["POST"],
                               response_model=response, tags=[kind], name=f"{kind}_{model_type}",
                               responses={200: _reply_openapi(response, adapter.reply_openapi if kind == "predict"
-                                                             else None)},
+                                                             else None), **sessions},
+                              openapi_extra=operation_openapi(schema_ref(request_cls), deadline=True),
                               summary=f"{kind.capitalize()} with a {model_type} deployment")
 
     async def unknown_type(model_type: str):

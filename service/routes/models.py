@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from service.codecs import MSGPACK, encode_response
 from service.dependencies import get_manager
 from service.deployments import DeploymentManager
+from service.openapi_extra import operation_openapi
 from vla_foundry.models.registry import list_registered_batch_handlers, list_registered_models
 
 router = APIRouter(tags=["models"])
@@ -30,7 +31,7 @@ def as_served(info: dict[str, Any], max_inference_steps: int) -> dict[str, Any]:
 
 
 @router.get("/models", summary="Registered types, batch handlers, every deployment, the replicas serving them",
-            responses=MSGPACK_REPLY)
+            responses=MSGPACK_REPLY, openapi_extra=operation_openapi())
 async def models(request: Request, manager: DeploymentManager = Depends(get_manager)):
     fleet = request.app.state.fleet
     this = fleet.this()  # the replica that answered: host, pid, its GPUs, its deployments' devices
@@ -43,7 +44,7 @@ async def models(request: Request, manager: DeploymentManager = Depends(get_mana
     return encode_response(body, request.headers.get("accept", ""))
 
 
-@router.get("/models/{name}", summary="One deployment", responses=MSGPACK_REPLY)
+@router.get("/models/{name}", summary="One deployment", responses=MSGPACK_REPLY, openapi_extra=operation_openapi())
 async def model(name: str, request: Request, manager: DeploymentManager = Depends(get_manager)):
     info = as_served(manager.get(name, field="name").info(), request.app.state.settings.max_inference_steps)
     return encode_response(info, request.headers.get("accept", ""))

@@ -31,6 +31,7 @@ from service.images import decode_image_value
 from service.middleware import DecodedBodyRoute
 from service.modalities.base import ModelCall, Number, each
 from service.modalities.text import stop_list, usage_of
+from service.openapi_extra import operation_openapi, schema_ref
 from service.streaming import SSE_DONE, DeltaStream, sse, sse_error
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.interfaces import CaptionServing, TextServing
@@ -400,27 +401,29 @@ def add_openai_routes(app: FastAPI, settings) -> None:
     completion_cls = type("CompletionRequest", (CompletionRequest,), {"__module__": __name__, **caps})
     chat_cls = type("ChatCompletionRequest", (ChatRequest,), {"__module__": __name__, **caps})
 
-    @router.get("/models", summary="Text and caption deployments, OpenAI style")
+    @router.get("/models", summary="Text and caption deployments, OpenAI style", openapi_extra=operation_openapi())
     async def list_models(manager: DeploymentManager = Depends(get_manager)):
         data = [{"id": d.name, "object": "model", "created": d.created, "owned_by": OWNER, "type": d.model_type,
                  "status": d.status}
                 for d in manager.deployments.values() if d.modality in TEXT_MODALITIES]
         return {"object": "list", "data": data}
 
-    @router.get("/models/{name}", summary="One text or caption deployment, OpenAI style")
+    @router.get("/models/{name}", summary="One text or caption deployment, OpenAI style",
+                openapi_extra=operation_openapi())
     async def get_model(name: str, manager: DeploymentManager = Depends(get_manager)):
         d = _deployment(manager, name)
         return {"id": d.name, "object": "model", "created": d.created, "owned_by": OWNER, "type": d.model_type,
                 "status": d.status}
 
-    @router.post("/completions", summary="Text completions (OpenAI legacy completions)", responses=V1_GENERATED)
+    @router.post("/completions", summary="Text completions (OpenAI legacy completions)", responses=V1_GENERATED,
+                 openapi_extra=operation_openapi(schema_ref(completion_cls), deadline=True))
     async def completions(body: completion_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         deployment = _deployment(manager, body.model)
         _check_tokenizer(deployment)
         return await _respond(deployment, body, request, "text_completion", "cmpl", None)
 
     @router.post("/chat/completions", summary="Chat completions (images as image_url parts for caption models)",
-                 responses=V1_GENERATED)
+                 responses=V1_GENERATED, openapi_extra=operation_openapi(schema_ref(chat_cls), deadline=True))
     async def chat_completions(body: chat_cls, request: Request, manager: DeploymentManager = Depends(get_manager)):
         deployment = _deployment(manager, body.model)
         _check_tokenizer(deployment)

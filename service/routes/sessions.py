@@ -16,11 +16,12 @@ from service.auth import caller_of
 from service.codecs import encode_response
 from service.deadlines import tightened
 from service.deployments import DeploymentManager
-from service.errors import ApiError
+from service.errors import ApiError, session_conflict_responses
 from service.middleware import reply_in_bytes_keys
 from service.modalities.action import (MAX_STEP, Observation, begin_sessions, decode_observation_frames,
                                        finish_sessions)
 from service.modalities.base import ModelCall, Number, RequestBase, ResponseBase
+from service.openapi_extra import operation_openapi, schema_ref
 from service.sessions import GONE_FOR_GOOD
 from service.settings import Settings
 from vla_foundry.pipelines.interfaces import ActionServing
@@ -58,6 +59,30 @@ class SessionResetRequest(BaseModel):
 
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**62,
                                       description="Seeds the session's plans (plan k uses seed + k).")
+
+
+class SessionInfo(BaseModel):
+    """One live robot session, as ``GET /sessions`` lists it (``SessionEntry.info``; with a shared session store,
+    as the store has it)."""
+
+    session_id: str
+    model: str = Field(..., description="The policy deployment it runs on.")
+    created: float = Field(..., description="When it started (Unix seconds).")
+    last_used: float = Field(..., description="Its last request (Unix seconds).")
+    idle_s: float = Field(..., description="Seconds since its last request.")
+    requests: int = Field(..., description="Requests it has served.")
+    busy: bool = Field(..., description="Whether this replica is serving a request of it now.")
+    last_step: Optional[int] = Field(..., description="The last control step it was sent; null before any.")
+    plans: int = Field(..., description="Policy runs (plans) made in its current episode.")
+    plan_step: Optional[int] = Field(..., description="The step its current plan starts at; null before any.")
+    open_loop_steps: int = Field(..., description="Actions served from a plan before the next one is made.")
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo] = Field(..., description="The caller's live sessions (every session on a server "
+                                                         "without API keys), the least recently used first.")
+    max_sessions: int = Field(..., description="Sessions kept at most (VLA_MAX_SESSIONS).")
+    idle_timeout_s: float = Field(..., description="Sessions idle longer expire (VLA_SESSION_IDLE_TIMEOUT_S).")
 
 
 def _policy_deployment(manager: DeploymentManager, name: Optional[str]):
@@ -152,9 +177,16 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         await request.app.state.sessions.delete(session_id, caller_of(request.scope))
         return encode_response({"session_id": session_id, "deleted": True}, request.headers.get("accept", ""))
 
+    # The reset's body is optional: documented (JSON and msgpack) as FastAPI documents an Optional body.
+    reset_body = {"anyOf": [schema_ref(SessionResetRequest), {"type": "null"}], "title": "Body"}
     app.add_api_route("/sessions/{session_id}/step", step, methods=["POST"], tags=["sessions"],
-                      response_model=SessionStepResponse, summary="One action for the robot's current step")
+                      response_model=SessionStepResponse, summary="One action for the robot's current step",
+                      responses=session_conflict_responses(),
+                      openapi_extra=operation_openapi(schema_ref(step_request), deadline=True))
     app.add_api_route("/sessions/{session_id}/reset", reset, methods=["POST"], tags=["sessions"],
-                      summary="Forget the session's history (a new episode), optionally with a new seed")
-    app.add_api_route("/sessions", list_sessions, methods=["GET"], tags=["sessions"], summary="Live robot sessions")
-    app.add_api_route("/sessions/{session_id}", delete, methods=["DELETE"], tags=["sessions"], summary="End a session")
+                      summary="Forget the session's history (a new episode), optionally with a new seed",
+                      responses=session_conflict_responses(), openapi_extra=operation_openapi(reset_body))
+    app.add_api_route("/sessions", list_sessions, methods=["GET"], tags=["sessions"], summary="Live robot sessions",
+                      response_model=SessionList, openapi_extra=operation_openapi())
+    app.add_api_route("/sessions/{session_id}", delete, methods=["DELETE"], tags=["sessions"], summary="End a session",
+                      openapi_extra=operation_openapi())

@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 
+import msgpack
 import pytest
 import torch
 
@@ -259,3 +260,20 @@ def test_a_session_on_an_unloaded_deployment_is_freed_by_its_reset(client, roots
     again = client.post("/sessions/arm/step", json={"model": "policy", "observation": current(0), "step": 0},
                         headers=CLIENT)
     assert again.status_code == 200 and again.json()["model"] == "policy", again.text
+
+
+def test_the_admin_operations_document_their_headers_and_msgpack_bodies(client, roots):
+    """As every operation: X-Request-ID in and out, and the body in msgpack beside JSON; a msgpack load is taken."""
+    paths = client.get("/openapi.json").json()["paths"]
+    load, reload = paths["/admin/deployments"]["post"], paths["/admin/deployments/{name}/reload"]["post"]
+    unload = paths["/admin/deployments/{name}"]["delete"]
+    for operation, success in ((load, "202"), (reload, "200"), (unload, "200")):
+        assert "X-Request-ID" in {p["name"] for p in operation["parameters"] if p["in"] == "header"}
+        assert "X-Request-ID" in operation["responses"][success]["headers"]
+    for operation in (load, reload):
+        content = operation["requestBody"]["content"]
+        assert content["application/msgpack"]["schema"] == content["application/json"]["schema"]
+    loaded = client.post("/admin/deployments", headers={**ADMIN, "content-type": "application/msgpack"},
+                         content=msgpack.packb({"name": "lm-msgpack", "checkpoint": str(roots / "lm")}))
+    assert loaded.status_code == 202, loaded.text
+    assert client.delete("/admin/deployments/lm-msgpack", headers=ADMIN).status_code == 200

@@ -336,7 +336,7 @@ def test_openapi_declares_every_reply_format(client):
             if "image/png" in content:
                 png_routes.append(path)
                 assert content["image/png"]["schema"] == {"type": "string", "format": "binary"}
-                assert set(reply["headers"]) == {"X-Seed", "X-Model", "X-Timing-Ms"}
+                assert set(reply["headers"]) == {"X-Seed", "X-Model", "X-Timing-Ms", "X-Request-ID"}
             assert set(content) <= {"application/json", "application/msgpack", "image/png"}, path
     assert png_routes == ["/predict/stable_diffusion"]
     for path in ("/models", "/models/{name}"):

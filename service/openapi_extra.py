@@ -1,0 +1,29 @@
+"""What ``/openapi.json`` documents of an operation beyond what FastAPI sees from its endpoint: the headers the
+middleware reads and adds (``X-Request-ID``, ``X-Request-Timeout``) and the msgpack request bodies that
+``middleware.BodyCodecMiddleware`` turns into the values JSON gives. Every route module uses it, through each
+route's ``openapi_extra``."""
+
+from typing import Optional
+
+from service.codecs import MSGPACK_TYPES
+from service.deadlines import timeout_parameter
+from service.request_ids import request_id_header, request_id_parameter
+
+
+def operation_openapi(body: Optional[dict] = None, *, deadline: bool = False, success: int = 200) -> dict:
+    """An operation's ``openapi_extra``: what the middleware reads and adds, which FastAPI cannot see from the
+    endpoint. The ``X-Request-ID`` header (every request; ``request_ids.py``) and, where ``deadline`` (the operation
+    queues for a model, which acts on it), ``X-Request-Timeout`` (``deadlines.py``); the request body in msgpack
+    beside JSON, ``body`` being its JSON schema (``middleware.BodyCodecMiddleware`` unpacks each msgpack type into
+    the values JSON gives, so one schema serves both); the ``X-Request-ID`` of its ``success`` reply (error replies
+    have theirs in ``errors.ERROR_RESPONSES``)."""
+    extra: dict = {"parameters": [request_id_parameter(), *([timeout_parameter()] if deadline else [])],
+                   "responses": {str(success): {"headers": {"X-Request-ID": request_id_header()}}}}
+    if body is not None:
+        extra["requestBody"] = {"content": {media_type: {"schema": body} for media_type in MSGPACK_TYPES}}
+    return extra
+
+
+def schema_ref(model: type) -> dict:
+    """The JSON schema of a request model, as FastAPI documents an endpoint's body (named after its class)."""
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
