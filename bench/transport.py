@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench_support import free_port  # noqa: E402
+from service.cli import WEBSOCKETS  # noqa: E402
 from vla_foundry_client.connection import KeepAliveConnection  # noqa: E402
 from vla_foundry_client.websocket_connection import WebsocketConnection  # noqa: E402
 
@@ -68,7 +69,7 @@ def serve(port: int, delay_ms: float) -> None:
         await send({"type": "http.response.body", "body": REPLY})
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off",
-                http="httptools", ws="websockets",
+                http="httptools", ws=WEBSOCKETS,
                 ws_per_message_deflate=False, ws_max_size=64 * 1024 * 1024)
 
 

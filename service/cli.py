@@ -18,10 +18,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
     from service.replicas import Replica
+
+# uvicorn's websocket implementation: the one it recommends (its older ``websockets`` one warns at every start that
+# it is deprecated). From uvicorn 0.52.1 (pyproject's floor) its closing handshake waits for the robot's reply to a
+# close (1001 at a drain) instead of resetting the connection. Settings as before: ws_max_size (1009 past it), no
+# per-message compression, uvicorn's default pings.
+WEBSOCKETS = "websockets-sansio"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,13 +39,13 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from service.app import create_app, unprotected_warning
+        from service.app import create_app
         from service.deployments import LOADING
-        from service.launcher import CONFIG_ERROR, launch
+        from service.launcher import CONFIG_ERROR, PLAN_FLAGS
         from service.replicas import check_devices_exist, hold_startup_until_loaded, settings_for_replica
         from service.read_timeouts import read_timeout_protocol
         from service.request_ids import configure_logging
-        from service.settings import Settings, ignored_variables, parse_checkpoint_arg
+        from service.settings import Settings, parse_checkpoint_arg
     except ImportError as e:
         print(f"vla-foundry serve needs the serving extra: pip install 'vla-foundry-serve[serve]' ({e})",
               file=sys.stderr)
@@ -51,8 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
             replicas=args.replicas, replicas_per_gpu=args.replicas_per_gpu, gpus=args.gpus)
         replica = _replica_of_launch(args, settings)
         if replica is not None:
-            settings = settings_for_replica(settings, replica.num_gpus, "--gpus, --replicas, --replicas-per-gpu")
-        if replica is not None or settings.replicas == 1:  # (a launcher's replicas check the GPUs they are given)
+            settings = settings_for_replica(settings, replica.num_gpus, PLAN_FLAGS)
+        if replica is not None or settings.replicas == 1:  # (a launcher checks its replicas' devices in _launch)
             check_devices_exist(settings)
         if not settings.deployments:  # the demo pack is made there
             refusal = _demo_dir_refusal(Path(settings.demo_dir), "--demo-dir (VLA_DEMO_DIR)")
@@ -62,41 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vla-foundry serve: {settings_error(e)}", file=sys.stderr)
         return CONFIG_ERROR
     configure_logging(settings.log_format)
-    if replica is None:  # what concerns a whole launch is said once, by its launcher, not by each of its replicas
-        warnings = ignored_variables(dict(os.environ), settings)
-        if settings.replicas != 1 and unprotected_warning(settings):  # (a server on its own: its app says it)
-            warnings.append(unprotected_warning(settings))
-        for warning in warnings:
-            logging.getLogger("service").warning(warning)
     if replica is None and settings.replicas != 1:  # this process launches the replicas and watches them
-        if not settings.deployments:
-            from vla_foundry.demo import ensure_demo_pack
-
-            ensure_demo_pack(settings.demo_dir, progress=True)  # once, before the replicas would race to build it
-        if settings.session_store is None:
-            logging.getLogger("service").warning(
-                "several replicas without VLA_SESSION_STORE: a robot session on HTTP lives in the replica that made "
-                "it, and a robot whose connection lands on another replica starts a new one; use the robot "
-                "websocket, or set VLA_SESSION_STORE to a Redis")
-        return launch([*serve_command(), *args.argv], str(settings.replicas), settings.replicas_per_gpu,
-                      settings.gpus, settings.host, settings.port, settings.drain_timeout_s)
-    url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
-    lines = [f"VLA Foundry Serve on {url}/ (a page to try every model; the API reference at {url}/docs)",
-             f"  curl {url}/models"]
-    if not settings.deployments:  # each member is made ready on its deployment's thread; a server on its own
-        # listens at once (a replica of a launch once they are ready)
-        lines[0] += f"\nServing the demo pack from {settings.demo_dir} (ready within a minute when it is shipped)"
-        lines += [f"  curl {url}/predict/transformer -H 'content-type: application/json' "
-                  """-d '{"prompt": "The robot", "max_new_tokens": 24}'""",
-                  f"  curl {url}/v1/completions -H 'content-type: application/json' "
-                  """-d '{"model": "demo-transformer", "prompt": "Once upon a time", "max_tokens": 24}'"""]
-    if replica is None or replica.replica.index == 0:  # one banner for a launch of replicas
-        if settings.log_format == "json":  # one JSON object per line, the banner too
-            logging.getLogger("service").info("listening", extra={"url": url, "hints": lines})
-        else:
-            print("\n" + "\n".join(lines) + "\n", file=sys.stderr)
-    # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
-    # a connection whose frame exceeds the cap with 1009.
+        return _launch(args, settings)
+    if replica is None:  # what concerns a whole launch is said once, by its launcher, not by each of its replicas
+        _warn_about_the_settings(settings, dict(os.environ))
     # uvicorn drains on SIGTERM and Ctrl-C, then raises the signal again for the handler it found: exit 0 there,
     # the drain is done (the default handlers would end the process "killed by SIGTERM", or with a
     # KeyboardInterrupt traceback).
@@ -106,13 +81,17 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(settings, replica and replica.replica)
         manager = app.state.manager
-        server_class = _draining_server(uvicorn, app, settings.drain_timeout_s)
+        # One banner for a launch of replicas: its first replica's, once it listens (after its models have loaded).
+        announce = (lambda port: _announce(settings, port)) if replica is None or replica.replica.index == 0 else None
+        server_class = _draining_server(uvicorn, app, settings.drain_timeout_s, announce, settings.log_format)
         if replica is not None:  # behind the launcher's socket: no connection taken until every model has loaded
             hold_startup_until_loaded(app, stopping=lambda: server_class.stop_requested)
         http = read_timeout_protocol(settings.header_timeout_s, settings.body_timeout_s,
                                      on_timeout=app.state.metrics.count_read_timeout)
+        # Websocket frames: no per-message compression (it costs milliseconds per camera frame), and uvicorn closes
+        # a connection whose frame exceeds the cap with 1009.
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
-                                access_log=False, ws="websockets", ws_per_message_deflate=False,
+                                access_log=False, ws=WEBSOCKETS, ws_per_message_deflate=False,
                                 timeout_graceful_shutdown=settings.drain_timeout_s,
                                 ws_max_size=settings.max_ws_frame_bytes,
                                 # JSON logs: uvicorn's own lines go through the root handler too (one object per line)
@@ -138,6 +117,86 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _launch(args: argparse.Namespace, settings) -> int:
+    """``serve --replicas``: what makes the launch impossible (its GPUs, its devices, its address) is refused first,
+    alone; then the launch's warnings, the demo pack, the banner, and the launcher (service/launcher.py)."""
+    from service.launcher import CONFIG_ERROR, launch, launch_banner, prepare_launch
+
+    try:
+        plan, sock = prepare_launch(settings)
+    except ValueError as e:
+        _say_error(settings.log_format, settings_error(e))
+        return CONFIG_ERROR
+    _warn_about_the_settings(settings, dict(os.environ))
+    if settings.session_store is None:
+        logging.getLogger("service").warning(
+            "several replicas without VLA_SESSION_STORE: a robot session on HTTP lives in the replica that made "
+            "it, and a robot whose connection lands on another replica starts a new one; use the robot "
+            "websocket, or set VLA_SESSION_STORE to a Redis")
+    if not settings.deployments:
+        from vla_foundry.demo import ensure_demo_pack
+
+        ensure_demo_pack(settings.demo_dir, progress=True)  # once, before the replicas would race to build it
+    banner = launch_banner(plan, settings.host, sock.getsockname()[1])
+    if settings.log_format == "json":
+        logging.getLogger("service").info(banner)
+    else:
+        print(banner, file=sys.stderr)
+    return launch([*serve_command(), *args.argv], plan, sock, settings.drain_timeout_s)
+
+
+def _warn_about_the_settings(settings, environ: dict[str, str]) -> None:
+    """Variables that nothing reads; a launch of replicas open to the network without keys (a server on its own:
+    its app says it)."""
+    from service.app import unprotected_warning
+    from service.settings import ignored_variables
+
+    warnings = ignored_variables(environ, settings)
+    if settings.replicas != 1 and unprotected_warning(settings):
+        warnings.append(unprotected_warning(settings))
+    for warning in warnings:
+        logging.getLogger("service").warning(warning)
+
+
+def _say_error(log_format: str, message: str) -> None:
+    """Why the start failed, once logging is set: one line, in the format of every other line (JSON or text)."""
+    if log_format == "json":
+        logging.getLogger("service").error(f"vla-foundry serve: {message}")
+    else:
+        print(f"vla-foundry serve: {message}", file=sys.stderr)
+
+
+def base_url(host: str, port: int) -> str:
+    """Where a browser on this host reaches a server bound to ``host``: the loopback address of its family for
+    every interface (``0.0.0.0`` is IPv4 only, ``::`` IPv6 only, as uvicorn and the launcher bind them)."""
+    from service.launcher import address
+
+    return "http://" + address({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port)
+
+
+def banner_lines(settings, port: int) -> list[str]:
+    url = base_url(settings.host, port)
+    lines = [f"VLA Foundry Serve on {url}/ (a page to try every model; the API reference at {url}/docs)",
+             f"  curl {url}/models"]
+    if not settings.deployments:  # each member is made ready on its deployment's thread; a server on its own
+        # listens at once (a replica of a launch once they are ready)
+        lines[0] += f"\nServing the demo pack from {settings.demo_dir} (ready within a minute when it is shipped)"
+        lines += [f"  curl {url}/predict/transformer -H 'content-type: application/json' "
+                  """-d '{"prompt": "The robot", "max_new_tokens": 24}'""",
+                  f"  curl {url}/v1/completions -H 'content-type: application/json' "
+                  """-d '{"model": "demo-transformer", "prompt": "Once upon a time", "max_tokens": 24}'"""]
+    return lines
+
+
+def _announce(settings, port: int) -> None:
+    """The banner, once the server listens on ``port`` (the one the system chose for port 0)."""
+    lines = banner_lines(settings, port)
+    if settings.log_format == "json":  # one JSON object per line, the banner too
+        logging.getLogger("service").info("listening", extra={"url": base_url(settings.host, port), "hints": lines})
+    else:
+        print("\n" + "\n".join(lines) + "\n", file=sys.stderr, flush=True)
 
 
 def _leaving_with_model_threads(started: bool, loading: list[str], calling: list[str] = ()) -> tuple[int, str]:
@@ -179,16 +238,59 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def _draining_server(uvicorn, app, drain_timeout_s: float):
+def _draining_server(uvicorn, app, drain_timeout_s: float, announce: Optional[Callable[[int], None]] = None,
+                     log_format: str = "text"):
     """uvicorn's server, whose shutdown first stops listening, then closes the robot websockets with 1001 after
-    their replies in flight (uvicorn alone would cut them with 1012), then drains as uvicorn does."""
+    their replies in flight (uvicorn alone would cut them with 1012), then drains as uvicorn does.
+
+    ``announce(port)`` is called once it listens (the port the system chose for port 0). A port it cannot listen on
+    is one line naming the fix, and exit status 2, instead of uvicorn's error. A second Ctrl-C during the drain
+    ends the process at once (exit 130) instead of waiting for the requests in flight."""
+    from service.launcher import CONFIG_ERROR, INTERRUPTED, SECOND_INTERRUPT, cannot_listen
+
+    class BindFailure(logging.Filter):
+        """uvicorn logs an address it cannot listen on as the bare OSError (then shuts the app down and exits):
+        said instead as one line naming the fix."""
+
+        def __init__(self, host: str, port: int) -> None:
+            super().__init__()
+            self.host, self.port, self.failed = host, port, False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not isinstance(record.msg, OSError):
+                return True
+            self.failed = True
+            _say_error(log_format, cannot_listen(self.host, self.port, record.msg))
+            return False
 
     class DrainingServer(uvicorn.Server):
         stop_requested = False  # SIGTERM or Ctrl-C came (read while a replica waits for its models to load)
 
         def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGINT and DrainingServer.stop_requested:
+                # A second Ctrl-C (after a Ctrl-C or SIGTERM): leave now. uvicorn's own answer, its "force exit",
+                # still waited for the robot websockets, then cancelled the app's shutdown and logged a traceback.
+                logging.getLogger("service").warning(SECOND_INTERRUPT)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(INTERRUPTED)
             DrainingServer.stop_requested = True
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None) -> None:
+            bind_failure = BindFailure(self.config.host, self.config.port)
+            uvicorn_log = logging.getLogger("uvicorn.error")
+            uvicorn_log.addFilter(bind_failure)
+            try:
+                await super().startup(sockets)
+            except SystemExit:
+                if not bind_failure.failed:
+                    raise
+                raise SystemExit(CONFIG_ERROR) from None  # (as a launcher that cannot listen exits)
+            finally:
+                uvicorn_log.removeFilter(bind_failure)
+            if self.started and announce is not None:
+                announce(self.servers[0].sockets[0].getsockname()[1])
 
         async def shutdown(self, sockets=None) -> None:
             deadline = time.monotonic() + drain_timeout_s  # one drain, websockets and requests together

@@ -12,8 +12,11 @@ so connections wait in its queue instead of being refused. A replica that exits 
 (the configuration is wrong) ends the launch: every restart would fail the same way. SIGTERM or
 Ctrl-C drains every replica (each stops accepting and finishes its requests, as one server
 does) and kills what is still running ``drain_timeout_s`` + 5 s later (a replica's drain, its
-websockets and its requests together, takes at most ``drain_timeout_s``). A replica dies with its launcher, even one
-killed by SIGKILL.
+websockets and its requests together, takes at most ``drain_timeout_s``); a second Ctrl-C kills them at once. A replica
+dies with its launcher, even one killed by SIGKILL.
+
+What makes a launch impossible (no GPU for ``per-gpu``, a device some replica will not have, the address taken) is
+found before anything else is said or started (:func:`prepare_launch`), so such a launch prints only why it failed.
 
 Why processes and not threads: each replica has its own interpreter, so replicas on different
 GPUs never wait for each other's interpreter lock, and one that crashes takes no other with it.
@@ -21,21 +24,27 @@ GPUs never wait for each other's interpreter lock, and one that crashes takes no
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from service.replicas import GPU_ENV
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 logger = logging.getLogger("service.launcher")
 
 CONFIG_ERROR = 2  # what `vla-foundry serve` exits with when its settings are wrong
+INTERRUPTED = 130  # a second Ctrl-C: stopped without finishing the work in flight (the shell's code for SIGINT)
+SECOND_INTERRUPT = "second interrupt: stopping without finishing the requests in flight"
+PLAN_FLAGS = "--gpus, --replicas, --replicas-per-gpu"  # how a replica's GPUs are given
 RESTART_DELAY_S, MAX_RESTART_DELAY_S, STABLE_AFTER_S = 1.0, 30.0, 60.0
 KILL_GRACE_S = 5.0
 
@@ -74,12 +83,58 @@ def replica_plan(replicas: str, per_gpu: int, gpus: list[str]) -> list[str]:
     return [""] * count
 
 
+def check_replica_devices(settings: "Settings", plan: list[str]) -> None:
+    """What a replica of ``plan`` would refuse at its start, refused once here instead (ValueError), before any
+    replica starts: a device it will not have (``cuda`` on CPU replicas, ``cuda:1`` on a replica given one GPU),
+    and a CUDA device on GPU replicas when this host has none. Each replica still checks its own GPUs."""
+    from service.replicas import check_devices_exist, settings_for_replica
+
+    for gpus in dict.fromkeys(plan):
+        settings_for_replica(settings, len([g for g in gpus.split(",") if g.strip()]), PLAN_FLAGS)
+    if any(plan) and os.environ.get(GPU_ENV) is None:
+        # This process sees every GPU of the host, and a replica sees some of them: a device missing here is missing
+        # in every replica. (With CUDA_VISIBLE_DEVICES set here, a replica may be given GPUs this process cannot see.)
+        check_devices_exist(settings)
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """Bound and listening, inherited by every replica (SO_REUSEADDR, as uvicorn binds)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=2048)
     sock.set_inheritable(True)
     return sock
+
+
+def address(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def cannot_listen(host: str, port: int, error: OSError) -> str:
+    """Why the server cannot listen on ``host``:``port``, in one line that names the fix."""
+    where = f"cannot listen on {address(host, port)}"
+    if error.errno == errno.EADDRINUSE:
+        return (f"{where}: address already in use (another server listens there; `ss -ltnp 'sport = :{port}'` "
+                "names it): stop it, or choose another port with --port or VLA_PORT (0: any free port)")
+    if error.errno == errno.EACCES:
+        return (f"{where}: permission denied (ports below 1024 need privileges): choose another port with --port "
+                "or VLA_PORT, such as 8000")
+    reason = error.strerror or str(error)
+    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return (f"{where}: {host!r} is no address of this host ({reason}): give --host or VLA_HOST as one of its "
+                "addresses, 127.0.0.1 (this host only) or 0.0.0.0 (every interface)")
+    return f"{where}: {reason}; check --host (VLA_HOST) and --port (VLA_PORT)"
+
+
+def prepare_launch(settings: "Settings") -> tuple[list[str], socket.socket]:
+    """Each replica's ``CUDA_VISIBLE_DEVICES`` and the bound socket they will share; ValueError, naming the fix,
+    when the launch cannot run: no GPU for ``per-gpu``, a device some replica will not have, the address taken."""
+    plan = replica_plan(str(settings.replicas), settings.replicas_per_gpu, visible_gpus(settings.gpus))
+    check_replica_devices(settings, plan)
+    try:
+        return plan, listening_socket(settings.host, settings.port)
+    except OSError as e:
+        raise ValueError(cannot_listen(settings.host, settings.port, e)) from None
 
 
 @dataclass
@@ -104,8 +159,17 @@ class Launcher:
         self.command, self.sock, self.drain_timeout_s = list(command), sock, drain_timeout_s
         self.children = [_Child(i, gpus) for i, gpus in enumerate(plan)]
         self.stop_requested = False
+        self.interrupted_twice = False
 
-    def _request_stop(self, *_: object) -> None:
+    def _request_stop(self, signum: int, _frame: object = None) -> None:
+        if signum == signal.SIGINT and self.stop_requested and not self.interrupted_twice:
+            # A second Ctrl-C: the replicas still draining are killed now instead of finishing their requests.
+            draining = [c for c in self.children if c.process is not None and c.process.poll() is None]
+            if draining:
+                self.interrupted_twice = True
+                logger.warning("%s: killing %d replica(s)", SECOND_INTERRUPT, len(draining))
+                for child in draining:
+                    child.process.kill()
         self.stop_requested = True
 
     def _start(self, child: _Child) -> None:
@@ -159,7 +223,7 @@ class Launcher:
                 if child.process is not None and child.process.poll() is None:
                     child.process.kill()
                     child.process.wait()
-        return code
+        return INTERRUPTED if self.interrupted_twice else code
 
     def _wait_for_replicas(self) -> None:
         # A replica's own drain (its robot websockets, then its requests) ends within drain_timeout_s.
@@ -170,7 +234,8 @@ class Launcher:
             try:
                 child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("replica %d did not drain in time: killed", child.index)
+                if not self.interrupted_twice:
+                    logger.warning("replica %d did not drain in time: killed", child.index)
                 child.process.kill()
                 child.process.wait()
 
@@ -221,20 +286,13 @@ def die_with_the_launcher(launcher_pid: Optional[int]) -> bool:
     return launcher_pid is None or os.getppid() == launcher_pid
 
 
-def launch(command: Sequence[str], replicas: str, per_gpu: int, gpus: Optional[str], host: str, port: int,
-           drain_timeout_s: float) -> int:
-    """``vla-foundry serve`` with more than one replica: plan, bind, start and watch (see the module's notes)."""
-    try:
-        plan = replica_plan(replicas, per_gpu, visible_gpus(gpus))
-    except ValueError as e:
-        print(f"vla-foundry serve: {e}", file=sys.stderr)
-        return CONFIG_ERROR
-    try:
-        sock = listening_socket(host, port)
-    except OSError as e:
-        print(f"vla-foundry serve: cannot listen on {host}:{port}: {e}", file=sys.stderr)
-        return CONFIG_ERROR
-    bound = sock.getsockname()[1]
-    where = ", ".join(f"GPU {g}" if g else "CPU" for g in plan)
-    print(f"VLA Foundry Serve: {len(plan)} replicas on {host}:{bound} ({where})", file=sys.stderr)
+def launch(command: Sequence[str], plan: list[str], sock: socket.socket, drain_timeout_s: float) -> int:
+    """``vla-foundry serve`` with more than one replica, once :func:`prepare_launch` has planned and bound: start and
+    watch (see the module's notes)."""
     return Launcher(command, plan, sock, drain_timeout_s).run()
+
+
+def launch_banner(plan: list[str], host: str, port: int) -> str:
+    """The launcher's line once it listens (its first replica prints how to use the server once it is ready)."""
+    where = ", ".join(f"GPU {g}" if g else "CPU" for g in plan)
+    return f"VLA Foundry Serve: {len(plan)} replicas on {address(host, port)} ({where})"
