@@ -46,7 +46,8 @@ msgpack-HTTP robot on the batching server alone, while 16 threads poll `GET /hea
 times a second each, and while 16 threads flood it; the health threads run in a second
 process, so they take no GIL time from the robot's process (only CPU, as any client would).
 Torch threads: 1 in every server process by default (OMP_NUM_THREADS / MKL_NUM_THREADS, the
-same for ours and LitServe's worker); --threads 0 leaves torch's default (all cores). Why: the
+same for ours and LitServe's worker); --threads 0 sets none (ours then runs VLA_TORCH_THREADS=auto,
+the usable CPUs less one; LitServe's worker torch's default, every core). Why: the
 robots' threads run on the same host, so a server with 2 torch threads on a 2-core machine
 oversubscribes the cores, and every op of the intra-op pool waits for its slowest, possibly
 descheduled, thread: on the 2-core dev VM with the tiny policy, other jobs sharing it, 4 robots

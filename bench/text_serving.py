@@ -264,6 +264,8 @@ def main() -> None:
     parser.add_argument("--servers", default="on,off", help="which servers, comma-separated, in this order: on "
                         "(continuous batching, decode steps from graphs as served by default), eager (continuous "
                         "batching, eager decode steps: VLA_TRACED_SAMPLING=false VLA_CUDA_GRAPHS=false), off")
+    parser.add_argument("--torch-threads", default=None,
+                        help="VLA_TORCH_THREADS of the servers (default: theirs, auto: the usable CPUs less one)")
     parser.add_argument("--device", default="auto", help="the servers' VLA_DEVICE: auto | cpu | cuda | cuda:N")
     parser.add_argument("--random-model", metavar="LAYERSxWIDTH", help="instead of --checkpoint: a random-weight "
                         "transformer of that shape in bfloat16, built on --device (24x2048 for the GPU goal)")
@@ -301,6 +303,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEVICE": device,
                    "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
                    "VLA_CONTINUOUS_BATCHING": "false" if mode == "off" else "true",
+                   **({"VLA_TORCH_THREADS": args.torch_threads} if args.torch_threads else {}),
                    **({"VLA_TRACED_SAMPLING": "false", "VLA_CUDA_GRAPHS": "false"} if mode == "eager" else {})}
             command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=text", "--host", "127.0.0.1",
                                          "--port", str(port)]

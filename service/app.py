@@ -31,6 +31,7 @@ from service.routes.openai import add_openai_routes
 from service.routes.robot_ws import add_robot_websocket
 from service.routes.sessions import add_session_routes
 from service.sessions import SessionStore
+from service.torch_threads import apply_torch_threads
 from service.shared_sessions import SharedSessionStates
 from service.settings import Settings
 
@@ -60,6 +61,7 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     async def lifespan(app: FastAPI):
         if settings.switch_interval_ms is not None:  # process-wide: the model threads and the event loop share it
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
+        logger.info(apply_torch_threads(settings.torch_threads))  # process-wide, before any model thread starts
         return_large_blocks_to_the_system()  # decoded images' memory goes back after each request (memory.py)
         if shared is not None:
             try:

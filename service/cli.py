@@ -144,7 +144,7 @@ def _launch(args: argparse.Namespace, settings) -> int:
         logging.getLogger("service").info(banner)
     else:
         print(banner, file=sys.stderr)
-    return launch([*serve_command(), *args.argv], plan, sock, settings.drain_timeout_s)
+    return launch([*serve_command(), *args.argv], plan, sock, settings.drain_timeout_s, settings.torch_threads)
 
 
 def _warn_about_the_settings(settings, environ: dict[str, str]) -> None:

@@ -32,9 +32,10 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from service.replicas import GPU_ENV
+from service.torch_threads import auto_threads, usable_cpus
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -155,8 +156,10 @@ class Launcher:
     being started when SIGTERM comes is signalled as soon as it exists, and none is started after it.
     """
 
-    def __init__(self, command: Sequence[str], plan: list[Optional[str]], sock: socket.socket, drain_timeout_s: float):
+    def __init__(self, command: Sequence[str], plan: list[Optional[str]], sock: socket.socket, drain_timeout_s: float,
+                 torch_threads: Union[int, str] = "auto"):
         self.command, self.sock, self.drain_timeout_s = list(command), sock, drain_timeout_s
+        self.torch_threads = torch_threads  # VLA_TORCH_THREADS: a count each replica sets itself, or auto
         self.children = [_Child(i, gpus) for i, gpus in enumerate(plan)]
         self.stop_requested = False
         self.interrupted_twice = False
@@ -174,10 +177,9 @@ class Launcher:
 
     def _start(self, child: _Child) -> None:
         env = {**os.environ, GPU_ENV: child.gpus}
-        if not child.gpus and "OMP_NUM_THREADS" not in env:
-            # CPU replicas share the cores: torch's default (every core each) would oversubscribe them.
-            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            env["OMP_NUM_THREADS"] = str(max(1, usable // len(self.children)))
+        if not child.gpus and self.torch_threads == "auto" and "OMP_NUM_THREADS" not in env:
+            # CPU replicas share the cores: each gets its share, less one for its event loop (torch_threads.py).
+            env["OMP_NUM_THREADS"] = str(auto_threads(usable_cpus() // len(self.children)))
         fd = self.sock.fileno()
         command = [*self.command, "--port", str(self.sock.getsockname()[1]), "--replica-index", str(child.index),
                    "--listen-fd", str(fd), "--launcher-pid", str(os.getpid())]
@@ -286,10 +288,11 @@ def die_with_the_launcher(launcher_pid: Optional[int]) -> bool:
     return launcher_pid is None or os.getppid() == launcher_pid
 
 
-def launch(command: Sequence[str], plan: list[str], sock: socket.socket, drain_timeout_s: float) -> int:
+def launch(command: Sequence[str], plan: list[str], sock: socket.socket, drain_timeout_s: float,
+           torch_threads: Union[int, str] = "auto") -> int:
     """``vla-foundry serve`` with more than one replica, once :func:`prepare_launch` has planned and bound: start and
     watch (see the module's notes)."""
-    return Launcher(command, plan, sock, drain_timeout_s).run()
+    return Launcher(command, plan, sock, drain_timeout_s, torch_threads).run()
 
 
 def launch_banner(plan: list[str], host: str, port: int) -> str:

@@ -191,6 +191,11 @@ class Settings(BaseSettings):
         "The interpreter's thread switch interval (sys.setswitchinterval), in ms: how long a busy thread (the event "
         "loop under a flood of requests) may keep the interpreter lock before a model thread that waits for it gets "
         "it; none: Python's 5 ms."))
+    torch_threads: Union[Annotated[int, Field(ge=1, le=1024)], Literal["auto"]] = Field("auto", description=(
+        "Threads torch's CPU operators use in this process: a count, or `auto`: the CPUs the process may use (its "
+        "affinity, bounded by a container's CPU quota) less one kept for the event loop, at least one; with "
+        "OMP_NUM_THREADS set, auto leaves torch that many. Oversubscribed cores stall every parallel operator "
+        "(see service/torch_threads.py)."))
     drain_timeout_s: float = Field(30.0, ge=0, le=3600, description=(
         "On SIGTERM or Ctrl-C: stop accepting connections, let requests and robot websockets in flight finish for "
         "at most this long in all, "

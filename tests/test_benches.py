@@ -71,3 +71,17 @@ def test_the_vlm_backbone_batching_bench_runs_and_both_ways_agree(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| vlm")]
     assert len(rows) == 2
     assert all(float(row.split("|")[-2]) < 1e-5 for row in rows)  # max difference between the two ways
+
+
+def test_the_cpu_threads_bench_runs_and_keeps_its_busy_processes_to_itself():
+    """Its busy processes end with it (a leftover would slow every later test on this host)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_threads.py"), "--threads", "1",
+                             "--busy", "1", "--concurrency", "1", "--rounds", "1", "--seconds", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| 1 | 1 | 1 |")]
+    assert len(rows) == 1 and float(rows[0][3]) > 0 and rows[0][5] == "0", result.stdout[-2000:]
+    leftover = subprocess.run(["pgrep", "-f", "while True: pass"], capture_output=True, text=True).stdout.split()
+    assert not leftover, leftover

@@ -182,3 +182,25 @@ def test_starts_that_fail_back_off_even_after_a_long_run(monkeypatch):
     clock["now"] = child.restart_at
     assert launcher._watch(child) == 0 and child.failures == 5001 and child.restart_at - clock["now"] == 30
     sock.close()
+
+
+@pytest.mark.parametrize("setting, omp, expected", [("auto", None, "share"), ("auto", "3", "3"), (4, None, None)])
+def test_cpu_replicas_share_the_cores_less_one_each_for_its_event_loop(monkeypatch, setting, omp, expected):
+    """Each CPU replica gets OMP_NUM_THREADS = its share of the usable CPUs less one (torch_threads.auto_threads),
+    unless OMP_NUM_THREADS or a count in VLA_TORCH_THREADS says otherwise (the replica then sets that itself)."""
+    from service import launcher as launcher_module
+    from service.torch_threads import auto_threads, usable_cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    started, real_popen = [], subprocess.Popen
+    monkeypatch.setattr(launcher_module.subprocess, "Popen",
+                        lambda command, env, **kwargs: started.append(env) or real_popen(["true"]))
+    sock = socket.socket()
+    launcher = launcher_module.Launcher(["serve"], ["", "", ""], sock, drain_timeout_s=1, torch_threads=setting)
+    launcher._start(launcher.children[0])
+    launcher.children[0].process.wait()
+    share = str(auto_threads(usable_cpus() // 3))
+    assert started[0].get("OMP_NUM_THREADS") == (share if expected == "share" else expected)
+    sock.close()
