@@ -148,8 +148,9 @@ def test_flow_models_list_their_samplers_and_refuse_ddpm_only_ones(flow_client):
 
 
 def test_concurrent_requests_equal_sequential_ones(tiny_checkpoints, tmp_path):
-    """8 requests in flight at once (batched: mixed prompts, negative prompts and image counts) give exactly the
-    PNG bytes the same requests give one at a time; a request the model refuses fails alone."""
+    """8 requests in flight at once (batched: mixed prompts, negative prompts and image counts) give the images the
+    same requests give one at a time (to within one level in a few pixels); a request the model refuses fails
+    alone."""
     args = ["--checkpoint", f"{tiny_checkpoints['stable_diffusion']}=sd"]
     bodies = [{"prompt": ["a red circle", "a blue square"][i % 2], "seed": 100 + 10 * i, "num_inference_steps": 4,
                "num_images": 1 + i % 3, "guidance_scale": 2.0, **({"negative_prompt": "green"} if i % 4 else {})}
@@ -168,7 +169,16 @@ def test_concurrent_requests_equal_sequential_ones(tiny_checkpoints, tmp_path):
     concurrent, sequential = concurrent[:-1], sequential[:-1]
     assert all(r.status_code == 200 for r in concurrent + sequential)
     got = [[im["data"] for im in r.json()["images"]] for r in concurrent]
-    assert got == [[im["data"] for im in r.json()["images"]] for r in sequential]
+    alone = [[im["data"] for im in r.json()["images"]] for r in sequential]
+    assert [len(images) for images in got] == [len(images) for images in alone]
+    # As README says: a batched image is the image alone to within one level in a few pixels (the UNet's CPU
+    # kernels are not batch-invariant; with one torch thread one pixel of these tiny models moved).
+    moved = 0
+    for batched_image, alone_image in zip(sum(got, []), sum(alone, [])):
+        a, b = pixels(batched_image).astype(int), pixels(alone_image).astype(int)
+        assert np.abs(a - b).max() <= 1
+        moved += int((a != b).sum())
+    assert moved <= 0.001 * sum(pixels(data).size for data in sum(got, []))
     assert len({data for images in got for data in images}) == sum(len(images) for images in got) == 15
     assert max(r.json()["timing_ms"]["batch_size"] for r in concurrent) > 1
 
