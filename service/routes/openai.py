@@ -273,7 +273,8 @@ def _v1_names(error: InvalidInputError, request: Any, chat: bool = False) -> Inv
     message = str(error).replace("max_new_tokens", length)
     field = {**V1_FIELDS, "max_new_tokens": length}.get(error.field, error.field)
     if chat and field == "prompt":
-        field, message = "messages", message.replace("prompt[0]", "messages").replace("the prompt", "the messages")
+        message = message.replace("prompt[0]", "messages").replace("the prompt is", "the messages are")
+        field, message = "messages", message.replace("the prompt", "the messages")
     return type(error)(message, field=field)
 
 

@@ -299,7 +299,7 @@ def test_v1_errors_use_v1_field_names(app_client):
     assert e["field"] == "prompt" and "shorten the prompt" in e["message"]
     e = error_of(app_client.post("/v1/chat/completions", json={"model": "chat", "messages": [
         {"role": "user", "content": "x" * 3000}]}), 422)
-    assert e["field"] == "messages" and "the messages" in e["message"]
+    assert e["field"] == "messages" and "the messages are" in e["message"] and "the messages is" not in e["message"]
     e = error_of(app_client.post("/v1/chat/completions", json={"model": "chat", "max_completion_tokens": 64,
                                                                "messages": [{"role": "user", "content": "x" * 1000}]}),
                  422)
