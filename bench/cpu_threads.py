@@ -4,15 +4,15 @@ processes are busy.
     .venv/bin/python bench/cpu_threads.py [--threads auto,1,2] [--busy 0,1] [--concurrency 1,8] [--rounds 3]
                                           [--seconds 5] [--checkpoint DIR|demo-transformer]
 
-One server per thread setting, all alive at once, each serving the demo transformer with continuous batching,
-and ``bench/text_serving.py``'s clients (threads of this process, each the official ``openai`` client streaming
-``/v1/completions``, the same requests on every server). For each count of busy processes (each a Python loop
-that never sleeps, started beside the servers, as a robot's own control process or a sidecar would be), the rows
-run in rounds: every concurrency in turn and, at each, every server in turn (both orders alternating from round
-to round), ``--seconds`` measured after 1 s of warm-up. Reported: completion tokens/s (the median of the rounds)
-and time to first token p99 (every round's requests pooled). What it shows (service/torch_threads.py): an
-operator split over as many threads as the host has cores waits at its end for its slowest thread, and stalls
-whenever any other thread wants one of those cores.
+One server per thread setting, all alive at once, each serving the demo transformer with continuous batching, and
+``bench/text_serving.py``'s clients (threads of this process, each the official ``openai`` client streaming
+``/v1/completions``, the same requests on every server). For each count of busy processes (each a Python loop that
+never sleeps, started beside the servers and ended with the bench, as a robot's own control process or a sidecar
+would be), the rows run in rounds: every concurrency in turn and, at each, every server in turn (both orders
+alternating from round to round), ``--seconds`` measured after 1 s of warm-up. Reported: completion tokens/s (the
+median of the rounds) and time to first token p99 (every round's requests pooled). What it shows
+(service/torch_threads.py): an operator split over as many threads as the host has cores waits at its end for its
+slowest thread, and stalls whenever any other thread wants one of those cores.
 """
 
 from __future__ import annotations
@@ -34,10 +34,22 @@ from text_serving import percentile_ms, run_clients, text_checkpoint  # noqa: E4
 from service.cli import serve_command  # noqa: E402
 
 
+# A busy process: it spins until this bench ends, or until its parent is gone (a bench killed before its cleanup
+# leaves no spinner on the host). The marker names it in `ps`.
+BUSY_MARKER = "vla-foundry bench/cpu_threads.py busy process"
+BUSY_CODE = f"""# {BUSY_MARKER}
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
+
+
 @contextlib.contextmanager
 def busy_processes(count: int):
     """``count`` processes that each keep a core busy until the block ends."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE]) for _ in range(count)]
     try:
         yield
     finally:

@@ -120,7 +120,7 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
 
 DEVICE = "cpu"  # --device: where every server runs its model
 DTYPE = "auto"  # --dtype: the model's dtype in every server (auto: the rule our server applies, float32 on CPU)
-TORCH_THREADS: Optional[int] = 1  # --threads: the same torch thread count in every server; 0 or None: torch's default
+TORCH_THREADS: Optional[int] = 1  # --threads: the same torch thread count in every server; 0 or None: each its own
 
 
 def server_env(**extra: str) -> dict[str, str]:
@@ -748,7 +748,8 @@ def parse_args() -> argparse.Namespace:
                         "their Python work is not all under one interpreter lock: for hosts with cores to spare "
                         "(a GPU host); on 2 cores they take CPU from the servers (default 1: threads of this one)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in every server (default 1; 0: torch's default, all cores)")
+                        help="torch threads in every server (default 1; 0: each server's own: ours "
+                        "VLA_TORCH_THREADS=auto, LitServe's worker torch's default, all cores)")
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout, seconds")
     parser.add_argument("--starvation", action=argparse.BooleanOptionalAction, default=True,
                         help="the /health/live starvation section")

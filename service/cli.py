@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # uvicorn's websocket implementation: the one it recommends (its older ``websockets`` one warns at every start that
 # it is deprecated). From uvicorn 0.52.1 (pyproject's floor) its closing handshake waits for the robot's reply to a
-# close (1001 at a drain) instead of resetting the connection. Settings as before: ws_max_size (1009 past it), no
+# close (1001 at a drain) instead of resetting the connection. Its settings: ws_max_size (1009 past it), no
 # per-message compression, uvicorn's default pings.
 WEBSOCKETS = "websockets-sansio"
 
@@ -139,11 +139,7 @@ def _launch(args: argparse.Namespace, settings) -> int:
         from vla_foundry.demo import ensure_demo_pack
 
         ensure_demo_pack(settings.demo_dir, progress=True)  # once, before the replicas would race to build it
-    banner = launch_banner(plan, settings.host, sock.getsockname()[1])
-    if settings.log_format == "json":
-        logging.getLogger("service").info(banner)
-    else:
-        print(banner, file=sys.stderr)
+    _say(settings.log_format, launch_banner(plan, settings.host, sock.getsockname()[1]))
     return launch([*serve_command(), *args.argv], plan, sock, settings.drain_timeout_s, settings.torch_threads)
 
 
@@ -160,12 +156,18 @@ def _warn_about_the_settings(settings, environ: dict[str, str]) -> None:
         logging.getLogger("service").warning(warning)
 
 
-def _say_error(log_format: str, message: str) -> None:
-    """Why the start failed, once logging is set: one line, in the format of every other line (JSON or text)."""
+def _say(log_format: str, text: str, level: int = logging.INFO, message: Optional[str] = None, **extra) -> None:
+    """What the start tells its operator, in the format of every other line: with JSON logs one object (``message``
+    or the text itself, with ``extra`` fields), else the text on stderr."""
     if log_format == "json":
-        logging.getLogger("service").error(f"vla-foundry serve: {message}")
+        logging.getLogger("service").log(level, message or text, extra=extra or None)
     else:
-        print(f"vla-foundry serve: {message}", file=sys.stderr)
+        print(text, file=sys.stderr, flush=True)
+
+
+def _say_error(log_format: str, message: str) -> None:
+    """Why the start failed, once logging is set: one line."""
+    _say(log_format, f"vla-foundry serve: {message}", logging.ERROR)
 
 
 def base_url(host: str, port: int) -> str:
@@ -193,10 +195,8 @@ def banner_lines(settings, port: int) -> list[str]:
 def _announce(settings, port: int) -> None:
     """The banner, once the server listens on ``port`` (the one the system chose for port 0)."""
     lines = banner_lines(settings, port)
-    if settings.log_format == "json":  # one JSON object per line, the banner too
-        logging.getLogger("service").info("listening", extra={"url": base_url(settings.host, port), "hints": lines})
-    else:
-        print("\n" + "\n".join(lines) + "\n", file=sys.stderr, flush=True)
+    _say(settings.log_format, "\n" + "\n".join(lines) + "\n", message="listening",
+         url=base_url(settings.host, port), hints=lines)
 
 
 def _leaving_with_model_threads(started: bool, loading: list[str], calling: list[str] = ()) -> tuple[int, str]:
@@ -246,7 +246,7 @@ def _draining_server(uvicorn, app, drain_timeout_s: float, announce: Optional[Ca
     ``announce(port)`` is called once it listens (the port the system chose for port 0). A port it cannot listen on
     is one line naming the fix, and exit status 2, instead of uvicorn's error. A second Ctrl-C during the drain
     ends the process at once (exit 130) instead of waiting for the requests in flight."""
-    from service.launcher import CONFIG_ERROR, INTERRUPTED, SECOND_INTERRUPT, cannot_listen
+    from service.launcher import BIND_ERRORS, CONFIG_ERROR, INTERRUPTED, SECOND_INTERRUPT, cannot_listen
 
     class BindFailure(logging.Filter):
         """uvicorn logs an address it cannot listen on as the bare OSError (then shuts the app down and exits):
@@ -257,7 +257,8 @@ def _draining_server(uvicorn, app, drain_timeout_s: float, announce: Optional[Ca
             self.host, self.port, self.failed = host, port, False
 
         def filter(self, record: logging.LogRecord) -> bool:
-            if not isinstance(record.msg, OSError):
+            error = record.msg
+            if not (isinstance(error, socket.gaierror) or isinstance(error, OSError) and error.errno in BIND_ERRORS):
                 return True
             self.failed = True
             _say_error(log_format, cannot_listen(self.host, self.port, record.msg))
@@ -268,8 +269,8 @@ def _draining_server(uvicorn, app, drain_timeout_s: float, announce: Optional[Ca
 
         def handle_exit(self, sig, frame) -> None:
             if sig == signal.SIGINT and DrainingServer.stop_requested:
-                # A second Ctrl-C (after a Ctrl-C or SIGTERM): leave now. uvicorn's own answer, its "force exit",
-                # still waited for the robot websockets, then cancelled the app's shutdown and logged a traceback.
+                # A second Ctrl-C (after a Ctrl-C or SIGTERM): leave now, whatever is in flight (uvicorn's own
+                # "force exit" would wait for the robot websockets, then log a traceback).
                 logging.getLogger("service").warning(SECOND_INTERRUPT)
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -278,19 +279,23 @@ def _draining_server(uvicorn, app, drain_timeout_s: float, announce: Optional[Ca
             super().handle_exit(sig, frame)
 
         async def startup(self, sockets=None) -> None:
-            bind_failure = BindFailure(self.config.host, self.config.port)
+            # (A replica is handed the launcher's bound socket: it binds nothing.)
+            bind_failure = BindFailure(self.config.host, self.config.port) if sockets is None else None
             uvicorn_log = logging.getLogger("uvicorn.error")
-            uvicorn_log.addFilter(bind_failure)
+            if bind_failure is not None:
+                uvicorn_log.addFilter(bind_failure)
             try:
                 await super().startup(sockets)
             except SystemExit:
-                if not bind_failure.failed:
+                if bind_failure is None or not bind_failure.failed:
                     raise
                 raise SystemExit(CONFIG_ERROR) from None  # (as a launcher that cannot listen exits)
             finally:
-                uvicorn_log.removeFilter(bind_failure)
+                if bind_failure is not None:
+                    uvicorn_log.removeFilter(bind_failure)
             if self.started and announce is not None:
-                announce(self.servers[0].sockets[0].getsockname()[1])
+                # Port 0: the one the system chose (the first address's, where a host name has several).
+                announce(self.config.port or self.servers[0].sockets[0].getsockname()[1])
 
         async def shutdown(self, sockets=None) -> None:
             deadline = time.monotonic() + drain_timeout_s  # one drain, websockets and requests together

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from service.replicas import GPU_ENV
-from service.torch_threads import auto_threads, usable_cpus
+from service.torch_threads import omp_num_threads, replica_threads
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -111,6 +111,9 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+BIND_ERRORS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)  # what binding an address can fail with
+
+
 def cannot_listen(host: str, port: int, error: OSError) -> str:
     """Why the server cannot listen on ``host``:``port``, in one line that names the fix."""
     where = f"cannot listen on {address(host, port)}"
@@ -162,10 +165,12 @@ class Launcher:
         self.torch_threads = torch_threads  # VLA_TORCH_THREADS: a count each replica sets itself, or auto
         self.children = [_Child(i, gpus) for i, gpus in enumerate(plan)]
         self.stop_requested = False
+        self.stop_signals = 0  # SIGTERM and Ctrl-C received (a launch ending on its own counts none)
         self.interrupted_twice = False
 
     def _request_stop(self, signum: int, _frame: object = None) -> None:
-        if signum == signal.SIGINT and self.stop_requested and not self.interrupted_twice:
+        self.stop_signals += 1
+        if signum == signal.SIGINT and self.stop_signals > 1 and not self.interrupted_twice:
             # A second Ctrl-C: the replicas still draining are killed now instead of finishing their requests.
             draining = [c for c in self.children if c.process is not None and c.process.poll() is None]
             if draining:
@@ -177,9 +182,10 @@ class Launcher:
 
     def _start(self, child: _Child) -> None:
         env = {**os.environ, GPU_ENV: child.gpus}
-        if not child.gpus and self.torch_threads == "auto" and "OMP_NUM_THREADS" not in env:
-            # CPU replicas share the cores: each gets its share, less one for its event loop (torch_threads.py).
-            env["OMP_NUM_THREADS"] = str(auto_threads(usable_cpus() // len(self.children)))
+        if self.torch_threads == "auto" and omp_num_threads(env) is None:
+            # Replicas share the host's CPUs (GPU replicas too: their preprocessing runs there): each gets its
+            # share, less one for its event loop (torch_threads.py).
+            env["OMP_NUM_THREADS"] = str(replica_threads(len(self.children)))
         fd = self.sock.fileno()
         command = [*self.command, "--port", str(self.sock.getsockname()[1]), "--replica-index", str(child.index),
                    "--listen-fd", str(fd), "--launcher-pid", str(os.getpid())]
@@ -225,7 +231,7 @@ class Launcher:
                 if child.process is not None and child.process.poll() is None:
                     child.process.kill()
                     child.process.wait()
-        return INTERRUPTED if self.interrupted_twice else code
+        return code or (INTERRUPTED if self.interrupted_twice else 0)  # (a replica's configuration error wins)
 
     def _wait_for_replicas(self) -> None:
         # A replica's own drain (its robot websockets, then its requests) ends within drain_timeout_s.

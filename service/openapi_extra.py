@@ -20,7 +20,10 @@ def operation_openapi(body: Optional[dict] = None, *, deadline: bool = False, su
     extra: dict = {"parameters": [request_id_parameter(), *([timeout_parameter()] if deadline else [])],
                    "responses": {str(success): {"headers": {"X-Request-ID": request_id_header()}}}}
     if body is not None:
-        extra["requestBody"] = {"content": {media_type: {"schema": body} for media_type in MSGPACK_TYPES}}
+        extra["requestBody"] = {
+            "description": "JSON, or msgpack with the same fields (in msgpack a typed array's `data` is raw bytes "
+                           "rather than base64 text).",
+            "content": {media_type: {"schema": body} for media_type in MSGPACK_TYPES}}
     return extra
 
 

@@ -4,10 +4,9 @@ torch's default is one thread per core of the host. A server is more than its op
 parses requests and writes replies on a core of its own while a model computes, and the host often runs
 other work (a robot's own control process, a sidecar, the clients in a benchmark). When more threads want
 to run than there are cores, each parallel operator waits at its end for its slowest thread, and OpenMP's
-threads spin while they wait, so one descheduled thread stalls every operator. Measured on a 2-core CPU
-(the demo transformer, 1 and 8 streaming OpenAI clients, ``bench/text_serving.py``'s clients): with one
-busy process beside the server, torch's default 2 threads gave 49 and 16 tokens/s, one thread 546 and
-1,688; on the same host left quiet, 584 and 1,696 against 703 and 1,475.
+threads spin while they wait, so one descheduled thread stalls every operator: on this project's 2-core CPU,
+beside one busy process, torch's default 2 threads gave 16-128 times fewer tokens than one thread (README, "CPU
+threads", and ``bench/cpu_threads.py``).
 
 So ``auto`` (the default) gives torch the CPUs this process may use less one, kept for the event loop, and
 at least one. The CPUs it may use are its affinity mask, bounded by a container's CPU quota (cgroup
@@ -22,32 +21,74 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def cpu_quota(root: Path = CGROUP_ROOT) -> Optional[float]:
-    """The CPUs a container's quota allows (quota ÷ period, e.g. 1.5), or None without one: cgroup v2's
-    ``cpu.max`` ("max 100000" is none), else v1's ``cpu/cpu.cfs_quota_us`` (-1 is none)."""
+def _cpus_of(quota: str, period: str) -> Optional[float]:
+    """quota ÷ period in CPUs; None for no quota ("max", or a value that is not positive) or one unreadable."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def _own_cgroups(proc_cgroup: Path) -> dict[str, str]:
+    """This process's cgroup path per hierarchy: "" for v2's unified one, "cpu" for v1's cpu controller."""
+    paths = {}
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                paths[""] = path
+            elif "cpu" in controllers.split(","):
+                paths["cpu"] = path
     except (OSError, ValueError):
         pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota <= 0 or period <= 0 else quota / period
-    except (OSError, ValueError):
-        return None
+    return paths
 
 
-def usable_cpus(root: Path = CGROUP_ROOT) -> int:
-    """The CPUs this process may run on at once: its affinity mask, bounded by a container's quota (rounded up:
-    a quota of 1.5 CPUs runs two threads, each part of the time)."""
+def _and_parents(base: Path, path: str) -> list[Path]:
+    """``base``/``path`` and every folder above it up to ``base`` (a limit on a parent cgroup holds too)."""
+    folder, folders = base / path.lstrip("/"), []
+    while True:
+        folders.append(folder)
+        if folder == base or base not in folder.parents:
+            return folders
+        folder = folder.parent
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> Optional[float]:
+    """The CPUs a container's (or a systemd unit's) quota allows this process (quota ÷ period, e.g. 1.5), or None
+    without one: the smallest of cgroup v2's ``cpu.max`` in its own cgroup and those above it ("max 100000" is
+    none), else of v1's ``cpu.cfs_quota_us`` ÷ ``cpu.cfs_period_us`` (-1 is none). A container usually sees its
+    own cgroup at the root of the hierarchy; a process in a nested one is found through ``/proc/self/cgroup``."""
+    own = _own_cgroups(proc_cgroup)
+    limits = []
+    for folder in _and_parents(root, own.get("", "/")):
+        try:
+            limits.append(_cpus_of(*(folder / "cpu.max").read_text().split()[:2]))
+        except (OSError, TypeError):  # (no file there, or one without two fields)
+            pass
+    if not any(limit is not None for limit in limits):
+        for folder in _and_parents(root / "cpu", own.get("cpu", "/")):
+            try:
+                limits.append(_cpus_of((folder / "cpu.cfs_quota_us").read_text(),
+                                       (folder / "cpu.cfs_period_us").read_text()))
+            except OSError:
+                pass
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+    """The CPUs this process may run on at once: its affinity mask, bounded by a quota (rounded up: a quota of
+    1.5 CPUs runs two threads, each part of the time)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cpu_quota(root)
+    quota = cpu_quota(root, proc_cgroup)
     return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
 
 
@@ -56,15 +97,26 @@ def auto_threads(cpus: int) -> int:
     return max(1, cpus - 1)
 
 
-def choose_torch_threads(setting: Union[int, str], environ: Optional[dict] = None,
-                         root: Path = CGROUP_ROOT) -> tuple[Optional[int], str]:
+def replica_threads(replicas: int) -> int:
+    """Torch threads for each of ``replicas`` CPU replicas sharing this process's CPUs: its share, less one."""
+    return auto_threads(usable_cpus() // replicas)
+
+
+def omp_num_threads(environ: Mapping[str, str]) -> Optional[str]:
+    """``OMP_NUM_THREADS`` when it is set to something (an empty or blank one is unset, as OpenMP reads it)."""
+    value = (environ.get("OMP_NUM_THREADS") or "").strip()
+    return value or None
+
+
+def choose_torch_threads(setting: Union[int, str], environ: Optional[Mapping[str, str]] = None,
+                         root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> tuple[Optional[int], str]:
     """(threads to set, or None to leave torch's, and why in words) for ``VLA_TORCH_THREADS`` = ``setting``."""
     environ = os.environ if environ is None else environ
     if setting != "auto":
         return int(setting), f"VLA_TORCH_THREADS={setting}"
-    if environ.get("OMP_NUM_THREADS"):
-        return None, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
-    cpus = usable_cpus(root)
+    if omp_num_threads(environ) is not None:
+        return None, f"OMP_NUM_THREADS={omp_num_threads(environ)}"
+    cpus = usable_cpus(root, proc_cgroup)
     return auto_threads(cpus), f"VLA_TORCH_THREADS=auto: {cpus} usable CPU(s), one left for the event loop"
 
 

@@ -7,9 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+try:
+    import cpu_threads
+finally:
+    sys.path.remove(str(ROOT / "bench"))
 
 
 def test_every_step_of_the_gpu_check_runs_on_the_cpu():
@@ -83,5 +89,27 @@ def test_the_cpu_threads_bench_runs_and_keeps_its_busy_processes_to_itself():
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| 1 | 1 | 1 |")]
     assert len(rows) == 1 and float(rows[0][3]) > 0 and rows[0][5] == "0", result.stdout[-2000:]
-    leftover = subprocess.run(["pgrep", "-f", "while True: pass"], capture_output=True, text=True).stdout.split()
+    leftover = subprocess.run(["pgrep", "-f", cpu_threads.BUSY_MARKER], capture_output=True, text=True).stdout.split()
     assert not leftover, leftover
+
+
+def test_the_cpu_threads_bench_busy_processes_end_with_their_parent():
+    """A bench killed before its cleanup (a timeout's SIGKILL) leaves no process spinning on the host."""
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {cpu_threads.BUSY_CODE!r}])\ntime.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 20
+        while not busy_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert busy_pids(), "the busy process did not start"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while busy_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not busy_pids()
+
+
+def busy_pids() -> list[str]:
+    return subprocess.run(["pgrep", "-f", cpu_threads.BUSY_MARKER], capture_output=True, text=True).stdout.split()

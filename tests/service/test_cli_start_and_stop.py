@@ -61,8 +61,8 @@ def running(command: list[str], env: dict[str, str]) -> Iterator[tuple[subproces
 
 
 def test_with_port_0_the_banner_names_the_port_the_system_chose_once_it_listens(transformer_fixture, tmp_path):
-    """The banner used to be printed before uvicorn bound: with ``--port 0`` it named port 0. No uvicorn
-    deprecation warning either (the websockets implementation it recommends is used)."""
+    """The banner comes once uvicorn has bound, naming the port the system chose for ``--port 0``; no uvicorn
+    deprecation warning (the websockets implementation it recommends is used)."""
     command = [*serve_command(), "serve", "--checkpoint", f"{transformer_fixture}=lm", "--host", "127.0.0.1",
                "--port", "0", "--device", "cpu"]
     with running(command, serve_env(tmp_path)) as (proc, log):
@@ -79,7 +79,8 @@ def test_with_port_0_the_banner_names_the_port_the_system_chose_once_it_listens(
 
 @pytest.mark.parametrize("replicas", [[], ["--replicas", "2"]], ids=["one server", "replicas"])
 def test_a_taken_port_is_one_line_naming_it_and_the_fix_without_a_banner(transformer_fixture, tmp_path, replicas):
-    """It used to print the banner (and, with replicas, the launch's warnings) and then fail to bind."""
+    """An address already taken: one line naming the fix and exit 2, no banner (and, with replicas, no launch
+    warnings)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -98,8 +99,8 @@ def test_a_taken_port_is_one_line_naming_it_and_the_fix_without_a_banner(transfo
 
 @pytest.mark.parametrize("case", ["per-gpu without GPUs", "cuda on a host without it"])
 def test_a_launch_that_cannot_run_says_only_why(tmp_path, case):
-    """Its fatal error comes alone, before the launch's warnings (a misspelt variable, no session store), its
-    banner or any replica: they used to come first, the error after them (or once per replica, seconds later)."""
+    """Its fatal error comes alone and first: no launch warnings (a misspelt variable, no session store), no
+    banner, no replica started."""
     if case == "cuda on a host without it":
         import torch
 
@@ -123,8 +124,8 @@ SLOW_CALLS = ("import asyncio, sys; import service.deployments as d; call = d.De
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line_without_a_traceback(transformer_fixture, tmp_path):
-    """The first Ctrl-C drains (a request in flight may finish for VLA_DRAIN_TIMEOUT_S); a second one used to end
-    in a traceback (and a warning that the drain timeout had passed); now it leaves at once, saying so."""
+    """The first Ctrl-C drains (a request in flight may finish for VLA_DRAIN_TIMEOUT_S); a second one leaves at
+    once (exit 130), saying so in one line, with no traceback and no drain-timeout warning."""
     port = free_port()
     command = [sys.executable, "-c", SLOW_CALLS, "serve", "--checkpoint", f"{transformer_fixture}=lm", "--host",
                "127.0.0.1", "--port", str(port), "--device", "cpu"]
@@ -168,7 +169,7 @@ LAUNCHER = textwrap.dedent("""
 
 
 def test_a_second_ctrl_c_to_a_launcher_kills_its_draining_replicas_at_once(tmp_path):
-    """The first Ctrl-C drains the replicas (up to VLA_DRAIN_TIMEOUT_S + 5 s); a second one used to be ignored."""
+    """The first Ctrl-C drains the replicas (up to VLA_DRAIN_TIMEOUT_S + 5 s); a second one kills them at once."""
     from tests.service.test_launcher import REPLICA
 
     (tmp_path / "replica.py").write_text(REPLICA)

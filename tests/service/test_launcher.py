@@ -184,13 +184,15 @@ def test_starts_that_fail_back_off_even_after_a_long_run(monkeypatch):
     sock.close()
 
 
-@pytest.mark.parametrize("setting, omp, expected", [("auto", None, "share"), ("auto", "3", "3"), (4, None, None)])
+@pytest.mark.parametrize("setting, omp, expected", [("auto", None, "3"), ("auto", "", "3"), ("auto", "5", "5"),
+                                                  (4, None, None)])
 def test_cpu_replicas_share_the_cores_less_one_each_for_its_event_loop(monkeypatch, setting, omp, expected):
     """Each CPU replica gets OMP_NUM_THREADS = its share of the usable CPUs less one (torch_threads.auto_threads),
     unless OMP_NUM_THREADS or a count in VLA_TORCH_THREADS says otherwise (the replica then sets that itself)."""
     from service import launcher as launcher_module
-    from service.torch_threads import auto_threads, usable_cpus
+    from service import torch_threads
 
+    monkeypatch.setattr(torch_threads, "usable_cpus", lambda: 12)  # 3 replicas: 4 CPUs each, 3 threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     if omp is not None:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
@@ -201,6 +203,26 @@ def test_cpu_replicas_share_the_cores_less_one_each_for_its_event_loop(monkeypat
     launcher = launcher_module.Launcher(["serve"], ["", "", ""], sock, drain_timeout_s=1, torch_threads=setting)
     launcher._start(launcher.children[0])
     launcher.children[0].process.wait()
-    share = str(auto_threads(usable_cpus() // 3))
-    assert started[0].get("OMP_NUM_THREADS") == (share if expected == "share" else expected)
+    assert started[0].get("OMP_NUM_THREADS") == expected
     sock.close()
+
+
+def test_one_ctrl_c_while_a_failed_launch_drains_is_not_a_second_one(monkeypatch):
+    """A launch ending on a replica's configuration error drains the others; one Ctrl-C meanwhile is the first
+    signal, not a second one: nothing is killed, and the launch still ends with the configuration error's 2."""
+    from service import launcher as launcher_module
+
+    sock = socket.socket()
+    launcher = launcher_module.Launcher(["true"], [""], sock, drain_timeout_s=1)
+    child = launcher.children[0]
+    child.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        launcher._stop()  # (what run() does once a replica exited 2)
+        launcher._request_stop(signal.SIGINT)
+        assert not launcher.interrupted_twice and child.process.poll() is None
+        launcher._request_stop(signal.SIGINT)  # a second one does cut the drain short
+        assert launcher.interrupted_twice and child.process.wait(timeout=10) != 0
+    finally:
+        if child.process.poll() is None:
+            child.process.kill()
+        child.process.wait()

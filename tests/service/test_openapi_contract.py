@@ -130,6 +130,28 @@ def test_the_timeout_header_is_honoured_and_its_bounds_enforced(client, monkeypa
     assert client.post("/predict/transformer", json=TEXT).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/sessions/{session}/step"])
+def test_the_timeout_header_is_honoured_on_the_other_operations_that_document_it(client, monkeypatch, path):
+    """As on /predict: a generation (continuous batching's wait) and a robot session's step (the policy's queue)
+    whose expected wait is longer than the header's deadline are refused at once; without it they run."""
+    if path == "/v1/completions":
+        deployment = client.app.state.manager.get("tiny")
+        body = {"model": "tiny", "prompt": "the robot", "max_tokens": 2}
+        waits = [(deployment.executor, "expected_wait_s")]
+        if deployment.batcher is not None:
+            waits.append((deployment.batcher, "expected_wait_s"))
+    else:
+        path, body = path.format(session="timeout-probe"), step_body()
+        waits = [(client.app.state.manager.get("policy").executor, "expected_wait_s")]
+    assert client.post(path, json=body, headers={"X-Request-Timeout": "1"}).status_code == 200
+    for owner, name in waits:
+        monkeypatch.setattr(owner, name, lambda *args, **kwargs: 2.4)
+    refused = client.post(path, json={**body, **({"step": 1} if "step" in body else {})},
+                          headers={"X-Request-Timeout": "1"})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3", refused.text
+    assert client.post(path, json={**body, **({"step": 1} if "step" in body else {})}).status_code == 200
+
+
 # ----------------------------------------------------------------------------- Retry-After
 
 

@@ -35,6 +35,31 @@ def test_a_container_quota_is_read_from_cgroup_v2_and_v1(tmp_path):
     assert cpu_quota(cgroup(tmp_path / "e", v2="garbage")) is None
 
 
+def test_a_quota_that_is_no_limit_or_unreadable_is_none(tmp_path):
+    for content in ("100000 0", "-1 100000", "0 100000", "150000", "max", ""):
+        assert cpu_quota(cgroup(tmp_path / str(abs(hash(content))), v2=content)) is None, content
+    assert cpu_quota(cgroup(tmp_path / "v1-zero", v1=("100000", "0"))) is None
+
+
+def test_a_nested_cgroup_and_the_ones_above_it_are_read(tmp_path):
+    """A process in a nested cgroup (a systemd unit, a container sharing the host's cgroup namespace) is bounded
+    by its own cpu.max and by every one above it: the smallest counts."""
+    root = cgroup(tmp_path / "root", v2="max 100000")
+    cgroup(root / "system.slice", v2="300000 100000")
+    cgroup(root / "system.slice" / "robot.service", v2="max 100000")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/robot.service\n")
+    assert cpu_quota(root, proc) == 3.0
+    cgroup(root / "system.slice" / "robot.service", v2="150000 100000")
+    assert cpu_quota(root, proc) == 1.5
+    v1_root, v1_own = tmp_path / "v1", tmp_path / "v1" / "cpu" / "docker" / "abc"  # v1: the cpu controller's tree
+    v1_own.mkdir(parents=True)
+    (v1_own / "cpu.cfs_quota_us").write_text("250000")
+    (v1_own / "cpu.cfs_period_us").write_text("100000")
+    proc.write_text("12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n")
+    assert cpu_quota(v1_root, proc) == 2.5
+
+
 def test_usable_cpus_are_the_affinity_bounded_by_the_quota_rounded_up(tmp_path):
     affinity = len(os.sched_getaffinity(0))
     assert usable_cpus(tmp_path / "none") == affinity
@@ -52,6 +77,8 @@ def test_auto_keeps_a_cpu_for_the_event_loop_and_leaves_omp_num_threads_to_torch
     assert choose_torch_threads("auto", environ={"OMP_NUM_THREADS": "3"}, root=quota_of_4) == (
         None, "OMP_NUM_THREADS=3")
     assert choose_torch_threads(6, environ={"OMP_NUM_THREADS": "3"}, root=quota_of_4) == (6, "VLA_TORCH_THREADS=6")
+    for unset in ("", "  "):  # as OpenMP reads it: unset
+        assert choose_torch_threads("auto", environ={"OMP_NUM_THREADS": unset}, root=quota_of_4)[0] == threads
 
 
 def test_the_setting_takes_auto_or_a_count(monkeypatch):
