@@ -13,13 +13,14 @@ waiting. Each step:
 3. runs one decode step for every running sequence (one new token each, each at its own position;
    replayed from a captured graph where the decoder has one, ``models/slot_graphs.py``) and lets each
    generation sample its next tokens from its own rows with its own generator (the rows of generations
-   with the same sampling settings share one top-k/top-p/softmax call first, on CPU); a one-row
-   generation that starts alone keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing
-   to gather, as fast as one request without the batcher), moving into its slot for good when another
-   sequence joins; except where the steps replay from CUDA graphs: there a lone sequence replays the
-   one-row graph from its slot at once, since an eager step on a GPU is bound by kernel launches
-   (on an H200, 24 layers of width 2048 in bfloat16 decoded 85 tokens/s eagerly against 389 from a
-   graph, ``bench/generate.py``);
+   with the same sampling settings share one top-k/top-p/softmax call first, on CPU); where the steps replay
+   from a graph (CUDA graphs, or the CPU's trace), a one-row generation that starts alone replays the one-row
+   graph from its slot at once, since that costs less than an eager step (on an H200, 24 layers of width 2048
+   in bfloat16 decoded 85 tokens/s eagerly against 389 from a graph, ``bench/generate.py``; on a 2-core CPU
+   with one torch thread the demo transformer's step of one took 0.69 ms from the trace against 0.94 ms
+   eagerly, ``bench/decode_steps.py``); where the steps are eager, it keeps its prompt's cache and steps on
+   it the solo way (``step_alone``: nothing to gather), moving into its slot for good when another sequence
+   joins;
 4. finishes generations that are done (every row ended by eos or a stop string, or
    ``max_new_tokens`` reached): their result is handed to ``on_done`` and their slots freed.
 
@@ -275,7 +276,7 @@ class ContinuousBatcher:
 
     def _prefill(self, r: _Running, slot: int, ids: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, present = self.model.prefill(torch.tensor([ids], dtype=torch.long, device=self.device), **inputs)
-        if r.rows == 1 and self.decoder.mode != "cuda_graph":
+        if r.rows == 1 and self.decoder.mode == "eager":  # (steps from a graph: its slot at once, see above)
             r.own_cache = present  # into its slot once it shares a step (_decode)
         else:
             self.decoder.store_prompt(slot, present)
