@@ -12,7 +12,7 @@ So ``auto`` (the default) gives torch the CPUs this process may use less one, ke
 at least one. The CPUs it may use are its affinity mask, bounded by a container's CPU quota (cgroup
 ``cpu.max``, or v1's ``cpu.cfs_quota_us``), which torch does not read: in a container limited to 2 CPUs
 on a 64-core host torch would start 64 threads. ``OMP_NUM_THREADS``, when set, is left to torch (it reads
-it at import; the replica launcher sets it for each CPU replica, as Ray sets it for its workers). A count
+it at import; the replica launcher sets it for each replica, as Ray sets it for its workers). A count
 sets exactly that many.
 """
 
@@ -67,21 +67,21 @@ def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> Opti
     none), else of v1's ``cpu.cfs_quota_us`` ÷ ``cpu.cfs_period_us`` (-1 is none). A container usually sees its
     own cgroup at the root of the hierarchy; a process in a nested one is found through ``/proc/self/cgroup``."""
     own = _own_cgroups(proc_cgroup)
-    limits = []
-    for folder in _and_parents(root, own.get("", "/")):
-        try:
-            limits.append(_cpus_of(*(folder / "cpu.max").read_text().split()[:2]))
-        except (OSError, TypeError):  # (no file there, or one without two fields)
-            pass
-    if not any(limit is not None for limit in limits):
-        for folder in _and_parents(root / "cpu", own.get("cpu", "/")):
-            try:
-                limits.append(_cpus_of((folder / "cpu.cfs_quota_us").read_text(),
-                                       (folder / "cpu.cfs_period_us").read_text()))
-            except OSError:
-                pass
+    v2 = [_read(folder / "cpu.max").split()[:2] for folder in _and_parents(root, own.get("", "/"))]
+    limits = [_cpus_of(*fields) for fields in v2 if len(fields) == 2]
+    if not any(limits):
+        limits = [_cpus_of(_read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us"))
+                  for folder in _and_parents(root / "cpu", own.get("cpu", "/"))]
     found = [limit for limit in limits if limit is not None]
     return min(found) if found else None
+
+
+def _read(path: Path) -> str:
+    """A cgroup file's text; "" where there is none."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
@@ -98,7 +98,7 @@ def auto_threads(cpus: int) -> int:
 
 
 def replica_threads(replicas: int) -> int:
-    """Torch threads for each of ``replicas`` CPU replicas sharing this process's CPUs: its share, less one."""
+    """Torch threads for each of ``replicas`` replicas sharing this process's CPUs: its share, less one."""
     return auto_threads(usable_cpus() // replicas)
 
 
@@ -114,8 +114,9 @@ def choose_torch_threads(setting: Union[int, str], environ: Optional[Mapping[str
     environ = os.environ if environ is None else environ
     if setting != "auto":
         return int(setting), f"VLA_TORCH_THREADS={setting}"
-    if omp_num_threads(environ) is not None:
-        return None, f"OMP_NUM_THREADS={omp_num_threads(environ)}"
+    omp = omp_num_threads(environ)
+    if omp is not None:
+        return None, f"OMP_NUM_THREADS={omp}"
     cpus = usable_cpus(root, proc_cgroup)
     return auto_threads(cpus), f"VLA_TORCH_THREADS=auto: {cpus} usable CPU(s), one left for the event loop"
 

@@ -46,7 +46,7 @@ def header(operation: dict, name: str):
     return next((p for p in operation.get("parameters", ()) if p["in"] == "header" and p["name"] == name), None)
 
 
-def own(label: str) -> bool:
+def carries_request_id(label: str) -> bool:
     """Every operation but ``GET /health/live``, which the probe answers before the request-id middleware
     (``service/probes.py``): its reply has no X-Request-ID."""
     return label != "GET /health/live"
@@ -62,12 +62,12 @@ def step_body(i: int = 0) -> dict:
 
 
 def test_request_ids_are_documented_on_every_operation_and_reply(spec):
-    own_labels = [label for label, _ in operations(spec) if own(label)]
-    assert len(own_labels) >= 20 and {"GET /models", "GET /health/ready", "GET /metrics"} <= set(own_labels)
+    documented = [label for label, _ in operations(spec) if carries_request_id(label)]
+    assert len(documented) >= 20 and {"GET /models", "GET /health/ready", "GET /metrics"} <= set(documented)
     for label, operation in operations(spec):
         for status in ERROR_STATUSES:  # every error reply, whichever route (errors.ERROR_RESPONSES)
             assert operation["responses"][status]["headers"]["X-Request-ID"]["required"] is True, (label, status)
-        if not own(label):
+        if not carries_request_id(label):
             continue
         parameter = header(operation, "X-Request-ID")
         assert parameter is not None and parameter["required"] is False, label
