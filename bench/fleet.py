@@ -4,7 +4,7 @@
                           [--concurrency 1,4,16,64]
                           [--seconds 10] [--warmup 2]
                           [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
-                          [--no-starvation] [--no-litserve] [--robot-processes N]
+                          [--no-starvation] [--no-litserve] [--no-model-process] [--robot-processes N]
     python bench/fleet.py --replicas N [--robots 16] [--checkpoint DIR | --tiny] [--seconds 10]
 
 (--replicas: robots on HTTP sessions against 1 and N replicas on Ray Serve; bench/fleet_replicas.py says how.)
@@ -17,10 +17,12 @@ random-weight ViT policy saved in a temporary directory, for checking the script
 runs --warmup seconds, then measures for --seconds: a request counts (latency, req/s, batch
 size) when its reply arrives inside that window; errors count over the whole row. Latency is
 `time.perf_counter()` around the client call, so the client's encoding and decoding count.
-Three servers, per concurrency in turn (so drift on a shared CPU hits them alike):
+Four servers, per concurrency in turn (so drift on a shared CPU hits them alike):
 - `ours, batching off`: `vla-foundry serve` with `VLA_MAX_BATCH_SIZE=1`;
 - `ours, batching on`: the same with `VLA_MAX_BATCH_SIZE` = the largest concurrency asked for
   (one server for all rows; each model call takes every queued request, up to that many);
+- `ours, batching on, model process`: the same with `VLA_MODEL_PROCESS=true` (the policy's model calls in
+  a child process, `service/model_process.py`; --no-model-process leaves it out);
 - `LitServe`: the same pipeline (`load_pipeline`, `ActionPipeline.predict_each`, the call our
   server makes) behind LitServe's own batching, `max_batch_size` = the row's concurrency,
   `batch_timeout` --batch-timeout, one worker, on --device, on 127.0.0.1. It is installed with pip
@@ -70,7 +72,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import astuple, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -131,12 +133,13 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def our_server(checkpoint: Path, max_batch_size: int) -> Iterator[str]:
+def our_server(checkpoint: Path, max_batch_size: int, model_process: bool = False) -> Iterator[Optional[str]]:
     port = free_port()
     command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=policy", "--host", "127.0.0.1", "--port",
                            str(port), "--device", DEVICE, "--dtype", DTYPE]
-    env = server_env(VLA_MAX_BATCH_SIZE=str(max_batch_size))
-    with server_process(command, env, port, "/health/ready", f"our server (VLA_MAX_BATCH_SIZE={max_batch_size})") as b:
+    env = server_env(VLA_MAX_BATCH_SIZE=str(max_batch_size), VLA_MODEL_PROCESS=str(model_process).lower())
+    with server_process(command, env, port, "/health/ready", f"our server (VLA_MAX_BATCH_SIZE={max_batch_size}, "
+                        f"VLA_MODEL_PROCESS={str(model_process).lower()})") as b:
         yield b
 
 
@@ -657,9 +660,11 @@ def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], con
                  floor_ms: float) -> None:
     """Ratios and goals per transport (on CUDA the GPU goals too); ``floor_ms``: one robot's compute floor."""
     lit = "LitServe (JSON HTTP)"
-    for transport in transports:
+    for transport, variant in [(t, v) for t in transports for v in ("on", "on, model process")]:
         name = TRANSPORT_NAMES[transport]
-        on, off = f"ours, batching on ({name})", f"ours, batching off ({name})"
+        on, off = f"ours, batching {variant} ({name})", f"ours, batching off ({name})"
+        if (on, concurrency[0]) not in results:  # (--no-model-process)
+            continue
         print(f"\nratios, {on}:")
         for c in concurrency:
             r_on, r_off, r_lit = results[(on, c)], results[(off, c)], results.get((lit, c))
@@ -753,6 +758,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe's batch_timeout, seconds")
     parser.add_argument("--starvation", action=argparse.BooleanOptionalAction, default=True,
                         help="the /health/live starvation section")
+    parser.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="the rows of our batching server with VLA_MODEL_PROCESS=true")
     parser.add_argument("--litserve", action=argparse.BooleanOptionalAction, default=True,
                         help="LitServe's rows (installed with pip when missing; left out when that fails)")
     # Hidden modes: this script as the LitServe server, and as the /health/live load.
@@ -798,7 +805,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as scratch:
         checkpoint = resolve_checkpoint(args, Path(scratch))
         floor_ms = compute_floor(checkpoint, args.steps)
-        with our_server(checkpoint, 1) as off, our_server(checkpoint, batching) as on:
+        with our_server(checkpoint, 1) as off, our_server(checkpoint, batching) as on, \
+                (our_server(checkpoint, batching, model_process=True) if args.model_process else nullcontext()) as proc:
             with HttpPolicyClient(off, format="msgpack") as client:
                 io = client.metadata()
             steps = args.steps or io["default_inference_steps"]
@@ -810,10 +818,13 @@ def main() -> None:
             lit = (f"LitServe {version}: max_batch_size = the row's concurrency, batch_timeout {args.batch_timeout:g} s"
                    if version else "LitServe left out")
             print(f"ours: VLA_MAX_BATCH_SIZE=1 (off) and VLA_MAX_BATCH_SIZE={batching} (on, the largest concurrency, "
-                  f"for every row); {lit}; torch threads: {threads} in both; "
+                  f"for every row), on with VLA_MODEL_PROCESS=true too{'' if args.model_process else ' (left out)'}; "
+                  f"{lit}; torch threads: {threads} in all; "
                   f"{args.warmup:g} s warm-up + {args.seconds:g} s per row\n", flush=True)
             for c in concurrency:
-                for label, base in (("off", off), ("on", on)):
+                for label, base in (("off", off), ("on", on), ("on, model process", proc)):
+                    if base is None:
+                        continue
                     for transport in transports:
                         server = f"ours, batching {label} ({TRANSPORT_NAMES[transport]})"
                         rows.append(results.setdefault((server, c), measure(server, transport, base, c, io, steps,

@@ -27,6 +27,7 @@ from service.deadlines import deadline_for
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
 from service.gc_pauses import freeze_long_lived, thaw, thaw_and_collect
 from service.metrics import Metrics
+from service.model_process import ModelProcess
 from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.config_files import read_model_config, read_training_config
@@ -79,6 +80,7 @@ class Deployment:
         self.successor: Optional["Deployment"] = None
         self._runners: dict[Any, Any] = {}  # ModelCall.run → the executor's callable for it
         self.batcher = None  # text and captions: the ContinuousBatcher its generations share, when it has one
+        self.model_process: Optional[ModelProcess] = None  # policies with model_process: the child, also its pipeline
 
     @property
     def batch_wait_ms(self) -> float:
@@ -115,9 +117,16 @@ class Deployment:
                          "max_observation_age_s"):  # policies
                 if getattr(self.spec, name) is not None:
                     options[name] = getattr(self.spec, name)
-            with _LOAD_LOCK:
-                pipeline = load_pipeline(path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema,
-                                         device=device, dtype=dtype, **options)
+            load = dict(path=path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema, device=device,
+                        dtype=dtype, **options)
+            in_process = not self._model_process()
+            with _LOAD_LOCK:  # (in a model process: the server's copy, for the checks, on the CPU)
+                pipeline = load_pipeline(**(load if in_process else {**load, "device": torch.device("cpu")}))
+            if not in_process:
+                self.stage = "starting the model process"
+                pipeline = self.model_process = ModelProcess.start(
+                    pipeline, load, name=self.name, gc_freeze=self.settings.gc_freeze,
+                    on_exit=self._model_process_exited)
             self.executor.max_batch_size = (self.spec.max_batch_size or self.settings.max_batch_size
                                             or (32 if device.type == "cuda" else 8))
             if self.settings.warmup:
@@ -145,8 +154,23 @@ class Deployment:
         except Exception as e:  # the reason goes to /models; the others keep serving
             self.status, self.stage, self.error = FAILED, None, f"{type(e).__name__}: {e}"
             logger.error("deployment %s failed to load: %s", self.name, self.error)
+            if self.model_process is not None and self.pipeline is None:  # (a warm-up that failed in the child)
+                self.model_process.close()
+                self.model_process = None
             if self.settings.gc_freeze:  # another's load may have frozen this one's half-built objects
                 thaw_and_collect()
+
+    def _model_process(self) -> bool:
+        """Whether this deployment's model calls run in a child process (policies only: ``model_process.py``)."""
+        asked = self.spec.model_process if self.spec.model_process is not None else self.settings.model_process
+        if asked and self.modality != "action":
+            logger.info("deployment %s (%s) runs its model on its thread: model_process applies to policies",
+                        self.name, self.model_type)
+        return bool(asked) and self.modality == "action"
+
+    def _model_process_exited(self, message: str) -> None:
+        """The model process died while serving: this deployment fails (503, readiness drops it, /models says why)."""
+        self.status, self.error = FAILED, f"ModelProcessExited: {message}"
 
     def _continuous_batcher(self, pipeline, device: torch.device):
         """The pipeline's continuous batcher (None: its model generates one request at a time), its KV cache capped
@@ -180,7 +204,8 @@ class Deployment:
         if self.status == LOADING:
             raise ApiError(503, f"deployment {self.name!r} is still loading; retry shortly", retry_after=5)
         if self.status == FAILED:
-            raise ApiError(503, f"deployment {self.name!r} failed to load; GET /models/{self.name} has the reason")
+            what = "stopped serving" if self.pipeline is not None else "failed to load"
+            raise ApiError(503, f"deployment {self.name!r} {what}; GET /models/{self.name} has the reason")
 
     @contextlib.contextmanager
     def reserving(self, batchable: bool) -> Iterator[None]:
@@ -276,6 +301,9 @@ class Deployment:
             "batching": {"max_batch_size": self.executor.max_batch_size if self.status == READY else
                          (self.spec.max_batch_size or self.settings.max_batch_size),
                          "batch_wait_ms": self.batch_wait_ms, **self._generation_mode()},
+            # Policies with model_process: the child process that runs the model (its pid, for the operator).
+            "model_process": ({"pid": self.model_process.pid, "alive": self.model_process.alive}
+                              if self.model_process is not None else None),
         }
         if self.demo_card is not None:
             info["demo"] = self.demo_card

@@ -1,0 +1,195 @@
+"""``VLA_MODEL_PROCESS``: a policy's model calls in a child process (``service/model_process.py``).
+
+The child must give every request exactly what the in-thread deployment gives it (the fixture's actions,
+seeds, batches, sessions, evaluations, refusals with their field), and its life must follow the server's:
+it starts with the deployment, ends with it, and a child that dies fails its deployment out loud.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service import DeploymentSpec
+from service.model_process import ModelProcess, ModelProcessExited
+from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS, policy_observation
+from tests.service.conftest import serving
+from tests.service.live_server import live_server_process
+from tests.service.test_contract import members
+from tests.service.test_action_api import FIXTURE, fixture_requests
+from vla_foundry.pipelines import load_pipeline
+from vla_foundry.pipelines.interfaces import ActionServing
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def wait_gone(pid: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(
+            f"/proc/{pid}").exists() else "X"
+        if state == "Z":  # exited, not yet reaped by its parent
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoints):
+    checkpoint = str(tiny_checkpoints["diffusion_policy"])
+    specs = [DeploymentSpec(name="in-thread", checkpoint=checkpoint, model_process=False),
+             DeploymentSpec(name="in-process", checkpoint=checkpoint, model_process=True)]
+    with serving(*specs, max_batch_size=8) as c:
+        yield c
+
+
+def predict(client, body: dict, model: str) -> httpx.Response:
+    return client.post("/predict/diffusion_policy", json={**body, "model": model})
+
+
+def test_models_names_the_child_and_it_is_the_servers_child(client):
+    info = client.get("/models/in-process").json()
+    assert info["status"] == "ready" and info["model_process"]["alive"] is True
+    pid = info["model_process"]["pid"]
+    assert pid != os.getpid() and parent_of(pid) == os.getpid()
+    assert client.get("/models/in-thread").json()["model_process"] is None
+    assert info["io"] == client.get("/models/in-thread").json()["io"]  # (the child's io, its graphs included)
+
+
+def test_same_request_same_chunk_as_the_in_thread_deployment(client):
+    body = PREDICT_REQUESTS["diffusion_policy"]
+    here, there = predict(client, body, "in-thread"), predict(client, body, "in-process")
+    assert here.status_code == there.status_code == 200, there.text
+    a, b = here.json(), there.json()
+    assert a["action_chunk"] == b["action_chunk"] and a["actions"] == b["actions"] and a["seed"] == b["seed"] == 1
+    assert b["checkpoint_step"] == a["checkpoint_step"] and b["timing_ms"]["batch_size"] == 1
+
+
+def test_concurrent_robots_share_calls_in_the_child_and_each_gets_its_own_chunk(client):
+    bodies = [{"observation": policy_observation(seed=i % 5), "seed": 300 + i, "num_inference_steps": 3}
+              for i in range(24)]
+    bodies[7] = {**bodies[7], "noise": [[0.0] * 3] * 2}  # refused on the model thread, before the child: alone
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(lambda b: predict(client, b, "in-process"), bodies))
+    alone = [predict(client, b, "in-thread") for b in bodies]
+    assert [r.status_code for r in together] == [r.status_code for r in alone]
+    assert together[7].status_code == 422 and together[7].json()["error"]["field"] == "noise"
+    sizes = [r.json()["timing_ms"]["batch_size"] for i, r in enumerate(together) if i != 7]
+    assert max(sizes) > 1, sizes
+    for i, (mine, solo) in enumerate(zip(together, alone)):
+        if i != 7:
+            np.testing.assert_allclose(mine.json()["action_chunk"], solo.json()["action_chunk"], atol=1e-5)
+
+
+def test_a_refusal_made_in_the_child_keeps_its_field(client):
+    """Noise near float32's largest value passes the checks, then overflows inside the model: the child's
+    InvalidInputError crosses the pipe with its field and fails that request alone (422)."""
+    body = {**PREDICT_REQUESTS["diffusion_policy"], "noise": [[3e38] * 3] * 4}
+    here, there = predict(client, body, "in-thread"), predict(client, body, "in-process")
+    assert there.status_code == here.status_code == 422, there.text
+    assert there.json()["error"]["field"] == here.json()["error"]["field"] == "observation"
+    assert predict(client, PREDICT_REQUESTS["diffusion_policy"], "in-process").status_code == 200
+
+
+def test_sessions_and_evaluations_run_in_the_child_as_in_the_thread(client):
+    def episode(model: str) -> list[list]:
+        chunks = []
+        for step in range(3):
+            observation = policy_observation(seed=step)
+            observation["images"] = {cam: frames[-1] for cam, frames in observation["images"].items()}
+            observation["lowdim"] = {"arm__pos": [0.1 * step, 0.2]}
+            reply = predict(client, {"session_id": f"robot-{model}", "observation": observation, "seed": 9,
+                                     "num_inference_steps": 3}, model)
+            assert reply.status_code == 200, reply.text
+            chunks.append(reply.json()["action_chunk"])
+        return chunks
+
+    assert episode("in-process") == episode("in-thread")
+    evaluate = {**EVALUATE_REQUESTS["diffusion_policy"]}
+    here = client.post("/evaluate/diffusion_policy", json={**evaluate, "model": "in-thread"})
+    there = client.post("/evaluate/diffusion_policy", json={**evaluate, "model": "in-process"})
+    assert here.status_code == there.status_code == 200, there.text
+    assert here.json()["loss"] == there.json()["loss"] and here.json()["timesteps"] == there.json()["timesteps"]
+
+
+def test_a_child_that_fails_to_load_raises_its_own_error(tmp_path):
+    (tmp_path / "config.yaml").write_text("model:\n  type: diffusion_policy\n")
+    with pytest.raises(Exception) as caught:
+        ModelProcess.start(None, {"path": tmp_path}, name="broken")
+    assert not isinstance(caught.value, ModelProcessExited), caught.value  # the child's reason, not a bare exit
+    assert str(caught.value)
+
+
+def test_closing_ends_the_child_and_a_closed_one_refuses(tiny_checkpoints):
+    checkpoint = tiny_checkpoints["diffusion_policy"]
+    process = ModelProcess.start(load_pipeline(checkpoint), {"path": checkpoint}, name="closing")
+    pid = process.pid
+    assert process.alive and parent_of(pid) == os.getpid()
+    for name in members(ActionServing):  # it serves as a policy: every member a policy's interface declares
+        assert getattr(process, name) is not None, name
+    with pytest.raises(AttributeError, match="child process"):  # never the server's copy's model
+        assert process.predict is None
+    process.close()
+    assert wait_gone(pid) and not process.alive
+    with pytest.raises(ModelProcessExited):
+        process.predict_each([])
+
+
+def test_fixture_actions_from_a_model_process_on_a_live_server_and_a_killed_child_fails_the_deployment(tmp_path):
+    """The acceptance path through the real CLI with the production sampling (traced graphs): the fixture's
+    observation gives the fixture's actions from the child. Then the child is killed: the deployment fails at
+    once (503 naming it, readiness 503, /models says the signal), and SIGTERM still ends the server with 0."""
+    env = {"VLA_MODEL_PROCESS": "true", "VLA_TRACED_SAMPLING": "true", "VLA_MAX_BATCH_SIZE": "2"}
+    serve = ["--checkpoint", f"{FIXTURE}=fixture-policy"]
+    with live_server_process(serve, tmp_path / "demo", env=env) as (base, server):
+        with httpx.Client(base_url=base, timeout=60) as client:
+            info = client.get("/models/fixture-policy").json()
+            assert info["io"]["sampling_graphs"] == "traced"
+            child = info["model_process"]["pid"]
+            assert parent_of(child) == server.pid
+            for body, expected in fixture_requests():
+                response = client.post("/predict/diffusion_policy", json=body)
+                assert response.status_code == 200, response.text
+                for field, values in expected.items():
+                    np.testing.assert_allclose(np.array(response.json()["actions"][field]), values, atol=1e-5)
+
+            os.kill(child, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while client.get("/health/ready").status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.get("/health/ready").status_code == 503
+            refused = client.post("/predict/diffusion_policy", json=fixture_requests()[0][0])
+            assert refused.status_code == 503 and "stopped serving" in refused.json()["error"]["message"]
+            info = client.get("/models/fixture-policy").json()
+            assert info["status"] == "failed" and "killed by signal 9" in info["error"]
+            assert info["model_process"]["alive"] is False
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+
+
+def test_the_child_ends_with_the_server(tiny_checkpoints, tmp_path):
+    """A server killed outright (no drain, no close) leaves no model process behind: the child sees its pipe
+    close and exits."""
+    env = {"VLA_MODEL_PROCESS": "true"}
+    checkpoint = tiny_checkpoints["diffusion_policy"]
+    with live_server_process(["--checkpoint", f"{checkpoint}=policy"], tmp_path / "demo", env=env) as (base, server):
+        child = httpx.get(base + "/models/policy").json()["model_process"]["pid"]
+        server.kill()
+        server.wait()
+        assert wait_gone(child), subprocess.run(["ps", "-o", "pid,ppid,stat,cmd", "-p", str(child)],
+                                                capture_output=True, text=True).stdout
