@@ -345,7 +345,7 @@ def app_without_model(checkpoint: Path, body: bytes, repeats: int) -> float:
         manager.start()
         try:
             deployment = manager.resolve("diffusion_policy", "bench-policy")
-            while deployment.pipeline is None:
+            while deployment.status == "loading":
                 await asyncio.sleep(0.05)
             real_call, first = deployment.call, {}  # every prediction goes through Deployment.call
 

@@ -6,19 +6,20 @@ core however many it has: measured with 16 robots on the demo policy (2-core CPU
 of a core, the model thread 0.65 and the event loop 0.28, each waiting for the other. Here the model
 calls (``predict_each``, ``evaluate_each``, ``evaluate``) run in a child process that loads the same
 checkpoint on the deployment's device, warms up and freezes its heap; the server's model thread sends
-each batch's decoded requests through a pipe and waits (without the lock) for the typed results, so
+each batch's decoded requests through a local socket and waits (without the lock) for the typed results, so
 the event loop and the model run on two cores. Everything else a policy answers (its io, the checks
 made before a request queues and on the model thread, the session's timing) comes from a copy of the
 pipeline in the server, loaded on the CPU and never run.
 
 What it costs: the checkpoint's weights are in memory twice (the server's copy in host memory), the
 child's start (a fresh interpreter importing torch) adds a few seconds to loading, and each call pickles
-its requests and results through the pipe (a lone robot's round trip grows by a fraction of a
-millisecond). A child that dies (killed, out of memory) fails the deployment at once: its calls get
-500, ``/models`` names the exit code and readiness drops it; it is not restarted.
+its requests and results through the socket (a lone robot's round trip grows by 0.5-1 ms on a 2-core
+CPU). A child that dies (killed, out of memory) fails the deployment at once: a call in flight gets
+500, later requests 503, ``/models`` names the exit code or signal and readiness drops it; it is not
+restarted.
 
 Only policies (the ``action`` modality) run this way: text generation's continuous batcher steps and
-streams from the model thread, which a pipe would have to carry token by token.
+streams from the model thread, which the socket would have to carry token by token.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ def _child(conn: Connection) -> None:
         except Exception as e:  # the call's own failure: the server raises it for the call
             reply = ("err", _portable(e))
         try:
-            conn.send(reply)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:  # a result that cannot cross
+            conn.send(reply)  # (pickled whole before a byte is written: a result that cannot cross sends nothing)
+        except OSError:  # the server has gone
+            return
+        except Exception as e:  # a result that cannot be pickled
             conn.send(("err", RuntimeError(f"the model process could not send its result: {e}")))
 
 
@@ -196,16 +199,20 @@ class ModelProcess:
         """Ask the child to close its pipeline and exit; kill it if it does not within ``CLOSE_TIMEOUT_S``."""
         self._closing = True
         if self._process.poll() is None:
-            with self._lock:
+            if self._lock.acquire(timeout=CLOSE_TIMEOUT_S):  # (else a call is stuck in the child: it is killed)
                 try:
                     self._conn.send(("close", (), {}))
                     if self._conn.poll(CLOSE_TIMEOUT_S):
                         self._conn.recv()
                 except (EOFError, OSError):
                     pass
-            try:
-                self._process.wait(CLOSE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+                finally:
+                    self._lock.release()
+                try:
+                    self._process.wait(CLOSE_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self._process.poll() is None:
                 self._process.kill()
                 self._process.wait()
         self._conn.close()

@@ -193,3 +193,48 @@ def test_the_child_ends_with_the_server(tiny_checkpoints, tmp_path):
         server.wait()
         assert wait_gone(child), subprocess.run(["ps", "-o", "pid,ppid,stat,cmd", "-p", str(child)],
                                                 capture_output=True, text=True).stdout
+
+
+def test_a_reload_under_load_swaps_the_child_and_fails_no_request(tiny_checkpoints, tmp_path):
+    """Live model control with model processes: the new checkpoint's child loads beside the serving one, takes
+    over with no failed request, and the old child ends."""
+    import shutil
+    import threading
+
+    import torch
+
+    old, new = tmp_path / "policy-a", tmp_path / "policy-b"
+    shutil.copytree(tiny_checkpoints["diffusion_policy"], old)
+    shutil.copytree(old, new)
+    payload = torch.load(new / "checkpoints" / "checkpoint_1.pt", weights_only=True)
+    torch.save({**payload, "checkpoint_num": 2, "global_step": 222}, new / "checkpoints" / "checkpoint_2.pt")
+    admin = {"Authorization": "Bearer admin-key"}
+    body = {**PREDICT_REQUESTS["diffusion_policy"], "model": "policy"}
+    with serving(DeploymentSpec(name="policy", checkpoint=str(old)), model_process=True, admin_keys="admin-key",
+                 checkpoint_roots=str(tmp_path)) as client:
+        first_child = client.get("/models/policy").json()["model_process"]["pid"]
+        steps, failures, stop = [], [], threading.Event()
+
+        def robot() -> None:
+            while not stop.is_set():
+                reply = client.post("/predict/diffusion_policy", json=body)
+                (steps.append(reply.json()["checkpoint_step"]) if reply.status_code == 200
+                 else failures.append(reply.text))
+
+        robots = [threading.Thread(target=robot) for _ in range(3)]
+        for thread in robots:
+            thread.start()
+        try:
+            reloaded = client.post("/admin/deployments/policy/reload", json={"checkpoint": str(new)}, headers=admin)
+            assert reloaded.status_code == 200, reloaded.text
+            seen, deadline = len(steps), time.monotonic() + 60
+            while len(steps) < seen + 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            for thread in robots:
+                thread.join()
+        info = client.get("/models/policy").json()
+        assert failures == [] and steps[-1] == 222 and info["checkpoint"]["step"] == 222
+        assert info["model_process"]["alive"] and info["model_process"]["pid"] != first_child
+        assert wait_gone(first_child)
