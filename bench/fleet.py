@@ -44,7 +44,7 @@ LitServe and the goals of the issue (on CUDA also the GPU goals:
 16 robots ≥ 10× one robot's req/s, and one robot's p50 ≤ 1.5× the compute floor: the policy's
 sampling alone from its graphs for one robot, `policy_sampling.sampling_floor_ms`, measured on
 --device in this process before the servers start, on CPU too). Then "starvation": one
-msgpack-HTTP robot on the batching server alone, while 16 threads poll `GET /health/live` 20
+msgpack-HTTP robot on each batching server (in-thread, model process) alone, while 16 threads poll `GET /health/live` 20
 times a second each, and while 16 threads flood it; the health threads run in a second
 process, so they take no GIL time from the robot's process (only CPU, as any client would).
 Torch threads: 1 in every server process by default (OMP_NUM_THREADS / MKL_NUM_THREADS, the
@@ -699,8 +699,8 @@ def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], con
         print("(concurrency 16 was not run: the goals at 16 are n/a)")
 
 
-def print_starvation(rows: list[tuple[str, Row, dict]]) -> None:
-    print("\n## starvation (ours, batching on; one robot, msgpack HTTP)\n")
+def print_starvation(server: str, rows: list[tuple[str, Row, dict]]) -> None:
+    print(f"\n## starvation (ours, {server}; one robot, msgpack HTTP)\n")
     print("| load | robot req/s | robot p50 ms | robot p99 ms | server run p50 ms | /health/live req/s | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, row, summary in rows:
@@ -837,12 +837,14 @@ def main() -> None:
                         print(f"  same pipeline check: {check_same_chunk(on, lit, io, steps)}", flush=True)
                     server = "LitServe (JSON HTTP)"
                     rows.append(results.setdefault((server, c), measure(server, "litserve", lit, c, io, steps, args)))
-            starved = starvation(on, io, steps, args) if args.starvation else None
+            starved = [(name, starvation(base, io, steps, args)) for name, base in
+                       (("batching on", on), ("batching on, model process", proc))
+                       if base is not None] if args.starvation else []
     print(f"\n## fleet: {args.seconds:g} s per row, closed-loop robots\n")
     print_table(rows)
     print_ratios(results, transports, concurrency, floor_ms)
-    if starved:
-        print_starvation(starved)
+    for name, rows in starved:
+        print_starvation(name, rows)
 
 
 if __name__ == "__main__":

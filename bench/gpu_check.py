@@ -15,10 +15,10 @@ then `--only fleet,text`):
 - `policy`: `bench/policy_sampling.py --device cuda --gpu-policy` (eager vs CUDA-graph sampling per
   batch size: the compute floor a robot's round trip is compared with);
 - `fleet`: `bench/fleet.py --device cuda --gpu-policy --concurrency 1,16 --robot-processes 4` (robots over HTTP,
-  batching off and on, LitServe beside it when it is installed, e.g. from the carried wheels (this
-  step never pip-installs it: a GPU host has no registry, and pip's retries would spend the step's
-  time); the GPU goals: 16 robots ≥ 10× one,
-  one robot's p50 ≤ 1.5× the compute floor; its starvation rows are skipped: a CPU matter);
+  batching off and on, on with the policy's model in a process of its own, LitServe beside it when it is
+  installed, e.g. from the carried wheels (this step never pip-installs it: a GPU host has no registry, and
+  pip's retries would spend the step's time); the GPU goals: 16 robots ≥ 10× one, one robot's p50 ≤ 1.5×
+  the compute floor; its starvation rows are skipped: a CPU matter);
 - `text`: `bench/text_serving.py --device cuda --random-model 24x2048 --concurrency 1,32 --servers on,off`
   (OpenAI clients streaming from a 24-layer width-2048 model, continuous batching on and off; the GPU
   goal: 32 clients ≥ 10× one client's tokens/s).

@@ -238,3 +238,37 @@ def test_a_reload_under_load_swaps_the_child_and_fails_no_request(tiny_checkpoin
         assert failures == [] and steps[-1] == 222 and info["checkpoint"]["step"] == 222
         assert info["model_process"]["alive"] and info["model_process"]["pid"] != first_child
         assert wait_gone(first_child)
+
+
+def test_the_channel_carries_frames_out_of_band_and_a_message_that_cannot_be_pickled_sends_nothing():
+    import pickle
+    import socket
+    import threading
+
+    from service.model_process import Channel
+    from vla_foundry.errors import InvalidInputError
+
+    ours, theirs = socket.socketpair()
+    sender, receiver = Channel(ours), Channel(theirs)
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)  # over the in-band size: out of band
+    message = {"frames": [big, big[1]], "small": np.arange(5, dtype=np.float32), "strided": big[:, ::2, ::3],
+               "error": InvalidInputError("bad", field="observation.images.front"), "text": "pick"}
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        sender.send({"not picklable": lambda: None})
+    thread = threading.Thread(target=sender.send, args=(message,))
+    thread.start()
+    assert receiver.poll(5.0)
+    got = receiver.recv()
+    thread.join()
+    assert np.array_equal(got["frames"][0], big) and np.array_equal(got["frames"][1], big[1])
+    assert np.array_equal(got["strided"], big[:, ::2, ::3]) and got["small"].dtype == np.float32
+    assert got["error"].field == "observation.images.front" and got["text"] == "pick"
+    before = int(big[0, 0, 0, 0])
+    got["frames"][0][0, 0, 0, 0] = (before + 1) % 256  # its own, writable buffer, not a view of the sender's frame
+    assert big[0, 0, 0, 0] == before
+    assert not receiver.poll(0.05)  # nothing left over: the failed send wrote nothing
+    sender.close()
+    with pytest.raises(EOFError):
+        receiver.recv()
+    receiver.close()
