@@ -44,6 +44,15 @@ def test_real_openpi_client_over_websocket_and_http(openpi_python, policy_fixtur
 
 
 @pytest.mark.slow
+def test_real_openpi_client_against_a_policy_in_a_model_process(openpi_python, policy_fixture, tmp_path):
+    """The same client when the policy's model runs in a child process (VLA_MODEL_PROCESS): the websocket's and the
+    HTTP session's steps cross to it alike."""
+    run = peer_against(openpi_python, ["--checkpoint", f"{policy_fixture}=fixture-policy"], tmp_path,
+                       env={"VLA_MODEL_PROCESS": "true"})
+    check_peer(run)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None,
                     reason="redis-server is not installed (make test installs it from Debian)")
 def test_real_openpi_client_against_two_replicas_behind_one_port(openpi_python, policy_fixture, redis_url,  # noqa: F811
