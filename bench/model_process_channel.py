@@ -3,17 +3,20 @@
     python bench/model_process_channel.py [--rounds 6] [--calls 10]
 
 `service/model_process.py` sends each batch's `PolicyRequest`s to the child through a `Channel` (a local
-socket; pickle protocol 5 with the frames out of band). This times a round trip (the requests there, a
-small acknowledgement back) for three batches, `Channel` against multiprocessing's `Connection` (the
-frames pickled in band) over the same kind of socket, both echo processes alive at once and the calls
-interleaved in rounds: 16 robots with three 224 px cameras, one robot with one 224 px camera, one robot
-with the demo policy's 32 px camera. Printed: the median round trip of each.
+socket; pickle protocol 5 with the frames out of band, copied once into shared memory: an `Arena`). This
+times a round trip (the requests there, a small acknowledgement back) for three batches, three ways over
+the same kind of socket: multiprocessing's `Connection` (the frames pickled in band), `Channel` with the
+frames on the socket, `Channel` with them in an arena; the three echo processes (forked) alive at once
+and the calls interleaved in rounds: 16 robots with three 224 px cameras, one robot with one 224 px
+camera, one robot with the demo policy's 32 px camera (its frames small enough to stay in the pickle).
+Printed: the median round trip of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import socket
 import statistics
 import time
@@ -21,7 +24,7 @@ import time
 import numpy as np
 from multiprocessing.connection import Connection
 
-from service.model_process import Channel
+from service.model_process import Arena, Channel
 from vla_foundry.pipelines.action import PolicyRequest
 from vla_foundry.robotics.observations import RawObservation
 
@@ -48,23 +51,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=10, help="round trips per channel per round")
     args = parser.parse_args()
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = socket.socketpair()
-    connection = Connection(ours.detach())
-    echoes = [context.Process(target=echo, args=(Connection(theirs.detach()),))]
-    ours, theirs = socket.socketpair()
-    channel = Channel(ours)
-    echoes.append(context.Process(target=echo, args=(Channel(theirs),)))
-    for process in echoes:
-        process.start()
-    theirs.close()
+    context = multiprocessing.get_context("fork")  # (the echoes inherit the sockets and the arena's memory)
+    ends, echoes = [], []
+    for kind in ("connection", "socket", "arena"):
+        ours, theirs = socket.socketpair()
+        if kind == "connection":
+            ends.append(Connection(ours.detach()))
+            theirs_end = Connection(theirs.detach())
+        else:
+            arena = Arena.create() if kind == "arena" else None
+            if kind == "arena" and arena is None:
+                raise SystemExit("os.memfd_create is missing here: no arena")
+            ends.append(Channel(ours, send_arena=arena))
+            theirs_end = Channel(theirs, receive_arena=Arena(os.dup(arena.fd)) if arena else None)
+        echoes.append(context.Process(target=echo, args=(theirs_end,)))
+        echoes[-1].start()
+        theirs_end.close()
     rng = np.random.default_rng(0)
     for label, requests in (("16 robots, 3 cameras of 224 px", batch(16, 224, 3, rng)),
                             ("1 robot, 1 camera of 224 px", batch(1, 224, 1, rng)),
                             ("1 robot, 1 camera of 32 px", batch(1, 32, 1, rng))):
-        times: dict[str, list[float]] = {"Connection (in band)": [], "Channel (out of band)": []}
+        times: dict[str, list[float]] = {"Connection (in band)": [], "Channel, on the socket": [],
+                                         "Channel, shared memory": []}
         for _ in range(args.rounds):
-            for name, end in zip(times, (connection, channel)):
+            for name, end in zip(times, ends):
                 for _ in range(args.calls):
                     started = time.perf_counter()
                     end.send(requests)
@@ -73,8 +83,8 @@ def main() -> None:
         megabytes = sum(f.nbytes for r in requests for f in r.sample.images.values()) / 1e6
         print(f"{label} ({megabytes:.1f} MB of frames): " + ", ".join(
             f"{name} {statistics.median(values) * 1e3:.3f} ms" for name, values in times.items()))
-    connection.close()
-    channel.close()
+    for end in ends:
+        end.close()
     for process in echoes:
         process.join(10)
 

@@ -27,7 +27,7 @@ from service.deadlines import deadline_for
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
 from service.gc_pauses import freeze_long_lived, thaw, thaw_and_collect
 from service.metrics import Metrics
-from service.model_process import ModelProcess
+from service.model_process import ModelProcess, ModelProcessExited
 from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.config_files import read_model_config, read_training_config
@@ -124,9 +124,10 @@ class Deployment:
                 pipeline = load_pipeline(**(load if in_process else {**load, "device": torch.device("cpu")}))
             if not in_process:
                 self.stage = "starting the model process"
-                pipeline = self.model_process = ModelProcess.start(
-                    pipeline, load, name=self.name, gc_freeze=self.settings.gc_freeze,
-                    on_exit=self._model_process_exited)
+                with _LOAD_LOCK:  # (its weights are on the device before another deployment sizes a cache by it)
+                    pipeline = self.model_process = ModelProcess.start(
+                        pipeline, load, name=self.name, gc_freeze=self.settings.gc_freeze,
+                        on_exit=self._model_process_exited)
             self.executor.max_batch_size = (self.spec.max_batch_size or self.settings.max_batch_size
                                             or (32 if device.type == "cuda" else 8))
             if self.settings.warmup:
@@ -150,13 +151,15 @@ class Deployment:
                 freeze_long_lived()
             self.load_seconds = time.perf_counter() - started
             self.status, self.stage = READY, None
+            if self.model_process is not None and not self.model_process.alive:  # (it died while this one loaded)
+                raise ModelProcessExited(f"the model process of deployment {self.name!r} exited while it loaded")
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
         except Exception as e:  # the reason goes to /models; the others keep serving
             self.status, self.stage, self.error = FAILED, None, f"{type(e).__name__}: {e}"
             logger.error("deployment %s failed to load: %s", self.name, self.error)
-            if self.model_process is not None and self.pipeline is None:  # (a warm-up that failed in the child)
+            if self.model_process is not None:  # (a warm-up that failed in the child, or a child that died)
                 self.model_process.close()
-                self.model_process = None
+                self.pipeline = self.model_process = None
             if self.settings.gc_freeze:  # another's load may have frozen this one's half-built objects
                 thaw_and_collect()
 
@@ -408,7 +411,7 @@ class DeploymentManager:
         """Drop a deployment's pipeline and collect what it leaves in cycles, frozen with the rest or not."""
         if old.pipeline is not None:
             old.pipeline.close()  # (its background work would keep its model alive)
-        old.pipeline = None
+        old.pipeline = old.model_process = None  # (a model process's copy of the pipeline too)
         if old.settings.gc_freeze:  # its model was frozen with everything alive when it loaded (gc_pauses.py)
             thaw_and_collect()
         else:

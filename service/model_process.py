@@ -6,17 +6,17 @@ core however many it has: measured with 16 robots on the demo policy (2-core CPU
 of a core, the model thread 0.65 and the event loop 0.28, each waiting for the other. Here the model
 calls (``predict_each``, ``evaluate_each``, ``evaluate``) run in a child process that loads the same
 checkpoint on the deployment's device, warms up and freezes its heap; the server's model thread sends
-each batch's decoded requests through a local socket and waits (without the lock) for the typed results, so
-the event loop and the model run on two cores. Everything else a policy answers (its io, the checks
-made before a request queues and on the model thread, the session's timing) comes from a copy of the
-pipeline in the server, loaded on the CPU and never run.
+each batch's decoded requests over a local socket, their frames through shared memory (``Channel``,
+``Arena``), and waits (without the lock) for the typed results, so the event loop and the model run on
+two cores. Everything else a policy answers (its io, the checks made before a request queues and on
+the model thread, the session's timing) comes from a copy of the pipeline in the server, loaded on the
+CPU and never run.
 
 What it costs: the checkpoint's weights are in memory twice (the server's copy in host memory), the
-child's start (a fresh interpreter importing torch) adds a few seconds to loading, and each call pickles
-its requests and results through the socket (a lone robot's round trip grows by 0.5-1 ms on a 2-core
-CPU). A child that dies (killed, out of memory) fails the deployment at once: a call in flight gets
-500, later requests 503, ``/models`` names the exit code or signal and readiness drops it; it is not
-restarted.
+child's start (a fresh interpreter importing torch) adds a few seconds to loading, and each call's
+hand-offs (a lone robot's round trip grows by 0.5-1 ms on a 2-core CPU). A child that dies (killed, out
+of memory) fails the deployment at once: its calls get 503, ``/models`` names the exit code or signal
+and readiness drops it; it is not restarted.
 
 Only policies (the ``action`` modality) run this way: text generation's continuous batcher steps and
 streams from the model thread, which the socket would have to carry token by token.
@@ -25,6 +25,7 @@ streams from the model thread, which the socket would have to carry token by tok
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import pickle
 import select
@@ -34,10 +35,13 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from service.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +49,15 @@ logger = logging.getLogger(__name__)
 CHILD_OPERATIONS = ("predict_each", "evaluate_each", "evaluate", "warmup", "serving", "io")
 # Members of the server's copy that would run the model here (on the CPU, unwarmed): never read through the proxy.
 MODEL_MEMBERS = ("predict", "prepare", "loss_batch", "graphs", "model", "batch_handler")
-CLOSE_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 3.0  # closing: for the child to close its pipeline and exit, after which it is killed
 
 
-class ModelProcessExited(RuntimeError):
-    """The child process that runs a deployment's model has exited: its calls cannot be answered."""
+class ModelProcessExited(ApiError):
+    """The child process that runs a deployment's model has exited: its calls cannot be answered (503; the
+    deployment has failed, and readiness says so)."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message)
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -61,18 +69,78 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+class Arena:
+    """Shared memory for the large buffers of the messages one side sends (an anonymous ``memfd``, mapped by both
+    processes; Linux). The sender copies each buffer in once; the receiver reads it where it lies. Only one
+    message is in flight at a time (the sender waits for the reply before it sends again), so every message
+    starts again at offset 0. It grows (doubling) when a message needs more; the receiver maps the new size
+    when a message says so, and never unmaps a size that views of an earlier message may still point into
+    (the old mapping closes once the last view of it is gone)."""
+
+    ALIGN = 64
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.size = 0
+        self.map: Optional[mmap.mmap] = None
+
+    @classmethod
+    def create(cls) -> Optional["Arena"]:
+        """A new arena, or None where ``os.memfd_create`` is missing (the buffers then cross the socket)."""
+        if not hasattr(os, "memfd_create"):
+            return None
+        return cls(os.memfd_create("vla-model-process", os.MFD_CLOEXEC))  # (pass_fds hands it to the child)
+
+    def place(self, raws: list[memoryview]) -> list[tuple[int, int]]:
+        """Copy ``raws`` in, aligned; their (offset, size) spans. Grows the arena first when they do not fit."""
+        spans, offset = [], 0
+        for raw in raws:
+            spans.append((offset, raw.nbytes))
+            offset += -(-raw.nbytes // self.ALIGN) * self.ALIGN
+        if offset > self.size:
+            size = max(offset, 2 * self.size, 1 << 20)
+            os.ftruncate(self.fd, size)
+            if self.map is not None:
+                self.map.close()  # (the sender keeps no views of it)
+            self.map, self.size = mmap.mmap(self.fd, size), size
+        for raw, (start, length) in zip(raws, spans):
+            self.map[start:start + length] = raw
+        return spans
+
+    def views(self, size: int, spans: list[tuple[int, int]]) -> list[memoryview]:
+        """Views of the spans a message placed in an arena of ``size`` bytes (mapped anew when it has grown)."""
+        if size != self.size:
+            self.map, self.size = mmap.mmap(self.fd, size), size  # (the old map lives on while views of it do)
+        whole = memoryview(self.map)
+        return [whole[start:start + length] for start, length in spans]
+
+    def close(self) -> None:
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # views of it are still alive: it closes with the last of them
+                pass
+        os.close(self.fd)
+
+
 class Channel:
     """Messages over a connected local socket: each a pickle (protocol 5) whose large contiguous buffers (camera
-    frames, action chunks) travel out of band, written from where they lie and read into buffers of their own,
-    never copied into the pickle. multiprocessing's ``Connection`` pickles them in band: 16 robots' three 224 px
-    frames (7.2 MB) took 17.7-19.6 ms to cross and come back acknowledged on a 2-core CPU, 7.5-10.3 ms this way
-    (two runs of ``bench/model_process_channel.py``)."""
+    frames) are not copied into the pickle. Where the sender has an arena (the server, towards the child) they
+    are copied once into shared memory and read there by the receiver (``receive_arena``: the same memory);
+    otherwise they follow the pickle on the socket, written from where they lie and read into buffers of
+    their own. 16 robots' three 224 px frames (7.2 MB) crossed and came back acknowledged in 0.71 ms through the
+    arena, 5.4 ms on the socket, 18.6 ms through multiprocessing's ``Connection``, which pickles them in band
+    (2-core CPU, ``bench/model_process_channel.py``)."""
 
-    FRAME = struct.Struct("<QI")  # the pickle's length, then how many out-of-band buffers follow it
+    # the pickle's length, how many large buffers, and the arena's size when they lie there (0: on the socket)
+    FRAME = struct.Struct("<QIQ")
     IN_BAND_BYTES = 64 * 1024  # smaller buffers stay in the pickle: one write and one read less each
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, send_arena: Optional[Arena] = None,
+                 receive_arena: Optional[Arena] = None):
         self.sock = sock
+        self.send_arena = send_arena
+        self.receive_arena = receive_arena
 
     def send(self, message: Any) -> None:
         """Pickled whole before a byte is written: a message that cannot be pickled sends nothing."""
@@ -86,8 +154,13 @@ class Channel:
             return False
 
         head = pickle.dumps(message, protocol=5, buffer_callback=out_of_band)
+        if self.send_arena is not None and raws:
+            spans = self.send_arena.place(raws)
+            table = struct.pack(f"<{2 * len(spans)}Q", *(n for span in spans for n in span))
+            self.sock.sendall(self.FRAME.pack(len(head), len(raws), self.send_arena.size) + table + head)
+            return
         sizes = struct.pack(f"<{len(raws)}Q", *(raw.nbytes for raw in raws))
-        self.sock.sendall(self.FRAME.pack(len(head), len(raws)) + sizes + head)
+        self.sock.sendall(self.FRAME.pack(len(head), len(raws), 0) + sizes + head)
         for raw in raws:
             self.sock.sendall(raw)
 
@@ -102,26 +175,49 @@ class Channel:
         return buffer
 
     def recv(self) -> Any:
-        length, count = self.FRAME.unpack(self._read(self.FRAME.size))
-        rest = self._read(8 * count + length)  # the buffers' sizes, then the pickle
+        length, count, arena_size = self.FRAME.unpack(self._read(self.FRAME.size))
+        if arena_size:  # the buffers lie in the sender's arena: (offset, size) each, then the pickle
+            if self.receive_arena is None:
+                raise EOFError("a message placed its buffers in shared memory this side has not mapped")
+            rest = self._read(16 * count + length)
+            numbers = struct.unpack_from(f"<{2 * count}Q", rest)
+            buffers = self.receive_arena.views(arena_size, list(zip(numbers[::2], numbers[1::2])))
+            return pickle.loads(memoryview(rest)[16 * count:], buffers=buffers)
+        rest = self._read(8 * count + length)  # the buffers' sizes, then the pickle; then the buffers
         sizes = struct.unpack_from(f"<{count}Q", rest)
         return pickle.loads(memoryview(rest)[8 * count:], buffers=[self._read(size) for size in sizes])
 
     def poll(self, timeout: float) -> bool:
         """Whether a message has begun to arrive within ``timeout`` seconds."""
-        return bool(select.select([self.sock], [], [], timeout)[0])
+        poller = select.poll()  # (select.select refuses descriptors over 1023, which a busy server hands out)
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
 
     def close(self) -> None:
         self.sock.close()
+        for arena in (self.send_arena, self.receive_arena):
+            if arena is not None:
+                arena.close()
+
+
+def _reap(process: subprocess.Popen, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Wait at most ``timeout`` for ``process`` to exit, then kill it."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _child(conn: Channel) -> None:
     """The child's life: take (load, torch threads, gc freeze), load the pipeline, then answer (operation, args,
     kwargs) until the server closes its end or says ``close``. Every reply is ("ok", result) or ("err", exception)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the server drains, then closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's Ctrl-C is the server's: it drains, then closes)
+    os.set_inheritable(conn.sock.fileno(), False)  # (nothing it starts may keep the server's reads from ending)
     load, torch_threads, gc_freeze = conn.recv()
     torch.set_num_threads(torch_threads)
     from service.gc_pauses import freeze_long_lived
+    from vla_foundry.errors import InvalidInputError
     from vla_foundry.pipelines import load_pipeline
 
     try:
@@ -135,6 +231,10 @@ def _child(conn: Channel) -> None:
             operation, args, kwargs = conn.recv()
         except (EOFError, OSError):  # the server has gone
             return
+        except Exception as e:  # a message that could not be unpickled here (it was read whole): that call fails
+            logger.exception("the model process could not read a call")
+            conn.send(("err", RuntimeError(f"the model process could not read the call: {type(e).__name__}: {e}")))
+            continue
         if operation == "close":
             pipeline.close()
             conn.send(("ok", None))
@@ -143,10 +243,12 @@ def _child(conn: Channel) -> None:
             if operation not in CHILD_OPERATIONS:
                 raise ValueError(f"unknown model process operation {operation!r}; known: {CHILD_OPERATIONS}")
             result = getattr(pipeline, operation)(*args, **kwargs)
-            if operation == "warmup" and gc_freeze:  # as a deployment freezes its heap once loaded (gc_pauses.py)
+            if operation == "serving" and gc_freeze:  # as a deployment freezes its heap once loaded (gc_pauses.py)
                 freeze_long_lived()
             reply = ("ok", result)
         except Exception as e:  # the call's own failure: the server raises it for the call
+            if not isinstance(e, InvalidInputError):  # (a request's own refusal is no fault; the rest is logged
+                logger.exception("model process call %s failed", operation)  # here, with the child's traceback)
             reply = ("err", _portable(e))
         try:
             conn.send(reply)  # (pickled whole before a byte is written: a result that cannot cross sends nothing)
@@ -187,23 +289,28 @@ class ModelProcess:
         process's threads or CUDA state, and imports nothing of its main module), have it ``load_pipeline(**load)``,
         and wait until it has. Raises what the child's load raised."""
         ours, theirs = socket.socketpair()
+        arena = Arena.create()  # the frames of the requests, in memory both processes map
+        fds = [theirs.fileno()] + ([arena.fd] if arena is not None else [])
         package_root = str(Path(__file__).resolve().parents[1])  # (where ``service`` is, wherever the server runs)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        process = subprocess.Popen([sys.executable, "-m", "service.model_process", str(theirs.fileno())],
-                                   pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               "PYTHONSAFEPATH": "1"}  # (3.11+: not the working directory's ``service/`` ahead of ours)
+        # A session of its own: signals sent to the server's process group (Ctrl-C, a group-wide SIGTERM) do not
+        # reach it; the server drains, then closes it, and its socket closing ends it if the server dies.
+        process = subprocess.Popen([sys.executable, "-m", "service.model_process", *map(str, fds)],
+                                   pass_fds=fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()  # (only the child's copy stays open: its exit then ends our reads)
-        conn = Channel(ours)
+        conn = Channel(ours, send_arena=arena)
         try:
             conn.send((load, torch_threads or torch.get_num_threads(), gc_freeze))
             status, value = conn.recv()
         except (EOFError, OSError):
             conn.close()
-            process.wait(CLOSE_TIMEOUT_S)
+            _reap(process)
             raise ModelProcessExited(f"the model process of deployment {name!r} exited while loading "
                                      f"(exit code {process.returncode})") from None
         if status == "err":
             conn.close()
-            process.wait(CLOSE_TIMEOUT_S)
+            _reap(process)
             raise value
         logger.info("deployment %s runs its model in process %d", name, process.pid)
         return cls(local, process, conn, name, on_exit)
@@ -222,12 +329,16 @@ class ModelProcess:
         code = self._process.poll()
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         return (f"the model process of deployment {self._name!r} (pid {self._process.pid}) {how}; restart the "
-                "server, or reload the deployment (POST /admin/models/{name}/reload)")
+                f"server, or reload the deployment (POST /admin/deployments/{self._name}/reload)")
 
     def _watch(self) -> None:
         self._process.wait()
         if self._closing:
             return
+        try:  # a call waiting for the child's reply wakes now, whatever else may hold the child's end
+            self._conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._exit_message = self._exit_reason()
         logger.error("%s", self._exit_message)
         if self._on_exit is not None:
@@ -251,25 +362,20 @@ class ModelProcess:
         return value
 
     def close(self) -> None:
-        """Ask the child to close its pipeline and exit; kill it if it does not within ``CLOSE_TIMEOUT_S``."""
+        """Ask the child to close its pipeline and exit; kill it if it has not within ``CLOSE_TIMEOUT_S`` in all (a
+        call still running in it included: at shutdown the server has already waited for its calls)."""
         self._closing = True
-        if self._process.poll() is None:
-            if self._lock.acquire(timeout=CLOSE_TIMEOUT_S):  # (else a call is stuck in the child: it is killed)
-                try:
-                    self._conn.send(("close", (), {}))
-                    if self._conn.poll(CLOSE_TIMEOUT_S):
-                        self._conn.recv()
-                except (EOFError, OSError):
-                    pass
-                finally:
-                    self._lock.release()
-                try:
-                    self._process.wait(CLOSE_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    pass
-            if self._process.poll() is None:
-                self._process.kill()
-                self._process.wait()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        if self._process.poll() is None and self._lock.acquire(timeout=CLOSE_TIMEOUT_S):
+            try:
+                self._conn.send(("close", (), {}))
+                if self._conn.poll(deadline - time.monotonic()):
+                    self._conn.recv()
+            except (EOFError, OSError):
+                pass
+            finally:
+                self._lock.release()
+        _reap(self._process, max(0.0, deadline - time.monotonic()))
         self._conn.close()
         self._local.close()
 
@@ -313,4 +419,6 @@ class ModelProcess:
 
 if __name__ == "__main__":  # the child: ``python -m service.model_process FD`` (``ModelProcess.start``)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _child(Channel(socket.socket(fileno=int(sys.argv[1]))))
+    # (the socket; then the arena the server places the requests' frames in, where it could make one)
+    _child(Channel(socket.socket(fileno=int(sys.argv[1])),
+                   receive_arena=Arena(int(sys.argv[2])) if len(sys.argv) > 2 else None))

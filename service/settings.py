@@ -223,8 +223,8 @@ class Settings(BaseSettings):
         "Policies: run each policy deployment's model calls in a child process of its own (spawned at load; the "
         "server keeps a copy of the pipeline on the CPU for the checks), so the event loop and the model no longer "
         "share one interpreter lock and a busy server uses two cores instead of one (16 robots on the demo policy, "
-        "2-core CPU: about 1.4x the requests per second). Costs the weights in memory twice and a fraction of a "
-        "millisecond per call (service/model_process.py)."))
+        "2-core CPU: about 1.5x the requests per second). Costs the weights in memory twice and 0.5-1 ms per call on "
+        "a 2-core CPU (service/model_process.py)."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     gc_freeze: bool = Field(True, description=(
         "Once a deployment has loaded, collect garbage and freeze what is alive (gc.freeze), so the cyclic garbage "

@@ -240,16 +240,19 @@ def test_a_reload_under_load_swaps_the_child_and_fails_no_request(tiny_checkpoin
         assert wait_gone(first_child)
 
 
-def test_the_channel_carries_frames_out_of_band_and_a_message_that_cannot_be_pickled_sends_nothing():
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["arena", "socket"])
+def test_the_channel_carries_frames_out_of_band_and_a_message_that_cannot_be_pickled_sends_nothing(shared_memory):
     import pickle
     import socket
     import threading
 
-    from service.model_process import Channel
+    from service.model_process import Arena, Channel
     from vla_foundry.errors import InvalidInputError
 
     ours, theirs = socket.socketpair()
-    sender, receiver = Channel(ours), Channel(theirs)
+    arena = Arena.create() if shared_memory else None
+    sender = Channel(ours, send_arena=arena)
+    receiver = Channel(theirs, receive_arena=Arena(os.dup(arena.fd)) if arena is not None else None)
     rng = np.random.default_rng(0)
     big = rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)  # over the in-band size: out of band
     message = {"frames": [big, big[1]], "small": np.arange(5, dtype=np.float32), "strided": big[:, ::2, ::3],
@@ -268,6 +271,13 @@ def test_the_channel_carries_frames_out_of_band_and_a_message_that_cannot_be_pic
     got["frames"][0][0, 0, 0, 0] = (before + 1) % 256  # its own, writable buffer, not a view of the sender's frame
     assert big[0, 0, 0, 0] == before
     assert not receiver.poll(0.05)  # nothing left over: the failed send wrote nothing
+    if shared_memory:  # a larger message grows the arena; the receiver maps the new size, old views stay valid
+        bigger = {"frames": [rng.integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)]}
+        thread = threading.Thread(target=sender.send, args=(bigger,))
+        thread.start()
+        again = receiver.recv()
+        thread.join()
+        assert np.array_equal(again["frames"][0], bigger["frames"][0]) and arena.size >= bigger["frames"][0].nbytes
     sender.close()
     with pytest.raises(EOFError):
         receiver.recv()
