@@ -327,3 +327,31 @@ def test_policies_conditioned_by_a_vlm_on_cuda(tmp_path, backbone, dtype):
         on_cpu = cpu.predict([sample], noise=noise, num_inference_steps=3)["action_chunk"][0]
         assert np.abs(alone - on_cpu).max() <= tolerance
     assert len(gpu.graphs) and not gpu.graphs._refused  # the steps after the VLM replayed from CUDA graphs
+
+
+def test_a_policy_in_a_model_process_on_cuda(fixtures_dir):
+    """VLA_MODEL_PROCESS on a GPU: the child holds the model on CUDA (the server's copy stays on the CPU: this
+    process allocates nothing on the device for it), /models says cuda, and the fixture's observation gets the
+    fixture's actions, as the in-thread deployment does."""
+    from service import DeploymentSpec
+    from tests.service.conftest import serving
+    from tests.service.test_action_api import fixture_requests
+
+    spec = DeploymentSpec(name="policy", checkpoint=str(fixtures_dir / "diffusion_policy_clip_basic"), device="cuda",
+                          dtype="float32")
+    replies = {}
+    for model_process in (True, False):
+        before = torch.cuda.memory_allocated()
+        with serving(spec, model_process=model_process, device="cuda") as client:
+            info = client.get("/models/policy").json()
+            assert info["device"].startswith("cuda") and (info["model_process"] is not None) == model_process
+            if model_process:
+                assert torch.cuda.memory_allocated() == before  # the weights are in the child
+            replies[model_process] = []
+            for body, expected in fixture_requests():
+                reply = client.post("/predict/diffusion_policy", json=body)
+                assert reply.status_code == 200, reply.text
+                for field, values in expected.items():
+                    np.testing.assert_allclose(np.array(reply.json()["actions"][field]), values, atol=1e-4)
+                replies[model_process].append(reply.json()["action_chunk"])
+    np.testing.assert_allclose(replies[True], replies[False], atol=1e-5)
