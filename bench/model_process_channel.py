@@ -3,12 +3,13 @@
     python bench/model_process_channel.py [--rounds 6] [--calls 10]
 
 `service/model_process.py` sends each batch's `PolicyRequest`s to the child through a `Channel` (a local
-socket; pickle protocol 5 with the frames out of band, copied once into shared memory: an `Arena`). This
-times a round trip (the requests there, a small acknowledgement back) for three batches, three ways over
-the same kind of socket: multiprocessing's `Connection` (the frames pickled in band), `Channel` with the
-frames on the socket, `Channel` with them in an arena; the three echo processes (forked) alive at once
-and the calls interleaved in rounds: 16 robots with three 224 px cameras, one robot with one 224 px
-camera, one robot with the demo policy's 32 px camera (its frames small enough to stay in the pickle).
+socket, msgpack; frames of 64 KiB or more copied once into shared memory: an `Arena`). This times a round
+trip (the requests there, a small acknowledgement back) for three batches, three ways over the same kind
+of socket: multiprocessing's `Connection` (the frames pickled in band: for comparison only, the server
+never unpickles), `Channel` with the frames in the message, `Channel` with them in an arena; the three
+echo processes (forked) alive at once and the calls interleaved in rounds: 16 robots with three 224 px
+cameras, one robot with one 224 px camera, one robot with the demo policy's 32 px camera (its frames small
+enough to stay in the message).
 Printed: the median round trip of each.
 """
 
@@ -71,7 +72,7 @@ def main() -> None:
     for label, requests in (("16 robots, 3 cameras of 224 px", batch(16, 224, 3, rng)),
                             ("1 robot, 1 camera of 224 px", batch(1, 224, 1, rng)),
                             ("1 robot, 1 camera of 32 px", batch(1, 32, 1, rng))):
-        times: dict[str, list[float]] = {"Connection (in band)": [], "Channel, on the socket": [],
+        times: dict[str, list[float]] = {"Connection (in band)": [], "Channel, in the message": [],
                                          "Channel, shared memory": []}
         for _ in range(args.rounds):
             for name, end in zip(times, ends):

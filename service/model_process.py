@@ -2,15 +2,15 @@
 
 In one process the event loop (HTTP parsing, msgpack, pydantic, replies) and the model thread's Python
 (preparing inputs, building chunks) share one interpreter lock, so a busy policy server uses about one
-core however many it has: measured with 16 robots on the demo policy (2-core CPU), the server held 0.95
-of a core, the model thread 0.65 and the event loop 0.28, each waiting for the other. Here the model
-calls (``predict_each``, ``evaluate_each``, ``evaluate``) run in a child process that loads the same
-checkpoint on the deployment's device, warms up and freezes its heap; the server's model thread sends
-each batch's decoded requests over a local socket, their frames through shared memory (``Channel``,
-``Arena``), and waits (without the lock) for the typed results, so the event loop and the model run on
-two cores. Everything else a policy answers (its io, the checks made before a request queues and on
-the model thread, the session's timing) comes from a copy of the pipeline in the server, loaded on the
-CPU and never run.
+core however many it has: measured with 16 robots on the demo policy (2-core CPU), the server held 0.95 of
+a core, the model thread 0.65 and the event loop 0.28, each waiting for the other. Here the model calls
+(``predict_each``, ``evaluate_each``, ``evaluate``) run in a child process that loads the same checkpoint
+on the deployment's device, warms up and freezes its heap; the server's model thread sends each batch's
+decoded requests over a local socket in msgpack (nothing is unpickled), their frames through shared memory
+(``Channel``, ``Arena``), and waits (without the lock) for the typed results, so the event loop and the
+model run on two cores. Everything else a policy answers (its io, the checks made before a request queues
+and on the model thread, the session's timing) comes from a copy of the pipeline in the server, loaded on
+the CPU and never run.
 
 What it costs: the checkpoint's weights are in memory twice (the server's copy in host memory), the
 child's start (a fresh interpreter importing torch) adds a few seconds to loading, and each call's
@@ -25,9 +25,9 @@ streams from the model thread, which the socket would have to carry token by tok
 from __future__ import annotations
 
 import logging
+import dataclasses
 import mmap
 import os
-import pickle
 import select
 import signal
 import socket
@@ -39,9 +39,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import msgpack
+import numpy as np
 import torch
 
 from service.errors import ApiError
+from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
+from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
+from vla_foundry.robotics.observations import RawObservation
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +63,6 @@ class ModelProcessExited(ApiError):
 
     def __init__(self, message: str):
         super().__init__(503, message)
-
-
-def _portable(error: BaseException) -> BaseException:
-    """``error`` if it survives pickling (an ``InvalidInputError`` keeps its field), else a RuntimeError naming it."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 class Arena:
@@ -91,28 +87,25 @@ class Arena:
             return None
         return cls(os.memfd_create("vla-model-process", os.MFD_CLOEXEC))  # (pass_fds hands it to the child)
 
-    def place(self, raws: list[memoryview]) -> list[tuple[int, int]]:
-        """Copy ``raws`` in, aligned; their (offset, size) spans. Grows the arena first when they do not fit."""
-        spans, offset = [], 0
-        for raw in raws:
-            spans.append((offset, raw.nbytes))
-            offset += -(-raw.nbytes // self.ALIGN) * self.ALIGN
-        if offset > self.size:
-            size = max(offset, 2 * self.size, 1 << 20)
+    def place(self, raw: memoryview, offset: int) -> int:
+        """Copy ``raw`` in at ``offset`` (aligned), growing the arena first when it does not fit (what earlier
+        placements of the same message wrote stays: the memory is the file's); the offset after it."""
+        end = offset + raw.nbytes
+        if end > self.size:
+            size = max(end, 2 * self.size, 1 << 20)
             os.ftruncate(self.fd, size)
             if self.map is not None:
                 self.map.close()  # (the sender keeps no views of it)
             self.map, self.size = mmap.mmap(self.fd, size), size
-        for raw, (start, length) in zip(raws, spans):
-            self.map[start:start + length] = raw
-        return spans
+        self.map[offset:end] = raw
+        return -(-end // self.ALIGN) * self.ALIGN
 
-    def views(self, size: int, spans: list[tuple[int, int]]) -> list[memoryview]:
-        """Views of the spans a message placed in an arena of ``size`` bytes (mapped anew when it has grown)."""
+    def view(self, size: int, offset: int, length: int) -> memoryview:
+        """A view of what a message placed at ``offset`` in an arena of ``size`` bytes (mapped anew when it has
+        grown)."""
         if size != self.size:
             self.map, self.size = mmap.mmap(self.fd, size), size  # (the old map lives on while views of it do)
-        whole = memoryview(self.map)
-        return [whole[start:start + length] for start, length in spans]
+        return memoryview(self.map)[offset:offset + length]
 
     def close(self) -> None:
         if self.map is not None:
@@ -123,18 +116,25 @@ class Arena:
         os.close(self.fd)
 
 
-class Channel:
-    """Messages over a connected local socket: each a pickle (protocol 5) whose large contiguous buffers (camera
-    frames) are not copied into the pickle. Where the sender has an arena (the server, towards the child) they
-    are copied once into shared memory and read there by the receiver (``receive_arena``: the same memory);
-    otherwise they follow the pickle on the socket, written from where they lie and read into buffers of
-    their own. 16 robots' three 224 px frames (7.2 MB) crossed and came back acknowledged in 0.71 ms through the
-    arena, 5.4 ms on the socket, 18.6 ms through multiprocessing's ``Connection``, which pickles them in band
-    (2-core CPU, ``bench/model_process_channel.py``)."""
+# What may cross the channel besides msgpack's own types: the policy's request and result dataclasses (by name,
+# from this list only: the channel never builds anything else) and the errors a call may fail with.
+DATACLASSES = {cls.__name__: cls for cls in (PolicyRequest, RawObservation, PolicyEvaluation, ActionChunk)}
+ERRORS = {cls.__name__: cls for cls in (InvalidInputError, InputTooLargeError, StaleObservationError)}
+ARRAY, ARRAY_IN_ARENA, DATACLASS, ERROR = 1, 2, 3, 4  # msgpack extension codes
 
-    # the pickle's length, how many large buffers, and the arena's size when they lie there (0: on the socket)
-    FRAME = struct.Struct("<QIQ")
-    IN_BAND_BYTES = 64 * 1024  # smaller buffers stay in the pickle: one write and one read less each
+
+class Channel:
+    """Messages over a connected local socket, in msgpack: nothing that crosses is unpickled. Beside msgpack's own
+    types a message may hold numpy arrays, the policy's request and result dataclasses (``DATACLASSES``) and
+    errors (``ERRORS`` keep their type and field; any other becomes a RuntimeError naming it), each a msgpack
+    extension. Where the sender has an arena (the server, towards the child), an array of ``IN_BAND_BYTES`` or
+    more (a camera frame) is copied once into shared memory and read there by the receiver (``receive_arena``:
+    the same memory) without a copy; other arrays travel in the message. 16 robots' three 224 px frames (7.2
+    MB) crossed and came back acknowledged in 0.89 ms through the arena, 6.9 ms in the message, 14.2 ms through
+    multiprocessing's ``Connection``, which pickles them (2-core CPU, ``bench/model_process_channel.py``)."""
+
+    FRAME = struct.Struct("<QQ")  # the message's length, and the arena's size when arrays lie there (0: none)
+    IN_BAND_BYTES = 64 * 1024
 
     def __init__(self, sock: socket.socket, send_arena: Optional[Arena] = None,
                  receive_arena: Optional[Arena] = None):
@@ -142,27 +142,70 @@ class Channel:
         self.send_arena = send_arena
         self.receive_arena = receive_arena
 
+    # ------------------------------------------------------------------ encoding
+
+    def _encoder(self) -> tuple[Callable[[Any], Any], list[int]]:
+        """msgpack's ``default`` for one message, and where its arena placements have reached (``[0]``: none)."""
+        placed = [0]
+
+        def default(value: Any) -> Any:
+            if isinstance(value, np.ndarray):
+                array = np.ascontiguousarray(value)
+                if array.dtype.hasobject:
+                    raise TypeError(f"an array of Python objects ({array.dtype}) cannot cross to the model process")
+                header = [array.dtype.str, list(array.shape)]
+                if self.send_arena is not None and array.nbytes >= self.IN_BAND_BYTES:
+                    start = placed[0]
+                    placed[0] = self.send_arena.place(memoryview(array).cast("B"), start)
+                    return msgpack.ExtType(ARRAY_IN_ARENA, msgpack.packb([*header, start, array.nbytes]))
+                return msgpack.ExtType(ARRAY, msgpack.packb([*header, array.tobytes()]))
+            if isinstance(value, np.generic):
+                return value.item()
+            if dataclasses.is_dataclass(value) and DATACLASSES.get(type(value).__name__) is type(value):
+                fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+                return msgpack.ExtType(DATACLASS, msgpack.packb([type(value).__name__, fields], default=default))
+            if isinstance(value, BaseException):
+                name = type(value).__name__ if ERRORS.get(type(value).__name__) is type(value) else None
+                message = str(value) if name else f"{type(value).__name__}: {value}"
+                return msgpack.ExtType(ERROR, msgpack.packb([name, message, getattr(value, "field", None)]))
+            if isinstance(value, (Path, torch.device)):
+                return str(value)
+            if isinstance(value, torch.dtype):
+                return str(value).removeprefix("torch.")
+            raise TypeError(f"a {type(value).__name__} cannot cross to the model process")
+
+        return default, placed
+
+    def _decoder(self, arena_size: int) -> Callable[[int, bytes], Any]:
+        def ext_hook(code: int, data: bytes) -> Any:
+            if code == ARRAY:
+                dtype, shape, raw = msgpack.unpackb(data)
+                return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()  # (small: its own, writable)
+            if code == ARRAY_IN_ARENA:
+                if self.receive_arena is None:
+                    raise ValueError("an array placed in shared memory this side has not mapped")
+                dtype, shape, offset, length = msgpack.unpackb(data)
+                view = self.receive_arena.view(arena_size, offset, length)
+                return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
+            if code == DATACLASS:
+                name, fields = msgpack.unpackb(data, ext_hook=ext_hook, strict_map_key=False)
+                return DATACLASSES[name](**fields)
+            if code == ERROR:
+                name, message, field = msgpack.unpackb(data)
+                return ERRORS[name](message, field) if name in ERRORS else RuntimeError(message)
+            raise ValueError(f"unknown model process message extension {code}")
+
+        return ext_hook
+
+    # ------------------------------------------------------------------ the socket
+
     def send(self, message: Any) -> None:
-        """Pickled whole before a byte is written: a message that cannot be pickled sends nothing."""
-        raws: list[memoryview] = []
-
-        def out_of_band(buffer: pickle.PickleBuffer) -> bool:  # (False: out of band)
-            raw = buffer.raw()
-            if raw.nbytes < self.IN_BAND_BYTES:
-                return True
-            raws.append(raw)
-            return False
-
-        head = pickle.dumps(message, protocol=5, buffer_callback=out_of_band)
-        if self.send_arena is not None and raws:
-            spans = self.send_arena.place(raws)
-            table = struct.pack(f"<{2 * len(spans)}Q", *(n for span in spans for n in span))
-            self.sock.sendall(self.FRAME.pack(len(head), len(raws), self.send_arena.size) + table + head)
-            return
-        sizes = struct.pack(f"<{len(raws)}Q", *(raw.nbytes for raw in raws))
-        self.sock.sendall(self.FRAME.pack(len(head), len(raws), 0) + sizes + head)
-        for raw in raws:
-            self.sock.sendall(raw)
+        """Encoded whole before a byte is written: a message that cannot be encoded sends nothing (arena placements
+        it made are overwritten by the next message)."""
+        default, placed = self._encoder()
+        body = msgpack.packb(message, default=default)
+        arena_size = self.send_arena.size if placed[0] else 0
+        self.sock.sendall(self.FRAME.pack(len(body), arena_size) + body)
 
     def _read(self, n: int) -> bytearray:
         buffer = bytearray(n)
@@ -175,17 +218,8 @@ class Channel:
         return buffer
 
     def recv(self) -> Any:
-        length, count, arena_size = self.FRAME.unpack(self._read(self.FRAME.size))
-        if arena_size:  # the buffers lie in the sender's arena: (offset, size) each, then the pickle
-            if self.receive_arena is None:
-                raise EOFError("a message placed its buffers in shared memory this side has not mapped")
-            rest = self._read(16 * count + length)
-            numbers = struct.unpack_from(f"<{2 * count}Q", rest)
-            buffers = self.receive_arena.views(arena_size, list(zip(numbers[::2], numbers[1::2])))
-            return pickle.loads(memoryview(rest)[16 * count:], buffers=buffers)
-        rest = self._read(8 * count + length)  # the buffers' sizes, then the pickle; then the buffers
-        sizes = struct.unpack_from(f"<{count}Q", rest)
-        return pickle.loads(memoryview(rest)[8 * count:], buffers=[self._read(size) for size in sizes])
+        length, arena_size = self.FRAME.unpack(self._read(self.FRAME.size))
+        return msgpack.unpackb(self._read(length), ext_hook=self._decoder(arena_size), strict_map_key=False)
 
     def poll(self, timeout: float) -> bool:
         """Whether a message has begun to arrive within ``timeout`` seconds."""
@@ -217,13 +251,12 @@ def _child(conn: Channel) -> None:
     load, torch_threads, gc_freeze = conn.recv()
     torch.set_num_threads(torch_threads)
     from service.gc_pauses import freeze_long_lived
-    from vla_foundry.errors import InvalidInputError
     from vla_foundry.pipelines import load_pipeline
 
     try:
         pipeline = load_pipeline(**load)
     except Exception as e:
-        conn.send(("err", _portable(e)))
+        conn.send(("err", e))
         return
     conn.send(("ok", None))
     while True:
@@ -231,7 +264,7 @@ def _child(conn: Channel) -> None:
             operation, args, kwargs = conn.recv()
         except (EOFError, OSError):  # the server has gone
             return
-        except Exception as e:  # a message that could not be unpickled here (it was read whole): that call fails
+        except Exception as e:  # a message that could not be decoded here (it was read whole): that call fails
             logger.exception("the model process could not read a call")
             conn.send(("err", RuntimeError(f"the model process could not read the call: {type(e).__name__}: {e}")))
             continue
@@ -249,12 +282,12 @@ def _child(conn: Channel) -> None:
         except Exception as e:  # the call's own failure: the server raises it for the call
             if not isinstance(e, InvalidInputError):  # (a request's own refusal is no fault; the rest is logged
                 logger.exception("model process call %s failed", operation)  # here, with the child's traceback)
-            reply = ("err", _portable(e))
+            reply = ("err", e)
         try:
-            conn.send(reply)  # (pickled whole before a byte is written: a result that cannot cross sends nothing)
+            conn.send(reply)  # (encoded whole before a byte is written: a result that cannot cross sends nothing)
         except OSError:  # the server has gone
             return
-        except Exception as e:  # a result that cannot be pickled
+        except Exception as e:  # a result that cannot be encoded
             conn.send(("err", RuntimeError(f"the model process could not send its result: {e}")))
 
 

@@ -241,13 +241,14 @@ def test_a_reload_under_load_swaps_the_child_and_fails_no_request(tiny_checkpoin
 
 
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["arena", "socket"])
-def test_the_channel_carries_frames_out_of_band_and_a_message_that_cannot_be_pickled_sends_nothing(shared_memory):
-    import pickle
+def test_the_channel_carries_frames_and_a_message_that_cannot_be_encoded_sends_nothing(shared_memory):
     import socket
     import threading
 
     from service.model_process import Arena, Channel
     from vla_foundry.errors import InvalidInputError
+    from vla_foundry.pipelines.action import PolicyRequest
+    from vla_foundry.robotics.observations import RawObservation
 
     ours, theirs = socket.socketpair()
     arena = Arena.create() if shared_memory else None
@@ -256,9 +257,11 @@ def test_the_channel_carries_frames_out_of_band_and_a_message_that_cannot_be_pic
     rng = np.random.default_rng(0)
     big = rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)  # over the in-band size: out of band
     message = {"frames": [big, big[1]], "small": np.arange(5, dtype=np.float32), "strided": big[:, ::2, ::3],
-               "error": InvalidInputError("bad", field="observation.images.front"), "text": "pick"}
-    with pytest.raises((pickle.PicklingError, AttributeError)):
-        sender.send({"not picklable": lambda: None})
+               "error": InvalidInputError("bad", field="observation.images.front"), "text": "pick",
+               "request": PolicyRequest(RawObservation({"front": big[0]}, {"arm": np.zeros((2, 2), np.float32)},
+                                                       "pick"), seed=3), "other": KeyError("x")}
+    with pytest.raises(TypeError):  # (only arrays, the policy's dataclasses and errors cross besides msgpack's own)
+        sender.send({"not encodable": lambda: None})
     thread = threading.Thread(target=sender.send, args=(message,))
     thread.start()
     assert receiver.poll(5.0)
@@ -267,6 +270,10 @@ def test_the_channel_carries_frames_out_of_band_and_a_message_that_cannot_be_pic
     assert np.array_equal(got["frames"][0], big) and np.array_equal(got["frames"][1], big[1])
     assert np.array_equal(got["strided"], big[:, ::2, ::3]) and got["small"].dtype == np.float32
     assert got["error"].field == "observation.images.front" and got["text"] == "pick"
+    request = got["request"]  # the policy's dataclasses come back as themselves; other errors as RuntimeError
+    assert isinstance(request, PolicyRequest) and isinstance(request.sample, RawObservation) and request.seed == 3
+    assert np.array_equal(request.sample.images["front"], big[0]) and request.sample.lowdim["arm"].shape == (2, 2)
+    assert type(got["other"]) is RuntimeError and "KeyError" in str(got["other"])
     before = int(big[0, 0, 0, 0])
     got["frames"][0][0, 0, 0, 0] = (before + 1) % 256  # its own, writable buffer, not a view of the sender's frame
     assert big[0, 0, 0, 0] == before
