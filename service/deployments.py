@@ -43,6 +43,7 @@ STATES = (LOADING, READY, FAILED)
 # import the same modules at once (one sees a half-initialised module). Warmups still run in parallel.
 # KV caches are allocated one at a time too, each sized by the memory the ones before it left.
 _LOAD_LOCK = threading.Lock()
+RESTART_WINDOW_S = 600.0  # model_process_restarts counts the restarts within this long
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -81,6 +82,9 @@ class Deployment:
         self._runners: dict[Any, Any] = {}  # ModelCall.run → the executor's callable for it
         self.batcher = None  # text and captions: the ContinuousBatcher its generations share, when it has one
         self.model_process: Optional[ModelProcess] = None  # policies with model_process: the child, also its pipeline
+        self.restarting = False  # its model process died and a new one is loading (status LOADING meanwhile)
+        self.model_process_restarts: list[float] = []  # when it restarted its model process (time.monotonic())
+        self.model_process_exit: Optional[str] = None  # why its last model process ended, if one did
 
     @property
     def batch_wait_ms(self) -> float:
@@ -127,6 +131,8 @@ class Deployment:
                 with _LOAD_LOCK:  # (its weights are on the device before another deployment sizes a cache by it)
                     pipeline = self.model_process = ModelProcess.start(
                         pipeline, load, name=self.name, gc_freeze=self.settings.gc_freeze,
+                        log_format=self.settings.log_format,
+                        start_timeout_s=self.settings.model_process_start_timeout_s,
                         on_exit=self._model_process_exited)
             self.executor.max_batch_size = (self.spec.max_batch_size or self.settings.max_batch_size
                                             or (32 if device.type == "cuda" else 8))
@@ -172,8 +178,53 @@ class Deployment:
         return bool(asked) and self.modality == "action"
 
     def _model_process_exited(self, message: str) -> None:
-        """The model process died while serving: this deployment fails (503, readiness drops it, /models says why)."""
-        self.status, self.error = FAILED, f"ModelProcessExited: {message}"
+        """The model process died while serving (on its watching thread): the calls it was running have failed
+        (503). The deployment refuses requests (503, Retry-After) while a new one loads with the same weights and
+        warms up, then serves again; after ``model_process_restarts`` restarts in ``RESTART_WINDOW_S``, or when
+        the restart fails, it stays failed (503, readiness drops it, /models says why)."""
+        self.model_process_exit = message
+        if self.status != READY:  # (one that dies while the deployment loads fails the load: ``_load``)
+            return
+        now = time.monotonic()
+        recent = [t for t in self.model_process_restarts if now - t < RESTART_WINDOW_S]
+        allowed = self.settings.model_process_restarts
+        if self.retired or len(recent) >= allowed:
+            why = (f"; it was restarted {len(recent)} times in the last {RESTART_WINDOW_S / 60:g} minutes, the most "
+                   f"VLA_MODEL_PROCESS_RESTARTS allows" if allowed else "; VLA_MODEL_PROCESS_RESTARTS is 0")
+            self.status, self.error = FAILED, f"ModelProcessExited: {message}{why}; {self._recover}"
+            return
+        self.model_process_restarts = recent + [now]
+        self.restarting, self.status, self.stage = True, LOADING, f"restarting the model process ({message})"
+        logger.warning("deployment %s restarts its model process (restart %d of at most %d in %g minutes)",
+                       self.name, len(recent) + 1, allowed, RESTART_WINDOW_S / 60)
+        started = time.perf_counter()
+        process = self.model_process
+        try:
+            if process is None:  # (unloaded meanwhile)
+                return
+            with _LOAD_LOCK:  # (its weights are on the device before another deployment sizes a cache by it)
+                process.restart()
+            if self.settings.warmup:
+                process.warmup(self.executor.max_batch_size)
+            process.serving()
+        except Exception as e:
+            if not self.retired:
+                self.status, self.error = FAILED, f"restarting the model process failed: {type(e).__name__}: {e}; " \
+                                                  f"{self._recover}"
+                logger.error("deployment %s: %s", self.name, self.error)
+            return
+        finally:
+            self.restarting, self.stage = False, None
+        if self.metrics is not None:
+            self.metrics.model_process_restarts.labels(self.name).inc()
+        if not self.retired:
+            self.status = READY
+        logger.info("deployment %s serves again from model process %d (restarted in %.1f s)", self.name,
+                    process.pid, time.perf_counter() - started)
+
+    @property
+    def _recover(self) -> str:
+        return f"reload the deployment (POST /admin/deployments/{self.name}/reload) or restart the server"
 
     def _continuous_batcher(self, pipeline, device: torch.device):
         """The pipeline's continuous batcher (None: its model generates one request at a time), its KV cache capped
@@ -205,6 +256,9 @@ class Deployment:
     def check_ready(self) -> None:
         """Refuse (503) while loading or after a failed load: before a transport decodes a request for it."""
         if self.status == LOADING:
+            if self.restarting:
+                raise ApiError(503, f"deployment {self.name!r} is restarting its model process, which ended "
+                                    f"({self.model_process_exit}); retry shortly", retry_after=5)
             raise ApiError(503, f"deployment {self.name!r} is still loading; retry shortly", retry_after=5)
         if self.status == FAILED:
             what = "stopped serving" if self.pipeline is not None else "failed to load"
@@ -305,7 +359,8 @@ class Deployment:
                          (self.spec.max_batch_size or self.settings.max_batch_size),
                          "batch_wait_ms": self.batch_wait_ms, **self._generation_mode()},
             # Policies with model_process: the child process that runs the model (its pid, for the operator).
-            "model_process": ({"pid": self.model_process.pid, "alive": self.model_process.alive}
+            "model_process": ({"pid": self.model_process.pid, "alive": self.model_process.alive,
+                               "restarts": len(self.model_process_restarts), "last_exit": self.model_process_exit}
                               if self.model_process is not None else None),
         }
         if self.demo_card is not None:
@@ -470,9 +525,10 @@ class DeploymentManager:
         failure reasons (which name checkpoint paths and state-dict keys) stay in ``GET /models/{name}``."""
         statuses = {d.name: d.status for d in self.deployments.values()}
         loading = [n for n, s in statuses.items() if s == LOADING]
-        # A deployment added while the server runs (the admin API) does not take its readiness away while it loads:
-        # the others keep serving, and a load balancer must not move away from them.
-        ready = (not [n for n in loading if n not in self._added_live]
+        # A deployment added while the server runs (the admin API), or restarting its model process, does not take
+        # its readiness away while it loads: the others keep serving, and a load balancer must not move away.
+        restarting = {d.name for d in self.deployments.values() if d.restarting}
+        ready = (not [n for n in loading if n not in self._added_live and n not in restarting]
                  and any(s == READY for s in statuses.values()))
         return ready, {"status": "ready" if ready else ("loading" if loading else "failed"), "deployments": statuses}
 

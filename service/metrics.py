@@ -133,6 +133,9 @@ class Metrics:
             "vla_requests_shed", "Requests refused (503 overloaded) because the deployment's expected wait was over "
             "their deadline or its max_queue_ms, by where: before the body was read (body), before its images were "
             "decoded (decode), when queueing (queue).", ["deployment", "stage"], registry=r), self)
+        self.model_process_restarts = DeploymentMetric(Counter(
+            "vla_model_process_restarts", "Policies with model_process: model processes that died while serving and "
+            "were started again (VLA_MODEL_PROCESS_RESTARTS).", ["deployment"], registry=r), self)
         self.read_timeouts = Counter("vla_read_timeouts", "Connections closed because a request's headers or body "
                                      "did not arrive in time (VLA_HEADER_TIMEOUT_S, VLA_BODY_TIMEOUT_S).", ["phase"],
                                      registry=r)
@@ -147,7 +150,8 @@ class Metrics:
         name is served again."""
         with self.series_lock:
             for metric in (self.queue_seconds, self.run_seconds, self.batch_size, self.tokens, self.images,
-                           self.first_token_seconds, self.token_pace_seconds, self.abandoned, self.shed):
+                           self.first_token_seconds, self.token_pace_seconds, self.abandoned, self.shed,
+                           self.model_process_restarts):
                 # each label set of this deployment, read from the metric's own samples (a histogram's add "le")
                 label_sets = {tuple(v for k, v in sample.labels.items() if k != "le")
                               for family in metric.collect() for sample in family.samples
@@ -272,10 +276,19 @@ class _StateCollector:
         yield GaugeMetricFamily("vla_robot_sessions", "Live robot sessions.", value=self.sessions.live())
         memory = _cuda_memory()
         if memory:
-            family = GaugeMetricFamily("vla_cuda_memory_allocated_bytes", "CUDA memory in use by tensors.",
-                                       labels=["device"])
+            family = GaugeMetricFamily("vla_cuda_memory_allocated_bytes", "CUDA memory in use by tensors (this "
+                                       "process's: not its model processes').", labels=["device"])
             for device, value in memory.items():
                 family.add_metric([device], value)
+            yield family
+        children = {d.name: memory for d in list(self.manager.deployments.values())
+                    for memory in [getattr(d.model_process, "cuda_memory_allocated", None)] if memory is not None}
+        if children:
+            family = GaugeMetricFamily("vla_model_process_cuda_memory_allocated_bytes", "Policies with model_process "
+                                       "on CUDA: CUDA memory in use by tensors in the deployment's model process, "
+                                       "after its last call.", labels=["deployment"])
+            for name, value in children.items():
+                family.add_metric([name], float(value))
             yield family
 
 

@@ -15,8 +15,11 @@ the CPU and never run.
 What it costs: the checkpoint's weights are in memory twice (the server's copy in host memory), the
 child's start (a fresh interpreter importing torch) adds a few seconds to loading, and each call's
 hand-offs (a lone robot's round trip grows by 0.5-1 ms on a 2-core CPU). A child that dies (killed, out
-of memory) fails the deployment at once: its calls get 503, ``/models`` names the exit code or signal
-and readiness drops it; it is not restarted.
+of memory) fails its calls in flight at once (503 naming the exit code or signal); the deployment then
+restarts it (``ModelProcess.restart``: the same weights file, warmed up again) a bounded number of times
+(``VLA_MODEL_PROCESS_RESTARTS`` in 10 minutes), refusing requests with 503 and ``Retry-After`` meanwhile,
+and past that stays failed (``service/deployments.py``). The child logs in the server's format
+(``VLA_LOG_FORMAT``), each record naming its deployment.
 
 Only policies (the ``action`` modality) run this way: text generation's continuous batcher steps and
 streams from the model thread, which the socket would have to carry token by token.
@@ -44,17 +47,19 @@ import numpy as np
 import torch
 
 from service.errors import ApiError
+from vla_foundry.checkpoint import CHECKPOINT_SUFFIXES
 from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.robotics.observations import RawObservation
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("service.model_process")  # (the same name in the child, run as __main__)
 
 # What the child runs: the model calls, and the warm-up and start of serving that capture its graphs.
 CHILD_OPERATIONS = ("predict_each", "evaluate_each", "evaluate", "warmup", "serving", "io")
 # Members of the server's copy that would run the model here (on the CPU, unwarmed): never read through the proxy.
 MODEL_MEMBERS = ("predict", "prepare", "loss_batch", "graphs", "model", "batch_handler")
 CLOSE_TIMEOUT_S = 3.0  # closing: for the child to close its pipeline and exit, after which it is killed
+DEFAULT_START_TIMEOUT_S = 600.0  # for a child to load (VLA_MODEL_PROCESS_START_TIMEOUT_S), after which it is killed
 
 
 class ModelProcessExited(ApiError):
@@ -243,12 +248,43 @@ def _reap(process: subprocess.Popen, timeout: float = CLOSE_TIMEOUT_S) -> None:
         process.wait()
 
 
+class _ChildRecords(logging.Filter):
+    """Marks the child's log records: the deployment (a field of its own in JSON lines), no request id."""
+
+    def __init__(self, deployment: str):
+        super().__init__()
+        self.deployment = deployment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.deployment, record.model_process = self.deployment, os.getpid()
+        return True
+
+
+def _configure_child_logging(log_format: str, deployment: str) -> None:
+    """The server's log format (``VLA_LOG_FORMAT``) for the child's records, each naming its deployment."""
+    from service.request_ids import configure_logging
+
+    configure_logging(log_format)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ChildRecords(deployment))
+        if log_format != "json":
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s [model process of %(deployment)s]: %(message)s"))
+
+
+def _cuda_memory_allocated() -> Optional[int]:
+    """The child's CUDA memory in use by tensors (it holds the deployment's CUDA context); None without CUDA."""
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_initialized() else None
+
+
 def _child(conn: Channel) -> None:
-    """The child's life: take (load, torch threads, gc freeze), load the pipeline, then answer (operation, args,
-    kwargs) until the server closes its end or says ``close``. Every reply is ("ok", result) or ("err", exception)."""
+    """The child's life: take (load, torch threads, gc freeze, log format, deployment name), load the pipeline,
+    then answer (operation, args, kwargs) until the server closes its end or says ``close``. Every reply is
+    ("ok", result, cuda memory) or ("err", exception, cuda memory)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's Ctrl-C is the server's: it drains, then closes)
     os.set_inheritable(conn.sock.fileno(), False)  # (nothing it starts may keep the server's reads from ending)
-    load, torch_threads, gc_freeze = conn.recv()
+    load, torch_threads, gc_freeze, log_format, deployment = conn.recv()
+    _configure_child_logging(log_format, deployment)
     torch.set_num_threads(torch_threads)
     from service.gc_pauses import freeze_long_lived
     from vla_foundry.pipelines import load_pipeline
@@ -256,9 +292,9 @@ def _child(conn: Channel) -> None:
     try:
         pipeline = load_pipeline(**load)
     except Exception as e:
-        conn.send(("err", e))
+        conn.send(("err", e, None))
         return
-    conn.send(("ok", None))
+    conn.send(("ok", None, _cuda_memory_allocated()))
     while True:
         try:
             operation, args, kwargs = conn.recv()
@@ -266,11 +302,12 @@ def _child(conn: Channel) -> None:
             return
         except Exception as e:  # a message that could not be decoded here (it was read whole): that call fails
             logger.exception("the model process could not read a call")
-            conn.send(("err", RuntimeError(f"the model process could not read the call: {type(e).__name__}: {e}")))
+            conn.send(("err", RuntimeError(f"the model process could not read the call: {type(e).__name__}: {e}"),
+                       None))
             continue
         if operation == "close":
             pipeline.close()
-            conn.send(("ok", None))
+            conn.send(("ok", None, None))
             return
         try:
             if operation not in CHILD_OPERATIONS:
@@ -278,17 +315,27 @@ def _child(conn: Channel) -> None:
             result = getattr(pipeline, operation)(*args, **kwargs)
             if operation == "serving" and gc_freeze:  # as a deployment freezes its heap once loaded (gc_pauses.py)
                 freeze_long_lived()
-            reply = ("ok", result)
+            reply = ("ok", result, _cuda_memory_allocated())
         except Exception as e:  # the call's own failure: the server raises it for the call
             if not isinstance(e, InvalidInputError):  # (a request's own refusal is no fault; the rest is logged
                 logger.exception("model process call %s failed", operation)  # here, with the child's traceback)
-            reply = ("err", e)
+            reply = ("err", e, _cuda_memory_allocated())
         try:
             conn.send(reply)  # (encoded whole before a byte is written: a result that cannot cross sends nothing)
         except OSError:  # the server has gone
             return
         except Exception as e:  # a result that cannot be encoded
-            conn.send(("err", RuntimeError(f"the model process could not send its result: {e}")))
+            conn.send(("err", RuntimeError(f"the model process could not send its result: {e}"), None))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildOptions:
+    """How a deployment's child is started, the same on every restart."""
+
+    torch_threads: int
+    gc_freeze: bool = True
+    log_format: str = "text"
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S  # for the child to load (weights, tokenizer, processor)
 
 
 class ModelProcess:
@@ -296,15 +343,17 @@ class ModelProcess:
     a copy of the same pipeline in this process that never runs its model.
 
     ``start`` spawns the child and waits for it to load. Calls are serialized (one model call at a time, as the
-    deployment's model thread makes them). ``on_exit(message)`` is called once, from a watching thread, if the
-    child exits before ``close``.
+    deployment's model thread makes them). ``on_exit(message)`` is called once per child, from a watching
+    thread, if it exits before ``close``; ``restart`` then starts a fresh child in its place.
     """
 
     modality = "action"
 
-    def __init__(self, local, process: subprocess.Popen, conn: Channel, name: str,
-                 on_exit: Optional[Callable[[str], None]] = None):
+    def __init__(self, local, load: dict[str, Any], options: ChildOptions, process: subprocess.Popen,
+                 conn: Channel, name: str, on_exit: Optional[Callable[[str], None]] = None):
         self._local = local
+        self._load = load
+        self._options = options
         self._process = process
         self._conn = conn
         self._name = name
@@ -313,40 +362,44 @@ class ModelProcess:
         self._exit_message: Optional[str] = None
         self._io: Optional[dict[str, Any]] = None
         self._on_exit = on_exit
-        threading.Thread(target=self._watch, name=f"model-process-watch-{name}", daemon=True).start()
+        self.cuda_memory_allocated: Optional[int] = None  # the child's, after its last reply (None: no CUDA)
+        self._watch_child()
 
     @classmethod
     def start(cls, local, load: dict[str, Any], *, name: str, torch_threads: Optional[int] = None,
-              gc_freeze: bool = True, on_exit: Optional[Callable[[str], None]] = None) -> "ModelProcess":
+              gc_freeze: bool = True, log_format: str = "text", start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+              on_exit: Optional[Callable[[str], None]] = None) -> "ModelProcess":
         """Start the child (``python -m service.model_process``: a fresh interpreter that inherits nothing of this
         process's threads or CUDA state, and imports nothing of its main module), have it ``load_pipeline(**load)``,
-        and wait until it has. Raises what the child's load raised."""
-        ours, theirs = socket.socketpair()
-        arena = Arena.create()  # the frames of the requests, in memory both processes map
-        fds = [theirs.fileno()] + ([arena.fd] if arena is not None else [])
-        package_root = str(Path(__file__).resolve().parents[1])  # (where ``service`` is, wherever the server runs)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-               "PYTHONSAFEPATH": "1"}  # (3.11+: not the working directory's ``service/`` ahead of ours)
-        # A session of its own: signals sent to the server's process group (Ctrl-C, a group-wide SIGTERM) do not
-        # reach it; the server drains, then closes it, and its socket closing ends it if the server dies.
-        process = subprocess.Popen([sys.executable, "-m", "service.model_process", *map(str, fds)],
-                                   pass_fds=fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-        theirs.close()  # (only the child's copy stays open: its exit then ends our reads)
-        conn = Channel(ours, send_arena=arena)
-        try:
-            conn.send((load, torch_threads or torch.get_num_threads(), gc_freeze))
-            status, value = conn.recv()
-        except (EOFError, OSError):
+        and wait until it has. The child loads the weights file ``local`` loaded (a newer checkpoint written
+        meanwhile, or later before a restart, is not picked up: the server's copy and the child stay the same
+        weights). Raises what the child's load raised, or ``ModelProcessExited`` (it died, or did not load
+        within ``start_timeout_s``)."""
+        load = _pinned(local, load)
+        options = ChildOptions(torch_threads or torch.get_num_threads(), gc_freeze, log_format, start_timeout_s)
+        process, conn, memory = _spawn(load, options, name)
+        started = cls(local, load, options, process, conn, name, on_exit)
+        started.cuda_memory_allocated = memory
+        return started
+
+    def restart(self) -> None:
+        """Start a fresh child in place of the one that exited (the same weights, options and name) and wait until it
+        has loaded; it is not warmed up (``warmup``, ``serving``). Raises what its load raised, or
+        ``ModelProcessExited`` (it died, did not load in time, or this was closed meanwhile)."""
+        process, conn, memory = _spawn(self._load, self._options, self._name)
+        with self._lock:
+            if self._closing:  # closed while the new one loaded: it never serves
+                closed = True
+            else:
+                closed = False
+                old, self._conn, self._process = self._conn, conn, process
+                self._exit_message, self.cuda_memory_allocated = None, memory
+        if closed:
             conn.close()
-            _reap(process)
-            raise ModelProcessExited(f"the model process of deployment {name!r} exited while loading "
-                                     f"(exit code {process.returncode})") from None
-        if status == "err":
-            conn.close()
-            _reap(process)
-            raise value
-        logger.info("deployment %s runs its model in process %d", name, process.pid)
-        return cls(local, process, conn, name, on_exit)
+            _reap(process, 0)
+            raise ModelProcessExited(f"deployment {self._name!r} was closed while its model process restarted")
+        old.close()
+        self._watch_child()
 
     # ------------------------------------------------------------------ the child
 
@@ -358,21 +411,24 @@ class ModelProcess:
     def alive(self) -> bool:
         return self._exit_message is None and self._process.poll() is None
 
-    def _exit_reason(self) -> str:
-        code = self._process.poll()
+    def _exit_reason(self, process: subprocess.Popen) -> str:
+        code = process.poll()
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        return (f"the model process of deployment {self._name!r} (pid {self._process.pid}) {how}; restart the "
-                f"server, or reload the deployment (POST /admin/deployments/{self._name}/reload)")
+        return f"the model process of deployment {self._name!r} (pid {process.pid}) {how}"
 
-    def _watch(self) -> None:
-        self._process.wait()
-        if self._closing:
+    def _watch_child(self) -> None:
+        threading.Thread(target=self._watch, args=(self._process, self._conn),
+                         name=f"model-process-watch-{self._name}", daemon=True).start()
+
+    def _watch(self, process: subprocess.Popen, conn: Channel) -> None:
+        process.wait()
+        if self._closing or process is not self._process:
             return
         try:  # a call waiting for the child's reply wakes now, whatever else may hold the child's end
-            self._conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._exit_message = self._exit_reason()
+        self._exit_message = self._exit_reason(process)
         logger.error("%s", self._exit_message)
         if self._on_exit is not None:
             self._on_exit(self._exit_message)
@@ -381,15 +437,16 @@ class ModelProcess:
         with self._lock:
             if self._exit_message is not None or self._closing:
                 raise ModelProcessExited(self._exit_message or f"deployment {self._name!r} is closed")
+            process = self._process
             try:
                 self._conn.send((operation, args, kwargs))
-                status, value = self._conn.recv()
+                status, value, self.cuda_memory_allocated = self._conn.recv()
             except (EOFError, OSError):
                 try:
-                    self._process.wait(1.0)
+                    process.wait(1.0)
                 except subprocess.TimeoutExpired:
                     pass
-                raise ModelProcessExited(self._exit_reason()) from None
+                raise ModelProcessExited(self._exit_reason(process)) from None
         if status == "err":
             raise value
         return value
@@ -450,8 +507,51 @@ class ModelProcess:
         return getattr(self._local, name)
 
 
+def _pinned(local, load: dict[str, Any]) -> dict[str, Any]:
+    """``load`` naming the weights file the server's copy ``local`` loaded, where it chose the latest by itself."""
+    info = getattr(getattr(getattr(local, "model", None), "checkpoint", None), "file", None)
+    if load.get("checkpoint") is not None or info is None or info.suffix not in CHECKPOINT_SUFFIXES:
+        return load  # (a file named already, a bare Hugging Face directory's own weights, or no copy to ask)
+    return {**load, "checkpoint": str(info)}
+
+
+def _spawn(load: dict[str, Any], options: ChildOptions, name: str) -> tuple[subprocess.Popen, Channel, Optional[int]]:
+    """A child that has loaded ``load_pipeline(**load)``: its process, its channel and its CUDA memory in use."""
+    ours, theirs = socket.socketpair()
+    arena = Arena.create()  # the frames of the requests, in memory both processes map
+    fds = [theirs.fileno()] + ([arena.fd] if arena is not None else [])
+    package_root = str(Path(__file__).resolve().parents[1])  # (where ``service`` is, wherever the server runs)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+           "PYTHONSAFEPATH": "1"}  # (3.11+: not the working directory's ``service/`` ahead of ours)
+    # A session of its own: signals sent to the server's process group (Ctrl-C, a group-wide SIGTERM) do not
+    # reach it; the server drains, then closes it, and its socket closing ends it if the server dies.
+    process = subprocess.Popen([sys.executable, "-m", "service.model_process", *map(str, fds)],
+                               pass_fds=fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    theirs.close()  # (only the child's copy stays open: its exit then ends our reads)
+    conn = Channel(ours, send_arena=arena)
+    try:
+        conn.send((load, options.torch_threads, options.gc_freeze, options.log_format, name))
+        if not conn.poll(options.start_timeout_s):
+            conn.close()
+            _reap(process, 0)
+            raise ModelProcessExited(f"the model process of deployment {name!r} did not load within "
+                                     f"{options.start_timeout_s:g} s (VLA_MODEL_PROCESS_START_TIMEOUT_S); it was "
+                                     "stopped")
+        status, value, memory = conn.recv()
+    except (EOFError, OSError):
+        conn.close()
+        _reap(process)
+        raise ModelProcessExited(f"the model process of deployment {name!r} exited while loading "
+                                 f"(exit code {process.returncode})") from None
+    if status == "err":
+        conn.close()
+        _reap(process)
+        raise value
+    logger.info("deployment %s runs its model in process %d", name, process.pid)
+    return process, conn, memory
+
+
 if __name__ == "__main__":  # the child: ``python -m service.model_process FD`` (``ModelProcess.start``)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # (the socket; then the arena the server places the requests' frames in, where it could make one)
     _child(Channel(socket.socket(fileno=int(sys.argv[1])),
                    receive_arena=Arena(int(sys.argv[2])) if len(sys.argv) > 2 else None))

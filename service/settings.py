@@ -225,6 +225,13 @@ class Settings(BaseSettings):
         "share one interpreter lock and a busy server uses two cores instead of one (16 robots on the demo policy, "
         "2-core CPU: about 1.5x the requests per second). Costs the weights in memory twice and 0.5-1 ms per call on "
         "a 2-core CPU (service/model_process.py)."))
+    model_process_restarts: int = Field(3, ge=0, le=1000, description=(
+        "Policies with model_process: how many times a deployment restarts a model process that died (killed, out "
+        "of memory) within 10 minutes; it refuses requests with 503 and Retry-After while the new one loads and "
+        "warms up, and past that many it stays failed; 0: never restart."))
+    model_process_start_timeout_s: float = Field(600.0, gt=0, le=86400, description=(
+        "Policies with model_process: how long a model process may take to load its checkpoint (at load and at a "
+        "restart); one that has not is stopped, and the deployment fails with that reason."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     gc_freeze: bool = Field(True, description=(
         "Once a deployment has loaded, collect garbage and freeze what is alive (gc.freeze), so the cyclic garbage "

@@ -346,7 +346,9 @@ def test_a_policy_in_a_model_process_on_cuda(fixtures_dir):
             info = client.get("/models/policy").json()
             assert info["device"].startswith("cuda") and (info["model_process"] is not None) == model_process
             if model_process:
-                assert torch.cuda.memory_allocated() == before  # the weights are in the child
+                assert torch.cuda.memory_allocated() == before  # the weights are in the child, which reports them
+                metrics = client.get("/metrics").text
+                assert 'vla_model_process_cuda_memory_allocated_bytes{deployment="policy"}' in metrics, metrics
             replies[model_process] = []
             for body, expected in fixture_requests():
                 reply = client.post("/predict/diffusion_policy", json=body)

@@ -2,7 +2,8 @@
 
 The child must give every request exactly what the in-thread deployment gives it (the fixture's actions,
 seeds, batches, sessions, evaluations, refusals with their field), and its life must follow the server's:
-it starts with the deployment, ends with it, and a child that dies fails its deployment out loud.
+it starts with the deployment, ends with it, and a child that dies is restarted with the same weights (a bounded
+number of times, then its deployment fails out loud).
 """
 
 from __future__ import annotations
@@ -127,12 +128,98 @@ def test_sessions_and_evaluations_run_in_the_child_as_in_the_thread(client):
     assert here.json()["loss"] == there.json()["loss"] and here.json()["timesteps"] == there.json()["timesteps"]
 
 
+def test_a_restarting_deployment_does_not_take_readiness_from_the_others(client):
+    """A killed child is restarted while the server's other deployment keeps it ready; the restarted one answers
+    as before."""
+    child = client.get("/models/in-process").json()["model_process"]["pid"]
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while client.get("/models/in-process").json()["status"] == "ready" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["deployments"] == {"in-thread": "ready", "in-process": "loading"}
+    assert predict(client, PREDICT_REQUESTS["diffusion_policy"], "in-process").status_code == 503
+    deadline = time.monotonic() + 120
+    while client.get("/models/in-process").json()["status"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    info = client.get("/models/in-process").json()
+    assert info["status"] == "ready" and info["model_process"]["restarts"] == 1
+    assert info["model_process"]["pid"] != child
+    body = PREDICT_REQUESTS["diffusion_policy"]
+    here, there = predict(client, body, "in-thread"), predict(client, body, "in-process")
+    assert there.status_code == 200 and there.json()["action_chunk"] == here.json()["action_chunk"]
+
+
 def test_a_child_that_fails_to_load_raises_its_own_error(tmp_path):
     (tmp_path / "config.yaml").write_text("model:\n  type: diffusion_policy\n")
     with pytest.raises(Exception) as caught:
         ModelProcess.start(None, {"path": tmp_path}, name="broken")
     assert not isinstance(caught.value, ModelProcessExited), caught.value  # the child's reason, not a bare exit
     assert str(caught.value)
+
+
+def test_a_child_that_does_not_load_in_time_is_stopped(tiny_checkpoints):
+    with pytest.raises(ModelProcessExited, match="did not load within 0.01 s"):
+        ModelProcess.start(None, {"path": tiny_checkpoints["diffusion_policy"]}, name="slow", start_timeout_s=0.01)
+
+
+def test_the_child_loads_the_servers_weights_file_and_a_restart_loads_it_again(tiny_checkpoints, tmp_path):
+    """The child loads the file the server's copy loaded, even when a newer checkpoint lands before it starts (or
+    before a restart); a killed child is reported once, and ``restart`` serves the same chunks from a new one."""
+    import shutil
+    import threading
+
+    import torch
+
+    from vla_foundry.pipelines.action import PolicyRequest
+    from vla_foundry.robotics.observations import RawObservation
+
+    experiment = tmp_path / "policy"
+    shutil.copytree(tiny_checkpoints["diffusion_policy"], experiment)
+    local = load_pipeline(experiment)
+    payload = torch.load(experiment / "checkpoints" / "checkpoint_1.pt", weights_only=True)
+    torch.save({**payload, "checkpoint_num": 2, "global_step": 222}, experiment / "checkpoints" / "checkpoint_2.pt")
+    exits: list[str] = []
+    exited = threading.Event()
+    process = ModelProcess.start(local, {"path": experiment}, name="pinned",
+                                 on_exit=lambda message: (exits.append(message), exited.set()))
+    r = local.robot_io
+    sample = RawObservation({n: np.zeros((8, 8, 3), np.uint8) for n in r.image_names},
+                            {f: np.zeros((r.past_steps + 1, r.field_dims[f]), np.float32)
+                             for f in r.proprioception_fields}, "pick")
+    try:
+        (before,) = process.predict_each([PolicyRequest(sample, seed=5)])
+        assert before.checkpoint_step == local.checkpoint_step != 222
+        assert process.cuda_memory_allocated is None  # (no CUDA here: nothing to report)
+        first = process.pid
+        os.kill(first, signal.SIGKILL)
+        assert exited.wait(10) and len(exits) == 1 and "killed by signal 9" in exits[0] and not process.alive
+        with pytest.raises(ModelProcessExited, match="killed by signal 9"):
+            process.predict_each([PolicyRequest(sample, seed=5)])
+        process.restart()
+        (after,) = process.predict_each([PolicyRequest(sample, seed=5)])
+        assert process.alive and process.pid != first and wait_gone(first) and exits == [exits[0]]
+        assert after.checkpoint_step == before.checkpoint_step
+        np.testing.assert_array_equal(after.action_chunk, before.action_chunk)
+    finally:
+        process.close()
+
+
+def test_the_child_logs_in_the_servers_format_naming_its_deployment(tiny_checkpoints, capfd):
+    import json
+
+    checkpoint = tiny_checkpoints["diffusion_policy"]
+    process = ModelProcess.start(load_pipeline(checkpoint), {"path": checkpoint}, name="logged", log_format="json")
+    try:
+        with pytest.raises(RuntimeError, match="unknown model process operation"):  # (crossed as a RuntimeError)
+            process._call("no_such_operation")
+    finally:
+        process.close()
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    failed = [line for line in lines if "no_such_operation" in line["message"]]
+    assert failed and failed[0]["level"] == "ERROR" and failed[0]["deployment"] == "logged", lines
+    assert failed[0]["model_process"] != os.getpid() and "Traceback" in failed[0]["exception"]
+    assert failed[0]["logger"] == "service.model_process"
 
 
 def test_closing_ends_the_child_and_a_closed_one_refuses(tiny_checkpoints):
@@ -150,34 +237,64 @@ def test_closing_ends_the_child_and_a_closed_one_refuses(tiny_checkpoints):
         process.predict_each([])
 
 
-def test_fixture_actions_from_a_model_process_on_a_live_server_and_a_killed_child_fails_the_deployment(tmp_path):
+def test_fixture_actions_from_a_model_process_on_a_live_server_and_a_killed_child_is_restarted_then_fails(tmp_path):
     """The acceptance path through the real CLI with the production sampling (traced graphs): the fixture's
-    observation gives the fixture's actions from the child. Then the child is killed: the deployment fails at
-    once (503 naming it, readiness 503, /models says the signal), and SIGTERM still ends the server with 0."""
-    env = {"VLA_MODEL_PROCESS": "true", "VLA_TRACED_SAMPLING": "true", "VLA_MAX_BATCH_SIZE": "2"}
+    observation gives the fixture's actions from the child. The child is killed: the deployment refuses requests
+    (503 with Retry-After, readiness 503) while a new child loads, then serves the fixture's actions again from
+    it. Killed again, past VLA_MODEL_PROCESS_RESTARTS, the deployment fails (503 naming it, /models says the
+    signal and the limit), and SIGTERM still ends the server with 0."""
+    env = {"VLA_MODEL_PROCESS": "true", "VLA_TRACED_SAMPLING": "true", "VLA_MAX_BATCH_SIZE": "2",
+           "VLA_MODEL_PROCESS_RESTARTS": "1"}
     serve = ["--checkpoint", f"{FIXTURE}=fixture-policy"]
+
+    def fixture_actions(client: httpx.Client) -> None:
+        for body, expected in fixture_requests():
+            response = client.post("/predict/diffusion_policy", json=body)
+            assert response.status_code == 200, response.text
+            for field, values in expected.items():
+                np.testing.assert_allclose(np.array(response.json()["actions"][field]), values, atol=1e-5)
+
+    def killed(client: httpx.Client, child: int) -> dict:
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while client.get("/models/fixture-policy").json()["status"] == "ready" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return client.get("/models/fixture-policy").json()
+
     with live_server_process(serve, tmp_path / "demo", env=env) as (base, server):
         with httpx.Client(base_url=base, timeout=60) as client:
             info = client.get("/models/fixture-policy").json()
             assert info["io"]["sampling_graphs"] == "traced"
             child = info["model_process"]["pid"]
-            assert parent_of(child) == server.pid
-            for body, expected in fixture_requests():
-                response = client.post("/predict/diffusion_policy", json=body)
-                assert response.status_code == 200, response.text
-                for field, values in expected.items():
-                    np.testing.assert_allclose(np.array(response.json()["actions"][field]), values, atol=1e-5)
+            assert parent_of(child) == server.pid and info["model_process"]["restarts"] == 0
+            fixture_actions(client)
 
-            os.kill(child, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while client.get("/health/ready").status_code != 503 and time.monotonic() < deadline:
+            info = killed(client, child)
+            assert info["status"] == "loading" and "restarting the model process" in info["stage"], info
+            refused = client.post("/predict/diffusion_policy", json=fixture_requests()[0][0])
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "5", refused.text
+            assert "restarting its model process" in refused.json()["error"]["message"]
+            assert "killed by signal 9" in refused.json()["error"]["message"]
+            assert client.get("/health/ready").status_code == 503  # (its only deployment)
+            deadline = time.monotonic() + 120
+            while client.get("/models/fixture-policy").json()["status"] == "loading" and time.monotonic() < deadline:
                 time.sleep(0.05)
+            info = client.get("/models/fixture-policy").json()
+            assert info["status"] == "ready" and info["model_process"]["restarts"] == 1, info
+            assert "killed by signal 9" in info["model_process"]["last_exit"]
+            restarted = info["model_process"]["pid"]
+            assert restarted != child and parent_of(restarted) == server.pid and wait_gone(child)
+            assert info["io"]["sampling_graphs"] == "traced" and client.get("/health/ready").status_code == 200
+            fixture_actions(client)
+            metrics = client.get("/metrics").text
+            assert 'vla_model_process_restarts_total{deployment="fixture-policy"} 1.0' in metrics
+
+            info = killed(client, restarted)  # a second death within 10 minutes: past the one restart allowed
+            assert info["status"] == "failed" and "killed by signal 9" in info["error"], info
+            assert "VLA_MODEL_PROCESS_RESTARTS" in info["error"] and info["model_process"]["alive"] is False
             assert client.get("/health/ready").status_code == 503
             refused = client.post("/predict/diffusion_policy", json=fixture_requests()[0][0])
             assert refused.status_code == 503 and "stopped serving" in refused.json()["error"]["message"]
-            info = client.get("/models/fixture-policy").json()
-            assert info["status"] == "failed" and "killed by signal 9" in info["error"]
-            assert info["model_process"]["alive"] is False
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
 
