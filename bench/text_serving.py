@@ -1,7 +1,7 @@
 """Text serving under concurrent OpenAI clients: continuous batching on vs off, side by side in one run.
 
     .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 5] [--rounds 3]
-                                           [--checkpoint DIR] [--servers on,eager,off]
+                                           [--checkpoint DIR] [--servers on,eager,process,off]
                                            [--device auto|cpu|cuda] [--random-model LAYERSxWIDTH]
 
 N clients (threads of this process, each the official ``openai`` client with its own connection) stream
@@ -11,9 +11,10 @@ tokens), sampled at temperature 1 with a seed per request: both servers get the 
 since batching keeps every request's tokens, make the same tokens. Servers side by side, all alive at once,
 all with ``VLA_MAX_BATCH_SIZE=32``: continuous batching on (``VLA_CONTINUOUS_BATCHING=true``, decode steps
 from graphs as served by default: one TorchScript trace on the CPU), optionally on with eager decode
-steps (``--servers on,eager,off``), and off (one request's generation at a time). Every row runs once,
-untimed, first (a warm-up pass); then the rows run in --rounds rounds; in each, every concurrency in
-turn, and at each concurrency every server in turn (both orders alternating from round to round), so
+steps (``--servers on,eager,off``), optionally on with the model in a process of its own (``process``:
+``VLA_MODEL_PROCESS=true``, ``service/text_process.py``), and off (one request's generation at a time).
+Every row runs once, untimed, first (a warm-up pass); then the rows run in --rounds rounds; in each, every
+concurrency in turn, and at each concurrency every server in turn (both orders alternating from round to round), so
 that a host whose speed drifts (a shared VM's moves by a third within minutes) slows the rows being
 compared alike. Per server and concurrency, over the requests that end
 inside the measured windows of every round: completion tokens/s (from each stream's usage; the median of the
@@ -60,7 +61,7 @@ WORDS = ("the robot moves red blue cube to left right of table slowly then picks
          "near green box").split()
 GOAL_SCALING, GOAL_TTFT, GOAL_GPU_SCALING = 3.0, 2.0, 10.0
 SERVERS = {"on": "continuous batching on", "eager": "continuous batching on, eager steps",
-           "off": "continuous batching off"}
+           "process": "continuous batching on, model process", "off": "continuous batching off"}
 
 
 def text_checkpoint(name: str = "demo-transformer") -> Path:
@@ -263,7 +264,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="VLA_MAX_BATCH_SIZE of both servers")
     parser.add_argument("--servers", default="on,off", help="which servers, comma-separated, in this order: on "
                         "(continuous batching, decode steps from graphs as served by default), eager (continuous "
-                        "batching, eager decode steps: VLA_TRACED_SAMPLING=false VLA_CUDA_GRAPHS=false), off")
+                        "batching, eager decode steps: VLA_TRACED_SAMPLING=false VLA_CUDA_GRAPHS=false), process "
+                        "(continuous batching, the model in a process of its own: VLA_MODEL_PROCESS=true), off")
     parser.add_argument("--torch-threads", default=None,
                         help="VLA_TORCH_THREADS of the servers (default: theirs, auto: the usable CPUs less one)")
     parser.add_argument("--device", default="auto", help="the servers' VLA_DEVICE: auto | cpu | cuda | cuda:N")
@@ -304,7 +306,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
                    "VLA_MAX_BATCH_SIZE": str(args.max_batch_size),
                    "VLA_CONTINUOUS_BATCHING": "false" if mode == "off" else "true",
                    **({"VLA_TORCH_THREADS": args.torch_threads} if args.torch_threads else {}),
-                   **({"VLA_TRACED_SAMPLING": "false", "VLA_CUDA_GRAPHS": "false"} if mode == "eager" else {})}
+                   **({"VLA_TRACED_SAMPLING": "false", "VLA_CUDA_GRAPHS": "false"} if mode == "eager" else {}),
+                   **({"VLA_MODEL_PROCESS": "true"} if mode == "process" else {})}
             command = serve_command() + ["serve", "--checkpoint", f"{checkpoint}=text", "--host", "127.0.0.1",
                                          "--port", str(port)]
             bases[SERVERS[mode]] = servers.enter_context(server_process(command, env, port, "/health/ready",
@@ -379,6 +382,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
             print(f"- tokens/s at {c} clients, steps from graphs ÷ eager steps: {said(found)}")
     if found := ratio((eager, 8), (eager, 1)):
         print(f"- with eager decode steps: 8 clients ÷ 1 client {said(found)}")
+    process = SERVERS["process"]
+    if (found := ratio((process, 8), (process, 1))) and (eight := rows.get((process, 8))):
+        floor = prefill_ms + step_ms
+        print(f"- with the model process: 8 clients ÷ 1 client {said(found)} (goal ≥ {GOAL_SCALING:g}×) — "
+              f"{'met' if found[0] >= GOAL_SCALING else 'not met'}; TTFT p99 at 8 clients {eight.ttft_p99:.1f} ms = "
+              f"{eight.ttft_p99 / floor:.2f}× the floor (goal ≤ {GOAL_TTFT:g}×)")
+    for c in concurrency:
+        if found := ratio((process, c), (on, c)):
+            print(f"- tokens/s at {c} clients, model process ÷ in-thread: {said(found)}")
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,8 @@ from service.deadlines import deadline_for
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
 from service.gc_pauses import freeze_long_lived, thaw, thaw_and_collect
 from service.metrics import Metrics
-from service.model_process import ModelProcess, ModelProcessExited
+from service.model_process import GENERATING_MODALITIES, ModelProcess, ModelProcessExited
+from service.text_process import TextModelProcess
 from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
 from vla_foundry.config_files import read_model_config, read_training_config
@@ -83,6 +84,8 @@ class Deployment:
         self.batcher = None  # text and captions: the ContinuousBatcher its generations share, when it has one
         self.model_process: Optional[ModelProcess] = None  # policies with model_process: the child, also its pipeline
         self.restarting = False  # its model process died and a new one is loading (status LOADING meanwhile)
+        # status and restarting, between the loading thread and a model process's watching thread
+        self._state_lock = threading.Lock()
         self.model_process_restarts: list[float] = []  # when it restarted its model process (time.monotonic())
         self.model_process_exit: Optional[str] = None  # why its last model process ended, if one did
 
@@ -123,13 +126,26 @@ class Deployment:
                     options[name] = getattr(self.spec, name)
             load = dict(path=path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema, device=device,
                         dtype=dtype, **options)
-            in_process = not self._model_process()
+            continuous = self.settings.continuous_batching
+            if continuous is None:  # on CUDA a lone request's steps replay from a graph; a continuous batch's lone
+                # sequence now does too (the one-row graph), but one client has not been measured both ways on a
+                # GPU yet (README, "Continuous batching of text and captions")
+                continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
+            in_process = not self._model_process(continuous)
             with _LOAD_LOCK:  # (in a model process: the server's copy, for the checks, on the CPU)
                 pipeline = load_pipeline(**(load if in_process else {**load, "device": torch.device("cpu")}))
+            if not in_process and self.modality != "action" and not pipeline.decodes_continuously:
+                logger.info("deployment %s (%s) runs its model on its thread: its model cannot decode in a continuous "
+                            "batcher's slots, which a model process needs", self.name, self.model_type)
+                pipeline.close()
+                in_process = True
+                with _LOAD_LOCK:
+                    pipeline = load_pipeline(**load)
             if not in_process:
                 self.stage = "starting the model process"
+                process_class = ModelProcess if self.modality == "action" else TextModelProcess
                 with _LOAD_LOCK:  # (its weights are on the device before another deployment sizes a cache by it)
-                    pipeline = self.model_process = ModelProcess.start(
+                    pipeline = self.model_process = process_class.start(
                         pipeline, load, name=self.name, gc_freeze=self.settings.gc_freeze,
                         log_format=self.settings.log_format,
                         start_timeout_s=self.settings.model_process_start_timeout_s,
@@ -140,11 +156,6 @@ class Deployment:
                 self.stage = f"warming up (batch sizes up to {self.executor.max_batch_size})"
                 pipeline.warmup(self.executor.max_batch_size)
             pipeline.serving()
-            continuous = self.settings.continuous_batching
-            if continuous is None:  # on CUDA a lone request's steps replay from a graph; a continuous batch's lone
-                # sequence now does too (the one-row graph), but one client has not been measured both ways on a
-                # GPU yet (README, "Continuous batching of text and captions")
-                continuous = not (device.type == "cuda" and self.settings.cuda_graphs)
             if continuous:
                 with _LOAD_LOCK:  # one at a time: each sizes its cache by the memory the others left
                     self.batcher = self._continuous_batcher(pipeline, device)
@@ -156,8 +167,10 @@ class Deployment:
             if self.settings.gc_freeze:  # before ready: the one full collection runs while this one still loads
                 freeze_long_lived()
             self.load_seconds = time.perf_counter() - started
-            self.status, self.stage = READY, None
-            if self.model_process is not None and not self.model_process.alive:  # (it died while this one loaded)
+            with self._state_lock:  # (a child that dies from now on is restarted by its watching thread)
+                self.status, self.stage = READY, None
+                died = self.model_process is not None and not self.model_process.alive and not self.restarting
+            if died:  # (it died while this one loaded: its watcher saw it loading and left it to this)
                 raise ModelProcessExited(f"the model process of deployment {self.name!r} exited while it loaded")
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
         except Exception as e:  # the reason goes to /models; the others keep serving
@@ -169,58 +182,74 @@ class Deployment:
             if self.settings.gc_freeze:  # another's load may have frozen this one's half-built objects
                 thaw_and_collect()
 
-    def _model_process(self) -> bool:
-        """Whether this deployment's model calls run in a child process (policies only: ``model_process.py``)."""
+    def _model_process(self, continuous: bool) -> bool:
+        """Whether this deployment's model calls run in a child process: policies (``model_process.py``), and text
+        and captions that batch continuously (``text_process.py``)."""
         asked = self.spec.model_process if self.spec.model_process is not None else self.settings.model_process
-        if asked and self.modality != "action":
-            logger.info("deployment %s (%s) runs its model on its thread: model_process applies to policies",
-                        self.name, self.model_type)
-        return bool(asked) and self.modality == "action"
+        fits = self.modality == "action" or (self.modality in GENERATING_MODALITIES and continuous)
+        if asked and not fits:
+            logger.info("deployment %s (%s) runs its model on its thread: model_process applies to policies, and to "
+                        "text and captions with continuous batching", self.name, self.model_type)
+        return bool(asked) and fits
 
     def _model_process_exited(self, message: str) -> None:
         """The model process died while serving (on its watching thread): the calls it was running have failed
         (503). The deployment refuses requests (503, Retry-After) while a new one loads with the same weights and
         warms up, then serves again; after ``model_process_restarts`` restarts in ``RESTART_WINDOW_S``, or when
         the restart fails, it stays failed (503, readiness drops it, /models says why)."""
-        self.model_process_exit = message
-        if self.status != READY:  # (one that dies while the deployment loads fails the load: ``_load``)
-            return
-        now = time.monotonic()
-        recent = [t for t in self.model_process_restarts if now - t < RESTART_WINDOW_S]
-        allowed = self.settings.model_process_restarts
-        if self.retired or len(recent) >= allowed:
-            why = (f"; it was restarted {len(recent)} times in the last {RESTART_WINDOW_S / 60:g} minutes, the most "
-                   f"VLA_MODEL_PROCESS_RESTARTS allows" if allowed else "; VLA_MODEL_PROCESS_RESTARTS is 0")
-            self.status, self.error = FAILED, f"ModelProcessExited: {message}{why}; {self._recover}"
-            return
-        self.model_process_restarts = recent + [now]
-        self.restarting, self.status, self.stage = True, LOADING, f"restarting the model process ({message})"
+        with self._state_lock:
+            self.model_process_exit = message
+            process = self.model_process
+            # (one that dies while the deployment loads fails the load, ``_load``; one that dies while a restart
+            # warms it up fails that restart, below)
+            if self.status != READY or self.restarting or process is None:
+                return
+            now = time.monotonic()
+            recent = self.recent_restarts(now)
+            allowed = self.settings.model_process_restarts
+            if self.retired:  # (replaced by a reload: its successor serves its requests)
+                self.status, self.error = FAILED, f"ModelProcessExited: {message}"
+                return
+            if len(recent) >= allowed:
+                why = (f"it was restarted {len(recent)} time{'s' if len(recent) != 1 else ''} in the last "
+                       f"{RESTART_WINDOW_S / 60:g} minutes, the most VLA_MODEL_PROCESS_RESTARTS allows"
+                       if allowed else "VLA_MODEL_PROCESS_RESTARTS is 0")
+                self.status, self.error = FAILED, f"ModelProcessExited: {message}; {why}; {self._recover}"
+                return
+            self.model_process_restarts = recent + [now]
+            self.restarting, self.status, self.stage = True, LOADING, f"restarting the model process ({message})"
         logger.warning("deployment %s restarts its model process (restart %d of at most %d in %g minutes)",
                        self.name, len(recent) + 1, allowed, RESTART_WINDOW_S / 60)
         started = time.perf_counter()
-        process = self.model_process
         try:
-            if process is None:  # (unloaded meanwhile)
-                return
             with _LOAD_LOCK:  # (its weights are on the device before another deployment sizes a cache by it)
                 process.restart()
             if self.settings.warmup:
                 process.warmup(self.executor.max_batch_size)
             process.serving()
         except Exception as e:
-            if not self.retired:
-                self.status, self.error = FAILED, f"restarting the model process failed: {type(e).__name__}: {e}; " \
-                                                  f"{self._recover}"
-                logger.error("deployment %s: %s", self.name, self.error)
+            with self._state_lock:
+                self.restarting, self.stage = False, None
+                if not self.retired:
+                    self.status = FAILED
+                    self.error = f"restarting the model process failed: {type(e).__name__}: {e}; {self._recover}"
+            logger.error("deployment %s: %s", self.name, self.error)
             return
-        finally:
+        with self._state_lock:
             self.restarting, self.stage = False, None
+            if not self.retired:
+                self.status = READY
         if self.metrics is not None:
             self.metrics.model_process_restarts.labels(self.name).inc()
-        if not self.retired:
-            self.status = READY
         logger.info("deployment %s serves again from model process %d (restarted in %.1f s)", self.name,
                     process.pid, time.perf_counter() - started)
+        if not process.alive:  # (it died again after its warm-up, while this still held it: its watcher left it)
+            self._model_process_exited(process.exit_message or "the restarted model process exited")
+
+    def recent_restarts(self, now: Optional[float] = None) -> list[float]:
+        """When its model process was restarted within the last ``RESTART_WINDOW_S`` (``time.monotonic()``)."""
+        now = time.monotonic() if now is None else now
+        return [t for t in self.model_process_restarts if now - t < RESTART_WINDOW_S]
 
     @property
     def _recover(self) -> str:
@@ -234,8 +263,9 @@ class Deployment:
         if cache_mb is not None:
             return pipeline.continuous_batcher(self.executor.max_batch_size, int(cache_mb * 2**20),
                                                prefill_tokens=self.settings.prefill_tokens_per_step)
-        try:
-            return pipeline.continuous_batcher(self.executor.max_batch_size, free_memory_bytes(device) // 4,
+        try:  # (a model process measures the memory free on its device itself)
+            return pipeline.continuous_batcher(self.executor.max_batch_size, None if self.model_process is not None
+                                               else free_memory_bytes(device) // 4,
                                                prefill_tokens=self.settings.prefill_tokens_per_step)
         except ValueError as e:
             logger.warning("deployment %s generates one request at a time: %s", self.name, e)
@@ -360,7 +390,7 @@ class Deployment:
                          "batch_wait_ms": self.batch_wait_ms, **self._generation_mode()},
             # Policies with model_process: the child process that runs the model (its pid, for the operator).
             "model_process": ({"pid": self.model_process.pid, "alive": self.model_process.alive,
-                               "restarts": len(self.model_process_restarts), "last_exit": self.model_process_exit}
+                               "restarts": len(self.recent_restarts()), "last_exit": self.model_process_exit}
                               if self.model_process is not None else None),
         }
         if self.demo_card is not None:

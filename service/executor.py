@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
-from vla_foundry.continuous import Generation
+from service.text_process import GENERATIONS  # (a local batcher's Generation, or a model process's request for one)
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,12 @@ class ModelExecutor:
         ``start()`` makes it (any value that is not a ``Generation`` is the result at once), and the batcher decodes
         it together with the generations already running, step by step. The future's result is a :class:`Timed`;
         cancelling the future (its client left) drops the generation at the batcher's next step."""
-        return self._put(_Job(concurrent.futures.Future(), time.perf_counter(), start, deadline=deadline,
-                              batcher=batcher))
+        future = self._put(_Job(concurrent.futures.Future(), time.perf_counter(), start, deadline=deadline,
+                                batcher=batcher))
+        wakeup = getattr(batcher, "wakeup", None)  # (a model process's batcher: the model thread may be waiting on it)
+        if wakeup is not None:
+            wakeup()
+        return future
 
     def expected_wait_s(self, batchable: bool = True) -> float:
         """How long a request queued now would wait before its call starts: what is left of the running call,
@@ -247,7 +251,7 @@ class ModelExecutor:
             generation = job.fn()
         except BaseException as e:  # its own input, refused
             generation = e
-        if not isinstance(generation, Generation):
+        if not isinstance(generation, GENERATIONS):
             self._finish(job, generation, now)
             return
         rows = len(generation.ids)

@@ -281,8 +281,9 @@ class _StateCollector:
             for device, value in memory.items():
                 family.add_metric([device], value)
             yield family
-        children = {d.name: memory for d in list(self.manager.deployments.values())
-                    for memory in [getattr(d.model_process, "cuda_memory_allocated", None)] if memory is not None}
+        children = {d.name: process.cuda_memory_allocated for d in list(self.manager.deployments.values())
+                    for process in [d.model_process]
+                    if process is not None and process.alive and process.cuda_memory_allocated is not None}
         if children:
             family = GaugeMetricFamily("vla_model_process_cuda_memory_allocated_bytes", "Policies with model_process "
                                        "on CUDA: CUDA memory in use by tensors in the deployment's model process, "

@@ -1,4 +1,4 @@
-"""A policy's model calls in a process of their own (``VLA_MODEL_PROCESS``, per deployment ``model_process``).
+"""A deployment's model calls in a process of their own (``VLA_MODEL_PROCESS``, per deployment ``model_process``).
 
 In one process the event loop (HTTP parsing, msgpack, pydantic, replies) and the model thread's Python
 (preparing inputs, building chunks) share one interpreter lock, so a busy policy server uses about one
@@ -21,8 +21,8 @@ restarts it (``ModelProcess.restart``: the same weights file, warmed up again) a
 and past that stays failed (``service/deployments.py``). The child logs in the server's format
 (``VLA_LOG_FORMAT``), each record naming its deployment.
 
-Only policies (the ``action`` modality) run this way: text generation's continuous batcher steps and
-streams from the model thread, which the socket would have to carry token by token.
+Text and caption deployments with continuous batching run this way too: their child also keeps the continuous
+batcher and steps it between calls, sending each step's streamed text in one report (``text_process.py``).
 """
 
 from __future__ import annotations
@@ -47,15 +47,21 @@ import numpy as np
 import torch
 
 from service.errors import ApiError
-from vla_foundry.checkpoint import CHECKPOINT_SUFFIXES
+from vla_foundry.config_files import is_bare_hf_directory
 from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
+from vla_foundry.pipelines.caption import CaptionEvaluation
+from vla_foundry.pipelines.text import Completion, CompletionResult, TextEvaluation
 from vla_foundry.robotics.observations import RawObservation
+from vla_foundry.sampling import SamplingParams
 
 logger = logging.getLogger("service.model_process")  # (the same name in the child, run as __main__)
 
 # What the child runs: the model calls, and the warm-up and start of serving that capture its graphs.
-CHILD_OPERATIONS = ("predict_each", "evaluate_each", "evaluate", "warmup", "serving", "io")
+CHILD_OPERATIONS = ("predict_each", "evaluate_each", "evaluate", "warmup", "serving", "io", "complete", "caption")
+GENERATING_MODALITIES = ("text", "caption")  # their children also step a continuous batcher (text_process.py)
+# What a restarted child runs before it serves again (its warm-up; a generating child's batcher made again first).
+WARMUP_OPERATIONS = ("warmup", "serving", "io", "make_batcher", "warmup_batcher")
 # Members of the server's copy that would run the model here (on the CPU, unwarmed): never read through the proxy.
 MODEL_MEMBERS = ("predict", "prepare", "loss_batch", "graphs", "model", "batch_handler")
 CLOSE_TIMEOUT_S = 3.0  # closing: for the child to close its pipeline and exit, after which it is killed
@@ -63,8 +69,8 @@ DEFAULT_START_TIMEOUT_S = 600.0  # for a child to load (VLA_MODEL_PROCESS_START_
 
 
 class ModelProcessExited(ApiError):
-    """The child process that runs a deployment's model has exited: its calls cannot be answered (503; the
-    deployment has failed, and readiness says so)."""
+    """The child process that runs a deployment's model has exited (or is being replaced): its calls cannot be
+    answered (503; the deployment restarts it, or fails, and ``/models`` says which)."""
 
     def __init__(self, message: str):
         super().__init__(503, message)
@@ -123,7 +129,9 @@ class Arena:
 
 # What may cross the channel besides msgpack's own types: the policy's request and result dataclasses (by name,
 # from this list only: the channel never builds anything else) and the errors a call may fail with.
-DATACLASSES = {cls.__name__: cls for cls in (PolicyRequest, RawObservation, PolicyEvaluation, ActionChunk)}
+DATACLASSES = {cls.__name__: cls for cls in (PolicyRequest, RawObservation, PolicyEvaluation, ActionChunk,
+                                             SamplingParams, CompletionResult, Completion, TextEvaluation,
+                                             CaptionEvaluation)}
 ERRORS = {cls.__name__: cls for cls in (InvalidInputError, InputTooLargeError, StaleObservationError)}
 ARRAY, ARRAY_IN_ARENA, DATACLASS, ERROR = 1, 2, 3, 4  # msgpack extension codes
 
@@ -269,12 +277,13 @@ def _configure_child_logging(log_format: str, deployment: str) -> None:
         handler.addFilter(_ChildRecords(deployment))
         if log_format != "json":
             handler.setFormatter(logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s [model process of %(deployment)s]: %(message)s"))
+                "%(asctime)s %(levelname)s %(name)s [model process %(model_process)s of %(deployment)s]: %(message)s"))
 
 
-def _cuda_memory_allocated() -> Optional[int]:
-    """The child's CUDA memory in use by tensors (it holds the deployment's CUDA context); None without CUDA."""
-    return int(torch.cuda.memory_allocated()) if torch.cuda.is_initialized() else None
+def _cuda_memory_allocated(device: torch.device) -> Optional[int]:
+    """The child's CUDA memory in use by tensors on the deployment's device (the child holds its CUDA context);
+    None on the CPU."""
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
 
 
 def _child(conn: Channel) -> None:
@@ -289,13 +298,22 @@ def _child(conn: Channel) -> None:
     from service.gc_pauses import freeze_long_lived
     from vla_foundry.pipelines import load_pipeline
 
+    device = torch.device(load.get("device") or "cpu")
     try:
         pipeline = load_pipeline(**load)
     except Exception as e:
         conn.send(("err", e, None))
         return
-    conn.send(("ok", None, _cuda_memory_allocated()))
+    conn.send(("ok", None, _cuda_memory_allocated(device)))
+    engine = None  # text and captions: the generations' continuous batcher, stepping between calls
+    if pipeline.modality in GENERATING_MODALITIES:
+        from service.text_process import GenerationEngine
+
+        engine = GenerationEngine(pipeline, conn, device)
     while True:
+        if engine is not None and engine.busy and not conn.poll(0):
+            engine.step()  # (a decode step, or the events of a generation that ended when it was submitted)
+            continue
         try:
             operation, args, kwargs = conn.recv()
         except (EOFError, OSError):  # the server has gone
@@ -309,17 +327,23 @@ def _child(conn: Channel) -> None:
             pipeline.close()
             conn.send(("ok", None, None))
             return
+        if engine is not None and operation in engine.MESSAGES:  # (no reply: its events follow in step reports)
+            getattr(engine, operation)(*args, **kwargs)
+            continue
         try:
-            if operation not in CHILD_OPERATIONS:
+            if engine is not None and operation in engine.OPERATIONS:
+                result = getattr(engine, operation)(*args, **kwargs)
+            elif operation not in CHILD_OPERATIONS:
                 raise ValueError(f"unknown model process operation {operation!r}; known: {CHILD_OPERATIONS}")
-            result = getattr(pipeline, operation)(*args, **kwargs)
+            else:
+                result = getattr(pipeline, operation)(*args, **kwargs)
             if operation == "serving" and gc_freeze:  # as a deployment freezes its heap once loaded (gc_pauses.py)
                 freeze_long_lived()
-            reply = ("ok", result, _cuda_memory_allocated())
+            reply = ("ok", result, _cuda_memory_allocated(device))
         except Exception as e:  # the call's own failure: the server raises it for the call
             if not isinstance(e, InvalidInputError):  # (a request's own refusal is no fault; the rest is logged
                 logger.exception("model process call %s failed", operation)  # here, with the child's traceback)
-            reply = ("err", e, _cuda_memory_allocated())
+            reply = ("err", e, _cuda_memory_allocated(device))
         try:
             conn.send(reply)  # (encoded whole before a byte is written: a result that cannot cross sends nothing)
         except OSError:  # the server has gone
@@ -362,6 +386,8 @@ class ModelProcess:
         self._exit_message: Optional[str] = None
         self._io: Optional[dict[str, Any]] = None
         self._on_exit = on_exit
+        self._starting: Optional[subprocess.Popen] = None  # a restart's child while it loads (close kills it)
+        self._warming = False  # restarted, and not yet serving: only the warm-up's calls run
         self.cuda_memory_allocated: Optional[int] = None  # the child's, after its last reply (None: no CUDA)
         self._watch_child()
 
@@ -386,14 +412,20 @@ class ModelProcess:
         """Start a fresh child in place of the one that exited (the same weights, options and name) and wait until it
         has loaded; it is not warmed up (``warmup``, ``serving``). Raises what its load raised, or
         ``ModelProcessExited`` (it died, did not load in time, or this was closed meanwhile)."""
-        process, conn, memory = _spawn(self._load, self._options, self._name)
+        if self._closing:
+            raise ModelProcessExited(f"deployment {self._name!r} was closed; its model process is not restarted")
+        try:
+            process, conn, memory = _spawn(self._load, self._options, self._name,
+                                           started=lambda child: setattr(self, "_starting", child))
+        finally:
+            self._starting = None
         with self._lock:
             if self._closing:  # closed while the new one loaded: it never serves
                 closed = True
             else:
                 closed = False
                 old, self._conn, self._process = self._conn, conn, process
-                self._exit_message, self.cuda_memory_allocated = None, memory
+                self._exit_message, self.cuda_memory_allocated, self._warming = None, memory, True
         if closed:
             conn.close()
             _reap(process, 0)
@@ -410,6 +442,11 @@ class ModelProcess:
     @property
     def alive(self) -> bool:
         return self._exit_message is None and self._process.poll() is None
+
+    @property
+    def exit_message(self) -> Optional[str]:
+        """Why the child ended (its exit code or signal), once it has; None while it runs."""
+        return self._exit_message
 
     def _exit_reason(self, process: subprocess.Popen) -> str:
         code = process.poll()
@@ -433,14 +470,23 @@ class ModelProcess:
         if self._on_exit is not None:
             self._on_exit(self._exit_message)
 
+    def _refusal(self, operation: str) -> Optional[ModelProcessExited]:
+        """Why ``operation`` cannot be sent to the child now (under ``_lock``), or None."""
+        if self._exit_message is not None or self._closing:
+            return ModelProcessExited(self._exit_message or f"deployment {self._name!r} is closed")
+        if self._warming and operation not in WARMUP_OPERATIONS:  # (a call queued before the old child died)
+            return ModelProcessExited(f"deployment {self._name!r} is restarting its model process")
+        return None
+
     def _call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            if self._exit_message is not None or self._closing:
-                raise ModelProcessExited(self._exit_message or f"deployment {self._name!r} is closed")
+            refusal = self._refusal(operation)
+            if refusal is not None:
+                raise refusal
             process = self._process
             try:
                 self._conn.send((operation, args, kwargs))
-                status, value, self.cuda_memory_allocated = self._conn.recv()
+                status, value, self.cuda_memory_allocated = self._reply()
             except (EOFError, OSError):
                 try:
                     process.wait(1.0)
@@ -451,16 +497,33 @@ class ModelProcess:
             raise value
         return value
 
+    def _reply(self) -> tuple:
+        """The child's reply to the call just sent (under ``_lock``); what it sends meanwhile that is not a reply
+        (a generating child's step reports) goes to ``_report``."""
+        message = self._conn.recv()
+        while message[0] == "step":
+            self._report(message[1])
+            message = self._conn.recv()
+        return message
+
+    def _report(self, report: Any) -> None:
+        """A step report of a generating child (``text_process.py``); a policy's child sends none."""
+        raise RuntimeError("the model process sent a step report, but this deployment does not generate text")
+
     def close(self) -> None:
         """Ask the child to close its pipeline and exit; kill it if it has not within ``CLOSE_TIMEOUT_S`` in all (a
         call still running in it included: at shutdown the server has already waited for its calls)."""
         self._closing = True
+        starting = self._starting
+        if starting is not None:  # a restart's child still loading: it never serves
+            starting.kill()
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         if self._process.poll() is None and self._lock.acquire(timeout=CLOSE_TIMEOUT_S):
             try:
                 self._conn.send(("close", (), {}))
-                if self._conn.poll(deadline - time.monotonic()):
-                    self._conn.recv()
+                while self._conn.poll(deadline - time.monotonic()):  # (step reports may come before the reply)
+                    if self._conn.recv()[0] != "step":
+                        break
             except (EOFError, OSError):
                 pass
             finally:
@@ -487,6 +550,7 @@ class ModelProcess:
     def serving(self) -> None:
         self._call("serving")
         self._io = self._call("io")  # the child's: its sampling graphs are the ones that run
+        self._warming = False
 
     def io(self) -> dict[str, Any]:
         return self._io if self._io is not None else self._local.io()
@@ -509,14 +573,17 @@ class ModelProcess:
 
 def _pinned(local, load: dict[str, Any]) -> dict[str, Any]:
     """``load`` naming the weights file the server's copy ``local`` loaded, where it chose the latest by itself."""
-    info = getattr(getattr(getattr(local, "model", None), "checkpoint", None), "file", None)
-    if load.get("checkpoint") is not None or info is None or info.suffix not in CHECKPOINT_SUFFIXES:
-        return load  # (a file named already, a bare Hugging Face directory's own weights, or no copy to ask)
-    return {**load, "checkpoint": str(info)}
+    info = getattr(getattr(local, "model", None), "checkpoint", None)
+    if load.get("checkpoint") is not None or info is None or is_bare_hf_directory(info.experiment_dir):
+        return load  # (a file named already, no copy to ask, or a Hugging Face directory's one set of weights)
+    return {**load, "checkpoint": str(info.file)}
 
 
-def _spawn(load: dict[str, Any], options: ChildOptions, name: str) -> tuple[subprocess.Popen, Channel, Optional[int]]:
-    """A child that has loaded ``load_pipeline(**load)``: its process, its channel and its CUDA memory in use."""
+def _spawn(load: dict[str, Any], options: ChildOptions, name: str,
+           started: Callable[[subprocess.Popen], None] = lambda child: None
+           ) -> tuple[subprocess.Popen, Channel, Optional[int]]:
+    """A child that has loaded ``load_pipeline(**load)``: its process, its channel and its CUDA memory in use.
+    ``started(child)`` is called as soon as it runs (before it has loaded)."""
     ours, theirs = socket.socketpair()
     arena = Arena.create()  # the frames of the requests, in memory both processes map
     fds = [theirs.fileno()] + ([arena.fd] if arena is not None else [])
@@ -529,6 +596,7 @@ def _spawn(load: dict[str, Any], options: ChildOptions, name: str) -> tuple[subp
                                pass_fds=fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     theirs.close()  # (only the child's copy stays open: its exit then ends our reads)
     conn = Channel(ours, send_arena=arena)
+    started(process)
     try:
         conn.send((load, options.torch_threads, options.gc_freeze, options.log_format, name))
         if not conn.poll(options.start_timeout_s):

@@ -60,7 +60,8 @@ class DeploymentSpec(BaseModel):
         "X-Request-Timeout may set an earlier one): one still waiting then gets 504 and never runs."))
     max_queue_ms: Optional[float] = Field(None, gt=0, description=(
         "Refuse a request (503, Retry-After) when the expected wait for the model thread is longer."))
-    model_process: Optional[bool] = Field(None, description="Policies: overrides the top-level model_process.")
+    model_process: Optional[bool] = Field(None, description="Policies, text and captions: overrides the top-level "
+                                                            "model_process.")
 
     @property
     def resolved_name(self) -> str:
@@ -220,17 +221,19 @@ class Settings(BaseSettings):
         "Serve GET /metrics without an API key (for a scraper on a trusted network); by default it needs one, as "
         "every route but the health probes and the docs."))
     model_process: bool = Field(False, description=(
-        "Policies: run each policy deployment's model calls in a child process of its own (spawned at load; the "
-        "server keeps a copy of the pipeline on the CPU for the checks), so the event loop and the model no longer "
-        "share one interpreter lock and a busy server uses two cores instead of one (16 robots on the demo policy, "
-        "2-core CPU: about 1.5x the requests per second). Costs the weights in memory twice and 0.5-1 ms per call on "
-        "a 2-core CPU (service/model_process.py)."))
+        "Policies, and text and caption deployments with continuous batching: run each deployment's model in a child "
+        "process of its own (spawned at load; the server keeps a copy of the pipeline on the CPU for the checks and "
+        "the tokenizer), so the event loop and the model no longer share one interpreter lock and a busy server uses "
+        "two cores instead of one (2-core CPU: 16 robots on the demo policy about 1.5x the requests per second, 8 "
+        "streaming clients of the demo transformer about 1.6x the tokens per second). Costs the weights in memory "
+        "twice and 0.5-1 ms per policy call, or per first token, on a 2-core CPU (service/model_process.py, "
+        "service/text_process.py)."))
     model_process_restarts: int = Field(3, ge=0, le=1000, description=(
-        "Policies with model_process: how many times a deployment restarts a model process that died (killed, out "
+        "With model_process: how many times a deployment restarts a model process that died (killed, out "
         "of memory) within 10 minutes; it refuses requests with 503 and Retry-After while the new one loads and "
         "warms up, and past that many it stays failed; 0: never restart."))
     model_process_start_timeout_s: float = Field(600.0, gt=0, le=86400, description=(
-        "Policies with model_process: how long a model process may take to load its checkpoint (at load and at a "
+        "With model_process: how long a model process may take to load its checkpoint (at load and at a "
         "restart); one that has not is stopped, and the deployment fails with that reason."))
     warmup: bool = Field(True, description="Run one small call per deployment before reporting ready.")
     gc_freeze: bool = Field(True, description=(

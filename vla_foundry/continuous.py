@@ -213,11 +213,16 @@ class ContinuousBatcher:
         return (left[-1][0] if left else 0) * self.step_seconds  # (more than run now: a rough bound)
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self, admitted: Optional[Callable[[], None]] = None) -> None:
+        """One step (see the module's docstring). ``admitted()``, when given, is called between the admissions and
+        the decode step: the newly admitted generations' first tokens are out by then (a model process sends them
+        on at once instead of a decode step later)."""
         started = time.perf_counter()
         self._drop_cancelled()
         self._pack()
         self._admit()
+        if admitted is not None:
+            admitted()
         if self._running:
             self._decode()
             took = time.perf_counter() - started

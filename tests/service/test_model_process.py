@@ -158,9 +158,24 @@ def test_a_child_that_fails_to_load_raises_its_own_error(tmp_path):
     assert str(caught.value)
 
 
+def children() -> set[int]:
+    """This process's child processes that are alive (exited ones not yet reaped count as gone)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
 def test_a_child_that_does_not_load_in_time_is_stopped(tiny_checkpoints):
+    before = children()
     with pytest.raises(ModelProcessExited, match="did not load within 0.01 s"):
         ModelProcess.start(None, {"path": tiny_checkpoints["diffusion_policy"]}, name="slow", start_timeout_s=0.01)
+    assert children() == before  # (killed and reaped)
 
 
 def test_the_child_loads_the_servers_weights_file_and_a_restart_loads_it_again(tiny_checkpoints, tmp_path):
@@ -197,6 +212,9 @@ def test_the_child_loads_the_servers_weights_file_and_a_restart_loads_it_again(t
         with pytest.raises(ModelProcessExited, match="killed by signal 9"):
             process.predict_each([PolicyRequest(sample, seed=5)])
         process.restart()
+        with pytest.raises(ModelProcessExited, match="restarting"):  # (calls queued before the death: not yet)
+            process.predict_each([PolicyRequest(sample, seed=5)])
+        process.serving()
         (after,) = process.predict_each([PolicyRequest(sample, seed=5)])
         assert process.alive and process.pid != first and wait_gone(first) and exits == [exits[0]]
         assert after.checkpoint_step == before.checkpoint_step

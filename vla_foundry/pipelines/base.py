@@ -28,6 +28,7 @@ def get_pipeline_class(modality: str) -> type["Pipeline"]:
 
 class Pipeline:
     modality: str = ""
+    decodes_continuously: bool = False  # its generations can share a ContinuousBatcher (text models with slots)
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

@@ -29,6 +29,7 @@ class Served(Protocol):
     every pipeline that does not generate text continuously)."""
 
     modality: str
+    decodes_continuously: bool  # its generations can join a running batch (``continuous_batcher`` gives one)
 
     def io(self) -> dict[str, Any]: ...
 

@@ -473,6 +473,11 @@ class TextPipeline(Pipeline):
 
     # ------------------------------------------------------------------ continuous batching (continuous.py)
 
+    @property
+    def decodes_continuously(self) -> bool:
+        """Whether this model's sequences can join a running batch (it decodes in a continuous batcher's slots)."""
+        return hasattr(self.model, "slot_bytes") and self.model.slot_bytes() is not None
+
     def continuous_batcher(self, max_sequences: int, max_cache_bytes: Optional[int] = None,
                            prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
                            graphs: Optional[bool] = None) -> Optional[ContinuousBatcher]:
@@ -481,7 +486,7 @@ class TextPipeline(Pipeline):
         slots, see ``ContinuousBatcher``: requests then run one at a time). ``graphs``: its decode steps replay from
         captured graphs (default: as this pipeline was loaded, ``cuda_graphs`` on CUDA, ``traced_sampling`` on the
         CPU)."""
-        if not hasattr(self.model, "slot_bytes"):
+        if not self.decodes_continuously:
             return None
         slots = ContinuousBatcher.slots_within(self.model, max_sequences, max_cache_bytes)
         if slots is None:

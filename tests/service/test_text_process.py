@@ -1,0 +1,187 @@
+"""``VLA_MODEL_PROCESS`` for text and captions: generations decode in the child's continuous batcher
+(``service/text_process.py``).
+
+Every request must get exactly the tokens, text, finish reasons and stream it gets from the in-thread deployment of
+the same checkpoint, alone or among others, and the child must follow the streams' clients: a client that leaves
+frees its sequence's slot in the child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from service import DeploymentSpec
+from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS
+from tests.service.conftest import serving
+from tests.service.live_server import live_server_process
+from tests.service.test_model_process import parent_of, wait_gone
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoints):
+    specs = []
+    for model_type in ("transformer", "vlm"):
+        checkpoint = str(tiny_checkpoints[model_type])
+        specs += [DeploymentSpec(name=f"{model_type}-here", checkpoint=checkpoint, model_process=False),
+                  DeploymentSpec(name=f"{model_type}-there", checkpoint=checkpoint, model_process=True)]
+    with serving(*specs, max_batch_size=4, continuous_batching=True, max_new_tokens=64) as c:
+        yield c
+
+
+def both(client, path: str, body: dict, model_type: str = "transformer") -> tuple[httpx.Response, httpx.Response]:
+    return tuple(client.post(path, json={**body, "model": f"{model_type}-{where}"}) for where in ("here", "there"))
+
+
+def streamed(client, body: dict) -> tuple[str, list[str]]:
+    """A streamed /v1 completion's text and its chunks' finish reasons."""
+    text, reasons = [], []
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
+        assert reply.status_code == 200, reply.read()
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text.append(choice["text"])
+                reasons.append(choice["finish_reason"])
+    return "".join(text), [r for r in reasons if r]
+
+
+@pytest.mark.parametrize("model_type", ["transformer", "vlm"])
+def test_models_shows_the_child_and_its_continuous_batcher(client, model_type):
+    here = client.get(f"/models/{model_type}-here").json()
+    there = client.get(f"/models/{model_type}-there").json()
+    assert there["status"] == "ready" and there["model_process"]["alive"] and here["model_process"] is None
+    assert parent_of(there["model_process"]["pid"]) == os.getpid()
+    assert there["batching"] == here["batching"] and there["batching"]["generation"] == "continuous"
+    assert there["io"] == here["io"]
+
+
+@pytest.mark.parametrize("model_type", ["transformer", "vlm"])
+@pytest.mark.parametrize("settings", [{"seed": 7}, {"temperature": 0.0}, {"seed": 3, "stop": ["e"]},
+                                      {"seed": 2, "top_k": 5, "top_p": 0.8}], ids=["seeded", "greedy", "stop", "top"])
+def test_a_prediction_is_the_in_thread_one(client, model_type, settings):
+    here, there = both(client, f"/predict/{model_type}", {**PREDICT_REQUESTS[model_type], **settings}, model_type)
+    assert here.status_code == there.status_code == 200, there.text
+    key = "completions" if model_type == "transformer" else "captions"
+    assert here.json()[key] == there.json()[key] and here.json()["usage"] == there.json()["usage"]
+
+
+def test_a_refusal_made_in_the_child_keeps_its_field(client):
+    """/predict's prompts are checked in the child (the request's generation is made there)."""
+    context = client.get("/models/transformer-here").json()["io"]["max_seq_len"]
+    body = {"prompt_token_ids": [[1] * (context - 2)], "max_new_tokens": 10, "seed": 1}  # (no room for 10)
+    here, there = both(client, "/predict/transformer", body)
+    assert here.status_code == there.status_code == 422, there.text
+    assert here.json()["error"]["field"] == there.json()["error"]["field"] == "max_new_tokens"
+    assert here.json()["error"]["message"] == there.json()["error"]["message"]
+
+
+def test_concurrent_streams_each_get_the_text_they_get_alone(client):
+    """Streams of different lengths, seeds and stop strings join and leave the child's batch as they come; each
+    one's text and finish reason are its in-thread ones, asked alone."""
+    bodies = [{"prompt": f"the cat {'sat ' * (i % 5)}on", "max_tokens": 6 + 5 * (i % 4), "seed": 40 + i,
+               "temperature": 1.0, **({"stop": ["a"]} if i % 3 == 0 else {})} for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda b: streamed(client, {**b, "model": "transformer-there"}), bodies))
+    alone = [streamed(client, {**b, "model": "transformer-here"}) for b in bodies]
+    assert together == alone
+    sizes = client.get("/metrics").text
+    assert 'vla_generation_sequences{deployment="transformer-there",state="running"} 0.0' in sizes
+
+
+def test_a_client_that_leaves_mid_stream_leaves_the_deployment_serving(client):
+    body = {"model": "transformer-there", "prompt": "a", "max_tokens": 60, "seed": 1, "stream": True,
+            "temperature": 1.0}
+    running = 'vla_generation_sequences{deployment="transformer-there",state="running"}'
+    with client.stream("POST", "/v1/completions", json=body) as reply:
+        lines = reply.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+    deadline = time.monotonic() + 10
+    while f"{running} 0.0" not in client.get("/metrics").text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert f"{running} 0.0" in client.get("/metrics").text
+    here, there = both(client, "/predict/transformer", PREDICT_REQUESTS["transformer"])
+    assert there.status_code == 200 and there.json()["completions"] == here.json()["completions"]
+
+
+@pytest.mark.parametrize("model_type", ["transformer", "vlm"])
+def test_evaluations_run_in_the_child_as_in_the_thread(client, model_type):
+    here, there = both(client, f"/evaluate/{model_type}", EVALUATE_REQUESTS[model_type], model_type)
+    assert here.status_code == there.status_code == 200, there.text
+    assert here.json()["loss"] == there.json()["loss"]
+
+
+def test_a_cancelled_generation_is_dropped_by_the_child(tiny_checkpoints):
+    """The server's side of the batcher cancels a generation (its client left): the child drops it at its next step,
+    its text stops, and the batcher serves on."""
+    from service.text_process import TextModelProcess
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.sampling import SamplingParams
+
+    checkpoint = tiny_checkpoints["transformer"]
+    local = load_pipeline(checkpoint)
+    prompt, long, short = [[3, 4, 5]], SamplingParams(40, 0.0), SamplingParams(3, 0.0)
+    assert local.complete(None, prompt, sampling=long, seed=0).completions[0].finish_reason == "length"  # (no eos)
+    process = TextModelProcess.start(local, {"path": checkpoint}, name="cancelling")
+    try:
+        batcher = process.continuous_batcher(4, None)
+        deltas, outcomes, cancel = [], [], [False]
+        generation = process.start_completion(None, prompt, sampling=long, seed=0, on_text=lambda *d: deltas.append(d))
+        batcher.submit(generation, outcomes.append, cancelled=lambda: cancel[0])
+        while not deltas:
+            batcher.step()
+        assert batcher.running_sequences == 1 and batcher.child_generations == 1
+        cancel[0] = True
+        batcher.step()  # (tells the child; nothing left to wait for here)
+        assert not batcher.active and batcher.running_sequences == 0
+        seen = len(deltas)
+        batcher.submit(process.start_completion(None, prompt, sampling=short, seed=0), outcomes.append)
+        while batcher.active:
+            batcher.step()
+        (result,) = outcomes  # the cancelled one never ends here
+        assert result.completions[0].token_ids == local.complete(None, prompt, sampling=short, seed=0).completions[
+            0].token_ids
+        assert batcher.child_generations == 0 and len(deltas) == seen  # (the long one would still run: 40 tokens)
+    finally:
+        process.close()
+
+
+def test_the_openai_client_streams_from_a_model_process_and_a_killed_child_is_restarted(tiny_checkpoints, tmp_path):
+    """Through the real CLI and the official ``openai`` client: a stream from the child's batcher has the text of
+    the same request unstreamed; the child is killed, restarted with its batcher, and streams the same again."""
+    env = {"VLA_MODEL_PROCESS": "true", "VLA_CONTINUOUS_BATCHING": "true"}
+    serve = ["--checkpoint", f"{tiny_checkpoints['transformer']}=text"]
+    with live_server_process(serve, tmp_path / "demo", env=env) as (base, server):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        ask = dict(model="text", prompt="the robot", max_tokens=24, seed=11, temperature=1.0)
+
+        def stream() -> str:
+            return "".join(chunk.choices[0].text for chunk in client.completions.create(**ask, stream=True))
+
+        whole = client.completions.create(**ask).choices[0].text
+        assert stream() == whole and whole
+        child = httpx.get(f"{base}/models/text").json()["model_process"]["pid"]
+        assert parent_of(child) == server.pid
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/models/text").json()["status"] == "ready" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(openai.APIStatusError) as refused:  # (503 while the new child loads)
+            client.completions.create(**ask)
+        assert refused.value.status_code == 503
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{base}/models/text").json()["status"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = httpx.get(f"{base}/models/text").json()
+        assert info["model_process"]["restarts"] == 1 and info["model_process"]["pid"] != child
+        assert info["batching"]["generation"] == "continuous" and wait_gone(child)
+        assert stream() == whole
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
