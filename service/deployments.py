@@ -159,6 +159,10 @@ class Deployment:
             if continuous:
                 with _LOAD_LOCK:  # one at a time: each sizes its cache by the memory the others left
                     self.batcher = self._continuous_batcher(pipeline, device)
+                    if self.batcher is None and self.model_process is not None and self.modality != "action":
+                        raise ValueError("a text model process streams only from a continuous batcher, and this "
+                                         "deployment has none (see the warning above): allow it more cache "
+                                         "(VLA_KV_CACHE_MB), or serve it without model_process")
                     if self.batcher is not None and self.settings.warmup:  # (captures take memory too)
                         self.stage = "capturing decode steps"
                         self.batcher.warmup()

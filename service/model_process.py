@@ -157,9 +157,10 @@ class Channel:
 
     # ------------------------------------------------------------------ encoding
 
-    def _encoder(self) -> tuple[Callable[[Any], Any], list[int]]:
+    def _encoder(self, use_arena: bool = True) -> tuple[Callable[[Any], Any], list[int]]:
         """msgpack's ``default`` for one message, and where its arena placements have reached (``[0]``: none)."""
         placed = [0]
+        arena = self.send_arena if use_arena else None
 
         def default(value: Any) -> Any:
             if isinstance(value, np.ndarray):
@@ -167,9 +168,9 @@ class Channel:
                 if array.dtype.hasobject:
                     raise TypeError(f"an array of Python objects ({array.dtype}) cannot cross to the model process")
                 header = [array.dtype.str, list(array.shape)]
-                if self.send_arena is not None and array.nbytes >= self.IN_BAND_BYTES:
+                if arena is not None and array.nbytes >= self.IN_BAND_BYTES:
                     start = placed[0]
-                    placed[0] = self.send_arena.place(memoryview(array).cast("B"), start)
+                    placed[0] = arena.place(memoryview(array).cast("B"), start)
                     return msgpack.ExtType(ARRAY_IN_ARENA, msgpack.packb([*header, start, array.nbytes]))
                 return msgpack.ExtType(ARRAY, msgpack.packb([*header, array.tobytes()]))
             if isinstance(value, np.generic):
@@ -212,10 +213,12 @@ class Channel:
 
     # ------------------------------------------------------------------ the socket
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, answered: bool = True) -> None:
         """Encoded whole before a byte is written: a message that cannot be encoded sends nothing (arena placements
-        it made are overwritten by the next message)."""
-        default, placed = self._encoder()
+        it made are overwritten by the next message). Only a message whose reply the sender waits for (``answered``)
+        may place its arrays in the arena: the next one starts again at its offset 0, so a message still unread
+        there would see them overwritten; the others carry their arrays in the message."""
+        default, placed = self._encoder(use_arena=answered)
         body = msgpack.packb(message, default=default)
         arena_size = self.send_arena.size if placed[0] else 0
         self.sock.sendall(self.FRAME.pack(len(body), arena_size) + body)

@@ -71,7 +71,7 @@ class RemoteBatcher:
         self.prefill_tokens: int = info["prefill_tokens"]
         self._entries: dict[int, _Entry] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # entries: the model thread steps, a restart's thread fails them
+        self._lock = threading.Lock()  # entries: the model thread steps and submits, the metrics read them
         # ``wakeup`` ends a ``step``'s wait for the child's report early, so that a generation queued meanwhile is
         # sent to the child now, not after the child's next step (it would then join a step later).
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -83,7 +83,7 @@ class RemoteBatcher:
 
     @property
     def active(self) -> bool:
-        return bool(self._entries)
+        return bool(self._entries or self._gone)  # (a cancellation still to send: the next step sends it)
 
     def wakeup(self) -> None:
         """A generation was queued for this batcher (any thread): a ``step`` waiting for the child returns now."""
@@ -197,7 +197,7 @@ class TextModelProcess(ModelProcess):
             if refusal is not None:
                 raise refusal
             try:
-                self._conn.send((operation, args, {}))
+                self._conn.send((operation, args, {}), answered=False)
             except OSError:
                 raise ModelProcessExited(self._exit_reason(self._process)) from None
 
@@ -239,11 +239,15 @@ class TextModelProcess(ModelProcess):
         """The child's batcher (``max_cache_bytes`` None: a quarter of the memory free on its device, measured
         there); None when its model cannot decode in slots."""
         self._batcher_args = (max_sequences, max_cache_bytes, prefill_tokens)
+        info = self._make_batcher()
+        self._batcher = None if info is None else RemoteBatcher(self, info)
+        return self._batcher
+
+    def _make_batcher(self) -> Optional[dict[str, Any]]:
         info = self._call("make_batcher", *self._batcher_args)
         if isinstance(info, str):  # not even one sequence's cache fits
             raise ValueError(info)
-        self._batcher = None if info is None else RemoteBatcher(self, info)
-        return self._batcher
+        return info
 
     def complete(self, prompts=None, prompt_token_ids=None, *, on_text=None, **options: Any):
         if on_text is not None:
@@ -262,9 +266,10 @@ class TextModelProcess(ModelProcess):
 
     def start_caption(self, images, prompts=None, prompt_token_ids=None, *, on_text=None,
                       **options: Any) -> RemoteGeneration:
-        rows = prompt_token_ids if prompt_token_ids is not None else [None] * len(prompts or images or ())
+        prompt_rows = prompt_token_ids if prompt_token_ids is not None else (prompts if prompts is not None else [None])
+        rows = max(len(images), len(prompt_rows))  # (one side broadcasts over the other, as ``broadcast_rows``)
         return RemoteGeneration("start_caption", (list(images), prompts, prompt_token_ids), options, on_text,
-                                list(rows))
+                                [None] * rows)
 
     def close(self) -> None:
         super().close()
@@ -274,8 +279,11 @@ class TextModelProcess(ModelProcess):
     def restart(self) -> None:
         """A fresh child, and in it the batcher the last one had (warmed up as it was)."""
         super().restart()
-        if self._batcher_args is not None:
-            self._call("make_batcher", *self._batcher_args)
+        if self._batcher is not None:
+            info = self._make_batcher()
+            if info is None:
+                raise RuntimeError("the restarted model process made no continuous batcher")
+            self._batcher.num_slots, self._batcher.cache_bytes = info["num_slots"], info["cache_bytes"]
             if self._batcher_warm:
                 self._call("warmup_batcher")
 
@@ -327,8 +335,8 @@ class GenerationEngine:
         self.batcher.warmup()
 
     def submit(self, key: int, method: str, args: tuple, kwargs: dict, streams: bool) -> None:
-        if method not in ("start_completion", "start_caption"):
-            self._done.append((key, RuntimeError(f"unknown generation method {method!r}")))
+        if method not in ("start_completion", "start_caption") or self.batcher is None:
+            self._done.append((key, RuntimeError(f"the model process cannot start {method!r} generations now")))
             return
         on_text = (lambda row, text, token_ids, finish: self._deltas.append((key, row, text, token_ids, finish))
                    ) if streams else None
@@ -347,6 +355,10 @@ class GenerationEngine:
             return stopping(last)
 
         generation = dataclasses.replace(generation, stopping=stopping_and_started)
+        if len(generation.ids) > self.batcher.num_slots or not generation.shares_steps:
+            self._started.append(key)  # it runs by itself now, in ``submit`` (no deadline drops it from here on)
+            first[0] = False
+            self._report()
         self._held.add(key)
         self.batcher.submit(generation, lambda outcome: self._ended(key, outcome),
                             cancelled=lambda: key in self._cancelled)

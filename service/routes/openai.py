@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Literal, Optional, Union
+from typing import Any, Awaitable, Callable, ClassVar, Iterator, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -278,6 +278,15 @@ def _v1_names(error: InvalidInputError, request: Any, chat: bool = False) -> Inv
     return type(error)(message, field=field)
 
 
+async def _v1_named(request: Any, chat: bool, reply: Awaitable[Any]) -> Any:
+    """``reply``, with a refusal made after the request was queued in the /v1 client's names (a model process
+    checks a generation's input in its own process, where ``_run_job`` does not name it)."""
+    try:
+        return await reply
+    except InvalidInputError as e:
+        raise _v1_names(e, request, chat) from e
+
+
 @dataclass(frozen=True)
 class V1Prompt:
     """A ``/v1`` request's prompt as the model thread takes it: its token rows (a completion's prompts, a text
@@ -453,7 +462,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     if not body.stream:
         started = time.perf_counter()
         call = ModelCall(run_v1, V1Job(body, prompt), start=start_v1)
-        timed = await unless_client_leaves(request, deployment.call(call), deployment.name)
+        timed = await _v1_named(body, chat, unless_client_leaves(request, deployment.call(call), deployment.name))
         result = timed.value
         choices = [({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                      "logprobs": None} if chat else
@@ -469,8 +478,8 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     stream = DeltaStream()
     received = request.state.received_at  # set by RequestMetrics, the server's metrics middleware
     # A client that leaves before the first token drops the generation unrun (it may still be queued).
-    await unless_client_leaves(request, stream.start(deployment.call(ModelCall(
-        run_v1, V1Job(body, prompt, stream.on_text), start=start_v1))), deployment.name)
+    await _v1_named(body, chat, unless_client_leaves(request, stream.start(deployment.call(ModelCall(
+        run_v1, V1Job(body, prompt, stream.on_text), start=start_v1))), deployment.name))
     metrics = request.app.state.metrics
     first_token = time.perf_counter()
     metrics.first_token_seconds.labels(deployment.name).observe(first_token - received)

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from service import DeploymentSpec
-from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS
+from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS, png_data_url
 from tests.service.conftest import serving
 from tests.service.live_server import live_server_process
 from tests.service.test_model_process import parent_of, wait_gone
@@ -71,6 +71,27 @@ def test_a_prediction_is_the_in_thread_one(client, model_type, settings):
     assert here.status_code == there.status_code == 200, there.text
     key = "completions" if model_type == "transformer" else "captions"
     assert here.json()[key] == there.json()[key] and here.json()["usage"] == there.json()["usage"]
+
+
+def test_a_request_of_more_prompts_than_slots_runs_by_itself_in_the_child(client):
+    body = {"prompt": [f"prompt {i}" for i in range(6)], "max_new_tokens": 4, "seed": 5}  # (4 slots)
+    here, there = both(client, "/predict/transformer", body)
+    assert here.status_code == there.status_code == 200, there.text
+    assert here.json()["completions"] == there.json()["completions"] and len(there.json()["completions"]) == 6
+
+
+def test_concurrent_captions_of_large_images_each_caption_their_own(client):
+    """Frames of 64 KiB or more cross to a policy's child through shared memory, reused by every call; a caption's
+    generation is sent without waiting for a reply, so its images must travel in the message, or the next request's
+    would overwrite them before the child reads them."""
+    bodies = [{"images": [[png_data_url(10 + i, (160, 160))]], "prompt": ["what is this"], "max_new_tokens": 6,
+               "seed": 20 + i, "temperature": 1.0} for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda b: client.post("/predict/vlm", json={**b, "model": "vlm-there"}), bodies))
+    alone = [client.post("/predict/vlm", json={**b, "model": "vlm-here"}) for b in bodies]
+    assert [r.status_code for r in together] == [r.status_code for r in alone] == [200] * 6, together[0].text
+    assert [r.json()["captions"] for r in together] == [r.json()["captions"] for r in alone]
+    assert len({json.dumps(r.json()["captions"]) for r in alone}) > 1  # (the images differ, and so do the captions)
 
 
 def test_a_refusal_made_in_the_child_keeps_its_field(client):
@@ -127,7 +148,8 @@ def test_a_cancelled_generation_is_dropped_by_the_child(tiny_checkpoints):
 
     checkpoint = tiny_checkpoints["transformer"]
     local = load_pipeline(checkpoint)
-    prompt, long, short = [[3, 4, 5]], SamplingParams(40, 0.0), SamplingParams(3, 0.0)
+    prompt, short = [[3, 4, 5]], SamplingParams(3, 0.0)
+    long = SamplingParams(local.model.max_seq_len - 4, 0.0)  # (the whole context: far longer than the test's steps)
     assert local.complete(None, prompt, sampling=long, seed=0).completions[0].finish_reason == "length"  # (no eos)
     process = TextModelProcess.start(local, {"path": checkpoint}, name="cancelling")
     try:
@@ -148,7 +170,7 @@ def test_a_cancelled_generation_is_dropped_by_the_child(tiny_checkpoints):
         (result,) = outcomes  # the cancelled one never ends here
         assert result.completions[0].token_ids == local.complete(None, prompt, sampling=short, seed=0).completions[
             0].token_ids
-        assert batcher.child_generations == 0 and len(deltas) == seen  # (the long one would still run: 40 tokens)
+        assert batcher.child_generations == 0 and len(deltas) == seen  # (the long one would still be running there)
     finally:
         process.close()
 
@@ -173,6 +195,7 @@ def test_the_openai_client_streams_from_a_model_process_and_a_killed_child_is_re
         deadline = time.monotonic() + 10
         while httpx.get(f"{base}/models/text").json()["status"] == "ready" and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert httpx.get(f"{base}/models/text").json()["status"] == "loading"
         with pytest.raises(openai.APIStatusError) as refused:  # (503 while the new child loads)
             client.completions.create(**ask)
         assert refused.value.status_code == 503
