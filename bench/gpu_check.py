@@ -19,7 +19,7 @@ then `--only fleet,text`):
   installed, e.g. from the carried wheels (this step never pip-installs it: a GPU host has no registry, and
   pip's retries would spend the step's time); the GPU goals: 16 robots ≥ 10× one, one robot's p50 ≤ 1.5×
   the compute floor; its starvation rows are skipped: a CPU matter);
-- `text`: `bench/text_serving.py --device cuda --random-model 24x2048 --concurrency 1,32 --servers on,off`
+- `text`: `bench/text_serving.py --device cuda --random-model 24x2048 --concurrency 1,32 --servers on,process,off`
   (OpenAI clients streaming from a 24-layer width-2048 model, continuous batching on and off; the GPU
   goal: 32 clients ≥ 10× one client's tokens/s).
 Each step's own table is printed as it finishes; the summary at the end lists every step with its
@@ -66,9 +66,9 @@ STEPS = {
               [PY, str(HERE / "fleet.py"), "--device", "cpu", "--tiny", "--concurrency", "1,2", "--seconds", "1",
                "--warmup", "0.5", "--no-starvation", "--no-litserve", "--robot-processes", "2"], 150),
     "text": ([PY, str(HERE / "text_serving.py"), "--device", "cuda", "--random-model", "24x2048",
-              "--concurrency", "1,32", "--seconds", "5", "--servers", "on,off"],
+              "--concurrency", "1,32", "--seconds", "5", "--servers", "on,process,off"],
              [PY, str(HERE / "text_serving.py"), "--device", "cpu", "--random-model", "2x64", "--concurrency", "1,2",
-              "--seconds", "1", "--warmup", "0.5", "--servers", "on"], 300),
+              "--seconds", "1", "--warmup", "0.5", "--servers", "on,process"], 420),
 }
 
 
