@@ -146,7 +146,9 @@ class Channel:
     MB) crossed and came back acknowledged in 0.89 ms through the arena, 6.9 ms in the message, 14.2 ms through
     multiprocessing's ``Connection``, which pickles them (2-core CPU, ``bench/model_process_channel.py``)."""
 
-    FRAME = struct.Struct("<QQ")  # the message's length, and the arena's size when arrays lie there (0: none)
+    # The message's length, the arena's size when arrays lie there (0: none), and whether its sender waits for a
+    # reply (a message that cannot be decoded is answered with an error only then).
+    FRAME = struct.Struct("<QQ?")
     IN_BAND_BYTES = 64 * 1024
 
     def __init__(self, sock: socket.socket, send_arena: Optional[Arena] = None,
@@ -154,6 +156,7 @@ class Channel:
         self.sock = sock
         self.send_arena = send_arena
         self.receive_arena = receive_arena
+        self.last_answered = True  # whether the last message received waits for a reply
 
     # ------------------------------------------------------------------ encoding
 
@@ -214,14 +217,18 @@ class Channel:
     # ------------------------------------------------------------------ the socket
 
     def send(self, message: Any, answered: bool = True) -> None:
-        """Encoded whole before a byte is written: a message that cannot be encoded sends nothing (arena placements
-        it made are overwritten by the next message). Only a message whose reply the sender waits for (``answered``)
-        may place its arrays in the arena: the next one starts again at its offset 0, so a message still unread
-        there would see them overwritten; the others carry their arrays in the message."""
+        self.sock.sendall(self.frame(message, answered))
+
+    def frame(self, message: Any, answered: bool = True) -> bytes:
+        """``message`` as it goes on the socket. Encoded whole before a byte is written: a message that cannot be
+        encoded sends nothing (arena placements it made are overwritten by the next message). Only a message whose
+        reply the sender waits for (``answered``) may place its arrays in the arena: the next one starts again at
+        its offset 0, so a message still unread there would see them overwritten; the others carry their arrays
+        in the message."""
         default, placed = self._encoder(use_arena=answered)
         body = msgpack.packb(message, default=default)
         arena_size = self.send_arena.size if placed[0] else 0
-        self.sock.sendall(self.FRAME.pack(len(body), arena_size) + body)
+        return self.FRAME.pack(len(body), arena_size, answered) + body
 
     def _read(self, n: int) -> bytearray:
         buffer = bytearray(n)
@@ -234,7 +241,7 @@ class Channel:
         return buffer
 
     def recv(self) -> Any:
-        length, arena_size = self.FRAME.unpack(self._read(self.FRAME.size))
+        length, arena_size, self.last_answered = self.FRAME.unpack(self._read(self.FRAME.size))
         return msgpack.unpackb(self._read(length), ext_hook=self._decoder(arena_size), strict_map_key=False)
 
     def poll(self, timeout: float) -> bool:
@@ -322,9 +329,10 @@ def _child(conn: Channel) -> None:
         except (EOFError, OSError):  # the server has gone
             return
         except Exception as e:  # a message that could not be decoded here (it was read whole): that call fails
-            logger.exception("the model process could not read a call")
-            conn.send(("err", RuntimeError(f"the model process could not read the call: {type(e).__name__}: {e}"),
-                       None))
+            logger.exception("the model process could not read a message")
+            if conn.last_answered:  # (no reply to a message nobody waits on: it would pass for another's)
+                conn.send(("err", RuntimeError(f"the model process could not read the call: {type(e).__name__}: "
+                                               f"{e}"), None))
             continue
         if operation == "close":
             pipeline.close()
@@ -488,17 +496,25 @@ class ModelProcess:
                 raise refusal
             process = self._process
             try:
-                self._conn.send((operation, args, kwargs))
+                self._send((operation, args, kwargs))
                 status, value, self.cuda_memory_allocated = self._reply()
             except (EOFError, OSError):
-                try:
-                    process.wait(1.0)
-                except subprocess.TimeoutExpired:
-                    pass
-                raise ModelProcessExited(self._exit_reason(process)) from None
+                raise self._exited(process) from None
         if status == "err":
             raise value
         return value
+
+    def _send(self, message: Any, answered: bool = True) -> None:
+        """Send ``message`` to the child (under ``_lock``)."""
+        self._conn.send(message, answered)
+
+    def _exited(self, process: subprocess.Popen) -> ModelProcessExited:
+        """The error for a call that found the child gone (its exit code, once it has been reaped)."""
+        try:
+            process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        return ModelProcessExited(self._exit_reason(process))
 
     def _reply(self) -> tuple:
         """The child's reply to the call just sent (under ``_lock``); what it sends meanwhile that is not a reply

@@ -29,7 +29,7 @@ import socket
 import threading
 from typing import Any, Callable, Optional
 
-from service.model_process import ModelProcess, ModelProcessExited
+from service.model_process import ModelProcess
 from vla_foundry.continuous import ContinuousBatcher, Generation
 
 logger = logging.getLogger("service.model_process")
@@ -168,9 +168,14 @@ class RemoteBatcher:
 
     def fail_all(self, error: BaseException) -> None:
         with self._lock:
-            entries, self._entries = list(self._entries.values()), {}
+            keys, entries, self._entries, self._gone = [*self._entries, *self._gone], list(
+                self._entries.values()), {}, []
         for entry in entries:
             entry.on_done(error)
+        try:  # (the child, if it still runs, drops them: nothing here reads their text any more)
+            self._process.send_to_engine("cancel", keys)
+        except Exception:  # noqa: BLE001 — the child is gone, or the channel is what failed
+            pass
 
     def close(self) -> None:
         self._wake_reader.close()
@@ -197,9 +202,32 @@ class TextModelProcess(ModelProcess):
             if refusal is not None:
                 raise refusal
             try:
-                self._conn.send((operation, args, {}), answered=False)
-            except OSError:
-                raise ModelProcessExited(self._exit_reason(self._process)) from None
+                self._send((operation, args, {}), answered=False)
+            except (EOFError, OSError):
+                raise self._exited(self._process) from None
+
+    def _send(self, message: Any, answered: bool = True) -> None:
+        """Send ``message`` (under ``_lock``), taking the child's step reports while the socket is full: the child
+        may be blocked sending them, and a message larger than the socket's buffer (a caption's images) would
+        otherwise wait for a child that waits for this side to read."""
+        data = memoryview(self._conn.frame(message, answered))
+        sock, sent = self._conn.sock, 0
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLOUT)
+        while sent < len(data):
+            events = dict(poller.poll()).get(sock.fileno(), 0)
+            if events & select.POLLOUT:
+                try:
+                    sent += sock.send(data[sent:], socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+            elif events & select.POLLIN:  # (only step reports come unasked: every call waits for its reply)
+                report = self._conn.recv()
+                if report[0] != "step":
+                    raise RuntimeError(f"the model process sent an unexpected {report[0]!r} reply")
+                self._report(report[1])
+            else:  # (hung up, or an error)
+                raise EOFError("the model process closed the channel")
 
     def next_reports(self, wake: socket.socket) -> None:
         """Wait for the child's next step report and take it, and every report that has arrived since; or return
@@ -226,7 +254,7 @@ class TextModelProcess(ModelProcess):
                     if not self._conn.poll(0):
                         return
             except (EOFError, OSError):
-                raise ModelProcessExited(self._exit_reason(self._process)) from None
+                raise self._exited(self._process) from None
 
     def _report(self, report: Any) -> None:
         if self._batcher is not None:
@@ -276,16 +304,17 @@ class TextModelProcess(ModelProcess):
         if self._batcher is not None:
             self._batcher.close()
 
-    def restart(self) -> None:
-        """A fresh child, and in it the batcher the last one had (warmed up as it was)."""
-        super().restart()
-        if self._batcher is not None:
+    def serving(self) -> None:
+        """Serving from now on; after a restart, once the new child has made the batcher the last one had (warmed
+        up as it was), after its warm-up, as at load."""
+        if self._warming and self._batcher is not None:
             info = self._make_batcher()
             if info is None:
                 raise RuntimeError("the restarted model process made no continuous batcher")
             self._batcher.num_slots, self._batcher.cache_bytes = info["num_slots"], info["cache_bytes"]
             if self._batcher_warm:
                 self._call("warmup_batcher")
+        super().serving()
 
     def warmup_batcher(self) -> None:
         """Capture the child's batcher's decode steps now (and again after a restart)."""
@@ -338,10 +367,15 @@ class GenerationEngine:
         if method not in ("start_completion", "start_caption") or self.batcher is None:
             self._done.append((key, RuntimeError(f"the model process cannot start {method!r} generations now")))
             return
-        on_text = (lambda row, text, token_ids, finish: self._deltas.append((key, row, text, token_ids, finish))
-                   ) if streams else None
+        alone = [False]  # it runs by itself, inside ``submit``: each delta goes out in a report at once
+
+        def on_text(row: int, text: Optional[str], token_ids: list[int], finish: Optional[str]) -> None:
+            self._deltas.append((key, row, text, token_ids, finish))
+            if alone[0]:
+                self._report()
+
         try:
-            generation = getattr(self.pipeline, method)(*args, on_text=on_text, **kwargs)
+            generation = getattr(self.pipeline, method)(*args, on_text=on_text if streams else None, **kwargs)
         except Exception as e:  # its own input, refused
             self._done.append((key, e))
             return
@@ -357,7 +391,7 @@ class GenerationEngine:
         generation = dataclasses.replace(generation, stopping=stopping_and_started)
         if len(generation.ids) > self.batcher.num_slots or not generation.shares_steps:
             self._started.append(key)  # it runs by itself now, in ``submit`` (no deadline drops it from here on)
-            first[0] = False
+            first[0], alone[0] = False, True
             self._report()
         self._held.add(key)
         self.batcher.submit(generation, lambda outcome: self._ended(key, outcome),

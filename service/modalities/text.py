@@ -34,10 +34,12 @@ def _token_rows(value: Any) -> Any:
             raise ValueError(f"token id arrays must be 1-D or 2-D; got shape {list(array.shape)}")
         value = array.tolist()
     if isinstance(value, list) and all(type(t) is int for t in value) and value:
-        return [value]
-    if isinstance(value, list) and all(isinstance(r, list) and all(type(t) is int for t in r) for r in value):
-        return value
-    raise ValueError("must be token ids: a list of ints, a list of such lists, or an integer array")
+        value = [value]
+    if not (isinstance(value, list) and all(isinstance(r, list) and all(type(t) is int for t in r) for r in value)):
+        raise ValueError("must be token ids: a list of ints, a list of such lists, or an integer array")
+    if any(not -2**63 <= t < 2**63 for row in value for t in row):  # (no vocabulary comes near; a model process's
+        raise ValueError("token ids must be 64-bit integers")  # channel carries no larger ones)
+    return value
 
 
 # What /openapi.json says a token-id field takes: every form ``_token_rows`` reads (it always yields a list of rows).
@@ -73,7 +75,7 @@ class SamplingFields(RequestBase):
     max_new_tokens: StrictInt = Field(_DEFAULTS.max_new_tokens, ge=1,
                                       description="New tokens per prompt (at most VLA_MAX_NEW_TOKENS).")
     temperature: Number = Field(_DEFAULTS.temperature, ge=0, description="0 (or below 1e-5) = greedy.")
-    top_k: StrictInt = Field(_DEFAULTS.top_k, ge=0, description="0 = off.")
+    top_k: StrictInt = Field(_DEFAULTS.top_k, ge=0, lt=2**31, description="0 = off.")
     top_p: Number = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")
     stop: Optional[Union[str, list[str]]] = Field(None, description="Stop strings (not included in the text).")
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Same seed, same request ⇒ same tokens.")

@@ -70,7 +70,7 @@ class OpenAIRequest(BaseModel):
                                                    "caption deployment is served.")
     temperature: Number = Field(1.0, ge=0, le=2)
     top_p: Number = Field(1.0, gt=0, le=1)
-    top_k: StrictInt = Field(0, ge=0, description="Extension: 0 = off.")
+    top_k: StrictInt = Field(0, ge=0, lt=2**31, description="Extension: 0 = off.")
     n: StrictInt = Field(1, ge=1, description="Choices per prompt.")
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = Field(None, description="Only with `stream: true`.")

@@ -80,6 +80,31 @@ def test_a_request_of_more_prompts_than_slots_runs_by_itself_in_the_child(client
     assert here.json()["completions"] == there.json()["completions"] and len(there.json()["completions"]) == 6
 
 
+def test_a_stream_of_more_choices_than_slots_runs_by_itself_in_the_child_and_streams(client):
+    """n=6 choices with 4 slots: the child runs the generation alone, and streams its text as it is made (each
+    delta in a report at once), the in-thread stream's text."""
+    def choices(model: str) -> dict[int, str]:
+        texts: dict[int, list[str]] = {}
+        body = {"model": model, "prompt": "a", "max_tokens": 12, "seed": 4, "n": 6, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as reply:
+            assert reply.status_code == 200, reply.read()
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        texts.setdefault(choice["index"], []).append(choice["text"])
+        return {i: "".join(t) for i, t in texts.items()}
+
+    there = choices("transformer-there")
+    assert there == choices("transformer-here") and len(there) == 6
+
+
+def test_token_ids_beyond_64_bits_are_refused_before_they_queue(client):
+    for where in ("here", "there"):
+        body = {"prompt_token_ids": [[2**64]], "model": f"transformer-{where}"}
+        reply = client.post("/predict/transformer", json=body)
+        assert reply.status_code == 422 and reply.json()["error"]["field"] == "prompt_token_ids", reply.text
+
+
 def test_concurrent_captions_of_large_images_each_caption_their_own(client):
     """Frames of 64 KiB or more cross to a policy's child through shared memory, reused by every call; a caption's
     generation is sent without waiting for a reply, so its images must travel in the message, or the next request's
