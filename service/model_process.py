@@ -322,7 +322,10 @@ def _child(conn: Channel) -> None:
         engine = GenerationEngine(pipeline, conn, device)
     while True:
         if engine is not None and engine.busy and not conn.poll(0):
-            engine.step()  # (a decode step, or the events of a generation that ended when it was submitted)
+            try:
+                engine.step()  # (a decode step, or the events of a generation that ended when it was submitted)
+            except OSError:  # the server has gone
+                return
             continue
         try:
             operation, args, kwargs = conn.recv()
@@ -339,7 +342,10 @@ def _child(conn: Channel) -> None:
             conn.send(("ok", None, None))
             return
         if engine is not None and operation in engine.MESSAGES:  # (no reply: its events follow in step reports)
-            getattr(engine, operation)(*args, **kwargs)
+            try:
+                getattr(engine, operation)(*args, **kwargs)
+            except OSError:  # the server has gone (a generation run alone reports as it goes)
+                return
             continue
         try:
             if engine is not None and operation in engine.OPERATIONS:
