@@ -233,3 +233,47 @@ def test_the_openai_client_streams_from_a_model_process_and_a_killed_child_is_re
         assert stream() == whole
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+def test_a_send_that_finds_the_socket_full_takes_the_childs_reports_meanwhile():
+    """Both sides can have a lot to say at once: the child step reports it sends while it does not read (it reads
+    between steps), and the server a large message (a caption's images) while it waits for no report. A send that
+    only wrote would wait for a child that waits for it to read; ``_send`` takes the reports while it waits. Here a
+    stand-in child sends 4 MB of reports before it reads anything, and the server sends it 4 MB."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    from service.model_process import Channel
+    from service.text_process import TextModelProcess
+
+    ours, theirs = socket.socketpair()
+    child = Channel(theirs)
+    reports, received = [], []
+
+    def stand_in_child() -> None:
+        for i in range(64):
+            child.send(("step", {"n": i, "padding": b"x" * 65536}), answered=False)
+        received.append(child.recv())
+
+    class Batcher:
+        def take(self, report: dict) -> None:
+            reports.append(report["n"])
+
+    process = object.__new__(TextModelProcess)  # (the channel alone: no child process behind it)
+    process._conn, process._batcher = Channel(ours), Batcher()
+    big = np.arange(1 << 20, dtype=np.int32)  # 4 MB, far more than a socket holds
+    threads = [threading.Thread(target=stand_in_child, daemon=True), threading.Thread(
+        target=process._send, args=(("submit", (1, "start_caption", ([big],), {}, False), {}),),
+        kwargs={"answered": False}, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)  # (a send that only wrote: both would still wait)
+    assert reports == list(range(len(reports))) and len(reports) >= 1
+    (operation, args, _), = received
+    assert operation == "submit" and np.array_equal(args[2][0][0], big)
+    ours.close()
+    theirs.close()
