@@ -215,7 +215,12 @@ def test_one_ctrl_c_while_a_failed_launch_drains_is_not_a_second_one(monkeypatch
     sock = socket.socket()
     launcher = launcher_module.Launcher(["true"], [""], sock, drain_timeout_s=1)
     child = launcher.children[0]
-    child.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # A replica that drains on SIGTERM (a plain sleep would die of it, and whether it had yet when polled was a
+    # race); it says when its handler is in place, before the launch stops it.
+    draining = "import signal, time; signal.signal(signal.SIGTERM, lambda *_: None); print('ready', flush=True); " \
+               "time.sleep(30)"
+    child.process = subprocess.Popen([sys.executable, "-c", draining], stdout=subprocess.PIPE, text=True)
+    assert child.process.stdout.readline().strip() == "ready"
     try:
         launcher._stop()  # (what run() does once a replica exited 2)
         launcher._request_stop(signal.SIGINT)
@@ -226,3 +231,4 @@ def test_one_ctrl_c_while_a_failed_launch_drains_is_not_a_second_one(monkeypatch
         if child.process.poll() is None:
             child.process.kill()
         child.process.wait()
+        child.process.stdout.close()
