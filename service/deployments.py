@@ -82,7 +82,7 @@ class Deployment:
         self.successor: Optional["Deployment"] = None
         self._runners: dict[Any, Any] = {}  # ModelCall.run → the executor's callable for it
         self.batcher = None  # text and captions: the ContinuousBatcher its generations share, when it has one
-        self.model_process: Optional[ModelProcess] = None  # policies with model_process: the child, also its pipeline
+        self.model_process: Optional[ModelProcess] = None  # with model_process: the child, also its pipeline
         self.restarting = False  # its model process died and a new one is loading (status LOADING meanwhile)
         # status and restarting, between the loading thread and a model process's watching thread
         self._state_lock = threading.Lock()
@@ -137,10 +137,11 @@ class Deployment:
             if not in_process and self.modality != "action" and not pipeline.decodes_continuously:
                 logger.info("deployment %s (%s) runs its model on its thread: its model cannot decode in a continuous "
                             "batcher's slots, which a model process needs", self.name, self.model_type)
-                pipeline.close()
                 in_process = True
-                with _LOAD_LOCK:
-                    pipeline = load_pipeline(**load)
+                if device.type != "cpu":  # (on the CPU the copy already is what loading in-process gives)
+                    pipeline.close()
+                    with _LOAD_LOCK:
+                        pipeline = load_pipeline(**load)
             if not in_process:
                 self.stage = "starting the model process"
                 process_class = ModelProcess if self.modality == "action" else TextModelProcess
@@ -392,7 +393,7 @@ class Deployment:
             "batching": {"max_batch_size": self.executor.max_batch_size if self.status == READY else
                          (self.spec.max_batch_size or self.settings.max_batch_size),
                          "batch_wait_ms": self.batch_wait_ms, **self._generation_mode()},
-            # Policies with model_process: the child process that runs the model (its pid, for the operator).
+            # With model_process: the child process that runs the model (its pid, for the operator).
             "model_process": ({"pid": self.model_process.pid, "alive": self.model_process.alive,
                                "restarts": len(self.recent_restarts()), "last_exit": self.model_process_exit}
                               if self.model_process is not None else None),

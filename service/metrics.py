@@ -134,7 +134,7 @@ class Metrics:
             "their deadline or its max_queue_ms, by where: before the body was read (body), before its images were "
             "decoded (decode), when queueing (queue).", ["deployment", "stage"], registry=r), self)
         self.model_process_restarts = DeploymentMetric(Counter(
-            "vla_model_process_restarts", "Policies with model_process: model processes that died while serving and "
+            "vla_model_process_restarts", "Deployments with model_process: model processes that died while serving and "
             "were started again (VLA_MODEL_PROCESS_RESTARTS).", ["deployment"], registry=r), self)
         self.read_timeouts = Counter("vla_read_timeouts", "Connections closed because a request's headers or body "
                                      "did not arrive in time (VLA_HEADER_TIMEOUT_S, VLA_BODY_TIMEOUT_S).", ["phase"],
@@ -285,9 +285,9 @@ class _StateCollector:
                     for process in [d.model_process]
                     if process is not None and process.alive and process.cuda_memory_allocated is not None}
         if children:
-            family = GaugeMetricFamily("vla_model_process_cuda_memory_allocated_bytes", "Policies with model_process "
-                                       "on CUDA: CUDA memory in use by tensors in the deployment's model process, "
-                                       "after its last call.", labels=["deployment"])
+            family = GaugeMetricFamily("vla_model_process_cuda_memory_allocated_bytes", "Deployments with "
+                                       "model_process on CUDA: CUDA memory in use by tensors in the deployment's "
+                                       "model process, after its last call.", labels=["deployment"])
             for name, value in children.items():
                 family.add_metric([name], float(value))
             yield family

@@ -277,3 +277,18 @@ def test_a_send_that_finds_the_socket_full_takes_the_childs_reports_meanwhile():
     assert operation == "submit" and np.array_equal(args[2][0][0], big)
     ours.close()
     theirs.close()
+
+
+def test_a_model_that_cannot_join_a_running_batch_runs_on_its_thread(tiny_checkpoints, monkeypatch):
+    """A model process streams only from a continuous batcher: a text model without slots is served on its thread
+    (from the copy already loaded, on the CPU), one request's generation at a time."""
+    from vla_foundry.pipelines.text import TextPipeline
+
+    monkeypatch.setattr(TextPipeline, "decodes_continuously", property(lambda self: False))
+    spec = DeploymentSpec(name="t", checkpoint=str(tiny_checkpoints["transformer"]), model_process=True)
+    with serving(spec, continuous_batching=True) as c:
+        info = c.get("/models/t").json()
+        assert info["status"] == "ready" and info["model_process"] is None
+        assert info["batching"]["generation"] == "per_request"
+        reply = c.post("/predict/transformer", json={**PREDICT_REQUESTS["transformer"], "model": "t"})
+        assert reply.status_code == 200 and len(reply.json()["completions"]) == 2
