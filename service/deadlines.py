@@ -87,6 +87,46 @@ def tightened(timeout_s: Optional[float] = None, arrived: Optional[float] = None
         current_deadline.reset(token)
 
 
+class Reservation:
+    """One admitted request counted in ``counts[batchable]`` (its deployment executor's ``pending``) until
+    ``release`` (idempotent), so that admission counts requests between their admission and their queue."""
+
+    __slots__ = ("_counts", "_batchable")
+
+    def __init__(self, counts: dict[bool, int], batchable: bool):
+        counts[batchable] += 1
+        self._counts: Optional[dict[bool, int]] = counts
+        self._batchable = batchable
+
+    def release(self) -> None:
+        if self._counts is not None:
+            self._counts[self._batchable] -= 1
+            self._counts = None
+
+    def counted_in(self, counts: dict[bool, int]) -> Optional[bool]:
+        """The kind (batchable or not) this reservation holds in ``counts``; None when it holds none there."""
+        return self._batchable if self._counts is counts else None
+
+
+# The reservation a request got from EarlyAdmission: it counts as waiting from its headers until it queues
+# (Deployment.call releases it then; EarlyAdmission when the request ends before), through its body's reading
+# and parsing and its images' decoding. Its own later admissions do not count it against itself.
+_early_reservation: contextvars.ContextVar[Optional[Reservation]] = contextvars.ContextVar("early_reservation",
+                                                                                          default=None)
+
+
+def early_reservation_in(counts: dict[bool, int]) -> Optional[bool]:
+    """The kind of this request's early reservation in ``counts`` (an executor's ``pending``), or None."""
+    reservation = _early_reservation.get()
+    return None if reservation is None else reservation.counted_in(counts)
+
+
+def release_early_reservation() -> None:
+    reservation = _early_reservation.get()
+    if reservation is not None:
+        reservation.release()
+
+
 _pacing_jitter = random.Random()  # spreads held refusals (not a model's randomness, which is seeded per request)
 
 
@@ -145,6 +185,16 @@ class EarlyAdmission:
                     await error_response(Request(scope), e.status, e.message, e.field, type=e.type,
                                          headers=headers)(scope, receive, send)
                     return
+                # Admitted: counted as waiting until it queues (see reserve), so that the requests arriving
+                # meanwhile see it and a burst is refused here, not after its bodies were read and decoded.
+                reservation = deployment.reserve(True)
+                token = _early_reservation.set(reservation)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    reservation.release()  # (a request that ended before it queued: a 422, a 413, …)
+                    _early_reservation.reset(token)
+                return
         await self.app(scope, receive, send)
 
     def _deployment_for(self, path: str):

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from service.errors import ApiError
-from service.deadlines import deadline_for
+from service.deadlines import Reservation, deadline_for, early_reservation_in, release_early_reservation
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
 from service.gc_pauses import freeze_long_lived, thaw, thaw_and_collect
 from service.metrics import Metrics
@@ -299,26 +299,35 @@ class Deployment:
             what = "stopped serving" if self.pipeline is not None else "failed to load"
             raise ApiError(503, f"deployment {self.name!r} {what}; GET /models/{self.name} has the reason")
 
+    def reserve(self, batchable: bool) -> Reservation:
+        """Count a request admitted but not queued yet (its body being read, its images decoded) as waiting until
+        the reservation is released: admission sees it, so a burst that arrives at an empty queue is not admitted
+        whole only to wait (and be refused when it queues, after the costly parts)."""
+        return Reservation(self.executor.pending, batchable)
+
     @contextlib.contextmanager
     def reserving(self, batchable: bool) -> Iterator[None]:
-        """A request admitted and being decoded (its images) counts as waiting while the block runs: admission
-        sees it, so a burst that arrives at an empty queue is not admitted whole only to wait."""
-        self.executor.pending[batchable] += 1
+        """``reserve`` for the block, unless the request holds its early reservation here already."""
+        if early_reservation_in(self.executor.pending) is not None:
+            yield
+            return
+        reservation = self.reserve(batchable)
         try:
             yield
         finally:
-            self.executor.pending[batchable] -= 1
+            reservation.release()
 
     def admit(self, batchable: bool = True, stage: str = "queue", generation: bool = False) -> Optional[float]:
         """This request's deadline (deadlines.py), after refusing it (503) when the expected wait already
         exceeds what is left of it, or this deployment's ``max_queue_ms``. ``call`` admits (``stage`` "queue");
         transports also admit before the costly parts of a request ("body": before it is read, "decode": before
         its images are decoded); ``vla_requests_shed_total`` counts refusals by stage. A ``generation`` for the
-        continuous batcher waits for a slot, not for the queue's calls: the batcher estimates that wait."""
+        continuous batcher waits for a slot, not for the queue's calls: the batcher estimates that wait. The
+        request's own early reservation (``EarlyAdmission``) is not counted against it."""
         self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
         wait_s = (self.batcher.expected_wait_s() if generation and self.batcher is not None
-                  else self.executor.expected_wait_s(batchable))
+                  else self.executor.expected_wait_s(batchable, early_reservation_in(self.executor.pending)))
         if not wait_s:
             return deadline
         retry_after = max(1, math.ceil(wait_s))
@@ -346,6 +355,7 @@ class Deployment:
         runner = self._runners.get(call.run)
         if runner is None:  # one callable per run: the executor batches jobs whose callable is the same
             runner = self._runners.setdefault(call.run, lambda items, run=call.run: run(self.pipeline, items))
+        release_early_reservation()  # it queues now (no await before the executor counts it in its depth)
         try:
             if call.start is not None and self.batcher is not None:
                 timed = await self.executor.run_continuous(

@@ -126,16 +126,18 @@ class ModelExecutor:
             wakeup()
         return future
 
-    def expected_wait_s(self, batchable: bool = True) -> float:
+    def expected_wait_s(self, batchable: bool = True, own_pending: Optional[bool] = None) -> float:
         """How long a request queued now would wait before its call starts: what is left of the running call,
         then a call per plain request ahead, then a full batch per ``max_batch_size`` batchable ones ahead
         (a batchable request joins the last batch that is not full). Under a flood of batchable requests
-        this is a few batch calls, not the queue's length times one call: admission keeps batches full."""
+        this is a few batch calls, not the queue's length times one call: admission keeps batches full.
+        ``own_pending``: the asking request is itself one of the ``pending`` of that kind (batchable or not), not
+        ahead of itself."""
         size = max(1, self.max_batch_size)
         with self._counts:
             depth, batched_depth = self.depth, self.batched_depth
-        plain = depth - batched_depth + self.pending[False]
-        batched = batched_depth + self.pending[True]
+        plain = depth - batched_depth + self.pending[False] - (own_pending is False)
+        batched = batched_depth + self.pending[True] - (own_pending is True)
         batches_ahead = batched // size if batchable else -(-batched // size)  # a plain request joins no batch
         wait = plain * self.call_s(1) + batches_ahead * self.call_s(size)
         running = self._running

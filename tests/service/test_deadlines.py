@@ -258,7 +258,8 @@ def test_an_overloaded_deployment_refuses_before_the_body_is_read(tiny_checkpoin
         policy = deployment(client, "policy")
         body = json.dumps(BODIES["diffusion_policy"]).encode()
         assert client.post("/predict/diffusion_policy", content=body).status_code == 200
-        monkeypatch.setattr(policy.executor, "expected_wait_s", lambda batchable=True: 2.4)  # 2.4 s queued
+        monkeypatch.setattr(policy.executor, "expected_wait_s",
+                            lambda batchable=True, own_pending=None: 2.4)  # 2.4 s queued
         reads: list[dict] = []
         sent: list[dict] = []
 
@@ -283,6 +284,61 @@ def test_an_overloaded_deployment_refuses_before_the_body_is_read(tiny_checkpoin
             client.get("/metrics").text  # counted under its route, as a refusal after the body would be
         monkeypatch.undo()
         assert client.post("/predict/diffusion_policy", content=body).status_code == 200
+
+
+def test_a_request_admitted_before_its_body_counts_as_waiting_until_it_queues(tiny_checkpoints, monkeypatch):
+    """A burst at an empty queue: the first request is admitted from its headers and counts as waiting while its
+    body is read, so the second (whose expected wait is then one call, over max_queue_ms) is refused before its own
+    body is read, not after it was parsed and decoded. The first still runs: its own reservation does not count
+    against it when it queues. Without the reservation both were admitted from their headers."""
+    from tests.factories import PREDICT_REQUESTS as BODIES
+
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]),
+                                max_queue_ms=500, max_batch_size=1), shed_pacing_s=0) as client:
+        policy = deployment(client, "policy")
+        body = json.dumps(BODIES["diffusion_policy"]).encode()
+        assert client.post("/predict/diffusion_policy", content=body).status_code == 200
+        monkeypatch.setattr(policy.executor, "call_s", lambda batch_size: 1.0)  # a call takes 1 s, by its record
+
+        def scope() -> dict:
+            return {"type": "http", "method": "POST", "path": "/predict/diffusion_policy", "raw_path": b"",
+                    "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                    "scheme": "http", "http_version": "1.1",
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+        async def burst() -> tuple[list[dict], list[dict], list[int]]:
+            first_reads, first_sent, second_sent = [], [], []
+            body_arrives = asyncio.Event()
+
+            async def first_receive():
+                first_reads.append(len(first_reads))
+                if len(first_reads) > 1:  # (read again while it runs: the client stays until its reply)
+                    await asyncio.Event().wait()
+                await body_arrives.wait()  # its body is on its way while the second request arrives
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def never_read():
+                raise AssertionError("the refused request's body was read")
+
+            async def collect(box, message):
+                box.append(message)
+
+            first = asyncio.ensure_future(client.app(scope(), first_receive, lambda m: collect(first_sent, m)))
+            while not first_reads:  # admitted from its headers, reading its body
+                await asyncio.sleep(0.01)
+            await client.app(scope(), never_read, lambda m: collect(second_sent, m))
+            pending = dict(policy.executor.pending)
+            body_arrives.set()
+            await first
+            return first_sent, second_sent, [pending[True], policy.executor.pending[True]]
+
+        first_sent, second_sent, pending = asyncio.run(burst())
+        status = {name: next(m["status"] for m in sent if m["type"] == "http.response.start")
+                  for name, sent in (("first", first_sent), ("second", second_sent))}
+        assert status == {"first": 200, "second": 503}
+        reply = json.loads(b"".join(m.get("body", b"") for m in second_sent if m["type"] == "http.response.body"))
+        assert "expects a wait of 1000 ms" in reply["error"]["message"]
+        assert pending == [1, 0]  # the first counted while its body was read; nothing left counted after
 
 
 def test_the_expected_wait_counts_batches_not_requests():
@@ -320,7 +376,8 @@ def test_an_overload_refusal_is_held_back(tiny_checkpoints, monkeypatch, deadlin
     with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), max_queue_ms=50,
                                 request_timeout_s=0.15 if deadline == "deployment" else None),
                  shed_pacing_s=pacing) as client:
-        monkeypatch.setattr(deployment(client, "policy").executor, "expected_wait_s", lambda batchable=True: 2.4)
+        monkeypatch.setattr(deployment(client, "policy").executor, "expected_wait_s",
+                            lambda batchable=True, own_pending=None: 2.4)
         headers = {"x-request-timeout": timeout} if deadline == "header" else {}
         started = time.perf_counter()
         response = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"],

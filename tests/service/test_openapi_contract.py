@@ -123,7 +123,8 @@ def test_the_timeout_header_is_honoured_and_its_bounds_enforced(client, monkeypa
         assert response.status_code == 400 and response.json()["error"]["field"] == "X-Request-Timeout", value
     assert client.post("/predict/transformer", json=TEXT,
                        headers={"X-Request-Timeout": f"{MAX_TIMEOUT_S:g}"}).status_code == 200
-    monkeypatch.setattr(executor, "expected_wait_s", lambda batchable=True: 2.4)  # 2.4 s of work queued
+    monkeypatch.setattr(executor, "expected_wait_s",
+                        lambda batchable=True, own_pending=None: 2.4)  # 2.4 s of work queued
     refused = client.post("/predict/transformer", json=TEXT, headers={"X-Request-Timeout": "1"})
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded", refused.text
     assert refused.headers["retry-after"] == "3" and refused.headers["x-request-id"]
