@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from contextlib import asynccontextmanager
@@ -17,7 +18,8 @@ from service.metrics import Metrics, RequestMetrics
 from service.images import PixelBudget
 from service.memory import return_large_blocks_to_the_system
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute, OriginCheck
-from service.deadlines import Deadlines, EarlyAdmission
+from service.deadlines import Deadlines
+from service.front_door import FrontDoor
 from service.light_requests import LightRequestPacer
 from service.probes import LivenessProbe
 from service.replicas import Fleet, Replica, ReplicaDirectory
@@ -44,6 +46,18 @@ def unprotected_warning(settings: Settings) -> Optional[str]:
         return None
     return (f"serving on {settings.host} without API keys: anyone who reaches this address can use every "
             "deployment; set VLA_API_KEYS or VLA_API_KEYS_FILE")
+
+
+class ServeApp(FastAPI):
+    """FastAPI with a front door (``front_door.py``) ahead of the framework and every middleware."""
+
+    front_door: Optional[FrontDoor] = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.front_door is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.front_door(scope, receive, send)
 
 
 def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] = None) -> FastAPI:
@@ -82,7 +96,7 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
             if shared is not None:
                 await shared.close()
 
-    app = FastAPI(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
+    app = ServeApp(title="VLA Foundry Serve", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   docs_url=None, redoc_url=None,  # served without a CDN (routes/docs.py)
                   description="Serves VLA Foundry checkpoints: text, captions, images and robot actions.")
     app.router.route_class = DecodedBodyRoute  # routes validate the middleware's unpacked msgpack bodies
@@ -97,8 +111,6 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     app.state.origins = OriginCheck(not settings.api_key_list(), settings.allowed_origin_list())
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_body_keys=settings.max_body_keys, pixels=app.state.pixels, origins=app.state.origins)
-    # A refusal before the body is read (deadlines.py).
-    app.add_middleware(EarlyAdmission, manager=manager, pacing_s=settings.shed_pacing_s)
     api_keys = settings.api_key_list()
     if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)
@@ -113,6 +125,9 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     # Outermost: while a model works, GET/HEAD/OPTIONS requests are paced so a flood cannot take its CPU.
     app.add_middleware(LightRequestPacer, rate=settings.light_requests_per_s, models_at_work=manager.models_at_work,
                        on_delay=metrics.observe_light_delay)
+    # Ahead of all of it: refusals of an overloaded deployment before the body is read (front_door.py).
+    app.front_door = FrontDoor(functools.partial(FastAPI.__call__, app), manager, metrics,
+                               pacing_s=settings.shed_pacing_s, keys=ApiKeys(api_keys) if api_keys else None)
     install_error_handlers(app)
     app.include_router(health.router)
     add_docs_routes(app)

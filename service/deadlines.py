@@ -18,13 +18,11 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth import app_path
 from service.errors import ApiError, error_response
 from service.images import release_pixels
 
@@ -108,9 +106,9 @@ class Reservation:
         return self._batchable if self._counts is counts else None
 
 
-# The reservation a request got from EarlyAdmission: it counts as waiting from its headers until it queues
-# (Deployment.call releases it then; EarlyAdmission when the request ends before), through its body's reading
-# and parsing and its images' decoding. Its own later admissions do not count it against itself.
+# The reservation a request admitted from its headers holds (front_door.py): it counts as waiting from then until it
+# queues (Deployment.call releases it then; hold_early_reservation when the request ends before), through its
+# body's reading and parsing and its images' decoding. Its own later admissions do not count it against itself.
 _early_reservation: contextvars.ContextVar[Optional[Reservation]] = contextvars.ContextVar("early_reservation",
                                                                                           default=None)
 
@@ -125,6 +123,19 @@ def release_early_reservation() -> None:
     reservation = _early_reservation.get()
     if reservation is not None:
         reservation.release()
+
+
+@contextmanager
+def hold_early_reservation(deployment) -> Iterator[None]:
+    """The block (the rest of a request admitted from its headers) holds a reservation of ``deployment``'s, released
+    when the request queues or, at the latest, when the block ends (a request refused before it queued: a 422, …)."""
+    reservation = deployment.reserve(True)
+    token = _early_reservation.set(reservation)
+    try:
+        yield
+    finally:
+        reservation.release()
+        _early_reservation.reset(token)
 
 
 _pacing_jitter = random.Random()  # spreads held refusals (not a model's randomness, which is seeded per request)
@@ -150,63 +161,6 @@ async def paced(exc: ApiError, pacing_s: float) -> Optional[int]:
     release_pixels()  # the refused request's decoded images must not hold the budget while it waits
     await asyncio.sleep(pause)
     return max(0, (exc.retry_after or 1) - math.floor(pause))
-
-
-@dataclass(frozen=True)
-class _RouteLabel:
-    path: str
-
-
-class EarlyAdmission:
-    """Admission before the body is read: a ``POST /predict/{type}`` or ``/evaluate/{type}`` whose type has one
-    deployment here is refused (503 with ``Retry-After``, or 503 while it loads) when that deployment would
-    refuse it anyway, before its body is read, parsed or its images decoded, so that shedding load costs
-    little more than the request's headers. Requests it cannot place (several deployments of the type, an
-    unknown type) go on, and the deployment admits them after decoding."""
-
-    def __init__(self, app: ASGIApp, manager, pacing_s: float = 0.0):
-        self.app = app
-        self.manager = manager
-        self.pacing_s = pacing_s  # overload refusals are held back this long (errors.paced)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            deployment = self._deployment_for(app_path(scope))
-            if deployment is not None:
-                try:
-                    deployment.admit(stage="body")
-                except ApiError as e:
-                    # Labelled as the route would be (its template is this path): the request metrics read it.
-                    scope["route"] = _RouteLabel(app_path(scope))
-                    retry_after = await paced(e, self.pacing_s)
-                    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-                    if (b"expect", b"100-continue") in scope.get("headers", ()):
-                        headers["Connection"] = "close"  # the body was never asked for: this connection ends
-                    await error_response(Request(scope), e.status, e.message, e.field, type=e.type,
-                                         headers=headers)(scope, receive, send)
-                    return
-                # Admitted: counted as waiting until it queues (see reserve), so that the requests arriving
-                # meanwhile see it and a burst is refused here, not after its bodies were read and decoded.
-                reservation = deployment.reserve(True)
-                token = _early_reservation.set(reservation)
-                try:
-                    await self.app(scope, receive, send)
-                finally:
-                    reservation.release()  # (a request that ended before it queued: a 422, a 413, …)
-                    _early_reservation.reset(token)
-                return
-        await self.app(scope, receive, send)
-
-    def _deployment_for(self, path: str):
-        _, kind, model_type, *rest = path.split("/") + ["", ""]
-        if kind not in ("predict", "evaluate") or not model_type or any(rest):
-            return None
-        if any(d.model_type is None for d in self.manager.deployments.values()):
-            return None  # one still loading may be of this type too: the body's `model` decides, later
-        try:
-            return self.manager.resolve(model_type, None)
-        except ApiError:  # unknown type, or several deployments of it: the body's `model` decides, later
-            return None
 
 
 class Deadlines:

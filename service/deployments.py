@@ -323,7 +323,7 @@ class Deployment:
         transports also admit before the costly parts of a request ("body": before it is read, "decode": before
         its images are decoded); ``vla_requests_shed_total`` counts refusals by stage. A ``generation`` for the
         continuous batcher waits for a slot, not for the queue's calls: the batcher estimates that wait. The
-        request's own early reservation (``EarlyAdmission``) is not counted against it."""
+        request's own early reservation (``front_door.py``) is not counted against it."""
         self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
         wait_s = (self.batcher.expected_wait_s() if generation and self.batcher is not None

@@ -67,6 +67,9 @@ class FrontDoor:
         except ApiError as e:
             await self._refuse(scope, receive, send, headers, e, started)
             return
+        except Exception:  # not the door's to answer: the app admits the request again and answers what it meets
+            await self.app(scope, receive, send)
+            return
         finally:
             current_deadline.reset(token)  # (the app's Deadlines sets it again for the request)
         with hold_early_reservation(deployment):  # counted as waiting until it queues

@@ -164,6 +164,15 @@ class Metrics:
         removed); always False before ``watch``. Under ``series_lock``."""
         return self._manager is not None and name not in self._manager.deployments
 
+    def record_request(self, method: str, path: str, route: Optional[str], status: int, seconds: float) -> None:
+        """One HTTP request answered: counted and timed under its route template (``route``; None: no route serves
+        the path), and one ``service.access`` line."""
+        self.requests.labels(route or UNMATCHED, method, str(status)).inc()
+        self.request_seconds.labels(route or UNMATCHED).observe(seconds)
+        access_log.info("%s %s %d %.1fms", method, path, status, seconds * 1000,
+                        extra={"method": method, "path": path, "route": route, "status": status,
+                               "duration_ms": round(seconds * 1000, 3)})
+
     def observe_light_delay(self, seconds: float) -> None:
         self.light_delays.observe(seconds)
 
@@ -357,11 +366,6 @@ class RequestMetrics:
                                      type="unavailable", headers={"Connection": "close", "Retry-After": "1"}
                                      )(scope, receive, send_counted)
         finally:
-            seconds = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or _route_template(scope)
-            status = status or 500
-            self.metrics.requests.labels(route or UNMATCHED, scope["method"], str(status)).inc()
-            self.metrics.request_seconds.labels(route or UNMATCHED).observe(seconds)
-            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, seconds * 1000,
-                            extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status,
-                                   "duration_ms": round(seconds * 1000, 3)})
+            self.metrics.record_request(scope["method"], scope["path"], route, status or 500,
+                                        time.perf_counter() - started)

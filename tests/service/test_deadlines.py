@@ -286,6 +286,45 @@ def test_an_overloaded_deployment_refuses_before_the_body_is_read(tiny_checkpoin
         assert client.post("/predict/diffusion_policy", content=body).status_code == 200
 
 
+def test_the_front_door_refusal_is_the_apps_own(tiny_checkpoints, monkeypatch, caplog):
+    """A refusal at the front door (before FastAPI and the middleware run) is what the app would answer: the
+    request's id in X-Request-ID, the error body and the access line, msgpack to a client that prefers it; the
+    X-Request-Timeout deadline counts; and what the door cannot vouch for goes on into the app: a request without
+    a valid key gets its 401, a malformed X-Request-Timeout its 400, both with their bodies unread here."""
+    import msgpack
+
+    from service.request_ids import RequestIdFilter
+    from tests.factories import PREDICT_REQUESTS as BODIES
+
+    body = json.dumps(BODIES["diffusion_policy"]).encode()
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"])),
+                 api_keys="k1", shed_pacing_s=0) as client:
+        policy = deployment(client, "policy")
+        key = {"Authorization": "Bearer k1"}
+        assert client.post("/predict/diffusion_policy", content=body, headers=key).status_code == 200
+        monkeypatch.setattr(policy.executor, "expected_wait_s", lambda batchable=True, own_pending=None: 2.4)
+        # no max_queue_ms: only a deadline shorter than the expected wait is refused
+        assert client.post("/predict/diffusion_policy", content=body, headers=key).status_code == 200
+        caplog.handler.addFilter(RequestIdFilter())  # (as the server's handlers: the id on each record)
+        with caplog.at_level("INFO", logger="service.access"):
+            refused = client.post("/predict/diffusion_policy", content=body,
+                                  headers={**key, "X-Request-Timeout": "1", "X-Request-ID": "robot-7.step-3",
+                                           "Accept": "application/msgpack"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+        assert refused.headers["x-request-id"] == "robot-7.step-3"
+        error = msgpack.unpackb(refused.content)["error"]
+        assert error["type"] == "overloaded" and "past its deadline" in error["message"]
+        assert error["request_id"] == "robot-7.step-3"
+        line = next(r for r in caplog.records if r.name == "service.access" and r.status == 503)
+        assert line.request_id == "robot-7.step-3" and line.route == "/predict/diffusion_policy"
+        assert client.post("/predict/diffusion_policy", content=body,
+                           headers={"X-Request-Timeout": "1"}).status_code == 401
+        malformed = client.post("/predict/diffusion_policy", content=body, headers={**key, "X-Request-Timeout": "x"})
+        assert malformed.status_code == 400 and "X-Request-Timeout" in malformed.json()["error"]["message"]
+        assert 'vla_requests_shed_total{deployment="policy",stage="body"} 1.0' in \
+            client.get("/metrics", headers=key).text
+
+
 def test_a_request_admitted_before_its_body_counts_as_waiting_until_it_queues(tiny_checkpoints, monkeypatch):
     """A burst at an empty queue: the first request is admitted from its headers and counts as waiting while its
     body is read, so the second (whose expected wait is then one call, over max_queue_ms) is refused before its own
