@@ -42,8 +42,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from vla_foundry.sampling import (MIN_TEMPERATURE, SamplingParams, draw, draw_runs, drawable,
-                                  token_distribution)
+from vla_foundry.sampling import MIN_TEMPERATURE, SamplingParams, draw, token_distribution
 
 DEFAULT_PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps (VLA_PREFILL_TOKENS_PER_STEP)
 
@@ -327,8 +326,8 @@ class ContinuousBatcher:
     def _sample_together(self, rows: list[tuple[_Running, list[int]]], logits: torch.Tensor) -> None:
         """Every running generation's next tokens from one decode step's logits (B, V), each generation's rows given
         by their indices. On CPU, generations with the same sampling settings share one ``token_distribution`` (or
-        argmax) over their rows, instead of a handful of small calls each, and one ``draw_runs`` in which each draws
-        from its own rows with its own generator, as it draws alone."""
+        argmax) over their rows, instead of a handful of small calls each; each then draws from its own rows with
+        its own generator, as it draws alone."""
         logits = self._without_never_sampled(logits)
         # On CPU every row is sampled by the same code whatever the rows around it. CUDA's topk and sort choose
         # their algorithm by shape, so tied logits could come out of a group in another order than alone: there
@@ -347,11 +346,6 @@ class ContinuousBatcher:
                     picked = together.argmax(dim=-1).tolist()
                 else:
                     probs, token_ids = token_distribution(together, temperature, top_k, top_p)
-                    # One draw for a group of several (each member's rows from its own generator, as alone) when
-                    # every row can be drawn from; else each member draws alone, so one whose rows multinomial
-                    # refuses fails with its error and the others go on.
-                    picked = (draw_runs(probs, token_ids, [(len(at), r.generation.generator) for r, at in members])
-                              .tolist() if shared and len(members) > 1 and bool(drawable(probs).all()) else None)
             except Exception as e:  # no row can be told apart
                 for r, _ in members:
                     self._end(r, e)
@@ -360,7 +354,7 @@ class ContinuousBatcher:
             for r, at in members:
                 span = slice(first, first + len(at))
                 first += len(at)
-                if picked is not None:
+                if greedy:
                     self._advance(r, picked[span])
                     continue
                 try:

@@ -7,7 +7,7 @@ everywhere. The order and edge cases follow VLA Foundry (format spec §4.4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -72,35 +72,6 @@ def draw(probs: torch.Tensor, token_ids: Optional[torch.Tensor],
     """One token per row of a ``token_distribution`` (B,), drawn with ``generator``."""
     choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
     return choice if token_ids is None else token_ids.gather(-1, choice[:, None]).squeeze(-1)
-
-
-def draw_runs(probs: torch.Tensor, token_ids: Optional[torch.Tensor],
-              runs: Sequence[tuple[int, Optional[torch.Generator]]]) -> torch.Tensor:
-    """One token per row of a ``token_distribution`` (B,), the rows taken in runs of ``(rows, generator)`` in row
-    order: each run's tokens, and its generator's state after, are those of ``draw`` over the run's rows alone.
-
-    Why not a ``draw`` per run: for several requests' rows in one decode step, the checks, buffers and calls of a
-    ``torch.multinomial`` per request cost more than the draw itself. This is multinomial's own way of drawing one
-    sample per row (ATen's single-sample path, the exponential race: argmax over p / q, with q ~ Exp(1) drawn per
-    entry from the generator), with each run's q drawn from its own generator into one buffer, then one division and
-    one argmax for every row. ``tests/test_sampling.py`` checks it against ``torch.multinomial``. Rows that
-    multinomial refuses (a negative, inf or NaN probability, or none above 0) raise its error before anything is
-    drawn, as there: callers that must fail one run alone check ``drawable`` first."""
-    probs = probs.contiguous()
-    q = torch.empty_like(probs)  # (B, K)
-    first = 0
-    for rows, generator in runs:
-        q[first:first + rows].exponential_(1.0, generator=generator)
-        first += rows
-    if first != probs.shape[0]:
-        raise ValueError(f"runs cover {first} rows of {probs.shape[0]}; give one (rows, generator) per run, in order")
-    choice = (probs / q).argmax(dim=-1)  # (B,)
-    return choice if token_ids is None else token_ids.gather(-1, choice[:, None]).squeeze(-1)
-
-
-def drawable(probs: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: whether ``torch.multinomial`` accepts each row of ``probs`` (finite, none below 0, some above 0)."""
-    return (torch.isfinite(probs) & (probs >= 0)).all(dim=-1) & (probs.sum(dim=-1) > 0)
 
 
 def select_next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
