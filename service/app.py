@@ -6,9 +6,10 @@ import functools
 import logging
 import sys
 from contextlib import asynccontextmanager
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import FastAPI, Response
+from starlette.types import ASGIApp
 
 from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
@@ -51,13 +52,18 @@ def unprotected_warning(settings: Settings) -> Optional[str]:
 class ServeApp(FastAPI):
     """FastAPI with a front door (``front_door.py``) ahead of the framework and every middleware."""
 
-    front_door: Optional[FrontDoor] = None
+    front_door: Optional[ASGIApp] = None  # the door, and what ``add_outermost`` wrapped around it
 
     async def __call__(self, scope, receive, send) -> None:
         if self.front_door is None:
             await super().__call__(scope, receive, send)
         else:
             await self.front_door(scope, receive, send)
+
+    def add_outermost(self, middleware: type, **options: Any) -> None:
+        """Wrap ``middleware`` around everything, the front door's replies included (``add_middleware`` wraps
+        FastAPI's own stack only, behind the door)."""
+        self.front_door = middleware(self.front_door, **options)
 
 
 def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] = None) -> FastAPI:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_response
 from service.images import release_pixels
@@ -86,37 +86,51 @@ def tightened(timeout_s: Optional[float] = None, arrived: Optional[float] = None
 
 
 class Reservation:
-    """One admitted request counted in ``counts[batchable]`` (its deployment executor's ``pending``) until
-    ``release`` (idempotent), so that admission counts requests between their admission and their queue."""
+    """One admitted request counted in ``counts[batchable]`` (its deployment executor's ``pending``) from ``hold``
+    (at once unless ``held=False``) until ``release``, so that admission counts requests between their admission
+    and their queue. ``release`` is final (a later ``hold`` counts nothing) and may come twice."""
 
-    __slots__ = ("_counts", "_batchable")
+    __slots__ = ("_target", "_counts", "_batchable")
 
-    def __init__(self, counts: dict[bool, int], batchable: bool):
-        counts[batchable] += 1
-        self._counts: Optional[dict[bool, int]] = counts
+    def __init__(self, counts: dict[bool, int], batchable: bool, held: bool = True):
+        self._target: Optional[dict[bool, int]] = counts
+        self._counts: Optional[dict[bool, int]] = None  # the counts it holds one of, while it does
         self._batchable = batchable
+        if held:
+            self.hold()
+
+    def hold(self) -> None:
+        if self._target is not None and self._counts is None:
+            self._counts = self._target
+            self._counts[self._batchable] += 1
 
     def release(self) -> None:
         if self._counts is not None:
             self._counts[self._batchable] -= 1
-            self._counts = None
+        self._counts = self._target = None
+
+    def counted_as(self, batchable: bool) -> None:
+        """Count it as ``batchable`` (or not) from now on: what the route it reached says it is."""
+        if self._counts is not None and batchable != self._batchable:
+            self._counts[self._batchable] -= 1
+            self._counts[batchable] += 1
+        self._batchable = batchable
 
     def counted_in(self, counts: dict[bool, int]) -> Optional[bool]:
         """The kind (batchable or not) this reservation holds in ``counts``; None when it holds none there."""
         return self._batchable if self._counts is counts else None
 
 
-# The reservation a request admitted from its headers holds (front_door.py): it counts as waiting from then until it
+# The reservation of a request admitted from its headers (front_door.py): it counts as waiting from the moment its
+# whole body is here (not while a slow client sends it: such clients would otherwise fill the wait at will) until it
 # queues (Deployment.call releases it then; hold_early_reservation when the request ends before), through its
-# body's reading and parsing and its images' decoding. Its own later admissions do not count it against itself.
+# body's parsing and its images' decoding. Its own later admissions do not count it against itself.
 _early_reservation: contextvars.ContextVar[Optional[Reservation]] = contextvars.ContextVar("early_reservation",
                                                                                           default=None)
 
 
-def early_reservation_in(counts: dict[bool, int]) -> Optional[bool]:
-    """The kind of this request's early reservation in ``counts`` (an executor's ``pending``), or None."""
-    reservation = _early_reservation.get()
-    return None if reservation is None else reservation.counted_in(counts)
+def early_reservation() -> Optional[Reservation]:
+    return _early_reservation.get()
 
 
 def release_early_reservation() -> None:
@@ -126,13 +140,21 @@ def release_early_reservation() -> None:
 
 
 @contextmanager
-def hold_early_reservation(deployment) -> Iterator[None]:
-    """The block (the rest of a request admitted from its headers) holds a reservation of ``deployment``'s, released
-    when the request queues or, at the latest, when the block ends (a request refused before it queued: a 422, …)."""
-    reservation = deployment.reserve(True)
+def hold_early_reservation(deployment, receive: Receive) -> Iterator[Receive]:
+    """For the block (the rest of a request admitted from its headers): a reservation of ``deployment``'s held from
+    the last chunk of the request's body (read through the ``receive`` yielded) until the request queues or, at the
+    latest, the block ends (a request refused before it queued: a 422, …)."""
+    reservation = deployment.reserve(True, held=False)
+
+    async def receive_then_hold() -> Message:
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            reservation.hold()
+        return message
+
     token = _early_reservation.set(reservation)
     try:
-        yield
+        yield receive_then_hold
     finally:
         reservation.release()
         _early_reservation.reset(token)

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from service.errors import ApiError
-from service.deadlines import Reservation, deadline_for, early_reservation_in, release_early_reservation
+from service.deadlines import Reservation, deadline_for, early_reservation, release_early_reservation
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
 from service.gc_pauses import freeze_long_lived, thaw, thaw_and_collect
 from service.metrics import Metrics
@@ -299,16 +299,20 @@ class Deployment:
             what = "stopped serving" if self.pipeline is not None else "failed to load"
             raise ApiError(503, f"deployment {self.name!r} {what}; GET /models/{self.name} has the reason")
 
-    def reserve(self, batchable: bool) -> Reservation:
-        """Count a request admitted but not queued yet (its body being read, its images decoded) as waiting until
-        the reservation is released: admission sees it, so a burst that arrives at an empty queue is not admitted
-        whole only to wait (and be refused when it queues, after the costly parts)."""
-        return Reservation(self.executor.pending, batchable)
+    def reserve(self, batchable: bool, held: bool = True) -> Reservation:
+        """Count a request admitted but not queued yet (its body parsed, its images decoded) as waiting until the
+        reservation is released (from ``hold`` when not ``held`` at once): admission sees it, so a burst that
+        arrives at an empty queue is not admitted whole only to wait (and be refused when it queues, after the
+        costly parts)."""
+        return Reservation(self.executor.pending, batchable, held)
 
     @contextlib.contextmanager
     def reserving(self, batchable: bool) -> Iterator[None]:
-        """``reserve`` for the block, unless the request holds its early reservation here already."""
-        if early_reservation_in(self.executor.pending) is not None:
+        """``reserve`` for the block, unless the request holds its early reservation here already (then counted as
+        ``batchable`` says from now on: the door reserves before it knows the route's kind)."""
+        early = early_reservation()
+        if early is not None and early.counted_in(self.executor.pending) is not None:
+            early.counted_as(batchable)
             yield
             return
         reservation = self.reserve(batchable)
@@ -326,8 +330,13 @@ class Deployment:
         request's own early reservation (``front_door.py``) is not counted against it."""
         self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
+        early = early_reservation()
+        own = None if early is None else early.counted_in(self.executor.pending)
+        if own is not None and own != batchable:  # (the door reserved before it knew the route's kind)
+            early.counted_as(batchable)
+            own = batchable
         wait_s = (self.batcher.expected_wait_s() if generation and self.batcher is not None
-                  else self.executor.expected_wait_s(batchable, early_reservation_in(self.executor.pending)))
+                  else self.executor.expected_wait_s(batchable, own))
         if not wait_s:
             return deadline
         retry_after = max(1, math.ceil(wait_s))

@@ -79,8 +79,9 @@ class ModelExecutor:
         self._waiting = threading.BoundedSemaphore(max_queue)
         self.depth = 0  # requests waiting (queued or held back), for the metrics; the semaphore is the bound
         self.batched_depth = 0  # of which batchable (they wait in batches of up to max_batch_size)
-        # Requests admitted but not queued yet (decoding their images), batchable or not: counted by the
-        # expected wait, so a burst that arrives while the queue is empty is not all admitted (event loop only).
+        # Requests admitted but not queued yet (their bodies parsed, their images decoded), batchable or not:
+        # counted by the expected wait, so a burst that arrives while the queue is empty is not all admitted
+        # (event loop only).
         self.pending = {True: 0, False: 0}
         # Recent model time of one call by its batch size (moving averages), and the call now running
         # (started, batch size): what the expected wait of a new request is made of.

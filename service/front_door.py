@@ -2,10 +2,10 @@
 
 Under overload most requests are refused (503 with ``Retry-After``), and they share the event loop with the
 requests being served: on the 2-core CPU, 4× the demo policy's capacity is some 2,000 refusals a second. Through
-the whole app (FastAPI, Starlette's middleware stack, request ids, metrics, deadlines, keys) a refusal cost the
-event loop about 150 µs of CPU, 225 µs held back for pacing, so refusing took most of the core the served requests
-needed; here, ahead of all that, about 45 µs (a scratch server answering only refusals, 32 keep-alive clients,
-2026-12-05; ``bench/overload.py`` shows the server's CPU per request under overload).
+the whole app (FastAPI, Starlette's middleware stack, request ids, metrics, deadlines, keys) a refusal took about
+150 µs of the event loop's CPU; ahead of all that, 135 µs, most of it uvicorn's HTTP and the reply itself (a
+scratch server answering only refusals to 32 keep-alive clients, 2026-12-05; bare uvicorn answering a fixed 503
+took 26 µs). ``bench/overload.py`` shows the server's CPU per request under overload.
 
 The door acts on ``POST /predict/{type}`` and ``/evaluate/{type}`` whose type has one deployment here (the path
 names it before the body is read). It makes the checks the app would make first, cheaply, and leaves every
@@ -14,11 +14,13 @@ its 401 or 400 there. Then it admits the request (``Deployment.admit``, stage ``
 the deadline and ``max_queue_ms``). Refused, it answers here in the one error shape, with the request's id (in
 ``X-Request-ID`` and the body), counted and logged as the app counts and logs every request
 (``metrics.record_request``), held back first for pacing (``deadlines.paced``); its body is never read.
-Admitted, the request counts as waiting (a reservation) until it queues, and goes on into the app.
+Admitted, the request goes on into the app, and counts as waiting (a reservation) from the end of its body until
+it queues.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Optional
 
@@ -49,12 +51,11 @@ class FrontDoor:
             return
         started = time.perf_counter()
         deployment = self._deployment_for(app_path(scope))
-        headers = dict(scope.get("headers") or ()) if deployment is not None else {}
-        if deployment is None or not self._authorized(headers):
+        if deployment is None or not self._authorized(scope):
             await self.app(scope, receive, send)
             return
         deadline = None
-        raw_timeout = headers.get(TIMEOUT_HEADER)
+        raw_timeout = _first(scope, TIMEOUT_HEADER)  # (the first, as the app's Deadlines reads it)
         if raw_timeout is not None:
             try:
                 deadline = started + parse_timeout(raw_timeout)
@@ -65,36 +66,39 @@ class FrontDoor:
         try:
             deployment.admit(stage="body")
         except ApiError as e:
-            await self._refuse(scope, receive, send, headers, e, started)
+            await self._refuse(scope, receive, send, e, started)
             return
         except Exception:  # not the door's to answer: the app admits the request again and answers what it meets
             await self.app(scope, receive, send)
             return
         finally:
             current_deadline.reset(token)  # (the app's Deadlines sets it again for the request)
-        with hold_early_reservation(deployment):  # counted as waiting until it queues
-            await self.app(scope, receive, send)
+        with hold_early_reservation(deployment, receive) as receive_then_hold:  # waiting from its body's end
+            await self.app(scope, receive_then_hold, send)
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+    def _authorized(self, scope: Scope) -> bool:
         if self.keys is None:
             return True
-        refusal, _ = self.keys.check(headers.get(b"authorization", b"").decode("latin-1"))
-        return refusal is None
+        # (the last Authorization header, as the app's ApiKeyMiddleware reads it)
+        authorization = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        return self.keys.check(authorization.decode("latin-1"))[0] is None
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], e: ApiError,
-                      started: float) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, e: ApiError, started: float) -> None:
         request_id = request_id_of(scope)
         token = current_request_id.set(request_id)  # in the body, and on the access log line
         status = e.status
         try:
-            retry_after = await paced(e, self.pacing_s)
+            try:
+                retry_after = await paced(e, self.pacing_s)
+            except asyncio.CancelledError:  # held when the server's drain ran out: answered at once instead
+                retry_after = e.retry_after
             reply_headers = {REQUEST_ID_HEADER.decode(): request_id}
             if retry_after is not None:
                 reply_headers["Retry-After"] = str(retry_after)
-            if headers.get(b"expect", b"").lower() == b"100-continue":
+            if (_first(scope, b"expect") or b"").lower() == b"100-continue":
                 reply_headers["Connection"] = "close"  # the body was never asked for: this connection ends
             response = encode_response(error_body(status, e.message, e.field, e.type, scope),
-                                       headers.get(b"accept", b"").decode("latin-1"), status_code=status,
+                                       (_first(scope, b"accept") or b"").decode("latin-1"), status_code=status,
                                        headers=reply_headers)
             await response(scope, receive, send)
         finally:
@@ -112,3 +116,8 @@ class FrontDoor:
             return self.manager.resolve(model_type, None)
         except ApiError:  # unknown type, or several deployments of it: the body's `model` decides, later
             return None
+
+
+def _first(scope: Scope, name: bytes) -> Optional[bytes]:
+    """The first value of header ``name`` (as Starlette's ``Request.headers`` reads it), or None."""
+    return next((value for key, value in scope.get("headers") or () if key == name), None)

@@ -210,7 +210,7 @@ def replica_app(settings: Settings, num_gpus: int):
     logger.info("replica with %d GPU(s): device %s", num_gpus, settings.device)
     fastapi_app = create_app(settings, Replica.of_this_process("ray", id=_serve_replica_id()))
     hold_startup_until_loaded(fastapi_app)
-    fastapi_app.add_middleware(ReplicaHeaderMiddleware)
+    fastapi_app.add_outermost(ReplicaHeaderMiddleware)  # (the front door's refusals carry it too)
     return fastapi_app
 
 

@@ -334,7 +334,7 @@ def test_replica_app_starts_only_once_loaded(tmp_path, tiny_tokenizer):
     broken.mkdir()
     (broken / "config_model.yaml").write_text("type: transformer\n")  # no weights: fails to load
     settings = Settings.load(deployments=[DeploymentSpec(name="tiny", checkpoint=str(checkpoint)),
-                                          DeploymentSpec(name="broken", checkpoint=str(broken))])
+                                          DeploymentSpec(name="broken", checkpoint=str(broken))], shed_pacing_s=0)
     fastapi_app = replica_app(settings, num_gpus=0)
     with pytest.raises(RuntimeError, match="still loading: tiny, broken"):
         check_health(fastapi_app)
@@ -343,6 +343,11 @@ def test_replica_app_starts_only_once_loaded(tmp_path, tiny_tokenizer):
         check_health(fastapi_app)  # a failed deployment is reported, not a reason to restart the replica
         response = client.get("/models/tiny")
         assert response.json()["device"] == "cpu" and response.headers["x-serve-replica"] == "unknown"
+        # a refusal at the front door (ahead of FastAPI's middleware) says which replica refused too
+        tiny = fastapi_app.state.manager.get("tiny")
+        tiny.executor.expected_wait_s = lambda batchable=True, own_pending=None: 2.4
+        refused = client.post("/predict/transformer", json={"prompt": "hi"}, headers={"X-Request-Timeout": "1"})
+        assert refused.status_code == 503 and refused.headers["x-serve-replica"] == "unknown", refused.text
 
 
 def test_two_replicas_answer_models_and_predict(served):

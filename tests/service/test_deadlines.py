@@ -325,11 +325,13 @@ def test_the_front_door_refusal_is_the_apps_own(tiny_checkpoints, monkeypatch, c
             client.get("/metrics", headers=key).text
 
 
-def test_a_request_admitted_before_its_body_counts_as_waiting_until_it_queues(tiny_checkpoints, monkeypatch):
-    """A burst at an empty queue: the first request is admitted from its headers and counts as waiting while its
-    body is read, so the second (whose expected wait is then one call, over max_queue_ms) is refused before its own
-    body is read, not after it was parsed and decoded. The first still runs: its own reservation does not count
-    against it when it queues. Without the reservation both were admitted from their headers."""
+def test_a_request_admitted_from_its_headers_counts_as_waiting_from_its_body_until_it_queues(tiny_checkpoints,
+                                                                                              monkeypatch):
+    """A burst at an empty queue: the first request, admitted from its headers, counts as waiting once its body is
+    all here and until it queues, so the next (whose expected wait is then one call, over max_queue_ms) is refused
+    before its own body is read, not after it was parsed and decoded; the first still runs (its own reservation does
+    not count against it). While the first's body is still on its way it counts for nothing: a client that sends
+    its body slowly cannot fill the queue's expected wait. Without the reservation the second was admitted too."""
     from tests.factories import PREDICT_REQUESTS as BODIES
 
     with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]),
@@ -338,6 +340,14 @@ def test_a_request_admitted_before_its_body_counts_as_waiting_until_it_queues(ti
         body = json.dumps(BODIES["diffusion_policy"]).encode()
         assert client.post("/predict/diffusion_policy", content=body).status_code == 200
         monkeypatch.setattr(policy.executor, "call_s", lambda batch_size: 1.0)  # a call takes 1 s, by its record
+        real_call, at_call, go_on = policy.call, asyncio.Event(), asyncio.Event()
+
+        async def held_call(call):  # the first, parsed and decoded, held on its way into the queue
+            at_call.set()
+            await go_on.wait()
+            return await real_call(call)
+
+        monkeypatch.setattr(policy, "call", held_call)
 
         def scope() -> dict:
             return {"type": "http", "method": "POST", "path": "/predict/diffusion_policy", "raw_path": b"",
@@ -353,7 +363,7 @@ def test_a_request_admitted_before_its_body_counts_as_waiting_until_it_queues(ti
                 first_reads.append(len(first_reads))
                 if len(first_reads) > 1:  # (read again while it runs: the client stays until its reply)
                     await asyncio.Event().wait()
-                await body_arrives.wait()  # its body is on its way while the second request arrives
+                await body_arrives.wait()
                 return {"type": "http.request", "body": body, "more_body": False}
 
             async def never_read():
@@ -363,21 +373,45 @@ def test_a_request_admitted_before_its_body_counts_as_waiting_until_it_queues(ti
                 box.append(message)
 
             first = asyncio.ensure_future(client.app(scope(), first_receive, lambda m: collect(first_sent, m)))
-            while not first_reads:  # admitted from its headers, reading its body
+            while not first_reads:  # admitted from its headers, its body on its way
                 await asyncio.sleep(0.01)
-            await client.app(scope(), never_read, lambda m: collect(second_sent, m))
-            pending = dict(policy.executor.pending)
+            counted = [policy.executor.pending[True]]
             body_arrives.set()
+            await at_call.wait()
+            counted.append(policy.executor.pending[True])
+            await client.app(scope(), never_read, lambda m: collect(second_sent, m))
+            go_on.set()
             await first
-            return first_sent, second_sent, [pending[True], policy.executor.pending[True]]
+            return first_sent, second_sent, [*counted, policy.executor.pending[True]]
 
-        first_sent, second_sent, pending = asyncio.run(burst())
+        first_sent, second_sent, counted = asyncio.run(burst())
         status = {name: next(m["status"] for m in sent if m["type"] == "http.response.start")
                   for name, sent in (("first", first_sent), ("second", second_sent))}
         assert status == {"first": 200, "second": 503}
         reply = json.loads(b"".join(m.get("body", b"") for m in second_sent if m["type"] == "http.response.body"))
         assert "expects a wait of 1000 ms" in reply["error"]["message"]
-        assert pending == [1, 0]  # the first counted while its body was read; nothing left counted after
+        assert counted == [0, 1, 0]  # nothing while its body came, one until it queued, nothing after
+
+
+def test_a_reservation_counts_once_from_hold_to_release_under_its_latest_kind():
+    from service.deadlines import Reservation
+
+    pending = {True: 0, False: 0}
+    later = Reservation(pending, True, held=False)
+    assert pending == {True: 0, False: 0} and later.counted_in(pending) is None
+    later.hold()
+    later.hold()
+    assert pending == {True: 1, False: 0} and later.counted_in(pending) is True
+    later.counted_as(False)  # the route it reached is not batched
+    assert pending == {True: 0, False: 1} and later.counted_in(pending) is False
+    later.release()
+    later.release()
+    later.hold()  # released is final
+    assert pending == {True: 0, False: 0} and later.counted_in(pending) is None
+    never = Reservation(pending, True, held=False)
+    never.release()  # a request that ended before its body was all here
+    never.hold()
+    assert pending == {True: 0, False: 0}
 
 
 def test_the_expected_wait_counts_batches_not_requests():
