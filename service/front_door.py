@@ -3,7 +3,7 @@
 Under overload most requests are refused (503 with ``Retry-After``), and they share the event loop with the
 requests being served: on the 2-core CPU, 4× the demo policy's capacity is some 2,000 refusals a second. Through
 the whole app (FastAPI, Starlette's middleware stack, request ids, metrics, deadlines, keys) a refusal took about
-150 µs of the event loop's CPU; ahead of all that, 135 µs, most of it uvicorn's HTTP and the reply itself (a
+150 µs of the event loop's CPU; ahead of all that, 135-139 µs, most of it uvicorn's HTTP and the reply itself (a
 scratch server answering only refusals to 32 keep-alive clients, 2026-12-05; bare uvicorn answering a fixed 503
 took 26 µs). ``bench/overload.py`` shows the server's CPU per request under overload.
 
