@@ -308,11 +308,10 @@ class Deployment:
 
     @contextlib.contextmanager
     def reserving(self, batchable: bool) -> Iterator[None]:
-        """``reserve`` for the block, unless the request holds its early reservation here already (then counted as
-        ``batchable`` says from now on: the door reserves before it knows the route's kind)."""
+        """``reserve`` for the block, unless the request holds its early reservation here already (``admit``, which
+        comes first, has given it the route's kind)."""
         early = early_reservation()
         if early is not None and early.counted_in(self.executor.pending) is not None:
-            early.counted_as(batchable)
             yield
             return
         reservation = self.reserve(batchable)
