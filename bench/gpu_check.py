@@ -12,16 +12,19 @@ then `--only fleet,text`):
 - `generate`: `bench/generate.py --device cuda --dtype bfloat16` (tokens/s with and without the KV
   cache and the CUDA-graph decoder);
 - `images`: `bench/images.py --device cuda --dtype bfloat16`;
-- `policy`: `bench/policy_sampling.py --device cuda --gpu-policy` (eager vs CUDA-graph sampling per
-  batch size: the compute floor a robot's round trip is compared with);
-- `fleet`: `bench/fleet.py --device cuda --gpu-policy --concurrency 1,16 --robot-processes 4` (robots over HTTP,
+- `policy`: `bench/policy_sampling.py --device cuda --dtype bfloat16 --gpu-policy` (eager vs CUDA-graph sampling
+  per batch size: the compute floor a robot's round trip is compared with, in the fleet step's dtype);
+- `fleet`: `bench/fleet.py --device cuda --dtype bfloat16 --gpu-policy --concurrency 1,16 --robot-processes 4`
+  (robots over HTTP, in bfloat16, where the policy's batch of 16 costs about twice one robot (the 16-robot goal
+  cannot be met in float32, where it costs 4.4×),
   batching off and on, on with the policy's model in a process of its own, LitServe beside it when it is
   installed, e.g. from the carried wheels (this step never pip-installs it: a GPU host has no registry, and
   pip's retries would spend the step's time); the GPU goals: 16 robots ≥ 10× one, one robot's p50 ≤ 1.5×
   the compute floor; its starvation rows are skipped: a CPU matter);
-- `text`: `bench/text_serving.py --device cuda --random-model 24x2048 --concurrency 1,32 --servers on,process,off`
+- `text`: `bench/text_serving.py --device cuda --random-model 24x2048 --concurrency 1,32 --rounds 2 --servers on,off`
   (OpenAI clients streaming from a 24-layer width-2048 model, continuous batching on and off; the GPU
-  goal: 32 clients ≥ 10× one client's tokens/s).
+  goal: 32 clients ≥ 10× one client's tokens/s; `--servers on,process,off` adds the model process's rows, at
+  about two more minutes).
 Each step's own table is printed as it finishes; the summary at the end lists every step with its
 status and seconds, dated, ready to paste into the README. Exit status 1 when a step failed.
 
@@ -56,17 +59,17 @@ STEPS = {
     "images": ([PY, str(HERE / "images.py"), "--device", "cuda", "--dtype", "bfloat16"],
                [PY, str(HERE / "images.py"), "--device", "cpu", "--size", "16", "--timesteps", "4", "--fast-steps",
                 "2", "--batch", "1"], 60),
-    "policy": ([PY, str(HERE / "policy_sampling.py"), "--device", "cuda", "--gpu-policy"],
+    "policy": ([PY, str(HERE / "policy_sampling.py"), "--device", "cuda", "--dtype", "bfloat16", "--gpu-policy"],
                [PY, str(HERE / "policy_sampling.py"), "--device", "cpu", "--batch-sizes", "1,2", "--repeats", "3"],
                90),
     # The robots in 4 processes there: a GPU host has the cores, and one process's threads share one interpreter.
-    "fleet": ([PY, str(HERE / "fleet.py"), "--device", "cuda", "--gpu-policy", "--concurrency", "1,16",
+    "fleet": ([PY, str(HERE / "fleet.py"), "--device", "cuda", "--dtype", "bfloat16", "--gpu-policy", "--concurrency", "1,16",
                "--seconds", "6", "--no-starvation", "--robot-processes", "4"]
               + ([] if importlib.util.find_spec("litserve") else ["--no-litserve"]),  # no registry there to get it
               [PY, str(HERE / "fleet.py"), "--device", "cpu", "--tiny", "--concurrency", "1,2", "--seconds", "1",
                "--warmup", "0.5", "--no-starvation", "--no-litserve", "--robot-processes", "2"], 150),
     "text": ([PY, str(HERE / "text_serving.py"), "--device", "cuda", "--random-model", "24x2048",
-              "--concurrency", "1,32", "--seconds", "5", "--servers", "on,process,off"],
+              "--concurrency", "1,32", "--seconds", "5", "--rounds", "2", "--servers", "on,off"],
              [PY, str(HERE / "text_serving.py"), "--device", "cpu", "--random-model", "2x64", "--concurrency", "1,2",
               "--seconds", "1", "--warmup", "0.5", "--servers", "on,process"], 420),
 }
