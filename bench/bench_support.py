@@ -161,10 +161,28 @@ def server_process(command: list[str], env: dict[str, str], port: int, ready_pat
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(proc, base, ready_path, name, log, ready_timeout_s)
+        SERVER_PIDS[base] = proc.pid
         yield base
     finally:
+        SERVER_PIDS.pop(base, None)
         stop_group(proc)
         log.close()
+
+
+SERVER_PIDS: dict[str, int] = {}  # base URL → the process of a server that `server_process` runs
+
+
+def main_thread_cpu_s(base: str) -> float | None:
+    """The CPU seconds (user and system) that the main thread of the server at ``base`` (started by
+    `server_process`) has used: for our server and uvicorn, the event loop's thread. None where it cannot be
+    read (not Linux, or no such server)."""
+    pid = SERVER_PIDS.get(base)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def demo_policy() -> Path:

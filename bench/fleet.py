@@ -82,7 +82,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from bench_support import build_policy, demo_policy, free_port, serve_command, server_process
+from bench_support import build_policy, demo_policy, free_port, main_thread_cpu_s, serve_command, server_process
 from service.gc_pauses import freeze_long_lived
 from vla_foundry_client import HttpPolicyClient, WebsocketPolicyClient
 from vla_foundry_client.arrays import pack, unpack
@@ -296,11 +296,13 @@ class ServerTiming:
     run: float  # the model call: over HTTP the pipeline's sampling and chunks (its preparation counts as the
     # route's), over the websocket the whole call
     handler: Optional[float]  # the route, body decoded to reply encoded (HTTP only: the websocket reports none)
+    prep: Optional[float] = None  # the request's preparation: its images decoded before it queued, and the batch's
+    # inputs made (stacked, on the device) in the call before the sampling (HTTP only)
 
 
 def http_timing(reply: dict) -> ServerTiming:
     t = reply["timing_ms"]
-    return ServerTiming(t["batch_size"], t["queue"], t["infer"], t["total"])
+    return ServerTiming(t["batch_size"], t["queue"], t["infer"], t["total"], t.get("preprocess"))
 
 
 def websocket_timing(reply: dict) -> ServerTiming:
@@ -328,6 +330,9 @@ class Row:
     queue_p50: Optional[float] = None  # ms, from the replies' own timing (ours only): waiting for the model thread
     run_p50: Optional[float] = None  # ms: the model call (ServerTiming.run)
     handler_p50: Optional[float] = None  # ms: the whole route (HTTP only); p50 minus this is outside the route
+    prep_p50: Optional[float] = None  # ms: the preparation (ServerTiming.prep, HTTP only)
+    loop_us: Optional[float] = None  # the server's main thread (event loop) CPU time per request, µs (LoopClock)
+    loop_busy: Optional[float] = None  # the same over the window: the share of one core it kept busy
     extra: dict = field(default_factory=dict)
 
 
@@ -401,10 +406,12 @@ def robot_loop(index: int, connect: Callable[[int], Any], window: Window, log: R
 
 
 def run_robots(name: str, indices: list[int], connect: Callable[[int], Any], window_start: Callable[[], float],
-               seconds: float) -> tuple[list[RobotLog], int]:
+               seconds: float, on_window: Callable[[float], None] = lambda start: None
+               ) -> tuple[list[RobotLog], int]:
     """Robot threads ``indices``: they connect, then ``window_start()`` (called once all have) gives the measured
     window's start (a ``time.perf_counter`` time), which lasts ``seconds``. Their logs, and how many were stuck
-    (still waiting for a reply REPLY_TIMEOUT_S + 5 s after the window's end)."""
+    (still waiting for a reply REPLY_TIMEOUT_S + 5 s after the window's end). ``on_window(start)`` is called once
+    the start is known."""
     window = Window(threading.Barrier(len(indices) + 1, timeout=120))
     logs = [RobotLog() for _ in indices]
     threads = [threading.Thread(target=robot_loop, args=(i, connect, window, log), daemon=True, name=f"robot-{i}")
@@ -417,6 +424,7 @@ def run_robots(name: str, indices: list[int], connect: Callable[[int], Any], win
         raise SystemExit(f"{name}: the robots did not connect within 120 s") from None
     window.start = window_start()
     window.end = window.start + seconds
+    on_window(window.start)
     window.go.set()
     deadline = window.end + REPLY_TIMEOUT_S + 5  # each ends after its request in flight at the window's end
     for t in threads:
@@ -442,8 +450,10 @@ def robot_process(transport: str, base: str, io: dict, steps: int, indices: list
 
 
 def run_robot_processes(transport: str, base: str, io: dict, steps: int, robots: int, processes: int,
-                        warmup: float, seconds: float) -> tuple[list[RobotLog], int]:
-    """The robots spread over ``processes`` processes (robot i in process i mod processes); their logs."""
+                        warmup: float, seconds: float, on_window: Callable[[float], None] = lambda start: None
+                        ) -> tuple[list[RobotLog], int]:
+    """The robots spread over ``processes`` processes (robot i in process i mod processes); their logs.
+    ``on_window(start)`` is called once the measured window's start is known."""
     context = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context (the compute floor)
     ready, starts, out = context.Queue(), context.Queue(), context.Queue()
     shares = [list(range(p, robots, processes)) for p in range(processes)]
@@ -455,6 +465,7 @@ def run_robot_processes(transport: str, base: str, io: dict, steps: int, robots:
         for _ in children:
             take(ready, children, START_TIMEOUT_S)
         start = time.perf_counter() + warmup
+        on_window(start)
         for _ in children:
             starts.put(start)
         results = [take(out, children, warmup + seconds + REPLY_TIMEOUT_S + 60) for _ in children]
@@ -496,7 +507,7 @@ def row_of(server: str, robots: int, logs: list[RobotLog], stuck: int, seconds: 
                float(np.percentile(ms, 99)) if len(ms) else float("nan"),
                statistics.fmean(t.batch_size for t in timings) if timings else None, errors, len(latencies),
                first_error, queue_p50=median_of(timings, "queue"), run_p50=median_of(timings, "run"),
-               handler_p50=median_of(timings, "handler"))
+               handler_p50=median_of(timings, "handler"), prep_p50=median_of(timings, "prep"))
 
 
 def median_of(timings: list[ServerTiming], name: str) -> Optional[float]:
@@ -517,15 +528,47 @@ def robot_connector(transport: str, base: str, io: dict, steps: int) -> Callable
     return connect
 
 
+class LoopClock:
+    """The CPU time the server's main thread (its event loop: HTTP, msgpack, validation, replies) spends in a row's
+    measured window, read at the window's start and end by a thread of its own (Linux only: else None)."""
+
+    def __init__(self, base: str, seconds: float):
+        self.base, self.seconds, self.used_s = base, seconds, None
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self, window_start: float) -> None:
+        self.thread = threading.Thread(target=self._read, args=(window_start,), daemon=True)
+        self.thread.start()
+
+    def _read(self, window_start: float) -> None:
+        time.sleep(max(0.0, window_start - time.perf_counter()))
+        before = main_thread_cpu_s(self.base)
+        time.sleep(max(0.0, window_start + self.seconds - time.perf_counter()))
+        after = main_thread_cpu_s(self.base)
+        if before is not None and after is not None:
+            self.used_s = after - before
+
+    def result(self) -> Optional[float]:
+        if self.thread is not None:
+            self.thread.join()
+        return self.used_s
+
+
 def measure(server: str, transport: str, base: str, robots: int, io: dict, steps: int,
             args: argparse.Namespace) -> Row:
     processes = min(robots, max(1, args.robot_processes))
+    clock = LoopClock(base, args.seconds)
+    on_window = clock.start if transport != "litserve" else lambda start: None  # ours: LitServe's loop is elsewhere
     if processes > 1:
-        logs, stuck = run_robot_processes(transport, base, io, steps, robots, processes, args.warmup, args.seconds)
+        logs, stuck = run_robot_processes(transport, base, io, steps, robots, processes, args.warmup, args.seconds,
+                                          on_window)
     else:
         logs, stuck = run_robots(server, list(range(robots)), robot_connector(transport, base, io, steps),
-                                 lambda: time.perf_counter() + args.warmup, args.seconds)
+                                 lambda: time.perf_counter() + args.warmup, args.seconds, on_window)
     row = row_of(server, robots, logs, stuck, args.seconds)
+    loop_s = clock.result()
+    if loop_s is not None and row.requests:
+        row.loop_us, row.loop_busy = loop_s / row.requests * 1e6, loop_s / args.seconds
     batch = f", mean batch {row.mean_batch:.2f}" if row.mean_batch is not None else ""
     print(f"  {server}, {robots} robots: {row.rps:.1f} req/s, p50 {row.p50:.1f} ms, p99 {row.p99:.1f} ms{batch}, "
           f"{row.errors} errors{(' (' + row.first_error + ')') if row.first_error else ''}", flush=True)
@@ -626,17 +669,21 @@ def verdict(ok: Optional[bool]) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    print("| server | robots | req/s | p50 ms | p99 ms | mean batch | server p50 ms: queue, run, route | errors |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    print("| server | robots | req/s | p50 ms | p99 ms | mean batch | server p50 ms: queue, prep, run, route "
+          "| main thread µs/request (busy) | errors |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---:|")
     for r in rows:
-        server = (f"{fmt(r.queue_p50)}, {fmt(r.run_p50)}, {fmt(r.handler_p50)}" if r.queue_p50 is not None
-                  else "-")
+        server = (f"{fmt(r.queue_p50)}, {fmt(r.prep_p50)}, {fmt(r.run_p50)}, {fmt(r.handler_p50)}"
+                  if r.queue_p50 is not None else "-")
+        loop = f"{r.loop_us:.0f} ({r.loop_busy:.0%})" if r.loop_us is not None else "-"
         print(f"| {r.server} | {r.concurrency} | {fmt(r.rps)} | {fmt(r.p50)} | {fmt(r.p99)} | "
-              f"{fmt(r.mean_batch, 2)} | {server} | {r.errors} |")
-    print("(server p50: from the replies' own timing: queue = waiting for the model thread, run = the model call "
+              f"{fmt(r.mean_batch, 2)} | {server} | {loop} | {r.errors} |")
+    print("(server p50: from the replies' own timing: queue = waiting for the model thread, prep = the request's "
+          "images decoded before it queued and the batch's inputs made in the call (HTTP only), run = the model call "
           "(over HTTP its sampling and chunks, over the websocket all of it), route = the whole route from the "
           "decoded body to the encoded reply, HTTP only; the p50 minus the route is the client's and the HTTP "
-          "stack's share)")
+          "stack's share; main thread: the server's event loop's CPU time per request in the window, and the share "
+          "of one core it kept busy)")
     for r in rows:
         if r.first_error:
             print(f"first error of {r.server} at {r.concurrency}: {r.first_error}")

@@ -63,8 +63,8 @@ STEPS = {
                [PY, str(HERE / "policy_sampling.py"), "--device", "cpu", "--batch-sizes", "1,2", "--repeats", "3"],
                90),
     # The robots in 4 processes there: a GPU host has the cores, and one process's threads share one interpreter.
-    "fleet": ([PY, str(HERE / "fleet.py"), "--device", "cuda", "--dtype", "bfloat16", "--gpu-policy", "--concurrency", "1,16",
-               "--seconds", "6", "--no-starvation", "--robot-processes", "4"]
+    "fleet": ([PY, str(HERE / "fleet.py"), "--device", "cuda", "--dtype", "bfloat16", "--gpu-policy", "--concurrency",
+               "1,16", "--seconds", "6", "--no-starvation", "--robot-processes", "4"]
               + ([] if importlib.util.find_spec("litserve") else ["--no-litserve"]),  # no registry there to get it
               [PY, str(HERE / "fleet.py"), "--device", "cpu", "--tiny", "--concurrency", "1,2", "--seconds", "1",
                "--warmup", "0.5", "--no-starvation", "--no-litserve", "--robot-processes", "2"], 150),
