@@ -5,6 +5,7 @@ CPU with tiny models and short rows. Sessions with a GPU are rare and short; a b
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,6 +65,9 @@ def test_fleet_bench_robots_keep_running_over_the_websocket():
     cells = [c.strip() for c in rows[0]]
     requests_per_s, errors = float(cells[3]), int(cells[-2])
     assert requests_per_s > 20 and errors == 0, rows[0]
+    # The server's event loop: its main thread's CPU time per request over the window, and its busy share.
+    loop = re.fullmatch(r"(\d+) \((\d+)%\)", cells[-3])
+    assert loop and int(loop.group(1)) > 0 and 0 < int(loop.group(2)) <= 100, rows[0]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
 
 
