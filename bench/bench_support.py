@@ -15,7 +15,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import httpx
 import numpy as np
@@ -26,13 +26,15 @@ PROPRIO, ACTION, DIM = "joint_pos", "joint_delta", 7
 PAST, FUTURE = 1, 7
 
 
-def build_policy(path: Path, cameras: list[str], size: int, gpu_sized: bool = False) -> Path:
+def build_policy(path: Path, cameras: list[str], size: int, gpu_sized: bool = False,
+                 model_input: Optional[int] = None) -> Path:
     """A random-weight ViT-backbone `diffusion_policy` (32 px model input, one frame of ``size`` px per camera, P = 1,
     F = 7, 7-value proprioception and actions, flow matching, T = 10) with its robotics side files, under ``path``.
 
     ``gpu_sized``: a policy whose GPU timings mean something: 224 px model input through a ViT-B/32-sized
     backbone (width 768, 12 layers, 12 heads, patch 32: CLIP-B/32's image tower) and a 6-layer width-512
-    denoiser."""
+    denoiser. ``model_input``: the tiny model's input size instead of 32 px (224: the GPU-sized policy's requests
+    and inputs with a tiny model's compute, for `fleet.py --simulated-gpu`)."""
     import torch
 
     from vla_foundry.models import create_model
@@ -45,7 +47,8 @@ def build_policy(path: Path, cameras: list[str], size: int, gpu_sized: bool = Fa
 
     robot_io = RobotIO(camera_names=cameras, image_indices=[0], image_names=image_names_for(cameras, [0]),
                        proprioception_fields=[PROPRIO], action_fields=[ACTION], field_dims={PROPRIO: DIM, ACTION: DIM},
-                       past_steps=PAST, future_steps=FUTURE, processor="none", image_size=224 if gpu_sized else 32,
+                       past_steps=PAST, future_steps=FUTURE, processor="none",
+                       image_size=224 if gpu_sized else model_input or 32,
                        resize_images_size=[size, size], max_text_seq_len=64)
     rng = np.random.default_rng(0)
     window = PAST + 1 + FUTURE
@@ -56,7 +59,9 @@ def build_policy(path: Path, cameras: list[str], size: int, gpu_sized: bool = Fa
         transformer = TransformerParams(hidden_dim=512, n_layers=6, n_heads=8, vocab_size=300, max_seq_len=512,
                                         is_causal=False)
     else:
-        vit = ViTBackboneParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64, n_heads=2, n_layers=2)
+        side = model_input or 32
+        vit = ViTBackboneParams(img_size=side, patch_size=side // 4 if side <= 32 else 32, hidden_dim=32, inter_dim=64,
+                                n_heads=2, n_layers=2)
         transformer = TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=256,
                                         is_causal=False)
     params = DiffusionPolicyParams(vision_language_backbone=vit, transformer=transformer,

@@ -1,6 +1,7 @@
 """A fleet of robots on one policy: throughput and latency vs concurrency, our server (batching off / on) vs LitServe.
 
-    python bench/fleet.py [--checkpoint DIR | --tiny | --gpu-policy] [--device cpu|cuda] [--dtype auto|bfloat16]
+    python bench/fleet.py [--checkpoint DIR | --tiny | --gpu-policy | --simulated-gpu [BASE_MS,PER_ROBOT_MS]]
+                          [--device cpu|cuda] [--dtype auto|bfloat16]
                           [--concurrency 1,4,16,64]
                           [--seconds 10] [--warmup 2]
                           [--transport msgpack|websocket|both] [--steps N] [--threads N] [--batch-timeout 0.005]
@@ -40,7 +41,7 @@ Printed: per server and concurrency req/s, p50/p99 ms, the mean batch size reque
 (from `timing_ms.batch_size` / `server_timing.batch_size`; LitServe does not report it), the
 medians of our replies' own timing (queue, model call, and over HTTP the whole route, so the
 p50 minus the route is the clients' and the HTTP stack's share), errors; then ratios against
-LitServe and the goals of the issue (on CUDA also the GPU goals:
+LitServe and the goals of the issue (on CUDA, and with --simulated-gpu, also the GPU goals:
 16 robots ≥ 10× one robot's req/s, and one robot's p50 ≤ 1.5× the compute floor: the policy's
 sampling alone from its graphs for one robot, `policy_sampling.sampling_floor_ms`, measured on
 --device in this process before the servers start, on CPU too). Then "starvation": one
@@ -55,6 +56,14 @@ oversubscribes the cores, and every op of the intra-op pool waits for its slowes
 descheduled, thread: on the 2-core dev VM with the tiny policy, other jobs sharing it, 4 robots
 got 0.7-46 req/s at p50 50 ms-4 s from run to run at the default, 84-141 req/s at p50 29-45 ms
 with 1 thread. A real fleet's robots are other machines; here they take CPU from the servers.
+
+--simulated-gpu: the GPU-sized policy's requests (3 cameras at 224 px) against servers whose device is
+simulated (`bench/simulated_gpu/sitecustomize.py`, on every server's PYTHONPATH, LitServe's worker included): each
+batch's sampling sleeps BASE_MS + PER_ROBOT_MS × (robots − 1) without the interpreter lock, as a thread waits for
+a GPU's graph replay (default 6.2,0.45: the bfloat16 CUDA graphs measured on an H100 and an H200), the frames are
+copied once as uint8, and everything else runs as on a GPU host; the compute floor is BASE_MS. It lets a CPU host
+study the host side of GPU serving (what bounds 16 robots there, `make gpu-check`'s fleet step); its figures are
+the CPU host's, and the README compares them with the H100's.
 """
 
 from __future__ import annotations
@@ -92,6 +101,7 @@ try:  # not a dependency of the package: installed on first use (ensure_litserve
 except ImportError:
     litserve = None
 
+HERE = Path(__file__).resolve().parent
 HEALTH_THREADS, POLL_HZ = 16, 20
 REPLY_TIMEOUT_S = 60.0  # one request; every robot loop also ends at its row's end
 START_TIMEOUT_S = 180.0  # connected robots wait this long for their row to start (robot processes: for the slowest)
@@ -108,6 +118,10 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
     if args.tiny:
         print("checkpoint: a tiny random-weight policy (--tiny), in a temporary directory", flush=True)
         return build_policy(scratch / "tiny-policy", ["front"], 64)
+    if args.simulated_gpu:
+        print(f"checkpoint: the GPU-sized policy's inputs (3 cameras at 224 px) on a tiny random-weight model, its "
+              f"sampling simulated (--simulated-gpu {args.simulated_gpu}), in a temporary directory", flush=True)
+        return build_policy(scratch / "simulated-gpu-policy", ["left", "right", "wrist"], 224, model_input=224)
     if args.gpu_policy:
         print("checkpoint: a GPU-sized random-weight policy (--gpu-policy: 3 cameras at 224 px, a ViT-B/32-sized "
               "backbone, 10 flow steps), in a temporary directory", flush=True)
@@ -117,16 +131,31 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
     return demo_policy()
 
 
+def simulated_gpu_setting(text: str) -> str:
+    """--simulated-gpu's value, checked: two non-negative numbers of milliseconds, BASE_MS,PER_ROBOT_MS."""
+    try:
+        base, per = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BASE_MS,PER_ROBOT_MS (e.g. 6.2,0.45); got {text!r}") from None
+    if base < 0 or per < 0:
+        raise argparse.ArgumentTypeError(f"the milliseconds must not be negative; got {text!r}")
+    return f"{base:g},{per:g}"
+
+
 # ----------------------------------------------------------------------------- the servers
 
 
 DEVICE = "cpu"  # --device: where every server runs its model
 DTYPE = "auto"  # --dtype: the model's dtype in every server (auto: the rule our server applies, float32 on CPU)
 TORCH_THREADS: Optional[int] = 1  # --threads: the same torch thread count in every server; 0 or None: each its own
+SIMULATED_GPU: Optional[str] = None  # --simulated-gpu: "BASE_MS,PER_ROBOT_MS" of every server's simulated sampling
 
 
 def server_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+    if SIMULATED_GPU:  # bench/simulated_gpu/sitecustomize.py, imported first by every server process
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "simulated_gpu"), env.get("PYTHONPATH")]))
+        env["VLA_BENCH_SIMULATED_GPU"] = SIMULATED_GPU
     if TORCH_THREADS:  # torch reads these at start-up, in our server and in LitServe's spawned worker alike
         env.update(OMP_NUM_THREADS=str(TORCH_THREADS), MKL_NUM_THREADS=str(TORCH_THREADS))
     return env
@@ -691,7 +720,11 @@ def print_table(rows: list[Row]) -> None:
 
 def compute_floor(checkpoint: Path, steps: Optional[int]) -> float:
     """One robot's compute floor on --device: the policy's sampling alone from its graphs, in this process (with the
-    servers' torch threads on CPU), before the servers start."""
+    servers' torch threads on CPU), before the servers start; with --simulated-gpu its simulated sampling."""
+    if SIMULATED_GPU:
+        floor_ms = float(SIMULATED_GPU.split(",")[0])
+        print(f"compute floor of one robot's request (simulated GPU): {floor_ms:.2f} ms", flush=True)
+        return floor_ms
     import torch
     from policy_sampling import sampling_floor_ms
 
@@ -735,8 +768,8 @@ def print_ratios(results: dict[tuple[str, int], Row], transports: list[str], con
               f"{verdict(None if tail is None else tail <= GOAL_TAIL)}")
         over_floor = ratio(r1.p50, floor_ms) if r1 else None
         print(f"- one robot's p50 ÷ its compute floor ({floor_ms:.2f} ms): {times(over_floor)}")
-        if DEVICE.startswith("cuda"):
-            print(f"GPU goals ({on}):")
+        if DEVICE.startswith("cuda") or SIMULATED_GPU:
+            print(f"GPU goals ({on}{', simulated GPU' if SIMULATED_GPU else ''}):")
             print(f"- throughput at concurrency 16 ≥ {GOAL_GPU_SCALING:g}× concurrency 1: {times(scaling)} — "
                   f"{verdict(None if scaling is None else scaling >= GOAL_GPU_SCALING)}")
             print(f"- one robot's p50 ≤ {GOAL_GPU_FLOOR:g}× the compute floor ({floor_ms:.2f} ms, sampling from the "
@@ -784,6 +817,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a tiny random-weight policy instead (to check the script)")
     parser.add_argument("--gpu-policy", action="store_true",
                         help="a GPU-sized random-weight policy (3 cameras at 224 px, ViT-B/32-sized backbone)")
+    parser.add_argument("--simulated-gpu", nargs="?", const="6.2,0.45", metavar="BASE_MS,PER_ROBOT_MS",
+                        type=simulated_gpu_setting,
+                        help="the GPU-sized policy's requests against servers whose device is simulated: a batch's "
+                             "sampling sleeps BASE_MS + PER_ROBOT_MS × (robots − 1) (default 6.2,0.45: bfloat16 on an "
+                             "H100); the host side is real (see above)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda: where both servers run the model")
     parser.add_argument("--dtype", default=os.environ.get("VLA_DTYPE", "auto"),
                         help="auto | float32 | bfloat16 | float16: the model's dtype in both servers and in the "
@@ -830,8 +868,11 @@ def main() -> None:
     if args.health_load:
         return health_load(args.health_load, args.health_mode, HEALTH_THREADS, args.health_seconds)
     freeze_long_lived()  # the robots' own collections skip the imports' objects (service/gc_pauses.py)
-    global TORCH_THREADS, DEVICE, DTYPE
-    TORCH_THREADS, DEVICE, DTYPE = args.threads, args.device, args.dtype
+    if args.simulated_gpu and args.device != "cpu":
+        raise SystemExit("--simulated-gpu simulates the device on a CPU host: leave --device out (a GPU host measures "
+                         "the GPU itself: --gpu-policy --device cuda)")
+    global TORCH_THREADS, DEVICE, DTYPE, SIMULATED_GPU
+    TORCH_THREADS, DEVICE, DTYPE, SIMULATED_GPU = args.threads, args.device, args.dtype, args.simulated_gpu
     if args.replicas:
         from fleet_replicas import replicas_bench
 

@@ -182,11 +182,21 @@ class RawPixels:
             return frame
         return _pil_resize(frame, *self.size, bicubic=True)
 
+    def frames(self, frames: list[np.ndarray], device: Optional[torch.device] = None) -> torch.Tensor:
+        """(n, S, S, 3) uint8, contiguous, on ``device`` when one is given (one plain copy there). Stacked by torch:
+        48 frames of 224 px (16 robots' three cameras) took 1.3 ms so against 19 ms with numpy's stack on the
+        2-core CPU, and with another Python thread busy (a server's event loop) 15 against 166 ms."""
+        pixels = torch.stack([torch.from_numpy(_shareable(self.resize(f))) for f in frames])
+        return pixels.to(device) if device is not None else pixels
+
     def __call__(self, frames: list[np.ndarray], device: Optional[torch.device] = None) -> torch.Tensor:
-        pixels = torch.from_numpy(np.stack([self.resize(f) for f in frames]))
-        if device is not None:
-            pixels = pixels.to(device)  # (n, S, S, 3) uint8, contiguous: one plain copy
-        return pixels.permute(0, 3, 1, 2).float()
+        return self.frames(frames, device).permute(0, 3, 1, 2).float()
+
+
+def _shareable(frame: np.ndarray) -> np.ndarray:
+    """``frame`` itself where torch can share its memory (C-contiguous and writable), else a copy that it can: torch
+    takes no negative strides (a flipped view) and warns on read-only arrays."""
+    return frame if frame.flags.c_contiguous and frame.flags.writeable else frame.copy()
 
 
 def hf_tokenizer_text(tokenizer) -> Callable:
