@@ -4,9 +4,9 @@
 
 Steps, in order, each a subprocess with its own time limit (the limits add up to 17 minutes; the
 first run, on an H200 on 2026-12-04, took 5.5 minutes for tests, policy, fleet and text with batching
-on only, and on an H100 on 2026-12-05 tests and fleet took 68 and 137 s; a device call that allows less
-runs it in two, e.g. `--only tests,fleet` then `--only text,policy,generate,images`, the goals' steps
-first):
+on only, and on an H100 on 2026-12-05 tests and fleet took 68 and 137 s; device calls of at most 10
+minutes take it in three: `--only tests,fleet`, `--only text,policy`, `--only generate,images`, the
+goals' steps first):
 - `tests`: `pytest -m gpu` (CUDA device choice, fp32/bf16/fp16 loads, CUDA-graph text decoding,
   the policy's CUDA graphs == eager for every bucket, continuous batching's CUDA graphs, the
   service on CUDA);

@@ -71,6 +71,24 @@ def test_fleet_bench_robots_keep_running_over_the_websocket():
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
 
 
+def test_fleet_bench_simulates_a_gpu_in_every_server():
+    """--simulated-gpu: each batch's sampling sleeps the simulated time in our server and its model process alike
+    (bench/simulated_gpu/sitecustomize.py on their PYTHONPATH), so a model call takes at least BASE_MS; without the
+    simulation the tiny model's call takes a few ms on this CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet.py"), "--simulated-gpu", "25,1",
+                             "--concurrency", "2", "--seconds", "1", "--warmup", "0.5", "--no-starvation",
+                             "--no-litserve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in result.stdout.splitlines()
+            if line.startswith("| ours, batching on")}
+    assert len(rows) == 2, result.stdout[-4000:]  # in-thread and model process
+    for cells in rows.values():
+        queue, prep, run, route = (float(x) for x in cells[7].split(","))
+        assert 25 <= run < 60 and int(cells[-2]) == 0, cells  # 25 ms + 1 ms per extra robot, then the chunks
+    assert "compute floor of one robot's request (simulated GPU): 25.00 ms" in result.stdout
+
+
 def test_the_vlm_backbone_batching_bench_runs_and_both_ways_agree(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
