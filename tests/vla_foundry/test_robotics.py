@@ -727,12 +727,14 @@ def test_raw_pixels_cross_to_the_device_as_bytes_and_are_the_host_floats(monkeyp
     square = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # already S x S: as it is
     assert torch.equal(processor.pixel_values([square]), torch.from_numpy(square[None]).permute(0, 3, 1, 2).float())
     assert torch.equal(processor.pixel_values(frames, torch.device("cpu")), host)
-    # Frames torch cannot share (a flipped view, a read-only array) are copied first, to the same pixels, silently.
+    # Frames torch cannot share (a flipped view, a read-only array) are copied first, to the same pixels, silently;
+    # a cropped view is read where it lies.
     flipped, frozen = square[::-1, ::-1].copy()[::-1, ::-1], square.copy()
     frozen.flags.writeable = False
+    cropped = np.pad(square, ((4, 4), (4, 4), (0, 0)))[4:36, 4:36]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for odd in (flipped, frozen):
+        for odd in (flipped, frozen, cropped):
             assert torch.equal(processor.pixel_values([odd]), processor.pixel_values([square]))
     moved, real_to = [], torch.Tensor.to
 
