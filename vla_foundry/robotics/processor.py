@@ -197,7 +197,8 @@ class RawPixels:
 
 def _shareable(frame: np.ndarray) -> np.ndarray:
     """``frame`` itself where torch can share its memory (writable, no negative stride: a cropped view is fine),
-    else a copy that it can: torch takes no negative strides (a flipped view) and warns on read-only arrays."""
+    else a copy that it can: torch takes no negative strides (a flipped view) and warns on read-only arrays (as
+    PIL gives them). For ``RawPixels`` and the HF processors, which make tensors of the arrays."""
     return frame if frame.flags.writeable and min(frame.strides) >= 0 else frame.copy()
 
 
@@ -264,8 +265,7 @@ def hf_processor(path: str, processor_kwargs: Optional[dict] = None,
     tokenizer = getattr(processor, "tokenizer", None)
 
     def image_fn(frames: list[np.ndarray]) -> torch.Tensor:
-        # (HF's image processors make tensors of the arrays: a read-only frame, as decoded frames are, would warn)
-        frames = [f if f.flags.writeable else f.copy() for f in frames]
+        frames = [_shareable(f) for f in frames]  # (HF's image processors make tensors of the arrays)
         return image_processor(images=frames, return_tensors="pt", **kwargs)["pixel_values"]
 
     return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None,
@@ -293,8 +293,7 @@ def hf_vlm_processor(path: str, processor_kwargs: Optional[dict] = None,
 
     def joint_fn(images: list[list[np.ndarray]], instructions: list[str]) -> dict[str, torch.Tensor]:
         prompts = [prompt(text, len(frames)) for frames, text in zip(images, instructions)]
-        # (HF's image processors make tensors of the arrays: a read-only frame, as PIL gives them, would warn)
-        frames = [[f if f.flags.writeable else f.copy() for f in sample] for sample in images]
+        frames = [[_shareable(f) for f in sample] for sample in images]  # (HF's processors make tensors of them)
         out = processor(images=frames, text=prompts, padding=True,
                         return_tensors="pt", **kwargs)
         return {name: value for name, value in out.items() if isinstance(value, torch.Tensor)}
