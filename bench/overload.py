@@ -299,7 +299,7 @@ class Outcome:
     status: str  # "200", "503", … or the exception's name
     retry_after: Optional[float] = None  # a 503's Retry-After, seconds (nan: present but not a number)
     batch_size: Optional[int] = None
-    queue_ms: Optional[float] = None
+    timing: Optional[dict] = None  # the reply's timing_ms: the server's own times for it (queue, infer, total, …)
     lag: float = 0.0  # open loop: how late it was sent after its scheduled time
 
 
@@ -320,7 +320,7 @@ async def one(pool: Pool, message: bytes) -> Outcome:
     if reply.status == 200:
         try:
             timing = msgpack.unpackb(reply.content, raw=False)["timing_ms"]
-            outcome.batch_size, outcome.queue_ms = timing.get("batch_size"), timing.get("queue")
+            outcome.batch_size, outcome.timing = timing.get("batch_size"), timing
         except (ValueError, KeyError, TypeError):
             outcome.status = "200, undecodable"
     return outcome
@@ -584,6 +584,18 @@ def main() -> int:
     print(f"overload: sent {sent_rps:.0f}/s = {fmt(sent_rps / cap_rps if cap_rps else None, 2)}× capacity"
           + ("" if offered_ok else f" — NOT the {args.factor:g}× named: {overload.skipped} of {arrivals} arrivals "
                                    f"were skipped at {IN_FLIGHT_CAP} in flight"))
+    slow = [o for o in overload.ok() if o.timing and o.latency * 1000 > GOAL_TAIL * p50_unloaded]
+    if slow:  # where the accepted tail is: inside the endpoint (decode, queue, model call, encode) or around it
+        parts = {k: np.median([o.timing.get(k, np.nan) for o in slow]) for k in ("queue", "preprocess", "infer",
+                                                                                  "total")}
+        parts["rest"] = np.median([o.timing.get("total", np.nan) - sum(o.timing.get(k, 0.0) for k in (
+            "queue", "preprocess", "infer")) for o in slow])
+        print(f"overload: the {len(slow)} 200s over {GOAL_TAIL:g}× the unloaded p50, medians: at the client "
+              f"{fmt(np.median([o.latency * 1000 for o in slow]))} ms; the server's timing_ms (from the parsed body "
+              f"to the reply built) total {fmt(parts['total'])}: queue {fmt(parts['queue'])}, preprocess "
+              f"{fmt(parts['preprocess'])}, infer {fmt(parts['infer'])}, the rest (hand-offs, encoding) "
+              f"{fmt(parts['rest'])}; batch "
+              f"{fmt(np.median([o.batch_size or 1 for o in slow]), 0)}")
     refused = [o.latency * 1000 for o in overload.outcomes if o.status == "503"]
     if refused:
         print(f"overload: the 503s' latency p50/p99/max {fmt(np.percentile(refused, 50))}/"
