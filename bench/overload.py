@@ -1,6 +1,6 @@
 """Overload: the demo policy under 4× its capacity, and under a retry storm (issue 16).
 
-    python bench/overload.py [--max-queue-ms MS] [--duration 20] [--factor 4] [--storm-clients 96]
+    python bench/overload.py [--max-queue-ms MS] [--duration 20] [--factor 4 | --rate R] [--storm-clients 96]
                              [--max-batch-size N] [--threads 1] [--checkpoint DIR] [--json PATH]
 
 The `diffusion_policy` member of the demo pack (built first if missing) is served by
@@ -65,7 +65,7 @@ import msgpack
 import numpy as np
 import yaml
 
-from bench_support import demo_policy, free_port, serve_command, server_process
+from bench_support import demo_policy, free_port, main_thread_cpu_s, serve_command, server_process
 from fleet import observation_for
 from service.gc_pauses import freeze_long_lived
 from vla_foundry_client import HttpPolicyClient
@@ -339,6 +339,7 @@ class Phase:
     wall: float = 0.0  # s the phase ran, warm-up and stragglers included
     client_cpu: float = 0.0  # CPU s per s
     server_cpu: float = 0.0
+    loop_cpu: Optional[float] = None  # CPU s per s of the server's main thread (its event loop), where readable
     metrics: dict = field(default_factory=dict)
     connections: int = 0
 
@@ -421,7 +422,7 @@ def run_phase(base: str, phase: Phase, body) -> Phase:
     """``body(pool)``, a coroutine, in a fresh event loop with a fresh pool; CPU and /metrics over it."""
     host, port = base.split("//", 1)[1].rsplit(":", 1)
     before_metrics = scrape(base)
-    client0, server0, wall0 = client_cpu_s(), server_cpu_s(), time.monotonic()
+    client0, server0, loop0, wall0 = client_cpu_s(), server_cpu_s(), main_thread_cpu_s(base), time.monotonic()
 
     async def main() -> None:
         pool = Pool(host, int(port))
@@ -438,6 +439,8 @@ def run_phase(base: str, phase: Phase, body) -> Phase:
     wall = phase.wall = time.monotonic() - wall0
     phase.client_cpu = (client_cpu_s() - client0) / wall
     phase.server_cpu = (server_cpu_s() - server0) / wall
+    loop1 = main_thread_cpu_s(base)
+    phase.loop_cpu = None if loop0 is None or loop1 is None else (loop1 - loop0) / wall
     after = scrape(base)
     phase.metrics = {k: after.get(k, 0.0) - before_metrics.get(k, 0.0) for k in after}
     return phase
@@ -496,6 +499,8 @@ def parse_args() -> argparse.Namespace:
                              "up to a ms; see the source)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of overload and of each retry storm")
     parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate ÷ capacity")
+    parser.add_argument("--rate", type=float, help="the overload's arrival rate, per second (instead of --factor × the "
+                                                   "capacity measured: A/B runs then offer the same load)")
     parser.add_argument("--storm-clients", type=int, default=96, help="closed-loop clients of the retry storms")
     parser.add_argument("--polite", action=argparse.BooleanOptionalAction, default=True,
                         help="also the storm's clients honouring Retry-After, for comparison")
@@ -545,7 +550,8 @@ def main() -> int:
             # a short warm-up of the new server (its first calls per batch size), not measured
             run_phase(base, Phase("warm-up", "", 2.0), lambda pool: closed_loop(
                 pool, messages, CAPACITY_CLIENTS, 0.0, 2.0, Phase("", "", 2.0), on_503="retry"))
-            rate = args.factor * cap_rps
+            rate = args.rate or args.factor * cap_rps
+            factor = rate / cap_rps if cap_rps else args.factor  # what the verdicts name (--rate: as it falls)
             overload = Phase("3. overload", f"open loop {rate:.0f}/s", args.duration, offered_rps=rate)
             run_phase(base, overload, lambda pool: open_loop(pool, messages, rate, args.duration, overload))
             phases.append(overload)
@@ -563,7 +569,7 @@ def main() -> int:
                                                                  args.duration, polite, on_503="honour"))
                 phases.append(polite)
 
-    print(f"\n## overload: demo policy, max_queue_ms {max_queue_ms:g}, {args.factor:g}× capacity, "
+    print(f"\n## overload: demo policy, max_queue_ms {max_queue_ms:g}, {factor:.2g}× capacity, "
           f"{args.duration:g} s (wall {time.monotonic() - started:.0f} s)\n")
     print_table(phases)
     statuses = overload.statuses()
@@ -582,7 +588,7 @@ def main() -> int:
     sent_rps = len(overload.outcomes) / args.duration
     offered_ok = overload.skipped <= SKIPPED_OK * arrivals
     print(f"overload: sent {sent_rps:.0f}/s = {fmt(sent_rps / cap_rps if cap_rps else None, 2)}× capacity"
-          + ("" if offered_ok else f" — NOT the {args.factor:g}× named: {overload.skipped} of {arrivals} arrivals "
+          + ("" if offered_ok else f" — NOT the {factor:.2g}× named: {overload.skipped} of {arrivals} arrivals "
                                    f"were skipped at {IN_FLIGHT_CAP} in flight"))
     slow = [o for o in overload.ok() if o.timing and o.latency * 1000 > GOAL_TAIL * p50_unloaded]
     if slow:  # where the accepted tail is: inside the endpoint (decode, queue, model call, encode) or around it
@@ -605,7 +611,9 @@ def main() -> int:
         answered = sum(v for k, v in p.metrics.items() if k.startswith("http "))
         print(f"{p.name}: the server's 503s: {shed['body']:.0f} before the body was read, {shed['decode']:.0f} "
               f"before the images were decoded, {shed['queue']:.0f} when queueing; server CPU "
-              f"{1000 * p.server_cpu * p.wall / answered if answered else float('nan'):.2f} ms per request answered")
+              f"{1000 * p.server_cpu * p.wall / answered if answered else float('nan'):.2f} ms per request answered"
+              + ("" if p.loop_cpu is None else f", its event loop's {1000 * p.loop_cpu * p.wall / answered:.3f} ms "
+                                               f"(busy {100 * p.loop_cpu:.0f} % of the time)" if answered else ""))
     for p in phases:  # every thread waits a collection out (service/gc_pauses.py: the heap is frozen once loaded)
         full = p.metrics.get("gc full", 0.0)
         print(f"{p.name}: the server's full garbage collections: {full:.0f}, "
@@ -617,8 +625,8 @@ def main() -> int:
         print(f"honouring Retry-After: {fmt(polite.good_rps())} 200/s = "
               f"{fmt(polite.good_rps() / cap_rps if cap_rps else None, 2)}× capacity, {polite.retries} 503s")
     print("\ngoals (issue 16):" + ("" if offered_ok else f" (NOT VALID: the open loop sent only "
-                                                      f"{sent_rps / cap_rps:.2f}× capacity, not {args.factor:g}×)"))
-    print(f"- under {args.factor:g}× capacity only 200 and 503, each 503 with Retry-After: {status_text(statuses)}; "
+                                                      f"{sent_rps / cap_rps:.2f}× capacity, not {factor:.2g}×)"))
+    print(f"- under {factor:.2g}× capacity only 200 and 503, each 503 with Retry-After: {status_text(statuses)}; "
           f"Retry-After on {with_header}/{statuses.get('503', 0)} — {verdict(only and all_header)}")
     print(f"- p99 of the 200s ≤ {GOAL_TAIL:g}× the unloaded p50: {fmt(overload.percentile(99))} ms ÷ "
           f"{fmt(p50_unloaded)} ms = {fmt(tail_ratio, 2)}× — {verdict(tail_ratio <= GOAL_TAIL)}")
@@ -632,11 +640,12 @@ def main() -> int:
                     "p99_ms": p.percentile(99), "mean_batch": p.mean_batch(), "offered_rps": p.offered_rps,
                     "skipped": p.skipped, "retries": p.retries, "connections": p.connections,
                     "client_cpu_per_s": p.client_cpu, "server_cpu_per_s": p.server_cpu,
+                    "server_event_loop_cpu_per_s": p.loop_cpu,
                     "server_mean_batch": batch, "server_queue_ms": queue_ms, "server_model_ms": run_ms,
                     "metrics_delta": p.metrics}
 
         Path(args.json).write_text(json.dumps({
-            "max_queue_ms": max_queue_ms, "factor": args.factor, "duration_s": args.duration,
+            "max_queue_ms": max_queue_ms, "factor": factor, "duration_s": args.duration,
             "capacity_rps": cap_rps, "unloaded_p50_ms": p50_unloaded, "phases": [figures(p) for p in phases],
             "goals": {"offered": offered_ok, "sent_rps": sent_rps,
                       "only_200_503_with_retry_after": only and all_header, "tail_ratio": tail_ratio,

@@ -133,7 +133,8 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
                        on_delay=metrics.observe_light_delay)
     # Ahead of all of it: refusals of an overloaded deployment before the body is read (front_door.py).
     app.front_door = FrontDoor(functools.partial(FastAPI.__call__, app), manager, metrics,
-                               pacing_s=settings.shed_pacing_s, keys=ApiKeys(api_keys) if api_keys else None)
+                               pacing_s=settings.shed_pacing_s, keys=ApiKeys(api_keys) if api_keys else None,
+                               log_refusals_per_s=settings.log_refusals_per_s)
     install_error_handlers(app)
     app.include_router(health.router)
     add_docs_routes(app)

@@ -164,14 +164,16 @@ class Metrics:
         removed); always False before ``watch``. Under ``series_lock``."""
         return self._manager is not None and name not in self._manager.deployments
 
-    def record_request(self, method: str, path: str, route: Optional[str], status: int, seconds: float) -> None:
+    def record_request(self, method: str, path: str, route: Optional[str], status: int, seconds: float,
+                       log: bool = True) -> None:
         """One HTTP request answered: counted and timed under its route template (``route``; None: no route serves
-        the path), and one ``service.access`` line."""
+        the path), and one ``service.access`` line (unless not ``log``: the front door's sampled refusals)."""
         self.requests.labels(route or UNMATCHED, method, str(status)).inc()
         self.request_seconds.labels(route or UNMATCHED).observe(seconds)
-        access_log.info("%s %s %d %.1fms", method, path, status, seconds * 1000,
-                        extra={"method": method, "path": path, "route": route, "status": status,
-                               "duration_ms": round(seconds * 1000, 3)})
+        if log:
+            access_log.info("%s %s %d %.1fms", method, path, status, seconds * 1000,
+                            extra={"method": method, "path": path, "route": route, "status": status,
+                                   "duration_ms": round(seconds * 1000, 3)})
 
     def observe_light_delay(self, seconds: float) -> None:
         self.light_delays.observe(seconds)

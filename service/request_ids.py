@@ -14,11 +14,12 @@ method, route, status and duration). Bodies and API keys are never logged by thi
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any, Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,7 +38,18 @@ def request_id_of(scope: Scope) -> str:
             if _SANE.fullmatch(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+# A new id is this process's random prefix and a count: 32 hex digits, as a UUID's, unique across the processes of a
+# fleet as the prefix is random. uuid4 reads the system's randomness for every request: 2.6 µs against 0.4 µs
+# (timeit, 2-core CPU, 2026-12-05), on the event loop for every request, refusals included.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNT = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 
 # /openapi.json: what every operation takes and every reply of the app carries (documented per operation).

@@ -135,3 +135,13 @@ def test_the_cpu_threads_bench_busy_processes_end_with_their_parent():
 
 def busy_pids() -> list[str]:
     return subprocess.run(["pgrep", "-f", cpu_threads.BUSY_MARKER], capture_output=True, text=True).stdout.split()
+
+
+def test_the_refusal_cost_bench_refuses_every_request_both_ways():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "refusal_cost.py"), "--requests", "300",
+                             "--rounds", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\| 1 \| (.+) \| ([\d.]+) µs \|$", result.stdout, flags=re.M)
+    assert [label for label, _ in rows] == ["a line each", "sampled, 20 lines a second"], result.stdout
+    assert all(float(us) > 0 for _, us in rows)

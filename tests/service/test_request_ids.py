@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import httpx
 
 from service import DeploymentSpec
-from service.request_ids import JsonFormatter, RequestIdFilter
+from service.request_ids import JsonFormatter, RequestIdFilter, new_request_id
 from tests.factories import PREDICT_REQUESTS
 from tests.service.conftest import serving
 from tests.service.live_server import live_server
@@ -36,6 +38,16 @@ def test_ids_are_echoed_and_in_error_bodies(tiny_checkpoints, caplog):
         assert unauthorized.status_code == 401 and unauthorized.json()["error"]["request_id"] == "r-401"
         access = [r for r in caplog.records if r.name == "service.access"]
         assert [(r.route, r.status) for r in access] == [("/predict/transformer", 422), (None, 401)]
+
+
+def test_new_ids_are_32_hex_digits_unique_here_and_across_processes():
+    """A process's new ids share its random prefix and count up (no system call each); another process (a replica)
+    has another prefix."""
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    other = subprocess.run([sys.executable, "-c", "from service.request_ids import new_request_id as n; print(n())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert len(other) == 32 and other[:16] != ids[0][:16]
 
 
 def test_json_log_lines_carry_the_request_id_and_the_access_fields():
