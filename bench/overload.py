@@ -27,7 +27,7 @@ Phases, each a row of the table:
 3. `overload`: on a second server, the same deployment with `max_queue_ms` (--max-queue-ms; by
    default one full batch call of phase 2, rounded up to a ms: why in the source),
    an open loop: arrivals on a fixed schedule at --factor × capacity for --duration s, each sent
-   whether or not earlier ones were answered (at most 256 in flight: past that an arrival is
+   whether or not earlier ones were answered (at most IN_FLIGHT_CAP, 4,096, in flight: past that an arrival is
    skipped and counted) → the statuses, whether every 503 carried `Retry-After`, p50/p99 of the
    200s, their p99 ÷ the unloaded p50, and good throughput (200s answered per second);
 4. `retry storm`: --storm-clients closed-loop clients that send again at once on a 503 (no
@@ -36,7 +36,11 @@ Phases, each a row of the table:
 Every row also shows the CPU seconds per second that this process (the clients) and the
 server used (from /proc), and, from the server's `/metrics` over the row, the mean batch size,
 mean queue wait and mean model time per call; after the table, each phase's full garbage
-collections in the server (how many, how many over 100 ms, their time).
+collections in the server (how many, how many over 100 ms, their time), the server's event-loop CPU per request
+answered and how busy the loop was (its main thread, from /proc), and for the 200s of the overload slower than
+3× the unloaded p50 the medians of their own `timing_ms` (queue, preprocess, infer, and the rest: the hand-offs
+and encoding), which say where the accepted tail goes. `--rate R` fixes the overload's arrival rate instead of
+--factor × the capacity measured, so that A/B runs of two trees offer the same load.
 
 Goals (issue 16): under overload only 200 and 503 come back and every 503 has `Retry-After`; the
 p99 of the 200s is ≤ 3× the unloaded p50; the retry storm's good throughput is ≥ 0.8× the
