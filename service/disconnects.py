@@ -47,7 +47,8 @@ async def unless_client_leaves(request: Request, work: Awaitable[T], deployment:
     except asyncio.CancelledError:
         if not state["left"]:  # this request itself was cancelled (the server stops)
             raise
-        request_task.uncancel()  # our own cancellation, answered here (a 499)
+        if hasattr(request_task, "uncancel"):  # our own cancellation, answered here (a 499); Python 3.11+ counts it
+            request_task.uncancel()
     finally:
         state["waiting"] = False  # from now on a disconnect changes nothing (its callback may still be queued)
         watcher.cancel()

@@ -152,7 +152,7 @@ class RefusalLines:
     def _say(self) -> None:
         count, self.unlogged = self.unlogged, 0
         access_log.info("%d refusals before the body were not logged, one line each, in the last second "
-                        "(VLA_LOG_REFUSALS_PER_S=%g); vla_requests_shed_total counts every one", count, self.per_s,
+                        "(VLA_LOG_REFUSALS_PER_S=%g); vla_http_requests_total counts every one", count, self.per_s,
                         extra={"refusals_not_logged": count})
 
 

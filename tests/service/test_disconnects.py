@@ -82,7 +82,8 @@ def test_a_client_that_leaves_cancels_its_work_and_gets_a_499():
             await task
         assert raised.value.status == CLIENT_CLOSED
         assert cancelled.is_set() and request.abandoned == 1
-        assert task.cancelling() == 0  # the request's own cancellation was answered, not left pending
+        if hasattr(task, "cancelling"):  # (Python 3.11+ counts cancellations)
+            assert task.cancelling() == 0  # the request's own cancellation was answered, not left pending
 
     asyncio.run(scenario())
 
