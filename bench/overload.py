@@ -554,7 +554,7 @@ def main() -> int:
             # a short warm-up of the new server (its first calls per batch size), not measured
             run_phase(base, Phase("warm-up", "", 2.0), lambda pool: closed_loop(
                 pool, messages, CAPACITY_CLIENTS, 0.0, 2.0, Phase("", "", 2.0), on_503="retry"))
-            rate = args.rate or args.factor * cap_rps
+            rate = args.rate if args.rate is not None else args.factor * cap_rps
             factor = rate / cap_rps if cap_rps else args.factor  # what the verdicts name (--rate: as it falls)
             overload = Phase("3. overload", f"open loop {rate:.0f}/s", args.duration, offered_rps=rate)
             run_phase(base, overload, lambda pool: open_loop(pool, messages, rate, args.duration, overload))

@@ -31,7 +31,10 @@ async def unless_client_leaves(request: Request, work: Awaitable[T], deployment:
     ``work`` is awaited in the request's own task, and the watcher cancels that task when the client goes. (Awaiting
     it as a task of its own beside the watcher, with ``asyncio.wait``, put two more turns of the event loop between
     the model's result and the reply: under overload, with the loop busy turning requests away, each turn took
-    about half a millisecond.)"""
+    about half a millisecond.) A client that leaves in the very turn its result arrives gets the 499 too (the
+    result is dropped; the client is gone either way). A request that the server cancels (its drain) stays
+    cancelled, even when its client leaves at the same moment (on Python 3.11+, which counts cancellations; 3.10
+    cannot tell the two apart and answers the 499)."""
     request_task = asyncio.current_task()
     state = {"waiting": True, "left": False}
 
@@ -47,8 +50,9 @@ async def unless_client_leaves(request: Request, work: Awaitable[T], deployment:
     except asyncio.CancelledError:
         if not state["left"]:  # this request itself was cancelled (the server stops)
             raise
-        if hasattr(request_task, "uncancel"):  # our own cancellation, answered here (a 499); Python 3.11+ counts it
-            request_task.uncancel()
+        # our own cancellation, answered here (a 499), unless the server cancelled the request too
+        if hasattr(request_task, "uncancel") and request_task.uncancel() > 0:
+            raise
     finally:
         state["waiting"] = False  # from now on a disconnect changes nothing (its callback may still be queued)
         watcher.cancel()

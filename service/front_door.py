@@ -41,7 +41,7 @@ class FrontDoor:
     """ASGI: ``app`` behind the door (the app's own ``__call__``, see ``ServeApp``)."""
 
     def __init__(self, app: ASGIApp, manager, metrics, pacing_s: float = 0.0, keys: Optional[ApiKeys] = None,
-                 log_refusals_per_s: Optional[float] = None):
+                 log_refusals_per_s: Optional[int] = None):
         self.app = app
         self.manager = manager
         self.metrics = metrics
@@ -130,30 +130,36 @@ class RefusalLines:
     1,500 refusals a second, that is 7-10 % of a core taken from the requests the event loop serves. The metrics
     count every refusal."""
 
-    def __init__(self, per_s: float):
+    def __init__(self, per_s: int):
         self.per_s = per_s
         self.second_ends = 0.0  # time.monotonic() when the current second of lines ends
         self.logged = 0  # lines given in the current second
         self.unlogged = 0  # refusals without a line, not yet said
+        self._timer_loop: Optional[asyncio.AbstractEventLoop] = None  # the loop whose timer will say them
 
     def take(self) -> bool:
         """Whether this refusal gets its line (called from the event loop)."""
         now = time.monotonic()
+        loop = asyncio.get_running_loop()
         if now >= self.second_ends:
+            if self.unlogged and self._timer_loop is not loop:  # the timer's loop has ended (the app served anew)
+                self._say()
             self.second_ends, self.logged = now + 1.0, 0
         if self.logged < self.per_s:
             self.logged += 1
             return True
         if self.unlogged == 0:
-            asyncio.get_running_loop().call_later(self.second_ends - now, self._say)
+            self._timer_loop = loop
+            loop.call_later(self.second_ends - now, self._say)
         self.unlogged += 1
         return False
 
     def _say(self) -> None:
-        count, self.unlogged = self.unlogged, 0
-        access_log.info("%d refusals before the body were not logged, one line each, in the last second "
-                        "(VLA_LOG_REFUSALS_PER_S=%g); vla_http_requests_total counts every one", count, self.per_s,
-                        extra={"refusals_not_logged": count})
+        count, self.unlogged, self._timer_loop = self.unlogged, 0, None
+        if count:
+            access_log.info("%d refusals before the body were not logged, one line each, since the last such line "
+                            "(VLA_LOG_REFUSALS_PER_S=%d); vla_http_requests_total counts every one", count,
+                            self.per_s, extra={"refusals_not_logged": count})
 
 
 def _first(scope: Scope, name: bytes) -> Optional[bytes]:

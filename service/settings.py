@@ -254,11 +254,11 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description=(
         "Log lines as text (with the request id in brackets) or one JSON object per line (time, level, logger, "
         "message, request_id; the access line adds method, route, status, duration_ms)."))
-    log_refusals_per_s: float = Field(20.0, ge=0, le=1_000_000, description=(
-        "Access lines a second, at most, for the requests the front door refuses before their bodies (503 "
-        "overloaded, or loading); past that, one line a second says how many were not logged. Metrics count every "
-        "refusal; every other request gets its line. A line each about doubles what a refusal costs the event "
-        "loop (bench/refusal_cost.py)."))
+    log_refusals_per_s: int = Field(20, ge=0, le=1_000_000, description=(
+        "Access lines a second, at most, for the requests the front door refuses before their bodies (503: "
+        "overloaded, or the deployment not ready); past that, one line a second says how many were not logged. "
+        "Metrics count every refusal; every other request gets its line. A line each about doubles what a refusal "
+        "costs the event loop (bench/refusal_cost.py)."))
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn log level (critical, error, warning, info, debug, trace).")
     api_keys: Optional[SecretStr] = Field(None, description=(

@@ -25,6 +25,24 @@ def test_refusals_past_the_rate_are_counted_and_said_in_one_line(caplog):
     asyncio.run(scenario())
 
 
+def test_a_count_whose_timer_died_with_its_loop_is_said_by_the_next_loop(caplog):
+    """The app served in one event loop, then another (a test client, a bench): the count the first loop's timer
+    would have said is said when the next loop's first refusal starts a new second, and counting goes on."""
+    import time
+
+    lines = RefusalLines(per_s=1)
+
+    async def burst(n):
+        return [lines.take() for _ in range(n)]
+
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        assert asyncio.run(burst(4)) == [True, False, False, False]  # its loop ends before the timer fires
+        time.sleep(1.05)
+        assert asyncio.run(burst(2)) == [True, False]
+    said = [r.refusals_not_logged for r in caplog.records if hasattr(r, "refusals_not_logged")]
+    assert said == [3] and lines.unlogged == 1
+
+
 def test_no_lines_at_all_leaves_only_the_counts(caplog):
     async def scenario():
         lines = RefusalLines(per_s=0)
