@@ -39,7 +39,8 @@ mean queue wait and mean model time per call; after the table, each phase's full
 collections in the server (how many, how many over 100 ms, their time), the server's event-loop CPU per request
 answered and how busy the loop was (its main thread, from /proc), and for the 200s of the overload slower than
 3× the unloaded p50 the medians of their own `timing_ms` (queue, preprocess, infer, and the rest: the hand-offs
-and encoding), which say where the accepted tail goes. `--rate R` fixes the overload's arrival rate instead of
+and building the reply's fields; its serialization and write come after `total`), which say where the accepted
+tail goes. `--rate R` fixes the overload's arrival rate instead of
 --factor × the capacity measured, so that A/B runs of two trees offer the same load.
 
 Goals (issue 16): under overload only 200 and 503 come back and every 503 has `Retry-After`; the
@@ -603,7 +604,7 @@ def main() -> int:
         print(f"overload: the {len(slow)} 200s over {GOAL_TAIL:g}× the unloaded p50, medians: at the client "
               f"{fmt(np.median([o.latency * 1000 for o in slow]))} ms; the server's timing_ms (from the parsed body "
               f"to the reply built) total {fmt(parts['total'])}: queue {fmt(parts['queue'])}, preprocess "
-              f"{fmt(parts['preprocess'])}, infer {fmt(parts['infer'])}, the rest (hand-offs, encoding) "
+              f"{fmt(parts['preprocess'])}, infer {fmt(parts['infer'])}, the rest (hand-offs, the reply's fields) "
               f"{fmt(parts['rest'])}; batch "
               f"{fmt(np.median([o.batch_size or 1 for o in slow]), 0)}")
     refused = [o.latency * 1000 for o in overload.outcomes if o.status == "503"]
