@@ -42,7 +42,8 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from vla_foundry.sampling import MIN_TEMPERATURE, SamplingParams, draw, token_distribution
+from vla_foundry.sampling import (INVALID_PROBABILITIES, MIN_TEMPERATURE, SamplingParams, draw_groups,
+                                  token_distribution)
 
 DEFAULT_PREFILL_TOKENS = 512  # prompt tokens prefilled between two decode steps (VLA_PREFILL_TOKENS_PER_STEP)
 
@@ -326,8 +327,8 @@ class ContinuousBatcher:
     def _sample_together(self, rows: list[tuple[_Running, list[int]]], logits: torch.Tensor) -> None:
         """Every running generation's next tokens from one decode step's logits (B, V), each generation's rows given
         by their indices. On CPU, generations with the same sampling settings share one ``token_distribution`` (or
-        argmax) over their rows, instead of a handful of small calls each; each then draws from its own rows with
-        its own generator, as it draws alone."""
+        argmax) over their rows, instead of a handful of small calls each, and one draw in which each generation's rows
+        come from its own generator, as they come alone (``sampling.draw_groups``)."""
         logits = self._without_never_sampled(logits)
         # On CPU every row is sampled by the same code whatever the rows around it. CUDA's topk and sort choose
         # their algorithm by shape, so tied logits could come out of a group in another order than alone: there
@@ -343,27 +344,24 @@ class ContinuousBatcher:
             greedy = temperature < MIN_TEMPERATURE
             try:
                 if greedy:
-                    picked = together.argmax(dim=-1).tolist()
-                else:
+                    picked, valid = together.argmax(dim=-1).tolist(), [True] * len(members)
+                else:  # each member's rows from its own generator, in one pass (sampling.draw_groups)
                     probs, token_ids = token_distribution(together, temperature, top_k, top_p)
+                    tokens, valid = draw_groups(probs, token_ids, [(r.generation.generator, len(at))
+                                                                   for r, at in members])
+                    picked = tokens.tolist()
             except Exception as e:  # no row can be told apart
                 for r, _ in members:
                     self._end(r, e)
                 continue
             first = 0
-            for r, at in members:
+            for k, (r, at) in enumerate(members):
                 span = slice(first, first + len(at))
                 first += len(at)
-                if greedy:
-                    self._advance(r, picked[span])
+                if not valid[k]:  # its own logits were NaN or infinite
+                    self._end(r, RuntimeError(INVALID_PROBABILITIES))
                     continue
-                try:
-                    next_ids = draw(probs[span], None if token_ids is None else token_ids[span],
-                                    r.generation.generator).tolist()
-                except Exception as e:  # its own failure
-                    self._end(r, e)
-                    continue
-                self._advance(r, next_ids)
+                self._advance(r, picked[span])
 
     def _without_never_sampled(self, logits: torch.Tensor) -> torch.Tensor:
         if self._never_sampled.numel():
