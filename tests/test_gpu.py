@@ -362,3 +362,23 @@ def test_a_policy_in_a_model_process_on_cuda(fixtures_dir):
     np.testing.assert_allclose(replies[True], replies[False], atol=1e-5)
     # The weights are in the child, which reports them; in-thread they are in this process (so the measure can tell).
     assert grew[True] <= 0 < grew[False], grew
+
+
+def test_draws_on_cuda_pick_what_torch_multinomial_picks():
+    """``sampling.draw_groups`` reproduces multinomial's one-sample algorithm; on CUDA too (its exponential draws fill
+    a slice of one tensor per request: the same values as a tensor of the request's own)."""
+    from vla_foundry.sampling import draw_groups, token_distribution
+
+    for seed in range(50):
+        logits = torch.randn(5, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)) * 3
+        probs, _ = token_distribution(logits, 1.0, 0, 1.0)
+        rows = [2, 1, 2]
+        ours = [torch.Generator("cuda").manual_seed(seed * 10 + i) for i in range(3)]
+        tokens, valid = draw_groups(probs, None, list(zip(ours, rows)))
+        expected, start = [], 0
+        for i, n in enumerate(rows):
+            own = torch.Generator("cuda").manual_seed(seed * 10 + i)
+            expected.append(torch.multinomial(probs[start:start + n], 1, generator=own).squeeze(-1))
+            start += n
+        assert valid == [True] * 3
+        assert torch.equal(tokens, torch.cat(expected))

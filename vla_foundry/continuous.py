@@ -10,17 +10,17 @@ waiting. Each step:
    prefill budget (``prefill_tokens`` prompt tokens) lasts: each prompt is prefilled alone, exactly
    as a solo run prefills it, its cache copied into its slot (``models/kv_slots.py``), and the
    generation samples its first tokens;
-3. runs one decode step for every running sequence (one new token each, each at its own position;
-   replayed from a captured graph where the decoder has one, ``models/slot_graphs.py``) and lets each
-   generation sample its next tokens from its own rows with its own generator (the rows of generations
-   with the same sampling settings share one top-k/top-p/softmax call first, on CPU); where the steps replay
-   from a graph (CUDA graphs, or the CPU's trace), a one-row generation that starts alone replays the one-row
-   graph from its slot at once, since that costs less than an eager step (on an H200, 24 layers of width 2048
-   in bfloat16 decoded 85 tokens/s eagerly against 389 from a graph, ``bench/generate.py``; on a 2-core CPU
-   with one torch thread the demo transformer's step of one took 0.69 ms from the trace against 0.94 ms
-   eagerly, ``bench/decode_steps.py``); where the steps are eager, it keeps its prompt's cache and steps on
-   it the solo way (``step_alone``: nothing to gather), moving into its slot for good when another sequence
-   joins;
+3. runs one decode step for every running sequence (one new token each, each at its own position; replayed
+   from a captured graph where the decoder has one, ``models/slot_graphs.py``) and lets each generation
+   sample its next tokens from its own rows with its own generator (on CPU the rows of generations with the
+   same sampling settings share one top-k/top-p/softmax call and one draw, ``sampling.draw_groups``); where
+   the steps replay from a graph (CUDA graphs, or the CPU's trace), a one-row generation that starts alone
+   replays the one-row graph from its slot at once, since that costs less than an eager step (on an H200, 24
+   layers of width 2048 in bfloat16 decoded 85 tokens/s eagerly against 389 from a graph,
+   ``bench/generate.py``; on a 2-core CPU with one torch thread the demo transformer's step of one took 0.69
+   ms from the trace against 0.94 ms eagerly, ``bench/decode_steps.py``); where the steps are eager, it
+   keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing to gather), moving into
+   its slot for good when another sequence joins;
 4. finishes generations that are done (every row ended by eos or a stop string, or
    ``max_new_tokens`` reached): their result is handed to ``on_done`` and their slots freed.
 

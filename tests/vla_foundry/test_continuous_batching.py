@@ -117,8 +117,9 @@ def test_requests_joining_and_leaving_get_their_solo_tokens(any_text, sampling):
 
 def test_requests_with_different_sampling_settings_share_steps_and_keep_their_solo_tokens(any_text):
     """A step's rows are sampled in groups of the same settings (one top-k/top-p/softmax over a group's rows, then
-    each request's own draw): requests of different temperatures, top-k and top-p, greedy among them, all decoding
-    together, each get their solo tokens; two requests of the same settings share a group."""
+    one draw in which each request's rows come from its own generator): requests of different temperatures, top-k
+    and top-p, greedy among them, all decoding together, each get their solo tokens; two requests of the same
+    settings share a group."""
     text = any_text
     batcher = text.continuous_batcher(max_sequences=8)
     rows = prompts(text.model.vocab_size, 7, seed=5)
@@ -135,6 +136,35 @@ def test_requests_with_different_sampling_settings_share_steps_and_keep_their_so
     for i, (name, s) in enumerate(settings.items()):
         solo = text.complete(prompt_token_ids=prompt_rows[name], sampling=s, seed=7 + i)
         assert [c.token_ids for c in outcomes[name].completions] == [c.token_ids for c in solo.completions], name
+
+
+def test_a_request_whose_probabilities_turn_nan_fails_alone_in_a_shared_draw(text, monkeypatch):
+    """Rows of the same settings are drawn together (``sampling.draw_groups``): a row with a NaN probability ends
+    its own request with the error ``torch.multinomial`` would raise, and the request beside it keeps its solo
+    tokens."""
+    import vla_foundry.continuous as continuous
+
+    batcher = text.continuous_batcher(max_sequences=2)
+    rows = prompts(text.model.vocab_size, 2, seed=9)
+    calls = {"n": 0}
+    real = continuous.token_distribution
+
+    def poisoned(logits, *args):  # from the third decode step on, the second request's row holds a NaN
+        probs, token_ids = real(logits, *args)
+        calls["n"] += 1
+        if calls["n"] > 4 and probs.shape[0] == 2:
+            probs[1, 3] = float("nan")
+        return probs, token_ids
+
+    monkeypatch.setattr(continuous, "token_distribution", poisoned)
+    generations = {0: [(name, text.start_completion(prompt_token_ids=[rows[i]], sampling=SAMPLED, seed=i))
+                       for i, name in enumerate(("fit", "poisoned"))]}
+    outcomes = run_all(batcher, generations)
+    assert isinstance(outcomes["poisoned"], RuntimeError) and "probability tensor" in str(outcomes["poisoned"])
+    monkeypatch.setattr(continuous, "token_distribution", real)
+    solo = text.complete(prompt_token_ids=[rows[0]], sampling=SAMPLED, seed=0)
+    assert outcomes["fit"].completions[0].token_ids == solo.completions[0].token_ids
+    assert sorted(batcher._free) == [0, 1]
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
