@@ -405,8 +405,9 @@ class GenerationEngine:
         self._cancelled.update(key for key in keys if key in self._held)
 
     def step(self) -> None:
-        """One decode step (when generations run), then its report; the first tokens of generations it admitted go
-        in a report of their own before its decode step (a client's first token does not wait for the others')."""
+        """One decode step (when generations run), then its report; the first tokens of each generation it admits go
+        in a report of their own right after its prefill (a client's first token waits for neither the others'
+        prefills nor the decode step)."""
         if self.batcher is not None and self.batcher.active:
             try:
                 self.batcher.step(admitted=lambda: self._report() if self._started else None)

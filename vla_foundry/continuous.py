@@ -215,15 +215,13 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self, admitted: Optional[Callable[[], None]] = None) -> None:
-        """One step (see the module's docstring). ``admitted()``, when given, is called between the admissions and
-        the decode step: the newly admitted generations' first tokens are out by then (a model process sends them
-        on at once instead of a decode step later)."""
+        """One step (see the module's docstring). ``admitted()``, when given, is called after each admission, once
+        that generation's first tokens are sampled and before the next one is prefilled: a model process sends each
+        one's first tokens on at once, instead of after the step's other prefills and its decode step."""
         started = time.perf_counter()
         self._drop_cancelled()
         self._pack()
-        self._admit()
-        if admitted is not None:
-            admitted()
+        self._admit(admitted)
         if self._running:
             self._decode()
             took = time.perf_counter() - started
@@ -261,7 +259,7 @@ class ContinuousBatcher:
             heapq.heapreplace(self._free, slot)  # only once copied: a failed move leaves both records as they were
             r.slots[j] = lower
 
-    def _admit(self) -> None:
+    def _admit(self, admitted: Optional[Callable[[], None]] = None) -> None:
         budget = self.prefill_tokens
         while self._waiting and len(self._free) >= self._waiting[0].rows:
             r = self._waiting[0]
@@ -279,6 +277,8 @@ class ContinuousBatcher:
                 self._end(r, e)
                 continue
             self._sample(r, logits)
+            if admitted is not None:
+                admitted()
 
     def _prefill(self, r: _Running, slot: int, ids: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, present = self.model.prefill(torch.tensor([ids], dtype=torch.long, device=self.device), **inputs)

@@ -401,6 +401,30 @@ def test_an_hf_family_whose_step_in_slots_differs_from_its_step_alone_runs_one_r
     assert load_pipeline(hf_dirs["llama"]).continuous_batcher(4) is not None
 
 
+def test_each_admission_is_announced_after_its_own_first_tokens_before_the_next_prefill(text, monkeypatch):
+    """``step(admitted=...)`` is called once per admitted generation, right after its first tokens are sampled and
+    before the next prompt is prefilled (a model process reports each first token then, instead of after the
+    step's other prefills)."""
+    batcher = text.continuous_batcher(max_sequences=4)
+    events: list = []
+    real_prefill = text.model.prefill
+
+    def prefill(ids, **inputs):
+        events.append("prefill")
+        return real_prefill(ids, **inputs)
+
+    monkeypatch.setattr(text.model, "prefill", prefill)
+    for i, ids in enumerate(prompts(text.model.vocab_size, 3, seed=4)):
+        generation = text.start_completion(prompt_token_ids=[ids], sampling=GREEDY, seed=0)
+        stopping = generation.stopping
+        generation.stopping = lambda last, i=i, stopping=stopping: events.append(f"token {i}") or stopping(last)
+        batcher.submit(generation, lambda out: None)
+    batcher.step(admitted=lambda: events.append("admitted"))
+    assert events[:9] == ["prefill", "token 0", "admitted", "prefill", "token 1", "admitted",
+                          "prefill", "token 2", "admitted"]
+    assert events[9:] == ["token 0", "token 1", "token 2"]  # then the decode step: no more announcements
+
+
 def test_a_long_prompt_does_not_stall_the_running_sequences(text):
     """The prefill budget: a step admits prompts until their tokens pass it; a longer one gets a step of its own."""
     batcher = text.continuous_batcher(max_sequences=4, prefill_tokens=8)
