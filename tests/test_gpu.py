@@ -364,21 +364,25 @@ def test_a_policy_in_a_model_process_on_cuda(fixtures_dir):
     assert grew[True] <= 0 < grew[False], grew
 
 
-def test_draws_on_cuda_pick_what_torch_multinomial_picks():
-    """``sampling.draw_groups`` reproduces multinomial's one-sample algorithm; on CUDA too (its exponential draws fill
-    a slice of one tensor per request: the same values as a tensor of the request's own)."""
+@pytest.mark.parametrize("vocab,top_k", [(1000, 0), (50257, 0), (1000, 20)])
+def test_draws_on_cuda_pick_what_torch_multinomial_picks(vocab, top_k):
+    """``sampling.draw_groups`` reproduces multinomial's one-sample algorithm; on CUDA too: each request's exponential
+    draws fill a slice of one tensor (at an offset that an odd vocabulary leaves unaligned), which must give the
+    values and generator states of a tensor of its own."""
     from vla_foundry.sampling import draw_groups, token_distribution
 
-    for seed in range(50):
-        logits = torch.randn(5, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)) * 3
-        probs, _ = token_distribution(logits, 1.0, 0, 1.0)
-        rows = [2, 1, 2]
+    rows = [2, 1, 2]
+    for seed in range(20):
+        logits = torch.randn(5, vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)) * 3
+        probs, token_ids = token_distribution(logits, 1.0, top_k, 1.0)
         ours = [torch.Generator("cuda").manual_seed(seed * 10 + i) for i in range(3)]
-        tokens, valid = draw_groups(probs, None, list(zip(ours, rows)))
+        tokens, valid = draw_groups(probs, token_ids, list(zip(ours, rows)))
         expected, start = [], 0
         for i, n in enumerate(rows):
             own = torch.Generator("cuda").manual_seed(seed * 10 + i)
-            expected.append(torch.multinomial(probs[start:start + n], 1, generator=own).squeeze(-1))
+            picked = torch.multinomial(probs[start:start + n], 1, generator=own)
+            expected.append((picked if token_ids is None else token_ids[start:start + n].gather(-1, picked))[:, 0])
+            assert torch.equal(ours[i].get_state(), own.get_state())
             start += n
         assert valid == [True] * 3
         assert torch.equal(tokens, torch.cat(expected))
