@@ -4,8 +4,9 @@ batching).
 The policy's model process (``model_process.py``) answers one call at a time. A continuous batcher instead
 steps on its own while generations run, and hands out their text token by token, so here the child keeps the
 deployment's ``ContinuousBatcher`` and steps it whenever it has generations, between the calls it answers
-(``GenerationEngine``); after every step it sends one report: each generation's streamed deltas of that step,
-the results of those that ended, which started decoding, and the batcher's counts. In the server the
+(``GenerationEngine``); after every step it sends a report: each generation's streamed deltas of that step,
+the results of those that ended, which started decoding, and the batcher's counts (and, within a step, one
+after each admission, with that generation's first tokens). In the server the
 deployment's model thread drives a ``RemoteBatcher`` through the executor exactly as it drives a local one:
 ``submit`` sends a generation's request to the child (its prompts and settings, ``RemoteGeneration``; the
 child makes the ``Generation``, with its tokenizer, text tracking and stop strings, as the pipeline makes it
@@ -327,7 +328,8 @@ class TextModelProcess(ModelProcess):
 
 class GenerationEngine:
     """The child's side: the pipeline's ``ContinuousBatcher``, fed by ``submit`` and ``cancel`` messages, stepped
-    by the child's loop while ``busy``; every step's events go to the server in one report."""
+    by the child's loop while ``busy``; a step's events go to the server in a report after it, and each admission's
+    first tokens in one of their own right after its prefill."""
 
     MESSAGES = ("submit", "cancel")  # no reply
     OPERATIONS = ("make_batcher", "warmup_batcher")  # a reply, as the pipeline's calls
@@ -406,11 +408,13 @@ class GenerationEngine:
 
     def step(self) -> None:
         """One decode step (when generations run), then its report; the first tokens of each generation it admits go
-        in a report of their own right after its prefill (a client's first token waits for neither the others'
-        prefills nor the decode step)."""
+        in a report of their own right after its prefill (a client's first token waits neither for the step's later
+        prefills nor for its decode)."""
         if self.batcher is not None and self.batcher.active:
             try:
                 self.batcher.step(admitted=lambda: self._report() if self._started else None)
+            except OSError:  # an admission's report found the server gone: the child's loop ends
+                raise
             except Exception as e:  # a fault of the batcher itself: what it holds fails, the child keeps serving
                 logger.exception("a decode step failed")
                 self.batcher.fail_all(e)

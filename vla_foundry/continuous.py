@@ -215,9 +215,10 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self, admitted: Optional[Callable[[], None]] = None) -> None:
-        """One step (see the module's docstring). ``admitted()``, when given, is called after each admission, once
-        that generation's first tokens are sampled and before the next one is prefilled: a model process sends each
-        one's first tokens on at once, instead of after the step's other prefills and its decode step."""
+        """One step (see the module's docstring). ``admitted()``, when given, is called after each admission whose
+        prefill succeeded, once that generation's first tokens are sampled and before the next one is prefilled: a
+        model process sends each one's first tokens on at once, instead of after the step's other prefills and its
+        decode step."""
         started = time.perf_counter()
         self._drop_cancelled()
         self._pack()
@@ -358,7 +359,7 @@ class ContinuousBatcher:
             for k, (r, at) in enumerate(members):
                 span = slice(first, first + len(at))
                 first += len(at)
-                if not valid[k]:  # its own logits were NaN or infinite
+                if not valid[k]:  # its own probabilities were unfit (NaN, infinite, negative or all zero)
                     self._end(r, RuntimeError(INVALID_PROBABILITIES))
                     continue
                 self._advance(r, picked[span])

@@ -59,7 +59,7 @@ def token_distribution(logits: torch.Tensor, temperature: float, top_k: int,
                        top_p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(B, V) logits → what a draw picks from: probabilities (B, K) and the token ids they belong to (B, K), or None
     when they cover the whole vocabulary (K = V). Row by row: the rows of several requests with the same settings
-    share one call, and each request then draws from its own rows (``draw``), as it would alone."""
+    share one call, and each request's rows are then drawn from its own generator (``draw_groups``), as alone."""
     if 0 < top_k < logits.shape[-1]:
         # Sample among the k best only: same distribution, and top-p then sorts k values, not V.
         values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted

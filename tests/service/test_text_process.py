@@ -292,3 +292,43 @@ def test_a_model_that_cannot_join_a_running_batch_runs_on_its_thread(tiny_checkp
         assert info["batching"]["generation"] == "per_request"
         reply = c.post("/predict/transformer", json={**PREDICT_REQUESTS["transformer"], "model": "t"})
         assert reply.status_code == 200 and len(reply.json()["completions"]) == 2
+
+
+class RecordingConn:
+    """What the child's engine sends to the server, recorded; ``fail`` makes every send find the server gone."""
+
+    def __init__(self, fail: bool = False):
+        self.sent, self.fail = [], fail
+
+    def send(self, message) -> None:
+        if self.fail:
+            raise BrokenPipeError("the server has gone")
+        self.sent.append(message)
+
+
+def test_the_child_reports_each_admissions_first_tokens_at_once_and_stops_when_the_server_is_gone(tiny_checkpoints):
+    """A step that admits three generations sends three reports (each with its generation marked started, in order)
+    before the step's own report; a report that finds the server gone ends the step with that OSError, not with a
+    logged "decode step failed" that fails every generation."""
+    import torch
+
+    from service.text_process import GenerationEngine
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.sampling import SamplingParams
+
+    pipeline = load_pipeline(tiny_checkpoints["transformer"])
+    greedy = {"sampling": SamplingParams(max_new_tokens=4, temperature=0.0), "seed": 0}
+    engine = GenerationEngine(pipeline, RecordingConn(), torch.device("cpu"))
+    engine.make_batcher(4, None, None)
+    for key in range(3):
+        engine.submit(key, "start_completion", (None, [[5 + key, 9, 12]]), dict(greedy), streams=True)
+    engine.step()
+    reports = [report for kind, report in engine.conn.sent if kind == "step"]
+    assert [report["started"] for report in reports] == [[0], [1], [2], []]
+
+    gone = GenerationEngine(pipeline, RecordingConn(fail=True), torch.device("cpu"))
+    gone.make_batcher(4, None, None)
+    gone.submit(0, "start_completion", (None, [[5, 9, 12]]), dict(greedy), streams=True)
+    with pytest.raises(OSError):
+        gone.step()
+    assert not gone._done  # nothing was failed as if the batcher had broken
