@@ -19,7 +19,7 @@ from service.metrics import Metrics, RequestMetrics
 from service.images import PixelBudget
 from service.memory import return_large_blocks_to_the_system
 from service.middleware import BodyCodecMiddleware, DecodedBodyRoute, OriginCheck
-from service.deadlines import Deadlines
+from service.deadlines import Deadlines, RefusalPacer
 from service.front_door import FrontDoor
 from service.light_requests import LightRequestPacer
 from service.probes import LivenessProbe
@@ -132,8 +132,9 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     app.add_middleware(LightRequestPacer, rate=settings.light_requests_per_s, models_at_work=manager.models_at_work,
                        on_delay=metrics.observe_light_delay)
     # Ahead of all of it: refusals of an overloaded deployment before the body is read (front_door.py).
-    app.front_door = FrontDoor(functools.partial(FastAPI.__call__, app), manager, metrics,
-                               pacing_s=settings.shed_pacing_s, keys=ApiKeys(api_keys) if api_keys else None,
+    app.state.refusal_pacer = pacer = RefusalPacer(settings.shed_pacing_s, settings.shed_retries_per_s)
+    app.front_door = FrontDoor(functools.partial(FastAPI.__call__, app), manager, metrics, pacer=pacer,
+                               keys=ApiKeys(api_keys) if api_keys else None,
                                log_refusals_per_s=settings.log_refusals_per_s)
     install_error_handlers(app)
     app.include_router(health.router)

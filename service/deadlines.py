@@ -163,26 +163,50 @@ def hold_early_reservation(deployment, receive: Receive) -> Iterator[Receive]:
 _pacing_jitter = random.Random()  # spreads held refusals (not a model's randomness, which is seeded per request)
 
 
-async def paced(exc: ApiError, pacing_s: float) -> Optional[int]:
-    """The ``Retry-After`` of a refusal, after holding it back when it is an overload refusal: between half of
-    ``pacing_s`` (``VLA_SHED_PACING_S``) and all of it, at random, never past the request's deadline, with
-    Retry-After less what was waited. Turning a request away costs the event loop a fraction of a millisecond;
-    clients that retry at once on a 503 would otherwise send thousands a second and take the interpreter from the
-    model they are waiting for. Held back, each such client retries about once per ``pacing_s``. The hold costs
-    a timer, not a thread; the request's image pixels are given back first, and its body is not read meanwhile
-    where the refusal came before it."""
-    if exc.type != "overloaded" or pacing_s <= 0:
-        return exc.retry_after
-    known = [d for d in (exc.deadline, current_deadline.get()) if d is not None]
-    deadline = min(known) if known else None
-    # Spread over the second half of the period: clients refused together must not all come back together
-    # (a model idle between synchronized bursts of retries serves far fewer of them).
-    pause = pacing_s * (0.5 + 0.5 * _pacing_jitter.random())
-    if deadline is not None:
-        pause = max(0.0, min(pause, deadline - time.perf_counter()))
-    release_pixels()  # the refused request's decoded images must not hold the budget while it waits
-    await asyncio.sleep(pause)
-    return max(0, (exc.retry_after or 1) - math.floor(pause))
+class RefusalPacer:
+    """Holds overload refusals back before they are sent (``VLA_SHED_PACING_S``, ``VLA_SHED_RETRIES_PER_S``).
+
+    Turning a request away costs the event loop a fraction of a millisecond; clients that retry at once on a 503
+    would otherwise send thousands a second and take the interpreter from the model they are waiting for. Held
+    back, a refusal comes after between half of a period and all of it, at random (clients refused together must
+    not all come back together), never past the request's deadline, with ``Retry-After`` less what was waited.
+
+    The period is ``pacing_s``: each client that retries at once comes back about once per period. That also
+    bounds what such clients send in all (96 of them, about 128 requests a second), and a model of about that
+    capacity waits for them whenever the refusals bunch up (README, "Reliability suite"). With ``retries_per_s``,
+    the period is instead the longest of the wait that refused the request (sooner there is no room anyway) and
+    the held refusals ÷ ``retries_per_s`` (however many clients retry at once, they come back about that many
+    times a second in all), at most ``pacing_s``; a refusal of unknown wait is held the whole period. The event
+    loop then refuses more: where it shares the interpreter with a model (no model process), that slowed the
+    model more than the retries fed it. A hold costs a timer, not a thread; the request's image pixels are given
+    back first, and its body is not read meanwhile where the refusal came before it."""
+
+    def __init__(self, pacing_s: float, retries_per_s: float):
+        self.pacing_s, self.retries_per_s = pacing_s, retries_per_s
+        self.held = 0  # refusals being held back now (only the event loop counts them)
+
+    def period(self, wait_s: Optional[float]) -> float:
+        """How long a refusal is held at most, with ``self.held`` held (itself included) and ``wait_s`` the
+        expected wait that refused it (None: unknown)."""
+        if wait_s is None or self.retries_per_s <= 0:
+            return self.pacing_s
+        return min(self.pacing_s, max(wait_s, self.held / self.retries_per_s))
+
+    async def hold(self, exc: ApiError) -> Optional[int]:
+        """The ``Retry-After`` of a refusal, after holding it back when it is an overload refusal."""
+        if exc.type != "overloaded" or self.pacing_s <= 0:
+            return exc.retry_after
+        self.held += 1
+        try:
+            pause = self.period(exc.wait_s) * (0.5 + 0.5 * _pacing_jitter.random())
+            known = [d for d in (exc.deadline, current_deadline.get()) if d is not None]
+            if known:
+                pause = max(0.0, min(pause, min(known) - time.perf_counter()))
+            release_pixels()  # the refused request's decoded images must not hold the budget while it waits
+            await asyncio.sleep(pause)
+        finally:
+            self.held -= 1
+        return max(0, (exc.retry_after or 1) - math.floor(pause))
 
 
 class Deadlines:

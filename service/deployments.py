@@ -350,7 +350,7 @@ class Deployment:
         if self.metrics is not None:
             self.metrics.shed.labels(self.name, stage).inc()
         raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms {reason}",
-                       retry_after=retry_after, type="overloaded", deadline=deadline)
+                       retry_after=retry_after, type="overloaded", deadline=deadline, wait_s=wait_s)
 
     async def call(self, call: ModelCall) -> Timed:
         """The one way into the model: ``call.run(pipeline, items)`` on this deployment's thread, with the

@@ -84,10 +84,11 @@ def session_conflict_responses() -> dict[int | str, dict[str, Any]]:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, field: Optional[str] = None, *, retry_after: Optional[int] = None,
-                 type: Optional[str] = None, deadline: Optional[float] = None):
+                 type: Optional[str] = None, deadline: Optional[float] = None, wait_s: Optional[float] = None):
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
         self.retry_after = retry_after
+        self.wait_s = wait_s  # an overload refusal's expected wait, in seconds, where admission knew it
         self.deadline = deadline  # the refused request's deadline (time.perf_counter()), where it had one
         self.type = type or ERROR_TYPES.get(status, "error")
 
@@ -168,9 +169,7 @@ def _input_error_type(exc: InvalidInputError) -> Optional[str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        from service.deadlines import paced  # deadlines.py imports this module
-
-        retry_after = await paced(exc, request.app.state.settings.shed_pacing_s)
+        retry_after = await request.app.state.refusal_pacer.hold(exc)  # (deadlines.RefusalPacer)
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return error_response(request, exc.status, exc.message, exc.field, type=exc.type, headers=headers)
 

@@ -14,7 +14,7 @@ its 401 or 400 there. Then it admits the request (``Deployment.admit``, stage ``
 the deadline and ``max_queue_ms``). Refused, it answers here in the one error shape, with the request's id (in
 ``X-Request-ID`` and the body), counted and logged as the app counts and logs every request
 (``metrics.record_request``; at most ``VLA_LOG_REFUSALS_PER_S`` lines a second, ``RefusalLines``), held back
-first for pacing (``deadlines.paced``); its body is never read.
+first for pacing (``deadlines.RefusalPacer``); its body is never read.
 Admitted, the request goes on into the app, and counts as waiting (a reservation) from the end of its body until
 it queues.
 """
@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.auth import ApiKeys, app_path
 from service.codecs import encode_response
 from service.deadlines import HEADER as TIMEOUT_HEADER
-from service.deadlines import current_deadline, hold_early_reservation, paced, parse_timeout
+from service.deadlines import RefusalPacer, current_deadline, hold_early_reservation, parse_timeout
 from service.errors import ApiError, error_body
 from service.metrics import access_log
 from service.request_ids import HEADER as REQUEST_ID_HEADER
@@ -40,12 +40,12 @@ from service.request_ids import current_request_id, request_id_of
 class FrontDoor:
     """ASGI: ``app`` behind the door (the app's own ``__call__``, see ``ServeApp``)."""
 
-    def __init__(self, app: ASGIApp, manager, metrics, pacing_s: float = 0.0, keys: Optional[ApiKeys] = None,
-                 log_refusals_per_s: Optional[int] = None):
+    def __init__(self, app: ASGIApp, manager, metrics, pacer: Optional[RefusalPacer] = None,
+                 keys: Optional[ApiKeys] = None, log_refusals_per_s: Optional[int] = None):
         self.app = app
         self.manager = manager
         self.metrics = metrics
-        self.pacing_s = pacing_s  # overload refusals are held back this long (deadlines.paced)
+        self.pacer = pacer or RefusalPacer(0.0, 0.0)  # holds overload refusals back (the app's; none: sent at once)
         self.keys = keys
         self.lines = None if log_refusals_per_s is None else RefusalLines(log_refusals_per_s)  # None: a line each
 
@@ -93,7 +93,7 @@ class FrontDoor:
         status = e.status
         try:
             try:
-                retry_after = await paced(e, self.pacing_s)
+                retry_after = await self.pacer.hold(e)
             except asyncio.CancelledError:  # held when the server's drain ran out: answered at once instead
                 retry_after = e.retry_after
             reply_headers = {REQUEST_ID_HEADER.decode(): request_id}

@@ -13,6 +13,8 @@ import pytest
 
 from service import DeploymentSpec
 from tests.service.test_openai import chat_checkpoint  # noqa: F401  (a fixture: a model that talks at length)
+from service.deadlines import RefusalPacer
+from service.errors import ApiError
 from service.executor import DeadlineExceeded, ModelExecutor
 from tests.factories import PREDICT_REQUESTS
 from tests.service.conftest import serving
@@ -462,6 +464,51 @@ def test_an_overload_refusal_is_held_back(tiny_checkpoints, monkeypatch, deadlin
         assert pacing / 2 <= held
     else:  # the refusal comes by the deadline (the 503 says the wait is past it)
         assert 0.1 <= held < pacing / 2 + 0.5 and "deadline" in response.json()["error"]["message"]
+
+
+def test_a_refusal_with_a_short_wait_is_held_about_that_long(tiny_checkpoints, monkeypatch):
+    """With VLA_SHED_RETRIES_PER_S, an overload refusal whose expected wait is 20 ms comes after 10-20 ms (and the
+    time to answer), not after half of VLA_SHED_PACING_S: sooner there is no room, later the model may wait for
+    the retries."""
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), max_queue_ms=5),
+                 shed_pacing_s=2.0, shed_retries_per_s=500) as client:
+        monkeypatch.setattr(deployment(client, "policy").executor, "expected_wait_s",
+                            lambda batchable=True, own_pending=None: 0.02)
+        started = time.perf_counter()
+        response = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"])
+        held = time.perf_counter() - started
+    assert response.status_code == 503 and response.json()["error"]["type"] == "overloaded"
+    assert response.headers["retry-after"] == "1"
+    assert 0.01 <= held < 0.5, held
+
+
+def test_many_refusals_held_at_once_are_held_long_enough_to_come_back_at_the_set_rate():
+    """The period is the longest of the refusing wait and the held refusals ÷ VLA_SHED_RETRIES_PER_S, at most
+    VLA_SHED_PACING_S (whole for a refusal of unknown wait, or with a rate of 0)."""
+    pacer = RefusalPacer(pacing_s=1.0, retries_per_s=100)
+    assert pacer.period(None) == 1.0
+    for held, wait_s, period in ((1, 0.02, 0.02), (50, 0.02, 0.5), (50, 0.7, 0.7), (500, 0.02, 1.0)):
+        pacer.held = held
+        assert pacer.period(wait_s) == pytest.approx(period), (held, wait_s)
+    assert RefusalPacer(1.0, 0).period(0.02) == 1.0
+
+    async def forty_at_once() -> list[float]:
+        """40 refusals with a wait of 10 ms, held together: the k-th held is held for k/200 to k/100 s."""
+        pacer = RefusalPacer(pacing_s=1.0, retries_per_s=100)
+
+        async def one() -> float:
+            started = time.perf_counter()
+            assert await pacer.hold(ApiError(503, "busy", retry_after=1, type="overloaded", wait_s=0.01)) == 1
+            return time.perf_counter() - started
+
+        held = await asyncio.gather(*(one() for _ in range(40)))
+        assert pacer.held == 0
+        return sorted(held)
+
+    held = asyncio.run(forty_at_once())
+    assert held[0] < 0.05 and 0.2 <= held[-1] < 0.6, held
+    not_overload = ApiError(503, "loading", retry_after=5, type="not_ready", wait_s=0.01)
+    assert asyncio.run(RefusalPacer(1.0, 100).hold(not_overload)) == 5  # not held
 
 
 def test_a_generation_is_refused_when_its_wait_for_a_slot_exceeds_max_queue_ms(chat_checkpoint):  # noqa: F811
