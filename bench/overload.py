@@ -86,8 +86,9 @@ PATH = f"/predict/{NAME}"
 BODIES = 64
 # Client times: uvloop's loop.time() has a resolution of 1 ms (libuv's uv_now), too coarse for 10 ms replies.
 clock = time.perf_counter
-# The server holds each overload refusal back for up to VLA_SHED_PACING_S (deadlines.paced), so under an open loop
-# at 4× capacity about (refusals a second) × (the mean hold, 0.75 s) requests are in flight: some 2,000 at 4× of
+# The server holds each overload refusal back for up to VLA_SHED_PACING_S (deadlines.RefusalPacer; shorter with
+# VLA_SHED_RETRIES_PER_S), so under an open loop at 4× capacity up to (refusals a second) × (the mean hold, 0.75 s)
+# requests are in flight: some 2,000 at 4× of
 # 700/s. The cap only guards this process; an arrival past it is skipped and counted, and a run that skipped more
 # than SKIPPED_OK of its arrivals did not offer the load it names (its verdicts say so). (At 256, runs before
 # 2026-12-05 skipped over half their arrivals: "4×" had been about 1.4-2× in fact.)
@@ -106,8 +107,8 @@ GOAL_TAIL, GOAL_STORM = 3.0, 0.8
 # batch's worth. (The unloaded p50, the first default, refused most requests that could have joined the next
 # batch: the storm phase then ran batches of 5 and good throughput fell to 0.71× capacity in one run.) A fixed
 # number would be wrong on another host, hence measured; --max-queue-ms sets one.
-# The server holds each overload refusal for VLA_SHED_PACING_S (default 1 s; deadlines.paced), so clients that retry
-# at once retry about once a second each.
+# The server holds each overload refusal for VLA_SHED_PACING_S (default 1 s; deadlines.RefusalPacer), so clients that
+# retry at once retry about once a second each (with VLA_SHED_RETRIES_PER_S, about 4/3 of that rate in all).
 
 
 # ----------------------------------------------------------------------------- the server

@@ -174,9 +174,10 @@ class RefusalPacer:
     The period is ``pacing_s``: each client that retries at once comes back about once per period. That also
     bounds what such clients send in all (96 of them, about 128 requests a second), and a model of about that
     capacity waits for them whenever the refusals bunch up (README, "Reliability suite"). With ``retries_per_s``,
-    the period is instead the longest of the wait that refused the request (sooner there is no room anyway) and
-    the held refusals ÷ ``retries_per_s`` (however many clients retry at once, they come back about that many
-    times a second in all), at most ``pacing_s``; a refusal of unknown wait is held the whole period. The event
+    the period is instead the longer of the wait that refused the request (about when there may be room) and the
+    held refusals ÷ ``retries_per_s``, at most ``pacing_s``: however many clients retry at once, they come back
+    about 4/3 × ``retries_per_s`` times a second in all (a hold is three quarters of a period on average); a
+    refusal of unknown wait is held the whole period ``pacing_s``. The event
     loop then refuses more: where it shares the interpreter with a model (no model process), that slowed the
     model more than the retries fed it. A hold costs a timer, not a thread; the request's image pixels are given
     back first, and its body is not read meanwhile where the refusal came before it."""

@@ -208,9 +208,9 @@ class Settings(BaseSettings):
         "(less when the request's deadline is sooner), with Retry-After less the time held: clients that retry at "
         "once then retry about once per period, not thousands of times a second; 0 sends it at once."))
     shed_retries_per_s: float = Field(0.0, ge=0, le=1_000_000, description=(
-        "With shed_pacing_s: hold an overload refusal at least as long as the wait that refused it, and long enough "
-        "that all the refusals held at once come back about this many times a second in all (clients that retry "
-        "at once), at most shed_pacing_s; 0: hold every one half of shed_pacing_s to all of it. For deployments "
+        "With shed_pacing_s: hold an overload refusal for half to all of the longer of the wait that refused it "
+        "and (refusals held now) / this, at most shed_pacing_s, so that clients retrying at once come back about "
+        "4/3 of this many times a second in all; 0: hold every one half of shed_pacing_s to all of it. For deployments "
         "in model processes, whose event loop refusing does not slow the model: 500 kept 96 clients retrying at "
         "once on a policy served in batches of 1 at 0.91-1.18x its capacity, against 0.80-0.96x (service/"
         "deadlines.py)."))

@@ -482,6 +482,48 @@ def test_a_refusal_with_a_short_wait_is_held_about_that_long(tiny_checkpoints, m
     assert 0.01 <= held < 0.5, held
 
 
+def test_a_refusal_after_the_body_is_held_by_the_same_pacer(tiny_checkpoints, monkeypatch):
+    """Admitted at the front door, refused when it queues (the app's error handler): held for its short wait too,
+    by the pacer the door uses (one count of the refusals held)."""
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), max_queue_ms=5),
+                 shed_pacing_s=2.0, shed_retries_per_s=500) as client:
+        waits = iter([0.0])  # the door's look: no wait; every later one: 20 ms
+        monkeypatch.setattr(deployment(client, "policy").executor, "expected_wait_s",
+                            lambda batchable=True, own_pending=None: next(waits, 0.02))
+        pacer = client.app.state.refusal_pacer
+        held_meanwhile = []
+        real_hold = pacer.hold
+
+        async def counting_hold(exc):
+            held_meanwhile.append(exc.wait_s)
+            return await real_hold(exc)
+
+        monkeypatch.setattr(pacer, "hold", counting_hold)
+        started = time.perf_counter()
+        response = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"])
+        held = time.perf_counter() - started
+    assert response.status_code == 503 and response.json()["error"]["type"] == "overloaded"
+    assert held_meanwhile == [0.02] and held < 0.5, (held_meanwhile, held)
+
+
+def test_a_held_refusal_that_is_cancelled_or_past_its_deadline_is_no_longer_counted():
+    async def scenario() -> None:
+        pacer = RefusalPacer(pacing_s=5.0, retries_per_s=100)
+        overloaded = ApiError(503, "busy", retry_after=3, type="overloaded", wait_s=2.0)
+        task = asyncio.ensure_future(pacer.hold(overloaded))
+        await asyncio.sleep(0.05)
+        assert pacer.held == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pacer.held == 0
+        late = ApiError(503, "busy", retry_after=3, type="overloaded", wait_s=2.0, deadline=time.perf_counter() - 1)
+        assert await asyncio.wait_for(pacer.hold(late), 1.0) == 3  # at once: its deadline has passed
+        assert pacer.held == 0
+
+    asyncio.run(scenario())
+
+
 def test_many_refusals_held_at_once_are_held_long_enough_to_come_back_at_the_set_rate():
     """The period is the longest of the refusing wait and the held refusals ÷ VLA_SHED_RETRIES_PER_S, at most
     VLA_SHED_PACING_S (whole for a refusal of unknown wait, or with a rate of 0)."""
