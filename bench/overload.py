@@ -88,10 +88,10 @@ BODIES = 64
 clock = time.perf_counter
 # The server holds each overload refusal back for up to VLA_SHED_PACING_S (deadlines.RefusalPacer; shorter with
 # VLA_SHED_RETRIES_PER_S), so under an open loop at 4× capacity up to (refusals a second) × (the mean hold, 0.75 s)
-# requests are in flight: some 2,000 at 4× of
-# 700/s. The cap only guards this process; an arrival past it is skipped and counted, and a run that skipped more
-# than SKIPPED_OK of its arrivals did not offer the load it names (its verdicts say so). (At 256, runs before
-# 2026-12-05 skipped over half their arrivals: "4×" had been about 1.4-2× in fact.)
+# requests are in flight: some 2,000 at 4× of 700/s. The cap only guards this process; an arrival past it is
+# skipped and counted, and a run that skipped more than SKIPPED_OK of its arrivals did not offer the load it names
+# (its verdicts say so). (At 256, runs before 2026-12-05 skipped over half their arrivals: "4×" had been about
+# 1.4-2× in fact.)
 IN_FLIGHT_CAP = 4096
 SKIPPED_OK = 0.01
 REPLY_TIMEOUT_S = 30.0

@@ -177,10 +177,10 @@ class RefusalPacer:
     the period is instead the longer of the wait that refused the request (about when there may be room) and the
     held refusals ÷ ``retries_per_s``, at most ``pacing_s``: however many clients retry at once, they come back
     about 4/3 × ``retries_per_s`` times a second in all (a hold is three quarters of a period on average); a
-    refusal of unknown wait is held the whole period ``pacing_s``. The event
-    loop then refuses more: where it shares the interpreter with a model (no model process), that slowed the
-    model more than the retries fed it. A hold costs a timer, not a thread; the request's image pixels are given
-    back first, and its body is not read meanwhile where the refusal came before it."""
+    refusal of unknown wait is held the whole period ``pacing_s``. The event loop then refuses more: where it
+    shares the interpreter with a model (no model process), that slowed the model more than the retries fed it.
+    A hold costs a timer, not a thread; the request's image pixels are given back first, and its body is not read
+    meanwhile where the refusal came before it."""
 
     def __init__(self, pacing_s: float, retries_per_s: float):
         self.pacing_s, self.retries_per_s = pacing_s, retries_per_s

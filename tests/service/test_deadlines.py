@@ -525,7 +525,7 @@ def test_a_held_refusal_that_is_cancelled_or_past_its_deadline_is_no_longer_coun
 
 
 def test_many_refusals_held_at_once_are_held_long_enough_to_come_back_at_the_set_rate():
-    """The period is the longest of the refusing wait and the held refusals ÷ VLA_SHED_RETRIES_PER_S, at most
+    """The period is the longer of the refusing wait and the held refusals ÷ VLA_SHED_RETRIES_PER_S, at most
     VLA_SHED_PACING_S (whole for a refusal of unknown wait, or with a rate of 0)."""
     pacer = RefusalPacer(pacing_s=1.0, retries_per_s=100)
     assert pacer.period(None) == 1.0
