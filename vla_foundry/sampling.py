@@ -97,13 +97,14 @@ def draw_groups(probs: torch.Tensor, token_ids: Optional[torch.Tensor],
     ``tests/vla_foundry/test_sampling.py`` checks the tokens against ``torch.multinomial``'s."""
     if probs.dim() != 2:
         raise ValueError(f"probs must be (rows, tokens); got shape {tuple(probs.shape)}")
+    held = sum(rows for _, rows in groups)
+    if held != probs.shape[0]:  # (before any generator draws: a refused call leaves them as they were)
+        raise ValueError(f"the groups hold {held} rows; probs has {probs.shape[0]}")
     q = torch.empty_like(probs)
     start = 0
     for generator, rows in groups:
         q[start:start + rows].exponential_(generator=generator)  # (rows, K): what multinomial draws for them
         start += rows
-    if start != probs.shape[0]:
-        raise ValueError(f"the groups hold {start} rows; probs has {probs.shape[0]}")
     choice = (probs / q).argmax(dim=-1)  # (B,)
     picked = probs.gather(-1, choice[:, None]).squeeze(-1)  # (B,)
     # (NaN compares False, and amin passes a NaN on)

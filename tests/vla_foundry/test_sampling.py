@@ -85,7 +85,12 @@ def test_a_row_is_fit_as_torch_multinomial_judges_it():
 
 def test_groups_must_cover_every_row_and_probabilities_be_two_dimensional():
     probs, _ = distribution(3, 16, seed=1)
+    generator = torch.Generator().manual_seed(5)
+    before = generator.get_state()
     with pytest.raises(ValueError, match="the groups hold 2 rows; probs has 3"):
-        draw_groups(probs, None, [(torch.Generator(), 2)])
+        draw_groups(probs, None, [(generator, 2)])
+    with pytest.raises(ValueError, match="the groups hold 4 rows; probs has 3"):
+        draw_groups(probs, None, [(generator, 4)])
+    assert torch.equal(generator.get_state(), before)  # refused before drawing
     with pytest.raises(ValueError, match=r"\(rows, tokens\)"):
         draw(probs[0], None, torch.Generator())
