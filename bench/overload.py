@@ -1,7 +1,7 @@
 """Overload: the demo policy under 4× its capacity, and under a retry storm (issue 16).
 
     python bench/overload.py [--max-queue-ms MS] [--duration 20] [--factor 4 | --rate R] [--storm-clients 96]
-                             [--max-batch-size N] [--threads 1] [--checkpoint DIR] [--json PATH]
+                             [--max-batch-size N] [--rounds 3] [--threads 1] [--checkpoint DIR] [--json PATH]
 
 The `diffusion_policy` member of the demo pack (built first if missing) is served by
 `vla-foundry serve --config <a temporary YAML>` on a loopback port (CPU), alone, so that
@@ -18,20 +18,26 @@ flight and send several hundred a second on one core, where a thread per request
 `httpx.AsyncClient` would take the server's CPU. Latency is from the request's first byte written
 to its reply's last byte read; a reply of 200 is unpacked (its `timing_ms.batch_size` kept).
 
-Phases, each a row of the table:
+Two servers of the policy run side by side, one that sheds nothing and one that sheds, and every round
+runs the five phases below on them, each a row of the table (--rounds, default 3: the plain server's
+phases first in odd rounds, the shedding server's first in even ones). A goal's ratio divides two
+figures of one round, measured seconds apart, and its verdict is the median of the rounds' ratios:
+this host's speed drifts over minutes (in a run of one round, the storm's model calls took 13.1 ms
+against 10.0 ms in the capacity phase before it, and its ratio missed by about that much).
 1. `unloaded`: 1 closed-loop client (sends, waits for the reply, sends the next) for 1 s warm-up +
    5 s → p50/p99 = the unloaded latency;
 2. `capacity`: 16 closed-loop clients for 2 s + 8 s → 200s per second = the capacity;
    both on a server with no `max_queue_ms` (nothing is shed there: the policy's own capacity,
    with the default batching, `max_batch_size` 8 on the CPU, or --max-batch-size);
-3. `overload`: on a second server, the same deployment with `max_queue_ms` (--max-queue-ms; by
-   default one full batch call of phase 2, rounded up to a ms: why in the source),
-   an open loop: arrivals on a fixed schedule at --factor × capacity for --duration s, each sent
+3. `overload`: on the second server, the same deployment with `max_queue_ms` (--max-queue-ms; by
+   default one full batch call of the first round's phase 2, rounded up to a ms: why in the source),
+   an open loop: arrivals on a fixed schedule at --factor × the first round's capacity (in every
+   round: one load named) for --duration s, each sent
    whether or not earlier ones were answered (at most IN_FLIGHT_CAP, 4,096, in flight: past that an arrival is
    skipped and counted) → the statuses, whether every 503 carried `Retry-After`, p50/p99 of the
-   200s, their p99 ÷ the unloaded p50, and good throughput (200s answered per second);
+   200s, their p99 ÷ the round's unloaded p50, and good throughput (200s answered per second);
 4. `retry storm`: --storm-clients closed-loop clients that send again at once on a 503 (no
-   backoff) for 2 s + --duration s → good throughput ÷ capacity; and (5) the same clients
+   backoff) for 2 s + --duration s → good throughput ÷ the round's capacity; and (5) the same clients
    honouring `Retry-After` (sleeping that long after a 503), for comparison (--no-polite skips it).
 Every row also shows the CPU seconds per second that this process (the clients) and the
 server used (from /proc), and, from the server's `/metrics` over the row, the mean batch size,
@@ -45,7 +51,8 @@ tail goes. `--rate R` fixes the overload's arrival rate instead of
 
 Goals (issue 16): under overload only 200 and 503 come back and every 503 has `Retry-After`; the
 p99 of the 200s is ≤ 3× the unloaded p50; the retry storm's good throughput is ≥ 0.8× the
-capacity. PASS / FAIL is printed per goal; the exit status is 0 either way (a benchmark).
+capacity (the last two: medians of the rounds' ratios, each round's printed too). PASS / FAIL is
+printed per goal; the exit status is 0 either way (a benchmark). About 5 minutes with 3 rounds.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -70,7 +77,7 @@ import msgpack
 import numpy as np
 import yaml
 
-from bench_support import demo_policy, free_port, main_thread_cpu_s, serve_command, server_process
+from bench_support import SERVER_PIDS, demo_policy, free_port, main_thread_cpu_s, serve_command, server_process
 from fleet import observation_for
 from service.gc_pauses import freeze_long_lived
 from vla_foundry_client import HttpPolicyClient
@@ -160,10 +167,11 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def server_cpu_s() -> float:
-    """CPU seconds (user + system) of every process this script started (the server)."""
+def server_cpu_s(base: str) -> float:
+    """CPU seconds (user + system) of the server at ``base`` and its children (a model process)."""
     total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for pid in descendants(os.getpid()):
+    server = SERVER_PIDS[base]
+    for pid in [server, *descendants(server)]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -428,7 +436,7 @@ def run_phase(base: str, phase: Phase, body) -> Phase:
     """``body(pool)``, a coroutine, in a fresh event loop with a fresh pool; CPU and /metrics over it."""
     host, port = base.split("//", 1)[1].rsplit(":", 1)
     before_metrics = scrape(base)
-    client0, server0, loop0, wall0 = client_cpu_s(), server_cpu_s(), main_thread_cpu_s(base), time.monotonic()
+    client0, server0, loop0, wall0 = client_cpu_s(), server_cpu_s(base), main_thread_cpu_s(base), time.monotonic()
 
     async def main() -> None:
         pool = Pool(host, int(port))
@@ -444,7 +452,7 @@ def run_phase(base: str, phase: Phase, body) -> Phase:
         asyncio.run(main())
     wall = phase.wall = time.monotonic() - wall0
     phase.client_cpu = (client_cpu_s() - client0) / wall
-    phase.server_cpu = (server_cpu_s() - server0) / wall
+    phase.server_cpu = (server_cpu_s(base) - server0) / wall
     loop1 = main_thread_cpu_s(base)
     phase.loop_cpu = None if loop0 is None or loop1 is None else (loop1 - loop0) / wall
     after = scrape(base)
@@ -513,8 +521,81 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, help="both servers' max_batch_size (default: the server's, 8 on "
                         "the CPU); a smaller one trades capacity for a shorter batch call, which bounds the tail")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every phase, the two servers' phases in turn (the verdicts: medians of the "
+                             "rounds' ratios)")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {args.rounds}")
+    return args
+
+
+@dataclass
+class Round:
+    """One round: phases 1-2 on the plain server and 3-5 on the shedding one, run one after the other, so that
+    each ratio of a goal divides figures measured seconds apart (this host's speed drifts over minutes: a round
+    whose storm ran 30 % slower model calls than the capacity before it missed by that much)."""
+    number: int
+    unloaded: Optional[Phase] = None
+    capacity: Optional[Phase] = None
+    overload: Optional[Phase] = None
+    storm: Optional[Phase] = None
+    polite: Optional[Phase] = None
+
+    def phases(self) -> list[Phase]:
+        """In the order they ran: the plain server's first in odd rounds, the shedding server's first in even ones."""
+        plain, shed = [self.unloaded, self.capacity], [self.overload, self.storm, self.polite]
+        return [p for p in (plain + shed if self.number % 2 else shed + plain) if p is not None]
+
+    def tail_ratio(self) -> float:
+        p50 = self.unloaded.percentile(50)
+        return self.overload.percentile(99) / p50 if p50 else float("nan")
+
+    def storm_ratio(self) -> float:
+        capacity = self.capacity.good_rps()
+        return self.storm.good_rps() / capacity if capacity else float("nan")
+
+
+def phase_name(name: str, number: int, rounds: int) -> str:
+    return name if rounds == 1 else f"{name} (round {number})"
+
+
+def plain_phases(base: str, messages: list[bytes], r: Round, rounds: int) -> None:
+    """Phases 1 and 2 of round ``r`` on the server that sheds nothing."""
+    r.unloaded = Phase(phase_name("1. unloaded", r.number, rounds), "1 closed loop", UNLOADED_S)
+    run_phase(base, r.unloaded, lambda pool: closed_loop(pool, messages, 1, UNLOADED_WARMUP_S, UNLOADED_S,
+                                                         r.unloaded))
+    print(f"  {r.unloaded.name}: p50 {fmt(r.unloaded.percentile(50))} ms, p99 {fmt(r.unloaded.percentile(99))} ms",
+          flush=True)
+    r.capacity = Phase(phase_name("2. capacity", r.number, rounds), f"{CAPACITY_CLIENTS} closed loop", CAPACITY_S)
+    run_phase(base, r.capacity, lambda pool: closed_loop(pool, messages, CAPACITY_CLIENTS, CAPACITY_WARMUP_S,
+                                                         CAPACITY_S, r.capacity))
+    print(f"  {r.capacity.name}: {fmt(r.capacity.good_rps())} req/s, p50 {fmt(r.capacity.percentile(50))} ms, mean "
+          f"batch {fmt(r.capacity.mean_batch(), 2)}", flush=True)
+
+
+def shed_phases(base: str, messages: list[bytes], r: Round, rounds: int, rate: float,
+                args: argparse.Namespace) -> None:
+    """Phases 3-5 of round ``r`` on the shedding server: the open loop at ``rate``, the storm, the polite clients."""
+    r.overload = Phase(phase_name("3. overload", r.number, rounds), f"open loop {rate:.0f}/s", args.duration,
+                       offered_rps=rate)
+    run_phase(base, r.overload, lambda pool: open_loop(pool, messages, rate, args.duration, r.overload))
+    print(f"  {r.overload.name}: {status_text(r.overload.statuses())}", flush=True)
+    r.storm = Phase(phase_name("4. retry storm", r.number, rounds), f"{args.storm_clients} closed loop, retry at once",
+                    args.duration)
+    run_phase(base, r.storm, lambda pool: closed_loop(pool, messages, args.storm_clients, STORM_WARMUP_S,
+                                                      args.duration, r.storm, on_503="retry"))
+    print(f"  {r.storm.name}: {fmt(r.storm.good_rps())} 200/s", flush=True)
+    if args.polite:
+        r.polite = Phase(phase_name("5. honouring Retry-After", r.number, rounds),
+                         f"{args.storm_clients} closed loop, sleep Retry-After", args.duration)
+        run_phase(base, r.polite, lambda pool: closed_loop(pool, messages, args.storm_clients, STORM_WARMUP_S,
+                                                           args.duration, r.polite, on_503="honour"))
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
 
 
 def main() -> int:
@@ -522,122 +603,130 @@ def main() -> int:
     freeze_long_lived()  # the clients' own collections skip the imports' objects (service/gc_pauses.py)
     raise_open_files(2 * IN_FLIGHT_CAP + 256)  # a connection per request in flight, here and in the server
     started = time.monotonic()
-    phases: list[Phase] = []
-    with tempfile.TemporaryDirectory(prefix="overload-bench-") as scratch:
+    rounds = [Round(i + 1) for i in range(args.rounds)]
+    with tempfile.TemporaryDirectory(prefix="overload-bench-") as scratch, ExitStack() as servers:
         checkpoint = demo_checkpoint(args.checkpoint)
-        with policy_server(checkpoint, Path(scratch), None, args.threads, args.max_batch_size) as base:
-            with HttpPolicyClient(base, model=NAME) as client:
-                io = client.metadata()
-            steps = io["default_inference_steps"]
-            messages = request_messages(base, io, steps)
-            print(f"checkpoint {checkpoint}: cameras {io['cameras']} × {len(io['image_indices'])} frames of "
-                  f"{io['image']['resize_to']} px, {steps} denoising steps, request body "
-                  f"{len(messages[0]) // 1024} KiB; client on {'uvloop' if uvloop else 'asyncio'}; torch threads "
-                  f"{args.threads or 'default'}; {os.cpu_count()} CPUs shared by server and clients", flush=True)
-            unloaded = Phase("1. unloaded", "1 closed loop", UNLOADED_S)
-            run_phase(base, unloaded, lambda pool: closed_loop(pool, messages, 1, UNLOADED_WARMUP_S, UNLOADED_S,
-                                                               unloaded))
-            phases.append(unloaded)
-            print(f"  unloaded: p50 {fmt(unloaded.percentile(50))} ms, p99 {fmt(unloaded.percentile(99))} ms",
-                  flush=True)
-            capacity = Phase("2. capacity", f"{CAPACITY_CLIENTS} closed loop", CAPACITY_S)
-            run_phase(base, capacity, lambda pool: closed_loop(pool, messages, CAPACITY_CLIENTS, CAPACITY_WARMUP_S,
-                                                               CAPACITY_S, capacity))
-            phases.append(capacity)
-            print(f"  capacity: {fmt(capacity.good_rps())} req/s, p50 {fmt(capacity.percentile(50))} ms, mean batch "
-                  f"{fmt(capacity.mean_batch(), 2)}", flush=True)
-        cap_rps = capacity.good_rps()
-        p50_unloaded = unloaded.percentile(50)
-        batch_call_ms = server_means(capacity.metrics)[2]
-        max_queue_ms = args.max_queue_ms or float(math.ceil(batch_call_ms or p50_unloaded))
-        print(f"  the shedding server: max_queue_ms {max_queue_ms:g}", flush=True)
-        with policy_server(checkpoint, Path(scratch), max_queue_ms, args.threads, args.max_batch_size) as base:
-            messages = request_messages(base, io, steps)
-            # a short warm-up of the new server (its first calls per batch size), not measured
-            run_phase(base, Phase("warm-up", "", 2.0), lambda pool: closed_loop(
-                pool, messages, CAPACITY_CLIENTS, 0.0, 2.0, Phase("", "", 2.0), on_503="retry"))
-            rate = args.rate if args.rate is not None else args.factor * cap_rps
-            factor = rate / cap_rps if cap_rps else args.factor  # what the verdicts name (--rate: as it falls)
-            overload = Phase("3. overload", f"open loop {rate:.0f}/s", args.duration, offered_rps=rate)
-            run_phase(base, overload, lambda pool: open_loop(pool, messages, rate, args.duration, overload))
-            phases.append(overload)
-            print(f"  overload: {status_text(overload.statuses())}", flush=True)
-            storm = Phase("4. retry storm", f"{args.storm_clients} closed loop, retry at once", args.duration)
-            run_phase(base, storm, lambda pool: closed_loop(pool, messages, args.storm_clients, STORM_WARMUP_S,
-                                                            args.duration, storm, on_503="retry"))
-            phases.append(storm)
-            print(f"  retry storm: {fmt(storm.good_rps())} 200/s", flush=True)
-            polite = None
-            if args.polite:
-                polite = Phase("5. honouring Retry-After", f"{args.storm_clients} closed loop, sleep Retry-After",
-                               args.duration)
-                run_phase(base, polite, lambda pool: closed_loop(pool, messages, args.storm_clients, STORM_WARMUP_S,
-                                                                 args.duration, polite, on_503="honour"))
-                phases.append(polite)
+        plain = servers.enter_context(policy_server(checkpoint, Path(scratch), None, args.threads,
+                                                    args.max_batch_size))
+        with HttpPolicyClient(plain, model=NAME) as client:
+            io = client.metadata()
+        steps = io["default_inference_steps"]
+        plain_messages = request_messages(plain, io, steps)
+        print(f"checkpoint {checkpoint}: cameras {io['cameras']} × {len(io['image_indices'])} frames of "
+              f"{io['image']['resize_to']} px, {steps} denoising steps, request body "
+              f"{len(plain_messages[0]) // 1024} KiB; client on {'uvloop' if uvloop else 'asyncio'}; torch threads "
+              f"{args.threads or 'default'}; {os.cpu_count()} CPUs shared by server and clients; {args.rounds} "
+              f"round(s)", flush=True)
+        shed, shed_messages = None, None
+        for r in rounds:
+            # Round 1 runs the plain server first: its capacity sets the load and the default max_queue_ms. Later
+            # rounds alternate the order, so a drift of the host's speed weighs on both sides of a ratio alike.
+            for side in (("plain", "shed") if r.number % 2 else ("shed", "plain")):
+                if side == "plain":
+                    plain_phases(plain, plain_messages, r, args.rounds)
+                    continue
+                if shed is None:
+                    capacity = rounds[0].capacity
+                    batch_call_ms = server_means(capacity.metrics)[2]
+                    max_queue_ms = args.max_queue_ms or float(math.ceil(batch_call_ms or
+                                                                        rounds[0].unloaded.percentile(50)))
+                    print(f"  the shedding server: max_queue_ms {max_queue_ms:g}", flush=True)
+                    shed = servers.enter_context(policy_server(checkpoint, Path(scratch), max_queue_ms, args.threads,
+                                                               args.max_batch_size))
+                    shed_messages = request_messages(shed, io, steps)
+                    # a short warm-up of the new server (its first calls per batch size), not measured
+                    run_phase(shed, Phase("warm-up", "", 2.0), lambda pool, m=shed_messages: closed_loop(
+                        pool, m, CAPACITY_CLIENTS, 0.0, 2.0, Phase("", "", 2.0), on_503="retry"))
+                    # one arrival rate for every round: the load the verdicts name
+                    rate = args.rate if args.rate is not None else args.factor * capacity.good_rps()
+                shed_phases(shed, shed_messages, r, args.rounds, rate, args)
+    report(rounds, args, max_queue_ms, rate, time.monotonic() - started)
+    return 0
 
+
+def report(rounds: list[Round], args: argparse.Namespace, max_queue_ms: float, rate: float, wall_s: float) -> None:
+    phases = [p for r in rounds for p in r.phases()]
+    first_capacity = rounds[0].capacity.good_rps()
+    factor = rate / first_capacity if first_capacity else args.factor  # what the verdicts name (--rate: as it falls)
     print(f"\n## overload: demo policy, max_queue_ms {max_queue_ms:g}, {factor:.2g}× capacity, "
-          f"{args.duration:g} s (wall {time.monotonic() - started:.0f} s)\n")
+          f"{args.duration:g} s, {len(rounds)} round(s) (wall {wall_s:.0f} s)\n")
     print_table(phases)
-    statuses = overload.statuses()
+    overloads = [r.overload for r in rounds]
+    outcomes = [o for p in overloads for o in p.outcomes]
+    statuses = Counter(o.status for o in outcomes)
     only = set(statuses) <= {"200", "503"}
-    with_header = sum(1 for o in overload.outcomes if o.status == "503" and o.retry_after is not None)
+    with_header = sum(1 for o in outcomes if o.status == "503" and o.retry_after is not None)
     all_header = with_header == statuses.get("503", 0)
-    tail_ratio = overload.percentile(99) / p50_unloaded if p50_unloaded else float("nan")
-    storm_ratio = storm.good_rps() / cap_rps if cap_rps else float("nan")
-    lags = [o.lag * 1000 for o in overload.outcomes]
-    print(f"\noverload: offered {overload.offered_rps:.0f}/s ({len(overload.outcomes)} sent, {overload.skipped} "
-          f"skipped at {IN_FLIGHT_CAP} in flight), {overload.connections} connections opened, send lag p50/p99 "
-          f"{fmt(np.percentile(lags, 50) if lags else None)}/{fmt(np.percentile(lags, 99) if lags else None)} ms; "
-          f"503 with Retry-After: {with_header} of {statuses.get('503', 0)}; good throughput "
-          f"{fmt(overload.good_rps())}/s = {fmt(overload.good_rps() / cap_rps if cap_rps else None, 2)}× capacity")
-    arrivals = len(overload.outcomes) + overload.skipped
-    sent_rps = len(overload.outcomes) / args.duration
-    offered_ok = overload.skipped <= SKIPPED_OK * arrivals
-    print(f"overload: sent {sent_rps:.0f}/s = {fmt(sent_rps / cap_rps if cap_rps else None, 2)}× capacity"
-          + ("" if offered_ok else f" — NOT the {factor:.2g}× named: {overload.skipped} of {arrivals} arrivals "
-                                   f"were skipped at {IN_FLIGHT_CAP} in flight"))
-    slow = [o for o in overload.ok() if o.timing and o.latency * 1000 > GOAL_TAIL * p50_unloaded]
-    if slow:  # where the accepted tail is: inside the endpoint (decode, queue, model call, encode) or around it
-        parts = {k: np.median([o.timing.get(k, np.nan) for o in slow]) for k in ("queue", "preprocess", "infer",
-                                                                                  "total")}
-        parts["rest"] = np.median([o.timing.get("total", np.nan) - sum(o.timing.get(k, 0.0) for k in (
-            "queue", "preprocess", "infer")) for o in slow])
-        print(f"overload: the {len(slow)} 200s over {GOAL_TAIL:g}× the unloaded p50, medians: at the client "
-              f"{fmt(np.median([o.latency * 1000 for o in slow]))} ms; the server's timing_ms (from the parsed body "
-              f"to the reply built) total {fmt(parts['total'])}: queue {fmt(parts['queue'])}, preprocess "
-              f"{fmt(parts['preprocess'])}, infer {fmt(parts['infer'])}, the rest (hand-offs, the reply's fields) "
-              f"{fmt(parts['rest'])}; batch "
-              f"{fmt(np.median([o.batch_size or 1 for o in slow]), 0)}")
-    refused = [o.latency * 1000 for o in overload.outcomes if o.status == "503"]
-    if refused:
-        print(f"overload: the 503s' latency p50/p99/max {fmt(np.percentile(refused, 50))}/"
-              f"{fmt(np.percentile(refused, 99))}/{fmt(max(refused))} ms")
-    for p in phases[2:]:
+    offered_ok = True
+    print()
+    for r in rounds:
+        p = r.overload
+        lags = [o.lag * 1000 for o in p.outcomes]
+        arrivals = len(p.outcomes) + p.skipped
+        sent_rps = len(p.outcomes) / args.duration
+        capacity = r.capacity.good_rps()
+        ok = p.skipped <= SKIPPED_OK * arrivals
+        offered_ok &= ok
+        print(f"{p.name}: sent {sent_rps:.0f}/s = {fmt(sent_rps / capacity if capacity else None, 2)}× the round's "
+              f"capacity ({len(p.outcomes)} sent, {p.skipped} skipped at {IN_FLIGHT_CAP} in flight), "
+              f"{p.connections} connections opened, send lag p50/p99 {fmt(np.percentile(lags, 50) if lags else None)}"
+              f"/{fmt(np.percentile(lags, 99) if lags else None)} ms; good throughput {fmt(p.good_rps())}/s = "
+              f"{fmt(p.good_rps() / capacity if capacity else None, 2)}× capacity"
+              + ("" if ok else f" — NOT the load named: {p.skipped} of {arrivals} arrivals were skipped"))
+        p50_unloaded = r.unloaded.percentile(50)
+        slow = [o for o in p.ok() if o.timing and o.latency * 1000 > GOAL_TAIL * p50_unloaded]
+        if slow:  # where the accepted tail is: inside the endpoint (decode, queue, model call, encode) or around it
+            parts = {k: np.median([o.timing.get(k, np.nan) for o in slow]) for k in ("queue", "preprocess", "infer",
+                                                                                      "total")}
+            parts["rest"] = np.median([o.timing.get("total", np.nan) - sum(o.timing.get(k, 0.0) for k in (
+                "queue", "preprocess", "infer")) for o in slow])
+            print(f"{p.name}: the {len(slow)} 200s over {GOAL_TAIL:g}× the round's unloaded p50, medians: at the "
+                  f"client {fmt(np.median([o.latency * 1000 for o in slow]))} ms; the server's timing_ms (from the "
+                  f"parsed body to the reply built) total {fmt(parts['total'])}: queue {fmt(parts['queue'])}, "
+                  f"preprocess {fmt(parts['preprocess'])}, infer {fmt(parts['infer'])}, the rest (hand-offs, the "
+                  f"reply's fields) {fmt(parts['rest'])}; batch "
+                  f"{fmt(np.median([o.batch_size or 1 for o in slow]), 0)}")
+        refused = [o.latency * 1000 for o in p.outcomes if o.status == "503"]
+        if refused:
+            print(f"{p.name}: the 503s' latency p50/p99/max {fmt(np.percentile(refused, 50))}/"
+                  f"{fmt(np.percentile(refused, 99))}/{fmt(max(refused))} ms")
+    for p in (p for r in rounds for p in (r.overload, r.storm, r.polite) if p is not None):  # the shedding server
         shed = {stage: p.metrics.get(f"shed {stage}", 0.0) for stage in ("body", "decode", "queue")}
         answered = sum(v for k, v in p.metrics.items() if k.startswith("http "))
         print(f"{p.name}: the server's 503s: {shed['body']:.0f} before the body was read, {shed['decode']:.0f} "
               f"before the images were decoded, {shed['queue']:.0f} when queueing; server CPU "
-              f"{1000 * p.server_cpu * p.wall / answered if answered else float('nan'):.2f} ms per request answered"
-              + ("" if p.loop_cpu is None else f", its event loop's {1000 * p.loop_cpu * p.wall / answered:.3f} ms "
-                                               f"(busy {100 * p.loop_cpu:.0f} % of the time)" if answered else ""))
+              f"{1000 * p.server_cpu * p.wall / answered if answered else float('nan'):.2f} ms per request "
+              f"answered" + ("" if p.loop_cpu is None or not answered else
+                             f", its event loop's {1000 * p.loop_cpu * p.wall / answered:.3f} ms (busy "
+                             f"{100 * p.loop_cpu:.0f} % of the time)"))
     for p in phases:  # every thread waits a collection out (service/gc_pauses.py: the heap is frozen once loaded)
         full = p.metrics.get("gc full", 0.0)
         print(f"{p.name}: the server's full garbage collections: {full:.0f}, "
               f"{full - p.metrics.get('gc full within 0.1 s', 0.0):.0f} of them over 100 ms, "
               f"{1000 * p.metrics.get('gc full seconds', 0.0):.0f} ms in all")
-    print(f"retry storm: {storm.retries} 503s sent again ({storm.retries / (args.duration + STORM_WARMUP_S):.0f}/s), "
-          f"{storm.connections} connections opened")
-    if polite is not None:
-        print(f"honouring Retry-After: {fmt(polite.good_rps())} 200/s = "
-              f"{fmt(polite.good_rps() / cap_rps if cap_rps else None, 2)}× capacity, {polite.retries} 503s")
-    print("\ngoals (issue 16):" + ("" if offered_ok else f" (NOT VALID: the open loop sent only "
-                                                      f"{sent_rps / cap_rps:.2f}× capacity, not {factor:.2g}×)"))
+    for r in rounds:
+        print(f"{r.storm.name}: {r.storm.retries} 503s sent again "
+              f"({r.storm.retries / (args.duration + STORM_WARMUP_S):.0f}/s), {r.storm.connections} connections opened")
+        if r.polite is not None:
+            capacity = r.capacity.good_rps()
+            print(f"{r.polite.name}: {fmt(r.polite.good_rps())} 200/s = "
+                  f"{fmt(r.polite.good_rps() / capacity if capacity else None, 2)}× capacity, {r.polite.retries} 503s")
+
+    tails = [r.tail_ratio() for r in rounds]
+    storms = [r.storm_ratio() for r in rounds]
+    tail_ratio, storm_ratio = median(tails), median(storms)
+    of_rounds = "" if len(rounds) == 1 else " (the median of the rounds' ratios)"
+    print("\ngoals (issue 16):" + ("" if offered_ok else " (NOT VALID: an open loop skipped more than "
+                                                      f"{SKIPPED_OK:.0%} of its arrivals)"))
     print(f"- under {factor:.2g}× capacity only 200 and 503, each 503 with Retry-After: {status_text(statuses)}; "
           f"Retry-After on {with_header}/{statuses.get('503', 0)} — {verdict(only and all_header)}")
-    print(f"- p99 of the 200s ≤ {GOAL_TAIL:g}× the unloaded p50: {fmt(overload.percentile(99))} ms ÷ "
-          f"{fmt(p50_unloaded)} ms = {fmt(tail_ratio, 2)}× — {verdict(tail_ratio <= GOAL_TAIL)}")
-    print(f"- retry storm ({args.storm_clients} clients, no backoff) keeps ≥ {GOAL_STORM:g}× capacity: "
-          f"{fmt(storm.good_rps())} ÷ {fmt(cap_rps)} = {fmt(storm_ratio, 2)}× — {verdict(storm_ratio >= GOAL_STORM)}")
+    print(f"- p99 of the 200s ≤ {GOAL_TAIL:g}× the unloaded p50{of_rounds}: " + "; ".join(
+        f"{fmt(r.overload.percentile(99))} ms ÷ {fmt(r.unloaded.percentile(50))} ms = {fmt(t, 2)}×"
+        for r, t in zip(rounds, tails)) + f" — {fmt(tail_ratio, 2)}× {verdict(tail_ratio <= GOAL_TAIL)}")
+    print(f"- retry storm ({args.storm_clients} clients, no backoff) keeps ≥ {GOAL_STORM:g}× capacity{of_rounds}: "
+          + "; ".join(f"{fmt(r.storm.good_rps())} ÷ {fmt(r.capacity.good_rps())} = {fmt(s, 2)}×"
+                      for r, s in zip(rounds, storms))
+          + f" — {fmt(storm_ratio, 2)}× {verdict(storm_ratio >= GOAL_STORM)}")
     if args.json:
         def figures(p: Phase) -> dict:
             batch, queue_ms, run_ms = server_means(p.metrics)
@@ -651,14 +740,14 @@ def main() -> int:
                     "metrics_delta": p.metrics}
 
         Path(args.json).write_text(json.dumps({
-            "max_queue_ms": max_queue_ms, "factor": factor, "duration_s": args.duration,
-            "capacity_rps": cap_rps, "unloaded_p50_ms": p50_unloaded, "phases": [figures(p) for p in phases],
-            "goals": {"offered": offered_ok, "sent_rps": sent_rps,
-                      "only_200_503_with_retry_after": only and all_header, "tail_ratio": tail_ratio,
-                      "tail_ok": tail_ratio <= GOAL_TAIL, "storm_ratio": storm_ratio,
+            "max_queue_ms": max_queue_ms, "factor": factor, "rate": rate, "duration_s": args.duration,
+            "rounds": [{"capacity_rps": r.capacity.good_rps(), "unloaded_p50_ms": r.unloaded.percentile(50),
+                        "tail_ratio": t, "storm_ratio": s, "phases": [figures(p) for p in r.phases()]}
+                       for r, t, s in zip(rounds, tails, storms)],
+            "goals": {"offered": offered_ok, "only_200_503_with_retry_after": only and all_header,
+                      "tail_ratio": tail_ratio, "tail_ok": tail_ratio <= GOAL_TAIL, "storm_ratio": storm_ratio,
                       "storm_ok": storm_ratio >= GOAL_STORM}}, indent=2, default=float))
         print(f"\nfigures written to {args.json}")
-    return 0
 
 
 if __name__ == "__main__":
