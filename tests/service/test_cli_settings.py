@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -297,3 +298,16 @@ def test_an_operators_mistakes_are_one_line_each_naming_the_setting(tmp_path, ca
     assert expected in out.stderr, out.stderr
     if case == "typos":
         assert "devce: unknown setting; did you mean 'device'?" in out.stderr
+
+
+def test_the_readmes_deployment_files_load_as_settings(tmp_path):
+    """Every YAML block of the README that declares `deployments:` loads as the server's settings (an unknown key
+    or a value of the wrong type is refused), so the examples a reader copies are ones the server takes."""
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme.read_text(), flags=re.S) if "deployments:" in b]
+    assert len(blocks) >= 2, "the README's deployment examples were not found"
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"deploy{i}.yaml"
+        path.write_text(block)
+        settings = Settings.load(path)
+        assert settings.deployments and all(d.checkpoint for d in settings.deployments), block
