@@ -203,7 +203,11 @@ class RefusalPacer:
             known = [d for d in (exc.deadline, current_deadline.get()) if d is not None]
             if known:
                 pause = max(0.0, min(pause, min(known) - time.perf_counter()))
-            release_pixels()  # the refused request's decoded images must not hold the budget while it waits
+            # The refused request gives back what it holds before it waits: its decoded images' pixels, and the
+            # reservation that counts it as waiting (admitted from its headers, refused after), which would
+            # otherwise lengthen the expected wait of the requests after it for the whole hold.
+            release_pixels()
+            release_early_reservation()
             await asyncio.sleep(pause)
         finally:
             self.held -= 1

@@ -32,6 +32,11 @@ from service.text_process import GENERATIONS  # (a local batcher's Generation, o
 logger = logging.getLogger(__name__)
 
 
+# A batch's wait for more requests (batch_wait_ms) ends this long before the earliest deadline among its requests, so
+# that the call starts before it (a request whose deadline has passed when its call would start is dropped, 504).
+GATHER_MARGIN_S = 0.005
+
+
 class QueueFull(Exception):
     pass
 
@@ -59,6 +64,7 @@ class _Job:
     deadline: Optional[float] = None  # time.perf_counter() after which the job is dropped unrun
     measured: bool = True  # counts toward the model time per request (not so: loading a checkpoint)
     batcher: Any = None  # set for generations: fn() makes one, and this ContinuousBatcher decodes it with others
+    released: bool = False  # no longer counted as waiting (taken by the model thread, or its client left)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
@@ -168,6 +174,9 @@ class ModelExecutor:
         with self._counts:
             self.depth += 1
             self.batched_depth += job.batchable
+        # A request whose client leaves while it waits (its future cancelled) gives its place back at once, not when
+        # the model thread reaches it: the queue's bound and the expected wait count the live requests only.
+        job.future.add_done_callback(lambda future: future.cancelled() and self._release(job))
         self._queue.put_nowait(job)
         return job.future
 
@@ -232,8 +241,13 @@ class ModelExecutor:
                 if job is None:  # shutdown: nothing after it is taken
                     break
             self._held.extendleft(reversed(taken))
-            if self._held and self._held[0] is not None and self._held[0].batcher is None:
-                self._dispatch(self._held.popleft())
+            # The oldest job that is not a generation (none after a shutdown marker): it runs even when generations
+            # that cannot join yet (the batcher's waiting room is full) are ahead of it.
+            other = next((i for i, job in enumerate(self._held) if job is None or job.batcher is None), None)
+            if other is not None and self._held[other] is not None:
+                job = self._held[other]
+                del self._held[other]
+                self._dispatch(job)
             try:
                 batcher.step()
             except Exception as e:  # a fault of the batcher itself: fail what it holds, keep the thread alive
@@ -277,11 +291,13 @@ class ModelExecutor:
         _deliver(job, outcome, joined, done, together)
 
     def _gather(self, first: _Job) -> list[_Job]:
-        """``first`` and the queued jobs that may share its call, oldest first; others are held in order."""
+        """``first`` and the queued jobs that may share its call, oldest first; others are held in order. The wait
+        for more (``batch_wait_ms``) ends early enough for every gathered job to start before its deadline."""
         batch, skipped = [first], []
-        deadline = time.perf_counter() + self.batch_wait_ms / 1000
+        end = time.perf_counter() + self.batch_wait_ms / 1000
         while len(batch) < self.max_batch_size:
-            wait = deadline - time.perf_counter()
+            due = min((job.deadline for job in batch if job.deadline is not None), default=math.inf)
+            wait = min(end, due - GATHER_MARGIN_S) - time.perf_counter()
             try:
                 job = self._held.popleft() if self._held else (
                     self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait))
@@ -303,7 +319,11 @@ class ModelExecutor:
             self._call(job)
 
     def _release(self, job: _Job) -> None:
+        """``job`` no longer waits: out of the counts and the queue's bound (once, whoever calls it first)."""
         with self._counts:
+            if job.released:
+                return
+            job.released = True
             self.depth -= 1
             self.batched_depth -= job.batchable
         self._waiting.release()
@@ -348,8 +368,9 @@ class ModelExecutor:
                 return
             logger.info("deployment %s: a batch of %d failed (%s: %s); running its items one by one", self.name,
                         len(batch), type(e).__name__, e)
-            for job in batch:
-                self._call(job)
+            for job in batch:  # (each still due: the failed call may have taken it past its deadline)
+                if not _dropped_if_expired(job, time.perf_counter()):
+                    self._call(job)
             return
         done = time.perf_counter()
         self._running = None

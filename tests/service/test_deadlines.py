@@ -575,3 +575,47 @@ def test_a_generation_is_refused_when_its_wait_for_a_slot_exceeds_max_queue_ms(c
             time.sleep(0.02)
         assert client.post("/predict/transformer", json={"model": "chat", "prompt": "a", "max_new_tokens": 4}
                            ).status_code == 200
+
+
+def test_a_refusal_held_back_no_longer_counts_as_waiting(tiny_checkpoints, monkeypatch):
+    """A request admitted from its headers and refused after its body was read (the wait grew meanwhile) gives back
+    its reservation before its 503 is held back: while held, it does not lengthen the wait the next requests see."""
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]),
+                                max_queue_ms=500, max_batch_size=1), shed_pacing_s=1.0) as client:
+        policy = client.app.state.manager.get("policy")
+        body = json.dumps(PREDICT_REQUESTS["diffusion_policy"]).encode()
+        assert client.post("/predict/diffusion_policy", content=body).status_code == 200
+        real_wait = policy.executor.expected_wait_s
+        waits = iter([0.0])  # the door sees an empty queue; when the body has been read, 2.4 s
+        monkeypatch.setattr(policy.executor, "expected_wait_s",
+                            lambda batchable=True, own_pending=None: next(waits, 2.4))
+        scope = {"type": "http", "method": "POST", "path": "/predict/diffusion_policy", "raw_path": b"",
+                 "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "scheme": "http", "http_version": "1.1",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+        async def scenario():
+            reads, sent = 0, []
+
+            async def receive():
+                nonlocal reads
+                reads += 1
+                if reads > 1:  # (no disconnect while the refusal is held)
+                    await asyncio.Event().wait()
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            request = asyncio.ensure_future(client.app(scope, receive, send))
+            await asyncio.sleep(0.3)  # refused after its body, its refusal held by the pacer (0.5-1 s)
+            held = not request.done()
+            counted = dict(policy.executor.pending)
+            await request
+            return held, counted, sent
+
+        held, counted, sent = asyncio.run(scenario())
+        assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 503
+        assert held
+        assert counted == {True: 0, False: 0}
+        assert real_wait(True) == 0.0

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.executor import ModelExecutor
+from service.executor import DeadlineExceeded, ModelExecutor, QueueFull
 from vla_foundry.sampling import SamplingParams
 
 
@@ -217,5 +217,88 @@ def test_a_generation_past_its_deadline_before_it_starts_gets_deadline_exceeded(
             waiting.result(timeout=30)
         assert running.result(timeout=60).value.completions  # the running one is untouched
         assert not batcher.active and batcher.num_slots == 1
+    finally:
+        executor.shutdown()
+
+
+def test_a_request_whose_client_left_gives_its_place_back_at_once():
+    """A queued request cancelled by its client (asyncio.wrap_future cancels the future so) no longer counts in the
+    queue's bound or the expected wait, before the model thread reaches it; and it is counted out only once."""
+    executor = ModelExecutor("test", max_queue=2)
+    try:
+        executor.call_seconds[1] = 1.0
+        release = blocked(executor)
+        gone = [executor.submit(lambda: None) for _ in range(2)]
+        assert executor.expected_wait_s(False) > 2.0  # the running call's rest and two calls
+        assert all(future.cancel() for future in gone)
+        assert (executor.depth, executor.batched_depth) == (0, 0)
+        assert executor.expected_wait_s(False) <= 1.0  # what is left of the running call only
+        live = executor.submit(lambda: "live")  # (refused, QueueFull, while the two counted)
+        release.set()
+        assert live.result(timeout=10).value == "live"
+        # The model thread has passed the two cancelled jobs: still nothing counted twice, and the bound is intact.
+        assert (executor.depth, executor.batched_depth) == (0, 0)
+        release = blocked(executor)
+        queued = [executor.submit(lambda: None) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            executor.submit(lambda: None)
+        release.set()
+        assert all(future.result(timeout=10).value is None for future in queued)
+    finally:
+        executor.shutdown()
+
+
+def test_batch_wait_ends_in_time_for_a_requests_deadline():
+    """A lone request on an idle model is not held for more requests past its deadline (it would get 504)."""
+    executor = ModelExecutor("test", max_queue=8, max_batch_size=4, batch_wait_ms=3000)
+    try:
+        started = time.perf_counter()
+        future = executor.submit_batched(Recorder(), "k", 1, deadline=started + 0.3)
+        assert future.result(timeout=10).value == "done 1"
+        assert time.perf_counter() - started < 2.0  # it did not wait out the 3 s either
+    finally:
+        executor.shutdown()
+
+
+def test_items_of_a_failed_batch_past_their_deadline_are_not_run_again():
+    """When a batched call fails, its items run again one by one, each only if it is still due: the failed call
+    (and the items run before it) may have taken it past its deadline."""
+    executor = ModelExecutor("test", max_queue=8, max_batch_size=4)
+    calls = []
+
+    def slow(items):
+        calls.append(list(items))
+        time.sleep(0.6)
+        if len(items) > 1:
+            raise RuntimeError("the batched call failed")
+        return [f"done {items[0]}"]
+
+    try:
+        release = blocked(executor)
+        ok = executor.submit_batched(slow, "k", "a")
+        late = executor.submit_batched(slow, "k", "b", deadline=time.perf_counter() + 0.5)
+        release.set()
+        assert ok.result(timeout=10).value == "done a"
+        with pytest.raises(DeadlineExceeded):
+            late.result(timeout=10)
+        assert calls == [["a", "b"], ["a"]]
+    finally:
+        executor.shutdown()
+
+
+def test_a_plain_job_runs_between_steps_even_behind_generations_that_cannot_join_yet(text_pipeline):
+    """With one slot (and a waiting room of one), two of four generations are held back until slots free; an
+    evaluation queued behind them still runs before the next decode step, not after the generations ahead of it."""
+    executor = ModelExecutor("text", max_queue=16)
+    try:
+        batcher = text_pipeline.continuous_batcher(1)
+        release = blocked(executor)
+        longest = text_pipeline.model.max_seq_len - 3
+        generations = [executor.submit_continuous(batcher, generation(text_pipeline, longest, seed=i))
+                       for i in range(4)]
+        plain = executor.submit(lambda: [g.done() for g in generations])
+        release.set()
+        assert plain.result(timeout=60).value == [False] * 4
+        assert all(g.result(timeout=120).value.completions for g in generations)
     finally:
         executor.shutdown()
