@@ -171,8 +171,8 @@ class Settings(BaseSettings):
         "Queued requests of one deployment that may share one model call (policy predictions); default 32 on "
         "CUDA, 8 on the CPU; 1 turns batching off."))
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
-        "How long a free model thread waits for more requests before running a batch that is not full; 0 never "
-        "delays a lone request."))
+        "How long a free model thread waits for more requests before running a batch that is not full (never past "
+        "the deadline of a request it holds); 0 never delays a lone request."))
     continuous_batching: Optional[bool] = Field(None, description=(
         "Text and caption generations decode together: a new request joins the running batch between decode steps "
         "and a finished one leaves at once (up to max_batch_size sequences; HF families whose cache cannot be kept "
