@@ -296,6 +296,17 @@ def _cuda_memory_allocated(device: torch.device) -> Optional[int]:
     return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
 
 
+def _next_message(conn: Channel, engine: Any) -> Any:
+    """The child's next message: one a generating engine read while a generation ran alone first (or the error
+    reading it raised, raised now), else the socket's next."""
+    if engine is not None and engine.backlog is not None:
+        message, engine.backlog = engine.backlog, None
+        if isinstance(message, BaseException):
+            raise message
+        return message
+    return conn.recv()
+
+
 def _child(conn: Channel) -> None:
     """The child's life: take (load, torch threads, gc freeze, log format, deployment name), load the pipeline,
     then answer (operation, args, kwargs) until the server closes its end or says ``close``. Every reply is
@@ -321,14 +332,14 @@ def _child(conn: Channel) -> None:
 
         engine = GenerationEngine(pipeline, conn, device)
     while True:
-        if engine is not None and engine.busy and not conn.poll(0):
+        if engine is not None and engine.busy and engine.backlog is None and not conn.poll(0):
             try:
                 engine.step()  # (a decode step, or the events of a generation that ended when it was submitted)
             except OSError:  # the server has gone
                 return
             continue
         try:
-            operation, args, kwargs = conn.recv()
+            operation, args, kwargs = _next_message(conn, engine)
         except (EOFError, OSError):  # the server has gone
             return
         except Exception as e:  # a message that could not be decoded here (it was read whole): that call fails

@@ -31,6 +31,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from service.model_process import ModelProcess
+from service.streaming import GenerationCancelled
 from vla_foundry.continuous import ContinuousBatcher, Generation
 
 logger = logging.getLogger("service.model_process")
@@ -342,6 +343,9 @@ class GenerationEngine:
         self._deltas: list = []
         self._done: list = []
         self._started: list[int] = []
+        # A message read while a generation ran alone (inside ``submit``, the child's loop not reading), or the error
+        # that reading it raised: the child's loop takes it before the socket's next one.
+        self.backlog: Any = None
 
     @property
     def busy(self) -> bool:
@@ -375,6 +379,9 @@ class GenerationEngine:
             self._deltas.append((key, row, text, token_ids, finish))
             if alone[0]:
                 self._report()
+                self._read_cancels()
+                if key in self._cancelled:  # its client has gone: it ends now, as a stream in-thread does
+                    raise GenerationCancelled()
 
         try:
             generation = getattr(self.pipeline, method)(*args, on_text=on_text if streams else None, **kwargs)
@@ -405,6 +412,22 @@ class GenerationEngine:
 
     def cancel(self, keys: list[int]) -> None:
         self._cancelled.update(key for key in keys if key in self._held)
+
+    def _read_cancels(self) -> None:
+        """While a generation runs alone: the cancels the server has sent since, applied now; the first other message
+        (or the error reading it) stops the reading and waits in ``backlog`` for the child's loop."""
+        while self.backlog is None and self.conn.poll(0):
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):  # the server has gone: the generation ends, and then the child's loop
+                raise
+            except Exception as e:  # (the loop answers it as it answers any message it cannot read)
+                self.backlog = e
+                return
+            if message[0] == "cancel":
+                self.cancel(*message[1], **(message[2] or {}))
+            else:
+                self.backlog = message
 
     def step(self) -> None:
         """One decode step (when generations run), then its report; the first tokens of each generation it admits go

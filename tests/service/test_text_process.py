@@ -200,6 +200,49 @@ def test_a_cancelled_generation_is_dropped_by_the_child(tiny_checkpoints):
         process.close()
 
 
+def test_a_stream_running_by_itself_in_the_child_stops_when_its_client_leaves(tiny_checkpoints):
+    """A generation of more rows than slots runs by itself inside the child's ``submit``, where the child's loop
+    reads no message: it still hears the server's cancel after each delta it reports, and stops as a stream
+    in-thread stops when its client leaves (before, it ran to its length, holding up every other stream)."""
+    from service.text_process import TextModelProcess
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.sampling import SamplingParams
+
+    class Gone(Exception):
+        pass
+
+    def leaves(*delta):  # the stream's client has gone at its first delta
+        raise Gone()
+
+    checkpoint = tiny_checkpoints["transformer"]
+    local = load_pipeline(checkpoint)
+    prompts, long = [[3, 4, 5], [6, 7, 8]], SamplingParams(local.model.max_seq_len - 8, 0.0)
+    process = TextModelProcess.start(local, {"path": checkpoint}, name="alone")
+    try:
+        batcher = process.continuous_batcher(1, None)  # two rows, one slot: it runs by itself
+        reported, take = [0], batcher.take
+
+        def counting(report):
+            reported[0] += len(report["deltas"])
+            take(report)
+
+        batcher.take = counting
+        outcomes = []
+        batcher.submit(process.start_completion(None, prompts, sampling=long, seed=0, on_text=leaves), outcomes.append)
+        while batcher.active:
+            batcher.step()
+        assert len(outcomes) == 1 and isinstance(outcomes[0], Gone)
+        short = SamplingParams(3, 0.0)
+        batcher.submit(process.start_completion(None, [[3, 4, 5]], sampling=short, seed=0), outcomes.append)
+        while batcher.active:  # (the child's reports of the one that left come in before this one's)
+            batcher.step()
+        assert outcomes[1].completions[0].token_ids == local.complete(None, [[3, 4, 5]], sampling=short,
+                                                                      seed=0).completions[0].token_ids
+        assert reported[0] <= 8, f"the child sent {reported[0]} deltas for a stream whose client left at its first"
+    finally:
+        process.close()
+
+
 def test_the_openai_client_streams_from_a_model_process_and_a_killed_child_is_restarted(tiny_checkpoints, tmp_path):
     """Through the real CLI and the official ``openai`` client: a stream from the child's batcher has the text of
     the same request unstreamed; the child is killed, restarted with its batcher, and streams the same again."""

@@ -305,3 +305,26 @@ def test_every_bit_of_a_seed_counts_on_the_cpu():
     assert len({tuple(d.tolist()) for d in draws.values()}) == len(draws)
     assert torch.equal(draws[1], torch.randn(4, generator=torch.Generator().manual_seed(1)))
     assert torch.equal(torch.randn(4, generator=make_generator(cpu, 1 + 2**62)), draws[1 + 2**62])  # reproducible
+
+
+def test_a_long_stop_string_costs_a_stream_per_token_what_the_unsent_text_holds(tiny_tokenizer):
+    """The tail held back as a possible start of a stop string is looked for in the text not sent yet only: with
+    stop strings of 4,000 characters that never match, a token costs a few prefix checks, not one per character
+    of the text so far (streaming was quadratic in the completion's length). The stream still adds up."""
+    from vla_foundry.pipelines.text import CompletionTracker
+
+    class Counted(str):  # a stop string that counts the prefixes taken of it
+        taken = 0
+
+        def __getitem__(self, key):
+            Counted.taken += 1
+            return str.__getitem__(self, key)
+
+    ids = tiny_tokenizer.encode("the quick brown fox jumps over the lazy dog " * 30, add_special_tokens=False)[:400]
+    deltas = []
+    tracker = CompletionTracker(1, tiny_tokenizer, frozenset({tiny_tokenizer.eos_token_id}),
+                                [Counted(c * 4000) for c in "ZYXW"], lambda row, text, *_: deltas.append(text))
+    for token in ids:
+        assert tracker.append(range(1), [token]) == [False]
+    assert "".join(d for d in deltas if d) == tracker.finish()[0].text
+    assert Counted.taken < 20 * len(ids)  # (one per character of the text so far: about 4 × 400 × 800 / 2)

@@ -248,8 +248,11 @@ class CompletionTracker:
         safe = len(text) if text is not None else 0
         if text is not None and not final:  # (a trailing incomplete character is already left out)
             safe = min(safe, self.stable[row])  # and so is text that may still change
-            for s in self.stop:  # the longest tail that is a prefix of a stop string stays back
-                for k in range(min(len(s) - 1, safe), 0, -1):
+            # The longest tail that is a prefix of a stop string stays back. Such a tail lies in the text not sent
+            # yet (a prefix reaching into sent text would have been held back then), so a step costs the length of
+            # that text, not of the whole text (a long stop string would otherwise make streaming quadratic).
+            for s in self.stop:
+                for k in range(min(len(s) - 1, safe - self.sent_text[row]), 0, -1):
                     if text.endswith(s[:k], 0, safe):
                         safe -= k
                         break
