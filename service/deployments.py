@@ -88,6 +88,7 @@ class Deployment:
         self._state_lock = threading.Lock()
         self.model_process_restarts: list[float] = []  # when it restarted its model process (time.monotonic())
         self.model_process_exit: Optional[str] = None  # why its last model process ended, if one did
+        self.closed = False  # the server has shut it down (``close``): a load still running stops before it serves
 
     @property
     def batch_wait_ms(self) -> float:
@@ -151,6 +152,7 @@ class Deployment:
                         log_format=self.settings.log_format,
                         start_timeout_s=self.settings.model_process_start_timeout_s,
                         on_exit=self._model_process_exited)
+                self._stop_if_closed()  # (the server shut down while the child loaded: it is closed on the way out)
             self.executor.max_batch_size = (self.spec.max_batch_size or self.settings.max_batch_size
                                             or (32 if device.type == "cuda" else 8))
             if self.settings.warmup:
@@ -173,6 +175,7 @@ class Deployment:
                 freeze_long_lived()
             self.load_seconds = time.perf_counter() - started
             with self._state_lock:  # (a child that dies from now on is restarted by its watching thread)
+                self._stop_if_closed()
                 self.status, self.stage = READY, None
                 died = self.model_process is not None and not self.model_process.alive and not self.restarting
             if died:  # (it died while this one loaded: its watcher saw it loading and left it to this)
@@ -186,6 +189,20 @@ class Deployment:
                 self.pipeline = self.model_process = None
             if self.settings.gc_freeze:  # another's load may have frozen this one's half-built objects
                 thaw_and_collect()
+
+    def _stop_if_closed(self) -> None:
+        """A load that the server's shutdown has overtaken stops here, as a failed load (its model process closed)."""
+        if self.closed:
+            raise RuntimeError(f"deployment {self.name!r} was shut down while it loaded")
+
+    def close(self) -> None:
+        """At shutdown: close what it holds (its pipeline, or a model process still warming up), and a load still
+        running stops before it serves (``_stop_if_closed``)."""
+        with self._state_lock:
+            self.closed = True
+            held = self.pipeline if self.pipeline is not None else self.model_process
+        if held is not None:
+            held.close()  # (its queued background work is dropped)
 
     def _model_process(self, continuous: bool) -> bool:
         """Whether this deployment's model calls run in a child process: policies (``model_process.py``), and text
@@ -534,8 +551,7 @@ class DeploymentManager:
         deadline = time.monotonic() + timeout
         for deployment in self.deployments.values():
             deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
-            if deployment.pipeline is not None:
-                deployment.pipeline.close()  # (its queued background work is dropped)
+            deployment.close()
         if self.settings.gc_freeze:  # an app made in a longer-lived process (tests, notebooks) leaves nothing frozen
             thaw()
 

@@ -521,9 +521,35 @@ class ModelProcess:
             raise value
         return value
 
-    def _send(self, message: Any, answered: bool = True) -> None:
-        """Send ``message`` to the child (under ``_lock``)."""
-        self._conn.send(message, answered)
+    def _send(self, message: Any, answered: bool = True, deadline: Optional[float] = None) -> None:
+        """Send ``message`` to the child (under ``_lock``), taking the child's step reports while the socket is full:
+        a generating child may be blocked sending them, and a message larger than the socket's buffer (a caption's
+        images) would otherwise wait for a child that waits for this side to read. With ``deadline``
+        (``time.monotonic()``), TimeoutError once it passes with the message not sent whole."""
+        data = memoryview(self._conn.frame(message, answered))
+        sock, sent, poller = self._conn.sock, 0, None
+        while sent < len(data):
+            try:
+                sent += sock.send(data[sent:], socket.MSG_DONTWAIT)
+                continue
+            except BlockingIOError:  # the socket is full: wait until it is not, or until the child sends
+                pass
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | select.POLLOUT)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+            events = dict(poller.poll(timeout)).get(sock.fileno())
+            if events is None:
+                raise TimeoutError("the model process took no more of the message in time")
+            if events & select.POLLOUT:
+                continue
+            if events & select.POLLIN:  # (only step reports come unasked: every call waits for its reply)
+                report = self._conn.recv()
+                if report[0] != "step":
+                    raise RuntimeError(f"the model process sent an unexpected {report[0]!r} reply")
+                self._report(report[1])
+            else:  # (hung up, or an error)
+                raise EOFError("the model process closed the channel")
 
     def _exited(self, process: subprocess.Popen) -> ModelProcessExited:
         """The error for a call that found the child gone (its exit code, once it has been reaped)."""
@@ -555,12 +581,12 @@ class ModelProcess:
             starting.kill()
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         if self._process.poll() is None and self._lock.acquire(timeout=CLOSE_TIMEOUT_S):
-            try:
-                self._conn.send(("close", (), {}))
+            try:  # (a child that takes neither the message nor its reports in time is killed below)
+                self._send(("close", (), {}), deadline=deadline)
                 while self._conn.poll(deadline - time.monotonic()):  # (step reports may come before the reply)
                     if self._conn.recv()[0] != "step":
                         break
-            except (EOFError, OSError):
+            except (EOFError, OSError, RuntimeError):  # (TimeoutError is an OSError)
                 pass
             finally:
                 self._lock.release()

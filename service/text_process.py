@@ -208,29 +208,6 @@ class TextModelProcess(ModelProcess):
             except (EOFError, OSError):
                 raise self._exited(self._process) from None
 
-    def _send(self, message: Any, answered: bool = True) -> None:
-        """Send ``message`` (under ``_lock``), taking the child's step reports while the socket is full: the child
-        may be blocked sending them, and a message larger than the socket's buffer (a caption's images) would
-        otherwise wait for a child that waits for this side to read."""
-        data = memoryview(self._conn.frame(message, answered))
-        sock, sent = self._conn.sock, 0
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLOUT)
-        while sent < len(data):
-            events = dict(poller.poll()).get(sock.fileno(), 0)
-            if events & select.POLLOUT:
-                try:
-                    sent += sock.send(data[sent:], socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    pass
-            elif events & select.POLLIN:  # (only step reports come unasked: every call waits for its reply)
-                report = self._conn.recv()
-                if report[0] != "step":
-                    raise RuntimeError(f"the model process sent an unexpected {report[0]!r} reply")
-                self._report(report[1])
-            else:  # (hung up, or an error)
-                raise EOFError("the model process closed the channel")
-
     def next_reports(self, wake: socket.socket) -> None:
         """Wait for the child's next step report and take it, and every report that has arrived since; or return
         without one once ``wake`` is written to."""

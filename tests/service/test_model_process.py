@@ -424,3 +424,40 @@ def test_the_channel_carries_frames_and_a_message_that_cannot_be_encoded_sends_n
     with pytest.raises(EOFError):
         receiver.recv()
     receiver.close()
+
+
+def test_a_shutdown_while_the_model_process_loads_leaves_no_child_and_no_ready_deployment(tiny_checkpoints,
+                                                                                           monkeypatch):
+    """The server shuts down while a deployment's child still loads: the load stops once the child has started
+    (it fails, 'shut down while it loaded', and closes the child) instead of warming up and turning ready with a
+    child nobody will close."""
+    from service.deployments import FAILED, DeploymentManager
+    from service.settings import Settings
+
+    started = []
+    start = ModelProcess.start.__func__
+
+    def recording_start(cls, *args, **kwargs):
+        process = start(cls, *args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(ModelProcess, "start", classmethod(recording_start))
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), model_process=True)
+    manager = DeploymentManager(Settings(deployments=[spec], device="cpu", gc_freeze=False))
+    manager.start()
+    deployment = manager.deployments["policy"]
+    deadline = time.monotonic() + 60
+    while deployment.stage != "starting the model process" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert deployment.stage == "starting the model process"
+    manager.shutdown(timeout=0.1)  # (the load runs on: a child's start cannot be interrupted)
+    deadline = time.monotonic() + 60
+    while deployment.status not in (FAILED, "ready") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert deployment.status == FAILED and "shut down while it loaded" in deployment.error
+    (process,) = started
+    assert wait_gone(process.pid)
+    while deployment.model_process is not None and time.monotonic() < deadline:  # (dropped after it is closed)
+        time.sleep(0.05)
+    assert deployment.model_process is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -320,6 +321,57 @@ def test_a_send_that_finds_the_socket_full_takes_the_childs_reports_meanwhile():
     assert operation == "submit" and np.array_equal(args[2][0][0], big)
     ours.close()
     theirs.close()
+
+
+def test_closing_a_child_that_takes_nothing_ends_within_the_close_timeout():
+    """``close`` is bounded as a whole, its message included: here the socket towards a stand-in child is full and
+    the child only sends step reports (as one running a generation by itself does), so the close message never goes
+    out whole; ``close`` still returns within ``CLOSE_TIMEOUT_S`` and kills the child."""
+    import socket
+    import subprocess
+    import threading
+
+    from service.model_process import CLOSE_TIMEOUT_S, Channel
+    from service.text_process import TextModelProcess
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:  # what the server wrote before and the busy child has not read: the socket towards it is full
+        while True:
+            ours.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass
+    ours.setblocking(True)
+    child, stop = Channel(theirs), threading.Event()
+
+    def reporting_child() -> None:
+        try:
+            while not stop.is_set():
+                child.send(("step", {"deltas": [], "done": [], "started": [], "held": 1, "expected_wait_s": 0.0}),
+                           answered=False)
+        except OSError:
+            pass
+
+    class Local:
+        def close(self) -> None:
+            pass
+
+    threading.Thread(target=reporting_child, daemon=True).start()
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the child's process
+    process = object.__new__(TextModelProcess)  # (the channel and a process: nothing loaded behind them)
+    process._conn, process._process, process._lock, process._local = Channel(ours), stand_in, threading.Lock(), Local()
+    process._closing, process._starting, process._batcher = False, None, None
+    closing = threading.Thread(target=process.close, daemon=True)
+    started = time.monotonic()
+    closing.start()
+    closing.join(CLOSE_TIMEOUT_S + 5)
+    try:
+        assert not closing.is_alive(), "close() still waits for a child that takes nothing"
+        assert time.monotonic() - started < CLOSE_TIMEOUT_S + 2 and stand_in.poll() is not None  # (killed)
+    finally:
+        stop.set()
+        stand_in.kill()
+        theirs.close()
 
 
 def test_a_model_that_cannot_join_a_running_batch_runs_on_its_thread(tiny_checkpoints, monkeypatch):
