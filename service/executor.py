@@ -24,6 +24,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
@@ -175,8 +176,12 @@ class ModelExecutor:
             self.depth += 1
             self.batched_depth += job.batchable
         # A request whose client leaves while it waits (its future cancelled) gives its place back at once, not when
-        # the model thread reaches it: the queue's bound and the expected wait count the live requests only.
-        job.future.add_done_callback(lambda future: future.cancelled() and self._release(job))
+        # the model thread reaches it: the queue's bound and the expected wait count the live requests only. (Through
+        # a weak reference: the future keeps its callbacks, and a job it referred to would be freed only by a full
+        # collection, with its inputs, a request's decoded images among them.)
+        waiting = weakref.ref(job)
+        job.future.add_done_callback(lambda future: future.cancelled() and (job := waiting()) is not None
+                                     and self._release(job))
         self._queue.put_nowait(job)
         return job.future
 
