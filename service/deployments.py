@@ -187,6 +187,9 @@ class Deployment:
             if self.model_process is not None:  # (a warm-up that failed in the child, or a child that died)
                 self.model_process.close()
                 self.pipeline = self.model_process = None
+            elif self.closed and self.pipeline is not None:  # (shut down as it loaded in-process; twice is harmless)
+                self.pipeline.close()
+                self.pipeline = None
             if self.settings.gc_freeze:  # another's load may have frozen this one's half-built objects
                 thaw_and_collect()
 

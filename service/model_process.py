@@ -411,6 +411,7 @@ class ModelProcess:
         self._name = name
         self._lock = threading.Lock()
         self._closing = False
+        self._close_once = threading.Lock()  # (a second close, while or after the first runs, does nothing)
         self._exit_message: Optional[str] = None
         self._io: Optional[dict[str, Any]] = None
         self._on_exit = on_exit
@@ -529,6 +530,8 @@ class ModelProcess:
         data = memoryview(self._conn.frame(message, answered))
         sock, sent, poller = self._conn.sock, 0, None
         while sent < len(data):
+            if deadline is not None and time.monotonic() > deadline:  # (reports the child keeps sending count too)
+                raise TimeoutError("the model process took no more of the message in time")
             try:
                 sent += sock.send(data[sent:], socket.MSG_DONTWAIT)
                 continue
@@ -575,7 +578,10 @@ class ModelProcess:
     def close(self) -> None:
         """Ask the child to close its pipeline and exit; kill it if it has not within ``CLOSE_TIMEOUT_S`` in all (a
         call still running in it included: at shutdown the server has already waited for its calls)."""
-        self._closing = True
+        with self._close_once:
+            if self._closing:  # (closing twice would close the channel's descriptors twice: maybe another's by then)
+                return
+            self._closing = True
         starting = self._starting
         if starting is not None:  # a restart's child still loading: it never serves
             starting.kill()

@@ -461,3 +461,19 @@ def test_a_shutdown_while_the_model_process_loads_leaves_no_child_and_no_ready_d
     while deployment.model_process is not None and time.monotonic() < deadline:  # (dropped after it is closed)
         time.sleep(0.05)
     assert deployment.model_process is None
+
+
+def test_closing_a_model_process_twice_closes_nothing_else(tiny_checkpoints):
+    """A shutdown and a failing load may both close one child: the second close does nothing (closing the
+    channel's descriptors again would close whatever has taken their numbers since)."""
+    checkpoint = tiny_checkpoints["diffusion_policy"]
+    process = ModelProcess.start(load_pipeline(checkpoint), {"path": checkpoint}, name="twice")
+    process.close()
+    others = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]  # (they take the numbers the close freed)
+    try:
+        process.close()
+        for fd in others:
+            os.fstat(fd)  # (raises for a descriptor closed under it)
+    finally:
+        for fd in others:
+            os.close(fd)

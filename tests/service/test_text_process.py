@@ -360,7 +360,7 @@ def test_closing_a_child_that_takes_nothing_ends_within_the_close_timeout():
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the child's process
     process = object.__new__(TextModelProcess)  # (the channel and a process: nothing loaded behind them)
     process._conn, process._process, process._lock, process._local = Channel(ours), stand_in, threading.Lock(), Local()
-    process._closing, process._starting, process._batcher = False, None, None
+    process._closing, process._starting, process._batcher, process._close_once = False, None, None, threading.Lock()
     closing = threading.Thread(target=process.close, daemon=True)
     started = time.monotonic()
     closing.start()
