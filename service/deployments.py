@@ -88,6 +88,9 @@ class Deployment:
         self._state_lock = threading.Lock()
         self.model_process_restarts: list[float] = []  # when it restarted its model process (time.monotonic())
         self.model_process_exit: Optional[str] = None  # why its last model process ended, if one did
+        # A child's death reported while the deployment loaded or restarted (its watcher left it): that load or
+        # restart acts on it once it is done, and only then (a death reported later is its watcher's to act on).
+        self._exit_left: Optional[str] = None
         self.closed = False  # the server has shut it down (``close``): a load still running stops before it serves
 
     @property
@@ -177,8 +180,8 @@ class Deployment:
             with self._state_lock:  # (a child that dies from now on is restarted by its watching thread)
                 self._stop_if_closed()
                 self.status, self.stage = READY, None
-                died = self.model_process is not None and not self.model_process.alive and not self.restarting
-            if died:  # (it died while this one loaded: its watcher saw it loading and left it to this)
+                died, self._exit_left = self._exit_left, None
+            if died is not None:  # (it died while this one loaded: its watcher saw it loading and left it to this)
                 raise ModelProcessExited(f"the model process of deployment {self.name!r} exited while it loaded")
             logger.info("deployment %s (%s) ready on %s/%s", self.name, self.model_type, self.device, self.dtype)
         except Exception as e:  # the reason goes to /models; the others keep serving
@@ -228,6 +231,7 @@ class Deployment:
             # (one that dies while the deployment loads fails the load, ``_load``; one that dies while a restart
             # warms it up fails that restart, below)
             if self.status != READY or self.restarting or process is None:
+                self._exit_left = message
                 return
             now = time.monotonic()
             recent = self.recent_restarts(now)
@@ -243,6 +247,7 @@ class Deployment:
                 return
             self.model_process_restarts = recent + [now]
             self.restarting, self.status, self.stage = True, LOADING, f"restarting the model process ({message})"
+            self._exit_left = None
         logger.warning("deployment %s restarts its model process (restart %d of at most %d in %g minutes)",
                        self.name, len(recent) + 1, allowed, RESTART_WINDOW_S / 60)
         started = time.perf_counter()
@@ -254,22 +259,23 @@ class Deployment:
             process.serving()
         except Exception as e:
             with self._state_lock:
-                self.restarting, self.stage = False, None
+                self.restarting, self.stage, self._exit_left = False, None, None
                 if not self.retired:
                     self.status = FAILED
                     self.error = f"restarting the model process failed: {type(e).__name__}: {e}; {self._recover}"
             logger.error("deployment %s: %s", self.name, self.error)
             return
-        with self._state_lock:
+        with self._state_lock:  # (a child that dies from now on is restarted by its watching thread)
             self.restarting, self.stage = False, None
             if not self.retired:
                 self.status = READY
+            died, self._exit_left = self._exit_left, None
         if self.metrics is not None:
             self.metrics.model_process_restarts.labels(self.name).inc()
         logger.info("deployment %s serves again from model process %d (restarted in %.1f s)", self.name,
                     process.pid, time.perf_counter() - started)
-        if not process.alive:  # (it died again after its warm-up, while this still held it: its watcher left it)
-            self._model_process_exited(process.exit_message or "the restarted model process exited")
+        if died is not None:  # (it died again as it warmed up: its watcher saw it restarting and left it to this)
+            self._model_process_exited(died)
 
     def recent_restarts(self, now: Optional[float] = None) -> list[float]:
         """When its model process was restarted within the last ``RESTART_WINDOW_S`` (``time.monotonic()``)."""

@@ -651,23 +651,29 @@ def _spawn(load: dict[str, Any], options: ChildOptions, name: str,
     """A child that has loaded ``load_pipeline(**load)``: its process, its channel and its CUDA memory in use.
     ``started(child)`` is called as soon as it runs (before it has loaded)."""
     ours, theirs = socket.socketpair()
-    arena = Arena.create()  # the frames of the requests, in memory both processes map
-    fds = [theirs.fileno()] + ([arena.fd] if arena is not None else [])
-    package_root = str(Path(__file__).resolve().parents[1])  # (where ``service`` is, wherever the server runs)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-           "PYTHONSAFEPATH": "1"}  # (3.11+: not the working directory's ``service/`` ahead of ours)
-    # A session of its own: signals sent to the server's process group (Ctrl-C, a group-wide SIGTERM) do not
-    # reach it; the server drains, then closes it, and its socket closing ends it if the server dies.
-    process = subprocess.Popen([sys.executable, "-m", "service.model_process", *map(str, fds)],
-                               pass_fds=fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-    theirs.close()  # (only the child's copy stays open: its exit then ends our reads)
-    conn = Channel(ours, send_arena=arena)
-    started(process)
+    arena = None
     try:
+        arena = Arena.create()  # the frames of the requests, in memory both processes map
+        fds = [theirs.fileno()] + ([arena.fd] if arena is not None else [])
+        package_root = str(Path(__file__).resolve().parents[1])  # (where ``service`` is, wherever the server runs)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               "PYTHONSAFEPATH": "1"}  # (3.11+: not the working directory's ``service/`` ahead of ours)
+        # A session of its own: signals sent to the server's process group (Ctrl-C, a group-wide SIGTERM) do not
+        # reach it; the server drains, then closes it, and its socket closing ends it if the server dies.
+        process = subprocess.Popen([sys.executable, "-m", "service.model_process", *map(str, fds)],
+                                   pass_fds=fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    except BaseException:  # no child (out of processes or memory): nothing of it stays open
+        ours.close()
+        if arena is not None:
+            arena.close()
+        raise
+    finally:
+        theirs.close()  # (only the child's copy stays open: its exit then ends our reads)
+    conn = Channel(ours, send_arena=arena)
+    try:
+        started(process)
         conn.send((load, options.torch_threads, options.gc_freeze, options.log_format, name))
         if not conn.poll(options.start_timeout_s):
-            conn.close()
-            _reap(process, 0)
             raise ModelProcessExited(f"the model process of deployment {name!r} did not load within "
                                      f"{options.start_timeout_s:g} s (VLA_MODEL_PROCESS_START_TIMEOUT_S); it was "
                                      "stopped")
@@ -677,6 +683,10 @@ def _spawn(load: dict[str, Any], options: ChildOptions, name: str,
         _reap(process)
         raise ModelProcessExited(f"the model process of deployment {name!r} exited while loading "
                                  f"(exit code {process.returncode})") from None
+    except BaseException:  # it did not load in time, or its answer could not be read: it is stopped
+        conn.close()
+        _reap(process, 0)
+        raise
     if status == "err":
         conn.close()
         _reap(process)

@@ -477,3 +477,80 @@ def test_closing_a_model_process_twice_closes_nothing_else(tiny_checkpoints):
     finally:
         for fd in others:
             os.close(fd)
+
+
+def test_a_child_that_cannot_start_leaves_nothing_open(tiny_checkpoints, monkeypatch):
+    """Out of processes (fork's EAGAIN) or memory, ``Popen`` raises: the channel's sockets and its shared memory are
+    closed with it, however often the server tries."""
+    import service.model_process as model_process
+
+    def no_room(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    def ours() -> list[str]:  # (sockets and the arenas' memory files this process holds)
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # (listdir's own descriptor, closed by now)
+                pass
+        return sorted(link for link in links if link.startswith("socket:") or "vla-model-process" in link)
+
+    before = ours()
+    monkeypatch.setattr(model_process.subprocess, "Popen", no_room)
+    for _ in range(4):
+        with pytest.raises(BlockingIOError):
+            ModelProcess.start(None, {"path": tiny_checkpoints["diffusion_policy"]}, name="no-room")
+    assert ours() == before
+
+
+def test_a_child_whose_answer_cannot_be_read_is_stopped(tiny_checkpoints, monkeypatch):
+    """A failure after the child started, other than its exit (here its load's answer cannot be decoded), stops the
+    child and closes its channel, as a load that times out does."""
+    from service.model_process import Channel
+
+    def unreadable(self):
+        raise ValueError("an unreadable answer")
+
+    before = children()
+    monkeypatch.setattr(Channel, "recv", unreadable)
+    with pytest.raises(ValueError, match="unreadable answer"):
+        ModelProcess.start(None, {"path": tiny_checkpoints["diffusion_policy"]}, name="unreadable")
+    assert children() == before  # (killed and reaped)
+
+
+@pytest.mark.parametrize("reported", ["while it warms up", "after it serves again"])
+def test_a_restarted_child_that_dies_at_once_is_restarted_once_more(reported):
+    """The new child dies as its restart warms it up. Its watcher reports the death either while the deployment
+    still restarts (left to the restart, which acts on it once done) or only after the deployment serves again
+    (its own to act on): one more restart either way. Before, when the report came late, the restart's own check
+    of the child and the report both restarted it: a healthy child restarted for a death already dealt with."""
+    from service.deployments import READY, Deployment
+    from service.settings import Settings
+
+    spec = DeploymentSpec(name="policy", checkpoint="/unused")
+    deployment = Deployment(spec, Settings(deployments=[spec], device="cpu", gc_freeze=False))
+
+    class Child:  # the deployment's side of a model process, its child dying at its first restart's warm-up
+        alive, exit_message, pid, restarts = True, None, 100, 0
+
+        def restart(self):
+            self.restarts += 1
+            self.alive, self.exit_message, self.pid = True, None, self.pid + 1
+
+        def warmup(self, max_batch_size):
+            pass
+
+        def serving(self):
+            if self.restarts == 1:
+                self.alive, self.exit_message = False, f"the model process (pid {self.pid}) was killed by signal 9"
+                if reported == "while it warms up":
+                    deployment._model_process_exited(self.exit_message)
+
+    child = deployment.model_process = Child()
+    deployment.status = READY
+    deployment._model_process_exited("the model process (pid 100) was killed by signal 9")
+    if reported == "after it serves again":
+        deployment._model_process_exited("the model process (pid 101) was killed by signal 9")
+    assert child.restarts == 2 and len(deployment.recent_restarts()) == 2
+    assert deployment.status == READY and child.alive
