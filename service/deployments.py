@@ -472,6 +472,8 @@ class DeploymentManager:
         self.deployments = {s.resolved_name: Deployment(s, settings, prepares.get(s.resolved_name), metrics)
                             for s in specs}
         self._added_live: set[str] = set()  # names added while serving (``add``), not at startup
+        self._reloads: set[Deployment] = set()  # reloads' new deployments while they load (not served yet)
+        self.shut_down = False
 
     def start(self) -> None:
         for deployment in self.deployments.values():
@@ -503,7 +505,14 @@ class DeploymentManager:
                                 "a new deployment (POST /admin/deployments), or unload this one first",
                            field="checkpoint")
         new = Deployment(spec, self.settings, None, self.metrics)
-        await asyncio.wrap_future(new.start_loading())
+        self._reloads.add(new)
+        try:
+            await asyncio.wrap_future(new.start_loading())
+        finally:
+            self._reloads.discard(new)
+        if self.shut_down:  # (its load stopped, or it is closed: ``shutdown``)
+            raise ApiError(503, f"the server shut down while the reload of {name!r} loaded; it was dropped",
+                           retry_after=5)
         if new.status != READY:
             new.executor.shutdown(timeout=0)
             raise ApiError(422, f"the new checkpoint did not load ({new.error}); {name!r} keeps serving its current "
@@ -558,7 +567,8 @@ class DeploymentManager:
         drained (or given up on) its requests by now, and a model call cannot be interrupted, so the process
         exits without it (the threads are daemons)."""
         deadline = time.monotonic() + timeout
-        for deployment in self.deployments.values():
+        self.shut_down = True
+        for deployment in [*self.deployments.values(), *self._reloads]:  # (a reload's load stops before it serves)
             deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
             deployment.close()
         if self.settings.gc_freeze:  # an app made in a longer-lived process (tests, notebooks) leaves nothing frozen

@@ -101,6 +101,7 @@ class ModelExecutor:
         self._counts = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, not yet batched
+        self._in_hand: list[_Job] = []  # the jobs of the call or batch now running (what a fault of the loop fails)
         self._thread = threading.Thread(target=self._work, name=f"model-{name}", daemon=True)
         self._thread.start()
 
@@ -208,9 +209,18 @@ class ModelExecutor:
             job = self._next()
             if job is None:
                 return
-            self._dispatch(job)
+            try:
+                self._dispatch(job)
+            except BaseException as e:  # a fault of this loop's own code (a model call's failure is its request's):
+                logger.exception("deployment %s: the model thread failed a turn", self.name)  # the requests in hand
+                for taken in self._in_hand:  # fail with it, and the thread serves on (a dead thread would leave
+                    self._release(taken)  # every later request of the deployment waiting for ever)
+                    _fail(taken, e)
+            finally:
+                self._in_hand = []
 
     def _dispatch(self, job: _Job) -> None:
+        self._in_hand = [job]
         if job.batcher is not None:
             self._run_continuous(job)
         elif job.batchable and self.max_batch_size > 1:
@@ -261,6 +271,7 @@ class ModelExecutor:
 
     def _join(self, job: _Job) -> None:
         """Hand a queued generation to its batcher (or its failure, or an immediate result, to its future)."""
+        self._in_hand = [job]
         self._release(job)
         now = time.perf_counter()
         if job.expired(now):
@@ -284,10 +295,11 @@ class ModelExecutor:
 
         job.batcher.submit(generation, lambda outcome: self._finish(job, outcome, now, job.batcher, rows),
                            cancelled=job.future.cancelled, too_late=too_late)
+        self._in_hand = []  # (the batcher holds it now, and gives it its outcome)
 
     def _finish(self, job: _Job, outcome: Any, joined: float, batcher: Any = None, rows: int = 1) -> None:
         """A generation's outcome to its future (nothing when its client has gone: the future is cancelled)."""
-        if not job.future.set_running_or_notify_cancel():
+        if job.future.done() or not job.future.set_running_or_notify_cancel():  # (done: failed by a fault)
             return
         done = time.perf_counter()
         self.last_call_done = done
@@ -353,6 +365,7 @@ class ModelExecutor:
         self.call_seconds[items] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        self._in_hand = batch
         for job in batch:
             self._release(job)
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
@@ -418,6 +431,12 @@ def _dropped_if_expired(job: _Job, now: float) -> bool:
         return False
     job.future.set_exception(_deadline_passed(job, now))
     return True
+
+
+def _fail(job: _Job, error: BaseException) -> None:
+    """Fail ``job`` with ``error`` unless it has its outcome already (or its client has gone)."""
+    if not job.future.done() and (job.future.running() or job.future.set_running_or_notify_cancel()):
+        job.future.set_exception(error)
 
 
 def _deadline_passed(job: _Job, now: float) -> DeadlineExceeded:

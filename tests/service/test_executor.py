@@ -302,3 +302,22 @@ def test_a_plain_job_runs_between_steps_even_behind_generations_that_cannot_join
         assert all(g.result(timeout=120).value.completions for g in generations)
     finally:
         executor.shutdown()
+
+
+def test_a_fault_of_the_model_threads_own_code_fails_the_request_in_hand_and_the_thread_serves_on(executor):
+    """A model call's failure is its request's (above); a fault in the thread's own loop (here, once, where it
+    gathers a batch) fails the request it was handling, and the thread serves the next. Before, the thread died:
+    that request and every later one of the deployment waited for ever."""
+    fn, gather, faults = Recorder(), executor._gather, []
+
+    def faulty_once(first):
+        if not faults:
+            faults.append(first)
+            raise RuntimeError("a fault of the loop")
+        return gather(first)
+
+    executor._gather = faulty_once
+    with pytest.raises(RuntimeError, match="a fault of the loop"):
+        executor.submit_batched(fn, "k", 1).result(10)
+    assert executor.submit_batched(fn, "k", 2).result(10).value == "done 2"
+    assert fn.calls == [[2]] and executor.depth == 0  # (the failed one no longer counts as waiting)

@@ -554,3 +554,56 @@ def test_a_restarted_child_that_dies_at_once_is_restarted_once_more(reported):
         deployment._model_process_exited("the model process (pid 101) was killed by signal 9")
     assert child.restarts == 2 and len(deployment.recent_restarts()) == 2
     assert deployment.status == READY and child.alive
+
+
+def test_a_shutdown_while_a_reload_loads_drops_the_reload_and_leaves_no_child(tiny_checkpoints, monkeypatch):
+    """A reload's new deployment loads beside the serving one, outside the served set. A shutdown meanwhile stops
+    its load too (its child closed once started) and the reload answers 503; the old deployment is not replaced.
+    Before, the reload went on after the shutdown and swapped in a deployment whose child nobody would close."""
+    import asyncio
+    import threading
+
+    from service.deployments import READY, Deployment, DeploymentManager
+    from service.errors import ApiError
+    from service.settings import Settings
+
+    started = []
+    start = ModelProcess.start.__func__
+
+    def recording_start(cls, *args, **kwargs):
+        process = start(cls, *args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(ModelProcess, "start", classmethod(recording_start))
+    checkpoint = str(tiny_checkpoints["diffusion_policy"])
+    manager = DeploymentManager(Settings(deployments=[DeploymentSpec(name="policy", checkpoint=checkpoint)],
+                                         device="cpu", gc_freeze=False))
+    manager.start()
+    old = manager.deployments["policy"]
+    deadline = time.monotonic() + 60
+    while old.status != READY and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert old.status == READY
+    outcome = {}
+
+    def reload() -> None:
+        spec = DeploymentSpec(name="policy", checkpoint=checkpoint, model_process=True)
+        try:
+            outcome["new"] = asyncio.run(manager.reload("policy", spec))
+        except ApiError as e:
+            outcome["error"] = e
+
+    loading = []
+    start_loading = Deployment.start_loading
+    monkeypatch.setattr(Deployment, "start_loading", lambda self: loading.append(self) or start_loading(self))
+    thread = threading.Thread(target=reload)
+    thread.start()
+    while not (loading and loading[0].stage == "starting the model process") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    manager.shutdown(timeout=0.1)
+    thread.join(60)
+    assert "error" in outcome and outcome["error"].status == 503, outcome
+    assert manager.deployments["policy"] is old
+    (process,) = started
+    assert wait_gone(process.pid)
