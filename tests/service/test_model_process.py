@@ -426,14 +426,9 @@ def test_the_channel_carries_frames_and_a_message_that_cannot_be_encoded_sends_n
     receiver.close()
 
 
-def test_a_shutdown_while_the_model_process_loads_leaves_no_child_and_no_ready_deployment(tiny_checkpoints,
-                                                                                           monkeypatch):
-    """The server shuts down while a deployment's child still loads: the load stops once the child has started
-    (it fails, 'shut down while it loaded', and closes the child) instead of warming up and turning ready with a
-    child nobody will close."""
-    from service.deployments import FAILED, DeploymentManager
-    from service.settings import Settings
-
+@pytest.fixture
+def started(monkeypatch) -> list:
+    """The model processes started from now on, in order, each once it has loaded."""
     started = []
     start = ModelProcess.start.__func__
 
@@ -443,6 +438,17 @@ def test_a_shutdown_while_the_model_process_loads_leaves_no_child_and_no_ready_d
         return process
 
     monkeypatch.setattr(ModelProcess, "start", classmethod(recording_start))
+    return started
+
+
+def test_a_shutdown_while_the_model_process_loads_leaves_no_child_and_no_ready_deployment(tiny_checkpoints,
+                                                                                           started):
+    """The server shuts down while a deployment's child still loads: the load stops once the child has started
+    (it fails, 'shut down while it loaded', and closes the child) instead of warming up and turning ready with a
+    child nobody will close."""
+    from service.deployments import FAILED, DeploymentManager
+    from service.settings import Settings
+
     spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), model_process=True)
     manager = DeploymentManager(Settings(deployments=[spec], device="cpu", gc_freeze=False))
     manager.start()
@@ -556,7 +562,8 @@ def test_a_restarted_child_that_dies_at_once_is_restarted_once_more(reported):
     assert deployment.status == READY and child.alive
 
 
-def test_a_shutdown_while_a_reload_loads_drops_the_reload_and_leaves_no_child(tiny_checkpoints, monkeypatch):
+def test_a_shutdown_while_a_reload_loads_drops_the_reload_and_leaves_no_child(tiny_checkpoints, started,
+                                                                               monkeypatch):
     """A reload's new deployment loads beside the serving one, outside the served set. A shutdown meanwhile stops
     its load too (its child closed once started) and the reload answers 503; the old deployment is not replaced.
     Before, the reload went on after the shutdown and swapped in a deployment whose child nobody would close."""
@@ -567,15 +574,6 @@ def test_a_shutdown_while_a_reload_loads_drops_the_reload_and_leaves_no_child(ti
     from service.errors import ApiError
     from service.settings import Settings
 
-    started = []
-    start = ModelProcess.start.__func__
-
-    def recording_start(cls, *args, **kwargs):
-        process = start(cls, *args, **kwargs)
-        started.append(process)
-        return process
-
-    monkeypatch.setattr(ModelProcess, "start", classmethod(recording_start))
     checkpoint = str(tiny_checkpoints["diffusion_policy"])
     manager = DeploymentManager(Settings(deployments=[DeploymentSpec(name="policy", checkpoint=checkpoint)],
                                          device="cpu", gc_freeze=False))
