@@ -297,10 +297,10 @@ def _cuda_memory_allocated(device: torch.device) -> Optional[int]:
 
 
 def _next_message(conn: Channel, engine: Any) -> Any:
-    """The child's next message: one a generating engine read while a generation ran alone first (or the error
-    reading it raised, raised now), else the socket's next."""
-    if engine is not None and engine.backlog is not None:
-        message, engine.backlog = engine.backlog, None
+    """The child's next message: those a generating engine read while a generation ran alone first (or the error
+    reading one raised, raised now), else the socket's next."""
+    if engine is not None and engine.backlog:
+        message, conn.last_answered = engine.backlog.popleft()
         if isinstance(message, BaseException):
             raise message
         return message
@@ -332,7 +332,7 @@ def _child(conn: Channel) -> None:
 
         engine = GenerationEngine(pipeline, conn, device)
     while True:
-        if engine is not None and engine.busy and engine.backlog is None and not conn.poll(0):
+        if engine is not None and engine.busy and not engine.backlog and not conn.poll(0):
             try:
                 engine.step()  # (a decode step, or the events of a generation that ended when it was submitted)
             except OSError:  # the server has gone

@@ -22,6 +22,7 @@ no model: the tokenizer (``prompt_ids``, ``render_chat``), the caption checks be
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -310,6 +311,7 @@ class GenerationEngine:
     first tokens in one of their own right after its prefill."""
 
     MESSAGES = ("submit", "cancel")  # no reply
+    READ_AT_ONCE = 64  # messages read after each delta of a generation that runs alone (``_read_cancels``)
     OPERATIONS = ("make_batcher", "warmup_batcher")  # a reply, as the pipeline's calls
 
     def __init__(self, pipeline, conn, device):
@@ -320,9 +322,10 @@ class GenerationEngine:
         self._deltas: list = []
         self._done: list = []
         self._started: list[int] = []
-        # A message read while a generation ran alone (inside ``submit``, the child's loop not reading), or the error
-        # that reading it raised: the child's loop takes it before the socket's next one.
-        self.backlog: Any = None
+        # The messages read while a generation ran alone (inside ``submit``, the child's loop not reading), each with
+        # whether its sender waits for a reply, or the error that reading one raised: the child's loop takes them,
+        # in order, before the socket's next one.
+        self.backlog: collections.deque[tuple[Any, bool]] = collections.deque()
 
     @property
     def busy(self) -> bool:
@@ -391,20 +394,29 @@ class GenerationEngine:
         self._cancelled.update(key for key in keys if key in self._held)
 
     def _read_cancels(self) -> None:
-        """While a generation runs alone: the cancels the server has sent since, applied now; the first other message
-        (or the error reading it) stops the reading and waits in ``backlog`` for the child's loop."""
-        while self.backlog is None and self.conn.poll(0):
+        """While a generation runs alone: the cancels the server has sent since, applied now (a generation whose
+        submit still waits in ``backlog`` leaves it: it never starts); every other message (or the error reading
+        it) waits in ``backlog`` for the child's loop. At most ``READ_AT_ONCE`` messages a time, so a server that
+        keeps sending cannot hold the generation up."""
+        for _ in range(self.READ_AT_ONCE):
+            if not self.conn.poll(0):
+                return
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):  # the server has gone: the generation ends, and then the child's loop
                 raise
             except Exception as e:  # (the loop answers it as it answers any message it cannot read)
-                self.backlog = e
-                return
+                self.backlog.append((e, self.conn.last_answered))
+                continue
             if message[0] == "cancel":
-                self.cancel(*message[1], **(message[2] or {}))
+                keys = message[1][0]
+                self.cancel(keys)
+                gone = set(keys)
+                self.backlog = collections.deque(
+                    (m, answered) for m, answered in self.backlog
+                    if isinstance(m, BaseException) or m[0] != "submit" or m[1][0] not in gone)
             else:
-                self.backlog = message
+                self.backlog.append((message, self.conn.last_answered))
 
     def step(self) -> None:
         """One decode step (when generations run), then its report; the first tokens of each generation it admits go

@@ -8,6 +8,7 @@ frees its sequence's slot in the child.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -240,6 +241,51 @@ def test_a_stream_running_by_itself_in_the_child_stops_when_its_client_leaves(ti
         assert outcomes[1].completions[0].token_ids == local.complete(None, [[3, 4, 5]], sampling=short,
                                                                       seed=0).completions[0].token_ids
         assert reported[0] <= 8, f"the child sent {reported[0]} deltas for a stream whose client left at its first"
+    finally:
+        process.close()
+
+
+def test_a_stream_running_by_itself_hears_its_cancel_behind_other_requests(tiny_checkpoints):
+    """As above, with other requests' submits reaching the child after the lone generation began: the child reads
+    past them (they wait their turn) to the cancels. A waiting request whose client has gone too leaves before it
+    starts (it streams nothing), and the one still wanted then gets its solo tokens. Before, the first submit read
+    stopped the reading: the cancel was heard only when the lone generation had run its whole length."""
+    from service.text_process import TextModelProcess
+    from vla_foundry.pipelines import load_pipeline
+    from vla_foundry.sampling import SamplingParams
+
+    class Gone(Exception):
+        pass
+
+    def leaves(*delta):  # the stream's client has gone at its first delta
+        raise Gone()
+
+    checkpoint = tiny_checkpoints["transformer"]
+    local = load_pipeline(checkpoint)
+    long, short = SamplingParams(local.model.max_seq_len - 8, 0.0), SamplingParams(3, 0.0)
+    process = TextModelProcess.start(local, {"path": checkpoint}, name="behind")
+    try:
+        batcher = process.continuous_batcher(1, None)  # two rows, one slot: the first runs by itself
+        streamed, take = collections.Counter(), batcher.take
+
+        def counting(report):
+            streamed.update(delta[0] for delta in report["deltas"])  # (deltas per generation)
+            take(report)
+
+        batcher.take = counting
+        outcomes = []
+        batcher.submit(process.start_completion(None, [[3, 4, 5], [6, 7, 8]], sampling=long, seed=0, on_text=leaves),
+                       outcomes.append)
+        batcher.submit(process.start_completion(None, [[9, 10]], sampling=long, seed=0, on_text=lambda *d: None),
+                       outcomes.append, cancelled=lambda: True)  # (its client has gone before it starts)
+        batcher.submit(process.start_completion(None, [[3, 4, 5]], sampling=short, seed=0), outcomes.append)
+        while batcher.active:
+            batcher.step()
+        assert len(outcomes) == 2 and isinstance(outcomes[0], Gone)
+        assert outcomes[1].completions[0].token_ids == local.complete(None, [[3, 4, 5]], sampling=short,
+                                                                      seed=0).completions[0].token_ids
+        assert len(streamed) == 1, f"deltas of {len(streamed)} generations: {streamed}"  # (the lone one's only)
+        assert sum(streamed.values()) <= 8, f"the child sent {streamed} deltas for a stream that left at its first"
     finally:
         process.close()
 
