@@ -21,10 +21,12 @@ import openai
 import pytest
 
 from service import DeploymentSpec
+from service.text_process import TextModelProcess
 from tests.factories import EVALUATE_REQUESTS, PREDICT_REQUESTS, png_data_url
 from tests.service.conftest import serving
 from tests.service.live_server import live_server_process
 from tests.service.test_model_process import parent_of, wait_gone
+from vla_foundry.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -202,22 +204,27 @@ def test_a_cancelled_generation_is_dropped_by_the_child(tiny_checkpoints):
         process.close()
 
 
+class Gone(Exception):
+    pass
+
+
+def leaves(*delta):  # a stream whose client has gone at its first delta
+    raise Gone()
+
+
+def lone_parts(tiny_checkpoints):
+    """The tiny transformer's checkpoint and its pipeline here (what a child's generations are compared with)."""
+    from vla_foundry.pipelines import load_pipeline
+
+    checkpoint = tiny_checkpoints["transformer"]
+    return load_pipeline(checkpoint), checkpoint
+
+
 def test_a_stream_running_by_itself_in_the_child_stops_when_its_client_leaves(tiny_checkpoints):
     """A generation of more rows than slots runs by itself inside the child's ``submit``, where the child's loop
     reads no message: it still hears the server's cancel after each delta it reports, and stops as a stream
     in-thread stops when its client leaves (before, it ran to its length, holding up every other stream)."""
-    from service.text_process import TextModelProcess
-    from vla_foundry.pipelines import load_pipeline
-    from vla_foundry.sampling import SamplingParams
-
-    class Gone(Exception):
-        pass
-
-    def leaves(*delta):  # the stream's client has gone at its first delta
-        raise Gone()
-
-    checkpoint = tiny_checkpoints["transformer"]
-    local = load_pipeline(checkpoint)
+    local, checkpoint = lone_parts(tiny_checkpoints)
     prompts, long = [[3, 4, 5], [6, 7, 8]], SamplingParams(local.model.max_seq_len - 8, 0.0)
     process = TextModelProcess.start(local, {"path": checkpoint}, name="alone")
     try:
@@ -250,18 +257,7 @@ def test_a_stream_running_by_itself_hears_its_cancel_behind_other_requests(tiny_
     past them (they wait their turn) to the cancels. A waiting request whose client has gone too leaves before it
     starts (it streams nothing), and the one still wanted then gets its solo tokens. Before, the first submit read
     stopped the reading: the cancel was heard only when the lone generation had run its whole length."""
-    from service.text_process import TextModelProcess
-    from vla_foundry.pipelines import load_pipeline
-    from vla_foundry.sampling import SamplingParams
-
-    class Gone(Exception):
-        pass
-
-    def leaves(*delta):  # the stream's client has gone at its first delta
-        raise Gone()
-
-    checkpoint = tiny_checkpoints["transformer"]
-    local = load_pipeline(checkpoint)
+    local, checkpoint = lone_parts(tiny_checkpoints)
     long, short = SamplingParams(local.model.max_seq_len - 8, 0.0), SamplingParams(3, 0.0)
     process = TextModelProcess.start(local, {"path": checkpoint}, name="behind")
     try:
