@@ -117,10 +117,12 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     app.state.origins = OriginCheck(not settings.api_key_list(), settings.allowed_origin_list())
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_body_keys=settings.max_body_keys, pixels=app.state.pixels, origins=app.state.origins)
-    api_keys = settings.api_key_list()
-    if api_keys:  # added last, so outermost: a request without a key is refused before its body is read
-        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys), metrics_public=settings.metrics_public)
-    elif replica is None or replica.index is None:  # (a launch of replicas says it once, in its launcher)
+    api_keys, admin_keys = settings.api_key_list(), settings.admin_key_list()
+    if api_keys or admin_keys:  # added last, so outermost: a request without a key is refused before its body is read
+        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys) if api_keys else None,
+                           admin_keys=ApiKeys(admin_keys) if admin_keys else None,
+                           metrics_public=settings.metrics_public)
+    if not api_keys and (replica is None or replica.index is None):  # (a launch of replicas says it once)
         warning = unprotected_warning(settings)
         if warning:
             logger.warning(warning)

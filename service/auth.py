@@ -6,6 +6,8 @@ the same header on its upgrade request. Keys come from ``VLA_API_KEYS`` (comma-s
 and ``VLA_API_KEYS_FILE`` (one per line, for Docker and Kubernetes secrets); none: no
 authentication, as on a loopback-only dev server.
 
+The admin API (``/admin/``) takes the admin keys instead (``VLA_ADMIN_KEYS``), and only them.
+
 The check is an outermost ASGI middleware, so a request without a valid key is answered
 before its body is read or decoded. Keys are compared as SHA-256 digests with
 ``hmac.compare_digest`` (no timing hint about a key's bytes or length), never logged, and
@@ -34,8 +36,9 @@ SCHEMES = ("api-key", "bearer")  # case-insensitive, as HTTP auth schemes are
 PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc",
                           "/openapi.json", "/"})
 CALLER = "vla.caller"  # scope key: the id of the API key a request came with (None without keys)
-# The docs pages' and the page's scripts and styles; the admin API checks its own keys (routes/admin.py).
-PUBLIC_PREFIXES = ("/docs-assets/", "/static/", "/admin/")
+# The docs pages' and the page's scripts and styles.
+PUBLIC_PREFIXES = ("/docs-assets/", "/static/")
+ADMIN_PREFIX = "/admin/"  # the admin API: the admin keys, and no others
 
 
 def read_keys(keys: Optional[str], keys_file: Optional[Path]) -> list[str]:
@@ -96,27 +99,38 @@ def app_path(scope: Scope) -> str:
 
 class ApiKeyMiddleware:
     """Refuses HTTP requests (401, the one error shape, ``WWW-Authenticate``) and websocket upgrades (an HTTP
-    401 where the server supports ASGI's websocket HTTP response, else a 403) that carry no valid key."""
+    401 where the server supports ASGI's websocket HTTP response, else a 403) that carry no valid key: an API key
+    (``keys``; None: the server takes requests without one), or under ``/admin/`` an admin key (``admin_keys``;
+    None: the server has no admin API, and its paths are not found)."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, metrics_public: bool = False):
+    def __init__(self, app: ASGIApp, keys: Optional[ApiKeys], admin_keys: Optional[ApiKeys] = None,
+                 metrics_public: bool = False):
         self.app = app
-        self.keys = keys
+        self.keys, self.admin_keys = keys, admin_keys
         self.public_paths = PUBLIC_PATHS | {"/metrics"} if metrics_public else PUBLIC_PATHS
 
-    def _public(self, path: str) -> bool:
-        return path in self.public_paths or path.startswith(PUBLIC_PREFIXES)
+    def _keys_for(self, path: str) -> tuple[Optional[ApiKeys], str]:
+        """The keys a request to ``path`` needs (None: none), and what they are called in a refusal."""
+        if path.startswith(ADMIN_PREFIX):
+            return self.admin_keys, "admin key"
+        if path in self.public_paths or path.startswith(PUBLIC_PREFIXES):
+            return None, "API key"
+        return self.keys, "API key"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or self._public(app_path(scope)):
+        keys, kind = self._keys_for(app_path(scope)) if scope["type"] in ("http", "websocket") else (None, "")
+        if keys is None:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
-        refusal, caller = self.keys.check(authorization)
+        refusal, caller = keys.check(authorization)
         if refusal is None:
-            scope[CALLER] = caller
+            if keys is self.keys:
+                scope[CALLER] = caller
             await self.app(scope, receive, send)
             return
+        refusal = refusal.replace("API key", kind)
         client = (scope.get("client") or ("?",))[0]
         logger.warning("401 %s %s from %s: %s", scope.get("method", "WEBSOCKET"), scope["path"], client,
                        "no key" if not authorization else "wrong key or scheme")

@@ -62,6 +62,8 @@ class LightRequestPacer:
                 and self.models_at_work(ACTIVE_WINDOW_S)):
             wait = self.bucket.delay()
             if wait > 0:
+                # (its latency counts from here, held time included: ``metrics.RequestMetrics`` reads this)
+                scope.setdefault("state", {})["received_at"] = time.perf_counter()
                 if self.on_delay is not None:
                     self.on_delay(wait)
                 await asyncio.sleep(wait)

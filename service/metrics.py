@@ -24,7 +24,7 @@ import gc
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -34,6 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.disconnects import CLIENT_CLOSED
 from service.errors import error_response, unexpected_error
 
 if TYPE_CHECKING:
@@ -274,7 +275,7 @@ class _StateCollector:
         sequences = GaugeMetricFamily("vla_generation_sequences", "Sequences in a deployment's continuous batcher: "
                                       "decoding (running) or admitted to it and waiting for a slot (waiting).",
                                       labels=["deployment", "state"])
-        for d in self.manager.deployments.values():
+        for d in list(self.manager.deployments.values()):  # (a copy: the admin API changes it on the event loop)
             for s in STATES:
                 state.add_metric([d.name, s], 1.0 if d.status == s else 0.0)
             if d.load_seconds is not None:
@@ -317,11 +318,22 @@ def _route_template(scope: Scope) -> Optional[str]:
     """The template of the route that serves ``scope``'s path, for a request refused before routing (a 401, an
     early 503): None where no route serves it."""
     app = scope.get("app")
-    for route in getattr(getattr(app, "router", None), "routes", ()):
+    for route in _routes(getattr(getattr(app, "router", None), "routes", ())):
         match, _ = route.matches(scope)
         if match != Match.NONE:
             return getattr(route, "path", None)
     return None
+
+
+def _routes(routes) -> Iterator:
+    """``routes`` with the routes of each included router in its place. (FastAPI 0.16x keeps an included router
+    as one entry, with no path of its own; ours are included without a prefix, so their routes' paths are whole.)"""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _routes(included.routes)
+        else:
+            yield route
 
 
 class RequestMetrics:
@@ -335,9 +347,11 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        scope.setdefault("state", {})["received_at"] = started  # for latencies counted from arrival (first token)
+        # From its arrival (a light request the pacer held: from before its hold), for its latency here and for those
+        # counted from arrival (first token).
+        started = scope.setdefault("state", {}).setdefault("received_at", time.perf_counter())
         status: Optional[int] = None
+        left = False  # the client disconnected (an app that then answers nothing has no error of its own)
 
         async def send_counted(message: Message) -> None:
             nonlocal status
@@ -345,8 +359,14 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        async def receive_watched() -> Message:
+            nonlocal left
+            message = await receive()
+            left = left or message["type"] == "http.disconnect"
+            return message
+
         try:
-            await self.app(scope, receive, send_counted)
+            await self.app(scope, receive_watched, send_counted)
         except Exception as e:
             # Answered here, inside the request-id layer: the 500 has the error shape and the request's id, and the
             # keep-alive connection goes on (Starlette's outermost handler answers, then re-raises, and uvicorn
@@ -369,5 +389,6 @@ class RequestMetrics:
                                      )(scope, receive, send_counted)
         finally:
             route = getattr(scope.get("route"), "path", None) or _route_template(scope)
-            self.metrics.record_request(scope["method"], scope["path"], route, status or 500,
-                                        time.perf_counter() - started)
+            if status is None:  # nothing answered: the client left first (nginx's 499), else a fault of ours
+                status = CLIENT_CLOSED if left else 500
+            self.metrics.record_request(scope["method"], scope["path"], route, status, time.perf_counter() - started)

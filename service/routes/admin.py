@@ -15,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.auth import ApiKeys
 from service.codecs import encode_response
 from service.errors import ApiError
 from service.openapi_extra import operation_openapi, schema_ref
@@ -33,7 +32,7 @@ class ReloadRequest(BaseModel):
     checkpoint: Optional[str] = Field(None, description="The experiment directory to serve now (default: the same "
                                                         "one, e.g. for a newer checkpoint file in it).")
     checkpoint_file: Optional[str] = Field(None, description="A weights file in its checkpoints/ (default: the "
-                                                             "latest).")
+                                                             "latest, whatever file the deployment serves now).")
     use_ema: Optional[bool] = None
 
 
@@ -111,12 +110,7 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
     keys = settings.admin_key_list()
     if not keys:
         return
-    admins, roots = ApiKeys(keys), settings.checkpoint_root_list()
-
-    def check_admin(request: Request) -> None:
-        refusal, _ = admins.check(request.headers.get("authorization"))
-        if refusal is not None:
-            raise ApiError(401, refusal.replace("API key", "admin key"))
+    roots = settings.checkpoint_root_list()
 
     def reply(request: Request, body: dict, status: int = 200):
         return encode_response(body, request.headers.get("accept", ""), status_code=status)
@@ -133,10 +127,10 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         old = manager.get(name, field="name")
         update = body.model_dump(exclude_none=True)
         update.setdefault("checkpoint", old.spec.checkpoint)
-        if "checkpoint" in body.model_fields_set and "checkpoint_file" not in body.model_fields_set:
-            update["checkpoint_file"] = None  # another experiment: its own latest file
         update = await asyncio.to_thread(_checked_files, update, roots)
-        new = await manager.reload(name, old.spec.model_copy(update=update))
+        update.setdefault("checkpoint_file", None)  # none named: the latest (a file named at load is not kept)
+        # (the name it is served under: one loaded without a name took its folder's, which another folder would change)
+        new = await manager.reload(name, old.spec.model_copy(update={**update, "name": name}))
         request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was reloaded with another "
                                                        "checkpoint")
         return reply(request, as_served(new.info(), request.app.state.settings.max_inference_steps))
@@ -146,15 +140,14 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was unloaded")
         return reply(request, {"name": name, "unloaded": True})
 
-    # The key is checked as a dependency, which runs before the body is validated: a caller without the admin
-    # key gets 401, never a list of what its body got wrong.
-    admin = [Depends(check_admin)]
+    # The admin key is checked before the body is read (``auth.ApiKeyMiddleware``): a caller without it gets 401,
+    # never a list of what its body got wrong.
     app.add_api_route("/admin/deployments", load, methods=["POST"], tags=["admin"], status_code=202,
-                      dependencies=admin, summary="Load a deployment from a checkpoint under VLA_CHECKPOINT_ROOTS",
+                      summary="Load a deployment from a checkpoint under VLA_CHECKPOINT_ROOTS",
                       openapi_extra=operation_openapi(schema_ref(DeploymentSpec), success=202))
     app.add_api_route("/admin/deployments/{name}/reload", reload, methods=["POST"], tags=["admin"],
-                      dependencies=admin, summary="Swap in another checkpoint with no failed request",
+                      summary="Swap in another checkpoint with no failed request",
                       openapi_extra=operation_openapi(schema_ref(ReloadRequest)))
     app.add_api_route("/admin/deployments/{name}", unload, methods=["DELETE"], tags=["admin"],
-                      dependencies=admin, summary="Unload a deployment and free its memory",
+                      summary="Unload a deployment and free its memory",
                       openapi_extra=operation_openapi())

@@ -277,3 +277,49 @@ def test_the_admin_operations_document_their_headers_and_msgpack_bodies(client, 
                          content=msgpack.packb({"name": "lm-msgpack", "checkpoint": str(roots / "lm")}))
     assert loaded.status_code == 202, loaded.text
     assert client.delete("/admin/deployments/lm-msgpack", headers=ADMIN).status_code == 200
+
+
+def test_a_reload_keeps_the_name_of_a_deployment_loaded_without_one(client, roots):
+    """Loaded without ``name``, a deployment is named after its folder; reloaded with another folder it keeps the
+    name it is served, addressed and labelled under (before, it called itself after the new folder: its metrics
+    series stopped moving, and that name could be loaded a second time)."""
+    added = client.post("/admin/deployments", json={"checkpoint": str(roots / "policy-a")}, headers=ADMIN)
+    assert added.status_code == 202 and added.json()["name"] == "policy-a", added.text
+    wait_ready(client)
+    reloaded = client.post("/admin/deployments/policy-a/reload", json={"checkpoint": str(roots / "policy-b")},
+                           headers=ADMIN)
+    assert reloaded.status_code == 200 and reloaded.json()["name"] == "policy-a", reloaded.text
+    assert [d["name"] for d in client.get("/models", headers=CLIENT).json()["deployments"]] == ["policy", "policy-a"]
+    served = client.post("/predict/diffusion_policy", json={**FULL, "model": "policy-a"}, headers=CLIENT)
+    assert served.status_code == 200 and served.json()["checkpoint_step"] == 222, served.text
+    scrape = client.get("/metrics", headers=CLIENT).text
+    assert 'vla_model_run_seconds_count{deployment="policy-a"}' in scrape
+
+
+def test_an_empty_reload_serves_the_latest_checkpoint_file(client, roots):
+    """``checkpoint_file`` defaults to the latest: a deployment loaded with a named file and reloaded with ``{}``
+    serves the newest file of its experiment (before, the file named at load stayed)."""
+    added = client.post("/admin/deployments", json={"name": "pinned", "checkpoint": str(roots / "policy-b"),
+                                                    "checkpoint_file": "checkpoint_1.pt"}, headers=ADMIN)
+    assert added.status_code == 202, added.text
+    wait_ready(client)
+    assert client.get("/models/pinned", headers=CLIENT).json()["checkpoint"]["step"] != 222
+    reloaded = client.post("/admin/deployments/pinned/reload", json={}, headers=ADMIN)
+    assert reloaded.status_code == 200 and reloaded.json()["checkpoint"]["step"] == 222, reloaded.text
+    pinned = client.post("/admin/deployments/pinned/reload", json={"checkpoint_file": "checkpoint_1.pt"}, headers=ADMIN)
+    assert pinned.status_code == 200 and pinned.json()["checkpoint"]["step"] != 222, pinned.text
+
+
+@pytest.mark.parametrize("body", [
+    dict(content=b"{not json", headers={"content-type": "application/json"}),
+    dict(content=b"<x/>", headers={"content-type": "application/xml"}),
+    dict(content=b"\x00" * 40, headers={"content-type": "application/msgpack"}),
+    dict(content=b'{"checkpoint": "' + b"a" * (17 << 20) + b'"}', headers={"content-type": "application/json"}),
+], ids=["bad json", "another type", "bad msgpack", "over the size cap"])
+def test_a_caller_without_the_admin_key_gets_401_before_its_body_is_read(client, body):
+    """As for a client key: 401 with ``WWW-Authenticate`` whatever the body (before, the admin key was checked
+    after the body was read and parsed: 400, 413 or 415, and a 401 without the header)."""
+    for headers in ({}, CLIENT):
+        refused = client.post("/admin/deployments", **{**body, "headers": {**body["headers"], **headers}})
+        assert refused.status_code == 401 and "admin key" in refused.json()["error"]["message"], refused.text[:300]
+        assert refused.headers["www-authenticate"].startswith("Bearer")

@@ -207,3 +207,90 @@ def test_a_stream_that_outlives_its_deployments_unload_leaves_no_series_behind(t
         scrape = client.get("/metrics").text
         assert 'deployment="lm"' not in scrape, [line for line in scrape.splitlines() if 'deployment="lm"' in line]
         assert value(samples(scrape), "vla_tokens_generated_total", deployment="other") == 2
+
+
+def test_a_scrape_while_the_admin_api_adds_a_deployment_is_served():
+    """``/metrics`` runs on a worker thread while the admin API changes the deployments on the event loop: a scrape
+    reads a copy of them (before, a deployment added while it read them made it fail, a 500)."""
+    import types
+
+    from service.metrics import _StateCollector
+
+    deployments = {}
+
+    class Deployment:  # one that the admin API's next add lands beside while the scrape reads it
+        name, load_seconds, batcher, model_process = "policy", 1.0, None, None
+        executor = types.SimpleNamespace(depth=0)
+
+        @property
+        def status(self):
+            deployments.setdefault("added", types.SimpleNamespace(**{**vars(Deployment), "name": "added",
+                                                                     "status": "loading"}))
+            return "ready"
+
+    deployments["policy"] = Deployment()
+    collector = _StateCollector(types.SimpleNamespace(deployments=deployments),
+                                types.SimpleNamespace(live=lambda: 0))
+    families = {family.name: family for family in collector.collect()}
+    assert [s.labels["deployment"] for s in families["vla_queue_depth"].samples] == ["policy"]
+
+
+def test_a_refusal_before_routing_counts_under_the_route_of_its_path(tiny_checkpoints):
+    """A 401 counts under the template of the route that serves its path, the routes of included routers
+    (``/models``, ``/v1``) too (before, those counted as ``unmatched``)."""
+    with serving(DeploymentSpec(name="lm", checkpoint=str(tiny_checkpoints["transformer"])), api_keys="key") as client:
+        for method, path in (("GET", "/models"), ("GET", "/models/lm"), ("POST", "/v1/completions"),
+                             ("POST", "/predict/transformer")):
+            assert client.request(method, path, json={}).status_code == 401
+        parsed = samples(client.get("/metrics", headers={"authorization": "Bearer key"}).text)
+    for method, route in (("GET", "/models"), ("GET", "/models/{name}"), ("POST", "/v1/completions"),
+                          ("POST", "/predict/transformer")):
+        assert value(parsed, "vla_http_requests_total", route=route, method=method, status="401") == 1, route
+
+
+def test_a_client_that_leaves_while_it_sends_its_body_counts_as_499(tiny_checkpoints):
+    """Nothing is answered to a client that disconnects mid-body; it counts (and is logged) as 499, as a client that
+    leaves during its model call does, not as a 500 of the server's (which alerting would page on)."""
+    import asyncio
+
+    from service import Settings, create_app
+
+    app = create_app(Settings(deployments=[DeploymentSpec(name="lm", checkpoint=str(tiny_checkpoints["transformer"]))],
+                              device="cpu"))
+    messages = iter([{"type": "http.request", "body": b'{"prompt": "a', "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict/transformer", "raw_path": b"/predict/transformer", "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"t"), (b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 1), "server": ("t", 80), "app": app}
+    asyncio.run(app(scope, receive, send))
+    assert sent == []
+    parsed = samples(app.state.metrics.response().body.decode())
+    route = dict(route="/predict/transformer", method="POST")
+    assert value(parsed, "vla_http_requests_total", **route, status="499") == 1
+    assert value(parsed, "vla_http_requests_total", **route, status="500") == 0
+
+
+def test_a_light_request_held_by_the_pacer_is_timed_with_its_hold(tiny_checkpoints):
+    """``vla_http_request_duration_seconds`` runs from a request's first byte: a GET the light-request pacer held
+    while a model worked counts its hold (before, the timer started after it)."""
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"])),
+                 light_requests_per_s=2) as client:
+        before = samples(client.get("/metrics").text)
+        assert client.post("/predict/diffusion_policy", json={**PREDICT_REQUESTS["diffusion_policy"],
+                                                              "seed": 1}).status_code == 200  # (a model at work)
+        for _ in range(3):
+            assert client.get("/models").status_code == 200
+        after = samples(client.get("/metrics").text)
+    held = value(after, "vla_light_request_delay_seconds_sum") - value(before, "vla_light_request_delay_seconds_sum")
+    timed = (value(after, "vla_http_request_duration_seconds_sum", route="/models")
+             - value(before, "vla_http_request_duration_seconds_sum", route="/models"))
+    assert held > 0.3 and timed >= held, (held, timed)

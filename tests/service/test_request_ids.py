@@ -37,7 +37,7 @@ def test_ids_are_echoed_and_in_error_bodies(tiny_checkpoints, caplog):
         assert refused.headers["x-request-id"] == "r-422"
         assert unauthorized.status_code == 401 and unauthorized.json()["error"]["request_id"] == "r-401"
         access = [r for r in caplog.records if r.name == "service.access"]
-        assert [(r.route, r.status) for r in access] == [("/predict/transformer", 422), (None, 401)]
+        assert [(r.route, r.status) for r in access] == [("/predict/transformer", 422), ("/models", 401)]
 
 
 def test_new_ids_are_32_hex_digits_unique_here_and_across_processes():
