@@ -62,6 +62,7 @@ class SessionEntry:
         self.kept = kept
         self.pins = 0  # open websockets stepping this session: it neither expires nor is evicted meanwhile
         self.callers = 0  # requests in ``call`` (running or waiting for the lock)
+        self.ended: Optional[ApiError] = None  # why it ended while held (deleted, its deployment reloaded): 409
         self.checkpoint = checkpoint_identity(deployment) if shared is not None else ""
         # With a shared store: the stored version this session was last pulled at or pushed as (0: none stored;
         # -1: what this replica holds may differ from the store, so the next pull reloads it).
@@ -153,12 +154,17 @@ class SessionEntry:
             return
         stored = await self.shared.load(self.id, known_version=self.version if self.version > 0 else None)
         if stored is None:
-            if self.version != 0:  # deleted on some replica, expired, or never stored: what is held here is void
-                self.policy.reset(self.policy.seed)
-                self.version = 0
+            void, self.version = self.version != 0, 0  # deleted on some replica, or expired: what is held is void
+            if void:
+                self.policy.reset()
             seen = await self.shared.seen(self.id)
             if seen is not None:  # until its robot resets it, the id stays its key's
                 raise _expired_in_store(self.id, self.shared) if seen["owner"] == self.owner else _taken(self.id)
+            if void and self.pins:  # deleted under an open websocket: its robot is told, as without a store
+                self.discard()
+                raise _deleted_error(self.id)
+            if void:  # deleted: a new session under its id, as a replica that held no copy makes it
+                self.created, self.requests = time.time(), 1
             return
         self.check_owner(stored)
         if stored.checkpoint != self.checkpoint:
@@ -222,8 +228,9 @@ class SessionEntry:
 
     @property
     def idle(self) -> bool:
-        """Whether nothing is using this session now (no request in flight, no websocket open on it)."""
-        return not self.lock.locked() and not self.pins
+        """Whether nothing is using this session now (no request running or waiting for it, no websocket open on
+        it)."""
+        return not self.lock.locked() and not self.pins and not self.callers
 
     def info(self) -> dict[str, Any]:
         return {"session_id": self.id, "model": self.deployment.name, "created": self.created,
@@ -251,6 +258,13 @@ def _gone_error(session_id: str, why: str) -> ApiError:
     return ApiError(409, f"session {session_id!r} {why}; its history is lost. Reset it (POST /sessions/"
                          f"{session_id}/reset) to start a new episode under this id, or use a new session_id",
                     field="session_id", type="session_gone")
+
+
+def _deleted_error(session_id: str) -> ApiError:
+    """For a websocket holding a session deleted meanwhile (``DELETE /sessions/{id}``)."""
+    return ApiError(409, f"session {session_id!r} was deleted; its history is lost. Its id is free: connect again to "
+                         "start a new session under it (or use a new session_id)", field="session_id",
+                    type="session_gone")
 
 
 def _expired_in_store(session_id: str, shared: SharedSessionStates) -> ApiError:
@@ -449,8 +463,27 @@ class SessionStore:
             return
         self.expire()
         await self._stored(session_id, owner)  # 404 for another key's or an unknown one; 409 when it expired
-        self._entries.pop(session_id, None)
+        held = self._entries.pop(session_id, None)
+        if held is not None:  # (a websocket holding it tells its robot: ``check_held``)
+            held.ended = _deleted_error(session_id)
         await _from_store(self.shared.forget(session_id))
+
+    def keep_stored(self, session_id: str) -> Optional["asyncio.Task"]:
+        """With a shared store: a task that keeps the stored session from expiring while a websocket holds it (its
+        robot may pause longer than the idle timeout); cancel it when the connection ends. None without a store."""
+        if self.shared is None:
+            return None
+        shared = self.shared
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(shared.ttl_ms / 3000)
+                try:
+                    await shared.keep(session_id)
+                except Exception as e:  # (the store is down: the next step says so, 503)
+                    logger.warning("session %s: could not keep it in the store (%s)", session_id, e)
+
+        return asyncio.ensure_future(keep())
 
     async def end_own(self, session_id: str) -> None:
         """A websocket's own session (not named by its robot) ends with the connection, in the store too."""
@@ -475,6 +508,7 @@ class SessionStore:
         """Every session of ``deployment`` ends (its robots hear ``why`` on their next request): the deployment
         was reloaded with another checkpoint or unloaded."""
         for sid in [s for s, e in self._entries.items() if e.deployment is deployment]:
+            self._entries[sid].ended = _gone_error(sid, why)  # (a websocket holding it is told: ``check_held``)
             self._bury(sid, why)
 
     def _make_room(self, entry: SessionEntry) -> None:
@@ -490,15 +524,15 @@ class SessionStore:
 
     def check_held(self, entry: SessionEntry) -> None:
         """409 ``session_gone`` when ``entry`` is no longer this store's session of its id (ended with its
-        deployment's reload or unload, or deleted): a websocket holding it tells its robot."""
+        deployment's reload or unload, or deleted): a websocket holding it tells its robot. (With a shared store, a
+        deletion on another replica is heard at the step's pull.)"""
+        if entry.ended is not None:
+            raise entry.ended
         if self.shared is None and self._entries.get(entry.id) is not entry:
             gone = self._gone.get(entry.id)
             if gone is not None and gone[1] == entry.owner:
                 raise _gone_error(entry.id, gone[0])
-            # (deleted: the id is free, and nothing remembers it to reset)
-            raise ApiError(409, f"session {entry.id!r} was deleted; its history is lost. Its id is free: connect again "
-                                "to start a new session under it (or use a new session_id)", field="session_id",
-                           type="session_gone")
+            raise _deleted_error(entry.id)  # (the id is free, and nothing remembers it to reset)
 
     def _drop(self, session_id: str, entry: SessionEntry) -> None:
         if self._entries.get(session_id) is entry:

@@ -191,6 +191,11 @@ class SharedSessionStates:
                                           repr(created), str(requests), repr(time.time()), self.ttl_ms,
                                           self.seen_ttl_ms, token]))
 
+    async def keep(self, session_id: str) -> None:
+        """The stored session expires ``VLA_SESSION_IDLE_TIMEOUT_S`` from now, not sooner (a robot connected to a
+        replica by websocket keeps it while it sends nothing); nothing when none is stored."""
+        await self.redis.pexpire(self._keys(session_id)[0], self.ttl_ms)
+
     async def forget(self, session_id: str) -> None:
         """The session and its marker are gone: its id starts a new session next."""
         await self.redis.delete(*self._keys(session_id))

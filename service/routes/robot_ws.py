@@ -205,6 +205,7 @@ def add_robot_websocket(app: FastAPI, settings: Settings) -> None:
 def _endpoint(model_type: str, request_cls: type, settings: Settings):
     async def endpoint(websocket: WebSocket, model: Optional[str] = None, session_id: Optional[str] = None):
         manager, sessions = websocket.app.state.manager, websocket.app.state.sessions
+        session_id = session_id or None  # (``?session_id=``: none named, the connection's own)
         connections, sockets = websocket.app.state.metrics.websockets, websocket.app.state.robot_sockets
         await websocket.accept()
         if sockets.draining:
@@ -229,9 +230,12 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         connections.inc()
         connection = sockets.opened(websocket)
         entry.pins += 1  # while the robot is connected its session neither expires nor is evicted
+        keeper = sessions.keep_stored(entry.id)  # (nor in a shared store)
         try:
             await _serve(websocket, deployment, entry, request_cls, settings, sockets, connection)
         finally:
+            if keeper is not None:
+                keeper.cancel()
             entry.pins -= 1
             entry.last_used = time.time()  # idle from now on
             sockets.closed(websocket)

@@ -23,6 +23,10 @@ CLIENT, ADMIN = {"Authorization": "Bearer client-key"}, {"Authorization": "Beare
 
 @pytest.fixture(scope="module")
 def roots(tiny_checkpoints, tmp_path_factory):
+    return allowed_root(tiny_checkpoints, tmp_path_factory)
+
+
+def allowed_root(tiny_checkpoints, tmp_path_factory):
     """An allowed root holding the tiny policy twice: ``policy-a`` as built, ``policy-b`` with a newer checkpoint
     (step 222) beside the old one; and a text model outside the root."""
     root = tmp_path_factory.mktemp("allowed")

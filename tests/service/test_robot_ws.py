@@ -244,3 +244,23 @@ def test_a_frame_sent_again_with_its_step_gets_its_answer(server):
         assert (again["step"], again["seed"], again["valid_until"]) == (0, 40, first["valid_until"])
         assert infer(ws, {**flat_observation(2), "step": 2})["seed"] == 41
         infer(ws, {"endpoint": "reset"})  # leave the named session clean
+
+
+def test_an_empty_session_id_is_the_connections_own_session_and_ends_with_it(tiny_checkpoints):
+    """``?session_id=`` names no session: the connection gets its own, which ends with it, as with no
+    ``session_id`` (before, it outlived the connection, counting against VLA_MAX_SESSIONS until it expired)."""
+    import time
+
+    from service import DeploymentSpec
+    from tests.service.conftest import serving
+
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))) as client:
+        for query in ("", "?session_id="):
+            with client.websocket_connect("/ws/diffusion_policy" + query) as ws:
+                own = msgpack.unpackb(ws.receive_bytes())["session_id"]
+                ws.send_bytes(msgpack.packb(flat_observation(0), use_bin_type=True))
+                assert "step" in msgpack.unpackb(ws.receive_bytes())
+            deadline = time.monotonic() + 5
+            while client.get("/sessions").json()["sessions"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert own.startswith("ws-") and client.get("/sessions").json()["sessions"] == [], query

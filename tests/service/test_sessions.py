@@ -600,3 +600,40 @@ def test_a_number_beyond_float_in_a_step_sent_with_its_number_is_refused_by_fiel
         refused = client.post("/sessions/huge-number/step", json=body)
         assert refused.status_code == 422 and refused.json()["error"]["field"].startswith("observation.lowdim"), \
             refused.text
+
+
+def test_a_session_with_a_request_waiting_for_it_is_not_evicted(tiny_checkpoints):
+    """Between one request of a session releasing its lock and the next taking it, the session is still in use: a
+    new session made at that moment (its first request answered by the same batched call) must not evict it.
+    Before, it counted as idle then: its waiting request ran on a dropped copy, and its robot's next request was
+    told ``session_gone``."""
+    import asyncio
+    import types
+
+    from service.sessions import SessionStore
+    from vla_foundry.pipelines import load_pipeline
+
+    deployment = types.SimpleNamespace(name="policy", modality="action", status="ready",
+                                       pipeline=load_pipeline(tiny_checkpoints["diffusion_policy"]))
+
+    async def answered(gate=None):
+        if gate is not None:
+            await gate.wait()
+        return "ok"
+
+    async def scenario():
+        store = SessionStore(max_sessions=2, idle_timeout_s=60)
+        store.acquire("ws-robot", deployment, request=False).pins += 1  # (a connected robot's: never evicted)
+        assert await store.acquire("a", deployment).call(answered()) == "ok"
+        gate = asyncio.Event()  # one model call answers a's next request and b's first
+        b = store.acquire("b", deployment)
+        a_first = asyncio.ensure_future(store.acquire("a", deployment).call(answered(gate)))
+        b_first = asyncio.ensure_future(b.call(answered(gate)))
+        await asyncio.sleep(0)
+        a_second = asyncio.ensure_future(store.acquire("a", deployment).call(answered()))  # waits for a's lock
+        await asyncio.sleep(0)
+        gate.set()
+        assert await asyncio.gather(a_first, b_first, a_second) == ["ok"] * 3
+        store.get("a")  # (raises 409 session_gone for an evicted one)
+
+    asyncio.run(scenario())

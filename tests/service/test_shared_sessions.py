@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from typing import Optional
 
 import httpx
 import numpy as np
@@ -16,6 +17,7 @@ from service import DeploymentSpec
 from service.shared_sessions import SharedSessionStates, pack_state, unpack_state
 from tests.service.conftest import serving
 from tests.service.live_server import free_port, live_server_process
+from tests.service.test_admin import allowed_root
 from tests.service.test_sessions import current
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -397,3 +399,99 @@ def test_a_chunk_sent_again_to_the_other_replica_gets_its_answer(replicas):
         {k: first[k] for k in ("action_chunk", "seed", "step", "valid_until")}
     assert chunk_on(b, 2)["seed"] == first["seed"] + 1  # the next plan: the first was planned once
     assert [s["plans"] for s in a.get("/sessions", headers=ALICE).json()["sessions"]] == [2]
+
+
+# ----------------------------------------------------------------------------- a robot connected by websocket
+
+
+def connected(client, session_id: str, steps: int = 1, headers: Optional[dict] = None):
+    """A websocket on ``session_id`` that has stepped its session ``steps`` times (the last reply's step > 0 after
+    more than one)."""
+    import msgpack
+
+    from tests.service.test_robot_ws import flat_observation
+
+    url = f"/ws/diffusion_policy?session_id={session_id}"
+    ws = client.websocket_connect(url, headers=dict(headers or {})).__enter__()
+    ws.receive_bytes()
+    for k in range(steps):
+        ws.send_bytes(msgpack.packb(flat_observation(k), use_bin_type=True))
+        assert "step" in msgpack.unpackb(ws.receive_bytes())
+    return ws
+
+
+def next_frame(ws) -> dict:
+    """The reply to one more observation: {"bytes": ...} for an answer, {"text": ...} for a refusal."""
+    import msgpack
+
+    from tests.service.test_robot_ws import flat_observation
+
+    ws.send_bytes(msgpack.packb(flat_observation(9), use_bin_type=True))
+    return ws.receive()
+
+
+def test_a_websocket_whose_session_is_deleted_is_told_on_this_replica_and_the_other(replicas):
+    """As without a store: the robot's next frame gets 'was deleted ... connect again' (before, its session silently
+    began a new history), whether the session was deleted on the replica it is connected to or on another."""
+    a, b = replicas
+    for deleter in (a, b):
+        ws = connected(a, "arm", steps=3, headers=ALICE)
+        try:
+            assert deleter.delete("/sessions/arm", headers=ALICE).status_code == 200
+            reply = next_frame(ws)
+            assert "was deleted" in (reply.get("text") or ""), reply
+        finally:
+            ws.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def policies(tiny_checkpoints, tmp_path_factory):
+    return allowed_root(tiny_checkpoints, tmp_path_factory)
+
+
+def test_a_websocket_open_across_a_reload_is_not_continued_on_the_new_checkpoint(policies, redis_url):
+    """The session was made on the old checkpoint: the robot's next frame is told ``session_gone`` (before, with a
+    store, its history went on on the new weights)."""
+    roots = policies  # (an allowed root holding two checkpoints of the policy)
+    with serving(DeploymentSpec(name="policy", checkpoint=str(roots / "policy-a")),
+                 session_store=database(redis_url, 10), admin_keys="admin-key", checkpoint_roots=str(roots)) as client:
+        ws = connected(client, "arm")
+        try:
+            reloaded = client.post("/admin/deployments/policy/reload", json={"checkpoint": str(roots / "policy-b")},
+                                   headers={"Authorization": "Bearer admin-key"})
+            assert reloaded.status_code == 200, reloaded.text
+            reply = next_frame(ws)
+            assert "reloaded with another checkpoint" in (reply.get("text") or ""), reply
+        finally:
+            ws.__exit__(None, None, None)
+
+
+def test_an_open_websocket_keeps_its_session_in_the_store_while_its_robot_pauses(policy_spec, redis_url):
+    """A session with an open websocket does not expire (README): in the store either, though its robot sends
+    nothing for longer than the idle timeout (before, its next frame was refused: expired in the store)."""
+    import msgpack
+
+    with serving(policy_spec, session_store=database(redis_url, 11), session_idle_timeout_s=1.0) as client:
+        ws = connected(client, "arm", steps=2)
+        try:
+            time.sleep(1.6)
+            reply = next_frame(ws)
+            assert reply.get("bytes") is not None, reply.get("text")
+            assert msgpack.unpackb(reply["bytes"])["step"] > 0
+        finally:
+            ws.__exit__(None, None, None)
+
+
+def test_a_session_deleted_elsewhere_starts_anew_with_its_own_count_age_and_seed(replicas):
+    """A replica that held a copy of a session deleted on another makes the new session under its id as a replica
+    without a copy does (before, it kept the deleted episode's request count, creation time and seed)."""
+    a, b = replicas
+    for k in range(4):
+        assert step_on(a, "arm", k).status_code == 200
+    assert a.post("/sessions/arm/reset", json={"seed": 1234}, headers=ALICE).status_code == 200
+    assert b.delete("/sessions/arm", headers=ALICE).status_code == 200
+    started = time.time()
+    first = a.post("/predict/diffusion_policy", json={"observation": current(0), "session_id": "arm"}, headers=ALICE)
+    assert first.status_code == 200 and first.json()["seed"] != 1234, first.text
+    (new,) = a.get("/sessions", headers=ALICE).json()["sessions"]
+    assert new["requests"] == 1 and new["created"] >= started - 0.05, new
