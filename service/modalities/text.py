@@ -85,6 +85,9 @@ class SamplingFields(RequestBase):
     @model_validator(mode="after")
     def _check_sampling(self):
         if self.max_new_tokens > self.cap_max_new_tokens:
+            if "max_new_tokens" not in self.model_fields_set:  # the default, over a smaller cap: the cap
+                self.max_new_tokens = self.cap_max_new_tokens
+                return self
             raise InvalidInputError(f"max_new_tokens must be <= {self.cap_max_new_tokens}; got {self.max_new_tokens}",
                                     field="max_new_tokens")
         return self

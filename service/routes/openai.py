@@ -115,8 +115,11 @@ class OpenAIRequest(BaseModel):
 
     @property
     def max_new_tokens(self) -> int:
-        """The length asked for; without one, the server's cap (chat: also ``max_completion_tokens``)."""
-        return self.max_tokens or self.cap_max_new_tokens
+        """The length asked for; without one, the API's default, within the server's cap (chat: the cap; also
+        ``max_completion_tokens``). Only a length the client sent is refused for being over the cap."""
+        if "max_tokens" in self.model_fields_set and self.max_tokens is not None:
+            return self.max_tokens
+        return min(self.max_tokens or self.cap_max_new_tokens, self.cap_max_new_tokens)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p)

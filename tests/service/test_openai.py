@@ -365,3 +365,19 @@ def test_a_stream_adds_up_to_the_completion_when_the_tokenizer_cleans_up_spaces(
                                        clean_up_tokenization_spaces=False)
                 cleaned += raw != predicted[row]["text"]
     assert cleaned >= 2, "the clean-up seldom changed these completions: the test would prove little"
+
+
+def test_a_request_without_a_length_is_served_under_a_cap_below_the_default(chat_checkpoint):
+    """Under VLA_MAX_NEW_TOKENS = 8, below the completions API's default of 16 tokens and /predict's 20, a request
+    that asks no length gets at most the cap (before: 422 'max_tokens must be <= 8; got 16', a value the client
+    never sent); one that asks for more than the cap is still refused, naming its field."""
+    with serving(DeploymentSpec(name="chat", checkpoint=str(chat_checkpoint)), max_new_tokens=8) as c:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c, max_retries=0)
+        completion = client.completions.create(model="chat", prompt="hi", temperature=0, seed=0)
+        assert completion.usage.completion_tokens <= 8
+        predicted = c.post("/predict/transformer", json={"model": "chat", "prompt": "hi", "temperature": 0})
+        assert predicted.status_code == 200 and len(predicted.json()["completions"][0]["token_ids"]) <= 8
+        for path, body, field in (("/v1/completions", {"prompt": "hi", "max_tokens": 9}, "max_tokens"),
+                                  ("/predict/transformer", {"prompt": "hi", "max_new_tokens": 9}, "max_new_tokens")):
+            refused = c.post(path, json={"model": "chat", **body})
+            assert refused.status_code == 422 and refused.json()["error"]["field"] == field, refused.text
