@@ -239,7 +239,11 @@ class HFCaptionProcessor(CaptionProcessor):
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def render_chat(self, messages):
-        return render_with_template(self.processor, messages)
+        # An HF processor's template reads each message's content as a list of parts (SmolVLM's and LLaVA's render
+        # a plain string as nothing): text comes to it as a text part.
+        as_parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+                    for m in messages]
+        return render_with_template(self.processor, as_parts)
 
     def io(self):
         image_processor = getattr(self.processor, "image_processor", None)

@@ -381,3 +381,36 @@ def test_a_request_without_a_length_is_served_under_a_cap_below_the_default(chat
                                   ("/predict/transformer", {"prompt": "hi", "max_new_tokens": 9}, "max_new_tokens")):
             refused = c.post(path, json={"model": "chat", **body})
             assert refused.status_code == 422 and refused.json()["error"]["field"] == field, refused.text
+
+
+# Hugging Face's SmolVLM-Instruct chat template (transformers' SmolVLM default without video): it reads every
+# message's content as a list of parts.
+SMOLVLM_TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+                    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+                    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+                    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+                    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def test_every_messages_text_reaches_a_processor_template_that_reads_parts(tmp_path, tiny_tokenizer, monkeypatch):
+    """A captioner whose HF processor has SmolVLM's template: the text of a text-only chat, and a system message
+    beside an image, reach the model (before, string content rendered as nothing there: the same prompt whatever
+    the user wrote, answered 200)."""
+    import vla_foundry.demo.hf_models as hf_models
+
+    monkeypatch.setattr(hf_models, "IDEFICS3_CHAT_TEMPLATE", SMOLVLM_TEMPLATE)
+    path = hf_models.build_tiny_idefics3(tmp_path / "smolvlm", tiny_tokenizer)
+    with serving(DeploymentSpec(name="smol", checkpoint=str(path)), max_new_tokens=8, max_batch=4) as c:
+
+        def prompt_tokens(messages) -> int:
+            reply = c.post("/v1/chat/completions", json={"model": "smol", "messages": messages, "max_tokens": 1,
+                                                         "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["usage"]["prompt_tokens"]
+
+        words = "the robot picks up the red block "
+        assert prompt_tokens([{"role": "user", "content": words * 5}]) > prompt_tokens(
+            [{"role": "user", "content": "hi"}]) + 10
+        user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(1)}},
+                                            {"type": "text", "text": "what is it"}]}
+        assert prompt_tokens([{"role": "system", "content": words * 3}, user]) > prompt_tokens([user]) + 10
