@@ -10,6 +10,8 @@ wrapper's directory). A checkpoint without any tokenizer still serves token ids.
 from __future__ import annotations
 
 import logging
+import re
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -82,6 +84,28 @@ CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" '
 # Each replacement, and ones that only an earlier replacement makes (" n ' t" → " n't" → "n't", "  ' m" → " 'm" →
 # "'m"): a clean-up that gives here what CLEANUP_REPLACEMENTS give is taken to be transformers' own.
 _CLEANUP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're k n ' t l  ' m  ' s  ' ve  ' re  . ' x"
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_byte_tokens: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
+def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of a sentencepiece tokenizer's byte tokens (``<0xE6>``: its ``byte_fallback``, as Llama 2's and Mistral's
+    have it, for characters outside its vocabulary); empty for other tokenizers. Their decoder turns a run of them
+    into text only when the run's bytes are valid UTF-8, and else writes U+FFFD for each byte of the run: a byte that
+    extends a run can rewrite characters the run showed before it. Read from the vocabulary once per tokenizer."""
+    try:
+        return _byte_tokens[tokenizer]
+    except (KeyError, TypeError):  # (TypeError: an object that takes no weak reference)
+        pass
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids = frozenset(i for token, i in vocab.items() if len(token) == 6 and _BYTE_TOKEN.fullmatch(token))
+    try:
+        _byte_tokens[tokenizer] = ids
+    except TypeError:
+        pass
+    return ids
 
 
 def clean_up(text: str) -> str:

@@ -211,3 +211,50 @@ def test_a_streamed_completion_is_the_completion_without_streaming(wordpiece_che
                                             clean_up_tokenization_spaces=False)
             cleaned += raw != completion.text
     assert cleaned >= 2, "the clean-up seldom changed these completions: the test would prove little"
+
+
+def byte_fallback_tokenizer():
+    """A Llama 2 / Mistral style tokenizer: sentencepiece BPE with ``byte_fallback`` (a character outside the
+    vocabulary is made of ``<0xNN>`` byte tokens, one per UTF-8 byte) and Llama 2's decoder, whose ByteFallback writes
+    U+FFFD for every byte of a run that is not valid UTF-8 as a whole."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁hi", "hi", "▁the", "▁robot", "▁"):
+        vocab[piece] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_streamed_deltas_add_up_to_the_final_text_with_byte_fallback_tokens():
+    """Characters made of byte tokens (emoji, CJK), cut by the length or eos in the middle of one, or followed by
+    a stray byte that turns their whole run into U+FFFDs: the deltas joined are exactly the final text (before, the
+    run's complete characters were streamed, and then rewritten by the decoder: 'hi😀' streamed, 'hi������' final)."""
+    tokenizer = byte_fallback_tokenizer()
+    eos = tokenizer.eos_token_id
+
+    def as_bytes(text: str) -> list[int]:
+        return tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode()])
+
+    words = tokenizer.convert_tokens_to_ids(["▁hi", "hi", "▁the", "▁robot"])
+    emoji, cjk = as_bytes("😀"), as_bytes("机器人")
+    cases = [words[:1] + emoji + emoji[:2],  # the length cuts the second emoji
+             words[2:3] + cjk + cjk[:1] + [eos],  # a stray byte, then eos: the whole run is U+FFFDs
+             words[:1] + emoji + words[1:2] + cjk + words[3:]]  # runs closed by words: streamed as they close
+    rng = np.random.default_rng(2)
+    for _ in range(300):  # words, whole characters as bytes, and stray bytes, at random
+        ids: list[int] = []
+        while len(ids) < 30:
+            pick = rng.integers(4)
+            ids += [int(rng.choice(words))] if pick < 2 else as_bytes(str(rng.choice(["é", "机", "😀"]))) if (
+                pick == 2) else [3 + int(rng.integers(128, 256))]
+        cases.append(ids)
+    for ids in cases:
+        deltas, completion, _ = run_tracker(tokenizer, ids, [], streams=False)
+        assert "".join(text for text, _ in deltas if text) == completion.text, (ids, deltas, completion.text)
+    deltas, _, _ = run_tracker(tokenizer, cases[2], [], streams=False)
+    assert "".join(text for text, _ in deltas[:-1] if text).startswith("hi😀hi机器人")  # (streamed before the finish)

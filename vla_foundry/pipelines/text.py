@@ -23,8 +23,8 @@ from vla_foundry.errors import InvalidInputError
 from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
 from vla_foundry.sampling import SamplingParams
-from vla_foundry.tokenizer import (SpaceCleanup, cleans_up_as_transformers, decode_cleans_up, load_tokenizer,
-                                   render_with_template)
+from vla_foundry.tokenizer import (SpaceCleanup, byte_fallback_ids, cleans_up_as_transformers, decode_cleans_up,
+                                   load_tokenizer, render_with_template)
 
 
 @dataclass
@@ -113,7 +113,9 @@ class CompletionTracker:
     its rows (``append`` takes the step's one new id per row, as continuous batching gives them). Only
     text that can no longer change is streamed, so that a stream's deltas add up to exactly the text the
     request gets without streaming (``finish``, which decodes the completion whole): an incomplete UTF-8
-    sequence at the end (decoded as U+FFFD), any tail that could still grow into a stop string, and any
+    sequence at the end (decoded as U+FFFD), a run of byte tokens that may go on (a sentencepiece tokenizer's
+    ``byte_fallback``: one more byte can turn the whole run into U+FFFDs), any tail that could still grow into a
+    stop string, and any
     tail that a tokenizer's clean-up of spaces may still rewrite (" '" becomes "'" once an "m" follows)
     are held back.
 
@@ -146,6 +148,7 @@ class CompletionTracker:
         self.cut: list[Optional[int]] = [None] * n_rows  # where the first stop string starts in the text
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._byte_ids = byte_fallback_ids(tokenizer) if tokenizer is not None else frozenset()
         self._decode_options: dict[str, Any] = {"skip_special_tokens": True}
         # A tokenizer that cleans up spaces (" 's" → "'s") rewrites text across tokens, so a window's text would not
         # be the text's tail, and text already streamed could change: its windows are decoded without the clean-up,
@@ -183,13 +186,18 @@ class CompletionTracker:
             return self.tokenizer.decode(tokens[:visible], skip_special_tokens=True).rstrip("\ufffd")
         prefix, read = self.offsets[row]
         committed, shown = "", ""  # new text that is committed now, and the complete part of text that is not yet
+        # The window ends in a run of byte tokens (``byte_fallback_ids``) that may go on: the run's text may still
+        # turn into U+FFFDs, so it is shown but neither committed nor stable. (Windows then always start after a
+        # token that is no byte, so a window never splits a run that the whole text decodes as one.)
+        open_run = False
         if visible > read:
             before = self.tokenizer.decode(tokens[prefix:read], **self._decode_options)
             window = self.tokenizer.decode(tokens[prefix:visible], **self._decode_options)
             if not window.startswith(before):  # the decoder rewrote text across the window's start: decode whole
                 self.whole = True
                 return self._settle(row)
-            if not window.endswith("\ufffd"):
+            open_run = tokens[visible - 1] in self._byte_ids
+            if not window.endswith("\ufffd") and not open_run:
                 committed = window[len(before):]
                 # The next window starts where this one's new tokens did (a clean boundary), unless they were all
                 # skipped special tokens: a window must start with a token that shows, since a decoder may drop the
@@ -202,7 +210,8 @@ class CompletionTracker:
         if cleanup is None:
             self.text[row] += committed
             text = self.text[row] + shown
-            self.stable[row] = len(text)  # (a window's complete characters do not change)
+            # (a window's complete characters do not change, unless a byte run may rewrite them)
+            self.stable[row] = len(self.text[row]) if open_run else len(text)
             return text
         if committed:
             cleanup.feed(committed)
