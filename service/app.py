@@ -117,6 +117,7 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     app.state.origins = OriginCheck(not settings.api_key_list(), settings.allowed_origin_list())
     app.add_middleware(BodyCodecMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_body_keys=settings.max_body_keys, pixels=app.state.pixels, origins=app.state.origins)
+    app.add_middleware(Deadlines)  # X-Request-Timeout → the request's deadline (deadlines.py), once its key is checked
     api_keys, admin_keys = settings.api_key_list(), settings.admin_key_list()
     if api_keys or admin_keys:  # added last, so outermost: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys) if api_keys else None,
@@ -126,7 +127,6 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
         warning = unprotected_warning(settings)
         if warning:
             logger.warning(warning)
-    app.add_middleware(Deadlines)  # X-Request-Timeout → the request's deadline (deadlines.py)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outside the key check: 401s are counted too
     app.add_middleware(RequestIds)  # every request's id, in its reply, error body and log lines
     app.add_middleware(LivenessProbe)  # a probe costs the event loop almost nothing (probes.py)

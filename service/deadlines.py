@@ -233,7 +233,8 @@ class Deadlines:
         except ValueError as e:
             await error_response(Request(scope), 400, str(e), "X-Request-Timeout")(scope, receive, send)
             return
-        token = current_deadline.set(time.perf_counter() + timeout)
+        arrived = (scope.get("state") or {}).get("received_at", time.perf_counter())  # (RequestMetrics: its arrival)
+        token = current_deadline.set(arrived + timeout)
         try:
             await self.app(scope, receive, send)
         finally:

@@ -498,10 +498,11 @@ class DeploymentManager:
         request fails. A load that fails leaves the old one serving (422 with the reason)."""
         old = self.get(name, field="name")
         new_type = await asyncio.to_thread(_model_type_of, Path(spec.checkpoint))
-        if old.model_type is not None and new_type is not None and new_type != old.model_type:
+        old_type = old.model_type or await asyncio.to_thread(_model_type_of, Path(old.spec.checkpoint))  # (loading)
+        if old_type is not None and new_type is not None and new_type != old_type:
             # Its clients call /predict/{old type} by its name: another type would fail every one of them.
-            raise ApiError(422, f"the new checkpoint is a {new_type!r} model and {name!r} serves {old.model_type!r}; "
-                                f"a reload keeps the type (its clients call /predict/{old.model_type}): load it as "
+            raise ApiError(422, f"the new checkpoint is a {new_type!r} model and {name!r} serves {old_type!r}; "
+                                f"a reload keeps the type (its clients call /predict/{old_type}): load it as "
                                 "a new deployment (POST /admin/deployments), or unload this one first",
                            field="checkpoint")
         new = Deployment(spec, self.settings, None, self.metrics)
@@ -517,11 +518,12 @@ class DeploymentManager:
             new.executor.shutdown(timeout=0)
             raise ApiError(422, f"the new checkpoint did not load ({new.error}); {name!r} keeps serving its current "
                                 "one", field="checkpoint")
-        if old.model_type is not None and new.model_type != old.model_type:  # (its config changed meanwhile)
+        old_type = old.model_type or old_type
+        if old_type is not None and new.model_type != old_type:  # (its config changed meanwhile)
             new.executor.shutdown(timeout=0)
             await asyncio.to_thread(self._free, new)
             raise ApiError(422, f"the new checkpoint loaded as a {new.model_type!r} model; {name!r} serves "
-                                f"{old.model_type!r} and keeps serving it", field="checkpoint")
+                                f"{old_type!r} and keeps serving it", field="checkpoint")
         if self.deployments.get(name) is not old:  # unloaded or reloaded meanwhile
             new.executor.shutdown(timeout=0)
             await asyncio.to_thread(self._free, new)  # a collection of the whole heap: off the event loop

@@ -109,7 +109,7 @@ class SessionEntry:
                 result = await asyncio.shield(task)
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError):
-                    await asyncio.wait([task])
+                    await _outlive(task)
                     if not task.cancelled() and task.exception() is None:  # the step ran: the session stands
                         self._made()
                 if self.shared is not None:
@@ -236,6 +236,16 @@ class SessionEntry:
         return {"session_id": self.id, "model": self.deployment.name, "created": self.created,
                 "last_used": self.last_used, "idle_s": round(time.time() - self.last_used, 3),
                 "requests": self.requests, "busy": self.lock.locked(), **self.policy.info()}
+
+
+async def _outlive(task: asyncio.Future) -> None:
+    """Wait until ``task`` (a session's model call) has ended, however often the request is cancelled meanwhile: the
+    session's lock is held until the model thread is done with the session (the request still ends cancelled)."""
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:  # cancelled again (its client left, then the server shut down): wait on
+            continue
 
 
 async def _from_store(awaitable: Awaitable[Any]) -> Any:

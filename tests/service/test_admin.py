@@ -327,3 +327,25 @@ def test_a_caller_without_the_admin_key_gets_401_before_its_body_is_read(client,
         refused = client.post("/admin/deployments", **{**body, "headers": {**body["headers"], **headers}})
         assert refused.status_code == 401 and "admin key" in refused.json()["error"]["message"], refused.text[:300]
         assert refused.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_reload_of_a_deployment_still_loading_keeps_its_type(client, roots, monkeypatch):
+    """Its type is read from its checkpoint while it loads: a reload with another type's checkpoint is refused then
+    too (before, a deployment not yet loaded had no type to compare, and its name could be given to a text model
+    that its robots would then call)."""
+    import concurrent.futures
+
+    from service.deployments import Deployment
+
+    def start_loading(self):  # the policy loads for ever; another checkpoint's load ends at once, unready
+        loading = concurrent.futures.Future()
+        if not self.spec.checkpoint.endswith("policy-a"):
+            loading.set_result(None)
+        return loading
+
+    monkeypatch.setattr(Deployment, "start_loading", start_loading)
+    added = client.post("/admin/deployments", json={"name": "slow", "checkpoint": str(roots / "policy-a")},
+                        headers=ADMIN)
+    assert added.status_code == 202, added.text
+    refused = client.post("/admin/deployments/slow/reload", json={"checkpoint": str(roots / "lm")}, headers=ADMIN)
+    assert refused.status_code == 422 and "keeps the type" in refused.json()["error"]["message"], refused.text

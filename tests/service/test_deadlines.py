@@ -619,3 +619,15 @@ def test_a_refusal_held_back_no_longer_counts_as_waiting(tiny_checkpoints, monke
         assert held
         assert counted == {True: 0, False: 0}
         assert real_wait(True) == 0.0
+
+
+def test_a_request_without_its_key_gets_401_whatever_its_timeout_header_says(tiny_checkpoints):
+    """The key is checked first: a caller without one learns nothing else (before, a malformed X-Request-Timeout
+    got 400 ahead of the 401)."""
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"])),
+                 api_keys="key") as client:
+        for timeout in ("soon", "-1", "1"):
+            refused = client.get("/models", headers={"X-Request-Timeout": timeout})
+            assert refused.status_code == 401, (timeout, refused.text)
+        bad = client.get("/models", headers={"X-Request-Timeout": "soon", "Authorization": "Bearer key"})
+        assert bad.status_code == 400 and bad.json()["error"]["field"] == "X-Request-Timeout"

@@ -637,3 +637,38 @@ def test_a_session_with_a_request_waiting_for_it_is_not_evicted(tiny_checkpoints
         store.get("a")  # (raises 409 session_gone for an evicted one)
 
     asyncio.run(scenario())
+
+
+def test_a_session_stays_locked_until_its_model_call_ends_however_often_its_request_is_cancelled(tiny_checkpoints):
+    """A request whose client leaves (cancelled), and then is cancelled again (the server shuts down), still holds
+    its session until the model thread is done with it: the session's next request never meets a half-recorded
+    step. Before, the second cancel released the lock at once."""
+    import asyncio
+    import types
+
+    from service.sessions import SessionStore
+    from vla_foundry.pipelines import load_pipeline
+
+    deployment = types.SimpleNamespace(name="policy", modality="action", status="ready",
+                                       pipeline=load_pipeline(tiny_checkpoints["diffusion_policy"]))
+
+    async def scenario():
+        store = SessionStore(max_sessions=4, idle_timeout_s=60)
+        entry = store.acquire("arm", deployment)
+        model_done = asyncio.Event()
+
+        async def model_call():  # (what the model thread runs for the step)
+            await model_done.wait()
+            return "step"
+
+        request = asyncio.ensure_future(entry.call(model_call()))
+        await asyncio.sleep(0.01)
+        for _ in range(2):
+            request.cancel()
+            await asyncio.sleep(0.01)
+            assert entry.lock.locked() and not request.done()
+        model_done.set()
+        await asyncio.gather(request, return_exceptions=True)
+        assert request.cancelled() and not entry.lock.locked()
+
+    asyncio.run(scenario())
