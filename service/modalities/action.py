@@ -227,7 +227,8 @@ def encode_chunk(request: ActionPredictRequest, chunk: ActionChunk) -> dict:
 
 def check_predict(pipeline: ActionServing, request: ActionPredictRequest) -> tuple[PolicyRequest, Optional[int]]:
     sample = request.observation.parse(pipeline, request, "observation", request.past_actions)
-    policy_request = PolicyRequest(sample, request.seed, _noise(request.noise), request.timestamp, request.step)
+    policy_request = PolicyRequest(sample, request.seed, _noise(request.noise), request.timestamp, request.step,
+                                   request.received_at)
     pipeline.check_request(policy_request)
     return policy_request, request.num_inference_steps
 
@@ -281,7 +282,7 @@ def session_predict(pipeline: ActionServing, items: list[tuple[ActionPredictRequ
                                    step=request.step, past_actions=past,
                                    num_inference_steps=request.num_inference_steps, seed=request.seed,
                                    noise=_noise(request.noise), timestamp=request.timestamp,
-                                   digest=observation.made_digest)
+                                   digest=observation.made_digest, received_at=request.received_at)
 
     return finish_sessions(pipeline, begin_sessions(items, begin))
 

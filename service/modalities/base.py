@@ -17,6 +17,7 @@ interface declares (``vla_foundry.pipelines.interfaces``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Hashable, Optional
 
@@ -80,6 +81,13 @@ class RequestBase(BaseModel, Limits):
     timeout_s: Optional[Number] = Field(None, gt=0, le=3600, description=(
         "Seconds this request may take from its arrival, as the X-Request-Timeout header (the earlier holds): "
         "one that is still queued then is dropped unrun (504)."))
+    # When the server took the request (Unix seconds, its clock): a robot's actions for an observation without a
+    # timestamp are anchored here, not when the model got to them (it may have waited in the queue meanwhile).
+    _received_at: float = PrivateAttr(default_factory=time.time)
+
+    @property
+    def received_at(self) -> float:
+        return self._received_at
 
 
 class ImageListRequest(RequestBase):

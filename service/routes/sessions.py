@@ -105,7 +105,8 @@ def _steps(pipeline: ActionServing, items: list[tuple[SessionStepRequest, Any]])
         return session.begin_step(observation.decoded_frames(body, "observation"),
                                   observation.decoded_lowdim("observation"), observation.language_instruction or "",
                                   step=body.step, num_inference_steps=body.num_inference_steps,
-                                  timestamp=body.timestamp, digest=observation.made_digest)
+                                  timestamp=body.timestamp, digest=observation.made_digest,
+                                  received_at=body.received_at)
 
     return finish_sessions(pipeline, begin_sessions(items, begin))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service import DeploymentSpec
-from tests.factories import POLICY_CAMERAS, png_data_url
+from tests.factories import POLICY_CAMERAS, PREDICT_REQUESTS, png_data_url
 from tests.service.conftest import serving
 
 
@@ -672,3 +672,50 @@ def test_a_session_stays_locked_until_its_model_call_ends_however_often_its_requ
         assert request.cancelled() and not entry.lock.locked()
 
     asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def timed_policy(tiny_checkpoints):
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), n_action_steps=2,
+                          open_loop_steps=2, control_period_s=0.05)
+    with serving(spec, max_sessions=8, session_idle_timeout_s=60) as client:
+        yield client
+
+
+def test_a_robot_that_skips_steps_gets_a_new_plan_every_open_loop_steps_steps(timed_policy):
+    """Step mode replans every ``open_loop_steps`` control steps: counted in steps, so a robot that skipped one is
+    not served from a plan older than that (before, the count was of answers: step 2 came from step 0's plan)."""
+    first = timed_policy.post("/sessions/skips/step", json={"observation": current(0), "step": 0}).json()
+    assert first["replanned"] and first["plan_step"] == 0
+    after_a_skip = timed_policy.post("/sessions/skips/step", json={"observation": current(2), "step": 2}).json()
+    assert after_a_skip["replanned"] is True and after_a_skip["plan_step"] == 2, after_a_skip
+
+
+@pytest.mark.parametrize("route", ["step", "chunk", "stateless"])
+def test_actions_without_a_timestamp_are_valid_from_when_the_server_received_them(timed_policy, monkeypatch, route):
+    """No timestamp: ``valid_until`` counts from the server's receive time, so the time a request waited behind a
+    slow model call counts against it (before, from when the model got to it: 1.5 s of waiting came on top)."""
+    pipeline = timed_policy.app.state.manager.deployments["policy"].pipeline
+    predict_each, slow = pipeline.predict_each, [True]
+
+    def slow_first_call(requests, **kwargs):
+        if slow[0]:
+            slow[0] = False
+            time.sleep(1.5)
+        return predict_each(requests, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict_each", slow_first_call)
+    ahead = threading.Thread(target=lambda: timed_policy.post("/predict/diffusion_policy", json={
+        **PREDICT_REQUESTS["diffusion_policy"], "num_inference_steps": 3}))  # (another step count: a call of its own)
+    ahead.start()
+    time.sleep(0.3)  # (it is in its model call now)
+    sent = time.time()
+    if route == "step":
+        reply, periods = timed_policy.post(f"/sessions/received-{route}/step", json={"observation": current(0)}), 1
+    else:
+        body = {"observation": current(0)} if route == "chunk" else PREDICT_REQUESTS["diffusion_policy"]
+        session = {"session_id": f"received-{route}"} if route == "chunk" else {}
+        reply, periods = timed_policy.post("/predict/diffusion_policy", json={**body, **session}), 2
+    ahead.join()
+    assert reply.status_code == 200 and reply.json()["timing_ms"]["queue"] > 800, reply.text
+    assert sent <= reply.json()["valid_until"] - periods * 0.05 <= sent + 0.3, reply.json()["valid_until"] - sent

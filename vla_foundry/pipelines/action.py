@@ -43,6 +43,15 @@ class PolicyRequest:
     noise: Optional[np.ndarray] = None  # (Ta, A) initial noise; overrides the seed's draw
     timestamp: Optional[float] = None  # the observation's time (Unix seconds, server clock); None: now
     step: Optional[int] = None  # the robot's control step, echoed in the chunk
+    # When the server received it (Unix seconds): without a timestamp, its chunk is anchored there (None: when its
+    # model call runs), so the time it waited counts against its valid_until.
+    received_at: Optional[float] = None
+
+
+def observed_at(timestamp: Optional[float], received_at: Optional[float], now: float) -> float:
+    """When an observation was made, as far as the server can tell (what its actions' ``valid_until`` counts from):
+    its timestamp, else when the server received it, else ``now``."""
+    return timestamp if timestamp is not None else received_at if received_at is not None else now
 
 
 @dataclass
@@ -487,7 +496,7 @@ class ActionPipeline(Pipeline):
             normalized_actions=batch["normalized_actions"][i], first_action_index=batch["first_action_index"],
             n_action_steps=self.n_action_steps, action_fields=batch["action_fields"], num_inference_steps=steps,
             seed=seed, checkpoint_step=self.checkpoint_step,
-            valid_until=self.valid_until(now if request.timestamp is None else request.timestamp,
+            valid_until=self.valid_until(observed_at(request.timestamp, request.received_at, now),
                                          self.n_action_steps),
             timestamp=request.timestamp, step=request.step, timing_ms=dict(batch["timing_ms"]))
             for i, (request, seed) in enumerate(zip(requests, seeds))]

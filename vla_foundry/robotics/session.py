@@ -296,14 +296,15 @@ class PolicySession:
         return step
 
     def _plan_request(self, step: int, instruction: str, seed: Optional[int], noise: Any,
-                      timestamp: Optional[float]):
+                      timestamp: Optional[float], received_at: Optional[float] = None):
         from vla_foundry.pipelines.action import PolicyRequest
 
         observation = self.history.assemble(step, instruction)
         if self.pipeline.uses_language and not instruction.strip():
             raise InvalidInputError("observation.language_instruction is required: this policy is conditioned on "
                                     "language", field="observation.language_instruction")
-        request = PolicyRequest(observation, self.seed + self.plans if seed is None else seed, noise, timestamp, step)
+        request = PolicyRequest(observation, self.seed + self.plans if seed is None else seed, noise, timestamp, step,
+                                received_at)
         self.pipeline.check_request(request)  # refused here, it never joins (and fails) a batch
         return request
 
@@ -319,7 +320,7 @@ class PolicySession:
     def begin_chunk(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
                     past_actions: Optional[dict] = None, num_inference_steps: Optional[int] = None,
                     seed: Optional[int] = None, noise: Any = None, timestamp: Optional[float] = None,
-                    digest: Optional[str] = None) -> PendingPlan:
+                    digest: Optional[str] = None, received_at: Optional[float] = None) -> PendingPlan:
         """Chunk mode's first half: records the current step; ``finish`` returns the pipeline's ``ActionChunk``
         for this request, with ``step``.
 
@@ -348,7 +349,7 @@ class PolicySession:
                 rows = np.concatenate([_numbers(past_actions[f], (io.past_steps, io.field_dims[f]),
                                                 f"past_actions.{f}") for f in io.action_fields], axis=-1)  # (P, A)
                 self.history.record_plan(step - io.past_steps, rows)
-            request = self._plan_request(step, instruction, seed, noise, timestamp)
+            request = self._plan_request(step, instruction, seed, noise, timestamp, received_at)
         except BaseException:  # refused: nothing of it stays recorded
             undo()
             raise
@@ -362,11 +363,15 @@ class PolicySession:
 
     def begin_step(self, images: dict, lowdim: dict, instruction: str = "", *, step: Optional[int] = None,
                    num_inference_steps: Optional[int] = None, timestamp: Optional[float] = None,
-                   digest: Optional[str] = None) -> PendingPlan:
+                   digest: Optional[str] = None, received_at: Optional[float] = None) -> PendingPlan:
         """Step mode's first half: records the current step; a request only when a new plan is due (every
         ``open_loop_steps``, or when the robot's step leaves the current plan). ``finish`` returns an
-        ``ActionStep``."""
-        anchor = self.pipeline.anchor(timestamp)  # a stale observation is refused before it is recorded
+        ``ActionStep``. ``received_at``: when the server received the step (its action's ``valid_until`` counts from
+        there when it has no ``timestamp``)."""
+        from vla_foundry.pipelines.action import observed_at
+
+        # (a stale observation is refused before it is recorded)
+        anchor = observed_at(timestamp, received_at, self.pipeline.anchor(timestamp))
         if step is None:
             digest = NAMED_NO_STEP
         elif digest is None:
@@ -380,8 +385,10 @@ class PolicySession:
             step = self._next_step(step, 1)
             self._record(step, images, lowdim, "observation")
             in_plan = self.plan_step is not None and 0 <= step - self.plan_step < self.plan_length
-            replan = not in_plan or self.steps_served >= self.open_loop_steps
-            request = self._plan_request(step, instruction, None, None, timestamp) if replan else None
+            # every open_loop_steps control steps, counted in steps (a robot may skip some), not in answers
+            replan = (not in_plan or step - self.plan_step >= self.open_loop_steps
+                      or self.steps_served >= self.open_loop_steps)
+            request = self._plan_request(step, instruction, None, None, timestamp, received_at) if replan else None
         except BaseException:  # refused: nothing of it stays recorded
             undo()
             raise
