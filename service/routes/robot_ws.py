@@ -251,12 +251,9 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
     """The protocol on an accepted connection: the metadata frame, then one reply per observation frame; once the
     server drains, the goodbye after the reply in flight (``OpenSockets``)."""
     pipeline = deployment.pipeline
-    # action_horizon: the actions a robot executes from each reply before its next frame, as openpi's
-    # ActionChunkBroker reads it; the session takes a frame without `step` to be that many steps later, so a broker
-    # built from it stays in step with the session (F+1, the reply's rows, had made it run ahead of the session).
-    io = pipeline.io()
-    metadata = {**io, "action_horizon": io["n_action_steps"], "chunk_length": io["future_steps"] + 1,
-                "model": deployment.name, "session_id": entry.id}
+    # (its io's action_horizon: the actions a robot executes from each reply before its next frame, as openpi's
+    # ActionChunkBroker reads it; the session takes a frame without `step` to be that many steps later)
+    metadata = {**pipeline.io(), "model": deployment.name, "session_id": entry.id}
     await websocket.send_bytes(pack_msgpack(metadata, bytes_keys=True))
     previous_total: Optional[float] = None
     while sockets.answered(connection):

@@ -186,6 +186,9 @@ def test_websocket_metadata_infer_and_reset(server):
         assert ws.metadata["model"] == POLICY and ws.metadata["cameras"] == POLICY_CAMERAS
         assert ws.session_id.startswith("ws-") and ws.metadata["chunk_length"] == 3
         assert ws.metadata["action_horizon"] == ws.metadata["n_action_steps"]
+        with HttpPolicyClient(server, model=POLICY) as http:  # the same metadata over HTTP (it said F+1 there)
+            assert {k: v for k, v in http.metadata().items() if k != "session_id"} == {
+                k: v for k, v in ws.metadata.items() if k != "session_id"}
         assert ws.reset(seed=7)["reset"] is True
         reply = ws.infer(current_step(2))
         actions = reply["actions"]

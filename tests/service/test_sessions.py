@@ -719,3 +719,14 @@ def test_actions_without_a_timestamp_are_valid_from_when_the_server_received_the
     ahead.join()
     assert reply.status_code == 200 and reply.json()["timing_ms"]["queue"] > 800, reply.text
     assert sent <= reply.json()["valid_until"] - periods * 0.05 <= sent + 0.3, reply.json()["valid_until"] - sent
+
+
+def test_a_chunk_sent_again_has_every_timing_its_schema_requires(timed_policy):
+    """A request sent again gets its chunk again without a model call; its ``timing_ms`` still has every field the
+    reply's schema requires (before, it had no ``preprocess``: a reply that broke its own schema)."""
+    body = {"observation": current(0), "session_id": "sent-twice", "step": 0}
+    first, again = (timed_policy.post("/predict/diffusion_policy", json=body) for _ in range(2))
+    assert first.status_code == again.status_code == 200
+    assert again.json()["action_chunk"] == first.json()["action_chunk"]
+    required = timed_policy.get("/openapi.json").json()["components"]["schemas"]["ActionTiming"]["required"]
+    assert set(required) <= set(again.json()["timing_ms"]), again.json()["timing_ms"]

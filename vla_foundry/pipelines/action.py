@@ -199,7 +199,10 @@ class ActionPipeline(Pipeline):
             "num_timesteps": self.model.num_timesteps, "default_inference_steps": self.num_inference_steps,
             "n_action_steps": self.n_action_steps, "open_loop_steps": self.open_loop_steps,
             "control_period_s": self.control_period_s, "max_observation_age_s": self.max_observation_age_s,
-            "action_horizon": r.future_steps + 1, "uses_language": self.uses_language,
+            # openpi's names: the actions a robot executes from each reply (an ActionChunkBroker built from it stays in
+            # step with a session), and the rows a reply has
+            "action_horizon": self.n_action_steps, "chunk_length": r.future_steps + 1,
+            "uses_language": self.uses_language,
             "max_prompt_tokens": self.max_prompt_tokens if self.uses_language else None,
             "sampler": "flow_matching" if isinstance(self.model.scheduler, FlowMatchingScheduler) else "ddpm",
             "sampling_graphs": self.graphs.mode(),

@@ -337,7 +337,7 @@ class PolicySession:
             digest = observation_digest(images, lowdim, instruction, past_actions)
         served = self._sent_again(self.served_chunk, step, timestamp, digest)
         if served is not None:  # planned once only: a retry never shifts the session's history, seeds or plans
-            replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
+            replayed = dataclasses.replace(served, timing_ms={"preprocess": 0.0})  # (it ran no model: no model times)
             return PendingPlan(None, num_inference_steps, lambda _: replayed)
         undo = self._undo_point()
         try:
@@ -378,7 +378,7 @@ class PolicySession:
             digest = observation_digest(images, lowdim, instruction)
         served = self._sent_again(self.served, step, timestamp, digest)
         if served is not None:  # it gets the answer it got: a retry never shifts the session's plans
-            replayed = dataclasses.replace(served, timing_ms={})  # (this request ran no model: no model times)
+            replayed = dataclasses.replace(served, timing_ms={"preprocess": 0.0})  # (it ran no model: no model times)
             return PendingPlan(None, num_inference_steps, lambda _: replayed)
         undo = self._undo_point()
         try:
