@@ -14,7 +14,7 @@ from pydantic import Field, PrivateAttr, model_validator, StrictInt
 from service.images import decode_image_list, decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, checked_batch, each
 from service.modalities.text import (CompletionOut, SamplingFields, TextEvaluateResponse, TokenRows, Usage, _rows,
-                                     completion_payload)
+                                     check_prompt_rows, completion_payload)
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.caption import CaptionEvaluation
 from vla_foundry.pipelines.interfaces import CaptionServing
@@ -88,9 +88,7 @@ class CaptionPredictRequest(SamplingFields, ImageFields):
     def _check(self):
         if self.prompt is not None and self.prompt_token_ids is not None:
             raise InvalidInputError("give at most one of `prompt` or `prompt_token_ids`", field="prompt")
-        count = len(_rows(self.prompt) or self.prompt_token_ids or [])
-        if count > self.cap_batch:
-            raise InvalidInputError(f"at most {self.cap_batch} prompts per request; got {count}", field="prompt")
+        check_prompt_rows(self)
         return self
 
 
@@ -134,10 +132,11 @@ class CaptionEvaluateRequest(ImageFields):
         if (self.input_ids is None) == (self.texts is None):
             raise InvalidInputError("give exactly one of `texts` or `input_ids`", field="texts")
         count = len(self.input_ids or self.texts or [])
+        given = "input_ids" if self.input_ids is not None else "texts"  # (the field the client sent)
         if count == 0:
-            raise InvalidInputError("the batch is empty; send at least one sequence", field="texts")
+            raise InvalidInputError("the batch is empty; send at least one sequence", field=given)
         if count > self.cap_batch:
-            raise InvalidInputError(f"at most {self.cap_batch} sequences per request; got {count}", field="texts")
+            raise InvalidInputError(f"at most {self.cap_batch} sequences per request; got {count}", field=given)
         return self
 
 

@@ -112,10 +112,17 @@ class TextPredictRequest(SamplingFields):
     def _check(self):
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise InvalidInputError("give exactly one of `prompt` or `prompt_token_ids`", field="prompt")
-        count = len(_rows(self.prompt) or self.prompt_token_ids or [])
-        if count > self.cap_batch:
-            raise InvalidInputError(f"at most {self.cap_batch} prompts per request; got {count}", field="prompt")
+        check_prompt_rows(self)
         return self
+
+
+def check_prompt_rows(request) -> None:
+    """At most the app's batch of prompts (``prompt`` rows or ``prompt_token_ids`` rows); refused naming the field
+    the client sent."""
+    count = len(_rows(request.prompt) or request.prompt_token_ids or [])
+    if count > request.cap_batch:
+        given = "prompt_token_ids" if request.prompt_token_ids is not None else "prompt"
+        raise InvalidInputError(f"at most {request.cap_batch} prompts per request; got {count}", field=given)
 
 
 class CompletionOut(BaseModel):

@@ -160,3 +160,24 @@ def test_models_describe_caption_inputs(client):
     assert io_vlm["tokens_per_image"] == 4 and io_vlm["image_size"] == 32 and "images" in io_vlm["accepts"]
     io_hf = client.get("/models/vlm_hf").json()["io"]
     assert io_hf["image_token_id"] == 301 and io_hf["chat"] is True
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/evaluate/vlm", {"input_ids": []}, "input_ids"),
+    ("/evaluate/vlm", {"input_ids": [[5, 6], [7, 8], [9, 10]]}, "input_ids"),
+    ("/evaluate/vlm", {"texts": []}, "texts"),
+    ("/predict/vlm", {"prompt_token_ids": [[5], [6], [7]], "max_new_tokens": 2}, "prompt_token_ids"),
+    ("/predict/vlm", {"prompt": ["a", "b", "c"], "max_new_tokens": 2}, "prompt"),
+    ("/predict/transformer", {"prompt_token_ids": [[5], [6], [7]], "max_new_tokens": 2}, "prompt_token_ids"),
+])
+def test_a_refusal_of_a_batch_names_the_field_the_client_sent(tiny_checkpoints, path, body, field):
+    """Too few or too many rows are refused naming ``input_ids`` or ``prompt_token_ids`` when those were sent
+    (before, captions named ``texts`` and ``prompt`` whichever was sent)."""
+    from service import DeploymentSpec
+    from tests.service.conftest import serving
+
+    specs = [DeploymentSpec(name=t, checkpoint=str(tiny_checkpoints[t])) for t in ("vlm", "transformer")]
+    with serving(*specs, max_batch=2, max_new_tokens=8) as client:
+        image = {"image": png_data_url(0)} if "vlm" in path else {}
+        refused = client.post(path, json={**image, **body})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == field, refused.text
