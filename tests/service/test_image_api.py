@@ -235,3 +235,20 @@ def test_models_show_the_steps_a_request_without_them_gets(client, tiny_checkpoi
         assert capped.get("/models").json()["deployments"][0]["io"] == io_info
         e = error_of(capped.post("/predict/stable_diffusion", json={"prompt": "x"}), 422)
         assert e["field"] == "num_inference_steps" and "limit of 5" in e["message"]
+
+
+def test_a_grey_model_draws_and_evaluates(tmp_path):
+    """A one-channel model (MNIST-style): it draws grey images, and its evaluation takes image files as it takes
+    its own images, in grey (before, it was fed three channels: 500)."""
+    from vla_foundry.checkpoint import save_experiment
+    from vla_foundry.params.diffusion import UNetParams
+
+    unet = UNetParams(channels=[8, 16, 16], time_emb_dim=16, text_emb_dim=0, image_size=16, in_channels=1,
+                      out_channels=1)
+    save_experiment(tiny_model(tiny_stable_diffusion_params(unet=unet)), tmp_path / "grey")
+    with serving(DeploymentSpec(name="grey", checkpoint=str(tmp_path / "grey"))) as client:
+        drawn = client.post("/predict/stable_diffusion", json={"num_inference_steps": 2, "seed": 1})
+        assert drawn.status_code == 200, drawn.text
+        scored = client.post("/evaluate/stable_diffusion", json={"images": [png_data_url(0), png_data_url(1)],
+                                                                  "seed": 1})
+        assert scored.status_code == 200 and scored.json()["loss"] > 0, scored.text

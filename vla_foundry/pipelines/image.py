@@ -189,13 +189,21 @@ class ImagePipeline(Pipeline):
     # ------------------------------------------------------------------ evaluate
 
     def pixels(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 → (3, S, S) in [-1, 1], resized (bicubic) to the model's size."""
+        """(H, W, 3) uint8 → (C, S, S) in [-1, 1], resized (bicubic) to the model's size; C the model's channels (1:
+        the image in grey, as a grey model's images come out, ITU-R 601 luma)."""
         from PIL import Image
 
-        size = self.model.image_size
+        size, channels = self.model.image_size, self.model.params.unet.in_channels
+        picture = Image.fromarray(image)
+        if channels == 1:
+            picture = picture.convert("L")
+        elif channels != 3:  # (no image file has another count a model of this family could be fed)
+            raise InvalidInputError(f"this model takes {channels}-channel images, which cannot be made from an image "
+                                    "file; it is evaluated from 1- or 3-channel models only", field="images")
         if image.shape[:2] != (size, size):
-            image = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+            picture = picture.resize((size, size), Image.Resampling.BICUBIC)
+        array = np.asarray(picture, dtype=np.uint8).reshape(size, size, channels)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
     @torch.inference_mode()
     def evaluate(self, images: Sequence[np.ndarray], texts: Optional[Sequence[str]] = None,
