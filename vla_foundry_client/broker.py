@@ -16,8 +16,9 @@ class ActionChunkBroker:
     websocket connection) and each observation needs only the current step. ``n_action_steps``
     defaults to the server's (each reply says it).
 
-    Every request carries the robot's step index (``act`` calls since ``reset``): a session then
-    places the observation at the right step even when ``n_action_steps`` differs from the server's.
+    Every request carries the robot's step index (``act`` calls since ``reset``, failed ones included: a control
+    step passes either way): a session then places the observation at the right step even when
+    ``n_action_steps`` differs from the server's, or a reply was lost.
     """
 
     def __init__(self, client: Any, *, n_action_steps: Optional[int] = None):
@@ -32,7 +33,13 @@ class ActionChunkBroker:
     def act(self, observation: dict[str, Any]) -> np.ndarray:
         """The (A,) action to execute now. ``observation`` is sent only when a new chunk is needed."""
         if self._next >= len(self._chunk):
-            self._request_chunk(observation)
+            try:
+                self._request_chunk(observation)
+            except BaseException:
+                # The control step passes without an action: the next request is the next step's. (Its step may have
+                # been answered, a reply lost on the way: that step sent again with another observation is refused.)
+                self.step += 1
+                raise
         action = self._chunk[self._next]
         self._next += 1
         self.step += 1

@@ -165,6 +165,32 @@ def test_session_broker_sends_only_the_current_step(server, n_action_steps, infe
     assert info["plans"] == inferences and info["last_step"] == last_step
 
 
+def test_a_broker_goes_on_after_a_lost_reply(server, monkeypatch):
+    """The server answers a chunk whose reply never arrives (a timeout): the control step passes without an action,
+    and the robot's next observations are the next steps' (before, the broker sent the answered step again with each
+    new observation, which the session refused for good: 409 on ``step``)."""
+    with HttpPolicyClient(server, model=POLICY, session_id="lossy", format="json") as client:
+        call, lose = client._call, [False]
+
+        def lossy(*args, **kwargs):
+            reply = call(*args, **kwargs)
+            if lose[0]:
+                lose[0] = False
+                raise TimeoutError("timed out")  # (the server acted; its reply was lost)
+            return reply
+
+        monkeypatch.setattr(client, "_call", lossy)
+        broker = ActionChunkBroker(client)
+        broker.act(current_step(0))
+        broker.act(current_step(1))
+        lose[0] = True
+        with pytest.raises(TimeoutError):
+            broker.act(current_step(2))
+        for step in range(3, 7):
+            assert broker.act(current_step(step)).shape == (3,)
+        assert broker.last_reply["step"] == 5
+
+
 def test_session_step_and_seeded_reset(server):
     with HttpPolicyClient(server, model=POLICY, session_id="stepper", format="json") as client:
         assert client.reset() == {"session_id": "stepper", "reset": False}  # not created yet
