@@ -73,6 +73,12 @@ def evaluate_one(pipeline: EncoderServing, request: EncoderEvaluateRequest) -> d
     return pipeline.evaluate(request.texts or [], request.decoded_images() or [], request.seed)
 
 
+def check_texts(pipeline: EncoderServing, request: EncoderPredictRequest) -> None:
+    """The texts' length, before the request queues (tokenizing a huge text holds up no model call)."""
+    if request.texts:
+        pipeline.check(request.texts, None)
+
+
 ADAPTER = ModalityAdapter(EncoderPredictRequest, EncoderPredictResponse, predict,
                           EncoderEvaluateRequest, EncoderEvaluateResponse, each(evaluate_one), batch_key=batch_key,
-                          prepare=lambda request: request.decoded_images())
+                          prepare=lambda request: request.decoded_images(), check=check_texts)

@@ -71,16 +71,20 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def plan(pipeline: ImageServing, request: ImagePredictRequest):
+    """The request checked and resolved by the pipeline (its prompts tokenized: a prompt too long is refused)."""
+    return pipeline.plan(ImageRequest(request.prompt, request.negative_prompt, request.num_images,
+                                      request.num_inference_steps, request.guidance_scale, request.scheduler,
+                                      request.seed), max_inference_steps=request.cap_inference_steps)
+
+
 def predict(pipeline: ImageServing, requests: list[ImagePredictRequest]) -> list:
     """Several requests' images (``ImageResult``s) in as few model calls as their samplers allow; a request whose
     values the model refuses fails alone."""
     plans = []
     for request in requests:
         try:
-            plans.append(pipeline.plan(ImageRequest(request.prompt, request.negative_prompt, request.num_images,
-                                                    request.num_inference_steps, request.guidance_scale,
-                                                    request.scheduler, request.seed),
-                                       max_inference_steps=request.cap_inference_steps))
+            plans.append(plan(pipeline, request))
         except InvalidInputError as e:
             plans.append(e)
     results = iter(pipeline.generate_each([p for p in plans if not isinstance(p, Exception)]))
@@ -160,4 +164,5 @@ def prepare(request) -> None:
 ADAPTER = ModalityAdapter(ImagePredictRequest, ImagePredictResponse, predict,
                           ImageEvaluateRequest, ImageEvaluateResponse, each(evaluate_one),
                           encode_predict=encode_images, encode_in_pool=True, batch_key=batch_key, reply=png_reply,
-                          reply_openapi=PNG_REPLY_OPENAPI, prepare=prepare)
+                          reply_openapi=PNG_REPLY_OPENAPI, prepare=prepare,
+                          check=plan)  # (in the thread pool, before it queues: a huge prompt's tokenizing too)

@@ -252,3 +252,26 @@ def test_a_grey_model_draws_and_evaluates(tmp_path):
         scored = client.post("/evaluate/stable_diffusion", json={"images": [png_data_url(0), png_data_url(1)],
                                                                   "seed": 1})
         assert scored.status_code == 200 and scored.json()["loss"] > 0, scored.text
+
+
+@pytest.mark.parametrize("model_type,check,body,field", [
+    ("stable_diffusion", "plan", {"prompt": "robot " * 4000}, "prompt"),
+    ("clip_hf", "check", {"texts": ["robot " * 4000]}, "texts"),
+])
+def test_a_prompt_too_long_is_refused_before_it_queues(tiny_checkpoints, monkeypatch, model_type, check, body, field):
+    """Its tokenizing runs in the thread pool, not on the deployment's model thread, where a megabyte prompt held
+    up every other request for seconds before its 422."""
+    import threading
+
+    with serving(DeploymentSpec(name="m", checkpoint=str(tiny_checkpoints[model_type]))) as client:
+        pipeline, threads = client.app.state.manager.deployments["m"].pipeline, []
+        original = getattr(pipeline, check)
+
+        def recorded(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, check, recorded)
+        refused = client.post(f"/predict/{model_type}", json=body)
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == field, refused.text
+    assert threads and not [name for name in threads if name.startswith("model-")], threads
