@@ -139,11 +139,28 @@ def _reason(error: BaseException) -> str:
 
 
 def _looks_truncated(kind: str, data: bytes) -> bool:
-    # Every complete PNG ends with the IEND chunk, every complete JPEG with the EOI marker.
+    """Whether a PNG's or JPEG's pixel data was cut short (what Pillow refuses while LOAD_TRUNCATED_IMAGES is off):
+    a PNG's compressed stream (its IDAT chunks joined) does not reach its end; a JPEG has no EOI marker after its
+    first scan (no coded byte can make one: 0xFF is stuffed there). What follows the image (a phone's trailer after
+    EOI, anything after IEND) and a PNG's missing IEND alone are no cut."""
     if kind == "PNG":
-        return not data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82")
+        stream, offset = zlib.decompressobj(), 8
+        while offset + 8 <= len(data):
+            length, chunk = struct.unpack(">I4s", data[offset:offset + 8])
+            body = data[offset + 8:offset + 8 + length]
+            if chunk == b"IDAT":
+                while body and not stream.eof:  # (64 KiB of pixels at a time, none kept: only whether it ends)
+                    stream.decompress(body, 1 << 16)
+                    body = stream.unconsumed_tail
+                if stream.eof:
+                    return False
+            elif chunk == b"IEND":
+                break
+            offset += 12 + length
+        return not stream.eof
     if kind == "JPEG":
-        return b"\xff\xd9" not in data[-64:]
+        scan = data.find(b"\xff\xda")
+        return scan < 0 or data.find(b"\xff\xd9", scan) < 0
     return False
 
 

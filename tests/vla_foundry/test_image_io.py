@@ -146,6 +146,28 @@ def test_truncated_files_are_refused_even_if_someone_allowed_them_globally(pixel
             decode_image_bytes(data[:cut], max_pixels=LIMIT)
 
 
+@pytest.mark.parametrize("allowed_globally", [False, True])
+@pytest.mark.parametrize("fmt,edit,taken", [
+    ("PNG", lambda data: data + b"appended by the camera app" * 10, True),
+    ("JPEG", lambda data: data + b"\x00" * 100 + b"a phone's trailer", True),
+    ("PNG", lambda data: data[:-12], True),  # lacks only IEND
+    ("JPEG", lambda data: data[:-2], False),  # lacks EOI: it cannot be told from a scan cut short
+], ids=["PNG after IEND", "JPEG after EOI", "PNG without IEND", "JPEG without EOI"])
+def test_end_markers_are_judged_alike_whatever_the_process_wide_flag(pixels, monkeypatch, allowed_globally, fmt,
+                                                                     edit, taken):
+    """Data after the end marker, and a PNG's missing IEND, are no cut; a JPEG without EOI is refused. With Pillow's
+    LOAD_TRUNCATED_IMAGES set by another library, the same (before, the last bytes were read: complete images with
+    a trailer, or a PNG without IEND, were refused then)."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", allowed_globally)
+    data = encode(Image.fromarray(pixels), fmt)
+    if not taken:
+        with pytest.raises(InvalidInputError, match="(?i)truncated"):
+            decode_image_bytes(edit(data), max_pixels=LIMIT)
+        return
+    np.testing.assert_array_equal(decode_image_bytes(edit(data), max_pixels=LIMIT),
+                                  decode_image_bytes(data, max_pixels=LIMIT))
+
+
 def test_header_claiming_a_huge_size_is_refused_before_decoding():
     data = png_with_size(20000, 20000)
     start = time.perf_counter()
