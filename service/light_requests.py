@@ -24,6 +24,10 @@ from typing import Callable, Optional
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+# Scope key: when a request arrived (``time.perf_counter()``), for one held here before ``metrics.RequestMetrics``
+# times it (its latency counts its hold).
+ARRIVED = "vla.arrived"
+
 LIGHT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ACTIVE_WINDOW_S = 1.0  # a robot's closed loop leaves gaps between calls; they count as "at work"
 MAX_WAIT_S = 0.5
@@ -62,8 +66,7 @@ class LightRequestPacer:
                 and self.models_at_work(ACTIVE_WINDOW_S)):
             wait = self.bucket.delay()
             if wait > 0:
-                # (its latency counts from here, held time included: ``metrics.RequestMetrics`` reads this)
-                scope.setdefault("state", {})["received_at"] = time.perf_counter()
+                scope[ARRIVED] = time.perf_counter()  # (its latency counts its hold: ``metrics.RequestMetrics``)
                 if self.on_delay is not None:
                     self.on_delay(wait)
                 await asyncio.sleep(wait)

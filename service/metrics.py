@@ -35,6 +35,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.disconnects import CLIENT_CLOSED
+from service.light_requests import ARRIVED
 from service.errors import error_response, unexpected_error
 
 if TYPE_CHECKING:
@@ -348,8 +349,9 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         # From its arrival (a light request the pacer held: from before its hold), for its latency here and for those
-        # counted from arrival (first token).
-        started = scope.setdefault("state", {}).setdefault("received_at", time.perf_counter())
+        # counted from arrival (first token). (Set in every request's state: a server may share one state dict.)
+        started = scope.get(ARRIVED) or time.perf_counter()
+        scope.setdefault("state", {})["received_at"] = started
         status: Optional[int] = None
         left = False  # the client disconnected (an app that then answers nothing has no error of its own)
 
