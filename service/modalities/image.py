@@ -11,7 +11,7 @@ import io
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator, StrictInt
+from pydantic import BaseModel, Field, PrivateAttr, model_validator, StrictInt
 from starlette.responses import Response
 
 from service.codecs import REPLY_TYPES, preferred_media_type
@@ -24,6 +24,7 @@ PNG = "image/png"
 
 
 class ImagePredictRequest(RequestBase):
+    _plan: Optional[tuple] = PrivateAttr(None)  # (pipeline, its ImagePlan): made once, in the thread pool
     prompt: Optional[str] = Field(None, description="What to draw (text-conditioned models); omit for an "
                                                     "unconditional sample.")
     negative_prompt: Optional[str] = Field(None, description="What to steer away from (through guidance).")
@@ -72,10 +73,15 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def plan(pipeline: ImageServing, request: ImagePredictRequest):
-    """The request checked and resolved by the pipeline (its prompts tokenized: a prompt too long is refused)."""
-    return pipeline.plan(ImageRequest(request.prompt, request.negative_prompt, request.num_images,
-                                      request.num_inference_steps, request.guidance_scale, request.scheduler,
-                                      request.seed), max_inference_steps=request.cap_inference_steps)
+    """The request checked and resolved by the pipeline (its prompts tokenized: a prompt too long is refused); made
+    once per pipeline (the check before the request queues, then its model call on the same pipeline, unless a
+    reload came between)."""
+    if request._plan is None or request._plan[0] is not pipeline:
+        request._plan = (pipeline, pipeline.plan(
+            ImageRequest(request.prompt, request.negative_prompt, request.num_images, request.num_inference_steps,
+                         request.guidance_scale, request.scheduler, request.seed),
+            max_inference_steps=request.cap_inference_steps))
+    return request._plan[1]
 
 
 def predict(pipeline: ImageServing, requests: list[ImagePredictRequest]) -> list:

@@ -275,3 +275,23 @@ def test_a_prompt_too_long_is_refused_before_it_queues(tiny_checkpoints, monkeyp
         refused = client.post(f"/predict/{model_type}", json=body)
     assert refused.status_code == 422 and refused.json()["error"]["field"] == field, refused.text
     assert threads and not [name for name in threads if name.startswith("model-")], threads
+
+
+def test_a_request_is_planned_once_before_it_queues(tiny_checkpoints, monkeypatch):
+    """Its check in the thread pool makes the plan its model call uses: its prompt is tokenized once, off the
+    model thread (before, the model thread planned it again)."""
+    import threading
+
+    with serving(DeploymentSpec(name="m", checkpoint=str(tiny_checkpoints["stable_diffusion"]))) as client:
+        pipeline, threads = client.app.state.manager.deployments["m"].pipeline, []
+        original = pipeline.plan
+
+        def recorded(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "plan", recorded)
+        drawn = client.post("/predict/stable_diffusion", json={"prompt": "a red block", "num_inference_steps": 2,
+                                                               "seed": 3})
+    assert drawn.status_code == 200 and drawn.json()["seed"] == 3, drawn.text
+    assert len(threads) == 1 and not threads[0].startswith("model-"), threads
