@@ -346,12 +346,14 @@ class Deployment:
         finally:
             reservation.release()
 
-    def admit(self, batchable: bool = True, stage: str = "queue", generation: bool = False) -> Optional[float]:
+    def admit(self, batchable: bool = True, stage: str = "queue", generation: bool = False,
+              rows: int = 1) -> Optional[float]:
         """This request's deadline (deadlines.py), after refusing it (503) when the expected wait already
         exceeds what is left of it, or this deployment's ``max_queue_ms``. ``call`` admits (``stage`` "queue");
         transports also admit before the costly parts of a request ("body": before it is read, "decode": before
         its images are decoded); ``vla_requests_shed_total`` counts refusals by stage. A ``generation`` for the
-        continuous batcher waits for a slot, not for the queue's calls: the batcher estimates that wait. The
+        continuous batcher waits for slots (``rows`` of them), not for the queue's calls: the batcher estimates that
+        wait. The
         request's own early reservation (``front_door.py``) is not counted against it."""
         self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
@@ -360,7 +362,7 @@ class Deployment:
         if own is not None and own != batchable:  # (the door reserved before it knew the route's kind)
             early.counted_as(batchable)
             own = batchable
-        wait_s = (self.batcher.expected_wait_s() if generation and self.batcher is not None
+        wait_s = (self.batcher.expected_wait_s(rows) if generation and self.batcher is not None
                   else self.executor.expected_wait_s(batchable, own))
         if not wait_s:
             return deadline
@@ -385,7 +387,7 @@ class Deployment:
         deadline passes in the queue; a result that is an exception is raised here."""
         if self.retired:
             return await self.current().call(call)
-        deadline = self.admit(call.batch_key is not None, generation=call.start is not None)
+        deadline = self.admit(call.batch_key is not None, generation=call.start is not None, rows=call.rows)
         runner = self._runners.get(call.run)
         if runner is None:  # one callable per run: the executor batches jobs whose callable is the same
             runner = self._runners.setdefault(call.run, lambda items, run=call.run: run(self.pipeline, items))

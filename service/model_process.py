@@ -48,6 +48,7 @@ import torch
 
 from service.errors import ApiError
 from vla_foundry.config_files import is_bare_hf_directory
+from vla_foundry.continuous import SlotOutlook
 from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
 from vla_foundry.pipelines.action import ActionChunk, PolicyEvaluation, PolicyRequest
 from vla_foundry.pipelines.caption import CaptionEvaluation
@@ -131,7 +132,7 @@ class Arena:
 # from this list only: the channel never builds anything else) and the errors a call may fail with.
 DATACLASSES = {cls.__name__: cls for cls in (PolicyRequest, RawObservation, PolicyEvaluation, ActionChunk,
                                              SamplingParams, CompletionResult, Completion, TextEvaluation,
-                                             CaptionEvaluation)}
+                                             CaptionEvaluation, SlotOutlook)}
 ERRORS = {cls.__name__: cls for cls in (InvalidInputError, InputTooLargeError, StaleObservationError)}
 ARRAY, ARRAY_IN_ARENA, DATACLASS, ERROR = 1, 2, 3, 4  # msgpack extension codes
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 from service.model_process import ModelProcess
 from service.streaming import GenerationCancelled
-from vla_foundry.continuous import ContinuousBatcher, Generation
+from vla_foundry.continuous import ContinuousBatcher, Generation, SlotOutlook
 
 logger = logging.getLogger("service.model_process")
 
@@ -80,7 +80,7 @@ class RemoteBatcher:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
-        self._expected_wait_s = 0.0  # the child's estimate for a sequence submitted now, at its last report
+        self._outlook: Optional[SlotOutlook] = None  # the child's slots, at its last report
         self.child_generations = 0  # how many generations the child held at its last report (cancelled ones too)
         self._gone: list[int] = []  # generations whose stream's client left while a report was taken: cancelled next
 
@@ -106,7 +106,7 @@ class RemoteBatcher:
         return sum(e.rows for e in list(self._entries.values()) if not e.started)
 
     def expected_wait_s(self, rows: int = 1) -> float:
-        return self._expected_wait_s if self._entries else 0.0  # (the child's, at its last report)
+        return self._outlook.wait_s(rows) if self._entries and self._outlook else 0.0  # (at the child's last report)
 
     def warmup(self) -> None:
         self._process.warmup_batcher()
@@ -147,7 +147,7 @@ class RemoteBatcher:
 
     def take(self, report: dict[str, Any]) -> None:
         """One step report of the child (on the thread reading the child's messages)."""
-        self._expected_wait_s, self.child_generations = report["expected_wait_s"], report["held"]
+        self._outlook, self.child_generations = report["outlook"], report["held"]
         with self._lock:
             for key in report["started"]:
                 if key in self._entries:
@@ -436,7 +436,7 @@ class GenerationEngine:
 
     def _report(self) -> None:
         report = {"deltas": self._deltas, "done": self._done, "started": self._started, "held": len(self._held),
-                  "expected_wait_s": self.batcher.expected_wait_s() if self.batcher else 0.0}
+                  "outlook": self.batcher.outlook() if self.batcher else None}
         self._deltas, self._done, self._started = [], [], []
         self.conn.send(("step", report))
 

@@ -105,6 +105,31 @@ class Generation:
     shares_steps: bool = True  # False: its rows cannot be prefilled apart (it runs ``alone``)
 
 
+@dataclass(frozen=True)
+class SlotOutlook:
+    """A batcher's slots as a generation submitted now finds them."""
+
+    short: int  # the sequences already waiting less the free slots (negative: slots to spare)
+    ends: tuple[tuple[int, int], ...]  # per running generation (its decode steps left at most, its rows), soonest first
+    step_seconds: float  # recent time of one step
+    num_slots: int
+
+    def wait_s(self, rows: int = 1) -> float:
+        """About how long a generation of ``rows`` sequences would wait for slots: none when they are free (after
+        the sequences already waiting; it joins at the next step) or when it has more rows than the batcher has
+        slots (it runs by itself at once, ``ContinuousBatcher.submit``), else until enough running sequences could
+        have ended, each after at most its ``max_new_tokens`` (an upper bound: eos may end one sooner)."""
+        needed = self.short + rows
+        if needed <= 0 or rows > self.num_slots:
+            return 0.0
+        freed = 0
+        for steps, n in self.ends:
+            freed += n
+            if freed >= needed:
+                return steps * self.step_seconds
+        return (self.ends[-1][0] if self.ends else 0) * self.step_seconds  # (more than run now: a rough bound)
+
+
 @dataclass(eq=False)  # compared by identity: two requests with the same prompts are still two
 class _Running:
     generation: Generation
@@ -196,22 +221,17 @@ class ContinuousBatcher:
             return
         self._waiting += (_Running(generation, on_done, cancelled, too_late),)
 
-    def expected_wait_s(self, rows: int = 1) -> float:
-        """About how long a generation of ``rows`` sequences submitted now would wait for slots: none when they
-        are free (after the sequences already waiting; it joins at the next step), else until enough running
-        sequences could have ended, each after at most its ``max_new_tokens`` (an upper bound: eos may end one
-        sooner)."""
-        needed = self.waiting_sequences + rows - len(self._free)
-        if needed <= 0:
-            return 0.0
-        left = sorted((r.generation.sampling.max_new_tokens - len(r.new_tokens[0] if r.new_tokens else ()), r.rows)
+    def outlook(self) -> SlotOutlook:
+        """How this batcher's slots look to a generation submitted now (what ``expected_wait_s`` reads; a model
+        process sends it with each step report, so that the server estimates the wait of any number of rows)."""
+        ends = sorted((r.generation.sampling.max_new_tokens - len(r.new_tokens[0] if r.new_tokens else ()), r.rows)
                       for r in self._running)
-        freed = 0
-        for steps, n in left:
-            freed += n
-            if freed >= needed:
-                return steps * self.step_seconds
-        return (left[-1][0] if left else 0) * self.step_seconds  # (more than run now: a rough bound)
+        return SlotOutlook(self.waiting_sequences - len(self._free), tuple(ends), self.step_seconds, self.num_slots)
+
+    def expected_wait_s(self, rows: int = 1) -> float:
+        """About how long a generation of ``rows`` sequences submitted now would wait for slots
+        (``SlotOutlook.wait_s``)."""
+        return self.outlook().wait_s(rows)
 
     @torch.inference_mode()
     def step(self, admitted: Optional[Callable[[], None]] = None) -> None:

@@ -144,6 +144,7 @@ class ModelCall:
     # Generations: ``start(pipeline, item)`` makes the item's ``Generation``, which a deployment that batches
     # continuously decodes together with the others running (``run`` serves where it does not).
     start: Optional[Callable[[Any, Any], Any]] = None
+    rows: int = 1  # the sequences a generation decodes (prompts × choices): admission estimates their wait for slots
 
 
 def each(run_one: Callable[[Any, Any], Any]) -> Callable[[Any, list], list]:
@@ -224,10 +225,13 @@ class ModalityAdapter:
     # Optional: ``start(pipeline, request)``, a generation a continuously batching deployment decodes with the
     # others running (ModelCall.start); ``predict`` serves where the deployment does not batch continuously.
     start_predict: Optional[Callable[[Any, Any], Any]] = None
+    # With ``start_predict``: the sequences a predict request's generation decodes (ModelCall.rows).
+    generation_rows: Optional[Callable[[Any], int]] = None
 
     def predict_call(self, request) -> ModelCall:
         return ModelCall(self.predict, request, self.batch_key(request) if self.batch_key else None,
-                         start=self.start_predict)
+                         start=self.start_predict,
+                         rows=self.generation_rows(request) if self.generation_rows else 1)
 
     def evaluate_call(self, request) -> ModelCall:
         return ModelCall(self.evaluate, request,

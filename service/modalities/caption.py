@@ -14,7 +14,7 @@ from pydantic import Field, PrivateAttr, model_validator, StrictInt
 from service.images import decode_image_list, decode_image_value
 from service.modalities.base import ModalityAdapter, RequestBase, ResponseBase, checked_batch, each
 from service.modalities.text import (CompletionOut, SamplingFields, TextEvaluateResponse, TokenRows, Usage, _rows,
-                                     check_prompt_rows, completion_payload)
+                                     check_prompt_rows, completion_payload, prompt_count)
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.caption import CaptionEvaluation
 from vla_foundry.pipelines.interfaces import CaptionServing
@@ -111,6 +111,11 @@ def start_one(pipeline: CaptionServing, request: CaptionPredictRequest):
                                   **request.generation_settings())
 
 
+def generation_rows(request: CaptionPredictRequest) -> int:
+    """The captions a request asks for: one per prompt or per image list (one of them broadcast to the other)."""
+    return max(prompt_count(request), len(request.image_counts()))
+
+
 def check_text(pipeline: CaptionServing, request: CaptionPredictRequest) -> None:
     pipeline.check(request.image_counts(), _rows(request.prompt), request.prompt_token_ids,
                    sampling=request.sampling())
@@ -152,4 +157,5 @@ def evaluate_each(pipeline: CaptionServing, evaluations: list[CaptionEvaluation]
 ADAPTER = ModalityAdapter(CaptionPredictRequest, CaptionPredictResponse, each(predict_one),
                           CaptionEvaluateRequest, TextEvaluateResponse, checked_batch(check_evaluate, evaluate_each),
                           encode_predict=encode_captions, check=check_text,
-                          prepare=lambda request: request.decoded_images(), start_predict=start_one)
+                          prepare=lambda request: request.decoded_images(), start_predict=start_one,
+                          generation_rows=generation_rows)

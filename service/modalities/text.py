@@ -116,10 +116,15 @@ class TextPredictRequest(SamplingFields):
         return self
 
 
+def prompt_count(request) -> int:
+    """How many prompts a request gives (``prompt`` rows or ``prompt_token_ids`` rows; 0 for none)."""
+    return len(_rows(request.prompt) or request.prompt_token_ids or [])
+
+
 def check_prompt_rows(request) -> None:
     """At most the app's batch of prompts (``prompt`` rows or ``prompt_token_ids`` rows); refused naming the field
     the client sent."""
-    count = len(_rows(request.prompt) or request.prompt_token_ids or [])
+    count = prompt_count(request)
     if count > request.cap_batch:
         given = "prompt_token_ids" if request.prompt_token_ids is not None else "prompt"
         raise InvalidInputError(f"at most {request.cap_batch} prompts per request; got {count}", field=given)
@@ -223,4 +228,4 @@ def evaluate_batch_key(request: TextEvaluateRequest) -> Optional[str]:
 ADAPTER = ModalityAdapter(TextPredictRequest, TextPredictResponse, each(predict_one),
                           TextEvaluateRequest, TextEvaluateResponse, evaluate,
                           encode_predict=encode_completions, evaluate_batch_key=evaluate_batch_key,
-                          start_predict=start_one)
+                          start_predict=start_one, generation_rows=prompt_count)

@@ -327,6 +327,11 @@ def run_chat(pipeline: CaptionServing, request: ChatRequest, prompt: V1Prompt, o
     return (pipeline.start_completion if start else pipeline.complete)(None, prompt.ids * n, **common)
 
 
+def v1_rows(request: Any, prompt: V1Prompt) -> int:
+    """The sequences a ``/v1`` request decodes: ``n`` choices of each prompt row (a chat has one)."""
+    return (len(prompt.ids) if prompt.ids else 1) * request.n
+
+
 def v1_prompt(pipeline: TextServing, request: Any, conversation: Optional[tuple[list[dict], list]]) -> V1Prompt:
     """The request's prompt, rendered and tokenized, and checked for its length (off the model thread and the
     event loop: a prompt of megabytes is refused here, where it holds up nobody's tokens)."""
@@ -464,7 +469,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     prompt = await run_in_threadpool(v1_prompt, pipeline, body, conversation)
     if not body.stream:
         started = time.perf_counter()
-        call = ModelCall(run_v1, V1Job(body, prompt), start=start_v1)
+        call = ModelCall(run_v1, V1Job(body, prompt), start=start_v1, rows=v1_rows(body, prompt))
         timed = await _v1_named(body, chat, unless_client_leaves(request, deployment.call(call), deployment.name))
         result = timed.value
         choices = [({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
@@ -482,7 +487,7 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     received = request.state.received_at  # set by RequestMetrics, the server's metrics middleware
     # A client that leaves before the first token drops the generation unrun (it may still be queued).
     await _v1_named(body, chat, unless_client_leaves(request, stream.start(deployment.call(ModelCall(
-        run_v1, V1Job(body, prompt, stream.on_text), start=start_v1))), deployment.name))
+        run_v1, V1Job(body, prompt, stream.on_text), start=start_v1, rows=v1_rows(body, prompt)))), deployment.name))
     metrics = request.app.state.metrics
     first_token = time.perf_counter()
     metrics.first_token_seconds.labels(deployment.name).observe(first_token - received)

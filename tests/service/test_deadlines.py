@@ -577,6 +577,32 @@ def test_a_generation_is_refused_when_its_wait_for_a_slot_exceeds_max_queue_ms(c
                            ).status_code == 200
 
 
+@pytest.mark.parametrize("model_process", [False, True], ids=["in_thread", "model_process"])
+def test_a_generation_of_more_sequences_than_the_free_slots_is_refused_by_the_wait_for_all_of_them(
+        chat_checkpoint, model_process):  # noqa: F811
+    """Two slots, one taken by a long stream: a one-sequence generation joins at once, but one of two sequences
+    (two prompts, or n=2 choices) waits until the stream could end, over its max_queue_ms: refused at once. In a
+    model process the server estimates that wait from the slots the child reported."""
+    spec = DeploymentSpec(name="chat", checkpoint=str(chat_checkpoint), max_queue_ms=5, max_batch_size=2)
+    with serving(spec, continuous_batching=True, model_process=model_process) as client:
+        long = {"model": "chat", "messages": [{"role": "user", "content": "shall i compare thee"}], "max_tokens": 900,
+                "stream": True, "temperature": 0}
+        with client.stream("POST", "/v1/chat/completions", json=long) as stream:
+            lines = stream.iter_lines()
+            for _ in range(6):  # a few tokens in: the batcher has timed its steps
+                next(line for line in lines if line.startswith("data:"))
+            one = client.post("/predict/transformer", json={"model": "chat", "prompt": "a", "max_new_tokens": 2})
+            two = client.post("/predict/transformer", json={"model": "chat", "prompt": ["a", "b"],
+                                                            "max_new_tokens": 2})
+            choices = client.post("/v1/completions", json={"model": "chat", "prompt": "a", "max_tokens": 2, "n": 2})
+            chat = client.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 2, "n": 2,
+                                                             "messages": [{"role": "user", "content": "a"}]})
+        assert one.status_code == 200, one.text
+        for reply in (two, choices, chat):
+            assert reply.status_code == 503, reply.text
+            assert "max_queue_ms" in reply.json()["error"]["message"] and reply.headers["retry-after"]
+
+
 def test_a_refusal_held_back_no_longer_counts_as_waiting(tiny_checkpoints, monkeypatch):
     """A request admitted from its headers and refused after its body was read (the wait grew meanwhile) gives back
     its reservation before its 503 is held back: while held, it does not lengthen the wait the next requests see."""

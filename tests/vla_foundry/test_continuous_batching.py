@@ -489,6 +489,20 @@ def test_the_expected_wait_is_none_with_a_free_slot_else_until_a_running_sequenc
     assert batcher.step_seconds > 0 and batcher.running_sequences == 1
     # the one slot is taken by a sequence with 12 - 4 = 8 tokens still to make (at most)
     assert batcher.expected_wait_s() == pytest.approx(8 * batcher.step_seconds)
+    assert batcher.expected_wait_s(rows=2) == 0.0  # more rows than slots: it runs by itself at once
+
+
+def test_the_expected_wait_of_several_rows_is_until_enough_running_sequences_could_end(text):
+    batcher = text.continuous_batcher(max_sequences=3)
+    for prompt, max_new in (([1, 2, 3], 12), ([4, 5], 6)):
+        batcher.submit(text.start_completion(prompt_token_ids=[prompt], sampling=SamplingParams(max_new), seed=0),
+                       lambda out: None)
+    for _ in range(3):
+        batcher.step()
+    assert batcher.running_sequences == 2 and batcher.step_seconds > 0
+    assert batcher.expected_wait_s(rows=1) == 0.0  # the free slot
+    assert batcher.expected_wait_s(rows=2) == pytest.approx(2 * batcher.step_seconds)  # the short one's 6 - 4 left
+    assert batcher.expected_wait_s(rows=3) == pytest.approx(8 * batcher.step_seconds)  # then the long one's 12 - 4
     batcher.fail_all(RuntimeError("done"))
     assert batcher.expected_wait_s() == 0.0  # a free slot: it joins at the next step
 
