@@ -299,3 +299,47 @@ def test_evaluate_each_scores_each_caption_evaluation_as_evaluate_does(pipeline)
     assert isinstance(outs[2], InvalidInputError) and outs[2].field == "texts"
     for e, out in zip(evaluations[:2], outs):
         assert out == pipeline.evaluate(e.images, texts=e.texts, seed=e.seed)
+
+
+@pytest.fixture(scope="module")
+def placeholder_is_pad(tmp_path_factory):
+    """A vlm whose image_token_id is 0, the pad id of a deployment without a tokenizer (spec §13 B15)."""
+    from tests.factories import tiny_model, tiny_vlm_params
+    from vla_foundry.checkpoint import save_experiment
+
+    path = tmp_path_factory.mktemp("vlm_image_token_0")
+    save_experiment(tiny_model(tiny_vlm_params(vocab_size=64, image_token_id=0)), path)
+    return load_pipeline(path)
+
+
+def test_padding_is_never_an_image_placeholder_where_the_pad_id_is_the_placeholder(placeholder_is_pad):
+    """Rows of different lengths are padded with id 0, here also the placeholder: the padding is not taken for
+    placeholders (the evaluation was refused: more placeholders than image embeddings), and each row scores what it
+    scores alone."""
+    p = placeholder_is_pad
+    placeholders = [0] * p.model.tokens_per_image
+    rows = [placeholders + [5, 6, 7, 8], placeholders + [5, 6]]
+    both = p.evaluate([[image(1)], [image(2)]], input_ids=rows, seed=0)
+    alone = [p.evaluate([[image(i + 1)]], input_ids=[row], seed=0) for i, row in enumerate(rows)]
+    assert both["num_tokens"] == sum(a["num_tokens"] for a in alone) == 6
+    mean = sum(a["loss"] * a["num_tokens"] for a in alone) / 6
+    assert both["loss"] == pytest.approx(mean, rel=1e-5)
+
+
+def test_an_image_placeholder_outside_the_vocabulary_is_served(tmp_path_factory):
+    """Spec §6 embeds placeholders as row 0 before their images replace them, so a placeholder id outside the
+    language model's vocabulary (an added processor token) is valid: captions and evaluations are served, and a
+    client's id outside the vocabulary is still refused, naming its field."""
+    from tests.factories import tiny_model, tiny_transformer_params, tiny_vlm_params
+    from vla_foundry.checkpoint import save_experiment
+
+    path = tmp_path_factory.mktemp("vlm_placeholder_outside")
+    save_experiment(tiny_model(tiny_vlm_params(64, transformer=tiny_transformer_params(vocab_size=64),
+                                               image_token_id=64)), path)
+    p = load_pipeline(path)
+    out = p.caption([[image(1)]], prompt_token_ids=[[5, 6]], sampling=GREEDY, seed=0)
+    assert len(out.completions[0].token_ids) > 0
+    assert p.evaluate([[image(1)]], input_ids=[[64] * p.model.tokens_per_image + [5, 6, 7]], seed=0)["num_tokens"] == 3
+    with pytest.raises(InvalidInputError, match=r"outside \[0, 64\): \[65\]") as e:
+        p.caption([[image(1)]], prompt_token_ids=[[5, 65]], sampling=GREEDY, seed=0)
+    assert e.value.field == "prompt_token_ids"

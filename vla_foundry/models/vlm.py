@@ -99,11 +99,13 @@ class VLM(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-              image_columns: Optional[int] = None) -> torch.Tensor:
+              image_columns: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings with the image embeddings scattered into the placeholder positions. (B, T, H)
 
         ``image_columns`` limits placeholders to the first columns (the prompt): a generated id
         that equals ``image_token_id`` is then a normal token (the fix for reference bug B2).
+        ``attention_mask`` (B, T) limits them to real tokens: padding is never a placeholder, even where
+        the pad id is ``image_token_id`` (0 for the debug processor, spec §13 B15).
         """
         if pixel_values is None:
             return self.transformer.embed_tokens(input_ids)
@@ -111,6 +113,8 @@ class VLM(nn.Module):
         is_img = input_ids == self.image_token_id  # (B, T)
         if image_columns is not None:
             is_img[:, image_columns:] = False
+        if attention_mask is not None:
+            is_img &= attention_mask.bool()
         emb = self.transformer.embed_tokens(input_ids.masked_fill(is_img, 0))  # placeholders look up row 0
         if int(is_img.sum()) != img.shape[0] * img.shape[1]:
             raise ValueError(f"the prompt has {int(is_img.sum())} image placeholders (id {self.image_token_id}) but "
@@ -121,7 +125,7 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, output_hidden_states=False,
                 use_cache=False, past_key_values=None):
-        emb = self.embed(input_ids, pixel_values)
+        emb = self.embed(input_ids, pixel_values, attention_mask=attention_mask)
         return self.transformer(inputs_embeds=emb, attention_mask=attention_mask, past_key_values=past_key_values,
                                 output_hidden_states=output_hidden_states, use_cache=use_cache)
 
@@ -168,7 +172,7 @@ class VLM(nn.Module):
                 out = self.transformer(input_ids=generated[:, -1:], attention_mask=mask, past_key_values=past,
                                        use_cache=True)
             else:
-                emb = self.embed(generated, pixel_values, image_columns=prompt_len)
+                emb = self.embed(generated, pixel_values, image_columns=prompt_len, attention_mask=mask)
                 out = self.transformer(inputs_embeds=emb, attention_mask=mask, use_cache=use_cache)
             past = out.past_key_values if use_cache else None
             return out.logits[:, -1]  # (B, V)

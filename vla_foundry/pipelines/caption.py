@@ -142,9 +142,11 @@ class CaptionPipeline(TextPipeline):
         return self.processor.render_chat(messages)
 
     def _check_ids(self, ids: list[list[int]], field: str) -> None:
-        vocab = self.model.vocab_size
+        """Every id a token of the vocabulary, or the image placeholder (which may lie outside it, an added
+        processor token: the model embeds placeholders as row 0 before their images replace them, spec §6)."""
+        vocab, placeholder = self.model.vocab_size, getattr(self.model, "image_token_id", None)
         for i, row in enumerate(ids):
-            bad = [t for t in row if not 0 <= t < vocab]
+            bad = [t for t in row if not 0 <= t < vocab and t != placeholder]
             if bad:
                 raise InvalidInputError(f"{field}[{i}] has token ids outside [0, {vocab}): {bad[:5]}", field=field)
 
