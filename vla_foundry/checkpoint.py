@@ -99,8 +99,11 @@ def find_checkpoint(experiment_dir: Union[str, Path], checkpoint: Union[None, in
             chosen = chosen.with_suffix(".safetensors")
     else:
         chosen = Path(checkpoint)
-        if not chosen.is_absolute() and not chosen.is_file():
-            chosen = ckpt_dir / chosen
+        if not chosen.is_absolute():
+            # A name inside checkpoints/ first (a file of that name where the server runs belongs to another
+            # run); a relative path to elsewhere only when checkpoints/ has no such file.
+            inside = ckpt_dir / chosen
+            chosen = inside if inside.is_file() or not chosen.is_file() else chosen
     if not chosen.is_file():
         available = sorted((p.name for p in ckpt_dir.glob("*") if p.suffix in CHECKPOINT_SUFFIXES),
                            key=natural_sort_key)

@@ -48,6 +48,22 @@ def test_natural_sort_picks_checkpoint_11_over_9(tmp_path):
     del model
 
 
+def test_a_named_checkpoint_file_is_the_experiments_even_where_the_server_runs_beside_one_of_that_name(
+        tmp_path, monkeypatch):
+    """``checkpoint="checkpoint_1.pt"`` names the file in <experiment>/checkpoints/: another run's file of that
+    name in the working directory is not loaded instead (it was, silently). A relative path to a file elsewhere
+    still loads where checkpoints/ has none of that name."""
+    save_experiment(tiny_model(tiny_transformer_params(), seed=1), tmp_path / "exp")
+    save_experiment(tiny_model(tiny_transformer_params(), seed=2), tmp_path / "other")
+    monkeypatch.chdir(tmp_path / "other" / "checkpoints")  # holds its own checkpoint_1.pt
+    loaded = load_model(tmp_path / "exp", checkpoint="checkpoint_1.pt")
+    assert loaded.checkpoint.file.resolve() == (tmp_path / "exp" / "checkpoints" / "checkpoint_1.pt").resolve()
+    assert torch.equal(logits(loaded), logits(tiny_model(tiny_transformer_params(), seed=1)))
+    monkeypatch.chdir(tmp_path)
+    elsewhere = load_model(tmp_path / "exp", checkpoint="other/checkpoints/checkpoint_1.pt")
+    assert torch.equal(logits(elsewhere), logits(tiny_model(tiny_transformer_params(), seed=2)))
+
+
 def test_ema_is_used_when_enabled_and_overridable(tmp_path):
     raw, ema = tiny_model(tiny_transformer_params(), seed=1), tiny_model(tiny_transformer_params(), seed=2)
     save_experiment(raw, tmp_path, checkpoint_num=3, ema_state_dict=ema.state_dict())
