@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import math
 import queue
@@ -224,7 +225,8 @@ class ModelExecutor:
         if job.batcher is not None:
             self._run_continuous(job)
         elif job.batchable and self.max_batch_size > 1:
-            self._run_batch(self._gather(job))
+            if not self._settled_unrun(job):  # (it would hold a place in the batch, and its wait)
+                self._run_batch(self._gather(job))
         else:
             self._run_one(job)
 
@@ -308,12 +310,18 @@ class ModelExecutor:
         _deliver(job, outcome, joined, done, together)
 
     def _gather(self, first: _Job) -> list[_Job]:
-        """``first`` and the queued jobs that may share its call, oldest first; others are held in order. The wait
-        for more (``batch_wait_ms``) ends early enough for every gathered job to start before its deadline."""
+        """``first`` and the queued jobs that may share its call, oldest first; others are held in order. Jobs
+        whose client has gone or whose deadline has passed take no place (they are settled as they are met). The
+        wait for more (``batch_wait_ms``) ends early enough for every gathered job to start before its deadline,
+        and for the call to end before the deadline of every job held back behind it."""
         batch, skipped = [first], []
         end = time.perf_counter() + self.batch_wait_ms / 1000
         while len(batch) < self.max_batch_size:
             due = min((job.deadline for job in batch if job.deadline is not None), default=math.inf)
+            if self.batch_wait_ms:
+                behind = min((job.deadline for job in itertools.chain(skipped, self._held)
+                              if job is not None and job.deadline is not None), default=math.inf)
+                due = min(due, behind - self.call_seconds.get(len(batch), 0.0))
             wait = min(end, due - GATHER_MARGIN_S) - time.perf_counter()
             try:
                 job = self._held.popleft() if self._held else (
@@ -324,11 +332,23 @@ class ModelExecutor:
                 skipped.append(job)
                 break
             if job.fn is first.fn and job.batch_key == first.batch_key:
-                batch.append(job)
+                if not self._settled_unrun(job):
+                    batch.append(job)
             else:
                 skipped.append(job)
         self._held.extendleft(reversed(skipped))
         return batch
+
+    def _settled_unrun(self, job: _Job) -> bool:
+        """Whether ``job``, still queued, no longer runs: its client has gone (dropped) or its deadline has passed
+        (failed, 504). Either way it is out of the counts now."""
+        now = time.perf_counter()
+        if not job.future.cancelled() and not job.expired(now):
+            return False
+        self._release(job)
+        if job.future.set_running_or_notify_cancel():  # (a cancelled one needs no answer)
+            _dropped_if_expired(job, now)
+        return True
 
     def _run_one(self, job: _Job) -> None:
         self._release(job)

@@ -104,14 +104,43 @@ def test_batching_off_runs_each_item_alone():
         executor.shutdown()
 
 
-def test_cancelled_requests_are_left_out_of_the_batch(executor):
+@pytest.mark.parametrize("dead", [1, 2], ids=["first", "later"])
+@pytest.mark.parametrize("how", ["cancelled", "expired"])
+def test_requests_whose_client_left_or_deadline_passed_take_no_place_in_a_batch(executor, dead, how):
+    """Batches of 3: with one of the first three queued requests gone, the fourth takes its place (it was left
+    for another call). An expired one gets DeadlineExceeded unrun."""
     fn = Recorder()
     release = blocked(executor)
-    futures = [executor.submit_batched(fn, "k", item) for item in (1, 2, 3)]
-    futures[1].cancel()
+    soon = time.perf_counter() + 0.05
+    futures = [executor.submit_batched(fn, "k", item, deadline=soon if how == "expired" and item == dead else None)
+               for item in (1, 2, 3, 4)]
+    if how == "cancelled":
+        futures[dead - 1].cancel()
+    time.sleep(0.1)
     release.set()
-    assert futures[0].result(10).value == "done 1" and futures[2].result(10).value == "done 3"
-    assert fn.calls == [[1, 3]]
+    live = [item for item in (1, 2, 3, 4) if item != dead]
+    assert [futures[i - 1].result(10).value for i in live] == [f"done {i}" for i in live]
+    assert fn.calls == [live]
+    if how == "expired":
+        with pytest.raises(DeadlineExceeded):
+            futures[dead - 1].result(10)
+    assert executor.depth == 0
+
+
+def test_batch_wait_ends_in_time_for_the_deadline_of_a_request_held_back_behind_the_batch():
+    """The thread waits for more requests of the oldest one's kind (batch_wait_ms 1 s); a request of another kind
+    queued behind it, due in 300 ms, still runs before its deadline (it got 504 with the thread idle)."""
+    executor = ModelExecutor("test", max_queue=8, max_batch_size=4, batch_wait_ms=1000)
+    try:
+        fn = Recorder()
+        release = blocked(executor)
+        a = executor.submit_batched(fn, "a", "a1")
+        b = executor.submit_batched(fn, "b", "b1", deadline=time.perf_counter() + 0.3)
+        release.set()
+        assert b.result(10).value == "done b1" and a.result(10).value == "done a1"
+        assert fn.calls == [["a1"], ["b1"]]
+    finally:
+        executor.shutdown()
 
 
 def test_requests_held_back_from_a_batch_still_count_against_the_queue_bound():
