@@ -97,6 +97,31 @@ def test_missing_required_block_and_unknown_type_are_clear():
         parse_params({"hidden_dim": 3})
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"type": "stable_diffusion", "noise_scheduler": {"clamp_range": 1.5}},
+     r"`noise_scheduler`: `clamp_range` must be two numbers \[low, high\].*got 1.5"),
+    ({"type": "stable_diffusion", "noise_scheduler": {"clamp_range": [-1, 0, 1]}}, r"`clamp_range` must be two"),
+    ({"type": "stable_diffusion", "noise_scheduler": {"clamp_range": [1, -1]}}, r"low <= high"),
+    ({"type": "stable_diffusion", "unet": {"channels": 16}}, r"`unet`: `channels` must be a list of positive"),
+    ({"type": "stable_diffusion", "unet": {"channels": [32, 0]}}, r"`channels` must be a list of positive"),
+    ({"type": "transformer", "n_heads": 0}, r"^`n_heads` must be a positive integer; got 0$"),
+    ({"type": "vlm", "vit": {"patch_size": 0}, "transformer": {}}, r"`vit`: `patch_size` must be a positive"),
+    ({"type": "vlm", "vit": "vit", "transformer": {}}, r"key `vit` must be a block .*got 'vit' \(str\)"),
+    ({"type": "stable_diffusion", "noise_scheduler": {"num_timesteps": -3}}, r"`num_timesteps` must be a positive"),
+])
+def test_malformed_values_are_refused_naming_their_key_and_what_is_allowed(config, message):
+    """They failed deep inside the model (a TypeError, a ZeroDivisionError, an AttributeError) naming no key."""
+    with pytest.raises(ValueError, match=message):
+        parse_params(config)
+
+
+def test_a_null_nested_block_reads_as_an_absent_one():
+    assert parse_params({"type": "stable_diffusion", "noise_scheduler": None}).noise_scheduler == \
+        parse_params({"type": "stable_diffusion"}).noise_scheduler
+    assert parse_params({"type": "stable_diffusion", "clip": None}).clip == \
+        parse_params({"type": "stable_diffusion"}).clip
+
+
 def test_scalars_are_coerced_like_the_reference():
     p = parse_params({"type": "transformer", "norm_eps": "1e-6"})  # PyYAML reads 1e-6 as a string
     assert p.norm_eps == pytest.approx(1e-6)

@@ -10,6 +10,8 @@ from vla_foundry.params.model_params import ModelParams, nested, register_model_
 @register_model_params("unet")
 @dataclass
 class UNetParams(ModelParams):
+    positive = ("in_channels", "out_channels", "time_emb_dim", "image_size")
+
     in_channels: int = 3
     out_channels: int = 3
     time_emb_dim: int = 256
@@ -18,10 +20,19 @@ class UNetParams(ModelParams):
     image_size: int = 128
     time_mlp_float32: bool = False
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.channels, (list, tuple)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels):
+            raise ValueError(f"`channels` must be a list of positive integers, one per resolution, e.g. "
+                             f"[64, 128, 256]; got {self.channels!r}")
+
 
 @register_model_params("noise_scheduler")
 @dataclass
 class NoiseSchedulerParams(ModelParams):
+    positive = ("num_timesteps",)
+
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -31,8 +42,12 @@ class NoiseSchedulerParams(ModelParams):
         super().__post_init__()
         # Dumped as a 2-element list; (low, high) or None.
         if self.clamp_range is not None:
-            low, high = self.clamp_range
-            self.clamp_range = (float(low), float(high))
+            pair = self.clamp_range
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair) or pair[0] > pair[1]:
+                raise ValueError(f"`clamp_range` must be two numbers [low, high] with low <= high, or null for no "
+                                 f"clamp; got {pair!r}")
+            self.clamp_range = (float(pair[0]), float(pair[1]))
 
 
 @register_model_params("stable_diffusion")

@@ -70,6 +70,9 @@ class ModelParams:
     """Fields every model block carries; none of them affects inference."""
 
     type_key: ClassVar[str] = ""
+    # Integer fields that must be at least 1 (sizes and counts: a 0 would fail later, deep inside the model,
+    # naming no key).
+    positive: ClassVar[tuple[str, ...]] = ()
 
     type: str = ""
     resume_from_checkpoint: Optional[str] = None
@@ -79,6 +82,10 @@ class ModelParams:
     def __post_init__(self):
         if not self.type:
             self.type = self.type_key
+        for name in self.positive:
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config block as VLA Foundry dumps it (nested params as dicts, tuples as lists)."""
@@ -158,12 +165,22 @@ def parse_params(config: dict, *, _default_type: Optional[str] = None, _path: st
             unknown.append(where)
             continue
         spec = f.metadata.get("nested")
+        if spec is not None and value is None:
+            continue  # `key: null` reads as an absent block: its default (or none)
         if spec is not None and isinstance(value, dict):
             kwargs[key] = parse_params(value, _default_type=spec.type_for(value), _path=where, _unknown=unknown)
+        elif spec is not None:
+            raise ValueError(f"model config key `{where}` must be a block (a mapping of its keys, e.g. "
+                             f"`{key}: {{type: {spec.default_type}, ...}}`); got {value!r} ({type(value).__name__})")
         else:
             kwargs[key] = _coerce(value, hints.get(key), where)
     kwargs["type"] = model_type
-    params = cls(**kwargs)
+    try:
+        params = cls(**kwargs)
+    except ValueError as e:  # a value its class checks (e.g. a positive count): named by its full key here
+        if not _path:
+            raise
+        raise ValueError(f"model config block `{_path}`: {e}") from None
     for f in fields.values():
         if f.metadata.get("required") and getattr(params, f.name) is None:
             raise ValueError(f"{model_type} config needs a `{f.name}:` block; none was given")

@@ -9,6 +9,8 @@ from vla_foundry.params.model_params import ModelParams, register_model_params
 @register_model_params("transformer")
 @dataclass
 class TransformerParams(ModelParams):
+    positive = ("hidden_dim", "n_layers", "n_heads", "vocab_size", "max_seq_len")
+
     hidden_dim: int = 96
     n_layers: int = 8
     n_heads: int = 4

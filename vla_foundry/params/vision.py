@@ -9,6 +9,9 @@ from vla_foundry.params.model_params import ModelParams, nested, register_model_
 @register_model_params("vit")
 @dataclass
 class ViTParams(ModelParams):
+    positive = ("img_size", "patch_size", "hidden_dim", "inter_dim", "n_heads", "n_layers",
+                "projector_pixel_shuffle_factor")
+
     img_size: int = 384
     patch_size: int = 16
     hidden_dim: int = 768
@@ -26,6 +29,8 @@ class ViTParams(ModelParams):
 @register_model_params("vit_hf")
 @dataclass
 class ViTHFParams(ModelParams):
+    positive = ("hidden_dim", "projector_pixel_shuffle_factor")
+
     hf_pretrained: Optional[str] = None  # a timm model name, e.g. vit_base_patch16_siglip_224
     hidden_dim: int = 768  # the model's width, which sizes the projector (VLA Foundry reads it from here)
     projector_pixel_shuffle_factor: int = 1
