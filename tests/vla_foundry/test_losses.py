@@ -42,3 +42,18 @@ def test_language_model_handler_shifts_and_masks_padding():
     assert out.num_samples == 2 and out.metrics["num_tokens"] == 4
     out.loss.backward()  # differentiable: the demo pack trains through the same handler
     assert model.output.weight.grad is not None
+
+
+def test_a_bidirectional_models_loss_ignores_padding_and_the_rows_beside_it():
+    """``is_causal: false``: a row's tokens attended to its padding (the handler passed no mask), so its loss moved
+    with the padding after it and with the other rows sharing the forward pass."""
+    model = tiny_model(tiny_transformer_params(is_causal=False, vocab_size=64))
+    handler = create_batch_handler("transformer")
+    alone = handler.compute_loss(model, {"input_ids": torch.tensor([[3, 4, 5, 6]])})
+    padded = handler.compute_loss(model, {"input_ids": torch.tensor([[3, 4, 5, 6, 0, 0, 0, 0]]),
+                                          "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]])})
+    assert torch.allclose(alone.loss, padded.loss, atol=1e-6)
+    together = handler.compute_loss_each(
+        model, {"input_ids": torch.tensor([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 12]]),
+                "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])}, [1, 1])
+    assert torch.allclose(together[0].loss, alone.loss, atol=1e-6)

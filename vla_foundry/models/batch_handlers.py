@@ -82,7 +82,8 @@ class LanguageModelBatchHandler(BatchHandler):
     def compute_loss_each(self, model, batch, counts: list[int], generators=None) -> list:
         """Several evaluations in one forward pass: ``batch`` holds their rows back to back (``counts[i]`` of
         the i-th); each gets its loss over its own tokens only, what ``compute_loss`` of its rows alone gives (a
-        causal model's logits at a row's tokens do not depend on the rows beside it or the padding after it),
+        causal model's logits at a row's tokens do not depend on the rows beside it or the padding after it, and a
+        bidirectional one's padding is masked),
         or a ``ValueError`` when it has no token to score, an ``InvalidInputError`` when its mask pads on the left.
         No randomness: ``generators`` are not used."""
         device = self.model_device(model)
@@ -94,7 +95,13 @@ class LanguageModelBatchHandler(BatchHandler):
         mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
         left_padded = (mask[:, 1:] > mask[:, :-1]).any(dim=1)  # (B,) a token after padding: padding on the left
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T-1)
-        logits = model(input_ids[:, :-1]).logits  # (B, T-1, V)  (no mask: right padding follows every token)
+        # A causal model needs no mask: right padding follows every token. A bidirectional one (``is_causal:
+        # false``) takes one, or a row's tokens would attend to its padding and to its own last token (an input
+        # here only because padding follows it): an input counts where its next token is real, ``mask[:, 1:]``,
+        # which is what the row alone gives.
+        bidirectional = not getattr(getattr(model, "params", None), "is_causal", True)
+        logits = model(input_ids[:, :-1], **({"attention_mask": mask[:, 1:]} if bidirectional else {})
+                       ).logits  # (B, T-1, V)
         outs: list = []
         start = 0
         for count in counts:
