@@ -162,3 +162,14 @@ def test_contrastive_loss_matches_hand_computation(clip, pixels):
     assert out.metrics["text_to_image_accuracy"] == (logits.argmax(1) == labels).float().mean().item()
     with pytest.raises(InvalidInputError):
         ContrastiveBatchHandler().compute_loss(clip, {"input_ids": ids[:1], "pixel_values": pixels[:1]})
+
+
+@pytest.mark.parametrize("height", [1, 3, 4, 24])
+def test_images_a_few_pixels_tall_are_read_as_the_rgb_images_they_are(clip, height):
+    """Decoded images are (H, W, 3); the image processor guessed the layout from the shape and read one 1, 3 or 4
+    pixels tall as channels first (a wrong embedding, silently). A PIL image leaves it nothing to guess."""
+    from PIL import Image
+
+    image = np.random.default_rng(height).integers(0, 256, (height, 40, 3), dtype=np.uint8)
+    pil = clip.image_processor(images=[Image.fromarray(image)], return_tensors="pt")["pixel_values"]
+    assert torch.equal(clip.pixel_values([image]), pil)

@@ -746,3 +746,15 @@ def test_raw_pixels_cross_to_the_device_as_bytes_and_are_the_host_floats(monkeyp
     on_meta = processor.pixel_values(frames, torch.device("meta"))  # a device other than the host's
     assert moved == [torch.uint8]
     assert on_meta.device.type == "meta" and on_meta.dtype == torch.float32 and on_meta.shape == host.shape
+
+
+@pytest.mark.parametrize("height", [3, 24])
+def test_an_hf_processors_frames_a_few_pixels_tall_are_read_channels_last(policy_fixture, height):
+    """Frames are (H, W, 3): an HF image processor left to guess read a frame 3 pixels tall as channels first."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    frame = np.random.default_rng(height).integers(0, 256, (height, 40, 3), dtype=np.uint8)
+    pixels = hf_processor(str(policy_fixture / "clip_tiny")).image_fn([frame])
+    reference = AutoImageProcessor.from_pretrained(str(policy_fixture / "clip_tiny"))
+    assert torch.equal(pixels, reference(images=[Image.fromarray(frame)], return_tensors="pt")["pixel_values"])

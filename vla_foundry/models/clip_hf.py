@@ -114,8 +114,10 @@ class ClipHF(nn.Module):
         return self(input_ids=input_ids.to(self.model.device))["text_embeds"]
 
     def pixel_values(self, images: list) -> torch.Tensor:
-        """(H, W, 3) uint8 arrays → (B, 3, h, w) as the CLIP image processor prepares them."""
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        """(H, W, 3) uint8 arrays → (B, 3, h, w) as the CLIP image processor prepares them. Channels last, said
+        so: the processor would otherwise guess, and read an image 1, 3 or 4 pixels tall as channels first."""
+        return self.image_processor(images=list(images), return_tensors="pt",
+                                    input_data_format="channels_last")["pixel_values"]
 
     def embed_images(self, images: list) -> torch.Tensor:
         """Unit-length image embeddings (B, Pd)."""

@@ -260,7 +260,9 @@ def hf_processor(path: str, processor_kwargs: Optional[dict] = None,
                  loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
     """An HF processor directory (e.g. a CLIPProcessor): its image processor and tokenizer."""
     processor = load_hf_processor(path, loading)
-    kwargs = dict(processor_kwargs or {})
+    # Frames are (H, W, 3): said so, or the processor guesses, and reads a frame 1, 3 or 4 pixels tall as channels
+    # first.
+    kwargs = {"input_data_format": "channels_last", **(processor_kwargs or {})}
     image_processor = getattr(processor, "image_processor", processor)
     tokenizer = getattr(processor, "tokenizer", None)
 
