@@ -13,7 +13,7 @@ import logging
 import re
 import weakref
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from vla_foundry.errors import CheckpointError, InvalidInputError
 
@@ -88,24 +88,48 @@ _CLEANUP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're k n ' t l  ' m
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _byte_tokens: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+_skipped_tokens: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
+def _once_per_tokenizer(cache: "weakref.WeakKeyDictionary[Any, frozenset[int]]", tokenizer: Any,
+                        read: Callable[[Any], frozenset[int]]) -> frozenset[int]:
+    """``read(tokenizer)``, read once per tokenizer (a tokenizer's vocabulary does not change while it serves)."""
+    try:
+        return cache[tokenizer]
+    except (KeyError, TypeError):  # (TypeError: an object that takes no weak reference)
+        pass
+    ids = read(tokenizer)
+    try:
+        cache[tokenizer] = ids
+    except TypeError:
+        pass
+    return ids
 
 
 def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
     """The ids of a sentencepiece tokenizer's byte tokens (``<0xE6>``: its ``byte_fallback``, as Llama 2's and Mistral's
     have it, for characters outside its vocabulary); empty for other tokenizers. Their decoder turns a run of them
     into text only when the run's bytes are valid UTF-8, and else writes U+FFFD for each byte of the run: a byte that
-    extends a run can rewrite characters the run showed before it. Read from the vocabulary once per tokenizer."""
-    try:
-        return _byte_tokens[tokenizer]
-    except (KeyError, TypeError):  # (TypeError: an object that takes no weak reference)
-        pass
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    ids = frozenset(i for token, i in vocab.items() if len(token) == 6 and _BYTE_TOKEN.fullmatch(token))
-    try:
-        _byte_tokens[tokenizer] = ids
-    except TypeError:
-        pass
-    return ids
+    extends a run can rewrite characters the run showed before it."""
+
+    def read(tokenizer: Any) -> frozenset[int]:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        return frozenset(i for token, i in vocab.items() if len(token) == 6 and _BYTE_TOKEN.fullmatch(token))
+
+    return _once_per_tokenizer(_byte_tokens, tokenizer, read)
+
+
+def skipped_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids ``decode(..., skip_special_tokens=True)`` leaves out: the special tokens, and every token added as
+    special (control tokens added with ``add_tokens(..., special_tokens=True)``, which ``all_special_ids`` does not
+    list)."""
+
+    def read(tokenizer: Any) -> frozenset[int]:
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        return frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | frozenset(
+            i for i, token in added.items() if getattr(token, "special", False))
+
+    return _once_per_tokenizer(_skipped_tokens, tokenizer, read)
 
 
 def clean_up(text: str) -> str:

@@ -258,3 +258,31 @@ def test_streamed_deltas_add_up_to_the_final_text_with_byte_fallback_tokens():
         assert "".join(text for text, _ in deltas if text) == completion.text, (ids, deltas, completion.text)
     deltas, _, _ = run_tracker(tokenizer, cases[2], [], streams=False)
     assert "".join(text for text, _ in deltas[:-1] if text).startswith("hi😀hi机器人")  # (streamed before the finish)
+
+
+def test_skipped_special_tokens_among_words_and_byte_runs_stream_the_final_text():
+    """Special tokens the decoder skips: a control token added as special (``all_special_ids`` does not list it, so a
+    window started at it and the decoder dropped the next word's space: 'therobotthe' streamed, and ' robot' never
+    stopped the row), and ``<s>`` inside a byte run (the decoder joins the bytes across it; the run was taken for
+    closed at it and streamed, then rewritten into U+FFFDs by a later stray byte)."""
+    tokenizer = byte_fallback_tokenizer()
+    tokenizer.add_tokens(["<ctrl>"], special_tokens=True)
+    ctrl, bos = tokenizer.convert_tokens_to_ids("<ctrl>"), tokenizer.bos_token_id
+    assert ctrl not in tokenizer.all_special_ids and tokenizer.decode([ctrl], skip_special_tokens=True) == ""
+    the, robot, hi, word = tokenizer.convert_tokens_to_ids(["▁the", "▁robot", "▁hi", "hi"])
+    e_acute = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in "é".encode()])
+    stray = tokenizer.convert_tokens_to_ids("<0x80>")
+    cases = [[the, ctrl, robot, ctrl, the], [hi, *e_acute, bos, stray, hi], [hi, *e_acute, ctrl, hi]]
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        ids: list[int] = []
+        while len(ids) < 30:
+            pick = rng.integers(6)
+            ids += ([int(rng.choice([the, robot, hi, word]))] if pick < 2 else e_acute if pick == 2 else
+                    [stray] if pick == 3 else [ctrl] if pick == 4 else [bos])
+        cases.append(ids)
+    for ids in cases:
+        deltas, completion, _ = run_tracker(tokenizer, ids, [], streams=False)
+        assert "".join(text for text, _ in deltas if text) == completion.text, (ids, deltas, completion.text)
+    deltas, completion, _ = run_tracker(tokenizer, cases[0], [" robot"])
+    assert completion.text == "the" and completion.finish_reason == "stop" and len(completion.token_ids) == 3

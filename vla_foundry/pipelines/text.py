@@ -24,7 +24,7 @@ from vla_foundry.models.registry import create_batch_handler
 from vla_foundry.pipelines.base import Pipeline, register_pipeline
 from vla_foundry.sampling import SamplingParams
 from vla_foundry.tokenizer import (SpaceCleanup, byte_fallback_ids, cleans_up_as_transformers, decode_cleans_up,
-                                   load_tokenizer, render_with_template)
+                                   load_tokenizer, render_with_template, skipped_ids)
 
 
 @dataclass
@@ -147,7 +147,7 @@ class CompletionTracker:
         self.stable = [0] * n_rows
         self.cut: list[Optional[int]] = [None] * n_rows  # where the first stop string starts in the text
         self._longest_stop = max((len(s) for s in self.stop), default=0)
-        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._special = skipped_ids(tokenizer) if tokenizer is not None else frozenset()  # (decoding skips them)
         self._byte_ids = byte_fallback_ids(tokenizer) if tokenizer is not None else frozenset()
         self._decode_options: dict[str, Any] = {"skip_special_tokens": True}
         # A tokenizer that cleans up spaces (" 's" → "'s") rewrites text across tokens, so a window's text would not
@@ -196,7 +196,10 @@ class CompletionTracker:
             if not window.startswith(before):  # the decoder rewrote text across the window's start: decode whole
                 self.whole = True
                 return self._settle(row)
-            open_run = tokens[visible - 1] in self._byte_ids
+            # (the newest token that shows: a skipped special token between two bytes does not end their run, which
+            # the decoder joins across it)
+            open_run = next((t for t in reversed(tokens[read:visible]) if t not in self._special), None) \
+                in self._byte_ids
             if not window.endswith("\ufffd") and not open_run:
                 committed = window[len(before):]
                 # The next window starts where this one's new tokens did (a clean boundary), unless they were all
