@@ -495,7 +495,8 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
 
     def chunk(choices: list, **extra) -> str:
         return sse({"id": response_id, "object": chunk_kind, "created": created, "model": deployment.name,
-                    "system_fingerprint": f"seed-{body.seed}", "choices": choices, **extra})
+                    "system_fingerprint": f"seed-{body.seed}", "choices": choices,
+                    **({"usage": None} if body.include_usage else {}), **extra})  # (OpenAI: null but in the last)
 
     def chunks(deltas: list) -> Iterator[str]:
         for row, text, _, finish in deltas:

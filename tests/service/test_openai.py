@@ -218,6 +218,28 @@ def test_stop_string_cuts_and_streams_without_it(app_client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_with_include_usage_every_chunk_carries_usage_null_but_the_last(app_client, route):
+    """OpenAI's streaming format: with ``stream_options.include_usage`` every chunk has a ``usage`` field, null in all
+    but the last (which has no choices); without it, no chunk has one."""
+    import json
+
+    request = {"model": "chat", "max_tokens": 6, "temperature": 0, "stream": True,
+               **({"prompt": "the quick"} if route == "/v1/completions" else
+                  {"messages": [{"role": "user", "content": "the quick"}]})}
+    for include in (True, False):
+        options = {"stream_options": {"include_usage": True}} if include else {}
+        with app_client.stream("POST", route, json={**request, **options}) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert len(chunks) > 2
+        if include:
+            assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+        else:
+            assert not any("usage" in c for c in chunks)
+
+
 def test_v1_refusals(app_client):
     image_part = {"type": "image_url", "image_url": {"url": png_data_url(0)}}
     e = error_of(app_client.post("/v1/chat/completions", json={
