@@ -79,8 +79,10 @@ class WebsocketConnection:
             try:
                 self._flush()
             except OSError as e:  # part of a frame may have gone out: the connection cannot carry another
+                self._read_close_frame()  # (the server may have said why it stopped reading: 1009, too big)
                 self._sock.close()
-                self._protocol.receive_eof()
+                if self._protocol.state is not State.CLOSED:
+                    self._protocol.receive_eof()
                 raise self._protocol.close_exc from e
 
     def recv(self, timeout: Optional[float] = None) -> Union[bytes, str]:
@@ -151,6 +153,17 @@ class WebsocketConnection:
                 raise ConnectionClosedError(None, None)
             self._take([e for e in events if not isinstance(e, Response)])  # a message right after the upgrade
             self._flush()
+
+    def _read_close_frame(self, within_s: float = 1.0) -> None:
+        """What the server sent before the connection broke under a send, its close frame with its code and reason
+        (read for at most ``within_s`` seconds)."""
+        deadline = time.monotonic() + within_s
+        try:
+            while self._protocol.state is not State.CLOSED and time.monotonic() < deadline:
+                self._sock.settimeout(max(0.01, deadline - time.monotonic()))
+                self._read()
+        except OSError:  # (nothing more to read)
+            pass
 
     def _read(self) -> None:
         """Read once (blocking up to the socket's timeout) and take in what arrived."""

@@ -264,3 +264,15 @@ def test_an_empty_session_id_is_the_connections_own_session_and_ends_with_it(tin
             while client.get("/sessions").json()["sessions"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert own.startswith("ws-") and client.get("/sessions").json()["sessions"] == [], query
+
+
+@pytest.mark.parametrize("size", [FRAME_LIMIT * 2, 32 * 1024 * 1024], ids=["a little over", "far over"])
+def test_the_python_client_reports_a_frame_over_the_limit_as_1009(server, size):
+    """The server closes 1009 while the client still sends a frame over VLA_MAX_WS_FRAME_BYTES; the client's send
+    then breaks, and it reported 1006 (a lost connection) without reading the close frame that said why."""
+    from vla_foundry_client import PolicyServerError, WebsocketPolicyClient
+
+    with WebsocketPolicyClient(server.replace("/ws/diffusion_policy", ""), model="policy", timeout=30) as robot:
+        with pytest.raises(PolicyServerError) as info:
+            robot.infer({**flat_observation(), "observation/state": np.zeros(size, np.uint8)})
+    assert (info.value.status, info.value.type) == (1009, "payload_too_large"), info.value
