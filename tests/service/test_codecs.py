@@ -107,6 +107,19 @@ def test_our_client_reads_openpi_scalars():
     assert value == np.float32(0.5) and isinstance(value, np.float32)
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["msgpack", "json"])
+def test_our_client_sends_a_0d_array_with_its_shape_as_openpi_does(binary):
+    """A 0-d array (a gripper width read as ``np.asarray(x)``) went out as shape [1]."""
+    import json
+
+    from vla_foundry_client import pack
+
+    value = np.asarray(3.5, np.float32)
+    wire = msgpack.packb(pack({"x": value}, binary=True)) if binary else json.dumps(pack({"x": value}, binary=False))
+    back = unpack(msgpack.unpackb(wire) if binary else json.loads(wire))["x"]
+    assert back.shape == () and back == value
+
+
 def test_encode_response_spelling_follows_the_flag_and_json_is_unchanged():
     payload = {"v": np.ones(2, np.float32)}
     as_bytes = msgpack.unpackb(encode_response(payload, "application/msgpack", bytes_keys=True).body)
