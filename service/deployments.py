@@ -124,8 +124,16 @@ class Deployment:
             options = {"cuda_graphs": self.settings.cuda_graphs, "traced_sampling": self.settings.traced_sampling}
             if self.spec.tokenizer:
                 options["tokenizer"] = self.spec.tokenizer
-            for name in ("num_inference_steps", "n_action_steps", "open_loop_steps", "control_period_s",
-                         "max_observation_age_s"):  # policies
+            policy_only = ("num_inference_steps", "n_action_steps", "open_loop_steps", "control_period_s",
+                           "max_observation_age_s")
+            misplaced = [name for name in policy_only if name in self.spec.model_fields_set] \
+                if self.modality != "action" else []
+            if misplaced:  # (an operator's setting that would change nothing: said, not ignored)
+                raise ValueError(f"deployment {self.name!r} is a {self.model_type}: {', '.join(misplaced)} "
+                                 f"appl{'ies' if len(misplaced) == 1 else 'y'} to policies only; remove "
+                                 f"{'it' if len(misplaced) == 1 else 'them'} from its entry (requests say their own "
+                                 "num_inference_steps where the model takes it)")
+            for name in policy_only:
                 if getattr(self.spec, name) is not None:
                     options[name] = getattr(self.spec, name)
             load = dict(path=path, checkpoint=self.spec.checkpoint_file, use_ema=self.spec.use_ema, device=device,

@@ -167,6 +167,19 @@ def test_failed_deployment_does_not_stop_the_others(tiny_checkpoints, tmp_path):
         assert refused.status_code == 503 and "failed to load" in refused.json()["error"]["message"]
 
 
+def test_a_policy_setting_on_a_deployment_of_another_type_fails_its_load_naming_it(tiny_checkpoints):
+    """``num_inference_steps: 5`` on an image deployment was taken and changed nothing (its requests' default
+    stayed 20): the deployment fails instead, saying which settings apply to policies only. A policy takes them."""
+    image = DeploymentSpec(name="image", checkpoint=str(tiny_checkpoints["stable_diffusion"]), num_inference_steps=5,
+                           control_period_s=0.2)
+    policy = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), num_inference_steps=3)
+    with serving(image, policy) as client:
+        info = client.get("/models/image").json()
+        assert info["status"] == "failed"
+        assert "num_inference_steps, control_period_s apply to policies only" in info["error"]
+        assert client.get("/models/policy").json()["status"] == "ready"
+
+
 def test_several_deployments_of_a_type_need_a_name(tiny_checkpoints):
     path = str(tiny_checkpoints["transformer"])
     with serving(DeploymentSpec(name="a", checkpoint=path), DeploymentSpec(name="b", checkpoint=path)) as client:
