@@ -1,8 +1,9 @@
 #!/bin/sh
 # The container's entry command (docker/Dockerfile): `vla-foundry serve` on VLA_HOST:VLA_PORT.
 #
-# - serves the deployment YAML at $VLA_DEPLOY_FILE (default /config/deploy.yaml) when that file
-#   exists, else VLA_CONFIG when set, else the demo pack from $VLA_DEMO_DIR (built first if missing);
+# - serves VLA_CONFIG when set (an operator's explicit choice wins), else the deployment YAML at
+#   $VLA_DEPLOY_FILE (default /config/deploy.yaml) when that file exists, else the demo pack from
+#   $VLA_DEMO_DIR (built first if missing);
 # - binds VLA_HOST (default 0.0.0.0: inside a container only; the CLI's own default is 127.0.0.1)
 #   and VLA_PORT (default 8000), passed as --host/--port so that they win over a host or port
 #   written in the deployment YAML;
@@ -21,11 +22,11 @@ deploy_file="${VLA_DEPLOY_FILE:-/config/deploy.yaml}"
 host="${VLA_HOST:-0.0.0.0}"
 port="${VLA_PORT:-8000}"
 
-if [ -f "$deploy_file" ]; then
+if [ -n "${VLA_CONFIG:-}" ]; then
+    echo "vla-foundry-entrypoint: serving VLA_CONFIG=$VLA_CONFIG" >&2
+elif [ -f "$deploy_file" ]; then
     echo "vla-foundry-entrypoint: serving the deployments in $deploy_file" >&2
     set -- --config "$deploy_file" "$@"
-elif [ -n "${VLA_CONFIG:-}" ]; then
-    echo "vla-foundry-entrypoint: no $deploy_file; serving VLA_CONFIG=$VLA_CONFIG" >&2
 else
     echo "vla-foundry-entrypoint: no $deploy_file; serving the demo pack from" \
          "${VLA_DEMO_DIR:-the default demo dir} (built first if missing) unless a --checkpoint is given" >&2

@@ -202,8 +202,8 @@ def render() -> str:
         "",
         "| variable | default | description |",
         "| --- | --- | --- |",
-        "| `VLA_DEPLOY_FILE` | `/config/deploy.yaml` | Served when the file exists (passed as `--config`); "
-        "else `VLA_CONFIG`, else the demo pack. |",
+        "| `VLA_DEPLOY_FILE` | `/config/deploy.yaml` | Served when `VLA_CONFIG` is not set and the file exists "
+        "(passed as `--config`); else the demo pack. |",
         "| `VLA_HOST` | `0.0.0.0` | Passed as `--host` (the image's default; the CLI's own is `127.0.0.1`). |",
         "| `VLA_PORT` | `8000` | Passed as `--port`. |",
         "| `VLA_DEMO_DIR` | `/opt/vla/demo` | The demo pack baked into the image (`BUILD_DEMO=1`). |",

@@ -650,9 +650,10 @@ def test_entrypoint_command_lines(tmp_path):
                     "--port", "9001"]
     assert "demo pack" in err and str(tmp_path / "demo") in err
 
-    # VLA_CONFIG is left to the settings.
-    argv, err = dry_run(tmp_path, VLA_DEPLOY_FILE=str(tmp_path / "none.yaml"), VLA_CONFIG=str(deploy))
-    assert "--config" not in argv and "VLA_CONFIG" in err
+    # VLA_CONFIG is left to the settings, and wins over a mounted deployment file (it was ignored beside one).
+    for mounted in (tmp_path / "none.yaml", deploy):
+        argv, err = dry_run(tmp_path, VLA_DEPLOY_FILE=str(mounted), VLA_CONFIG=str(tmp_path / "other.yaml"))
+        assert "--config" not in argv and "VLA_CONFIG" in err
 
     # A command instead of options runs as it is.
     out = subprocess.run([str(ENTRYPOINT), "sh", "-c", "echo ran $0", "it"], env=_entry_env(tmp_path),
