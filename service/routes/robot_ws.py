@@ -178,7 +178,11 @@ def _split_state(value: Any, robot_io) -> dict[str, Any]:
     """``observation/state`` = the proprioception fields concatenated ([Dp] or [P+1][Dp])."""
     from service.modalities.action import decode_numbers
 
-    array = np.asarray(decode_numbers(value, "observation/state"), dtype=np.float64)
+    try:
+        array = np.asarray(decode_numbers(value, "observation/state"), dtype=np.float64)
+    except (TypeError, ValueError) as e:  # ragged rows, or not numbers
+        raise InvalidInputError(f"observation/state must be numbers, [Dp] or [P+1][Dp]; got {type(value).__name__} "
+                                f"({e})", field="observation/state") from None
     total = robot_io.proprioception_dim
     if array.ndim not in (1, 2) or array.shape[-1] != total:
         raise InvalidInputError(f"observation/state must be [{total}] (or [P+1][{total}]): the fields "
@@ -302,8 +306,8 @@ async def _serve(websocket: WebSocket, deployment, entry, request_cls: type, set
         except TooManyKeys as e:
             await _close(websocket, str(e), TOO_BIG)
             return
-        except (InvalidInputError, DecodeError, ValidationError, ValueError) as e:
-            await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))
+        except (InvalidInputError, DecodeError, ValidationError) as e:  # the frame's fault (any other ValueError is
+            await _close(websocket, _message(e), POLICY_VIOLATION, _field(e))  # the server's: 1011, as HTTP's 500)
             return
         except ApiError as e:  # 503 (loading, overloaded) or 504 (its deadline passed): try again later, not a fault
             code = (POLICY_VIOLATION if e.status < 500 else TRY_AGAIN_LATER if e.status in (503, 504)

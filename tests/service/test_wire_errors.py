@@ -143,3 +143,29 @@ def test_msgpack_refusals_are_422_whatever_the_keys_and_400_only_for_what_is_not
     assert response.status_code == 422 and response.json()["error"]["field"] == "not valid msgpack", response.text
     response = client.post("/predict/vlm", content=b"\xc1\xc1", headers={"content-type": "application/msgpack"})
     assert response.status_code == 400 and "not valid msgpack" in response.json()["error"]["message"]
+
+
+def test_a_websocket_frame_is_refused_1008_for_its_own_fault_and_closed_1011_for_the_servers(client, monkeypatch):
+    """A ragged observation/state is the frame's fault (1008, naming the field). A ValueError out of the server's own
+    code (here the model call's) is not: it closed 1008 with the error's text, where HTTP answers 500; now 1011,
+    without the text."""
+    from service.routes import robot_ws
+    from tests.service.test_robot_ws import flat_observation
+
+    with client.websocket_connect("/ws/diffusion_policy") as ws:
+        msgpack.unpackb(ws.receive_bytes())
+        ws.send_bytes(as_msgpack({**flat_observation(), "observation/state": [[0.1, 0.2], [0.3]]}))
+        assert "observation/state must be numbers" in ws.receive_text()
+        closed = ws.receive()
+    assert (closed["code"], closed["reason"]) == (1008, "field=observation/state")
+
+    def broken(pipeline, items):
+        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+    monkeypatch.setattr(robot_ws, "session_predict", broken)
+    with client.websocket_connect("/ws/diffusion_policy") as ws:
+        msgpack.unpackb(ws.receive_bytes())
+        ws.send_bytes(as_msgpack(flat_observation()))
+        text = ws.receive_text()
+        closed = ws.receive()
+    assert closed["code"] == 1011 and "broadcast" not in text
