@@ -111,9 +111,10 @@ class FrontDoor:
             current_request_id.reset(token)
 
     def _deployment_for(self, path: str):
-        _, kind, model_type, *rest = path.split("/") + ["", ""]
-        if kind not in ("predict", "evaluate") or not model_type or any(rest):
+        parts = path.split("/")  # exactly "", kind, type: any other path (a trailing slash too) is the app's to answer
+        if len(parts) != 3 or parts[0] or parts[1] not in ("predict", "evaluate") or not parts[2]:
             return None
+        model_type = parts[2]
         if any(d.model_type is None for d in self.manager.deployments.values()):
             return None  # one still loading may be of this type too: the body's `model` decides, later
         try:

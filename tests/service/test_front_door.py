@@ -77,3 +77,20 @@ def test_the_server_logs_its_first_refusals_each_second_and_counts_them_all(tiny
         said = [r.refusals_not_logged for r in caplog.records if hasattr(r, "refusals_not_logged")]
         assert len(lines) == 2 and sum(said) == 3, (len(lines), said)
         assert 'vla_requests_shed_total{deployment="policy",stage="body"} 5.0' in client.get("/metrics").text
+
+
+def test_the_door_acts_only_on_the_exact_predict_and_evaluate_paths():
+    """``/predict/<type>/`` (a trailing slash) is not a route of the app (404): the door refused it as the type's
+    route under overload (503) instead of leaving it to the app."""
+    from types import SimpleNamespace
+
+    from service.front_door import FrontDoor
+
+    policy = SimpleNamespace(model_type="diffusion_policy")
+    manager = SimpleNamespace(deployments={"policy": policy}, resolve=lambda model_type, name: policy)
+    door = FrontDoor(None, manager, metrics=None)
+    assert door._deployment_for("/predict/diffusion_policy") is policy
+    assert door._deployment_for("/evaluate/diffusion_policy") is policy
+    for path in ("/predict/diffusion_policy/", "/predict/diffusion_policy//", "/predict/", "/predict",
+                 "/predict/diffusion_policy/x", "//predict/diffusion_policy", "/sessions/diffusion_policy"):
+        assert door._deployment_for(path) is None, path
