@@ -237,15 +237,17 @@ class ChatRequest(OpenAIRequest):
     def conversation(self) -> tuple[list[dict], list[Any]]:
         """Messages for a chat template and the image values in order. With images, content stays a list of
         parts (image parts become ``{"type": "image"}``, as HF processors' templates expect); without, every
-        content is plain text, which any template takes."""
+        content is plain text, which any template takes. A ``developer`` message is OpenAI's newer name for a
+        ``system`` one, and goes to the template as ``system`` (the role templates know; many refuse others)."""
+        roles = [_TEMPLATE_ROLES.get(m.role, m.role) for m in self.messages]
         if not any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content)
                    for m in self.messages):
-            return [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                     "".join(p.text or "" for p in (m.content or []))} for m in self.messages], []
+            return [{"role": role, "content": m.content if isinstance(m.content, str) else
+                     "".join(p.text or "" for p in (m.content or []))} for role, m in zip(roles, self.messages)], []
         messages, images = [], []
-        for i, m in enumerate(self.messages):
+        for i, (role, m) in enumerate(zip(roles, self.messages)):
             if m.content is None or isinstance(m.content, str):
-                messages.append({"role": m.role, "content": m.content or ""})
+                messages.append({"role": role, "content": m.content or ""})
                 continue
             parts = []
             for j, part in enumerate(m.content):
@@ -258,8 +260,11 @@ class ChatRequest(OpenAIRequest):
                                                 field=f"messages[{i}].content[{j}]")
                     images.append((url, f"messages[{i}].content[{j}].image_url"))
                     parts.append({"type": "image"})
-            messages.append({"role": m.role, "content": parts})
+            messages.append({"role": role, "content": parts})
         return messages, images
+
+
+_TEMPLATE_ROLES = {"developer": "system"}  # OpenAI's role → the one chat templates know
 
 
 # ----------------------------------------------------------------------------- work on the deployment's thread

@@ -68,6 +68,16 @@ def test_chat_is_seeded_and_counts_usage(client):
     assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens > 0
 
 
+def test_a_developer_message_reaches_the_template_as_a_system_one(client):
+    """OpenAI's ``developer`` role is its newer name for ``system``: the template (which knows ``system``; many
+    refuse other roles) gets it as that, so both give the same prompt and the same greedy reply."""
+    replies = [client.chat.completions.create(model="chat", max_tokens=8, temperature=0, messages=[
+        {"role": role, "content": "be brief"}, {"role": "user", "content": "a robot picks up"}]) for role in
+        ("system", "developer")]
+    assert replies[0].usage.prompt_tokens == replies[1].usage.prompt_tokens
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+
+
 def test_a_multi_turn_chat_sends_back_the_clients_own_reply_and_counts_each_prompt_once(client, live):
     """The usual loop with the official client: the reply's message (``model_dump()``, with its null refusal,
     annotations, audio, function and tool calls) goes back in the next turn. A prompt's tokens count once
