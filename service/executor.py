@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
+from service.images import hold_pixels_until
 from service.text_process import GENERATIONS  # (a local batcher's Generation, or a model process's request for one)
 
 logger = logging.getLogger(__name__)
@@ -188,14 +189,14 @@ class ModelExecutor:
         return job.future
 
     async def run(self, fn: Callable[..., Any], *args: Any, deadline: Optional[float] = None, **kwargs: Any) -> Timed:
-        return await asyncio.wrap_future(self.submit(fn, *args, deadline=deadline, **kwargs))
+        return await _outcome(self.submit(fn, *args, deadline=deadline, **kwargs))
 
     async def run_batched(self, fn: Callable[[list], list], key: Hashable, item: Any,
                           deadline: Optional[float] = None) -> Timed:
-        return await asyncio.wrap_future(self.submit_batched(fn, key, item, deadline))
+        return await _outcome(self.submit_batched(fn, key, item, deadline))
 
     async def run_continuous(self, batcher: Any, start: Callable[[], Any], deadline: Optional[float] = None) -> Timed:
-        return await asyncio.wrap_future(self.submit_continuous(batcher, start, deadline))
+        return await _outcome(self.submit_continuous(batcher, start, deadline))
 
     # ------------------------------------------------------------------ the model thread
 
@@ -443,6 +444,18 @@ class ModelExecutor:
                 job.future.cancel()
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+async def _outcome(future: concurrent.futures.Future) -> Timed:
+    """``future``'s outcome, awaited. The request cancelled (its client left) while its call runs: the call goes on,
+    and the request's decoded images with it, so they stay counted against the in-flight pixel budget until it
+    ends (a queued call is dropped with its request)."""
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if not future.done():
+            hold_pixels_until(future)
+        raise
 
 
 def _dropped_if_expired(job: _Job, now: float) -> bool:

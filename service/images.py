@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
 import contextvars
 import re
 import threading
@@ -108,6 +109,17 @@ def release_pixels() -> None:
     lease = _current_lease.get()
     if lease is not None:
         lease.release()
+
+
+def hold_pixels_until(future: concurrent.futures.Future) -> None:
+    """The current request's image pixels stay claimed until ``future`` is done, though the request ends now: its
+    model call runs on after its client left (a call that has started is not stopped), with the decoded images."""
+    lease = _current_lease.get()
+    if lease is None or not lease.held:
+        return
+    kept = PixelLease(lease.budget)
+    kept.held, lease.held = lease.held, 0
+    future.add_done_callback(lambda _: kept.release())
 
 
 def _claimer(field: str):

@@ -350,3 +350,45 @@ def test_a_fault_of_the_model_threads_own_code_fails_the_request_in_hand_and_the
         executor.submit_batched(fn, "k", 1).result(10)
     assert executor.submit_batched(fn, "k", 2).result(10).value == "done 2"
     assert fn.calls == [[2]] and executor.depth == 0  # (the failed one no longer counts as waiting)
+
+
+def test_a_request_cancelled_while_its_call_runs_keeps_its_pixels_claimed_until_the_call_ends():
+    """A client that leaves cancels its request, but a call already running goes on with the request's decoded
+    images: their pixels stay counted (they were given back at once, so requests in flight could hold more than
+    VLA_MAX_PIXELS_IN_FLIGHT). A request cancelled while queued gives them back at once (its call never runs)."""
+    import asyncio
+
+    from service.images import PixelBudget
+
+    budget = PixelBudget(per_request=1000, in_flight=10_000)
+    executor = ModelExecutor("test", max_queue=8, max_batch_size=1)
+    started, release = threading.Event(), threading.Event()
+
+    async def request(work):
+        with budget.lease() as lease:
+            lease.claim(400, "image")
+            await executor.run(work)
+
+    async def scenario():
+        running = asyncio.ensure_future(request(lambda: (started.set(), release.wait(10))))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(request(lambda: None))
+        await asyncio.sleep(0.05)
+        assert budget.used == 800
+        for task in (running, queued):
+            task.cancel()
+        await asyncio.gather(running, queued, return_exceptions=True)
+        assert budget.used == 400  # the running call's images; the queued one's were given back
+        release.set()
+        for _ in range(200):
+            if budget.used == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.used == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        executor.shutdown()
