@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import Field, model_validator, StrictInt
+from pydantic import Field, PrivateAttr, model_validator, StrictInt
 
 from service.modalities.base import (ImageListRequest, ModalityAdapter, ResponseBase, TypedArray, checked_batch,
                                      each)
@@ -29,6 +29,9 @@ class EncoderPredictRequest(ImageListRequest):
                                     "(VLA_MAX_IMAGES)", field="images")
         return self
 
+    # (pipeline, its texts' token ids): made once, by the check in the thread pool, used by the model call
+    _token_ids: Optional[tuple] = PrivateAttr(None)
+
 
 class EncoderPredictResponse(ResponseBase):
     # Absent (not null) when the request lacks their inputs: similarity needs both texts and images.
@@ -40,12 +43,14 @@ class EncoderPredictResponse(ResponseBase):
                                                                "when both were sent.")
 
 
-def check_embedding(pipeline: EncoderServing, request: EncoderPredictRequest) -> tuple:
-    pipeline.check(request.texts, request.decoded_images())
-    return request.texts, request.decoded_images()
+def check_embedding(pipeline: EncoderServing, request: EncoderPredictRequest):
+    """On the model thread: the request's inputs, its texts' ids as the thread pool's check made them."""
+    made = request._token_ids
+    return pipeline.check(request.texts, request.decoded_images(),
+                          token_ids=made[1] if made is not None and made[0] is pipeline else None)
 
 
-def embed_each(pipeline: EncoderServing, checked: list[tuple]) -> list:
+def embed_each(pipeline: EncoderServing, checked: list) -> list:
     return [dict(out) for out in pipeline.embed_each(checked)]
 
 
@@ -74,9 +79,10 @@ def evaluate_one(pipeline: EncoderServing, request: EncoderEvaluateRequest) -> d
 
 
 def check_texts(pipeline: EncoderServing, request: EncoderPredictRequest) -> None:
-    """The texts' length, before the request queues (tokenizing a huge text holds up no model call)."""
+    """The texts' length, before the request queues (tokenizing a huge text holds up no model call); their ids are
+    kept for its model call."""
     if request.texts:
-        pipeline.check(request.texts, None)
+        request._token_ids = (pipeline, pipeline.check(request.texts, None).ids)
 
 
 ADAPTER = ModalityAdapter(EncoderPredictRequest, EncoderPredictResponse, predict,

@@ -1,5 +1,6 @@
 """The app in process (TestClient runs the lifespan): every registered type, discovery, codecs."""
 
+import base64
 import threading
 
 import msgpack
@@ -315,6 +316,26 @@ def test_encoder_requests_batched_equal_their_solo_embeddings(tiny_checkpoints, 
     refused, reply = predict(pipeline, [too_long, fine])
     assert getattr(refused, "field", None) == "texts"
     np.testing.assert_allclose(reply["text_embeds"], pipeline.embed(["a red circle"])["text_embeds"], atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["clip_hf", "clip_openclip"])
+def test_an_embedding_requests_texts_are_tokenized_once_off_the_model_thread(client, model_type, monkeypatch):
+    """The check before the request queues tokenizes its texts (a huge text is refused there); the model call uses
+    those ids (the model thread tokenized them twice more: its own check, then the text tower's call)."""
+    import threading
+
+    pipeline = client.app.state.manager.get(f"tiny-{model_type}").pipeline
+    calls, tokenize = [], pipeline.model.tokenize
+    monkeypatch.setattr(pipeline.model, "tokenize",
+                        lambda *a, **k: calls.append(threading.current_thread().name) or tokenize(*a, **k))
+    texts = ["a red circle", "a blue square"]
+    reply = client.post(f"/predict/{model_type}", json={"texts": texts}, headers={"accept": "application/json"})
+    assert reply.status_code == 200, reply.text
+    assert len(calls) == 1 and not calls[0].startswith("model-"), calls
+    monkeypatch.setattr(pipeline.model, "tokenize", tokenize)
+    embeds = reply.json()["text_embeds"]
+    got = np.frombuffer(base64.b64decode(embeds["data"]), embeds["dtype"]).reshape(embeds["shape"])
+    np.testing.assert_allclose(got, pipeline.embed(texts)["text_embeds"], atol=1e-6)
 
 
 def test_openapi_documents_the_error_shape_on_every_route(client):

@@ -108,7 +108,11 @@ class ClipHF(nn.Module):
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Unit-length text embeddings (B, Pd) through §7's forward (pooled at each text's first eos, so the
         padding after it changes nothing)."""
-        return l2normalize(self.text_embeddings(self.tokenize(list(texts), self.max_text_length, field="texts")))
+        return self.embed_token_ids(self.tokenize(list(texts), self.max_text_length, field="texts"))
+
+    def embed_token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Unit-length text embeddings (B, Pd) of ``tokenize``'s ids."""
+        return l2normalize(self.text_embeddings(input_ids))
 
     def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self(input_ids=input_ids.to(self.model.device))["text_embeds"]

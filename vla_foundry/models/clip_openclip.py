@@ -85,8 +85,11 @@ class ClipOpenClip(nn.Module):
         return out
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenize(list(texts), self.max_text_length).to(next(self.parameters()).device)
-        return l2normalize(self.model.encode_text(ids))
+        return self.embed_token_ids(self.tokenize(list(texts), self.max_text_length))
+
+    def embed_token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Unit-length text embeddings (B, D) of ``tokenize``'s ids."""
+        return l2normalize(self.model.encode_text(input_ids.to(next(self.parameters()).device)))
 
     def embed_images(self, images: list[np.ndarray]) -> torch.Tensor:
         weight = next(self.parameters())

@@ -93,9 +93,12 @@ class ImageServing(Served, Protocol):
 
 
 class EncoderServing(Served, Protocol):
-    def check(self, texts: Optional[Sequence[str]], images: Optional[Sequence[np.ndarray]]) -> None: ...
+    def check(self, texts: Optional[Sequence[str]], images: Optional[Sequence[np.ndarray]],
+              token_ids: Any = None) -> Any:
+        """The request's checked inputs (its texts tokenized), what ``embed_each`` takes; ``token_ids``: those of
+        an earlier check of the same texts."""
 
-    def embed_each(self, requests: Sequence[tuple]) -> list[dict[str, Any]]: ...
+    def embed_each(self, requests: Sequence[Any]) -> list[dict[str, Any]]: ...
 
     def evaluate(self, texts: Sequence[str], images: Sequence[np.ndarray], seed: Optional[int] = None
                  ) -> dict[str, Any]: ...
