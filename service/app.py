@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from contextlib import asynccontextmanager
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Response
 from starlette.types import ASGIApp
@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 from service.auth import ApiKeyMiddleware, ApiKeys
 from service.deployments import DeploymentManager
 from service.errors import ERROR_RESPONSES, install_error_handlers
-from service.openapi_extra import operation_openapi
+from service.openapi_extra import document_api_keys, operation_openapi
 from service.metrics import Metrics, RequestMetrics
 from service.images import PixelBudget
 from service.memory import return_large_blocks_to_the_system
@@ -53,6 +53,14 @@ class ServeApp(FastAPI):
     """FastAPI with a front door (``front_door.py``) ahead of the framework and every middleware."""
 
     front_door: Optional[ASGIApp] = None  # the door, and what ``add_outermost`` wrapped around it
+    # With API keys: whether a path needs one, and whether admin keys are set (the OpenAPI document says so).
+    needs_key: Optional[Callable[[str], bool]] = None
+    admin_keys: bool = False
+
+    def openapi(self) -> dict:
+        if self.openapi_schema is None and self.needs_key is not None:
+            self.openapi_schema = document_api_keys(super().openapi(), self.needs_key, self.admin_keys)
+        return super().openapi()
 
     async def __call__(self, scope, receive, send) -> None:
         if self.front_door is None:
@@ -120,9 +128,12 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     app.add_middleware(Deadlines)  # X-Request-Timeout → the request's deadline (deadlines.py), once its key is checked
     api_keys, admin_keys = settings.api_key_list(), settings.admin_key_list()
     if api_keys or admin_keys:  # added last, so outermost: a request without a key is refused before its body is read
-        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(api_keys) if api_keys else None,
+        key_options = dict(keys=ApiKeys(api_keys) if api_keys else None,
                            admin_keys=ApiKeys(admin_keys) if admin_keys else None,
                            metrics_public=settings.metrics_public)
+        app.add_middleware(ApiKeyMiddleware, **key_options)
+        app.needs_key = ApiKeyMiddleware(None, **key_options).needs_key  # (for the OpenAPI document)
+        app.admin_keys = bool(admin_keys)
     if not api_keys and (replica is None or replica.index is None):  # (a launch of replicas says it once)
         warning = unprotected_warning(settings)
         if warning:

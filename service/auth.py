@@ -109,6 +109,10 @@ class ApiKeyMiddleware:
         self.keys, self.admin_keys = keys, admin_keys
         self.public_paths = PUBLIC_PATHS | {"/metrics"} if metrics_public else PUBLIC_PATHS
 
+    def needs_key(self, path: str) -> bool:
+        """Whether a request to ``path`` is refused without a key (the app's OpenAPI document says which)."""
+        return self._keys_for(path)[0] is not None
+
     def _keys_for(self, path: str) -> tuple[Optional[ApiKeys], str]:
         """The keys a request to ``path`` needs (None: none), and what they are called in a refusal."""
         if path.startswith(ADMIN_PREFIX):

@@ -3,7 +3,7 @@ middleware reads and adds (``X-Request-ID``, ``X-Request-Timeout``) and the msgp
 ``middleware.BodyCodecMiddleware`` turns into the values JSON gives. Every route module uses it, through each
 route's ``openapi_extra``."""
 
-from typing import Optional
+from typing import Callable, Optional
 
 from service.codecs import MSGPACK_TYPES
 from service.deadlines import timeout_parameter
@@ -30,3 +30,18 @@ def operation_openapi(body: Optional[dict] = None, *, deadline: bool = False, su
 def schema_ref(model: type) -> dict:
     """The JSON schema of a request model, as FastAPI documents an endpoint's body (named after its class)."""
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def document_api_keys(schema: dict, needs_key: Callable[[str], bool], admin: bool) -> dict:
+    """``schema`` (the app's OpenAPI document) saying which operations take an API key (``needs_key(path)``) as a
+    bearer token (``auth.ApiKeyMiddleware``): Swagger UI at ``/docs`` then offers an Authorize button, and "Try it
+    out" sends the key."""
+    text = "An API key of VLA_API_KEYS, as `Authorization: Bearer <key>`" + (
+        " (the /admin/ routes take a key of VLA_ADMIN_KEYS)." if admin else ".")
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http", "scheme": "bearer", "description": text}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            if isinstance(operation, dict):
+                operation["security"] = [{"apiKey": []}] if needs_key(path) else []
+    return schema

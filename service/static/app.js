@@ -80,13 +80,16 @@ function fillTable() {
   }));
 }
 
-// Each form lists the deployments of its modality (chat: the text and caption deployments with a chat template).
+// Each form lists the deployments of its modality it can drive (chat: the text and caption deployments with a chat
+// template; text: those that take text prompts, not only token ids).
 function fillForms() {
   for (const section of document.querySelectorAll("section.try")) {
     const chatting = section.dataset.modality === "chat";
+    const ready = (d, can) => d.status !== "ready" || can(d.io || {});
     const usable = deployments.filter((d) => chatting
-      ? ["text", "caption"].includes(d.modality) && (d.status !== "ready" || (d.io || {}).chat)
-      : d.modality === section.dataset.modality);
+      ? ["text", "caption"].includes(d.modality) && ready(d, (io) => io.chat)
+      : d.modality === section.dataset.modality &&
+        (d.modality !== "text" || ready(d, (io) => (io.accepts || []).includes("prompt"))));
     section.hidden = usable.length === 0;
     const select = section.querySelector("select[name=model]");
     const previous = select.value;
@@ -103,15 +106,19 @@ function fillForms() {
   }
 }
 
+let refreshTimer = null;  // one poll while deployments load, however often refresh() is called
+
 async function refresh() {
+  clearTimeout(refreshTimer);
   try {
     deployments = (await api("GET", "models")).deployments;
     fillTable();
     fillForms();
+    fitImagePrompt();
     const loading = deployments.filter((d) => d.status === "loading").length;
     show($("#status-line"), loading ? `${loading} deployment(s) loading…` : "");
     document.body.dataset.loaded = "true";
-    if (loading) setTimeout(refresh, 2000);
+    if (loading) refreshTimer = setTimeout(refresh, 2000);
   } catch (error) {  // unreachable, or a key is needed: nothing shown stands (no stale "ready" rows and forms)
     deployments = [];
     fillTable();
@@ -119,6 +126,13 @@ async function refresh() {
     show($("#status-line"), String(error.message || error), true);
   }
 }
+
+// The image form shows its prompt only for a model that takes one.
+function fitImagePrompt() {
+  const chosen = deployments.find((d) => d.name === $("#image-form select[name=model]").value);
+  $("#image-form input[name=prompt]").hidden = Boolean(chosen) && !(chosen.io || {}).text;
+}
+$("#image-form select[name=model]").addEventListener("change", fitImagePrompt);
 
 // The deployment chosen in a form (an Error when there is none: nothing loaded, or no key given).
 function deployment(name) {
@@ -132,7 +146,8 @@ function deployment(name) {
 onSubmit($("#text-form"), $("#text-out"), async (form) => {
   const d = deployment(form.get("model"));
   show($("#text-out"), "…");
-  const reply = await api("POST", `predict/${d.type}`, {model: d.name, prompt: form.get("prompt"), max_new_tokens: 40});
+  // (no length: the server's default, within its cap VLA_MAX_NEW_TOKENS)
+  const reply = await api("POST", `predict/${d.type}`, {model: d.name, prompt: form.get("prompt")});
   show($("#text-out"), form.get("prompt") + reply.completions[0].text);
 });
 
@@ -153,15 +168,16 @@ onSubmit($("#caption-form"), $("#caption-out"), async (form) => {
   $("#caption-preview").src = image;
   $("#caption-preview").hidden = false;
   show($("#caption-out"), "…");
-  const reply = await api("POST", `predict/${d.type}`, {model: d.name, image, max_new_tokens: 24,
-                                                        temperature: 0});
+  const reply = await api("POST", `predict/${d.type}`, {model: d.name, image, temperature: 0});
   show($("#caption-out"), reply.captions[0].text);
 });
 
 onSubmit($("#image-form"), $("#image-out"), async (form) => {
   const d = deployment(form.get("model"));
   show($("#image-out"), "…");
-  const reply = await api("POST", `predict/${d.type}`, {model: d.name, prompt: form.get("prompt"), num_images: 2});
+  // A prompt only for a model that takes one (an unconditional model refuses any); one image, the default.
+  const prompt = (d.io || {}).text ? form.get("prompt").trim() : "";
+  const reply = await api("POST", `predict/${d.type}`, prompt ? {model: d.name, prompt} : {model: d.name});
   $("#image-out").replaceChildren(...reply.images.map((im) => {
     const img = new Image();
     img.src = `data:image/png;base64,${im.data}`;
@@ -184,18 +200,21 @@ $("#chat-clear").addEventListener("click", () => { chat = []; drawChat(); });
 onSubmit($("#chat-form"), $("#chat-error"), async (form) => {
   // The turn joins the history once it is answered (a refused one is not sent again); when the history no longer
   // fits the model's context with the reply, the oldest exchanges are left out, as chat apps do.
+  // A turn refused even alone leaves the history as it was. (No length: until eos, the server's cap, or the end of
+  // the model's context.)
   const turn = {role: "user", content: form.get("message")};
   const model = deployment(form.get("model")).name;
   show($("#chat-error"), "");
+  let history = [...chat];
   for (;;) {
     try {
-      const reply = await api("POST", "v1/chat/completions", {model, messages: [...chat, turn], max_tokens: 32});
-      chat.push(turn, {role: "assistant", content: reply.choices[0].message.content});
+      const reply = await api("POST", "v1/chat/completions", {model, messages: [...history, turn]});
+      chat = [...history, turn, {role: "assistant", content: reply.choices[0].message.content}];
       answered += 1;
       break;
     } catch (error) {
-      if (!chat.length || !/max_seq_len/.test(error.message)) throw error;
-      chat.splice(0, 2);  // the oldest question and its answer
+      if (!history.length || !/max_seq_len/.test(error.message)) throw error;
+      history = history.slice(2);  // the oldest question and its answer
     }
   }
   drawChat();

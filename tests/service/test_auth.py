@@ -72,6 +72,28 @@ def test_the_probes_and_docs_need_none(client):
         assert client.get(path).status_code == 200, path
 
 
+def test_the_openapi_document_says_which_operations_take_a_key(client, tiny_checkpoints):
+    """A bearer scheme, and on each operation the security its route asks for: Swagger UI at /docs then offers its
+    Authorize button and sends the key (without, "Try it out" got 401 everywhere). A server without keys says none."""
+    spec = client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "An API key of VLA_API_KEYS, as `Authorization: Bearer "
+                                                           "<key>`."}
+    checked = set()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method != "get" or "{" in path:
+                continue
+            refused = client.get(path).status_code == 401
+            assert operation["security"] == ([{"apiKey": []}] if refused else []), path
+            checked.add(refused)
+    assert checked == {True, False}
+    with serving(DeploymentSpec(name="tiny-transformer", checkpoint=str(tiny_checkpoints["transformer"]))) as open_:
+        spec = open_.get("/openapi.json").json()
+    assert "securitySchemes" not in spec.get("components", {})
+    assert not any("security" in op for ops in spec["paths"].values() for op in ops.values() if isinstance(op, dict))
+
+
 @pytest.mark.parametrize("header", ["Api-Key key-one", "Bearer key-two", "bearer key-one", "API-KEY  key-two "])
 def test_either_scheme_with_a_configured_key_is_let_through(client, header):
     response = client.post("/predict/transformer", json={"prompt": "hi", "max_new_tokens": 2},

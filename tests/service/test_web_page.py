@@ -18,6 +18,8 @@ import os
 import random
 import re
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -75,9 +77,9 @@ def server(tmp_path_factory):
         yield base
 
 
-@pytest.fixture
-def page(browser, server):
-    """A page that may reach the server and nothing else; ``page.blocked`` lists what it tried."""
+@contextmanager
+def page_of(browser, server: str):
+    """A page that may reach ``server`` and nothing else; ``page.blocked`` lists what it tried."""
     context = browser.new_context()
     page = context.new_page()
     page.blocked = []
@@ -92,8 +94,16 @@ def page(browser, server):
             request_route.abort()
 
     page.route("**/*", route)
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    with page_of(browser, server) as page:
+        yield page
 
 
 def png(image: np.ndarray) -> bytes:
@@ -122,7 +132,7 @@ def test_the_page_captions_an_image_and_drives_the_robot(page, server, tmp_path)
     caption = page.inner_text("#caption-out")
     with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
         reply = client.post("/predict/vlm", json={"image": "data:image/png;base64," + base64.b64encode(image).decode(),
-                                                  "max_new_tokens": 24, "temperature": 0})
+                                                  "temperature": 0})
     assert reply.status_code == 200 and caption == reply.json()["captions"][0]["text"] and caption.strip()
 
     # robot episodes until one reaches its target (the demo policy succeeds in most), each replayed in Python
@@ -151,6 +161,98 @@ def test_the_page_captions_an_image_and_drives_the_robot(page, server, tmp_path)
     assert page.blocked == []
 
 
+@pytest.fixture(scope="module")
+def capped_server(tmp_path_factory):
+    """No keys; VLA_MAX_NEW_TOKENS 16 and VLA_MAX_IMAGES 1; a text model with a tokenizer and one without, an
+    unconditional image model, and a chat model (128 tokens of context)."""
+    from tests.factories import tiny_model, tiny_stable_diffusion_params, tiny_transformer_params
+    from vla_foundry.checkpoint import save_experiment
+
+    root = tmp_path_factory.mktemp("page-models")
+    save_experiment(tiny_model(tiny_stable_diffusion_params(None)), root / "unconditional")
+    save_experiment(tiny_model(tiny_transformer_params()), root / "ids-only")
+    members = [SHIPPED_PACK / "demo-transformer", SHIPPED_PACK / "demo-transformer_hf", root / "unconditional",
+               root / "ids-only"]
+    args = [a for m in members for a in ("--checkpoint", str(m))]
+    with live_server(args, tmp_path_factory.mktemp("demo"), env={"VLA_MAX_NEW_TOKENS": "16",
+                                                                 "VLA_MAX_IMAGES": "1"}) as base:
+        yield base
+
+
+@pytest.fixture
+def capped_page(browser, capped_server):
+    with page_of(browser, capped_server) as page:
+        yield page
+
+
+def submit(page, form: str) -> None:
+    page.click(f"{form} button[type=submit]")
+    page.wait_for_function(f"() => !document.querySelector('{form} button[type=submit]').disabled", timeout=60_000)
+
+
+def test_the_forms_work_within_the_servers_caps_and_with_what_each_model_takes(capped_page, capped_server):
+    """Each form works under caps below what the page once asked for (it sent max_new_tokens 40, max_tokens 32,
+    num_images 2: refused); the text form offers only models that take text prompts; the image form sends no
+    prompt to an unconditional model (it always sent one: refused); a chat turn refused even alone leaves the
+    history as it was (it was emptied); a long word does not widen the capped_page."""
+    sent = []
+    capped_page.on("request", lambda r: sent.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)
+    capped_page.set_viewport_size({"width": 1000, "height": 800})
+    capped_page.goto(capped_server + "/")
+    capped_page.wait_for_selector("#deployments tr[data-name=ids-only]")
+    offered = capped_page.eval_on_selector_all("#text-form select option", "options => options.map(o => o.value)")
+    assert offered == ["demo-transformer", "demo-transformer_hf"], offered  # (not ids-only: token ids only)
+
+    capped_page.fill("#text-form input[name=prompt]", "https://example.com/" + "a" * 150)
+    submit(capped_page, "#text-form")
+    assert "error" not in capped_page.get_attribute("#text-out", "class"), capped_page.inner_text("#text-out")
+    width = capped_page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert width[0] <= width[1], width
+
+    capped_page.select_option("#image-form select", "unconditional")
+    assert capped_page.is_hidden("#image-form input[name=prompt]")
+    submit(capped_page, "#image-form")
+    assert "error" not in capped_page.get_attribute("#image-out", "class"), capped_page.inner_text("#image-out")
+    assert capped_page.locator("#image-out img").count() == 1
+
+    capped_page.fill("#chat-form input[name=message]", "first question")
+    submit(capped_page, "#chat-form")
+    assert capped_page.inner_text("#chat-error") == ""
+    capped_page.fill("#chat-form input[name=message]", "hello " * 200)  # over the context even alone
+    submit(capped_page, "#chat-form")
+    assert "max_seq_len" in capped_page.inner_text("#chat-error")
+    capped_page.fill("#chat-form input[name=message]", "second question")
+    submit(capped_page, "#chat-form")
+    assert capped_page.inner_text("#chat-error") == ""
+    assert [m["content"] for m in sent[-1]["messages"] if m["role"] == "user"] == ["first question",
+                                                                                   "second question"]
+    assert "user: first question" in capped_page.inner_text("#chat-log")
+    assert capped_page.blocked == []
+
+
+def test_refreshing_while_a_deployment_loads_keeps_one_poll(capped_page, capped_server):
+    """Each refresh (the button, a key typed) started another 2 s poll of /models beside the running one."""
+    calls = []
+
+    def loading(route):
+        calls.append(time.monotonic())
+        reply = route.fetch()
+        body = reply.json()
+        body["deployments"][0].update(status="loading", stage="loading the checkpoint")
+        route.fulfill(response=reply, body=json.dumps(body))
+
+    capped_page.route("**/models", loading)
+    capped_page.goto(capped_server + "/")
+    capped_page.wait_for_selector("#status-line:has-text('loading')")
+    for _ in range(4):
+        capped_page.click("#refresh")
+    clicked = time.monotonic()
+    capped_page.wait_for_timeout(4_500)
+    polls = [t for t in calls if t > clicked + 0.5]  # after the clicks' own requests
+    assert len(polls) <= 3, len(polls)  # one poll every 2 s (five chains: about 10)
+
+
 def replay(episode: dict) -> bool:
     """The page's episode in the Python task: every frame it sent is task.render of the replayed state, and it
     ends where the page says, with the page's verdict. Returns that verdict."""
@@ -173,6 +275,7 @@ def test_docs_render_offline(page, server):
     page.goto(server + "/docs")
     page.wait_for_selector(".opblock", timeout=30_000)  # Swagger UI drew the operations
     assert page.locator(".opblock").count() > 10
+    assert page.locator("button.authorize").count() == 1  # the server takes keys: "Try it out" can send one
     assert page.blocked == []
     page.goto(server + "/redoc")
     page.wait_for_selector("[data-section-id]", timeout=30_000)  # ReDoc drew its sections
