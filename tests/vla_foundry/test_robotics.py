@@ -758,3 +758,21 @@ def test_an_hf_processors_frames_a_few_pixels_tall_are_read_channels_last(policy
     pixels = hf_processor(str(policy_fixture / "clip_tiny")).image_fn([frame])
     reference = AutoImageProcessor.from_pretrained(str(policy_fixture / "clip_tiny"))
     assert torch.equal(pixels, reference(images=[Image.fromarray(frame)], return_tensors="pt")["pixel_values"])
+
+
+def test_processor_kwargs_reach_the_part_of_the_processor_they_belong_to(policy_fixture):
+    """Spec §8.3 calls the processor with ``**processor_kwargs``, which gives the tokenizer its own: a text kwarg went
+    to the image processor only (every pixel call raised TypeError, and the prompt was tokenized without it)."""
+    from transformers import AutoProcessor
+
+    path = str(policy_fixture / "clip_tiny")
+    kwargs = {"add_special_tokens": False}
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(2)]
+    prompts = [prompt_for("open the drawer", 1), prompt_for("put the cup on the plate", 1)]
+    expected = AutoProcessor.from_pretrained(path)(images=frames, text=prompts, padding=True, truncation=True,
+                                                   max_length=77, return_tensors="pt", **kwargs)
+    processor = hf_processor(path, kwargs)
+    ids, mask = processor.text(prompts, 77)
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    assert torch.equal(processor.image_fn(frames), expected["pixel_values"])

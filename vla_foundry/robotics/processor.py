@@ -202,13 +202,14 @@ def _shareable(frame: np.ndarray) -> np.ndarray:
     return frame if frame.flags.writeable and min(frame.strides) >= 0 else frame.copy()
 
 
-def hf_tokenizer_text(tokenizer) -> Callable:
+def hf_tokenizer_text(tokenizer, kwargs: Optional[dict] = None) -> Callable:
     """Prompts → ids and mask as the reference calls the HF processor: padded to the longest, cut at
-    ``max_length`` when one is set."""
+    ``max_length`` when one is set, with the data config's ``processor_kwargs`` (``tokenizer`` may be the
+    processor itself, which passes the tokenizer those that are its own)."""
 
     def text_fn(prompts: list[str], max_length: Optional[int]):
-        enc = tokenizer(list(prompts), padding=True, truncation=max_length is not None, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(text=list(prompts), padding=True, truncation=max_length is not None, max_length=max_length,
+                        return_tensors="pt", **(kwargs or {}))
         return enc["input_ids"], enc["attention_mask"]
 
     return text_fn
@@ -258,20 +259,24 @@ def load_hf_processor(path: str, loading: HFProcessorLoading = HFProcessorLoadin
 
 def hf_processor(path: str, processor_kwargs: Optional[dict] = None,
                  loading: HFProcessorLoading = HFProcessorLoading()) -> InputProcessor:
-    """An HF processor directory (e.g. a CLIPProcessor): its image processor and tokenizer."""
+    """An HF processor directory (e.g. a CLIPProcessor): its image processor and tokenizer. A processor of both is
+    called itself, for the images and for the prompts, as the reference calls it with ``processor_kwargs`` (spec
+    §8.3): it gives each part the kwargs that are that part's (``add_special_tokens`` to the tokenizer only)."""
     processor = load_hf_processor(path, loading)
-    # Frames are (H, W, 3): said so, or the processor guesses, and reads a frame 1, 3 or 4 pixels tall as channels
-    # first.
-    kwargs = {"input_data_format": "channels_last", **(processor_kwargs or {})}
-    image_processor = getattr(processor, "image_processor", processor)
+    kwargs = dict(processor_kwargs or {})
     tokenizer = getattr(processor, "tokenizer", None)
+    joint = tokenizer is not None and hasattr(processor, "image_processor")
+    images_by = processor if joint else getattr(processor, "image_processor", processor)
 
     def image_fn(frames: list[np.ndarray]) -> torch.Tensor:
         frames = [_shareable(f) for f in frames]  # (HF's image processors make tensors of the arrays)
-        return image_processor(images=frames, return_tensors="pt", **kwargs)["pixel_values"]
+        # Frames are (H, W, 3): said so, or the processor guesses, and reads one 1, 3 or 4 pixels tall as channels
+        # first.
+        return images_by(images=frames, return_tensors="pt",
+                         **{"input_data_format": "channels_last", **kwargs})["pixel_values"]
 
-    return InputProcessor(image_fn, hf_tokenizer_text(tokenizer) if tokenizer is not None else None,
-                          text_pad_id(tokenizer))
+    return InputProcessor(image_fn, hf_tokenizer_text(processor if joint else tokenizer, kwargs)
+                          if tokenizer is not None else None, text_pad_id(tokenizer))
 
 
 def hf_vlm_processor(path: str, processor_kwargs: Optional[dict] = None,
