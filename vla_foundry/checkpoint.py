@@ -406,7 +406,8 @@ def save_experiment(model: torch.nn.Module, experiment_dir: Union[str, Path], *,
         if getattr(block, f.name) is not None:
             side = experiment_dir / f.metadata["side_file"]
             side.write_text(yaml.safe_dump(getattr(block, f.name).to_dict(), sort_keys=True))
-    (experiment_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    # (in the order given: a policy's data block holds its normalizer's field_configs, looked up in file order)
+    (experiment_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if fmt == "safetensors":
         from safetensors.torch import save_file

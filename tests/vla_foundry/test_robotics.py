@@ -776,3 +776,24 @@ def test_processor_kwargs_reach_the_part_of_the_processor_they_belong_to(policy_
     ids, mask = processor.text(prompts, 77)
     assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
     assert torch.equal(processor.image_fn(frames), expected["pixel_values"])
+
+
+def test_a_saved_policys_field_configs_keep_their_order_in_every_file_that_holds_them(tmp_path):
+    """Spec §12.2 takes the first field_configs key (in file order) that is in a field's name: the files were written
+    with sorted keys, so "arm" came before "arm__" and arm__pos got std instead of min_max once saved."""
+    from tests.factories import (POLICY_ACTIONS, POLICY_PROPRIO, tiny_model, tiny_policy_io, tiny_policy_params,
+                                 tiny_policy_stats)
+    from vla_foundry.params.clip import ViTBackboneParams
+    from vla_foundry.robotics.experiment import normalizer_block, save_policy_experiment
+
+    block = normalizer_block(list(POLICY_PROPRIO) + list(POLICY_ACTIONS), past=1, future=2)
+    block["field_configs"] = {"arm__": {"method": "min_max", "scope": "global"},
+                              "arm": {"method": "std", "scope": "global"}}
+    model = tiny_model(tiny_policy_params(ViTBackboneParams(img_size=32, patch_size=8, hidden_dim=32, inter_dim=64,
+                                                            n_heads=2, n_layers=2)))
+    save_policy_experiment(model, tmp_path, tiny_policy_io("none"), tiny_policy_stats(), block)
+    assert RoboticsNormalizer.from_experiment(tmp_path).config.for_field("arm__pos").method == "min_max"
+    for name, read in (("config_processor.yaml", lambda c: c["normalization"]),
+                       ("config.yaml", lambda c: c["data"]["normalization"])):
+        kept = read(yaml.safe_load((tmp_path / name).read_text()))["field_configs"]
+        assert list(kept) == ["arm__", "arm"], name

@@ -50,8 +50,9 @@ def save_policy_experiment(model, experiment_dir: Union[str, Path], robot_io: Ro
                      "resize_images_size": r.resize_images_size, "image_resizing_method": r.image_resizing_method}
     training_config = {**(save_kwargs.pop("training_config", None) or {}), "data": data}
     file = save_experiment(model, experiment_dir, training_config=training_config, **save_kwargs)
-    (experiment_dir / "config_processor.yaml").write_text(yaml.safe_dump(data, sort_keys=True))
+    # (in the order given: the normalizer's field_configs are looked up in file order, spec §12.2)
+    (experiment_dir / "config_processor.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     (experiment_dir / "preprocessing_config.yaml").write_text(yaml.safe_dump(preprocessing, sort_keys=True))
-    (experiment_dir / "config_normalizer.yaml").write_text(yaml.safe_dump(normalizer, sort_keys=True))
+    (experiment_dir / "config_normalizer.yaml").write_text(yaml.safe_dump(normalizer, sort_keys=False))
     (experiment_dir / "stats.json").write_text(json.dumps(stats))
     return file
