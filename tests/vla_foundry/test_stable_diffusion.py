@@ -263,7 +263,37 @@ def test_bf16_generates_with_float32_tables(tiny_checkpoints, text_model):
     assert bf16.scheduler.betas.dtype == torch.float32
     out = bf16.generate(2, prompt=PROMPT, guidance_scale=2.0, generator=gens(0, 1))
     assert out.images.shape == (2, 16, 16, 3) and out.images.dtype == torch.uint8
-    assert out.sample.dtype == torch.bfloat16 and torch.isfinite(out.sample.float()).all()
+    assert out.sample.dtype == torch.float32 and torch.isfinite(out.sample).all()  # (the sample stays float32)
+
+
+def test_a_bf16_unets_sampler_keeps_every_step_of_its_float32_sample(tmp_path):
+    """The training sampler of a flow model of T = 1000 moves the sample by v/T a step: the sample was kept in the
+    UNet's bfloat16, whose rounding near 1 (2^-7) swallowed each step, and the image was barely denoised. A UNet
+    that predicts a constant velocity shows the steps that remain: all of them, as in float32."""
+    from vla_foundry.checkpoint import save_experiment
+    from vla_foundry.params.diffusion import NoiseSchedulerParams, UNetParams
+
+    params = tiny_stable_diffusion_params(unet=UNetParams(channels=[8, 16], time_emb_dim=16, text_emb_dim=0,
+                                                          image_size=8),
+                                          use_flow_matching_scheduler=True,
+                                          noise_scheduler=NoiseSchedulerParams(num_timesteps=1000, clamp_range=None))
+    save_experiment(tiny_model(params), tmp_path / "flow")
+    model = load_model(tmp_path / "flow", dtype="bfloat16")
+
+    class ConstantVelocity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros((), dtype=torch.bfloat16))
+
+        def forward(self, x, t, context=None):
+            assert x.dtype == torch.bfloat16  # the UNet still runs in its own dtype
+            return torch.full_like(x, 0.5) + self.weight
+
+    model.unet = ConstantVelocity()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) + 1.0
+    out = model.generate(1, initial_noise=x).sample
+    error = (out - (x - 0.5 * 999 / 1000)).abs().max()
+    assert error < 1e-3, error  # (float32's own rounding over 999 steps; bfloat16's lost about 0.5)
 
 
 # ----------------------------------------------------------------------------- denoising loss

@@ -102,13 +102,15 @@ class StableDiffusion(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     def _denoise(self, x, t, context, guidance_scale: Optional[float]) -> torch.Tensor:
-        """The UNet's prediction at timestep ``t``; with guidance, uncond + g·(cond − uncond)."""
+        """The UNet's prediction at timestep ``t``, in float32 (the UNet runs in its weights' dtype); with guidance,
+        uncond + g·(cond − uncond)."""
         B = x.shape[0]
         timesteps = torch.full((B,), float(t), device=x.device) if not isinstance(t, int) else \
             torch.full((B,), t, dtype=torch.long, device=x.device)
+        x = x.to(next(self.unet.parameters()).dtype)
         if context is None or guidance_scale is None:
-            return self.unet(x, timesteps, context)
-        out_u, out_c = self.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), context).chunk(2)
+            return self.unet(x, timesteps, context).float()
+        out_u, out_c = self.unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), context).float().chunk(2)
         return out_u + guidance_scale * (out_c - out_u)
 
     @torch.no_grad()
@@ -131,10 +133,13 @@ class StableDiffusion(nn.Module):
         device = torch.device(device)
         dtype = next(self.unet.parameters()).dtype
         shape = (batch_size, self.params.unet.in_channels, self.image_size, self.image_size)
+        # The sample and the sampler's steps stay in float32 whatever the UNet's dtype, as the reference's fp32
+        # parameters under bf16 autocast keep them (spec §2.4): in bfloat16 a training step of T = 1000 moves a
+        # sample by less than its rounding, and most of the denoising was lost.
         if initial_noise is not None:
-            x = initial_noise.to(device=device, dtype=dtype)
+            x = initial_noise.to(device=device, dtype=torch.float32)
         else:
-            x = randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
+            x = randn_like(torch.empty(shape, device=device, dtype=torch.float32), generator)
         context = None
         prompt = prompt or None  # an empty prompt samples unconditionally, as in VLA Foundry (`if prompt`)
         if prompt is not None and self.has_text:
@@ -156,7 +161,7 @@ class StableDiffusion(nn.Module):
                                  f"num_inference_steps={num_inference_steps}")
             for i, t in enumerate(range(self.num_timesteps - 1, 0, -1)):  # t = 0 is never run (B13)
                 out = self._denoise(x, t, context, guidance_scale)
-                noise = step_noises[i].to(device=device, dtype=dtype) if step_noises is not None else None
+                noise = step_noises[i].to(device=device, dtype=torch.float32) if step_noises is not None else None
                 x = self.scheduler.step(out, t, x, noise=noise, generator=generator)
             return DiffusionOutput(to_uint8(x), x)
         if scheduler not in self.schedulers:
