@@ -298,12 +298,14 @@ def test_a_bf16_unets_sampler_keeps_every_step_of_its_float32_sample(tmp_path):
 
 # ----------------------------------------------------------------------------- denoising loss
 
-def hand_loss(model, x0, seed, input_ids=None):
+def hand_loss(model, x0, seed, input_ids=None, attention_mask=None):
+    """The training forward's loss (VLA Foundry's: the text tower takes the tokenizer's attention mask)."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, model.num_timesteps, (x0.shape[0],), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     x_t = model.scheduler.add_noise(x0, eps, t)
-    context = model.clip.text_hidden_states(input_ids) if input_ids is not None else None
+    context = None if input_ids is None else \
+        model.clip.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     with torch.no_grad():
         prediction = model.unet(x_t, t, context)
     target = eps - x0 if model.is_flow_matching else eps
@@ -316,18 +318,36 @@ def test_denoising_loss(request, which):
     handler = DenoisingBatchHandler()
     x0 = noise(3, 3, 16, 16, seed=20).clamp(-1, 1)
     batch = {"pixel_values": x0}
-    ids = None
+    ids = mask = None
     if m.has_text:
-        ids = m.clip.tokenize(["a red block", "a blue square", "the fox"], 16)
-        batch["input_ids"] = ids
+        ids, mask = m.clip.tokenize(["a red block", "a blue square", "the fox"], 16, with_mask=True)
+        batch.update(input_ids=ids, attention_mask=mask)
     with torch.no_grad():
         first = handler.compute_loss(m, batch, generator=torch.Generator().manual_seed(9))
         second = handler.compute_loss(m, batch, generator=torch.Generator().manual_seed(9))
         other = handler.compute_loss(m, batch, generator=torch.Generator().manual_seed(10))
-        expected_loss, t = hand_loss(m, x0, 9, ids)
+        expected_loss, t = hand_loss(m, x0, 9, ids, mask)
     assert first.loss.item() == second.loss.item() and first.loss.item() != other.loss.item()
     assert first.metrics["timesteps"] == t.tolist() and first.num_samples == 3
     assert torch.allclose(first.loss, expected_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_an_evaluation_gives_the_text_tower_its_attention_mask_as_training_does(text_model):
+    """The pipeline's evaluate scored captions without the tokenizer's mask, which VLA Foundry's training forward
+    gives the text tower (its padding's hidden states, which the UNet attends to, then differ): not the loss trained."""
+    from vla_foundry.pipelines.image import ImagePipeline
+
+    pipeline = ImagePipeline(text_model)
+    images = [np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8) for i in range(2)]
+    texts = ["a red block", "the quick brown fox"]
+    x0 = torch.stack([pipeline.pixels(im) for im in images])
+    ids, mask = text_model.clip.tokenize(texts, pipeline.max_text_seq_len, with_mask=True)
+    assert not bool(mask.all())  # (padding there is)
+    with torch.no_grad():
+        trained, _ = hand_loss(text_model, x0, 4, ids, mask)
+        unmasked, _ = hand_loss(text_model, x0, 4, ids)
+    served = pipeline.evaluate(images, texts, seed=4)["loss"]
+    assert served == pytest.approx(trained.item(), rel=1e-5) and served != pytest.approx(unmasked.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- image pipeline

@@ -157,7 +157,8 @@ class DenoisingBatchHandler(BatchHandler):
     (ε for DDPM, ε − x0 for flow matching).
 
     batch: ``pixel_values`` (B, C, S, S) in [-1, 1] and, for text-conditioned models, ``input_ids`` (B, L)
-    CLIP ids (with ``uncond_input_ids`` (1, L), the empty prompt, for caption dropout while training).
+    CLIP ids and their ``attention_mask`` (B, L), which the text tower takes as VLA Foundry's training forward
+    gives it (with ``uncond_input_ids`` (1, L), the empty prompt, for caption dropout while training).
     Timesteps and noise come from ``generator``, so a seed fixes the loss.
     """
 
@@ -173,7 +174,8 @@ class DenoisingBatchHandler(BatchHandler):
         x_t = model.scheduler.add_noise(x0, noise, t)
         context = None
         if model.has_text and batch.get("input_ids") is not None:
-            context = model.clip.text_hidden_states(batch["input_ids"].to(device)).to(x0.dtype)  # (B, L, Ht)
+            context = model.clip.text_hidden_states(batch["input_ids"].to(device),
+                                                    batch.get("attention_mask")).to(x0.dtype)  # (B, L, Ht)
             if model.training and self.dropout_percent > 0 and batch.get("uncond_input_ids") is not None:
                 # Classifier-free guidance needs the model to also learn the empty prompt.
                 drop = torch.rand(B, generator=generator, device=gen_device).to(device) < self.dropout_percent

@@ -8,7 +8,7 @@ contrastive encoder (``forward``: normalized, projected text and image embedding
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -80,8 +80,10 @@ class ClipHF(nn.Module):
     def text_hidden_size(self) -> int:
         return self.model.config.text_config.hidden_size
 
-    def tokenize(self, texts: list[str], max_length: int, field: str = "prompt") -> torch.Tensor:
-        """Ids padded to ``max_length`` (B, max_length). Longer texts are refused, not silently truncated."""
+    def tokenize(self, texts: list[str], max_length: int, field: str = "prompt", with_mask: bool = False):
+        """Ids padded to ``max_length`` (B, max_length); ``with_mask``: (ids, attention mask), the mask 1 over each
+        text's own tokens (the pad id may be a token of the text, e.g. CLIP's end of text). Longer texts are
+        refused, not silently truncated."""
         max_length = min(max_length, self.max_text_length)
         ids = [self.tokenizer(t)["input_ids"] for t in texts]
         for i, row in enumerate(ids):
@@ -90,7 +92,10 @@ class ClipHF(nn.Module):
                 raise InvalidInputError(f"{name} is {len(row)} tokens long (with start/end tokens); this model's text "
                                         f"encoder takes at most {max_length}; shorten it", field=field)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return torch.tensor([row + [pad] * (max_length - len(row)) for row in ids], dtype=torch.long)
+        padded = torch.tensor([row + [pad] * (max_length - len(row)) for row in ids], dtype=torch.long)
+        if not with_mask:
+            return padded
+        return padded, torch.tensor([[1] * len(row) + [0] * (max_length - len(row)) for row in ids], dtype=torch.long)
 
     @property
     def image_processor(self):
@@ -129,9 +134,14 @@ class ClipHF(nn.Module):
         pixels = self.pixel_values(images).to(weight.device, weight.dtype)
         return self(pixel_values=pixels)["image_embeds"][:, 0]
 
-    def text_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The text tower's ``last_hidden_state`` (B, S, Ht), no attention mask (spec §11.3)."""
-        return self.model.text_model(input_ids=input_ids.to(self.model.device)).last_hidden_state
+    def text_hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                           ) -> torch.Tensor:
+        """The text tower's ``last_hidden_state`` (B, S, Ht): sampling gives no attention mask (spec §11.3), the
+        training loss gives the tokenizer's (as VLA Foundry's training forward does)."""
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.model.device)
+        return self.model.text_model(input_ids=input_ids.to(self.model.device),
+                                     attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, attention_mask_images=None):
         """Spec §7: text_embeds = text_projection(l2normalize(pooled)); image_embeds = l2normalize(projection)."""

@@ -216,7 +216,8 @@ class ImagePipeline(Pipeline):
             if texts is None or len(texts) != len(images):
                 raise InvalidInputError(f"a text-conditioned model scores images with their captions: send "
                                         f"`texts`, one per image ({len(images)})", field="texts")
-            batch["input_ids"] = self.model.clip.tokenize(list(texts), self.max_text_seq_len, field="texts")
+            batch["input_ids"], batch["attention_mask"] = self.model.clip.tokenize(
+                list(texts), self.max_text_seq_len, field="texts", with_mask=True)
         elif texts is not None:
             raise InvalidInputError("this model is unconditional; omit `texts`", field="texts")
         seed = new_seed() if seed is None else seed
