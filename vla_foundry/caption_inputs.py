@@ -36,6 +36,9 @@ DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
 class CaptionInputs:
     ids: list[list[int]]  # per caption, unpadded, image placeholders in place
     image_inputs: dict[str, torch.Tensor]  # batch-first tensors the model's forward takes
+    # The processor laid out some inputs per token (Qwen2-VL's mm_token_type_ids, PaliGemma's token_type_ids), in
+    # its own padding: rows of different lengths cannot share a batch (each row is encoded and run alone).
+    per_token: bool = False
 
 
 class CaptionProcessor(ABC):
@@ -186,6 +189,10 @@ class HFCaptionProcessor(CaptionProcessor):
     def __init__(self, model, processor: Any, source: str):
         self.model, self.processor, self.tokenizer_source = model, processor, source
         self.tokenizer = processor.tokenizer
+        if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
+            # The processor pads a batch's rows, and refuses to without a pad token; the padding is stripped
+            # (``encode``), so which token pads makes no difference.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @classmethod
     def from_experiment(cls, model, experiment_dir: Path, training_config: dict,
@@ -224,8 +231,11 @@ class HFCaptionProcessor(CaptionProcessor):
         mask = out.pop("attention_mask")
         input_ids = out.pop("input_ids")
         ids = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
-        image_inputs = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "token_type_ids"}
-        return CaptionInputs(ids, image_inputs)
+        per_token = any(isinstance(v, torch.Tensor) and v.shape == input_ids.shape for v in out.values())
+        # (PaliGemma's labels and token_type_ids: a training target, and the prompt's types, all 0 here)
+        image_inputs = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)
+                        and k not in ("token_type_ids", "labels")}
+        return CaptionInputs(ids, image_inputs, per_token)
 
     @property
     def has_chat_template(self) -> bool:

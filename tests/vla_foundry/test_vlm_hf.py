@@ -170,3 +170,84 @@ def test_the_data_configs_processor_kind_is_loaded(hf_dirs, pipelines):
              for use_fast in (False, True)}  # (named per transformers version)
     assert kinds[False] is not kinds[True]
     assert type(slow.processor.image_processor) is kinds[False] and type(fast.processor.image_processor) is kinds[True]
+
+
+# ----------------------------------------------------------------------------- processors laid out per token
+
+def build_tiny_paligemma(out_dir, tokenizer):
+    """A tiny PaliGemma (its processor gives token_type_ids, and it has no chat template)."""
+    import copy
+
+    import transformers as T
+
+    from vla_foundry.demo import hf_models
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    image_processor = T.SiglipImageProcessor(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16
+    processor = T.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    tok = processor.tokenizer
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+    text = T.GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, **ids)
+    config = T.PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                               image_token_index=tok.convert_tokens_to_ids("<image>"), projection_dim=32)
+    hf_models._save(hf_models._seeded_model(T.PaliGemmaForConditionalGeneration, config, 0), ids, out_dir, processor)
+    return sharpen(out_dir, std=0.5)
+
+
+def hf_generate(hf_dir, image, text):
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    inputs = AutoProcessor.from_pretrained(hf_dir)(text=[text], images=[[Image.fromarray(image)]], return_tensors="pt")
+    inputs.pop("labels", None)
+    out = model.generate(**inputs, max_new_tokens=GREEDY.max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])
+def test_prompts_of_different_lengths_get_their_own_tokens_where_inputs_are_laid_out_per_token(
+        tmp_path, tiny_tokenizer, family):
+    """Qwen2-VL's processor gives mm_token_type_ids, PaliGemma's token_type_ids, per token and padded its own way:
+    a request of prompts of different lengths failed (Qwen2-VL: a RuntimeError, a 500) or got other tokens than
+    each alone (PaliGemma; alone, HF's own greedy generate). Its rows now run apart. Such a model decodes with its
+    cache only: use_cache false is refused, naming the field."""
+    from vla_foundry.demo.hf_models import build_tiny_qwen2_vl
+    from vla_foundry.errors import InvalidInputError
+
+    build = build_tiny_qwen2_vl if family == "qwen2_vl" else build_tiny_paligemma
+    hf_dir = build(tmp_path / family, tiny_tokenizer)
+    if family == "qwen2_vl":
+        hf_dir = sharpen(hf_dir)
+    pipeline = load_pipeline(hf_dir)
+    rows = [im for row in images(1) for im in row]
+    prompts = ["describe", "what is the robot doing with the red block here"]
+    solo = [pipeline.caption([[im]], [p], sampling=GREEDY, seed=0).completions[0].token_ids
+            for im, p in zip(rows, prompts)]
+    together = pipeline.caption([[im] for im in rows], prompts, sampling=GREEDY, seed=0)
+    assert [c.token_ids for c in together.completions] == solo
+    if family == "paligemma":  # (no chat template: the prompt is the image token and the text)
+        def until_end(tokens):  # (HF's output holds the end token, a completion's does not)
+            return next((tokens[:i] for i, t in enumerate(tokens) if t in pipeline.end_ids), tokens)
+
+        assert solo == [until_end(hf_generate(hf_dir, im, "<image>" + p)) for im, p in zip(rows, prompts)]
+    with pytest.raises(InvalidInputError) as refused:
+        pipeline.caption([[rows[0]]], prompts[:1], sampling=GREEDY, seed=0, use_cache=False)
+    assert refused.value.field == "use_cache"
+
+
+def test_a_tokenizer_without_a_pad_token_still_captions(tmp_path, tiny_tokenizer):
+    """The processor pads a request's rows, and refused to without a pad token: every caption was refused (422,
+    blaming the images) and such a deployment failed its warm-up."""
+    hf_dir = build_tiny_idefics3(tmp_path / "idefics3", tiny_tokenizer)
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    processor.tokenizer.pad_token = None
+    processor.save_pretrained(hf_dir)
+    pipeline = load_pipeline(sharpen(hf_dir))
+    pipeline.warmup()
+    together = pipeline.caption([[im] for row in images(2) for im in row], PROMPTS, sampling=GREEDY, seed=0)
+    solo = [pipeline.caption([row], [p], sampling=GREEDY, seed=0).completions[0].token_ids
+            for row, p in zip(images(2), PROMPTS)]
+    assert [c.token_ids for c in together.completions] == solo

@@ -92,8 +92,14 @@ class CaptionPipeline(TextPipeline):
                 use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
         """One caption per (prompt, image list) row; see ``broadcast_rows``. ``images`` are (H, W, 3) uint8."""
         inputs, _ = self._encoded(images, prompts, prompt_token_ids, rendered)
+        if inputs.per_token and not use_cache:
+            raise InvalidInputError("this model's processor lays out its inputs per token (as Qwen2-VL's and "
+                                    "PaliGemma's do), and it generates with its cache only; omit use_cache",
+                                    field="use_cache")
         return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
-                                         use_cache=use_cache, on_text=on_text)
+                                         use_cache=use_cache, on_text=on_text,
+                                         inputs_of_row=self._row_inputs(images, prompts, prompt_token_ids, rendered)
+                                         if inputs.per_token else None)
 
     def start_caption(self, images: Images, prompts: Optional[Sequence[str]] = None,
                       prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
@@ -102,8 +108,26 @@ class CaptionPipeline(TextPipeline):
                       rendered: bool = False) -> Generation:
         """``caption``'s generation (with the cache), checked and ready for a ``ContinuousBatcher``."""
         inputs, rows = self._encoded(images, prompts, prompt_token_ids, rendered)
-        return self.start_generation(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
-                                     on_text=on_text, rows_alike=len({len(row) for row in rows}) == 1)
+        seed = new_seed() if seed is None else seed
+        generation = self.start_generation(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
+                                           on_text=on_text, rows_alike=len({len(row) for row in rows}) == 1)
+        if inputs.per_token and len({len(r) for r in inputs.ids}) > 1:  # (its inputs do not slice by row)
+            generation.shares_steps = False
+            generation.alone = lambda: self.caption(images, prompts, prompt_token_ids, sampling=sampling, stop=stop,
+                                                    seed=seed, on_text=on_text, rendered=rendered)
+        return generation
+
+    def _row_inputs(self, images: Images, prompts: Optional[Sequence[str]],
+                    prompt_token_ids: Optional[Sequence[Sequence[int]]], rendered: bool):
+        """Row i's image inputs, encoded by themselves (for inputs laid out per token, which do not slice by row)."""
+        prompts, prompt_token_ids, images = paired_rows(prompts, prompt_token_ids, images)
+
+        def of_row(i: int) -> dict[str, torch.Tensor]:
+            return self.processor.encode(None if prompts is None else [prompts[i]],
+                                         None if prompt_token_ids is None else [prompt_token_ids[i]], [images[i]],
+                                         rendered=rendered).image_inputs
+
+        return of_row
 
     def _encoded(self, images: Images, prompts: Optional[Sequence[str]],
                  prompt_token_ids: Optional[Sequence[Sequence[int]]], rendered: bool):

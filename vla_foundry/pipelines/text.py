@@ -451,20 +451,26 @@ class TextPipeline(Pipeline):
 
     def generate_completions(self, ids: list[list[int]], model_inputs: dict[str, torch.Tensor], *,
                              sampling: SamplingParams, stop: Sequence[str], seed: Optional[int], use_cache: bool,
-                             on_text: Optional[OnText] = None) -> CompletionResult:
+                             on_text: Optional[OnText] = None,
+                             inputs_of_row: Optional[Callable[[int], dict[str, torch.Tensor]]] = None
+                             ) -> CompletionResult:
         """Generate from token-id prompts; ``model_inputs`` (batch-first tensors, e.g. images) go to
-        ``generate`` alongside."""
+        ``generate`` alongside. ``inputs_of_row(i)``: row i's own inputs, where rows of different lengths must run
+        apart (the inputs cannot be padded together)."""
         sampling, seed = self._checked(ids, sampling, stop, seed)
         generator = make_generator(self.device, seed)
         tracker = CompletionTracker(len(ids), self.tokenizer, self.end_ids, stop, on_text)
-        if use_cache or len({len(r) for r in ids}) == 1 or getattr(self.model, "masks_padding_without_cache", False):
+        alike = len({len(r) for r in ids}) == 1
+        if alike or (inputs_of_row is None and (
+                use_cache or getattr(self.model, "masks_padding_without_cache", False))):
             self._generate(ids, model_inputs, range(len(ids)), sampling, use_cache, generator, tracker)
         else:
             # Without the cache our causal transformer ignores the padding mask (VLA Foundry's B3), so
-            # prompts of different lengths are generated one at a time to stay correct.
+            # prompts of different lengths are generated one at a time to stay correct; so are those whose
+            # inputs cannot be padded together.
             for i, prompt in enumerate(ids):
-                row_inputs = {k: v[i:i + 1] for k, v in model_inputs.items()}
-                self._generate([prompt], row_inputs, range(i, i + 1), sampling, False, generator, tracker)
+                row_inputs = inputs_of_row(i) if inputs_of_row else {k: v[i:i + 1] for k, v in model_inputs.items()}
+                self._generate([prompt], row_inputs, range(i, i + 1), sampling, use_cache, generator, tracker)
         return self._result(ids, tracker, seed)
 
     def _checked(self, ids: list[list[int]], sampling: SamplingParams, stop: Sequence[str],
