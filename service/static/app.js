@@ -85,11 +85,12 @@ function fillTable() {
 function fillForms() {
   for (const section of document.querySelectorAll("section.try")) {
     const chatting = section.dataset.modality === "chat";
-    const ready = (d, can) => d.status !== "ready" || can(d.io || {});
+    // (one not ready yet is listed, disabled: its io is not known until it has loaded)
+    const able = (d, can) => d.status !== "ready" || can(d.io || {});
     const usable = deployments.filter((d) => chatting
-      ? ["text", "caption"].includes(d.modality) && ready(d, (io) => io.chat)
+      ? ["text", "caption"].includes(d.modality) && able(d, (io) => io.chat)
       : d.modality === section.dataset.modality &&
-        (d.modality !== "text" || ready(d, (io) => (io.accepts || []).includes("prompt"))));
+        (d.modality !== "text" || able(d, (io) => (io.accepts || []).includes("prompt"))));
     section.hidden = usable.length === 0;
     const select = section.querySelector("select[name=model]");
     const previous = select.value;
