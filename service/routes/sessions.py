@@ -154,19 +154,22 @@ def add_session_routes(app: FastAPI, settings: Settings) -> None:
         return encode_response(payload, request.headers.get("accept", ""), bytes_keys=reply_in_bytes_keys(request))
 
     async def reset(session_id: str, request: Request, body: Optional[SessionResetRequest] = None):
+        started = time.perf_counter()
         sessions, owner, seed = request.app.state.sessions, caller_of(request.scope), body.seed if body else None
         manager: DeploymentManager = request.app.state.manager
         # A session that expired or was evicted starts its new episode now, on the deployment it was on; a live one
         # is reset where it is. Either way the answer names the session's model and its new episode's seed.
         entry = await sessions.reset_gone(session_id, owner, seed, manager.get)
         if entry is GONE_FOR_GOOD:  # its deployment was unloaded: the next request starts a session anew
-            return encode_response({"session_id": session_id, "model": None, "reset": True, "seed": seed},
-                                   request.headers.get("accept", ""))
-        if entry is None:
-            entry = await sessions.lookup(session_id, owner, manager.get)
-            await entry.reset(seed)
-        return encode_response({"session_id": session_id, "model": entry.deployment.name, "reset": True,
-                                "seed": entry.policy.seed}, request.headers.get("accept", ""))
+            model = None
+        else:
+            if entry is None:
+                entry = await sessions.lookup(session_id, owner, manager.get)
+                await entry.reset(seed)
+            model, seed = entry.deployment.name, entry.policy.seed
+        timing = {"total": round((time.perf_counter() - started) * 1000, 3)}  # (as every reply carries; no model ran)
+        return encode_response({"session_id": session_id, "model": model, "reset": True, "seed": seed,
+                                "timing_ms": timing}, request.headers.get("accept", ""))
 
     async def list_sessions(request: Request):
         store = request.app.state.sessions
