@@ -22,12 +22,17 @@ waiting. Each step:
    keeps its prompt's cache and steps on it the solo way (``step_alone``: nothing to gather), moving into
    its slot for good when another sequence joins;
 4. finishes generations that are done (every row ended by eos or a stop string, or
-   ``max_new_tokens`` reached): their result is handed to ``on_done`` and their slots freed.
+   ``max_new_tokens`` reached): their result is handed to ``on_done`` and their slots freed. A row of
+   a generation of several (a request's prompts, or ``n`` choices) that ends before the others frees
+   its slot at once and is decoded no more.
 
-A generation keeps all its rows (a request's prompts, or ``n`` choices) until all are done, and draws
-from its own ``torch.Generator`` over exactly the rows and shapes a solo run draws from, so its
-tokens are the ones it gets alone (up to the float rounding of batched kernels, which does not
-change a token in practice; the tests compare tokens).
+A generation draws from its own ``torch.Generator`` over exactly the rows and shapes a solo run draws
+from, so its tokens are the ones it gets alone (up to the float rounding of batched kernels, which
+does not change a token in practice; the tests compare tokens). A solo run goes on drawing for its
+ended rows until the last one ends; a draw fills a tensor of exponential variates shaped like the
+rows' probabilities, whatever they are, so an ended row here takes a stand-in row of probabilities
+in the draw, and the generator moves on exactly as alone. Its tokens from then on are thrown away,
+as the solo run's are.
 
 The model is a :class:`SlotModel` and its decoder a :class:`SlotDecoding` (``models/kv_slots.py`` for our models,
 ``models/hf_slots.py`` for Hugging Face ones).
@@ -136,13 +141,18 @@ class _Running:
     on_done: Callable[[Any], None]  # the result, or the exception that ended it
     cancelled: Callable[[], bool]
     too_late: Callable[[], Optional[BaseException]]  # while waiting for a slot: why it may no longer start, or None
-    slots: list[int] = field(default_factory=list)
+    slots: list[Optional[int]] = field(default_factory=list)  # per row; None once the row has ended (slot freed)
     new_tokens: list[list[int]] = field(default_factory=list)  # per row
     own_cache: Any = None  # a one-row generation's own cache, until it shares a step (then it is in its slot)
 
     @property
     def rows(self) -> int:
         return len(self.generation.ids)
+
+    @property
+    def held(self) -> list[tuple[int, int]]:
+        """(row, slot) of each row still decoding."""
+        return [(j, slot) for j, slot in enumerate(self.slots) if slot is not None]
 
 
 class ContinuousBatcher:
@@ -198,7 +208,7 @@ class ContinuousBatcher:
 
     @property
     def running_sequences(self) -> int:
-        return sum(r.rows for r in self._running)
+        return sum(len(r.held) for r in self._running)
 
     @property
     def waiting_sequences(self) -> int:
@@ -224,8 +234,8 @@ class ContinuousBatcher:
     def outlook(self) -> SlotOutlook:
         """How this batcher's slots look to a generation submitted now (what ``expected_wait_s`` reads; a model
         process sends it with each step report, so that the server estimates the wait of any number of rows)."""
-        ends = sorted((r.generation.sampling.max_new_tokens - len(r.new_tokens[0] if r.new_tokens else ()), r.rows)
-                      for r in self._running)
+        ends = sorted((r.generation.sampling.max_new_tokens - len(r.new_tokens[0] if r.new_tokens else ()),
+                       len(r.held)) for r in self._running)
         return SlotOutlook(self.waiting_sequences - len(self._free), tuple(ends), self.step_seconds, self.num_slots)
 
     def expected_wait_s(self, rows: int = 1) -> float:
@@ -269,8 +279,8 @@ class ContinuousBatcher:
         0…B−1 and a step reads them as a view (one copy of a sequence's cache when a lower one ended, instead of
         gathering every sequence's cache at every step while the gap stays). Between steps only: a step maps its
         rows by slot."""
-        rows = sorted(((slot, r, j) for r in self._running for j, slot in enumerate(r.slots)),
-                      key=lambda row: row[0], reverse=True)
+        rows = sorted(((slot, r, j) for r in self._running for j, slot in r.held), key=lambda row: row[0],
+                      reverse=True)
         for slot, r, j in rows:
             if not self._free or self._free[0] > slot:
                 break
@@ -318,7 +328,7 @@ class ContinuousBatcher:
             if r.own_cache is not None:
                 self.decoder.store_prompt(r.slots[0], r.own_cache)
                 r.own_cache = None
-        rows = sorted(((slot, r, j) for r in running for j, slot in enumerate(r.slots)), key=lambda row: row[0])
+        rows = sorted(((slot, r, j) for r in running for j, slot in r.held), key=lambda row: row[0])
         last = [r.new_tokens[j][-1] for _, r, j in rows]
         slots = [slot for slot, _, _ in rows]  # ascending: a packed run of slots is read as one slice
         positions = [len(r.generation.ids[j]) + len(r.new_tokens[j]) - 1 for _, r, j in rows]
@@ -330,7 +340,8 @@ class ContinuousBatcher:
                 self._end(r, e)
             return
         index = {slot: i for i, slot in enumerate(slots)}
-        self._sample_together([(r, [index[slot] for slot in r.slots]) for r in running], logits)
+        self._sample_together([(r, [None if slot is None else index[slot] for slot in r.slots]) for r in running],
+                              logits)
 
     def _step_alone(self, r: _Running) -> None:
         try:
@@ -345,29 +356,34 @@ class ContinuousBatcher:
         """The generation's next token per row (its rows' logits (n, V)), from its own generator."""
         self._sample_together([(r, list(range(r.rows)))], logits)
 
-    def _sample_together(self, rows: list[tuple[_Running, list[int]]], logits: torch.Tensor) -> None:
+    def _sample_together(self, rows: list[tuple[_Running, list[Optional[int]]]], logits: torch.Tensor) -> None:
         """Every running generation's next tokens from one decode step's logits (B, V), each generation's rows given
-        by their indices. On CPU, generations with the same sampling settings share one ``token_distribution`` (or
-        argmax) over their rows, instead of a handful of small calls each, and one draw in which each generation's rows
-        come from its own generator, as they come alone (``sampling.draw_groups``)."""
+        by their indices (None: a row that has ended, decoded no more). On CPU, generations with the same sampling
+        settings share one ``token_distribution`` (or argmax) over their rows, instead of a handful of small calls
+        each, and one draw in which each generation's rows come from its own generator, as they come alone
+        (``sampling.draw_groups``)."""
         logits = self._without_never_sampled(logits)
         # On CPU every row is sampled by the same code whatever the rows around it. CUDA's topk and sort choose
         # their algorithm by shape, so tied logits could come out of a group in another order than alone: there
         # each generation samples its own rows.
         shared = logits.device.type == "cpu"
-        groups: dict[tuple, list[tuple[_Running, list[int]]]] = {}
+        groups: dict[tuple, list[tuple[_Running, list[Optional[int]]]]] = {}
         for r, at in rows:
             s = r.generation.sampling
             settings = (0.0, 0, 1.0) if s.temperature < MIN_TEMPERATURE else (s.temperature, s.top_k, s.top_p)
             groups.setdefault(settings if shared else (*settings, id(r)), []).append((r, at))
         for (temperature, top_k, top_p, *_), members in groups.items():
-            together = logits[[i for _, at in members for i in at]]  # (G, V)
+            at_all = [i for _, at in members for i in at]
+            decoding = [k for k, i in enumerate(at_all) if i is not None]  # the group's rows still decoding
+            together = logits[[at_all[k] for k in decoding]]  # (G, V)
             greedy = temperature < MIN_TEMPERATURE
             try:
                 if greedy:
                     picked, valid = together.argmax(dim=-1).tolist(), [True] * len(members)
+                    picked = _with_ended_rows(picked, decoding, len(at_all))
                 else:  # each member's rows from its own generator, in one pass (sampling.draw_groups)
-                    probs, token_ids = token_distribution(together, temperature, top_k, top_p)
+                    probs, token_ids = _with_ended_rows_drawn(*token_distribution(together, temperature, top_k, top_p),
+                                                              decoding, len(at_all))
                     tokens, valid = draw_groups(probs, token_ids, [(r.generation.generator, len(at))
                                                                    for r, at in members])
                     picked = tokens.tolist()
@@ -390,17 +406,24 @@ class ContinuousBatcher:
         return logits
 
     def _advance(self, r: _Running, next_ids: list[int]) -> None:
-        """Appends each row's next token; the generation ends when every row is done or its length is reached."""
+        """Appends each row's next token; the generation ends when every row is done or its length is reached, and
+        a row that is done before then frees its slot."""
         try:
             if not r.new_tokens:
                 r.new_tokens = [[] for _ in range(r.rows)]
             for row, token in zip(r.new_tokens, next_ids):
                 row.append(token)
-            done = all(r.generation.stopping(next_ids)) or len(r.new_tokens[0]) >= r.generation.sampling.max_new_tokens
-            if done:
+            done = r.generation.stopping(next_ids)
+            if all(done) or len(r.new_tokens[0]) >= r.generation.sampling.max_new_tokens:
                 self._end(r, r.generation.finish(r.new_tokens))
+                return
         except Exception as e:  # its stream's client went away, or its text could not be made
             self._end(r, e)
+            return
+        for j, slot in r.held:
+            if done[j]:
+                heapq.heappush(self._free, slot)
+                r.slots[j] = None
 
     def _end(self, r: _Running, outcome: Any) -> None:
         self._release(r)
@@ -409,6 +432,35 @@ class ContinuousBatcher:
     def _release(self, r: _Running) -> None:
         if r in self._running:
             self._running = tuple(x for x in self._running if x is not r)
-            for slot in r.slots:
+            for _, slot in r.held:
                 heapq.heappush(self._free, slot)
             r.slots, r.own_cache = [], None
+
+
+# An ended row's stand-in in a step's sampling: its token is thrown away (as a solo run throws away what it
+# samples for a row after its end), and in a draw its stand-in probabilities take the generator's variates for
+# that row, as the solo run's row would.
+ENDED_ROW_TOKEN = 0
+
+
+def _with_ended_rows(picked: list[int], decoding: list[int], rows: int) -> list[int]:
+    """The decoding rows' tokens placed at their indices ``decoding`` among ``rows``, the others ENDED_ROW_TOKEN."""
+    if len(decoding) == rows:
+        return picked
+    out = [ENDED_ROW_TOKEN] * rows
+    for k, token in zip(decoding, picked):
+        out[k] = token
+    return out
+
+
+def _with_ended_rows_drawn(probs: torch.Tensor, token_ids: Optional[torch.Tensor], decoding: list[int],
+                           rows: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A ``token_distribution`` of the decoding rows (G, K) placed at their indices among ``rows``; each ended row
+    a uniform stand-in (K probabilities), so that the draw fills every row's variates as the solo run's does."""
+    if len(decoding) == rows:
+        return probs, token_ids
+    index = torch.tensor(decoding, dtype=torch.long, device=probs.device)
+    full = probs.new_full((rows, probs.shape[1]), 1.0 / probs.shape[1]).index_copy_(0, index, probs)
+    if token_ids is not None:
+        token_ids = token_ids.new_full((rows, token_ids.shape[1]), ENDED_ROW_TOKEN).index_copy_(0, index, token_ids)
+    return full, token_ids

@@ -281,6 +281,41 @@ def test_stop_strings_streams_and_eos_end_a_request_as_they_do_alone(tiny_text):
     assert streamed["batched"] == streamed["alone"] and streamed["alone"]
 
 
+@pytest.mark.parametrize("sampling", [SamplingParams(16, 0.0), SamplingParams(16, 1.0, 20, 0.9),
+                                      SamplingParams(16, 1.0, 0, 1.0)], ids=["greedy", "top-k", "full vocabulary"])
+def test_a_row_that_ends_before_the_others_frees_its_slot_and_each_keeps_its_solo_tokens(tiny_text, sampling):
+    """A request of two prompts whose first row meets a stop string early: that row's slot goes to a waiting
+    request at once, while the second row decodes on; both rows keep their solo tokens (the ended row's draws go
+    on as alone, so the second row's later draws are its solo ones), and so does the request that took the slot."""
+    prompts_ = ["the quick brown", "a robot"]
+    free = tiny_text.complete(prompts_, sampling=sampling, seed=3)
+    first, second = (c.text for c in free.completions)
+    # a stop string early in the first row's text that the second row's never shows
+    stop = next(first[i:i + 2] for i in range(1, len(first) - 1) if first[i:i + 2] not in second)
+    alone = tiny_text.complete(prompts_, sampling=sampling, seed=3, stop=[stop])
+    ended, long = alone.completions
+    assert ended.finish_reason == "stop" and long.finish_reason == "length"
+    assert len(ended.token_ids) + 2 < len(long.token_ids)  # the first row ends steps before the second
+
+    batcher = tiny_text.continuous_batcher(max_sequences=2)
+    outcomes: dict = {}
+    mine = tiny_text.start_completion(prompts_, sampling=sampling, seed=3, stop=[stop])
+    waiting = tiny_text.start_completion(["robots"], sampling=SamplingParams(4, 1.0, 0, 1.0), seed=4)
+    batcher.submit(mine, lambda out: outcomes.__setitem__("mine", out))
+    batcher.submit(waiting, lambda out: outcomes.__setitem__("waiting", out))
+    joined_while_mine_ran = False
+    while batcher.active:
+        batcher.step()
+        joined_while_mine_ran |= "mine" not in outcomes and batcher.waiting_sequences == 0
+        assert batcher.running_sequences <= 2
+    assert joined_while_mine_ran  # the ended row's slot was taken before the request of two rows finished
+    assert [(c.text, c.token_ids, c.finish_reason) for c in outcomes["mine"].completions] == \
+        [(c.text, c.token_ids, c.finish_reason) for c in alone.completions]
+    solo = tiny_text.complete(["robots"], sampling=SamplingParams(4, 1.0, 0, 1.0), seed=4)
+    assert outcomes["waiting"].completions[0].token_ids == solo.completions[0].token_ids
+    assert sorted(batcher._free) == [0, 1]
+
+
 @pytest.mark.parametrize("captioner", ["vlm", "idefics3", "llava"])
 def test_caption_requests_with_their_images_get_their_solo_tokens(captioner, vlm, hf_pipelines):
     pipeline = vlm if captioner == "vlm" else hf_pipelines[captioner]
