@@ -415,9 +415,17 @@ class SessionStore:
     async def deployment_of(self, session_id: str, owner: Optional[str], deployments: Callable[[str], Any]) -> Any:
         """The deployment of ``owner``'s session ``session_id`` (as ``lookup``, without taking it here or counting
         a request: the step that asks takes it next)."""
-        local = self._entries.get(session_id)
-        if self.shared is None or (local is not None and local.owner == owner):
+        if self.shared is None:
             return self.get(session_id, owner).deployment
+        # The store decides, not a copy held here: another replica may have deleted the session and made it again
+        # on another deployment. A copy the store no longer has goes to its own deployment, where its step finds
+        # out what became of it (``SessionEntry.pull``: deleted under its robot's websocket, or made anew).
+        stored = await _from_store(self.shared.load(session_id, with_state=False))
+        if stored is not None and stored.owner == owner:
+            return deployments(stored.model)
+        local = self._entries.get(session_id)
+        if stored is None and local is not None and local.owner == owner:
+            return local.deployment
         return deployments((await self._stored(session_id, owner)).model)
 
     async def _stored(self, session_id: str, owner: Optional[str]) -> StoredSession:

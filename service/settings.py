@@ -201,8 +201,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, le=3600, description=(
         "On SIGTERM or Ctrl-C: stop accepting connections, let requests and robot websockets in flight finish for "
         "at most this long in all, "
-        "then cancel what is left and exit 0 (Docker's stop_grace_period and Ray's graceful_shutdown_timeout_s "
-        "should exceed it)."))
+        "then cancel what is left and exit 0 (Docker's stop_grace_period should exceed it). Not read under Ray "
+        "Serve, which drains a replica itself within its graceful_shutdown_timeout_s (README, Scaling out with "
+        "Ray Serve)."))
     shed_pacing_s: float = Field(1.0, ge=0, le=30, description=(
         "Hold an overload refusal (503 overloaded) for between half of this and all of it before sending it "
         "(less when the request's deadline is sooner), with Retry-After less the time held: clients that retry at "

@@ -193,8 +193,13 @@ class SharedSessionStates:
 
     async def keep(self, session_id: str) -> None:
         """The stored session expires ``VLA_SESSION_IDLE_TIMEOUT_S`` from now, not sooner (a robot connected to a
-        replica by websocket keeps it while it sends nothing); nothing when none is stored."""
-        await self.redis.pexpire(self._keys(session_id)[0], self.ttl_ms)
+        replica by websocket keeps it while it sends nothing); nothing when none is stored. Its marker is kept as
+        long as a save keeps it, so that it outlives the session however long a connection stays open."""
+        state_key, seen_key = self._keys(session_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.pexpire(state_key, self.ttl_ms)
+        pipe.pexpire(seen_key, self.seen_ttl_ms)
+        await pipe.execute()
 
     async def forget(self, session_id: str) -> None:
         """The session and its marker are gone: its id starts a new session next."""

@@ -131,6 +131,29 @@ def test_a_stale_version_never_overwrites_a_newer_step_nor_another_key_s_session
     assert unpack_state(pack_state({1: {2: [3]}})) == {1: {2: [3]}}  # int keys survive
 
 
+def test_keeping_a_session_keeps_its_marker_too(redis_url):
+    """A robot's open websocket keeps its stored session (``keep``) without saving it; the session's marker must be
+    kept alike, or a connection open longer than the marker's life would leave a session that outlives it, and
+    after the session expired its robot would silently get a fresh history instead of ``session_gone``."""
+    import asyncio
+
+    async def scenario():
+        store = SharedSessionStates(redis_url, idle_timeout_s=60, max_state_bytes=2**20, prefix="vla:test-keep:")
+        state_key, seen_key = store._keys("s")
+        await store.save("s", 0, None, "policy", "ckpt", pack_state({"seed": 1}), {}, time.time(), 1)
+        await store.redis.pexpire(state_key, 500)
+        await store.redis.pexpire(seen_key, 500)  # as if the connection had been open for nearly the marker's life
+        await store.keep("s")
+        ttls = await store.redis.pttl(state_key), await store.redis.pttl(seen_key)
+        await store.forget("s")
+        await store.close()
+        return ttls, store.ttl_ms, store.seen_ttl_ms
+
+    (state_ttl, seen_ttl), ttl_ms, seen_ttl_ms = asyncio.run(scenario())
+    assert ttl_ms - 5_000 < state_ttl <= ttl_ms
+    assert seen_ttl_ms - 5_000 < seen_ttl <= seen_ttl_ms and seen_ttl > state_ttl
+
+
 @pytest.fixture
 def policy_spec(tiny_checkpoints):
     return DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), open_loop_steps=2)
@@ -239,6 +262,31 @@ def test_a_session_deleted_on_one_replica_starts_anew_on_the_other_which_held_a_
     assert again.status_code == 200, again.text
     listed = b.get("/sessions", headers=ALICE).json()["sessions"]
     assert [(s["session_id"], s["last_step"]) for s in listed] == [("arm", 1)]
+
+
+def test_a_session_made_again_on_another_deployment_is_stepped_there_by_a_replica_holding_an_old_copy(
+        tiny_checkpoints, redis_url):
+    """Replica a holds a copy of session "arm" on deployment p1; replica b deletes it and makes it again on p2. A
+    step that names no model goes to the session's deployment, on either replica: the store says which, not a's
+    copy (before, a refused every such step with 409 for good, its copy never expiring)."""
+    from contextlib import ExitStack
+
+    checkpoint = str(tiny_checkpoints["diffusion_policy"])
+    specs = [DeploymentSpec(name="p1", checkpoint=checkpoint), DeploymentSpec(name="p2", checkpoint=checkpoint)]
+
+    def step_(client, k, model=None):
+        return client.post("/sessions/arm/step", json={"observation": current(k), "step": k,
+                                                       **({"model": model} if model else {})})
+
+    with ExitStack() as stack:
+        a, b = (stack.enter_context(serving(*specs, session_store=database(redis_url, 13))) for _ in range(2))
+        assert step_(a, 0, "p1").status_code == 200
+        assert b.delete("/sessions/arm").status_code == 200
+        assert step_(b, 0, "p2").status_code == 200
+        for client, k in ((b, 1), (a, 2), (a, 3)):
+            reply = step_(client, k)
+            assert reply.status_code == 200 and reply.json()["model"] == "p2", reply.text
+        assert [s["model"] for s in a.get("/sessions").json()["sessions"]] == ["p2"]
 
 
 def test_a_reset_on_a_replica_that_holds_an_expired_copy_starts_the_new_episode(policy_spec, redis_url):
