@@ -4,8 +4,8 @@ A request may carry ``X-Request-Timeout: <seconds>`` or ``timeout_s`` in its bod
 may set a default (``request_timeout_s`` in its YAML entry); a robot's observation with a
 ``timestamp`` is due by the ``valid_until`` of the chunk it would get. The deadline (the
 earliest of these) is held in a context variable for the request's task, so the deployment layer sees it
-whatever the transport, and the executor drops a request whose deadline passed while it waited:
-it gets 504 and its model call never runs. Admission looks ahead too: when the deployment's
+whatever the transport, and a request still waiting for the model at its deadline is dropped then
+(``executor._outcome``): it gets 504 and its model call never runs. Admission looks ahead too: when the deployment's
 expected wait already exceeds what is left (or its ``max_queue_ms``), the request is refused at
 once with 503 and a ``Retry-After`` from that wait.
 """

@@ -189,11 +189,11 @@ class ModelExecutor:
         return job.future
 
     async def run(self, fn: Callable[..., Any], *args: Any, deadline: Optional[float] = None, **kwargs: Any) -> Timed:
-        return await _outcome(self.submit(fn, *args, deadline=deadline, **kwargs))
+        return await _outcome(self.submit(fn, *args, deadline=deadline, **kwargs), deadline)
 
     async def run_batched(self, fn: Callable[[list], list], key: Hashable, item: Any,
                           deadline: Optional[float] = None) -> Timed:
-        return await _outcome(self.submit_batched(fn, key, item, deadline))
+        return await _outcome(self.submit_batched(fn, key, item, deadline), deadline)
 
     async def run_continuous(self, batcher: Any, start: Callable[[], Any], deadline: Optional[float] = None) -> Timed:
         return await _outcome(self.submit_continuous(batcher, start, deadline))
@@ -446,13 +446,30 @@ class ModelExecutor:
         self._thread.join(timeout)
 
 
-async def _outcome(future: concurrent.futures.Future) -> Timed:
+async def _outcome(future: concurrent.futures.Future, deadline: Optional[float] = None) -> Timed:
     """``future``'s outcome, awaited. The request cancelled (its client left) while its call runs: the call goes on,
     and the request's decoded images with it, so they stay counted against the in-flight pixel budget until it
-    ends (a queued call is dropped with its request)."""
+    ends (a queued call is dropped with its request).
+
+    With a ``deadline`` (of a job whose future runs once the model thread takes it), a job still queued when the
+    deadline passes is cancelled then (dropped unrun, its place given back) and ``DeadlineExceeded`` raised at
+    once: the model thread would see it only once it is free, which a long call may put off far past the
+    deadline. A job that runs by then gives its answer."""
+    waiting_since = time.perf_counter()
     try:
-        return await asyncio.wrap_future(future)
+        wrapped = asyncio.wrap_future(future)
+        if deadline is None:
+            return await wrapped
+        try:
+            return await asyncio.wait_for(asyncio.shield(wrapped), max(0.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            if future.cancel():
+                now = time.perf_counter()
+                raise DeadlineExceeded(f"the request's deadline passed while it waited for the model (it waited "
+                                       f"{(now - waiting_since) * 1000:.0f} ms)") from None
+            return await wrapped
     except asyncio.CancelledError:
+        future.cancel()  # still queued: dropped with its request (awaited through ``shield``, it is not cancelled yet)
         if not future.done():
             hold_pixels_until(future)
         raise

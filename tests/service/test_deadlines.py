@@ -95,6 +95,34 @@ def test_a_request_past_its_deadline_gets_504_and_never_runs(client):
     assert model_calls(client, "tiny") == before + 1
 
 
+def test_a_queued_request_gets_its_504_at_its_deadline_not_when_the_model_is_free(client):
+    """The model thread is held (a long call) past the request's deadline: the 504 comes at the deadline, and the
+    request is dropped from the queue unrun (before, it came only once the model thread was free)."""
+    from tests.factories import EVALUATE_REQUESTS
+
+    before = model_calls(client, "tiny")
+    box: list = []
+    executor = deployment(client, "tiny").executor
+    with busy(executor):
+        measured, executor.call_seconds = executor.call_seconds, {}  # admitted: no wait is foreseen (the held call
+        # is longer than any measured before, as the long call that holds up a deployment is)
+        thread = threading.Thread(target=lambda: box.append(client.post(
+            "/evaluate/transformer", json={"model": "tiny", **EVALUATE_REQUESTS["transformer"]},
+            headers={"x-request-timeout": "0.2"})))
+        started = time.perf_counter()
+        thread.start()
+        thread.join(timeout=10)  # the model thread is still held all this time
+        answered_while_held = not thread.is_alive()
+        took = time.perf_counter() - started
+        executor.call_seconds = measured
+    thread.join(timeout=30)
+    assert answered_while_held, "no answer while the model thread was held"
+    assert box[0].status_code == 504 and box[0].json()["error"]["type"] == "timeout", box[0].text
+    assert took < 5
+    assert executor.depth == 0  # its place in the queue given back
+    assert model_calls(client, "tiny") == before
+
+
 def test_a_deployment_default_deadline_applies(client):
     body = {**TEXT, "model": "tiny-default"}
     before = model_calls(client, "tiny-default")
