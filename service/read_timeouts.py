@@ -16,6 +16,10 @@ bounds both reads, as nginx's ``client_header_timeout`` and ``client_body_timeou
   the connection closes; the request's handler sees the client disconnect, so nothing runs for it.
 
 Both 408s carry the one error shape (``type`` ``request_timeout``) and ``Connection: close``.
+Neither counts against the client while a request before this one on the connection is still being
+answered (a pipelined request waits, its body mostly unread: uvicorn pauses reading, and a reply
+to it must come after the one before), nor while the server has stopped reading: a timer that
+fires then starts over.
 Websocket connections leave these timers once upgraded (the websocket protocol pings on its own).
 """
 
@@ -106,6 +110,11 @@ def read_timeout_protocol(header_timeout_s: float, body_timeout_s: float,
         def _expired(self) -> None:
             phase, self._timer, self._phase = self._phase, None, None
             if self.transport.is_closing():
+                return
+            if self.pipeline or self.flow.read_paused:
+                # A request before this one is still being answered (its reply must go first), or the server is not
+                # reading: the time is not the client's.
+                self._arm(phase, header_timeout_s if phase == "headers" else body_timeout_s)
                 return
             on_timeout(phase)
             cycle = self.cycle

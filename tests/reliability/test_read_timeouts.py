@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -187,3 +189,84 @@ def test_a_connection_answered_before_its_body_does_not_stay_open(base):
         sock.settimeout(12)
         rest, took = read_until_closed(sock)  # raises socket.timeout if the server kept it open
     assert took < 9
+
+
+@contextmanager
+def protocol_server(app, header_s: float = HEADER_S, body_s: float = BODY_S):
+    """uvicorn with ``read_timeout_protocol`` serving the ASGI ``app`` on a loopback port, in a thread: the
+    protocol alone, under an app whose timing the test sets."""
+    import asyncio
+
+    import uvicorn
+
+    from service.read_timeouts import read_timeout_protocol
+    from tests.service.live_server import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           http=read_timeout_protocol(header_s, body_s)))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+async def slow_or_counting(scope, receive, send):
+    """``/slow``: answers after 3 s (longer than BODY_S); anything else: reads its body, answers its length."""
+    import asyncio
+
+    if scope["type"] != "http":
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    if scope["path"] == "/slow":
+        await asyncio.sleep(3)
+    body = json.dumps({"received": size}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_pipelined_body_left_unread_behind_a_long_request_is_not_timed_out():
+    """Two requests sent at once on one connection, the first answered after longer than the body timer: the
+    server reads nothing of the second's body until the first is answered (uvicorn pauses reading), and the timer
+    must not count that against the client. Before, the second got 408 after VLA_BODY_TIMEOUT_S and the connection
+    closed under the first, whose reply was lost."""
+    body = b"x" * 2_000_000  # more than is read before reading pauses
+    with protocol_server(slow_or_counting) as url, connect(url) as sock:
+        sock.settimeout(30)
+        both = (b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
+                b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sender = threading.Thread(target=sock.sendall, args=(both,))
+        started = time.monotonic()
+        sender.start()
+        replies = [read_response(sock), read_response(sock)]
+        took = time.monotonic() - started
+        sender.join(timeout=30)
+    assert replies[0].startswith(b"HTTP/1.1 200 "), replies[0][:300]
+    assert replies[1].startswith(b"HTTP/1.1 200 "), replies[1][:300]
+    assert json.loads(replies[1].partition(b"\r\n\r\n")[2]) == {"received": len(body)}
+    assert took > BODY_S + 1  # the second body waited unread past the body timer
+
+
+def test_a_pipelined_slow_body_still_gets_its_408_once_it_is_read():
+    """The timer starts over while reading is paused, and still bounds a body that then trickles."""
+    with protocol_server(slow_or_counting) as url, connect(url) as sock:
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
+                     b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: 1000\r\n\r\nx")
+        first = read_response(sock)
+        sock.settimeout(15)
+        rest, took = read_until_closed(sock)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert_408(rest, "body")
+    assert took < BODY_S + 3
