@@ -260,7 +260,8 @@ def test_a_pipelined_body_left_unread_behind_a_long_request_is_not_timed_out():
 
 
 def test_a_pipelined_slow_body_still_gets_its_408_once_it_is_read():
-    """The timer starts over while reading is paused, and still bounds a body that then trickles."""
+    """A pipelined request whose body never comes all: its 408 follows the reply to the request before it (replies
+    go in order; before, the 408 came first, as if it answered that one), within the body timer after it."""
     with protocol_server(slow_or_counting) as url, connect(url) as sock:
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: 1000\r\n\r\nx")
