@@ -19,7 +19,7 @@ Both 408s carry the one error shape (``type`` ``request_timeout``) and ``Connect
 Neither counts against the client while a request before this one on the connection is still being
 answered (a pipelined request waits, its body mostly unread: uvicorn pauses reading, and a reply
 to it must come after the one before), nor while the server has stopped reading: a timer that
-fires then starts over.
+fires then starts over, and it starts over once the request before is answered.
 Websocket connections leave these timers once upgraded (the websocket protocol pings on its own).
 """
 
@@ -86,6 +86,12 @@ def read_timeout_protocol(header_timeout_s: float, body_timeout_s: float,
                 # at the reply, and the body's last bytes cancelled it; idle from now on, so arm it again.
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                     self.timeout_keep_alive_handler)
+
+        def on_response_complete(self) -> None:
+            waiting = bool(self.pipeline)
+            super().on_response_complete()  # (starts the request that waited behind that reply)
+            if waiting and self._phase is not None and not self.pipeline:  # its timer's time starts now
+                self._arm(self._phase, header_timeout_s if self._phase == "headers" else body_timeout_s)
 
         def handle_websocket_upgrade(self) -> None:
             self._disarm()
