@@ -274,7 +274,8 @@ class Settings(BaseSettings):
         "but /health/* and the docs needs `Authorization: Api-Key <key>` or `Bearer <key>` (401 without); none: "
         "no authentication."))
     api_keys_file: Optional[Path] = Field(None, description="A file of API keys, one per line (blank lines and # "
-                                                            "comments skipped): a Docker or Kubernetes secret.")
+                                                            "comments skipped): a Docker or Kubernetes secret. A "
+                                                            "missing file, or one with no key, stops the start.")
     admin_keys: Optional[SecretStr] = Field(None, description=(
         "Admin keys, comma-separated, apart from the clients' api_keys: with one set, /admin/deployments loads, "
         "reloads and unloads deployments at run time (checkpoints under checkpoint_roots only); none: no /admin."))
@@ -305,9 +306,19 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _session_store(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and urlsplit(v).scheme.lower() not in ("redis", "rediss", "unix"):
-            raise ValueError("session_store must be a Redis URL (redis://host:6379/0, rediss:// for TLS, or "
-                             "unix:///path/to/redis.sock); none keeps each session in its replica")
+        if v is None:
+            return v
+        form = ("a Redis URL (redis://host:6379/0, rediss:// for TLS, or unix:///path/to/redis.sock); none keeps "
+                "each session in its replica")
+        if urlsplit(v).scheme.lower() not in ("redis", "rediss", "unix"):
+            raise ValueError(f"session_store must be {form}")
+        from redis.connection import parse_url
+
+        try:
+            parse_url(v)
+        except (ValueError, TypeError):  # (its message may quote part of the URL: a password, say)
+            raise ValueError(f"session_store is not a URL that Redis can read (its port, database or options); it "
+                             f"must be {form}; a password that holds / ? # @ or : is written %-encoded") from None
         return v
 
     @field_validator("api_keys", "admin_keys", "checkpoint_roots", "allowed_origins", mode="before")
@@ -375,7 +386,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _api_keys(self) -> "Settings":
-        self.api_key_list()  # a missing file or a malformed key is refused at start-up, naming the setting
+        keys = self.api_key_list()  # a missing file or a malformed key is refused at start-up, naming the setting
+        if self.api_keys_file is not None and not keys:  # (an empty secret mounted: the server would be open)
+            raise ValueError(f"api_keys_file {self.api_keys_file} holds no key (blank lines and # comments only); "
+                             "put one key per line in it, or unset VLA_API_KEYS_FILE to serve without keys")
         if set(self.admin_key_list()) & set(self.api_key_list()):
             raise ValueError("an admin key is also a client key (admin_keys, api_keys); give admins keys of their own")
         return self

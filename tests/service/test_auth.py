@@ -138,6 +138,11 @@ def test_keys_from_the_variable_and_a_secrets_file(tmp_path, monkeypatch):
 def test_a_missing_file_or_a_malformed_key_stops_the_start(tmp_path):
     with pytest.raises(ValueError, match="api_keys_file .*: No such file"):
         Settings(api_keys_file=tmp_path / "missing")
+    empty = tmp_path / "empty-secret"  # an empty secret mounted, or one of comments only: the server would be open
+    for text in ("", "\n  \n", "# keys go here\n"):
+        empty.write_text(text)
+        with pytest.raises(ValueError, match="api_keys_file .* holds no key"):
+            Settings(api_keys_file=empty)
     for bad in ("good,bad\tkey", "clé"):  # a header is latin-1 on the wire: keys are ASCII tokens
         with pytest.raises(ValueError, match="whitespace, a control or a non-ASCII character"):
             read_keys(bad, None)

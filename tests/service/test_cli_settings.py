@@ -97,6 +97,14 @@ def test_setting_errors_never_echo_the_api_keys(monkeypatch):
     assert "bad key" not in str(refused.value)
 
 
+def test_a_session_store_url_that_redis_cannot_read_is_refused_without_echoing_its_password():
+    """(redis-py's own message quotes the part it could not read: with a / in the password, the password.)"""
+    with pytest.raises(ValueError) as refused:
+        Settings(session_store="redis://:hunter2/x@redis:6379/0")
+    assert "session_store is not a URL that Redis can read" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
 def test_redis_urls_in_messages_hide_their_password():
     from service.shared_sessions import redacted_url
 
@@ -108,6 +116,9 @@ def test_redis_urls_in_messages_hide_their_password():
 @pytest.mark.parametrize("values, message", [
     ({"log_level": "verbose"}, "log_level"),
     ({"session_store": "notaurl"}, "session_store must be a Redis URL"),
+    ({"session_store": "redis://h:notaport/0"}, "session_store is not a URL that Redis can read"),
+    ({"session_store": "redis://h:99999/0"}, "session_store is not a URL that Redis can read"),
+    ({"session_store": "redis://h:6379/0?socket_timeout=abc"}, "session_store is not a URL that Redis can read"),
     ({"kv_cache_mb": float("inf")}, "kv_cache_mb"),
     ({"replicas_per_gpu": 3}, "replicas_per_gpu .3. counts replicas on each GPU"),
     ({"deployments": [{"checkpoint": "/a", "control_period_s": float("inf")}]}, "control_period_s"),
