@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import sys
@@ -105,7 +106,9 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
             yield
         finally:
             await fleet.stop()
-            manager.shutdown()
+            # Off the event loop: it waits for model calls still running, and meanwhile a stream the drain cut off
+            # must still run its clean-up here (its generation told to stop, its last event sent).
+            await asyncio.to_thread(manager.shutdown)
             metrics.unwatch_gc()
             if shared is not None:
                 await shared.close()

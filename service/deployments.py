@@ -580,9 +580,16 @@ class DeploymentManager:
         exits without it (the threads are daemons)."""
         deadline = time.monotonic() + timeout
         self.shut_down = True
-        for deployment in [*self.deployments.values(), *self._reloads]:  # (a reload's load stops before it serves)
+        deployments = [*self.deployments.values(), *self._reloads]  # (a reload's load stops before it serves)
+        for deployment in deployments:
             deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
-            deployment.close()
+        # All at once: a model process whose call still runs takes up to CLOSE_TIMEOUT_S to close, and one after
+        # the other they would hold the exit that many times over.
+        closing = [threading.Thread(target=d.close, name=f"close {d.name}", daemon=True) for d in deployments]
+        for thread in closing:
+            thread.start()
+        for thread in closing:
+            thread.join()
         if self.settings.gc_freeze:  # an app made in a longer-lived process (tests, notebooks) leaves nothing frozen
             thaw()
 

@@ -308,6 +308,23 @@ def _next_message(conn: Channel, engine: Any) -> Any:
     return conn.recv()
 
 
+def exit_with_the_server(every_s: float = 0.5) -> None:
+    """Ends this process (from a daemon thread) once the server that started it has gone. Between calls the
+    channel's closing tells the child (its reads end); a call in flight reads nothing until it ends, and one that
+    hangs never does, while it holds the weights (and a GPU's memory). The child has a session of its own, so no
+    signal to the server's process group reaches it: its parent changing (to init, or a subreaper) is the sign."""
+    server = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != server:
+                logger.warning("the server (pid %d) has gone: the model process exits, its call unfinished", server)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit with the server", daemon=True).start()
+
+
 def _child(conn: Channel) -> None:
     """The child's life: take (load, torch threads, gc freeze, log format, deployment name), load the pipeline,
     then answer (operation, args, kwargs) until the server closes its end or says ``close``. Every reply is
@@ -316,6 +333,7 @@ def _child(conn: Channel) -> None:
     os.set_inheritable(conn.sock.fileno(), False)  # (nothing it starts may keep the server's reads from ending)
     load, torch_threads, gc_freeze, log_format, deployment = conn.recv()
     _configure_child_logging(log_format, deployment)
+    exit_with_the_server()
     torch.set_num_threads(torch_threads)
     from service.gc_pauses import freeze_long_lived
     from vla_foundry.pipelines import load_pipeline

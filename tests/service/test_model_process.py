@@ -605,3 +605,50 @@ def test_a_shutdown_while_a_reload_loads_drops_the_reload_and_leaves_no_child(ti
     assert manager.deployments["policy"] is old
     (process,) = started
     assert wait_gone(process.pid)
+
+
+def test_a_child_exits_when_its_server_dies_during_a_call(tmp_path):
+    """A call in flight reads nothing from the channel until it ends (one that hangs never does): the child must
+    still end once its server is killed outright. Here a "server" starts a child as ``_spawn`` does (a session of
+    its own) that arms ``exit_with_the_server`` and then runs a call that would take a minute."""
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'from service.model_process import exit_with_the_server; "
+        "exit_with_the_server(every_s=0.1); print(\\'armed\\', flush=True); import time; time.sleep(60)'], "
+        "start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "child.wait()\n")], stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[2]))
+    child = int(server.stdout.readline())
+    try:
+        assert server.stdout.readline().strip() == "armed"
+        assert not wait_gone(child, timeout=0.5)  # alive while its server is
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        assert wait_gone(child, timeout=10), "the child still runs after its server was killed"
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_the_deployments_close_at_once_at_shutdown(tiny_checkpoints, monkeypatch):
+    """A model process whose call outlives the drain takes up to CLOSE_TIMEOUT_S to close; deployments closed one
+    after the other held the exit that long per deployment (past the launcher's drain + 5 s, which then kills the
+    replica). Here each close takes 1 s: three close together in about one."""
+    from service.deployments import Deployment
+
+    close = Deployment.close
+
+    def slow_close(self) -> None:
+        time.sleep(1.0)
+        close(self)
+
+    checkpoint = str(tiny_checkpoints["diffusion_policy"])
+    specs = [DeploymentSpec(name=f"policy-{i}", checkpoint=checkpoint) for i in range(3)]
+    with serving(*specs):
+        monkeypatch.setattr(Deployment, "close", slow_close)
+        started = time.monotonic()
+    assert time.monotonic() - started < 2.5
