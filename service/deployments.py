@@ -268,6 +268,8 @@ class Deployment:
         except Exception as e:
             with self._state_lock:
                 self.restarting, self.stage, self._exit_left = False, None, None
+                if self.closed:  # the server shut down meanwhile, and closing stopped the new child: no failure
+                    return
                 if not self.retired:
                     self.status = FAILED
                     self.error = f"restarting the model process failed: {type(e).__name__}: {e}; {self._recover}"

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.disconnects import CLIENT_CLOSED
 from service.light_requests import ARRIVED
 from service.errors import error_response, unexpected_error
+from service.streaming import SSE_DONE, sse_error
 
 if TYPE_CHECKING:
     from service.deployments import DeploymentManager
@@ -354,11 +355,14 @@ class RequestMetrics:
         scope.setdefault("state", {})["received_at"] = started
         status: Optional[int] = None
         left = False  # the client disconnected (an app that then answers nothing has no error of its own)
+        event_stream = False  # the reply is a stream of server-sent events
 
         async def send_counted(message: Message) -> None:
-            nonlocal status
+            nonlocal status, event_stream
             if message["type"] == "http.response.start":
                 status = message["status"]
+                event_stream = any(name == b"content-type" and value.startswith(b"text/event-stream")
+                                   for name, value in message.get("headers", ()))
             await send(message)
 
         async def receive_watched() -> Message:
@@ -384,11 +388,17 @@ class RequestMetrics:
                 raise
             access_log.warning("%s %s cut off: the drain timeout (VLA_DRAIN_TIMEOUT_S) was over",
                                scope["method"], scope["path"])
+            message = ("the server shut down before this request finished: its drain timeout (VLA_DRAIN_TIMEOUT_S) "
+                       "was over; send it again (to another replica)")
             if status is None:
-                await error_response(Request(scope), 503, "the server shut down before this request finished: its "
-                                     "drain timeout (VLA_DRAIN_TIMEOUT_S) was over; send it again (to another replica)",
-                                     type="unavailable", headers={"Connection": "close", "Retry-After": "1"}
-                                     )(scope, receive, send_counted)
+                await error_response(Request(scope), 503, message, type="unavailable",
+                                     headers={"Connection": "close", "Retry-After": "1"})(scope, receive, send_counted)
+            elif event_stream:  # a stream under way ends with the error in-band and its end, as its other errors do
+                last = sse_error(503, message, scope) + SSE_DONE
+                try:
+                    await send({"type": "http.response.body", "body": last.encode(), "more_body": False})
+                except Exception:  # (its client has gone too)
+                    pass
         finally:
             route = getattr(scope.get("route"), "path", None) or _route_template(scope)
             if status is None:  # nothing answered: the client left first (nginx's 499), else a fault of ours

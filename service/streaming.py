@@ -109,8 +109,9 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def sse_error(status: int, message: str, scope: Optional[dict] = None) -> str:
-    return sse(error_body(status, message, scope=scope))
+def sse_error(status: int, message: str, scope: Optional[dict] = None, field: Optional[str] = None,
+              type: Optional[str] = None) -> str:
+    return sse(error_body(status, message, field=field, type=type, scope=scope))
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -539,6 +539,9 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
             yield (chunk([], usage=usage) if body.include_usage else "") + SSE_DONE
         except InvalidInputError as e:
             yield sse_error(422, str(e), request.scope) + SSE_DONE
+        except ApiError as e:  # the service's own refusal (its model process died, say): in-band as it is
+            logger.warning("streamed generation on %s ended: %s", deployment.name, e.message)
+            yield sse_error(e.status, e.message, request.scope, field=e.field, type=e.type) + SSE_DONE
         except Exception as e:  # the stream has started: the error goes in-band, without internals
             logger.exception("streamed generation on %s failed", deployment.name)
             yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details",

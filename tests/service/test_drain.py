@@ -3,6 +3,7 @@ than VLA_DRAIN_TIMEOUT_S does not hold the process past it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -95,6 +96,52 @@ def test_a_request_longer_than_the_drain_timeout_does_not_hold_the_process(slow_
     assert error["type"] == "unavailable" and "VLA_DRAIN_TIMEOUT_S" in error["message"]
     assert error["request_id"] == response.headers["x-request-id"]
     assert "Exception in ASGI application" not in log.read_text()
+
+
+def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_event_and_done(tiny_tokenizer, tmp_path):
+    """A /v1 stream still running when the drain timeout is over: its last event says why (503 in the error shape)
+    and ``[DONE]`` follows, and the chunked body ends, as the stream's other errors end it (before, it was cut
+    without a word, uvicorn logged an error, and the process exited about two seconds late: the shutdown waited for
+    a generation that its stream, blocked meanwhile, could not stop)."""
+    from tests.factories import tiny_transformer_params
+
+    checkpoint = tmp_path / "long-text"
+    save_experiment(tiny_model(tiny_transformer_params(vocab_size=len(tiny_tokenizer), max_seq_len=4096,
+                                                       hidden_dim=256, n_layers=6, n_heads=4)),
+                    checkpoint, tokenizer=tiny_tokenizer)
+    log = tmp_path / "server.log"
+    events: list = []
+    ended: dict = {}
+
+    def stream(base: str) -> None:
+        try:
+            with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+                    "prompt": "the", "max_tokens": 1024, "temperature": 0, "stream": True}) as reply:
+                events.extend(line for line in reply.iter_lines() if line)
+            ended["how"] = "whole"
+        except httpx.HTTPError as e:
+            ended["how"] = f"{type(e).__name__}: {e}"
+        ended["at"] = time.perf_counter()
+
+    with serve(checkpoint, tmp_path, drain_s=1, log_path=log) as (base, proc):
+        client = threading.Thread(target=stream, args=(base,))
+        client.start()
+        deadline = time.monotonic() + 30
+        while len(events) < 3:  # the stream is under way
+            assert time.monotonic() < deadline and client.is_alive(), (ended, events[-2:])
+            time.sleep(0.02)
+        signalled = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        exited_after = time.perf_counter() - signalled
+        client.join(timeout=30)
+    assert code == 0 and ended["how"] == "whole", ended
+    assert events[-1] == "data: [DONE]", events[-3:]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "unavailable" and "VLA_DRAIN_TIMEOUT_S" in error["message"], error
+    assert ended["at"] - signalled < 1 + 1.5, ended["at"] - signalled
+    assert exited_after < 1 + 2.5, exited_after
+    assert "ASGI callable returned without completing response" not in log.read_text()
 
 
 def test_sigterm_says_goodbye_to_robot_websockets_with_1001(tiny_checkpoints, tmp_path):

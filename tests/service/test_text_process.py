@@ -469,3 +469,23 @@ def test_the_child_reports_each_admissions_first_tokens_at_once_and_stops_when_t
     with pytest.raises(OSError):
         gone.step()
     assert not gone._done  # nothing was failed as if the batcher had broken
+
+
+def test_a_stream_whose_child_dies_ends_with_the_503_that_names_it(tiny_checkpoints):
+    """The model process dies mid-stream: the stream's in-band error is the 503 every other request it ran gets
+    (naming the signal; ``unavailable``, to retry), not a generic internal error with a traceback logged."""
+    spec = DeploymentSpec(name="there", checkpoint=str(tiny_checkpoints["transformer"]), model_process=True)
+    with serving(spec, max_batch_size=4, continuous_batching=True, max_new_tokens=64) as client:
+        pid = client.get("/models/there").json()["model_process"]["pid"]
+        lines, killed = [], False
+        with client.stream("POST", "/v1/completions", json={"model": "there", "prompt": "the", "max_tokens": 60,
+                                                            "seed": 1, "stream": True, "n": 2}) as reply:
+            for line in reply.iter_lines():
+                if line:
+                    lines.append(line)
+                if not killed and line.startswith("data: {"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+    errors = [json.loads(line.removeprefix("data: "))["error"] for line in lines if line.startswith('data: {"error"')]
+    assert errors and lines[-1] == "data: [DONE]", lines[-3:]
+    assert errors[0]["type"] == "unavailable" and "killed by signal 9" in errors[0]["message"], errors[0]
