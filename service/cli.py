@@ -180,15 +180,19 @@ def base_url(host: str, port: int) -> str:
 
 def banner_lines(settings, port: int) -> list[str]:
     url = base_url(settings.host, port)
+    # With keys, the lines send one from $VLA_API_KEY (a key is never printed)
+    key = ' -H "Authorization: Bearer $VLA_API_KEY"' if settings.api_key_list() else ""
     lines = [f"VLA Foundry Serve on {url}/ (a page to try every model; the API reference at {url}/docs)",
-             f"  curl {url}/models"]
+             f"  curl {url}/models{key}"]
     if not settings.deployments:  # each member is made ready on its deployment's thread; a server on its own
         # listens at once (a replica of a launch once they are ready)
         lines[0] += f"\nServing the demo pack from {settings.demo_dir} (ready within a minute when it is shipped)"
-        lines += [f"  curl {url}/predict/transformer -H 'content-type: application/json' "
+        lines += [f"  curl {url}/predict/transformer -H 'content-type: application/json'{key} "
                   """-d '{"prompt": "The robot", "max_new_tokens": 24}'""",
-                  f"  curl {url}/v1/completions -H 'content-type: application/json' "
+                  f"  curl {url}/v1/completions -H 'content-type: application/json'{key} "
                   """-d '{"model": "demo-transformer", "prompt": "Once upon a time", "max_tokens": 24}'"""]
+    if key:
+        lines.append("  (API keys are on: set VLA_API_KEY to one of them first)")
     return lines
 
 

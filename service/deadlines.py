@@ -39,7 +39,7 @@ def parse_timeout(raw: bytes) -> float:
     except ValueError:
         raise ValueError(f"X-Request-Timeout must be a number of seconds, e.g. 2.5; got {text[:40]!r}") from None
     if not 0 < seconds <= MAX_TIMEOUT_S or math.isnan(seconds):
-        raise ValueError(f"X-Request-Timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds; got {seconds:g}")
+        raise ValueError(f"X-Request-Timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds; got {text.strip()[:40]}")
     return seconds
 
 

@@ -426,7 +426,8 @@ OTHER_VLA_VARIABLES = frozenset({
     "VLA_API_KEY", "VLA_DEPLOY_FILE", "VLA_ENTRYPOINT_DRY_RUN", "VLA_PUBLISH_ADDRESS", "VLA_GPU_COUNT", "VLA_IMAGE",
     "VLA_CPU_IMAGE", "VLA_CPU_BASE_IMAGE", "VLA_CHECKPOINTS_DIR", "VLA_CONFIG_DIR", "VLA_START_PERIOD", "VLA_UID",
     "VLA_GID", "VLA_WHEEL_SITE", "VLA_TORCH_VERSION", "VLA_TORCH_INDEX_URL", "VLA_CUDA_VERSION", "VLA_CUDNN_VERSION",
-    "VLA_BUILD_DEMO", "VLA_FIXTURES_DIR", "VLA_FUZZ_EXAMPLES", "VLA_PAGE_SCREENSHOT", "VLA_CHROMIUM"})
+    "VLA_BUILD_DEMO", "VLA_FIXTURES_DIR", "VLA_FUZZ_EXAMPLES", "VLA_PAGE_SCREENSHOT", "VLA_CHROMIUM",
+    "VLA_BENCH_SIMULATED_GPU"})
 
 
 def ignored_variables(environ: dict[str, str], settings: "Settings") -> list[str]:
@@ -472,6 +473,8 @@ def read_deployment_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"deployment file {path} must hold a mapping with `deployments:`")
     base = path.parent
+    if "deployments" in data and data["deployments"] is None:  # every entry commented out: as if the key were not
+        del data["deployments"]  # there (VLA_DEPLOYMENTS, or the demo pack), not a type error naming a variable
     deployments = data.get("deployments") or []
     if not isinstance(deployments, list):
         raise ValueError(f"deployment file {path}: `deployments` must be a list, one `- checkpoint: ...` entry per "

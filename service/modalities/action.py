@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, model_validator
 
 from service.codecs import DecodeError, array_dtype, decode_array, is_array_dict
 from service.images import decode_image_value
@@ -297,7 +297,7 @@ class PolicySample(BaseModel):
 
 class ActionEvaluateRequest(RequestBase):
     samples: list[PolicySample] = Field(..., min_length=1)
-    condition_on_past: bool = Field(True, description="Feed the P past rows clean, as at inference (they are "
+    condition_on_past: StrictBool = Field(True, description="Feed the P past rows clean, as at inference (they are "
                                                       "not scored); false scores every row.")
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Fixes the noise and timesteps.")
 

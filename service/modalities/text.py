@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, Field, StrictInt, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StrictInt, WithJsonSchema, model_validator
 
 from service.codecs import DecodeError, decode_array, is_array_dict
 from service.modalities.base import ModalityAdapter, Number, RequestBase, ResponseBase, checked_batch, each
@@ -79,7 +79,7 @@ class SamplingFields(RequestBase):
     top_p: Number = Field(_DEFAULTS.top_p, gt=0, le=1, description="1 = off.")
     stop: Optional[Union[str, list[str]]] = Field(None, description="Stop strings (not included in the text).")
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="Same seed, same request ⇒ same tokens.")
-    use_cache: bool = Field(True, description="Use the KV cache: faster; the same tokens when greedy (sampled "
+    use_cache: StrictBool = Field(True, description="Use the KV cache: faster; the same tokens when greedy (sampled "
                                               "tokens may differ, as prompts of different lengths then run apart).")
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from service.codecs import encode_response
 from service.errors import ApiError
@@ -33,7 +33,7 @@ class ReloadRequest(BaseModel):
                                                         "one, e.g. for a newer checkpoint file in it).")
     checkpoint_file: Optional[str] = Field(None, description="A weights file in its checkpoints/ (default: the "
                                                              "latest, whatever file the deployment serves now).")
-    use_ema: Optional[bool] = None
+    use_ema: Optional[StrictBool] = None
 
 
 MAX_TREE_ENTRIES = 100_000  # entries of an experiment directory checked for links out of the roots

@@ -135,7 +135,7 @@ class OpenAIRequest(BaseModel):
 class CompletionRequest(OpenAIRequest):
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
     max_tokens: Optional[StrictInt] = Field(16, ge=1)
-    echo: bool = False
+    echo: StrictBool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -207,7 +207,7 @@ class ChatRequest(OpenAIRequest):
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: Optional[StrictBool] = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {**OpenAIRequest.UNSUPPORTED, "top_logprobs": (None, 0),
                                                "tools": (None, []), "tool_choice": (None, "none")}

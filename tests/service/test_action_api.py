@@ -359,6 +359,9 @@ def test_evaluate_is_seeded_and_checks_action_windows(client):
     assert first["num_samples"] == 2 and first["num_action_rows"] == 2 * 3 and np.isfinite(first["loss"])
     every_row = client.post("/evaluate/diffusion_policy", json={**body, "condition_on_past": False}).json()
     assert every_row["num_action_rows"] == 2 * 4
+    for lax in ("no", 0):  # a switch is a boolean, as the other fields are strict about their types
+        refused = client.post("/evaluate/diffusion_policy", json={**body, "condition_on_past": lax})
+        assert error_of(refused, 422)["field"] == "condition_on_past"
     short = json.loads(json.dumps(body))
     short["samples"][1]["actions"]["gripper"] = [[1.0]] * 3
     assert error_of(client.post("/evaluate/diffusion_policy", json=short), 422)["field"] == "samples[1].actions.gripper"

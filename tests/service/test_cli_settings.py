@@ -190,6 +190,10 @@ def test_review_cases_of_the_start_checks(tmp_path, monkeypatch):
     assert (spec.checkpoint, spec.name) == (str(real.resolve()), "lr=3e-4")
     monkeypatch.setenv("VLA_Max_Queue", "7")
     assert Settings().max_queue == 7 and ignored_variables({"VLA_Max_Queue": "7"}, Settings()) == []
+    assert ignored_variables({"VLA_BENCH_SIMULATED_GPU": "1"}, Settings()) == []  # (bench/fleet.py --simulated-gpu)
+    commented = tmp_path / "commented.yaml"  # deploy.yaml.example with its entries commented out
+    commented.write_text("device: auto\ndeployments:\n#  - name: my-lm\n#    checkpoint: /checkpoints/lm\n")
+    assert Settings.load(commented).deployments == Settings().deployments
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["demo", "--help"], ["models", "--help"]])

@@ -211,3 +211,15 @@ def test_the_banner_url_is_one_a_browser_on_this_host_opens(host, url):
     from service.cli import base_url
 
     assert base_url(host, 8000) == url
+
+
+def test_with_api_keys_the_banner_s_curl_lines_send_one_without_printing_it():
+    """Its curl lines, run as printed, would get 401 on a server with keys: they send $VLA_API_KEY."""
+    from service.cli import banner_lines
+    from service.settings import Settings
+
+    lines = banner_lines(Settings(api_keys="robot-secret-1"), 8000)
+    curls = [line for line in lines if line.strip().startswith("curl ")]
+    assert len(curls) == 3 and all('-H "Authorization: Bearer $VLA_API_KEY"' in line for line in curls)
+    assert "robot-secret-1" not in "\n".join(lines) and "VLA_API_KEY" in lines[-1]
+    assert not any("Authorization" in line for line in banner_lines(Settings(), 8000))

@@ -156,7 +156,8 @@ def test_a_malformed_timeout_is_refused(client, value):
     assert response.status_code == 400 and response.json()["error"]["field"] == "X-Request-Timeout"
 
 
-@pytest.mark.parametrize("value, shown", [("soon", "got 'soon'"), ("2 s", "got '2 s'"), ("0", "got 0")])
+@pytest.mark.parametrize("value, shown", [("soon", "got 'soon'"), ("2 s", "got '2 s'"), ("0", "got 0"),
+                                          ("3600.0000001", "got 3600.0000001")])
 def test_a_malformed_timeout_is_quoted_as_the_text_sent(value, shown):
     """The header's text, not a bytes repr (``got b'soon'``)."""
     from fastapi.testclient import TestClient

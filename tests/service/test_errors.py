@@ -55,6 +55,9 @@ BAD_PREDICT = [
     ({"prompt": "the", "temperature": True}, 422, "temperature"),
     ({"prompt": "the", "top_p": "0.5"}, 422, "top_p"),
     ({"prompt": "the", "timeout_s": "30"}, 422, "timeout_s"),
+    # and switches are booleans, not "no" or 0
+    ({"prompt": "the", "use_cache": "no"}, 422, "use_cache"),
+    ({"prompt": "the", "use_cache": 0}, 422, "use_cache"),
 ]
 
 
