@@ -523,14 +523,17 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
     async def events():
         # One write per list of deltas, one event per row in it: what arrived together (a stream that fell behind
         # its generation, or the rows of one step) costs the client one event per row, not one per token.
+        streamed, counted = 0, False  # tokens sent so far; whether the reply's usage counted its tokens
         try:
             async for deltas in stream.batches():
+                streamed += sum(len(ids) for _, _, ids, _ in deltas)
                 payload = "".join(chunks(deltas))
                 if payload:
                     yield payload
             result = stream.result().value
             usage = usage_of(result, body.n)
             metrics.observe_reply(deployment.name, {"usage": usage})
+            counted = True
             # Rows decode side by side, one token each per step: the longest spans the first token to the last.
             steps = max((len(c.token_ids) for c in result.completions), default=0)
             if steps > 1:
@@ -546,6 +549,9 @@ async def _respond(deployment: Deployment, body: OpenAIRequest, request: Request
             logger.exception("streamed generation on %s failed", deployment.name)
             yield sse_error(500, f"generation failed ({type(e).__name__}); the server log has details",
                             request.scope) + SSE_DONE
+        finally:  # a stream that ended early (its client left, an error, the drain): the tokens it was sent
+            if not counted and streamed:
+                metrics.tokens.labels(deployment.name).inc(streamed)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -294,3 +294,28 @@ def test_a_light_request_held_by_the_pacer_is_timed_with_its_hold(tiny_checkpoin
     timed = (value(after, "vla_http_request_duration_seconds_sum", route="/models")
              - value(before, "vla_http_request_duration_seconds_sum", route="/models"))
     assert held > 0.3 and timed >= held, (held, timed)
+
+
+def test_the_tokens_a_stream_sent_before_its_client_left_are_counted(tiny_checkpoints, tmp_path):
+    """``vla_tokens_generated_total`` counts streams (README): one whose client leaves midway counts the tokens it
+    was sent (before, only a stream that ended counted any)."""
+    import time
+
+    text = tiny_checkpoints["transformer"]
+    with live_server(["--checkpoint", f"{text}=text"], tmp_path / "demo") as base:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            before = value(samples(client.get("/metrics").text), "vla_tokens_generated_total", deployment="text")
+            events = 0
+            with client.stream("POST", "/v1/completions", json={"model": "text", "prompt": "the", "max_tokens": 60,
+                                                                 "temperature": 0, "stream": True}) as reply:
+                for line in reply.iter_lines():
+                    events += line.startswith("data: {")
+                    if events == 3:
+                        break  # the client leaves
+            deadline = time.monotonic() + 10
+            while True:
+                after = value(samples(client.get("/metrics").text), "vla_tokens_generated_total", deployment="text")
+                if after > before or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+    assert after - before >= 3
