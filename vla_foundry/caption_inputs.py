@@ -56,6 +56,10 @@ class CaptionProcessor(ABC):
     def image_inputs(self, images: Images) -> dict[str, torch.Tensor]:
         """The pixel inputs alone, for sequences whose placeholders are already in place."""
 
+    def lays_out_per_token(self, images: Sequence[np.ndarray]) -> bool:
+        """Whether it lays out inputs per token (``CaptionInputs.per_token``), which ids made elsewhere lack."""
+        return False
+
     @abstractmethod
     def encode(self, prompts: Optional[Sequence[str]], prompt_token_ids: Optional[Sequence[Sequence[int]]],
                images: Images, *, rendered: bool = False, answers: bool = False) -> CaptionInputs:
@@ -189,6 +193,7 @@ class HFCaptionProcessor(CaptionProcessor):
     def __init__(self, model, processor: Any, source: str):
         self.model, self.processor, self.tokenizer_source = model, processor, source
         self.tokenizer = processor.tokenizer
+        self._per_token: Optional[bool] = None  # known from its first encoding
         if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
             # The processor pads a batch's rows, and refuses to without a pad token; the padding is stripped
             # (``encode``), so which token pads makes no difference.
@@ -216,6 +221,14 @@ class HFCaptionProcessor(CaptionProcessor):
         if prompt_token_ids is not None:
             raise InvalidInputError("vlm_hf deployments take text prompts (their processor places the image "
                                     "tokens); send `prompt` instead of `prompt_token_ids`", field="prompt_token_ids")
+        image_token = getattr(self.processor, "image_token", None)
+        if image_token and not rendered:  # (a rendered chat holds the ones its template placed)
+            for i, text in enumerate(prompts):
+                if image_token in text:
+                    field = "texts" if answers else "prompt"
+                    raise InvalidInputError(f"{field}[{i}] holds this model's image token {image_token!r}: its "
+                                            "processor places one per image itself; leave it out of the text",
+                                            field=field)
         if answers:  # the caption is the assistant's turn after an image-only request
             eos = self.tokenizer.eos_token or ""
             texts = [self._render("", len(row)) + p + eos for p, row in zip(prompts, images)]
@@ -232,6 +245,7 @@ class HFCaptionProcessor(CaptionProcessor):
         input_ids = out.pop("input_ids")
         ids = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
         per_token = any(isinstance(v, torch.Tensor) and v.shape == input_ids.shape for v in out.values())
+        self._per_token = per_token
         # (PaliGemma's labels and token_type_ids: a training target, and the prompt's types, all 0 here)
         image_inputs = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)
                         and k not in ("token_type_ids", "labels")}
@@ -240,6 +254,11 @@ class HFCaptionProcessor(CaptionProcessor):
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.processor, "chat_template", None))
+
+    def lays_out_per_token(self, images):
+        if self._per_token is None:  # (a processor lays out every input alike: one encoding tells)
+            self.encode([""], None, [list(images)])
+        return bool(self._per_token)
 
     def image_inputs(self, images):
         from PIL import Image

@@ -343,3 +343,14 @@ def test_an_image_placeholder_outside_the_vocabulary_is_served(tmp_path_factory)
     with pytest.raises(InvalidInputError, match=r"outside \[0, 64\): \[65\]") as e:
         p.caption([[image(1)]], prompt_token_ids=[[5, 65]], sampling=GREEDY, seed=0)
     assert e.value.field == "prompt_token_ids"
+
+
+def test_each_row_s_placeholders_are_for_its_own_images(pipeline):
+    """``input_ids`` rows with their placeholders in place: a row's count must be its own images' (before, a row
+    of all of them took the other row's image, and the other row was scored with none, silently)."""
+    placeholders = [pipeline.model.image_token_id] * pipeline.model.tokens_per_image
+    with pytest.raises(InvalidInputError) as refused:
+        pipeline.evaluate([[image(1)], [image(2)]], input_ids=[placeholders * 2 + [5], [5, 6]], seed=1)
+    assert refused.value.field == "input_ids" and "input_ids[0]" in str(refused.value)
+    assert pipeline.evaluate([[image(1)], [image(2)]], input_ids=[placeholders + [5, 6], placeholders + [7, 8]],
+                             seed=1)["num_tokens"] > 0

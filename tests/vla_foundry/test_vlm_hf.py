@@ -251,3 +251,63 @@ def test_a_tokenizer_without_a_pad_token_still_captions(tmp_path, tiny_tokenizer
     solo = [pipeline.caption([row], [p], sampling=GREEDY, seed=0).completions[0].token_ids
             for row, p in zip(images(2), PROMPTS)]
     assert [c.token_ids for c in together.completions] == solo
+
+
+def pooled(*outs):
+    return sum(o["loss"] * o["num_tokens"] for o in outs) / sum(o["num_tokens"] for o in outs)
+
+
+def test_evaluations_where_inputs_are_laid_out_per_token(tmp_path, tiny_tokenizer):
+    """Qwen2-VL's processor lays out mm_token_type_ids per token, in its own padding (here on the left, as many
+    hub checkpoints ship it): captions of different lengths are scored each alone and pooled (before, the rows'
+    padding here did not match the processor's, and the loss was another); ``input_ids`` alone lack that layout
+    and are refused, naming ``texts`` (before, the model's own error asked for a field the API has not)."""
+    import json
+
+    from vla_foundry.demo.hf_models import build_tiny_qwen2_vl
+    from vla_foundry.errors import InvalidInputError
+
+    hf_dir = sharpen(build_tiny_qwen2_vl(tmp_path / "qwen2_vl", tiny_tokenizer))
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    pipeline = load_pipeline(hf_dir)
+    assert pipeline.processor.tokenizer.padding_side == "left"
+    a, b = (im for row in images(3) for im in row)
+    short, long = "a red block", "the quick brown fox jumps over the lazy dog again"
+    alone = [pipeline.evaluate([[a]], texts=[short], seed=1), pipeline.evaluate([[b]], texts=[long], seed=1)]
+    pair = pipeline.evaluate([[a], [b]], texts=[short, long], seed=1)
+    assert pair["loss"] == pytest.approx(pooled(*alone), abs=1e-5)
+    assert pair["num_tokens"] == sum(o["num_tokens"] for o in alone) and pair["seed"] == 1
+    ids = pipeline.processor.encode([short], None, [[a]], answers=True).ids
+    with pytest.raises(InvalidInputError) as refused:
+        pipeline.evaluate([[a]], input_ids=ids, seed=1)
+    assert refused.value.field == "input_ids" and "texts" in str(refused.value)
+
+
+def test_a_prefix_lm_s_caption_is_not_scored_with_a_loss_that_sees_ahead(tmp_path, tiny_tokenizer):
+    """PaliGemma attends both ways over what its processor marks as the prefix, and a caption scored as plain text
+    is all prefix: its next-token loss saw the tokens it predicted (and moved with the other rows' padding).
+    Evaluation refuses it, naming the model; its captions are served."""
+    from vla_foundry.errors import InvalidInputError
+
+    pipeline = load_pipeline(build_tiny_paligemma(tmp_path / "paligemma", tiny_tokenizer))
+    assert pipeline.model.prefix_lm
+    image = images(1)[0][0]
+    with pytest.raises(InvalidInputError) as refused:
+        pipeline.evaluate([[image]], texts=["a red block"], seed=1)
+    assert refused.value.field == "model" and "prefix" in str(refused.value)
+    assert pipeline.caption([[image]], ["describe"], sampling=GREEDY, seed=0).completions[0].token_ids
+
+
+def test_the_image_token_in_a_text_is_blamed_on_the_text(tmp_path, tiny_tokenizer):
+    """The processor counts image tokens against the images: one written in the text is the text's fault."""
+    from vla_foundry.errors import InvalidInputError
+
+    pipeline = load_pipeline(sharpen(build_tiny_idefics3(tmp_path / "idefics3", tiny_tokenizer)))
+    image = images(1)[0][0]
+    with pytest.raises(InvalidInputError) as refused:
+        pipeline.evaluate([[image]], texts=["a <image> b"], seed=1)
+    assert refused.value.field == "texts"
+    with pytest.raises(InvalidInputError) as refused:
+        pipeline.caption([[image]], ["what is <image> here"], sampling=GREEDY, seed=0)
+    assert refused.value.field == "prompt"

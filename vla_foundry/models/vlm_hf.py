@@ -43,6 +43,14 @@ class VLMHF(HFWrapper):
     def max_seq_len(self) -> int:
         return hf_max_positions(getattr(self.model.config, "text_config", None) or self.model.config)
 
+    @property
+    def prefix_lm(self) -> bool:
+        """Its language model attends both ways over what its processor marks as the prefix (PaliGemma): only a
+        caption marked as the suffix is decoded causally, so a plain next-token loss over a sequence would see the
+        tokens it predicts."""
+        text = getattr(self.model.config, "text_config", None) or self.model.config
+        return bool(getattr(text, "use_bidirectional_attention", False))
+
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False,
                 output_hidden_states=False, **image_inputs) -> TransformerOutput:
         """``image_inputs``: what the model's processor made of the images (``pixel_values``, and per family

@@ -7,6 +7,7 @@ image tokens, preprocessing pixels — is its caption processor's (``caption_inp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -194,13 +195,36 @@ class CaptionPipeline(TextPipeline):
         the image placeholders, with one image list per row (or one for all)."""
         if (texts is None) == (input_ids is None):
             raise InvalidInputError("give exactly one of `texts` or `input_ids`", field="texts")
+        if getattr(self.model, "prefix_lm", False):
+            raise InvalidInputError("this model attends both ways over its prompt and the image (a prefix LM, as "
+                                    "PaliGemma): a next-token loss over a caption needs it marked as the suffix, "
+                                    "which evaluation does not do yet, and any other loss would see the tokens it "
+                                    "predicts; captions (/predict) are served", field="model")
         if texts is not None:
             texts, images = broadcast_rows(texts, images, "texts")
             inputs = self.processor.encode(list(texts), None, images, answers=True)
             ids, image_inputs = inputs.ids, inputs.image_inputs
+            if inputs.per_token and len({len(r) for r in ids}) > 1:
+                # Its processor lays out inputs per token in its own padding (Qwen2-VL's mm_token_type_ids), which
+                # the rows' padding here would not match: each row alone, the losses pooled over their tokens
+                seed = new_seed() if seed is None else seed
+                return _pooled([self.evaluate([row_images], texts=[text], seed=seed)
+                                for row_images, text in zip(images, texts)], seed)
         else:
             input_ids, images = broadcast_rows(input_ids, images, "input_ids")
+            if images and self.processor.lays_out_per_token(images[0]):
+                raise InvalidInputError("this model's processor lays out its inputs per token (Qwen2-VL's "
+                                        "mm_token_type_ids), which token ids alone do not give: send `texts`, which "
+                                        "it encodes itself", field="input_ids")
             ids = [list(map(int, r)) for r in input_ids]
+            per_image = getattr(self.model, "tokens_per_image", None)  # (our vlm: a fixed count per image)
+            for i, (row, row_images) in enumerate(zip(ids, images)):
+                placed = sum(t == self.model.image_token_id for t in row)
+                if per_image is not None and placed != per_image * len(row_images):
+                    raise InvalidInputError(f"input_ids[{i}] holds {placed} image placeholders; its "
+                                            f"{len(row_images)} image(s) take {per_image} each "
+                                            f"({per_image * len(row_images)}), in the row they belong to",
+                                            field="input_ids")
             # Placeholders come from the client here; the processor only prepares the pixels.
             image_inputs = self.processor.image_inputs(images)
         field = "texts" if texts is not None else "input_ids"
@@ -221,3 +245,11 @@ class CaptionPipeline(TextPipeline):
                 raise
             raise InvalidInputError(str(e), field=field) from e
         return {**out.to_dict(), "seed": seed}
+
+
+def _pooled(rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Rows evaluated one at a time, as one evaluation of them all: the loss is a mean over every row's tokens."""
+    tokens = sum(r["num_tokens"] for r in rows)
+    loss = sum(r["loss"] * r["num_tokens"] for r in rows) / tokens
+    return {"loss": loss, "num_samples": sum(r["num_samples"] for r in rows), "num_tokens": tokens,
+            "perplexity": math.exp(loss) if loss < 700 else None, "seed": seed}
