@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
             if refusal is not None:
                 raise ValueError(refusal)
     except ValueError as e:
-        print(f"vla-foundry serve: {settings_error(e)}", file=sys.stderr)
+        print(f"vla-foundry serve: {settings_error(e, args.config)}", file=sys.stderr)
         return CONFIG_ERROR
     configure_logging(settings.log_format)
     if replica is None and settings.replicas != 1:  # this process launches the replicas and watches them
@@ -339,23 +339,25 @@ def _demo_dir_refusal(path: Path, flag: str) -> Optional[str]:
             "for the default")
 
 
-def settings_error(error: ValueError) -> str:
-    """A settings error as one line per problem: the setting (its VLA_ variable, or its place in the deployment
-    file), what is wrong, and the closest known name for an unknown one; pydantic's dump otherwise."""
+def settings_error(error: ValueError, config: Optional[Path] = None) -> str:
+    """A settings error as one line per problem: the setting (where it was set: the deployment file ``config``, or
+    VLA_CONFIG's, for a key the file holds; else its VLA_ variable), what is wrong, and the closest known name for
+    an unknown one; pydantic's dump otherwise."""
     from difflib import get_close_matches
 
     from pydantic import ValidationError
 
-    from service.settings import DeploymentSpec, Settings
+    from service.settings import DeploymentSpec, Settings, deployment_file_keys
 
     if not isinstance(error, ValidationError):
         return str(error)
+    config, in_file = deployment_file_keys(config)
     lines = []
     for problem in error.errors():
         loc = [p for p in problem.get("loc", ()) if not str(p).startswith(("function-", "constrained-", "literal["))]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "settings"
         if len(loc) == 1 and problem.get("type") != "extra_forbidden":
-            where = f"{where} (VLA_{str(loc[0]).upper()})"
+            where = f"{where} (in {config})" if str(loc[0]) in in_file else f"{where} (VLA_{str(loc[0]).upper()})"
         message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
         if problem.get("type") == "extra_forbidden" and loc:
             known = DeploymentSpec.model_fields if len(loc) > 1 else Settings.model_fields

@@ -459,6 +459,19 @@ class _ConfigPath(BaseSettings):
     config: Optional[Path] = None
 
 
+def deployment_file_keys(config: Optional[Path] = None) -> tuple[Optional[Path], frozenset]:
+    """The deployment file in use (``config``, else VLA_CONFIG's) and its top-level keys; none when there is no
+    file or it cannot be read (its own error says so)."""
+    try:
+        path = config or _ConfigPath().config
+        if path is None:
+            return None, frozenset()
+        data = yaml.safe_load(Path(path).read_text())
+    except Exception:  # (unreadable, or not YAML: reported by its own error)
+        return None, frozenset()
+    return Path(path), frozenset(data) if isinstance(data, dict) else frozenset()
+
+
 def read_deployment_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"deployment file {path} " + ("is a directory; name the YAML file in it" if path.is_dir()

@@ -286,14 +286,15 @@ def test_a_device_the_host_lacks_is_refused_at_start_naming_the_devices_there_ar
 
 
 @pytest.mark.parametrize("case", ["checkpoint not text", "typos", "deployments a mapping", "port", "demo-dir a file",
-                                  "no name", "config a directory", "origin wildcard"])
+                                  "no name", "config a directory", "origin wildcard", "port in the file"])
 def test_an_operators_mistakes_are_one_line_each_naming_the_setting(tmp_path, case):
     """What a live operator's probe found: a traceback, pydantic's dumps, and mistakes that started anyway."""
     config = tmp_path / "deploy.yaml"
     (tmp_path / "a-file").write_text("x")
     bodies = {"checkpoint not text": {"deployments": [{"checkpoint": 5}]},
               "typos": {"devce": "cpu", "deployments": [{"checkpoint": str(tmp_path), "chekpoint_file": "x"}]},
-              "deployments a mapping": {"deployments": {"name": "a", "checkpoint": str(tmp_path)}}}
+              "deployments a mapping": {"deployments": {"name": "a", "checkpoint": str(tmp_path)}},
+              "port in the file": {"port": 80800}}  # (named where it was set, not as a variable never set)
     if case in bodies:
         config.write_text(yaml.safe_dump(bodies[case]))
     args, env = {"port": ["--port", "70000"], "demo-dir a file": ["--demo-dir", str(tmp_path / "a-file")],
@@ -309,7 +310,8 @@ def test_an_operators_mistakes_are_one_line_each_naming_the_setting(tmp_path, ca
                 "typos": "did you mean 'checkpoint_file'?", "deployments a mapping": "`deployments` must be a list",
                 "port": "port (VLA_PORT): Input should be less than or equal to 65535",
                 "demo-dir a file": "is a file, not a directory", "no name": "gives no usable deployment name",
-                "config a directory": "is a directory; name the YAML file", "origin wildcard": "no wildcard"}[case]
+                "config a directory": "is a directory; name the YAML file", "origin wildcard": "no wildcard",
+                "port in the file": f"port (in {config}): Input should be less than or equal to 65535"}[case]
     assert expected in out.stderr, out.stderr
     if case == "typos":
         assert "devce: unknown setting; did you mean 'device'?" in out.stderr
