@@ -88,8 +88,9 @@ def read_timeout_protocol(header_timeout_s: float, body_timeout_s: float,
                                                                     self.timeout_keep_alive_handler)
 
         def on_response_complete(self) -> None:
-            waiting = bool(self.pipeline)
-            super().on_response_complete()  # (starts the request that waited behind that reply)
+            # A request waited behind that reply: queued whole (pipelined), or its headers still arriving
+            waiting = bool(self.pipeline) or self._phase == "headers"
+            super().on_response_complete()  # (starts the queued one)
             if waiting and self._phase is not None and not self.pipeline:  # its timer's time starts now
                 self._arm(self._phase, header_timeout_s if self._phase == "headers" else body_timeout_s)
 
@@ -117,7 +118,10 @@ def read_timeout_protocol(header_timeout_s: float, body_timeout_s: float,
             phase, self._timer, self._phase = self._phase, None, None
             if self.transport.is_closing():
                 return
-            if self.pipeline or self.flow.read_paused:
+            answering = self.pipeline or (phase == "headers" and self.cycle is not None
+                                          and not self.cycle.response_complete)  # (until its headers are whole, a
+            # request is no cycle of its own: the cycle is the one before it)
+            if answering or self.flow.read_paused:
                 # A request before this one is still being answered (its reply must go first), or the server is not
                 # reading: the time is not the client's.
                 self._arm(phase, header_timeout_s if phase == "headers" else body_timeout_s)

@@ -386,8 +386,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _api_keys(self) -> "Settings":
-        keys = self.api_key_list()  # a missing file or a malformed key is refused at start-up, naming the setting
-        if self.api_keys_file is not None and not keys:  # (an empty secret mounted: the server would be open)
+        from service.auth import read_keys
+
+        self.api_key_list()  # a missing file or a malformed key is refused at start-up, naming the setting
+        # An empty secret mounted: the server would be open, or not serve the keys the operator meant
+        if self.api_keys_file is not None and not read_keys(None, self.api_keys_file):
             raise ValueError(f"api_keys_file {self.api_keys_file} holds no key (blank lines and # comments only); "
                              "put one key per line in it, or unset VLA_API_KEYS_FILE to serve without keys")
         if set(self.admin_key_list()) & set(self.api_key_list()):

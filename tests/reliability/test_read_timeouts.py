@@ -271,3 +271,35 @@ def test_a_pipelined_slow_body_still_gets_its_408_once_it_is_read():
     assert first.startswith(b"HTTP/1.1 200 ")
     assert_408(rest, "body")
     assert took < BODY_S + 3
+
+
+def test_a_pipelined_request_whose_headers_are_still_arriving_waits_for_the_reply_before_it():
+    """The next request's headers begin while the one before is being answered (until they are whole it is no
+    request of its own to uvicorn): its header timer must not cut that reply, and starts once it is sent."""
+    with protocol_server(slow_or_counting) as url, connect(url) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
+                     b"POST /count HTTP/1.1\r\nHost: x\r\n")  # (the second's headers: never finished)
+        first = read_response(sock)
+        answered = time.monotonic()
+        rest, _ = read_until_closed(sock)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+    assert_408(rest, "headers")
+    assert HEADER_S - 0.3 < time.monotonic() - answered < HEADER_S + 3  # its own time, from the reply on
+
+
+def test_a_pipelined_body_s_timer_starts_when_the_request_before_it_is_answered():
+    """The body timer of a queued request starts over once the reply before it is sent: a body that comes within
+    the timer after that reply is served (the timer does not run on from when the queued request arrived)."""
+    body_s = 2.0  # /slow answers after 3 s: the timer re-armed while the request waited would end 1 s after it
+    with protocol_server(slow_or_counting, body_s=body_s) as url, connect(url) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
+                     b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: 10\r\n\r\nxxxxx")
+        first = read_response(sock)
+        time.sleep(body_s * 0.75)  # then the rest of the body, well within its timer counted from the reply
+        sock.sendall(b"yyyyy")
+        second = read_response(sock)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert second.startswith(b"HTTP/1.1 200 "), second[:300]
+    assert json.loads(second.partition(b"\r\n\r\n")[2]) == {"received": 10}

@@ -143,6 +143,8 @@ def test_a_missing_file_or_a_malformed_key_stops_the_start(tmp_path):
         empty.write_text(text)
         with pytest.raises(ValueError, match="api_keys_file .* holds no key"):
             Settings(api_keys_file=empty)
+        with pytest.raises(ValueError, match="api_keys_file .* holds no key"):  # (beside keys of the variable)
+            Settings(api_keys="robot-1", api_keys_file=empty)
     for bad in ("good,bad\tkey", "clé"):  # a header is latin-1 on the wire: keys are ASCII tokens
         with pytest.raises(ValueError, match="whitespace, a control or a non-ASCII character"):
             read_keys(bad, None)
