@@ -18,9 +18,12 @@ concatenated) or ``observation/<field>``, ``prompt``. Arrays use the ``__ndarray
 convention with str or bytes keys; every frame the server sends packs its arrays with
 openpi's bytes keys, the only spelling ``openpi_client.msgpack_numpy`` turns back into
 ``np.ndarray``s. The connection is a session (``?session_id=`` names it, else one per
-connection), so a robot may send only the current step. Errors: a text frame with the
-message, then close 1008 (bad input) or 1011 (server fault), whose reason is
-``field=<the field at fault>`` when there is one; never a traceback.
+connection), so a robot may send only the current step. Errors: a refusal of the connection itself
+(an unknown deployment, a session it may not have, a page of another origin, a deployment still
+loading, a draining server) is the upgrade request's HTTP reply in the one error shape (404, 409,
+403, 503); an error after that is a text frame with the message, then close 1008 (bad input) or
+1011 (server fault), whose reason is ``field=<the field at fault>`` when there is one; never a
+traceback.
 
 A draining server (SIGTERM) answers the frame each robot's connection is computing, then sends a text frame
 saying why and closes with 1001; a frame it reads after the drain began is not acted on, which that text
@@ -37,13 +40,14 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from service.auth import caller_of
 from service.codecs import DecodeError, TooManyKeys, pack_msgpack, unpack_message_off_loop
 from service.deadlines import tightened
-from service.errors import ApiError, field_of_loc
+from service.errors import ApiError, error_body, field_of_loc
 from service.modalities.action import ActionPredictRequest, batch_key, decode_observation_frames, session_predict
 from service.modalities.base import ModelCall, RequestBase
 from service.settings import Settings
@@ -211,16 +215,16 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         manager, sessions = websocket.app.state.manager, websocket.app.state.sessions
         session_id = session_id or None  # (``?session_id=``: none named, the connection's own)
         connections, sockets = websocket.app.state.metrics.websockets, websocket.app.state.robot_sockets
-        await websocket.accept()
+        # Refusals come before the connection is accepted, as the upgrade request's HTTP reply (see ``_refuse``).
         if sockets.draining:
-            await _close(websocket, GOODBYE, GOING_AWAY)
+            await _refuse(websocket, ApiError(503, GOODBYE, retry_after=1), GOING_AWAY)
             return
         origin = websocket.headers.get("origin")
         if websocket.app.state.origins.refuses(origin, websocket.headers.get("host", "")):
-            await _close(websocket, f"a connection from a page of another origin ({origin[:80]!r}) is not taken: "
-                                    "browsers let any web page open a websocket, so any page could drive a robot "
-                                    "through it on a server without API keys (VLA_ALLOWED_ORIGINS lists the origins "
-                                    "allowed)", POLICY_VIOLATION, "origin")
+            await _refuse(websocket, ApiError(
+                403, f"a connection from a page of another origin ({origin[:80]!r}) is not taken: browsers let any "
+                     "web page open a websocket, so any page could drive a robot through it on a server without API "
+                     "keys (VLA_ALLOWED_ORIGINS lists the origins allowed)", "origin"), POLICY_VIOLATION)
             return
         try:
             deployment = manager.resolve(model_type, model)
@@ -229,8 +233,14 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
             entry = sessions.acquire(session_id or f"ws-{uuid.uuid4().hex[:16]}", deployment,
                                      caller_of(websocket.scope), request=False)
         except ApiError as e:
-            await _close(websocket, e.message, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION, e.field)
+            await _refuse(websocket, e, TRY_AGAIN_LATER if e.status == 503 else POLICY_VIOLATION)
             return
+        try:
+            await websocket.accept()
+        except BaseException:  # the client left before it was accepted: its session was made for nothing
+            if session_id is None:
+                await sessions.end_own(entry.id)
+            raise
         connections.inc()
         connection = sockets.opened(websocket)
         entry.pins += 1  # while the robot is connected its session neither expires nor is evicted
@@ -353,6 +363,22 @@ def _field(error: Exception) -> Optional[str]:
             return original.field
         return field_of_loc(tuple(first.get("loc", ())))
     return getattr(error, "field", None)
+
+
+async def _refuse(websocket: WebSocket, error: ApiError, close_code: int) -> None:
+    """A refusal before the connection is accepted (draining, another origin, an unknown deployment, a session
+    another key holds or one that is gone, a deployment still loading): the upgrade request's HTTP reply, in the
+    one error shape with its status, which every websocket client reports as such (openpi's client reads the first
+    frame as msgpack: a refusal sent as a text frame after accepting reached it as a TypeError). Where the server
+    cannot answer an upgrade with a body, the connection is accepted, then closed with the text and ``close_code``."""
+    if "websocket.http.response" in (websocket.scope.get("extensions") or {}):
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+        await websocket.send_denial_response(JSONResponse(
+            error_body(error.status, error.message, field=error.field, type=error.type, scope=websocket.scope),
+            status_code=error.status, headers=headers))
+        return
+    await websocket.accept()
+    await _close(websocket, error.message, close_code, error.field)
 
 
 async def _close(websocket: WebSocket, message: str, code: int, field: Optional[str] = None) -> None:

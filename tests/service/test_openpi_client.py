@@ -72,3 +72,24 @@ def check_peer(run: subprocess.CompletedProcess) -> None:
     assert {"infer_ms", "prev_total_ms"} <= set(seen["server_timing"]) and seen["reset_step"] == 0
     assert seen["broker_rows"] == seen["action_horizon"] + 1 and seen["http_session"] == "openpi-http"
     np.testing.assert_allclose(seen["http_actions"], seen["ws_actions"], atol=1e-6)
+
+
+def test_real_openpi_client_reports_a_refused_connection_with_the_server_s_reason(openpi_python, tiny_checkpoints,
+                                                                                  tmp_path):
+    """A connection the server refuses (here an unknown deployment) is refused before the upgrade, with the error
+    as the HTTP reply: openpi-client raises that, status and body (before, the refusal came as a text frame after
+    accepting, and the client, unpacking its first frame as msgpack, raised a bare TypeError)."""
+    script = """
+import sys
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+try:
+    WebsocketClientPolicy(host=sys.argv[1])
+except Exception as e:
+    response = getattr(e, "response", None)
+    print(type(e).__name__, getattr(response, "status_code", None), (getattr(response, "body", b"") or b"").decode())
+"""
+    with live_server(["--checkpoint", f"{tiny_checkpoints['diffusion_policy']}=policy"], tmp_path / "demo") as base:
+        url = base.replace("http://", "ws://") + "/ws/diffusion_policy?model=nope"
+        out = subprocess.run([openpi_python, "-c", script, url], capture_output=True, text=True, timeout=120)
+    assert "TypeError" not in out.stdout + out.stderr and out.stdout.startswith("InvalidStatus 404 "), out
+    assert json.loads(out.stdout.split(" ", 2)[2])["error"]["field"] == "model"

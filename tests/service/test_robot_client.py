@@ -263,9 +263,9 @@ def test_websocket_refusal_closes_with_the_message(server):
         assert "wrist" in refused.value.message and refused.value.field == "observation.images.wrist"
         with pytest.raises(PolicyServerError):  # the server closed the connection
             ws.infer(current_step())
-    with pytest.raises(PolicyServerError, match="no-such-policy") as unknown:
+    with pytest.raises(PolicyServerError, match="no-such-policy") as unknown:  # refused before the upgrade
         WebsocketPolicyClient(server, model="no-such-policy")
-    assert unknown.value.status == 1008
+    assert (unknown.value.status, unknown.value.type, unknown.value.field) == (404, "not_found", "model")
 
 
 # ----------------------------------------------------------------------------- the example

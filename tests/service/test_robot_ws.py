@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import numpy as np
 import pytest
@@ -157,18 +159,28 @@ def test_bad_frames_close_that_connection_only(server, case):
         assert after["step"] > before["step"]
 
 
+def refused_upgrade(status: int, url: str, **options) -> dict:
+    """The upgrade request's HTTP reply (the connection is never accepted): its status, and its error."""
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, compression=None, max_size=None, open_timeout=30, **options)
+    assert refused.value.response.status_code == status
+    return json.loads(refused.value.response.body)["error"]
+
+
 def test_unknown_deployment_is_refused(server):
-    with open_ws(server + "?model=nope") as ws:
-        assert "nope" in closed_with(ws, 1008, "field=model")
+    """Refused before the upgrade, as an HTTP reply in the error shape: openpi's client reads the first frame as
+    msgpack, and a text frame sent after accepting reached it as a TypeError."""
+    error = refused_upgrade(404, server + "?model=nope")
+    assert "nope" in error["message"] and error["field"] == "model"
 
 
 def test_a_page_of_another_origin_cannot_connect(server):
-    """Browsers let any page open a websocket (no CORS check), so one from another origin is closed at once (1008,
-    field=origin); robots' clients send no Origin."""
-    from websockets.sync.client import connect
-
-    with connect(server, origin="https://evil.example", open_timeout=30) as ws:
-        assert "another origin" in closed_with(ws, 1008, "field=origin")
+    """Browsers let any page open a websocket (no CORS check), so one from another origin is refused before the
+    upgrade (403, field origin); robots' clients send no Origin."""
+    error = refused_upgrade(403, server, origin="https://evil.example")
+    assert "another origin" in error["message"] and error["field"] == "origin"
 
 
 def test_reset_seed_is_checked_and_connection_sessions_end_with_it(server):
