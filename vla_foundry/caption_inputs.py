@@ -222,13 +222,13 @@ class HFCaptionProcessor(CaptionProcessor):
             raise InvalidInputError("vlm_hf deployments take text prompts (their processor places the image "
                                     "tokens); send `prompt` instead of `prompt_token_ids`", field="prompt_token_ids")
         image_token = getattr(self.processor, "image_token", None)
-        if image_token and not rendered:  # (a rendered chat holds the ones its template placed)
-            for i, text in enumerate(prompts):
-                if image_token in text:
-                    field = "texts" if answers else "prompt"
-                    raise InvalidInputError(f"{field}[{i}] holds this model's image token {image_token!r}: its "
-                                            "processor places one per image itself; leave it out of the text",
-                                            field=field)
+        for i, (text, row) in enumerate(zip(prompts, images)):
+            # (a rendered chat holds the ones its template placed, one per image: any more came in its text)
+            if image_token and text.count(image_token) > (len(row) if rendered else 0):
+                field = "texts" if answers else "prompt"
+                raise InvalidInputError(f"{field}[{i}] holds this model's image token {image_token!r}: its "
+                                        "processor places one per image itself; leave it out of the text",
+                                        field=field)
         if answers:  # the caption is the assistant's turn after an image-only request
             eos = self.tokenizer.eos_token or ""
             texts = [self._render("", len(row)) + p + eos for p, row in zip(prompts, images)]

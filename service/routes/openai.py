@@ -278,7 +278,7 @@ def _v1_names(error: InvalidInputError, request: Any, chat: bool = False) -> Inv
     """The same error (same class, so the same status) in the names the /v1 client sent (a chat's prompt is its
     ``messages``; its length is ``max_completion_tokens`` where it sent that)."""
     length = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
-    message = str(error).replace("max_new_tokens", length)
+    message = str(error).replace("max_new_tokens", length).replace("prompt_token_ids", "prompt")
     field = {**V1_FIELDS, "max_new_tokens": length}.get(error.field, error.field)
     if chat and field == "prompt":
         message = message.replace("prompt[0]", "messages").replace("the prompt is", "the messages are")

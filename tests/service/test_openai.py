@@ -301,6 +301,17 @@ def test_caption_model_completes_text_and_chats_with_images(app_client):
     assert "chat template" in e["message"]  # the tiny vlm's tokenizer has none
 
 
+def test_a_text_only_caption_prompt_with_the_image_placeholder_is_refused_as_predict_refuses_it(app_client):
+    """Without an image, a placeholder in a /v1 prompt was embedded with no image behind it (200, silently);
+    /predict refused the same. The error names the /v1 field in its message too (not prompt_token_ids)."""
+    placeholder = app_client.get("/models/vlm").json()["io"]["image_token_id"]
+    e = error_of(app_client.post("/v1/completions", json={"model": "vlm", "prompt": [placeholder, 5],
+                                                          "max_tokens": 3}), 422)
+    assert e["field"] == "prompt" and "image placeholder" in e["message"] and "prompt_token_ids" not in e["message"]
+    e = error_of(app_client.post("/v1/completions", json={"model": "vlm", "prompt": [[]], "max_tokens": 3}), 422)
+    assert e["field"] == "prompt" and "prompt_token_ids" not in e["message"], e
+
+
 
 def test_chat_content_parts_on_a_text_model_are_joined(app_client):
     as_parts = app_client.post("/v1/chat/completions", json={

@@ -311,3 +311,10 @@ def test_the_image_token_in_a_text_is_blamed_on_the_text(tmp_path, tiny_tokenize
     with pytest.raises(InvalidInputError) as refused:
         pipeline.caption([[image]], ["what is <image> here"], sampling=GREEDY, seed=0)
     assert refused.value.field == "prompt"
+    chat = pipeline.render_chat([{"role": "user", "content": [{"type": "image"},
+                                                              {"type": "text", "text": "<image> what"}]}])
+    with pytest.raises(InvalidInputError) as refused:  # a chat's: its template's one, and the text's
+        pipeline.caption([[image]], [chat], sampling=GREEDY, seed=0, rendered=True)
+    assert refused.value.field == "prompt"
+    plain = pipeline.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}])
+    assert pipeline.caption([[image]], [plain], sampling=GREEDY, seed=0, rendered=True).completions

@@ -166,6 +166,22 @@ class CaptionPipeline(TextPipeline):
     def render_chat(self, messages: list[dict]) -> str:
         return self.processor.render_chat(messages)
 
+    def prompt_ids(self, prompts: Optional[Sequence[str]] = None,
+                   prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *, sampling: SamplingParams,
+                   rendered: bool = False) -> list[list[int]]:
+        """``TextPipeline.prompt_ids`` for prompts without images (a /v1 completion, or a chat with no image): an
+        image placeholder in them would be embedded with no image behind it, so it is refused, as a caption's
+        prompt refuses one it did not place."""
+        ids = super().prompt_ids(prompts, prompt_token_ids, sampling=sampling, rendered=rendered)
+        placeholder = self.model.image_token_id
+        for i, row in enumerate(ids):
+            if placeholder in row:
+                field = "prompt" if prompt_token_ids is None else "prompt_token_ids"
+                raise InvalidInputError(f"{field}[{i}] holds the image placeholder (id {placeholder}), and the "
+                                        "request has no image: send the image (a chat's image_url part), or leave "
+                                        "the placeholder out", field=field)
+        return ids
+
     def _check_ids(self, ids: list[list[int]], field: str) -> None:
         """Every id a token of the vocabulary, or the image placeholder (which may lie outside it, an added
         processor token: the model embeds placeholders as row 0 before their images replace them, spec §6)."""
