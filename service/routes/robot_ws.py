@@ -217,7 +217,8 @@ def _endpoint(model_type: str, request_cls: type, settings: Settings):
         connections, sockets = websocket.app.state.metrics.websockets, websocket.app.state.robot_sockets
         # Refusals come before the connection is accepted, as the upgrade request's HTTP reply (see ``_refuse``).
         if sockets.draining:
-            await _refuse(websocket, ApiError(503, GOODBYE, retry_after=1), GOING_AWAY)
+            await _refuse(websocket, ApiError(503, "the server is shutting down and takes no new connection; connect "
+                                                   "to another replica", retry_after=1), GOING_AWAY)
             return
         origin = websocket.headers.get("origin")
         if websocket.app.state.origins.refuses(origin, websocket.headers.get("host", "")):

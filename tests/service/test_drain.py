@@ -281,3 +281,24 @@ def test_a_model_call_that_outlived_the_drain_is_a_warning_even_beside_a_load():
     assert level == logging.WARNING and "model call of policy still running" in message and "big" in message
     assert _leaving_with_model_threads(True, ["big"], [])[0] == logging.INFO  # only a load left behind
     assert _leaving_with_model_threads(False, ["big"], ["policy"])[0] == logging.INFO  # never started: no drain
+
+
+def test_a_robot_connecting_while_the_server_drains_is_refused_before_the_upgrade(tiny_checkpoints):
+    """(The listening socket is closed at once; a connection accepted just before is refused as the upgrade's HTTP
+    reply, 503 with Retry-After, telling the robot to connect to another replica.)"""
+    from starlette.testclient import WebSocketDenialResponse
+
+    from service import DeploymentSpec
+    from tests.service.conftest import serving
+
+    with serving(DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]))) as client:
+        client.app.state.robot_sockets.draining = True
+        try:
+            with pytest.raises(WebSocketDenialResponse) as refused:
+                with client.websocket_connect("/ws/diffusion_policy"):
+                    pass
+        finally:
+            client.app.state.robot_sockets.draining = False
+    assert refused.value.status_code == 503 and refused.value.headers["retry-after"] == "1"
+    error = refused.value.json()["error"]
+    assert error["type"] == "unavailable" and "another replica" in error["message"]
