@@ -28,35 +28,65 @@ def base(tiny_checkpoints, tmp_path_factory):
         yield url
 
 
-def connect(base: str) -> socket.socket:
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=15)
-    return sock
+class RawConnection:
+    """A raw HTTP/1.1 client connection: sends bytes as given, reads whole responses off a keep-alive connection
+    (what arrives past one is kept for the next), and fails instead of waiting forever when the server closes
+    in the middle of a response."""
+
+    def __init__(self, base: str):
+        host, port = base.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=15)
+        self.unread = b""
+
+    def __enter__(self) -> "RawConnection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def settimeout(self, seconds: float) -> None:
+        self.sock.settimeout(seconds)
+
+    def _receive(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection in a response; it sent {self.unread[:300]!r}")
+        self.unread += chunk
+
+    def response(self) -> bytes:
+        """One whole response: its head, then its body to Content-Length (they may come in separate segments)."""
+        while b"\r\n\r\n" not in self.unread:
+            self._receive()
+        head = self.unread.partition(b"\r\n\r\n")[0]
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        end = len(head) + 4 + length
+        while len(self.unread) < end:
+            self._receive()
+        reply, self.unread = self.unread[:end], self.unread[end:]
+        return reply
+
+    def until_closed(self) -> tuple[bytes, float]:
+        """Everything the server sends until it closes the connection (with what was read but not yet taken), and
+        how long that took; raises socket.timeout if the server keeps it open past the socket's timeout."""
+        started = time.monotonic()
+        data, self.unread = self.unread, b""
+        while chunk := self.sock.recv(65536):
+            data += chunk
+        return data, time.monotonic() - started
 
 
-def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection, and how long that took."""
-    started, data = time.monotonic(), b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data, time.monotonic() - started
+def connect(base: str) -> RawConnection:
+    return RawConnection(base)
 
 
-def read_response(sock: socket.socket) -> bytes:
-    """One whole response on a keep-alive connection: its head, then its body to Content-Length (the server may
-    send them in separate segments)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length"))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
-
-
-def trickle(sock: socket.socket, data: bytes, give_up_s: float, every_s: float = 0.2) -> None:
+def trickle(sock: RawConnection, data: bytes, give_up_s: float, every_s: float = 0.2) -> None:
     """Sends ``data`` a byte every ``every_s`` until the server closes, all is sent, or ``give_up_s`` passed."""
     started = time.monotonic()
     for i in range(len(data)):
@@ -97,14 +127,14 @@ def read_timeouts(base: str) -> dict[str, float]:
 
 def test_a_connection_that_sends_nothing_is_closed_silently(base):
     with connect(base) as sock:
-        reply, took = read_until_closed(sock)
+        reply, took = sock.until_closed()
     assert reply == b"" and HEADER_S * 0.9 <= took < HEADER_S + 3
 
 
 def test_half_a_request_line_gets_408(base):
     with connect(base) as sock:
         sock.sendall(b"POST /predict/trans")
-        reply, took = read_until_closed(sock)
+        reply, took = sock.until_closed()
     assert_408(reply, "headers")
     assert took < HEADER_S + 3
 
@@ -114,7 +144,7 @@ def test_headers_sent_a_byte_at_a_time_do_not_reset_the_timer(base):
     with connect(base) as sock:
         started = time.monotonic()
         trickle(sock, head, give_up_s=HEADER_S + 3)  # about 20 s of trickle if nothing stopped it
-        reply, _ = read_until_closed(sock)
+        reply, _ = sock.until_closed()
     assert_408(reply, "headers")
     assert time.monotonic() - started < HEADER_S + 4
 
@@ -125,7 +155,7 @@ def test_a_slow_body_gets_408_and_nothing_runs(base):
         sock.sendall(request_head(len(BODY)) + BODY[:5])
         started = time.monotonic()
         trickle(sock, BODY[5:], give_up_s=BODY_S + 3)
-        reply, _ = read_until_closed(sock)
+        reply, _ = sock.until_closed()
     assert_408(reply, "body")
     assert time.monotonic() - started < BODY_S + 4
     after = read_timeouts(base)
@@ -141,7 +171,7 @@ def test_a_request_sent_in_pieces_within_the_limits_is_served(base):
         sock.sendall(head[10:] + BODY[:4])
         time.sleep(BODY_S / 3)
         sock.sendall(BODY[4:])
-        reply = read_response(sock)
+        reply = sock.response()
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
 
 
@@ -149,10 +179,10 @@ def test_keep_alive_requests_each_get_their_own_header_timer(base):
     with connect(base) as sock:
         for _ in range(2):  # two whole requests, each well within the limits, on one connection
             sock.sendall(request_head(len(BODY)) + BODY)
-            assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+            assert sock.response().startswith(b"HTTP/1.1 200 ")
             time.sleep(HEADER_S * 0.7)  # idle between requests: uvicorn's keep-alive timeout (5 s) governs this
         sock.sendall(b"GET /mod")  # then half of a third one
-        reply, took = read_until_closed(sock)
+        reply, took = sock.until_closed()
     assert_408(reply, "headers")
     assert took < HEADER_S + 3
 
@@ -169,7 +199,7 @@ def test_slow_clients_do_not_stop_the_others(base):
         deadline = time.monotonic() + max(HEADER_S, BODY_S) + 4
         for sock in slow:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
-            reply, _ = read_until_closed(sock)  # raises socket.timeout if the server kept it open
+            reply, _ = sock.until_closed()  # raises socket.timeout if the server kept it open
             assert reply.startswith(b"HTTP/1.1 408 ")
     finally:
         for sock in slow:
@@ -183,11 +213,11 @@ def test_a_connection_answered_before_its_body_does_not_stay_open(base):
     with connect(base) as sock:
         sock.sendall(b"POST /predict/transformer HTTP/1.1\r\nHost: x\r\nX-Request-Timeout: soon\r\n"
                      b"content-length: 2\r\n\r\n")
-        first = sock.recv(65536)
+        first = sock.response()
         assert first.startswith(b"HTTP/1.1 400 "), first[:200]
         sock.sendall(b"{}")  # the body, after the reply
         sock.settimeout(12)
-        rest, took = read_until_closed(sock)  # raises socket.timeout if the server kept it open
+        rest, took = sock.until_closed()  # raises socket.timeout if the server kept it open
     assert took < 9
 
 
@@ -250,7 +280,7 @@ def test_a_pipelined_body_left_unread_behind_a_long_request_is_not_timed_out():
         sender = threading.Thread(target=sock.sendall, args=(both,))
         started = time.monotonic()
         sender.start()
-        replies = [read_response(sock), read_response(sock)]
+        replies = [sock.response(), sock.response()]
         took = time.monotonic() - started
         sender.join(timeout=30)
     assert replies[0].startswith(b"HTTP/1.1 200 "), replies[0][:300]
@@ -265,9 +295,9 @@ def test_a_pipelined_slow_body_still_gets_its_408_once_it_is_read():
     with protocol_server(slow_or_counting) as url, connect(url) as sock:
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: 1000\r\n\r\nx")
-        first = read_response(sock)
+        first = sock.response()
         sock.settimeout(15)
-        rest, took = read_until_closed(sock)
+        rest, took = sock.until_closed()
     assert first.startswith(b"HTTP/1.1 200 ")
     assert_408(rest, "body")
     assert took < BODY_S + 3
@@ -280,9 +310,9 @@ def test_a_pipelined_request_whose_headers_are_still_arriving_waits_for_the_repl
         sock.settimeout(30)
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\n")  # (the second's headers: never finished)
-        first = read_response(sock)
+        first = sock.response()
         answered = time.monotonic()
-        rest, _ = read_until_closed(sock)
+        rest, _ = sock.until_closed()
     assert first.startswith(b"HTTP/1.1 200 "), first[:300]
     assert_408(rest, "headers")
     assert HEADER_S - 0.3 < time.monotonic() - answered < HEADER_S + 3  # its own time, from the reply on
@@ -296,10 +326,10 @@ def test_a_pipelined_body_s_timer_starts_when_the_request_before_it_is_answered(
         sock.settimeout(30)
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: 10\r\n\r\nxxxxx")
-        first = read_response(sock)
+        first = sock.response()
         time.sleep(body_s * 0.75)  # then the rest of the body, well within its timer counted from the reply
         sock.sendall(b"yyyyy")
-        second = read_response(sock)
+        second = sock.response()
     assert first.startswith(b"HTTP/1.1 200 ")
     assert second.startswith(b"HTTP/1.1 200 "), second[:300]
     assert json.loads(second.partition(b"\r\n\r\n")[2]) == {"received": 10}

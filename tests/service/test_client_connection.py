@@ -91,7 +91,10 @@ def _read_request(conn: socket.socket) -> bytes:
     length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                    if line.lower().startswith(b"content-length")), 0)
     while len(body) < length:
-        body += conn.recv(65536)
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        body += chunk
     return head + b"\r\n\r\n" + body
 
 
