@@ -92,6 +92,9 @@ def read_timeout_protocol(header_timeout_s: float, body_timeout_s: float,
             waiting = bool(self.pipeline) or self._phase == "headers"
             super().on_response_complete()  # (starts the queued one)
             if waiting and self._phase is not None and not self.pipeline:  # its timer's time starts now
+                if self.timeout_keep_alive_task is not None:  # uvicorn's idle timer, armed as no whole request
+                    self.timeout_keep_alive_task.cancel()  # was queued: the connection is not idle, a request has
+                    self.timeout_keep_alive_task = None  # begun (it would close it silently, before this timer)
                 self._arm(self._phase, header_timeout_s if self._phase == "headers" else body_timeout_s)
 
         def handle_websocket_upgrade(self) -> None:

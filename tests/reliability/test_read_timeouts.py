@@ -222,7 +222,7 @@ def test_a_connection_answered_before_its_body_does_not_stay_open(base):
 
 
 @contextmanager
-def protocol_server(app, header_s: float = HEADER_S, body_s: float = BODY_S):
+def protocol_server(app, header_s: float = HEADER_S, body_s: float = BODY_S, keep_alive_s: float = 5):
     """uvicorn with ``read_timeout_protocol`` serving the ASGI ``app`` on a loopback port, in a thread: the
     protocol alone, under an app whose timing the test sets."""
     import asyncio
@@ -234,7 +234,8 @@ def protocol_server(app, header_s: float = HEADER_S, body_s: float = BODY_S):
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
-                                           http=read_timeout_protocol(header_s, body_s)))
+                                           http=read_timeout_protocol(header_s, body_s),
+                                           timeout_keep_alive=keep_alive_s))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -305,8 +306,10 @@ def test_a_pipelined_slow_body_still_gets_its_408_once_it_is_read():
 
 def test_a_pipelined_request_whose_headers_are_still_arriving_waits_for_the_reply_before_it():
     """The next request's headers begin while the one before is being answered (until they are whole it is no
-    request of its own to uvicorn): its header timer must not cut that reply, and starts once it is sent."""
-    with protocol_server(slow_or_counting) as url, connect(url) as sock:
+    request of its own to uvicorn): its header timer must not cut that reply, and starts once it is sent. uvicorn's
+    keep-alive timer (here shorter than the header timer, as its 5 s default is than VLA_HEADER_TIMEOUT_S's 10 s)
+    must not close the connection meanwhile: it is not idle, a request has begun."""
+    with protocol_server(slow_or_counting, keep_alive_s=HEADER_S / 2) as url, connect(url) as sock:
         sock.settimeout(30)
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\n")  # (the second's headers: never finished)

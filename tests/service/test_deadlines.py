@@ -611,9 +611,10 @@ def test_a_generation_of_more_sequences_than_the_free_slots_is_refused_by_the_wa
         chat_checkpoint, model_process):  # noqa: F811
     """Two slots, one taken by a long stream: a one-sequence generation joins at once, but one of two sequences
     (two prompts, or n=2 choices) waits until the stream could end, over its max_queue_ms: refused at once. In a
-    model process the server estimates that wait from the slots the child reported."""
+    model process the server estimates that wait from the slots the child reported. The refusals go out at once
+    (no shed pacing): held for their pacing, the last ones came after the stream (about a second) had ended."""
     spec = DeploymentSpec(name="chat", checkpoint=str(chat_checkpoint), max_queue_ms=5, max_batch_size=2)
-    with serving(spec, continuous_batching=True, model_process=model_process) as client:
+    with serving(spec, continuous_batching=True, model_process=model_process, shed_pacing_s=0) as client:
         long = {"model": "chat", "messages": [{"role": "user", "content": "shall i compare thee"}], "max_tokens": 900,
                 "stream": True, "temperature": 0}
         with client.stream("POST", "/v1/chat/completions", json=long) as stream:
