@@ -25,7 +25,7 @@ from typing import Iterable, Optional
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.codecs import encode_response
-from service.errors import error_body
+from service.errors import deny_upgrade, error_body
 
 logger = logging.getLogger("service.auth")
 
@@ -144,8 +144,5 @@ class ApiKeyMiddleware:
             await response(scope, receive, send)
             return
         await receive()  # websocket.connect: the upgrade request, answered here instead of accepted
-        if "websocket.http.response" in (scope.get("extensions") or {}):
-            await send({"type": "websocket.http.response.start", "status": 401, "headers": response.raw_headers})
-            await send({"type": "websocket.http.response.body", "body": response.body})
-        else:  # the server cannot answer an upgrade with a body: it turns a close before accept into 403
+        if not await deny_upgrade(scope, send, response):  # (a close before accepting: a 403)
             await send({"type": "websocket.close", "code": 1008})

@@ -115,6 +115,18 @@ def is_openai_route(scope: dict) -> bool:
     return app_path(scope).startswith("/v1/")
 
 
+async def deny_upgrade(scope: dict, send, response: Response) -> bool:
+    """Answers a websocket upgrade with ``response`` as its HTTP reply (status, headers, body: what any HTTP client
+    reads), where the server supports ASGI's ``websocket.http.response``; False where it does not, and the caller
+    closes the connection its own way (a close before accepting reaches the client as a bare 403)."""
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        return False
+    await send({"type": "websocket.http.response.start", "status": response.status_code,
+                "headers": response.raw_headers})
+    await send({"type": "websocket.http.response.body", "body": response.body})
+    return True
+
+
 def unexpected_error(scope: dict, exc: Exception) -> Response:
     """A 500 for an error no handler expected: logged with its traceback, answered without one (in the format the
     client accepts)."""

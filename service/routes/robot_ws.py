@@ -47,7 +47,7 @@ from starlette.websockets import WebSocketDisconnect
 from service.auth import caller_of
 from service.codecs import DecodeError, TooManyKeys, pack_msgpack, unpack_message_off_loop
 from service.deadlines import tightened
-from service.errors import ApiError, error_body, field_of_loc
+from service.errors import ApiError, deny_upgrade, error_body, field_of_loc
 from service.modalities.action import ActionPredictRequest, batch_key, decode_observation_frames, session_predict
 from service.modalities.base import ModelCall, RequestBase
 from service.settings import Settings
@@ -372,11 +372,10 @@ async def _refuse(websocket: WebSocket, error: ApiError, close_code: int) -> Non
     one error shape with its status, which every websocket client reports as such (openpi's client reads the first
     frame as msgpack: a refusal sent as a text frame after accepting reached it as a TypeError). Where the server
     cannot answer an upgrade with a body, the connection is accepted, then closed with the text and ``close_code``."""
-    if "websocket.http.response" in (websocket.scope.get("extensions") or {}):
-        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-        await websocket.send_denial_response(JSONResponse(
-            error_body(error.status, error.message, field=error.field, type=error.type, scope=websocket.scope),
-            status_code=error.status, headers=headers))
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    response = JSONResponse(error_body(error.status, error.message, field=error.field, type=error.type,
+                                       scope=websocket.scope), status_code=error.status, headers=headers)
+    if await deny_upgrade(websocket.scope, websocket.send, response):
         return
     await websocket.accept()
     await _close(websocket, error.message, close_code, error.field)
