@@ -442,11 +442,11 @@ class GenerationEngine:
         self._report()
 
     def _report(self) -> None:
+        # per generation, its rows still decoding (a row that ended early has given its slot back)
+        decoding = {id(generation): rows for generation, rows in self.batcher.rows_decoding()} if self.batcher else {}
         report = {"deltas": self._deltas, "done": self._done, "started": self._started, "held": len(self._held),
                   "outlook": self.batcher.outlook() if self.batcher else None,
-                  # per generation, its rows still decoding (a row that ended early has given its slot back)
-                  "decoding": {key: self.batcher.rows_decoding(generation) for key, generation in self._held.items()}
-                  if self.batcher else {}}
+                  "decoding": {key: decoding.get(id(generation), 0) for key, generation in self._held.items()}}
         self._deltas, self._done, self._started = [], [], []
         self.conn.send(("step", report))
 

@@ -210,10 +210,10 @@ class ContinuousBatcher:
     def running_sequences(self) -> int:
         return sum(len(r.held) for r in self._running)
 
-    def rows_decoding(self, generation: Generation) -> int:
-        """How many rows of ``generation`` hold a slot now: its rows less those that have ended (0 while it waits,
-        once it has ended, and for one that runs by itself inside ``submit``)."""
-        return sum(len(r.held) for r in self._running if r.generation is generation)
+    def rows_decoding(self) -> list[tuple[Generation, int]]:
+        """Each running generation and how many of its rows hold a slot now: its rows less those that have ended (a
+        generation that waits, has ended, or runs by itself inside ``submit`` is not listed)."""
+        return [(r.generation, sum(slot is not None for slot in r.slots)) for r in self._running]
 
     @property
     def waiting_sequences(self) -> int:
