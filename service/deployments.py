@@ -485,6 +485,7 @@ class DeploymentManager:
                             for s in specs}
         self._added_live: set[str] = set()  # names added while serving (``add``), not at startup
         self._reloads: set[Deployment] = set()  # reloads' new deployments while they load (not served yet)
+        self._reloading: set[str] = set()  # the names those reloads are for (one reload of a name at a time)
         self.shut_down = False
 
     def start(self) -> None:
@@ -507,8 +508,20 @@ class DeploymentManager:
     async def reload(self, name: str, spec: DeploymentSpec) -> Deployment:
         """``spec`` loaded and warmed up beside the serving deployment ``name``, then swapped in: the old one
         serves until then, finishes what it has queued, and calls that still reach it go to the new one, so no
-        request fails. A load that fails leaves the old one serving (422 with the reason)."""
+        request fails. A load that fails leaves the old one serving (422 with the reason). A second reload of
+        ``name`` while one loads is refused at once (409): it would load a whole model beside the first, only to
+        find the deployment changed."""
         old = self.get(name, field="name")
+        if name in self._reloading:
+            raise ApiError(409, f"a reload of {name!r} is still loading (it takes over once it is warm, and its "
+                                "request gets the reply); wait for that reply, then reload again", field="name")
+        self._reloading.add(name)
+        try:
+            return await self._reload(name, old, spec)
+        finally:
+            self._reloading.discard(name)
+
+    async def _reload(self, name: str, old: Deployment, spec: DeploymentSpec) -> Deployment:
         new_type = await asyncio.to_thread(_model_type_of, Path(spec.checkpoint))
         old_type = old.model_type or await asyncio.to_thread(_model_type_of, Path(old.spec.checkpoint))  # (loading)
         if old_type is not None and new_type is not None and new_type != old_type:
@@ -536,7 +549,7 @@ class DeploymentManager:
             await asyncio.to_thread(self._free, new)
             raise ApiError(422, f"the new checkpoint loaded as a {new.model_type!r} model; {name!r} serves "
                                 f"{old_type!r} and keeps serving it", field="checkpoint")
-        if self.deployments.get(name) is not old:  # unloaded or reloaded meanwhile
+        if self.deployments.get(name) is not old:  # unloaded meanwhile (and maybe loaded again)
             new.executor.shutdown(timeout=0)
             await asyncio.to_thread(self._free, new)  # a collection of the whole heap: off the event loop
             raise ApiError(409, f"deployment {name!r} changed while this reload loaded; retry", field="name")

@@ -349,3 +349,43 @@ def test_a_reload_of_a_deployment_still_loading_keeps_its_type(client, roots, mo
     assert added.status_code == 202, added.text
     refused = client.post("/admin/deployments/slow/reload", json={"checkpoint": str(roots / "lm")}, headers=ADMIN)
     assert refused.status_code == 422 and "keeps the type" in refused.json()["error"]["message"], refused.text
+
+
+def test_a_second_reload_while_one_loads_is_refused_at_once(client, roots, monkeypatch):
+    """Two reloads of one deployment: the second, sent while the first loads, gets 409 at once naming the reload in
+    flight (before, it loaded a whole model beside the first, then got 409 "changed while this reload loaded"); the
+    first then takes over as usual, and a reload after it is served."""
+    import concurrent.futures
+
+    from service.deployments import Deployment
+
+    loads, release, real_start = [], threading.Event(), Deployment.start_loading
+
+    def start_loading(self):  # the first reload's load waits for the test; the others load as usual
+        loads.append(self.spec.checkpoint)
+        if len(loads) > 1:
+            return real_start(self)
+        held = concurrent.futures.Future()
+
+        def load() -> None:
+            release.wait(30)
+            real_start(self).add_done_callback(lambda done: held.set_result(done.result()))
+        threading.Thread(target=load, daemon=True).start()
+        return held
+
+    monkeypatch.setattr(Deployment, "start_loading", start_loading)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/admin/deployments/policy/reload",
+                            json={"checkpoint": str(roots / "policy-b")}, headers=ADMIN)
+        deadline = time.monotonic() + 10
+        while not loads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = client.post("/admin/deployments/policy/reload", json={}, headers=ADMIN)
+        assert second.status_code == 409, second.text
+        assert "still loading" in second.json()["error"]["message"] and second.json()["error"]["field"] == "name"
+        assert len(loads) == 1  # nothing loaded for it
+        release.set()
+        assert first.result(30).status_code == 200, first.result().text
+    assert first.result().json()["checkpoint"]["step"] == 222
+    again = client.post("/admin/deployments/policy/reload", json={}, headers=ADMIN)
+    assert again.status_code == 200, again.text
