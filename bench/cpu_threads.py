@@ -35,21 +35,28 @@ from service.cli import serve_command  # noqa: E402
 
 
 # A busy process: it spins until this bench ends, or until its parent is gone (a bench killed before its cleanup
-# leaves no spinner on the host). The marker names it in `ps`.
+# leaves no spinner on the host). The parent's pid comes on its command line: read from getppid() at its start, a
+# parent killed while the interpreter started would be init's pid already, and it would spin for good. The marker
+# names it in `ps`.
 BUSY_MARKER = "vla-foundry bench/cpu_threads.py busy process"
 BUSY_CODE = f"""# {BUSY_MARKER}
-import os
-parent = os.getppid()
+import os, sys
+parent = int(sys.argv[1])
 while os.getppid() == parent:
     for _ in range(1_000_000):
         pass
 """
 
 
+def busy_command() -> list[str]:
+    """The command of a busy process whose parent is this process."""
+    return [sys.executable, "-c", BUSY_CODE, str(os.getpid())]
+
+
 @contextlib.contextmanager
 def busy_processes(count: int):
     """``count`` processes that each keep a core busy until the block ends."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE]) for _ in range(count)]
+    procs = [subprocess.Popen(busy_command()) for _ in range(count)]
     try:
         yield
     finally:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 try:
@@ -115,15 +117,20 @@ def test_the_cpu_threads_bench_runs_and_keeps_its_busy_processes_to_itself():
     assert not leftover, leftover
 
 
-def test_the_cpu_threads_bench_busy_processes_end_with_their_parent():
-    """A bench killed before its cleanup (a timeout's SIGKILL) leaves no process spinning on the host."""
-    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
-                               f"subprocess.Popen([sys.executable, '-c', {cpu_threads.BUSY_CODE!r}])\ntime.sleep(60)"])
+@pytest.mark.parametrize("killed", ["while it spins", "before it starts"])
+def test_the_cpu_threads_bench_busy_processes_end_with_their_parent(killed):
+    """A bench killed before its cleanup (a timeout's SIGKILL) leaves no process spinning on the host, also when it
+    is killed before the busy process's interpreter has started (a busy host; before, the busy process then took
+    init for its parent and spun for good)."""
+    spawn = f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {cpu_threads.BUSY_CODE!r}, " \
+            f"str(os.getpid())])\n"
+    parent = subprocess.Popen([sys.executable, "-c", spawn + ("time.sleep(60)" if killed == "while it spins" else
+                                                              "os.kill(os.getpid(), 9)")])
     try:
         deadline = time.monotonic() + 20
-        while not busy_pids() and time.monotonic() < deadline:
+        while killed == "while it spins" and not busy_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert busy_pids(), "the busy process did not start"
+        assert killed != "while it spins" or busy_pids(), "the busy process did not start"
     finally:
         parent.kill()
         parent.wait()
