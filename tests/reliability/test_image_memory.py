@@ -130,7 +130,12 @@ def test_a_burst_of_large_images_gives_its_memory_back(tiny_checkpoints, tmp_pat
             before = rss_mb(proc.pid)
             with ThreadPoolExecutor(4) as pool:
                 statuses = list(pool.map(lambda _: client.post("/predict/vlm", json=body).status_code, range(4)))
-            after = rss_mb(proc.pid)
+            # The last request's images are freed just after its reply is sent: on a busy host that can come after
+            # the reply reaches the test (seen: 196 MB more just after, 4 MB 0.25 s later). Given back within 5 s;
+            # the memory kept for good before was about 640 MB.
+            deadline = time.monotonic() + 5
+            while (after := rss_mb(proc.pid)) - before >= 150 and time.monotonic() < deadline:
+                time.sleep(0.1)
     print(f"RSS {before:.0f} MB before the burst, {after:.0f} MB after")
     assert statuses == [200] * 4
     assert after - before < 150, f"RSS {before:.0f} MB before the burst, {after:.0f} MB after"
