@@ -227,7 +227,8 @@ class ModelExecutor:
             self._run_continuous(job)
         elif job.batchable and self.max_batch_size > 1:
             if not self._settled_unrun(job):  # (it would hold a place in the batch, and its wait)
-                self._run_batch(self._gather(job))
+                gathering = time.perf_counter()
+                self._run_batch(self._gather(job), due_by=gathering)
         else:
             self._run_one(job)
 
@@ -385,13 +386,15 @@ class ModelExecutor:
         previous = self.call_seconds.get(items)
         self.call_seconds[items] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def _run_batch(self, batch: list[_Job], due_by: float) -> None:
+        """Run a gathered batch; a job whose deadline had passed by ``due_by`` (when the gathering began) is dropped.
+        The gathering's own wait for more ends before every job's deadline (``GATHER_MARGIN_S``), but a thread
+        wakes late on a busy host: a job due when the model was free, or when it joined since, still runs."""
         self._in_hand = batch
         for job in batch:
             self._release(job)
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
-        now = time.perf_counter()
-        batch = [job for job in batch if not _dropped_if_expired(job, now)]
+        batch = [job for job in batch if not _dropped_if_expired(job, due_by)]
         if not batch:
             return
         started = time.perf_counter()

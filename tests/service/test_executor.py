@@ -289,6 +289,21 @@ def test_batch_wait_ends_in_time_for_a_requests_deadline():
         executor.shutdown()
 
 
+def test_a_batch_wait_that_wakes_late_does_not_make_its_request_late(monkeypatch):
+    """The wait for more requests ends before the request's deadline, but on a busy host the model thread wakes
+    late (here: 50 ms late, by a negative margin): the request was due when the model was free, and runs (before,
+    it got 504 "the deadline passed 5 ms before the model was free" on an idle model)."""
+    import service.executor
+
+    monkeypatch.setattr(service.executor, "GATHER_MARGIN_S", -0.05)
+    executor = ModelExecutor("test", max_queue=8, max_batch_size=4, batch_wait_ms=3000)
+    try:
+        future = executor.submit_batched(Recorder(), "k", 1, deadline=time.perf_counter() + 0.3)
+        assert future.result(timeout=10).value == "done 1"
+    finally:
+        executor.shutdown()
+
+
 def test_items_of_a_failed_batch_past_their_deadline_are_not_run_again():
     """When a batched call fails, its items run again one by one, each only if it is still due: the failed call
     (and the items run before it) may have taken it past its deadline."""
