@@ -229,7 +229,8 @@ def _replica_of_launch(args: argparse.Namespace, settings) -> Optional[_Launched
     """This process as one replica of ``vla-foundry serve --replicas`` (service/launcher.py), else None."""
     if args.listen_fd is None:
         return None
-    from service.replicas import GPU_ENV, Replica
+    from service.launcher import GPU_ENV
+    from service.replicas import Replica
 
     gpus = os.environ.get(GPU_ENV)
     num_gpus = len([g for g in gpus.split(",") if g.strip()]) if gpus is not None else _gpu_count()

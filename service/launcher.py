@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
-from service.replicas import GPU_ENV
 from service.torch_threads import omp_num_threads, replica_threads
 
 if TYPE_CHECKING:
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("service.launcher")
 
+GPU_ENV = "CUDA_VISIBLE_DEVICES"  # the GPUs a replica sees, numbered from 0 in it (set here for each replica)
 CONFIG_ERROR = 2  # what `vla-foundry serve` exits with when its settings are wrong
 INTERRUPTED = 130  # a second Ctrl-C: stopped without finishing the work in flight (the shell's code for SIGINT)
 SECOND_INTERRUPT = "second interrupt: stopping without finishing the requests in flight"

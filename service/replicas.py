@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
+from service.launcher import GPU_ENV
 from service.settings import Settings
 
 logger = logging.getLogger("service.replicas")
@@ -34,7 +35,6 @@ HEARTBEAT_S = 5.0
 STALE_AFTER_S = 3 * HEARTBEAT_S  # two missed heartbeats and a slow third
 STORE_TIMEOUT_S = 1.0  # a listing or an announcement that waits longer is given up (the store may hang)
 LOAD_LOG_PERIOD_S = 30.0
-GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
 # Announce: the replica's entry and its time in the store's clock (one clock for every host).
 # Each announcement also gives both keys ARGV[3] seconds to live: once no replica announces any more (the whole fleet

@@ -84,7 +84,7 @@ def events(log: Path) -> list[str]:
     return log.read_text().splitlines()
 
 
-def wait_for(condition, timeout: float = 20.0) -> None:
+def wait_for(condition, timeout: float = 60.0) -> None:  # (only how long a failure takes to show)
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
