@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -255,8 +256,17 @@ def test_a_frame_that_arrives_as_the_drain_begins_is_refused_by_the_goodbye(tiny
 def test_a_server_that_fails_to_start_does_not_claim_a_drain(tmp_path):
     """Its port is taken while a deployment still loads: nothing was served, so nothing was drained, and the log
     says the loads were left behind, not that a model call outlived VLA_DRAIN_TIMEOUT_S."""
-    slow_load = ("import sys, time; import service.deployments as d; d.Deployment._load = lambda self: time.sleep(30); "
-                 "from service.cli import main; sys.exit(main(sys.argv[1:]))")
+    # The load begins before the port is bound (the start waits for it: on a busy host the bind could fail before
+    # the model thread took the load, and then no load was left behind to name), then takes 30 s.
+    slow_load = textwrap.dedent("""
+        import sys, threading, time
+        import service.deployments as d
+        begun, start_loading = threading.Event(), d.Deployment.start_loading
+        d.Deployment._load = lambda self: (begun.set(), time.sleep(30))
+        d.Deployment.start_loading = lambda self: (start_loading(self), begun.wait(20))[0]
+        from service.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
