@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 # A batch's wait for more requests (batch_wait_ms) ends this long before the earliest deadline among its requests, so
-# that the call starts before it (a request whose deadline has passed when its call would start is dropped, 504).
+# that the call starts before it (a thread that wakes later still runs them: they were taken in time, ``_take``).
 GATHER_MARGIN_S = 0.005
 
 
@@ -226,9 +226,8 @@ class ModelExecutor:
         if job.batcher is not None:
             self._run_continuous(job)
         elif job.batchable and self.max_batch_size > 1:
-            if not self._settled_unrun(job):  # (it would hold a place in the batch, and its wait)
-                gathering = time.perf_counter()
-                self._run_batch(self._gather(job), due_by=gathering)
+            if self._take(job):  # (else it would hold a place in the batch, and its wait)
+                self._run_batch(self._gather(job))
         else:
             self._run_one(job)
 
@@ -334,12 +333,24 @@ class ModelExecutor:
                 skipped.append(job)
                 break
             if job.fn is first.fn and job.batch_key == first.batch_key:
-                if not self._settled_unrun(job):
+                if self._take(job):
                     batch.append(job)
             else:
                 skipped.append(job)
         self._held.extendleft(reversed(skipped))
         return batch
+
+    def _take(self, job: _Job) -> bool:
+        """The model thread takes ``job`` into the batch it gathers: it runs from now on (its future is running, so
+        neither its client leaving nor its deadline passing during the gathering's own wait drops it: that wait ends
+        before every gathered job's deadline, but a thread wakes late on a busy host, and a request due when the
+        model took it is not late). False: it was settled unrun (its client had gone, or its deadline had passed)."""
+        if self._settled_unrun(job):
+            return False
+        if not job.future.set_running_or_notify_cancel():  # its client left just now
+            self._release(job)
+            return False
+        return True
 
     def _settled_unrun(self, job: _Job) -> bool:
         """Whether ``job``, still queued, no longer runs: its client has gone (dropped) or its deadline has passed
@@ -386,17 +397,11 @@ class ModelExecutor:
         previous = self.call_seconds.get(items)
         self.call_seconds[items] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
-    def _run_batch(self, batch: list[_Job], due_by: float) -> None:
-        """Run a gathered batch; a job whose deadline had passed by ``due_by`` (when the gathering began) is dropped.
-        The gathering's own wait for more ends before every job's deadline (``GATHER_MARGIN_S``), but a thread
-        wakes late on a busy host: a job due when the model was free, or when it joined since, still runs."""
+    def _run_batch(self, batch: list[_Job]) -> None:
+        """Run a gathered batch (its jobs taken, ``_take``: their futures running)."""
         self._in_hand = batch
         for job in batch:
             self._release(job)
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
-        batch = [job for job in batch if not _dropped_if_expired(job, due_by)]
-        if not batch:
-            return
         started = time.perf_counter()
         self._running = (started, len(batch))
         try:
@@ -457,7 +462,7 @@ async def _outcome(future: concurrent.futures.Future, deadline: Optional[float] 
     With a ``deadline`` (of a job whose future runs once the model thread takes it), a job still queued when the
     deadline passes is cancelled then (dropped unrun, its place given back) and ``DeadlineExceeded`` raised at
     once: the model thread would see it only once it is free, which a long call may put off far past the
-    deadline. A job that runs by then gives its answer."""
+    deadline. A job that runs by then (or was gathered into a batch by then) gives its answer."""
     waiting_since = time.perf_counter()
     try:
         wrapped = asyncio.wrap_future(future)
