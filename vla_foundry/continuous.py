@@ -171,6 +171,7 @@ class ContinuousBatcher:
         # thread, and iterating a container that the model thread mutates meanwhile could fail.
         self._waiting: tuple[_Running, ...] = ()
         self._running: tuple[_Running, ...] = ()
+        self._alone: Optional[Generation] = None  # a generation running by itself inside ``submit``, while it does
         self.step_seconds = 0.0  # recent time of one step (a moving average), for expected_wait_s
 
     @staticmethod
@@ -208,12 +209,14 @@ class ContinuousBatcher:
 
     @property
     def running_sequences(self) -> int:
-        return sum(len(r.held) for r in self._running)
+        return sum(rows for _, rows in self.rows_decoding())
 
     def rows_decoding(self) -> list[tuple[Generation, int]]:
-        """Each running generation and how many of its rows hold a slot now: its rows less those that have ended (a
-        generation that waits, has ended, or runs by itself inside ``submit`` is not listed)."""
-        return [(r.generation, sum(slot is not None for slot in r.slots)) for r in self._running]
+        """Each running generation and how many of its rows decode now: its rows less those that have ended (one
+        that runs by itself inside ``submit``: all its rows; one that waits, or has ended, is not listed)."""
+        alone = self._alone
+        return [(r.generation, sum(slot is not None for slot in r.slots)) for r in self._running] + (
+            [(alone, len(alone.ids))] if alone is not None else [])
 
     @property
     def waiting_sequences(self) -> int:
@@ -228,10 +231,13 @@ class ContinuousBatcher:
         more sequences than the batcher has slots, or one whose rows cannot be prefilled apart, runs by itself now,
         the solo way (it holds up the running ones for its length)."""
         if len(generation.ids) > self.num_slots or not generation.shares_steps:
+            self._alone = generation  # (its rows count as running meanwhile)
             try:
                 outcome = generation.alone()
             except Exception as e:  # its own failure
                 outcome = e
+            finally:
+                self._alone = None
             on_done(outcome)
             return
         self._waiting += (_Running(generation, on_done, cancelled, too_late),)

@@ -232,6 +232,24 @@ def test_a_row_that_ends_before_the_others_stops_counting_as_running(tiny_checkp
         process.close()
 
 
+def test_a_generation_running_by_itself_in_the_child_counts_its_rows_as_running(tiny_checkpoints):
+    """Two rows on one slot: the child runs the generation by itself, and while it streams the server's side of the
+    batcher counts both rows as running, as the local batcher does (before, none: they held no slot)."""
+    local, checkpoint = lone_parts(tiny_checkpoints)
+    process = TextModelProcess.start(local, {"path": checkpoint}, name="counted")
+    try:
+        batcher = process.continuous_batcher(1, None)
+        running, outcomes = set(), []
+        generation = process.start_completion(None, [[3, 4, 5], [6, 7, 8]], sampling=SamplingParams(6, 0.0), seed=0,
+                                              on_text=lambda *delta: running.add(batcher.running_sequences))
+        batcher.submit(generation, outcomes.append)
+        while batcher.active:
+            batcher.step()
+        assert running == {2} and batcher.running_sequences == 0 and len(outcomes[0].completions) == 2
+    finally:
+        process.close()
+
+
 class Gone(Exception):
     pass
 

@@ -389,10 +389,13 @@ def test_a_cancelled_or_failing_request_frees_its_slots_and_leaves_the_others_al
 
 def test_a_request_of_more_rows_than_slots_runs_alone_the_solo_way(text):
     batcher = text.continuous_batcher(max_sequences=2)
-    outcomes = []
+    outcomes, running = [], set()
     rows = prompts(text.model.vocab_size, 3, seed=2)
-    batcher.submit(text.start_completion(prompt_token_ids=rows, sampling=SAMPLED, seed=5), outcomes.append)
+    generation = text.start_completion(prompt_token_ids=rows, sampling=SAMPLED, seed=5,
+                                       on_text=lambda *delta: running.add(batcher.running_sequences))
+    batcher.submit(generation, outcomes.append)
     assert not batcher.active  # answered at once, not queued for slots it can never have
+    assert running == {3} and batcher.running_sequences == 0  # its rows counted as running while they decoded
     solo = text.complete(prompt_token_ids=rows, sampling=SAMPLED, seed=5)
     assert [c.token_ids for c in outcomes[0].completions] == [c.token_ids for c in solo.completions]
 
