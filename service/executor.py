@@ -316,6 +316,7 @@ class ModelExecutor:
         wait for more (``batch_wait_ms``) ends early enough for every gathered job to start before its deadline,
         and for the call to end before the deadline of every job held back behind it."""
         batch, skipped = [first], []
+        self._in_hand = batch  # (taken, their futures running: a fault of this loop fails them, ``_work``)
         end = time.perf_counter() + self.batch_wait_ms / 1000
         while len(batch) < self.max_batch_size:
             due = min((job.deadline for job in batch if job.deadline is not None), default=math.inf)
