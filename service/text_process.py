@@ -60,7 +60,7 @@ class _Entry:
     too_late: Callable[[], Optional[BaseException]]
     rows: int
     started: bool = False  # the child has begun to decode it (a deadline no longer drops it)
-    decoding: int = 0  # its rows that held a slot at the child's last report (fewer than ``rows`` once some ended)
+    decoding: int = 0  # its rows decoding at the child's last report (fewer than ``rows`` once some ended)
 
 
 class RemoteBatcher:
@@ -97,8 +97,8 @@ class RemoteBatcher:
             pass
 
     # The sequences of the generations this server still waits for (a cancelled one no longer counts, though the
-    # child may hold it until its next step): holding a slot at the child's last report (as the local batcher
-    # counts them: a row that ended before the others of its generation no longer does), or sent and waiting.
+    # child may hold it until its next step): decoding at the child's last report (as the local batcher counts
+    # them: a row that ended before the others of its generation no longer does), or sent and waiting.
     @property
     def running_sequences(self) -> int:
         return sum(e.decoding for e in list(self._entries.values()) if e.started)

@@ -82,10 +82,6 @@ class RawConnection:
         return data, time.monotonic() - started
 
 
-def connect(base: str) -> RawConnection:
-    return RawConnection(base)
-
-
 def trickle(sock: RawConnection, data: bytes, give_up_s: float, every_s: float = 0.2) -> None:
     """Sends ``data`` a byte every ``every_s`` until the server closes, all is sent, or ``give_up_s`` passed."""
     started = time.monotonic()
@@ -126,13 +122,13 @@ def read_timeouts(base: str) -> dict[str, float]:
 
 
 def test_a_connection_that_sends_nothing_is_closed_silently(base):
-    with connect(base) as sock:
+    with RawConnection(base) as sock:
         reply, took = sock.until_closed()
     assert reply == b"" and HEADER_S * 0.9 <= took < HEADER_S + 3
 
 
 def test_half_a_request_line_gets_408(base):
-    with connect(base) as sock:
+    with RawConnection(base) as sock:
         sock.sendall(b"POST /predict/trans")
         reply, took = sock.until_closed()
     assert_408(reply, "headers")
@@ -141,7 +137,7 @@ def test_half_a_request_line_gets_408(base):
 
 def test_headers_sent_a_byte_at_a_time_do_not_reset_the_timer(base):
     head = request_head(len(BODY))
-    with connect(base) as sock:
+    with RawConnection(base) as sock:
         started = time.monotonic()
         trickle(sock, head, give_up_s=HEADER_S + 3)  # about 20 s of trickle if nothing stopped it
         reply, _ = sock.until_closed()
@@ -151,7 +147,7 @@ def test_headers_sent_a_byte_at_a_time_do_not_reset_the_timer(base):
 
 def test_a_slow_body_gets_408_and_nothing_runs(base):
     before = read_timeouts(base)
-    with connect(base) as sock:
+    with RawConnection(base) as sock:
         sock.sendall(request_head(len(BODY)) + BODY[:5])
         started = time.monotonic()
         trickle(sock, BODY[5:], give_up_s=BODY_S + 3)
@@ -164,7 +160,7 @@ def test_a_slow_body_gets_408_and_nothing_runs(base):
 
 
 def test_a_request_sent_in_pieces_within_the_limits_is_served(base):
-    with connect(base) as sock:
+    with RawConnection(base) as sock:
         head = request_head(len(BODY))
         sock.sendall(head[:10])
         time.sleep(HEADER_S / 3)
@@ -176,7 +172,7 @@ def test_a_request_sent_in_pieces_within_the_limits_is_served(base):
 
 
 def test_keep_alive_requests_each_get_their_own_header_timer(base):
-    with connect(base) as sock:
+    with RawConnection(base) as sock:
         for _ in range(2):  # two whole requests, each well within the limits, on one connection
             sock.sendall(request_head(len(BODY)) + BODY)
             assert sock.response().startswith(b"HTTP/1.1 200 ")
@@ -188,7 +184,7 @@ def test_keep_alive_requests_each_get_their_own_header_timer(base):
 
 
 def test_slow_clients_do_not_stop_the_others(base):
-    slow = [connect(base) for _ in range(32)]
+    slow = [RawConnection(base) for _ in range(32)]
     try:
         for i, sock in enumerate(slow):
             sock.sendall(b"POST /predict/transformer HTTP/1.1\r\nHo" if i % 2 else request_head(len(BODY)) + b"{")
@@ -210,7 +206,7 @@ def test_a_connection_answered_before_its_body_does_not_stay_open(base):
     """A reply that comes before the body is all here (here a 400 for a malformed X-Request-Timeout): the rest of
     the body arriving must not leave the connection without a timer (it is idle; uvicorn's keep-alive closes
     it after 5 s)."""
-    with connect(base) as sock:
+    with RawConnection(base) as sock:
         sock.sendall(b"POST /predict/transformer HTTP/1.1\r\nHost: x\r\nX-Request-Timeout: soon\r\n"
                      b"content-length: 2\r\n\r\n")
         first = sock.response()
@@ -274,7 +270,7 @@ def test_a_pipelined_body_left_unread_behind_a_long_request_is_not_timed_out():
     must not count that against the client. Before, the second got 408 after VLA_BODY_TIMEOUT_S and the connection
     closed under the first, whose reply was lost."""
     body = b"x" * 2_000_000  # more than is read before reading pauses
-    with protocol_server(slow_or_counting) as url, connect(url) as sock:
+    with protocol_server(slow_or_counting) as url, RawConnection(url) as sock:
         sock.settimeout(30)
         both = (b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                 b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -293,7 +289,7 @@ def test_a_pipelined_body_left_unread_behind_a_long_request_is_not_timed_out():
 def test_a_pipelined_slow_body_still_gets_its_408_once_it_is_read():
     """A pipelined request whose body never comes all: its 408 follows the reply to the request before it (replies
     go in order; before, the 408 came first, as if it answered that one), within the body timer after it."""
-    with protocol_server(slow_or_counting) as url, connect(url) as sock:
+    with protocol_server(slow_or_counting) as url, RawConnection(url) as sock:
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: 1000\r\n\r\nx")
         first = sock.response()
@@ -309,7 +305,7 @@ def test_a_pipelined_request_whose_headers_are_still_arriving_waits_for_the_repl
     request of its own to uvicorn): its header timer must not cut that reply, and starts once it is sent. uvicorn's
     keep-alive timer (here shorter than the header timer, as its 5 s default is than VLA_HEADER_TIMEOUT_S's 10 s)
     must not close the connection meanwhile: it is not idle, a request has begun."""
-    with protocol_server(slow_or_counting, keep_alive_s=HEADER_S / 2) as url, connect(url) as sock:
+    with protocol_server(slow_or_counting, keep_alive_s=HEADER_S / 2) as url, RawConnection(url) as sock:
         sock.settimeout(30)
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\n")  # (the second's headers: never finished)
@@ -325,7 +321,7 @@ def test_a_pipelined_body_s_timer_starts_when_the_request_before_it_is_answered(
     """The body timer of a queued request starts over once the reply before it is sent: a body that comes within
     the timer after that reply is served (the timer does not run on from when the queued request arrived)."""
     body_s = 2.0  # /slow answers after 3 s: the timer re-armed while the request waited would end 1 s after it
-    with protocol_server(slow_or_counting, body_s=body_s) as url, connect(url) as sock:
+    with protocol_server(slow_or_counting, body_s=body_s) as url, RawConnection(url) as sock:
         sock.settimeout(30)
         sock.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}"
                      b"POST /count HTTP/1.1\r\nHost: x\r\ncontent-length: 10\r\n\r\nxxxxx")
