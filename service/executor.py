@@ -211,15 +211,21 @@ class ModelExecutor:
             job = self._next()
             if job is None:
                 return
-            try:
-                self._dispatch(job)
-            except BaseException as e:  # a fault of this loop's own code (a model call's failure is its request's):
-                logger.exception("deployment %s: the model thread failed a turn", self.name)  # the requests in hand
-                for taken in self._in_hand:  # fail with it, and the thread serves on (a dead thread would leave
-                    self._release(taken)  # every later request of the deployment waiting for ever)
-                    _fail(taken, e)
-            finally:
-                self._in_hand = []
+            self._turn(self._dispatch, job)
+
+    def _turn(self, handle: Callable[["_Job"], None], job: "_Job") -> None:
+        """``handle(job)``. A fault of this loop's own code (a model call's failure is its request's) fails the
+        requests in hand with it, and the thread serves on: a dead thread would leave every later request of the
+        deployment waiting for ever, and a turn taken between decode steps must not strand the running batch."""
+        try:
+            handle(job)
+        except BaseException as e:
+            logger.exception("deployment %s: the model thread failed a turn", self.name)
+            for taken in self._in_hand:
+                self._release(taken)
+                _fail(taken, e)
+        finally:
+            self._in_hand = []
 
     def _dispatch(self, job: _Job) -> None:
         self._in_hand = [job]
@@ -247,25 +253,27 @@ class ModelExecutor:
     def _decode_while_active(self, batcher: Any) -> None:
         while batcher.active:
             taken: list = []
-            while True:
-                try:
-                    job = self._held.popleft() if self._held else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None and job.batcher is batcher and batcher.waiting_sequences < batcher.num_slots:
-                    self._join(job)
-                    continue
-                taken.append(job)
-                if job is None:  # shutdown: nothing after it is taken
-                    break
-            self._held.extendleft(reversed(taken))
+            try:
+                while True:
+                    try:
+                        job = self._held.popleft() if self._held else self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None and job.batcher is batcher and batcher.waiting_sequences < batcher.num_slots:
+                        self._turn(self._join, job)
+                        continue
+                    taken.append(job)
+                    if job is None:  # shutdown: nothing after it is taken
+                        break
+            finally:  # (after a fault of a join too: the jobs passed over still run, in order)
+                self._held.extendleft(reversed(taken))
             # The oldest job that is not a generation (none after a shutdown marker): it runs even when generations
             # that cannot join yet (the batcher's waiting room is full) are ahead of it.
             other = next((i for i, job in enumerate(self._held) if job is None or job.batcher is None), None)
             if other is not None and self._held[other] is not None:
                 job = self._held[other]
                 del self._held[other]
-                self._dispatch(job)
+                self._turn(self._dispatch, job)
             try:
                 batcher.step()
             except Exception as e:  # a fault of the batcher itself: fail what it holds, keep the thread alive
@@ -318,27 +326,30 @@ class ModelExecutor:
         batch, skipped = [first], []
         self._in_hand = batch  # (taken, their futures running: a fault of this loop fails them, ``_work``)
         end = time.perf_counter() + self.batch_wait_ms / 1000
-        while len(batch) < self.max_batch_size:
-            due = min((job.deadline for job in batch if job.deadline is not None), default=math.inf)
-            if self.batch_wait_ms:
-                behind = min((job.deadline for job in itertools.chain(skipped, self._held)
-                              if job is not None and job.deadline is not None), default=math.inf)
-                due = min(due, behind - self.call_seconds.get(len(batch), 0.0))
-            wait = min(end, due - GATHER_MARGIN_S) - time.perf_counter()
-            try:
-                job = self._held.popleft() if self._held else (
-                    self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait))
-            except queue.Empty:
-                break
-            if job is None:  # shutdown: run this batch, then stop
-                skipped.append(job)
-                break
-            if job.fn is first.fn and job.batch_key == first.batch_key:
-                if self._take(job):
-                    batch.append(job)
-            else:
-                skipped.append(job)
-        self._held.extendleft(reversed(skipped))
+        try:
+            while len(batch) < self.max_batch_size:
+                due = min((job.deadline for job in batch if job.deadline is not None), default=math.inf)
+                if self.batch_wait_ms:
+                    behind = min((job.deadline for job in itertools.chain(skipped, self._held)
+                                  if job is not None and job.deadline is not None), default=math.inf)
+                    due = min(due, behind - self.call_seconds.get(len(batch), 0.0))
+                wait = min(end, due - GATHER_MARGIN_S) - time.perf_counter()
+                try:
+                    job = self._held.popleft() if self._held else (
+                        self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait))
+                except queue.Empty:
+                    break
+                if job is None:  # shutdown: run this batch, then stop
+                    skipped.append(job)
+                    break
+                if job.fn is first.fn and job.batch_key == first.batch_key:
+                    batch.append(job)  # in hand while it is taken: a fault of this loop then fails it too
+                    if not self._take(job):
+                        batch.pop()
+                else:
+                    skipped.append(job)
+        finally:  # (after a fault too: the jobs passed over still run, in order)
+            self._held.extendleft(reversed(skipped))
         return batch
 
     def _take(self, job: _Job) -> bool:

@@ -372,6 +372,87 @@ def test_a_fault_of_the_model_threads_own_code_fails_the_request_in_hand_and_the
     assert fn.calls == [[2]] and executor.depth == 0  # (the failed one no longer counts as waiting)
 
 
+def test_a_fault_in_the_middle_of_a_gathering_fails_the_jobs_taken_and_loses_none_held_back(executor):
+    """A fault of the loop while it gathers a batch (here, while it takes the third job) fails the jobs that
+    gathering had taken (the first, and the one it was taking) and nothing else: a job of another function that
+    the gathering had passed over and held back still runs, and so does the next. Before, the job being taken and
+    the ones held back were in neither the queue nor the loop's hands: their requests waited for ever."""
+    fn, other, take = Recorder(), Recorder(), executor._take
+    taken = []
+
+    def faulty_take(job):
+        taken.append(job)
+        if len(taken) == 2:  # (the first job is taken by _dispatch, the second here: it faults)
+            raise RuntimeError("a fault of the loop")
+        return take(job)
+
+    release = blocked(executor)
+    executor._take = faulty_take
+    first = executor.submit_batched(fn, "k", 1)
+    passed_over = executor.submit_batched(other, "k", 2)
+    faulted = executor.submit_batched(fn, "k", 3)
+    release.set()
+    for future in (first, faulted):
+        with pytest.raises(RuntimeError, match="a fault of the loop"):
+            future.result(10)
+    executor._take = take
+    assert passed_over.result(10).value == "done 2"
+    assert executor.submit_batched(fn, "k", 4).result(10).value == "done 4"
+    assert fn.calls == [[4]] and other.calls == [[2]]
+    assert executor.depth == 0 and executor.batched_depth == 0
+
+
+def test_a_fault_of_a_turn_between_decode_steps_fails_its_own_job_and_the_running_generation_decodes_on(
+        text_pipeline):
+    """Between decode steps the model thread joins queued generations and runs one other job. A fault of its own
+    code there (here, once each: while handing a generation to its batcher, and while gathering a batch) fails the
+    job in hand, and nothing else: the generation already decoding ends as it would alone, the jobs passed over
+    still run, and so do later ones. Before, the fault left the decode loop: the running generation was never
+    stepped again, and the jobs the loop had taken from the queue were lost."""
+    executor = ModelExecutor("text", max_queue=16, max_batch_size=2)
+    try:
+        batcher = text_pipeline.continuous_batcher(4)
+        submit, gather = batcher.submit, executor._gather
+        fn = Recorder()
+
+        def submit_faulting_once(generation, *args, **kwargs):
+            batcher.submit = submit
+            raise RuntimeError("a fault of the join")
+
+        def gather_faulting_once(first):
+            executor._gather = gather
+            raise RuntimeError("a fault of the gathering")
+
+        release = blocked(executor)
+        running = executor.submit_continuous(batcher, generation(text_pipeline, 40, seed=1))
+        release.set()
+        while not batcher.active:
+            time.sleep(0.001)
+        release = threading.Event()
+        plain = executor.submit(lambda: release.wait(10))  # (holds the thread between two steps while the rest queue)
+        while executor.depth:
+            time.sleep(0.001)
+        batcher.submit, executor._gather = submit_faulting_once, gather_faulting_once
+        passed_over = executor.submit(lambda: "passed over")
+        faulted_join = executor.submit_continuous(batcher, generation(text_pipeline, 8, seed=2))
+        faulted_gathering = executor.submit_batched(fn, "k", 1)
+        after = executor.submit_batched(fn, "k", 2)
+        release.set()
+        assert plain.result(10).value is True
+        with pytest.raises(RuntimeError, match="a fault of the join"):
+            faulted_join.result(60)
+        with pytest.raises(RuntimeError, match="a fault of the gathering"):
+            faulted_gathering.result(60)
+        assert passed_over.result(60).value == "passed over"
+        assert after.result(60).value == "done 2"
+        solo = text_pipeline.complete(prompt_token_ids=[[1, 2, 3]], seed=1,
+                                      sampling=SamplingParams(max_new_tokens=40, temperature=1.0))
+        assert running.result(120).value.completions[0].token_ids == solo.completions[0].token_ids
+        assert executor.depth == 0
+    finally:
+        executor.shutdown()
+
+
 def test_a_request_cancelled_while_its_call_runs_keeps_its_pixels_claimed_until_the_call_ends():
     """A client that leaves cancels its request, but a call already running goes on with the request's decoded
     images: their pixels stay counted (they were given back at once, so requests in flight could hold more than
