@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -505,23 +505,32 @@ class DeploymentManager:
         deployment.start_loading()
         return deployment
 
-    async def reload(self, name: str, spec: DeploymentSpec) -> Deployment:
+    async def reload(self, name: str, spec: DeploymentSpec,
+                     swapped: Optional[Callable[[Deployment], None]] = None) -> Deployment:
         """``spec`` loaded and warmed up beside the serving deployment ``name``, then swapped in: the old one
         serves until then, finishes what it has queued, and calls that still reach it go to the new one, so no
         request fails. A load that fails leaves the old one serving (422 with the reason). A second reload of
         ``name`` while one loads is refused at once (409): it would load a whole model beside the first, only to
-        find the deployment changed."""
+        find the deployment changed. ``swapped(old)`` runs once the new one serves, even when the caller is gone."""
         old = self.get(name, field="name")
         if name in self._reloading:
             raise ApiError(409, f"a reload of {name!r} is still loading (it takes over once it is warm, and its "
                                 "request gets the reply); wait for that reply, then reload again", field="name")
         self._reloading.add(name)
-        try:
-            return await self._reload(name, old, spec)
-        finally:
-            self._reloading.discard(name)
+        reloading = asyncio.ensure_future(self._reload(name, old, spec, swapped))
+        reloading.add_done_callback(functools.partial(self._reloaded, name))
+        # A caller cancelled while the new model loads (the drain's end cancels the requests still running) does not
+        # stop the reload half-way: its model would go on loading on its thread, untracked, and the name would take a
+        # second reload beside it. The reload runs to its end (swapped in, or refused) and only then frees the name.
+        return await asyncio.shield(reloading)
 
-    async def _reload(self, name: str, old: Deployment, spec: DeploymentSpec) -> Deployment:
+    def _reloaded(self, name: str, reloading: asyncio.Future) -> None:
+        self._reloading.discard(name)
+        if not reloading.cancelled() and reloading.exception() is not None:  # (retrieved: its caller may be gone)
+            logger.info("the reload of %s ended without a swap: %s", name, reloading.exception())
+
+    async def _reload(self, name: str, old: Deployment, spec: DeploymentSpec,
+                      swapped: Optional[Callable[[Deployment], None]]) -> Deployment:
         new_type = await asyncio.to_thread(_model_type_of, Path(spec.checkpoint))
         old_type = old.model_type or await asyncio.to_thread(_model_type_of, Path(old.spec.checkpoint))  # (loading)
         if old_type is not None and new_type is not None and new_type != old_type:
@@ -555,6 +564,8 @@ class DeploymentManager:
             raise ApiError(409, f"deployment {name!r} changed while this reload loaded; retry", field="name")
         self.deployments[name] = new
         self._retire(old, successor=new)
+        if swapped is not None:
+            swapped(old)
         return new
 
     def remove(self, name: str) -> Deployment:

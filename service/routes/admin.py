@@ -130,9 +130,10 @@ def add_admin_routes(app: FastAPI, settings: Settings) -> None:
         update = await asyncio.to_thread(_checked_files, update, roots)
         update.setdefault("checkpoint_file", None)  # none named: the latest (a file named at load is not kept)
         # (the name it is served under: one loaded without a name took its folder's, which another folder would change)
-        new = await manager.reload(name, old.spec.model_copy(update={**update, "name": name}))
-        request.app.state.sessions.end_deployment(old, f"ended: deployment {name!r} was reloaded with another "
-                                                       "checkpoint")
+        sessions = request.app.state.sessions
+        new = await manager.reload(name, old.spec.model_copy(update={**update, "name": name}), swapped=lambda old:
+                                   sessions.end_deployment(old, f"ended: deployment {name!r} was reloaded with "
+                                                                "another checkpoint"))
         return reply(request, as_served(new.info(), request.app.state.settings.max_inference_steps))
 
     async def unload(name: str, request: Request):

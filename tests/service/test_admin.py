@@ -357,23 +357,7 @@ def test_a_second_reload_while_one_loads_is_refused_at_once(client, roots, monke
     first then takes over as usual, and a reload after it is served."""
     import concurrent.futures
 
-    from service.deployments import Deployment
-
-    loads, release, real_start = [], threading.Event(), Deployment.start_loading
-
-    def start_loading(self):  # the first reload's load waits for the test; the others load as usual
-        loads.append(self.spec.checkpoint)
-        if len(loads) > 1:
-            return real_start(self)
-        held = concurrent.futures.Future()
-
-        def load() -> None:
-            release.wait(30)
-            real_start(self).add_done_callback(lambda done: held.set_result(done.result()))
-        threading.Thread(target=load, daemon=True).start()
-        return held
-
-    monkeypatch.setattr(Deployment, "start_loading", start_loading)
+    loads, release = hold_first_load(monkeypatch)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(client.post, "/admin/deployments/policy/reload",
                             json={"checkpoint": str(roots / "policy-b")}, headers=ADMIN)
@@ -387,5 +371,64 @@ def test_a_second_reload_while_one_loads_is_refused_at_once(client, roots, monke
         release.set()
         assert first.result(30).status_code == 200, first.result().text
     assert first.result().json()["checkpoint"]["step"] == 222
+    again = client.post("/admin/deployments/policy/reload", json={}, headers=ADMIN)
+    assert again.status_code == 200, again.text
+
+
+def served_step(client) -> int:
+    return client.get("/models/policy", headers=CLIENT).json()["checkpoint"]["step"]
+
+
+def hold_first_load(monkeypatch) -> tuple[list, threading.Event]:
+    """From now on the first deployment to load waits until the returned event is set; the others load as usual.
+    Also returns the list of the checkpoints loaded since."""
+    import concurrent.futures
+
+    from service.deployments import Deployment
+
+    loads, release, real_start = [], threading.Event(), Deployment.start_loading
+
+    def start_loading(self):
+        loads.append(self.spec.checkpoint)
+        if len(loads) > 1:
+            return real_start(self)
+        held = concurrent.futures.Future()
+
+        def load() -> None:
+            release.wait(30)
+            real_start(self).add_done_callback(lambda done: held.set_result(done.result()))
+        threading.Thread(target=load, daemon=True).start()
+        return held
+
+    monkeypatch.setattr(Deployment, "start_loading", start_loading)
+    return loads, release
+
+
+def test_a_reload_whose_caller_is_cancelled_still_runs_to_its_end_and_holds_the_name_till_then(client, roots,
+                                                                                               monkeypatch):
+    """The drain's end cancels the requests still running, a reload's among them. The reload goes on: its model
+    is not left loading untracked, a second reload is refused while it loads (before, the name was freed at once
+    and a second one loaded beside it), and once warm it takes over as if its caller had waited, the old one's
+    robot sessions ended with it."""
+    loads, release = hold_first_load(monkeypatch)
+    manager = client.app.state.manager
+    spec = manager.get("policy").spec.model_copy(update={"checkpoint": str(roots / "policy-b")})
+    old, swapped = manager.get("policy"), []
+    reloading = client.portal.start_task_soon(manager.reload, "policy", spec, swapped.append)
+    deadline = time.monotonic() + 10
+    while not loads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reloading.cancel()
+    time.sleep(0.05)
+    assert reloading.cancelled()
+    second = client.post("/admin/deployments/policy/reload", json={}, headers=ADMIN)
+    assert second.status_code == 409 and "still loading" in second.json()["error"]["message"], second.text
+    release.set()
+    deadline = time.monotonic() + 30
+    while served_step(client) != 222 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served_step(client) == 222
+    assert swapped == [old]  # (what the route ends the old one's robot sessions with)
+    predict(client)
     again = client.post("/admin/deployments/policy/reload", json={}, headers=ADMIN)
     assert again.status_code == 200, again.text
