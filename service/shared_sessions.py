@@ -63,6 +63,20 @@ return version
 """
 CONFLICT, TAKEN = -1, -2  # what save returns instead of a version
 
+# KEYS: state. ARGV: the fields to read, then the version the caller holds ('' for none: the state is read too).
+# The fields' values, then the state when the stored version is not the caller's; nil when none is stored. One
+# round trip, and the details and the state of one version, whatever another replica saves meanwhile.
+_LOAD = """
+local known = ARGV[#ARGV]
+local names = {unpack(ARGV, 1, #ARGV - 1)}
+local fields = redis.call('HMGET', KEYS[1], unpack(names))
+if not fields[1] then return nil end
+if known ~= 'details' and fields[1] ~= known then
+  fields[#names + 1] = redis.call('HGET', KEYS[1], 'state')
+end
+return fields
+"""
+
 
 @dataclass
 class StoredSession:
@@ -135,6 +149,7 @@ class SharedSessionStates:
         self.max_state_bytes = max_state_bytes
         self.prefix = prefix
         self._save = self.redis.register_script(_SAVE)
+        self._load = self.redis.register_script(_LOAD)
 
     def _keys(self, session_id: str) -> tuple[str, str]:
         return f"{self.prefix}state:{session_id}", f"{self.prefix}seen:{session_id}"
@@ -150,18 +165,13 @@ class SharedSessionStates:
                    with_state: bool = True) -> Optional[StoredSession]:
         """The stored session, or None; its ``state`` is None without ``with_state``, or when its version is
         ``known_version`` (the caller has that state already: a replica's steps in a row fetch no frames)."""
-        key = self._keys(session_id)[0]
         names = ("version", "owner", "model", "checkpoint", "info", "created", "last_used", "requests")
-        fields = dict(zip(names, await self.redis.hmget(key, *names)))
-        if fields["version"] is None:
+        known = "details" if not with_state else "" if known_version is None else str(known_version)
+        values = await self._load(keys=[self._keys(session_id)[0]], args=[*names, known])
+        if values is None:
             return None
-        state = None
-        if with_state and int(fields["version"]) != known_version:
-            # One read of everything with the state: details and state of one version, whatever happened between
-            fields = dict(zip((*names, "state"), await self.redis.hmget(key, *names, "state")))
-            if fields["version"] is None:  # expired between the two reads
-                return None
-            state = unpack_state(fields["state"])
+        fields = dict(zip(names, values))
+        state = unpack_state(values[len(names)]) if len(values) > len(names) else None
         return StoredSession(int(fields["version"]), fields["owner"].decode() or None, fields["model"].decode(),
                              (fields["checkpoint"] or b"").decode(), state, json.loads(fields["info"]),
                              float(fields["created"]), float(fields["last_used"]), int(fields["requests"]))

@@ -131,6 +131,44 @@ def test_a_stale_version_never_overwrites_a_newer_step_nor_another_key_s_session
     assert unpack_state(pack_state({1: {2: [3]}})) == {1: {2: [3]}}  # int keys survive
 
 
+def test_a_load_is_one_round_trip_and_fetches_the_state_only_for_a_caller_without_that_version(redis_url):
+    """A replica's step loads the session in one round trip to the store (before: two, details then state, when its
+    copy was stale): with the state when the caller holds another version or none, without it when the caller holds
+    that version or asks for the details only; nothing for a session not stored."""
+    import asyncio
+
+    async def scenario():
+        store = SharedSessionStates(redis_url, idle_timeout_s=60, max_state_bytes=2**20, prefix="vla:test-load:")
+        state = {"seed": 3, "history": {"frames": {"cam": {7: np.arange(6, dtype=np.uint8).reshape(2, 3)}}}}
+        version = await store.save("s", 0, "alice", "policy", "ckpt", pack_state(state), {"last_step": 7},
+                                   time.time(), 1)
+        await store.load("s")  # (the first use of the script loads it into the store: once per store)
+        trips, execute = [], store.redis.execute_command
+
+        async def counted(*args, **kwargs):
+            trips.append(args[0])
+            return await execute(*args, **kwargs)
+
+        store.redis.execute_command = counted
+        loads = {"none held": await store.load("s"), "stale": await store.load("s", known_version=version - 1),
+                 "held": await store.load("s", known_version=version),
+                 "details": await store.load("s", with_state=False), "absent": await store.load("other")}
+        store.redis.execute_command = execute
+        await store.forget("s")
+        await store.close()
+        return version, loads, trips
+
+    version, loads, trips = asyncio.run(scenario())
+    assert len(trips) == 5, trips
+    for name in ("none held", "stale"):
+        np.testing.assert_array_equal(loads[name].state["history"]["frames"]["cam"][7], np.arange(6).reshape(2, 3))
+    assert loads["held"].state is None and loads["details"].state is None and loads["absent"] is None
+    for name in ("none held", "stale", "held", "details"):
+        stored = loads[name]
+        assert (stored.version, stored.owner, stored.model, stored.checkpoint, stored.info, stored.requests) == \
+            (version, "alice", "policy", "ckpt", {"last_step": 7}, 1), name
+
+
 def test_keeping_a_session_keeps_its_marker_too(redis_url):
     """A robot's open websocket keeps its stored session (``keep``) without saving it; the session's marker must be
     kept alike, or a connection open longer than the marker's life would leave a session that outlives it, and
