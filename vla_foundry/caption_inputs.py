@@ -229,7 +229,12 @@ class HFCaptionProcessor(CaptionProcessor):
                 raise InvalidInputError(f"{field}[{i}] holds this model's image token {image_token!r}: its "
                                         "processor places one per image itself; leave it out of the text",
                                         field=field)
-        if answers:  # the caption is the assistant's turn after an image-only request
+        # A prefix LM's caption goes in as the processor's ``suffix`` (PaliGemma's: it appends eos, and marks the
+        # caption's tokens 1 in token_type_ids: they are decoded causally after the two-way prefix).
+        suffix = answers and getattr(self.model, "prefix_lm", False)
+        if suffix:  # what a caption request with no prompt sends, then the caption
+            texts = [self._render("", len(row)) for row in images]
+        elif answers:  # the caption is the assistant's turn after an image-only request
             eos = self.tokenizer.eos_token or ""
             texts = [self._render("", len(row)) + p + eos for p, row in zip(prompts, images)]
         else:
@@ -238,7 +243,8 @@ class HFCaptionProcessor(CaptionProcessor):
         try:
             # Chat-rendered text already holds the template's special tokens (bos included): add none twice.
             out = self.processor(text=texts, images=pil if any(pil) else None, return_tensors="pt", padding=True,
-                                 add_special_tokens=not (rendered or self.has_chat_template))
+                                 add_special_tokens=not (rendered or self.has_chat_template),
+                                 **({"suffix": list(prompts)} if suffix else {}))
         except ValueError as e:  # e.g. image tokens in the text that do not match the images
             raise InvalidInputError(f"the model's processor refused the input: {e}", field="images") from e
         mask = out.pop("attention_mask")
@@ -246,9 +252,10 @@ class HFCaptionProcessor(CaptionProcessor):
         ids = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
         per_token = any(isinstance(v, torch.Tensor) and v.shape == input_ids.shape for v in out.values())
         self._per_token = per_token
-        # (PaliGemma's labels and token_type_ids: a training target, and the prompt's types, all 0 here)
+        # PaliGemma's labels (a training target: the loss makes its own) and token_type_ids (a prompt's are all 0,
+        # its two-way prefix; a caption's, kept, mark what it scores)
         image_inputs = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)
-                        and k not in ("token_type_ids", "labels")}
+                        and k != "labels" and (k != "token_type_ids" or suffix)}
         return CaptionInputs(ids, image_inputs, per_token)
 
     @property

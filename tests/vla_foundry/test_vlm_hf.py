@@ -284,18 +284,53 @@ def test_evaluations_where_inputs_are_laid_out_per_token(tmp_path, tiny_tokenize
     assert refused.value.field == "input_ids" and "texts" in str(refused.value)
 
 
-def test_a_prefix_lm_s_caption_is_not_scored_with_a_loss_that_sees_ahead(tmp_path, tiny_tokenizer):
-    """PaliGemma attends both ways over what its processor marks as the prefix, and a caption scored as plain text
-    is all prefix: its next-token loss saw the tokens it predicted (and moved with the other rows' padding).
-    Evaluation refuses it, naming the model; its captions are served."""
+def test_a_prefix_lm_s_caption_is_scored_as_its_suffix_with_hf_s_own_loss(tmp_path, tiny_tokenizer):
+    """PaliGemma attends both ways over what its processor marks as the prefix (the image and the prompt), and
+    decodes the caption after it causally. Evaluation scores a caption as that suffix: the loss HF's model gives
+    for the processor's own training labels, over the caption's tokens and eos only, and no caption token sees the
+    ones after it. Before, evaluation refused the model (scored as plain text, every token would be prefix and
+    see the tokens it predicts). Token ids alone do not mark the suffix: they are refused, naming `texts`."""
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
     from vla_foundry.errors import InvalidInputError
 
-    pipeline = load_pipeline(build_tiny_paligemma(tmp_path / "paligemma", tiny_tokenizer))
+    hf_dir = build_tiny_paligemma(tmp_path / "paligemma", tiny_tokenizer)
+    pipeline = load_pipeline(hf_dir)
     assert pipeline.model.prefix_lm
     image = images(1)[0][0]
+    captions = ["a red block on the table", "a cup"]
+    got = pipeline.evaluate([[image]], texts=captions, seed=1)
+    alone = [pipeline.evaluate([[image]], texts=[c], seed=1) for c in captions]
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    for caption, mine in zip(captions, alone):
+        inputs = processor(text=["<image>"], images=[[Image.fromarray(image)]], suffix=[caption], return_tensors="pt")
+        with torch.no_grad():
+            theirs = model(**inputs)
+        scored = int((inputs["labels"] != -100).sum())  # (the caption's tokens and eos; the prefix's are -100)
+        assert mine["num_tokens"] == scored == len(processor.tokenizer(caption, add_special_tokens=False).input_ids) + 1
+        assert mine["loss"] == pytest.approx(theirs.loss.item(), rel=1e-5, abs=1e-6)
+    tokens = sum(a["num_tokens"] for a in alone)
+    assert got["num_tokens"] == tokens  # rows of different lengths, each scored as alone, pooled over their tokens
+    assert got["loss"] == pytest.approx(sum(a["loss"] * a["num_tokens"] for a in alone) / tokens, rel=1e-5)
+
+    # Causal over the caption: two captions that differ only in their last word get the same logits before it.
+    inputs = pipeline.processor.encode(["a red block on the mat", "a red block on the hat"], None,
+                                       [[image], [image]], answers=True)
+    assert len(inputs.ids[0]) == len(inputs.ids[1])
+    batch = {"input_ids": torch.tensor(inputs.ids), "attention_mask": torch.ones(2, len(inputs.ids[0])),
+             **inputs.image_inputs}
+    with torch.no_grad():
+        logits = pipeline.model(batch.pop("input_ids"), attention_mask=batch.pop("attention_mask"), **batch).logits
+    types = inputs.image_inputs["token_type_ids"][0]
+    differ = next(i for i, (a, b) in enumerate(zip(*inputs.ids)) if a != b)
+    assert types[differ] == 1 and bool((types[:differ] == 0).any())
+    torch.testing.assert_close(logits[0, :differ], logits[1, :differ], rtol=1e-5, atol=1e-5)
+
     with pytest.raises(InvalidInputError) as refused:
-        pipeline.evaluate([[image]], texts=["a red block"], seed=1)
-    assert refused.value.field == "model" and "prefix" in str(refused.value)
+        pipeline.evaluate([[image]], input_ids=inputs.ids[:1], seed=1)
+    assert refused.value.field == "input_ids" and "texts" in str(refused.value)
     assert pipeline.caption([[image]], ["describe"], sampling=GREEDY, seed=0).completions[0].token_ids
 
 

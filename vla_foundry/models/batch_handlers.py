@@ -128,6 +128,9 @@ class CaptionBatchHandler(BatchHandler):
 
     batch: ``input_ids`` (B, T) with the image placeholders in place, ``attention_mask`` (B, T), right-padded,
     and the image inputs the model takes (``pixel_values`` and, for HF models, e.g. ``pixel_attention_mask``).
+    A prefix LM's batch (PaliGemma) also holds ``token_type_ids`` (B, T): 0 on the prefix (the image and prompt,
+    which attend both ways, so their tokens are never targets: the prefix sees them), 1 on the caption; only the
+    caption's tokens are targets, as the model's processor marks them for its training (``labels``).
     """
 
     def __init__(self, z_loss_coefficient: float = 0.0):
@@ -142,6 +145,9 @@ class CaptionBatchHandler(BatchHandler):
         mask = batch.pop("attention_mask", None)
         mask = torch.ones_like(input_ids) if mask is None else mask
         ignored = (mask[:, 1:] == 0) | (input_ids[:, 1:] == model.image_token_id)
+        token_types = batch.get("token_type_ids")  # (B, T) (it goes in too: the model's mask reads it)
+        if token_types is not None:
+            ignored |= token_types[:, 1:] == 0
         targets = input_ids[:, 1:].masked_fill(ignored, IGNORE_INDEX)  # (B, T-1)
         if not bool((targets != IGNORE_INDEX).any()):
             raise InvalidInputError("the batch has no text token to predict (only padding and image placeholders)",

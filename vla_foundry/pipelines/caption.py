@@ -211,11 +211,10 @@ class CaptionPipeline(TextPipeline):
         the image placeholders, with one image list per row (or one for all)."""
         if (texts is None) == (input_ids is None):
             raise InvalidInputError("give exactly one of `texts` or `input_ids`", field="texts")
-        if getattr(self.model, "prefix_lm", False):
+        if input_ids is not None and getattr(self.model, "prefix_lm", False):
             raise InvalidInputError("this model attends both ways over its prompt and the image (a prefix LM, as "
-                                    "PaliGemma): a next-token loss over a caption needs it marked as the suffix, "
-                                    "which evaluation does not do yet, and any other loss would see the tokens it "
-                                    "predicts; captions (/predict) are served", field="model")
+                                    "PaliGemma): a caption is scored as the suffix its processor marks, which token "
+                                    "ids alone do not; send `texts`", field="input_ids")
         if texts is not None:
             texts, images = broadcast_rows(texts, images, "texts")
             inputs = self.processor.encode(list(texts), None, images, answers=True)
