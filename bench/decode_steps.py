@@ -1,9 +1,11 @@
 """A continuous batch's decode step: eager against replayed from its graph, side by side in one process.
 
     .venv/bin/python bench/decode_steps.py [--checkpoint DIR|demo-transformer] [--sequences 1,8,32] [--steps 200]
+                                           [--prompt-tokens 30]
 
 For each batch size, two batchers of the same model (``graphs`` off and on: one TorchScript trace on the CPU,
-CUDA graphs per bucket on CUDA, ``models/slot_graphs.py``) decode the same sequences (prompts of 30 random ids,
+CUDA graphs per bucket on CUDA, ``models/slot_graphs.py``) decode the same sequences (prompts of
+``--prompt-tokens`` random ids, so the keys a step reads grow from there;
 temperature 1, a seed each) in turn, one step each, for ``--steps`` steps after warm-up; medians of the
 ``ContinuousBatcher.step`` times (the step: its decode, sampling and bookkeeping; no admissions in the measured
 steps). Both make the same tokens (checked). Then 600 decode calls of the trace alone at random batch sizes and key
@@ -28,7 +30,7 @@ from vla_foundry.pipelines import load_pipeline  # noqa: E402
 from vla_foundry.sampling import SamplingParams  # noqa: E402
 
 
-def batchers(pipeline, sequences: int, steps: int) -> dict:
+def batchers(pipeline, sequences: int, steps: int, prompt_tokens: int = 30) -> dict:
     """Two batchers (eager, graphs) with the same ``sequences`` running, warmed up; name → (batcher, outcomes)."""
     made = {}
     for name, graphs in (("eager", False), ("graphs", True)):
@@ -37,7 +39,7 @@ def batchers(pipeline, sequences: int, steps: int) -> dict:
         outcomes: dict = {}
         rng = np.random.default_rng(0)
         for i in range(sequences):
-            ids = rng.integers(0, pipeline.model.vocab_size, size=30).tolist()
+            ids = rng.integers(0, pipeline.model.vocab_size, size=prompt_tokens).tolist()
             generation = pipeline.start_completion(prompt_token_ids=[ids], seed=i,
                                                    sampling=SamplingParams(steps + 20, 1.0, 0, 1.0))
             batcher.submit(generation, lambda out, i=i, outcomes=outcomes: outcomes.__setitem__(i, out))
@@ -52,13 +54,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="demo-transformer")
     parser.add_argument("--sequences", default="1,8,32")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--prompt-tokens", type=int, default=30,
+                        help="each sequence's prompt length: a step reads its keys and the ones decoded since")
     args = parser.parse_args()
     pipeline = load_pipeline(text_checkpoint(args.checkpoint))
     print(f"{args.checkpoint} on {pipeline.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| sequences | eager step ms | step from graph ms | eager ÷ graph |")
     print("|---:|---:|---:|---:|")
     for sequences in (int(s) for s in args.sequences.split(",")):
-        made = batchers(pipeline, sequences, args.steps)
+        made = batchers(pipeline, sequences, args.steps, args.prompt_tokens)
         times: dict = {name: [] for name in made}
         for _ in range(args.steps):
             for name, (batcher, _) in made.items():  # in turn: the host's noise falls on both alike
