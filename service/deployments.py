@@ -606,9 +606,11 @@ class DeploymentManager:
         exits without it (the threads are daemons)."""
         deadline = time.monotonic() + timeout
         self.shut_down = True
-        deployments = [*self.deployments.values(), *self._reloads]  # (a reload's load stops before it serves)
-        for deployment in deployments:
+        for deployment in self.deployments.values():
             deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+        for deployment in self._reloads:  # a reload's load: never waited for (it cannot be interrupted, and what it
+            deployment.executor.shutdown(timeout=0)  # loads is dropped, ``_reload``), only stopped once it ends
+        deployments = [*self.deployments.values(), *self._reloads]
         # All at once: a model process whose call still runs takes up to CLOSE_TIMEOUT_S to close, and one after
         # the other they would hold the exit that many times over.
         closing = [threading.Thread(target=d.close, name=f"close {d.name}", daemon=True) for d in deployments]
@@ -618,6 +620,11 @@ class DeploymentManager:
             thread.join()
         if self.settings.gc_freeze:  # an app made in a longer-lived process (tests, notebooks) leaves nothing frozen
             thaw()
+
+    @property
+    def reloads_loading(self) -> list[str]:
+        """The names of the deployments whose reload is loading now."""
+        return sorted(self._reloading)
 
     def get(self, name: str, field: str = "model") -> Deployment:
         """The deployment ``name``; 404 naming ``field`` (where the request gave the name) and the names served."""

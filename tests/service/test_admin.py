@@ -432,3 +432,32 @@ def test_a_reload_whose_caller_is_cancelled_still_runs_to_its_end_and_holds_the_
     predict(client)
     again = client.post("/admin/deployments/policy/reload", json={}, headers=ADMIN)
     assert again.status_code == 200, again.text
+
+
+def test_a_shutdown_does_not_wait_for_a_reload_still_loading(client, roots, monkeypatch):
+    """A load cannot be interrupted and a reload's model is dropped at shutdown anyway: the shutdown (after the
+    drain) does not wait for it (before, it waited its whole timeout), and the exit's log line can name it."""
+    from service.deployments import Deployment
+
+    loading, release, real_load = threading.Event(), threading.Event(), Deployment._load
+
+    def slow_load(self):  # the reload's load runs on its model thread until the test releases it
+        if "policy-b" in str(self.spec.checkpoint):
+            loading.set()
+            release.wait(30)
+        return real_load(self)
+
+    monkeypatch.setattr(Deployment, "_load", slow_load)
+    manager = client.app.state.manager
+    spec = manager.get("policy").spec.model_copy(update={"checkpoint": str(roots / "policy-b")})
+    reloading = client.portal.start_task_soon(manager.reload, "policy", spec)
+    assert loading.wait(10)
+    assert manager.reloads_loading == ["policy"]
+    try:
+        started = time.monotonic()
+        manager.shutdown(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+    assert reloading.exception(30).status == 503  # (told that the server shut down while it loaded)
+    assert manager.reloads_loading == []
