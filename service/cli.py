@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         # it aborts the process (a C++ terminate), so leave at once.
         deployments = [] if manager is None else list(manager.deployments.values())
         loading = [d.name for d in deployments if d.status == LOADING]
-        loading += [] if manager is None else [f"the reload of {name}" for name in manager.reloads_loading]
+        loading += [] if manager is None else [f"the reload of {name}" for name in manager.reloads_left_loading]
         calling = [d.name for d in deployments if d.status != LOADING and d.executor.at_work(0.0)]
         level, message = _leaving_with_model_threads(server is not None and server.started, loading, calling)
         logging.getLogger("service").log(level, message)

@@ -486,6 +486,9 @@ class DeploymentManager:
         self._added_live: set[str] = set()  # names added while serving (``add``), not at startup
         self._reloads: set[Deployment] = set()  # reloads' new deployments while they load (not served yet)
         self._reloading: set[str] = set()  # the names those reloads are for (one reload of a name at a time)
+        # The names whose reload still loaded when the server shut down (the event loop's end then cancels their
+        # tasks, which frees the names, while their loads run on): what the exit's log line names.
+        self.reloads_left_loading: list[str] = []
         self.shut_down = False
 
     def start(self) -> None:
@@ -606,6 +609,7 @@ class DeploymentManager:
         exits without it (the threads are daemons)."""
         deadline = time.monotonic() + timeout
         self.shut_down = True
+        self.reloads_left_loading = self.reloads_loading
         for deployment in self.deployments.values():
             deployment.executor.shutdown(timeout=max(0.0, deadline - time.monotonic()))
         for deployment in self._reloads:  # a reload's load: never waited for (it cannot be interrupted, and what it

@@ -282,6 +282,54 @@ def test_a_server_that_fails_to_start_does_not_claim_a_drain(tmp_path):
     assert "VLA_DRAIN_TIMEOUT_S" not in out.stderr and "drain" not in out.stderr.lower(), out.stderr
 
 
+def test_a_reload_still_loading_at_the_exit_is_named_and_not_waited_for(tiny_checkpoints, tmp_path):
+    """SIGTERM while an admin reload loads (a load takes as long as it takes): the server exits 0 soon after its
+    drain, without waiting for the load, and its last line names the reload left loading (before, it said a model
+    call outlived the drain, which none did: the event loop's end had cancelled the reload's task and freed its
+    name before the line was written)."""
+    import shutil
+
+    root = tmp_path / "allowed"
+    shutil.copytree(tiny_checkpoints["diffusion_policy"], root / "policy-a")
+    shutil.copytree(tiny_checkpoints["diffusion_policy"], root / "policy-b")
+    begun = tmp_path / "reload-began"
+    slow_reload = textwrap.dedent(f"""
+        import pathlib, sys, time
+        import service.deployments as d
+        load = d.Deployment._load
+        def slow(self):
+            if "policy-b" in str(self.spec.checkpoint):
+                pathlib.Path({str(begun)!r}).touch()
+                time.sleep(30)
+            return load(self)
+        d.Deployment._load = slow
+        from service.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_DEMO_DIR": str(tmp_path / "demo"), "VLA_DRAIN_TIMEOUT_S": "1",
+           "VLA_ADMIN_KEYS": "admin", "VLA_CHECKPOINT_ROOTS": str(root)}
+    command = [sys.executable, "-c", slow_reload, "serve", "--checkpoint", f"{root / 'policy-a'}=policy", "--host",
+               "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with server_process(command, env, port, log_path=log) as (base, proc):
+        reload = threading.Thread(target=lambda: httpx.post(
+            f"{base}/admin/deployments/policy/reload", json={"checkpoint": str(root / "policy-b")},
+            headers={"Authorization": "Bearer admin"}, timeout=60), daemon=True)
+        reload.start()
+        deadline = time.monotonic() + 30
+        while not begun.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert begun.exists(), log.read_text()[-2000:]
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        exited_after = time.monotonic() - signalled
+    text = log.read_text()
+    assert code == 0 and exited_after < 1 + 10, (exited_after, text[-2000:])  # (not the 30 s load)
+    assert "exiting without waiting for the reload of policy to finish loading" in text, text[-2000:]
+    assert "model call" not in text, text[-2000:]
+
+
 def test_a_model_call_that_outlived_the_drain_is_a_warning_even_beside_a_load():
     import logging
 
