@@ -222,13 +222,17 @@ class HFCaptionProcessor(CaptionProcessor):
             raise InvalidInputError("vlm_hf deployments take text prompts (their processor places the image "
                                     "tokens); send `prompt` instead of `prompt_token_ids`", field="prompt_token_ids")
         image_token = getattr(self.processor, "image_token", None)
+        video_token = getattr(self.processor, "video_token", None)  # (Qwen2-VL's: this server takes no video)
+        field = "texts" if answers else "prompt"
         for i, (text, row) in enumerate(zip(prompts, images)):
             # (a rendered chat holds the ones its template placed, one per image: any more came in its text)
             if image_token and text.count(image_token) > (len(row) if rendered else 0):
-                field = "texts" if answers else "prompt"
                 raise InvalidInputError(f"{field}[{i}] holds this model's image token {image_token!r}: its "
                                         "processor places one per image itself; leave it out of the text",
                                         field=field)
+            if video_token and video_token in text:  # (else the processor's refusal would blame the images)
+                raise InvalidInputError(f"{field}[{i}] holds this model's video token {video_token!r}: this server "
+                                        "takes images, not videos; leave it out of the text", field=field)
         # A prefix LM's caption goes in as the processor's ``suffix`` (PaliGemma's: it appends eos, and marks the
         # caption's tokens 1 in token_type_ids: they are decoded causally after the two-way prefix).
         suffix = answers and getattr(self.model, "prefix_lm", False)

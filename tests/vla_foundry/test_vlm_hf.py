@@ -334,6 +334,36 @@ def test_a_prefix_lm_s_caption_is_scored_as_its_suffix_with_hf_s_own_loss(tmp_pa
     assert pipeline.caption([[image]], ["describe"], sampling=GREEDY, seed=0).completions[0].token_ids
 
 
+def test_the_video_token_in_a_text_is_blamed_on_the_text(tmp_path, tiny_tokenizer):
+    """Qwen2-VL's processor refuses a video token with no video; that refusal named `images`, which were fine. The
+    text that holds it is refused now, naming its field."""
+    from vla_foundry.demo.hf_models import build_tiny_qwen2_vl
+    from vla_foundry.errors import InvalidInputError
+
+    pipeline = load_pipeline(build_tiny_qwen2_vl(tmp_path / "qwen2_vl", tiny_tokenizer))
+    video = pipeline.processor.processor.video_token
+    image = images(1)[0][0]
+    for call, field in ((lambda: pipeline.evaluate([[image]], texts=[f"a {video} b"], seed=1), "texts"),
+                        (lambda: pipeline.caption([[image]], [f"what is {video} here"], sampling=GREEDY, seed=0),
+                         "prompt")):
+        with pytest.raises(InvalidInputError) as refused:
+            call()
+        assert refused.value.field == field and "video token" in str(refused.value)
+
+
+def test_input_ids_without_the_images_placeholders_are_refused_naming_the_placeholder(tmp_path, tiny_tokenizer):
+    """Token ids sent for evaluation carry the image placeholders themselves; ids without them were refused with HF's
+    own words alone ("Image features and image tokens do not match"). The refusal names the field and the
+    placeholder's id."""
+    from vla_foundry.errors import InvalidInputError
+
+    pipeline = load_pipeline(sharpen(build_tiny_idefics3(tmp_path / "idefics3", tiny_tokenizer)))
+    with pytest.raises(InvalidInputError) as refused:
+        pipeline.evaluate([[images(1)[0][0]]], input_ids=[[1, 2, 3]], seed=1)
+    assert refused.value.field == "input_ids"
+    assert f"image placeholders in input_ids (id {pipeline.model.image_token_id})" in str(refused.value)
+
+
 def test_the_image_token_in_a_text_is_blamed_on_the_text(tmp_path, tiny_tokenizer):
     """The processor counts image tokens against the images: one written in the text is the text's fault."""
     from vla_foundry.errors import InvalidInputError

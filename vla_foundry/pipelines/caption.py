@@ -258,7 +258,9 @@ class CaptionPipeline(TextPipeline):
         except ValueError as e:  # placeholders that do not match the images
             if isinstance(e, InvalidInputError):
                 raise
-            raise InvalidInputError(str(e), field=field) from e
+            raise InvalidInputError(f"the image placeholders in {field} (id {self.model.image_token_id}) do not "
+                                    f"match the images (each image takes the count its processor gives it): {e}",
+                                    field=field) from e
         return {**out.to_dict(), "seed": seed}
 
 
