@@ -258,6 +258,8 @@ class CaptionPipeline(TextPipeline):
         except ValueError as e:  # placeholders that do not match the images
             if isinstance(e, InvalidInputError):
                 raise
+            if input_ids is None:  # (the processor placed them)
+                raise InvalidInputError(str(e), field=field) from e
             raise InvalidInputError(f"the image placeholders in {field} (id {self.model.image_token_id}) do not "
                                     f"match the images (each image takes the count its processor gives it): {e}",
                                     field=field) from e
