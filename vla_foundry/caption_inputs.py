@@ -39,6 +39,9 @@ class CaptionInputs:
     # The processor laid out some inputs per token (Qwen2-VL's mm_token_type_ids, PaliGemma's token_type_ids), in
     # its own padding: rows of different lengths cannot share a batch (each row is encoded and run alone).
     per_token: bool = False
+    # Each row's own inputs, where the rows were encoded one at a time (inputs laid out per token, rows of
+    # different lengths); ``image_inputs`` is then empty.
+    rows: Optional[list[dict[str, torch.Tensor]]] = None
 
 
 class CaptionProcessor(ABC):
@@ -233,6 +236,13 @@ class HFCaptionProcessor(CaptionProcessor):
             if video_token and video_token in text:  # (else the processor's refusal would blame the images)
                 raise InvalidInputError(f"{field}[{i}] holds this model's video token {video_token!r}: this server "
                                         "takes images, not videos; leave it out of the text", field=field)
+        if self._per_token and len(prompts) > 1:
+            # Known to lay out inputs per token: rows of different lengths run apart, so each row is encoded once by
+            # itself (not in a batch first and then again alone); rows that come out alike are encoded together.
+            alone = [self.encode([p], None, [row], rendered=rendered, answers=answers)
+                     for p, row in zip(prompts, images)]
+            if len({len(a.ids[0]) for a in alone}) > 1:
+                return CaptionInputs([a.ids[0] for a in alone], {}, True, rows=[a.image_inputs for a in alone])
         # A prefix LM's caption goes in as the processor's ``suffix`` (PaliGemma's: it appends eos, and marks the
         # caption's tokens 1 in token_type_ids: they are decoded causally after the two-way prefix).
         suffix = answers and getattr(self.model, "prefix_lm", False)

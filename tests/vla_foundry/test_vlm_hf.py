@@ -237,6 +237,32 @@ def test_prompts_of_different_lengths_get_their_own_tokens_where_inputs_are_laid
         pipeline.caption([[rows[0]]], prompts[:1], sampling=GREEDY, seed=0, use_cache=False)
     assert refused.value.field == "use_cache"
 
+    # Each row's images go through the processor once: before, a batch encoding came first and each row was then
+    # encoded again alone (4 images here), and a continuous batcher's generation once more (6).
+    counting = CountingImages(pipeline.processor.processor)
+    pipeline.processor.processor = counting
+    assert [c.token_ids for c in pipeline.caption([[im] for im in rows], prompts, sampling=GREEDY,
+                                                  seed=0).completions] == solo
+    assert counting.images == 2
+    generation = pipeline.start_caption([[im] for im in rows], prompts, sampling=GREEDY, seed=0)
+    assert not generation.shares_steps
+    assert [c.token_ids for c in generation.alone().completions] == solo
+    assert counting.images == 4
+
+
+class CountingImages:
+    """An HF processor that counts the images it is given."""
+
+    def __init__(self, processor):
+        self.processor, self.images = processor, 0
+
+    def __call__(self, *args, **kwargs):
+        self.images += sum(len(row) for row in kwargs.get("images") or [])
+        return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
 
 def test_a_tokenizer_without_a_pad_token_still_captions(tmp_path, tiny_tokenizer):
     """The processor pads a request's rows, and refused to without a pad token: every caption was refused (422,
@@ -278,6 +304,10 @@ def test_evaluations_where_inputs_are_laid_out_per_token(tmp_path, tiny_tokenize
     pair = pipeline.evaluate([[a], [b]], texts=[short, long], seed=1)
     assert pair["loss"] == pytest.approx(pooled(*alone), abs=1e-5)
     assert pair["num_tokens"] == sum(o["num_tokens"] for o in alone) and pair["seed"] == 1
+    counting = CountingImages(pipeline.processor.processor)  # each row's image encoded once (before: twice)
+    pipeline.processor.processor = counting
+    assert pipeline.evaluate([[a], [b]], texts=[short, long], seed=1) == pair
+    assert counting.images == 2
     ids = pipeline.processor.encode([short], None, [[a]], answers=True).ids
     with pytest.raises(InvalidInputError) as refused:
         pipeline.evaluate([[a]], input_ids=ids, seed=1)

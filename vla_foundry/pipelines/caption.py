@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from vla_foundry.caption_inputs import CAPTION_PROCESSORS, CaptionProcessor, Images
+from vla_foundry.caption_inputs import CAPTION_PROCESSORS, CaptionInputs, CaptionProcessor, Images
 from vla_foundry.continuous import Generation
 from vla_foundry.errors import InvalidInputError
 from vla_foundry.pipelines.base import register_pipeline
@@ -93,14 +93,19 @@ class CaptionPipeline(TextPipeline):
                 use_cache: bool = True, on_text: Optional[OnText] = None, rendered: bool = False) -> CompletionResult:
         """One caption per (prompt, image list) row; see ``broadcast_rows``. ``images`` are (H, W, 3) uint8."""
         inputs, _ = self._encoded(images, prompts, prompt_token_ids, rendered)
+        return self._caption(inputs, self._row_inputs(inputs, images, prompts, prompt_token_ids, rendered),
+                             sampling=sampling, stop=stop, seed=seed, use_cache=use_cache, on_text=on_text)
+
+    def _caption(self, inputs: CaptionInputs, inputs_of_row: Callable[[int], dict[str, torch.Tensor]], *,
+                 sampling: SamplingParams, stop: Sequence[str], seed: Optional[int], use_cache: bool,
+                 on_text: Optional[OnText]) -> CompletionResult:
         if inputs.per_token and not use_cache:
             raise InvalidInputError("this model's processor lays out its inputs per token (as Qwen2-VL's and "
                                     "PaliGemma's do), and it generates with its cache only; omit use_cache",
                                     field="use_cache")
         return self.generate_completions(inputs.ids, inputs.image_inputs, sampling=sampling, stop=stop, seed=seed,
                                          use_cache=use_cache, on_text=on_text,
-                                         inputs_of_row=self._row_inputs(images, prompts, prompt_token_ids, rendered)
-                                         if inputs.per_token else None)
+                                         inputs_of_row=inputs_of_row if inputs.per_token else None)
 
     def start_caption(self, images: Images, prompts: Optional[Sequence[str]] = None,
                       prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
@@ -114,13 +119,17 @@ class CaptionPipeline(TextPipeline):
                                            on_text=on_text, rows_alike=len({len(row) for row in rows}) == 1)
         if inputs.per_token and len({len(r) for r in inputs.ids}) > 1:  # (its inputs do not slice by row)
             generation.shares_steps = False
-            generation.alone = lambda: self.caption(images, prompts, prompt_token_ids, sampling=sampling, stop=stop,
-                                                    seed=seed, on_text=on_text, rendered=rendered)
+            inputs_of_row = self._row_inputs(inputs, images, prompts, prompt_token_ids, rendered)
+            generation.alone = lambda: self._caption(inputs, inputs_of_row, sampling=sampling, stop=stop, seed=seed,
+                                                     use_cache=True, on_text=on_text)
         return generation
 
-    def _row_inputs(self, images: Images, prompts: Optional[Sequence[str]],
+    def _row_inputs(self, inputs: CaptionInputs, images: Images, prompts: Optional[Sequence[str]],
                     prompt_token_ids: Optional[Sequence[Sequence[int]]], rendered: bool):
-        """Row i's image inputs, encoded by themselves (for inputs laid out per token, which do not slice by row)."""
+        """Row i's image inputs, encoded by themselves (for inputs laid out per token, which do not slice by row):
+        the ones ``inputs`` holds where its rows were encoded one at a time, else encoded when asked for."""
+        if inputs.rows is not None:
+            return inputs.rows.__getitem__
         prompts, prompt_token_ids, images = paired_rows(prompts, prompt_token_ids, images)
 
         def of_row(i: int) -> dict[str, torch.Tensor]:
@@ -223,8 +232,11 @@ class CaptionPipeline(TextPipeline):
                 # Its processor lays out inputs per token in its own padding (Qwen2-VL's mm_token_type_ids), which
                 # the rows' padding here would not match: each row alone, the losses pooled over their tokens
                 seed = new_seed() if seed is None else seed
-                return _pooled([self.evaluate([row_images], texts=[text], seed=seed)
-                                for row_images, text in zip(images, texts)], seed)
+                rows = (zip(ids, inputs.rows) if inputs.rows is not None else  # (else: each row encoded alone)
+                        ((a.ids[0], a.image_inputs) for a in (self.processor.encode([text], None, [row], answers=True)
+                                                              for text, row in zip(texts, images))))
+                return _pooled([self._scored([row_ids], row_inputs, "texts", seed)
+                                for row_ids, row_inputs in rows], seed)
         else:
             input_ids, images = broadcast_rows(input_ids, images, "input_ids")
             if images and self.processor.lays_out_per_token(images[0]):
@@ -242,7 +254,13 @@ class CaptionPipeline(TextPipeline):
                                             field="input_ids")
             # Placeholders come from the client here; the processor only prepares the pixels.
             image_inputs = self.processor.image_inputs(images)
-        field = "texts" if texts is not None else "input_ids"
+        return self._scored(ids, image_inputs, "texts" if texts is not None else "input_ids",
+                            new_seed() if seed is None else seed)
+
+    def _scored(self, ids: list[list[int]], image_inputs: dict[str, torch.Tensor], field: str,
+                seed: int) -> dict[str, Any]:
+        """The batch handler's loss over rows of token ids (image placeholders in place) and their image inputs;
+        ``field`` names where the ids came from (``texts``: the processor placed the placeholders)."""
         self._check_ids(ids, field)
         if any(len(r) < 2 for r in ids):
             raise InvalidInputError("every sequence needs at least 2 tokens to score a next-token loss", field=field)
@@ -250,7 +268,6 @@ class CaptionPipeline(TextPipeline):
             raise InvalidInputError(f"sequences are limited to max_seq_len = {self.model.max_seq_len} tokens; got "
                                     f"{max(len(r) for r in ids)}", field=field)
         batch_ids, mask = pad_rows(ids, self.pad_token_id)
-        seed = new_seed() if seed is None else seed
         try:
             out = self.batch_handler.compute_loss(self.model, {"input_ids": batch_ids, "attention_mask": mask,
                                                                **image_inputs},
@@ -258,7 +275,7 @@ class CaptionPipeline(TextPipeline):
         except ValueError as e:  # placeholders that do not match the images
             if isinstance(e, InvalidInputError):
                 raise
-            if input_ids is None:  # (the processor placed them)
+            if field == "texts":  # (the processor placed them)
                 raise InvalidInputError(str(e), field=field) from e
             raise InvalidInputError(f"the image placeholders in {field} (id {self.model.image_token_id}) do not "
                                     f"match the images (each image takes the count its processor gives it): {e}",
