@@ -462,3 +462,26 @@ def test_every_messages_text_reaches_a_processor_template_that_reads_parts(tmp_p
         user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(1)}},
                                             {"type": "text", "text": "what is it"}]}
         assert prompt_tokens([{"role": "system", "content": words * 3}, user]) > prompt_tokens([user]) + 10
+
+
+def test_a_video_token_in_a_chat_is_refused_naming_messages_through_the_official_client(tmp_path, tiny_tokenizer):
+    """Qwen2-VL's processor refuses a video token without a video; through ``/v1`` that refusal named `images`
+    (OpenAI's `param`), which the client never sent, and a chat with no image, which skips the processor, was
+    answered 200 with the video placeholder embedded as a word. The official client now reads `messages` in both."""
+    from transformers import AutoProcessor
+
+    from vla_foundry.demo.hf_models import build_tiny_qwen2_vl
+
+    path = build_tiny_qwen2_vl(tmp_path / "qwen2_vl", tiny_tokenizer)
+    with serving(DeploymentSpec(name="qwen", checkpoint=str(path)), max_new_tokens=8, max_batch=4) as c:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c, max_retries=0)
+        video = AutoProcessor.from_pretrained(path).video_token
+        image = {"type": "image_url", "image_url": {"url": png_data_url(1)}}
+        for content in (f"what is {video} here", [image, {"type": "text", "text": f"what is {video} here"}]):
+            with pytest.raises(openai.UnprocessableEntityError) as refused:
+                client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": content}],
+                                               max_tokens=2, seed=0)
+            assert refused.value.param == "messages" and "video" in refused.value.message
+        fine = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": [image]}],
+                                              max_tokens=2, seed=0)
+        assert fine.choices[0].finish_reason in ("stop", "length")

@@ -35,6 +35,15 @@ class VLMHF(HFWrapper):
         return hf_image_token_id(self.model.config)
 
     @property
+    def video_token_id(self) -> Optional[int]:
+        """The video placeholder of a family that also takes videos (Qwen2-VL's), which this server never sends."""
+        for attribute in ("video_token_id", "video_token_index"):
+            value = getattr(self.model.config, attribute, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    @property
     def never_sampled_ids(self) -> list[int]:
         """Ids no generation may sample: the image placeholder (see ``generate``)."""
         return [self.image_token_id]

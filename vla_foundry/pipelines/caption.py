@@ -180,15 +180,18 @@ class CaptionPipeline(TextPipeline):
                    rendered: bool = False) -> list[list[int]]:
         """``TextPipeline.prompt_ids`` for prompts without images (a /v1 completion, or a chat with no image): an
         image placeholder in them would be embedded with no image behind it, so it is refused, as a caption's
-        prompt refuses one it did not place."""
+        prompt refuses one it did not place; so is a video placeholder (this server takes no video)."""
         ids = super().prompt_ids(prompts, prompt_token_ids, sampling=sampling, rendered=rendered)
-        placeholder = self.model.image_token_id
+        placeholder, video = self.model.image_token_id, getattr(self.model, "video_token_id", None)
+        field = "prompt" if prompt_token_ids is None else "prompt_token_ids"
         for i, row in enumerate(ids):
             if placeholder in row:
-                field = "prompt" if prompt_token_ids is None else "prompt_token_ids"
                 raise InvalidInputError(f"{field}[{i}] holds the image placeholder (id {placeholder}), and the "
                                         "request has no image: send the image (a chat's image_url part), or leave "
                                         "the placeholder out", field=field)
+            if video is not None and video in row:
+                raise InvalidInputError(f"{field}[{i}] holds this model's video placeholder (id {video}): this server "
+                                        "takes images, not videos; leave it out", field=field)
         return ids
 
     def _check_ids(self, ids: list[list[int]], field: str) -> None:
