@@ -183,7 +183,9 @@ class Settings(BaseSettings):
         "side by side on a GPU)."))
     kv_cache_mb: Optional[float] = Field(None, gt=0, description=(
         "Cap on a continuously batching deployment's KV cache (allocated once, max_batch_size sequences of the "
-        "model's full context); fewer sequences run together when they would not fit; none: a quarter of the "
+        "model's full context); fewer sequences run together when they would not fit, and a request of more "
+        "sequences than that, which runs by itself with a cache of its own, gets what the cap leaves beside them "
+        "(more is refused); none: a quarter of the "
         "memory free at load (the GPU's on CUDA, the host's on the CPU), and a model of which not even one sequence "
         "fits then generates one request at a time."))
     prefill_tokens_per_step: int = Field(DEFAULT_PREFILL_TOKENS, ge=1, description=(

@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from vla_foundry.errors import InvalidInputError
 from vla_foundry.sampling import (INVALID_PROBABILITIES, MIN_TEMPERATURE, SamplingParams, draw_groups,
                                   token_distribution)
 
@@ -157,9 +158,12 @@ class _Running:
 
 class ContinuousBatcher:
     def __init__(self, model: SlotModel, num_slots: int, prefill_tokens: int, device: torch.device,
-                 graphs: bool = False):
+                 graphs: bool = False, max_cache_bytes: Optional[int] = None):
         self.model = model
         self.decoder = model.slot_decoder(num_slots, graphs)
+        # What a generation that runs by itself may cache (``submit``): the part of the cap the slots do not take
+        # (None: no cap), so the slots' cache and its own together stay within it.
+        self.alone_bytes = None if max_cache_bytes is None else max(0, max_cache_bytes - self.decoder.nbytes)
         # ids the model's own generate never samples (vlm_hf: the image placeholder), masked out here alike
         self._never_sampled = torch.tensor(getattr(model, "never_sampled_ids", []), dtype=torch.long, device=device)
         self.prefill_tokens = prefill_tokens
@@ -229,8 +233,12 @@ class ContinuousBatcher:
         ``cancelled()`` true: its client has gone, and it is dropped (running or not, no ``on_done``); ``too_late()``
         an exception while it still waits for a slot (its deadline passed): it ends with it, unrun. A generation of
         more sequences than the batcher has slots, or one whose rows cannot be prefilled apart, runs by itself now,
-        the solo way (it holds up the running ones for its length)."""
+        the solo way (it holds up the running ones for its length), with a cache of its own: one of more sequences
+        than slots that would cache more than ``alone_bytes`` is refused (``InvalidInputError``)."""
         if len(generation.ids) > self.num_slots or not generation.shares_steps:
+            if len(generation.ids) > self.num_slots and (refused := self._over_cache_cap(generation)) is not None:
+                on_done(refused)
+                return
             self._alone = generation  # (its rows count as running meanwhile)
             try:
                 outcome = generation.alone()
@@ -241,6 +249,25 @@ class ContinuousBatcher:
             on_done(outcome)
             return
         self._waiting += (_Running(generation, on_done, cancelled, too_late),)
+
+    def _over_cache_cap(self, generation: Generation) -> Optional[InvalidInputError]:
+        """Why ``generation`` may not run by itself: its rows, padded to the longest prompt as a solo run pads them,
+        would cache more than ``alone_bytes`` by its last token (None: it fits)."""
+        if self.alone_bytes is None:
+            return None
+        rows, longest = len(generation.ids), max(len(ids) for ids in generation.ids)
+        per_token = self.model.slot_bytes() / self.model.max_seq_len  # (a slot holds one sequence's full context)
+        fits = int(self.alone_bytes // per_token)  # tokens
+        if rows * (longest + generation.sampling.max_new_tokens) <= fits:
+            return None
+        fix = (f"ask for at most {fits // rows - longest} new tokens, or send fewer" if fits // rows > longest
+               else "send fewer")
+        return InvalidInputError(
+            f"this request's {rows} sequences (prompts × choices) are more than the {self.num_slots} this deployment "
+            f"decodes together, so they run by themselves, and would cache {rows} × ({longest} prompt + "
+            f"{generation.sampling.max_new_tokens} new) tokens, more than its KV cache's cap leaves them ({fits} "
+            f"tokens, VLA_KV_CACHE_MB); {fix} prompts or choices", field="max_new_tokens" if fits // rows > longest
+            else "prompt")
 
     def outlook(self) -> SlotOutlook:
         """How this batcher's slots look to a generation submitted now (what ``expected_wait_s`` reads; a model

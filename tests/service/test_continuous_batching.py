@@ -168,3 +168,30 @@ def test_by_default_a_model_whose_one_sequence_does_not_fit_generates_one_reques
     with serving(spec, kv_cache_mb=0.001) as client:
         model = client.get("/models").json()["deployments"][0]
         assert model["status"] == "failed" and "VLA_KV_CACHE_MB" in model["error"]
+
+
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-thread", "model-process"])
+def test_a_request_of_more_sequences_than_slots_is_refused_when_its_cache_would_pass_the_cap(tiny_checkpoints,
+                                                                                             model_process):
+    """VLA_KV_CACHE_MB bounds a deployment's KV cache; a request of more sequences than its slots runs by itself
+    with a cache of its own, which came on top of it whatever its size. Now only what the cap leaves beside the
+    slots: more is refused before it runs (422 naming the field to lower, OpenAI's name on /v1)."""
+    from service.settings import DeploymentSpec
+    from tests.service.conftest import serving
+    from vla_foundry.pipelines import load_pipeline
+
+    model = load_pipeline(tiny_checkpoints["transformer"]).model
+    per_token = model.slot_bytes() // model.max_seq_len
+    spec = DeploymentSpec(name="t", checkpoint=str(tiny_checkpoints["transformer"]), max_batch_size=1,
+                          model_process=model_process)
+    with serving(spec, kv_cache_mb=(model.slot_bytes() + 24 * per_token) / 2**20) as client:
+        body = {"model": "t", "prompt": [[5, 6], [7, 8]], "temperature": 0, "seed": 0}
+        fits = client.post("/v1/completions", json={**body, "max_tokens": 10})  # 2 × (2 + 10) ≤ 24 tokens
+        assert fits.status_code == 200 and len(fits.json()["choices"]) == 2
+        refused = client.post("/v1/completions", json={**body, "max_tokens": 11})
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "max_tokens" and "at most 10 new tokens" in error["message"], error
+        predicted = client.post("/predict/transformer", json={"model": "t", "prompt_token_ids": [[5, 6]] * 13,
+                                                              "max_new_tokens": 1})
+        assert predicted.status_code == 422 and predicted.json()["error"]["field"] == "prompt"  # (as for its length)

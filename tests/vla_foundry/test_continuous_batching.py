@@ -413,6 +413,35 @@ def test_the_cache_never_exceeds_its_configured_memory(any_text):
         text.continuous_batcher(max_sequences=4, max_cache_bytes=per_slot - 1)
 
 
+def test_a_request_of_more_rows_than_slots_caches_only_what_the_cap_leaves_beside_the_slots(text):
+    """A request of more sequences than slots runs by itself with a cache of its own, which came on top of the
+    capped one whatever its size (64 prompts on a batcher capped at one slot held 124 times the cap). It now runs
+    only when its rows, at their longest, fit in what the cap leaves beside the slots; else it is refused, naming
+    what to lower."""
+    from vla_foundry.errors import InvalidInputError
+
+    per_token = text.model.slot_bytes() // text.model.max_seq_len
+    rows = prompts(text.model.vocab_size, 3, seed=2)  # (a solo run pads them to the longest)
+    longest = max(len(r) for r in rows)
+    room = 3 * (longest + SAMPLED.max_new_tokens)  # tokens: exactly what the three rows cache by their last token
+    batcher = text.continuous_batcher(max_sequences=2, max_cache_bytes=2 * text.model.slot_bytes() + room * per_token)
+    assert batcher.num_slots == 2 and batcher.alone_bytes == room * per_token
+    outcomes = []
+    batcher.submit(text.start_completion(prompt_token_ids=rows, sampling=SAMPLED, seed=5), outcomes.append)
+    solo = text.complete(prompt_token_ids=rows, sampling=SAMPLED, seed=5)
+    assert [c.token_ids for c in outcomes[0].completions] == [c.token_ids for c in solo.completions]
+
+    one_more = SamplingParams(SAMPLED.max_new_tokens + 1, SAMPLED.temperature, SAMPLED.top_k, SAMPLED.top_p)
+    batcher.submit(text.start_completion(prompt_token_ids=rows, sampling=one_more, seed=5), outcomes.append)
+    refused = outcomes[1]
+    assert isinstance(refused, InvalidInputError) and refused.field == "max_new_tokens"
+    assert f"at most {SAMPLED.max_new_tokens} new tokens" in str(refused) and not batcher.active
+    many = [rows[0]] * (room // len(rows[0]) + 1)  # more prompts than fit, even with no new token
+    batcher.submit(text.start_completion(prompt_token_ids=many, sampling=SAMPLED, seed=5), outcomes.append)
+    assert isinstance(outcomes[2], InvalidInputError) and outcomes[2].field == "prompt"
+    assert batcher.running_sequences == 0 and sorted(batcher._free) == [0, 1]
+
+
 def test_an_hf_family_that_cannot_decode_in_slots_runs_one_request_at_a_time(tmp_path, tiny_tokenizer):
     """Mistral with a sliding window keeps a cache of sliding layers, which slots do not model."""
     from transformers import MistralConfig, MistralForCausalLM

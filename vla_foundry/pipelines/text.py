@@ -517,7 +517,7 @@ class TextPipeline(Pipeline):
                              f"{max_cache_bytes} bytes (VLA_KV_CACHE_MB); allow more, or serve this model without "
                              "continuous batching")
         return ContinuousBatcher(self.model, slots, prefill_tokens, self.device,
-                                 graphs=self.slot_graphs if graphs is None else graphs)
+                                 graphs=self.slot_graphs if graphs is None else graphs, max_cache_bytes=max_cache_bytes)
 
     def start_completion(self, prompts: Optional[Sequence[str]] = None,
                          prompt_token_ids: Optional[Sequence[Sequence[int]]] = None, *,
