@@ -27,7 +27,7 @@ from service.deadlines import Reservation, deadline_for, early_reservation, rele
 from service.executor import DeadlineExceeded, ModelExecutor, QueueFull, Timed
 from service.gc_pauses import freeze_long_lived, thaw, thaw_and_collect
 from service.metrics import Metrics
-from service.model_process import GENERATING_MODALITIES, ModelProcess, ModelProcessExited
+from service.model_process import GENERATING_MODALITIES, RESTART_RETRY_AFTER_S, ModelProcess, ModelProcessExited
 from service.text_process import TextModelProcess
 from service.modalities.base import ModelCall
 from service.settings import DeploymentSpec, Settings
@@ -329,7 +329,8 @@ class Deployment:
         if self.status == LOADING:
             if self.restarting:
                 raise ApiError(503, f"deployment {self.name!r} is restarting its model process, which ended "
-                                    f"({self.model_process_exit}); retry shortly", retry_after=5)
+                                    f"({self.model_process_exit}); retry shortly",
+                               retry_after=RESTART_RETRY_AFTER_S)
             raise ApiError(503, f"deployment {self.name!r} is still loading; retry shortly", retry_after=5)
         if self.status == FAILED:
             what = "stopped serving" if self.pipeline is not None else "failed to load"

@@ -65,16 +65,18 @@ GENERATING_MODALITIES = ("text", "caption")  # their children also step a contin
 WARMUP_OPERATIONS = ("warmup", "serving", "io", "make_batcher", "warmup_batcher")
 # Members of the server's copy that would run the model here (on the CPU, unwarmed): never read through the proxy.
 MODEL_MEMBERS = ("predict", "prepare", "loss_batch", "graphs", "model", "batch_handler")
+RESTART_RETRY_AFTER_S = 5  # what a request refused while a deployment restarts its child is told to wait
 CLOSE_TIMEOUT_S = 3.0  # closing: for the child to close its pipeline and exit, after which it is killed
 DEFAULT_START_TIMEOUT_S = 600.0  # for a child to load (VLA_MODEL_PROCESS_START_TIMEOUT_S), after which it is killed
 
 
 class ModelProcessExited(ApiError):
     """The child process that runs a deployment's model has exited (or is being replaced): its calls cannot be
-    answered (503; the deployment restarts it, or fails, and ``/models`` says which)."""
+    answered (503; the deployment restarts it, or fails, and ``/models`` says which). Retry-After is the one a
+    request gets while the deployment restarts its child."""
 
     def __init__(self, message: str):
-        super().__init__(503, message)
+        super().__init__(503, message, retry_after=RESTART_RETRY_AFTER_S)
 
 
 class Arena:

@@ -209,8 +209,10 @@ def test_the_child_loads_the_servers_weights_file_and_a_restart_loads_it_again(t
         first = process.pid
         os.kill(first, signal.SIGKILL)
         assert exited.wait(10) and len(exits) == 1 and "killed by signal 9" in exits[0] and not process.alive
-        with pytest.raises(ModelProcessExited, match="killed by signal 9"):
+        with pytest.raises(ModelProcessExited, match="killed by signal 9") as gone:
             process.predict_each([PolicyRequest(sample, seed=5)])
+        # (a 503 with Retry-After, as while it restarts: before, the calls it held got 503 with none)
+        assert gone.value.status == 503 and gone.value.retry_after == 5
         process.restart()
         with pytest.raises(ModelProcessExited, match="restarting"):  # (calls queued before the death: not yet)
             process.predict_each([PolicyRequest(sample, seed=5)])
