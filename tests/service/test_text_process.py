@@ -539,3 +539,29 @@ def test_a_stream_whose_child_dies_ends_with_the_503_that_names_it(tiny_checkpoi
     errors = [json.loads(line.removeprefix("data: "))["error"] for line in lines if line.startswith('data: {"error"')]
     assert errors and lines[-1] == "data: [DONE]", lines[-3:]
     assert errors[0]["type"] == "unavailable" and "killed by signal 9" in errors[0]["message"], errors[0]
+
+
+def test_the_expected_wait_counts_the_generations_sent_since_the_childs_last_report():
+    """Admission reads the child's slots from its last step report. Generations sent to it since were not counted:
+    a burst between two reports found the free slots of the report each time and was admitted whole (40 of 40
+    requests with a deadline admitted, against 30-35 in-thread). They now count as waiting ahead, as a local
+    batcher counts each from its submit."""
+    from service.text_process import RemoteBatcher, RemoteGeneration
+    from vla_foundry.continuous import SlotOutlook
+
+    class Child:  # (what the batcher sends: nothing answers here)
+        def send_to_engine(self, *message):
+            pass
+
+    batcher = RemoteBatcher(Child(), {"num_slots": 2, "cache_bytes": 0, "decode_mode": "eager", "prefill_tokens": 8})
+    batcher.submit(RemoteGeneration("complete", (), {}, ids=[[1]]), lambda outcome: None)  # (key 0)
+    # The child holds it (decoding, 10 steps left at most) and has one slot free, steps of 10 ms.
+    batcher.take({"outlook": SlotOutlook(short=-1, ends=((10, 1),), step_seconds=0.01, num_slots=2), "held": 1,
+                  "started": [0], "decoding": {0: 1}, "deltas": [], "done": []})
+    assert batcher.expected_wait_s(1) == 0.0  # the free slot
+    batcher.submit(RemoteGeneration("complete", (), {}, ids=[[1]]), lambda outcome: None)  # takes it, unreported
+    assert batcher.expected_wait_s(1) == pytest.approx(0.1)  # until the running one could end
+    assert batcher.expected_wait_s(3) == 0.0  # (more rows than slots: it runs by itself at once)
+    batcher.take({"outlook": SlotOutlook(short=0, ends=((9, 1), (10, 1)), step_seconds=0.01, num_slots=2),
+                  "held": 2, "started": [1], "decoding": {0: 1, 1: 1}, "deltas": [], "done": []})
+    assert batcher.expected_wait_s(1) == pytest.approx(0.09)  # now in the report: counted once, not twice
