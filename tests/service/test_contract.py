@@ -60,6 +60,16 @@ def test_the_checker_catches_a_read_past_the_interface():
     assert not {"model", "control_period_s"} & members(ActionServing)
 
 
+def test_robot_sessions_read_policies_only_through_their_interface():
+    """A session takes the policy's pipeline itself (from ``routes/sessions.py`` and ``routes/robot_ws.py``): its
+    reads are held to ``ActionServing`` too (it read four members the interface did not declare)."""
+    session = Path(__file__).resolve().parents[2] / "vla_foundry" / "robotics" / "session.py"
+    reads = pipeline_reads(session.read_text())
+    assert {"anchor", "valid_until", "predict_each"} <= {attr for _, attr in reads}  # (the checker sees its reads)
+    undeclared = [(line, attr) for line, attr in reads if attr not in members(ActionServing)]
+    assert not undeclared, f"vla_foundry/robotics/session.py reads policy members ActionServing lacks: {undeclared}"
+
+
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(SERVICE)) for p in SERVICE.rglob("*.py")))
 def test_service_reads_pipelines_only_through_their_interface(path):
     allowed = members(MODULE_INTERFACES.get(path, Served))

@@ -105,10 +105,16 @@ class EncoderServing(Served, Protocol):
 
 
 class ActionServing(Served, Protocol):
-    """A policy. Robot sessions (``vla_foundry.robotics.session``) take the pipeline itself."""
+    """A policy. Robot sessions (``vla_foundry.robotics.session``) take the pipeline itself, through these members."""
 
     robot_io: RobotIO  # cameras, fields and widths: what an observation must hold
     uses_language: bool
+    n_action_steps: int  # the actions of a chunk a robot executes
+    open_loop_steps: int  # a session's default: the actions it executes before it asks for the next chunk
+
+    def anchor(self, timestamp: Optional[float], now: Optional[float] = None) -> float: ...  # stale: refused
+
+    def valid_until(self, anchor: float, steps: int) -> float: ...
 
     def check_request(self, request: PolicyRequest) -> None: ...
 
