@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Optional, Union
 
@@ -115,6 +116,7 @@ class SessionEntry:
                 if self.shared is not None:
                     self.version = -1  # a failed or abandoned step may have recorded its input here
                 self._failed()
+                del task  # (it holds the error, whose traceback holds this frame: a cycle that kept the session)
                 raise
             try:
                 await self._push()
@@ -387,14 +389,16 @@ class SessionStore:
                 raise ApiError(503, f"all {self.max_sessions} sessions are busy (VLA_MAX_SESSIONS); retry "
                                     "shortly", retry_after=1, type="overloaded")
 
-            def dropped() -> None:  # a new session whose first request failed: as if it had never been asked for
-                self._drop(session_id, entry)
-
             # Only a session whose first request succeeds evicts another (a refused request leaves every robot's
-            # alone); a session made without a request (a reset's) makes its room at once.
+            # alone); a session made without a request (a reset's) makes its room at once. Its callbacks hold it
+            # weakly: a session that refers to itself would outlive its end until Python's next full collection,
+            # with the frames its history holds.
             entry = SessionEntry(session_id, deployment, PolicySession(deployment.pipeline, **options), owner,
-                                 self.shared, discard=dropped,
-                                 kept=(lambda: self._make_room(entry)) if request else None)
+                                 self.shared)
+            held = weakref.ref(entry)
+            # (a new session whose first request failed is dropped: as if it had never been asked for)
+            entry.discard = lambda: (e := held()) is not None and self._drop(session_id, e)
+            entry.kept = (lambda: (e := held()) is not None and self._make_room(e)) if request else None
             self._entries[session_id] = entry
             if not request:
                 self._make_room(entry)
