@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.codecs import encode_response
 from service.errors import deny_upgrade, error_body
+from service.request_ids import loggable_path
 
 logger = logging.getLogger("service.auth")
 
@@ -136,7 +137,7 @@ class ApiKeyMiddleware:
             return
         refusal = refusal.replace("API key", kind)
         client = (scope.get("client") or ("?",))[0]
-        logger.warning("401 %s %s from %s: %s", scope.get("method", "WEBSOCKET"), scope["path"], client,
+        logger.warning("401 %s %s from %s: %s", scope.get("method", "WEBSOCKET"), loggable_path(scope["path"]), client,
                        "no key" if not authorization else "wrong key or scheme")
         response = encode_response(error_body(401, refusal, scope=scope), headers.get(b"accept", b"").decode("latin-1"),
                                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="vla-foundry"'})

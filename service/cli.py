@@ -94,8 +94,9 @@ def _serve(args: argparse.Namespace) -> int:
                                 access_log=False, ws=WEBSOCKETS, ws_per_message_deflate=False,
                                 timeout_graceful_shutdown=settings.drain_timeout_s,
                                 ws_max_size=settings.max_ws_frame_bytes,
-                                # JSON logs: uvicorn's own lines go through the root handler too (one object per line)
-                                **({"log_config": None} if settings.log_format == "json" else {}))
+                                # uvicorn's own lines go through the root handler too, in the server's format (text
+                                # with a time and the request id, or one JSON object per line)
+                                log_config=None)
         sockets = None
         if args.listen_fd is not None:  # the launcher's socket; not passed on to anything this process starts
             sockets = [socket.socket(fileno=args.listen_fd)]

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.codecs import encode_response
-from service.request_ids import current_request_id, request_id_header
+from service.request_ids import current_request_id, loggable_path, request_id_header
 from vla_foundry.errors import InputTooLargeError, InvalidInputError, StaleObservationError
 
 logger = logging.getLogger("service")
@@ -130,7 +130,8 @@ async def deny_upgrade(scope: dict, send, response: Response) -> bool:
 def unexpected_error(scope: dict, exc: Exception) -> Response:
     """A 500 for an error no handler expected: logged with its traceback, answered without one (in the format the
     client accepts)."""
-    logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+    logger.exception("unhandled error on %s %s", scope.get("method"), loggable_path(scope.get("path") or ""),
+                     exc_info=exc)
     return error_response(Request(scope), 500, f"internal error ({type(exc).__name__}); the server log has details")
 
 

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.disconnects import CLIENT_CLOSED
 from service.light_requests import ARRIVED
 from service.errors import error_response, unexpected_error
+from service.request_ids import loggable_path
 from service.streaming import SSE_DONE, sse_error
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class Metrics:
         self.requests.labels(route or UNMATCHED, method, str(status)).inc()
         self.request_seconds.labels(route or UNMATCHED).observe(seconds)
         if log:
+            path = loggable_path(path)
             access_log.info("%s %s %d %.1fms", method, path, status, seconds * 1000,
                             extra={"method": method, "path": path, "route": route, "status": status,
                                    "duration_ms": round(seconds * 1000, 3)})

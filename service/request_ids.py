@@ -108,6 +108,17 @@ class RequestIds:
             current_request_id.reset(token)
 
 
+MAX_LOGGED_PATH = 256  # characters of a request's path a log line carries
+
+
+def loggable_path(path: str) -> str:
+    """A request's path as log lines carry it: a client's path of any length (up to uvicorn's limit of tens of
+    kilobytes) would cost its length in every line about it, twice in a JSON line."""
+    if len(path) <= MAX_LOGGED_PATH:
+        return path
+    return f"{path[:MAX_LOGGED_PATH]}…({len(path)} characters)"
+
+
 class RequestIdFilter(logging.Filter):
     """Puts the current request's id on every record (``%(request_id)s``; ``-`` outside a request)."""
 

@@ -4,11 +4,13 @@ and the log lines of the request (text and JSON logs)."""
 from __future__ import annotations
 
 import json
+import re
 import logging
 import subprocess
 import sys
 
 import httpx
+import pytest
 
 from service import DeploymentSpec
 from service.request_ids import JsonFormatter, RequestIdFilter, new_request_id
@@ -92,3 +94,28 @@ def test_a_live_server_logs_json_with_request_ids(tmp_path, tiny_checkpoints):
     # Neither the key nor a wrong one appears anywhere in the log, nor the request's body (before, the check
     # passed unless some logged value was exactly the key).
     assert not [line for line in text if KEY in line or WRONG_KEY in line or BODY_MARK in line]
+
+
+def test_a_live_server_logs_text_in_its_own_format_with_paths_cut_short(tmp_path, tiny_checkpoints):
+    """In the default text format every line has the server's form (time, level, logger, request id): uvicorn's
+    websocket lines came in its own, with no time (two a connection). And a client's path of any length cost its
+    length in the access line (twice in JSON, over 100 KB a line): it is cut to a fixed length, with its own."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from service.request_ids import MAX_LOGGED_PATH
+
+    log = tmp_path / "server.log"
+    with live_server(["--checkpoint", f"{tiny_checkpoints['transformer']}=tiny"], tmp_path / "demo",
+                     log_path=log) as base:
+        with pytest.raises(InvalidStatus):  # (no websocket route there: refused, and uvicorn logs it)
+            connect(base.replace("http", "ws") + "/ws/nowhere", open_timeout=10).close()
+        long = "/" + "a" * 20_000
+        assert httpx.get(base + long, timeout=30).status_code == 404
+    text = [line for line in log.read_text().splitlines()  # (the banner is for a person: lines of its own)
+            if line.strip() and not line.startswith(("VLA Foundry Serve on", "  curl"))]
+    form = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+ \[[^\]]+\]: ")
+    assert [line for line in text if "WebSocket /ws/nowhere" in line], text  # (uvicorn's line is there)
+    assert not [line for line in text if not form.match(line)], text
+    (access,) = [line for line in text if "service.access" in line and "404" in line]
+    assert f"/{'a' * (MAX_LOGGED_PATH - 1)}…(20001 characters) 404" in access and len(access) < 500
