@@ -84,6 +84,16 @@ class CaptionProcessor(ABC):
         return {}
 
 
+def _joined(rows: list[dict[str, torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+    """One-row processor outputs of equal length joined row after row (dimension 0: rows, images or patches, as a
+    batch lays them out), or None where their names or shapes past the first dimension differ."""
+    if any(row.keys() != rows[0].keys() for row in rows):
+        return None
+    if any(v.dim() == 0 or v.shape[1:] != rows[0][k].shape[1:] for row in rows for k, v in row.items()):
+        return None
+    return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+
+
 def _image_stats(experiment_dir: Path, processor_name: Optional[str]) -> tuple[tuple, tuple, str]:
     """Normalization from the training processor's config when it is here, else SigLIP's defaults."""
     candidates = [experiment_dir / "processor" / "preprocessor_config.json",
@@ -238,11 +248,15 @@ class HFCaptionProcessor(CaptionProcessor):
                                         "takes images, not videos; leave it out of the text", field=field)
         if self._per_token and len(prompts) > 1:
             # Known to lay out inputs per token: rows of different lengths run apart, so each row is encoded once by
-            # itself (not in a batch first and then again alone); rows that come out alike are encoded together.
+            # itself (not in a batch first and then again alone). Rows that come out of one length need no padding:
+            # their inputs joined row after row are the batch's (where they join; else the batch is encoded whole).
             alone = [self.encode([p], None, [row], rendered=rendered, answers=answers)
                      for p, row in zip(prompts, images)]
             if len({len(a.ids[0]) for a in alone}) > 1:
                 return CaptionInputs([a.ids[0] for a in alone], {}, True, rows=[a.image_inputs for a in alone])
+            joined = _joined([a.image_inputs for a in alone])
+            if joined is not None:
+                return CaptionInputs([a.ids[0] for a in alone], joined, True)
         # A prefix LM's caption goes in as the processor's ``suffix`` (PaliGemma's: it appends eos, and marks the
         # caption's tokens 1 in token_type_ids: they are decoded causally after the two-way prefix).
         suffix = answers and getattr(self.model, "prefix_lm", False)

@@ -249,6 +249,17 @@ def test_prompts_of_different_lengths_get_their_own_tokens_where_inputs_are_laid
     assert [c.token_ids for c in generation.alone().completions] == solo
     assert counting.images == 4
 
+    # Rows of one length (here one prompt twice): still once each, their inputs joined are the batch's.
+    alike = pipeline.processor.encode(["describe"] * 2, None, [[im] for im in rows])
+    assert counting.images == 6 and alike.rows is None
+    fresh = type(pipeline.processor)(pipeline.model, counting, "")  # (not yet known to lay out per token)
+    batch = fresh.encode(["describe"] * 2, None, [[im] for im in rows])
+    assert counting.images == 8 and alike.ids == batch.ids and alike.image_inputs.keys() == batch.image_inputs.keys()
+    assert all(torch.equal(alike.image_inputs[k], batch.image_inputs[k]) for k in batch.image_inputs)
+    alone = [pipeline.caption([[im]], ["describe"], sampling=GREEDY, seed=0).completions[0].token_ids for im in rows]
+    together = pipeline.caption([[im] for im in rows], ["describe"] * 2, sampling=GREEDY, seed=0).completions
+    assert [c.token_ids for c in together] == alone
+
 
 class CountingImages:
     """An HF processor that counts the images it is given."""
