@@ -389,7 +389,7 @@ class RequestMetrics:
             if not getattr(scope["app"].state, "draining", False):
                 raise
             access_log.warning("%s %s cut off: the drain timeout (VLA_DRAIN_TIMEOUT_S) was over",
-                               scope["method"], scope["path"])
+                               scope["method"], loggable_path(scope["path"]))
             message = ("the server shut down before this request finished: its drain timeout (VLA_DRAIN_TIMEOUT_S) "
                        "was over; send it again (to another replica)")
             if status is None:

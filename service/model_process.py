@@ -73,7 +73,8 @@ DEFAULT_START_TIMEOUT_S = 600.0  # for a child to load (VLA_MODEL_PROCESS_START_
 class ModelProcessExited(ApiError):
     """The child process that runs a deployment's model has exited (or is being replaced): its calls cannot be
     answered (503; the deployment restarts it, or fails, and ``/models`` says which). Retry-After is the one a
-    request gets while the deployment restarts its child."""
+    request gets while the deployment restarts its child (raised before the deployment decides, it cannot tell
+    whether the restarts are used up: then the retry gets the deployment's failure)."""
 
     def __init__(self, message: str):
         super().__init__(503, message, retry_after=RESTART_RETRY_AFTER_S)

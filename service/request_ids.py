@@ -127,6 +127,16 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class UvicornPathFilter(logging.Filter):
+    """Cuts what uvicorn's own lines quote of a request (a websocket's path and query) as ``loggable_path`` cuts
+    the server's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn") and isinstance(record.args, tuple):
+            record.args = tuple(loggable_path(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
 
 
@@ -148,8 +158,9 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     if not root.handlers:
         logging.basicConfig(level=level)
     for handler in root.handlers:
-        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
-            handler.addFilter(RequestIdFilter())
+        for kind in (RequestIdFilter, UvicornPathFilter):
+            if not any(isinstance(f, kind) for f in handler.filters):
+                handler.addFilter(kind())
         handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     if log_format == "json":

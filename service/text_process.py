@@ -81,8 +81,8 @@ class RemoteBatcher:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
-        self._outlook: Optional[SlotOutlook] = None  # the child's slots, at its last report
-        self._reported: frozenset = frozenset()  # the generations the child held at its last report
+        # The child's slots at its last report, and the generations it held then (decoding or waiting)
+        self._last_report: tuple[Optional[SlotOutlook], frozenset] = (None, frozenset())
         self.child_generations = 0  # how many generations the child held at its last report (cancelled ones too)
         self._gone: list[int] = []  # generations whose stream's client left while a report was taken: cancelled next
 
@@ -112,11 +112,12 @@ class RemoteBatcher:
         """``ContinuousBatcher.expected_wait_s`` from the child's last report, the generations sent to it since
         then counted as waiting ahead (a local batcher counts each from its submit: without them, a burst between
         two reports found free slots and was admitted whole)."""
-        if not self._entries or self._outlook is None:
+        outlook, reported = self._last_report  # (one report's, whichever thread replaces it meanwhile)
+        if not self._entries or outlook is None:
             return 0.0
         unreported = sum(e.rows for key, e in list(self._entries.items())
-                         if key not in self._reported and e.rows <= self.num_slots)  # (more rows: they run alone)
-        return dataclasses.replace(self._outlook, short=self._outlook.short + unreported).wait_s(rows)
+                         if key not in reported and e.rows <= self.num_slots)  # (more rows: they run alone)
+        return dataclasses.replace(outlook, short=outlook.short + unreported).wait_s(rows)
 
     def warmup(self) -> None:
         self._process.warmup_batcher()
@@ -157,8 +158,7 @@ class RemoteBatcher:
 
     def take(self, report: dict[str, Any]) -> None:
         """One step report of the child (on the thread reading the child's messages)."""
-        self._outlook, self.child_generations = report["outlook"], report["held"]
-        self._reported = frozenset(report["decoding"])  # (every generation it holds, decoding or waiting)
+        self._last_report, self.child_generations = (report["outlook"], frozenset(report["decoding"])), report["held"]
         with self._lock:
             for key in report["started"]:
                 if key in self._entries:

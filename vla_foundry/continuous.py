@@ -260,14 +260,13 @@ class ContinuousBatcher:
         fits = int(self.alone_bytes // per_token)  # tokens
         if rows * (longest + generation.sampling.max_new_tokens) <= fits:
             return None
-        fix = (f"ask for at most {fits // rows - longest} new tokens, or send fewer" if fits // rows > longest
-               else "send fewer")
+        fix = f"ask for at most {fits // rows - longest} new tokens, or " if fits // rows > longest else ""
         return InvalidInputError(
             f"this request's {rows} sequences (prompts × choices) are more than the {self.num_slots} this deployment "
             f"decodes together, so they run by themselves, and would cache {rows} × ({longest} prompt + "
             f"{generation.sampling.max_new_tokens} new) tokens, more than its KV cache's cap leaves them ({fits} "
-            f"tokens, VLA_KV_CACHE_MB); {fix} prompts or choices", field="max_new_tokens" if fits // rows > longest
-            else "prompt")
+            f"tokens, VLA_KV_CACHE_MB); {fix}send fewer prompts or choices (up to {self.num_slots} always fit)",
+            field="max_new_tokens" if fits // rows > longest else "prompt")
 
     def outlook(self) -> SlotOutlook:
         """How this batcher's slots look to a generation submitted now (what ``expected_wait_s`` reads; a model

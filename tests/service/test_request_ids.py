@@ -110,6 +110,8 @@ def test_a_live_server_logs_text_in_its_own_format_with_paths_cut_short(tmp_path
                      log_path=log) as base:
         with pytest.raises(InvalidStatus):  # (no websocket route there: refused, and uvicorn logs it)
             connect(base.replace("http", "ws") + "/ws/nowhere", open_timeout=10).close()
+        with pytest.raises(InvalidStatus):  # (uvicorn's line quotes the path and query: cut too)
+            connect(base.replace("http", "ws") + "/ws/" + "b" * 3000 + "?q=" + "c" * 3000, open_timeout=10).close()
         long = "/" + "a" * 20_000
         assert httpx.get(base + long, timeout=30).status_code == 404
     text = [line for line in log.read_text().splitlines()  # (the banner is for a person: lines of its own)
@@ -119,3 +121,4 @@ def test_a_live_server_logs_text_in_its_own_format_with_paths_cut_short(tmp_path
     assert not [line for line in text if not form.match(line)], text
     (access,) = [line for line in text if "service.access" in line and "404" in line]
     assert f"/{'a' * (MAX_LOGGED_PATH - 1)}…(20001 characters) 404" in access and len(access) < 500
+    assert max(len(line) for line in text) < 1000

@@ -439,6 +439,7 @@ def test_a_request_of_more_rows_than_slots_caches_only_what_the_cap_leaves_besid
     many = [rows[0]] * (room // len(rows[0]) + 1)  # more prompts than fit, even with no new token
     batcher.submit(text.start_completion(prompt_token_ids=many, sampling=SAMPLED, seed=5), outcomes.append)
     assert isinstance(outcomes[2], InvalidInputError) and outcomes[2].field == "prompt"
+    assert "up to 2 always fit" in str(outcomes[2])
     assert batcher.running_sequences == 0 and sorted(batcher._free) == [0, 1]
 
 
