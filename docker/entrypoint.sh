@@ -7,8 +7,10 @@
 # - binds VLA_HOST (default 0.0.0.0: inside a container only; the CLI's own default is 127.0.0.1)
 #   and VLA_PORT (default 8000), passed as --host/--port so that they win over a host or port
 #   written in the deployment YAML;
-# - arguments are appended to `vla-foundry serve` (`--checkpoint /checkpoints/x`, `--dtype bfloat16`,
-#   a later `--port` wins); a first argument that is not an option is run as a command instead
+# - arguments are appended to `vla-foundry serve` (`--checkpoint /checkpoints/x`, `--dtype bfloat16`),
+#   except `--host` and `--port`, refused: the image's healthcheck probes VLA_PORT on 127.0.0.1, so a
+#   port or address given otherwise left the container unhealthy while it served (set VLA_HOST and
+#   VLA_PORT); a first argument that is not an option is run as a command instead
 #   (`docker run IMAGE vla-foundry demo`, `docker run -it IMAGE sh`);
 # - `exec`s the server, so it gets the container's signals (SIGTERM, SIGINT) itself;
 # - VLA_ENTRYPOINT_DRY_RUN=1 prints the command, one argument a line, instead of running it.
@@ -17,6 +19,15 @@ set -eu
 if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
     exec "$@"
 fi
+
+for argument in "$@"; do
+    case "$argument" in
+        --host|--host=*|--port|--port=*)
+            echo "vla-foundry-entrypoint: ${argument%%=*} is not taken as an argument here; set VLA_HOST or" \
+                 "VLA_PORT instead (the image's healthcheck probes VLA_PORT on 127.0.0.1)" >&2
+            exit 2 ;;
+    esac
+done
 
 deploy_file="${VLA_DEPLOY_FILE:-/config/deploy.yaml}"
 host="${VLA_HOST:-0.0.0.0}"

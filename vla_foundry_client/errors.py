@@ -37,6 +37,11 @@ def server_error(status: int, payload: Any, text: str, retry_after: Optional[flo
                              retry_after)
 
 
+def retry_after_seconds(header: Optional[str]) -> Optional[float]:
+    """A ``Retry-After`` header's seconds (None: absent, or an HTTP date, which this server never sends)."""
+    return float(header) if header and header.replace(".", "", 1).isdigit() else None
+
+
 def auth_headers(api_key: Optional[str]) -> dict[str, str]:
     """``Authorization: Api-Key <key>`` for ``api_key``, else for ``$VLA_API_KEY``; none: no header."""
     key = api_key if api_key is not None else os.environ.get("VLA_API_KEY")

@@ -24,7 +24,7 @@ import numpy as np
 
 from vla_foundry_client.arrays import MessagePacker, pack, unpack
 from vla_foundry_client.connection import HttpReply, KeepAliveConnection
-from vla_foundry_client.errors import PolicyServerError, auth_headers, server_error
+from vla_foundry_client.errors import PolicyServerError, auth_headers, retry_after_seconds, server_error
 
 MSGPACK = "application/msgpack"
 ACTION_ARRAYS = ("action_chunk", "action")  # reply keys holding [T][A] or [A] numbers
@@ -153,9 +153,8 @@ def _decode(reply: HttpReply) -> Any:
 
 
 def _server_error(reply: HttpReply, payload: Any) -> PolicyServerError:
-    retry_after = reply.headers.get("retry-after")
-    retry_after = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-    return server_error(reply.status, payload, reply.text[:500] or reply.reason, retry_after)
+    return server_error(reply.status, payload, reply.text[:500] or reply.reason,
+                        retry_after_seconds(reply.headers.get("retry-after")))
 
 
 def _with_action_arrays(payload: dict[str, Any]) -> dict[str, Any]:

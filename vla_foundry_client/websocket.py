@@ -16,7 +16,8 @@ import msgpack
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from vla_foundry_client.arrays import MessagePacker, pack, unpack
-from vla_foundry_client.errors import WEBSOCKET_CLOSE_TYPES, PolicyServerError, auth_headers, server_error
+from vla_foundry_client.errors import (WEBSOCKET_CLOSE_TYPES, PolicyServerError, auth_headers, retry_after_seconds,
+                                      server_error)
 from vla_foundry_client.websocket_connection import WebsocketConnection
 
 MiB = 1024 * 1024
@@ -41,6 +42,8 @@ class WebsocketPolicyClient:
     session (default: one per connection, named by the server); ``max_size`` caps a reply frame;
     ``timeout`` is how long to wait for a reply (None: forever); ``api_key`` goes in the upgrade
     request as ``Authorization: Api-Key <key>`` (default: ``$VLA_API_KEY``; none: no header).
+    A refused upgrade raises ``PolicyServerError`` with its HTTP status (and a 503's ``retry_after``); a request
+    on a connection the server has closed raises one of type ``connection_closed``: make a new client.
     """
 
     def __init__(self, url: str, *, model: Optional[str] = None, session_id: Optional[str] = None,
@@ -61,7 +64,8 @@ class WebsocketPolicyClient:
                 payload = json.loads(body)
             except ValueError:
                 payload = None
-            raise server_error(status, payload, body or f"websocket upgrade refused with HTTP {status}") from e
+            raise server_error(status, payload, body or f"websocket upgrade refused with HTTP {status}",
+                               retry_after_seconds(e.response.headers.get("Retry-After"))) from e
         try:
             self.metadata: dict[str, Any] = self._receive()
         except BaseException:
@@ -101,8 +105,8 @@ class WebsocketPolicyClient:
         with self._lock:  # a reply belongs to the request before it: one exchange at a time
             try:
                 self._ws.send(self._packer.pack(pack(message, binary=True)))
-            except ConnectionClosed as e:
-                raise _closed_error(e, "the connection is closed") from e
+            except ConnectionClosed as e:  # (closed before this request: its close was about an earlier one)
+                raise _closed_earlier(e) from e
             return self._receive()
 
     def _receive(self) -> dict[str, Any]:
@@ -125,6 +129,15 @@ class WebsocketPolicyClient:
             self._ws.close()
             raise PolicyServerError(1008, "invalid_value", frame)
         return unpack(msgpack.unpackb(frame, raw=False))
+
+
+def _closed_earlier(closed: ConnectionClosed) -> PolicyServerError:
+    """A request sent on a connection already closed: its close code, but neither that close's field nor its type
+    (they were about the request that closed it, not this one); reconnect with a new client."""
+    earlier = _closed_error(closed, "")
+    why = f"{earlier.type}" + (f", field {earlier.field}" if earlier.field else "")
+    return PolicyServerError(earlier.status, "connection_closed", f"the connection was closed earlier (close "
+                             f"{earlier.status}: {why}); make a new client to reconnect")
 
 
 def _closed_error(closed: ConnectionClosed, message: str) -> PolicyServerError:

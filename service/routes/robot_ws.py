@@ -202,12 +202,28 @@ def _split_state(value: Any, robot_io) -> dict[str, Any]:
 
 def add_robot_websocket(app: FastAPI, settings: Settings) -> None:
     app.state.robot_sockets = OpenSockets()
+    paths = []
     for model_type in list_registered_models():
         if model_modality(model_type) != "action":
             continue
         request_cls = type(f"{model_type}WsRequest", (ActionPredictRequest,),
                            {"__module__": __name__, **RequestBase.limits_from(settings)})
-        app.add_api_websocket_route(f"/ws/{model_type}", _endpoint(model_type, request_cls, settings))
+        paths.append(f"/ws/{model_type}")
+        app.add_api_websocket_route(paths[-1], _endpoint(model_type, request_cls, settings))
+    app.add_api_websocket_route("/{path:path}", _no_websocket_here(paths))
+
+
+def _no_websocket_here(paths: list[str]):
+    """Any other path's upgrade: 404 in the error shape, naming the robot websockets (openpi's client connects to
+    ``/`` unless given a path; a bare 403 there read as an auth or origin refusal)."""
+    async def endpoint(websocket: WebSocket, path: str):
+        example = f"ws://HOST:PORT{paths[0]}" if paths else "ws://HOST:PORT/ws/<policy type>"
+        await _refuse(websocket, ApiError(404, f"no websocket at /{path[:80]}: the robot websockets are "
+                                               f"{', '.join(paths) or 'none (no policy type is registered)'} "
+                                               f"(an openpi client: WebsocketClientPolicy(host=\"{example}\"))"),
+                      POLICY_VIOLATION)
+
+    return endpoint
 
 
 def _endpoint(model_type: str, request_cls: type, settings: Settings):

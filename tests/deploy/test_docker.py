@@ -643,12 +643,18 @@ def test_entrypoint_command_lines(tmp_path):
     assert argv == ["vla-foundry", "serve", "--host", "0.0.0.0", "--port", "8000", "--config", str(deploy)]
     assert str(deploy) in err
 
-    # No file: the demo pack (from VLA_DEMO_DIR), extra arguments passed on, a later --port wins.
-    argv, err = dry_run(tmp_path, "--dtype", "float32", "--port", "9001", VLA_DEPLOY_FILE=str(tmp_path / "none.yaml"),
+    # No file: the demo pack (from VLA_DEMO_DIR), extra arguments passed on.
+    argv, err = dry_run(tmp_path, "--dtype", "float32", VLA_DEPLOY_FILE=str(tmp_path / "none.yaml"),
                         VLA_HOST="127.0.0.1", VLA_PORT="8123", VLA_DEMO_DIR=str(tmp_path / "demo"))
-    assert argv == ["vla-foundry", "serve", "--host", "127.0.0.1", "--port", "8123", "--dtype", "float32",
-                    "--port", "9001"]
+    assert argv == ["vla-foundry", "serve", "--host", "127.0.0.1", "--port", "8123", "--dtype", "float32"]
     assert "demo pack" in err and str(tmp_path / "demo") in err
+
+    # A --port or --host argument is refused, naming the variable: the image's healthcheck probes VLA_PORT, so a
+    # port given otherwise (a later --port won) served while the container was marked unhealthy.
+    for args in (("--port", "9001"), ("--dtype", "float32", "--port=9001"), ("--host", "10.0.0.5")):
+        out = subprocess.run([str(ENTRYPOINT), *args], env=_entry_env(tmp_path, VLA_ENTRYPOINT_DRY_RUN="1"),
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and not out.stdout and "VLA_PORT" in out.stderr, (args, out.stderr)
 
     # VLA_CONFIG is left to the settings, and wins over a mounted deployment file (it was ignored beside one).
     for mounted in (tmp_path / "none.yaml", deploy):

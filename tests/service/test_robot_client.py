@@ -261,11 +261,35 @@ def test_websocket_refusal_closes_with_the_message(server):
             ws.infer(observation)
         assert refused.value.status == 1008 and refused.value.type == "invalid_value"
         assert "wrist" in refused.value.message and refused.value.field == "observation.images.wrist"
-        with pytest.raises(PolicyServerError):  # the server closed the connection
+        with pytest.raises(PolicyServerError) as closed:  # the server closed the connection
             ws.infer(current_step())
+        # (not this observation's fault: before, the earlier refusal's type and field came again)
+        assert (closed.value.status, closed.value.type, closed.value.field) == (1008, "connection_closed", None)
+        assert "closed earlier" in closed.value.message and "reconnect" in closed.value.message
     with pytest.raises(PolicyServerError, match="no-such-policy") as unknown:  # refused before the upgrade
         WebsocketPolicyClient(server, model="no-such-policy")
     assert (unknown.value.status, unknown.value.type, unknown.value.field) == (404, "not_found", "model")
+
+
+def test_a_refused_upgrade_s_retry_after_reaches_the_websocket_client():
+    """A 503 before the upgrade (a deployment loading, the server draining) carries Retry-After: the HTTP client
+    reported it and the websocket client dropped it (None), so a robot's reconnect loop had no pace to keep."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    def refuse(connection, request):
+        response = connection.respond(503, '{"error": {"type": "unavailable", "message": "still loading"}}')
+        response.headers["Retry-After"] = "5"
+        return response
+
+    with serve(lambda ws: None, "127.0.0.1", 0, process_request=refuse) as stub:
+        threading.Thread(target=stub.serve_forever, daemon=True).start()
+        port = stub.socket.getsockname()[1]
+        with pytest.raises(PolicyServerError) as refused:
+            WebsocketPolicyClient(f"http://127.0.0.1:{port}", model=POLICY, timeout=10)
+        stub.shutdown()
+    assert (refused.value.status, refused.value.type, refused.value.retry_after) == (503, "unavailable", 5.0)
 
 
 # ----------------------------------------------------------------------------- the example
