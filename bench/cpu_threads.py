@@ -1,7 +1,7 @@
 """Torch's CPU threads in the server (``VLA_TORCH_THREADS``) on a host that is quiet, and on one where other
 processes are busy.
 
-    .venv/bin/python bench/cpu_threads.py [--threads auto,1,2] [--busy 0,1] [--concurrency 1,8] [--rounds 3]
+    .venv/bin/python bench/cpu_threads.py [--threads auto,2] [--busy 0,1] [--concurrency 1,8] [--rounds 3]
                                           [--seconds 5] [--checkpoint DIR|demo-transformer]
 
 One server per thread setting, all alive at once, each serving the demo transformer with continuous batching, and

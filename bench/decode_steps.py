@@ -1,6 +1,6 @@
 """A continuous batch's decode step: eager against replayed from its graph, side by side in one process.
 
-    .venv/bin/python bench/decode_steps.py [--checkpoint DIR|demo-transformer] [--sequences 1,8,32] [--steps 200]
+    .venv/bin/python bench/decode_steps.py [--checkpoint DIR|demo-transformer] [--sequences 1,8,32] [--steps N]
                                            [--prompt-tokens 30]
 
 For each batch size, two batchers of the same model (``graphs`` off and on: one TorchScript trace on the CPU,
@@ -53,11 +53,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo-transformer")
     parser.add_argument("--sequences", default="1,8,32")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="measured steps (default 200, fewer where the prompt leaves less room in the context)")
     parser.add_argument("--prompt-tokens", type=int, default=30,
                         help="each sequence's prompt length: a step reads its keys and the ones decoded since")
     args = parser.parse_args()
     pipeline = load_pipeline(text_checkpoint(args.checkpoint))
+    # Every sequence decodes through the warm-up and the measured steps, and more (``batchers``): a prompt takes
+    # that room from the model's context.
+    room = pipeline.model.max_seq_len - args.prompt_tokens - 20
+    if args.steps is None:
+        args.steps = min(200, room)
+    if args.steps < 1 or args.steps > room:
+        parser.error(f"--prompt-tokens {args.prompt_tokens} leaves room for at most {max(room, 0)} measured steps "
+                     f"in this model's context ({pipeline.model.max_seq_len} tokens); ask for fewer")
     print(f"{args.checkpoint} on {pipeline.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| sequences | eager step ms | step from graph ms | eager ÷ graph |")
     print("|---:|---:|---:|---:|")

@@ -872,6 +872,13 @@ def main() -> None:
     if args.simulated_gpu and args.device != "cpu":
         raise SystemExit("--simulated-gpu simulates the device on a CPU host: leave --device out (a GPU host measures "
                          "the GPU itself: --gpu-policy --device cuda)")
+    if args.device.startswith("cuda"):  # (before anything is installed or built for it)
+        from vla_foundry.devices import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ValueError as e:
+            raise SystemExit(f"{e}: run this on a GPU host, or leave --device out") from None
     global TORCH_THREADS, DEVICE, DTYPE, SIMULATED_GPU
     TORCH_THREADS, DEVICE, DTYPE, SIMULATED_GPU = args.threads, args.device, args.dtype, args.simulated_gpu
     if args.replicas:

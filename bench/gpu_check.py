@@ -82,6 +82,11 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="every step on the CPU with tiny models: checks the "
                         "scripts run, measures nothing")
     args = parser.parse_args()
+    if not args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():  # (each step would end in a traceback, and the tests step skip them all)
+            parser.error("no CUDA device here: run it on a GPU host, or with --smoke to check the steps on the CPU")
     chosen = [s for s in args.only.split(",") if s]
     unknown = [s for s in chosen if s not in STEPS]
     if unknown:

@@ -30,8 +30,12 @@ from vla_foundry.pipelines.action import PolicyRequest
 from vla_foundry.robotics.observations import RawObservation
 
 
-def echo(channel) -> None:
-    """The other process: answer each message with its length until the channel closes."""
+def echo(channel, inherited: list) -> None:
+    """The other process: answer each message with its length until the channel closes. ``inherited``: this
+    side's ends of the channels made before it, which the fork copied; closed first, or an echo would hold its own
+    channel's other end open and never see it close."""
+    for end in inherited:
+        end.close()
     while True:
         try:
             message = channel.recv()
@@ -65,7 +69,7 @@ def main() -> None:
                 raise SystemExit("os.memfd_create is missing here: no arena")
             ends.append(Channel(ours, send_arena=arena))
             theirs_end = Channel(theirs, receive_arena=Arena(os.dup(arena.fd)) if arena else None)
-        echoes.append(context.Process(target=echo, args=(theirs_end,)))
+        echoes.append(context.Process(target=echo, args=(theirs_end, ends), daemon=True))
         echoes[-1].start()
         theirs_end.close()
     rng = np.random.default_rng(0)

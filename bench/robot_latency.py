@@ -484,9 +484,15 @@ def main() -> None:
     parser.add_argument("--floor-serve", nargs=4, metavar=("PORT", "CHECKPOINT", "CAMERAS", "SIZE"),
                         help=argparse.SUPPRESS)  # the floor server's process
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads here and in the server (OMP_NUM_THREADS); default: torch's own. On a "
-                             "CPU shared with other jobs, 1 keeps OpenMP from thrashing")
+                        help="torch threads here and in the servers (OMP_NUM_THREADS); default: what the server's "
+                             "VLA_TORCH_THREADS=auto picks on this host (its usable CPUs less one), so that the "
+                             "direct call and the floor run as the server does")
     args = parser.parse_args()
+    if args.threads is None and not args.floor_serve:
+        from service.torch_threads import choose_torch_threads
+
+        # (None under OMP_NUM_THREADS, which this process and both servers read alike)
+        args.threads = choose_torch_threads("auto")[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.floor_serve:

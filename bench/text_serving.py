@@ -1,8 +1,9 @@
 """Text serving under concurrent OpenAI clients: continuous batching on vs off, side by side in one run.
 
-    .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 5] [--rounds 3]
+    .venv/bin/python bench/text_serving.py [--concurrency 1,8,32] [--seconds 5] [--rounds 3] [--warmup 2]
                                            [--checkpoint DIR] [--servers on,eager,process,off]
                                            [--device auto|cpu|cuda] [--random-model LAYERSxWIDTH]
+                                           [--max-batch-size 32] [--torch-threads N]
 
 N clients (threads of this process, each the official ``openai`` client with its own connection) stream
 ``/v1/completions`` back to back from one text deployment (default: the demo pack's transformer, 4 layers
@@ -348,6 +349,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: P
     def said(found: tuple[float, list[float]]) -> str:
         return f"{found[0]:.2f}× (rounds: {', '.join(f'{x:.2f}' for x in found[1])})"
 
+    if device == "cpu":  # the floor with the servers' torch threads (VLA_TORCH_THREADS: auto unless given)
+        import torch
+
+        from service.torch_threads import choose_torch_threads
+
+        threads = choose_torch_threads(args.torch_threads or "auto")[0]
+        if threads is not None:
+            torch.set_num_threads(threads)
     prefill_ms, step_ms = compute_floor(checkpoint, 8, device)
     print(f"\n## text serving: {checkpoint.name} on {device}, {args.rounds} rounds of {args.seconds:g} s per row, "
           "streaming /v1/completions\n")
