@@ -64,8 +64,12 @@ def main() -> None:
     room = pipeline.model.max_seq_len - args.prompt_tokens - 20
     if args.steps is None:
         args.steps = min(200, room)
+    if room < 1:
+        parser.error(f"--prompt-tokens {args.prompt_tokens} leaves no room for a measured step in this model's "
+                     f"context ({pipeline.model.max_seq_len} tokens, 20 of them for the warm-up); ask for a shorter "
+                     "prompt")
     if args.steps < 1 or args.steps > room:
-        parser.error(f"--prompt-tokens {args.prompt_tokens} leaves room for at most {max(room, 0)} measured steps "
+        parser.error(f"--prompt-tokens {args.prompt_tokens} leaves room for at most {room} measured steps "
                      f"in this model's context ({pipeline.model.max_seq_len} tokens); ask for fewer")
     print(f"{args.checkpoint} on {pipeline.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| sequences | eager step ms | step from graph ms | eager ÷ graph |")

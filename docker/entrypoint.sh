@@ -8,9 +8,10 @@
 #   and VLA_PORT (default 8000), passed as --host/--port so that they win over a host or port
 #   written in the deployment YAML;
 # - arguments are appended to `vla-foundry serve` (`--checkpoint /checkpoints/x`, `--dtype bfloat16`),
-#   except `--host` and `--port`, refused: the image's healthcheck probes VLA_PORT on 127.0.0.1, so a
-#   port or address given otherwise left the container unhealthy while it served (set VLA_HOST and
-#   VLA_PORT); a first argument that is not an option is run as a command instead
+#   except `--host` and `--port` (and their abbreviations), refused: the image's healthcheck probes
+#   VLA_PORT on 127.0.0.1, so a port or address given otherwise left the container unhealthy while it
+#   served (set VLA_PORT, and VLA_HOST to an address that includes 127.0.0.1); a first argument that is
+#   not an option is run as a command instead
 #   (`docker run IMAGE vla-foundry demo`, `docker run -it IMAGE sh`);
 # - `exec`s the server, so it gets the container's signals (SIGTERM, SIGINT) itself;
 # - VLA_ENTRYPOINT_DRY_RUN=1 prints the command, one argument a line, instead of running it.
@@ -22,9 +23,11 @@ fi
 
 for argument in "$@"; do
     case "$argument" in
-        --host|--host=*|--port|--port=*)
-            echo "vla-foundry-entrypoint: ${argument%%=*} is not taken as an argument here; set VLA_HOST or" \
-                 "VLA_PORT instead (the image's healthcheck probes VLA_PORT on 127.0.0.1)" >&2
+        # (and what argparse takes as short for them)
+        --p|--po|--por|--port|--p=*|--po=*|--por=*|--port=*|--ho|--hos|--host|--ho=*|--hos=*|--host=*)
+            echo "vla-foundry-entrypoint: ${argument%%=*} is not taken as an argument here; set VLA_PORT or" \
+                 "VLA_HOST instead (the image's healthcheck probes VLA_PORT on 127.0.0.1, which VLA_HOST must" \
+                 "include: 0.0.0.0, the default)" >&2
             exit 2 ;;
     esac
 done

@@ -103,10 +103,13 @@ class WebsocketPolicyClient:
 
     def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
         with self._lock:  # a reply belongs to the request before it: one exchange at a time
+            was_open = self._ws.open
             try:
                 self._ws.send(self._packer.pack(pack(message, binary=True)))
-            except ConnectionClosed as e:  # (closed before this request: its close was about an earlier one)
-                raise _closed_earlier(e) from e
+            except ConnectionClosed as e:
+                # Closed while this request was sent (a frame over the server's limit: 1009), or before it, when
+                # its close was about an earlier request
+                raise (_closed_error(e, "the connection is closed") if was_open else _closed_earlier(e)) from e
             return self._receive()
 
     def _receive(self) -> dict[str, Any]:

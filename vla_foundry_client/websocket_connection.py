@@ -69,6 +69,11 @@ class WebsocketConnection:
 
     # ------------------------------------------------------------------ the public calls
 
+    @property
+    def open(self) -> bool:
+        """Whether the connection is open as far as this side has read (a close the server sent unread: open)."""
+        return self._protocol.state is State.OPEN
+
     def send(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Send one binary message. Raises ``ConnectionClosed`` when the connection is closed, or breaks (or
         takes longer than ``open_timeout`` to take the message) while sending."""

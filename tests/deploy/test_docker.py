@@ -651,7 +651,8 @@ def test_entrypoint_command_lines(tmp_path):
 
     # A --port or --host argument is refused, naming the variable: the image's healthcheck probes VLA_PORT, so a
     # port given otherwise (a later --port won) served while the container was marked unhealthy.
-    for args in (("--port", "9001"), ("--dtype", "float32", "--port=9001"), ("--host", "10.0.0.5")):
+    for args in (("--port", "9001"), ("--dtype", "float32", "--port=9001"), ("--host", "10.0.0.5"),
+                 ("--por", "9001"), ("--ho=10.0.0.5",)):  # (argparse takes a prefix of an option for it)
         out = subprocess.run([str(ENTRYPOINT), *args], env=_entry_env(tmp_path, VLA_ENTRYPOINT_DRY_RUN="1"),
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and not out.stdout and "VLA_PORT" in out.stderr, (args, out.stderr)
