@@ -8,7 +8,7 @@
 #   and VLA_PORT (default 8000), passed as --host/--port so that they win over a host or port
 #   written in the deployment YAML;
 # - arguments are appended to `vla-foundry serve` (`--checkpoint /checkpoints/x`, `--dtype bfloat16`),
-#   except `--host` and `--port` (and their abbreviations), refused: the image's healthcheck probes
+#   except `--host` and `--port`, refused: the image's healthcheck probes
 #   VLA_PORT on 127.0.0.1, so a port or address given otherwise left the container unhealthy while it
 #   served (set VLA_PORT, and VLA_HOST to an address that includes 127.0.0.1); a first argument that is
 #   not an option is run as a command instead
@@ -23,8 +23,7 @@ fi
 
 for argument in "$@"; do
     case "$argument" in
-        # (and what argparse takes as short for them)
-        --p|--po|--por|--port|--p=*|--po=*|--por=*|--port=*|--ho|--hos|--host|--ho=*|--hos=*|--host=*)
+        --host|--host=*|--port|--port=*)  # (the CLI takes no abbreviation of an option)
             echo "vla-foundry-entrypoint: ${argument%%=*} is not taken as an argument here; set VLA_PORT or" \
                  "VLA_HOST instead (the image's healthcheck probes VLA_PORT on 127.0.0.1, which VLA_HOST must" \
                  "include: 0.0.0.0, the default)" >&2

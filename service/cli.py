@@ -402,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="vla-foundry", description=plain_text(__doc__.splitlines()[0]))
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve checkpoints over HTTP (the demo pack when none is given)")
+    # No abbreviated options: `--por 9001` taken for `--port` would get past the container entrypoint's refusal of
+    # --port, and a prefix that a later option makes ambiguous would break a command that worked.
+    serve = sub.add_parser("serve", allow_abbrev=False,
+                           help="serve checkpoints over HTTP (the demo pack when none is given)")
     serve.add_argument("--config", type=Path, help="deployment YAML (device, dtype, deployments)")
     serve.add_argument("--checkpoint", action="append", metavar="DIR[=NAME]",
                        help="a VLA Foundry experiment directory to serve; repeatable")
@@ -422,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--launcher-pid", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
-    demo = sub.add_parser("demo", help="build the demo pack")
+    demo = sub.add_parser("demo", allow_abbrev=False, help="build the demo pack")
     demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR,
                       help=f"where to build it (default {DEFAULT_DEMO_DIR})")
     demo.add_argument("--rebuild", action="store_true", help="retrain every member from the project's code and data "
@@ -430,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ship", action="store_true", help="maintainers: write the built pack into the package "
                                                            "(vla_foundry/demo/pack, safetensors and checksums)")
     demo.set_defaults(func=_demo)
-    models = sub.add_parser("models", help="list registered model types and batch handlers")
+    models = sub.add_parser("models", allow_abbrev=False, help="list registered model types and batch handlers")
     models.set_defaults(func=_models)
     return parser
 

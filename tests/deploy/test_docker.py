@@ -651,11 +651,16 @@ def test_entrypoint_command_lines(tmp_path):
 
     # A --port or --host argument is refused, naming the variable: the image's healthcheck probes VLA_PORT, so a
     # port given otherwise (a later --port won) served while the container was marked unhealthy.
-    for args in (("--port", "9001"), ("--dtype", "float32", "--port=9001"), ("--host", "10.0.0.5"),
-                 ("--por", "9001"), ("--ho=10.0.0.5",)):  # (argparse takes a prefix of an option for it)
+    for args in (("--port", "9001"), ("--dtype", "float32", "--port=9001"), ("--host", "10.0.0.5")):
         out = subprocess.run([str(ENTRYPOINT), *args], env=_entry_env(tmp_path, VLA_ENTRYPOINT_DRY_RUN="1"),
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and not out.stdout and "VLA_PORT" in out.stderr, (args, out.stderr)
+    # ... and an abbreviation of them passes the entrypoint, but the CLI takes none (argparse's default would)
+    from service.cli import build_parser
+
+    for abbreviated in (["--por", "9001"], ["--ho=10.0.0.5"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *abbreviated])
 
     # VLA_CONFIG is left to the settings, and wins over a mounted deployment file (it was ignored beside one).
     for mounted in (tmp_path / "none.yaml", deploy):
