@@ -83,6 +83,8 @@ class SlotDecoding(Protocol):
 class SlotModel(Protocol):
     """What a model offers to decode in slots."""
 
+    max_seq_len: int  # the context a slot holds
+
     def prefill(self, input_ids: torch.Tensor, **row_inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """One prompt (1, T) exactly as a solo generation's first step runs it: next-token logits (1, V), its cache."""
 

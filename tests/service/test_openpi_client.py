@@ -91,5 +91,10 @@ except Exception as e:
     with live_server(["--checkpoint", f"{tiny_checkpoints['diffusion_policy']}=policy"], tmp_path / "demo") as base:
         url = base.replace("http://", "ws://") + "/ws/diffusion_policy?model=nope"
         out = subprocess.run([openpi_python, "-c", script, url], capture_output=True, text=True, timeout=120)
+        # Its default path, the server's root (given no path): a bare 403 before; now 404 naming the endpoint
+        root = subprocess.run([openpi_python, "-c", script, base.replace("http://", "ws://")], capture_output=True,
+                              text=True, timeout=120)
     assert "TypeError" not in out.stdout + out.stderr and out.stdout.startswith("InvalidStatus 404 "), out
     assert json.loads(out.stdout.split(" ", 2)[2])["error"]["field"] == "model"
+    assert root.stdout.startswith("InvalidStatus 404 "), root
+    assert "/ws/diffusion_policy" in json.loads(root.stdout.split(" ", 2)[2])["error"]["message"]

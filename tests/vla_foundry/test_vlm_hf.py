@@ -315,6 +315,8 @@ def test_evaluations_where_inputs_are_laid_out_per_token(tmp_path, tiny_tokenize
     pair = pipeline.evaluate([[a], [b]], texts=[short, long], seed=1)
     assert pair["loss"] == pytest.approx(pooled(*alone), abs=1e-5)
     assert pair["num_tokens"] == sum(o["num_tokens"] for o in alone) and pair["seed"] == 1
+    first = load_pipeline(hf_dir).evaluate([[a], [b]], texts=[short, long], seed=1)  # (its processor's first call)
+    assert first["loss"] == pytest.approx(pair["loss"], abs=1e-6) and first["num_tokens"] == pair["num_tokens"]
     counting = CountingImages(pipeline.processor.processor)  # each row's image encoded once (before: twice)
     pipeline.processor.processor = counting
     assert pipeline.evaluate([[a], [b]], texts=[short, long], seed=1) == pair

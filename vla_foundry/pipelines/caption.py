@@ -234,12 +234,11 @@ class CaptionPipeline(TextPipeline):
             if inputs.per_token and len({len(r) for r in ids}) > 1:
                 # Its processor lays out inputs per token in its own padding (Qwen2-VL's mm_token_type_ids), which
                 # the rows' padding here would not match: each row alone, the losses pooled over their tokens
+                if inputs.rows is None:  # (its first encoding told it so: now it encodes each row alone)
+                    inputs = self.processor.encode(list(texts), None, images, answers=True)
                 seed = new_seed() if seed is None else seed
-                rows = (zip(ids, inputs.rows) if inputs.rows is not None else  # (else: each row encoded alone)
-                        ((a.ids[0], a.image_inputs) for a in (self.processor.encode([text], None, [row], answers=True)
-                                                              for text, row in zip(texts, images))))
                 return _pooled([self._scored([row_ids], row_inputs, "texts", seed)
-                                for row_ids, row_inputs in rows], seed)
+                                for row_ids, row_inputs in zip(inputs.ids, inputs.rows)], seed)
         else:
             input_ids, images = broadcast_rows(input_ids, images, "input_ids")
             if images and self.processor.lays_out_per_token(images[0]):
