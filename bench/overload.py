@@ -1,7 +1,8 @@
 """Overload: the demo policy under 4× its capacity, and under a retry storm (issue 16).
 
-    python bench/overload.py [--max-queue-ms MS] [--duration 20] [--factor 4 | --rate R] [--storm-clients 96]
-                             [--max-batch-size N] [--rounds 3] [--threads 1] [--checkpoint DIR] [--json PATH]
+    python bench/overload.py [--max-queue-ms MS | --max-queue-calls N] [--duration 20] [--factor 4 | --rate R]
+                             [--storm-clients 96] [--max-batch-size N] [--rounds 3] [--threads 1]
+                             [--checkpoint DIR] [--json PATH]
 
 The `diffusion_policy` member of the demo pack (built first if missing) is served by
 `vla-foundry serve --config <a temporary YAML>` on a loopback port (CPU), alone, so that
@@ -29,7 +30,8 @@ against 10.0 ms in the capacity phase before it, and its ratio missed by about t
 2. `capacity`: 16 closed-loop clients for 2 s + 8 s → 200s per second = the capacity;
    both on a server with no `max_queue_ms` (nothing is shed there: the policy's own capacity,
    with the default batching, `max_batch_size` 8 on the CPU, or --max-batch-size);
-3. `overload`: on the second server, the same deployment with `max_queue_ms` (--max-queue-ms; by
+3. `overload`: on the second server, the same deployment with `max_queue_ms` (--max-queue-ms, or
+   `max_queue_calls` with --max-queue-calls: the bound in the server's own measured calls; by
    default one full batch call of the first round's phase 2, rounded up to a ms: why in the source),
    an open loop: arrivals on a fixed schedule at --factor × the first round's capacity (in every
    round: one load named) for --duration s, each sent
@@ -113,7 +115,8 @@ GOAL_TAIL, GOAL_STORM = 3.0, 0.8
 # next batch and refuses one that would wait for two: batches stay full and the queue never holds more than one
 # batch's worth. (The unloaded p50, the first default, refused most requests that could have joined the next
 # batch: the storm phase then ran batches of 5 and good throughput fell to 0.71× capacity in one run.) A fixed
-# number would be wrong on another host, hence measured; --max-queue-ms sets one.
+# number would be wrong on another host, hence measured; --max-queue-ms sets one, and --max-queue-calls has the
+# server measure it (its max_queue_calls: that many of its recent full batch calls, as they run).
 # The server holds each overload refusal for VLA_SHED_PACING_S (default 1 s; deadlines.RefusalPacer), so clients that
 # retry at once retry about once a second each (with VLA_SHED_RETRIES_PER_S, about 4/3 of that rate in all).
 
@@ -128,25 +131,27 @@ def demo_checkpoint(given: Optional[str]) -> Path:
 
 
 @contextmanager
-def policy_server(checkpoint: Path, scratch: Path, max_queue_ms: Optional[float], threads: int,
+def policy_server(checkpoint: Path, scratch: Path, bound: dict[str, float], threads: int,
                   max_batch_size: Optional[int] = None) -> Iterator[str]:
-    """``vla-foundry serve --config`` with one deployment, the policy, with ``max_queue_ms`` (none: no shedding
-    but the queue bound); the base URL once ready."""
-    entry: dict[str, Any] = {"name": NAME, "checkpoint": str(checkpoint)}
-    if max_queue_ms is not None:
-        entry["max_queue_ms"] = max_queue_ms
+    """``vla-foundry serve --config`` with one deployment, the policy, with the shedding ``bound`` in its entry
+    (``max_queue_ms`` or ``max_queue_calls``; none: no shedding but the queue bound); the base URL once ready."""
+    entry: dict[str, Any] = {"name": NAME, "checkpoint": str(checkpoint), **bound}
     if max_batch_size is not None:
         entry["max_batch_size"] = max_batch_size
-    config = scratch / f"deploy-{'shed' if max_queue_ms else 'plain'}.yaml"
+    config = scratch / f"deploy-{'shed' if bound else 'plain'}.yaml"
     config.write_text(yaml.safe_dump({"device": "cpu", "deployments": [entry]}))
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_METRICS_PUBLIC": "true"}
     if threads:  # as bench/fleet.py: the clients share the cores, so one torch thread (see its docstring)
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = serve_command() + ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    label = f"the server (max_queue_ms {max_queue_ms:g})" if max_queue_ms else "the server (no max_queue_ms)"
+    label = f"the server ({bound_text(bound)})" if bound else "the server (no max_queue_ms)"
     with server_process(command, env, port, "/health/ready", label) as base:
         yield base
+
+
+def bound_text(bound: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in bound.items())
 
 
 def descendants(pid: int) -> list[int]:
@@ -508,9 +513,13 @@ def raise_open_files(wanted: int) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a diffusion_policy experiment directory (default: the demo policy)")
-    parser.add_argument("--max-queue-ms", type=float,
-                        help="the shedding server's max_queue_ms (default: one full batch call of phase 2, rounded "
-                             "up to a ms; see the source)")
+    bound = parser.add_mutually_exclusive_group()
+    bound.add_argument("--max-queue-ms", type=float,
+                       help="the shedding server's max_queue_ms (default: one full batch call of phase 2, rounded "
+                            "up to a ms; see the source)")
+    bound.add_argument("--max-queue-calls", type=float,
+                       help="the shedding server's max_queue_calls instead: the bound in its own recent full batch "
+                            "calls (0.5: about half a call), which it measures as it serves")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of overload and of each retry storm")
     parser.add_argument("--factor", type=float, default=4.0, help="overload arrival rate ÷ capacity")
     parser.add_argument("--rate", type=float, help="the overload's arrival rate, per second (instead of --factor × the "
@@ -606,7 +615,7 @@ def main() -> int:
     rounds = [Round(i + 1) for i in range(args.rounds)]
     with tempfile.TemporaryDirectory(prefix="overload-bench-") as scratch, ExitStack() as servers:
         checkpoint = demo_checkpoint(args.checkpoint)
-        plain = servers.enter_context(policy_server(checkpoint, Path(scratch), None, args.threads,
+        plain = servers.enter_context(policy_server(checkpoint, Path(scratch), {}, args.threads,
                                                     args.max_batch_size))
         with HttpPolicyClient(plain, model=NAME) as client:
             io = client.metadata()
@@ -628,10 +637,11 @@ def main() -> int:
                 if shed is None:
                     capacity = rounds[0].capacity
                     batch_call_ms = server_means(capacity.metrics)[2]
-                    max_queue_ms = args.max_queue_ms or float(math.ceil(batch_call_ms or
-                                                                        rounds[0].unloaded.percentile(50)))
-                    print(f"  the shedding server: max_queue_ms {max_queue_ms:g}", flush=True)
-                    shed = servers.enter_context(policy_server(checkpoint, Path(scratch), max_queue_ms, args.threads,
+                    bound = ({"max_queue_calls": args.max_queue_calls} if args.max_queue_calls else
+                             {"max_queue_ms": args.max_queue_ms or float(math.ceil(batch_call_ms or
+                                                                                    rounds[0].unloaded.percentile(50)))})
+                    print(f"  the shedding server: {bound_text(bound)}", flush=True)
+                    shed = servers.enter_context(policy_server(checkpoint, Path(scratch), bound, args.threads,
                                                                args.max_batch_size))
                     shed_messages = request_messages(shed, io, steps)
                     # a short warm-up of the new server (its first calls per batch size), not measured
@@ -640,15 +650,16 @@ def main() -> int:
                     # one arrival rate for every round: the load the verdicts name
                     rate = args.rate if args.rate is not None else args.factor * capacity.good_rps()
                 shed_phases(shed, shed_messages, r, args.rounds, rate, args)
-    report(rounds, args, max_queue_ms, rate, time.monotonic() - started)
+    report(rounds, args, bound, rate, time.monotonic() - started)
     return 0
 
 
-def report(rounds: list[Round], args: argparse.Namespace, max_queue_ms: float, rate: float, wall_s: float) -> None:
+def report(rounds: list[Round], args: argparse.Namespace, bound: dict[str, float], rate: float,
+           wall_s: float) -> None:
     phases = [p for r in rounds for p in r.phases()]
     first_capacity = rounds[0].capacity.good_rps()
     factor = rate / first_capacity if first_capacity else args.factor  # what the verdicts name (--rate: as it falls)
-    print(f"\n## overload: demo policy, max_queue_ms {max_queue_ms:g}, {factor:.2g}× capacity, "
+    print(f"\n## overload: demo policy, {bound_text(bound)}, {factor:.2g}× capacity, "
           f"{args.duration:g} s, {len(rounds)} round(s) (wall {wall_s:.0f} s)\n")
     print_table(phases)
     overloads = [r.overload for r in rounds]
@@ -740,7 +751,7 @@ def report(rounds: list[Round], args: argparse.Namespace, max_queue_ms: float, r
                     "metrics_delta": p.metrics}
 
         Path(args.json).write_text(json.dumps({
-            "max_queue_ms": max_queue_ms, "factor": factor, "rate": rate, "duration_s": args.duration,
+            **bound, "factor": factor, "rate": rate, "duration_s": args.duration,
             "rounds": [{"capacity_rps": r.capacity.good_rps(), "unloaded_p50_ms": r.unloaded.percentile(50),
                         "tail_ratio": t, "storm_ratio": s, "phases": [figures(p) for p in r.phases()]}
                        for r, t, s in zip(rounds, tails, storms)],

@@ -154,6 +154,9 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
                                log_refusals_per_s=settings.log_refusals_per_s)
     install_error_handlers(app)
     app.include_router(health.router)
+    # Before the mounts (docs assets, the page's files): a mount matches a websocket upgrade too, and the robot
+    # websockets' catch-all answers every other path's upgrade with a 404 naming them.
+    add_robot_websocket(app, settings)
     add_docs_routes(app)
     add_page_routes(app)
     app.add_api_route("/metrics", lambda: metrics.response(), methods=["GET"], tags=["operations"],
@@ -165,6 +168,5 @@ def create_app(settings: Optional[Settings] = None, replica: Optional[Replica] =
     add_inference_routes(app, settings)
     add_openai_routes(app, settings)
     add_session_routes(app, settings)
-    add_robot_websocket(app, settings)
     add_admin_routes(app, settings)
     return app

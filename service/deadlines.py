@@ -6,8 +6,8 @@ may set a default (``request_timeout_s`` in its YAML entry); a robot's observati
 earliest of these) is held in a context variable for the request's task, so the deployment layer sees it
 whatever the transport, and a request still waiting for the model at its deadline is dropped then
 (``executor._outcome``): it gets 504 and its model call never runs. Admission looks ahead too: when the deployment's
-expected wait already exceeds what is left (or its ``max_queue_ms``), the request is refused at
-once with 503 and a ``Retry-After`` from that wait.
+expected wait already exceeds what is left (or its ``max_queue_ms`` or ``max_queue_calls``), the
+request is refused at once with 503 and a ``Retry-After`` from that wait.
 """
 
 from __future__ import annotations

@@ -360,12 +360,12 @@ class Deployment:
     def admit(self, batchable: bool = True, stage: str = "queue", generation: bool = False,
               rows: int = 1) -> Optional[float]:
         """This request's deadline (deadlines.py), after refusing it (503) when the expected wait already
-        exceeds what is left of it, or this deployment's ``max_queue_ms``. ``call`` admits (``stage`` "queue");
-        transports also admit before the costly parts of a request ("body": before it is read, "decode": before
-        its images are decoded); ``vla_requests_shed_total`` counts refusals by stage. A ``generation`` for the
-        continuous batcher waits for slots (``rows`` of them), not for the queue's calls: the batcher estimates that
-        wait. The
-        request's own early reservation (``front_door.py``) is not counted against it."""
+        exceeds what is left of it, or this deployment's bound (``queue_bound``). ``call`` admits (``stage``
+        "queue"); transports also admit before the costly parts of a request ("body": before it is read,
+        "decode": before its images are decoded); ``vla_requests_shed_total`` counts refusals by stage. A
+        ``generation`` for the continuous batcher waits for slots (``rows`` of them), not for the queue's calls:
+        the batcher estimates that wait. The request's own early reservation (``front_door.py``) is not counted
+        against it."""
         self.check_ready()
         deadline = deadline_for(self.spec.request_timeout_s)
         early = early_reservation()
@@ -382,14 +382,30 @@ class Deployment:
         if deadline is not None and time.perf_counter() + wait_s > deadline:
             reason = "before this request could run, past its deadline; retry later, or allow more time " \
                      "(X-Request-Timeout)"
-        elif self.spec.max_queue_ms is not None and wait_s * 1000 > self.spec.max_queue_ms:
-            reason = f"over its max_queue_ms of {self.spec.max_queue_ms:g}; retry later"
+        elif (bound := self.queue_bound()) is not None and wait_s * 1000 > bound[0]:
+            reason = f"over its {bound[1]}; retry later"
         if reason is None:
             return deadline
         if self.metrics is not None:
             self.metrics.shed.labels(self.name, stage).inc()
         raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms {reason}",
                        retry_after=retry_after, type="overloaded", deadline=deadline, wait_s=wait_s)
+
+    def queue_bound(self) -> Optional[tuple[float, str]]:
+        """The longest expected wait (ms) this deployment admits, and the setting that sets it: ``max_queue_ms``, or
+        ``max_queue_calls`` times its recent full batch call (the executor's record: none before a first call), the
+        lesser where both are set; None: no bound."""
+        bounds = []
+        if self.spec.max_queue_ms is not None:
+            bounds.append((self.spec.max_queue_ms, f"max_queue_ms of {self.spec.max_queue_ms:g}"))
+        if self.spec.max_queue_calls is not None:
+            size = self.executor.max_batch_size
+            call_ms = self.executor.call_s(size) * 1000
+            if call_ms > 0:
+                bound_ms = self.spec.max_queue_calls * call_ms
+                bounds.append((bound_ms, f"max_queue_calls of {self.spec.max_queue_calls:g} ({bound_ms:.1f} ms: "
+                                         f"its call of {size} takes {call_ms:.1f} ms)"))
+        return min(bounds, default=None)
 
     async def call(self, call: ModelCall) -> Timed:
         """The one way into the model: ``call.run(pipeline, items)`` on this deployment's thread, with the

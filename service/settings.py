@@ -60,6 +60,11 @@ class DeploymentSpec(BaseModel):
         "X-Request-Timeout may set an earlier one): one still waiting then gets 504 and never runs."))
     max_queue_ms: Optional[float] = Field(None, gt=0, description=(
         "Refuse a request (503, Retry-After) when the expected wait for the model thread is longer."))
+    max_queue_calls: Optional[float] = Field(None, gt=0, le=1000, description=(
+        "As max_queue_ms, in this deployment's calls: refuse a request when the expected wait is longer than this "
+        "many of its recent full batch calls (as measured while it serves; no bound before its first call). "
+        "0.5 admits a request only when the model is about free, whatever the hardware; with max_queue_ms too, "
+        "the lesser bound holds."))
     model_process: Optional[bool] = Field(None, description="Policies, text and captions: overrides the top-level "
                                                             "model_process.")
 

@@ -471,6 +471,42 @@ def test_the_expected_wait_counts_batches_not_requests():
         executor.shutdown()
 
 
+@pytest.mark.parametrize("max_queue_ms", [None, 300.0])
+def test_max_queue_calls_bounds_the_wait_in_the_deployments_own_calls(tiny_checkpoints, monkeypatch, max_queue_ms):
+    """``max_queue_calls: 0.5`` admits a request whose expected wait is at most half of the deployment's recent full
+    batch call, whatever that call takes on this hardware: with calls of 1 s, a wait of 0.4 s is admitted and one of
+    0.6 s refused (503 naming the setting and the call's time); with calls of 0.2 s, a wait of 0.4 s is refused.
+    Before any call was measured there is nothing to bound by. With max_queue_ms too, the lesser bound holds."""
+    spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), max_queue_calls=0.5,
+                          max_queue_ms=max_queue_ms, max_batch_size=2)
+    with serving(spec, shed_pacing_s=0) as client:
+        executor = deployment(client, "policy").executor
+        wait, call = [0.4], {}
+        monkeypatch.setattr(executor, "expected_wait_s", lambda batchable=True, own_pending=None: wait[0])
+        monkeypatch.setattr(executor, "call_s", lambda batch_size: call.get(batch_size, 0.0))  # its record of calls
+
+        def status() -> int:
+            return client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"]).status_code
+
+        # none measured: no bound from max_queue_calls (max_queue_ms alone, 300 ms, refuses 400 ms)
+        assert status() == (200 if max_queue_ms is None else 503)
+        call[2] = 1.0  # a full batch (max_batch_size 2) takes 1 s: a bound of 500 ms
+        assert status() == (200 if max_queue_ms is None else 503)
+        wait[0] = 0.6
+        refused = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"])
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        message = refused.json()["error"]["message"]
+        if max_queue_ms is None:
+            assert "max_queue_calls of 0.5 (500.0 ms: its call of 2 takes 1000.0 ms)" in message, message
+        else:
+            assert "max_queue_ms of 300" in message, message
+        wait[0], call[2] = 0.4, 0.2  # faster calls, a shorter bound (100 ms)
+        refused = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"])
+        assert refused.status_code == 503 and "max_queue_calls of 0.5 (100.0 ms" in refused.json()["error"]["message"]
+        wait[0] = 0.09
+        assert status() == 200
+
+
 @pytest.mark.parametrize("deadline", [None, "header", "deployment"])
 def test_an_overload_refusal_is_held_back(tiny_checkpoints, monkeypatch, deadline):
     """With VLA_SHED_PACING_S, a 503 overloaded is sent after between half of it and all of it (a client that

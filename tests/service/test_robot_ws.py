@@ -176,10 +176,12 @@ def test_unknown_deployment_is_refused(server):
     assert "nope" in error["message"] and error["field"] == "model"
 
 
-@pytest.mark.parametrize("path", ["/", "/ws", "/ws/transformer", "/ws/nope?model=x"])
+@pytest.mark.parametrize("path", ["/", "/ws", "/ws/transformer", "/ws/nope?model=x",
+                                  "/docs-assets/redoc.standalone.js", "/static/app.js"])
 def test_a_websocket_at_another_path_is_refused_404_naming_the_robot_websockets(server, path):
     """openpi's client connects to ``/`` unless given a path: every other path than ``/ws/<policy type>`` got a bare
-    403 with no body, which reads as an auth or origin refusal. Now 404 in the error shape, naming the endpoint."""
+    403 with no body, which reads as an auth or origin refusal. Now 404 in the error shape, naming the endpoint; the
+    static files' folders too (their mounts took the upgrade, and a bare 403 came back)."""
     base = server.split("/ws/")[0]
     error = refused_upgrade(404, base + path)
     assert "/ws/diffusion_policy" in error["message"] and "WebsocketClientPolicy" in error["message"], error
