@@ -382,7 +382,8 @@ class Deployment:
         if deadline is not None and time.perf_counter() + wait_s > deadline:
             reason = "before this request could run, past its deadline; retry later, or allow more time " \
                      "(X-Request-Timeout)"
-        elif (bound := self.queue_bound()) is not None and wait_s * 1000 > bound[0]:
+        elif (bound := self.queue_bound(generation and self.batcher is not None)) is not None \
+                and wait_s * 1000 > bound[0]:
             reason = f"over its {bound[1]}; retry later"
         if reason is None:
             return deadline
@@ -391,14 +392,15 @@ class Deployment:
         raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms {reason}",
                        retry_after=retry_after, type="overloaded", deadline=deadline, wait_s=wait_s)
 
-    def queue_bound(self) -> Optional[tuple[float, str]]:
+    def queue_bound(self, for_slots: bool = False) -> Optional[tuple[float, str]]:
         """The longest expected wait (ms) this deployment admits, and the setting that sets it: ``max_queue_ms``, or
         ``max_queue_calls`` times its recent full batch call (the executor's record: none before a first call), the
-        lesser where both are set; None: no bound."""
+        lesser where both are set; None: no bound. ``for_slots``: a generation waiting for a continuous batcher's
+        slots, which the executor's calls do not measure (a decode step is not a call): ``max_queue_ms`` alone."""
         bounds = []
         if self.spec.max_queue_ms is not None:
             bounds.append((self.spec.max_queue_ms, f"max_queue_ms of {self.spec.max_queue_ms:g}"))
-        if self.spec.max_queue_calls is not None:
+        if self.spec.max_queue_calls is not None and not for_slots:
             size = self.executor.max_batch_size
             call_ms = self.executor.call_s(size) * 1000
             if call_ms > 0:

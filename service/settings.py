@@ -64,7 +64,8 @@ class DeploymentSpec(BaseModel):
         "As max_queue_ms, in this deployment's calls: refuse a request when the expected wait is longer than this "
         "many of its recent full batch calls (as measured while it serves; no bound before its first call). "
         "0.5 admits a request only when the model is about free, whatever the hardware; with max_queue_ms too, "
-        "the lesser bound holds."))
+        "the lesser bound holds. A continuous batcher's generations wait for slots, not calls: max_queue_ms "
+        "alone bounds them."))
     model_process: Optional[bool] = Field(None, description="Policies, text and captions: overrides the top-level "
                                                             "model_process.")
 

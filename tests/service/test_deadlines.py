@@ -642,6 +642,25 @@ def test_a_generation_is_refused_when_its_wait_for_a_slot_exceeds_max_queue_ms(c
                            ).status_code == 200
 
 
+def test_max_queue_calls_does_not_bound_a_wait_for_slots(chat_checkpoint, monkeypatch):  # noqa: F811
+    """A continuous batcher's generation waits for slots, which no executor call measures: ``max_queue_calls``
+    leaves it alone (it would have compared a slot's wait with, say, an evaluation's call), while a plain call of
+    the same deployment with the same expected wait is refused by it."""
+    spec = DeploymentSpec(name="chat", checkpoint=str(chat_checkpoint), max_queue_calls=0.1, max_batch_size=2)
+    with serving(spec, continuous_batching=True) as client:
+        chat = deployment(client, "chat")
+        calls_ahead = [0.0]  # the executor's queue: empty while the generation comes (nothing to bound at the door)
+        monkeypatch.setattr(chat.executor, "call_s", lambda batch_size: 1.0)  # its calls take 1 s: a 100 ms bound
+        monkeypatch.setattr(chat.executor, "expected_wait_s", lambda batchable=True, own_pending=None: calls_ahead[0])
+        monkeypatch.setattr(chat.batcher, "expected_wait_s", lambda rows=1: 0.5)  # 500 ms for a slot
+        generated = client.post("/predict/transformer", json={"model": "chat", "prompt": "a", "max_new_tokens": 2})
+        assert generated.status_code == 200, generated.text
+        calls_ahead[0] = 0.5
+        evaluated = client.post("/evaluate/transformer", json={"model": "chat", "texts": ["a b"]})
+        assert evaluated.status_code == 503 and "max_queue_calls" in evaluated.json()["error"]["message"], \
+            evaluated.text
+
+
 @pytest.mark.parametrize("model_process", [False, True], ids=["in_thread", "model_process"])
 def test_a_generation_of_more_sequences_than_the_free_slots_is_refused_by_the_wait_for_all_of_them(
         chat_checkpoint, model_process):  # noqa: F811
