@@ -637,7 +637,7 @@ def main() -> int:
                 if shed is None:
                     capacity = rounds[0].capacity
                     batch_call_ms = server_means(capacity.metrics)[2]
-                    bound = ({"max_queue_calls": args.max_queue_calls} if args.max_queue_calls else
+                    bound = ({"max_queue_calls": args.max_queue_calls} if args.max_queue_calls is not None else
                              {"max_queue_ms": args.max_queue_ms or float(math.ceil(batch_call_ms or
                                                                                     rounds[0].unloaded.percentile(50)))})
                     print(f"  the shedding server: {bound_text(bound)}", flush=True)

@@ -382,7 +382,7 @@ class Deployment:
         if deadline is not None and time.perf_counter() + wait_s > deadline:
             reason = "before this request could run, past its deadline; retry later, or allow more time " \
                      "(X-Request-Timeout)"
-        elif (bound := self.queue_bound(generation and self.batcher is not None)) is not None \
+        elif (bound := self.queue_bound(batchable, for_slots=generation and self.batcher is not None)) is not None \
                 and wait_s * 1000 > bound[0]:
             reason = f"over its {bound[1]}; retry later"
         if reason is None:
@@ -392,21 +392,21 @@ class Deployment:
         raise ApiError(503, f"deployment {self.name!r} expects a wait of {wait_s * 1000:.0f} ms {reason}",
                        retry_after=retry_after, type="overloaded", deadline=deadline, wait_s=wait_s)
 
-    def queue_bound(self, for_slots: bool = False) -> Optional[tuple[float, str]]:
+    def queue_bound(self, batchable: bool = True, for_slots: bool = False) -> Optional[tuple[float, str]]:
         """The longest expected wait (ms) this deployment admits, and the setting that sets it: ``max_queue_ms``, or
-        ``max_queue_calls`` times its recent full batch call (the executor's record: none before a first call), the
-        lesser where both are set; None: no bound. ``for_slots``: a generation waiting for a continuous batcher's
-        slots, which the executor's calls do not measure (a decode step is not a call): ``max_queue_ms`` alone."""
+        ``max_queue_calls`` times its recent call of the request's kind (a full batch of ``max_batch_size`` for a
+        batchable request, a lone call for a plain one; until a full batch has run, the largest measured; none
+        before any call), the lesser where both are set; None: no bound. ``for_slots``: a generation waiting for a
+        continuous batcher's slots, which no call measures (a decode step is not a call): ``max_queue_ms`` alone."""
         bounds = []
         if self.spec.max_queue_ms is not None:
             bounds.append((self.spec.max_queue_ms, f"max_queue_ms of {self.spec.max_queue_ms:g}"))
-        if self.spec.max_queue_calls is not None and not for_slots:
-            size = self.executor.max_batch_size
-            call_ms = self.executor.call_s(size) * 1000
-            if call_ms > 0:
-                bound_ms = self.spec.max_queue_calls * call_ms
-                bounds.append((bound_ms, f"max_queue_calls of {self.spec.max_queue_calls:g} ({bound_ms:.1f} ms: "
-                                         f"its call of {size} takes {call_ms:.1f} ms)"))
+        measured = self.executor.measured_call(self.executor.max_batch_size if batchable else 1)
+        if self.spec.max_queue_calls is not None and not for_slots and measured is not None:
+            size, call_ms = measured[0], measured[1] * 1000
+            bound_ms = self.spec.max_queue_calls * call_ms
+            bounds.append((bound_ms, f"max_queue_calls of {self.spec.max_queue_calls:g} ({bound_ms:.1f} ms: its "
+                                     f"recent call of {size} took {call_ms:.1f} ms)"))
         return min(bounds, default=None)
 
     async def call(self, call: ModelCall) -> Timed:

@@ -172,6 +172,13 @@ class ModelExecutor:
         nearest = min(measured, key=lambda n: abs(n - batch_size))
         return measured[nearest] * max(1.0, batch_size / nearest)
 
+    def measured_call(self, batch_size: int) -> Optional[tuple[int, float]]:
+        """(size, seconds) of the recent call of ``batch_size`` requests as measured, else of the largest size
+        below it that was (no guess from other sizes: a call of 8 is not 8 calls of 1); None before any."""
+        measured = dict(self.call_seconds)  # a copy: the model thread adds sizes meanwhile
+        sizes = [n for n in measured if n <= batch_size]
+        return (max(sizes), measured[max(sizes)]) if sizes else None
+
     def _put(self, job: _Job) -> concurrent.futures.Future:
         if not self._waiting.acquire(blocking=False):
             raise QueueFull(f"deployment {self.name!r} has {self.max_queue} requests waiting")

@@ -11,8 +11,8 @@ The door acts on ``POST /predict/{type}`` and ``/evaluate/{type}`` whose type ha
 names it before the body is read). It makes the checks the app would make first, cheaply, and leaves every
 doubt to the app: a request without a valid API key, or with a malformed ``X-Request-Timeout``, goes on to get
 its 401 or 400 there. Then it admits the request (``Deployment.admit``, stage ``body``: the expected wait against
-the deadline and ``max_queue_ms``). Refused, it answers here in the one error shape, with the request's id (in
-``X-Request-ID`` and the body), counted and logged as the app counts and logs every request
+the deadline, ``max_queue_ms`` and ``max_queue_calls``). Refused, it answers here in the one error shape, with
+the request's id (in ``X-Request-ID`` and the body), counted and logged as the app counts and logs every request
 (``metrics.record_request``; at most ``VLA_LOG_REFUSALS_PER_S`` lines a second, ``RefusalLines``), held back
 first for pacing (``deadlines.RefusalPacer``); its body is never read.
 Admitted, the request goes on into the app, and counts as waiting (a reservation) from the end of its body until

@@ -135,8 +135,8 @@ class Metrics:
 
         self.shed = DeploymentMetric(Counter(
             "vla_requests_shed", "Requests refused (503 overloaded) because the deployment's expected wait was over "
-            "their deadline or its max_queue_ms, by where: before the body was read (body), before its images were "
-            "decoded (decode), when queueing (queue).", ["deployment", "stage"], registry=r), self)
+            "their deadline or its max_queue_ms or max_queue_calls, by where: before the body was read (body), before "
+            "its images were decoded (decode), when queueing (queue).", ["deployment", "stage"], registry=r), self)
         self.model_process_restarts = DeploymentMetric(Counter(
             "vla_model_process_restarts", "Deployments with model_process: model processes that died while serving and "
             "were started again (VLA_MODEL_PROCESS_RESTARTS).", ["deployment"], registry=r), self)

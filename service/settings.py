@@ -62,10 +62,11 @@ class DeploymentSpec(BaseModel):
         "Refuse a request (503, Retry-After) when the expected wait for the model thread is longer."))
     max_queue_calls: Optional[float] = Field(None, gt=0, le=1000, description=(
         "As max_queue_ms, in this deployment's calls: refuse a request when the expected wait is longer than this "
-        "many of its recent full batch calls (as measured while it serves; no bound before its first call). "
-        "0.5 admits a request only when the model is about free, whatever the hardware; with max_queue_ms too, "
-        "the lesser bound holds. A continuous batcher's generations wait for slots, not calls: max_queue_ms "
-        "alone bounds them."))
+        "many of its recent calls of the request's kind, as measured while it serves (a full batch of "
+        "max_batch_size for requests that batch, until one has run the largest measured; a lone call for those "
+        "that do not; no bound before its first call). 0.5 admits a request only when the model is about free, "
+        "whatever the hardware; with max_queue_ms too, the lesser bound holds. A generation's wait for a "
+        "continuous batcher's slots is no call: max_queue_ms alone bounds that part."))
     model_process: Optional[bool] = Field(None, description="Policies, text and captions: overrides the top-level "
                                                             "model_process.")
 

@@ -464,6 +464,11 @@ def test_the_expected_wait_counts_batches_not_requests():
         executor._running = (time.perf_counter(), 8)  # a batch of 8 just started: all of it is left
         assert executor.expected_wait_s() == pytest.approx(2 * 0.010 + 4 * 0.040, abs=0.005)
         assert executor.call_s(4) == 0.040 and executor.call_s(16) == pytest.approx(0.080)  # nearest, scaled up
+        # what max_queue_calls counts in: a size as measured, else the largest measured below it, never scaled
+        assert executor.measured_call(8) == (8, 0.040) and executor.measured_call(4) == (1, 0.010)
+        assert executor.measured_call(16) == (8, 0.040)
+        executor.call_seconds = {}
+        assert executor.measured_call(8) is None
     finally:
         executor.depth = executor.batched_depth = 0
         executor.pending = {True: 0, False: 0}
@@ -471,40 +476,52 @@ def test_the_expected_wait_counts_batches_not_requests():
         executor.shutdown()
 
 
+class _Record(dict):
+    """An executor's record of its calls that its own calls do not change: the test sets what it has measured."""
+
+    def __setitem__(self, size, seconds):
+        pass
+
+
 @pytest.mark.parametrize("max_queue_ms", [None, 300.0])
 def test_max_queue_calls_bounds_the_wait_in_the_deployments_own_calls(tiny_checkpoints, monkeypatch, max_queue_ms):
-    """``max_queue_calls: 0.5`` admits a request whose expected wait is at most half of the deployment's recent full
-    batch call, whatever that call takes on this hardware: with calls of 1 s, a wait of 0.4 s is admitted and one of
-    0.6 s refused (503 naming the setting and the call's time); with calls of 0.2 s, a wait of 0.4 s is refused.
-    Before any call was measured there is nothing to bound by. With max_queue_ms too, the lesser bound holds."""
+    """``max_queue_calls: 0.5`` admits a request whose expected wait is at most half of the deployment's recent call
+    of its kind (a full batch for a batchable request, here of 2; a lone call for a plain one), whatever that call
+    takes on this hardware. Before any call was measured there is nothing to bound by; before a full batch has run,
+    the largest call measured stands for it (not a guess of twice a lone call). With max_queue_ms too, the lesser
+    bound holds, and the refusal names the setting that refused it."""
     spec = DeploymentSpec(name="policy", checkpoint=str(tiny_checkpoints["diffusion_policy"]), max_queue_calls=0.5,
                           max_queue_ms=max_queue_ms, max_batch_size=2)
     with serving(spec, shed_pacing_s=0) as client:
-        executor = deployment(client, "policy").executor
-        wait, call = [0.4], {}
-        monkeypatch.setattr(executor, "expected_wait_s", lambda batchable=True, own_pending=None: wait[0])
-        monkeypatch.setattr(executor, "call_s", lambda batch_size: call.get(batch_size, 0.0))  # its record of calls
+        policy = deployment(client, "policy")
+        wait, record = [0.4], _Record()
+        monkeypatch.setattr(policy.executor, "expected_wait_s", lambda batchable=True, own_pending=None: wait[0])
+        monkeypatch.setattr(policy.executor, "call_seconds", record)
 
-        def status() -> int:
-            return client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"]).status_code
+        def reply():
+            return client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"])
 
         # none measured: no bound from max_queue_calls (max_queue_ms alone, 300 ms, refuses 400 ms)
-        assert status() == (200 if max_queue_ms is None else 503)
-        call[2] = 1.0  # a full batch (max_batch_size 2) takes 1 s: a bound of 500 ms
-        assert status() == (200 if max_queue_ms is None else 503)
-        wait[0] = 0.6
-        refused = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"])
+        assert reply().status_code == (200 if max_queue_ms is None else 503)
+        dict.__setitem__(record, 1, 0.5)  # lone calls only: the call of 1 stands for the batch (a 250 ms bound)
+        refused = reply()
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
-        message = refused.json()["error"]["message"]
-        if max_queue_ms is None:
-            assert "max_queue_calls of 0.5 (500.0 ms: its call of 2 takes 1000.0 ms)" in message, message
-        else:
-            assert "max_queue_ms of 300" in message, message
-        wait[0], call[2] = 0.4, 0.2  # faster calls, a shorter bound (100 ms)
-        refused = client.post("/predict/diffusion_policy", json=PREDICT_REQUESTS["diffusion_policy"])
-        assert refused.status_code == 503 and "max_queue_calls of 0.5 (100.0 ms" in refused.json()["error"]["message"]
+        assert "max_queue_calls of 0.5 (250.0 ms: its recent call of 1 took 500.0 ms)" in \
+            refused.json()["error"]["message"]
+        dict.__setitem__(record, 2, 1.0)  # a full batch measured: 1 s, a 500 ms bound
+        assert reply().status_code == (200 if max_queue_ms is None else 503)
+        wait[0] = 0.6
+        message = reply().json()["error"]["message"]
+        expected = "max_queue_calls of 0.5 (500.0 ms: its recent call of 2 took 1000.0 ms)" if max_queue_ms is None \
+            else "max_queue_ms of 300"
+        assert expected in message, message
+        assert policy.queue_bound(batchable=False)[0] == 250.0  # a plain request: in lone calls (250 < 300 ms)
+        wait[0] = 0.4
+        dict.__setitem__(record, 2, 0.2)  # faster calls, a shorter bound (100 ms)
+        refused = reply()
+        assert refused.status_code == 503 and "(100.0 ms: its recent call of 2" in refused.json()["error"]["message"]
         wait[0] = 0.09
-        assert status() == 200
+        assert reply().status_code == 200
 
 
 @pytest.mark.parametrize("deadline", [None, "header", "deployment"])
@@ -650,7 +667,8 @@ def test_max_queue_calls_does_not_bound_a_wait_for_slots(chat_checkpoint, monkey
     with serving(spec, continuous_batching=True) as client:
         chat = deployment(client, "chat")
         calls_ahead = [0.0]  # the executor's queue: empty while the generation comes (nothing to bound at the door)
-        monkeypatch.setattr(chat.executor, "call_s", lambda batch_size: 1.0)  # its calls take 1 s: a 100 ms bound
+        record = _Record({1: 1.0, 2: 1.0})  # its calls take 1 s: a 100 ms bound
+        monkeypatch.setattr(chat.executor, "call_seconds", record)
         monkeypatch.setattr(chat.executor, "expected_wait_s", lambda batchable=True, own_pending=None: calls_ahead[0])
         monkeypatch.setattr(chat.batcher, "expected_wait_s", lambda rows=1: 0.5)  # 500 ms for a slot
         generated = client.post("/predict/transformer", json={"model": "chat", "prompt": "a", "max_new_tokens": 2})
