@@ -401,8 +401,10 @@ class Deployment:
         bounds = []
         if self.spec.max_queue_ms is not None:
             bounds.append((self.spec.max_queue_ms, f"max_queue_ms of {self.spec.max_queue_ms:g}"))
-        measured = self.executor.measured_call(self.executor.max_batch_size if batchable else 1)
-        if self.spec.max_queue_calls is not None and not for_slots and measured is not None:
+        measured = None
+        if self.spec.max_queue_calls is not None and not for_slots:
+            measured = self.executor.measured_call(self.executor.max_batch_size if batchable else 1)
+        if measured is not None:
             size, call_ms = measured[0], measured[1] * 1000
             bound_ms = self.spec.max_queue_calls * call_ms
             bounds.append((bound_ms, f"max_queue_calls of {self.spec.max_queue_calls:g} ({bound_ms:.1f} ms: its "
