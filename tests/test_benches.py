@@ -152,3 +152,29 @@ def test_the_refusal_cost_bench_refuses_every_request_both_ways():
     rows = re.findall(r"^\| 1 \| (.+) \| ([\d.]+) µs \|$", result.stdout, flags=re.M)
     assert [label for label, _ in rows] == ["a line each", "sampled, 20 lines a second"], result.stdout
     assert all(float(us) > 0 for _, us in rows)
+
+
+def test_the_overload_bench_clients_do_not_collect_garbage_during_a_phase():
+    """The overload bench's client stands in for a thousand robots: a collection of its own would pause every
+    request in flight and count as the server's latency, so its collector is off during a phase and collects
+    after it (bench/overload.py, ``phase_without_collections``)."""
+    import gc
+    import weakref
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import overload
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    assert gc.isenabled()
+    with overload.phase_without_collections():
+        assert not gc.isenabled()
+        garbage = weakref.ref(Cycle())
+        more = [weakref.ref(Cycle()) for _ in range(50 * gc.get_threshold()[0])]  # enough to collect many times over
+        assert garbage() is not None and all(ref() is not None for ref in more)
+    assert gc.isenabled() and garbage() is None and not any(ref() for ref in more)  # collected once it is over
