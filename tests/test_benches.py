@@ -154,7 +154,7 @@ def test_the_refusal_cost_bench_refuses_every_request_both_ways():
     assert all(float(us) > 0 for _, us in rows)
 
 
-def test_the_overload_bench_clients_do_not_collect_garbage_during_a_phase():
+def test_the_overload_bench_clients_do_not_collect_garbage_during_a_phase_and_its_histogram():
     """The overload bench's client stands in for a thousand robots: a collection of its own would pause every
     request in flight and count as the server's latency, so its collector is off during a phase and collects
     after it (bench/overload.py, ``phase_without_collections``)."""
@@ -178,3 +178,6 @@ def test_the_overload_bench_clients_do_not_collect_garbage_during_a_phase():
         more = [weakref.ref(Cycle()) for _ in range(50 * gc.get_threshold()[0])]  # enough to collect many times over
         assert garbage() is not None and all(ref() is not None for ref in more)
     assert gc.isenabled() and garbage() is None and not any(ref() for ref in more)  # collected once it is over
+    # The overload's histogram: each latency in the bucket up to its bound, in multiples of the unloaded p50.
+    assert overload.TAIL_BUCKETS == (1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+    assert overload.tail_histogram([4.0, 5.0, 7.0, 12.0, 12.1, 30.0, 50.0], 4.0) == [1, 1, 1, 1, 1, 1, 1]
