@@ -154,18 +154,23 @@ def test_the_refusal_cost_bench_refuses_every_request_both_ways():
     assert all(float(us) > 0 for _, us in rows)
 
 
-def test_the_overload_bench_clients_do_not_collect_garbage_during_a_phase_and_its_histogram():
-    """The overload bench's client stands in for a thousand robots: a collection of its own would pause every
-    request in flight and count as the server's latency, so its collector is off during a phase and collects
-    after it (bench/overload.py, ``phase_without_collections``)."""
-    import gc
-    import weakref
-
+def _overload_bench():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import overload
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return overload
+
+
+def test_the_overload_bench_clients_do_not_collect_garbage_during_a_phase(monkeypatch):
+    """The overload bench's client stands in for a thousand robots: a collection of its own would pause every
+    request in flight and count as the server's latency, so its collector is off while a phase runs and collects
+    after it (bench/overload.py, ``phase_without_collections``)."""
+    import gc
+    import weakref
+
+    overload = _overload_bench()
 
     class Cycle:
         def __init__(self):
@@ -178,6 +183,50 @@ def test_the_overload_bench_clients_do_not_collect_garbage_during_a_phase_and_it
         more = [weakref.ref(Cycle()) for _ in range(50 * gc.get_threshold()[0])]  # enough to collect many times over
         assert garbage() is not None and all(ref() is not None for ref in more)
     assert gc.isenabled() and garbage() is None and not any(ref() for ref in more)  # collected once it is over
-    # The overload's histogram: each latency in the bucket up to its bound, in multiples of the unloaded p50.
+    gc.disable()
+    try:
+        with overload.phase_without_collections():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+
+    # A phase as the bench runs it (no server: its readings stubbed): the collector is off while its body runs.
+    monkeypatch.setattr(overload, "scrape", lambda base: {})
+    monkeypatch.setattr(overload, "server_cpu_s", lambda base: 0.0)
+    monkeypatch.setattr(overload, "main_thread_cpu_s", lambda base: None)
+    seen = []
+
+    async def body(pool):
+        seen.append(gc.isenabled())
+
+    overload.run_phase("http://127.0.0.1:1", overload.Phase("stub", "", 1.0), body)
+    assert seen == [False] and gc.isenabled()
+
+
+def test_the_overload_bench_histogram_of_the_accepted_latencies(capsys):
+    """Each accepted latency in the bucket up to its bound, in multiples of the round's unloaded p50; past 3×
+    counted as the slow 200s are; a round without an unloaded p50 has no histogram (not every latency in ≤ 1×)."""
+    import json
+
+    overload = _overload_bench()
     assert overload.TAIL_BUCKETS == (1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
     assert overload.tail_histogram([4.0, 5.0, 7.0, 12.0, 12.1, 30.0, 50.0], 4.0) == [1, 1, 1, 1, 1, 1, 1]
+    assert overload.tail_histogram([4.0], float("nan")) is None and overload.past_goal([4.0], float("nan")) is None
+
+    def phase(*latencies_ms):
+        p = overload.Phase("p", "", 1.0)
+        p.outcomes = [overload.Outcome(0.0, ms / 1000, "200") for ms in latencies_ms]
+        return p
+
+    measured, unmeasured = overload.Round(1), overload.Round(2)
+    measured.unloaded, measured.overload = phase(4.0, 4.0, 4.0), phase(4.0, 5.0, 7.0, 12.0, 12.1, 30.0, 50.0)
+    unmeasured.unloaded, unmeasured.overload = phase(), phase(4.0)
+    overload.print_tail_histograms([measured, unmeasured])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or
+            line.startswith("| 2 |")]
+    assert rows[0] == "| 1 | 4.0 ms | " + " | ".join(["1 (14.3 %)"] * 7) + " | 3 (42.9 %) |", rows
+    assert rows[1] == "| 2 | - ms | " + " | ".join(["-"] * 8) + " |", rows
+    figures = json.loads(json.dumps(overload.histogram_figures(measured)))
+    assert figures == {"bounds": [1.0, 1.5, 2.0, 3.0, 5.0, 10.0], "counts": [1] * 7, "past_3x": 3}
+    assert json.loads(json.dumps(overload.histogram_figures(unmeasured)))["counts"] is None
