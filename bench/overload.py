@@ -120,6 +120,7 @@ GOAL_TAIL, GOAL_STORM = 3.0, 0.8
 # (the last one past the largest). The tail's goal, p99 ≤ 3×, is about 1 % of them past 3× (to within one request:
 # numpy interpolates the p99 between two of them).
 TAIL_BUCKETS = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+PAST_GOAL = f"past_{GOAL_TAIL:g}x"  # the histogram's count of 200s past the goal, in --json
 # max_queue_ms, by default the time of one full batch call measured in phase 2 (rounded up to a whole ms): the
 # longest expected wait a request is admitted to. The server counts the wait in whole batches (what is left of the
 # running call, then one call per max_batch_size requests ahead), so this admits a request that will run in the
@@ -542,23 +543,22 @@ def print_tail_histograms(rounds: list["Round"]) -> None:
     print("| round | unloaded p50 | " + " | ".join(edges) + f" | past {GOAL_TAIL:g}× |")
     print("| --- | ---: | " + " | ".join("---:" for _ in edges) + " | ---: |")
     for r in rounds:
-        latencies = [o.latency * 1000 for o in r.overload.ok()]
-        unit = r.unloaded.percentile(50)
-        counts = tail_histogram(latencies, unit)
+        figures = histogram_figures(r)
+        counts, total = figures["counts"], sum(figures["counts"] or ())
         if counts is None:  # (no unloaded p50 to measure by)
             cells = ["-"] * (len(edges) + 1)
         else:
-            cells = [f"{c} ({100 * c / len(latencies):.1f} %)" if latencies else "0"
-                     for c in (*counts, past_goal(latencies, unit))]
-        print(f"| {r.number} | {fmt(unit)} ms | " + " | ".join(cells) + " |")
+            cells = [f"{c} ({100 * c / total:.1f} %)" if total else "0" for c in (*counts, figures[PAST_GOAL])]
+        print(f"| {r.number} | {fmt(r.unloaded.percentile(50))} ms | " + " | ".join(cells) + " |")
 
 
 def histogram_figures(r: "Round") -> dict:
-    """A round's histogram for --json: ``counts[i]`` are the 200s over ``bounds[i - 1]`` (none for the first) and up
-    to ``bounds[i]`` unloaded p50s, the last count those past the last bound; None without an unloaded p50."""
+    """A round's histogram (printed, and in --json): ``counts[i]`` are the 200s over ``bounds[i - 1]`` (none for the
+    first) and up to ``bounds[i]`` unloaded p50s, the last count those past the last bound; None without an unloaded
+    p50."""
     latencies, unit = [o.latency * 1000 for o in r.overload.ok()], r.unloaded.percentile(50)
     return {"bounds": list(TAIL_BUCKETS), "counts": tail_histogram(latencies, unit),
-            f"past_{GOAL_TAIL:g}x": past_goal(latencies, unit)}
+            PAST_GOAL: past_goal(latencies, unit)}
 
 
 def print_table(phases: list[Phase]) -> None:
